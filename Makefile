@@ -1,0 +1,28 @@
+# `make test` and `make demo` each set up their own virtualenv on a fresh machine (Python 3.11+).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# Persistent XLA compilation cache: compiles dominate test time on small CPUs.
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+
+.PHONY: venv test demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first, so nothing resolves an unpinned (CUDA) torch.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+demo: venv
+	$(PY) experiments/demo.py --workdir runs/demo
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,77 @@
+"""Pure functions over a plain parameter pytree: init, hidden states, LM head, logits.
+
+    params = init_params(config, jax.random.key(0))
+    logits = forward(params, tokens, config)                       # [B, T, V] float32
+    h = hidden_states(params, tokens, config, positions=..., segment_ids=...)
+    logits = h @ lm_head_kernel(params, config)                    # or chunked, see phi_jax.losses
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from phi_jax.model.config import PhiConfig
+from phi_jax.model.decoder import Decoder
+
+Params = dict[str, Any]
+
+
+def default_positions_and_segments(tokens_BT, positions=None, segment_ids=None):
+  """positions default to arange per row; segment ids to one segment (1) per row."""
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+  if segment_ids is None:
+    segment_ids = jnp.ones(tokens_BT.shape, jnp.int32)
+  return positions, segment_ids
+
+
+def _boxed_init(config: PhiConfig, rng):
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  # Parameters do not depend on the rotary setup; dropping it lets shape-only presets (no LongRoPE factors) init.
+  config = config.replace(rope_scaling_type=None, rope_short_factor=None, rope_long_factor=None)
+  return Decoder(config).init(rng, tokens, tokens, jnp.ones_like(tokens))["params"]
+
+
+def init_params(config: PhiConfig, rng) -> Params:
+  """Random parameters (normal(0, initializer_range), norms at 1) as a plain dict. Works under eval_shape."""
+  return nn.meta.unbox(_boxed_init(config, rng))
+
+
+def param_logical_axes(config: PhiConfig) -> Params:
+  """Same tree as the params, each leaf a PartitionSpec of logical axis names (e.g. ('layers', 'embed', 'mlp'))."""
+  boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def hidden_states(params: Params, tokens, config: PhiConfig, *, positions=None, segment_ids=None):
+  """Final-normed hidden states [B, T, D] in the compute dtype."""
+  positions, segment_ids = default_positions_and_segments(tokens, positions, segment_ids)
+  h, _ = Decoder(config).apply({"params": params}, tokens, positions, segment_ids)
+  return h
+
+
+def lm_head_kernel(params: Params, config: PhiConfig):
+  """[D, V]: the LM head, or the transposed embedding table when embeddings are tied (Phi-4-mini)."""
+  if config.tie_word_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(params: Params, h_BTD, config: PhiConfig):
+  kernel = lm_head_kernel(params, config).astype(h_BTD.dtype)
+  return jnp.einsum("btd,dv->btv", h_BTD, kernel, preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, tokens, config: PhiConfig, *, positions=None, segment_ids=None):
+  """Logits [B, T, V] in float32. Positions restart per packed segment; no attention crosses segments."""
+  h = hidden_states(params, tokens, config, positions=positions, segment_ids=segment_ids)
+  return logits_from_hidden(params, h, config)
+
+
+def count_params(params: Params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,53 @@
+"""Causal, segment-aware grouped-query attention: one signature, several backends.
+
+Axis letters: B batch, T query time, S key/value time, N query heads, K kv heads, G = N // K query heads per
+kv head, H head_dim.
+
+Masking rule shared by every backend: query t may attend key s iff
+  kv_segment_ids[s] == q_segment_ids[t]  (same packed document),
+  kv_segment_ids[s] != 0                 (not padding or an empty cache slot), and
+  kv_index[s] <= q_index[t]              (causal, by slot in the row or the KV cache).
+Padding queries see nothing valid; they get a finite (uniform) average instead of NaN, and callers mask them out
+of every loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index):
+  """Boolean [B, T, S] mask implementing the rule in the module docstring."""
+  same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  valid_key = (kv_segment_ids != 0)[:, None, :]
+  causal = kv_index[:, None, :] <= q_index[:, :, None]
+  return same_segment & valid_key & causal
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_index, kv_index):
+  """Reference backend: explicit scores in float32. Works on any device; memory is O(T * S) per head."""
+  b, t, n, h = q_BTNH.shape
+  k_heads = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, k_heads, n // k_heads, h)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  scores = scores * (h ** -0.5)
+  mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
+
+
+_BACKENDS = {"xla": xla_attention}
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_index, kv_index, backend="xla"):
+  """Dispatches to the configured backend; all share the masking rule above and the head_dim ** -0.5 scale."""
+  if backend not in _BACKENDS:
+    raise ValueError(f"attention backend {backend!r} is not available; choose one of {sorted(_BACKENDS)}")
+  return _BACKENDS[backend](
+      q_BTNH, k_BSKH, v_BSKH,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)

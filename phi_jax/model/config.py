@@ -1,0 +1,109 @@
+"""The one model config: every field of a Phi-3/Phi-4 `config.json` that changes the math, plus run-time knobs.
+
+A frozen dataclass so it can be a static argument to `jax.jit` and a gin-configurable value in `experiments/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+ATTENTION_BACKENDS = ("xla",)
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhiConfig:
+  """Shapes and numerics of a Phi-4-family decoder (transformers `Phi3Config` semantics)."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: Optional[int] = None  # None: hidden_size // num_heads, as transformers derives it
+  max_position_embeddings: int = 4096
+  original_max_position_embeddings: Optional[int] = None  # None: same as max_position_embeddings
+  rope_theta: float = 10000.0
+  partial_rotary_factor: float = 1.0
+  # LongRoPE (`rope_scaling.type == "longrope"`): per-frequency divisors, length rotary_dim // 2 each.
+  rope_scaling_type: Optional[str] = None  # None or "longrope"
+  rope_short_factor: Optional[tuple[float, ...]] = None
+  rope_long_factor: Optional[tuple[float, ...]] = None
+  rope_attention_factor: Optional[float] = None  # `rope_scaling.attention_factor`; None: derived (see below)
+  rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = False
+  bos_token_id: Optional[int] = None
+  eos_token_id: Optional[int] = None
+  pad_token_id: Optional[int] = None
+  # Run-time numerics: parameters are stored in `param_dtype`, matmuls run in `dtype`; logits are always float32.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_backend: str = "xla"
+  remat_policy: str = "none"
+  initializer_range: float = 0.02
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"PhiConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
+    if self.rotary_dim % 2 or self.rotary_dim <= 0:
+      raise ValueError(f"rotary_dim = int(head_dim * partial_rotary_factor) = {self.rotary_dim} must be even and > 0")
+    if self.attention_backend not in ATTENTION_BACKENDS:
+      raise ValueError(f"attention_backend={self.attention_backend!r}; supported: {ATTENTION_BACKENDS}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}; supported: {REMAT_POLICIES}")
+    if self.rope_scaling_type not in (None, "longrope"):
+      raise ValueError(f"rope_scaling_type={self.rope_scaling_type!r}; supported: None (default rotary) or 'longrope'")
+    # LongRoPE factors may be left None in a shape-only config (a preset); rotary math then refuses to run.
+    for name in ("rope_short_factor", "rope_long_factor"):
+      factors = getattr(self, name)
+      if factors is not None and len(factors) != self.rotary_dim // 2:
+        raise ValueError(f"{name} must have rotary_dim // 2 = {self.rotary_dim // 2} entries, got {len(factors)}")
+    # Lists (e.g. from JSON or gin) would make the config unhashable, and jit needs it hashable.
+    for name in ("rope_short_factor", "rope_long_factor"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, tuple):
+        object.__setattr__(self, name, tuple(float(v) for v in value))
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.resolved_head_dim * self.partial_rotary_factor)
+
+  @property
+  def original_max_positions(self) -> int:
+    return self.original_max_position_embeddings or self.max_position_embeddings
+
+  @property
+  def rope_attention_scale(self) -> float:
+    """cos/sin scale of LongRoPE: sqrt(1 + ln(s) / ln(original_max)) with s = max / original_max (1 if s <= 1)."""
+    if self.rope_scaling_type != "longrope":
+      return 1.0
+    if self.rope_attention_factor is not None:
+      return self.rope_attention_factor
+    scale = self.max_position_embeddings / self.original_max_positions
+    if scale <= 1.0:
+      return 1.0
+    return math.sqrt(1 + math.log(scale) / math.log(self.original_max_positions))
+
+  def replace(self, **changes: Any) -> "PhiConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """Exact parameter count, matching transformers' `num_parameters()` for the same checkpoint."""
+    d, f, v, h = self.hidden_size, self.intermediate_size, self.vocab_size, self.resolved_head_dim
+    attn = d * (self.num_heads + 2 * self.num_kv_heads) * h + self.num_heads * h * d
+    per_layer = attn + 3 * d * f + 2 * d
+    embeddings = v * d * (1 if self.tie_word_embeddings else 2)
+    return self.num_layers * per_layer + embeddings + d

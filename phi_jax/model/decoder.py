@@ -1,0 +1,171 @@
+"""The Phi-4 decoder (transformers `Phi3ForCausalLM` math) as Flax linen modules, used pure-functionally.
+
+Axis letters: B batch, T time, S cache/source time, D model (hidden), N query heads, K kv heads, H head_dim,
+F ffn (intermediate), V vocab, L layers.
+
+Parameters are a plain nested dict (see `init_params`); layers are stacked on a leading L axis and run under
+`nn.scan`, so compile time does not grow with depth. Every parameter carries logical axis names (see
+`param_logical_axes`) that `phi_jax.sharding` maps to mesh axes.
+
+The module returns final hidden states; the LM head is applied separately (`logits`, or chunked inside the
+cross-entropy in `phi_jax.losses`), so full [B, T, V] logits need never exist during training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from phi_jax.model import attention, rotary
+from phi_jax.model.config import PhiConfig
+
+Params = dict[str, Any]
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def _param(module: nn.Module, name: str, shape, axes, init):
+  cfg = module.config
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(cfg.param_dtype))
+
+
+def _normal(config: PhiConfig):
+  return nn.initializers.normal(stddev=config.initializer_range)
+
+
+class RMSNorm(nn.Module):
+  config: PhiConfig
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, "scale", (self.config.hidden_size,), ("norm",), nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  config: PhiConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, cos, sin, segment_ids, q_index, layer_cache):
+    cfg = self.config
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    dt = _dtype(cfg.dtype)
+    init = _normal(cfg)
+    w_q = _param(self, "q", (d, n, h), ("embed", "q_heads", "head_dim"), init).astype(dt)
+    w_k = _param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim"), init).astype(dt)
+    w_v = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), init).astype(dt)
+    w_o = _param(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), init).astype(dt)
+
+    q = rotary.apply_rotary(jnp.einsum("btd,dnh->btnh", x_BTD, w_q), cos, sin)
+    k_new = rotary.apply_rotary(jnp.einsum("btd,dkh->btkh", x_BTD, w_k), cos, sin)
+    v_new = jnp.einsum("btd,dkh->btkh", x_BTD, w_v)
+    q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
+
+    if layer_cache is None:
+      keys, values, kv_segment_ids, kv_index = k_new, v_new, segment_ids, q_index
+    else:
+      # Slot == position: write this chunk's K/V at its positions, then attend over the whole cache.
+      rows = jnp.arange(x_BTD.shape[0])[:, None]
+      keys = layer_cache["k"].at[rows, q_index].set(k_new.astype(layer_cache["k"].dtype))
+      values = layer_cache["v"].at[rows, q_index].set(v_new.astype(layer_cache["v"].dtype))
+      kv_segment_ids = layer_cache["segment_ids"].at[rows, q_index].set(segment_ids)
+      kv_index = jnp.broadcast_to(jnp.arange(keys.shape[1]), kv_segment_ids.shape)
+      layer_cache = {"k": keys, "v": values, "segment_ids": kv_segment_ids}
+      keys, values = keys.astype(dt), values.astype(dt)
+
+    out = attention.attend(
+        q, keys, values, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        q_index=q_index, kv_index=kv_index, backend=cfg.attention_backend)
+    return jnp.einsum("btnh,nhd->btd", out, w_o), layer_cache
+
+
+class MLP(nn.Module):
+  config: PhiConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.config
+    dt = _dtype(cfg.dtype)
+    init = _normal(cfg)
+    w_gate = _param(self, "gate", (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp"), init).astype(dt)
+    w_up = _param(self, "up", (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp"), init).astype(dt)
+    w_down = _param(self, "down", (cfg.intermediate_size, cfg.hidden_size), ("mlp", "embed"), init).astype(dt)
+    gate = jnp.einsum("btd,df->btf", x_BTD, w_gate)
+    up = jnp.einsum("btd,df->btf", x_BTD, w_up)
+    hidden = nn.with_logical_constraint(up * jax.nn.silu(gate), ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", hidden, w_down)
+
+
+class DecoderLayer(nn.Module):
+  config: PhiConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, layer_cache, cos, sin, segment_ids, q_index):
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+    attn_out, layer_cache = Attention(self.config, name="attn")(
+        RMSNorm(self.config, name="input_norm")(x_BTD), cos, sin, segment_ids, q_index, layer_cache)
+    x_BTD = x_BTD + attn_out
+    x_BTD = x_BTD + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attn_norm")(x_BTD))
+    return x_BTD, layer_cache
+
+
+class Decoder(nn.Module):
+  """tokens -> final-normed hidden states [B, T, D] (and the updated KV cache when one is given).
+
+  Parameter tree: embed/embedding [V, D]; layers/{input_norm, attn/{q, k, v, o}, post_attn_norm,
+  mlp/{gate, up, down}} stacked on a leading L axis; final_norm/scale [D]; lm_head/kernel [D, V] unless tied.
+  """
+
+  config: PhiConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
+    cfg = self.config
+    embedding = Table(cfg, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), name="embed")()
+    x = jnp.take(embedding, tokens_BT, axis=0).astype(_dtype(cfg.dtype))
+    cos, sin = rotary.rotary_angles(cfg, positions_BT, segment_ids_BT)
+    # Without a cache, attention slots are indices in the row (packed rows restart positions, not slots).
+    q_index = positions_BT if cache is not None else jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+
+    layer = DecoderLayer
+    if cfg.remat_policy != "none":
+      layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    layers = nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, name="layers")
+    x, cache = layers(x, cache, cos, sin, segment_ids_BT, q_index)
+    x = RMSNorm(cfg, name="final_norm")(x)
+    if not cfg.tie_word_embeddings:  # registered here so init creates it; applied by `logits`/the losses
+      Table(cfg, "kernel", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), name="lm_head")()
+    return x, cache
+
+
+class Table(nn.Module):
+  """A single weight matrix (the embedding table, the LM head kernel), returned as is."""
+
+  config: PhiConfig
+  param_name: str
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self):
+    return _param(self, self.param_name, self.shape, self.axes, _normal(self.config))

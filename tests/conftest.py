@@ -1,0 +1,21 @@
+"""Test-wide set-up: 8 simulated CPU devices (before JAX is imported) and the persistent compilation cache."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(os.path.dirname(__file__), "..", ".cache", "jax")
+jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  from phi_jax.model import presets
+  return presets["tiny"]
