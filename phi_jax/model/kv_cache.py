@@ -1,0 +1,92 @@
+"""KV-cache decoding: prefill a batch of right-padded prompts of different lengths, then one token per step.
+
+Layout: cache slot == position. Row b's prompt fills slots [0, len_b); its next token goes to slot len_b, so each
+row advances independently and rotary positions never need a left-padding offset. A slot is valid when its
+`segment_ids` entry is 1; pad slots stay 0 until a generated token overwrites them.
+
+LongRoPE (Phi-4-mini): rotary uses `short_factor` while a row's extent (length) is at most
+`original_max_position_embeddings`, and `long_factor` beyond. When a row first crosses that boundary during
+decoding, every cached key of the batch was rotated with the short factors, so the step re-runs the whole
+sequence (prompt + generated tokens, kept in `cache["tokens"]`) through the model with the long factors and
+rebuilds the cache. From then on the cache equals what a full forward of the final sequence computes, which is
+what transformers' full forward gives for that sequence. The rebuild costs one prefill of the current length,
+once per generation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from phi_jax.model.api import logits_from_hidden
+from phi_jax.model.config import PhiConfig
+from phi_jax.model.decoder import Decoder
+
+Cache = dict[str, Any]
+
+
+def init_cache(config: PhiConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
+  """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
+  dtype = jnp.dtype(dtype or config.dtype)
+  l, k, h = config.num_layers, config.num_kv_heads, config.resolved_head_dim
+  return {
+      "layers": {
+          "k": jnp.zeros((l, batch_size, max_len, k, h), dtype),
+          "v": jnp.zeros((l, batch_size, max_len, k, h), dtype),
+          "segment_ids": jnp.zeros((l, batch_size, max_len), jnp.int32),
+      },
+      "tokens": jnp.zeros((batch_size, max_len), jnp.int32),
+      "lengths": jnp.zeros((batch_size,), jnp.int32),
+  }
+
+
+def _run(params, config, tokens_BT, positions_BT, segment_ids_BT, layer_cache):
+  h, layer_cache = Decoder(config).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, layer_cache)
+  return h, layer_cache
+
+
+def prefill(params, prompt_tokens_BT, prompt_lengths_B, cache: Cache, config: PhiConfig):
+  """Runs right-padded prompts through the model into an empty cache; returns (next-token logits [B, V], cache)."""
+  b, t = prompt_tokens_BT.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  segment_ids = (positions < prompt_lengths_B[:, None]).astype(jnp.int32)
+  h, layers = _run(params, config, prompt_tokens_BT, positions, segment_ids, cache["layers"])
+  last = jnp.take_along_axis(h, (prompt_lengths_B - 1)[:, None, None], axis=1)
+  tokens = jax.lax.dynamic_update_slice(cache["tokens"], prompt_tokens_BT * segment_ids, (0, 0))
+  cache = {"layers": layers, "tokens": tokens, "lengths": prompt_lengths_B.astype(jnp.int32)}
+  return logits_from_hidden(params, last, config)[:, 0], cache
+
+
+def _rebuild(params, config: PhiConfig, cache: Cache):
+  """Recomputes every slot of the cache from the token history (used when LongRoPE switches to long factors)."""
+  b, s = cache["tokens"].shape
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  segment_ids = (positions < cache["lengths"][:, None]).astype(jnp.int32)
+  empty = jax.tree.map(jnp.zeros_like, cache["layers"])
+  h, layers = _run(params, config, cache["tokens"], positions, segment_ids, empty)
+  last = jnp.take_along_axis(h, (cache["lengths"] - 1)[:, None, None], axis=1)
+  return last, layers
+
+
+def decode_step(params, tokens_B, cache: Cache, config: PhiConfig):
+  """Appends one token per row at slot `lengths[b]`; returns (next-token logits [B, V], cache)."""
+  b = tokens_B.shape[0]
+  positions = cache["lengths"][:, None]
+  rows = jnp.arange(b)
+  history = cache["tokens"].at[rows, cache["lengths"]].set(tokens_B)
+  new_lengths = cache["lengths"] + 1
+
+  def incremental(_):
+    return _run(params, config, tokens_B[:, None], positions, jnp.ones((b, 1), jnp.int32), cache["layers"])
+
+  if config.rope_scaling_type == "longrope":
+    boundary = config.original_max_positions
+    crossing = jnp.any((new_lengths > boundary) & (cache["lengths"] <= boundary))
+    rebuild = lambda _: _rebuild(params, config, {"tokens": history, "lengths": new_lengths, "layers": cache["layers"]})
+    h, layers = jax.lax.cond(crossing, rebuild, incremental, None)
+  else:
+    h, layers = incremental(None)
+  cache = {"layers": layers, "tokens": history, "lengths": new_lengths}
+  return logits_from_hidden(params, h, config)[:, 0], cache

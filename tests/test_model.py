@@ -1,0 +1,162 @@
+"""Decoder invariances: full-size shapes, packed == separate, no cross-document gradient, cached == full, remat."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import phi_jax
+from phi_jax.model import kv_cache, param_logical_axes
+from phi_jax.model.api import count_params
+
+# A tiny LongRoPE model whose boundary (8) lies inside the test sequences.
+LONGROPE = phi_jax.PhiConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+    max_position_embeddings=32, original_max_position_embeddings=8, partial_rotary_factor=0.75,
+    rope_scaling_type="longrope", rope_short_factor=(1.0, 1.2, 1.5), rope_long_factor=(1.0, 3.0, 9.0),
+    initializer_range=0.3)  # large weights: sharp attention, so rotary errors show in the logits
+GQA = phi_jax.PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=64, initializer_range=0.3)
+
+
+@pytest.mark.parametrize("name,expected", [("phi-4", 14_659_507_200), ("phi-4-mini", 3_836_021_760),
+                                           ("phi-4-reasoning", 14_659_507_200),
+                                           ("phi-4-mini-reasoning", 3_836_021_760)])
+def test_full_size_parameter_counts(name, expected):
+  config = phi_jax.presets[name]
+  shapes = jax.eval_shape(lambda: phi_jax.init_params(config, jax.random.key(0)))
+  assert count_params(shapes) == expected == config.num_params()
+  axes = param_logical_axes(config)
+  for leaf, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+    assert len(spec) == leaf.ndim  # every dimension of every parameter has a logical name
+
+
+def test_preset_shapes():
+  mini = phi_jax.presets["phi-4-mini"]
+  assert (mini.resolved_head_dim, mini.rotary_dim) == (128, 96)
+  assert abs(mini.replace(rope_short_factor=(1.0,) * 48, rope_long_factor=(1.0,) * 48).rope_attention_scale
+             - 1.190238) < 1e-6
+  assert phi_jax.presets["phi-4"].resolved_head_dim == 128
+
+
+@pytest.fixture(scope="module", params=["gqa", "longrope"])
+def model(request):
+  config = GQA if request.param == "gqa" else LONGROPE
+  return config, phi_jax.init_params(config, jax.random.key(1))
+
+
+def _pack(docs, row_len):
+  tokens, positions, segments = (np.zeros((1, row_len), np.int32) for _ in range(3))
+  start = 0
+  for i, doc in enumerate(docs):
+    n = len(doc)
+    tokens[0, start:start + n], positions[0, start:start + n], segments[0, start:start + n] = doc, np.arange(n), i + 1
+    start += n
+  return tokens, positions, segments
+
+
+def test_packed_equals_separate(model):
+  config, params = model
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(0, 32, 11), rng.integers(32, 64, 6)]  # 11 > LongRoPE boundary 8, 6 < 8
+  tokens, positions, segments = _pack(docs, 20)  # 3 padding slots at the end
+  packed = phi_jax.forward(params, tokens, config, positions=positions, segment_ids=segments)
+  start = 0
+  for doc in docs:
+    alone = phi_jax.forward(params, jnp.asarray(doc)[None], config)
+    np.testing.assert_allclose(packed[0, start:start + len(doc)], alone[0], atol=1e-5, rtol=1e-5)
+    start += len(doc)
+  assert np.isfinite(np.asarray(packed)).all()  # padding rows stay finite
+
+
+def test_no_gradient_across_documents(model):
+  config, params = model
+  rng = np.random.default_rng(1)
+  doc_a, doc_b = rng.integers(0, 32, 9), rng.integers(32, 64, 7)  # disjoint vocabularies
+  tokens, positions, segments = _pack([doc_a, doc_b], 16)
+
+  def loss_of_doc(params, which):
+    logits = phi_jax.forward(params, tokens, config, positions=positions, segment_ids=segments)
+    return jnp.sum(jnp.where(segments[..., None] == which, logits, 0.0) ** 2)
+
+  for which, own, other in ((1, doc_a, doc_b), (2, doc_b, doc_a)):
+    grad = jax.grad(loss_of_doc)(params, which)["embed"]["embedding"]
+    assert np.all(np.asarray(grad)[np.unique(other)] == 0.0)  # exactly zero, not merely small
+    assert np.all(np.abs(np.asarray(grad)[np.unique(own)]).sum(-1) > 0)
+
+
+def _greedy_with_cache(params, config, prompts, max_new):
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  padded = np.zeros((len(prompts), lengths.max()), np.int32)
+  for i, p in enumerate(prompts):
+    padded[i, :len(p)] = p
+  cache = kv_cache.init_cache(config, len(prompts), int(lengths.max()) + max_new)
+  logits, cache = jax.jit(kv_cache.prefill, static_argnames="config")(params, padded, lengths, cache, config)
+  step = jax.jit(kv_cache.decode_step, static_argnames="config")
+  seqs, all_logits = [list(p) for p in prompts], [logits]
+  for _ in range(max_new):
+    nxt = np.asarray(jnp.argmax(logits, -1))
+    for s, t in zip(seqs, nxt):
+      s.append(int(t))
+    logits, cache = step(params, jnp.asarray(nxt, jnp.int32), cache, config)
+    all_logits.append(logits)
+  return seqs, all_logits
+
+
+def test_cached_decoding_equals_full_forward(model):
+  config, params = model
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, 64, 6), rng.integers(0, 64, 3), rng.integers(0, 64, 9)]
+  max_new = 7  # rows cross the LongRoPE boundary (8) at different steps; the third starts beyond it
+  seqs, step_logits = _greedy_with_cache(params, config, prompts, max_new)
+  width = max(len(s) for s in seqs)
+
+  @jax.jit
+  def last_logits(tokens, length):  # full forward of a prefix, padded to one shape so it compiles once
+    valid = (jnp.arange(width) < length).astype(jnp.int32)[None]
+    logits = phi_jax.forward(params, tokens[None], config, segment_ids=valid)
+    return logits[0, length - 1]
+
+  for row, (prompt, seq) in enumerate(zip(prompts, seqs)):
+    padded = jnp.asarray(np.pad(seq, (0, width - len(seq))), jnp.int32)
+    for step, length in enumerate(range(len(prompt), len(seq) + 1)):
+      full = last_logits(padded, length)
+      np.testing.assert_allclose(step_logits[step][row], full, atol=1e-4, rtol=1e-4)
+      if length < len(seq):  # greedy token == argmax of the full forward over the sequence so far
+        assert int(jnp.argmax(full)) == seq[length]
+
+
+def test_remat_policies_do_not_change_values_or_gradients():
+  params = phi_jax.init_params(GQA, jax.random.key(3))
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 12)))
+
+  def loss(params, config):
+    return jnp.mean(phi_jax.forward(params, tokens, config) ** 2)
+
+  base_value, base_grad = jax.value_and_grad(loss)(params, GQA)
+  for policy in ("full", "dots"):
+    value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, GQA.replace(remat_policy=policy))
+    np.testing.assert_allclose(value, base_value, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(base_grad)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_tracks_float32():
+  params = phi_jax.init_params(GQA, jax.random.key(4))
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 10)))
+  f32 = phi_jax.forward(params, tokens, GQA)
+  bf16 = phi_jax.forward(params, tokens, GQA.replace(dtype="bfloat16"))
+  assert bf16.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(f32 - bf16))) < 0.05 * float(jnp.max(jnp.abs(f32))) + 1e-2
+
+
+def test_bad_configs_name_the_field():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    GQA.replace(num_kv_heads=3)
+  with pytest.raises(ValueError, match="attention_backend"):
+    GQA.replace(attention_backend="flash9")
+  with pytest.raises(ValueError, match="rope_long_factor"):
+    LONGROPE.replace(rope_long_factor=(1.0, 2.0))
+  with pytest.raises(ValueError, match="LongRoPE short/long factors are not set"):
+    phi_jax.forward(phi_jax.init_params(LONGROPE, jax.random.key(0)), jnp.zeros((1, 4), jnp.int32),
+                    LONGROPE.replace(rope_short_factor=None, rope_long_factor=None))
