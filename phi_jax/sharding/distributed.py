@@ -1,0 +1,44 @@
+"""Multi-host start-up: one process per host (or per GPU), all running the same program.
+
+Resolution order:
+1. explicit arguments (coordinator address, number of processes, this process's id);
+2. PHI_JAX_COORDINATOR_ADDRESS / PHI_JAX_NUM_PROCESSES / PHI_JAX_PROCESS_ID in the environment;
+3. a cluster JAX detects by itself (TPU pod slices, SLURM with several tasks, Open MPI, GKE/K8s) —
+   `jax.distributed.initialize()` with no arguments;
+4. otherwise a single process (no call at all), so laptops and single GPUs need nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import jax
+
+_CLUSTER_MARKERS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
+
+
+def _multi_task_slurm() -> bool:
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> None:
+  """Starts jax.distributed when this is a multi-process run; a no-op for a single process."""
+  coordinator_address = coordinator_address or os.environ.get("PHI_JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and "PHI_JAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["PHI_JAX_NUM_PROCESSES"])
+  if process_id is None and "PHI_JAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["PHI_JAX_PROCESS_ID"])
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError("a coordinator address needs num_processes and process_id too "
+                       "(PHI_JAX_NUM_PROCESSES / PHI_JAX_PROCESS_ID)")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _multi_task_slurm() or any(marker in os.environ for marker in _CLUSTER_MARKERS):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

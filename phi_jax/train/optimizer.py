@@ -1,0 +1,62 @@
+"""AdamW with warmup + cosine/linear/constant decay, global-norm clipping and a weight-decay mask (optax)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float = 1e-5
+  warmup_steps: int = 0
+  warmup_fraction: Optional[float] = None  # overrides warmup_steps, e.g. 0.1 = 10% of the run (mid-training)
+  decay: str = "cosine"  # "cosine" | "linear" | "constant"
+  final_lr_fraction: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  decay_norms_and_embeddings: bool = False
+  max_grad_norm: Optional[float] = 1.0
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedule:
+  warmup = int(round(cfg.warmup_fraction * num_steps)) if cfg.warmup_fraction is not None else cfg.warmup_steps
+  warmup = min(warmup, num_steps)
+  decay_steps = max(num_steps - warmup, 1)
+  end = cfg.learning_rate * cfg.final_lr_fraction
+  if cfg.decay == "cosine":
+    decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, alpha=cfg.final_lr_fraction)
+  elif cfg.decay == "linear":
+    decay = optax.linear_schedule(cfg.learning_rate, end, decay_steps)
+  elif cfg.decay == "constant":
+    decay = optax.constant_schedule(cfg.learning_rate)
+  else:
+    raise ValueError(f"OptimizerConfig.decay={cfg.decay!r}; supported: 'cosine', 'linear', 'constant'")
+  if warmup == 0:
+    return decay
+  # Warmup starts above zero so step 0 already trains (a zero first step wastes a batch).
+  ramp = optax.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup - 1 if warmup > 1 else 1)
+  return optax.join_schedules([ramp, decay], [warmup])
+
+
+def weight_decay_mask(params):
+  """True where weight decay applies: matrices inside layers and the LM head; not norms, not the embedding."""
+  def decays(path, leaf):
+    names = [getattr(k, "key", str(k)) for k in path]
+    return not ("embed" in names or any(n.endswith("norm") for n in names))
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
+  mask = None if cfg.decay_norms_and_embeddings else weight_decay_mask
+  chain = []
+  if cfg.max_grad_norm is not None:
+    chain.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+  chain.append(optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=mask))
+  return optax.chain(*chain)

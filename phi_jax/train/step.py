@@ -1,0 +1,102 @@
+"""One jitted, sharded, donated train step shared by every stage; stages differ only in their loss function.
+
+A stage's loss function is pure: `loss_fn(params, batch, rng) -> (loss_sum, aux)` where `loss_sum` is a sum
+over the batch (tokens, sequences or pairs) and `aux = {"weight": how many units were summed, "metrics": {name:
+sum}}`. The step divides by the total weight only after all microbatches, so gradient accumulation gives the
+same update as one big batch, and the normaliser is the stage's choice (tokens for cross-entropy, pairs for DPO).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from phi_jax.sharding import mesh_context, replicated
+from phi_jax.train.state import TrainState
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def _split_microbatches(batch: dict, num: int) -> dict:
+  """[B, ...] -> [num, B/num, ...] taking rows with stride `num`, so every device feeds every microbatch."""
+  def split(x):
+    if x.shape[0] % num:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by microbatches={num}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _grads_and_sums(loss_fn: LossFn, params, batch, rng, microbatches: int):
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    (loss_sum, aux), grads = grad_fn(params, batch, rng)
+    return grads, loss_sum, aux
+
+  def accumulate(carry, mb_and_index):
+    mb, index = mb_and_index
+    (loss_sum, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, carry, (grads, loss_sum, aux)), None
+
+  split = _split_microbatches(batch, microbatches)
+  (loss_shape, aux_shape), grads_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split), rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (grads_shape, loss_shape, aux_shape))
+  (grads, loss_sum, aux), _ = jax.lax.scan(accumulate, zeros, (split, jnp.arange(microbatches)))
+  return grads, loss_sum, aux
+
+
+def train_step(state: TrainState, batch: dict, rng, *, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, microbatches: int = 1, skip_nonfinite: bool = False):
+  rng = jax.random.fold_in(rng, state.step)
+  grads, loss_sum, aux = _grads_and_sums(loss_fn, state.params, batch, rng, microbatches)
+  weight = jnp.maximum(aux["weight"], 1.0)
+  grads = jax.tree.map(lambda g: (g / weight).astype(jnp.float32), grads)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {name: value / weight for name, value in aux.get("metrics", {}).items()}
+  metrics.update(loss=loss_sum / weight, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                 weight=aux["weight"])
+  if skip_nonfinite:  # a NaN/Inf update is dropped; the step counter still advances past the bad batch
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
+    metrics["skipped_update"] = 1.0 - finite.astype(jnp.float32)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def batch_shardings(batch_shapes: dict, mesh: Mesh) -> dict:
+  """Every batch leaf is split on its leading (batch) axis over data x fsdp."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, P(("data", "fsdp"), *([None] * (len(x.shape) - 1)))),
+                      batch_shapes)
+
+
+class MeshJit:
+  """A jitted function that is traced and run under its mesh and logical-axis rules (jax.set_mesh must be
+  entered outside jit, so the context wraps each call rather than the traced body)."""
+
+  def __init__(self, fn, mesh: Mesh, **jit_kwargs):
+    self.mesh = mesh
+    self.jitted = jax.jit(fn, **jit_kwargs)
+
+  def __call__(self, *args):
+    with mesh_context(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with mesh_context(self.mesh):
+      return self.jitted.lower(*args)
+
+
+def make_train_step(loss_fn: LossFn, optimizer, schedule, mesh: Mesh, state_shardings: TrainState,
+                    batch_shapes: dict, *, microbatches: int = 1, skip_nonfinite: bool = False) -> MeshJit:
+  """Returns step(state, batch, rng) -> (state, metrics), jitted once with shardings; the old state is donated."""
+  step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
+                           microbatches=microbatches, skip_nonfinite=skip_nonfinite)
+  return MeshJit(step, mesh, in_shardings=(state_shardings, batch_shardings(batch_shapes, mesh), replicated(mesh)),
+                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
