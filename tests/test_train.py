@@ -1,0 +1,143 @@
+"""Training-core invariances: sharded == single device, microbatched == full batch, optimizer details, meshes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from phi_jax import sharding
+from phi_jax.model import presets
+from phi_jax.stages import next_token
+from phi_jax.train import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
+from phi_jax.train.loop import global_batch
+from phi_jax.train.optimizer import weight_decay_mask
+from phi_jax.train.state import state_shardings
+from phi_jax.train.step import make_train_step
+
+CONFIG = presets["tiny"]
+# eps well above float32 gradient noise: with eps -> 0 Adam turns a 1e-9 gradient into a full-size step, and the
+# sign of such a gradient depends on the summation order, which legitimately differs between meshes.
+OPT = OptimizerConfig(learning_rate=3e-3, warmup_steps=1, weight_decay=0.1, max_grad_norm=1.0, eps=1e-4)
+NUM_STEPS = 3
+
+
+def packed_batches(num, batch=8, seq=32, seed=0):
+  """Random packed rows: 2-3 documents per row, padding at the end, loss on a random 80% of tokens."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(num):
+    tokens = rng.integers(0, CONFIG.vocab_size, (batch, seq)).astype(np.int32)
+    segment_ids, positions = np.zeros((batch, seq), np.int32), np.zeros((batch, seq), np.int32)
+    for row in range(batch):
+      cuts = np.sort(rng.choice(np.arange(4, seq - 4), 2, replace=False))
+      bounds = [0, cuts[0], cuts[1], seq - rng.integers(0, 4)]
+      for seg in range(3):
+        segment_ids[row, bounds[seg]:bounds[seg + 1]] = seg + 1
+        positions[row, bounds[seg]:bounds[seg + 1]] = np.arange(bounds[seg + 1] - bounds[seg])
+    loss_mask = ((rng.random((batch, seq)) < 0.8) & (segment_ids > 0)).astype(np.int32)
+    out.append(dict(tokens=tokens, positions=positions, segment_ids=segment_ids, loss_mask=loss_mask))
+  return out
+
+
+def run_steps(mesh_shape, *, devices=None, microbatches=1, batches=None):
+  mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  optimizer = make_optimizer(OPT, NUM_STEPS)
+  state = create_train_state(CONFIG, optimizer, mesh, jax.random.key(0))
+  batches = batches or packed_batches(NUM_STEPS)
+  step = make_train_step(next_token.make_loss_fn(CONFIG, chunk_size=16), optimizer,
+                         learning_rate_schedule(OPT, NUM_STEPS), mesh, state_shardings(CONFIG, optimizer, mesh),
+                         batches[0], microbatches=microbatches)
+  losses = []
+  for b in batches:
+    state, metrics = step(state, global_batch(b, mesh), jax.random.key(1))
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state.params), state
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  return run_steps({"data": 1}, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_sharded_equals_single_device(single_device_run, mesh_shape):
+  ref_losses, ref_params, _ = single_device_run
+  losses, params, state = run_steps(mesh_shape)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert ref_losses[-1] < ref_losses[0]  # the steps do train
+  if mesh_shape.get("fsdp", 1) > 1 or mesh_shape.get("tensor", 1) > 1:
+    q = state.params["layers"]["attn"]["q"]  # [L, D, N, H]: D on fsdp, N on tensor
+    assert q.addressable_shards[0].data.shape[1] < q.shape[1] or q.addressable_shards[0].data.shape[2] < q.shape[2]
+
+
+def test_microbatched_equals_full_batch(single_device_run):
+  ref_losses, ref_params, _ = single_device_run
+  losses, params, _ = run_steps({"data": 1}, devices=jax.devices()[:1], microbatches=4)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_is_mean_over_target_tokens_of_whole_batch():
+  """The normaliser is the global token count, not a mean of per-microbatch means."""
+  batch = packed_batches(1, seed=5)[0]
+  params = jax.jit(lambda k: __import__("phi_jax").init_params(CONFIG, k))(jax.random.key(0))
+  loss_sum, aux = next_token.make_loss_fn(CONFIG, chunk_size=16)(params, jax.tree.map(jnp.asarray, batch), None)
+  logits = np.asarray(__import__("phi_jax").forward(params, batch["tokens"], CONFIG, positions=batch["positions"],
+                                                    segment_ids=batch["segment_ids"]), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+      -1, keepdims=True)
+  seg, mask, tok = batch["segment_ids"], batch["loss_mask"], batch["tokens"]
+  total, count = 0.0, 0
+  for b in range(tok.shape[0]):
+    for t in range(tok.shape[1] - 1):
+      if seg[b, t + 1] == seg[b, t] != 0 and mask[b, t + 1]:
+        total -= logp[b, t, tok[b, t + 1]]
+        count += 1
+  assert float(aux["weight"]) == count
+  np.testing.assert_allclose(float(loss_sum), total, rtol=1e-5)
+
+
+def test_schedule_warmup_and_decay():
+  cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=4, decay="linear", final_lr_fraction=0.1)
+  lr = [float(learning_rate_schedule(cfg, 14)(s)) for s in range(15)]
+  assert lr[0] == pytest.approx(0.25) and lr[3] == pytest.approx(1.0) and max(lr) == pytest.approx(1.0)
+  assert lr[14] == pytest.approx(0.1)
+  cos = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_fraction=0.5, decay="cosine"), 10)
+  assert float(cos(4)) == pytest.approx(1.0) and float(cos(10)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_weight_decay_skips_norms_and_embeddings():
+  params = jax.eval_shape(lambda: __import__("phi_jax").init_params(CONFIG, jax.random.key(0)))
+  mask = weight_decay_mask(params)
+  assert mask["embed"]["embedding"] is False and mask["final_norm"]["scale"] is False
+  assert mask["layers"]["input_norm"]["scale"] is False and mask["layers"]["mlp"]["down"] is True
+  assert mask["lm_head"]["kernel"] is True
+
+
+def test_optimizer_state_is_sharded_like_params():
+  mesh = sharding.make_mesh({"fsdp": 8})
+  shardings = state_shardings(CONFIG, make_optimizer(OPT, 10), mesh)
+  adam = [s for s in jax.tree.leaves(shardings.opt_state) if s.spec != jax.sharding.PartitionSpec()]
+  assert len(adam) == 2 * len(jax.tree.leaves(shardings.params))  # mu and nu of every parameter
+  assert shardings.params["layers"]["mlp"]["gate"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+
+
+@pytest.mark.parametrize("shape,message", [
+    ({"data": 3}, "needs 3 devices but 8 are available"),
+    ({"data": 3, "fsdp": -1}, "does not divide"),
+    ({"data": -1, "fsdp": -1}, "more than one -1"),
+    ({"model": 2}, "unknown axes"),
+])
+def test_bad_mesh_shapes_say_what_to_change(shape, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.make_mesh(shape)
+
+
+def test_mesh_that_cannot_split_a_parameter_is_named():
+  mesh = sharding.make_mesh({"tensor": 8})  # tiny has 2 kv heads: 8-way tensor parallelism cannot split them
+  with pytest.raises(ValueError, match=r"kv_heads|\['k'\]|\['v'\]|cannot split evenly"):
+    state_shardings(CONFIG, make_optimizer(OPT, 10), mesh)
