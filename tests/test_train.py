@@ -10,7 +10,7 @@ from phi_jax import sharding
 from phi_jax.model import presets
 from phi_jax.stages import next_token
 from phi_jax.train import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
-from phi_jax.train.loop import global_batch
+from phi_jax.train.loop import global_batch, host_scalar
 from phi_jax.train.optimizer import weight_decay_mask
 from phi_jax.train.state import state_shardings
 from phi_jax.train.step import make_train_step
@@ -51,8 +51,9 @@ def run_steps(mesh_shape, *, devices=None, microbatches=1, batches=None):
   losses = []
   for b in batches:
     state, metrics = step(state, global_batch(b, mesh), jax.random.key(1))
-    losses.append(float(metrics["loss"]))
-  return losses, jax.device_get(state.params), state
+    losses.append(host_scalar(metrics["loss"]))
+  params = jax.device_get(state.params) if jax.process_count() == 1 else None
+  return losses, params, state
 
 
 @pytest.fixture(scope="module")

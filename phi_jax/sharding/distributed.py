@@ -31,6 +31,10 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     num_processes = int(os.environ["PHI_JAX_NUM_PROCESSES"])
   if process_id is None and "PHI_JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["PHI_JAX_PROCESS_ID"])
+  multi = bool(coordinator_address) or _multi_task_slurm() or any(m in os.environ for m in _CLUSTER_MARKERS)
+  if multi:
+    # Cross-process collectives on CPU need gloo; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError("a coordinator address needs num_processes and process_id too "

@@ -102,8 +102,13 @@ class MetricsWriter:
         f.write(json.dumps(record) + "\n")
 
 
+def host_scalar(x) -> float:
+  """A replicated scalar's value; reads the local copy, so it works when the array spans several hosts."""
+  return float(np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x)
+
+
 def _to_host(metrics: dict) -> dict:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+  return {k: host_scalar(v) for k, v in metrics.items()}
 
 
 def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerConfig, loss_fn: Callable,
@@ -132,7 +137,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   else:
     params = init_params() if init_params is not None else None
     state = create_train_state(model_config, optimizer, mesh, jax.random.fold_in(rng, 2**31 - 1), params=params)
-  start = int(state.step)
+  start = int(host_scalar(state.step))
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
   iterator = iter(train_data)
   meta = dict(run_meta or {}, model_config=dataclasses.asdict(model_config))
@@ -160,6 +165,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
           f"non-finite {bad[0]}={record[bad[0]]} at step {step}; stopping. The last good checkpoint is step "
           f"{checkpointer.latest_step()} in {checkpointer.directory} (set on_nonfinite='skip' to skip such updates)")
     if step % loop.log_every == 0 or step == loop.num_steps:
+      if hasattr(train_data, "stats"):
+        for name, source in train_data.stats().get("sources", {}).items():
+          record[f"tokens_seen/{name}"] = source["tokens"]
       writer.write(record)
       if on_log is not None:
         on_log(record)
@@ -196,7 +204,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       flush(pending)
   if eval_batches is not None:
     eval_fn = eval_fn or _make_eval(loss_fn, mesh)
-    writer.write(dict(_evaluate(eval_fn, state.params, eval_batches(), mesh), step=int(state.step)))
+    writer.write(dict(_evaluate(eval_fn, state.params, eval_batches(), mesh), step=int(host_scalar(state.step))))
   checkpointer.close()
   if hasattr(train_data, "stats") and jax.process_index() == 0:
     with open(os.path.join(workdir, "data_stats.json"), "w") as f:
@@ -216,5 +224,5 @@ def _evaluate(eval_fn, params, batches: Iterable[dict], mesh) -> dict:
   total, weight = 0.0, 0.0
   for local in batches:
     loss_sum, w = eval_fn(params, global_batch(local, mesh))
-    total, weight = total + float(loss_sum), weight + float(w)
+    total, weight = total + host_scalar(loss_sum), weight + host_scalar(w)
   return {"eval_loss": total / max(weight, 1.0), "eval_tokens": weight}

@@ -1,0 +1,153 @@
+"""End-to-end runs of experiments/train.py in subprocesses: exact resume after SIGKILL and SIGTERM, restore onto
+another mesh, two jax.distributed processes == one, the ahead-of-time memory plan for phi-4."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import phi_jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "experiments", "train.py")
+NUM_STEPS = 8
+# Constant LR: the schedule then does not depend on num_steps, so a run can be extended.
+BASE = ["--gin_file=experiments/configs/midtrain_tiny.gin", f"--gin_param=train.num_steps={NUM_STEPS}",
+        "--gin_param=train.checkpoint_every=2", "--gin_param=train.eval_every=0", "--gin_param=data.eval_files=[]",
+        "--gin_param=data.seq_len=64", "--gin_param=optimizer.decay='constant'",
+        "--gin_param=optimizer.warmup_fraction=None", "--gin_param=optimizer.learning_rate=1e-3"]
+
+pytestmark = pytest.mark.slow
+
+
+def _env(devices=8):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONUNBUFFERED="1")
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+  return env
+
+
+def _train(workdir, *extra, check=True):
+  proc = subprocess.run([sys.executable, TRAIN, *BASE, *extra, f"--workdir={workdir}"], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _params(workdir):
+  with ocp.StandardCheckpointer() as ckptr:
+    return jax.device_get(ckptr.restore(os.path.join(workdir, "params")))
+
+
+def _start_and_signal(workdir, sig, after_step):
+  """Starts a run and sends `sig` once metrics.jsonl shows `after_step` (a checkpoint exists by then)."""
+  proc = subprocess.Popen([sys.executable, TRAIN, *BASE, f"--workdir={workdir}"], cwd=ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(_losses(workdir)) >= after_step:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, f"run ended before the signal:\n{proc.stdout.read()[-3000:]}"
+  proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=300)
+  return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  _train(workdir)
+  return _losses(workdir), _params(workdir)
+
+
+def _assert_identical(workdir, reference):
+  ref_losses, ref_params = reference
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+  assert losses == ref_losses  # bit-identical, every step
+  for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigkill_then_rerun_is_bit_identical(tmp_path, uninterrupted):
+  workdir = str(tmp_path)
+  code, _ = _start_and_signal(workdir, signal.SIGKILL, after_step=5)
+  assert code == -signal.SIGKILL
+  assert len(_losses(workdir)) < NUM_STEPS  # really interrupted
+  _train(workdir)
+  _assert_identical(workdir, uninterrupted)
+
+
+def test_sigterm_saves_exits_143_and_resumes_identically(tmp_path, uninterrupted):
+  workdir = str(tmp_path)
+  code, out = _start_and_signal(workdir, signal.SIGTERM, after_step=3)
+  assert code == 143, out[-2000:]
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert saved[-1] < NUM_STEPS and saved[-1] == max(_losses(workdir))  # saved at the step the signal arrived
+  _train(workdir)
+  _assert_identical(workdir, uninterrupted)
+
+
+def test_restore_onto_another_mesh_continues_identically(tmp_path, uninterrupted):
+  workdir = str(tmp_path)
+  _train(workdir, "--gin_param=train.num_steps=4", "--gin_param=mesh.shape={'fsdp': 8}")
+  _train(workdir, "--gin_param=mesh.shape={'data': 2, 'fsdp': 2, 'tensor': 2}")
+  losses, ref = _losses(workdir), uninterrupted[0]
+  np.testing.assert_allclose([losses[s] for s in range(5, NUM_STEPS + 1)], [ref[s] for s in range(5, NUM_STEPS + 1)],
+                             rtol=1e-5)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one():
+  import test_train  # the single-process reference over the same global batches
+  reference, _, _ = test_train.run_steps({"fsdp": -1})
+  port = _free_port()
+  worker = os.path.join(ROOT, "tests", "multihost_worker.py")
+  procs = [subprocess.Popen([sys.executable, worker], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                            env=dict(_env(4), PHI_JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                     PHI_JAX_NUM_PROCESSES="2", PHI_JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+  assert [r["devices"] for r in results] == [8, 8]
+  for r in results:
+    np.testing.assert_allclose(r["losses"], reference, rtol=1e-5)
+
+
+def test_plan_phi4_memory_on_8_device_fsdp(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, TRAIN, "--gin_file=experiments/configs/midtrain_tiny.gin", "--dry_run",
+       "--gin_param=model.preset='phi-4'", "--gin_param=data.seq_len=4096", "--gin_param=data.batch_size=8",
+       "--gin_param=model.overrides={'remat_policy': 'full'}", "--gin_param=mesh.shape={'fsdp': 8}",
+       f"--workdir={tmp_path}"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout[proc.stdout.index("{"):])
+  assert report["model_params"] == 14_659_507_200
+  # fp32 params + two Adam moments = 12 bytes per parameter, split 8 ways, is the floor of the arguments.
+  floor = 12 * 14_659_507_200 / 8 / 2**30
+  assert floor <= report["per_device"]["argument_size_gib"] < floor * 1.05
+  assert report["per_device"]["peak_estimate_gib"] > report["per_device"]["argument_size_gib"]
