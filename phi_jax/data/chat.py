@@ -1,0 +1,209 @@
+"""Chat formats of the Phi-4 family: conversations to token ids and an assistant loss mask, prompts, stop tokens.
+
+    ids, mask = render_messages(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    prompt_ids = render_prompt(tokenizer, "What is 2 + 2?", system_prompt=PHI4_REASONING_SYSTEM_PROMPT)
+    stop_ids = stop_token_ids(tokenizer)     # <|im_end|>, <|endoftext|> (phi-4) or <|end|>, <|endoftext|> (mini)
+
+The tokenizer's own chat template decides the ids: `render_messages` returns exactly what
+`tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)` returns. The loss mask is derived here
+rather than from `{% generation %}` markers, which only some templates carry (Phi-4-reasoning's does, phi-4's and the
+mini models' do not): the conversation is rendered once more with every assistant content replaced by a unique
+marker, which locates each assistant content in the text; the template must insert it verbatim (checked). The mask
+is 1 on the tokens of every assistant content and on the end-of-turn token that closes it, 0 on system and user
+turns, role headers and anything the template adds outside assistant turns (the trailing `<|endoftext|>` of the mini
+templates). Each masked span is tokenized on its own and the concatenation is checked against the tokenization of the
+whole text, so the mask never splits a token.
+
+Special tokens are always looked up by string: the tiny test tokenizers number them differently from the real ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+from transformers import PreTrainedTokenizerBase
+
+from phi_jax.hf.tokenizer import PHI4_MINI_REASONING_SYSTEM_PROMPT, PHI4_REASONING_SYSTEM_PROMPT
+
+__all__ = [
+    "PHI4_MINI_REASONING_SYSTEM_PROMPT", "PHI4_MINI_STOP_TOKENS", "PHI4_REASONING_SYSTEM_PROMPT", "PHI4_STOP_TOKENS",
+    "ROLES", "STOP_TOKENS", "THINK_TOKENS", "chat_family", "render_messages", "render_prompt", "stop_token_ids",
+    "think_token_ids"
+]
+
+Message = Mapping[str, Any]
+
+ROLES = ("system", "user", "assistant")
+# End-of-turn token first: it is the one that closes an assistant turn; <|endoftext|> ends a document.
+PHI4_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+PHI4_MINI_STOP_TOKENS = ("<|end|>", "<|endoftext|>")
+STOP_TOKENS = {"phi-4": PHI4_STOP_TOKENS, "phi-4-mini": PHI4_MINI_STOP_TOKENS}
+THINK_TOKENS = ("<think>", "</think>")
+
+# Markers of each family's chat format, looked for in the chat template, then in the vocabulary.
+_FAMILY_MARKERS = (("phi-4", "<|im_sep|>"), ("phi-4-mini", "<|assistant|>"))
+_SENTINEL = "\x00phi_jax:assistant:{}\x00"
+
+
+def render_messages(tokenizer: PreTrainedTokenizerBase,
+                    messages: Sequence[Message],
+                    *,
+                    add_generation_prompt: bool = False,
+                    system_prompt: Optional[str] = None) -> tuple[list[int], list[int]]:
+  """Token ids of a conversation in the tokenizer's chat format, and its assistant loss mask.
+
+  Args:
+    tokenizer: a tokenizer with a chat template (`load_tokenizer`, `build_tiny_tokenizer`).
+    messages: dicts with "role" ("system", "user" or "assistant") and string "content".
+    add_generation_prompt: append the header that opens a new assistant turn.
+    system_prompt: system text to put first when the conversation has no system message of its own. Templates with a
+      built-in system prompt (Phi-4-reasoning) ignore system messages; the ids always follow the template.
+
+  Returns:
+    (ids, mask), equally long: `ids` as `tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)`
+    gives them, `mask` 1 exactly on assistant content and the end-of-turn token closing it.
+
+  Raises:
+    ValueError: an empty conversation, a message that is not a mapping, an unknown role or non-string content (the
+      message names the offending index), or a template whose rendering does not allow an exact mask.
+  """
+  messages = _checked_messages(messages, system_prompt)
+  text = _render(tokenizer, messages, add_generation_prompt)
+  spans = _assistant_spans(tokenizer, messages, text, add_generation_prompt)
+
+  pieces, inside, cursor = [], [], 0
+  for start, end in spans:
+    pieces += [text[cursor:start], text[start:end]]
+    inside += [0, 1]
+    cursor = end
+  pieces.append(text[cursor:])
+  inside.append(0)
+  ids, mask = [], []
+  for piece_ids, flag in zip(tokenizer(pieces, add_special_tokens=False)["input_ids"], inside):
+    ids += piece_ids
+    mask += [flag] * len(piece_ids)
+  if ids != tokenizer(text, add_special_tokens=False)["input_ids"]:
+    raise ValueError("the tokenizer merges text across an assistant-turn boundary, so no exact per-token mask exists")
+  return ids, mask
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase,
+                  messages_or_question: Union[str, Sequence[Message]],
+                  *,
+                  system_prompt: Optional[str] = None) -> list[int]:
+  """Prompt ids for generation: the conversation (or one user question) followed by the assistant header."""
+  if isinstance(messages_or_question, str):
+    messages_or_question = [{"role": "user", "content": messages_or_question}]
+  messages = _checked_messages(messages_or_question, system_prompt)
+  _require_template(tokenizer)
+  return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+
+
+def chat_family(tokenizer: PreTrainedTokenizerBase) -> str:
+  """"phi-4" (ChatML with <|im_sep|>) or "phi-4-mini" (<|user|>/<|assistant|>/<|end|>), from template or vocabulary."""
+  template = getattr(tokenizer, "chat_template", None) or ""
+  if isinstance(template, Mapping):
+    template = "".join(template.values())
+  for family, marker in _FAMILY_MARKERS:
+    if marker in template:
+      return family
+  for family, marker in _FAMILY_MARKERS:
+    if _single_token_id(tokenizer, marker) is not None:
+      return family
+  raise ValueError("the tokenizer follows neither the phi-4 (<|im_sep|>) nor the phi-4-mini (<|assistant|>) format")
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+  """Ids of the tokens that end generation for the tokenizer's chat family, end-of-turn token first."""
+  ids = []
+  for token in STOP_TOKENS[chat_family(tokenizer)]:
+    token_id = _single_token_id(tokenizer, token)
+    if token_id is None:
+      raise ValueError(f"the tokenizer has no single token for the stop token {token!r}")
+    ids.append(token_id)
+  return tuple(ids)
+
+
+def think_token_ids(tokenizer: PreTrainedTokenizerBase) -> Optional[tuple[int, int]]:
+  """Ids of `<think>` and `</think>`, or None when the tokenizer lacks either as a single token."""
+  open_id, close_id = (_single_token_id(tokenizer, token) for token in THINK_TOKENS)
+  if open_id is None or close_id is None:
+    return None
+  return open_id, close_id
+
+
+def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> Optional[int]:
+  """The id `token` encodes to when it appears in text, or None when it takes several tokens or is unknown."""
+  ids = tokenizer.encode(token, add_special_tokens=False)
+  # The round trip rejects an unknown-token id (some vocabularies map anything unknown to one id).
+  return ids[0] if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token else None
+
+
+def _checked_messages(messages: Sequence[Message], system_prompt: Optional[str]) -> list[dict[str, Any]]:
+  if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+    raise ValueError(f"expected a list of messages, got {type(messages).__name__}")
+  if not messages:
+    raise ValueError("empty conversation: at least one message is needed")
+  checked = []
+  for index, message in enumerate(messages):
+    if not isinstance(message, Mapping):
+      raise ValueError(f"message {index}: expected a mapping with 'role' and 'content', got {type(message).__name__}")
+    if message.get("role") not in ROLES:
+      raise ValueError(f"message {index}: unknown role {message.get('role')!r}; expected one of {ROLES}")
+    if not isinstance(message.get("content"), str):
+      raise ValueError(f"message {index}: content must be a string, got {type(message.get('content')).__name__}")
+    checked.append(dict(message))
+  if system_prompt is not None:
+    if not isinstance(system_prompt, str):
+      raise ValueError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+    if not any(message["role"] == "system" for message in checked):
+      checked.insert(0, {"role": "system", "content": system_prompt})
+  return checked
+
+
+def _require_template(tokenizer: PreTrainedTokenizerBase) -> None:
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError("the tokenizer has no chat_template; load the tokenizer of a chat or instruct checkpoint")
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+  _require_template(tokenizer)
+  return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], text: str,
+                     add_generation_prompt: bool) -> list[tuple[int, int]]:
+  """Character spans of each assistant content plus its end-of-turn token in `text`, in text order."""
+  assistant = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+  if not assistant:
+    return []
+  marked = [dict(message, content=_SENTINEL.format(i)) if i in assistant else message
+            for i, message in enumerate(messages)]
+  marked_text = _render(tokenizer, marked, add_generation_prompt)
+  located = []
+  for i in assistant:
+    if marked_text.count(_SENTINEL.format(i)) != 1:
+      raise ValueError(f"message {i}: the chat template does not render this assistant content exactly once")
+    located.append((marked_text.index(_SENTINEL.format(i)), i))
+
+  rebuilt, content_spans, cursor = [], [], 0
+  for position, i in sorted(located):
+    rebuilt.append(marked_text[cursor:position])
+    start = sum(map(len, rebuilt))
+    rebuilt.append(messages[i]["content"])
+    content_spans.append((i, start, start + len(messages[i]["content"])))
+    cursor = position + len(_SENTINEL.format(i))
+  rebuilt.append(marked_text[cursor:])
+  if "".join(rebuilt) != text:
+    raise ValueError("the chat template changes assistant content or renders differently depending on it, so the "
+                     "assistant tokens cannot be located")
+
+  stops = STOP_TOKENS[chat_family(tokenizer)]
+  spans = []
+  for i, start, end in content_spans:
+    closing = next((token for token in stops if text.startswith(token, end)), None)
+    if closing is None:
+      raise ValueError(f"message {i}: the chat template does not close the assistant turn with one of {stops}")
+    spans.append((start, end + len(closing)))
+  return spans

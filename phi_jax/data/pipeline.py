@@ -1,0 +1,355 @@
+"""The input pipeline: weighted mixture of sources -> validate -> tokenize -> pack | pad -> per-process batches.
+
+    it = build_pipeline([(JsonlSource("long/*.jsonl"), 0.3), (ParquetSource("recall/*.parquet"), 0.7)],
+                        tokenize_fn=make_tokenize_fn(tokenizer), seq_len=16384, batch_size=8, seed=0)
+    batch = next(it)        # tokens, positions, segment_ids, loss_mask: int32 [batch_size, seq_len]
+    state = it.get_state()  # JSON-serialisable; a fresh pipeline given set_state(state) yields the very same batches
+    it.stats()              # records read / used / skipped per reason, too-long, tokens per source, padding
+
+Order: each process reads every `process_count`-th record of each source (a disjoint share), shuffles its share with
+a seed derived from `seed` and the source index (reshuffled every epoch), repeats it for the source's epoch count,
+and Grain's `MapDataset.mix` interleaves the sources deterministically in proportion to their weights (weights count
+records, not tokens; the token counts per source are in `stats()`). The mixture ends when its first finite source
+runs out. Everything is a function of the seed, so a restored state continues exactly.
+
+Accounting: every record read is counted as used or as skipped with a reason (bad records in skip mode, too-long
+documents when dropped): `records_read == records_used + sum(records_skipped.values())` at all times. The counters
+travel inside the iterator state, so they resume with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import grain
+import numpy as np
+
+from phi_jax.data import packing as packing_lib
+from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, read_record
+
+BATCH_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
+ON_BAD_RECORD = ("raise", "skip")
+SKIP_REASONS = BAD_RECORD_REASONS + ("too long",)
+_LEDGER_FIELDS = ("read", "used", "too_long_split") + SKIP_REASONS
+_COLUMN = {name: i for i, name in enumerate(_LEDGER_FIELDS)}
+
+TokenizeFn = Callable[[dict[str, Any]], dict[str, np.ndarray]]
+
+
+def make_tokenize_fn(tokenizer, *, system_prompt: Optional[str] = None, add_eos_to_text: bool = True,
+                     eos_id: Optional[int] = None, render_fn: Optional[Callable] = None) -> TokenizeFn:
+  """A function from a validated record to `{"ids": int32[n], "loss_mask": int32[n]}`.
+
+  Conversations (and prompt/completion pairs, as a user and an assistant turn) go through `render_fn` (default
+  `phi_jax.data.chat.render_messages`): the loss mask is its assistant mask. Text records are `tokenizer(text)`
+  without special tokens, followed by `eos_id` so packed documents are separated; the loss mask is all ones.
+  `eos_id` defaults to `<|endoftext|>` when the vocabulary has it (the Phi-4 family's document separator; phi-4's
+  `eos_token` is `<|im_end|>`, which ends a chat turn), else to `tokenizer.eos_token_id`.
+  """
+  if render_fn is None:
+    from phi_jax.data.chat import render_messages as render_fn  # pylint: disable=import-outside-toplevel
+  eos = _document_end_id(tokenizer) if eos_id is None else eos_id
+  if add_eos_to_text and eos is None:
+    raise ValueError("add_eos_to_text=True needs eos_id= or a tokenizer with an eos_token_id")
+
+  def tokenize(record: dict[str, Any]) -> dict[str, np.ndarray]:
+    if "text" in record:
+      ids = list(tokenizer(record["text"], add_special_tokens=False)["input_ids"]) + ([eos] if add_eos_to_text else [])
+      mask = [1] * len(ids)
+    else:
+      messages = record.get("messages") or [{"role": "user", "content": record["prompt"]},
+                                            {"role": "assistant", "content": record["completion"]}]
+      ids, mask = render_fn(tokenizer, messages, system_prompt=system_prompt)
+    return {"ids": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
+
+  return tokenize
+
+
+def _document_end_id(tokenizer) -> Optional[int]:
+  vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+  return vocab.get("<|endoftext|>", getattr(tokenizer, "eos_token_id", None))
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """One source of a mixture: its weight (relative share of records) and epoch count (None: the pipeline's)."""
+
+  source: Any
+  weight: float = 1.0
+  num_epochs: Optional[int] = None
+  name: Optional[str] = None
+
+
+def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize_fn: TokenizeFn, seq_len: int,
+                   batch_size: int, seed: int, shuffle: bool = True, num_epochs: Optional[int] = None,
+                   packing: Optional[str] = "first_fit", too_long: str = "split", on_bad_record: str = "raise",
+                   process_index: Optional[int] = None, process_count: Optional[int] = None,
+                   num_packing_bins: Optional[int] = None, read_threads: int = 2,
+                   read_buffer: int = 64) -> DataIterator:
+  """A deterministic, resumable iterator of per-process batches (see the module docstring).
+
+  Args:
+    sources: `(source, weight)` pairs or `Component`s; a source is any random-access record source (`len` and
+      `[i]` giving `sources.py` raw records), e.g. `JsonlSource`, `ParquetSource`, `DiskDatasetSource`.
+    tokenize_fn: record -> `{"ids", "loss_mask"}`, e.g. `make_tokenize_fn(tokenizer)`.
+    seq_len: row length T.
+    batch_size: rows per batch for this process.
+    seed: the order of records, the mixture and the packed rows follow from it.
+    shuffle: shuffle each source (per epoch); False reads records in file order.
+    num_epochs: passes over each source (None: forever) unless its `Component.num_epochs` says otherwise.
+    packing: "first_fit" or "best_fit" to pack several documents per row, None for one example per row.
+    too_long: documents longer than seq_len are cut into seq_len pieces ("split", each piece its own segment; the
+      target across a cut is lost) or dropped and counted ("drop").
+    on_bad_record: "raise" stops at the first bad record with a `DataError` naming file, line and reason; "skip"
+      counts it per reason in `stats()`.
+    process_index, process_count: this process's share of every source (default: `jax.process_index()` of
+      `jax.process_count()`).
+    num_packing_bins: rows Grain fills at once when packing (default: batch_size).
+    read_threads, read_buffer: Grain threads and prefetch buffer for reading, validating and tokenizing.
+  """
+  components = [c if isinstance(c, Component) else Component(*c) for c in sources]
+  if not components:
+    raise ValueError("build_pipeline needs at least one source")
+  if too_long not in packing_lib.TOO_LONG:
+    raise ValueError(f"too_long={too_long!r}; expected one of {packing_lib.TOO_LONG}")
+  if on_bad_record not in ON_BAD_RECORD:
+    raise ValueError(f"on_bad_record={on_bad_record!r}; expected one of {ON_BAD_RECORD}")
+  if packing is not None and packing not in packing_lib.PACKINGS:
+    raise ValueError(f"packing={packing!r}; expected one of {packing_lib.PACKINGS} or None")
+  if any(c.weight <= 0 for c in components):
+    raise ValueError(f"mixture weights must be positive, got {[c.weight for c in components]}")
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+
+  names = _unique_names(components)
+  epochs = [c.num_epochs if c.num_epochs is not None else num_epochs for c in components]
+  per_source = []
+  for index, (component, name, source_epochs) in enumerate(zip(components, names, epochs)):
+    ds = grain.MapDataset.source(component.source)[process_index::process_count]
+    if len(ds) == 0:
+      raise DataError(name, "empty dataset",
+                      f"{len(component.source)} records leave none for process {process_index} of {process_count}")
+    if shuffle:
+      ds = ds.shuffle(seed=_derived_seed(seed, index))
+    if source_epochs != 1:
+      ds = ds.repeat(source_epochs)
+    per_source.append(ds.map(functools.partial(_prepare, source_index=index, tokenize_fn=tokenize_fn, seq_len=seq_len,
+                                               too_long=too_long, on_bad_record=on_bad_record)))
+  mixed = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, [c.weight for c in components])
+  ledger = _Ledger(len(components))
+  examples = _AccountingIterDataset(
+      mixed.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer)), ledger)
+  if packing is None:
+    rows = packing_lib.pad(examples, seq_len=seq_len)
+  else:
+    rows = packing_lib.pack(examples, seq_len=seq_len, packing=packing, num_packing_bins=num_packing_bins or batch_size,
+                            seed=_derived_seed(seed, len(components)))
+  sources_info = [{"name": n, "weight": c.weight, "num_epochs": e} for n, c, e in zip(names, components, epochs)]
+  return DataIterator(rows, ledger, batch_size=batch_size, seq_len=seq_len, sources_info=sources_info)
+
+
+def _unique_names(components: list[Component]) -> list[str]:
+  names = []
+  for i, c in enumerate(components):
+    name = c.name or getattr(c.source, "name", None) or f"source{i}"
+    names.append(name if name not in names else f"{name}#{i}")
+  return names
+
+
+def _derived_seed(seed: int, index: int) -> int:
+  # Grain wants 32-bit seeds; SeedSequence keeps (seed, index) pairs far apart.
+  return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn, seq_len: int, too_long: str,
+             on_bad_record: str) -> dict[str, Any]:
+  """Validates and tokenizes one raw record into `{"source", "status", "pieces"}` (runs in Grain's reader threads)."""
+  record, bad = read_record(raw)
+  if bad is None:
+    try:
+      example = tokenize_fn(record)
+    except ValueError as e:  # The renderer's word on a record it cannot render exactly (see chat.render_messages).
+      example, bad = None, ("tokenization failed", str(e))
+  if bad is None:
+    ids, loss_mask = example["ids"], example["loss_mask"]
+    if ids.shape != loss_mask.shape or ids.ndim != 1:
+      raise ValueError(f"{raw['where']}: tokenize_fn gave ids {ids.shape} and loss_mask {loss_mask.shape}")
+    if not len(ids):
+      bad = ("no tokens", "the record tokenizes to nothing")
+  if bad is not None:
+    if on_bad_record == "raise":
+      raise DataError(raw["where"], *bad)
+    return {"source": source_index, "status": bad[0], "pieces": []}
+  example = {"ids": ids, "loss_mask": loss_mask, "source_ids": np.full(len(ids), source_index, np.int32)}
+  if len(ids) <= seq_len:
+    return {"source": source_index, "status": "used", "pieces": [example]}
+  if too_long == "drop":
+    return {"source": source_index, "status": "too long", "pieces": []}
+  return {"source": source_index, "status": "split", "pieces": packing_lib.split_too_long(example, seq_len)}
+
+
+class _Ledger:
+  """Record counters per source, [num_sources, len(_LEDGER_FIELDS)]; snapshots are plain lists (JSON)."""
+
+  def __init__(self, num_sources: int):
+    self.counts = np.zeros((num_sources, len(_LEDGER_FIELDS)), np.int64)
+
+  def count(self, element: dict[str, Any]):
+    row = self.counts[element["source"]]
+    row[_COLUMN["read"]] += 1
+    status = element["status"]
+    if status in ("used", "split"):
+      row[_COLUMN["used"]] += 1
+      row[_COLUMN["too_long_split"]] += status == "split"
+    else:
+      row[_COLUMN[status]] += 1
+
+  def snapshot(self) -> list[list[int]]:
+    return self.counts.tolist()
+
+  def restore(self, snapshot: list[list[int]]):
+    self.counts = np.asarray(snapshot, np.int64).reshape(self.counts.shape)
+
+
+class _AccountingIterDataset(grain.IterDataset):
+  """Counts every prepared record in the ledger, drops the skipped ones and yields the pieces of the used ones."""
+
+  def __init__(self, parent: grain.IterDataset, ledger: _Ledger):
+    super().__init__(parent)
+    self._ledger = ledger
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _AccountingIterator(self._parent.__iter__(), self._ledger)
+
+
+class _AccountingIterator(grain.DatasetIterator):
+  """State = (parent state and counters before the current record, pieces of it already emitted)."""
+
+  def __init__(self, parent: grain.DatasetIterator, ledger: _Ledger):
+    super().__init__(parent)
+    self._ledger = ledger
+    self._pieces: list[dict[str, np.ndarray]] = []
+    self._next_piece = 0
+    self._parent_state_before = None
+    self._counts_before = None
+
+  def _read_next_record(self):
+    self._parent_state_before = self._parent.get_state()
+    self._counts_before = self._ledger.snapshot()
+    element = next(self._parent)
+    self._ledger.count(element)
+    self._pieces, self._next_piece = element["pieces"], 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while self._next_piece >= len(self._pieces):
+      self._read_next_record()
+    self._next_piece += 1
+    return self._pieces[self._next_piece - 1]
+
+  def get_state(self) -> dict[str, Any]:
+    if self._next_piece < len(self._pieces):
+      return {"parent": self._parent_state_before, "counts": self._counts_before, "next_piece": self._next_piece}
+    return {"parent": self._parent.get_state(), "counts": self._ledger.snapshot(), "next_piece": 0}
+
+  def set_state(self, state: dict[str, Any]):
+    self._parent.set_state(state["parent"])
+    self._ledger.restore(state["counts"])
+    self._pieces, self._next_piece = [], 0
+    if state["next_piece"]:
+      self._read_next_record()
+      self._next_piece = state["next_piece"]
+
+
+class DataIterator:
+  """Batches of `BATCH_FIELDS` (int32 [batch_size, seq_len]) with a JSON-serialisable, restorable state.
+
+  A finite pipeline's last batch is filled up with all-padding rows (segment id 0) rather than dropped; the number
+  of such rows is in `stats()["filler_rows"]`.
+  """
+
+  def __init__(self, rows: grain.IterDataset, ledger: _Ledger, *, batch_size: int, seq_len: int,
+               sources_info: list[dict[str, Any]]):
+    self._rows = rows.__iter__()
+    self._ledger = ledger
+    self._batch_size, self._seq_len = batch_size, seq_len
+    self._sources_info = sources_info
+    self._exhausted = False
+    self._totals = {"batches": 0, "rows": 0, "filler_rows": 0, "tokens": 0, "loss_tokens": 0}
+    self._source_tokens = np.zeros((len(sources_info), 2), np.int64)  # (tokens, loss tokens) per source
+
+  def __iter__(self) -> DataIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = []
+    while not self._exhausted and len(rows) < self._batch_size:
+      try:
+        rows.append(next(self._rows))
+      except StopIteration:
+        self._exhausted = True
+    if not rows:
+      if self._totals["batches"] == 0:
+        stats = self.stats()
+        raise DataError("all sources", "empty dataset", f"no usable records: {stats['records_read']} read, skipped "
+                        f"{stats['records_skipped']}")
+      raise StopIteration
+    num_filler = self._batch_size - len(rows)
+    rows += [packing_lib.empty_row(self._seq_len)] * num_filler
+    batch = {name: np.stack([row[name] for row in rows]).astype(np.int32) for name in packing_lib.ROW_FIELDS}
+    self._count(batch, num_filler)
+    del batch["source_ids"]
+    return batch
+
+  def _count(self, batch: dict[str, np.ndarray], num_filler: int):
+    real = batch["segment_ids"] > 0
+    sources = batch["source_ids"][real]
+    num_sources = len(self._sources_info)
+    self._source_tokens[:, 0] += np.bincount(sources, minlength=num_sources)
+    self._source_tokens[:, 1] += np.bincount(sources, weights=batch["loss_mask"][real], minlength=num_sources).astype(
+        np.int64)
+    self._totals["batches"] += 1
+    self._totals["rows"] += self._batch_size - num_filler
+    self._totals["filler_rows"] += num_filler
+    self._totals["tokens"] += int(real.sum())
+    self._totals["loss_tokens"] += int(batch["loss_mask"][real].sum())
+
+  def get_state(self) -> dict[str, Any]:
+    return {"rows": self._rows.get_state(), "exhausted": self._exhausted, "totals": dict(self._totals),
+            "source_tokens": self._source_tokens.tolist()}
+
+  def set_state(self, state: dict[str, Any]):
+    self._rows.set_state(state["rows"])
+    self._exhausted = state["exhausted"]
+    self._totals = dict(state["totals"])
+    self._source_tokens = np.asarray(state["source_tokens"], np.int64).reshape(self._source_tokens.shape)
+
+  def stats(self) -> dict[str, Any]:
+    """Counts so far: records read/used/skipped per reason, too-long split/dropped, tokens per source, padding.
+
+    Record counts include records read ahead into the packer but not yet in a batch; token counts are exactly the
+    tokens of the batches returned.
+    """
+    per_source = {}
+    for info, counts, (tokens, loss_tokens) in zip(self._sources_info, self._ledger.counts, self._source_tokens):
+      per_source[info["name"]] = {**info, **_record_counts(counts), "tokens": int(tokens),
+                                  "loss_tokens": int(loss_tokens)}
+    slots = self._totals["batches"] * self._batch_size * self._seq_len
+    return {
+        **_record_counts(self._ledger.counts.sum(axis=0)),
+        **self._totals,
+        "padding_fraction": 1.0 - self._totals["tokens"] / slots if slots else 0.0,
+        "sources": per_source,
+    }
+
+
+def _record_counts(counts: np.ndarray) -> dict[str, Any]:
+  skipped = {reason: int(counts[_COLUMN[reason]]) for reason in SKIP_REASONS if counts[_COLUMN[reason]]}
+  return {"records_read": int(counts[_COLUMN["read"]]), "records_used": int(counts[_COLUMN["used"]]),
+          "records_skipped": skipped, "too_long_split": int(counts[_COLUMN["too_long_split"]]),
+          "too_long_dropped": skipped.get("too long", 0)}

@@ -1,0 +1,299 @@
+"""Record sources (JSONL, Parquet, `datasets.save_to_disk`) and record validation.
+
+Every source is a Grain random-access data source: `len(source)` records and `source[i]` returning a raw record
+`{"data": dict | None, "where": "file:line" or "dir row N", "error": (reason, detail) | None}`. Sources only read;
+`validate_record` decides whether a raw record is a usable example. Three record kinds are accepted:
+
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]}
+    {"prompt": "...", "completion": "..."}      # a user turn followed by an assistant turn
+    {"text": "..."}                             # a raw document: loss on every token
+
+Other keys (ids, metadata) are ignored. A bad record becomes a `DataError` naming file, line (or row) and reason,
+or, in skip mode, a counted skip; the reasons are the fixed keys of `BAD_RECORD_REASONS` so counts aggregate.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+
+# The roles `phi_jax.data.chat.render_messages` renders.
+ROLES = ("system", "user", "assistant")
+BAD_RECORD_REASONS = (
+    "not UTF-8",
+    "invalid JSON",
+    "not an object",
+    "unknown record kind",
+    "missing field",
+    "mistyped field",
+    "unknown role",
+    "empty conversation",
+    "no assistant turn",
+    "empty text",
+    "no tokens",
+    "tokenization failed",
+)
+
+
+class DataError(ValueError):
+  """A record or file that cannot be used: `where` is "file:line" or "file row N", `reason` a short fixed phrase.
+
+  Bad records use the `BAD_RECORD_REASONS` phrases (the keys of the skip counts); file-level problems (no such file,
+  empty dataset, unreadable file) always raise.
+  """
+
+  def __init__(self, where: str, reason: str, detail: str = ""):
+    self.where, self.reason, self.detail = where, reason, detail
+    super().__init__(f"{where}: {reason}" + (f": {detail}" if detail else ""))
+
+
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+  """Files named by `paths` (globs allowed), in sorted order per pattern; a pattern matching nothing is an error."""
+  patterns = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+  files = []
+  for pattern in map(os.fspath, patterns):
+    matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    missing = [m for m in matches if not os.path.isfile(m)]
+    if not matches or missing:
+      raise DataError(pattern, "no such file")
+    files.extend(matches)
+  if not files:
+    raise DataError(repr(paths), "no such file", "no paths given")
+  return files
+
+
+def _raise_if_empty(counts: dict[str, int], kind: str):
+  if sum(counts.values()) == 0:
+    raise DataError(", ".join(counts), "empty dataset", f"no records in {kind} file(s) {', '.join(counts)}")
+
+
+class _MultiFileSource:
+  """Random access over the concatenated records of several files: global index -> (file, index in file)."""
+
+  def __init__(self, files: list[str], records_per_file: list[int], name: Optional[str]):
+    self.files = files
+    self.name = name or os.path.basename(files[0]) + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
+    self._starts = np.concatenate([[0], np.cumsum(records_per_file)]).astype(np.int64)
+    self._open_files: dict[int, Any] = {}  # file index -> open handle, filled lazily by the reader threads
+    self._lock = threading.Lock()
+
+  def _opened(self, file_index: int, open_fn):
+    with self._lock:
+      if file_index not in self._open_files:
+        self._open_files[file_index] = open_fn(self.files[file_index])
+      return self._open_files[file_index]
+
+  def __getstate__(self):
+    # Handles and locks do not cross process boundaries (Grain worker processes); each process reopens its files.
+    state = dict(self.__dict__, _open_files={})
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def _locate(self, index: int) -> tuple[int, int]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} out of range for {len(self)} records of {self.name}")
+    file_index = int(np.searchsorted(self._starts, index, side="right")) - 1
+    return file_index, index - int(self._starts[file_index])
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({self.name!r}, {len(self)} records)"
+
+
+class JsonlSource(_MultiFileSource):
+  """One JSON object per line; blank lines are not records. `where` is "path:line" with 1-based lines."""
+
+  def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, name: Optional[str] = None):
+    files = expand_paths(paths)
+    # Byte offsets and line numbers of the non-blank lines, so any record is one pread away.
+    self._offsets, self._lengths, self._line_numbers = [], [], []
+    for path in files:
+      offsets, lengths, line_numbers = _index_lines(path)
+      self._offsets.append(offsets)
+      self._lengths.append(lengths)
+      self._line_numbers.append(line_numbers)
+    counts = {path: len(offsets) for path, offsets in zip(files, self._offsets)}
+    _raise_if_empty(counts, "JSONL")
+    super().__init__(files, list(counts.values()), name)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    file_index, row = self._locate(index)
+    where = f"{self.files[file_index]}:{self._line_numbers[file_index][row]}"
+    fd = self._opened(file_index, lambda path: os.open(path, os.O_RDONLY))
+    raw = os.pread(fd, int(self._lengths[file_index][row]), int(self._offsets[file_index][row]))
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      return _raw(None, where, ("not UTF-8", f"byte {raw[e.start]:#04x} at column {e.start + 1}"))
+    try:
+      data = json.loads(line.removeprefix("\ufeff"))
+    except json.JSONDecodeError as e:
+      return _raw(None, where, ("invalid JSON", f"{e.msg} at column {e.colno}"))
+    return _raw(data, where, None)
+
+  def __del__(self):
+    for fd in getattr(self, "_open_files", {}).values():
+      os.close(fd)
+
+
+def _index_lines(path: str, chunk_bytes: int = 1 << 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(offset, length, 1-based line number) of every non-blank line of a file, read in chunks."""
+  offsets, lengths, line_numbers = [], [], []
+  with open(path, "rb") as f:
+    start, line_number, carry = 0, 0, b""
+    while chunk := f.read(chunk_bytes):
+      buffer = carry + chunk
+      lines = buffer.split(b"\n")
+      carry = lines.pop()
+      for line in lines:
+        line_number += 1
+        if line.strip():
+          offsets.append(start)
+          lengths.append(len(line))
+          line_numbers.append(line_number)
+        start += len(line) + 1
+    if carry.strip():
+      offsets.append(start)
+      lengths.append(len(carry))
+      line_numbers.append(line_number + 1)
+  return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64), np.asarray(line_numbers, np.int64)
+
+
+class ParquetSource(_MultiFileSource):
+  """Rows of Parquet files (memory-mapped Arrow tables). `where` is "path row N" with 0-based rows."""
+
+  def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, name: Optional[str] = None):
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+    files = expand_paths(paths)
+    counts = {}
+    for path in files:
+      try:
+        counts[path] = pq.ParquetFile(path).metadata.num_rows
+      except Exception as e:  # pyarrow raises several types for corrupt files; all mean "cannot read this file".
+        raise DataError(path, "unreadable file", str(e)) from e
+    _raise_if_empty(counts, "Parquet")
+    super().__init__(files, list(counts.values()), name)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+    file_index, row = self._locate(index)
+    table = self._opened(file_index, lambda path: pq.read_table(path, memory_map=True))
+    data = table.slice(row, 1).to_pylist()[0]
+    return _raw(data, f"{self.files[file_index]} row {row}", None)
+
+
+class DiskDatasetSource(_MultiFileSource):
+  """A Hugging Face dataset written by `Dataset.save_to_disk` (or one `split` of a `DatasetDict`)."""
+
+  def __init__(self, path: str | os.PathLike, *, split: Optional[str] = None, name: Optional[str] = None):
+    import datasets  # pylint: disable=import-outside-toplevel
+
+    path = os.fspath(path)
+    try:
+      dataset = datasets.load_from_disk(path)
+    except FileNotFoundError as e:
+      raise DataError(path, "no such file", str(e)) from e
+    if isinstance(dataset, datasets.DatasetDict):
+      if split is None and len(dataset) != 1:
+        raise DataError(path, "ambiguous split", f"a DatasetDict with splits {list(dataset)}; pass split=")
+      split = split if split is not None else next(iter(dataset))
+      if split not in dataset:
+        raise DataError(path, "no such split", f"{split!r} not in {list(dataset)}")
+      dataset = dataset[split]
+    where = path if split is None else f"{path}[{split}]"
+    _raise_if_empty({where: len(dataset)}, "save_to_disk")
+    super().__init__([where], [len(dataset)], name or os.path.basename(path.rstrip("/")))
+    self._dataset = dataset
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    _, row = self._locate(index)
+    return _raw(self._dataset[row], f"{self.files[0]} row {row}", None)
+
+
+def _raw(data: Any, where: str, error: Optional[tuple[str, str]]) -> dict[str, Any]:
+  return {"data": data, "where": where, "error": error}
+
+
+def open_source(path: str | os.PathLike | Sequence[str | os.PathLike], *, name: Optional[str] = None):
+  """A source chosen by file type: *.jsonl / *.json lines, *.parquet, or a `save_to_disk` directory."""
+  first = os.fspath(path if isinstance(path, (str, os.PathLike)) else path[0])
+  if os.path.isdir(first):
+    return DiskDatasetSource(first, name=name)
+  if first.endswith(".parquet"):
+    return ParquetSource(path, name=name)
+  if first.endswith((".jsonl", ".json")) or glob.has_magic(first):
+    return JsonlSource(path, name=name)
+  raise DataError(first, "unknown file type", "expected *.jsonl, *.parquet or a save_to_disk directory")
+
+
+def validate_record(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
+  """(normalised record, None) for a usable record, or (None, (reason, detail)) for a bad one.
+
+  The normalised record is `{"messages": [...]}` (prompt/completion pairs become a user and an assistant turn,
+  messages keep only role and content) or `{"text": str}`.
+  """
+  if not isinstance(data, dict):
+    return None, ("not an object", f"got {type(data).__name__}")
+  kinds = [kind for kind, keys in (("messages", ("messages",)), ("prompt/completion", ("prompt", "completion")),
+                                   ("text", ("text",))) if any(data.get(k) is not None for k in keys)]
+  if len(kinds) != 1:
+    found = "none of" if not kinds else f"several of ({', '.join(kinds)}) among"
+    return None, ("unknown record kind", f"{found} 'messages', 'prompt'+'completion', 'text'")
+  if kinds[0] == "text":
+    if not isinstance(data["text"], str):
+      return None, ("mistyped field", f"'text' is {type(data['text']).__name__}, expected str")
+    if not data["text"]:
+      return None, ("empty text", "'text' is empty")
+    return {"text": data["text"]}, None
+  if kinds[0] == "prompt/completion":
+    for key in ("prompt", "completion"):
+      if data.get(key) is None:
+        return None, ("missing field", f"'{key}' is missing")
+      if not isinstance(data[key], str):
+        return None, ("mistyped field", f"'{key}' is {type(data[key]).__name__}, expected str")
+    return {"messages": [{"role": "user", "content": data["prompt"]},
+                         {"role": "assistant", "content": data["completion"]}]}, None
+  return _validate_messages(data["messages"])
+
+
+def _validate_messages(messages: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
+  if not isinstance(messages, list):
+    return None, ("mistyped field", f"'messages' is {type(messages).__name__}, expected a list")
+  if not messages:
+    return None, ("empty conversation", "'messages' is an empty list")
+  clean = []
+  for i, message in enumerate(messages):
+    if not isinstance(message, dict):
+      return None, ("mistyped field", f"message {i} is {type(message).__name__}, expected an object")
+    for key in ("role", "content"):
+      if message.get(key) is None:
+        return None, ("missing field", f"message {i} has no '{key}'")
+      if not isinstance(message[key], str):
+        return None, ("mistyped field", f"message {i} '{key}' is {type(message[key]).__name__}, expected str")
+    if message["role"] not in ROLES:
+      return None, ("unknown role", f"message {i} has role {message['role']!r}; expected one of {', '.join(ROLES)}")
+    clean.append({"role": message["role"], "content": message["content"]})
+  if not any(m["role"] == "assistant" for m in clean):
+    return None, ("no assistant turn", "nothing to learn from a conversation without an assistant message")
+  return {"messages": clean}, None
+
+
+def read_record(raw: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
+  """`validate_record` applied to a source's raw record, passing on read errors (bad UTF-8, bad JSON)."""
+  if raw["error"] is not None:
+    return None, raw["error"]
+  return validate_record(raw["data"])

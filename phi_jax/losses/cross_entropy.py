@@ -1,0 +1,136 @@
+"""Next-token cross-entropy and per-token log-probs computed from hidden states in sequence chunks.
+
+Axis letters: B batch, T time, C chunk (a slice of T), N number of chunks, D model, V vocab.
+
+Phi-4 has V = 100K-200K and trains at T = 16K, so [B, T, V] float32 logits would need tens of GiB. Here the LM
+head is applied to one chunk of C positions at a time inside a `lax.scan`, and the chunk body is rematerialised
+(`jax.checkpoint`), so neither the forward nor the backward pass ever holds more than one chunk of logits.
+
+Logits follow `phi_jax.model.api.logits_from_hidden`: the kernel is cast to the hidden-state dtype and the matmul
+accumulates in float32; everything after the matmul is float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def next_token_targets(tokens_BT, segment_ids_BT, loss_mask_BT):
+  """Shifted targets for next-token prediction on packed rows.
+
+  Position t predicts tokens[t + 1]. It counts (weight 1) when token t + 1 is a loss target and both tokens
+  belong to the same non-padding segment, so no prediction crosses a packed-document boundary. The last
+  position predicts nothing (target 0, weight 0).
+
+  Returns:
+    (targets [B, T] int32, weights [B, T] float32).
+  """
+  targets = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1))).astype(jnp.int32)
+  same_segment = (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]) & (segment_ids_BT[:, :-1] != 0)
+  weights = same_segment & (loss_mask_BT[:, 1:] != 0)
+  weights = jnp.pad(weights, ((0, 0), (0, 1))).astype(jnp.float32)
+  return targets, weights
+
+
+def _target_logit(logits_BCV, targets_BC):
+  # An iota comparison instead of a gather: it fuses into the reduction and partitions cleanly when V is sharded.
+  vocab_ids = jnp.arange(logits_BCV.shape[-1], dtype=targets_BC.dtype)
+  return jnp.sum(jnp.where(vocab_ids == targets_BC[..., None], logits_BCV, 0.0), axis=-1)
+
+
+def _chunk_logits(h_BCD, kernel_DV, temperature):
+  logits = jnp.einsum("bcd,dv->bcv", h_BCD, kernel_DV.astype(h_BCD.dtype), preferred_element_type=jnp.float32)
+  # Always divide: the temperature may be a traced schedule value.
+  return logits / temperature
+
+
+def _token_stats(h_BCD, kernel_DV, targets_BC, *, temperature, with_entropy, with_argmax):
+  """Per-token statistics of one chunk: {'lse', 'target_logit'} and optionally 'entropy', 'correct'. [B, C] each."""
+  logits = _chunk_logits(h_BCD, kernel_DV, temperature)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  stats = {"lse": lse, "target_logit": _target_logit(logits, targets_BC)}
+  if with_entropy:
+    probs = jax.nn.softmax(logits, axis=-1)
+    stats["entropy"] = lse - jnp.sum(probs * logits, axis=-1)
+  if with_argmax:
+    stats["correct"] = (jnp.argmax(logits, axis=-1) == targets_BC).astype(jnp.float32)
+  return stats
+
+
+def _chunked_token_stats(h_BTD, kernel_DV, targets_BT, *, chunk_size, **stat_kwargs):
+  """Runs `_token_stats` over sequence chunks; returns the same dict with [B, T] arrays."""
+  b, t, d = h_BTD.shape
+  chunk = max(1, min(chunk_size, t))
+  num_chunks = -(-t // chunk)
+  pad = num_chunks * chunk - t
+  h_NBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
+  targets_NBC = jnp.pad(targets_BT.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, num_chunks, chunk).swapaxes(0, 1)
+
+  # Remat: the backward pass recomputes each chunk's logits instead of saving all of them as scan residuals.
+  @jax.checkpoint
+  def body(kernel, xs):
+    return _token_stats(xs[0], kernel, xs[1], **stat_kwargs)
+
+  stats_NBC = jax.lax.map(functools.partial(body, kernel_DV), (h_NBCD, targets_NBC))
+  return {k: v.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t] for k, v in stats_NBC.items()}
+
+
+def chunked_cross_entropy(h_BTD, kernel_DV, targets_BT, weights_BT, *, chunk_size=1024, z_loss=0.0):
+  """Summed weighted next-token cross-entropy, never materialising [B, T, V] logits.
+
+  Args:
+    h_BTD: final hidden states (`phi_jax.model.api.hidden_states`).
+    kernel_DV: LM head kernel (`phi_jax.model.api.lm_head_kernel`).
+    targets_BT: target token ids (see `next_token_targets`).
+    weights_BT: per-token weights; 0 drops a position.
+    chunk_size: positions per logits chunk; T need not be a multiple of it.
+    z_loss: coefficient of the z-loss `z_loss * logsumexp(logits) ** 2`, which keeps the softmax normaliser
+      near 1 (PaLM).
+
+  Returns:
+    (loss_sum, metrics): loss_sum = sum_t w_t * (-log p(target_t) + z_loss * lse_t ** 2); callers divide by the
+    token count they choose. metrics are sums too: 'z_loss' (the z-loss part of loss_sum), 'num_tokens'
+    (sum of weights), 'num_correct' (weighted count of argmax == target).
+  """
+  stats = _chunked_token_stats(h_BTD, kernel_DV, targets_BT, chunk_size=chunk_size, temperature=1.0,
+                               with_entropy=False, with_argmax=True)
+  return _weighted_cross_entropy(stats, weights_BT, z_loss)
+
+
+def cross_entropy_from_logits(logits_BTV, targets_BT, weights_BT, *, z_loss=0.0):
+  """Reference: `chunked_cross_entropy` on full logits (for tests and small vocabularies)."""
+  logits = logits_BTV.astype(jnp.float32)
+  stats = {
+      "lse": jax.nn.logsumexp(logits, axis=-1),
+      "target_logit": _target_logit(logits, targets_BT.astype(jnp.int32)),
+      "correct": (jnp.argmax(logits, axis=-1) == targets_BT).astype(jnp.float32),
+  }
+  return _weighted_cross_entropy(stats, weights_BT, z_loss)
+
+
+def _weighted_cross_entropy(stats, weights_BT, z_loss):
+  weights = weights_BT.astype(jnp.float32)
+  z_term = z_loss * jnp.square(stats["lse"])
+  nll = stats["lse"] - stats["target_logit"]
+  metrics = {
+      "z_loss": jnp.sum(weights * z_term),
+      "num_tokens": jnp.sum(weights),
+      "num_correct": jnp.sum(weights * stats["correct"]),
+  }
+  return jnp.sum(weights * (nll + z_term)), metrics
+
+
+def chunked_token_logprobs(h_BTD, kernel_DV, targets_BT, *, chunk_size=1024, temperature=1.0, with_entropy=False):
+  """Per-token log p(target) [B, T] float32 under softmax(logits / temperature), computed chunk by chunk.
+
+  With `with_entropy`, returns (logprobs [B, T], entropy [B, T]) where entropy is that of the same tempered
+  distribution. Both are differentiable; the sampling temperature must match the one used in rollouts for
+  importance ratios to be meaningful.
+  """
+  stats = _chunked_token_stats(h_BTD, kernel_DV, targets_BT, chunk_size=chunk_size, temperature=temperature,
+                               with_entropy=with_entropy, with_argmax=False)
+  logprobs = stats["target_logit"] - stats["lse"]
+  return (logprobs, stats["entropy"]) if with_entropy else logprobs

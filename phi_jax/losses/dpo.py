@@ -1,0 +1,66 @@
+"""Direct preference losses on per-sequence log-probs: DPO (sigmoid, with conservative label smoothing) and IPO.
+
+Inputs are summed completion log-probs [B] of the policy and the frozen reference for the chosen and rejected
+completion of each pair. With h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected):
+
+  sigmoid (DPO, Rafailov et al. 2023; cDPO, Mitchell 2023):
+      -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
+  ipo (Azar et al. 2023, Eq. 17, as TRL writes it with beta as the regulariser tau):
+      (h - 1 / (2 * beta)) ** 2
+
+TRL feeds IPO length-averaged log-probs (the mean over completion tokens) and DPO summed ones; build the
+inputs with `sequence_logps(..., length_normalize=True)` to follow TRL's IPO exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def sequence_logps(token_logps_BT, mask_BT, *, length_normalize=False):
+  """Sum (or, with `length_normalize`, mean) of token log-probs over the masked positions of each row: [B]."""
+  mask = mask_BT.astype(jnp.float32)
+  total = jnp.sum(token_logps_BT.astype(jnp.float32) * mask, axis=-1)
+  if length_normalize:
+    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+  return total
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
+             label_smoothing=0.0, loss_type="sigmoid"):
+  """Mean preference loss over the batch of pairs.
+
+  Returns:
+    (loss, metrics) where metrics hold batch means of the implicit rewards beta * (policy - ref):
+    'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies' (share of pairs with
+    chosen reward > rejected reward), and 'logps/chosen', 'logps/rejected' of the policy.
+  """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+  if loss_type == "ipo" and label_smoothing:
+    raise ValueError("label_smoothing applies to the sigmoid loss only")
+  policy_chosen, policy_rejected, ref_chosen, ref_rejected = (
+      jnp.asarray(x, jnp.float32) for x in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                            ref_rejected_logps))
+  chosen_logratio = policy_chosen - ref_chosen
+  rejected_logratio = policy_rejected - ref_rejected
+  h = chosen_logratio - rejected_logratio
+  if loss_type == "sigmoid":
+    losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
+  else:
+    losses = jnp.square(h - 1.0 / (2.0 * beta))
+
+  chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratio)
+  rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratio)
+  metrics = {
+      "rewards/chosen": jnp.mean(chosen_rewards),
+      "rewards/rejected": jnp.mean(rejected_rewards),
+      "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+      "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+      "logps/chosen": jnp.mean(jax.lax.stop_gradient(policy_chosen)),
+      "logps/rejected": jnp.mean(jax.lax.stop_gradient(policy_rejected)),
+  }
+  return jnp.mean(losses), metrics

@@ -1,0 +1,331 @@
+"""Chat formats: ids equal the tokenizer's own template, the mask covers exactly the assistant turns, tiny tokenizers.
+
+The tiny tokenizers carry the real special tokens and chat templates of each model, with small ids of their own.
+"""
+
+import hashlib
+import json
+import os
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from phi_jax.data.chat import (PHI4_MINI_REASONING_SYSTEM_PROMPT, PHI4_REASONING_SYSTEM_PROMPT, STOP_TOKENS,
+                               THINK_TOKENS, chat_family, render_messages, render_prompt, stop_token_ids,
+                               think_token_ids)
+from phi_jax.hf.tokenizer import (CHAT_FORMAT_FAMILY, CHAT_TEMPLATES, build_tiny_tokenizer, family_special_tokens,
+                                  load_tokenizer)
+
+FORMATS = ("phi-4", "phi-4-reasoning", "phi-4-mini", "phi-4-mini-reasoning")
+END_OF_TURN = {"phi-4": "<|im_end|>", "phi-4-mini": "<|end|>"}
+
+SYSTEM = {"role": "system", "content": "You are a careful math tutor."}
+USER_1 = {"role": "user", "content": "What is 12 + 35?"}
+ASSISTANT_1 = {
+    "role": "assistant",
+    "content": "<think>12 + 35 = 47, check: 47 - 35 = 12.</think> The answer is \\boxed{47}.",
+}
+USER_2 = {"role": "user", "content": "And 9 * 9?"}
+ASSISTANT_2 = {"role": "assistant", "content": "9 * 9 = 81 "}
+CONVERSATIONS = {
+    "prompt_only": [USER_1],
+    "single_turn": [USER_1, ASSISTANT_1],
+    "with_system": [SYSTEM, USER_1, ASSISTANT_1],
+    "multi_turn": [SYSTEM, USER_1, ASSISTANT_1, USER_2, ASSISTANT_2],
+    "assistant_first": [ASSISTANT_2, USER_1, ASSISTANT_1],
+    "empty_assistant": [USER_1, {"role": "assistant", "content": ""}],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+  return {fmt: build_tiny_tokenizer(tmp_path_factory.mktemp(fmt), chat_format=fmt) for fmt in FORMATS}
+
+
+def _reference_ids(tokenizer, messages, add_generation_prompt):
+  return tokenizer.apply_chat_template(messages,
+                                       tokenize=True,
+                                       add_generation_prompt=add_generation_prompt,
+                                       return_dict=False)
+
+
+def _masked_runs(tokenizer, ids, mask):
+  """Decoded text of each maximal run of masked tokens."""
+  runs, current = [], []
+  for token_id, flag in zip(ids, mask):
+    if flag:
+      current.append(token_id)
+    elif current:
+      runs.append(tokenizer.decode(current))
+      current = []
+  if current:
+    runs.append(tokenizer.decode(current))
+  return runs
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_ids_equal_apply_chat_template(tokenizers, fmt, conversation, add_generation_prompt):
+  tokenizer = tokenizers[fmt]
+  messages = CONVERSATIONS[conversation]
+  ids, mask = render_messages(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+  assert ids == _reference_ids(tokenizer, messages, add_generation_prompt)
+  assert len(mask) == len(ids) and set(mask) <= {0, 1}
+
+
+S, U, A = SYSTEM["content"], USER_1["content"], ASSISTANT_1["content"]
+PUBLISHED = [
+    ("phi-4", [SYSTEM, USER_1, ASSISTANT_1], False,
+     f"<|im_start|>system<|im_sep|>{S}<|im_end|><|im_start|>user<|im_sep|>{U}<|im_end|>"
+     f"<|im_start|>assistant<|im_sep|>{A}<|im_end|>"),
+    ("phi-4", [USER_1], True, f"<|im_start|>user<|im_sep|>{U}<|im_end|><|im_start|>assistant<|im_sep|>"),
+    # The reasoning template writes its own system prompt and drops the conversation's.
+    ("phi-4-reasoning", [SYSTEM, USER_1, ASSISTANT_1], False,
+     f"<|im_start|>system<|im_sep|>{PHI4_REASONING_SYSTEM_PROMPT}<|im_end|><|im_start|>user<|im_sep|>{U}<|im_end|>"
+     f"<|im_start|>assistant<|im_sep|>{A}<|im_end|>"),
+    ("phi-4-reasoning", [USER_1], True,
+     f"<|im_start|>system<|im_sep|>{PHI4_REASONING_SYSTEM_PROMPT}<|im_end|><|im_start|>user<|im_sep|>{U}<|im_end|>"
+     "<|im_start|>assistant<|im_sep|>"),
+    ("phi-4-mini", [SYSTEM, USER_1, ASSISTANT_1], False,
+     f"<|system|>{S}<|end|><|user|>{U}<|end|><|assistant|>{A}<|end|><|endoftext|>"),
+    ("phi-4-mini", [USER_1], True, f"<|user|>{U}<|end|><|assistant|>"),
+    ("phi-4-mini-reasoning", [USER_1], True,
+     f"<|system|>{PHI4_MINI_REASONING_SYSTEM_PROMPT}<|end|><|user|>{U}<|end|><|assistant|>"),
+    ("phi-4-mini-reasoning", [SYSTEM, USER_1, ASSISTANT_1], False,
+     f"<|system|>{PHI4_MINI_REASONING_SYSTEM_PROMPT} {S}<|end|><|user|>{U}<|end|><|assistant|>{A}<|end|><|endoftext|>"),
+]
+
+
+@pytest.mark.parametrize("fmt,messages,add_generation_prompt,expected", PUBLISHED)
+def test_renders_the_published_chat_format(tokenizers, fmt, messages, add_generation_prompt, expected):
+  tokenizer = tokenizers[fmt]
+  ids, _ = render_messages(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+  assert tokenizer.decode(ids) == expected
+  assert ids == tokenizer.encode(expected, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mask_covers_exactly_assistant_content_and_end_of_turn(tokenizers, fmt, conversation):
+  tokenizer = tokenizers[fmt]
+  messages = CONVERSATIONS[conversation]
+  ids, mask = render_messages(tokenizer, messages)
+  end = END_OF_TURN[CHAT_FORMAT_FAMILY[fmt]]
+  assert _masked_runs(tokenizer, ids, mask) == [m["content"] + end for m in messages if m["role"] == "assistant"]
+  unmasked = tokenizer.decode([token_id for token_id, flag in zip(ids, mask) if not flag])
+  assert U in unmasked and A not in unmasked
+
+
+@pytest.mark.parametrize("fmt", ["phi-4-mini", "phi-4-mini-reasoning"])
+def test_trailing_endoftext_of_mini_templates_is_not_trained(tokenizers, fmt):
+  tokenizer = tokenizers[fmt]
+  ids, mask = render_messages(tokenizer, [USER_1, ASSISTANT_1])
+  assert tokenizer.convert_ids_to_tokens(ids[-2:]) == ["<|end|>", "<|endoftext|>"]
+  assert mask[-2:] == [1, 0]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("conversation", ["single_turn", "multi_turn", "assistant_first", "empty_assistant"])
+def test_mask_matches_the_generation_markers_of_the_reasoning_template(tokenizers, conversation,
+                                                                       add_generation_prompt):
+  tokenizer = tokenizers["phi-4-reasoning"]
+  messages = CONVERSATIONS[conversation]
+  reference = tokenizer.apply_chat_template(messages,
+                                            add_generation_prompt=add_generation_prompt,
+                                            return_dict=True,
+                                            return_assistant_tokens_mask=True)
+  ids, mask = render_messages(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+  assert ids == reference["input_ids"]
+  assert mask == reference["assistant_masks"]
+
+
+def test_reasoning_system_prompt_and_think_block_round_trip(tokenizers):
+  tokenizer = tokenizers["phi-4-reasoning"]
+  ids, mask = render_messages(tokenizer, [USER_1, ASSISTANT_1])
+  assert PHI4_REASONING_SYSTEM_PROMPT in tokenizer.decode(ids)
+  open_id, close_id = think_token_ids(tokenizer)
+  # The system prompt names the think tokens too (as the real tokenizer encodes it); those stay unmasked.
+  assert [mask[i] for i, t in enumerate(ids) if t in (open_id, close_id)] == [0, 0, 1, 1]
+  first, last = len(ids) - 1 - ids[::-1].index(open_id), len(ids) - 1 - ids[::-1].index(close_id)
+  assert tokenizer.decode(ids[first + 1:last]) == "12 + 35 = 47, check: 47 - 35 = 12."
+  assert tokenizer.decode([t for t, flag in zip(ids, mask) if flag]) == A + "<|im_end|>"
+
+
+def test_reasoning_system_prompts_are_the_published_text():
+  # SHA-256 of the Phi-4-reasoning system message as two independent public copies of its chat template give it.
+  assert hashlib.sha256(PHI4_REASONING_SYSTEM_PROMPT.encode()).hexdigest() == (
+      "88df15fe1f347e9837ab4579c60f4fbae1cd1abf5a5ceab1bd93b846f65e1228")
+  assert "<think> {Thought section} </think> {Solution section}" in PHI4_REASONING_SYSTEM_PROMPT
+  assert PHI4_MINI_REASONING_SYSTEM_PROMPT == "Your name is Phi, an AI math expert developed by Microsoft."
+
+
+def test_phi4_with_the_reasoning_system_prompt_renders_like_phi4_reasoning(tokenizers):
+  # Phi-4-reasoning was fine-tuned from phi-4: the phi-4 template plus the fixed system prompt is its format.
+  messages = [USER_1, ASSISTANT_1, USER_2, ASSISTANT_2]
+  from_phi4 = render_messages(tokenizers["phi-4"], messages, system_prompt=PHI4_REASONING_SYSTEM_PROMPT)
+  assert from_phi4 == render_messages(tokenizers["phi-4-reasoning"], messages)
+  prompt = render_prompt(tokenizers["phi-4"], U, system_prompt=PHI4_REASONING_SYSTEM_PROMPT)
+  assert prompt == render_prompt(tokenizers["phi-4-reasoning"], U)
+
+
+def test_mini_with_the_math_system_prompt_renders_like_mini_reasoning(tokenizers):
+  messages = [USER_1, ASSISTANT_1]
+  from_mini = render_messages(tokenizers["phi-4-mini"], messages, system_prompt=PHI4_MINI_REASONING_SYSTEM_PROMPT)
+  assert from_mini == render_messages(tokenizers["phi-4-mini-reasoning"], messages)
+
+
+def test_system_prompt_only_fills_in_a_missing_system_message(tokenizers):
+  tokenizer = tokenizers["phi-4"]
+  with_system = render_messages(tokenizer, [SYSTEM, USER_1, ASSISTANT_1])
+  assert render_messages(tokenizer, [USER_1, ASSISTANT_1], system_prompt=S) == with_system
+  assert render_messages(tokenizer, [SYSTEM, USER_1, ASSISTANT_1], system_prompt="Ignored.") == with_system
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_render_prompt_ends_with_the_assistant_header(tokenizers, fmt):
+  tokenizer = tokenizers[fmt]
+  prompt = render_prompt(tokenizer, U)
+  assert prompt == _reference_ids(tokenizer, [USER_1], True)
+  header = "<|im_start|>assistant<|im_sep|>" if CHAT_FORMAT_FAMILY[fmt] == "phi-4" else "<|assistant|>"
+  header_ids = tokenizer.encode(header, add_special_tokens=False)
+  assert prompt[-len(header_ids):] == header_ids
+  messages = [SYSTEM, USER_1, ASSISTANT_1, USER_2]
+  assert render_prompt(tokenizer, messages) == render_messages(tokenizer, messages, add_generation_prompt=True)[0]
+
+
+BAD_CONVERSATIONS = [
+    ([], "empty conversation: at least one message"),
+    ([USER_1, {"role": "tool", "content": "42"}], "message 1: unknown role 'tool'"),
+    ([USER_1, {"content": "no role"}], "message 1: unknown role None"),
+    ([USER_1, ASSISTANT_1, {"role": "user", "content": None}], "message 2: content must be a string"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "message 0: content must be a string"),
+    ([USER_1, "What is 1 + 1?"], "message 1: expected a mapping"),
+    ({"role": "user", "content": "not a list"}, "expected a list of messages"),
+]
+
+
+@pytest.mark.parametrize("messages,match", BAD_CONVERSATIONS)
+def test_bad_conversations_are_refused_naming_the_message(tokenizers, messages, match):
+  with pytest.raises(ValueError, match=match):
+    render_messages(tokenizers["phi-4"], messages)
+  with pytest.raises(ValueError, match=match):
+    render_prompt(tokenizers["phi-4-mini"], messages)
+
+
+def test_a_non_string_system_prompt_is_refused(tokenizers):
+  with pytest.raises(ValueError, match="system_prompt must be a string"):
+    render_messages(tokenizers["phi-4"], [USER_1], system_prompt=["not", "a", "string"])
+
+
+@pytest.fixture()
+def scratch_tokenizer(tmp_path):
+  return build_tiny_tokenizer(tmp_path, chat_format="phi-4")
+
+
+def test_a_template_that_rewrites_assistant_content_is_refused(scratch_tokenizer):
+  assistant_turn = "'<|im_start|>assistant<|im_sep|>' + message['content']"
+  scratch_tokenizer.chat_template = CHAT_TEMPLATES["phi-4"].replace(assistant_turn, assistant_turn + " | trim")
+  with pytest.raises(ValueError, match="changes assistant content"):
+    render_messages(scratch_tokenizer, [USER_1, ASSISTANT_2])
+
+
+def test_a_template_that_does_not_close_assistant_turns_is_refused(scratch_tokenizer):
+  scratch_tokenizer.chat_template = (
+      "{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_sep|>{{ m['content'] }}\n{% endfor %}")
+  with pytest.raises(ValueError, match="message 1: the chat template does not close the assistant turn"):
+    render_messages(scratch_tokenizer, [USER_1, ASSISTANT_1])
+
+
+def test_a_template_whose_turn_boundary_falls_inside_a_token_is_refused(scratch_tokenizer):
+  # "assistant: The" pre-tokenizes as "assistant", ":", " The": the space before the content joins its first word.
+  scratch_tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+  with pytest.raises(ValueError, match="merges text across an assistant-turn boundary"):
+    render_messages(scratch_tokenizer, [USER_1, {"role": "assistant", "content": "The answer is 47."}])
+
+
+def test_a_tokenizer_without_chat_template_is_refused(scratch_tokenizer):
+  scratch_tokenizer.chat_template = None
+  with pytest.raises(ValueError, match="no chat_template"):
+    render_messages(scratch_tokenizer, [USER_1])
+  with pytest.raises(ValueError, match="no chat_template"):
+    render_prompt(scratch_tokenizer, U)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stop_and_think_ids_are_resolved_by_string(tokenizers, fmt):
+  tokenizer = tokenizers[fmt]
+  family = CHAT_FORMAT_FAMILY[fmt]
+  assert chat_family(tokenizer) == family
+  stops = stop_token_ids(tokenizer)
+  assert tokenizer.convert_ids_to_tokens(list(stops)) == list(STOP_TOKENS[family])
+  think = think_token_ids(tokenizer)
+  if family == "phi-4":
+    assert tokenizer.convert_ids_to_tokens(list(think)) == list(THINK_TOKENS)
+  else:
+    assert think is None
+
+
+def _word_level_tokenizer(vocab, chat_template):
+  backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  return PreTrainedTokenizerFast(tokenizer_object=backend,
+                                 unk_token="[UNK]",
+                                 additional_special_tokens=[t for t in vocab if t.startswith("<")],
+                                 chat_template=chat_template)
+
+
+def test_special_token_ids_follow_the_vocabulary_not_fixed_numbers():
+  phi4 = _word_level_tokenizer({"[UNK]": 0, "hello": 1, "<|im_sep|>": 7, "<|endoftext|>": 9, "<|im_end|>": 12,
+                                "<think>": 30, "</think>": 31}, CHAT_TEMPLATES["phi-4"])
+  assert stop_token_ids(phi4) == (12, 9)
+  assert think_token_ids(phi4) == (30, 31)
+  mini = _word_level_tokenizer({"[UNK]": 0, "<|endoftext|>": 3, "<|assistant|>": 4, "<|end|>": 5, "<think>": 6},
+                               chat_template=None)
+  assert chat_family(mini) == "phi-4-mini"
+  assert stop_token_ids(mini) == (5, 3)
+  assert think_token_ids(mini) is None
+  # With both formats' markers in the vocabulary, the chat template decides.
+  both = {"[UNK]": 0, "<|im_sep|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3, "<|assistant|>": 4, "<|end|>": 5}
+  assert chat_family(_word_level_tokenizer(both, CHAT_TEMPLATES["phi-4-mini"])) == "phi-4-mini"
+  assert chat_family(_word_level_tokenizer(both, CHAT_TEMPLATES["phi-4"])) == "phi-4"
+  neither = _word_level_tokenizer({"[UNK]": 0, "hello": 1}, chat_template=None)
+  with pytest.raises(ValueError, match="neither"):
+    chat_family(neither)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tiny_tokenizer_directory_reloads_with_its_template_and_special_tokens(tokenizers, tmp_path, fmt):
+  tokenizer = build_tiny_tokenizer(tmp_path, chat_format=fmt)
+  with open(tmp_path / "tokenizer_config.json", encoding="utf-8") as f:
+    config = json.load(f)
+  assert config["chat_template"] == CHAT_TEMPLATES[fmt]
+  assert os.path.exists(tmp_path / "special_tokens_map.json") and os.path.exists(tmp_path / "tokenizer.json")
+  assert tokenizer.chat_template == CHAT_TEMPLATES[fmt]
+  assert len(tokenizer) <= 512
+  for token in family_special_tokens(fmt):
+    token_ids = tokenizer.encode(f"x{token}y", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(token_ids).count(token) == 1
+  reloaded = load_tokenizer(tmp_path)
+  text = tokenizer.decode(render_messages(tokenizer, CONVERSATIONS["multi_turn"])[0])
+  assert reloaded.encode(text, add_special_tokens=False) == tokenizers[fmt].encode(text, add_special_tokens=False)
+  expected_pad = "<|dummy_85|>" if CHAT_FORMAT_FAMILY[fmt] == "phi-4" else "<|endoftext|>"
+  assert reloaded.pad_token == expected_pad
+
+
+def test_tiny_tokenizer_learns_from_the_given_corpus_within_the_vocab_size(tmp_path):
+  tokenizer = build_tiny_tokenizer(tmp_path, chat_format="phi-4-mini", corpus=["zebra quagga " * 20] * 5,
+                                   vocab_size=300)
+  assert len(tokenizer) <= 300
+  assert len(tokenizer.encode("zebra", add_special_tokens=False)) == 1
+  assert len(tokenizer.encode("cheetah", add_special_tokens=False)) > 1
+
+
+def test_tiny_tokenizer_refuses_bad_settings(tmp_path):
+  with pytest.raises(ValueError, match="unknown chat_format"):
+    build_tiny_tokenizer(tmp_path, chat_format="llama")
+  with pytest.raises(ValueError, match="leaves no room"):
+    build_tiny_tokenizer(tmp_path, chat_format="phi-4", vocab_size=260)
+  with pytest.raises(FileNotFoundError):
+    load_tokenizer(tmp_path / "missing")

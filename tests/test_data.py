@@ -1,0 +1,401 @@
+"""phi_jax.data: sources, validation, tokenization, packing, mixtures, sharding and resumable iteration.
+
+Most tests use a character-level tokenizer and a tiny chat renderer, so every document's tokens are known exactly.
+"""
+
+import collections
+import gc
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from phi_jax.data import packing as packing_lib
+from phi_jax.data.pipeline import Component, build_pipeline, make_tokenize_fn
+from phi_jax.data.sources import DataError, DiskDatasetSource, JsonlSource, ParquetSource, open_source
+
+EOS, TURN_START, TURN_END = 1, 2, 3
+
+
+class CharTokenizer:
+  """One token per character (ids from 10 up); never adds special tokens."""
+
+  eos_token_id = EOS
+
+  def __call__(self, text, add_special_tokens=False):
+    assert not add_special_tokens
+    return {"input_ids": [10 + ord(c) % 500 for c in text]}
+
+
+def fake_render(tokenizer, messages, *, add_generation_prompt=False, system_prompt=None):
+  """<start> content <end> per turn; the assistant's content and end token are targets."""
+  ids, mask = [], []
+  for message in ([{"role": "system", "content": system_prompt}] if system_prompt else []) + messages:
+    content = tokenizer(message["content"])["input_ids"]
+    ids += [TURN_START] + content + [TURN_END]
+    mask += [0] + [int(message["role"] == "assistant")] * (len(content) + 1)
+  return ids, mask
+
+
+TOKENIZE = make_tokenize_fn(CharTokenizer(), render_fn=fake_render)
+
+
+def documents(n, seed=0, max_chars=8, prefix="d"):
+  """n distinct records, alternating raw text, conversations and prompt/completion pairs, of random lengths."""
+  rng = np.random.default_rng(seed)
+  records = []
+  for i in range(n):
+    body = f"{prefix}{i}:" + "x" * int(rng.integers(0, max_chars))
+    if i % 3 == 0:
+      records.append({"text": body})
+    elif i % 3 == 1:
+      records.append({"messages": [{"role": "user", "content": body}, {"role": "assistant", "content": body[::-1]}]})
+    else:
+      records.append({"prompt": body, "completion": "ok" + body})
+  return records
+
+
+def write_jsonl(path, records):
+  with open(path, "w") as f:
+    for record in records:
+      f.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+  return str(path)
+
+
+def pipeline(sources, **kwargs):
+  settings = dict(tokenize_fn=TOKENIZE, seq_len=32, batch_size=4, seed=0, num_epochs=1, process_index=0,
+                  process_count=1)
+  settings.update(kwargs)
+  return build_pipeline(sources, **settings)
+
+
+def segments(batches):
+  """Every (tokens, loss_mask) segment of every row, checking the row invariants on the way."""
+  found = []
+  for batch in batches:
+    assert set(batch) == {"tokens", "positions", "segment_ids", "loss_mask"}
+    for name, array in batch.items():
+      assert array.dtype == np.int32 and array.shape == (4, 32), name
+    for tokens, positions, segment_ids, loss_mask in zip(*(batch[k] for k in ("tokens", "positions", "segment_ids",
+                                                                             "loss_mask"))):
+      used = int(np.count_nonzero(segment_ids))
+      assert np.all(segment_ids[used:] == 0) and np.all(loss_mask[used:] == 0) and np.all(tokens[used:] == 0)
+      ids = segment_ids[:used]
+      assert np.all(ids >= 1) and np.all(np.diff(ids) >= 0) and np.all(np.diff(np.unique(ids)) == 1)
+      for segment in np.unique(ids):
+        where = segment_ids == segment
+        np.testing.assert_array_equal(positions[where], np.arange(where.sum()))
+        found.append((tuple(tokens[where]), tuple(loss_mask[where])))
+  return found
+
+
+def expected_segments(records, seq_len=None):
+  out = []
+  for record in records:
+    example = TOKENIZE(record if "text" in record or "messages" in record else
+                       {"messages": [{"role": "user", "content": record["prompt"]},
+                                     {"role": "assistant", "content": record["completion"]}]})
+    pieces = [example] if seq_len is None else packing_lib.split_too_long(example, seq_len)
+    out += [(tuple(p["ids"]), tuple(p["loss_mask"])) for p in pieces]
+  return out
+
+
+@pytest.fixture
+def docs_file(tmp_path):
+  records = documents(60)
+  return write_jsonl(tmp_path / "docs.jsonl", records), records
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "best_fit", None])
+def test_rows_hold_every_document_whole_with_restarted_positions(docs_file, packing):
+  path, records = docs_file
+  it = pipeline([(JsonlSource(path), 1.0)], packing=packing)
+  batches = list(it)
+  found = segments(batches)
+  expected = expected_segments(records)
+  assert max(len(tokens) for tokens, _ in expected) <= 32  # nothing too long here: no document may be cut
+  assert collections.Counter(found) == collections.Counter(expected)
+  assert sum(sum(mask) for _, mask in found) == sum(sum(mask) for _, mask in expected) > 0
+  stats = it.stats()
+  assert stats["records_read"] == stats["records_used"] == len(records) and stats["too_long_split"] == 0
+  assert stats["tokens"] == sum(len(tokens) for tokens, _ in expected) == stats["sources"]["docs.jsonl"]["tokens"]
+  assert stats["padding_fraction"] == pytest.approx(1 - stats["tokens"] / (len(batches) * 4 * 32))
+  if packing is None:
+    assert stats["rows"] == len(records)
+  else:
+    assert stats["rows"] < len(records)  # several documents share a row
+
+
+@pytest.mark.parametrize("packing", ["first_fit", None])
+def test_too_long_documents_split_into_segments_or_dropped_and_counted(tmp_path, packing):
+  records = documents(30, max_chars=60)
+  path = write_jsonl(tmp_path / "long.jsonl", records)
+  num_long = sum(len(tokens) > 32 for tokens, _ in expected_segments(records))
+  assert 3 < num_long < len(records)
+
+  split = pipeline([(JsonlSource(path), 1.0)], packing=packing, too_long="split")
+  assert collections.Counter(segments(list(split))) == collections.Counter(expected_segments(records, seq_len=32))
+  assert split.stats()["too_long_split"] == num_long and split.stats()["records_used"] == len(records)
+
+  drop = pipeline([(JsonlSource(path), 1.0)], packing=packing, too_long="drop")
+  kept = [r for r, (tokens, _) in zip(records, expected_segments(records)) if len(tokens) <= 32]
+  assert collections.Counter(segments(list(drop))) == collections.Counter(expected_segments(kept))
+  stats = drop.stats()
+  assert stats["too_long_dropped"] == stats["records_skipped"]["too long"] == num_long
+  assert stats["records_read"] == stats["records_used"] + sum(stats["records_skipped"].values()) == len(records)
+
+
+def test_split_too_long_pieces():
+  example = {"ids": np.arange(10, dtype=np.int32), "loss_mask": np.ones(10, np.int32)}
+  pieces = packing_lib.split_too_long(example, 4)
+  assert [len(p["ids"]) for p in pieces] == [4, 4, 2]
+  np.testing.assert_array_equal(np.concatenate([p["ids"] for p in pieces]), example["ids"])
+
+
+def test_order_follows_the_seed(docs_file):
+  path, _ = docs_file
+
+  def tokens(seed):  # unpacked rows: the order is the record order alone
+    return np.concatenate([b["tokens"] for b in pipeline([(JsonlSource(path), 1.0)], seed=seed, packing=None)])
+
+  np.testing.assert_array_equal(tokens(0), tokens(0))
+  assert not np.array_equal(tokens(0), tokens(1))
+
+
+def _mixture(tmp_path, **kwargs):
+  a = write_jsonl(tmp_path / "a.jsonl", documents(12, max_chars=50, prefix="a"))
+  b = write_jsonl(tmp_path / "b.jsonl", documents(20, seed=1, max_chars=50, prefix="b"))
+  return pipeline([Component(JsonlSource(a), 0.3, num_epochs=2), Component(JsonlSource(b), 0.7)], num_epochs=3,
+                  **kwargs)
+
+
+@pytest.mark.parametrize("packing", ["best_fit", None])
+def test_restored_state_gives_the_same_batches_as_an_uninterrupted_run(tmp_path, packing):
+  reference = _mixture(tmp_path, packing=packing)
+  states, batches = [], []
+  while True:
+    states.append(json.loads(json.dumps(reference.get_state())))
+    try:
+      batches.append(next(reference))
+    except StopIteration:
+      break
+  assert len(batches) > 10 and reference.stats()["too_long_split"] > 0
+  for k in range(0, len(batches), 4):
+    resumed = _mixture(tmp_path, packing=packing)
+    resumed.set_state(states[k])
+    rest = list(resumed)
+    assert len(rest) == len(batches) - k
+    for expected, got in zip(batches[k:], rest):
+      for name in expected:
+        np.testing.assert_array_equal(expected[name], got[name], err_msg=f"resumed at batch {k}: {name}")
+    assert resumed.stats() == reference.stats()
+
+
+def test_process_shares_are_disjoint_and_cover_the_data(docs_file):
+  path, records = docs_file
+  shares = [segments(pipeline([(JsonlSource(path), 1.0)], packing=None, process_index=i, process_count=2))
+            for i in range(2)]
+  assert set(shares[0]).isdisjoint(shares[1]) and shares[0] and shares[1]
+  assert collections.Counter(shares[0] + shares[1]) == collections.Counter(expected_segments(records))
+
+
+def test_mixture_follows_the_weights_and_counts_tokens_per_source(tmp_path):
+  a = write_jsonl(tmp_path / "a.jsonl", documents(20, prefix="a"))
+  b = write_jsonl(tmp_path / "b.jsonl", documents(20, seed=1, prefix="b"))
+  it = pipeline([(JsonlSource(a), 0.3), (JsonlSource(b), 0.7)], packing=None, num_epochs=None)
+  for _ in range(100):
+    next(it)
+  stats = it.stats()
+  share = stats["sources"]["a.jsonl"]["records_read"] / stats["records_read"]
+  assert share == pytest.approx(0.3, abs=0.02)
+  assert stats["sources"]["a.jsonl"]["tokens"] + stats["sources"]["b.jsonl"]["tokens"] == stats["tokens"]
+  assert stats["sources"]["a.jsonl"]["loss_tokens"] + stats["sources"]["b.jsonl"]["loss_tokens"] == stats[
+      "loss_tokens"]
+
+
+def test_mixture_ends_when_a_finite_source_runs_out(tmp_path):
+  finite = documents(10, prefix="f")
+  a = write_jsonl(tmp_path / "a.jsonl", finite)
+  b = write_jsonl(tmp_path / "b.jsonl", documents(7, prefix="b"))
+  it = pipeline([Component(JsonlSource(a), 0.5, num_epochs=1), Component(JsonlSource(b), 0.5)], packing=None,
+                num_epochs=None)
+  found = collections.Counter(segments(list(it)))
+  assert all(found[segment] == 1 for segment in expected_segments(finite))  # every record of one epoch, once
+  stats = it.stats()["sources"]
+  assert stats["a.jsonl"]["records_read"] == len(finite)
+  assert stats["b.jsonl"]["records_read"] > 7  # the infinite source repeats
+  tokens_a = sum(len(tokens) for tokens, _ in expected_segments(finite))
+  assert stats["a.jsonl"]["tokens"] == tokens_a
+  assert stats["b.jsonl"]["tokens"] == sum(len(tokens) * n for (tokens, _), n in found.items()) - tokens_a
+
+
+GOOD = '{"text": "fine"}'
+BAD_LINES = {
+    "invalid JSON": '{"text": "unterminated',
+    "not an object": '["text"]',
+    "unknown record kind": '{"body": "x"}',
+    "missing field": '{"prompt": "p"}',
+    "mistyped field": '{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}',
+    "unknown role": '{"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "a"}]}',
+    "empty conversation": '{"messages": []}',
+    "no assistant turn": '{"messages": [{"role": "user", "content": "x"}]}',
+    "empty text": '{"text": ""}',
+}
+
+
+@pytest.mark.parametrize("reason", list(BAD_LINES) + ["not UTF-8"])
+def test_a_bad_record_stops_the_run_naming_file_line_and_reason(tmp_path, reason):
+  path = tmp_path / "bad.jsonl"
+  bad = BAD_LINES[reason].encode() if reason in BAD_LINES else b'{"text": "caf\xe9"}'
+  path.write_bytes(b"\n".join([GOOD.encode(), b"", GOOD.encode(), bad, GOOD.encode()]) + b"\n")
+  with pytest.raises(DataError) as error:
+    list(pipeline([(JsonlSource(path), 1.0)]))
+  assert error.value.where == f"{path}:4" and error.value.reason == reason
+  assert str(error.value).startswith(f"{path}:4: {reason}")
+
+
+def test_skip_mode_counts_every_bad_record_by_reason(tmp_path):
+  path = tmp_path / "mixed.jsonl"
+  lines = [GOOD.encode()] * 5 + [line.encode() for line in BAD_LINES.values()] + [b'{"text": "\xff"}'] * 2
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  it = pipeline([(JsonlSource(path), 1.0)], on_bad_record="skip")
+  assert len(segments(list(it))) == 5
+  stats = it.stats()
+  assert stats["records_skipped"] == {**{reason: 1 for reason in BAD_LINES}, "not UTF-8": 2}
+  assert stats["records_read"] == stats["records_used"] + sum(stats["records_skipped"].values()) == len(lines)
+  assert stats["records_used"] == 5
+
+
+def test_empty_datasets_are_errors_naming_the_files(tmp_path):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n\n")
+  with pytest.raises(DataError, match="empty.jsonl") as error:
+    JsonlSource(empty)
+  assert error.value.reason == "empty dataset"
+  all_bad = write_jsonl(tmp_path / "all_bad.jsonl", ['{"text": ""}'] * 3)
+  with pytest.raises(DataError, match="no usable records: 3 read"):
+    next(pipeline([(JsonlSource(all_bad), 1.0)], on_bad_record="skip"))
+  with pytest.raises(DataError, match="missing.jsonl"):
+    JsonlSource(tmp_path / "missing.jsonl")
+
+
+def test_jsonl_parquet_and_save_to_disk_sources_give_the_same_batches(tmp_path):
+  import datasets
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  records = documents(30)
+  columns = {key: [r.get(key) for r in records] for key in ("text", "messages", "prompt", "completion")}
+  pq.write_table(pa.table(columns), tmp_path / "docs.parquet")
+  datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "docs_dataset"))
+  jsonl = write_jsonl(tmp_path / "docs.jsonl", records)
+
+  sources = [JsonlSource(jsonl), ParquetSource(tmp_path / "docs.parquet"), DiskDatasetSource(tmp_path / "docs_dataset"),
+             open_source(tmp_path / "docs.parquet"), open_source(tmp_path / "docs_dataset")]
+  sources.append(_pickled_after_use(JsonlSource(jsonl)))
+  outputs = [list(pipeline([(source, 1.0)])) for source in sources]
+  assert collections.Counter(segments(outputs[0])) == collections.Counter(expected_segments(records))
+  for output in outputs[1:]:
+    assert len(output) == len(outputs[0])
+    for a, b in zip(outputs[0], output):
+      for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def _pickled_after_use(source):
+  """A copy as a Grain worker process gets it: pickled after the original opened its files, which then closes them."""
+  first = source[0]
+  copy = pickle.loads(pickle.dumps(source))
+  del source
+  gc.collect()
+  assert copy[0] == first
+  return copy
+
+
+def test_parquet_and_save_to_disk_errors_name_the_row(tmp_path):
+  import datasets
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  columns = {"prompt": ["p0", "p1", "p2"], "completion": ["c0", None, "c2"]}
+  pq.write_table(pa.table(columns), tmp_path / "pairs.parquet")
+  datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "pairs"))
+  for source, where in ((ParquetSource(tmp_path / "pairs.parquet"), f"{tmp_path / 'pairs.parquet'} row 1"),
+                        (DiskDatasetSource(tmp_path / "pairs"), f"{tmp_path / 'pairs'} row 1")):
+    with pytest.raises(DataError) as error:
+      list(pipeline([(source, 1.0)]))
+    assert (error.value.where, error.value.reason) == (where, "missing field")
+
+
+def test_tokenize_fn_text_gets_eos_and_full_loss_chat_gets_assistant_mask():
+  text = TOKENIZE({"text": "ab"})
+  np.testing.assert_array_equal(text["ids"], [10 + ord("a"), 10 + ord("b"), EOS])
+  np.testing.assert_array_equal(text["loss_mask"], [1, 1, 1])
+  assert text["ids"].dtype == text["loss_mask"].dtype == np.int32
+  no_eos = make_tokenize_fn(CharTokenizer(), render_fn=fake_render, add_eos_to_text=False)({"text": "ab"})
+  assert len(no_eos["ids"]) == 2
+  pair = TOKENIZE({"prompt": "q", "completion": "a"})
+  chat = TOKENIZE({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+  for key in pair:
+    np.testing.assert_array_equal(pair[key], chat[key])
+  np.testing.assert_array_equal(chat["loss_mask"], [0, 0, 0, 0, 1, 1])
+  with_system = make_tokenize_fn(CharTokenizer(), render_fn=fake_render, system_prompt="S")(
+      {"prompt": "q", "completion": "a"})
+  assert len(with_system["ids"]) == len(chat["ids"]) + 3
+
+
+
+def _picky_tokenizer_fn():
+  """Drops zero-width spaces (so "\u200b" tokenizes to nothing) and refuses to render the word "unrenderable"."""
+
+  class Picky(CharTokenizer):
+
+    def __call__(self, text, add_special_tokens=False):
+      return super().__call__(text.replace("\u200b", ""))
+
+  def render(tokenizer, messages, **kwargs):
+    if any("unrenderable" in m["content"] for m in messages):
+      raise ValueError("cannot render this conversation exactly")
+    return fake_render(tokenizer, messages, **kwargs)
+
+  return make_tokenize_fn(Picky(), render_fn=render, add_eos_to_text=False)
+
+
+def test_records_that_tokenize_to_nothing_or_fail_to_render_are_bad_records(tmp_path):
+  path = write_jsonl(tmp_path / "odd.jsonl", [{"text": "fine"}, {"text": "\u200b"},
+                                              {"prompt": "unrenderable", "completion": "x"}])
+  with pytest.raises(DataError) as error:
+    list(pipeline([(JsonlSource(path), 1.0)], tokenize_fn=_picky_tokenizer_fn(), shuffle=False))
+  assert (error.value.where, error.value.reason) == (f"{path}:2", "no tokens")
+  it = pipeline([(JsonlSource(path), 1.0)], tokenize_fn=_picky_tokenizer_fn(), on_bad_record="skip")
+  list(it)
+  assert it.stats()["records_skipped"] == {"no tokens": 1, "tokenization failed": 1}
+  assert it.stats()["records_used"] == 1
+
+
+def test_real_chat_rendering_through_the_pipeline(tmp_path):
+  from phi_jax.data.chat import render_messages
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+
+  tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer", chat_format="phi-4")
+  records = [{"messages": [{"role": "user", "content": "What is 12 + 35?"},
+                           {"role": "assistant", "content": "The answer is 47."}]},
+             {"prompt": "Solve 3x = 15.", "completion": "x = 5."},
+             {"text": "The sum is 5050."}]
+  path = write_jsonl(tmp_path / "chat.jsonl", records)
+  it = pipeline([(JsonlSource(path), 1.0)], tokenize_fn=make_tokenize_fn(tokenizer), seq_len=128, batch_size=2,
+                packing="first_fit")
+  found = []
+  for batch in it:
+    for tokens, segment_ids, loss_mask in zip(batch["tokens"], batch["segment_ids"], batch["loss_mask"]):
+      found += [(tokens[segment_ids == s].tolist(), loss_mask[segment_ids == s].tolist())
+                for s in set(segment_ids.tolist()) - {0}]
+  end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+  expected = [render_messages(tokenizer, records[0]["messages"]),
+              render_messages(tokenizer, [{"role": "user", "content": records[1]["prompt"]},
+                                          {"role": "assistant", "content": records[1]["completion"]}])]
+  text_ids = tokenizer(records[2]["text"], add_special_tokens=False)["input_ids"] + [end_of_text]
+  expected.append((text_ids, [1] * len(text_ids)))
+  assert sorted(map(str, found)) == sorted(map(str, expected))
+  assert all(0 < sum(mask) < len(ids) for ids, mask in expected[:2])  # prompts are not targets, answers are

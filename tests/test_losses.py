@@ -1,0 +1,411 @@
+"""phi_jax.losses against independent float64 numpy derivations of the published formulas.
+
+Values and gradients: cross-entropy and token log-prob gradients are checked against closed-form numpy
+gradients, DPO/GRPO gradients against central finite differences of the numpy references.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phi_jax import losses
+
+B, T, D, V = 2, 37, 8, 50
+
+
+def _np_log_softmax(logits):
+  lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+  return logits - lse[..., None], lse
+
+
+def _finite_difference(fn, x, eps=1e-6):
+  grad = np.zeros_like(x)
+  for i in np.ndindex(x.shape):
+    plus, minus = x.copy(), x.copy()
+    plus[i] += eps
+    minus[i] -= eps
+    grad[i] = (fn(plus) - fn(minus)) / (2 * eps)
+  return grad
+
+
+def _close(actual, expected, rtol=1e-4, atol=1e-5):
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def lm_batch():
+  rng = np.random.default_rng(0)
+  h = rng.normal(size=(B, T, D)).astype(np.float32)
+  kernel = (rng.normal(size=(D, V)) / np.sqrt(D) * 3).astype(np.float32)
+  # Half the targets are the argmax so that the correct-prediction count is far from zero.
+  targets = np.where(rng.random((B, T)) < 0.5, (h @ kernel).argmax(-1), rng.integers(0, V, size=(B, T)))
+  return {"h": h, "kernel": kernel, "targets": targets.astype(np.int32),
+          "weights": (rng.random((B, T)) < 0.7).astype(np.float32)}
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+
+def test_next_token_targets_on_packed_rows():
+  tokens = np.array([[5, 6, 7, 8, 9, 10, 11, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
+  segment_ids = np.array([[1, 1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+  # The mask is set on padding at [0, 7]: padding never predicts padding, whatever the mask says.
+  loss_mask = np.array([[0, 1, 1, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 1, 1, 1]])
+  expected_w = np.zeros(tokens.shape)
+  for b in range(tokens.shape[0]):
+    for t in range(tokens.shape[1] - 1):
+      same = segment_ids[b, t + 1] == segment_ids[b, t] and segment_ids[b, t] != 0
+      expected_w[b, t] = float(loss_mask[b, t + 1] and same)
+  targets, weights = losses.next_token_targets(jnp.asarray(tokens), jnp.asarray(segment_ids), jnp.asarray(loss_mask))
+  np.testing.assert_array_equal(targets[:, :-1], tokens[:, 1:])
+  np.testing.assert_array_equal(targets[:, -1], 0)
+  np.testing.assert_array_equal(weights, expected_w)
+  assert weights[0, 2] == 0 and weights[0, 5] == 0 and weights[0, 6] == 0  # no boundary-crossing predictions
+
+
+# ----------------------------------------------------------------------------------------------- cross-entropy
+
+
+def _np_cross_entropy(h, kernel, targets, weights, z_loss):
+  """Loss sum, metrics and closed-form gradients: dL/dlogits = w * ((1 + 2 z lse) softmax - onehot)."""
+  h, kernel = h.astype(np.float64), kernel.astype(np.float64)
+  logits = h @ kernel
+  logp, lse = _np_log_softmax(logits)
+  onehot = np.eye(logits.shape[-1])[targets]
+  nll = -np.sum(logp * onehot, -1)
+  loss = np.sum(weights * (nll + z_loss * lse ** 2))
+  dlogits = weights[..., None] * ((1 + 2 * z_loss * lse)[..., None] * np.exp(logp) - onehot)
+  metrics = {
+      "z_loss": np.sum(weights * z_loss * lse ** 2),
+      "num_tokens": np.sum(weights),
+      "num_correct": np.sum(weights * (np.argmax(logits, -1) == targets)),
+  }
+  return loss, metrics, dlogits @ kernel.T, np.einsum("btd,btv->dv", h, dlogits)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "z_loss"))
+def _ce_value_and_grad(h, kernel, targets, weights, *, chunk_size, z_loss):
+  def loss_fn(h, kernel):
+    return losses.chunked_cross_entropy(h, kernel, targets, weights, chunk_size=chunk_size, z_loss=z_loss)
+  return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(h, kernel)
+
+
+@pytest.mark.parametrize("chunk_size,z_loss", [(5, 0.0), (16, 1e-2), (37, 0.0), (64, 1e-2)])
+def test_chunked_cross_entropy_values_and_gradients(lm_batch, chunk_size, z_loss):
+  (loss, metrics), (dh, dkernel) = _ce_value_and_grad(
+      lm_batch["h"], lm_batch["kernel"], lm_batch["targets"], lm_batch["weights"], chunk_size=chunk_size,
+      z_loss=z_loss)
+  ref_loss, ref_metrics, ref_dh, ref_dkernel = _np_cross_entropy(
+      lm_batch["h"], lm_batch["kernel"], lm_batch["targets"], lm_batch["weights"], z_loss)
+  naive_loss, _ = losses.cross_entropy_from_logits(lm_batch["h"] @ lm_batch["kernel"], lm_batch["targets"],
+                                                   lm_batch["weights"], z_loss=z_loss)
+  assert loss.dtype == jnp.float32
+  _close(loss, ref_loss)
+  np.testing.assert_allclose(loss, naive_loss, rtol=1e-5)
+  for name, value in ref_metrics.items():
+    _close(metrics[name], value, atol=1e-4)
+  _close(dh, ref_dh)
+  _close(dkernel, ref_dkernel)
+
+
+def test_cross_entropy_from_logits_matches_numpy(lm_batch):
+  logits = lm_batch["h"] @ lm_batch["kernel"]
+  weights, targets = lm_batch["weights"], lm_batch["targets"]
+  loss_fn = lambda x: losses.cross_entropy_from_logits(x, targets, weights, z_loss=1e-2)
+  (loss, metrics), dlogits = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(logits)
+  logp, lse = _np_log_softmax(logits.astype(np.float64))
+  onehot = np.eye(V)[targets]
+  _close(loss, np.sum(weights * (-np.sum(logp * onehot, -1) + 1e-2 * lse ** 2)))
+  _close(metrics["num_correct"], np.sum(weights * (logits.argmax(-1) == targets)))
+  _close(dlogits, weights[..., None] * ((1 + 2e-2 * lse)[..., None] * np.exp(logp) - onehot))
+
+
+def test_chunked_cross_entropy_bfloat16_hidden_states(lm_batch):
+  h_bf16 = jnp.asarray(lm_batch["h"], jnp.bfloat16)
+  loss, _ = losses.chunked_cross_entropy(h_bf16, jnp.asarray(lm_batch["kernel"]), lm_batch["targets"],
+                                         lm_batch["weights"], chunk_size=16)
+  # Reference on the same bfloat16-rounded operands (the kernel is cast to the hidden dtype, as the model does).
+  h_rounded = lm_batch["h"].astype(jnp.bfloat16).astype(np.float64)
+  kernel_rounded = lm_batch["kernel"].astype(jnp.bfloat16).astype(np.float64)
+  ref_loss, *_ = _np_cross_entropy(h_rounded, kernel_rounded, lm_batch["targets"], lm_batch["weights"], 0.0)
+  assert loss.dtype == jnp.float32
+  _close(loss, ref_loss, rtol=1e-5)
+
+
+def test_chunked_cross_entropy_sharded_matches_single_device(lm_batch):
+  """Batch sharded over 'data' and the vocab over 'model' (tensor-parallel LM head) give the same loss and grads."""
+  mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices()[:4])
+  shard = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  args = (shard(lm_batch["h"], ("data",)), shard(lm_batch["kernel"], (None, "model")),
+          shard(lm_batch["targets"], ("data",)), shard(lm_batch["weights"], ("data",)))
+  (loss, metrics), (dh, dkernel) = _ce_value_and_grad(*args, chunk_size=16, z_loss=1e-2)
+  (ref_loss, ref_metrics), (ref_dh, ref_dkernel) = _ce_value_and_grad(
+      lm_batch["h"], lm_batch["kernel"], lm_batch["targets"], lm_batch["weights"], chunk_size=16, z_loss=1e-2)
+  assert dkernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+  for actual, expected in [(loss, ref_loss), (metrics["num_correct"], ref_metrics["num_correct"]), (dh, ref_dh),
+                           (dkernel, ref_dkernel)]:
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def _max_array_size(jaxpr):
+  """Largest array (element count) produced anywhere in a jaxpr, including scan/remat/pjit sub-jaxprs."""
+  largest = 0
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      largest = max(largest, _max_array_size(sub))
+  return largest
+
+
+def test_chunked_cross_entropy_never_builds_full_logits(lm_batch):
+  args = (lm_batch["h"], lm_batch["kernel"], lm_batch["targets"], lm_batch["weights"])
+  full_logits = B * T * V
+
+  def chunked(h, kernel, targets, weights):
+    return losses.chunked_cross_entropy(h, kernel, targets, weights, chunk_size=8)[0]
+
+  def naive(h, kernel, targets, weights):
+    return losses.cross_entropy_from_logits(h @ kernel, targets, weights)[0]
+
+  grad_jaxpr = lambda fn: jax.make_jaxpr(jax.value_and_grad(fn, argnums=(0, 1)))(*args).jaxpr
+  assert _max_array_size(grad_jaxpr(naive)) >= full_logits  # the probe does see full logits when they exist
+  assert _max_array_size(grad_jaxpr(chunked)) < full_logits
+  assert _max_array_size(grad_jaxpr(chunked)) == B * 8 * V
+
+
+def test_chunked_cross_entropy_compiled_memory():
+  """XLA's own buffer assignment: forward + backward temporaries stay well below one full set of logits."""
+  b, t, d, v = 2, 4096, 64, 8192
+  shapes = (jax.ShapeDtypeStruct((b, t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+            jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.float32))
+
+  def loss_fn(h, kernel, targets, weights):
+    return losses.chunked_cross_entropy(h, kernel, targets, weights, chunk_size=256)[0]
+
+  compiled = jax.jit(jax.grad(loss_fn, argnums=(0, 1))).lower(*shapes).compile()
+  temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+  assert temp_bytes < 0.25 * b * t * v * 4
+
+
+# ----------------------------------------------------------------------------------------------- token log-probs
+
+
+def _np_token_logprobs(h, kernel, targets, temperature):
+  """log p(target), entropy and the closed-form gradient of sum(c_logp * logp + c_ent * entropy) w.r.t. logits."""
+  logits = (h.astype(np.float64) @ kernel.astype(np.float64)) / temperature
+  logp, _ = _np_log_softmax(logits)
+  p = np.exp(logp)
+  onehot = np.eye(logits.shape[-1])[targets]
+  token_logp = np.sum(logp * onehot, -1)
+  entropy = -np.sum(p * logp, -1)
+
+  def grad_logits(c_logp, c_ent):
+    d_logp = onehot - p
+    d_ent = -p * (logp + entropy[..., None])
+    return (c_logp[..., None] * d_logp + c_ent[..., None] * d_ent) / temperature
+
+  return token_logp, entropy, grad_logits
+
+
+def test_chunked_token_logprobs_and_entropy(lm_batch):
+  h, kernel, targets = lm_batch["h"], lm_batch["kernel"], lm_batch["targets"]
+  rng = np.random.default_rng(1)
+  c_logp, c_ent = rng.normal(size=(B, T)), rng.normal(size=(B, T))
+  temperature = 0.7
+
+  def objective(h, kernel):
+    logp, ent = losses.chunked_token_logprobs(h, kernel, targets, chunk_size=16, temperature=temperature,
+                                              with_entropy=True)
+    return jnp.sum(c_logp * logp + c_ent * ent), (logp, ent)
+
+  (_, (logp, ent)), (dh, dkernel) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(h, kernel)
+  ref_logp, ref_ent, grad_logits = _np_token_logprobs(h, kernel, targets, temperature)
+  _close(logp, ref_logp)
+  _close(ent, ref_ent)
+  g = grad_logits(c_logp, c_ent)
+  _close(dh, g @ kernel.T.astype(np.float64))
+  _close(dkernel, np.einsum("btd,btv->dv", h.astype(np.float64), g))
+  plain = losses.chunked_token_logprobs(h, kernel, targets, chunk_size=16, temperature=temperature)
+  _close(plain, ref_logp)
+
+
+# ----------------------------------------------------------------------------------------------- DPO
+
+
+def _np_log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def _np_dpo(pc, pr, rc, rr, beta, label_smoothing, loss_type):
+  h = (pc - rc) - (pr - rr)
+  if loss_type == "sigmoid":
+    per_pair = -(1 - label_smoothing) * _np_log_sigmoid(beta * h) - label_smoothing * _np_log_sigmoid(-beta * h)
+  else:
+    per_pair = (h - 1 / (2 * beta)) ** 2
+  return per_pair.mean()
+
+
+@pytest.mark.parametrize("loss_type,beta,label_smoothing", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2),
+                                                            ("ipo", 0.1, 0.0)])
+def test_dpo_loss(loss_type, beta, label_smoothing):
+  rng = np.random.default_rng(2)
+  inputs = [rng.normal(scale=3.0, size=32) - 20.0 for _ in range(4)]
+  loss_fn = lambda *x: losses.dpo_loss(*x, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3), has_aux=True)(
+      *[jnp.asarray(x, jnp.float32) for x in inputs])
+  _close(loss, _np_dpo(*inputs, beta, label_smoothing, loss_type))
+  for k in range(4):
+    def ref_k(x, k=k):
+      args = list(inputs)
+      args[k] = x
+      return _np_dpo(*args, beta, label_smoothing, loss_type)
+    _close(grads[k], _finite_difference(ref_k, inputs[k]), rtol=1e-3, atol=1e-5)
+
+  chosen, rejected = beta * (inputs[0] - inputs[2]), beta * (inputs[1] - inputs[3])
+  _close(metrics["rewards/chosen"], chosen.mean())
+  _close(metrics["rewards/rejected"], rejected.mean())
+  _close(metrics["rewards/margins"], (chosen - rejected).mean())
+  _close(metrics["rewards/accuracies"], (chosen > rejected).mean())
+  assert 0 < float(metrics["rewards/accuracies"]) < 1
+
+
+def test_dpo_rejects_unknown_settings():
+  x = jnp.zeros(2)
+  with pytest.raises(ValueError):
+    losses.dpo_loss(x, x, x, x, beta=0.1, loss_type="hinge")
+  with pytest.raises(ValueError):
+    losses.dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.1, loss_type="ipo")
+
+
+def test_sequence_logps():
+  rng = np.random.default_rng(3)
+  token_logps = rng.normal(size=(3, 6))
+  mask = np.array([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
+  sums = np.array([token_logps[b][mask[b] == 1].sum() for b in range(3)])
+  _close(losses.sequence_logps(jnp.asarray(token_logps), jnp.asarray(mask)), sums)
+  _close(losses.sequence_logps(jnp.asarray(token_logps), jnp.asarray(mask), length_normalize=True),
+         sums / mask.sum(-1))
+
+
+# ----------------------------------------------------------------------------------------------- GRPO
+
+
+def _np_grpo(logps, old, ref, adv, mask, entropy, *, eps_low, eps_high, beta, aggregation, max_tokens,
+             entropy_coef):
+  """Per-row lists of the masked tokens, then the three published normalisations."""
+  rows, ent_rows = [], []
+  for b in range(logps.shape[0]):
+    keep = mask[b] == 1
+    ratio = np.exp(logps[b, keep] - old[b, keep])
+    token_loss = -np.minimum(ratio * adv[b], np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv[b])
+    if beta:
+      d = ref[b, keep] - logps[b, keep]
+      token_loss = token_loss + beta * (np.exp(d) - d - 1)
+    rows.append(token_loss)
+    ent_rows.append(entropy[b, keep] if entropy is not None else np.zeros(keep.sum()))
+
+  def reduce(per_row):
+    if aggregation == "token_mean":
+      return np.concatenate(per_row).sum() / sum(len(r) for r in per_row)
+    if aggregation == "sequence_mean":
+      return np.mean([r.sum() / max(len(r), 1) for r in per_row])
+    return np.concatenate(per_row).sum() / (len(per_row) * (max_tokens or logps.shape[1]))
+
+  return reduce(rows) - entropy_coef * reduce(ent_rows)
+
+
+@pytest.fixture(scope="module")
+def rl_batch():
+  rng = np.random.default_rng(4)
+  b, t = 4, 12
+  lengths = np.array([12, 7, 3, 9])
+  mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.float32)
+  old = -rng.random((b, t)) * 3
+  logps = old + rng.normal(scale=0.3, size=(b, t))
+  # Garbage beyond each completion: exp of these differences overflows float32 unless masked first.
+  logps = np.where(mask == 1, logps, 60.0)
+  old = np.where(mask == 1, old, -60.0)
+  return {
+      "logps": logps, "old": old, "ref": logps + rng.normal(scale=0.2, size=(b, t)),
+      "adv": np.array([1.3, -0.7, 0.4, -1.1]), "mask": mask, "entropy": rng.random((b, t)) * 2,
+  }
+
+
+GRPO_CASES = [
+    dict(aggregation="token_mean", eps_low=0.2, eps_high=0.2, beta=0.0, entropy_coef=0.0, max_tokens=None),
+    dict(aggregation="token_mean", eps_low=0.2, eps_high=0.28, beta=0.04, entropy_coef=0.01, max_tokens=None),
+    dict(aggregation="sequence_mean", eps_low=0.2, eps_high=0.2, beta=0.04, entropy_coef=0.0, max_tokens=None),
+    dict(aggregation="sequence_mean", eps_low=0.1, eps_high=0.3, beta=0.0, entropy_coef=0.001, max_tokens=None),
+    dict(aggregation="constant", eps_low=0.2, eps_high=0.2, beta=0.1, entropy_coef=0.0, max_tokens=None),
+    dict(aggregation="constant", eps_low=0.15, eps_high=0.25, beta=0.0, entropy_coef=0.01, max_tokens=20),
+]
+
+
+@pytest.mark.parametrize("case", GRPO_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_grpo_loss_values_and_gradients(rl_batch, case):
+  r = rl_batch
+  with_entropy = case["entropy_coef"] > 0
+  ref = r["ref"] if case["beta"] else None
+  entropy = r["entropy"] if with_entropy else None
+
+  def loss_fn(logps, entropy):
+    return losses.grpo_loss(
+        logps, jnp.asarray(r["old"], jnp.float32), None if ref is None else jnp.asarray(ref, jnp.float32),
+        jnp.asarray(r["adv"], jnp.float32), jnp.asarray(r["mask"]), epsilon_low=case["eps_low"],
+        epsilon_high=case["eps_high"], beta=case["beta"], aggregation=case["aggregation"],
+        max_tokens=case["max_tokens"], entropy=entropy, entropy_coef=case["entropy_coef"])
+
+  (loss, metrics), (d_logps, d_entropy) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      jnp.asarray(r["logps"], jnp.float32), None if entropy is None else jnp.asarray(entropy, jnp.float32))
+
+  np_kwargs = dict(eps_low=case["eps_low"], eps_high=case["eps_high"], beta=case["beta"],
+                   aggregation=case["aggregation"], max_tokens=case["max_tokens"], entropy_coef=case["entropy_coef"])
+  reference = lambda lp, ent: _np_grpo(lp, r["old"], ref, r["adv"], r["mask"], ent, **np_kwargs)
+  assert np.isfinite(float(loss)) and np.all(np.isfinite(d_logps))
+  _close(loss, reference(r["logps"], entropy))
+  _close(d_logps, _finite_difference(lambda lp: reference(lp, entropy), r["logps"]), rtol=1e-3, atol=1e-6)
+  if with_entropy:
+    _close(d_entropy, _finite_difference(lambda ent: reference(r["logps"], ent), r["entropy"]), atol=1e-6)
+
+  keep = r["mask"] == 1
+  ratio = np.exp(r["logps"] - r["old"])[keep]
+  adv = np.broadcast_to(r["adv"][:, None], r["mask"].shape)[keep]
+  low = (ratio < 1 - case["eps_low"]) & (adv < 0)
+  high = (ratio > 1 + case["eps_high"]) & (adv > 0)
+  assert low.any() and high.any()  # the batch exercises both clip sides
+  _close(metrics["clip_fraction/low"], low.mean())
+  _close(metrics["clip_fraction/high"], high.mean())
+  _close(metrics["clip_fraction/total"], (low | high).mean())
+  _close(metrics["ratio"], ratio.mean())
+  if ref is not None:
+    d = (ref - r["logps"])[keep]
+    _close(metrics["kl"], np.mean(np.exp(d) - d - 1))
+  if with_entropy:
+    _close(metrics["entropy"], r["entropy"][keep].mean())
+
+
+def test_grpo_needs_ref_logps_for_kl(rl_batch):
+  x = jnp.zeros((4, 12))
+  with pytest.raises(ValueError):
+    losses.grpo_loss(x, x, None, jnp.zeros(4), x, beta=0.1)
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_group_advantages(scale_by_std):
+  rng = np.random.default_rng(5)
+  group_size = 4
+  rewards = rng.normal(size=3 * group_size)
+  rewards[8:12] = 1.0  # a group with no reward variance gets zero advantage, not NaN
+  expected = np.empty_like(rewards)
+  for start in range(0, rewards.size, group_size):
+    group = rewards[start:start + group_size]
+    centred = group - group.sum() / group_size
+    std = np.sqrt(np.sum(centred ** 2) / (group_size - 1))
+    expected[start:start + group_size] = centred / (std + 1e-4) if scale_by_std else centred
+  advantages = losses.group_advantages(jnp.asarray(rewards), group_size, scale_by_std=scale_by_std)
+  _close(advantages, expected, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(advantages[8:12]), 0.0)
