@@ -197,6 +197,10 @@ def dry_run() -> dict[str, Any]:
   """Compiles the stage's train step for the configured mesh from abstract shapes (no weights, no data)."""
   the_mesh = mesh()
   model_config, _ = model()
+  if model_config.rope_scaling_type == "longrope" and model_config.rope_long_factor is None:
+    # Memory and compile do not depend on the LongRoPE factor values, which live in the checkpoint.
+    ones = (1.0,) * (model_config.rotary_dim // 2)
+    model_config = model_config.replace(rope_short_factor=ones, rope_long_factor=ones)
   data_cfg = data()
   settings = train_settings()
   loop = settings["loop"]

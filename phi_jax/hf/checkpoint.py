@@ -1,0 +1,326 @@
+"""transformers `Phi3ForCausalLM` checkpoints (config.json + safetensors) <-> phi_jax config and parameters.
+
+    config, params = load_hf("/ckpt/phi-4-mini-instruct", dtype="bfloat16", shardings=shardings)
+    save_hf("/out/phi-4-mini-sft", config, params)   # AutoModelForCausalLM.from_pretrained("/out/...") loads it
+
+Both directions move one tensor at a time: `load_hf` reads each safetensors tensor into its slot of the stacked
+[L, ...] parameter, places the finished parameter on its devices and drops the host copy before building the
+next; `save_hf` gathers one layer's slice at a time and streams it into the shard file. Host memory therefore
+peaks near one stacked parameter group (q/k/v or gate/up, which share a fused tensor) plus one tensor, never at
+a second copy of the model.
+
+Layout mapping (PyTorch stores Linear weights as [out, in]):
+  model.embed_tokens.weight [V, D]                 = embed/embedding
+  layers.{i}.self_attn.qkv_proj.weight [(N+2K)H, D] = rows of q, then k, then v ([D, heads, H] transposed)
+  layers.{i}.self_attn.o_proj.weight [D, NH]        = attn/o [N, H, D] transposed
+  layers.{i}.mlp.gate_up_proj.weight [2F, D]        = rows of gate, then up ([D, F] transposed)
+  layers.{i}.mlp.down_proj.weight [D, F]            = mlp/down [F, D] transposed
+  layers.{i}.input_layernorm / post_attention_layernorm = input_norm / post_attn_norm scales
+  model.norm.weight = final_norm/scale;  lm_head.weight [V, D] = lm_head/kernel [D, V] transposed (absent if tied)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import struct
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from phi_jax.hf.config import from_hf_config, to_hf_config
+from phi_jax.model.config import PhiConfig
+
+Params = dict[str, Any]
+ParamPath = tuple[str, ...]  # keys from the root of the parameter tree to one leaf
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_DEFAULT_PARAM_DTYPE = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorSpec:
+  """One HF tensor and the phi_jax parameters it holds: several for the fused qkv and gate_up projections.
+
+  For a per-layer tensor, `name` has an `{i}` for the layer index and `split`/`join` see one layer's slices.
+  """
+
+  name: str
+  shape: tuple[int, ...]
+  paths: tuple[ParamPath, ...]
+  split: Callable[[np.ndarray], list[np.ndarray]]  # HF tensor -> one array per path
+  join: Callable[[list[np.ndarray]], np.ndarray]  # one array per path -> HF tensor
+  per_layer: bool = False
+
+
+def _same(paths: tuple[ParamPath, ...], name: str, shape, per_layer=False) -> _TensorSpec:
+  return _TensorSpec(name, tuple(shape), paths, lambda t: [t], lambda parts: parts[0], per_layer)
+
+
+def _transposed(paths: tuple[ParamPath, ...], name: str, shape, per_layer=False) -> _TensorSpec:
+  return _TensorSpec(name, tuple(shape), paths, lambda t: [t.T], lambda parts: parts[0].T, per_layer)
+
+
+def _tensor_specs(config: PhiConfig) -> list[_TensorSpec]:
+  """Every HF tensor of the checkpoint, in transformers' state-dict order (embeddings, layer 0, ..., norm, head)."""
+  d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.resolved_head_dim
+  f, v = config.intermediate_size, config.vocab_size
+  heads = (n, k, k)
+
+  def split_qkv(t):  # [(N+2K)H, D] -> [D, N, H], [D, K, H], [D, K, H]
+    bounds = np.cumsum([x * h for x in heads])[:-1]
+    return [part.reshape(x, h, d).transpose(2, 0, 1) for part, x in zip(np.split(t, bounds), heads)]
+
+  def join_qkv(parts):
+    return np.concatenate([part.transpose(1, 2, 0).reshape(-1, d) for part in parts])
+
+  layer = "model.layers.{i}."
+  specs = [
+      _same((("embed", "embedding"),), "model.embed_tokens.weight", (v, d)),
+      _TensorSpec(layer + "self_attn.qkv_proj.weight", ((n + 2 * k) * h, d),
+                  (("layers", "attn", "q"), ("layers", "attn", "k"), ("layers", "attn", "v")),
+                  split_qkv, join_qkv, per_layer=True),
+      _TensorSpec(layer + "self_attn.o_proj.weight", (d, n * h), (("layers", "attn", "o"),),
+                  lambda t: [t.T.reshape(n, h, d)], lambda parts: parts[0].reshape(n * h, d).T, per_layer=True),
+      _TensorSpec(layer + "mlp.gate_up_proj.weight", (2 * f, d), (("layers", "mlp", "gate"), ("layers", "mlp", "up")),
+                  lambda t: [t[:f].T, t[f:].T], lambda parts: np.concatenate([p.T for p in parts]), per_layer=True),
+      _transposed((("layers", "mlp", "down"),), layer + "mlp.down_proj.weight", (d, f), per_layer=True),
+      _same((("layers", "input_norm", "scale"),), layer + "input_layernorm.weight", (d,), per_layer=True),
+      _same((("layers", "post_attn_norm", "scale"),), layer + "post_attention_layernorm.weight", (d,), per_layer=True),
+      _same((("final_norm", "scale"),), "model.norm.weight", (d,)),
+  ]
+  if not config.tie_word_embeddings:
+    specs.append(_transposed((("lm_head", "kernel"),), "lm_head.weight", (v, d)))
+  return specs
+
+
+def _tensor_names(spec: _TensorSpec, config: PhiConfig) -> list[str]:
+  return [spec.name.format(i=i) for i in range(config.num_layers)] if spec.per_layer else [spec.name]
+
+
+def _get(tree: Any, path: ParamPath) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree: dict, path: ParamPath, value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+  """tensor name -> the safetensors file that holds it (sharded with an index, or a single file)."""
+  index = directory / INDEX_FILE
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return {name: directory / file for name, file in weight_map.items()}
+  single = directory / SINGLE_FILE
+  if single.exists():
+    with safe_open(single, framework="numpy") as reader:
+      return {name: single for name in reader.keys()}
+  raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _check_tensor_names(available: set[str], specs: list[_TensorSpec], config: PhiConfig, where: str) -> None:
+  expected = {name for spec in specs for name in _tensor_names(spec, config)}
+  # Tied checkpoints usually leave lm_head.weight out; when present it is a copy of the embedding and unused.
+  tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()
+  missing = sorted(expected - available)
+  unexpected = sorted(available - expected - tolerated)
+  if missing:
+    raise ValueError(f"{where} lacks {len(missing)} tensor(s) the config needs: {', '.join(missing[:8])}")
+  if unexpected:
+    raise ValueError(f"{where} has {len(unexpected)} tensor(s) a Phi3ForCausalLM with this config does not have: "
+                     f"{', '.join(unexpected[:8])}")
+
+
+def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: Optional[Any] = None,
+            config_overrides: Optional[dict[str, Any]] = None) -> tuple[PhiConfig, Params]:
+  """Reads a transformers Phi3ForCausalLM checkpoint directory into (config, params).
+
+  Args:
+    path: a directory with config.json and model.safetensors, or model-*-of-*.safetensors shards with
+      model.safetensors.index.json.
+    dtype: dtype the parameters are stored in (e.g. "bfloat16"); default float32 whatever the checkpoint holds,
+      the master-weight dtype for training and exact parity checks. The returned config's `param_dtype` is it.
+    shardings: optional pytree of `jax.sharding.Sharding` with the structure of the params; each parameter is
+      placed with it as soon as it is built. Default: the default device.
+    config_overrides: PhiConfig fields to set on the converted config (e.g. {"dtype": "float32",
+      "attention_backend": ...}). The compute `dtype` otherwise follows the checkpoint's `torch_dtype`.
+
+  Raises:
+    ValueError: an unsupported config, or a tensor that is missing, unexpected or of the wrong shape.
+  """
+  directory = pathlib.Path(path)
+  overrides = dict(config_overrides or {})
+  if "param_dtype" in overrides:
+    raise ValueError("set the parameter dtype with load_hf(dtype=...), not config_overrides['param_dtype']")
+  param_dtype = jnp.dtype(dtype or _DEFAULT_PARAM_DTYPE)
+  hf_config = json.loads((directory / "config.json").read_text())
+  config = from_hf_config(hf_config, **overrides, param_dtype=param_dtype.name)
+
+  weight_files = _weight_files(directory)
+  specs = _tensor_specs(config)
+  _check_tensor_names(set(weight_files), specs, config, str(directory))
+
+  params: Params = {}
+  with contextlib.ExitStack() as stack:
+    readers = {file: stack.enter_context(safe_open(file, framework="numpy")) for file in set(weight_files.values())}
+
+    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+      tensor = readers[weight_files[name]].get_tensor(name)
+      if tensor.shape != shape:
+        raise ValueError(f"{name} has shape {list(tensor.shape)}; the config expects {list(shape)}")
+      return tensor
+
+    for spec in specs:
+      if spec.per_layer:
+        stacked = None
+        for i in range(config.num_layers):
+          parts = spec.split(read(spec.name.format(i=i), spec.shape))
+          if stacked is None:
+            stacked = [np.empty((config.num_layers, *part.shape), param_dtype) for part in parts]
+          for out, part in zip(stacked, parts):
+            out[i] = part
+      else:
+        stacked = [np.asarray(part, param_dtype) for part in spec.split(read(spec.name, spec.shape))]
+      for param_path, host in zip(spec.paths, stacked):
+        sharding = _get(shardings, param_path) if shardings is not None else None
+        _set(params, param_path, jax.device_put(host, sharding))
+      del stacked  # the host copies go before the next parameter is built
+  return config, params
+
+
+def _leaf_paths(tree: Any, prefix: ParamPath = ()) -> Iterator[ParamPath]:
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      yield from _leaf_paths(value, prefix + (key,))
+  else:
+    yield prefix
+
+
+@jax.jit
+def _take_layer(stacked: jax.Array, layer: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
+
+
+def _layer_slice(stacked: Any, layer: int) -> Any:
+  """One layer of a stacked parameter, sliced where it lives: only that slice travels to the host."""
+  if isinstance(stacked, jax.Array):
+    return _take_layer(stacked, layer)  # the index is traced, so one compile serves every layer
+  return np.asarray(stacked)[layer]
+
+
+def _layer_major(specs: list[_TensorSpec], num_layers: int) -> list[tuple[_TensorSpec, Optional[int]]]:
+  """(spec, layer) in transformers' state-dict order: layer 0's tensors, then layer 1's, ... (None: not per layer)."""
+  layer_specs = [spec for spec in specs if spec.per_layer]
+  ordered = []
+  for spec in specs:
+    if not spec.per_layer:
+      ordered.append((spec, None))
+    elif spec is layer_specs[0]:
+      ordered.extend((layer_spec, i) for i in range(num_layers) for layer_spec in layer_specs)
+  return ordered
+
+
+def _shard_file_names(num_shards: int) -> list[str]:
+  if num_shards == 1:
+    return [SINGLE_FILE]
+  return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def _write_safetensors(file: pathlib.Path, entries: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]],
+                       dtype: np.dtype) -> None:
+  """Streams tensors into one safetensors file: the header first (from shapes alone), then each tensor as made."""
+  # What transformers writes; transformers 4.x refuses files whose format is not a known framework.
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape, _ in entries:
+    end = offset + math.prod(shape) * dtype.itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape), "data_offsets": [offset, end]}
+    offset = end
+  header_bytes = json.dumps(header, separators=(",", ":")).encode()
+  header_bytes += b" " * (-len(header_bytes) % 8)  # keeps tensor data 8-byte aligned, as the reference writer does
+  with open(file, "wb") as out:
+    out.write(struct.pack("<Q", len(header_bytes)))
+    out.write(header_bytes)
+    for name, shape, make in entries:
+      tensor = np.ascontiguousarray(make(), dtype=dtype)
+      if tensor.shape != shape:
+        raise ValueError(f"{name} came out with shape {list(tensor.shape)}; the config implies {list(shape)}")
+      out.write(tensor.reshape(-1).view(np.uint8).data)
+
+
+def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype: Optional[str] = None,
+            max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads as Phi3ForCausalLM.
+
+  Args:
+    path: output directory (created if needed); earlier model*.safetensors files in it are replaced.
+    config: the model's config; written as config.json (classic layout) and generation_config.json.
+    params: the parameter pytree (any devices or shardings; one layer's slice is gathered at a time).
+    dtype: dtype of the written tensors (and config.json's `torch_dtype`); default: the params' own dtype.
+    max_shard_bytes: shard size limit; one file `model.safetensors` when everything fits, else
+      `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`.
+  """
+  directory = pathlib.Path(path)
+  specs = _tensor_specs(config)
+  expected_paths = {param_path for spec in specs for param_path in spec.paths}
+  given_paths = set(_leaf_paths(params))
+  if given_paths != expected_paths:
+    raise ValueError(f"params do not match the config: missing {sorted(expected_paths - given_paths)}, "
+                     f"unexpected {sorted(given_paths - expected_paths)}")
+  if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
+    raise ValueError("save_hf writes from one process and needs every parameter addressable by it; on several hosts "
+                     "gather the parameters first (e.g. jax.experimental.multihost_utils.process_allgather)")
+  out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else _get(params, ("embed", "embedding")).dtype))
+  if out_dtype.name not in _SAFETENSORS_DTYPES:
+    raise ValueError(f"dtype={out_dtype.name!r}; supported: {sorted(_SAFETENSORS_DTYPES)}")
+
+  def maker(spec: _TensorSpec, layer: Optional[int]) -> Callable[[], np.ndarray]:
+    def make():
+      arrays = [_get(params, p) if layer is None else _layer_slice(_get(params, p), layer) for p in spec.paths]
+      return spec.join([np.asarray(a).astype(out_dtype, copy=False) for a in arrays])
+    return make
+
+  entries = [(spec.name if layer is None else spec.name.format(i=layer), spec.shape, maker(spec, layer))
+             for spec, layer in _layer_major(specs, config.num_layers)]
+
+  shards: list[list] = [[]]
+  shard_bytes = 0
+  for entry in entries:
+    size = math.prod(entry[1]) * out_dtype.itemsize
+    if shards[-1] and shard_bytes + size > max_shard_bytes:
+      shards.append([])
+      shard_bytes = 0
+    shards[-1].append(entry)
+    shard_bytes += size
+
+  directory.mkdir(parents=True, exist_ok=True)
+  # Stale weights from an earlier save would shadow or contradict the new index.
+  for stale in [directory / SINGLE_FILE, directory / INDEX_FILE, *directory.glob("model-*-of-*.safetensors")]:
+    stale.unlink(missing_ok=True)
+  file_names = _shard_file_names(len(shards))
+  for file_name, shard in zip(file_names, shards):
+    _write_safetensors(directory / file_name, shard, out_dtype)
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(math.prod(shape) for _, shape, _ in entries) * out_dtype.itemsize},
+             "weight_map": {name: file_name for file_name, shard in zip(file_names, shards) for name, _, _ in shard}}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+  hf_config = to_hf_config(config) | {"torch_dtype": out_dtype.name}
+  (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  generation = {key: getattr(config, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if getattr(config, key) is not None}
+  (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

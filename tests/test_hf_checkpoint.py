@@ -1,0 +1,317 @@
+"""save_hf / load_hf round trips through transformers, config conversion both ways, and refusals that name the field."""
+
+import json
+import re
+import tracemalloc
+import weakref
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from jax.sharding import NamedSharding, PartitionSpec
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import phi_jax
+from phi_jax.hf import checkpoint, from_hf_config, to_hf_config
+from phi_jax.model import PhiConfig
+
+TOLERANCE = 1e-4
+ROTARY_PAIRS = 6  # head_dim 16 * partial_rotary_factor 0.75 / 2
+
+UNTIED = PhiConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                   max_position_embeddings=128, original_max_position_embeddings=128, rope_theta=250000.0,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TIED_LONGROPE = UNTIED.replace(
+    num_kv_heads=1, tie_word_embeddings=True, partial_rotary_factor=0.75, max_position_embeddings=64,
+    original_max_position_embeddings=16, rope_theta=10000.0, rope_scaling_type="longrope",
+    rope_short_factor=tuple(np.linspace(1.0, 1.4, ROTARY_PAIRS)),
+    rope_long_factor=tuple(np.linspace(1.0, 6.0, ROTARY_PAIRS)))
+
+_forward = jax.jit(phi_jax.forward, static_argnums=2)
+
+
+def _random_params(config: PhiConfig, seed: int):
+  """Parameters of init_params' shapes (no compile needed): normal(0, 0.02) weights, norm scales in [0.5, 1.5]."""
+  shapes = jax.eval_shape(lambda key: phi_jax.init_params(config, key), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    if path[-1].key == "scale":  # random, not ones, so a misplaced norm shows in the logits
+      return jax.numpy.asarray(rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32))
+    return jax.numpy.asarray(rng.normal(0.0, 0.02, leaf.shape).astype(np.float32))
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _tokens(config: PhiConfig, length: int) -> np.ndarray:
+  return np.random.RandomState(length).randint(0, config.vocab_size, (2, length))
+
+
+def _transformers_logits(directory, tokens) -> np.ndarray:
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def _tensor_names(directory) -> set[str]:
+  names = set()
+  for file in directory.glob("*.safetensors"):
+    with safe_open(file, framework="numpy") as reader:
+      names.update(reader.keys())
+  return names
+
+
+def _assert_same_params(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """name -> (config, params, directory written by save_hf)."""
+  out = {}
+  for seed, (name, config) in enumerate([("untied", UNTIED), ("tied_longrope", TIED_LONGROPE)]):
+    params = _random_params(config, seed)
+    directory = tmp_path_factory.mktemp(name)
+    phi_jax.save_hf(directory, config, params)
+    out[name] = (config, params, directory)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------- save_hf round trips
+
+
+@pytest.mark.parametrize("name,length", [("untied", 20), ("tied_longrope", 24)])
+def test_transformers_loads_save_hf_output(saved, name, length):
+  config, params, directory = saved[name]
+  tokens = _tokens(config, length)
+  ours = np.asarray(_forward(params, tokens, config))
+  assert np.abs(ours - _transformers_logits(directory, tokens)).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["untied", "tied_longrope"])
+def test_load_hf_of_save_hf_is_identity(saved, name):
+  config, params, directory = saved[name]
+  loaded_config, loaded = phi_jax.load_hf(directory)
+  assert loaded_config == config
+  _assert_same_params(loaded, params)
+
+
+def test_tied_model_writes_no_lm_head(saved):
+  assert "lm_head.weight" not in _tensor_names(saved["tied_longrope"][2])
+  assert "lm_head.weight" in _tensor_names(saved["untied"][2])
+
+
+def test_single_file_and_generation_config(saved):
+  directory = saved["untied"][2]
+  assert sorted(p.name for p in directory.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+  generation = transformers.GenerationConfig.from_pretrained(directory)
+  assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
+
+
+def test_sharded_save(saved, tmp_path):
+  config, params, directory = saved["untied"]
+  phi_jax.save_hf(tmp_path, config, params, max_shard_bytes=64 * 1024)
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  files = sorted(set(index["weight_map"].values()))
+  assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+  assert not (tmp_path / "model.safetensors").exists()
+  assert set(index["weight_map"]) == _tensor_names(directory)
+  _assert_same_params(phi_jax.load_hf(tmp_path)[1], params)
+  tokens = _tokens(config, 20)
+  np.testing.assert_array_equal(_transformers_logits(tmp_path, tokens), _transformers_logits(directory, tokens))
+
+
+def test_bfloat16_save(saved, tmp_path):
+  config, params, _ = saved["untied"]
+  phi_jax.save_hf(tmp_path, config, params, dtype="bfloat16")
+  assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  loaded_config, loaded = phi_jax.load_hf(tmp_path, dtype="bfloat16")
+  assert loaded_config.param_dtype == "bfloat16"
+  _assert_same_params(loaded, jax.tree.map(lambda x: x.astype("bfloat16"), params))
+
+
+# ---------------------------------------------------------------------------------------------- load_hf behaviour
+
+
+def test_load_with_shardings(saved):
+  config, params, directory = saved["untied"]
+  mesh = jax.make_mesh((2, 4), ("a", "b"))
+  # Every parameter split over all 8 devices on its two leading axes (sizes 2, 4, 64, 96 or 128 here).
+  shardings = jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(*("a", "b")[:x.ndim])), params)
+  _, loaded = phi_jax.load_hf(directory, shardings=shardings)
+  for leaf, sharding in zip(jax.tree.leaves(loaded), jax.tree.leaves(shardings)):
+    assert leaf.sharding == sharding
+  _assert_same_params(loaded, params)
+
+
+def _nbytes(params, path):
+  for key in path:
+    params = params[key]
+  return params.nbytes
+
+
+def test_load_keeps_one_parameter_group_on_host(saved, monkeypatch):
+  """Each parameter's host copy is gone before the next one is read (fused q/k/v and gate/up form one group)."""
+  config, params, directory = saved["untied"]
+  device_put = jax.device_put
+  placed: list[tuple[weakref.ref, int]] = []
+  live_peak = []
+
+  def recording_device_put(host, sharding=None):
+    placed.append((weakref.ref(host), host.nbytes))
+    live_peak.append(sum(size for ref, size in placed if ref() is not None))
+    return device_put(np.array(host), sharding)  # a copy, so jax holds no reference to `host`
+
+  monkeypatch.setattr(jax, "device_put", recording_device_put)
+  phi_jax.load_hf(directory)
+  largest_group = max(sum(_nbytes(params, path) for path in spec.paths) for spec in checkpoint._tensor_specs(config))
+  assert len(placed) == len(jax.tree.leaves(params))
+  assert max(live_peak) <= largest_group
+
+
+def test_save_streams_tensors(tmp_path):
+  """save_hf holds about one tensor on the host at a time, never the whole model."""
+  config = UNTIED.replace(hidden_size=128, intermediate_size=512, num_layers=8, vocab_size=256)
+  params = _random_params(config, 0)
+  model_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  tracemalloc.start()
+  try:
+    phi_jax.save_hf(tmp_path, config, params)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 0.5 * model_bytes
+
+
+def _rewrite_single_file(directory, edit):
+  file = directory / "model.safetensors"
+  with safe_open(file, framework="numpy") as reader:
+    tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+  save_file(edit(tensors), file, metadata={"format": "pt"})
+
+
+def _copy_checkpoint(source, target):
+  for file in source.iterdir():
+    (target / file.name).write_bytes(file.read_bytes())
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.down_proj.weight"},
+     "model.layers.1.mlp.down_proj.weight"),
+    (lambda t: {**t, "model.layers.0.self_attn.qkv_proj.bias": np.zeros(128, np.float32)},
+     "model.layers.0.self_attn.qkv_proj.bias"),
+    (lambda t: {**t, "model.norm.weight": np.ones(32, np.float32)}, "model.norm.weight"),
+])
+def test_load_refuses_wrong_tensors(saved, tmp_path, edit, message):
+  _copy_checkpoint(saved["untied"][2], tmp_path)
+  _rewrite_single_file(tmp_path, edit)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    phi_jax.load_hf(tmp_path)
+
+
+def test_tied_checkpoint_may_carry_lm_head(saved, tmp_path):
+  config, params, directory = saved["tied_longrope"]
+  _copy_checkpoint(directory, tmp_path)
+  _rewrite_single_file(tmp_path, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
+  loaded_config, loaded = phi_jax.load_hf(tmp_path)
+  assert loaded_config == config
+  _assert_same_params(loaded, params)
+
+
+def test_untied_checkpoint_needs_lm_head(saved, tmp_path):
+  _copy_checkpoint(saved["untied"][2], tmp_path)
+  _rewrite_single_file(tmp_path, lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
+  with pytest.raises(ValueError, match=r"lm_head\.weight"):
+    phi_jax.load_hf(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- config conversion
+
+
+def _with_made_up_factors(config: PhiConfig) -> PhiConfig:
+  if config.rope_scaling_type != "longrope":
+    return config
+  pairs = config.rotary_dim // 2
+  return config.replace(rope_short_factor=tuple(np.linspace(1.0, 1.1, pairs)),
+                        rope_long_factor=tuple(np.linspace(1.0, 48.0, pairs)))
+
+
+@pytest.mark.parametrize("name", list(phi_jax.presets))
+def test_config_round_trip(name):
+  config = _with_made_up_factors(phi_jax.presets[name])
+  assert from_hf_config(to_hf_config(config)) == config
+
+
+@pytest.mark.parametrize("name", list(phi_jax.presets))
+def test_transformers_reads_our_config(name):
+  """Phi3Config built from to_hf_config converts back to the same config (through transformers' own parsing)."""
+  config = _with_made_up_factors(phi_jax.presets[name])
+  hf = transformers.Phi3Config(**to_hf_config(config))
+  converted = from_hf_config(hf)
+  if config.original_max_position_embeddings is None:
+    # Without LongRoPE the key has no effect; left out, transformers fills in its class default.
+    assert config.rope_scaling_type is None
+    converted = converted.replace(original_max_position_embeddings=None)
+  assert converted == config
+
+
+MINI_LIKE_CLASSIC = {
+    "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 128, "hidden_size": 64,
+    "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 64, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.75, "sliding_window": 262144, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
+    "bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 0, "torch_dtype": "bfloat16",
+    "rope_scaling": {"type": "longrope", "short_factor": [1.0] * ROTARY_PAIRS,
+                     "long_factor": np.linspace(1, 4, ROTARY_PAIRS).tolist()},
+}
+
+
+def test_classic_and_transformers5_layouts_agree(tmp_path):
+  classic = from_hf_config(MINI_LIKE_CLASSIC)
+  assert classic.rope_scaling_type == "longrope" and classic.rope_theta == 10000.0
+  assert classic.partial_rotary_factor == 0.75 and classic.original_max_position_embeddings == 16
+  assert classic.eos_token_id == 2 and classic.dtype == "bfloat16" and classic.tie_word_embeddings
+  # What transformers 5 save_pretrained writes for the same model (rope_parameters, no top-level rope_theta).
+  transformers.AutoConfig.for_model(**MINI_LIKE_CLASSIC).save_pretrained(tmp_path)
+  written = json.loads((tmp_path / "config.json").read_text())
+  assert "rope_parameters" in written and "rope_theta" not in written
+  assert from_hf_config(written) == classic
+  assert from_hf_config(transformers.AutoConfig.from_pretrained(tmp_path)) == classic
+
+
+def test_rope_scaling_variants():
+  su = from_hf_config(MINI_LIKE_CLASSIC | {"rope_scaling": MINI_LIKE_CLASSIC["rope_scaling"] | {"type": "su"}})
+  assert su == from_hf_config(MINI_LIKE_CLASSIC)
+  with_factor = {"rope_type": "longrope", "attention_factor": 1.25} | {
+      k: MINI_LIKE_CLASSIC["rope_scaling"][k] for k in ("short_factor", "long_factor")}
+  assert from_hf_config(MINI_LIKE_CLASSIC | {"rope_scaling": with_factor}).rope_attention_scale == 1.25
+  # An explicit `factor` replaces max / original_max (64 / 16) in the default attention factor.
+  with_factor = MINI_LIKE_CLASSIC["rope_scaling"] | {"factor": 8.0}
+  expected = np.sqrt(1 + np.log(8.0) / np.log(16))
+  config = from_hf_config(MINI_LIKE_CLASSIC | {"rope_scaling": with_factor})
+  assert config.rope_attention_scale == pytest.approx(expected)
+  # transformers 5 layout without LongRoPE: theta and the rotary fraction only inside rope_parameters.
+  phi4_like = MINI_LIKE_CLASSIC | {"rope_scaling": None, "rope_theta": None, "partial_rotary_factor": None}
+  phi4_like["rope_parameters"] = {"rope_type": "default", "rope_theta": 250000.0, "partial_rotary_factor": 0.5}
+  config = from_hf_config(phi4_like)
+  assert config.rope_scaling_type is None and config.rope_theta == 250000.0 and config.rotary_dim == 8
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"model_type": "phimoe"}, "model_type"),
+    ({"num_local_experts": 16, "num_experts_per_tok": 2}, "num_local_experts"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu_new"}, "hidden_act"),
+    ({"sliding_window": 32}, "sliding_window"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+])
+def test_unsupported_configs_name_the_field(change, field):
+  with pytest.raises(ValueError, match=field):
+    from_hf_config(MINI_LIKE_CLASSIC | change)
