@@ -1,0 +1,173 @@
+"""Final-answer extraction from model completions and gold strings.
+
+A completion's answer lives in its solution section: the text after the last `</think>` (the whole text when there
+is none). Inside it, the answer is, in order of preference:
+
+1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored);
+2. what follows the last "answer is" / "answer:" (case-insensitive), up to the end of that sentence;
+3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`);
+4. the whole solution section when it is one short line (a model that answers only "42").
+
+Model output is untrusted and may be a megabyte of noise, so every step is linear in the input or bounded by
+`max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, no regular expressions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+THINK_CLOSE = "</think>"
+DEFAULT_MAX_ANSWER_CHARS = 4096
+# A short single-line solution section is taken as the answer itself (fallback 4).
+BARE_ANSWER_MAX_CHARS = 64
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+# How many `\boxed` occurrences to try from the end before giving up: an unbalanced last box (a truncated answer)
+# falls back to the one before it, but a megabyte of `\boxed{` must not turn into a quadratic scan.
+_MAX_BOX_TRIES = 8
+_ANSWER_PHRASES = ("answer is", "answer:")
+# Special tokens rendered into the text (`<|im_end|>`, `<|end|>`) end an answer.
+_SPECIAL_TOKEN_START = "<|"
+
+
+def solution_section(completion: str, close_tag: str = THINK_CLOSE) -> str:
+  """The text after the last `close_tag`, or the whole completion when it has none."""
+  cut = completion.rfind(close_tag)
+  return completion if cut < 0 else completion[cut + len(close_tag):]
+
+
+def matching_brace(text: str, open_index: int, max_chars: int) -> Optional[int]:
+  """Index of the `}` closing the `{` at `open_index`, or None if it is not closed within `max_chars`."""
+  depth = 0
+  end = min(len(text), open_index + max_chars + 2)
+  i = open_index
+  while i < end:
+    ch = text[i]
+    if ch == "\\":
+      i += 2  # `\{`, `\}` and `\\` are escapes, not grouping
+      continue
+    if ch == "{":
+      depth += 1
+    elif ch == "}":
+      depth -= 1
+      if depth == 0:
+        return i
+    i += 1
+  return None
+
+
+def last_boxed(text: str, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional[str]:
+  """Content of the last complete `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`), or None."""
+  hi = len(text)
+  for _ in range(_MAX_BOX_TRIES):
+    start, command = max((text.rfind(c, 0, hi), c) for c in _BOX_COMMANDS)
+    if start < 0:
+      return None
+    hi = start
+    i = start + len(command)
+    while i < len(text) and i < start + len(command) + 8 and text[i] in " \t":
+      i += 1
+    if i < len(text) and text[i] == "{":
+      close = matching_brace(text, i, max_chars)
+      if close is not None:
+        return text[i + 1:close]
+    elif i > start + len(command) and i < len(text) and text[i].isalnum():
+      # `\boxed 5`: TeX takes the next token as the argument.
+      end = i
+      while end < len(text) and end - i < max_chars and not text[end].isspace() and text[end] not in "$.,;":
+        end += 1
+      return text[i:end]
+  return None
+
+
+def _sentence(text: str, max_chars: int) -> str:
+  """Text up to the end of its first line or sentence (a period followed by white space), at most max_chars."""
+  head = text[:max_chars + 1]
+  stripped = head.lstrip(" \t:*")
+  inline_math = _first_inline_math(stripped)
+  if inline_math is not None:
+    return inline_math
+  end = len(head)
+  for stop in ("\n", ". ", ".\t"):
+    found = head.find(stop)
+    if found >= 0:
+      end = min(end, found)
+  return head[:end]
+
+
+def _first_inline_math(text: str) -> Optional[str]:
+  """`$x$` / `\\(x\\)` / `\\[x\\]` at the very start of `text`: its content; None otherwise."""
+  for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+    if text.startswith(left):
+      close = text.find(right, len(left))
+      if close > len(left):
+        return text[len(left):close]
+      return None
+  return None
+
+
+def _after_answer_phrase(text: str, max_chars: int) -> Optional[str]:
+  lowered = text.lower()
+  start, phrase = max((lowered.rfind(p), p) for p in _ANSWER_PHRASES)
+  if start < 0:
+    return None
+  return _sentence(text[start + len(phrase):], max_chars)
+
+
+def _last_math(text: str, max_chars: int) -> Optional[str]:
+  """Content of the last `$...$`, `$$...$$`, `\\(...\\)` or `\\[...\\]` whose content is at most max_chars."""
+  best_close, best = -1, None
+  for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+    close = text.rfind(right)
+    if left == "$" and close > 0 and text[close - 1] == "$":
+      close -= 1  # `$$...$$`: look for the opening pair before the closing one
+    if close < 0 or close <= best_close:
+      continue
+    open_ = text.rfind(left, max(0, close - max_chars - 2), close)
+    if open_ < 0:
+      continue
+    best_close, best = close, text[open_ + len(left):close].strip("$")
+  return best
+
+
+def clean_answer(answer: str) -> str:
+  """Strips what surrounds an answer in prose: white space, markdown bold, math delimiters, a final period."""
+  cut = answer.find(_SPECIAL_TOKEN_START)
+  if cut >= 0:
+    answer = answer[:cut]
+  answer = answer.strip().strip("*").strip()
+  inline_math = _first_inline_math(answer)
+  if inline_math is not None:
+    answer = inline_math
+  answer = answer.strip().rstrip(".").strip().strip("$").strip()
+  return answer
+
+
+def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+                   close_tag: str = THINK_CLOSE) -> Optional[str]:
+  """The final answer of a completion (see the module docstring), or None when there is none."""
+  solution = solution_section(completion, close_tag)
+  boxed = last_boxed(solution, max_chars)
+  if boxed is not None:
+    candidate = boxed
+  else:
+    candidate = _after_answer_phrase(solution, max_chars)
+    if candidate is None or not clean_answer(candidate):
+      candidate = _last_math(solution, max_chars)
+    if candidate is None:
+      bare = solution.strip()
+      cut = bare.find(_SPECIAL_TOKEN_START)
+      bare = bare if cut < 0 else bare[:cut].strip()
+      if len(bare) <= BARE_ANSWER_MAX_CHARS and "\n" not in bare:
+        candidate = bare
+  if candidate is None:
+    return None
+  answer = clean_answer(candidate)
+  return answer if answer and len(answer) <= max_chars else None
+
+
+def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional[str]:
+  """A dataset's reference answer: its last `\\boxed{}` when it has one, else the whole string, cleaned."""
+  boxed = last_boxed(gold, max_chars)
+  answer = clean_answer(boxed if boxed is not None else gold)
+  return answer if answer and len(answer) <= max_chars else None

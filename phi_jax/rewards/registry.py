@@ -1,0 +1,134 @@
+"""Named reward functions with one signature, their weighted sums, and batch scoring.
+
+Every reward is called as
+
+    fn(completion: str, gold: str, *, length: int, finished: bool, correct: bool | None = None) -> float
+
+`length` is the completion's length in tokens, `finished` whether the sampler stopped on an end-of-turn token, and
+`correct` the verifier's verdict when the caller already has it (None: the reward verifies the answer itself).
+`score_batch` verifies a whole batch in parallel once and passes `correct` down. The rewards are plain functions
+and frozen dataclasses so gin can bind them (`combine.weights = {"length_aware": 1.0, "format": 0.1}`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar, Mapping, Optional, Sequence, Union
+
+from phi_jax.rewards.length_aware import LengthAwareRewardConfig, length_aware_reward
+from phi_jax.rewards.repetition import repetition_penalty
+from phi_jax.rewards.think_format import ThinkFormat, format_ok
+from phi_jax.rewards.verifier import VerifierPool, is_correct, verify_batch
+
+RewardFn = Callable[..., float]
+
+
+def _verdict(correct: Optional[bool], completion: str, gold: str) -> bool:
+  return is_correct(completion, gold) if correct is None else correct
+
+
+def correctness(completion: str, gold: str, *, length: int, finished: bool, correct: Optional[bool] = None) -> float:
+  """1.0 when the final answer equals the gold answer, else 0.0."""
+  del length, finished
+  return float(_verdict(correct, completion, gold))
+
+
+correctness.uses_correctness = True
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatReward:
+  """1.0 for a well-formed think block and an end-of-turn token, else 0.0."""
+
+  fmt: ThinkFormat = ThinkFormat()
+  uses_correctness: ClassVar[bool] = False
+
+  def __call__(self, completion: str, gold: str, *, length: int, finished: bool,
+               correct: Optional[bool] = None) -> float:
+    del gold, length, correct
+    return float(format_ok(completion, finished=finished, fmt=self.fmt))
+
+
+@dataclasses.dataclass(frozen=True)
+class RepetitionReward:
+  """The n-gram repetition penalty R_rep in [-1, 0] on white-space tokens (see `repetition_penalty`)."""
+
+  n: int = 5
+  max_count: int = 5
+  uses_correctness: ClassVar[bool] = False
+
+  def __call__(self, completion: str, gold: str, *, length: int, finished: bool,
+               correct: Optional[bool] = None) -> float:
+    del gold, length, finished, correct
+    return repetition_penalty(completion, n=self.n, max_count=self.max_count)
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthAwareReward:
+  """The Phi-4-reasoning-plus reward (see `length_aware`)."""
+
+  config: LengthAwareRewardConfig = LengthAwareRewardConfig()
+  uses_correctness: ClassVar[bool] = True
+
+  def __call__(self, completion: str, gold: str, *, length: int, finished: bool,
+               correct: Optional[bool] = None) -> float:
+    return length_aware_reward(completion, correct=_verdict(correct, completion, gold), length=length,
+                               finished=finished, config=self.config)
+
+
+REWARDS: dict[str, RewardFn] = {
+    "correctness": correctness,
+    "format": FormatReward(),
+    "repetition": RepetitionReward(),
+    "length_aware": LengthAwareReward(),
+}
+
+
+def get_reward(name: str) -> RewardFn:
+  """The reward registered under `name`."""
+  if name not in REWARDS:
+    raise KeyError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
+  return REWARDS[name]
+
+
+def uses_correctness(fn: RewardFn) -> bool:
+  """Whether `fn` needs the verifier's verdict (unknown functions are assumed to)."""
+  return getattr(fn, "uses_correctness", True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CombinedReward:
+  """sum_i weight_i * reward_i, verifying the answer at most once per completion."""
+
+  terms: tuple[tuple[RewardFn, float], ...]
+
+  @property
+  def uses_correctness(self) -> bool:
+    return any(uses_correctness(fn) for fn, _ in self.terms)
+
+  def __call__(self, completion: str, gold: str, *, length: int, finished: bool,
+               correct: Optional[bool] = None) -> float:
+    if correct is None and self.uses_correctness:
+      correct = is_correct(completion, gold)
+    return sum(weight * fn(completion, gold, length=length, finished=finished, correct=correct)
+               for fn, weight in self.terms)
+
+
+def combine(weights: Mapping[Union[str, RewardFn], float]) -> CombinedReward:
+  """A weighted sum of rewards given by registry name (or as callables)."""
+  return CombinedReward(tuple((get_reward(k) if isinstance(k, str) else k, float(w)) for k, w in weights.items()))
+
+
+def score_batch(reward: Union[str, RewardFn], completions: Sequence[str], golds: Sequence[str], *,
+                lengths: Sequence[int], finished: Sequence[bool], pool: Optional[VerifierPool] = None,
+                timeout_s: Optional[float] = None) -> list[float]:
+  """`reward` over a batch; correctness comes from one parallel `verify_batch` call when the reward needs it."""
+  fn = get_reward(reward) if isinstance(reward, str) else reward
+  if not len(completions) == len(golds) == len(lengths) == len(finished):
+    raise ValueError("completions, golds, lengths and finished must have the same length")
+  if uses_correctness(fn):
+    verdicts = verify_batch(completions, golds, timeout_s=timeout_s, pool=pool)
+  else:
+    verdicts = [None] * len(completions)
+  return [fn(c, g, length=int(n), finished=bool(f), correct=v)
+          for c, g, n, f, v in zip(completions, golds, lengths, finished, verdicts)]

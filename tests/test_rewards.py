@@ -1,0 +1,419 @@
+"""phi_jax.rewards: answer extraction and verification (worker pool, limits, untrusted input) and the RL rewards."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from phi_jax import rewards
+from phi_jax.rewards import (LengthAwareRewardConfig, ScreenConfig, ThinkFormat, VerifierConfig, extract_answer,
+                             extract_gold, repetition_penalty, screen_problem)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One xdist worker runs the whole module, so the verifier pool starts once (`make test` uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("rewards")
+
+
+@pytest.fixture(scope="module")
+def pool():
+  """The module-wide pool (so `is_correct` shares it), generous limits for a loaded 2-core test machine."""
+  rewards.configure(VerifierConfig(num_workers=2, timeout_s=10.0))
+  yield rewards.default_pool()
+  rewards.shutdown()
+
+
+# -- extraction ----------------------------------------------------------------------------------------------------
+
+EXTRACTIONS = [
+    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed{\\frac{a}{b}} and a cut-off \\boxed{\\frac{1}{", "\\frac{a}{b}"),
+    ("\\fbox{15}", "15"),
+    ("so \\boxed 5.", "5"),
+    ("<think>maybe \\boxed{7}</think> Therefore the answer is \\boxed{8}.", "8"),
+    ("<think>\\boxed{7}</think>", None),
+    ("The answer is $x=3$ since the line crosses there.", "x=3"),
+    ("Thus the final answer is 1/2. Let me double check.", "1/2"),
+    ("**Answer:** 12", "12"),
+    ("We get $a$, then $$\\frac{3}{4}$$", "\\frac{3}{4}"),
+    ("We get \\(a\\) and finally \\[ 2\\pi \\]", "2\\pi"),
+    ("<think>hmm</think>\n42<|im_end|>", "42"),
+    ("a long discussion\nover two lines and no marked answer", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("completion,expected", EXTRACTIONS)
+def test_extract_answer(completion, expected):
+  assert extract_answer(completion) == expected
+
+
+def test_extract_gold():
+  assert extract_gold("$\\boxed{2}$") == "2"
+  assert extract_gold(" \\frac{1}{2} ") == "\\frac{1}{2}"
+  assert extract_gold("$-3$") == "-3"
+
+
+MEGABYTE = 1 << 20
+PATHOLOGICAL = {
+    "open boxes": "\\boxed{" * (MEGABYTE // 7),
+    "open braces": "\\boxed{" + "{" * MEGABYTE,
+    "dollars": "$" * MEGABYTE,
+    "answer phrases": "The answer is " * (MEGABYTE // 14),
+    "digits": "7" * MEGABYTE,
+    "backslashes": "\\" * MEGABYTE,
+    "special tokens": "<|" * MEGABYTE,
+    "think tags": "</think>" * (MEGABYTE // 8) + "<think>" * (MEGABYTE // 7),
+}
+
+
+def test_extraction_and_screen_are_bounded_on_megabyte_inputs():
+  for name, text in PATHOLOGICAL.items():
+    start = time.perf_counter()
+    answer = extract_answer(text)
+    if answer is not None:
+      screen_problem(answer)
+    assert time.perf_counter() - start < 1.0, name
+
+
+# -- the pre-screen ------------------------------------------------------------------------------------------------
+
+SCREEN_ACCEPTS = ["\\frac{1}{2}", "e^{-x^2}", "2^{10}", "10^{100}", "x^2+y^2", "5!", "[1, 2)", "2^{2^{n}}",
+                  "\\{1,2,3\\}", "3 \\cdot 10^{8}", "-\\infty"]
+SCREEN_REJECTS = {  # answer -> words in the reason
+    "9^{9^{9^9}}": "tower", "9^9^9": "tower", "9**9**9**9": "tower", "2^{3^{4}}": "tower",
+    "2^{1000000}": "exponent", "(10^6)!": "factorial", "2000!": "factorial", "{" * 30 + "}" * 30: "nested",
+    "1" * 200: "digits", "\\frac{1}{2": "unbalanced", "x" * 2000: "characters", "x^2" * 20: "powers",
+    "e^{x^{y^{z^{w}}}}": "exponents nested",
+}
+
+
+def test_screen():
+  for answer in SCREEN_ACCEPTS:
+    assert screen_problem(answer) is None, answer
+  for answer, why in SCREEN_REJECTS.items():
+    problem = screen_problem(answer)
+    assert problem is not None and why in problem, (answer, problem)
+  assert screen_problem("2^{1000000}", ScreenConfig(max_integer_exponent=10**7)) is None
+
+
+# -- verification --------------------------------------------------------------------------------------------------
+
+EQUIVALENT = [
+    ("\\boxed{\\frac{1}{2}}", "0.5"),
+    ("\\boxed{0.5}", "\\frac{1}{2}"),
+    ("The answer is 1/2.", "\\frac12"),
+    ("\\boxed{\\dfrac{1}{2}}", "1/2"),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}"),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}"),
+    ("\\boxed{\\pi/2}", "\\frac{\\pi}{2}"),
+    ("\\boxed{[1, 2)}", "[1,2)"),
+    ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]"),
+    ("\\boxed{\\{3, 1, 2\\}}", "\\{1,2,3\\}"),
+    ("\\boxed{5 \\text{ cm}}", "5"),
+    ("\\boxed{x = 3}", "3"),
+    ("\\boxed{10\\%}", "0.1"),
+    ("\\boxed{1,000}", "1000"),
+    ("So $y$ works. Answer: $(x+1)^2$", "x^2+2x+1"),
+    ("After all that, the final answer is \\boxed{42}. I hope it is correct.", "42"),
+    ("**Answer:** 12", "12"),
+    ("<think>maybe \\boxed{7}</think> Therefore the answer is \\boxed{8}.", "8"),
+    ("\\fbox{15}", "15"),
+    ("we find $$\\frac{3}{4}$$", "0.75"),
+    ("<think>add them</think>\n42", "42"),
+    ("\\boxed{2}", "$\\boxed{2}$"),
+]
+NOT_EQUIVALENT = [
+    ("\\boxed{\\frac{1}{3}}", "0.5"),
+    ("\\boxed{[1,2]}", "(1,2]"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2,3\\}"),
+    ("\\boxed{3.14}", "\\pi"),
+    ("\\boxed{x+1}", "x-1"),
+    ("\\boxed{2}", "-2"),
+    ("\\boxed{5 \\text{ cm}}", "6"),
+    ("\\boxed{}", "0"),
+    ("<think>\\boxed{7}</think> I am not sure.", "7"),  # only the solution section counts
+    ("<think>The answer is 7</think>", "7"),
+    ("a long discussion\nwith no answer in it", "1"),
+]
+
+
+def test_equivalence_table(pool):
+  completions = [c for c, _ in EQUIVALENT + NOT_EQUIVALENT]
+  golds = [g for _, g in EQUIVALENT + NOT_EQUIVALENT]
+  verdicts = rewards.verify_batch(completions, golds, pool=pool)
+  expected = [True] * len(EQUIVALENT) + [False] * len(NOT_EQUIVALENT)
+  wrong = [(c, g, v) for c, g, v, e in zip(completions, golds, verdicts, expected) if v != e]
+  assert not wrong
+
+
+def test_is_correct_contract(pool):
+  assert rewards.is_correct("<think>1/4 + 1/4</think> The answer is $\\boxed{\\frac{1}{2}}$.", "0.5") is True
+  assert rewards.is_correct("<think>1/4 + 1/4</think> The answer is $\\boxed{\\frac{1}{3}}$.", "0.5") is False
+
+
+def test_batch_of_64_is_fast_and_right(pool):
+  golds = [f"\\frac{{{k}}}{{{k + 1}}}" for k in range(1, 65)]  # 64 distinct pairs: nothing is answered from a cache
+  completions = [f"<think>counting</think> The answer is \\boxed{{{k + k % 2}/{k + 1}}}." for k in range(1, 65)]
+  start = time.perf_counter()
+  verdicts = rewards.verify_batch(completions, golds, pool=pool)
+  elapsed = time.perf_counter() - start
+  assert verdicts == [k % 2 == 0 for k in range(1, 65)]
+  assert elapsed < 20.0, elapsed
+
+
+def _pwn(tag):
+  path = f"/tmp/pwned_{tag}_{uuid.uuid4().hex}"
+  return path, f"__import__('os').system('touch {path}')"
+
+
+def test_adversarial_completions_are_incorrect_and_quick(pool):
+  marker, injection = _pwn("completion")
+  adversarial = [
+      "\\boxed{9^{9^{9^9}}}",
+      "The answer is 9**9**9**9",
+      "\\boxed{" + "{" * 100_000 + "1" + "}" * 100_000 + "}",
+      "7" * MEGABYTE,
+      "\\boxed{" + "7" * MEGABYTE + "}",
+      injection,
+      f"\\boxed{{{injection}}}",
+      f"The answer is ${injection}$",
+      f"\\boxed{{\\text{{{injection}}}}}",
+      f"Answer: 1+{injection}",
+      "\\boxed{\ud800\udfff}",  # lone surrogates: not encodable as UTF-8
+      b"\\boxed{\xff\xfe}",  # invalid UTF-8 bytes
+      *PATHOLOGICAL.values(),
+  ]
+  start = time.perf_counter()
+  verdicts = rewards.verify_batch(adversarial, ["7"] * len(adversarial), pool=pool)
+  assert time.perf_counter() - start < 15.0
+  assert verdicts == [False] * len(adversarial)
+  assert not os.path.exists(marker)
+  # Invalid code points are replaced, not fatal: the rest of the text still counts.
+  assert rewards.verifier.sanitize("\\boxed{\ud800}").encode("utf-8") == b"\\boxed{?}"
+  assert rewards.verifier.sanitize(b"\\boxed{\xff}") == "\\boxed{\ufffd}"
+  assert rewards.verify_batch(["\udcff\\boxed{7}"], ["7"], pool=pool) == [True]
+
+
+def test_workers_never_evaluate_model_output(pool):
+  """Unscreened answers straight to the workers, as gold and as prediction, in every syntax the parsers accept."""
+  marker, injection = _pwn("worker")
+  forms = [injection, f"\\text{{{injection}}}", f"1+{injection}", f"\\mathrm{{{injection}}}", f"{injection}**2",
+           f"\\frac{{{injection}}}{{2}}", f"[{injection}, 1)", f"\\{{{injection}\\}}", f"x={injection}"]
+  pairs = [(form, "1") for form in forms] + [("1", form) for form in forms]
+  pool.verify_answers(pairs, timeout_s=10.0)
+  assert not os.path.exists(marker)
+
+
+def test_hard_timeout_kills_and_replaces_the_worker(pool):
+  assert pool.verify_answers([("2", "2")]) == [True]  # workers are up
+  before = set(pool.worker_pids())
+  start = time.perf_counter()
+  # soft_timeout_s=0: the worker does not interrupt itself, so only the wall-clock kill can end this.
+  assert pool.verify_answers([("1", "10^{10^{7}}")], timeout_s=1.5, soft_timeout_s=0) == [False]
+  assert time.perf_counter() - start < 4.0
+  assert len(before - set(pool.worker_pids())) == 1 and len(pool.worker_pids()) == pool.num_workers
+  assert pool.verify_answers([("3", "\\frac{6}{2}")]) == [True]
+
+
+def test_soft_timeout_answers_without_a_restart(pool):
+  assert pool.verify_answers([("2", "2")]) == [True]
+  before = set(pool.worker_pids())
+  start = time.perf_counter()
+  assert pool.verify_answers([("1", "10^{10^{7}}")], timeout_s=4.0, soft_timeout_s=1.0) == [False]
+  assert time.perf_counter() - start < 4.0
+  assert set(pool.worker_pids()) == before
+
+
+def _process_state(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0]
+  except FileNotFoundError:
+    return None
+
+
+def test_worker_killed_mid_task_is_replaced(pool):
+  assert pool.verify_answers([("2", "2")]) == [True]
+  victims = pool.worker_pids()
+  result = {}
+  task = threading.Thread(target=lambda: result.setdefault(
+      "verdicts", pool.verify_answers([("1", "10^{10^{7}}")], timeout_s=60.0, soft_timeout_s=0)))
+  start = time.perf_counter()
+  task.start()
+  while not pool.busy_worker_pids():
+    assert time.perf_counter() - start < 30.0
+    time.sleep(0.01)
+  time.sleep(0.2)
+  for pid in victims:  # the busy one dies mid-task, the other one idle or starting up
+    os.kill(pid, signal.SIGKILL)
+  killed_at = time.perf_counter()
+  task.join(30.0)
+  assert result["verdicts"] == [False]
+  assert time.perf_counter() - killed_at < 5.0  # left alone, this answer takes over 10 s to fail
+  for pid in victims:  # an idle worker that is killed but not yet dead would take the next answer down with it
+    while _process_state(pid) not in ("Z", "X", None):
+      time.sleep(0.01)
+  assert rewards.is_correct("\\boxed{4}", "4")
+  assert not set(victims) & set(pool.worker_pids()) and len(pool.worker_pids()) == pool.num_workers
+
+
+def test_pool_shutdown():
+  pool = rewards.VerifierPool(VerifierConfig(num_workers=1))
+  pid = pool.worker_pids()[0]
+  pool.shutdown(timeout_s=0.5)
+  pool.shutdown()
+  with pytest.raises(ProcessLookupError):
+    os.kill(pid, 0)
+  with pytest.raises(RuntimeError, match="shut down"):
+    pool.verify_answers([("1", "1")])
+
+
+def test_workers_that_cannot_start_raise(monkeypatch):
+  monkeypatch.setattr(rewards.verifier, "_WORKER_SCRIPT", os.path.join(REPO, "no_such_worker.py"))
+  pool = rewards.VerifierPool(VerifierConfig(num_workers=1))
+  with pytest.raises(RuntimeError, match="failing to start"):
+    pool.verify_answers([("1", "1")])
+  pool.shutdown()
+
+
+def test_package_imports_neither_jax_nor_sympy():
+  assert "jax" in sys.modules  # the workers above served a parent that has imported JAX
+  probe = ("import os, sys, types; pkg = types.ModuleType('phi_jax'); pkg.__path__ = [os.path.join(sys.argv[1], "
+           "'phi_jax')]; sys.modules['phi_jax'] = pkg; import phi_jax.rewards; "
+           "print(sorted(m for m in ('jax', 'sympy', 'math_verify') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", probe, REPO], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+# -- format --------------------------------------------------------------------------------------------------------
+
+FORMATS = [
+    ("<think>reasoning</think>The answer is 2.", True),
+    ("<think>\nreasoning\n</think>\n\\boxed{2}", True),
+    ("The answer is 2.", False),
+    ("<think>reasoning with no end", False),
+    ("</think>reasoning<think> 2", False),
+    ("<think> </think> 2", False),
+    ("<think>a</think><think>b</think> 2", False),
+    ("<think>a</think> 2 </think>", False),
+    ("preamble <think>a</think> 2", False),
+    ("<think>reasoning</think>   ", False),
+]
+
+
+@pytest.mark.parametrize("completion,ok", FORMATS)
+def test_think_format(completion, ok):
+  assert rewards.think_format_ok(completion) is ok
+
+
+def test_think_format_options():
+  assert rewards.think_format_ok("reasoning</think> 2", ThinkFormat(prompt_opens_think=True))
+  assert not rewards.think_format_ok("<think>reasoning</think> 2", ThinkFormat(prompt_opens_think=True))
+  assert rewards.think_format_ok("<think>reasoning</think>", ThinkFormat(require_solution=False))
+  assert rewards.format_ok("<think>a</think> 2", finished=True)
+  assert not rewards.format_ok("<think>a</think> 2", finished=False)
+
+
+# -- length-aware reward -------------------------------------------------------------------------------------------
+
+def _reference_accuracy(correct, length, l_max=31744, l_pos=25600, l_neg=3702):
+  """The paper's formula, written independently in numpy."""
+  length = np.asarray(length, np.float64)
+  if correct:
+    rho = np.clip((length - l_pos) / (l_max - l_pos), 0.0, 1.0)
+    return 0.75 + 0.25 * np.cos(np.pi * rho)
+  rho = np.clip(length / l_neg, 0.0, 1.0)
+  return -0.75 - 0.25 * np.cos(np.pi * rho)
+
+
+def test_length_scaled_accuracy_matches_formula():
+  config = LengthAwareRewardConfig()
+  lengths = np.concatenate([np.arange(0, 40000, 97), [0, 1851, 3702, 3703, 25600, 28672, 31744, 40000]])
+  for correct in (True, False):
+    ours = np.array([rewards.length_scaled_accuracy(correct, int(n), config) for n in lengths])
+    np.testing.assert_allclose(ours, _reference_accuracy(correct, lengths), atol=1e-12)
+  boundaries = {(True, 0): 1.0, (True, 25600): 1.0, (True, 28672): 0.75, (True, 31744): 0.5, (True, 50000): 0.5,
+                (False, 0): -1.0, (False, 1851): -0.75, (False, 3702): -0.5, (False, 20000): -0.5}
+  for (correct, length), value in boundaries.items():
+    assert rewards.length_scaled_accuracy(correct, length, config) == pytest.approx(value, abs=1e-12)
+
+
+def test_length_config_scaling():
+  config = LengthAwareRewardConfig().scaled_to(16384)
+  assert (config.l_max, config.l_pos_control, config.l_neg_control) == (16384, 13213, 1911)
+  ours = [rewards.length_scaled_accuracy(c, n, config) for c in (True, False) for n in (0, 1000, 14000, 16384)]
+  ref = [_reference_accuracy(c, n, 16384, 13213, 1911) for c in (True, False) for n in (0, 1000, 14000, 16384)]
+  np.testing.assert_allclose(ours, ref, atol=1e-12)
+  with pytest.raises(ValueError):
+    LengthAwareRewardConfig(l_pos_control=40000)
+
+
+def test_length_aware_total():
+  config = LengthAwareRewardConfig()
+  good = "<think>" + " ".join(f"w{i}" for i in range(50)) + "</think> The answer is \\boxed{2}."
+  looping = "<think>" + "a b c d e " * 40 + "</think> The answer is \\boxed{2}."
+  w_acc, w_rep = 8 / 13, 1 / 13
+  assert rewards.length_aware_reward(good, correct=True, length=100, finished=True) == pytest.approx(w_acc * 1.0)
+  assert rewards.length_aware_reward(good, correct=False, length=3702, finished=True) == pytest.approx(w_acc * -0.5)
+  assert rewards.length_aware_reward(good, correct=True, length=31744, finished=False) == pytest.approx(w_acc * -0.5)
+  assert rewards.length_aware_reward(good.replace("<think>", ""), correct=True, length=100,
+                                     finished=True) == pytest.approx(w_acc * -1.0)
+  rep = repetition_penalty(looping)
+  assert rep < -0.9
+  assert rewards.length_aware_reward(looping, correct=True, length=28672, finished=True,
+                                     config=config) == pytest.approx(w_acc * 0.75 + w_rep * rep)
+
+
+# -- repetition penalty --------------------------------------------------------------------------------------------
+
+def test_repetition_penalty():
+  unique = [f"w{i}" for i in range(1000)]
+  assert repetition_penalty(" ".join(unique)) == 0.0
+  assert repetition_penalty("a b c") == 0.0
+  assert repetition_penalty("a b c d e " * 100) == -1.0  # 5 types, each far above 5 occurrences
+  phrase = ["p", "q", "r", "s", "t"]
+  five = unique[:100] + phrase * 5 + unique[100:]  # the phrase's 5-grams occur at most 5 times: no penalty
+  assert repetition_penalty(five) == 0.0
+  six = unique[:100] + phrase * 6 + unique[100:]  # 1030 tokens; 5 of the 5-gram types repeat, top count 6
+  types = len({tuple(six[i:i + 5]) for i in range(len(six) - 4)})
+  assert types == 1026 - 6 * 5 + 5 + 4  # 1026 5-grams, the 30 inside the loop collapse to 5 types
+  assert repetition_penalty(six) == pytest.approx(-max(5 / types, 6 / (1030 / 5)))
+  tail_loop = unique[:400] + phrase * 120  # a varied start, then one phrase looping: top count 120 of 200 slots
+  assert repetition_penalty(tail_loop) == pytest.approx(-120 / 200)
+  tokens = [7] * 20  # token ids work too: one type, 16 occurrences
+  assert repetition_penalty(tokens) == -1.0
+  assert repetition_penalty(tokens, max_count=16) == 0.0
+
+
+# -- registry ------------------------------------------------------------------------------------------------------
+
+def test_registry_and_combine(pool):
+  completion = "<think>" + " ".join(f"w{i}" for i in range(20)) + "</think> so \\boxed{\\frac{1}{2}}"
+  kwargs = dict(length=500, finished=True)
+  assert rewards.get_reward("correctness")(completion, "0.5", **kwargs) == 1.0  # verifies through the pool
+  assert rewards.get_reward("correctness")(completion, "0.5", correct=False, **kwargs) == 0.0
+  assert rewards.get_reward("format")(completion, "0.5", **kwargs) == 1.0
+  assert rewards.get_reward("format")(completion, "0.5", length=500, finished=False) == 0.0
+  assert rewards.get_reward("repetition")("x y z w v " * 30, "0.5", **kwargs) == -1.0
+  assert rewards.get_reward("length_aware")(completion, "0.5", correct=True, **kwargs) == pytest.approx(8 / 13)
+  with pytest.raises(KeyError):
+    rewards.get_reward("nope")
+
+  combined = rewards.combine({"correctness": 1.0, "format": 0.5, "length_aware": 2.0})
+  assert combined(completion, "0.5", correct=True, **kwargs) == pytest.approx(1.0 + 0.5 + 2.0 * 8 / 13)
+  wrong_at_500 = float(_reference_accuracy(False, 500))
+  assert combined(completion, "0.3", **kwargs) == pytest.approx(0.0 + 0.5 + 2.0 * 8 / 13 * wrong_at_500)
+  assert not rewards.combine({"format": 1.0, "repetition": 1.0}).uses_correctness
+
+  completions = [completion, completion.replace("frac{1}{2}", "frac{1}{3}"), completion.replace("<think>", "")]
+  scores = rewards.score_batch(combined, completions, ["0.5"] * 3, lengths=[500] * 3, finished=[True] * 3, pool=pool)
+  expected = [1.0 + 0.5 + 2.0 * 8 / 13, 0.5 + 2.0 * 8 / 13 * wrong_at_500, 1.0 + 2.0 * 8 / 13 * -1.0]
+  assert scores == pytest.approx(expected)
+  assert rewards.score_batch("format", completions, ["0.5"] * 3, lengths=[1] * 3, finished=[True] * 3) == [1, 1, 0]
