@@ -117,7 +117,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         on_log: Optional[Callable[[dict], None]] = None):
   """Trains to `loop.num_steps` (resuming if workdir has checkpoints) and returns the final TrainState.
 
-  `train_data` yields per-process numpy batches; if it has get_state/set_state, its position is checkpointed.
+  `train_data` yields per-process numpy batches, or has `next_batch(params, step)` when batches are sampled from
+  the current policy (GRPO); if it has get_state/set_state, its position is checkpointed; `step_metrics(step)`
+  adds data-side metrics (rewards, lengths) to that step's record.
   `init_params()` returns (sharded) starting params, e.g. from an HF checkpoint or a previous stage; None means
   random init from the seed.
   """
@@ -139,7 +141,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     state = create_train_state(model_config, optimizer, mesh, jax.random.fold_in(rng, 2**31 - 1), params=params)
   start = int(host_scalar(state.step))
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
-  iterator = iter(train_data)
+  # A data source with next_batch(params, step) samples from the current policy (GRPO); others are iterators.
+  on_policy = hasattr(train_data, "next_batch")
+  iterator = None if on_policy else iter(train_data)
   meta = dict(run_meta or {}, model_config=dataclasses.asdict(model_config))
 
   step_fn = None
@@ -158,6 +162,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       flops_per_token = flops.train_flops_per_token(model_config, stats["seq_len"])
       record["mfu"] = flops_per_token * stats["slots"] / elapsed / (loop.peak_flops_per_device * jax.device_count())
     record["step"] = step
+    if hasattr(train_data, "step_metrics"):
+      record.update(train_data.step_metrics(step))
     bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record.get(k, 0.0))]
     if bad and loop.on_nonfinite == "stop":
       checkpointer.wait()
@@ -175,7 +181,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
 
   with _SigtermFlag() as sigterm:
     for step in range(start, loop.num_steps):
-      local = next(iterator)
+      local = train_data.next_batch(state.params, step) if on_policy else next(iterator)
       batch = global_batch(local, mesh)
       if step_fn is None:
         step_fn = make_train_step(loss_fn, optimizer, schedule, mesh, shardings, batch,

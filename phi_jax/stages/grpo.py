@@ -1,0 +1,246 @@
+"""GRPO with verifiable rewards (stage 4 of Phi-4-mini-reasoning; the RL stage of Phi-4-reasoning-plus).
+
+Per rollout batch: B prompts x G samples from the current policy (the KV-cache sampler, same params and mesh as
+training), rewards from a reward function (by default the math verifier + a registry reward), group-relative
+advantages, then `num_passes` optimisation steps on that batch with the rollout log-probs as "old" log-probs.
+Each pass is one step of the shared train loop; `GRPORollouts` is its data source and reads the current params.
+
+The Phi-4-mini-reasoning fixes for small models are settings of `GRPOConfig`:
+- groups with zero reward variance give no gradient and are dropped (`drop_zero_variance_groups`);
+- prompts whose group accuracy is above `max_group_accuracy` (e.g. 0.5) are dropped, too easy to teach much;
+- `balance_negatives`: keep every positive response and as many randomly chosen negatives;
+- length uniformity (`max_length_cv`): a group whose response lengths vary more than this coefficient of
+  variation is dropped — the paper filters candidate prompts by sampling them several times and keeping those
+  with fairly uniform response lengths; here every step's G samples are that sample;
+- temperature annealing: `temperature` -> `final_temperature` linearly over the first `anneal_fraction` of the
+  run, then constant (the paper: 1.0 -> 0.6 over the first half).
+Dropped rows stay in the batch with a zero mask and zero advantage, so shapes never change and nothing recompiles.
+
+Loss normalisation under the shared step (which divides a sum by a weight after microbatching):
+token_mean -> weight = completion tokens; sequence_mean -> weight = kept sequences; constant (Dr. GRPO) ->
+weight = all rows, with the constant length = max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phi_jax.losses import chunked_token_logprobs, group_advantages, grpo_loss, next_token_targets
+from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
+from phi_jax.sampling import SamplingConfig, generate
+
+RewardBatchFn = Callable[[Sequence[str], Sequence[str], np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  prompts_per_step: int = 8
+  group_size: int = 8
+  num_passes: int = 1
+  epsilon_low: float = 0.2
+  epsilon_high: float = 0.2
+  beta: float = 0.0  # KL to the frozen reference (k3); 0 loads no reference
+  entropy_coef: float = 0.0
+  aggregation: str = "token_mean"  # "token_mean" (DAPO) | "sequence_mean" (GRPO) | "constant" (Dr. GRPO)
+  scale_advantages_by_std: bool = True
+  max_prompt_tokens: int = 128
+  max_new_tokens: int = 256
+  temperature: float = 1.0
+  final_temperature: Optional[float] = None
+  anneal_fraction: float = 0.5
+  top_k: int = 0
+  top_p: float = 1.0
+  drop_zero_variance_groups: bool = True
+  max_group_accuracy: Optional[float] = None
+  balance_negatives: bool = False
+  max_length_cv: Optional[float] = None
+  chunk_size: int = 1024
+
+  def temperature_at(self, step: int, num_steps: int) -> float:
+    if self.final_temperature is None:
+      return self.temperature
+    anneal_steps = max(1.0, self.anneal_fraction * num_steps)
+    frac = min(step / anneal_steps, 1.0)
+    return self.temperature + (self.final_temperature - self.temperature) * frac
+
+
+def grpo_stage_loss(params, batch, rng, *, config: PhiConfig, cfg: GRPOConfig):
+  del rng
+  h = hidden_states(params, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"])
+  targets, mask = next_token_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"])
+  kernel = lm_head_kernel(params, config)
+  entropy = None
+  if cfg.entropy_coef:
+    logps, entropy = chunked_token_logprobs(h, kernel, targets, chunk_size=cfg.chunk_size, with_entropy=True)
+  else:
+    logps = chunked_token_logprobs(h, kernel, targets, chunk_size=cfg.chunk_size)
+  loss, metrics = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
+                            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                            aggregation=cfg.aggregation, max_tokens=cfg.max_new_tokens, entropy=entropy,
+                            entropy_coef=cfg.entropy_coef)
+  rows = jnp.float32(mask.shape[0])
+  if cfg.aggregation == "token_mean":
+    weight, scale = jnp.sum(mask), jnp.sum(mask)
+  elif cfg.aggregation == "sequence_mean":
+    weight, scale = jnp.sum(jnp.any(mask > 0, axis=1)), rows
+  else:
+    weight, scale = rows, rows
+  return loss * scale, {"weight": weight, "metrics": {k: v * weight for k, v in metrics.items()}}
+
+
+def make_loss_fn(config: PhiConfig, cfg: GRPOConfig):
+  return functools.partial(grpo_stage_loss, config=config, cfg=cfg)
+
+
+def verifier_rewards(reward_fn) -> RewardBatchFn:
+  """Rewards from a `phi_jax.rewards` reward (e.g. `combine({...})` or "correctness"); correctness verified once."""
+  from phi_jax.rewards import registry, verify_batch
+
+  fn = registry.get_reward(reward_fn) if isinstance(reward_fn, str) else reward_fn
+
+  def score(completions, golds, lengths, finished):
+    correct = np.asarray(verify_batch(list(completions), list(golds)), bool)
+    rewards = [fn(c, g, length=int(n), finished=bool(f), correct=bool(v))
+               for c, g, n, f, v in zip(completions, golds, lengths, finished, correct)]
+    return np.asarray(rewards, np.float32), correct
+
+  return score
+
+
+def select_rows(rewards_BG: np.ndarray, correct_BG: np.ndarray, lengths_BG: np.ndarray, cfg: GRPOConfig,
+                rng: np.random.Generator) -> np.ndarray:
+  """[B, G] bool: which responses train, after the small-model filters (see the module docstring)."""
+  keep = np.ones(rewards_BG.shape, bool)
+  for b in range(rewards_BG.shape[0]):
+    if cfg.drop_zero_variance_groups and np.ptp(rewards_BG[b]) == 0:
+      keep[b] = False
+    if cfg.max_group_accuracy is not None and correct_BG[b].mean() > cfg.max_group_accuracy:
+      keep[b] = False
+    if cfg.max_length_cv is not None:
+      mean = lengths_BG[b].mean()
+      if mean > 0 and lengths_BG[b].std() / mean > cfg.max_length_cv:
+        keep[b] = False
+    if cfg.balance_negatives and keep[b].any():
+      positives, negatives = np.flatnonzero(correct_BG[b]), np.flatnonzero(~correct_BG[b])
+      if len(negatives) > len(positives):
+        dropped = rng.choice(negatives, len(negatives) - len(positives), replace=False)
+        keep[b, dropped] = False
+  return keep
+
+
+class GRPORollouts:
+  """The GRPO data source: `next_batch(params, step)` samples a rollout batch every `num_passes` steps.
+
+  Prompts are records {"problem": str, "answer": str}, visited in a seeded order (reshuffled each epoch).
+  State for checkpoints is the position in that order and the rollout count; a checkpoint taken between the
+  passes of one rollout batch regenerates that batch on resume from the restored params.
+  """
+
+  def __init__(self, prompts: Sequence[dict], tokenizer, model_config: PhiConfig, cfg: GRPOConfig, *,
+               reward_batch_fn: RewardBatchFn, num_steps: int, seed: int = 0, mesh=None, ref_params=None,
+               system_prompt: Optional[str] = None):
+    from phi_jax.data.chat import render_prompt, stop_token_ids
+
+    if not prompts:
+      raise ValueError("GRPO needs at least one prompt")
+    if cfg.beta and ref_params is None:
+      raise ValueError("GRPOConfig.beta > 0 needs ref_params (the frozen reference model)")
+    self.cfg, self.config, self.mesh = cfg, model_config, mesh
+    self.tokenizer, self.num_steps, self.seed = tokenizer, num_steps, seed
+    self.reward_batch_fn, self.ref_params = reward_batch_fn, ref_params
+    self.prompts = list(prompts)
+    self.encoded = []
+    for i, record in enumerate(self.prompts):
+      ids = render_prompt(tokenizer, record["problem"], system_prompt=system_prompt)
+      if len(ids) > cfg.max_prompt_tokens:
+        raise ValueError(f"prompt {i} has {len(ids)} tokens > GRPOConfig.max_prompt_tokens={cfg.max_prompt_tokens}")
+      self.encoded.append(ids)
+    self.stop_ids = tuple(stop_token_ids(tokenizer))
+    self.position, self.rollouts = 0, 0
+    self._batch, self._batch_pass, self._metrics = None, 0, {}
+    self._ref_logps_fn = jax.jit(functools.partial(_token_logps, config=model_config, chunk_size=cfg.chunk_size))
+
+  def get_state(self) -> dict:
+    return {"position": self.position, "rollouts": self.rollouts}
+
+  def set_state(self, state: dict):
+    self.position, self.rollouts = int(state["position"]), int(state["rollouts"])
+    self._batch, self._batch_pass = None, 0
+
+  def _next_prompts(self) -> list[int]:
+    n = len(self.prompts)
+    out = []
+    for _ in range(self.cfg.prompts_per_step):
+      epoch, index = divmod(self.position, n)
+      order = np.random.default_rng([self.seed, epoch]).permutation(n)
+      out.append(int(order[index]))
+      self.position += 1
+    return out
+
+  def step_metrics(self, step: int) -> dict:
+    return self._metrics.pop(step, {})
+
+  def next_batch(self, params, step: int) -> dict:
+    if self._batch is not None and self._batch_pass < self.cfg.num_passes:
+      self._batch_pass += 1
+      return self._batch
+    self._batch, self._batch_pass = self._rollout(params, step), 1
+    return self._batch
+
+  def _rollout(self, params, step: int) -> dict:
+    cfg, g = self.cfg, self.cfg.group_size
+    indices = self._next_prompts()
+    rows = [i for i in indices for _ in range(g)]
+    p = cfg.max_prompt_tokens
+    prompt_tokens = np.zeros((len(rows), p), np.int32)
+    prompt_lengths = np.array([len(self.encoded[i]) for i in rows], np.int32)
+    for r, i in enumerate(rows):
+      prompt_tokens[r, :len(self.encoded[i])] = self.encoded[i]
+    temperature = self.cfg.temperature_at(step, self.num_steps)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k,
+                              top_p=cfg.top_p, stop_token_ids=self.stop_ids)
+    rng = jax.random.fold_in(jax.random.key(self.seed), self.rollouts)
+    out = jax.device_get(generate(params, self.config, prompt_tokens, prompt_lengths, rng, sampling, mesh=self.mesh))
+    self.rollouts += 1
+    lengths, finished = np.asarray(out["lengths"]), np.asarray(out["finished"])
+    texts = [self.tokenizer.decode(out["tokens"][r, :lengths[r]], skip_special_tokens=False) for r in range(len(rows))]
+    rewards, correct = self.reward_batch_fn(texts, [self.prompts[i]["answer"] for i in rows], lengths, finished)
+    rewards_bg, correct_bg, lengths_bg = (np.asarray(x).reshape(len(indices), g) for x in (rewards, correct, lengths))
+    keep = select_rows(rewards_bg, correct_bg, lengths_bg, cfg, np.random.default_rng([self.seed, self.rollouts]))
+    advantages = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), g,
+                                             scale_by_std=cfg.scale_advantages_by_std)).reshape(-1)
+    advantages = np.where(keep.reshape(-1), advantages, 0.0).astype(np.float32)
+
+    t = p + cfg.max_new_tokens
+    batch = {name: np.zeros((len(rows), t), np.int32) for name in ("tokens", "segment_ids", "loss_mask")}
+    batch["positions"] = np.broadcast_to(np.arange(t, dtype=np.int32), (len(rows), t)).copy()
+    batch["old_logps"] = np.zeros((len(rows), t), np.float32)
+    for r in range(len(rows)):
+      lp, lc = prompt_lengths[r], lengths[r]
+      batch["tokens"][r, :lp] = prompt_tokens[r, :lp]
+      batch["tokens"][r, lp:lp + lc] = out["tokens"][r, :lc]
+      batch["segment_ids"][r, :lp + lc] = 1
+      batch["loss_mask"][r, lp:lp + lc] = keep.reshape(-1)[r]
+      batch["old_logps"][r, lp - 1:lp - 1 + lc] = out["logprobs"][r, :lc]  # position t scores token t + 1
+    batch["advantages"] = advantages
+    if cfg.beta:
+      batch["ref_logps"] = np.asarray(self._ref_logps_fn(self.ref_params, jax.tree.map(jnp.asarray, batch)))
+    self._metrics[step + 1] = {
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "accuracy": float(np.mean(correct)), "response_length_mean": float(lengths.mean()),
+        "response_length_std": float(lengths.std()), "groups_kept": float(keep.any(axis=1).mean()),
+        "responses_kept": float(keep.mean()), "finished_fraction": float(finished.mean()),
+        "temperature": float(temperature)}
+    return batch
+
+
+def _token_logps(params, batch, *, config, chunk_size):
+  h = hidden_states(params, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"])
+  targets, _ = next_token_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"])
+  return chunked_token_logprobs(h, lm_head_kernel(params, config), targets, chunk_size=chunk_size)
