@@ -13,6 +13,8 @@ of every loss.
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 
@@ -41,13 +43,29 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_in
   return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
-_BACKENDS = {"xla": xla_attention}
+# The other backends live in their own modules and are imported on first use ("module:function"), so importing
+# the model never pulls in Pallas kernels, and those modules can build on the rule and reference defined here.
+_BACKENDS = {
+    "xla": xla_attention,
+    "blockwise": "phi_jax.model.attention_blockwise:blockwise_attention",
+    "cudnn": "phi_jax.model.attention_gpu:cudnn_attention",
+    "splash": "phi_jax.model.attention_splash:splash_attention",
+}
+
+
+def backend_function(backend):
+  """The attention function registered under `backend`."""
+  if backend not in _BACKENDS:
+    raise ValueError(f"attention backend {backend!r} is not available; choose one of {sorted(_BACKENDS)}")
+  function = _BACKENDS[backend]
+  if isinstance(function, str):
+    module, name = function.split(":")
+    function = getattr(importlib.import_module(module), name)
+  return function
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_index, kv_index, backend="xla"):
   """Dispatches to the configured backend; all share the masking rule above and the head_dim ** -0.5 scale."""
-  if backend not in _BACKENDS:
-    raise ValueError(f"attention backend {backend!r} is not available; choose one of {sorted(_BACKENDS)}")
-  return _BACKENDS[backend](
+  return backend_function(backend)(
       q_BTNH, k_BSKH, v_BSKH,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-ATTENTION_BACKENDS = ("xla",)
+ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 

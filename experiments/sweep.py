@@ -1,0 +1,119 @@
+"""Sweeps: a gin file x a grid of bindings, one workdir per run, run here one after another or printed as commands.
+
+    python experiments/sweep.py --gin_file=experiments/configs/midtrain_tiny.gin --root=runs/sweep_lr \
+        --sweep='{"product": {"optimizer.learning_rate": [1e-3, 3e-3]}, "zip": {"train.seed": [0, 1]}}'
+    python experiments/sweep.py ... --mode=commands > launch.sh     # one line per run, for a cluster scheduler
+    python experiments/sweep.py ... --mode=collect                  # table of final metrics of finished runs
+
+The spec is JSON (inline or a file path): "product" axes are crossed, "zip" axes advance together (equal
+lengths), and the two are crossed with each other. Each run's workdir is ROOT/<binding=value,...>, so re-running
+a sweep resumes unfinished runs and leaves finished ones as they are (train.py resumes from the workdir). The
+table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its final loss, eval loss and reward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METRICS = ("loss", "eval_loss", "reward_mean", "accuracy")
+
+
+def load_spec(text: str) -> dict:
+  spec = json.load(open(text)) if os.path.exists(text) else json.loads(text)
+  unknown = set(spec) - {"product", "zip"}
+  if unknown:
+    raise ValueError(f"sweep spec keys {sorted(unknown)} are not understood; use 'product' and/or 'zip'")
+  return spec
+
+
+def expand(spec: dict) -> list[dict]:
+  """All runs of the spec, each a dict binding -> value, in a stable order."""
+  product = spec.get("product", {})
+  zipped = spec.get("zip", {})
+  lengths = {len(v) for v in zipped.values()}
+  if len(lengths) > 1:
+    raise ValueError(f"'zip' axes must have equal lengths, got { {k: len(v) for k, v in zipped.items()} }")
+  zip_rows = [dict(zip(zipped, values)) for values in zip(*zipped.values())] if zipped else [{}]
+  runs = []
+  for values in itertools.product(*product.values()):
+    for zip_row in zip_rows:
+      runs.append({**dict(zip(product, values)), **zip_row})
+  return runs
+
+
+def gin_value(value) -> str:
+  return repr(value) if not isinstance(value, str) else json.dumps(value)
+
+
+def run_name(bindings: dict) -> str:
+  name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in bindings.items()) or "base"
+  return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+def command(gin_files, extra_params, bindings, workdir) -> list[str]:
+  cmd = [sys.executable, os.path.join(HERE, "train.py")]
+  cmd += [f"--gin_file={f}" for f in gin_files]
+  cmd += [f"--gin_param={p}" for p in extra_params]
+  cmd += [f"--gin_param={k}={gin_value(v)}" for k, v in bindings.items()]
+  return cmd + [f"--workdir={workdir}"]
+
+
+def final_metrics(workdir: str) -> dict:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  out = {}
+  with open(path) as f:
+    for record in map(json.loads, f):
+      out.update({k: record[k] for k in METRICS if k in record})
+      out["step"] = max(out.get("step", 0), record.get("step", 0))
+  return out
+
+
+def collect(root: str, runs: list[dict]) -> list[dict]:
+  rows = [dict(run=run_name(b), **b, **final_metrics(os.path.join(root, run_name(b)))) for b in runs]
+  keys = ["run"] + list(runs[0]) + ["step"] + [m for m in METRICS if any(m in r for r in rows)]
+  lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  for r in rows:
+    lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
+                 + " |")
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(root, "results.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  print("\n".join(lines))
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--gin_file", action="append", default=[], required=True)
+  parser.add_argument("--gin_param", action="append", default=[], help="bindings shared by every run")
+  parser.add_argument("--sweep", required=True, help="JSON spec or a path to one")
+  parser.add_argument("--root", required=True, help="parent directory of the runs' workdirs")
+  parser.add_argument("--mode", choices=("local", "commands", "collect"), default="local")
+  args = parser.parse_args(argv)
+  runs = expand(load_spec(args.sweep))
+  if args.mode == "commands":
+    for b in runs:
+      print(shlex.join(command(args.gin_file, args.gin_param, b, os.path.join(args.root, run_name(b)))))
+    return runs
+  if args.mode == "local":
+    for i, b in enumerate(runs):
+      workdir = os.path.join(args.root, run_name(b))
+      print(f"[{i + 1}/{len(runs)}] {run_name(b)}", flush=True)
+      subprocess.run(command(args.gin_file, args.gin_param, b, workdir), check=True)
+  return collect(args.root, runs)
+
+
+if __name__ == "__main__":
+  main()

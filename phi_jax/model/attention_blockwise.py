@@ -1,0 +1,186 @@
+"""Blockwise (flash-style) attention in pure JAX: memory linear in sequence length on any device.
+
+The forward pass walks query blocks x key/value blocks with an online softmax (running max `m`, running sum `l`,
+float32 accumulator), so no [T, S] score matrix exists. A `jax.custom_vjp` saves only q, k, v, the output and the
+per-query logsumexp; the backward pass recomputes each block's scores from them (the FlashAttention-2 backward),
+so forward + backward memory is O((T + S) * heads * head_dim) plus one [block_q, block_kv] tile per head.
+
+Masking is the rule of `phi_jax.model.attention`, applied per tile. A tile that no row of the batch can use
+(above the causal diagonal, all padding, disjoint segments) is skipped with `lax.cond`, which halves the work of
+causal training rows. Queries with no visible key (padding) get a zero output and zero gradient.
+
+Axis letters as in `attention`; Q and C are the query and key/value block lengths, I and J the block counts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_KV = 512
+_INT_MAX = jnp.iinfo(jnp.int32).max
+_INT_MIN = jnp.iinfo(jnp.int32).min
+
+
+def blockwise_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_index, kv_index,
+                        block_q=DEFAULT_BLOCK_Q, block_kv=DEFAULT_BLOCK_KV):
+  """Same contract as `attention.xla_attention`; T and S need not be multiples of the blocks (padded inside)."""
+  b, t, n, h = q_BTNH.shape
+  s, k_heads = k_BSKH.shape[1], k_BSKH.shape[2]
+  block_q, block_kv = min(block_q, t), min(block_kv, s)
+  t_pad, s_pad = -t % block_q, -s % block_kv
+  # Padded queries and keys get segment 0: padding keys are never visible, padding queries are sliced off.
+  q = jnp.pad(q_BTNH.reshape(b, t, k_heads, n // k_heads, h), ((0, 0), (0, t_pad), (0, 0), (0, 0), (0, 0)))
+  k = jnp.pad(k_BSKH, ((0, 0), (0, s_pad), (0, 0), (0, 0)))
+  v = jnp.pad(v_BSKH, ((0, 0), (0, s_pad), (0, 0), (0, 0)))
+  q_seg, q_idx = (jnp.pad(x.astype(jnp.int32), ((0, 0), (0, t_pad))) for x in (q_segment_ids, q_index))
+  kv_seg, kv_idx = (jnp.pad(x.astype(jnp.int32), ((0, 0), (0, s_pad))) for x in (kv_segment_ids, kv_index))
+  out = _flash(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+  return out[:, :t].reshape(b, t, n, h)
+
+
+# --------------------------------------------------------------------------------------------------- block layout
+
+
+def _split(x, block):
+  """[B, L, ...] -> [L // block, B, block, ...]: blocks first, so `lax.scan` walks them."""
+  return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:]), 1, 0)
+
+
+def _merge(x_IB):
+  """Inverse of `_split`."""
+  x = jnp.moveaxis(x_IB, 0, 1)
+  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _block_bounds(seg_BL, idx_BL, block):
+  """Per block and row, over the non-padding tokens: (min index, max index, min segment, max segment), [I, B] each.
+
+  A block with no real token gets empty ranges (min > max), so it overlaps nothing.
+  """
+  seg, idx = _split(seg_BL, block), _split(idx_BL, block)
+  real = seg != 0
+  lowest = lambda x: jnp.min(jnp.where(real, x, _INT_MAX), axis=-1)
+  highest = lambda x: jnp.max(jnp.where(real, x, _INT_MIN), axis=-1)
+  return lowest(idx), highest(idx), lowest(seg), highest(seg)
+
+
+def _tile_is_live(q_bounds, kv_bounds):
+  """[I, J] bool: False only where every (query, key) pair of the tile is masked for every row of the batch."""
+  q_idx_lo, q_idx_hi, q_seg_lo, q_seg_hi = (x[:, None] for x in q_bounds)  # [I, 1, B]
+  kv_idx_lo, kv_idx_hi, kv_seg_lo, kv_seg_hi = (x[None] for x in kv_bounds)  # [1, J, B]
+  real = (q_idx_lo <= q_idx_hi) & (kv_idx_lo <= kv_idx_hi)
+  causal = kv_idx_lo <= q_idx_hi
+  segments_overlap = (kv_seg_lo <= q_seg_hi) & (q_seg_lo <= kv_seg_hi)
+  return jnp.any(real & causal & segments_overlap, axis=-1)
+
+
+def _tile_scores(q_BQKGH, k_BCKH, q_seg_BQ, kv_seg_BC, q_idx_BQ, kv_idx_BC):
+  """Scaled float32 scores [B, K, G, Q, C] and the tile's mask, broadcastable to them."""
+  scores = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32)
+  scores = scores * (q_BQKGH.shape[-1] ** -0.5)
+  mask = ((q_seg_BQ[:, :, None] == kv_seg_BC[:, None, :]) & (kv_seg_BC != 0)[:, None, :]
+          & (kv_idx_BC[:, None, :] <= q_idx_BQ[:, :, None]))
+  return scores, mask[:, None, None]
+
+
+# --------------------------------------------------------------------------------------------------------- forward
+
+
+def _forward(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+  """Output [B, T, K, G, H] in q's dtype and logsumexp [I, B, K, G, Q] in float32 (+inf where nothing is visible)."""
+  _, _, k_heads, groups, h = q.shape
+  live = _tile_is_live(_block_bounds(q_seg, q_idx, block_q), _block_bounds(kv_seg, kv_idx, block_kv))
+  kv_blocks = (_split(k, block_kv), _split(v, block_kv), _split(kv_seg, block_kv), _split(kv_idx, block_kv))
+
+  def q_block(_, xs):
+    q_i, q_seg_i, q_idx_i, live_i = xs
+    rows = (q_i.shape[0], k_heads, groups, block_q)
+    running_max, running_sum = jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32)
+    acc = jnp.zeros((*rows, h), jnp.float32)
+
+    def kv_block(carry, ys):
+      k_j, v_j, kv_seg_j, kv_idx_j, live_ij = ys
+
+      def update(carry):
+        m, l, acc = carry
+        scores, mask = _tile_scores(q_i, k_j, q_seg_i, kv_seg_j, q_idx_i, kv_idx_j)
+        scores = jnp.where(mask, scores, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet: avoid inf - inf
+        p = jnp.exp(scores - m_safe[..., None])
+        correction = jnp.exp(m - m_safe)
+        pv = jnp.einsum("bkgqc,bckh->bkgqh", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+        return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+
+      return jax.lax.cond(live_ij, update, lambda c: c, carry), None
+
+    (m, l, acc), _ = jax.lax.scan(kv_block, (running_max, running_sum, acc), (*kv_blocks, live_i))
+    visible = l > 0
+    out = acc / jnp.where(visible, l, 1.0)[..., None]
+    lse = jnp.where(visible, m + jnp.log(jnp.where(visible, l, 1.0)), jnp.inf)
+    return None, (jnp.einsum("bkgqh->bqkgh", out).astype(q.dtype), lse)
+
+  _, (out, lse) = jax.lax.scan(q_block, None, (_split(q, block_q), _split(q_seg, block_q), _split(q_idx, block_q),
+                                               live))
+  return _merge(out), lse
+
+
+# -------------------------------------------------------------------------------------------------------- backward
+
+
+def _backward(block_q, block_kv, residuals, d_out):
+  """FlashAttention-2 backward: per key/value block, walk the query blocks, recomputing probabilities from lse."""
+  q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse = residuals
+  live = _tile_is_live(_block_bounds(q_seg, q_idx, block_q), _block_bounds(kv_seg, kv_idx, block_kv))
+  scale = q.shape[-1] ** -0.5
+  # D = rowsum(dO * O): the softmax Jacobian's diagonal term, [I, B, K, G, Q].
+  delta = jnp.einsum("bqkgh,bqkgh->bkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  q_blocks = (_split(q, block_q), _split(d_out, block_q), _split(q_seg, block_q), _split(q_idx, block_q), lse,
+              jnp.moveaxis(delta.reshape(*delta.shape[:3], -1, block_q), 3, 0))
+
+  def kv_block(dq, xs):
+    k_j, v_j, kv_seg_j, kv_idx_j, live_j = xs
+
+    def q_block(carry, ys):
+      q_i, d_out_i, q_seg_i, q_idx_i, lse_i, delta_i, live_ij = ys
+
+      def grads(carry):
+        dk, dv = carry
+        scores, mask = _tile_scores(q_i, k_j, q_seg_i, kv_seg_j, q_idx_i, kv_idx_j)
+        p = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)
+        dv = dv + jnp.einsum("bkgqc,bqkgh->bckh", p.astype(d_out_i.dtype), d_out_i, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bqkgh,bckh->bkgqc", d_out_i, v_j, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta_i[..., None]) * scale).astype(q_i.dtype)
+        dk = dk + jnp.einsum("bkgqc,bqkgh->bckh", ds, q_i, preferred_element_type=jnp.float32)
+        dq = jnp.einsum("bkgqc,bckh->bqkgh", ds, k_j, preferred_element_type=jnp.float32)
+        return (dk, dv), dq
+
+      def skip(carry):
+        return carry, jnp.zeros(q_i.shape, jnp.float32)
+
+      return jax.lax.cond(live_ij, grads, skip, carry)
+
+    zeros = jnp.zeros(k_j.shape, jnp.float32)
+    (dk, dv), dq_j = jax.lax.scan(q_block, (zeros, zeros), (*q_blocks, live_j))
+    return dq + dq_j, (dk, dv)
+
+  kv_blocks = (_split(k, block_kv), _split(v, block_kv), _split(kv_seg, block_kv), _split(kv_idx, block_kv), live.T)
+  dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(_split(q, block_q).shape, jnp.float32), kv_blocks)
+  return (_merge(dq).astype(q.dtype), _merge(dk).astype(k.dtype), _merge(dv).astype(v.dtype), None, None, None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+  return _forward(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx)[0]
+
+
+def _flash_fwd(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+  out, lse = _forward(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+  return out, (q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse)
+
+
+_flash.defvjp(_flash_fwd, _backward)

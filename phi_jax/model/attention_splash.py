@@ -1,0 +1,78 @@
+"""TPU attention: the Pallas splash-attention kernel with segment ids, grouped-query heads and a causal mask.
+
+Splash attention takes a static mask (here causal, `kv slot <= query slot`) and-ed with dynamic segment ids, and
+skips the tiles the static mask empties. Grouped-query attention uses the multi-query kernel (G query heads
+against one kv head) mapped over the K kv heads, so K/V are never repeated.
+
+Precondition: the causal part of the masking rule is read from slot order, i.e. `q_index == arange(T)` and
+`kv_index == arange(S)` per row. That is how the model calls attention in training, in the packed forward and in
+a KV-cache prefill (prompt slots [0, T) of an S-slot cache). A decode step (T == 1) carries per-row cache
+positions in `q_index`, which no static mask can express, so it goes to the reference backend; its scores are
+one row per head, small at any cache length.
+
+Segment rule: splash lets a query see keys of its own segment id, so real queries match the rule of
+`phi_jax.model.attention` exactly (keys of segment 0 never equal a real segment). Padding queries (segment 0) see
+padding keys instead of nothing; their outputs stay finite and callers mask them out, as with every backend.
+
+Off TPU the kernel runs in Pallas interpret mode (slow, exact), which lets the CPU suite test this wiring.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from phi_jax.model.attention import xla_attention
+
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_KV = 512
+_LANES = 128  # TPU tiles are multiples of 128 along the sequence axes
+
+
+def splash_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_index, kv_index,
+                     block_q=DEFAULT_BLOCK_Q, block_kv=DEFAULT_BLOCK_KV, interpret=None):
+  """Same contract as `attention.xla_attention`, under the slot-order precondition in the module docstring.
+
+  `interpret=None` runs the compiled kernel on TPU and interpret mode elsewhere.
+  """
+  if q_BTNH.shape[1] == 1:
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                         q_index=q_index, kv_index=kv_index)
+  b, t, n, h = q_BTNH.shape
+  s, k_heads = k_BSKH.shape[1], k_BSKH.shape[2]
+  block_q, block_kv = min(block_q, _round_up(t, _LANES)), min(block_kv, _round_up(s, _LANES))
+  t_pad, s_pad = _round_up(t, block_q) - t, _round_up(s, block_kv) - s
+  if interpret is None:
+    interpret = jax.devices()[0].platform != "tpu"
+  kernel = _kernel(t + t_pad, s + s_pad, n // k_heads, block_q, block_kv, interpret)
+
+  # Splash does not scale the scores; scaling q first is the same math.
+  q = (q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype)).reshape(b, t, k_heads, n // k_heads, h)
+  q_BKGTH = jnp.pad(jnp.einsum("btkgh->bkgth", q), ((0, 0), (0, 0), (0, 0), (0, t_pad), (0, 0)))
+  pad_kv = lambda x_BSKH: jnp.pad(jnp.einsum("bskh->bksh", x_BSKH), ((0, 0), (0, 0), (0, s_pad), (0, 0)))
+  k_BKSH, v_BKSH = pad_kv(k_BSKH), pad_kv(v_BSKH)
+  segment_ids = splash.SegmentIds(q=jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad))),
+                                  kv=jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, s_pad))))
+
+  per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # [K, G, T, H] queries against [K, S, H] keys
+  out_BKGTH = jax.vmap(per_kv_head)(q_BKGTH, k_BKSH, v_BKSH, segment_ids)
+  return jnp.einsum("bkgth->btkgh", out_BKGTH[:, :, :, :t]).reshape(b, t, n, h).astype(q_BTNH.dtype)
+
+
+def _round_up(length, multiple):
+  return -(-length // multiple) * multiple
+
+
+def _kernel(q_len, kv_len, groups, block_q, block_kv, interpret):
+  """A multi-query splash kernel for one kv head: [G, T, H] queries, [S, H] keys and values.
+
+  Built per trace, not cached: the kernel holds its block-sparsity tables as arrays of the trace that made it.
+  Splash caches the expensive part (mask processing, in numpy) itself.
+  """
+  mask = splash.MultiHeadMask([splash.CausalMask((q_len, kv_len))] * groups)
+  block_sizes = splash.BlockSizes(
+      block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+      block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+      block_q_dq=block_q, block_kv_dq=block_kv)
+  return splash.make_splash_mqa_single_device(mask, block_sizes=block_sizes, interpret=interpret)

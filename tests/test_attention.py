@@ -1,0 +1,178 @@
+"""Attention backends vs the reference on packed rows: values, gradients, KV-cache shapes, memory, the full model.
+
+Tolerance: every backend does the same float32 math as the reference in another order (online softmax, blocked
+sums), so outputs and gradients agree to float32 rounding: rtol = atol = 1e-5 on values of order 1-5.
+The cuDNN backend runs here with implementation="xla" (same padding, mask and GQA wiring; cuDNN itself needs an
+NVIDIA GPU and is checked by `attention_gpu.gpu_check`). Splash runs in Pallas interpret mode.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import phi_jax
+from phi_jax.model import attention
+from phi_jax.model.attention_blockwise import blockwise_attention
+from phi_jax.model.attention_gpu import cudnn_attention, gpu_check
+from phi_jax.model.attention_splash import splash_attention
+from phi_jax.model.config import ATTENTION_BACKENDS
+
+B, T, N, K, H = 2, 200, 4, 2, 16  # T is a multiple of neither the blockwise (64, 48) nor the splash (128) blocks
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+BACKENDS = {
+    "blockwise": functools.partial(blockwise_attention, block_q=64, block_kv=48),
+    "splash": functools.partial(splash_attention, block_q=128, block_kv=128),
+    "cudnn_wiring": functools.partial(cudnn_attention, implementation="xla"),
+}
+
+
+def _packed_segments():
+  """Row 0: three documents and a padded tail; row 1: two documents and a shorter tail."""
+  seg = np.zeros((B, T), np.int32)
+  seg[0, :60], seg[0, 60:141], seg[0, 141:183] = 1, 2, 3
+  seg[1, :110], seg[1, 110:197] = 1, 2
+  return seg
+
+
+@pytest.fixture(scope="module")
+def packed():
+  rng = np.random.default_rng(0)
+  seg = _packed_segments()
+  idx = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+  q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((B, T, N, H), (B, T, K, H), (B, T, K, H)))
+  # Callers mask padding queries out of every loss; the cotangent does the same.
+  weights = jnp.asarray(rng.normal(size=(B, T, N, H)) * (seg != 0)[:, :, None, None], jnp.float32)
+  return dict(q=q, k=k, v=v, seg=jnp.asarray(seg), idx=jnp.asarray(idx), weights=weights, valid=seg != 0)
+
+
+def _loss_and_grads(fn, packed):
+  def loss(q, k, v):
+    out = fn(q, k, v, q_segment_ids=packed["seg"], kv_segment_ids=packed["seg"], q_index=packed["idx"],
+             kv_index=packed["idx"])
+    return jnp.sum(out * packed["weights"]), out
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(packed["q"], packed["k"], packed["v"])
+
+
+@pytest.fixture(scope="module")
+def reference(packed):
+  return _loss_and_grads(attention.xla_attention, packed)
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_backend_matches_reference_on_packed_rows(name, packed, reference):
+  (loss, out), grads = _loss_and_grads(BACKENDS[name], packed)
+  (ref_loss, ref_out), ref_grads = reference
+  assert np.all(np.isfinite(out))  # padding queries included
+  valid = packed["valid"]
+  np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref_out)[valid], **TOL)
+  for grad, ref_grad in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), **TOL)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+
+
+def _cache_layout(rng, queries, slots, lengths, decode):
+  """KV-cache attention: S cache slots filled up to `lengths`; queries at the next slot (decode) or slots 0..T."""
+  kv_seg = (np.arange(slots)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+  kv_idx = np.broadcast_to(np.arange(slots, dtype=np.int32), (len(lengths), slots))
+  if decode:
+    kv_seg[np.arange(len(lengths)), lengths] = 1  # the new token's slot, written before attending
+    q_seg, q_idx = np.ones((len(lengths), 1), np.int32), np.asarray(lengths, np.int32)[:, None]
+  else:
+    q_idx = np.broadcast_to(np.arange(queries, dtype=np.int32), (len(lengths), queries))
+    q_seg = kv_seg[:, :queries]
+  q = rng.normal(size=(len(lengths), queries, N, H)).astype(np.float32)
+  k, v = (rng.normal(size=(len(lengths), slots, K, H)).astype(np.float32) for _ in range(2))
+  args = tuple(jnp.asarray(x) for x in (q, k, v))
+  masks = dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg), q_index=jnp.asarray(q_idx),
+               kv_index=jnp.asarray(kv_idx))
+  return args, masks, q_seg != 0
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_backend_matches_reference_on_kv_cache_shapes(name, decode):
+  """Decode: T=1 at each row's next slot against 150 slots; prefill: a 100-token prompt into 150 slots."""
+  rng = np.random.default_rng(1)
+  args, masks, valid = _cache_layout(rng, 1 if decode else 100, 150, [37, 99], decode)
+  expected = attention.xla_attention(*args, **masks)
+  actual = jax.jit(functools.partial(BACKENDS[name], **masks))(*args)
+  assert actual.shape == expected.shape
+  np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
+
+
+def _max_array_size(jaxpr):
+  """Largest array (element count) produced anywhere in a jaxpr, including scan/cond/custom-vjp sub-jaxprs."""
+  largest = 0
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      largest = max(largest, _max_array_size(sub))
+  return largest
+
+
+def test_blockwise_forward_and_backward_hold_no_score_matrix():
+  t = s = 1024
+  shapes = (jax.ShapeDtypeStruct((1, t, N, H), jnp.float32), jax.ShapeDtypeStruct((1, s, K, H), jnp.float32),
+            jax.ShapeDtypeStruct((1, s, K, H), jnp.float32))
+  ids = jnp.ones((1, t), jnp.int32), jnp.broadcast_to(jnp.arange(t), (1, t))
+
+  def grad_jaxpr(fn):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v, q_segment_ids=ids[0], kv_segment_ids=ids[0], q_index=ids[1],
+                                      kv_index=ids[1]))
+    return jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*shapes).jaxpr
+
+  assert _max_array_size(grad_jaxpr(attention.xla_attention)) >= t * s  # the probe sees scores when they exist
+  assert _max_array_size(grad_jaxpr(functools.partial(blockwise_attention, block_q=128, block_kv=128))) < t * s
+
+
+def test_blockwise_compiled_memory_is_linear():
+  """XLA's buffer assignment for forward + backward: far below one head's [T, S] scores, and ~linear in T."""
+  def temp_bytes(t):
+    shapes = (jax.ShapeDtypeStruct((1, t, N, H), jnp.float32), jax.ShapeDtypeStruct((1, t, K, H), jnp.float32),
+              jax.ShapeDtypeStruct((1, t, K, H), jnp.float32), jax.ShapeDtypeStruct((1, t), jnp.int32))
+    loss = lambda q, k, v, ids: jnp.sum(blockwise_attention(
+        q, k, v, q_segment_ids=ids, kv_segment_ids=ids, q_index=ids, kv_index=ids, block_q=256, block_kv=256))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+  short, long = temp_bytes(2048), temp_bytes(8192)
+  assert long < 0.05 * 8192 * 8192 * 4
+  assert long < 6 * short  # 4x the tokens: linear growth (plus the fixed tiles), not 16x
+
+
+def test_full_model_blockwise_equals_xla_on_packed_rows():
+  config = phi_jax.PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                             num_kv_heads=2, max_position_embeddings=64, initializer_range=0.3)
+  params = phi_jax.init_params(config, jax.random.key(0))
+  rng = np.random.default_rng(2)
+  tokens = jnp.asarray(rng.integers(0, 64, size=(2, 40)), jnp.int32)
+  seg = np.zeros((2, 40), np.int32)
+  seg[0, :13], seg[0, 13:30], seg[0, 30:36] = 1, 2, 3
+  seg[1, :25], seg[1, 25:40] = 1, 2
+  positions = np.concatenate([np.arange(n) for n in (13, 17, 6, 4, 25, 15)]).reshape(2, 40)
+  inputs = dict(positions=jnp.asarray(positions, jnp.int32), segment_ids=jnp.asarray(seg))
+  expected = phi_jax.forward(params, tokens, config, **inputs)
+  actual = phi_jax.forward(params, tokens, config.replace(attention_backend="blockwise"), **inputs)
+  valid = seg != 0
+  np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
+
+
+def test_gpu_check_runs_its_comparison():
+  """The GPU check's own code path, with XLA in place of cuDNN so it runs here."""
+  results = gpu_check(batch=1, length=48, num_heads=4, num_kv_heads=2, head_dim=16, dtype=jnp.float32, repeats=1,
+                      implementation="xla")
+  assert results["out_max_abs_err"] < 1e-5
+  assert all(results[f"{g}_max_abs_err"] < 1e-5 * max(1.0, results[f"{g}_max_abs"]) for g in ("dq", "dk", "dv"))
+
+
+def test_unknown_backend_is_refused():
+  with pytest.raises(ValueError, match="not available"):
+    attention.backend_function("flash")
+  with pytest.raises(ValueError, match="attention_backend"):
+    phi_jax.PhiConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                      attention_backend="flash")
+  assert all(callable(attention.backend_function(name)) for name in ATTENTION_BACKENDS)
