@@ -25,7 +25,9 @@ from phi_jax.hf import load_hf, save_hf
 from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer
 from phi_jax.model import PhiConfig, init_params, presets
 from phi_jax.sharding import distributed
+from phi_jax.stages import grpo as grpo_stage
 from phi_jax.stages import next_token
+from phi_jax.stages.grpo import GRPOConfig
 from phi_jax.train import LoopConfig, OptimizerConfig, loop as loop_lib
 from phi_jax.train.state import abstract_state, param_shardings
 from phi_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -131,6 +133,22 @@ def _check_vocab(model_config: PhiConfig, tokenizer):
                      f"{model_config.vocab_size}; set model.overrides={{'vocab_size': {len(tokenizer)}}} or larger")
 
 
+def _next_token_setup(model_config: PhiConfig, data_cfg: dict, settings: dict, tokenizer, per_process: int):
+  """(loss_fn, train_data, eval_batches) of mid-training (packed) and SFT (data.packing = None)."""
+  seed = settings["loop"].seed
+  train_data = _pipeline(data_cfg["train_files"], data_cfg, tokenizer, seed=seed, per_process_batch=per_process,
+                         num_epochs=data_cfg["num_epochs"])
+  eval_batches = None
+  if data_cfg["eval_files"]:
+    def eval_batches():
+      it = _pipeline(data_cfg["eval_files"], dict(data_cfg, weights=None), tokenizer, seed=0,
+                     per_process_batch=per_process, shuffle=False, num_epochs=1)
+      for _, batch in zip(range(data_cfg["eval_batches"]), it):
+        yield batch
+  loss_fn = next_token.make_loss_fn(model_config, chunk_size=settings["chunk_size"], z_loss=settings["z_loss"])
+  return loss_fn, train_data, eval_batches
+
+
 def run_training(workdir: str):
   """Runs the configured stage in `workdir` (resuming from its newest checkpoint)."""
   distributed.initialize()
@@ -145,6 +163,11 @@ def run_training(workdir: str):
   _check_vocab(model_config, tokenizer)
   if not data_cfg["train_files"]:
     raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
+  if data_cfg["seq_len"] > model_config.max_position_embeddings:
+    raise ValueError(f"data.seq_len={data_cfg['seq_len']} exceeds the model's max_position_embeddings="
+                     f"{model_config.max_position_embeddings}, the longest sequence its rotary setup supports; lower "
+                     "data.seq_len, or extend the context (e.g. model.overrides={'max_position_embeddings': ..., "
+                     "'rope_theta': ...})")
   global_batch = data_cfg["batch_size"]
   if global_batch % jax.process_count():
     raise ValueError(f"data.batch_size={global_batch} must be divisible by the {jax.process_count()} processes")
@@ -153,21 +176,21 @@ def run_training(workdir: str):
     raise ValueError(f"data.batch_size={global_batch} (per microbatch {global_batch // loop.microbatches}) must be "
                      f"divisible by the data x fsdp mesh size {data_ways}; change data.batch_size or mesh.shape")
   per_process = global_batch // jax.process_count()
-  train_data = _pipeline(data_cfg["train_files"], data_cfg, tokenizer, seed=loop.seed,
-                         per_process_batch=per_process, num_epochs=data_cfg["num_epochs"])
-  eval_batches = None
-  if data_cfg["eval_files"]:
-    def eval_batches():
-      it = _pipeline(data_cfg["eval_files"], dict(data_cfg, weights=None), tokenizer, seed=0,
-                     per_process_batch=per_process, shuffle=False, num_epochs=1)
-      for _, batch in zip(range(data_cfg["eval_batches"]), it):
-        yield batch
-  loss_fn = next_token.make_loss_fn(model_config, chunk_size=settings["chunk_size"], z_loss=settings["z_loss"])
+  stage = settings["stage"]
+  if stage == "next_token":
+    loss_fn, train_data, eval_batches = _next_token_setup(model_config, data_cfg, settings, tokenizer, per_process)
+  elif stage == "dpo":
+    loss_fn, train_data, eval_batches = _dpo_setup(workdir, model_config, hf_path, data_cfg, settings, tokenizer,
+                                                   the_mesh, per_process)
+  elif stage == "grpo":
+    loss_fn, train_data, eval_batches = _grpo_setup(model_config, hf_path, data_cfg, settings, tokenizer, the_mesh)
+  else:
+    raise ValueError(f"train.stage={stage!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
   with open(os.path.join(workdir, "config.gin"), "w") as f:
     f.write(gin.config_str())
 
   def show(record):
-    keys = ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "eval_loss")
+    keys = ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "eval_loss", "reward_mean", "accuracy")
     log.info("step %d  %s", record["step"], "  ".join(f"{k}={record[k]:.4g}" for k in keys if k in record))
 
   state = loop_lib.run(
@@ -180,6 +203,84 @@ def run_training(workdir: str):
     save_hf(os.path.join(workdir, "hf"), model_config, state.params)
     tokenizer.save_pretrained(os.path.join(workdir, "hf"))
   return state
+
+
+DPO_REFERENCE = ("in_step", "precompute", "precomputed")
+
+
+@gin.configurable("dpo")
+def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+                 reference: str = "in_step", too_long: str = "drop"):
+  """Rollout-DPO settings (`train.stage = "dpo"`; data files hold preference pairs, see phi_jax.data.preference).
+
+  `reference`: "in_step" scores every batch with a frozen copy of the starting params (`train.init_from`, or the
+  random init of `train.seed`); "precompute" scores all pairs once into W/reference/ and then trains with no
+  reference model (a resumed run reuses the files); "precomputed": the pair files already carry the log-probs
+  (`phi_jax.stages.dpo.precompute_reference_logps`). `too_long`: "drop" or "truncate_prompt". `data.weights` and
+  `data.packing` do not apply: pairs are read in one shuffled stream, one example per row.
+  """
+  if reference not in DPO_REFERENCE:
+    raise ValueError(f"dpo.reference={reference!r}; expected one of {DPO_REFERENCE}")
+  return dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, reference=reference,
+              too_long=too_long)
+
+
+def _dpo_reference_params(model_config: PhiConfig, hf_path: Optional[str], settings: dict, the_mesh):
+  """The frozen reference: the params the policy starts from, loaded (or initialised) a second time."""
+  load = _init_params_fn(model_config, hf_path, settings["init_from"], the_mesh)
+  if load is not None:
+    return load()
+  # The loop initialises the policy from fold_in(key(seed), 2**31 - 1); the same key gives the same params.
+  rng = jax.random.fold_in(jax.random.key(settings["loop"].seed), 2**31 - 1)
+  return jax.jit(lambda: init_params(model_config, rng), out_shardings=param_shardings(model_config, the_mesh))()
+
+
+def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict, settings: dict,
+               tokenizer, the_mesh, per_process: int):
+  """(loss_fn, train_data, eval_batches) of the DPO stage."""
+  from phi_jax.data import preference
+  from phi_jax.stages import dpo
+
+  cfg = dpo_settings()
+  loss_fn = dpo.make_loss_fn(model_config, beta=cfg["beta"], label_smoothing=cfg["label_smoothing"],
+                             loss_type=cfg["loss_type"], chunk_size=settings["chunk_size"])
+  reader = dict(seq_len=data_cfg["seq_len"], batch_size=per_process, too_long=cfg["too_long"],
+                on_bad_record=data_cfg["on_bad_record"], system_prompt=data_cfg["system_prompt"])
+  train_files, eval_files = list(data_cfg["train_files"]), list(data_cfg["eval_files"])
+  ref_params = ref_fn = None
+  if cfg["reference"] == "in_step":
+    ref_params = _dpo_reference_params(model_config, hf_path, settings, the_mesh)
+    ref_fn = dpo.reference_logps_fn(model_config, settings["chunk_size"], mesh=the_mesh)
+  elif cfg["reference"] == "precompute":
+    outputs = {}
+    for kind, files in (("train", train_files), ("eval", eval_files)):
+      for i, path in enumerate(files):
+        outputs[(kind, i)] = os.path.join(workdir, "reference", f"{kind}{i}-{os.path.basename(path)}")
+    missing = [key for key, out in outputs.items() if not os.path.exists(out)]
+    if missing:
+      os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
+      frozen = _dpo_reference_params(model_config, hf_path, settings, the_mesh)
+      for kind, i in missing:
+        path = (train_files if kind == "train" else eval_files)[i]
+        result = dpo.precompute_reference_logps(
+            path, frozen, model_config, tokenizer, out_file=outputs[(kind, i)], chunk_size=settings["chunk_size"],
+            mesh=the_mesh, **dict(reader, batch_size=data_cfg["batch_size"]))
+        log.info("reference log-probs of %d pairs of %s -> %s", result["pairs"], path, result["out_file"])
+      del frozen
+    train_files = [outputs[("train", i)] for i in range(len(train_files))]
+    eval_files = [outputs[("eval", i)] for i in range(len(eval_files))]
+
+  def pairs(files, **kwargs):
+    it = preference.build_preference_iterator(files, tokenizer, reference_logps=ref_fn is None, **reader, **kwargs)
+    return it if ref_fn is None else dpo.with_reference_logps(it, ref_params, ref_fn, mesh=the_mesh)
+
+  train_data = pairs(train_files, seed=settings["loop"].seed, num_epochs=data_cfg["num_epochs"])
+  eval_batches = None
+  if eval_files:
+    def eval_batches():
+      for _, batch in zip(range(data_cfg["eval_batches"]), pairs(eval_files, seed=0, shuffle=False, num_epochs=1)):
+        yield batch
+  return loss_fn, train_data, eval_batches
 
 
 def save_final_params(workdir: str, params):
@@ -224,3 +325,66 @@ def dry_run() -> dict[str, Any]:
   return {"model_params": model_config.num_params(), "mesh": dict(the_mesh.shape), "global_batch": list(shape),
           "per_device": per_device}
 
+
+
+grpo = gin.external_configurable(GRPOConfig, name="grpo")
+
+
+@gin.configurable("reward")
+def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Optional[int] = None):
+  """The GRPO reward: a weighted sum of `phi_jax.rewards` registry rewards (default {"correctness": 1.0}).
+
+  "length_aware" (the Phi-4-reasoning-plus reward) is scaled to `length_aware_max_tokens` (default: the
+  stage's grpo.max_new_tokens), since its published constants are for 31,744-token responses.
+  """
+  return dict(weights=weights or {"correctness": 1.0}, length_aware_max_tokens=length_aware_max_tokens)
+
+
+def _read_prompts(files) -> list[dict]:
+  """{"problem", "answer"} records of the GRPO prompt files, with file:line errors for bad ones."""
+  records = []
+  for path in sources_lib.expand_paths(files):
+    with open(path, encoding="utf-8") as f:
+      for line_number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise sources_lib.DataError(f"{path}:{line_number}", "invalid JSON", str(e)) from None
+        if not isinstance(record.get("problem"), str) or not isinstance(record.get("answer"), (str, int, float)):
+          raise sources_lib.DataError(f"{path}:{line_number}", "missing field",
+                                      'GRPO prompts need a string "problem" and an "answer"')
+        records.append({"problem": record["problem"], "answer": str(record["answer"])})
+  if not records:
+    raise sources_lib.DataError(",".join(map(str, files)), "empty dataset", "no GRPO prompts")
+  return records
+
+
+def _grpo_setup(model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict, settings: dict, tokenizer, the_mesh):
+  """(loss_fn, on-policy data source, None) of the GRPO stage; prompts are data.train_files."""
+  from phi_jax.rewards import registry
+  from phi_jax.rewards.length_aware import LengthAwareRewardConfig
+
+  cfg = grpo()
+  loop = settings["loop"]
+  rows = cfg.prompts_per_step * cfg.group_size
+  data_ways = the_mesh.shape["data"] * the_mesh.shape["fsdp"]
+  if rows % data_ways or (rows // loop.microbatches) % data_ways:
+    raise ValueError(f"grpo.prompts_per_step x grpo.group_size = {rows} rows (per microbatch "
+                     f"{rows // loop.microbatches}) must be divisible by the data x fsdp mesh size {data_ways}")
+  reward_cfg = reward_settings()
+  parts = {}
+  for name, weight in reward_cfg["weights"].items():
+    fn = registry.get_reward(name)
+    if name == "length_aware":
+      fn = registry.LengthAwareReward(
+          LengthAwareRewardConfig().scaled_to(reward_cfg["length_aware_max_tokens"] or cfg.max_new_tokens))
+    parts[fn] = weight
+  reward_fn = grpo_stage.verifier_rewards(registry.combine(parts))
+  ref_params = _dpo_reference_params(model_config, hf_path, settings, the_mesh) if cfg.beta else None
+  source = grpo_stage.GRPORollouts(
+      _read_prompts(data_cfg["train_files"]), tokenizer, model_config, cfg, reward_batch_fn=reward_fn,
+      num_steps=loop.num_steps, seed=loop.seed, mesh=the_mesh, ref_params=ref_params,
+      system_prompt=data_cfg["system_prompt"])
+  return grpo_stage.make_loss_fn(model_config, cfg), source, None

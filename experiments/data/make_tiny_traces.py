@@ -18,15 +18,22 @@ def trace(rng: random.Random) -> dict:
                        {"role": "assistant", "content": f"{thinking} The answer is \\boxed{{{total}}}."}]}
 
 
+def prompt(rng: random.Random) -> dict:
+  record = trace(rng)
+  answer = record["messages"][1]["content"].rsplit("\\boxed{", 1)[1].split("}")[0]
+  return {"problem": record["messages"][0]["content"], "answer": answer}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
   args = parser.parse_args()
-  for name, seed, count in (("tiny_traces_train.jsonl", 0, 400), ("tiny_traces_eval.jsonl", 1, 40)):
+  for name, seed, count, make in (("tiny_traces_train.jsonl", 0, 400, trace), ("tiny_traces_eval.jsonl", 1, 40, trace),
+                                  ("tiny_prompts.jsonl", 2, 64, prompt)):
     rng = random.Random(seed)
     with open(os.path.join(args.out_dir, name), "w") as f:
       for _ in range(count):
-        f.write(json.dumps(trace(rng)) + "\n")
+        f.write(json.dumps(make(rng)) + "\n")
 
 
 if __name__ == "__main__":
