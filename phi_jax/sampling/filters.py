@@ -1,0 +1,61 @@
+"""Choosing the next token from logits: temperature, top-k, top-p (nucleus) and greedy.
+
+    tokens_B, sampling_logprobs_B = sample_tokens(logits_BV, rng, temperature, top_k=50, top_p=0.95)
+
+Order, as in transformers' and vLLM's samplers: divide the logits by the temperature, keep the `top_k` largest,
+then keep the nucleus of what remains (the smallest set of tokens, largest first, whose renormalised probability
+adds up to at least `top_p`; the most likely token is always kept), renormalise and draw. A temperature of 0 means
+greedy: the argmax of the raw logits. The temperature is a traced value (GRPO anneals it during training without
+recompiling); `top_k` and `top_p` are static because they change the shapes of the program.
+
+Filters cut at a logit threshold, so tokens tied with the last kept logit are kept too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Sets every logit outside the top-k and outside the nucleus to -inf. `top_k=0` and `top_p>=1` switch off."""
+  vocab = logits_BV.shape[-1]
+  use_top_k = 0 < top_k < vocab
+  use_top_p = top_p < 1.0
+  if not (use_top_k or use_top_p):
+    return logits_BV
+  # Only the k largest can survive both filters, so the nucleus is computed over them (one top_k, no full sort).
+  sorted_BC = jax.lax.top_k(logits_BV, top_k if use_top_k else vocab)[0]
+  threshold_B1 = sorted_BC[..., -1:]
+  if use_top_p:
+    probs_BC = jax.nn.softmax(sorted_BC, axis=-1)
+    mass_before_BC = jnp.cumsum(probs_BC, axis=-1) - probs_BC
+    keep_BC = (mass_before_BC < top_p) | (jnp.arange(sorted_BC.shape[-1]) == 0)
+    threshold_B1 = jnp.min(jnp.where(keep_BC, sorted_BC, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
+
+
+def sample_tokens(logits_BV: jax.Array, rng: jax.Array, temperature, *, top_k: int = 0,
+                  top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row.
+
+  Args:
+    logits_BV: next-token logits (any float dtype; computed in float32).
+    rng: a PRNG key.
+    temperature: scalar or [B], traced or concrete; 0 (or less) selects greedy decoding for that row.
+    top_k: keep the k most likely tokens (0: all).
+    top_p: keep the nucleus of probability mass `top_p` (1.0: all).
+
+  Returns:
+    (tokens [B] int32, logprobs [B] float32): each token's log-probability under the tempered, filtered
+    distribution it was drawn from; 0.0 for greedy rows, whose distribution is a point mass.
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  temperature_B = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), logits_BV.shape[:-1])
+  greedy_B = temperature_B <= 0.0
+  tempered_BV = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[..., None]
+  filtered_BV = filter_logits(tempered_BV, top_k=top_k, top_p=top_p)
+  sampled_B = jax.random.categorical(rng, filtered_BV, axis=-1)
+  tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), sampled_B).astype(jnp.int32)
+  logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(filtered_BV, axis=-1), tokens_B[..., None], axis=-1)[..., 0]
+  return tokens_B, jnp.where(greedy_B, 0.0, logprobs_B)

@@ -1,0 +1,272 @@
+"""Batched generation from the training params: prefill + decode loop in one jitted program.
+
+    sampling = SamplingConfig(max_new_tokens=512, temperature=0.6, top_p=0.95, stop_token_ids=stop_token_ids(tok))
+    out = generate(params, config, prompt_tokens_BP, prompt_lengths_B, rng, sampling, mesh=mesh)
+    out["tokens"], out["logprobs"], out["lengths"], out["finished"]
+    texts = generate_text(params, config, tokenizer, ["What is 2 + 2?"], rng, sampling)
+
+Prompts are right-padded ([B, P] plus their lengths), as `phi_jax.model.kv_cache` stores them (slot ==
+position). The program prefills the cache, then a `jax.lax.while_loop` draws a token for every row, feeds it back
+with `kv_cache.decode_step` and stops as soon as every row has emitted a stop token or `max_new_tokens` are out.
+Rows that are done keep riding along (the batch moves in lockstep) but record nothing more.
+
+It compiles once per (B, P, max_new_tokens, top_k, top_p, model config, mesh); the temperature and the stop
+tokens are run-time arguments, so annealing the temperature or switching tokenizers does not recompile. With a
+mesh, the batch is split over data x fsdp, the params stay in (or are put into) their training shards, and the
+KV cache is sharded like the activations.
+
+LongRoPE: a row that crosses `original_max_position_embeddings` while generating has its cache rebuilt with the
+long factors (see `kv_cache`), so each token's log-prob is the one a full forward of the sequence *so far*
+gives. Tokens drawn before the crossing were scored with the short factors; a full forward of the finished
+sequence scores them with the long ones. Recompute log-probs with a forward pass where that difference matters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from phi_jax.data import chat
+from phi_jax.model import init_params, kv_cache, param_logical_axes
+from phi_jax.model.config import PhiConfig
+from phi_jax.sampling.filters import sample_tokens
+from phi_jax.sharding import batch_sharding, logical_shardings, mesh_context, replicated
+
+Params = dict[str, Any]
+Prompt = Union[str, Sequence[Mapping[str, Any]]]
+
+_STOP_IDS_MULTIPLE = 4
+
+# Logical axes of the cache, so `mesh_context`'s rules shard it like the decoder's activations.
+_CACHE_AXES = {
+    "layers": {
+        "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
+        "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+        "segment_ids": ("layers", "batch", "length"),
+    },
+    "tokens": ("batch", "length"),
+    "lengths": ("batch",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to generate.
+
+  Attributes:
+    max_new_tokens: generated tokens per row at most (N, the width of the outputs).
+    temperature: divides the logits before sampling; 0.0 is greedy decoding. May be a traced or device scalar.
+    top_k: keep only the k most likely tokens (0: off).
+    top_p: nucleus sampling, keep the smallest set of most likely tokens with probability >= top_p (1.0: off).
+    stop_token_ids: a row ends after emitting any of these (the stop token is part of the output).
+  """
+
+  max_new_tokens: int = 256
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_token_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens must be at least 1, got {self.max_new_tokens}")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 switches it off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (1 switches it off), got {self.top_p}")
+    if isinstance(self.temperature, (int, float)) and self.temperature < 0:
+      raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 is greedy), got {self.temperature}")
+    # A list (from gin or JSON) would make the config unhashable, and the jitted program is keyed on it.
+    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, rng, sampling: SamplingConfig, *,
+             mesh: Optional[Mesh] = None) -> dict[str, jax.Array]:
+  """Generates up to `sampling.max_new_tokens` tokens after each right-padded prompt.
+
+  Args:
+    params: model parameters (e.g. `TrainState.params`; sharded ones stay in their shards).
+    config: the model config.
+    prompt_tokens: [B, P] int32, row b's prompt in [0, prompt_lengths[b]), anything after it is ignored.
+    prompt_lengths: [B] int32, each in [1, P].
+    rng: PRNG key (unused by greedy rows).
+    sampling: max_new_tokens, top_k and top_p pick the compiled program; temperature and stop tokens are
+      passed at run time.
+    mesh: shard the batch over its data x fsdp axes (B must divide evenly) and the params by the logical rules.
+
+  Returns:
+    dict of arrays, N = max_new_tokens:
+      tokens [B, N] int32: generated tokens, the stop token included, 0 after the end of each row;
+      logprobs [B, N] float32: log_softmax of the model's logits at each generated token (untempered,
+        unfiltered: the "old" log-probs of GRPO), 0 after the end;
+      sampling_logprobs [B, N] float32: log-prob under the tempered, filtered distribution actually sampled
+        from (0 for greedy decoding and after the end);
+      lengths [B] int32: generated tokens per row, the stop token included;
+      finished [B] bool: True when the row emitted a stop token, False when it ran into max_new_tokens.
+  """
+  _check_prompts(config, prompt_tokens, prompt_lengths)
+  # Temperature and stop tokens are arguments, not part of the compiled program's key.
+  static = dataclasses.replace(sampling, temperature=0.0, stop_token_ids=())
+  temperature = jnp.asarray(sampling.temperature, jnp.float32)
+  stop_ids = _padded_stop_ids(sampling.stop_token_ids)
+  if mesh is None:
+    return _generate_program(params, prompt_tokens, prompt_lengths, rng, temperature, stop_ids, config=config,
+                             sampling=static)
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  if prompt_tokens.shape[0] % rows:
+    raise ValueError(f"batch size {prompt_tokens.shape[0]} does not split over the mesh's data x fsdp = {rows} "
+                     "devices; pad the batch to a multiple of it")
+  with mesh_context(mesh):
+    params = jax.device_put(params, _param_shardings(config, mesh))  # no copy when already in these shards
+    prompt_tokens = jax.device_put(jnp.asarray(prompt_tokens, jnp.int32), batch_sharding(mesh))
+    prompt_lengths = jax.device_put(jnp.asarray(prompt_lengths, jnp.int32), NamedSharding(mesh, P(("data", "fsdp"))))
+    rng, temperature, stop_ids = jax.device_put((rng, temperature, stop_ids), replicated(mesh))
+    return _generate_program(params, prompt_tokens, prompt_lengths, rng, temperature, stop_ids, config=config,
+                             sampling=static)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling"))
+def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, rng, temperature, stop_ids_S, *,
+                      config: PhiConfig, sampling: SamplingConfig):
+  b, p = prompt_tokens_BP.shape
+  n = sampling.max_new_tokens
+  prompt_tokens_BP = prompt_tokens_BP.astype(jnp.int32)
+  prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
+  # The last generated token is never fed back, so its slot is never written: P + N - 1 slots suffice.
+  cache = kv_cache.init_cache(config, b, p + n - 1)
+  cache = jax.tree.map(nn.with_logical_constraint, cache, _CACHE_AXES, is_leaf=lambda x: isinstance(x, tuple))
+  logits_BV, cache = kv_cache.prefill(params, prompt_tokens_BP, prompt_lengths_B, cache, config)
+
+  def choose_and_record(step, logits_BV, out):
+    """Draws the token of output column `step` for every row still running and records it."""
+    tokens_B, sampling_logprobs_B = sample_tokens(logits_BV, jax.random.fold_in(rng, step), temperature,
+                                                  top_k=sampling.top_k, top_p=sampling.top_p)
+    logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1),
+                                     tokens_B[:, None], axis=-1)[:, 0]
+    running_B = ~out["finished"]
+    tokens_B = jnp.where(running_B, tokens_B, 0)
+    stopped_B = running_B & jnp.isin(tokens_B, stop_ids_S)
+    out = {
+        "tokens": out["tokens"].at[:, step].set(tokens_B),
+        "logprobs": out["logprobs"].at[:, step].set(jnp.where(running_B, logprobs_B, 0.0)),
+        "sampling_logprobs": out["sampling_logprobs"].at[:, step].set(jnp.where(running_B, sampling_logprobs_B, 0.0)),
+        "lengths": out["lengths"] + running_B.astype(jnp.int32),
+        "finished": out["finished"] | stopped_B,
+    }
+    return tokens_B, out
+
+  def keep_going(carry):
+    step, _, _, out = carry
+    return (step < n - 1) & ~jnp.all(out["finished"])
+
+  def decode(carry):
+    step, logits_BV, cache, out = carry
+    tokens_B, out = choose_and_record(step, logits_BV, out)
+    logits_BV, cache = kv_cache.decode_step(params, tokens_B, cache, config)
+    return step + 1, logits_BV, cache, out
+
+  out = {
+      "tokens": jnp.zeros((b, n), jnp.int32),
+      "logprobs": jnp.zeros((b, n), jnp.float32),
+      "sampling_logprobs": jnp.zeros((b, n), jnp.float32),
+      "lengths": jnp.zeros((b,), jnp.int32),
+      "finished": jnp.zeros((b,), bool),
+  }
+  step, logits_BV, _, out = jax.lax.while_loop(keep_going, decode, (jnp.int32(0), logits_BV, cache, out))
+  # The loop stops before the last column (or once every row is done, when this records nothing).
+  _, out = choose_and_record(step, logits_BV, out)
+  return out
+
+
+def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequence[Prompt], rng,
+                  sampling: SamplingConfig, *, mesh: Optional[Mesh] = None, system_prompt: Optional[str] = None,
+                  batch_size: Optional[int] = None, length_multiple: int = 64) -> list[dict[str, Any]]:
+  """Renders prompts with the tokenizer's chat template, generates, decodes.
+
+  Shapes are bucketed so that repeated calls reuse one compiled program: the prompt width is rounded up to a
+  multiple of `length_multiple` and the batch to `batch_size` (default: the next power of two of the number of
+  prompts, at least the mesh's data x fsdp size). More prompts than `batch_size` run as several batches.
+
+  Args:
+    params, config, mesh: as for `generate`.
+    tokenizer: a tokenizer with a chat template (`phi_jax.hf.tokenizer.load_tokenizer`).
+    prompts: user questions (str) or conversations (lists of {"role", "content"} dicts).
+    rng: PRNG key; batch i uses `fold_in(rng, i)`.
+    sampling: as for `generate`; with no stop tokens, the chat family's stop tokens (`chat.stop_token_ids`).
+    system_prompt: system text for prompts without a system message of their own.
+    batch_size: rows per generated batch.
+    length_multiple: prompt widths are rounded up to a multiple of this.
+
+  Returns:
+    One dict per prompt: `text` (the generation decoded without its stop token), `token_ids` (generated ids, the
+    stop token included), `finished` (ended on a stop token) and `num_tokens` (len(token_ids)).
+  """
+  if not prompts:
+    return []
+  if not sampling.stop_token_ids:
+    sampling = dataclasses.replace(sampling, stop_token_ids=chat.stop_token_ids(tokenizer))
+  rendered = [chat.render_prompt(tokenizer, prompt, system_prompt=system_prompt) for prompt in prompts]
+  rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size = batch_size or _round_up(1 << (len(rendered) - 1).bit_length(), rows)
+  if batch_size % rows:
+    raise ValueError(f"batch_size={batch_size} does not split over the mesh's data x fsdp = {rows} devices")
+
+  results = []
+  for index, start in enumerate(range(0, len(rendered), batch_size)):
+    chunk = rendered[start:start + batch_size]
+    width = _round_up(max(len(ids) for ids in chunk), length_multiple)
+    tokens = np.zeros((batch_size, width), np.int32)
+    lengths = np.ones((batch_size,), np.int32)  # filler rows: a one-token prompt whose output is dropped
+    for row, ids in enumerate(chunk):
+      tokens[row, :len(ids)] = ids
+      lengths[row] = len(ids)
+    out = generate(params, config, tokens, lengths, jax.random.fold_in(rng, index), sampling, mesh=mesh)
+    out = multihost_utils.process_allgather(out, tiled=True)  # every process gets every row
+    for row in range(len(chunk)):
+      token_ids = [int(t) for t in out["tokens"][row, :out["lengths"][row]]]
+      finished = bool(out["finished"][row])
+      text = tokenizer.decode(token_ids[:-1] if finished else token_ids, skip_special_tokens=False)
+      results.append({"text": text, "token_ids": token_ids, "finished": finished, "num_tokens": len(token_ids)})
+  return results
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shardings(config: PhiConfig, mesh: Mesh):
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  return logical_shardings(param_logical_axes(config), mesh, shapes=shapes)
+
+
+def _padded_stop_ids(stop_token_ids: tuple[int, ...]) -> jax.Array:
+  """Stop ids padded with -1 (never a token) to a multiple of 4, so most stop sets share one compiled program."""
+  size = _round_up(max(len(stop_token_ids), 1), _STOP_IDS_MULTIPLE)
+  return jnp.asarray(list(stop_token_ids) + [-1] * (size - len(stop_token_ids)), jnp.int32)
+
+
+def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths) -> None:
+  if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
+    raise ValueError(f"expected prompt_tokens [B, P] and prompt_lengths [B], got shapes {prompt_tokens.shape} "
+                     f"and {prompt_lengths.shape}")
+  for array in (prompt_tokens, prompt_lengths):  # values are only checked where this process can read them
+    if isinstance(array, jax.core.Tracer) or (isinstance(array, jax.Array) and not array.is_fully_addressable):
+      return
+  lengths = np.asarray(prompt_lengths)
+  if lengths.min() < 1 or lengths.max() > prompt_tokens.shape[1]:
+    raise ValueError(f"prompt_lengths must lie in [1, P={prompt_tokens.shape[1]}], got {lengths.tolist()}")
+  tokens = np.asarray(prompt_tokens)
+  valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+  if np.any(valid & ((tokens < 0) | (tokens >= config.vocab_size))):
+    raise ValueError(f"prompt token ids must lie in [0, vocab_size={config.vocab_size})")
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return math.ceil(value / multiple) * multiple

@@ -1,0 +1,314 @@
+"""Generation: cached greedy == full-forward greedy, stop tokens, filter statistics, sharded == single device,
+LongRoPE across the boundary, and the text wrapper."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import phi_jax
+from phi_jax.data import chat
+from phi_jax.hf.tokenizer import build_tiny_tokenizer
+from phi_jax.sampling import SamplingConfig, filter_logits, generate, generate_text, sample_tokens
+from phi_jax.sampling.sampler import _generate_program
+from phi_jax.sharding import make_mesh
+from phi_jax.train.state import param_shardings
+
+# Large weights: peaked next-token distributions, so a wrong cache or rotary shows up in the argmax.
+CONFIG = phi_jax.PhiConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                           num_kv_heads=2, max_position_embeddings=64, initializer_range=0.3)
+# LongRoPE with its boundary (8) inside the generated sequences, as in test_model.
+LONGROPE = phi_jax.PhiConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+    max_position_embeddings=32, original_max_position_embeddings=8, partial_rotary_factor=0.75,
+    rope_scaling_type="longrope", rope_short_factor=(1.0, 1.2, 1.5), rope_long_factor=(1.0, 3.0, 9.0),
+    initializer_range=0.3)
+PROMPT_LENGTHS = (5, 2, 9, 7, 3, 1, 8, 4)  # eight rows, so the batch splits over a 2 x 4 mesh
+# generate_text's bucket for up to 8 prompts; the same [8, 64] shape everywhere compiles each program once.
+BATCH, WIDTH = 8, 64
+NEW = 8
+GREEDY = SamplingConfig(max_new_tokens=NEW, temperature=0.0)
+
+
+def _prompts(lengths, vocab, seed, width):
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((len(lengths), width), np.int32)
+  for row, n in enumerate(lengths):
+    tokens[row, :n] = rng.integers(0, vocab, n)
+  tokens[1, lengths[1]:] = 7  # junk after a prompt's end must be ignored
+  return tokens, np.asarray(lengths, np.int32)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _row_logits(params, seqs, lengths, config):
+  """Logits [B, W, V] of each row's first `length` tokens of `seqs` [B, W], by a full forward (no cache)."""
+  valid = (jnp.arange(seqs.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+  return phi_jax.forward(params, seqs, config, segment_ids=valid)
+
+
+def _log_softmax(logits):
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _reference_greedy(params, config, tokens, lengths, steps):
+  """Greedy decoding by a full forward over each row's whole sequence per step: no KV cache anywhere."""
+  b, p = tokens.shape
+  seqs = np.pad(tokens, ((0, 0), (0, steps)))
+  seqs[np.arange(p + steps)[None, :] >= lengths[:, None]] = 0
+  chosen, logprobs = np.zeros((b, steps), np.int32), np.zeros((b, steps), np.float32)
+  for step in range(steps):
+    cur = lengths + step
+    logits = np.asarray(_row_logits(params, seqs, cur, config))[np.arange(b), cur - 1]
+    chosen[:, step] = logits.argmax(-1)
+    logprobs[:, step] = _log_softmax(logits)[np.arange(b), chosen[:, step]]
+    seqs[np.arange(b), cur] = chosen[:, step]
+  return chosen, logprobs
+
+
+def _init(config, seed):
+  # One jitted init with the RngBitGenerator key: compiles in a fraction of the time of threefry, op by op.
+  return jax.jit(phi_jax.init_params, static_argnums=0)(config, jax.random.key(seed, impl="rbg"))
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _init(CONFIG, 0)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  return _prompts(PROMPT_LENGTHS, CONFIG.vocab_size, seed=1, width=WIDTH)
+
+
+@pytest.fixture(scope="module")
+def reference(params, prompts):
+  return _reference_greedy(params, CONFIG, *prompts, NEW)
+
+
+@pytest.fixture(scope="module")
+def greedy_run(params, prompts):
+  return jax.device_get(generate(params, CONFIG, *prompts, jax.random.key(2), GREEDY))
+
+
+def test_greedy_equals_full_forward_argmax(greedy_run, reference):
+  ref_tokens, ref_logprobs = reference
+  np.testing.assert_array_equal(greedy_run["tokens"], ref_tokens)
+  np.testing.assert_allclose(greedy_run["logprobs"], ref_logprobs, atol=1e-4)
+  np.testing.assert_array_equal(greedy_run["lengths"], NEW)
+  assert not greedy_run["finished"].any()  # ran into max_new_tokens
+  np.testing.assert_array_equal(greedy_run["sampling_logprobs"], 0.0)  # greedy: a point mass
+  assert greedy_run["tokens"].dtype == np.int32 and greedy_run["logprobs"].dtype == np.float32
+
+
+def _pick_stop_tokens(ref_tokens):
+  """Two tokens that end some rows at different steps while at least one row never meets either."""
+  for first in np.unique(ref_tokens):
+    for second in np.unique(ref_tokens):
+      hits = np.isin(ref_tokens, [first, second])
+      ends = {int(row.argmax()) for row in hits if row.any()}
+      if first < second and len(ends) >= 2 and (~hits.any(-1)).any() and max(ends) < NEW - 1:
+        return int(first), int(second)
+  raise AssertionError("the fixture gives no usable stop tokens; change the seed")
+
+
+def test_stop_tokens_end_rows_while_others_continue(params, prompts, reference):
+  ref_tokens, ref_logprobs = reference
+  stops = _pick_stop_tokens(ref_tokens)
+  out = jax.device_get(generate(params, CONFIG, *prompts, jax.random.key(2),
+                                SamplingConfig(max_new_tokens=NEW, temperature=0.0, stop_token_ids=stops)))
+  for row in range(len(PROMPT_LENGTHS)):
+    hit = np.flatnonzero(np.isin(ref_tokens[row], stops))
+    length = int(hit[0]) + 1 if hit.size else NEW
+    assert out["finished"][row] == bool(hit.size)
+    assert out["lengths"][row] == length
+    np.testing.assert_array_equal(out["tokens"][row, :length], ref_tokens[row, :length])  # stop token included
+    np.testing.assert_array_equal(out["tokens"][row, length:], 0)
+    np.testing.assert_allclose(out["logprobs"][row, :length], ref_logprobs[row, :length], atol=1e-4)
+    np.testing.assert_array_equal(out["logprobs"][row, length:], 0.0)
+
+
+def _expected_distribution(logits, temperature, top_k, top_p):
+  """Independent numpy reference of temperature -> top-k -> nucleus -> renormalise."""
+  probs = np.exp(logits / temperature - np.max(logits / temperature))
+  probs /= probs.sum()
+  order = np.argsort(-probs, kind="stable")
+  keep = np.zeros(len(probs), bool)
+  kept_mass = 0.0
+  allowed = order[:top_k] if top_k else order
+  allowed_mass = probs[allowed].sum()
+  for token in allowed:
+    keep[token] = True
+    kept_mass += probs[token] / allowed_mass
+    if kept_mass >= top_p:
+      break
+  filtered = np.where(keep, probs, 0.0)
+  return filtered / filtered.sum()
+
+
+_sample = jax.jit(sample_tokens, static_argnames=("top_k", "top_p"))
+_filter = jax.jit(filter_logits, static_argnames=("top_k", "top_p"))
+FIXED_LOGITS = np.log(np.array([0.05, 0.3, 0.02, 0.15, 0.2, 0.12, 0.1, 0.06], np.float32))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.7, 0, 1.0), (1.0, 3, 1.0),
+                                                     (1.0, 0, 0.7), (0.7, 5, 0.8), (1.3, 6, 0.55)])
+def test_sampling_matches_filtered_distribution(temperature, top_k, top_p):
+  draws = 100_000
+  logits = jnp.broadcast_to(jnp.asarray(FIXED_LOGITS), (draws, FIXED_LOGITS.size))
+  tokens, logprobs = jax.device_get(_sample(logits, jax.random.key(3), temperature, top_k=top_k, top_p=top_p))
+  expected = _expected_distribution(FIXED_LOGITS.astype(np.float64), temperature, top_k, top_p)
+  counts = np.bincount(tokens, minlength=FIXED_LOGITS.size)
+  assert np.all(counts[expected == 0] == 0)  # outside the top-k / nucleus: never drawn
+  assert np.max(np.abs(counts / draws - expected)) < 0.01
+  np.testing.assert_allclose(logprobs, np.log(expected[tokens]), atol=1e-5)  # log-prob of what was sampled
+
+
+def test_greedy_filters_and_per_row_temperature():
+  logits = jnp.asarray(np.stack([FIXED_LOGITS, FIXED_LOGITS[::-1]]))
+  tokens, logprobs = _sample(logits, jax.random.key(4), jnp.zeros(2), top_k=2, top_p=0.5)
+  np.testing.assert_array_equal(tokens, [1, 6])
+  np.testing.assert_array_equal(logprobs, 0.0)
+  # A tiny nucleus keeps only the most likely token; top-k keeps exactly the k largest.
+  np.testing.assert_array_equal(np.isfinite(_filter(logits, top_p=0.01)).sum(-1), [1, 1])
+  kept = np.isfinite(np.asarray(_filter(logits, top_k=3)))
+  np.testing.assert_array_equal(np.flatnonzero(kept[0]), [1, 3, 4])
+  # Per-row temperatures: the greedy row takes the argmax, the other samples at its own temperature.
+  tokens, logprobs = _sample(logits, jax.random.key(5), jnp.array([0.0, 0.3]))
+  assert tokens[0] == 1 and logprobs[0] == 0.0
+  expected = _expected_distribution(FIXED_LOGITS[::-1].astype(np.float64), 0.3, 0, 1.0)
+  np.testing.assert_allclose(logprobs[1], np.log(expected[int(tokens[1])]), atol=1e-5)
+
+
+def test_temperature_is_a_runtime_argument(params, prompts, greedy_run):
+  compiled = _generate_program._cache_size()
+  out = jax.device_get(generate(params, CONFIG, *prompts, jax.random.key(6), SamplingConfig(max_new_tokens=NEW)))
+  assert _generate_program._cache_size() == compiled  # temperature 1.0 reuses the greedy program
+  assert not np.array_equal(out["tokens"], greedy_run["tokens"])
+  # Temperature 1 without filters samples from the model's own distribution.
+  np.testing.assert_allclose(out["sampling_logprobs"], out["logprobs"], atol=1e-5)
+  again = jax.device_get(generate(params, CONFIG, *prompts, jax.random.key(6), SamplingConfig(max_new_tokens=NEW)))
+  np.testing.assert_array_equal(again["tokens"], out["tokens"])  # the rng decides
+
+
+def test_sampled_rollouts_respect_filters_and_model_logprobs(params, prompts, reference):
+  stops = _pick_stop_tokens(reference[0])
+  sampling = SamplingConfig(max_new_tokens=NEW, temperature=0.8, top_k=3, top_p=0.9, stop_token_ids=stops)
+  out = jax.device_get(generate(params, CONFIG, *prompts, jax.random.key(7), sampling))
+  tokens, lengths = prompts
+  seqs = np.zeros((len(lengths), tokens.shape[1] + NEW), np.int32)
+  for row, n in enumerate(lengths):
+    seqs[row, :n] = tokens[row, :n]
+    seqs[row, n:n + NEW] = out["tokens"][row]
+  logits = np.asarray(_row_logits(params, seqs, lengths + out["lengths"], CONFIG))
+  for row, n in enumerate(lengths):
+    length = out["lengths"][row]
+    generated = out["tokens"][row, :length]
+    assert out["finished"][row] == np.isin(generated[-1], stops)
+    assert not np.isin(generated[:-1], stops).any()
+    np.testing.assert_array_equal(out["tokens"][row, length:], 0)
+    for step, token in enumerate(generated):
+      step_logits = logits[row, n + step - 1].astype(np.float64)
+      expected = _expected_distribution(step_logits, 0.8, 3, 0.9)
+      assert expected[token] > 0  # inside the top-3 nucleus of the full forward
+      np.testing.assert_allclose(out["sampling_logprobs"][row, step], np.log(expected[token]), atol=1e-4)
+      np.testing.assert_allclose(out["logprobs"][row, step], _log_softmax(step_logits)[token], atol=1e-4)
+
+
+def test_sharded_generation_equals_single_device(params, prompts, greedy_run):
+  mesh = make_mesh({"data": 2, "fsdp": 4})
+  sharded_params = jax.device_put(params, param_shardings(CONFIG, mesh))
+  out = generate(sharded_params, CONFIG, *prompts, jax.random.key(2), GREEDY, mesh=mesh)
+  assert out["tokens"].sharding.spec[0] == ("data", "fsdp")  # rows stay where their devices generated them
+  np.testing.assert_array_equal(out["tokens"], greedy_run["tokens"])
+  np.testing.assert_allclose(out["logprobs"], greedy_run["logprobs"], atol=1e-5)
+  np.testing.assert_array_equal(out["lengths"], greedy_run["lengths"])
+  # Sampled too: random bits do not depend on how the batch is split.
+  sampling = SamplingConfig(max_new_tokens=NEW, temperature=1.0)
+  single = generate(params, CONFIG, *prompts, jax.random.key(8), sampling)
+  sharded = generate(sharded_params, CONFIG, *prompts, jax.random.key(8), sampling, mesh=mesh)
+  np.testing.assert_array_equal(sharded["tokens"], single["tokens"])
+  with pytest.raises(ValueError, match="data x fsdp"):
+    generate(params, CONFIG, prompts[0][:6], prompts[1][:6], jax.random.key(2), GREEDY, mesh=mesh)
+
+
+def test_longrope_generation_across_the_boundary():
+  params = _init(LONGROPE, 9)
+  # Rows cross original_max_position_embeddings (8) at different steps; one starts beyond it.
+  tokens, lengths = _prompts((6, 3, 9, 2), LONGROPE.vocab_size, seed=10, width=9)
+  ref_tokens, ref_logprobs = _reference_greedy(params, LONGROPE, tokens, lengths, 7)
+  out = jax.device_get(generate(params, LONGROPE, tokens, lengths, jax.random.key(2),
+                                SamplingConfig(max_new_tokens=7, temperature=0.0)))
+  np.testing.assert_array_equal(out["tokens"], ref_tokens)
+  np.testing.assert_allclose(out["logprobs"], ref_logprobs, atol=1e-4)
+
+
+def test_generate_text(params, tmp_path):
+  tokenizer = build_tiny_tokenizer(tmp_path, chat_format="phi-4")
+  assert len(tokenizer) <= CONFIG.vocab_size
+  prompts = ["What is 2 + 2?", [{"role": "user", "content": "Name a prime."}], "x"]
+  sampling = SamplingConfig(max_new_tokens=NEW, temperature=0.0)
+  results = generate_text(params, CONFIG, tokenizer, prompts, jax.random.key(11), sampling, batch_size=BATCH)
+
+  rendered = [chat.render_prompt(tokenizer, p) for p in prompts]
+  ref_tokens, _ = _reference_greedy(params, CONFIG, *_right_pad(rendered), NEW)
+  ref_tokens = ref_tokens[:len(prompts)]
+  stops = chat.stop_token_ids(tokenizer)  # the default when the config names none
+  assert len(results) == len(prompts)
+  for result, ref in zip(results, ref_tokens.tolist()):
+    hit = [i for i, token in enumerate(ref) if token in stops]
+    end = hit[0] + 1 if hit else NEW
+    text = tokenizer.decode(ref[:end - 1] if hit else ref, skip_special_tokens=False)
+    assert result == {"text": text, "token_ids": ref[:end], "finished": bool(hit), "num_tokens": end}
+
+  # Sharded over the 2 x 4 mesh: the same answers.
+  mesh = make_mesh({"data": 2, "fsdp": 4})
+  assert generate_text(params, CONFIG, tokenizer, prompts, jax.random.key(11), sampling, mesh=mesh) == results
+
+  # Same bucket and an explicit stop token: no new compile.
+  compiled = _generate_program._cache_size()
+  stop = results[0]["token_ids"][2]
+  stopped = generate_text(params, CONFIG, tokenizer, prompts[:1] + ["y", "z"], jax.random.key(11),
+                          SamplingConfig(max_new_tokens=NEW, temperature=0.0, stop_token_ids=(stop,)), batch_size=BATCH)
+  assert _generate_program._cache_size() == compiled
+  end = results[0]["token_ids"].index(stop) + 1
+  assert stopped[0] == {"text": tokenizer.decode(results[0]["token_ids"][:end - 1], skip_special_tokens=False),
+                        "token_ids": results[0]["token_ids"][:end], "finished": True, "num_tokens": end}
+
+  # Without stop tokens in the config, the chat family's end-of-turn token ends the answer. Doubling the LM-head
+  # column of the first greedy token into <|im_end|>'s column makes <|im_end|> the argmax of the first step.
+  im_end = chat.stop_token_ids(tokenizer)[0]
+  eager = jax.tree.map(lambda x: x, params)
+  kernel = params["lm_head"]["kernel"]
+  eager["lm_head"]["kernel"] = kernel.at[:, im_end].set(2.0 * kernel[:, results[0]["token_ids"][0]])
+  (answer,) = generate_text(eager, CONFIG, tokenizer, prompts[:1], jax.random.key(11), sampling, batch_size=BATCH)
+  assert answer == {"text": "", "token_ids": [im_end], "finished": True, "num_tokens": 1}
+
+
+def _right_pad(rendered):
+  """Rows of `rendered` ids right-padded to [BATCH, WIDTH]; filler rows hold a one-token prompt."""
+  lengths = np.ones((BATCH,), np.int32)
+  tokens = np.zeros((BATCH, WIDTH), np.int32)
+  for row, ids in enumerate(rendered):
+    tokens[row, :len(ids)] = ids
+    lengths[row] = len(ids)
+  return tokens, lengths
+
+
+@pytest.mark.parametrize("fields,message", [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 0.0}, "top_p"),
+                                            ({"top_k": -1}, "top_k"), ({"temperature": -0.5}, "temperature")])
+def test_bad_sampling_configs_name_the_field(fields, message):
+  with pytest.raises(ValueError, match=message):
+    SamplingConfig(**fields)
+
+
+def test_bad_prompts_are_refused(params, prompts):
+  tokens, lengths = prompts
+  with pytest.raises(ValueError, match="prompt_lengths"):
+    generate(params, CONFIG, tokens, np.where(lengths == 1, 0, lengths), jax.random.key(0), GREEDY)
+  with pytest.raises(ValueError, match="vocab_size"):
+    generate(params, CONFIG, np.where(tokens == tokens[0, 0], CONFIG.vocab_size, tokens), lengths,
+             jax.random.key(0), GREEDY)
