@@ -1,0 +1,265 @@
+"""The embedded word-problem task: answers against an independent reading of the question, teacher and slipped traces
+through the verifier, splits, the tiny tokenizer's lengths, and the data files of every stage."""
+
+import collections
+import dataclasses
+import json
+import operator
+import os
+import random
+import re
+import sys
+
+import pytest
+import sympy
+
+from phi_jax import rewards
+from phi_jax.data.chat import render_messages
+from phi_jax.data.sources import JsonlSource, read_record
+from phi_jax.hf.tokenizer import build_tiny_tokenizer
+from phi_jax.tasks import word_problems as wp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import make_task_data  # noqa: E402
+
+# The question's sentences, read without the generator: pattern -> how the quantity changes.
+_START_GROUPS = re.compile(r"^(\w+) has (\d+) (?:boxes|bags|packs) of (\d+) (\w+)\.$")
+_START_COUNT = re.compile(r"^(\w+) has (\d+) (\w+)\.$")
+_OPERATIONS = ((re.compile(r"^(?:She|He) (?:buys|finds|gets) (\d+) more\.$"), "+"),
+               (re.compile(r"^(?:She|He) (?:gives away|loses|sells) (\d+)\.$"), "-"),
+               (re.compile(r"^(?:She|He) doubles them\.$"), "*2"),
+               (re.compile(r"^(?:She|He) triples them\.$"), "*3"))
+_QUESTION = re.compile(r"^How many (\w+) does (\w+) have now\?$")
+_TRACE = re.compile(r"^<think>(.*)</think> The answer is \\boxed\{(-?\d+)\}\.$")
+_TRACE_STEP = re.compile(r"([a-z0-9 ]+): (-?\d+) ([-+*]) (\d+) = (-?\d+)\.")
+
+# Bounds the task is designed to (the tiny model's sequences are 128-256 tokens).
+MAX_PROBLEM_TOKENS = 40
+MAX_TRACE_TOKENS = 80
+MAX_CONVERSATION_TOKENS = 128
+
+
+def read_question(question: str) -> tuple[str, list[int], sympy.Integer]:
+  """Read from the question's text alone: its arithmetic key ("3*4-5"), the quantity after each operation, and the
+  final quantity as sympy evaluates the whole chain."""
+  sentences = [s.strip() for s in re.findall(r"[^.?]+[.?]", question)]
+  groups, count = _START_GROUPS.match(sentences[0]), _START_COUNT.match(sentences[0])
+  if groups:
+    name, item = groups.group(1), groups.group(4)
+    key = expression = f"{groups.group(2)}*{groups.group(3)}"
+    value = int(groups.group(2)) * int(groups.group(3))
+    values = [value]
+  else:
+    assert count, sentences[0]
+    name, item = count.group(1), count.group(3)
+    key = expression = count.group(2)
+    value, values = int(count.group(2)), []
+  for sentence in sentences[1:-1]:
+    matches = [(m, op) for pattern, op in _OPERATIONS if (m := pattern.match(sentence))]
+    assert len(matches) == 1, f"unreadable sentence {sentence!r}"
+    match, op = matches[0]
+    operation = op + match.group(1) if op in "+-" else op
+    key += operation
+    expression = f"({expression}){operation}"
+    value = apply(value, operation[0], int(operation[1:]))
+    values.append(value)
+  ending = _QUESTION.match(sentences[-1])
+  assert ending and ending.groups() == (item, name), sentences[-1]
+  return key, values, sympy.sympify(expression)
+
+
+def read_trace(trace: str) -> tuple[list[tuple[str, int, str, int, int]], str]:
+  """(clue, left, op, right, result) of every step of a trace, and its boxed answer."""
+  match = _TRACE.match(trace)
+  assert match, trace
+  steps = [(c, int(a), op, int(b), int(r)) for c, a, op, b, r in _TRACE_STEP.findall(match.group(1))]
+  assert _TRACE_STEP.sub("", match.group(1)).strip() == "", f"unparsed text in {trace!r}"
+  return steps, match.group(2)
+
+
+def apply(left: int, op: str, right: int) -> int:
+  return {"+": operator.add, "-": operator.sub, "*": operator.mul}[op](left, right)
+
+
+def holds(left: int, op: str, right: int, result: int) -> bool:
+  return apply(left, op, right) == result
+
+
+@pytest.fixture(scope="module")
+def problems():
+  return {(name, split): wp.generate(150, seed=3, split=split, difficulty=name)
+          for name in wp.DIFFICULTIES for split in wp.SPLITS}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return build_tiny_tokenizer(tmp_path_factory.mktemp("task_tokenizer"), chat_format="phi-4",
+                              corpus=wp.tokenizer_corpus())
+
+
+@pytest.fixture(scope="module")
+def verifier():
+  pool = rewards.VerifierPool(rewards.VerifierConfig(num_workers=2))
+  yield pool
+  pool.shutdown()
+
+
+def test_answers_follow_from_the_question_text(problems):
+  for (name, _), group in problems.items():
+    difficulty = wp.DIFFICULTIES[name]
+    for problem in group:
+      key, values, total = read_question(problem.question)
+      assert sympy.Integer(problem.answer) == total == values[-1], problem.question
+      assert key == problem.key
+      assert all(1 <= value <= difficulty.max_value for value in values), problem.question
+      assert difficulty.min_steps <= len(values) == problem.num_steps <= difficulty.max_steps
+
+
+def test_teacher_trace_solves_the_question_one_step_per_sentence(problems):
+  for group in problems.values():
+    for problem in group:
+      steps, boxed = read_trace(wp.teacher_trace(problem))
+      assert boxed == problem.answer
+      assert len(steps) == problem.num_steps == len(problem.steps)
+      previous = None
+      for clue, left, op, right, result in steps:
+        assert holds(left, op, right, result), (problem.question, clue)
+        assert clue in problem.question, clue
+        assert str(right) in clue.split() or op == "*"
+        assert previous is None or left == previous
+        previous = result
+
+
+def test_wrong_trace_is_one_slip_carried_to_a_wrong_answer(problems):
+  rng = random.Random(0)
+  kinds = collections.Counter()
+  for group in problems.values():
+    for problem in group:
+      teacher, _ = read_trace(wp.teacher_trace(problem))
+      wrong, boxed = read_trace(wp.wrong_trace(problem, rng))
+      assert boxed != problem.answer and boxed == str(wrong[-1][4])
+      assert len(wrong) == len(teacher)
+      first = next(i for i, (w, t) in enumerate(zip(wrong, teacher)) if w != t)
+      kinds["last step" if first == len(teacher) - 1 else "earlier step"] += 1
+      assert wrong[:first] == teacher[:first]
+      clue, left, op, right, result = wrong[first]
+      assert (clue, left, right) == teacher[first][:2] + teacher[first][3:4]
+      if op == teacher[first][2]:
+        kinds["arithmetic"] += 1
+        assert not holds(left, op, right, result) and abs(result - teacher[first][4]) in (1, 2, 10)
+      else:
+        kinds["operator"] += 1
+        assert holds(left, op, right, result)
+      for (_, left, op, right, result), before, taught in zip(wrong[first + 1:], wrong[first:], teacher[first + 1:]):
+        assert left == before[4] and (op, right) == taught[2:4] and holds(left, op, right, result)
+  assert all(kinds[kind] > 100 for kind in ("arithmetic", "operator", "last step", "earlier step")), kinds
+
+
+def test_verifier_accepts_teacher_traces_and_rejects_slips(problems, verifier):
+  rng = random.Random(1)
+  chosen = [group[i] for group in problems.values() for i in range(2)][:12]
+  golds = [p.answer for p in chosen]
+  assert verifier.verify_batch([wp.teacher_trace(p) for p in chosen], golds) == [True] * len(chosen)
+  assert verifier.verify_batch([wp.direct_answer(p) for p in chosen], golds) == [True] * len(chosen)
+  assert verifier.verify_batch([wp.wrong_trace(p, rng) for p in chosen], golds) == [False] * len(chosen)
+
+
+def test_splits_are_disjoint_by_arithmetic_and_reproducible():
+  keys = {split: [p.key for p in wp.generate(n, seed=0, split=split)]
+          for split, n in (("train", 2000), ("valid", 400), ("test", 400))}
+  for split, split_keys in keys.items():
+    assert len(set(split_keys)) == len(split_keys)
+    assert {wp.split_of(k) for k in split_keys} == {split}
+  assert not set(keys["train"]) & set(keys["valid"]) | set(keys["train"]) & set(keys["test"])
+  assert not set(keys["valid"]) & set(keys["test"])
+
+  again = wp.generate(400, seed=0, split="test")
+  assert [p.key for p in again] == keys["test"]
+  assert [p.question for p in again] == [p.question for p in wp.generate(400, seed=0, split="test")]
+  assert [p.key for p in wp.generate(400, seed=1, split="test")] != keys["test"]
+
+  rng = random.Random(5)
+  distinct = {wp.sample_problem(rng, wp.DIFFICULTIES["hard"]).key for _ in range(10000)}
+  shares = collections.Counter(map(wp.split_of, distinct))
+  for split, fraction in wp.SPLIT_FRACTIONS:
+    assert abs(shares[split] / len(distinct) - fraction) < 0.02, shares
+
+
+def test_training_pool_keeps_the_mix_of_step_counts():
+  # Easy problems have only about 130 one-step arithmetics in the train split: 2,000 problems distinct by key would
+  # be mostly two-step ones; distinct by question they keep the even mix.
+  by_question = wp.generate(2000, seed=0, split="train", difficulty="easy", distinct_by="question")
+  assert len({p.question for p in by_question}) == 2000
+  counts = collections.Counter(p.num_steps for p in by_question)
+  assert min(counts.values()) > 0.45 * 2000, counts
+  with pytest.raises(ValueError, match="distinct"):
+    wp.generate(300, seed=0, split="test", difficulty="easy")
+
+
+def test_tokenizer_fits_the_tiny_model_and_round_trips(problems, tokenizer):
+  assert len(tokenizer) <= 512
+  vocabulary = tokenizer.get_vocab()
+  merged = [t for t in vocabulary if len(re.findall(r"\d", t)) > 1 and t not in tokenizer.all_special_tokens]
+  assert not merged, f"merges of two digits: {merged}"
+  for token in ("<think>", "</think>", "<|im_start|>", "<|im_end|>", "<|im_sep|>"):
+    assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1, token
+  words = {w for name, pronoun in wp.NAMES for w in (name, pronoun)} | set(wp.ITEMS) | set(wp.CONTAINERS)
+  for word in words | {"buys", "finds", "gets", "gives", "away", "loses", "sells", "doubles", "triples", "boxed"}:
+    assert f"\u0120{word}" in vocabulary or word in vocabulary, word
+
+  rng = random.Random(2)
+  lengths = collections.defaultdict(list)
+  for (name, _), group in problems.items():
+    texts = {"problem": [p.question for p in group], "trace": [wp.teacher_trace(p) for p in group],
+             "direct": [wp.direct_answer(p) for p in group], "wrong": [wp.wrong_trace(p, rng) for p in group]}
+    for kind, batch in texts.items():
+      ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+      assert tokenizer.batch_decode(ids) == batch
+      lengths[name, kind] += map(len, ids)
+    if name != "hard":
+      longest = max(range(len(group)), key=lambda i: len(texts["problem"][i]) + len(texts["trace"][i]))
+      conversation = [{"role": "user", "content": texts["problem"][longest]},
+                      {"role": "assistant", "content": texts["trace"][longest]}]
+      lengths[name, "conversation"].append(len(render_messages(tokenizer, conversation)[0]))
+  for name in ("easy", "medium"):
+    assert max(lengths[name, "problem"]) <= MAX_PROBLEM_TOKENS
+    assert max(lengths[name, "trace"]) <= MAX_TRACE_TOKENS
+    assert max(lengths[name, "conversation"]) <= MAX_CONVERSATION_TOKENS
+  # Each step of a trace costs a dozen tokens or fewer: the medium mean sits well under the bound.
+  assert 30 <= sum(lengths["medium", "trace"]) / len(lengths["medium", "trace"]) <= 55
+
+
+def test_make_task_data_writes_every_stage(tmp_path):
+  counts = {"base_train": 60, "midtrain": 80, "sft": 20, "dpo_prompts": 10, "rl_prompts": 12, "valid": 15,
+            "test": 15}
+  manifest = make_task_data.make_task_data(str(tmp_path / "a"), seed=4, counts=counts, max_value=40)
+  make_task_data.make_task_data(str(tmp_path / "b"), seed=4, counts=counts, max_value=40)
+  assert manifest["counts"] == counts and manifest["vocab_size"] <= 512
+  assert manifest["difficulty_params"] == dataclasses.asdict(wp.Difficulty(max_value=40))
+  assert manifest["tokens"]["trace"]["max"] <= MAX_TRACE_TOKENS
+  files = {}
+  for name in counts:
+    path = tmp_path / "a" / f"{name}.jsonl"
+    assert path.read_bytes() == (tmp_path / "b" / f"{name}.jsonl").read_bytes(), name
+    files[name] = [json.loads(line) for line in path.read_text().splitlines()]
+
+  questions = {}
+  for name in ("base_train", "midtrain", "sft"):
+    source = JsonlSource(str(tmp_path / "a" / f"{name}.jsonl"))
+    records = [read_record(source[i]) for i in range(len(source))]
+    assert all(error is None for _, error in records), name
+    questions[name] = [r["messages"][0]["content"] for r, _ in records]
+    replies = [r["messages"][1]["content"] for r, _ in records]
+    assert all(("<think>" in reply) == (name != "base_train") for reply in replies)
+  for name in ("dpo_prompts", "rl_prompts", "valid", "test"):
+    assert all(set(r) == {"problem", "answer"} and 1 <= int(r["answer"]) <= 40 for r in files[name])
+    questions[name] = [r["problem"] for r in files[name]]
+  assert set(questions["sft"]) <= set(questions["midtrain"])
+  training = ("base_train", "midtrain", "dpo_prompts", "rl_prompts")
+  assert sum(len(set(questions[n])) for n in training) == len(set().union(*(questions[n] for n in training)))
+  keys = {n: {read_question(q)[0] for q in questions[n]} for n in questions}
+  assert not set().union(*(keys[n] for n in training)) & (keys["valid"] | keys["test"])
+  assert not keys["valid"] & keys["test"]
+  # Curation keeps the mix of step counts of the mid-training data.
+  for steps, count in manifest["num_steps"]["midtrain"].items():
+    assert abs(manifest["num_steps"]["sft"].get(steps, 0) / counts["sft"] - count / counts["midtrain"]) <= 0.06
