@@ -1,0 +1,204 @@
+"""Rollout preference pairs for DPO (stage 3 of Phi-4-mini-reasoning): sample k answers per problem, verify, pair.
+
+    python experiments/rollouts.py --init_from=runs/sft_tiny --problems=experiments/data/tiny_traces_eval.jsonl \
+        --k=8 --out=runs/rollouts_tiny/pairs.jsonl
+    python experiments/rollouts.py --init_from=/ckpt/phi-4-mini-reasoning-sft --problems=math.jsonl --k=8 \
+        --out=pairs.jsonl --gin_param='rollouts.max_new_tokens=16384' --gin_param='rollouts.temperature=0.8'
+
+`--init_from` is a previous run's workdir (its params/; its config.gin supplies the model and tokenizer settings
+unless --gin_file is given) or a transformers checkpoint directory (its config.json and tokenizer). Problems are JSONL
+records `{"problem": str, "answer": str}`, or conversations `{"messages": [...]}` whose last assistant turn holds
+the reference answer (in `\\boxed{}`) and whose earlier turns are the prompt (so SFT files serve as problem sets).
+
+Every rollout is checked with `phi_jax.rewards.verify_batch` against the problem's answer; a rollout that never
+emitted its end-of-turn token counts as incorrect, since a pair would teach it an ending it never produced. Each
+problem with at least one correct and one incorrect rollout gives one pair `{"prompt", "chosen", "rejected",
+"answer"}` (chosen a correct rollout, rejected an incorrect one, both drawn with the seed), written to --out; the
+counts go to `<out stem>.summary.json`: prompts, rollouts, accuracy, pairs, prompts_all_correct, prompts_all_wrong,
+rollouts_unfinished. Train on the pairs with experiments/configs/dpo_tiny.gin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+
+import common  # noqa: E402  (gin configurables shared by every entry script)
+from phi_jax import rewards  # noqa: E402
+from phi_jax.data.sources import DataError, JsonlSource  # noqa: E402
+from phi_jax.hf.tokenizer import load_tokenizer  # noqa: E402
+from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
+
+log = logging.getLogger("phi_jax")
+
+VerifyFn = Callable[[Sequence[str], Sequence[str]], list[bool]]
+
+
+@gin.configurable("rollouts")
+def rollout_settings(max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                     stop_token_ids: Sequence[int] = (), batch_size: int = 64,
+                     verify_timeout_s: Optional[float] = None) -> dict[str, Any]:
+  """Sampling settings; `stop_token_ids` empty means the chat format's own; `batch_size` is the number of rollouts
+  generated at once."""
+  return dict(sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      top_k=top_k, stop_token_ids=tuple(stop_token_ids)),
+              batch_size=batch_size, verify_timeout_s=verify_timeout_s)
+
+
+def read_problems(path: str) -> list[dict[str, Any]]:
+  """[{"prompt": str | messages, "answer": str}] from a problems file; a bad record raises DataError (file:line)."""
+  source = JsonlSource(path)
+  problems = []
+  for index in range(len(source)):
+    raw = source[index]
+    if raw["error"] is not None:
+      raise DataError(raw["where"], *raw["error"])
+    problem, bad = _problem(raw["data"])
+    if bad is not None:
+      raise DataError(raw["where"], *bad)
+    problems.append(problem)
+  return problems
+
+
+def _problem(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
+  if not isinstance(data, dict):
+    return None, ("not an object", f"got {type(data).__name__}")
+  if data.get("messages") is not None:
+    messages = data["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+      return None, ("mistyped field", "'messages' must be a list of objects")
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None or last == 0:
+      return None, ("no assistant turn", "a conversation needs a prompt and an assistant turn with the answer")
+    if not isinstance(messages[last].get("content"), str):
+      return None, ("mistyped field", f"message {last} 'content' is not a string")
+    return {"prompt": messages[:last], "answer": messages[last]["content"]}, None
+  for key in ("problem", "answer"):
+    if data.get(key) is None:
+      return None, ("missing field", f"'{key}' is missing (or give 'messages')")
+    if not isinstance(data[key], str):
+      return None, ("mistyped field", f"'{key}' is {type(data[key]).__name__}, expected str")
+  return {"prompt": data["problem"], "answer": data["answer"]}, None
+
+
+def sample_rollouts(params, config, tokenizer, prompts: Sequence[Any], *, k: int, sampling: SamplingConfig, rng,
+                    batch_size: int = 64, mesh=None, system_prompt: Optional[str] = None) -> list[list[dict]]:
+  """k `generate_text` results per prompt, [len(prompts)][k]; rows are bucketed into batches of `batch_size`."""
+  repeated = [prompt for prompt in prompts for _ in range(k)]
+  rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = min(batch_size, 1 << (len(repeated) - 1).bit_length())
+  batch = math.ceil(batch / rows) * rows
+  outputs = generate_text(params, config, tokenizer, repeated, rng, sampling, mesh=mesh, system_prompt=system_prompt,
+                          batch_size=batch)
+  return [outputs[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def make_pairs(problems: Sequence[dict], rollouts: Sequence[Sequence[dict]], correct: Sequence[Sequence[bool]], *,
+               seed: int) -> tuple[list[dict], dict[str, Any]]:
+  """One pair per problem with both a correct and an incorrect rollout; (pairs, counts)."""
+  rng = random.Random(seed)
+  pairs, all_correct, all_wrong = [], 0, 0
+  for problem, outputs, verdicts in zip(problems, rollouts, correct):
+    good = [o["text"] for o, ok in zip(outputs, verdicts) if ok]
+    bad = [o["text"] for o, ok in zip(outputs, verdicts) if not ok]
+    if not bad:
+      all_correct += 1
+    elif not good:
+      all_wrong += 1
+    else:
+      pairs.append({"prompt": problem["prompt"], "chosen": rng.choice(good), "rejected": rng.choice(bad),
+                    "answer": problem["answer"]})
+  num_rollouts = sum(len(v) for v in correct)
+  counts = {"prompts": len(problems), "rollouts": num_rollouts,
+            "accuracy": sum(map(sum, correct)) / max(num_rollouts, 1), "pairs": len(pairs),
+            "prompts_all_correct": all_correct, "prompts_all_wrong": all_wrong,
+            "rollouts_unfinished": sum(not o["finished"] for outputs in rollouts for o in outputs)}
+  return pairs, counts
+
+
+def summary_path(out: str) -> str:
+  return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
+
+
+def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k: int, sampling: SamplingConfig,
+                  seed: int = 0, batch_size: int = 64, mesh=None, system_prompt: Optional[str] = None,
+                  verify_fn: VerifyFn = rewards.verify_batch) -> dict[str, Any]:
+  """Samples, verifies and writes the pairs (JSONL) and the summary next to them; returns the summary."""
+  if k < 2:
+    raise ValueError(f"k={k}: a pair needs at least two rollouts per problem")
+  problems = read_problems(problems_path)
+  rollouts = sample_rollouts(params, config, tokenizer, [p["prompt"] for p in problems], k=k, sampling=sampling,
+                             rng=jax.random.key(seed), batch_size=batch_size, mesh=mesh, system_prompt=system_prompt)
+  flat = [(o, p["answer"]) for p, outputs in zip(problems, rollouts) for o in outputs]
+  verdicts = verify_fn([o["text"] for o, _ in flat], [answer for _, answer in flat])
+  verdicts = [bool(v) and o["finished"] for v, (o, _) in zip(verdicts, flat)]
+  correct = [verdicts[i * k:(i + 1) * k] for i in range(len(problems))]
+  pairs, counts = make_pairs(problems, rollouts, correct, seed=seed)
+  summary = dict(counts, k=k, seed=seed, problems_file=problems_path, pairs_file=out)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      for pair in pairs:
+        f.write(json.dumps(pair) + "\n")
+    with open(summary_path(out), "w") as f:
+      json.dump(summary, f, indent=1)
+  return summary
+
+
+def load_policy(init_from: str, the_mesh):
+  """(config, params, tokenizer) of a run workdir (params/) or a transformers checkpoint directory."""
+  if os.path.isdir(os.path.join(init_from, "params")):
+    config, hf_path = common.model()
+    tokenizer = common.get_tokenizer(common.data()["tokenizer"], init_from)
+    params = common._init_params_fn(config, hf_path, init_from, the_mesh)()  # pylint: disable=protected-access
+  else:
+    config, _ = common.model(hf_path=init_from)
+    tokenizer = load_tokenizer(init_from)
+    params = common._init_params_fn(config, init_from, None, the_mesh)()  # pylint: disable=protected-access
+  return config, params, tokenizer
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--init_from", required=True, help="run workdir (with params/) or transformers checkpoint dir")
+  parser.add_argument("--problems", required=True, help="JSONL of {problem, answer} (or conversations)")
+  parser.add_argument("--k", type=int, default=8, help="rollouts per problem")
+  parser.add_argument("--out", required=True, help="pairs JSONL to write; the summary goes next to it")
+  parser.add_argument("--seed", type=int, default=0, help="sampling and pair-choice seed")
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin config (repeatable); default: the run's config.gin when --init_from is a run")
+  parser.add_argument("--gin_param", action="append", default=[], help="gin binding 'k=v' (repeatable)")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+  run_config = os.path.join(args.init_from, "config.gin")
+  gin_files = args.gin_file or ([run_config] if os.path.exists(run_config) else [])
+  common.parse_gin(gin_files, args.gin_param)
+  the_mesh = common.mesh()
+  config, params, tokenizer = load_policy(args.init_from, the_mesh)
+  settings = rollout_settings()
+  summary = rollout_pairs(params, config, tokenizer, args.problems, args.out, k=args.k, sampling=settings["sampling"],
+                          seed=args.seed, batch_size=settings["batch_size"], mesh=the_mesh,
+                          system_prompt=common.data()["system_prompt"],
+                          verify_fn=lambda c, g: rewards.verify_batch(c, g, timeout_s=settings["verify_timeout_s"]))
+  log.info("rollouts: %s", json.dumps(summary))
+  return summary
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,301 @@
+"""Preference pairs for DPO: JSONL records -> chosen and rejected rows -> resumable batches.
+
+    it = build_preference_iterator("pairs.jsonl", tokenizer, seq_len=4096, batch_size=8, seed=0)
+    batch = next(it)        # chosen_{tokens,positions,segment_ids,loss_mask}, rejected_{...}: int32 [B, T]
+    state = it.get_state()  # JSON; a fresh iterator given set_state(state) yields the very same batches
+    it.stats()              # records read / used / skipped per reason, prompts truncated, pairs, tokens
+
+A record is `{"prompt": str | [messages], "chosen": str, "rejected": str}`; a string prompt is one user turn, a
+message list is the conversation before the answer. Records written by `phi_jax.stages.dpo.precompute_reference_logps`
+also carry `ref_chosen_logps`, `ref_rejected_logps` (summed completion log-probs of the frozen reference) and
+`ref_seq_len` (the row length they were computed at); with `reference_logps=True` they are required and batched as
+float32 [B] arrays of the same names. Other keys are ignored.
+
+Each side is rendered with `phi_jax.data.chat.render_messages` as the prompt followed by one assistant turn holding
+the completion, so the ids follow the tokenizer's chat template; the loss mask is 1 on the completion and the
+end-of-turn token that closes it, and nowhere else (assistant turns inside a multi-turn prompt are context). Rows hold
+one example each, right-padded (segment id 1 on tokens, 0 on padding). A pair longer than `seq_len` is dropped
+("drop") or loses the same number of tokens from the start of both prompts ("truncate_prompt"; at least one prompt
+token stays so the first completion token is still predicted, else the pair is dropped). Both are counted.
+
+Order: each process reads every `process_count`-th record, shuffled per epoch with the seed (Grain), so the order is
+a function of the seed and a restored state continues exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import grain
+import numpy as np
+
+from phi_jax.data.chat import ROLES, render_messages
+from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, open_source
+
+SIDES = ("chosen", "rejected")
+ROW_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
+BATCH_FIELDS = tuple(f"{side}_{field}" for side in SIDES for field in ROW_FIELDS)
+REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
+TOO_LONG = ("drop", "truncate_prompt")
+ON_BAD_RECORD = ("raise", "skip")
+SKIP_REASONS = BAD_RECORD_REASONS + ("too long",)
+
+
+def validate_pair(data: Any, *, reference_logps: bool = False) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
+  """(normalised record, None) or (None, (reason, detail)) with a reason from `BAD_RECORD_REASONS`.
+
+  The normalised record is `{"messages": prompt messages, "chosen": str, "rejected": str}` plus the reference fields
+  (and `ref_seq_len` when present) with `reference_logps`.
+  """
+  if not isinstance(data, dict):
+    return None, ("not an object", f"got {type(data).__name__}")
+  for key in ("prompt",) + SIDES:
+    if data.get(key) is None:
+      return None, ("missing field", f"'{key}' is missing")
+  for key in SIDES:
+    if not isinstance(data[key], str):
+      return None, ("mistyped field", f"'{key}' is {type(data[key]).__name__}, expected str")
+  messages, bad = _prompt_messages(data["prompt"])
+  if bad is not None:
+    return None, bad
+  record = {"messages": messages, "chosen": data["chosen"], "rejected": data["rejected"]}
+  if reference_logps:
+    for key in REFERENCE_FIELDS:
+      if data.get(key) is None:
+        return None, ("missing field", f"'{key}' is missing (write it with precompute_reference_logps)")
+      if isinstance(data[key], bool) or not isinstance(data[key], (int, float)):
+        return None, ("mistyped field", f"'{key}' is {type(data[key]).__name__}, expected a number")
+      record[key] = float(data[key])
+    if data.get("ref_seq_len") is not None:
+      record["ref_seq_len"] = data["ref_seq_len"]
+  return record, None
+
+
+def _prompt_messages(prompt: Any) -> tuple[Optional[list[dict]], Optional[tuple[str, str]]]:
+  if isinstance(prompt, str):
+    return [{"role": "user", "content": prompt}], None
+  if not isinstance(prompt, list):
+    return None, ("mistyped field", f"'prompt' is {type(prompt).__name__}, expected str or a list of messages")
+  if not prompt:
+    return None, ("empty conversation", "'prompt' is an empty list")
+  messages = []
+  for i, message in enumerate(prompt):
+    if not isinstance(message, dict):
+      return None, ("mistyped field", f"prompt message {i} is {type(message).__name__}, expected an object")
+    for key in ("role", "content"):
+      if message.get(key) is None:
+        return None, ("missing field", f"prompt message {i} has no '{key}'")
+      if not isinstance(message[key], str):
+        return None, ("mistyped field", f"prompt message {i} '{key}' is {type(message[key]).__name__}, expected str")
+    if message["role"] not in ROLES:
+      return None, ("unknown role", f"prompt message {i} has role {message['role']!r}; expected one of {ROLES}")
+    messages.append({"role": message["role"], "content": message["content"]})
+  return messages, None
+
+
+def _last_span(mask: list[int]) -> tuple[int, int]:
+  """[start, end) of the last run of ones: the final assistant turn (content and end-of-turn token)."""
+  end = len(mask)
+  while end and not mask[end - 1]:
+    end -= 1
+  start = end
+  while start and mask[start - 1]:
+    start -= 1
+  return start, end
+
+
+def encode_pair(tokenizer, record: dict, *, seq_len: int, too_long: str = "drop",
+                system_prompt: Optional[str] = None) -> tuple[Optional[dict[str, dict[str, np.ndarray]]], str]:
+  """Rows of one validated pair: ({side: {ROW_FIELDS: int32[seq_len]}}, status) with status "used", "truncated"
+  (prompt cut from the left) or "too long" (rows None). Raises ValueError when the template cannot be masked."""
+  if too_long not in TOO_LONG:
+    raise ValueError(f"too_long={too_long!r}; expected one of {TOO_LONG}")
+  encoded = {}
+  for side in SIDES:
+    ids, mask = render_messages(tokenizer, record["messages"] + [{"role": "assistant", "content": record[side]}],
+                                system_prompt=system_prompt)
+    start, end = _last_span(mask)
+    completion_mask = [0] * start + [1] * (end - start) + [0] * (len(mask) - end)
+    encoded[side] = (ids, completion_mask, start)
+  cut = max(0, max(len(ids) for ids, _, _ in encoded.values()) - seq_len)
+  status = "used"
+  if cut:
+    # Both prompts lose the same tokens, so chosen and rejected stay answers to the same (shortened) context.
+    if too_long == "drop" or any(cut >= start for _, _, start in encoded.values()):
+      return None, "too long"
+    status = "truncated"
+  rows = {}
+  for side, (ids, mask, _) in encoded.items():
+    ids, mask = ids[cut:], mask[cut:]
+    length = len(ids)
+    row = {field: np.zeros(seq_len, np.int32) for field in ROW_FIELDS}
+    row["tokens"][:length] = ids
+    row["positions"][:length] = np.arange(length)
+    row["segment_ids"][:length] = 1
+    row["loss_mask"][:length] = mask
+    rows[side] = row
+  return rows, status
+
+
+def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, system_prompt: Optional[str],
+             reference_logps: bool, on_bad_record: str) -> dict[str, Any]:
+  """One raw source record -> {"status", "rows", "reference", "index"} (runs in Grain's reader threads)."""
+  if raw["error"] is not None:
+    record, bad = None, raw["error"]
+  else:
+    record, bad = validate_pair(raw["data"], reference_logps=reference_logps)
+  if bad is None and reference_logps and record.get("ref_seq_len", seq_len) != seq_len:
+    raise DataError(raw["where"], "reference mismatch", f"reference log-probs were computed at seq_len="
+                    f"{record['ref_seq_len']}, this run uses {seq_len}; recompute them with precompute_reference_logps")
+  rows, status = None, None
+  if bad is None:
+    try:
+      rows, status = encode_pair(tokenizer, record, seq_len=seq_len, too_long=too_long, system_prompt=system_prompt)
+    except ValueError as e:  # The renderer's word on a record it cannot render with an exact mask.
+      bad = ("tokenization failed", str(e))
+  if bad is not None:
+    if on_bad_record == "raise":
+      raise DataError(raw["where"], *bad)
+    status = bad[0]
+  reference = [record[key] for key in REFERENCE_FIELDS] if reference_logps and rows is not None else None
+  return {"status": status, "rows": rows, "reference": reference, "index": raw["index"]}
+
+
+class _IndexedSource:
+  """A source whose records also carry their own index (so precomputation can write results back in order)."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return dict(self._source[index], index=index)
+
+
+class PreferenceIterator:
+  """Batches of `BATCH_FIELDS` (int32 [batch_size, seq_len]; plus `REFERENCE_FIELDS` float32 [batch_size] with
+  reference log-probs, and `index` int32 [batch_size] of source records with `with_index`), resumable.
+
+  A finite iterator's last batch is filled with all-padding rows (segment id 0, loss mask 0): losses must weigh
+  pairs by their completion tokens, as `phi_jax.stages.dpo` does. Their number is `stats()["filler_rows"]`.
+  """
+
+  def __init__(self, source, tokenizer, *, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
+               num_epochs: Optional[int] = 1, too_long: str = "drop", on_bad_record: str = "raise",
+               system_prompt: Optional[str] = None, reference_logps: bool = False, with_index: bool = False,
+               process_index: Optional[int] = None, process_count: Optional[int] = None, read_threads: int = 2,
+               read_buffer: int = 64, name: Optional[str] = None):
+    if too_long not in TOO_LONG:
+      raise ValueError(f"too_long={too_long!r}; expected one of {TOO_LONG}")
+    if on_bad_record not in ON_BAD_RECORD:
+      raise ValueError(f"on_bad_record={on_bad_record!r}; expected one of {ON_BAD_RECORD}")
+    if process_index is None or process_count is None:
+      import jax  # pylint: disable=import-outside-toplevel
+      process_index, process_count = jax.process_index(), jax.process_count()
+    self.source = source
+    self.name = name or getattr(source, "name", "pairs")
+    ds = grain.MapDataset.source(_IndexedSource(source))[process_index::process_count]
+    if len(ds) == 0:
+      raise DataError(self.name, "empty dataset",
+                      f"{len(source)} records leave none for process {process_index} of {process_count}")
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+      ds = ds.repeat(num_epochs)
+    prepare = functools.partial(_prepare, tokenizer=tokenizer, seq_len=seq_len, too_long=too_long,
+                                system_prompt=system_prompt, reference_logps=reference_logps,
+                                on_bad_record=on_bad_record)
+    ds = ds.map(prepare)
+    self._records = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                         prefetch_buffer_size=read_buffer)).__iter__()
+    self._seq_len, self._batch_size = seq_len, batch_size
+    self._reference_logps, self._with_index = reference_logps, with_index
+    self._exhausted = False
+    self._counts = _zero_counts()
+
+  def __iter__(self) -> PreferenceIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    elements = []
+    while not self._exhausted and len(elements) < self._batch_size:
+      try:
+        element = next(self._records)
+      except StopIteration:
+        self._exhausted = True
+        break
+      self._count_record(element)
+      if element["rows"] is not None:
+        elements.append(element)
+    if not elements:
+      if self._counts["batches"] == 0:
+        raise DataError(self.name, "empty dataset", f"no usable pairs: {self._counts['records_read']} read, skipped "
+                        f"{self._counts['records_skipped']}")
+      raise StopIteration
+    num_filler = self._batch_size - len(elements)
+    empty = {field: np.zeros(self._seq_len, np.int32) for field in ROW_FIELDS}
+    batch = {}
+    for side in SIDES:
+      rows = [element["rows"][side] for element in elements] + [empty] * num_filler
+      for field in ROW_FIELDS:
+        batch[f"{side}_{field}"] = np.stack([row[field] for row in rows]).astype(np.int32)
+    if self._reference_logps:
+      values = np.asarray([element["reference"] for element in elements] + [[0.0, 0.0]] * num_filler, np.float32)
+      for column, key in enumerate(REFERENCE_FIELDS):
+        batch[key] = values[:, column]
+    if self._with_index:
+      batch["index"] = np.asarray([element["index"] for element in elements] + [-1] * num_filler, np.int32)
+    self._count_batch(batch, num_filler)
+    return batch
+
+  def _count_record(self, element: dict[str, Any]):
+    counts = self._counts
+    counts["records_read"] += 1
+    status = element["status"]
+    if status in ("used", "truncated"):
+      counts["records_used"] += 1
+      counts["prompts_truncated"] += status == "truncated"
+    else:
+      counts["records_skipped"][status] = counts["records_skipped"].get(status, 0) + 1
+
+  def _count_batch(self, batch: dict[str, np.ndarray], num_filler: int):
+    counts = self._counts
+    counts["batches"] += 1
+    counts["pairs"] += self._batch_size - num_filler
+    counts["filler_rows"] += num_filler
+    for side in SIDES:
+      counts["tokens"] += int((batch[f"{side}_segment_ids"] > 0).sum())
+      counts["loss_tokens"] += int(batch[f"{side}_loss_mask"].sum())
+
+  def get_state(self) -> dict[str, Any]:
+    return {"records": self._records.get_state(), "exhausted": self._exhausted,
+            "counts": {**self._counts, "records_skipped": dict(self._counts["records_skipped"])}}
+
+  def set_state(self, state: dict[str, Any]):
+    self._records.set_state(state["records"])
+    self._exhausted = state["exhausted"]
+    self._counts = {**state["counts"], "records_skipped": dict(state["counts"]["records_skipped"])}
+
+  def stats(self) -> dict[str, Any]:
+    """Counts of the records and batches returned so far; `too_long_dropped` is `records_skipped["too long"]`."""
+    counts = {**self._counts, "records_skipped": dict(self._counts["records_skipped"])}
+    slots = counts["batches"] * self._batch_size * self._seq_len * len(SIDES)
+    return {**counts, "too_long_dropped": counts["records_skipped"].get("too long", 0),
+            "padding_fraction": 1.0 - counts["tokens"] / slots if slots else 0.0,
+            "sources": {self.name: {"tokens": counts["tokens"], "loss_tokens": counts["loss_tokens"]}}}
+
+
+def _zero_counts() -> dict[str, Any]:
+  return {"records_read": 0, "records_used": 0, "records_skipped": {}, "prompts_truncated": 0, "batches": 0,
+          "pairs": 0, "filler_rows": 0, "tokens": 0, "loss_tokens": 0}
+
+
+def build_preference_iterator(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, **kwargs
+                              ) -> PreferenceIterator:
+  """A `PreferenceIterator` over pair files (JSONL, Parquet or a `save_to_disk` directory; globs allowed)."""
+  return PreferenceIterator(open_source(paths), tokenizer, **kwargs)

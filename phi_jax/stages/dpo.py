@@ -1,0 +1,214 @@
+"""Preference optimisation (DPO / IPO) on chosen and rejected completions: stage 3 of Phi-4-mini-reasoning.
+
+    loss_fn = make_loss_fn(config, beta=0.1)                  # the stage protocol of phi_jax.train.step
+    ref_fn = reference_logps_fn(config, mesh=mesh)
+    batches = with_reference_logps(preference_batches, ref_params, ref_fn, mesh=mesh)    # reference in the step
+    precompute_reference_logps("pairs.jsonl", ref_params, config, tokenizer, seq_len=T, batch_size=B,
+                               out_file="pairs.ref.jsonl")    # or once, ahead: later runs load no reference model
+
+Batches are those of `phi_jax.data.preference` (`chosen_*` and `rejected_*` rows) plus the reference model's
+summed completion log-probs `ref_chosen_logps`, `ref_rejected_logps` (float32 [B]). The reference params are frozen
+and never part of the TrainState: either a separate jitted function adds their log-probs to each batch before the
+step, or they were written next to the pairs once by `precompute_reference_logps`.
+
+The loss of a pair is `phi_jax.losses.dpo_loss` on per-sequence completion log-probs: summed for "sigmoid", the mean
+per completion token for "ipo" (as TRL does; the reference sums are divided by the same token counts). The stage
+returns the sum over real pairs and their count as the weight, so the step's mean is over pairs of the whole
+(microbatched, global) batch; all-padding filler rows (the end of a finite pair file) weigh nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from phi_jax.data.preference import REFERENCE_FIELDS, SIDES, build_preference_iterator
+from phi_jax.losses import chunked_token_logprobs, dpo_loss, next_token_targets, sequence_logps
+from phi_jax.losses.dpo import LOSS_TYPES
+from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
+from phi_jax.train.loop import global_batch
+from phi_jax.train.step import MeshJit
+
+ReferenceFn = Callable[[Any, dict], tuple[jax.Array, jax.Array]]
+
+
+def completion_logps(params, batch: dict, *, config: PhiConfig, chunk_size: int = 1024,
+                     length_normalize: bool = False) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Completion log-probs of both sides, {side: (logps [B], completion tokens [B])}: summed over the completion and
+  its end-of-turn token, or their mean per token with `length_normalize`.
+
+  Chosen and rejected rows go through the model together as one [2B, T] batch: one forward pass, one compile.
+  """
+  def both(field):
+    # Rows interleaved as (pair, side): [B, 2, T] -> [2B, T] keeps each device's pairs on that device.
+    rows = jnp.stack([batch[f"{side}_{field}"] for side in SIDES], axis=1)
+    return rows.reshape(-1, rows.shape[-1])
+
+  tokens, segment_ids = both("tokens"), both("segment_ids")
+  h = hidden_states(params, tokens, config, positions=both("positions"), segment_ids=segment_ids)
+  targets, weights = next_token_targets(tokens, segment_ids, both("loss_mask"))
+  token_logps = chunked_token_logprobs(h, lm_head_kernel(params, config), targets, chunk_size=chunk_size)
+  logps = sequence_logps(token_logps, weights, length_normalize=length_normalize).reshape(-1, len(SIDES))
+  counts = jnp.sum(weights, axis=-1).reshape(-1, len(SIDES))
+  return {side: (logps[:, i], counts[:, i]) for i, side in enumerate(SIDES)}
+
+
+def dpo_stage_loss(params, batch: dict, rng, *, config: PhiConfig, beta: float, label_smoothing: float = 0.0,
+                   loss_type: str = "sigmoid", chunk_size: int = 1024):
+  """(sum of pair losses, {"weight": number of pairs, "metrics": sums of the `dpo_loss` metrics over pairs})."""
+  del rng  # deterministic: no dropout in Phi-4
+  # TRL's IPO compares mean token log-probs; the reference sums are divided by the same completion lengths.
+  normalize = loss_type == "ipo"
+  policy = completion_logps(params, batch, config=config, chunk_size=chunk_size, length_normalize=normalize)
+  reference = {}
+  for side in SIDES:
+    ref = batch[f"ref_{side}_logps"].astype(jnp.float32)
+    reference[side] = ref / jnp.maximum(policy[side][1], 1.0) if normalize else ref
+
+  def pair_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+    return dpo_loss(policy_chosen[None], policy_rejected[None], ref_chosen[None], ref_rejected[None], beta=beta,
+                    label_smoothing=label_smoothing, loss_type=loss_type)
+
+  losses, metrics = jax.vmap(pair_loss)(policy["chosen"][0], policy["rejected"][0], reference["chosen"],
+                                        reference["rejected"])
+  # A real pair always has at least its end-of-turn token as a completion target; filler rows have none.
+  real = ((policy["chosen"][1] > 0) & (policy["rejected"][1] > 0)).astype(jnp.float32)
+  return jnp.sum(real * losses), {"weight": jnp.sum(real),
+                                  "metrics": {name: jnp.sum(real * value) for name, value in metrics.items()}}
+
+
+def make_loss_fn(config: PhiConfig, *, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+                 chunk_size: int = 1024):
+  """loss_fn(params, batch, rng) -> (loss_sum, aux) for `phi_jax.train.make_train_step`."""
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+  if loss_type == "ipo" and label_smoothing:
+    raise ValueError("label_smoothing applies to the sigmoid loss only; set it to 0 for IPO")
+  if not 0.0 <= label_smoothing < 0.5:
+    raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 0.5): it is the assumed share of flipped "
+                     "preference labels")
+  if beta <= 0:
+    raise ValueError(f"beta={beta} must be positive")
+  return functools.partial(dpo_stage_loss, config=config, beta=beta, label_smoothing=label_smoothing,
+                           loss_type=loss_type, chunk_size=chunk_size)
+
+
+def _reference_sums(ref_params, batch, *, config: PhiConfig, chunk_size: int):
+  logps = completion_logps(ref_params, batch, config=config, chunk_size=chunk_size)
+  return logps["chosen"][0], logps["rejected"][0]
+
+
+def reference_logps_fn(config: PhiConfig, chunk_size: int = 1024, *, mesh: Optional[Mesh] = None) -> ReferenceFn:
+  """A jitted (ref_params, batch) -> (ref_chosen [B], ref_rejected [B]): summed completion log-probs.
+
+  With `mesh`, it runs under the mesh's logical-axis rules and returns arrays split over the batch like the input.
+  """
+  fn = functools.partial(_reference_sums, config=config, chunk_size=chunk_size)
+  if mesh is None:
+    return jax.jit(fn)
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  return MeshJit(fn, mesh, out_shardings=(rows, rows))
+
+
+class ReferenceLogpsIterator:
+  """Adds the reference log-probs to each per-process batch; get_state / set_state / stats are the wrapped
+  iterator's, so the training loop checkpoints the data position as usual."""
+
+  def __init__(self, batches, ref_params, fn: ReferenceFn, mesh: Optional[Mesh] = None):
+    self._batches = batches
+    self._iterator = iter(batches)
+    self._ref_params, self._fn, self._mesh = ref_params, fn, mesh
+
+  def __iter__(self) -> ReferenceLogpsIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    local = next(self._iterator)
+    if self._mesh is None:
+      outputs = self._fn(self._ref_params, local)
+    else:
+      # Global arrays in, this process's rows back out: the loop assembles the global batch again for the step.
+      outputs = multihost_utils.global_array_to_host_local_array(
+          self._fn(self._ref_params, global_batch(local, self._mesh)), self._mesh, P(("data", "fsdp")))
+    return dict(local, **{key: np.asarray(value, np.float32) for key, value in zip(REFERENCE_FIELDS, outputs)})
+
+  def get_state(self) -> dict[str, Any]:
+    return self._batches.get_state()
+
+  def set_state(self, state: dict[str, Any]):
+    self._batches.set_state(state)
+
+  def stats(self) -> dict[str, Any]:
+    return self._batches.stats()
+
+
+def with_reference_logps(batches, ref_params, fn: ReferenceFn, *, mesh: Optional[Mesh] = None
+                         ) -> ReferenceLogpsIterator:
+  """`batches` with `ref_chosen_logps` / `ref_rejected_logps` computed by `fn` from frozen `ref_params`."""
+  return ReferenceLogpsIterator(batches, ref_params, fn, mesh)
+
+
+def _replicated_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  # Every process holds the whole batch here, so each device takes its rows straight from the host copy.
+  sharding = NamedSharding(mesh, P(("data", "fsdp")))
+  return {key: jax.make_array_from_callback(value.shape, sharding, lambda index, value=value: value[index])
+          for key, value in local.items()}
+
+
+def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, tokenizer, *, seq_len: int,
+                               batch_size: int, out_file: Optional[str] = None, too_long: str = "drop",
+                               system_prompt: Optional[str] = None, on_bad_record: str = "raise",
+                               chunk_size: int = 1024, mesh: Optional[Mesh] = None) -> dict[str, Any]:
+  """Writes every usable pair of `pairs_file` with its reference log-probs to `out_file`, in file order.
+
+  Output records are the input records plus `ref_chosen_logps`, `ref_rejected_logps` and `ref_seq_len`; a DPO run
+  with the same `seq_len`, `too_long` and `system_prompt` reads them with `reference_logps=True` and needs no
+  reference model. Pairs dropped as too long or bad (in skip mode) are left out and counted. Every process computes
+  the same batches (the reference params may be sharded across hosts); process 0 writes, atomically.
+
+  Returns:
+    {"out_file", "pairs", "stats"}: the file written, the number of pairs in it, the reader's `stats()`.
+  """
+  if out_file is None:
+    stem = pairs_file[:-len(".jsonl")] if pairs_file.endswith(".jsonl") else pairs_file
+    out_file = f"{stem}.ref.jsonl"
+  batches = build_preference_iterator(pairs_file, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0,
+                                      shuffle=False, num_epochs=1, too_long=too_long, on_bad_record=on_bad_record,
+                                      system_prompt=system_prompt, with_index=True, process_index=0, process_count=1)
+  fn = reference_logps_fn(config, chunk_size, mesh=mesh)
+  found: dict[int, tuple[float, float]] = {}
+  for local in batches:
+    index = local.pop("index")
+    inputs = local if mesh is None else _replicated_batch(local, mesh)
+    outputs = fn(ref_params, inputs)
+    if jax.process_count() > 1:
+      outputs = [multihost_utils.process_allgather(x, tiled=True) for x in outputs]
+    chosen, rejected = (np.asarray(x) for x in outputs)
+    for i, c, r in zip(index, chosen, rejected):
+      if i >= 0:
+        found[int(i)] = (float(c), float(r))
+  if jax.process_index() == 0:
+    _write_with_reference(batches, found, seq_len, out_file)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"precompute_reference_logps:{out_file}")
+  return {"out_file": out_file, "pairs": len(found), "stats": batches.stats()}
+
+
+def _write_with_reference(batches, found: dict[int, tuple[float, float]], seq_len: int, out_file: str):
+  source = batches.source
+  tmp = f"{out_file}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    for index in sorted(found):
+      record = dict(source[index]["data"], ref_chosen_logps=found[index][0], ref_rejected_logps=found[index][1],
+                    ref_seq_len=seq_len)
+      f.write(json.dumps(record) + "\n")
+  os.replace(tmp, out_file)
+

@@ -1,0 +1,374 @@
+"""Rollout DPO: preference batches, the DPO/IPO stage loss against independent log-probs, reference log-probs
+(in the step and precomputed), resumable pair reading, and rollouts -> pairs -> DPO training end to end."""
+
+import functools
+import json
+import os
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+import phi_jax
+from phi_jax import rewards, sharding
+from phi_jax.data import chat, preference
+from phi_jax.data.sources import DataError
+from phi_jax.hf.tokenizer import build_tiny_tokenizer
+from phi_jax.losses import dpo_loss
+from phi_jax.stages import dpo
+from phi_jax.train import LoopConfig, OptimizerConfig, loop as loop_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import common  # noqa: E402
+import rollouts  # noqa: E402
+
+CONFIG = phi_jax.PhiConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                           num_kv_heads=2, max_position_embeddings=128, initializer_range=0.3)
+MODEL_OVERRIDES = {"hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 128,
+                   "initializer_range": 0.3}
+SEQ, BATCH, CHUNK = 80, 8, 32
+MULTI_TURN = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1 + 1?"},
+              {"role": "assistant", "content": "2"}, {"role": "user", "content": "And doubled?"}]
+
+
+def _pairs(num, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(num):
+    a, b = (int(x) for x in rng.integers(1, 50, 2))
+    prompt = MULTI_TURN if i % 4 == 3 else f"What is {a} + {b}?"
+    out.append({"prompt": prompt, "chosen": f"<think>{a} + {b} = {a + b}</think> \\boxed{{{a + b}}}",
+                "rejected": f"\\boxed{{{a + b + int(rng.integers(1, 9))}}}" if i % 5 else "", "id": i})
+  return out
+
+
+def _write_jsonl(path, records):
+  with open(path, "w") as f:
+    for record in records:
+      f.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("dpo")
+  tokenizer = build_tiny_tokenizer(tmp / "tok", chat_format="phi-4")
+  records = _pairs(7)
+  path = _write_jsonl(tmp / "pairs.jsonl", records)
+  params = jax.jit(phi_jax.init_params, static_argnums=0)(CONFIG, jax.random.key(0))
+  it = preference.build_preference_iterator(path, tokenizer, seq_len=SEQ, batch_size=BATCH, seed=0, shuffle=False,
+                                            num_epochs=1, with_index=True, process_index=0, process_count=1)
+  batch = next(it)  # 7 pairs and one all-padding filler row
+  return {"tmp": tmp, "tokenizer": tokenizer, "records": records, "path": path, "params": params, "batch": batch}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_loss(loss_type, label_smoothing):
+  return jax.jit(dpo.make_loss_fn(CONFIG, beta=0.5, label_smoothing=label_smoothing, loss_type=loss_type,
+                                  chunk_size=CHUNK))
+
+
+@pytest.fixture(scope="module")
+def reference_fn():
+  return dpo.reference_logps_fn(CONFIG, CHUNK)
+
+
+@pytest.fixture(scope="module")
+def independent_logps(setup):
+  """Summed completion log-probs of each row from a full forward pass and a numpy log-softmax: {side: [B]}."""
+  batch, out = setup["batch"], {}
+  tokens = np.concatenate([batch[f"{side}_tokens"] for side in preference.SIDES])
+  # Right padding after a row's tokens cannot change causal logits at its real positions.
+  logits = np.asarray(jax.jit(lambda p, t: phi_jax.forward(p, t, CONFIG))(setup["params"], tokens), np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  logps = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  masks = np.concatenate([batch[f"{side}_loss_mask"] for side in preference.SIDES])
+  sums = np.zeros(len(tokens))
+  counts = np.zeros(len(tokens))
+  for row in range(len(tokens)):
+    for t in np.flatnonzero(masks[row]):
+      sums[row] += logps[row, t - 1, tokens[row, t]]
+      counts[row] += 1
+  for i, side in enumerate(preference.SIDES):
+    out[side] = (sums[i * BATCH:(i + 1) * BATCH], counts[i * BATCH:(i + 1) * BATCH])
+  return out
+
+
+def test_preference_rows_mask_exactly_the_completion_and_its_end_token(setup):
+  tokenizer, batch, records = setup["tokenizer"], setup["batch"], setup["records"]
+  im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  assert list(batch["index"]) == list(range(7)) + [-1]
+  for row, record in enumerate(records):
+    for side in preference.SIDES:
+      tokens, mask = batch[f"{side}_tokens"][row], batch[f"{side}_loss_mask"][row]
+      segments, positions = batch[f"{side}_segment_ids"][row], batch[f"{side}_positions"][row]
+      prompt = chat.render_prompt(tokenizer, record["prompt"])
+      completion = tokenizer(record[side], add_special_tokens=False)["input_ids"] + [im_end]
+      length = len(prompt) + len(completion)
+      assert list(tokens[:length]) == prompt + completion and not tokens[length:].any()
+      assert list(mask) == [0] * len(prompt) + [1] * len(completion) + [0] * (SEQ - length)
+      assert list(segments) == [1] * length + [0] * (SEQ - length)
+      assert list(positions[:length]) == list(range(length))
+  assert not any(batch[f"{side}_{f}"][7].any() for side in preference.SIDES for f in preference.ROW_FIELDS)
+  # The earlier assistant turn of a multi-turn prompt is context, not a target.
+  assert "2<|im_end|>" in tokenizer.decode(batch["chosen_tokens"][3][batch["chosen_loss_mask"][3] == 0])
+
+
+@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_stage_loss_equals_dpo_loss_on_independent_logps(setup, independent_logps, loss_type, label_smoothing):
+  batch = dict(setup["batch"])
+  rng = np.random.default_rng(1)
+  batch["ref_chosen_logps"] = (independent_logps["chosen"][0] + rng.normal(0, 2, BATCH)).astype(np.float32)
+  batch["ref_rejected_logps"] = (independent_logps["rejected"][0] + rng.normal(0, 2, BATCH)).astype(np.float32)
+  loss_sum, aux = _jitted_loss(loss_type, label_smoothing)(setup["params"], batch, jax.random.key(0))
+
+  real = slice(0, 7)  # the filler row weighs nothing
+  inputs = []
+  for side in preference.SIDES:
+    sums, counts = (x[real] for x in independent_logps[side])
+    ref = batch[f"ref_{side}_logps"][real].astype(np.float64)
+    inputs.append(sums / counts if loss_type == "ipo" else sums)
+    inputs.append(ref / counts if loss_type == "ipo" else ref)
+  expected, metrics = dpo_loss(inputs[0], inputs[2], inputs[1], inputs[3], beta=0.5, label_smoothing=label_smoothing,
+                               loss_type=loss_type)
+  assert float(aux["weight"]) == 7
+  np.testing.assert_allclose(float(loss_sum) / 7, float(expected), rtol=2e-4)
+  assert set(aux["metrics"]) == set(metrics)
+  for name, value in metrics.items():
+    np.testing.assert_allclose(float(aux["metrics"][name]) / 7, float(value), rtol=2e-4, atol=2e-4)
+  assert 0 < float(metrics["rewards/accuracies"]) < 1  # the random references give a mix of right and wrong
+
+
+def test_reference_equal_to_policy_gives_log2(setup, reference_fn, independent_logps):
+  batch = setup["batch"]
+  ref_chosen, ref_rejected = reference_fn(setup["params"], {k: v for k, v in batch.items() if k != "index"})
+  np.testing.assert_allclose(ref_chosen, independent_logps["chosen"][0], rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(ref_rejected, independent_logps["rejected"][0], rtol=1e-4, atol=1e-3)
+  batch = dict(batch, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+  loss_sum, aux = _jitted_loss("sigmoid", 0.0)(setup["params"], batch, jax.random.key(0))
+  np.testing.assert_allclose(float(loss_sum) / float(aux["weight"]), np.log(2.0), rtol=1e-6)
+  assert float(aux["metrics"]["rewards/margins"]) == 0.0 and float(aux["metrics"]["rewards/accuracies"]) == 0.0
+
+
+def test_bad_settings_are_refused():
+  with pytest.raises(ValueError, match="loss_type"):
+    dpo.make_loss_fn(CONFIG, beta=0.1, loss_type="hinge")
+  with pytest.raises(ValueError, match="sigmoid loss only"):
+    dpo.make_loss_fn(CONFIG, beta=0.1, loss_type="ipo", label_smoothing=0.1)
+
+
+def test_too_long_pairs_are_dropped_or_lose_prompt_tokens_and_are_counted(setup):
+  tokenizer = setup["tokenizer"]
+  long_prompt = {"prompt": "What is " + " + ".join(["12"] * 40) + "?", "chosen": "480", "rejected": "12"}
+  long_answer = {"prompt": "Hi", "chosen": "1 " * 150, "rejected": "2"}
+  path = _write_jsonl(setup["tmp"] / "long.jsonl", [long_prompt, setup["records"][0], long_answer])
+  full = [len(chat.render_messages(tokenizer, [{"role": "user", "content": long_prompt["prompt"]},
+                                               {"role": "assistant", "content": long_prompt[s]}])[0])
+          for s in preference.SIDES]
+  seq = max(full) - 5
+  assert len(chat.render_prompt(tokenizer, setup["records"][0]["prompt"])) + 30 < seq
+
+  def read(too_long):
+    it = preference.build_preference_iterator(path, tokenizer, seq_len=seq, batch_size=4, seed=0, shuffle=False,
+                                              too_long=too_long, process_index=0, process_count=1)
+    return next(it), it.stats()
+
+  batch, stats = read("drop")
+  assert stats["records_read"] == 3 and stats["records_used"] == 1 and stats["too_long_dropped"] == 2
+  assert batch["chosen_segment_ids"][1:].sum() == 0
+
+  batch, stats = read("truncate_prompt")
+  assert stats["records_used"] == 2 and stats["prompts_truncated"] == 1 and stats["too_long_dropped"] == 1
+  for i, side in enumerate(preference.SIDES):
+    ids, _ = chat.render_messages(tokenizer, [{"role": "user", "content": long_prompt["prompt"]},
+                                              {"role": "assistant", "content": long_prompt[side]}])
+    cut = max(full) - seq  # the same number of prompt tokens leaves both rows
+    assert list(batch[f"{side}_tokens"][0][:len(ids) - cut]) == ids[cut:]
+    assert batch[f"{side}_loss_mask"][0].sum() == len(tokenizer(long_prompt[side])["input_ids"]) + 1
+
+
+def test_bad_records_name_file_and_line_or_are_counted(setup):
+  tokenizer = setup["tokenizer"]
+  good = json.dumps(setup["records"][0])
+  path = _write_jsonl(setup["tmp"] / "bad.jsonl", [good, "", '{"prompt": "x", "chosen": "y"}', "{oops", good,
+                                                   '{"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", '
+                                                   '"rejected": "b"}'])
+  kwargs = dict(seq_len=SEQ, batch_size=8, seed=0, shuffle=False, process_index=0, process_count=1)
+  with pytest.raises(DataError, match=r"bad\.jsonl:3: missing field: 'rejected'"):
+    next(preference.build_preference_iterator(path, tokenizer, **kwargs))
+  it = preference.build_preference_iterator(path, tokenizer, on_bad_record="skip", **kwargs)
+  next(it)
+  assert it.stats()["records_skipped"] == {"missing field": 1, "invalid JSON": 1, "unknown role": 1}
+  assert it.stats()["pairs"] == 2
+  with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field: 'ref_chosen_logps'"):
+    next(preference.build_preference_iterator(path, tokenizer, reference_logps=True, **kwargs))
+
+
+def test_preference_iterator_resumes_exactly(setup):
+  kwargs = dict(seq_len=SEQ, batch_size=3, seed=7, num_epochs=None, process_index=0, process_count=1)
+  it = preference.build_preference_iterator(setup["path"], setup["tokenizer"], **kwargs)
+  for _ in range(2):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(4)]  # crosses an epoch boundary (7 pairs)
+  resumed = preference.build_preference_iterator(setup["path"], setup["tokenizer"], **kwargs)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    assert all(np.array_equal(got[k], want[k]) for k in preference.BATCH_FIELDS)
+  assert resumed.stats() == it.stats()
+  first = next(preference.build_preference_iterator(setup["path"], setup["tokenizer"], **kwargs))
+  other_seed = next(preference.build_preference_iterator(setup["path"], setup["tokenizer"], **dict(kwargs, seed=8)))
+  assert not np.array_equal(first["chosen_tokens"], other_seed["chosen_tokens"])
+
+
+def test_reference_logps_in_the_step_and_precomputed_agree(setup, reference_fn):
+  tokenizer, path = setup["tokenizer"], setup["path"]
+  mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
+  kwargs = dict(seq_len=SEQ, batch_size=BATCH, seed=0, shuffle=False, num_epochs=1, process_index=0, process_count=1)
+  in_step = next(dpo.with_reference_logps(preference.build_preference_iterator(path, tokenizer, **kwargs),
+                                          setup["params"], dpo.reference_logps_fn(CONFIG, CHUNK, mesh=mesh),
+                                          mesh=mesh))
+  expected = reference_fn(setup["params"], {k: v for k, v in setup["batch"].items() if k != "index"})
+  for key, value in zip(preference.REFERENCE_FIELDS, expected):
+    np.testing.assert_allclose(in_step[key], value, rtol=1e-5, atol=1e-4)
+
+  out = str(setup["tmp"] / "pairs.ref.jsonl")
+  result = dpo.precompute_reference_logps(path, setup["params"], CONFIG, tokenizer, seq_len=SEQ, batch_size=BATCH,
+                                          chunk_size=CHUNK)
+  assert result["out_file"] == out and result["pairs"] == 7
+  with open(out) as f:
+    written = [json.loads(line) for line in f]
+  assert [r["id"] for r in written] == list(range(7)) and all(r["ref_seq_len"] == SEQ for r in written)
+  loaded = next(preference.build_preference_iterator(out, tokenizer, reference_logps=True, **kwargs))
+  for key, value in zip(preference.REFERENCE_FIELDS, expected):
+    np.testing.assert_allclose(loaded[key][:7], value[:7], rtol=1e-5, atol=1e-4)
+  with pytest.raises(DataError, match="reference mismatch"):
+    next(preference.build_preference_iterator(out, tokenizer, reference_logps=True, **dict(kwargs, seq_len=SEQ + 8)))
+
+
+def test_reference_without_init_from_is_the_loops_initial_policy(tmp_path):
+  mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
+  loop = LoopConfig(num_steps=0, seed=5)  # no steps: the loop returns the state it initialised
+  state = loop_lib.run(workdir=str(tmp_path), model_config=CONFIG, optimizer_config=OptimizerConfig(), loss_fn=None,
+                       train_data=iter(()), loop=loop, mesh=mesh)
+  reference = common._dpo_reference_params(CONFIG, None, {"init_from": None, "loop": loop}, mesh)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _fake_verify(calls):
+  """Verdicts by gold: "all" right, "none" wrong, "even" right when the text has an even number of characters."""
+  def verify(completions, golds, timeout_s=None):
+    del timeout_s
+    verdicts = [g == "all" or (g == "even" and len(c) % 2 == 0) for c, g in zip(completions, golds)]
+    calls.append((list(completions), list(golds), verdicts))
+    return verdicts
+  return verify
+
+
+@pytest.fixture(scope="module")
+def start_run(setup):
+  """A previous stage's run directory: its params/ and tokenizer are what rollouts and DPO start from."""
+  start = str(setup["tmp"] / "sft_run")
+  common.save_final_params(start, setup["params"])
+  os.symlink(setup["tmp"] / "tok", os.path.join(start, "tokenizer"))
+  return start
+
+
+def _workdir(setup, name):
+  workdir = str(setup["tmp"] / name)
+  os.makedirs(workdir)
+  os.symlink(setup["tmp"] / "tok", os.path.join(workdir, "tokenizer"))
+  return workdir
+
+
+def _run_gin(files, bindings, fn, *args):
+  gin.clear_config()
+  try:
+    common.parse_gin(files, bindings)
+    return fn(*args)
+  finally:
+    gin.clear_config()
+
+
+def test_precompute_mode_scores_pairs_once_then_needs_no_reference(setup, start_run, reference_fn, monkeypatch):
+  workdir = _workdir(setup, "precompute_run")
+  bindings = [f"data.train_files=[{setup['path']!r}]", f"data.seq_len={SEQ}", f"train.init_from={start_run!r}",
+              f"train.chunk_size={CHUNK}", "train.num_steps=1", "dpo.reference='precompute'",
+              f"model.overrides={MODEL_OVERRIDES!r}", "mesh.shape={'data': 2, 'fsdp': -1}"]
+
+  def setup_stage():
+    model_config, hf_path = common.model()
+    return common._dpo_setup(workdir, model_config, hf_path, common.data(), common.train_settings(),
+                             setup["tokenizer"], common.mesh(), BATCH)
+
+  gin_files = [os.path.join(ROOT, "experiments/configs/dpo_tiny.gin")]
+  _, train_data, _ = _run_gin(gin_files, bindings, setup_stage)
+  written = os.path.join(workdir, "reference", "train0-pairs.jsonl")
+  with open(written) as f:
+    assert len(f.readlines()) == 7
+  batch = next(train_data)
+  expected = reference_fn(setup["params"], {k: v for k, v in batch.items() if k in preference.BATCH_FIELDS})
+  for key, value in zip(preference.REFERENCE_FIELDS, expected):
+    np.testing.assert_allclose(batch[key], value, rtol=1e-5, atol=1e-4)
+
+  def no_reference(*args):
+    raise AssertionError("a resumed run must not load the reference model again")
+
+  monkeypatch.setattr(common, "_dpo_reference_params", no_reference)
+  _, train_data, _ = _run_gin(gin_files, bindings, setup_stage)
+  assert set(preference.REFERENCE_FIELDS) <= set(next(train_data))
+
+
+def test_rollouts_to_pairs_to_dpo_training_end_to_end(setup, start_run, monkeypatch):
+  tmp, start = setup["tmp"], start_run
+  problems = [{"problem": "What is 1 + 1?", "answer": "all"}, {"problem": "What is 2 + 5?", "answer": "none"}] + [
+      {"problem": f"What is {i} + {i}?", "answer": "even"} for i in range(3, 7)]
+  problems_path = _write_jsonl(tmp / "problems.jsonl", problems)
+  out = str(tmp / "rollouts" / "pairs.jsonl")
+  calls = []
+  monkeypatch.setattr(rewards, "verify_batch", _fake_verify(calls))
+  gin_files = [os.path.join(ROOT, "experiments/configs/dpo_tiny.gin")]
+  common_bindings = [f"model.overrides={MODEL_OVERRIDES!r}", "mesh.shape={'data': 2, 'fsdp': -1}"]
+  # Even token ids stop a rollout: every rollout finishes within a few tokens, at varied lengths.
+  summary = _run_gin(gin_files, common_bindings + [
+      "rollouts.max_new_tokens=24", f"rollouts.stop_token_ids={tuple(range(0, 512, 2))}", "rollouts.batch_size=32"],
+      rollouts.main, [f"--init_from={start}", f"--problems={problems_path}", "--k=4", f"--out={out}", "--seed=3"])
+  (texts, golds, verdicts), = calls
+  assert len(texts) == 24 and golds == [p["answer"] for p in problems for _ in range(4)]
+  with open(out) as f:
+    pairs = [json.loads(line) for line in f]
+  with open(rollouts.summary_path(out)) as f:
+    assert json.load(f) == summary
+  mixed = [i for i in range(2, 6) if 0 < sum(verdicts[4 * i:4 * i + 4]) < 4]
+  assert summary["rollouts_unfinished"] == 0 and summary["prompts"] == 6 and summary["rollouts"] == 24
+  assert summary["pairs"] == len(pairs) == len(mixed) >= 2
+  assert summary["prompts_all_correct"] == 1 + sum(sum(verdicts[4 * i:4 * i + 4]) == 4 for i in range(2, 6))
+  assert summary["prompts_all_wrong"] == 1 + sum(sum(verdicts[4 * i:4 * i + 4]) == 0 for i in range(2, 6))
+  assert summary["accuracy"] == pytest.approx(np.mean(verdicts))
+  for pair, i in zip(pairs, mixed):
+    rollouts_of_problem = texts[4 * i:4 * i + 4]
+    assert pair["prompt"] == problems[i]["problem"] and pair["answer"] == "even"
+    assert pair["chosen"] in rollouts_of_problem and len(pair["chosen"]) % 2 == 0
+    assert pair["rejected"] in rollouts_of_problem and len(pair["rejected"]) % 2 == 1
+
+  # The pairs train through the gin entry point (train.stage = "dpo"), the reference scored in the step.
+  workdir = _workdir(setup, "dpo_run")
+  _run_gin(gin_files, common_bindings + [
+      f"data.train_files=[{out!r}]", f"data.seq_len={SEQ}", f"train.init_from={start!r}", f"train.chunk_size={CHUNK}",
+      "train.num_steps=6", "train.checkpoint_every=6", "train.async_checkpoints=False", "dpo.beta=0.5",
+      "optimizer.learning_rate=3e-3", "optimizer.warmup_fraction=0.0", "optimizer.decay='constant'"],
+      common.run_training, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  losses = [r["loss"] for r in records]
+  assert len(losses) == 6 and records[0]["weight"] == BATCH
+  np.testing.assert_allclose(losses[0], np.log(2.0), rtol=1e-5)  # the frozen reference is the starting policy
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert losses[-1] < 0.6 and records[-1]["rewards/accuracies"] > 0.5 and records[-1]["rewards/margins"] > 0
+  assert os.path.isdir(os.path.join(workdir, "params"))
