@@ -1,16 +1,99 @@
-"""Orbax checkpoints of (train state, data-iterator state, run metadata) with async saves and keep-N.
+"""Orbax checkpoints of (train state, data-iterator state, run metadata) with async saves, keep-N and integrity checks.
 
 Orbax writes each step into a temporary directory and renames it only when every host has finished, so a
 crash mid-save leaves no directory that `latest_step` would return: only complete checkpoints are restored.
 Restoring takes an abstract target with shardings, so a checkpoint saved on one mesh restores onto another.
+
+Integrity: every save carries an `integrity` item written inside the same temporary directory (so it is renamed
+into place together with the data, never after it): a 32-bit checksum of every state array and SHA-256 digests
+of the data-iterator and metadata JSON. The array checksum is a sum of `bits[i] * odd_weight(i)` modulo 2**32,
+computed on device over the global (sharded) arrays: integer addition is associative, so the value does not
+depend on the mesh, and because every weight is odd, any change to a single element changes it. `restore_latest`
+tries the newest step first; a step whose restore fails (a truncated file, tensorstore's own checks) or whose
+restored values do not match their checksums is reported with its path, moved to `<directory>/corrupt/`, and the
+previous step is tried. A step without an integrity item (written before integrity records existed) is restored
+with a warning, relying on Orbax's validation alone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
-from typing import Any, Optional
+import shutil
+import time
+from typing import Any, Callable, Optional
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("phi_jax")
+
+CORRUPT_DIR = "corrupt"  # not a step number, so Orbax never lists it as a checkpoint
+_GOLDEN = 0x9E3779B1  # odd, so odd * odd index weights stay odd
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written, or no checkpoint in a directory that has some could be restored."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint step failed to restore or failed its integrity check; `path` is its directory."""
+
+  def __init__(self, path: str, reason: str):
+    self.path, self.reason = path, reason
+    super().__init__(f"checkpoint {path} is corrupt: {reason}")
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint was written by a run whose state cannot be restored under the current config."""
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+  if unsigned is None:
+    raise TypeError(f"no checksum for dtype {x.dtype}")
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  bits = _as_uint32(x)
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(bits.ndim)):  # the flat row-major index, built without reshaping a sharded array
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= bits.shape[axis]
+  weight = (index * jnp.uint32(2) + jnp.uint32(1)) * jnp.uint32(_GOLDEN)
+  return jnp.sum(bits * weight, dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(leaves: list) -> list:
+  return [_leaf_checksum(x) for x in leaves]
+
+
+def state_checksums(state) -> dict[str, int]:
+  """{array path: 32-bit checksum} of a pytree of (possibly sharded, multi-host) arrays; mesh-independent."""
+  paths_and_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  values = _checksums([leaf for _, leaf in paths_and_leaves])
+  return {jax.tree_util.keystr(path): int(jax.device_get(v.addressable_data(0))) for (path, _), v in
+          zip(paths_and_leaves, values)}
+
+
+def state_signature(state) -> dict[str, list]:
+  """{array path: [shape, dtype]} of a pytree of arrays or ShapeDtypeStructs (what a restore target must match)."""
+  return {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)]
+          for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _digest(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class Checkpointer:
@@ -19,32 +102,149 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving: Optional[int] = None  # the step of the save that may still be in flight
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state, *, data_state: Optional[dict] = None, meta: Optional[dict] = None,
            force: bool = False) -> bool:
-    """Saves when `step` is on the interval (or `force`); returns whether a save started."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}),
-                              meta=ocp.args.JsonSave(meta or {}))
-    return self.manager.save(step, args=args, force=force)
+    """Saves when `step` is on the interval (or `force`); returns whether a save started.
+
+    A failed write (disk full, unwritable directory) raises `CheckpointError`, here or, for an async save, from the
+    next `save`/`wait`/`close`; the failed step never becomes visible, so the previous checkpoint stays the newest.
+    """
+    if not force and not self.manager.should_save(step):
+      return False
+    data_state, meta = data_state or {}, meta or {}
+    self._raise_if_failed(self.manager.wait_until_finished)
+    integrity = {"state": state_checksums(state), "data": _digest(data_state), "meta": _digest(meta)}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                              meta=ocp.args.JsonSave(meta), integrity=ocp.args.JsonSave(integrity))
+    self._saving = step
+    return self._raise_if_failed(lambda: self.manager.save(step, args=args, force=force))
+
+  def _raise_if_failed(self, fn: Callable):
+    try:
+      result = fn()
+    except Exception as e:  # Orbax surfaces an async write's OSError (or tensorstore's) wrapped in various types.
+      failed, self._saving = self._saving, None
+      self._discard_partial(failed)
+      raise CheckpointError(
+          f"saving checkpoint step {failed} under {self.directory} failed: {type(e).__name__}: {e}. The newest "
+          f"complete checkpoint, step {self._newest_on_disk()}, is untouched; free disk space or make the directory "
+          "writable, then rerun the same command to resume from it.") from e
+    return result
+
+  def _newest_on_disk(self) -> Optional[int]:
+    steps = [int(d) for d in os.listdir(self.directory) if d.isdigit()] if os.path.isdir(self.directory) else []
+    return max(steps, default=None)
+
+  def _discard_partial(self, step: Optional[int]):
+    """Removes a failed save's temporary directory (it frees the space it took); never a finalised step."""
+    if step is None or jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if name.startswith(f"{step}.") and "tmp" in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
-    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs); returns (state, data, meta)."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                              meta=ocp.args.JsonRestore())
-    restored = self.manager.restore(step, args=args)
-    return restored["state"], restored["data"], restored["meta"]
+    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs); returns (state, data, meta).
+
+    Raises `CorruptCheckpointError` (naming the step's path) when the files cannot be read or the values do not
+    match the checksums written with them.
+    """
+    path = self.step_path(step)
+    verified = os.path.isdir(os.path.join(path, "integrity"))
+    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                 meta=ocp.args.JsonRestore())
+    if verified:
+      items["integrity"] = ocp.args.JsonRestore()
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # tensorstore/Orbax/JSON errors of damaged files; the type says little, the text is kept
+      raise CorruptCheckpointError(path, f"restore failed: {type(e).__name__}: {str(e)[:500]}") from e
+    state, data, meta = restored["state"], restored["data"], restored["meta"]
+    if not verified:
+      log.warning("checkpoint %s has no integrity record (written before they existed); restored unverified", path)
+      return state, data, meta
+    self._verify(path, restored["integrity"], state, data, meta)
+    return state, data, meta
+
+  @staticmethod
+  def _verify(path: str, integrity: dict, state, data: dict, meta: dict):
+    if _digest(data) != integrity.get("data"):
+      raise CorruptCheckpointError(path, "the data-iterator state does not match its digest")
+    if _digest(meta) != integrity.get("meta"):
+      raise CorruptCheckpointError(path, "the run metadata does not match its digest")
+    expected, actual = integrity.get("state", {}), state_checksums(state)
+    bad = [name for name in actual if expected.get(name) != actual[name]]
+    if bad or set(expected) != set(actual):
+      raise CorruptCheckpointError(path, f"checksum mismatch in {len(bad)} array(s): {', '.join(bad[:5])}")
 
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def restore_latest(self, abstract_state, *, check_meta: Optional[Callable[[dict], None]] = None
+                     ) -> Optional[tuple[int, Any, dict, dict]]:
+    """(step, state, data, meta) of the newest checkpoint that restores and verifies; None when there is none.
+
+    Corrupt steps are logged with their path, moved to `<directory>/corrupt/` (so the step can be written again)
+    and the previous step is tried. `check_meta(meta)` runs before the arrays are read; it raises (e.g.
+    `IncompatibleCheckpointError`) to refuse a checkpoint whose run config does not fit the current one.
+    """
+    steps = self.all_steps()
+    failures = []
+    for step in reversed(steps):
+      try:
+        if check_meta is not None:
+          try:
+            meta = self.restore_meta(step)
+          except Exception as e:  # an unreadable metadata item is damage, like any other unreadable file
+            raise CorruptCheckpointError(self.step_path(step), f"metadata unreadable: {e}") from e
+          check_meta(meta)
+        state, data, meta = self.restore(step, abstract_state)
+        return step, state, data, meta
+      except CorruptCheckpointError as e:
+        failures.append(str(e))
+        moved = self._quarantine(step)
+        log.warning("%s; moved it to %s and trying the previous checkpoint", e, moved)
+    if failures:
+      raise CheckpointError(f"no checkpoint under {self.directory} could be restored ({len(failures)} tried): "
+                            + "; ".join(failures) + f". The damaged steps are in {self._corrupt_dir()}; to start "
+                            "from scratch instead, use a new workdir.")
+    return None
+
+  def _corrupt_dir(self) -> str:
+    return os.path.join(self.directory, CORRUPT_DIR)
+
+  def _quarantine(self, step: int) -> str:
+    target = os.path.join(self._corrupt_dir(), f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(self._corrupt_dir(), exist_ok=True)
+      shutil.move(self.step_path(step), target)
+    self.manager.reload()
+    return target
+
   def wait(self):
-    self.manager.wait_until_finished()
+    self._raise_if_failed(self.manager.wait_until_finished)
+    self._saving = None
 
   def close(self):
-    self.manager.wait_until_finished()
+    try:
+      self.wait()
+    except CheckpointError:
+      try:
+        self.manager.close()
+      except Exception:  # the same failure again; the CheckpointError above already says what happened
+        pass
+      raise
     self.manager.close()

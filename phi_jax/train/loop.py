@@ -6,17 +6,32 @@ only then pulls the *previous* step's metrics to the host, so logging overlaps w
 Resume contract: re-running with the same workdir restores the newest complete checkpoint (state + data
 iterator position), drops metrics.jsonl lines written after it, and continues; the result is bit-identical to
 an uninterrupted run because the step rng is `fold_in(key(seed), step)` and the data order is a function of the
-seed and the restored iterator state.
+seed and the restored iterator state. A checkpoint that fails its integrity check is set aside and the previous
+one is used (see `checkpoint.py`); one written under a config whose state cannot be restored (other model shapes,
+another optimizer structure) stops the run before any step with a message naming the difference, while compatible
+changes (learning rate, mesh, number of steps) are logged.
+
+Faults the loop turns into clear outcomes: a NaN/Inf loss or gradient norm stops the run naming the step, the
+metric and the last good checkpoint (or, with `on_nonfinite="skip"`, drops that update with a warning); a loss
+above `loss_spike_factor` x the running median of the last `loss_spike_window` losses is flagged (`loss_spike` in
+metrics.jsonl and a warning); SIGTERM finishes the current step, saves, and exits with status 143, or, past
+`preemption_grace_s`, exits without the new checkpoint (the previous one stays the newest); a failed save raises
+`CheckpointError` naming the directory and the intact previous step.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import signal
+import statistics
+import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Optional
 
@@ -27,7 +42,7 @@ from jax.sharding import Mesh
 
 from phi_jax.model import PhiConfig
 from phi_jax.train import flops
-from phi_jax.train.checkpoint import Checkpointer
+from phi_jax.train.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpointError, state_signature
 from phi_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from phi_jax.train.state import abstract_state, create_train_state, state_shardings
 from phi_jax.train.step import MeshJit, batch_shardings, make_train_step
@@ -48,6 +63,23 @@ class LoopConfig:
   on_nonfinite: str = "stop"  # "stop": raise with the step and metric; "skip": keep the previous state
   peak_flops_per_device: Optional[float] = None  # for MFU; None: not reported
   export_hf: bool = False  # write the final params as a transformers checkpoint to workdir/hf
+  # Seconds the scheduler allows between SIGTERM and SIGKILL: the save after SIGTERM must finish within them, else
+  # the process exits at the deadline (status 143) with the previous checkpoint as the newest. None: no deadline.
+  preemption_grace_s: Optional[float] = None
+  loss_spike_factor: float = 5.0  # flag a loss above factor x the running median; 0 disables
+  loss_spike_window: int = 20  # losses in the running median (a spike is flagged once it holds 5 or more)
+
+  def __post_init__(self):
+    if self.on_nonfinite not in ON_NONFINITE:
+      raise ValueError(f"on_nonfinite={self.on_nonfinite!r}; expected one of {ON_NONFINITE}")
+    if self.preemption_grace_s is not None and self.preemption_grace_s <= 0:
+      raise ValueError(f"preemption_grace_s={self.preemption_grace_s} must be positive (or None)")
+
+
+ON_NONFINITE = ("stop", "skip")
+# Model config fields that fix the shapes or dtypes of the saved state: a resume that changes one cannot restore.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "tie_word_embeddings", "param_dtype")
 
 
 class Preempted(SystemExit):
@@ -59,10 +91,18 @@ class Preempted(SystemExit):
 
 
 class _SigtermFlag:
-  """Records SIGTERM instead of dying, so the loop can save first; further SIGTERMs during the save are ignored."""
+  """Records SIGTERM instead of dying, so the loop can save first; further SIGTERMs during the save are ignored.
 
-  def __init__(self):
+  With a grace period, a watchdog thread started by the first SIGTERM ends the process at the deadline, so a save
+  that cannot finish in time never outlives the scheduler's patience half-written: its temporary directory is
+  ignored and cleaned up on the next start. (Python runs the handler between bytecodes, so the clock starts when a
+  blocking call in progress, such as waiting for a step, returns.)
+  """
+
+  def __init__(self, grace_s: Optional[float] = None):
     self.raised = False
+    self.grace_s = grace_s
+    self.done = threading.Event()
     self._previous = None
 
   def __enter__(self):
@@ -71,10 +111,45 @@ class _SigtermFlag:
 
   def _handle(self, signum, frame):
     del signum, frame
+    if self.raised:
+      log.warning("SIGTERM again while saving; ignored so the save can finish")
+      return
     self.raised = True
+    log.warning("SIGTERM: finishing this step, then saving%s",
+                f" (grace period {self.grace_s:g}s)" if self.grace_s else "")
+    if self.grace_s:
+      threading.Thread(target=self._watchdog, daemon=True, name="preemption-watchdog").start()
+
+  def _watchdog(self):
+    if not self.done.wait(self.grace_s):
+      log.error("SIGTERM: the checkpoint was not saved within the %gs grace period; exiting without it (the newest "
+                "complete checkpoint is unchanged). Raise train.preemption_grace_s only if the scheduler allows it.",
+                self.grace_s)
+      for handler in logging.getLogger().handlers + log.handlers:
+        handler.flush()
+      sys.stdout.flush()
+      os._exit(143)  # pylint: disable=protected-access
 
   def __exit__(self, *exc):
+    self.done.set()
     signal.signal(signal.SIGTERM, self._previous)
+
+
+class _SpikeDetector:
+  """Flags a loss above `factor` x the median of the previous `window` finite losses."""
+
+  def __init__(self, factor: float, window: int, history: Iterable[float] = ()):
+    self.factor = factor
+    self.losses = collections.deque((x for x in history if math.isfinite(x)), maxlen=window)
+
+  def __call__(self, loss: float) -> Optional[float]:
+    """The running median when `loss` is a spike, else None; records the loss."""
+    median = statistics.median(self.losses) if len(self.losses) >= 5 else None
+    if math.isfinite(loss):
+      self.losses.append(loss)
+    if self.factor and median is not None and median > 0 and loss > self.factor * median:
+      return median
+    return None
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
@@ -89,12 +164,21 @@ class MetricsWriter:
   def __init__(self, path: str, resume_step: int):
     self.path = path
     self.enabled = jax.process_index() == 0
-    if self.enabled and os.path.exists(path):
-      # Lines after the restored checkpoint came from the interrupted run; the resumed run writes them again.
+    self.kept: list[dict] = []  # the records of steps up to resume_step, as read back
+    if os.path.exists(path):
+      # Lines after the restored checkpoint came from the interrupted run; the resumed run writes them again. A
+      # line cut short by a crash mid-write is dropped too.
       with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      with open(path, "w") as f:
-        f.writelines(kept)
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            continue
+          if record.get("step", 0) <= resume_step:
+            self.kept.append(record)
+      if self.enabled:
+        with open(path, "w") as f:
+          f.writelines(json.dumps(r) + "\n" for r in self.kept)
 
   def write(self, record: dict):
     if self.enabled:
@@ -130,21 +214,31 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=loop.checkpoint_every,
                               max_to_keep=loop.keep_checkpoints, async_save=loop.async_checkpoints)
   rng = jax.random.key(loop.seed)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, data_state, _ = checkpointer.restore(latest, abstract_state(model_config, optimizer, mesh))
+  meta = _json_clean(dict(run_meta or {}, model_config=dataclasses.asdict(model_config),
+                          optimizer_config=dataclasses.asdict(optimizer_config), loop_config=dataclasses.asdict(loop),
+                          mesh=dict(mesh.shape)))
+  restored = None
+  if checkpointer.all_steps():
+    target = abstract_state(model_config, optimizer, mesh)
+    meta["state_signature"] = _json_clean(state_signature(target))
+    restored = checkpointer.restore_latest(
+        target, check_meta=lambda saved: check_resume_compatible(saved, meta, checkpointer.directory))
+  if restored is not None:
+    latest, state, data_state, _ = restored
     if data_state and hasattr(train_data, "set_state"):
       train_data.set_state(data_state)
-    log.info("resumed from %s at step %d", checkpointer.directory, latest)
+    log.info("resumed from %s at step %d", checkpointer.step_path(latest), latest)
   else:
     params = init_params() if init_params is not None else None
     state = create_train_state(model_config, optimizer, mesh, jax.random.fold_in(rng, 2**31 - 1), params=params)
+    meta["state_signature"] = _json_clean(state_signature(state))
   start = int(host_scalar(state.step))
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
+  spikes = _SpikeDetector(loop.loss_spike_factor, loop.loss_spike_window,
+                          [r["loss"] for r in writer.kept if "loss" in r and "eval_loss" not in r])
   # A data source with next_batch(params, step) samples from the current policy (GRPO); others are iterators.
   on_policy = hasattr(train_data, "next_batch")
   iterator = None if on_policy else iter(train_data)
-  meta = dict(run_meta or {}, model_config=dataclasses.asdict(model_config))
 
   step_fn = None
   eval_fn = None
@@ -170,6 +264,14 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       raise FloatingPointError(
           f"non-finite {bad[0]}={record[bad[0]]} at step {step}; stopping. The last good checkpoint is step "
           f"{checkpointer.latest_step()} in {checkpointer.directory} (set on_nonfinite='skip' to skip such updates)")
+    if bad:
+      log.warning("non-finite %s=%s at step %d; update skipped (on_nonfinite='skip')", bad[0], record[bad[0]], step)
+    if "loss" in record:
+      median = spikes(record["loss"])
+      record["loss_spike"] = float(median is not None)
+      if median is not None:
+        log.warning("loss spike at step %d: %.4g > %g x the running median %.4g", step, record["loss"],
+                    loop.loss_spike_factor, median)
     if step % loop.log_every == 0 or step == loop.num_steps:
       if hasattr(train_data, "stats"):
         for name, source in train_data.stats().get("sources", {}).items():
@@ -179,9 +281,19 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         on_log(record)
     return record
 
-  with _SigtermFlag() as sigterm:
+  def write_data_stats():
+    if hasattr(train_data, "stats") and jax.process_index() == 0:
+      with open(os.path.join(workdir, "data_stats.json"), "w") as f:
+        json.dump(train_data.stats(), f, indent=1, default=str)
+
+  with _SigtermFlag(loop.preemption_grace_s) as sigterm, _finish_saves_on_error(checkpointer):
+    saved = start
     for step in range(start, loop.num_steps):
-      local = train_data.next_batch(state.params, step) if on_policy else next(iterator)
+      try:
+        local = train_data.next_batch(state.params, step) if on_policy else next(iterator)
+      except StopIteration:
+        log.warning("the training data ran out after step %d of %d; ending the run there", step, loop.num_steps)
+        break
       batch = global_batch(local, mesh)
       if step_fn is None:
         step_fn = make_train_step(loss_fn, optimizer, schedule, mesh, shardings, batch,
@@ -202,20 +314,75 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         pending = None
         data_state = train_data.get_state() if hasattr(train_data, "get_state") else None
         checkpointer.save(done, state, data_state=data_state, meta=meta, force=True)
+        saved = done
+        write_data_stats()
       if sigterm.raised:
         checkpointer.close()
-        log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.directory)
+        log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.step_path(done))
         raise Preempted(done)
     if pending is not None:
       flush(pending)
+    final = int(host_scalar(state.step))
+    if final != saved:  # the data ended between checkpoints
+      checkpointer.save(final, state, data_state=train_data.get_state() if hasattr(train_data, "get_state") else None,
+                        meta=meta, force=True)
   if eval_batches is not None:
     eval_fn = eval_fn or _make_eval(loss_fn, mesh)
     writer.write(dict(_evaluate(eval_fn, state.params, eval_batches(), mesh), step=int(host_scalar(state.step))))
   checkpointer.close()
-  if hasattr(train_data, "stats") and jax.process_index() == 0:
-    with open(os.path.join(workdir, "data_stats.json"), "w") as f:
-      json.dump(train_data.stats(), f, indent=1, default=str)
+  write_data_stats()
   return state
+
+
+@contextlib.contextmanager
+def _finish_saves_on_error(checkpointer: Checkpointer):
+  """On an error inside the loop, lets an async save already in flight finish, so its step is not lost."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception:
+    try:
+      checkpointer.wait()
+    except CheckpointError as e:
+      log.error("%s", e)
+    raise
+
+
+def _json_clean(obj):
+  """`obj` as it reads back from JSON (tuples become lists), so saved and current metadata compare equal."""
+  return json.loads(json.dumps(obj, default=str))
+
+
+def check_resume_compatible(saved: dict, current: dict, where: str):
+  """Raises `IncompatibleCheckpointError` when the saved state cannot be restored under `current` metadata (other
+  model shapes, another optimizer-state structure); logs every other difference (learning rate, mesh, steps)."""
+  saved_model, current_model = saved.get("model_config", {}), current.get("model_config", {})
+  changes = {}
+  for section in ("model_config", "optimizer_config", "loop_config", "mesh"):
+    before, after = saved.get(section, {}), current.get(section, {})
+    for key in sorted(set(before) | set(after)):
+      if before.get(key) != after.get(key):
+        changes[f"{section}.{key}"] = (before.get(key), after.get(key))
+  shape_changes = [f"model {k}={saved_model.get(k)!r} in the checkpoint but {current_model.get(k)!r} now"
+                   for k in SHAPE_FIELDS if k in saved_model and saved_model.get(k) != current_model.get(k)]
+  saved_sig, current_sig = saved.get("state_signature"), current.get("state_signature", {})
+  array_changes = []
+  if saved_sig is not None:
+    for name in sorted(set(saved_sig) | set(current_sig)):
+      if saved_sig.get(name) != current_sig.get(name):
+        array_changes.append(f"state{name}: {saved_sig.get(name, 'absent')} saved vs {current_sig.get(name, 'absent')}"
+                             " now")
+  if shape_changes or array_changes:
+    details = shape_changes + array_changes[:8] + ([f"... {len(array_changes) - 8} more arrays"]
+                                                   if len(array_changes) > 8 else [])
+    raise IncompatibleCheckpointError(
+        f"cannot resume from the checkpoints in {where}: the current config does not fit the saved state: "
+        + "; ".join(details) + ". Restore the original settings, or start a new workdir (use train.init_from "
+        "to start from this run's params/).")
+  if changes:
+    log.warning("resuming with a changed config: %s",
+                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
 
 
 def _make_eval(loss_fn, mesh):

@@ -1,0 +1,511 @@
+"""Fault injection: crashes at chosen phases, preemption, corrupt checkpoints, incompatible resumes, NaN/Inf and loss
+spikes, bad data and bad configs end to end, hostile completions in rewards, a full disk. See RELIABILITY.md.
+
+Subprocess runs use tests/fault_worker.py (a tiny model on 2 CPU devices); the resume tests of experiments/train.py
+itself are in test_resume.py.
+"""
+
+import glob
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phi_jax import sharding
+from phi_jax.model import PhiConfig
+from phi_jax.stages import next_token
+from phi_jax.train import LoopConfig, OptimizerConfig, checkpoint, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "fault_worker.py")
+NUM_STEPS = 12
+
+pytestmark = pytest.mark.slow
+
+
+def _env():
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+  return env
+
+
+def _cmd(workdir, settings):
+  return [sys.executable, WORKER, str(workdir), json.dumps(dict({"num_steps": NUM_STEPS}, **settings))]
+
+
+def _worker(workdir, check=True, **settings):
+  proc = subprocess.run(_cmd(workdir, settings), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _params(workdir):
+  with np.load(os.path.join(workdir, "final_params.npz")) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _complete_steps(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+def _assert_identical(workdir, reference):
+  ref_losses, ref_params = reference
+  assert _losses(workdir) == ref_losses  # every step, bit for bit
+  params = _params(workdir)
+  assert params.keys() == ref_params.keys()
+  for name in params:
+    np.testing.assert_array_equal(params[name], ref_params[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  _worker(workdir)
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+  return losses, _params(workdir)
+
+
+# Kill points across the phases of a step's work; each restart resumes from what the previous kill left.
+KILLS = [("step", 3), ("save", 4), ("rename_before", 6), ("rename_after", 6), ("save", 10)]
+
+
+def test_sigkill_at_every_phase_resumes_from_newest_complete_checkpoint_bit_identically(tmp_path, reference):
+  workdir = tmp_path
+  for trial, (phase, step) in enumerate(KILLS):
+    before = _complete_steps(workdir)
+    proc = _worker(workdir, check=False, kill=[phase, step], seed_kill=trial)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    if before:  # the run restored the newest complete checkpoint that existed when it started
+      assert f"resumed from {workdir}/checkpoints/{before[-1]} at step {before[-1]}" in proc.stdout
+    with open(workdir / "kills.jsonl") as f:
+      assert json.loads(f.readlines()[-1])["phase"] == phase  # the kill landed where it was aimed
+    if phase == "rename_before":
+      assert step not in _complete_steps(workdir)
+    if phase == "rename_after":
+      assert step in _complete_steps(workdir)
+  last = _complete_steps(workdir)[-1]
+  proc = _worker(workdir)
+  assert f"resumed from {workdir}/checkpoints/{last} at step {last}" in proc.stdout
+  assert not os.path.exists(workdir / "checkpoints" / checkpoint.CORRUPT_DIR)  # no kill left a damaged checkpoint
+  _assert_identical(workdir, reference)
+
+
+def _start(workdir, **settings):
+  return subprocess.Popen(_cmd(workdir, settings), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(condition, proc, timeout=120):
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if condition():
+      return
+    time.sleep(0.02)
+  raise AssertionError(f"condition not met (exit {proc.poll()}):\n{proc.stdout.read()[-3000:] if proc.poll() else ''}")
+
+
+def _logged(workdir):
+  return len(_losses(workdir)) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else 0
+
+
+def _tmp_dirs(workdir):
+  return [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
+
+
+def test_sigterm_twice_grace_expiry_and_full_disk_lose_nothing(tmp_path, reference):
+  workdir = tmp_path
+  # 1. SIGTERM after step 3, and again while the (slowed) save is being written: one clean save, exit 143.
+  proc = _start(workdir, step_delay_s=0.3, slow_rename_s=1.5, grace_s=60)
+  _wait_for(lambda: _logged(workdir) >= 3, proc)
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  _wait_for(lambda: any(d.startswith(f"{_logged(workdir)}.") for d in _tmp_dirs(workdir)), proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 143, out[-3000:]
+  assert time.time() - sent < 60 and "SIGTERM again while saving; ignored" in out
+  preempted_at = _complete_steps(workdir)[-1]
+  assert preempted_at == max(_losses(workdir)) < NUM_STEPS and not _tmp_dirs(workdir)
+  # 2. A save slower than the grace period: the process leaves at the deadline; the newest checkpoint is unchanged.
+  proc = _start(workdir, step_delay_s=0.3, slow_rename_s=30, grace_s=1.0, every=100)
+  _wait_for(lambda: _logged(workdir) >= preempted_at + 2, proc)
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 143 and time.time() - sent < 15, out[-3000:]
+  assert "not saved within the 1s grace period" in out
+  assert _complete_steps(workdir)[-1] == preempted_at
+  # 3. The disk fills up (no file may grow past 20 kB) from the save of the step after the next one: a clear error
+  # naming the step and the intact previous checkpoint, which the next run resumes from.
+  full_at = preempted_at + 2 + preempted_at % 2
+  proc = _worker(workdir, check=False, fsize_limit=[full_at, 20_000])
+  out = proc.stdout + proc.stderr
+  assert proc.returncode not in (0, -signal.SIGKILL), out[-3000:]
+  assert f"CheckpointError: saving checkpoint step {full_at} under {workdir}/checkpoints failed" in out, out[-3000:]
+  assert f"The newest complete checkpoint, step {full_at - 2}, is untouched" in out
+  assert _complete_steps(workdir)[-1] == full_at - 2 and not _tmp_dirs(workdir)
+  proc = _worker(workdir)
+  assert f"resumed from {workdir}/checkpoints/{full_at - 2} at step {full_at - 2}" in proc.stdout
+  _assert_identical(workdir, reference)
+
+
+# ---- in-process: checkpoint integrity ---------------------------------------------------------------------------
+
+def _small_state(seed):
+  mesh = sharding.make_mesh({"fsdp": 8})
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+  key = jax.random.key(seed)
+  return {"w": jax.device_put(jax.random.normal(key, (64, 16)), spec),
+          "h": jax.device_put(jax.random.normal(key, (32,)).astype(jnp.bfloat16), spec),
+          "step": jax.device_put(jnp.full((8,), seed, jnp.int32), spec)}
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _data_files(step_dir):
+  return glob.glob(os.path.join(step_dir, "state", "d", "*"))
+
+
+def test_checksums_catch_any_single_element_change_and_ignore_the_mesh():
+  state = _small_state(0)
+  sums = checkpoint.state_checksums(state)
+  assert sums == checkpoint.state_checksums(jax.device_put(state, jax.devices()[0]))  # another layout, same sums
+  for index in [(0, 0), (63, 15), (17, 3)]:
+    for bit in (0, 22, 31):
+      changed = np.asarray(state["w"]).copy()
+      changed.view(np.uint32)[index] ^= np.uint32(1 << bit)
+      assert checkpoint.state_checksums(dict(state, w=jnp.asarray(changed)))["['w']"] != sums["['w']"]
+  swapped = np.asarray(state["w"])[::-1]  # same values, other places
+  assert checkpoint.state_checksums(dict(state, w=jnp.asarray(swapped)))["['w']"] != sums["['w']"]
+
+
+def test_truncated_or_bit_flipped_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog):
+  pristine = tmp_path / "pristine"
+  states = {step: _small_state(step) for step in (1, 2)}
+  ckpt = checkpoint.Checkpointer(str(pristine), save_interval_steps=1, async_save=True)
+  for step, state in states.items():
+    ckpt.save(step, state, data_state={"position": step}, meta={"step": step}, force=True)
+  ckpt.close()
+  target = _abstract(states[1])
+
+  def restore_after(damage):
+    work = tmp_path / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(pristine, work)
+    damage(work / "2")
+    caplog.clear()
+    ckpt = checkpoint.Checkpointer(str(work), save_interval_steps=1, async_save=False)
+    try:
+      step, state, data, _ = ckpt.restore_latest(target)
+    finally:
+      ckpt.close()
+    return step, state, data, caplog.text
+
+  # Truncation of the array data file: reported with its path, set aside, step 1 restored exactly.
+  def truncate(step_dir):
+    for path in _data_files(str(step_dir)):
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+  step, state, data, text = restore_after(truncate)
+  assert (step, data) == (1, {"position": 1}) and _equal(state, states[1])
+  assert f"checkpoint {tmp_path}/work/2 is corrupt" in text and os.listdir(tmp_path / "work" / "corrupt")
+
+  # Random single-bit flips anywhere in the newest step: either harmless (exact values) or detected; never wrong.
+  files = [f for f in glob.glob(str(pristine / "2" / "**" / "*"), recursive=True) if os.path.isfile(f)]
+  rng = random.Random(0)
+  outcomes = {"detected": 0, "harmless": 0}
+  for trial in range(16):
+    relative = os.path.relpath(rng.choice(_data_files(str(pristine / "2")) if trial < 6 else files), pristine / "2")
+
+    def flip(step_dir, relative=relative):
+      path = os.path.join(step_dir, relative)
+      data = bytearray(open(path, "rb").read())
+      position = rng.randrange(len(data))
+      data[position] ^= 1 << rng.randrange(8)
+      open(path, "wb").write(bytes(data))
+
+    step, state, data, text = restore_after(flip)
+    if step == 2:
+      assert _equal(state, states[2]) and data == {"position": 2}, relative  # never silently wrong
+      outcomes["harmless"] += 1
+    else:
+      assert step == 1 and _equal(state, states[1]) and "is corrupt" in text, relative
+      outcomes["detected"] += 1
+    if trial < 6:  # a flip in the array data itself is always caught
+      assert step == 1, relative
+  assert outcomes["detected"] >= 6, outcomes
+
+  # Damage no reader can see: valid JSON with another iterator position, or step 1's (valid) arrays in step 2's place.
+  # Only the integrity record catches these.
+  def rewrite_data_state(step_dir):
+    (step_dir / "data" / "metadata").write_text(json.dumps({"position": 3}))
+
+  def swap_arrays(step_dir):
+    shutil.rmtree(step_dir / "state")
+    shutil.copytree(step_dir.parent / "1" / "state", step_dir / "state")
+
+  silent = ((rewrite_data_state, "data-iterator state does not match"), (swap_arrays, "checksum mismatch"))
+  for damage, reason in silent:
+    step, state, data, text = restore_after(damage)
+    assert step == 1 and _equal(state, states[1]) and reason in text
+
+  # Every step damaged: an error naming them, never a silent fresh start.
+  def damage_both(step_dir):
+    truncate(step_dir)
+    truncate(os.path.join(os.path.dirname(step_dir), "1"))
+
+  with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint under .* could be restored \(2 tried\)"):
+    restore_after(damage_both)
+
+
+# ---- in-process: resume compatibility, numerical faults ---------------------------------------------------------
+
+TINY = PhiConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 max_position_embeddings=64)
+OPT = OptimizerConfig(learning_rate=1e-2, decay="constant", max_grad_norm=1.0)
+
+
+class ScaledData:
+  """Synthetic batches with a per-step loss `scale` (NaN, Inf or a spike factor at chosen steps)."""
+
+  def __init__(self, scales=None, vocab=TINY.vocab_size):
+    self.index, self.scales, self.vocab = 0, scales or {}, vocab
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    rng = np.random.default_rng(self.index)
+    self.index += 1
+    tokens = rng.integers(0, self.vocab, (8, 16), dtype=np.int32)
+    return {"tokens": tokens, "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1)),
+            "segment_ids": np.ones((8, 16), np.int32), "loss_mask": np.ones((8, 16), np.int32),
+            "scale": np.full((8,), self.scales.get(self.index, 1.0), np.float32)}
+
+  def get_state(self):
+    return {"index": self.index}
+
+  def set_state(self, state):
+    self.index = state["index"]
+
+
+def scaled_loss(config):
+  base = next_token.make_loss_fn(config, chunk_size=64)
+
+  def loss_fn(params, batch, rng):
+    loss_sum, aux = base(params, {k: v for k, v in batch.items() if k != "scale"}, rng)
+    return loss_sum * jnp.mean(batch["scale"]), aux
+
+  return loss_fn
+
+
+def _run(workdir, config=TINY, mesh_shape=None, opt=OPT, scales=None, **loop_kwargs):
+  mesh = sharding.make_mesh(mesh_shape or {"data": 1}, devices=None if mesh_shape else jax.devices()[:1])
+  loop_config = LoopConfig(**dict(dict(num_steps=4, checkpoint_every=2, async_checkpoints=False), **loop_kwargs))
+  return loop.run(workdir=str(workdir), model_config=config, optimizer_config=opt, loss_fn=scaled_loss(config),
+                  train_data=ScaledData(scales, config.vocab_size), loop=loop_config, mesh=mesh)
+
+
+def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_changes_are_logged(tmp_path, caplog):
+  _run(tmp_path, num_steps=2)
+  before = _losses(tmp_path)
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"hidden_size=32 in the checkpoint but 48 now"):
+    _run(tmp_path, config=TINY.replace(hidden_size=48))
+  with pytest.raises(ValueError, match=r"cannot split evenly|kv_heads"):  # 8-way tensor parallel, 2 kv heads
+    _run(tmp_path, mesh_shape={"tensor": 8})
+  assert _losses(tmp_path) == before  # no step ran
+  # The same check on the saved metadata for the other structural changes (no run needed to see the verdict).
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_interval_steps=1)
+  saved = ckpt.restore_meta(2)
+  ckpt.close()
+  other_vocab = dict(saved, model_config=dict(saved["model_config"], vocab_size=256))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"model vocab_size=128 in the checkpoint but 256"):
+    loop.check_resume_compatible(saved, other_vocab, "W")
+  # Without gradient clipping the optimizer chain holds one transform fewer, so its state has other paths.
+  no_clipping = dict(saved, state_signature={k.replace("opt_state[1]", "opt_state[0]"): v
+                                             for k, v in saved["state_signature"].items()})
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"state.opt_state\[0\]\[0\].count: absent saved vs \[\[\], 'int32'\] now"):
+    loop.check_resume_compatible(saved, no_clipping, "W")
+  caplog.set_level(logging.INFO, logger="phi_jax")
+  _run(tmp_path, opt=OptimizerConfig(learning_rate=3e-3, decay="constant", max_grad_norm=1.0), num_steps=3)
+  assert "optimizer_config.learning_rate: 0.01 -> 0.003" in caplog.text
+  assert "loop_config.num_steps: 2 -> 3" in caplog.text
+  assert sorted(_losses(tmp_path)) == [1, 2, 3]
+
+
+def test_nan_stops_with_step_metric_and_intact_checkpoint_inf_skips_and_spikes_are_flagged(tmp_path, caplog):
+  with pytest.raises(FloatingPointError, match=r"non-finite loss=nan at step 3; .* last good checkpoint is step 2"):
+    _run(tmp_path / "stop", scales={3: float("nan")}, num_steps=6)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "stop" / "checkpoints"), save_interval_steps=1)
+  assert ckpt.all_steps() == [2]
+  step, state, _, _ = ckpt.restore_latest(_abstract_state_for(TINY))
+  ckpt.close()
+  assert step == 2 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+  caplog.set_level(logging.INFO, logger="phi_jax")
+  _run(tmp_path / "skip", scales={3: float("inf"), 8: 50.0}, num_steps=8, on_nonfinite="skip", checkpoint_every=1,
+       keep_checkpoints=None)
+  with open(tmp_path / "skip" / "metrics.jsonl") as f:
+    records = {r["step"]: r for r in map(json.loads, f)}
+  assert [s for s, r in records.items() if r["skipped_update"]] == [3]
+  assert [s for s, r in records.items() if r["loss_spike"]] == [8]
+  assert "non-finite loss=inf at step 3; update skipped" in caplog.text and "loss spike at step 8" in caplog.text
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "skip" / "checkpoints"), save_interval_steps=1)
+  before, after = (ckpt.restore(s, _abstract_state_for(TINY))[0] for s in (2, 3))
+  ckpt.close()
+  assert _equal(before.params, after.params) and _equal(before.opt_state, after.opt_state)  # the update was dropped
+
+
+def _abstract_state_for(config):
+  from phi_jax.train.optimizer import make_optimizer
+  from phi_jax.train.state import abstract_state
+  return abstract_state(config, make_optimizer(OPT, 4), sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+
+
+# ---- in-process through experiments/common.py: bad data, bad configuration ---------------------------------------
+
+@pytest.fixture
+def gin_run(tmp_path):
+  import gin
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import common  # pylint: disable=import-outside-toplevel
+
+  def run(*bindings, workdir=tmp_path / "run"):
+    gin.clear_config()
+    common.parse_gin([os.path.join(ROOT, "experiments", "configs", "midtrain_tiny.gin")],
+                     ["data.eval_files = []", "train.eval_every = 0", "data.seq_len = 64", *bindings])
+    return common.run_training(str(workdir))
+
+  yield run
+  gin.clear_config()
+
+
+BAD_LINES = {
+    "invalid JSON": b'{"text": "unterminated',
+    "missing field": b'{"prompt": "p"}',
+    "mistyped field": b'{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}',
+    "unknown role": b'{"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "a"}]}',
+    "empty conversation": b'{"messages": []}',
+    "not UTF-8": b'{"text": "caf\xe9"}',
+    "too long": json.dumps({"text": " ".join(["word"] * 400)}).encode(),
+}
+
+
+def test_bad_records_raise_with_file_line_reason_or_are_counted_so_read_equals_used_plus_skipped(tmp_path, gin_run):
+  path = tmp_path / "mixed.jsonl"
+  good = [json.dumps({"text": f"document number {i} about sums"}).encode() for i in range(30)]
+  lines = good[:10] + list(BAD_LINES.values()) + good[10:]
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  files = f"data.train_files = ['{path}']"
+  # Records are shuffled, so the first bad one met may be any of lines 11-17; the message names it exactly.
+  with pytest.raises(ValueError, match=rf"{path}:1[1-7]: ({'|'.join(BAD_LINES)})"):
+    gin_run(files, "train.num_steps = 50", "data.num_epochs = 1")
+  gin_run(files, "train.num_steps = 50", "data.num_epochs = 1", "data.on_bad_record = 'skip'",
+          "data.too_long = 'drop'", workdir=tmp_path / "skip")
+  with open(tmp_path / "skip" / "data_stats.json") as f:
+    stats = json.load(f)
+  assert stats["records_skipped"] == {reason: 1 for reason in BAD_LINES}
+  assert stats["records_read"] == len(lines) == stats["records_used"] + sum(stats["records_skipped"].values())
+  assert stats["records_used"] == len(good)
+  assert max(_losses(tmp_path / "skip")) < 50  # the data ran out first and the run ended cleanly
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n\n")
+  with pytest.raises(ValueError, match=rf"{empty}: empty dataset"):
+    gin_run(f"data.train_files = ['{empty}']", "train.num_steps = 2")
+  latin1 = tmp_path / "latin1.jsonl"
+  latin1.write_bytes('{"text": "déjà vu"}\n'.encode("latin-1"))
+  with pytest.raises(ValueError, match=rf"{latin1}:1: not UTF-8: byte 0xe9"):
+    gin_run(f"data.train_files = ['{latin1}']", "train.num_steps = 2")
+
+
+@pytest.mark.parametrize("binding,message", [
+    ("train.num_stpes = 3", r"num_stpes"),
+    ("mesh.shape = {'data': 3}", r"needs 3 devices but 8 are available; make the product of the sizes equal 8"),
+    ("data.batch_size = 12", r"data.batch_size=12 .* must be divisible by the data x fsdp mesh size 8"),
+    ("data.seq_len = 1024", r"data.seq_len=1024 exceeds the model's max_position_embeddings=512.* lower data.seq_len"),
+])
+def test_bad_configuration_is_caught_at_startup_saying_what_to_change(gin_run, tmp_path, binding, message):
+  with pytest.raises(ValueError, match=message):
+    gin_run("train.num_steps = 2", binding)
+  assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # nothing trained
+
+
+# ---- hostile completions in the GRPO reward, through the loop ---------------------------------------------------
+
+HOSTILE = [
+    "\\boxed{__import__('os').system('touch PWNED')}",  # code injection
+    "\\boxed{9^{9^{9^{9^{9}}}}}",  # a power tower sympy would never finish
+    "\\boxed{" + "(" * 5000 + "1" + ")" * 5000 + "}",  # deep nesting
+    "x" * 2_000_000 + "\\boxed{5}",  # huge output
+    "\udcff\ud800 \\boxed{\udcff}",  # invalid UTF-8 (lone surrogates)
+    "\\boxed{\\int_0^\\infty e^{-x^{99999}} dx}",
+    "\\boxed{eval('2+2')}",
+    "\\boxed{99999999999!}",
+]
+
+
+def test_hostile_completions_score_incorrect_in_bounded_time_and_a_dead_worker_is_replaced(tmp_path, monkeypatch):
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+  from phi_jax.rewards.verifier import VerifierConfig, VerifierPool
+  from phi_jax.stages import grpo
+
+  monkeypatch.chdir(tmp_path)
+  tokenizer = build_tiny_tokenizer(tmp_path / "tok", chat_format="phi-4")
+  config = PhiConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     max_position_embeddings=64)
+  cfg = grpo.GRPOConfig(prompts_per_step=1, group_size=len(HOSTILE), max_prompt_tokens=32, max_new_tokens=4)
+  pool = VerifierPool(VerifierConfig(num_workers=2, timeout_s=2.0))
+  seen = []
+
+  def hostile_rewards(completions, golds, lengths, finished):
+    del completions  # the policy's own samples are replaced by hostile ones
+    if seen:  # from the second batch on, a worker has died between batches
+      os.kill(pool.worker_pids()[0], signal.SIGKILL)
+    start = time.perf_counter()
+    correct = np.asarray(pool.verify_batch(HOSTILE[:len(golds)], list(golds)), bool)
+    seen.append((time.perf_counter() - start, correct))
+    return correct.astype(np.float32), correct
+
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  prompts = [{"problem": "What is 2+2?", "answer": "4"}] * 2
+  source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=hostile_rewards, num_steps=2, mesh=mesh)
+  pids = pool.worker_pids()
+  try:
+    loop.run(workdir=str(tmp_path / "run"), model_config=config, optimizer_config=OPT,
+             loss_fn=grpo.make_loss_fn(config, cfg), train_data=source,
+             loop=LoopConfig(num_steps=2, checkpoint_every=100, async_checkpoints=False), mesh=mesh)
+    assert len(pool.worker_pids()) == 2 and pool.worker_pids()[0] != pids[0]  # the killed worker was replaced
+  finally:
+    pool.shutdown()
+  assert len(seen) == 2 and sorted(_losses(tmp_path / "run")) == [1, 2]  # the trainer kept going
+  for seconds, correct in seen:
+    assert not correct.any()  # every hostile completion scores incorrect
+    assert seconds < 3 * 2.0 + 5  # bounded: at most a few timeouts' worth for the whole batch
+  assert not os.path.exists(tmp_path / "PWNED")  # no model output was ever run
