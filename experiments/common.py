@@ -77,15 +77,19 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
 
 @gin.configurable("train")
 def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "next_token", microbatches: int = 1,
-          log_every: int = 1, checkpoint_every: int = 100, keep_checkpoints: Optional[int] = 3,
-          async_checkpoints: bool = True, eval_every: int = 0, init_from: Optional[str] = None,
-          export_hf: bool = False, peak_flops_per_device: Optional[float] = None, on_nonfinite: str = "stop",
-          chunk_size: int = 1024, z_loss: float = 0.0):
+                   log_every: int = 1, checkpoint_every: int = 100, keep_checkpoints: Optional[int] = 3,
+                   async_checkpoints: bool = True, eval_every: int = 0, init_from: Optional[str] = None,
+                   export_hf: bool = False, peak_flops_per_device: Optional[float] = None,
+                   on_nonfinite: str = "stop", chunk_size: int = 1024, z_loss: float = 0.0,
+                   preemption_grace_s: Optional[float] = None, loss_spike_factor: float = 5.0,
+                   loss_spike_window: int = 20):
   """Loop settings. `init_from`: an HF checkpoint directory or a previous run's workdir (its params/)."""
   return dict(loop=LoopConfig(num_steps=num_steps, seed=seed, microbatches=microbatches, log_every=log_every,
                               checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                               async_checkpoints=async_checkpoints, eval_every=eval_every, on_nonfinite=on_nonfinite,
-                              peak_flops_per_device=peak_flops_per_device, export_hf=export_hf),
+                              peak_flops_per_device=peak_flops_per_device, export_hf=export_hf,
+                              preemption_grace_s=preemption_grace_s, loss_spike_factor=loss_spike_factor,
+                              loss_spike_window=loss_spike_window),
               stage=stage, init_from=init_from, chunk_size=chunk_size, z_loss=z_loss)
 
 

@@ -186,6 +186,15 @@ class MetricsWriter:
         f.write(json.dumps(record) + "\n")
 
 
+def _token_stats(local: dict) -> dict:
+  """Real tokens, row slots (for MFU) and row length of a batch; DPO rows come as chosen_* and rejected_*."""
+  segments = [np.asarray(v) for k, v in local.items() if k.endswith("segment_ids")]
+  rows = [np.asarray(v) for k, v in local.items() if k.endswith("tokens") and np.ndim(v) == 2]
+  return {"tokens": sum(int(np.sum(s > 0)) for s in segments) * jax.process_count(),
+          "slots": sum(int(r.size) for r in rows) * jax.process_count(),
+          "seq_len": int(rows[0].shape[-1]) if rows else 0}
+
+
 def host_scalar(x) -> float:
   """A replicated scalar's value; reads the local copy, so it works when the array spans several hosts."""
   return float(np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x)
@@ -299,9 +308,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         step_fn = make_train_step(loss_fn, optimizer, schedule, mesh, shardings, batch,
                                   microbatches=loop.microbatches, skip_nonfinite=loop.on_nonfinite == "skip")
       state, metrics = step_fn(state, batch, rng)
-      stats = {"tokens": int(np.sum(np.asarray(local["segment_ids"]) > 0)) if "segment_ids" in local else 0,
-               "slots": int(np.size(local["tokens"])) * jax.process_count() if "tokens" in local else 0,
-               "seq_len": int(np.shape(local["tokens"])[-1]) if "tokens" in local else 0}
+      stats = _token_stats(local)
       if pending is not None:
         flush(pending)
       pending = (step + 1, metrics, stats)
