@@ -1,0 +1,177 @@
+"""The prepared single-GPU check: phi-4-mini train-step MFU, GPU attention vs the reference, decode tokens/s.
+
+    bash benchmarks/device_check.sh            # on one H100; JSON to $OUT (or ./device_check_out)
+    .venv/bin/python benchmarks/device_check.py --smoke   # CPU, toy sizes: checks the script itself
+
+1. Train step: phi-4-mini (3.8B, 32 layers, LongRoPE with placeholder factors, random weights), bf16 compute,
+   packed rows of 8K tokens (several documents per row), the attention backend `--backend` (cuDNN) and remat
+   `--remat`. The largest batch that fits is found ahead of time: batches from `--max_batch` down are compiled
+   and the first whose buffer assignment (arguments + temporaries) fits in 92% of the device memory runs.
+   MFU = model FLOPs (`phi_jax.train.flops`, remat not counted) per second / 989 TFLOP/s (H100 SXM dense bf16).
+2. Attention: `attention_gpu.gpu_check` compares the cuDNN backend with the "xla" reference on packed rows
+   (outputs and dq/dk/dv) and times both.
+3. Decode: `phi_jax.sampling.generate` on the same model, batch `--decode_batch`, 128-token prompts, 256 new
+   tokens, greedy; tokens/s over the whole call (prefill included) after a warm-up call.
+Each part writes its figures as soon as it ends, so a run cut short still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def _extra(parser):
+  parser.add_argument("--seq", type=int, default=8192)
+  parser.add_argument("--max_batch", type=int, default=8)
+  parser.add_argument("--backend", default="cudnn")
+  parser.add_argument("--remat", default="full")
+  parser.add_argument("--param_dtype", default="bfloat16",
+                      help="bfloat16 keeps params + AdamW moments at 6 bytes per parameter (23 GB for 3.8B)")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--decode_batch", type=int, default=64)
+  parser.add_argument("--peak_tflops", type=float, default=989.0)
+
+
+ARGS = _common.parse_args("device_check", __doc__.splitlines()[0], _extra)
+if ARGS.smoke:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import phi_jax  # noqa: E402
+from phi_jax import sharding  # noqa: E402
+from phi_jax.model import attention_gpu, presets  # noqa: E402
+from phi_jax.sampling import SamplingConfig, generate  # noqa: E402
+from phi_jax.stages import next_token  # noqa: E402
+from phi_jax.train import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer  # noqa: E402
+from phi_jax.train.flops import train_flops_per_token  # noqa: E402
+from phi_jax.train.state import abstract_state, state_shardings  # noqa: E402
+from phi_jax.train.step import make_train_step  # noqa: E402
+
+
+def model_config():
+  if ARGS.smoke:  # the phi-4-mini features (partial rotary, LongRoPE, tied embeddings, GQA) at toy size
+    config = presets.get("phi-4-mini", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, original_max_position_embeddings=64,
+                         max_position_embeddings=1024, dtype="float32", attention_backend="xla")
+  else:
+    config = presets.get("phi-4-mini", attention_backend=ARGS.backend)
+  # Placeholder LongRoPE factors: speed and memory do not depend on their values (they live in the checkpoint).
+  ones = (1.0,) * (config.rotary_dim // 2)
+  return config.replace(rope_short_factor=ones, rope_long_factor=tuple(4.0 for _ in ones),
+                        remat_policy=ARGS.remat, param_dtype="float32" if ARGS.smoke else ARGS.param_dtype)
+
+
+def packed_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+  """Rows of 3-6 documents of random lengths filling the row, positions restarting per document."""
+  rng = np.random.default_rng(seed)
+  out = {name: np.zeros((batch, seq), np.int32) for name in ("tokens", "positions", "segment_ids", "loss_mask")}
+  for row in range(batch):
+    cuts = np.sort(rng.choice(np.arange(64, seq - 64), rng.integers(2, 6), replace=False))
+    bounds = [0, *cuts, seq]
+    for doc, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+      out["segment_ids"][row, start:end] = doc + 1
+      out["positions"][row, start:end] = np.arange(end - start)
+  out["tokens"] = rng.integers(0, vocab, (batch, seq)).astype(np.int32)
+  out["loss_mask"][:] = 1
+  return out
+
+
+def device_memory_bytes() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  return float(stats.get("bytes_limit", 0)) or float("inf")
+
+
+def train_check(config, record):
+  seq = 256 if ARGS.smoke else ARGS.seq
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  opt_cfg = OptimizerConfig(learning_rate=1e-5, decay="constant", max_grad_norm=1.0)
+  optimizer = make_optimizer(opt_cfg, 1000)
+  loss_fn = next_token.make_loss_fn(config, chunk_size=1024)
+  shardings = state_shardings(config, optimizer, mesh)
+  state_shapes = abstract_state(config, optimizer, mesh)
+  limit = 0.92 * device_memory_bytes()
+  tried = []
+  batch_size = ARGS.max_batch if not ARGS.smoke else 2
+  while batch_size >= 1:
+    shapes = {k: jax.ShapeDtypeStruct((batch_size, seq), np.int32) for k in ("tokens", "positions", "segment_ids",
+                                                                             "loss_mask")}
+    step = make_train_step(loss_fn, optimizer, learning_rate_schedule(opt_cfg, 1000), mesh, shardings, shapes)
+    start = time.perf_counter()
+    compiled = step.lower(state_shapes, shapes, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile()
+    memory = compiled.memory_analysis()
+    peak = memory.argument_size_in_bytes + memory.temp_size_in_bytes
+    tried.append({"batch": batch_size, "compile_s": time.perf_counter() - start, "peak_gib": peak / 2**30})
+    record["train"] = {"tried": tried}
+    if peak <= limit:
+      break
+    batch_size //= 2
+  if batch_size < 1:
+    record["train"]["error"] = "no batch fits"
+    return
+  state = create_train_state(config, optimizer, mesh, jax.random.key(0))
+  batch = jax.device_put(packed_batch(batch_size, seq, config.vocab_size), jax.devices()[0])
+  rng = jax.random.key(1)
+  state, metrics = compiled(state, batch, rng)  # warm-up
+  jax.block_until_ready(metrics["loss"])
+  times = []
+  for _ in range(2 if ARGS.smoke else ARGS.steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - start)
+  step_s = float(np.median(times))
+  tokens = batch_size * seq
+  flops = train_flops_per_token(config, seq) * tokens
+  record["train"].update(batch=batch_size, seq_len=seq, backend=config.attention_backend, remat=config.remat_policy,
+                         param_dtype=config.param_dtype, step_s=times, median_step_s=step_s,
+                         tokens_per_s=tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
+                         mfu=flops / step_s / (ARGS.peak_tflops * 1e12), loss=float(metrics["loss"]))
+
+
+def attention_check(record):
+  if ARGS.smoke:
+    record["attention"] = attention_gpu.gpu_check(batch=2, length=128, num_heads=4, num_kv_heads=2, head_dim=16,
+                                                  repeats=2, implementation="xla")
+  else:
+    record["attention"] = attention_gpu.gpu_check(batch=4, length=4096)
+
+
+def decode_check(config, record):
+  batch, prompt_len, new_tokens = (4, 16, 8) if ARGS.smoke else (ARGS.decode_batch, 128, 256)
+  # Decoding keeps the weights in the compute dtype, as a rollout worker would.
+  params = jax.jit(lambda rng: phi_jax.init_params(config.replace(param_dtype=config.dtype), rng))(jax.random.key(0))
+  prompts = np.random.default_rng(0).integers(1, config.vocab_size, (batch, prompt_len)).astype(np.int32)
+  lengths = np.full((batch,), prompt_len, np.int32)
+  sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+  run = lambda: jax.block_until_ready(generate(params, config, prompts, lengths, jax.random.key(0), sampling)["tokens"])
+  first = _common.timed(run)
+  times = [_common.timed(run) for _ in range(2)]
+  record["decode"] = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "first_call_s": first,
+                      "call_s": times, "tokens_per_s": batch * new_tokens / float(np.median(times))}
+
+
+def main():
+  config = model_config()
+  record = {"benchmark": "device_check", "smoke": ARGS.smoke, "machine": _common.machine(),
+            "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
+            "peak_tflops": ARGS.peak_tflops, "model_params": config.num_params()}
+  for name, part in (("train", lambda: train_check(config, record)), ("attention", lambda: attention_check(record)),
+                     ("decode", lambda: decode_check(config, record))):
+    start = time.perf_counter()
+    try:
+      part()
+    except Exception as error:  # a failed part must not hide the figures of the others
+      record.setdefault(name, {})["error"] = f"{type(error).__name__}: {error}"[:2000]
+    record.setdefault(name, {})["wall_s"] = time.perf_counter() - start
+    _common.write(ARGS, record)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The prepared single-H100 check (see benchmarks/device_check.py): phi-4-mini packed 8K train-step MFU,
+# cuDNN attention vs the reference on packed rows, decode tokens/s. At most 8 minutes.
+#
+#   bash benchmarks/device_check.sh [extra device_check.py flags]
+#
+# Writes device_check.json and device_check.log to $OUT (or ./device_check_out). Uses .venv when present; the
+# GPU needs a CUDA build of jaxlib (jax[cuda12]) in that environment.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out_dir="${OUT:-./device_check_out}"
+mkdir -p "$out_dir"
+python="python3"
+[ -x .venv/bin/python ] && python=".venv/bin/python"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out_dir/nvidia_smi.csv" 2>&1 || true
+XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}" \
+  timeout 470 "$python" benchmarks/device_check.py --out "$out_dir/device_check.json" "$@" 2>&1 \
+  | tee "$out_dir/device_check.log"
+exit "${PIPESTATUS[0]}"
