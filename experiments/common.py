@@ -298,8 +298,47 @@ def save_final_params(workdir: str, params):
     ckptr.save(path, params)
 
 
+def abstract_stage_batch(stage: str, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of one global batch of `stage`, as its loss_fn reads it.
+
+  next_token: the pipeline's rows. dpo: a chosen and a rejected row per pair plus the reference log-prob sums.
+  grpo: prompt + completion rows (seq_len = grpo.max_prompt_tokens + grpo.max_new_tokens, batch_size = prompts x
+  group size) with the rollout log-probs, the advantages and, when grpo.beta > 0, the reference log-probs.
+  """
+  def rows(dtype=np.int32):
+    return jax.ShapeDtypeStruct((batch_size, seq_len), dtype)
+
+  if stage == "next_token":
+    return {k: rows() for k in pipeline_lib.BATCH_FIELDS}
+  if stage == "dpo":
+    from phi_jax.data import preference
+    batch = {k: rows() for k in preference.BATCH_FIELDS}
+    return batch | {k: jax.ShapeDtypeStruct((batch_size,), np.float32) for k in preference.REFERENCE_FIELDS}
+  if stage == "grpo":
+    batch = {k: rows() for k in pipeline_lib.BATCH_FIELDS}
+    batch.update(old_logps=rows(np.float32), advantages=jax.ShapeDtypeStruct((batch_size,), np.float32))
+    if grpo().beta:
+      batch["ref_logps"] = rows(np.float32)
+    return batch
+  raise ValueError(f"train.stage={stage!r}; supported: 'next_token', 'dpo', 'grpo'")
+
+
+def _stage_loss_fn(stage: str, model_config: PhiConfig, settings: dict):
+  if stage == "dpo":
+    from phi_jax.stages import dpo
+    cfg = dpo_settings()
+    return dpo.make_loss_fn(model_config, beta=cfg["beta"], label_smoothing=cfg["label_smoothing"],
+                            loss_type=cfg["loss_type"], chunk_size=settings["chunk_size"])
+  if stage == "grpo":
+    return grpo_stage.make_loss_fn(model_config, grpo())
+  return next_token.make_loss_fn(model_config, chunk_size=settings["chunk_size"], z_loss=settings["z_loss"])
+
+
 def dry_run() -> dict[str, Any]:
-  """Compiles the stage's train step for the configured mesh from abstract shapes (no weights, no data)."""
+  """Compiles the configured stage's train step for the mesh from abstract shapes (no weights, no data) and
+  returns the per-device memory XLA plans for it."""
+  from phi_jax.train.step import batch_shardings
+
   the_mesh = mesh()
   model_config, _ = model()
   if model_config.rope_scaling_type == "longrope" and model_config.rope_long_factor is None:
@@ -308,16 +347,20 @@ def dry_run() -> dict[str, Any]:
     model_config = model_config.replace(rope_short_factor=ones, rope_long_factor=ones)
   data_cfg = data()
   settings = train_settings()
-  loop = settings["loop"]
+  loop, stage = settings["loop"], settings["stage"]
+  if stage == "grpo":
+    cfg = grpo()
+    shape = (cfg.prompts_per_step * cfg.group_size, cfg.max_prompt_tokens + cfg.max_new_tokens)
+  else:
+    shape = (data_cfg["batch_size"], data_cfg["seq_len"])
   opt = make_optimizer(optimizer(), loop.num_steps)
   state = abstract_state(model_config, opt, the_mesh)
-  shape = (data_cfg["batch_size"], data_cfg["seq_len"])
-  batch = {k: jax.ShapeDtypeStruct(shape, np.int32) for k in pipeline_lib.BATCH_FIELDS}
-  loss_fn = next_token.make_loss_fn(model_config, chunk_size=settings["chunk_size"], z_loss=settings["z_loss"])
-  step = make_train_step(loss_fn, opt, learning_rate_schedule(optimizer(), loop.num_steps), the_mesh,
+  batch = abstract_stage_batch(stage, *shape)
+  step = make_train_step(_stage_loss_fn(stage, model_config, settings), opt,
+                         learning_rate_schedule(optimizer(), loop.num_steps), the_mesh,
                          jax.tree.map(lambda s: s.sharding, state), batch, microbatches=loop.microbatches)
-  batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=s)
-           for (k, _), s in zip(batch.items(), jax.tree.leaves(loop_lib.batch_shardings(batch, the_mesh)))}
+  batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
+                       batch_shardings(batch, the_mesh))
   compiled = step.lower(state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile()
   memory = compiled.memory_analysis()
   gib = 2.0 ** 30
@@ -326,8 +369,8 @@ def dry_run() -> dict[str, Any]:
   if memory is not None:
     # Donated state: outputs alias the arguments, so the peak is arguments + temporaries.
     per_device["peak_estimate_gib"] = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / gib
-  return {"model_params": model_config.num_params(), "mesh": dict(the_mesh.shape), "global_batch": list(shape),
-          "per_device": per_device}
+  return {"stage": stage, "model_params": model_config.num_params(), "mesh": dict(the_mesh.shape),
+          "global_batch": list(shape), "batch_fields": sorted(batch), "per_device": per_device}
 
 
 

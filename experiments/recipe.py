@@ -1,0 +1,439 @@
+"""The Phi-4-mini-reasoning recipe end to end on the embedded word-problem task: a base model, then packed
+distillation mid-training, distillation SFT, rollout DPO and GRPO, each evaluated on the held-out test split.
+
+    python experiments/recipe.py --workdir runs/demo             # the full demo (make demo), minutes on a CPU
+    python experiments/recipe.py --workdir /tmp/smoke --quick    # the 1-2 minute smoke run of the test suite
+    python experiments/recipe.py --workdir runs/demo --gin_param='recipe.stages=["base", "midtrain", "sft"]'
+
+Stages (each a `experiments/train.py` stage configured by `<config_dir>/<stage>.gin`, started from the previous
+stage's params):
+  base      stage 0: packed next-token training from scratch on questions with direct answers, no reasoning;
+  midtrain  stage 1: packed next-token training on teacher reasoning traces;
+  sft       stage 2: unpacked next-token training on a curated subset, so the model learns where to stop;
+  dpo       stage 3: k rollouts per prompt from the SFT model, verified; (correct, incorrect) pairs; DPO;
+  grpo      stage 4: GRPO with the verifier as reward and the small-model fixes.
+After each stage the model answers the test problems (greedy, and `evaluation.num_samples` samples) and the
+verifier scores them. Everything lands under --workdir: data/ (the task files and tokenizer), one directory per
+stage (metrics.jsonl, params/, checkpoints/, eval/summary.json + items.jsonl), summary.json, report.md and PNG
+plots. Re-running the command skips finished stages and resumes an interrupted one from its newest checkpoint.
+Checkpoint selection and tuning use the valid split only; the test split is only ever reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+# Two simulated CPU devices use both cores of a small machine (data parallel); a set XLA_FLAGS wins.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+
+import common  # noqa: E402  (gin configurables shared by every entry script)
+import eval as eval_lib  # noqa: E402
+import make_task_data  # noqa: E402
+import rollouts  # noqa: E402
+
+log = logging.getLogger("phi_jax")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("base", "midtrain", "sft", "dpo", "grpo")
+# The task file each stage trains on (DPO trains on the pairs it samples from `dpo_prompts`).
+STAGE_DATA = {"base": "base_train", "midtrain": "midtrain", "sft": "sft", "dpo": "dpo_prompts", "grpo": "rl_prompts"}
+DEFAULT_COUNTS = {"base_train": 4000, "midtrain": 4000, "sft": 1000, "dpo_prompts": 256, "rl_prompts": 512,
+                  "valid": 200, "test": 200}
+
+
+@gin.configurable("recipe")
+def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experiments/configs/recipe_tiny",
+                    task_counts: Optional[dict] = None, task_seed: int = 0, difficulty: str = "medium",
+                    difficulty_overrides: Optional[dict] = None, stage_bindings: Optional[dict] = None,
+                    rollout_k: int = 8, eval_split: str = "test") -> dict[str, Any]:
+  """The recipe: which stages run, their gin files (`<config_dir>/<stage>.gin`), the task data, extra gin bindings
+  per stage (`stage_bindings = {"sft": ["train.num_steps=10"]}`), the rollouts per DPO prompt, the reported split."""
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or list(stages) != [s for s in STAGES if s in stages]:
+    raise ValueError(f"recipe.stages={list(stages)}: expected stages of {STAGES}, in that order")
+  if eval_split not in ("valid", "test"):
+    raise ValueError(f"recipe.eval_split={eval_split!r}; expected 'valid' or 'test'")
+  return dict(stages=list(stages), config_dir=config_dir, task_counts={**DEFAULT_COUNTS, **(task_counts or {})},
+              task_seed=task_seed, difficulty=difficulty, difficulty_overrides=dict(difficulty_overrides or {}),
+              stage_bindings={k: list(v) for k, v in (stage_bindings or {}).items()}, rollout_k=rollout_k,
+              eval_split=eval_split)
+
+
+def prepare_data(workdir: str, settings: dict) -> dict:
+  """Writes the task files and tokenizer under workdir/data once; returns the manifest."""
+  data_dir = os.path.join(workdir, "data")
+  manifest_path = os.path.join(data_dir, "manifest.json")
+  if not os.path.exists(manifest_path):
+    log.info("writing the task data to %s", data_dir)
+    make_task_data.make_task_data(data_dir, seed=settings["task_seed"], difficulty=settings["difficulty"],
+                                  counts=settings["task_counts"], **settings["difficulty_overrides"])
+  with open(manifest_path) as f:
+    return json.load(f)
+
+
+def stage_bindings(stage: str, workdir: str, init_from: Optional[str], settings: dict) -> list[str]:
+  """The gin bindings the recipe adds to a stage's file: its data, the tokenizer, its starting point."""
+  data_dir = os.path.join(workdir, "data")
+  train_file = (os.path.join(workdir, stage, "pairs.jsonl") if stage == "dpo"
+                else os.path.join(data_dir, f"{STAGE_DATA[stage]}.jsonl"))
+  bindings = [f"data.train_files={json.dumps([train_file])}",
+              f"data.tokenizer={json.dumps(os.path.join(data_dir, 'tokenizer'))}"]
+  if init_from is not None:
+    bindings.append(f"train.init_from={json.dumps(init_from)}")
+  return bindings + settings["stage_bindings"].get(stage, [])
+
+
+def _configure(settings: dict, stage: str, bindings: Sequence[str]) -> None:
+  gin.clear_config()
+  common.parse_gin([os.path.join(settings["config_dir"], f"{stage}.gin")], bindings)
+
+
+def _policy(init_from: str):
+  """(config, params, tokenizer, mesh) of a finished stage, under the currently parsed gin config."""
+  the_mesh = common.mesh()
+  config, params, tokenizer = rollouts.load_policy(init_from, the_mesh)
+  return config, params, tokenizer, the_mesh
+
+
+def sample_dpo_pairs(workdir: str, init_from: str, settings: dict, rollout_cfg: dict) -> dict:
+  """Rollouts of the previous stage's model on the DPO prompts -> workdir/dpo/pairs.jsonl (once); the summary."""
+  out = os.path.join(workdir, "dpo", "pairs.jsonl")
+  if not os.path.exists(rollouts.summary_path(out)):
+    config, params, tokenizer, the_mesh = _policy(init_from)
+    rollouts.rollout_pairs(params, config, tokenizer, os.path.join(workdir, "data", "dpo_prompts.jsonl"), out,
+                           k=settings["rollout_k"], sampling=rollout_cfg["sampling"], seed=settings["task_seed"],
+                           batch_size=rollout_cfg["batch_size"], mesh=the_mesh,
+                           system_prompt=common.data()["system_prompt"])
+  with open(rollouts.summary_path(out)) as f:
+    return json.load(f)
+
+
+def evaluate_stage(stage_dir: str, params_from: str, problems: list[dict], eval_cfg: dict) -> dict:
+  """Evaluates the params of `params_from` on the problems -> stage_dir/eval/{summary.json, items.jsonl}."""
+  config, params, tokenizer, the_mesh = _policy(params_from)
+  summary, items = eval_lib.evaluate(params, config, tokenizer, problems, settings=eval_cfg, mesh=the_mesh,
+                                     system_prompt=common.data()["system_prompt"])
+  eval_lib.write_results(os.path.join(stage_dir, "eval"), summary, items)
+  return summary
+
+
+def run_stage(stage: str, index: int, workdir: str, init_from: Optional[str], settings: dict, eval_cfg: dict,
+              rollout_cfg: dict, problems: list[dict]) -> dict:
+  """Trains (or resumes) one stage and evaluates it; returns its record for summary.json."""
+  stage_dir = os.path.join(workdir, stage)
+  record: dict[str, Any] = {"name": stage, "init_from": init_from}
+  bindings = stage_bindings(stage, workdir, init_from, settings)
+  _configure(settings, stage, bindings)
+  log.info("== stage %d/%d: %s (%s, %d steps)%s ==", index + 1, len(settings["stages"]), stage,
+           common.train_settings()["stage"], common.train_settings()["loop"].num_steps,
+           f" from {os.path.relpath(init_from, workdir)}" if init_from else " from random initialisation")
+  started = time.time()
+  params_from = stage_dir
+  if stage == "dpo":
+    record["rollouts"] = sample_dpo_pairs(workdir, init_from, settings, rollout_cfg)
+    log.info("dpo rollouts: %d pairs from %d prompts (rollout accuracy %.3f)", record["rollouts"]["pairs"],
+             record["rollouts"]["prompts"], record["rollouts"]["accuracy"])
+    _configure(settings, stage, bindings)  # sampling read the config; start the stage from a fresh one
+  if stage == "dpo" and record["rollouts"]["pairs"] == 0:
+    log.warning("no preference pairs (every prompt all right or all wrong): DPO is skipped, the SFT params go on")
+    record["skipped"] = "no preference pairs"
+    params_from = init_from
+  else:
+    common.run_training(stage_dir)
+  record["train_seconds"] = time.time() - started
+  _configure(settings, stage, bindings)
+  started = time.time()
+  record["eval"] = evaluate_stage(stage_dir, params_from, problems, eval_cfg)
+  record["eval_seconds"] = time.time() - started
+  # Relative to the workdir, so a moved or copied workdir still resumes.
+  record["params_from"] = os.path.relpath(params_from, workdir)
+  with open(os.path.join(stage_dir, "recipe_stage.json"), "w") as f:
+    json.dump(record, f, indent=1)
+  e = record["eval"]
+  log.info("%s: accuracy %.3f [%.3f, %.3f] (greedy %.3f), %.1f response tokens, format errors %.3f", stage,
+           e["accuracy"], *e["accuracy_ci95"], e.get("greedy_accuracy", float("nan")), e["response_tokens_mean"],
+           e["format_error_rate"])
+  return record
+
+
+def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) -> dict:
+  """Runs every stage not yet finished, then writes summary.json, report.md and the plots; returns the summary."""
+  started = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  manifest = prepare_data(workdir, settings)
+  problems = rollouts.read_problems(os.path.join(workdir, "data", f"{settings['eval_split']}.jsonl"))
+  records, init_from = [], None
+  for index, stage in enumerate(settings["stages"]):
+    done = os.path.join(workdir, stage, "recipe_stage.json")
+    if os.path.exists(done):
+      with open(done) as f:
+        record = json.load(f)
+      log.info("== stage %d/%d: %s already done (accuracy %.3f) ==", index + 1, len(settings["stages"]), stage,
+               record["eval"]["accuracy"])
+    else:
+      record = run_stage(stage, index, workdir, init_from, settings, eval_cfg, rollout_cfg, problems)
+    records.append(record)
+    init_from = os.path.join(workdir, record["params_from"])
+  gin.clear_config()
+  summary = build_summary(workdir, records, manifest, settings, eval_cfg)
+  summary["wall_seconds_this_run"] = time.time() - started
+  write_report(workdir, summary)
+  return summary
+
+
+def read_metrics(stage_dir: str) -> list[dict]:
+  path = os.path.join(stage_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def _model_params(workdir: str, stage: str) -> Optional[int]:
+  path = os.path.join(workdir, stage, "config.gin")
+  if not os.path.exists(path):
+    return None
+  gin.clear_config()
+  common.parse_gin([path], [])
+  count = common.model()[0].num_params()
+  gin.clear_config()
+  return count
+
+
+def _verdict(effect: dict) -> str:
+  low, high = effect["ci95"]
+  if low > 0:
+    return "helped"
+  if high < 0:
+    return "hurt"
+  return "no significant change"
+
+
+def build_summary(workdir: str, records: Sequence[dict], manifest: dict, settings: dict, eval_cfg: dict) -> dict:
+  """summary.json: one entry per stage (accuracies with intervals, paired effects, lengths, training numbers)."""
+  stages, previous_items, base_items = [], None, None
+  for record in records:
+    stage_dir = os.path.join(workdir, record["name"])
+    items = eval_lib.read_items(os.path.join(stage_dir, "eval"))
+    metrics = read_metrics(stage_dir)
+    e = record["eval"]
+    entry = {"name": record["name"], "accuracy": e["accuracy"], "accuracy_ci95": e["accuracy_ci95"],
+             "greedy_accuracy": e.get("greedy_accuracy"), "greedy_accuracy_ci95": e.get("greedy_accuracy_ci95"),
+             "pass_at_k": e["pass_at_k"], "response_tokens_mean": e["response_tokens_mean"],
+             "format_error_rate": e["format_error_rate"], "think_format_rate": e["think_format_rate"],
+             "num_eval": e["num_problems"], "steps": metrics[-1]["step"] if metrics else 0,
+             "final_loss": metrics[-1]["loss"] if metrics else None,
+             "train_seconds": record.get("train_seconds"), "eval_seconds": record.get("eval_seconds")}
+    for key in ("rollouts", "skipped"):
+      if key in record:
+        entry[key] = record[key]
+    if record["name"] == "grpo" and metrics:
+      tail = metrics[-max(1, len(metrics) // 4):]
+      head = metrics[:max(1, len(metrics) // 4)]
+      entry["reward_mean_first_quarter"] = sum(r.get("reward_mean", 0.0) for r in head) / len(head)
+      entry["reward_mean_last_quarter"] = sum(r.get("reward_mean", 0.0) for r in tail) / len(tail)
+      entry["groups_kept_mean"] = sum(r.get("groups_kept", 0.0) for r in metrics) / len(metrics)
+    if previous_items is not None:
+      entry["delta_vs_previous"] = eval_lib.paired_difference(items, previous_items)
+      entry["delta_vs_previous"]["verdict"] = _verdict(entry["delta_vs_previous"])
+      if "greedy" in items[0]:
+        entry["greedy_delta_vs_previous"] = eval_lib.paired_difference(items, previous_items, key="greedy")
+    if base_items is not None:
+      entry["delta_vs_base"] = eval_lib.paired_difference(items, base_items)
+    base_items = items if base_items is None else base_items
+    previous_items = items
+    stages.append(entry)
+  return {"stages": stages, "workdir": workdir,
+          "task": {"difficulty": settings["difficulty"], "difficulty_params": manifest["difficulty_params"],
+                   "counts": manifest["counts"], "vocab_size": manifest["vocab_size"]},
+          "model_params": _model_params(workdir, records[0]["name"]) if records else None,
+          "evaluation": {"split": settings["eval_split"], "num_samples": eval_cfg["num_samples"],
+                         "temperature": eval_cfg["sampling"].temperature,
+                         "max_new_tokens": eval_cfg["sampling"].max_new_tokens}}
+
+
+def _pct(value: Optional[float]) -> str:
+  return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _interval(value: Optional[float], ci: Optional[Sequence[float]], signed: bool = False) -> str:
+  if value is None:
+    return "-"
+  sign = "+" if signed and value >= 0 else ""
+  return f"{sign}{100 * value:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def stage_table(summary: dict) -> str:
+  """The markdown stage table: accuracies in percent with 95% intervals, effects paired by problem."""
+  n = summary["evaluation"]["num_samples"]
+  lines = [f"| stage | steps | final loss | greedy acc. % [95% CI] | mean@{n} acc. % [95% CI] | "
+           f"change vs previous, points [95% CI] | pass@{n} % | response tokens | format errors % |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for s in summary["stages"]:
+    delta = s.get("delta_vs_previous")
+    pass_k = s["pass_at_k"].get(str(n))
+    loss = "-" if s["final_loss"] is None else f"{s['final_loss']:.3f}"
+    lines.append(
+        f"| {s['name']}{' (skipped)' if s.get('skipped') else ''} | {s['steps']} | {loss} | "
+        f"{_interval(s['greedy_accuracy'], s['greedy_accuracy_ci95'])} | "
+        f"{_interval(s['accuracy'], s['accuracy_ci95'])} | "
+        f"{_interval(delta['delta'], delta['ci95'], signed=True) if delta else '-'} | {_pct(pass_k)} | "
+        f"{s['response_tokens_mean']:.1f} | {_pct(s['format_error_rate'])} |")
+  return "\n".join(lines)
+
+
+def findings(summary: dict) -> list[str]:
+  """One sentence per stage on whether it changed held-out accuracy, judged by its paired 95% interval."""
+  out = []
+  stages = summary["stages"]
+  for s in stages[1:]:
+    d = s["delta_vs_previous"]
+    if s.get("skipped"):
+      out.append(f"- **{s['name']}** was skipped ({s['skipped']}).")
+      continue
+    change = {"helped": "raised", "hurt": "lowered", "no significant change": "did not significantly change"}
+    out.append(f"- **{s['name']}** {change[d['verdict']]} mean accuracy: {_interval(d['delta'], d['ci95'], True)} "
+               "points.")
+  if len(stages) > 1:
+    d = stages[-1]["delta_vs_base"]
+    out.append(f"- The full recipe vs the base model: {_interval(d['delta'], d['ci95'], True)} points "
+               f"({_pct(stages[0]['accuracy'])}% -> {_pct(stages[-1]['accuracy'])}%).")
+  return out
+
+
+def write_plots(workdir: str, summary: dict) -> list[str]:
+  """loss.png (training loss per stage), grpo.png (reward and response length per step), accuracy.png."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  written = []
+  stages = summary["stages"]
+  fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
+  for ax, s in zip(axes[0], stages):
+    metrics = read_metrics(os.path.join(workdir, s["name"]))
+    ax.plot([r["step"] for r in metrics], [r["loss"] for r in metrics], marker=".", markersize=3)
+    ax.set_title(s["name"] + (" (skipped)" if s.get("skipped") else ""))
+    ax.set_xlabel("step")
+  axes[0][0].set_ylabel("training loss")
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "loss.png"), dpi=90)
+  plt.close(fig)
+  written.append("loss.png")
+
+  grpo = read_metrics(os.path.join(workdir, "grpo")) if any(s["name"] == "grpo" for s in stages) else []
+  if grpo:
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
+    steps = [r["step"] for r in grpo]
+    axes[0].plot(steps, [r.get("reward_mean", math.nan) for r in grpo], marker=".", label="reward")
+    axes[0].plot(steps, [r.get("accuracy", math.nan) for r in grpo], marker=".", label="rollout accuracy", alpha=0.7)
+    axes[0].legend()
+    axes[1].plot(steps, [r.get("response_length_mean", math.nan) for r in grpo], marker=".")
+    axes[1].set_ylabel("response tokens")
+    for ax in axes:
+      ax.set_xlabel("GRPO step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "grpo.png"), dpi=90)
+    plt.close(fig)
+    written.append("grpo.png")
+
+  fig, ax = plt.subplots(figsize=(1.2 * len(stages) + 2.5, 3))
+  x = range(len(stages))
+  acc = [100 * s["accuracy"] for s in stages]
+  err = [[100 * (s["accuracy"] - s["accuracy_ci95"][0]) for s in stages],
+         [100 * (s["accuracy_ci95"][1] - s["accuracy"]) for s in stages]]
+  ax.bar(x, acc, yerr=err, capsize=4, label=f"mean@{summary['evaluation']['num_samples']}")
+  if all(s["greedy_accuracy"] is not None for s in stages):
+    ax.plot(x, [100 * s["greedy_accuracy"] for s in stages], "ko", label="greedy")
+  ax.set_xticks(list(x), [s["name"] for s in stages])
+  ax.set_ylabel(f"{summary['evaluation']['split']} accuracy %")
+  ax.set_ylim(0, 100)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "accuracy.png"), dpi=90)
+  plt.close(fig)
+  written.append("accuracy.png")
+  return written
+
+
+def write_report(workdir: str, summary: dict) -> None:
+  """summary.json, the plots and report.md."""
+  plots = write_plots(workdir, summary)
+  summary["plots"] = plots
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  ev, task, level = summary["evaluation"], summary["task"], summary["task"]["difficulty_params"]
+  lines = ["# phi_jax reasoning recipe", "",
+           f"A {summary['model_params'] or '?'}-parameter model through the Phi-4-mini-reasoning stages on the "
+           f"embedded word-problem task ({task['difficulty']}, {level['min_steps']}-{level['max_steps']} operations, "
+           f"values up to {level['max_value']})."
+           f" Held-out {ev['split']} split: {summary['stages'][0]['num_eval'] if summary['stages'] else 0} problems, "
+           f"greedy and {ev['num_samples']} samples each at temperature {ev['temperature']}, at most "
+           f"{ev['max_new_tokens']} new tokens; intervals are 95% normal intervals over problems, changes are paired "
+           "by problem.", "", "## Stage table", "", stage_table(summary), "", "## What each stage did", ""]
+  lines += findings(summary)
+  for s in summary["stages"]:
+    if "rollouts" in s:
+      r = s["rollouts"]
+      lines += ["", f"DPO rollouts: {r['k']} per prompt on {r['prompts']} prompts, rollout accuracy "
+                f"{_pct(r['accuracy'])}%, {r['pairs']} pairs ({r['prompts_all_correct']} prompts all correct, "
+                f"{r['prompts_all_wrong']} all wrong)."]
+    if "reward_mean_first_quarter" in s:
+      lines += ["", f"GRPO: mean reward {s['reward_mean_first_quarter']:.3f} in the first quarter of the steps, "
+                f"{s['reward_mean_last_quarter']:.3f} in the last; {_pct(s['groups_kept_mean'])}% of the groups had "
+                "non-zero reward variance and trained."]
+  lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots]
+  lines += ["", "## Time", "", "| stage | train s | eval s |", "|---|---|---|"]
+  lines += [f"| {s['name']} | {s['train_seconds'] or 0:.0f} | {s['eval_seconds'] or 0:.0f} |"
+            for s in summary["stages"]]
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True, help="everything goes here; re-running resumes")
+  parser.add_argument("--quick", action="store_true", help="the smoke run: tiny data, a few steps per stage")
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="recipe gin file(s) (recipe.*, evaluation.*, rollouts.*); default recipe_tiny/recipe.gin "
+                      "(quick.gin with --quick)")
+  parser.add_argument("--gin_param", action="append", default=[], help="recipe gin binding 'k=v' (repeatable)")
+  parser.add_argument("--fresh", action="store_true", help="delete --workdir first instead of resuming")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  workdir = os.path.abspath(args.workdir)
+  os.chdir(ROOT)  # gin files include each other by repository-relative paths
+  if args.fresh and os.path.exists(workdir):
+    shutil.rmtree(workdir)
+  default = "quick.gin" if args.quick else "recipe.gin"
+  gin.clear_config()
+  common.parse_gin(args.gin_file or [os.path.join("experiments/configs/recipe_tiny", default)], args.gin_param)
+  settings, eval_cfg, rollout_cfg = recipe_settings(), eval_lib.eval_settings(), rollouts.rollout_settings()
+  log.info("recipe: %d devices (%s); stages %s", jax.device_count(), jax.devices()[0].platform, settings["stages"])
+  summary = run_recipe(workdir, settings, eval_cfg, rollout_cfg)
+  print(stage_table(summary))
+  print(f"\nreport: {os.path.join(workdir, 'report.md')}")
+  return summary
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,123 @@
+"""The evaluation command: pass@k and interval math against brute force, the summary of known outcomes, and the
+command end to end on a saved tiny run (files, per-item records, numbers in range)."""
+
+import itertools
+import json
+import math
+import os
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import common  # noqa: E402
+import eval as eval_lib  # noqa: E402
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 2, 2), (4, 0, 1), (4, 4, 3), (6, 1, 6), (8, 3, 4)])
+def test_pass_at_k_is_the_chance_that_k_of_n_samples_hold_a_correct_one(n, c, k):
+  samples = [True] * c + [False] * (n - c)
+  subsets = list(itertools.combinations(samples, k))
+  assert eval_lib.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_mean_ci_is_the_normal_interval_of_the_mean():
+  values = [0.0, 0.5, 1.0, 1.0, 0.25]
+  mean, low, high = eval_lib.mean_ci(values)
+  half = 1.959964 * np.std(values, ddof=1) / math.sqrt(len(values))
+  assert (mean, low, high) == pytest.approx((np.mean(values), np.mean(values) - half, np.mean(values) + half))
+
+
+def _item(answer, sample_verdicts, greedy_verdict):
+  out = lambda ok: {"text": "x", "correct": ok, "num_tokens": 3, "finished": True, "format_error": False}
+  return {"prompt": "q", "answer": answer, "greedy": [out(greedy_verdict)],
+          "samples": [out(v) for v in sample_verdicts], "score": float(np.mean(sample_verdicts))}
+
+
+def test_summary_and_paired_difference_of_known_outcomes():
+  before = [_item("1", [False, False], False), _item("2", [True, False], False), _item("3", [True, True], True)]
+  after = [_item("1", [True, False], True), _item("2", [True, True], True), _item("3", [True, True], True)]
+  summary = eval_lib.summarize(before, pass_k=(1, 2))
+  assert summary["accuracy"] == pytest.approx(0.5)
+  assert summary["accuracy_per_run"] == pytest.approx([2 / 3, 1 / 3])
+  assert summary["pass_at_k"] == pytest.approx({"1": 0.5, "2": 2 / 3})
+  assert summary["greedy_accuracy"] == pytest.approx(1 / 3)
+  diff = eval_lib.paired_difference(after, before)
+  assert diff["delta"] == pytest.approx(1 / 3)
+  assert diff["ci95"][0] < 1 / 3 < diff["ci95"][1]
+  assert eval_lib.paired_difference(after, before, key="greedy")["delta"] == pytest.approx(2 / 3)
+  with pytest.raises(ValueError, match="same problems"):
+    eval_lib.paired_difference(after[:2], before[1:])
+
+
+def test_format_errors():
+  assert not eval_lib.format_error({"text": "<think>1 + 1 = 2.</think> The answer is \\boxed{2}.", "finished": True})
+  assert eval_lib.format_error({"text": "<think>1 + 1 = 2.</think> The answer is \\boxed{2}.", "finished": False})
+  assert eval_lib.format_error({"text": "", "finished": True})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A saved run directory of the tiny model (random params) with its config.gin and tokenizer, plus problems."""
+  from phi_jax.model import init_params, presets
+
+  run = tmp_path_factory.mktemp("run")
+  common.get_tokenizer("tiny:phi-4", str(run))
+  common.save_final_params(str(run), init_params(presets["tiny"], jax.random.key(0)))
+  (run / "config.gin").write_text('model.preset = "tiny"\ndata.tokenizer = "tiny:phi-4"\n'
+                                  'mesh.shape = {"data": -1, "fsdp": 1}\n')
+  problems = run / "problems.jsonl"
+  problems.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                              for i in range(5)))
+  return run, problems
+
+
+def test_eval_command_on_a_saved_run(tiny_run, capsys):
+  run, problems = tiny_run
+  out = run / "eval"
+  try:
+    summary = eval_lib.main([f"--init_from={run}", f"--problems={problems}", f"--out={out}",
+                             "--gin_param=evaluation.max_new_tokens=8", "--gin_param=evaluation.num_samples=3",
+                             "--gin_param=evaluation.pass_k=[1, 3]", "--gin_param=evaluation.batch_size=8"])
+  finally:
+    gin.clear_config()
+  assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+  items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+  assert [i["answer"] for i in items] == [str(2 * i) for i in range(5)]
+  assert all(len(i["samples"]) == 3 and len(i["greedy"]) == 1 for i in items)
+  outputs = [o for i in items for o in i["samples"] + i["greedy"]]
+  assert all(1 <= o["num_tokens"] <= 8 and isinstance(o["text"], str) for o in outputs)
+  assert summary["num_problems"] == 5 and len(summary["accuracy_per_run"]) == 3
+  assert 0 <= summary["accuracy"] <= 1 and 0 <= summary["pass_at_k"]["3"] <= 1
+  assert summary["accuracy_ci95"][0] <= summary["accuracy"] <= summary["accuracy_ci95"][1]
+  assert 1 <= summary["response_tokens_mean"] <= 8
+  # A random model rarely stops or answers within 8 tokens: its format errors are counted, not hidden.
+  errors = [o["format_error"] for i in items for o in i["samples"]]
+  assert summary["format_error_rate"] == pytest.approx(np.mean(errors))
+  assert summary["format_error_rate"] > 0.5
+
+
+def test_evaluate_scores_with_the_verifier_it_is_given(tiny_run):
+  from phi_jax.hf.tokenizer import load_tokenizer
+  from phi_jax.model import init_params, presets
+
+  run, _ = tiny_run
+  problems = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)]
+  settings = dict(eval_lib.eval_settings(num_samples=2, max_new_tokens=4, pass_k=(1, 2), batch_size=8))
+  calls = []
+
+  def every_other(completions, golds):
+    calls.append(len(completions))
+    return [i % 2 == 0 for i in range(len(completions))]
+
+  summary, items = eval_lib.evaluate(init_params(presets["tiny"], jax.random.key(0)), presets["tiny"],
+                                     load_tokenizer(str(run / "tokenizer")), problems, settings=settings,
+                                     verify_fn=every_other)
+  assert calls == [4, 8]  # greedy rows, then 4 problems x 2 samples
+  assert summary["accuracy_per_run"] == [1.0, 0.0]  # sample 0 of every problem is "correct", sample 1 is not
+  assert summary["pass_at_k"] == {"1": 0.5, "2": 1.0}
+  assert summary["greedy_accuracy"] == 0.5

@@ -1,0 +1,93 @@
+"""The recipe runner: the quick smoke run of all five stages end to end (files, stage table, numbers in range),
+then a re-run that skips every finished stage; and the recipe's settings and stage chaining."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import recipe  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(workdir, *extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "recipe.py"), f"--workdir={workdir}",
+                         "--quick", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("recipe")
+  return workdir, _run(workdir)
+
+
+@pytest.mark.slow
+def test_quick_recipe_writes_summary_report_and_plots(smoke):
+  workdir, stdout = smoke
+  summary = json.loads((workdir / "summary.json").read_text())
+  names = [s["name"] for s in summary["stages"]]
+  assert names == list(recipe.STAGES)
+  for s in summary["stages"]:
+    for key in ("accuracy", "greedy_accuracy", "format_error_rate", "think_format_rate"):
+      assert 0.0 <= s[key] <= 1.0, (s["name"], key)
+    assert s["accuracy_ci95"][0] <= s["accuracy"] <= s["accuracy_ci95"][1]
+    assert 1 <= s["response_tokens_mean"] <= summary["evaluation"]["max_new_tokens"]
+    assert s["num_eval"] == 16
+    if s["name"] != "base":
+      low, high = s["delta_vs_previous"]["ci95"]
+      assert -1.0 <= low <= s["delta_vs_previous"]["delta"] <= high <= 1.0
+    stage_dir = workdir / s["name"]
+    assert (stage_dir / "eval" / "items.jsonl").read_text().count("\n") == 16
+    if not s.get("skipped"):
+      assert s["steps"] >= 2 and os.path.isdir(stage_dir / "params")
+  assert [s["steps"] for s in summary["stages"] if not s.get("skipped")] == \
+      [n for n, s in zip((4, 4, 3, 2, 2), summary["stages"]) if not s.get("skipped")]
+  grpo = [json.loads(line) for line in (workdir / "grpo" / "metrics.jsonl").read_text().splitlines()]
+  assert all("reward_mean" in r and "response_length_mean" in r for r in grpo)
+  report = (workdir / "report.md").read_text()
+  assert "| stage | steps |" in report
+  table = [line for line in report.splitlines() if line.startswith("| ") and "|---" not in line]
+  assert [row.split("|")[1].split()[0] for row in table[1:6]] == list(recipe.STAGES)
+  for plot in summary["plots"]:
+    assert plot in report and (workdir / plot).read_bytes()[:8] == PNG_MAGIC
+  assert {"loss.png", "grpo.png", "accuracy.png"} <= set(summary["plots"])
+  assert "== stage 5/5: grpo" in stdout and "| base |" in stdout  # progress, then the table
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages(smoke):
+  workdir, _ = smoke
+  before = json.loads((workdir / "summary.json").read_text())
+  stdout = _run(workdir)
+  assert stdout.count("already done") == len(recipe.STAGES)
+  assert "step " not in stdout  # nothing trained again
+  after = json.loads((workdir / "summary.json").read_text())
+  assert [s["accuracy"] for s in after["stages"]] == [s["accuracy"] for s in before["stages"]]
+
+
+def test_settings_reject_unknown_or_reordered_stages():
+  assert recipe.recipe_settings(stages=["base", "sft"])["stages"] == ["base", "sft"]
+  with pytest.raises(ValueError, match="in that order"):
+    recipe.recipe_settings(stages=["sft", "base"])
+  with pytest.raises(ValueError, match="in that order"):
+    recipe.recipe_settings(stages=["base", "pretrain"])
+
+
+def test_each_stage_starts_from_the_previous_one_and_reads_its_own_data(tmp_path):
+  settings = recipe.recipe_settings(stage_bindings={"sft": ["train.num_steps=7"]})
+  sft = recipe.stage_bindings("sft", str(tmp_path), str(tmp_path / "midtrain"), settings)
+  assert f'train.init_from="{tmp_path / "midtrain"}"' in sft
+  assert f'data.train_files=["{tmp_path / "data" / "sft.jsonl"}"]' in sft
+  assert sft[-1] == "train.num_steps=7"
+  dpo = recipe.stage_bindings("dpo", str(tmp_path), str(tmp_path / "sft"), settings)
+  assert f'data.train_files=["{tmp_path / "dpo" / "pairs.jsonl"}"]' in dpo
+  assert not any("init_from" in b for b in recipe.stage_bindings("base", str(tmp_path), None, settings))
