@@ -111,7 +111,7 @@ def _pipeline(files, data_cfg, tokenizer, *, seed, per_process_batch, shuffle=Tr
       packing=data_cfg["packing"], too_long=data_cfg["too_long"], on_bad_record=data_cfg["on_bad_record"])
 
 
-def _init_params_fn(model_config: PhiConfig, hf_path: Optional[str], init_from: Optional[str], the_mesh):
+def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Optional[str], the_mesh):
   """Starting params placed in their shards: a previous run's params/, an HF directory, or None (random)."""
   source = init_from or hf_path
   if not source:
@@ -200,7 +200,7 @@ def run_training(workdir: str):
   state = loop_lib.run(
       workdir=workdir, model_config=model_config, optimizer_config=optimizer(), loss_fn=loss_fn,
       train_data=train_data, loop=loop, mesh=the_mesh,
-      init_params=_init_params_fn(model_config, hf_path, settings["init_from"], the_mesh),
+      init_params=params_loader(model_config, hf_path, settings["init_from"], the_mesh),
       eval_batches=eval_batches, run_meta={"stage": settings["stage"]}, on_log=show)
   save_final_params(workdir, state.params)
   if loop.export_hf:
@@ -231,7 +231,7 @@ def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str
 
 def _dpo_reference_params(model_config: PhiConfig, hf_path: Optional[str], settings: dict, the_mesh):
   """The frozen reference: the params the policy starts from, loaded (or initialised) a second time."""
-  load = _init_params_fn(model_config, hf_path, settings["init_from"], the_mesh)
+  load = params_loader(model_config, hf_path, settings["init_from"], the_mesh)
   if load is not None:
     return load()
   # The loop initialises the policy from fold_in(key(seed), 2**31 - 1); the same key gives the same params.

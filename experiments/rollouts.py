@@ -162,11 +162,11 @@ def load_policy(init_from: str, the_mesh):
   if os.path.isdir(os.path.join(init_from, "params")):
     config, hf_path = common.model()
     tokenizer = common.get_tokenizer(common.data()["tokenizer"], init_from)
-    params = common._init_params_fn(config, hf_path, init_from, the_mesh)()  # pylint: disable=protected-access
+    params = common.params_loader(config, hf_path, init_from, the_mesh)()
   else:
     config, _ = common.model(hf_path=init_from)
     tokenizer = load_tokenizer(init_from)
-    params = common._init_params_fn(config, init_from, None, the_mesh)()  # pylint: disable=protected-access
+    params = common.params_loader(config, init_from, None, the_mesh)()
   return config, params, tokenizer
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_probe import max_array_size
 
 from phi_jax import losses
 
@@ -150,17 +151,6 @@ def test_chunked_cross_entropy_sharded_matches_single_device(lm_batch):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
 
-def _max_array_size(jaxpr):
-  """Largest array (element count) produced anywhere in a jaxpr, including scan/remat/pjit sub-jaxprs."""
-  largest = 0
-  for eqn in jaxpr.eqns:
-    for var in eqn.outvars:
-      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      largest = max(largest, _max_array_size(sub))
-  return largest
-
-
 def test_chunked_cross_entropy_never_builds_full_logits(lm_batch):
   args = (lm_batch["h"], lm_batch["kernel"], lm_batch["targets"], lm_batch["weights"])
   full_logits = B * T * V
@@ -172,9 +162,9 @@ def test_chunked_cross_entropy_never_builds_full_logits(lm_batch):
     return losses.cross_entropy_from_logits(h @ kernel, targets, weights)[0]
 
   grad_jaxpr = lambda fn: jax.make_jaxpr(jax.value_and_grad(fn, argnums=(0, 1)))(*args).jaxpr
-  assert _max_array_size(grad_jaxpr(naive)) >= full_logits  # the probe does see full logits when they exist
-  assert _max_array_size(grad_jaxpr(chunked)) < full_logits
-  assert _max_array_size(grad_jaxpr(chunked)) == B * 8 * V
+  assert max_array_size(grad_jaxpr(naive)) >= full_logits  # the probe does see full logits when they exist
+  assert max_array_size(grad_jaxpr(chunked)) < full_logits
+  assert max_array_size(grad_jaxpr(chunked)) == B * 8 * V
 
 
 def test_chunked_cross_entropy_compiled_memory():

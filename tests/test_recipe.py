@@ -12,6 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import recipe  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_notebooks import execute_notebook  # noqa: E402
+
+# One worker runs the whole module, so the smoke run (the module fixture) happens once.
+pytestmark = pytest.mark.xdist_group("recipe")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -72,6 +78,16 @@ def test_rerun_skips_finished_stages(smoke):
   assert "step " not in stdout  # nothing trained again
   after = json.loads((workdir / "summary.json").read_text())
   assert [s["accuracy"] for s in after["stages"]] == [s["accuracy"] for s in before["stages"]]
+
+
+@pytest.mark.slow
+def test_walkthrough_notebook_runs_on_the_smoke_run(smoke, monkeypatch):
+  workdir, _ = smoke
+  monkeypatch.setenv("PHI_JAX_RECIPE_WORKDIR", str(workdir))
+  nb = execute_notebook("recipe_walkthrough.ipynb")
+  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+  assert outputs.count("already done") == len(recipe.STAGES)  # it read the smoke run and trained nothing
+  assert "loss=" not in outputs
 
 
 def test_settings_reject_unknown_or_reordered_stages():
