@@ -3,9 +3,11 @@ then a re-run that skips every finished stage; and the recipe's settings and sta
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import filelock
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,9 +16,6 @@ import recipe  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_notebooks import execute_notebook  # noqa: E402
-
-# One worker runs the whole module, so the smoke run (the module fixture) happens once.
-pytestmark = pytest.mark.xdist_group("recipe")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,8 +31,14 @@ def _run(workdir, *extra):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("recipe")
-  return workdir, _run(workdir)
+  """One quick recipe run per test session, shared by the xdist workers (the first to arrive runs it)."""
+  shared = tmp_path_factory.getbasetemp().parent  # the same directory for every worker of this session
+  workdir = shared / "recipe_smoke"
+  with filelock.FileLock(str(shared / "recipe_smoke.lock")):
+    if not (workdir / "stdout.txt").exists():
+      workdir.mkdir(exist_ok=True)
+      (workdir / "stdout.txt").write_text(_run(workdir))
+  return workdir, (workdir / "stdout.txt").read_text()
 
 
 @pytest.mark.slow
@@ -70,8 +75,10 @@ def test_quick_recipe_writes_summary_report_and_plots(smoke):
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_stages(smoke):
-  workdir, _ = smoke
+def test_rerun_skips_finished_stages(smoke, tmp_path):
+  # A copy: the other tests read the shared run while this one rewrites its summary.
+  workdir = tmp_path / "rerun"
+  shutil.copytree(smoke[0], workdir)
   before = json.loads((workdir / "summary.json").read_text())
   stdout = _run(workdir)
   assert stdout.count("already done") == len(recipe.STAGES)
