@@ -118,14 +118,17 @@ def _forward(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
 
       return jax.lax.cond(live_ij, update, lambda c: c, carry), None
 
-    def kv_step(j, carry):
-      return kv_block(carry, jax.tree.map(lambda x: x[j], (*kv_blocks, live_i)))[0]
+    def kv_step(state):
+      j, carry = state
+      return j + 1, kv_block(carry, jax.tree.map(lambda x: x[j], (*kv_blocks, live_i)))[0]
 
-    # A while loop (a traced trip count), not a scan: when this forward runs inside a differentiated scan (the
-    # decoder's layer scan), JAX partially evaluates the layer body to hoist loop-invariant work, and a scan here
-    # would be split, its mask and constant tiles precomputed and stacked for every tile ([I, J, Q, C] memory). A
-    # while loop is not split (its unknown part reruns whole), so memory stays linear.
-    m, l, acc = jax.lax.fori_loop(0, jnp.asarray(live_i.shape[0]), kv_step, (running_max, running_sum, acc))
+    # A while loop, not a scan: when this forward runs inside a differentiated scan (the decoder's layer scan),
+    # JAX partially evaluates the layer body to hoist loop-invariant work, and a scan here would be split, its
+    # mask and constant tiles precomputed and stacked for every tile ([I, J, Q, C] memory). A while loop is not
+    # split (its unknown part reruns whole), so memory stays linear.
+    num_kv_blocks = live_i.shape[0]
+    _, (m, l, acc) = jax.lax.while_loop(lambda state: state[0] < num_kv_blocks, kv_step,
+                                        (0, (running_max, running_sum, acc)))
     visible = l > 0
     out = acc / jnp.where(visible, l, 1.0)[..., None]
     lse = jnp.where(visible, m + jnp.log(jnp.where(visible, l, 1.0)), jnp.inf)
