@@ -105,6 +105,18 @@ def test_backend_matches_reference_on_kv_cache_shapes(name, decode):
   np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
 
 
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_decode_attention_on_cache_layout_matches_reference(decode):
+  """`decode_attention` reads keys as [B, K, H, S] and values as [B, K, S, H] (the KV cache's layout)."""
+  rng = np.random.default_rng(4)
+  (q, k, v), masks, valid = _cache_layout(rng, 1 if decode else 100, 150, [37, 99], decode)
+  expected = attention.xla_attention(q, k, v, **masks)
+  actual = jax.jit(functools.partial(attention.decode_attention, **masks))(
+      q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
+  assert actual.shape == expected.shape
+  np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
+
+
 def test_blockwise_forward_and_backward_hold_no_score_matrix():
   t = s = 1024
   shapes = (jax.ShapeDtypeStruct((1, t, N, H), jnp.float32), jax.ShapeDtypeStruct((1, s, K, H), jnp.float32),

@@ -43,6 +43,27 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_in
   return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
+def decode_attention(q_BTNH, k_BKHS, v_BKSH, *, q_segment_ids, kv_segment_ids, q_index, kv_index):
+  """The reference math for a few query tokens against a KV cache stored in decode layout.
+
+  The cache keeps keys as [B, K, H, S] and values as [B, K, S, H], so both products are plain batched matmuls
+  over (b, k) with no transpose of the cache: with keys as [B, S, K, H], XLA:CPU copied the whole cache into a
+  transposed layout at every decode step. Used by the decoder for one-token steps whatever the backend (a
+  decode step reads the cache once; no backend saves anything there).
+  """
+  b, t, n, h = q_BTNH.shape
+  k_heads = k_BKHS.shape[1]
+  q_BKGTH = q_BTNH.reshape(b, t, k_heads, n // k_heads, h).transpose(0, 2, 3, 1, 4)
+  q_BKMH = q_BKGTH.reshape(b, k_heads, -1, h)  # M = G * T query rows per kv head
+  scores = jnp.einsum("bkmh,bkhs->bkms", q_BKMH, k_BKHS, preferred_element_type=jnp.float32) * (h ** -0.5)
+  mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)  # [B, T, S]
+  scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, k_heads, -1, t, scores.shape[-1]), _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype).reshape(b, k_heads, -1, scores.shape[-1])
+  out = jnp.einsum("bkms,bksh->bkmh", probs, v_BKSH, preferred_element_type=jnp.float32)
+  out = out.reshape(b, k_heads, n // k_heads, t, h).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H]
+  return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
+
+
 # The other backends live in their own modules and are imported on first use ("module:function"), so importing
 # the model never pulls in Pallas kernels, and those modules can build on the rule and reference defined here.
 _BACKENDS = {

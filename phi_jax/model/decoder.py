@@ -75,21 +75,28 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
 
     if layer_cache is None:
-      keys, values, kv_segment_ids, kv_index = k_new, v_new, segment_ids, q_index
+      out = attention.attend(
+          q, k_new, v_new, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_index=q_index,
+          kv_index=q_index, backend=cfg.attention_backend)
     else:
-      # Slot == position: write this chunk's K/V at its positions, then attend over the whole cache.
+      # Slot == position: write this chunk's K/V at its positions, then attend over the whole cache. The cache
+      # holds keys as [B, K, H, S] and values as [B, K, S, H] (see `attention.decode_attention`).
       rows = jnp.arange(x_BTD.shape[0])[:, None]
-      keys = layer_cache["k"].at[rows, q_index].set(k_new.astype(layer_cache["k"].dtype))
-      values = layer_cache["v"].at[rows, q_index].set(v_new.astype(layer_cache["v"].dtype))
+      keys = layer_cache["k"].at[rows, :, :, q_index].set(k_new.astype(layer_cache["k"].dtype))
+      values = layer_cache["v"].at[rows, :, q_index, :].set(v_new.astype(layer_cache["v"].dtype))
       kv_segment_ids = layer_cache["segment_ids"].at[rows, q_index].set(segment_ids)
-      kv_index = jnp.broadcast_to(jnp.arange(keys.shape[1]), kv_segment_ids.shape)
+      kv_index = jnp.broadcast_to(jnp.arange(keys.shape[-1]), kv_segment_ids.shape)
       layer_cache = {"k": keys, "v": values, "segment_ids": kv_segment_ids}
-      keys, values = keys.astype(dt), values.astype(dt)
-
-    out = attention.attend(
-        q, keys, values, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-        q_index=q_index, kv_index=kv_index, backend=cfg.attention_backend)
-    return jnp.einsum("btnh,nhd->btd", out, w_o), layer_cache
+      masks = dict(q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)
+      if x_BTD.shape[1] == 1:  # a decode step
+        out = attention.decode_attention(q, keys.astype(dt), values.astype(dt), **masks)
+      else:  # a prompt: the configured backend, on the cache in its [B, S, K, H] layout
+        out = attention.attend(q, keys.transpose(0, 3, 1, 2).astype(dt), values.transpose(0, 2, 1, 3).astype(dt),
+                               backend=cfg.attention_backend, **masks)
+    # One contracted axis of N * H: with two (n, h), the dot's contracting dims came out as (h, n) and XLA
+    # transposed the output weight and the attention output on every call.
+    b, t = out.shape[:2]
+    return jnp.einsum("btf,fd->btd", out.reshape(b, t, n * h), w_o.reshape(n * h, d)), layer_cache
 
 
 class MLP(nn.Module):
@@ -130,6 +137,11 @@ class Decoder(nn.Module):
   """
 
   config: PhiConfig
+  # Inference layout: layers as separate `layer_{i}` params (see `unstack_layers`) run one after another, and the
+  # cache as a tuple of per-layer dicts. A scan over stacked weights copies each layer's weights out of the stack
+  # before its matmuls; that copy is cheap next to a training step's matmuls but doubles a decode step's
+  # weight traffic.
+  unrolled: bool = False
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
@@ -140,22 +152,43 @@ class Decoder(nn.Module):
     # Without a cache, attention slots are indices in the row (packed rows restart positions, not slots).
     q_index = positions_BT if cache is not None else jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
 
-    layer = DecoderLayer
-    if cfg.remat_policy != "none":
-      layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    layers = nn.scan(
-        layer,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, name="layers")
-    x, cache = layers(x, cache, cos, sin, segment_ids_BT, q_index)
+    if self.unrolled:
+      layer_caches = cache if cache is not None else (None,) * cfg.num_layers
+      new_caches = []
+      for i, layer_cache in enumerate(layer_caches):
+        x, layer_cache = DecoderLayer(cfg, name=f"layer_{i}")(x, layer_cache, cos, sin, segment_ids_BT, q_index)
+        new_caches.append(layer_cache)
+      cache = tuple(new_caches) if cache is not None else None
+    else:
+      layer = DecoderLayer
+      if cfg.remat_policy != "none":
+        layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+      layers = nn.scan(
+          layer,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="layers")
+      x, cache = layers(x, cache, cos, sin, segment_ids_BT, q_index)
     x = RMSNorm(cfg, name="final_norm")(x)
     if not cfg.tie_word_embeddings:  # registered here so init creates it; applied by `logits`/the losses
       Table(cfg, "kernel", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), name="lm_head")()
     return x, cache
+
+
+def unstack_layers(params: Params) -> Params:
+  """Training layout -> the `Decoder(unrolled=True)` layout: params["layers"] (leading L axis) becomes
+  params["layer_0"], ..., params["layer_{L-1}"]; everything else is shared as is. Params already in that layout
+  are returned unchanged."""
+  if "layers" not in params:
+    return params
+  stacked = params["layers"]
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  out = {name: value for name, value in params.items() if name != "layers"}
+  out.update({f"layer_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)})
+  return out
 
 
 class Table(nn.Module):

@@ -2,7 +2,9 @@
 
 Layout: cache slot == position. Row b's prompt fills slots [0, len_b); its next token goes to slot len_b, so each
 row advances independently and rotary positions never need a left-padding offset. A slot is valid when its
-`segment_ids` entry is 1; pad slots stay 0 until a generated token overwrites them.
+`segment_ids` entry is 1; pad slots stay 0 until a generated token overwrites them. `cache["layers"]` is a tuple
+with one {k [B, K, H, S], v [B, K, S, H], segment_ids [B, S]} dict per layer, and the model runs with its layers
+unrolled (`Decoder.unrolled`): a decode step then reads each weight and each cache entry once, in place.
 
 LongRoPE (Phi-4-mini): rotary uses `short_factor` while a row's extent (length) is at most
 `original_max_position_embeddings`, and `long_factor` beyond. When a row first crosses that boundary during
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 
 from phi_jax.model.api import logits_from_hidden
 from phi_jax.model.config import PhiConfig
-from phi_jax.model.decoder import Decoder
+from phi_jax.model.decoder import Decoder, unstack_layers
 
 Cache = dict[str, Any]
 
@@ -30,21 +32,23 @@ Cache = dict[str, Any]
 def init_cache(config: PhiConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
   """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
   dtype = jnp.dtype(dtype or config.dtype)
-  l, k, h = config.num_layers, config.num_kv_heads, config.resolved_head_dim
+  k, h = config.num_kv_heads, config.resolved_head_dim
+  layer = lambda: {
+      "k": jnp.zeros((batch_size, k, h, max_len), dtype),  # keys [B, K, H, S], values [B, K, S, H]: see
+      "v": jnp.zeros((batch_size, k, max_len, h), dtype),  # `attention.decode_attention`
+      "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+  }
   return {
-      "layers": {
-          "k": jnp.zeros((l, batch_size, max_len, k, h), dtype),
-          "v": jnp.zeros((l, batch_size, max_len, k, h), dtype),
-          "segment_ids": jnp.zeros((l, batch_size, max_len), jnp.int32),
-      },
+      "layers": tuple(layer() for _ in range(config.num_layers)),
       "tokens": jnp.zeros((batch_size, max_len), jnp.int32),
       "lengths": jnp.zeros((batch_size,), jnp.int32),
   }
 
 
-def _run(params, config, tokens_BT, positions_BT, segment_ids_BT, layer_cache):
-  h, layer_cache = Decoder(config).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, layer_cache)
-  return h, layer_cache
+def _run(params, config, tokens_BT, positions_BT, segment_ids_BT, layer_caches):
+  # Unrolled layers (see `Decoder.unrolled`); callers that loop over steps unstack the params once, outside.
+  return Decoder(config, unrolled=True).apply({"params": unstack_layers(params)}, tokens_BT, positions_BT,
+                                              segment_ids_BT, layer_caches)
 
 
 def prefill(params, prompt_tokens_BT, prompt_lengths_B, cache: Cache, config: PhiConfig):

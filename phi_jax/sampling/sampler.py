@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from phi_jax.data import chat
 from phi_jax.model import init_params, kv_cache, param_logical_axes
 from phi_jax.model.config import PhiConfig
+from phi_jax.model.decoder import unstack_layers
 from phi_jax.sampling.filters import sample_tokens
 from phi_jax.sharding import batch_sharding, logical_shardings, mesh_context, replicated
 
@@ -48,15 +49,15 @@ Prompt = Union[str, Sequence[Mapping[str, Any]]]
 _STOP_IDS_MULTIPLE = 4
 
 # Logical axes of the cache, so `mesh_context`'s rules shard it like the decoder's activations.
-_CACHE_AXES = {
-    "layers": {
-        "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
-        "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
-        "segment_ids": ("layers", "batch", "length"),
-    },
-    "tokens": ("batch", "length"),
-    "lengths": ("batch",),
+_LAYER_CACHE_AXES = {
+    "k": ("batch", "kv_heads", "head_dim", "length"),
+    "v": ("batch", "kv_heads", "length", "head_dim"),
+    "segment_ids": ("batch", "length"),
 }
+
+
+def _cache_axes(config: PhiConfig):
+  return {"layers": (_LAYER_CACHE_AXES,) * config.num_layers, "tokens": ("batch", "length"), "lengths": ("batch",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +145,9 @@ def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, rng, temperatu
   prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
   # The last generated token is never fed back, so its slot is never written: P + N - 1 slots suffice.
   cache = kv_cache.init_cache(config, b, p + n - 1)
-  cache = jax.tree.map(nn.with_logical_constraint, cache, _CACHE_AXES, is_leaf=lambda x: isinstance(x, tuple))
+  cache = jax.tree.map(nn.with_logical_constraint, cache, _cache_axes(config),
+                       is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x))
+  params = unstack_layers(params)  # once, outside the decode loop (see `Decoder.unrolled`)
   logits_BV, cache = kv_cache.prefill(params, prompt_tokens_BP, prompt_lengths_B, cache, config)
 
   def choose_and_record(step, logits_BV, out):
