@@ -9,7 +9,8 @@ Masking is the rule of `phi_jax.model.attention`, applied per tile. A tile that 
 (above the causal diagonal, all padding, disjoint segments) is skipped with `lax.cond`, which halves the work of
 causal training rows. Queries with no visible key (padding) get a zero output and zero gradient.
 
-Axis letters as in `attention`; Q and C are the query and key/value block lengths, I and J the block counts.
+Axis letters as in `attention`; Q and C are the query and key/value block lengths, I and J the block counts,
+M = G * Q the query rows of one kv head in a block.
 """
 
 from __future__ import annotations
@@ -30,30 +31,32 @@ def blockwise_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids
   """Same contract as `attention.xla_attention`; T and S need not be multiples of the blocks (padded inside)."""
   b, t, n, h = q_BTNH.shape
   s, k_heads = k_BSKH.shape[1], k_BSKH.shape[2]
+  groups = n // k_heads
   block_q, block_kv = min(block_q, t), min(block_kv, s)
   t_pad, s_pad = -t % block_q, -s % block_kv
+  num_q, num_kv = (t + t_pad) // block_q, (s + s_pad) // block_kv
   # Padded queries and keys get segment 0: padding keys are never visible, padding queries are sliced off.
-  q = jnp.pad(q_BTNH.reshape(b, t, k_heads, n // k_heads, h), ((0, 0), (0, t_pad), (0, 0), (0, 0), (0, 0)))
-  k = jnp.pad(k_BSKH, ((0, 0), (0, s_pad), (0, 0), (0, 0)))
-  v = jnp.pad(v_BSKH, ((0, 0), (0, s_pad), (0, 0), (0, 0)))
-  q_seg, q_idx = (jnp.pad(x.astype(jnp.int32), ((0, 0), (0, t_pad))) for x in (q_segment_ids, q_index))
-  kv_seg, kv_idx = (jnp.pad(x.astype(jnp.int32), ((0, 0), (0, s_pad))) for x in (kv_segment_ids, kv_index))
-  out = _flash(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx)
-  return out[:, :t].reshape(b, t, n, h)
+  pad_time = lambda x, amount: jnp.pad(x, ((0, 0), (0, amount)) + ((0, 0),) * (x.ndim - 2))
+  # Blocks first (the loops walk them) and kv heads before time, so every tile product is a plain batched matmul
+  # over (b, k); the G query heads of a kv head and the Q queries of a block form one axis of M = G * Q rows.
+  q = pad_time(q_BTNH.reshape(b, t, k_heads, groups, h), t_pad)
+  q = q.reshape(b, num_q, block_q, k_heads, groups, h).transpose(1, 0, 3, 4, 2, 5)
+  q = q.reshape(num_q, b, k_heads, groups * block_q, h)  # [I, B, K, M, H]
+  k, v = (pad_time(x, s_pad).reshape(b, num_kv, block_kv, k_heads, h).transpose(1, 0, 3, 2, 4)
+          for x in (k_BSKH, v_BSKH))  # [J, B, K, C, H]
+  q_seg, q_idx = (pad_time(x.astype(jnp.int32), t_pad) for x in (q_segment_ids, q_index))
+  kv_seg, kv_idx = (pad_time(x.astype(jnp.int32), s_pad) for x in (kv_segment_ids, kv_index))
+  out = _flash(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx)  # [I, B, K, M, H]
+  out = out.reshape(num_q, b, k_heads, groups, block_q, h).transpose(1, 0, 4, 2, 3, 5)
+  return out.reshape(b, num_q * block_q, n, h)[:, :t]
 
 
 # --------------------------------------------------------------------------------------------------- block layout
 
 
 def _split(x, block):
-  """[B, L, ...] -> [L // block, B, block, ...]: blocks first, so `lax.scan` walks them."""
-  return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:]), 1, 0)
-
-
-def _merge(x_IB):
-  """Inverse of `_split`."""
-  x = jnp.moveaxis(x_IB, 0, 1)
-  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+  """[B, L] -> [L // block, B, block]: blocks first, so the loops walk them."""
+  return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // block, block), 1, 0)
 
 
 def _block_bounds(seg_BL, idx_BL, block):
@@ -78,27 +81,31 @@ def _tile_is_live(q_bounds, kv_bounds):
   return jnp.any(real & causal & segments_overlap, axis=-1)
 
 
-def _tile_scores(q_BQKGH, k_BCKH, q_seg_BQ, kv_seg_BC, q_idx_BQ, kv_idx_BC):
-  """Scaled float32 scores [B, K, G, Q, C] and the tile's mask, broadcastable to them."""
-  scores = jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32)
-  scores = scores * (q_BQKGH.shape[-1] ** -0.5)
+def _tile_scores(q_BKMH, k_BKCH, q_seg_BQ, kv_seg_BC, q_idx_BQ, kv_idx_BC):
+  """Scaled float32 scores [B, K, M, C] and the tile's mask [B, 1, M, C] (rows m = g * Q + q)."""
+  scores = jnp.einsum("bkmh,bkch->bkmc", q_BKMH, k_BKCH, preferred_element_type=jnp.float32)
+  scores = scores * (q_BKMH.shape[-1] ** -0.5)
   mask = ((q_seg_BQ[:, :, None] == kv_seg_BC[:, None, :]) & (kv_seg_BC != 0)[:, None, :]
-          & (kv_idx_BC[:, None, :] <= q_idx_BQ[:, :, None]))
-  return scores, mask[:, None, None]
+          & (kv_idx_BC[:, None, :] <= q_idx_BQ[:, :, None]))  # [B, Q, C], the same for every query head
+  b, block_q, block_kv = mask.shape
+  groups = q_BKMH.shape[2] // block_q
+  mask = jnp.broadcast_to(mask[:, None, None], (b, 1, groups, block_q, block_kv))
+  return scores, mask.reshape(b, 1, groups * block_q, block_kv)
 
 
 # --------------------------------------------------------------------------------------------------------- forward
 
 
 def _forward(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
-  """Output [B, T, K, G, H] in q's dtype and logsumexp [I, B, K, G, Q] in float32 (+inf where nothing is visible)."""
-  _, _, k_heads, groups, h = q.shape
+  """q [I, B, K, M, H], k and v [J, B, K, C, H] -> output [I, B, K, M, H] in q's dtype and logsumexp [I, B, K, M]
+  in float32 (+inf where nothing is visible)."""
+  h = q.shape[-1]
   live = _tile_is_live(_block_bounds(q_seg, q_idx, block_q), _block_bounds(kv_seg, kv_idx, block_kv))
-  kv_blocks = (_split(k, block_kv), _split(v, block_kv), _split(kv_seg, block_kv), _split(kv_idx, block_kv))
+  kv_blocks = (k, v, _split(kv_seg, block_kv), _split(kv_idx, block_kv))
 
   def q_block(_, xs):
     q_i, q_seg_i, q_idx_i, live_i = xs
-    rows = (q_i.shape[0], k_heads, groups, block_q)
+    rows = q_i.shape[:3]  # B, K, M
     running_max, running_sum = jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32)
     acc = jnp.zeros((*rows, h), jnp.float32)
 
@@ -113,7 +120,7 @@ def _forward(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet: avoid inf - inf
         p = jnp.exp(scores - m_safe[..., None])
         correction = jnp.exp(m - m_safe)
-        pv = jnp.einsum("bkgqc,bckh->bkgqh", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bkmc,bkch->bkmh", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
         return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
 
       return jax.lax.cond(live_ij, update, lambda c: c, carry), None
@@ -132,11 +139,10 @@ def _forward(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
     visible = l > 0
     out = acc / jnp.where(visible, l, 1.0)[..., None]
     lse = jnp.where(visible, m + jnp.log(jnp.where(visible, l, 1.0)), jnp.inf)
-    return None, (jnp.einsum("bkgqh->bqkgh", out).astype(q.dtype), lse)
+    return None, (out.astype(q.dtype), lse)
 
-  _, (out, lse) = jax.lax.scan(q_block, None, (_split(q, block_q), _split(q_seg, block_q), _split(q_idx, block_q),
-                                               live))
-  return _merge(out), lse
+  _, (out, lse) = jax.lax.scan(q_block, None, (q, _split(q_seg, block_q), _split(q_idx, block_q), live))
+  return out, lse
 
 
 # -------------------------------------------------------------------------------------------------------- backward
@@ -147,10 +153,9 @@ def _backward(block_q, block_kv, residuals, d_out):
   q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse = residuals
   live = _tile_is_live(_block_bounds(q_seg, q_idx, block_q), _block_bounds(kv_seg, kv_idx, block_kv))
   scale = q.shape[-1] ** -0.5
-  # D = rowsum(dO * O): the softmax Jacobian's diagonal term, [I, B, K, G, Q].
-  delta = jnp.einsum("bqkgh,bqkgh->bkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  q_blocks = (_split(q, block_q), _split(d_out, block_q), _split(q_seg, block_q), _split(q_idx, block_q), lse,
-              jnp.moveaxis(delta.reshape(*delta.shape[:3], -1, block_q), 3, 0))
+  # D = rowsum(dO * O): the softmax Jacobian's diagonal term, [I, B, K, M].
+  delta = jnp.einsum("ibkmh,ibkmh->ibkm", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  q_blocks = (q, d_out, _split(q_seg, block_q), _split(q_idx, block_q), lse, delta)
 
   def kv_block(dq, xs):
     k_j, v_j, kv_seg_j, kv_idx_j, live_j = xs
@@ -162,11 +167,11 @@ def _backward(block_q, block_kv, residuals, d_out):
         dk, dv = carry
         scores, mask = _tile_scores(q_i, k_j, q_seg_i, kv_seg_j, q_idx_i, kv_idx_j)
         p = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)
-        dv = dv + jnp.einsum("bkgqc,bqkgh->bckh", p.astype(d_out_i.dtype), d_out_i, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bqkgh,bckh->bkgqc", d_out_i, v_j, preferred_element_type=jnp.float32)
+        dv = dv + jnp.einsum("bkmc,bkmh->bkch", p.astype(d_out_i.dtype), d_out_i, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkmh,bkch->bkmc", d_out_i, v_j, preferred_element_type=jnp.float32)
         ds = (p * (dp - delta_i[..., None]) * scale).astype(q_i.dtype)
-        dk = dk + jnp.einsum("bkgqc,bqkgh->bckh", ds, q_i, preferred_element_type=jnp.float32)
-        dq = jnp.einsum("bkgqc,bckh->bqkgh", ds, k_j, preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum("bkmc,bkmh->bkch", ds, q_i, preferred_element_type=jnp.float32)
+        dq = jnp.einsum("bkmc,bkch->bkmh", ds, k_j, preferred_element_type=jnp.float32)
         return (dk, dv), dq
 
       def skip(carry):
@@ -178,9 +183,9 @@ def _backward(block_q, block_kv, residuals, d_out):
     (dk, dv), dq_j = jax.lax.scan(q_block, (zeros, zeros), (*q_blocks, live_j))
     return dq + dq_j, (dk, dv)
 
-  kv_blocks = (_split(k, block_kv), _split(v, block_kv), _split(kv_seg, block_kv), _split(kv_idx, block_kv), live.T)
-  dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(_split(q, block_q).shape, jnp.float32), kv_blocks)
-  return (_merge(dq).astype(q.dtype), _merge(dk).astype(k.dtype), _merge(dv).astype(v.dtype), None, None, None, None)
+  kv_blocks = (k, v, _split(kv_seg, block_kv), _split(kv_idx, block_kv), live.T)
+  dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(q.shape, jnp.float32), kv_blocks)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
