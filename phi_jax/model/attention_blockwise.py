@@ -20,8 +20,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-DEFAULT_BLOCK_Q = 512
-DEFAULT_BLOCK_KV = 512
+# 256: on a 2-core CPU the d=512, 8-layer train step at T=1024 ran ~10% faster than with 512 (finer causal skipping).
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_KV = 256
 _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
 
