@@ -183,6 +183,21 @@ def test_greedy_filters_and_per_row_temperature():
   np.testing.assert_allclose(logprobs[1], np.log(expected[int(tokens[1])]), atol=1e-5)
 
 
+def test_draws_equal_jax_categorical_and_argmax_with_ties():
+  """The sampler's own argmax and Gumbel-max draw give exactly what jnp.argmax / jax.random.categorical give."""
+  rng = np.random.default_rng(6)
+  logits = rng.normal(size=(16, 300)).astype(np.float32)
+  logits[:4, 10] = logits[:4, 200] = logits[:4].max(-1) + 1.0  # ties: the first index wins
+  logits = jnp.asarray(logits)
+  greedy, _ = _sample(logits, jax.random.key(0), jnp.zeros(16))
+  np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), -1))
+  assert np.all(np.asarray(greedy[:4]) == 10)
+  for seed in range(3):
+    key = jax.random.key(seed)
+    sampled, _ = _sample(logits, key, jnp.ones(16))
+    np.testing.assert_array_equal(sampled, jax.random.categorical(key, logits, axis=-1))
+
+
 def test_temperature_is_a_runtime_argument(params, prompts, greedy_run):
   compiled = _generate_program._cache_size()
   out = jax.device_get(generate(params, CONFIG, *prompts, jax.random.key(6), SamplingConfig(max_new_tokens=NEW)))
