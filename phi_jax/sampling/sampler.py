@@ -47,6 +47,7 @@ Params = dict[str, Any]
 Prompt = Union[str, Sequence[Mapping[str, Any]]]
 
 _STOP_IDS_MULTIPLE = 4
+_CACHE_SLOTS_MULTIPLE = 64
 
 # Logical axes of the cache, so `mesh_context`'s rules shard it like the decoder's activations.
 _LAYER_CACHE_AXES = {
@@ -143,8 +144,10 @@ def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, rng, temperatu
   n = sampling.max_new_tokens
   prompt_tokens_BP = prompt_tokens_BP.astype(jnp.int32)
   prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
-  # The last generated token is never fed back, so its slot is never written: P + N - 1 slots suffice.
-  cache = kv_cache.init_cache(config, b, p + n - 1)
+  # The last generated token is never fed back, so its slot is never written: P + N - 1 slots suffice. Rounded
+  # up to a multiple of 64 (the extra slots stay empty and masked): on XLA:CPU a 384-slot decode step at batch 64
+  # ran ~20% faster than a 383-slot one.
+  cache = kv_cache.init_cache(config, b, _round_up(p + n - 1, _CACHE_SLOTS_MULTIPLE))
   cache = jax.tree.map(nn.with_logical_constraint, cache, _cache_axes(config),
                        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x))
   params = unstack_layers(params)  # once, outside the decode loop (see `Decoder.unrolled`)
