@@ -148,8 +148,7 @@ def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, rng, temperatu
   # up to a multiple of 64 (the extra slots stay empty and masked): on XLA:CPU a 384-slot decode step at batch 64
   # ran ~20% faster than a 383-slot one.
   cache = kv_cache.init_cache(config, b, _round_up(p + n - 1, _CACHE_SLOTS_MULTIPLE))
-  cache = jax.tree.map(nn.with_logical_constraint, cache, _cache_axes(config),
-                       is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x))
+  cache = jax.tree.map(nn.with_logical_constraint, cache, _cache_axes(config))  # axes tuples: leaves' subtrees
   params = unstack_layers(params)  # once, outside the decode loop (see `Decoder.unrolled`)
   logits_BV, cache = kv_cache.prefill(params, prompt_tokens_BP, prompt_lengths_B, cache, config)
 
