@@ -1,8 +1,11 @@
-"""Test-wide set-up: 8 simulated CPU devices (before JAX is imported) and the persistent compilation cache."""
+"""Test-wide set-up: 8 simulated CPU devices and fast compiles (before JAX is imported), the persistent
+compilation cache."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from xla_flags import xla_flags
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(devices=8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

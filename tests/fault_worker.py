@@ -31,8 +31,10 @@ import sys
 import threading
 import time
 
+from xla_flags import xla_flags
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = xla_flags(devices=2)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

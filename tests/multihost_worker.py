@@ -5,7 +5,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+from xla_flags import xla_flags
+
+os.environ["XLA_FLAGS"] = xla_flags(devices=4)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +20,7 @@ def run_smoke(script, tmp_path, *extra):
   out = tmp_path / f"{script}.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
-  env.pop("XLA_FLAGS", None)  # the scripts choose their own devices
+  env["XLA_FLAGS"] = xla_flags()  # the scripts choose their own devices
   proc = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--smoke", "--threads", "1", "--out", str(out),
                          *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,7 +73,7 @@ def test_device_check_script(tmp_path):
   """`bash benchmarks/device_check.sh` is the one command run on an H100; here its CPU smoke mode, output to $OUT."""
   env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = xla_flags()
   proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--smoke", "--threads", "1"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:]

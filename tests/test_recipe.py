@@ -9,6 +9,7 @@ import sys
 
 import filelock
 import pytest
+from xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -21,12 +22,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _run(workdir, *extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices=2))
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "recipe.py"), f"--workdir={workdir}",
                          "--quick", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout
+
+
+# The tests of this module share one xdist worker: the smoke run below is then made once and nobody waits for it
+# (the lock still makes it once per session when the tests are spread some other way).
+pytestmark = pytest.mark.xdist_group("recipe_smoke")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -35,7 +36,7 @@ def test_commands_mode_prints_one_launch_line_per_run(capsys):
 
 @pytest.mark.slow
 def test_two_run_sweep_collects_a_table(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices=8))
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
