@@ -187,3 +187,26 @@ def test_swiglu_backward_equals_autodiff(dtype):
   for got, want in zip(ours[1](cotangent), reference[1](cotangent)):
     assert got.dtype == want.dtype
     close(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rms_norm_backward_equals_autodiff(dtype):
+  """RMSNorm's hand-written backward pass against JAX autodiff of the same forward formula."""
+  from phi_jax.model.decoder import rms_norm
+
+  def plain(x, scale):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 7, 12)) * 3, dtype)
+  scale = jnp.asarray(rng.normal(size=(12,)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(2, 7, 12)), dtype)
+  ours = jax.vjp(lambda x, s: rms_norm(x, s, 1e-5), x, scale)
+  reference = jax.vjp(plain, x, scale)
+  tolerance = 1e-5 if dtype == "float32" else 2e-2
+  for got, want in zip((ours[0], *ours[1](cotangent)), (reference[0], *reference[1](cotangent))):
+    assert got.dtype == want.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * np.abs(want).max())

@@ -85,7 +85,7 @@ def chunked_cross_entropy(h_BTD, kernel_DV, targets_BT, weights_BT, *, chunk_siz
     h_BTD: final hidden states (`phi_jax.model.api.hidden_states`).
     kernel_DV: LM head kernel (`phi_jax.model.api.lm_head_kernel`).
     targets_BT: target token ids (see `next_token_targets`).
-    weights_BT: per-token weights; 0 drops a position.
+    weights_BT: per-token weights; 0 drops a position. Treated as constants: no gradient flows into them.
     chunk_size: positions per logits chunk; T need not be a multiple of it.
     z_loss: coefficient of the z-loss `z_loss * logsumexp(logits) ** 2`, which keeps the softmax normaliser
       near 1 (PaLM).
@@ -93,11 +93,75 @@ def chunked_cross_entropy(h_BTD, kernel_DV, targets_BT, weights_BT, *, chunk_siz
   Returns:
     (loss_sum, metrics): loss_sum = sum_t w_t * (-log p(target_t) + z_loss * lse_t ** 2); callers divide by the
     token count they choose. metrics are sums too: 'z_loss' (the z-loss part of loss_sum), 'num_tokens'
-    (sum of weights), 'num_correct' (weighted count of argmax == target).
+    (sum of weights), 'num_correct' (weighted count of argmax == target). Only loss_sum is differentiable.
+
+  Under differentiation the gradient is formed during the forward pass (see `_fused_cross_entropy`): each
+  chunk's logits are computed once, and the backward pass only scales the saved gradients.
   """
+  return _fused_cross_entropy(chunk_size, float(z_loss), h_BTD, kernel_DV, targets_BT.astype(jnp.int32),
+                              weights_BT.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_cross_entropy(chunk_size, z_loss, h_BTD, kernel_DV, targets_BT, weights_BT):
+  """Value only (no differentiation): the chunked per-token statistics, summed."""
   stats = _chunked_token_stats(h_BTD, kernel_DV, targets_BT, chunk_size=chunk_size, temperature=1.0,
                                with_entropy=False, with_argmax=True)
   return _weighted_cross_entropy(stats, weights_BT, z_loss)
+
+
+def _fused_cross_entropy_fwd(chunk_size, z_loss, h_BTD, kernel_DV, targets_BT, weights_BT):
+  """Loss, metrics, and the gradients of loss_sum w.r.t. h and the kernel, in one pass over the chunks.
+
+  The loss is linear in its cotangent, and dloss/dlogits = w * ((1 + 2 z lse) softmax - onehot) is known as soon
+  as a chunk's logits are (the weights are data). So each chunk computes its logits once and immediately turns
+  them into dh (saved, [B, T, D] like h) and a running dkernel (saved, [D, V] like the kernel); the backward pass
+  multiplies both by the incoming scalar. Autodiff of the chunked forward would instead recompute every chunk's
+  logits in the backward pass (a third LM-head matmul) and, on XLA:CPU, transpose the [C, V] softmax gradient.
+  Peak memory is unchanged: one chunk of logits at a time, and dkernel is a gradient-sized buffer either way.
+  """
+  b, t, d = h_BTD.shape
+  chunk = max(1, min(chunk_size, t))
+  num_chunks = -(-t // chunk)
+  pad = num_chunks * chunk - t
+  to_chunks = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape(
+      b, num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)  # [N, B, C, ...]; padded positions have weight 0
+  kernel = kernel_DV.astype(h_BTD.dtype)
+  vocab_ids = jnp.arange(kernel.shape[-1], dtype=jnp.int32)
+
+  def body(d_kernel, xs):
+    h, targets, weights = xs  # [B, C, D], [B, C], [B, C]
+    logits = _chunk_logits(h, kernel, 1.0)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    is_target = vocab_ids == targets[..., None]
+    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    probs = jnp.exp(logits - lse[..., None])
+    d_logits = weights[..., None] * ((1 + 2 * z_loss * lse)[..., None] * probs - is_target)
+    d_logits = d_logits.astype(h.dtype)
+    # Under explicit sharding a vocab-sharded contraction needs its output sharding named: that of the primal.
+    d_h = jnp.einsum("bcv,dv->bcd", d_logits, kernel, preferred_element_type=jnp.float32,
+                     out_sharding=jax.typeof(h).sharding).astype(h.dtype)
+    # One (B * C)-contracted matmul in [D, V] layout, so no [C, V] transpose is written.
+    d_kernel = d_kernel + jnp.einsum("nd,nv->dv", h.reshape(-1, d), d_logits.reshape(-1, d_logits.shape[-1]),
+                                     preferred_element_type=jnp.float32, out_sharding=jax.typeof(kernel).sharding)
+    return d_kernel, ({"lse": lse, "target_logit": target_logit, "correct": correct}, d_h)
+
+  d_kernel, (stats, d_h) = jax.lax.scan(
+      body, jnp.zeros_like(kernel, jnp.float32), (to_chunks(h_BTD), to_chunks(targets_BT), to_chunks(weights_BT)))
+  from_chunks = lambda x: x.swapaxes(0, 1).reshape(b, num_chunks * chunk, *x.shape[3:])[:, :t]
+  out = _weighted_cross_entropy(jax.tree.map(from_chunks, stats), weights_BT, z_loss)
+  return out, (from_chunks(d_h), d_kernel.astype(kernel_DV.dtype))
+
+
+def _fused_cross_entropy_bwd(chunk_size, z_loss, residuals, cotangents):
+  del chunk_size, z_loss
+  d_h, d_kernel = residuals
+  d_loss = cotangents[0]  # the metrics are counts: their cotangents are ignored
+  return (d_loss.astype(d_h.dtype) * d_h, d_loss.astype(d_kernel.dtype) * d_kernel, None, None)
+
+
+_fused_cross_entropy.defvjp(_fused_cross_entropy_fwd, _fused_cross_entropy_bwd)
 
 
 def cross_entropy_from_logits(logits_BTV, targets_BT, weights_BT, *, z_loss=0.0):
