@@ -11,7 +11,7 @@ from phi_jax.model import presets
 from phi_jax.stages import next_token
 from phi_jax.train import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
 from phi_jax.train.loop import global_batch, host_scalar
-from phi_jax.train.optimizer import weight_decay_mask
+from phi_jax.train.optimizer import clip_by_global_norm, weight_decay_mask
 from phi_jax.train.state import state_shardings
 from phi_jax.train.step import make_train_step
 
@@ -142,3 +142,16 @@ def test_mesh_that_cannot_split_a_parameter_is_named():
   mesh = sharding.make_mesh({"tensor": 8})  # tiny has 2 kv heads: 8-way tensor parallelism cannot split them
   with pytest.raises(ValueError, match=r"kv_heads|\['k'\]|\['v'\]|cannot split evenly"):
     state_shardings(CONFIG, make_optimizer(OPT, 10), mesh)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 30.0, np.inf, np.nan])  # global norm ~0.2 (unclipped), ~4, ~120
+def test_clip_by_global_norm_equals_optax(scale):
+  rng = np.random.default_rng(7)
+  grads = {"a": jnp.asarray(rng.normal(size=(3, 4)) * scale, jnp.float32),
+           "b": {"c": jnp.asarray(rng.normal(size=(5,)) * min(scale, 1.0), jnp.float32)}}
+  ours, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  reference, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # NaNs must sit in the same places
+  if np.isfinite(scale):
+    assert float(optax.global_norm(ours)) <= 1.0 + 1e-6

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -52,11 +53,26 @@ def weight_decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` (g * max_norm / ||g|| when ||g|| > max_norm), written as one multiply by
+  min(1, max_norm / ||g||).
+
+  Same result (NaN and Inf norms included); optax's select between the clipped and unclipped trees kept XLA:CPU
+  from fusing the clip into the AdamW update, which doubled the optimizer's time (106 vs 47 ms for 32M params).
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    factor = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(cfg: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
   mask = None if cfg.decay_norms_and_embeddings else weight_decay_mask
   chain = []
   if cfg.max_grad_norm is not None:
-    chain.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    chain.append(clip_by_global_norm(cfg.max_grad_norm))
   chain.append(optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=mask))
   return optax.chain(*chain)
