@@ -3,8 +3,10 @@
 Axis letters: B batch, T time, C chunk (a slice of T), N number of chunks, D model, V vocab.
 
 Phi-4 has V = 100K-200K and trains at T = 16K, so [B, T, V] float32 logits would need tens of GiB. Here the LM
-head is applied to one chunk of C positions at a time inside a `lax.scan`, and the chunk body is rematerialised
-(`jax.checkpoint`), so neither the forward nor the backward pass ever holds more than one chunk of logits.
+head is applied to one chunk of C positions at a time inside a `lax.scan`, so neither the forward nor the backward
+pass ever holds more than one chunk of logits. For log-probs the chunk body is rematerialised (`jax.checkpoint`);
+the training cross-entropy instead forms its gradient during the forward pass (`_fused_cross_entropy_fwd`), so
+each chunk's logits are computed once.
 
 Logits follow `phi_jax.model.api.logits_from_hidden`: the kernel is cast to the hidden-state dtype and the matmul
 accumulates in float32; everything after the matmul is float32.
