@@ -42,6 +42,15 @@ def parse_gin(files: Sequence[str], params: Sequence[str]):
   gin.parse_config_files_and_bindings(list(files), list(params), finalize_config=False, skip_unknown=False)
 
 
+def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Sequence[str]):
+  """Config for a command that loads `init_from` (eval, rollouts): when it is a run's workdir, that run's own
+  config.gin first (the model and tokenizer the params were trained with), then `files`, then `params`; each
+  later one overrides the earlier. A transformers checkpoint directory has no config.gin: `files` and `params`
+  alone."""
+  run_config = os.path.join(init_from, "config.gin")
+  parse_gin(([run_config] if os.path.exists(run_config) else []) + list(files), params)
+
+
 @gin.configurable
 def mesh(shape: Optional[dict] = None):
   """`mesh.shape`: {axis: size} over data / fsdp / tensor; -1 takes the remaining devices (default: all on fsdp)."""

@@ -5,8 +5,9 @@
     python experiments/rollouts.py --init_from=/ckpt/phi-4-mini-reasoning-sft --problems=math.jsonl --k=8 \
         --out=pairs.jsonl --gin_param='rollouts.max_new_tokens=16384' --gin_param='rollouts.temperature=0.8'
 
-`--init_from` is a previous run's workdir (its params/; its config.gin supplies the model and tokenizer settings
-unless --gin_file is given) or a transformers checkpoint directory (its config.json and tokenizer). Problems are JSONL
+`--init_from` is a previous run's workdir (its params/; its config.gin supplies the model and tokenizer settings,
+and --gin_file / --gin_param apply on top, as in eval.py) or a transformers checkpoint directory (its config.json
+and tokenizer). Problems are JSONL
 records `{"problem": str, "answer": str}`, or conversations `{"messages": [...]}` whose last assistant turn holds
 the reference answer (in `\\boxed{}`) and whose earlier turns are the prompt (so SFT files serve as problem sets).
 
@@ -178,7 +179,7 @@ def parse_args(argv=None):
   parser.add_argument("--out", required=True, help="pairs JSONL to write; the summary goes next to it")
   parser.add_argument("--seed", type=int, default=0, help="sampling and pair-choice seed")
   parser.add_argument("--gin_file", action="append", default=[],
-                      help="gin config (repeatable); default: the run's config.gin when --init_from is a run")
+                      help="gin config (repeatable), after the run's own config.gin when --init_from is a run")
   parser.add_argument("--gin_param", action="append", default=[], help="gin binding 'k=v' (repeatable)")
   return parser.parse_args(argv)
 
@@ -186,9 +187,7 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
-  run_config = os.path.join(args.init_from, "config.gin")
-  gin_files = args.gin_file or ([run_config] if os.path.exists(run_config) else [])
-  common.parse_gin(gin_files, args.gin_param)
+  common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
   the_mesh = common.mesh()
   config, params, tokenizer = load_policy(args.init_from, the_mesh)
   settings = rollout_settings()

@@ -121,3 +121,24 @@ def test_evaluate_scores_with_the_verifier_it_is_given(tiny_run):
   assert summary["accuracy_per_run"] == [1.0, 0.0]  # sample 0 of every problem is "correct", sample 1 is not
   assert summary["pass_at_k"] == {"1": 0.5, "2": 1.0}
   assert summary["greedy_accuracy"] == 0.5
+
+
+def test_eval_and_rollouts_layer_gin_files_over_the_runs_config(tmp_path):
+  """Both commands read a run's own config.gin first, then --gin_file, then --gin_param (later ones win)."""
+  import rollouts
+  (tmp_path / "config.gin").write_text("rollouts.temperature = 0.5\nrollouts.top_k = 3\nrollouts.batch_size = 7\n")
+  extra = tmp_path / "extra.gin"
+  extra.write_text("rollouts.temperature = 0.25\nrollouts.batch_size = 5\n")
+  try:
+    common.parse_gin_for_checkpoint(str(tmp_path), [str(extra)], ["rollouts.batch_size = 9"])
+    settings = rollouts.rollout_settings()
+    assert settings["sampling"].top_k == 3  # the run's config.gin is kept
+    assert settings["sampling"].temperature == 0.25  # --gin_file overrides it
+    assert settings["batch_size"] == 9  # --gin_param overrides both
+  finally:
+    gin.clear_config()
+  try:  # a transformers checkpoint directory has no config.gin: the files alone
+    common.parse_gin_for_checkpoint(str(tmp_path / "hf_checkpoint"), [str(extra)], [])
+    assert rollouts.rollout_settings()["sampling"].top_k == 0
+  finally:
+    gin.clear_config()
