@@ -51,7 +51,11 @@ def _chunk_logits(h_BCD, kernel_DV, temperature):
 
 def _token_stats(h_BCD, kernel_DV, targets_BC, *, temperature, with_entropy, with_argmax):
   """Per-token statistics of one chunk: {'lse', 'target_logit'} and optionally 'entropy', 'correct'. [B, C] each."""
-  logits = _chunk_logits(h_BCD, kernel_DV, temperature)
+  return _stats_from_logits(_chunk_logits(h_BCD, kernel_DV, temperature), targets_BC, with_entropy=with_entropy,
+                            with_argmax=with_argmax)
+
+
+def _stats_from_logits(logits, targets_BC, *, with_entropy, with_argmax):
   lse = jax.nn.logsumexp(logits, axis=-1)
   stats = {"lse": lse, "target_logit": _target_logit(logits, targets_BC)}
   if with_entropy:
@@ -62,22 +66,31 @@ def _token_stats(h_BCD, kernel_DV, targets_BC, *, temperature, with_entropy, wit
   return stats
 
 
-def _chunked_token_stats(h_BTD, kernel_DV, targets_BT, *, chunk_size, **stat_kwargs):
-  """Runs `_token_stats` over sequence chunks; returns the same dict with [B, T] arrays."""
-  b, t, d = h_BTD.shape
+def _to_chunks(x_BT, chunk_size):
+  """[B, T, ...] -> [N, B, C, ...], T zero-padded to N * C (padded positions get weight 0 from their callers)."""
+  b, t = x_BT.shape[:2]
   chunk = max(1, min(chunk_size, t))
   num_chunks = -(-t // chunk)
-  pad = num_chunks * chunk - t
-  h_NBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
-  targets_NBC = jnp.pad(targets_BT.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, num_chunks, chunk).swapaxes(0, 1)
+  padded = jnp.pad(x_BT, ((0, 0), (0, num_chunks * chunk - t)) + ((0, 0),) * (x_BT.ndim - 2))
+  return padded.reshape(b, num_chunks, chunk, *x_BT.shape[2:]).swapaxes(0, 1)
 
+
+def _from_chunks(x_NBC, t):
+  """The inverse of `_to_chunks` for a sequence of length t."""
+  num_chunks, b, chunk = x_NBC.shape[:3]
+  return x_NBC.swapaxes(0, 1).reshape(b, num_chunks * chunk, *x_NBC.shape[3:])[:, :t]
+
+
+def _chunked_token_stats(h_BTD, kernel_DV, targets_BT, *, chunk_size, **stat_kwargs):
+  """Runs `_token_stats` over sequence chunks; returns the same dict with [B, T] arrays."""
   # Remat: the backward pass recomputes each chunk's logits instead of saving all of them as scan residuals.
   @jax.checkpoint
   def body(kernel, xs):
     return _token_stats(xs[0], kernel, xs[1], **stat_kwargs)
 
-  stats_NBC = jax.lax.map(functools.partial(body, kernel_DV), (h_NBCD, targets_NBC))
-  return {k: v.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :t] for k, v in stats_NBC.items()}
+  stats_NBC = jax.lax.map(functools.partial(body, kernel_DV),
+                          (_to_chunks(h_BTD, chunk_size), _to_chunks(targets_BT.astype(jnp.int32), chunk_size)))
+  return jax.tree.map(lambda x: _from_chunks(x, h_BTD.shape[1]), stats_NBC)
 
 
 def chunked_cross_entropy(h_BTD, kernel_DV, targets_BT, weights_BT, *, chunk_size=1024, z_loss=0.0):
@@ -122,24 +135,17 @@ def _fused_cross_entropy_fwd(chunk_size, z_loss, h_BTD, kernel_DV, targets_BT, w
   logits in the backward pass (a third LM-head matmul) and, on XLA:CPU, transpose the [C, V] softmax gradient.
   Peak memory is unchanged: one chunk of logits at a time, and dkernel is a gradient-sized buffer either way.
   """
-  b, t, d = h_BTD.shape
-  chunk = max(1, min(chunk_size, t))
-  num_chunks = -(-t // chunk)
-  pad = num_chunks * chunk - t
-  to_chunks = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape(
-      b, num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)  # [N, B, C, ...]; padded positions have weight 0
+  d = h_BTD.shape[-1]
   kernel = kernel_DV.astype(h_BTD.dtype)
   vocab_ids = jnp.arange(kernel.shape[-1], dtype=jnp.int32)
 
   def body(d_kernel, xs):
     h, targets, weights = xs  # [B, C, D], [B, C], [B, C]
     logits = _chunk_logits(h, kernel, 1.0)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    stats = _stats_from_logits(logits, targets, with_entropy=False, with_argmax=True)
+    probs = jnp.exp(logits - stats["lse"][..., None])
     is_target = vocab_ids == targets[..., None]
-    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    probs = jnp.exp(logits - lse[..., None])
-    d_logits = weights[..., None] * ((1 + 2 * z_loss * lse)[..., None] * probs - is_target)
+    d_logits = weights[..., None] * ((1 + 2 * z_loss * stats["lse"])[..., None] * probs - is_target)
     d_logits = d_logits.astype(h.dtype)
     # Under explicit sharding a vocab-sharded contraction needs its output sharding named: that of the primal.
     d_h = jnp.einsum("bcv,dv->bcd", d_logits, kernel, preferred_element_type=jnp.float32,
@@ -147,13 +153,13 @@ def _fused_cross_entropy_fwd(chunk_size, z_loss, h_BTD, kernel_DV, targets_BT, w
     # One (B * C)-contracted matmul in [D, V] layout, so no [C, V] transpose is written.
     d_kernel = d_kernel + jnp.einsum("nd,nv->dv", h.reshape(-1, d), d_logits.reshape(-1, d_logits.shape[-1]),
                                      preferred_element_type=jnp.float32, out_sharding=jax.typeof(kernel).sharding)
-    return d_kernel, ({"lse": lse, "target_logit": target_logit, "correct": correct}, d_h)
+    return d_kernel, (stats, d_h)
 
-  d_kernel, (stats, d_h) = jax.lax.scan(
-      body, jnp.zeros_like(kernel, jnp.float32), (to_chunks(h_BTD), to_chunks(targets_BT), to_chunks(weights_BT)))
-  from_chunks = lambda x: x.swapaxes(0, 1).reshape(b, num_chunks * chunk, *x.shape[3:])[:, :t]
-  out = _weighted_cross_entropy(jax.tree.map(from_chunks, stats), weights_BT, z_loss)
-  return out, (from_chunks(d_h), d_kernel.astype(kernel_DV.dtype))
+  chunks = tuple(_to_chunks(x, chunk_size) for x in (h_BTD, targets_BT, weights_BT))
+  d_kernel, (stats, d_h) = jax.lax.scan(body, jnp.zeros_like(kernel, jnp.float32), chunks)
+  unchunk = lambda x: _from_chunks(x, h_BTD.shape[1])
+  out = _weighted_cross_entropy(jax.tree.map(unchunk, stats), weights_BT, z_loss)
+  return out, (unchunk(d_h), d_kernel.astype(kernel_DV.dtype))
 
 
 def _fused_cross_entropy_bwd(chunk_size, z_loss, residuals, cotangents):
