@@ -3,15 +3,19 @@
     bash benchmarks/device_check.sh            # on one H100; JSON to $OUT (or ./device_check_out)
     .venv/bin/python benchmarks/device_check.py --smoke   # CPU, toy sizes: checks the script itself
 
-1. Train step: phi-4-mini (3.8B, 32 layers, LongRoPE with placeholder factors, random weights), bf16 compute,
+1. Attention: `attention_gpu.gpu_check` compares the "xla", cuDNN and blockwise backends (bf16) with a float32
+   reference on packed rows (outputs and dq/dk/dv) and times each. It runs first: it is short, and it is the
+   correctness check.
+2. Train step: phi-4-mini (3.8B, 32 layers, LongRoPE with placeholder factors, random weights), bf16 compute,
    packed rows of 8K tokens (several documents per row), the attention backend `--backend` (cuDNN) and remat
    `--remat`. The largest batch that fits is found ahead of time: batches from `--max_batch` down are compiled
    and the first whose buffer assignment (arguments + temporaries) fits in 92% of the device memory runs.
    MFU = model FLOPs (`phi_jax.train.flops`, remat not counted) per second / 989 TFLOP/s (H100 SXM dense bf16).
-2. Attention: `attention_gpu.gpu_check` compares the cuDNN backend with the "xla" reference on packed rows
-   (outputs and dq/dk/dv) and times both.
+   If the step fails with `--backend`, it is run once more with `--fallback_backend` (blockwise).
 3. Decode: `phi_jax.sampling.generate` on the same model, batch `--decode_batch`, 128-token prompts, 256 new
    tokens, greedy; tokens/s over the whole call (prefill included) after a warm-up call.
+4. If fewer than `--alt_before_s` seconds have passed: the train step again with remat `--alt_remat` (saves the
+   weight matmuls' outputs: fewer FLOPs, more memory, a smaller batch), as "train_alt".
 Each part writes its figures as soon as it ends, so a run cut short still leaves what it measured.
 """
 
@@ -29,9 +33,13 @@ def _extra(parser):
   parser.add_argument("--seq", type=int, default=8192)
   parser.add_argument("--max_batch", type=int, default=8)
   parser.add_argument("--backend", default="cudnn")
+  parser.add_argument("--fallback_backend", default="blockwise", help="used if the train step fails with --backend")
   parser.add_argument("--remat", default="full")
   parser.add_argument("--param_dtype", default="bfloat16",
                       help="bfloat16 keeps params + AdamW moments at 6 bytes per parameter (23 GB for 3.8B)")
+  parser.add_argument("--alt_remat", default="dots_with_no_batch_dims",
+                      help="a second train step with this remat, run last if --alt_before_s has not passed")
+  parser.add_argument("--alt_before_s", type=float, default=300.0)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--decode_batch", type=int, default=64)
   parser.add_argument("--peak_tflops", type=float, default=989.0)
@@ -55,17 +63,21 @@ from phi_jax.train.state import abstract_state, state_shardings  # noqa: E402
 from phi_jax.train.step import make_train_step  # noqa: E402
 
 
-def model_config():
+def log(message):
+  print(f"[device_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def model_config(backend, remat=None):
   if ARGS.smoke:  # the phi-4-mini features (partial rotary, LongRoPE, tied embeddings, GQA) at toy size
     config = presets.get("phi-4-mini", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, original_max_position_embeddings=64,
                          max_position_embeddings=1024, dtype="float32", attention_backend="xla")
   else:
-    config = presets.get("phi-4-mini", attention_backend=ARGS.backend)
+    config = presets.get("phi-4-mini", attention_backend=backend)
   # Placeholder LongRoPE factors: speed and memory do not depend on their values (they live in the checkpoint).
   ones = (1.0,) * (config.rotary_dim // 2)
   return config.replace(rope_short_factor=ones, rope_long_factor=tuple(4.0 for _ in ones),
-                        remat_policy=ARGS.remat, param_dtype="float32" if ARGS.smoke else ARGS.param_dtype)
+                        remat_policy=remat or ARGS.remat, param_dtype=ARGS.param_dtype)
 
 
 def packed_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
@@ -88,7 +100,7 @@ def device_memory_bytes() -> float:
   return float(stats.get("bytes_limit", 0)) or float("inf")
 
 
-def train_check(config, record):
+def train_check(config, record, key="train"):
   seq = 256 if ARGS.smoke else ARGS.seq
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   opt_cfg = OptimizerConfig(learning_rate=1e-5, decay="constant", max_grad_norm=1.0)
@@ -108,12 +120,13 @@ def train_check(config, record):
     memory = compiled.memory_analysis()
     peak = memory.argument_size_in_bytes + memory.temp_size_in_bytes
     tried.append({"batch": batch_size, "compile_s": time.perf_counter() - start, "peak_gib": peak / 2**30})
-    record["train"] = {"tried": tried}
+    log(f"{key}: batch {batch_size} compiled: {tried[-1]}")
+    record[key] = {"tried": tried}
     if peak <= limit:
       break
     batch_size //= 2
   if batch_size < 1:
-    record["train"]["error"] = "no batch fits"
+    record[key]["error"] = "no batch fits"
     return
   state = create_train_state(config, optimizer, mesh, jax.random.key(0))
   batch = jax.device_put(packed_batch(batch_size, seq, config.vocab_size), jax.devices()[0])
@@ -126,10 +139,11 @@ def train_check(config, record):
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - start)
+  log(f"{key}: step times {times}")
   step_s = float(np.median(times))
   tokens = batch_size * seq
   flops = train_flops_per_token(config, seq) * tokens
-  record["train"].update(batch=batch_size, seq_len=seq, backend=config.attention_backend, remat=config.remat_policy,
+  record[key].update(batch=batch_size, seq_len=seq, backend=config.attention_backend, remat=config.remat_policy,
                          param_dtype=config.param_dtype, step_s=times, median_step_s=step_s,
                          tokens_per_s=tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
                          mfu=flops / step_s / (ARGS.peak_tflops * 1e12), loss=float(metrics["loss"]))
@@ -157,19 +171,42 @@ def decode_check(config, record):
                       "call_s": times, "tokens_per_s": batch * new_tokens / float(np.median(times))}
 
 
+def train_with_fallback(record):
+  try:
+    train_check(model_config(ARGS.backend), record)
+  except Exception as error:  # e.g. a cuDNN version without the masked kernel: still measure the step
+    if ARGS.smoke or ARGS.fallback_backend in ("", ARGS.backend):
+      raise
+    log(f"train with {ARGS.backend} failed ({type(error).__name__}: {str(error)[:300]}); "
+        f"running {ARGS.fallback_backend}")
+    failed = {"backend": ARGS.backend, "error": f"{type(error).__name__}: {error}"[:2000]}
+    record["train"] = {}
+    train_check(model_config(ARGS.fallback_backend), record)
+    record["train"]["failed_first"] = failed
+
+
 def main():
-  config = model_config()
+  config = model_config(ARGS.backend)
   record = {"benchmark": "device_check", "smoke": ARGS.smoke, "machine": _common.machine(),
             "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
-            "peak_tflops": ARGS.peak_tflops, "model_params": config.num_params()}
-  for name, part in (("train", lambda: train_check(config, record)), ("attention", lambda: attention_check(record)),
-                     ("decode", lambda: decode_check(config, record))):
+            "jax_version": jax.__version__, "peak_tflops": ARGS.peak_tflops, "model_params": config.num_params()}
+  begin = time.perf_counter()
+  log(f"{record['device_kind']}, jax {jax.__version__}, {config.num_params() / 1e9:.2f}B params")
+  for name, part in (("attention", lambda: attention_check(record)), ("train", lambda: train_with_fallback(record)),
+                     ("decode", lambda: decode_check(model_config(record["train"].get("backend", ARGS.backend)),
+                                                     record)),
+                     ("train_alt", lambda: train_check(model_config(record["train"].get("backend", ARGS.backend),
+                                                                    ARGS.alt_remat), record, "train_alt"))):
+    if name == "train_alt" and (not ARGS.alt_remat or time.perf_counter() - begin > ARGS.alt_before_s):
+      continue
     start = time.perf_counter()
+    log(f"{name}: start")
     try:
       part()
     except Exception as error:  # a failed part must not hide the figures of the others
       record.setdefault(name, {})["error"] = f"{type(error).__name__}: {error}"[:2000]
     record.setdefault(name, {})["wall_s"] = time.perf_counter() - start
+    log(f"{name}: {record[name]}")
     _common.write(ARGS, record)
 
 

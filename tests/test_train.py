@@ -155,3 +155,20 @@ def test_clip_by_global_norm_equals_optax(scale):
     np.testing.assert_allclose(got, want, rtol=1e-6)  # NaNs must sit in the same places
   if np.isfinite(scale):
     assert float(optax.global_norm(ours)) <= 1.0 + 1e-6
+
+
+def test_bfloat16_state_keeps_its_dtypes_across_a_step():
+  """With bfloat16 params the AdamW moments are bfloat16 too; the float32 update math must not promote them, or the
+  second step sees a new state signature (a recompile, undonatable buffers, a checkpoint that no longer matches)."""
+  config = CONFIG.replace(param_dtype="bfloat16")
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  optimizer = make_optimizer(OPT, NUM_STEPS)
+  state = create_train_state(config, optimizer, mesh, jax.random.key(0))
+  batch = {k: v[:2] for k, v in packed_batches(1)[0].items()}
+  step = make_train_step(next_token.make_loss_fn(config, chunk_size=16), optimizer,
+                         learning_rate_schedule(OPT, NUM_STEPS), mesh, state_shardings(config, optimizer, mesh), batch)
+  signature = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
+  before = signature(state)
+  assert any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.opt_state))  # the moments follow the params
+  new_state, _ = step(state, global_batch(batch, mesh), jax.random.key(1))
+  assert signature(new_state) == before

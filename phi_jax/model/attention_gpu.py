@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phi_jax.model.attention import attention_mask, xla_attention
+from phi_jax.model.attention import attention_mask, backend_function, xla_attention
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -55,42 +55,46 @@ def _packed_rows(batch, length, rng):
 
 
 def gpu_check(batch=2, length=4096, num_heads=24, num_kv_heads=8, head_dim=128, dtype=jnp.bfloat16, repeats=10,
-              implementation="cudnn"):
-  """On a GPU: cuDNN vs the reference on packed rows (values and gradients) and their step times.
+              implementation="cudnn", backends=("xla", "cudnn", "blockwise")):
+  """On a GPU: each backend vs a float32 reference on packed rows (values and gradients), and their step times.
 
-  Returns a dict of max abs errors (output at valid queries; gradients everywhere), the largest reference gradient
-  entries for scale, and milliseconds per jitted forward + backward. With the default `implementation="cudnn"` it
-  runs only on an NVIDIA GPU; `"xla"` runs the same comparison anywhere.
+  The reference is the "xla" backend run in float32 on the same (`dtype`) inputs, so each backend's error can be
+  read against the "xla" backend's own error in `dtype`: what rounding alone gives. Per backend `name`:
+  `{name}_ms` (one jitted forward + backward), `{name}_out_rel_err` (||out - ref|| / ||ref|| over valid queries)
+  and `{name}_out_max_abs_err`, and the same two for dq, dk and dv (everywhere). With the default
+  `implementation="cudnn"` it runs only on an NVIDIA GPU; `"xla"` runs the cuDNN path's code anywhere.
   """
   rng = np.random.default_rng(0)
   seg, idx = _packed_rows(batch, length, rng)
   q, k, v, weights = (jnp.asarray(rng.normal(size=shape), dtype) for shape in (
       (batch, length, num_heads, head_dim), (batch, length, num_kv_heads, head_dim),
       (batch, length, num_kv_heads, head_dim), (batch, length, num_heads, head_dim)))
-  weights = weights * jnp.asarray(seg != 0, dtype)[:, :, None, None]
+  weights = weights.astype(jnp.float32) * jnp.asarray(seg != 0, jnp.float32)[:, :, None, None]
   seg, idx = jnp.asarray(seg), jnp.asarray(idx)
 
   def loss_and_grads(backend):
     def loss(q, k, v):
       out = backend(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_index=idx, kv_index=idx)
-      return jnp.sum(out.astype(jnp.float32) * weights.astype(jnp.float32)), out
+      return jnp.sum(out.astype(jnp.float32) * weights), out
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
-  results, outputs = {}, {}
-  backends = (("xla", xla_attention), ("cudnn", functools.partial(cudnn_attention, implementation=implementation)))
-  for name, backend in backends:
-    step = loss_and_grads(backend)
-    outputs[name] = jax.block_until_ready(step(q, k, v))
+  functions = {"xla": xla_attention, "cudnn": functools.partial(cudnn_attention, implementation=implementation),
+               "blockwise": backend_function("blockwise")}
+  as_np = lambda x: np.asarray(x, np.float32)
+  upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+  (_, out_ref), grads_ref = jax.block_until_ready(loss_and_grads(xla_attention)(*upcast))
+  valid = np.asarray(seg != 0)[:, :, None, None]
+  references = {"out": as_np(out_ref) * valid, **{g: as_np(x) for g, x in zip(("dq", "dk", "dv"), grads_ref)}}
+  results = {f"{g}_max_abs": float(np.max(np.abs(x))) for g, x in references.items()}
+  for name in backends:
+    step = loss_and_grads(functions[name])
+    (_, out), grads = jax.block_until_ready(step(q, k, v))
     start = time.perf_counter()
     for _ in range(repeats):
       jax.block_until_ready(step(q, k, v))
     results[f"{name}_ms"] = (time.perf_counter() - start) / repeats * 1e3
-  valid = np.asarray(seg != 0)[:, :, None, None]
-  (_, out_ref), grads_ref = outputs["xla"]
-  (_, out_cudnn), grads_cudnn = outputs["cudnn"]
-  as_np = lambda x: np.asarray(x, np.float32)
-  results["out_max_abs_err"] = float(np.max(np.abs(as_np(out_ref) - as_np(out_cudnn)) * valid))
-  for name, g_ref, g_cudnn in zip(("dq", "dk", "dv"), grads_ref, grads_cudnn):
-    results[f"{name}_max_abs_err"] = float(np.max(np.abs(as_np(g_ref) - as_np(g_cudnn))))
-    results[f"{name}_max_abs"] = float(np.max(np.abs(as_np(g_ref))))
+    for g, actual in zip(("out", "dq", "dk", "dv"), (as_np(out) * valid, *map(as_np, grads))):
+      diff = actual - references[g]
+      results[f"{name}_{g}_max_abs_err"] = float(np.max(np.abs(diff)))
+      results[f"{name}_{g}_rel_err"] = float(np.linalg.norm(diff) / np.linalg.norm(references[g]))
   return results

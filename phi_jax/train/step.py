@@ -57,6 +57,10 @@ def train_step(state: TrainState, batch: dict, rng, *, loss_fn: LossFn, optimize
   grads = jax.tree.map(lambda g: (g / weight).astype(jnp.float32), grads)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  # The update math runs in float32 (the grads are float32), which would promote bfloat16 moments to float32
+  # after one step: a different state signature (a recompile, a donated buffer that cannot be reused, a checkpoint
+  # that no longer matches its abstract state). Each leaf keeps the dtype it came in with.
+  opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
   params = optax.apply_updates(state.params, updates)
   metrics = {name: value / weight for name, value in aux.get("metrics", {}).items()}
   metrics.update(loss=loss_sum / weight, grad_norm=grad_norm, learning_rate=schedule(state.step),
