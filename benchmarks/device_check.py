@@ -41,6 +41,9 @@ def _extra(parser):
                       help="a second train step with this remat, run last if --alt_before_s has not passed")
   parser.add_argument("--alt_before_s", type=float, default=300.0)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--parts", default="attention,train,decode,train_alt", help="which parts to run, in order")
+  parser.add_argument("--profile", action="store_true",
+                      help="trace one more train step with jax.profiler; the perfetto trace goes next to --out")
   parser.add_argument("--decode_batch", type=int, default=64)
   parser.add_argument("--peak_tflops", type=float, default=989.0)
 
@@ -140,6 +143,8 @@ def train_check(config, record, key="train"):
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - start)
   log(f"{key}: step times {times}")
+  if ARGS.profile and key == "train":
+    profile_step(lambda: jax.block_until_ready(compiled(state, batch, rng)[1]["loss"]))
   step_s = float(np.median(times))
   tokens = batch_size * seq
   flops = train_flops_per_token(config, seq) * tokens
@@ -171,6 +176,19 @@ def decode_check(config, record):
                       "call_s": times, "tokens_per_s": batch * new_tokens / float(np.median(times))}
 
 
+def profile_step(run):
+  """One traced step; its perfetto trace is copied next to --out (the profiler nests it several folders deep)."""
+  import glob
+  import shutil
+  import tempfile
+  trace_dir = tempfile.mkdtemp()
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    run()
+  for path in glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True):
+    shutil.copy(path, os.path.join(os.path.dirname(os.path.abspath(ARGS.out)), "train_step.trace.json.gz"))
+    log(f"profile: {path}")
+
+
 def train_with_fallback(record):
   try:
     train_check(model_config(ARGS.backend), record)
@@ -197,7 +215,8 @@ def main():
                                                      record)),
                      ("train_alt", lambda: train_check(model_config(record["train"].get("backend", ARGS.backend),
                                                                     ARGS.alt_remat), record, "train_alt"))):
-    if name == "train_alt" and (not ARGS.alt_remat or time.perf_counter() - begin > ARGS.alt_before_s):
+    if name not in ARGS.parts.split(",") or (
+        name == "train_alt" and (not ARGS.alt_remat or time.perf_counter() - begin > ARGS.alt_before_s)):
       continue
     start = time.perf_counter()
     log(f"{name}: start")

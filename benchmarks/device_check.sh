@@ -8,6 +8,7 @@
 # GPU needs a CUDA build of jaxlib (jax[cuda12]) in that environment.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # phi_jax from this checkout, installed or not
 out_dir="${OUT:-./device_check_out}"
 mkdir -p "$out_dir"
 python="python3"

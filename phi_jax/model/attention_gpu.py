@@ -3,7 +3,8 @@
 The public cuDNN entry point expresses padding only as one length per row (`query_seq_lengths`), which cannot
 describe several documents packed into a row, so the backend passes the full masking rule of
 `phi_jax.model.attention` as a boolean mask ([B, 1, T, S], shared by all heads); cuDNN applies it as an additive
-bias inside its fused kernel. The scores never reach memory, but the mask does: B * T * S bytes (bf16 bias: twice
+bias inside its fused kernel. For self-attention over a row (training, a prompt without cache) it also sets
+cuDNN's causal mask, so the kernel skips the tiles above the diagonal. The scores never reach memory, but the mask does: B * T * S bytes (bf16 bias: twice
 that), fine at a few thousand tokens per row. For very long packed rows, the `"blockwise"` backend stays linear.
 
 cuDNN runs only on an NVIDIA GPU and only in bfloat16/float16: float32 inputs are computed in bfloat16 and cast
@@ -36,10 +37,15 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_
   q, q_seg, q_idx = (pad_time(x, t_pad) for x in (q_BTNH, q_segment_ids, q_index))
   k, v, kv_seg, kv_idx = (pad_time(x, s_pad) for x in (k_BSKH, v_BSKH, kv_segment_ids, kv_index))
   mask_B1TS = attention_mask(q_seg, kv_seg, q_idx, kv_idx)[:, None]
+  # Self-attention over packed rows (one index array for queries and keys, as in training): inside a segment the
+  # index grows with the array position, so the rule's causal part is the array's lower triangle, and cuDNN's own
+  # causal mask (which skips the tiles above the diagonal: half the work) is exact; the boolean mask still
+  # carries the segments. Any other call (a prompt against a KV cache) relies on the mask alone.
+  is_causal = q_index is kv_index and t == s
   compute_dtype = q.dtype if q.dtype in _CUDNN_DTYPES or implementation != "cudnn" else jnp.bfloat16
   out = jax.nn.dot_product_attention(
       q.astype(compute_dtype), k.astype(compute_dtype), v.astype(compute_dtype), mask=mask_B1TS,
-      scale=h ** -0.5, implementation=implementation)
+      scale=h ** -0.5, is_causal=is_causal, implementation=implementation)
   return out[:, :t].astype(q_BTNH.dtype)
 
 
