@@ -14,7 +14,9 @@
    If the step fails with `--backend`, it is run once more with `--fallback_backend` (blockwise).
 3. Decode: `phi_jax.sampling.generate` on the same model, batch `--decode_batch`, 128-token prompts, 256 new
    tokens, greedy; tokens/s over the whole call (prefill included) after a warm-up call.
-4. If fewer than `--alt_before_s` seconds have passed: the train step again with remat `--alt_remat` (saves the
+4. What the packed-segment mask costs cuDNN at the train shape: one layer's attention with the mask vs cuDNN's
+   causal mask alone (fwd and fwd+bwd ms).
+5. If fewer than `--alt_before_s` seconds have passed: the train step again with remat `--alt_remat` (saves the
    weight matmuls' outputs: fewer FLOPs, more memory, a smaller batch), as "train_alt".
 Each part writes its figures as soon as it ends, so a run cut short still leaves what it measured.
 """
@@ -41,7 +43,8 @@ def _extra(parser):
                       help="a second train step with this remat, run last if --alt_before_s has not passed")
   parser.add_argument("--alt_before_s", type=float, default=300.0)
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--parts", default="attention,train,decode,train_alt", help="which parts to run, in order")
+  parser.add_argument("--attention_backends", default="xla,cudnn,cudnn_dense,blockwise")
+  parser.add_argument("--parts", default="attention,mask_cost,train,decode,train_alt", help="which parts to run (always in the default order)")
   parser.add_argument("--profile", action="store_true",
                       help="trace one more train step with jax.profiler; the perfetto trace goes next to --out")
   parser.add_argument("--decode_batch", type=int, default=64)
@@ -159,7 +162,39 @@ def attention_check(record):
     record["attention"] = attention_gpu.gpu_check(batch=2, length=128, num_heads=4, num_kv_heads=2, head_dim=16,
                                                   repeats=2, implementation="xla")
   else:
-    record["attention"] = attention_gpu.gpu_check(batch=4, length=4096)
+    record["attention"] = attention_gpu.gpu_check(batch=4, length=4096,
+                                                  backends=tuple(ARGS.attention_backends.split(",")))
+
+
+def mask_cost_check(record):
+  """What packed segments cost cuDNN: fwd and fwd+bwd ms of one phi-4-mini attention layer on 8K rows, through
+  the packed layout (the backend), the dense segment mask, and cuDNN's causal mask alone (wrong for packed rows:
+  the bound for any segment-aware kernel)."""
+  import jax.numpy as jnp
+  b, t, n, k, h = (2, 256, 4, 2, 16) if ARGS.smoke else (ARGS.max_batch, ARGS.seq, 24, 8, 128)
+  implementation = "xla" if ARGS.smoke else "cudnn"
+  rng = np.random.default_rng(0)
+  q, key, v = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for shape in ((b, t, n, h), (b, t, k, h), (b, t, k, h)))
+  seg = jnp.asarray(packed_batch(b, t, 2)["segment_ids"])
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  variants = {
+      "segment_runs": lambda q, key, v: attention_gpu.cudnn_attention(
+          q, key, v, q_segment_ids=seg, kv_segment_ids=seg, q_index=idx, kv_index=idx, implementation=implementation),
+      "segment_mask": lambda q, key, v: attention_gpu.cudnn_attention(
+          q, key, v, q_segment_ids=seg, kv_segment_ids=seg, q_index=idx, kv_index=idx, implementation=implementation,
+          max_runs=0),
+      "causal_only": lambda q, key, v: jax.nn.dot_product_attention(q, key, v, is_causal=True,
+                                                                     implementation=implementation),
+  }
+  result = {"shape": [b, t, n, k, h]}
+  for name, fn in variants.items():
+    fwd = jax.jit(fn)
+    grad = jax.jit(jax.grad(lambda q, key, v: jnp.sum(fn(q, key, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+    for label, run in (("fwd", lambda: fwd(q, key, v)), ("fwd_bwd", lambda: grad(q, key, v))):
+      jax.block_until_ready(run())
+      result[f"{name}_{label}_ms"] = 1e3 * float(np.median([_common.timed(lambda: jax.block_until_ready(run()))
+                                                           for _ in range(5)]))
+  record["mask_cost"] = result
 
 
 def decode_check(config, record):
@@ -210,7 +245,8 @@ def main():
             "jax_version": jax.__version__, "peak_tflops": ARGS.peak_tflops, "model_params": config.num_params()}
   begin = time.perf_counter()
   log(f"{record['device_kind']}, jax {jax.__version__}, {config.num_params() / 1e9:.2f}B params")
-  for name, part in (("attention", lambda: attention_check(record)), ("train", lambda: train_with_fallback(record)),
+  for name, part in (("attention", lambda: attention_check(record)), ("mask_cost", lambda: mask_cost_check(record)),
+                     ("train", lambda: train_with_fallback(record)),
                      ("decode", lambda: decode_check(model_config(record["train"].get("backend", ARGS.backend)),
                                                      record)),
                      ("train_alt", lambda: train_check(model_config(record["train"].get("backend", ARGS.backend),

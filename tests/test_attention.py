@@ -17,7 +17,7 @@ from jaxpr_probe import max_array_size
 import phi_jax
 from phi_jax.model import attention
 from phi_jax.model.attention_blockwise import blockwise_attention
-from phi_jax.model.attention_gpu import cudnn_attention, gpu_check
+from phi_jax.model.attention_gpu import cudnn_attention, gpu_check, segment_runs
 from phi_jax.model.attention_splash import splash_attention
 from phi_jax.model.config import ATTENTION_BACKENDS
 
@@ -181,7 +181,7 @@ def test_gpu_check_runs_its_comparison():
   must match the float32 reference to float32 accuracy."""
   results = gpu_check(batch=1, length=48, num_heads=4, num_kv_heads=2, head_dim=16, dtype=jnp.float32, repeats=1,
                       implementation="xla")
-  for name in ("xla", "cudnn", "blockwise"):
+  for name in ("xla", "cudnn", "cudnn_dense", "blockwise"):
     assert all(results[f"{name}_{g}_rel_err"] < 1e-5 for g in ("out", "dq", "dk", "dv")), results
     assert results[f"{name}_ms"] > 0
 
@@ -193,3 +193,50 @@ def test_unknown_backend_is_refused():
     phi_jax.PhiConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
                       attention_backend="flash")
   assert all(callable(attention.backend_function(name)) for name in ATTENTION_BACKENDS)
+
+
+def test_segment_runs_match_a_numpy_walk_of_each_row():
+  seg = np.array([[1, 1, 2, 2, 2, 0, 3, 0],    # a padding gap between documents
+                  [5, 5, 5, 5, 9, 9, 0, 0],    # ids need only increase
+                  [1, 1, 2, 2, 1, 1, 0, 0],    # id 1 comes back: one document in two runs
+                  [0, 0, 0, 0, 0, 0, 0, 0]], np.int32)
+  offsets, lengths, exact = jax.jit(segment_runs, static_argnums=1)(jnp.asarray(seg), 4)
+  for row in range(len(seg)):
+    runs = [(start, end - start) for start, end in _numpy_runs(seg[row])]
+    expect_offsets = [r[0] for r in runs] + [-1] * (5 - len(runs))
+    expect_lengths = [r[1] for r in runs] + [-1] * (4 - len(runs))
+    assert list(np.asarray(offsets[row])) == expect_offsets and list(np.asarray(lengths[row])) == expect_lengths
+  assert not exact  # row 2
+  assert jax.jit(segment_runs, static_argnums=1)(jnp.asarray(seg[[0, 1, 3]]), 4)[2]
+  assert not jax.jit(segment_runs, static_argnums=1)(jnp.asarray(seg[[0, 1, 3]]), 2)[2]  # row 0 has 3 runs
+  assert not segment_runs(jnp.asarray([[1, 1, 0, 1, 1, 0, 0, 0]], jnp.int32), 4)[2]  # id 1 back after a gap
+
+
+def _numpy_runs(row):
+  runs, start = [], None
+  for i, value in enumerate(list(row) + [0]):
+    if start is not None and (value != row[start]):
+      runs.append((start, i))
+      start = None
+    if start is None and value != 0 and i < len(row):
+      start = i
+  return runs
+
+
+@pytest.mark.parametrize("case", ["repeated_id", "too_many_runs"])
+def test_cudnn_wiring_falls_back_to_the_dense_mask_where_runs_cannot_describe_a_row(case, packed):
+  """The packed path's cases that need the dense mask: a document id that comes back after another (both runs
+  attend each other) and more documents than `max_runs`."""
+  seg = np.asarray(packed["seg"]).copy()
+  max_runs = 64
+  if case == "repeated_id":
+    seg[0, 141:183] = 1  # row 0's third document reuses the first one's id
+  else:
+    max_runs = 2  # row 0 has three documents
+  inputs = dict(q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg), q_index=packed["idx"],
+                kv_index=packed["idx"])
+  assert not segment_runs(inputs["q_segment_ids"], max_runs)[2]
+  expected = attention.xla_attention(packed["q"], packed["k"], packed["v"], **inputs)
+  actual = cudnn_attention(packed["q"], packed["k"], packed["v"], implementation="xla", max_runs=max_runs, **inputs)
+  valid = seg != 0
+  np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)

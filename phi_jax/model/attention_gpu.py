@@ -24,11 +24,19 @@ import numpy as np
 from phi_jax.model.attention import attention_mask, backend_function, xla_attention
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# Segment runs per row that the packed (ragged) cuDNN path describes; a row with more falls back to the dense mask.
+MAX_RUNS = 64
 
 
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_index, kv_index,
-                    implementation="cudnn"):
-  """Same contract as `attention.xla_attention`. `implementation="xla"` runs this path without cuDNN."""
+                    implementation="cudnn", max_runs=MAX_RUNS):
+  """Same contract as `attention.xla_attention`. `implementation="xla"` runs this path without cuDNN.
+
+  Self-attention over packed rows (one index array for queries and keys, as in training) goes through cuDNN's
+  packed layout (`segment_runs`: each document's offset and length, causal inside each), with no dense mask; a
+  batch whose rows it cannot describe exactly, and every other call (a prompt against a KV cache), use the dense
+  boolean mask. `max_runs=0` forces the dense mask.
+  """
   b, t, n, h = q_BTNH.shape
   s = k_BSKH.shape[1]
   # cuDNN's backward pass with a bias needs even sequence lengths; padded queries and keys get segment 0.
@@ -36,17 +44,67 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_
   pad_time = lambda x, amount: jnp.pad(x, ((0, 0), (0, amount)) + ((0, 0),) * (x.ndim - 2))
   q, q_seg, q_idx = (pad_time(x, t_pad) for x in (q_BTNH, q_segment_ids, q_index))
   k, v, kv_seg, kv_idx = (pad_time(x, s_pad) for x in (k_BSKH, v_BSKH, kv_segment_ids, kv_index))
-  mask_B1TS = attention_mask(q_seg, kv_seg, q_idx, kv_idx)[:, None]
-  # Self-attention over packed rows (one index array for queries and keys, as in training): inside a segment the
-  # index grows with the array position, so the rule's causal part is the array's lower triangle, and cuDNN's own
-  # causal mask (which skips the tiles above the diagonal: half the work) is exact; the boolean mask still
-  # carries the segments. Any other call (a prompt against a KV cache) relies on the mask alone.
-  is_causal = q_index is kv_index and t == s
   compute_dtype = q.dtype if q.dtype in _CUDNN_DTYPES or implementation != "cudnn" else jnp.bfloat16
-  out = jax.nn.dot_product_attention(
-      q.astype(compute_dtype), k.astype(compute_dtype), v.astype(compute_dtype), mask=mask_B1TS,
-      scale=h ** -0.5, is_causal=is_causal, implementation=implementation)
+  q, k, v = (x.astype(compute_dtype) for x in (q, k, v))
+
+  def dense(q, k, v):
+    # With one index array for queries and keys, the index grows with the array position inside a segment, so
+    # the rule's causal part is the array's lower triangle and cuDNN's own causal mask (which skips the tiles
+    # above the diagonal) is exact; the boolean mask carries the segments.
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=attention_mask(q_seg, kv_seg, q_idx, kv_idx)[:, None], scale=h ** -0.5,
+        is_causal=self_attention, implementation=implementation)
+
+  self_attention = q_index is kv_index and t == s
+  if self_attention and max_runs > 0:
+    offsets, lengths, exact = segment_runs(q_seg, max_runs)
+    packed = functools.partial(_packed_attention, seg=q_seg, offsets=offsets, lengths=lengths, scale=h ** -0.5,
+                               implementation=implementation)
+    out = jax.lax.cond(exact, packed, dense, q, k, v)
+  else:
+    out = dense(q, k, v)
   return out[:, :t].astype(q_BTNH.dtype)
+
+
+def segment_runs(segment_ids_BT, max_runs):
+  """Each row's runs of one nonzero segment id, as cuDNN's packed layout takes them.
+
+  Returns run starts [B, max_runs + 1] and lengths [B, max_runs] (-1 after a row's last run), and whether they
+  describe the whole batch exactly: at most `max_runs` runs per row, and every run's id above all ids before it
+  in its row (an id that comes back after another would be two runs of one document, which may attend each other).
+  """
+  seg = segment_ids_BT
+  before = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+  after = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
+  starts, ends = (seg != 0) & (seg != before), (seg != 0) & (seg != after)
+  first = lambda flags: jax.vmap(lambda row: jnp.nonzero(row, size=max_runs, fill_value=-1)[0])(flags)
+  start_at, end_at = first(starts).astype(jnp.int32), first(ends).astype(jnp.int32)
+  lengths = jnp.where(start_at >= 0, end_at - start_at + 1, -1)
+  offsets = jnp.concatenate([start_at, jnp.full((seg.shape[0], 1), -1, jnp.int32)], axis=1)
+  increasing = jnp.where(starts, seg > jax.lax.cummax(before, axis=1), True)
+  exact = jnp.all(jnp.sum(starts, axis=1) <= max_runs) & jnp.all(increasing)
+  return offsets, lengths, exact
+
+
+def _packed_attention(q, k, v, *, seg, offsets, lengths, scale, implementation):
+  """Causal attention inside each run given by `offsets`/`lengths`. Tokens outside every run (padding) are
+  zeroed going in and coming out, so whatever the kernel leaves there reaches neither outputs nor gradients."""
+  valid = (seg != 0)[:, :, None, None]
+  q, k, v = (jnp.where(valid, x, 0) for x in (q, k, v))
+  if implementation == "cudnn":
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # the only entry point with segment offsets
+    out = cudnn_fmha.dot_product_attention(
+        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets, scale=scale,
+        mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+  else:  # the same runs as a dense mask: checks on any device that the offsets describe the documents
+    position = jnp.arange(q.shape[1])
+    inside = ((position >= offsets[:, :-1, None]) & (position < offsets[:, :-1, None] + lengths[:, :, None])
+              & (lengths[:, :, None] > 0))  # [B, runs, T]
+    run_of = jnp.where(inside.any(1), jnp.argmax(inside, axis=1) + 1, 0)
+    mask = ((run_of[:, :, None] == run_of[:, None, :]) & (run_of[:, None, :] != 0)
+            & (position[None, None, :] <= position[None, :, None]))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=implementation)
+  return jnp.where(valid, out, 0)
 
 
 def _packed_rows(batch, length, rng):
@@ -61,11 +119,12 @@ def _packed_rows(batch, length, rng):
 
 
 def gpu_check(batch=2, length=4096, num_heads=24, num_kv_heads=8, head_dim=128, dtype=jnp.bfloat16, repeats=10,
-              implementation="cudnn", backends=("xla", "cudnn", "blockwise")):
+              implementation="cudnn", backends=("xla", "cudnn", "cudnn_dense", "blockwise")):
   """On a GPU: each backend vs a float32 reference on packed rows (values and gradients), and their step times.
 
   The reference is the "xla" backend run in float32 on the same (`dtype`) inputs, so each backend's error can be
-  read against the "xla" backend's own error in `dtype`: what rounding alone gives. Per backend `name`:
+  read against the "xla" backend's own error in `dtype`: what rounding alone gives ("cudnn" takes the packed
+  path on these rows, "cudnn_dense" the dense mask). Per backend `name`:
   `{name}_ms` (one jitted forward + backward), `{name}_out_rel_err` (||out - ref|| / ||ref|| over valid queries)
   and `{name}_out_max_abs_err`, and the same two for dq, dk and dv (everywhere). With the default
   `implementation="cudnn"` it runs only on an NVIDIA GPU; `"xla"` runs the cuDNN path's code anywhere.
@@ -85,6 +144,7 @@ def gpu_check(batch=2, length=4096, num_heads=24, num_kv_heads=8, head_dim=128, 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
   functions = {"xla": xla_attention, "cudnn": functools.partial(cudnn_attention, implementation=implementation),
+               "cudnn_dense": functools.partial(cudnn_attention, implementation=implementation, max_runs=0),
                "blockwise": backend_function("blockwise")}
   as_np = lambda x: np.asarray(x, np.float32)
   upcast = [x.astype(jnp.float32) for x in (q, k, v)]
