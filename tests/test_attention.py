@@ -15,7 +15,7 @@ import pytest
 from jaxpr_probe import max_array_size
 
 import phi_jax
-from phi_jax.model import attention
+from phi_jax.model import attention, presets
 from phi_jax.model.attention_blockwise import blockwise_attention
 from phi_jax.model.attention_gpu import cudnn_attention, gpu_check, segment_runs
 from phi_jax.model.attention_splash import splash_attention
@@ -240,3 +240,14 @@ def test_cudnn_wiring_falls_back_to_the_dense_mask_where_runs_cannot_describe_a_
   actual = cudnn_attention(packed["q"], packed["k"], packed["v"], implementation="xla", max_runs=max_runs, **inputs)
   valid = seg != 0
   np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
+
+
+def test_max_segments_per_row_reaches_the_cudnn_backend_only(monkeypatch):
+  seen = {}
+  monkeypatch.setattr(attention, "backend_function", lambda name: lambda *args, **kwargs: seen.update({name: kwargs}))
+  masks = dict(q_segment_ids=None, kv_segment_ids=None, q_index=None, kv_index=None)
+  for backend in ("cudnn", "blockwise"):
+    attention.attend(None, None, None, backend=backend, max_segments_per_row=3, **masks)
+  assert seen["cudnn"]["max_runs"] == 3 and "max_runs" not in seen["blockwise"]
+  with pytest.raises(ValueError, match="max_segments_per_row"):
+    presets.get("tiny", max_segments_per_row=-1)

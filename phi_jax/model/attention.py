@@ -85,8 +85,13 @@ def backend_function(backend):
   return function
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_index, kv_index, backend="xla"):
-  """Dispatches to the configured backend; all share the masking rule above and the head_dim ** -0.5 scale."""
+def attend(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_index, kv_index, backend="xla",
+           max_segments_per_row=None):
+  """Dispatches to the configured backend; all share the masking rule above and the head_dim ** -0.5 scale.
+
+  `max_segments_per_row` (`PhiConfig.max_segments_per_row`) reaches the "cudnn" backend only; None: its default.
+  """
+  options = {"max_runs": max_segments_per_row} if backend == "cudnn" and max_segments_per_row is not None else {}
   return backend_function(backend)(
       q_BTNH, k_BSKH, v_BSKH,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index, **options)

@@ -1,15 +1,18 @@
-"""NVIDIA GPU attention: cuDNN flash attention through `jax.nn.dot_product_attention`, honouring packed segments.
+"""NVIDIA GPU attention through cuDNN's fused flash kernels, honouring packed segments.
 
-The public cuDNN entry point expresses padding only as one length per row (`query_seq_lengths`), which cannot
-describe several documents packed into a row, so the backend passes the full masking rule of
-`phi_jax.model.attention` as a boolean mask ([B, 1, T, S], shared by all heads); cuDNN applies it as an additive
-bias inside its fused kernel. For self-attention over a row (training, a prompt without cache) it also sets
-cuDNN's causal mask, so the kernel skips the tiles above the diagonal. The scores never reach memory, but the mask does: B * T * S bytes (bf16 bias: twice
-that), fine at a few thousand tokens per row. For very long packed rows, the `"blockwise"` backend stays linear.
+Self-attention over packed rows (training, a prompt without a cache) goes through cuDNN's packed layout: each
+document of a row is handed over as an offset and a length (`segment_runs`), and the kernel runs causal attention
+inside each one, skipping cross-document tiles, with no mask in memory. The public `jax.nn.dot_product_attention`
+takes one length per row and cannot describe several documents, so this path calls JAX's cuDNN module itself.
+A batch the runs cannot describe (a row with more than `max_runs` documents, or a document id that comes back) and
+every other call (a prompt against a KV cache) use `jax.nn.dot_product_attention` with the masking rule of
+`phi_jax.model.attention` as a boolean [B, 1, T, S] mask, which cuDNN reads as a bias (plus cuDNN's causal mask
+for self-attention). On an H100 that mask doubled attention's time at 8K tokens (BENCHMARKS.md); for very long
+rows the mask's B * T * S bytes also add up, and the `"blockwise"` backend stays linear in memory.
 
 cuDNN runs only on an NVIDIA GPU and only in bfloat16/float16: float32 inputs are computed in bfloat16 and cast
-back. With `implementation="xla"` the same code path (padding, mask, GQA layout) runs on any device; the CPU test
-suite checks the wiring that way, and `gpu_check()` checks the cuDNN kernel itself on a GPU.
+back. With `implementation="xla"` the same code (padding, the runs turned back into a mask, the dense mask, the
+GQA layout) runs on any device; the CPU suite checks the wiring that way, and `gpu_check()` checks cuDNN's kernels.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ import numpy as np
 from phi_jax.model.attention import attention_mask, backend_function, xla_attention
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-# Segment runs per row that the packed (ragged) cuDNN path describes; a row with more falls back to the dense mask.
-MAX_RUNS = 64
+# Segment runs per row that the packed (ragged) cuDNN path describes (`PhiConfig.max_segments_per_row`); a batch
+# with a row holding more falls back to the dense mask. cuDNN sizes its buffers for B * MAX_RUNS sequences: the
+# softmax statistics are [B * MAX_RUNS, N, T] float32, and on an H100 (jax 0.11.2) the executable's scratch grew by
+# about B * MAX_RUNS * N * T * H * 4 bytes (97.5 GiB asked for one layer at B=8, T=8192, N=24, H=128, MAX_RUNS=64).
+MAX_RUNS = 8
 
 
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_index, kv_index,

@@ -42,6 +42,9 @@ class PhiConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_backend: str = "xla"
+  # "cudnn" backend: packed documents per row handed to cuDNN's packed layout (no dense mask). A batch with a row
+  # holding more falls back to the dense [B, 1, T, S] mask. cuDNN's workspace grows with it (see attention_gpu).
+  max_segments_per_row: int = 8
   remat_policy: str = "none"
   initializer_range: float = 0.02
 
@@ -58,6 +61,9 @@ class PhiConfig:
       raise ValueError(f"rotary_dim = int(head_dim * partial_rotary_factor) = {self.rotary_dim} must be even and > 0")
     if self.attention_backend not in ATTENTION_BACKENDS:
       raise ValueError(f"attention_backend={self.attention_backend!r}; supported: {ATTENTION_BACKENDS}")
+    if not isinstance(self.max_segments_per_row, int) or self.max_segments_per_row < 0:
+      raise ValueError(f"max_segments_per_row={self.max_segments_per_row!r} must be an int >= 0 (0: always the dense "
+                       "mask in the cudnn backend)")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; supported: {REMAT_POLICIES}")
     if self.rope_scaling_type not in (None, "longrope"):

@@ -106,7 +106,7 @@ class Attention(nn.Module):
     if layer_cache is None:
       out = attention.attend(
           q, k_new, v_new, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_index=q_index,
-          kv_index=q_index, backend=cfg.attention_backend)
+          kv_index=q_index, backend=cfg.attention_backend, max_segments_per_row=cfg.max_segments_per_row)
     else:
       # Slot == position: write this chunk's K/V at its positions, then attend over the whole cache. The cache
       # holds keys as [B, K, H, S] and values as [B, K, S, H] (see `attention.decode_attention`).
