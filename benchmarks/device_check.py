@@ -44,7 +44,8 @@ def _extra(parser):
   parser.add_argument("--alt_before_s", type=float, default=300.0)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--attention_backends", default="xla,cudnn,cudnn_dense,blockwise")
-  parser.add_argument("--parts", default="attention,mask_cost,train,decode,train_alt", help="which parts to run (always in the default order)")
+  parser.add_argument("--parts", default="attention,mask_cost,train,decode,train_alt",
+                      help="which parts to run (always in the default order)")
   parser.add_argument("--profile", action="store_true",
                       help="trace one more train step with jax.profiler; the perfetto trace goes next to --out")
   parser.add_argument("--decode_batch", type=int, default=64)
@@ -174,7 +175,8 @@ def mask_cost_check(record):
   b, t, n, k, h = (2, 256, 4, 2, 16) if ARGS.smoke else (ARGS.max_batch, ARGS.seq, 24, 8, 128)
   implementation = "xla" if ARGS.smoke else "cudnn"
   rng = np.random.default_rng(0)
-  q, key, v = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for shape in ((b, t, n, h), (b, t, k, h), (b, t, k, h)))
+  q, key, v = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+               for shape in ((b, t, n, h), (b, t, k, h), (b, t, k, h)))
   seg = jnp.asarray(packed_batch(b, t, 2)["segment_ids"])
   idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   variants = {
@@ -245,12 +247,11 @@ def main():
             "jax_version": jax.__version__, "peak_tflops": ARGS.peak_tflops, "model_params": config.num_params()}
   begin = time.perf_counter()
   log(f"{record['device_kind']}, jax {jax.__version__}, {config.num_params() / 1e9:.2f}B params")
+  backend = lambda: record.get("train", {}).get("backend", ARGS.backend)  # the one the train step ran with
   for name, part in (("attention", lambda: attention_check(record)), ("mask_cost", lambda: mask_cost_check(record)),
                      ("train", lambda: train_with_fallback(record)),
-                     ("decode", lambda: decode_check(model_config(record["train"].get("backend", ARGS.backend)),
-                                                     record)),
-                     ("train_alt", lambda: train_check(model_config(record["train"].get("backend", ARGS.backend),
-                                                                    ARGS.alt_remat), record, "train_alt"))):
+                     ("decode", lambda: decode_check(model_config(backend()), record)),
+                     ("train_alt", lambda: train_check(model_config(backend(), ARGS.alt_remat), record, "train_alt"))):
     if name not in ARGS.parts.split(",") or (
         name == "train_alt" and (not ARGS.alt_remat or time.perf_counter() - begin > ARGS.alt_before_s)):
       continue
