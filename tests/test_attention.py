@@ -117,6 +117,32 @@ def test_decode_attention_on_cache_layout_matches_reference(decode):
   np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
 
 
+@pytest.mark.parametrize("block_size", [16, 48, 64, 256], ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_decode_attention_blocks_match_reference(block_size, decode):
+  """Blocks of 16, 48 and 64 slots over a 160-slot cache filled to slot 130 (the third 64-slot block would run past
+  the cache and is shifted back over slots the second already counted), and one block over the whole cache."""
+  rng = np.random.default_rng(5)
+  (q, k, v), masks, valid = _cache_layout(rng, 1 if decode else 100, 160, [37, 130], decode)
+  expected = attention.xla_attention(q, k, v, **masks)
+  actual = jax.jit(functools.partial(attention.decode_attention, block_size=block_size, **masks))(
+      q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
+  np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
+
+
+def test_decode_attention_reads_only_the_blocks_up_to_the_last_filled_slot():
+  """Slots past the longest row's filled extent hold NaN: the blocked loop never reaches them."""
+  rng = np.random.default_rng(6)
+  (q, k, v), masks, valid = _cache_layout(rng, 1, 256, [20, 70], decode=True)  # filled: slots 0..70
+  expected = attention.xla_attention(q, k, v, **masks)
+  poisoned = lambda x: x.at[:, 128:].set(jnp.nan)  # the third and fourth 64-slot blocks
+  decode = jax.jit(functools.partial(attention.decode_attention, block_size=64, **masks))
+  actual = decode(q, poisoned(k).transpose(0, 2, 3, 1), poisoned(v).transpose(0, 2, 1, 3))
+  np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), **TOL)
+  whole = functools.partial(attention.decode_attention, block_size=256, **masks)  # one block: reads every slot
+  assert np.isnan(np.asarray(whole(q, poisoned(k).transpose(0, 2, 3, 1), poisoned(v).transpose(0, 2, 1, 3)))).all()
+
+
 def test_blockwise_forward_and_backward_hold_no_score_matrix():
   t = s = 1024
   shapes = (jax.ShapeDtypeStruct((1, t, N, H), jnp.float32), jax.ShapeDtypeStruct((1, s, K, H), jnp.float32),

@@ -43,24 +43,102 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_in
   return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
-def decode_attention(q_BTNH, k_BKHS, v_BKSH, *, q_segment_ids, kv_segment_ids, q_index, kv_index):
-  """The reference math for a few query tokens against a KV cache stored in decode layout.
+def decode_attention(q_BTNH, k_BKHS, v_BKSH, *, q_segment_ids, kv_segment_ids, q_index, kv_index, block_size=None):
+  """Attention of a few query tokens against a KV cache in decode layout, reading only its filled prefix.
 
   The cache keeps keys as [B, K, H, S] and values as [B, K, S, H], so both products are plain batched matmuls
   over (b, k) with no transpose of the cache: with keys as [B, S, K, H], XLA:CPU copied the whole cache into a
   transposed layout at every decode step. Used by the decoder for one-token steps whatever the backend (a
   decode step reads the cache once; no backend saves anything there).
+
+  A cache is allocated for the longest generation, so most steps find most of it empty. The keys are visited in
+  blocks of `block_size` slots (default: `decode_block_size`) with an online softmax, and the loop stops after the
+  last block that holds a valid slot of any row, so a step costs what the filled part costs. One block covering
+  the whole cache is the plain one-pass computation.
   """
+  s = k_BKHS.shape[-1]
+  block = block_size or decode_block_size(k_BKHS.shape[0], k_BKHS.shape[1], k_BKHS.shape[2], s, k_BKHS.dtype)
+  if block >= s:
+    return _decode_attention_one_pass(q_BTNH, k_BKHS, v_BKSH, q_segment_ids=q_segment_ids,
+                                      kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)
   b, t, n, h = q_BTNH.shape
   k_heads = k_BKHS.shape[1]
-  q_BKGTH = q_BTNH.reshape(b, t, k_heads, n // k_heads, h).transpose(0, 2, 3, 1, 4)
-  q_BKMH = q_BKGTH.reshape(b, k_heads, -1, h)  # M = G * T query rows per kv head
+  q_BKMH = _queries_by_kv_head(q_BTNH, k_heads)
+  rows = q_BKMH.shape[2]
+  slots = jnp.arange(s)
+  filled = jnp.max(jnp.where(kv_segment_ids != 0, slots + 1, 0))  # one past the last valid slot of any row
+  num_blocks = (filled + block - 1) // block
+
+  def visit(i, carry):
+    running_max, denominator, acc = carry
+    # A last block that would run past the cache is shifted back to end at slot s (dynamic_slice clamps its start
+    # the same way); the slots it shares with the previous block are masked out so none is counted twice.
+    start = jnp.minimum(i * block, s - block)
+    take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, block, axis=axis)
+    mask = attention_mask(q_segment_ids, take(kv_segment_ids, 1), q_index, take(kv_index, 1))  # [B, T, block]
+    mask &= (take(slots, 0) >= i * block)[None, None, :]
+    scores = jnp.einsum("bkmh,bkhs->bkms", q_BKMH, take(k_BKHS, 3), preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, k_heads, -1, t, block) * (h ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE).reshape(b, k_heads, rows, block)
+    new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1))
+    probs = jnp.exp(scores - new_max[..., None])
+    rescale = jnp.exp(running_max - new_max)
+    denominator = denominator * rescale + jnp.sum(probs, axis=-1)
+    acc = acc * rescale[..., None] + jnp.einsum("bkms,bksh->bkmh", probs.astype(v_BKSH.dtype), take(v_BKSH, 2),
+                                                preferred_element_type=jnp.float32)
+    return new_max, denominator, acc
+
+  init = (jnp.full((b, k_heads, rows), _MASK_VALUE, jnp.float32), jnp.zeros((b, k_heads, rows), jnp.float32),
+          jnp.zeros((b, k_heads, rows, h), jnp.float32))
+  _, denominator, acc = jax.lax.fori_loop(0, num_blocks, visit, init)
+  return _heads_from_kv_groups(acc / denominator[..., None], q_BTNH)
+
+
+def decode_block_size(batch, kv_heads, head_dim, slots, dtype):
+  """Slots per block for `decode_attention`: 64 times a power of two, with keys of at most `_DECODE_BLOCK_BYTES`.
+
+  On a CPU a block of about 1 MiB of keys stays in cache between its two products; smaller blocks pay the loop's
+  per-iteration cost more often. A GPU reads the cache at several TB/s and pays for every loop iteration (kernel
+  launches, a predicate read back by the host), so it takes blocks of up to 256 MiB: one pass for the caches the
+  device check decodes, a few blocks for long rollouts. Among the sizes that fit, the largest that divides the cache wins (a last block that does not
+  fit is shifted back and recomputes slots); a cache of at most 64 slots is one block.
+  """
+  target = _DECODE_BLOCK_BYTES["cpu" if jax.default_backend() == "cpu" else "accelerator"]
+  per_slot = batch * kv_heads * head_dim * jnp.dtype(dtype).itemsize
+  sizes = [64]
+  while sizes[-1] * 2 * per_slot <= target and sizes[-1] * 2 < slots:
+    sizes.append(sizes[-1] * 2)
+  dividing = [size for size in sizes if slots % size == 0]
+  return max(dividing or sizes)
+
+
+_DECODE_BLOCK_BYTES = {"cpu": 1 << 20, "accelerator": 256 << 20}
+
+
+def _decode_attention_one_pass(q_BTNH, k_BKHS, v_BKSH, *, q_segment_ids, kv_segment_ids, q_index, kv_index):
+  """`decode_attention` over the whole cache at once (the reference math in decode layout)."""
+  b, t, n, h = q_BTNH.shape
+  k_heads = k_BKHS.shape[1]
+  q_BKMH = _queries_by_kv_head(q_BTNH, k_heads)
   scores = jnp.einsum("bkmh,bkhs->bkms", q_BKMH, k_BKHS, preferred_element_type=jnp.float32) * (h ** -0.5)
   mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)  # [B, T, S]
   scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, k_heads, -1, t, scores.shape[-1]), _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype).reshape(b, k_heads, -1, scores.shape[-1])
   out = jnp.einsum("bkms,bksh->bkmh", probs, v_BKSH, preferred_element_type=jnp.float32)
-  out = out.reshape(b, k_heads, n // k_heads, t, h).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H]
+  return _heads_from_kv_groups(out, q_BTNH)
+
+
+def _queries_by_kv_head(q_BTNH, k_heads):
+  """[B, T, N, H] -> [B, K, G * T, H]: the G query heads of a kv head and the T tokens as one row axis."""
+  b, t, n, h = q_BTNH.shape
+  return q_BTNH.reshape(b, t, k_heads, n // k_heads, h).transpose(0, 2, 3, 1, 4).reshape(b, k_heads, -1, h)
+
+
+def _heads_from_kv_groups(out_BKMH, q_BTNH):
+  """The inverse of `_queries_by_kv_head`, cast to the queries' dtype."""
+  b, t, n, h = q_BTNH.shape
+  k_heads = out_BKMH.shape[1]
+  out = out_BKMH.reshape(b, k_heads, n // k_heads, t, h).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H]
   return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
