@@ -16,7 +16,9 @@
    tokens, greedy; tokens/s over the whole call (prefill included) after a warm-up call.
 4. What the packed-segment mask costs cuDNN at the train shape: one layer's attention with the mask vs cuDNN's
    causal mask alone (fwd and fwd+bwd ms).
-5. If fewer than `--alt_before_s` seconds have passed: the train step again with remat `--alt_remat` (saves the
+5. Opt-in, `--parts decode_long`: decode `--decode_long_tokens` new tokens with the blocked decode attention
+   (only the filled part of the cache) and again in one pass over the whole cache.
+6. If fewer than `--alt_before_s` seconds have passed: the train step again with remat `--alt_remat` (saves the
    weight matmuls' outputs: fewer FLOPs, more memory, a smaller batch), as "train_alt".
 Each part writes its figures as soon as it ends, so a run cut short still leaves what it measured.
 """
@@ -49,6 +51,7 @@ def _extra(parser):
   parser.add_argument("--profile", action="store_true",
                       help="trace one more train step with jax.profiler; the perfetto trace goes next to --out")
   parser.add_argument("--decode_batch", type=int, default=64)
+  parser.add_argument("--decode_long_tokens", type=int, default=2048, help="new tokens of the decode_long part")
   parser.add_argument("--peak_tflops", type=float, default=989.0)
 
 
@@ -199,8 +202,9 @@ def mask_cost_check(record):
   record["mask_cost"] = result
 
 
-def decode_check(config, record):
-  batch, prompt_len, new_tokens = (4, 16, 8) if ARGS.smoke else (ARGS.decode_batch, 128, 256)
+def decode_check(config, record, key="decode", new_tokens=256):
+  batch, prompt_len = (4, 16) if ARGS.smoke else (ARGS.decode_batch, 128)
+  new_tokens = 8 if ARGS.smoke else new_tokens
   # Decoding keeps the weights in the compute dtype, as a rollout worker would.
   params = jax.jit(lambda rng: phi_jax.init_params(config.replace(param_dtype=config.dtype), rng))(jax.random.key(0))
   prompts = np.random.default_rng(0).integers(1, config.vocab_size, (batch, prompt_len)).astype(np.int32)
@@ -209,8 +213,26 @@ def decode_check(config, record):
   run = lambda: jax.block_until_ready(generate(params, config, prompts, lengths, jax.random.key(0), sampling)["tokens"])
   first = _common.timed(run)
   times = [_common.timed(run) for _ in range(2)]
-  record["decode"] = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "first_call_s": first,
-                      "call_s": times, "tokens_per_s": batch * new_tokens / float(np.median(times))}
+  record[key] = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "first_call_s": first,
+                 "call_s": times, "tokens_per_s": batch * new_tokens / float(np.median(times))}
+
+
+def decode_long_check(config, record):
+  """A long generation twice: `decode_attention` in blocks up to the last filled slot (the default), then in one
+  pass over the whole cache. Opt-in (`--parts decode_long`): two compiles and two long calls each."""
+  from phi_jax.model import attention
+  defaults = dict(attention._DECODE_BLOCK_BYTES)
+  try:
+    for key, block_bytes in (("decode_long_blocked", None), ("decode_long_one_pass", 1 << 62)):
+      attention._DECODE_BLOCK_BYTES.update({k: block_bytes or v for k, v in defaults.items()})
+      jax.clear_caches()  # the block size is read when `generate` is traced
+      decode_check(config, record, key, ARGS.decode_long_tokens)
+      record[key]["block_bytes"] = dict(attention._DECODE_BLOCK_BYTES)
+      _common.write(ARGS, record)
+  finally:
+    attention._DECODE_BLOCK_BYTES.update(defaults)
+  record["decode_long"] = {"speedup_blocked_over_one_pass": record["decode_long_blocked"]["tokens_per_s"]
+                           / record["decode_long_one_pass"]["tokens_per_s"]}
 
 
 def profile_step(run):
@@ -251,6 +273,7 @@ def main():
   for name, part in (("attention", lambda: attention_check(record)), ("mask_cost", lambda: mask_cost_check(record)),
                      ("train", lambda: train_with_fallback(record)),
                      ("decode", lambda: decode_check(model_config(backend()), record)),
+                     ("decode_long", lambda: decode_long_check(model_config(backend()), record)),
                      ("train_alt", lambda: train_check(model_config(backend(), ARGS.alt_remat), record, "train_alt"))):
     if name not in ARGS.parts.split(",") or (
         name == "train_alt" and (not ARGS.alt_remat or time.perf_counter() - begin > ARGS.alt_before_s)):

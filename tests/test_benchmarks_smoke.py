@@ -74,15 +74,18 @@ def test_device_check_script(tmp_path):
   env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
   env["XLA_FLAGS"] = xla_flags()
-  proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--smoke", "--threads", "1"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  parts = "attention,mask_cost,train,decode,decode_long,train_alt"  # the defaults and the opt-in decode_long
+  proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--smoke", "--threads", "1", "--parts", parts],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:]
   with open(tmp_path / "device_check.json") as f:
     result = json.load(f)
-  for part in ("train", "attention", "decode"):
+  for part in ("train", "attention", "decode", "decode_long"):
     assert "error" not in result[part], result[part]
   assert result["train"]["batch"] >= 1 and result["train"]["mfu"] > 0
   attention = result["attention"]
   for name in ("xla", "cudnn", "cudnn_dense", "blockwise"):  # bfloat16 inputs against the float32 reference: rounding-level error
     assert all(attention[f"{name}_{g}_rel_err"] < 0.02 for g in ("out", "dq", "dk", "dv")), attention
   assert result["decode"]["tokens_per_s"] > 0
+  assert result["decode_long"]["speedup_blocked_over_one_pass"] > 0
+  assert result["decode_long_one_pass"]["block_bytes"]["cpu"] > result["decode_long_blocked"]["block_bytes"]["cpu"]
