@@ -130,6 +130,19 @@ def test_decode_attention_blocks_match_reference(block_size, decode):
   np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
 
 
+@pytest.mark.parametrize("batch,slots", [(8, 384), (64, 384), (16, 1152), (8, 2048), (64, 100), (2, 150)])
+def test_decode_block_size_splits_the_cache_into_even_blocks_within_the_byte_budget(batch, slots):
+  block = attention.decode_block_size(batch, K, 64, slots, jnp.float32)
+  budget_slots = attention._DECODE_BLOCK_BYTES["cpu"] // (batch * K * 64 * 4)
+  num_blocks = -(-slots // block)
+  if block == slots:  # one pass: the whole cache fits the budget
+    assert slots <= max(64, budget_slots)
+  else:
+    assert block % 64 == 0 and block <= max(64, budget_slots)
+    assert num_blocks * block - slots < 64 * num_blocks  # even blocks: the shifted-back last one overlaps little
+    assert -(-slots // max(64, budget_slots)) == num_blocks  # as few blocks as the budget allows
+
+
 def test_decode_attention_reads_only_the_blocks_up_to_the_last_filled_slot():
   """Slots past the longest row's filled extent hold NaN: the blocked loop never reaches them."""
   rng = np.random.default_rng(6)

@@ -95,21 +95,19 @@ def decode_attention(q_BTNH, k_BKHS, v_BKSH, *, q_segment_ids, kv_segment_ids, q
 
 
 def decode_block_size(batch, kv_heads, head_dim, slots, dtype):
-  """Slots per block for `decode_attention`: 64 times a power of two, with keys of at most `_DECODE_BLOCK_BYTES`.
+  """Slots per block for `decode_attention`: the cache split evenly into blocks of at most `_DECODE_BLOCK_BYTES` of
+  keys (and at least 64 slots), each rounded up to a multiple of 64. A cache that fits in one block is one pass.
 
   On a CPU a block of about 1 MiB of keys stays in cache between its two products; smaller blocks pay the loop's
   per-iteration cost more often. A GPU reads the cache at several TB/s and pays for every loop iteration (kernel
   launches, a predicate read back by the host), so it takes blocks of up to 256 MiB: one pass for the caches the
-  device check decodes, a few blocks for long rollouts. Among the sizes that fit, the largest that divides the cache wins (a last block that does not
-  fit is shifted back and recomputes slots); a cache of at most 64 slots is one block.
+  device check decodes, a few blocks for long rollouts.
   """
   target = _DECODE_BLOCK_BYTES["cpu" if jax.default_backend() == "cpu" else "accelerator"]
   per_slot = batch * kv_heads * head_dim * jnp.dtype(dtype).itemsize
-  sizes = [64]
-  while sizes[-1] * 2 * per_slot <= target and sizes[-1] * 2 < slots:
-    sizes.append(sizes[-1] * 2)
-  dividing = [size for size in sizes if slots % size == 0]
-  return max(dividing or sizes)
+  ceil_div = lambda a, b: -(-a // b)
+  num_blocks = ceil_div(slots, max(64, target // per_slot))
+  return min(slots, ceil_div(ceil_div(slots, num_blocks), 64) * 64)
 
 
 _DECODE_BLOCK_BYTES = {"cpu": 1 << 20, "accelerator": 256 << 20}
