@@ -91,7 +91,9 @@ def decode_attention(q_BTNH, k_BKHS, v_BKSH, *, q_segment_ids, kv_segment_ids, q
   init = (jnp.full((b, k_heads, rows), _MASK_VALUE, jnp.float32), jnp.zeros((b, k_heads, rows), jnp.float32),
           jnp.zeros((b, k_heads, rows, h), jnp.float32))
   _, denominator, acc = jax.lax.fori_loop(0, num_blocks, visit, init)
-  return _heads_from_kv_groups(acc / denominator[..., None], q_BTNH)
+  # A visited block adds at least exp(0) = 1 to the denominator; zero means a cache with no valid slot at all,
+  # whose queries get zeros rather than 0 / 0.
+  return _heads_from_kv_groups(acc / jnp.maximum(denominator, 1.0)[..., None], q_BTNH)
 
 
 def decode_block_size(batch, kv_heads, head_dim, slots, dtype):
