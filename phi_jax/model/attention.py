@@ -70,7 +70,6 @@ def decode_attention(q_BTNH, k_BKHS, v_BKSH, *, q_segment_ids, kv_segment_ids, q
   num_blocks = (filled + block - 1) // block
 
   def visit(i, carry):
-    running_max, denominator, acc = carry
     # A last block that would run past the cache is shifted back to end at slot s (dynamic_slice clamps its start
     # the same way); the slots it shares with the previous block are masked out so none is counted twice.
     start = jnp.minimum(i * block, s - block)
@@ -79,21 +78,31 @@ def decode_attention(q_BTNH, k_BKHS, v_BKSH, *, q_segment_ids, kv_segment_ids, q
     mask &= (take(slots, 0) >= i * block)[None, None, :]
     scores = jnp.einsum("bkmh,bkhs->bkms", q_BKMH, take(k_BKHS, 3), preferred_element_type=jnp.float32)
     scores = scores.reshape(b, k_heads, -1, t, block) * (h ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE).reshape(b, k_heads, rows, block)
-    new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1))
-    probs = jnp.exp(scores - new_max[..., None])
-    rescale = jnp.exp(running_max - new_max)
-    denominator = denominator * rescale + jnp.sum(probs, axis=-1)
-    acc = acc * rescale[..., None] + jnp.einsum("bkms,bksh->bkmh", probs.astype(v_BKSH.dtype), take(v_BKSH, 2),
-                                                preferred_element_type=jnp.float32)
-    return new_max, denominator, acc
+    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf).reshape(b, k_heads, rows, block)
+    return online_softmax_step(carry, scores, take(v_BKSH, 2))
 
-  init = (jnp.full((b, k_heads, rows), _MASK_VALUE, jnp.float32), jnp.zeros((b, k_heads, rows), jnp.float32),
+  init = (jnp.full((b, k_heads, rows), -jnp.inf, jnp.float32), jnp.zeros((b, k_heads, rows), jnp.float32),
           jnp.zeros((b, k_heads, rows, h), jnp.float32))
   _, denominator, acc = jax.lax.fori_loop(0, num_blocks, visit, init)
-  # A visited block adds at least exp(0) = 1 to the denominator; zero means a cache with no valid slot at all,
-  # whose queries get zeros rather than 0 / 0.
+  # A row's denominator is at least exp(0) = 1 once it has seen a visible key (its maximum); zero means a row with
+  # no valid slot at all, whose queries get zeros rather than 0 / 0.
   return _heads_from_kv_groups(acc / jnp.maximum(denominator, 1.0)[..., None], q_BTNH)
+
+
+def online_softmax_step(carry, scores_BKMC, v_BKCH):
+  """Folds one block of keys into a running softmax-weighted sum (the FlashAttention recurrence).
+
+  carry: (running max [B, K, M], denominator [B, K, M], unnormalised output [B, K, M, H]), all float32; scores are
+  -inf where masked. A row that has seen no visible key keeps max -inf and denominator 0, and the final output is
+  acc / denominator wherever the denominator is positive. Shared by `decode_attention` and the blockwise backend.
+  """
+  running_max, denominator, acc = carry
+  new_max = jnp.maximum(running_max, jnp.max(scores_BKMC, axis=-1))
+  safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # rows with nothing visible yet: avoid inf - inf
+  probs = jnp.exp(scores_BKMC - safe_max[..., None])
+  rescale = jnp.exp(running_max - safe_max)
+  pv = jnp.einsum("bkmc,bkch->bkmh", probs.astype(v_BKCH.dtype), v_BKCH, preferred_element_type=jnp.float32)
+  return new_max, denominator * rescale + jnp.sum(probs, axis=-1), acc * rescale[..., None] + pv
 
 
 def decode_block_size(batch, kv_heads, head_dim, slots, dtype):
