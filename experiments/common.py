@@ -51,6 +51,14 @@ def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Seque
   parse_gin(([run_config] if os.path.exists(run_config) else []) + list(files), params)
 
 
+def add_checkpoint_args(parser):
+  """The flags of a command that loads a trained policy (eval, rollouts); `parse_gin_for_checkpoint` reads them."""
+  parser.add_argument("--init_from", required=True, help="run workdir (with params/) or transformers checkpoint dir")
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin config (repeatable), after the run's own config.gin when --init_from is a run")
+  parser.add_argument("--gin_param", action="append", default=[], help="gin binding 'k=v' (repeatable)")
+
+
 @gin.configurable
 def mesh(shape: Optional[dict] = None):
   """`mesh.shape`: {axis: size} over data / fsdp / tensor; -1 takes the remaining devices (default: all on fsdp)."""

@@ -182,13 +182,10 @@ def _fields(sampling: SamplingConfig) -> dict:
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--init_from", required=True, help="run workdir (with params/) or transformers checkpoint dir")
+  common.add_checkpoint_args(parser)
   parser.add_argument("--problems", required=True, help="JSONL of {problem, answer}")
   parser.add_argument("--out", required=True, help="directory for summary.json and items.jsonl")
   parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
-  parser.add_argument("--gin_file", action="append", default=[],
-                      help="gin config (repeatable), after the run's own config.gin when --init_from is a run")
-  parser.add_argument("--gin_param", action="append", default=[], help="gin binding 'k=v' (repeatable)")
   return parser.parse_args(argv)
 
 

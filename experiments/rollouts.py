@@ -173,14 +173,11 @@ def load_policy(init_from: str, the_mesh):
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--init_from", required=True, help="run workdir (with params/) or transformers checkpoint dir")
+  common.add_checkpoint_args(parser)
   parser.add_argument("--problems", required=True, help="JSONL of {problem, answer} (or conversations)")
   parser.add_argument("--k", type=int, default=8, help="rollouts per problem")
   parser.add_argument("--out", required=True, help="pairs JSONL to write; the summary goes next to it")
   parser.add_argument("--seed", type=int, default=0, help="sampling and pair-choice seed")
-  parser.add_argument("--gin_file", action="append", default=[],
-                      help="gin config (repeatable), after the run's own config.gin when --init_from is a run")
-  parser.add_argument("--gin_param", action="append", default=[], help="gin binding 'k=v' (repeatable)")
   return parser.parse_args(argv)
 
 
