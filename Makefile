@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
-# Persistent XLA compilation cache: compiles dominate test time on small CPUs.
-export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+# Persistent XLA compilation cache: compiles dominate test time on small CPUs. It lives in the user's cache
+# directory, so every clone on a machine (CI's clean clones included) reuses what earlier runs compiled; entries
+# are keyed by the program, the XLA flags and the jax/jaxlib versions, and the least recently used are evicted past
+# 1 GB. Without a home directory it stays in the clone.
+CACHE_HOME := $(if $(HOME),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/phi_jax,$(CURDIR)/.cache)
+export JAX_COMPILATION_CACHE_DIR ?= $(CACHE_HOME)/jax
+export JAX_COMPILATION_CACHE_MAX_SIZE ?= 1000000000
 
 .PHONY: venv test demo clean
 
