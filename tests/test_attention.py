@@ -156,12 +156,16 @@ def test_decode_attention_reads_only_the_blocks_up_to_the_last_filled_slot():
   assert np.isnan(np.asarray(whole(q, poisoned(k).transpose(0, 2, 3, 1), poisoned(v).transpose(0, 2, 1, 3)))).all()
 
 
-def test_decode_attention_on_an_empty_cache_gives_zeros():
-  """No valid slot at all (the loop visits no block): zeros, not 0 / 0 (the one-pass form gives a finite average)."""
+@pytest.mark.parametrize("lengths", [[0, 0], [0, 200]], ids=["empty_cache", "empty_row_beside_a_filled_one"])
+def test_decode_attention_gives_zeros_to_rows_with_no_valid_slot(lengths):
+  """A row with no valid slot gets zeros, not 0 / 0 (the one-pass form gives a finite average), both when the loop
+  visits no block and when it visits blocks that hold only other rows' keys; the filled row matches the reference."""
   rng = np.random.default_rng(7)
-  (q, k, v), masks, _ = _cache_layout(rng, 1, 256, [0, 0], decode=False)
+  (q, k, v), masks, valid = _cache_layout(rng, 1, 256, lengths, decode=False)
   out = attention.decode_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), block_size=64, **masks)
-  np.testing.assert_array_equal(np.asarray(out), 0.0)
+  np.testing.assert_array_equal(np.asarray(out)[~valid], 0.0)
+  np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(attention.xla_attention(q, k, v, **masks))[valid],
+                             **TOL)
 
 
 def test_blockwise_forward_and_backward_hold_no_score_matrix():
