@@ -105,28 +105,45 @@ def test_backend_matches_reference_on_kv_cache_shapes(name, decode):
   np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
 
 
+def _decode(q, k, v, masks, block_size):
+  """`decode_attention` on keys and values [B, S, K, H] put into the cache's decode layout."""
+  return jax.jit(functools.partial(attention.decode_attention, **masks))(
+      q, *attention.to_decode_layout(k, v, block_size))
+
+
+def test_decode_layout_round_trips_and_puts_each_slot_in_its_block():
+  rng = np.random.default_rng(3)
+  k, v = (jnp.asarray(rng.normal(size=(2, 192, K, H)).astype(np.float32)) for _ in range(2))
+  k_blocks, v_blocks = attention.to_decode_layout(k, v, 64)
+  assert k_blocks.shape == (3, 2, K, H, 64) and v_blocks.shape == (3, 2, K, 64, H)
+  np.testing.assert_array_equal(k_blocks[2, 1, :, :, 5], k[1, 2 * 64 + 5])  # slot 133 of row 1
+  np.testing.assert_array_equal(v_blocks[2, 1, :, 5, :], v[1, 2 * 64 + 5])
+  for original, back in zip((k, v), attention.from_decode_layout(k_blocks, v_blocks)):
+    np.testing.assert_array_equal(back, original)
+  with pytest.raises(ValueError, match="pad the cache"):
+    attention.to_decode_layout(k, v, 100)
+
+
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 def test_decode_attention_on_cache_layout_matches_reference(decode):
-  """`decode_attention` reads keys as [B, K, H, S] and values as [B, K, S, H] (the KV cache's layout)."""
+  """One block over the whole 150-slot cache: the one-pass form."""
   rng = np.random.default_rng(4)
   (q, k, v), masks, valid = _cache_layout(rng, 1 if decode else 100, 150, [37, 99], decode)
   expected = attention.xla_attention(q, k, v, **masks)
-  actual = jax.jit(functools.partial(attention.decode_attention, **masks))(
-      q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
+  actual = _decode(q, k, v, masks, 150)
   assert actual.shape == expected.shape
   np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
 
 
-@pytest.mark.parametrize("block_size", [16, 48, 64, 256], ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("block_size", [16, 48, 64, 192], ids=lambda b: f"block{b}")
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 def test_decode_attention_blocks_match_reference(block_size, decode):
-  """Blocks of 16, 48 and 64 slots over a 160-slot cache filled to slot 130 (the third 64-slot block would run past
-  the cache and is shifted back over slots the second already counted), and one block over the whole cache."""
+  """Blocks of 16, 48 and 64 slots over a 192-slot cache filled to slot 130 (the last visited block partly
+  filled), and one block over the whole cache."""
   rng = np.random.default_rng(5)
-  (q, k, v), masks, valid = _cache_layout(rng, 1 if decode else 100, 160, [37, 130], decode)
+  (q, k, v), masks, valid = _cache_layout(rng, 1 if decode else 100, 192, [37, 130], decode)
   expected = attention.xla_attention(q, k, v, **masks)
-  actual = jax.jit(functools.partial(attention.decode_attention, block_size=block_size, **masks))(
-      q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
+  actual = _decode(q, k, v, masks, block_size)
   np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
 
 
@@ -139,7 +156,7 @@ def test_decode_block_size_splits_the_cache_into_even_blocks_within_the_byte_bud
     assert slots <= max(64, budget_slots)
   else:
     assert block % 64 == 0 and block <= max(64, budget_slots)
-    assert num_blocks * block - slots < 64 * num_blocks  # even blocks: the shifted-back last one overlaps little
+    assert num_blocks * block - slots < 64 * num_blocks  # even blocks: rounding up to whole blocks adds little
     assert -(-slots // max(64, budget_slots)) == num_blocks  # as few blocks as the budget allows
 
 
@@ -149,11 +166,10 @@ def test_decode_attention_reads_only_the_blocks_up_to_the_last_filled_slot():
   (q, k, v), masks, valid = _cache_layout(rng, 1, 256, [20, 70], decode=True)  # filled: slots 0..70
   expected = attention.xla_attention(q, k, v, **masks)
   poisoned = lambda x: x.at[:, 128:].set(jnp.nan)  # the third and fourth 64-slot blocks
-  decode = jax.jit(functools.partial(attention.decode_attention, block_size=64, **masks))
-  actual = decode(q, poisoned(k).transpose(0, 2, 3, 1), poisoned(v).transpose(0, 2, 1, 3))
+  actual = _decode(q, poisoned(k), poisoned(v), masks, 64)
   np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), **TOL)
-  whole = functools.partial(attention.decode_attention, block_size=256, **masks)  # one block: reads every slot
-  assert np.isnan(np.asarray(whole(q, poisoned(k).transpose(0, 2, 3, 1), poisoned(v).transpose(0, 2, 1, 3)))).all()
+  whole = _decode(q, poisoned(k), poisoned(v), masks, 256)  # one block: reads every slot
+  assert np.isnan(np.asarray(whole)).all()
 
 
 @pytest.mark.parametrize("lengths", [[0, 0], [0, 200]], ids=["empty_cache", "empty_row_beside_a_filled_one"])
@@ -162,7 +178,7 @@ def test_decode_attention_gives_zeros_to_rows_with_no_valid_slot(lengths):
   visits no block and when it visits blocks that hold only other rows' keys; the filled row matches the reference."""
   rng = np.random.default_rng(7)
   (q, k, v), masks, valid = _cache_layout(rng, 1, 256, lengths, decode=False)
-  out = attention.decode_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), block_size=64, **masks)
+  out = _decode(q, k, v, masks, 64)
   np.testing.assert_array_equal(np.asarray(out)[~valid], 0.0)
   np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(attention.xla_attention(q, k, v, **masks))[valid],
                              **TOL)

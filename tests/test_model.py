@@ -85,12 +85,12 @@ def test_no_gradient_across_documents(model):
     assert np.all(np.abs(np.asarray(grad)[np.unique(own)]).sum(-1) > 0)
 
 
-def _greedy_with_cache(params, config, prompts, max_new):
+def _greedy_with_cache(params, config, prompts, max_new, block_size=None):
   lengths = np.array([len(p) for p in prompts], np.int32)
   padded = np.zeros((len(prompts), lengths.max()), np.int32)
   for i, p in enumerate(prompts):
     padded[i, :len(p)] = p
-  cache = kv_cache.init_cache(config, len(prompts), int(lengths.max()) + max_new)
+  cache = kv_cache.init_cache(config, len(prompts), int(lengths.max()) + max_new, block_size=block_size)
   logits, cache = jax.jit(kv_cache.prefill, static_argnames="config")(params, padded, lengths, cache, config)
   step = jax.jit(kv_cache.decode_step, static_argnames="config")
   seqs, all_logits = [list(p) for p in prompts], [logits]
@@ -103,12 +103,16 @@ def _greedy_with_cache(params, config, prompts, max_new):
   return seqs, all_logits
 
 
-def test_cached_decoding_equals_full_forward(model):
+@pytest.mark.parametrize("block_size", [None, 4], ids=["one_block", "blocks_of_4"])
+def test_cached_decoding_equals_full_forward(model, block_size):
+  """The default cache is one block of 16 slots; blocks of 4 put prompts and new tokens across block edges."""
   config, params = model
   rng = np.random.default_rng(2)
   prompts = [rng.integers(0, 64, 6), rng.integers(0, 64, 3), rng.integers(0, 64, 9)]
   max_new = 7  # rows cross the LongRoPE boundary (8) at different steps; the third starts beyond it
-  seqs, step_logits = _greedy_with_cache(params, config, prompts, max_new)
+  seqs, step_logits = _greedy_with_cache(params, config, prompts, max_new, block_size)
+  if block_size:
+    assert kv_cache.init_cache(config, 3, 16, block_size=block_size)["layers"][0]["k"].shape[0] == 4
   width = max(len(s) for s in seqs)
 
   @jax.jit

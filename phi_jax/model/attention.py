@@ -43,50 +43,63 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_in
   return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
-def decode_attention(q_BTNH, k_BKHS, v_BKSH, *, q_segment_ids, kv_segment_ids, q_index, kv_index, block_size=None):
+def decode_attention(q_BTNH, k_NBKHC, v_NBKCH, *, q_segment_ids, kv_segment_ids, q_index, kv_index):
   """Attention of a few query tokens against a KV cache in decode layout, reading only its filled prefix.
 
-  The cache keeps keys as [B, K, H, S] and values as [B, K, S, H], so both products are plain batched matmuls
-  over (b, k) with no transpose of the cache: with keys as [B, S, K, H], XLA:CPU copied the whole cache into a
-  transposed layout at every decode step. Used by the decoder for one-token steps whatever the backend (a
-  decode step reads the cache once; no backend saves anything there).
+  The cache is kept as NB blocks of C slots, slot s in block s // C at offset s % C: keys [NB, B, K, H, C] and
+  values [NB, B, K, C, H] (`to_decode_layout`; the masks stay [B, S] with S = NB * C). Both products are then
+  plain batched matmuls over (b, k) on one contiguous block, with no transpose or strided copy of the cache: with
+  keys as [B, S, K, H], XLA:CPU copied the whole cache into a transposed layout at every decode step, and with
+  [B, K, H, S] it copied each block out of the slot axis element by element. Used by the decoder for one-token
+  steps whatever the backend (a decode step reads the cache once; no backend saves anything there).
 
-  A cache is allocated for the longest generation, so most steps find most of it empty. The keys are visited in
-  blocks of `block_size` slots (default: `decode_block_size`) with an online softmax, and the loop stops after the
-  last block that holds a valid slot of any row, so a step costs what the filled part costs. One block covering
-  the whole cache is the plain one-pass computation.
+  A cache is allocated for the longest generation, so most steps find most of it empty. The blocks are visited
+  with an online softmax in a loop that stops after the last block holding a valid slot of any row, so a step
+  costs what the filled part costs. A cache of one block is the plain one-pass computation.
   """
-  s = k_BKHS.shape[-1]
-  block = block_size or decode_block_size(k_BKHS.shape[0], k_BKHS.shape[1], k_BKHS.shape[2], s, k_BKHS.dtype)
-  if block >= s:
-    return _decode_attention_one_pass(q_BTNH, k_BKHS, v_BKSH, q_segment_ids=q_segment_ids,
+  num_blocks, b, k_heads, h, c = k_NBKHC.shape
+  if num_blocks == 1:
+    return _decode_attention_one_pass(q_BTNH, k_NBKHC[0], v_NBKCH[0], q_segment_ids=q_segment_ids,
                                       kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)
-  b, t, n, h = q_BTNH.shape
-  k_heads = k_BKHS.shape[1]
+  t = q_BTNH.shape[1]
   q_BKMH = _queries_by_kv_head(q_BTNH, k_heads)
   rows = q_BKMH.shape[2]
-  slots = jnp.arange(s)
+  slots = jnp.arange(num_blocks * c)
   filled = jnp.max(jnp.where(kv_segment_ids != 0, slots + 1, 0))  # one past the last valid slot of any row
-  num_blocks = (filled + block - 1) // block
+  visited = (filled + c - 1) // c
 
   def visit(i, carry):
-    # A last block that would run past the cache is shifted back to end at slot s (dynamic_slice clamps its start
-    # the same way); the slots it shares with the previous block are masked out so none is counted twice.
-    start = jnp.minimum(i * block, s - block)
-    take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, block, axis=axis)
-    mask = attention_mask(q_segment_ids, take(kv_segment_ids, 1), q_index, take(kv_index, 1))  # [B, T, block]
-    mask &= (take(slots, 0) >= i * block)[None, None, :]
-    scores = jnp.einsum("bkmh,bkhs->bkms", q_BKMH, take(k_BKHS, 3), preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, k_heads, -1, t, block) * (h ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf).reshape(b, k_heads, rows, block)
-    return online_softmax_step(carry, scores, take(v_BKSH, 2))
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+    block = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False)
+    mask = attention_mask(q_segment_ids, take(kv_segment_ids), q_index, take(kv_index))  # [B, T, C]
+    scores = jnp.einsum("bkmh,bkhc->bkmc", q_BKMH, block(k_NBKHC), preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, k_heads, -1, t, c) * (h ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf).reshape(b, k_heads, rows, c)
+    return online_softmax_step(carry, scores, block(v_NBKCH))
 
   init = (jnp.full((b, k_heads, rows), -jnp.inf, jnp.float32), jnp.zeros((b, k_heads, rows), jnp.float32),
           jnp.zeros((b, k_heads, rows, h), jnp.float32))
-  _, denominator, acc = jax.lax.fori_loop(0, num_blocks, visit, init)
+  _, denominator, acc = jax.lax.fori_loop(0, visited, visit, init)
   # A row's denominator is at least exp(0) = 1 once it has seen a visible key (its maximum); zero means a row with
   # no valid slot at all, whose queries get zeros rather than 0 / 0.
   return _heads_from_kv_groups(acc / jnp.maximum(denominator, 1.0)[..., None], q_BTNH)
+
+
+def to_decode_layout(k_BSKH, v_BSKH, block_size):
+  """Keys and values [B, S, K, H] -> the decode layout of `decode_attention`: keys [NB, B, K, H, C], values
+  [NB, B, K, C, H] with C = block_size, which must divide S."""
+  b, s, k_heads, h = k_BSKH.shape
+  if s % block_size:
+    raise ValueError(f"{s} cache slots do not split into blocks of {block_size}; pad the cache to a multiple")
+  blocks = lambda x: x.reshape(b, s // block_size, block_size, k_heads, h)  # [B, NB, C, K, H]
+  return blocks(k_BSKH).transpose(1, 0, 3, 4, 2), blocks(v_BSKH).transpose(1, 0, 3, 2, 4)
+
+
+def from_decode_layout(k_NBKHC, v_NBKCH):
+  """The inverse of `to_decode_layout`: keys and values as [B, S, K, H] (for a prompt's attention over the cache)."""
+  num_blocks, b, k_heads, h, c = k_NBKHC.shape
+  slots = lambda x: x.reshape(b, num_blocks * c, k_heads, h)
+  return slots(k_NBKHC.transpose(1, 0, 4, 2, 3)), slots(v_NBKCH.transpose(1, 0, 3, 2, 4))
 
 
 def online_softmax_step(carry, scores_BKMC, v_BKCH):
@@ -106,8 +119,9 @@ def online_softmax_step(carry, scores_BKMC, v_BKCH):
 
 
 def decode_block_size(batch, kv_heads, head_dim, slots, dtype):
-  """Slots per block for `decode_attention`: the cache split evenly into blocks of at most `_DECODE_BLOCK_BYTES` of
-  keys (and at least 64 slots), each rounded up to a multiple of 64. A cache that fits in one block is one pass.
+  """Slots per block of a KV cache (`kv_cache.init_cache`, read by `decode_attention`): the slots split evenly
+  into blocks of at most `_DECODE_BLOCK_BYTES` of keys (and at least 64 slots), each rounded up to a multiple of
+  64. A cache that fits in one block is one pass.
 
   On a CPU a block of about 1 MiB of keys stays in cache between its two products; smaller blocks pay the loop's
   per-iteration cost more often. A GPU reads the cache at several TB/s and pays for every loop iteration (kernel

@@ -109,19 +109,21 @@ class Attention(nn.Module):
           kv_index=q_index, backend=cfg.attention_backend, max_segments_per_row=cfg.max_segments_per_row)
     else:
       # Slot == position: write this chunk's K/V at its positions, then attend over the whole cache. The cache
-      # holds keys as [B, K, H, S] and values as [B, K, S, H] (see `attention.decode_attention`).
+      # holds keys as [NB, B, K, H, C] and values as [NB, B, K, C, H], slot s in block s // C at s % C (see
+      # `attention.decode_attention`).
       rows = jnp.arange(x_BTD.shape[0])[:, None]
-      keys = layer_cache["k"].at[rows, :, :, q_index].set(k_new.astype(layer_cache["k"].dtype))
-      values = layer_cache["v"].at[rows, :, q_index, :].set(v_new.astype(layer_cache["v"].dtype))
+      block, offset = jnp.divmod(q_index, layer_cache["k"].shape[-1])
+      keys = layer_cache["k"].at[block, rows, :, :, offset].set(k_new.astype(layer_cache["k"].dtype))
+      values = layer_cache["v"].at[block, rows, :, offset, :].set(v_new.astype(layer_cache["v"].dtype))
       kv_segment_ids = layer_cache["segment_ids"].at[rows, q_index].set(segment_ids)
-      kv_index = jnp.broadcast_to(jnp.arange(keys.shape[-1]), kv_segment_ids.shape)
+      kv_index = jnp.broadcast_to(jnp.arange(kv_segment_ids.shape[1]), kv_segment_ids.shape)
       layer_cache = {"k": keys, "v": values, "segment_ids": kv_segment_ids}
       masks = dict(q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)
       if x_BTD.shape[1] == 1:  # a decode step
         out = attention.decode_attention(q, keys.astype(dt), values.astype(dt), **masks)
-      else:  # a prompt: the configured backend, on the cache in its [B, S, K, H] layout
-        out = attention.attend(q, keys.transpose(0, 3, 1, 2).astype(dt), values.transpose(0, 2, 1, 3).astype(dt),
-                               backend=cfg.attention_backend, **masks)
+      else:  # a prompt: the configured backend, on the cache as [B, S, K, H]
+        k_BSKH, v_BSKH = attention.from_decode_layout(keys, values)
+        out = attention.attend(q, k_BSKH.astype(dt), v_BSKH.astype(dt), backend=cfg.attention_backend, **masks)
     # One contracted axis of N * H: with two (n, h), the dot's contracting dims came out as (h, n) and XLA
     # transposed the output weight and the attention output on every call.
     b, t = out.shape[:2]

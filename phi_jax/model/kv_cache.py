@@ -3,7 +3,8 @@
 Layout: cache slot == position. Row b's prompt fills slots [0, len_b); its next token goes to slot len_b, so each
 row advances independently and rotary positions never need a left-padding offset. A slot is valid when its
 `segment_ids` entry is 1; pad slots stay 0 until a generated token overwrites them. `cache["layers"]` is a tuple
-with one {k [B, K, H, S], v [B, K, S, H], segment_ids [B, S]} dict per layer, and the model runs with its layers
+with one {k [NB, B, K, H, C], v [NB, B, K, C, H], segment_ids [B, S]} dict per layer (S = NB * C slots in
+blocks of C, see `attention.decode_attention`), and the model runs with its layers
 unrolled (`Decoder.unrolled`): a decode step then reads each weight and each cache entry once, in place.
 
 LongRoPE (Phi-4-mini): rotary uses `short_factor` while a row's extent (length) is at most
@@ -22,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from phi_jax.model import attention
 from phi_jax.model.api import logits_from_hidden
 from phi_jax.model.config import PhiConfig
 from phi_jax.model.decoder import Decoder, unstack_layers
@@ -29,18 +31,24 @@ from phi_jax.model.decoder import Decoder, unstack_layers
 Cache = dict[str, Any]
 
 
-def init_cache(config: PhiConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
-  """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
+def init_cache(config: PhiConfig, batch_size: int, max_len: int, dtype=None, block_size: int | None = None) -> Cache:
+  """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generation).
+
+  Keys and values are kept in blocks of `block_size` slots (default: `attention.decode_block_size`), in the layout
+  `attention.decode_attention` reads; the slots are rounded up to whole blocks (the extra ones stay empty).
+  """
   dtype = jnp.dtype(dtype or config.dtype)
   k, h = config.num_kv_heads, config.resolved_head_dim
+  block = block_size or attention.decode_block_size(batch_size, k, h, max_len, dtype)
+  num_blocks = -(-max_len // block)
   layer = lambda: {
-      "k": jnp.zeros((batch_size, k, h, max_len), dtype),  # keys [B, K, H, S], values [B, K, S, H]: see
-      "v": jnp.zeros((batch_size, k, max_len, h), dtype),  # `attention.decode_attention`
-      "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+      "k": jnp.zeros((num_blocks, batch_size, k, h, block), dtype),  # keys [NB, B, K, H, C], values
+      "v": jnp.zeros((num_blocks, batch_size, k, block, h), dtype),  # [NB, B, K, C, H]: `attention.decode_attention`
+      "segment_ids": jnp.zeros((batch_size, num_blocks * block), jnp.int32),
   }
   return {
       "layers": tuple(layer() for _ in range(config.num_layers)),
-      "tokens": jnp.zeros((batch_size, max_len), jnp.int32),
+      "tokens": jnp.zeros((batch_size, num_blocks * block), jnp.int32),
       "lengths": jnp.zeros((batch_size,), jnp.int32),
   }
 

@@ -51,8 +51,8 @@ _CACHE_SLOTS_MULTIPLE = 64
 
 # Logical axes of the cache, so `mesh_context`'s rules shard it like the decoder's activations.
 _LAYER_CACHE_AXES = {
-    "k": ("batch", "kv_heads", "head_dim", "length"),
-    "v": ("batch", "kv_heads", "length", "head_dim"),
+    "k": (None, "batch", "kv_heads", "head_dim", None),  # [NB, B, K, H, C]: blocks of slots, see
+    "v": (None, "batch", "kv_heads", None, "head_dim"),  # `attention.decode_attention`
     "segment_ids": ("batch", "length"),
 }
 
