@@ -113,6 +113,8 @@ def test_cached_decoding_equals_full_forward(model, block_size):
   seqs, step_logits = _greedy_with_cache(params, config, prompts, max_new, block_size)
   if block_size:
     assert kv_cache.init_cache(config, 3, 16, block_size=block_size)["layers"][0]["k"].shape[0] == 4
+  else:
+    assert kv_cache.init_cache(config, 3, 16)["layers"][0]["k"].shape[0] == 1
   width = max(len(s) for s in seqs)
 
   @jax.jit
@@ -128,6 +130,15 @@ def test_cached_decoding_equals_full_forward(model, block_size):
       np.testing.assert_allclose(step_logits[step][row], full, atol=1e-4, rtol=1e-4)
       if length < len(seq):  # greedy token == argmax of the full forward over the sequence so far
         assert int(jnp.argmax(full)) == seq[length]
+
+
+def test_init_cache_rounds_up_to_whole_blocks_and_rejects_a_bad_block_size(model):
+  config, _ = model
+  cache = kv_cache.init_cache(config, 2, 10, block_size=4)  # 10 slots -> 3 blocks of 4
+  assert cache["layers"][0]["k"].shape[0] == 3 and cache["layers"][0]["k"].shape[-1] == 4
+  assert cache["layers"][0]["segment_ids"].shape == cache["tokens"].shape == (2, 12)
+  with pytest.raises(ValueError, match="positive number of slots"):
+    kv_cache.init_cache(config, 2, 10, block_size=0)
 
 
 def test_remat_policies_do_not_change_values_or_gradients():

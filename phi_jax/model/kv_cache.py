@@ -37,6 +37,8 @@ def init_cache(config: PhiConfig, batch_size: int, max_len: int, dtype=None, blo
   Keys and values are kept in blocks of `block_size` slots (default: `attention.decode_block_size`), in the layout
   `attention.decode_attention` reads; the slots are rounded up to whole blocks (the extra ones stay empty).
   """
+  if block_size is not None and block_size < 1:
+    raise ValueError(f"block_size={block_size}; give a positive number of slots per block, or None for the default")
   dtype = jnp.dtype(dtype or config.dtype)
   k, h = config.num_kv_heads, config.resolved_head_dim
   block = block_size or attention.decode_block_size(batch_size, k, h, max_len, dtype)
