@@ -23,6 +23,9 @@ def test_filters_drop_zero_variance_easy_and_ragged_groups_and_balance_negatives
   assert keep[1].sum() == 2 and keep[1, 0]  # one positive + one random negative
   assert not keep[2].any()  # accuracy 0.75 > 0.5
   assert not keep[3].any()  # response lengths too uneven
+  # 0/1 integers from a custom reward function mean the same as booleans (not a bitwise not).
+  as_ints = grpo.select_rows(rewards, correct.astype(np.int64), lengths, cfg, np.random.default_rng(0))
+  assert as_ints.tolist() == keep.tolist()
   plain = grpo.select_rows(rewards, correct, lengths, grpo.GRPOConfig(), np.random.default_rng(0))
   assert plain.tolist() == [[False] * 4] + [[True] * 4] * 3
 
@@ -70,6 +73,24 @@ def test_rollout_batch_layout(toy):
     np.testing.assert_allclose(batch["advantages"].reshape(2, 4).mean(1), 0, atol=1e-5)
   assert source.next_batch(params, 1) is not batch  # num_passes == 1: a fresh rollout every step
   assert source.get_state() == {"position": 4, "rollouts": 2}
+
+
+def test_rollout_texts_leave_out_the_stop_token(toy):
+  """The rewards read the text without its end-of-turn token (as `generate_text` gives it); training keeps it."""
+  _, tokenizer, config, prompts = toy
+  cfg = grpo.GRPOConfig(prompts_per_step=1, group_size=2, max_prompt_tokens=32, max_new_tokens=4)
+  seen = {}
+
+  def record(texts, golds, lengths, finished):
+    seen.update(texts=list(texts), lengths=np.asarray(lengths), finished=np.asarray(finished))
+    return np.arange(len(texts), dtype=np.float32), np.zeros(len(texts), bool)
+
+  source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=record, num_steps=1)
+  source.stop_ids = tuple(range(config.vocab_size))  # every token stops: each rollout is one stop token
+  batch = source.next_batch(phi_jax.init_params(config, jax.random.key(0)), 0)
+  assert seen["finished"].all() and seen["lengths"].tolist() == [1, 1]
+  assert seen["texts"] == ["", ""]
+  assert batch["loss_mask"].sum(axis=1).tolist() == [1, 1]  # the stop token itself is still a target
 
 
 def test_toy_grpo_run_raises_mean_reward(toy, tmp_path):

@@ -38,6 +38,9 @@ EXTRACTIONS = [
     ("so \\boxed 5.", "5"),
     ("<think>maybe \\boxed{7}</think> Therefore the answer is \\boxed{8}.", "8"),
     ("<think>\\boxed{7}</think>", None),
+    ("<think>cut off mid-thought, so far \\boxed{12}", None),  # an unclosed think block holds no answer yet
+    ("<think>a</think> \\boxed{3} <think>second thoughts", None),
+    ("Final answer:\n42", "42"),
     ("The answer is $x=3$ since the line crosses there.", "x=3"),
     ("Thus the final answer is 1/2. Let me double check.", "1/2"),
     ("**Answer:** 12", "12"),
@@ -140,6 +143,7 @@ NOT_EQUIVALENT = [
     ("\\boxed{}", "0"),
     ("<think>\\boxed{7}</think> I am not sure.", "7"),  # only the solution section counts
     ("<think>The answer is 7</think>", "7"),
+    ("<think>cut off before the end, \\boxed{7}", "7"),
     ("a long discussion\nwith no answer in it", "1"),
 ]
 

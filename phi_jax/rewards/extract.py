@@ -1,7 +1,8 @@
 """Final-answer extraction from model completions and gold strings.
 
-A completion's answer lives in its solution section: the text after the last `</think>` (the whole text when there
-is none). Inside it, the answer is, in order of preference:
+A completion's answer lives in its solution section: the text after the last `</think>` (the whole text when it
+has no think tags; nothing when its last `<think>` is never closed, as in a rollout cut off mid-thought, whose
+tentative answers are not final). Inside it, the answer is, in order of preference:
 
 1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored);
 2. what follows the last "answer is" / "answer:" (case-insensitive), up to the end of that sentence;
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 DEFAULT_MAX_ANSWER_CHARS = 4096
 # A short single-line solution section is taken as the answer itself (fallback 4).
@@ -30,9 +32,12 @@ _ANSWER_PHRASES = ("answer is", "answer:")
 _SPECIAL_TOKEN_START = "<|"
 
 
-def solution_section(completion: str, close_tag: str = THINK_CLOSE) -> str:
-  """The text after the last `close_tag`, or the whole completion when it has none."""
+def solution_section(completion: str, close_tag: str = THINK_CLOSE, open_tag: str = THINK_OPEN) -> str:
+  """The text after the last `close_tag`; the whole completion when it has neither tag; "" when the last
+  `open_tag` comes after the last `close_tag` (an unclosed think block holds no answer yet)."""
   cut = completion.rfind(close_tag)
+  if completion.rfind(open_tag) > cut:
+    return ""
   return completion if cut < 0 else completion[cut + len(close_tag):]
 
 
@@ -82,9 +87,9 @@ def last_boxed(text: str, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional
 
 def _sentence(text: str, max_chars: int) -> str:
   """Text up to the end of its first line or sentence (a period followed by white space), at most max_chars."""
-  head = text[:max_chars + 1]
-  stripped = head.lstrip(" \t:*")
-  inline_math = _first_inline_math(stripped)
+  # "Final answer:\n42": the answer may start on the next line, so leading newlines go before the line end is found.
+  head = text[:max_chars + 1].lstrip(" \t\n:*")
+  inline_math = _first_inline_math(head)
   if inline_math is not None:
     return inline_math
   end = len(head)

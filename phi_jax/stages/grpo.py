@@ -116,6 +116,8 @@ def verifier_rewards(reward_fn) -> RewardBatchFn:
 def select_rows(rewards_BG: np.ndarray, correct_BG: np.ndarray, lengths_BG: np.ndarray, cfg: GRPOConfig,
                 rng: np.random.Generator) -> np.ndarray:
   """[B, G] bool: which responses train, after the small-model filters (see the module docstring)."""
+  # A reward function may return 0/1 integers; `~` on those would be a bitwise not, not "incorrect".
+  correct_BG = np.asarray(correct_BG).astype(bool)
   keep = np.ones(rewards_BG.shape, bool)
   for b in range(rewards_BG.shape[0]):
     if cfg.drop_zero_variance_groups and np.ptp(rewards_BG[b]) == 0:
@@ -209,7 +211,10 @@ class GRPORollouts:
     out = jax.device_get(generate(params, self.config, prompt_tokens, prompt_lengths, rng, sampling, mesh=self.mesh))
     self.rollouts += 1
     lengths, finished = np.asarray(out["lengths"]), np.asarray(out["finished"])
-    texts = [self.tokenizer.decode(out["tokens"][r, :lengths[r]], skip_special_tokens=False) for r in range(len(rows))]
+    # The stop token ends the turn but is not part of the text the rewards read (as in `sampler.generate_text`):
+    # kept, an end-of-turn token right after `</think>` would pass for a solution.
+    texts = [self.tokenizer.decode(out["tokens"][r, :lengths[r] - int(finished[r])], skip_special_tokens=False)
+             for r in range(len(rows))]
     rewards, correct = self.reward_batch_fn(texts, [self.prompts[i]["answer"] for i in rows], lengths, finished)
     rewards_bg, correct_bg, lengths_bg = (np.asarray(x).reshape(len(indices), g) for x in (rewards, correct, lengths))
     keep = select_rows(rewards_bg, correct_bg, lengths_bg, cfg, np.random.default_rng([self.seed, self.rollouts]))
