@@ -1,5 +1,9 @@
 """One process of a two-process CPU run (see test_resume.py::test_two_processes_equal_one): each process feeds
-its half of every global batch and prints the losses as JSON on its last line."""
+its half of every global batch and prints the losses as JSON on its last line.
+
+Then the training loop (`loop.run`, workdir argv[1]) on finite data that ends sooner on process 1 (2 train
+batches and 1 eval batch against 3 and 2): both processes must stop after step 2 and score one eval batch, not
+wait forever in a step the other never takes."""
 
 import json
 import os
@@ -12,7 +16,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
+from phi_jax import sharding  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
+from phi_jax.stages import next_token  # noqa: E402
+from phi_jax.train import LoopConfig, loop  # noqa: E402
 
 distributed.initialize()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -22,4 +29,13 @@ half = test_train.packed_batches(test_train.NUM_STEPS)
 rows = slice(4 * jax.process_index(), 4 * (jax.process_index() + 1))
 local = [{k: v[rows] for k, v in b.items()} for b in half]
 losses, _, _ = test_train.run_steps({"fsdp": -1}, batches=local)
-print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses}))
+
+more = 3 - jax.process_index()  # process 0: 3 train / 2 eval batches; process 1: 2 / 1
+state = loop.run(workdir=sys.argv[1], model_config=test_train.CONFIG, optimizer_config=test_train.OPT,
+                 loss_fn=next_token.make_loss_fn(test_train.CONFIG, chunk_size=16), train_data=local[:more],
+                 loop=LoopConfig(num_steps=5, async_checkpoints=False), mesh=sharding.make_mesh({"fsdp": -1}),
+                 eval_batches=lambda: iter(local[:more - 1]))
+with open(os.path.join(sys.argv[1], "metrics.jsonl")) as f:
+  eval_tokens = [json.loads(line)["eval_tokens"] for line in f if "eval_tokens" in line]
+print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses,
+                  "finite_data_steps": int(loop.host_scalar(state.step)), "eval_tokens": eval_tokens}))

@@ -121,12 +121,12 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one():
+def test_two_processes_equal_one(tmp_path):
   import test_train  # the single-process reference over the same global batches
   reference, _, _ = test_train.run_steps({"fsdp": -1})
   port = _free_port()
   worker = os.path.join(ROOT, "tests", "multihost_worker.py")
-  procs = [subprocess.Popen([sys.executable, worker], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+  procs = [subprocess.Popen([sys.executable, worker, str(tmp_path)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
                             env=dict(_env(4), PHI_JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                                      PHI_JAX_NUM_PROCESSES="2", PHI_JAX_PROCESS_ID=str(i))) for i in range(2)]
@@ -137,6 +137,12 @@ def test_two_processes_equal_one():
   assert [r["devices"] for r in results] == [8, 8]
   for r in results:
     np.testing.assert_allclose(r["losses"], reference, rtol=1e-5)
+  # Finite data that runs out on one process first: both stop after the same step and score the same eval batch.
+  first = test_train.packed_batches(1)[0]  # the one global eval batch both score: its next-token weights
+  seg, mask = first["segment_ids"], first["loss_mask"]
+  eval_weight = float(((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0) & (mask[:, 1:] != 0)).sum())
+  assert [r["finite_data_steps"] for r in results] == [2, 2]
+  assert [r["eval_tokens"] for r in results] == [[eval_weight]] * 2
 
 
 def test_plan_phi4_memory_on_8_device_fsdp(tmp_path):

@@ -15,6 +15,7 @@ import os
 from typing import Optional
 
 import jax
+import numpy as np
 
 _CLUSTER_MARKERS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
 
@@ -46,3 +47,15 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     return
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is True on any process; a plain `bool(flag)` in a single-process run.
+
+  A collective: every process must call it at the same point of the program. It goes through the devices, so it
+  also waits for the work already queued on them.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))

@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from phi_jax.model import PhiConfig
+from phi_jax.sharding.distributed import any_process
 from phi_jax.train import flops
 from phi_jax.train.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpointError, state_signature
 from phi_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
@@ -301,6 +302,14 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       try:
         local = train_data.next_batch(state.params, step) if on_policy else next(iterator)
       except StopIteration:
+        local = None
+      # Every process must take every step (they are collectives). Processes can hold different numbers of batches
+      # of a finite dataset (uneven shares, packing), so they agree before each step and all stop together when
+      # any one has run out. This waits for the previous step on multi-process runs; on-policy data never runs out.
+      if any_process(local is None) if not on_policy else local is None:
+        if local is not None:
+          log.warning("another process's training data ran out: this process's batch for step %d is not trained",
+                      step + 1)
         log.warning("the training data ran out after step %d of %d; ending the run there", step, loop.num_steps)
         break
       batch = global_batch(local, mesh)
@@ -402,7 +411,13 @@ def _make_eval(loss_fn, mesh):
 
 def _evaluate(eval_fn, params, batches: Iterable[dict], mesh) -> dict:
   total, weight = 0.0, 0.0
-  for local in batches:
+  batches = iter(batches)
+  while True:
+    local = next(batches, None)
+    if any_process(local is None):  # every process scores the same number of (collective) batches
+      if local is not None:
+        log.warning("another process's eval data ran out: the rest of this process's eval batches are not scored")
+      break
     loss_sum, w = eval_fn(params, global_batch(local, mesh))
     total, weight = total + host_scalar(loss_sum), weight + host_scalar(w)
   return {"eval_loss": total / max(weight, 1.0), "eval_tokens": weight}
