@@ -315,6 +315,22 @@ class ScaledData:
     self.index = state["index"]
 
 
+class CountedData(ScaledData):
+  """ScaledData with the pipeline's `stats()`: tokens per source of the batches returned so far."""
+
+  def stats(self):
+    return {"sources": {"synthetic": {"tokens": 8 * 16 * self.index}}}
+
+
+def test_tokens_seen_in_each_record_count_the_batches_up_to_that_step(tmp_path):
+  loop.run(workdir=str(tmp_path), model_config=TINY, optimizer_config=OPT, loss_fn=scaled_loss(TINY),
+           train_data=CountedData(), loop=LoopConfig(num_steps=4, checkpoint_every=2, async_checkpoints=False),
+           mesh=sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+  with open(tmp_path / "metrics.jsonl") as f:
+    seen = {r["step"]: r["tokens_seen/synthetic"] for r in map(json.loads, f) if "loss" in r}
+  assert seen == {step: 8 * 16 * step for step in range(1, 5)}  # not the next batch's too (steps 1 and 3)
+
+
 def scaled_loss(config):
   base = next_token.make_loss_fn(config, chunk_size=64)
 

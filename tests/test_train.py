@@ -172,3 +172,28 @@ def test_bfloat16_state_keeps_its_dtypes_across_a_step():
   assert any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.opt_state))  # the moments follow the params
   new_state, _ = step(state, global_batch(batch, mesh), jax.random.key(1))
   assert signature(new_state) == before
+
+
+def test_a_skipped_update_keeps_the_moments_but_not_the_learning_rate_schedule_behind():
+  """on_nonfinite='skip': after a dropped update the rate applied is still schedule(step), the one logged."""
+  from phi_jax.train.state import TrainState
+  from phi_jax.train.step import train_step
+  cfg = OptimizerConfig(learning_rate=1.0, decay="linear", eps=1e-12, max_grad_norm=None, weight_decay=0.0)
+  optimizer, schedule = make_optimizer(cfg, 4), learning_rate_schedule(cfg, 4)
+  params = {"w": jnp.zeros(3)}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+  def loss_fn(p, batch, rng):  # gradient x: with a constant gradient Adam moves each weight by exactly -lr
+    del rng
+    return jnp.sum(p["w"] * batch["x"]), {"weight": jnp.float32(1.0), "metrics": {}}
+
+  step = jax.jit(lambda s, b: train_step(s, b, jax.random.key(0), loss_fn=loss_fn, optimizer=optimizer,
+                                         schedule=schedule, skip_nonfinite=True))
+  applied, logged = [], []
+  for x in (np.nan, 1.0, 1.0, 1.0):  # the first batch is bad
+    before = float(state.params["w"][0])
+    state, metrics = step(state, {"x": jnp.full(3, x, jnp.float32)})
+    applied.append(before - float(state.params["w"][0]))
+    logged.append(float(metrics["learning_rate"]))
+  assert applied[0] == 0.0 and logged == [1.0, 0.75, 0.5, 0.25]
+  np.testing.assert_allclose(applied[1:], logged[1:], rtol=1e-5)

@@ -283,9 +283,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         log.warning("loss spike at step %d: %.4g > %g x the running median %.4g", step, record["loss"],
                     loop.loss_spike_factor, median)
     if step % loop.log_every == 0 or step == loop.num_steps:
-      if hasattr(train_data, "stats"):
-        for name, source in train_data.stats().get("sources", {}).items():
-          record[f"tokens_seen/{name}"] = source["tokens"]
+      for name, tokens in stats.get("tokens_seen", {}).items():
+        record[f"tokens_seen/{name}"] = tokens
       writer.write(record)
       if on_log is not None:
         on_log(record)
@@ -318,6 +317,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
                                   microbatches=loop.microbatches, skip_nonfinite=loop.on_nonfinite == "skip")
       state, metrics = step_fn(state, batch, rng)
       stats = _token_stats(local)
+      if hasattr(train_data, "stats"):  # counted now: when this step's record is written, the next batch is in
+        sources = train_data.stats().get("sources", {})
+        stats["tokens_seen"] = {name: source["tokens"] for name, source in sources.items()}
       if pending is not None:
         flush(pending)
       pending = (step + 1, metrics, stats)
