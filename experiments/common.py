@@ -86,6 +86,9 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
          system_prompt: Optional[str] = None, eval_batches: int = 4):
   """Global batch settings and sources. `tokenizer`: a tokenizer directory, or "tiny:<chat format>" to build the
   small test tokenizer. `batch_size` is global; each process reads batch_size / process_count rows."""
+  if weights is not None and len(weights) != len(train_files):
+    raise ValueError(f"data.weights has {len(weights)} entries for {len(train_files)} data.train_files: give one "
+                     "weight per train file (or pattern), in the same order, or leave weights unset for equal ones")
   return dict(train_files=list(train_files), eval_files=list(eval_files), weights=weights, tokenizer=tokenizer,
               seq_len=seq_len, batch_size=batch_size, packing=packing, too_long=too_long,
               on_bad_record=on_bad_record, num_epochs=num_epochs, system_prompt=system_prompt,

@@ -67,3 +67,9 @@ def test_config_compiles_for_eight_devices(config_file):
   # fp32 params + Adam moments split 8 ways: at least 12 bytes per parameter / 8 on every device.
   assert memory["argument_size_gib"] * 2**30 > 12 * report["model_params"] / 8
   assert memory["peak_estimate_gib"] >= memory["argument_size_gib"]
+
+
+def test_mismatched_data_weights_say_what_to_give():
+  with pytest.raises(ValueError, match=r"data.weights has 3 entries for 2 data.train_files"):
+    common.data(train_files=["a.jsonl", "b.jsonl"], weights=[0.2, 0.3, 0.5])
+  assert common.data(train_files=["a.jsonl", "b.jsonl"], weights=[0.4, 0.6])["weights"] == [0.4, 0.6]

@@ -197,3 +197,9 @@ def test_a_skipped_update_keeps_the_moments_but_not_the_learning_rate_schedule_b
     logged.append(float(metrics["learning_rate"]))
   assert applied[0] == 0.0 and logged == [1.0, 0.75, 0.5, 0.25]
   np.testing.assert_allclose(applied[1:], logged[1:], rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [("warmup_fraction", 10.0), ("warmup_fraction", -0.1), ("warmup_steps", -1)])
+def test_warmup_out_of_range_is_an_error(field, value):
+  with pytest.raises(ValueError, match=field):
+    OptimizerConfig(**{field: value})

@@ -24,6 +24,13 @@ class OptimizerConfig:
   decay_norms_and_embeddings: bool = False
   max_grad_norm: Optional[float] = 1.0
 
+  def __post_init__(self):
+    if self.warmup_steps < 0:
+      raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0")
+    if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction <= 1.0:
+      raise ValueError(f"OptimizerConfig.warmup_fraction={self.warmup_fraction} must be in [0, 1] (a fraction of the "
+                       "run: 0.1 is 10%)")
+
 
 def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedule:
   warmup = int(round(cfg.warmup_fraction * num_steps)) if cfg.warmup_fraction is not None else cfg.warmup_steps
