@@ -67,6 +67,10 @@ def test_packed_equals_separate(model):
     np.testing.assert_allclose(packed[0, start:start + len(doc)], alone[0], atol=1e-5, rtol=1e-5)
     start += len(doc)
   assert np.isfinite(np.asarray(packed)).all()  # padding rows stay finite
+  # Segment ids are labels: large ones (document ids, beyond the row length) give the same logits.
+  relabelled = jnp.where(segments == 1, 70_000, jnp.where(segments == 2, 1_000, 0))
+  np.testing.assert_allclose(phi_jax.forward(params, tokens, config, positions=positions, segment_ids=relabelled),
+                             packed, atol=1e-6, rtol=1e-6)
 
 
 def test_no_gradient_across_documents(model):

@@ -30,11 +30,14 @@ def inverse_frequencies(config: PhiConfig, factors=None) -> np.ndarray:
 
 def segment_extent(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
   """[B, T] -> [B, T]: for each token, 1 + the largest position in its segment (its sequence's extent)."""
-  num_segments = positions.shape[1] + 1
+  t = positions.shape[1]
 
   def one_row(pos, seg):
-    seg_max = jax.ops.segment_max(pos, seg, num_segments=num_segments)
-    return seg_max[seg] + 1
+    # Segment ids may be any integers (document ids, say): renumber them 0..T-1, equal ids staying equal, so none
+    # falls outside segment_max's range.
+    _, dense = jnp.unique(seg, size=t, return_inverse=True)
+    dense = dense.reshape(t)
+    return jax.ops.segment_max(pos, dense, num_segments=t)[dense] + 1
 
   return jax.vmap(one_row)(positions, segment_ids)
 
