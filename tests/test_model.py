@@ -145,6 +145,16 @@ def test_init_cache_rounds_up_to_whole_blocks_and_rejects_a_bad_block_size(model
     kv_cache.init_cache(config, 2, 10, block_size=0)
 
 
+def test_decoding_into_a_full_cache_is_an_error_or_nan_under_jit(model):
+  config, params = model
+  cache = kv_cache.init_cache(config, 2, 4, block_size=4)  # 4 slots
+  _, cache = kv_cache.prefill(params, jnp.ones((2, 4), jnp.int32), jnp.array([3, 4]), cache, config)
+  with pytest.raises(ValueError, match=r"KV cache is full \(lengths \[3, 4\], 4 slots\)"):
+    kv_cache.decode_step(params, jnp.ones((2,), jnp.int32), cache, config)
+  logits, _ = jax.jit(kv_cache.decode_step, static_argnums=3)(params, jnp.ones((2,), jnp.int32), cache, config)
+  assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()  # row 0 had a free slot, row 1 none
+
+
 def test_remat_policies_do_not_change_values_or_gradients():
   params = phi_jax.init_params(GQA, jax.random.key(3))
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 12)))

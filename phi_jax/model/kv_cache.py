@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from phi_jax.model import attention
 from phi_jax.model.api import logits_from_hidden
@@ -85,8 +86,15 @@ def _rebuild(params, config: PhiConfig, cache: Cache):
 
 
 def decode_step(params, tokens_B, cache: Cache, config: PhiConfig):
-  """Appends one token per row at slot `lengths[b]`; returns (next-token logits [B, V], cache)."""
-  b = tokens_B.shape[0]
+  """Appends one token per row at slot `lengths[b]`; returns (next-token logits [B, V], cache).
+
+  A row whose cache is already full cannot take the token: an error when `lengths` is concrete; under jit (where
+  JAX would drop the out-of-range writes) that row's logits are NaN.
+  """
+  b, slots = tokens_B.shape[0], cache["tokens"].shape[1]
+  if not isinstance(cache["lengths"], jax.core.Tracer) and np.any(np.asarray(cache["lengths"]) >= slots):
+    raise ValueError(f"the KV cache is full (lengths {np.asarray(cache['lengths']).tolist()}, {slots} slots): "
+                     "give init_cache a max_len of at least the prompt plus the tokens to decode")
   positions = cache["lengths"][:, None]
   rows = jnp.arange(b)
   history = cache["tokens"].at[rows, cache["lengths"]].set(tokens_B)
@@ -103,4 +111,5 @@ def decode_step(params, tokens_B, cache: Cache, config: PhiConfig):
   else:
     h, layers = incremental(None)
   cache = {"layers": layers, "tokens": history, "lengths": new_lengths}
-  return logits_from_hidden(params, h, config)[:, 0], cache
+  logits = logits_from_hidden(params, h, config)[:, 0]
+  return jnp.where((new_lengths > slots)[:, None], jnp.nan, logits), cache
