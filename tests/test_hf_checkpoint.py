@@ -301,6 +301,11 @@ def test_rope_scaling_variants():
   phi4_like["rope_parameters"] = {"rope_type": "default", "rope_theta": 250000.0, "partial_rotary_factor": 0.5}
   config = from_hf_config(phi4_like)
   assert config.rope_scaling_type is None and config.rope_theta == 250000.0 and config.rotary_dim == 8
+  # original_max only inside the rope dict: transformers would use 4096 instead, so it is an error, not a guess.
+  dict_only = {k: v for k, v in MINI_LIKE_CLASSIC.items() if k != "original_max_position_embeddings"}
+  dict_only["rope_scaling"] = MINI_LIKE_CLASSIC["rope_scaling"] | {"original_max_position_embeddings": 16}
+  with pytest.raises(ValueError, match="set only inside the rope dict"):
+    from_hf_config(dict_only)
 
 
 @pytest.mark.parametrize("change,field", [

@@ -107,8 +107,15 @@ def from_hf_config(hf: Any, **overrides: Any) -> PhiConfig:
   rope_type = _ROPE_TYPES[rope_type_name]
 
   max_positions = _first_set(hf.get("max_position_embeddings"), _HF_DEFAULT_MAX_POSITIONS)
-  # transformers takes the top-level key over the one inside the rope dict (a Phi3 exception in its rope utils).
+  # transformers takes the top-level key over the one inside the rope dict (a Phi3 exception in its rope utils),
+  # and an absent top-level key still counts as its default, 4096: a value only in the dict is never used there.
   original_max = _first_set(hf.get("original_max_position_embeddings"), rope.get("original_max_position_embeddings"))
+  if (rope_type == "longrope" and hf.get("original_max_position_embeddings") is None
+      and original_max not in (None, _HF_DEFAULT_ORIGINAL_MAX_POSITIONS)):
+    raise ValueError(
+        f"original_max_position_embeddings={original_max} is set only inside the rope dict; transformers' Phi3Config "
+        f"ignores it there and uses {_HF_DEFAULT_ORIGINAL_MAX_POSITIONS}, so the two would disagree. Set it at the "
+        "top level of config.json too (transformers' save_pretrained writes both)")
   attention_factor = rope.get("attention_factor")
   short_factor = long_factor = None
   if rope_type == "longrope":
