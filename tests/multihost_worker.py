@@ -3,10 +3,14 @@ its half of every global batch and prints the losses as JSON on its last line.
 
 Then the training loop (`loop.run`, workdir argv[1]) on finite data that ends sooner on process 1 (2 train
 batches and 1 eval batch against 3 and 2): both processes must stop after step 2 and score one eval batch, not
-wait forever in a step the other never takes."""
+wait forever in a step the other never takes.
+
+Last, a run in which only process 0 gets a SIGTERM (it signals itself after logging step 3): both processes must
+save the same step and stop with `Preempted`."""
 
 import json
 import os
+import signal
 import sys
 
 from xla_flags import xla_flags
@@ -37,5 +41,21 @@ state = loop.run(workdir=sys.argv[1], model_config=test_train.CONFIG, optimizer_
                  eval_batches=lambda: iter(local[:more - 1]))
 with open(os.path.join(sys.argv[1], "metrics.jsonl")) as f:
   eval_tokens = [json.loads(line)["eval_tokens"] for line in f if "eval_tokens" in line]
+finite_data_steps = int(loop.host_scalar(state.step))
+
+
+def signal_process_0(record):
+  if record["step"] == 3 and jax.process_index() == 0:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+try:
+  loop.run(workdir=os.path.join(sys.argv[1], "preempted"), model_config=test_train.CONFIG,
+           optimizer_config=test_train.OPT, loss_fn=next_token.make_loss_fn(test_train.CONFIG, chunk_size=16),
+           train_data=local * 10, loop=LoopConfig(num_steps=30, async_checkpoints=False),
+           mesh=sharding.make_mesh({"fsdp": -1}), on_log=signal_process_0)
+  preempted_at = None
+except loop.Preempted as e:
+  preempted_at = e.step
 print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses,
-                  "finite_data_steps": int(loop.host_scalar(state.step)), "eval_tokens": eval_tokens}))
+                  "finite_data_steps": finite_data_steps, "eval_tokens": eval_tokens, "preempted_at": preempted_at}))

@@ -130,7 +130,13 @@ def test_two_processes_equal_one(tmp_path):
                             stderr=subprocess.STDOUT,
                             env=dict(_env(4), PHI_JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                                      PHI_JAX_NUM_PROCESSES="2", PHI_JAX_PROCESS_ID=str(i))) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  try:
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    tails = "\n".join(p.communicate()[0][-2000:] for p in procs)
+    pytest.fail(f"the processes did not finish in 300 s (one waiting in a step or save the other never took):\n{tails}")
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
@@ -143,6 +149,10 @@ def test_two_processes_equal_one(tmp_path):
   eval_weight = float(((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0) & (mask[:, 1:] != 0)).sum())
   assert [r["finite_data_steps"] for r in results] == [2, 2]
   assert [r["eval_tokens"] for r in results] == [[eval_weight]] * 2
+  # A SIGTERM on process 0 only: both save the same step and stop (the other does not go on into a step alone).
+  preempted = {r["preempted_at"] for r in results}
+  assert len(preempted) == 1 and None not in preempted, outputs[1][-3000:]
+  assert os.path.isdir(os.path.join(tmp_path, "preempted", "checkpoints", str(preempted.pop())))
 
 
 def test_plan_phi4_memory_on_8_device_fsdp(tmp_path):

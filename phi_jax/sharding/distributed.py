@@ -49,13 +49,14 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def any_process(flag: bool) -> bool:
-  """Whether `flag` is True on any process; a plain `bool(flag)` in a single-process run.
+def any_process(*flags: bool) -> tuple[bool, ...]:
+  """For each flag, whether it is True on any process; the flags as they are in a single-process run.
 
   A collective: every process must call it at the same point of the program. It goes through the devices, so it
   also waits for the work already queued on them.
   """
   if jax.process_count() == 1:
-    return bool(flag)
+    return tuple(bool(f) for f in flags)
   from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+  gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))  # [processes, flags]
+  return tuple(bool(f) for f in np.any(np.asarray(gathered).reshape(-1, len(flags)), axis=0))

@@ -302,10 +302,12 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         local = train_data.next_batch(state.params, step) if on_policy else next(iterator)
       except StopIteration:
         local = None
-      # Every process must take every step (they are collectives). Processes can hold different numbers of batches
-      # of a finite dataset (uneven shares, packing), so they agree before each step and all stop together when
-      # any one has run out. This waits for the previous step on multi-process runs; on-policy data never runs out.
-      if any_process(local is None) if not on_policy else local is None:
+      # Every process must take every step and every checkpoint save (they are collectives), but a process may run
+      # out of a finite dataset first (uneven shares, packing) or see a SIGTERM another does not (yet). So before
+      # each step the processes agree on both, and all stop or all save at the same step. On multi-process runs
+      # this waits for the previous step.
+      exhausted, preempt = any_process(local is None, sigterm.raised)
+      if exhausted:
         if local is not None:
           log.warning("another process's training data ran out: this process's batch for step %d is not trained",
                       step + 1)
@@ -316,6 +318,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         step_fn = make_train_step(loss_fn, optimizer, schedule, mesh, shardings, batch,
                                   microbatches=loop.microbatches, skip_nonfinite=loop.on_nonfinite == "skip")
       state, metrics = step_fn(state, batch, rng)
+      if jax.process_count() == 1:
+        preempt = sigterm.raised  # nothing to agree on: save right after the step the signal arrived in
       stats = _token_stats(local)
       if hasattr(train_data, "stats"):  # counted now: when this step's record is written, the next batch is in
         sources = train_data.stats().get("sources", {})
@@ -327,16 +331,17 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       if eval_batches is not None and loop.eval_every and done % loop.eval_every == 0 and done < loop.num_steps:
         eval_fn = eval_fn or _make_eval(loss_fn, mesh)
         writer.write(dict(_evaluate(eval_fn, state.params, eval_batches(), mesh), step=done))
-      if done % loop.checkpoint_every == 0 or done == loop.num_steps or sigterm.raised:
+      if done % loop.checkpoint_every == 0 or done == loop.num_steps or preempt:
         flush(pending)  # a checkpoint is written only after its step's loss is known to be finite
         pending = None
         data_state = train_data.get_state() if hasattr(train_data, "get_state") else None
         checkpointer.save(done, state, data_state=data_state, meta=meta, force=True)
         saved = done
         write_data_stats()
-      if sigterm.raised:
+      if preempt:
         checkpointer.close()
-        log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.step_path(done))
+        log.warning("SIGTERM%s: saved step %d to %s; exiting", "" if sigterm.raised else " on another process", done,
+                    checkpointer.step_path(done))
         raise Preempted(done)
     if pending is not None:
       flush(pending)
@@ -416,7 +421,7 @@ def _evaluate(eval_fn, params, batches: Iterable[dict], mesh) -> dict:
   batches = iter(batches)
   while True:
     local = next(batches, None)
-    if any_process(local is None):  # every process scores the same number of (collective) batches
+    if any_process(local is None)[0]:  # every process scores the same number of (collective) batches
       if local is not None:
         log.warning("another process's eval data ran out: the rest of this process's eval batches are not scored")
       break
