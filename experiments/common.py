@@ -131,6 +131,13 @@ def _pipeline(files, data_cfg, tokenizer, *, seed, per_process_batch, shuffle=Tr
       packing=data_cfg["packing"], too_long=data_cfg["too_long"], on_bad_record=data_cfg["on_bad_record"])
 
 
+def check_not_unfinished_run(path: str) -> None:
+  """A run workdir has params/ only once it has finished; without them it is not a transformers checkpoint either."""
+  if not os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "checkpoints")):
+    raise ValueError(f"{path} is a run that has not finished: its final params/ are written at the end. Rerun its "
+                     "command to finish it (it resumes from its newest checkpoint), or point at a finished run")
+
+
 def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Optional[str], the_mesh):
   """Starting params placed in their shards: a previous run's params/, an HF directory, or None (random)."""
   source = init_from or hf_path
@@ -145,6 +152,7 @@ def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Op
                             jax.eval_shape(lambda: init_params(model_config, jax.random.key(0))), shardings)
       with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(os.path.abspath(os.path.join(source, "params")), target)
+    check_not_unfinished_run(source)
     _, params = load_hf(source, dtype=model_config.param_dtype, shardings=shardings)
     return params
 
@@ -279,7 +287,7 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
     outputs = {}
     for kind, files in (("train", train_files), ("eval", eval_files)):
       for i, path in enumerate(files):
-        outputs[(kind, i)] = os.path.join(workdir, "reference", f"{kind}{i}-{os.path.basename(path)}")
+        outputs[(kind, i)] = reference_file(workdir, f"{kind}{i}", path)
     missing = [key for key, out in outputs.items() if not os.path.exists(out)]
     if missing:
       os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
@@ -305,6 +313,13 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
       for _, batch in zip(range(data_cfg["eval_batches"]), pairs(eval_files, seed=0, shuffle=False, num_epochs=1)):
         yield batch
   return loss_fn, train_data, eval_batches
+
+
+def reference_file(workdir: str, tag: str, pairs_path: str) -> str:
+  """Where precompute mode writes a pair file with its reference log-probs: always JSONL, whatever the input's
+  format (JSONL, Parquet, a save_to_disk directory), and named so, since readers go by the extension."""
+  name = os.path.basename(os.path.normpath(pairs_path))
+  return os.path.join(workdir, "reference", f"{tag}-{name if name.endswith('.jsonl') else name + '.jsonl'}")
 
 
 def save_final_params(workdir: str, params):

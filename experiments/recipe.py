@@ -64,6 +64,10 @@ def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experimen
   unknown = [s for s in stages if s not in STAGES]
   if unknown or list(stages) != [s for s in STAGES if s in stages]:
     raise ValueError(f"recipe.stages={list(stages)}: expected stages of {STAGES}, in that order")
+  if stages and stages[0] == "dpo":
+    raise ValueError(f"recipe.stages={list(stages)} starts at 'dpo', whose pairs are rollouts of the stage before it: "
+                     "list that stage first (e.g. ['sft', 'dpo', 'grpo']); stages this workdir has finished are not "
+                     "trained again")
   if eval_split not in ("valid", "test"):
     raise ValueError(f"recipe.eval_split={eval_split!r}; expected 'valid' or 'test'")
   return dict(stages=list(stages), config_dir=config_dir, task_counts={**DEFAULT_COUNTS, **(task_counts or {})},

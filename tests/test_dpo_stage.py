@@ -325,6 +325,20 @@ def test_precompute_mode_scores_pairs_once_then_needs_no_reference(setup, start_
   assert set(preference.REFERENCE_FIELDS) <= set(next(train_data))
 
 
+def test_precomputed_reference_files_are_named_as_the_jsonl_they_are():
+  assert common.reference_file("w", "train0", "/d/pairs.jsonl") == os.path.join("w", "reference", "train0-pairs.jsonl")
+  assert common.reference_file("w", "eval1", "/d/pairs.parquet").endswith("eval1-pairs.parquet.jsonl")
+  assert common.reference_file("w", "train0", "/d/saved_pairs/").endswith("train0-saved_pairs.jsonl")
+
+
+def test_a_run_without_params_is_named_unfinished(tmp_path):
+  os.makedirs(tmp_path / "checkpoints" / "2")
+  with pytest.raises(ValueError, match="a run that has not finished"):
+    common.params_loader(CONFIG, None, str(tmp_path), sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))()
+  with pytest.raises(ValueError, match="a run that has not finished"):
+    rollouts.load_policy(str(tmp_path), None)
+
+
 def test_rollouts_to_pairs_to_dpo_training_end_to_end(setup, start_run, monkeypatch):
   tmp, start = setup["tmp"], start_run
   problems = [{"problem": "What is 1 + 1?", "answer": "all"}, {"problem": "What is 2 + 5?", "answer": "none"}] + [

@@ -109,6 +109,8 @@ def test_settings_reject_unknown_or_reordered_stages():
     recipe.recipe_settings(stages=["sft", "base"])
   with pytest.raises(ValueError, match="in that order"):
     recipe.recipe_settings(stages=["base", "pretrain"])
+  with pytest.raises(ValueError, match="starts at 'dpo'"):  # its pairs are rollouts of the stage before it
+    recipe.recipe_settings(stages=["dpo", "grpo"])
 
 
 def test_each_stage_starts_from_the_previous_one_and_reads_its_own_data(tmp_path):

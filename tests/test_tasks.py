@@ -263,3 +263,14 @@ def test_make_task_data_writes_every_stage(tmp_path):
   # Curation keeps the mix of step counts of the mid-training data.
   for steps, count in manifest["num_steps"]["midtrain"].items():
     assert abs(manifest["num_steps"]["sft"].get(steps, 0) / counts["sft"] - count / counts["midtrain"]) <= 0.06
+
+
+def test_the_nth_problem_may_come_on_the_last_allowed_draw(monkeypatch):
+  monkeypatch.setattr(wp, "_MAX_DRAWS_PER_PROBLEM", 1)
+  seed = next(seed for seed in range(100)  # a seed whose first draw is a train problem
+              if wp.split_of(wp.sample_problem(random.Random(f"word_problems:train:{seed}"),
+                                               wp.get_difficulty("medium")).key) == "train")
+  assert len(wp.generate(1, seed=seed, split="train")) == 1
+  assert wp.generate(0, seed=seed, split="train") == []
+  with pytest.raises(ValueError, match="zero or more"):
+    wp.generate(-1, seed=seed, split="train")

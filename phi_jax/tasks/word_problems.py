@@ -158,14 +158,18 @@ def generate(n: int, *, seed: int, split: str, difficulty: Union[str, Difficulty
   difficulty = get_difficulty(difficulty)
   rng = random.Random(f"word_problems:{split}:{seed}")
   problems, seen = [], set()
-  for _ in range(_MAX_DRAWS_PER_PROBLEM * max(n, 1)):
-    if len(problems) == n:
-      return problems
+  if n < 0:
+    raise ValueError(f"n={n}: ask for zero or more problems")
+  if n == 0:
+    return problems
+  for _ in range(_MAX_DRAWS_PER_PROBLEM * n):
     problem = sample_problem(rng, difficulty)
     identity = problem.key if distinct_by == "key" else problem.question
     if identity not in seen and split_of(problem.key) == split:
       seen.add(identity)
       problems.append(problem)
+      if len(problems) == n:  # checked here, so the n-th problem may come on the last allowed draw
+        return problems
   raise ValueError(f"found only {len(problems)} distinct {split} problems of {difficulty} in "
                    f"{_MAX_DRAWS_PER_PROBLEM * n} draws; ask for fewer or make them harder")
 
