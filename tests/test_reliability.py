@@ -361,9 +361,15 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_interval_steps=1)
   saved = ckpt.restore_meta(2)
   ckpt.close()
+  # A checkpoint without an array signature (older saves) is judged by the shape fields of its model config.
+  unsigned = {k: v for k, v in saved.items() if k != "state_signature"}
   other_vocab = dict(saved, model_config=dict(saved["model_config"], vocab_size=256))
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"model vocab_size=128 in the checkpoint but 256"):
-    loop.check_resume_compatible(saved, other_vocab, "W")
+    loop.check_resume_compatible(unsigned, other_vocab, "W")
+  # With one, a field change that changes no array resumes: head_dim=None and the same head_dim spelled out.
+  assert saved["model_config"]["head_dim"] is None
+  explicit = dict(saved, model_config=dict(saved["model_config"], head_dim=TINY.resolved_head_dim))
+  loop.check_resume_compatible(saved, explicit, "W")
   # Without gradient clipping the optimizer chain holds one transform fewer, so its state has other paths.
   no_clipping = dict(saved, state_signature={k.replace("opt_state[1]", "opt_state[0]"): v
                                              for k, v in saved["state_signature"].items()})
@@ -410,6 +416,22 @@ def _abstract_state_for(config):
   from phi_jax.train.optimizer import make_optimizer
   from phi_jax.train.state import abstract_state
   return abstract_state(config, make_optimizer(OPT, 4), sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+
+
+def test_a_restore_target_that_does_not_fit_is_refused_and_the_checkpoint_kept(tmp_path):
+  from phi_jax.train.optimizer import make_optimizer
+  from phi_jax.train.state import create_train_state
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  state = create_train_state(TINY, make_optimizer(OPT, 4), mesh, jax.random.key(0))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=1, async_save=False)
+  ckpt.save(1, state, force=True)
+  for other in (TINY.replace(param_dtype="bfloat16"), TINY.replace(vocab_size=2 * TINY.vocab_size)):
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"does not fit the restore target"):
+      ckpt.restore_latest(_abstract_state_for(other))
+  assert ckpt.all_steps() == [1] and not os.path.exists(tmp_path / checkpoint.CORRUPT_DIR)  # nothing moved aside
+  step, restored, _, _ = ckpt.restore_latest(_abstract_state_for(TINY))
+  ckpt.close()
+  assert step == 1 and _equal(restored.params, state.params)
 
 
 # ---- in-process through experiments/common.py: bad data, bad configuration ---------------------------------------

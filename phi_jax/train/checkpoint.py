@@ -11,7 +11,9 @@ computed on device over the global (sharded) arrays: integer addition is associa
 depend on the mesh, and because every weight is odd, any change to a single element changes it. `restore_latest`
 tries the newest step first; a step whose restore fails (a truncated file, tensorstore's own checks) or whose
 restored values do not match their checksums is reported with its path, moved to `<directory>/corrupt/`, and the
-previous step is tried. A step without an integrity item (written before integrity records existed) is restored
+previous step is tried. A restore target with other shapes or dtypes than the saved arrays (compared with the
+signature in the integrity record before any array is read) is refused as incompatible, not treated as damage,
+and an out-of-memory error is passed on as it is. A step without an integrity item (written before integrity records existed) is restored
 with a warning, relying on Orbax's validation alone.
 """
 
@@ -92,6 +94,19 @@ def state_signature(state) -> dict[str, list]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+def _check_signature(path: str, saved: Optional[dict], wanted: dict) -> None:
+  """Raises IncompatibleCheckpointError when the restore target differs from the saved arrays (records without a
+  signature, from older saves, are not checked here)."""
+  if saved is None or saved == wanted:
+    return
+  differing = [f"{name}: saved {saved.get(name)}, asked for {wanted.get(name)}"
+               for name in sorted(set(saved) | set(wanted)) if saved.get(name) != wanted.get(name)]
+  raise IncompatibleCheckpointError(
+      f"checkpoint {path} does not fit the restore target in {len(differing)} array(s) ([shape, dtype]): "
+      + "; ".join(differing[:3]) + ". Restore it with the model and optimizer config that wrote it, or start a new "
+      "workdir")
+
+
 def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -126,7 +141,8 @@ class Checkpointer:
       return False
     data_state, meta = data_state or {}, meta or {}
     self._raise_if_failed(self.manager.wait_until_finished)
-    integrity = {"state": state_checksums(state), "data": _digest(data_state), "meta": _digest(meta)}
+    integrity = {"state": state_checksums(state), "data": _digest(data_state), "meta": _digest(meta),
+                 "signature": state_signature(state)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(meta), integrity=ocp.args.JsonSave(integrity))
     self._saving = step
@@ -160,23 +176,30 @@ class Checkpointer:
     """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs); returns (state, data, meta).
 
     Raises `CorruptCheckpointError` (naming the step's path) when the files cannot be read or the values do not
-    match the checksums written with them.
+    match the checksums written with them; `IncompatibleCheckpointError` when the target asks for other shapes or
+    dtypes than were saved (checked before any array is read, and not damage: the step is left where it is).
     """
     path = self.step_path(step)
-    verified = os.path.isdir(os.path.join(path, "integrity"))
+    integrity = None
+    if os.path.isdir(os.path.join(path, "integrity")):
+      try:
+        integrity = self.manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))["integrity"]
+      except Exception as e:  # an unreadable integrity record is damage, like any other unreadable file
+        raise CorruptCheckpointError(path, f"integrity record unreadable: {type(e).__name__}: {e}") from e
+      _check_signature(path, integrity.get("signature"), state_signature(abstract_state))
     items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                  meta=ocp.args.JsonRestore())
-    if verified:
-      items["integrity"] = ocp.args.JsonRestore()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # tensorstore/Orbax/JSON errors of damaged files; the type says little, the text is kept
+      if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+        raise  # out of memory on this mesh: nothing wrong with the files
       raise CorruptCheckpointError(path, f"restore failed: {type(e).__name__}: {str(e)[:500]}") from e
     state, data, meta = restored["state"], restored["data"], restored["meta"]
-    if not verified:
+    if integrity is None:
       log.warning("checkpoint %s has no integrity record (written before they existed); restored unverified", path)
       return state, data, meta
-    self._verify(path, restored["integrity"], state, data, meta)
+    self._verify(path, integrity, state, data, meta)
     return state, data, meta
 
   @staticmethod

@@ -396,7 +396,9 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
       if saved_sig.get(name) != current_sig.get(name):
         array_changes.append(f"state{name}: {saved_sig.get(name, 'absent')} saved vs {current_sig.get(name, 'absent')}"
                              " now")
-  if shape_changes or array_changes:
+  # The saved arrays' signature is exact; the shape fields name the cause (and decide for checkpoints without a
+  # signature). head_dim=None and an explicit head_dim of the same size change no array, so they resume.
+  if array_changes if saved_sig is not None else shape_changes:
     details = shape_changes + array_changes[:8] + ([f"... {len(array_changes) - 8} more arrays"]
                                                    if len(array_changes) > 8 else [])
     raise IncompatibleCheckpointError(
