@@ -277,6 +277,12 @@ def test_segment_runs_match_a_numpy_walk_of_each_row():
   assert jax.jit(segment_runs, static_argnums=1)(jnp.asarray(seg[[0, 1, 3]]), 4)[2]
   assert not jax.jit(segment_runs, static_argnums=1)(jnp.asarray(seg[[0, 1, 3]]), 2)[2]  # row 0 has 3 runs
   assert not segment_runs(jnp.asarray([[1, 1, 0, 1, 1, 0, 0, 0]], jnp.int32), 4)[2]  # id 1 back after a gap
+  # One run allowed: the arrays still have room for two, since JAX's cuDNN call ignores starts of a [B, 2] shape
+  # (row 1 below starts at slot 2, which it would take as 0).
+  offsets, lengths, exact = segment_runs(jnp.asarray([[1, 1, 1, 0], [0, 0, 1, 1]], jnp.int32), 1)
+  assert np.asarray(offsets).tolist() == [[0, -1, -1], [2, -1, -1]] and np.asarray(lengths).tolist() == [[3, -1],
+                                                                                                          [2, -1]]
+  assert exact and not segment_runs(jnp.asarray([[1, 2, 0, 0]], jnp.int32), 1)[2]  # two runs > max_runs 1
 
 
 def _numpy_runs(row):

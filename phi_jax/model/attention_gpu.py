@@ -75,15 +75,18 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_
 def segment_runs(segment_ids_BT, max_runs):
   """Each row's runs of one nonzero segment id, as cuDNN's packed layout takes them.
 
-  Returns run starts [B, max_runs + 1] and lengths [B, max_runs] (-1 after a row's last run), and whether they
-  describe the whole batch exactly: at most `max_runs` runs per row, and every run's id above all ids before it
-  in its row (an id that comes back after another would be two runs of one document, which may attend each other).
+  Returns run starts [B, R + 1] and lengths [B, R] (-1 after a row's last run) with R = max(max_runs, 2), and
+  whether they describe the whole batch exactly: at most `max_runs` runs per row, and every run's id above all ids
+  before it in its row (an id that comes back after another would be two runs of one document, which may attend
+  each other). R is at least 2 because JAX's cuDNN call reads the starts only when they have room for two or more
+  runs a row; with room for one it would take each row's run to start at slot 0.
   """
   seg = segment_ids_BT
+  room = max(max_runs, 2)
   before = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
   after = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
   starts, ends = (seg != 0) & (seg != before), (seg != 0) & (seg != after)
-  first = lambda flags: jax.vmap(lambda row: jnp.nonzero(row, size=max_runs, fill_value=-1)[0])(flags)
+  first = lambda flags: jax.vmap(lambda row: jnp.nonzero(row, size=room, fill_value=-1)[0])(flags)
   start_at, end_at = first(starts).astype(jnp.int32), first(ends).astype(jnp.int32)
   lengths = jnp.where(start_at >= 0, end_at - start_at + 1, -1)
   offsets = jnp.concatenate([start_at, jnp.full((seg.shape[0], 1), -1, jnp.int32)], axis=1)
