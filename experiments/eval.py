@@ -2,7 +2,7 @@
 papers report the mean of 3), pass@k, greedy accuracy, response lengths and format errors, plus every output.
 
     python experiments/eval.py --init_from=runs/demo/sft --problems=runs/demo/data/test.jsonl --out=runs/eval_sft \
-        --gin_file=experiments/configs/recipe_tiny/eval.gin
+        --gin_file=experiments/configs/recipe_tiny/recipe.gin
     python experiments/eval.py --init_from=/ckpt/Phi-4-mini-reasoning --problems=math500.jsonl --out=runs/m500 \
         --gin_file=experiments/configs/phi4_mini_reasoning/eval.gin
 
@@ -186,7 +186,10 @@ def parse_args(argv=None):
   parser.add_argument("--problems", required=True, help="JSONL of {problem, answer}")
   parser.add_argument("--out", required=True, help="directory for summary.json and items.jsonl")
   parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.limit is not None and args.limit < 1:
+    parser.error(f"--limit={args.limit}: give the number of problems to evaluate (1 or more)")
+  return args
 
 
 def main(argv=None):
@@ -195,9 +198,9 @@ def main(argv=None):
   logging.getLogger("absl").setLevel(logging.WARNING)
   common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
   the_mesh = common.mesh()
+  problems = rollouts.read_problems(args.problems)[:args.limit]  # an empty file is a DataError ("empty dataset")
   config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh)
   settings = eval_settings()
-  problems = rollouts.read_problems(args.problems)[:args.limit]
   summary, items = evaluate(
       params, config, tokenizer, problems, settings=settings, mesh=the_mesh,
       system_prompt=common.data()["system_prompt"],

@@ -49,6 +49,18 @@ def expand(spec: dict) -> list[dict]:
   return runs
 
 
+def check_runs(runs: list[dict]) -> None:
+  """Every run needs its own workdir: an empty sweep, or two runs whose names coincide (the name keeps only each
+  binding's last part and plain characters), would silently reuse one run's results for another."""
+  if not runs:
+    raise ValueError("the sweep spec gives no runs (an axis with no values?)")
+  names = [run_name(b) for b in runs]
+  clashes = sorted({n for n in names if names.count(n) > 1})
+  if clashes:
+    raise ValueError(f"sweep runs would share workdirs {clashes}: make their values differ in more than "
+                     "punctuation or type, or split the sweep")
+
+
 def gin_value(value) -> str:
   return repr(value) if not isinstance(value, str) else json.dumps(value)
 
@@ -103,6 +115,7 @@ def main(argv=None):
   parser.add_argument("--mode", choices=("local", "commands", "collect"), default="local")
   args = parser.parse_args(argv)
   runs = expand(load_spec(args.sweep))
+  check_runs(runs)
   if args.mode == "commands":
     for b in runs:
       print(shlex.join(command(args.gin_file, args.gin_param, b, os.path.join(args.root, run_name(b)))))

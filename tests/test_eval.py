@@ -142,3 +142,15 @@ def test_eval_and_rollouts_layer_gin_files_over_the_runs_config(tmp_path):
     assert rollouts.rollout_settings()["sampling"].top_k == 0
   finally:
     gin.clear_config()
+
+
+def test_an_empty_problem_set_or_a_limit_below_one_is_refused(tmp_path):
+  with pytest.raises(SystemExit):
+    eval_lib.parse_args(["--init_from=x", "--problems=p", "--out=o", "--limit=0"])
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  try:
+    with pytest.raises(Exception, match="empty dataset"):
+      eval_lib.main([f"--init_from={tmp_path}", f"--problems={empty}", f"--out={tmp_path / 'out'}"])
+  finally:
+    gin.clear_config()

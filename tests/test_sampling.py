@@ -314,14 +314,20 @@ def _right_pad(rendered):
 
 
 @pytest.mark.parametrize("fields,message", [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 0.0}, "top_p"),
-                                            ({"top_k": -1}, "top_k"), ({"temperature": -0.5}, "temperature")])
+                                            ({"top_k": -1}, "top_k"), ({"temperature": -0.5}, "temperature"),
+                                            ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+                                            ({"top_k": 2.5}, "top_k must be an integer"),
+                                            ({"temperature": float("nan")}, "temperature must be finite")])
 def test_bad_sampling_configs_name_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
     SamplingConfig(**fields)
 
 
-def test_bad_prompts_are_refused(params, prompts):
+def test_bad_prompts_are_refused(params, prompts, caplog):
   tokens, lengths = prompts
+  long_prompt = np.where(np.arange(BATCH) == 0, 60, lengths)  # 60 + 8 new tokens > max_position_embeddings 64
+  generate(params, CONFIG, tokens, long_prompt, jax.random.key(0), GREEDY)
+  assert "generating sequences of up to 68 tokens" in caplog.text
   with pytest.raises(ValueError, match="prompt_lengths"):
     generate(params, CONFIG, tokens, np.where(lengths == 1, 0, lengths), jax.random.key(0), GREEDY)
   with pytest.raises(ValueError, match="vocab_size"):

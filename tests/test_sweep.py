@@ -50,3 +50,11 @@ def test_two_run_sweep_collects_a_table(tmp_path):
   assert all(r["step"] == 3 for r in rows)
   assert rows[1]["loss"] < rows[0]["loss"]  # learning rate 0 does not train; 0.003 does
   assert "| learning_rate=0.003 |" in open(tmp_path / "results.md").read()
+
+
+def test_sweeps_whose_runs_would_share_a_workdir_or_that_have_no_runs_are_refused():
+  with pytest.raises(ValueError, match="share workdirs"):
+    sweep.check_runs(sweep.expand({"product": {"data.train_files": [["a/b.jsonl"], ["a_b.jsonl"]]}}))
+  with pytest.raises(ValueError, match="no runs"):
+    sweep.check_runs(sweep.expand({"product": {"optimizer.learning_rate": []}}))
+  sweep.check_runs(sweep.expand({"product": {"optimizer.learning_rate": [0.1, 0.2]}}))

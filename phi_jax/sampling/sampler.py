@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
@@ -80,6 +81,11 @@ class SamplingConfig:
   stop_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
+    for name in ("max_new_tokens", "top_k"):  # they size arrays and loops: 2.5 would fail deep inside jit
+      if not isinstance(getattr(self, name), (int, np.integer)) or isinstance(getattr(self, name), bool):
+        raise ValueError(f"SamplingConfig.{name} must be an integer, got {getattr(self, name)!r}")
+    if isinstance(self.temperature, (int, float)) and not math.isfinite(self.temperature):
+      raise ValueError(f"SamplingConfig.temperature must be finite, got {self.temperature}")
     if self.max_new_tokens < 1:
       raise ValueError(f"SamplingConfig.max_new_tokens must be at least 1, got {self.max_new_tokens}")
     if self.top_k < 0:
@@ -116,7 +122,7 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
       lengths [B] int32: generated tokens per row, the stop token included;
       finished [B] bool: True when the row emitted a stop token, False when it ran into max_new_tokens.
   """
-  _check_prompts(config, prompt_tokens, prompt_lengths)
+  _check_prompts(config, prompt_tokens, prompt_lengths, sampling.max_new_tokens)
   # Temperature and stop tokens are arguments, not part of the compiled program's key.
   static = dataclasses.replace(sampling, temperature=0.0, stop_token_ids=())
   temperature = jnp.asarray(sampling.temperature, jnp.float32)
@@ -257,7 +263,7 @@ def _padded_stop_ids(stop_token_ids: tuple[int, ...]) -> jax.Array:
   return jnp.asarray(list(stop_token_ids) + [-1] * (size - len(stop_token_ids)), jnp.int32)
 
 
-def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths) -> None:
+def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tokens: int) -> None:
   if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
     raise ValueError(f"expected prompt_tokens [B, P] and prompt_lengths [B], got shapes {prompt_tokens.shape} "
                      f"and {prompt_lengths.shape}")
@@ -271,6 +277,11 @@ def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths) -> None:
   valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
   if np.any(valid & ((tokens < 0) | (tokens >= config.vocab_size))):
     raise ValueError(f"prompt token ids must lie in [0, vocab_size={config.vocab_size})")
+  if lengths.max() + max_new_tokens > config.max_position_embeddings:
+    logging.getLogger("phi_jax").warning(
+        "generating sequences of up to %d tokens (longest prompt %d + max_new_tokens %d), longer than the model's "
+        "max_position_embeddings=%d: the positions past it were never trained", lengths.max() + max_new_tokens,
+        lengths.max(), max_new_tokens, config.max_position_embeddings)
 
 
 def _round_up(value: int, multiple: int) -> int:
