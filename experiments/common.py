@@ -195,20 +195,9 @@ def run_training(workdir: str):
   _check_vocab(model_config, tokenizer)
   if not data_cfg["train_files"]:
     raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
-  if data_cfg["seq_len"] > model_config.max_position_embeddings:
-    raise ValueError(f"data.seq_len={data_cfg['seq_len']} exceeds the model's max_position_embeddings="
-                     f"{model_config.max_position_embeddings}, the longest sequence its rotary setup supports; lower "
-                     "data.seq_len, or extend the context (e.g. model.overrides={'max_position_embeddings': ..., "
-                     "'rope_theta': ...})")
-  global_batch = data_cfg["batch_size"]
-  if global_batch % jax.process_count():
-    raise ValueError(f"data.batch_size={global_batch} must be divisible by the {jax.process_count()} processes")
-  data_ways = the_mesh.shape["data"] * the_mesh.shape["fsdp"]
-  if global_batch % data_ways or (global_batch // loop.microbatches) % data_ways:
-    raise ValueError(f"data.batch_size={global_batch} (per microbatch {global_batch // loop.microbatches}) must be "
-                     f"divisible by the data x fsdp mesh size {data_ways}; change data.batch_size or mesh.shape")
-  per_process = global_batch // jax.process_count()
   stage = settings["stage"]
+  global_batch, _ = check_batch_shape(stage, model_config, data_cfg, loop, the_mesh)
+  per_process = global_batch // jax.process_count()
   if stage == "next_token":
     loss_fn, train_data, eval_batches = _next_token_setup(model_config, data_cfg, settings, tokenizer, per_process)
   elif stage == "dpo":
@@ -229,7 +218,10 @@ def run_training(workdir: str):
       workdir=workdir, model_config=model_config, optimizer_config=optimizer(), loss_fn=loss_fn,
       train_data=train_data, loop=loop, mesh=the_mesh,
       init_params=params_loader(model_config, hf_path, settings["init_from"], the_mesh),
-      eval_batches=eval_batches, run_meta={"stage": settings["stage"]}, on_log=show)
+      eval_batches=eval_batches, on_log=show,
+      # The data section is compared on resume: a changed list of train files is refused (the saved data position
+      # belongs to the old sources); other changes are logged.
+      run_meta={"stage": settings["stage"], "data": {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}})
   save_final_params(workdir, state.params)
   if loop.export_hf:
     save_hf(os.path.join(workdir, "hf"), model_config, state.params)
@@ -237,6 +229,7 @@ def run_training(workdir: str):
   return state
 
 
+_RESUME_DATA_FIELDS = ("train_files", "weights", "seq_len", "batch_size", "packing", "too_long", "num_epochs")
 DPO_REFERENCE = ("in_step", "precompute", "precomputed")
 
 
@@ -369,6 +362,34 @@ def _stage_loss_fn(stage: str, model_config: PhiConfig, settings: dict):
   return next_token.make_loss_fn(model_config, chunk_size=settings["chunk_size"], z_loss=settings["z_loss"])
 
 
+def stage_batch_shape(stage: str, data_cfg: dict) -> tuple[int, int, str, str]:
+  """(rows, length) of one global batch of `stage` and the settings that give them: GRPO's rollout rows are
+  prompts x group and its rows hold prompt + response slots; the other stages read data.batch_size x seq_len."""
+  if stage == "grpo":
+    cfg = grpo()
+    return (cfg.prompts_per_step * cfg.group_size, cfg.max_prompt_tokens + cfg.max_new_tokens,
+            "grpo.prompts_per_step x grpo.group_size", "grpo.max_prompt_tokens + grpo.max_new_tokens")
+  return data_cfg["batch_size"], data_cfg["seq_len"], "data.batch_size", "data.seq_len"
+
+
+def check_batch_shape(stage: str, model_config: PhiConfig, data_cfg: dict, loop, the_mesh) -> tuple[int, int]:
+  """The checks a run and its --dry_run share: the rows split over processes, the mesh and the microbatches, and
+  the row length fits the model's positions. Returns (rows, length) of the global batch."""
+  rows, length, rows_name, length_name = stage_batch_shape(stage, data_cfg)
+  if length > model_config.max_position_embeddings:
+    raise ValueError(f"{length_name}={length} exceeds the model's max_position_embeddings="
+                     f"{model_config.max_position_embeddings}, the longest sequence its rotary setup supports; lower "
+                     f"{length_name}, or extend the context (e.g. model.overrides={{'max_position_embeddings': ..., "
+                     "'rope_theta': ...})")
+  if stage != "grpo" and rows % jax.process_count():
+    raise ValueError(f"{rows_name}={rows} must be divisible by the {jax.process_count()} processes")
+  data_ways = the_mesh.shape["data"] * the_mesh.shape["fsdp"]
+  if rows % data_ways or (rows // loop.microbatches) % data_ways:
+    raise ValueError(f"{rows_name}={rows} (per microbatch {rows // loop.microbatches}) must be divisible by the "
+                     f"data x fsdp mesh size {data_ways}; change {rows_name} or mesh.shape")
+  return rows, length
+
+
 def dry_run() -> dict[str, Any]:
   """Compiles the configured stage's train step for the mesh from abstract shapes (no weights, no data) and
   returns the per-device memory XLA plans for it."""
@@ -383,11 +404,7 @@ def dry_run() -> dict[str, Any]:
   data_cfg = data()
   settings = train_settings()
   loop, stage = settings["loop"], settings["stage"]
-  if stage == "grpo":
-    cfg = grpo()
-    shape = (cfg.prompts_per_step * cfg.group_size, cfg.max_prompt_tokens + cfg.max_new_tokens)
-  else:
-    shape = (data_cfg["batch_size"], data_cfg["seq_len"])
+  shape = check_batch_shape(stage, model_config, data_cfg, loop, the_mesh)
   opt = make_optimizer(optimizer(), loop.num_steps)
   state = abstract_state(model_config, opt, the_mesh)
   batch = abstract_stage_batch(stage, *shape)

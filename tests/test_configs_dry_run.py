@@ -73,3 +73,17 @@ def test_mismatched_data_weights_say_what_to_give():
   with pytest.raises(ValueError, match=r"data.weights has 3 entries for 2 data.train_files"):
     common.data(train_files=["a.jsonl", "b.jsonl"], weights=[0.2, 0.3, 0.5])
   assert common.data(train_files=["a.jsonl", "b.jsonl"], weights=[0.4, 0.6])["weights"] == [0.4, 0.6]
+
+
+def test_dry_run_refuses_what_a_run_refuses_before_compiling():
+  """The run's own batch checks, per stage: GRPO's rows are prompts x group and its rows prompt + response."""
+  midtrain = os.path.join("experiments", "configs", "phi4_mini_reasoning", "midtrain.gin")
+  grpo = os.path.join("experiments", "configs", "phi4_mini_reasoning", "grpo.gin")
+  with pytest.raises(ValueError, match=r"data.batch_size=6 \(per microbatch 6\) must be divisible by the data x fsdp"):
+    dry_run(midtrain, ["data.batch_size=6"])
+  with pytest.raises(ValueError, match=r"data.seq_len=200000 exceeds the model's max_position_embeddings"):
+    dry_run(midtrain, ["data.seq_len=200000"])
+  with pytest.raises(ValueError, match=r"grpo.prompts_per_step x grpo.group_size=6 \(per microbatch 6\)"):
+    dry_run(grpo, ["grpo.group_size=6"])
+  with pytest.raises(ValueError, match=r"grpo.max_prompt_tokens \+ grpo.max_new_tokens=200064 exceeds"):
+    dry_run(grpo, ["grpo.max_new_tokens=200000"])

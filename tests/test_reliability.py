@@ -366,6 +366,12 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
   other_vocab = dict(saved, model_config=dict(saved["model_config"], vocab_size=256))
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"model vocab_size=128 in the checkpoint but 256"):
     loop.check_resume_compatible(unsigned, other_vocab, "W")
+  # The saved data position belongs to the saved train files: another list is refused, other data changes logged.
+  files = dict(saved, data={"train_files": ["a.jsonl"], "seq_len": 16})
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"data.train_files=\['a.jsonl'\] in the checkpoint"):
+    loop.check_resume_compatible(files, dict(files, data={"train_files": ["b.jsonl"], "seq_len": 16}), "W")
+  loop.check_resume_compatible(files, dict(files, data={"train_files": ["a.jsonl"], "seq_len": 32}), "W")
+  assert "data.seq_len: 16 -> 32" in caplog.text
   # With one, a field change that changes no array resumes: head_dim=None and the same head_dim spelled out.
   assert saved["model_config"]["head_dim"] is None
   explicit = dict(saved, model_config=dict(saved["model_config"], head_dim=TINY.resolved_head_dim))

@@ -203,3 +203,10 @@ def test_a_skipped_update_keeps_the_moments_but_not_the_learning_rate_schedule_b
 def test_warmup_out_of_range_is_an_error(field, value):
   with pytest.raises(ValueError, match=field):
     OptimizerConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["microbatches", "log_every", "checkpoint_every"])
+def test_loop_counts_below_one_are_an_error(field):
+  from phi_jax.train import LoopConfig
+  with pytest.raises(ValueError, match=f"LoopConfig.{field}=0 must be at least 1"):
+    LoopConfig(num_steps=2, **{field: 0})

@@ -73,6 +73,9 @@ class LoopConfig:
   def __post_init__(self):
     if self.on_nonfinite not in ON_NONFINITE:
       raise ValueError(f"on_nonfinite={self.on_nonfinite!r}; expected one of {ON_NONFINITE}")
+    for name in ("microbatches", "log_every", "checkpoint_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be at least 1")
     if self.preemption_grace_s is not None and self.preemption_grace_s <= 0:
       raise ValueError(f"preemption_grace_s={self.preemption_grace_s} must be positive (or None)")
 
@@ -382,7 +385,7 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
   model shapes, another optimizer-state structure); logs every other difference (learning rate, mesh, steps)."""
   saved_model, current_model = saved.get("model_config", {}), current.get("model_config", {})
   changes = {}
-  for section in ("model_config", "optimizer_config", "loop_config", "mesh"):
+  for section in ("model_config", "optimizer_config", "loop_config", "mesh", "data"):
     before, after = saved.get(section, {}), current.get(section, {})
     for key in sorted(set(before) | set(after)):
       if before.get(key) != after.get(key):
@@ -396,11 +399,16 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
       if saved_sig.get(name) != current_sig.get(name):
         array_changes.append(f"state{name}: {saved_sig.get(name, 'absent')} saved vs {current_sig.get(name, 'absent')}"
                              " now")
+  # The saved data position belongs to the saved list of train files.
+  saved_files, current_files = (m.get("data", {}).get("train_files") for m in (saved, current))
+  data_changes = ([f"data.train_files={saved_files} in the checkpoint but {current_files} now (the saved data "
+                   "position belongs to the old files)"] if saved_files is not None and saved_files != current_files
+                  else [])
   # The saved arrays' signature is exact; the shape fields name the cause (and decide for checkpoints without a
   # signature). head_dim=None and an explicit head_dim of the same size change no array, so they resume.
-  if array_changes if saved_sig is not None else shape_changes:
-    details = shape_changes + array_changes[:8] + ([f"... {len(array_changes) - 8} more arrays"]
-                                                   if len(array_changes) > 8 else [])
+  if data_changes or (array_changes if saved_sig is not None else shape_changes):
+    details = shape_changes + data_changes + array_changes[:8] + ([f"... {len(array_changes) - 8} more arrays"]
+                                                                  if len(array_changes) > 8 else [])
     raise IncompatibleCheckpointError(
         f"cannot resume from the checkpoints in {where}: the current config does not fit the saved state: "
         + "; ".join(details) + ". Restore the original settings, or start a new workdir (use train.init_from "
