@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -221,12 +222,21 @@ def run_training(workdir: str):
       eval_batches=eval_batches, on_log=show,
       # The data section is compared on resume: a changed list of train files is refused (the saved data position
       # belongs to the old sources); other changes are logged.
-      run_meta={"stage": settings["stage"], "data": {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}})
+      run_meta={"stage": settings["stage"], "data": {k: data_cfg[k] for k in _RESUME_DATA_FIELDS},
+                "stage_settings": _stage_settings(stage, settings)})
   save_final_params(workdir, state.params)
   if loop.export_hf:
     save_hf(os.path.join(workdir, "hf"), model_config, state.params)
     tokenizer.save_pretrained(os.path.join(workdir, "hf"))
   return state
+
+
+def _stage_settings(stage: str, settings: dict) -> dict:
+  """The loss settings of the stage, kept in the run metadata so that a resume logs any change to them."""
+  if stage == "grpo":
+    return dataclasses.asdict(grpo())
+  out = {"chunk_size": settings["chunk_size"], "z_loss": settings["z_loss"]}
+  return dict(out, **dpo_settings()) if stage == "dpo" else out
 
 
 _RESUME_DATA_FIELDS = ("train_files", "weights", "seq_len", "batch_size", "packing", "too_long", "num_epochs")
@@ -418,9 +428,17 @@ def dry_run() -> dict[str, Any]:
   gib = 2.0 ** 30
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
   per_device = {f.replace("_in_bytes", "_gib"): getattr(memory, f) / gib for f in fields if memory is not None}
+  # A frozen reference model (DPO reference="in_step", GRPO beta > 0) stays on the devices beside the state: one
+  # more copy of the params in their shards, used outside the step.
+  uses_reference = ((stage == "dpo" and dpo_settings()["reference"] == "in_step")
+                    or (stage == "grpo" and grpo().beta > 0))
+  reference_bytes = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                        for leaf in jax.tree.leaves(state.params)) if uses_reference else 0
+  per_device["reference_params_gib"] = reference_bytes / gib
   if memory is not None:
-    # Donated state: outputs alias the arguments, so the peak is arguments + temporaries.
-    per_device["peak_estimate_gib"] = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / gib
+    # Donated state: outputs alias the arguments, so the peak is arguments + temporaries (+ the reference).
+    per_device["peak_estimate_gib"] = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
+                                       + reference_bytes) / gib
   return {"stage": stage, "model_params": model_config.num_params(), "mesh": dict(the_mesh.shape),
           "global_batch": list(shape), "batch_fields": sorted(batch), "per_device": per_device}
 

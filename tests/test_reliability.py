@@ -372,6 +372,9 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
     loop.check_resume_compatible(files, dict(files, data={"train_files": ["b.jsonl"], "seq_len": 16}), "W")
   loop.check_resume_compatible(files, dict(files, data={"train_files": ["a.jsonl"], "seq_len": 32}), "W")
   assert "data.seq_len: 16 -> 32" in caplog.text
+  loop.check_resume_compatible(dict(saved, stage_settings={"z_loss": 0.0}),
+                               dict(saved, stage_settings={"z_loss": 1e-4}), "W")
+  assert "stage_settings.z_loss: 0.0 -> 0.0001" in caplog.text
   # With one, a field change that changes no array resumes: head_dim=None and the same head_dim spelled out.
   assert saved["model_config"]["head_dim"] is None
   explicit = dict(saved, model_config=dict(saved["model_config"], head_dim=TINY.resolved_head_dim))

@@ -385,7 +385,7 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
   model shapes, another optimizer-state structure); logs every other difference (learning rate, mesh, steps)."""
   saved_model, current_model = saved.get("model_config", {}), current.get("model_config", {})
   changes = {}
-  for section in ("model_config", "optimizer_config", "loop_config", "mesh", "data"):
+  for section in ("model_config", "optimizer_config", "loop_config", "mesh", "data", "stage_settings"):
     before, after = saved.get(section, {}), current.get(section, {})
     for key in sorted(set(before) | set(after)):
       if before.get(key) != after.get(key):
