@@ -3,7 +3,7 @@
     python tests/fault_worker.py WORKDIR '{"num_steps": 12, "kill": ["rename_before", 6]}'
 
 It trains a tiny model with `phi_jax.train.loop.run` on a deterministic synthetic data source (its position is
-checkpointed) over a data x fsdp mesh of 4 CPU devices, and writes WORKDIR/final_params.npz when it finishes.
+checkpointed) over an fsdp mesh of 2 CPU devices, and writes WORKDIR/final_params.npz when it finishes.
 Faults, chosen by the JSON settings, are injected from inside the process, so they land on a chosen phase:
 
     kill: [phase, step]   SIGKILL itself at a phase of a step's work:
