@@ -15,6 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import common  # noqa: E402
+from phi_jax.data.sources import DataError  # noqa: E402
 import eval as eval_lib  # noqa: E402
 
 
@@ -150,7 +151,7 @@ def test_an_empty_problem_set_or_a_limit_below_one_is_refused(tmp_path):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
   try:
-    with pytest.raises(Exception, match="empty dataset"):
+    with pytest.raises(DataError, match="empty dataset"):
       eval_lib.main([f"--init_from={tmp_path}", f"--problems={empty}", f"--out={tmp_path / 'out'}"])
   finally:
     gin.clear_config()

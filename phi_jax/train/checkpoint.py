@@ -13,8 +13,8 @@ tries the newest step first; a step whose restore fails (a truncated file, tenso
 restored values do not match their checksums is reported with its path, moved to `<directory>/corrupt/`, and the
 previous step is tried. A restore target with other shapes or dtypes than the saved arrays (compared with the
 signature in the integrity record before any array is read) is refused as incompatible, not treated as damage,
-and an out-of-memory error is passed on as it is. A step without an integrity item (written before integrity records existed) is restored
-with a warning, relying on Orbax's validation alone.
+and an out-of-memory error is passed on as it is. A step without an integrity item (written before integrity
+records existed) is restored with a warning, relying on Orbax's validation alone.
 """
 
 from __future__ import annotations

@@ -67,14 +67,13 @@ def train_step(state: TrainState, batch: dict, rng, *, loss_fn: LossFn, optimize
                  weight=aux["weight"])
   if skip_nonfinite:  # a NaN/Inf update is dropped; the step counter still advances past the bad batch
     finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-    kept_params, kept_opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
-                                               (state.params, state.opt_state))
+    keep_old = lambda new, old: jnp.where(finite, new, old)
     # ...and so does the learning-rate schedule's own counter, so the rate applied next is schedule(step), the one
     # logged; the moments and Adam's bias-correction count stay as they were.
     is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
-    opt_state = jax.tree.map(lambda kept, new: new if is_schedule(kept) else kept, kept_opt_state, opt_state,
-                             is_leaf=is_schedule)
-    params = kept_params
+    params = jax.tree.map(keep_old, params, state.params)
+    opt_state = jax.tree.map(lambda new, old: new if is_schedule(new) else keep_old(new, old), opt_state,
+                             state.opt_state, is_leaf=is_schedule)
     metrics["skipped_update"] = 1.0 - finite.astype(jnp.float32)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
