@@ -40,7 +40,12 @@ optimizer = gin.external_configurable(OptimizerConfig, name="optimizer")
 
 
 def parse_gin(files: Sequence[str], params: Sequence[str]):
-  gin.parse_config_files_and_bindings(list(files), list(params), finalize_config=False, skip_unknown=False)
+  try:
+    gin.parse_config_files_and_bindings(list(files), list(params), finalize_config=False, skip_unknown=False)
+  except ValueError as e:
+    if "denylisted kwarg 'chunk_size'" in str(e):
+      raise ValueError(f"{e}\nThe logits chunk of every stage's loss is train.chunk_size; bind that instead.") from e
+    raise
 
 
 def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Sequence[str]):
@@ -104,7 +109,13 @@ def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "n
                    on_nonfinite: str = "stop", chunk_size: int = 1024, z_loss: float = 0.0,
                    preemption_grace_s: Optional[float] = None, loss_spike_factor: float = 5.0,
                    loss_spike_window: int = 20):
-  """Loop settings. `init_from`: an HF checkpoint directory or a previous run's workdir (its params/)."""
+  """Loop settings. `init_from`: an HF checkpoint directory or a previous run's workdir (its params/).
+
+  `chunk_size`: positions per logits chunk in every stage's loss. `z_loss`: the z-loss coefficient of the
+  next-token loss (mid-training, SFT); the DPO and GRPO losses have no such term."""
+  if z_loss and stage != "next_token":
+    raise ValueError(f"train.z_loss={z_loss} applies to the next-token loss only; the {stage!r} stage's loss has "
+                     "no z-loss term: remove the binding")
   return dict(loop=LoopConfig(num_steps=num_steps, seed=seed, microbatches=microbatches, log_every=log_every,
                               checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                               async_checkpoints=async_checkpoints, eval_every=eval_every, on_nonfinite=on_nonfinite,
@@ -234,7 +245,7 @@ def run_training(workdir: str):
 def _stage_settings(stage: str, settings: dict) -> dict:
   """The loss settings of the stage, kept in the run metadata so that a resume logs any change to them."""
   if stage == "grpo":
-    return dataclasses.asdict(grpo())
+    return dataclasses.asdict(grpo_config(settings))
   out = {"chunk_size": settings["chunk_size"], "z_loss": settings["z_loss"]}
   return dict(out, **dpo_settings()) if stage == "dpo" else out
 
@@ -368,7 +379,7 @@ def _stage_loss_fn(stage: str, model_config: PhiConfig, settings: dict):
     return dpo.make_loss_fn(model_config, beta=cfg["beta"], label_smoothing=cfg["label_smoothing"],
                             loss_type=cfg["loss_type"], chunk_size=settings["chunk_size"])
   if stage == "grpo":
-    return grpo_stage.make_loss_fn(model_config, grpo())
+    return grpo_stage.make_loss_fn(model_config, grpo_config(settings))
   return next_token.make_loss_fn(model_config, chunk_size=settings["chunk_size"], z_loss=settings["z_loss"])
 
 
@@ -444,7 +455,13 @@ def dry_run() -> dict[str, Any]:
 
 
 
-grpo = gin.external_configurable(GRPOConfig, name="grpo")
+# GRPOConfig.chunk_size is not a gin setting: every stage's loss chunks its logits by train.chunk_size.
+grpo = gin.external_configurable(GRPOConfig, name="grpo", denylist=["chunk_size"])
+
+
+def grpo_config(settings: dict) -> GRPOConfig:
+  """The GRPO stage's settings: the `grpo` bindings with train.chunk_size."""
+  return dataclasses.replace(grpo(), chunk_size=settings["chunk_size"])
 
 
 @gin.configurable("reward")
@@ -483,7 +500,7 @@ def _grpo_setup(model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict,
   from phi_jax.rewards import registry
   from phi_jax.rewards.length_aware import LengthAwareRewardConfig
 
-  cfg = grpo()
+  cfg = grpo_config(settings)
   loop = settings["loop"]
   rows = cfg.prompts_per_step * cfg.group_size
   data_ways = the_mesh.shape["data"] * the_mesh.shape["fsdp"]

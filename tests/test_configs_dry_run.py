@@ -94,3 +94,27 @@ def test_dry_run_refuses_what_a_run_refuses_before_compiling():
     dry_run(grpo, ["grpo.group_size=6"])
   with pytest.raises(ValueError, match=r"grpo.max_prompt_tokens \+ grpo.max_new_tokens=200064 exceeds"):
     dry_run(grpo, ["grpo.max_new_tokens=200000"])
+
+
+def test_loss_settings_are_one_knob_for_every_stage():
+  """train.chunk_size reaches the GRPO loss (there is no second knob to forget), and a z-loss on a stage whose loss
+  has no such term is refused rather than dropped."""
+  grpo = os.path.join("experiments", "configs", "phi4_mini_reasoning", "grpo.gin")
+  dpo = os.path.join("experiments", "configs", "phi4_mini_reasoning", "dpo.gin")
+  with pytest.raises(ValueError, match=r"denylisted kwarg 'chunk_size'[\s\S]*bind that instead"):
+    dry_run(grpo, ["grpo.chunk_size=512"])
+  for config_file in (grpo, dpo):
+    with pytest.raises(ValueError, match=r"train.z_loss=0.001 applies to the next-token loss only"):
+      dry_run(config_file, ["train.z_loss=1e-3"])
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    gin.clear_config()
+    common.parse_gin([grpo], ["train.chunk_size=96"])
+    settings = common.train_settings()
+    assert common.grpo_config(settings).chunk_size == 96
+    assert common._stage_loss_fn("grpo", None, settings).keywords["cfg"].chunk_size == 96
+    assert common._stage_settings("grpo", settings)["chunk_size"] == 96
+  finally:
+    gin.clear_config()
+    os.chdir(cwd)
