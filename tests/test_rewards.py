@@ -44,6 +44,12 @@ EXTRACTIONS = [
     ("The answer is $x=3$ since the line crosses there.", "x=3"),
     ("Thus the final answer is 1/2. Let me double check.", "1/2"),
     ("**Answer:** 12", "12"),
+    ("**Answer**: 12\n", "12"),
+    ("The answer is **7**.", "7"),
+    ("**Final Answer**\n\n42", "42"),  # a markdown heading with the answer on the next line
+    ("### Final Answer\n12 apples", "12 apples"),
+    ("The answer is 5. Let me check that the answer matches.", "5"),  # later uses of the word are not labels
+    ("The answer isn't obvious at first. Answer: 4", "4"),
     ("We get $a$, then $$\\frac{3}{4}$$", "\\frac{3}{4}"),
     ("We get \\(a\\) and finally \\[ 2\\pi \\]", "2\\pi"),
     ("<think>hmm</think>\n42<|im_end|>", "42"),
@@ -69,6 +75,8 @@ PATHOLOGICAL = {
     "open braces": "\\boxed{" + "{" * MEGABYTE,
     "dollars": "$" * MEGABYTE,
     "answer phrases": "The answer is " * (MEGABYTE // 14),
+    "answer words": "answer " * (MEGABYTE // 7),
+    "answer headings": "**Answer**\n" * (MEGABYTE // 11),
     "digits": "7" * MEGABYTE,
     "backslashes": "\\" * MEGABYTE,
     "special tokens": "<|" * MEGABYTE,
@@ -126,6 +134,12 @@ EQUIVALENT = [
     ("So $y$ works. Answer: $(x+1)^2$", "x^2+2x+1"),
     ("After all that, the final answer is \\boxed{42}. I hope it is correct.", "42"),
     ("**Answer:** 12", "12"),
+    ("**Answer**: 12\n", "12"),
+    ("The answer is **7**.", "7"),
+    ("**Final Answer**\n\n42", "42"),  # a markdown heading with the answer on the next line
+    ("### Final Answer\n12 apples", "12 apples"),
+    ("The answer is 5. Let me check that the answer matches.", "5"),  # later uses of the word are not labels
+    ("The answer isn't obvious at first. Answer: 4", "4"),
     ("<think>maybe \\boxed{7}</think> Therefore the answer is \\boxed{8}.", "8"),
     ("\\fbox{15}", "15"),
     ("we find $$\\frac{3}{4}$$", "0.75"),

@@ -5,7 +5,8 @@ has no think tags; nothing when its last `<think>` is never closed, as in a roll
 tentative answers are not final). Inside it, the answer is, in order of preference:
 
 1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored);
-2. what follows the last "answer is" / "answer:" (case-insensitive), up to the end of that sentence;
+2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
+   end of that sentence, or the line after a "Final Answer" / "Answer" heading;
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`);
 4. the whole solution section when it is one short line (a model that answers only "42").
 
@@ -27,7 +28,11 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 # How many `\boxed` occurrences to try from the end before giving up: an unbalanced last box (a truncated answer)
 # falls back to the one before it, but a megabyte of `\boxed{` must not turn into a quadratic scan.
 _MAX_BOX_TRIES = 8
-_ANSWER_PHRASES = ("answer is", "answer:")
+_ANSWER_WORD = "answer"
+# How many uses of the word to try from the end for one that labels the answer (bounded, like _MAX_BOX_TRIES).
+_MAX_LABEL_TRIES = 16
+# Markdown and spacing that may surround "answer" in a label ("**Answer**:", "### Final Answer").
+_MARKUP = " \t*_#"
 # Special tokens rendered into the text (`<|im_end|>`, `<|end|>`) end an answer.
 _SPECIAL_TOKEN_START = "<|"
 
@@ -111,12 +116,30 @@ def _first_inline_math(text: str) -> Optional[str]:
   return None
 
 
-def _after_answer_phrase(text: str, max_chars: int) -> Optional[str]:
+def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
+  """What follows the last "answer is", "answer:" or answer heading, in prose or markdown: "the answer is 4",
+  "Answer: 4", "**Answer:** 4", "**Answer**: 4", and "**Final Answer**" / "### Answer" alone on a line with the
+  answer below it. Other uses of the word ("the answer matches") are skipped, at most _MAX_LABEL_TRIES of them."""
   lowered = text.lower()
-  start, phrase = max((lowered.rfind(p), p) for p in _ANSWER_PHRASES)
-  if start < 0:
-    return None
-  return _sentence(text[start + len(phrase):], max_chars)
+  hi = len(lowered)
+  for _ in range(_MAX_LABEL_TRIES):
+    start = lowered.rfind(_ANSWER_WORD, 0, hi)
+    if start < 0:
+      return None
+    hi = start
+    after = start + len(_ANSWER_WORD)
+    if lowered.startswith(" is", after) and not lowered[after + 3:after + 4].isalpha():
+      return _sentence(text[after + 3:], max_chars)
+    j = after
+    while j < len(text) and j < after + 8 and text[j] in _MARKUP:
+      j += 1
+    if j < len(text) and text[j] == ":":
+      return _sentence(text[j + 1:], max_chars)
+    if j == len(text) or text[j] == "\n":
+      line_start = lowered.rfind("\n", 0, start) + 1
+      if lowered[line_start:start].strip(_MARKUP) in ("", "final"):
+        return _sentence(text[j:], max_chars)
+  return None
 
 
 def _last_math(text: str, max_chars: int) -> Optional[str]:
@@ -144,8 +167,11 @@ def clean_answer(answer: str) -> str:
   inline_math = _first_inline_math(answer)
   if inline_math is not None:
     answer = inline_math
-  answer = answer.strip().rstrip(".").strip().strip("$").strip()
-  return answer
+  while True:  # "**7**." and "$7$." : bold, math and a final period in any nesting
+    stripped = answer.strip().rstrip(".").strip().strip("*").strip("$").strip()
+    if stripped == answer:
+      return answer
+    answer = stripped
 
 
 def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS,
@@ -156,7 +182,7 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   if boxed is not None:
     candidate = boxed
   else:
-    candidate = _after_answer_phrase(solution, max_chars)
+    candidate = _after_answer_label(solution, max_chars)
     if candidate is None or not clean_answer(candidate):
       candidate = _last_math(solution, max_chars)
     if candidate is None:
