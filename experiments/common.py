@@ -231,10 +231,7 @@ def run_training(workdir: str):
       train_data=train_data, loop=loop, mesh=the_mesh,
       init_params=params_loader(model_config, hf_path, settings["init_from"], the_mesh),
       eval_batches=eval_batches, on_log=show,
-      # The data section is compared on resume: a changed list of train files is refused (the saved data position
-      # belongs to the old sources); other changes are logged.
-      run_meta={"stage": settings["stage"], "data": {k: data_cfg[k] for k in _RESUME_DATA_FIELDS},
-                "stage_settings": _stage_settings(stage, settings)})
+      run_meta=run_meta(stage, settings, data_cfg, tokenizer))
   save_final_params(workdir, state.params)
   if loop.export_hf:
     save_hf(os.path.join(workdir, "hf"), model_config, state.params)
@@ -242,15 +239,25 @@ def run_training(workdir: str):
   return state
 
 
+def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
+  """What a run records beside its checkpoints and compares on resume: a changed list of train files is refused
+  (the saved data position belongs to the old sources); every other change (another tokenizer or system prompt,
+  the loss or reward settings) is logged."""
+  data_meta = {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}
+  data_meta["tokenizer_size"] = len(tokenizer)
+  return {"stage": stage, "data": data_meta, "stage_settings": _stage_settings(stage, settings)}
+
+
 def _stage_settings(stage: str, settings: dict) -> dict:
-  """The loss settings of the stage, kept in the run metadata so that a resume logs any change to them."""
+  """The loss (and GRPO reward) settings of the stage, kept in the run metadata."""
   if stage == "grpo":
-    return dataclasses.asdict(grpo_config(settings))
+    return dict(dataclasses.asdict(grpo_config(settings)), reward=reward_settings())
   out = {"chunk_size": settings["chunk_size"], "z_loss": settings["z_loss"]}
   return dict(out, **dpo_settings()) if stage == "dpo" else out
 
 
-_RESUME_DATA_FIELDS = ("train_files", "weights", "seq_len", "batch_size", "packing", "too_long", "num_epochs")
+_RESUME_DATA_FIELDS = ("train_files", "weights", "seq_len", "batch_size", "packing", "too_long", "num_epochs",
+                       "tokenizer", "system_prompt")
 DPO_REFERENCE = ("in_step", "precompute", "precomputed")
 
 

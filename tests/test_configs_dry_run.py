@@ -118,3 +118,29 @@ def test_loss_settings_are_one_knob_for_every_stage():
   finally:
     gin.clear_config()
     os.chdir(cwd)
+
+
+def test_resume_logs_a_changed_tokenizer_prompt_or_reward(caplog):
+  from phi_jax.train import loop
+
+  grpo = os.path.join("experiments", "configs", "phi4_mini_reasoning", "grpo.gin")
+
+  def meta(extra, vocab):
+    gin.clear_config()
+    common.parse_gin([grpo], extra)
+    return common.run_meta("grpo", common.train_settings(), common.data(), [None] * vocab)
+
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    saved = meta([], 100)
+    current = meta(["data.tokenizer='/other/tokenizer'", "data.system_prompt='Be brief.'",
+                    "reward.weights={'correctness': 1.0, 'repetition': 0.5}"], 120)
+  finally:
+    gin.clear_config()
+    os.chdir(cwd)
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    loop.check_resume_compatible(saved, current, "W")
+  for change in ("data.tokenizer: '/path/to/Phi-4-mini-instruct' -> '/other/tokenizer'", "data.system_prompt:",
+                 "data.tokenizer_size: 100 -> 120", "stage_settings.reward: {'weights': {'correctness': 1.0}"):
+    assert change in caplog.text
