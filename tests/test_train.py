@@ -109,6 +109,14 @@ def test_schedule_warmup_and_decay():
   assert lr[14] == pytest.approx(0.1)
   cos = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_fraction=0.5, decay="cosine"), 10)
   assert float(cos(4)) == pytest.approx(1.0) and float(cos(10)) == pytest.approx(0.0, abs=1e-6)
+  # A cosine warmup (Phi-4-reasoning-plus: 10 steps) into a constant LR: 0.5 (1 - cos(pi (t + 1) / 10)).
+  plus = learning_rate_schedule(OptimizerConfig(learning_rate=2.0, warmup_steps=10, warmup_shape="cosine",
+                                                decay="constant"), 90)
+  lr = np.array([float(plus(s)) for s in range(90)])
+  np.testing.assert_allclose(lr[:10], 1.0 - np.cos(np.pi * np.arange(1, 11) / 10), rtol=1e-5)
+  np.testing.assert_allclose(lr[10:], 2.0)
+  with pytest.raises(ValueError, match="warmup_shape='exp'"):
+    OptimizerConfig(warmup_shape="exp")
 
 
 def test_weight_decay_skips_norms_and_embeddings():

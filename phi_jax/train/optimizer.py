@@ -1,4 +1,5 @@
-"""AdamW with warmup + cosine/linear/constant decay, global-norm clipping and a weight-decay mask (optax)."""
+"""AdamW with a linear or cosine warmup + cosine/linear/constant decay, global-norm clipping and a weight-decay mask
+(optax)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class OptimizerConfig:
   learning_rate: float = 1e-5
   warmup_steps: int = 0
   warmup_fraction: Optional[float] = None  # overrides warmup_steps, e.g. 0.1 = 10% of the run (mid-training)
+  warmup_shape: str = "linear"  # "linear" | "cosine" (a half cosine from 0 to the peak)
   decay: str = "cosine"  # "cosine" | "linear" | "constant"
   final_lr_fraction: float = 0.0
   b1: float = 0.9
@@ -30,6 +32,8 @@ class OptimizerConfig:
     if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction <= 1.0:
       raise ValueError(f"OptimizerConfig.warmup_fraction={self.warmup_fraction} must be in [0, 1] (a fraction of the "
                        "run: 0.1 is 10%)")
+    if self.warmup_shape not in ("linear", "cosine"):
+      raise ValueError(f"OptimizerConfig.warmup_shape={self.warmup_shape!r}; supported: 'linear', 'cosine'")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedule:
@@ -47,8 +51,13 @@ def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedu
     raise ValueError(f"OptimizerConfig.decay={cfg.decay!r}; supported: 'cosine', 'linear', 'constant'")
   if warmup == 0:
     return decay
-  # Warmup starts above zero so step 0 already trains (a zero first step wastes a batch).
-  ramp = optax.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup - 1 if warmup > 1 else 1)
+  # Warmup starts above zero so step 0 already trains (a zero first step wastes a batch), and reaches the peak at
+  # its last step, warmup - 1.
+  if cfg.warmup_shape == "cosine":
+    def ramp(step):
+      return cfg.learning_rate * 0.5 * (1.0 - jnp.cos(jnp.pi * (step + 1) / warmup))
+  else:
+    ramp = optax.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup - 1 if warmup > 1 else 1)
   return optax.join_schedules([ramp, decay], [warmup])
 
 
