@@ -144,3 +144,24 @@ def test_resume_logs_a_changed_tokenizer_prompt_or_reward(caplog):
   for change in ("data.tokenizer: '/path/to/Phi-4-mini-instruct' -> '/other/tokenizer'", "data.system_prompt:",
                  "data.tokenizer_size: 100 -> 120", "stage_settings.reward: {'weights': {'correctness': 1.0}"):
     assert change in caplog.text
+
+
+def test_reasoning_sft_turns_phi4_into_the_reasoning_preset():
+  """phi4_reasoning/sft.gin starts from the phi-4 weights; its overrides must give the phi-4-reasoning preset's
+  context, RoPE base and end/pad tokens (an export with phi-4's eos would not stop at the end of a turn)."""
+  from phi_jax import presets
+
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    gin.clear_config()
+    common.parse_gin([os.path.join("experiments", "configs", "phi4_reasoning", "sft.gin")],
+                     ["model.hf_path=None", "model.preset='phi-4'"])
+    config, _ = common.model()
+  finally:
+    gin.clear_config()
+    os.chdir(cwd)
+  reasoning = presets["phi-4-reasoning"]
+  for field in ("max_position_embeddings", "original_max_position_embeddings", "rope_theta", "bos_token_id",
+                "eos_token_id", "pad_token_id", "vocab_size", "num_layers"):
+    assert getattr(config, field) == getattr(reasoning, field), field
