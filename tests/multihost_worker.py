@@ -5,8 +5,11 @@ Then the training loop (`loop.run`, workdir argv[1]) on finite data that ends so
 batches and 1 eval batch against 3 and 2): both processes must stop after step 2 and score one eval batch, not
 wait forever in a step the other never takes.
 
-Last, a run in which only process 0 gets a SIGTERM (it signals itself after logging step 3): both processes must
-save the same step and stop with `Preempted`."""
+Then a run in which only process 0 gets a SIGTERM (it signals itself after logging step 3): both processes must
+save the same step and stop with `Preempted`.
+
+Last, a restore in which only process 1 finds the newest checkpoint damaged (a file it alone reads): both
+processes must move that step aside and restore the same previous one."""
 
 import json
 import os
@@ -23,7 +26,7 @@ import jax  # noqa: E402
 from phi_jax import sharding  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
 from phi_jax.stages import next_token  # noqa: E402
-from phi_jax.train import LoopConfig, loop  # noqa: E402
+from phi_jax.train import LoopConfig, checkpoint, loop  # noqa: E402
 
 distributed.initialize()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -57,5 +60,26 @@ try:
   preempted_at = None
 except loop.Preempted as e:
   preempted_at = e.step
+fallback = os.path.join(sys.argv[1], "fallback")
+state = loop.run(workdir=fallback, model_config=test_train.CONFIG, optimizer_config=test_train.OPT,
+                 loss_fn=next_token.make_loss_fn(test_train.CONFIG, chunk_size=16), train_data=local * 2,
+                 loop=LoopConfig(num_steps=3, checkpoint_every=1, async_checkpoints=False),
+                 mesh=sharding.make_mesh({"fsdp": -1}))
+if jax.process_index() == 1:
+  intact_restore = checkpoint.Checkpointer.restore
+
+  def restore(self, step, abstract_state):
+    restored = intact_restore(self, step, abstract_state)  # the collective reads, as every process does them
+    if step == 3:  # then a check of what this process alone read fails (e.g. its copy of the data-iterator state)
+      raise checkpoint.CorruptCheckpointError(self.step_path(step), "a file only this process reads")
+    return restored
+
+  checkpoint.Checkpointer.restore = restore
+ckpt = checkpoint.Checkpointer(os.path.join(fallback, "checkpoints"))
+abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+restored_step = ckpt.restore_latest(abstract)[0]
+ckpt.close()
 print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses,
-                  "finite_data_steps": finite_data_steps, "eval_tokens": eval_tokens, "preempted_at": preempted_at}))
+                  "finite_data_steps": finite_data_steps, "eval_tokens": eval_tokens, "preempted_at": preempted_at,
+                  "restored_step": restored_step,
+                  "corrupt": sorted(os.listdir(os.path.join(fallback, "checkpoints", "corrupt")))}))

@@ -153,6 +153,9 @@ def test_two_processes_equal_one(tmp_path):
   preempted = {r["preempted_at"] for r in results}
   assert len(preempted) == 1 and None not in preempted, outputs[1][-3000:]
   assert os.path.isdir(os.path.join(tmp_path, "preempted", "checkpoints", str(preempted.pop())))
+  # Damage only process 1 sees: both move the step aside and restore the same previous one.
+  assert [r["restored_step"] for r in results] == [2, 2]
+  assert [[name.split("-")[0] for name in r["corrupt"]] for r in results] == [["3"], ["3"]]
 
 
 def test_plan_phi4_memory_on_8_device_fsdp(tmp_path):

@@ -60,3 +60,10 @@ def any_process(*flags: bool) -> tuple[bool, ...]:
   from jax.experimental import multihost_utils
   gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))  # [processes, flags]
   return tuple(bool(f) for f in np.any(np.asarray(gathered).reshape(-1, len(flags)), axis=0))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name`; a no-op for a single process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from phi_jax.sharding.distributed import any_process, barrier
+
 log = logging.getLogger("phi_jax")
 
 CORRUPT_DIR = "corrupt"  # not a step number, so Orbax never lists it as a checkpoint
@@ -227,6 +229,7 @@ class Checkpointer:
     steps = self.all_steps()
     failures = []
     for step in reversed(steps):
+      error, restored = None, None
       try:
         if check_meta is not None:
           try:
@@ -234,12 +237,17 @@ class Checkpointer:
           except Exception as e:  # an unreadable metadata item is damage, like any other unreadable file
             raise CorruptCheckpointError(self.step_path(step), f"metadata unreadable: {e}") from e
           check_meta(meta)
-        state, data, meta = self.restore(step, abstract_state)
-        return step, state, data, meta
+        restored = (step, *self.restore(step, abstract_state))
       except CorruptCheckpointError as e:
-        failures.append(str(e))
-        moved = self._quarantine(step)
-        log.warning("%s; moved it to %s and trying the previous checkpoint", e, moved)
+        error = e
+      # A file one process cannot read (its own shards) is damage for all: every process moves on to the same
+      # previous step, or they would resume from different steps.
+      if not any_process(error is not None)[0]:
+        return restored
+      reason = str(error) if error is not None else f"checkpoint {self.step_path(step)} is corrupt on another process"
+      failures.append(reason)
+      moved = self._quarantine(step)
+      log.warning("%s; moved it to %s and trying the previous checkpoint", reason, moved)
     if failures:
       raise CheckpointError(f"no checkpoint under {self.directory} could be restored ({len(failures)} tried): "
                             + "; ".join(failures) + f". The damaged steps are in {self._corrupt_dir()}; to start "
@@ -254,8 +262,9 @@ class Checkpointer:
     if jax.process_index() == 0:
       os.makedirs(self._corrupt_dir(), exist_ok=True)
       shutil.move(self.step_path(step), target)
+    barrier(f"phi_jax_quarantine_{step}")  # no process lists the step again before it has moved
     self.manager.reload()
-    return target
+    return target if jax.process_index() == 0 else self._corrupt_dir()  # process 0 names the move
 
   def wait(self):
     self._raise_if_failed(self.manager.wait_until_finished)
