@@ -280,6 +280,25 @@ def test_empty_datasets_are_errors_naming_the_files(tmp_path):
     JsonlSource(tmp_path / "missing.jsonl")
 
 
+def test_data_repeating_forever_with_nothing_usable_is_an_error_not_a_hang(tmp_path):
+  """num_epochs=None repeats the sources forever: when a whole epoch of every source is skipped (too long and
+  dropped, or bad records skipped), the first batch raises instead of reading on without end."""
+  long_docs = write_jsonl(tmp_path / "long.jsonl", [{"text": "x" * 100}] * 5)
+  all_bad = write_jsonl(tmp_path / "bad.jsonl", ['{"txt": "x"}'] * 7)
+  with pytest.raises(DataError, match=r"all sources: no usable records: every record of a whole epoch was skipped "
+                                      r"\(\{'too long': 10\} so far\)"):
+    next(pipeline([(JsonlSource(long_docs), 1.0)], too_long="drop", num_epochs=None))
+  with pytest.raises(DataError, match="no usable records"):
+    next(pipeline([(JsonlSource(long_docs), 1.0), (JsonlSource(all_bad), 1.0)], too_long="drop",
+                  on_bad_record="skip", num_epochs=None))
+  # One usable source is enough: its records keep coming while the other one's are skipped.
+  docs = write_jsonl(tmp_path / "docs.jsonl", documents(3))
+  it = pipeline([(JsonlSource(all_bad), 1.0), (JsonlSource(docs), 0.05)], on_bad_record="skip", num_epochs=None)
+  for _ in range(6):
+    next(it)
+  assert it.stats()["records_skipped"]["unknown record kind"] > 14
+
+
 def test_jsonl_parquet_and_save_to_disk_sources_give_the_same_batches(tmp_path):
   import datasets
   import pyarrow as pa

@@ -181,6 +181,11 @@ def test_too_long_pairs_are_dropped_or_lose_prompt_tokens_and_are_counted(setup)
   assert stats["records_read"] == 3 and stats["records_used"] == 1 and stats["too_long_dropped"] == 2
   assert batch["chosen_segment_ids"][1:].sum() == 0
 
+  # Repeating pairs that are all too long: an error at the first batch, not an endless read.
+  with pytest.raises(DataError, match=r"long.jsonl: no usable records: every record of a whole epoch"):
+    next(preference.build_preference_iterator(path, tokenizer, seq_len=8, batch_size=4, seed=0, num_epochs=None,
+                                              process_index=0, process_count=1))
+
   batch, stats = read("truncate_prompt")
   assert stats["records_used"] == 2 and stats["prompts_truncated"] == 1 and stats["too_long_dropped"] == 1
   for i, side in enumerate(preference.SIDES):

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from phi_jax.data import packing as packing_lib
-from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, read_record
+from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, SkipStreak, read_record
 
 BATCH_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
 ON_BAD_RECORD = ("raise", "skip")
@@ -129,12 +129,13 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
 
   names = _unique_names(components)
   epochs = [c.num_epochs if c.num_epochs is not None else num_epochs for c in components]
-  per_source = []
+  per_source, lengths = [], []
   for index, (component, name, source_epochs) in enumerate(zip(components, names, epochs)):
     ds = grain.MapDataset.source(component.source)[process_index::process_count]
     if len(ds) == 0:
       raise DataError(name, "empty dataset",
                       f"{len(component.source)} records leave none for process {process_index} of {process_count}")
+    lengths.append(len(ds))
     if shuffle:
       ds = ds.shuffle(seed=_derived_seed(seed, index))
     if source_epochs != 1:
@@ -144,7 +145,8 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
   mixed = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, [c.weight for c in components])
   ledger = _Ledger(len(components))
   examples = _AccountingIterDataset(
-      mixed.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer)), ledger)
+      mixed.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer)), ledger,
+      lengths)
   if packing is None:
     rows = packing_lib.pad(examples, seq_len=seq_len)
   else:
@@ -220,20 +222,21 @@ class _Ledger:
 class _AccountingIterDataset(grain.IterDataset):
   """Counts every prepared record in the ledger, drops the skipped ones and yields the pieces of the used ones."""
 
-  def __init__(self, parent: grain.IterDataset, ledger: _Ledger):
+  def __init__(self, parent: grain.IterDataset, ledger: _Ledger, source_lengths: list[int]):
     super().__init__(parent)
-    self._ledger = ledger
+    self._ledger, self._source_lengths = ledger, source_lengths
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _AccountingIterator(self._parent.__iter__(), self._ledger)
+    return _AccountingIterator(self._parent.__iter__(), self._ledger, self._source_lengths)
 
 
 class _AccountingIterator(grain.DatasetIterator):
   """State = (parent state and counters before the current record, pieces of it already emitted)."""
 
-  def __init__(self, parent: grain.DatasetIterator, ledger: _Ledger):
+  def __init__(self, parent: grain.DatasetIterator, ledger: _Ledger, source_lengths: list[int]):
     super().__init__(parent)
     self._ledger = ledger
+    self._streak = SkipStreak("all sources", source_lengths)
     self._pieces: list[dict[str, np.ndarray]] = []
     self._next_piece = 0
     self._parent_state_before = None
@@ -244,6 +247,8 @@ class _AccountingIterator(grain.DatasetIterator):
     self._counts_before = self._ledger.snapshot()
     element = next(self._parent)
     self._ledger.count(element)
+    self._streak.update(element["source"], bool(element["pieces"]),
+                        lambda: _record_counts(self._ledger.counts.sum(axis=0))["records_skipped"])
     self._pieces, self._next_piece = element["pieces"], 0
 
   def __next__(self) -> dict[str, np.ndarray]:

@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from phi_jax.data.chat import ROLES, render_messages
-from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, open_source
+from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, SkipStreak, open_source
 
 SIDES = ("chosen", "rejected")
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
@@ -203,6 +203,7 @@ class PreferenceIterator:
     if len(ds) == 0:
       raise DataError(self.name, "empty dataset",
                       f"{len(source)} records leave none for process {process_index} of {process_count}")
+    self._streak = SkipStreak(self.name, [len(ds)])
     if shuffle:
       ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
@@ -230,6 +231,7 @@ class PreferenceIterator:
         self._exhausted = True
         break
       self._count_record(element)
+      self._streak.update(0, element["rows"] is not None, lambda: self._counts["records_skipped"])
       if element["rows"] is not None:
         elements.append(element)
     if not elements:

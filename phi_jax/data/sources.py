@@ -18,7 +18,7 @@ import glob
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -51,6 +51,30 @@ class DataError(ValueError):
   def __init__(self, where: str, reason: str, detail: str = ""):
     self.where, self.reason, self.detail = where, reason, detail
     super().__init__(f"{where}: {reason}" + (f": {detail}" if detail else ""))
+
+
+class SkipStreak:
+  """Stops a repeating pipeline in which nothing is usable: raises `DataError` once every source has skipped
+  twice its length (this process's share) in a row since the last usable record. Two lengths in a row hold at
+  least one whole epoch of a reshuffled, repeated source, so every record has been tried and none can be used;
+  without this, data that repeats forever (num_epochs=None) would be read forever without a batch."""
+
+  def __init__(self, name: str, lengths: Sequence[int]):
+    self.name = name
+    self._limits = 2 * np.asarray(lengths, np.int64)
+    self._streak = np.zeros(len(lengths), np.int64)
+
+  def update(self, source_index: int, used: bool, skipped: Callable[[], dict]):
+    """After each record read: `used` whether it gave an example; `skipped()` the skip counts, for the message."""
+    if used:
+      self._streak[:] = 0
+      return
+    self._streak[source_index] += 1
+    if np.all(self._streak >= self._limits):
+      raise DataError(self.name, "no usable records",
+                      f"every record of a whole epoch was skipped ({skipped()} so far); with the data repeating, no "
+                      "batch would ever come. Check seq_len and too_long against the records' lengths, and the "
+                      "records' fields (on_bad_record='raise' names the first bad one)")
 
 
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
