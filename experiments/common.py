@@ -9,6 +9,7 @@ of Phi-4's mid-training) is all a run needs to change.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -92,6 +93,13 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
          system_prompt: Optional[str] = None, eval_batches: int = 4):
   """Global batch settings and sources. `tokenizer`: a tokenizer directory, or "tiny:<chat format>" to build the
   small test tokenizer. `batch_size` is global; each process reads batch_size / process_count rows."""
+  if batch_size < 1 or seq_len < 2:
+    raise ValueError(f"data.batch_size={batch_size} and data.seq_len={seq_len}: a batch needs at least one row and a "
+                     "row at least two tokens (one input, one target)")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"data.num_epochs={num_epochs}: give a number of passes >= 1, or None to repeat forever")
+  if eval_batches < 1:
+    raise ValueError(f"data.eval_batches={eval_batches} must be >= 1 (eval runs when data.eval_files is set)")
   if weights is not None and len(weights) != len(train_files):
     raise ValueError(f"data.weights has {len(weights)} entries for {len(train_files)} data.train_files: give one "
                      "weight per train file (or pattern), in the same order, or leave weights unset for equal ones")
@@ -135,8 +143,8 @@ def get_tokenizer(spec: str, workdir: str):
 
 
 def _pipeline(files, data_cfg, tokenizer, *, seed, per_process_batch, shuffle=True, num_epochs=None):
-  components = [(sources_lib.JsonlSource(f) if not str(f).endswith(".parquet") else sources_lib.ParquetSource(f),
-                 (data_cfg["weights"] or [1.0] * len(files))[i]) for i, f in enumerate(files)]
+  components = [(sources_lib.open_source(f), (data_cfg["weights"] or [1.0] * len(files))[i])
+                for i, f in enumerate(files)]
   return pipeline_lib.build_pipeline(
       components, tokenize_fn=pipeline_lib.make_tokenize_fn(tokenizer, system_prompt=data_cfg["system_prompt"]),
       seq_len=data_cfg["seq_len"], batch_size=per_process_batch, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
@@ -240,12 +248,25 @@ def run_training(workdir: str):
 
 
 def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
-  """What a run records beside its checkpoints and compares on resume: a changed list of train files is refused
-  (the saved data position belongs to the old sources); every other change (another tokenizer or system prompt,
+  """What a run records beside its checkpoints and compares on resume: a changed list of train files, or files
+  they match that appeared, vanished or changed size, is refused (the saved data position belongs to the old
+  sources); every other change (another tokenizer or system prompt,
   the loss or reward settings) is logged."""
   data_meta = {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}
   data_meta["tokenizer_size"] = len(tokenizer)
+  data_meta["train_file_sizes"] = file_sizes(data_cfg["train_files"])
   return {"stage": stage, "data": data_meta, "stage_settings": _stage_settings(stage, settings)}
+
+
+def file_sizes(patterns) -> list[list]:
+  """[path, bytes] of every file the patterns match (a save_to_disk directory: its arrow files)."""
+  out = []
+  for pattern in patterns:
+    paths = [pattern] if os.path.isdir(pattern) else sources_lib.expand_paths(pattern)
+    for path in paths:
+      files = sorted(glob.glob(os.path.join(path, "*.arrow"))) if os.path.isdir(path) else [path]
+      out.extend([f, os.path.getsize(f)] for f in files)
+  return out
 
 
 def _stage_settings(stage: str, settings: dict) -> dict:
@@ -482,21 +503,24 @@ def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Opt
 
 
 def _read_prompts(files) -> list[dict]:
-  """{"problem", "answer"} records of the GRPO prompt files, with file:line errors for bad ones."""
+  """{"problem", "answer"} records of the GRPO prompt files (JSONL, Parquet or save_to_disk directories, globs
+  allowed), with file:line (or row) errors for bad ones."""
   records = []
-  for path in sources_lib.expand_paths(files):
-    with open(path, encoding="utf-8") as f:
-      for line_number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise sources_lib.DataError(f"{path}:{line_number}", "invalid JSON", str(e)) from None
-        if not isinstance(record.get("problem"), str) or not isinstance(record.get("answer"), (str, int, float)):
-          raise sources_lib.DataError(f"{path}:{line_number}", "missing field",
-                                      'GRPO prompts need a string "problem" and an "answer"')
-        records.append({"problem": record["problem"], "answer": str(record["answer"])})
+  for path in files:
+    source = sources_lib.open_source(path)
+    for i in range(len(source)):
+      raw = source[i]
+      if raw["error"] is not None:
+        raise sources_lib.DataError(raw["where"], *raw["error"])
+      record = raw["data"]
+      if not isinstance(record, dict):
+        raise sources_lib.DataError(raw["where"], "not an object", f"got {type(record).__name__}")
+      answer = record.get("answer")
+      if not isinstance(record.get("problem"), str) or isinstance(answer, bool) or not isinstance(
+          answer, (str, int, float)):
+        raise sources_lib.DataError(raw["where"], "missing field",
+                                    'GRPO prompts need a string "problem" and a string or number "answer"')
+      records.append({"problem": record["problem"], "answer": str(answer)})
   if not records:
     raise sources_lib.DataError(",".join(map(str, files)), "empty dataset", "no GRPO prompts")
   return records

@@ -38,7 +38,7 @@ import jax  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
 from phi_jax import rewards  # noqa: E402
-from phi_jax.data.sources import DataError, JsonlSource  # noqa: E402
+from phi_jax.data.sources import DataError, open_source  # noqa: E402
 from phi_jax.hf.tokenizer import load_tokenizer  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
 
@@ -60,7 +60,7 @@ def rollout_settings(max_new_tokens: int = 256, temperature: float = 1.0, top_p:
 
 def read_problems(path: str) -> list[dict[str, Any]]:
   """[{"prompt": str | messages, "answer": str}] from a problems file; a bad record raises DataError (file:line)."""
-  source = JsonlSource(path)
+  source = open_source(path)
   problems = []
   for index in range(len(source)):
     raw = source[index]

@@ -7,10 +7,12 @@ prompt + 192 response tokens), a global batch of 8 (GRPO: one prompt x 8 samples
 """
 
 import glob
+import json
 import os
 import sys
 
 import gin
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,3 +167,63 @@ def test_reasoning_sft_turns_phi4_into_the_reasoning_preset():
   for field in ("max_position_embeddings", "original_max_position_embeddings", "rope_theta", "bos_token_id",
                 "eos_token_id", "pad_token_id", "vocab_size", "num_layers"):
     assert getattr(config, field) == getattr(reasoning, field), field
+
+
+def test_data_settings_that_cannot_make_a_batch_are_refused():
+  for kwargs, match in (({"batch_size": 0}, "data.batch_size=0"), ({"seq_len": 1}, "data.seq_len=1"),
+                        ({"num_epochs": 0}, "data.num_epochs=0"), ({"eval_batches": 0}, "data.eval_batches=0")):
+    with pytest.raises(ValueError, match=match):
+      common.data(**kwargs)
+
+
+def test_cli_data_files_open_by_type_and_bad_prompt_lines_name_file_and_line(tmp_path):
+  import datasets
+
+  from phi_jax.data.sources import DataError
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+
+  tokenizer = build_tiny_tokenizer(str(tmp_path / "tok"), chat_format="phi-4")
+  records = [{"text": f"document {i}"} for i in range(6)]
+  datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "docs_dir"))
+  (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  cfg = common.data(seq_len=16, batch_size=2)
+
+  def first_batch(path):
+    return next(common._pipeline([path], cfg, tokenizer, seed=0, per_process_batch=2, shuffle=False, num_epochs=1))
+
+  from_dir, from_jsonl = first_batch(str(tmp_path / "docs_dir")), first_batch(str(tmp_path / "docs.jsonl"))
+  for key in from_jsonl:
+    np.testing.assert_array_equal(from_dir[key], from_jsonl[key])
+  with pytest.raises(DataError, match="unknown file type"):
+    first_batch(str(tmp_path / "docs.jsonl.gz"))
+
+  good = '{"problem": "1 + 1?", "answer": 2}\n'
+  for line, match in (('["a list"]', r"p.jsonl:2: not an object"), (b'{"problem": "caf\xe9", "answer": "1"}',
+                                                                     r"p.jsonl:2: not UTF-8"),
+                      ('{"problem": "Is 2 even?", "answer": true}', r"p.jsonl:2: missing field")):
+    (tmp_path / "p.jsonl").write_bytes(good.encode() + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+    with pytest.raises(DataError, match=match):
+      common._read_prompts([str(tmp_path / "p.jsonl")])
+  datasets.Dataset.from_list([{"problem": "1 + 1?", "answer": "2"}]).to_parquet(str(tmp_path / "p.parquet"))
+  assert common._read_prompts([str(tmp_path / "p.parquet")]) == [{"problem": "1 + 1?", "answer": "2"}]
+
+
+def test_resume_refuses_train_files_that_changed_under_the_same_names(tmp_path):
+  """A new shard matching the glob, or an appended file, reshuffles the data the saved position points into."""
+  from phi_jax.train import loop
+
+  (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+  cfg = common.data(train_files=[str(tmp_path / "*.jsonl")])
+  settings = common.train_settings(num_steps=1)
+  saved = common.run_meta("next_token", settings, cfg, [None] * 10)
+  loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
+  (tmp_path / "b.jsonl").write_text('{"text": "b"}\n')
+  with pytest.raises(loop.IncompatibleCheckpointError, match=r"b.jsonl: absent -> 14 bytes"):
+    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
+  (tmp_path / "b.jsonl").unlink()
+  (tmp_path / "a.jsonl").write_text('{"text": "a"}\n{"text": "c"}\n')
+  with pytest.raises(loop.IncompatibleCheckpointError, match=r"a.jsonl: 14 -> 28 bytes"):
+    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
+  # A checkpoint written before file sizes were recorded resumes as before.
+  del saved["data"]["train_file_sizes"]
+  loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")

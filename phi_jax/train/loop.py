@@ -399,11 +399,21 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
       if saved_sig.get(name) != current_sig.get(name):
         array_changes.append(f"state{name}: {saved_sig.get(name, 'absent')} saved vs {current_sig.get(name, 'absent')}"
                              " now")
-  # The saved data position belongs to the saved list of train files.
+  # The saved data position belongs to the saved list of train files, and to the files those names matched with
+  # the sizes they had (a new shard under a glob, or an appended file, reshuffles what the position points into).
   saved_files, current_files = (m.get("data", {}).get("train_files") for m in (saved, current))
   data_changes = ([f"data.train_files={saved_files} in the checkpoint but {current_files} now (the saved data "
                    "position belongs to the old files)"] if saved_files is not None and saved_files != current_files
                   else [])
+  saved_sizes, current_sizes = (dict(map(tuple, m.get("data", {}).get("train_file_sizes") or ()))
+                                for m in (saved, current))
+  if not data_changes and saved_sizes and saved_sizes != current_sizes:
+    differ = [f"{path}: {saved_sizes.get(path, 'absent')} -> {current_sizes.get(path, 'absent')} bytes"
+              for path in sorted(set(saved_sizes) | set(current_sizes))
+              if saved_sizes.get(path) != current_sizes.get(path)]
+    data_changes = [f"the files data.train_files names changed since the checkpoint ({'; '.join(differ[:5])}"
+                    + (f"; ... {len(differ) - 5} more" if len(differ) > 5 else "") + "), so the saved data position "
+                    "no longer points where it did"]
   # The saved arrays' signature is exact; the shape fields name the cause (and decide for checkpoints without a
   # signature). head_dim=None and an explicit head_dim of the same size change no array, so they resume.
   if data_changes or (array_changes if saved_sig is not None else shape_changes):
