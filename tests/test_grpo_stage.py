@@ -72,7 +72,35 @@ def test_rollout_batch_layout(toy):
       assert np.all(batch["old_logps"][r, targets - 1] < 0) and np.all(batch["segment_ids"][r, targets] == 1)
     np.testing.assert_allclose(batch["advantages"].reshape(2, 4).mean(1), 0, atol=1e-5)
   assert source.next_batch(params, 1) is not batch  # num_passes == 1: a fresh rollout every step
-  assert source.get_state() == {"position": 4, "rollouts": 2}
+  assert source.get_state() == {"position": 4, "rollouts": 2, "passes_done": 0}
+
+
+def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining_passes(toy):
+  """num_passes=3 and a checkpoint after the first pass of the second batch: the resumed source samples that
+  batch's prompts again with the same random stream (the same tokens from the same params), trains its two
+  remaining passes, then goes on with the uninterrupted run's next prompts."""
+  _, tokenizer, config, prompts = toy
+  cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=2, max_prompt_tokens=32, max_new_tokens=4, num_passes=3)
+  params = phi_jax.init_params(config, jax.random.key(0))
+
+  def source():
+    return grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=_digit_share(tokenizer), num_steps=9)
+
+  full = source()
+  batches = [full.next_batch(params, step) for step in range(9)]
+  interrupted = source()
+  for step in range(4):  # batch 1 = steps 0-2, batch 2 = steps 3-5: saved after its first pass
+    interrupted.next_batch(params, step)
+  state = interrupted.get_state()
+  assert state == {"position": 2, "rollouts": 1, "passes_done": 1}
+  resumed = source()
+  resumed.set_state(json.loads(json.dumps(state)))
+  again = [resumed.next_batch(params, step) for step in range(4, 9)]
+  np.testing.assert_array_equal(again[0]["tokens"], batches[4]["tokens"])
+  assert again[1] is again[0] and again[2] is not again[0]  # the two remaining passes, then the next rollout
+  for got, want in zip(again[2:], batches[6:]):
+    np.testing.assert_array_equal(got["tokens"], want["tokens"])
+  assert resumed.get_state() == full.get_state()
 
 
 def test_rollout_texts_leave_out_the_stop_token(toy):

@@ -140,8 +140,11 @@ class GRPORollouts:
   """The GRPO data source: `next_batch(params, step)` samples a rollout batch every `num_passes` steps.
 
   Prompts are records {"problem": str, "answer": str}, visited in a seeded order (reshuffled each epoch).
-  State for checkpoints is the position in that order and the rollout count; a checkpoint taken between the
-  passes of one rollout batch regenerates that batch on resume from the restored params.
+  State for checkpoints is the position in that order, the rollout count and, for a checkpoint taken between the
+  passes of one rollout batch, where that batch began and how many of its passes were trained. Resuming there
+  samples the same prompts again with the same random stream and trains the remaining passes on them, so the run
+  keeps its prompt order and its steps per batch; the responses come from the restored (newer) params, so that one
+  batch differs from the uninterrupted run's.
   """
 
   def __init__(self, prompts: Sequence[dict], tokenizer, model_config: PhiConfig, cfg: GRPOConfig, *,
@@ -166,14 +169,20 @@ class GRPORollouts:
     self.stop_ids = tuple(stop_token_ids(tokenizer))
     self.position, self.rollouts = 0, 0
     self._batch, self._batch_pass, self._metrics = None, 0, {}
+    self._batch_start = (0, 0)  # (position, rollouts) before the current batch was sampled
+    self._resume_passes = 0  # passes of a restored, regenerated batch already trained before the checkpoint
     self._ref_logps_fn = jax.jit(functools.partial(_token_logps, config=model_config, chunk_size=cfg.chunk_size))
 
   def get_state(self) -> dict:
-    return {"position": self.position, "rollouts": self.rollouts}
+    if self._batch is not None and self._batch_pass < self.cfg.num_passes:  # between two passes of one batch
+      position, rollouts = self._batch_start
+      return {"position": position, "rollouts": rollouts, "passes_done": self._batch_pass}
+    return {"position": self.position, "rollouts": self.rollouts, "passes_done": 0}
 
   def set_state(self, state: dict):
     self.position, self.rollouts = int(state["position"]), int(state["rollouts"])
     self._batch, self._batch_pass = None, 0
+    self._resume_passes = int(state.get("passes_done", 0))
 
   def _next_prompts(self) -> list[int]:
     n = len(self.prompts)
@@ -192,7 +201,9 @@ class GRPORollouts:
     if self._batch is not None and self._batch_pass < self.cfg.num_passes:
       self._batch_pass += 1
       return self._batch
-    self._batch, self._batch_pass = self._rollout(params, step), 1
+    self._batch_start = (self.position, self.rollouts)
+    self._batch, self._batch_pass = self._rollout(params, step), 1 + self._resume_passes
+    self._resume_passes = 0
     return self._batch
 
   def _rollout(self, params, step: int) -> dict:
