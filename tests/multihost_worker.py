@@ -8,8 +8,11 @@ wait forever in a step the other never takes.
 Then a run in which only process 0 gets a SIGTERM (it signals itself after logging step 3): both processes must
 save the same step and stop with `Preempted`.
 
-Last, a restore in which only process 1 finds the newest checkpoint damaged (a file it alone reads): both
-processes must move that step aside and restore the same previous one."""
+Then a restore in which only process 1 finds the newest checkpoint damaged (a file it alone reads): both
+processes must move that step aside and restore the same previous one.
+
+Last, GRPO: both processes sample the same whole rollout batch (with KL reference log-probs), each trains its own
+block of rows, and two steps of the loop run."""
 
 import json
 import os
@@ -22,6 +25,7 @@ os.environ["XLA_FLAGS"] = xla_flags(devices=4)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from phi_jax import sharding  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
@@ -79,7 +83,35 @@ ckpt = checkpoint.Checkpointer(os.path.join(fallback, "checkpoints"))
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 restored_step = ckpt.restore_latest(abstract)[0]
 ckpt.close()
+from jax.experimental import multihost_utils  # noqa: E402
+
+from phi_jax.hf.tokenizer import build_tiny_tokenizer  # noqa: E402
+from phi_jax.stages import grpo  # noqa: E402
+
+tokenizer = build_tiny_tokenizer(os.path.join(sys.argv[1], f"tokenizer{jax.process_index()}"), chat_format="phi-4")
+grpo_cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=4, max_prompt_tokens=32, max_new_tokens=4, beta=0.01,
+                           drop_zero_variance_groups=False)
+
+
+def rank_rewards(texts, golds, lengths, finished):  # any rewards with variance within each group
+  return np.arange(len(texts), dtype=np.float32) % 3, np.zeros(len(texts), bool)
+
+
+rollouts = grpo.GRPORollouts([{"problem": f"Write digits {i}", "answer": "0"} for i in range(4)], tokenizer,
+                             test_train.CONFIG, grpo_cfg, reward_batch_fn=rank_rewards, num_steps=2,
+                             mesh=sharding.make_mesh({"fsdp": -1}), ref_params=state.params)
+mine = rollouts.next_batch(state.params, 0)
+whole = rollouts._batch  # every process holds the whole batch; `mine` is this process's block of rows
+gathered = multihost_utils.process_allgather(mine, tiled=True)
+rows_match = all(np.array_equal(gathered[k], whole[k]) for k in whole)
+same_batch = multihost_utils.process_allgather(np.asarray([float(whole["old_logps"].sum()), whole["tokens"].sum()]))
+grpo_state = loop.run(workdir=os.path.join(sys.argv[1], "grpo"), model_config=test_train.CONFIG,
+                      optimizer_config=test_train.OPT, loss_fn=grpo.make_loss_fn(test_train.CONFIG, grpo_cfg),
+                      train_data=rollouts, loop=LoopConfig(num_steps=2, async_checkpoints=False),
+                      mesh=sharding.make_mesh({"fsdp": -1}))
 print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses,
                   "finite_data_steps": finite_data_steps, "eval_tokens": eval_tokens, "preempted_at": preempted_at,
-                  "restored_step": restored_step,
+                  "restored_step": restored_step, "grpo_rows": int(mine["tokens"].shape[0]),
+                  "grpo_rows_match": rows_match, "grpo_same_batch": bool(np.all(same_batch == same_batch[0])),
+                  "grpo_steps": int(loop.host_scalar(grpo_state.step)),
                   "corrupt": sorted(os.listdir(os.path.join(fallback, "checkpoints", "corrupt")))}))

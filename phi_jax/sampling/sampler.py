@@ -138,7 +138,11 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
     params = jax.device_put(params, _param_shardings(config, mesh))  # no copy when already in these shards
     prompt_tokens = jax.device_put(jnp.asarray(prompt_tokens, jnp.int32), batch_sharding(mesh))
     prompt_lengths = jax.device_put(jnp.asarray(prompt_lengths, jnp.int32), NamedSharding(mesh, P(("data", "fsdp"))))
-    rng, temperature, stop_ids = jax.device_put((rng, temperature, stop_ids), replicated(mesh))
+    # A key array cannot be placed on other processes' devices: its raw data can (every process holds the same).
+    typed_key = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    rng_data, temperature, stop_ids = jax.device_put(
+        (np.asarray(jax.random.key_data(rng)), temperature, stop_ids), replicated(mesh))
+    rng = jax.random.wrap_key_data(rng_data, impl=jax.random.key_impl(rng)) if typed_key else rng_data
     return _generate_program(params, prompt_tokens, prompt_lengths, rng, temperature, stop_ids, config=config,
                              sampling=static)
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from phi_jax.losses import chunked_token_logprobs, group_advantages, grpo_loss, next_token_targets
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
@@ -198,13 +199,36 @@ class GRPORollouts:
     return self._metrics.pop(step, {})
 
   def next_batch(self, params, step: int) -> dict:
+    """This process's rows of the step's batch (all of them on one process)."""
     if self._batch is not None and self._batch_pass < self.cfg.num_passes:
       self._batch_pass += 1
-      return self._batch
+      return self._process_rows(self._batch)
     self._batch_start = (self.position, self.rollouts)
     self._batch, self._batch_pass = self._rollout(params, step), 1 + self._resume_passes
     self._resume_passes = 0
-    return self._batch
+    return self._process_rows(self._batch)
+
+  @staticmethod
+  def _process_rows(batch: dict) -> dict:
+    """Every process holds the whole batch; each trains its own block of rows (each row carries its advantage, so
+    which process trains which row does not change the loss)."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+      return batch
+    rows = batch["tokens"].shape[0]
+    if rows % count:
+      raise ValueError(f"GRPO's {rows} rows (prompts_per_step x group_size) do not split over {count} processes")
+    share = rows // count
+    return {k: v[index * share:(index + 1) * share] for k, v in batch.items()}
+
+  def _reference_logps(self, batch: dict) -> np.ndarray:
+    """[B, T] log-probs of the batch's tokens under the frozen reference, the whole batch on every process."""
+    inputs = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
+    if self.mesh is None:
+      return np.asarray(self._ref_logps_fn(self.ref_params, inputs))
+    from phi_jax.train.step import batch_shardings
+    inputs = jax.tree.map(lambda x, s: jax.device_put(x, s), inputs, batch_shardings(inputs, self.mesh))
+    return multihost_utils.process_allgather(self._ref_logps_fn(self.ref_params, inputs), tiled=True)
 
   def _rollout(self, params, step: int) -> dict:
     cfg, g = self.cfg, self.cfg.group_size
@@ -219,7 +243,9 @@ class GRPORollouts:
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, stop_token_ids=self.stop_ids)
     rng = jax.random.fold_in(jax.random.key(self.seed), self.rollouts)
-    out = jax.device_get(generate(params, self.config, prompt_tokens, prompt_lengths, rng, sampling, mesh=self.mesh))
+    # Every process samples the whole batch (the same prompts, the same random stream) and gets every row back.
+    out = multihost_utils.process_allgather(
+        generate(params, self.config, prompt_tokens, prompt_lengths, rng, sampling, mesh=self.mesh), tiled=True)
     self.rollouts += 1
     lengths, finished = np.asarray(out["lengths"]), np.asarray(out["finished"])
     # The stop token ends the turn but is not part of the text the rewards read (as in `sampler.generate_text`):
@@ -246,7 +272,7 @@ class GRPORollouts:
       batch["old_logps"][r, lp - 1:lp - 1 + lc] = out["logprobs"][r, :lc]  # position t scores token t + 1
     batch["advantages"] = advantages
     if cfg.beta:
-      batch["ref_logps"] = np.asarray(self._ref_logps_fn(self.ref_params, jax.tree.map(jnp.asarray, batch)))
+      batch["ref_logps"] = self._reference_logps(batch)
     self._metrics[step + 1] = {
         "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
         "accuracy": float(np.mean(correct)), "response_length_mean": float(lengths.mean()),
