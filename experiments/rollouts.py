@@ -1,6 +1,6 @@
 """Rollout preference pairs for DPO (stage 3 of Phi-4-mini-reasoning): sample k answers per problem, verify, pair.
 
-    python experiments/rollouts.py --init_from=runs/sft_tiny --problems=experiments/data/tiny_traces_eval.jsonl \
+    python experiments/rollouts.py --init_from=runs/sft_tiny --problems=experiments/data/tiny_traces_train.jsonl \
         --k=8 --out=runs/rollouts_tiny/pairs.jsonl
     python experiments/rollouts.py --init_from=/ckpt/phi-4-mini-reasoning-sft --problems=math.jsonl --k=8 \
         --out=pairs.jsonl --gin_param='rollouts.max_new_tokens=16384' --gin_param='rollouts.temperature=0.8'

@@ -1,7 +1,9 @@
 """Runs one training stage from gin files; re-running the same command on the same workdir resumes.
 
     python experiments/train.py --gin_file=experiments/configs/midtrain_tiny.gin --workdir=runs/midtrain_tiny
-    python experiments/train.py --gin_file=experiments/configs/midtrain_tiny.gin --gin_param='train.num_steps=50' \
+    # a mesh over 4 devices (on a CPU, XLA simulates them with the flag)
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python experiments/train.py \
+        --gin_file=experiments/configs/midtrain_tiny.gin --gin_param='train.num_steps=50' \
         --gin_param='mesh.shape={"data": 2, "fsdp": -1}' --workdir=runs/mt
     # plan before you pay: compile the step for a mesh from abstract shapes, print per-device memory, no weights
     python experiments/train.py --gin_file=experiments/configs/midtrain_tiny.gin --dry_run \

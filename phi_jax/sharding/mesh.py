@@ -40,7 +40,13 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
 def make_mesh(shape: Optional[Mapping[str, int]] = None, devices: Optional[Sequence] = None) -> Mesh:
   """Mesh over all (global) devices; the default puts every device on `fsdp`."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = resolve_mesh_shape(shape or {"fsdp": -1}, len(devices))
+  try:
+    sizes = resolve_mesh_shape(shape or {"fsdp": -1}, len(devices))
+  except ValueError as e:
+    if jax.default_backend() != "cpu" or "available" not in str(e):  # only a device-count mismatch
+      raise
+    raise ValueError(f"{e}. On a CPU, simulate devices by starting the process with "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=N (N devices)") from None
   dims = tuple(sizes[axis] for axis in MESH_AXES)
   if devices == list(jax.devices()):
     return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
