@@ -179,6 +179,15 @@ def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Op
   return load
 
 
+def check_new_tokens(name: str, max_new_tokens: int, model_config: PhiConfig):
+  """A generation budget that leaves no room for a prompt in the model's positions is a config mistake (e.g. the
+  32K default of a reasoning eval on a small test model), not something to spend hours generating."""
+  if max_new_tokens >= model_config.max_position_embeddings:
+    raise ValueError(f"{name}={max_new_tokens} leaves no room for a prompt within the model's "
+                     f"max_position_embeddings={model_config.max_position_embeddings}; set "
+                     f"--gin_param='{name}=N' with N well below it")
+
+
 def _check_vocab(model_config: PhiConfig, tokenizer):
   if len(tokenizer) > model_config.vocab_size:
     raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "

@@ -2,7 +2,7 @@
 papers report the mean of 3), pass@k, greedy accuracy, response lengths and format errors, plus every output.
 
     python experiments/eval.py --init_from=runs/demo/sft --problems=runs/demo/data/test.jsonl --out=runs/eval_sft \
-        --gin_file=experiments/configs/recipe_tiny/recipe.gin
+        --gin_file=experiments/configs/recipe_tiny/eval.gin
     python experiments/eval.py --init_from=/ckpt/Phi-4-mini-reasoning --problems=math500.jsonl --out=runs/m500 \
         --gin_file=experiments/configs/phi4_mini_reasoning/eval.gin
 
@@ -201,6 +201,7 @@ def main(argv=None):
   problems = rollouts.read_problems(args.problems)[:args.limit]  # an empty file is a DataError ("empty dataset")
   config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh)
   settings = eval_settings()
+  common.check_new_tokens("evaluation.max_new_tokens", settings["sampling"].max_new_tokens, config)
   summary, items = evaluate(
       params, config, tokenizer, problems, settings=settings, mesh=the_mesh,
       system_prompt=common.data()["system_prompt"],

@@ -189,6 +189,7 @@ def main(argv=None):
   the_mesh = common.mesh()
   config, params, tokenizer = load_policy(args.init_from, the_mesh)
   settings = rollout_settings()
+  common.check_new_tokens("rollouts.max_new_tokens", settings["sampling"].max_new_tokens, config)
   summary = rollout_pairs(params, config, tokenizer, args.problems, args.out, k=args.k, sampling=settings["sampling"],
                           seed=args.seed, batch_size=settings["batch_size"], mesh=the_mesh,
                           system_prompt=common.data()["system_prompt"],

@@ -155,3 +155,20 @@ def test_an_empty_problem_set_or_a_limit_below_one_is_refused(tmp_path):
       eval_lib.main([f"--init_from={tmp_path}", f"--problems={empty}", f"--out={tmp_path / 'out'}"])
   finally:
     gin.clear_config()
+
+
+def test_a_generation_budget_beyond_the_models_positions_is_refused(tiny_run):
+  """The 32K default of evaluation.max_new_tokens on a 512-position model would generate for hours; the error
+  names the binding to change. The recipe's eval.gin (the documented way to evaluate its runs) parses on its own."""
+  run, problems = tiny_run
+  try:
+    with pytest.raises(ValueError, match=r"evaluation.max_new_tokens=32768 leaves no room for a prompt within the "
+                                         r"model's max_position_embeddings=\d+; set --gin_param='evaluation"):
+      eval_lib.main([f"--init_from={run}", f"--problems={problems}", f"--out={run / 'eval_long'}"])
+  finally:
+    gin.clear_config()
+  try:
+    common.parse_gin_for_checkpoint(str(run), [os.path.join(ROOT, "experiments/configs/recipe_tiny/eval.gin")], [])
+    assert eval_lib.eval_settings()["sampling"].max_new_tokens == 80
+  finally:
+    gin.clear_config()
