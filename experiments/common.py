@@ -251,7 +251,8 @@ def run_training(workdir: str):
       run_meta=run_meta(stage, settings, data_cfg, tokenizer))
   save_final_params(workdir, state.params)
   if loop.export_hf:
-    save_hf(os.path.join(workdir, "hf"), model_config, state.params)
+    from phi_jax.data.chat import stop_token_ids
+    save_hf(os.path.join(workdir, "hf"), model_config, state.params, stop_token_ids=stop_token_ids(tokenizer))
     tokenizer.save_pretrained(os.path.join(workdir, "hf"))
   return state
 

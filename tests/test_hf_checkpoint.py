@@ -114,6 +114,26 @@ def test_single_file_and_generation_config(saved):
   assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
 
 
+def test_stop_tokens_reach_transformers_generate(saved, tmp_path):
+  """With the chat family's stop tokens, generation_config lists them (the config's own eos too) and config.json
+  gets the first when the config has no eos: transformers' generate then ends a reply at the end of its turn."""
+  config, params, _ = saved["untied"]
+  phi_jax.save_hf(tmp_path / "with_eos", config, params, stop_token_ids=[7, 9])
+  generation = transformers.GenerationConfig.from_pretrained(tmp_path / "with_eos")
+  assert generation.eos_token_id == [7, 9, 2]
+  no_eos = config.replace(eos_token_id=None)
+  phi_jax.save_hf(tmp_path / "no_eos", no_eos, params, stop_token_ids=[7, 9])
+  assert json.loads((tmp_path / "no_eos" / "config.json").read_text())["eos_token_id"] == 7
+  assert transformers.GenerationConfig.from_pretrained(tmp_path / "no_eos").eos_token_id == [7, 9]
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "no_eos")
+  prompt = torch.tensor([[3, 4, 5]])
+  first = int(model(prompt).logits[0, -1].argmax())  # make the first greedy token a stop token: one token, no more
+  phi_jax.save_hf(tmp_path / "stops", no_eos, params, stop_token_ids=[first])
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stops")
+  out = model.generate(prompt, max_new_tokens=5, do_sample=False)
+  assert out.shape == (1, 4) and int(out[0, -1]) == first
+
+
 def test_sharded_save(saved, tmp_path):
   config, params, directory = saved["untied"]
   phi_jax.save_hf(tmp_path, config, params, max_shard_bytes=64 * 1024)

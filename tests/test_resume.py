@@ -109,10 +109,15 @@ def test_sigterm_saves_exits_143_and_resumes_identically(tmp_path, uninterrupted
 def test_restore_onto_another_mesh_continues_identically(tmp_path, uninterrupted):
   workdir = str(tmp_path)
   _train(workdir, "--gin_param=train.num_steps=4", "--gin_param=mesh.shape={'fsdp': 8}")
-  _train(workdir, "--gin_param=mesh.shape={'data': 2, 'fsdp': 2, 'tensor': 2}")
+  _train(workdir, "--gin_param=mesh.shape={'data': 2, 'fsdp': 2, 'tensor': 2}", "--gin_param=train.export_hf=True")
   losses, ref = _losses(workdir), uninterrupted[0]
   np.testing.assert_allclose([losses[s] for s in range(5, NUM_STEPS + 1)], [ref[s] for s in range(5, NUM_STEPS + 1)],
                              rtol=1e-5)
+  # The export (train.export_hf) stops transformers' generate at the end of a chat turn.
+  from transformers import AutoTokenizer, GenerationConfig
+  hf = os.path.join(workdir, "hf")
+  end_of_turn = AutoTokenizer.from_pretrained(hf).convert_tokens_to_ids("<|im_end|>")
+  assert GenerationConfig.from_pretrained(hf).eos_token_id[0] == end_of_turn
 
 
 def _free_port():

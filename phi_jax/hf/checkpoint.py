@@ -28,7 +28,7 @@ import math
 import os
 import pathlib
 import struct
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -263,7 +263,7 @@ def _write_safetensors(file: pathlib.Path, entries: list[tuple[str, tuple[int, .
 
 
 def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype: Optional[str] = None,
-            max_shard_bytes: int = 5 * 2**30) -> None:
+            max_shard_bytes: int = 5 * 2**30, stop_token_ids: Sequence[int] = ()) -> None:
   """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads as Phi3ForCausalLM.
 
   Args:
@@ -273,6 +273,9 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
     dtype: dtype of the written tensors (and config.json's `torch_dtype`); default: the params' own dtype.
     max_shard_bytes: shard size limit; one file `model.safetensors` when everything fits, else
       `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`.
+    stop_token_ids: the tokens that end a reply (e.g. `phi_jax.data.chat.stop_token_ids(tokenizer)`): written as
+      generation_config.json's `eos_token_id` list, so transformers' `generate` stops at the end of a turn (and
+      as config.json's `eos_token_id` when the config has none).
   """
   directory = pathlib.Path(path)
   specs = _tensor_specs(config)
@@ -320,7 +323,13 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
   hf_config = to_hf_config(config) | {"torch_dtype": out_dtype.name}
+  stop_token_ids = [int(t) for t in stop_token_ids]
+  if hf_config["eos_token_id"] is None and stop_token_ids:
+    hf_config["eos_token_id"] = stop_token_ids[0]
   (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  generation = {key: getattr(config, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if getattr(config, key) is not None}
+  generation = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if hf_config[key] is not None}
+  if stop_token_ids:
+    generation["eos_token_id"] = list(dict.fromkeys([*stop_token_ids, *([config.eos_token_id]
+                                                                       if config.eos_token_id is not None else [])]))
   (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
