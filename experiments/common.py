@@ -240,7 +240,8 @@ def run_training(workdir: str):
     f.write(gin.config_str())
 
   def show(record):
-    keys = ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "eval_loss", "reward_mean", "accuracy")
+    keys = ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "eval_loss", "token_accuracy",
+            "reward_mean", "accuracy")
     log.info("step %d  %s", record["step"], "  ".join(f"{k}={record[k]:.4g}" for k in keys if k in record))
 
   state = loop_lib.run(

@@ -8,7 +8,9 @@
 The spec is JSON (inline or a file path): "product" axes are crossed, "zip" axes advance together (equal
 lengths), and the two are crossed with each other. Each run's workdir is ROOT/<binding=value,...>, so re-running
 a sweep resumes unfinished runs and leaves finished ones as they are (train.py resumes from the workdir). The
-table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its final loss, eval loss and reward.
+table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its final metrics: loss, eval loss and
+next-token accuracy of the trained positions (token_accuracy); for GRPO, mean reward and the share of rollouts
+whose answer verified (accuracy).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METRICS = ("loss", "eval_loss", "reward_mean", "accuracy")
+METRICS = ("loss", "eval_loss", "token_accuracy", "reward_mean", "accuracy")
 
 
 def load_spec(text: str) -> dict:

@@ -92,14 +92,17 @@ def test_loss_is_mean_over_target_tokens_of_whole_batch():
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
       -1, keepdims=True)
   seg, mask, tok = batch["segment_ids"], batch["loss_mask"], batch["tokens"]
-  total, count = 0.0, 0
+  total, count, correct = 0.0, 0, 0
   for b in range(tok.shape[0]):
     for t in range(tok.shape[1] - 1):
       if seg[b, t + 1] == seg[b, t] != 0 and mask[b, t + 1]:
         total -= logp[b, t, tok[b, t + 1]]
         count += 1
+        correct += int(logp[b, t].argmax() == tok[b, t + 1])
   assert float(aux["weight"]) == count
   np.testing.assert_allclose(float(loss_sum), total, rtol=1e-5)
+  # The next-token accuracy metric (a sum, divided by the weight when logged) under its own name.
+  assert set(aux["metrics"]) == {"token_accuracy"} and float(aux["metrics"]["token_accuracy"]) == correct
 
 
 def test_schedule_warmup_and_decay():

@@ -19,7 +19,8 @@ def next_token_loss(params, batch, rng, *, config: PhiConfig, chunk_size: int = 
   targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"])
   loss_sum, sums = chunked_cross_entropy(h, lm_head_kernel(params, config), targets, weights,
                                          chunk_size=chunk_size, z_loss=z_loss)
-  metrics = {"accuracy": sums["num_correct"]}
+  # Next-token accuracy of the trained positions ("accuracy" is GRPO's share of verified answers).
+  metrics = {"token_accuracy": sums["num_correct"]}
   if z_loss:
     metrics["z_loss"] = sums["z_loss"]
   return loss_sum, {"weight": sums["num_tokens"], "metrics": metrics}
