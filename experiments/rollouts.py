@@ -185,6 +185,7 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-restore INFO lines
   common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
   the_mesh = common.mesh()
   config, params, tokenizer = load_policy(args.init_from, the_mesh)

@@ -161,7 +161,7 @@ def test_bad_settings_are_refused():
     dpo.make_loss_fn(CONFIG, beta=0.1, loss_type="ipo", label_smoothing=0.1)
 
 
-def test_too_long_pairs_are_dropped_or_lose_prompt_tokens_and_are_counted(setup):
+def test_too_long_pairs_are_dropped_or_lose_prompt_tokens_and_are_counted(setup, caplog):
   tokenizer = setup["tokenizer"]
   long_prompt = {"prompt": "What is " + " + ".join(["12"] * 40) + "?", "chosen": "480", "rejected": "12"}
   long_answer = {"prompt": "Hi", "chosen": "1 " * 150, "rejected": "2"}
@@ -177,7 +177,10 @@ def test_too_long_pairs_are_dropped_or_lose_prompt_tokens_and_are_counted(setup)
                                               too_long=too_long, process_index=0, process_count=1)
     return next(it), it.stats()
 
-  batch, stats = read("drop")
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    batch, stats = read("drop")
+  assert "long.jsonl holds 3 pair(s) for this process, fewer than one batch of 4: its one batch is mostly filler" in (
+      caplog.text)
   assert stats["records_read"] == 3 and stats["records_used"] == 1 and stats["too_long_dropped"] == 2
   assert batch["chosen_segment_ids"][1:].sum() == 0
 

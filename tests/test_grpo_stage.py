@@ -121,6 +121,22 @@ def test_rollout_texts_leave_out_the_stop_token(toy):
   assert batch["loss_mask"].sum(axis=1).tolist() == [1, 1]  # the stop token itself is still a target
 
 
+def test_a_batch_whose_groups_are_all_dropped_is_reported(toy, caplog):
+  """Equal rewards in every group: the zero-variance filter drops them all, the step trains nothing, and the log
+  says so (metrics.jsonl alone showed loss 0 and groups_kept 0)."""
+  _, tokenizer, config, prompts = toy
+  cfg = grpo.GRPOConfig(prompts_per_step=1, group_size=2, max_prompt_tokens=32, max_new_tokens=4)
+
+  def constant(texts, golds, lengths, finished):
+    return np.zeros(len(texts), np.float32), np.zeros(len(texts), bool)
+
+  source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=constant, num_steps=1)
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    batch = source.next_batch(phi_jax.init_params(config, jax.random.key(0)), 0)
+  assert batch["loss_mask"].sum() == 0
+  assert "step 1: the filters dropped every group of this rollout batch" in caplog.text
+
+
 def test_toy_grpo_run_raises_mean_reward(toy, tmp_path):
   _, tokenizer, config, prompts = toy
   cfg = grpo.GRPOConfig(prompts_per_step=4, group_size=8, max_prompt_tokens=32, max_new_tokens=8, num_passes=2,

@@ -25,6 +25,7 @@ a function of the seed and a restored state continues exactly.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -34,6 +35,8 @@ import numpy as np
 
 from phi_jax.data.chat import ROLES, render_messages
 from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, SkipStreak, open_source
+
+log = logging.getLogger("phi_jax")
 
 SIDES = ("chosen", "rejected")
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
@@ -203,6 +206,9 @@ class PreferenceIterator:
     if len(ds) == 0:
       raise DataError(self.name, "empty dataset",
                       f"{len(source)} records leave none for process {process_index} of {process_count}")
+    if len(ds) < batch_size:
+      log.warning("%s holds %d pair(s) for this process, fewer than one batch of %d: %s", self.name, len(ds),
+                  batch_size, "every batch repeats them" if num_epochs != 1 else "its one batch is mostly filler")
     self._streak = SkipStreak(self.name, [len(ds)])
     if shuffle:
       ds = ds.shuffle(seed=seed)

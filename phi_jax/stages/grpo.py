@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -35,6 +36,8 @@ from jax.experimental import multihost_utils
 from phi_jax.losses import chunked_token_logprobs, group_advantages, grpo_loss, next_token_targets
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sampling import SamplingConfig, generate
+
+log = logging.getLogger("phi_jax")
 
 RewardBatchFn = Callable[[Sequence[str], Sequence[str], np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -255,6 +258,11 @@ class GRPORollouts:
     rewards, correct = self.reward_batch_fn(texts, [self.prompts[i]["answer"] for i in rows], lengths, finished)
     rewards_bg, correct_bg, lengths_bg = (np.asarray(x).reshape(len(indices), g) for x in (rewards, correct, lengths))
     keep = select_rows(rewards_bg, correct_bg, lengths_bg, cfg, np.random.default_rng([self.seed, self.rollouts]))
+    if not keep.any():
+      log.warning("step %d: the filters dropped every group of this rollout batch (mean reward %.3g, accuracy "
+                  "%.3g): its %d update(s) train nothing. Groups whose rewards are all equal, or too easy "
+                  "(grpo.max_group_accuracy), or of ragged lengths (grpo.max_length_cv) are dropped", step + 1,
+                  float(np.mean(rewards)), float(np.mean(correct)), cfg.num_passes)
     advantages = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), g,
                                              scale_by_std=cfg.scale_advantages_by_std)).reshape(-1)
     advantages = np.where(keep.reshape(-1), advantages, 0.0).astype(np.float32)

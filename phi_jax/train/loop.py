@@ -246,6 +246,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     state = create_train_state(model_config, optimizer, mesh, jax.random.fold_in(rng, 2**31 - 1), params=params)
     meta["state_signature"] = _json_clean(state_signature(state))
   start = int(host_scalar(state.step))
+  if start >= loop.num_steps:
+    log.info("the run in %s is already complete: step %d of num_steps=%d; nothing to train (raise num_steps to go "
+             "on)", workdir, start, loop.num_steps)
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
   spikes = _SpikeDetector(loop.loss_spike_factor, loop.loss_spike_window,
                           [r["loss"] for r in writer.kept if "loss" in r and "eval_loss" not in r])
