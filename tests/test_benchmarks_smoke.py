@@ -84,7 +84,8 @@ def test_device_check_script(tmp_path):
     assert "error" not in result[part], result[part]
   assert result["train"]["batch"] >= 1 and result["train"]["mfu"] > 0
   attention = result["attention"]
-  for name in ("xla", "cudnn", "cudnn_dense", "blockwise"):  # bfloat16 inputs against the float32 reference: rounding-level error
+  # bfloat16 inputs against the float32 reference: rounding-level error.
+  for name in ("xla", "cudnn", "cudnn_dense", "blockwise"):
     assert all(attention[f"{name}_{g}_rel_err"] < 0.02 for g in ("out", "dq", "dk", "dv")), attention
   assert result["decode"]["tokens_per_s"] > 0
   assert result["decode_long"]["speedup_blocked_over_one_pass"] > 0

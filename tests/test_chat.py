@@ -174,6 +174,13 @@ def test_mini_with_the_math_system_prompt_renders_like_mini_reasoning(tokenizers
   messages = [USER_1, ASSISTANT_1]
   from_mini = render_messages(tokenizers["phi-4-mini"], messages, system_prompt=PHI4_MINI_REASONING_SYSTEM_PROMPT)
   assert from_mini == render_messages(tokenizers["phi-4-mini-reasoning"], messages)
+  # The recipe's configs give the sentence as data.system_prompt; with the mini-reasoning tokenizer, whose template
+  # writes it already, it appears once, not twice.
+  for fmt, system in (("phi-4-mini-reasoning", PHI4_MINI_REASONING_SYSTEM_PROMPT),
+                      ("phi-4-reasoning", PHI4_REASONING_SYSTEM_PROMPT)):
+    tokenizer = tokenizers[fmt]
+    assert render_messages(tokenizer, messages, system_prompt=system) == render_messages(tokenizer, messages)
+    assert render_prompt(tokenizer, U, system_prompt=system) == render_prompt(tokenizer, U)
 
 
 def test_system_prompt_only_fills_in_a_missing_system_message(tokenizers):

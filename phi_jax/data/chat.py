@@ -68,7 +68,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase,
     ValueError: an empty conversation, a message that is not a mapping, an unknown role or non-string content (the
       message names the offending index), or a template whose rendering does not allow an exact mask.
   """
-  messages = _checked_messages(messages, system_prompt)
+  messages = _checked_messages(messages, _unless_built_in(tokenizer, system_prompt))
   text = _render(tokenizer, messages, add_generation_prompt)
   spans = _assistant_spans(tokenizer, messages, text, add_generation_prompt)
 
@@ -95,7 +95,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase,
   """Prompt ids for generation: the conversation (or one user question) followed by the assistant header."""
   if isinstance(messages_or_question, str):
     messages_or_question = [{"role": "user", "content": messages_or_question}]
-  messages = _checked_messages(messages_or_question, system_prompt)
+  messages = _checked_messages(messages_or_question, _unless_built_in(tokenizer, system_prompt))
   _require_template(tokenizer)
   return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
 
@@ -138,6 +138,15 @@ def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> Optional
   ids = tokenizer.encode(token, add_special_tokens=False)
   # The round trip rejects an unknown-token id (some vocabularies map anything unknown to one id).
   return ids[0] if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token else None
+
+
+def _unless_built_in(tokenizer: PreTrainedTokenizerBase, system_prompt: Optional[str]) -> Optional[str]:
+  """None when the chat template already writes `system_prompt` itself (Phi-4-mini-reasoning's template opens with
+  its system sentence and appends any system message to it): given again, the sentence would appear twice."""
+  template = getattr(tokenizer, "chat_template", None) or ""
+  if isinstance(system_prompt, str) and system_prompt and system_prompt in template:
+    return None
+  return system_prompt
 
 
 def _checked_messages(messages: Sequence[Message], system_prompt: Optional[str]) -> list[dict[str, Any]]:

@@ -53,8 +53,8 @@ class PhiConfig:
       if getattr(self, name) <= 0:
         raise ValueError(f"PhiConfig.{name} must be positive, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
+                       "(grouped-query attention)")
     if self.head_dim is None and self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
     if self.rotary_dim % 2 or self.rotary_dim <= 0:
