@@ -92,7 +92,11 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
          too_long: str = "split", on_bad_record: str = "raise", num_epochs: Optional[int] = None,
          system_prompt: Optional[str] = None, eval_batches: int = 4):
   """Global batch settings and sources. `tokenizer`: a tokenizer directory, or "tiny:<chat format>" to build the
-  small test tokenizer. `batch_size` is global; each process reads batch_size / process_count rows."""
+  small test tokenizer. `batch_size` is global; each process reads batch_size / process_count rows.
+
+  Several `train_files` are mixed by `weights` (shares of records in every batch, equal by default); with
+  `num_epochs` set, the mixture ends when its first file runs out, and the run logs how much of the others it
+  did not read (weights proportional to file sizes make it one pass over all)."""
   if batch_size < 1 or seq_len < 2:
     raise ValueError(f"data.batch_size={batch_size} and data.seq_len={seq_len}: a batch needs at least one row and a "
                      "row at least two tokens (one input, one target)")

@@ -230,6 +230,25 @@ def test_mixture_ends_when_a_finite_source_runs_out(tmp_path):
   assert stats["b.jsonl"]["tokens"] == sum(len(tokens) * n for (tokens, _), n in found.items()) - tokens_a
 
 
+def test_a_mixture_that_ends_before_reading_all_of_a_finite_source_says_so(tmp_path, caplog):
+  """Two files for one epoch, equal weights: the mixture ends when the small one runs out, and the records of the
+  large one it never reached are reported (a user may read the two files as one pass over both)."""
+  small = write_jsonl(tmp_path / "small.jsonl", documents(10, prefix="s"))
+  big = write_jsonl(tmp_path / "big.jsonl", documents(100, prefix="b"))
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    it = pipeline([(JsonlSource(small), 1.0), (JsonlSource(big), 1.0)], packing=None, num_epochs=1)
+    list(it)
+  stats = it.stats()["sources"]
+  assert stats["small.jsonl"]["records_read"] == stats["small.jsonl"]["records"] == 10
+  assert stats["big.jsonl"]["records_read"] < 100
+  assert (f"not every record of the others was read (big.jsonl: {stats['big.jsonl']['records_read']} of 1 x 100 "
+          "read)") in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="phi_jax"):  # one source read whole: nothing to report
+    list(pipeline([(JsonlSource(big), 1.0)], packing=None, num_epochs=1))
+  assert "not every record" not in caplog.text
+
+
 GOOD = '{"text": "fine"}'
 BAD_LINES = {
     "invalid JSON": '{"text": "unterminated',

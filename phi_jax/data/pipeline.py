@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -29,6 +30,8 @@ import numpy as np
 
 from phi_jax.data import packing as packing_lib
 from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, SkipStreak, read_record
+
+log = logging.getLogger("phi_jax")
 
 BATCH_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
 ON_BAD_RECORD = ("raise", "skip")
@@ -152,7 +155,8 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
   else:
     rows = packing_lib.pack(examples, seq_len=seq_len, packing=packing, num_packing_bins=num_packing_bins or batch_size,
                             seed=_derived_seed(seed, len(components)))
-  sources_info = [{"name": n, "weight": c.weight, "num_epochs": e} for n, c, e in zip(names, components, epochs)]
+  sources_info = [{"name": n, "weight": c.weight, "num_epochs": e, "records": length}
+                  for n, c, e, length in zip(names, components, epochs, lengths)]
   return DataIterator(rows, ledger, batch_size=batch_size, seq_len=seq_len, sources_info=sources_info)
 
 
@@ -298,6 +302,7 @@ class DataIterator:
         rows.append(next(self._rows))
       except StopIteration:
         self._exhausted = True
+        self._report_unread()
     if not rows:
       if self._totals["batches"] == 0:
         stats = self.stats()
@@ -310,6 +315,22 @@ class DataIterator:
     self._count(batch, num_filler)
     del batch["source_ids"]
     return batch
+
+  def _report_unread(self):
+    """A mixture ends when its first finite source runs out; the records the other sources never reached are
+    named here (and counted per source in `stats()`: records_read against records, this process's share)."""
+    if len(self._sources_info) < 2:
+      return
+    unread = []
+    for info, counts in zip(self._sources_info, self._ledger.counts):
+      epochs = info["num_epochs"]
+      if epochs is not None and counts[_COLUMN["read"]] < epochs * info["records"]:
+        unread.append(f"{info['name']}: {int(counts[_COLUMN['read']])} of {epochs} x {info['records']} read")
+    if unread:
+      log.warning("the data mixture ended when its first finite source ran out; not every record of the others "
+                  "was read (%s). Mixture weights set the share of each source in every batch, not a pass over "
+                  "each; give the sources equal epochs' worth of weight, or num_epochs=None for the larger ones",
+                  "; ".join(unread))
 
   def _count(self, batch: dict[str, np.ndarray], num_filler: int):
     real = batch["segment_ids"] > 0
