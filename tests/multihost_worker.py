@@ -8,8 +8,9 @@ wait forever in a step the other never takes.
 Then a run in which only process 0 gets a SIGTERM (it signals itself after logging step 3): both processes must
 save the same step and stop with `Preempted`.
 
-Then a restore in which only process 1 finds the newest checkpoint damaged (a file it alone reads): both
-processes must move that step aside and restore the same previous one.
+Then a restore in which only process 1 finds the two newest checkpoints damaged (an array read that fails in
+one, a digest that does not match in the other): both processes must move those steps aside and restore the same
+earlier one, neither waiting in a collective (the checksums, the quarantine barrier) the other never reaches.
 
 Last, GRPO: both processes sample the same whole rollout batch (with KL reference log-probs), each trains its own
 block of rows, and two steps of the loop run."""
@@ -70,15 +71,19 @@ state = loop.run(workdir=fallback, model_config=test_train.CONFIG, optimizer_con
                  loop=LoopConfig(num_steps=3, checkpoint_every=1, async_checkpoints=False),
                  mesh=sharding.make_mesh({"fsdp": -1}))
 if jax.process_index() == 1:
-  intact_restore = checkpoint.Checkpointer.restore
+  # Damage only process 1 finds, once Orbax's own (collective) reads are done: step 3's arrays fail to read,
+  # step 2's data-iterator state fails its digest. (A read that fails inside Orbax on one process is left to
+  # Orbax, whose restore ends in a barrier of its own.)
+  intact_restore, intact_digest = checkpoint.ocp.CheckpointManager.restore, checkpoint._digest
 
-  def restore(self, step, abstract_state):
-    restored = intact_restore(self, step, abstract_state)  # the collective reads, as every process does them
-    if step == 3:  # then a check of what this process alone read fails (e.g. its copy of the data-iterator state)
-      raise checkpoint.CorruptCheckpointError(self.step_path(step), "a file only this process reads")
+  def restore(self, step, *args, **kwargs):
+    restored = intact_restore(self, step, *args, **kwargs)
+    if step == 3 and "state" in kwargs["args"].keys():
+      raise OSError("step 3: a shard file only this process reads is damaged")
+    checkpoint._digest = (lambda obj: "damaged") if step == 2 and "state" in kwargs["args"].keys() else intact_digest
     return restored
 
-  checkpoint.Checkpointer.restore = restore
+  checkpoint.ocp.CheckpointManager.restore = restore
 ckpt = checkpoint.Checkpointer(os.path.join(fallback, "checkpoints"))
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 restored_step = ckpt.restore_latest(abstract)[0]

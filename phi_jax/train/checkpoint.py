@@ -109,6 +109,12 @@ def _check_signature(path: str, saved: Optional[dict], wanted: dict) -> None:
       "workdir")
 
 
+def _agree(path: str, error: Optional[CorruptCheckpointError]) -> None:
+  """Raises on every process when any process found damage; a no-op for one process that found none."""
+  if any_process(error is not None)[0]:
+    raise error if error is not None else CorruptCheckpointError(path, "damage found by another process")
+
+
 def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -174,43 +180,70 @@ class Checkpointer:
       if name.startswith(f"{step}.") and "tmp" in name:
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
-  def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
+  def restore(self, step: int, abstract_state, *, check_meta: Optional[Callable[[dict], None]] = None
+              ) -> tuple[Any, dict, dict]:
     """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs); returns (state, data, meta).
 
     Raises `CorruptCheckpointError` (naming the step's path) when the files cannot be read or the values do not
     match the checksums written with them; `IncompatibleCheckpointError` when the target asks for other shapes or
-    dtypes than were saved (checked before any array is read, and not damage: the step is left where it is).
+    dtypes than were saved, or when `check_meta(meta)` refuses the run metadata (both checked before any array is
+    read, and not damage: the step is left where it is).
+
+    On several processes, each reads some files alone (its shards, its copy of the JSON items): after each phase
+    the processes agree whether any of them failed, so all raise together and none is left waiting in a
+    collective (the checksums) that the others never reach.
     """
     path = self.step_path(step)
-    integrity = None
-    if os.path.isdir(os.path.join(path, "integrity")):
-      try:
-        integrity = self.manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))["integrity"]
-      except Exception as e:  # an unreadable integrity record is damage, like any other unreadable file
-        raise CorruptCheckpointError(path, f"integrity record unreadable: {type(e).__name__}: {e}") from e
+    integrity = meta = error = None
+    try:
+      if check_meta is not None:
+        meta = self._read_json(step, "meta", "metadata")
+      if os.path.isdir(os.path.join(path, "integrity")):
+        integrity = self._read_json(step, "integrity", "integrity record")
+    except CorruptCheckpointError as e:
+      error = e
+    _agree(path, error)
+    if check_meta is not None:
+      check_meta(meta)
+    if integrity is not None:
       _check_signature(path, integrity.get("signature"), state_signature(abstract_state))
     items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                  meta=ocp.args.JsonRestore())
+    restored = error = None
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # tensorstore/Orbax/JSON errors of damaged files; the type says little, the text is kept
       if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
         raise  # out of memory on this mesh: nothing wrong with the files
-      raise CorruptCheckpointError(path, f"restore failed: {type(e).__name__}: {str(e)[:500]}") from e
+      error = CorruptCheckpointError(path, f"restore failed: {type(e).__name__}: {str(e)[:500]}")
+      error.__cause__ = e
+    _agree(path, error)
     state, data, meta = restored["state"], restored["data"], restored["meta"]
     if integrity is None:
       log.warning("checkpoint %s has no integrity record (written before they existed); restored unverified", path)
       return state, data, meta
-    self._verify(path, integrity, state, data, meta)
+    error = None
+    try:
+      self._verify(path, integrity, state, data, meta)
+    except CorruptCheckpointError as e:
+      error = e
+    _agree(path, error)
     return state, data, meta
+
+  def _read_json(self, step: int, item: str, what: str) -> Any:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+    except Exception as e:  # an unreadable JSON item is damage, like any other unreadable file
+      raise CorruptCheckpointError(self.step_path(step), f"{what} unreadable: {type(e).__name__}: {e}") from e
 
   @staticmethod
   def _verify(path: str, integrity: dict, state, data: dict, meta: dict):
+    # The checksums first: a computation over the global arrays that every process runs, whatever it finds below.
+    expected, actual = integrity.get("state", {}), state_checksums(state)
     if _digest(data) != integrity.get("data"):
       raise CorruptCheckpointError(path, "the data-iterator state does not match its digest")
     if _digest(meta) != integrity.get("meta"):
       raise CorruptCheckpointError(path, "the run metadata does not match its digest")
-    expected, actual = integrity.get("state", {}), state_checksums(state)
     bad = [name for name in actual if expected.get(name) != actual[name]]
     if bad or set(expected) != set(actual):
       raise CorruptCheckpointError(path, f"checksum mismatch in {len(bad)} array(s): {', '.join(bad[:5])}")
@@ -229,25 +262,12 @@ class Checkpointer:
     steps = self.all_steps()
     failures = []
     for step in reversed(steps):
-      error, restored = None, None
       try:
-        if check_meta is not None:
-          try:
-            meta = self.restore_meta(step)
-          except Exception as e:  # an unreadable metadata item is damage, like any other unreadable file
-            raise CorruptCheckpointError(self.step_path(step), f"metadata unreadable: {e}") from e
-          check_meta(meta)
-        restored = (step, *self.restore(step, abstract_state))
-      except CorruptCheckpointError as e:
-        error = e
-      # A file one process cannot read (its own shards) is damage for all: every process moves on to the same
-      # previous step, or they would resume from different steps.
-      if not any_process(error is not None)[0]:
-        return restored
-      reason = str(error) if error is not None else f"checkpoint {self.step_path(step)} is corrupt on another process"
-      failures.append(reason)
-      moved = self._quarantine(step)
-      log.warning("%s; moved it to %s and trying the previous checkpoint", reason, moved)
+        return (step, *self.restore(step, abstract_state, check_meta=check_meta))
+      except CorruptCheckpointError as e:  # raised on every process alike (see `restore`)
+        failures.append(str(e))
+        moved = self._quarantine(step)
+        log.warning("%s; moved it to %s and trying the previous checkpoint", e, moved)
     if failures:
       raise CheckpointError(f"no checkpoint under {self.directory} could be restored ({len(failures)} tried): "
                             + "; ".join(failures) + f". The damaged steps are in {self._corrupt_dir()}; to start "
