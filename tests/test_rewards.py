@@ -50,6 +50,7 @@ EXTRACTIONS = [
     ("### Final Answer\n12 apples", "12 apples"),
     ("The answer is 5. Let me check that the answer matches.", "5"),  # later uses of the word are not labels
     ("The answer isn't obvious at first. Answer: 4", "4"),
+    ("The answer is 9. " + "Checking the answer again. " * 30, "9"),  # however many uses of the word follow
     ("We get $a$, then $$\\frac{3}{4}$$", "\\frac{3}{4}"),
     ("We get \\(a\\) and finally \\[ 2\\pi \\]", "2\\pi"),
     ("<think>hmm</think>\n42<|im_end|>", "42"),

@@ -29,8 +29,8 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 # falls back to the one before it, but a megabyte of `\boxed{` must not turn into a quadratic scan.
 _MAX_BOX_TRIES = 8
 _ANSWER_WORD = "answer"
-# How many uses of the word to try from the end for one that labels the answer (bounded, like _MAX_BOX_TRIES).
-_MAX_LABEL_TRIES = 16
+# A heading line holds at most this much before "answer" ("### **Final "); longer, the word is inside prose.
+_MAX_HEADING_PREFIX = 16
 # Markdown and spacing that may surround "answer" in a label ("**Answer**:", "### Final Answer").
 _MARKUP = " \t*_#"
 # Special tokens rendered into the text (`<|im_end|>`, `<|end|>`) end an answer.
@@ -119,26 +119,36 @@ def _first_inline_math(text: str) -> Optional[str]:
 def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
   """What follows the last "answer is", "answer:" or answer heading, in prose or markdown: "the answer is 4",
   "Answer: 4", "**Answer:** 4", "**Answer**: 4", and "**Final Answer**" / "### Answer" alone on a line with the
-  answer below it. Other uses of the word ("the answer matches") are skipped, at most _MAX_LABEL_TRIES of them."""
+  answer below it. Other uses of the word ("the answer matches") are passed over; one scan, each use checked in
+  bounded time."""
   lowered = text.lower()
-  hi = len(lowered)
-  for _ in range(_MAX_LABEL_TRIES):
-    start = lowered.rfind(_ANSWER_WORD, 0, hi)
-    if start < 0:
+  label_end = None
+  start = lowered.find(_ANSWER_WORD)
+  while start >= 0:
+    end = _label_end(text, lowered, start)
+    if end is not None:
+      label_end = end
+    start = lowered.find(_ANSWER_WORD, start + 1)
+  return None if label_end is None else _sentence(text[label_end:], max_chars)
+
+
+def _label_end(text: str, lowered: str, start: int) -> Optional[int]:
+  """Where the answer starts when the word at `start` labels it; None for any other use of the word."""
+  after = start + len(_ANSWER_WORD)
+  if lowered.startswith(" is", after) and not lowered[after + 3:after + 4].isalpha():
+    return after + 3
+  j = after
+  while j < len(text) and j < after + 8 and text[j] in _MARKUP:
+    j += 1
+  if j < len(text) and text[j] == ":":
+    return j + 1
+  if j == len(text) or text[j] == "\n":  # a heading: only markup, or "final", before the word on its line
+    before = lowered[max(0, start - _MAX_HEADING_PREFIX):start]
+    cut = before.rfind("\n")
+    if cut < 0 and start > _MAX_HEADING_PREFIX:
       return None
-    hi = start
-    after = start + len(_ANSWER_WORD)
-    if lowered.startswith(" is", after) and not lowered[after + 3:after + 4].isalpha():
-      return _sentence(text[after + 3:], max_chars)
-    j = after
-    while j < len(text) and j < after + 8 and text[j] in _MARKUP:
-      j += 1
-    if j < len(text) and text[j] == ":":
-      return _sentence(text[j + 1:], max_chars)
-    if j == len(text) or text[j] == "\n":
-      line_start = lowered.rfind("\n", 0, start) + 1
-      if lowered[line_start:start].strip(_MARKUP) in ("", "final"):
-        return _sentence(text[j:], max_chars)
+    if before[cut + 1:].strip(_MARKUP) in ("", "final"):
+      return j
   return None
 
 
