@@ -80,7 +80,8 @@ def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining
   batch's prompts again with the same random stream (the same tokens from the same params), trains its two
   remaining passes, then goes on with the uninterrupted run's next prompts."""
   _, tokenizer, config, prompts = toy
-  cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=2, max_prompt_tokens=32, max_new_tokens=4, num_passes=3)
+  cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=2, max_prompt_tokens=32, max_new_tokens=4, num_passes=3,
+                        temperature=1.0, final_temperature=0.6)  # annealed: the batch's first step sets it
   params = phi_jax.init_params(config, jax.random.key(0))
 
   def source():
@@ -97,6 +98,7 @@ def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining
   resumed.set_state(json.loads(json.dumps(state)))
   again = [resumed.next_batch(params, step) for step in range(4, 9)]
   np.testing.assert_array_equal(again[0]["tokens"], batches[4]["tokens"])
+  assert resumed.step_metrics(5)["temperature"] == pytest.approx(cfg.temperature_at(3, 9))  # logged with step 5
   assert again[1] is again[0] and again[2] is not again[0]  # the two remaining passes, then the next rollout
   for got, want in zip(again[2:], batches[6:]):
     np.testing.assert_array_equal(got["tokens"], want["tokens"])

@@ -207,7 +207,9 @@ class GRPORollouts:
       self._batch_pass += 1
       return self._process_rows(self._batch)
     self._batch_start = (self.position, self.rollouts)
-    self._batch, self._batch_pass = self._rollout(params, step), 1 + self._resume_passes
+    # A batch regenerated on resume is sampled as at its first step (its temperature on an annealed schedule).
+    self._batch = self._rollout(params, step, first_step=step - self._resume_passes)
+    self._batch_pass = 1 + self._resume_passes
     self._resume_passes = 0
     return self._process_rows(self._batch)
 
@@ -233,7 +235,7 @@ class GRPORollouts:
     inputs = jax.tree.map(lambda x, s: jax.device_put(x, s), inputs, batch_shardings(inputs, self.mesh))
     return multihost_utils.process_allgather(self._ref_logps_fn(self.ref_params, inputs), tiled=True)
 
-  def _rollout(self, params, step: int) -> dict:
+  def _rollout(self, params, step: int, first_step: int) -> dict:
     cfg, g = self.cfg, self.cfg.group_size
     indices = self._next_prompts()
     rows = [i for i in indices for _ in range(g)]
@@ -242,7 +244,7 @@ class GRPORollouts:
     prompt_lengths = np.array([len(self.encoded[i]) for i in rows], np.int32)
     for r, i in enumerate(rows):
       prompt_tokens[r, :len(self.encoded[i])] = self.encoded[i]
-    temperature = self.cfg.temperature_at(step, self.num_steps)
+    temperature = self.cfg.temperature_at(first_step, self.num_steps)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, stop_token_ids=self.stop_ids)
     rng = jax.random.fold_in(jax.random.key(self.seed), self.rollouts)
