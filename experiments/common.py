@@ -55,7 +55,16 @@ def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Seque
   later one overrides the earlier. A transformers checkpoint directory has no config.gin: `files` and `params`
   alone."""
   run_config = os.path.join(init_from, "config.gin")
-  parse_gin(([run_config] if os.path.exists(run_config) else []) + list(files), params)
+  if os.path.exists(run_config):
+    with open(run_config) as f:
+      # A GRPO run written when GRPO had its own chunk size recorded `grpo.chunk_size`, no longer a setting (the
+      # loss chunk is train.chunk_size): its line is left out, as it changes nothing a loaded policy does.
+      text = "\n".join(line for line in f.read().splitlines() if not line.startswith("grpo.chunk_size"))
+    try:
+      gin.parse_config(text)
+    except Exception as e:
+      raise ValueError(f"{run_config}: {e}") from e
+  parse_gin(files, params)
 
 
 def add_checkpoint_args(parser):
@@ -96,7 +105,7 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
 
   Several `train_files` are mixed by `weights` (shares of records in every batch, equal by default); with
   `num_epochs` set, the mixture ends when its first file runs out, and the run logs how much of the others it
-  did not read (weights proportional to file sizes make it one pass over all)."""
+  did not read (weights proportional to the files' record counts make it one pass over all)."""
   if batch_size < 1 or seq_len < 2:
     raise ValueError(f"data.batch_size={batch_size} and data.seq_len={seq_len}: a batch needs at least one row and a "
                      "row at least two tokens (one input, one target)")
@@ -274,12 +283,12 @@ def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
 
 
 def file_sizes(patterns) -> list[list]:
-  """[path, bytes] of every file the patterns match (a save_to_disk directory: its arrow files)."""
+  """[path, bytes] of every file the patterns match (a save_to_disk directory: its arrow files, of every split)."""
   out = []
   for pattern in patterns:
     paths = [pattern] if os.path.isdir(pattern) else sources_lib.expand_paths(pattern)
     for path in paths:
-      files = sorted(glob.glob(os.path.join(path, "*.arrow"))) if os.path.isdir(path) else [path]
+      files = sorted(glob.glob(os.path.join(path, "**", "*.arrow"), recursive=True)) if os.path.isdir(path) else [path]
       out.extend([f, os.path.getsize(f)] for f in files)
   return out
 

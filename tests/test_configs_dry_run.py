@@ -122,14 +122,16 @@ def test_loss_settings_are_one_knob_for_every_stage():
     os.chdir(cwd)
 
 
-def test_resume_logs_a_changed_tokenizer_prompt_or_reward(caplog):
+def test_resume_logs_a_changed_tokenizer_prompt_or_reward(caplog, tmp_path):
   from phi_jax.train import loop
 
   grpo = os.path.join("experiments", "configs", "phi4_mini_reasoning", "grpo.gin")
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"problem": "1 + 1?", "answer": "2"}\n')
 
   def meta(extra, vocab):
     gin.clear_config()
-    common.parse_gin([grpo], extra)
+    common.parse_gin([grpo], [f"data.train_files=['{prompts}']"] + extra)
     return common.run_meta("grpo", common.train_settings(), common.data(), [None] * vocab)
 
   cwd = os.getcwd()
@@ -194,8 +196,14 @@ def test_cli_data_files_open_by_type_and_bad_prompt_lines_name_file_and_line(tmp
   from_dir, from_jsonl = first_batch(str(tmp_path / "docs_dir")), first_batch(str(tmp_path / "docs.jsonl"))
   for key in from_jsonl:
     np.testing.assert_array_equal(from_dir[key], from_jsonl[key])
+  (tmp_path / "docs.ndjson").write_text((tmp_path / "docs.jsonl").read_text())
+  np.testing.assert_array_equal(first_batch(str(tmp_path / "docs.ndjson"))["tokens"], from_jsonl["tokens"])
   with pytest.raises(DataError, match="unknown file type"):
     first_batch(str(tmp_path / "docs.jsonl.gz"))
+  # Resume compares the sizes of the files a save_to_disk directory holds, a DatasetDict's splits included.
+  datasets.DatasetDict({"train": datasets.Dataset.from_list(records)}).save_to_disk(str(tmp_path / "dict_dir"))
+  sizes = common.file_sizes([str(tmp_path / "dict_dir"), str(tmp_path / "docs_dir")])
+  assert [os.path.relpath(path, tmp_path).split(os.sep)[0] for path, _ in sizes] == ["dict_dir", "docs_dir"]
 
   good = '{"problem": "1 + 1?", "answer": 2}\n'
   for line, match in (('["a list"]', r"p.jsonl:2: not an object"), (b'{"problem": "caf\xe9", "answer": "1"}',

@@ -127,7 +127,9 @@ def test_evaluate_scores_with_the_verifier_it_is_given(tiny_run):
 def test_eval_and_rollouts_layer_gin_files_over_the_runs_config(tmp_path):
   """Both commands read a run's own config.gin first, then --gin_file, then --gin_param (later ones win)."""
   import rollouts
-  (tmp_path / "config.gin").write_text("rollouts.temperature = 0.5\nrollouts.top_k = 3\nrollouts.batch_size = 7\n")
+  # (grpo.chunk_size: written by GRPO runs from before train.chunk_size became GRPO's loss chunk; still loads.)
+  (tmp_path / "config.gin").write_text("rollouts.temperature = 0.5\nrollouts.top_k = 3\nrollouts.batch_size = 7\n"
+                                       "grpo.chunk_size = 128\n")
   extra = tmp_path / "extra.gin"
   extra.write_text("rollouts.temperature = 0.25\nrollouts.batch_size = 5\n")
   try:

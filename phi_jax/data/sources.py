@@ -253,15 +253,16 @@ def _raw(data: Any, where: str, error: Optional[tuple[str, str]]) -> dict[str, A
 
 
 def open_source(path: str | os.PathLike | Sequence[str | os.PathLike], *, name: Optional[str] = None):
-  """A source chosen by file type: *.jsonl / *.json lines, *.parquet, or a `save_to_disk` directory."""
+  """A source chosen by file type: *.jsonl / *.ndjson / *.json lines, *.parquet, or a `save_to_disk` directory."""
   first = os.fspath(path if isinstance(path, (str, os.PathLike)) else path[0])
   if os.path.isdir(first):
     return DiskDatasetSource(first, name=name)
   if first.endswith(".parquet"):
     return ParquetSource(path, name=name)
-  if first.endswith((".jsonl", ".json")) or glob.has_magic(first):
+  if first.endswith((".jsonl", ".ndjson", ".json")) or glob.has_magic(first):
     return JsonlSource(path, name=name)
-  raise DataError(first, "unknown file type", "expected *.jsonl, *.parquet or a save_to_disk directory")
+  raise DataError(first, "unknown file type", "expected *.jsonl (or .ndjson, .json: one JSON object per line), "
+                  "*.parquet or a save_to_disk directory; rename a JSON-lines file to *.jsonl")
 
 
 def validate_record(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
