@@ -3,6 +3,7 @@ compilation cache."""
 
 import os
 
+from compile_cache import drop_entries_without_access_time
 from xla_flags import xla_flags
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(devices=8)).strip()
@@ -16,7 +17,14 @@ _CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(os.path.dir
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+drop_entries_without_access_time(_CACHE)
 
+
+@pytest.fixture(autouse=True)
+def _cache_stays_writable():
+  """After each test: a subprocess it killed mid-compile must not leave the cache unwritable (compile_cache.py)."""
+  yield
+  drop_entries_without_access_time(_CACHE)
 
 @pytest.fixture(scope="session")
 def tiny_config():
