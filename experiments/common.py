@@ -274,8 +274,7 @@ def run_training(workdir: str):
 def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
   """What a run records beside its checkpoints and compares on resume: a changed list of train files, or files
   they match that appeared, vanished or changed size, is refused (the saved data position belongs to the old
-  sources); every other change (another tokenizer or system prompt,
-  the loss or reward settings) is logged."""
+  sources); every other change (another tokenizer or system prompt, the loss or reward settings) is logged."""
   data_meta = {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}
   data_meta["tokenizer_size"] = len(tokenizer)
   data_meta["train_file_sizes"] = file_sizes(data_cfg["train_files"])
@@ -555,13 +554,8 @@ def _grpo_setup(model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict,
   from phi_jax.rewards import registry
   from phi_jax.rewards.length_aware import LengthAwareRewardConfig
 
-  cfg = grpo_config(settings)
+  cfg = grpo_config(settings)  # its rows were checked against the mesh by check_batch_shape
   loop = settings["loop"]
-  rows = cfg.prompts_per_step * cfg.group_size
-  data_ways = the_mesh.shape["data"] * the_mesh.shape["fsdp"]
-  if rows % data_ways or (rows // loop.microbatches) % data_ways:
-    raise ValueError(f"grpo.prompts_per_step x grpo.group_size = {rows} rows (per microbatch "
-                     f"{rows // loop.microbatches}) must be divisible by the data x fsdp mesh size {data_ways}")
   reward_cfg = reward_settings()
   parts = {}
   for name, weight in reward_cfg["weights"].items():

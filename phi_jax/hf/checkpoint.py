@@ -329,7 +329,6 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
   (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   generation = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
                 if hf_config[key] is not None}
-  if stop_token_ids:
-    generation["eos_token_id"] = list(dict.fromkeys([*stop_token_ids, *([config.eos_token_id]
-                                                                       if config.eos_token_id is not None else [])]))
+  if stop_token_ids:  # the turn's stop tokens first, then the config's own eos
+    generation["eos_token_id"] = list(dict.fromkeys(stop_token_ids + [hf_config["eos_token_id"]]))
   (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -33,6 +33,8 @@ _ANSWER_WORD = "answer"
 _MAX_HEADING_PREFIX = 16
 # Markdown and spacing that may surround "answer" in a label ("**Answer**:", "### Final Answer").
 _MARKUP = " \t*_#"
+# What may wrap an answer in prose besides white space: markdown bold, math delimiters.
+_WRAPPERS = "*$"
 # Special tokens rendered into the text (`<|im_end|>`, `<|end|>`) end an answer.
 _SPECIAL_TOKEN_START = "<|"
 
@@ -177,11 +179,13 @@ def clean_answer(answer: str) -> str:
   inline_math = _first_inline_math(answer)
   if inline_math is not None:
     answer = inline_math
-  while True:  # "**7**." and "$7$." : bold, math and a final period in any nesting
-    stripped = answer.strip().rstrip(".").strip().strip("*").strip("$").strip()
-    if stripped == answer:
-      return answer
-    answer = stripped
+  # Bold, math and a final period in any nesting ("**7**.", "$7$."), in one pass; a leading "." stays (".5").
+  start, end = 0, len(answer)
+  while start < end and (answer[start].isspace() or answer[start] in _WRAPPERS):
+    start += 1
+  while end > start and (answer[end - 1].isspace() or answer[end - 1] in _WRAPPERS + "."):
+    end -= 1
+  return answer[start:end]
 
 
 def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS,
