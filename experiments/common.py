@@ -129,11 +129,14 @@ def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "n
                    export_hf: bool = False, peak_flops_per_device: Optional[float] = None,
                    on_nonfinite: str = "stop", chunk_size: int = 1024, z_loss: float = 0.0,
                    preemption_grace_s: Optional[float] = None, loss_spike_factor: float = 5.0,
-                   loss_spike_window: int = 20):
+                   loss_spike_window: int = 20, early_stopping_patience: Optional[int] = None,
+                   early_stopping_min_delta: float = 0.0, keep_best_checkpoint: bool = False):
   """Loop settings. `init_from`: an HF checkpoint directory or a previous run's workdir (its params/).
 
   `chunk_size`: positions per logits chunk in every stage's loss. `z_loss`: the z-loss coefficient of the
-  next-token loss (mid-training, SFT); the DPO and GRPO losses have no such term."""
+  next-token loss (mid-training, SFT); the DPO and GRPO losses have no such term.
+  `early_stopping_patience`, `early_stopping_min_delta`, `keep_best_checkpoint`: stop once the eval loss stalls,
+  and end with the best evaluation's params (see `phi_jax.train.LoopConfig`); they need data.eval_files."""
   if z_loss and stage != "next_token":
     raise ValueError(f"train.z_loss={z_loss} applies to the next-token loss only; the {stage!r} stage's loss has "
                      "no z-loss term: remove the binding")
@@ -142,7 +145,9 @@ def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "n
                               async_checkpoints=async_checkpoints, eval_every=eval_every, on_nonfinite=on_nonfinite,
                               peak_flops_per_device=peak_flops_per_device, export_hf=export_hf,
                               preemption_grace_s=preemption_grace_s, loss_spike_factor=loss_spike_factor,
-                              loss_spike_window=loss_spike_window),
+                              loss_spike_window=loss_spike_window, early_stopping_patience=early_stopping_patience,
+                              early_stopping_min_delta=early_stopping_min_delta,
+                              keep_best_checkpoint=keep_best_checkpoint),
               stage=stage, init_from=init_from, chunk_size=chunk_size, z_loss=z_loss)
 
 

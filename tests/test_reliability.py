@@ -342,11 +342,78 @@ def scaled_loss(config):
   return loss_fn
 
 
-def _run(workdir, config=TINY, mesh_shape=None, opt=OPT, scales=None, **loop_kwargs):
+def _run(workdir, config=TINY, mesh_shape=None, opt=OPT, scales=None, eval_batches=None, **loop_kwargs):
   mesh = sharding.make_mesh(mesh_shape or {"data": 1}, devices=None if mesh_shape else jax.devices()[:1])
   loop_config = LoopConfig(**dict(dict(num_steps=4, checkpoint_every=2, async_checkpoints=False), **loop_kwargs))
   return loop.run(workdir=str(workdir), model_config=config, optimizer_config=opt, loss_fn=scaled_loss(config),
-                  train_data=ScaledData(scales, config.vocab_size), loop=loop_config, mesh=mesh)
+                  train_data=ScaledData(scales, config.vocab_size), loop=loop_config, mesh=mesh,
+                  eval_batches=eval_batches)
+
+
+class EvalScales:
+  """`eval_batches` for loop.run: one fixed batch whose loss is scaled by scales[k] at the k-th evaluation."""
+
+  def __init__(self, scales, evaluations_done=0):
+    self.scales, self.count = scales, evaluations_done
+
+  def __call__(self):
+    self.count += 1
+    data = ScaledData()
+    data.index = 1000
+    batch = next(data)
+    batch["scale"][:] = self.scales.get(self.count, 1.0)
+    return [batch]
+
+
+def _records(workdir):
+  """{(step, "train" | "eval"): record} of metrics.jsonl, without the timings."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {(r["step"], "eval" if "eval_loss" in r else "train"): {k: v for k, v in r.items() if k != "tokens_per_sec"}
+            for r in map(json.loads, f)}
+
+
+def test_early_stopping_ends_with_the_best_checkpoint_and_resumes_where_it_stopped(tmp_path, caplog):
+  caplog.set_level(logging.INFO, logger="phi_jax")
+  # The eval loss drops to 0.3x at the 2nd evaluation and never beats it again: patience 3 stops after step 5.
+  scales = {2: 0.3}
+  settings = dict(num_steps=12, eval_every=1, checkpoint_every=100, keep_checkpoints=1, early_stopping_patience=3,
+                  keep_best_checkpoint=True)
+  state = _run(tmp_path / "a", eval_batches=EvalScales(scales), **settings)
+  records = _records(tmp_path / "a")
+  assert sorted(records) == [(s, kind) for s in range(1, 6) for kind in ("eval", "train")]
+  assert [records[s, "eval"]["best_eval_step"] for s in range(1, 6)] == [1, 2, 2, 2, 2]
+  assert "early stop at step 5: 3 evaluations without a new best eval_loss" in caplog.text
+  # The newest checkpoint (keep_checkpoints=1) and the best; the run ends with the best's state.
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "a" / "checkpoints"), save_interval_steps=1)
+  assert ckpt.all_steps() == [2, 5]
+  best, last = (ckpt.restore(s, _abstract_state_for(TINY))[0] for s in (2, 5))
+  ckpt.close()
+  assert int(state.step) == 2 and _equal(state.params, best.params) and not _equal(best.params, last.params)
+
+  # Interrupted after step 3 and resumed: the same steps, evaluations, stop and checkpoints.
+  _run(tmp_path / "b", eval_batches=EvalScales(scales), **dict(settings, num_steps=3))
+  state = _run(tmp_path / "b", eval_batches=EvalScales(scales, evaluations_done=3), **settings)
+  assert _records(tmp_path / "b") == records
+  assert int(state.step) == 2 and _equal(state.params, best.params)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "b" / "checkpoints"), save_interval_steps=1)
+  assert ckpt.all_steps() == [2, 5]
+  ckpt.close()
+  # Run again, a stopped run trains and evaluates nothing more.
+  state = _run(tmp_path / "b", eval_batches=EvalScales(scales, evaluations_done=5), **settings)
+  assert _records(tmp_path / "b") == records and int(state.step) == 2
+  assert "stopped early at step 5: 3 evaluations without a new best eval_loss" in caplog.text
+
+
+def test_early_stopping_settings_are_checked():
+  history = loop._EvalHistory(0.1, [{"step": 1, "eval_loss": 2.0}, {"step": 2, "eval_loss": 1.95},
+                                    {"step": 3, "eval_loss": 1.5}, {"step": 4, "eval_loss": float("nan")}])
+  assert (history.best_step, history.best_loss, history.since_best, history.last_step) == (3, 1.5, 1, 4)
+  with pytest.raises(ValueError, match=r"set eval_every > 0"):
+    LoopConfig(num_steps=4, early_stopping_patience=2)
+  with pytest.raises(ValueError, match=r"early_stopping_patience=0 must be at least 1"):
+    LoopConfig(num_steps=4, eval_every=1, early_stopping_patience=0)
+  with pytest.raises(ValueError, match=r"no eval data: set data.eval_files"):
+    _run("/nonexistent/never/written", eval_every=1, keep_best_checkpoint=True)
 
 
 def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_changes_are_logged(tmp_path, caplog):

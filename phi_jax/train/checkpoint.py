@@ -1,4 +1,5 @@
-"""Orbax checkpoints of (train state, data-iterator state, run metadata) with async saves, keep-N and integrity checks.
+"""Orbax checkpoints of (train state, data-iterator state, run metadata) with async saves, keep-N (plus steps the
+loop pins, e.g. the best evaluation's) and integrity checks.
 
 Orbax writes each step into a temporary directory and renames it only when every host has finished, so a
 crash mid-save leaves no directory that `latest_step` would return: only complete checkpoints are restored.
@@ -119,15 +120,36 @@ def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class _KeptSteps(ocp.checkpoint_managers.PreservationPolicy):
+  """Preserves the steps in `steps`, a set its owner updates (the best evaluation's step).
+
+  Orbax's own `BestN` ranks checkpoints by metrics saved with them, but a restarted manager does not read those
+  back, so on resume it would delete the best step; the loop instead recomputes the best from metrics.jsonl.
+  """
+
+  def __init__(self):
+    self.steps: set[int] = set()
+
+  def should_preserve(self, checkpoints, *, context):
+    return [info.step in self.steps for info in checkpoints]
+
+
 class Checkpointer:
   def __init__(self, directory: str, *, save_interval_steps: int = 100, max_to_keep: Optional[int] = 3,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self._kept = _KeptSteps()
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True,
+        preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(n=max_to_keep), self._kept]))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving: Optional[int] = None  # the step of the save that may still be in flight
+
+  def keep(self, steps) -> None:
+    """Protects these steps from deletion by the keep-newest-N rule (replacing the previous set)."""
+    self._kept.steps = set(int(s) for s in steps)
 
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))

@@ -11,6 +11,10 @@ one is used (see `checkpoint.py`); one written under a config whose state cannot
 another optimizer structure) stops the run before any step with a message naming the difference, while compatible
 changes (learning rate, mesh, number of steps) are logged.
 
+With eval data, `early_stopping_patience` ends the run once that many evaluations in a row bring no new best
+eval_loss, and `keep_best_checkpoint` keeps the best evaluation's checkpoint (beside the newest ones) and ends the
+run with its state; both rebuild their history on resume from the kept eval records of metrics.jsonl.
+
 Faults the loop turns into clear outcomes: a NaN/Inf loss or gradient norm stops the run naming the step, the
 metric and the last good checkpoint (or, with `on_nonfinite="skip"`, drops that update with a warning); a loss
 above `loss_spike_factor` x the running median of the last `loss_spike_window` losses is flagged (`loss_spike` in
@@ -69,6 +73,13 @@ class LoopConfig:
   preemption_grace_s: Optional[float] = None
   loss_spike_factor: float = 5.0  # flag a loss above factor x the running median; 0 disables
   loss_spike_window: int = 20  # losses in the running median (a spike is flagged once it holds 5 or more)
+  # Early stopping: end the run once this many evaluations in a row have not lowered the best eval_loss by more
+  # than `early_stopping_min_delta`. Needs eval data and eval_every > 0. None: train to num_steps.
+  early_stopping_patience: Optional[int] = None
+  early_stopping_min_delta: float = 0.0
+  # Checkpoint each evaluation that sets a new best eval_loss, keep it beside the newest `keep_checkpoints`, and end
+  # the run with its state (so params/ and the transformers export hold the best params, not the last).
+  keep_best_checkpoint: bool = False
 
   def __post_init__(self):
     if self.on_nonfinite not in ON_NONFINITE:
@@ -78,6 +89,17 @@ class LoopConfig:
         raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be at least 1")
     if self.preemption_grace_s is not None and self.preemption_grace_s <= 0:
       raise ValueError(f"preemption_grace_s={self.preemption_grace_s} must be positive (or None)")
+    if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+      raise ValueError(f"early_stopping_patience={self.early_stopping_patience} must be at least 1 (or None)")
+    if self.early_stopping_min_delta < 0:
+      raise ValueError(f"early_stopping_min_delta={self.early_stopping_min_delta} must be >= 0")
+    if self.compares_evaluations and self.eval_every < 1:
+      raise ValueError("early_stopping_patience and keep_best_checkpoint compare evaluations made during the run: "
+                       f"set eval_every > 0 (it is {self.eval_every})")
+
+  @property
+  def compares_evaluations(self) -> bool:
+    return self.early_stopping_patience is not None or self.keep_best_checkpoint
 
 
 ON_NONFINITE = ("stop", "skip")
@@ -156,6 +178,32 @@ class _SpikeDetector:
     return None
 
 
+class _EvalHistory:
+  """The run's evaluations: the best eval_loss, its step, and how many evaluations since it last improved.
+
+  Rebuilt on resume from the eval records metrics.jsonl keeps up to the restored step, so early stopping and the
+  kept best checkpoint go on as in an uninterrupted run.
+  """
+
+  def __init__(self, min_delta: float, records: Iterable[dict] = ()):
+    self.min_delta = min_delta
+    self.best_loss, self.best_step, self.since_best, self.last_step = math.inf, None, 0, None
+    for record in records:
+      self.add(record["step"], record["eval_loss"])
+
+  def add(self, step: int, loss: float) -> bool:
+    """Records an evaluation; True when it is a new best (below the best by more than min_delta)."""
+    self.last_step = step
+    if math.isfinite(loss) and loss < self.best_loss - self.min_delta:
+      self.best_loss, self.best_step, self.since_best = loss, step, 0
+      return True
+    self.since_best += 1
+    return False
+
+  def summary(self) -> dict:
+    return {"best_eval_loss": None if self.best_step is None else self.best_loss, "best_eval_step": self.best_step}
+
+
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Per-process numpy batch -> global jax.Arrays split over data x fsdp (works on one host and many)."""
   shardings = batch_shardings(local_batch, mesh)
@@ -219,7 +267,11 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   adds data-side metrics (rewards, lengths) to that step's record.
   `init_params()` returns (sharded) starting params, e.g. from an HF checkpoint or a previous stage; None means
   random init from the seed.
+  With `loop.keep_best_checkpoint` the returned state is the best evaluation's, restored from its checkpoint.
   """
+  if loop.compares_evaluations and eval_batches is None:
+    raise ValueError("early_stopping_patience and keep_best_checkpoint compare evaluations, but this run has no "
+                     "eval data: set data.eval_files (or turn both off)")
   os.makedirs(workdir, exist_ok=True)
   optimizer = make_optimizer(optimizer_config, loop.num_steps)
   schedule = learning_rate_schedule(optimizer_config, loop.num_steps)
@@ -252,6 +304,16 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
   spikes = _SpikeDetector(loop.loss_spike_factor, loop.loss_spike_window,
                           [r["loss"] for r in writer.kept if "loss" in r and "eval_loss" not in r])
+  evals = _EvalHistory(loop.early_stopping_min_delta, [r for r in writer.kept if "eval_loss" in r])
+  if loop.keep_best_checkpoint and evals.best_step is not None:
+    checkpointer.keep([evals.best_step])
+  patience_spent = lambda: (loop.early_stopping_patience is not None
+                            and any_process(evals.since_best >= loop.early_stopping_patience)[0])
+  stopped_early = patience_spent()
+  if stopped_early:
+    log.info("the run in %s stopped early at step %d: %d evaluations without a new best eval_loss (%.4g at step "
+             "%d; early_stopping_patience=%d); nothing to train (raise the patience to go on)", workdir, start,
+             evals.since_best, evals.best_loss, evals.best_step, loop.early_stopping_patience)
   # A data source with next_batch(params, step) samples from the current policy (GRPO); others are iterators.
   on_policy = hasattr(train_data, "next_batch")
   iterator = None if on_policy else iter(train_data)
@@ -303,7 +365,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
 
   with _SigtermFlag(loop.preemption_grace_s) as sigterm, _finish_saves_on_error(checkpointer):
     saved = start
-    for step in range(start, loop.num_steps):
+    for step in range(start, start if stopped_early else loop.num_steps):
       try:
         local = train_data.next_batch(state.params, step) if on_policy else next(iterator)
       except StopIteration:
@@ -334,10 +396,16 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         flush(pending)
       pending = (step + 1, metrics, stats)
       done = step + 1
+      save_best = False
       if eval_batches is not None and loop.eval_every and done % loop.eval_every == 0 and done < loop.num_steps:
         eval_fn = eval_fn or _make_eval(loss_fn, mesh)
-        writer.write(dict(_evaluate(eval_fn, state.params, eval_batches(), mesh), step=done))
-      if done % loop.checkpoint_every == 0 or done == loop.num_steps or preempt:
+        record = _evaluate(eval_fn, state.params, eval_batches(), mesh)
+        save_best = evals.add(done, record["eval_loss"]) and loop.keep_best_checkpoint
+        writer.write(dict(record, **evals.summary(), step=done))
+        if save_best:
+          checkpointer.keep([done])  # the previous best goes once this save lands, unless among the newest
+        stopped_early = patience_spent()
+      if done % loop.checkpoint_every == 0 or done == loop.num_steps or preempt or stopped_early or save_best:
         flush(pending)  # a checkpoint is written only after its step's loss is known to be finite
         pending = None
         data_state = train_data.get_state() if hasattr(train_data, "get_state") else None
@@ -349,18 +417,41 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         log.warning("SIGTERM%s: saved step %d to %s; exiting", "" if sigterm.raised else " on another process", done,
                     checkpointer.step_path(done))
         raise Preempted(done)
+      if stopped_early:
+        log.info("early stop at step %d: %d evaluations without a new best eval_loss (%.4g at step %d; "
+                 "early_stopping_patience=%d)", done, evals.since_best, evals.best_loss, evals.best_step,
+                 loop.early_stopping_patience)
+        break
     if pending is not None:
       flush(pending)
     final = int(host_scalar(state.step))
     if final != saved:  # the data ended between checkpoints
       checkpointer.save(final, state, data_state=train_data.get_state() if hasattr(train_data, "get_state") else None,
                         meta=meta, force=True)
-  if eval_batches is not None:
+  if eval_batches is not None and evals.last_step != final:  # not already evaluated at this step
     eval_fn = eval_fn or _make_eval(loss_fn, mesh)
-    writer.write(dict(_evaluate(eval_fn, state.params, eval_batches(), mesh), step=int(host_scalar(state.step))))
+    record = _evaluate(eval_fn, state.params, eval_batches(), mesh)
+    if evals.add(final, record["eval_loss"]) and loop.keep_best_checkpoint:
+      checkpointer.keep([final])
+    writer.write(dict(record, **evals.summary(), step=final))
+  if loop.keep_best_checkpoint and evals.best_step not in (None, final):
+    state = _restore_best(checkpointer, evals, abstract_state(model_config, optimizer, mesh), state)
   checkpointer.close()
   write_data_stats()
   return state
+
+
+def _restore_best(checkpointer: Checkpointer, evals: _EvalHistory, target, state):
+  """The state of the best evaluation's checkpoint (keep_best_checkpoint), or `state` if that step is gone."""
+  checkpointer.wait()
+  step = evals.best_step
+  if step not in checkpointer.all_steps():  # e.g. evaluated before keep_best_checkpoint was turned on
+    log.warning("the best evaluation (eval_loss %.4g at step %d) has no checkpoint in %s; the run ends with the "
+                "state of step %d", evals.best_loss, step, checkpointer.directory, int(host_scalar(state.step)))
+    return state
+  log.info("the run ends with the state of step %d, its best evaluation (eval_loss %.4g), restored from %s",
+           step, evals.best_loss, checkpointer.step_path(step))
+  return checkpointer.restore(step, target)[0]
 
 
 @contextlib.contextmanager
