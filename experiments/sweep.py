@@ -25,7 +25,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METRICS = ("loss", "eval_loss", "token_accuracy", "reward_mean", "accuracy")
+METRICS = ("loss", "eval_loss", "best_eval_loss", "token_accuracy", "reward_mean", "accuracy")
 
 
 def load_spec(text: str) -> dict:

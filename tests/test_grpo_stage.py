@@ -72,7 +72,7 @@ def test_rollout_batch_layout(toy):
       assert np.all(batch["old_logps"][r, targets - 1] < 0) and np.all(batch["segment_ids"][r, targets] == 1)
     np.testing.assert_allclose(batch["advantages"].reshape(2, 4).mean(1), 0, atol=1e-5)
   assert source.next_batch(params, 1) is not batch  # num_passes == 1: a fresh rollout every step
-  assert source.get_state() == {"position": 4, "rollouts": 2, "passes_done": 0}
+  assert source.get_state() == {"position": 4, "rollouts": 2, "passes_done": 0, "hard_queue": []}
 
 
 def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining_passes(toy):
@@ -93,7 +93,7 @@ def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining
   for step in range(4):  # batch 1 = steps 0-2, batch 2 = steps 3-5: saved after its first pass
     interrupted.next_batch(params, step)
   state = interrupted.get_state()
-  assert state == {"position": 2, "rollouts": 1, "passes_done": 1}
+  assert state == {"position": 2, "rollouts": 1, "passes_done": 1, "hard_queue": []}
   resumed = source()
   resumed.set_state(json.loads(json.dumps(state)))
   again = [resumed.next_batch(params, step) for step in range(4, 9)]
@@ -103,6 +103,57 @@ def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining
   for got, want in zip(again[2:], batches[6:]):
     np.testing.assert_array_equal(got["tokens"], want["tokens"])
   assert resumed.get_state() == full.get_state()
+
+
+def test_hard_prompts_are_sampled_again_and_the_queue_survives_a_resume(toy):
+  """Prompts with an even answer are never solved (hard), odd ones always: with hard_prompt_fraction=0.5, half of
+  each batch's 4 prompts are the oldest queued hard ones, the rest come from the shuffled order; a source restored
+  from get_state() picks the same prompts as the uninterrupted one."""
+  _, tokenizer, config, _ = toy
+  prompts = [{"problem": f"Write digits {i}", "answer": str(i)} for i in range(16)]
+  cfg = grpo.GRPOConfig(prompts_per_step=4, group_size=2, max_prompt_tokens=32, max_new_tokens=2,
+                        hard_prompt_fraction=0.5, hard_prompt_accuracy=0.25)
+  params = phi_jax.init_params(config, jax.random.key(0))
+
+  def source(seen):
+    def odd_is_solved(texts, golds, lengths, finished):
+      seen.append([int(g) for g in golds[::cfg.group_size]])
+      correct = np.array([int(g) % 2 == 1 for g in golds])
+      return correct.astype(np.float32), correct
+
+    return grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=odd_is_solved, num_steps=6)
+
+  full_seen = []
+  full = source(full_seen)
+  for step in range(6):
+    full.next_batch(params, step)
+  order = np.concatenate([np.random.default_rng([0, epoch]).permutation(16) for epoch in range(2)]).tolist()
+  queue, fresh, expected, replays = [], iter(order), [], []
+  for _ in range(6):  # the same rule written out: up to 2 queued hard prompts first, then fresh ones
+    batch = queue[:2]
+    queue = queue[2:]
+    replays.append(len(batch))
+    batch += [next(fresh) for _ in range(4 - len(batch))]
+    queue += [i for i in batch if i % 2 == 0 and i not in queue]
+    expected.append(batch)
+  assert full_seen == expected
+  assert replays[1:] == [2] * 5  # every batch after the first starts with two hard prompts seen before
+  assert [full.step_metrics(step + 1)["hard_prompts_replayed"] for step in range(6)] == replays
+
+  part_seen = []
+  part = source(part_seen)
+  for step in range(3):
+    part.next_batch(params, step)
+  state = json.loads(json.dumps(part.get_state()))
+  assert state["hard_queue"] == [i for i in state["hard_queue"] if i % 2 == 0] and state["hard_queue"]
+  resumed_seen = []
+  resumed = source(resumed_seen)
+  resumed.set_state(state)
+  for step in range(3, 6):
+    resumed.next_batch(params, step)
+  assert part_seen + resumed_seen == full_seen
+  with pytest.raises(ValueError, match=r"hard_prompt_fraction=1.0"):
+    grpo.GRPOConfig(hard_prompt_fraction=1.0)
 
 
 def test_rollout_texts_leave_out_the_stop_token(toy):

@@ -13,7 +13,10 @@ The Phi-4-mini-reasoning fixes for small models are settings of `GRPOConfig`:
   variation is dropped — the paper filters candidate prompts by sampling them several times and keeping those
   with fairly uniform response lengths; here every step's G samples are that sample;
 - temperature annealing: `temperature` -> `final_temperature` linearly over the first `anneal_fraction` of the
-  run, then constant (the paper: 1.0 -> 0.6 over the first half).
+  run, then constant (the paper: 1.0 -> 0.6 over the first half);
+- oversampling hard prompts (`hard_prompt_fraction`): a prompt whose group accuracy was at most
+  `hard_prompt_accuracy` (unsolved ones included) joins a queue, and up to that share of each rollout batch's
+  prompts are taken again from the front of the queue before the rest come from the shuffled order.
 Dropped rows stay in the batch with a zero mask and zero advantage, so shapes never change and nothing recompiles.
 
 Loss normalisation under the shared step (which divides a sum by a weight after microbatching):
@@ -64,7 +67,16 @@ class GRPOConfig:
   max_group_accuracy: Optional[float] = None
   balance_negatives: bool = False
   max_length_cv: Optional[float] = None
+  hard_prompt_fraction: float = 0.0
+  hard_prompt_accuracy: float = 0.25
   chunk_size: int = 1024
+
+  def __post_init__(self):
+    if not 0.0 <= self.hard_prompt_fraction < 1.0:
+      raise ValueError(f"grpo.hard_prompt_fraction={self.hard_prompt_fraction}: the share of each batch's prompts "
+                       "sampled again because they were hard, in [0, 1)")
+    if not 0.0 <= self.hard_prompt_accuracy <= 1.0:
+      raise ValueError(f"grpo.hard_prompt_accuracy={self.hard_prompt_accuracy} is a group accuracy, in [0, 1]")
 
   def temperature_at(self, step: int, num_steps: int) -> float:
     if self.final_temperature is None:
@@ -143,9 +155,11 @@ def select_rows(rewards_BG: np.ndarray, correct_BG: np.ndarray, lengths_BG: np.n
 class GRPORollouts:
   """The GRPO data source: `next_batch(params, step)` samples a rollout batch every `num_passes` steps.
 
-  Prompts are records {"problem": str, "answer": str}, visited in a seeded order (reshuffled each epoch).
-  State for checkpoints is the position in that order, the rollout count and, for a checkpoint taken between the
-  passes of one rollout batch, where that batch began and how many of its passes were trained. Resuming there
+  Prompts are records {"problem": str, "answer": str}, visited in a seeded order (reshuffled each epoch), with
+  hard prompts sampled again from a queue when `hard_prompt_fraction` > 0.
+  State for checkpoints is the position in that order, the rollout count, the hard-prompt queue and, for a
+  checkpoint taken between the passes of one rollout batch, where that batch began and how many of its passes were
+  trained. Resuming there
   samples the same prompts again with the same random stream and trains the remaining passes on them, so the run
   keeps its prompt order and its steps per batch; the responses come from the restored (newer) params, so that one
   batch differs from the uninterrupted run's.
@@ -172,31 +186,39 @@ class GRPORollouts:
       self.encoded.append(ids)
     self.stop_ids = tuple(stop_token_ids(tokenizer))
     self.position, self.rollouts = 0, 0
+    self.hard_queue: list[int] = []  # prompts found hard, oldest first, each at most once
     self._batch, self._batch_pass, self._metrics = None, 0, {}
-    self._batch_start = (0, 0)  # (position, rollouts) before the current batch was sampled
+    self._batch_start = (0, 0, [])  # (position, rollouts, hard queue) before the current batch was sampled
     self._resume_passes = 0  # passes of a restored, regenerated batch already trained before the checkpoint
     self._ref_logps_fn = jax.jit(functools.partial(_token_logps, config=model_config, chunk_size=cfg.chunk_size))
 
   def get_state(self) -> dict:
     if self._batch is not None and self._batch_pass < self.cfg.num_passes:  # between two passes of one batch
-      position, rollouts = self._batch_start
-      return {"position": position, "rollouts": rollouts, "passes_done": self._batch_pass}
-    return {"position": self.position, "rollouts": self.rollouts, "passes_done": 0}
+      position, rollouts, hard_queue = self._batch_start
+      return {"position": position, "rollouts": rollouts, "passes_done": self._batch_pass,
+              "hard_queue": list(hard_queue)}
+    return {"position": self.position, "rollouts": self.rollouts, "passes_done": 0,
+            "hard_queue": list(self.hard_queue)}
 
   def set_state(self, state: dict):
     self.position, self.rollouts = int(state["position"]), int(state["rollouts"])
+    self.hard_queue = [int(i) for i in state.get("hard_queue", [])]  # absent in checkpoints from before the queue
     self._batch, self._batch_pass = None, 0
     self._resume_passes = int(state.get("passes_done", 0))
 
-  def _next_prompts(self) -> list[int]:
+  def _next_prompts(self) -> tuple[list[int], int]:
+    """The batch's prompt indices, first the hard ones sampled again (oldest first), then the shuffled order; and
+    how many were hard."""
     n = len(self.prompts)
-    out = []
-    for _ in range(self.cfg.prompts_per_step):
+    # The epsilon keeps e.g. 0.29 x 100 (28.999...) at 29.
+    replayed = min(len(self.hard_queue), int(self.cfg.hard_prompt_fraction * self.cfg.prompts_per_step + 1e-9))
+    out, self.hard_queue = self.hard_queue[:replayed], self.hard_queue[replayed:]
+    while len(out) < self.cfg.prompts_per_step:
       epoch, index = divmod(self.position, n)
       order = np.random.default_rng([self.seed, epoch]).permutation(n)
       out.append(int(order[index]))
       self.position += 1
-    return out
+    return out, replayed
 
   def step_metrics(self, step: int) -> dict:
     return self._metrics.pop(step, {})
@@ -206,7 +228,7 @@ class GRPORollouts:
     if self._batch is not None and self._batch_pass < self.cfg.num_passes:
       self._batch_pass += 1
       return self._process_rows(self._batch)
-    self._batch_start = (self.position, self.rollouts)
+    self._batch_start = (self.position, self.rollouts, list(self.hard_queue))
     # A batch regenerated on resume is sampled as at its first step (its temperature on an annealed schedule).
     self._batch = self._rollout(params, step, first_step=step - self._resume_passes)
     self._batch_pass = 1 + self._resume_passes
@@ -237,7 +259,7 @@ class GRPORollouts:
 
   def _rollout(self, params, step: int, first_step: int) -> dict:
     cfg, g = self.cfg, self.cfg.group_size
-    indices = self._next_prompts()
+    indices, replayed = self._next_prompts()
     rows = [i for i in indices for _ in range(g)]
     p = cfg.max_prompt_tokens
     prompt_tokens = np.zeros((len(rows), p), np.int32)
@@ -260,6 +282,10 @@ class GRPORollouts:
     rewards, correct = self.reward_batch_fn(texts, [self.prompts[i]["answer"] for i in rows], lengths, finished)
     rewards_bg, correct_bg, lengths_bg = (np.asarray(x).reshape(len(indices), g) for x in (rewards, correct, lengths))
     keep = select_rows(rewards_bg, correct_bg, lengths_bg, cfg, np.random.default_rng([self.seed, self.rollouts]))
+    if cfg.hard_prompt_fraction:
+      accuracy = np.asarray(correct_bg).astype(bool).mean(axis=1)
+      self.hard_queue += [i for i, a in zip(indices, accuracy)
+                          if a <= cfg.hard_prompt_accuracy and i not in self.hard_queue]
     if not keep.any():
       log.warning("step %d: the filters dropped every group of this rollout batch (mean reward %.3g, accuracy "
                   "%.3g): its %d update(s) train nothing. Groups whose rewards are all equal, or too easy "
@@ -289,6 +315,8 @@ class GRPORollouts:
         "response_length_std": float(lengths.std()), "groups_kept": float(keep.any(axis=1).mean()),
         "responses_kept": float(keep.mean()), "finished_fraction": float(finished.mean()),
         "temperature": float(temperature)}
+    if cfg.hard_prompt_fraction:
+      self._metrics[step + 1].update(hard_prompts_replayed=float(replayed), hard_queue_size=float(len(self.hard_queue)))
     return batch
 
 
