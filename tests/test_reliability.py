@@ -402,6 +402,13 @@ def test_early_stopping_ends_with_the_best_checkpoint_and_resumes_where_it_stopp
   state = _run(tmp_path / "b", eval_batches=EvalScales(scales, evaluations_done=5), **settings)
   assert _records(tmp_path / "b") == records and int(state.step) == 2
   assert "stopped early at step 5: 3 evaluations without a new best eval_loss" in caplog.text
+  # A damaged best checkpoint is reported and the run ends with its newest state instead.
+  for path in _data_files(str(tmp_path / "b" / "checkpoints" / "2")):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  state = _run(tmp_path / "b", eval_batches=EvalScales(scales, evaluations_done=5), **settings)
+  assert int(state.step) == 5 and _equal(state.params, last.params)
+  assert "checkpoints/2 is corrupt" in caplog.text and "the run ends with the state of step 5 instead" in caplog.text
 
 
 def test_early_stopping_settings_are_checked():

@@ -47,7 +47,8 @@ from jax.sharding import Mesh
 from phi_jax.model import PhiConfig
 from phi_jax.sharding.distributed import any_process
 from phi_jax.train import flops
-from phi_jax.train.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpointError, state_signature
+from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointError,
+                                     IncompatibleCheckpointError, state_signature)
 from phi_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from phi_jax.train.state import abstract_state, create_train_state, state_shardings
 from phi_jax.train.step import MeshJit, batch_shardings, make_train_step
@@ -442,16 +443,22 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
 
 
 def _restore_best(checkpointer: Checkpointer, evals: _EvalHistory, target, state):
-  """The state of the best evaluation's checkpoint (keep_best_checkpoint), or `state` if that step is gone."""
+  """The state of the best evaluation's checkpoint (keep_best_checkpoint), or `state` if that step is gone or
+  damaged."""
   checkpointer.wait()
-  step = evals.best_step
+  step, last = evals.best_step, int(host_scalar(state.step))
   if step not in checkpointer.all_steps():  # e.g. evaluated before keep_best_checkpoint was turned on
     log.warning("the best evaluation (eval_loss %.4g at step %d) has no checkpoint in %s; the run ends with the "
-                "state of step %d", evals.best_loss, step, checkpointer.directory, int(host_scalar(state.step)))
+                "state of step %d", evals.best_loss, step, checkpointer.directory, last)
+    return state
+  try:
+    best = checkpointer.restore(step, target)[0]
+  except CorruptCheckpointError as e:  # raised on every process alike; the step stays where it is
+    log.warning("%s; the run ends with the state of step %d instead of its best evaluation's", e, last)
     return state
   log.info("the run ends with the state of step %d, its best evaluation (eval_loss %.4g), restored from %s",
            step, evals.best_loss, checkpointer.step_path(step))
-  return checkpointer.restore(step, target)[0]
+  return best
 
 
 @contextlib.contextmanager
