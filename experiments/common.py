@@ -137,6 +137,9 @@ def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "n
   next-token loss (mid-training, SFT); the DPO and GRPO losses have no such term.
   `early_stopping_patience`, `early_stopping_min_delta`, `keep_best_checkpoint`: stop once the eval loss stalls,
   and end with the best evaluation's params (see `phi_jax.train.LoopConfig`); they need data.eval_files."""
+  if stage == "grpo" and (early_stopping_patience is not None or keep_best_checkpoint):
+    raise ValueError("a GRPO run has no eval loss for train.early_stopping_patience / train.keep_best_checkpoint "
+                     "to compare: remove those bindings")
   if z_loss and stage != "next_token":
     raise ValueError(f"train.z_loss={z_loss} applies to the next-token loss only; the {stage!r} stage's loss has "
                      "no z-loss term: remove the binding")

@@ -1,5 +1,6 @@
 """GRPO stage: the small-model filters, temperature annealing, rollout batches, and a toy run whose reward rises."""
 
+import dataclasses
 import json
 
 import jax
@@ -93,7 +94,7 @@ def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining
   for step in range(4):  # batch 1 = steps 0-2, batch 2 = steps 3-5: saved after its first pass
     interrupted.next_batch(params, step)
   state = interrupted.get_state()
-  assert state == {"position": 2, "rollouts": 1, "passes_done": 1, "hard_queue": []}
+  assert state == {"position": 2, "rollouts": 1, "passes_done": 1, "hard_queue": [], "hard_queue_after": []}
   resumed = source()
   resumed.set_state(json.loads(json.dumps(state)))
   again = [resumed.next_batch(params, step) for step in range(4, 9)]
@@ -154,6 +155,61 @@ def test_hard_prompts_are_sampled_again_and_the_queue_survives_a_resume(toy):
   assert part_seen + resumed_seen == full_seen
   with pytest.raises(ValueError, match=r"hard_prompt_fraction=1.0"):
     grpo.GRPOConfig(hard_prompt_fraction=1.0)
+
+
+def test_hard_queue_is_unique_and_a_resume_between_passes_keeps_it(toy):
+  """Two passes per batch, rewards from the text: a checkpoint after the first pass of batch 2 is resumed and that
+  batch regenerated with other params (as after a restore), so its rewards differ; the queue is set to what it was
+  after the batch, and the next batches draw the uninterrupted run's prompts. The queue never holds a prompt twice."""
+  import zlib
+  _, tokenizer, config, _ = toy
+  prompts = [{"problem": f"Write digits {i}", "answer": str(i)} for i in range(8)]
+  cfg = grpo.GRPOConfig(prompts_per_step=4, group_size=4, max_prompt_tokens=32, max_new_tokens=3, num_passes=2,
+                        hard_prompt_fraction=0.5, hard_prompt_accuracy=0.25)
+  params = phi_jax.init_params(config, jax.random.key(0))
+  # Other weights, scaled up so their logits, not the sampling noise, decide the tokens.
+  other = jax.tree.map(lambda x: 30 * x, phi_jax.init_params(config, jax.random.key(1)))
+
+  def source(seen):
+    def text_hash(texts, golds, lengths, finished):
+      seen.append([int(g) for g in golds[::cfg.group_size]])
+      correct = np.array([zlib.crc32(t.encode()) % 2 == 0 for t in texts])
+      return correct.astype(np.float32), correct
+
+    return grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=text_hash, num_steps=12)
+
+  full_seen = []
+  full = source(full_seen)
+  for step in range(12):
+    full.next_batch(params, step)
+    assert len(set(full.hard_queue)) == len(full.hard_queue)
+  part = source([])
+  for step in range(3):  # batch 2 = steps 2-3: saved after its first pass
+    part.next_batch(params, step)
+  state = json.loads(json.dumps(part.get_state()))
+  assert state["passes_done"] == 1
+
+  def resume(state):
+    seen = []
+    resumed = source(seen)
+    resumed.set_state(state)
+    resumed.next_batch(other, 3)  # the regenerated batch, from other params
+    for step in range(4, 12):
+      resumed.next_batch(params, step)
+    return seen
+
+  assert resume(state)[1:] == full_seen[2:]
+  # Without the saved queue the regenerated batch's rewards reorder it: this setup does exercise that case.
+  assert resume({k: v for k, v in state.items() if k != "hard_queue_after"})[1:] != full_seen[2:]
+
+  def never_solved(texts, golds, lengths, finished):
+    return np.zeros(len(texts), np.float32), np.zeros(len(texts), bool)
+
+  unsolved = grpo.GRPORollouts(prompts, tokenizer, config, dataclasses.replace(cfg, num_passes=1),
+                               reward_batch_fn=never_solved, num_steps=8)
+  for step in range(8):  # every prompt is hard; replayed ones also come up fresh, in the same batch at times
+    unsolved.next_batch(params, step)
+    assert len(set(unsolved.hard_queue)) == len(unsolved.hard_queue)
 
 
 def test_rollout_texts_leave_out_the_stop_token(toy):

@@ -421,6 +421,16 @@ def test_early_stopping_settings_are_checked():
     LoopConfig(num_steps=4, eval_every=1, early_stopping_patience=0)
   with pytest.raises(ValueError, match=r"no eval data: set data.eval_files"):
     _run("/nonexistent/never/written", eval_every=1, keep_best_checkpoint=True)
+  nan = loop._EvalHistory(0.0, [{"step": 1, "eval_loss": float("nan")}, {"step": 2, "eval_loss": float("nan")}])
+  assert nan.describe() == "2 evaluations without a new best eval_loss (no finite eval_loss yet)"
+
+
+def test_early_stopping_refuses_eval_data_with_nothing_to_score(tmp_path, gin_run):
+  # An empty eval set used to score 0.0, a best no later evaluation could beat: the run stopped at once.
+  with pytest.raises(ValueError, match=r"the eval data gave no tokens to score, so early_stopping_patience"):
+    _run(tmp_path / "a", eval_every=1, early_stopping_patience=2, eval_batches=lambda: [])
+  with pytest.raises(ValueError, match=r"a GRPO run has no eval loss for train.early_stopping_patience"):
+    gin_run("train.num_steps = 2", "train.stage = 'grpo'", "train.eval_every = 1", "train.keep_best_checkpoint = True")
 
 
 def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_changes_are_logged(tmp_path, caplog):

@@ -62,6 +62,16 @@ def any_process(*flags: bool) -> tuple[bool, ...]:
   return tuple(bool(f) for f in np.any(np.asarray(gathered).reshape(-1, len(flags)), axis=0))
 
 
+def from_process_zero(*values: float) -> tuple[float, ...]:
+  """Process 0's values on every process, bit for bit; the values as given in a single-process run. A collective."""
+  if jax.process_count() == 1:
+    return tuple(float(v) for v in values)
+  from jax.experimental import multihost_utils
+  words = np.asarray(values, np.float64).view(np.int32)  # int32 words: exact whatever jax_enable_x64 says
+  received = np.asarray(multihost_utils.broadcast_one_to_all(words)).astype(np.int32).view(np.float64)
+  return tuple(float(v) for v in received)
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name`; a no-op for a single process."""
   if jax.process_count() > 1:

@@ -159,10 +159,10 @@ class GRPORollouts:
   hard prompts sampled again from a queue when `hard_prompt_fraction` > 0.
   State for checkpoints is the position in that order, the rollout count, the hard-prompt queue and, for a
   checkpoint taken between the passes of one rollout batch, where that batch began and how many of its passes were
-  trained. Resuming there
-  samples the same prompts again with the same random stream and trains the remaining passes on them, so the run
-  keeps its prompt order and its steps per batch; the responses come from the restored (newer) params, so that one
-  batch differs from the uninterrupted run's.
+  trained. Resuming there samples the same prompts again with the same random stream and trains the remaining
+  passes on them, so the run keeps its prompt order and its steps per batch; the responses come from the restored
+  (newer) params, so that one batch differs from the uninterrupted run's. Its rewards leave the hard queue alone:
+  the queue is set to what it was after that batch in the interrupted run.
   """
 
   def __init__(self, prompts: Sequence[dict], tokenizer, model_config: PhiConfig, cfg: GRPOConfig, *,
@@ -190,19 +190,23 @@ class GRPORollouts:
     self._batch, self._batch_pass, self._metrics = None, 0, {}
     self._batch_start = (0, 0, [])  # (position, rollouts, hard queue) before the current batch was sampled
     self._resume_passes = 0  # passes of a restored, regenerated batch already trained before the checkpoint
+    self._resume_queue_after = None  # the hard queue as it was after that batch in the interrupted run
     self._ref_logps_fn = jax.jit(functools.partial(_token_logps, config=model_config, chunk_size=cfg.chunk_size))
 
   def get_state(self) -> dict:
     if self._batch is not None and self._batch_pass < self.cfg.num_passes:  # between two passes of one batch
       position, rollouts, hard_queue = self._batch_start
+      # The queue after the batch too: the regenerated batch's rewards (newer params) must not reorder it.
       return {"position": position, "rollouts": rollouts, "passes_done": self._batch_pass,
-              "hard_queue": list(hard_queue)}
+              "hard_queue": list(hard_queue), "hard_queue_after": list(self.hard_queue)}
     return {"position": self.position, "rollouts": self.rollouts, "passes_done": 0,
             "hard_queue": list(self.hard_queue)}
 
   def set_state(self, state: dict):
     self.position, self.rollouts = int(state["position"]), int(state["rollouts"])
     self.hard_queue = [int(i) for i in state.get("hard_queue", [])]  # absent in checkpoints from before the queue
+    after = state.get("hard_queue_after")
+    self._resume_queue_after = None if after is None else [int(i) for i in after]
     self._batch, self._batch_pass = None, 0
     self._resume_passes = int(state.get("passes_done", 0))
 
@@ -282,10 +286,13 @@ class GRPORollouts:
     rewards, correct = self.reward_batch_fn(texts, [self.prompts[i]["answer"] for i in rows], lengths, finished)
     rewards_bg, correct_bg, lengths_bg = (np.asarray(x).reshape(len(indices), g) for x in (rewards, correct, lengths))
     keep = select_rows(rewards_bg, correct_bg, lengths_bg, cfg, np.random.default_rng([self.seed, self.rollouts]))
-    if cfg.hard_prompt_fraction:
+    if self._resume_queue_after is not None:
+      self.hard_queue, self._resume_queue_after = self._resume_queue_after, None
+    elif cfg.hard_prompt_fraction:
       accuracy = np.asarray(correct_bg).astype(bool).mean(axis=1)
-      self.hard_queue += [i for i, a in zip(indices, accuracy)
-                          if a <= cfg.hard_prompt_accuracy and i not in self.hard_queue]
+      for i, a in zip(indices, accuracy):  # a prompt both replayed and drawn fresh in one batch is queued once
+        if a <= cfg.hard_prompt_accuracy and i not in self.hard_queue:
+          self.hard_queue.append(i)
     if not keep.any():
       log.warning("step %d: the filters dropped every group of this rollout batch (mean reward %.3g, accuracy "
                   "%.3g): its %d update(s) train nothing. Groups whose rewards are all equal, or too easy "

@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from phi_jax.model import PhiConfig
-from phi_jax.sharding.distributed import any_process
+from phi_jax.sharding.distributed import any_process, from_process_zero
 from phi_jax.train import flops
 from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointError,
                                      IncompatibleCheckpointError, state_signature)
@@ -201,8 +201,24 @@ class _EvalHistory:
     self.since_best += 1
     return False
 
+  def agree(self) -> None:
+    """Takes process 0's history: another process may have read metrics.jsonl while process 0 rewrote it, and
+    the history decides collectives (saves, evaluations, the restore of the best step)."""
+    nan = float("nan")
+    best_loss, best_step, since_best, last_step = from_process_zero(
+        self.best_loss, nan if self.best_step is None else self.best_step, self.since_best,
+        nan if self.last_step is None else self.last_step)
+    self.best_loss, self.since_best = best_loss, int(since_best)
+    self.best_step = None if math.isnan(best_step) else int(best_step)
+    self.last_step = None if math.isnan(last_step) else int(last_step)
+
   def summary(self) -> dict:
     return {"best_eval_loss": None if self.best_step is None else self.best_loss, "best_eval_step": self.best_step}
+
+  def describe(self) -> str:
+    best = ("no finite eval_loss yet" if self.best_step is None
+            else f"best eval_loss {self.best_loss:.4g} at step {self.best_step}")
+    return f"{self.since_best} evaluations without a new best eval_loss ({best})"
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
@@ -306,21 +322,33 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   spikes = _SpikeDetector(loop.loss_spike_factor, loop.loss_spike_window,
                           [r["loss"] for r in writer.kept if "loss" in r and "eval_loss" not in r])
   evals = _EvalHistory(loop.early_stopping_min_delta, [r for r in writer.kept if "eval_loss" in r])
+  evals.agree()
   if loop.keep_best_checkpoint and evals.best_step is not None:
     checkpointer.keep([evals.best_step])
   patience_spent = lambda: (loop.early_stopping_patience is not None
                             and any_process(evals.since_best >= loop.early_stopping_patience)[0])
   stopped_early = patience_spent()
   if stopped_early:
-    log.info("the run in %s stopped early at step %d: %d evaluations without a new best eval_loss (%.4g at step "
-             "%d; early_stopping_patience=%d); nothing to train (raise the patience to go on)", workdir, start,
-             evals.since_best, evals.best_loss, evals.best_step, loop.early_stopping_patience)
+    log.info("the run in %s stopped early at step %d: %s; early_stopping_patience=%d, nothing to train (raise the "
+             "patience to go on)", workdir, start, evals.describe(), loop.early_stopping_patience)
   # A data source with next_batch(params, step) samples from the current policy (GRPO); others are iterators.
   on_policy = hasattr(train_data, "next_batch")
   iterator = None if on_policy else iter(train_data)
 
   step_fn = None
   eval_fn = None
+
+  def evaluate(step: int) -> bool:
+    """Scores the eval data with the current params, writes the record; True when it is a new best."""
+    nonlocal eval_fn
+    eval_fn = eval_fn or _make_eval(loss_fn, mesh)
+    record = _evaluate(eval_fn, state.params, eval_batches(), mesh)
+    if loop.compares_evaluations and not record["eval_tokens"]:
+      raise ValueError("the eval data gave no tokens to score, so early_stopping_patience / keep_best_checkpoint "
+                       "have no eval loss to compare: check data.eval_files and data.eval_batches")
+    improved = evals.add(step, record["eval_loss"])
+    writer.write(dict(record, **evals.summary(), step=step))
+    return improved
   pending = None  # (step, device metrics, host stats) of the last dispatched step, pulled one step late
   last_time = time.perf_counter()
 
@@ -399,10 +427,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       done = step + 1
       save_best = False
       if eval_batches is not None and loop.eval_every and done % loop.eval_every == 0 and done < loop.num_steps:
-        eval_fn = eval_fn or _make_eval(loss_fn, mesh)
-        record = _evaluate(eval_fn, state.params, eval_batches(), mesh)
-        save_best = evals.add(done, record["eval_loss"]) and loop.keep_best_checkpoint
-        writer.write(dict(record, **evals.summary(), step=done))
+        save_best = evaluate(done) and loop.keep_best_checkpoint
         if save_best:
           checkpointer.keep([done])  # the previous best goes once this save lands, unless among the newest
         stopped_early = patience_spent()
@@ -419,8 +444,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
                     checkpointer.step_path(done))
         raise Preempted(done)
       if stopped_early:
-        log.info("early stop at step %d: %d evaluations without a new best eval_loss (%.4g at step %d; "
-                 "early_stopping_patience=%d)", done, evals.since_best, evals.best_loss, evals.best_step,
+        log.info("early stop at step %d: %s; early_stopping_patience=%d", done, evals.describe(),
                  loop.early_stopping_patience)
         break
     if pending is not None:
@@ -430,11 +454,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       checkpointer.save(final, state, data_state=train_data.get_state() if hasattr(train_data, "get_state") else None,
                         meta=meta, force=True)
   if eval_batches is not None and evals.last_step != final:  # not already evaluated at this step
-    eval_fn = eval_fn or _make_eval(loss_fn, mesh)
-    record = _evaluate(eval_fn, state.params, eval_batches(), mesh)
-    if evals.add(final, record["eval_loss"]) and loop.keep_best_checkpoint:
+    if evaluate(final) and loop.keep_best_checkpoint:
       checkpointer.keep([final])
-    writer.write(dict(record, **evals.summary(), step=final))
   if loop.keep_best_checkpoint and evals.best_step not in (None, final):
     state = _restore_best(checkpointer, evals, abstract_state(model_config, optimizer, mesh), state)
   checkpointer.close()
@@ -548,4 +569,6 @@ def _evaluate(eval_fn, params, batches: Iterable[dict], mesh) -> dict:
       break
     loss_sum, w = eval_fn(params, global_batch(local, mesh))
     total, weight = total + host_scalar(loss_sum), weight + host_scalar(w)
-  return {"eval_loss": total / max(weight, 1.0), "eval_tokens": weight}
+  if not weight:
+    log.warning("the eval data gave no tokens to score (no batches, or no target tokens in them): eval_loss is NaN")
+  return {"eval_loss": total / weight if weight else float("nan"), "eval_tokens": weight}
