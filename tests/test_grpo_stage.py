@@ -106,23 +106,32 @@ def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining
   assert resumed.get_state() == full.get_state()
 
 
+def _prompt_recording_source(toy, prompts, cfg, is_correct, seen, num_steps):
+  """A GRPO source whose reward is 1 where `is_correct(texts, golds)` says so; it appends each batch's prompt
+  numbers (their answers) to `seen`."""
+  _, tokenizer, config, _ = toy
+
+  def reward(texts, golds, lengths, finished):
+    seen.append([int(g) for g in golds[::cfg.group_size]])
+    correct = np.asarray(is_correct(texts, golds), bool)
+    return correct.astype(np.float32), correct
+
+  return grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=reward, num_steps=num_steps)
+
+
 def test_hard_prompts_are_sampled_again_and_the_queue_survives_a_resume(toy):
   """Prompts with an even answer are never solved (hard), odd ones always: with hard_prompt_fraction=0.5, half of
   each batch's 4 prompts are the oldest queued hard ones, the rest come from the shuffled order; a source restored
   from get_state() picks the same prompts as the uninterrupted one."""
-  _, tokenizer, config, _ = toy
+  config = toy[2]
   prompts = [{"problem": f"Write digits {i}", "answer": str(i)} for i in range(16)]
   cfg = grpo.GRPOConfig(prompts_per_step=4, group_size=2, max_prompt_tokens=32, max_new_tokens=2,
                         hard_prompt_fraction=0.5, hard_prompt_accuracy=0.25)
   params = phi_jax.init_params(config, jax.random.key(0))
 
   def source(seen):
-    def odd_is_solved(texts, golds, lengths, finished):
-      seen.append([int(g) for g in golds[::cfg.group_size]])
-      correct = np.array([int(g) % 2 == 1 for g in golds])
-      return correct.astype(np.float32), correct
-
-    return grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=odd_is_solved, num_steps=6)
+    odd_is_solved = lambda texts, golds: [int(g) % 2 == 1 for g in golds]
+    return _prompt_recording_source(toy, prompts, cfg, odd_is_solved, seen, num_steps=6)
 
   full_seen = []
   full = source(full_seen)
@@ -171,12 +180,8 @@ def test_hard_queue_is_unique_and_a_resume_between_passes_keeps_it(toy):
   other = jax.tree.map(lambda x: 30 * x, phi_jax.init_params(config, jax.random.key(1)))
 
   def source(seen):
-    def text_hash(texts, golds, lengths, finished):
-      seen.append([int(g) for g in golds[::cfg.group_size]])
-      correct = np.array([zlib.crc32(t.encode()) % 2 == 0 for t in texts])
-      return correct.astype(np.float32), correct
-
-    return grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=text_hash, num_steps=12)
+    text_hash = lambda texts, golds: [zlib.crc32(t.encode()) % 2 == 0 for t in texts]
+    return _prompt_recording_source(toy, prompts, cfg, text_hash, seen, num_steps=12)
 
   full_seen = []
   full = source(full_seen)
