@@ -219,7 +219,7 @@ def test_warmup_out_of_range_is_an_error(field, value):
     OptimizerConfig(**{field: value})
 
 
-@pytest.mark.parametrize("field", ["microbatches", "log_every", "checkpoint_every"])
+@pytest.mark.parametrize("field", ["microbatches", "log_every", "checkpoint_every", "keep_checkpoints"])
 def test_loop_counts_below_one_are_an_error(field):
   from phi_jax.train import LoopConfig
   with pytest.raises(ValueError, match=f"LoopConfig.{field}=0 must be at least 1"):

@@ -85,9 +85,10 @@ class LoopConfig:
   def __post_init__(self):
     if self.on_nonfinite not in ON_NONFINITE:
       raise ValueError(f"on_nonfinite={self.on_nonfinite!r}; expected one of {ON_NONFINITE}")
-    for name in ("microbatches", "log_every", "checkpoint_every"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be at least 1")
+    for name in ("microbatches", "log_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be at least 1"
+                         + (" (0 would delete every checkpoint; None keeps all)" if name == "keep_checkpoints" else ""))
     if self.preemption_grace_s is not None and self.preemption_grace_s <= 0:
       raise ValueError(f"preemption_grace_s={self.preemption_grace_s} must be positive (or None)")
     if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
@@ -472,11 +473,19 @@ def _restore_best(checkpointer: Checkpointer, evals: _EvalHistory, target, state
     log.warning("the best evaluation (eval_loss %.4g at step %d) has no checkpoint in %s; the run ends with the "
                 "state of step %d", evals.best_loss, step, checkpointer.directory, last)
     return state
+  if last in checkpointer.all_steps():
+    # Two train states may not fit on the devices: free the last one, which is on disk as step `last`, first.
+    for leaf in jax.tree.leaves(state):
+      if isinstance(leaf, jax.Array):
+        leaf.delete()
+    fallback = lambda: checkpointer.restore(last, target)[0]
+  else:
+    fallback = lambda: state
   try:
     best = checkpointer.restore(step, target)[0]
   except CorruptCheckpointError as e:  # raised on every process alike; the step stays where it is
     log.warning("%s; the run ends with the state of step %d instead of its best evaluation's", e, last)
-    return state
+    return fallback()
   log.info("the run ends with the state of step %d, its best evaluation (eval_loss %.4g), restored from %s",
            step, evals.best_loss, checkpointer.step_path(step))
   return best
