@@ -11,6 +11,7 @@ import pytest
 import phi_jax
 from phi_jax.data import chat
 from phi_jax.hf.tokenizer import build_tiny_tokenizer
+from phi_jax.model import kv_cache
 from phi_jax.sampling import SamplingConfig, filter_logits, generate, generate_text, sample_tokens
 from phi_jax.sampling.sampler import _generate_program
 from phi_jax.sharding import make_mesh
@@ -149,6 +150,27 @@ def _expected_distribution(logits, temperature, top_k, top_p):
   return filtered / filtered.sum()
 
 
+def test_what_follows_a_prompt_and_inactive_rows_change_nothing(params, prompts, greedy_run):
+  """Ids after a prompt are ignored even outside the vocabulary (they used to embed as NaN and poison the row);
+  inactive rows (batch padding) generate nothing; Python lists are accepted."""
+  tokens, lengths = prompts
+  after = np.arange(WIDTH)[None, :] >= lengths[:, None]
+  junk = jax.device_get(generate(params, CONFIG, np.where(after, CONFIG.vocab_size + 7, tokens), lengths,
+                                 jax.random.key(2), GREEDY))
+  for name in ("tokens", "logprobs", "lengths", "finished"):
+    np.testing.assert_array_equal(junk[name], greedy_run[name])
+  active = np.arange(BATCH) % 2 == 0
+  half = jax.device_get(generate(params, CONFIG, tokens.tolist(), lengths.tolist(), jax.random.key(2), GREEDY,
+                                 active=active))
+  for name in ("tokens", "logprobs", "lengths", "finished"):
+    np.testing.assert_array_equal(half[name][active], greedy_run[name][active])
+  assert not any(half[name][~active].any() for name in ("tokens", "lengths", "finished"))
+  with pytest.raises(ValueError, match=r"active must be one bool per row"):
+    generate(params, CONFIG, tokens, lengths, jax.random.key(2), GREEDY, active=active[:3])
+  with pytest.raises(ValueError, match=r"a 6-token prompt does not fit a cache of 4 slots"):
+    kv_cache.prefill(params, tokens[:1, :6], lengths[:1], kv_cache.init_cache(CONFIG, 1, 4, block_size=4), CONFIG)
+
+
 _sample = jax.jit(sample_tokens, static_argnames=("top_k", "top_p"))
 _filter = jax.jit(filter_logits, static_argnames=("top_k", "top_p"))
 FIXED_LOGITS = np.log(np.array([0.05, 0.3, 0.02, 0.15, 0.2, 0.12, 0.1, 0.06], np.float32))
@@ -176,6 +198,11 @@ def test_greedy_filters_and_per_row_temperature():
   np.testing.assert_array_equal(np.isfinite(_filter(logits, top_p=0.01)).sum(-1), [1, 1])
   kept = np.isfinite(np.asarray(_filter(logits, top_k=3)))
   np.testing.assert_array_equal(np.flatnonzero(kept[0]), [1, 3, 4])
+  # Ties with the last kept logit are kept, by each filter and by both together: top-k=2 keeps 2 and the nine 1s,
+  # whose renormalised mass puts every one of them inside the 0.5 nucleus (the nucleus alone keeps them too).
+  tied = jnp.asarray([[2.0] + [1.0] * 9 + [-5.0]])
+  for k, p in ((2, 1.0), (2, 0.5), (0, 0.5)):
+    np.testing.assert_array_equal(np.isfinite(np.asarray(_filter(tied, top_k=k, top_p=p)))[0], [True] * 10 + [False])
   # Per-row temperatures: the greedy row takes the argmax, the other samples at its own temperature.
   tokens, logprobs = _sample(logits, jax.random.key(5), jnp.array([0.0, 0.3]))
   assert tokens[0] == 1 and logprobs[0] == 0.0

@@ -65,6 +65,9 @@ def _run(params, config, tokens_BT, positions_BT, segment_ids_BT, layer_caches):
 def prefill(params, prompt_tokens_BT, prompt_lengths_B, cache: Cache, config: PhiConfig):
   """Runs right-padded prompts through the model into an empty cache; returns (next-token logits [B, V], cache)."""
   b, t = prompt_tokens_BT.shape
+  if t > cache["tokens"].shape[1]:
+    raise ValueError(f"a {t}-token prompt does not fit a cache of {cache['tokens'].shape[1]} slots: make it with "
+                     "init_cache(config, batch_size, max_len) where max_len >= prompt width + new tokens")
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   segment_ids = (positions < prompt_lengths_B[:, None]).astype(jnp.int32)
   h, layers = _run(params, config, prompt_tokens_BT, positions, segment_ids, cache["layers"])

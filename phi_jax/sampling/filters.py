@@ -28,7 +28,14 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
   sorted_BC = jax.lax.top_k(logits_BV, top_k if use_top_k else vocab)[0]
   threshold_B1 = sorted_BC[..., -1:]
   if use_top_p:
-    probs_BC = jax.nn.softmax(sorted_BC, axis=-1)
+    # Tokens tied with the k-th logit beyond the k that top_k returned survive top-k too; they count in the
+    # normaliser of the nucleus (they would all sort after the k values, so only the normaliser changes).
+    extra_ties_B1 = (jnp.sum(logits_BV == threshold_B1, axis=-1, keepdims=True)
+                     - jnp.sum(sorted_BC == threshold_B1, axis=-1, keepdims=True)) if use_top_k else 0
+    weights_BC = jnp.exp(sorted_BC - sorted_BC[..., :1])
+    normaliser_B1 = (jnp.sum(weights_BC, axis=-1, keepdims=True)
+                     + extra_ties_B1 * jnp.exp(threshold_B1 - sorted_BC[..., :1]))
+    probs_BC = weights_BC / normaliser_B1
     mass_before_BC = jnp.cumsum(probs_BC, axis=-1) - probs_BC
     keep_BC = (mass_before_BC < top_p) | (jnp.arange(sorted_BC.shape[-1]) == 0)
     threshold_B1 = jnp.min(jnp.where(keep_BC, sorted_BC, jnp.inf), axis=-1, keepdims=True)

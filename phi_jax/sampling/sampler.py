@@ -99,7 +99,7 @@ class SamplingConfig:
 
 
 def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, rng, sampling: SamplingConfig, *,
-             mesh: Optional[Mesh] = None) -> dict[str, jax.Array]:
+             mesh: Optional[Mesh] = None, active=None) -> dict[str, jax.Array]:
   """Generates up to `sampling.max_new_tokens` tokens after each right-padded prompt.
 
   Args:
@@ -111,6 +111,8 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
     sampling: max_new_tokens, top_k and top_p pick the compiled program; temperature and stop tokens are
       passed at run time.
     mesh: shard the batch over its data x fsdp axes (B must divide evenly) and the params by the logical rules.
+    active: [B] bool, the rows to generate for (default all); the others are batch padding: they generate
+      nothing (length 0, not finished) and do not keep the batch decoding.
 
   Returns:
     dict of arrays, N = max_new_tokens:
@@ -122,14 +124,19 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
       lengths [B] int32: generated tokens per row, the stop token included;
       finished [B] bool: True when the row emitted a stop token, False when it ran into max_new_tokens.
   """
+  if isinstance(prompt_tokens, (list, tuple)) or isinstance(prompt_lengths, (list, tuple)):
+    prompt_tokens, prompt_lengths = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_lengths, np.int32)
+  active = np.ones(prompt_lengths.shape, bool) if active is None else active
+  if np.shape(active) != np.shape(prompt_lengths):
+    raise ValueError(f"active must be one bool per row, shape {np.shape(prompt_lengths)}, got {np.shape(active)}")
   _check_prompts(config, prompt_tokens, prompt_lengths, sampling.max_new_tokens)
   # Temperature and stop tokens are arguments, not part of the compiled program's key.
   static = dataclasses.replace(sampling, temperature=0.0, stop_token_ids=())
   temperature = jnp.asarray(sampling.temperature, jnp.float32)
   stop_ids = _padded_stop_ids(sampling.stop_token_ids)
   if mesh is None:
-    return _generate_program(params, prompt_tokens, prompt_lengths, rng, temperature, stop_ids, config=config,
-                             sampling=static)
+    return _generate_program(params, prompt_tokens, prompt_lengths, active, rng, temperature, stop_ids,
+                             config=config, sampling=static)
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   if prompt_tokens.shape[0] % rows:
     raise ValueError(f"batch size {prompt_tokens.shape[0]} does not split over the mesh's data x fsdp = {rows} "
@@ -137,23 +144,27 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
   with mesh_context(mesh):
     params = jax.device_put(params, _param_shardings(config, mesh))  # no copy when already in these shards
     prompt_tokens = jax.device_put(jnp.asarray(prompt_tokens, jnp.int32), batch_sharding(mesh))
-    prompt_lengths = jax.device_put(jnp.asarray(prompt_lengths, jnp.int32), NamedSharding(mesh, P(("data", "fsdp"))))
+    prompt_lengths, active = jax.device_put((jnp.asarray(prompt_lengths, jnp.int32), jnp.asarray(active, bool)),
+                                            NamedSharding(mesh, P(("data", "fsdp"))))
     # A key array cannot be placed on other processes' devices: its raw data can (every process holds the same).
     typed_key = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
     rng_data, temperature, stop_ids = jax.device_put(
         (np.asarray(jax.random.key_data(rng)), temperature, stop_ids), replicated(mesh))
     rng = jax.random.wrap_key_data(rng_data, impl=jax.random.key_impl(rng)) if typed_key else rng_data
-    return _generate_program(params, prompt_tokens, prompt_lengths, rng, temperature, stop_ids, config=config,
-                             sampling=static)
+    return _generate_program(params, prompt_tokens, prompt_lengths, active, rng, temperature, stop_ids,
+                             config=config, sampling=static)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling"))
-def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, rng, temperature, stop_ids_S, *,
+def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, active_B, rng, temperature, stop_ids_S, *,
                       config: PhiConfig, sampling: SamplingConfig):
   b, p = prompt_tokens_BP.shape
   n = sampling.max_new_tokens
-  prompt_tokens_BP = prompt_tokens_BP.astype(jnp.int32)
   prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
+  # Whatever follows a prompt is ignored: an id there outside the vocabulary would embed as NaN (`jnp.take`'s
+  # fill), and 0 x NaN in the masked attention would spread it to the prompt.
+  prompt_tokens_BP = jnp.where(jnp.arange(p)[None, :] < prompt_lengths_B[:, None], prompt_tokens_BP, 0)
+  prompt_tokens_BP = prompt_tokens_BP.astype(jnp.int32)
   # The last generated token is never fed back, so its slot is never written: P + N - 1 slots suffice. Rounded
   # up to a multiple of 64 (the extra slots stay empty and masked): on XLA:CPU a 384-slot decode step at batch 64
   # ran ~20% faster than a 383-slot one.
@@ -195,12 +206,12 @@ def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, rng, temperatu
       "logprobs": jnp.zeros((b, n), jnp.float32),
       "sampling_logprobs": jnp.zeros((b, n), jnp.float32),
       "lengths": jnp.zeros((b,), jnp.int32),
-      "finished": jnp.zeros((b,), bool),
+      "finished": ~active_B,  # batch padding counts as done from the start, and is reported unfinished below
   }
   step, logits_BV, _, out = jax.lax.while_loop(keep_going, decode, (jnp.int32(0), logits_BV, cache, out))
   # The loop stops before the last column (or once every row is done, when this records nothing).
   _, out = choose_and_record(step, logits_BV, out)
-  return out
+  return dict(out, finished=out["finished"] & active_B)
 
 
 def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequence[Prompt], rng,
@@ -241,11 +252,12 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
     chunk = rendered[start:start + batch_size]
     width = _round_up(max(len(ids) for ids in chunk), length_multiple)
     tokens = np.zeros((batch_size, width), np.int32)
-    lengths = np.ones((batch_size,), np.int32)  # filler rows: a one-token prompt whose output is dropped
+    lengths = np.ones((batch_size,), np.int32)  # filler rows: a one-token prompt, inactive (generates nothing)
     for row, ids in enumerate(chunk):
       tokens[row, :len(ids)] = ids
       lengths[row] = len(ids)
-    out = generate(params, config, tokens, lengths, jax.random.fold_in(rng, index), sampling, mesh=mesh)
+    out = generate(params, config, tokens, lengths, jax.random.fold_in(rng, index), sampling, mesh=mesh,
+                   active=np.arange(batch_size) < len(chunk))
     out = multihost_utils.process_allgather(out, tiled=True)  # every process gets every row
     for row in range(len(chunk)):
       token_ids = [int(t) for t in out["tokens"][row, :out["lengths"][row]]]
