@@ -361,7 +361,15 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
     for kind, files in (("train", train_files), ("eval", eval_files)):
       for i, path in enumerate(files):
         outputs[(kind, i)] = reference_file(workdir, f"{kind}{i}", path)
-    missing = [key for key, out in outputs.items() if not os.path.exists(out)]
+    # What the reference log-probs depend on, kept beside each file: a file computed under other settings (another
+    # system prompt, starting point, tokenizer, length rule, or a changed pair file) is computed again.
+    start = settings["init_from"] or hf_path or f"random init, seed {settings['loop'].seed}"
+    made_with = {key: dict(pairs_file=file_sizes([(train_files if key[0] == "train" else eval_files)[key[1]]]),
+                           reference_params=start, tokenizer=data_cfg["tokenizer"], tokenizer_size=len(tokenizer),
+                           system_prompt=data_cfg["system_prompt"], seq_len=data_cfg["seq_len"],
+                           too_long=cfg["too_long"], model_config=dataclasses.asdict(model_config))
+                 for key in outputs}
+    missing = [key for key, out in outputs.items() if not _reference_is_current(out, made_with[key])]
     if missing:
       os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
       frozen = _dpo_reference_params(model_config, hf_path, settings, the_mesh)
@@ -371,6 +379,9 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
             path, frozen, model_config, tokenizer, out_file=outputs[(kind, i)], chunk_size=settings["chunk_size"],
             mesh=the_mesh, **dict(reader, batch_size=data_cfg["batch_size"]))
         log.info("reference log-probs of %d pairs of %s -> %s", result["pairs"], path, result["out_file"])
+        if jax.process_index() == 0:
+          with open(outputs[(kind, i)] + ".settings.json", "w") as f:
+            json.dump(made_with[(kind, i)], f, default=str)
       del frozen
     train_files = [outputs[("train", i)] for i in range(len(train_files))]
     eval_files = [outputs[("eval", i)] for i in range(len(eval_files))]
@@ -386,6 +397,23 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
       for _, batch in zip(range(data_cfg["eval_batches"]), pairs(eval_files, seed=0, shuffle=False, num_epochs=1)):
         yield batch
   return loss_fn, train_data, eval_batches
+
+
+def _reference_is_current(out_file: str, made_with: dict) -> bool:
+  """Whether precompute mode's `out_file` exists and was computed under `made_with`; logs what changed if not."""
+  if not os.path.exists(out_file):
+    return False
+  try:
+    with open(out_file + ".settings.json") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    saved = {}
+  current = json.loads(json.dumps(made_with, default=str))
+  changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  if changed:
+    log.warning("the reference log-probs in %s were computed under other settings (%s changed, or not recorded): "
+                "computing them again", out_file, ", ".join(changed))
+  return not changed
 
 
 def reference_file(workdir: str, tag: str, pairs_path: str) -> str:

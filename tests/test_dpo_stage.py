@@ -304,7 +304,8 @@ def _run_gin(files, bindings, fn, *args):
     gin.clear_config()
 
 
-def test_precompute_mode_scores_pairs_once_then_needs_no_reference(setup, start_run, reference_fn, monkeypatch):
+def test_precompute_mode_scores_pairs_once_then_needs_no_reference(setup, start_run, reference_fn, monkeypatch,
+                                                                   caplog):
   workdir = _workdir(setup, "precompute_run")
   bindings = [f"data.train_files=[{setup['path']!r}]", f"data.seq_len={SEQ}", f"train.init_from={start_run!r}",
               f"train.chunk_size={CHUNK}", "train.num_steps=1", "dpo.reference='precompute'",
@@ -331,6 +332,14 @@ def test_precompute_mode_scores_pairs_once_then_needs_no_reference(setup, start_
   monkeypatch.setattr(common, "_dpo_reference_params", no_reference)
   _, train_data, _ = _run_gin(gin_files, bindings, setup_stage)
   assert set(preference.REFERENCE_FIELDS) <= set(next(train_data))
+  # Another system prompt changes every pair's rows: the stale file is computed again, not reused.
+  monkeypatch.undo()
+  with open(written) as f:
+    before = f.read()
+  _run_gin(gin_files, bindings + ["data.system_prompt='Answer briefly.'"], setup_stage)
+  assert "computed under other settings (system_prompt changed" in caplog.text
+  with open(written) as f:
+    assert f.read() != before
 
 
 def test_precomputed_reference_files_are_named_as_the_jsonl_they_are():

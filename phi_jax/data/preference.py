@@ -152,7 +152,8 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
     record, bad = validate_pair(raw["data"], reference_logps=reference_logps)
   if bad is None and reference_logps and record.get("ref_seq_len", seq_len) != seq_len:
     raise DataError(raw["where"], "reference mismatch", f"reference log-probs were computed at seq_len="
-                    f"{record['ref_seq_len']}, this run uses {seq_len}; recompute them with precompute_reference_logps")
+                    f"{record['ref_seq_len']}, this run uses {seq_len}; recompute them with "
+                    "phi_jax.stages.dpo.precompute_reference_logps (experiments/train.py does so by itself)")
   rows, status = None, None
   if bad is None:
     try:
