@@ -14,9 +14,10 @@ the reference answer (in `\\boxed{}`) and whose earlier turns are the prompt (so
 Every rollout is checked with `phi_jax.rewards.verify_batch` against the problem's answer; a rollout that never
 emitted its end-of-turn token counts as incorrect, since a pair would teach it an ending it never produced. Each
 problem with at least one correct and one incorrect rollout gives one pair `{"prompt", "chosen", "rejected",
-"answer"}` (chosen a correct rollout, rejected an incorrect one, both drawn with the seed), written to --out; the
-counts go to `<out stem>.summary.json`: prompts, rollouts, accuracy, pairs, prompts_all_correct, prompts_all_wrong,
-rollouts_unfinished. Train on the pairs with experiments/configs/dpo_tiny.gin.
+"answer"}` (chosen a correct rollout, rejected an incorrect one, both drawn with the seed; the rejected one from
+the incorrect rollouts that ended on their own when there are any), written to --out; the counts go to
+`<out stem>.summary.json`: prompts, rollouts, accuracy, pairs, prompts_all_correct, prompts_all_wrong,
+rollouts_unfinished, pairs_rejected_unfinished. Train on the pairs with experiments/configs/dpo_tiny.gin.
 """
 
 from __future__ import annotations
@@ -108,24 +109,32 @@ def sample_rollouts(params, config, tokenizer, prompts: Sequence[Any], *, k: int
 
 def make_pairs(problems: Sequence[dict], rollouts: Sequence[Sequence[dict]], correct: Sequence[Sequence[bool]], *,
                seed: int) -> tuple[list[dict], dict[str, Any]]:
-  """One pair per problem with both a correct and an incorrect rollout; (pairs, counts)."""
+  """One pair per problem with both a correct and an incorrect rollout; (pairs, counts).
+
+  The rejected rollout is drawn from the incorrect ones that ended on their own when there are any: one cut off at
+  max_new_tokens would be trained with an ending it never produced, and its pair is often too long for seq_len.
+  """
   rng = random.Random(seed)
-  pairs, all_correct, all_wrong = [], 0, 0
+  pairs, all_correct, all_wrong, rejected_unfinished = [], 0, 0, 0
   for problem, outputs, verdicts in zip(problems, rollouts, correct):
     good = [o["text"] for o, ok in zip(outputs, verdicts) if ok]
-    bad = [o["text"] for o, ok in zip(outputs, verdicts) if not ok]
+    bad = [o for o, ok in zip(outputs, verdicts) if not ok]
     if not bad:
       all_correct += 1
     elif not good:
       all_wrong += 1
     else:
-      pairs.append({"prompt": problem["prompt"], "chosen": rng.choice(good), "rejected": rng.choice(bad),
+      ended = [o for o in bad if o["finished"]]
+      rejected = rng.choice(ended or bad)
+      rejected_unfinished += not rejected["finished"]
+      pairs.append({"prompt": problem["prompt"], "chosen": rng.choice(good), "rejected": rejected["text"],
                     "answer": problem["answer"]})
   num_rollouts = sum(len(v) for v in correct)
   counts = {"prompts": len(problems), "rollouts": num_rollouts,
             "accuracy": sum(map(sum, correct)) / max(num_rollouts, 1), "pairs": len(pairs),
             "prompts_all_correct": all_correct, "prompts_all_wrong": all_wrong,
-            "rollouts_unfinished": sum(not o["finished"] for outputs in rollouts for o in outputs)}
+            "rollouts_unfinished": sum(not o["finished"] for outputs in rollouts for o in outputs),
+            "pairs_rejected_unfinished": rejected_unfinished}
   return pairs, counts
 
 

@@ -356,6 +356,20 @@ def test_a_run_without_params_is_named_unfinished(tmp_path):
     rollouts.load_policy(str(tmp_path), None)
 
 
+def test_rejected_rollouts_that_ended_on_their_own_are_preferred():
+  """A rollout cut off at max_new_tokens is rejected only when no incorrect one ended by itself."""
+  def out(text, finished=True):
+    return {"text": text, "finished": finished}
+
+  problems = [{"prompt": f"p{i}", "answer": "a"} for i in range(40)]
+  rollouts_ = [[out("right"), out("wrong"), out("cut", False), out("cut too", False)]] * 39 + [
+      [out("right"), out("cut", False)]]
+  verdicts = [[True, False, False, False]] * 39 + [[True, False]]
+  pairs, counts = rollouts.make_pairs(problems, rollouts_, verdicts, seed=0)
+  assert [p["rejected"] for p in pairs] == ["wrong"] * 39 + ["cut"]
+  assert counts["pairs_rejected_unfinished"] == 1 and counts["rollouts_unfinished"] == 79
+
+
 def test_rollouts_to_pairs_to_dpo_training_end_to_end(setup, start_run, monkeypatch):
   tmp, start = setup["tmp"], start_run
   problems = [{"problem": "What is 1 + 1?", "answer": "all"}, {"problem": "What is 2 + 5?", "answer": "none"}] + [
@@ -377,7 +391,8 @@ def test_rollouts_to_pairs_to_dpo_training_end_to_end(setup, start_run, monkeypa
   with open(rollouts.summary_path(out)) as f:
     assert json.load(f) == summary
   mixed = [i for i in range(2, 6) if 0 < sum(verdicts[4 * i:4 * i + 4]) < 4]
-  assert summary["rollouts_unfinished"] == 0 and summary["prompts"] == 6 and summary["rollouts"] == 24
+  assert summary["rollouts_unfinished"] == summary["pairs_rejected_unfinished"] == 0
+  assert summary["prompts"] == 6 and summary["rollouts"] == 24
   assert summary["pairs"] == len(pairs) == len(mixed) >= 2
   assert summary["prompts_all_correct"] == 1 + sum(sum(verdicts[4 * i:4 * i + 4]) == 4 for i in range(2, 6))
   assert summary["prompts_all_wrong"] == 1 + sum(sum(verdicts[4 * i:4 * i + 4]) == 0 for i in range(2, 6))
