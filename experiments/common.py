@@ -282,11 +282,13 @@ def run_training(workdir: str):
 def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
   """What a run records beside its checkpoints and compares on resume: a changed list of train files, or files
   they match that appeared, vanished or changed size, is refused (the saved data position belongs to the old
-  sources); every other change (another tokenizer or system prompt, the loss or reward settings) is logged."""
+  sources); every other change (another tokenizer or system prompt, the loss or reward settings, the starting
+  point `train.init_from`) is logged."""
   data_meta = {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}
   data_meta["tokenizer_size"] = len(tokenizer)
   data_meta["train_file_sizes"] = file_sizes(data_cfg["train_files"])
-  return {"stage": stage, "data": data_meta, "stage_settings": _stage_settings(stage, settings)}
+  return {"stage": stage, "data": data_meta, "stage_settings": _stage_settings(stage, settings),
+          "init_from": settings["init_from"]}  # also the frozen reference of DPO and GRPO
 
 
 def file_sizes(patterns) -> list[list]:

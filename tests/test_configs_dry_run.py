@@ -139,14 +139,15 @@ def test_resume_logs_a_changed_tokenizer_prompt_or_reward(caplog, tmp_path):
   try:
     saved = meta([], 100)
     current = meta(["data.tokenizer='/other/tokenizer'", "data.system_prompt='Be brief.'",
-                    "reward.weights={'correctness': 1.0, 'repetition': 0.5}"], 120)
+                    "reward.weights={'correctness': 1.0, 'repetition': 0.5}", "train.init_from='runs/other'"], 120)
   finally:
     gin.clear_config()
     os.chdir(cwd)
   with caplog.at_level("WARNING", logger="phi_jax"):
     loop.check_resume_compatible(saved, current, "W")
   for change in ("data.tokenizer: '/path/to/Phi-4-mini-instruct' -> '/other/tokenizer'", "data.system_prompt:",
-                 "data.tokenizer_size: 100 -> 120", "stage_settings.reward: {'weights': {'correctness': 1.0}"):
+                 "data.tokenizer_size: 100 -> 120", "stage_settings.reward: {'weights': {'correctness': 1.0}",
+                 "init_from: None -> 'runs/other'"):
     assert change in caplog.text
 
 

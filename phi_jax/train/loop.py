@@ -521,6 +521,9 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
     for key in sorted(set(before) | set(after)):
       if before.get(key) != after.get(key):
         changes[f"{section}.{key}"] = (before.get(key), after.get(key))
+  for key in ("stage", "init_from"):  # compared where the checkpoint recorded them
+    if key in saved and saved[key] != current.get(key):
+      changes[key] = (saved[key], current.get(key))
   shape_changes = [f"model {k}={saved_model.get(k)!r} in the checkpoint but {current_model.get(k)!r} now"
                    for k in SHAPE_FIELDS if k in saved_model and saved_model.get(k) != current_model.get(k)]
   saved_sig, current_sig = saved.get("state_signature"), current.get("state_signature", {})
