@@ -31,6 +31,37 @@ def test_filters_drop_zero_variance_easy_and_ragged_groups_and_balance_negatives
   assert plain.tolist() == [[False] * 4] + [[True] * 4] * 3
 
 
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "constant"])
+def test_grpo_metrics_are_token_means_whatever_the_microbatching(aggregation):
+  """kl, entropy, ratio and the clip fractions are token means over the batch: under a per-sequence or constant
+  loss they used to be weighted by rows per microbatch, so a microbatch of dropped rows halved them."""
+  from phi_jax.train import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
+  from phi_jax.train.step import make_train_step
+
+  config = phi_jax.PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                             num_kv_heads=1, max_position_embeddings=32)
+  cfg = grpo.GRPOConfig(aggregation=aggregation, beta=0.1, entropy_coef=0.01, max_new_tokens=8, chunk_size=16)
+  rng = np.random.default_rng(0)
+  b, t = 4, 16
+  loss_mask = np.zeros((b, t), np.int32)
+  loss_mask[0, 4:12], loss_mask[1, 4:9] = 1, 1  # rows 2 and 3 (the second microbatch of 2) are dropped
+  batch = {"tokens": rng.integers(0, 64, (b, t)).astype(np.int32), "segment_ids": np.ones((b, t), np.int32),
+           "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), "loss_mask": loss_mask,
+           "advantages": np.array([1.0, -1.0, 0.0, 0.0], np.float32)}
+  batch["old_logps"], batch["ref_logps"] = (-rng.random((b, t)).astype(np.float32) * 5 for _ in range(2))
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  opt_cfg = OptimizerConfig(learning_rate=1e-3, decay="constant")
+  optimizer = make_optimizer(opt_cfg, 10)
+  metrics = []
+  for microbatches in (1, 2):
+    state = create_train_state(config, optimizer, mesh, jax.random.key(0))
+    step = make_train_step(grpo.make_loss_fn(config, cfg), optimizer, learning_rate_schedule(opt_cfg, 10), mesh,
+                           jax.tree.map(lambda x: x.sharding, state), batch, microbatches=microbatches)
+    metrics.append(jax.device_get(step(state, batch, jax.random.key(1))[1]))
+  for name in ("kl", "entropy", "ratio", "clip_fraction/low", "clip_fraction/high", "loss"):
+    np.testing.assert_allclose(metrics[1][name], metrics[0][name], rtol=1e-5, err_msg=name)
+
+
 def test_temperature_anneals_linearly_over_first_half():
   cfg = grpo.GRPOConfig(temperature=1.0, final_temperature=0.6, anneal_fraction=0.5)
   assert [round(cfg.temperature_at(s, 100), 3) for s in (0, 25, 50, 75, 100)] == [1.0, 0.8, 0.6, 0.6, 0.6]

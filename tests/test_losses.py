@@ -399,3 +399,7 @@ def test_group_advantages(scale_by_std):
   advantages = losses.group_advantages(jnp.asarray(rewards), group_size, scale_by_std=scale_by_std)
   _close(advantages, expected, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(advantages[8:12]), 0.0)
+  # Equal rewards whose float32 mean is inexact (0.3 x 8, 0.7 x 16) still give exactly 0, not ~1e-3.
+  for value, size in ((0.3, 8), (0.7, 16), (-0.95, 16)):
+    equal = losses.group_advantages(jnp.full((size,), value, jnp.float32), size, scale_by_std=scale_by_std)
+    np.testing.assert_array_equal(np.asarray(equal), 0.0)

@@ -35,7 +35,10 @@ def group_advantages(rewards, group_size, *, scale_by_std=True, eps=1e-4):
   advantages = grouped - jnp.mean(grouped, axis=1, keepdims=True)
   if scale_by_std:
     advantages = advantages / (jnp.std(grouped, axis=1, ddof=1, keepdims=True) + eps)
-  return advantages.reshape(-1)
+  # Equal rewards give exactly 0: a float32 mean of equal values can miss them by ~1e-8, which the std scaling
+  # (a std of ~1e-8 + eps) turned into same-sign advantages of ~1e-3.
+  equal = jnp.max(grouped, axis=1, keepdims=True) == jnp.min(grouped, axis=1, keepdims=True)
+  return jnp.where(equal, 0.0, advantages).reshape(-1)
 
 
 def aggregate(values_BT, mask_BT, aggregation, *, max_tokens=None):

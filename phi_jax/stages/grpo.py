@@ -8,7 +8,8 @@ Each pass is one step of the shared train loop; `GRPORollouts` is its data sourc
 The Phi-4-mini-reasoning fixes for small models are settings of `GRPOConfig`:
 - groups with zero reward variance give no gradient and are dropped (`drop_zero_variance_groups`);
 - prompts whose group accuracy is above `max_group_accuracy` (e.g. 0.5) are dropped, too easy to teach much;
-- `balance_negatives`: keep every positive response and as many randomly chosen negatives;
+- `balance_negatives`: keep every positive response and as many randomly chosen negatives (the advantages stay
+  those computed over the whole group);
 - length uniformity (`max_length_cv`): a group whose response lengths vary more than this coefficient of
   variation is dropped — the paper filters candidate prompts by sampling them several times and keeping those
   with fairly uniform response lengths; here every step's G samples are that sample;
@@ -107,7 +108,10 @@ def grpo_stage_loss(params, batch, rng, *, config: PhiConfig, cfg: GRPOConfig):
     weight, scale = jnp.sum(jnp.any(mask > 0, axis=1)), rows
   else:
     weight, scale = rows, rows
-  return loss * scale, {"weight": weight, "metrics": {k: v * weight for k, v in metrics.items()}}
+  # The metrics are token means whatever the aggregation: summed per token, so microbatching does not change them.
+  tokens = jnp.sum(mask)
+  return loss * scale, {"weight": weight, "metrics": {k: v * tokens for k, v in metrics.items()},
+                        "metric_weights": {k: tokens for k in metrics}}
 
 
 def make_loss_fn(config: PhiConfig, cfg: GRPOConfig):

@@ -4,6 +4,8 @@ A stage's loss function is pure: `loss_fn(params, batch, rng) -> (loss_sum, aux)
 over the batch (tokens, sequences or pairs) and `aux = {"weight": how many units were summed, "metrics": {name:
 sum}}`. The step divides by the total weight only after all microbatches, so gradient accumulation gives the
 same update as one big batch, and the normaliser is the stage's choice (tokens for cross-entropy, pairs for DPO).
+A metric counted in other units than the loss (a per-token mean under a per-sequence loss) gives its own
+weight in `aux["metric_weights"][name]`.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def train_step(state: TrainState, batch: dict, rng, *, loss_fn: LossFn, optimize
   # that no longer matches its abstract state). Each leaf keeps the dtype it came in with.
   opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
   params = optax.apply_updates(state.params, updates)
-  metrics = {name: value / weight for name, value in aux.get("metrics", {}).items()}
+  metric_weights = aux.get("metric_weights", {})
+  metrics = {name: value / (jnp.maximum(metric_weights[name], 1.0) if name in metric_weights else weight)
+             for name, value in aux.get("metrics", {}).items()}
   metrics.update(loss=loss_sum / weight, grad_norm=grad_norm, learning_rate=schedule(state.step),
                  weight=aux["weight"])
   if skip_nonfinite:  # a NaN/Inf update is dropped; the step counter still advances past the bad batch
