@@ -227,11 +227,23 @@ def _copy_checkpoint(source, target):
     (lambda t: {**t, "model.layers.0.self_attn.qkv_proj.bias": np.zeros(128, np.float32)},
      "model.layers.0.self_attn.qkv_proj.bias"),
     (lambda t: {**t, "model.norm.weight": np.ones(32, np.float32)}, "model.norm.weight"),
+    # A bare Phi3Model: the names lack "model." (and there is no LM head).
+    (lambda t: {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")},
+     "are there without the 'model.' prefix: this looks like a bare Phi3Model checkpoint"),
 ])
 def test_load_refuses_wrong_tensors(saved, tmp_path, edit, message):
   _copy_checkpoint(saved["untied"][2], tmp_path)
   _rewrite_single_file(tmp_path, edit)
   with pytest.raises(ValueError, match=re.escape(message)):
+    phi_jax.load_hf(tmp_path)
+
+
+def test_directories_that_are_not_safetensors_checkpoints_say_so(saved, tmp_path):
+  with pytest.raises(FileNotFoundError, match="has no config.json: point at a transformers checkpoint directory"):
+    phi_jax.load_hf(tmp_path)
+  (tmp_path / "config.json").write_bytes((saved["untied"][2] / "config.json").read_bytes())
+  (tmp_path / "pytorch_model.bin").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match=r"pytorch_model.bin: PyTorch .bin weights are not read, convert"):
     phi_jax.load_hf(tmp_path)
 
 

@@ -129,7 +129,11 @@ def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   if single.exists():
     with safe_open(single, framework="numpy") as reader:
       return {name: single for name in reader.keys()}
-  raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+  torch_files = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
+  hint = (f"; it holds {', '.join(torch_files[:3])}: PyTorch .bin weights are not read, convert them once with "
+          "transformers (AutoModelForCausalLM.from_pretrained(d).save_pretrained(d, safe_serialization=True))"
+          if torch_files else "")
+  raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
 
 
 def _check_tensor_names(available: set[str], specs: list[_TensorSpec], config: PhiConfig, where: str) -> None:
@@ -139,7 +143,11 @@ def _check_tensor_names(available: set[str], specs: list[_TensorSpec], config: P
   missing = sorted(expected - available)
   unexpected = sorted(available - expected - tolerated)
   if missing:
-    raise ValueError(f"{where} lacks {len(missing)} tensor(s) the config needs: {', '.join(missing[:8])}")
+    # A bare Phi3Model (no LM head, names without "model.") or another head class saves other names.
+    bare = [name for name in missing if name.startswith("model.") and name[len("model."):] in available]
+    hint = (f"; {len(bare)} of them are there without the 'model.' prefix: this looks like a bare Phi3Model "
+            "checkpoint, save the Phi3ForCausalLM instead" if bare else "")
+    raise ValueError(f"{where} lacks {len(missing)} tensor(s) the config needs: {', '.join(missing[:8])}{hint}")
   if unexpected:
     raise ValueError(f"{where} has {len(unexpected)} tensor(s) a Phi3ForCausalLM with this config does not have: "
                      f"{', '.join(unexpected[:8])}")
@@ -167,6 +175,9 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
   if "param_dtype" in overrides:
     raise ValueError("set the parameter dtype with load_hf(dtype=...), not config_overrides['param_dtype']")
   param_dtype = jnp.dtype(dtype or _DEFAULT_PARAM_DTYPE)
+  if not (directory / "config.json").is_file():
+    raise FileNotFoundError(f"{directory} has no config.json: point at a transformers checkpoint directory (the one "
+                            "save_pretrained wrote)")
   hf_config = json.loads((directory / "config.json").read_text())
   config = from_hf_config(hf_config, **overrides, param_dtype=param_dtype.name)
 
