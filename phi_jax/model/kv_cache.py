@@ -70,9 +70,12 @@ def prefill(params, prompt_tokens_BT, prompt_lengths_B, cache: Cache, config: Ph
                      "init_cache(config, batch_size, max_len) where max_len >= prompt width + new tokens")
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   segment_ids = (positions < prompt_lengths_B[:, None]).astype(jnp.int32)
+  # Whatever follows a prompt is ignored: an id there outside the vocabulary would embed as NaN (`jnp.take`'s
+  # fill), and 0 x NaN in the masked attention would spread it to the prompt.
+  prompt_tokens_BT = prompt_tokens_BT * segment_ids
   h, layers = _run(params, config, prompt_tokens_BT, positions, segment_ids, cache["layers"])
   last = jnp.take_along_axis(h, (prompt_lengths_B - 1)[:, None, None], axis=1)
-  tokens = jax.lax.dynamic_update_slice(cache["tokens"], prompt_tokens_BT * segment_ids, (0, 0))
+  tokens = jax.lax.dynamic_update_slice(cache["tokens"], prompt_tokens_BT, (0, 0))
   cache = {"layers": layers, "tokens": tokens, "lengths": prompt_lengths_B.astype(jnp.int32)}
   return logits_from_hidden(params, last, config)[:, 0], cache
 

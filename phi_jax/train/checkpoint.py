@@ -271,7 +271,7 @@ class Checkpointer:
       raise CorruptCheckpointError(path, f"checksum mismatch in {len(bad)} array(s): {', '.join(bad[:5])}")
 
   def restore_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self._read_json(step, "meta", "metadata")
 
   def restore_latest(self, abstract_state, *, check_meta: Optional[Callable[[dict], None]] = None
                      ) -> Optional[tuple[int, Any, dict, dict]]:
