@@ -27,6 +27,7 @@ from phi_jax.hf import load_hf, save_hf
 from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer
 from phi_jax.model import PhiConfig, init_params, presets
 from phi_jax.sharding import distributed
+from phi_jax.sharding.mesh import check_rows_per_process
 from phi_jax.stages import grpo as grpo_stage
 from phi_jax.stages import next_token
 from phi_jax.stages.grpo import GRPOConfig
@@ -240,12 +241,15 @@ def run_training(workdir: str):
   model_config, hf_path = model()
   data_cfg = data()
   settings = train_settings()
-  loop = settings["loop"]
+  loop, stage = settings["loop"], settings["stage"]
   tokenizer = get_tokenizer(data_cfg["tokenizer"], workdir)
   _check_vocab(model_config, tokenizer)
   if not data_cfg["train_files"]:
     raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
-  stage = settings["stage"]
+  if stage == "grpo" and data_cfg["eval_files"]:
+    raise ValueError("data.eval_files is not read by a GRPO run (it has no eval loss); score held-out problems with "
+                     "experiments/eval.py, and remove the binding")
+  file_sizes(data_cfg["eval_files"])  # a missing eval file is an error now, not at the first evaluation
   global_batch, _ = check_batch_shape(stage, model_config, data_cfg, loop, the_mesh)
   per_process = global_batch // jax.process_count()
   if stage == "next_token":
@@ -257,8 +261,10 @@ def run_training(workdir: str):
     loss_fn, train_data, eval_batches = _grpo_setup(model_config, hf_path, data_cfg, settings, tokenizer, the_mesh)
   else:
     raise ValueError(f"train.stage={stage!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
-  with open(os.path.join(workdir, "config.gin"), "w") as f:
-    f.write(gin.config_str())
+  def write_config():  # only once the workdir's checkpoints fit: eval.py and rollouts.py rebuild the model from it
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.gin"), "w") as f:
+        f.write(gin.config_str())
 
   def show(record):
     keys = ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "eval_loss", "token_accuracy",
@@ -269,7 +275,7 @@ def run_training(workdir: str):
       workdir=workdir, model_config=model_config, optimizer_config=optimizer(), loss_fn=loss_fn,
       train_data=train_data, loop=loop, mesh=the_mesh,
       init_params=params_loader(model_config, hf_path, settings["init_from"], the_mesh),
-      eval_batches=eval_batches, on_log=show,
+      eval_batches=eval_batches, on_log=show, on_start=write_config,
       run_meta=run_meta(stage, settings, data_cfg, tokenizer))
   save_final_params(workdir, state.params)
   if loop.export_hf:
@@ -493,10 +499,14 @@ def check_batch_shape(stage: str, model_config: PhiConfig, data_cfg: dict, loop,
                      "'rope_theta': ...})")
   if stage != "grpo" and rows % jax.process_count():
     raise ValueError(f"{rows_name}={rows} must be divisible by the {jax.process_count()} processes")
+  if rows % loop.microbatches:
+    raise ValueError(f"{rows_name}={rows} must be divisible by train.microbatches={loop.microbatches}; change "
+                     "either")
   data_ways = the_mesh.shape["data"] * the_mesh.shape["fsdp"]
   if rows % data_ways or (rows // loop.microbatches) % data_ways:
     raise ValueError(f"{rows_name}={rows} (per microbatch {rows // loop.microbatches}) must be divisible by the "
                      f"data x fsdp mesh size {data_ways}; change {rows_name} or mesh.shape")
+  check_rows_per_process(the_mesh, rows)
   return rows, length
 
 

@@ -456,6 +456,10 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
     loop.check_resume_compatible(files, dict(files, data={"train_files": ["b.jsonl"], "seq_len": 16}), "W")
   loop.check_resume_compatible(files, dict(files, data={"train_files": ["a.jsonl"], "seq_len": 32}), "W")
   assert "data.seq_len: 16 -> 32" in caplog.text
+  # ... and to the saved pipeline: packed and unpacked pipelines have different stages (SFT in a mid-training dir).
+  packed = dict(saved, data={"train_files": ["a.jsonl"], "packing": "first_fit"})
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"data.packing='first_fit' in the checkpoint but"):
+    loop.check_resume_compatible(packed, dict(packed, data={"train_files": ["a.jsonl"], "packing": None}), "W")
   loop.check_resume_compatible(dict(saved, stage_settings={"z_loss": 0.0}),
                                dict(saved, stage_settings={"z_loss": 1e-4}), "W")
   assert "stage_settings.z_loss: 0.0 -> 0.0001" in caplog.text
@@ -588,11 +592,27 @@ def test_bad_records_raise_with_file_line_reason_or_are_counted_so_read_equals_u
     ("mesh.shape = {'data': 3}", r"needs 3 devices but 8 are available; make the product of the sizes equal 8"),
     ("data.batch_size = 12", r"data.batch_size=12 .* must be divisible by the data x fsdp mesh size 8"),
     ("data.seq_len = 1024", r"data.seq_len=1024 exceeds the model's max_position_embeddings=512.* lower data.seq_len"),
+    ("train.microbatches = 3", r"data.batch_size=8 must be divisible by train.microbatches=3"),
+    ("optimizer.max_grad_norm = 0.0", r"max_grad_norm=0.0 must be > 0; use None to turn gradient clipping off"),
+    ("data.eval_files = ['no/such_eval.jsonl']", r"no/such_eval.jsonl: no such file"),  # not at the first eval
 ])
 def test_bad_configuration_is_caught_at_startup_saying_what_to_change(gin_run, tmp_path, binding, message):
   with pytest.raises(ValueError, match=message):
     gin_run("train.num_steps = 2", binding)
   assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # nothing trained
+
+
+def test_a_refused_resume_leaves_the_workdir_as_it_was(gin_run, tmp_path):
+  """eval.py and rollouts.py rebuild a run's model from its config.gin, so a refused rerun must not rewrite it."""
+  gin_run("train.num_steps = 1")
+  config, losses = (tmp_path / "run" / "config.gin").read_text(), _losses(tmp_path / "run")
+  # SFT (unpacked) pointed at a mid-training (packed) workdir: the saved data position has no counterpart.
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"data.packing='first_fit' in the checkpoint"):
+    gin_run("train.num_steps = 2", "data.packing = None")
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"num_layers=2 in the checkpoint but 3 now"):
+    gin_run("train.num_steps = 2", "model.overrides = {'num_layers': 3}")
+  assert (tmp_path / "run" / "config.gin").read_text() == config
+  assert _losses(tmp_path / "run") == losses
 
 
 # ---- hostile completions in the GRPO reward, through the loop ---------------------------------------------------

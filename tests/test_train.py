@@ -1,5 +1,7 @@
 """Training-core invariances: sharded == single device, microbatched == full batch, optimizer details, meshes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,6 +154,23 @@ def test_bad_mesh_shapes_say_what_to_change(shape, message):
                                                                             or "divide" in message)
 
 
+@pytest.mark.parametrize("shape,processes,shared", [
+    ({"fsdp": -1}, 2, None), ({"fsdp": 2, "tensor": 4}, 2, None), ({"data": 2, "fsdp": 4}, 8, None),
+    ({"tensor": 8}, 2, "processes [0, 1] would hold the same rows 0:16"),  # tensor spans both processes
+    ({"fsdp": 4, "tensor": 2}, 8, "4 blocks of rows (data x fsdp) for 8 processes"),  # one process per device
+])
+def test_every_process_must_hold_rows_of_its_own(shape, processes, shared):
+  """Each process loads its own rows; a mesh whose batch blocks span processes would drop half of them silently.
+  The 8 devices play `processes` processes of 8 / processes devices each."""
+  from phi_jax.sharding.mesh import check_rows_per_process
+  mesh, per_process = sharding.make_mesh(shape), 8 // processes
+  if shared is None:
+    check_rows_per_process(mesh, 16, process_of=lambda d: d.id // per_process)
+  else:
+    with pytest.raises(ValueError, match=re.escape(shared) + ".*make data x fsdp a multiple of the process count"):
+      check_rows_per_process(mesh, 16, process_of=lambda d: d.id // per_process)
+
+
 def test_mesh_that_cannot_split_a_parameter_is_named():
   mesh = sharding.make_mesh({"tensor": 8})  # tiny has 2 kv heads: 8-way tensor parallelism cannot split them
   with pytest.raises(ValueError, match=r"kv_heads|\['k'\]|\['v'\]|cannot split evenly"):
@@ -213,8 +232,12 @@ def test_a_skipped_update_keeps_the_moments_but_not_the_learning_rate_schedule_b
   np.testing.assert_allclose(applied[1:], logged[1:], rtol=1e-5)
 
 
-@pytest.mark.parametrize("field,value", [("warmup_fraction", 10.0), ("warmup_fraction", -0.1), ("warmup_steps", -1)])
-def test_warmup_out_of_range_is_an_error(field, value):
+@pytest.mark.parametrize("field,value", [
+    ("warmup_fraction", 10.0), ("warmup_fraction", -0.1), ("warmup_steps", -1), ("decay", "exp"),
+    ("max_grad_norm", 0.0), ("max_grad_norm", -1.0), ("learning_rate", -1e-5), ("final_lr_fraction", 2.0),
+    ("weight_decay", -0.1), ("b1", 1.5), ("b2", 1.0), ("eps", 0.0)])
+def test_optimizer_settings_out_of_range_are_an_error(field, value):
+  """Each of these would train silently wrong (frozen weights, gradient ascent, a rising learning rate)."""
   with pytest.raises(ValueError, match=field):
     OptimizerConfig(**{field: value})
 

@@ -277,12 +277,13 @@ def _to_host(metrics: dict) -> dict:
 def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerConfig, loss_fn: Callable,
         train_data: Iterable, loop: LoopConfig, mesh: Mesh, init_params: Optional[Callable[[], Any]] = None,
         eval_batches: Optional[Callable[[], Iterable[dict]]] = None, run_meta: Optional[dict] = None,
-        on_log: Optional[Callable[[dict], None]] = None):
+        on_log: Optional[Callable[[dict], None]] = None, on_start: Optional[Callable[[], None]] = None):
   """Trains to `loop.num_steps` (resuming if workdir has checkpoints) and returns the final TrainState.
 
   `train_data` yields per-process numpy batches, or has `next_batch(params, step)` when batches are sampled from
   the current policy (GRPO); if it has get_state/set_state, its position is checkpointed; `step_metrics(step)`
-  adds data-side metrics (rewards, lengths) to that step's record.
+  adds data-side metrics (rewards, lengths) to that step's record. `on_start()` runs once the workdir's
+  checkpoints are known to fit this config (a refused resume changes nothing in the workdir), before any step.
   `init_params()` returns (sharded) starting params, e.g. from an HF checkpoint or a previous stage; None means
   random init from the seed.
   With `loop.keep_best_checkpoint` the returned state is the best evaluation's, restored from its checkpoint.
@@ -316,6 +317,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     state = create_train_state(model_config, optimizer, mesh, jax.random.fold_in(rng, 2**31 - 1), params=params)
     meta["state_signature"] = _json_clean(state_signature(state))
   start = int(host_scalar(state.step))
+  if on_start is not None:
+    on_start()
   if start >= loop.num_steps:
     log.info("the run in %s is already complete: step %d of num_steps=%d; nothing to train (raise num_steps to go "
              "on)", workdir, start, loop.num_steps)
@@ -539,6 +542,12 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
   data_changes = ([f"data.train_files={saved_files} in the checkpoint but {current_files} now (the saved data "
                    "position belongs to the old files)"] if saved_files is not None and saved_files != current_files
                   else [])
+  # Packing changes the pipeline's stages, so the saved position has no counterpart in the other pipeline (the
+  # usual cause: an SFT stage, unpacked, pointed at a mid-training workdir).
+  saved_packing, current_packing = (m.get("data", {}).get("packing", "absent") for m in (saved, current))
+  if "absent" not in (saved_packing, current_packing) and saved_packing != current_packing:
+    data_changes.append(f"data.packing={saved_packing!r} in the checkpoint but {current_packing!r} now (the saved "
+                        "data position belongs to the other pipeline)")
   saved_sizes, current_sizes = (dict(map(tuple, m.get("data", {}).get("train_file_sizes") or ()))
                                 for m in (saved, current))
   if not data_changes and saved_sizes and saved_sizes != current_sizes:

@@ -34,6 +34,24 @@ class OptimizerConfig:
                        "run: 0.1 is 10%)")
     if self.warmup_shape not in ("linear", "cosine"):
       raise ValueError(f"OptimizerConfig.warmup_shape={self.warmup_shape!r}; supported: 'linear', 'cosine'")
+    if self.decay not in ("cosine", "linear", "constant"):
+      raise ValueError(f"OptimizerConfig.decay={self.decay!r}; supported: 'cosine', 'linear', 'constant'")
+    # Values that would train silently wrong: a negative rate or weight decay climbs the loss, and a clip
+    # threshold of 0 zeroes every update (TRL and MaxText read 0 as "no clipping"; here that is None).
+    if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+      raise ValueError(f"OptimizerConfig.max_grad_norm={self.max_grad_norm} must be > 0; use None to turn "
+                       "gradient clipping off")
+    if not self.learning_rate >= 0:
+      raise ValueError(f"OptimizerConfig.learning_rate={self.learning_rate} must be >= 0")
+    if not 0.0 <= self.final_lr_fraction <= 1.0:
+      raise ValueError(f"OptimizerConfig.final_lr_fraction={self.final_lr_fraction} must be in [0, 1] (the final "
+                       "learning rate as a fraction of the peak)")
+    if not self.weight_decay >= 0:
+      raise ValueError(f"OptimizerConfig.weight_decay={self.weight_decay} must be >= 0")
+    if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+      raise ValueError(f"OptimizerConfig b1={self.b1}, b2={self.b2}: Adam's decay rates must be in [0, 1)")
+    if not self.eps > 0:
+      raise ValueError(f"OptimizerConfig.eps={self.eps} must be > 0")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedule:
