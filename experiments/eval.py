@@ -38,6 +38,7 @@ import common  # noqa: E402  (gin configurables shared by every entry script)
 import rollouts  # noqa: E402
 from phi_jax import rewards  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
+from phi_jax.sharding import distributed  # noqa: E402
 
 log = logging.getLogger("phi_jax")
 
@@ -196,6 +197,9 @@ def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  # Before any use of the devices: on a cluster every host is one process of the run, so process 0 alone
+  # writes the results (not each host as a single process of its own).
+  distributed.initialize()
   common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
   the_mesh = common.mesh()
   problems = rollouts.read_problems(args.problems)[:args.limit]  # an empty file is a DataError ("empty dataset")

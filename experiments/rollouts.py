@@ -42,6 +42,7 @@ from phi_jax import rewards  # noqa: E402
 from phi_jax.data.sources import DataError, open_source  # noqa: E402
 from phi_jax.hf.tokenizer import load_tokenizer  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
+from phi_jax.sharding import distributed  # noqa: E402
 
 log = logging.getLogger("phi_jax")
 
@@ -195,6 +196,9 @@ def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-restore INFO lines
+  # Before any use of the devices: on a cluster every host is one process of the run, so process 0 alone
+  # writes the results (not each host as a single process of its own).
+  distributed.initialize()
   common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
   the_mesh = common.mesh()
   config, params, tokenizer = load_policy(args.init_from, the_mesh)

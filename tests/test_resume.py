@@ -4,7 +4,6 @@ another mesh, two jax.distributed processes == one, the ahead-of-time memory pla
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import two_processes
 from xla_flags import xla_flags
 
 import phi_jax
@@ -120,30 +120,12 @@ def test_restore_onto_another_mesh_continues_identically(tmp_path, uninterrupted
   assert GenerationConfig.from_pretrained(hf).eos_token_id[0] == end_of_turn
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(tmp_path):
   import test_train  # the single-process reference over the same global batches
   reference, _, _ = test_train.run_steps({"fsdp": -1})
-  port = _free_port()
   worker = os.path.join(ROOT, "tests", "multihost_worker.py")
-  procs = [subprocess.Popen([sys.executable, worker, str(tmp_path)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT,
-                            env=dict(_env(4), PHI_JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                     PHI_JAX_NUM_PROCESSES="2", PHI_JAX_PROCESS_ID=str(i))) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    tails = "\n".join(p.communicate()[0][-2000:] for p in procs)
-    pytest.fail(f"the processes did not finish in 300 s (one waiting in a step or save the other never took):\n{tails}")
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  outputs = two_processes.run([sys.executable, worker, str(tmp_path)], _env(4), 300,
+                              " (one waiting in a step or save the other never took)")
   results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
   assert [r["devices"] for r in results] == [8, 8]
   for r in results:

@@ -6,13 +6,17 @@ Resolution order:
 3. a cluster JAX detects by itself (TPU pod slices, SLURM with several tasks, Open MPI, GKE/K8s) —
    `jax.distributed.initialize()` with no arguments;
 4. otherwise a single process (no call at all), so laptops and single GPUs need nothing.
+
+Outside a cluster JAX detects, several processes (or a process id) without a coordinator address are refused:
+each process would otherwise run alone, all of them writing the same workdir.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -26,13 +30,24 @@ def _multi_task_slurm() -> bool:
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None) -> None:
-  """Starts jax.distributed when this is a multi-process run; a no-op for a single process."""
+  """Starts jax.distributed when this is a multi-process run; a no-op for a single process.
+
+  Raises ValueError when more than one process, or a process id, is asked for without a coordinator address
+  (`num_processes=1` with `process_id` 0 or unset needs none).
+  """
   coordinator_address = coordinator_address or os.environ.get("PHI_JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "PHI_JAX_NUM_PROCESSES" in os.environ:
     num_processes = int(os.environ["PHI_JAX_NUM_PROCESSES"])
   if process_id is None and "PHI_JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["PHI_JAX_PROCESS_ID"])
-  multi = bool(coordinator_address) or _multi_task_slurm() or any(m in os.environ for m in _CLUSTER_MARKERS)
+  one_process = num_processes in (None, 1) and (process_id is None or (process_id == 0 and num_processes == 1))
+  detected = _multi_task_slurm() or any(m in os.environ for m in _CLUSTER_MARKERS)  # JAX finds its peers there
+  if not coordinator_address and not one_process and not detected:
+    raise ValueError(
+        f"num_processes={num_processes} and process_id={process_id} (PHI_JAX_NUM_PROCESSES / PHI_JAX_PROCESS_ID) "
+        "need a coordinator address too: set PHI_JAX_COORDINATOR_ADDRESS (host:port of process 0) on every "
+        "process. Without one each process would run alone and all would write the same workdir.")
+  multi = bool(coordinator_address) or detected
   if multi:
     # Cross-process collectives on CPU need gloo; accelerators ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -41,7 +56,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
       raise ValueError("a coordinator address needs num_processes and process_id too "
                        "(PHI_JAX_NUM_PROCESSES / PHI_JAX_PROCESS_ID)")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif _multi_task_slurm() or any(marker in os.environ for marker in _CLUSTER_MARKERS):
+  elif detected:
     jax.distributed.initialize()
   else:
     return
@@ -70,6 +85,33 @@ def from_process_zero(*values: float) -> tuple[float, ...]:
   words = np.asarray(values, np.float64).view(np.int32)  # int32 words: exact whatever jax_enable_x64 says
   received = np.asarray(multihost_utils.broadcast_one_to_all(words)).astype(np.int32).view(np.float64)
   return tuple(float(v) for v in received)
+
+
+def allgather_json(obj: Any) -> list:
+  """Every process's JSON-serialisable `obj`, in process order, on every process; `[obj]` in a single-process run.
+
+  A collective: every process must call it at the same point. The values come back as `json.loads` reads them
+  (tuples as lists, keys as strings). An `obj` that JSON cannot encode raises TypeError on every process, after
+  the collective, so no process is left waiting in it.
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  try:
+    encoded, error = json.dumps(obj).encode("utf-8"), None
+  except (TypeError, ValueError) as e:
+    encoded, error = b"", e
+  # The gather needs one shape on every process: the lengths first (-1 for a failed encoding), then padded bytes.
+  lengths = np.asarray(multihost_utils.process_allgather(np.asarray([-1 if error else len(encoded)], np.int32)))
+  lengths = lengths.reshape(-1)
+  if (lengths < 0).any():
+    failed = [int(p) for p in np.flatnonzero(lengths < 0)]
+    raise TypeError(f"the value to gather is not JSON-serialisable on process(es) {failed}"
+                    + (f": {error}" if error else "")) from error
+  padded = np.zeros(max(int(lengths.max()), 1), np.uint8)
+  padded[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(rows, lengths)]
 
 
 def barrier(name: str) -> None:

@@ -16,6 +16,12 @@ previous step is tried. A restore target with other shapes or dtypes than the sa
 signature in the integrity record before any array is read) is refused as incompatible, not treated as damage,
 and an out-of-memory error is passed on as it is. A step without an integrity item (written before integrity
 records existed) is restored with a warning, relying on Orbax's validation alone.
+
+Data-iterator state: each process reads its own shard of the data, so each is at its own position. A
+single-process save writes the iterator's state as it is; a save on several processes gathers every process's
+state and writes `{"process_count": N, "per_process": [state of process 0, ...]}`, and each process restores
+its own entry. A non-empty position cannot be mapped onto another number of processes, so such a checkpoint is
+refused as incompatible there; one without a data-iterator state (e.g. data given as a list) restores on any.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from phi_jax.sharding.distributed import any_process, barrier
+from phi_jax.sharding.distributed import allgather_json, any_process, barrier
 
 log = logging.getLogger("phi_jax")
 
@@ -120,6 +126,36 @@ def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _gather_data_state(data_state: dict) -> dict:
+  """What `save` writes as the data-iterator state: this state on one process; every process's on several (a
+  collective)."""
+  if jax.process_count() == 1:
+    return data_state
+  return {"process_count": jax.process_count(), "per_process": allgather_json(data_state)}
+
+
+def _processes(n: int) -> str:
+  return f"{n} process" + ("" if n == 1 else "es")
+
+
+def _own_data_state(path: str, saved: dict) -> dict:
+  """This process's data-iterator state out of what `save` wrote (see the module docstring).
+
+  Raises IncompatibleCheckpointError when the checkpoint holds a non-empty state of another number of processes.
+  """
+  per_process = isinstance(saved, dict) and set(saved) == {"process_count", "per_process"}
+  saved_count, states = (int(saved["process_count"]), saved["per_process"]) if per_process else (1, [saved])
+  if saved_count == jax.process_count() and len(states) == saved_count:
+    return states[jax.process_index()]
+  if not any(states):  # no position to carry over: any number of processes starts its data afresh alike
+    return {}
+  raise IncompatibleCheckpointError(
+      f"checkpoint {path} holds the data-iterator position of {_processes(saved_count)}, but this run has "
+      f"{_processes(jax.process_count())}. Each process reads its own shard of the data, so the position cannot "
+      f"be mapped onto another number of processes: resume with the same number of processes as the run that "
+      f"wrote it ({saved_count}), or start a new workdir.")
+
+
 class _KeptSteps(ocp.checkpoint_managers.PreservationPolicy):
   """Preserves the steps in `steps`, a set its owner updates (the best evaluation's step).
 
@@ -166,11 +202,13 @@ class Checkpointer:
 
     A failed write (disk full, unwritable directory) raises `CheckpointError`, here or, for an async save, from the
     next `save`/`wait`/`close`; the failed step never becomes visible, so the previous checkpoint stays the newest.
+    On several processes it is a collective (it gathers every process's `data_state`): all call it at one step.
     """
     if not force and not self.manager.should_save(step):
       return False
-    data_state, meta = data_state or {}, meta or {}
+    meta = meta or {}
     self._raise_if_failed(self.manager.wait_until_finished)
+    data_state = _gather_data_state(data_state or {})  # the digest below covers what is written
     integrity = {"state": state_checksums(state), "data": _digest(data_state), "meta": _digest(meta),
                  "signature": state_signature(state)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
@@ -209,19 +247,24 @@ class Checkpointer:
     Raises `CorruptCheckpointError` (naming the step's path) when the files cannot be read or the values do not
     match the checksums written with them; `IncompatibleCheckpointError` when the target asks for other shapes or
     dtypes than were saved, or when `check_meta(meta)` refuses the run metadata (both checked before any array is
-    read, and not damage: the step is left where it is).
+    read, and not damage: the step is left where it is), or when the data-iterator state was saved by another
+    number of processes (see the module docstring). The returned data state is this process's own.
 
     On several processes, each reads some files alone (its shards, its copy of the JSON items): after each phase
     the processes agree whether any of them failed, so all raise together and none is left waiting in a
     collective (the checksums) that the others never reach.
     """
     path = self.step_path(step)
-    integrity = meta = error = None
+    integrity = meta = data = error = None
     try:
       if check_meta is not None:
         meta = self._read_json(step, "meta", "metadata")
       if os.path.isdir(os.path.join(path, "integrity")):
         integrity = self._read_json(step, "integrity", "integrity record")
+      # The data state too, before the arrays: whether it fits this number of processes is decided from it.
+      data = self._read_json(step, "data", "data-iterator state")
+      if integrity is not None and _digest(data) != integrity.get("data"):
+        raise CorruptCheckpointError(path, "the data-iterator state does not match its digest")
     except CorruptCheckpointError as e:
       error = e
     _agree(path, error)
@@ -229,8 +272,8 @@ class Checkpointer:
       check_meta(meta)
     if integrity is not None:
       _check_signature(path, integrity.get("signature"), state_signature(abstract_state))
-    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                 meta=ocp.args.JsonRestore())
+    own_data = _own_data_state(path, data)
+    items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     restored = error = None
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -240,17 +283,17 @@ class Checkpointer:
       error = CorruptCheckpointError(path, f"restore failed: {type(e).__name__}: {str(e)[:500]}")
       error.__cause__ = e
     _agree(path, error)
-    state, data, meta = restored["state"], restored["data"], restored["meta"]
+    state, meta = restored["state"], restored["meta"]
     if integrity is None:
       log.warning("checkpoint %s has no integrity record (written before they existed); restored unverified", path)
-      return state, data, meta
+      return state, own_data, meta
     error = None
     try:
       self._verify(path, integrity, state, data, meta)
     except CorruptCheckpointError as e:
       error = e
     _agree(path, error)
-    return state, data, meta
+    return state, own_data, meta
 
   def _read_json(self, step: int, item: str, what: str) -> Any:
     try:

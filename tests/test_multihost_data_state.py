@@ -1,0 +1,177 @@
+"""Per-process data-iterator states in checkpoints, and the checks of `distributed.initialize`.
+
+Each process of a multi-host run reads its own shard of the data, so each saves its own iterator position and
+must get that one back on resume. The two-process test runs this file as its worker (`python FILE WORKDIR`):
+every process saves a different data state through `Checkpointer` and restores it; a checkpoint written by one
+process with a data state is refused by two (and the other way round), one without a data state restores on
+either; a value only one process cannot encode as JSON makes both raise, not wait.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STATE_SIZE = 8
+
+
+def _state(jax, mesh):
+  from jax.sharding import NamedSharding, PartitionSpec
+  values = np.arange(STATE_SIZE, dtype=np.float32)
+  return {"w": jax.make_array_from_callback(values.shape, NamedSharding(mesh, PartitionSpec("fsdp")),
+                                            lambda index: values[index])}
+
+
+def _target(jax, state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _data_state(process: int) -> dict:
+  # Like a packing pipeline's: other positions and JSON of another length on each process, strings included.
+  return {"rows": {"parent": {"next_index": 6 - 2 * process}, "counts": [[3] * (process + 1)]},
+          "exhausted": process == 1, "source": f"shard-{process}-\u00e9"}
+
+
+def _worker(workdir: str) -> None:
+  import jax
+  from jax.experimental import multihost_utils
+
+  from phi_jax import sharding
+  from phi_jax.sharding import distributed
+  from phi_jax.train import checkpoint
+
+  distributed.initialize()
+  state = _state(jax, sharding.make_mesh({"fsdp": -1}))
+  mine = _data_state(jax.process_index())
+  result = {"process": jax.process_index(), "processes": jax.process_count(), "saved": mine}
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "per_process"), save_interval_steps=1)
+  ckpt.save(1, state, data_state=mine, meta={"run": "two"}, force=True)
+  ckpt.wait()
+  step, restored, data, meta = ckpt.restore_latest(_target(jax, state))
+  whole = multihost_utils.process_allgather(restored["w"], tiled=True)
+  result.update(restored_step=step, restored=data, meta=meta, w=np.asarray(whole).tolist())
+  ckpt.close()
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "no_data"), save_interval_steps=1, async_save=False)
+  ckpt.save(1, state, data_state=None, force=True)
+  result["no_data"] = ckpt.restore(1, _target(jax, state))[1]
+  ckpt.close()
+
+  # Written by the single-process parent: without a data state it restores here, with one it is refused.
+  for name in ("single_no_data", "single_with_data"):
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, name), save_interval_steps=1)
+    try:
+      result[name] = {"data": ckpt.restore(1, _target(jax, state))[1]}
+    except checkpoint.IncompatibleCheckpointError as e:
+      result[name] = {"error": str(e)}
+    ckpt.close()
+  # A value JSON cannot encode on one process: both raise, neither waits in the gather for the other.
+  try:
+    distributed.allgather_json({1, 2} if jax.process_index() == 1 else [1, 2])
+  except TypeError as e:
+    result["unencodable"] = str(e)
+  print(json.dumps(result), flush=True)
+
+
+@pytest.mark.slow
+def test_each_process_restores_its_own_data_state(tmp_path):
+  import jax
+
+  from phi_jax import sharding
+  from phi_jax.train import checkpoint
+  import two_processes
+  from xla_flags import xla_flags
+
+  state = _state(jax, sharding.make_mesh({"fsdp": -1}))
+  for name, data_state in (("single_no_data", {}), ("single_with_data", {"next_index": 3})):
+    ckpt = checkpoint.Checkpointer(str(tmp_path / name), save_interval_steps=1, async_save=False)
+    ckpt.save(1, state, data_state=data_state, force=True)
+    assert ckpt.restore(1, _target(jax, state))[1] == data_state  # the single-process format, as it always was
+    ckpt.close()
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices=2), PYTHONUNBUFFERED="1")
+  outputs = two_processes.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], env, 240)
+  results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+
+  assert [(r["process"], r["processes"]) for r in results] == [(0, 2), (1, 2)]
+  assert [r["restored"] for r in results] == [_data_state(0), _data_state(1)]  # each its own, not process 0's
+  for r in results:
+    assert (r["restored_step"], r["meta"], r["no_data"]) == (1, {"run": "two"}, {})
+    assert r["single_no_data"] == {"data": {}}
+    assert "not JSON-serialisable on process(es) [1]" in r["unencodable"]
+    assert "2 processes" in r["single_with_data"]["error"] and "1 process" in r["single_with_data"]["error"]
+    assert r["w"] == list(range(STATE_SIZE))
+
+  # Back on one process: the per-process positions cannot be mapped onto it; no data state restores anywhere.
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "per_process"), save_interval_steps=1)
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match="same number of processes"):
+    ckpt.restore(1, _target(jax, state))
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "no_data"), save_interval_steps=1)
+  restored, data, _ = ckpt.restore(1, _target(jax, state))
+  ckpt.close()
+  assert data == {}
+  np.testing.assert_array_equal(jax.device_get(restored["w"]), np.arange(STATE_SIZE, dtype=np.float32))
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+  """An environment without any multi-process settings; jax.distributed must not be started."""
+  from phi_jax.sharding import distributed
+  for name in ("PHI_JAX_COORDINATOR_ADDRESS", "PHI_JAX_NUM_PROCESSES", "PHI_JAX_PROCESS_ID", "SLURM_NTASKS",
+               "SLURM_JOB_ID", *distributed._CLUSTER_MARKERS):
+    monkeypatch.delenv(name, raising=False)
+  started = []
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: started.append((a, k)))
+  return started
+
+
+@pytest.mark.parametrize("env,kwargs", [
+    ({"PHI_JAX_NUM_PROCESSES": "2", "PHI_JAX_PROCESS_ID": "1"}, {}),
+    ({"PHI_JAX_NUM_PROCESSES": "2"}, {}),
+    ({"PHI_JAX_PROCESS_ID": "1"}, {}),
+    ({}, {"num_processes": 4, "process_id": 0}),
+    ({}, {"process_id": 1}),
+])
+def test_processes_without_a_coordinator_are_refused(monkeypatch, no_cluster, env, kwargs):
+  from phi_jax.sharding import distributed
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(ValueError, match="PHI_JAX_COORDINATOR_ADDRESS"):
+    distributed.initialize(**kwargs)
+  assert no_cluster == []
+
+
+@pytest.mark.parametrize("env", [{}, {"PHI_JAX_NUM_PROCESSES": "1"}, {"PHI_JAX_NUM_PROCESSES": "1",
+                                                                     "PHI_JAX_PROCESS_ID": "0"}])
+def test_one_process_needs_no_coordinator(monkeypatch, no_cluster, env):
+  from phi_jax.sharding import distributed
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  distributed.initialize()
+  assert no_cluster == []
+
+
+def test_a_cluster_jax_detects_starts_without_a_coordinator(monkeypatch, no_cluster):
+  """On SLURM (or a TPU pod) JAX finds the processes itself; stray PHI_JAX_* settings do not stop it."""
+  from phi_jax.sharding import distributed
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)  # no gloo switch in this test process
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+  for name, value in {"SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "PHI_JAX_NUM_PROCESSES": "2"}.items():
+    monkeypatch.setenv(name, value)
+  distributed.initialize()
+  assert no_cluster == [((), {})]
+
+
+def test_allgather_json_on_one_process():
+  from phi_jax.sharding import distributed
+  assert distributed.allgather_json({"a": ["b", 1]}) == [{"a": ["b", 1]}]
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, ROOT)
+  _worker(sys.argv[1])
