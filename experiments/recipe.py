@@ -15,13 +15,23 @@ stage's params):
 After each stage the model answers the test problems (greedy, and `evaluation.num_samples` samples) and the
 verifier scores them. Everything lands under --workdir: data/ (the task files and tokenizer), one directory per
 stage (metrics.jsonl, params/, checkpoints/, eval/summary.json + items.jsonl), summary.json, report.md and PNG
-plots. Re-running the command skips finished stages and resumes an interrupted one from its newest checkpoint.
-Checkpoint selection and tuning use the valid split only; the test split is only ever reported.
+plots. Re-running the command skips finished stages and resumes an interrupted one from its newest checkpoint;
+the task settings (recipe.task_counts, task_seed, difficulty, difficulty_overrides) must stay those data/ was
+written with (a new --workdir, or --fresh, for others). Checkpoint selection and tuning use the valid split only;
+the test split is only ever reported.
+
+Settings: --gin_file and the recipe.*, evaluation.* and rollouts.* bindings of --gin_param configure the recipe
+itself. Every other --gin_param binding (train.*, model.*, data.*, optimizer.*, mesh.*, ...) configures the
+training stages: it is applied to each stage this run trains, after the stage's file and before that stage's
+entry of recipe.stage_bindings (which is the place for a binding of one stage only). Stages finished before are
+not trained again. data.train_files, data.tokenizer and train.init_from differ per stage and are set by the
+recipe; change them for a stage through recipe.stage_bindings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -38,11 +48,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gin  # noqa: E402
 import jax  # noqa: E402
+from gin import config_parser  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
 import eval as eval_lib  # noqa: E402
 import make_task_data  # noqa: E402
 import rollouts  # noqa: E402
+from phi_jax.tasks import word_problems  # noqa: E402
 
 log = logging.getLogger("phi_jax")
 
@@ -52,6 +64,11 @@ STAGES = ("base", "midtrain", "sft", "dpo", "grpo")
 STAGE_DATA = {"base": "base_train", "midtrain": "midtrain", "sft": "sft", "dpo": "dpo_prompts", "grpo": "rl_prompts"}
 DEFAULT_COUNTS = {"base_train": 4000, "midtrain": 4000, "sft": 1000, "dpo_prompts": 256, "rl_prompts": 512,
                   "valid": 200, "test": 200}
+# The configurables recipe.py reads itself; bindings of any other configure the training stages.
+RECIPE_CONFIGURABLES = ("recipe", "evaluation", "rollouts")
+# Bindings the recipe writes for each stage (its own task file, the workdir's tokenizer, the previous stage's
+# params): one value for every stage would be wrong for all but one of them.
+PER_STAGE_KEYS = ("data.train_files", "data.tokenizer", "train.init_from")
 
 
 @gin.configurable("recipe")
@@ -70,26 +87,152 @@ def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experimen
                      "trained again")
   if eval_split not in ("valid", "test"):
     raise ValueError(f"recipe.eval_split={eval_split!r}; expected 'valid' or 'test'")
+  # Keys are checked against every stage, not just `stages`: quick.gin binds all five and may run fewer.
+  not_stages = sorted(set(stage_bindings or {}) - set(STAGES))
+  if not_stages:
+    raise ValueError(f"recipe.stage_bindings has bindings for {not_stages}, which are not stages: use the names "
+                     f"{list(STAGES)}")
+  not_lists = sorted(k for k, v in (stage_bindings or {}).items()
+                     if isinstance(v, str) or not all(isinstance(b, str) for b in v))
+  if not_lists:
+    raise ValueError(f"recipe.stage_bindings[{not_lists[0]!r}] must be a list of binding strings, e.g. "
+                     f'{{"{not_lists[0]}": ["train.num_steps=10"]}}')
   return dict(stages=list(stages), config_dir=config_dir, task_counts={**DEFAULT_COUNTS, **(task_counts or {})},
               task_seed=task_seed, difficulty=difficulty, difficulty_overrides=dict(difficulty_overrides or {}),
               stage_bindings={k: list(v) for k, v in (stage_bindings or {}).items()}, rollout_k=rollout_k,
               eval_split=eval_split)
 
 
+def task_request(settings: dict) -> dict:
+  """The settings the task data is made from, as the manifest records them (`recipe_task`): the difficulty's
+  effective parameters rather than its overrides, as those are what the files depend on."""
+  level = dataclasses.replace(word_problems.get_difficulty(settings["difficulty"]),
+                              **settings["difficulty_overrides"])
+  return {"task_seed": settings["task_seed"], "difficulty": settings["difficulty"],
+          "difficulty_params": dataclasses.asdict(level), "task_counts": dict(settings["task_counts"])}
+
+
+def _recorded_task(manifest: dict) -> dict:
+  """The task settings of existing data: as recorded, or, for a manifest written before they were, as far as the
+  manifest tells them (the count asked for sft is only known up to the midtrain count it is a subset of)."""
+  if "recipe_task" in manifest:
+    return manifest["recipe_task"]
+  return {"task_seed": manifest.get("seed"), "difficulty": manifest.get("difficulty"),
+          "difficulty_params": manifest.get("difficulty_params"), "task_counts": manifest.get("counts")}
+
+
+def task_differences(manifest: dict, request: dict) -> list[str]:
+  """One line per task setting in which the data of `manifest` differs from `request` (see `task_request`)."""
+  recorded, out = _recorded_task(manifest), []
+  for key in ("task_seed", "difficulty"):
+    if recorded.get(key) is not None and recorded[key] != request[key]:
+      out.append(f"recipe.{key}: {recorded[key]!r} in data/, {request[key]!r} now")
+  for key in ("difficulty_params", "task_counts"):
+    saved, asked = recorded.get(key) or {}, dict(request[key])
+    if key == "task_counts" and "recipe_task" not in manifest and "sft" in asked:
+      asked["sft"] = min(asked["sft"], asked.get("midtrain", asked["sft"]))
+    where = ("difficulty parameter {} (recipe.difficulty, recipe.difficulty_overrides)" if key == "difficulty_params"
+             else f"recipe.{key}[{{!r}}]")
+    out += [f"{where.format(name)}: {saved[name]!r} in data/, {asked.get(name)!r} now"
+            for name in sorted(saved) if saved[name] != asked.get(name)]
+  return out
+
+
 def prepare_data(workdir: str, settings: dict) -> dict:
-  """Writes the task files and tokenizer under workdir/data once; returns the manifest."""
+  """Writes the task files and tokenizer under workdir/data once; returns the manifest. Data made with other task
+  settings than `settings` raises (a resumed stage would train on it, and the report would describe the new ones)."""
   data_dir = os.path.join(workdir, "data")
   manifest_path = os.path.join(data_dir, "manifest.json")
+  request = task_request(settings)
   if not os.path.exists(manifest_path):
     log.info("writing the task data to %s", data_dir)
-    make_task_data.make_task_data(data_dir, seed=settings["task_seed"], difficulty=settings["difficulty"],
-                                  counts=settings["task_counts"], **settings["difficulty_overrides"])
+    manifest = make_task_data.make_task_data(data_dir, seed=settings["task_seed"], difficulty=settings["difficulty"],
+                                             counts=settings["task_counts"], **settings["difficulty_overrides"])
+    manifest["recipe_task"] = request
+    with open(manifest_path + ".tmp", "w") as f:
+      json.dump(manifest, f, indent=1)
+      f.write("\n")
+    os.replace(manifest_path + ".tmp", manifest_path)
   with open(manifest_path) as f:
-    return json.load(f)
+    manifest = json.load(f)
+  differ = task_differences(manifest, request)
+  if differ:
+    raise ValueError(f"{data_dir} holds task data made with other settings than this run asks for: "
+                     f"{'; '.join(differ)}. Use a new --workdir for the new settings (or --fresh to delete this "
+                     "workdir, trained stages included), or set them back to go on with this workdir.")
+  return manifest
+
+
+def _statements(text: str) -> list:
+  return list(config_parser.ConfigParser(text, gin.config.ParserDelegate(skip_unknown=True)))
+
+
+def _binding_key(statement) -> Optional[str]:
+  """'configurable.param' of a binding statement (scope and module path dropped); None for a macro, an include or
+  an import."""
+  if not isinstance(statement, config_parser.BindingStatement) or not statement.arg_name:
+    return None
+  return f"{statement.selector.split('.')[-1]}.{statement.arg_name}"
+
+
+def _is_recipe_binding(statement) -> bool:
+  key = _binding_key(statement)
+  return key is not None and key.split(".")[0] in RECIPE_CONFIGURABLES
+
+
+def split_params(params: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(recipe bindings, stage bindings) of the --gin_param values; see the module docstring. A macro, an include or
+  an import goes to the stages (a stage file may use it) as well as to the recipe."""
+  recipe_params, stage_params = [], []
+  for param in params:
+    statements = _statements(param)
+    if all(map(_is_recipe_binding, statements)):
+      recipe_params.append(param)
+      continue
+    per_stage = [k for k in map(_binding_key, statements) if k in PER_STAGE_KEYS]
+    if per_stage:
+      raise ValueError(f"--gin_param={param}: the recipe sets {per_stage[0]} for each stage itself; to change it "
+                       f'for one stage, use recipe.stage_bindings = {{"sft": [{json.dumps(param)}]}} (with that '
+                       "stage's name)")
+    stage_params.append(param)
+  return recipe_params, stage_params
+
+
+def _file_stage_bindings(path: str, seen: set) -> list[str]:
+  """'file: configurable.param' of the bindings in a recipe gin file (and its includes) that are not the recipe's."""
+  if path in seen or not os.path.exists(path):  # a file gin found on a search path of its own is not checked
+    return []
+  seen.add(path)
+  with open(path) as f:
+    statements = _statements(f.read())
+  out = []
+  for statement in statements:
+    if isinstance(statement, config_parser.IncludeStatement):
+      out += _file_stage_bindings(statement.filename, seen)
+    elif _binding_key(statement) is not None and not _is_recipe_binding(statement):
+      out.append(f"{path}: {_binding_key(statement)}")
+  return out
+
+
+def configure(gin_files: Sequence[str], params: Sequence[str]) -> tuple[dict, dict, dict]:
+  """(recipe settings, evaluation settings, rollout settings) of the recipe's gin files and --gin_param values;
+  the settings' `stage_params` are the bindings every training stage gets (see the module docstring)."""
+  gin.clear_config()
+  common.parse_gin(gin_files, params)  # all of them, so a misspelt name fails now rather than at its stage
+  in_files = [b for path in gin_files for b in _file_stage_bindings(path, set())]
+  if in_files:
+    raise ValueError(f"recipe gin files configure the recipe only (recipe.*, evaluation.*, rollouts.*), but "
+                     f"{'; '.join(in_files)} binds a training setting: put it in <config_dir>/<stage>.gin, in "
+                     "recipe.stage_bindings, or pass it as --gin_param to apply it to every stage")
+  _, stage_params = split_params(params)
+  settings = recipe_settings()
+  settings["stage_params"] = stage_params
+  return settings, eval_lib.eval_settings(), rollouts.rollout_settings()
 
 
 def stage_bindings(stage: str, workdir: str, init_from: Optional[str], settings: dict) -> list[str]:
-  """The gin bindings the recipe adds to a stage's file: its data, the tokenizer, its starting point."""
+  """The gin bindings the recipe adds to a stage's file: the --gin_param bindings for every stage, its data, the
+  tokenizer, its starting point, then its entry of recipe.stage_bindings."""
   data_dir = os.path.join(workdir, "data")
   train_file = (os.path.join(workdir, stage, "pairs.jsonl") if stage == "dpo"
                 else os.path.join(data_dir, f"{STAGE_DATA[stage]}.jsonl"))
@@ -97,7 +240,7 @@ def stage_bindings(stage: str, workdir: str, init_from: Optional[str], settings:
               f"data.tokenizer={json.dumps(os.path.join(data_dir, 'tokenizer'))}"]
   if init_from is not None:
     bindings.append(f"train.init_from={json.dumps(init_from)}")
-  return bindings + settings["stage_bindings"].get(stage, [])
+  return settings.get("stage_params", []) + bindings + settings["stage_bindings"].get(stage, [])
 
 
 def _configure(settings: dict, stage: str, bindings: Sequence[str]) -> None:
@@ -162,7 +305,10 @@ def run_stage(stage: str, index: int, workdir: str, init_from: Optional[str], se
   started = time.time()
   record["eval"] = evaluate_stage(stage_dir, params_from, problems, eval_cfg)
   record["eval_seconds"] = time.time() - started
-  # Relative to the workdir, so a moved or copied workdir still resumes.
+  # Relative to the workdir, so a moved or copied workdir still finds the finished stages' params. A stage
+  # interrupted there does not resume: its config.gin and checkpoints hold absolute paths (data.train_files,
+  # data.tokenizer, train.init_from), and the changed data.train_files refuses the resume; deleting that stage's
+  # directory trains it again from the start.
   record["params_from"] = os.path.relpath(params_from, workdir)
   with open(os.path.join(stage_dir, "recipe_stage.json"), "w") as f:
     json.dump(record, f, indent=1)
@@ -188,6 +334,9 @@ def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) 
         record = json.load(f)
       log.info("== stage %d/%d: %s already done (accuracy %.3f) ==", index + 1, len(settings["stages"]), stage,
                record["eval"]["accuracy"])
+      if settings.get("stage_params"):
+        log.warning("%s is not trained again, so the --gin_param bindings %s do not apply to it (delete %s to "
+                    "retrain it with them)", stage, settings["stage_params"], os.path.join(workdir, stage))
     else:
       record = run_stage(stage, index, workdir, init_from, settings, eval_cfg, rollout_cfg, problems)
     records.append(record)
@@ -415,7 +564,9 @@ def parse_args(argv=None):
   parser.add_argument("--gin_file", action="append", default=[],
                       help="recipe gin file(s) (recipe.*, evaluation.*, rollouts.*); default recipe_tiny/recipe.gin "
                       "(quick.gin with --quick)")
-  parser.add_argument("--gin_param", action="append", default=[], help="recipe gin binding 'k=v' (repeatable)")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="gin binding 'k=v' (repeatable): recipe.*, evaluation.*, rollouts.* configure the recipe, "
+                      "any other applies to every stage trained (see above)")
   parser.add_argument("--fresh", action="store_true", help="delete --workdir first instead of resuming")
   return parser.parse_args(argv)
 
@@ -426,12 +577,10 @@ def main(argv=None) -> dict:
   logging.getLogger("absl").setLevel(logging.WARNING)
   workdir = os.path.abspath(args.workdir)
   os.chdir(ROOT)  # gin files include each other by repository-relative paths
-  if args.fresh and os.path.exists(workdir):
+  default = os.path.join("experiments/configs/recipe_tiny", "quick.gin" if args.quick else "recipe.gin")
+  settings, eval_cfg, rollout_cfg = configure(args.gin_file or [default], args.gin_param)
+  if args.fresh and os.path.exists(workdir):  # only once the settings are known to be good
     shutil.rmtree(workdir)
-  default = "quick.gin" if args.quick else "recipe.gin"
-  gin.clear_config()
-  common.parse_gin(args.gin_file or [os.path.join("experiments/configs/recipe_tiny", default)], args.gin_param)
-  settings, eval_cfg, rollout_cfg = recipe_settings(), eval_lib.eval_settings(), rollouts.rollout_settings()
   log.info("recipe: %d devices (%s); stages %s", jax.device_count(), jax.devices()[0].platform, settings["stages"])
   summary = run_recipe(workdir, settings, eval_cfg, rollout_cfg)
   print(stage_table(summary))

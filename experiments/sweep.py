@@ -10,7 +10,9 @@ lengths), and the two are crossed with each other. Each run's workdir is ROOT/<b
 a sweep resumes unfinished runs and leaves finished ones as they are (train.py resumes from the workdir). The
 table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its final metrics: loss, eval loss and
 next-token accuracy of the trained positions (token_accuracy); for GRPO, mean reward and the share of rollouts
-whose answer verified (accuracy).
+whose answer verified (accuracy). In local mode a failing run does not stop the sweep: the other runs go on, the
+table's status column marks it ("exit N", or "signal N" if it was killed; "ok" for a run that succeeded) and the
+sweep exits non-zero at the end, naming the failed runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 import shlex
 import subprocess
 import sys
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METRICS = ("loss", "eval_loss", "best_eval_loss", "token_accuracy", "reward_mean", "accuracy")
@@ -92,9 +95,15 @@ def final_metrics(workdir: str) -> dict:
   return out
 
 
-def collect(root: str, runs: list[dict]) -> list[dict]:
+def collect(root: str, runs: list[dict], statuses: Optional[dict[str, str]] = None) -> list[dict]:
+  """Writes ROOT/results.md and ROOT/results.json; `statuses` (run name -> "ok" / "exit N" / "signal N") adds a
+  status column, which only local mode knows (runs launched elsewhere report to their scheduler)."""
   rows = [dict(run=run_name(b), **b, **final_metrics(os.path.join(root, run_name(b)))) for b in runs]
-  keys = ["run"] + list(runs[0]) + ["step"] + [m for m in METRICS if any(m in r for r in rows)]
+  if statuses is not None:
+    for row in rows:
+      row["status"] = statuses[row["run"]]
+  keys = (["run"] + (["status"] if statuses is not None else []) + list(runs[0]) + ["step"]
+          + [m for m in METRICS if any(m in r for r in rows)])
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   for r in rows:
     lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
@@ -122,12 +131,25 @@ def main(argv=None):
     for b in runs:
       print(shlex.join(command(args.gin_file, args.gin_param, b, os.path.join(args.root, run_name(b)))))
     return runs
-  if args.mode == "local":
-    for i, b in enumerate(runs):
-      workdir = os.path.join(args.root, run_name(b))
-      print(f"[{i + 1}/{len(runs)}] {run_name(b)}", flush=True)
-      subprocess.run(command(args.gin_file, args.gin_param, b, workdir), check=True)
-  return collect(args.root, runs)
+  if args.mode == "collect":
+    return collect(args.root, runs)
+  statuses = {}
+  for i, b in enumerate(runs):
+    name = run_name(b)
+    print(f"[{i + 1}/{len(runs)}] {name}", flush=True)
+    # One failing run (a bad value of the swept binding, say) must not cost the others their results.
+    code = subprocess.run(command(args.gin_file, args.gin_param, b, os.path.join(args.root, name))).returncode
+    statuses[name] = "ok" if code == 0 else f"exit {code}" if code > 0 else f"signal {-code}"
+    if code != 0:
+      print(f"[{i + 1}/{len(runs)}] {name} failed ({statuses[name]})"
+            + ("; going on with the other runs" if i + 1 < len(runs) else ""), flush=True)
+  rows = collect(args.root, runs, statuses)
+  failed = [f"{name} ({status})" for name, status in statuses.items() if status != "ok"]
+  if failed:
+    sys.exit(f"{len(failed)} of {len(runs)} sweep runs failed: {', '.join(failed)}. Their output is above and "
+             f"their rows in {os.path.join(args.root, 'results.md')} are marked; fix the cause and re-run the sweep "
+             "(finished runs are kept).")
+  return rows
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import recipe  # noqa: E402
+import recipe  # noqa: E402  (first: it sets up XLA before jax loads)
+import common  # noqa: E402
+import gin  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_notebooks import execute_notebook  # noqa: E402
@@ -122,3 +124,64 @@ def test_each_stage_starts_from_the_previous_one_and_reads_its_own_data(tmp_path
   dpo = recipe.stage_bindings("dpo", str(tmp_path), str(tmp_path / "sft"), settings)
   assert f'data.train_files=["{tmp_path / "dpo" / "pairs.jsonl"}"]' in dpo
   assert not any("init_from" in b for b in recipe.stage_bindings("base", str(tmp_path), None, settings))
+
+
+def test_stage_bindings_for_a_name_that_is_no_stage_are_refused():
+  with pytest.raises(ValueError, match=r"\['mid_train'\], which are not stages: use the names \['base', 'midtrain'"):
+    recipe.recipe_settings(stage_bindings={"mid_train": ["train.num_steps=1"]})
+  with pytest.raises(ValueError, match="must be a list of binding strings"):
+    recipe.recipe_settings(stage_bindings={"sft": "train.num_steps=1"})
+  # A stage this run leaves out is still a stage: quick.gin binds all five, and may run fewer.
+  assert recipe.recipe_settings(stages=["base"], stage_bindings={"grpo": ["train.num_steps=1"]})["stages"] == ["base"]
+
+
+def test_command_line_training_bindings_reach_every_stage(monkeypatch, tmp_path):
+  monkeypatch.chdir(ROOT)  # gin files include each other by repository-relative paths
+  settings, _, rollout_cfg = recipe.configure(
+      ["experiments/configs/recipe_tiny/recipe.gin"],
+      ["train.num_steps=1", 'model.overrides={"num_layers": 1}', "rollouts.batch_size=8",
+       'recipe.stage_bindings={"sft": ["train.num_steps=7"]}'])
+  assert rollout_cfg["batch_size"] == 8 and settings["stage_params"] == ["train.num_steps=1",
+                                                                          'model.overrides={"num_layers": 1}']
+  try:
+    for stage, steps in (("base", 1), ("midtrain", 1), ("sft", 7)):  # the stage's own entry comes last and wins
+      recipe._configure(settings, stage, recipe.stage_bindings(stage, str(tmp_path), None, settings))
+      assert common.train_settings()["loop"].num_steps == steps, stage
+      assert common.model()[0].num_layers == 1, stage
+  finally:
+    gin.clear_config()
+
+
+def test_bindings_the_recipe_cannot_apply_are_refused(monkeypatch, tmp_path):
+  monkeypatch.chdir(ROOT)
+  recipe_gin = "experiments/configs/recipe_tiny/recipe.gin"
+  with pytest.raises(ValueError, match="sets data.train_files for each stage itself.*recipe.stage_bindings"):
+    recipe.configure([recipe_gin], ['data.train_files=["x.jsonl"]'])
+  with pytest.raises(ValueError, match=r"not stages"):
+    recipe.configure([recipe_gin], ['recipe.stage_bindings={"mid_train": ["train.num_steps=1"]}'])
+  custom = tmp_path / "custom.gin"
+  custom.write_text(f"include '{recipe_gin}'\ntrain.num_steps = 3\n")
+  with pytest.raises(ValueError, match=r"custom.gin: train.num_steps binds a training setting.*--gin_param"):
+    recipe.configure([str(custom)], [])
+  gin.clear_config()
+
+
+TINY_COUNTS = {"base_train": 8, "midtrain": 8, "sft": 4, "dpo_prompts": 4, "rl_prompts": 4, "valid": 4, "test": 4}
+
+
+def test_data_of_other_task_settings_is_refused_not_reused(tmp_path):
+  settings = recipe.recipe_settings(task_counts=TINY_COUNTS)
+  assert recipe.prepare_data(str(tmp_path), settings)["counts"]["test"] == 4
+  assert recipe.prepare_data(str(tmp_path), settings)["recipe_task"]["task_seed"] == 0  # the same settings go on
+  other = recipe.recipe_settings(task_counts={**TINY_COUNTS, "test": 50}, difficulty="hard")
+  with pytest.raises(ValueError, match=r"recipe.difficulty: 'medium' in data/, 'hard' now.*"
+                                       r"recipe.task_counts\['test'\]: 4 in data/, 50 now.*new --workdir"):
+    recipe.prepare_data(str(tmp_path), other)
+  # A manifest that predates the recorded settings is compared on what it tells.
+  path = tmp_path / "data" / "manifest.json"
+  manifest = json.loads(path.read_text())
+  del manifest["recipe_task"]
+  path.write_text(json.dumps(manifest))
+  recipe.prepare_data(str(tmp_path), settings)
+  with pytest.raises(ValueError, match=r"recipe.task_seed: 0 in data/, 1 now"):
+    recipe.prepare_data(str(tmp_path), recipe.recipe_settings(task_counts=TINY_COUNTS, task_seed=1))

@@ -58,3 +58,30 @@ def test_sweeps_whose_runs_would_share_a_workdir_or_that_have_no_runs_are_refuse
   with pytest.raises(ValueError, match="no runs"):
     sweep.check_runs(sweep.expand({"product": {"optimizer.learning_rate": []}}))
   sweep.check_runs(sweep.expand({"product": {"optimizer.learning_rate": [0.1, 0.2]}}))
+
+
+def test_a_failing_run_is_marked_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+  # Stand-in runs that exit with the code their binding names, so the sweep's own bookkeeping is tested in seconds.
+  monkeypatch.setattr(sweep, "command",
+                      lambda files, params, bindings, workdir: [sys.executable, "-c",
+                                                                f"raise SystemExit({bindings['train.seed']})"])
+  with pytest.raises(SystemExit) as raised:
+    sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", '--sweep={"product": {"train.seed": [3, 0, 2]}}'])
+  assert "2 of 3 sweep runs failed: seed=3 (exit 3), seed=2 (exit 2)" in str(raised.value.code)
+  rows = json.load(open(tmp_path / "results.json"))
+  assert [(r["run"], r["status"]) for r in rows] == [("seed=3", "exit 3"), ("seed=0", "ok"), ("seed=2", "exit 2")]
+  assert "| seed=3 | exit 3 |" in open(tmp_path / "results.md").read()
+  assert "[3/3] seed=2" in capsys.readouterr().out  # the runs after the first failure still ran
+
+
+def test_a_run_failing_at_config_time_still_gets_a_results_table(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices=1))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
+       "--gin_file=experiments/configs/midtrain_tiny.gin", f"--root={tmp_path}",
+       '--sweep={"product": {"data.train_files": [[]]}}'],  # no training data: train.py stops before compiling
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "1 of 1 sweep runs failed: train_files=__ (exit 1)" in proc.stderr
+  rows = json.load(open(tmp_path / "results.json"))
+  assert [(r["run"], r["status"]) for r in rows] == [("train_files=__", "exit 1")]
