@@ -250,6 +250,15 @@ def run_training(workdir: str):
     raise ValueError("data.eval_files is not read by a GRPO run (it has no eval loss); score held-out problems with "
                      "experiments/eval.py, and remove the binding")
   file_sizes(data_cfg["eval_files"])  # a missing eval file is an error now, not at the first evaluation
+  if loop.export_hf and jax.process_count() > 1:
+    raise ValueError(f"train.export_hf writes from one process, and no one of these {jax.process_count()} holds "
+                     "every parameter: leave it off and, once the run has finished, export in one process with "
+                     f"python experiments/export_hf.py --init_from {workdir}")
+  if model_config.param_dtype == "bfloat16":
+    log.warning("model.param_dtype='bfloat16': the weights and AdamW moments are stored and updated in bfloat16, "
+                "with no float32 master copy, so an update below ~1/256 of a weight rounds away (at "
+                "optimizer.learning_rate=%g most weights may not move). Keep param_dtype='float32' (matmuls "
+                "still run in model.dtype) unless memory rules it out", optimizer().learning_rate)
   global_batch, _ = check_batch_shape(stage, model_config, data_cfg, loop, the_mesh)
   per_process = global_batch // jax.process_count()
   if stage == "next_token":
@@ -279,10 +288,15 @@ def run_training(workdir: str):
       run_meta=run_meta(stage, settings, data_cfg, tokenizer))
   save_final_params(workdir, state.params)
   if loop.export_hf:
-    from phi_jax.data.chat import stop_token_ids
-    save_hf(os.path.join(workdir, "hf"), model_config, state.params, stop_token_ids=stop_token_ids(tokenizer))
-    tokenizer.save_pretrained(os.path.join(workdir, "hf"))
+    export_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer)
   return state
+
+
+def export_hf(out: str, model_config: PhiConfig, params, tokenizer) -> None:
+  """The params as a transformers checkpoint with the tokenizer; generation stops at the chat format's turn end."""
+  from phi_jax.data.chat import stop_token_ids
+  save_hf(out, model_config, params, stop_token_ids=stop_token_ids(tokenizer))
+  tokenizer.save_pretrained(out)
 
 
 def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:

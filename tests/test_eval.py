@@ -77,6 +77,28 @@ def tiny_run(tmp_path_factory):
   return run, problems
 
 
+def test_export_hf_writes_a_finished_run_as_a_transformers_checkpoint(tiny_run, tmp_path):
+  """What a multi-host run uses instead of train.export_hf: the same files, from its params/ in one process."""
+  import export_hf
+  import orbax.checkpoint as ocp
+  from phi_jax import load_hf
+
+  run, _ = tiny_run
+  try:
+    out = export_hf.main([f"--init_from={run}", f"--out={tmp_path / 'hf'}"])
+  finally:
+    gin.clear_config()
+  config, params = load_hf(out)
+  with ocp.StandardCheckpointer() as ckptr:
+    saved = ckptr.restore(os.path.abspath(run / "params"))
+  assert config.num_layers == 2 and jax.tree.structure(params) == jax.tree.structure(saved)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert os.path.exists(os.path.join(out, "tokenizer.json"))
+  with pytest.raises(ValueError, match="has no params/"):
+    export_hf.main([f"--init_from={tmp_path}"])
+
+
 def test_eval_command_on_a_saved_run(tiny_run, capsys):
   run, problems = tiny_run
   out = run / "eval"

@@ -366,10 +366,11 @@ class EvalScales:
 
 
 def _records(workdir):
-  """{(step, "train" | "eval"): record} of metrics.jsonl, without the timings."""
+  """{step: record} of metrics.jsonl, without the timings; one record per step (a step's evaluation joins it)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {(r["step"], "eval" if "eval_loss" in r else "train"): {k: v for k, v in r.items() if k != "tokens_per_sec"}
-            for r in map(json.loads, f)}
+    records = [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in map(json.loads, f)]
+  assert len({r["step"] for r in records}) == len(records)
+  return {r["step"]: r for r in records}
 
 
 def test_early_stopping_ends_with_the_best_checkpoint_and_resumes_where_it_stopped(tmp_path, caplog):
@@ -380,8 +381,9 @@ def test_early_stopping_ends_with_the_best_checkpoint_and_resumes_where_it_stopp
                   keep_best_checkpoint=True)
   state = _run(tmp_path / "a", eval_batches=EvalScales(scales), **settings)
   records = _records(tmp_path / "a")
-  assert sorted(records) == [(s, kind) for s in range(1, 6) for kind in ("eval", "train")]
-  assert [records[s, "eval"]["best_eval_step"] for s in range(1, 6)] == [1, 2, 2, 2, 2]
+  assert sorted(records) == [1, 2, 3, 4, 5]
+  assert all("loss" in r and "eval_loss" in r for r in records.values())  # at least step and loss, as documented
+  assert [records[s]["best_eval_step"] for s in range(1, 6)] == [1, 2, 2, 2, 2]
   assert "early stop at step 5: 3 evaluations without a new best eval_loss" in caplog.text
   # The newest checkpoint (keep_checkpoints=1) and the best; the run ends with the best's state.
   ckpt = checkpoint.Checkpointer(str(tmp_path / "a" / "checkpoints"), save_interval_steps=1)
@@ -560,7 +562,8 @@ BAD_LINES = {
 }
 
 
-def test_bad_records_raise_with_file_line_reason_or_are_counted_so_read_equals_used_plus_skipped(tmp_path, gin_run):
+def test_bad_records_raise_with_file_line_reason_or_are_counted_so_read_equals_used_plus_skipped(tmp_path, gin_run,
+                                                                                                 caplog):
   path = tmp_path / "mixed.jsonl"
   good = [json.dumps({"text": f"document number {i} about sums"}).encode() for i in range(30)]
   lines = good[:10] + list(BAD_LINES.values()) + good[10:]
@@ -576,7 +579,9 @@ def test_bad_records_raise_with_file_line_reason_or_are_counted_so_read_equals_u
   assert stats["records_skipped"] == {reason: 1 for reason in BAD_LINES}
   assert stats["records_read"] == len(lines) == stats["records_used"] + sum(stats["records_skipped"].values())
   assert stats["records_used"] == len(good)
-  assert max(_losses(tmp_path / "skip")) < 50  # the data ran out first and the run ended cleanly
+  last = max(_losses(tmp_path / "skip"))
+  assert last < 50  # the data ran out first and the run ended cleanly, saying how to fit the schedule to the data
+  assert f"ran out after step {last} of num_steps=50" in caplog.text and f"train.num_steps={last}" in caplog.text
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n\n")
   with pytest.raises(ValueError, match=rf"{empty}: empty dataset"):

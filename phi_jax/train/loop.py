@@ -249,8 +249,11 @@ class MetricsWriter:
       if self.enabled:
         with open(path, "w") as f:
           f.writelines(json.dumps(r) + "\n" for r in self.kept)
+    self.last_trained = next((r for r in reversed(self.kept) if "loss" in r), None)  # the newest training record
 
   def write(self, record: dict):
+    if "loss" in record:
+      self.last_trained = record
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -324,7 +327,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
              "on)", workdir, start, loop.num_steps)
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
   spikes = _SpikeDetector(loop.loss_spike_factor, loop.loss_spike_window,
-                          [r["loss"] for r in writer.kept if "loss" in r and "eval_loss" not in r])
+                          [r["loss"] for r in writer.kept if "loss" in r])
   evals = _EvalHistory(loop.early_stopping_min_delta, [r for r in writer.kept if "eval_loss" in r])
   evals.agree()
   if loop.keep_best_checkpoint and evals.best_step is not None:
@@ -342,8 +345,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   step_fn = None
   eval_fn = None
 
-  def evaluate(step: int) -> bool:
-    """Scores the eval data with the current params, writes the record; True when it is a new best."""
+  def evaluate(step: int) -> tuple[dict, bool]:
+    """Scores the eval data with the current params: (eval metrics, whether it is a new best)."""
     nonlocal eval_fn
     eval_fn = eval_fn or _make_eval(loss_fn, mesh)
     record = _evaluate(eval_fn, state.params, eval_batches(), mesh)
@@ -351,12 +354,13 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       raise ValueError("the eval data gave no tokens to score, so early_stopping_patience / keep_best_checkpoint "
                        "have no eval loss to compare: check data.eval_files and data.eval_batches")
     improved = evals.add(step, record["eval_loss"])
-    writer.write(dict(record, **evals.summary(), step=step))
-    return improved
+    return dict(record, **evals.summary()), improved
   pending = None  # (step, device metrics, host stats) of the last dispatched step, pulled one step late
   last_time = time.perf_counter()
 
-  def flush(pending_item):
+  def flush(pending_item, evaluate_now: bool = False) -> bool:
+    """Writes the step's record (on log steps); with `evaluate_now` the step's evaluation joins it, so every record
+    carries the training loss. Returns whether that evaluation is a new best."""
     nonlocal last_time
     step, device_metrics, stats = pending_item
     record = _to_host(device_metrics)
@@ -383,13 +387,18 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       if median is not None:
         log.warning("loss spike at step %d: %.4g > %g x the running median %.4g", step, record["loss"],
                     loop.loss_spike_factor, median)
-    if step % loop.log_every == 0 or step == loop.num_steps:
+    improved = False
+    if evaluate_now:
+      eval_record, improved = evaluate(step)
+      record.update(eval_record)
+      last_time = time.perf_counter()  # the evaluation's time is not the next step's
+    if step % loop.log_every == 0 or step == loop.num_steps or evaluate_now:
       for name, tokens in stats.get("tokens_seen", {}).items():
         record[f"tokens_seen/{name}"] = tokens
       writer.write(record)
       if on_log is not None:
         on_log(record)
-    return record
+    return improved
 
   def write_data_stats():
     if hasattr(train_data, "stats") and jax.process_index() == 0:
@@ -412,7 +421,10 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         if local is not None:
           log.warning("another process's training data ran out: this process's batch for step %d is not trained",
                       step + 1)
-        log.warning("the training data ran out after step %d of %d; ending the run there", step, loop.num_steps)
+        log.warning("the training data ran out after step %d of num_steps=%d; ending the run there. The learning-rate "
+                    "schedule spans num_steps, so it stopped at %.3g (peak %.3g): to run the whole schedule on this "
+                    "data, set train.num_steps=%d (or raise data.num_epochs)", step, loop.num_steps,
+                    float(schedule(max(step - 1, 0))), optimizer_config.learning_rate, step)
         break
       batch = global_batch(local, mesh)
       if step_fn is None:
@@ -430,18 +442,21 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       pending = (step + 1, metrics, stats)
       done = step + 1
       save_best = False
-      if eval_batches is not None and loop.eval_every and done % loop.eval_every == 0 and done < loop.num_steps:
-        save_best = evaluate(done) and loop.keep_best_checkpoint
+      if eval_batches is not None and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.num_steps):
+        save_best = flush(pending, evaluate_now=True) and loop.keep_best_checkpoint
+        pending = None
         if save_best:
           checkpointer.keep([done])  # the previous best goes once this save lands, unless among the newest
         stopped_early = patience_spent()
       if done % loop.checkpoint_every == 0 or done == loop.num_steps or preempt or stopped_early or save_best:
-        flush(pending)  # a checkpoint is written only after its step's loss is known to be finite
-        pending = None
+        if pending is not None:
+          flush(pending)  # a checkpoint is written only after its step's loss is known to be finite
+          pending = None
         data_state = train_data.get_state() if hasattr(train_data, "get_state") else None
         checkpointer.save(done, state, data_state=data_state, meta=meta, force=True)
         saved = done
         write_data_stats()
+        last_time = time.perf_counter()  # the save's time is not the next step's
       if preempt:
         checkpointer.close()
         log.warning("SIGTERM%s: saved step %d to %s; exiting", "" if sigterm.raised else " on another process", done,
@@ -451,14 +466,19 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         log.info("early stop at step %d: %s; early_stopping_patience=%d", done, evals.describe(),
                  loop.early_stopping_patience)
         break
-    if pending is not None:
-      flush(pending)
+    if pending is not None:  # the data ended: the last step is evaluated (unless it just was) with its record
+      if flush(pending, evaluate_now=eval_batches is not None and evals.last_step != pending[0]):
+        if loop.keep_best_checkpoint:
+          checkpointer.keep([pending[0]])
     final = int(host_scalar(state.step))
     if final != saved:  # the data ended between checkpoints
       checkpointer.save(final, state, data_state=train_data.get_state() if hasattr(train_data, "get_state") else None,
                         meta=meta, force=True)
-  if eval_batches is not None and evals.last_step != final:  # not already evaluated at this step
-    if evaluate(final) and loop.keep_best_checkpoint:
+  if eval_batches is not None and evals.last_step != final:  # nothing trained in this run, and never evaluated
+    eval_record, improved = evaluate(final)
+    trained = writer.last_trained if writer.last_trained and writer.last_trained["step"] == final else {}
+    writer.write(dict(trained, **eval_record, step=final))
+    if improved and loop.keep_best_checkpoint:
       checkpointer.keep([final])
   if loop.keep_best_checkpoint and evals.best_step not in (None, final):
     state = _restore_best(checkpointer, evals, abstract_state(model_config, optimizer, mesh), state)

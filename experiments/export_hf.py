@@ -1,0 +1,50 @@
+"""Writes a finished run's final params (W/params) as a transformers checkpoint: config.json, safetensors and the
+run's tokenizer, loadable with `AutoModelForCausalLM.from_pretrained`.
+
+  python experiments/export_hf.py --init_from runs/mini_sft [--out runs/mini_sft/hf]
+
+These are the files `train.export_hf=True` writes at the end of a one-process run. A run on several processes
+(multi-host) cannot write them itself, since no process holds every parameter: run this afterwards in one process
+on a machine with host memory for the model (the parameters are read onto this process's devices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gin  # noqa: E402
+
+import common  # noqa: E402  (gin configurables shared by every entry script)
+import rollouts  # noqa: E402
+
+log = logging.getLogger("phi_jax.export_hf")
+
+
+def main(argv=None) -> str:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--init_from", required=True, help="a finished run's workdir (with params/ and config.gin)")
+  parser.add_argument("--out", help="output directory (default: INIT_FROM/hf)")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="gin binding 'k=v' (repeatable), after the run's own config.gin")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+  if not os.path.isdir(os.path.join(args.init_from, "params")):
+    common.check_not_unfinished_run(args.init_from)
+    raise ValueError(f"{args.init_from} has no params/: point --init_from at a finished run's workdir")
+  gin.clear_config()
+  common.parse_gin_for_checkpoint(args.init_from, [], args.gin_param)
+  the_mesh = common.mesh()
+  config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh)
+  out = args.out or os.path.join(args.init_from, "hf")
+  common.export_hf(out, config, params, tokenizer)
+  log.info("wrote %s", out)
+  return out
+
+
+if __name__ == "__main__":
+  main()
