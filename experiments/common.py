@@ -448,10 +448,10 @@ def reference_file(workdir: str, tag: str, pairs_path: str) -> str:
 def save_final_params(workdir: str, params):
   import orbax.checkpoint as ocp
   path = os.path.join(workdir, "params")
-  if os.path.exists(path):
+  if jax.process_index() == 0 and os.path.exists(path):
     import shutil
-    if jax.process_index() == 0:
-      shutil.rmtree(path)
+    shutil.rmtree(path)
+  distributed.barrier("final_params_removed")  # every process: none starts writing into a directory being removed
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params)
 

@@ -194,6 +194,10 @@ def split_params(params: Sequence[str]) -> tuple[list[str], list[str]]:
       raise ValueError(f"--gin_param={param}: the recipe sets {per_stage[0]} for each stage itself; to change it "
                        f'for one stage, use recipe.stage_bindings = {{"sft": [{json.dumps(param)}]}} (with that '
                        "stage's name)")
+    if "data.eval_files" in map(_binding_key, statements):  # the GRPO stage refuses it: it has no eval loss
+      raise ValueError(f"--gin_param={param}: data.eval_files would reach every stage, GRPO too, which has no eval "
+                       'loss; give it to the stages that read it, e.g. recipe.stage_bindings = {"midtrain": '
+                       f"[{json.dumps(param)}]}}")
     stage_params.append(param)
   return recipe_params, stage_params
 

@@ -103,7 +103,7 @@ def test_each_process_restores_its_own_data_state(tmp_path):
     assert (r["restored_step"], r["meta"], r["no_data"]) == (1, {"run": "two"}, {})
     assert r["single_no_data"] == {"data": {}}
     assert "not JSON-serialisable on process(es) [1]" in r["unencodable"]
-    assert "2 processes" in r["single_with_data"]["error"] and "1 process" in r["single_with_data"]["error"]
+    assert "2 processes" in r["single_with_data"]["error"] and "one-process run" in r["single_with_data"]["error"]
     assert r["w"] == list(range(STATE_SIZE))
 
   # Back on one process: the per-process positions cannot be mapped onto it; no data state restores anywhere.

@@ -157,6 +157,8 @@ def test_bindings_the_recipe_cannot_apply_are_refused(monkeypatch, tmp_path):
   recipe_gin = "experiments/configs/recipe_tiny/recipe.gin"
   with pytest.raises(ValueError, match="sets data.train_files for each stage itself.*recipe.stage_bindings"):
     recipe.configure([recipe_gin], ['data.train_files=["x.jsonl"]'])
+  with pytest.raises(ValueError, match=r"data.eval_files would reach every stage, GRPO too"):
+    recipe.configure([recipe_gin], ['data.eval_files=["x.jsonl"]'])
   with pytest.raises(ValueError, match=r"not stages"):
     recipe.configure([recipe_gin], ['recipe.stage_bindings={"mid_train": ["train.num_steps=1"]}'])
   custom = tmp_path / "custom.gin"

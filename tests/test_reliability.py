@@ -342,11 +342,11 @@ def scaled_loss(config):
   return loss_fn
 
 
-def _run(workdir, config=TINY, mesh_shape=None, opt=OPT, scales=None, eval_batches=None, **loop_kwargs):
+def _run(workdir, config=TINY, mesh_shape=None, opt=OPT, scales=None, eval_batches=None, data=None, **loop_kwargs):
   mesh = sharding.make_mesh(mesh_shape or {"data": 1}, devices=None if mesh_shape else jax.devices()[:1])
   loop_config = LoopConfig(**dict(dict(num_steps=4, checkpoint_every=2, async_checkpoints=False), **loop_kwargs))
   return loop.run(workdir=str(workdir), model_config=config, optimizer_config=opt, loss_fn=scaled_loss(config),
-                  train_data=ScaledData(scales, config.vocab_size), loop=loop_config, mesh=mesh,
+                  train_data=data or ScaledData(scales, config.vocab_size), loop=loop_config, mesh=mesh,
                   eval_batches=eval_batches)
 
 
@@ -371,6 +371,41 @@ def _records(workdir):
     records = [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in map(json.loads, f)]
   assert len({r["step"] for r in records}) == len(records)
   return {r["step"]: r for r in records}
+
+
+class FiniteData(ScaledData):
+  """ScaledData that ends after `batches` batches."""
+
+  def __init__(self, batches):
+    super().__init__()
+    self.batches = batches
+
+  def __next__(self):
+    if self.index >= self.batches:
+      raise StopIteration
+    return super().__next__()
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_the_last_step_evaluates_into_its_own_record_when_the_data_ends_after_a_checkpoint(tmp_path, log_every):
+  """The data ends right after the step-4 checkpoint: step 4's evaluation joins its training record (written or
+  not, as log_every has it), never a second record or one without the loss."""
+  _run(tmp_path, data=FiniteData(4), eval_batches=EvalScales({}), num_steps=10, checkpoint_every=4, eval_every=5,
+       log_every=log_every)
+  records = _records(tmp_path)  # one record per step
+  assert sorted(records) == ([1, 2, 3, 4] if log_every == 1 else [3, 4])
+  assert all("loss" in r for r in records.values()) and "eval_loss" in records[4]
+  # A finished run given eval data afterwards: run again, its last step is evaluated into that step's record.
+  _run(tmp_path / "done", num_steps=2, log_every=log_every)
+  _run(tmp_path / "done", eval_batches=EvalScales({}), num_steps=2, log_every=log_every)
+  records = _records(tmp_path / "done")
+  assert sorted(records) == ([1, 2] if log_every == 1 else [2]) and {"loss", "eval_loss"} <= set(records[2])
+
+
+def test_patience_spent_at_the_last_step_is_not_an_early_stop(tmp_path, caplog):
+  caplog.set_level(logging.INFO, logger="phi_jax")
+  _run(tmp_path, eval_batches=EvalScales({2: 2.0, 3: 2.0}), num_steps=3, eval_every=1, early_stopping_patience=2)
+  assert "early stop" not in caplog.text and sorted(_records(tmp_path)) == [1, 2, 3]
 
 
 def test_early_stopping_ends_with_the_best_checkpoint_and_resumes_where_it_stopped(tmp_path, caplog):

@@ -149,6 +149,12 @@ def _own_data_state(path: str, saved: dict) -> dict:
     return states[jax.process_index()]
   if not any(states):  # no position to carry over: any number of processes starts its data afresh alike
     return {}
+  if not per_process:
+    raise IncompatibleCheckpointError(
+        f"checkpoint {path} holds one data-iterator position, written by a one-process run (or by a multi-process "
+        f"run of an older phi_jax, which kept process 0's only), but this run has "
+        f"{_processes(jax.process_count())}, each reading its own shard of the data: resume it with one process, "
+        "or start a new workdir (train.init_from can start from its params).")
   raise IncompatibleCheckpointError(
       f"checkpoint {path} holds the data-iterator position of {_processes(saved_count)}, but this run has "
       f"{_processes(jax.process_count())}. Each process reads its own shard of the data, so the position cannot "

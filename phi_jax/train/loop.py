@@ -249,14 +249,27 @@ class MetricsWriter:
       if self.enabled:
         with open(path, "w") as f:
           f.writelines(json.dumps(r) + "\n" for r in self.kept)
-    self.last_trained = next((r for r in reversed(self.kept) if "loss" in r), None)  # the newest training record
 
   def write(self, record: dict):
-    if "loss" in record:
-      self.last_trained = record
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+  def merge(self, step: int, extra: dict):
+    """Adds `extra` to the newest written training record of `step` (rewriting the file), or appends it as a
+    record of its own when that step has none."""
+    if not self.enabled:
+      return
+    with open(self.path) if os.path.exists(self.path) else contextlib.nullcontext([]) as f:
+      records = [json.loads(line) for line in f]
+    index = next((i for i in reversed(range(len(records)))
+                  if records[i].get("step") == step and "loss" in records[i]), None)
+    if index is None:
+      self.write(dict(extra, step=step))
+      return
+    records[index].update(extra)
+    with open(self.path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def _token_stats(local: dict) -> dict:
@@ -334,7 +347,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     checkpointer.keep([evals.best_step])
   patience_spent = lambda: (loop.early_stopping_patience is not None
                             and any_process(evals.since_best >= loop.early_stopping_patience)[0])
-  stopped_early = patience_spent()
+  stopped_early = start < loop.num_steps and patience_spent()
   if stopped_early:
     log.info("the run in %s stopped early at step %d: %s; early_stopping_patience=%d, nothing to train (raise the "
              "patience to go on)", workdir, start, evals.describe(), loop.early_stopping_patience)
@@ -356,12 +369,13 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     improved = evals.add(step, record["eval_loss"])
     return dict(record, **evals.summary()), improved
   pending = None  # (step, device metrics, host stats) of the last dispatched step, pulled one step late
+  flushed = None  # (record, written) of the last step pulled to the host
   last_time = time.perf_counter()
 
   def flush(pending_item, evaluate_now: bool = False) -> bool:
     """Writes the step's record (on log steps); with `evaluate_now` the step's evaluation joins it, so every record
     carries the training loss. Returns whether that evaluation is a new best."""
-    nonlocal last_time
+    nonlocal last_time, flushed
     step, device_metrics, stats = pending_item
     record = _to_host(device_metrics)
     now = time.perf_counter()
@@ -392,12 +406,14 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       eval_record, improved = evaluate(step)
       record.update(eval_record)
       last_time = time.perf_counter()  # the evaluation's time is not the next step's
-    if step % loop.log_every == 0 or step == loop.num_steps or evaluate_now:
-      for name, tokens in stats.get("tokens_seen", {}).items():
-        record[f"tokens_seen/{name}"] = tokens
+    for name, tokens in stats.get("tokens_seen", {}).items():
+      record[f"tokens_seen/{name}"] = tokens
+    written = step % loop.log_every == 0 or step == loop.num_steps or evaluate_now
+    if written:
       writer.write(record)
       if on_log is not None:
         on_log(record)
+    flushed = (record, written)
     return improved
 
   def write_data_stats():
@@ -442,12 +458,16 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       pending = (step + 1, metrics, stats)
       done = step + 1
       save_best = False
-      if eval_batches is not None and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.num_steps):
+      # The last step's evaluation waits for a resume when a SIGTERM asks for the checkpoint (the grace period is
+      # short); other steps evaluate before their save so a resumed run has the same evaluation history.
+      last_step_preempted = preempt and done == loop.num_steps
+      if eval_batches is not None and not last_step_preempted and (
+          (loop.eval_every and done % loop.eval_every == 0) or done == loop.num_steps):
         save_best = flush(pending, evaluate_now=True) and loop.keep_best_checkpoint
         pending = None
         if save_best:
           checkpointer.keep([done])  # the previous best goes once this save lands, unless among the newest
-        stopped_early = patience_spent()
+        stopped_early = done < loop.num_steps and patience_spent()
       if done % loop.checkpoint_every == 0 or done == loop.num_steps or preempt or stopped_early or save_best:
         if pending is not None:
           flush(pending)  # a checkpoint is written only after its step's loss is known to be finite
@@ -474,10 +494,14 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     if final != saved:  # the data ended between checkpoints
       checkpointer.save(final, state, data_state=train_data.get_state() if hasattr(train_data, "get_state") else None,
                         meta=meta, force=True)
-  if eval_batches is not None and evals.last_step != final:  # nothing trained in this run, and never evaluated
+  if eval_batches is not None and evals.last_step != final:
+    # The last step's record is already pulled (the data ran out right after a checkpoint, a preempted last step,
+    # or nothing trained in this run): the evaluation joins it.
     eval_record, improved = evaluate(final)
-    trained = writer.last_trained if writer.last_trained and writer.last_trained["step"] == final else {}
-    writer.write(dict(trained, **eval_record, step=final))
+    if flushed is not None and flushed[0]["step"] == final and not flushed[1]:
+      writer.write(dict(flushed[0], **eval_record))
+    else:
+      writer.merge(final, eval_record)
     if improved and loop.keep_best_checkpoint:
       checkpointer.keep([final])
   if loop.keep_best_checkpoint and evals.best_step not in (None, final):
@@ -565,7 +589,8 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
   # Packing changes the pipeline's stages, so the saved position has no counterpart in the other pipeline (the
   # usual cause: an SFT stage, unpacked, pointed at a mid-training workdir).
   saved_packing, current_packing = (m.get("data", {}).get("packing", "absent") for m in (saved, current))
-  if "absent" not in (saved_packing, current_packing) and saved_packing != current_packing:
+  packs = current.get("stage", "next_token") == "next_token"  # DPO and GRPO read no packed rows
+  if packs and "absent" not in (saved_packing, current_packing) and saved_packing != current_packing:
     data_changes.append(f"data.packing={saved_packing!r} in the checkpoint but {current_packing!r} now (the saved "
                         "data position belongs to the other pipeline)")
   saved_sizes, current_sizes = (dict(map(tuple, m.get("data", {}).get("train_file_sizes") or ()))
