@@ -186,6 +186,10 @@ def test_bad_configs_name_the_field():
     GQA.replace(attention_backend="flash9")
   with pytest.raises(ValueError, match="rope_long_factor"):
     LONGROPE.replace(rope_long_factor=(1.0, 2.0))
+  with pytest.raises(ValueError, match=r"partial_rotary_factor=1.5 must be in \(0, 1\]"):
+    GQA.replace(partial_rotary_factor=1.5)  # was accepted, then failed inside the rotary with a broadcast error
+  with pytest.raises(ValueError, match=r"PhiConfig.dtype='bf16' is not a dtype"):
+    GQA.replace(dtype="bf16")
   with pytest.raises(ValueError, match="LongRoPE short/long factors are not set"):
     phi_jax.forward(phi_jax.init_params(LONGROPE, jax.random.key(0)), jnp.zeros((1, 4), jnp.int32),
                     LONGROPE.replace(rope_short_factor=None, rope_long_factor=None))

@@ -169,6 +169,8 @@ def test_what_follows_a_prompt_and_inactive_rows_change_nothing(params, prompts,
     generate(params, CONFIG, tokens, lengths, jax.random.key(2), GREEDY, active=active[:3])
   with pytest.raises(ValueError, match=r"a 6-token prompt does not fit a cache of 4 slots"):
     kv_cache.prefill(params, tokens[:1, :6], lengths[:1], kv_cache.init_cache(CONFIG, 1, 4, block_size=4), CONFIG)
+  with pytest.raises(ValueError, match=r"prompt lengths \[0\] must be between 1 and the prompt width"):
+    kv_cache.prefill(params, tokens[:1, :4], np.zeros(1, np.int32), kv_cache.init_cache(CONFIG, 1, 8), CONFIG)
 
 
 _sample = jax.jit(sample_tokens, static_argnames=("top_k", "top_p"))

@@ -68,7 +68,11 @@ def logits_from_hidden(params: Params, h_BTD, config: PhiConfig):
 
 
 def forward(params: Params, tokens, config: PhiConfig, *, positions=None, segment_ids=None):
-  """Logits [B, T, V] in float32. Positions restart per packed segment; no attention crosses segments."""
+  """Logits [B, T, V] in float32; no attention crosses segments.
+
+  `positions` default to 0 .. T-1 along each row, also when `segment_ids` are given: a packed row passes its own
+  positions, restarting at each document (the data pipeline's rows carry them), so each document is encoded as if
+  alone."""
   h = hidden_states(params, tokens, config, positions=positions, segment_ids=segment_ids)
   return logits_from_hidden(params, h, config)
 

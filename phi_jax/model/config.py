@@ -9,6 +9,8 @@ import dataclasses
 import math
 from typing import Any, Optional
 
+import jax.numpy as jnp
+
 ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
@@ -57,6 +59,15 @@ class PhiConfig:
                        "(grouped-query attention)")
     if self.head_dim is None and self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
+    if not 0.0 < self.partial_rotary_factor <= 1.0:
+      raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]: the share of each head's "
+                       "channels that rotate (0.75 for Phi-4-mini)")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ValueError(f"PhiConfig.{name}={getattr(self, name)!r} is not a dtype; use e.g. 'float32' or "
+                         "'bfloat16'") from None
     if self.rotary_dim % 2 or self.rotary_dim <= 0:
       raise ValueError(f"rotary_dim = int(head_dim * partial_rotary_factor) = {self.rotary_dim} must be even and > 0")
     if self.attention_backend not in ATTENTION_BACKENDS:

@@ -68,6 +68,12 @@ def prefill(params, prompt_tokens_BT, prompt_lengths_B, cache: Cache, config: Ph
   if t > cache["tokens"].shape[1]:
     raise ValueError(f"a {t}-token prompt does not fit a cache of {cache['tokens'].shape[1]} slots: make it with "
                      "init_cache(config, batch_size, max_len) where max_len >= prompt width + new tokens")
+  if not isinstance(prompt_lengths_B, jax.core.Tracer) and not (isinstance(prompt_lengths_B, jax.Array)
+                                                                 and not prompt_lengths_B.is_fully_addressable):
+    lengths = np.asarray(prompt_lengths_B)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > t):
+      raise ValueError(f"prompt lengths {lengths.tolist()} must be between 1 and the prompt width {t}: every row "
+                       "needs at least one prompt token to predict from")
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   segment_ids = (positions < prompt_lengths_B[:, None]).astype(jnp.int32)
   # Whatever follows a prompt is ignored: an id there outside the vocabulary would embed as NaN (`jnp.take`'s
