@@ -60,8 +60,8 @@ class PhiConfig:
     if self.head_dim is None and self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
     if not 0.0 < self.partial_rotary_factor <= 1.0:
-      raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]: the share of each head's "
-                       "channels that rotate (0.75 for Phi-4-mini)")
+      raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]: the share of each "
+                       "head's channels that rotate (0.75 for Phi-4-mini)")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))
