@@ -27,14 +27,13 @@ from phi_jax.hf import load_hf, save_hf
 from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer
 from phi_jax.model import PhiConfig, init_params, presets
 from phi_jax.sharding import distributed
-from phi_jax.sharding.mesh import check_rows_per_process
 from phi_jax.stages import grpo as grpo_stage
 from phi_jax.stages import next_token
 from phi_jax.stages.grpo import GRPOConfig
 from phi_jax.train import LoopConfig, OptimizerConfig, loop as loop_lib
 from phi_jax.train.state import abstract_state, param_shardings
 from phi_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from phi_jax.train.step import make_train_step
+from phi_jax.train.step import check_rows_per_process, make_train_step
 
 log = logging.getLogger("phi_jax")
 

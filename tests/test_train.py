@@ -15,7 +15,7 @@ from phi_jax.train import OptimizerConfig, create_train_state, learning_rate_sch
 from phi_jax.train.loop import global_batch, host_scalar
 from phi_jax.train.optimizer import clip_by_global_norm, weight_decay_mask
 from phi_jax.train.state import state_shardings
-from phi_jax.train.step import make_train_step
+from phi_jax.train.step import check_rows_per_process, make_train_step
 
 CONFIG = presets["tiny"]
 # eps well above float32 gradient noise: with eps -> 0 Adam turns a 1e-9 gradient into a full-size step, and the
@@ -162,7 +162,6 @@ def test_bad_mesh_shapes_say_what_to_change(shape, message):
 def test_every_process_must_hold_rows_of_its_own(shape, processes, shared):
   """Each process loads its own rows; a mesh whose batch blocks span processes would drop half of them silently.
   The 8 devices play `processes` processes of 8 / processes devices each."""
-  from phi_jax.sharding.mesh import check_rows_per_process
   mesh, per_process = sharding.make_mesh(shape), 8 // processes
   if shared is None:
     check_rows_per_process(mesh, 16, process_of=lambda d: d.id // per_process)

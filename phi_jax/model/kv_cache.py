@@ -62,14 +62,19 @@ def _run(params, config, tokens_BT, positions_BT, segment_ids_BT, layer_caches):
                                               segment_ids_BT, layer_caches)
 
 
+def host_readable(x) -> bool:
+  """Whether this process can read x's values now: not under jit, and not an array spanning other hosts. Value
+  checks run only then; traced calls get the checks of the shapes alone."""
+  return not isinstance(x, jax.core.Tracer) and not (isinstance(x, jax.Array) and not x.is_fully_addressable)
+
+
 def prefill(params, prompt_tokens_BT, prompt_lengths_B, cache: Cache, config: PhiConfig):
   """Runs right-padded prompts through the model into an empty cache; returns (next-token logits [B, V], cache)."""
   b, t = prompt_tokens_BT.shape
   if t > cache["tokens"].shape[1]:
     raise ValueError(f"a {t}-token prompt does not fit a cache of {cache['tokens'].shape[1]} slots: make it with "
                      "init_cache(config, batch_size, max_len) where max_len >= prompt width + new tokens")
-  if not isinstance(prompt_lengths_B, jax.core.Tracer) and not (isinstance(prompt_lengths_B, jax.Array)
-                                                                 and not prompt_lengths_B.is_fully_addressable):
+  if host_readable(prompt_lengths_B):
     lengths = np.asarray(prompt_lengths_B)
     if lengths.size and (lengths.min() < 1 or lengths.max() > t):
       raise ValueError(f"prompt lengths {lengths.tolist()} must be between 1 and the prompt width {t}: every row "
@@ -104,7 +109,7 @@ def decode_step(params, tokens_B, cache: Cache, config: PhiConfig):
   JAX would drop the out-of-range writes) that row's logits are NaN.
   """
   b, slots = tokens_B.shape[0], cache["tokens"].shape[1]
-  if not isinstance(cache["lengths"], jax.core.Tracer) and np.any(np.asarray(cache["lengths"]) >= slots):
+  if host_readable(cache["lengths"]) and np.any(np.asarray(cache["lengths"]) >= slots):
     raise ValueError(f"the KV cache is full (lengths {np.asarray(cache['lengths']).tolist()}, {slots} slots): "
                      "give init_cache a max_len of at least the prompt plus the tokens to decode")
   positions = cache["lengths"][:, None]

@@ -280,9 +280,8 @@ def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tok
   if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
     raise ValueError(f"expected prompt_tokens [B, P] and prompt_lengths [B], got shapes {prompt_tokens.shape} "
                      f"and {prompt_lengths.shape}")
-  for array in (prompt_tokens, prompt_lengths):  # values are only checked where this process can read them
-    if isinstance(array, jax.core.Tracer) or (isinstance(array, jax.Array) and not array.is_fully_addressable):
-      return
+  if not all(map(kv_cache.host_readable, (prompt_tokens, prompt_lengths))):
+    return
   lengths = np.asarray(prompt_lengths)
   if lengths.min() < 1 or lengths.max() > prompt_tokens.shape[1]:
     raise ValueError(f"prompt_lengths must lie in [1, P={prompt_tokens.shape[1]}], got {lengths.tolist()}")

@@ -52,26 +52,3 @@ def make_mesh(shape: Optional[Mapping[str, int]] = None, devices: Optional[Seque
     return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
-
-def check_rows_per_process(mesh: Mesh, rows: int, process_of=lambda device: device.process_index) -> None:
-  """Raises unless every process holds its own block of a batch's rows split over data x fsdp.
-
-  Each process loads rows / process_count rows of its own and they are assembled into one global batch, which is
-  only right when no two processes hold the same rows: with data x fsdp smaller than the process count (e.g. one
-  process per GPU and a tensor axis spanning processes) the processes' rows would overwrite each other.
-  `process_of` maps a device to its process (tests simulate processes with it).
-  """
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  holders: dict[tuple[int, int], set[int]] = {}
-  for device, index in NamedSharding(mesh, P(("data", "fsdp"))).devices_indices_map((rows,)).items():
-    block = index[0].indices(rows)[:2]
-    holders.setdefault(block, set()).add(process_of(device))
-  shared = {block: procs for block, procs in holders.items() if len(procs) > 1}
-  if shared:
-    (start, stop), procs = min(shared.items())
-    processes = len({p for procs in holders.values() for p in procs})
-    raise ValueError(
-        f"mesh.shape={dict(mesh.shape)} splits the batch into {len(holders)} blocks of rows (data x fsdp) for "
-        f"{processes} processes, so processes {sorted(procs)} would hold the same rows {start}:{stop} while each "
-        "loads rows of its own; make data x fsdp a multiple of the process count (move devices from tensor to "
-        "fsdp or data)")

@@ -260,8 +260,10 @@ class MetricsWriter:
     record of its own when that step has none."""
     if not self.enabled:
       return
-    with open(self.path) if os.path.exists(self.path) else contextlib.nullcontext([]) as f:
-      records = [json.loads(line) for line in f]
+    records = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        records = [json.loads(line) for line in f]
     index = next((i for i in reversed(range(len(records)))
                   if records[i].get("step") == step and "loss" in records[i]), None)
     if index is None:
