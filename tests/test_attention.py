@@ -324,3 +324,14 @@ def test_max_segments_per_row_reaches_the_cudnn_backend_only(monkeypatch):
   assert seen["cudnn"]["max_runs"] == 3 and "max_runs" not in seen["blockwise"]
   with pytest.raises(ValueError, match="max_segments_per_row"):
     presets.get("tiny", max_segments_per_row=-1)
+
+
+def test_blockwise_keeps_a_tile_whose_only_visible_pair_is_on_the_diagonal():
+  """Blocks of 5 queries and 4 keys over 8 tokens: the tile of queries 0-4 and keys 4-7 holds a single visible
+  pair (query 4 on its own key 4); skipping that tile would drop key 4 from query 4's average."""
+  rng = np.random.default_rng(8)
+  q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((1, 8, 2, 8), (1, 8, 1, 8), (1, 8, 1, 8)))
+  ids = dict(q_segment_ids=jnp.ones((1, 8), jnp.int32), kv_segment_ids=jnp.ones((1, 8), jnp.int32),
+             q_index=jnp.arange(8)[None], kv_index=jnp.arange(8)[None])
+  actual = jax.jit(functools.partial(blockwise_attention, block_q=5, block_kv=4, **ids))(q, k, v)
+  np.testing.assert_allclose(actual, attention.xla_attention(q, k, v, **ids), **TOL)

@@ -243,3 +243,29 @@ def test_rms_norm_backward_equals_autodiff(dtype):
     assert got.dtype == want.dtype
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * np.abs(want).max())
+
+
+def test_rotary_angles_and_rotation_match_a_numpy_longrope():
+  """cos/sin against a numpy LongRoPE (partial rotary: 6 of 8 channels): short factors while a segment's extent
+  (largest position + 1) is at most original_max (8), long factors beyond, each packed segment on its own, all
+  scaled by sqrt(1 + ln(32 / 8) / ln(8)) = sqrt(5 / 3); then the NeoX half-split rotation of a head."""
+  from phi_jax.model import rotary
+  config = LONGROPE  # head_dim 8, rotary_dim 6, theta 10000, max 32, original 8
+  positions = np.array([list(range(8)) + list(range(9)) + [0, 0, 0]], np.int32)  # extents 8 and 9, then padding
+  segments = np.array([[1] * 8 + [2] * 9 + [0] * 3], np.int32)
+  cos, sin = rotary.rotary_angles(config, jnp.asarray(positions), jnp.asarray(segments))
+  scale = np.sqrt(5.0 / 3.0)
+  pair = np.arange(3)
+  for factors, cols in ((config.rope_short_factor, slice(0, 8)), (config.rope_long_factor, slice(8, 17))):
+    inv_freq = 1.0 / (np.asarray(factors) * 10000.0 ** (2 * pair / 6))
+    angles = positions[0, cols, None] * np.concatenate([inv_freq, inv_freq])
+    np.testing.assert_allclose(cos[0, cols], np.cos(angles) * scale, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sin[0, cols], np.sin(angles) * scale, rtol=1e-5, atol=1e-6)
+  # Rotation: channels (i, i + 3) turn by the pair's angle, channels 6 and 7 pass through.
+  x = np.random.default_rng(7).normal(size=(1, 20, 2, 8)).astype(np.float32)
+  got = np.asarray(rotary.apply_rotary(jnp.asarray(x), cos, sin))
+  c, s = np.asarray(cos)[:, :, None, :3], np.asarray(sin)[:, :, None, :3]
+  x1, x2 = x[..., :3], x[..., 3:6]
+  np.testing.assert_allclose(got[..., :3], x1 * c - x2 * s, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[..., 3:6], x2 * c + x1 * s, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got[..., 6:], x[..., 6:])

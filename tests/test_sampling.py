@@ -362,3 +362,21 @@ def test_bad_prompts_are_refused(params, prompts, caplog):
   with pytest.raises(ValueError, match="vocab_size"):
     generate(params, CONFIG, np.where(tokens == tokens[0, 0], CONFIG.vocab_size, tokens), lengths,
              jax.random.key(0), GREEDY)
+
+
+def test_each_step_and_row_draws_fresh_noise(params, prompts):
+  """With every parameter zero the logits are all 0, so each step is a uniform draw over 512 tokens: a row
+  repeating one token for all 8 steps (or two rows drawing the same 8 tokens) has probability 512 ** -7."""
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  out = jax.device_get(generate(zeros, CONFIG, *prompts, jax.random.key(12), SamplingConfig(max_new_tokens=NEW)))
+  np.testing.assert_allclose(out["logprobs"], -np.log(CONFIG.vocab_size), rtol=1e-5)  # uniform, as assumed
+  assert all(len(set(row)) > 1 for row in out["tokens"].tolist())
+  assert len({tuple(row) for row in out["tokens"].tolist()}) == BATCH
+
+
+def test_nucleus_stops_at_the_first_token_that_reaches_top_p():
+  """Probabilities 1/2, 1/4, 1/8, 1/8 (exact in float32): the nucleus is the smallest set whose mass reaches top_p,
+  so top_p = 0.5 keeps the first token alone (its mass is exactly 0.5) and top_p = 0.75 the first two."""
+  logits = jnp.log(jnp.asarray([[0.25, 0.5, 0.125, 0.125]], jnp.float32))
+  np.testing.assert_array_equal(np.isfinite(np.asarray(_filter(logits, top_p=0.5)))[0], [False, True, False, False])
+  np.testing.assert_array_equal(np.isfinite(np.asarray(_filter(logits, top_p=0.75)))[0], [True, True, False, False])

@@ -246,3 +246,90 @@ def test_loop_counts_below_one_are_an_error(field):
   from phi_jax.train import LoopConfig
   with pytest.raises(ValueError, match=f"LoopConfig.{field}=0 must be at least 1"):
     LoopConfig(num_steps=2, **{field: 0})
+
+
+def test_schedule_values_at_every_step():
+  """Every step of two schedules against their formulas (peak 2.0, so the final rate must scale with the peak):
+  a linear warmup to the peak at step warmup - 1, then the decay over the remaining num_steps - warmup steps."""
+  linear = learning_rate_schedule(OptimizerConfig(learning_rate=2.0, warmup_steps=4, decay="linear",
+                                                  final_lr_fraction=0.1), 14)
+  # Warmup 2 (s + 1) / 4; decay 2 (1 - 0.9 (s - 4) / 10) from step 4, reaching 0.2 at step 14 and staying there.
+  expected = [0.5 * (s + 1) for s in range(4)] + [2.0 * (1 - 0.9 * min(s - 4, 10) / 10) for s in range(4, 17)]
+  np.testing.assert_allclose([float(linear(s)) for s in range(17)], expected, rtol=1e-6)
+  cosine = learning_rate_schedule(OptimizerConfig(learning_rate=2.0, warmup_steps=2, decay="cosine",
+                                                  final_lr_fraction=0.1), 12)
+  # Warmup 1.0, 2.0; then 2 (0.1 + 0.9 * 0.5 (1 + cos(pi k / 10))) with k = s - 2 steps into the decay.
+  k = np.minimum(np.arange(2, 15) - 2, 10)
+  expected = [1.0, 2.0] + list(2.0 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * k / 10))))
+  np.testing.assert_allclose([float(cosine(s)) for s in range(15)], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("decay_everything", [False, True])
+def test_weight_decay_reaches_the_update_only_where_the_mask_allows(decay_everything):
+  """With zero gradients an AdamW step is the decay alone, p -= lr * wd * p = 0.1 * 0.5 * 1: 1.0 -> 0.95 for layer
+  matrices and the LM head; norms and the embedding stay at 1.0 unless decay_norms_and_embeddings."""
+  cfg = OptimizerConfig(learning_rate=0.1, weight_decay=0.5, decay="constant", max_grad_norm=None,
+                        decay_norms_and_embeddings=decay_everything)
+  params = {"embed": {"embedding": jnp.ones((3, 2))}, "final_norm": {"scale": jnp.ones(2)},
+            "layers": {"input_norm": {"scale": jnp.ones((1, 2))}, "mlp": {"down": jnp.ones((1, 2, 2))}},
+            "lm_head": {"kernel": jnp.ones((2, 3))}}
+  optimizer = make_optimizer(cfg, 10)
+  updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+  new = optax.apply_updates(params, updates)
+  decayed = {"mlp", "lm_head"} if not decay_everything else {"mlp", "lm_head", "embed", "final_norm", "input_norm"}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(new)[0]:
+    names = {getattr(key, "key", None) for key in path}
+    np.testing.assert_allclose(leaf, 0.95 if names & decayed else 1.0, rtol=1e-6, err_msg=str(path))
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_train_step_divides_sums_by_the_whole_batch_weight(microbatches):
+  """loss = w . x summed over rows, weight = per-row counts n (4 rows, total 10). With SGD at rate 1 the step must
+  move w by -sum(x) / sum(n) = -(4, 6) / 10 whether or not the batch is split (microbatches of rows 0, 2 and 1, 3
+  weigh 4 and 6: a mean of their means would differ), and log loss = sum(w . x) / 10 = (1 + 2 + 6 + 7) / 10."""
+  from phi_jax.train.state import TrainState
+  from phi_jax.train.step import train_step
+
+  def loss_fn(params, batch, rng):
+    del rng
+    per_row = batch["x"] @ params["w"]
+    return jnp.sum(per_row), {"weight": jnp.sum(batch["n"]),
+                              "metrics": {"rows": jnp.float32(per_row.shape[0]), "per_row": jnp.sum(per_row)},
+                              "metric_weights": {"per_row": jnp.float32(per_row.shape[0])}}
+
+  batch = {"x": jnp.asarray([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [1.0, 3.0]]), "n": jnp.asarray([1.0, 1.0, 3.0, 5.0])}
+  optimizer = optax.sgd(1.0)
+  params = {"w": jnp.asarray([1.0, 2.0])}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+  new, metrics = train_step(state, batch, jax.random.key(0), loss_fn=loss_fn, optimizer=optimizer,
+                            schedule=optax.constant_schedule(1.0), microbatches=microbatches)
+  np.testing.assert_allclose(new.params["w"], [0.6, 1.4], rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], 1.6, rtol=1e-6)
+  np.testing.assert_allclose(metrics["rows"], 4 / 10, rtol=1e-6)  # a metric without its own weight: / 10
+  np.testing.assert_allclose(metrics["per_row"], 16 / 4, rtol=1e-6)  # its own weight: a mean over the 4 rows
+  assert int(new.step) == 1 and float(metrics["weight"]) == 10.0
+
+
+def test_train_flops_per_token_of_the_tiny_model():
+  """tiny: D 64, F 128, H 16, N 4, K 2, L 2, V 512. Attention weights 64 (4 + 2 * 2) 16 + 4 * 16 * 64 = 12288, MLP
+  3 * 64 * 128 = 24576, two layers plus the 64 x 512 LM head: 106496 matmul weights, 6 FLOPs each = 638976; at
+  T = 32 the causal attention adds 12 * 2 * 4 * 16 * 32 / 2 = 24576."""
+  from phi_jax.train.flops import matmul_params, train_flops_per_token
+  assert matmul_params(CONFIG) == 106496
+  assert train_flops_per_token(CONFIG) == 638976
+  assert train_flops_per_token(CONFIG, seq_len=32) == 638976 + 24576
+
+
+def test_a_finite_loss_with_a_nonfinite_gradient_is_skipped():
+  """sqrt(w) at w = 0: the loss is 0 but its gradient is +inf; skip_nonfinite must drop that update too."""
+  from phi_jax.train.state import TrainState
+  from phi_jax.train.step import train_step
+  optimizer = optax.sgd(1.0)
+  params = {"w": jnp.zeros(2)}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+  loss_fn = lambda p, batch, rng: (jnp.sum(jnp.sqrt(p["w"])), {"weight": jnp.float32(1.0), "metrics": {}})
+  new, metrics = train_step(state, {}, jax.random.key(0), loss_fn=loss_fn, optimizer=optimizer,
+                            schedule=optax.constant_schedule(1.0), skip_nonfinite=True)
+  assert float(metrics["loss"]) == 0.0 and not np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["skipped_update"]) == 1.0 and int(new.step) == 1
+  np.testing.assert_array_equal(new.params["w"], [0.0, 0.0])
