@@ -383,7 +383,6 @@ def test_tokenize_fn_text_gets_eos_and_full_loss_chat_gets_assistant_mask():
   assert len(with_system["ids"]) == len(chat["ids"]) + 3
 
 
-
 def _picky_tokenizer_fn():
   """Drops zero-width spaces (so "\u200b" tokenizes to nothing) and refuses to render the word "unrenderable"."""
 
@@ -437,3 +436,177 @@ def test_real_chat_rendering_through_the_pipeline(tmp_path):
   expected.append((text_ids, [1] * len(text_ids)))
   assert sorted(map(str, found)) == sorted(map(str, expected))
   assert all(0 < sum(mask) < len(ids) for ids, mask in expected[:2])  # prompts are not targets, answers are
+
+
+def test_build_pipeline_refuses_bad_settings(docs_file):
+  path, _ = docs_file
+  source = JsonlSource(path)
+  for kwargs, match in ((dict(too_long="truncate"), "too_long"), (dict(on_bad_record="ignore"), "on_bad_record"),
+                        (dict(packing="greedy"), "packing"), (dict(process_index=2, process_count=2), "process_index"),
+                        (dict(process_index=-1, process_count=2), "process_index")):
+    with pytest.raises(ValueError, match=match):
+      pipeline([(source, 1.0)], **kwargs)
+  for weight in (0.0, -1.0):
+    with pytest.raises(ValueError, match="weights must be positive"):
+      pipeline([(source, 1.0), (source, weight)])
+  with pytest.raises(ValueError, match="at least one source"):
+    pipeline([])
+
+
+def test_sources_with_the_same_name_are_counted_apart(tmp_path):
+  """Two files called docs.jsonl in different folders keep separate per-source counts."""
+  (tmp_path / "x").mkdir()
+  (tmp_path / "y").mkdir()
+  a = write_jsonl(tmp_path / "x" / "docs.jsonl", documents(6, prefix="a"))
+  b = write_jsonl(tmp_path / "y" / "docs.jsonl", documents(9, seed=1, prefix="b"))
+  it = pipeline([(JsonlSource(a), 1.0), (JsonlSource(b), 1.0)], packing=None, num_epochs=None)
+  for _ in range(5):
+    next(it)
+  stats = it.stats()
+  assert set(stats["sources"]) == {"docs.jsonl", "docs.jsonl#1"}
+  assert stats["sources"]["docs.jsonl"]["records"] == 6 and stats["sources"]["docs.jsonl#1"]["records"] == 9
+  assert sum(s["records_read"] for s in stats["sources"].values()) == stats["records_read"]
+
+
+def test_unread_records_are_counted_over_all_epochs_of_a_source(tmp_path, caplog):
+  """A source of 6 records read for 2 epochs is not fully read after 10 of its 12 records."""
+  small = write_jsonl(tmp_path / "small.jsonl", documents(10, prefix="s"))
+  twice = write_jsonl(tmp_path / "twice.jsonl", documents(6, seed=1, prefix="t"))
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    it = pipeline([Component(JsonlSource(small), 1.0, num_epochs=1), Component(JsonlSource(twice), 1.0, num_epochs=2)],
+                  packing=None)
+    list(it)
+  read = it.stats()["sources"]["twice.jsonl"]["records_read"]
+  assert 6 <= read < 12  # more than one epoch, less than two
+  assert f"twice.jsonl: {read} of 2 x 6 read" in caplog.text
+
+
+def test_a_tokenize_fn_giving_ids_and_mask_of_different_lengths_is_refused(docs_file):
+  path, _ = docs_file
+
+  def bad_tokenize(record):
+    example = TOKENIZE(record)
+    return {"ids": example["ids"], "loss_mask": example["loss_mask"][:-1]}
+
+  with pytest.raises(ValueError, match="tokenize_fn gave ids"):
+    next(pipeline([(JsonlSource(path), 1.0)], tokenize_fn=bad_tokenize))
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def test_jsonl_line_index_across_read_chunks_blank_lines_and_a_missing_final_newline(tmp_path):
+  from phi_jax.data.sources import _index_lines
+
+  lines = ['{"text": "a"}', "", '{"text": "bcdefgh"}', "   ", '{"text": "ij"}', '{"text": "klmnopqrstu"}']
+  content = "\n".join(lines).encode()  # no newline after the last record
+  path = tmp_path / "lines.jsonl"
+  path.write_bytes(content)
+  expected_offsets, expected_numbers, offset = [], [], 0
+  for number, line in enumerate(lines, start=1):
+    if line.strip():
+      expected_offsets.append(offset)
+      expected_numbers.append(number)
+    offset += len(line) + 1
+  for chunk_bytes in (3, 7, 16, 1 << 20):  # chunks shorter than a line, straddling newlines, and the whole file
+    offsets, lengths, numbers = _index_lines(str(path), chunk_bytes=chunk_bytes)
+    assert list(offsets) == expected_offsets and list(numbers) == expected_numbers, chunk_bytes
+    assert [content[o:o + n].decode() for o, n in zip(offsets, lengths)] == [line for line in lines if line.strip()]
+  source = JsonlSource(path)
+  assert [source[i]["where"] for i in range(len(source))] == [f"{path}:{n}" for n in (1, 3, 5, 6)]
+  assert source[3]["data"] == {"text": "klmnopqrstu"}
+
+
+def test_jsonl_records_may_start_with_a_byte_order_mark(tmp_path):
+  path = tmp_path / "bom.jsonl"
+  path.write_bytes('\ufeff{"text": "first"}\n{"text": "second"}\n'.encode())
+  source = JsonlSource(path)
+  assert [source[i]["error"] for i in range(2)] == [None, None]
+  assert source[0]["data"] == {"text": "first"}
+
+
+def test_a_record_of_several_kinds_is_refused():
+  from phi_jax.data.sources import validate_record
+
+  for record in ({"text": "t", "prompt": "p", "completion": "c"}, {"text": "t", "messages": []},
+                 {"prompt": "p", "completion": "c", "messages": [{"role": "assistant", "content": "a"}]}):
+    normalised, bad = validate_record(record)
+    assert normalised is None and bad[0] == "unknown record kind" and "several of" in bad[1]
+
+
+# ----------------------------------------------------------------------------------------------- preference pairs
+
+
+@pytest.fixture(scope="module")
+def mini_tokenizer(tmp_path_factory):
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+  return build_tiny_tokenizer(tmp_path_factory.mktemp("mini"), chat_format="phi-4-mini")
+
+
+PAIR = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "chosen": "5", "rejected": "The answer is 6"}
+
+
+def test_preference_mask_skips_what_the_template_adds_after_the_turn(mini_tokenizer):
+  """The mini template ends a conversation with <|endoftext|> after <|end|>: only the completion and <|end|> count."""
+  from phi_jax.data import preference
+
+  rows, status = preference.encode_pair(mini_tokenizer, PAIR, seq_len=64)
+  assert status == "used"
+  for side in preference.SIDES:
+    tokens, mask = rows[side]["tokens"], rows[side]["loss_mask"]
+    completion = mini_tokenizer(PAIR[side], add_special_tokens=False)["input_ids"]
+    end = mini_tokenizer.convert_tokens_to_ids("<|end|>")
+    assert tokens[mask == 1].tolist() == completion + [end]
+    length = int(rows[side]["segment_ids"].sum())
+    assert mini_tokenizer.convert_ids_to_tokens(int(tokens[length - 1])) == "<|endoftext|>" and mask[length - 1] == 0
+
+
+def test_truncated_prompts_keep_at_least_one_token(mini_tokenizer):
+  """Cutting every prompt token would leave the first completion token unpredicted: such a pair is dropped."""
+  from phi_jax.data import preference
+  from phi_jax.data.chat import render_messages
+
+  full = [render_messages(mini_tokenizer, PAIR["messages"] + [{"role": "assistant", "content": PAIR[side]}])
+          for side in preference.SIDES]
+  start = full[0][1].index(1)  # prompt tokens before the first completion token, the same on both sides
+  assert start > 1 and full[1][1].index(1) == start and full[0][0][:start] == full[1][0][:start]
+  longest = max(len(ids) for ids, _ in full)
+  # seq_len = longest - start cuts exactly `start` tokens: nothing of the prompt would be left.
+  rows, status = preference.encode_pair(mini_tokenizer, PAIR, seq_len=longest - start, too_long="truncate_prompt")
+  assert rows is None and status == "too long"
+  # One more token of room keeps the last prompt token, which predicts the first completion token.
+  rows, status = preference.encode_pair(mini_tokenizer, PAIR, seq_len=longest - start + 1, too_long="truncate_prompt")
+  assert status == "truncated"
+  for side, (ids, _) in zip(preference.SIDES, full):
+    assert rows[side]["tokens"][0] == ids[start - 1] and rows[side]["loss_mask"][0] == 0
+    assert rows[side]["loss_mask"][1] == 1
+
+
+def test_preference_reference_logps_must_be_numbers():
+  from phi_jax.data import preference
+
+  record = {"prompt": "q", "chosen": "a", "rejected": "b", "ref_chosen_logps": -3.5, "ref_rejected_logps": -4}
+  normalised, bad = preference.validate_pair(record, reference_logps=True)
+  assert bad is None and normalised["ref_rejected_logps"] == -4.0
+  for value in (True, "1.0", [1.0]):
+    normalised, bad = preference.validate_pair(dict(record, ref_chosen_logps=value), reference_logps=True)
+    assert normalised is None and bad[0] == "mistyped field"
+
+
+def test_preference_token_counts_are_those_of_the_batches(tmp_path, mini_tokenizer):
+  from phi_jax.data import preference
+
+  pairs = [dict(prompt=f"What is {i} + 1?", chosen=str(i + 1), rejected="no " * i) for i in range(5)]
+  path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+  it = preference.build_preference_iterator(path, mini_tokenizer, seq_len=48, batch_size=2, seed=0, process_index=0,
+                                            process_count=1)
+  batches = list(it)
+  stats = it.stats()
+  assert len(batches) == 3 and stats["pairs"] == 5 and stats["filler_rows"] == 1
+  tokens = sum(int((b[f"{s}_segment_ids"] > 0).sum()) for b in batches for s in preference.SIDES)
+  loss_tokens = sum(int(b[f"{s}_loss_mask"].sum()) for b in batches for s in preference.SIDES)
+  # Every completion and its <|end|> is a target: the completion tokens of both sides plus two end tokens per pair.
+  assert loss_tokens == sum(len(mini_tokenizer(p[s], add_special_tokens=False)["input_ids"]) + 1
+                            for p in pairs for s in preference.SIDES)
+  assert stats["tokens"] == tokens and stats["loss_tokens"] == loss_tokens
+  assert stats["padding_fraction"] == pytest.approx(1 - tokens / (3 * 2 * 48 * 2))

@@ -112,6 +112,22 @@ def test_chunked_cross_entropy_values_and_gradients(lm_batch, chunk_size, z_loss
   _close(dkernel, ref_dkernel)
 
 
+def test_chunked_cross_entropy_gradient_scales_with_cotangent(lm_batch):
+  """Callers differentiate loss_sum / num_tokens: the gradient of c * loss_sum is c times the closed form."""
+  scale = -2.5
+
+  def loss_fn(h, kernel):
+    loss, _ = losses.chunked_cross_entropy(h, kernel, lm_batch["targets"], lm_batch["weights"], chunk_size=16,
+                                           z_loss=1e-2)
+    return scale * loss
+
+  dh, dkernel = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(lm_batch["h"], lm_batch["kernel"])
+  _, _, ref_dh, ref_dkernel = _np_cross_entropy(lm_batch["h"], lm_batch["kernel"], lm_batch["targets"],
+                                                lm_batch["weights"], 1e-2)
+  _close(dh, scale * ref_dh)
+  _close(dkernel, scale * ref_dkernel)
+
+
 def test_cross_entropy_from_logits_matches_numpy(lm_batch):
   logits = lm_batch["h"] @ lm_batch["kernel"]
   weights, targets = lm_batch["weights"], lm_batch["targets"]
@@ -223,6 +239,16 @@ def test_chunked_token_logprobs_and_entropy(lm_batch):
   _close(plain, ref_logp)
 
 
+def test_chunked_token_logprobs_never_builds_full_logits(lm_batch):
+  """The gradient of the token log-probs and entropy recomputes each chunk's logits instead of saving all of them."""
+  def objective(h, kernel):
+    logp, ent = losses.chunked_token_logprobs(h, kernel, lm_batch["targets"], chunk_size=8, with_entropy=True)
+    return jnp.sum(logp) + jnp.sum(ent)
+
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(objective, argnums=(0, 1)))(lm_batch["h"], lm_batch["kernel"]).jaxpr
+  assert max_array_size(jaxpr) == B * 8 * V  # one chunk of logits, never the [N, B, C, V] stack of all chunks
+
+
 # ----------------------------------------------------------------------------------------------- DPO
 
 
@@ -263,6 +289,19 @@ def test_dpo_loss(loss_type, beta, label_smoothing):
   assert 0 < float(metrics["rewards/accuracies"]) < 1
 
 
+def test_dpo_policy_logps_metrics_and_ties():
+  """'logps/*' are the policy's own means; a pair whose implicit rewards tie is not counted as accurate."""
+  pc, pr = np.array([-3.0, -5.0, -2.0]), np.array([-4.0, -1.0, -6.0])
+  rc, rr = np.array([-3.0, -5.0, -1.0]), np.array([-4.0, -2.0, -6.0])
+  # beta * (policy - ref): chosen (0, 0, -1) vs rejected (0, 1, 0) -> a tie, then two losses: accuracy 0.
+  _, metrics = losses.dpo_loss(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta=1.0)
+  _close(metrics["logps/chosen"], pc.mean())
+  _close(metrics["logps/rejected"], pr.mean())
+  assert float(metrics["rewards/accuracies"]) == 0.0
+  _, metrics = losses.dpo_loss(*(jnp.asarray(x) for x in (pr, pc, rr, rc)), beta=1.0)  # swapped roles
+  _close(metrics["rewards/accuracies"], 2 / 3)  # the tie still does not count
+
+
 def test_dpo_rejects_unknown_settings():
   x = jnp.zeros(2)
   with pytest.raises(ValueError):
@@ -279,6 +318,14 @@ def test_sequence_logps():
   _close(losses.sequence_logps(jnp.asarray(token_logps), jnp.asarray(mask)), sums)
   _close(losses.sequence_logps(jnp.asarray(token_logps), jnp.asarray(mask), length_normalize=True),
          sums / mask.sum(-1))
+
+
+def test_sequence_logps_empty_row_is_zero():
+  """A row with no completion tokens sums (and averages) to 0 rather than 0 / 0."""
+  token_logps = jnp.asarray([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+  mask = jnp.asarray([[0, 1, 1], [0, 0, 0]])
+  np.testing.assert_array_equal(losses.sequence_logps(token_logps, mask), [-5.0, 0.0])
+  np.testing.assert_array_equal(losses.sequence_logps(token_logps, mask, length_normalize=True), [-2.5, 0.0])
 
 
 # ----------------------------------------------------------------------------------------------- GRPO
@@ -384,6 +431,47 @@ def test_grpo_needs_ref_logps_for_kl(rl_batch):
     losses.grpo_loss(x, x, None, jnp.zeros(4), x, beta=0.1)
 
 
+def test_grpo_old_and_ref_logps_are_constants(rl_batch):
+  """No gradient reaches old_logps or ref_logps; passing logps as old_logps gives the unclipped gradient -A / n."""
+  r = rl_batch
+  args = [jnp.asarray(r[k], jnp.float32) for k in ("logps", "old", "ref", "adv", "mask")]
+
+  def loss_fn(logps, old, ref):
+    return losses.grpo_loss(logps, old, ref, args[3], args[4], beta=0.04)[0]
+
+  _, d_old, d_ref = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2)))(*args[:3])
+  np.testing.assert_array_equal(np.asarray(d_old), 0.0)
+  np.testing.assert_array_equal(np.asarray(d_ref), 0.0)
+
+  # At ratio 1 the token loss is -r * A with d(-r * A)/dlogp = -A; token_mean divides by the token count.
+  first_update = lambda logps: losses.grpo_loss(logps, logps, None, args[3], args[4])[0]
+  d_logps = jax.jit(jax.grad(first_update))(args[0])
+  _close(d_logps, -r["adv"][:, None] * r["mask"] / r["mask"].sum())
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+def test_grpo_empty_rows_and_non_finite_padding(rl_batch, aggregation):
+  """A completion with no tokens and inf/NaN entropy on padding leave the loss finite and equal to the reference."""
+  r = rl_batch
+  mask = r["mask"].copy()
+  mask[2] = 0  # an empty completion
+  entropy = np.where(mask == 1, r["entropy"], np.inf)
+  entropy[1, -1] = np.nan  # row 1 has 7 completion tokens: position 11 is padding
+  loss, metrics = losses.grpo_loss(
+      jnp.asarray(r["logps"], jnp.float32), jnp.asarray(r["old"], jnp.float32), jnp.asarray(r["ref"], jnp.float32),
+      jnp.asarray(r["adv"], jnp.float32), jnp.asarray(mask), beta=0.04, aggregation=aggregation,
+      entropy=jnp.asarray(entropy, jnp.float32), entropy_coef=0.01)
+  expected = _np_grpo(r["logps"], r["old"], r["ref"], r["adv"], mask, entropy, eps_low=0.2, eps_high=0.2, beta=0.04,
+                      aggregation=aggregation, max_tokens=None, entropy_coef=0.01)
+  assert np.isfinite(expected)
+  _close(loss, expected)
+  _close(metrics["entropy"], r["entropy"][mask == 1].mean())
+  # With no completion tokens at all every aggregation is 0, not 0 / 0.
+  empty, _ = losses.grpo_loss(jnp.asarray(r["logps"], jnp.float32), jnp.asarray(r["old"], jnp.float32), None,
+                              jnp.asarray(r["adv"], jnp.float32), jnp.zeros(mask.shape), aggregation=aggregation)
+  assert float(empty) == 0.0
+
+
 @pytest.mark.parametrize("scale_by_std", [True, False])
 def test_group_advantages(scale_by_std):
   rng = np.random.default_rng(5)
@@ -403,3 +491,14 @@ def test_group_advantages(scale_by_std):
   for value, size in ((0.3, 8), (0.7, 16), (-0.95, 16)):
     equal = losses.group_advantages(jnp.full((size,), value, jnp.float32), size, scale_by_std=scale_by_std)
     np.testing.assert_array_equal(np.asarray(equal), 0.0)
+
+
+def test_group_advantages_rejects_bad_shapes():
+  with pytest.raises(ValueError):
+    losses.group_advantages(jnp.zeros(6), 4)  # 6 completions do not split into groups of 4
+  with pytest.raises(ValueError):
+    losses.group_advantages(jnp.zeros((2, 4)), 4)  # must be flat
+  with pytest.raises(ValueError):
+    losses.group_advantages(jnp.arange(3.0), 1)  # the unbiased std of one sample is undefined
+  # Centring alone is defined for one completion per prompt: each is its own group mean.
+  np.testing.assert_array_equal(np.asarray(losses.group_advantages(jnp.arange(3.0), 1, scale_by_std=False)), 0.0)

@@ -33,6 +33,7 @@ def pool():
 EXTRACTIONS = [
     ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
     ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed{x \\} y}", "x \\} y"),  # an escaped brace does not close the box
     ("\\boxed{\\frac{a}{b}} and a cut-off \\boxed{\\frac{1}{", "\\frac{a}{b}"),
     ("\\fbox{15}", "15"),
     ("so \\boxed 5.", "5"),
@@ -51,10 +52,14 @@ EXTRACTIONS = [
     ("The answer is 5. Let me check that the answer matches.", "5"),  # later uses of the word are not labels
     ("The answer isn't obvious at first. Answer: 4", "4"),
     ("The answer is 9. " + "Checking the answer again. " * 30, "9"),  # however many uses of the word follow
+    ("Answer: 4. The answer isolates x.", "4"),  # "answer is" must be the word "is", not the start of one
+    ("The answer is .5", ".5"),  # a leading period belongs to the number
+    ("Thus $x = 7$. Final answer:", "x = 7"),  # a label with nothing after it falls back to the last math
     ("We get $a$, then $$\\frac{3}{4}$$", "\\frac{3}{4}"),
     ("We get \\(a\\) and finally \\[ 2\\pi \\]", "2\\pi"),
     ("<think>hmm</think>\n42<|im_end|>", "42"),
     ("a long discussion\nover two lines and no marked answer", None),
+    ("word " * 20, None),  # one line, but too long to be a bare answer
     ("", None),
 ]
 
@@ -96,13 +101,16 @@ def test_extraction_and_screen_are_bounded_on_megabyte_inputs():
 
 # -- the pre-screen ------------------------------------------------------------------------------------------------
 
-SCREEN_ACCEPTS = ["\\frac{1}{2}", "e^{-x^2}", "2^{10}", "10^{100}", "x^2+y^2", "5!", "[1, 2)", "2^{2^{n}}",
-                  "\\{1,2,3\\}", "3 \\cdot 10^{8}", "-\\infty"]
+SCREEN_ACCEPTS = ["\\frac{1}{2}", "e^{-x^2}", "2^{10}", "10^{100}", "x^2+y^2", "5!", "2^{100000}", "1000!",
+                  "[1, 2)", "2^{2^{n}}", "\\{1,2,3\\}", "3 \\cdot 10^{8}", "-\\infty"]
 SCREEN_REJECTS = {  # answer -> words in the reason
     "9^{9^{9^9}}": "tower", "9^9^9": "tower", "9**9**9**9": "tower", "2^{3^{4}}": "tower",
     "2^{1000000}": "exponent", "(10^6)!": "factorial", "2000!": "factorial", "{" * 30 + "}" * 30: "nested",
     "1" * 200: "digits", "\\frac{1}{2": "unbalanced", "x" * 2000: "characters", "x^2" * 20: "powers",
     "e^{x^{y^{z^{w}}}}": "exponents nested",
+    "2^{100001}": "exponent", "1001!": "factorial",  # just past the limits (100000, 1000) that the accepts reach
+    "}1{": "unbalanced", ")" * 10 + "(" * 30 + ")" * 30: "nested",  # stray closers do not hide deep nesting
+    "2^-1000000": "exponent", "9^{9 \\cdot 9^{9}}": "tower",  # a signed exponent; \cdot keeps a tower numeric
 }
 
 
@@ -327,6 +335,23 @@ def test_think_format(completion, ok):
   assert rewards.think_format_ok(completion) is ok
 
 
+def test_verifier_config_refuses_bad_limits():
+  for kwargs in (dict(timeout_s=0.0), dict(timeout_s=-1.0), dict(soft_timeout_ratio=1.0),
+                 dict(soft_timeout_ratio=-0.1)):
+    with pytest.raises(ValueError):
+      VerifierConfig(**kwargs)
+
+
+def test_verify_batch_sends_only_screened_answers_to_the_workers(pool, monkeypatch):
+  """A dangerous predicted answer is refused before any worker sees it; the lengths must match."""
+  sent = []
+  monkeypatch.setattr(pool, "verify_answers", lambda pairs, **kwargs: sent.extend(pairs) or [True] * len(pairs))
+  verdicts = pool.verify_batch(["\\boxed{9^{9^{9^9}}}", "\\boxed{2}", "no answer\nhere"], ["1", "2", "3"])
+  assert verdicts == [False, True, False] and sent == [("2", "2")]
+  with pytest.raises(ValueError):
+    pool.verify_batch(["\\boxed{2}"], [])
+
+
 def test_think_format_options():
   assert rewards.think_format_ok("reasoning</think> 2", ThinkFormat(prompt_opens_think=True))
   assert not rewards.think_format_ok("<think>reasoning</think> 2", ThinkFormat(prompt_opens_think=True))
@@ -359,6 +384,16 @@ def test_length_scaled_accuracy_matches_formula():
     assert rewards.length_scaled_accuracy(correct, length, config) == pytest.approx(value, abs=1e-12)
 
 
+def test_unfinished_completions_score_as_unfinished_whatever_their_format():
+  """A rollout cut at the length limit, typically inside its think block, gets unfinished_score, not the format
+  penalty."""
+  config = LengthAwareRewardConfig()
+  for completion in ("<think>cut off mid-thought", "no think block at all", "<think>a</think> \\boxed{2}"):
+    for correct in (True, False):
+      assert rewards.accuracy_term(completion, correct=correct, length=31744, finished=False, config=config) == -0.5
+  assert rewards.accuracy_term("<think>cut off", correct=True, length=10, finished=True, config=config) == -1.0
+
+
 def test_length_config_scaling():
   config = LengthAwareRewardConfig().scaled_to(16384)
   assert (config.l_max, config.l_pos_control, config.l_neg_control) == (16384, 13213, 1911)
@@ -367,6 +402,11 @@ def test_length_config_scaling():
   np.testing.assert_allclose(ours, ref, atol=1e-12)
   with pytest.raises(ValueError):
     LengthAwareRewardConfig(l_pos_control=40000)
+  with pytest.raises(ValueError):
+    LengthAwareRewardConfig(l_neg_control=0)
+  # A tiny budget keeps l_neg_control >= 1 (3702 * 4 / 31744 rounds to 0): the wrong-answer ramp stays defined.
+  tiny = LengthAwareRewardConfig().scaled_to(4)
+  assert (tiny.l_max, tiny.l_pos_control, tiny.l_neg_control) == (4, 3, 1)
 
 
 def test_length_aware_total():
@@ -401,6 +441,9 @@ def test_repetition_penalty():
   assert repetition_penalty(six) == pytest.approx(-max(5 / types, 6 / (1030 / 5)))
   tail_loop = unique[:400] + phrase * 120  # a varied start, then one phrase looping: top count 120 of 200 slots
   assert repetition_penalty(tail_loop) == pytest.approx(-120 / 200)
+  # A text that is all loop: 10 types in 66 5-grams, each 6 or 7 times. Share of repeating types 10 / 10 = 1
+  # (the top frequency 7 / (70 / 5) = 0.5 is lower), so the penalty is the full -1.
+  assert repetition_penalty("a b c d e f g h i j " * 7) == -1.0
   tokens = [7] * 20  # token ids work too: one type, 16 occurrences
   assert repetition_penalty(tokens) == -1.0
   assert repetition_penalty(tokens, max_count=16) == 0.0
@@ -431,3 +474,37 @@ def test_registry_and_combine(pool):
   expected = [1.0 + 0.5 + 2.0 * 8 / 13, 0.5 + 2.0 * 8 / 13 * wrong_at_500, 1.0 + 2.0 * 8 / 13 * -1.0]
   assert scores == pytest.approx(expected)
   assert rewards.score_batch("format", completions, ["0.5"] * 3, lengths=[1] * 3, finished=[True] * 3) == [1, 1, 0]
+
+
+def test_combined_reward_verifies_once_and_passes_the_verdict_down(monkeypatch):
+  calls = []
+  monkeypatch.setattr(rewards.registry, "is_correct", lambda completion, gold: calls.append(gold) or True)
+  completion = "<think>" + " ".join(f"w{i}" for i in range(20)) + "</think> \\boxed{2}"
+  combined = rewards.combine({"correctness": 1.0, "length_aware": 1.0})
+  assert combined(completion, "2", length=10, finished=True) == pytest.approx(1.0 + 8 / 13)
+  assert calls == ["2"]
+
+
+def test_score_batch_verifies_for_every_reward_that_needs_it(monkeypatch):
+  """Rewards that use correctness, including unregistered functions, get the batch verdicts; the others None."""
+  batches = []
+
+  def fake_verify_batch(completions, golds, **kwargs):
+    batches.append(list(golds))
+    return [g == "1" for g in golds]
+
+  monkeypatch.setattr(rewards.registry, "verify_batch", fake_verify_batch)
+  monkeypatch.setattr(rewards.registry, "is_correct", lambda *args: pytest.fail("verified one by one"))
+  seen = []
+  plain = lambda completion, gold, *, length, finished, correct=None: seen.append(correct) or 0.0
+  kwargs = dict(lengths=[5, 5], finished=[True, True])
+  rewards.score_batch(plain, ["a", "b"], ["1", "2"], **kwargs)
+  assert seen == [True, False]
+  completion = "<think>" + " ".join(f"w{i}" for i in range(20)) + "</think> \\boxed{1}"
+  scores = rewards.score_batch("length_aware", [completion] * 2, ["1", "2"], **kwargs)
+  assert scores == pytest.approx([8 / 13 * 1.0, 8 / 13 * float(_reference_accuracy(False, 5))])
+  assert batches == [["1", "2"], ["1", "2"]]
+  assert rewards.score_batch("format", [completion], ["1"], lengths=[5], finished=[True]) == [1.0]
+  assert len(batches) == 2  # the format reward needs no verdict
+  with pytest.raises(ValueError):
+    rewards.score_batch("format", [completion] * 2, ["1"], **kwargs)
