@@ -62,6 +62,25 @@ def test_grpo_metrics_are_token_means_whatever_the_microbatching(aggregation):
     np.testing.assert_allclose(metrics[1][name], metrics[0][name], rtol=1e-5, err_msg=name)
 
 
+def test_the_stage_weight_counts_what_each_aggregation_averages_over():
+  """The step divides the summed loss by the weight: completion tokens for token_mean (8 + 5 = 13), sequences with
+  any completion token for sequence_mean (2: rows 2 and 3 were dropped), every row for constant (4)."""
+  config = phi_jax.PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                             num_kv_heads=1, max_position_embeddings=32)
+  params = phi_jax.init_params(config, jax.random.key(0))
+  b, t = 4, 16
+  loss_mask = np.zeros((b, t), np.int32)
+  loss_mask[0, 4:12], loss_mask[1, 4:9] = 1, 1
+  batch = {"tokens": np.random.default_rng(0).integers(0, 64, (b, t)).astype(np.int32),
+           "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+           "loss_mask": loss_mask, "advantages": np.array([1.0, -1.0, 0.0, 0.0], np.float32),
+           "old_logps": np.full((b, t), -1.0, np.float32)}
+  for aggregation, weight in (("token_mean", 13), ("sequence_mean", 2), ("constant", 4)):
+    cfg = grpo.GRPOConfig(aggregation=aggregation, max_new_tokens=8, chunk_size=16)
+    _, aux = grpo.make_loss_fn(config, cfg)(params, batch, jax.random.key(1))
+    assert float(aux["weight"]) == weight, aggregation
+
+
 def test_temperature_anneals_linearly_over_first_half():
   cfg = grpo.GRPOConfig(temperature=1.0, final_temperature=0.6, anneal_fraction=0.5)
   assert [round(cfg.temperature_at(s, 100), 3) for s in (0, 25, 50, 75, 100)] == [1.0, 0.8, 0.6, 0.6, 0.6]
@@ -264,6 +283,28 @@ def test_rollout_texts_leave_out_the_stop_token(toy):
   assert seen["finished"].all() and seen["lengths"].tolist() == [1, 1]
   assert seen["texts"] == ["", ""]
   assert batch["loss_mask"].sum(axis=1).tolist() == [1, 1]  # the stop token itself is still a target
+
+
+def test_old_logps_are_the_untempered_model_logprobs_of_the_completion(toy):
+  """Sampled at temperature 0.7, each completion token's "old" log-prob (one position earlier) is still the plain
+  log_softmax of a full forward pass over the rollout, not the tempered log-prob it was drawn with."""
+  _, tokenizer, config, prompts = toy
+  cfg = grpo.GRPOConfig(prompts_per_step=1, group_size=2, max_prompt_tokens=32, max_new_tokens=4, temperature=0.7)
+
+  def ranked(texts, golds, lengths, finished):  # unequal rewards: no group is dropped
+    return np.arange(len(texts), dtype=np.float32), np.zeros(len(texts), bool)
+
+  source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=ranked, num_steps=1)
+  params = phi_jax.init_params(config, jax.random.key(0))
+  batch = source.next_batch(params, 0)
+  logits = np.asarray(phi_jax.forward(params, batch["tokens"], config, segment_ids=batch["segment_ids"]), np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  logps = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  for r in range(2):
+    targets = np.flatnonzero(batch["loss_mask"][r])
+    assert targets.size
+    np.testing.assert_allclose(batch["old_logps"][r, targets - 1], logps[r, targets - 1, batch["tokens"][r, targets]],
+                               atol=1e-4)
 
 
 def test_a_batch_whose_groups_are_all_dropped_is_reported(toy, caplog):

@@ -23,7 +23,8 @@ ROTARY_PAIRS = 6  # head_dim 16 * partial_rotary_factor 0.75 / 2
 
 UNTIED = PhiConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                    max_position_embeddings=128, original_max_position_embeddings=128, rope_theta=250000.0,
-                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                   rms_norm_eps=1e-3)  # not the default 1e-5: config.json, load_hf and the norms must all carry it
 TIED_LONGROPE = UNTIED.replace(
     num_kv_heads=1, tie_word_embeddings=True, partial_rotary_factor=0.75, max_position_embeddings=64,
     original_max_position_embeddings=16, rope_theta=10000.0, rope_scaling_type="longrope",

@@ -89,6 +89,24 @@ def test_no_gradient_across_documents(model):
     assert np.all(np.abs(np.asarray(grad)[np.unique(own)]).sum(-1) > 0)
 
 
+def test_causality_is_by_slot_whatever_the_positions(model):
+  """Positions only rotate queries and keys; which keys a token sees is decided by its slot in the row. With
+  positions falling along the row, or all equal, changing the last four tokens leaves the first six's logits
+  unchanged (and does change the last four's)."""
+  config, params = model
+  rng = np.random.default_rng(8)
+  tokens = rng.integers(0, 64, (1, 10))
+  changed = tokens.copy()
+  changed[0, 6:] = (tokens[0, 6:] + 1 + rng.integers(0, 63, 4)) % 64  # every one of them differs
+  # Rows: (original, changed) x (positions 9..0, positions all 0), in one forward pass.
+  rows = jnp.asarray(np.concatenate([tokens, changed, tokens, changed]), jnp.int32)
+  positions = jnp.asarray([np.arange(10)[::-1]] * 2 + [np.zeros(10)] * 2, jnp.int32)
+  logits = np.asarray(phi_jax.forward(params, rows, config, positions=positions))
+  for before, after in ((logits[0], logits[1]), (logits[2], logits[3])):
+    np.testing.assert_allclose(after[:6], before[:6], atol=1e-6, rtol=1e-6)
+    assert np.all(np.abs(after[6:] - before[6:]).max(-1) > 1e-3)
+
+
 def _greedy_with_cache(params, config, prompts, max_new, block_size=None):
   lengths = np.array([len(p) for p in prompts], np.int32)
   padded = np.zeros((len(prompts), lengths.max()), np.int32)

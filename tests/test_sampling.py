@@ -290,6 +290,18 @@ def test_longrope_generation_across_the_boundary():
   np.testing.assert_allclose(out["logprobs"], ref_logprobs, atol=1e-4)
 
 
+def test_a_full_width_prompt_decodes_into_the_65th_cache_slot(params):
+  """A 64-token prompt and 2 new tokens need P + N - 1 = 65 cache slots (the first new token is written at slot
+  64 before the second is drawn), one more than a 64-slot multiple: both tokens and their log-probs still equal
+  the full forward's."""
+  tokens, lengths = _prompts((64, 3), CONFIG.vocab_size, seed=13, width=64)
+  ref_tokens, ref_logprobs = _reference_greedy(params, CONFIG, tokens, lengths, 2)
+  out = jax.device_get(generate(params, CONFIG, tokens, lengths, jax.random.key(2),
+                                SamplingConfig(max_new_tokens=2, temperature=0.0)))
+  np.testing.assert_array_equal(out["tokens"], ref_tokens)
+  np.testing.assert_allclose(out["logprobs"], ref_logprobs, atol=1e-4)
+
+
 def test_generate_text(params, tmp_path):
   tokenizer = build_tiny_tokenizer(tmp_path, chat_format="phi-4")
   assert len(tokenizer) <= CONFIG.vocab_size

@@ -90,3 +90,25 @@ def test_packed_sft_equals_unpacked_per_example(setup):
   for doc, (logp, count) in unpacked.items():
     assert packed[doc][1] == count > 0
     np.testing.assert_allclose(packed[doc][0], logp, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_keep_each_example_on_its_own_longrope_factors(setup):
+  """Under LongRoPE a segment's extent (its largest position + 1) picks the short or the long factors, so the stage
+  must give the model each example's own positions: the summed loss over packed rows equals the one over unpacked
+  rows, with short examples placed past original_max_position_embeddings in their packed row."""
+  _, _, batches = setup
+  config = CONFIG.replace(original_max_position_embeddings=48, partial_rotary_factor=0.75,
+                          rope_scaling_type="longrope", rope_short_factor=(1.0, 1.2, 1.5),
+                          rope_long_factor=(1.0, 3.0, 9.0))
+  params = phi_jax.init_params(config, jax.random.key(1))
+  loss_fn = jax.jit(next_token.make_loss_fn(config, chunk_size=32))
+  totals = {}
+  for packing in (None, "first_fit"):
+    rows = batches(packing)
+    sums = [loss_fn(params, jax.tree.map(jnp.asarray, batch), None) for batch in rows]
+    totals[packing] = (sum(float(loss) for loss, _ in sums), sum(float(aux["weight"]) for _, aux in sums))
+    if packing:  # a short example ends past slot 48 of its row: its slots alone would pick the long factors
+      assert any(np.sum(b["segment_ids"][r] == s) <= 48 < np.flatnonzero(b["segment_ids"][r] == s)[-1] + 1
+                 for b in rows for r in range(4) for s in set(b["segment_ids"][r]) - {0})
+  assert totals["first_fit"][1] == totals[None][1] > 0
+  np.testing.assert_allclose(totals["first_fit"][0], totals[None][0], rtol=1e-5)
