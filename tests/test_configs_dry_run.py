@@ -236,3 +236,18 @@ def test_resume_refuses_train_files_that_changed_under_the_same_names(tmp_path):
   # A checkpoint written before file sizes were recorded resumes as before.
   del saved["data"]["train_file_sizes"]
   loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
+
+
+def test_a_tokenizer_larger_than_the_embedding_or_a_budget_filling_every_position_is_refused(tmp_path):
+  """Token ids past the embedding table would be clamped silently by the gather; max_new_tokens equal to the
+  positions leaves none for the prompt."""
+  from phi_jax.model import presets
+  tokenizer = common.get_tokenizer("tiny:phi-4", str(tmp_path))
+  small = presets["tiny"].replace(vocab_size=len(tokenizer) - 1)
+  with pytest.raises(ValueError, match=f"has {len(tokenizer)} tokens but the model's vocab_size is {small.vocab_size}"):
+    common._check_vocab(small, tokenizer)
+  common._check_vocab(presets["tiny"].replace(vocab_size=len(tokenizer)), tokenizer)
+  positions = presets["tiny"].max_position_embeddings
+  with pytest.raises(ValueError, match="leaves no room for a prompt"):
+    common.check_new_tokens("evaluation.max_new_tokens", positions, presets["tiny"])
+  common.check_new_tokens("evaluation.max_new_tokens", positions - 1, presets["tiny"])

@@ -55,6 +55,33 @@ def test_summary_and_paired_difference_of_known_outcomes():
     eval_lib.paired_difference(after[:2], before[1:])
 
 
+def test_summary_counts_lengths_and_unfinished_samples_of_known_outputs():
+  """Lengths, unfinished and think-format rates are over every sample; the greedy format-error rate over greedy."""
+  def out(num_tokens, finished, text="<think>a</think> The answer is \\boxed{1}."):
+    return {"text": text, "correct": False, "num_tokens": num_tokens, "finished": finished,
+            "format_error": not finished}
+  items = [{"answer": "1", "greedy": [out(5, False)], "samples": [out(2, True), out(3, False, "no think")],
+            "score": 0.0},
+           {"answer": "2", "greedy": [out(5, True)], "samples": [out(10, True, "no think"), out(4, True)],
+            "score": 0.0}]
+  summary = eval_lib.summarize(items)
+  assert summary["response_tokens_mean"] == pytest.approx(19 / 4)  # (2 + 3 + 10 + 4) / 4
+  assert summary["response_tokens_median"] == pytest.approx(3.5)  # between 3 and 4
+  assert summary["response_tokens_max"] == 10
+  assert summary["unfinished_rate"] == pytest.approx(1 / 4) == summary["format_error_rate"]
+  assert summary["think_format_rate"] == pytest.approx(2 / 4)
+  assert summary["greedy_format_error_rate"] == pytest.approx(1 / 2)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"num_samples": 0, "pass_k": ()}, "num_samples=0 must be at least 1"),
+                                          ({"num_samples": 2, "pass_k": (1, 3)}, r"pass_k=\[1, 3\]"),
+                                          ({"pass_k": (0,)}, r"pass_k=\[0\]")])
+def test_eval_settings_refuse_impossible_sample_counts(kwargs, match):
+  """pass@k needs k of the n samples: k above n (or below 1), or no samples at all, is a config mistake."""
+  with pytest.raises(ValueError, match=match):
+    eval_lib.eval_settings(**kwargs)
+
+
 def test_format_errors():
   assert not eval_lib.format_error({"text": "<think>1 + 1 = 2.</think> The answer is \\boxed{2}.", "finished": True})
   assert eval_lib.format_error({"text": "<think>1 + 1 = 2.</think> The answer is \\boxed{2}.", "finished": False})
@@ -144,6 +171,26 @@ def test_evaluate_scores_with_the_verifier_it_is_given(tiny_run):
   assert summary["accuracy_per_run"] == [1.0, 0.0]  # sample 0 of every problem is "correct", sample 1 is not
   assert summary["pass_at_k"] == {"1": 0.5, "2": 1.0}
   assert summary["greedy_accuracy"] == 0.5
+
+
+def test_samples_at_temperature_zero_repeat_the_greedy_output_of_their_own_problem(tiny_run):
+  """At temperature 0 every sample is the greedy output, so each problem's samples must equal its own greedy
+  row: a mix-up of which rows belong to which problem shows. A problem's score is the mean over its samples."""
+  from phi_jax.hf.tokenizer import load_tokenizer
+  from phi_jax.model import init_params, presets
+
+  run, _ = tiny_run
+  problems = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)]
+  settings = dict(eval_lib.eval_settings(num_samples=2, max_new_tokens=4, temperature=0.0, batch_size=8))
+  verdicts = iter([True, False, False, True] + [True, False, False, False, True, True, False, True])  # greedy, 4 x 2
+  _, items = eval_lib.evaluate(init_params(presets["tiny"], jax.random.key(0)), presets["tiny"],
+                               load_tokenizer(str(run / "tokenizer")), problems, settings=settings,
+                               verify_fn=lambda completions, golds: [next(verdicts) for _ in completions])
+  greedy = [item["greedy"][0]["text"] for item in items]
+  assert len(set(greedy)) > 1  # distinct prompts give distinct outputs, so a mix-up cannot go unseen
+  for item, text in zip(items, greedy):
+    assert [o["text"] for o in item["samples"]] == [text, text]
+  assert [item["score"] for item in items] == [0.5, 0.0, 1.0, 0.5]
 
 
 def test_eval_and_rollouts_layer_gin_files_over_the_runs_config(tmp_path):

@@ -136,6 +136,7 @@ def no_cluster(monkeypatch):
     ({"PHI_JAX_PROCESS_ID": "1"}, {}),
     ({}, {"num_processes": 4, "process_id": 0}),
     ({}, {"process_id": 1}),
+    ({"PHI_JAX_PROCESS_ID": "0"}, {}),  # a process id alone implies other processes; only num_processes=1 excuses it
 ])
 def test_processes_without_a_coordinator_are_refused(monkeypatch, no_cluster, env, kwargs):
   from phi_jax.sharding import distributed
@@ -147,7 +148,8 @@ def test_processes_without_a_coordinator_are_refused(monkeypatch, no_cluster, en
 
 
 @pytest.mark.parametrize("env", [{}, {"PHI_JAX_NUM_PROCESSES": "1"}, {"PHI_JAX_NUM_PROCESSES": "1",
-                                                                     "PHI_JAX_PROCESS_ID": "0"}])
+                                                                     "PHI_JAX_PROCESS_ID": "0"},
+                                 {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}])  # a one-task SLURM job
 def test_one_process_needs_no_coordinator(monkeypatch, no_cluster, env):
   from phi_jax.sharding import distributed
   for name, value in env.items():
@@ -159,12 +161,41 @@ def test_one_process_needs_no_coordinator(monkeypatch, no_cluster, env):
 def test_a_cluster_jax_detects_starts_without_a_coordinator(monkeypatch, no_cluster):
   """On SLURM (or a TPU pod) JAX finds the processes itself; stray PHI_JAX_* settings do not stop it."""
   from phi_jax.sharding import distributed
-  monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)  # no gloo switch in this test process
+  switched = []  # not applied: no gloo switch in this test process
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *a: switched.append(a))
   monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
   for name, value in {"SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "PHI_JAX_NUM_PROCESSES": "2"}.items():
     monkeypatch.setenv(name, value)
   distributed.initialize()
   assert no_cluster == [((), {})]
+  assert switched == [("jax_cpu_collectives_implementation", "gloo")]  # its processes gather over CPU collectives
+
+
+@pytest.mark.parametrize("given", ["env", "args"])
+def test_a_coordinator_address_starts_every_process_with_its_own_id(monkeypatch, no_cluster, given):
+  """jax.distributed gets (address, number of processes, this process's id), from arguments or the environment, and
+  CPU collectives switch to gloo first."""
+  from phi_jax.sharding import distributed
+  switched = []
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *a: switched.append(a))
+  if given == "env":
+    for name, value in {"PHI_JAX_COORDINATOR_ADDRESS": "host0:1234", "PHI_JAX_NUM_PROCESSES": "4",
+                        "PHI_JAX_PROCESS_ID": "3"}.items():
+      monkeypatch.setenv(name, value)
+    distributed.initialize()
+  else:
+    distributed.initialize("host0:1234", num_processes=4, process_id=3)
+  assert no_cluster == [(("host0:1234", 4, 3), {})]
+  assert switched == [("jax_cpu_collectives_implementation", "gloo")]
+
+
+@pytest.mark.parametrize("kwargs", [{"num_processes": 2}, {"process_id": 1}])
+def test_a_coordinator_address_without_the_process_count_and_id_is_refused(monkeypatch, no_cluster, kwargs):
+  from phi_jax.sharding import distributed
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)  # no gloo switch in this test process
+  with pytest.raises(ValueError, match="needs num_processes and process_id too"):
+    distributed.initialize("host0:1234", **kwargs)
+  assert no_cluster == []
 
 
 def test_allgather_json_on_one_process():

@@ -168,6 +168,57 @@ def test_bindings_the_recipe_cannot_apply_are_refused(monkeypatch, tmp_path):
   gin.clear_config()
 
 
+def _stage(name, accuracy, delta=None, base=None):
+  """A summary entry; `delta` / `base`: (change, low, high) vs the previous stage / the first stage."""
+  entry = {"name": name, "steps": 4, "final_loss": 1.5, "greedy_accuracy": accuracy, "greedy_accuracy_ci95": [0, 1],
+           "accuracy": accuracy, "accuracy_ci95": [accuracy - 0.1, accuracy + 0.1],
+           "pass_at_k": {"1": accuracy, "3": 0.9}, "response_tokens_mean": 20.0, "format_error_rate": 0.25}
+  for key, value in (("delta_vs_previous", delta), ("delta_vs_base", base)):
+    if value is not None:
+      entry[key] = {"delta": value[0], "ci95": list(value[1:])}
+  if delta is not None:
+    entry["delta_vs_previous"]["verdict"] = recipe._verdict(entry["delta_vs_previous"])
+  return entry
+
+
+def test_stage_table_and_findings_report_each_stage_against_the_right_one():
+  """The table's change column and the per-stage sentences compare with the previous stage, the last sentence with
+  the first stage; pass@n is the n of the samples; a change is only called one when its interval excludes zero."""
+  summary = {"evaluation": {"num_samples": 3}, "stages": [
+      _stage("base", 0.2),
+      _stage("midtrain", 0.5, delta=(0.3, 0.1, 0.5), base=(0.3, 0.1, 0.5)),
+      _stage("sft", 0.4, delta=(-0.1, -0.3, 0.1), base=(0.2, 0.05, 0.35)),
+      _stage("dpo", 0.3, delta=(-0.1, -0.15, -0.05), base=(0.1, -0.05, 0.25))]}
+  rows = [line.split(" | ") for line in recipe.stage_table(summary).splitlines()[2:]]
+  assert [row[5] for row in rows] == ["-", "+30.0 [10.0, 50.0]", "-10.0 [-30.0, 10.0]", "-10.0 [-15.0, -5.0]"]
+  assert [row[6] for row in rows] == ["90.0"] * 4  # pass@3, not pass@1
+  assert recipe.findings(summary) == [
+      "- **midtrain** raised mean accuracy: +30.0 [10.0, 50.0] points.",
+      "- **sft** did not significantly change mean accuracy: -10.0 [-30.0, 10.0] points.",
+      "- **dpo** lowered mean accuracy: -10.0 [-15.0, -5.0] points.",
+      "- The full recipe vs the base model: +10.0 [-5.0, 25.0] points (20.0% -> 30.0%)."]
+
+
+def test_summary_compares_each_stage_with_the_previous_and_the_first(tmp_path):
+  """Stage effects are paired by problem: vs the stage before (delta_vs_previous) and vs the first stage."""
+  scores = {"base": [0.0, 0.0, 0.5], "midtrain": [1.0, 0.0, 0.5], "sft": [1.0, 1.0, 1.0]}
+  records = []
+  for name, per_problem in scores.items():
+    items = [{"answer": str(i), "score": s} for i, s in enumerate(per_problem)]
+    recipe.eval_lib.write_results(str(tmp_path / name / "eval"), {}, items)
+    records.append({"name": name, "eval": {"accuracy": 0.0, "accuracy_ci95": [0, 0], "pass_at_k": {},
+                                           "response_tokens_mean": 1.0, "format_error_rate": 0.0,
+                                           "think_format_rate": 0.0, "num_problems": 3}})
+  manifest = {"difficulty_params": {}, "counts": {}, "vocab_size": 1}
+  summary = recipe.build_summary(str(tmp_path), records, manifest, recipe.recipe_settings(),
+                                 {"num_samples": 1, "sampling": recipe.eval_lib.SamplingConfig(max_new_tokens=4)})
+  midtrain, sft = summary["stages"][1:]
+  assert midtrain["delta_vs_previous"]["delta"] == pytest.approx(1 / 3)  # (1 + 0 + 0) / 3
+  assert midtrain["delta_vs_base"]["delta"] == pytest.approx(1 / 3)
+  assert sft["delta_vs_previous"]["delta"] == pytest.approx(0.5)  # (0 + 1 + 0.5) / 3
+  assert sft["delta_vs_base"]["delta"] == pytest.approx(2.5 / 3)  # (1 + 1 + 0.5) / 3
+
+
 TINY_COUNTS = {"base_train": 8, "midtrain": 8, "sft": 4, "dpo_prompts": 4, "rl_prompts": 4, "valid": 4, "test": 4}
 
 

@@ -85,3 +85,27 @@ def test_a_run_failing_at_config_time_still_gets_a_results_table(tmp_path):
   assert "1 of 1 sweep runs failed: train_files=__ (exit 1)" in proc.stderr
   rows = json.load(open(tmp_path / "results.json"))
   assert [(r["run"], r["status"]) for r in rows] == [("train_files=__", "exit 1")]
+
+
+def test_results_table_holds_each_runs_last_metrics_and_every_metric_any_run_has(tmp_path):
+  """A run's row shows its metrics as last logged (its step the highest); a metric only some runs log (GRPO's
+  reward, say) still gets a column, left blank for the others."""
+  runs = sweep.expand({"product": {"train.seed": [0, 1]}})
+  logs = {"seed=0": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5, "eval_loss": 2.75}, {"step": 3, "loss": 2.0}],
+          "seed=1": [{"step": 1, "loss": 4.0, "reward_mean": 0.25}, {"step": 2, "loss": 3.5, "reward_mean": 0.5}]}
+  for name, records in logs.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  rows = sweep.collect(str(tmp_path), runs)
+  assert [(r["step"], r["loss"]) for r in rows] == [(3, 2.0), (2, 3.5)]
+  assert rows[0]["eval_loss"] == 2.75 and rows[1]["reward_mean"] == 0.5 and "reward_mean" not in rows[0]
+  header, _, first, second = (tmp_path / "results.md").read_text().splitlines()
+  assert header == "| run | train.seed | step | loss | eval_loss | reward_mean |"
+  assert first == "| seed=0 | 0 | 3 | 2 | 2.75 |  |" and second == "| seed=1 | 1 | 2 | 3.5 |  | 0.5 |"
+
+
+def test_a_run_killed_by_a_signal_is_marked_with_it(tmp_path, monkeypatch):
+  monkeypatch.setattr(sweep, "command", lambda files, params, bindings, workdir: [
+      sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
+  with pytest.raises(SystemExit, match=r"1 of 1 sweep runs failed: seed=0 \(signal 15\)"):
+    sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", '--sweep={"product": {"train.seed": [0]}}'])

@@ -155,6 +155,25 @@ def test_wrong_trace_is_one_slip_carried_to_a_wrong_answer(problems):
   assert all(kinds[kind] > 100 for kind in ("arithmetic", "operator", "last step", "earlier step")), kinds
 
 
+def test_every_operator_can_slip_into_another(problems):
+  """Wrong-operator slips cover each operator: + for -, - for +, and + for a doubling or tripling."""
+  rng = random.Random(3)
+  swaps = collections.Counter()
+  for problem in problems["medium", "train"]:
+    teacher, _ = read_trace(wp.teacher_trace(problem))
+    for _ in range(4):
+      wrong, _ = read_trace(wp.wrong_trace(problem, rng))
+      swaps.update((t[2], w[2]) for t, w in zip(teacher, wrong) if t[2] != w[2])
+  assert set(swaps) == {("+", "-"), ("-", "+"), ("*", "+")}, swaps
+
+
+@pytest.mark.parametrize("fields", [{"min_steps": 0}, {"min_steps": 3, "max_steps": 2}, {"max_operand": 1},
+                                    {"max_value": 19}])  # 19 < max_start 20
+def test_difficulties_that_cannot_make_problems_are_refused(fields):
+  with pytest.raises(ValueError):
+    wp.Difficulty(**fields)
+
+
 def test_verifier_accepts_teacher_traces_and_rejects_slips(problems, verifier):
   rng = random.Random(1)
   chosen = [group[i] for group in problems.values() for i in range(2)][:12]

@@ -1,0 +1,71 @@
+"""Mesh shapes and logical-axis rules: how `mesh.shape` resolves, which dimensions each mesh axis splits, and that
+the sampler's batch layout is the training step's."""
+
+import functools
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from phi_jax import sharding
+from phi_jax.model import init_params, param_logical_axes, presets
+from phi_jax.train.step import batch_shardings
+
+TINY = presets["tiny"]  # vocab 512, hidden 64, mlp 128, 4 query heads and 2 kv heads of 16, 2 layers
+
+
+@pytest.mark.parametrize("shape,sizes", [
+    ({"fsdp": -1}, {"data": 1, "fsdp": 8, "tensor": 1}),
+    ({"data": 2, "tensor": -1}, {"data": 2, "fsdp": 1, "tensor": 4}),  # the rest: 8 / 2
+    ({"tensor": 2, "data": -1}, {"data": 4, "fsdp": 1, "tensor": 2}),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}),
+])
+def test_mesh_shape_fills_the_free_axis_and_defaults_the_missing_ones_to_one(shape, sizes):
+  assert sharding.resolve_mesh_shape(shape, 8) == sizes
+  assert dict(sharding.make_mesh(shape).shape) == sizes
+
+
+@pytest.mark.parametrize("shape", [{"data": 0, "fsdp": -1}, {"data": 0}, {"fsdp": -2}])
+def test_zero_or_negative_mesh_sizes_are_refused(shape):
+  with pytest.raises(ValueError, match="sizes must be positive or -1"):
+    sharding.resolve_mesh_shape(shape, 8)
+
+
+def test_each_mesh_axis_splits_the_dimensions_it_stands_for():
+  """data replicates parameters, fsdp splits the hidden (embed) dimension, tensor splits vocab, heads and mlp."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  shapes = jax.eval_shape(lambda: init_params(TINY, jax.random.key(0)))
+  shardings = sharding.logical_shardings(param_logical_axes(TINY), mesh, shapes)
+  expected = {  # full -> per device: hidden 64 / fsdp 2; vocab 512, heads 4 and 2, mlp 128 / tensor 2
+      ("embed", "embedding"): ((512, 64), (256, 32)),
+      ("lm_head", "kernel"): ((64, 512), (32, 256)),
+      ("layers", "attn", "q"): ((2, 64, 4, 16), (2, 32, 2, 16)),
+      ("layers", "attn", "k"): ((2, 64, 2, 16), (2, 32, 1, 16)),
+      ("layers", "attn", "o"): ((2, 4, 16, 64), (2, 2, 16, 32)),
+      ("layers", "mlp", "down"): ((2, 128, 64), (2, 64, 32)),
+      ("final_norm", "scale"): ((64,), (64,)),
+  }
+  for path, (full, per_device) in expected.items():
+    leaf = functools.reduce(lambda tree, key: tree[key], path, shardings)
+    assert leaf.shard_shape(full) == per_device, path
+
+
+def test_an_uneven_split_over_two_mesh_axes_counts_both():
+  """A dimension split over data x fsdp must divide by their product, not by either one."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rows = jax.ShapeDtypeStruct((6, 3), jax.numpy.float32)  # 6 rows: even for data (2) or fsdp (2), not for 2 x 2
+  with pytest.raises(ValueError, match=r"dimension of 6 that mesh axes \('data', 'fsdp'\) \(size 4\)"):
+    sharding.logical_shardings({"x": P("batch", None)}, mesh, {"x": rows})
+  sharding.logical_shardings({"x": P("batch", None)}, mesh, {"x": jax.ShapeDtypeStruct((8, 3), jax.numpy.float32)})
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 4, "tensor": 2}, {"fsdp": -1}])
+def test_sampler_batches_are_laid_out_like_training_batches(shape):
+  """Prompts put on the mesh by `batch_sharding` sit on the devices the training step expects its rows on, so the
+  model's activation constraints agree with both; time is never split."""
+  mesh = sharding.make_mesh(shape)
+  ours = sharding.batch_sharding(mesh)
+  training = batch_shardings({"tokens": jax.ShapeDtypeStruct((16, 8), jax.numpy.int32)}, mesh)["tokens"]
+  assert ours.is_equivalent_to(training, 2)
+  rows = 16 // (mesh.shape["data"] * mesh.shape["fsdp"])
+  assert ours.shard_shape((16, 8)) == (rows, 8)
