@@ -336,3 +336,36 @@ def test_tiny_tokenizer_refuses_bad_settings(tmp_path):
     build_tiny_tokenizer(tmp_path, chat_format="phi-4", vocab_size=260)
   with pytest.raises(FileNotFoundError):
     load_tokenizer(tmp_path / "missing")
+
+
+# (bos, eos, pad, model_max_length) of each model's published tokenizer_config.json.
+PUBLISHED_TOKENIZER_CONFIG = {
+    "phi-4": ("<|endoftext|>", "<|im_end|>", "<|dummy_85|>", 16384),
+    "phi-4-reasoning": ("<|endoftext|>", "<|im_end|>", "<|dummy_85|>", 32768),
+    "phi-4-mini": ("<|endoftext|>", "<|endoftext|>", "<|endoftext|>", 131072),
+    "phi-4-mini-reasoning": ("<|endoftext|>", "<|endoftext|>", "<|endoftext|>", 131072),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tiny_tokenizer_names_the_published_tokens_and_adds_none_when_encoding(tokenizers, fmt):
+  """Named tokens and length limit are the published ones, and encoding adds no BOS or EOS, as with the real ones."""
+  tokenizer = tokenizers[fmt]
+  assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
+          tokenizer.model_max_length) == PUBLISHED_TOKENIZER_CONFIG[fmt]
+  assert tokenizer.encode("12 + 35", add_special_tokens=True) == tokenizer.encode("12 + 35", add_special_tokens=False)
+
+
+def test_think_tokens_are_plain_added_tokens_that_decoding_keeps(tokenizers):
+  """`<think>` and `</think>` survive skip_special_tokens=True (they are not special); the control tokens do not."""
+  tokenizer = tokenizers["phi-4-reasoning"]
+  ids = tokenizer.encode("<|im_start|>assistant<|im_sep|><think>7</think> 7<|im_end|>", add_special_tokens=False)
+  assert tokenizer.decode(ids, skip_special_tokens=True) == "assistant<think>7</think> 7"
+
+
+def test_tiny_tokenizer_vocab_size_bounds_every_id_including_the_think_tokens(tmp_path):
+  """phi-4 needs 256 byte tokens + 5 control tokens + <think>, </think> = 263 ids at least; 263 is enough."""
+  with pytest.raises(ValueError, match="leaves no room"):
+    build_tiny_tokenizer(tmp_path / "a", chat_format="phi-4", vocab_size=262)
+  tokenizer = build_tiny_tokenizer(tmp_path / "b", chat_format="phi-4", vocab_size=263)
+  assert len(tokenizer) <= 263

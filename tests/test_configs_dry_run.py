@@ -251,3 +251,11 @@ def test_a_tokenizer_larger_than_the_embedding_or_a_budget_filling_every_positio
   with pytest.raises(ValueError, match="leaves no room for a prompt"):
     common.check_new_tokens("evaluation.max_new_tokens", positions, presets["tiny"])
   common.check_new_tokens("evaluation.max_new_tokens", positions - 1, presets["tiny"])
+
+
+def test_grpo_refuses_settings_that_compare_eval_losses():
+  """A GRPO run logs no eval loss: early stopping on it, or keeping the best evaluation's params, is refused."""
+  for kwargs in ({"early_stopping_patience": 2}, {"keep_best_checkpoint": True}):
+    with pytest.raises(ValueError, match="a GRPO run has no eval loss"):
+      common.train_settings(num_steps=4, stage="grpo", eval_every=1, **kwargs)
+    assert common.train_settings(num_steps=4, stage="next_token", eval_every=1, **kwargs)["stage"] == "next_token"

@@ -238,3 +238,48 @@ def test_data_of_other_task_settings_is_refused_not_reused(tmp_path):
   recipe.prepare_data(str(tmp_path), settings)
   with pytest.raises(ValueError, match=r"recipe.task_seed: 0 in data/, 1 now"):
     recipe.prepare_data(str(tmp_path), recipe.recipe_settings(task_counts=TINY_COUNTS, task_seed=1))
+
+
+def test_summary_gives_grpo_mean_reward_of_its_first_and_last_quarter_of_steps(tmp_path):
+  """Eight GRPO steps with rewards 0..7: the first quarter (steps 1-2) averages 0.5, the last (7-8) 6.5."""
+  records = []
+  for name in ("sft", "grpo"):
+    recipe.eval_lib.write_results(str(tmp_path / name / "eval"), {}, [{"answer": "1", "score": 1.0}])
+    records.append({"name": name, "eval": {"accuracy": 1.0, "accuracy_ci95": [1, 1], "pass_at_k": {},
+                                           "response_tokens_mean": 1.0, "format_error_rate": 0.0,
+                                           "think_format_rate": 0.0, "num_problems": 1}})
+  with open(tmp_path / "grpo" / "metrics.jsonl", "w") as f:
+    f.writelines(json.dumps({"step": i + 1, "loss": 0.0, "reward_mean": float(i)}) + "\n" for i in range(8))
+  manifest = {"difficulty_params": {}, "counts": {}, "vocab_size": 1}
+  summary = recipe.build_summary(str(tmp_path), records, manifest, recipe.recipe_settings(),
+                                 {"num_samples": 1, "sampling": recipe.eval_lib.SamplingConfig(max_new_tokens=4)})
+  grpo = summary["stages"][1]
+  assert (grpo["reward_mean_first_quarter"], grpo["reward_mean_last_quarter"]) == (0.5, 6.5)
+
+
+def test_task_differences_name_a_changed_difficulty_parameter():
+  """Data made with another value of one difficulty parameter differs in that parameter and nothing else."""
+  made = recipe.task_request(recipe.recipe_settings(task_counts=TINY_COUNTS))
+  asked = recipe.task_request(recipe.recipe_settings(task_counts=TINY_COUNTS, difficulty_overrides={"max_value": 41}))
+  differences = recipe.task_differences({"recipe_task": made}, asked)
+  assert len(differences) == 1 and differences[0].startswith("difficulty parameter max_value")
+  assert differences[0].endswith(", 41 now")
+
+
+def test_an_older_manifest_counts_sft_as_capped_by_midtrain():
+  """A manifest without recipe_task records the sft rows written, at most the midtrain count (sft is a subset):
+  asking for 10 sft problems of 8 midtrain ones matches data holding 8 of each."""
+  made = recipe.task_request(recipe.recipe_settings(task_counts={**TINY_COUNTS, "sft": 8}))
+  old = {"seed": made["task_seed"], "difficulty": made["difficulty"], "difficulty_params": made["difficulty_params"],
+         "counts": made["task_counts"]}
+  asked = recipe.task_request(recipe.recipe_settings(task_counts={**TINY_COUNTS, "sft": 10}))
+  assert recipe.task_differences(old, asked) == []
+  assert recipe.task_differences({"recipe_task": made}, asked) == ["recipe.task_counts['sft']: 8 in data/, 10 now"]
+
+
+def test_the_reported_split_must_be_a_held_out_one():
+  """The recipe reports accuracy on valid or test problems only."""
+  for split in ("valid", "test"):
+    assert recipe.recipe_settings(eval_split=split)["eval_split"] == split
+  with pytest.raises(ValueError, match="recipe.eval_split='train'"):
+    recipe.recipe_settings(eval_split="train")

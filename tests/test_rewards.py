@@ -1,6 +1,7 @@
 """phi_jax.rewards: answer extraction and verification (worker pool, limits, untrusted input) and the RL rewards."""
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -251,6 +252,21 @@ def test_soft_timeout_answers_without_a_restart(pool):
   assert pool.verify_answers([("1", "10^{10^{7}}")], timeout_s=4.0, soft_timeout_s=1.0) == [False]
   assert time.perf_counter() - start < 4.0
   assert set(pool.worker_pids()) == before
+
+
+def test_decimals_equal_to_six_places_verify_and_coarser_ones_do_not(pool):
+  """VerifierConfig.float_rounding=6: 2/3 = 0.6666666... matches 0.666667 (rounded to 6 places), not 0.6667."""
+  assert pool.verify_answers([("\\frac{2}{3}", "0.666667"), ("\\frac{2}{3}", "0.6667")]) == [True, False]
+
+
+def test_ready_workers_run_under_the_configured_address_space_limit(pool):
+  """Each worker caps its own address space (RLIMIT_AS) at VerifierConfig.worker_memory_bytes once warmed up."""
+  assert pool.verify_answers([("2", "2")]) == [True]
+  limit = pool.config.worker_memory_bytes
+  deadline = time.perf_counter() + 30.0
+  while any(resource.prlimit(pid, resource.RLIMIT_AS) != (limit, limit) for pid in pool.worker_pids()):
+    assert time.perf_counter() < deadline, [resource.prlimit(pid, resource.RLIMIT_AS) for pid in pool.worker_pids()]
+    time.sleep(0.05)
 
 
 def _process_state(pid):

@@ -293,3 +293,27 @@ def test_the_nth_problem_may_come_on_the_last_allowed_draw(monkeypatch):
   assert wp.generate(0, seed=seed, split="train") == []
   with pytest.raises(ValueError, match="zero or more"):
     wp.generate(-1, seed=seed, split="train")
+
+
+def _step(left: int, op: str, right: int) -> wp.Step:
+  return wp.Step(left, op, right, apply(left, op, right), clue="")
+
+
+def test_hard_steps_are_products_and_sums_or_differences_that_cross_a_ten():
+  """A step is hard when a sum carries or a difference borrows across the tens, or when it is a product."""
+  assert make_task_data._is_hard(_step(35, "+", 5))  # 5 + 5 = 10: carries
+  assert not make_task_data._is_hard(_step(34, "+", 5))  # 4 + 5 = 9: no carry
+  assert not make_task_data._is_hard(_step(35, "-", 5))  # 35 - 5 = 30: the units digit just reaches 0, no borrow
+  assert make_task_data._is_hard(_step(34, "-", 5))  # 4 < 5: borrows
+  assert make_task_data._is_hard(_step(3, "*", 2))
+
+
+def test_curation_keeps_the_hardest_problems_in_their_original_order():
+  """Of three two-step problems with 1, 0 and 2 hard steps, the two hardest are kept, first one first."""
+  def problem(*steps):
+    return wp.Problem(question=str(steps), answer=str(steps[-1].result), steps=steps, start=steps[0].left)
+
+  one_hard = problem(_step(12, "+", 3), _step(15, "-", 7))  # 5 < 7 borrows
+  none_hard = problem(_step(12, "+", 3), _step(15, "-", 4))
+  two_hard = problem(_step(18, "+", 5), _step(23, "-", 6))  # 8 + 5 >= 10 carries; 3 < 6 borrows
+  assert make_task_data.curate([one_hard, none_hard, two_hard], 2) == [one_hard, two_hard]
