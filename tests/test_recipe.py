@@ -199,19 +199,24 @@ def test_stage_table_and_findings_report_each_stage_against_the_right_one():
       "- The full recipe vs the base model: +10.0 [-5.0, 25.0] points (20.0% -> 30.0%)."]
 
 
-def test_summary_compares_each_stage_with_the_previous_and_the_first(tmp_path):
-  """Stage effects are paired by problem: vs the stage before (delta_vs_previous) and vs the first stage."""
-  scores = {"base": [0.0, 0.0, 0.5], "midtrain": [1.0, 0.0, 0.5], "sft": [1.0, 1.0, 1.0]}
+def _summary_of_scores(workdir, scores):
+  """recipe.build_summary over stages whose evaluations gave these per-problem scores ({stage: [score, ...]})."""
   records = []
   for name, per_problem in scores.items():
     items = [{"answer": str(i), "score": s} for i, s in enumerate(per_problem)]
-    recipe.eval_lib.write_results(str(tmp_path / name / "eval"), {}, items)
+    recipe.eval_lib.write_results(str(workdir / name / "eval"), {}, items)
     records.append({"name": name, "eval": {"accuracy": 0.0, "accuracy_ci95": [0, 0], "pass_at_k": {},
                                            "response_tokens_mean": 1.0, "format_error_rate": 0.0,
-                                           "think_format_rate": 0.0, "num_problems": 3}})
+                                           "think_format_rate": 0.0, "num_problems": len(per_problem)}})
   manifest = {"difficulty_params": {}, "counts": {}, "vocab_size": 1}
-  summary = recipe.build_summary(str(tmp_path), records, manifest, recipe.recipe_settings(),
-                                 {"num_samples": 1, "sampling": recipe.eval_lib.SamplingConfig(max_new_tokens=4)})
+  return recipe.build_summary(str(workdir), records, manifest, recipe.recipe_settings(),
+                              {"num_samples": 1, "sampling": recipe.eval_lib.SamplingConfig(max_new_tokens=4)})
+
+
+def test_summary_compares_each_stage_with_the_previous_and_the_first(tmp_path):
+  """Stage effects are paired by problem: vs the stage before (delta_vs_previous) and vs the first stage."""
+  summary = _summary_of_scores(tmp_path, {"base": [0.0, 0.0, 0.5], "midtrain": [1.0, 0.0, 0.5],
+                                          "sft": [1.0, 1.0, 1.0]})
   midtrain, sft = summary["stages"][1:]
   assert midtrain["delta_vs_previous"]["delta"] == pytest.approx(1 / 3)  # (1 + 0 + 0) / 3
   assert midtrain["delta_vs_base"]["delta"] == pytest.approx(1 / 3)
@@ -242,18 +247,10 @@ def test_data_of_other_task_settings_is_refused_not_reused(tmp_path):
 
 def test_summary_gives_grpo_mean_reward_of_its_first_and_last_quarter_of_steps(tmp_path):
   """Eight GRPO steps with rewards 0..7: the first quarter (steps 1-2) averages 0.5, the last (7-8) 6.5."""
-  records = []
-  for name in ("sft", "grpo"):
-    recipe.eval_lib.write_results(str(tmp_path / name / "eval"), {}, [{"answer": "1", "score": 1.0}])
-    records.append({"name": name, "eval": {"accuracy": 1.0, "accuracy_ci95": [1, 1], "pass_at_k": {},
-                                           "response_tokens_mean": 1.0, "format_error_rate": 0.0,
-                                           "think_format_rate": 0.0, "num_problems": 1}})
+  (tmp_path / "grpo").mkdir()
   with open(tmp_path / "grpo" / "metrics.jsonl", "w") as f:
     f.writelines(json.dumps({"step": i + 1, "loss": 0.0, "reward_mean": float(i)}) + "\n" for i in range(8))
-  manifest = {"difficulty_params": {}, "counts": {}, "vocab_size": 1}
-  summary = recipe.build_summary(str(tmp_path), records, manifest, recipe.recipe_settings(),
-                                 {"num_samples": 1, "sampling": recipe.eval_lib.SamplingConfig(max_new_tokens=4)})
-  grpo = summary["stages"][1]
+  grpo = _summary_of_scores(tmp_path, {"sft": [1.0], "grpo": [1.0]})["stages"][1]
   assert (grpo["reward_mean_first_quarter"], grpo["reward_mean_last_quarter"]) == (0.5, 6.5)
 
 

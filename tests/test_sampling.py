@@ -169,7 +169,7 @@ def test_what_follows_a_prompt_and_inactive_rows_change_nothing(params, prompts,
     generate(params, CONFIG, tokens, lengths, jax.random.key(2), GREEDY, active=active[:3])
   with pytest.raises(ValueError, match=r"a 6-token prompt does not fit a cache of 4 slots"):
     kv_cache.prefill(params, tokens[:1, :6], lengths[:1], kv_cache.init_cache(CONFIG, 1, 4, block_size=4), CONFIG)
-  with pytest.raises(ValueError, match=r"prompt lengths \[0\] must be between 1 and the prompt width"):
+  with pytest.raises(ValueError, match=r"prompt_lengths \[0\] must be between 1 and the prompt width"):
     kv_cache.prefill(params, tokens[:1, :4], np.zeros(1, np.int32), kv_cache.init_cache(CONFIG, 1, 8), CONFIG)
 
 
@@ -369,7 +369,7 @@ def test_bad_prompts_are_refused(params, prompts, caplog):
   long_prompt = np.where(np.arange(BATCH) == 0, 60, lengths)  # 60 + 8 new tokens > max_position_embeddings 64
   generate(params, CONFIG, tokens, long_prompt, jax.random.key(0), GREEDY)
   assert "generating sequences of up to 68 tokens" in caplog.text
-  with pytest.raises(ValueError, match="prompt_lengths"):
+  with pytest.raises(ValueError, match=r"prompt_lengths \[.*\] must be between 1 and the prompt width"):
     generate(params, CONFIG, tokens, np.where(lengths == 1, 0, lengths), jax.random.key(0), GREEDY)
   with pytest.raises(ValueError, match="vocab_size"):
     generate(params, CONFIG, np.where(tokens == tokens[0, 0], CONFIG.vocab_size, tokens), lengths,

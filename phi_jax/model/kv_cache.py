@@ -68,17 +68,23 @@ def host_readable(x) -> bool:
   return not isinstance(x, jax.core.Tracer) and not (isinstance(x, jax.Array) and not x.is_fully_addressable)
 
 
+def check_prompt_lengths(prompt_lengths_B, width: int) -> None:
+  """Raises unless every prompt length is in [1, width], where this process can read the lengths."""
+  if not host_readable(prompt_lengths_B):
+    return
+  lengths = np.asarray(prompt_lengths_B)
+  if lengths.size and (lengths.min() < 1 or lengths.max() > width):
+    raise ValueError(f"prompt_lengths {lengths.tolist()} must be between 1 and the prompt width {width}: every row "
+                     "needs at least one prompt token to predict from")
+
+
 def prefill(params, prompt_tokens_BT, prompt_lengths_B, cache: Cache, config: PhiConfig):
   """Runs right-padded prompts through the model into an empty cache; returns (next-token logits [B, V], cache)."""
   b, t = prompt_tokens_BT.shape
   if t > cache["tokens"].shape[1]:
     raise ValueError(f"a {t}-token prompt does not fit a cache of {cache['tokens'].shape[1]} slots: make it with "
                      "init_cache(config, batch_size, max_len) where max_len >= prompt width + new tokens")
-  if host_readable(prompt_lengths_B):
-    lengths = np.asarray(prompt_lengths_B)
-    if lengths.size and (lengths.min() < 1 or lengths.max() > t):
-      raise ValueError(f"prompt lengths {lengths.tolist()} must be between 1 and the prompt width {t}: every row "
-                       "needs at least one prompt token to predict from")
+  check_prompt_lengths(prompt_lengths_B, t)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   segment_ids = (positions < prompt_lengths_B[:, None]).astype(jnp.int32)
   # Whatever follows a prompt is ignored: an id there outside the vocabulary would embed as NaN (`jnp.take`'s

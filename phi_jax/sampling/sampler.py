@@ -282,9 +282,8 @@ def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tok
                      f"and {prompt_lengths.shape}")
   if not all(map(kv_cache.host_readable, (prompt_tokens, prompt_lengths))):
     return
+  kv_cache.check_prompt_lengths(prompt_lengths, prompt_tokens.shape[1])
   lengths = np.asarray(prompt_lengths)
-  if lengths.min() < 1 or lengths.max() > prompt_tokens.shape[1]:
-    raise ValueError(f"prompt_lengths must lie in [1, P={prompt_tokens.shape[1]}], got {lengths.tolist()}")
   tokens = np.asarray(prompt_tokens)
   valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
   if np.any(valid & ((tokens < 0) | (tokens >= config.vocab_size))):
