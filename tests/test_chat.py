@@ -6,6 +6,8 @@ The tiny tokenizers carry the real special tokens and chat templates of each mod
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -319,6 +321,24 @@ def test_tiny_tokenizer_directory_reloads_with_its_template_and_special_tokens(t
   assert reloaded.encode(text, add_special_tokens=False) == tokenizers[fmt].encode(text, add_special_tokens=False)
   expected_pad = "<|dummy_85|>" if CHAT_FORMAT_FAMILY[fmt] == "phi-4" else "<|endoftext|>"
   assert reloaded.pad_token == expected_pad
+
+
+def test_a_plain_fast_tokenizer_loads_as_auto_tokenizer_would_without_importing_torch(tmp_path):
+  from transformers import AutoTokenizer
+  build_tiny_tokenizer(tmp_path, chat_format="phi-4-mini-reasoning")
+  ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+  assert type(ours) is type(auto)
+  text = ours.decode(render_messages(auto, CONVERSATIONS["multi_turn"])[0])
+  assert ours.encode(text) == auto.encode(text) and ours.chat_template == auto.chat_template
+  assert (ours.bos_token, ours.eos_token, ours.pad_token, ours.model_max_length) == (
+      auto.bos_token, auto.eos_token, auto.pad_token, auto.model_max_length)
+  assert ours.all_special_tokens == auto.all_special_tokens
+  # A command that only needs this tokenizer starts without torch (its import is seconds on a small CPU).
+  probe = ("import sys; from phi_jax.hf.tokenizer import load_tokenizer; "
+           f"load_tokenizer({str(tmp_path)!r}); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+  out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]"
 
 
 def test_tiny_tokenizer_learns_from_the_given_corpus_within_the_vocab_size(tmp_path):

@@ -26,7 +26,13 @@ from collections.abc import Iterable, Sequence
 from typing import Optional
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+# Directories whose tokenizer_config.json names one of these classes hold a plain tokenizers-library tokenizer
+# (tokenizer.json), which `AutoTokenizer` would load as `PreTrainedTokenizerFast` too. Loading it by that class
+# directly skips `AutoTokenizer`'s import of the model-config machinery, which imports torch when it is
+# installed: ~3 s of every command's start-up on a small CPU.
+_PLAIN_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 # The fixed system message of Phi-4-reasoning(-plus). Source: the `chat_template` of microsoft/Phi-4-reasoning's
 # tokenizer_config.json, taken from independent public copies of that template and of the model card's chat-format
@@ -141,7 +147,20 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+  if _tokenizer_class(path) in _PLAIN_FAST_CLASSES and os.path.isfile(os.path.join(path, "tokenizer.json")):
+    return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top  (imports torch if installed)
   return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _tokenizer_class(path: str) -> Optional[str]:
+  """The `tokenizer_class` a directory's tokenizer_config.json names, or None."""
+  try:
+    with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return None  # AutoTokenizer then reports what is missing or malformed
+  return config.get("tokenizer_class") if isinstance(config, dict) else None
 
 
 def build_tiny_tokenizer(out_dir: str | os.PathLike,
