@@ -34,6 +34,30 @@ from phi_jax.stages import next_token  # noqa: E402
 from phi_jax.train import LoopConfig, checkpoint, loop  # noqa: E402
 
 distributed.initialize()
+
+
+def _cache_writes_from_every_process():
+  """JAX writes persistent compilation-cache entries from process 0 only, and on CPU each process's cache keys
+  differ (they hash the process's own device topology), so process 1 would compile every program of this run anew
+  each time the suite runs. Its writes go to its own keys, so letting it write is safe; without this private hook
+  (a later JAX may move it) the run is only slower."""
+  from jax._src import compiler, distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  write = getattr(compiler, "_cache_write", None)
+  if write is None or jax.process_index() == 0:
+    return
+
+  def write_as_process_0(*args, **kwargs):
+    state = jax_distributed.global_state
+    own_id, state.process_id = state.process_id, 0
+    try:
+      return write(*args, **kwargs)
+    finally:
+      state.process_id = own_id
+
+  compiler._cache_write = write_as_process_0
+
+
+_cache_writes_from_every_process()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_train  # noqa: E402  (same config, batches and step as the single-process tests)
 

@@ -3,6 +3,8 @@
 import os
 import socket
 import subprocess
+import tempfile
+import time
 
 import pytest
 
@@ -10,21 +12,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(argv: list[str], env: dict, timeout_s: float, stuck_hint: str = "") -> list[str]:
-  """Each process's output; fails the test on a timeout (with both outputs' tails) or a non-zero exit."""
+  """Each process's output; fails the test on a timeout (with both outputs' tails) or a non-zero exit.
+
+  The outputs go to files, not pipes: a process blocked on a full pipe that nobody reads yet (the other one's is
+  read first) would stall the collective its peer waits in."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  procs = [subprocess.Popen(argv, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(env, PHI_JAX_COORDINATOR_ADDRESS=f"localhost:{port}", PHI_JAX_NUM_PROCESSES="2",
-                                     PHI_JAX_PROCESS_ID=str(i)))
-           for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
-  except subprocess.TimeoutExpired:
+  with tempfile.TemporaryDirectory() as logs:
+    files = [open(os.path.join(logs, f"process{i}.log"), "w+", encoding="utf-8") for i in range(2)]
+    procs = [subprocess.Popen(argv, cwd=ROOT, text=True, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(env, PHI_JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                       PHI_JAX_NUM_PROCESSES="2", PHI_JAX_PROCESS_ID=str(i)))
+             for i, f in enumerate(files)]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+      if any(p.poll() not in (None, 0) for p in procs):  # one failed: its peer may wait for it in a collective
+        deadline = min(deadline, time.monotonic() + 10)
+      time.sleep(0.1)
+    failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]  # on their own, before any kill
+    stuck = [i for i, p in enumerate(procs) if p.poll() is None]
     for p in procs:
-      p.kill()
-    tails = "\n".join(p.communicate()[0][-2000:] for p in procs)
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+    outputs = []
+    for f in files:
+      f.seek(0)
+      outputs.append(f.read())
+      f.close()
+  if failed:
+    i = failed[0]
+    raise AssertionError(f"process {i} exited with {procs[i].returncode}:\n{outputs[i][-3000:]}")
+  if stuck:
+    tails = "\n".join(out[-2000:] for out in outputs)
     pytest.fail(f"the processes did not finish in {timeout_s} s{stuck_hint}:\n{tails}")
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
   return outputs
