@@ -13,7 +13,7 @@ one, a digest that does not match in the other): both processes must move those 
 earlier one, neither waiting in a collective (the checksums, the quarantine barrier) the other never reaches.
 
 Last, GRPO: both processes sample the same whole rollout batch (with KL reference log-probs), each trains its own
-block of rows, and two steps of the loop run."""
+block of rows, and two steps of the loop run; the test then restores that checkpoint on one process."""
 
 import json
 import os
@@ -142,5 +142,5 @@ print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
                   "finite_data_steps": finite_data_steps, "eval_tokens": eval_tokens, "preempted_at": preempted_at,
                   "restored_step": restored_step, "grpo_rows": int(mine["tokens"].shape[0]),
                   "grpo_rows_match": rows_match, "grpo_same_batch": bool(np.all(same_batch == same_batch[0])),
-                  "grpo_steps": int(loop.host_scalar(grpo_state.step)),
+                  "grpo_steps": int(loop.host_scalar(grpo_state.step)), "grpo_state": rollouts.get_state(),
                   "corrupt": sorted(os.listdir(os.path.join(fallback, "checkpoints", "corrupt")))}))

@@ -123,7 +123,8 @@ def test_rollout_batch_layout(toy):
       assert np.all(batch["old_logps"][r, targets - 1] < 0) and np.all(batch["segment_ids"][r, targets] == 1)
     np.testing.assert_allclose(batch["advantages"].reshape(2, 4).mean(1), 0, atol=1e-5)
   assert source.next_batch(params, 1) is not batch  # num_passes == 1: a fresh rollout every step
-  assert source.get_state() == {"position": 4, "rollouts": 2, "passes_done": 0, "hard_queue": []}
+  assert source.get_state() == {"position": 4, "rollouts": 2, "passes_done": 0, "hard_queue": [],
+                                "same_on_every_process": True}  # every process samples the whole batch
 
 
 def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining_passes(toy):
@@ -144,7 +145,8 @@ def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining
   for step in range(4):  # batch 1 = steps 0-2, batch 2 = steps 3-5: saved after its first pass
     interrupted.next_batch(params, step)
   state = interrupted.get_state()
-  assert state == {"position": 2, "rollouts": 1, "passes_done": 1, "hard_queue": [], "hard_queue_after": []}
+  assert state == {"position": 2, "rollouts": 1, "passes_done": 1, "hard_queue": [], "hard_queue_after": [],
+                   "same_on_every_process": True}
   resumed = source()
   resumed.set_state(json.loads(json.dumps(state)))
   again = [resumed.next_batch(params, step) for step in range(4, 9)]

@@ -206,3 +206,27 @@ def test_allgather_json_on_one_process():
 if __name__ == "__main__":
   sys.path.insert(0, ROOT)
   _worker(sys.argv[1])
+
+
+def test_a_position_the_same_on_every_process_restores_onto_any_number_of_them(monkeypatch):
+  import jax
+
+  from phi_jax.train import checkpoint
+
+  position = {"position": 4, "rollouts": 2, checkpoint.GLOBAL_DATA_STATE: True}
+  saved_by_two = {"process_count": 2, "per_process": [position, dict(position)]}
+  saved_by_one = dict(position)
+  unmarked = {"process_count": 2, "per_process": [{"position": 4}, {"position": 4}]}  # two shards, each at 4
+  differing = {"process_count": 2, "per_process": [position, dict(position, rollouts=3)]}
+  for count in (1, 2, 3):
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+    monkeypatch.setattr(jax, "process_index", lambda: count - 1)
+    assert checkpoint._own_data_state("ckpt", saved_by_two) == position
+    assert checkpoint._own_data_state("ckpt", saved_by_one) == position
+    if count != 2:
+      for saved in (unmarked, differing):
+        with pytest.raises(checkpoint.IncompatibleCheckpointError, match="same number of processes"):
+          checkpoint._own_data_state("ckpt", saved)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match="one-process run"):
+    checkpoint._own_data_state("ckpt", {"position": 4})  # a one-process position of a shard, on two processes

@@ -146,6 +146,17 @@ def test_two_processes_equal_one(tmp_path):
   # GRPO: the same whole rollout batch on both processes, half of its 8 rows trained by each, two loop steps.
   assert [(r["grpo_rows"], r["grpo_rows_match"], r["grpo_same_batch"], r["grpo_steps"]) for r in results] == [
       (4, True, True, 2)] * 2
+  # GRPO's prompt position is the same on every process, so its two-process checkpoint resumes on one.
+  from phi_jax import sharding
+  from phi_jax.train import checkpoint, make_optimizer
+  from phi_jax.train.state import abstract_state
+  abstract = abstract_state(test_train.CONFIG, make_optimizer(test_train.OPT, 2), sharding.make_mesh({"fsdp": -1}))
+  ckpt = checkpoint.Checkpointer(os.path.join(tmp_path, "grpo", "checkpoints"))
+  step, _, data, _ = ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert step == 2 and data == results[0]["grpo_state"] == results[1]["grpo_state"]
+  # Three rollout batches of 2 prompts: the one sampled before the loop, then one per loop step.
+  assert data["position"] == 6 and data[checkpoint.GLOBAL_DATA_STATE]
 
 
 def test_plan_phi4_memory_on_8_device_fsdp(tmp_path):

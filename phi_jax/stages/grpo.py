@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 from phi_jax.losses import chunked_token_logprobs, group_advantages, grpo_loss, next_token_targets
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sampling import SamplingConfig, generate
+from phi_jax.train import checkpoint
 
 log = logging.getLogger("phi_jax")
 
@@ -198,13 +199,16 @@ class GRPORollouts:
     self._ref_logps_fn = jax.jit(functools.partial(_token_logps, config=model_config, chunk_size=cfg.chunk_size))
 
   def get_state(self) -> dict:
+    # Every process samples the whole batch and advances this state alike, so a checkpoint of it restores onto
+    # any number of processes.
+    same = {checkpoint.GLOBAL_DATA_STATE: True}
     if self._batch is not None and self._batch_pass < self.cfg.num_passes:  # between two passes of one batch
       position, rollouts, hard_queue = self._batch_start
       # The queue after the batch too: the regenerated batch's rewards (newer params) must not reorder it.
       return {"position": position, "rollouts": rollouts, "passes_done": self._batch_pass,
-              "hard_queue": list(hard_queue), "hard_queue_after": list(self.hard_queue)}
+              "hard_queue": list(hard_queue), "hard_queue_after": list(self.hard_queue), **same}
     return {"position": self.position, "rollouts": self.rollouts, "passes_done": 0,
-            "hard_queue": list(self.hard_queue)}
+            "hard_queue": list(self.hard_queue), **same}
 
   def set_state(self, state: dict):
     self.position, self.rollouts = int(state["position"]), int(state["rollouts"])

@@ -21,7 +21,9 @@ Data-iterator state: each process reads its own shard of the data, so each is at
 single-process save writes the iterator's state as it is; a save on several processes gathers every process's
 state and writes `{"process_count": N, "per_process": [state of process 0, ...]}`, and each process restores
 its own entry. A non-empty position cannot be mapped onto another number of processes, so such a checkpoint is
-refused as incompatible there; one without a data-iterator state (e.g. data given as a list) restores on any.
+refused as incompatible there; one without a data-iterator state (e.g. data given as a list) restores on any, and
+so does a state that says it is the same on every process (`GLOBAL_DATA_STATE`: GRPO's prompt position, which
+every process advances alike) when every process saved the same one.
 """
 
 from __future__ import annotations
@@ -126,6 +128,15 @@ def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# A data-iterator state holding this key set to True is the same on every process and does not depend on how many
+# there are (the iterator's position is global, not a shard's), so it restores onto any number of processes.
+GLOBAL_DATA_STATE = "same_on_every_process"
+
+
+def _is_global(data_state) -> bool:
+  return isinstance(data_state, dict) and data_state.get(GLOBAL_DATA_STATE) is True
+
+
 def _gather_data_state(data_state: dict) -> dict:
   """What `save` writes as the data-iterator state: this state on one process; every process's on several (a
   collective)."""
@@ -149,6 +160,8 @@ def _own_data_state(path: str, saved: dict) -> dict:
     return states[jax.process_index()]
   if not any(states):  # no position to carry over: any number of processes starts its data afresh alike
     return {}
+  if all(_is_global(state) and state == states[0] for state in states):
+    return states[0]
   if not per_process:
     raise IncompatibleCheckpointError(
         f"checkpoint {path} holds one data-iterator position, written by a one-process run (or by a multi-process "
