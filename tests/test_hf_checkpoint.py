@@ -341,6 +341,26 @@ def test_rope_scaling_variants():
     from_hf_config(dict_only)
 
 
+@pytest.mark.parametrize("rope", [
+    # The same setting at the top level and in the rope dict, with different values.
+    {"rope_theta": 1000.0, "partial_rotary_factor": 0.5,
+     "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 0.75}},
+    # Only at the top level, beside a rope dict that leaves them out.
+    {"rope_theta": 1000.0, "partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default"}},
+    # Both dicts: rope_scaling (the classic key) against rope_parameters.
+    {"rope_theta": 1000.0, "rope_scaling": {"rope_type": "default", "rope_theta": 7000.0},
+     "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 0.75}},
+])
+def test_conflicting_rope_settings_resolve_as_transformers_does(rope):
+  """Where a config.json says a rotary setting twice, the value used is the one transformers' Phi3 rotary uses."""
+  hf = {k: v for k, v in MINI_LIKE_CLASSIC.items() if k not in ("rope_scaling", "rope_theta", "partial_rotary_factor")}
+  hf |= rope
+  ours = from_hf_config(hf)
+  theirs = transformers.Phi3Config(**hf).rope_parameters  # what modeling_phi3's rotary embedding reads
+  assert ours.rope_theta == theirs["rope_theta"]
+  assert ours.partial_rotary_factor == theirs.get("partial_rotary_factor", 1.0)
+
+
 @pytest.mark.parametrize("change,field", [
     ({"model_type": "phimoe"}, "model_type"),
     ({"num_local_experts": 16, "num_experts_per_tok": 2}, "num_local_experts"),
