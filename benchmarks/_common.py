@@ -56,6 +56,10 @@ def machine() -> dict[str, Any]:
     fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
     info["cpu_model"] = fields.get("Model name", "").strip()
     info["cpus"] = int(fields.get("CPU(s)", "0").strip() or 0)
+    # "AMD EPYC" names several generations; family/model and the widest vector unit tell them apart.
+    info["cpu_family_model"] = f"{fields.get('CPU family', '?').strip()}/{fields.get('Model', '?').strip()}"
+    flags = set(fields.get("Flags", "").split())
+    info["vector_isa"] = next((isa for isa in ("avx512f", "avx2", "sse4_2") if isa in flags), "other")
   except (OSError, subprocess.CalledProcessError):
     info["cpu_model"] = platform.processor()
   import jax

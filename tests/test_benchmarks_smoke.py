@@ -34,6 +34,7 @@ def test_train_step(tmp_path):
     assert len(result[side]["all_s"]) == result["repeats"] and result[side]["tokens_per_s"] > 0
     assert 0 < result[side]["mfu"]
   assert result["matmul_peak"]["peak_flops_per_s"] > 0 and result["machine"]["cpu_model"]
+  assert result["machine"]["vector_isa"] in ("avx512f", "avx2", "sse4_2", "other")
   assert result["speedup_phi_jax_over_transformers"] == pytest.approx(
       result["phi_jax"]["tokens_per_s"] / result["transformers"]["tokens_per_s"])
 
