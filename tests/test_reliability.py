@@ -212,7 +212,8 @@ def ignores_orbax_leftovers_of_damaged_files(test):
   garbage collection as "Exception ignored" reports and RuntimeWarnings, not as failures of the restore, which the
   tests check themselves. The tests that damage files ignore those reports and collect garbage before they end, so
   the reports arrive while the filters apply, not in whichever test runs next."""
-  for rule in ("ignore::pytest.PytestUnraisableExceptionWarning", "ignore:coroutine .* was never awaited:RuntimeWarning"):
+  for rule in ("ignore::pytest.PytestUnraisableExceptionWarning",
+               "ignore:coroutine .* was never awaited:RuntimeWarning"):
     test = pytest.mark.filterwarnings(rule)(test)
   return test
 
