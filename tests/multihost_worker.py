@@ -13,7 +13,8 @@ one, a digest that does not match in the other): both processes must move those 
 earlier one, neither waiting in a collective (the checksums, the quarantine barrier) the other never reaches.
 
 Last, GRPO: both processes sample the same whole rollout batch (with KL reference log-probs), each trains its own
-block of rows, and two steps of the loop run; the test then restores that checkpoint on one process."""
+block of rows, and two steps of the loop run; the test then restores that checkpoint on one process and trains a
+third step from it."""
 
 import json
 import os
@@ -118,17 +119,7 @@ from phi_jax.hf.tokenizer import build_tiny_tokenizer  # noqa: E402
 from phi_jax.stages import grpo  # noqa: E402
 
 tokenizer = build_tiny_tokenizer(os.path.join(sys.argv[1], f"tokenizer{jax.process_index()}"), chat_format="phi-4")
-grpo_cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=4, max_prompt_tokens=32, max_new_tokens=4, beta=0.01,
-                           drop_zero_variance_groups=False)
-
-
-def rank_rewards(texts, golds, lengths, finished):  # any rewards with variance within each group
-  return np.arange(len(texts), dtype=np.float32) % 3, np.zeros(len(texts), bool)
-
-
-rollouts = grpo.GRPORollouts([{"problem": f"Write digits {i}", "answer": "0"} for i in range(4)], tokenizer,
-                             test_train.CONFIG, grpo_cfg, reward_batch_fn=rank_rewards, num_steps=2,
-                             mesh=sharding.make_mesh({"fsdp": -1}), ref_params=state.params)
+grpo_cfg, rollouts = test_train.grpo_rollouts(tokenizer, sharding.make_mesh({"fsdp": -1}), num_steps=2)
 mine = rollouts.next_batch(state.params, 0)
 whole = rollouts._batch  # every process holds the whole batch; `mine` is this process's block of rows
 gathered = multihost_utils.process_allgather(mine, tiled=True)

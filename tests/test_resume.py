@@ -148,15 +148,30 @@ def test_two_processes_equal_one(tmp_path):
       (4, True, True, 2)] * 2
   # GRPO's prompt position is the same on every process, so its two-process checkpoint resumes on one.
   from phi_jax import sharding
-  from phi_jax.train import checkpoint, make_optimizer
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+  from phi_jax.stages import grpo
+  from phi_jax.train import LoopConfig, checkpoint, loop, make_optimizer
   from phi_jax.train.state import abstract_state
-  abstract = abstract_state(test_train.CONFIG, make_optimizer(test_train.OPT, 2), sharding.make_mesh({"fsdp": -1}))
+  mesh = sharding.make_mesh({"fsdp": -1})
+  abstract = abstract_state(test_train.CONFIG, make_optimizer(test_train.OPT, 2), mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(tmp_path, "grpo", "checkpoints"))
-  step, _, data, _ = ckpt.restore_latest(abstract)
+  step, saved, data, _ = ckpt.restore_latest(abstract)
   ckpt.close()
   assert step == 2 and data == results[0]["grpo_state"] == results[1]["grpo_state"]
   # Three rollout batches of 2 prompts: the one sampled before the loop, then one per loop step.
   assert data["position"] == 6 and data[checkpoint.GLOBAL_DATA_STATE]
+  # ...and the loop trains on from it on one process: step 3 samples the next 2 prompts and updates the params.
+  grpo_cfg, rollouts = test_train.grpo_rollouts(build_tiny_tokenizer(str(tmp_path / "tokenizer"), chat_format="phi-4"),
+                                                mesh, num_steps=3)
+  resumed = loop.run(workdir=str(tmp_path / "grpo"), model_config=test_train.CONFIG, optimizer_config=test_train.OPT,
+                     loss_fn=grpo.make_loss_fn(test_train.CONFIG, grpo_cfg), train_data=rollouts,
+                     loop=LoopConfig(num_steps=3, async_checkpoints=False), mesh=mesh)
+  assert int(loop.host_scalar(resumed.step)) == 3 and rollouts.get_state()["position"] == 8
+  with open(tmp_path / "grpo" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and np.isfinite(records[-1]["loss"])
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(resumed.params))]
+  assert all(changed)
 
 
 def test_plan_phi4_memory_on_8_device_fsdp(tmp_path):
