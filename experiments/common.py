@@ -356,8 +356,8 @@ def _dpo_reference_params(model_config: PhiConfig, hf_path: Optional[str], setti
   load = params_loader(model_config, hf_path, settings["init_from"], the_mesh)
   if load is not None:
     return load()
-  # The loop initialises the policy from fold_in(key(seed), 2**31 - 1); the same key gives the same params.
-  rng = jax.random.fold_in(jax.random.key(settings["loop"].seed), 2**31 - 1)
+  # The loop's own initialisation key gives the same params.
+  rng = loop_lib.initial_params_key(settings["loop"].seed)
   return jax.jit(lambda: init_params(model_config, rng), out_shardings=param_shardings(model_config, the_mesh))()
 
 

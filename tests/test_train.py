@@ -13,7 +13,7 @@ from phi_jax import sharding
 from phi_jax.model import presets
 from phi_jax.stages import next_token
 from phi_jax.train import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
-from phi_jax.train.loop import global_batch, host_scalar
+from phi_jax.train.loop import global_batch, host_scalar, initial_params_key
 from phi_jax.train.optimizer import clip_by_global_norm, weight_decay_mask
 from phi_jax.train.state import param_shardings, state_shardings
 from phi_jax.train.step import check_rows_per_process, make_train_step
@@ -46,8 +46,7 @@ def packed_batches(num, batch=8, seq=32, seed=0):
 def grpo_rollouts(tokenizer, mesh, num_steps):
   """(GRPOConfig, GRPORollouts) of the two-process GRPO run (multihost_worker.py) and of its resume on one process
   (test_resume.py): 2 of 4 prompts a step, 4 samples each, rewards that vary within every group, and the KL
-  reference the recipe uses without `init_from`: the loop's initial policy, initialised from fold_in(key(seed 0),
-  2**31 - 1) like `loop.run` does."""
+  reference the recipe uses without `init_from`: the loop's initial policy (seed 0)."""
   from phi_jax.stages import grpo
   cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=4, max_prompt_tokens=32, max_new_tokens=4, beta=0.01,
                         drop_zero_variance_groups=False)
@@ -55,7 +54,7 @@ def grpo_rollouts(tokenizer, mesh, num_steps):
   def rank_rewards(texts, golds, lengths, finished):
     return np.arange(len(texts), dtype=np.float32) % 3, np.zeros(len(texts), bool)
 
-  key = jax.random.fold_in(jax.random.key(0), 2**31 - 1)
+  key = initial_params_key(0)
   reference = jax.jit(lambda: phi_jax.init_params(CONFIG, key), out_shardings=param_shardings(CONFIG, mesh))()
   prompts = [{"problem": f"Write digits {i}", "answer": "0"} for i in range(4)]
   return cfg, grpo.GRPORollouts(prompts, tokenizer, CONFIG, cfg, reward_batch_fn=rank_rewards, num_steps=num_steps,

@@ -283,6 +283,12 @@ def _token_stats(local: dict) -> dict:
           "seq_len": int(rows[0].shape[-1]) if rows else 0}
 
 
+def initial_params_key(seed: int) -> jax.Array:
+  """The key `run` initialises a fresh run's params from (without `init_params`); a reference model that is "the
+  policy as it started" (DPO, GRPO) is built from the same key."""
+  return jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
+
+
 def host_scalar(x) -> float:
   """A replicated scalar's value; reads the local copy, so it works when the array spans several hosts."""
   return float(np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x)
@@ -332,7 +338,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     log.info("resumed from %s at step %d", checkpointer.step_path(latest), latest)
   else:
     params = init_params() if init_params is not None else None
-    state = create_train_state(model_config, optimizer, mesh, jax.random.fold_in(rng, 2**31 - 1), params=params)
+    state = create_train_state(model_config, optimizer, mesh, initial_params_key(loop.seed), params=params)
     meta["state_signature"] = _json_clean(state_signature(state))
   start = int(host_scalar(state.step))
   if on_start is not None:
