@@ -150,8 +150,12 @@ def _fused_cross_entropy_fwd(chunk_size, z_loss, h_BTD, kernel_DV, targets_BT, w
     # Under explicit sharding a vocab-sharded contraction needs its output sharding named: that of the primal.
     d_h = jnp.einsum("bcv,dv->bcd", d_logits, kernel, preferred_element_type=jnp.float32,
                      out_sharding=jax.typeof(h).sharding).astype(h.dtype)
-    # One (B * C)-contracted matmul in [D, V] layout, so no [C, V] transpose is written.
-    d_kernel = d_kernel + jnp.einsum("nd,nv->dv", h.reshape(-1, d), d_logits.reshape(-1, d_logits.shape[-1]),
+    # One (B * C)-contracted matmul in [D, V] layout, so no [C, V] transpose is written. Its left operand is h
+    # transposed once ([D, B * C], a copy the barrier keeps XLA from folding back into the dot): XLA:CPU ran the
+    # product with both operands contracted on their leading axis at half the speed of this plain one
+    # ([512 x 1024] x [1024 x 8192]: 96-105 ms against 49-51 ms).
+    h_DN = jax.lax.optimization_barrier(h.reshape(-1, d).T)
+    d_kernel = d_kernel + jnp.einsum("dn,nv->dv", h_DN, d_logits.reshape(-1, d_logits.shape[-1]),
                                      preferred_element_type=jnp.float32, out_sharding=jax.typeof(kernel).sharding)
     return d_kernel, (stats, d_h)
 
