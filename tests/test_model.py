@@ -241,6 +241,28 @@ def test_swiglu_backward_equals_autodiff(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qkv_projection_backward_equals_autodiff(dtype):
+  """The q/k/v projections' hand-written backward pass against JAX autodiff of the plain einsums (GQA shapes,
+  batch > 1), values and every gradient."""
+  from phi_jax.model.decoder import qkv_projection
+
+  def plain(x, w_q, w_k, w_v):
+    return tuple(jnp.einsum("btd,dnh->btnh", x, w) for w in (w_q, w_k, w_v))
+
+  rng = np.random.default_rng(7)
+  shapes = ((2, 7, 12), (12, 4, 3), (12, 2, 3), (12, 2, 3))
+  args = tuple(jnp.asarray(rng.normal(size=shape), dtype) for shape in shapes)
+  cotangents = tuple(jnp.asarray(rng.normal(size=(2, 7) + shape[1:]), dtype) for shape in shapes[1:])
+  ours, ours_vjp = jax.vjp(qkv_projection, *args)
+  reference, reference_vjp = jax.vjp(plain, *args)
+  tolerance = 1e-5 if dtype == "float32" else 2e-2
+  for got, want in zip((*ours, *ours_vjp(cotangents)), (*reference, *reference_vjp(cotangents))):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_rms_norm_backward_equals_autodiff(dtype):
   """RMSNorm's hand-written backward pass against JAX autodiff of the same forward formula."""
   from phi_jax.model.decoder import rms_norm

@@ -84,6 +84,37 @@ def _rms_norm_backward(eps, residuals, d_out_BTD):
 rms_norm.defvjp(_rms_norm_forward, _rms_norm_backward)
 
 
+@jax.custom_vjp
+def qkv_projection(x_BTD, w_q_DNH, w_k_DKH, w_v_DKH):
+  """(x @ w_q, x @ w_k, x @ w_v) as [B, T, heads, H], with a hand-written backward pass (same math as autodiff).
+
+  Why by hand: for autodiff's weight gradients XLA:CPU multiplied the transposed head gradients by x ([N*H, T] x
+  [T, D]) and transposed the products back to [D, N, H], fusing the first transpose with the rotary backward into
+  a slow loop (~5 ms a layer). Here x is transposed once ([D, B*T], behind a barrier so XLA cannot fold it back
+  into the products) and each weight gradient is one plain [D, B*T] x [B*T, heads*H] product, already in the
+  weight's layout: a d=512, 8-layer train step at T=1024 ran 18-56 ms (1-3%) faster on a 2-core CPU (four
+  same-process comparisons).
+  """
+  return tuple(jnp.einsum("btd,dnh->btnh", x_BTD, w) for w in (w_q_DNH, w_k_DKH, w_v_DKH))
+
+
+def _qkv_projection_forward(x_BTD, w_q_DNH, w_k_DKH, w_v_DKH):
+  return qkv_projection(x_BTD, w_q_DNH, w_k_DKH, w_v_DKH), (x_BTD, w_q_DNH, w_k_DKH, w_v_DKH)
+
+
+def _qkv_projection_backward(residuals, d_heads):
+  x, *weights = residuals
+  b, t, d = x.shape
+  x_DN = jax.lax.optimization_barrier(x.reshape(b * t, d).T)
+  d_x = sum(jnp.einsum("btnh,dnh->btd", d_out, w) for d_out, w in zip(d_heads, weights))
+  d_weights = tuple((x_DN @ d_out.reshape(b * t, -1)).reshape(w.shape).astype(w.dtype)
+                    for d_out, w in zip(d_heads, weights))
+  return (d_x.astype(x.dtype), *d_weights)
+
+
+qkv_projection.defvjp(_qkv_projection_forward, _qkv_projection_backward)
+
+
 class Attention(nn.Module):
   config: PhiConfig
 
@@ -98,9 +129,8 @@ class Attention(nn.Module):
     w_v = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), init).astype(dt)
     w_o = _param(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), init).astype(dt)
 
-    q = rotary.apply_rotary(jnp.einsum("btd,dnh->btnh", x_BTD, w_q), cos, sin)
-    k_new = rotary.apply_rotary(jnp.einsum("btd,dkh->btkh", x_BTD, w_k), cos, sin)
-    v_new = jnp.einsum("btd,dkh->btkh", x_BTD, w_v)
+    q, k_new, v_new = qkv_projection(x_BTD, w_q, w_k, w_v)
+    q, k_new = rotary.apply_rotary(q, cos, sin), rotary.apply_rotary(k_new, cos, sin)
     q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
 
     if layer_cache is None:
