@@ -170,6 +170,34 @@ def test_sigterm_twice_grace_expiry_and_full_disk_lose_nothing(tmp_path, referen
   _assert_identical(workdir, reference)
 
 
+def test_a_failed_saves_directory_is_removed_even_while_its_other_writes_finish(tmp_path):
+  """A failed async save reports its first write error while its other writes may still be running; files they
+  write after a first removal must not leave the temporary directory behind (the full-disk case above, when the
+  timing falls that way). A finalised step and other steps' directories are never touched."""
+  import threading
+
+  # Only the removal is under test: no Orbax manager, whose own start-up cleanup of temporary directories would
+  # hide what this removal leaves.
+  ckpt = object.__new__(checkpoint.Checkpointer)
+  ckpt.directory = str(tmp_path / "checkpoints")
+  partial = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1"
+  (partial / "state").mkdir(parents=True)
+  (tmp_path / "checkpoints" / "6").mkdir()
+  (tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-2").mkdir()
+
+  def late_writes():  # two more writes of the failed save, after the first removal
+    for _ in range(2):
+      time.sleep(0.1)
+      (partial / "state").mkdir(parents=True, exist_ok=True)
+      (partial / "state" / "chunk").write_bytes(b"x" * 100)
+
+  writer = threading.Thread(target=late_writes)
+  writer.start()
+  ckpt._discard_partial(8)
+  writer.join()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "9.orbax-checkpoint-tmp-2"]
+
+
 # ---- in-process: checkpoint integrity ---------------------------------------------------------------------------
 
 def _small_state(seed):

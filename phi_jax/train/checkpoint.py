@@ -251,13 +251,31 @@ class Checkpointer:
     steps = [int(d) for d in os.listdir(self.directory) if d.isdigit()] if os.path.isdir(self.directory) else []
     return max(steps, default=None)
 
-  def _discard_partial(self, step: Optional[int]):
-    """Removes a failed save's temporary directory (it frees the space it took); never a finalised step."""
+  def _discard_partial(self, step: Optional[int], settle_s: float = 0.3, timeout_s: float = 30.0):
+    """Removes a failed save's temporary directory (it frees the space it took); never a finalised step.
+
+    The error reaches us as soon as one write fails, while the save's other writes may still be running and can
+    recreate files in the directory after a first removal. So the removal repeats until the directory has stayed
+    gone for `settle_s` (or `timeout_s` passes, which is logged).
+    """
     if step is None or jax.process_index() != 0 or not os.path.isdir(self.directory):
       return
-    for name in os.listdir(self.directory):
-      if name.startswith(f"{step}.") and "tmp" in name:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    partial = lambda: [os.path.join(self.directory, name) for name in os.listdir(self.directory)
+                       if name.startswith(f"{step}.") and "tmp" in name]
+    deadline, gone_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+      leftovers = partial()
+      for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+      if leftovers:
+        gone_since = None
+      elif gone_since is None:
+        gone_since = time.monotonic()
+      elif time.monotonic() - gone_since >= settle_s:
+        return
+      time.sleep(0.02)
+    log.warning("the failed save of step %d left %s behind after %.0f s of removal attempts", step, partial(),
+                timeout_s)
 
   def restore(self, step: int, abstract_state, *, check_meta: Optional[Callable[[dict], None]] = None
               ) -> tuple[Any, dict, dict]:
