@@ -106,7 +106,7 @@ def _qkv_projection_backward(residuals, d_heads):
   x, *weights = residuals
   b, t, d = x.shape
   x_DN = jax.lax.optimization_barrier(x.reshape(b * t, d).T)
-  d_x = sum(jnp.einsum("btnh,dnh->btd", d_out, w) for d_out, w in zip(d_heads, weights))
+  d_x = functools.reduce(jnp.add, (jnp.einsum("btnh,dnh->btd", d_out, w) for d_out, w in zip(d_heads, weights)))
   d_weights = tuple((x_DN @ d_out.reshape(b * t, -1)).reshape(w.shape).astype(w.dtype)
                     for d_out, w in zip(d_heads, weights))
   return (d_x.astype(x.dtype), *d_weights)

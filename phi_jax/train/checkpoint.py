@@ -189,6 +189,12 @@ class _KeptSteps(ocp.checkpoint_managers.PreservationPolicy):
     return [info.step in self.steps for info in checkpoints]
 
 
+# How long a failed save's temporary directory must stay gone before its removal counts as done, and the most
+# time spent removing it (see `Checkpointer._discard_partial`).
+_DISCARD_SETTLE_S = 0.3
+_DISCARD_TIMEOUT_S = 30.0
+
+
 class Checkpointer:
   def __init__(self, directory: str, *, save_interval_steps: int = 100, max_to_keep: Optional[int] = 3,
                async_save: bool = True):
@@ -251,13 +257,14 @@ class Checkpointer:
     steps = [int(d) for d in os.listdir(self.directory) if d.isdigit()] if os.path.isdir(self.directory) else []
     return max(steps, default=None)
 
-  def _discard_partial(self, step: Optional[int], settle_s: float = 0.3, timeout_s: float = 30.0):
+  def _discard_partial(self, step: Optional[int]):
     """Removes a failed save's temporary directory (it frees the space it took); never a finalised step.
 
     The error reaches us as soon as one write fails, while the save's other writes may still be running and can
     recreate files in the directory after a first removal. So the removal repeats until the directory has stayed
-    gone for `settle_s` (or `timeout_s` passes, which is logged).
+    gone for `_DISCARD_SETTLE_S` (or `_DISCARD_TIMEOUT_S` passes, which is logged).
     """
+    settle_s, timeout_s = _DISCARD_SETTLE_S, _DISCARD_TIMEOUT_S
     if step is None or jax.process_index() != 0 or not os.path.isdir(self.directory):
       return
     partial = lambda: [os.path.join(self.directory, name) for name in os.listdir(self.directory)
