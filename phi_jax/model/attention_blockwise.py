@@ -84,16 +84,23 @@ def _tile_is_live(q_bounds, kv_bounds):
   return jnp.any(real & causal & segments_overlap, axis=-1)
 
 
+def _tile_mask(q_seg_BQ, kv_seg_BC, q_idx_BQ, kv_idx_BC, groups, *, keys_first=False):
+  """The tile's mask, the same for every query head: [B, 1, M, C] (rows m = g * Q + q), or [B, 1, C, M]."""
+  q_axis, kv_axis = (2, 1) if keys_first else (1, 2)  # where the query and the key axis go in [B, ., .]
+  q_seg, q_idx = (jnp.expand_dims(x, kv_axis) for x in (q_seg_BQ, q_idx_BQ))
+  kv_seg, kv_idx = (jnp.expand_dims(x, q_axis) for x in (kv_seg_BC, kv_idx_BC))
+  mask = (q_seg == kv_seg) & (kv_seg != 0) & (kv_idx <= q_idx)  # [B, Q, C] or [B, C, Q]
+  b, block_q, block_kv = q_seg_BQ.shape[0], q_seg_BQ.shape[1], kv_seg_BC.shape[1]
+  if keys_first:
+    return jnp.broadcast_to(mask[:, None, :, None], (b, 1, block_kv, groups, block_q)).reshape(b, 1, block_kv, -1)
+  return jnp.broadcast_to(mask[:, None, None], (b, 1, groups, block_q, block_kv)).reshape(b, 1, -1, block_kv)
+
+
 def _tile_scores(q_BKMH, k_BKCH, q_seg_BQ, kv_seg_BC, q_idx_BQ, kv_idx_BC):
   """Scaled float32 scores [B, K, M, C] and the tile's mask [B, 1, M, C] (rows m = g * Q + q)."""
   scores = jnp.einsum("bkmh,bkch->bkmc", q_BKMH, k_BKCH, preferred_element_type=jnp.float32)
-  scores = scores * (q_BKMH.shape[-1] ** -0.5)
-  mask = ((q_seg_BQ[:, :, None] == kv_seg_BC[:, None, :]) & (kv_seg_BC != 0)[:, None, :]
-          & (kv_idx_BC[:, None, :] <= q_idx_BQ[:, :, None]))  # [B, Q, C], the same for every query head
-  b, block_q, block_kv = mask.shape
-  groups = q_BKMH.shape[2] // block_q
-  mask = jnp.broadcast_to(mask[:, None, None], (b, 1, groups, block_q, block_kv))
-  return scores, mask.reshape(b, 1, groups * block_q, block_kv)
+  groups = q_BKMH.shape[2] // q_seg_BQ.shape[1]
+  return scores * (q_BKMH.shape[-1] ** -0.5), _tile_mask(q_seg_BQ, kv_seg_BC, q_idx_BQ, kv_idx_BC, groups)
 
 
 # --------------------------------------------------------------------------------------------------------- forward
@@ -145,42 +152,53 @@ def _forward(block_q, block_kv, q, k, v, q_seg, kv_seg, q_idx, kv_idx):
 
 
 def _backward(block_q, block_kv, residuals, d_out):
-  """FlashAttention-2 backward: per key/value block, walk the query blocks, recomputing probabilities from lse."""
+  """FlashAttention-2 backward: per key/value block, walk the query blocks, recomputing probabilities from lse.
+
+  Every tile is computed transposed, keys first ([B, K, C, M]: scores^T = k q^T), so that each of its five
+  products contracts the last axis of its left operand, the form XLA:CPU hands to its fast matmul library; in the
+  query-first form the key and value gradients (P^T dO, dS^T q) contracted the leading axis and ran at about a
+  third of the speed. The query gradient is accumulated transposed ([H, M] per tile, k^T dS^T) and transposed
+  once at the end. A d=512 layer's attention forward + backward at T=1024 took 43-45 ms instead of 47-48 ms
+  (2-core CPU).
+  """
   q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse = residuals
   live = _tile_is_live(_block_bounds(q_seg, q_idx, block_q), _block_bounds(kv_seg, kv_idx, block_kv))
   scale = q.shape[-1] ** -0.5
+  groups = q.shape[3] // block_q
   # D = rowsum(dO * O): the softmax Jacobian's diagonal term, [I, B, K, M].
   delta = jnp.einsum("ibkmh,ibkmh->ibkm", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  q_blocks = (q, d_out, _split(q_seg, block_q), _split(q_idx, block_q), lse, delta)
+  q_blocks = (jnp.arange(q.shape[0]), q, d_out, _split(q_seg, block_q), _split(q_idx, block_q), lse, delta)
+  k_transposed = jnp.swapaxes(k, -1, -2)  # [J, B, K, H, C]
 
-  def kv_block(dq, xs):
-    k_j, v_j, kv_seg_j, kv_idx_j, live_j = xs
+  def kv_block(dq_t, xs):  # dq_t: the query gradient so far, transposed: [I, B, K, H, M] float32
+    k_j, k_t_j, v_j, kv_seg_j, kv_idx_j, live_j = xs
 
     def q_block(carry, ys):
-      q_i, d_out_i, q_seg_i, q_idx_i, lse_i, delta_i, live_ij = ys
+      i, q_i, d_out_i, q_seg_i, q_idx_i, lse_i, delta_i, live_ij = ys
 
       def grads(carry):
-        dk, dv = carry
-        scores, mask = _tile_scores(q_i, k_j, q_seg_i, kv_seg_j, q_idx_i, kv_idx_j)
-        p = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)
-        dv = dv + jnp.einsum("bkmc,bkmh->bkch", p.astype(d_out_i.dtype), d_out_i, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bkmh,bkch->bkmc", d_out_i, v_j, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta_i[..., None]) * scale).astype(q_i.dtype)
-        dk = dk + jnp.einsum("bkmc,bkmh->bkch", ds, q_i, preferred_element_type=jnp.float32)
-        dq = jnp.einsum("bkmc,bkch->bkmh", ds, k_j, preferred_element_type=jnp.float32)
-        return (dk, dv), dq
+        dk, dv, dq_t = carry
+        scores_t = jnp.einsum("bkch,bkmh->bkcm", k_j, q_i, preferred_element_type=jnp.float32) * scale
+        mask_t = _tile_mask(q_seg_i, kv_seg_j, q_idx_i, kv_idx_j, groups, keys_first=True)
+        p_t = jnp.where(mask_t, jnp.exp(scores_t - lse_i[..., None, :]), 0.0)
+        dv = dv + jnp.einsum("bkcm,bkmh->bkch", p_t.astype(d_out_i.dtype), d_out_i,
+                             preferred_element_type=jnp.float32)
+        dp_t = jnp.einsum("bkch,bkmh->bkcm", v_j, d_out_i, preferred_element_type=jnp.float32)
+        ds_t = (p_t * (dp_t - delta_i[..., None, :]) * scale).astype(q_i.dtype)
+        dk = dk + jnp.einsum("bkcm,bkmh->bkch", ds_t, q_i, preferred_element_type=jnp.float32)
+        # Added in place into the loop's carry: a stacked per-tile output would be zero-filled and summed whole.
+        dq_t = dq_t.at[i].add(jnp.einsum("bkhc,bkcm->bkhm", k_t_j, ds_t, preferred_element_type=jnp.float32))
+        return dk, dv, dq_t
 
-      def skip(carry):
-        return carry, jnp.zeros(q_i.shape, jnp.float32)
-
-      return jax.lax.cond(live_ij, grads, skip, carry)
+      return jax.lax.cond(live_ij, grads, lambda c: c, carry), None
 
     zeros = jnp.zeros(k_j.shape, jnp.float32)
-    (dk, dv), dq_j = jax.lax.scan(q_block, (zeros, zeros), (*q_blocks, live_j))
-    return dq + dq_j, (dk, dv)
+    (dk, dv, dq_t), _ = jax.lax.scan(q_block, (zeros, zeros, dq_t), (*q_blocks, live_j))
+    return dq_t, (dk, dv)
 
-  kv_blocks = (k, v, _split(kv_seg, block_kv), _split(kv_idx, block_kv), live.T)
-  dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(q.shape, jnp.float32), kv_blocks)
+  kv_blocks = (k, k_transposed, v, _split(kv_seg, block_kv), _split(kv_idx, block_kv), live.T)
+  dq_t, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros((*q.shape[:3], q.shape[4], q.shape[3]), jnp.float32), kv_blocks)
+  dq = jnp.swapaxes(dq_t, -1, -2)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
