@@ -241,19 +241,19 @@ def test_swiglu_backward_equals_autodiff(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_qkv_projection_backward_equals_autodiff(dtype):
-  """The q/k/v projections' hand-written backward pass against JAX autodiff of the plain einsums (GQA shapes,
-  batch > 1), values and every gradient."""
-  from phi_jax.model.decoder import qkv_projection
+@pytest.mark.parametrize("weight_shapes", [((12, 4, 3), (12, 2, 3), (12, 2, 3)), ((12, 5),)], ids=["qkv", "output"])
+def test_projections_backward_equals_autodiff(dtype, weight_shapes):
+  """The projections' hand-written backward pass against JAX autodiff of plain einsums, values and every
+  gradient: q/k/v with GQA head shapes, and the output projection's single [F, D] weight (batch > 1)."""
+  from phi_jax.model.decoder import projections
 
-  def plain(x, w_q, w_k, w_v):
-    return tuple(jnp.einsum("btd,dnh->btnh", x, w) for w in (w_q, w_k, w_v))
+  def plain(x, *weights):
+    return tuple(jnp.einsum("btd,d...->bt...", x, w) for w in weights)
 
   rng = np.random.default_rng(7)
-  shapes = ((2, 7, 12), (12, 4, 3), (12, 2, 3), (12, 2, 3))
-  args = tuple(jnp.asarray(rng.normal(size=shape), dtype) for shape in shapes)
-  cotangents = tuple(jnp.asarray(rng.normal(size=(2, 7) + shape[1:]), dtype) for shape in shapes[1:])
-  ours, ours_vjp = jax.vjp(qkv_projection, *args)
+  args = tuple(jnp.asarray(rng.normal(size=shape), dtype) for shape in ((2, 7, 12), *weight_shapes))
+  cotangents = tuple(jnp.asarray(rng.normal(size=(2, 7) + shape[1:]), dtype) for shape in weight_shapes)
+  ours, ours_vjp = jax.vjp(projections, *args)
   reference, reference_vjp = jax.vjp(plain, *args)
   tolerance = 1e-5 if dtype == "float32" else 2e-2
   for got, want in zip((*ours, *ours_vjp(cotangents)), (*reference, *reference_vjp(cotangents))):
