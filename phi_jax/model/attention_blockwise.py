@@ -157,9 +157,9 @@ def _backward(block_q, block_kv, residuals, d_out):
   Every tile is computed transposed, keys first ([B, K, C, M]: scores^T = k q^T), so that each of its five
   products contracts the last axis of its left operand, the form XLA:CPU hands to its fast matmul library; in the
   query-first form the key and value gradients (P^T dO, dS^T q) contracted the leading axis and ran as generic
-  dots at ~45 GFLOP/s, a third to a half of the other products' speed. The query gradient is accumulated transposed ([H, M] per tile, k^T dS^T) and transposed
-  once at the end. A d=512 layer's attention forward + backward at T=1024 took 43-45 ms instead of 47-48 ms
-  (2-core CPU).
+  dots at ~45 GFLOP/s, a third to a half of the other products' speed. The query gradient is accumulated
+  transposed ([H, M] per tile, k^T dS^T) and transposed once at the end. A d=512 layer's attention forward +
+  backward at T=1024 took 43-45 ms instead of 47-48 ms (2-core CPU).
   """
   q, k, v, q_seg, kv_seg, q_idx, kv_idx, out, lse = residuals
   live = _tile_is_live(_block_bounds(q_seg, q_idx, block_q), _block_bounds(kv_seg, kv_idx, block_kv))
