@@ -348,7 +348,8 @@ def test_toy_grpo_run_raises_mean_reward(toy, tmp_path):
 def test_a_run_resumed_at_a_rollout_batch_boundary_equals_the_uninterrupted_run(toy, tmp_path):
   """GRPO through `loop.run`: 4 steps (2 rollout batches x 2 passes) in one go, and the same run stopped after
   its first batch (checkpoint at step 2) and resumed with fresh objects. The second batch is sampled from the
-  same params with the same random stream, so every step's metrics and the final params are bit-identical."""
+  same params with the same random stream, so every step's metrics (all but the throughput) and the final params
+  are bit-identical."""
   _, tokenizer, config, prompts = toy
   cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=4, max_prompt_tokens=32, max_new_tokens=8, num_passes=2)
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
@@ -368,11 +369,10 @@ def test_a_run_resumed_at_a_rollout_batch_boundary_equals_the_uninterrupted_run(
   halfway_params, _ = run(tmp_path / "resumed", 2)
   resumed_params, resumed_records = run(tmp_path / "resumed", 4)
   assert sorted(resumed_records) == sorted(full_records) == [1, 2, 3, 4]
-  for step, record in full_records.items():
-    for key in ("loss", "reward_mean", "grad_norm"):
-      assert resumed_records[step].get(key) == record.get(key), (step, key)
-  assert any(full_records[s].get("groups_kept", 0) > 0 for s in (3, 4))  # the second batch trained
-  leaves = lambda tree: jax.tree.leaves(tree)
-  assert any(np.any(a != b) for a, b in zip(leaves(full_params), leaves(halfway_params)))
-  for got, want in zip(leaves(resumed_params), leaves(full_params)):
+  untimed = lambda record: {key: value for key, value in record.items() if key != "tokens_per_sec"}
+  for step, record in full_records.items():  # loss, grad norm, clip fractions; rewards on each batch's first step
+    assert untimed(resumed_records[step]) == untimed(record), step
+  assert full_records[3]["groups_kept"] > 0  # the second batch trained
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(halfway_params)))
+  for got, want in zip(jax.tree.leaves(resumed_params), jax.tree.leaves(full_params)):
     np.testing.assert_array_equal(got, want)

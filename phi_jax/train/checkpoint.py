@@ -264,12 +264,11 @@ class Checkpointer:
     recreate files in the directory after a first removal. So the removal repeats until the directory has stayed
     gone for `_DISCARD_SETTLE_S` (or `_DISCARD_TIMEOUT_S` passes, which is logged).
     """
-    settle_s, timeout_s = _DISCARD_SETTLE_S, _DISCARD_TIMEOUT_S
     if step is None or jax.process_index() != 0 or not os.path.isdir(self.directory):
       return
     partial = lambda: [os.path.join(self.directory, name) for name in os.listdir(self.directory)
                        if name.startswith(f"{step}.") and "tmp" in name]
-    deadline, gone_since = time.monotonic() + timeout_s, None
+    deadline, gone_since = time.monotonic() + _DISCARD_TIMEOUT_S, None
     while time.monotonic() < deadline:
       leftovers = partial()
       for path in leftovers:
@@ -278,11 +277,11 @@ class Checkpointer:
         gone_since = None
       elif gone_since is None:
         gone_since = time.monotonic()
-      elif time.monotonic() - gone_since >= settle_s:
+      elif time.monotonic() - gone_since >= _DISCARD_SETTLE_S:
         return
       time.sleep(0.02)
     log.warning("the failed save of step %d left %s behind after %.0f s of removal attempts", step, partial(),
-                timeout_s)
+                _DISCARD_TIMEOUT_S)
 
   def restore(self, step: int, abstract_state, *, check_meta: Optional[Callable[[dict], None]] = None
               ) -> tuple[Any, dict, dict]:
