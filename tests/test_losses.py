@@ -217,26 +217,51 @@ def _np_token_logprobs(h, kernel, targets, temperature):
   return token_logp, entropy, grad_logits
 
 
-def test_chunked_token_logprobs_and_entropy(lm_batch):
+def _token_logprobs_objective(targets, c_logp, c_ent, *, chunk_size, temperature):
+  """sum(c_logp * logp [+ c_ent * entropy]) and its log-probs (and entropy); entropy only when c_ent is given."""
+  def objective(h, kernel):
+    out = losses.chunked_token_logprobs(h, kernel, targets, chunk_size=chunk_size, temperature=temperature,
+                                        with_entropy=c_ent is not None)
+    if c_ent is None:
+      return jnp.sum(c_logp * out), (out,)
+    return jnp.sum(c_logp * out[0] + c_ent * out[1]), out
+  return objective
+
+
+@pytest.mark.parametrize("with_entropy", [True, False])
+@pytest.mark.parametrize("chunk_size", [16, 37])
+def test_chunked_token_logprobs_and_entropy(lm_batch, with_entropy, chunk_size):
   h, kernel, targets = lm_batch["h"], lm_batch["kernel"], lm_batch["targets"]
   rng = np.random.default_rng(1)
   c_logp, c_ent = rng.normal(size=(B, T)), rng.normal(size=(B, T))
   temperature = 0.7
-
-  def objective(h, kernel):
-    logp, ent = losses.chunked_token_logprobs(h, kernel, targets, chunk_size=16, temperature=temperature,
-                                              with_entropy=True)
-    return jnp.sum(c_logp * logp + c_ent * ent), (logp, ent)
-
-  (_, (logp, ent)), (dh, dkernel) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(h, kernel)
+  objective = _token_logprobs_objective(targets, c_logp, c_ent if with_entropy else None, chunk_size=chunk_size,
+                                        temperature=temperature)
+  (_, out), (dh, dkernel) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(h, kernel)
   ref_logp, ref_ent, grad_logits = _np_token_logprobs(h, kernel, targets, temperature)
-  _close(logp, ref_logp)
-  _close(ent, ref_ent)
-  g = grad_logits(c_logp, c_ent)
+  _close(out[0], ref_logp)
+  if with_entropy:
+    _close(out[1], ref_ent)
+  g = grad_logits(c_logp, c_ent if with_entropy else np.zeros_like(c_ent))
   _close(dh, g @ kernel.T.astype(np.float64))
   _close(dkernel, np.einsum("btd,btv->dv", h.astype(np.float64), g))
-  plain = losses.chunked_token_logprobs(h, kernel, targets, chunk_size=16, temperature=temperature)
-  _close(plain, ref_logp)
+
+
+def test_chunked_token_logprobs_sharded_matches_single_device(lm_batch):
+  """Batch over 'data' and vocab over 'model': the hand-written backward pass gives the single-device gradients."""
+  mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices()[:4])
+  shard = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  rng = np.random.default_rng(2)
+  c_logp, c_ent = rng.normal(size=(B, T)).astype(np.float32), rng.normal(size=(B, T)).astype(np.float32)
+  grad = lambda targets, c_logp, c_ent: jax.jit(jax.value_and_grad(_token_logprobs_objective(
+      targets, c_logp, c_ent, chunk_size=16, temperature=0.7), argnums=(0, 1), has_aux=True))
+  (_, out), (dh, dkernel) = grad(shard(lm_batch["targets"], ("data",)), shard(c_logp, ("data",)),
+                                 shard(c_ent, ("data",)))(shard(lm_batch["h"], ("data",)),
+                                                          shard(lm_batch["kernel"], (None, "model")))
+  (_, ref_out), (ref_dh, ref_dkernel) = grad(lm_batch["targets"], c_logp, c_ent)(lm_batch["h"], lm_batch["kernel"])
+  assert dkernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+  for actual, expected in [(out[0], ref_out[0]), (out[1], ref_out[1]), (dh, ref_dh), (dkernel, ref_dkernel)]:
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_token_logprobs_never_builds_full_logits(lm_batch):
