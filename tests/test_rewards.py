@@ -14,7 +14,7 @@ import pytest
 
 from phi_jax import rewards
 from phi_jax.rewards import (LengthAwareRewardConfig, ScreenConfig, ThinkFormat, VerifierConfig, extract_answer,
-                             extract_gold, repetition_penalty, screen_problem)
+                             extract_gold, latex_notation, repetition_penalty, screen_problem)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One xdist worker runs the whole module, so the verifier pool starts once (`make test` uses --dist loadgroup).
@@ -91,6 +91,17 @@ PATHOLOGICAL = {
 }
 
 
+@pytest.mark.parametrize("answer,rewritten", [
+    ("2*pi", "2*\\pi"), ("pi/2", "\\pi/2"), ("2pi r", "2\\pi r"), ("x**2+1", "x^2+1"), ("1e3", "1000"),
+    ("-1.5E-3", "-0.0015"), ("+2e+1", "20"),
+    # left alone: LaTeX, words containing "pi", exponents past the bound, "e" inside expressions
+    ("\\pi", "\\pi"), ("\\frac{\\pi}{2}", "\\frac{\\pi}{2}"), ("spin", "spin"), ("\\epsilon", "\\epsilon"),
+    ("1e999", "1e999"), ("3e-2x", "3e-2x"), ("2e", "2e"), ("1e3e4", "1e3e4"), ("e3", "e3"), ("12", "12"),
+])
+def test_latex_notation(answer, rewritten):
+  assert latex_notation(answer) == rewritten
+
+
 def test_extraction_and_screen_are_bounded_on_megabyte_inputs():
   for name, text in PATHOLOGICAL.items():
     start = time.perf_counter()
@@ -150,6 +161,11 @@ EQUIVALENT = [
     ("we find $$\\frac{3}{4}$$", "0.75"),
     ("<think>add them</think>\n42", "42"),
     ("\\boxed{2}", "$\\boxed{2}$"),
+    ("\\boxed{2*pi}", "2\\pi"),  # plain-text notation on one side, LaTeX on the other
+    ("\\boxed{\\frac{\\pi}{2}}", "pi/2"),
+    ("The answer is 1e3.", "1000"),
+    ("\\boxed{1.5E-3}", "\\frac{3}{2000}"),
+    ("\\boxed{x**2 + 1}", "x^2+1"),
 ]
 NOT_EQUIVALENT = [
     ("\\boxed{\\frac{1}{3}}", "0.5"),
@@ -164,6 +180,8 @@ NOT_EQUIVALENT = [
     ("<think>The answer is 7</think>", "7"),
     ("<think>cut off before the end, \\boxed{7}", "7"),
     ("a long discussion\nwith no answer in it", "1"),
+    ("\\boxed{2*pi}", "2"),
+    ("\\boxed{1e3}", "100"),
 ]
 
 

@@ -8,7 +8,7 @@ No JAX here: this package runs in verification workers and on the host side of t
     scores = rewards.score_batch(fn, completions, golds, lengths=lengths, finished=finished)
 """
 
-from phi_jax.rewards.extract import extract_answer, extract_gold, solution_section
+from phi_jax.rewards.extract import extract_answer, extract_gold, latex_notation, solution_section
 from phi_jax.rewards.length_aware import (LengthAwareRewardConfig, accuracy_term, length_aware_reward,
                                           length_scaled_accuracy)
 from phi_jax.rewards.registry import (REWARDS, CombinedReward, FormatReward, LengthAwareReward, RepetitionReward,

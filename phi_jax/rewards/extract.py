@@ -10,12 +10,16 @@ tentative answers are not final). Inside it, the answer is, in order of preferen
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`);
 4. the whole solution section when it is one short line (a model that answers only "42").
 
+The answer (and a gold answer) is then rewritten where plain-text notation would be misread as LaTeX:
+"2*pi", "1e3", "x**2" (`latex_notation`).
+
 Model output is untrusted and may be a megabyte of noise, so every step is linear in the input or bounded by
 `max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, no regular expressions.
 """
 
 from __future__ import annotations
 
+import decimal
 from typing import Optional
 
 THINK_OPEN = "<think>"
@@ -37,6 +41,10 @@ _MARKUP = " \t*_#"
 _WRAPPERS = "*$"
 # Special tokens rendered into the text (`<|im_end|>`, `<|end|>`) end an answer.
 _SPECIAL_TOKEN_START = "<|"
+# A whole answer in scientific notation ("1e-3") is written out as a decimal when |exponent| is at most this; a
+# larger one stays as it is rather than becoming a long run of digits.
+_MAX_WRITTEN_OUT_EXPONENT = 99
+_SCIENTIFIC_CHARS = frozenset("0123456789.eE+-")
 
 
 def solution_section(completion: str, close_tag: str = THINK_CLOSE, open_tag: str = THINK_OPEN) -> str:
@@ -207,12 +215,42 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
         candidate = bare
   if candidate is None:
     return None
-  answer = clean_answer(candidate)
+  answer = latex_notation(clean_answer(candidate))
   return answer if answer and len(answer) <= max_chars else None
 
 
 def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional[str]:
   """A dataset's reference answer: its last `\\boxed{}` when it has one, else the whole string, cleaned."""
   boxed = last_boxed(gold, max_chars)
-  answer = clean_answer(boxed if boxed is not None else gold)
+  answer = latex_notation(clean_answer(boxed if boxed is not None else gold))
   return answer if answer and len(answer) <= max_chars else None
+
+
+def latex_notation(answer: str) -> str:
+  """Rewrites the plain-text math that a LaTeX parser misreads, so both sides of a comparison mean what they say.
+
+  Answers are parsed as LaTeX, where "pi" is p * i, "1e3" is 1 * e * 3 and "**" is not a power: a model's
+  `\\boxed{2*pi}` would not match the gold "2\\pi", nor "1e3" the gold "1000". So: a whole answer in scientific
+  notation becomes its decimal ("1.5e-3" -> "0.0015"; only a whole answer, since "3e-2" inside an expression may
+  be 3e - 2), "**" becomes "^", and "pi" standing alone (no letter or backslash before it, no letter after)
+  becomes "\\pi". Linear in the answer's length, like the rest of this module.
+  """
+  stripped = answer.strip()
+  if ("e" in stripped or "E" in stripped) and set(stripped) <= _SCIENTIFIC_CHARS:
+    try:
+      value = decimal.Decimal(stripped)
+    except decimal.InvalidOperation:
+      value = None
+    if value is not None and value.is_finite() and abs(value.adjusted()) <= _MAX_WRITTEN_OUT_EXPONENT:
+      return format(value, "f")
+  answer = answer.replace("**", "^")
+  pieces, start = [], 0
+  at = answer.find("pi")
+  while at >= 0:
+    before = answer[at - 1] if at > 0 else ""
+    after = answer[at + 2] if at + 2 < len(answer) else ""
+    if not (before.isalpha() or before == "\\" or after.isalpha()):
+      pieces += [answer[start:at], "\\pi"]
+      start = at + 2
+    at = answer.find("pi", at + 2)
+  return "".join(pieces) + answer[start:]
