@@ -93,7 +93,8 @@ PATHOLOGICAL = {
 
 @pytest.mark.parametrize("answer,rewritten", [
     ("2*pi", "2*\\pi"), ("pi/2", "\\pi/2"), ("2pi r", "2\\pi r"), ("x**2+1", "x^2+1"), ("1e3", "1000"),
-    ("-1.5E-3", "-0.0015"), ("+2e+1", "20"),
+    ("-1.5E-3", "-0.0015"), ("+2e+1", "20"), ("√2", "\\sqrt 2"), ("√(x+1)", "sqrt(x+1)"), ("∞x", "\\infty x"),
+    ("3·4", "3\\cdot 4"), ("x≤3", "x\\leq 3"),
     # left alone: LaTeX, words containing "pi", exponents past the bound, "e" inside expressions
     ("\\pi", "\\pi"), ("\\frac{\\pi}{2}", "\\frac{\\pi}{2}"), ("spin", "spin"), ("\\epsilon", "\\epsilon"),
     ("1e999", "1e999"), ("3e-2x", "3e-2x"), ("2e", "2e"), ("1e3e4", "1e3e4"), ("e3", "e3"), ("12", "12"),
@@ -166,6 +167,10 @@ EQUIVALENT = [
     ("The answer is 1e3.", "1000"),
     ("\\boxed{1.5E-3}", "\\frac{3}{2000}"),
     ("\\boxed{x**2 + 1}", "x^2+1"),
+    ("\\boxed{2√3}", "\\sqrt{12}"),  # Unicode math
+    ("\\boxed{√(x+1)}", "\\sqrt{x+1}"),
+    ("\\boxed{(-∞, 3]}", "(-\\infty,3]"),
+    ("\\boxed{3·4}", "12"),
 ]
 NOT_EQUIVALENT = [
     ("\\boxed{\\frac{1}{3}}", "0.5"),
@@ -182,6 +187,7 @@ NOT_EQUIVALENT = [
     ("a long discussion\nwith no answer in it", "1"),
     ("\\boxed{2*pi}", "2"),
     ("\\boxed{1e3}", "100"),
+    ("\\boxed{√3}", "\\sqrt{2}"),
 ]
 
 

@@ -45,6 +45,10 @@ _SPECIAL_TOKEN_START = "<|"
 # larger one stays as it is rather than becoming a long run of digits.
 _MAX_WRITTEN_OUT_EXPONENT = 99
 _SCIENTIFIC_CHARS = frozenset("0123456789.eE+-")
+# Unicode math a LaTeX parser does not know, as LaTeX (a command ends in a space so that a letter after it stays
+# apart: "∞x" -> "\\infty x"). "√(" becomes plain "sqrt(", which the parser reads with its argument.
+_UNICODE_MATH = (("√(", "sqrt("), ("√", "\\sqrt "), ("∞", "\\infty "), ("·", "\\cdot "), ("⋅", "\\cdot "),
+                 ("≠", "\\neq "), ("≥", "\\geq "), ("≤", "\\leq "))
 
 
 def solution_section(completion: str, close_tag: str = THINK_CLOSE, open_tag: str = THINK_OPEN) -> str:
@@ -232,8 +236,9 @@ def latex_notation(answer: str) -> str:
   Answers are parsed as LaTeX, where "pi" is p * i, "1e3" is 1 * e * 3 and "**" is not a power: a model's
   `\\boxed{2*pi}` would not match the gold "2\\pi", nor "1e3" the gold "1000". So: a whole answer in scientific
   notation becomes its decimal ("1.5e-3" -> "0.0015"; only a whole answer, since "3e-2" inside an expression may
-  be 3e - 2), "**" becomes "^", and "pi" standing alone (no letter or backslash before it, no letter after)
-  becomes "\\pi". Linear in the answer's length, like the rest of this module.
+  be 3e - 2), "**" becomes "^", the Unicode symbols of `_UNICODE_MATH` ("√2", "∞", "3·4") their LaTeX, and "pi"
+  standing alone (no letter or backslash before it, no letter after) becomes "\\pi". Linear in the answer's
+  length, like the rest of this module.
   """
   stripped = answer.strip()
   if ("e" in stripped or "E" in stripped) and set(stripped) <= _SCIENTIFIC_CHARS:
@@ -244,6 +249,8 @@ def latex_notation(answer: str) -> str:
     if value is not None and value.is_finite() and abs(value.adjusted()) <= _MAX_WRITTEN_OUT_EXPONENT:
       return format(value, "f")
   answer = answer.replace("**", "^")
+  for symbol, latex in _UNICODE_MATH:
+    answer = answer.replace(symbol, latex)
   pieces, start = [], 0
   at = answer.find("pi")
   while at >= 0:
