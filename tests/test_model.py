@@ -173,6 +173,17 @@ def test_decoding_into_a_full_cache_is_an_error_or_nan_under_jit(model):
   assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()  # row 0 had a free slot, row 1 none
 
 
+def test_several_tokens_go_into_a_cache_only_as_the_prefill_of_an_empty_one(model):
+  """The prefill attends over the prompt alone (the cache's other slots are empty); a later chunk of several
+  tokens would need the filled slots too, a path the decoder does not take: it says so."""
+  config, params = model
+  _, cache = kv_cache.prefill(params, jnp.ones((2, 4), jnp.int32), jnp.array([3, 4]),
+                              kv_cache.init_cache(config, 2, 12, block_size=4), config)
+  with pytest.raises(ValueError, match="can only fill an empty cache"):
+    kv_cache._run(params, config, jnp.ones((2, 2), jnp.int32), jnp.array([[4, 5], [4, 5]]), jnp.ones((2, 2), jnp.int32),
+                  cache["layers"])
+
+
 def test_remat_policies_do_not_change_values_or_gradients():
   params = phi_jax.init_params(GQA, jax.random.key(3))
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 12)))

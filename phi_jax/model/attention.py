@@ -96,7 +96,7 @@ def to_decode_layout(k_BSKH, v_BSKH, block_size):
 
 
 def from_decode_layout(k_NBKHC, v_NBKCH):
-  """The inverse of `to_decode_layout`: keys and values as [B, S, K, H] (for a prompt's attention over the cache)."""
+  """The inverse of `to_decode_layout`: keys and values as [B, S, K, H] (to read a cache slot by slot)."""
   num_blocks, b, k_heads, h, c = k_NBKHC.shape
   slots = lambda x: x.reshape(b, num_blocks * c, k_heads, h)
   return slots(k_NBKHC.transpose(1, 0, 4, 2, 3)), slots(v_NBKCH.transpose(1, 0, 3, 2, 4))

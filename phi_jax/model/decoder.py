@@ -121,6 +121,10 @@ projections.defvjp(_projections_forward, _projections_backward)
 
 class Attention(nn.Module):
   config: PhiConfig
+  # The cache is empty and this chunk fills it from slot 0 (a prefill): attention runs over the chunk's own keys
+  # only, as without a cache. The cache's other slots are empty and would only be masked out, at a cost of
+  # slots / chunk length (a 128-token prompt in a 33K-slot cache for a long rollout: 250x).
+  fills_empty_cache: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, cos, sin, segment_ids, q_index, layer_cache):
@@ -137,14 +141,9 @@ class Attention(nn.Module):
     q, k_new = rotary.apply_rotary(q, cos, sin), rotary.apply_rotary(k_new, cos, sin)
     q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
 
-    if layer_cache is None:
-      out = attention.attend(
-          q, k_new, v_new, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_index=q_index,
-          kv_index=q_index, backend=cfg.attention_backend, max_segments_per_row=cfg.max_segments_per_row)
-    else:
-      # Slot == position: write this chunk's K/V at its positions, then attend over the whole cache. The cache
-      # holds keys as [NB, B, K, H, C] and values as [NB, B, K, C, H], slot s in block s // C at s % C (see
-      # `attention.decode_attention`).
+    if layer_cache is not None:
+      # Slot == position: write this chunk's K/V at its positions. The cache holds keys as [NB, B, K, H, C] and
+      # values as [NB, B, K, C, H], slot s in block s // C at s % C (see `attention.decode_attention`).
       rows = jnp.arange(x_BTD.shape[0])[:, None]
       block, offset = jnp.divmod(q_index, layer_cache["k"].shape[-1])
       keys = layer_cache["k"].at[block, rows, :, :, offset].set(k_new.astype(layer_cache["k"].dtype))
@@ -153,11 +152,16 @@ class Attention(nn.Module):
       kv_index = jnp.broadcast_to(jnp.arange(kv_segment_ids.shape[1]), kv_segment_ids.shape)
       layer_cache = {"k": keys, "v": values, "segment_ids": kv_segment_ids}
       masks = dict(q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)
-      if x_BTD.shape[1] == 1:  # a decode step
-        out = attention.decode_attention(q, keys.astype(dt), values.astype(dt), **masks)
-      else:  # a prompt: the configured backend, on the cache as [B, S, K, H]
-        k_BSKH, v_BSKH = attention.from_decode_layout(keys, values)
-        out = attention.attend(q, k_BSKH.astype(dt), v_BSKH.astype(dt), backend=cfg.attention_backend, **masks)
+
+    if layer_cache is None or self.fills_empty_cache:  # the chunk attends to itself
+      out = attention.attend(
+          q, k_new, v_new, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_index=q_index,
+          kv_index=q_index, backend=cfg.attention_backend, max_segments_per_row=cfg.max_segments_per_row)
+    elif x_BTD.shape[1] == 1:  # a decode step, over the whole cache
+      out = attention.decode_attention(q, keys.astype(dt), values.astype(dt), **masks)
+    else:
+      raise ValueError(f"a {x_BTD.shape[1]}-token chunk with a KV cache: several tokens can only fill an empty "
+                       "cache (kv_cache.prefill); append them one at a time (kv_cache.decode_step)")
     # One contracted axis of N * H: with two (n, h), the dot's contracting dims came out as (h, n) and XLA
     # transposed the output weight and the attention output on every call.
     b, t = out.shape[:2]
@@ -223,11 +227,12 @@ swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 class DecoderLayer(nn.Module):
   config: PhiConfig
+  fills_empty_cache: bool = False  # see `Attention.fills_empty_cache`
 
   @nn.compact
   def __call__(self, x_BTD, layer_cache, cos, sin, segment_ids, q_index):
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
-    attn_out, layer_cache = Attention(self.config, name="attn")(
+    attn_out, layer_cache = Attention(self.config, self.fills_empty_cache, name="attn")(
         RMSNorm(self.config, name="input_norm")(x_BTD), cos, sin, segment_ids, q_index, layer_cache)
     x_BTD = x_BTD + attn_out
     x_BTD = x_BTD + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attn_norm")(x_BTD))
@@ -247,6 +252,8 @@ class Decoder(nn.Module):
   # before its matmuls; that copy is cheap next to a training step's matmuls but doubles a decode step's
   # weight traffic.
   unrolled: bool = False
+  # The given cache is empty and the tokens fill it from slot 0 (a prefill; see `Attention.fills_empty_cache`).
+  fills_empty_cache: bool = False
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
@@ -261,7 +268,8 @@ class Decoder(nn.Module):
       layer_caches = cache if cache is not None else (None,) * cfg.num_layers
       new_caches = []
       for i, layer_cache in enumerate(layer_caches):
-        x, layer_cache = DecoderLayer(cfg, name=f"layer_{i}")(x, layer_cache, cos, sin, segment_ids_BT, q_index)
+        x, layer_cache = DecoderLayer(cfg, self.fills_empty_cache, name=f"layer_{i}")(
+            x, layer_cache, cos, sin, segment_ids_BT, q_index)
         new_caches.append(layer_cache)
       cache = tuple(new_caches) if cache is not None else None
     else:
@@ -275,7 +283,7 @@ class Decoder(nn.Module):
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="layers")
+      )(cfg, self.fills_empty_cache, name="layers")
       x, cache = layers(x, cache, cos, sin, segment_ids_BT, q_index)
     x = RMSNorm(cfg, name="final_norm")(x)
     if not cfg.tie_word_embeddings:  # registered here so init creates it; applied by `logits`/the losses

@@ -56,10 +56,10 @@ def init_cache(config: PhiConfig, batch_size: int, max_len: int, dtype=None, blo
   }
 
 
-def _run(params, config, tokens_BT, positions_BT, segment_ids_BT, layer_caches):
+def _run(params, config, tokens_BT, positions_BT, segment_ids_BT, layer_caches, *, fills_empty_cache=False):
   # Unrolled layers (see `Decoder.unrolled`); callers that loop over steps unstack the params once, outside.
-  return Decoder(config, unrolled=True).apply({"params": unstack_layers(params)}, tokens_BT, positions_BT,
-                                              segment_ids_BT, layer_caches)
+  return Decoder(config, unrolled=True, fills_empty_cache=fills_empty_cache).apply(
+      {"params": unstack_layers(params)}, tokens_BT, positions_BT, segment_ids_BT, layer_caches)
 
 
 def host_readable(x) -> bool:
@@ -90,7 +90,7 @@ def prefill(params, prompt_tokens_BT, prompt_lengths_B, cache: Cache, config: Ph
   # Whatever follows a prompt is ignored: an id there outside the vocabulary would embed as NaN (`jnp.take`'s
   # fill), and 0 x NaN in the masked attention would spread it to the prompt.
   prompt_tokens_BT = prompt_tokens_BT * segment_ids
-  h, layers = _run(params, config, prompt_tokens_BT, positions, segment_ids, cache["layers"])
+  h, layers = _run(params, config, prompt_tokens_BT, positions, segment_ids, cache["layers"], fills_empty_cache=True)
   last = jnp.take_along_axis(h, (prompt_lengths_B - 1)[:, None, None], axis=1)
   tokens = jax.lax.dynamic_update_slice(cache["tokens"], prompt_tokens_BT, (0, 0))
   cache = {"layers": layers, "tokens": tokens, "lengths": prompt_lengths_B.astype(jnp.int32)}
@@ -103,7 +103,7 @@ def _rebuild(params, config: PhiConfig, cache: Cache):
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   segment_ids = (positions < cache["lengths"][:, None]).astype(jnp.int32)
   empty = jax.tree.map(jnp.zeros_like, cache["layers"])
-  h, layers = _run(params, config, cache["tokens"], positions, segment_ids, empty)
+  h, layers = _run(params, config, cache["tokens"], positions, segment_ids, empty, fills_empty_cache=True)
   last = jnp.take_along_axis(h, (cache["lengths"] - 1)[:, None, None], axis=1)
   return last, layers
 
