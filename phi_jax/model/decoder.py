@@ -149,16 +149,16 @@ class Attention(nn.Module):
       keys = layer_cache["k"].at[block, rows, :, :, offset].set(k_new.astype(layer_cache["k"].dtype))
       values = layer_cache["v"].at[block, rows, :, offset, :].set(v_new.astype(layer_cache["v"].dtype))
       kv_segment_ids = layer_cache["segment_ids"].at[rows, q_index].set(segment_ids)
-      kv_index = jnp.broadcast_to(jnp.arange(kv_segment_ids.shape[1]), kv_segment_ids.shape)
       layer_cache = {"k": keys, "v": values, "segment_ids": kv_segment_ids}
-      masks = dict(q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)
 
     if layer_cache is None or self.fills_empty_cache:  # the chunk attends to itself
       out = attention.attend(
           q, k_new, v_new, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_index=q_index,
           kv_index=q_index, backend=cfg.attention_backend, max_segments_per_row=cfg.max_segments_per_row)
-    elif x_BTD.shape[1] == 1:  # a decode step, over the whole cache
-      out = attention.decode_attention(q, keys.astype(dt), values.astype(dt), **masks)
+    elif x_BTD.shape[1] == 1:  # a decode step, over the whole cache (slot index == position)
+      kv_index = jnp.broadcast_to(jnp.arange(kv_segment_ids.shape[1]), kv_segment_ids.shape)
+      out = attention.decode_attention(q, keys.astype(dt), values.astype(dt), q_segment_ids=segment_ids,
+                                       kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)
     else:
       raise ValueError(f"a {x_BTD.shape[1]}-token chunk with a KV cache: several tokens can only fill an empty "
                        "cache (kv_cache.prefill); append them one at a time (kv_cache.decode_step)")
