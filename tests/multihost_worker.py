@@ -67,13 +67,39 @@ rows = slice(4 * jax.process_index(), 4 * (jax.process_index() + 1))
 local = [{k: v[rows] for k, v in b.items()} for b in half]
 losses, _, _ = test_train.run_steps({"fsdp": -1}, batches=local)
 
+
+class CountedBatches:
+  """This process's batches with the data pipeline's `stats()`: tokens returned so far, per source."""
+
+  def __init__(self, batches):
+    self.batches, self.index = batches, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.index == len(self.batches):
+      raise StopIteration
+    self.index += 1
+    return self.batches[self.index - 1]
+
+  def stats(self):
+    tokens = sum(int((b["segment_ids"] > 0).sum()) for b in self.batches[:self.index])
+    return {"batches": self.index, "sources": {"packed": {"tokens": tokens}}}
+
+
 more = 3 - jax.process_index()  # process 0: 3 train / 2 eval batches; process 1: 2 / 1
 state = loop.run(workdir=sys.argv[1], model_config=test_train.CONFIG, optimizer_config=test_train.OPT,
-                 loss_fn=next_token.make_loss_fn(test_train.CONFIG, chunk_size=16), train_data=local[:more],
+                 loss_fn=next_token.make_loss_fn(test_train.CONFIG, chunk_size=16),
+                 train_data=CountedBatches(local[:more]),
                  loop=LoopConfig(num_steps=5, async_checkpoints=False), mesh=sharding.make_mesh({"fsdp": -1}),
                  eval_batches=lambda: iter(local[:more - 1]))
 with open(os.path.join(sys.argv[1], "metrics.jsonl")) as f:
-  eval_tokens = [json.loads(line)["eval_tokens"] for line in f if "eval_tokens" in line]
+  records = [json.loads(line) for line in f]
+eval_tokens = [r["eval_tokens"] for r in records if "eval_tokens" in r]
+tokens_seen = {r["step"]: r["tokens_seen/packed"] for r in records if "loss" in r}
+with open(os.path.join(sys.argv[1], "data_stats.json")) as f:
+  data_stats = json.load(f)
 finite_data_steps = int(loop.host_scalar(state.step))
 
 
@@ -130,7 +156,8 @@ grpo_state = loop.run(workdir=os.path.join(sys.argv[1], "grpo"), model_config=te
                       train_data=rollouts, loop=LoopConfig(num_steps=2, async_checkpoints=False),
                       mesh=sharding.make_mesh({"fsdp": -1}))
 print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses,
-                  "finite_data_steps": finite_data_steps, "eval_tokens": eval_tokens, "preempted_at": preempted_at,
+                  "finite_data_steps": finite_data_steps, "eval_tokens": eval_tokens,
+                  "tokens_seen": tokens_seen, "data_stats": data_stats, "preempted_at": preempted_at,
                   "restored_step": restored_step, "grpo_rows": int(mine["tokens"].shape[0]),
                   "grpo_rows_match": rows_match, "grpo_same_batch": bool(np.all(same_batch == same_batch[0])),
                   "grpo_steps": int(loop.host_scalar(grpo_state.step)), "grpo_state": rollouts.get_state(),

@@ -380,6 +380,20 @@ def test_tokens_seen_in_each_record_count_the_batches_up_to_that_step(tmp_path):
   assert seen == {step: 8 * 16 * step for step in range(1, 5)}  # not the next batch's too (steps 1 and 3)
 
 
+def test_data_counts_combine_over_processes(monkeypatch):
+  """What sum_over_processes makes of two processes' stats (the two-process run in test_resume.py checks the
+  records and data_stats.json it feeds): counts add up, a skip reason only one process met is kept, fractions
+  average, names stay process 0's."""
+  per_process = [{"tokens": 10, "padding_fraction": 0.25, "records_skipped": {"too long": 2}, "sources": {
+                     "a": {"path": "a.jsonl", "tokens": 10}}},
+                 {"tokens": 30, "padding_fraction": 0.75, "records_skipped": {"invalid JSON": 1}, "sources": {
+                     "a": {"path": "a.jsonl", "tokens": 30}}}]
+  monkeypatch.setattr(loop, "allgather_json", lambda obj: per_process)
+  assert loop.sum_over_processes(per_process[0]) == {
+      "tokens": 40, "padding_fraction": 0.5, "records_skipped": {"too long": 2, "invalid JSON": 1},
+      "sources": {"a": {"path": "a.jsonl", "tokens": 40}}}
+
+
 def scaled_loss(config):
   base = next_token.make_loss_fn(config, chunk_size=64)
 
@@ -594,6 +608,33 @@ def test_nan_stops_with_step_metric_and_intact_checkpoint_inf_skips_and_spikes_a
   assert _equal(before.params, after.params) and _equal(*map(without_schedule, (before.opt_state, after.opt_state)))
   counts = [int(x.count) for x in jax.tree.leaves(after.opt_state, is_leaf=is_schedule) if is_schedule(x)]
   assert counts == [3]
+
+
+class CrashesBeforeBatch(ScaledData):
+  """ScaledData that raises (a crash) when asked for batch `crash_at`."""
+
+  def __init__(self, scales, crash_at):
+    super().__init__(scales)
+    self.crash_at = crash_at
+
+  def __next__(self):
+    if self.index + 1 == self.crash_at:
+      raise RuntimeError(f"crash before step {self.crash_at}")
+    return super().__next__()
+
+
+def test_a_resumed_run_flags_the_same_loss_spikes_as_an_uninterrupted_one(tmp_path, caplog):
+  """The spike detector sees every step's loss, metrics.jsonl keeps every 4th: its window travels in the
+  checkpoint, so after a crash at step 11 the resumed run still flags the spike at step 12."""
+  steps = dict(num_steps=12, log_every=4, checkpoint_every=5)
+  _run(tmp_path / "whole", scales={12: 50.0}, **steps)
+  with pytest.raises(RuntimeError, match="crash before step 11"):
+    _run(tmp_path / "resumed", data=CrashesBeforeBatch({12: 50.0}, crash_at=11), **steps)
+  caplog.set_level(logging.WARNING, logger="phi_jax")
+  _run(tmp_path / "resumed", scales={12: 50.0}, **steps)
+  flags = lambda w: {s: (r["loss"], r["loss_spike"]) for s, r in _records(tmp_path / w).items()}
+  assert flags("whole") == flags("resumed") and flags("resumed")[12][1] == 1.0
+  assert "loss spike at step 12" in caplog.text
 
 
 def _abstract_state_for(config):

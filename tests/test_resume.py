@@ -136,6 +136,13 @@ def test_two_processes_equal_one(tmp_path):
   eval_weight = float(((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0) & (mask[:, 1:] != 0)).sum())
   assert [r["finite_data_steps"] for r in results] == [2, 2]
   assert [r["eval_tokens"] for r in results] == [[eval_weight]] * 2
+  # Tokens seen count both processes' rows: each step's global batch, and in data_stats.json every batch either
+  # process returned (process 0's third, never trained, included).
+  batches = test_train.packed_batches(test_train.NUM_STEPS)
+  real = lambda b, rows=slice(None): int((b["segment_ids"][rows] > 0).sum())
+  assert results[0]["tokens_seen"] == {"1": real(batches[0]), "2": real(batches[0]) + real(batches[1])}
+  assert results[0]["data_stats"] == {"batches": 5, "sources": {"packed": {
+      "tokens": sum(map(real, batches[:2])) + real(batches[2], slice(0, 4))}}}
   # A SIGTERM on process 0 only: both save the same step and stop (the other does not go on into a step alone).
   preempted = {r["preempted_at"] for r in results}
   assert len(preempted) == 1 and None not in preempted, outputs[1][-3000:]

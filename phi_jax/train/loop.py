@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from phi_jax.model import PhiConfig
-from phi_jax.sharding.distributed import any_process, from_process_zero
+from phi_jax.sharding.distributed import allgather_json, any_process, from_process_zero
 from phi_jax.train import flops
 from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointError,
                                      IncompatibleCheckpointError, state_signature)
@@ -161,6 +161,37 @@ class _SigtermFlag:
   def __exit__(self, *exc):
     self.done.set()
     signal.signal(signal.SIGTERM, self._previous)
+
+
+_SPIKE_WINDOW_KEY = "loss_spike_window_losses"  # in each checkpoint's metadata
+
+
+def sum_over_processes(counts: Any) -> Any:
+  """Per-process counts (JSON: nested dicts of numbers) combined over all processes: integers add up, floats
+  (fractions such as `padding_fraction`) become their mean, anything else is process 0's. A key some processes
+  lack (a skip reason only one of them met) combines the values of those that have it. A collective."""
+  per_process = allgather_json(counts)
+
+  def combine(values):
+    first = values[0]
+    if isinstance(first, dict):
+      keys = dict.fromkeys(k for v in values if isinstance(v, dict) for k in v)
+      return {k: combine([v[k] for v in values if isinstance(v, dict) and k in v]) for k in keys}
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+      return sum(values)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+      return sum(values) / len(values)
+    return first
+
+  return combine(per_process)
+
+
+def _tokens_seen(stats: dict) -> dict:
+  """The record's `tokens_seen/<source>` fields: the tokens of every source so far, summed over the processes (a
+  collective when the stats count them)."""
+  if "tokens_seen" not in stats:
+    return {}
+  return {f"tokens_seen/{name}": tokens for name, tokens in sum_over_processes(stats["tokens_seen"]).items()}
 
 
 class _SpikeDetector:
@@ -325,14 +356,14 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   meta = _json_clean(dict(run_meta or {}, model_config=dataclasses.asdict(model_config),
                           optimizer_config=dataclasses.asdict(optimizer_config), loop_config=dataclasses.asdict(loop),
                           mesh=dict(mesh.shape)))
-  restored = None
+  restored = saved_meta = None
   if checkpointer.all_steps():
     target = abstract_state(model_config, optimizer, mesh)
     meta["state_signature"] = _json_clean(state_signature(target))
     restored = checkpointer.restore_latest(
         target, check_meta=lambda saved: check_resume_compatible(saved, meta, checkpointer.directory))
   if restored is not None:
-    latest, state, data_state, _ = restored
+    latest, state, data_state, saved_meta = restored
     if data_state and hasattr(train_data, "set_state"):
       train_data.set_state(data_state)
     log.info("resumed from %s at step %d", checkpointer.step_path(latest), latest)
@@ -347,8 +378,11 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     log.info("the run in %s is already complete: step %d of num_steps=%d; nothing to train (raise num_steps to go "
              "on)", workdir, start, loop.num_steps)
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start)
+  # Every step's loss feeds the spike detector, but metrics.jsonl keeps only the logged steps: the checkpoint
+  # carries the detector's window (older checkpoints lack it: the logged losses stand in).
+  saved_window = (saved_meta or {}).get(_SPIKE_WINDOW_KEY)
   spikes = _SpikeDetector(loop.loss_spike_factor, loop.loss_spike_window,
-                          [r["loss"] for r in writer.kept if "loss" in r])
+                          saved_window if saved_window is not None else [r["loss"] for r in writer.kept if "loss" in r])
   evals = _EvalHistory(loop.early_stopping_min_delta, [r for r in writer.kept if "eval_loss" in r])
   evals.agree()
   if loop.keep_best_checkpoint and evals.best_step is not None:
@@ -376,8 +410,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
                        "have no eval loss to compare: check data.eval_files and data.eval_batches")
     improved = evals.add(step, record["eval_loss"])
     return dict(record, **evals.summary()), improved
+  with_spike_window = lambda: dict(meta, **{_SPIKE_WINDOW_KEY: list(spikes.losses)})
   pending = None  # (step, device metrics, host stats) of the last dispatched step, pulled one step late
-  flushed = None  # (record, written) of the last step pulled to the host
+  flushed = None  # (record, written, host stats) of the last step pulled to the host
   last_time = time.perf_counter()
 
   def flush(pending_item, evaluate_now: bool = False) -> bool:
@@ -414,20 +449,22 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       eval_record, improved = evaluate(step)
       record.update(eval_record)
       last_time = time.perf_counter()  # the evaluation's time is not the next step's
-    for name, tokens in stats.get("tokens_seen", {}).items():
-      record[f"tokens_seen/{name}"] = tokens
     written = step % loop.log_every == 0 or step == loop.num_steps or evaluate_now
     if written:
+      record.update(_tokens_seen(stats))  # every process writes the same steps: a collective is safe here
+
       writer.write(record)
       if on_log is not None:
         on_log(record)
-    flushed = (record, written)
+    flushed = (record, written, stats)
     return improved
 
   def write_data_stats():
-    if hasattr(train_data, "stats") and jax.process_index() == 0:
-      with open(os.path.join(workdir, "data_stats.json"), "w") as f:
-        json.dump(train_data.stats(), f, indent=1, default=str)
+    if hasattr(train_data, "stats"):
+      combined = sum_over_processes(json.loads(json.dumps(train_data.stats(), default=str)))  # a collective
+      if jax.process_index() == 0:
+        with open(os.path.join(workdir, "data_stats.json"), "w") as f:
+          json.dump(combined, f, indent=1)
 
   with _SigtermFlag(loop.preemption_grace_s) as sigterm, _finish_saves_on_error(checkpointer):
     saved = start
@@ -481,7 +518,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
           flush(pending)  # a checkpoint is written only after its step's loss is known to be finite
           pending = None
         data_state = train_data.get_state() if hasattr(train_data, "get_state") else None
-        checkpointer.save(done, state, data_state=data_state, meta=meta, force=True)
+        checkpointer.save(done, state, data_state=data_state, meta=with_spike_window(), force=True)
         saved = done
         write_data_stats()
         last_time = time.perf_counter()  # the save's time is not the next step's
@@ -501,13 +538,13 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     final = int(host_scalar(state.step))
     if final != saved:  # the data ended between checkpoints
       checkpointer.save(final, state, data_state=train_data.get_state() if hasattr(train_data, "get_state") else None,
-                        meta=meta, force=True)
+                        meta=with_spike_window(), force=True)
   if eval_batches is not None and evals.last_step != final:
     # The last step's record is already pulled (the data ran out right after a checkpoint, a preempted last step,
     # or nothing trained in this run): the evaluation joins it.
     eval_record, improved = evaluate(final)
     if flushed is not None and flushed[0]["step"] == final and not flushed[1]:
-      writer.write(dict(flushed[0], **eval_record))
+      writer.write(dict(flushed[0], **_tokens_seen(flushed[2]), **eval_record))
     else:
       writer.merge(final, eval_record)
     if improved and loop.keep_best_checkpoint:
