@@ -55,6 +55,14 @@ EXTRACTIONS = [
     ("The answer is 9. " + "Checking the answer again. " * 30, "9"),  # however many uses of the word follow
     ("Answer: 4. The answer isolates x.", "4"),  # "answer is" must be the word "is", not the start of one
     ("The answer is .5", ".5"),  # a leading period belongs to the number
+    # A label followed by prose gives way to an earlier label followed by an answer, else to the last math.
+    ("The answer is 5. We can double-check that the answer is correct.", "5"),
+    ("**Answer:** 5\n\nNote that the answer is independent of $a$.", "5"),
+    ("The answer is 3. Let's verify the answer: plug in x=3.", "3"),
+    ("Thus $x = 5$. Checking, the answer is indeed right.", "x = 5"),
+    ("So the answer is therefore 5.", "5"),  # connectives before the answer are dropped
+    ("The answer is yes.", "yes"),  # prose, and no math to prefer
+    ("The answer is sqrt(2).", "sqrt(2)"),  # a function name is math
     ("Thus $x = 7$. Final answer:", "x = 7"),  # a label with nothing after it falls back to the last math
     ("We get $a$, then $$\\frac{3}{4}$$", "\\frac{3}{4}"),
     ("We get \\(a\\) and finally \\[ 2\\pi \\]", "2\\pi"),

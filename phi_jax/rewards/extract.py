@@ -6,7 +6,9 @@ tentative answers are not final). Inside it, the answer is, in order of preferen
 
 1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored);
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
-   end of that sentence, or the line after a "Final Answer" / "Answer" heading;
+   end of that sentence, or the line after a "Final Answer" / "Answer" heading; a label followed by prose rather
+   than math ("the answer is correct") gives way to an earlier label, or else to 3, and counts only when the
+   solution holds no math ("the answer is yes");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`);
 4. the whole solution section when it is one short line (a model that answers only "42").
 
@@ -19,6 +21,7 @@ Model output is untrusted and may be a megabyte of noise, so every step is linea
 
 from __future__ import annotations
 
+import collections
 import decimal
 from typing import Optional
 
@@ -33,6 +36,13 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 # falls back to the one before it, but a megabyte of `\boxed{` must not turn into a quadratic scan.
 _MAX_BOX_TRIES = 8
 _ANSWER_WORD = "answer"
+# How many answer labels to weigh from the end (a prose one gives way to the one before it; see
+# `_after_answer_label`), so a megabyte of labels stays a linear scan.
+_MAX_LABEL_TRIES = 8
+# Connectives that may stand between a label and its answer: "the answer is therefore 5".
+_FILLER_WORDS = ("therefore", "thus", "hence", "indeed", "clearly", "simply", "exactly", "then", "so", "just")
+# Lower-case words that open math rather than prose after a label.
+_MATH_WORDS = frozenset(("pi", "sqrt", "sin", "cos", "tan", "log", "ln", "exp", "infinity", "inf"))
 # A heading line holds at most this much before "answer" ("### **Final "); longer, the word is inside prose.
 _MAX_HEADING_PREFIX = 16
 # Markdown and spacing that may surround "answer" in a label ("**Answer**:", "### Final Answer").
@@ -134,16 +144,49 @@ def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
   """What follows the last "answer is", "answer:" or answer heading, in prose or markdown: "the answer is 4",
   "Answer: 4", "**Answer:** 4", "**Answer**: 4", and "**Final Answer**" / "### Answer" alone on a line with the
   answer below it. Other uses of the word ("the answer matches") are passed over; one scan, each use checked in
-  bounded time."""
+  bounded time.
+
+  A label followed by prose rather than an answer ("... the answer is correct", "we verify the answer: plug in")
+  gives way to the last label before it that is followed by an answer, so a check after the answer does not
+  replace it; when every label is followed by prose, this is the last label's (`extract_answer` then prefers the
+  solution's last math, and takes the prose only when there is none: "the answer is yes")."""
   lowered = text.lower()
-  label_end = None
+  label_ends = collections.deque(maxlen=_MAX_LABEL_TRIES)
   start = lowered.find(_ANSWER_WORD)
   while start >= 0:
     end = _label_end(text, lowered, start)
     if end is not None:
-      label_end = end
+      label_ends.append(end)
     start = lowered.find(_ANSWER_WORD, start + 1)
-  return None if label_end is None else _sentence(text[label_end:], max_chars)
+  if not label_ends:
+    return None
+  candidates = [_without_leading_filler(_sentence(text[end:end + max_chars + 1], max_chars))
+                for end in reversed(label_ends)]
+  return next((c for c in candidates if clean_answer(c) and not _starts_with_prose(c)), candidates[0])
+
+
+def _without_leading_filler(candidate: str) -> str:
+  """"therefore 5" -> "5": drops the connectives that may stand between a label and its answer."""
+  for _ in range(2):  # "so therefore 5"
+    lowered = candidate.lower()
+    word = next((w for w in _FILLER_WORDS if lowered.startswith(w) and lowered[len(w):len(w) + 1] in (" ", ",")),
+                None)
+    if word is None:
+      break
+    candidate = candidate[len(word):].lstrip(" ,")
+  return candidate
+
+
+def _starts_with_prose(candidate: str) -> bool:
+  """Whether a label's candidate opens with a lower-case word ("correct", "consistent with", "independent of
+  $a$"), not with math ("5", "$x=3$", "x = 5", "\\frac12", "(A)") or a function name ("sqrt(2)", "pi")."""
+  head = candidate.lstrip(" \t*")
+  n = 0
+  while n < len(head) and "a" <= head[n] <= "z":
+    n += 1
+  if n < 2 or head[:n] in _MATH_WORDS:
+    return False
+  return n == len(head) or head[n] in " ,.;:!?"
 
 
 def _label_end(text: str, lowered: str, start: int) -> Optional[int]:
@@ -208,9 +251,11 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   if boxed is not None:
     candidate = boxed
   else:
-    candidate = _after_answer_label(solution, max_chars)
-    if candidate is None or not clean_answer(candidate):
-      candidate = _last_math(solution, max_chars)
+    label = _after_answer_label(solution, max_chars)
+    labelled = label is not None and bool(clean_answer(label))
+    candidate = label if labelled and not _starts_with_prose(label) else _last_math(solution, max_chars)
+    if candidate is None and labelled:
+      candidate = label  # prose after the label and no math anywhere: a worded answer ("the answer is yes")
     if candidate is None:
       bare = solution.strip()
       cut = bare.find(_SPECIAL_TOKEN_START)
