@@ -24,8 +24,10 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
   use_top_p = top_p < 1.0
   if not (use_top_k or use_top_p):
     return logits_BV
+  if not use_top_k:  # the nucleus alone, found without sorting the vocabulary
+    return jnp.where(_order_keys(logits_BV) >= _nucleus_threshold_key(logits_BV, top_p), logits_BV, -jnp.inf)
   # Only the k largest can survive both filters, so the nucleus is computed over them (one top_k, no full sort).
-  sorted_BC = jax.lax.top_k(logits_BV, top_k if use_top_k else vocab)[0]
+  sorted_BC = jax.lax.top_k(logits_BV, top_k)[0]
   threshold_B1 = sorted_BC[..., -1:]
   if use_top_p:
     # Tokens tied with the k-th logit beyond the k that top_k returned survive top-k too; they count in the
@@ -40,6 +42,35 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
     keep_BC = (mass_before_BC < top_p) | (jnp.arange(sorted_BC.shape[-1]) == 0)
     threshold_B1 = jnp.min(jnp.where(keep_BC, sorted_BC, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+  """uint32 keys in the order of the float32 values (-inf lowest, +inf highest; -0.0 just below 0.0)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _nucleus_threshold_key(logits_BV: jax.Array, top_p: float) -> jax.Array:
+  """The key (`_order_keys`) of the smallest logit whose larger logits hold less than `top_p` of the probability:
+  the nucleus's last token, every logit at or above it kept ([B, 1]).
+
+  Sorting the vocabulary is the obvious way and a slow one: XLA:CPU sorted [64, 8192] logits in ~90 ms, longer
+  than a whole decode step. The mass above a key falls as the key rises, so the key is found by bisection over the
+  32-bit key space instead: 32 masked sums over the vocabulary. It is always some logit's key, since the mass above
+  a key only changes at one.
+  """
+  probs_BV = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)
+  keys_BV = _order_keys(logits_BV)
+
+  def halve(_, bounds):
+    low_B1, high_B1 = bounds  # the threshold lies in [low, high]
+    mid_B1 = low_B1 + (high_B1 - low_B1) // 2
+    mass_above_B1 = jnp.sum(jnp.where(keys_BV > mid_B1, probs_BV, 0.0), axis=-1, keepdims=True)
+    fits = mass_above_B1 < top_p
+    return jnp.where(fits, low_B1, mid_B1 + 1), jnp.where(fits, mid_B1, high_B1)
+
+  bounds = (jnp.min(keys_BV, axis=-1, keepdims=True), jnp.max(keys_BV, axis=-1, keepdims=True))
+  return jax.lax.fori_loop(0, 32, halve, bounds)[1]
 
 
 def sample_tokens(logits_BV: jax.Array, rng: jax.Array, temperature, *, top_k: int = 0,
@@ -60,13 +91,23 @@ def sample_tokens(logits_BV: jax.Array, rng: jax.Array, temperature, *, top_k: i
   logits_BV = logits_BV.astype(jnp.float32)
   temperature_B = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), logits_BV.shape[:-1])
   greedy_B = temperature_B <= 0.0
-  tempered_BV = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[..., None]
-  filtered_BV = filter_logits(tempered_BV, top_k=top_k, top_p=top_p)
-  # Gumbel-max, the draw `jax.random.categorical` makes (same key, same noise, same token), with a faster argmax.
-  sampled_B = _argmax(filtered_BV + jax.random.gumbel(rng, filtered_BV.shape, filtered_BV.dtype))
-  tokens_B = jnp.where(greedy_B, _argmax(logits_BV), sampled_B).astype(jnp.int32)
-  logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(filtered_BV, axis=-1), tokens_B[..., None], axis=-1)[..., 0]
-  return tokens_B, jnp.where(greedy_B, 0.0, logprobs_B)
+
+  def draw(_):
+    tempered_BV = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[..., None]
+    filtered_BV = filter_logits(tempered_BV, top_k=top_k, top_p=top_p)
+    # Gumbel-max, the draw `jax.random.categorical` makes (same key, same noise, same token), with a faster argmax.
+    sampled_B = _argmax(filtered_BV + jax.random.gumbel(rng, filtered_BV.shape, filtered_BV.dtype))
+    tokens_B = jnp.where(greedy_B, _argmax(logits_BV), sampled_B).astype(jnp.int32)
+    logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(filtered_BV, axis=-1), tokens_B[..., None], axis=-1)[..., 0]
+    return tokens_B, jnp.where(greedy_B, 0.0, logprobs_B)
+
+  def all_greedy(_):
+    return _argmax(logits_BV).astype(jnp.int32), jnp.zeros(greedy_B.shape, jnp.float32)
+
+  # The temperature is traced, so a greedy call runs the same program as a sampled one: this branch spares it the
+  # random draw, the filters and a log-softmax over [B, V] per token (one call at [64, 8192] on a 2-core CPU:
+  # 3.4 -> 0.8 ms; with top_p=0.95, as evaluation's greedy run keeps, 89 -> 0.8 ms).
+  return jax.lax.cond(jnp.all(greedy_B), all_greedy, draw, None)
 
 
 def _argmax(x_BV: jax.Array) -> jax.Array:
