@@ -143,6 +143,12 @@ def _power_problem(text: str, config: ScreenConfig) -> Optional[str]:
       return f"integer exponent {value} over {config.max_integer_exponent}"
     if "^" in operand and _is_numeric(operand):
       return "a power tower of numbers"
+    if value is None and _is_numeric(operand):
+      if "!" in operand:
+        return "a factorial in an exponent"
+      bound = _numeric_bound(operand, config.max_integer_exponent)
+      if bound > config.max_integer_exponent:
+        return f"a computed exponent (up to {bound}) over {config.max_integer_exponent}"
   return None
 
 
@@ -167,7 +173,26 @@ def _factorial_problem(text: str, config: ScreenConfig) -> Optional[str]:
       group = text[closer_to_open[j] + 1:j]
       if _is_numeric(group) and ("^" in group or "!" in group):
         return "factorial of a power or factorial"
+      if _is_numeric(group) and _numeric_bound(group, config.max_factorial_operand) > config.max_factorial_operand:
+        return f"factorial of {group.strip()!r}, possibly over {config.max_factorial_operand}"
   return None
+
+
+def _numeric_bound(operand: str, limit: int) -> int:
+  """An upper bound on the value of a numeric operand without powers or factorials (`{99999 \\cdot 99999}`,
+  `(100000000)`): the product of its numbers, each counted as at least 2, which no sum, product or quotient of
+  them exceeds. Stops once past `limit`, so a long operand stays a linear scan."""
+  bound, run = 1, ""
+  for ch in operand + " ":
+    if ch.isdigit():
+      run += ch
+      continue
+    if run:
+      bound *= max(int(run), 2) if len(run) <= 18 else limit + 1
+      run = ""
+      if bound > limit:
+        return bound
+  return bound
 
 
 def screen_problem(answer: str, config: ScreenConfig = ScreenConfig()) -> Optional[str]:
