@@ -78,6 +78,21 @@ def test_extract_answer(completion, expected):
   assert extract_answer(completion) == expected
 
 
+def test_a_prompt_that_opens_the_think_block_moves_where_the_answer_starts():
+  """With a chat template that opens `<think>` in the prompt, a completion cut off mid-thought has no closing tag
+  and no answer yet; the verifier reads the same setting from its config."""
+  opened = rewards.ThinkFormat(prompt_opens_think=True)
+  cut_off = "so far \\boxed{5}, but let me reconsider"
+  assert extract_answer(cut_off) == "5" and extract_answer(cut_off, think=opened) is None
+  assert extract_answer("thoughts \\boxed{4}</think> so \\boxed{5}", think=opened) == "5"
+  assert extract_answer("[a]\\boxed{4}[/a] \\boxed{5}", think=rewards.ThinkFormat("[a]", "[/a]")) == "5"
+  pool = rewards.VerifierPool(rewards.VerifierConfig(num_workers=1, think=opened))
+  try:
+    assert pool.verify_batch([cut_off, cut_off + "</think> \\boxed{5}"], ["5", "5"]) == [False, True]
+  finally:
+    pool.shutdown()
+
+
 def test_extract_gold():
   assert extract_gold("$\\boxed{2}$") == "2"
   assert extract_gold(" \\frac{1}{2} ") == "\\frac{1}{2}"

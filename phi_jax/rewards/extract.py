@@ -2,7 +2,9 @@
 
 A completion's answer lives in its solution section: the text after the last `</think>` (the whole text when it
 has no think tags; nothing when its last `<think>` is never closed, as in a rollout cut off mid-thought, whose
-tentative answers are not final). Inside it, the answer is, in order of preference:
+tentative answers are not final; with a chat template that opens the think block in the prompt,
+`ThinkFormat.prompt_opens_think`, a completion without `</think>` is all thoughts). Inside it, the answer is, in
+order of preference:
 
 1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored);
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
@@ -24,6 +26,8 @@ from __future__ import annotations
 import collections
 import decimal
 from typing import Optional
+
+from phi_jax.rewards.think_format import ThinkFormat
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -244,9 +248,14 @@ def clean_answer(answer: str) -> str:
 
 
 def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS,
-                   close_tag: str = THINK_CLOSE) -> Optional[str]:
-  """The final answer of a completion (see the module docstring), or None when there is none."""
-  solution = solution_section(completion, close_tag)
+                   think: ThinkFormat = ThinkFormat()) -> Optional[str]:
+  """The final answer of a completion (see the module docstring), or None when there is none.
+
+  `think` names the think tags; with `think.prompt_opens_think` (a chat template that opens the think block in
+  the prompt) a completion without the closing tag is still inside its thoughts and holds no answer.
+  """
+  text = think.open_tag + completion if think.prompt_opens_think else completion
+  solution = solution_section(text, think.close_tag, think.open_tag)
   boxed = last_boxed(solution, max_chars)
   if boxed is not None:
     candidate = boxed

@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 
 from phi_jax.rewards.extract import extract_answer, extract_gold
 from phi_jax.rewards.screen import ScreenConfig, screen_problem
+from phi_jax.rewards.think_format import ThinkFormat
 
 _WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "verify_worker.py")
 _READ_CHUNK = 1 << 16
@@ -54,6 +55,8 @@ class VerifierConfig:
   float_rounding: int = 6
   numeric_precision: int = 15
   screen: ScreenConfig = ScreenConfig()
+  # The think tags, and whether the prompt opens the think block: where a completion's answer section starts.
+  think: ThinkFormat = ThinkFormat()
 
   def __post_init__(self):
     if self.timeout_s <= 0 or not 0 <= self.soft_timeout_ratio < 1:
@@ -102,7 +105,7 @@ class VerifierPool:
     max_chars = self.config.screen.max_answer_chars
     pairs: list[Optional[tuple[str, str]]] = []
     for completion, gold in zip(completions, golds):
-      pred_answer = extract_answer(sanitize(completion), max_chars=max_chars)
+      pred_answer = extract_answer(sanitize(completion), max_chars=max_chars, think=self.config.think)
       gold_answer = extract_gold(sanitize(gold), max_chars=max_chars)
       if gold_answer is None or screen_problem(gold_answer, self.config.screen):
         logger.warning("gold answer %.80r cannot be verified against", gold)
