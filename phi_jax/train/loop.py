@@ -452,7 +452,6 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     written = step % loop.log_every == 0 or step == loop.num_steps or evaluate_now
     if written:
       record.update(_tokens_seen(stats))  # every process writes the same steps: a collective is safe here
-
       writer.write(record)
       if on_log is not None:
         on_log(record)
