@@ -128,7 +128,7 @@ def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "n
                    async_checkpoints: bool = True, eval_every: int = 0, init_from: Optional[str] = None,
                    export_hf: bool = False, peak_flops_per_device: Optional[float] = None,
                    on_nonfinite: str = "stop", chunk_size: int = 1024, z_loss: float = 0.0,
-                   preemption_grace_s: Optional[float] = None, loss_spike_factor: float = 5.0,
+                   preemption_grace_s: Optional[float] = None, loss_spike_factor: Optional[float] = None,
                    loss_spike_window: int = 20, early_stopping_patience: Optional[int] = None,
                    early_stopping_min_delta: float = 0.0, keep_best_checkpoint: bool = False):
   """Loop settings. `init_from`: an HF checkpoint directory or a previous run's workdir (its params/).
@@ -136,13 +136,17 @@ def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "n
   `chunk_size`: positions per logits chunk in every stage's loss. `z_loss`: the z-loss coefficient of the
   next-token loss (mid-training, SFT); the DPO and GRPO losses have no such term.
   `early_stopping_patience`, `early_stopping_min_delta`, `keep_best_checkpoint`: stop once the eval loss stalls,
-  and end with the best evaluation's params (see `phi_jax.train.LoopConfig`); they need data.eval_files."""
+  and end with the best evaluation's params (see `phi_jax.train.LoopConfig`); they need data.eval_files.
+  `loss_spike_factor`: flag a loss above this x its running median (0: off); by default 5 for the next-token and DPO
+  stages and off for GRPO, whose loss is a signed surrogate near zero (a ratio to its median flags noise)."""
   if stage == "grpo" and (early_stopping_patience is not None or keep_best_checkpoint):
     raise ValueError("a GRPO run has no eval loss for train.early_stopping_patience / train.keep_best_checkpoint "
                      "to compare: remove those bindings")
   if z_loss and stage != "next_token":
     raise ValueError(f"train.z_loss={z_loss} applies to the next-token loss only; the {stage!r} stage's loss has "
                      "no z-loss term: remove the binding")
+  if loss_spike_factor is None:
+    loss_spike_factor = 0.0 if stage == "grpo" else 5.0
   return dict(loop=LoopConfig(num_steps=num_steps, seed=seed, microbatches=microbatches, log_every=log_every,
                               checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                               async_checkpoints=async_checkpoints, eval_every=eval_every, on_nonfinite=on_nonfinite,

@@ -117,6 +117,14 @@ def test_loss_settings_are_one_knob_for_every_stage():
     assert common.grpo_config(settings).chunk_size == 96
     assert common._stage_loss_fn("grpo", None, settings).keywords["cfg"].chunk_size == 96
     assert common._stage_settings("grpo", settings)["chunk_size"] == 96
+    # GRPO's loss is a signed surrogate near zero: no loss-spike flags unless asked for; other stages keep them.
+    assert settings["loop"].loss_spike_factor == 0.0
+    gin.clear_config()
+    common.parse_gin([grpo], ["train.loss_spike_factor=3.0"])
+    assert common.train_settings()["loop"].loss_spike_factor == 3.0
+    gin.clear_config()
+    common.parse_gin([dpo], [])
+    assert common.train_settings()["loop"].loss_spike_factor == 5.0
   finally:
     gin.clear_config()
     os.chdir(cwd)
