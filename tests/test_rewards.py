@@ -62,6 +62,7 @@ EXTRACTIONS = [
     ("Thus $x = 5$. Checking, the answer is indeed right.", "x = 5"),
     ("So the answer is therefore 5.", "5"),  # connectives before the answer are dropped
     ("The answer is yes.", "yes"),  # prose, and no math to prefer
+    ("The answer is yes. Final answer:", "yes"),  # an empty last label gives way too
     ("The answer is sqrt(2).", "sqrt(2)"),  # a function name is math
     ("Thus $x = 7$. Final answer:", "x = 7"),  # a label with nothing after it falls back to the last math
     ("We get $a$, then $$\\frac{3}{4}$$", "\\frac{3}{4}"),

@@ -152,8 +152,9 @@ def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
 
   A label followed by prose rather than an answer ("... the answer is correct", "we verify the answer: plug in")
   gives way to the last label before it that is followed by an answer, so a check after the answer does not
-  replace it; when every label is followed by prose, this is the last label's (`extract_answer` then prefers the
-  solution's last math, and takes the prose only when there is none: "the answer is yes")."""
+  replace it; when every label is followed by prose, this is the last label's that is followed by anything
+  (`extract_answer` then prefers the solution's last math, and takes the prose only when there is none: "the
+  answer is yes")."""
   lowered = text.lower()
   label_ends = collections.deque(maxlen=_MAX_LABEL_TRIES)
   start = lowered.find(_ANSWER_WORD)
@@ -166,7 +167,8 @@ def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
     return None
   candidates = [_without_leading_filler(_sentence(text[end:end + max_chars + 1], max_chars))
                 for end in reversed(label_ends)]
-  return next((c for c in candidates if clean_answer(c) and not _starts_with_prose(c)), candidates[0])
+  written = [c for c in candidates if clean_answer(c)]
+  return next((c for c in written if not _starts_with_prose(c)), written[0] if written else candidates[0])
 
 
 def _without_leading_filler(candidate: str) -> str:
