@@ -31,6 +31,62 @@ def test_filters_drop_zero_variance_easy_and_ragged_groups_and_balance_negatives
   assert plain.tolist() == [[False] * 4] + [[True] * 4] * 3
 
 
+@pytest.mark.parametrize("field,value", [
+    ("aggregation", "dapo"), ("group_size", 1), ("num_passes", 0), ("prompts_per_step", 0), ("max_new_tokens", 0),
+    ("epsilon_low", 1.0), ("epsilon_high", -0.1), ("beta", -0.01), ("entropy_coef", -1.0),
+    ("max_group_accuracy", 50.0), ("max_length_cv", 0.0), ("anneal_fraction", 0.0), ("anneal_fraction", 2.0),
+    ("temperature", -1.0), ("final_temperature", -0.6)])
+def test_grpo_settings_out_of_range_are_an_error_before_any_rollout(field, value):
+  """Each would train wrong or fail only after a whole rollout batch was sampled (max_group_accuracy=50, a
+  percentage, switched the easy-prompt filter off)."""
+  with pytest.raises(ValueError, match=f"grpo.{field}"):
+    grpo.GRPOConfig(**{field: value})
+
+
+def test_a_rollout_cut_at_the_length_limit_is_incorrect():
+  """The right answer followed by a loop that never ends its turn is not a solution: no correctness reward, and
+  not counted correct by the filters (max_group_accuracy, balance_negatives, the hard-prompt queue)."""
+  score = grpo.verifier_rewards("correctness")
+  completion = "<think>2 + 2 = 4</think> The answer is \\boxed{4}. " + "And again " * 5
+  rewards, correct = score([completion] * 2, ["4", "4"], np.array([40, 40]), np.array([True, False]))
+  assert rewards.tolist() == [1.0, 0.0] and correct.tolist() == [True, False]
+  length_aware = grpo.verifier_rewards("length_aware")
+  rewards, correct = length_aware([completion] * 2, ["4", "4"], np.array([40, 40]), np.array([True, False]))
+  assert rewards[0] > 0 > rewards[1] and correct.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "constant"])
+def test_a_rollout_batch_whose_groups_were_all_dropped_changes_no_parameter(aggregation):
+  """All rows dropped (zero mask, zero advantages): zero gradients, yet AdamW's momentum would repeat the previous
+  update. Under the constant (Dr. GRPO) aggregation the weight counts every row, so the stage says what trained."""
+  from phi_jax.train import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
+  from phi_jax.train.step import make_train_step
+
+  config = phi_jax.PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                             num_kv_heads=1, max_position_embeddings=32)
+  cfg = grpo.GRPOConfig(aggregation=aggregation, max_new_tokens=8, chunk_size=16)
+  rng = np.random.default_rng(0)
+  b, t = 2, 16
+  loss_mask = np.zeros((b, t), np.int32)
+  loss_mask[:, 4:12] = 1
+  batch = {"tokens": rng.integers(0, 64, (b, t)).astype(np.int32), "segment_ids": np.ones((b, t), np.int32),
+           "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), "loss_mask": loss_mask,
+           "advantages": np.array([1.0, -1.0], np.float32), "old_logps": -rng.random((b, t)).astype(np.float32)}
+  dropped = dict(batch, loss_mask=np.zeros_like(loss_mask), advantages=np.zeros(b, np.float32))
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  opt_cfg = OptimizerConfig(learning_rate=1e-2, decay="constant")
+  optimizer = make_optimizer(opt_cfg, 10)
+  state = create_train_state(config, optimizer, mesh, jax.random.key(0))
+  step = make_train_step(grpo.make_loss_fn(config, cfg), optimizer, learning_rate_schedule(opt_cfg, 10), mesh,
+                         jax.tree.map(lambda x: x.sharding, state), batch)
+  state, _ = step(state, batch, jax.random.key(1))
+  before = jax.device_get(state.params)
+  state, metrics = step(state, dropped, jax.random.key(1))
+  assert float(metrics["grad_norm"]) == 0.0 and int(state.step) == 2
+  for got, want in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "constant"])
 def test_grpo_metrics_are_token_means_whatever_the_microbatching(aggregation):
   """kl, entropy, ratio and the clip fractions are token means over the batch: under a per-sequence or constant

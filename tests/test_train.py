@@ -250,6 +250,38 @@ def test_a_skipped_update_keeps_the_moments_but_not_the_learning_rate_schedule_b
   np.testing.assert_allclose(applied[1:], logged[1:], rtol=1e-5)
 
 
+def test_a_batch_that_trains_nothing_changes_no_parameter():
+  """Zero weight (every token masked, every GRPO group dropped): the gradients are zero, but AdamW would still step
+  along its momentum, repeating the last update. The params stay; the moments see a zero gradient."""
+  from phi_jax.train.state import TrainState
+  from phi_jax.train.step import train_step
+  cfg = OptimizerConfig(learning_rate=0.1, decay="constant", max_grad_norm=None, weight_decay=0.1, b1=0.9)
+  optimizer, schedule = make_optimizer(cfg, 8), learning_rate_schedule(cfg, 8)
+
+  def loss_fn(p, batch, rng):  # "trained" overrides the weight where a stage normalises by something else
+    del rng
+    aux = {"weight": batch["weight"], "metrics": {}}
+    if "trained" in batch:
+      aux["trained"] = batch["trained"]
+    return jnp.sum(p["w"] * batch["x"]) * batch["weight"], aux
+
+  step = jax.jit(lambda s, b: train_step(s, b, jax.random.key(0), loss_fn=loss_fn, optimizer=optimizer,
+                                         schedule=schedule))
+  params = {"w": jnp.ones(3)}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+  state, _ = step(state, {"x": jnp.ones(3), "weight": jnp.float32(2.0)})
+  adam = lambda s: next(x for x in jax.tree.leaves(s.opt_state, is_leaf=lambda x: isinstance(
+      x, optax.ScaleByAdamState)) if isinstance(x, optax.ScaleByAdamState))
+  for empty in ({"x": jnp.ones(3), "weight": jnp.float32(0.0)},
+                {"x": jnp.zeros(3), "weight": jnp.float32(2.0), "trained": jnp.float32(0.0)}):
+    new, metrics = step(state, empty)
+    assert int(new.step) == int(state.step) + 1 and float(metrics["grad_norm"]) == 0.0
+    np.testing.assert_array_equal(new.params["w"], state.params["w"])  # no momentum step, no weight decay
+    np.testing.assert_allclose(adam(new).mu["w"], 0.9 * adam(state).mu["w"], rtol=1e-6)
+  moved, _ = step(state, {"x": jnp.zeros(3), "weight": jnp.float32(2.0), "trained": jnp.float32(5.0)})
+  assert not np.array_equal(moved.params["w"], state.params["w"])  # zero gradient, but something trained
+
+
 @pytest.mark.parametrize("field,value", [
     ("warmup_fraction", 10.0), ("warmup_fraction", -0.1), ("warmup_steps", -1), ("decay", "exp"),
     ("max_grad_norm", 0.0), ("max_grad_norm", -1.0), ("learning_rate", -1e-5), ("final_lr_fraction", 2.0),

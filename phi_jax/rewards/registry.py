@@ -28,9 +28,13 @@ def _verdict(correct: Optional[bool], completion: str, gold: str) -> bool:
 
 
 def correctness(completion: str, gold: str, *, length: int, finished: bool, correct: Optional[bool] = None) -> float:
-  """1.0 when the final answer equals the gold answer, else 0.0."""
-  del length, finished
-  return float(_verdict(correct, completion, gold))
+  """1.0 when the completion ended its turn and its final answer equals the gold answer, else 0.0.
+
+  A completion cut at the length limit scores 0 whatever it wrote before the cut: counted correct, an answer
+  followed by a loop that never stops would be rewarded (GRPO) or chosen (rollout DPO) as a solution.
+  """
+  del length
+  return float(finished and _verdict(correct, completion, gold))
 
 
 correctness.uses_correctness = True

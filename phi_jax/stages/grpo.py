@@ -38,6 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from phi_jax.losses import chunked_token_logprobs, group_advantages, grpo_loss, next_token_targets
+from phi_jax.losses.grpo import AGGREGATIONS
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sampling import SamplingConfig, generate
 from phi_jax.train import checkpoint
@@ -74,6 +75,34 @@ class GRPOConfig:
   chunk_size: int = 1024
 
   def __post_init__(self):
+    # Checked here, before a run samples its first rollout batch (minutes of generation) only to fail at the loss.
+    if self.aggregation not in AGGREGATIONS:
+      raise ValueError(f"grpo.aggregation={self.aggregation!r}; choose one of {AGGREGATIONS}")
+    for name in ("prompts_per_step", "num_passes", "max_prompt_tokens", "max_new_tokens", "chunk_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"grpo.{name}={getattr(self, name)} must be >= 1")
+    if self.group_size < 2:
+      raise ValueError(f"grpo.group_size={self.group_size}: group-relative advantages need at least 2 samples of "
+                       "each prompt")
+    if not 0.0 <= self.epsilon_low < 1.0 or not self.epsilon_high >= 0.0:
+      raise ValueError(f"grpo.epsilon_low={self.epsilon_low}, grpo.epsilon_high={self.epsilon_high}: the clip "
+                       "range is [1 - epsilon_low, 1 + epsilon_high], so epsilon_low must be in [0, 1) and "
+                       "epsilon_high >= 0")
+    for name in ("beta", "entropy_coef"):
+      if not getattr(self, name) >= 0.0:
+        raise ValueError(f"grpo.{name}={getattr(self, name)} must be >= 0 (a negative weight rewards the opposite)")
+    if self.max_group_accuracy is not None and not 0.0 <= self.max_group_accuracy <= 1.0:
+      raise ValueError(f"grpo.max_group_accuracy={self.max_group_accuracy} is a group accuracy, in [0, 1] (0.5 "
+                       "drops prompts solved by more than half of their group)")
+    if self.max_length_cv is not None and not self.max_length_cv > 0.0:
+      raise ValueError(f"grpo.max_length_cv={self.max_length_cv} must be > 0 (a coefficient of variation); None "
+                       "turns the length filter off")
+    if not 0.0 < self.anneal_fraction <= 1.0:
+      raise ValueError(f"grpo.anneal_fraction={self.anneal_fraction} is a fraction of the run, in (0, 1]")
+    for name in ("temperature", "final_temperature"):
+      value = getattr(self, name)
+      if value is not None and not value >= 0.0:
+        raise ValueError(f"grpo.{name}={value} must be >= 0 (0 is greedy)")
     if not 0.0 <= self.hard_prompt_fraction < 1.0:
       raise ValueError(f"grpo.hard_prompt_fraction={self.hard_prompt_fraction}: the share of each batch's prompts "
                        "sampled again because they were hard, in [0, 1)")
@@ -111,7 +140,9 @@ def grpo_stage_loss(params, batch, rng, *, config: PhiConfig, cfg: GRPOConfig):
     weight, scale = rows, rows
   # The metrics are token means whatever the aggregation: summed per token, so microbatching does not change them.
   tokens = jnp.sum(mask)
-  return loss * scale, {"weight": weight, "metrics": {k: v * tokens for k, v in metrics.items()},
+  # "trained": the constant aggregation's weight counts every row, so the step learns from the kept tokens whether
+  # this batch trains anything at all (see `train.step`).
+  return loss * scale, {"weight": weight, "trained": tokens, "metrics": {k: v * tokens for k, v in metrics.items()},
                         "metric_weights": {k: tokens for k in metrics}}
 
 
@@ -120,13 +151,18 @@ def make_loss_fn(config: PhiConfig, cfg: GRPOConfig):
 
 
 def verifier_rewards(reward_fn) -> RewardBatchFn:
-  """Rewards from a `phi_jax.rewards` reward (e.g. `combine({...})` or "correctness"); correctness verified once."""
+  """Rewards from a `phi_jax.rewards` reward (e.g. `combine({...})` or "correctness"); correctness verified once.
+
+  The verdict returned beside the rewards (which drives the group filters, the hard-prompt queue and the logged
+  accuracy) counts a completion cut at the length limit as incorrect, as the `correctness` reward and rollout
+  DPO's pairs do.
+  """
   from phi_jax.rewards import registry, verify_batch
 
   fn = registry.get_reward(reward_fn) if isinstance(reward_fn, str) else reward_fn
 
   def score(completions, golds, lengths, finished):
-    correct = np.asarray(verify_batch(list(completions), list(golds)), bool)
+    correct = np.asarray(verify_batch(list(completions), list(golds)), bool) & np.asarray(finished, bool)
     rewards = [fn(c, g, length=int(n), finished=bool(f), correct=bool(v))
                for c, g, n, f, v in zip(completions, golds, lengths, finished, correct)]
     return np.asarray(rewards, np.float32), correct
@@ -303,7 +339,7 @@ class GRPORollouts:
           self.hard_queue.append(i)
     if not keep.any():
       log.warning("step %d: the filters dropped every group of this rollout batch (mean reward %.3g, accuracy "
-                  "%.3g): its %d update(s) train nothing. Groups whose rewards are all equal, or too easy "
+                  "%.3g): its %d step(s) leave the params as they are. Groups whose rewards are all equal, or too easy "
                   "(grpo.max_group_accuracy), or of ragged lengths (grpo.max_length_cv) are dropped", step + 1,
                   float(np.mean(rewards)), float(np.mean(correct)), cfg.num_passes)
     advantages = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), g,

@@ -4,6 +4,7 @@ A stage's loss function is pure: `loss_fn(params, batch, rng) -> (loss_sum, aux)
 over the batch (tokens, sequences or pairs) and `aux = {"weight": how many units were summed, "metrics": {name:
 sum}}`. The step divides by the total weight only after all microbatches, so gradient accumulation gives the
 same update as one big batch, and the normaliser is the stage's choice (tokens for cross-entropy, pairs for DPO).
+A step whose batch trains nothing (`aux["trained"]`, else the weight, is 0) changes no parameter.
 A metric counted in other units than the loss (a per-token mean under a per-sequence loss) gives its own
 weight in `aux["metric_weights"][name]`.
 """
@@ -63,7 +64,13 @@ def train_step(state: TrainState, batch: dict, rng, *, loss_fn: LossFn, optimize
   # after one step: a different state signature (a recompile, a donated buffer that cannot be reused, a checkpoint
   # that no longer matches its abstract state). Each leaf keeps the dtype it came in with.
   opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
-  params = optax.apply_updates(state.params, updates)
+  # A batch that trains nothing (a GRPO rollout batch whose groups the filters all dropped, a batch of masked
+  # tokens) has zero gradients, yet AdamW would still move the params along its momentum, repeating the last
+  # update without new signal: such a step changes no parameter. Its update is multiplied by 0 inside the fused
+  # AdamW update; the moments see a zero gradient (they decay). A select that also kept the moments cost ~40 ms
+  # of a 1.7 s step on a 2-core CPU (three unfused passes over the params).
+  trains = jnp.asarray(aux.get("trained", aux["weight"])) > 0
+  params = optax.apply_updates(state.params, jax.tree.map(lambda u: u * trains.astype(u.dtype), updates))
   metric_weights = aux.get("metric_weights", {})
   metrics = {name: value / (jnp.maximum(metric_weights[name], 1.0) if name in metric_weights else weight)
              for name, value in aux.get("metrics", {}).items()}
