@@ -99,13 +99,15 @@ def model(preset: str = "tiny", hf_path: Optional[str] = None, overrides: Option
 def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weights: Optional[Sequence[float]] = None,
          tokenizer: str = "tiny:phi-4", seq_len: int = 256, batch_size: int = 8, packing: Optional[str] = "first_fit",
          too_long: str = "split", on_bad_record: str = "raise", num_epochs: Optional[int] = None,
-         system_prompt: Optional[str] = None, eval_batches: int = 4):
+         system_prompt: Optional[str] = None, eval_batches: int = 4, special_tokens_in_text: str = "split"):
   """Global batch settings and sources. `tokenizer`: a tokenizer directory, or "tiny:<chat format>" to build the
   small test tokenizer. `batch_size` is global; each process reads batch_size / process_count rows.
 
   Several `train_files` are mixed by `weights` (shares of records in every batch, equal by default); with
   `num_epochs` set, the mixture ends when its first file runs out, and the run logs how much of the others it
-  did not read (weights proportional to the files' record counts make it one pass over all)."""
+  did not read (weights proportional to the files' record counts make it one pass over all).
+  `special_tokens_in_text`: "split" reads a special token's string inside a text record (`<|endoftext|>` in code)
+  as literal text; "parse" as the control token (see `phi_jax.data.pipeline.make_tokenize_fn`)."""
   if batch_size < 1 or seq_len < 2:
     raise ValueError(f"data.batch_size={batch_size} and data.seq_len={seq_len}: a batch needs at least one row and a "
                      "row at least two tokens (one input, one target)")
@@ -119,7 +121,7 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
   return dict(train_files=list(train_files), eval_files=list(eval_files), weights=weights, tokenizer=tokenizer,
               seq_len=seq_len, batch_size=batch_size, packing=packing, too_long=too_long,
               on_bad_record=on_bad_record, num_epochs=num_epochs, system_prompt=system_prompt,
-              eval_batches=eval_batches)
+              eval_batches=eval_batches, special_tokens_in_text=special_tokens_in_text)
 
 
 @gin.configurable("train")
@@ -171,7 +173,9 @@ def _pipeline(files, data_cfg, tokenizer, *, seed, per_process_batch, shuffle=Tr
   components = [(sources_lib.open_source(f), (data_cfg["weights"] or [1.0] * len(files))[i])
                 for i, f in enumerate(files)]
   return pipeline_lib.build_pipeline(
-      components, tokenize_fn=pipeline_lib.make_tokenize_fn(tokenizer, system_prompt=data_cfg["system_prompt"]),
+      components, tokenize_fn=pipeline_lib.make_tokenize_fn(
+          tokenizer, system_prompt=data_cfg["system_prompt"],
+          special_tokens_in_text=data_cfg.get("special_tokens_in_text", "split")),
       seq_len=data_cfg["seq_len"], batch_size=per_process_batch, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
       packing=data_cfg["packing"], too_long=data_cfg["too_long"], on_bad_record=data_cfg["on_bad_record"])
 

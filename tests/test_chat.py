@@ -185,6 +185,18 @@ def test_mini_with_the_math_system_prompt_renders_like_mini_reasoning(tokenizers
     assert render_prompt(tokenizer, U, system_prompt=system) == render_prompt(tokenizer, U)
 
 
+def test_a_built_in_system_prompt_is_found_in_named_templates_too(tokenizers):
+  """A tokenizer_config.json may store its chat templates as a dict of named ones ({"default": ...})."""
+  import copy
+
+  tokenizer = copy.deepcopy(tokenizers["phi-4-mini-reasoning"])
+  tokenizer.chat_template = {"default": tokenizer.chat_template}
+  messages = [USER_1, ASSISTANT_1]
+  ids, _ = render_messages(tokenizer, messages, system_prompt=PHI4_MINI_REASONING_SYSTEM_PROMPT)
+  assert tokenizer.decode(ids).count(PHI4_MINI_REASONING_SYSTEM_PROMPT) == 1
+  assert (ids, _) == render_messages(tokenizers["phi-4-mini-reasoning"], messages)
+
+
 def test_system_prompt_only_fills_in_a_missing_system_message(tokenizers):
   tokenizer = tokenizers["phi-4"]
   with_system = render_messages(tokenizer, [SYSTEM, USER_1, ASSISTANT_1])

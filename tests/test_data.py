@@ -23,7 +23,7 @@ class CharTokenizer:
 
   eos_token_id = EOS
 
-  def __call__(self, text, add_special_tokens=False):
+  def __call__(self, text, add_special_tokens=False, **kwargs):  # kwargs: split_special_tokens (no specials here)
     assert not add_special_tokens
     return {"input_ids": [10 + ord(c) % 500 for c in text]}
 
@@ -263,10 +263,15 @@ BAD_LINES = {
 }
 
 
-@pytest.mark.parametrize("reason", list(BAD_LINES) + ["not UTF-8"])
+NOT_UTF8 = {"a Latin-1 byte": b'{"text": "caf\xe9"}',
+            "a lone surrogate escape": b'{"text": "cut emoji \\ud83d"}'}  # valid JSON, no UTF-8 text
+
+
+@pytest.mark.parametrize("reason", list(BAD_LINES) + [f"not UTF-8: {kind}" for kind in NOT_UTF8])
 def test_a_bad_record_stops_the_run_naming_file_line_and_reason(tmp_path, reason):
   path = tmp_path / "bad.jsonl"
-  bad = BAD_LINES[reason].encode() if reason in BAD_LINES else b'{"text": "caf\xe9"}'
+  bad = BAD_LINES[reason].encode() if reason in BAD_LINES else NOT_UTF8[reason.split(": ")[1]]
+  reason = reason.split(":")[0]
   path.write_bytes(b"\n".join([GOOD.encode(), b"", GOOD.encode(), bad, GOOD.encode()]) + b"\n")
   with pytest.raises(DataError) as error:
     list(pipeline([(JsonlSource(path), 1.0)]))
@@ -277,13 +282,31 @@ def test_a_bad_record_stops_the_run_naming_file_line_and_reason(tmp_path, reason
 def test_skip_mode_counts_every_bad_record_by_reason(tmp_path):
   path = tmp_path / "mixed.jsonl"
   lines = [GOOD.encode()] * 5 + [line.encode() for line in BAD_LINES.values()] + [b'{"text": "\xff"}'] * 2
+  lines.append(NOT_UTF8["a lone surrogate escape"])
   path.write_bytes(b"\n".join(lines) + b"\n")
   it = pipeline([(JsonlSource(path), 1.0)], on_bad_record="skip")
   assert len(segments(list(it))) == 5
   stats = it.stats()
-  assert stats["records_skipped"] == {**{reason: 1 for reason in BAD_LINES}, "not UTF-8": 2}
+  assert stats["records_skipped"] == {**{reason: 1 for reason in BAD_LINES}, "not UTF-8": 3}
   assert stats["records_read"] == stats["records_used"] + sum(stats["records_skipped"].values()) == len(lines)
   assert stats["records_used"] == 5
+
+
+def test_special_token_strings_inside_text_records_are_literal_text(tmp_path):
+  """Code or chat logs that mention `<|endoftext|>` must not end a document mid-text (with a loss on it); the only
+  document end is the one the pipeline appends. "parse" keeps the tokenizer's reading for corpora that want it."""
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+
+  tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer", chat_format="phi-4")
+  specials = {tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+  record = {"text": 'print("<|endoftext|>") and <|im_start|>user<|im_end|>'}
+  ids = make_tokenize_fn(tokenizer)(record)["ids"].tolist()
+  assert [i for i in ids if i in specials] == [tokenizer.convert_tokens_to_ids("<|endoftext|>")] == ids[-1:]
+  assert tokenizer.decode(ids[:-1]) == record["text"]
+  parsed = make_tokenize_fn(tokenizer, special_tokens_in_text="parse")(record)["ids"].tolist()
+  assert len([i for i in parsed if i in specials]) == 4
+  with pytest.raises(ValueError, match="special_tokens_in_text"):
+    make_tokenize_fn(tokenizer, special_tokens_in_text="literal")
 
 
 def test_empty_datasets_are_errors_naming_the_files(tmp_path):
@@ -388,7 +411,7 @@ def _picky_tokenizer_fn():
 
   class Picky(CharTokenizer):
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, **kwargs):
       return super().__call__(text.replace("\u200b", ""))
 
   def render(tokenizer, messages, **kwargs):
@@ -588,7 +611,7 @@ def test_preference_reference_logps_must_be_numbers():
   record = {"prompt": "q", "chosen": "a", "rejected": "b", "ref_chosen_logps": -3.5, "ref_rejected_logps": -4}
   normalised, bad = preference.validate_pair(record, reference_logps=True)
   assert bad is None and normalised["ref_rejected_logps"] == -4.0
-  for value in (True, "1.0", [1.0]):
+  for value in (True, "1.0", [1.0], float("nan"), float("-inf")):  # JSON's NaN and -Infinity parse to floats
     normalised, bad = preference.validate_pair(dict(record, ref_chosen_logps=value), reference_logps=True)
     assert normalised is None and bad[0] == "mistyped field"
 

@@ -108,6 +108,27 @@ def test_tied_model_writes_no_lm_head(saved):
   assert "lm_head.weight" in _tensor_names(saved["untied"][2])
 
 
+def test_a_tied_checkpoint_with_a_different_lm_head_is_refused(saved, tmp_path):
+  """config.json says tied, yet lm_head.weight is not the embedding: transformers 5 would untie and use it,
+  transformers 4 would ignore it. A copy of the embedding loads as before; a different head needs a decision."""
+  import shutil
+  from safetensors.numpy import load_file, save_file
+
+  config, params, directory = saved["tied_longrope"]
+  tensors = load_file(directory / "model.safetensors")
+  embedding = tensors["model.embed_tokens.weight"]
+  copy_dir, other_dir = tmp_path / "copy", tmp_path / "other"
+  for target, head in ((copy_dir, embedding.copy()), (other_dir, embedding + 1.0)):
+    shutil.copytree(directory, target)
+    save_file(dict(tensors, **{"lm_head.weight": head}), target / "model.safetensors", metadata={"format": "pt"})
+  _assert_same_params(phi_jax.load_hf(copy_dir)[1], params)
+  with pytest.raises(ValueError, match="tie_word_embeddings.*lm_head.weight differs"):
+    phi_jax.load_hf(other_dir)
+  untied_config, untied = phi_jax.load_hf(other_dir, config_overrides={"tie_word_embeddings": False})
+  assert not untied_config.tie_word_embeddings
+  np.testing.assert_array_equal(np.asarray(untied["lm_head"]["kernel"]), (embedding + 1.0).T)
+
+
 def test_single_file_and_generation_config(saved):
   directory = saved["untied"][2]
   assert sorted(p.name for p in directory.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
@@ -339,6 +360,18 @@ def test_rope_scaling_variants():
   dict_only["rope_scaling"] = MINI_LIKE_CLASSIC["rope_scaling"] | {"original_max_position_embeddings": 16}
   with pytest.raises(ValueError, match="set only inside the rope dict"):
     from_hf_config(dict_only)
+
+
+def test_an_attention_factor_is_exported_only_when_it_is_not_the_derived_one(caplog):
+  """transformers 4.x's Phi3Config accepts exactly type, short_factor and long_factor in rope_scaling, so a factor
+  read from a config.json that spelled out the derived value must not make the export unloadable there."""
+  config = from_hf_config(MINI_LIKE_CLASSIC)
+  derived = config.replace(rope_attention_factor=config.rope_attention_scale)
+  assert set(to_hf_config(derived)["rope_scaling"]) == {"type", "short_factor", "long_factor"}
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    custom = to_hf_config(config.replace(rope_attention_factor=1.25))
+  assert custom["rope_scaling"]["attention_factor"] == 1.25 and "transformers 4.x" in caplog.text
+  assert from_hf_config(custom).rope_attention_scale == 1.25
 
 
 @pytest.mark.parametrize("rope", [

@@ -144,6 +144,8 @@ def _unless_built_in(tokenizer: PreTrainedTokenizerBase, system_prompt: Optional
   """None when the chat template already writes `system_prompt` itself (Phi-4-mini-reasoning's template opens with
   its system sentence and appends any system message to it): given again, the sentence would appear twice."""
   template = getattr(tokenizer, "chat_template", None) or ""
+  if isinstance(template, Mapping):  # named templates ({"default": ..., "tool_use": ...}): `in` would test the names
+    template = "".join(t for t in template.values() if isinstance(t, str))
   if isinstance(system_prompt, str) and system_prompt and system_prompt in template:
     return None
   return system_prompt

@@ -43,15 +43,24 @@ TokenizeFn = Callable[[dict[str, Any]], dict[str, np.ndarray]]
 
 
 def make_tokenize_fn(tokenizer, *, system_prompt: Optional[str] = None, add_eos_to_text: bool = True,
-                     eos_id: Optional[int] = None, render_fn: Optional[Callable] = None) -> TokenizeFn:
+                     eos_id: Optional[int] = None, render_fn: Optional[Callable] = None,
+                     special_tokens_in_text: str = "split") -> TokenizeFn:
   """A function from a validated record to `{"ids": int32[n], "loss_mask": int32[n]}`.
 
   Conversations (and prompt/completion pairs, as a user and an assistant turn) go through `render_fn` (default
   `phi_jax.data.chat.render_messages`): the loss mask is its assistant mask. Text records are `tokenizer(text)`
   without special tokens, followed by `eos_id` so packed documents are separated; the loss mask is all ones.
+  A special token's string inside a text record (`<|endoftext|>` in code that mentions it) is read as the literal
+  characters it is (`special_tokens_in_text="split"`), not as the control token, which would end a document or
+  open a chat turn mid-text with a loss on it; "parse" reads such strings as control tokens (a corpus that marks
+  its own boundaries inside text fields).
   `eos_id` defaults to `<|endoftext|>` when the vocabulary has it (the Phi-4 family's document separator; phi-4's
   `eos_token` is `<|im_end|>`, which ends a chat turn), else to `tokenizer.eos_token_id`.
   """
+  if special_tokens_in_text not in ("split", "parse"):
+    raise ValueError(f"special_tokens_in_text={special_tokens_in_text!r}; choose 'split' (a special token's string in "
+                     "a text record is literal text) or 'parse' (it is the control token)")
+  split = {"split_special_tokens": True} if special_tokens_in_text == "split" else {}
   if render_fn is None:
     from phi_jax.data.chat import render_messages as render_fn  # pylint: disable=import-outside-toplevel
   eos = _document_end_id(tokenizer) if eos_id is None else eos_id
@@ -60,7 +69,8 @@ def make_tokenize_fn(tokenizer, *, system_prompt: Optional[str] = None, add_eos_
 
   def tokenize(record: dict[str, Any]) -> dict[str, np.ndarray]:
     if "text" in record:
-      ids = list(tokenizer(record["text"], add_special_tokens=False)["input_ids"]) + ([eos] if add_eos_to_text else [])
+      ids = list(tokenizer(record["text"], add_special_tokens=False, **split)["input_ids"])
+      ids += [eos] if add_eos_to_text else []
       mask = [1] * len(ids)
     else:
       messages = record.get("messages") or [{"role": "user", "content": record["prompt"]},
@@ -180,7 +190,8 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
   if bad is None:
     try:
       example = tokenize_fn(record)
-    except ValueError as e:  # The renderer's word on a record it cannot render exactly (see chat.render_messages).
+    except (ValueError, TypeError) as e:  # The renderer's word on a record it cannot render exactly (see
+      # chat.render_messages), or the tokenizer's on text it cannot encode.
       example, bad = None, ("tokenization failed", str(e))
   if bad is None:
     ids, loss_mask = example["ids"], example["loss_mask"]

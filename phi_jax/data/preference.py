@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -71,6 +72,8 @@ def validate_pair(data: Any, *, reference_logps: bool = False) -> tuple[Optional
         return None, ("missing field", f"'{key}' is missing (write it with precompute_reference_logps)")
       if isinstance(data[key], bool) or not isinstance(data[key], (int, float)):
         return None, ("mistyped field", f"'{key}' is {type(data[key]).__name__}, expected a number")
+      if not math.isfinite(data[key]):  # JSON's NaN / Infinity: one would make its whole batch's loss NaN
+        return None, ("mistyped field", f"'{key}' is {data[key]}, expected a finite log-probability")
       record[key] = float(data[key])
     if data.get("ref_seq_len") is not None:
       record["ref_seq_len"] = data["ref_seq_len"]
@@ -158,7 +161,8 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
   if bad is None:
     try:
       rows, status = encode_pair(tokenizer, record, seq_len=seq_len, too_long=too_long, system_prompt=system_prompt)
-    except ValueError as e:  # The renderer's word on a record it cannot render with an exact mask.
+    except (ValueError, TypeError) as e:  # The renderer's word on a record it cannot render with an exact mask, or
+      # the tokenizer's on text it cannot encode.
       bad = ("tokenization failed", str(e))
   if bad is not None:
     if on_bad_record == "raise":

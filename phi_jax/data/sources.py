@@ -165,11 +165,23 @@ class JsonlSource(_MultiFileSource):
       data = json.loads(line.removeprefix("\ufeff"))
     except json.JSONDecodeError as e:
       return _raw(None, where, ("invalid JSON", f"{e.msg} at column {e.colno}"))
+    # JSON allows an escaped half of a UTF-16 surrogate pair ("\ud83d" from a cut emoji); Python keeps it as a lone
+    # surrogate, which no tokenizer can encode.
+    if "\\u" in line and _has_lone_surrogate(data):
+      return _raw(None, where, ("not UTF-8", "a lone UTF-16 surrogate escape (half of a \\uD8xx\\uDCxx pair)"))
     return _raw(data, where, None)
 
   def __del__(self):
     for fd in getattr(self, "_open_files", {}).values():
       os.close(fd)
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+  try:
+    json.dumps(data, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError:
+    return True
+  return False
 
 
 def _index_lines(path: str, chunk_bytes: int = 1 << 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

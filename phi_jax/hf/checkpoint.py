@@ -210,6 +210,19 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
         sharding = _get(shardings, param_path) if shardings is not None else None
         _set(params, param_path, jax.device_put(host, sharding))
       del stacked  # the host copies go before the next parameter is built
+    if config.tie_word_embeddings and "lm_head.weight" in weight_files:
+      # A tied checkpoint may carry lm_head.weight as a copy of the embedding. One that differs (a head trained
+      # untied, saved under a config that still says tied) is ambiguous: transformers 5 then unties and uses it,
+      # transformers 4 ignores it, and the two compute different logits.
+      embedding = readers[weight_files["model.embed_tokens.weight"]].get_tensor("model.embed_tokens.weight")
+      head = read("lm_head.weight", embedding.shape)
+      if not np.array_equal(head, embedding):
+        raise ValueError(
+            f"{directory}: config.json says tie_word_embeddings=true, but lm_head.weight differs from "
+            "model.embed_tokens.weight (max |difference| "
+            f"{float(np.max(np.abs(head.astype(np.float32) - embedding.astype(np.float32)))):.3g}). If the head "
+            "was trained untied, load it with config_overrides={'tie_word_embeddings': False}; if the embedding is "
+            "the head, remove lm_head.weight from the checkpoint")
   return config, params
 
 

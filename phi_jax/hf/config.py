@@ -16,10 +16,13 @@ The checkpoint's `torch_dtype` / `dtype` (the dtype transformers computes in by 
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 
 from phi_jax.model.config import PhiConfig
+
+log = logging.getLogger("phi_jax")
 
 SUPPORTED_MODEL_TYPE = "phi3"
 # "su" is the name LongRoPE had in the first Phi-3 checkpoints; transformers reads it as "longrope".
@@ -176,7 +179,14 @@ def to_hf_config(config: PhiConfig) -> dict[str, Any]:
       raise ValueError("a LongRoPE config needs rope_short_factor and rope_long_factor to be written to config.json")
     rope_scaling = {"type": "longrope", "short_factor": list(config.rope_short_factor),
                     "long_factor": list(config.rope_long_factor)}
-    if config.rope_attention_factor is not None:
+    # Written only when it differs from the value transformers derives from max / original_max: transformers 4.x's
+    # Phi3Config refuses a fourth rope_scaling key, so a checkpoint that round-trips a derived factor stays loadable.
+    derived = config.replace(rope_attention_factor=None).rope_attention_scale
+    if config.rope_attention_factor is not None and not math.isclose(config.rope_attention_factor, derived,
+                                                                     rel_tol=1e-6):
+      log.warning("rope_attention_factor=%s differs from the derived %s: written as rope_scaling.attention_factor, "
+                  "which transformers 5 reads and transformers 4.x's Phi3Config refuses", config.rope_attention_factor,
+                  derived)
       rope_scaling["attention_factor"] = config.rope_attention_factor
     # Left out, transformers would use its class default (4096) instead of our max_position_embeddings.
     original_max = config.original_max_positions
