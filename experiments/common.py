@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import inspect
 import json
 import logging
 import math
@@ -141,6 +142,9 @@ def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "n
   and end with the best evaluation's params (see `phi_jax.train.LoopConfig`); they need data.eval_files.
   `loss_spike_factor`: flag a loss above this x its running median (0: off); by default 5 for the next-token and DPO
   stages and off for GRPO, whose loss is a signed surrogate near zero (a ratio to its median flags noise)."""
+  if num_steps < 1:
+    raise ValueError(f"train.num_steps={num_steps}: a run trains at least one step (with none, its params/ would be "
+                     "its starting weights under a trained run's name)")
   if stage == "grpo" and (early_stopping_patience is not None or keep_best_checkpoint):
     raise ValueError("a GRPO run has no eval loss for train.early_stopping_patience / train.keep_best_checkpoint "
                      "to compare: remove those bindings")
@@ -253,9 +257,7 @@ def run_training(workdir: str):
   _check_vocab(model_config, tokenizer)
   if not data_cfg["train_files"]:
     raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
-  if stage == "grpo" and data_cfg["eval_files"]:
-    raise ValueError("data.eval_files is not read by a GRPO run (it has no eval loss); score held-out problems with "
-                     "experiments/eval.py, and remove the binding")
+  check_data_settings(stage, data_cfg, loop)
   file_sizes(data_cfg["eval_files"])  # a missing eval file is an error now, not at the first evaluation
   if loop.export_hf and jax.process_count() > 1:
     raise ValueError(f"train.export_hf writes from one process, and no one of these {jax.process_count()} holds "
@@ -545,6 +547,7 @@ def dry_run() -> dict[str, Any]:
   data_cfg = data()
   settings = train_settings()
   loop, stage = settings["loop"], settings["stage"]
+  check_data_settings(stage, data_cfg, loop)
   shape = check_batch_shape(stage, model_config, data_cfg, loop, the_mesh)
   opt = make_optimizer(optimizer(), loop.num_steps)
   state = abstract_state(model_config, opt, the_mesh)
@@ -616,6 +619,39 @@ def _read_prompts(files) -> list[dict]:
   if not records:
     raise sources_lib.DataError(",".join(map(str, files)), "empty dataset", "no GRPO prompts")
   return records
+
+
+def check_data_settings(stage: str, data_cfg: dict, loop) -> None:
+  """Data settings the stage would not read, refused before anything is built (a run and its dry run alike)."""
+  if stage == "grpo" and data_cfg["eval_files"]:
+    raise ValueError("data.eval_files is not read by a GRPO run (it has no eval loss); score held-out problems with "
+                     "experiments/eval.py, and remove the binding")
+  if stage == "grpo":
+    _check_grpo_ignores_nothing(data_cfg)
+  if loop.eval_every and not data_cfg["eval_files"]:
+    raise ValueError(f"train.eval_every={loop.eval_every} evaluates on data.eval_files, which is empty: set "
+                     "data.eval_files, or train.eval_every=0" + (" (a GRPO run has no eval loss)" if stage == "grpo"
+                                                                else ""))
+
+
+# The data settings a GRPO run reads: its prompts, their tokenizer and system prompt. Its batch is
+# grpo.prompts_per_step x grpo.group_size rows of grpo.max_prompt_tokens + grpo.max_new_tokens tokens.
+GRPO_DATA_FIELDS = ("train_files", "tokenizer", "system_prompt")
+
+
+def _check_grpo_ignores_nothing(data_cfg: dict) -> None:
+  defaults = {name: p.default for name, p in inspect.signature(data).parameters.items()}
+  ignored = sorted(name for name, value in data_cfg.items()
+                   if name in defaults and name not in (*GRPO_DATA_FIELDS, "eval_files")  # refused before
+                   and _as_plain(value) != _as_plain(defaults[name]))
+  if ignored:
+    raise ValueError(f"a GRPO run does not read {', '.join('data.' + n for n in ignored)}: its batch is "
+                     "grpo.prompts_per_step x grpo.group_size rows of grpo.max_prompt_tokens + grpo.max_new_tokens "
+                     "tokens, its prompts data.train_files; remove the binding(s)")
+
+
+def _as_plain(value):
+  return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _grpo_setup(model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict, settings: dict, tokenizer, the_mesh):

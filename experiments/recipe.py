@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -54,6 +56,7 @@ import common  # noqa: E402  (gin configurables shared by every entry script)
 import eval as eval_lib  # noqa: E402
 import make_task_data  # noqa: E402
 import rollouts  # noqa: E402
+from phi_jax import rewards  # noqa: E402
 from phi_jax.tasks import word_problems  # noqa: E402
 
 log = logging.getLogger("phi_jax")
@@ -79,7 +82,7 @@ def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experimen
   """The recipe: which stages run, their gin files (`<config_dir>/<stage>.gin`), the task data, extra gin bindings
   per stage (`stage_bindings = {"sft": ["train.num_steps=10"]}`), the rollouts per DPO prompt, the reported split."""
   unknown = [s for s in stages if s not in STAGES]
-  if unknown or list(stages) != [s for s in STAGES if s in stages]:
+  if not stages or unknown or list(stages) != [s for s in STAGES if s in stages]:
     raise ValueError(f"recipe.stages={list(stages)}: expected stages of {STAGES}, in that order")
   if stages and stages[0] == "dpo":
     raise ValueError(f"recipe.stages={list(stages)} starts at 'dpo', whose pairs are rollouts of the stage before it: "
@@ -97,6 +100,10 @@ def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experimen
   if not_lists:
     raise ValueError(f"recipe.stage_bindings[{not_lists[0]!r}] must be a list of binding strings, e.g. "
                      f'{{"{not_lists[0]}": ["train.num_steps=10"]}}')
+  not_counts = sorted(set(task_counts or {}) - set(DEFAULT_COUNTS))
+  if not_counts:  # a misspelt key used to be dropped, and its default used
+    raise ValueError(f"recipe.task_counts has {not_counts}, which are not task files; the counts are "
+                     f"{sorted(DEFAULT_COUNTS)}")
   return dict(stages=list(stages), config_dir=config_dir, task_counts={**DEFAULT_COUNTS, **(task_counts or {})},
               task_seed=task_seed, difficulty=difficulty, difficulty_overrides=dict(difficulty_overrides or {}),
               stage_bindings={k: list(v) for k, v in (stage_bindings or {}).items()}, rollout_k=rollout_k,
@@ -194,9 +201,12 @@ def split_params(params: Sequence[str]) -> tuple[list[str], list[str]]:
       raise ValueError(f"--gin_param={param}: the recipe sets {per_stage[0]} for each stage itself; to change it "
                        f'for one stage, use recipe.stage_bindings = {{"sft": [{json.dumps(param)}]}} (with that '
                        "stage's name)")
-    if "data.eval_files" in map(_binding_key, statements):  # the GRPO stage refuses it: it has no eval loss
-      raise ValueError(f"--gin_param={param}: data.eval_files would reach every stage, GRPO too, which has no eval "
-                       'loss; give it to the stages that read it, e.g. recipe.stage_bindings = {"midtrain": '
+    # The GRPO stage refuses data settings it does not read (data.eval_files: it has no eval loss).
+    not_for_grpo = [k for k in map(_binding_key, statements)
+                    if k.startswith("data.") and k[len("data."):] not in common.GRPO_DATA_FIELDS]
+    if not_for_grpo:
+      raise ValueError(f"--gin_param={param}: {not_for_grpo[0]} would reach every stage, GRPO too, which does not "
+                       "read it; give it to the stages that read it, e.g. recipe.stage_bindings = {\"midtrain\": "
                        f"[{json.dumps(param)}]}}")
     stage_params.append(param)
   return recipe_params, stage_params
@@ -267,7 +277,9 @@ def sample_dpo_pairs(workdir: str, init_from: str, settings: dict, rollout_cfg: 
     rollouts.rollout_pairs(params, config, tokenizer, os.path.join(workdir, "data", "dpo_prompts.jsonl"), out,
                            k=settings["rollout_k"], sampling=rollout_cfg["sampling"], seed=settings["task_seed"],
                            batch_size=rollout_cfg["batch_size"], mesh=the_mesh,
-                           system_prompt=common.data()["system_prompt"])
+                           system_prompt=common.data()["system_prompt"],
+                           verify_fn=functools.partial(rewards.verify_batch,
+                                                       timeout_s=rollout_cfg["verify_timeout_s"]))
   with open(rollouts.summary_path(out)) as f:
     return json.load(f)
 
@@ -275,17 +287,56 @@ def sample_dpo_pairs(workdir: str, init_from: str, settings: dict, rollout_cfg: 
 def evaluate_stage(stage_dir: str, params_from: str, problems: list[dict], eval_cfg: dict) -> dict:
   """Evaluates the params of `params_from` on the problems -> stage_dir/eval/{summary.json, items.jsonl}."""
   config, params, tokenizer, the_mesh = _policy(params_from)
-  summary, items = eval_lib.evaluate(params, config, tokenizer, problems, settings=eval_cfg, mesh=the_mesh,
-                                     system_prompt=common.data()["system_prompt"])
+  summary, items = eval_lib.evaluate(
+      params, config, tokenizer, problems, settings=eval_cfg, mesh=the_mesh,
+      system_prompt=common.data()["system_prompt"],
+      verify_fn=functools.partial(rewards.verify_batch, timeout_s=eval_cfg["verify_timeout_s"]))
   eval_lib.write_results(os.path.join(stage_dir, "eval"), summary, items)
   return summary
 
 
+def evaluation_settings(settings: dict, eval_cfg: dict) -> dict:
+  """What a stage's evaluation results depend on (the batch size and the verifier's time limit do not change them);
+  a finished stage whose record holds other values is evaluated again (see `run_recipe`)."""
+  sampling = eval_cfg["sampling"]
+  return {"split": settings["eval_split"], "num_samples": eval_cfg["num_samples"], "greedy": eval_cfg["greedy"],
+          "pass_k": list(eval_cfg["pass_k"]), "seed": eval_cfg["seed"], "temperature": sampling.temperature,
+          "top_p": sampling.top_p, "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens}
+
+
+def _write_record(stage_dir: str, record: dict) -> None:
+  with open(os.path.join(stage_dir, "recipe_stage.json"), "w") as f:
+    json.dump(record, f, indent=1)
+
+
+def check_lineage(stage: str, record: dict, parent: Optional[dict], workdir: str) -> None:
+  """Raises unless the finished stage `record` was trained from `parent` (the record of the stage before it in this
+  recipe, None for the first): the same stage, and the same training of it (its `stage_id`)."""
+  if "parent" in record:
+    was = (record["parent"], record.get("parent_id"))
+    now = (parent["name"], parent.get("stage_id")) if parent else (None, None)
+  else:  # a record written before lineage was recorded: the starting point's directory is all it tells
+    was = os.path.basename(record["init_from"]) if record.get("init_from") else None
+    now = parent["params_from"] and os.path.basename(parent["params_from"]) if parent else None
+  if was != now:
+    describe = lambda x: "random initialisation" if x in (None, (None, None)) else (
+        x if isinstance(x, str) else f"{x[0]} (training {x[1] or 'unrecorded'})")
+    stage_dir = os.path.join(workdir, stage)
+    raise ValueError(
+        f"{stage} in {stage_dir} was trained from {describe(was)}, but this recipe trains it from {describe(now)}: "
+        "its params, evaluation and the report's change vs previous would belong to another lineage. Delete "
+        f"{stage_dir} and the finished stages after it to train them again, or use a fresh --workdir")
+
+
 def run_stage(stage: str, index: int, workdir: str, init_from: Optional[str], settings: dict, eval_cfg: dict,
-              rollout_cfg: dict, problems: list[dict]) -> dict:
+              rollout_cfg: dict, problems: list[dict], parent: Optional[dict] = None) -> dict:
   """Trains (or resumes) one stage and evaluates it; returns its record for summary.json."""
   stage_dir = os.path.join(workdir, stage)
-  record: dict[str, Any] = {"name": stage, "init_from": init_from}
+  record: dict[str, Any] = {"name": stage, "init_from": init_from, "stage_id": uuid.uuid4().hex,
+                            "parent": parent["name"] if parent else None,
+                            "parent_id": parent.get("stage_id") if parent else None,
+                            "stage_params": list(settings.get("stage_params", [])),
+                            "stage_bindings": list(settings["stage_bindings"].get(stage, []))}
   bindings = stage_bindings(stage, workdir, init_from, settings)
   _configure(settings, stage, bindings)
   log.info("== stage %d/%d: %s (%s, %d steps)%s ==", index + 1, len(settings["stages"]), stage,
@@ -308,14 +359,14 @@ def run_stage(stage: str, index: int, workdir: str, init_from: Optional[str], se
   _configure(settings, stage, bindings)
   started = time.time()
   record["eval"] = evaluate_stage(stage_dir, params_from, problems, eval_cfg)
+  record["evaluation"] = evaluation_settings(settings, eval_cfg)
   record["eval_seconds"] = time.time() - started
   # Relative to the workdir, so a moved or copied workdir still finds the finished stages' params. A stage
   # interrupted there does not resume: its config.gin and checkpoints hold absolute paths (data.train_files,
   # data.tokenizer, train.init_from), and the changed data.train_files refuses the resume; deleting that stage's
   # directory trains it again from the start.
   record["params_from"] = os.path.relpath(params_from, workdir)
-  with open(os.path.join(stage_dir, "recipe_stage.json"), "w") as f:
-    json.dump(record, f, indent=1)
+  _write_record(stage_dir, record)
   e = record["eval"]
   log.info("%s: accuracy %.3f [%.3f, %.3f] (greedy %.3f), %.1f response tokens, format errors %.3f", stage,
            e["accuracy"], *e["accuracy_ci95"], e.get("greedy_accuracy", float("nan")), e["response_tokens_mean"],
@@ -330,21 +381,35 @@ def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) 
   os.makedirs(workdir, exist_ok=True)
   manifest = prepare_data(workdir, settings)
   problems = rollouts.read_problems(os.path.join(workdir, "data", f"{settings['eval_split']}.jsonl"))
-  records, init_from = [], None
+  records, init_from, parent = [], None, None
+  evaluation = evaluation_settings(settings, eval_cfg)
   for index, stage in enumerate(settings["stages"]):
-    done = os.path.join(workdir, stage, "recipe_stage.json")
+    stage_dir = os.path.join(workdir, stage)
+    done = os.path.join(stage_dir, "recipe_stage.json")
     if os.path.exists(done):
       with open(done) as f:
         record = json.load(f)
+      check_lineage(stage, record, parent, workdir)
       log.info("== stage %d/%d: %s already done (accuracy %.3f) ==", index + 1, len(settings["stages"]), stage,
                record["eval"]["accuracy"])
-      if settings.get("stage_params"):
-        log.warning("%s is not trained again, so the --gin_param bindings %s do not apply to it (delete %s to "
-                    "retrain it with them)", stage, settings["stage_params"], os.path.join(workdir, stage))
+      for key, where in (("stage_params", "--gin_param bindings"), ("stage_bindings", "recipe.stage_bindings")):
+        now = settings.get(key, []) if key == "stage_params" else settings["stage_bindings"].get(stage, [])
+        if now != record.get(key, now if key == "stage_bindings" else []):
+          log.warning("%s is not trained again, so its %s %s do not apply to it (it was trained with %s; delete %s "
+                      "to retrain it with them)", stage, where, now, record.get(key), stage_dir)
+      if record.get("evaluation") != evaluation:
+        # The report compares stages item by item under one set of evaluation settings.
+        log.warning("%s was evaluated with %s; evaluating it again with %s", stage, record.get("evaluation"),
+                    evaluation)
+        _configure(settings, stage, stage_bindings(stage, workdir, init_from, settings))
+        started = time.time()
+        record["eval"] = evaluate_stage(stage_dir, os.path.join(workdir, record["params_from"]), problems, eval_cfg)
+        record.update(evaluation=evaluation, eval_seconds=time.time() - started)
+        _write_record(stage_dir, record)
     else:
-      record = run_stage(stage, index, workdir, init_from, settings, eval_cfg, rollout_cfg, problems)
+      record = run_stage(stage, index, workdir, init_from, settings, eval_cfg, rollout_cfg, problems, parent)
     records.append(record)
-    init_from = os.path.join(workdir, record["params_from"])
+    init_from, parent = os.path.join(workdir, record["params_from"]), record
   gin.clear_config()
   summary = build_summary(workdir, records, manifest, settings, eval_cfg)
   summary["wall_seconds_this_run"] = time.time() - started

@@ -43,6 +43,11 @@ def expand(spec: dict) -> list[dict]:
   """All runs of the spec, each a dict binding -> value, in a stable order."""
   product = spec.get("product", {})
   zipped = spec.get("zip", {})
+  for kind, axes in (("product", product), ("zip", zipped)):
+    not_lists = [k for k, v in axes.items() if not isinstance(v, list)]
+    if not_lists:  # a string would be swept character by character
+      raise ValueError(f"sweep axis {kind}[{not_lists[0]!r}] = {axes[not_lists[0]]!r}: give a list of values, e.g. "
+                       f'{{"{not_lists[0]}": [{json.dumps(axes[not_lists[0]])}]}}')
   lengths = {len(v) for v in zipped.values()}
   if len(lengths) > 1:
     raise ValueError(f"'zip' axes must have equal lengths, got { {k: len(v) for k, v in zipped.items()} }")
@@ -64,6 +69,24 @@ def check_runs(runs: list[dict]) -> None:
   if clashes:
     raise ValueError(f"sweep runs would share workdirs {clashes}: make their values differ in more than "
                      "punctuation or type, or split the sweep")
+
+
+def check_root(root: str, gin_files: list[str], gin_params: list[str]) -> None:
+  """Records the settings every run shares in ROOT/sweep.json, and refuses a root whose record differs: a run
+  name covers only the swept bindings, so a finished run of another sweep would be reported as this one's."""
+  shared = {"gin_files": list(gin_files), "gin_params": list(gin_params)}
+  path = os.path.join(root, "sweep.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      recorded = json.load(f)
+    if recorded != shared:
+      raise ValueError(f"{root} holds runs of a sweep with other shared settings ({recorded}, now {shared}); its "
+                       "finished runs would be reported as this sweep's. Use another --root, or the same "
+                       "--gin_file / --gin_param values")
+    return
+  os.makedirs(root, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(shared, f, indent=1)
 
 
 def gin_value(value) -> str:
@@ -127,6 +150,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   runs = expand(load_spec(args.sweep))
   check_runs(runs)
+  if args.mode != "collect":
+    check_root(args.root, args.gin_file, args.gin_param)
   if args.mode == "commands":
     for b in runs:
       print(shlex.join(command(args.gin_file, args.gin_param, b, os.path.join(args.root, run_name(b)))))

@@ -96,6 +96,15 @@ def test_dry_run_refuses_what_a_run_refuses_before_compiling():
     dry_run(grpo, ["grpo.group_size=6"])
   with pytest.raises(ValueError, match=r"grpo.max_prompt_tokens \+ grpo.max_new_tokens=200064 exceeds"):
     dry_run(grpo, ["grpo.max_new_tokens=200000"])
+  # Settings the stage would not read: GRPO's rows come from grpo.*, and an eval schedule needs eval files.
+  with pytest.raises(ValueError, match=r"a GRPO run does not read data.num_epochs, data.seq_len: its batch is"):
+    dry_run(grpo, ["data.seq_len=32768", "data.num_epochs=1"])
+  with pytest.raises(ValueError, match=r"train.eval_every=200 evaluates on data.eval_files, which is empty"):
+    dry_run(midtrain, ["data.eval_files=[]"])
+  with pytest.raises(ValueError, match=r"train.num_steps=0: a run trains at least one step"):
+    dry_run(midtrain, ["train.num_steps=0"])
+  with pytest.raises(ValueError, match=r"warmup_steps=100 and warmup_fraction=0.1 are both set"):
+    dry_run(midtrain, ["optimizer.warmup_steps=100"])  # the file's fraction used to win without a word
 
 
 def test_loss_settings_are_one_knob_for_every_stage():

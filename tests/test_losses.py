@@ -150,6 +150,14 @@ def test_chunked_cross_entropy_bfloat16_hidden_states(lm_batch):
   ref_loss, *_ = _np_cross_entropy(h_rounded, kernel_rounded, lm_batch["targets"], lm_batch["weights"], 0.0)
   assert loss.dtype == jnp.float32
   _close(loss, ref_loss, rtol=1e-5)
+  # The gradient of a scaled loss (a mean, loss / n) is the saved gradient scaled in float32, then rounded: a
+  # bfloat16 copy of 1/3 (0.333984375) would make every element 0.2% too large.
+  kernel_bf16 = jnp.asarray(lm_batch["kernel"], jnp.bfloat16)
+  grad = lambda n: jax.grad(lambda h, k: losses.chunked_cross_entropy(
+      h, k, lm_batch["targets"], lm_batch["weights"], chunk_size=16)[0] / n, argnums=(0, 1))(h_bf16, kernel_bf16)
+  for whole, third in zip(grad(1.0), grad(3.0)):
+    assert third.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(third, (whole.astype(jnp.float32) * np.float32(1 / 3)).astype(jnp.bfloat16))
 
 
 def test_chunked_cross_entropy_sharded_matches_single_device(lm_batch):
@@ -245,6 +253,14 @@ def test_chunked_token_logprobs_and_entropy(lm_batch, with_entropy, chunk_size):
   g = grad_logits(c_logp, c_ent if with_entropy else np.zeros_like(c_ent))
   _close(dh, g @ kernel.T.astype(np.float64))
   _close(dkernel, np.einsum("btd,btv->dv", h.astype(np.float64), g))
+  # The temperature is an input too (a traced schedule value): logits / T, so d/dT = -sum(g * logits) / T.
+  def of_temperature(t):
+    out = losses.chunked_token_logprobs(h, kernel, targets, chunk_size=chunk_size, temperature=t,
+                                        with_entropy=with_entropy)
+    return jnp.sum(c_logp * out[0] + c_ent * out[1]) if with_entropy else jnp.sum(c_logp * out)
+  d_temperature = jax.jit(jax.grad(of_temperature))(jnp.float32(temperature))
+  logits = h.astype(np.float64) @ kernel.astype(np.float64)
+  _close(d_temperature, -np.sum(g * logits) / temperature)
 
 
 def test_chunked_token_logprobs_sharded_matches_single_device(lm_batch):

@@ -105,6 +105,23 @@ def test_walkthrough_notebook_runs_on_the_smoke_run(smoke, monkeypatch):
   assert "loss=" not in outputs
 
 
+def test_a_finished_stage_of_another_lineage_is_refused_not_reused(tmp_path):
+  """Inserting a stage, dropping one, or training a parent again leaves a finished stage trained from something
+  else: reused, its evaluation and the report's change vs previous would describe another lineage."""
+  base = {"name": "base", "stage_id": "b1", "parent": None, "parent_id": None, "params_from": "base"}
+  sft = {"name": "sft", "stage_id": "s1", "parent": "base", "parent_id": "b1", "init_from": "/w/base"}
+  recipe.check_lineage("sft", sft, base, str(tmp_path))  # the lineage it was trained in
+  midtrain = {"name": "midtrain", "stage_id": "m1", "params_from": "midtrain"}
+  for parent, was in ((midtrain, "base"), (dict(base, stage_id="b2"), "training b1"), (None, "base")):
+    with pytest.raises(ValueError, match=f"sft in .* was trained from .*{was}.*Delete"):
+      recipe.check_lineage("sft", sft, parent, str(tmp_path))
+  # Records from before lineage was recorded: the starting point's directory decides.
+  old = {"name": "sft", "init_from": "/elsewhere/base"}
+  recipe.check_lineage("sft", old, {"name": "base", "params_from": "base"}, str(tmp_path))
+  with pytest.raises(ValueError, match="trained from base, but this recipe trains it from midtrain"):
+    recipe.check_lineage("sft", old, midtrain, str(tmp_path))
+
+
 def test_settings_reject_unknown_or_reordered_stages():
   assert recipe.recipe_settings(stages=["base", "sft"])["stages"] == ["base", "sft"]
   with pytest.raises(ValueError, match="in that order"):
@@ -113,6 +130,14 @@ def test_settings_reject_unknown_or_reordered_stages():
     recipe.recipe_settings(stages=["base", "pretrain"])
   with pytest.raises(ValueError, match="starts at 'dpo'"):  # its pairs are rollouts of the stage before it
     recipe.recipe_settings(stages=["dpo", "grpo"])
+  with pytest.raises(ValueError, match="in that order"):  # no stage at all (it failed at the end, plotting)
+    recipe.recipe_settings(stages=[])
+
+
+def test_task_counts_must_name_task_files():
+  assert recipe.recipe_settings(task_counts={"rl_prompts": 4})["task_counts"]["rl_prompts"] == 4
+  with pytest.raises(ValueError, match=r"recipe.task_counts has \['dpo', 'rl'\], which are not task files"):
+    recipe.recipe_settings(task_counts={"rl": 4, "dpo": 2})  # the defaults were used without a word
 
 
 def test_each_stage_starts_from_the_previous_one_and_reads_its_own_data(tmp_path):

@@ -167,6 +167,11 @@ def test_what_follows_a_prompt_and_inactive_rows_change_nothing(params, prompts,
   assert not any(half[name][~active].any() for name in ("tokens", "lengths", "finished"))
   with pytest.raises(ValueError, match=r"active must be one bool per row"):
     generate(params, CONFIG, tokens, lengths, jax.random.key(2), GREEDY, active=active[:3])
+  # 0/1 integers mean what the booleans do (`~1` is -2, truthy: every row used to stop after one token).
+  as_ints = jax.device_get(generate(params, CONFIG, tokens, lengths, jax.random.key(2), GREEDY,
+                                    active=active.astype(np.int32)))
+  for name in ("tokens", "lengths", "finished"):
+    np.testing.assert_array_equal(as_ints[name], half[name])
   with pytest.raises(ValueError, match=r"a 6-token prompt does not fit a cache of 4 slots"):
     kv_cache.prefill(params, tokens[:1, :6], lengths[:1], kv_cache.init_cache(CONFIG, 1, 4, block_size=4), CONFIG)
   with pytest.raises(ValueError, match=r"prompt_lengths \[0\] must be between 1 and the prompt width"):
@@ -358,7 +363,12 @@ def _right_pad(rendered):
                                             ({"top_k": -1}, "top_k"), ({"temperature": -0.5}, "temperature"),
                                             ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
                                             ({"top_k": 2.5}, "top_k must be an integer"),
-                                            ({"temperature": float("nan")}, "temperature must be finite")])
+                                            ({"temperature": float("nan")}, "temperature must be finite"),
+                                            # NumPy / JAX scalars (a schedule's value) and one value per row too:
+                                            ({"temperature": np.float32("nan")}, "temperature must be finite"),
+                                            ({"temperature": np.float32(-0.5)}, "temperature must be >= 0"),
+                                            ({"temperature": jnp.float32(-0.5)}, "temperature must be >= 0"),
+                                            ({"temperature": np.array([0.5, np.inf])}, "must be finite")])
 def test_bad_sampling_configs_name_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
     SamplingConfig(**fields)
@@ -374,6 +384,10 @@ def test_bad_prompts_are_refused(params, prompts, caplog):
   with pytest.raises(ValueError, match="vocab_size"):
     generate(params, CONFIG, np.where(tokens == tokens[0, 0], CONFIG.vocab_size, tokens), lengths,
              jax.random.key(0), GREEDY)
+  with pytest.raises(ValueError, match="prompt_lengths must hold integers"):  # 3.7 was cut to 3
+    generate(params, CONFIG, tokens, lengths + 0.7, jax.random.key(0), GREEDY)
+  with pytest.raises(ValueError, match="prompt_tokens must hold integers"):
+    generate(params, CONFIG, tokens.astype(np.float32), lengths, jax.random.key(0), GREEDY)
 
 
 def test_each_step_and_row_draws_fresh_noise(params, prompts):

@@ -24,14 +24,32 @@ def test_product_and_zip_expansion():
     sweep.expand({"zip": {"a.b": [1, 2], "c.d": [1]}})
   with pytest.raises(ValueError, match="not understood"):
     sweep.load_spec('{"grid": {}}')
+  for spec in ({"product": {"train.seed": "012"}}, {"zip": {"optimizer.learning_rate": "0.1"}}):
+    with pytest.raises(ValueError, match="give a list of values"):  # not swept character by character
+      sweep.expand(spec)
 
 
-def test_commands_mode_prints_one_launch_line_per_run(capsys):
-  sweep.main(["--gin_file=experiments/configs/midtrain_tiny.gin", "--root=/tmp/x", "--mode=commands",
+def test_commands_mode_prints_one_launch_line_per_run(capsys, tmp_path):
+  sweep.main(["--gin_file=experiments/configs/midtrain_tiny.gin", f"--root={tmp_path}/x", "--mode=commands",
               '--sweep={"product": {"train.seed": [0, 1], "data.tokenizer": ["tiny:phi-4"]}}'])
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 2 and all("experiments/train.py" in l for l in lines)
-  assert "--gin_param=train.seed=1" in lines[1] and "--workdir=/tmp/x/seed=1,tokenizer=tiny_phi-4" in lines[1]
+  assert "--gin_param=train.seed=1" in lines[1] and f"--workdir={tmp_path}/x/seed=1,tokenizer=tiny_phi-4" in lines[1]
+
+
+def test_a_root_holding_a_sweep_with_other_shared_settings_is_refused(tmp_path, monkeypatch):
+  """Run names cover the swept bindings only: a finished run of a sweep with another --gin_param would be
+  reported as this sweep's result."""
+  monkeypatch.setattr(sweep, "command", lambda files, params, bindings, workdir: [sys.executable, "-c", "pass"])
+  args = [f"--root={tmp_path}", '--sweep={"product": {"optimizer.learning_rate": [0.003]}}',
+          "--gin_file=experiments/configs/midtrain_tiny.gin"]
+  sweep.main(args + ["--gin_param=optimizer.weight_decay=0.0"])
+  sweep.main(args + ["--gin_param=optimizer.weight_decay=0.0"])  # the same sweep again: fine
+  with pytest.raises(ValueError, match="holds runs of a sweep with other shared settings"):
+    sweep.main(args + ["--gin_param=optimizer.weight_decay=0.5"])
+  with pytest.raises(ValueError, match="holds runs of a sweep"):
+    sweep.main(args + ["--gin_param=optimizer.weight_decay=0.5", "--mode=commands"])
+  sweep.main(args + ["--gin_param=optimizer.weight_decay=0.5", "--mode=collect"])  # reading results is fine
 
 
 @pytest.mark.slow

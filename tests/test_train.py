@@ -141,6 +141,8 @@ def test_schedule_warmup_and_decay():
   np.testing.assert_allclose(lr[10:], 2.0)
   with pytest.raises(ValueError, match="warmup_shape='exp'"):
     OptimizerConfig(warmup_shape="exp")
+  with pytest.raises(ValueError, match="warmup_steps=450 and warmup_fraction=0.1 are both set"):
+    OptimizerConfig(warmup_steps=450, warmup_fraction=0.1)  # a config file's fraction used to win silently
 
 
 def test_weight_decay_skips_norms_and_embeddings():

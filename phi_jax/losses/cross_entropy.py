@@ -178,7 +178,9 @@ def _fused_cross_entropy_bwd(chunk_size, z_loss, residuals, cotangents):
   del chunk_size, z_loss
   d_h, d_kernel = residuals
   d_loss = cotangents[0]  # the metrics are counts: their cotangents are ignored
-  return (d_loss.astype(d_h.dtype) * d_h, d_loss.astype(d_kernel.dtype) * d_kernel, None, None)
+  # Scaled in float32, then cast: a bfloat16 copy of the scale (1/3, say) would bias every element the same way.
+  scale = lambda d: (d_loss.astype(jnp.float32) * d.astype(jnp.float32)).astype(d.dtype)
+  return scale(d_h), scale(d_kernel), None, None
 
 
 _fused_cross_entropy.defvjp(_fused_cross_entropy_fwd, _fused_cross_entropy_bwd)
@@ -244,7 +246,8 @@ def _token_logprobs_bwd(chunk_size, with_entropy, residuals, cotangents):
   kernel = kernel_DV.astype(h_BTD.dtype)
   vocab_ids = jnp.arange(kernel.shape[-1], dtype=jnp.int32)
 
-  def body(d_kernel, xs):
+  def body(carry, xs):
+    d_kernel, d_temperature = carry
     h, targets, lse, d_logp = xs[:4]  # [B, C, D], then [B, C] each
     logp = _chunk_logits(h, kernel, temperature) - lse[..., None]
     p = jnp.exp(logp)
@@ -252,13 +255,19 @@ def _token_logprobs_bwd(chunk_size, with_entropy, residuals, cotangents):
     if with_entropy:
       entropy, d_entropy = xs[4:]
       d_z = d_z - d_entropy[..., None] * p * (logp + entropy[..., None])
-    return _lm_head_grads(h, kernel, d_z / temperature, d_kernel)
+    # z = logits / temperature, so dz / dtemperature = -z / temperature (z = logp + lse).
+    d_temperature = d_temperature - jnp.sum(d_z * (logp + lse[..., None])) / temperature
+    d_kernel, d_h = _lm_head_grads(h, kernel, d_z / temperature, d_kernel)
+    return (d_kernel, d_temperature), d_h
 
   xs = [h_BTD, targets_BT, lse_BT, d_logp_BT.astype(jnp.float32)]
   if with_entropy:
     xs += [entropy_BT, d_entropy_BT.astype(jnp.float32)]
-  d_kernel, d_h = jax.lax.scan(body, jnp.zeros_like(kernel, jnp.float32), tuple(_to_chunks(x, chunk_size) for x in xs))
-  return _from_chunks(d_h, h_BTD.shape[1]), d_kernel.astype(kernel_DV.dtype), None, jnp.zeros_like(temperature)
+  (d_kernel, d_temperature), d_h = jax.lax.scan(
+      body, (jnp.zeros_like(kernel, jnp.float32), jnp.zeros((), jnp.float32)),
+      tuple(_to_chunks(x, chunk_size) for x in xs))
+  return (_from_chunks(d_h, h_BTD.shape[1]), d_kernel.astype(kernel_DV.dtype), None,
+          d_temperature.astype(temperature.dtype))
 
 
 _token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)

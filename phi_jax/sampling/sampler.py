@@ -84,7 +84,11 @@ class SamplingConfig:
     for name in ("max_new_tokens", "top_k"):  # they size arrays and loops: 2.5 would fail deep inside jit
       if not isinstance(getattr(self, name), (int, np.integer)) or isinstance(getattr(self, name), bool):
         raise ValueError(f"SamplingConfig.{name} must be an integer, got {getattr(self, name)!r}")
-    if isinstance(self.temperature, (int, float)) and not math.isfinite(self.temperature):
+    # Checked whatever holds it (a float, a NumPy / JAX scalar from a schedule, one value per row); a traced value
+    # cannot be. NaN used to sample token id vocab_size.
+    concrete = not isinstance(self.temperature, jax.core.Tracer)
+    temperature = np.asarray(self.temperature, np.float64) if concrete else None
+    if concrete and not np.all(np.isfinite(temperature)):
       raise ValueError(f"SamplingConfig.temperature must be finite, got {self.temperature}")
     if self.max_new_tokens < 1:
       raise ValueError(f"SamplingConfig.max_new_tokens must be at least 1, got {self.max_new_tokens}")
@@ -92,7 +96,7 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 switches it off), got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (1 switches it off), got {self.top_p}")
-    if isinstance(self.temperature, (int, float)) and self.temperature < 0:
+    if concrete and np.any(temperature < 0):
       raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 is greedy), got {self.temperature}")
     # A list (from gin or JSON) would make the config unhashable, and the jitted program is keyed on it.
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -129,6 +133,8 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
   active = np.ones(prompt_lengths.shape, bool) if active is None else active
   if np.shape(active) != np.shape(prompt_lengths):
     raise ValueError(f"active must be one bool per row, shape {np.shape(prompt_lengths)}, got {np.shape(active)}")
+  # 0/1 integers mean the same as booleans (`~` on them would be a bitwise not: every row finished at once).
+  active = active.astype(bool) if isinstance(active, jax.Array) else np.asarray(active, bool)
   _check_prompts(config, prompt_tokens, prompt_lengths, sampling.max_new_tokens)
   # Temperature and stop tokens are arguments, not part of the compiled program's key.
   static = dataclasses.replace(sampling, temperature=0.0, stop_token_ids=())
@@ -280,6 +286,9 @@ def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tok
   if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
     raise ValueError(f"expected prompt_tokens [B, P] and prompt_lengths [B], got shapes {prompt_tokens.shape} "
                      f"and {prompt_lengths.shape}")
+  for name, x in (("prompt_tokens", prompt_tokens), ("prompt_lengths", prompt_lengths)):
+    if not jnp.issubdtype(x.dtype, jnp.integer):  # 3.7 would be cut to 3 without a word
+      raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
   if not all(map(kv_cache.host_readable, (prompt_tokens, prompt_lengths))):
     return
   kv_cache.check_prompt_lengths(prompt_lengths, prompt_tokens.shape[1])

@@ -15,7 +15,7 @@ import optax
 class OptimizerConfig:
   learning_rate: float = 1e-5
   warmup_steps: int = 0
-  warmup_fraction: Optional[float] = None  # overrides warmup_steps, e.g. 0.1 = 10% of the run (mid-training)
+  warmup_fraction: Optional[float] = None  # instead of warmup_steps, e.g. 0.1 = 10% of the run (mid-training)
   warmup_shape: str = "linear"  # "linear" | "cosine" (a half cosine from 0 to the peak)
   decay: str = "cosine"  # "cosine" | "linear" | "constant"
   final_lr_fraction: float = 0.0
@@ -29,6 +29,10 @@ class OptimizerConfig:
   def __post_init__(self):
     if self.warmup_steps < 0:
       raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0")
+    if self.warmup_fraction is not None and self.warmup_steps:
+      # One would be ignored: a config file's warmup_fraction silently outranked a warmup_steps given on top.
+      raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} and warmup_fraction="
+                       f"{self.warmup_fraction} are both set; keep one (warmup_fraction=None to use warmup_steps)")
     if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction <= 1.0:
       raise ValueError(f"OptimizerConfig.warmup_fraction={self.warmup_fraction} must be in [0, 1] (a fraction of the "
                        "run: 0.1 is 10%)")
