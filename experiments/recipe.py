@@ -16,7 +16,9 @@ After each stage the model answers the test problems (greedy, and `evaluation.nu
 verifier scores them. Everything lands under --workdir: data/ (the task files and tokenizer), one directory per
 stage (metrics.jsonl, params/, checkpoints/, eval/summary.json + items.jsonl), summary.json, report.md and PNG
 plots. Re-running the command skips finished stages and resumes an interrupted one from its newest checkpoint;
-the task settings (recipe.task_counts, task_seed, difficulty, difficulty_overrides) must stay those data/ was
+a finished stage trained from another stage than the one now before it (a stage inserted or dropped, or its
+parent trained again) is refused rather than reused, and finished stages are evaluated again when the
+evaluation.* settings changed, so the report compares like with like; the task settings (recipe.task_counts, task_seed, difficulty, difficulty_overrides) must stay those data/ was
 written with (a new --workdir, or --fresh, for others). Checkpoint selection and tuning use the valid split only;
 the test split is only ever reported.
 

@@ -7,7 +7,9 @@
 
 The spec is JSON (inline or a file path): "product" axes are crossed, "zip" axes advance together (equal
 lengths), and the two are crossed with each other. Each run's workdir is ROOT/<binding=value,...>, so re-running
-a sweep resumes unfinished runs and leaves finished ones as they are (train.py resumes from the workdir). The
+a sweep resumes unfinished runs and leaves finished ones as they are (train.py resumes from the workdir); since
+a run's name covers the swept bindings only, ROOT/sweep.json records the --gin_file / --gin_param values every
+run shares, and a root holding a sweep with others is refused. The
 table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its final metrics: loss, eval loss and
 next-token accuracy of the trained positions (token_accuracy); for GRPO, mean reward and the share of rollouts
 whose answer verified (accuracy). In local mode a failing run does not stop the sweep: the other runs go on, the
