@@ -59,6 +59,7 @@ import eval as eval_lib  # noqa: E402
 import make_task_data  # noqa: E402
 import rollouts  # noqa: E402
 from phi_jax import rewards  # noqa: E402
+from phi_jax.sharding import distributed  # noqa: E402
 from phi_jax.tasks import word_problems  # noqa: E402
 
 log = logging.getLogger("phi_jax")
@@ -644,6 +645,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  distributed.initialize()  # before any JAX call; the stages' own calls then do nothing
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   workdir = os.path.abspath(args.workdir)

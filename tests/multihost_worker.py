@@ -155,7 +155,15 @@ grpo_state = loop.run(workdir=os.path.join(sys.argv[1], "grpo"), model_config=te
                       optimizer_config=test_train.OPT, loss_fn=grpo.make_loss_fn(test_train.CONFIG, grpo_cfg),
                       train_data=rollouts, loop=LoopConfig(num_steps=2, async_checkpoints=False),
                       mesh=sharding.make_mesh({"fsdp": -1}))
+# A mesh whose batch blocks span both processes (tensor over all devices): loop.run's batches are refused, not
+# assembled from the two processes' different rows as if they were one block.
+try:
+  loop.global_batch({"tokens": np.zeros((4, 8), np.int32)}, sharding.make_mesh({"tensor": jax.device_count()}))
+  spanning_mesh = "accepted"
+except ValueError as e:
+  spanning_mesh = "refused" if "make data x fsdp a multiple of the process count" in str(e) else str(e)
 print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses,
+                  "spanning_mesh": spanning_mesh,
                   "finite_data_steps": finite_data_steps, "eval_tokens": eval_tokens,
                   "tokens_seen": tokens_seen, "data_stats": data_stats, "preempted_at": preempted_at,
                   "restored_step": restored_step, "grpo_rows": int(mine["tokens"].shape[0]),

@@ -122,9 +122,10 @@ def test_each_process_restores_its_own_data_state(tmp_path):
 def no_cluster(monkeypatch):
   """An environment without any multi-process settings; jax.distributed must not be started."""
   from phi_jax.sharding import distributed
-  for name in ("PHI_JAX_COORDINATOR_ADDRESS", "PHI_JAX_NUM_PROCESSES", "PHI_JAX_PROCESS_ID", "SLURM_NTASKS",
-               "SLURM_JOB_ID", *distributed._CLUSTER_MARKERS):
+  for name in ("PHI_JAX_COORDINATOR_ADDRESS", "PHI_JAX_NUM_PROCESSES", "PHI_JAX_PROCESS_ID",
+               *distributed._SLURM_STEP, *distributed._CLUSTER_MARKERS):
     monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(distributed, "_initialized", False)
   started = []
   monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: started.append((a, k)))
   return started
@@ -147,14 +148,25 @@ def test_processes_without_a_coordinator_are_refused(monkeypatch, no_cluster, en
   assert no_cluster == []
 
 
+SLURM_STEP_OF_4 = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "1",
+                   "SLURM_LOCALID": "1"}
+
+
 @pytest.mark.parametrize("env", [{}, {"PHI_JAX_NUM_PROCESSES": "1"}, {"PHI_JAX_NUM_PROCESSES": "1",
                                                                      "PHI_JAX_PROCESS_ID": "0"},
-                                 {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}])  # a one-task SLURM job
+                                 {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"},  # a one-task SLURM job
+                                 # An salloc shell or a notebook kernel in an allocation: the job, no job step.
+                                 {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"},
+                                 # Open MPI's per-rank variables without the launcher's URI JAX reads.
+                                 {"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"},
+                                 # Asked for explicitly, one process stays one inside a job step too.
+                                 {**SLURM_STEP_OF_4, "PHI_JAX_NUM_PROCESSES": "1"}])
 def test_one_process_needs_no_coordinator(monkeypatch, no_cluster, env):
   from phi_jax.sharding import distributed
   for name, value in env.items():
     monkeypatch.setenv(name, value)
   distributed.initialize()
+  distributed.initialize()  # a second call (a recipe's next stage) does nothing
   assert no_cluster == []
 
 
@@ -164,9 +176,10 @@ def test_a_cluster_jax_detects_starts_without_a_coordinator(monkeypatch, no_clus
   switched = []  # not applied: no gloo switch in this test process
   monkeypatch.setattr(distributed.jax.config, "update", lambda *a: switched.append(a))
   monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
-  for name, value in {"SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "PHI_JAX_NUM_PROCESSES": "2"}.items():
+  for name, value in {**SLURM_STEP_OF_4, "PHI_JAX_NUM_PROCESSES": "4"}.items():
     monkeypatch.setenv(name, value)
   distributed.initialize()
+  distributed.initialize()  # once only: jax.distributed refuses a second start
   assert no_cluster == [((), {})]
   assert switched == [("jax_cpu_collectives_implementation", "gloo")]  # its processes gather over CPU collectives
 

@@ -128,6 +128,7 @@ def test_two_processes_equal_one(tmp_path):
                               " (one waiting in a step or save the other never took)")
   results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
   assert [r["devices"] for r in results] == [8, 8]
+  assert [r["spanning_mesh"] for r in results] == ["refused", "refused"]
   for r in results:
     np.testing.assert_allclose(r["losses"], reference, rtol=1e-5)
   # Finite data that runs out on one process first: both stop after the same step and score the same eval batch.

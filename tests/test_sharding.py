@@ -31,6 +31,13 @@ def test_zero_or_negative_mesh_sizes_are_refused(shape):
     sharding.resolve_mesh_shape(shape, 8)
 
 
+@pytest.mark.parametrize("shape", [{"data": 1.5, "fsdp": -1}, {"data": 2.9, "fsdp": 4}, {"tensor": True, "fsdp": -1}])
+def test_mesh_sizes_that_are_not_integers_are_refused(shape):
+  """They were cut to integers: 1.5 data-parallel replicas ran as 1, True as a 1-way tensor axis."""
+  with pytest.raises(ValueError, match="sizes must be integers"):
+    sharding.resolve_mesh_shape(shape, 8)
+
+
 def test_each_mesh_axis_splits_the_dimensions_it_stands_for():
   """data replicates parameters, fsdp splits the hidden (embed) dimension, tensor splits vocab, heads and mlp."""
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})

@@ -3,7 +3,7 @@
 Resolution order:
 1. explicit arguments (coordinator address, number of processes, this process's id);
 2. PHI_JAX_COORDINATOR_ADDRESS / PHI_JAX_NUM_PROCESSES / PHI_JAX_PROCESS_ID in the environment;
-3. a cluster JAX detects by itself (TPU pod slices, SLURM with several tasks, Open MPI, GKE/K8s) —
+3. a cluster JAX detects by itself (TPU pod slices, a Slurm job step of several tasks, Open MPI's mpirun) —
    `jax.distributed.initialize()` with no arguments;
 4. otherwise a single process (no call at all), so laptops and single GPUs need nothing.
 
@@ -21,11 +21,17 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-_CLUSTER_MARKERS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
+# The variables JAX's own cluster detection reads (TPU pod slices, Open MPI's `mpirun`): with them,
+# `jax.distributed.initialize()` finds its peers by itself.
+_CLUSTER_MARKERS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_MCA_orte_hnp_uri")
+# A task of a Slurm job step (`srun`): JAX needs all of these; an `salloc` shell or a notebook kernel inside an
+# allocation has the job's variables but no step, and is one process.
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_initialized = False
 
 
 def _multi_task_slurm() -> bool:
-  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+  return all(v in os.environ for v in _SLURM_STEP) and int(os.environ["SLURM_NTASKS"]) > 1
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -33,14 +39,21 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   """Starts jax.distributed when this is a multi-process run; a no-op for a single process.
 
   Raises ValueError when more than one process, or a process id, is asked for without a coordinator address
-  (`num_processes=1` with `process_id` 0 or unset needs none).
+  (`num_processes=1` with `process_id` 0 or unset needs none). An explicit single process (`num_processes=1`, or
+  PHI_JAX_NUM_PROCESSES=1) stays one whatever cluster variables are set. A second call does nothing.
   """
+  global _initialized
+  if _initialized:  # jax.distributed.initialize() may run once, before any other JAX call
+    return
   coordinator_address = coordinator_address or os.environ.get("PHI_JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "PHI_JAX_NUM_PROCESSES" in os.environ:
     num_processes = int(os.environ["PHI_JAX_NUM_PROCESSES"])
   if process_id is None and "PHI_JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["PHI_JAX_PROCESS_ID"])
   one_process = num_processes in (None, 1) and (process_id is None or (process_id == 0 and num_processes == 1))
+  if one_process and num_processes == 1 and not coordinator_address:
+    _initialized = True
+    return  # asked for explicitly: no cluster detection
   detected = _multi_task_slurm() or any(m in os.environ for m in _CLUSTER_MARKERS)  # JAX finds its peers there
   if not coordinator_address and not one_process and not detected:
     raise ValueError(
@@ -59,7 +72,9 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   elif detected:
     jax.distributed.initialize()
   else:
+    _initialized = True
     return
+  _initialized = True
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 

@@ -19,6 +19,10 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"mesh.shape has unknown axes {sorted(unknown)}; use only {MESH_AXES}")
+  not_ints = {axis: size for axis, size in shape.items()
+              if isinstance(size, bool) or not isinstance(size, (int, np.integer))}
+  if not_ints:  # int() would cut 1.5 to 1 and read True as 1
+    raise ValueError(f"mesh.shape={dict(shape)}: sizes must be integers (or -1), got {not_ints}")
   sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1:

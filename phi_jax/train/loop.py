@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptChec
                                      IncompatibleCheckpointError, state_signature)
 from phi_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from phi_jax.train.state import abstract_state, create_train_state, state_shardings
-from phi_jax.train.step import MeshJit, batch_shardings, make_train_step
+from phi_jax.train.step import MeshJit, batch_shardings, check_rows_per_process, make_train_step
 
 log = logging.getLogger("phi_jax")
 
@@ -255,8 +256,17 @@ class _EvalHistory:
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Per-process numpy batch -> global jax.Arrays split over data x fsdp (works on one host and many)."""
+  if jax.process_count() > 1:
+    # Each process's rows must be a block of the global batch of their own: on a mesh whose data x fsdp blocks span
+    # processes, the processes' different rows would silently become one batch per process.
+    _check_rows_once(mesh, len(jax.tree.leaves(local_batch)[0]) * jax.process_count())
   shardings = batch_shardings(local_batch, mesh)
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, shardings)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_rows_once(mesh: Mesh, rows: int) -> None:
+  check_rows_per_process(mesh, rows)
 
 
 class MetricsWriter:
