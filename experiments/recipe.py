@@ -18,8 +18,9 @@ stage (metrics.jsonl, params/, checkpoints/, eval/summary.json + items.jsonl), s
 plots. Re-running the command skips finished stages and resumes an interrupted one from its newest checkpoint;
 a finished stage trained from another stage than the one now before it (a stage inserted or dropped, or its
 parent trained again) is refused rather than reused, and finished stages are evaluated again when the
-evaluation.* settings changed, so the report compares like with like; the task settings (recipe.task_counts, task_seed, difficulty, difficulty_overrides) must stay those data/ was
-written with (a new --workdir, or --fresh, for others). Checkpoint selection and tuning use the valid split only;
+evaluation.* settings changed, so the report compares like with like; the task settings (recipe.task_counts,
+task_seed, difficulty, difficulty_overrides) must stay those data/ was written with (a new --workdir, or --fresh,
+for others). Checkpoint selection and tuning use the valid split only;
 the test split is only ever reported.
 
 Settings: --gin_file and the recipe.*, evaluation.* and rollouts.* bindings of --gin_param configure the recipe
