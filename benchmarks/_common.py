@@ -15,6 +15,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Mapping
 
@@ -25,11 +26,17 @@ RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 def parse_args(name: str, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the script runs end to end")
-  parser.add_argument("--out", default=os.path.join(RESULTS_DIR, f"{name}.json"), help="JSON output path")
+  parser.add_argument("--out", default=None, help=f"JSON output path (default {RESULTS_DIR}/{name}.json; with "
+                      f"--smoke, {name}_smoke.json in the temporary directory, so a smoke run leaves the recorded "
+                      "results alone)")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for JAX and torch alike")
   if extra is not None:
     extra(parser)
-  return parser.parse_args()
+  args = parser.parse_args()
+  if args.out is None:
+    args.out = (os.path.join(tempfile.gettempdir(), f"{name}_smoke.json") if args.smoke
+                else os.path.join(RESULTS_DIR, f"{name}.json"))
+  return args
 
 
 def pin_threads(threads: int) -> None:

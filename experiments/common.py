@@ -371,6 +371,11 @@ def _dpo_reference_params(model_config: PhiConfig, hf_path: Optional[str], setti
   return jax.jit(lambda: init_params(model_config, rng), out_shardings=param_shardings(model_config, the_mesh))()
 
 
+def _has_a_record(path: str) -> bool:
+  with open(path, "rb") as f:
+    return any(line.strip() for line in f)
+
+
 def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict, settings: dict,
                tokenizer, the_mesh, per_process: int):
   """(loss_fn, train_data, eval_batches) of the DPO stage."""
@@ -383,6 +388,11 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   reader = dict(seq_len=data_cfg["seq_len"], batch_size=per_process, too_long=cfg["too_long"],
                 on_bad_record=data_cfg["on_bad_record"], system_prompt=data_cfg["system_prompt"])
   train_files, eval_files = list(data_cfg["train_files"]), list(data_cfg["eval_files"])
+  for path in train_files:
+    if os.path.isfile(path) and not _has_a_record(path):
+      raise ValueError(f"{path} holds no preference pairs. Written by experiments/rollouts.py, that means every "
+                       "prompt's rollouts were all correct or all incorrect (its .summary.json has the counts): "
+                       "train the policy longer, raise --k, or use prompts nearer the policy's ability")
   ref_params = ref_fn = None
   if cfg["reference"] == "in_step":
     ref_params = _dpo_reference_params(model_config, hf_path, settings, the_mesh)
@@ -627,7 +637,7 @@ def check_data_settings(stage: str, data_cfg: dict, loop) -> None:
     raise ValueError("data.eval_files is not read by a GRPO run (it has no eval loss); score held-out problems with "
                      "experiments/eval.py, and remove the binding")
   if stage == "grpo":
-    _check_grpo_ignores_nothing(data_cfg)
+    _warn_grpo_ignores(data_cfg)
   if loop.eval_every and not data_cfg["eval_files"]:
     raise ValueError(f"train.eval_every={loop.eval_every} evaluates on data.eval_files, which is empty: set "
                      "data.eval_files, or train.eval_every=0" + (" (a GRPO run has no eval loss)" if stage == "grpo"
@@ -639,15 +649,16 @@ def check_data_settings(stage: str, data_cfg: dict, loop) -> None:
 GRPO_DATA_FIELDS = ("train_files", "tokenizer", "system_prompt")
 
 
-def _check_grpo_ignores_nothing(data_cfg: dict) -> None:
+def _warn_grpo_ignores(data_cfg: dict) -> None:
+  """A warning, not an error: a GRPO config often includes a next-token stage's file (grpo_tiny.gin does)."""
   defaults = {name: p.default for name, p in inspect.signature(data).parameters.items()}
   ignored = sorted(name for name, value in data_cfg.items()
                    if name in defaults and name not in (*GRPO_DATA_FIELDS, "eval_files")  # refused before
                    and _as_plain(value) != _as_plain(defaults[name]))
   if ignored:
-    raise ValueError(f"a GRPO run does not read {', '.join('data.' + n for n in ignored)}: its batch is "
-                     "grpo.prompts_per_step x grpo.group_size rows of grpo.max_prompt_tokens + grpo.max_new_tokens "
-                     "tokens, its prompts data.train_files; remove the binding(s)")
+    log.warning("a GRPO run does not read %s: its batch is grpo.prompts_per_step x grpo.group_size rows of "
+                "grpo.max_prompt_tokens + grpo.max_new_tokens tokens, its prompts data.train_files",
+                ", ".join(f"data.{name}={data_cfg[name]!r}" for name in ignored))
 
 
 def _as_plain(value):

@@ -205,12 +205,9 @@ def split_params(params: Sequence[str]) -> tuple[list[str], list[str]]:
       raise ValueError(f"--gin_param={param}: the recipe sets {per_stage[0]} for each stage itself; to change it "
                        f'for one stage, use recipe.stage_bindings = {{"sft": [{json.dumps(param)}]}} (with that '
                        "stage's name)")
-    # The GRPO stage refuses data settings it does not read (data.eval_files: it has no eval loss).
-    not_for_grpo = [k for k in map(_binding_key, statements)
-                    if k.startswith("data.") and k[len("data."):] not in common.GRPO_DATA_FIELDS]
-    if not_for_grpo:
-      raise ValueError(f"--gin_param={param}: {not_for_grpo[0]} would reach every stage, GRPO too, which does not "
-                       "read it; give it to the stages that read it, e.g. recipe.stage_bindings = {\"midtrain\": "
+    if "data.eval_files" in map(_binding_key, statements):  # the GRPO stage refuses it: it has no eval loss
+      raise ValueError(f"--gin_param={param}: data.eval_files would reach every stage, GRPO too, which has no eval "
+                       'loss; give it to the stages that read it, e.g. recipe.stage_bindings = {"midtrain": '
                        f"[{json.dumps(param)}]}}")
     stage_params.append(param)
   return recipe_params, stage_params
@@ -236,7 +233,16 @@ def configure(gin_files: Sequence[str], params: Sequence[str]) -> tuple[dict, di
   """(recipe settings, evaluation settings, rollout settings) of the recipe's gin files and --gin_param values;
   the settings' `stage_params` are the bindings every training stage gets (see the module docstring)."""
   gin.clear_config()
+  common.parse_gin(gin_files, [])
+  in_file_dicts = {name: _bound_or_none(name) for name in MERGED_DICTS}
+  gin.clear_config()
   common.parse_gin(gin_files, params)  # all of them, so a misspelt name fails now rather than at its stage
+  for name, in_file in in_file_dicts.items():  # a --gin_param dict adds to the file's rather than replacing it
+    given = _bound_or_none(name)
+    if in_file and given is not None and given != in_file:
+      merged = ({k: list(in_file.get(k, [])) + list(given.get(k, [])) for k in {**in_file, **given}}
+                if name == "recipe.stage_bindings" else {**in_file, **given})
+      gin.bind_parameter(name, merged)
   in_files = [b for path in gin_files for b in _file_stage_bindings(path, set())]
   if in_files:
     raise ValueError(f"recipe gin files configure the recipe only (recipe.*, evaluation.*, rollouts.*), but "
@@ -246,6 +252,19 @@ def configure(gin_files: Sequence[str], params: Sequence[str]) -> tuple[dict, di
   settings = recipe_settings()
   settings["stage_params"] = stage_params
   return settings, eval_lib.eval_settings(), rollouts.rollout_settings()
+
+
+# Recipe dicts a --gin_param extends rather than replaces: quick.gin's per-stage step counts and task counts stay
+# when the command line adds a binding for one stage or changes one count. A stage's list gets the command line's
+# entries after the file's (later bindings win).
+MERGED_DICTS = ("recipe.stage_bindings", "recipe.task_counts", "recipe.difficulty_overrides")
+
+
+def _bound_or_none(name: str) -> Optional[dict]:
+  try:
+    return gin.query_parameter(name)
+  except ValueError:  # not bound in these files
+    return None
 
 
 def stage_bindings(stage: str, workdir: str, init_from: Optional[str], settings: dict) -> list[str]:

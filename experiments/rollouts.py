@@ -209,6 +209,10 @@ def main(argv=None):
                           system_prompt=common.data()["system_prompt"],
                           verify_fn=lambda c, g: rewards.verify_batch(c, g, timeout_s=settings["verify_timeout_s"]))
   log.info("rollouts: %s", json.dumps(summary))
+  if summary["pairs"] == 0:
+    log.warning("no preference pairs: every prompt's %d rollouts were all correct or all incorrect (accuracy %.3f), "
+                "so %s is empty and DPO would have nothing to train on. Train the policy longer, raise --k, or use "
+                "prompts nearer its ability", args.k, summary["accuracy"], args.out)
   return summary
 
 

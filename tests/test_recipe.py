@@ -177,6 +177,21 @@ def test_command_line_training_bindings_reach_every_stage(monkeypatch, tmp_path)
     gin.clear_config()
 
 
+def test_command_line_recipe_dicts_add_to_the_files(monkeypatch):
+  """A binding for one stage, or one task count, given on the command line keeps the file's other entries: it used
+  to replace quick.gin's whole dict, turning the one-minute smoke run into minutes of default step counts."""
+  monkeypatch.chdir(ROOT)
+  try:
+    settings, _, _ = recipe.configure(["experiments/configs/recipe_tiny/quick.gin"],
+                                      ['recipe.stage_bindings={"sft": ["train.num_steps=5"]}',
+                                       'recipe.task_counts={"valid": 8}'])
+    assert settings["stage_bindings"]["base"] == ["train.num_steps=4"]
+    assert settings["stage_bindings"]["sft"] == ["train.num_steps=3", "train.num_steps=5"]  # the later one wins
+    assert settings["task_counts"]["valid"] == 8 and settings["task_counts"]["base_train"] == 64
+  finally:
+    gin.clear_config()
+
+
 def test_bindings_the_recipe_cannot_apply_are_refused(monkeypatch, tmp_path):
   monkeypatch.chdir(ROOT)
   recipe_gin = "experiments/configs/recipe_tiny/recipe.gin"
