@@ -172,6 +172,10 @@ def test_what_follows_a_prompt_and_inactive_rows_change_nothing(params, prompts,
                                     active=active.astype(np.int32)))
   for name in ("tokens", "lengths", "finished"):
     np.testing.assert_array_equal(as_ints[name], half[name])
+  with pytest.raises(ValueError, match=r"2 prompts for a cache of 1 rows"):  # not an einsum error a step later
+    kv_cache.prefill(params, tokens[:2, :4], lengths[:2], kv_cache.init_cache(CONFIG, 1, 8), CONFIG)
+  with pytest.raises(ValueError, match="no prompts"):
+    generate(params, CONFIG, tokens[:0], lengths[:0], jax.random.key(2), GREEDY)
   with pytest.raises(ValueError, match=r"a 6-token prompt does not fit a cache of 4 slots"):
     kv_cache.prefill(params, tokens[:1, :6], lengths[:1], kv_cache.init_cache(CONFIG, 1, 4, block_size=4), CONFIG)
   with pytest.raises(ValueError, match=r"prompt_lengths \[0\] must be between 1 and the prompt width"):

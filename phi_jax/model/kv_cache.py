@@ -81,6 +81,9 @@ def check_prompt_lengths(prompt_lengths_B, width: int) -> None:
 def prefill(params, prompt_tokens_BT, prompt_lengths_B, cache: Cache, config: PhiConfig):
   """Runs right-padded prompts through the model into an empty cache; returns (next-token logits [B, V], cache)."""
   b, t = prompt_tokens_BT.shape
+  if b != cache["tokens"].shape[0]:  # it would fail only at the first decode step, inside an einsum
+    raise ValueError(f"{b} prompts for a cache of {cache['tokens'].shape[0]} rows: make it with "
+                     f"init_cache(config, {b}, max_len)")
   if t > cache["tokens"].shape[1]:
     raise ValueError(f"a {t}-token prompt does not fit a cache of {cache['tokens'].shape[1]} slots: make it with "
                      "init_cache(config, batch_size, max_len) where max_len >= prompt width + new tokens")

@@ -286,6 +286,8 @@ def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tok
   if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
     raise ValueError(f"expected prompt_tokens [B, P] and prompt_lengths [B], got shapes {prompt_tokens.shape} "
                      f"and {prompt_lengths.shape}")
+  if prompt_tokens.shape[0] == 0:
+    raise ValueError("no prompts: prompt_tokens has 0 rows")
   for name, x in (("prompt_tokens", prompt_tokens), ("prompt_lengths", prompt_lengths)):
     if not jnp.issubdtype(x.dtype, jnp.integer):  # 3.7 would be cut to 3 without a word
       raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
