@@ -66,11 +66,12 @@ def train_step(state: TrainState, batch: dict, rng, *, loss_fn: LossFn, optimize
   opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
   # A batch that trains nothing (a GRPO rollout batch whose groups the filters all dropped, a batch of masked
   # tokens) has zero gradients, yet AdamW would still move the params along its momentum, repeating the last
-  # update without new signal: such a step changes no parameter. Its update is multiplied by 0 inside the fused
-  # AdamW update; the moments see a zero gradient (they decay). A select that also kept the moments cost ~40 ms
-  # of a 1.7 s step on a 2-core CPU (three unfused passes over the params).
+  # update without new signal: such a step changes no parameter. Its update is zeroed inside the fused AdamW update
+  # (a select: multiplying by 0/1 let XLA contract the update's last multiply and add differently, so every normal
+  # step's params changed in their last bits); the moments see a zero gradient (they decay). A select that also
+  # kept the moments cost ~40 ms of a 1.7 s step on a 2-core CPU (unfused passes over the params).
   trains = jnp.asarray(aux.get("trained", aux["weight"])) > 0
-  params = optax.apply_updates(state.params, jax.tree.map(lambda u: u * trains.astype(u.dtype), updates))
+  params = optax.apply_updates(state.params, jax.tree.map(lambda u: jnp.where(trains, u, jnp.zeros_like(u)), updates))
   metric_weights = aux.get("metric_weights", {})
   metrics = {name: value / (jnp.maximum(metric_weights[name], 1.0) if name in metric_weights else weight)
              for name, value in aux.get("metrics", {}).items()}
