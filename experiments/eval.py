@@ -13,7 +13,7 @@ checkpoint directory. Problems are JSONL `{"problem": str, "answer": str}` (MATH
 with its text, verdict, token count and whether it ended on a stop token).
 
 A response is a format error when it never ended (ran into max_new_tokens) or holds no answer the verifier can
-extract. Intervals are 95% normal intervals over problems: a problem's score is its mean over the n samples, so
+extract; one that never ended is incorrect too, whatever answer it wrote before the cut. Intervals are 95% normal intervals over problems: a problem's score is its mean over the n samples, so
 samples of one problem are not counted as independent evidence.
 """
 
@@ -110,7 +110,9 @@ def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: d
     flat = [(o, p["answer"]) for p, row in zip(problems, outputs) for o in row]
     verdicts = verify_fn([o["text"] for o, _ in flat], [answer for _, answer in flat])
     for (o, _), ok in zip(flat, verdicts):
-      o["correct"] = bool(ok)
+      # A response cut at max_new_tokens is not a solution, whatever it wrote before the cut (as for the rewards
+      # and rollout DPO's pairs): a model that answers and then never ends its turn would score as right.
+      o["correct"] = bool(ok) and bool(o["finished"])
       o["format_error"] = format_error(o)
 
   items = []

@@ -41,10 +41,10 @@ TRAIN_FILES = ("base_train", "midtrain", "dpo_prompts", "rl_prompts")
 
 def _is_hard(step: word_problems.Step) -> bool:
   """A product, or a sum or difference that carries or borrows across the tens: the steps tiny models miss."""
-  if step.op == "+":
-    return step.left % 10 + step.right >= 10
+  if step.op == "+":  # units digits: with two-digit operands (--max_operand above 9), 12 + 15 carries nothing
+    return step.left % 10 + step.right % 10 >= 10
   if step.op == "-":
-    return step.left % 10 < step.right
+    return step.left % 10 < step.right % 10
   return True
 
 

@@ -151,26 +151,41 @@ def test_eval_command_on_a_saved_run(tiny_run, capsys):
   assert summary["format_error_rate"] > 0.5
 
 
-def test_evaluate_scores_with_the_verifier_it_is_given(tiny_run):
-  from phi_jax.hf.tokenizer import load_tokenizer
-  from phi_jax.model import init_params, presets
+def _stub_generate_text(finished):
+  """A sampler stand-in: output i of each call, ended on a stop token as `finished(i)` says."""
+  def generate_text(params, config, tokenizer, prompts, rng, sampling, **kwargs):
+    return [{"text": f"output {i}", "num_tokens": 3, "finished": finished(i)} for i in range(len(prompts))]
+  return generate_text
 
-  run, _ = tiny_run
+
+def test_evaluate_scores_with_the_verifier_it_is_given(monkeypatch):
   problems = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)]
   settings = dict(eval_lib.eval_settings(num_samples=2, max_new_tokens=4, pass_k=(1, 2), batch_size=8))
+  monkeypatch.setattr(eval_lib, "generate_text", _stub_generate_text(lambda i: True))
   calls = []
 
   def every_other(completions, golds):
     calls.append(len(completions))
     return [i % 2 == 0 for i in range(len(completions))]
 
-  summary, items = eval_lib.evaluate(init_params(presets["tiny"], jax.random.key(0)), presets["tiny"],
-                                     load_tokenizer(str(run / "tokenizer")), problems, settings=settings,
-                                     verify_fn=every_other)
+  summary, _ = eval_lib.evaluate(None, None, None, problems, settings=settings, verify_fn=every_other)
   assert calls == [4, 8]  # greedy rows, then 4 problems x 2 samples
   assert summary["accuracy_per_run"] == [1.0, 0.0]  # sample 0 of every problem is "correct", sample 1 is not
   assert summary["pass_at_k"] == {"1": 0.5, "2": 1.0}
   assert summary["greedy_accuracy"] == 0.5
+
+
+def test_a_response_cut_at_max_new_tokens_is_incorrect_whatever_it_wrote(monkeypatch):
+  """The right answer followed by a loop that never ends its turn is not a solution: the rewards give it 0 and
+  rollout DPO rejects it, so evaluation must not count it either."""
+  problems = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)]
+  settings = dict(eval_lib.eval_settings(num_samples=2, max_new_tokens=4, pass_k=(1, 2), batch_size=8))
+  monkeypatch.setattr(eval_lib, "generate_text", _stub_generate_text(lambda i: i % 2 == 1))  # odd rows ended
+  summary, items = eval_lib.evaluate(None, None, None, problems, settings=settings,
+                                     verify_fn=lambda completions, golds: [True] * len(completions))
+  assert summary["accuracy_per_run"] == [0.0, 1.0]  # sample 0 of every problem ran into the limit
+  assert summary["greedy_accuracy"] == 0.5 and summary["unfinished_rate"] == 0.5
+  assert [s["correct"] for s in items[0]["samples"]] == [False, True]
 
 
 def test_samples_at_temperature_zero_repeat_the_greedy_output_of_their_own_problem(tiny_run):
@@ -190,7 +205,10 @@ def test_samples_at_temperature_zero_repeat_the_greedy_output_of_their_own_probl
   assert len(set(greedy)) > 1  # distinct prompts give distinct outputs, so a mix-up cannot go unseen
   for item, text in zip(items, greedy):
     assert [o["text"] for o in item["samples"]] == [text, text]
-  assert [item["score"] for item in items] == [0.5, 0.0, 1.0, 0.5]
+  # A problem's score is the mean of its samples' verdicts, each counted only if the sample ended its turn.
+  for item, verdict in zip(items, ([True, False], [False, False], [True, True], [False, True])):
+    correct = [v and o["finished"] for v, o in zip(verdict, item["samples"])]
+    assert [o["correct"] for o in item["samples"]] == correct and item["score"] == sum(correct) / 2
 
 
 def test_eval_and_rollouts_layer_gin_files_over_the_runs_config(tmp_path):

@@ -305,6 +305,9 @@ def test_hard_steps_are_products_and_sums_or_differences_that_cross_a_ten():
   assert not make_task_data._is_hard(_step(34, "+", 5))  # 4 + 5 = 9: no carry
   assert not make_task_data._is_hard(_step(35, "-", 5))  # 35 - 5 = 30: the units digit just reaches 0, no borrow
   assert make_task_data._is_hard(_step(34, "-", 5))  # 4 < 5: borrows
+  # Two-digit operands (--max_operand above 9): the units digits decide.
+  assert not make_task_data._is_hard(_step(12, "+", 15)) and not make_task_data._is_hard(_step(25, "-", 15))
+  assert make_task_data._is_hard(_step(18, "+", 15)) and make_task_data._is_hard(_step(40, "-", 12))
   assert make_task_data._is_hard(_step(3, "*", 2))
 
 
