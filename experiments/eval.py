@@ -13,8 +13,9 @@ checkpoint directory. Problems are JSONL `{"problem": str, "answer": str}` (MATH
 with its text, verdict, token count and whether it ended on a stop token).
 
 A response is a format error when it never ended (ran into max_new_tokens) or holds no answer the verifier can
-extract; one that never ended is incorrect too, whatever answer it wrote before the cut. Intervals are 95% normal intervals over problems: a problem's score is its mean over the n samples, so
-samples of one problem are not counted as independent evidence.
+extract; one that never ended is incorrect too, whatever answer it wrote before the cut. Intervals are 95% normal
+intervals over problems: a problem's score is its mean over the n samples, so samples of one problem are not
+counted as independent evidence.
 """
 
 from __future__ import annotations
