@@ -21,6 +21,7 @@ counted as independent evidence.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -86,7 +87,7 @@ def format_error(output: dict) -> bool:
 
 def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: dict, mesh=None,
              system_prompt: Optional[str] = None,
-             verify_fn: VerifyFn = rewards.verify_batch) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             verify_fn: Optional[VerifyFn] = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Generates, verifies and scores; returns (summary, per-problem items).
 
   Args:
@@ -94,8 +95,10 @@ def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: d
     problems: [{"prompt": str | messages, "answer": str}] (see `rollouts.read_problems`).
     settings: `eval_settings()`.
     mesh, system_prompt: as for `phi_jax.sampling.generate_text`.
-    verify_fn: (completions, golds) -> verdicts.
+    verify_fn: (completions, golds) -> verdicts; default the math verifier with `settings["verify_timeout_s"]`.
   """
+  if verify_fn is None:
+    verify_fn = functools.partial(rewards.verify_batch, timeout_s=settings.get("verify_timeout_s"))
   n, prompts = settings["num_samples"], [p["prompt"] for p in problems]
   rng = jax.random.key(settings["seed"])
   runs = {}
@@ -209,10 +212,8 @@ def main(argv=None):
   config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh)
   settings = eval_settings()
   common.check_new_tokens("evaluation.max_new_tokens", settings["sampling"].max_new_tokens, config)
-  summary, items = evaluate(
-      params, config, tokenizer, problems, settings=settings, mesh=the_mesh,
-      system_prompt=common.data()["system_prompt"],
-      verify_fn=lambda c, g: rewards.verify_batch(c, g, timeout_s=settings["verify_timeout_s"]))
+  summary, items = evaluate(params, config, tokenizer, problems, settings=settings, mesh=the_mesh,
+                            system_prompt=common.data()["system_prompt"])
   summary = dict(summary, init_from=args.init_from, problems_file=args.problems)
   if jax.process_index() == 0:
     write_results(args.out, summary, items)

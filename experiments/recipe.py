@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -59,7 +58,6 @@ import common  # noqa: E402  (gin configurables shared by every entry script)
 import eval as eval_lib  # noqa: E402
 import make_task_data  # noqa: E402
 import rollouts  # noqa: E402
-from phi_jax import rewards  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
 from phi_jax.tasks import word_problems  # noqa: E402
 
@@ -301,8 +299,7 @@ def sample_dpo_pairs(workdir: str, init_from: str, settings: dict, rollout_cfg: 
                            k=settings["rollout_k"], sampling=rollout_cfg["sampling"], seed=settings["task_seed"],
                            batch_size=rollout_cfg["batch_size"], mesh=the_mesh,
                            system_prompt=common.data()["system_prompt"],
-                           verify_fn=functools.partial(rewards.verify_batch,
-                                                       timeout_s=rollout_cfg["verify_timeout_s"]))
+                           verify_timeout_s=rollout_cfg["verify_timeout_s"])
   with open(rollouts.summary_path(out)) as f:
     return json.load(f)
 
@@ -310,10 +307,8 @@ def sample_dpo_pairs(workdir: str, init_from: str, settings: dict, rollout_cfg: 
 def evaluate_stage(stage_dir: str, params_from: str, problems: list[dict], eval_cfg: dict) -> dict:
   """Evaluates the params of `params_from` on the problems -> stage_dir/eval/{summary.json, items.jsonl}."""
   config, params, tokenizer, the_mesh = _policy(params_from)
-  summary, items = eval_lib.evaluate(
-      params, config, tokenizer, problems, settings=eval_cfg, mesh=the_mesh,
-      system_prompt=common.data()["system_prompt"],
-      verify_fn=functools.partial(rewards.verify_batch, timeout_s=eval_cfg["verify_timeout_s"]))
+  summary, items = eval_lib.evaluate(params, config, tokenizer, problems, settings=eval_cfg, mesh=the_mesh,
+                                     system_prompt=common.data()["system_prompt"])
   eval_lib.write_results(os.path.join(stage_dir, "eval"), summary, items)
   return summary
 

@@ -23,6 +23,7 @@ rollouts_unfinished, pairs_rejected_unfinished. Train on the pairs with experime
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -145,8 +146,11 @@ def summary_path(out: str) -> str:
 
 def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k: int, sampling: SamplingConfig,
                   seed: int = 0, batch_size: int = 64, mesh=None, system_prompt: Optional[str] = None,
-                  verify_fn: VerifyFn = rewards.verify_batch) -> dict[str, Any]:
-  """Samples, verifies and writes the pairs (JSONL) and the summary next to them; returns the summary."""
+                  verify_timeout_s: Optional[float] = None, verify_fn: Optional[VerifyFn] = None) -> dict[str, Any]:
+  """Samples, verifies and writes the pairs (JSONL) and the summary next to them; returns the summary. `verify_fn`
+  (completions, golds) -> verdicts defaults to the math verifier with `verify_timeout_s`."""
+  if verify_fn is None:
+    verify_fn = functools.partial(rewards.verify_batch, timeout_s=verify_timeout_s)
   if k < 2:
     raise ValueError(f"k={k}: a pair needs at least two rollouts per problem")
   problems = read_problems(problems_path)
@@ -206,8 +210,7 @@ def main(argv=None):
   common.check_new_tokens("rollouts.max_new_tokens", settings["sampling"].max_new_tokens, config)
   summary = rollout_pairs(params, config, tokenizer, args.problems, args.out, k=args.k, sampling=settings["sampling"],
                           seed=args.seed, batch_size=settings["batch_size"], mesh=the_mesh,
-                          system_prompt=common.data()["system_prompt"],
-                          verify_fn=lambda c, g: rewards.verify_batch(c, g, timeout_s=settings["verify_timeout_s"]))
+                          system_prompt=common.data()["system_prompt"], verify_timeout_s=settings["verify_timeout_s"])
   log.info("rollouts: %s", json.dumps(summary))
   if summary["pairs"] == 0:
     log.warning("no preference pairs: every prompt's %d rollouts were all correct or all incorrect (accuracy %.3f), "

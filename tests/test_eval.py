@@ -175,6 +175,22 @@ def test_evaluate_scores_with_the_verifier_it_is_given(monkeypatch):
   assert summary["greedy_accuracy"] == 0.5
 
 
+def test_the_default_verifier_uses_the_settings_time_limit(monkeypatch):
+  """evaluation.verify_timeout_s reaches the verifier without the caller wiring it (the recipe used to drop it)."""
+  problems = [{"prompt": "What is 1 + 1?", "answer": "2"}]
+  settings = dict(eval_lib.eval_settings(num_samples=1, max_new_tokens=4, batch_size=8, verify_timeout_s=30.0))
+  monkeypatch.setattr(eval_lib, "generate_text", _stub_generate_text(lambda i: True))
+  limits = []
+
+  def spy(completions, golds, *, timeout_s=None, pool=None):
+    limits.append(timeout_s)
+    return [True] * len(completions)
+
+  monkeypatch.setattr(eval_lib.rewards, "verify_batch", spy)
+  eval_lib.evaluate(None, None, None, problems, settings=settings)
+  assert limits == [30.0, 30.0]  # the greedy run and the sampled one
+
+
 def test_a_response_cut_at_max_new_tokens_is_incorrect_whatever_it_wrote(monkeypatch):
   """The right answer followed by a loop that never ends its turn is not a solution: the rewards give it 0 and
   rollout DPO rejects it, so evaluation must not count it either."""
