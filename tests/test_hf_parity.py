@@ -9,6 +9,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 
@@ -130,3 +131,29 @@ def test_bfloat16_checkpoint(checkpoints, tmp_path):
   assert _max_diff(params, config, bf16_model.float(), _tokens(20)) <= TOLERANCE
   # Without an override the compute dtype follows the checkpoint's torch_dtype.
   assert phi_jax.load_hf(tmp_path, dtype="bfloat16")[0].dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("variant", ["phi4", "mini"])
+def test_gradients_match_transformers(checkpoints, variant, tmp_path):
+  """Every parameter's gradient of a weighted logit sum equals torch's, the pad token's embedding row included (no
+  gradient from the lookup, as nn.Embedding(padding_idx); a tied table's row keeps its LM-head share)."""
+  directory, model = checkpoints[variant]
+  config, params = phi_jax.load_hf(directory)
+  tokens = _tokens(20)
+  tokens[:, ::5] = config.pad_token_id  # the pad id as an ordinary token, as <|endoftext|> is in Phi-4 data
+  weights = np.random.RandomState(1).normal(size=(*tokens.shape, VOCAB)).astype(np.float32)
+
+  grads = jax.grad(lambda p: (phi_jax.forward(p, tokens, config) * weights).sum())(params)
+  phi_jax.save_hf(tmp_path, config, grads)  # the gradient tree in transformers' names and layouts
+  ours = safetensors.numpy.load_file(tmp_path / "model.safetensors")
+  model = copy.deepcopy(model)
+  (model(torch.tensor(tokens)).logits * torch.tensor(weights)).sum().backward()
+  theirs = {name: p.grad.numpy() for name, p in model.named_parameters()}
+  assert set(ours) == set(theirs)
+  for name, grad in theirs.items():
+    np.testing.assert_allclose(ours[name], grad, atol=1e-3 * np.abs(grad).max(), err_msg=name)
+  pad_row = theirs["model.embed_tokens.weight"][config.pad_token_id]
+  if config.tie_word_embeddings:
+    assert np.abs(pad_row).max() > 1.0
+  else:
+    assert not pad_row.any()

@@ -107,6 +107,26 @@ def test_causality_is_by_slot_whatever_the_positions(model):
     assert np.all(np.abs(after[6:] - before[6:]).max(-1) > 1e-3)
 
 
+def test_padding_ids_cannot_poison_a_row_and_bad_ids_are_named():
+  """Whatever id a padding slot (segment 0) holds, the row's real tokens are unchanged (an out-of-range id used to
+  gather NaN, which attention's zero weights spread over the row); an out-of-range id in a real slot is an error."""
+  params = phi_jax.init_params(GQA, jax.random.key(1))
+  tokens = np.random.default_rng(0).integers(1, GQA.vocab_size, (2, 10)).astype(np.int32)
+  segments = np.ones_like(tokens)
+  segments[0, -3:] = 0
+  forward = jax.jit(phi_jax.forward, static_argnums=2)
+  clean = np.asarray(forward(params, tokens, GQA, segment_ids=segments))
+  for junk in (GQA.vocab_size, -1, 5):
+    dirty = tokens.copy()
+    dirty[0, -3:] = junk
+    np.testing.assert_array_equal(np.asarray(forward(params, dirty, GQA, segment_ids=segments))[0, :-3],
+                                  clean[0, :-3])
+  dirty = tokens.copy()
+  dirty[1, 4] = GQA.vocab_size
+  with pytest.raises(ValueError, match=r"token id 64 at \[1, 4\] is outside the vocabulary \[0, 64\)"):
+    phi_jax.forward(params, dirty, GQA, segment_ids=segments)
+
+
 def _greedy_with_cache(params, config, prompts, max_new, block_size=None):
   lengths = np.array([len(p) for p in prompts], np.int32)
   padded = np.zeros((len(prompts), lengths.max()), np.int32)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from phi_jax.model.config import PhiConfig
 from phi_jax.model.decoder import Decoder
@@ -48,9 +49,30 @@ def param_logical_axes(config: PhiConfig) -> Params:
   return nn.get_partition_spec(boxed)
 
 
+def host_readable(x) -> bool:
+  """Whether this process can read x's values now: not under jit, and not an array spanning other hosts. Value
+  checks run only then; traced calls get the checks of the shapes alone."""
+  return not isinstance(x, jax.core.Tracer) and not (isinstance(x, jax.Array) and not x.is_fully_addressable)
+
+
+def check_token_ids(tokens, segment_ids, vocab_size: int) -> None:
+  """Raises on an id outside [0, vocab_size) in a real (segment != 0) slot; concrete arrays only (under jit the
+  values are unknown, and the lookup of such an id gives NaN hidden states)."""
+  if not (host_readable(tokens) and host_readable(segment_ids)):
+    return
+  tokens, real = np.asarray(tokens), np.asarray(segment_ids) != 0
+  bad = real & ((tokens < 0) | (tokens >= vocab_size))
+  if bad.any():
+    row, col = map(int, np.argwhere(bad)[0])
+    raise ValueError(f"token id {int(tokens[row, col])} at [{row}, {col}] is outside the vocabulary "
+                     f"[0, {vocab_size}) ({int(bad.sum())} such ids): the tokenizer does not match the model's "
+                     "vocab_size, or padding slots lack segment id 0")
+
+
 def hidden_states(params: Params, tokens, config: PhiConfig, *, positions=None, segment_ids=None):
   """Final-normed hidden states [B, T, D] in the compute dtype."""
   positions, segment_ids = default_positions_and_segments(tokens, positions, segment_ids)
+  check_token_ids(tokens, segment_ids, config.vocab_size)
   h, _ = Decoder(config).apply({"params": params}, tokens, positions, segment_ids)
   return h
 

@@ -259,7 +259,14 @@ class Decoder(nn.Module):
   def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
     cfg = self.config
     embedding = Table(cfg, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), name="embed")()
+    # Padding slots (segment 0) read row 0 whatever id they hold: an out-of-range id would gather NaN, and
+    # attention's zero weights times a NaN value still spread it over the whole row.
+    tokens_BT = jnp.where(segment_ids_BT == 0, 0, tokens_BT)
     x = jnp.take(embedding, tokens_BT, axis=0).astype(_dtype(cfg.dtype))
+    if cfg.pad_token_id is not None:
+      # As transformers' nn.Embedding(padding_idx=pad_token_id): the pad token's row learns nothing from the
+      # lookup (a tied table's row still learns as the LM head). Phi-4's pad id is <|endoftext|>, a real token.
+      x = jnp.where((tokens_BT == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
     cos, sin = rotary.rotary_angles(cfg, positions_BT, segment_ids_BT)
     # Without a cache, attention slots are indices in the row (packed rows restart positions, not slots).
     q_index = positions_BT if cache is not None else jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi_jax.model import attention
-from phi_jax.model.api import logits_from_hidden
+from phi_jax.model.api import host_readable, logits_from_hidden
 from phi_jax.model.config import PhiConfig
 from phi_jax.model.decoder import Decoder, unstack_layers
 
@@ -60,12 +60,6 @@ def _run(params, config, tokens_BT, positions_BT, segment_ids_BT, layer_caches, 
   # Unrolled layers (see `Decoder.unrolled`); callers that loop over steps unstack the params once, outside.
   return Decoder(config, unrolled=True, fills_empty_cache=fills_empty_cache).apply(
       {"params": unstack_layers(params)}, tokens_BT, positions_BT, segment_ids_BT, layer_caches)
-
-
-def host_readable(x) -> bool:
-  """Whether this process can read x's values now: not under jit, and not an array spanning other hosts. Value
-  checks run only then; traced calls get the checks of the shapes alone."""
-  return not isinstance(x, jax.core.Tracer) and not (isinstance(x, jax.Array) and not x.is_fully_addressable)
 
 
 def check_prompt_lengths(prompt_lengths_B, width: int) -> None:
