@@ -259,7 +259,7 @@ def test_truncated_or_bit_flipped_checkpoint_is_reported_and_the_previous_one_us
   ckpt.close()
   target = _abstract(states[1])
 
-  def restore_after(damage):
+  def restore_after(damage, check_meta=None):
     work = tmp_path / "work"
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(pristine, work)
@@ -267,7 +267,7 @@ def test_truncated_or_bit_flipped_checkpoint_is_reported_and_the_previous_one_us
     caplog.clear()
     ckpt = checkpoint.Checkpointer(str(work), save_interval_steps=1, async_save=False)
     try:
-      step, state, data, _ = ckpt.restore_latest(target)
+      step, state, data, _ = ckpt.restore_latest(target, check_meta=check_meta)
     finally:
       ckpt.close()
     return step, state, data, caplog.text
@@ -318,9 +318,23 @@ def test_truncated_or_bit_flipped_checkpoint_is_reported_and_the_previous_one_us
     shutil.rmtree(step_dir / "state")
     shutil.copytree(step_dir.parent / "1" / "state", step_dir / "state")
 
-  silent = ((rewrite_data_state, "data-iterator state does not match"), (swap_arrays, "checksum mismatch"))
-  for damage, reason in silent:
-    step, state, data, text = restore_after(damage)
+  def rewrite_meta(step_dir):  # metadata that the resume check would refuse as another run's settings
+    (step_dir / "meta" / "metadata").write_text(json.dumps({"step": "another run"}))
+
+  def rewrite_signature(step_dir):  # a signature that the shape check would refuse as another model's
+    record = json.loads((step_dir / "integrity" / "metadata").read_text())
+    record["signature"]["['w']"] = [[128, 8], "float32"]
+    (step_dir / "integrity" / "metadata").write_text(json.dumps(record))
+
+  def refuse_other_runs(meta):
+    if meta != {"step": 1} and meta != {"step": 2}:
+      raise checkpoint.IncompatibleCheckpointError(f"another run: {meta}")
+
+  silent = ((rewrite_data_state, "data-iterator state does not match"), (swap_arrays, "checksum mismatch"),
+            (rewrite_meta, "run metadata does not match its digest"),
+            (rewrite_signature, "integrity record does not match its own digest"))
+  for damage, reason in silent:  # damage is set aside like any other, not mistaken for another run's settings
+    step, state, data, text = restore_after(damage, check_meta=refuse_other_runs)
     assert step == 1 and _equal(state, states[1]) and reason in text
 
   # Every step damaged: an error naming them, never a silent fresh start.

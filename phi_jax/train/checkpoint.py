@@ -6,16 +6,18 @@ crash mid-save leaves no directory that `latest_step` would return: only complet
 Restoring takes an abstract target with shardings, so a checkpoint saved on one mesh restores onto another.
 
 Integrity: every save carries an `integrity` item written inside the same temporary directory (so it is renamed
-into place together with the data, never after it): a 32-bit checksum of every state array and SHA-256 digests
-of the data-iterator and metadata JSON. The array checksum is a sum of `bits[i] * odd_weight(i)` modulo 2**32,
-computed on device over the global (sharded) arrays: integer addition is associative, so the value does not
-depend on the mesh, and because every weight is odd, any change to a single element changes it. `restore_latest`
-tries the newest step first; a step whose restore fails (a truncated file, tensorstore's own checks) or whose
-restored values do not match their checksums is reported with its path, moved to `<directory>/corrupt/`, and the
-previous step is tried. A restore target with other shapes or dtypes than the saved arrays (compared with the
-signature in the integrity record before any array is read) is refused as incompatible, not treated as damage,
-and an out-of-memory error is passed on as it is. A step without an integrity item (written before integrity
-records existed) is restored with a warning, relying on Orbax's validation alone.
+into place together with the data, never after it): a 32-bit checksum of every state array and SHA-256 digests of
+the data-iterator and metadata JSON, and of the record itself. The array checksum is a sum of
+`bits[i]*odd_weight(i)` modulo 2**32, computed on device over the global (sharded) arrays: integer addition is
+associative, so the value does not depend on the mesh, and because every weight is odd, any change to a single
+element changes it. `restore_latest` tries the newest step first; a step whose restore fails (a truncated file,
+tensorstore's own checks) or whose restored values do not match their checksums is reported with its path, moved to
+`<directory>/corrupt/`, and the previous step is tried. A restore target with other shapes or dtypes than the saved
+arrays (compared with the signature in the integrity record before any array is read) is refused as incompatible,
+not treated as damage; the record's and the metadata's digests are checked before that comparison and the run-
+settings check, so edited JSON is set aside as damage, not mistaken for another run's settings. An out-of-memory
+error is passed on as it is. A step without an integrity item (written before integrity records existed) is
+restored with a warning, relying on Orbax's validation alone.
 
 Data-iterator state: each process reads its own shard of the data, so each is at its own position. A
 single-process save writes the iterator's state as it is; a save on several processes gathers every process's
@@ -103,6 +105,14 @@ def state_signature(state) -> dict[str, list]:
   """{array path: [shape, dtype]} of a pytree of arrays or ShapeDtypeStructs (what a restore target must match)."""
   return {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)]
           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _check_record_digest(path: str, integrity: Any) -> None:
+  """An integrity record must be a dict whose own digest (saves since the digest existed) matches its contents."""
+  if not isinstance(integrity, dict):
+    raise CorruptCheckpointError(path, f"the integrity record is a {type(integrity).__name__}, not a dict")
+  if "record" in integrity and _digest({k: v for k, v in integrity.items() if k != "record"}) != integrity["record"]:
+    raise CorruptCheckpointError(path, "the integrity record does not match its own digest")
 
 
 def _check_signature(path: str, saved: Optional[dict], wanted: dict) -> None:
@@ -236,6 +246,7 @@ class Checkpointer:
     data_state = _gather_data_state(data_state or {})  # the digest below covers what is written
     integrity = {"state": state_checksums(state), "data": _digest(data_state), "meta": _digest(meta),
                  "signature": state_signature(state)}
+    integrity["record"] = _digest(integrity)  # the record's own digest: its signature is trusted before any array
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(meta), integrity=ocp.args.JsonSave(integrity))
     self._saving = step
@@ -300,10 +311,14 @@ class Checkpointer:
     path = self.step_path(step)
     integrity = meta = data = error = None
     try:
-      if check_meta is not None:
-        meta = self._read_json(step, "meta", "metadata")
       if os.path.isdir(os.path.join(path, "integrity")):
         integrity = self._read_json(step, "integrity", "integrity record")
+        _check_record_digest(path, integrity)
+      if check_meta is not None:
+        meta = self._read_json(step, "meta", "metadata")
+        # Damage first: edited metadata is set aside like any damaged file, not refused as another run's settings.
+        if integrity is not None and _digest(meta) != integrity.get("meta"):
+          raise CorruptCheckpointError(path, "the run metadata does not match its digest")
       # The data state too, before the arrays: whether it fits this number of processes is decided from it.
       data = self._read_json(step, "data", "data-iterator state")
       if integrity is not None and _digest(data) != integrity.get("data"):
