@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from typing import Any, Optional, Sequence
 
 import gin
@@ -279,10 +280,12 @@ def run_training(workdir: str):
     loss_fn, train_data, eval_batches = _grpo_setup(model_config, hf_path, data_cfg, settings, tokenizer, the_mesh)
   else:
     raise ValueError(f"train.stage={stage!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
-  def write_config():  # only once the workdir's checkpoints fit: eval.py and rollouts.py rebuild the model from it
+  def on_start(trains: bool):  # once the workdir's checkpoints fit: eval.py and rollouts.py rebuild the model from it
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.gin"), "w") as f:
         f.write(gin.config_str())
+      if trains:
+        remove_final_outputs(workdir)
 
   def show(record):
     keys = ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "eval_loss", "token_accuracy",
@@ -293,7 +296,7 @@ def run_training(workdir: str):
       workdir=workdir, model_config=model_config, optimizer_config=optimizer(), loss_fn=loss_fn,
       train_data=train_data, loop=loop, mesh=the_mesh,
       init_params=params_loader(model_config, hf_path, settings["init_from"], the_mesh),
-      eval_batches=eval_batches, on_log=show, on_start=write_config,
+      eval_batches=eval_batches, on_log=show, on_start=on_start,
       run_meta=run_meta(stage, settings, data_cfg, tokenizer))
   save_final_params(workdir, state.params)
   if loop.export_hf:
@@ -464,11 +467,23 @@ def reference_file(workdir: str, tag: str, pairs_path: str) -> str:
   return os.path.join(workdir, "reference", f"{tag}-{name if name.endswith('.jsonl') else name + '.jsonl'}")
 
 
+def remove_final_outputs(workdir: str) -> None:
+  """Removes W/params/ and W/hf/ of a finished run that is about to train on (a raised num_steps): left in place, an
+  interruption would leave the old params looking like this run's result to export_hf.py, eval.py, rollouts.py
+  and a next stage's train.init_from. The newest checkpoint holds the same params; the run writes both again
+  when it ends."""
+  for name in ("params", "hf"):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      log.warning("removing %s: the finished run's output, about to be superseded (this run trains on and writes "
+                  "it again when it ends; the checkpoints keep the params it held)", path)
+      shutil.rmtree(path)
+
+
 def save_final_params(workdir: str, params):
   import orbax.checkpoint as ocp
   path = os.path.join(workdir, "params")
   if jax.process_index() == 0 and os.path.exists(path):
-    import shutil
     shutil.rmtree(path)
   distributed.barrier("final_params_removed")  # every process: none starts writing into a directory being removed
   with ocp.StandardCheckpointer() as ckptr:

@@ -760,6 +760,34 @@ def test_a_refused_resume_leaves_the_workdir_as_it_was(gin_run, tmp_path):
   assert _losses(tmp_path / "run") == losses
 
 
+def test_extending_a_finished_run_removes_its_final_params_until_it_finishes_again(gin_run, tmp_path, monkeypatch,
+                                                                                   caplog):
+  """A finished run given more steps must not look finished while it trains on: an interruption used to leave the
+  old params/ for export_hf.py, eval.py and the next stage's train.init_from to read as this run's result."""
+  import common  # pylint: disable=import-outside-toplevel  (on sys.path through gin_run)
+  run = tmp_path / "run"
+  gin_run("train.num_steps = 2", "train.export_hf = True")
+  assert (run / "params").is_dir() and (run / "hf").is_dir()
+  common.check_not_unfinished_run(str(run))
+
+  def interrupted(workdir, params):
+    raise KeyboardInterrupt("after the last step, before the final params")
+
+  monkeypatch.setattr(common, "save_final_params", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    gin_run("train.num_steps = 4", "train.export_hf = True")
+  assert not (run / "params").exists() and not (run / "hf").exists()
+  with pytest.raises(ValueError, match="is a run that has not finished"):
+    common.check_not_unfinished_run(str(run))
+  assert "num_steps changed from 2 to 4: the learning-rate schedule spans num_steps" in caplog.text
+  monkeypatch.undo()
+  caplog.clear()
+  caplog.set_level(logging.INFO, logger="phi_jax")
+  state = gin_run("train.num_steps = 4", "train.export_hf = True")  # nothing left to train: writes them again
+  assert "already complete" in caplog.text and (run / "params").is_dir() and (run / "hf").is_dir()
+  assert int(state.step) == 4
+
+
 # ---- hostile completions in the GRPO reward, through the loop ---------------------------------------------------
 
 HOSTILE = [

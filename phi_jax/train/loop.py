@@ -347,8 +347,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
 
   `train_data` yields per-process numpy batches, or has `next_batch(params, step)` when batches are sampled from
   the current policy (GRPO); if it has get_state/set_state, its position is checkpointed; `step_metrics(step)`
-  adds data-side metrics (rewards, lengths) to that step's record. `on_start()` runs once the workdir's
-  checkpoints are known to fit this config (a refused resume changes nothing in the workdir), before any step.
+  adds data-side metrics (rewards, lengths) to that step's record. `on_start(trains)` runs once the workdir's
+  checkpoints are known to fit this config (a refused resume changes nothing in the workdir), before any step;
+  `trains` says whether steps remain to train.
   `init_params()` returns (sharded) starting params, e.g. from an HF checkpoint or a previous stage; None means
   random init from the seed.
   With `loop.keep_best_checkpoint` the returned state is the best evaluation's, restored from its checkpoint.
@@ -377,13 +378,19 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     if data_state and hasattr(train_data, "set_state"):
       train_data.set_state(data_state)
     log.info("resumed from %s at step %d", checkpointer.step_path(latest), latest)
+    saved_steps = saved_meta.get("loop_config", {}).get("num_steps")
+    if saved_steps not in (None, loop.num_steps):
+      before = float(learning_rate_schedule(optimizer_config, saved_steps)(latest))
+      now = float(schedule(latest))
+      if before != now:
+        log.warning("num_steps changed from %d to %d: the learning-rate schedule spans num_steps, so step %d's "
+                    "learning rate is %.3g now against %.3g in the run so far", saved_steps, loop.num_steps, latest,
+                    now, before)
   else:
     params = init_params() if init_params is not None else None
     state = create_train_state(model_config, optimizer, mesh, initial_params_key(loop.seed), params=params)
     meta["state_signature"] = _json_clean(state_signature(state))
   start = int(host_scalar(state.step))
-  if on_start is not None:
-    on_start()
   if start >= loop.num_steps:
     log.info("the run in %s is already complete: step %d of num_steps=%d; nothing to train (raise num_steps to go "
              "on)", workdir, start, loop.num_steps)
@@ -403,6 +410,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   if stopped_early:
     log.info("the run in %s stopped early at step %d: %s; early_stopping_patience=%d, nothing to train (raise the "
              "patience to go on)", workdir, start, evals.describe(), loop.early_stopping_patience)
+  if on_start is not None:
+    on_start(start < loop.num_steps and not stopped_early)
   # A data source with next_batch(params, step) samples from the current policy (GRPO); others are iterators.
   on_policy = hasattr(train_data, "next_batch")
   iterator = None if on_policy else iter(train_data)
