@@ -314,12 +314,16 @@ def export_hf(out: str, model_config: PhiConfig, params, tokenizer) -> None:
 def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
   """What a run records beside its checkpoints and compares on resume: a changed list of train files, or files
   they match that appeared, vanished or changed size, is refused (the saved data position belongs to the old
-  sources); every other change (another tokenizer or system prompt, the loss or reward settings, the starting
+  sources), and so is another eval set when early stopping or keep_best compare eval losses; every other change (another tokenizer or system prompt, the loss or reward settings, the starting
   point `train.init_from`) is logged."""
   data_meta = {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}
   data_meta["tokenizer_size"] = len(tokenizer)
   data_meta["train_file_sizes"] = file_sizes(data_cfg["train_files"])
-  return {"stage": stage, "data": data_meta, "stage_settings": _stage_settings(stage, settings),
+  # What the eval loss is measured on: early stopping and keep_best compare it with the losses of earlier steps.
+  eval_set = {k: data_cfg[k] for k in ("eval_files", "eval_batches", "seq_len", "batch_size", "tokenizer",
+                                       "system_prompt")}
+  eval_set["eval_file_sizes"] = file_sizes(data_cfg["eval_files"])
+  return {"stage": stage, "data": data_meta, "eval_set": eval_set, "stage_settings": _stage_settings(stage, settings),
           "init_from": settings["init_from"]}  # also the frozen reference of DPO and GRPO
 
 

@@ -571,6 +571,20 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
     loop.check_resume_compatible(files, dict(files, data={"train_files": ["b.jsonl"], "seq_len": 16}), "W")
   loop.check_resume_compatible(files, dict(files, data={"train_files": ["a.jsonl"], "seq_len": 32}), "W")
   assert "data.seq_len: 16 -> 32" in caplog.text
+  # ... and to the seed that shuffled them.
+  reseeded = dict(saved, loop_config=dict(saved["loop_config"], seed=saved["loop_config"]["seed"] + 1))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"train.seed=0 in the checkpoint but 1 now"):
+    loop.check_resume_compatible(saved, reseeded, "W")
+  # Another eval set is refused only where the run compares eval losses across it.
+  evals = dict(saved, eval_set={"eval_files": ["e.jsonl"], "eval_batches": 4})
+  other_evals = dict(evals, eval_set={"eval_files": ["hard.jsonl"], "eval_batches": 4})
+  loop.check_resume_compatible(evals, other_evals, "W")
+  assert "eval_set.eval_files: ['e.jsonl'] -> ['hard.jsonl']" in caplog.text
+  for setting in ({"early_stopping_patience": 2}, {"keep_best_checkpoint": True}):
+    comparing = dict(other_evals, loop_config=dict(saved["loop_config"], **setting))
+    with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                       match=r"the eval set changed \(eval_files: \['e.jsonl'\] -> \['hard.jsonl'\]\) while"):
+      loop.check_resume_compatible(evals, comparing, "W")
   # ... and to the saved pipeline: packed and unpacked pipelines have different stages (SFT in a mid-training dir).
   packed = dict(saved, data={"train_files": ["a.jsonl"], "packing": "first_fit"})
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"data.packing='first_fit' in the checkpoint but"):

@@ -626,7 +626,7 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
   model shapes, another optimizer-state structure); logs every other difference (learning rate, mesh, steps)."""
   saved_model, current_model = saved.get("model_config", {}), current.get("model_config", {})
   changes = {}
-  for section in ("model_config", "optimizer_config", "loop_config", "mesh", "data", "stage_settings"):
+  for section in ("model_config", "optimizer_config", "loop_config", "mesh", "data", "eval_set", "stage_settings"):
     before, after = saved.get(section, {}), current.get(section, {})
     for key in sorted(set(before) | set(after)):
       if before.get(key) != after.get(key):
@@ -656,6 +656,20 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
   if packs and "absent" not in (saved_packing, current_packing) and saved_packing != current_packing:
     data_changes.append(f"data.packing={saved_packing!r} in the checkpoint but {current_packing!r} now (the saved "
                         "data position belongs to the other pipeline)")
+  # The seed orders the data (the shuffle, GRPO's prompt order), so the saved position is a position in its order.
+  saved_seed, current_seed = (m.get("loop_config", {}).get("seed", "absent") for m in (saved, current))
+  if "absent" not in (saved_seed, current_seed) and saved_seed != current_seed:
+    data_changes.append(f"train.seed={saved_seed} in the checkpoint but {current_seed} now (the saved data position "
+                        "is a position in that seed's shuffled order)")
+  # The eval history (best loss, steps since) was measured on the saved eval set.
+  compares = any(current.get("loop_config", {}).get(k) not in (None, False)
+                 for k in ("early_stopping_patience", "keep_best_checkpoint"))
+  if compares and "eval_set" in saved and saved["eval_set"] != current.get("eval_set"):
+    differ = [f"{k}: {saved['eval_set'].get(k)!r} -> {current.get('eval_set', {}).get(k)!r}"
+              for k in sorted(set(saved["eval_set"]) | set(current.get("eval_set", {})))
+              if saved["eval_set"].get(k) != current.get("eval_set", {}).get(k)]
+    data_changes.append(f"the eval set changed ({'; '.join(differ)}) while early_stopping_patience / "
+                        "keep_best_checkpoint compare this run's eval losses, measured on the old set")
   saved_sizes, current_sizes = (dict(map(tuple, m.get("data", {}).get("train_file_sizes") or ()))
                                 for m in (saved, current))
   if not data_changes and saved_sizes and saved_sizes != current_sizes:
