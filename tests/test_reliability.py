@@ -736,6 +736,13 @@ def test_bad_records_raise_with_file_line_reason_or_are_counted_so_read_equals_u
   last = max(_losses(tmp_path / "skip"))
   assert last < 50  # the data ran out first and the run ended cleanly, saying how to fit the schedule to the data
   assert f"ran out after step {last} of num_steps=50" in caplog.text and f"train.num_steps={last}" in caplog.text
+  # The same workdir with more epochs: its saved position is at the end of the data, which it says, naming the way on.
+  caplog.clear()
+  gin_run(files, "train.num_steps = 50", "data.num_epochs = 2", "data.on_bad_record = 'skip'",
+          "data.too_long = 'drop'", workdir=tmp_path / "skip")
+  assert max(_losses(tmp_path / "skip")) == last
+  assert (f"the data position saved at step {last} is at the end of the data" in caplog.text
+          and f"train.init_from={tmp_path / 'skip'}" in caplog.text)
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n\n")
   with pytest.raises(ValueError, match=rf"{empty}: empty dataset"):

@@ -500,10 +500,15 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         if local is not None:
           log.warning("another process's training data ran out: this process's batch for step %d is not trained",
                       step + 1)
-        log.warning("the training data ran out after step %d of num_steps=%d; ending the run there. The learning-rate "
-                    "schedule spans num_steps, so it stopped at %.3g (peak %.3g): to run the whole schedule on this "
-                    "data, set train.num_steps=%d (or raise data.num_epochs)", step, loop.num_steps,
-                    float(schedule(max(step - 1, 0))), optimizer_config.learning_rate, step)
+        if step == start and restored is not None:
+          log.warning("the training data ran out before this run resumed: the data position saved at step %d is at "
+                      "the end of the data, and a resumed run does not reopen it (a raised data.num_epochs included). "
+                      "To train on, start a new workdir with train.init_from=%s", step, workdir)
+        else:
+          log.warning("the training data ran out after step %d of num_steps=%d; ending the run there. The "
+                      "learning-rate schedule spans num_steps, so it stopped at %.3g (peak %.3g): to run the whole "
+                      "schedule on this data, set train.num_steps=%d (or raise data.num_epochs) in a new run", step,
+                      loop.num_steps, float(schedule(max(step - 1, 0))), optimizer_config.learning_rate, step)
         break
       batch = global_batch(local, mesh)
       if step_fn is None:
