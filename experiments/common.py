@@ -312,10 +312,11 @@ def export_hf(out: str, model_config: PhiConfig, params, tokenizer) -> None:
 
 
 def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
-  """What a run records beside its checkpoints and compares on resume: a changed list of train files, or files
-  they match that appeared, vanished or changed size, is refused (the saved data position belongs to the old
-  sources), and so is another eval set when early stopping or keep_best compare eval losses; every other change (another tokenizer or system prompt, the loss or reward settings, the starting
-  point `train.init_from`) is logged."""
+  """What a run records beside its checkpoints and compares on resume: a changed list of train files, or files they
+  match that appeared, vanished or changed size, is refused (the saved data position belongs to the old sources), and
+  so is another eval set when early stopping or keep_best compare eval losses, and a frozen reference (DPO, GRPO)
+  whose values changed; every other change (another tokenizer or system prompt, the loss or reward settings, the
+  starting point `train.init_from`) is logged."""
   data_meta = {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}
   data_meta["tokenizer_size"] = len(tokenizer)
   data_meta["train_file_sizes"] = file_sizes(data_cfg["train_files"])
@@ -323,8 +324,10 @@ def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
   eval_set = {k: data_cfg[k] for k in ("eval_files", "eval_batches", "seq_len", "batch_size", "tokenizer",
                                        "system_prompt")}
   eval_set["eval_file_sizes"] = file_sizes(data_cfg["eval_files"])
-  return {"stage": stage, "data": data_meta, "eval_set": eval_set, "stage_settings": _stage_settings(stage, settings),
-          "init_from": settings["init_from"]}  # also the frozen reference of DPO and GRPO
+  return {"stage": stage, "data": data_meta, "eval_set": eval_set,
+          "stage_settings": _stage_settings(stage, settings),
+          "init_from": settings["init_from"],  # also the frozen reference of DPO and GRPO
+          "reference_digest": settings.get("reference_digest")}  # that reference's values, where one is loaded
 
 
 def file_sizes(patterns) -> list[list]:
@@ -369,13 +372,19 @@ def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str
 
 
 def _dpo_reference_params(model_config: PhiConfig, hf_path: Optional[str], settings: dict, the_mesh):
-  """The frozen reference: the params the policy starts from, loaded (or initialised) a second time."""
+  """The frozen reference: the params the policy starts from, loaded (or initialised) a second time.
+
+  Its checksums go into the run metadata (`settings["reference_digest"]`): a resumed run loads the reference again,
+  and refuses one that changed since the run started (say, its train.init_from run was trained on)."""
   load = params_loader(model_config, hf_path, settings["init_from"], the_mesh)
   if load is not None:
-    return load()
-  # The loop's own initialisation key gives the same params.
-  rng = loop_lib.initial_params_key(settings["loop"].seed)
-  return jax.jit(lambda: init_params(model_config, rng), out_shardings=param_shardings(model_config, the_mesh))()
+    params = load()
+  else:  # the loop's own initialisation key gives the same params
+    rng = loop_lib.initial_params_key(settings["loop"].seed)
+    params = jax.jit(lambda: init_params(model_config, rng), out_shardings=param_shardings(model_config, the_mesh))()
+  from phi_jax.train.checkpoint import digest, state_checksums
+  settings["reference_digest"] = digest(state_checksums(params))
+  return params
 
 
 def _has_a_record(path: str) -> bool:

@@ -125,13 +125,13 @@ if jax.process_index() == 1:
   # Damage only process 1 finds, once Orbax's own (collective) reads are done: step 3's arrays fail to read,
   # step 2's data-iterator state fails its digest. (A read that fails inside Orbax on one process is left to
   # Orbax, whose restore ends in a barrier of its own.)
-  intact_restore, intact_digest = checkpoint.ocp.CheckpointManager.restore, checkpoint._digest
+  intact_restore, intact_digest = checkpoint.ocp.CheckpointManager.restore, checkpoint.digest
 
   def restore(self, step, *args, **kwargs):
     restored = intact_restore(self, step, *args, **kwargs)
     if step == 3 and "state" in kwargs["args"].keys():
       raise OSError("step 3: a shard file only this process reads is damaged")
-    checkpoint._digest = (lambda obj: "damaged") if step == 2 and "state" in kwargs["args"].keys() else intact_digest
+    checkpoint.digest = (lambda obj: "damaged") if step == 2 and "state" in kwargs["args"].keys() else intact_digest
     return restored
 
   checkpoint.ocp.CheckpointManager.restore = restore

@@ -18,7 +18,7 @@ from phi_jax.data.sources import DataError
 from phi_jax.hf.tokenizer import build_tiny_tokenizer
 from phi_jax.losses import dpo_loss
 from phi_jax.stages import dpo
-from phi_jax.train import LoopConfig, OptimizerConfig, loop as loop_lib
+from phi_jax.train import LoopConfig, OptimizerConfig, checkpoint, loop as loop_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -418,3 +418,17 @@ def test_rollouts_to_pairs_to_dpo_training_end_to_end(setup, start_run, monkeypa
   assert all(b < a for a, b in zip(losses, losses[1:])), losses
   assert losses[-1] < 0.6 and records[-1]["rewards/accuracies"] > 0.5 and records[-1]["rewards/margins"] > 0
   assert os.path.isdir(os.path.join(workdir, "params"))
+
+  # A resumed run loads its frozen reference again: one whose values changed since the run started is refused.
+  import orbax.checkpoint as ocp
+  changed = str(tmp / "changed_start")
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(start, "params"))
+    ckptr.save(os.path.join(changed, "params"), jax.tree.map(lambda x: x * 1.001, params))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"the frozen reference loaded from "
+                     rf"train.init_from='{changed}' is not the one this run started with"):
+    _run_gin(gin_files, common_bindings + [
+        f"data.train_files=[{out!r}]", f"data.seq_len={SEQ}", f"train.init_from={changed!r}",
+        f"train.chunk_size={CHUNK}", "train.num_steps=7", "train.checkpoint_every=6", "train.async_checkpoints=False",
+        "dpo.beta=0.5", "optimizer.learning_rate=3e-3", "optimizer.warmup_fraction=0.0", "optimizer.decay='constant'"],
+        common.run_training, workdir)

@@ -107,11 +107,11 @@ def state_signature(state) -> dict[str, list]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def _check_record_digest(path: str, integrity: Any) -> None:
+def _check_recorddigest(path: str, integrity: Any) -> None:
   """An integrity record must be a dict whose own digest (saves since the digest existed) matches its contents."""
   if not isinstance(integrity, dict):
     raise CorruptCheckpointError(path, f"the integrity record is a {type(integrity).__name__}, not a dict")
-  if "record" in integrity and _digest({k: v for k, v in integrity.items() if k != "record"}) != integrity["record"]:
+  if "record" in integrity and digest({k: v for k, v in integrity.items() if k != "record"}) != integrity["record"]:
     raise CorruptCheckpointError(path, "the integrity record does not match its own digest")
 
 
@@ -134,7 +134,8 @@ def _agree(path: str, error: Optional[CorruptCheckpointError]) -> None:
     raise error if error is not None else CorruptCheckpointError(path, "damage found by another process")
 
 
-def _digest(obj) -> str:
+def digest(obj) -> str:
+  """SHA-256 of obj as sorted-key JSON."""
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -244,9 +245,9 @@ class Checkpointer:
     meta = meta or {}
     self._raise_if_failed(self.manager.wait_until_finished)
     data_state = _gather_data_state(data_state or {})  # the digest below covers what is written
-    integrity = {"state": state_checksums(state), "data": _digest(data_state), "meta": _digest(meta),
+    integrity = {"state": state_checksums(state), "data": digest(data_state), "meta": digest(meta),
                  "signature": state_signature(state)}
-    integrity["record"] = _digest(integrity)  # the record's own digest: its signature is trusted before any array
+    integrity["record"] = digest(integrity)  # the record's own digest: its signature is trusted before any array
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(meta), integrity=ocp.args.JsonSave(integrity))
     self._saving = step
@@ -313,15 +314,15 @@ class Checkpointer:
     try:
       if os.path.isdir(os.path.join(path, "integrity")):
         integrity = self._read_json(step, "integrity", "integrity record")
-        _check_record_digest(path, integrity)
+        _check_recorddigest(path, integrity)
       if check_meta is not None:
         meta = self._read_json(step, "meta", "metadata")
         # Damage first: edited metadata is set aside like any damaged file, not refused as another run's settings.
-        if integrity is not None and _digest(meta) != integrity.get("meta"):
+        if integrity is not None and digest(meta) != integrity.get("meta"):
           raise CorruptCheckpointError(path, "the run metadata does not match its digest")
       # The data state too, before the arrays: whether it fits this number of processes is decided from it.
       data = self._read_json(step, "data", "data-iterator state")
-      if integrity is not None and _digest(data) != integrity.get("data"):
+      if integrity is not None and digest(data) != integrity.get("data"):
         raise CorruptCheckpointError(path, "the data-iterator state does not match its digest")
     except CorruptCheckpointError as e:
       error = e
@@ -363,9 +364,9 @@ class Checkpointer:
   def _verify(path: str, integrity: dict, state, data: dict, meta: dict):
     # The checksums first: a computation over the global arrays that every process runs, whatever it finds below.
     expected, actual = integrity.get("state", {}), state_checksums(state)
-    if _digest(data) != integrity.get("data"):
+    if digest(data) != integrity.get("data"):
       raise CorruptCheckpointError(path, "the data-iterator state does not match its digest")
-    if _digest(meta) != integrity.get("meta"):
+    if digest(meta) != integrity.get("meta"):
       raise CorruptCheckpointError(path, "the run metadata does not match its digest")
     bad = [name for name in actual if expected.get(name) != actual[name]]
     if bad or set(expected) != set(actual):

@@ -675,6 +675,12 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
               if saved["eval_set"].get(k) != current.get("eval_set", {}).get(k)]
     data_changes.append(f"the eval set changed ({'; '.join(differ)}) while early_stopping_patience / "
                         "keep_best_checkpoint compare this run's eval losses, measured on the old set")
+  # DPO's and GRPO's frozen reference is loaded again on every start, from where train.init_from points now.
+  saved_ref, current_ref = saved.get("reference_digest"), current.get("reference_digest")
+  if saved_ref is not None and current_ref is not None and saved_ref != current_ref:
+    data_changes.append(f"the frozen reference loaded from train.init_from={current.get('init_from')!r} is not the "
+                        "one this run started with (its params changed since; was that run trained on?): point "
+                        "train.init_from at the params this run started from")
   saved_sizes, current_sizes = (dict(map(tuple, m.get("data", {}).get("train_file_sizes") or ()))
                                 for m in (saved, current))
   if not data_changes and saved_sizes and saved_sizes != current_sizes:
