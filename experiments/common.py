@@ -665,7 +665,13 @@ def check_data_settings(stage: str, data_cfg: dict, loop) -> None:
     raise ValueError("data.eval_files is not read by a GRPO run (it has no eval loss); score held-out problems with "
                      "experiments/eval.py, and remove the binding")
   if stage == "grpo":
-    _warn_grpo_ignores(data_cfg)
+    _warn_ignored_data(data_cfg, (*GRPO_DATA_FIELDS, "eval_files"),  # eval_files refused above
+                       "a GRPO run does not read {}: its batch is grpo.prompts_per_step x grpo.group_size rows of "
+                       "grpo.max_prompt_tokens + grpo.max_new_tokens tokens, its prompts data.train_files")
+  if stage == "dpo":
+    _warn_ignored_data(data_cfg, DPO_DATA_FIELDS,
+                       "a DPO run does not read {}: its pairs are read in one shuffled stream (data.train_files "
+                       "together), one pair per row, over-long pairs handled by dpo.too_long")
   if loop.eval_every and not data_cfg["eval_files"]:
     raise ValueError(f"train.eval_every={loop.eval_every} evaluates on data.eval_files, which is empty: set "
                      "data.eval_files, or train.eval_every=0" + (" (a GRPO run has no eval loss)" if stage == "grpo"
@@ -677,16 +683,19 @@ def check_data_settings(stage: str, data_cfg: dict, loop) -> None:
 GRPO_DATA_FIELDS = ("train_files", "tokenizer", "system_prompt")
 
 
-def _warn_grpo_ignores(data_cfg: dict) -> None:
-  """A warning, not an error: a GRPO config often includes a next-token stage's file (grpo_tiny.gin does)."""
+# The data settings a DPO run reads (`_dpo_setup`): no mixture weights, no packing, its own length rule.
+DPO_DATA_FIELDS = ("train_files", "eval_files", "tokenizer", "system_prompt", "seq_len", "batch_size",
+                   "on_bad_record", "num_epochs", "eval_batches")
+
+
+def _warn_ignored_data(data_cfg: dict, read: Sequence[str], message: str) -> None:
+  """Warns of data settings changed from their defaults that the stage does not read (`message` formats their
+  list). A warning, not an error: a stage's config often includes another stage's file (grpo_tiny.gin does)."""
   defaults = {name: p.default for name, p in inspect.signature(data).parameters.items()}
   ignored = sorted(name for name, value in data_cfg.items()
-                   if name in defaults and name not in (*GRPO_DATA_FIELDS, "eval_files")  # refused before
-                   and _as_plain(value) != _as_plain(defaults[name]))
+                   if name in defaults and name not in read and _as_plain(value) != _as_plain(defaults[name]))
   if ignored:
-    log.warning("a GRPO run does not read %s: its batch is grpo.prompts_per_step x grpo.group_size rows of "
-                "grpo.max_prompt_tokens + grpo.max_new_tokens tokens, its prompts data.train_files",
-                ", ".join(f"data.{name}={data_cfg[name]!r}" for name in ignored))
+    log.warning(message.format(", ".join(f"data.{name}={data_cfg[name]!r}" for name in ignored)))
 
 
 def _as_plain(value):

@@ -293,6 +293,20 @@ def test_a_grpo_run_names_the_data_settings_it_does_not_read(caplog):
   assert "a GRPO run does not read data.num_epochs=1, data.seq_len=32768: its batch is" in caplog.text
 
 
+def test_a_dpo_run_names_the_data_settings_it_does_not_read(caplog):
+  """Pairs are one stream, one pair per row: mixture weights, packing and data.too_long (dpo.too_long applies) do
+  nothing there."""
+  dpo = os.path.join("experiments", "configs", "phi4_mini_reasoning", "dpo.gin")
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    dry_run(dpo, ["data.weights=[0.0]", "data.packing='best_fit'", "data.too_long='drop'"])
+  assert ("a DPO run does not read data.packing='best_fit', data.too_long='drop', data.weights=[0.0]: its pairs are "
+          "read in one shuffled stream") in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    dry_run(dpo, [])
+  assert "does not read" not in caplog.text  # the shipped config sets only what DPO reads
+
+
 @pytest.mark.parametrize("config_file", sorted(os.path.relpath(p, ROOT) for p in glob.glob(
     os.path.join(ROOT, "experiments", "configs", "*_tiny.gin"))))
 def test_the_tiny_configs_the_readme_runs_get_through_the_startup_checks(config_file):
