@@ -200,17 +200,48 @@ def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Op
   shardings = param_shardings(model_config, the_mesh)
 
   def load():
+    name = "train.init_from" if init_from else "model.hf_path"
+    if not os.path.isdir(source):
+      raise ValueError(f"{name}={source!r}: no such directory (give a finished run's workdir, which holds params/, "
+                       "or a transformers checkpoint directory)")
+    shapes = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
     if os.path.isdir(os.path.join(source, "params")):
       import orbax.checkpoint as ocp
-      target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(lambda: init_params(model_config, jax.random.key(0))), shardings)
+      path = os.path.abspath(os.path.join(source, "params"))
       with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.abspath(os.path.join(source, "params")), target)
+        _check_saved_shapes(name, source, ckptr.metadata(path), shapes)
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+        return ckptr.restore(path, target)
     check_not_unfinished_run(source)
+    if init_from and os.path.isfile(os.path.join(source, "config.json")):
+      from phi_jax.hf import from_hf_config
+      with open(os.path.join(source, "config.json")) as f:
+        theirs = dataclasses.asdict(from_hf_config(json.load(f)))
+      ours = dataclasses.asdict(model_config)
+      differ = [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in loop_lib.SHAPE_FIELDS
+                if k != "param_dtype" and theirs[k] != ours[k]]
+      if differ:
+        raise ValueError(f"train.init_from={source!r} is a transformers checkpoint of another shape than the model "
+                         f"({'; '.join(differ)}): the model comes from model.preset / model.overrides unless "
+                         f"model.hf_path is set; set model.hf_path={source!r} to take it from the checkpoint")
     _, params = load_hf(source, dtype=model_config.param_dtype, shardings=shardings)
     return params
 
   return load
+
+
+def _check_saved_shapes(name: str, source: str, saved, wanted) -> None:
+  """Refuses a run's params/ whose arrays have other shapes than this model's, naming them and the way out."""
+  saved = getattr(saved, "item_metadata", saved)  # Orbax's StepMetadata -> its tree of ArrayMetadata
+  saved = getattr(saved, "tree", saved)
+  flat_saved = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  flat_wanted = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(wanted)[0]}
+  differ = [f"{k}: {flat_saved.get(k, 'absent')} there, {flat_wanted.get(k, 'absent')} here"
+            for k in sorted(set(flat_saved) | set(flat_wanted)) if flat_saved.get(k) != flat_wanted.get(k)]
+  if differ:
+    raise ValueError(f"{name}={source!r} holds params of another model ({'; '.join(differ[:4])}"
+                     + (f"; ... {len(differ) - 4} more" if len(differ) > 4 else "") + "): give this run that "
+                     f"run's model settings (model.preset / model.overrides, as in {os.path.join(source, 'config.gin')})")
 
 
 def check_new_tokens(name: str, max_new_tokens: int, model_config: PhiConfig):

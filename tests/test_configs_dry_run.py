@@ -329,3 +329,29 @@ def test_grpo_refuses_settings_that_compare_eval_losses():
     with pytest.raises(ValueError, match="a GRPO run has no eval loss"):
       common.train_settings(num_steps=4, stage="grpo", eval_every=1, **kwargs)
     assert common.train_settings(num_steps=4, stage="next_token", eval_every=1, **kwargs)["stage"] == "next_token"
+
+
+def test_a_starting_point_of_another_model_or_nowhere_is_named(tmp_path):
+  """train.init_from of another shape used to fail inside Orbax ("set strict=False") or Flax; a missing one with a
+  bare FileNotFoundError."""
+  import jax
+  import orbax.checkpoint as ocp
+  import phi_jax
+  from phi_jax import sharding
+  from phi_jax.model import presets
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  ours, theirs = presets["tiny"], presets["tiny"].replace(hidden_size=2 * presets["tiny"].hidden_size)
+  with pytest.raises(ValueError, match=r"train.init_from='.*/nowhere': no such directory"):
+    common.params_loader(ours, None, str(tmp_path / "nowhere"), mesh)()
+  run = tmp_path / "run"
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(run / "params"), phi_jax.init_params(theirs, jax.random.key(0)))
+  with pytest.raises(ValueError, match=r"holds params of another model \(\['embed'\]\['embedding'\]: \(\d+, 128\) "
+                     r"there, \(\d+, 64\) here; .*as in .*run/config.gin\)"):
+    common.params_loader(ours, None, str(run), mesh)()
+  assert common.params_loader(theirs, None, str(run), mesh)()["embed"]["embedding"].shape[1] == 128
+  hf = tmp_path / "hf"
+  phi_jax.save_hf(hf, theirs, phi_jax.init_params(theirs, jax.random.key(0)))
+  with pytest.raises(ValueError, match=r"another shape than the model \(hidden_size=128 there, 64 here\).*set "
+                     r"model.hf_path='.*/hf' to take it from the checkpoint"):
+    common.params_loader(ours, None, str(hf), mesh)()
