@@ -69,6 +69,25 @@ def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Seque
   parse_gin(files, params)
 
 
+def check_policy_dir(path: str) -> None:
+  """Refuses a --init_from that holds no policy, saying what it is instead and where the params are."""
+  if not os.path.isdir(path):
+    raise ValueError(f"--init_from={path!r}: no such directory (give a finished run's workdir, which holds params/, "
+                     "or a transformers checkpoint directory)")
+  stage_record = os.path.join(path, "recipe_stage.json")
+  if not os.path.isdir(os.path.join(path, "params")) and os.path.isfile(stage_record):
+    with open(stage_record) as f:
+      record = json.load(f)
+    if record.get("skipped") and record.get("params_from"):
+      where = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), record["params_from"]))
+      raise ValueError(f"--init_from={path!r} is a recipe stage that was skipped ({record['skipped']}): it trained "
+                       f"no params, and the recipe went on with those of {where}; point --init_from there")
+  check_not_unfinished_run(path)
+  if not os.path.isdir(os.path.join(path, "params")) and not os.path.isfile(os.path.join(path, "config.json")):
+    raise ValueError(f"--init_from={path!r} is neither a run's workdir (it has no params/) nor a transformers "
+                     "checkpoint (it has no config.json)")
+
+
 def add_checkpoint_args(parser):
   """The flags of a command that loads a trained policy (eval, rollouts); `parse_gin_for_checkpoint` reads them."""
   parser.add_argument("--init_from", required=True, help="run workdir (with params/) or transformers checkpoint dir")

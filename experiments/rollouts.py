@@ -174,6 +174,7 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
 
 def load_policy(init_from: str, the_mesh):
   """(config, params, tokenizer) of a run workdir (params/) or a transformers checkpoint directory."""
+  common.check_policy_dir(init_from)
   if os.path.isdir(os.path.join(init_from, "params")):
     config, hf_path = common.model()
     tokenizer = common.get_tokenizer(common.data()["tokenizer"], init_from)

@@ -277,3 +277,20 @@ def test_a_generation_budget_beyond_the_models_positions_is_refused(tiny_run):
     assert eval_lib.eval_settings()["sampling"].max_new_tokens == 80
   finally:
     gin.clear_config()
+
+
+def test_a_policy_directory_that_holds_none_says_what_it_is(tmp_path):
+  """--init_from of eval.py / rollouts.py: a missing directory, a recipe stage that was skipped and a directory with
+  neither params/ nor config.json are named (they raised a bare FileNotFoundError for config.json)."""
+  import rollouts
+  with pytest.raises(ValueError, match=r"--init_from='.*/nowhere': no such directory"):
+    rollouts.load_policy(str(tmp_path / "nowhere"), None)
+  (tmp_path / "sft").mkdir()
+  (tmp_path / "dpo").mkdir()
+  (tmp_path / "dpo" / "recipe_stage.json").write_text(json.dumps({"skipped": "no preference pairs",
+                                                                  "params_from": "sft"}))
+  with pytest.raises(ValueError, match=rf"is a recipe stage that was skipped \(no preference pairs\): it trained no "
+                                       rf"params, and the recipe went on with those of {tmp_path / 'sft'}; point"):
+    rollouts.load_policy(str(tmp_path / "dpo"), None)
+  with pytest.raises(ValueError, match=r"is neither a run's workdir \(it has no params/\) nor a transformers"):
+    rollouts.load_policy(str(tmp_path / "sft"), None)
