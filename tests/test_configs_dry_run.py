@@ -237,6 +237,12 @@ def test_cli_data_files_open_by_type_and_bad_prompt_lines_name_file_and_line(tmp
   datasets.DatasetDict({"train": datasets.Dataset.from_list(records)}).save_to_disk(str(tmp_path / "dict_dir"))
   sizes = common.file_sizes([str(tmp_path / "dict_dir"), str(tmp_path / "docs_dir")])
   assert [os.path.relpath(path, tmp_path).split(os.sep)[0] for path, _ in sizes] == ["dict_dir", "docs_dir"]
+  # Several splits: the error names a split's directory, which reads as a data file of its own.
+  datasets.DatasetDict({"train": datasets.Dataset.from_list(records), "test": datasets.Dataset.from_list(records)}
+                       ).save_to_disk(str(tmp_path / "splits_dir"))
+  with pytest.raises(DataError, match=rf"ambiguous split: .* point at one split's directory \({tmp_path}/splits_dir/"):
+    first_batch(str(tmp_path / "splits_dir"))
+  np.testing.assert_array_equal(first_batch(str(tmp_path / "splits_dir" / "train"))["tokens"], from_jsonl["tokens"])
 
   good = '{"problem": "1 + 1?", "answer": 2}\n'
   for line, match in (('["a list"]', r"p.jsonl:2: not an object"), (b'{"problem": "caf\xe9", "answer": "1"}',
