@@ -92,9 +92,13 @@ def _problem(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, s
   for key in ("problem", "answer"):
     if data.get(key) is None:
       return None, ("missing field", f"'{key}' is missing (or give 'messages')")
-    if not isinstance(data[key], str):
-      return None, ("mistyped field", f"'{key}' is {type(data[key]).__name__}, expected str")
-  return {"prompt": data["problem"], "answer": data["answer"]}, None
+  if not isinstance(data["problem"], str):
+    return None, ("mistyped field", f"'problem' is {type(data['problem']).__name__}, expected str")
+  answer = data["answer"]
+  # A number reads as its text, as in GRPO's prompt files (a bool is no answer to compare).
+  if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+    return None, ("mistyped field", f"'answer' is {type(answer).__name__}, expected a string or a number")
+  return {"prompt": data["problem"], "answer": str(answer)}, None
 
 
 def sample_rollouts(params, config, tokenizer, prompts: Sequence[Any], *, k: int, sampling: SamplingConfig, rng,

@@ -294,3 +294,15 @@ def test_a_policy_directory_that_holds_none_says_what_it_is(tmp_path):
     rollouts.load_policy(str(tmp_path / "dpo"), None)
   with pytest.raises(ValueError, match=r"is neither a run's workdir \(it has no params/\) nor a transformers"):
     rollouts.load_policy(str(tmp_path / "sft"), None)
+
+
+def test_problem_files_read_a_numeric_answer_as_its_text_as_grpo_does(tmp_path):
+  import rollouts
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"problem": "What is 2 + 3?", "answer": 5}\n{"problem": "Half of 3?", "answer": 1.5}\n')
+  assert [p["answer"] for p in rollouts.read_problems(str(path))] == ["5", "1.5"]
+  assert [p["answer"] for p in common._read_prompts([str(path)])] == ["5", "1.5"]  # GRPO's reader
+  for bad, kind in (("true", "bool"), ('["5"]', "list")):
+    path.write_text(f'{{"problem": "What is 2 + 3?", "answer": {bad}}}\n')
+    with pytest.raises(DataError, match=rf"p.jsonl:1: mistyped field: 'answer' is {kind}, expected a string or a "):
+      rollouts.read_problems(str(path))
