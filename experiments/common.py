@@ -165,6 +165,9 @@ def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "n
   if num_steps < 1:
     raise ValueError(f"train.num_steps={num_steps}: a run trains at least one step (with none, its params/ would be "
                      "its starting weights under a trained run's name)")
+  if chunk_size < 1:
+    raise ValueError(f"train.chunk_size={chunk_size}: the positions per logits chunk of the loss must be >= 1 "
+                     "(default 1024; a sequence shorter than it is one chunk)")
   if stage == "grpo" and (early_stopping_patience is not None or keep_best_checkpoint):
     raise ValueError("a GRPO run has no eval loss for train.early_stopping_patience / train.keep_best_checkpoint "
                      "to compare: remove those bindings")
@@ -682,7 +685,11 @@ def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Opt
   "length_aware" (the Phi-4-reasoning-plus reward) is scaled to `length_aware_max_tokens` (default: the
   stage's grpo.max_new_tokens), since its published constants are for 31,744-token responses.
   """
-  return dict(weights=weights or {"correctness": 1.0}, length_aware_max_tokens=length_aware_max_tokens)
+  weights = weights or {"correctness": 1.0}
+  if length_aware_max_tokens is not None and "length_aware" not in weights:
+    raise ValueError(f"reward.length_aware_max_tokens={length_aware_max_tokens} scales the 'length_aware' reward, "
+                     f"which reward.weights={weights} does not use: add it to the weights, or remove the binding")
+  return dict(weights=weights, length_aware_max_tokens=length_aware_max_tokens)
 
 
 def _read_prompts(files) -> list[dict]:
@@ -710,7 +717,10 @@ def _read_prompts(files) -> list[dict]:
 
 
 def check_data_settings(stage: str, data_cfg: dict, loop) -> None:
-  """Data settings the stage would not read, refused before anything is built (a run and its dry run alike)."""
+  """Data settings the stage would not read, refused before anything is built (a run and its dry run alike); the
+  reward settings of a GRPO run too."""
+  if stage == "grpo":
+    reward_settings()  # its own checks
   if stage == "grpo" and data_cfg["eval_files"]:
     raise ValueError("data.eval_files is not read by a GRPO run (it has no eval loss); score held-out problems with "
                      "experiments/eval.py, and remove the binding")

@@ -115,6 +115,9 @@ def test_loss_settings_are_one_knob_for_every_stage():
   for config_file in (grpo, dpo):
     with pytest.raises(ValueError, match=r"train.z_loss=0.001 applies to the next-token loss only"):
       dry_run(config_file, ["train.z_loss=1e-3"])
+  with pytest.raises(ValueError, match=r"reward.length_aware_max_tokens=512 scales the 'length_aware' reward, which "
+                                       r"reward.weights=\{'correctness': 1.0\} does not use"):
+    dry_run(grpo, ["reward.length_aware_max_tokens=512"])
   cwd = os.getcwd()
   os.chdir(ROOT)
   try:

@@ -294,6 +294,12 @@ def test_optimizer_settings_out_of_range_are_an_error(field, value):
     OptimizerConfig(**{field: value})
 
 
+def test_a_final_fraction_without_a_decay_is_an_error():
+  with pytest.raises(ValueError, match=r"final_lr_fraction=0.1 does nothing with decay='constant'"):
+    OptimizerConfig(decay="constant", final_lr_fraction=0.1)
+  OptimizerConfig(decay="linear", final_lr_fraction=0.1)
+
+
 @pytest.mark.parametrize("field", ["microbatches", "log_every", "checkpoint_every", "keep_checkpoints"])
 def test_loop_counts_below_one_are_an_error(field):
   from phi_jax.train import LoopConfig

@@ -50,6 +50,10 @@ class OptimizerConfig:
     if not 0.0 <= self.final_lr_fraction <= 1.0:
       raise ValueError(f"OptimizerConfig.final_lr_fraction={self.final_lr_fraction} must be in [0, 1] (the final "
                        "learning rate as a fraction of the peak)")
+    if self.decay == "constant" and self.final_lr_fraction:
+      raise ValueError(f"OptimizerConfig.final_lr_fraction={self.final_lr_fraction} does nothing with "
+                       "decay='constant' (the rate stays at learning_rate after warmup): use decay='linear' or "
+                       "'cosine' to decay to that fraction, or leave final_lr_fraction at 0")
     if not self.weight_decay >= 0:
       raise ValueError(f"OptimizerConfig.weight_decay={self.weight_decay} must be >= 0")
     if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
