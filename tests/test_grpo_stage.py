@@ -9,6 +9,7 @@ import pytest
 
 import phi_jax
 from phi_jax import sharding
+from phi_jax.data import chat
 from phi_jax.hf.tokenizer import build_tiny_tokenizer
 from phi_jax.stages import grpo
 from phi_jax.train import LoopConfig, OptimizerConfig, loop
@@ -181,6 +182,18 @@ def test_rollout_batch_layout(toy):
   assert source.next_batch(params, 1) is not batch  # num_passes == 1: a fresh rollout every step
   assert source.get_state() == {"position": 4, "rollouts": 2, "passes_done": 0, "hard_queue": [],
                                 "same_on_every_process": True}  # every process samples the whole batch
+
+
+def test_prompts_longer_than_the_prompt_budget_are_counted_and_named(toy):
+  _, tokenizer, config, prompts = toy
+  long = prompts[:3] + [{"problem": "Write digits " * 8, "answer": "0"}, {"problem": "Write " * 20, "answer": "0"}]
+  lengths = [len(chat.render_prompt(tokenizer, p["problem"])) for p in long]
+  budget = max(lengths[:3])
+  cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=2, max_prompt_tokens=budget, max_new_tokens=4)
+  with pytest.raises(ValueError, match=rf"2 of 5 prompts are longer than grpo.max_prompt_tokens={budget} once "
+                                       rf"rendered .* the first is prompt 3 \({lengths[3]} tokens: 'Write digits .*"
+                                       rf"the longest has {max(lengths)}. Raise grpo.max_prompt_tokens to"):
+    grpo.GRPORollouts(long, tokenizer, config, cfg, reward_batch_fn=_digit_share(tokenizer), num_steps=1)
 
 
 def test_resume_between_passes_samples_the_same_prompts_and_trains_the_remaining_passes(toy):

@@ -219,12 +219,14 @@ class GRPORollouts:
     self.tokenizer, self.num_steps, self.seed = tokenizer, num_steps, seed
     self.reward_batch_fn, self.ref_params = reward_batch_fn, ref_params
     self.prompts = list(prompts)
-    self.encoded = []
-    for i, record in enumerate(self.prompts):
-      ids = render_prompt(tokenizer, record["problem"], system_prompt=system_prompt)
-      if len(ids) > cfg.max_prompt_tokens:
-        raise ValueError(f"prompt {i} has {len(ids)} tokens > GRPOConfig.max_prompt_tokens={cfg.max_prompt_tokens}")
-      self.encoded.append(ids)
+    self.encoded = [render_prompt(tokenizer, record["problem"], system_prompt=system_prompt) for record in self.prompts]
+    too_long = [i for i, ids in enumerate(self.encoded) if len(ids) > cfg.max_prompt_tokens]
+    if too_long:
+      i, longest = too_long[0], max(len(self.encoded[j]) for j in too_long)
+      raise ValueError(f"{len(too_long)} of {len(self.prompts)} prompts are longer than grpo.max_prompt_tokens="
+                       f"{cfg.max_prompt_tokens} once rendered in the chat format (system prompt included): the "
+                       f"first is prompt {i} ({len(self.encoded[i])} tokens: {self.prompts[i]['problem'][:60]!r}), "
+                       f"the longest has {longest}. Raise grpo.max_prompt_tokens to {longest}, or remove them")
     self.stop_ids = tuple(stop_token_ids(tokenizer))
     self.position, self.rollouts = 0, 0
     self.hard_queue: list[int] = []  # prompts found hard, oldest first, each at most once
