@@ -333,6 +333,10 @@ def run_training(workdir: str):
     loss_fn, train_data, eval_batches = _grpo_setup(model_config, hf_path, data_cfg, settings, tokenizer, the_mesh)
   else:
     raise ValueError(f"train.stage={stage!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
+  if eval_batches is not None:
+    log.info("eval_loss is measured on at most the first data.eval_batches=%d batches of %d rows of "
+             "data.eval_files (read in order, the same ones at every evaluation); raise data.eval_batches to cover "
+             "more of the files", data_cfg["eval_batches"], global_batch)
   def on_start(trains: bool):  # once the workdir's checkpoints fit: eval.py and rollouts.py rebuild the model from it
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.gin"), "w") as f:
