@@ -128,15 +128,18 @@ def test_rows_hold_every_document_whole_with_restarted_positions(docs_file, pack
 
 
 @pytest.mark.parametrize("packing", ["first_fit", None])
-def test_too_long_documents_split_into_segments_or_dropped_and_counted(tmp_path, packing):
+def test_too_long_documents_split_into_segments_or_dropped_and_counted(tmp_path, packing, caplog):
   records = documents(30, max_chars=60)
   path = write_jsonl(tmp_path / "long.jsonl", records)
   num_long = sum(len(tokens) > 32 for tokens, _ in expected_segments(records))
   assert 3 < num_long < len(records)
 
   split = pipeline([(JsonlSource(path), 1.0)], packing=packing, too_long="split")
-  assert collections.Counter(segments(list(split))) == collections.Counter(expected_segments(records, seq_len=32))
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    assert collections.Counter(segments(list(split))) == collections.Counter(expected_segments(records, seq_len=32))
   assert split.stats()["too_long_split"] == num_long and split.stats()["records_used"] == len(records)
+  # Unpacked rows (SFT) are one example each: a split one trains its later pieces without their start, said once.
+  assert caplog.text.count("was split into several rows") == (packing is None)
 
   drop = pipeline([(JsonlSource(path), 1.0)], packing=packing, too_long="drop")
   kept = [r for r, (tokens, _) in zip(records, expected_segments(records)) if len(tokens) <= 32]

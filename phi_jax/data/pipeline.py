@@ -156,7 +156,7 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
     per_source.append(ds.map(functools.partial(_prepare, source_index=index, tokenize_fn=tokenize_fn, seq_len=seq_len,
                                                too_long=too_long, on_bad_record=on_bad_record)))
   mixed = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, [c.weight for c in components])
-  ledger = _Ledger(len(components))
+  ledger = _Ledger(len(components), warn_on_split=packing is None)
   examples = _AccountingIterDataset(
       mixed.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer)), ledger,
       lengths)
@@ -214,8 +214,9 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
 class _Ledger:
   """Record counters per source, [num_sources, len(_LEDGER_FIELDS)]; snapshots are plain lists (JSON)."""
 
-  def __init__(self, num_sources: int):
+  def __init__(self, num_sources: int, warn_on_split: bool = False):
     self.counts = np.zeros((num_sources, len(_LEDGER_FIELDS)), np.int64)
+    self._warn_on_split = warn_on_split
 
   def count(self, element: dict[str, Any]):
     row = self.counts[element["source"]]
@@ -224,6 +225,11 @@ class _Ledger:
     if status in ("used", "split"):
       row[_COLUMN["used"]] += 1
       row[_COLUMN["too_long_split"]] += status == "split"
+      if status == "split" and self._warn_on_split:
+        self._warn_on_split = False  # once
+        log.warning("a record longer than seq_len was split into several rows (too_long='split'); unpacked, each "
+                    "later piece trains without the start of its conversation, and the counts are in "
+                    "data_stats.json (too_long_split). For SFT, too_long='drop' keeps one whole example per row")
     else:
       row[_COLUMN[status]] += 1
 
