@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -481,12 +480,17 @@ def build_summary(workdir: str, records: Sequence[dict], manifest: dict, setting
     for key in ("rollouts", "skipped"):
       if key in record:
         entry[key] = record[key]
-    if record["name"] == "grpo" and metrics:
-      tail = metrics[-max(1, len(metrics) // 4):]
-      head = metrics[:max(1, len(metrics) // 4)]
-      entry["reward_mean_first_quarter"] = sum(r.get("reward_mean", 0.0) for r in head) / len(head)
-      entry["reward_mean_last_quarter"] = sum(r.get("reward_mean", 0.0) for r in tail) / len(tail)
-      entry["groups_kept_mean"] = sum(r.get("groups_kept", 0.0) for r in metrics) / len(metrics)
+    # Only the first step on each rollout batch carries the rollout numbers (reward_mean, groups_kept, ...): with
+    # grpo.num_passes > 1 the batch's further passes log the loss alone, and counting them as zeros would scale
+    # the figures down by the number of passes. The quarters are quarters of the rollout batches.
+    rollout_steps = [r for r in metrics if "reward_mean" in r] if record["name"] == "grpo" else []
+    if rollout_steps:
+      quarter = max(1, len(rollout_steps) // 4)
+      head, tail = rollout_steps[:quarter], rollout_steps[-quarter:]
+      entry["reward_mean_first_quarter"] = sum(r["reward_mean"] for r in head) / len(head)
+      entry["reward_mean_last_quarter"] = sum(r["reward_mean"] for r in tail) / len(tail)
+      kept = [r["groups_kept"] for r in metrics if "groups_kept" in r]
+      entry["groups_kept_mean"] = sum(kept) / len(kept) if kept else None
     if previous_items is not None:
       entry["delta_vs_previous"] = eval_lib.paired_difference(items, previous_items)
       entry["delta_vs_previous"]["verdict"] = _verdict(entry["delta_vs_previous"])
@@ -578,11 +582,13 @@ def write_plots(workdir: str, summary: dict) -> list[str]:
   grpo = read_metrics(os.path.join(workdir, "grpo")) if any(s["name"] == "grpo" for s in stages) else []
   if grpo:
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-    steps = [r["step"] for r in grpo]
-    axes[0].plot(steps, [r.get("reward_mean", math.nan) for r in grpo], marker=".", label="reward")
-    axes[0].plot(steps, [r.get("accuracy", math.nan) for r in grpo], marker=".", label="rollout accuracy", alpha=0.7)
+    # The steps that carry the field: with grpo.num_passes > 1 only a rollout batch's first step does, and NaN
+    # gaps at the others would leave the curves as unconnected points.
+    series = lambda key: ([r["step"] for r in grpo if key in r], [r[key] for r in grpo if key in r])
+    axes[0].plot(*series("reward_mean"), marker=".", label="reward")
+    axes[0].plot(*series("accuracy"), marker=".", label="rollout accuracy", alpha=0.7)
     axes[0].legend()
-    axes[1].plot(steps, [r.get("response_length_mean", math.nan) for r in grpo], marker=".")
+    axes[1].plot(*series("response_length_mean"), marker=".")
     axes[1].set_ylabel("response tokens")
     for ax in axes:
       ax.set_xlabel("GRPO step")

@@ -294,6 +294,43 @@ def test_summary_gives_grpo_mean_reward_of_its_first_and_last_quarter_of_steps(t
   assert (grpo["reward_mean_first_quarter"], grpo["reward_mean_last_quarter"]) == (0.5, 6.5)
 
 
+def _grpo_metrics_of_two_passes(workdir):
+  """A GRPO metrics.jsonl of grpo.num_passes=2: 8 steps, 4 rollout batches; only each batch's first step carries
+  the rollout numbers (rewards 1, 3, 5, 7; half the groups kept), the second pass logs the loss alone."""
+  (workdir / "grpo").mkdir()
+  with open(workdir / "grpo" / "metrics.jsonl", "w") as f:
+    for step in range(1, 9):
+      record = {"step": step, "loss": 0.0}
+      if step % 2:
+        record.update(reward_mean=float(step), groups_kept=0.5, temperature=1.0, response_length_mean=10.0)
+      f.write(json.dumps(record) + "\n")
+
+
+def test_summary_counts_only_the_rollout_steps_of_a_grpo_run_of_several_passes(tmp_path):
+  """The pass-only steps have no reward_mean or groups_kept: counted as zeros, they halved the reported figures."""
+  _grpo_metrics_of_two_passes(tmp_path)
+  grpo = _summary_of_scores(tmp_path, {"sft": [1.0], "grpo": [1.0]})["stages"][1]
+  assert (grpo["reward_mean_first_quarter"], grpo["reward_mean_last_quarter"]) == (1.0, 7.0)
+  assert grpo["groups_kept_mean"] == 0.5
+
+
+def test_walkthrough_grpo_plot_skips_steps_without_rollout_numbers(tmp_path):
+  """The notebook's GRPO plot cell on a run of two passes per batch (it indexed r["reward_mean"]: a KeyError)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  _grpo_metrics_of_two_passes(tmp_path)
+  with open(os.path.join(ROOT, "notebooks", "recipe_walkthrough.ipynb")) as f:
+    cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
+  [cell] = [c for c in cells if 'read_metrics(os.path.join(WORKDIR, "grpo"))' in "".join(c["source"])]
+  try:
+    exec("".join(cell["source"]), {"recipe": recipe, "os": os, "plt": plt, "WORKDIR": str(tmp_path)})
+    reward, temperature = plt.gcf().axes[0].get_lines()
+    assert list(reward.get_xdata()) == [1, 3, 5, 7] and list(temperature.get_ydata()) == [1.0] * 4
+  finally:
+    plt.close("all")
+
+
 def test_task_differences_name_a_changed_difficulty_parameter():
   """Data made with another value of one difficulty parameter differs in that parameter and nothing else."""
   made = recipe.task_request(recipe.recipe_settings(task_counts=TINY_COUNTS))
