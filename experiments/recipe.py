@@ -17,10 +17,11 @@ verifier scores them. Everything lands under --workdir: data/ (the task files an
 stage (metrics.jsonl, params/, checkpoints/, eval/summary.json + items.jsonl), summary.json, report.md and PNG
 plots. Re-running the command skips finished stages and resumes an interrupted one from its newest checkpoint;
 a finished stage trained from another stage than the one now before it (a stage inserted or dropped, or its
-parent trained again) is refused rather than reused, and finished stages are evaluated again when the
-evaluation.* settings changed, so the report compares like with like; the task settings (recipe.task_counts,
-task_seed, difficulty, difficulty_overrides) must stay those data/ was written with (a new --workdir, or --fresh,
-for others). Checkpoint selection and tuning use the valid split only;
+parent trained again) is refused rather than reused, as is an interrupted stage started from another (each stage
+records the training of the stage it starts from in recipe_started.json before it samples or trains), and
+finished stages are evaluated again when the evaluation.* settings changed, so the report compares like with like;
+the task settings (recipe.task_counts, task_seed, difficulty, difficulty_overrides) must stay those data/ was
+written with (a new --workdir, or --fresh, for others). Checkpoint selection and tuning use the valid split only;
 the test split is only ever reported.
 
 Settings: --gin_file and the recipe.*, evaluation.* and rollouts.* bindings of --gin_param configure the recipe
@@ -326,9 +327,10 @@ def _write_record(stage_dir: str, record: dict) -> None:
     json.dump(record, f, indent=1)
 
 
-def check_lineage(stage: str, record: dict, parent: Optional[dict], workdir: str) -> None:
+def check_lineage(stage: str, record: dict, parent: Optional[dict], workdir: str, unfinished: bool = False) -> None:
   """Raises unless the finished stage `record` was trained from `parent` (the record of the stage before it in this
-  recipe, None for the first): the same stage, and the same training of it (its `stage_id`)."""
+  recipe, None for the first): the same stage, and the same training of it (its `stage_id`). `unfinished`: `record`
+  is the start record of a stage that has not finished (see `check_unfinished_stage`)."""
   if "parent" in record:
     was = (record["parent"], record.get("parent_id"))
     now = (parent["name"], parent.get("stage_id")) if parent else (None, None)
@@ -339,16 +341,51 @@ def check_lineage(stage: str, record: dict, parent: Optional[dict], workdir: str
     describe = lambda x: "random initialisation" if x in (None, (None, None)) else (
         x if isinstance(x, str) else f"{x[0]} (training {x[1] or 'unrecorded'})")
     stage_dir = os.path.join(workdir, stage)
+    if unfinished:
+      raise ValueError(
+          f"{stage_dir} holds an unfinished {stage} stage started from {describe(was)}, but this recipe trains "
+          f"{stage} from {describe(now)}: resuming it would mix two lineages (its checkpoints, and any DPO pairs and "
+          f"reference log-probs in it, come from the earlier parent). Delete {stage_dir} to train {stage} again "
+          "from the start (or restore the parent it was started from), or use a fresh --workdir")
     raise ValueError(
         f"{stage} in {stage_dir} was trained from {describe(was)}, but this recipe trains it from {describe(now)}: "
         "its params, evaluation and the report's change vs previous would belong to another lineage. Delete "
-        f"{stage_dir} and the finished stages after it to train them again, or use a fresh --workdir")
+        f"{stage_dir} and the stage directories after it, finished or interrupted (their checkpoints, DPO pairs "
+        "and reference log-probs descend from it too), to train them again, or use a fresh --workdir")
+
+
+# Written in a stage's directory before it samples or trains anything: which training of which stage it starts
+# from. A rerun resumes an interrupted stage (its checkpoints, DPO pairs, reference log-probs) only from that one.
+STARTED = "recipe_started.json"
+
+
+def check_unfinished_stage(stage: str, parent: Optional[dict], workdir: str) -> None:
+  """Before `stage` samples or trains: raises if its directory holds the unfinished work of a start from another
+  parent than `parent` (a parent trained again, or a stage inserted or dropped, since it was interrupted); else
+  records `parent` as the one it starts from."""
+  stage_dir = os.path.join(workdir, stage)
+  path = os.path.join(stage_dir, STARTED)
+  if os.path.exists(path):
+    with open(path) as f:
+      check_lineage(stage, json.load(f), parent, workdir, unfinished=True)
+    return
+  if os.path.isdir(stage_dir) and os.listdir(stage_dir):
+    log.warning("%s holds files of a %s stage started before recipes recorded where a stage starts from: it is "
+                "resumed as it is; delete %s first if its parent was trained again since", stage_dir, stage,
+                stage_dir)
+  os.makedirs(stage_dir, exist_ok=True)
+  tmp = f"{path}.tmp{jax.process_index()}"  # one per process: each may write it to a shared file system
+  with open(tmp, "w") as f:
+    json.dump({"name": stage, "parent": parent["name"] if parent else None,
+               "parent_id": parent.get("stage_id") if parent else None}, f, indent=1)
+  os.replace(tmp, path)
 
 
 def run_stage(stage: str, index: int, workdir: str, init_from: Optional[str], settings: dict, eval_cfg: dict,
               rollout_cfg: dict, problems: list[dict], parent: Optional[dict] = None) -> dict:
   """Trains (or resumes) one stage and evaluates it; returns its record for summary.json."""
   stage_dir = os.path.join(workdir, stage)
+  check_unfinished_stage(stage, parent, workdir)
   record: dict[str, Any] = {"name": stage, "init_from": init_from, "stage_id": uuid.uuid4().hex,
                             "parent": parent["name"] if parent else None,
                             "parent_id": parent.get("stage_id") if parent else None,

@@ -3,6 +3,7 @@ then a re-run that skips every finished stage; and the recipe's settings and sta
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,13 +114,50 @@ def test_a_finished_stage_of_another_lineage_is_refused_not_reused(tmp_path):
   recipe.check_lineage("sft", sft, base, str(tmp_path))  # the lineage it was trained in
   midtrain = {"name": "midtrain", "stage_id": "m1", "params_from": "midtrain"}
   for parent, was in ((midtrain, "base"), (dict(base, stage_id="b2"), "training b1"), (None, "base")):
-    with pytest.raises(ValueError, match=f"sft in .* was trained from .*{was}.*Delete"):
+    with pytest.raises(ValueError, match=f"sft in .* was trained from .*{was}.*Delete .* finished or interrupted"):
       recipe.check_lineage("sft", sft, parent, str(tmp_path))
   # Records from before lineage was recorded: the starting point's directory decides.
   old = {"name": "sft", "init_from": "/elsewhere/base"}
   recipe.check_lineage("sft", old, {"name": "base", "params_from": "base"}, str(tmp_path))
   with pytest.raises(ValueError, match="trained from base, but this recipe trains it from midtrain"):
     recipe.check_lineage("sft", old, midtrain, str(tmp_path))
+
+
+def test_an_interrupted_stage_started_from_another_parent_is_refused_not_resumed(monkeypatch, tmp_path):
+  """DPO interrupted, then SFT deleted and trained again: the rerun resumed DPO's checkpoint and reused its pairs and
+  reference log-probs, all made from the earlier SFT, and named the new SFT as the finished DPO's parent."""
+  monkeypatch.chdir(ROOT)  # the stage files include each other by repository-relative paths
+  settings = recipe.recipe_settings()
+  sft = {"name": "sft", "stage_id": "s1", "params_from": "sft"}
+  dpo_dir = tmp_path / "dpo"
+
+  class Interrupted(Exception):
+    pass
+
+  def interrupted_sampling(*args, **kwargs):
+    assert (dpo_dir / recipe.STARTED).exists()  # the parent is recorded before anything is sampled or trained
+    (dpo_dir / "pairs.jsonl").write_text("")
+    raise Interrupted
+
+  monkeypatch.setattr(recipe, "sample_dpo_pairs", interrupted_sampling)
+  run = lambda parent: recipe.run_stage("dpo", 3, str(tmp_path), str(tmp_path / "sft"), settings, {}, {}, [], parent)
+  try:
+    for _ in range(2):  # started, then resumed from the same SFT
+      with pytest.raises(Interrupted):
+        run(sft)
+    for parent, now in ((dict(sft, stage_id="s2"), r"sft \(training s2\)"),
+                        ({"name": "midtrain", "stage_id": "m1"}, r"midtrain \(training m1\)")):
+      with pytest.raises(ValueError, match=rf"{re.escape(str(dpo_dir))} holds an unfinished dpo stage started from "
+                                           rf"sft \(training s1\), but this recipe trains dpo from {now}.*Delete "
+                                           rf"{re.escape(str(dpo_dir))} "):
+        run(parent)
+  finally:
+    gin.clear_config()
+  # A stage directory from before starts were recorded cannot be checked: it is resumed, and recorded from now on.
+  (tmp_path / "grpo" / "checkpoints").mkdir(parents=True)
+  recipe.check_unfinished_stage("grpo", {"name": "dpo", "stage_id": "d1"}, str(tmp_path))
+  with pytest.raises(ValueError, match="unfinished grpo stage started from dpo"):
+    recipe.check_unfinished_stage("grpo", {"name": "dpo", "stage_id": "d2"}, str(tmp_path))
 
 
 def test_settings_reject_unknown_or_reordered_stages():
