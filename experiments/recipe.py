@@ -27,9 +27,10 @@ the test split is only ever reported.
 Settings: --gin_file and the recipe.*, evaluation.* and rollouts.* bindings of --gin_param configure the recipe
 itself. Every other --gin_param binding (train.*, model.*, data.*, optimizer.*, mesh.*, ...) configures the
 training stages: it is applied to each stage this run trains, after the stage's file and before that stage's
-entry of recipe.stage_bindings (which is the place for a binding of one stage only). Stages finished before are
-not trained again. data.train_files, data.tokenizer and train.init_from differ per stage and are set by the
-recipe; change them for a stage through recipe.stage_bindings.
+entry of recipe.stage_bindings (which is the place for a binding of one stage only); each stage of
+recipe.stages checks its settings before any stage trains, so a binding one of them refuses fails at the start.
+Stages finished before are not trained again. data.train_files, data.tokenizer and train.init_from differ per
+stage and are set by the recipe; change them for a stage through recipe.stage_bindings.
 """
 
 from __future__ import annotations
@@ -249,7 +250,67 @@ def configure(gin_files: Sequence[str], params: Sequence[str]) -> tuple[dict, di
   _, stage_params = split_params(params)
   settings = recipe_settings()
   settings["stage_params"] = stage_params
-  return settings, eval_lib.eval_settings(), rollouts.rollout_settings()
+  eval_cfg, rollout_cfg = eval_lib.eval_settings(), rollouts.rollout_settings()
+  check_stage_settings(settings)
+  return settings, eval_cfg, rollout_cfg
+
+
+def _check_stage(settings: dict, stage: str, params: Sequence[str]) -> None:
+  """The settings checks `common.run_training` makes before it reads data or loads params, on the gin config of
+  `stage` with `params` as the --gin_param bindings."""
+  settings = dict(settings, stage_params=list(params))
+  # No workdir yet: the per-stage paths are bound but not read here.
+  _configure(settings, stage, stage_bindings(stage, "", None, settings))
+  model_config, _ = common.model()
+  data_cfg, train, _ = common.data(), common.train_settings(), common.optimizer()
+  kind = train["stage"]
+  if kind not in ("next_token", "dpo", "grpo"):
+    raise ValueError(f"train.stage={kind!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
+  common.check_data_settings(kind, data_cfg, train["loop"])
+  if kind == "dpo":
+    common.dpo_settings()
+  if kind == "grpo":
+    common.grpo_config(train)
+    common.reward_settings()
+  common.check_batch_shape(kind, model_config, data_cfg, train["loop"], common.mesh())
+
+
+def _refusal(settings: dict, stage: str, params: Sequence[str]) -> Optional[Exception]:
+  """The error `_check_stage` raises, or None. Its warnings are left to the stage's own run (a GRPO stage warns of
+  data settings it does not read): logged here too, they would come twice, and for stages finished before."""
+  was_disabled, log.disabled = log.disabled, True
+  try:
+    _check_stage(settings, stage, params)
+  except (ValueError, TypeError) as e:
+    return e
+  finally:
+    log.disabled = was_disabled
+    gin.clear_config()
+  return None
+
+
+def check_stage_settings(settings: dict) -> None:
+  """Raises if a stage of `settings["stages"]` refuses its training settings, before any stage trains: a --gin_param
+  binding reaches every stage, and one that only some stages take (train.z_loss: not DPO or GRPO) used to fail at
+  the first stage that refuses it, after the stages before it had trained."""
+  params = settings.get("stage_params", [])
+  refused = {stage: e for stage in settings["stages"] if (e := _refusal(settings, stage, params)) is not None}
+  if not refused:
+    return
+  stage, error = next(iter(refused.items()))
+  where = f"{settings['config_dir']}/{stage}.gin with recipe.stage_bindings[{stage!r}]"
+  if params and _refusal(settings, stage, []) is None:  # it takes its own settings, not the command line's
+    culprits = [p for p in params if _refusal(settings, stage, [p]) is not None] or list(params)
+    takers = [s for s in settings["stages"] if all(_refusal(settings, s, [p]) is None for p in culprits)]
+    example = json.dumps({s: culprits for s in takers or ["sft"]})
+    names = (f"{', '.join(list(refused)[:-1])} and {list(refused)[-1]} stages refuse" if len(refused) > 1
+             else f"{stage} stage refuses")
+    raise ValueError(
+        f"--gin_param {', '.join(culprits)} applies to every stage this recipe trains, and the {names} it "
+        f"({stage}: {error})\nGive it only to the stages it applies to, e.g. "
+        f"--gin_param='recipe.stage_bindings={example}' (with the stages you mean it for)") from error
+  raise ValueError(f"the {stage} stage refuses its training settings ({where}"
+                   f"{' and the --gin_param bindings' if params else ''}): {error}") from error
 
 
 # Recipe dicts a --gin_param extends rather than replaces: quick.gin's per-stage step counts and task counts stay

@@ -246,6 +246,31 @@ def test_bindings_the_recipe_cannot_apply_are_refused(monkeypatch, tmp_path):
   gin.clear_config()
 
 
+def test_a_binding_a_stage_refuses_is_refused_before_any_stage_trains(monkeypatch):
+  """train.z_loss reaches every stage, and DPO and GRPO refuse it: the recipe trained base, midtrain and sft and
+  then failed at DPO. configure() now runs each stage's settings checks first and names the refusing stages."""
+  monkeypatch.chdir(ROOT)
+  quick = "experiments/configs/recipe_tiny/quick.gin"
+  try:
+    with pytest.raises(ValueError, match=r"--gin_param train.z_loss=1e-4 applies to every stage this recipe trains, "
+                                         r"and the dpo and grpo stages refuse it \(dpo: train.z_loss=0.0001 applies "
+                                         r"to the next-token loss only") as refusal:
+      recipe.configure([quick], ["train.z_loss=1e-4", "train.seed=3"])
+    assert ("""recipe.stage_bindings={"base": ["train.z_loss=1e-4"], "midtrain": ["train.z_loss=1e-4"], """
+            """"sft": ["train.z_loss=1e-4"]}""") in str(refusal.value)  # the stages that take it, and no other binding
+    settings, _, _ = recipe.configure([quick], ['recipe.stages=["base", "midtrain", "sft"]', "train.z_loss=1e-4"])
+    assert settings["stage_params"] == ["train.z_loss=1e-4"]  # the stages of this run take it
+    settings, _, _ = recipe.configure([quick], ['recipe.stage_bindings={"sft": ["train.z_loss=1e-4"]}'])
+    assert settings["stage_bindings"]["sft"][-1] == "train.z_loss=1e-4"
+    with pytest.raises(ValueError, match=r"the grpo stage refuses its training settings \(.*grpo.gin with "
+                                         r"recipe.stage_bindings\['grpo'\]\): train.z_loss"):
+      recipe.configure([quick], ['recipe.stage_bindings={"grpo": ["train.z_loss=1e-4"]}'])
+    with pytest.raises(ValueError, match=r"data.seq_len=1024 exceeds the model's max_position_embeddings"):
+      recipe.configure([quick], ['recipe.stage_bindings={"sft": ["data.seq_len=1024"]}'])
+  finally:
+    gin.clear_config()
+
+
 def _stage(name, accuracy, delta=None, base=None):
   """A summary entry; `delta` / `base`: (change, low, high) vs the previous stage / the first stage."""
   entry = {"name": name, "steps": 4, "final_loss": 1.5, "greedy_accuracy": accuracy, "greedy_accuracy_ci95": [0, 1],
