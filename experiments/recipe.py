@@ -753,8 +753,8 @@ def parse_args(argv=None):
   parser.add_argument("--workdir", required=True, help="everything goes here; re-running resumes")
   parser.add_argument("--quick", action="store_true", help="the smoke run: tiny data, a few steps per stage")
   parser.add_argument("--gin_file", action="append", default=[],
-                      help="recipe gin file(s) (recipe.*, evaluation.*, rollouts.*); default recipe_tiny/recipe.gin "
-                      "(quick.gin with --quick)")
+                      help="recipe gin file(s) (recipe.*, evaluation.*, rollouts.*), from the current directory or "
+                      "else the repository root; default recipe_tiny/recipe.gin (quick.gin with --quick)")
   parser.add_argument("--gin_param", action="append", default=[],
                       help="gin binding 'k=v' (repeatable): recipe.*, evaluation.*, rollouts.* configure the recipe, "
                       "any other applies to every stage trained (see above)")
@@ -768,9 +768,12 @@ def main(argv=None) -> dict:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   workdir = os.path.abspath(args.workdir)
+  # A --gin_file found from the caller's directory is read from there; any other (experiments/configs/...) from the
+  # repository root, as before.
+  gin_files = [os.path.abspath(path) if os.path.exists(path) else path for path in args.gin_file]
   os.chdir(ROOT)  # gin files include each other by repository-relative paths
   default = os.path.join("experiments/configs/recipe_tiny", "quick.gin" if args.quick else "recipe.gin")
-  settings, eval_cfg, rollout_cfg = configure(args.gin_file or [default], args.gin_param)
+  settings, eval_cfg, rollout_cfg = configure(gin_files or [default], args.gin_param)
   if args.fresh and os.path.exists(workdir):  # only once the settings are known to be good
     shutil.rmtree(workdir)
   log.info("recipe: %d devices (%s); stages %s", jax.device_count(), jax.devices()[0].platform, settings["stages"])

@@ -271,6 +271,19 @@ def test_a_binding_a_stage_refuses_is_refused_before_any_stage_trains(monkeypatc
     gin.clear_config()
 
 
+def test_gin_files_are_found_from_the_callers_directory_then_the_repository_root(tmp_path):
+  """`cd elsewhere && recipe.py --gin_file=my_recipe.gin` failed with "Unable to open file: my_recipe.gin": the
+  paths were read after the chdir to the repository root. A repository-relative path still works from elsewhere.
+  my_recipe.gin starts the recipe at DPO, which configure() refuses, so nothing trains."""
+  (tmp_path / "my_recipe.gin").write_text('recipe.stages = ["dpo", "grpo"]\n')
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices=2))
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "recipe.py"), "--workdir=w",
+                         "--gin_file=experiments/configs/recipe_tiny/quick.gin", "--gin_file=my_recipe.gin"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "recipe.stages=['dpo', 'grpo'] starts at 'dpo'" in proc.stderr, proc.stderr[-3000:]
+  assert not (tmp_path / "w").exists()
+
+
 def _stage(name, accuracy, delta=None, base=None):
   """A summary entry; `delta` / `base`: (change, low, high) vs the previous stage / the first stage."""
   entry = {"name": name, "steps": 4, "final_loss": 1.5, "greedy_accuracy": accuracy, "greedy_accuracy_ci95": [0, 1],
