@@ -17,18 +17,20 @@ verifier scores them. Everything lands under --workdir: data/ (the task files an
 stage (metrics.jsonl, params/, checkpoints/, eval/summary.json + items.jsonl), summary.json, report.md and PNG
 plots. Re-running the command skips finished stages and resumes an interrupted one from its newest checkpoint;
 a finished stage trained from another stage than the one now before it (a stage inserted or dropped, or its
-parent trained again) is refused rather than reused, and finished stages are evaluated again when the
-evaluation.* settings changed, so the report compares like with like; the task settings (recipe.task_counts,
-task_seed, difficulty, difficulty_overrides) must stay those data/ was written with (a new --workdir, or --fresh,
-for others). Checkpoint selection and tuning use the valid split only;
+parent trained again) is refused rather than reused, as is an interrupted stage started from another (each stage
+records the training of the stage it starts from in recipe_started.json before it samples or trains), and
+finished stages are evaluated again when the evaluation.* settings changed, so the report compares like with like;
+the task settings (recipe.task_counts, task_seed, difficulty, difficulty_overrides) must stay those data/ was
+written with (a new --workdir, or --fresh, for others). Checkpoint selection and tuning use the valid split only;
 the test split is only ever reported.
 
 Settings: --gin_file and the recipe.*, evaluation.* and rollouts.* bindings of --gin_param configure the recipe
 itself. Every other --gin_param binding (train.*, model.*, data.*, optimizer.*, mesh.*, ...) configures the
 training stages: it is applied to each stage this run trains, after the stage's file and before that stage's
-entry of recipe.stage_bindings (which is the place for a binding of one stage only). Stages finished before are
-not trained again. data.train_files, data.tokenizer and train.init_from differ per stage and are set by the
-recipe; change them for a stage through recipe.stage_bindings.
+entry of recipe.stage_bindings (which is the place for a binding of one stage only); each stage of
+recipe.stages checks its settings before any stage trains, so a binding one of them refuses fails at the start.
+Stages finished before are not trained again. data.train_files, data.tokenizer and train.init_from differ per
+stage and are set by the recipe; change them for a stage through recipe.stage_bindings.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -249,7 +250,67 @@ def configure(gin_files: Sequence[str], params: Sequence[str]) -> tuple[dict, di
   _, stage_params = split_params(params)
   settings = recipe_settings()
   settings["stage_params"] = stage_params
-  return settings, eval_lib.eval_settings(), rollouts.rollout_settings()
+  eval_cfg, rollout_cfg = eval_lib.eval_settings(), rollouts.rollout_settings()
+  check_stage_settings(settings)
+  return settings, eval_cfg, rollout_cfg
+
+
+def _check_stage(settings: dict, stage: str, params: Sequence[str]) -> None:
+  """The settings checks `common.run_training` makes before it reads data or loads params, on the gin config of
+  `stage` with `params` as the --gin_param bindings."""
+  settings = dict(settings, stage_params=list(params))
+  # No workdir yet: the per-stage paths are bound but not read here.
+  _configure(settings, stage, stage_bindings(stage, "", None, settings))
+  model_config, _ = common.model()
+  data_cfg, train, _ = common.data(), common.train_settings(), common.optimizer()
+  kind = train["stage"]
+  if kind not in ("next_token", "dpo", "grpo"):
+    raise ValueError(f"train.stage={kind!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
+  common.check_data_settings(kind, data_cfg, train["loop"])
+  if kind == "dpo":
+    common.dpo_settings()
+  if kind == "grpo":
+    common.grpo_config(train)
+    common.reward_settings()
+  common.check_batch_shape(kind, model_config, data_cfg, train["loop"], common.mesh())
+
+
+def _refusal(settings: dict, stage: str, params: Sequence[str]) -> Optional[Exception]:
+  """The error `_check_stage` raises, or None. Its warnings are left to the stage's own run (a GRPO stage warns of
+  data settings it does not read): logged here too, they would come twice, and for stages finished before."""
+  was_disabled, log.disabled = log.disabled, True
+  try:
+    _check_stage(settings, stage, params)
+  except (ValueError, TypeError) as e:
+    return e
+  finally:
+    log.disabled = was_disabled
+    gin.clear_config()
+  return None
+
+
+def check_stage_settings(settings: dict) -> None:
+  """Raises if a stage of `settings["stages"]` refuses its training settings, before any stage trains: a --gin_param
+  binding reaches every stage, and one that only some stages take (train.z_loss: not DPO or GRPO) used to fail at
+  the first stage that refuses it, after the stages before it had trained."""
+  params = settings.get("stage_params", [])
+  refused = {stage: e for stage in settings["stages"] if (e := _refusal(settings, stage, params)) is not None}
+  if not refused:
+    return
+  stage, error = next(iter(refused.items()))
+  where = f"{settings['config_dir']}/{stage}.gin with recipe.stage_bindings[{stage!r}]"
+  if params and _refusal(settings, stage, []) is None:  # it takes its own settings, not the command line's
+    culprits = [p for p in params if _refusal(settings, stage, [p]) is not None] or list(params)
+    takers = [s for s in settings["stages"] if all(_refusal(settings, s, [p]) is None for p in culprits)]
+    example = json.dumps({s: culprits for s in takers or ["sft"]})
+    names = (f"{', '.join(list(refused)[:-1])} and {list(refused)[-1]} stages refuse" if len(refused) > 1
+             else f"{stage} stage refuses")
+    raise ValueError(
+        f"--gin_param {', '.join(culprits)} applies to every stage this recipe trains, and the {names} it "
+        f"({stage}: {error})\nGive it only to the stages it applies to, e.g. "
+        f"--gin_param='recipe.stage_bindings={example}' (with the stages you mean it for)") from error
+  raise ValueError(f"the {stage} stage refuses its training settings ({where}"
+                   f"{' and the --gin_param bindings' if params else ''}): {error}") from error
 
 
 # Recipe dicts a --gin_param extends rather than replaces: quick.gin's per-stage step counts and task counts stay
@@ -327,9 +388,10 @@ def _write_record(stage_dir: str, record: dict) -> None:
     json.dump(record, f, indent=1)
 
 
-def check_lineage(stage: str, record: dict, parent: Optional[dict], workdir: str) -> None:
+def check_lineage(stage: str, record: dict, parent: Optional[dict], workdir: str, unfinished: bool = False) -> None:
   """Raises unless the finished stage `record` was trained from `parent` (the record of the stage before it in this
-  recipe, None for the first): the same stage, and the same training of it (its `stage_id`)."""
+  recipe, None for the first): the same stage, and the same training of it (its `stage_id`). `unfinished`: `record`
+  is the start record of a stage that has not finished (see `check_unfinished_stage`)."""
   if "parent" in record:
     was = (record["parent"], record.get("parent_id"))
     now = (parent["name"], parent.get("stage_id")) if parent else (None, None)
@@ -340,16 +402,51 @@ def check_lineage(stage: str, record: dict, parent: Optional[dict], workdir: str
     describe = lambda x: "random initialisation" if x in (None, (None, None)) else (
         x if isinstance(x, str) else f"{x[0]} (training {x[1] or 'unrecorded'})")
     stage_dir = os.path.join(workdir, stage)
+    if unfinished:
+      raise ValueError(
+          f"{stage_dir} holds an unfinished {stage} stage started from {describe(was)}, but this recipe trains "
+          f"{stage} from {describe(now)}: resuming it would mix two lineages (its checkpoints, and any DPO pairs and "
+          f"reference log-probs in it, come from the earlier parent). Delete {stage_dir} to train {stage} again "
+          "from the start (or restore the parent it was started from), or use a fresh --workdir")
     raise ValueError(
         f"{stage} in {stage_dir} was trained from {describe(was)}, but this recipe trains it from {describe(now)}: "
         "its params, evaluation and the report's change vs previous would belong to another lineage. Delete "
-        f"{stage_dir} and the finished stages after it to train them again, or use a fresh --workdir")
+        f"{stage_dir} and the stage directories after it, finished or interrupted (their checkpoints, DPO pairs "
+        "and reference log-probs descend from it too), to train them again, or use a fresh --workdir")
+
+
+# Written in a stage's directory before it samples or trains anything: which training of which stage it starts
+# from. A rerun resumes an interrupted stage (its checkpoints, DPO pairs, reference log-probs) only from that one.
+STARTED = "recipe_started.json"
+
+
+def check_unfinished_stage(stage: str, parent: Optional[dict], workdir: str) -> None:
+  """Before `stage` samples or trains: raises if its directory holds the unfinished work of a start from another
+  parent than `parent` (a parent trained again, or a stage inserted or dropped, since it was interrupted); else
+  records `parent` as the one it starts from."""
+  stage_dir = os.path.join(workdir, stage)
+  path = os.path.join(stage_dir, STARTED)
+  if os.path.exists(path):
+    with open(path) as f:
+      check_lineage(stage, json.load(f), parent, workdir, unfinished=True)
+    return
+  if os.path.isdir(stage_dir) and os.listdir(stage_dir):
+    log.warning("%s holds files of a %s stage started before recipes recorded where a stage starts from: it is "
+                "resumed as it is; delete %s first if its parent was trained again since", stage_dir, stage,
+                stage_dir)
+  os.makedirs(stage_dir, exist_ok=True)
+  tmp = f"{path}.tmp{jax.process_index()}"  # one per process: each may write it to a shared file system
+  with open(tmp, "w") as f:
+    json.dump({"name": stage, "parent": parent["name"] if parent else None,
+               "parent_id": parent.get("stage_id") if parent else None}, f, indent=1)
+  os.replace(tmp, path)
 
 
 def run_stage(stage: str, index: int, workdir: str, init_from: Optional[str], settings: dict, eval_cfg: dict,
               rollout_cfg: dict, problems: list[dict], parent: Optional[dict] = None) -> dict:
   """Trains (or resumes) one stage and evaluates it; returns its record for summary.json."""
   stage_dir = os.path.join(workdir, stage)
+  check_unfinished_stage(stage, parent, workdir)
   record: dict[str, Any] = {"name": stage, "init_from": init_from, "stage_id": uuid.uuid4().hex,
                             "parent": parent["name"] if parent else None,
                             "parent_id": parent.get("stage_id") if parent else None,
@@ -481,12 +578,17 @@ def build_summary(workdir: str, records: Sequence[dict], manifest: dict, setting
     for key in ("rollouts", "skipped"):
       if key in record:
         entry[key] = record[key]
-    if record["name"] == "grpo" and metrics:
-      tail = metrics[-max(1, len(metrics) // 4):]
-      head = metrics[:max(1, len(metrics) // 4)]
-      entry["reward_mean_first_quarter"] = sum(r.get("reward_mean", 0.0) for r in head) / len(head)
-      entry["reward_mean_last_quarter"] = sum(r.get("reward_mean", 0.0) for r in tail) / len(tail)
-      entry["groups_kept_mean"] = sum(r.get("groups_kept", 0.0) for r in metrics) / len(metrics)
+    # Only the first step on each rollout batch carries the rollout numbers (reward_mean, groups_kept, ...): with
+    # grpo.num_passes > 1 the batch's further passes log the loss alone, and counting them as zeros would scale
+    # the figures down by the number of passes. The quarters are quarters of the rollout batches.
+    rollout_steps = [r for r in metrics if "reward_mean" in r] if record["name"] == "grpo" else []
+    if rollout_steps:
+      quarter = max(1, len(rollout_steps) // 4)
+      head, tail = rollout_steps[:quarter], rollout_steps[-quarter:]
+      entry["reward_mean_first_quarter"] = sum(r["reward_mean"] for r in head) / len(head)
+      entry["reward_mean_last_quarter"] = sum(r["reward_mean"] for r in tail) / len(tail)
+      kept = [r["groups_kept"] for r in metrics if "groups_kept" in r]
+      entry["groups_kept_mean"] = sum(kept) / len(kept) if kept else None
     if previous_items is not None:
       entry["delta_vs_previous"] = eval_lib.paired_difference(items, previous_items)
       entry["delta_vs_previous"]["verdict"] = _verdict(entry["delta_vs_previous"])
@@ -578,11 +680,13 @@ def write_plots(workdir: str, summary: dict) -> list[str]:
   grpo = read_metrics(os.path.join(workdir, "grpo")) if any(s["name"] == "grpo" for s in stages) else []
   if grpo:
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-    steps = [r["step"] for r in grpo]
-    axes[0].plot(steps, [r.get("reward_mean", math.nan) for r in grpo], marker=".", label="reward")
-    axes[0].plot(steps, [r.get("accuracy", math.nan) for r in grpo], marker=".", label="rollout accuracy", alpha=0.7)
+    # The steps that carry the field: with grpo.num_passes > 1 only a rollout batch's first step does, and NaN
+    # gaps at the others would leave the curves as unconnected points.
+    series = lambda key: ([r["step"] for r in grpo if key in r], [r[key] for r in grpo if key in r])
+    axes[0].plot(*series("reward_mean"), marker=".", label="reward")
+    axes[0].plot(*series("accuracy"), marker=".", label="rollout accuracy", alpha=0.7)
     axes[0].legend()
-    axes[1].plot(steps, [r.get("response_length_mean", math.nan) for r in grpo], marker=".")
+    axes[1].plot(*series("response_length_mean"), marker=".")
     axes[1].set_ylabel("response tokens")
     for ax in axes:
       ax.set_xlabel("GRPO step")
@@ -649,8 +753,8 @@ def parse_args(argv=None):
   parser.add_argument("--workdir", required=True, help="everything goes here; re-running resumes")
   parser.add_argument("--quick", action="store_true", help="the smoke run: tiny data, a few steps per stage")
   parser.add_argument("--gin_file", action="append", default=[],
-                      help="recipe gin file(s) (recipe.*, evaluation.*, rollouts.*); default recipe_tiny/recipe.gin "
-                      "(quick.gin with --quick)")
+                      help="recipe gin file(s) (recipe.*, evaluation.*, rollouts.*), from the current directory or "
+                      "else the repository root; default recipe_tiny/recipe.gin (quick.gin with --quick)")
   parser.add_argument("--gin_param", action="append", default=[],
                       help="gin binding 'k=v' (repeatable): recipe.*, evaluation.*, rollouts.* configure the recipe, "
                       "any other applies to every stage trained (see above)")
@@ -664,9 +768,12 @@ def main(argv=None) -> dict:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   workdir = os.path.abspath(args.workdir)
+  # A --gin_file found from the caller's directory is read from there; any other (experiments/configs/...) from the
+  # repository root, as before.
+  gin_files = [os.path.abspath(path) if os.path.exists(path) else path for path in args.gin_file]
   os.chdir(ROOT)  # gin files include each other by repository-relative paths
   default = os.path.join("experiments/configs/recipe_tiny", "quick.gin" if args.quick else "recipe.gin")
-  settings, eval_cfg, rollout_cfg = configure(args.gin_file or [default], args.gin_param)
+  settings, eval_cfg, rollout_cfg = configure(gin_files or [default], args.gin_param)
   if args.fresh and os.path.exists(workdir):  # only once the settings are known to be good
     shutil.rmtree(workdir)
   log.info("recipe: %d devices (%s); stages %s", jax.device_count(), jax.devices()[0].platform, settings["stages"])

@@ -3,6 +3,7 @@ then a re-run that skips every finished stage; and the recipe's settings and sta
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,13 +114,50 @@ def test_a_finished_stage_of_another_lineage_is_refused_not_reused(tmp_path):
   recipe.check_lineage("sft", sft, base, str(tmp_path))  # the lineage it was trained in
   midtrain = {"name": "midtrain", "stage_id": "m1", "params_from": "midtrain"}
   for parent, was in ((midtrain, "base"), (dict(base, stage_id="b2"), "training b1"), (None, "base")):
-    with pytest.raises(ValueError, match=f"sft in .* was trained from .*{was}.*Delete"):
+    with pytest.raises(ValueError, match=f"sft in .* was trained from .*{was}.*Delete .* finished or interrupted"):
       recipe.check_lineage("sft", sft, parent, str(tmp_path))
   # Records from before lineage was recorded: the starting point's directory decides.
   old = {"name": "sft", "init_from": "/elsewhere/base"}
   recipe.check_lineage("sft", old, {"name": "base", "params_from": "base"}, str(tmp_path))
   with pytest.raises(ValueError, match="trained from base, but this recipe trains it from midtrain"):
     recipe.check_lineage("sft", old, midtrain, str(tmp_path))
+
+
+def test_an_interrupted_stage_started_from_another_parent_is_refused_not_resumed(monkeypatch, tmp_path):
+  """DPO interrupted, then SFT deleted and trained again: the rerun resumed DPO's checkpoint and reused its pairs and
+  reference log-probs, all made from the earlier SFT, and named the new SFT as the finished DPO's parent."""
+  monkeypatch.chdir(ROOT)  # the stage files include each other by repository-relative paths
+  settings = recipe.recipe_settings()
+  sft = {"name": "sft", "stage_id": "s1", "params_from": "sft"}
+  dpo_dir = tmp_path / "dpo"
+
+  class Interrupted(Exception):
+    pass
+
+  def interrupted_sampling(*args, **kwargs):
+    assert (dpo_dir / recipe.STARTED).exists()  # the parent is recorded before anything is sampled or trained
+    (dpo_dir / "pairs.jsonl").write_text("")
+    raise Interrupted
+
+  monkeypatch.setattr(recipe, "sample_dpo_pairs", interrupted_sampling)
+  run = lambda parent: recipe.run_stage("dpo", 3, str(tmp_path), str(tmp_path / "sft"), settings, {}, {}, [], parent)
+  try:
+    for _ in range(2):  # started, then resumed from the same SFT
+      with pytest.raises(Interrupted):
+        run(sft)
+    for parent, now in ((dict(sft, stage_id="s2"), r"sft \(training s2\)"),
+                        ({"name": "midtrain", "stage_id": "m1"}, r"midtrain \(training m1\)")):
+      with pytest.raises(ValueError, match=rf"{re.escape(str(dpo_dir))} holds an unfinished dpo stage started from "
+                                           rf"sft \(training s1\), but this recipe trains dpo from {now}.*Delete "
+                                           rf"{re.escape(str(dpo_dir))} "):
+        run(parent)
+  finally:
+    gin.clear_config()
+  # A stage directory from before starts were recorded cannot be checked: it is resumed, and recorded from now on.
+  (tmp_path / "grpo" / "checkpoints").mkdir(parents=True)
+  recipe.check_unfinished_stage("grpo", {"name": "dpo", "stage_id": "d1"}, str(tmp_path))
+  with pytest.raises(ValueError, match="unfinished grpo stage started from dpo"):
+    recipe.check_unfinished_stage("grpo", {"name": "dpo", "stage_id": "d2"}, str(tmp_path))
 
 
 def test_settings_reject_unknown_or_reordered_stages():
@@ -208,6 +246,44 @@ def test_bindings_the_recipe_cannot_apply_are_refused(monkeypatch, tmp_path):
   gin.clear_config()
 
 
+def test_a_binding_a_stage_refuses_is_refused_before_any_stage_trains(monkeypatch):
+  """train.z_loss reaches every stage, and DPO and GRPO refuse it: the recipe trained base, midtrain and sft and
+  then failed at DPO. configure() now runs each stage's settings checks first and names the refusing stages."""
+  monkeypatch.chdir(ROOT)
+  quick = "experiments/configs/recipe_tiny/quick.gin"
+  try:
+    with pytest.raises(ValueError, match=r"--gin_param train.z_loss=1e-4 applies to every stage this recipe trains, "
+                                         r"and the dpo and grpo stages refuse it \(dpo: train.z_loss=0.0001 applies "
+                                         r"to the next-token loss only") as refusal:
+      recipe.configure([quick], ["train.z_loss=1e-4", "train.seed=3"])
+    assert ("""recipe.stage_bindings={"base": ["train.z_loss=1e-4"], "midtrain": ["train.z_loss=1e-4"], """
+            """"sft": ["train.z_loss=1e-4"]}""") in str(refusal.value)  # the stages that take it, and no other binding
+    settings, _, _ = recipe.configure([quick], ['recipe.stages=["base", "midtrain", "sft"]', "train.z_loss=1e-4"])
+    assert settings["stage_params"] == ["train.z_loss=1e-4"]  # the stages of this run take it
+    settings, _, _ = recipe.configure([quick], ['recipe.stage_bindings={"sft": ["train.z_loss=1e-4"]}'])
+    assert settings["stage_bindings"]["sft"][-1] == "train.z_loss=1e-4"
+    with pytest.raises(ValueError, match=r"the grpo stage refuses its training settings \(.*grpo.gin with "
+                                         r"recipe.stage_bindings\['grpo'\]\): train.z_loss"):
+      recipe.configure([quick], ['recipe.stage_bindings={"grpo": ["train.z_loss=1e-4"]}'])
+    with pytest.raises(ValueError, match=r"data.seq_len=1024 exceeds the model's max_position_embeddings"):
+      recipe.configure([quick], ['recipe.stage_bindings={"sft": ["data.seq_len=1024"]}'])
+  finally:
+    gin.clear_config()
+
+
+def test_gin_files_are_found_from_the_callers_directory_then_the_repository_root(tmp_path):
+  """`cd elsewhere && recipe.py --gin_file=my_recipe.gin` failed with "Unable to open file: my_recipe.gin": the
+  paths were read after the chdir to the repository root. A repository-relative path still works from elsewhere.
+  my_recipe.gin starts the recipe at DPO, which configure() refuses, so nothing trains."""
+  (tmp_path / "my_recipe.gin").write_text('recipe.stages = ["dpo", "grpo"]\n')
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices=2))
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "recipe.py"), "--workdir=w",
+                         "--gin_file=experiments/configs/recipe_tiny/quick.gin", "--gin_file=my_recipe.gin"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "recipe.stages=['dpo', 'grpo'] starts at 'dpo'" in proc.stderr, proc.stderr[-3000:]
+  assert not (tmp_path / "w").exists()
+
+
 def _stage(name, accuracy, delta=None, base=None):
   """A summary entry; `delta` / `base`: (change, low, high) vs the previous stage / the first stage."""
   entry = {"name": name, "steps": 4, "final_loss": 1.5, "greedy_accuracy": accuracy, "greedy_accuracy_ci95": [0, 1],
@@ -292,6 +368,43 @@ def test_summary_gives_grpo_mean_reward_of_its_first_and_last_quarter_of_steps(t
     f.writelines(json.dumps({"step": i + 1, "loss": 0.0, "reward_mean": float(i)}) + "\n" for i in range(8))
   grpo = _summary_of_scores(tmp_path, {"sft": [1.0], "grpo": [1.0]})["stages"][1]
   assert (grpo["reward_mean_first_quarter"], grpo["reward_mean_last_quarter"]) == (0.5, 6.5)
+
+
+def _grpo_metrics_of_two_passes(workdir):
+  """A GRPO metrics.jsonl of grpo.num_passes=2: 8 steps, 4 rollout batches; only each batch's first step carries
+  the rollout numbers (rewards 1, 3, 5, 7; half the groups kept), the second pass logs the loss alone."""
+  (workdir / "grpo").mkdir()
+  with open(workdir / "grpo" / "metrics.jsonl", "w") as f:
+    for step in range(1, 9):
+      record = {"step": step, "loss": 0.0}
+      if step % 2:
+        record.update(reward_mean=float(step), groups_kept=0.5, temperature=1.0, response_length_mean=10.0)
+      f.write(json.dumps(record) + "\n")
+
+
+def test_summary_counts_only_the_rollout_steps_of_a_grpo_run_of_several_passes(tmp_path):
+  """The pass-only steps have no reward_mean or groups_kept: counted as zeros, they halved the reported figures."""
+  _grpo_metrics_of_two_passes(tmp_path)
+  grpo = _summary_of_scores(tmp_path, {"sft": [1.0], "grpo": [1.0]})["stages"][1]
+  assert (grpo["reward_mean_first_quarter"], grpo["reward_mean_last_quarter"]) == (1.0, 7.0)
+  assert grpo["groups_kept_mean"] == 0.5
+
+
+def test_walkthrough_grpo_plot_skips_steps_without_rollout_numbers(tmp_path):
+  """The notebook's GRPO plot cell on a run of two passes per batch (it indexed r["reward_mean"]: a KeyError)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  _grpo_metrics_of_two_passes(tmp_path)
+  with open(os.path.join(ROOT, "notebooks", "recipe_walkthrough.ipynb")) as f:
+    cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
+  [cell] = [c for c in cells if 'read_metrics(os.path.join(WORKDIR, "grpo"))' in "".join(c["source"])]
+  try:
+    exec("".join(cell["source"]), {"recipe": recipe, "os": os, "plt": plt, "WORKDIR": str(tmp_path)})
+    reward, temperature = plt.gcf().axes[0].get_lines()
+    assert list(reward.get_xdata()) == [1, 3, 5, 7] and list(temperature.get_ydata()) == [1.0] * 4
+  finally:
+    plt.close("all")
 
 
 def test_task_differences_name_a_changed_difficulty_parameter():
