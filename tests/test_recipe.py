@@ -41,7 +41,10 @@ pytestmark = pytest.mark.xdist_group("recipe_smoke")
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
   """One quick recipe run per test session, shared by the xdist workers (the first to arrive runs it)."""
-  shared = tmp_path_factory.getbasetemp().parent  # the same directory for every worker of this session
+  # Under xdist the parent of a worker's basetemp is the session's directory, the same for every worker; without
+  # xdist the parent is shared by every session (pytest-of-<user>), so the session's own basetemp is used.
+  basetemp = tmp_path_factory.getbasetemp()
+  shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
   workdir = shared / "recipe_smoke"
   with filelock.FileLock(str(shared / "recipe_smoke.lock")):
     if not (workdir / "stdout.txt").exists():
