@@ -565,7 +565,8 @@ def abstract_stage_batch(stage: str, batch_size: int, seq_len: int) -> dict[str,
 
   next_token: the pipeline's rows. dpo: a chosen and a rejected row per pair plus the reference log-prob sums.
   grpo: prompt + completion rows (seq_len = grpo.max_prompt_tokens + grpo.max_new_tokens, batch_size = prompts x
-  group size) with the rollout log-probs, the advantages and, when grpo.beta > 0, the reference log-probs.
+  group size) with the rollout log-probs, the advantages, the rows' sampling temperature and, when grpo.beta > 0,
+  the reference log-probs.
   """
   def rows(dtype=np.int32):
     return jax.ShapeDtypeStruct((batch_size, seq_len), dtype)
@@ -578,7 +579,8 @@ def abstract_stage_batch(stage: str, batch_size: int, seq_len: int) -> dict[str,
     return batch | {k: jax.ShapeDtypeStruct((batch_size,), np.float32) for k in preference.REFERENCE_FIELDS}
   if stage == "grpo":
     batch = {k: rows() for k in pipeline_lib.BATCH_FIELDS}
-    batch.update(old_logps=rows(np.float32), advantages=jax.ShapeDtypeStruct((batch_size,), np.float32))
+    batch.update(old_logps=rows(np.float32), advantages=jax.ShapeDtypeStruct((batch_size,), np.float32),
+                 temperature=jax.ShapeDtypeStruct((batch_size,), np.float32))
     if grpo().beta:
       batch["ref_logps"] = rows(np.float32)
     return batch

@@ -356,26 +356,36 @@ def test_rollout_texts_leave_out_the_stop_token(toy):
   assert batch["loss_mask"].sum(axis=1).tolist() == [1, 1]  # the stop token itself is still a target
 
 
-def test_old_logps_are_the_untempered_model_logprobs_of_the_completion(toy):
-  """Sampled at temperature 0.7, each completion token's "old" log-prob (one position earlier) is still the plain
-  log_softmax of a full forward pass over the rollout, not the tempered log-prob it was drawn with."""
+@pytest.mark.parametrize("tempered", [True, False])
+def test_old_logps_and_the_loss_score_the_distribution_the_rollouts_were_sampled_from(toy, tempered):
+  """Sampled at temperature 0.7 (top-p 0.9), each completion token's "old" log-prob (one position earlier) is the
+  log_softmax of logits / 0.7 of a full forward pass over the rollout, unfiltered (the untempered log_softmax with
+  tempered_logprobs=False); the loss scores the policy the same way, so the first pass's ratio is 1."""
   _, tokenizer, config, prompts = toy
-  cfg = grpo.GRPOConfig(prompts_per_step=1, group_size=2, max_prompt_tokens=32, max_new_tokens=4, temperature=0.7)
+  cfg = grpo.GRPOConfig(prompts_per_step=1, group_size=2, max_prompt_tokens=32, max_new_tokens=4, temperature=0.7,
+                        top_p=0.9, tempered_logprobs=tempered, beta=0.1)
 
   def ranked(texts, golds, lengths, finished):  # unequal rewards: no group is dropped
     return np.arange(len(texts), dtype=np.float32), np.zeros(len(texts), bool)
 
-  source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=ranked, num_steps=1)
   params = phi_jax.init_params(config, jax.random.key(0))
+  source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=ranked, num_steps=1, ref_params=params)
   batch = source.next_batch(params, 0)
+  np.testing.assert_array_equal(batch["temperature"], np.float32([0.7 if tempered else 1.0] * 2))
   logits = np.asarray(phi_jax.forward(params, batch["tokens"], config, segment_ids=batch["segment_ids"]), np.float64)
-  shifted = logits - logits.max(-1, keepdims=True)
+  scaled = logits / (0.7 if tempered else 1.0)
+  shifted = scaled - scaled.max(-1, keepdims=True)
   logps = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
   for r in range(2):
     targets = np.flatnonzero(batch["loss_mask"][r])
     assert targets.size
-    np.testing.assert_allclose(batch["old_logps"][r, targets - 1], logps[r, targets - 1, batch["tokens"][r, targets]],
-                               atol=1e-4)
+    expected = logps[r, targets - 1, batch["tokens"][r, targets]]
+    np.testing.assert_allclose(batch["old_logps"][r, targets - 1], expected, atol=1e-4)
+    np.testing.assert_allclose(batch["ref_logps"][r, targets - 1], expected, atol=1e-4)  # the reference: the same
+  _, aux = grpo.make_loss_fn(config, cfg)(params, batch, None)
+  mean = {k: float(v) / float(aux["metric_weights"][k]) for k, v in aux["metrics"].items()}
+  assert mean["ratio"] == pytest.approx(1.0, abs=1e-4)  # the policy scored as the rollouts were
+  assert mean["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference, scored alike
 
 
 def test_a_batch_whose_groups_are_all_dropped_is_reported(toy, caplog):

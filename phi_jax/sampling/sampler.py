@@ -122,7 +122,9 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
     dict of arrays, N = max_new_tokens:
       tokens [B, N] int32: generated tokens, the stop token included, 0 after the end of each row;
       logprobs [B, N] float32: log_softmax of the model's logits at each generated token (untempered,
-        unfiltered: the "old" log-probs of GRPO), 0 after the end;
+        unfiltered), 0 after the end;
+      tempered_logprobs [B, N] float32: log_softmax(logits / temperature) at each generated token, unfiltered
+        (GRPO's "old" log-probs; equal to logprobs at temperature 1 and for greedy rows), 0 after the end;
       sampling_logprobs [B, N] float32: log-prob under the tempered, filtered distribution actually sampled
         from (0 for greedy decoding and after the end);
       lengths [B] int32: generated tokens per row, the stop token included;
@@ -180,14 +182,22 @@ def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, active_B, rng,
     """Draws the token of output column `step` for every row still running and records it."""
     tokens_B, sampling_logprobs_B = sample_tokens(logits_BV, jax.random.fold_in(rng, step), temperature,
                                                   top_k=sampling.top_k, top_p=sampling.top_p)
-    logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1),
-                                     tokens_B[:, None], axis=-1)[:, 0]
+    logits32_BV = logits_BV.astype(jnp.float32)
+    logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(logits32_BV, axis=-1), tokens_B[:, None], axis=-1)[:, 0]
+    greedy = temperature <= 0  # greedy rows: the model's own distribution
+    if 0 < sampling.top_k < logits_BV.shape[-1] or sampling.top_p < 1.0:
+      divisor = jnp.where(greedy, 1.0, temperature)
+      tempered_B = jnp.take_along_axis(jax.nn.log_softmax(logits32_BV / divisor, axis=-1), tokens_B[:, None],
+                                       axis=-1)[:, 0]
+    else:  # nothing filtered: the distribution sampled from is softmax(logits / temperature) itself
+      tempered_B = jnp.where(greedy, logprobs_B, sampling_logprobs_B)
     running_B = ~out["finished"]
     tokens_B = jnp.where(running_B, tokens_B, 0)
     stopped_B = running_B & jnp.isin(tokens_B, stop_ids_S)
     out = {
         "tokens": out["tokens"].at[:, step].set(tokens_B),
         "logprobs": out["logprobs"].at[:, step].set(jnp.where(running_B, logprobs_B, 0.0)),
+        "tempered_logprobs": out["tempered_logprobs"].at[:, step].set(jnp.where(running_B, tempered_B, 0.0)),
         "sampling_logprobs": out["sampling_logprobs"].at[:, step].set(jnp.where(running_B, sampling_logprobs_B, 0.0)),
         "lengths": out["lengths"] + running_B.astype(jnp.int32),
         "finished": out["finished"] | stopped_B,
@@ -207,6 +217,7 @@ def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, active_B, rng,
   out = {
       "tokens": jnp.zeros((b, n), jnp.int32),
       "logprobs": jnp.zeros((b, n), jnp.float32),
+      "tempered_logprobs": jnp.zeros((b, n), jnp.float32),
       "sampling_logprobs": jnp.zeros((b, n), jnp.float32),
       "lengths": jnp.zeros((b,), jnp.int32),
       "finished": ~active_B,  # batch padding counts as done from the start, and is reported unfinished below

@@ -14,7 +14,9 @@ The Phi-4-mini-reasoning fixes for small models are settings of `GRPOConfig`:
   variation is dropped — the paper filters candidate prompts by sampling them several times and keeping those
   with fairly uniform response lengths; here every step's G samples are that sample;
 - temperature annealing: `temperature` -> `final_temperature` linearly over the first `anneal_fraction` of the
-  run, then constant (the paper: 1.0 -> 0.6 over the first half);
+  run, then constant (the paper: 1.0 -> 0.6 over the first half); the loss scores the policy at the temperature
+  its batch was sampled at (`tempered_logprobs`, each row's `temperature` field), so the importance ratio and the
+  KL compare the distributions the rollouts came from;
 - oversampling hard prompts (`hard_prompt_fraction`): a prompt whose group accuracy was at most
   `hard_prompt_accuracy` (unsolved ones included) joins a queue, and up to that share of each rollout batch's
   prompts are taken again from the front of the queue before the rest come from the shuffled order.
@@ -66,6 +68,10 @@ class GRPOConfig:
   anneal_fraction: float = 0.5
   top_k: int = 0
   top_p: float = 1.0
+  # Score the policy, the rollouts' "old" log-probs and the reference under softmax(logits / the rollout batch's
+  # temperature), the distribution the batch was sampled from (top-k / top-p aside), as TRL and verl do; False:
+  # under the untempered model whatever the sampling temperature.
+  tempered_logprobs: bool = True
   drop_zero_variance_groups: bool = True
   max_group_accuracy: Optional[float] = None
   balance_negatives: bool = False
@@ -117,16 +123,23 @@ class GRPOConfig:
     return self.temperature + (self.final_temperature - self.temperature) * frac
 
 
+def _temperature(batch) -> jax.Array:
+  """The temperature the batch's log-probs are taken at: every row of a rollout batch carries the same one (1.0
+  with `GRPOConfig.tempered_logprobs=False`); batches without the field are scored untempered."""
+  return batch["temperature"][0] if "temperature" in batch else jnp.float32(1.0)
+
+
 def grpo_stage_loss(params, batch, rng, *, config: PhiConfig, cfg: GRPOConfig):
   del rng
   h = hidden_states(params, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"])
   targets, mask = next_token_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"])
   kernel = lm_head_kernel(params, config)
   entropy = None
+  scoring = dict(chunk_size=cfg.chunk_size, temperature=_temperature(batch))
   if cfg.entropy_coef:
-    logps, entropy = chunked_token_logprobs(h, kernel, targets, chunk_size=cfg.chunk_size, with_entropy=True)
+    logps, entropy = chunked_token_logprobs(h, kernel, targets, with_entropy=True, **scoring)
   else:
-    logps = chunked_token_logprobs(h, kernel, targets, chunk_size=cfg.chunk_size)
+    logps = chunked_token_logprobs(h, kernel, targets, **scoring)
   loss, metrics = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
                             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                             aggregation=cfg.aggregation, max_tokens=cfg.max_new_tokens, entropy=entropy,
@@ -300,7 +313,7 @@ class GRPORollouts:
 
   def _reference_logps(self, batch: dict) -> np.ndarray:
     """[B, T] log-probs of the batch's tokens under the frozen reference, the whole batch on every process."""
-    inputs = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
+    inputs = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask", "temperature")}
     if self.mesh is None:
       return np.asarray(self._ref_logps_fn(self.ref_params, inputs))
     from phi_jax.train.step import batch_shardings
@@ -349,6 +362,7 @@ class GRPORollouts:
     advantages = np.where(keep.reshape(-1), advantages, 0.0).astype(np.float32)
 
     t = p + cfg.max_new_tokens
+    old_logps = np.asarray(out["tempered_logprobs"] if cfg.tempered_logprobs else out["logprobs"])
     batch = {name: np.zeros((len(rows), t), np.int32) for name in ("tokens", "segment_ids", "loss_mask")}
     batch["positions"] = np.broadcast_to(np.arange(t, dtype=np.int32), (len(rows), t)).copy()
     batch["old_logps"] = np.zeros((len(rows), t), np.float32)
@@ -358,8 +372,9 @@ class GRPORollouts:
       batch["tokens"][r, lp:lp + lc] = out["tokens"][r, :lc]
       batch["segment_ids"][r, :lp + lc] = 1
       batch["loss_mask"][r, lp:lp + lc] = keep.reshape(-1)[r]
-      batch["old_logps"][r, lp - 1:lp - 1 + lc] = out["logprobs"][r, :lc]  # position t scores token t + 1
+      batch["old_logps"][r, lp - 1:lp - 1 + lc] = old_logps[r, :lc]  # position t scores token t + 1
     batch["advantages"] = advantages
+    batch["temperature"] = np.full((len(rows),), temperature if cfg.tempered_logprobs else 1.0, np.float32)
     if cfg.beta:
       batch["ref_logps"] = self._reference_logps(batch)
     self._metrics[step + 1] = {
@@ -376,4 +391,5 @@ class GRPORollouts:
 def _token_logps(params, batch, *, config, chunk_size):
   h = hidden_states(params, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"])
   targets, _ = next_token_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"])
-  return chunked_token_logprobs(h, lm_head_kernel(params, config), targets, chunk_size=chunk_size)
+  return chunked_token_logprobs(h, lm_head_kernel(params, config), targets, chunk_size=chunk_size,
+                                temperature=_temperature(batch))
