@@ -238,8 +238,10 @@ def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Op
     if init_from and os.path.isfile(os.path.join(source, "config.json")):
       from phi_jax.hf import from_hf_config
       with open(os.path.join(source, "config.json")) as f:
-        theirs = dataclasses.asdict(from_hf_config(json.load(f)))
-      ours = dataclasses.asdict(model_config)
+        hf_config = from_hf_config(json.load(f))
+      # head_dim=None and the same head_dim spelled out make the same arrays.
+      theirs = dict(dataclasses.asdict(hf_config), head_dim=hf_config.resolved_head_dim)
+      ours = dict(dataclasses.asdict(model_config), head_dim=model_config.resolved_head_dim)
       differ = [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in loop_lib.SHAPE_FIELDS
                 if k != "param_dtype" and theirs[k] != ours[k]]
       if differ:
@@ -337,12 +339,14 @@ def run_training(workdir: str):
     log.info("eval_loss is measured on at most the first data.eval_batches=%d batches of %d rows of "
              "data.eval_files (read in order, the same ones at every evaluation); raise data.eval_batches to cover "
              "more of the files", data_cfg["eval_batches"], global_batch)
-  def on_start(trains: bool):  # once the workdir's checkpoints fit: eval.py and rollouts.py rebuild the model from it
+  def on_start():  # once the workdir's checkpoints fit: eval.py and rollouts.py rebuild the model from it
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.gin"), "w") as f:
         f.write(gin.config_str())
-      if trains:
-        remove_final_outputs(workdir)
+
+  def on_first_step():
+    if jax.process_index() == 0:
+      remove_final_outputs(workdir, loop.export_hf)
 
   def show(record):
     keys = ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "eval_loss", "token_accuracy",
@@ -353,7 +357,7 @@ def run_training(workdir: str):
       workdir=workdir, model_config=model_config, optimizer_config=optimizer(), loss_fn=loss_fn,
       train_data=train_data, loop=loop, mesh=the_mesh,
       init_params=params_loader(model_config, hf_path, settings["init_from"], the_mesh),
-      eval_batches=eval_batches, on_log=show, on_start=on_start,
+      eval_batches=eval_batches, on_log=show, on_start=on_start, on_first_step=on_first_step,
       run_meta=run_meta(stage, settings, data_cfg, tokenizer))
   save_final_params(workdir, state.params)
   if loop.export_hf:
@@ -537,17 +541,23 @@ def reference_file(workdir: str, tag: str, pairs_path: str) -> str:
   return os.path.join(workdir, "reference", f"{tag}-{name if name.endswith('.jsonl') else name + '.jsonl'}")
 
 
-def remove_final_outputs(workdir: str) -> None:
-  """Removes W/params/ and W/hf/ of a finished run that is about to train on (a raised num_steps): left in place, an
-  interruption would leave the old params looking like this run's result to export_hf.py, eval.py, rollouts.py
-  and a next stage's train.init_from. The newest checkpoint holds the same params; the run writes both again
-  when it ends."""
-  for name in ("params", "hf"):
-    path = os.path.join(workdir, name)
-    if os.path.exists(path):
-      log.warning("removing %s: the finished run's output, about to be superseded (this run trains on and writes "
-                  "it again when it ends; the checkpoints keep the params it held)", path)
-      shutil.rmtree(path)
+def remove_final_outputs(workdir: str, export_hf: bool) -> None:
+  """Before a finished run trains on (a raised num_steps): removes W/params/, and W/hf/ when train.export_hf writes
+  it again. Left in place, an interruption would leave the old params looking like this run's result to
+  export_hf.py, eval.py, rollouts.py and a next stage's train.init_from. The newest checkpoint holds the same
+  params; the run writes params/ again when it ends. An hf/ the run will not write (exported separately) is kept,
+  with a warning that it goes stale."""
+  params, hf = os.path.join(workdir, "params"), os.path.join(workdir, "hf")
+  if os.path.exists(params):
+    log.warning("removing %s: the finished run's params, superseded as this run trains on (it writes them again "
+                "when it ends; the checkpoints keep them)", params)
+    shutil.rmtree(params)
+  if os.path.exists(hf) and export_hf:
+    log.warning("removing %s: the finished run's export, written again when this run ends (train.export_hf)", hf)
+    shutil.rmtree(hf)
+  elif os.path.exists(hf):
+    log.warning("%s holds the export of the params before this run trains on; with train.export_hf off it is not "
+                "written again: export the new params with experiments/export_hf.py once the run ends", hf)
 
 
 def save_final_params(workdir: str, params):

@@ -302,7 +302,10 @@ def check_stage_settings(settings: dict) -> None:
   if params and _refusal(settings, stage, []) is None:  # it takes its own settings, not the command line's
     culprits = [p for p in params if _refusal(settings, stage, [p]) is not None] or list(params)
     takers = [s for s in settings["stages"] if all(_refusal(settings, s, [p]) is None for p in culprits)]
-    example = json.dumps({s: culprits for s in takers or ["sft"]})
+    if not takers:
+      raise ValueError(f"--gin_param {', '.join(culprits)} is refused by every stage of this recipe "
+                       f"({stage}: {error}): change or remove it") from error
+    example = json.dumps({s: culprits for s in takers})
     names = (f"{', '.join(list(refused)[:-1])} and {list(refused)[-1]} stages refuse" if len(refused) > 1
              else f"{stage} stage refuses")
     raise ValueError(

@@ -361,6 +361,11 @@ def test_a_starting_point_of_another_model_or_nowhere_is_named(tmp_path):
   assert common.params_loader(theirs, None, str(run), mesh)()["embed"]["embedding"].shape[1] == 128
   hf = tmp_path / "hf"
   phi_jax.save_hf(hf, theirs, phi_jax.init_params(theirs, jax.random.key(0)))
-  with pytest.raises(ValueError, match=r"another shape than the model \(hidden_size=128 there, 64 here\).*set "
+  with pytest.raises(ValueError, match=r"another shape than the model \(hidden_size=128 there, 64 here; head_dim=32 "
+                     r"there, 16 here\).*set "
                      r"model.hf_path='.*/hf' to take it from the checkpoint"):
     common.params_loader(ours, None, str(hf), mesh)()
+  # head_dim spelled out with the size it has anyway: the same arrays, loaded.
+  spelled = tmp_path / "hf_head_dim"
+  phi_jax.save_hf(spelled, ours.replace(head_dim=ours.resolved_head_dim), phi_jax.init_params(ours, jax.random.key(0)))
+  assert common.params_loader(ours, None, str(spelled), mesh)()["embed"]["embedding"].shape[1] == 64

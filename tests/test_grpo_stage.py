@@ -388,6 +388,22 @@ def test_old_logps_and_the_loss_score_the_distribution_the_rollouts_were_sampled
   assert mean["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference, scored alike
 
 
+def test_greedy_rollouts_are_scored_untempered(toy):
+  """temperature 0 (greedy, allowed by GRPOConfig) must not divide the logits by 0: the rows are scored at 1, as
+  the sampler scores greedy rows, and the loss and its gradients stay finite."""
+  _, tokenizer, config, prompts = toy
+  cfg = grpo.GRPOConfig(prompts_per_step=1, group_size=2, max_prompt_tokens=32, max_new_tokens=4, temperature=1.0,
+                        final_temperature=0.0, beta=0.1)
+  params = phi_jax.init_params(config, jax.random.key(0))
+  source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=_digit_share(tokenizer), num_steps=2,
+                             ref_params=params)
+  batch = source.next_batch(params, 2)  # past the anneal: greedy
+  np.testing.assert_array_equal(batch["temperature"], np.float32([1.0, 1.0]))
+  assert np.isfinite(batch["ref_logps"]).all()
+  loss, grads = jax.value_and_grad(lambda p: grpo.make_loss_fn(config, cfg)(p, batch, None)[0])(params)
+  assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
 def test_a_batch_whose_groups_are_all_dropped_is_reported(toy, caplog):
   """Equal rewards in every group: the zero-variance filter drops them all, the step trains nothing, and the log
   says so (metrics.jsonl alone showed loss 0 and groups_kept 0)."""

@@ -270,6 +270,9 @@ def test_a_binding_a_stage_refuses_is_refused_before_any_stage_trains(monkeypatc
       recipe.configure([quick], ['recipe.stage_bindings={"grpo": ["train.z_loss=1e-4"]}'])
     with pytest.raises(ValueError, match=r"data.seq_len=1024 exceeds the model's max_position_embeddings"):
       recipe.configure([quick], ['recipe.stage_bindings={"sft": ["data.seq_len=1024"]}'])
+    with pytest.raises(ValueError, match=r"--gin_param train.chunk_size=0 is refused by every stage of this recipe "
+                                         r"\(base: train.chunk_size=0: [\s\S]*\): change or remove it"):
+      recipe.configure([quick], ["train.chunk_size=0"])
   finally:
     gin.clear_config()
 

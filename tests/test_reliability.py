@@ -743,6 +743,7 @@ def test_bad_records_raise_with_file_line_reason_or_are_counted_so_read_equals_u
   assert max(_losses(tmp_path / "skip")) == last
   assert (f"the data position saved at step {last} is at the end of the data" in caplog.text
           and f"train.init_from={tmp_path / 'skip'}" in caplog.text)
+  assert "removing" not in caplog.text  # nothing trained: the finished run's params/ were not taken away
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n\n")
   with pytest.raises(ValueError, match=rf"{empty}: empty dataset"):
@@ -808,6 +809,15 @@ def test_extending_a_finished_run_removes_its_final_params_until_it_finishes_aga
   state = gin_run("train.num_steps = 4", "train.export_hf = True")  # nothing left to train: writes them again
   assert "already complete" in caplog.text and (run / "params").is_dir() and (run / "hf").is_dir()
   assert int(state.step) == 4
+  # An export the run will not write again (train.export_hf off, e.g. made by export_hf.py) is kept, with a warning;
+  # a rerun that trains nothing removes nothing.
+  (run / "hf" / "marker").write_text("exported separately")
+  caplog.clear()
+  gin_run("train.num_steps = 6")
+  assert (run / "hf" / "marker").exists() and "is not written again" in caplog.text
+  caplog.clear()
+  gin_run("train.num_steps = 6")
+  assert "already complete" in caplog.text and "removing" not in caplog.text and (run / "hf" / "marker").exists()
 
 
 # ---- hostile completions in the GRPO reward, through the loop ---------------------------------------------------

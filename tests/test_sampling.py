@@ -435,3 +435,24 @@ def test_nucleus_equals_a_float64_sort_of_the_vocabulary():
       np.testing.assert_array_equal(kept[row], x >= threshold, err_msg=f"row {row}, top_p {top_p}")
       checked += 1
     assert checked >= 40
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.8)])
+def test_tempered_logprobs_score_each_row_at_its_own_temperature(params, prompts, top_k, top_p):
+  """GRPO's old log-probs: log_softmax(logits / T) of each generated token, unfiltered, T per row (greedy rows at
+  T = 0: the untempered log_softmax), whether or not top-k / top-p filtered the draw."""
+  tokens, lengths = prompts
+  temperatures = np.float32([0.7, 0.0, 1.3, 0.5, 1.0, 0.9, 0.0, 2.0])
+  out = jax.device_get(generate(params, CONFIG, tokens, lengths, jax.random.key(5),
+                                SamplingConfig(max_new_tokens=NEW, temperature=temperatures, top_k=top_k,
+                                               top_p=top_p)))
+  seqs = np.zeros((BATCH, WIDTH + NEW), np.int32)
+  for row, n in enumerate(lengths):
+    seqs[row, :n], seqs[row, n:n + NEW] = tokens[row, :n], out["tokens"][row]
+  logits = np.asarray(_row_logits(params, seqs, lengths + out["lengths"], CONFIG), np.float64)
+  for row, n in enumerate(lengths):
+    steps = int(out["lengths"][row])
+    scale = temperatures[row] if temperatures[row] > 0 else 1.0
+    expected = _log_softmax(logits[row, n - 1:n - 1 + steps] / scale)[np.arange(steps), out["tokens"][row, :steps]]
+    np.testing.assert_allclose(out["tempered_logprobs"][row, :steps], expected, atol=1e-4)
+    np.testing.assert_array_equal(out["tempered_logprobs"][row, steps:], 0.0)

@@ -186,8 +186,8 @@ def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, active_B, rng,
     logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(logits32_BV, axis=-1), tokens_B[:, None], axis=-1)[:, 0]
     greedy = temperature <= 0  # greedy rows: the model's own distribution
     if 0 < sampling.top_k < logits_BV.shape[-1] or sampling.top_p < 1.0:
-      divisor = jnp.where(greedy, 1.0, temperature)
-      tempered_B = jnp.take_along_axis(jax.nn.log_softmax(logits32_BV / divisor, axis=-1), tokens_B[:, None],
+      divisor_B1 = jnp.broadcast_to(jnp.where(greedy, 1.0, temperature), tokens_B.shape)[:, None]  # scalar or [B]
+      tempered_B = jnp.take_along_axis(jax.nn.log_softmax(logits32_BV / divisor_B1, axis=-1), tokens_B[:, None],
                                        axis=-1)[:, 0]
     else:  # nothing filtered: the distribution sampled from is softmax(logits / temperature) itself
       tempered_B = jnp.where(greedy, logprobs_B, sampling_logprobs_B)

@@ -374,7 +374,9 @@ class GRPORollouts:
       batch["loss_mask"][r, lp:lp + lc] = keep.reshape(-1)[r]
       batch["old_logps"][r, lp - 1:lp - 1 + lc] = old_logps[r, :lc]  # position t scores token t + 1
     batch["advantages"] = advantages
-    batch["temperature"] = np.full((len(rows),), temperature if cfg.tempered_logprobs else 1.0, np.float32)
+    # Greedy rollouts (temperature 0) come from the model's own distribution, scored untempered (as the sampler does).
+    scored_at = temperature if cfg.tempered_logprobs and temperature > 0 else 1.0
+    batch["temperature"] = np.full((len(rows),), scored_at, np.float32)
     if cfg.beta:
       batch["ref_logps"] = self._reference_logps(batch)
     self._metrics[step + 1] = {

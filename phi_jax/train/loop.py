@@ -342,14 +342,15 @@ def _to_host(metrics: dict) -> dict:
 def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerConfig, loss_fn: Callable,
         train_data: Iterable, loop: LoopConfig, mesh: Mesh, init_params: Optional[Callable[[], Any]] = None,
         eval_batches: Optional[Callable[[], Iterable[dict]]] = None, run_meta: Optional[dict] = None,
-        on_log: Optional[Callable[[dict], None]] = None, on_start: Optional[Callable[[], None]] = None):
+        on_log: Optional[Callable[[dict], None]] = None, on_start: Optional[Callable[[], None]] = None,
+        on_first_step: Optional[Callable[[], None]] = None):
   """Trains to `loop.num_steps` (resuming if workdir has checkpoints) and returns the final TrainState.
 
   `train_data` yields per-process numpy batches, or has `next_batch(params, step)` when batches are sampled from
   the current policy (GRPO); if it has get_state/set_state, its position is checkpointed; `step_metrics(step)`
-  adds data-side metrics (rewards, lengths) to that step's record. `on_start(trains)` runs once the workdir's
+  adds data-side metrics (rewards, lengths) to that step's record. `on_start()` runs once the workdir's
   checkpoints are known to fit this config (a refused resume changes nothing in the workdir), before any step;
-  `trains` says whether steps remain to train.
+  `on_first_step()` right before the first step this call trains (not at all when nothing is left to train).
   `init_params()` returns (sharded) starting params, e.g. from an HF checkpoint or a previous stage; None means
   random init from the seed.
   With `loop.keep_best_checkpoint` the returned state is the best evaluation's, restored from its checkpoint.
@@ -411,7 +412,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     log.info("the run in %s stopped early at step %d: %s; early_stopping_patience=%d, nothing to train (raise the "
              "patience to go on)", workdir, start, evals.describe(), loop.early_stopping_patience)
   if on_start is not None:
-    on_start(start < loop.num_steps and not stopped_early)
+    on_start()
   # A data source with next_batch(params, step) samples from the current policy (GRPO); others are iterators.
   on_policy = hasattr(train_data, "next_batch")
   iterator = None if on_policy else iter(train_data)
@@ -511,6 +512,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
                       loop.num_steps, float(schedule(max(step - 1, 0))), optimizer_config.learning_rate, step)
         break
       batch = global_batch(local, mesh)
+      if step == start and on_first_step is not None:
+        on_first_step()
       if step_fn is None:
         step_fn = make_train_step(loss_fn, optimizer, schedule, mesh, shardings, batch,
                                   microbatches=loop.microbatches, skip_nonfinite=loop.on_nonfinite == "skip")
