@@ -76,3 +76,42 @@ def test_sampler_batches_are_laid_out_like_training_batches(shape):
   assert ours.is_equivalent_to(training, 2)
   rows = 16 // (mesh.shape["data"] * mesh.shape["fsdp"])
   assert ours.shard_shape((16, 8)) == (rows, 8)
+
+
+_RESHARD_PROBE = """
+import sys
+import jax
+from phi_jax import sharding
+from phi_jax.model import presets
+from phi_jax.stages import next_token
+from phi_jax.train import OptimizerConfig, create_train_state, learning_rate_schedule, make_optimizer
+from phi_jax.train.state import state_shardings
+from phi_jax.train.step import batch_shardings, make_train_step
+config, opt_cfg = presets["tiny"], OptimizerConfig(learning_rate=1e-3)
+mesh = sharding.make_mesh(eval(sys.argv[1]))
+opt = make_optimizer(opt_cfg, 2)
+state = create_train_state(config, opt, mesh, jax.random.key(0))
+batch = {k: jax.ShapeDtypeStruct((16, 32), "int32") for k in ("tokens", "positions", "segment_ids", "loss_mask")}
+batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s) for (k, v), s in
+         zip(batch.items(), batch_shardings(batch, mesh).values())}
+step = make_train_step(next_token.make_loss_fn(config, chunk_size=16), opt, learning_rate_schedule(opt_cfg, 2), mesh,
+                       state_shardings(config, opt, mesh), batch)
+step.lower(state, batch, jax.random.key(1)).compile()
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("shape", ['{"data": 2, "fsdp": 2, "tensor": 2}', '{"data": 2, "fsdp": 4}'])
+def test_the_train_step_keeps_every_activation_split_over_the_batch_axes(shape):
+  """No "involuntary full rematerialization" when XLA partitions the step: the embedding lookup from the
+  D-sharded table computed the whole global batch's rows on every device on data x fsdp meshes. Compiled in a
+  process of its own with the compilation cache off, so XLA partitions it (a cached program prints nothing)."""
+  import os
+  import subprocess
+  import sys
+  from xla_flags import xla_flags
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices=8), JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false")
+  proc = subprocess.run([sys.executable, "-c", _RESHARD_PROBE, shape], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+  assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-3000:]

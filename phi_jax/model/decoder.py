@@ -262,7 +262,7 @@ class Decoder(nn.Module):
     # Padding slots (segment 0) read row 0 whatever id they hold: an out-of-range id would gather NaN, and
     # attention's zero weights times a NaN value still spread it over the whole row.
     tokens_BT = jnp.where(segment_ids_BT == 0, 0, tokens_BT)
-    x = jnp.take(embedding, tokens_BT, axis=0).astype(_dtype(cfg.dtype))
+    x = jnp.take(_lookup_table(embedding), tokens_BT, axis=0).astype(_dtype(cfg.dtype))
     if cfg.pad_token_id is not None:
       # As transformers' nn.Embedding(padding_idx=pad_token_id): the pad token's row learns nothing from the
       # lookup (a tied table's row still learns as the LM head). Phi-4's pad id is <|endoftext|>, a real token.
@@ -296,6 +296,18 @@ class Decoder(nn.Module):
     if not cfg.tie_word_embeddings:  # registered here so init creates it; applied by `logits`/the losses
       Table(cfg, "kernel", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), name="lm_head")()
     return x, cache
+
+
+def _lookup_table(embedding_VD):
+  """The embedding table as the lookup reads it. On a mesh with both data and fsdp axes it is gathered whole along D
+  first (as an FSDP step gathers every weight; [V, D] / tensor per device): from the D-sharded table XLA computed
+  the rows of the whole global batch on every device and re-split them ("involuntary full rematerialization",
+  [global B, T, D / fsdp] per device, far more than the table at training lengths). With fsdp alone XLA re-splits
+  the rows efficiently, and gathering the table would only cost memory."""
+  axes = dict(jax.sharding.get_abstract_mesh().shape)
+  if axes.get("data", 1) > 1 and axes.get("fsdp", 1) > 1:
+    return nn.with_logical_constraint(embedding_VD, ("vocab", None))
+  return embedding_VD
 
 
 def unstack_layers(params: Params) -> Params:
