@@ -187,12 +187,13 @@ def sum_over_processes(counts: Any) -> Any:
   return combine(per_process)
 
 
-def _tokens_seen(stats: dict) -> dict:
-  """The record's `tokens_seen/<source>` fields: the tokens of every source so far, summed over the processes (a
-  collective when the stats count them)."""
-  if "tokens_seen" not in stats:
-    return {}
-  return {f"tokens_seen/{name}": tokens for name, tokens in sum_over_processes(stats["tokens_seen"]).items()}
+def _counted_over_processes(stats: dict) -> dict:
+  """The record's `tokens_per_sec` (the step's real tokens on every process over its time) and `tokens_seen/<source>`
+  fields (the tokens of every source so far), summed over the processes: a collective on several processes."""
+  local = {"tokens": stats["tokens"], "seen": stats.get("tokens_seen", {})}
+  total = sum_over_processes(local) if jax.process_count() > 1 else local
+  return {"tokens_per_sec": total["tokens"] / stats["elapsed"],
+          **{f"tokens_seen/{name}": tokens for name, tokens in total["seen"].items()}}
 
 
 class _SpikeDetector:
@@ -319,8 +320,8 @@ def _token_stats(local: dict) -> dict:
   """Real tokens, row slots (for MFU) and row length of a batch; DPO rows come as chosen_* and rejected_*."""
   segments = [np.asarray(v) for k, v in local.items() if k.endswith("segment_ids")]
   rows = [np.asarray(v) for k, v in local.items() if k.endswith("tokens") and np.ndim(v) == 2]
-  return {"tokens": sum(int(np.sum(s > 0)) for s in segments) * jax.process_count(),
-          "slots": sum(int(r.size) for r in rows) * jax.process_count(),
+  return {"tokens": sum(int(np.sum(s > 0)) for s in segments),  # this process's: summed when a record is written
+          "slots": sum(int(r.size) for r in rows) * jax.process_count(),  # fixed shapes: the same on every process
           "seq_len": int(rows[0].shape[-1]) if rows else 0}
 
 
@@ -443,7 +444,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     record = _to_host(device_metrics)
     now = time.perf_counter()
     elapsed, last_time = now - last_time, now
-    record["tokens_per_sec"] = stats["tokens"] / elapsed
+    stats["elapsed"] = elapsed  # tokens_per_sec joins the record when it is written (see _counted_over_processes)
     if loop.peak_flops_per_device:
       flops_per_token = flops.train_flops_per_token(model_config, stats["seq_len"])
       record["mfu"] = flops_per_token * stats["slots"] / elapsed / (loop.peak_flops_per_device * jax.device_count())
@@ -471,7 +472,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       last_time = time.perf_counter()  # the evaluation's time is not the next step's
     written = step % loop.log_every == 0 or step == loop.num_steps or evaluate_now
     if written:
-      record.update(_tokens_seen(stats))  # every process writes the same steps: a collective is safe here
+      record.update(_counted_over_processes(stats))  # every process writes the same steps: a collective is safe
       writer.write(record)
       if on_log is not None:
         on_log(record)
@@ -570,7 +571,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     # or nothing trained in this run): the evaluation joins it.
     eval_record, improved = evaluate(final)
     if flushed is not None and flushed[0]["step"] == final and not flushed[1]:
-      writer.write(dict(flushed[0], **_tokens_seen(flushed[2]), **eval_record))
+      writer.write(dict(flushed[0], **_counted_over_processes(flushed[2]), **eval_record))
     else:
       writer.merge(final, eval_record)
     if improved and loop.keep_best_checkpoint:

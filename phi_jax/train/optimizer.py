@@ -96,7 +96,9 @@ def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedu
 
 
 def weight_decay_mask(params):
-  """True where weight decay applies: matrices inside layers and the LM head; not norms, not the embedding."""
+  """True where weight decay applies: matrices inside layers and the LM head; not norms, not the embedding. A tied
+  LM head (Phi-4-mini) is the embedding table, so it is not decayed either (transformers' Trainer and TRL decay
+  both; `OptimizerConfig.decay_norms_and_embeddings` decays it)."""
   def decays(path, leaf):
     names = [getattr(k, "key", str(k)) for k in path]
     return not ("embed" in names or any(n.endswith("norm") for n in names))
