@@ -671,6 +671,15 @@ def _abstract_state_for(config):
   return abstract_state(config, make_optimizer(OPT, 4), sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
 
 
+def test_a_warmup_longer_than_the_run_is_logged_once_and_only_for_the_run_it_concerns(tmp_path, caplog):
+  warmup = OptimizerConfig(learning_rate=1e-2, warmup_steps=10, decay="constant", max_grad_norm=1.0)
+  _run(tmp_path, opt=warmup, num_steps=2)
+  assert caplog.text.count("warmup_steps=10 exceeds the run's 2 steps") == 1
+  caplog.clear()
+  _run(tmp_path, opt=warmup, num_steps=12)  # extended past its warmup: nothing to say
+  assert "exceeds the run's" not in caplog.text
+
+
 def test_a_restore_target_that_does_not_fit_is_refused_and_the_checkpoint_kept(tmp_path):
   from phi_jax.train.optimizer import make_optimizer
   from phi_jax.train.state import create_train_state

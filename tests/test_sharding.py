@@ -115,3 +115,16 @@ def test_the_train_step_keeps_every_activation_split_over_the_batch_axes(shape):
                         timeout=300)
   assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
   assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_an_eager_call_inside_the_mesh_context_needs_no_placed_params():
+  """The lookup's table constraint (data x fsdp meshes) applies to traced calls only; an eager call with params on
+  one device ran before it and still does."""
+  import numpy as np
+  import phi_jax
+  from phi_jax.sharding import rules
+  params = init_params(TINY, jax.random.key(0))
+  tokens = np.arange(16, dtype=np.int32).reshape(2, 8)
+  with rules.mesh_context(sharding.make_mesh({"data": 2, "fsdp": 4})):
+    eager = phi_jax.forward(params, tokens, TINY)
+  np.testing.assert_allclose(eager, phi_jax.forward(params, tokens, TINY), rtol=1e-5, atol=1e-5)

@@ -294,12 +294,11 @@ def test_optimizer_settings_out_of_range_are_an_error(field, value):
     OptimizerConfig(**{field: value})
 
 
-def test_a_warmup_longer_than_the_run_keeps_its_slope(caplog):
+def test_a_warmup_longer_than_the_run_keeps_its_slope():
   """As transformers' and optax's schedules: 10 warmup steps in a 4-step run climb 0.1, 0.2, 0.3, 0.4 (they were
   squeezed into the run, 2.5x steeper, to the peak)."""
   schedule = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10), 4)
   np.testing.assert_allclose([float(schedule(s)) for s in range(4)], [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
-  assert "warmup_steps=10 exceeds the run's 4 steps" in caplog.text
 
 
 def test_a_final_fraction_without_a_decay_is_an_error():

@@ -305,7 +305,8 @@ def _lookup_table(embedding_VD):
   [global B, T, D / fsdp] per device, far more than the table at training lengths). With fsdp alone XLA re-splits
   the rows efficiently, and gathering the table would only cost memory."""
   axes = dict(jax.sharding.get_abstract_mesh().shape)
-  if axes.get("data", 1) > 1 and axes.get("fsdp", 1) > 1:
+  # Traced only: an eager call runs op by op (nothing to re-split), and its params may not be placed on the mesh.
+  if isinstance(embedding_VD, jax.core.Tracer) and axes.get("data", 1) > 1 and axes.get("fsdp", 1) > 1:
     return nn.with_logical_constraint(embedding_VD, ("vocab", None))
   return embedding_VD
 

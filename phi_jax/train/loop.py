@@ -50,7 +50,7 @@ from phi_jax.sharding.distributed import allgather_json, any_process, from_proce
 from phi_jax.train import flops
 from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointError,
                                      IncompatibleCheckpointError, state_signature)
-from phi_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from phi_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer, warmup_length
 from phi_jax.train.state import abstract_state, create_train_state, state_shardings
 from phi_jax.train.step import MeshJit, batch_shardings, check_rows_per_process, make_train_step
 
@@ -362,6 +362,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   os.makedirs(workdir, exist_ok=True)
   optimizer = make_optimizer(optimizer_config, loop.num_steps)
   schedule = learning_rate_schedule(optimizer_config, loop.num_steps)
+  if warmup_length(optimizer_config, loop.num_steps) > loop.num_steps:
+    log.warning("optimizer.warmup_steps=%d exceeds the run's %d steps: the run ends inside the warmup, below the "
+                "peak learning rate", warmup_length(optimizer_config, loop.num_steps), loop.num_steps)
   shardings = state_shardings(model_config, optimizer, mesh)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=loop.checkpoint_every,
                               max_to_keep=loop.keep_checkpoints, async_save=loop.async_checkpoints)

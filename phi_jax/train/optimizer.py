@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
-
-log = logging.getLogger("phi_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +62,16 @@ class OptimizerConfig:
       raise ValueError(f"OptimizerConfig.eps={self.eps} must be > 0")
 
 
+def warmup_length(cfg: OptimizerConfig, num_steps: int) -> int:
+  """The warmup's steps: `warmup_steps`, or `warmup_fraction` of the run, rounded."""
+  return int(round(cfg.warmup_fraction * num_steps)) if cfg.warmup_fraction is not None else cfg.warmup_steps
+
+
 def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedule:
   """Warmup (`warmup_steps`, or `warmup_fraction` of the run, rounded), then the decay to `final_lr_fraction` of the
   peak at step `num_steps`. A warmup longer than the run keeps its slope (as transformers' and optax's schedules
-  do): the run ends before the peak, which is logged."""
-  warmup = int(round(cfg.warmup_fraction * num_steps)) if cfg.warmup_fraction is not None else cfg.warmup_steps
-  if warmup > num_steps:
-    log.warning("optimizer.warmup_steps=%d exceeds the run's %d steps: the run ends inside the warmup, below the "
-                "peak learning rate", warmup, num_steps)
+  do): the run ends before the peak (`train.loop.run` logs it)."""
+  warmup = warmup_length(cfg, num_steps)
   decay_steps = max(num_steps - warmup, 1)
   end = cfg.learning_rate * cfg.final_lr_fraction
   if cfg.decay == "cosine":
