@@ -69,11 +69,15 @@ def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Seque
   parse_gin(files, params)
 
 
+def _check_is_dir(name: str, path: str) -> None:
+  if not os.path.isdir(path):
+    raise ValueError(f"{name}={path!r}: no such directory (give a finished run's workdir, which holds params/, or a "
+                     "transformers checkpoint directory)")
+
+
 def check_policy_dir(path: str) -> None:
   """Refuses a --init_from that holds no policy, saying what it is instead and where the params are."""
-  if not os.path.isdir(path):
-    raise ValueError(f"--init_from={path!r}: no such directory (give a finished run's workdir, which holds params/, "
-                     "or a transformers checkpoint directory)")
+  _check_is_dir("--init_from", path)
   stage_record = os.path.join(path, "recipe_stage.json")
   if not os.path.isdir(os.path.join(path, "params")) and os.path.isfile(stage_record):
     with open(stage_record) as f:
@@ -223,12 +227,10 @@ def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Op
 
   def load():
     name = "train.init_from" if init_from else "model.hf_path"
-    if not os.path.isdir(source):
-      raise ValueError(f"{name}={source!r}: no such directory (give a finished run's workdir, which holds params/, "
-                       "or a transformers checkpoint directory)")
-    shapes = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
+    _check_is_dir(name, source)
     if os.path.isdir(os.path.join(source, "params")):
       import orbax.checkpoint as ocp
+      shapes = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
       path = os.path.abspath(os.path.join(source, "params"))
       with ocp.StandardCheckpointer() as ckptr:
         _check_saved_shapes(name, source, ckptr.metadata(path), shapes)
@@ -265,7 +267,8 @@ def _check_saved_shapes(name: str, source: str, saved, wanted) -> None:
   if differ:
     raise ValueError(f"{name}={source!r} holds params of another model ({'; '.join(differ[:4])}"
                      + (f"; ... {len(differ) - 4} more" if len(differ) > 4 else "") + "): give this run that "
-                     f"run's model settings (model.preset / model.overrides, as in {os.path.join(source, 'config.gin')})")
+                     "run's model settings (model.preset / model.overrides, as in "
+                     f"{os.path.join(source, 'config.gin')})")
 
 
 def check_new_tokens(name: str, max_new_tokens: int, model_config: PhiConfig):

@@ -184,7 +184,6 @@ def load_policy(init_from: str, the_mesh):
     tokenizer = common.get_tokenizer(common.data()["tokenizer"], init_from)
     params = common.params_loader(config, hf_path, init_from, the_mesh)()
   else:
-    common.check_not_unfinished_run(init_from)
     config, _ = common.model(hf_path=init_from)
     tokenizer = load_tokenizer(init_from)
     params = common.params_loader(config, init_from, None, the_mesh)()

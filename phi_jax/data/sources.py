@@ -245,8 +245,9 @@ class DiskDatasetSource(_MultiFileSource):
       raise DataError(path, "no such file", str(e)) from e
     if isinstance(dataset, datasets.DatasetDict):
       if split is None and len(dataset) != 1:
-        raise DataError(path, "ambiguous split", f"a DatasetDict with splits {list(dataset)}: point at one split's directory "
-                       f"({os.path.join(path, next(iter(dataset)))}, ...), or pass split= to open_source")
+        raise DataError(path, "ambiguous split",
+                        f"a DatasetDict with splits {list(dataset)}: point at one split's directory "
+                        f"({os.path.join(path, next(iter(dataset)))}, ...), or pass split= to open_source")
       split = split if split is not None else next(iter(dataset))
       if split not in dataset:
         raise DataError(path, "no such split", f"{split!r} not in {list(dataset)}")

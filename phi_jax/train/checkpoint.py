@@ -107,7 +107,7 @@ def state_signature(state) -> dict[str, list]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def _check_recorddigest(path: str, integrity: Any) -> None:
+def _check_record_digest(path: str, integrity: Any) -> None:
   """An integrity record must be a dict whose own digest (saves since the digest existed) matches its contents."""
   if not isinstance(integrity, dict):
     raise CorruptCheckpointError(path, f"the integrity record is a {type(integrity).__name__}, not a dict")
@@ -314,7 +314,7 @@ class Checkpointer:
     try:
       if os.path.isdir(os.path.join(path, "integrity")):
         integrity = self._read_json(step, "integrity", "integrity record")
-        _check_recorddigest(path, integrity)
+        _check_record_digest(path, integrity)
       if check_meta is not None:
         meta = self._read_json(step, "meta", "metadata")
         # Damage first: edited metadata is set aside like any damaged file, not refused as another run's settings.

@@ -362,9 +362,10 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   os.makedirs(workdir, exist_ok=True)
   optimizer = make_optimizer(optimizer_config, loop.num_steps)
   schedule = learning_rate_schedule(optimizer_config, loop.num_steps)
-  if warmup_length(optimizer_config, loop.num_steps) > loop.num_steps:
+  warmup = warmup_length(optimizer_config, loop.num_steps)
+  if warmup > loop.num_steps:
     log.warning("optimizer.warmup_steps=%d exceeds the run's %d steps: the run ends inside the warmup, below the "
-                "peak learning rate", warmup_length(optimizer_config, loop.num_steps), loop.num_steps)
+                "peak learning rate", warmup, loop.num_steps)
   shardings = state_shardings(model_config, optimizer, mesh)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=loop.checkpoint_every,
                               max_to_keep=loop.keep_checkpoints, async_save=loop.async_checkpoints)
