@@ -312,6 +312,26 @@ def test_special_token_strings_inside_text_records_are_literal_text(tmp_path):
     make_tokenize_fn(tokenizer, special_tokens_in_text="literal")
 
 
+def test_text_and_chat_records_tokenize_alike_in_the_reader_threads(tmp_path):
+  """Text records split special-token strings and chat records parse the template's control tokens, both in the
+  pipeline's two reader threads at once: neither may change how the other is read (a per-call flag stored on the
+  shared tokenizer did, for a few percent of records)."""
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+
+  tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer", chat_format="phi-4")
+  body = "Compute 7 * 8 - 6 / 3 and the answer is 47. " * 30
+  records = [{"text": f"doc {i} mentions <|im_start|> and <|endoftext|>. {body}"} if i % 2 else
+             {"messages": [{"role": "user", "content": f"q{i} {body}"}, {"role": "assistant", "content": body}]}
+             for i in range(300)]
+  tokenize = make_tokenize_fn(tokenizer)
+  expected = sorted(tokenize(record)["ids"].tolist() for record in records)  # one at a time
+  it = pipeline([(JsonlSource(write_jsonl(tmp_path / "mixed.jsonl", records)), 1.0)], tokenize_fn=tokenize,
+                seq_len=4096, batch_size=8, packing=None, read_threads=2, on_bad_record="skip")
+  found = sorted(tokens[segment_ids > 0].tolist() for batch in it
+                 for tokens, segment_ids in zip(batch["tokens"], batch["segment_ids"]) if segment_ids.any())
+  assert found == expected
+
+
 def test_empty_datasets_are_errors_naming_the_files(tmp_path):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n\n")

@@ -19,6 +19,7 @@ travel inside the iterator state, so they resume with it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -60,7 +61,7 @@ def make_tokenize_fn(tokenizer, *, system_prompt: Optional[str] = None, add_eos_
   if special_tokens_in_text not in ("split", "parse"):
     raise ValueError(f"special_tokens_in_text={special_tokens_in_text!r}; choose 'split' (a special token's string in "
                      "a text record is literal text) or 'parse' (it is the control token)")
-  split = {"split_special_tokens": True} if special_tokens_in_text == "split" else {}
+  text_tokenizer = _splitting_copy(tokenizer) if special_tokens_in_text == "split" else tokenizer
   if render_fn is None:
     from phi_jax.data.chat import render_messages as render_fn  # pylint: disable=import-outside-toplevel
   eos = _document_end_id(tokenizer) if eos_id is None else eos_id
@@ -69,7 +70,7 @@ def make_tokenize_fn(tokenizer, *, system_prompt: Optional[str] = None, add_eos_
 
   def tokenize(record: dict[str, Any]) -> dict[str, np.ndarray]:
     if "text" in record:
-      ids = list(tokenizer(record["text"], add_special_tokens=False, **split)["input_ids"])
+      ids = list(text_tokenizer(record["text"], add_special_tokens=False)["input_ids"])
       ids += [eos] if add_eos_to_text else []
       mask = [1] * len(ids)
     else:
@@ -79,6 +80,22 @@ def make_tokenize_fn(tokenizer, *, system_prompt: Optional[str] = None, add_eos_
     return {"ids": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
 
   return tokenize
+
+
+def _splitting_copy(tokenizer):
+  """A private copy of the tokenizer that reads special tokens' strings as literal text.
+
+  Not a per-call `split_special_tokens=True`: a fast tokenizer stores that flag on its shared backend at every call,
+  so with the pipeline's reader threads a chat record rendered at the same time came out with its control tokens
+  split into characters, and a text record with them parsed. The copy keeps the flag set for good.
+  """
+  if not hasattr(tokenizer, "split_special_tokens"):  # not a transformers tokenizer: asked per call, as before
+    return functools.partial(tokenizer, split_special_tokens=True)
+  if tokenizer.split_special_tokens:
+    return tokenizer
+  copied = copy.deepcopy(tokenizer)
+  copied.split_special_tokens = True
+  return copied
 
 
 def _document_end_id(tokenizer) -> Optional[int]:
