@@ -13,7 +13,8 @@ import pytest
 
 from phi_jax.data import packing as packing_lib
 from phi_jax.data.pipeline import Component, build_pipeline, make_tokenize_fn
-from phi_jax.data.sources import DataError, DiskDatasetSource, JsonlSource, ParquetSource, open_source
+from phi_jax.data.sources import (DataError, DiskDatasetSource, JsonlSource, ParquetSource, open_source, read_record,
+                                  validate_record)
 
 EOS, TURN_START, TURN_END = 1, 2, 3
 
@@ -385,6 +386,30 @@ def test_jsonl_parquet_and_save_to_disk_sources_give_the_same_batches(tmp_path):
     for a, b in zip(outputs[0], output):
       for name in a:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_open_source_reads_every_path_of_a_list_whatever_its_type(tmp_path):
+  """A list mixing JSONL, Parquet and save_to_disk directories (DPO's data.train_files) is one source holding every
+  record: the first entry's type used to decide for all, dropping the other directories or reading Parquet as
+  JSON. Parquet shards without the extension are found by their magic bytes, a file whose name has glob characters
+  is itself, and a dataset saved with a numpy format still gives plain records."""
+  import datasets
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  records = documents(24)
+  parts = [records[:6], records[6:12], records[12:18], records[18:]]
+  columns = lambda part: {key: [r.get(key) for r in part] for key in ("text", "messages", "prompt", "completion")}
+  jsonl = write_jsonl(tmp_path / "train[v2].jsonl", parts[0])
+  pq.write_table(pa.table(columns(parts[1])), tmp_path / "part-00000")
+  datasets.Dataset.from_dict(columns(parts[2])).with_format("numpy").save_to_disk(str(tmp_path / "a"))
+  datasets.Dataset.from_dict(columns(parts[3])).save_to_disk(str(tmp_path / "b"))
+  source = open_source([jsonl, str(tmp_path / "part-*"), tmp_path / "a", tmp_path / "b"])
+  assert len(source) == 24
+  assert [read_record(source[i]) for i in range(24)] == [validate_record(r) for r in records]
+  assert collections.Counter(segments(pipeline([(source, 1.0)]))) == collections.Counter(expected_segments(records))
+  with pytest.raises(DataError, match="unknown file type"):
+    open_source(write_jsonl(tmp_path / "notes.txt", parts[0]))
 
 
 def _pickled_after_use(source):

@@ -82,7 +82,9 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
   patterns = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
   files = []
   for pattern in map(os.fspath, patterns):
-    matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    # An existing file is itself even when its name has glob characters (train[v2].jsonl).
+    literal = os.path.isfile(pattern) or not glob.has_magic(pattern)
+    matches = [pattern] if literal else sorted(glob.glob(pattern))
     missing = [m for m in matches if not os.path.isfile(m)]
     if not matches or missing:
       raise DataError(pattern, "no such file")
@@ -247,11 +249,13 @@ class DiskDatasetSource(_MultiFileSource):
       if split is None and len(dataset) != 1:
         raise DataError(path, "ambiguous split",
                         f"a DatasetDict with splits {list(dataset)}: point at one split's directory "
-                        f"({os.path.join(path, next(iter(dataset)))}, ...), or pass split= to open_source")
+                        f"({os.path.join(path, next(iter(dataset)))}, ...), or pass split= to DiskDatasetSource")
       split = split if split is not None else next(iter(dataset))
       if split not in dataset:
         raise DataError(path, "no such split", f"{split!r} not in {list(dataset)}")
       dataset = dataset[split]
+    # Rows as plain Python objects whatever format the dataset was saved with (with_format("numpy") gives arrays).
+    dataset = dataset.with_format(None)
     where = path if split is None else f"{path}[{split}]"
     _raise_if_empty({where: len(dataset)}, "save_to_disk")
     super().__init__([where], [len(dataset)], name or os.path.basename(path.rstrip("/")))
@@ -267,16 +271,65 @@ def _raw(data: Any, where: str, error: Optional[tuple[str, str]]) -> dict[str, A
 
 
 def open_source(path: str | os.PathLike | Sequence[str | os.PathLike], *, name: Optional[str] = None):
-  """A source chosen by file type: *.jsonl / *.ndjson / *.json lines, *.parquet, or a `save_to_disk` directory."""
-  first = os.fspath(path if isinstance(path, (str, os.PathLike)) else path[0])
-  if os.path.isdir(first):
-    return DiskDatasetSource(first, name=name)
-  if first.endswith(".parquet"):
-    return ParquetSource(path, name=name)
-  if first.endswith((".jsonl", ".ndjson", ".json")) or glob.has_magic(first):
-    return JsonlSource(path, name=name)
-  raise DataError(first, "unknown file type", "expected *.jsonl (or .ndjson, .json: one JSON object per line), "
+  """A source chosen by each file's type: *.jsonl / *.ndjson / *.json lines, *.parquet (or a file starting with
+  Parquet's magic bytes), or a `save_to_disk` directory. Several paths (or a glob matching files of several types)
+  are read back to back as one source."""
+  entries = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+  if not entries:
+    raise DataError(repr(path), "no such file", "no paths given")
+  runs: list[tuple[str, list[str]]] = []  # consecutive files of one kind, in the order given
+  for entry in map(os.fspath, entries):
+    if os.path.isdir(entry):
+      runs.append(("save_to_disk", [entry]))
+      continue
+    for file in expand_paths(entry):
+      kind = _file_kind(file, from_glob=file != entry)
+      if runs and runs[-1][0] == kind != "save_to_disk":
+        runs[-1][1].append(file)
+      else:
+        runs.append((kind, [file]))
+  opened = [DiskDatasetSource(files[0]) if kind == "save_to_disk" else
+            (ParquetSource if kind == "parquet" else JsonlSource)(files) for kind, files in runs]
+  if len(opened) == 1:
+    if name is not None:
+      opened[0].name = name
+    return opened[0]
+  return ConcatSource(opened, name=name)
+
+
+def _file_kind(path: str, *, from_glob: bool) -> str:
+  if path.endswith(".parquet"):
+    return "parquet"
+  if path.endswith((".jsonl", ".ndjson", ".json")):
+    return "jsonl"
+  with open(path, "rb") as f:
+    if f.read(4) == b"PAR1":  # Parquet shards written without the extension (Spark's part-00000-...)
+      return "parquet"
+  if from_glob:  # a glob's files without a known extension are read as JSON lines
+    return "jsonl"
+  raise DataError(path, "unknown file type", "expected *.jsonl (or .ndjson, .json: one JSON object per line), "
                   "*.parquet or a save_to_disk directory; rename a JSON-lines file to *.jsonl")
+
+
+class ConcatSource:
+  """Several sources read back to back as one: record i of the concatenation is record i - start of its source."""
+
+  def __init__(self, sources: Sequence[Any], *, name: Optional[str] = None):
+    self.sources = list(sources)
+    self.name = name or f"{self.sources[0].name} (+{len(self.sources) - 1} sources)"
+    self._starts = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} out of range for {len(self)} records of {self.name}")
+    which = int(np.searchsorted(self._starts, index, side="right")) - 1
+    return self.sources[which][index - int(self._starts[which])]
+
+  def __repr__(self) -> str:
+    return f"ConcatSource({self.name!r}, {self.sources!r})"
 
 
 def validate_record(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
