@@ -130,7 +130,8 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
 
   Several `train_files` are mixed by `weights` (shares of records in every batch, equal by default); with
   `num_epochs` set, the mixture ends when its first file runs out, and the run logs how much of the others it
-  did not read (weights proportional to the files' record counts make it one pass over all).
+  did not read (weights proportional to the files' record counts make it one pass over all; a weight of None is
+  its file's record count). Several `eval_files` are read whole, interleaved in proportion to their sizes.
   `special_tokens_in_text`: "split" reads a special token's string inside a text record (`<|endoftext|>` in code)
   as literal text; "parse" as the control token (see `phi_jax.data.pipeline.make_tokenize_fn`)."""
   if batch_size < 1 or seq_len < 2:
@@ -293,8 +294,12 @@ def _next_token_setup(model_config: PhiConfig, data_cfg: dict, settings: dict, t
                          num_epochs=data_cfg["num_epochs"])
   eval_batches = None
   if data_cfg["eval_files"]:
-    def eval_batches():
-      it = _pipeline(data_cfg["eval_files"], dict(data_cfg, weights=None), tokenizer, seed=0,
+    def eval_batches(data_only=False):
+      del data_only  # the batches are data only
+      # Weights None: each file's share is its record count, so the files interleave and are read whole (equal
+      # weights ended the eval set when its smallest file ran out).
+      weights = [None] * len(data_cfg["eval_files"])
+      it = _pipeline(data_cfg["eval_files"], dict(data_cfg, weights=weights), tokenizer, seed=0,
                      per_process_batch=per_process, shuffle=False, num_epochs=1)
       for _, batch in zip(range(data_cfg["eval_batches"]), it):
         yield batch
@@ -339,9 +344,12 @@ def run_training(workdir: str):
   else:
     raise ValueError(f"train.stage={stage!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
   if eval_batches is not None:
-    log.info("eval_loss is measured on at most the first data.eval_batches=%d batches of %d rows of "
-             "data.eval_files (read in order, the same ones at every evaluation); raise data.eval_batches to cover "
-             "more of the files", data_cfg["eval_batches"], global_batch)
+    # Read once now: a bad eval record, or eval files too small for the processes, fails here rather than at the
+    # first evaluation (by default the last step, before its checkpoint is saved).
+    count = sum(1 for _ in eval_batches(data_only=True))
+    log.info("eval_loss is measured on %d batch(es) of %d rows of data.eval_files, the same ones at every evaluation "
+             "(%s)", count, global_batch, "all of the files" if count < data_cfg["eval_batches"] else
+             f"the first data.eval_batches={data_cfg['eval_batches']}; raise it to cover more of the files")
   def on_start():  # once the workdir's checkpoints fit: eval.py and rollouts.py rebuild the model from it
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.gin"), "w") as f:
@@ -514,8 +522,11 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   train_data = pairs(train_files, seed=settings["loop"].seed, num_epochs=data_cfg["num_epochs"])
   eval_batches = None
   if eval_files:
-    def eval_batches():
-      for _, batch in zip(range(data_cfg["eval_batches"]), pairs(eval_files, seed=0, shuffle=False, num_epochs=1)):
+    def eval_batches(data_only=False):  # data_only: the pairs without their in-step reference log-probs
+      it = (preference.build_preference_iterator(eval_files, tokenizer, reference_logps=ref_fn is None, **reader,
+                                                 seed=0, shuffle=False, num_epochs=1) if data_only else
+            pairs(eval_files, seed=0, shuffle=False, num_epochs=1))
+      for _, batch in zip(range(data_cfg["eval_batches"]), it):
         yield batch
   return loss_fn, train_data, eval_batches
 

@@ -253,6 +253,19 @@ def test_a_mixture_that_ends_before_reading_all_of_a_finite_source_says_so(tmp_p
   assert "not every record" not in caplog.text
 
 
+@pytest.mark.parametrize("counts", [(3, 7), (7, 11), (13, 4, 29)])
+def test_weights_equal_to_the_record_counts_read_every_record_once(tmp_path, counts):
+  """Weights proportional to the record counts (or None: the count itself) are one pass over every source;
+  Grain's integer rounding of the weights had left records of each source unread."""
+  sources = [JsonlSource(write_jsonl(tmp_path / f"s{i}.jsonl", documents(n, prefix=f"s{i}-")))
+             for i, n in enumerate(counts)]
+  for weights in (counts, [None] * len(counts)):
+    it = pipeline(list(zip(sources, weights)), packing=None, num_epochs=1, batch_size=1)
+    list(it)
+    stats = it.stats()["sources"]
+    assert [stats[f"s{i}.jsonl"]["records_read"] for i in range(len(counts))] == list(counts)
+
+
 GOOD = '{"text": "fine"}'
 BAD_LINES = {
     "invalid JSON": '{"text": "unterminated',

@@ -779,6 +779,26 @@ def test_bad_configuration_is_caught_at_startup_saying_what_to_change(gin_run, t
   assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # nothing trained
 
 
+def test_eval_files_are_read_whole_and_checked_before_the_first_step(gin_run, tmp_path, caplog):
+  """Several eval files are one pass over all of them (equal weights ended the eval set with its smallest file), and
+  a bad eval record stops the run at startup: found at the first evaluation (by default the last step, before its
+  checkpoint), it used to cost the whole run."""
+  small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+  small.write_text("".join(json.dumps({"text": f"short note {i}"}) + "\n" for i in range(3)))
+  big.write_text("".join(json.dumps({"text": f"document number {i} about sums"}) + "\n" for i in range(37)))
+  with caplog.at_level("INFO", logger="phi_jax"):
+    gin_run(f"data.train_files = ['{big}']", f"data.eval_files = ['{small}', '{big}']", "data.eval_batches = 100",
+            "train.num_steps = 1")
+  assert "of data.eval_files, the same ones at every evaluation (all of the files)" in caplog.text
+  assert "not every record of the others was read" not in caplog.text
+  bad = tmp_path / "bad_eval.jsonl"
+  bad.write_bytes(b"\n".join([b'{"text": "fine"}', BAD_LINES["unknown role"]]) + b"\n")
+  with pytest.raises(ValueError, match=rf"{bad}:2: unknown role"):
+    gin_run(f"data.train_files = ['{big}']", f"data.eval_files = ['{bad}']", "train.num_steps = 2",
+            workdir=tmp_path / "bad")
+  assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")  # nothing trained
+
+
 def test_a_refused_resume_leaves_the_workdir_as_it_was(gin_run, tmp_path):
   """eval.py and rollouts.py rebuild a run's model from its config.gin, so a refused rerun must not rewrite it."""
   gin_run("train.num_steps = 1")

@@ -8,9 +8,9 @@
 
 Order: each process reads every `process_count`-th record of each source (a disjoint share), shuffles its share with
 a seed derived from `seed` and the source index (reshuffled every epoch), repeats it for the source's epoch count,
-and Grain's `MapDataset.mix` interleaves the sources deterministically in proportion to their weights (weights count
-records, not tokens; the token counts per source are in `stats()`). The mixture ends when its first finite source
-runs out. Everything is a function of the seed, so a restored state continues exactly.
+and the sources are interleaved deterministically in exact proportion to their weights (weights count records, not
+tokens; the token counts per source are in `stats()`). The mixture ends when its first finite source runs out; a
+weight of None is the source's record count (this process's share), so such weights read every record once. Everything is a function of the seed, so a restored state continues exactly.
 
 Accounting: every record read is counted as used or as skipped with a reason (bad records in skip mode, too-long
 documents when dropped): `records_read == records_used + sum(records_skipped.values())` at all times. The counters
@@ -23,7 +23,10 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
+import sys
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from typing import Any, Optional
 
 import grain
@@ -105,10 +108,11 @@ def _document_end_id(tokenizer) -> Optional[int]:
 
 @dataclasses.dataclass(frozen=True)
 class Component:
-  """One source of a mixture: its weight (relative share of records) and epoch count (None: the pipeline's)."""
+  """One source of a mixture: its weight (relative share of records; None: its record count, see `build_pipeline`)
+  and epoch count (None: the pipeline's)."""
 
   source: Any
-  weight: float = 1.0
+  weight: Optional[float] = 1.0
   num_epochs: Optional[int] = None
   name: Optional[str] = None
 
@@ -149,7 +153,7 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
     raise ValueError(f"on_bad_record={on_bad_record!r}; expected one of {ON_BAD_RECORD}")
   if packing is not None and packing not in packing_lib.PACKINGS:
     raise ValueError(f"packing={packing!r}; expected one of {packing_lib.PACKINGS} or None")
-  if any(c.weight <= 0 for c in components):
+  if any(c.weight is not None and not c.weight > 0 for c in components):
     raise ValueError(f"mixture weights must be positive, got {[c.weight for c in components]}")
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
@@ -172,7 +176,9 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
       ds = ds.repeat(source_epochs)
     per_source.append(ds.map(functools.partial(_prepare, source_index=index, tokenize_fn=tokenize_fn, seq_len=seq_len,
                                                too_long=too_long, on_bad_record=on_bad_record)))
-  mixed = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, [c.weight for c in components])
+  weights = [c.weight if c.weight is not None else length for c, length in zip(components, lengths)]
+  mixed = per_source[0] if len(per_source) == 1 else grain.MapDataset.select_from_datasets(
+      per_source, _ProportionalSelection([len(ds) for ds in per_source], weights))
   ledger = _Ledger(len(components), warn_on_split=packing is None)
   examples = _AccountingIterDataset(
       mixed.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer)), ledger,
@@ -182,9 +188,58 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
   else:
     rows = packing_lib.pack(examples, seq_len=seq_len, packing=packing, num_packing_bins=num_packing_bins or batch_size,
                             seed=_derived_seed(seed, len(components)))
-  sources_info = [{"name": n, "weight": c.weight, "num_epochs": e, "records": length}
-                  for n, c, e, length in zip(names, components, epochs, lengths)]
+  sources_info = [{"name": n, "weight": w, "num_epochs": e, "records": length}
+                  for n, w, e, length in zip(names, weights, epochs, lengths)]
   return DataIterator(rows, ledger, batch_size=batch_size, seq_len=seq_len, sources_info=sources_info)
+
+
+class _ProportionalSelection:
+  """Grain selection map: mixture position k -> (source, index in it), the sources interleaved in exact integer
+  proportions, as long as no source runs out.
+
+  Grain's own `mix` rounds the weights to integers with the smallest at 100 and floors the mixture's length, so
+  weights equal to the record counts (3 and 7) left records unread (3 and 6). Here the weights become exact integer
+  ratios, and the length is the largest k at which every source has had at most its records. The interleaving rule
+  is Grain's: source 0 takes k - floor(k (P - p0) / P) of the first k positions, the rest share the remainder the
+  same way; equal weights give the same order as `mix`.
+  """
+
+  def __init__(self, lengths: Sequence[int], weights: Sequence[float]):
+    fractions = [Fraction(w).limit_denominator(1 << 20) for w in weights]
+    scale = math.lcm(*(f.denominator for f in fractions))
+    integers = [int(f * scale) for f in fractions]
+    divisor = math.gcd(*integers)
+    if not all(integers):
+      raise ValueError(f"mixture weights {list(weights)} are too far apart to interleave; drop the tiny ones")
+    self._proportions = [i // divisor for i in integers]
+    self._length = self._longest(list(lengths))
+
+  def _counts(self, k: int) -> list[int]:
+    """How many of the first k positions each source takes."""
+    counts, remaining = [], sum(self._proportions)
+    for p in self._proportions:
+      rest = k * (remaining - p) // remaining
+      counts.append(k - rest)
+      k, remaining = rest, remaining - p
+    return counts
+
+  def _longest(self, lengths: list[int]) -> int:
+    fits = lambda k: all(c <= n for c, n in zip(self._counts(k), lengths))
+    low, high = 0, min(sum(lengths), sys.maxsize)
+    if fits(high):
+      return high
+    while high - low > 1:  # fits(low), not fits(high)
+      middle = (low + high) // 2
+      low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, k: int) -> tuple[int, int]:
+    before, after = self._counts(k), self._counts(k + 1)
+    source = next(i for i, (a, b) in enumerate(zip(before, after)) if b > a)
+    return source, before[source]
 
 
 def _unique_names(components: list[Component]) -> list[str]:

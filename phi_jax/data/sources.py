@@ -173,9 +173,9 @@ class JsonlSource(_MultiFileSource):
       return _raw(None, where, ("not UTF-8", "a lone UTF-16 surrogate escape (half of a \\uD8xx\\uDCxx pair)"))
     return _raw(data, where, None)
 
-  def __del__(self):
+  def __del__(self, _close=os.close):  # bound now: at interpreter exit the module's globals may already be None
     for fd in getattr(self, "_open_files", {}).values():
-      os.close(fd)
+      _close(fd)
 
 
 def _has_lone_surrogate(data: Any) -> bool:
