@@ -356,19 +356,28 @@ def test_rollout_texts_leave_out_the_stop_token(toy):
   assert batch["loss_mask"].sum(axis=1).tolist() == [1, 1]  # the stop token itself is still a target
 
 
-@pytest.mark.parametrize("tempered", [True, False])
-def test_old_logps_and_the_loss_score_the_distribution_the_rollouts_were_sampled_from(toy, tempered):
+@pytest.mark.parametrize("tempered,longrope", [(True, False), (False, False), (True, True)])
+def test_old_logps_and_the_loss_score_the_distribution_the_rollouts_were_sampled_from(toy, tempered, longrope):
   """Sampled at temperature 0.7 (top-p 0.9), each completion token's "old" log-prob (one position earlier) is the
   log_softmax of logits / 0.7 of a full forward pass over the rollout, unfiltered (the untempered log_softmax with
-  tempered_logprobs=False); the loss scores the policy the same way, so the first pass's ratio is 1."""
+  tempered_logprobs=False); the loss scores the policy the same way, so the first pass's ratio is 1. With LongRoPE
+  the rows pass original_max_position_embeddings while sampling: the tokens drawn before that were sampled under the
+  short factors, and the loss scores the whole row with the long ones, as their old log-probs must."""
   _, tokenizer, config, prompts = toy
-  cfg = grpo.GRPOConfig(prompts_per_step=1, group_size=2, max_prompt_tokens=32, max_new_tokens=4, temperature=0.7,
-                        top_p=0.9, tempered_logprobs=tempered, beta=0.1)
+  cfg = grpo.GRPOConfig(prompts_per_step=1, group_size=2, max_prompt_tokens=32, max_new_tokens=8 if longrope else 4,
+                        temperature=0.7, top_p=0.9, tempered_logprobs=tempered, beta=0.1)
+  if longrope:
+    longest_prompt = max(len(chat.render_prompt(tokenizer, p["problem"])) for p in prompts)
+    pairs = config.rotary_dim // 2
+    config = config.replace(rope_scaling_type="longrope", original_max_position_embeddings=longest_prompt + 2,
+                            rope_short_factor=(1.0,) * pairs, rope_long_factor=tuple(np.linspace(1.0, 48.0, pairs)))
 
   def ranked(texts, golds, lengths, finished):  # unequal rewards: no group is dropped
     return np.arange(len(texts), dtype=np.float32), np.zeros(len(texts), bool)
 
   params = phi_jax.init_params(config, jax.random.key(0))
+  if longrope:  # weights of a less flat model, so that the two factor sets score tokens differently
+    params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, params)
   source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=ranked, num_steps=1, ref_params=params)
   batch = source.next_batch(params, 0)
   np.testing.assert_array_equal(batch["temperature"], np.float32([0.7 if tempered else 1.0] * 2))
@@ -379,6 +388,7 @@ def test_old_logps_and_the_loss_score_the_distribution_the_rollouts_were_sampled
   for r in range(2):
     targets = np.flatnonzero(batch["loss_mask"][r])
     assert targets.size
+    assert not longrope or targets[-1] + 1 > config.original_max_positions  # the row passed the switch
     expected = logps[r, targets - 1, batch["tokens"][r, targets]]
     np.testing.assert_allclose(batch["old_logps"][r, targets - 1], expected, atol=1e-4)
     np.testing.assert_allclose(batch["ref_logps"][r, targets - 1], expected, atol=1e-4)  # the reference: the same

@@ -18,7 +18,8 @@ KV cache is sharded like the activations.
 LongRoPE: a row that crosses `original_max_position_embeddings` while generating has its cache rebuilt with the
 long factors (see `kv_cache`), so each token's log-prob is the one a full forward of the sequence *so far*
 gives. Tokens drawn before the crossing were scored with the short factors; a full forward of the finished
-sequence scores them with the long ones. Recompute log-probs with a forward pass where that difference matters.
+sequence scores them with the long ones. Recompute log-probs with a forward pass where that difference matters
+(the GRPO stage does so for the rows that crossed).
 """
 
 from __future__ import annotations

@@ -311,14 +311,15 @@ class GRPORollouts:
     share = rows // count
     return {k: v[index * share:(index + 1) * share] for k, v in batch.items()}
 
-  def _reference_logps(self, batch: dict) -> np.ndarray:
-    """[B, T] log-probs of the batch's tokens under the frozen reference, the whole batch on every process."""
+  def _scored_logps(self, params, batch: dict) -> np.ndarray:
+    """[B, T] log-probs of the batch's tokens under `params` by the loss's forward pass, the whole batch on every
+    process."""
     inputs = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask", "temperature")}
     if self.mesh is None:
-      return np.asarray(self._ref_logps_fn(self.ref_params, inputs))
+      return np.asarray(self._ref_logps_fn(params, inputs))
     from phi_jax.train.step import batch_shardings
     inputs = jax.tree.map(lambda x, s: jax.device_put(x, s), inputs, batch_shardings(inputs, self.mesh))
-    return multihost_utils.process_allgather(self._ref_logps_fn(self.ref_params, inputs), tiled=True)
+    return multihost_utils.process_allgather(self._ref_logps_fn(params, inputs), tiled=True)
 
   def _rollout(self, params, step: int, first_step: int) -> dict:
     cfg, g = self.cfg, self.cfg.group_size
@@ -377,8 +378,17 @@ class GRPORollouts:
     # Greedy rollouts (temperature 0) come from the model's own distribution, scored untempered (as the sampler does).
     scored_at = temperature if cfg.tempered_logprobs and temperature > 0 else 1.0
     batch["temperature"] = np.full((len(rows),), scored_at, np.float32)
+    crossed = prompt_lengths + lengths > self.config.original_max_positions
+    if self.config.rope_scaling_type == "longrope" and crossed.any():
+      # LongRoPE switches to its long factors once a row passes original_max_position_embeddings: the sampler scored
+      # the tokens drawn before the switch with the short factors, while the loss scores the finished row with the
+      # long ones, so the first pass's ratio was not 1 on them. The loss's own forward pass gives the old log-probs.
+      scored = self._scored_logps(params, dict(batch, loss_mask=(batch["segment_ids"] > 0).astype(np.int32)))
+      for r in np.flatnonzero(crossed):
+        lp, lc = prompt_lengths[r], lengths[r]
+        batch["old_logps"][r, lp - 1:lp - 1 + lc] = scored[r, lp - 1:lp - 1 + lc]
     if cfg.beta:
-      batch["ref_logps"] = self._reference_logps(batch)
+      batch["ref_logps"] = self._scored_logps(self.ref_params, batch)
     self._metrics[step + 1] = {
         "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
         "accuracy": float(np.mean(correct)), "response_length_mean": float(lengths.mean()),
