@@ -155,13 +155,10 @@ class Attention(nn.Module):
       out = attention.attend(
           q, k_new, v_new, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_index=q_index,
           kv_index=q_index, backend=cfg.attention_backend, max_segments_per_row=cfg.max_segments_per_row)
-    elif x_BTD.shape[1] == 1:  # a decode step, over the whole cache (slot index == position)
+    else:  # a decode step, or a chunk of a LongRoPE rebuild: over the filled cache (slot index == position)
       kv_index = jnp.broadcast_to(jnp.arange(kv_segment_ids.shape[1]), kv_segment_ids.shape)
       out = attention.decode_attention(q, keys.astype(dt), values.astype(dt), q_segment_ids=segment_ids,
                                        kv_segment_ids=kv_segment_ids, q_index=q_index, kv_index=kv_index)
-    else:
-      raise ValueError(f"a {x_BTD.shape[1]}-token chunk with a KV cache: several tokens can only fill an empty "
-                       "cache (kv_cache.prefill); append them one at a time (kv_cache.decode_step)")
     # One contracted axis of N * H: with two (n, h), the dot's contracting dims came out as (h, n) and XLA
     # transposed the output weight and the attention output on every call.
     b, t = out.shape[:2]
@@ -256,7 +253,7 @@ class Decoder(nn.Module):
   fills_empty_cache: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
+  def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None, rope_extent=None):
     cfg = self.config
     embedding = Table(cfg, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), name="embed")()
     # Padding slots (segment 0) read row 0 whatever id they hold: an out-of-range id would gather NaN, and
@@ -267,7 +264,7 @@ class Decoder(nn.Module):
       # As transformers' nn.Embedding(padding_idx=pad_token_id): the pad token's row learns nothing from the
       # lookup (a tied table's row still learns as the LM head). Phi-4's pad id is <|endoftext|>, a real token.
       x = jnp.where((tokens_BT == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
-    cos, sin = rotary.rotary_angles(cfg, positions_BT, segment_ids_BT)
+    cos, sin = rotary.rotary_angles(cfg, positions_BT, segment_ids_BT, rope_extent)
     # Without a cache, attention slots are indices in the row (packed rows restart positions, not slots).
     q_index = positions_BT if cache is not None else jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
 

@@ -12,8 +12,9 @@ LongRoPE (Phi-4-mini): rotary uses `short_factor` while a row's extent (length) 
 decoding, every cached key of the batch was rotated with the short factors, so the step re-runs the whole
 sequence (prompt + generated tokens, kept in `cache["tokens"]`) through the model with the long factors and
 rebuilds the cache. From then on the cache equals what a full forward of the final sequence computes, which is
-what transformers' full forward gives for that sequence. The rebuild costs one prefill of the current length,
-once per generation.
+what transformers' full forward gives for that sequence. The rebuild is a prefill of the whole cache width, run
+at each step where some row crosses (rows of different lengths cross at different steps), and compiled in only
+when the cache has more slots than the boundary.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def init_cache(config: PhiConfig, batch_size: int, max_len: int, dtype=None, blo
   }
 
 
-def _run(params, config, tokens_BT, positions_BT, segment_ids_BT, layer_caches, *, fills_empty_cache=False):
+def _run(params, config, tokens_BT, positions_BT, segment_ids_BT, layer_caches, *, fills_empty_cache=False,
+         rope_extent=None):
   # Unrolled layers (see `Decoder.unrolled`); callers that loop over steps unstack the params once, outside.
   return Decoder(config, unrolled=True, fills_empty_cache=fills_empty_cache).apply(
-      {"params": unstack_layers(params)}, tokens_BT, positions_BT, segment_ids_BT, layer_caches)
+      {"params": unstack_layers(params)}, tokens_BT, positions_BT, segment_ids_BT, layer_caches,
+      rope_extent=rope_extent)
 
 
 def check_prompt_lengths(prompt_lengths_B, width: int) -> None:
@@ -95,14 +98,40 @@ def prefill(params, prompt_tokens_BT, prompt_lengths_B, cache: Cache, config: Ph
 
 
 def _rebuild(params, config: PhiConfig, cache: Cache):
-  """Recomputes every slot of the cache from the token history (used when LongRoPE switches to long factors)."""
+  """Recomputes every slot of the cache from the token history (used when LongRoPE switches to long factors).
+
+  In place, a chunk of slots at a time: each chunk's keys and values are written over the stale ones and it attends
+  over the cache so far (the stale slots after it are in its causal future). A single pass over the whole width
+  held a second cache and full-width activations; for Phi-4-mini's 25K-token rollouts that was several times the
+  memory of the generation itself.
+  """
   b, s = cache["tokens"].shape
-  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  segment_ids = (positions < cache["lengths"][:, None]).astype(jnp.int32)
-  empty = jax.tree.map(jnp.zeros_like, cache["layers"])
-  h, layers = _run(params, config, cache["tokens"], positions, segment_ids, empty, fills_empty_cache=True)
-  last = jnp.take_along_axis(h, (cache["lengths"] - 1)[:, None, None], axis=1)
+  chunk = _rebuild_chunk(s, cache["layers"][0]["k"].shape[-1])
+  lengths = cache["lengths"]
+
+  def one_chunk(i, carry):
+    layers, last = carry
+    start = i * chunk
+    positions = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+    tokens = jax.lax.dynamic_slice_in_dim(cache["tokens"], start, chunk, axis=1)
+    # Each row's rotary factors are those of its whole length, as a full forward of the row gives them.
+    h, layers = _run(params, config, tokens, positions, segment_ids, layers, rope_extent=lengths[:, None])
+    offset = lengths - 1 - start  # where each row's last token is in this chunk, if it is
+    here = (offset >= 0) & (offset < chunk)
+    h_last = jnp.take_along_axis(h, jnp.clip(offset, 0, chunk - 1)[:, None, None], axis=1)
+    return layers, jnp.where(here[:, None, None], h_last, last)
+
+  last = jnp.zeros((b, 1, config.hidden_size), jnp.dtype(config.dtype))
+  filled = (jnp.max(lengths) + chunk - 1) // chunk  # chunks past every row's length hold nothing to recompute
+  layers, last = jax.lax.fori_loop(0, filled, one_chunk, (cache["layers"], last))
   return last, layers
+
+
+def _rebuild_chunk(slots: int, block: int) -> int:
+  """Slots per chunk of the rebuild: the largest divisor of the cache's slots up to one block of it and 128 (a
+  chunk's scores against one block are [B, K, G * chunk, block]; `generate`'s caches are multiples of 64 slots)."""
+  return max(c for c in range(1, min(block, 128) + 1) if slots % c == 0)
 
 
 def decode_step(params, tokens_B, cache: Cache, config: PhiConfig):
@@ -123,8 +152,10 @@ def decode_step(params, tokens_B, cache: Cache, config: PhiConfig):
   def incremental(_):
     return _run(params, config, tokens_B[:, None], positions, jnp.ones((b, 1), jnp.int32), cache["layers"])
 
-  if config.rope_scaling_type == "longrope":
-    boundary = config.original_max_positions
+  boundary = config.original_max_positions
+  # A cache of at most `boundary` slots holds no row that could cross it: no rebuild to compile (its full-width
+  # forward pass would count towards the program's memory even never taken).
+  if config.rope_scaling_type == "longrope" and slots > boundary:
     crossing = jnp.any((new_lengths > boundary) & (cache["lengths"] <= boundary))
     rebuild = lambda _: _rebuild(params, config, {"tokens": history, "lengths": new_lengths, "layers": cache["layers"]})
     h, layers = jax.lax.cond(crossing, rebuild, incremental, None)

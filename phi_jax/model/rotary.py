@@ -42,8 +42,11 @@ def segment_extent(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
   return jax.vmap(one_row)(positions, segment_ids)
 
 
-def rotary_angles(config: PhiConfig, positions: jax.Array, segment_ids: jax.Array):
-  """Returns (cos, sin) of shape [B, T, rotary_dim], float32, including the LongRoPE attention factor."""
+def rotary_angles(config: PhiConfig, positions: jax.Array, segment_ids: jax.Array, extent=None):
+  """Returns (cos, sin) of shape [B, T, rotary_dim], float32, including the LongRoPE attention factor.
+
+  `extent` ([B, T] or [B, 1]): the sequence extents LongRoPE compares with its boundary, where the tokens given are a
+  chunk of longer sequences (a KV-cache rebuild); default: each segment's extent among the tokens given."""
   positions = positions.astype(jnp.int32)
   if config.rope_scaling_type == "longrope":
     if config.rope_short_factor is None or config.rope_long_factor is None:
@@ -52,7 +55,8 @@ def rotary_angles(config: PhiConfig, positions: jax.Array, segment_ids: jax.Arra
           "phi_jax.load_hf; for a from-scratch run pass PhiConfig(rope_short_factor=..., rope_long_factor=...).")
     short = jnp.asarray(inverse_frequencies(config, config.rope_short_factor))
     long = jnp.asarray(inverse_frequencies(config, config.rope_long_factor))
-    use_long = segment_extent(positions, segment_ids) > config.original_max_positions
+    extent = segment_extent(positions, segment_ids) if extent is None else extent
+    use_long = extent > config.original_max_positions
     inv_freq = jnp.where(use_long[..., None], long, short)  # [B, T, rotary_dim // 2]
     scale = config.rope_attention_scale
   else:
