@@ -537,7 +537,7 @@ def test_early_stopping_settings_are_checked():
   with pytest.raises(ValueError, match=r"no eval data: set data.eval_files"):
     _run("/nonexistent/never/written", eval_every=1, keep_best_checkpoint=True)
   nan = loop._EvalHistory(0.0, [{"step": 1, "eval_loss": float("nan")}, {"step": 2, "eval_loss": float("nan")}])
-  assert nan.describe() == "2 evaluations without a new best eval_loss (no finite eval_loss yet)"
+  assert nan.describe() == "2 evaluations without a new best eval_loss (no finite eval_loss yet)"  # min_delta 0
 
 
 def test_early_stopping_refuses_eval_data_with_nothing_to_score(tmp_path, gin_run):

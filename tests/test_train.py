@@ -401,15 +401,19 @@ def test_a_finite_loss_with_a_nonfinite_gradient_is_skipped():
   np.testing.assert_array_equal(new.params["w"], [0.0, 0.0])
 
 
-def test_a_new_best_eval_loss_must_beat_the_best_by_more_than_min_delta():
-  """Early stopping counts evaluations since the last new best: a tie, a gain of exactly min_delta or a NaN is
-  not one; a history rebuilt from records (a resume) gives the same count as the evaluations seen live."""
+def test_patience_counts_gains_above_min_delta_and_the_best_is_the_lowest_eval_loss():
+  """Early stopping counts evaluations since one lowered the best by more than min_delta (a tie, a gain of exactly
+  min_delta or a NaN does not), while the best evaluation, whose params keep_best keeps, is the lowest eval_loss,
+  min_delta or not (it used to be the last one that beat the best by min_delta: a worse model was kept). A history
+  rebuilt from records (a resume) gives the same as the evaluations seen live."""
   from phi_jax.train.loop import _EvalHistory
-  losses = [(1, 2.0), (2, 2.0), (3, 1.75), (4, float("nan")), (5, 1.875), (6, 1.5)]  # exact in binary
+  losses = [(1, 2.0), (2, 2.0), (3, 1.75), (4, float("nan")), (5, 1.875), (6, 1.5), (7, 1.0)]  # exact in binary
   history = _EvalHistory(min_delta=0.25)
-  assert [history.add(step, loss) for step, loss in losses] == [True, False, False, False, False, True]
-  assert (history.best_loss, history.best_step, history.since_best) == (1.5, 6, 0)
-  rebuilt = _EvalHistory(0.25, [{"step": s, "eval_loss": v} for s, v in losses[:5]])
-  assert (rebuilt.best_loss, rebuilt.best_step, rebuilt.since_best) == (2.0, 1, 4)
+  assert [history.add(step, loss) for step, loss in losses] == [True, False, True, False, False, True, True]
+  assert (history.best_loss, history.best_step, history.since_best) == (1.0, 7, 0)
+  rebuilt = _EvalHistory(0.25, [{"step": s, "eval_loss": v} for s, v in losses[:6]])
+  assert (rebuilt.best_loss, rebuilt.best_step, rebuilt.since_best) == (1.5, 6, 5)
+  assert rebuilt.describe() == ("5 evaluations without an eval_loss below the best by more than 0.25 (best eval_loss "
+                                "1.5 at step 6)")
   plain = _EvalHistory(min_delta=0.0)
   assert [plain.add(s, v) for s, v in ((1, 3.0), (2, 3.0), (3, 2.5))] == [True, False, True]

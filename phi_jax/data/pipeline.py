@@ -10,7 +10,8 @@ Order: each process reads every `process_count`-th record of each source (a disj
 a seed derived from `seed` and the source index (reshuffled every epoch), repeats it for the source's epoch count,
 and the sources are interleaved deterministically in exact proportion to their weights (weights count records, not
 tokens; the token counts per source are in `stats()`). The mixture ends when its first finite source runs out; a
-weight of None is the source's record count (this process's share), so such weights read every record once. Everything is a function of the seed, so a restored state continues exactly.
+weight of None is the source's record count (this process's share), so such weights read every record once.
+Everything is a function of the seed, so a restored state continues exactly.
 
 Accounting: every record read is counted as used or as skipped with a reason (bad records in skip mode, too-long
 documents when dropped): `records_read == records_used + sum(records_skipped.values())` at all times. The counters

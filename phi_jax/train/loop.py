@@ -214,7 +214,9 @@ class _SpikeDetector:
 
 
 class _EvalHistory:
-  """The run's evaluations: the best eval_loss, its step, and how many evaluations since it last improved.
+  """The run's evaluations: the best (lowest) eval_loss, its step, and how many evaluations since one lowered the
+  best by more than min_delta (early stopping's patience; as transformers' EarlyStoppingCallback threshold, min_delta
+  decides only when the run stalls, never which evaluation is the best one, whose params keep_best keeps).
 
   Rebuilt on resume from the eval records metrics.jsonl keeps up to the restored step, so early stopping and the
   kept best checkpoint go on as in an uninterrupted run.
@@ -227,12 +229,13 @@ class _EvalHistory:
       self.add(record["step"], record["eval_loss"])
 
   def add(self, step: int, loss: float) -> bool:
-    """Records an evaluation; True when it is a new best (below the best by more than min_delta)."""
+    """Records an evaluation; True when it is a new best (below every earlier eval_loss)."""
     self.last_step = step
-    if math.isfinite(loss) and loss < self.best_loss - self.min_delta:
-      self.best_loss, self.best_step, self.since_best = loss, step, 0
+    finite = math.isfinite(loss)
+    self.since_best = 0 if finite and loss < self.best_loss - self.min_delta else self.since_best + 1
+    if finite and loss < self.best_loss:
+      self.best_loss, self.best_step = loss, step
       return True
-    self.since_best += 1
     return False
 
   def agree(self) -> None:
@@ -252,7 +255,9 @@ class _EvalHistory:
   def describe(self) -> str:
     best = ("no finite eval_loss yet" if self.best_step is None
             else f"best eval_loss {self.best_loss:.4g} at step {self.best_step}")
-    return f"{self.since_best} evaluations without a new best eval_loss ({best})"
+    gain = (f"an eval_loss below the best by more than {self.min_delta:g}" if self.min_delta
+            else "a new best eval_loss")
+    return f"{self.since_best} evaluations without {gain} ({best})"
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
