@@ -462,6 +462,14 @@ class FiniteData(ScaledData):
     return super().__next__()
 
 
+@pytest.mark.parametrize("batches", [5, 4])  # the data ends between checkpoints, or right after one
+def test_the_last_step_is_logged_when_the_data_ends_between_log_steps(tmp_path, batches):
+  """Without eval data, a run whose data ends at a step that is not a log step still writes that step's record:
+  metrics.jsonl (and a sweep's summary of it) ends at the run's last step, not at the last multiple of log_every."""
+  _run(tmp_path, data=FiniteData(batches), num_steps=10, checkpoint_every=4, log_every=3)
+  assert sorted(_records(tmp_path)) == [3, batches]
+
+
 @pytest.mark.parametrize("log_every", [1, 3])
 def test_the_last_step_evaluates_into_its_own_record_when_the_data_ends_after_a_checkpoint(tmp_path, log_every):
   """The data ends right after the step-4 checkpoint: step 4's evaluation joins its training record (written or

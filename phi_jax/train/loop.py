@@ -445,9 +445,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   flushed = None  # (record, written, host stats) of the last step pulled to the host
   last_time = time.perf_counter()
 
-  def flush(pending_item, evaluate_now: bool = False) -> bool:
-    """Writes the step's record (on log steps); with `evaluate_now` the step's evaluation joins it, so every record
-    carries the training loss. Returns whether that evaluation is a new best."""
+  def flush(pending_item, evaluate_now: bool = False, last: bool = False) -> bool:
+    """Writes the step's record (on log steps, and the run's `last` step); with `evaluate_now` the step's evaluation
+    joins it, so every record carries the training loss. Returns whether that evaluation is a new best."""
     nonlocal last_time, flushed
     step, device_metrics, stats = pending_item
     record = _to_host(device_metrics)
@@ -479,7 +479,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       eval_record, improved = evaluate(step)
       record.update(eval_record)
       last_time = time.perf_counter()  # the evaluation's time is not the next step's
-    written = step % loop.log_every == 0 or step == loop.num_steps or evaluate_now
+    written = step % loop.log_every == 0 or step == loop.num_steps or evaluate_now or last
     if written:
       record.update(_counted_over_processes(stats))  # every process writes the same steps: a collective is safe
       writer.write(record)
@@ -568,7 +568,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
                  loop.early_stopping_patience)
         break
     if pending is not None:  # the data ended: the last step is evaluated (unless it just was) with its record
-      if flush(pending, evaluate_now=eval_batches is not None and evals.last_step != pending[0]):
+      if flush(pending, evaluate_now=eval_batches is not None and evals.last_step != pending[0], last=True):
         if loop.keep_best_checkpoint:
           checkpointer.keep([pending[0]])
     final = int(host_scalar(state.step))
@@ -585,6 +585,10 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       writer.merge(final, eval_record)
     if improved and loop.keep_best_checkpoint:
       checkpointer.keep([final])
+  elif flushed is not None and flushed[0]["step"] == final and not flushed[1]:
+    # The data ran out right after a checkpoint that pulled the last step's record between log steps: written now,
+    # so metrics.jsonl (and a sweep's summary of it) ends at the run's last step.
+    writer.write(dict(flushed[0], **_counted_over_processes(flushed[2])))
   if loop.keep_best_checkpoint and evals.best_step not in (None, final):
     state = _restore_best(checkpointer, evals, abstract_state(model_config, optimizer, mesh), state)
   checkpointer.close()
