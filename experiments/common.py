@@ -214,6 +214,9 @@ def _pipeline(files, data_cfg, tokenizer, *, seed, per_process_batch, shuffle=Tr
 
 def check_not_unfinished_run(path: str) -> None:
   """A run workdir has params/ only once it has finished; without them it is not a transformers checkpoint either."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.basename(os.path.abspath(path)) == "params" and os.path.isfile(os.path.join(parent, "config.gin")):
+    raise ValueError(f"{path} is the params/ of a run: point at the run's workdir, {parent}")
   if not os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "checkpoints")):
     raise ValueError(f"{path} is a run that has not finished: its final params/ are written at the end. Rerun its "
                      "command to finish it (it resumes from its newest checkpoint), or point at a finished run")

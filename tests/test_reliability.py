@@ -610,6 +610,11 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
   with pytest.raises(checkpoint.IncompatibleCheckpointError,
                      match=r"state.opt_state\[0\]\[0\].count: absent saved vs \[\[\], 'int32'\] now"):
     loop.check_resume_compatible(saved, no_clipping, "W")
+  # ... and the setting behind it is named.
+  no_clipping["optimizer_config"] = dict(saved["optimizer_config"], max_grad_norm=None)
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"settings changed since: optimizer_config.max_grad_norm: 1.0 -> None; state.opt_state"):
+    loop.check_resume_compatible(saved, no_clipping, "W")
   caplog.set_level(logging.INFO, logger="phi_jax")
   _run(tmp_path, opt=OptimizerConfig(learning_rate=3e-3, decay="constant", max_grad_norm=1.0), num_steps=3)
   assert "optimizer_config.learning_rate: 0.01 -> 0.003" in caplog.text
@@ -620,6 +625,8 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
 def test_nan_stops_with_step_metric_and_intact_checkpoint_inf_skips_and_spikes_are_flagged(tmp_path, caplog):
   with pytest.raises(FloatingPointError, match=r"non-finite loss=nan at step 3; .* last good checkpoint is step 2"):
     _run(tmp_path / "stop", scales={3: float("nan")}, num_steps=6)
+  with pytest.raises(FloatingPointError, match=r"at step 1; stopping. No checkpoint was saved yet in .* \(a rerun"):
+    _run(tmp_path / "first", scales={1: float("nan")}, num_steps=6)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "stop" / "checkpoints"), save_interval_steps=1)
   assert ckpt.all_steps() == [2]
   step, state, _, _ = ckpt.restore_latest(_abstract_state_for(TINY))
@@ -829,6 +836,8 @@ def test_extending_a_finished_run_removes_its_final_params_until_it_finishes_aga
   gin_run("train.num_steps = 2", "train.export_hf = True")
   assert (run / "params").is_dir() and (run / "hf").is_dir()
   common.check_not_unfinished_run(str(run))
+  with pytest.raises(ValueError, match=rf"{run / 'params'} is the params/ of a run: point at the run's workdir, {run}"):
+    common.check_not_unfinished_run(str(run / "params"))  # e.g. train.init_from=run/params
 
   def interrupted(workdir, params):
     raise KeyboardInterrupt("after the last step, before the final params")

@@ -314,6 +314,18 @@ def test_loop_counts_below_one_are_an_error(field):
     LoopConfig(num_steps=2, **{field: 0})
 
 
+def test_loop_counts_are_whole_numbers():
+  """train.num_steps=1e4 (as MaxText configs write it) is 10000; 2.5 steps or a negative eval_every are errors, not a
+  crash inside the loop or an evaluation at every step."""
+  from phi_jax.train import LoopConfig
+  config = LoopConfig(num_steps=1e4, eval_every=5.0)
+  assert (config.num_steps, config.eval_every) == (10000, 5) and isinstance(config.num_steps, int)
+  with pytest.raises(ValueError, match=r"LoopConfig.num_steps=2.5 must be a whole number"):
+    LoopConfig(num_steps=2.5)
+  with pytest.raises(ValueError, match=r"LoopConfig.eval_every=-1 must be >= 0"):
+    LoopConfig(num_steps=2, eval_every=-1)
+
+
 def test_schedule_values_at_every_step():
   """Every step of two schedules against their formulas (peak 2.0, so the final rate must scale with the peak):
   a linear warmup to the peak at step warmup - 1, then the decay over the remaining num_steps - warmup steps."""

@@ -84,6 +84,15 @@ class LoopConfig:
   keep_best_checkpoint: bool = False
 
   def __post_init__(self):
+    for name in ("num_steps", "seed", "microbatches", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
+                 "early_stopping_patience"):
+      value = getattr(self, name)
+      if isinstance(value, float) and value.is_integer():  # train.num_steps=1e4, as MaxText configs write it
+        object.__setattr__(self, name, int(value))
+      elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+        raise ValueError(f"LoopConfig.{name}={value!r} must be a whole number")
+    if self.eval_every < 0:
+      raise ValueError(f"LoopConfig.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
     if self.on_nonfinite not in ON_NONFINITE:
       raise ValueError(f"on_nonfinite={self.on_nonfinite!r}; expected one of {ON_NONFINITE}")
     for name in ("microbatches", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -463,9 +472,11 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record.get(k, 0.0))]
     if bad and loop.on_nonfinite == "stop":
       checkpointer.wait()
-      raise FloatingPointError(
-          f"non-finite {bad[0]}={record[bad[0]]} at step {step}; stopping. The last good checkpoint is step "
-          f"{checkpointer.latest_step()} in {checkpointer.directory} (set on_nonfinite='skip' to skip such updates)")
+      latest = checkpointer.latest_step()
+      where = (f"The last good checkpoint is step {latest} in {checkpointer.directory}" if latest is not None else
+               f"No checkpoint was saved yet in {checkpointer.directory} (a rerun starts from the beginning)")
+      raise FloatingPointError(f"non-finite {bad[0]}={record[bad[0]]} at step {step}; stopping. {where} (set "
+                               "on_nonfinite='skip' to skip such updates)")
     if bad:
       log.warning("non-finite %s=%s at step %d; update skipped (on_nonfinite='skip')", bad[0], record[bad[0]], step)
     if "loss" in record:
@@ -710,8 +721,14 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
   # The saved arrays' signature is exact; the shape fields name the cause (and decide for checkpoints without a
   # signature). head_dim=None and an explicit head_dim of the same size change no array, so they resume.
   if data_changes or (array_changes if saved_sig is not None else shape_changes):
-    details = shape_changes + data_changes + array_changes[:8] + ([f"... {len(array_changes) - 8} more arrays"]
-                                                                  if len(array_changes) > 8 else [])
+    # The settings that change the saved state's structure (gradient clipping adds a transform to the optimizer
+    # chain, weight decay a mask), named before the arrays they moved.
+    structural = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()
+                  if k.startswith(("model_config.", "optimizer_config."))]
+    causes = ([f"settings changed since: {', '.join(structural)}"]
+              if array_changes and structural and not shape_changes else [])
+    details = (shape_changes + causes + data_changes + array_changes[:8]
+               + ([f"... {len(array_changes) - 8} more arrays"] if len(array_changes) > 8 else []))
     raise IncompatibleCheckpointError(
         f"cannot resume from the checkpoints in {where}: the current config does not fit the saved state: "
         + "; ".join(details) + ". Restore the original settings, or start a new workdir (use train.init_from "
