@@ -28,6 +28,7 @@ from phi_jax.data import sources as sources_lib
 from phi_jax.hf import load_hf, save_hf
 from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer
 from phi_jax.model import PhiConfig, init_params, presets
+from phi_jax.sampling import sampler
 from phi_jax.sharding import distributed
 from phi_jax.stages import grpo as grpo_stage
 from phi_jax.stages import next_token
@@ -693,9 +694,20 @@ def dry_run() -> dict[str, Any]:
   reference_bytes = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
                         for leaf in jax.tree.leaves(state.params)) if uses_reference else 0
   per_device["reference_params_gib"] = reference_bytes / gib
+  rollout_bytes = 0
+  if stage == "grpo":
+    # GRPO samples its rollouts beside the state (and reference): one generate call's KV cache, its rows over
+    # data x fsdp and its kv heads over tensor. Not in the step's figures; grpo.rollout_batch_size bounds it.
+    cfg = grpo()
+    rows_per_call = cfg.rollout_batch_size or cfg.prompts_per_step * cfg.group_size
+    tensor = the_mesh.shape.get("tensor", 1)
+    rollout_bytes = (sampler.kv_cache_bytes(model_config, rows_per_call, cfg.max_prompt_tokens, cfg.max_new_tokens)
+                     / (the_mesh.shape["data"] * the_mesh.shape["fsdp"] * tensor))
+    per_device["rollout_kv_cache_gib"] = rollout_bytes / gib
   if memory is not None:
-    # Donated state: outputs alias the arguments, so the peak is arguments + temporaries (+ the reference).
-    per_device["peak_estimate_gib"] = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
+    # Donated state: outputs alias the arguments, so the peak is arguments + temporaries (+ the reference and, for
+    # GRPO, the larger of the step's temporaries and the rollouts' KV cache, which do not coexist).
+    per_device["peak_estimate_gib"] = (memory.argument_size_in_bytes + max(memory.temp_size_in_bytes, rollout_bytes)
                                        + reference_bytes) / gib
   return {"stage": stage, "model_params": model_config.num_params(), "mesh": dict(the_mesh.shape),
           "global_batch": list(shape), "batch_fields": sorted(batch), "per_device": per_device}

@@ -12,6 +12,7 @@ import os
 import sys
 
 import gin
+import phi_jax
 import numpy as np
 import pytest
 
@@ -21,7 +22,7 @@ import common  # noqa: E402
 
 PRESETS = {"phi4_mini_reasoning": "phi-4-mini", "phi4_reasoning": "phi-4"}
 REDUCED = ["data.seq_len=256", "data.batch_size=8", "train.microbatches=1", "grpo.max_prompt_tokens=64",
-           "grpo.max_new_tokens=192", "grpo.prompts_per_step=1", "grpo.group_size=8", "mesh.shape={'fsdp': -1}"]
+           "grpo.max_new_tokens=192", "grpo.prompts_per_step=1", "grpo.group_size=8", "grpo.rollout_batch_size=8", "mesh.shape={'fsdp': -1}"]
 STAGE_FIELDS = {
     "next_token": {"tokens", "positions", "segment_ids", "loss_mask"},
     "dpo": ({f"{side}_{field}" for side in ("chosen", "rejected")
@@ -76,6 +77,14 @@ def test_config_compiles_for_eight_devices(config_file):
     assert memory["peak_estimate_gib"] >= memory["argument_size_gib"] + memory["reference_params_gib"]
   else:
     assert memory["reference_params_gib"] == 0
+  # GRPO's rollouts: one generate call's KV cache (8 rows of 64 + 192 - 1 -> 256 slots), keys and values of every
+  # layer in bfloat16, its rows over the 8 devices.
+  if stage == "grpo":
+    config = phi_jax.presets[PRESETS[config_file.split(os.sep)[-2]]]
+    keys_and_values = 8 * 256 * config.num_layers * 2 * config.num_kv_heads * config.resolved_head_dim * 2 / 8
+    assert keys_and_values <= memory["rollout_kv_cache_gib"] * 2**30 < 1.05 * keys_and_values
+  else:
+    assert "rollout_kv_cache_gib" not in memory
 
 
 def test_mismatched_data_weights_say_what_to_give():

@@ -184,6 +184,33 @@ def test_rollout_batch_layout(toy):
                                 "same_on_every_process": True}  # every process samples the whole batch
 
 
+def test_rollouts_sampled_in_several_generate_calls(toy, monkeypatch):
+  """grpo.rollout_batch_size splits the rollout batch's rows over generate calls (the KV cache of one call is what
+  must fit): rows of one call each are the same batch as one call of all rows; two calls of 4 rows give a batch of
+  the same layout, each call with its own key."""
+  _, tokenizer, config, prompts = toy
+  calls = []
+  real_generate = grpo.generate
+  monkeypatch.setattr(grpo, "generate", lambda *a, **k: calls.append(a[2].shape[0]) or real_generate(*a, **k))
+  params = phi_jax.init_params(config, jax.random.key(0))
+
+  def batch(rollout_batch_size):
+    cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=4, max_prompt_tokens=32, max_new_tokens=8, temperature=1.0,
+                          rollout_batch_size=rollout_batch_size)
+    source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=_digit_share(tokenizer), num_steps=4)
+    return source.next_batch(params, 0)
+
+  whole, one_call, split = batch(None), batch(8), batch(4)
+  assert calls == [8, 8, 4, 4]
+  for name in whole:
+    np.testing.assert_array_equal(one_call[name], whole[name])
+    assert split[name].shape == whole[name].shape
+  np.testing.assert_array_equal(split["tokens"][:, :10], whole["tokens"][:, :10])  # the same prompts, in order
+  assert not np.array_equal(split["tokens"], whole["tokens"])  # the second call drew with another key
+  with pytest.raises(ValueError, match=r"grpo.rollout_batch_size=3 must divide the 8 rows of a rollout batch"):
+    grpo.GRPOConfig(prompts_per_step=2, group_size=4, rollout_batch_size=3)
+
+
 def test_prompts_longer_than_the_prompt_budget_are_counted_and_named(toy):
   _, tokenizer, config, prompts = toy
   long = prompts[:3] + [{"problem": "Write digits " * 8, "answer": "0"}, {"problem": "Write " * 20, "answer": "0"}]

@@ -318,5 +318,14 @@ def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tok
         lengths.max(), max_new_tokens, config.max_position_embeddings)
 
 
+def kv_cache_bytes(config: PhiConfig, rows: int, prompt_width: int, max_new_tokens: int) -> int:
+  """Bytes of the KV cache `generate` allocates for `rows` prompts of `prompt_width` tokens and `max_new_tokens`
+  (all layers, keys and values, the whole batch: on a mesh its rows split over data x fsdp, its kv heads over
+  tensor)."""
+  slots = _round_up(prompt_width + max_new_tokens - 1, _CACHE_SLOTS_MULTIPLE)
+  cache = jax.eval_shape(lambda: kv_cache.init_cache(config, rows, slots))
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+
+
 def _round_up(value: int, multiple: int) -> int:
   return math.ceil(value / multiple) * multiple

@@ -79,6 +79,10 @@ class GRPOConfig:
   hard_prompt_fraction: float = 0.0
   hard_prompt_accuracy: float = 0.25
   chunk_size: int = 1024
+  # Rows per `generate` call when sampling a rollout batch (None: all prompts_per_step x group_size at once). The KV
+  # cache holds max_prompt_tokens + max_new_tokens slots for every row of a call, so long rollouts need several calls
+  # (Phi-4-mini at 1K + 24K tokens: ~3.3 GB of bfloat16 cache per row); `experiments/train.py --dry_run` shows it.
+  rollout_batch_size: Optional[int] = None
 
   def __post_init__(self):
     # Checked here, before a run samples its first rollout batch (minutes of generation) only to fail at the loss.
@@ -114,6 +118,11 @@ class GRPOConfig:
                        "sampled again because they were hard, in [0, 1)")
     if not 0.0 <= self.hard_prompt_accuracy <= 1.0:
       raise ValueError(f"grpo.hard_prompt_accuracy={self.hard_prompt_accuracy} is a group accuracy, in [0, 1]")
+    rows = self.prompts_per_step * self.group_size
+    if self.rollout_batch_size is not None and not (0 < self.rollout_batch_size <= rows
+                                                    and rows % self.rollout_batch_size == 0):
+      raise ValueError(f"grpo.rollout_batch_size={self.rollout_batch_size} must divide the {rows} rows of a rollout "
+                       f"batch (prompts_per_step x group_size), or be None to sample them in one call")
 
   def temperature_at(self, step: int, num_steps: int) -> float:
     if self.final_temperature is None:
@@ -334,9 +343,15 @@ class GRPORollouts:
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, stop_token_ids=self.stop_ids)
     rng = jax.random.fold_in(jax.random.key(self.seed), self.rollouts)
-    # Every process samples the whole batch (the same prompts, the same random stream) and gets every row back.
-    out = multihost_utils.process_allgather(
-        generate(params, self.config, prompt_tokens, prompt_lengths, rng, sampling, mesh=self.mesh), tiled=True)
+    # Every process samples the whole batch (the same prompts, the same random stream) and gets every row back; in
+    # calls of rollout_batch_size rows, call i with the key fold_in(rng, i).
+    calls = 1 if cfg.rollout_batch_size is None else len(rows) // cfg.rollout_batch_size
+    outs = []
+    for i, (tokens_i, lengths_i) in enumerate(zip(np.split(prompt_tokens, calls), np.split(prompt_lengths, calls))):
+      key = rng if calls == 1 else jax.random.fold_in(rng, i)
+      outs.append(multihost_utils.process_allgather(
+          generate(params, self.config, tokens_i, lengths_i, key, sampling, mesh=self.mesh), tiled=True))
+    out = {name: np.concatenate([np.asarray(o[name]) for o in outs]) for name in outs[0]}
     self.rollouts += 1
     lengths, finished = np.asarray(out["lengths"]), np.asarray(out["finished"])
     # The stop token ends the turn but is not part of the text the rewards read (as in `sampler.generate_text`):
