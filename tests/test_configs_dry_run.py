@@ -102,7 +102,7 @@ def test_dry_run_refuses_what_a_run_refuses_before_compiling():
   with pytest.raises(ValueError, match=r"data.seq_len=200000 exceeds the model's max_position_embeddings"):
     dry_run(midtrain, ["data.seq_len=200000"])
   with pytest.raises(ValueError, match=r"grpo.prompts_per_step x grpo.group_size=6 \(per microbatch 6\)"):
-    dry_run(grpo, ["grpo.group_size=6"])
+    dry_run(grpo, ["grpo.group_size=6", "grpo.rollout_batch_size=None"])
   with pytest.raises(ValueError, match=r"grpo.max_prompt_tokens \+ grpo.max_new_tokens=200064 exceeds"):
     dry_run(grpo, ["grpo.max_new_tokens=200000"])
   # Settings the stage would not read: GRPO's rows come from grpo.*, and an eval schedule needs eval files.
