@@ -243,6 +243,8 @@ def test_cli_data_files_open_by_type_and_bad_prompt_lines_name_file_and_line(tmp
     np.testing.assert_array_equal(from_dir[key], from_jsonl[key])
   (tmp_path / "docs.ndjson").write_text((tmp_path / "docs.jsonl").read_text())
   np.testing.assert_array_equal(first_batch(str(tmp_path / "docs.ndjson"))["tokens"], from_jsonl["tokens"])
+  import gzip
+  (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress((tmp_path / "docs.jsonl").read_bytes()))
   with pytest.raises(DataError, match="unknown file type"):
     first_batch(str(tmp_path / "docs.jsonl.gz"))
   # Resume compares the sizes of the files a save_to_disk directory holds, a DatasetDict's splits included.
