@@ -352,6 +352,16 @@ def test_generate_text(params, tmp_path):
   (answer,) = generate_text(eager, CONFIG, tokenizer, prompts[:1], jax.random.key(11), sampling, batch_size=BATCH)
   assert answer == {"text": "", "token_ids": [im_end], "finished": True, "num_tokens": 1}
 
+  # A temperature per prompt, as generate takes one per row, over several batches of BATCH rows: greedy rows give the
+  # greedy answers, and a sampled row runs too.
+  many = prompts * 3
+  per_row = SamplingConfig(max_new_tokens=NEW, temperature=np.array([0.0] * 8 + [1.0]))
+  mixed = generate_text(params, CONFIG, tokenizer, many, jax.random.key(11), per_row, batch_size=BATCH)
+  assert mixed[:8] == (results * 3)[:8] and len(mixed) == 9
+  with pytest.raises(ValueError, match=r"a per-row temperature needs one value per prompt: \(2,\) for 3 prompts"):
+    generate_text(params, CONFIG, tokenizer, prompts, jax.random.key(11),
+                  SamplingConfig(max_new_tokens=NEW, temperature=np.array([0.0, 1.0])), batch_size=BATCH)
+
 
 def _right_pad(rendered):
   """Rows of `rendered` ids right-padded to [BATCH, WIDTH]; filler rows hold a one-token prompt."""

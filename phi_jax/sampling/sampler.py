@@ -262,16 +262,25 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
   if batch_size % rows:
     raise ValueError(f"batch_size={batch_size} does not split over the mesh's data x fsdp = {rows} devices")
 
+  per_row = np.ndim(sampling.temperature) > 0
+  if per_row and np.shape(sampling.temperature) != (len(prompts),):
+    raise ValueError(f"a per-row temperature needs one value per prompt: {np.shape(sampling.temperature)} for "
+                     f"{len(prompts)} prompts")
   results = []
   for index, start in enumerate(range(0, len(rendered), batch_size)):
     chunk = rendered[start:start + batch_size]
+    chunk_sampling = sampling
+    if per_row:  # this batch's rows' temperatures; the filler rows generate nothing (greedy, inactive)
+      temperatures = np.zeros((batch_size,), np.float32)
+      temperatures[:len(chunk)] = np.asarray(sampling.temperature, np.float32)[start:start + batch_size]
+      chunk_sampling = dataclasses.replace(sampling, temperature=temperatures)
     width = _round_up(max(len(ids) for ids in chunk), length_multiple)
     tokens = np.zeros((batch_size, width), np.int32)
     lengths = np.ones((batch_size,), np.int32)  # filler rows: a one-token prompt, inactive (generates nothing)
     for row, ids in enumerate(chunk):
       tokens[row, :len(ids)] = ids
       lengths[row] = len(ids)
-    out = generate(params, config, tokens, lengths, jax.random.fold_in(rng, index), sampling, mesh=mesh,
+    out = generate(params, config, tokens, lengths, jax.random.fold_in(rng, index), chunk_sampling, mesh=mesh,
                    active=np.arange(batch_size) < len(chunk))
     out = multihost_utils.process_allgather(out, tiled=True)  # every process gets every row
     for row in range(len(chunk)):
