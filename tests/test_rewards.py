@@ -138,19 +138,20 @@ def test_extraction_and_screen_are_bounded_on_megabyte_inputs():
 
 # -- the pre-screen ------------------------------------------------------------------------------------------------
 
-SCREEN_ACCEPTS = ["\\frac{1}{2}", "e^{-x^2}", "2^{10}", "10^{100}", "x^2+y^2", "5!", "2^{100000}", "1000!",
-                  "[1, 2)", "2^{2^{n}}", "\\{1,2,3\\}", "3 \\cdot 10^{8}", "-\\infty", "2^{3 \\cdot 4}", "(1000)!",
-                  "(2+1)!", "2^{\\frac{1}{2}}", "10^{-3.5}"]
+SCREEN_ACCEPTS = ["\\frac{1}{2}", "e^{-x^2}", "2^{10}", "10^{100}", "x^2+y^2", "5!", "2^{100000}", "2024!",
+                  "10000!", "[1, 2)", "2^{2^{n}}", "\\{1,2,3\\}", "3 \\cdot 10^{8}", "-\\infty", "2^{3 \\cdot 4}",
+                  "(1000)!", "(2+1)!", "2^{\\frac{1}{2}}", "10^{-3.5}", "(10000)!"]
 SCREEN_REJECTS = {  # answer -> words in the reason
     "9^{9^{9^9}}": "tower", "9^9^9": "tower", "9**9**9**9": "tower", "2^{3^{4}}": "tower",
-    "2^{1000000}": "exponent", "(10^6)!": "factorial", "2000!": "factorial", "{" * 30 + "}" * 30: "nested",
+    "2^{1000000}": "exponent", "(10^6)!": "factorial", "20000!": "factorial", "{" * 30 + "}" * 30: "nested",
     "1" * 200: "digits", "\\frac{1}{2": "unbalanced", "x" * 2000: "characters", "x^2" * 20: "powers",
     "e^{x^{y^{z^{w}}}}": "exponents nested",
-    "2^{100001}": "exponent", "1001!": "factorial",  # just past the limits (100000, 1000) that the accepts reach
+    "2^{100001}": "exponent", "10001!": "factorial",  # just past the limits (100000, 10000) that the accepts reach
+    "10!!": "factorial of a factorial", "10! !": "factorial of a factorial",  # read as (10!)!
     "}1{": "unbalanced", ")" * 10 + "(" * 30 + ")" * 30: "nested",  # stray closers do not hide deep nesting
     "2^-1000000": "exponent", "9^{9 \\cdot 9^{9}}": "tower",  # a signed exponent; \cdot keeps a tower numeric
     # bracketed or computed operands: bounded by the product of their numbers
-    "(100000000)!": "factorial", "{1001}!": "factorial", "2^{99999*99999}": "computed exponent",
+    "(100000000)!": "factorial", "{10001}!": "factorial", "2^{99999*99999}": "computed exponent",
     "2^{(30)!}": "factorial in an exponent",
 }
 
@@ -169,6 +170,7 @@ def test_screen():
 EQUIVALENT = [
     ("\\boxed{\\frac{1}{2}}", "0.5"),
     ("\\boxed{0.5}", "\\frac{1}{2}"),
+    ("\\boxed{2024!}", "2024 \\cdot 2023!"),  # a year-sized factorial passes the screen
     ("The answer is 1/2.", "\\frac12"),
     ("\\boxed{\\dfrac{1}{2}}", "1/2"),
     ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}"),

@@ -26,7 +26,9 @@ class ScreenConfig:
   max_power_ops: int = 16  # `^` and `**`
   max_exponent_depth: int = 3  # `e^{-x^2}` is depth 2
   max_integer_exponent: int = 100_000  # `2^{100000}` is fine for sympy; `2^{10^9}` is not
-  max_factorial_operand: int = 1000
+  # 10000! has 35,660 digits, the size of the largest power allowed (2^{100000}: 30,103); sympy computes it in
+  # milliseconds, and a year-sized factorial (2024!) is a common olympiad answer.
+  max_factorial_operand: int = 10_000
 
 
 def _brace_matches(text: str) -> dict[int, int]:
@@ -163,6 +165,8 @@ def _factorial_problem(text: str, config: ScreenConfig) -> Optional[str]:
       j -= 1
     if j < 0:
       continue
+    if text[j] == "!":  # math-verify reads n!! (a double factorial) as (n!)!: 10!! is a 3.6-million-digit number
+      return "a factorial of a factorial"
     if text[j].isdigit():
       k = j
       while k >= 0 and text[k].isdigit():
