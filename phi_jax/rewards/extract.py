@@ -219,16 +219,30 @@ def _last_math(text: str, max_chars: int) -> Optional[str]:
   """Content of the last `$...$`, `$$...$$`, `\\(...\\)` or `\\[...\\]` whose content is at most max_chars."""
   best_close, best = -1, None
   for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-    close = text.rfind(right)
+    close = _rfind_dollar(text, 0, len(text)) if right == "$" else text.rfind(right)
     if left == "$" and close > 0 and text[close - 1] == "$":
       close -= 1  # `$$...$$`: look for the opening pair before the closing one
     if close < 0 or close <= best_close:
       continue
-    open_ = text.rfind(left, max(0, close - max_chars - 2), close)
+    start = max(0, close - max_chars - 2)
+    open_ = _rfind_dollar(text, start, close) if left == "$" else text.rfind(left, start, close)
     if open_ < 0:
       continue
     best_close, best = close, text[open_ + len(left):close].strip("$")
   return best
+
+
+def _rfind_dollar(text: str, start: int, end: int) -> int:
+  """The last `$` in text[start:end] that is a math delimiter: not escaped (`\\$12` is a price), or -1."""
+  i = text.rfind("$", start, end)
+  while i >= 0:
+    j = i
+    while j > 0 and text[j - 1] == "\\":
+      j -= 1
+    if (i - j) % 2 == 0:
+      return i
+    i = text.rfind("$", start, i)
+  return -1
 
 
 def clean_answer(answer: str) -> str:
