@@ -435,6 +435,23 @@ def _pickled_after_use(source):
   return copy
 
 
+def test_parquet_files_too_large_for_memory_are_named(tmp_path, monkeypatch, caplog):
+  """A Parquet file is decompressed whole into each reading process's memory: past a size, the source says so and
+  names the memory-mapped alternative."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from phi_jax.data import sources
+
+  pq.write_table(pa.table({"text": ["some words"] * 50}), tmp_path / "docs.parquet")
+  ParquetSource(tmp_path / "docs.parquet")
+  assert "decompressed" not in caplog.text
+  monkeypatch.setattr(sources, "_LARGE_BYTES", 0)
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    ParquetSource(tmp_path / "docs.parquet")
+  assert "docs.parquet: 1 Parquet file(s) hold 0.0 GiB of decompressed data" in caplog.text
+  assert "save_to_disk" in caplog.text
+
+
 def test_parquet_and_save_to_disk_errors_name_the_row(tmp_path):
   import datasets
   import pyarrow as pa

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -210,20 +211,34 @@ def _index_lines(path: str, chunk_bytes: int = 1 << 24) -> tuple[np.ndarray, np.
 
 
 class ParquetSource(_MultiFileSource):
-  """Rows of Parquet files (memory-mapped Arrow tables). `where` is "path row N" with 0-based rows."""
+  """Rows of Parquet files. `where` is "path row N" with 0-based rows.
+
+  Parquet is compressed in column chunks, so a row cannot be read in place: each file is decompressed into memory
+  whole the first time one of its rows is read, and kept (records are read in shuffled order, so every file is
+  read again soon). Each process therefore holds the decompressed files it reads; for corpora near the memory of a
+  host, write them as a `datasets` save_to_disk directory (memory-mapped Arrow, read in place) and use that. The
+  decompressed size is logged when it is over `_LARGE_BYTES`.
+  """
 
   def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, name: Optional[str] = None):
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
     files = expand_paths(paths)
-    counts = {}
+    counts, decompressed = {}, 0
     for path in files:
       try:
-        counts[path] = pq.ParquetFile(path).metadata.num_rows
+        metadata = pq.ParquetFile(path).metadata
       except Exception as e:  # pyarrow raises several types for corrupt files; all mean "cannot read this file".
         raise DataError(path, "unreadable file", str(e)) from e
+      counts[path] = metadata.num_rows
+      decompressed += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
     _raise_if_empty(counts, "Parquet")
     super().__init__(files, list(counts.values()), name)
+    if decompressed > _LARGE_BYTES:
+      logging.getLogger("phi_jax").warning(
+          "%s: %d Parquet file(s) hold %.1f GiB of decompressed data, which each process reading them keeps in "
+          "memory; for data near a host's memory, write it with datasets' save_to_disk (memory-mapped) and point "
+          "at that directory", self.name, len(files), decompressed / 2**30)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
@@ -232,6 +247,9 @@ class ParquetSource(_MultiFileSource):
     table = self._opened(file_index, lambda path: pq.read_table(path, memory_map=True))
     data = table.slice(row, 1).to_pylist()[0]
     return _raw(data, f"{self.files[file_index]} row {row}", None)
+
+
+_LARGE_BYTES = 8 << 30
 
 
 class DiskDatasetSource(_MultiFileSource):
