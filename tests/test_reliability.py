@@ -8,6 +8,7 @@ itself are in test_resume.py.
 import gc
 import glob
 import json
+import re
 import logging
 import os
 import random
@@ -24,7 +25,7 @@ import optax
 import pytest
 
 from phi_jax import sharding
-from phi_jax.model import PhiConfig
+from phi_jax.model import PhiConfig, init_params
 from phi_jax.stages import next_token
 from phi_jax.train import LoopConfig, OptimizerConfig, checkpoint, loop
 
@@ -460,6 +461,19 @@ class FiniteData(ScaledData):
     if self.index >= self.batches:
       raise StopIteration
     return super().__next__()
+
+
+def test_evaluation_runs_in_the_train_step_s_microbatches():
+  """An eval batch is scored in train.microbatches pieces (a batch that needs them to fit in training needs them in
+  the forward pass too), with the same loss sum and weight as in one piece."""
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  params = init_params(TINY, jax.random.key(0))
+  batch = loop.global_batch(next(ScaledData()), mesh)
+  one, pieces = loop._make_eval(scaled_loss(TINY), mesh), loop._make_eval(scaled_loss(TINY), mesh, microbatches=4)
+  rows = lambda fn: re.findall(r"tensor<(\d+)x16x", fn.lower(params, batch).as_text())  # [rows, 16] inputs
+  assert "2" in rows(pieces) and "2" not in rows(one)  # the 8 rows scored as 4 microbatches of 2
+  np.testing.assert_allclose([float(x) for x in pieces(params, batch)], [float(x) for x in one(params, batch)],
+                             rtol=1e-6)
 
 
 @pytest.mark.parametrize("batches", [5, 4])  # the data ends between checkpoints, or right after one

@@ -52,7 +52,8 @@ from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptChec
                                      IncompatibleCheckpointError, state_signature)
 from phi_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer, warmup_length
 from phi_jax.train.state import abstract_state, create_train_state, state_shardings
-from phi_jax.train.step import MeshJit, batch_shardings, check_rows_per_process, make_train_step
+from phi_jax.train.step import (MeshJit, batch_shardings, check_rows_per_process, make_train_step,
+                               split_microbatches)
 
 log = logging.getLogger("phi_jax")
 
@@ -442,7 +443,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   def evaluate(step: int) -> tuple[dict, bool]:
     """Scores the eval data with the current params: (eval metrics, whether it is a new best)."""
     nonlocal eval_fn
-    eval_fn = eval_fn or _make_eval(loss_fn, mesh)
+    eval_fn = eval_fn or _make_eval(loss_fn, mesh, loop.microbatches)
     record = _evaluate(eval_fn, state.params, eval_batches(), mesh)
     if loop.compares_evaluations and not record["eval_tokens"]:
       raise ValueError("the eval data gave no tokens to score, so early_stopping_patience / keep_best_checkpoint "
@@ -738,12 +739,21 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
 
 
-def _make_eval(loss_fn, mesh):
+def _make_eval(loss_fn, mesh, microbatches: int = 1):
+  """The eval batch's (loss sum, weight), in the train step's microbatches: the batch that needs them to fit in
+  training would need them in the forward pass too."""
   def sums(params, batch):
     loss_sum, aux = loss_fn(params, batch, jax.random.key(0))
     return loss_sum, aux["weight"]
 
-  return MeshJit(sums, mesh)
+  def microbatched(params, batch):
+    if microbatches == 1:
+      return sums(params, batch)
+    add = lambda carry, mb: (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, sums(params, mb)), None)
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    return jax.lax.scan(add, zeros, split_microbatches(batch, microbatches))[0]
+
+  return MeshJit(microbatched, mesh)
 
 
 def _evaluate(eval_fn, params, batches: Iterable[dict], mesh) -> dict:

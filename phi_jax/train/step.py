@@ -25,7 +25,7 @@ from phi_jax.train.state import TrainState
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
-def _split_microbatches(batch: dict, num: int) -> dict:
+def split_microbatches(batch: dict, num: int) -> dict:
   """[B, ...] -> [num, B/num, ...] taking rows with stride `num`, so every device feeds every microbatch."""
   def split(x):
     if x.shape[0] % num:
@@ -45,7 +45,7 @@ def _grads_and_sums(loss_fn: LossFn, params, batch, rng, microbatches: int):
     (loss_sum, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, index))
     return jax.tree.map(jnp.add, carry, (grads, loss_sum, aux)), None
 
-  split = _split_microbatches(batch, microbatches)
+  split = split_microbatches(batch, microbatches)
   (loss_shape, aux_shape), grads_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split), rng)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (grads_shape, loss_shape, aux_shape))
   (grads, loss_sum, aux), _ = jax.lax.scan(accumulate, zeros, (split, jnp.arange(microbatches)))
