@@ -8,8 +8,8 @@
 The spec is JSON (inline or a file path): "product" axes are crossed, "zip" axes advance together (equal
 lengths), and the two are crossed with each other. Each run's workdir is ROOT/<binding=value,...>, so re-running
 a sweep resumes unfinished runs and leaves finished ones as they are (train.py resumes from the workdir); since
-a run's name covers the swept bindings only, ROOT/sweep.json records the --gin_file / --gin_param values every
-run shares, and a root holding a sweep with others is refused. The
+a run's name covers the swept bindings' last names only, ROOT/sweep.json records the --gin_file / --gin_param
+values every run shares and the swept bindings' full names, and a root holding a sweep with others is refused. The
 table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its final metrics: loss, eval loss and
 next-token accuracy of the trained positions (token_accuracy); for GRPO, mean reward and the share of rollouts
 whose answer verified (accuracy). In local mode a failing run does not stop the sweep: the other runs go on, the
@@ -73,14 +73,17 @@ def check_runs(runs: list[dict]) -> None:
                      "punctuation or type, or split the sweep")
 
 
-def check_root(root: str, gin_files: list[str], gin_params: list[str]) -> None:
-  """Records the settings every run shares in ROOT/sweep.json, and refuses a root whose record differs: a run
-  name covers only the swept bindings, so a finished run of another sweep would be reported as this one's."""
-  shared = {"gin_files": list(gin_files), "gin_params": list(gin_params)}
+def check_root(root: str, gin_files: list[str], gin_params: list[str], swept: list[str] = ()) -> None:
+  """Records the settings every run shares (and the swept bindings' full names) in ROOT/sweep.json, and refuses a
+  root whose record differs: a run name covers only the swept bindings' last names (grpo.temperature and
+  evaluation.temperature both give temperature=...), so a finished run of another sweep would be reported as this
+  one's."""
+  shared = {"gin_files": list(gin_files), "gin_params": list(gin_params), "swept": sorted(swept)}
   path = os.path.join(root, "sweep.json")
   if os.path.exists(path):
     with open(path) as f:
       recorded = json.load(f)
+    recorded.setdefault("swept", shared["swept"])  # a record written before the swept names were kept
     if recorded != shared:
       raise ValueError(f"{root} holds runs of a sweep with other shared settings ({recorded}, now {shared}); its "
                        "finished runs would be reported as this sweep's. Use another --root, or the same "
@@ -114,7 +117,11 @@ def final_metrics(workdir: str) -> dict:
     return {}
   out = {}
   with open(path) as f:
-    for record in map(json.loads, f):
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by a run killed mid-write (its resume drops it too)
+        continue
       out.update({k: record[k] for k in METRICS if k in record})
       out["step"] = max(out.get("step", 0), record.get("step", 0))
   return out
@@ -153,7 +160,7 @@ def main(argv=None):
   runs = expand(load_spec(args.sweep))
   check_runs(runs)
   if args.mode != "collect":
-    check_root(args.root, args.gin_file, args.gin_param)
+    check_root(args.root, args.gin_file, args.gin_param, sorted({key for run in runs for key in run}))
   if args.mode == "commands":
     for b in runs:
       print(shlex.join(command(args.gin_file, args.gin_param, b, os.path.join(args.root, run_name(b)))))

@@ -50,6 +50,11 @@ def test_a_root_holding_a_sweep_with_other_shared_settings_is_refused(tmp_path, 
   with pytest.raises(ValueError, match="holds runs of a sweep"):
     sweep.main(args + ["--gin_param=optimizer.weight_decay=0.5", "--mode=commands"])
   sweep.main(args + ["--gin_param=optimizer.weight_decay=0.5", "--mode=collect"])  # reading results is fine
+  # Another binding of the same last name gives the same run names (learning_rate=0.003): refused too.
+  other = [f"--root={tmp_path}", '--sweep={"product": {"other.learning_rate": [0.003]}}',
+           "--gin_file=experiments/configs/midtrain_tiny.gin", "--gin_param=optimizer.weight_decay=0.0"]
+  with pytest.raises(ValueError, match="holds runs of a sweep"):
+    sweep.main(other)
 
 
 @pytest.mark.slow
@@ -114,6 +119,8 @@ def test_results_table_holds_each_runs_last_metrics_and_every_metric_any_run_has
   for name, records in logs.items():
     (tmp_path / name).mkdir()
     (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  with open(tmp_path / "seed=1" / "metrics.jsonl", "a") as f:
+    f.write('{"step": 3, "loss": 1.')  # a line cut short by a run killed mid-write
   rows = sweep.collect(str(tmp_path), runs)
   assert [(r["step"], r["loss"]) for r in rows] == [(3, 2.0), (2, 3.5)]
   assert rows[0]["eval_loss"] == 2.75 and rows[1]["reward_mean"] == 0.5 and "reward_mean" not in rows[0]
