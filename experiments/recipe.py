@@ -89,8 +89,9 @@ def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experimen
     raise ValueError(f"recipe.stages={list(stages)}: expected stages of {STAGES}, in that order")
   if stages and stages[0] == "dpo":
     raise ValueError(f"recipe.stages={list(stages)} starts at 'dpo', whose pairs are rollouts of the stage before it: "
-                     "list that stage first (e.g. ['sft', 'dpo', 'grpo']); stages this workdir has finished are not "
-                     "trained again")
+                     f"list the stages from the first one, {list(STAGES[:STAGES.index('dpo') + 1])} and on (the "
+                     "first listed stage trains from random initialisation; stages this workdir has finished are not "
+                     "trained again)")
   if eval_split not in ("valid", "test"):
     raise ValueError(f"recipe.eval_split={eval_split!r}; expected 'valid' or 'test'")
   # Keys are checked against every stage, not just `stages`: quick.gin binds all five and may run fewer.
@@ -365,7 +366,19 @@ def sample_dpo_pairs(workdir: str, init_from: str, settings: dict, rollout_cfg: 
                            system_prompt=common.data()["system_prompt"],
                            verify_timeout_s=rollout_cfg["verify_timeout_s"])
   with open(rollouts.summary_path(out)) as f:
-    return json.load(f)
+    summary = json.load(f)
+  warn_if_rollouts_changed(summary, settings, rollout_cfg, os.path.dirname(out))
+  return summary
+
+
+def warn_if_rollouts_changed(summary: dict, settings: dict, rollout_cfg: dict, dpo_dir: str) -> None:
+  """The DPO pairs are sampled once: a rerun with another recipe.rollout_k or rollouts.* sampling keeps them, and
+  says so."""
+  now = {"k": settings["rollout_k"], "sampling": rollouts.sampling_record(rollout_cfg["sampling"])}
+  was = {"k": summary.get("k"), "sampling": summary.get("sampling", now["sampling"])}  # older summaries lack it
+  if was != now:
+    log.warning("the DPO pairs in %s were sampled with %s, not %s as this run asks: they are kept (delete %s and "
+                "the stages after it to sample them again)", dpo_dir, was, now, dpo_dir)
 
 
 def evaluate_stage(stage_dir: str, params_from: str, problems: list[dict], eval_cfg: dict) -> dict:
@@ -378,17 +391,22 @@ def evaluate_stage(stage_dir: str, params_from: str, problems: list[dict], eval_
 
 
 def evaluation_settings(settings: dict, eval_cfg: dict) -> dict:
-  """What a stage's evaluation results depend on (the batch size and the verifier's time limit do not change them);
-  a finished stage whose record holds other values is evaluated again (see `run_recipe`)."""
+  """What a stage's evaluation results depend on (the verifier's time limit does not change them; the batch size
+  does, as each batch draws with its own key); a finished stage whose record holds other values is evaluated again
+  (see `run_recipe`)."""
   sampling = eval_cfg["sampling"]
   return {"split": settings["eval_split"], "num_samples": eval_cfg["num_samples"], "greedy": eval_cfg["greedy"],
           "pass_k": list(eval_cfg["pass_k"]), "seed": eval_cfg["seed"], "temperature": sampling.temperature,
-          "top_p": sampling.top_p, "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens}
+          "top_p": sampling.top_p, "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens,
+          "batch_size": eval_cfg["batch_size"]}
 
 
 def _write_record(stage_dir: str, record: dict) -> None:
-  with open(os.path.join(stage_dir, "recipe_stage.json"), "w") as f:
+  # Through a temporary file: a record cut short by a kill would make every rerun fail on it.
+  path = os.path.join(stage_dir, "recipe_stage.json")
+  with open(f"{path}.tmp{jax.process_index()}", "w") as f:
     json.dump(record, f, indent=1)
+  os.replace(f"{path}.tmp{jax.process_index()}", path)
 
 
 def check_lineage(stage: str, record: dict, parent: Optional[dict], workdir: str, unfinished: bool = False) -> None:
@@ -467,8 +485,11 @@ def run_stage(stage: str, index: int, workdir: str, init_from: Optional[str], se
     log.info("dpo rollouts: %d pairs from %d prompts (rollout accuracy %.3f)", record["rollouts"]["pairs"],
              record["rollouts"]["prompts"], record["rollouts"]["accuracy"])
     _configure(settings, stage, bindings)  # sampling read the config; start the stage from a fresh one
-  if stage == "dpo" and record["rollouts"]["pairs"] == 0:
-    log.warning("no preference pairs (every prompt all right or all wrong): DPO is skipped, the SFT params go on")
+  # Pairs of the user's own (data.train_files bound through recipe.stage_bindings) train whatever the rollouts gave.
+  own_pairs = stage == "dpo" and common.data()["train_files"] == [os.path.join(stage_dir, "pairs.jsonl")]
+  if own_pairs and record["rollouts"]["pairs"] == 0:
+    log.warning("no preference pairs (every prompt all right or all wrong): DPO is skipped, the params of %s go on",
+                parent["name"] if parent else init_from)
     record["skipped"] = "no preference pairs"
     params_from = init_from
   else:
@@ -515,14 +536,24 @@ def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) 
         if now != record.get(key, now if key == "stage_bindings" else []):
           log.warning("%s is not trained again, so its %s %s do not apply to it (it was trained with %s; delete %s "
                       "to retrain it with them)", stage, where, now, record.get(key), stage_dir)
-      if record.get("evaluation") != evaluation:
+      if stage == "dpo" and "rollouts" in record:
+        warn_if_rollouts_changed(record["rollouts"], settings, rollout_cfg, stage_dir)
+      evaluated = record.get("evaluation")
+      if evaluated is not None and "batch_size" not in evaluated:  # recorded before the batch size was
+        evaluated = dict(evaluated, batch_size=evaluation["batch_size"])
+      if evaluated != evaluation:
         # The report compares stages item by item under one set of evaluation settings.
         log.warning("%s was evaluated with %s; evaluating it again with %s", stage, record.get("evaluation"),
                     evaluation)
-        _configure(settings, stage, stage_bindings(stage, workdir, init_from, settings))
-        started = time.time()
-        record["eval"] = evaluate_stage(stage_dir, os.path.join(workdir, record["params_from"]), problems, eval_cfg)
-        record.update(evaluation=evaluation, eval_seconds=time.time() - started)
+        # Under the config the params were trained with (their run's config.gin), not this run's bindings, which
+        # were just said not to apply to the stage: a changed model override or system prompt would score those
+        # params as another model.
+        params_dir = os.path.join(workdir, record["params_from"])
+        gin.clear_config()
+        common.parse_gin_for_checkpoint(params_dir, [], [])
+        eval_started = time.time()
+        record["eval"] = evaluate_stage(stage_dir, params_dir, problems, eval_cfg)
+        record.update(evaluation=evaluation, eval_seconds=time.time() - eval_started)
         _write_record(stage_dir, record)
     else:
       record = run_stage(stage, index, workdir, init_from, settings, eval_cfg, rollout_cfg, problems, parent)
@@ -767,7 +798,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.quick and args.gin_file:
+    raise ValueError("--quick picks experiments/configs/recipe_tiny/quick.gin as the recipe's gin file, and --gin_file "
+                     "replaces it: include 'experiments/configs/recipe_tiny/quick.gin' in your file instead of --quick")
   distributed.initialize()  # before any JAX call; the stages' own calls then do nothing
+  if jax.process_count() > 1:
+    raise ValueError(f"recipe.py runs in one process (it writes the task data, the stage records and the report "
+                     f"itself), not {jax.process_count()}: on several hosts, run its stages one by one with "
+                     "experiments/train.py, each with train.init_from set to the workdir of the stage before it")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   workdir = os.path.abspath(args.workdir)

@@ -148,6 +148,12 @@ def summary_path(out: str) -> str:
   return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
 
 
+def sampling_record(sampling: SamplingConfig) -> dict[str, Any]:
+  """The sampling settings the pairs depend on, as their summary records them."""
+  return {"temperature": float(sampling.temperature), "top_p": sampling.top_p, "top_k": sampling.top_k,
+          "max_new_tokens": sampling.max_new_tokens}
+
+
 def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k: int, sampling: SamplingConfig,
                   seed: int = 0, batch_size: int = 64, mesh=None, system_prompt: Optional[str] = None,
                   verify_timeout_s: Optional[float] = None, verify_fn: Optional[VerifyFn] = None) -> dict[str, Any]:
@@ -165,7 +171,8 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
   verdicts = [bool(v) and o["finished"] for v, (o, _) in zip(verdicts, flat)]
   correct = [verdicts[i * k:(i + 1) * k] for i in range(len(problems))]
   pairs, counts = make_pairs(problems, rollouts, correct, seed=seed)
-  summary = dict(counts, k=k, seed=seed, problems_file=problems_path, pairs_file=out)
+  summary = dict(counts, k=k, seed=seed, problems_file=problems_path, pairs_file=out,
+                 sampling=sampling_record(sampling))
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -100,6 +100,32 @@ def test_rerun_skips_finished_stages(smoke, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_finished_stage_evaluated_again_is_scored_as_it_was_trained(smoke, tmp_path, monkeypatch, caplog):
+  """Changed evaluation settings evaluate the finished stages again, under the config each stage's params were
+  trained with: a training binding of this rerun (here a model override), which does not apply to finished stages,
+  used to reach their evaluation. Changed rollout settings keep the DPO pairs, and say so."""
+  workdir = tmp_path / "again"
+  shutil.copytree(smoke[0], workdir)
+  monkeypatch.chdir(ROOT)
+  settings, eval_cfg, rollout_cfg = recipe.configure(
+      ["experiments/configs/recipe_tiny/quick.gin"],
+      ["evaluation.seed=5", 'model.overrides={"rope_theta": 1234.0}', "recipe.rollout_k=4"])
+  seen = []
+
+  def evaluate(stage_dir, params_from, problems, eval_cfg):  # the config at evaluation time; the old results
+    seen.append(common.model()[0].rope_theta)
+    return json.loads((workdir / os.path.basename(stage_dir) / "recipe_stage.json").read_text())["eval"]
+
+  monkeypatch.setattr(recipe, "evaluate_stage", evaluate)
+  try:
+    recipe.run_recipe(str(workdir), settings, eval_cfg, rollout_cfg)
+  finally:
+    gin.clear_config()
+  assert len(seen) == len(recipe.STAGES) and 1234.0 not in seen
+  assert "the DPO pairs in" in caplog.text and "'k': 8" in caplog.text and "'k': 4" in caplog.text
+
+
+@pytest.mark.slow
 def test_walkthrough_notebook_runs_on_the_smoke_run(smoke, monkeypatch):
   workdir, _ = smoke
   monkeypatch.setenv("PHI_JAX_RECIPE_WORKDIR", str(workdir))
@@ -161,6 +187,15 @@ def test_an_interrupted_stage_started_from_another_parent_is_refused_not_resumed
   recipe.check_unfinished_stage("grpo", {"name": "dpo", "stage_id": "d1"}, str(tmp_path))
   with pytest.raises(ValueError, match="unfinished grpo stage started from dpo"):
     recipe.check_unfinished_stage("grpo", {"name": "dpo", "stage_id": "d2"}, str(tmp_path))
+
+
+def test_quick_with_a_gin_file_or_several_processes_is_refused(monkeypatch, tmp_path):
+  with pytest.raises(ValueError, match="--quick picks experiments/configs/recipe_tiny/quick.gin"):
+    recipe.main([f"--workdir={tmp_path}", "--quick", "--gin_file=experiments/configs/recipe_tiny/recipe.gin"])
+  monkeypatch.setattr(recipe.jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="recipe.py runs in one process"):
+    recipe.main([f"--workdir={tmp_path}", "--quick"])
+  assert not os.listdir(tmp_path)  # nothing written
 
 
 def test_settings_reject_unknown_or_reordered_stages():

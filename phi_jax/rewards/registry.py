@@ -7,7 +7,8 @@ Every reward is called as
 `length` is the completion's length in tokens, `finished` whether the sampler stopped on an end-of-turn token, and
 `correct` the verifier's verdict when the caller already has it (None: the reward verifies the answer itself).
 `score_batch` verifies a whole batch in parallel once and passes `correct` down. The rewards are plain functions
-and frozen dataclasses so gin can bind them (`combine.weights = {"length_aware": 1.0, "format": 0.1}`).
+and frozen dataclasses; a training run picks and weights them with the gin binding `reward.weights = {"length_aware":
+1.0, "format": 0.1}` (`experiments/common.py`), which builds `combine(weights)`.
 """
 
 from __future__ import annotations
