@@ -654,6 +654,10 @@ def check_batch_shape(stage: str, model_config: PhiConfig, data_cfg: dict, loop,
   if rows % data_ways or (rows // loop.microbatches) % data_ways:
     raise ValueError(f"{rows_name}={rows} (per microbatch {rows // loop.microbatches}) must be divisible by the "
                      f"data x fsdp mesh size {data_ways}; change {rows_name} or mesh.shape")
+  rollout_rows = grpo().rollout_batch_size if stage == "grpo" else None
+  if rollout_rows is not None and rollout_rows % data_ways:
+    raise ValueError(f"grpo.rollout_batch_size={rollout_rows}: each generate call's rows split over the data x fsdp "
+                     f"mesh size {data_ways}; give a multiple of it that divides {rows}")
   check_rows_per_process(the_mesh, rows)
   return rows, length
 
@@ -827,5 +831,5 @@ def _grpo_setup(model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict,
   source = grpo_stage.GRPORollouts(
       _read_prompts(data_cfg["train_files"]), tokenizer, model_config, cfg, reward_batch_fn=reward_fn,
       num_steps=loop.num_steps, seed=loop.seed, mesh=the_mesh, ref_params=ref_params,
-      system_prompt=data_cfg["system_prompt"])
+      system_prompt=data_cfg["system_prompt"], score_microbatches=loop.microbatches)
   return grpo_stage.make_loss_fn(model_config, cfg), source, None

@@ -103,6 +103,9 @@ def test_dry_run_refuses_what_a_run_refuses_before_compiling():
     dry_run(midtrain, ["data.seq_len=200000"])
   with pytest.raises(ValueError, match=r"grpo.prompts_per_step x grpo.group_size=6 \(per microbatch 6\)"):
     dry_run(grpo, ["grpo.group_size=6", "grpo.rollout_batch_size=None"])
+  with pytest.raises(ValueError, match=r"grpo.rollout_batch_size=4: each generate call's rows split over the data x "
+                                       r"fsdp mesh size 8"):
+    dry_run(grpo, ["grpo.rollout_batch_size=4"])
   with pytest.raises(ValueError, match=r"grpo.max_prompt_tokens \+ grpo.max_new_tokens=200064 exceeds"):
     dry_run(grpo, ["grpo.max_new_tokens=200000"])
   # Settings the stage would not read: GRPO's rows come from grpo.*, and an eval schedule needs eval files.

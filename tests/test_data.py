@@ -266,6 +266,14 @@ def test_weights_equal_to_the_record_counts_read_every_record_once(tmp_path, cou
     assert [stats[f"s{i}.jsonl"]["records_read"] for i in range(len(counts))] == list(counts)
 
 
+def test_mixture_weights_may_be_tiny_or_numpy_scalars():
+  """Weights are relative: 1e-7 and 3e-7 mix 1:3 like 1 and 3, and numpy scalars are weights too."""
+  from phi_jax.data.pipeline import _ProportionalSelection
+  order = lambda weights: [_ProportionalSelection([100, 100], weights)[k][0] for k in range(40)]
+  assert order([1e-7, 3e-7]) == order([1, 3]) == order([np.float32(0.25), np.float32(0.75)])
+  assert order([1, 3]).count(0) == 10
+
+
 GOOD = '{"text": "fine"}'
 BAD_LINES = {
     "invalid JSON": '{"text": "unterminated',

@@ -405,8 +405,13 @@ def test_old_logps_and_the_loss_score_the_distribution_the_rollouts_were_sampled
   params = phi_jax.init_params(config, jax.random.key(0))
   if longrope:  # weights of a less flat model, so that the two factor sets score tokens differently
     params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, params)
-  source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=ranked, num_steps=1, ref_params=params)
+  # With LongRoPE, the reference and the old log-probs are scored one row at a time (the train step's microbatches).
+  source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=ranked, num_steps=1, ref_params=params,
+                             score_microbatches=2 if longrope else 1)
+  scored_rows, score = [], source._ref_logps_fn
+  source._ref_logps_fn = lambda p, part: scored_rows.append(len(part["tokens"])) or score(p, part)
   batch = source.next_batch(params, 0)
+  assert scored_rows == ([1, 1, 1, 1] if longrope else [2])  # old log-probs and reference, or the reference alone
   np.testing.assert_array_equal(batch["temperature"], np.float32([0.7 if tempered else 1.0] * 2))
   logits = np.asarray(phi_jax.forward(params, batch["tokens"], config, segment_ids=batch["segment_ids"]), np.float64)
   scaled = logits / (0.7 if tempered else 1.0)

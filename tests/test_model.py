@@ -174,6 +174,22 @@ def test_cached_decoding_equals_full_forward(model, block_size):
         assert int(jnp.argmax(full)) == seq[length]
 
 
+def test_the_longrope_rebuild_of_a_long_cache_in_overlapping_chunks_equals_the_full_forward():
+  """A cache of one 138-slot block is rebuilt in chunks of 128 slots, the second one overlapping the first ([10,
+  138)): rows of 130 and 100 prompt tokens, the first crossing the boundary (135) while decoding."""
+  config = LONGROPE.replace(max_position_embeddings=256, original_max_position_embeddings=135)
+  params = phi_jax.init_params(config, jax.random.key(1))
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, 64, 130), rng.integers(0, 64, 100)]
+  seqs, step_logits = _greedy_with_cache(params, config, prompts, 8, block_size=138)
+  forward = jax.jit(lambda tokens: phi_jax.forward(params, tokens[None], config)[0])
+  for row, (prompt, seq) in enumerate(zip(prompts, seqs)):
+    full = np.asarray(forward(jnp.asarray(seq, jnp.int32)))  # one forward of the whole row
+    for step, length in enumerate(range(len(prompt), len(seq))):
+      if row == 1 or length > 135:  # a prefix past the boundary has the whole row's (long) factors
+        np.testing.assert_allclose(step_logits[step][row], full[length - 1], atol=1e-4, rtol=1e-4)
+
+
 def test_init_cache_rounds_up_to_whole_blocks_and_rejects_a_bad_block_size(model):
   config, _ = model
   cache = kv_cache.init_cache(config, 2, 10, block_size=4)  # 10 slots -> 3 blocks of 4

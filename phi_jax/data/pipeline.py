@@ -206,7 +206,13 @@ class _ProportionalSelection:
   """
 
   def __init__(self, lengths: Sequence[int], weights: Sequence[float]):
-    fractions = [Fraction(w).limit_denominator(1 << 20) for w in weights]
+    # Whole numbers (record counts) exactly; other weights as ratios to the largest, rounded relative to it (1e-7
+    # and 3e-7 are 1:3). numpy and JAX scalars go through float.
+    values = [float(w) for w in weights]
+    if all(v.is_integer() for v in values):
+      fractions = [Fraction(int(v)) for v in values]
+    else:
+      fractions = [Fraction(v / max(values)).limit_denominator(1 << 32) for v in values]
     scale = math.lcm(*(f.denominator for f in fractions))
     integers = [int(f * scale) for f in fractions]
     divisor = math.gcd(*integers)

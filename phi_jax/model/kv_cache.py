@@ -12,9 +12,9 @@ LongRoPE (Phi-4-mini): rotary uses `short_factor` while a row's extent (length) 
 decoding, every cached key of the batch was rotated with the short factors, so the step re-runs the whole
 sequence (prompt + generated tokens, kept in `cache["tokens"]`) through the model with the long factors and
 rebuilds the cache. From then on the cache equals what a full forward of the final sequence computes, which is
-what transformers' full forward gives for that sequence. The rebuild is a prefill of the whole cache width, run
-at each step where some row crosses (rows of different lengths cross at different steps), and compiled in only
-when the cache has more slots than the boundary.
+what transformers' full forward gives for that sequence. The rebuild recomputes the cache in place, a chunk of
+slots at a time up to the longest row, at each step where some row crosses (rows of different lengths cross at
+different steps); it is compiled in only when the cache has more slots than the boundary.
 """
 
 from __future__ import annotations
@@ -106,12 +106,15 @@ def _rebuild(params, config: PhiConfig, cache: Cache):
   memory of the generation itself.
   """
   b, s = cache["tokens"].shape
-  chunk = _rebuild_chunk(s, cache["layers"][0]["k"].shape[-1])
+  # A chunk's scores against one block are [B, K, G * chunk, block]: at most a block, and 128 slots.
+  chunk = min(cache["layers"][0]["k"].shape[-1], 128, s)
   lengths = cache["lengths"]
 
   def one_chunk(i, carry):
     layers, last = carry
-    start = i * chunk
+    # The last chunk ends at the last slot, overlapping the one before when the chunk does not divide the slots:
+    # recomputing a rebuilt slot gives it the same value again.
+    start = jnp.minimum(i * chunk, s - chunk)
     positions = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
     tokens = jax.lax.dynamic_slice_in_dim(cache["tokens"], start, chunk, axis=1)
@@ -126,12 +129,6 @@ def _rebuild(params, config: PhiConfig, cache: Cache):
   filled = (jnp.max(lengths) + chunk - 1) // chunk  # chunks past every row's length hold nothing to recompute
   layers, last = jax.lax.fori_loop(0, filled, one_chunk, (cache["layers"], last))
   return last, layers
-
-
-def _rebuild_chunk(slots: int, block: int) -> int:
-  """Slots per chunk of the rebuild: the largest divisor of the cache's slots up to one block of it and 128 (a
-  chunk's scores against one block are [B, K, G * chunk, block]; `generate`'s caches are multiples of 64 slots)."""
-  return max(c for c in range(1, min(block, 128) + 1) if slots % c == 0)
 
 
 def decode_step(params, tokens_B, cache: Cache, config: PhiConfig):

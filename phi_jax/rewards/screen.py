@@ -26,8 +26,8 @@ class ScreenConfig:
   max_power_ops: int = 16  # `^` and `**`
   max_exponent_depth: int = 3  # `e^{-x^2}` is depth 2
   max_integer_exponent: int = 100_000  # `2^{100000}` is fine for sympy; `2^{10^9}` is not
-  # 10000! has 35,660 digits, the size of the largest power allowed (2^{100000}: 30,103); sympy computes it in
-  # milliseconds, and a year-sized factorial (2024!) is a common olympiad answer.
+  # 10000! has 35,660 digits, about as many as 2^{100000} (30,103), which the exponent limit lets through; sympy
+  # computes it in milliseconds, and a year-sized factorial (2024!) is a common olympiad answer.
   max_factorial_operand: int = 10_000
 
 

@@ -230,7 +230,7 @@ class GRPORollouts:
 
   def __init__(self, prompts: Sequence[dict], tokenizer, model_config: PhiConfig, cfg: GRPOConfig, *,
                reward_batch_fn: RewardBatchFn, num_steps: int, seed: int = 0, mesh=None, ref_params=None,
-               system_prompt: Optional[str] = None):
+               system_prompt: Optional[str] = None, score_microbatches: int = 1):
     from phi_jax.data.chat import render_prompt, stop_token_ids
 
     if not prompts:
@@ -240,6 +240,9 @@ class GRPORollouts:
     self.cfg, self.config, self.mesh = cfg, model_config, mesh
     self.tokenizer, self.num_steps, self.seed = tokenizer, num_steps, seed
     self.reward_batch_fn, self.ref_params = reward_batch_fn, ref_params
+    # The forward passes that score a whole rollout batch (the reference's log-probs, LongRoPE's old log-probs) run
+    # in the train step's microbatches: a batch that needs them to fit in training needs them here too.
+    self.score_microbatches = score_microbatches
     self.prompts = list(prompts)
     self.encoded = [render_prompt(tokenizer, record["problem"], system_prompt=system_prompt) for record in self.prompts]
     too_long = [i for i, ids in enumerate(self.encoded) if len(ids) > cfg.max_prompt_tokens]
@@ -322,13 +325,20 @@ class GRPORollouts:
 
   def _scored_logps(self, params, batch: dict) -> np.ndarray:
     """[B, T] log-probs of the batch's tokens under `params` by the loss's forward pass, the whole batch on every
-    process."""
+    process; scored `score_microbatches` blocks of rows at a time."""
     inputs = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask", "temperature")}
-    if self.mesh is None:
-      return np.asarray(self._ref_logps_fn(params, inputs))
-    from phi_jax.train.step import batch_shardings
-    inputs = jax.tree.map(lambda x, s: jax.device_put(x, s), inputs, batch_shardings(inputs, self.mesh))
-    return multihost_utils.process_allgather(self._ref_logps_fn(params, inputs), tiled=True)
+    rows = len(inputs["tokens"])
+    blocks = self.score_microbatches if rows % self.score_microbatches == 0 else 1
+    out = []
+    for block in range(blocks):
+      part = {k: v[block * rows // blocks:(block + 1) * rows // blocks] for k, v in inputs.items()}
+      if self.mesh is None:
+        out.append(np.asarray(self._ref_logps_fn(params, part)))
+        continue
+      from phi_jax.train.step import batch_shardings
+      part = jax.tree.map(lambda x, s: jax.device_put(x, s), part, batch_shardings(part, self.mesh))
+      out.append(multihost_utils.process_allgather(self._ref_logps_fn(params, part), tiled=True))
+    return np.concatenate(out)
 
   def _rollout(self, params, step: int, first_step: int) -> dict:
     cfg, g = self.cfg, self.cfg.group_size

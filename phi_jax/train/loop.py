@@ -747,11 +747,15 @@ def _make_eval(loss_fn, mesh, microbatches: int = 1):
     return loss_sum, aux["weight"]
 
   def microbatched(params, batch):
-    if microbatches == 1:
+    # Eval batches may have other row counts than the train batch: the most pieces up to `microbatches` they split
+    # into evenly.
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    pieces = max(m for m in range(1, microbatches + 1) if rows % m == 0)
+    if pieces == 1:
       return sums(params, batch)
     add = lambda carry, mb: (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, sums(params, mb)), None)
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    return jax.lax.scan(add, zeros, split_microbatches(batch, microbatches))[0]
+    return jax.lax.scan(add, zeros, split_microbatches(batch, pieces))[0]
 
   return MeshJit(microbatched, mesh)
 
