@@ -155,6 +155,24 @@ grpo_state = loop.run(workdir=os.path.join(sys.argv[1], "grpo"), model_config=te
                       optimizer_config=test_train.OPT, loss_fn=grpo.make_loss_fn(test_train.CONFIG, grpo_cfg),
                       train_data=rollouts, loop=LoopConfig(num_steps=2, async_checkpoints=False),
                       mesh=sharding.make_mesh({"fsdp": -1}))
+# DPO with the in-step reference on 9 pairs, 4 rows a process: process 0's share (5 pairs) has a second batch that
+# process 1's (4) has not. The reference pass is a collective, so both must stop after step 1, not wait in different
+# collectives.
+from phi_jax.data import preference  # noqa: E402
+from phi_jax.stages import dpo  # noqa: E402
+
+pairs = os.path.join(sys.argv[1], f"pairs{jax.process_index()}.jsonl")  # the same pairs; a file per process
+with open(pairs, "w") as f:
+  f.writelines(json.dumps({"prompt": f"What is {i} + {i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)}) + "\n"
+               for i in range(9))
+dpo_mesh = sharding.make_mesh({"fsdp": -1})
+dpo_data = dpo.with_reference_logps(
+    preference.build_preference_iterator(pairs, tokenizer, seq_len=48, batch_size=4, seed=0, num_epochs=1),
+    state.params, dpo.reference_logps_fn(test_train.CONFIG, 16, mesh=dpo_mesh), mesh=dpo_mesh)
+dpo_state = loop.run(workdir=os.path.join(sys.argv[1], "dpo"), model_config=test_train.CONFIG,
+                     optimizer_config=test_train.OPT, train_data=dpo_data, mesh=dpo_mesh,
+                     loss_fn=dpo.make_loss_fn(test_train.CONFIG, beta=0.1, chunk_size=16),
+                     loop=LoopConfig(num_steps=5, async_checkpoints=False))
 # A mesh whose batch blocks span both processes (tensor over all devices): loop.run's batches are refused, not
 # assembled from the two processes' different rows as if they were one block.
 try:
@@ -169,4 +187,5 @@ print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
                   "restored_step": restored_step, "grpo_rows": int(mine["tokens"].shape[0]),
                   "grpo_rows_match": rows_match, "grpo_same_batch": bool(np.all(same_batch == same_batch[0])),
                   "grpo_steps": int(loop.host_scalar(grpo_state.step)), "grpo_state": rollouts.get_state(),
+                  "dpo_uneven_steps": int(loop.host_scalar(dpo_state.step)),
                   "corrupt": sorted(os.listdir(os.path.join(fallback, "checkpoints", "corrupt")))}))

@@ -154,6 +154,8 @@ def test_two_processes_equal_one(tmp_path):
   # GRPO: the same whole rollout batch on both processes, half of its 8 rows trained by each, two loop steps.
   assert [(r["grpo_rows"], r["grpo_rows_match"], r["grpo_same_batch"], r["grpo_steps"]) for r in results] == [
       (4, True, True, 2)] * 2
+  # DPO's in-step reference pass on uneven shares of a finite pair file: both stop after the step both can take.
+  assert [r["dpo_uneven_steps"] for r in results] == [1, 1]
   # GRPO's prompt position is the same on every process, so its two-process checkpoint resumes on one.
   from phi_jax import sharding
   from phi_jax.hf.tokenizer import build_tiny_tokenizer

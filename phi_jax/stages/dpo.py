@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -34,8 +35,11 @@ from phi_jax.data.preference import REFERENCE_FIELDS, SIDES, build_preference_it
 from phi_jax.losses import chunked_token_logprobs, dpo_loss, next_token_targets, sequence_logps
 from phi_jax.losses.dpo import LOSS_TYPES
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
+from phi_jax.sharding.distributed import any_process
 from phi_jax.train.loop import global_batch
 from phi_jax.train.step import MeshJit
+
+log = logging.getLogger("phi_jax")
 
 ReferenceFn = Callable[[Any, dict], tuple[jax.Array, jax.Array]]
 
@@ -131,7 +135,15 @@ class ReferenceLogpsIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    local = next(self._iterator)
+    local = next(self._iterator, None)
+    # The reference pass is a collective: with several processes, all run it or none. A process whose data ran out
+    # first (uneven shares) would otherwise wait in the loop's own check while the others waited in the pass.
+    if jax.process_count() > 1 and any_process(local is None)[0]:
+      if local is not None:
+        log.warning("another process's data ran out: this process's next batch of pairs is not used")
+      raise StopIteration
+    if local is None:
+      raise StopIteration
     if self._mesh is None:
       outputs = self._fn(self._ref_params, local)
     else:
