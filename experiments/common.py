@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import inspect
 import json
 import logging
@@ -417,6 +418,19 @@ def file_sizes(patterns) -> list[list]:
   return out
 
 
+def content_digests(patterns) -> list[list]:
+  """[path, sha256 of its bytes] of every file the patterns match (as `file_sizes`): an edit that keeps the size
+  (chosen and rejected swapped) changes it."""
+  out = []
+  for path, _ in file_sizes(patterns):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+      while chunk := f.read(1 << 24):
+        digest.update(chunk)
+    out.append([path, digest.hexdigest()])
+  return out
+
+
 def _stage_settings(stage: str, settings: dict) -> dict:
   """The loss (and GRPO reward) settings of the stage, kept in the run metadata."""
   if stage == "grpo":
@@ -497,7 +511,7 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
     # What the reference log-probs depend on, kept beside each file: a file computed under other settings (another
     # system prompt, starting point, tokenizer, length rule, or a changed pair file) is computed again.
     start = settings["init_from"] or hf_path or f"random init, seed {settings['loop'].seed}"
-    made_with = {key: dict(pairs_file=file_sizes([(train_files if key[0] == "train" else eval_files)[key[1]]]),
+    made_with = {key: dict(pairs_file=content_digests([(train_files if key[0] == "train" else eval_files)[key[1]]]),
                            reference_params=start, tokenizer=data_cfg["tokenizer"], tokenizer_size=len(tokenizer),
                            system_prompt=data_cfg["system_prompt"], seq_len=data_cfg["seq_len"],
                            too_long=cfg["too_long"], model_config=dataclasses.asdict(model_config))

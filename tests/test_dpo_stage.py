@@ -257,6 +257,10 @@ def test_reference_logps_in_the_step_and_precomputed_agree(setup, reference_fn):
     np.testing.assert_allclose(loaded[key][:7], value[:7], rtol=1e-5, atol=1e-4)
   with pytest.raises(DataError, match="reference mismatch"):
     next(preference.build_preference_iterator(out, tokenizer, reference_logps=True, **dict(kwargs, seq_len=SEQ + 8)))
+  # Another system prompt renders other rows than the reference scored: refused too.
+  with pytest.raises(DataError, match=r"reference mismatch: .* system_prompt=None there, 'Be brief.' here"):
+    next(preference.build_preference_iterator(out, tokenizer, reference_logps=True, system_prompt="Be brief.",
+                                              **kwargs))
 
 
 def test_reference_without_init_from_is_the_loops_initial_policy(tmp_path):
@@ -340,6 +344,20 @@ def test_precompute_mode_scores_pairs_once_then_needs_no_reference(setup, start_
   assert "computed under other settings (system_prompt changed" in caplog.text
   with open(written) as f:
     assert f.read() != before
+  # A pair file edited without changing its size (a pair's chosen and rejected swapped): computed again as well.
+  mine = os.path.join(workdir, "mine.jsonl")
+  with open(setup["path"]) as f:
+    pairs = [json.loads(line) for line in f]
+  with open(mine, "w") as f:
+    f.writelines(json.dumps(p) + "\n" for p in pairs)
+  mine_bindings = [b for b in bindings if not b.startswith("data.train_files")] + [f"data.train_files=[{mine!r}]"]
+  _run_gin(gin_files, mine_bindings, setup_stage)
+  pairs[0]["chosen"], pairs[0]["rejected"] = pairs[0]["rejected"], pairs[0]["chosen"]
+  with open(mine, "w") as f:
+    f.writelines(json.dumps(p) + "\n" for p in pairs)
+  caplog.clear()
+  _run_gin(gin_files, mine_bindings, setup_stage)
+  assert "computed under other settings (pairs_file changed" in caplog.text
 
 
 def test_precomputed_reference_files_are_named_as_the_jsonl_they_are():

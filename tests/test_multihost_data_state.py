@@ -184,6 +184,18 @@ def test_a_cluster_jax_detects_starts_without_a_coordinator(monkeypatch, no_clus
   assert switched == [("jax_cpu_collectives_implementation", "gloo")]  # its processes gather over CPU collectives
 
 
+def test_a_program_that_started_jax_distributed_itself_is_left_as_it_is(monkeypatch, no_cluster):
+  """A script that called jax.distributed.initialize() before phi_jax's start-up (with the launcher's settings in
+  its environment): no second start, which jax.distributed refuses."""
+  from phi_jax.sharding import distributed
+  monkeypatch.setattr(distributed.jax.distributed, "is_initialized", lambda: True)
+  for name, value in {"PHI_JAX_COORDINATOR_ADDRESS": "host0:1234", "PHI_JAX_NUM_PROCESSES": "2",
+                      "PHI_JAX_PROCESS_ID": "1"}.items():
+    monkeypatch.setenv(name, value)
+  distributed.initialize()
+  assert no_cluster == []
+
+
 @pytest.mark.parametrize("given", ["env", "args"])
 def test_a_coordinator_address_starts_every_process_with_its_own_id(monkeypatch, no_cluster, given):
   """jax.distributed gets (address, number of processes, this process's id), from arguments or the environment, and

@@ -712,6 +712,19 @@ def test_a_warmup_longer_than_the_run_is_logged_once_and_only_for_the_run_it_con
   assert "exceeds the run's" not in caplog.text
 
 
+def test_given_params_of_another_dtype_take_the_config_s(tmp_path):
+  """Starting params in bfloat16 (load_hf(..., dtype="bfloat16")) under a float32 config: the state takes the
+  config's dtype, so its checkpoints fit the config (the run used to train in bfloat16 and then refuse its own
+  checkpoint on resume)."""
+  from phi_jax.train.optimizer import make_optimizer
+  from phi_jax.train.state import create_train_state
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(TINY, jax.random.key(0)))
+  state = create_train_state(TINY, make_optimizer(OPT, 4), mesh, jax.random.key(0), params=bf16)
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+  np.testing.assert_array_equal(state.params["embed"]["embedding"], bf16["embed"]["embedding"].astype(jnp.float32))
+
+
 def test_a_restore_target_that_does_not_fit_is_refused_and_the_checkpoint_kept(tmp_path):
   from phi_jax.train.optimizer import make_optimizer
   from phi_jax.train.state import create_train_state

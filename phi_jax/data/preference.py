@@ -42,6 +42,8 @@ log = logging.getLogger("phi_jax")
 SIDES = ("chosen", "rejected")
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
 BATCH_FIELDS = tuple(f"{side}_{field}" for side in SIDES for field in ROW_FIELDS)
+# The settings a precomputed reference file was computed under, checked against the reading run's.
+REFERENCE_SETTINGS = ("ref_seq_len", "ref_too_long", "ref_system_prompt")
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 TOO_LONG = ("drop", "truncate_prompt")
 ON_BAD_RECORD = ("raise", "skip")
@@ -75,8 +77,9 @@ def validate_pair(data: Any, *, reference_logps: bool = False) -> tuple[Optional
       if not math.isfinite(data[key]):  # JSON's NaN / Infinity: one would make its whole batch's loss NaN
         return None, ("mistyped field", f"'{key}' is {data[key]}, expected a finite log-probability")
       record[key] = float(data[key])
-    if data.get("ref_seq_len") is not None:
-      record["ref_seq_len"] = data["ref_seq_len"]
+    for key in REFERENCE_SETTINGS:  # as written by precompute_reference_logps (older files: ref_seq_len only)
+      if key in data:
+        record[key] = data[key]
   return record, None
 
 
@@ -153,10 +156,13 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
     record, bad = None, raw["error"]
   else:
     record, bad = validate_pair(raw["data"], reference_logps=reference_logps)
-  if bad is None and reference_logps and record.get("ref_seq_len", seq_len) != seq_len:
-    raise DataError(raw["where"], "reference mismatch", f"reference log-probs were computed at seq_len="
-                    f"{record['ref_seq_len']}, this run uses {seq_len}; recompute them with "
-                    "phi_jax.stages.dpo.precompute_reference_logps (experiments/train.py does so by itself)")
+  now = {"ref_seq_len": seq_len, "ref_too_long": too_long, "ref_system_prompt": system_prompt}
+  differ = [f"{key[len('ref_'):]}={record[key]!r} there, {now[key]!r} here" for key in REFERENCE_SETTINGS
+            if bad is None and reference_logps and key in record and record[key] != now[key]]
+  if differ:  # the reference scored other rows than this run trains on: its log-probs belong to those
+    raise DataError(raw["where"], "reference mismatch", f"reference log-probs were computed with {'; '.join(differ)}; "
+                    "recompute them with phi_jax.stages.dpo.precompute_reference_logps (experiments/train.py does "
+                    "so by itself)")
   rows, status = None, None
   if bad is None:
     try:

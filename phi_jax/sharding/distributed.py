@@ -43,7 +43,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   PHI_JAX_NUM_PROCESSES=1) stays one whatever cluster variables are set. A second call does nothing.
   """
   global _initialized
-  if _initialized:  # jax.distributed.initialize() may run once, before any other JAX call
+  if _initialized or jax.distributed.is_initialized():  # jax.distributed.initialize() may run once (also by the
+    _initialized = True  # program itself, before calling phi_jax), before any other JAX call
     return
   coordinator_address = coordinator_address or os.environ.get("PHI_JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "PHI_JAX_NUM_PROCESSES" in os.environ:

@@ -181,8 +181,9 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
                                chunk_size: int = 1024, mesh: Optional[Mesh] = None) -> dict[str, Any]:
   """Writes every usable pair of `pairs_file` with its reference log-probs to `out_file`, in file order.
 
-  Output records are the input records plus `ref_chosen_logps`, `ref_rejected_logps` and `ref_seq_len`; a DPO run
-  with the same `seq_len`, `too_long` and `system_prompt` reads them with `reference_logps=True` and needs no
+  Output records are the input records plus `ref_chosen_logps`, `ref_rejected_logps` and the settings they were
+  computed under (`ref_seq_len`, `ref_too_long`, `ref_system_prompt`); a DPO run with the same `seq_len`, `too_long`
+  and `system_prompt` (checked) reads them with `reference_logps=True` and needs no
   reference model. Pairs dropped as too long or bad (in skip mode) are left out and counted. Every process computes
   the same batches (the reference params may be sharded across hosts); process 0 writes, atomically.
 
@@ -208,19 +209,20 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
       if i >= 0:
         found[int(i)] = (float(c), float(r))
   if jax.process_index() == 0:
-    _write_with_reference(batches, found, seq_len, out_file)
+    _write_with_reference(batches, found, {"ref_seq_len": seq_len, "ref_too_long": too_long,
+                                           "ref_system_prompt": system_prompt}, out_file)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"precompute_reference_logps:{out_file}")
   return {"out_file": out_file, "pairs": len(found), "stats": batches.stats()}
 
 
-def _write_with_reference(batches, found: dict[int, tuple[float, float]], seq_len: int, out_file: str):
+def _write_with_reference(batches, found: dict[int, tuple[float, float]], settings: dict, out_file: str):
   source = batches.source
   tmp = f"{out_file}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     for index in sorted(found):
       record = dict(source[index]["data"], ref_chosen_logps=found[index][0], ref_rejected_logps=found[index][1],
-                    ref_seq_len=seq_len)
+                    **settings)
       f.write(json.dumps(record) + "\n")
   os.replace(tmp, out_file)
 

@@ -57,5 +57,10 @@ def create_train_state(config: PhiConfig, optimizer: optax.GradientTransformatio
   if params is None:
     make: Callable = jax.jit(lambda rng: _fresh_state(config, optimizer, rng), out_shardings=shardings)
     return make(rng)
-  make = jax.jit(lambda params: _fresh_state(config, optimizer, None, params), out_shardings=shardings)
+  # Given params take the config's param_dtype (load_hf(..., dtype="bfloat16") under a float32 config): kept as
+  # they came, the weights and AdamW moments trained in that dtype, and the run could not resume (its checkpoint
+  # no longer fit the config's state).
+  wanted = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  as_configured = lambda params: jax.tree.map(lambda p, w: p.astype(w.dtype), params, wanted)
+  make = jax.jit(lambda params: _fresh_state(config, optimizer, None, as_configured(params)), out_shardings=shardings)
   return make(params)
