@@ -336,7 +336,8 @@ def run_training(workdir: str):
     log.warning("model.param_dtype='bfloat16': the weights and AdamW moments are stored and updated in bfloat16, "
                 "with no float32 master copy, so an update below ~1/256 of a weight rounds away (at "
                 "optimizer.learning_rate=%g most weights may not move). Keep param_dtype='float32' (matmuls "
-                "still run in the model's dtype, model.overrides={'dtype': 'bfloat16'}) unless memory rules it out", optimizer().learning_rate)
+                "still run in the model's dtype, model.overrides={'dtype': 'bfloat16'}) unless memory rules it out",
+                optimizer().learning_rate)
   global_batch, _ = check_batch_shape(stage, model_config, data_cfg, loop, the_mesh)
   per_process = global_batch // jax.process_count()
   if stage == "next_token":

@@ -22,7 +22,8 @@ import common  # noqa: E402
 
 PRESETS = {"phi4_mini_reasoning": "phi-4-mini", "phi4_reasoning": "phi-4"}
 REDUCED = ["data.seq_len=256", "data.batch_size=8", "train.microbatches=1", "grpo.max_prompt_tokens=64",
-           "grpo.max_new_tokens=192", "grpo.prompts_per_step=1", "grpo.group_size=8", "grpo.rollout_batch_size=8", "mesh.shape={'fsdp': -1}"]
+           "grpo.max_new_tokens=192", "grpo.prompts_per_step=1", "grpo.group_size=8", "grpo.rollout_batch_size=8",
+           "mesh.shape={'fsdp': -1}"]
 STAGE_FIELDS = {
     "next_token": {"tokens", "positions", "segment_ids", "loss_mask"},
     "dpo": ({f"{side}_{field}" for side in ("chosen", "rejected")

@@ -67,7 +67,8 @@ EXTRACTIONS = [
     ("Thus $x = 7$. Final answer:", "x = 7"),  # a label with nothing after it falls back to the last math
     ("We get $a$, then $$\\frac{3}{4}$$", "\\frac{3}{4}"),
     ("We get \\(a\\) and finally \\[ 2\\pi \\]", "2\\pi"),
-    ("Apples cost \\$3, so 4 cost $4 \\times 3 = 12$ dollars: \\$12.", "4 \\times 3 = 12"),  # an escaped dollar is a price
+    # An escaped dollar is a price, not a math delimiter.
+    ("Apples cost \\$3, so 4 cost $4 \\times 3 = 12$ dollars: \\$12.", "4 \\times 3 = 12"),
     ("A \\\\$x^2$ after an escaped backslash", "x^2"),  # an escaped backslash: this $ opens math
     ("<think>hmm</think>\n42<|im_end|>", "42"),
     ("a long discussion\nover two lines and no marked answer", None),
