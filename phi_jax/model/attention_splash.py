@@ -14,13 +14,19 @@ Segment rule: splash lets a query see keys of its own segment id, so real querie
 `phi_jax.model.attention` exactly (keys of segment 0 never equal a real segment). Padding queries (segment 0) see
 padding keys instead of nothing; their outputs stay finite and callers mask them out, as with every backend.
 
+On a mesh (the train step's, entered with `jax.set_mesh`) the kernel runs under `shard_map`, each device on its own
+rows and heads: XLA refuses to partition a TPU kernel itself.
+
 Off TPU the kernel runs in Pallas interpret mode (slow, exact), which lets the CPU suite test this wiring.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from phi_jax.model.attention import xla_attention
@@ -39,12 +45,27 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q
   if q_BTNH.shape[1] == 1:
     return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                          q_index=q_index, kv_index=kv_index)
+  if interpret is None:
+    interpret = jax.devices()[0].platform != "tpu"
+  local = functools.partial(_splash_local, block_q=block_q, block_kv=block_kv, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return local(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids)
+  # XLA cannot split a TPU kernel over devices itself: each device runs it on its own rows (data, fsdp) and heads
+  # (tensor; the kv heads split with their query heads), the sequence whole, as the model's activations are laid out.
+  rows = tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names) or None
+  heads = "tensor" if "tensor" in mesh.axis_names else None
+  by_row, by_head = P(rows, None), P(rows, None, heads, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(by_head, by_head, by_head, by_row, by_row), out_specs=by_head,
+                       check_vma=False)(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids)
+
+
+def _splash_local(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids, *, block_q, block_kv, interpret):
+  """Splash attention of the rows and heads at hand (one device's share on a mesh)."""
   b, t, n, h = q_BTNH.shape
   s, k_heads = k_BSKH.shape[1], k_BSKH.shape[2]
   block_q, block_kv = min(block_q, _round_up(t, _LANES)), min(block_kv, _round_up(s, _LANES))
   t_pad, s_pad = _round_up(t, block_q) - t, _round_up(s, block_kv) - s
-  if interpret is None:
-    interpret = jax.devices()[0].platform != "tpu"
   kernel = _kernel(t + t_pad, s + s_pad, n // k_heads, block_q, block_kv, interpret)
 
   # Splash does not scale the scores; scaling q first is the same math.
