@@ -348,6 +348,27 @@ def test_cudnn_wiring_falls_back_to_the_dense_mask_where_runs_cannot_describe_a_
   np.testing.assert_allclose(np.asarray(actual)[valid], np.asarray(expected)[valid], **TOL)
 
 
+def test_the_cudnn_key_offsets_probe_tells_a_fixed_jax_from_one_before_the_fix(monkeypatch):
+  """Before jax-ml/jax#39521 the packed layout's key offsets were scaled by the query heads (wrong keys under GQA,
+  with no error); the probe that sends GQA rows to the dense mask there tells the two behaviours apart."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
+  from phi_jax.model import attention_gpu
+
+  def offsets_scaled_by(heads_of):
+    def fix(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
+      tokens = lambda x, width: np.where(x >= 0, x, width)
+      b, t, n, h = query.shape
+      return (q_seqlen, kv_seqlen, tokens(q_offsets, b * t) * n * h,
+              tokens(kv_offsets, b * t) * heads_of(query, key) * h)
+    return fix
+
+  for heads_of, fits in ((lambda q, k: q.shape[2], False), (lambda q, k: k.shape[2], True)):
+    monkeypatch.setattr(cudnn_fmha, "_fix_seqlen_offsets", offsets_scaled_by(heads_of))
+    assert attention_gpu.cudnn_offsets_fit_grouped_keys.__wrapped__() is fits
+  monkeypatch.setattr(cudnn_fmha, "_fix_seqlen_offsets", None)  # a JAX without the function: not trusted
+  assert attention_gpu.cudnn_offsets_fit_grouped_keys.__wrapped__() is False
+
+
 def test_max_segments_per_row_reaches_the_cudnn_backend_only(monkeypatch):
   seen = {}
   monkeypatch.setattr(attention, "backend_function", lambda name: lambda *args, **kwargs: seen.update({name: kwargs}))

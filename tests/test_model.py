@@ -31,6 +31,16 @@ def test_full_size_parameter_counts(name, expected):
     assert len(spec) == leaf.ndim  # every dimension of every parameter has a logical name
 
 
+def test_params_of_a_config_for_another_device_init_on_this_one():
+  """A "cudnn" (GPU) or "splash" (TPU) model's parameters, made on a CPU host: the same as the reference backend's
+  (the cuDNN backend's init-time forward used to fail with "cuDNN is not detected")."""
+  config = GQA.replace(attention_backend="xla")
+  expected = phi_jax.init_params(config, jax.random.key(3))
+  for backend in ("cudnn", "splash"):
+    params = phi_jax.init_params(config.replace(attention_backend=backend), jax.random.key(3))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)))
+
+
 def test_preset_shapes():
   mini = phi_jax.presets["phi-4-mini"]
   assert (mini.resolved_head_dim, mini.rotary_dim) == (128, 96)

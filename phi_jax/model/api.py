@@ -33,8 +33,10 @@ def default_positions_and_segments(tokens_BT, positions=None, segment_ids=None):
 
 def _boxed_init(config: PhiConfig, rng):
   tokens = jnp.zeros((1, 1), jnp.int32)
-  # Parameters do not depend on the rotary setup; dropping it lets shape-only presets (no LongRoPE factors) init.
-  config = config.replace(rope_scaling_type=None, rope_short_factor=None, rope_long_factor=None)
+  # Parameters depend on neither the rotary setup nor the attention backend: without them, shape-only presets (no
+  # LongRoPE factors) and configs for another device (a "cudnn" model prepared on a CPU host) init anywhere.
+  config = config.replace(rope_scaling_type=None, rope_short_factor=None, rope_long_factor=None,
+                          attention_backend="xla")
   return Decoder(config).init(rng, tokens, tokens, jnp.ones_like(tokens))["params"]
 
 

@@ -62,7 +62,10 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_
         is_causal=self_attention, implementation=implementation)
 
   self_attention = q_index is kv_index and t == s
-  if self_attention and max_runs > 0:
+  # The packed path's key offsets are wrong under grouped-query attention in JAX releases before jax-ml/jax#39521
+  # (no error, keys of other tokens): there, GQA rows take the dense mask.
+  offsets_fit = implementation != "cudnn" or k_BSKH.shape[2] == n or cudnn_offsets_fit_grouped_keys()
+  if self_attention and max_runs > 0 and offsets_fit:
     offsets, lengths, exact = segment_runs(q_seg, max_runs)
     packed = functools.partial(_packed_attention, seg=q_seg, offsets=offsets, lengths=lengths, scale=h ** -0.5,
                                implementation=implementation)
@@ -70,6 +73,21 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_
   else:
     out = dense(q, k, v)
   return out[:, :t].astype(q_BTNH.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def cudnn_offsets_fit_grouped_keys() -> bool:
+  """Whether this JAX scales the cuDNN packed layout's key offsets by the keys' own heads (fixed in
+  jax-ml/jax#39521; before it, by the queries' heads). Probed on tiny arrays: 4 query heads, 2 kv heads of 2 dims,
+  a run starting at token 2 starts at key element 2 x 2 x 2 = 8. Any failure of the probe counts as no."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=import-outside-toplevel
+    offsets, lengths = np.array([[0, 2, -1]], np.int32), np.array([[2, 2]], np.int32)
+    fixed = cudnn_fmha._fix_seqlen_offsets(lengths, lengths, offsets, offsets, np.zeros((1, 4, 4, 2), np.float32),
+                                           np.zeros((1, 4, 2, 2), np.float32))
+    return np.asarray(fixed[3]).ravel()[:2].tolist() == [0, 8]
+  except Exception:  # pylint: disable=broad-except  (a private function: any change of it means "unknown")
+    return False
 
 
 def segment_runs(segment_ids_BT, max_runs):
