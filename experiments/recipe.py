@@ -550,7 +550,11 @@ def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) 
         # params as another model.
         params_dir = os.path.join(workdir, record["params_from"])
         gin.clear_config()
-        common.parse_gin_for_checkpoint(params_dir, [], [])
+        # What is about this run's machine and place, not the params, stays this run's: the tokenizer under the
+        # workdir as it is now (a moved workdir), and a mesh given on the command line.
+        here = [f"data.tokenizer={json.dumps(os.path.join(workdir, 'data', 'tokenizer'))}"]
+        here += [b for b in settings.get("stage_params", []) if b.replace(" ", "").startswith("mesh.")]
+        common.parse_gin_for_checkpoint(params_dir, [], here)
         eval_started = time.time()
         record["eval"] = evaluate_stage(stage_dir, params_dir, problems, eval_cfg)
         record.update(evaluation=evaluation, eval_seconds=time.time() - eval_started)

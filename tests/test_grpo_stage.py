@@ -430,6 +430,28 @@ def test_old_logps_and_the_loss_score_the_distribution_the_rollouts_were_sampled
   assert mean["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference, scored alike
 
 
+def test_scoring_blocks_split_over_the_mesh(toy):
+  """The scoring passes' row blocks (up to the train step's microbatches) are whole multiples of the mesh's
+  data x fsdp: 8 rows over 4 devices with 4 microbatches score as 2 blocks of 4, the same log-probs as one block."""
+  from phi_jax import sharding
+  _, tokenizer, config, prompts = toy
+  mesh = sharding.make_mesh({"data": 4}, devices=jax.devices()[:4])
+  params = phi_jax.init_params(config, jax.random.key(0))
+  cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=4, max_prompt_tokens=32, max_new_tokens=8)
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (8, 40)).astype(np.int32)
+  batch = {"tokens": tokens, "positions": np.tile(np.arange(40, dtype=np.int32), (8, 1)),
+           "segment_ids": np.ones_like(tokens), "loss_mask": np.ones_like(tokens), "temperature": np.ones(8, np.float32)}
+  scored = {}
+  for microbatches in (1, 4):
+    source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=_digit_share(tokenizer), num_steps=1,
+                               mesh=mesh, score_microbatches=microbatches)
+    rows, score = [], source._ref_logps_fn
+    source._ref_logps_fn = lambda p, part, rows=rows, score=score: rows.append(len(part["tokens"])) or score(p, part)
+    scored[microbatches] = (source._scored_logps(params, batch), rows)
+  assert scored[1][1] == [8] and scored[4][1] == [4, 4]
+  np.testing.assert_allclose(scored[4][0], scored[1][0], rtol=1e-5, atol=1e-6)
+
+
 def test_greedy_rollouts_are_scored_untempered(toy):
   """temperature 0 (greedy, allowed by GRPOConfig) must not divide the logits by 0: the rows are scored at 1, as
   the sampler scores greedy rows, and the loss and its gradients stay finite."""

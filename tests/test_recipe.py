@@ -103,9 +103,12 @@ def test_rerun_skips_finished_stages(smoke, tmp_path):
 def test_a_finished_stage_evaluated_again_is_scored_as_it_was_trained(smoke, tmp_path, monkeypatch, caplog):
   """Changed evaluation settings evaluate the finished stages again, under the config each stage's params were
   trained with: a training binding of this rerun (here a model override), which does not apply to finished stages,
-  used to reach their evaluation. Changed rollout settings keep the DPO pairs, and say so."""
+  used to reach their evaluation. The tokenizer is the moved workdir's own. Changed rollout settings keep the DPO
+  pairs, and say so."""
   workdir = tmp_path / "again"
   shutil.copytree(smoke[0], workdir)
+  for config_gin in workdir.glob("*/config.gin"):  # as if moved: the paths written in the stages' configs are gone
+    config_gin.write_text(config_gin.read_text().replace(str(smoke[0]), "/no/longer/here"))
   monkeypatch.chdir(ROOT)
   settings, eval_cfg, rollout_cfg = recipe.configure(
       ["experiments/configs/recipe_tiny/quick.gin"],
@@ -113,6 +116,7 @@ def test_a_finished_stage_evaluated_again_is_scored_as_it_was_trained(smoke, tmp
   seen = []
 
   def evaluate(stage_dir, params_from, problems, eval_cfg):  # the config at evaluation time; the old results
+    assert os.path.isdir(common.data()["tokenizer"])  # the moved workdir's own tokenizer
     seen.append(common.model()[0].rope_theta)
     return json.loads((workdir / os.path.basename(stage_dir) / "recipe_stage.json").read_text())["eval"]
 

@@ -328,7 +328,10 @@ class GRPORollouts:
     process; scored `score_microbatches` blocks of rows at a time."""
     inputs = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask", "temperature")}
     rows = len(inputs["tokens"])
-    blocks = self.score_microbatches if rows % self.score_microbatches == 0 else 1
+    # The most blocks up to score_microbatches whose rows split evenly, and over the mesh's data x fsdp.
+    ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    blocks = max(m for m in range(1, self.score_microbatches + 1) if rows % m == 0 and (rows // m) % ways == 0) \
+        if rows % ways == 0 else 1
     out = []
     for block in range(blocks):
       part = {k: v[block * rows // blocks:(block + 1) * rows // blocks] for k, v in inputs.items()}
