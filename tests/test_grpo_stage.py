@@ -440,7 +440,8 @@ def test_scoring_blocks_split_over_the_mesh(toy):
   cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=4, max_prompt_tokens=32, max_new_tokens=8)
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (8, 40)).astype(np.int32)
   batch = {"tokens": tokens, "positions": np.tile(np.arange(40, dtype=np.int32), (8, 1)),
-           "segment_ids": np.ones_like(tokens), "loss_mask": np.ones_like(tokens), "temperature": np.ones(8, np.float32)}
+           "segment_ids": np.ones_like(tokens), "loss_mask": np.ones_like(tokens),
+           "temperature": np.ones(8, np.float32)}
   scored = {}
   for microbatches in (1, 4):
     source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=_digit_share(tokenizer), num_steps=1,
