@@ -186,6 +186,11 @@ def _binding_key(statement) -> Optional[str]:
   return f"{statement.selector.split('.')[-1]}.{statement.arg_name}"
 
 
+def mesh_bindings(params: Sequence[str]) -> list[str]:
+  """The --gin_param bindings that set the mesh (`mesh.shape=...`, in any spelling gin takes)."""
+  return [p for p in params if any((_binding_key(st) or "").startswith("mesh.") for st in _statements(p))]
+
+
 def _is_recipe_binding(statement) -> bool:
   key = _binding_key(statement)
   return key is not None and key.split(".")[0] in RECIPE_CONFIGURABLES
@@ -553,7 +558,7 @@ def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) 
         # What is about this run's machine and place, not the params, stays this run's: the tokenizer under the
         # workdir as it is now (a moved workdir), and a mesh given on the command line.
         here = [f"data.tokenizer={json.dumps(os.path.join(workdir, 'data', 'tokenizer'))}"]
-        here += [b for b in settings.get("stage_params", []) if b.replace(" ", "").startswith("mesh.")]
+        here += mesh_bindings(settings.get("stage_params", []))
         common.parse_gin_for_checkpoint(params_dir, [], here)
         eval_started = time.time()
         record["eval"] = evaluate_stage(stage_dir, params_dir, problems, eval_cfg)

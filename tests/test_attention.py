@@ -354,17 +354,20 @@ def test_the_cudnn_key_offsets_probe_tells_a_fixed_jax_from_one_before_the_fix(m
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
   from phi_jax.model import attention_gpu
 
-  def offsets_scaled_by(heads_of):
+  def offsets_scaled_by(heads_of):  # in jnp, as JAX's own: called while the model is traced, it must still answer
     def fix(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
-      tokens = lambda x, width: np.where(x >= 0, x, width)
+      tokens = lambda x, width: jnp.where(x >= 0, x, width)
       b, t, n, h = query.shape
       return (q_seqlen, kv_seqlen, tokens(q_offsets, b * t) * n * h,
               tokens(kv_offsets, b * t) * heads_of(query, key) * h)
     return fix
 
+  probe = attention_gpu.cudnn_offsets_fit_grouped_keys.__wrapped__
   for heads_of, fits in ((lambda q, k: q.shape[2], False), (lambda q, k: k.shape[2], True)):
     monkeypatch.setattr(cudnn_fmha, "_fix_seqlen_offsets", offsets_scaled_by(heads_of))
-    assert attention_gpu.cudnn_offsets_fit_grouped_keys.__wrapped__() is fits
+    answers = []
+    jax.jit(lambda x: answers.append(probe()) or x)(0)
+    assert probe() is fits and answers == [fits]
   monkeypatch.setattr(cudnn_fmha, "_fix_seqlen_offsets", None)  # a JAX without the function: not trusted
   assert attention_gpu.cudnn_offsets_fit_grouped_keys.__wrapped__() is False
 

@@ -430,7 +430,7 @@ def test_old_logps_and_the_loss_score_the_distribution_the_rollouts_were_sampled
   assert mean["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference, scored alike
 
 
-def test_scoring_blocks_split_over_the_mesh(toy):
+def test_scoring_blocks_split_over_the_mesh(toy, monkeypatch):
   """The scoring passes' row blocks (up to the train step's microbatches) are whole multiples of the mesh's
   data x fsdp: 8 rows over 4 devices with 4 microbatches score as 2 blocks of 4, the same log-probs as one block."""
   from phi_jax import sharding
@@ -451,6 +451,14 @@ def test_scoring_blocks_split_over_the_mesh(toy):
     scored[microbatches] = (source._scored_logps(params, batch), rows)
   assert scored[1][1] == [8] and scored[4][1] == [4, 4]
   np.testing.assert_allclose(scored[4][0], scored[1][0], rtol=1e-5, atol=1e-6)
+  # The pass is traced under the mesh, as the train step is (the splash backend splits itself over it).
+  from phi_jax.model import attention
+  meshes, reference = [], attention._BACKENDS["xla"]
+  monkeypatch.setitem(attention._BACKENDS, "xla",
+                      lambda *a, **k: meshes.append(jax.sharding.get_abstract_mesh().shape) or reference(*a, **k))
+  grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=_digit_share(tokenizer), num_steps=1,
+                    mesh=mesh)._scored_logps(params, batch)
+  assert meshes and all(shape.get("data") == 4 for shape in meshes)
 
 
 def test_greedy_rollouts_are_scored_untempered(toy):

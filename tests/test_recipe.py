@@ -202,6 +202,11 @@ def test_quick_with_a_gin_file_or_several_processes_is_refused(monkeypatch, tmp_
   assert not os.listdir(tmp_path)  # nothing written
 
 
+def test_mesh_bindings_are_found_in_any_spelling():
+  params = ['mesh.shape={"fsdp": 2}', 'common.mesh.shape = {"data": 1}', "train.num_steps=3", "meshy.x=1"]
+  assert recipe.mesh_bindings(params) == params[:2]
+
+
 def test_settings_reject_unknown_or_reordered_stages():
   assert recipe.recipe_settings(stages=["base", "sft"])["stages"] == ["base", "sft"]
   with pytest.raises(ValueError, match="in that order"):

@@ -83,9 +83,10 @@ def cudnn_offsets_fit_grouped_keys() -> bool:
   try:
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=import-outside-toplevel
     offsets, lengths = np.array([[0, 2, -1]], np.int32), np.array([[2, 2]], np.int32)
-    fixed = cudnn_fmha._fix_seqlen_offsets(lengths, lengths, offsets, offsets, np.zeros((1, 4, 4, 2), np.float32),
-                                           np.zeros((1, 4, 2, 2), np.float32))
-    return np.asarray(fixed[3]).ravel()[:2].tolist() == [0, 8]
+    with jax.ensure_compile_time_eval():  # called while the model is traced: values, not tracers
+      fixed = cudnn_fmha._fix_seqlen_offsets(lengths, lengths, offsets, offsets, np.zeros((1, 4, 4, 2), np.float32),
+                                             np.zeros((1, 4, 2, 2), np.float32))
+      return np.asarray(fixed[3]).ravel()[:2].tolist() == [0, 8]
   except Exception:  # pylint: disable=broad-except  (a private function: any change of it means "unknown")
     return False
 

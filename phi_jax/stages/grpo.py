@@ -44,6 +44,7 @@ from phi_jax.losses.grpo import AGGREGATIONS
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sampling import SamplingConfig, generate
 from phi_jax.train import checkpoint
+from phi_jax.train.step import MeshJit
 
 log = logging.getLogger("phi_jax")
 
@@ -259,7 +260,9 @@ class GRPORollouts:
     self._batch_start = (0, 0, [])  # (position, rollouts, hard queue) before the current batch was sampled
     self._resume_passes = 0  # passes of a restored, regenerated batch already trained before the checkpoint
     self._resume_queue_after = None  # the hard queue as it was after that batch in the interrupted run
-    self._ref_logps_fn = jax.jit(functools.partial(_token_logps, config=model_config, chunk_size=cfg.chunk_size))
+    scorer = functools.partial(_token_logps, config=model_config, chunk_size=cfg.chunk_size)
+    # Traced under the mesh, as the train step is: backends that split themselves over it (splash) need it.
+    self._ref_logps_fn = jax.jit(scorer) if mesh is None else MeshJit(scorer, mesh)
 
   def get_state(self) -> dict:
     # Every process samples the whole batch and advances this state alike, so a checkpoint of it restores onto
