@@ -29,7 +29,8 @@ def parse_args(name: str, description: str, extra: Callable[[argparse.ArgumentPa
   parser.add_argument("--out", default=None, help=f"JSON output path (default {RESULTS_DIR}/{name}.json; with "
                       f"--smoke, {name}_smoke.json in the temporary directory, so a smoke run leaves the recorded "
                       "results alone)")
-  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for JAX and torch alike")
+  parser.add_argument("--threads", type=int, default=usable_cpus(),
+                      help="CPU threads for JAX and torch alike (default: the CPUs this process may run on)")
   if extra is not None:
     extra(parser)
   args = parser.parse_args()
@@ -39,8 +40,15 @@ def parse_args(name: str, description: str, extra: Callable[[argparse.ArgumentPa
   return args
 
 
+def usable_cpus() -> int:
+  """The CPUs this process may run on (its affinity: a taskset, cgroup cpuset or container limit), not the node's."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def pin_threads(threads: int) -> None:
   """Gives XLA and torch the same number of CPU threads. Must run before JAX creates its CPU client."""
+  if threads > usable_cpus():  # torch would take them all, XLA only the CPUs it may run on
+    raise ValueError(f"--threads={threads} exceeds the {usable_cpus()} CPUs this process may run on")
   # XLA's CPU client sizes its Eigen intra-op pool from the CPUs this process may run on.
   if hasattr(os, "sched_setaffinity") and threads < len(os.sched_getaffinity(0)):
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])

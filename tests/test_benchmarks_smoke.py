@@ -91,3 +91,13 @@ def test_device_check_script(tmp_path):
   assert result["decode"]["tokens_per_s"] > 0
   assert result["decode_long"]["speedup_blocked_over_one_pass"] > 0
   assert result["decode_long_one_pass"]["block_bytes"]["cpu"] > result["decode_long_blocked"]["block_bytes"]["cpu"]
+
+
+def test_more_threads_than_usable_cpus_are_refused(tmp_path):
+  """torch would start them all while XLA takes only the CPUs the process may run on: an unfair comparison. The
+  default is those CPUs (the process's affinity, not the node's core count)."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import _common  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"--threads=\d+ exceeds the \d+ CPUs this process may run on"):
+    _common.pin_threads(_common.usable_cpus() + 1)
+  assert _common.usable_cpus() == len(os.sched_getaffinity(0))
