@@ -647,7 +647,7 @@ def build_summary(workdir: str, records: Sequence[dict], manifest: dict, setting
                    "counts": manifest["counts"], "vocab_size": manifest["vocab_size"]},
           "model_params": _model_params(workdir, records[0]["name"]) if records else None,
           "evaluation": {"split": settings["eval_split"], "num_samples": eval_cfg["num_samples"],
-                         "temperature": eval_cfg["sampling"].temperature,
+                         "greedy": eval_cfg["greedy"], "temperature": eval_cfg["sampling"].temperature,
                          "max_new_tokens": eval_cfg["sampling"].max_new_tokens}}
 
 
@@ -769,7 +769,8 @@ def write_report(workdir: str, summary: dict) -> None:
            f"embedded word-problem task ({task['difficulty']}, {level['min_steps']}-{level['max_steps']} operations, "
            f"values up to {level['max_value']})."
            f" Held-out {ev['split']} split: {summary['stages'][0]['num_eval'] if summary['stages'] else 0} problems, "
-           f"greedy and {ev['num_samples']} samples each at temperature {ev['temperature']}, at most "
+           f"{'greedy and ' if ev.get('greedy', True) else ''}{ev['num_samples']} samples each at temperature "
+           f"{ev['temperature']}, at most "
            f"{ev['max_new_tokens']} new tokens; intervals are 95% normal intervals over problems, changes are paired "
            "by problem.", "", "## Stage table", "", stage_table(summary), "", "## What each stage did", ""]
   lines += findings(summary)
@@ -781,8 +782,8 @@ def write_report(workdir: str, summary: dict) -> None:
                 f"{r['prompts_all_wrong']} all wrong)."]
     if "reward_mean_first_quarter" in s:
       lines += ["", f"GRPO: mean reward {s['reward_mean_first_quarter']:.3f} in the first quarter of the steps, "
-                f"{s['reward_mean_last_quarter']:.3f} in the last; {_pct(s['groups_kept_mean'])}% of the groups had "
-                "non-zero reward variance and trained."]
+                f"{s['reward_mean_last_quarter']:.3f} in the last; {_pct(s['groups_kept_mean'])}% of the groups "
+                "passed the GRPO filters (reward variance, group accuracy, length spread) and trained."]
   lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots]
   lines += ["", "## Time", "", "| stage | train s | eval s |", "|---|---|---|"]
   lines += [f"| {s['name']} | {s['train_seconds'] or 0:.0f} | {s['eval_seconds'] or 0:.0f} |"

@@ -504,9 +504,11 @@ def test_toy_grpo_run_raises_mean_reward(toy, tmp_path):
   loop.run(workdir=str(tmp_path), model_config=config,
            optimizer_config=OptimizerConfig(learning_rate=1e-2, decay="constant", max_grad_norm=1.0),
            loss_fn=grpo.make_loss_fn(config, cfg), train_data=source,
-           loop=LoopConfig(num_steps=num_steps, checkpoint_every=100, async_checkpoints=False), mesh=mesh)
+           loop=LoopConfig(num_steps=num_steps, checkpoint_every=100, async_checkpoints=False, log_every=4),
+           mesh=mesh)
   with open(tmp_path / "metrics.jsonl") as f:
     rewards = [r["reward_mean"] for r in map(json.loads, f) if "reward_mean" in r]
+  # Every rollout batch's metrics are written, at its first pass (odd steps here), whatever log_every says.
   assert len(rewards) == num_steps // cfg.num_passes
   start, end = np.mean(rewards[:3]), np.mean(rewards[-3:])
   print(f"toy GRPO: mean reward {start:.3f} -> {end:.3f} over {num_steps} steps")

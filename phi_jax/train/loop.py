@@ -468,8 +468,10 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       flops_per_token = flops.train_flops_per_token(model_config, stats["seq_len"])
       record["mfu"] = flops_per_token * stats["slots"] / elapsed / (loop.peak_flops_per_device * jax.device_count())
     record["step"] = step
-    if hasattr(train_data, "step_metrics"):
-      record.update(train_data.step_metrics(step))
+    # A step's own data metrics (GRPO: its rollout batch's reward and accuracy, at the first pass over the batch)
+    # exist at that step only: its record is written whatever log_every says, or they would be lost.
+    step_metrics = train_data.step_metrics(step) if hasattr(train_data, "step_metrics") else {}
+    record.update(step_metrics)
     bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record.get(k, 0.0))]
     if bad and loop.on_nonfinite == "stop":
       checkpointer.wait()
@@ -491,7 +493,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       eval_record, improved = evaluate(step)
       record.update(eval_record)
       last_time = time.perf_counter()  # the evaluation's time is not the next step's
-    written = step % loop.log_every == 0 or step == loop.num_steps or evaluate_now or last
+    written = step % loop.log_every == 0 or step == loop.num_steps or evaluate_now or last or bool(step_metrics)
     if written:
       record.update(_counted_over_processes(stats))  # every process writes the same steps: a collective is safe
       writer.write(record)
