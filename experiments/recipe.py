@@ -647,7 +647,7 @@ def build_summary(workdir: str, records: Sequence[dict], manifest: dict, setting
                    "counts": manifest["counts"], "vocab_size": manifest["vocab_size"]},
           "model_params": _model_params(workdir, records[0]["name"]) if records else None,
           "evaluation": {"split": settings["eval_split"], "num_samples": eval_cfg["num_samples"],
-                         "greedy": eval_cfg["greedy"], "temperature": eval_cfg["sampling"].temperature,
+                         "greedy": eval_cfg.get("greedy", True), "temperature": eval_cfg["sampling"].temperature,
                          "max_new_tokens": eval_cfg["sampling"].max_new_tokens}}
 
 
