@@ -184,13 +184,19 @@ def test_verifier_accepts_teacher_traces_and_rejects_slips(problems, verifier):
 
 
 def test_splits_are_disjoint_by_arithmetic_and_reproducible():
-  keys = {split: [p.key for p in wp.generate(n, seed=0, split=split)]
-          for split, n in (("train", 2000), ("valid", 400), ("test", 400))}
+  problems = {split: wp.generate(n, seed=0, split=split) for split, n in (("train", 2000), ("valid", 400),
+                                                                         ("test", 400))}
+  keys = {split: [p.key for p in ps] for split, ps in problems.items()}
+  starts = {split: {p.split_key for p in ps} for split, ps in problems.items()}
   for split, split_keys in keys.items():
     assert len(set(split_keys)) == len(split_keys)
-    assert {wp.split_of(k) for k in split_keys} == {split}
-  assert not set(keys["train"]) & set(keys["valid"]) | set(keys["train"]) & set(keys["test"])
-  assert not set(keys["valid"]) & set(keys["test"])
+    assert {wp.split_of(k) for k in starts[split]} == {split}
+  # No arithmetic in two splits, counted from the quantity it starts with ("3 boxes of 4" starts at 12).
+  assert not starts["train"] & starts["valid"] | starts["train"] & starts["test"] | starts["valid"] & starts["test"]
+  boxes = wp.Problem("", "6", (wp.Step(3, "*", 4, 12, "3 boxes of 4"), wp.Step(12, "-", 3, 9, "sells 3"),
+                               wp.Step(9, "-", 3, 6, "loses 3")), start=3)
+  plain = wp.Problem("", "6", (wp.Step(12, "-", 3, 9, "sells 3"), wp.Step(9, "-", 3, 6, "loses 3")), start=12)
+  assert boxes.split_key == plain.split_key == "12-3-3" and boxes.key != plain.key
 
   again = wp.generate(400, seed=0, split="test")
   assert [p.key for p in again] == keys["test"]
@@ -198,7 +204,7 @@ def test_splits_are_disjoint_by_arithmetic_and_reproducible():
   assert [p.key for p in wp.generate(400, seed=1, split="test")] != keys["test"]
 
   rng = random.Random(5)
-  distinct = {wp.sample_problem(rng, wp.DIFFICULTIES["hard"]).key for _ in range(10000)}
+  distinct = {wp.sample_problem(rng, wp.DIFFICULTIES["hard"]).split_key for _ in range(10000)}
   shares = collections.Counter(map(wp.split_of, distinct))
   for split, fraction in wp.SPLIT_FRACTIONS:
     assert abs(shares[split] / len(distinct) - fraction) < 0.02, shares
@@ -288,7 +294,7 @@ def test_the_nth_problem_may_come_on_the_last_allowed_draw(monkeypatch):
   monkeypatch.setattr(wp, "_MAX_DRAWS_PER_PROBLEM", 1)
   seed = next(seed for seed in range(100)  # a seed whose first draw is a train problem
               if wp.split_of(wp.sample_problem(random.Random(f"word_problems:train:{seed}"),
-                                               wp.get_difficulty("medium")).key) == "train")
+                                               wp.get_difficulty("medium")).split_key) == "train")
   assert len(wp.generate(1, seed=seed, split="train")) == 1
   assert wp.generate(0, seed=seed, split="train") == []
   with pytest.raises(ValueError, match="zero or more"):

@@ -16,9 +16,11 @@ by. `wrong_trace` makes one plausible slip (an arithmetic error or a wrong opera
 Every quantity stays an integer in [1, max_value], written in digits; `tokenizer_corpus` keeps digits out of the
 tiny tokenizer's merges, so numbers tokenize one digit at a time.
 
-Splits are fixed by the problem, not by the draw: a hash of the problem's arithmetic (its `key`: the operations and
-numbers, not the names and nouns around them) decides train / valid / test, so a test problem's arithmetic never
-appears in training under other words. Everything is seeded and reproducible across processes and machines.
+Splits are fixed by the problem, not by the draw: a hash of the problem's arithmetic (its `split_key`: the
+operations and numbers from the quantity it starts with, not the names and nouns around them; "3 boxes of 4" starts
+at 12) decides train / valid / test, so a test problem's arithmetic never appears in training under other words.
+(Its last operations may: with quantities up to 30, a training problem can reach the same number by other steps and
+go on alike.) Everything is seeded and reproducible across processes and machines.
 """
 
 from __future__ import annotations
@@ -107,8 +109,16 @@ class Problem:
 
   @property
   def key(self) -> str:
-    """The problem's arithmetic, free of names and nouns ("3*4-5+7"): what identifies it across splits."""
+    """The problem's arithmetic, free of names and nouns ("3*4-5+7"): what makes two problems the same one."""
     return _arithmetic_key(self.start, self.steps)
+
+  @property
+  def split_key(self) -> str:
+    """What decides the problem's split: its arithmetic from the quantity it starts with, so "3 boxes of 4, gives
+    away 5" and "12, gives away 5" (the same arithmetic after the first step) fall in the same split."""
+    if self.steps and re.fullmatch(rf"{self.start} ({'|'.join(CONTAINERS)}) of \d+", self.steps[0].clue):
+      return _arithmetic_key(self.steps[0].result, self.steps[1:])
+    return self.key
 
   @property
   def num_steps(self) -> int:
@@ -165,7 +175,7 @@ def generate(n: int, *, seed: int, split: str, difficulty: Union[str, Difficulty
   for _ in range(_MAX_DRAWS_PER_PROBLEM * n):
     problem = sample_problem(rng, difficulty)
     identity = problem.key if distinct_by == "key" else problem.question
-    if identity not in seen and split_of(problem.key) == split:
+    if identity not in seen and split_of(problem.split_key) == split:
       seen.add(identity)
       problems.append(problem)
       if len(problems) == n:  # checked here, so the n-th problem may come on the last allowed draw
