@@ -117,8 +117,12 @@ def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experimen
 def task_request(settings: dict) -> dict:
   """The settings the task data is made from, as the manifest records them (`recipe_task`): the difficulty's
   effective parameters rather than its overrides, as those are what the files depend on."""
-  level = dataclasses.replace(word_problems.get_difficulty(settings["difficulty"]),
-                              **settings["difficulty_overrides"])
+  base = word_problems.get_difficulty(settings["difficulty"])
+  unknown = sorted(set(settings["difficulty_overrides"]) - {f.name for f in dataclasses.fields(base)})
+  if unknown:
+    raise ValueError(f"recipe.difficulty_overrides names {unknown}, which are not difficulty parameters: use "
+                     f"{[f.name for f in dataclasses.fields(base)]}")
+  level = dataclasses.replace(base, **settings["difficulty_overrides"])
   return {"task_seed": settings["task_seed"], "difficulty": settings["difficulty"],
           "difficulty_params": dataclasses.asdict(level), "task_counts": dict(settings["task_counts"])}
 
@@ -258,6 +262,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str]) -> tuple[dict, di
   settings["stage_params"] = stage_params
   eval_cfg, rollout_cfg = eval_lib.eval_settings(), rollouts.rollout_settings()
   check_stage_settings(settings)
+  task_request(settings)  # the task settings are good, before --fresh deletes anything
   return settings, eval_cfg, rollout_cfg
 
 

@@ -207,6 +207,20 @@ def test_mesh_bindings_are_found_in_any_spelling():
   assert recipe.mesh_bindings(params) == params[:2]
 
 
+@pytest.mark.parametrize("binding,message", [
+    ('recipe.difficulty="Hard"', "unknown difficulty 'Hard'"),
+    ('recipe.difficulty_overrides={"max_step": 4}', r"names \['max_step'\], which are not difficulty parameters"),
+    ('recipe.difficulty_overrides={"min_steps": 4}', "need 1 <= min_steps <= max_steps"),
+])
+def test_bad_task_settings_are_refused_before_fresh_deletes_the_workdir(tmp_path, monkeypatch, binding, message):
+  monkeypatch.chdir(ROOT)  # main moves to the repository root; this puts the test's directory back after
+  (tmp_path / "sft").mkdir(parents=True)
+  (tmp_path / "sft" / "marker").write_text("a trained stage")
+  with pytest.raises(ValueError, match=message):
+    recipe.main([f"--workdir={tmp_path}", "--fresh", f"--gin_param={binding}"])
+  assert (tmp_path / "sft" / "marker").exists()
+
+
 def test_settings_reject_unknown_or_reordered_stages():
   assert recipe.recipe_settings(stages=["base", "sft"])["stages"] == ["base", "sft"]
   with pytest.raises(ValueError, match="in that order"):
