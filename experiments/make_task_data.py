@@ -76,12 +76,24 @@ def _length_stats(tokenizer, texts: list[str]) -> dict:
   return {"mean": round(float(np.mean(lengths)), 1), "max": int(np.max(lengths))}
 
 
+def check_counts(counts: dict[str, int]) -> None:
+  """Refuses counts the files cannot hold: a negative one (list slicing would take other files' problems), or more
+  SFT than mid-training problems (the SFT data is a subset of the mid-training data)."""
+  negative = {name: n for name, n in counts.items() if n < 0}
+  if negative:
+    raise ValueError(f"task counts must be >= 0, got {negative}")
+  if counts["sft"] > counts["midtrain"]:
+    raise ValueError(f"sft={counts['sft']} exceeds midtrain={counts['midtrain']}: the SFT data is a subset of the "
+                     "mid-training data")
+
+
 def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", chat_format: str = "phi-4",
                    counts: dict[str, int], **overrides: int) -> dict:
   """Writes every file (see the module docstring) and returns the manifest.
 
   `overrides` replace fields of the named difficulty (`max_value=40`, `max_steps=3`, ...).
   """
+  check_counts(counts)
   os.makedirs(out_dir, exist_ok=True)
   level = dataclasses.replace(word_problems.get_difficulty(difficulty), **overrides)
   pool = word_problems.generate(sum(counts[name] for name in TRAIN_FILES), seed=seed, split="train",
@@ -148,8 +160,10 @@ def main():
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(word_problems.Difficulty)
                if getattr(args, f.name) is not None}
   counts = {name: getattr(args, f"num_{name}") for name in defaults}
-  if counts["sft"] > counts["midtrain"]:
-    parser.error("--num_sft must not exceed --num_midtrain: SFT data is a subset of the mid-training data")
+  try:
+    check_counts(counts)
+  except ValueError as e:
+    parser.error(str(e))
   manifest = make_task_data(args.out_dir, seed=args.seed, difficulty=args.difficulty,
                             chat_format=args.chat_format, counts=counts, **overrides)
   print(json.dumps(manifest, indent=1))

@@ -263,6 +263,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str]) -> tuple[dict, di
   eval_cfg, rollout_cfg = eval_lib.eval_settings(), rollouts.rollout_settings()
   check_stage_settings(settings)
   task_request(settings)  # the task settings are good, before --fresh deletes anything
+  make_task_data.check_counts(settings["task_counts"])
   return settings, eval_cfg, rollout_cfg
 
 

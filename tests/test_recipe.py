@@ -211,6 +211,8 @@ def test_mesh_bindings_are_found_in_any_spelling():
     ('recipe.difficulty="Hard"', "unknown difficulty 'Hard'"),
     ('recipe.difficulty_overrides={"max_step": 4}', r"names \['max_step'\], which are not difficulty parameters"),
     ('recipe.difficulty_overrides={"min_steps": 4}', "need 1 <= min_steps <= max_steps"),
+    ('recipe.task_counts={"sft": 10000}', r"sft=10000 exceeds midtrain=\d+: the SFT data is a subset"),
+    ('recipe.task_counts={"base_train": -1}', r"task counts must be >= 0, got \{'base_train': -1\}"),
 ])
 def test_bad_task_settings_are_refused_before_fresh_deletes_the_workdir(tmp_path, monkeypatch, binding, message):
   monkeypatch.chdir(ROOT)  # main moves to the repository root; this puts the test's directory back after
