@@ -100,13 +100,32 @@ def _raise_if_empty(counts: dict[str, int], kind: str):
     raise DataError(", ".join(counts), "empty dataset", f"no records in {kind} file(s) {', '.join(counts)}")
 
 
-class _MultiFileSource:
+class _Concatenated:
+  """Records of several parts read back to back: global index -> (part, index in part). Subclasses set `name` and
+  call `_set_part_lengths`."""
+
+  name: str
+
+  def _set_part_lengths(self, lengths: Sequence[int]) -> None:
+    self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def _locate(self, index: int) -> tuple[int, int]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} out of range for {len(self)} records of {self.name}")
+    part = int(np.searchsorted(self._starts, index, side="right")) - 1
+    return part, index - int(self._starts[part])
+
+
+class _MultiFileSource(_Concatenated):
   """Random access over the concatenated records of several files: global index -> (file, index in file)."""
 
   def __init__(self, files: list[str], records_per_file: list[int], name: Optional[str]):
     self.files = files
     self.name = name or os.path.basename(files[0]) + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
-    self._starts = np.concatenate([[0], np.cumsum(records_per_file)]).astype(np.int64)
+    self._set_part_lengths(records_per_file)
     self._open_files: dict[int, Any] = {}  # file index -> open handle, filled lazily by the reader threads
     self._lock = threading.Lock()
 
@@ -125,15 +144,6 @@ class _MultiFileSource:
   def __setstate__(self, state):
     self.__dict__.update(state)
     self._lock = threading.Lock()
-
-  def __len__(self) -> int:
-    return int(self._starts[-1])
-
-  def _locate(self, index: int) -> tuple[int, int]:
-    if not 0 <= index < len(self):
-      raise IndexError(f"record {index} out of range for {len(self)} records of {self.name}")
-    file_index = int(np.searchsorted(self._starts, index, side="right")) - 1
-    return file_index, index - int(self._starts[file_index])
 
   def __repr__(self) -> str:
     return f"{type(self).__name__}({self.name!r}, {len(self)} records)"
@@ -329,22 +339,17 @@ def _file_kind(path: str, *, from_glob: bool) -> str:
                   "*.parquet or a save_to_disk directory; rename a JSON-lines file to *.jsonl")
 
 
-class ConcatSource:
+class ConcatSource(_Concatenated):
   """Several sources read back to back as one: record i of the concatenation is record i - start of its source."""
 
   def __init__(self, sources: Sequence[Any], *, name: Optional[str] = None):
     self.sources = list(sources)
     self.name = name or f"{self.sources[0].name} (+{len(self.sources) - 1} sources)"
-    self._starts = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])]).astype(np.int64)
-
-  def __len__(self) -> int:
-    return int(self._starts[-1])
+    self._set_part_lengths([len(s) for s in self.sources])
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    if not 0 <= index < len(self):
-      raise IndexError(f"record {index} out of range for {len(self)} records of {self.name}")
-    which = int(np.searchsorted(self._starts, index, side="right")) - 1
-    return self.sources[which][index - int(self._starts[which])]
+    which, row = self._locate(index)
+    return self.sources[which][row]
 
   def __repr__(self) -> str:
     return f"ConcatSource({self.name!r}, {self.sources!r})"

@@ -44,7 +44,7 @@ from phi_jax.losses.grpo import AGGREGATIONS
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sampling import SamplingConfig, generate
 from phi_jax.train import checkpoint
-from phi_jax.train.step import MeshJit
+from phi_jax.train.step import MeshJit, batch_shardings
 
 log = logging.getLogger("phi_jax")
 
@@ -331,17 +331,17 @@ class GRPORollouts:
     process; scored `score_microbatches` blocks of rows at a time."""
     inputs = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask", "temperature")}
     rows = len(inputs["tokens"])
-    # The most blocks up to score_microbatches whose rows split evenly, and over the mesh's data x fsdp.
+    # The most blocks up to score_microbatches whose rows split evenly, and over the mesh's data x fsdp (1 block
+    # when none does).
     ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    blocks = max(m for m in range(1, self.score_microbatches + 1) if rows % m == 0 and (rows // m) % ways == 0) \
-        if rows % ways == 0 else 1
+    blocks = max((m for m in range(1, self.score_microbatches + 1) if rows % m == 0 and (rows // m) % ways == 0),
+                 default=1)
     out = []
     for block in range(blocks):
       part = {k: v[block * rows // blocks:(block + 1) * rows // blocks] for k, v in inputs.items()}
       if self.mesh is None:
         out.append(np.asarray(self._ref_logps_fn(params, part)))
         continue
-      from phi_jax.train.step import batch_shardings
       part = jax.tree.map(lambda x, s: jax.device_put(x, s), part, batch_shardings(part, self.mesh))
       out.append(multihost_utils.process_allgather(self._ref_logps_fn(params, part), tiled=True))
     return np.concatenate(out)
