@@ -426,7 +426,8 @@ def test_rollouts_to_pairs_to_dpo_training_end_to_end(setup, start_run, monkeypa
   _run_gin(gin_files, common_bindings + [
       f"data.train_files=[{out!r}]", f"data.seq_len={SEQ}", f"train.init_from={start!r}", f"train.chunk_size={CHUNK}",
       "train.num_steps=6", "train.checkpoint_every=6", "train.async_checkpoints=False", "dpo.beta=0.5",
-      "optimizer.learning_rate=3e-3", "optimizer.warmup_fraction=0.0", "optimizer.decay='constant'"],
+      "optimizer.learning_rate=3e-3", "optimizer.warmup_fraction=0.0", "optimizer.decay='constant'",
+      f"data.eval_files=[{out!r}]", "data.eval_batches=1", "train.eval_every=6"],
       common.run_training, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
@@ -435,6 +436,8 @@ def test_rollouts_to_pairs_to_dpo_training_end_to_end(setup, start_run, monkeypa
   np.testing.assert_allclose(losses[0], np.log(2.0), rtol=1e-5)  # the frozen reference is the starting policy
   assert all(b < a for a, b in zip(losses, losses[1:])), losses
   assert losses[-1] < 0.6 and records[-1]["rewards/accuracies"] > 0.5 and records[-1]["rewards/margins"] > 0
+  # The eval of DPO scores pairs, and says so (its weight counts pairs, not tokens).
+  assert records[-1]["eval_pairs"] == min(BATCH, len(pairs)) and "eval_tokens" not in records[-1]
   assert os.path.isdir(os.path.join(workdir, "params"))
 
   # A resumed run loads its frozen reference again: one whose values changed since the run started is refused.

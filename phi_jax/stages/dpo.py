@@ -101,8 +101,10 @@ def make_loss_fn(config: PhiConfig, *, beta: float, label_smoothing: float = 0.0
                      "preference labels")
   if beta <= 0:
     raise ValueError(f"beta={beta} must be positive")
-  return functools.partial(dpo_stage_loss, config=config, beta=beta, label_smoothing=label_smoothing,
-                           loss_type=loss_type, chunk_size=chunk_size)
+  loss_fn = functools.partial(dpo_stage_loss, config=config, beta=beta, label_smoothing=label_smoothing,
+                              loss_type=loss_type, chunk_size=chunk_size)
+  loss_fn.weight_unit = "pairs"  # what aux["weight"] counts: the loop reports eval_pairs, not eval_tokens
+  return loss_fn
 
 
 def _reference_sums(ref_params, batch, *, config: PhiConfig, chunk_size: int):

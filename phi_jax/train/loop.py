@@ -444,9 +444,10 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     """Scores the eval data with the current params: (eval metrics, whether it is a new best)."""
     nonlocal eval_fn
     eval_fn = eval_fn or _make_eval(loss_fn, mesh, loop.microbatches)
-    record = _evaluate(eval_fn, state.params, eval_batches(), mesh)
-    if loop.compares_evaluations and not record["eval_tokens"]:
-      raise ValueError("the eval data gave no tokens to score, so early_stopping_patience / keep_best_checkpoint "
+    unit = getattr(loss_fn, "weight_unit", "tokens")  # what the stage's aux["weight"] counts
+    record = _evaluate(eval_fn, state.params, eval_batches(), mesh, unit)
+    if loop.compares_evaluations and not record[f"eval_{unit}"]:
+      raise ValueError(f"the eval data gave no {unit} to score, so early_stopping_patience / keep_best_checkpoint "
                        "have no eval loss to compare: check data.eval_files and data.eval_batches")
     improved = evals.add(step, record["eval_loss"])
     return dict(record, **evals.summary()), improved
@@ -762,7 +763,8 @@ def _make_eval(loss_fn, mesh, microbatches: int = 1):
   return MeshJit(microbatched, mesh)
 
 
-def _evaluate(eval_fn, params, batches: Iterable[dict], mesh) -> dict:
+def _evaluate(eval_fn, params, batches: Iterable[dict], mesh, unit: str = "tokens") -> dict:
+  """{"eval_loss": the weighted mean, "eval_<unit>": its weight}, unit being what the stage's weight counts."""
   total, weight = 0.0, 0.0
   batches = iter(batches)
   while True:
@@ -774,5 +776,5 @@ def _evaluate(eval_fn, params, batches: Iterable[dict], mesh) -> dict:
     loss_sum, w = eval_fn(params, global_batch(local, mesh))
     total, weight = total + host_scalar(loss_sum), weight + host_scalar(w)
   if not weight:
-    log.warning("the eval data gave no tokens to score (no batches, or no target tokens in them): eval_loss is NaN")
-  return {"eval_loss": total / weight if weight else float("nan"), "eval_tokens": weight}
+    log.warning("the eval data gave no %s to score (no batches, or no targets in them): eval_loss is NaN", unit)
+  return {"eval_loss": total / weight if weight else float("nan"), f"eval_{unit}": weight}
