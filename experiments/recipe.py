@@ -244,8 +244,19 @@ def configure(gin_files: Sequence[str], params: Sequence[str]) -> tuple[dict, di
   gin.clear_config()
   common.parse_gin(gin_files, [])
   in_file_dicts = {name: _bound_or_none(name) for name in MERGED_DICTS}
+  file_difficulty = _bound_or_none("recipe.difficulty")
   gin.clear_config()
   common.parse_gin(gin_files, params)  # all of them, so a misspelt name fails now rather than at its stage
+  difficulty = _bound_or_none("recipe.difficulty")
+  if difficulty != file_difficulty and in_file_dicts["recipe.difficulty_overrides"]:
+    # Another level asked for on the command line is that level: the file's overrides were written for the file's
+    # level (recipe_tiny's set every parameter, which would leave the new name without effect).
+    log.info("recipe.difficulty=%r from the command line: the file's recipe.difficulty_overrides %s are not applied "
+             "(give recipe.difficulty_overrides on the command line to change that level)", difficulty,
+             in_file_dicts["recipe.difficulty_overrides"])
+    in_file_dicts["recipe.difficulty_overrides"] = None
+    gin.bind_parameter("recipe.difficulty_overrides", _bound_or_none("recipe.difficulty_overrides")
+                       if any(p.strip().startswith("recipe.difficulty_overrides") for p in params) else {})
   for name, in_file in in_file_dicts.items():  # a --gin_param dict adds to the file's rather than replacing it
     given = _bound_or_none(name)
     if in_file and given is not None and given != in_file:

@@ -1,6 +1,7 @@
 """The recipe runner: the quick smoke run of all five stages end to end (files, stage table, numbers in range),
 then a re-run that skips every finished stage; and the recipe's settings and stage chaining."""
 
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import recipe  # noqa: E402  (first: it sets up XLA before jax loads)
 import common  # noqa: E402
 import gin  # noqa: E402
+from phi_jax.tasks import word_problems  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_notebooks import execute_notebook  # noqa: E402
@@ -289,6 +291,22 @@ def test_command_line_recipe_dicts_add_to_the_files(monkeypatch):
     assert settings["stage_bindings"]["base"] == ["train.num_steps=4"]
     assert settings["stage_bindings"]["sft"] == ["train.num_steps=3", "train.num_steps=5"]  # the later one wins
     assert settings["task_counts"]["valid"] == 8 and settings["task_counts"]["base_train"] == 64
+  finally:
+    gin.clear_config()
+
+
+def test_a_command_line_difficulty_is_that_level_not_the_files_overrides(monkeypatch):
+  """recipe_tiny's overrides set every difficulty parameter: merged under another level's name they made
+  --gin_param recipe.difficulty="hard" a no-op. Another level drops the file's overrides; the command line's stay."""
+  monkeypatch.chdir(ROOT)
+  quick = ["experiments/configs/recipe_tiny/quick.gin"]
+  try:
+    made = lambda params: recipe.task_request(recipe.configure(quick, params)[0])["difficulty_params"]
+    assert made([])["max_steps"] == 3  # the file's overrides
+    assert made(['recipe.difficulty="hard"']) == dataclasses.asdict(word_problems.DIFFICULTIES["hard"])
+    assert made(['recipe.difficulty="hard"', 'recipe.difficulty_overrides={"max_value": 50}']) == dict(
+        dataclasses.asdict(word_problems.DIFFICULTIES["hard"]), max_value=50)
+    assert made(['recipe.difficulty_overrides={"max_value": 50}'])["max_steps"] == 3  # same level: merged
   finally:
     gin.clear_config()
 
