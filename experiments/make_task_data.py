@@ -94,17 +94,27 @@ def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", c
   `overrides` replace fields of the named difficulty (`max_value=40`, `max_steps=3`, ...).
   """
   check_counts(counts)
-  os.makedirs(out_dir, exist_ok=True)
   level = dataclasses.replace(word_problems.get_difficulty(difficulty), **overrides)
-  pool = word_problems.generate(sum(counts[name] for name in TRAIN_FILES), seed=seed, split="train",
-                                difficulty=level, distinct_by="question")
-  problems, cursor = {}, 0
+
+  def generate(name: str, n: int, split: str, **kwargs) -> list[word_problems.Problem]:
+    try:
+      return word_problems.generate(n, seed=seed, split=split, difficulty=level, **kwargs)
+    except ValueError as e:  # an easy level has few distinct problems: name the count to lower
+      raise ValueError(f"{name}: {n} problems of the {difficulty!r} difficulty{' with ' if overrides else ''}"
+                       f"{', '.join(f'{k}={v}' for k, v in overrides.items())} cannot be made: {e}") from e
+
+  # The held-out splits first: problems distinct by arithmetic are the scarce ones, so a count too large fails
+  # before the training pool is drawn.
+  problems = {split: generate(split, counts[split], split) for split in ("valid", "test")}
+  train_counts = {name: counts[name] for name in TRAIN_FILES}
+  pool = generate(" + ".join(f"{name}={n}" for name, n in train_counts.items()), sum(train_counts.values()),
+                  "train", distinct_by="question")
+  cursor = 0
   for name in TRAIN_FILES:
     problems[name] = pool[cursor:cursor + counts[name]]
     cursor += counts[name]
   problems["sft"] = curate(problems["midtrain"], counts["sft"])
-  problems["valid"] = word_problems.generate(counts["valid"], seed=seed, split="valid", difficulty=level)
-  problems["test"] = word_problems.generate(counts["test"], seed=seed, split="test", difficulty=level)
+  os.makedirs(out_dir, exist_ok=True)
 
   records = {
       "base_train": [word_problems.to_sft_record(p, word_problems.direct_answer(p)) for p in problems["base_train"]],
@@ -164,8 +174,11 @@ def main():
     check_counts(counts)
   except ValueError as e:
     parser.error(str(e))
-  manifest = make_task_data(args.out_dir, seed=args.seed, difficulty=args.difficulty,
-                            chat_format=args.chat_format, counts=counts, **overrides)
+  try:
+    manifest = make_task_data(args.out_dir, seed=args.seed, difficulty=args.difficulty,
+                              chat_format=args.chat_format, counts=counts, **overrides)
+  except ValueError as e:
+    parser.error(f"{e} (lower --num_<file>, or choose a harder --difficulty or larger --max_value/--max_operand)")
   print(json.dumps(manifest, indent=1))
 
 

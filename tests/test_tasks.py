@@ -290,6 +290,15 @@ def test_make_task_data_writes_every_stage(tmp_path):
     assert abs(manifest["num_steps"]["sft"].get(steps, 0) / counts["sft"] - count / counts["midtrain"]) <= 0.06
 
 
+def test_make_task_data_names_a_count_its_difficulty_cannot_fill(tmp_path):
+  """The easy level has under 200 distinct test problems, make_task_data.py's default count: the error names the
+  file and the level, before anything is written."""
+  counts = {"base_train": 10, "midtrain": 10, "sft": 5, "dpo_prompts": 5, "rl_prompts": 5, "valid": 5, "test": 300}
+  with pytest.raises(ValueError, match=r"^test: 300 problems of the 'easy' difficulty cannot be made: found only"):
+    make_task_data.make_task_data(str(tmp_path / "out"), difficulty="easy", counts=counts)
+  assert not (tmp_path / "out").exists()
+
+
 def test_the_nth_problem_may_come_on_the_last_allowed_draw(monkeypatch):
   monkeypatch.setattr(wp, "_MAX_DRAWS_PER_PROBLEM", 1)
   seed = next(seed for seed in range(100)  # a seed whose first draw is a train problem
