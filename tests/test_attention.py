@@ -268,6 +268,14 @@ def test_splash_on_a_mesh_runs_per_device_and_lowers_for_tpu(monkeypatch):
   for a, e in zip(jax.tree.leaves(actual[1]), jax.tree.leaves(expected[1])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-3, atol=1e-5)
 
+  # Three rows, which the mesh's four row shards do not divide (an eval or rollout batch): run replicated over the
+  # axis that does not divide them (a shard_map error before).
+  with mesh_context(mesh):
+    odd = jax.jit(lambda p: phi_jax.forward(p, tokens[:3], config.replace(attention_backend="splash"),
+                                            segment_ids=seg[:3]))(params)
+  np.testing.assert_allclose(np.asarray(odd)[seg[:3] > 0], np.asarray(phi_jax.forward(
+      params, tokens[:3], config, segment_ids=seg[:3]))[seg[:3] > 0], rtol=1e-4, atol=1e-4)
+
   monkeypatch.setitem(attention._BACKENDS, "splash", functools.partial(splash_attention, interpret=False))
   tpu = config.replace(head_dim=128, dtype="bfloat16", attention_backend="splash")
   shapes = jax.eval_shape(lambda: phi_jax.init_params(config.replace(head_dim=128), jax.random.key(0)))

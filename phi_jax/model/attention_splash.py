@@ -15,7 +15,8 @@ Segment rule: splash lets a query see keys of its own segment id, so real querie
 padding keys instead of nothing; their outputs stay finite and callers mask them out, as with every backend.
 
 On a mesh (the train step's, entered with `jax.set_mesh`) the kernel runs under `shard_map`, each device on its own
-rows and heads: XLA refuses to partition a TPU kernel itself.
+rows and heads (replicated over a mesh axis that does not divide the batch or the kv heads): XLA refuses to partition
+a TPU kernel itself.
 
 Off TPU the kernel runs in Pallas interpret mode (slow, exact), which lets the CPU suite test this wiring.
 """
@@ -53,8 +54,15 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q
     return local(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids)
   # XLA cannot split a TPU kernel over devices itself: each device runs it on its own rows (data, fsdp) and heads
   # (tensor; the kv heads split with their query heads), the sequence whole, as the model's activations are laid out.
-  rows = tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names) or None
-  heads = "tensor" if "tensor" in mesh.axis_names else None
+  # A batch or head count those axes do not divide (an eval or rollout batch of other rows) runs replicated over
+  # the axes that do not divide it: the same values, each such device computing the whole share.
+  rows, row_devices = [], 1
+  for axis in ("data", "fsdp"):
+    if axis in mesh.axis_names and q_BTNH.shape[0] % (row_devices * mesh.shape[axis]) == 0:
+      rows.append(axis)
+      row_devices *= mesh.shape[axis]
+  rows = tuple(rows) or None
+  heads = "tensor" if "tensor" in mesh.axis_names and k_BSKH.shape[2] % mesh.shape["tensor"] == 0 else None
   by_row, by_head = P(rows, None), P(rows, None, heads, None)
   return jax.shard_map(local, mesh=mesh, in_specs=(by_head, by_head, by_head, by_row, by_row), out_specs=by_head,
                        check_vma=False)(q_BTNH, k_BSKH, v_BSKH, q_segment_ids, kv_segment_ids)
