@@ -203,7 +203,7 @@ def get_tokenizer(spec: str, workdir: str):
   return load_tokenizer(spec)
 
 
-def _pipeline(files, data_cfg, tokenizer, *, seed, per_process_batch, shuffle=True, num_epochs=None):
+def _pipeline(files, data_cfg, tokenizer, *, seed, per_process_batch, shuffle=True, num_epochs=None, warn=True):
   components = [(sources_lib.open_source(f), (data_cfg["weights"] or [1.0] * len(files))[i])
                 for i, f in enumerate(files)]
   return pipeline_lib.build_pipeline(
@@ -211,7 +211,7 @@ def _pipeline(files, data_cfg, tokenizer, *, seed, per_process_batch, shuffle=Tr
           tokenizer, system_prompt=data_cfg["system_prompt"],
           special_tokens_in_text=data_cfg.get("special_tokens_in_text", "split")),
       seq_len=data_cfg["seq_len"], batch_size=per_process_batch, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-      packing=data_cfg["packing"], too_long=data_cfg["too_long"], on_bad_record=data_cfg["on_bad_record"])
+      packing=data_cfg["packing"], too_long=data_cfg["too_long"], on_bad_record=data_cfg["on_bad_record"], warn=warn)
 
 
 def check_not_unfinished_run(path: str) -> None:
@@ -305,9 +305,8 @@ def _next_token_setup(model_config: PhiConfig, data_cfg: dict, settings: dict, t
       # weights ended the eval set when its smallest file ran out).
       weights = [None] * len(data_cfg["eval_files"])
       it = _pipeline(data_cfg["eval_files"], dict(data_cfg, weights=weights), tokenizer, seed=0,
-                     per_process_batch=per_process, shuffle=False, num_epochs=1)
-      for _, batch in zip(range(data_cfg["eval_batches"]), it):
-        yield batch
+                     per_process_batch=per_process, shuffle=False, num_epochs=1, warn=False)
+      yield from _read_eval(it, data_cfg["eval_batches"], eval_batches)
   loss_fn = next_token.make_loss_fn(model_config, chunk_size=settings["chunk_size"], z_loss=settings["z_loss"])
   return loss_fn, train_data, eval_batches
 
@@ -356,6 +355,7 @@ def run_training(workdir: str):
     log.info("eval_loss is measured on %d batch(es) of %d rows of data.eval_files, the same ones at every evaluation "
              "(%s)", count, global_batch, "all of the files" if count < data_cfg["eval_batches"] else
              f"the first data.eval_batches={data_cfg['eval_batches']}; raise it to cover more of the files")
+    _warn_of_eval_skips(getattr(eval_batches, "stats", None), data_cfg)
   def on_start():  # once the workdir's checkpoints fit: eval.py and rollouts.py rebuild the model from it
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.gin"), "w") as f:
@@ -543,11 +543,32 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   if eval_files:
     def eval_batches(data_only=False):  # data_only: the pairs without their in-step reference log-probs
       it = (preference.build_preference_iterator(eval_files, tokenizer, reference_logps=ref_fn is None, **reader,
-                                                 seed=0, shuffle=False, num_epochs=1) if data_only else
-            pairs(eval_files, seed=0, shuffle=False, num_epochs=1))
-      for _, batch in zip(range(data_cfg["eval_batches"]), it):
-        yield batch
+                                                 seed=0, shuffle=False, num_epochs=1, warn=False) if data_only else
+            pairs(eval_files, seed=0, shuffle=False, num_epochs=1, warn=False))
+      yield from _read_eval(it, data_cfg["eval_batches"], eval_batches)
   return loss_fn, train_data, eval_batches
+
+
+def _warn_of_eval_skips(stats: Optional[dict], data_cfg: dict) -> None:
+  """Eval records left out of every evaluation (too long for seq_len, or bad under on_bad_record='skip'), named
+  once: eval_loss and the checkpoint choices made on it measure the rest only."""
+  if not stats or not stats["records_skipped"]:
+    return
+  share = f" of this process's {stats['records_read']}" if jax.process_count() > 1 else f" of {stats['records_read']}"
+  log.warning("%d%s eval record(s) read are not scored (%s): eval_loss measures the other %d. Raise data.seq_len%s",
+              sum(stats["records_skipped"].values()), share,
+              ", ".join(f"{reason}: {n}" for reason, n in stats["records_skipped"].items()), stats["records_used"],
+              ", or fix the records (on_bad_record='raise' names the first)" if set(stats["records_skipped"]) - {
+                  "too long"} else f" (now {data_cfg['seq_len']}) or change data.too_long (now "
+              f"{data_cfg['too_long']!r})")
+
+
+def _read_eval(it, max_batches: int, holder):
+  """The first `max_batches` batches of `it`; once they are all read, `holder.stats` is `it.stats()` (what was read,
+  used and skipped), which the run reports once at its start."""
+  for _, batch in zip(range(max_batches), it):
+    yield batch
+  holder.stats = it.stats()
 
 
 def _reference_is_current(out_file: str, made_with: dict) -> bool:

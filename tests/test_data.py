@@ -218,6 +218,19 @@ def test_mixture_follows_the_weights_and_counts_tokens_per_source(tmp_path):
       "loss_tokens"]
 
 
+@pytest.mark.parametrize("packing", [None, "first_fit"])
+def test_loss_tokens_are_the_targets_the_loss_weighs(tmp_path, packing):
+  """stats' loss_tokens count what `next_token_targets` weighs: a text document's first token (mask 1, never a
+  target) used to be counted, one too many per document and per split piece."""
+  from phi_jax.losses.cross_entropy import next_token_targets
+  path = write_jsonl(tmp_path / "a.jsonl", documents(30, max_chars=40))
+  it = pipeline([(JsonlSource(path), 1.0)], packing=packing, too_long="split")
+  weight = sum(float(next_token_targets(b["tokens"], b["segment_ids"], b["loss_mask"])[1].sum()) for b in it)
+  stats = it.stats()
+  assert stats["too_long_split"] > 0  # pieces of split records are counted too
+  assert stats["loss_tokens"] == weight == stats["sources"]["a.jsonl"]["loss_tokens"]
+
+
 def test_mixture_ends_when_a_finite_source_runs_out(tmp_path):
   finite = documents(10, prefix="f")
   a = write_jsonl(tmp_path / "a.jsonl", finite)

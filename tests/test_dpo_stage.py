@@ -183,6 +183,7 @@ def test_too_long_pairs_are_dropped_or_lose_prompt_tokens_and_are_counted(setup,
       caplog.text)
   assert stats["records_read"] == 3 and stats["records_used"] == 1 and stats["too_long_dropped"] == 2
   assert batch["chosen_segment_ids"][1:].sum() == 0
+  assert caplog.text.count("long.jsonl: a record was longer than seq_len, dropped") == 1  # the first of two
 
   # Repeating pairs that are all too long: an error at the first batch, not an endless read.
   with pytest.raises(DataError, match=r"long.jsonl: no usable records: every record of a whole epoch"):

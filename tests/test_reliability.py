@@ -399,14 +399,16 @@ def test_data_counts_combine_over_processes(monkeypatch):
   """What sum_over_processes makes of two processes' stats (the two-process run in test_resume.py checks the
   records and data_stats.json it feeds): counts add up, a skip reason only one process met is kept, fractions
   average, names stay process 0's."""
+  source = lambda tokens: {"path": "a.jsonl", "tokens": tokens, "weight": 3, "num_epochs": 2, "records": 4}
   per_process = [{"tokens": 10, "padding_fraction": 0.25, "records_skipped": {"too long": 2}, "sources": {
-                     "a": {"path": "a.jsonl", "tokens": 10}}},
+                     "a": source(10)}},
                  {"tokens": 30, "padding_fraction": 0.75, "records_skipped": {"invalid JSON": 1}, "sources": {
-                     "a": {"path": "a.jsonl", "tokens": 30}}}]
+                     "a": source(30)}}]
   monkeypatch.setattr(loop, "allgather_json", lambda obj: per_process)
+  # A source's weight and epochs are settings, not counts: process 0's (they were doubled); its records add up.
   assert loop.sum_over_processes(per_process[0]) == {
       "tokens": 40, "padding_fraction": 0.5, "records_skipped": {"too long": 2, "invalid JSON": 1},
-      "sources": {"a": {"path": "a.jsonl", "tokens": 40}}}
+      "sources": {"a": {"path": "a.jsonl", "tokens": 40, "weight": 3, "num_epochs": 2, "records": 8}}}
 
 
 def scaled_loss(config):
@@ -843,6 +845,21 @@ def test_eval_files_are_read_whole_and_checked_before_the_first_step(gin_run, tm
     gin_run(f"data.train_files = ['{big}']", f"data.eval_files = ['{bad}']", "train.num_steps = 2",
             workdir=tmp_path / "bad")
   assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")  # nothing trained
+
+
+def test_dropped_records_are_named_once_and_unscored_eval_records_counted(gin_run, tmp_path, caplog):
+  """Records dropped as too long were counted in data_stats.json only: the run said nothing, and the startup line
+  said the eval set was read whole while most of it might never be scored."""
+  mixed = tmp_path / "mixed.jsonl"
+  mixed.write_text("".join(json.dumps({"text": f"document number {i} about sums"}) + "\n" for i in range(37))
+                   + (BAD_LINES["too long"].decode() + "\n") * 3)
+  with caplog.at_level("INFO", logger="phi_jax"):
+    gin_run(f"data.train_files = ['{mixed}']", f"data.eval_files = ['{mixed}']", "data.eval_batches = 100",
+            "data.too_long = 'drop'", "train.num_steps = 2", "train.eval_every = 1")
+  # The training data's first drop, once; the eval pipelines (read at startup and at each evaluation) stay quiet.
+  assert caplog.text.count("mixed.jsonl: a record was longer than seq_len, dropped (too_long='drop')") == 1
+  assert ("3 of 40 eval record(s) read are not scored (too long: 3): eval_loss measures the other 37. Raise "
+          "data.seq_len (now 64)") in caplog.text
 
 
 def test_a_refused_resume_leaves_the_workdir_as_it_was(gin_run, tmp_path):

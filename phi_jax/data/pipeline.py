@@ -34,7 +34,7 @@ import grain
 import numpy as np
 
 from phi_jax.data import packing as packing_lib
-from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, SkipStreak, read_record
+from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, SkipStreak, SkipWarning, read_record
 
 log = logging.getLogger("phi_jax")
 
@@ -123,7 +123,7 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
                    packing: Optional[str] = "first_fit", too_long: str = "split", on_bad_record: str = "raise",
                    process_index: Optional[int] = None, process_count: Optional[int] = None,
                    num_packing_bins: Optional[int] = None, read_threads: int = 2,
-                   read_buffer: int = 64) -> DataIterator:
+                   read_buffer: int = 64, warn: bool = True) -> DataIterator:
   """A deterministic, resumable iterator of per-process batches (see the module docstring).
 
   Args:
@@ -144,6 +144,8 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
       `jax.process_count()`).
     num_packing_bins: rows Grain fills at once when packing (default: batch_size).
     read_threads, read_buffer: Grain threads and prefetch buffer for reading, validating and tokenizing.
+    warn: log the first split record and the first skipped record of each reason (an eval set read again at
+      every evaluation turns this off and reports its counts once).
   """
   components = [c if isinstance(c, Component) else Component(*c) for c in sources]
   if not components:
@@ -180,7 +182,7 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
   weights = [c.weight if c.weight is not None else length for c, length in zip(components, lengths)]
   mixed = per_source[0] if len(per_source) == 1 else grain.MapDataset.select_from_datasets(
       per_source, _ProportionalSelection([len(ds) for ds in per_source], weights))
-  ledger = _Ledger(len(components), warn_on_split=packing is None)
+  ledger = _Ledger(names, warn_on_split=packing is None and warn, warn_on_skip=warn)
   examples = _AccountingIterDataset(
       mixed.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer)), ledger,
       lengths)
@@ -293,9 +295,11 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
 class _Ledger:
   """Record counters per source, [num_sources, len(_LEDGER_FIELDS)]; snapshots are plain lists (JSON)."""
 
-  def __init__(self, num_sources: int, warn_on_split: bool = False):
-    self.counts = np.zeros((num_sources, len(_LEDGER_FIELDS)), np.int64)
+  def __init__(self, names: Sequence[str], warn_on_split: bool = False, warn_on_skip: bool = False):
+    self.counts = np.zeros((len(names), len(_LEDGER_FIELDS)), np.int64)
+    self._names = list(names)
     self._warn_on_split = warn_on_split
+    self._warn_on_skip = SkipWarning(enabled=warn_on_skip)
 
   def count(self, element: dict[str, Any]):
     row = self.counts[element["source"]]
@@ -311,6 +315,7 @@ class _Ledger:
                     "data_stats.json (too_long_split). For SFT, too_long='drop' keeps one whole example per row")
     else:
       row[_COLUMN[status]] += 1
+      self._warn_on_skip(self._names[element["source"]], status)
 
   def snapshot(self) -> list[list[int]]:
     return self.counts.tolist()
@@ -429,17 +434,20 @@ class DataIterator:
                   "; ".join(unread))
 
   def _count(self, batch: dict[str, np.ndarray], num_filler: int):
-    real = batch["segment_ids"] > 0
-    sources = batch["source_ids"][real]
+    segments = batch["segment_ids"]
+    real = segments > 0
+    # Loss tokens are the targets the loss weighs: a masked token predicted from the position before it in its own
+    # segment (a text document's first token, and each split piece's, carry a mask of 1 but are never a target).
+    targets = np.zeros_like(real)
+    targets[:, 1:] = (batch["loss_mask"][:, 1:] > 0) & real[:, 1:] & (segments[:, 1:] == segments[:, :-1])
     num_sources = len(self._sources_info)
-    self._source_tokens[:, 0] += np.bincount(sources, minlength=num_sources)
-    self._source_tokens[:, 1] += np.bincount(sources, weights=batch["loss_mask"][real], minlength=num_sources).astype(
-        np.int64)
+    self._source_tokens[:, 0] += np.bincount(batch["source_ids"][real], minlength=num_sources)
+    self._source_tokens[:, 1] += np.bincount(batch["source_ids"][targets], minlength=num_sources)
     self._totals["batches"] += 1
     self._totals["rows"] += self._batch_size - num_filler
     self._totals["filler_rows"] += num_filler
     self._totals["tokens"] += int(real.sum())
-    self._totals["loss_tokens"] += int(batch["loss_mask"][real].sum())
+    self._totals["loss_tokens"] += int(targets.sum())
 
   def get_state(self) -> dict[str, Any]:
     return {"rows": self._rows.get_state(), "exhausted": self._exhausted, "totals": dict(self._totals),

@@ -35,7 +35,7 @@ import grain
 import numpy as np
 
 from phi_jax.data.chat import ROLES, render_messages
-from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, SkipStreak, open_source
+from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, SkipStreak, SkipWarning, open_source
 
 log = logging.getLogger("phi_jax")
 
@@ -203,7 +203,8 @@ class PreferenceIterator:
                num_epochs: Optional[int] = 1, too_long: str = "drop", on_bad_record: str = "raise",
                system_prompt: Optional[str] = None, reference_logps: bool = False, with_index: bool = False,
                process_index: Optional[int] = None, process_count: Optional[int] = None, read_threads: int = 2,
-               read_buffer: int = 64, name: Optional[str] = None):
+               read_buffer: int = 64, name: Optional[str] = None, warn: bool = True):
+    """`warn`: log the first skipped pair of each reason (an eval set read again at every evaluation turns it off)."""
     if too_long not in TOO_LONG:
       raise ValueError(f"too_long={too_long!r}; expected one of {TOO_LONG}")
     if on_bad_record not in ON_BAD_RECORD:
@@ -221,6 +222,7 @@ class PreferenceIterator:
       log.warning("%s holds %d pair(s) for this process, fewer than one batch of %d: %s", self.name, len(ds),
                   batch_size, "every batch repeats them" if num_epochs != 1 else "its one batch is mostly filler")
     self._streak = SkipStreak(self.name, [len(ds)])
+    self._warn_on_skip = SkipWarning(enabled=warn)
     if shuffle:
       ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
@@ -281,6 +283,7 @@ class PreferenceIterator:
       counts["prompts_truncated"] += status == "truncated"
     else:
       counts["records_skipped"][status] = counts["records_skipped"].get(status, 0) + 1
+      self._warn_on_skip(self.name, status)
 
   def _count_batch(self, batch: dict[str, np.ndarray], num_filler: int):
     counts = self._counts

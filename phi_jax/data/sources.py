@@ -78,6 +78,25 @@ class SkipStreak:
                       "records' fields (on_bad_record='raise' names the first bad one)")
 
 
+class SkipWarning:
+  """Logs the first skipped record of each reason (a dropped too-long record, a bad record under
+  on_bad_record='skip'), so a run that loses data says so as it starts; the counts go on in `stats()`."""
+
+  def __init__(self, enabled: bool = True):
+    self._warned = set() if enabled else None
+
+  def __call__(self, name: str, reason: str):
+    """`name`: the source the record came from."""
+    if self._warned is None or reason in self._warned:
+      return
+    self._warned.add(reason)
+    what = ("longer than seq_len, dropped (too_long='drop')" if reason == "too long"
+            else f"skipped (on_bad_record='skip'): {reason}")
+    logging.getLogger("phi_jax").warning(
+        "%s: a record was %s. Later ones are not logged; every skipped record is counted per reason in the data "
+        "stats (data_stats.json: records_skipped)", name, what)
+
+
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
   """Files named by `paths` (globs allowed), in sorted order per pattern; a pattern matching nothing is an error."""
   patterns = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)

@@ -177,17 +177,25 @@ class _SigtermFlag:
 _SPIKE_WINDOW_KEY = "loss_spike_window_losses"  # in each checkpoint's metadata
 
 
+# Settings that data stats carry beside their counts (a source's mixture weight and epochs): the same on every
+# process, so process 0's value is the run's, whatever its type (an integer weight is not a count to add up).
+_SETTINGS_KEYS = ("weight", "num_epochs")
+
+
 def sum_over_processes(counts: Any) -> Any:
   """Per-process counts (JSON: nested dicts of numbers) combined over all processes: integers add up, floats
-  (fractions such as `padding_fraction`) become their mean, anything else is process 0's. A key some processes
-  lack (a skip reason only one of them met) combines the values of those that have it. A collective."""
+  (fractions such as `padding_fraction`) become their mean, anything else (and the settings of `_SETTINGS_KEYS`)
+  is process 0's. A key some processes lack (a skip reason only one of them met) combines the values of those that
+  have it. A collective."""
   per_process = allgather_json(counts)
 
-  def combine(values):
+  def combine(values, key=None):
     first = values[0]
     if isinstance(first, dict):
       keys = dict.fromkeys(k for v in values if isinstance(v, dict) for k in v)
-      return {k: combine([v[k] for v in values if isinstance(v, dict) and k in v]) for k in keys}
+      return {k: combine([v[k] for v in values if isinstance(v, dict) and k in v], k) for k in keys}
+    if key in _SETTINGS_KEYS:
+      return first
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
       return sum(values)
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
