@@ -27,7 +27,7 @@ from phi_jax import sharding
 from phi_jax.data import pipeline as pipeline_lib
 from phi_jax.data import sources as sources_lib
 from phi_jax.hf import load_hf, save_hf
-from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer
+from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer, save_tokenizer
 from phi_jax.model import PhiConfig, init_params, presets
 from phi_jax.sampling import sampler
 from phi_jax.sharding import distributed
@@ -386,7 +386,7 @@ def export_hf(out: str, model_config: PhiConfig, params, tokenizer) -> None:
   """The params as a transformers checkpoint with the tokenizer; generation stops at the chat format's turn end."""
   from phi_jax.data.chat import stop_token_ids
   save_hf(out, model_config, params, stop_token_ids=stop_token_ids(tokenizer))
-  tokenizer.save_pretrained(out)
+  save_tokenizer(tokenizer, out)
 
 
 def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:

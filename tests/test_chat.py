@@ -17,7 +17,7 @@ from phi_jax.data.chat import (PHI4_MINI_REASONING_SYSTEM_PROMPT, PHI4_REASONING
                                THINK_TOKENS, chat_family, render_messages, render_prompt, stop_token_ids,
                                think_token_ids)
 from phi_jax.hf.tokenizer import (CHAT_FORMAT_FAMILY, CHAT_TEMPLATES, build_tiny_tokenizer, family_special_tokens,
-                                  load_tokenizer)
+                                  load_tokenizer, save_tokenizer)
 
 FORMATS = ("phi-4", "phi-4-reasoning", "phi-4-mini", "phi-4-mini-reasoning")
 END_OF_TURN = {"phi-4": "<|im_end|>", "phi-4-mini": "<|end|>"}
@@ -351,6 +351,32 @@ def test_a_plain_fast_tokenizer_loads_as_auto_tokenizer_would_without_importing_
   out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("tokenizer_class", ["GPT2Tokenizer", "CodeGenTokenizer"])
+def test_tokenizer_json_pipeline_is_kept_whatever_class_the_config_names(tmp_path, tokenizer_class):
+  """The Phi-4 checkpoints name GPT2Tokenizer; without a phi3 config.json beside it, transformers 5 built that class
+  (and others, e.g. CodeGenTokenizer) with GPT-2's pre-tokenizer instead of tokenizer.json's cl100k-style split:
+  digit runs were no longer cut at three and "'M" split. The exported copy must keep it, and load in transformers 4
+  (which has no TokenizersBackend class)."""
+  from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+  split = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+"
+  backend = Tokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  backend.train_from_iterator(["Compute 2024 + 1999 = 4023. I'M sure."] * 50, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
+  backend.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class,
+                                                              "eos_token": "<|endoftext|>"}))
+  text = "Compute 19992024. I'M sure."
+  expected = backend.encode(text).ids
+  assert load_tokenizer(tmp_path).encode(text, add_special_tokens=False) == expected
+  save_tokenizer(load_tokenizer(tmp_path), tmp_path / "exported")
+  assert load_tokenizer(tmp_path / "exported").encode(text, add_special_tokens=False) == expected
+  assert json.loads((tmp_path / "exported" / "tokenizer_config.json").read_text())["tokenizer_class"] == (
+      "PreTrainedTokenizerFast")
 
 
 def test_tiny_tokenizer_learns_from_the_given_corpus_within_the_vocab_size(tmp_path):

@@ -21,6 +21,7 @@ The chat templates below reproduce the `chat_template` of each model's `tokenize
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from typing import Optional
@@ -32,7 +33,10 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 # (tokenizer.json), which `AutoTokenizer` would load as `PreTrainedTokenizerFast` too. Loading it by that class
 # directly skips `AutoTokenizer`'s import of the model-config machinery, which imports torch when it is
 # installed: ~3 s of every command's start-up on a small CPU.
-_PLAIN_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+# GPT2Tokenizer(Fast) is what the Phi-4 checkpoints name: its tokenizer.json (a cl100k / o200k split regex before a
+# byte-level step) is the whole tokenizer, but transformers 5 builds that class with GPT-2's own pre-tokenizer in
+# place of the file's when no phi3 config.json sits beside it (digits and contractions then split differently).
+_PLAIN_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend", "GPT2Tokenizer", "GPT2TokenizerFast")
 
 # The fixed system message of Phi-4-reasoning(-plus). Source: the `chat_template` of microsoft/Phi-4-reasoning's
 # tokenizer_config.json, taken from independent public copies of that template and of the model card's chat-format
@@ -147,10 +151,41 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
-  if _tokenizer_class(path) in _PLAIN_FAST_CLASSES and os.path.isfile(os.path.join(path, "tokenizer.json")):
+  tokenizer_json = os.path.join(path, "tokenizer.json")
+  if _tokenizer_class(path) in _PLAIN_FAST_CLASSES and os.path.isfile(tokenizer_json):
     return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top  (imports torch if installed)
-  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+  if os.path.isfile(tokenizer_json) and _pipeline_differs(tokenizer, tokenizer_json):
+    # The class rebuilt the text pipeline from its own defaults; the file is what the model was trained with.
+    logging.getLogger("phi_jax").info("%s: tokenizer_class %s replaces tokenizer.json's normalizer or "
+                                      "pre-tokenizer; loading tokenizer.json as it is", path, type(tokenizer).__name__)
+    return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+  return tokenizer
+
+
+def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:
+  """`tokenizer.save_pretrained(out_dir)`, readable by transformers 4 as well: transformers 5 names a plain
+  tokenizers-library tokenizer `TokenizersBackend`, a class transformers 4 (and tools built on it) do not know; the
+  same files under `PreTrainedTokenizerFast` load in both."""
+  tokenizer.save_pretrained(out_dir)
+  path = os.path.join(os.fspath(out_dir), "tokenizer_config.json")
+  with open(path, encoding="utf-8") as f:
+    config = json.load(f)
+  if config.get("tokenizer_class") == "TokenizersBackend":
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _write_json(path, config)
+
+
+def _pipeline_differs(tokenizer, tokenizer_json: str) -> bool:
+  """Whether a loaded fast tokenizer's normalizer or pre-tokenizer is not the one its tokenizer.json holds."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None:
+    return False
+  with open(tokenizer_json, encoding="utf-8") as f:
+    saved = json.load(f)
+  loaded = json.loads(backend.to_str())
+  return any(loaded.get(part) != saved.get(part) for part in ("normalizer", "pre_tokenizer"))
 
 
 def _tokenizer_class(path: str) -> Optional[str]:
