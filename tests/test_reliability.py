@@ -345,6 +345,14 @@ def test_truncated_or_bit_flipped_checkpoint_is_reported_and_the_previous_one_us
 
   with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint under .* could be restored \(2 tried\)"):
     restore_after(damage_both)
+  # ... and the same command run again: no step is left, but the run's progress is set aside, so the loop refuses
+  # to start from scratch over it (it trained from step 0 in the same workdir, without a word).
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "work"), save_interval_steps=1, async_save=False)
+  assert ckpt.all_steps() == []
+  with pytest.raises(checkpoint.CheckpointError, match=r"has no checkpoint left, but 2 damaged one\(s\) were set "
+                     r"aside in .*corrupt \(1-.*, 2-.*\).*delete .*corrupt to start this workdir from scratch"):
+    ckpt.refuse_fresh_start_over_set_aside_steps()
+  ckpt.close()
   gc.collect()
 
 
@@ -624,7 +632,7 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
   assert saved["model_config"]["head_dim"] is None
   explicit = dict(saved, model_config=dict(saved["model_config"], head_dim=TINY.resolved_head_dim))
   loop.check_resume_compatible(saved, explicit, "W")
-  # Without gradient clipping the optimizer chain holds one transform fewer, so its state has other paths.
+  # An optimizer state with other paths (here: as if the chain held one transform fewer) is refused...
   no_clipping = dict(saved, state_signature={k.replace("opt_state[1]", "opt_state[0]"): v
                                              for k, v in saved["state_signature"].items()})
   with pytest.raises(checkpoint.IncompatibleCheckpointError,
@@ -640,6 +648,12 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
   assert "optimizer_config.learning_rate: 0.01 -> 0.003" in caplog.text
   assert "loop_config.num_steps: 2 -> 3" in caplog.text
   assert sorted(_losses(tmp_path)) == [1, 2, 3]
+  # Clipping off and norms decayed change no array, and no longer the state's tree either: the run resumes (they
+  # used to change the optax state's empty nodes, which Orbax refused and the restore took for damage, setting
+  # every checkpoint aside).
+  _run(tmp_path, opt=OptimizerConfig(learning_rate=3e-3, decay="constant", max_grad_norm=None,
+                                     decay_norms_and_embeddings=True), num_steps=4)
+  assert sorted(_losses(tmp_path)) == [1, 2, 3, 4] and not os.path.exists(tmp_path / "checkpoints" / "corrupt")
 
 
 def test_nan_stops_with_step_metric_and_intact_checkpoint_inf_skips_and_spikes_are_flagged(tmp_path, caplog):
@@ -730,7 +744,7 @@ def test_given_params_of_another_dtype_take_the_config_s(tmp_path):
 
 def test_a_restore_target_that_does_not_fit_is_refused_and_the_checkpoint_kept(tmp_path):
   from phi_jax.train.optimizer import make_optimizer
-  from phi_jax.train.state import create_train_state
+  from phi_jax.train.state import abstract_state, create_train_state
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   state = create_train_state(TINY, make_optimizer(OPT, 4), mesh, jax.random.key(0))
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=1, async_save=False)
@@ -739,6 +753,24 @@ def test_a_restore_target_that_does_not_fit_is_refused_and_the_checkpoint_kept(t
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"does not fit the restore target"):
       ckpt.restore_latest(_abstract_state_for(other))
   assert ckpt.all_steps() == [1] and not os.path.exists(tmp_path / checkpoint.CORRUPT_DIR)  # nothing moved aside
+  # The same arrays under other empty nodes (an optax state wrapped differently: AdamW without a decay mask) is
+  # another config too, refused and kept, not set aside as damage.
+  import optax
+  unmasked = optax.chain(optax.identity(), optax.adamw(optax.constant_schedule(1e-2), mask=None))
+  target = abstract_state(TINY, unmasked, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+  assert checkpoint.state_signature(target) == checkpoint.state_signature(_abstract_state_for(TINY))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"same arrays as the restore target but other empty"):
+    ckpt.restore_latest(target)
+  assert ckpt.all_steps() == [1] and not os.path.exists(tmp_path / checkpoint.CORRUPT_DIR)
+  # A save without that record (older ones): Orbax's refusal of the tree is taken as another config as well.
+  older = checkpoint.Checkpointer(str(tmp_path / "older"), save_interval_steps=1, async_save=False)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(checkpoint, "state_empty_nodes", lambda state: None)
+    older.save(1, state, force=True)
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"written with a state of another tree struct"):
+      older.restore_latest(target)
+  assert older.all_steps() == [1] and not os.path.exists(tmp_path / "older" / checkpoint.CORRUPT_DIR)
+  older.close()
   step, restored, _, _ = ckpt.restore_latest(_abstract_state_for(TINY))
   ckpt.close()
   assert step == 1 and _equal(restored.params, state.params)

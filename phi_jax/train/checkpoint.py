@@ -13,10 +13,10 @@ associative, so the value does not depend on the mesh, and because every weight 
 element changes it. `restore_latest` tries the newest step first; a step whose restore fails (a truncated file,
 tensorstore's own checks) or whose restored values do not match their checksums is reported with its path, moved to
 `<directory>/corrupt/`, and the previous step is tried. A restore target with other shapes or dtypes than the saved
-arrays (compared with the signature in the integrity record before any array is read) is refused as incompatible,
-not treated as damage; the record's and the metadata's digests are checked before that comparison and the
-run-settings check, so edited JSON is set aside as damage, not mistaken for another run's settings. An
-out-of-memory error is passed on as it is. A step without an integrity item (written before integrity records
+arrays, or other array-free nodes (an optax state wrapped differently), compared with the signature in the
+integrity record before any array is read, is refused as incompatible, not treated as damage; the record's and the
+metadata's digests are checked before that comparison and the run-settings check, so edited JSON is set aside as
+damage, not mistaken for another run's settings. An out-of-memory error is passed on as it is. A step without an integrity item (written before integrity records
 existed) is restored with a warning, relying on Orbax's validation alone.
 
 Data-iterator state: each process reads its own shard of the data, so each is at its own position. A
@@ -107,6 +107,15 @@ def state_signature(state) -> dict[str, list]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+def state_empty_nodes(state) -> dict[str, str]:
+  """{path: type name} of the nodes of a state that hold no array (an optax `EmptyState`, a `MaskedState` around
+  one, None): Orbax restores only onto the tree that was saved, empty nodes included, and the array signature cannot
+  see them."""
+  is_empty = lambda node: not jax.tree_util.tree_leaves(node)
+  return {jax.tree_util.keystr(path): type(leaf).__name__
+          for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_empty)[0] if is_empty(leaf)}
+
+
 def _check_record_digest(path: str, integrity: Any) -> None:
   """An integrity record must be a dict whose own digest (saves since the digest existed) matches its contents."""
   if not isinstance(integrity, dict):
@@ -126,6 +135,19 @@ def _check_signature(path: str, saved: Optional[dict], wanted: dict) -> None:
       f"checkpoint {path} does not fit the restore target in {len(differing)} array(s) ([shape, dtype]): "
       + "; ".join(differing[:3]) + ". Restore it with the model and optimizer config that wrote it, or start a new "
       "workdir")
+
+
+def _check_empty_nodes(path: str, saved: Optional[dict], wanted: dict) -> None:
+  """Raises IncompatibleCheckpointError when the restore target's array-free nodes differ from the saved ones (an
+  optimizer set up differently around the same arrays); records from older saves have none to compare."""
+  if saved is None or saved == wanted:
+    return
+  differing = [f"{name}: saved {saved.get(name)}, asked for {wanted.get(name)}"
+               for name in sorted(set(saved) | set(wanted)) if saved.get(name) != wanted.get(name)]
+  raise IncompatibleCheckpointError(
+      f"checkpoint {path} holds the same arrays as the restore target but other empty nodes (an optimizer set up "
+      f"differently): " + "; ".join(differing[:3]) + ". Restore it with the optimizer config that wrote it, or "
+      "start a new workdir (train.init_from=<that run's workdir> starts from its params/ once it has finished)")
 
 
 def _agree(path: str, error: Optional[CorruptCheckpointError]) -> None:
@@ -246,7 +268,7 @@ class Checkpointer:
     self._raise_if_failed(self.manager.wait_until_finished)
     data_state = _gather_data_state(data_state or {})  # the digest below covers what is written
     integrity = {"state": state_checksums(state), "data": digest(data_state), "meta": digest(meta),
-                 "signature": state_signature(state)}
+                 "signature": state_signature(state), "empty_nodes": state_empty_nodes(state)}
     integrity["record"] = digest(integrity)  # the record's own digest: its signature is trusted before any array
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(meta), integrity=ocp.args.JsonSave(integrity))
@@ -331,6 +353,7 @@ class Checkpointer:
       check_meta(meta)
     if integrity is not None:
       _check_signature(path, integrity.get("signature"), state_signature(abstract_state))
+      _check_empty_nodes(path, integrity.get("empty_nodes"), state_empty_nodes(abstract_state))
     own_data = _own_data_state(path, data)
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     restored = error = None
@@ -339,6 +362,14 @@ class Checkpointer:
     except Exception as e:  # tensorstore/Orbax/JSON errors of damaged files; the type says little, the text is kept
       if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
         raise  # out of memory on this mesh: nothing wrong with the files
+      if "tree structures do not match" in str(e) and (integrity is None or integrity.get("empty_nodes") is None):
+        # A save without a record of its empty nodes (older saves): Orbax's refusal of a target whose tree is not
+        # the saved one (same on every process) is taken as another config, not as damage to set aside. With the
+        # record, the check above has already compared them, and a mismatch here is damage to Orbax's metadata.
+        raise IncompatibleCheckpointError(
+            f"checkpoint {path} was written with a state of another tree structure (an optimizer set up "
+            f"differently). Restore it with the config that wrote it, or start a new workdir. Orbax: "
+            f"{str(e)[:800]}") from e
       error = CorruptCheckpointError(path, f"restore failed: {type(e).__name__}: {str(e)[:500]}")
       error.__cause__ = e
     _agree(path, error)
@@ -400,6 +431,18 @@ class Checkpointer:
 
   def _corrupt_dir(self) -> str:
     return os.path.join(self.directory, CORRUPT_DIR)
+
+  def refuse_fresh_start_over_set_aside_steps(self) -> None:
+    """Raises CheckpointError when no step is left but damaged ones were set aside: the run's progress is there, and
+    starting from scratch in this workdir would write new steps (and metrics) over it without a word."""
+    corrupt = self._corrupt_dir()
+    entries = sorted(os.listdir(corrupt)) if os.path.isdir(corrupt) else []
+    if entries:
+      raise CheckpointError(
+          f"{self.directory} has no checkpoint left, but {len(entries)} damaged one(s) were set aside in {corrupt} "
+          f"({', '.join(entries[:5])}): this run has progress that did not restore. Move a step back into "
+          f"{self.directory} (named by its step number) if it is sound, or delete {corrupt} to start this workdir "
+          "from scratch, or use a new workdir")
 
   def _quarantine(self, step: int) -> str:
     target = os.path.join(self._corrupt_dir(), f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")

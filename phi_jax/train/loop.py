@@ -402,6 +402,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     meta["state_signature"] = _json_clean(state_signature(target))
     restored = checkpointer.restore_latest(
         target, check_meta=lambda saved: check_resume_compatible(saved, meta, checkpointer.directory))
+  else:
+    checkpointer.refuse_fresh_start_over_set_aside_steps()
   if restored is not None:
     latest, state, data_state, saved_meta = restored
     if data_state and hasattr(train_data, "set_state"):
