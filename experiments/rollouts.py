@@ -104,6 +104,8 @@ def _problem(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, s
 def sample_rollouts(params, config, tokenizer, prompts: Sequence[Any], *, k: int, sampling: SamplingConfig, rng,
                     batch_size: int = 64, mesh=None, system_prompt: Optional[str] = None) -> list[list[dict]]:
   """k `generate_text` results per prompt, [len(prompts)][k]; rows are bucketed into batches of `batch_size`."""
+  if isinstance(prompts, str):
+    raise ValueError("prompts must be a list of prompts (questions or conversations), got one str: pass [prompt]")
   repeated = [prompt for prompt in prompts for _ in range(k)]
   rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
   batch = min(batch_size, 1 << (len(repeated) - 1).bit_length())

@@ -1,6 +1,7 @@
 """Generation: cached greedy == full-forward greedy, stop tokens, filter statistics, sharded == single device,
 LongRoPE across the boundary, and the text wrapper."""
 
+import dataclasses
 import functools
 
 import jax
@@ -361,6 +362,9 @@ def test_generate_text(params, tmp_path):
   with pytest.raises(ValueError, match=r"a per-row temperature needs one value per prompt: \(2,\) for 3 prompts"):
     generate_text(params, CONFIG, tokenizer, prompts, jax.random.key(11),
                   SamplingConfig(max_new_tokens=NEW, temperature=np.array([0.0, 1.0])), batch_size=BATCH)
+  # One question given as a str (as vLLM's generate takes it): refused, not answered character by character.
+  with pytest.raises(ValueError, match=r"prompts must be a list of prompts .* got one str: pass \[prompt\]"):
+    generate_text(params, CONFIG, tokenizer, "What is 2 + 2?", jax.random.key(11), sampling, batch_size=BATCH)
 
 
 def _right_pad(rendered):
@@ -382,10 +386,20 @@ def _right_pad(rendered):
                                             ({"temperature": np.float32("nan")}, "temperature must be finite"),
                                             ({"temperature": np.float32(-0.5)}, "temperature must be >= 0"),
                                             ({"temperature": jnp.float32(-0.5)}, "temperature must be >= 0"),
-                                            ({"temperature": np.array([0.5, np.inf])}, "must be finite")])
+                                            ({"temperature": np.array([0.5, np.inf])}, "must be finite"),
+                                            ({"stop_token_ids": "<|im_end|>"}, "stop_token_ids must be token ids"),
+                                            ({"stop_token_ids": (2, 2.5)}, "stop_token_ids must be token ids")])
 def test_bad_sampling_configs_name_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
     SamplingConfig(**fields)
+
+
+def test_one_stop_id_is_a_tuple_of_one_and_ids_outside_the_vocabulary_are_refused(params, prompts):
+  assert SamplingConfig(stop_token_ids=2).stop_token_ids == (2,)  # transformers' eos_token_id=2
+  assert SamplingConfig(stop_token_ids=np.int64(2)).stop_token_ids == (2,)
+  # Another family's end-of-turn id (Phi-4-mini's <|end|>) can never be drawn: every row would run to the end.
+  with pytest.raises(ValueError, match=r"stop_token_ids \[200020\] lie outside the model's vocabulary \[0, 512\)"):
+    generate(params, CONFIG, *prompts, jax.random.key(0), dataclasses.replace(GREEDY, stop_token_ids=(3, 200020)))
 
 
 def test_bad_prompts_are_refused(params, prompts, caplog):
@@ -412,6 +426,14 @@ def test_each_step_and_row_draws_fresh_noise(params, prompts):
   np.testing.assert_allclose(out["logprobs"], -np.log(CONFIG.vocab_size), rtol=1e-5)  # uniform, as assumed
   assert all(len(set(row)) > 1 for row in out["tokens"].tolist())
   assert len({tuple(row) for row in out["tokens"].tolist()}) == BATCH
+
+
+def test_negative_zero_is_tied_with_zero_in_every_filter():
+  """The nucleus alone compared order keys, which put -0.0 below 0.0: a -0.0 logit tied with the last kept 0.0 was
+  cut, while top-k + top-p (float comparisons) kept it."""
+  logits = jnp.asarray([[1.0, 0.0, -0.0, -3.0]], jnp.float32)
+  for kwargs in ({"top_p": 0.7}, {"top_k": 3, "top_p": 0.7}):
+    np.testing.assert_array_equal(np.isfinite(np.asarray(_filter(logits, **kwargs)))[0], [True, True, True, False])
 
 
 def test_nucleus_stops_at_the_first_token_that_reaches_top_p():

@@ -45,8 +45,10 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
 
 
 def _order_keys(x: jax.Array) -> jax.Array:
-  """uint32 keys in the order of the float32 values (-inf lowest, +inf highest; -0.0 just below 0.0)."""
-  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  """uint32 keys in the order of the float32 values (-inf lowest, +inf highest); -0.0 takes 0.0's key, since the
+  two are tied (a filter keeps both or neither)."""
+  x = x.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)  # (XLA folds away a `+ 0.0`)
   return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 

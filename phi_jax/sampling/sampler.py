@@ -99,8 +99,15 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (1 switches it off), got {self.top_p}")
     if concrete and np.any(temperature < 0):
       raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 is greedy), got {self.temperature}")
-    # A list (from gin or JSON) would make the config unhashable, and the jitted program is keyed on it.
-    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+    # A list (from gin or JSON) would make the config unhashable, and the jitted program is keyed on it. One id
+    # (transformers' eos_token_id=2) is a list of one.
+    ids = self.stop_token_ids
+    ids = (ids,) if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool) else ids
+    if isinstance(ids, (str, bytes)) or not all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+      raise ValueError(f"SamplingConfig.stop_token_ids must be token ids (integers), got {self.stop_token_ids!r}; "
+                       "for a token's text, use tokenizer.convert_tokens_to_ids")
+    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
 
 
 def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, rng, sampling: SamplingConfig, *,
@@ -139,6 +146,11 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
   # 0/1 integers mean the same as booleans (`~` on them would be a bitwise not: every row finished at once).
   active = active.astype(bool) if isinstance(active, jax.Array) else np.asarray(active, bool)
   _check_prompts(config, prompt_tokens, prompt_lengths, sampling.max_new_tokens)
+  outside = [t for t in sampling.stop_token_ids if not 0 <= t < config.vocab_size]
+  if outside:  # never sampled: every row would run to max_new_tokens, scored unfinished
+    raise ValueError(f"stop_token_ids {outside} lie outside the model's vocabulary [0, {config.vocab_size}), so "
+                     "generation would never stop on them: take the stop ids from this model's tokenizer "
+                     "(phi_jax.data.chat.stop_token_ids)")
   # Temperature and stop tokens are arguments, not part of the compiled program's key.
   static = dataclasses.replace(sampling, temperature=0.0, stop_token_ids=())
   temperature = jnp.asarray(sampling.temperature, jnp.float32)
@@ -252,6 +264,8 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
     One dict per prompt: `text` (the generation decoded without its stop token), `token_ids` (generated ids, the
     stop token included), `finished` (ended on a stop token) and `num_tokens` (len(token_ids)).
   """
+  if isinstance(prompts, str):  # one question: a str is a sequence too, of one-character questions
+    raise ValueError("prompts must be a list of prompts (questions or conversations), got one str: pass [prompt]")
   if not prompts:
     return []
   if not sampling.stop_token_ids:
