@@ -689,7 +689,8 @@ def check_batch_shape(stage: str, model_config: PhiConfig, data_cfg: dict, loop,
   data_ways = the_mesh.shape["data"] * the_mesh.shape["fsdp"]
   if rows % data_ways or (rows // loop.microbatches) % data_ways:
     raise ValueError(f"{rows_name}={rows} (per microbatch {rows // loop.microbatches}) must be divisible by the "
-                     f"data x fsdp mesh size {data_ways}; change {rows_name} or mesh.shape")
+                     f"data x fsdp mesh size {data_ways}; change {rows_name} or mesh.shape"
+                     + (f", or lower train.microbatches={loop.microbatches}" if loop.microbatches > 1 else ""))
   rollout_rows = grpo().rollout_batch_size if stage == "grpo" else None
   if rollout_rows is not None and rollout_rows % data_ways:
     raise ValueError(f"grpo.rollout_batch_size={rollout_rows}: each generate call's rows split over the data x fsdp "

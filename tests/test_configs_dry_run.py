@@ -109,6 +109,9 @@ def test_dry_run_refuses_what_a_run_refuses_before_compiling():
     dry_run(grpo, ["grpo.rollout_batch_size=4"])
   with pytest.raises(ValueError, match=r"grpo.max_prompt_tokens \+ grpo.max_new_tokens=200064 exceeds"):
     dry_run(grpo, ["grpo.max_new_tokens=200000"])
+  with pytest.raises(ValueError, match=r"=16 \(per microbatch 4\) must be divisible by the data x fsdp mesh size "
+                                       r"8; change .* or mesh.shape, or lower train.microbatches=4"):
+    dry_run(grpo, ["grpo.prompts_per_step=2", "train.microbatches=4", "grpo.rollout_batch_size=None"])
   # Settings the stage would not read: GRPO's rows come from grpo.*, and an eval schedule needs eval files.
   with pytest.raises(ValueError, match=r"train.eval_every=200 evaluates on data.eval_files, which is empty"):
     dry_run(midtrain, ["data.eval_files=[]"])
@@ -116,6 +119,23 @@ def test_dry_run_refuses_what_a_run_refuses_before_compiling():
     dry_run(midtrain, ["train.num_steps=0"])
   with pytest.raises(ValueError, match=r"warmup_steps=100 and warmup_fraction=0.1 are both set"):
     dry_run(midtrain, ["optimizer.warmup_steps=100"])  # the file's fraction used to win without a word
+
+
+def test_the_real_batch_settings_split_over_the_devices_the_configs_are_sized_for():
+  """The dry runs above take one microbatch of 8 rows; at their own sizes the configs must split too. grpo_plus.gin
+  sizes its rollouts for 32 devices, where 64 microbatches of its 512 rows (8 each) did not split."""
+  sized_for = {"grpo_plus.gin": 32}
+  for config_file in CONFIGS:
+    gin.clear_config()
+    try:
+      common.parse_gin([os.path.join(ROOT, config_file)], ["model.hf_path=None"])
+      settings = common.train_settings()
+      stage, microbatches = settings["stage"], settings["loop"].microbatches
+      rows = common.stage_batch_shape(stage, common.data())[0]
+    finally:
+      gin.clear_config()
+    devices = sized_for.get(os.path.basename(config_file), 8)
+    assert rows % microbatches == 0 and (rows // microbatches) % devices == 0, (config_file, rows, microbatches)
 
 
 def test_loss_settings_are_one_knob_for_every_stage():
