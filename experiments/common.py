@@ -136,6 +136,9 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
   its file's record count). Several `eval_files` are read whole, interleaved in proportion to their sizes.
   `special_tokens_in_text`: "split" reads a special token's string inside a text record (`<|endoftext|>` in code)
   as literal text; "parse" as the control token (see `phi_jax.data.pipeline.make_tokenize_fn`)."""
+  # One file (or glob) given as a string, as TRL takes a dataset: a list of one (list() would split its characters).
+  train_files = [train_files] if isinstance(train_files, str) else train_files
+  eval_files = [eval_files] if isinstance(eval_files, str) else eval_files
   if batch_size < 1 or seq_len < 2:
     raise ValueError(f"data.batch_size={batch_size} and data.seq_len={seq_len}: a batch needs at least one row and a "
                      "row at least two tokens (one input, one target)")

@@ -404,3 +404,9 @@ def test_a_starting_point_of_another_model_or_nowhere_is_named(tmp_path):
   spelled = tmp_path / "hf_head_dim"
   phi_jax.save_hf(spelled, ours.replace(head_dim=ours.resolved_head_dim), phi_jax.init_params(ours, jax.random.key(0)))
   assert common.params_loader(ours, None, str(spelled), mesh)()["embed"]["embedding"].shape[1] == 64
+
+
+def test_one_data_file_given_as_a_string_is_a_list_of_one():
+  """data.train_files="x.jsonl" (as TRL takes a dataset) was split into the files 'x', '.', 'j', ..."""
+  settings = common.data(train_files="x.jsonl", eval_files="y/*.jsonl")
+  assert settings["train_files"] == ["x.jsonl"] and settings["eval_files"] == ["y/*.jsonl"]
