@@ -77,20 +77,20 @@ def _check_is_dir(name: str, path: str) -> None:
                      "transformers checkpoint directory)")
 
 
-def check_policy_dir(path: str) -> None:
-  """Refuses a --init_from that holds no policy, saying what it is instead and where the params are."""
-  _check_is_dir("--init_from", path)
+def check_policy_dir(path: str, name: str = "--init_from") -> None:
+  """Refuses a --init_from (or `name`) that holds no policy, saying what it is instead and where the params are."""
+  _check_is_dir(name, path)
   stage_record = os.path.join(path, "recipe_stage.json")
   if not os.path.isdir(os.path.join(path, "params")) and os.path.isfile(stage_record):
     with open(stage_record) as f:
       record = json.load(f)
     if record.get("skipped") and record.get("params_from"):
       where = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), record["params_from"]))
-      raise ValueError(f"--init_from={path!r} is a recipe stage that was skipped ({record['skipped']}): it trained "
-                       f"no params, and the recipe went on with those of {where}; point --init_from there")
+      raise ValueError(f"{name}={path!r} is a recipe stage that was skipped ({record['skipped']}): it trained "
+                       f"no params, and the recipe went on with those of {where}; point {name} there")
   check_not_unfinished_run(path)
   if not os.path.isdir(os.path.join(path, "params")) and not os.path.isfile(os.path.join(path, "config.json")):
-    raise ValueError(f"--init_from={path!r} is neither a run's workdir (it has no params/) nor a transformers "
+    raise ValueError(f"{name}={path!r} is neither a run's workdir (it has no params/) nor a transformers "
                      "checkpoint (it has no config.json)")
 
 
@@ -236,6 +236,8 @@ def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Op
 
   def load():
     name = "train.init_from" if init_from else "model.hf_path"
+    if init_from:
+      check_policy_dir(source, name)
     _check_is_dir(name, source)
     if os.path.isdir(os.path.join(source, "params")):
       import orbax.checkpoint as ocp
@@ -259,10 +261,34 @@ def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Op
         raise ValueError(f"train.init_from={source!r} is a transformers checkpoint of another shape than the model "
                          f"({'; '.join(differ)}): the model comes from model.preset / model.overrides unless "
                          f"model.hf_path is set; set model.hf_path={source!r} to take it from the checkpoint")
+      _check_checkpoint_math(source, theirs, ours)
     _, params = load_hf(source, dtype=model_config.param_dtype, shardings=shardings)
     return params
 
   return load
+
+
+# Settings that change the function of the same arrays: the rotary embedding and the norms.
+_MATH_FIELDS = ("max_position_embeddings", "original_max_position_embeddings", "rope_theta", "partial_rotary_factor",
+                "rope_scaling_type", "rope_short_factor", "rope_long_factor", "rope_attention_factor", "rms_norm_eps")
+
+
+def _check_checkpoint_math(source: str, theirs: dict, ours: dict) -> None:
+  """A transformers checkpoint started from with another model's rotary or norm settings would start as another
+  model; refused unless model.overrides names the setting (a context extension changes rope_theta on purpose)."""
+  try:
+    deliberate = set(gin.query_parameter("model.overrides") or {})
+  except ValueError:  # not bound
+    deliberate = set()
+  differ = {k: f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in _MATH_FIELDS if theirs[k] != ours[k]}
+  unasked = [text for k, text in differ.items() if k not in deliberate]
+  if unasked:
+    raise ValueError(f"train.init_from={source!r} is a transformers checkpoint whose rotary or norm settings differ "
+                     f"from the model's ({'; '.join(unasked)}): it would start as another function of the same "
+                     f"weights. Set model.hf_path={source!r} to take the model from the checkpoint, or name the "
+                     "setting in model.overrides to train with another value on purpose")
+  if differ:
+    log.info("train.init_from=%s: model.overrides changes the checkpoint's %s", source, "; ".join(differ.values()))
 
 
 def _check_saved_shapes(name: str, source: str, saved, wanted) -> None:

@@ -404,6 +404,27 @@ def test_a_starting_point_of_another_model_or_nowhere_is_named(tmp_path):
   spelled = tmp_path / "hf_head_dim"
   phi_jax.save_hf(spelled, ours.replace(head_dim=ours.resolved_head_dim), phi_jax.init_params(ours, jax.random.key(0)))
   assert common.params_loader(ours, None, str(spelled), mesh)()["embed"]["embedding"].shape[1] == 64
+  # Same arrays, other rotary / norm settings: refused (it would start as another function of the weights) unless
+  # model.overrides names them, as a context extension does.
+  other_math = tmp_path / "hf_theta"
+  phi_jax.save_hf(other_math, ours.replace(rope_theta=250000.0, rms_norm_eps=1e-3),
+                  phi_jax.init_params(ours, jax.random.key(0)))
+  with pytest.raises(ValueError, match=r"rotary or norm settings differ from the model's \(rope_theta=250000.0 "
+                     r"there, 10000.0 here; rms_norm_eps=0.001 there, 1e-05 here\).*Set model.hf_path="):
+    common.params_loader(ours, None, str(other_math), mesh)()
+  gin.clear_config()
+  try:
+    gin.parse_config("model.overrides = {'rope_theta': 10000.0, 'rms_norm_eps': 1e-5}")
+    assert common.params_loader(ours, None, str(other_math), mesh)()["embed"]["embedding"].shape[1] == 64
+  finally:
+    gin.clear_config()
+  # A recipe stage that was skipped trained no params: named as such, with where the recipe's params are.
+  skipped = tmp_path / "recipe" / "dpo"
+  skipped.mkdir(parents=True)
+  (skipped / "recipe_stage.json").write_text(json.dumps({"skipped": "no preference pairs", "params_from": "sft"}))
+  with pytest.raises(ValueError, match=r"train.init_from='.*/dpo' is a recipe stage that was skipped \(no "
+                     r"preference pairs\).*point train.init_from there"):
+    common.params_loader(ours, None, str(skipped), mesh)()
 
 
 def test_one_data_file_given_as_a_string_is_a_list_of_one():
