@@ -169,6 +169,34 @@ def test_sharded_save(saved, tmp_path):
   np.testing.assert_array_equal(_transformers_logits(tmp_path, tokens), _transformers_logits(directory, tokens))
 
 
+def test_params_of_another_layer_count_are_refused_and_a_failed_save_keeps_the_old_export(saved, tmp_path,
+                                                                                        monkeypatch):
+  """Layers are sliced out before a tensor's shape is checked, and slicing clamps: params of 3 layers under a
+  2-layer config lost one, of 1 layer wrote it twice. And the old export was deleted before the new one was made."""
+  config, params, _ = saved["untied"]
+  phi_jax.save_hf(tmp_path, config, params, max_shard_bytes=64 * 1024)  # a good export, in several shards
+  before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+  for layers in (3, 1):
+    other = _random_params(config.replace(num_layers=layers), 5)
+    with pytest.raises(ValueError, match=rf"params do not match the config's shapes .*\({layers}, "):
+      phi_jax.save_hf(tmp_path, config, other)
+  # A failure mid-write (here: the second shard's first tensor) leaves every file of the old export as it was.
+  calls = []
+  real = checkpoint._write_safetensors
+
+  def failing(file, entries, dtype):
+    calls.append(file)
+    if len(calls) == 2:
+      raise OSError("No space left on device")
+    return real(file, entries, dtype)
+
+  monkeypatch.setattr(checkpoint, "_write_safetensors", failing)
+  with pytest.raises(OSError, match="No space left"):
+    phi_jax.save_hf(tmp_path, config, _random_params(config, 6), max_shard_bytes=64 * 1024)
+  assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+  _assert_same_params(phi_jax.load_hf(tmp_path)[1], params)
+
+
 def test_bfloat16_save(saved, tmp_path):
   config, params, _ = saved["untied"]
   phi_jax.save_hf(tmp_path, config, params, dtype="bfloat16")

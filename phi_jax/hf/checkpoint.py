@@ -291,7 +291,8 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
   """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads as Phi3ForCausalLM.
 
   Args:
-    path: output directory (created if needed); earlier model*.safetensors files in it are replaced.
+    path: output directory (created if needed); earlier model*.safetensors files in it are replaced, once every new
+      one has been written (a failed save leaves them as they were).
     config: the model's config; written as config.json (classic layout) and generation_config.json.
     params: the parameter pytree (any devices or shardings; one layer's slice is gathered at a time).
     dtype: dtype of the written tensors (and config.json's `torch_dtype`); default: the params' own dtype.
@@ -308,6 +309,14 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
   if given_paths != expected_paths:
     raise ValueError(f"params do not match the config: missing {sorted(expected_paths - given_paths)}, "
                      f"unexpected {sorted(given_paths - expected_paths)}")
+  # Whole shapes, the layer axis included: a layer is sliced out before a tensor is checked, and slicing clamps (params
+  # of 3 layers under a 2-layer config dropped one without a word; of 1 layer, wrote it twice).
+  from phi_jax.model.api import init_params  # pylint: disable=import-outside-toplevel  (model imports stay lazy)
+  wanted = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  wrong = [f"{'.'.join(p)}: {tuple(np.shape(_get(params, p)))}, the config implies {_get(wanted, p).shape}"
+           for p in sorted(expected_paths) if tuple(np.shape(_get(params, p))) != _get(wanted, p).shape]
+  if wrong:
+    raise ValueError(f"params do not match the config's shapes ({len(wrong)} array(s)): " + "; ".join(wrong[:4]))
   if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
     raise ValueError("save_hf writes from one process and needs every parameter addressable by it; on several hosts "
                      "gather the parameters first (e.g. jax.experimental.multihost_utils.process_allgather)")
@@ -335,12 +344,22 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
     shard_bytes += size
 
   directory.mkdir(parents=True, exist_ok=True)
+  file_names = _shard_file_names(len(shards))
+  # Every shard is written under a temporary name first: a failure part-way (a tensor of the wrong shape, a full
+  # disk) leaves an earlier export in the directory as it was.
+  partial = {name: directory / f".{name}.partial-{os.getpid()}" for name in file_names}
+  try:
+    for file_name, shard in zip(file_names, shards):
+      _write_safetensors(partial[file_name], shard, out_dtype)
+  except BaseException:
+    for file in partial.values():
+      file.unlink(missing_ok=True)
+    raise
   # Stale weights from an earlier save would shadow or contradict the new index.
   for stale in [directory / SINGLE_FILE, directory / INDEX_FILE, *directory.glob("model-*-of-*.safetensors")]:
     stale.unlink(missing_ok=True)
-  file_names = _shard_file_names(len(shards))
-  for file_name, shard in zip(file_names, shards):
-    _write_safetensors(directory / file_name, shard, out_dtype)
+  for name, file in partial.items():
+    os.replace(file, directory / name)
   if len(shards) > 1:
     index = {"metadata": {"total_size": sum(math.prod(shape) for _, shape, _ in entries) * out_dtype.itemsize},
              "weight_map": {name: file_name for file_name, shard in zip(file_names, shards) for name, _, _ in shard}}
