@@ -68,7 +68,23 @@ def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Seque
       gin.parse_config(text)
     except Exception as e:
       raise ValueError(f"{run_config}: {e}") from e
+  run_mesh = _query_or_none("mesh.shape")
   parse_gin(files, params)
+  if run_mesh is not None and _query_or_none("mesh.shape") == run_mesh:
+    # The run's mesh belongs to the machine it trained on; the params load onto any mesh. Kept where it fits.
+    try:
+      sharding.resolve_mesh_shape(run_mesh, jax.device_count())
+    except ValueError:
+      log.info("the run's mesh.shape=%s does not fit this machine's %d device(s): loading onto mesh.shape={'fsdp': "
+               "-1} (give --gin_param='mesh.shape=...' to choose another)", run_mesh, jax.device_count())
+      gin.bind_parameter("mesh.shape", {"fsdp": -1})
+
+
+def _query_or_none(name: str):
+  try:
+    return gin.query_parameter(name)
+  except ValueError:  # not bound
+    return None
 
 
 def _check_is_dir(name: str, path: str) -> None:

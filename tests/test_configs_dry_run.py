@@ -431,3 +431,26 @@ def test_one_data_file_given_as_a_string_is_a_list_of_one():
   """data.train_files="x.jsonl" (as TRL takes a dataset) was split into the files 'x', '.', 'j', ..."""
   settings = common.data(train_files="x.jsonl", eval_files="y/*.jsonl")
   assert settings["train_files"] == ["x.jsonl"] and settings["eval_files"] == ["y/*.jsonl"]
+
+
+def test_a_loaded_run_keeps_its_mesh_only_where_it_fits_this_machine(tmp_path):
+  """eval.py, rollouts.py and export_hf.py replay the run's config.gin, whose mesh.shape belongs to the machine it
+  trained on: a multi-host run's mesh failed the README's one-process export ("needs 16 devices but 1")."""
+  import jax
+  run = tmp_path / "run"
+  run.mkdir()
+  shapes = {}
+  for name, mesh_line, params in [("other machine", "{'data': 2, 'fsdp': 16}", []),
+                                  ("fits", "{'data': 2, 'fsdp': -1}", []),
+                                  ("asked", "{'data': 2, 'fsdp': 16}", ["mesh.shape={'tensor': 2, 'fsdp': -1}"])]:
+    (run / "config.gin").write_text(f"mesh.shape = {mesh_line}\n")
+    gin.clear_config()
+    try:
+      common.parse_gin_for_checkpoint(str(run), [], params)
+      shapes[name] = dict(common.mesh().shape)
+    finally:
+      gin.clear_config()
+  n = jax.device_count()
+  assert shapes["other machine"] == {"data": 1, "fsdp": n, "tensor": 1}
+  assert shapes["fits"] == {"data": 2, "fsdp": n // 2, "tensor": 1}
+  assert shapes["asked"] == {"data": 1, "fsdp": n // 2, "tensor": 2}
