@@ -10,6 +10,10 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 CACHE_HOME := $(if $(HOME),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/phi_jax,$(CURDIR)/.cache)
 export JAX_COMPILATION_CACHE_DIR ?= $(CACHE_HOME)/jax
 export JAX_COMPILATION_CACHE_MAX_SIZE ?= 1000000000
+# torch is only for the parity tests. PyPI's Linux wheel of torch==2.13.0 is the CUDA build (gigabytes of CUDA
+# libraries); where no CPU wheel is at hand, `make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes
+# the CPU build from PyTorch's own index.
+TORCH_INDEX ?=
 
 .PHONY: venv test demo clean
 
@@ -18,8 +22,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first, so nothing resolves an unpinned (CUDA) torch.
-	$(PY) -m pip install -q "torch==2.13.0"
+	# torch first, pinned (from TORCH_INDEX when given), so nothing resolves an unpinned (CUDA) torch.
+	$(PY) -m pip install -q "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
