@@ -363,7 +363,8 @@ def test_tokenizer_json_pipeline_is_kept_whatever_class_the_config_names(tmp_pat
   split = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+"
   backend = Tokenizer(models.BPE())
   backend.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+      pre_tokenizers.Split(Regex(split), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   backend.train_from_iterator(["Compute 2024 + 1999 = 4023. I'M sure."] * 50, trainers.BpeTrainer(
       vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
       show_progress=False))

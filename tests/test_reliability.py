@@ -759,7 +759,8 @@ def test_a_restore_target_that_does_not_fit_is_refused_and_the_checkpoint_kept(t
   unmasked = optax.chain(optax.identity(), optax.adamw(optax.constant_schedule(1e-2), mask=None))
   target = abstract_state(TINY, unmasked, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
   assert checkpoint.state_signature(target) == checkpoint.state_signature(_abstract_state_for(TINY))
-  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"same arrays as the restore target but other empty"):
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"same arrays as the restore target but other empty"):
     ckpt.restore_latest(target)
   assert ckpt.all_steps() == [1] and not os.path.exists(tmp_path / checkpoint.CORRUPT_DIR)
   # A save without that record (older ones): Orbax's refusal of the tree is taken as another config as well.

@@ -16,8 +16,9 @@ tensorstore's own checks) or whose restored values do not match their checksums 
 arrays, or other array-free nodes (an optax state wrapped differently), compared with the signature in the
 integrity record before any array is read, is refused as incompatible, not treated as damage; the record's and the
 metadata's digests are checked before that comparison and the run-settings check, so edited JSON is set aside as
-damage, not mistaken for another run's settings. An out-of-memory error is passed on as it is. A step without an integrity item (written before integrity records
-existed) is restored with a warning, relying on Orbax's validation alone.
+damage, not mistaken for another run's settings. An out-of-memory error is passed on as it is. A step without an
+integrity item (written before integrity records existed) is restored with a warning, relying on Orbax's validation
+alone.
 
 Data-iterator state: each process reads its own shard of the data, so each is at its own position. A
 single-process save writes the iterator's state as it is; a save on several processes gathers every process's
