@@ -49,7 +49,7 @@ EXTRACTIONS = [
     ("**Answer**: 12\n", "12"),
     ("The answer is **7**.", "7"),
     ("**Final Answer**\n\n42", "42"),  # a markdown heading with the answer on the next line
-    ("### Final Answer\n12 apples", "12 apples"),
+    ("### Final Answer\n12 apples", "12"),
     ("The answer is 5. Let me check that the answer matches.", "5"),  # later uses of the word are not labels
     ("The answer isn't obvious at first. Answer: 4", "4"),
     ("The answer is 9. " + "Checking the answer again. " * 30, "9"),  # however many uses of the word follow
@@ -74,6 +74,28 @@ EXTRACTIONS = [
     ("a long discussion\nover two lines and no marked answer", None),
     ("word " * 20, None),  # one line, but too long to be a bare answer
     ("", None),
+    # A plain-text label's sentence cut to its answer: explanations, units and bold go; words that change the value
+    # or add another answer stay (they then match no single gold).
+    ("The answer is 12 (3 boxes of 4).", "12"),
+    ("Answer: 5, since 2 + 3 = 5.", "5"),
+    ("The answer is 27 coins, because 35 - 8 = 27.", "27"),
+    ("The answer is 1,200 people.", "1200"),
+    ("Therefore, the answer is 18 km/h.", "18"),
+    ("The answer is 42; we are done.", "42"),
+    ("The answer is **18** dollars.", "18"),
+    ("The answer is -4 degrees, which is below freezing.", "-4 degrees"),
+    ("The answer is 4 (x = 7 is rejected).", "4"),
+    ("The answer is 2 (or 3).", "2 or 3"),
+    ("The answer is 2 million.", "2 million"),
+    ("The answer is 12 out of 20.", "12 out of 20"),
+    ("The answer is 5 x.", "5 x"),
+    ("The answer is 5 (x+1).", "5 (x+1)"),
+    ("The answer is x**2.", "x^2"),
+    ("The answer is 2 ** 3.", "2 ^ 3"),
+    ("The answer is $\\frac{3}{4}$, since the rest is water.", "\\frac{3}{4}"),
+    ("\\boxed{18 dollars}", "18"),
+    ("\\boxed{\\text{5 cm}}", "5"),
+    ("\\boxed{5 x}", "5 x"),
 ]
 
 
@@ -204,6 +226,10 @@ EQUIVALENT = [
     ("\\boxed{√(x+1)}", "\\sqrt{x+1}"),
     ("\\boxed{(-∞, 3]}", "(-\\infty,3]"),
     ("\\boxed{3·4}", "12"),
+    ("The answer is 12 (3 boxes of 4).", "12"),
+    ("The answer is 1,000 dollars.", "1000"),
+    ("Answer: 5, since 2 + 3 = 5.", "5"),
+    ("The answer is **5** apples.", "5"),
 ]
 NOT_EQUIVALENT = [
     ("\\boxed{\\frac{1}{3}}", "0.5"),
@@ -221,6 +247,14 @@ NOT_EQUIVALENT = [
     ("\\boxed{2*pi}", "2"),
     ("\\boxed{1e3}", "100"),
     ("\\boxed{√3}", "\\sqrt{2}"),
+    ("The answer is 12 (3 boxes of 4).", "4"),  # never the number inside the explanation
+    ("The answer is 2 (or 3).", "3"),  # a hedge matches neither answer
+    ("The answer is 2 (or 3).", "2"),
+    ("The answer is 4 (and not 7).", "7"),
+    ("Answer: 10 (or 12 if we count both ends)", "12"),
+    ("The answer is 2 million.", "2"),
+    ("The answer is 5, not 6.", "6"),
+    ("The answer is 1,000 dollars.", "1"),
 ]
 
 

@@ -6,11 +6,15 @@ tentative answers are not final; with a chat template that opens the think block
 `ThinkFormat.prompt_opens_think`, a completion without `</think>` is all thoughts). Inside it, the answer is, in
 order of preference:
 
-1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored);
+1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored), a
+   number followed by words only taken alone as in 2 (`\\boxed{18 dollars}`, `\\boxed{\\text{5 cm}}`);
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
    end of that sentence, or the line after a "Final Answer" / "Answer" heading; a label followed by prose rather
    than math ("the answer is correct") gives way to an earlier label, or else to 3, and counts only when the
-   solution holds no math ("the answer is yes");
+   solution holds no math ("the answer is yes"). In plain text (not `$...$`) the sentence is cut to its answer:
+   bold markers inside it dropped, a trailing explanation cut (", since ...", "; ...", "(3 boxes of 4)"), and a
+   number followed only by words is the number ("1,200 people" -> 1200) unless a word changes its value ("2
+   million", "3 dozen", "2 and 3"); a hedge "2 (or 3)" stays two answers, which match no single gold;
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`);
 4. the whole solution section when it is one short line (a model that answers only "42").
 
@@ -47,6 +51,17 @@ _MAX_LABEL_TRIES = 8
 _FILLER_WORDS = ("therefore", "thus", "hence", "indeed", "clearly", "simply", "exactly", "then", "so", "just")
 # Lower-case words that open math rather than prose after a label.
 _MATH_WORDS = frozenset(("pi", "sqrt", "sin", "cos", "tan", "log", "ln", "exp", "infinity", "inf"))
+# After a label, a comma and one of these words start an explanation, not more of the answer: "5, since 2 + 3 = 5".
+_CONNECTIVES = frozenset(("since", "because", "as", "which", "so", "where", "given", "from", "for", "that", "due",
+                          "not", "i.e.", "meaning", "giving", "when", "we", "this", "it", "hence", "thus",
+                          "therefore"))
+_MAX_CONNECTIVE_CHARS = 16
+# Words after a number that change its value or add another, so "2 million" is not the answer 2.
+_VALUE_WORDS = frozenset((
+    "and", "or", "out", "of", "times", "plus", "minus", "over", "divided", "to", "hundred", "thousand", "million",
+    "billion", "trillion", "dozen", "percent", "half", "halves", "third", "thirds", "quarter", "quarters", "fourths",
+    "fifths", "squared", "cubed", "factorial", "mod", "modulo", "less", "more", "degrees"))
+_SENTENCE_PUNCTUATION = ".,;:!?"
 # A heading line holds at most this much before "answer" ("### **Final "); longer, the word is inside prose.
 _MAX_HEADING_PREFIX = 16
 # Markdown and spacing that may surround "answer" in a label ("**Answer**:", "### Final Answer").
@@ -165,10 +180,119 @@ def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
     start = lowered.find(_ANSWER_WORD, start + 1)
   if not label_ends:
     return None
-  candidates = [_without_leading_filler(_sentence(text[end:end + max_chars + 1], max_chars))
+  candidates = [_plain_answer(_without_leading_filler(_sentence(text[end:end + max_chars + 1], max_chars)))
                 for end in reversed(label_ends)]
   written = [c for c in candidates if clean_answer(c)]
   return next((c for c in written if not _starts_with_prose(c)), written[0] if written else candidates[0])
+
+
+def _plain_answer(candidate: str) -> str:
+  """A label's plain-text sentence cut to its answer (math in `$...$` is left as it is): markdown bold closed
+  inside it dropped ("**18** dollars"), a trailing explanation cut ("5, since 2 + 3 = 5", "12 (3 boxes of 4)",
+  "42; we are done"), a hedge in parentheses kept as an alternative ("2 (or 3)" -> "2 or 3", which matches no
+  single answer), and a number followed only by words taken alone ("1,200 people" -> "1200", "18 km/h" -> "18")
+  unless the first word changes its value ("2 million", "12 out of 20", "3 dozen", "2 and 3")."""
+  if candidate.lstrip().startswith(("$", "\\(", "\\[")):
+    return candidate
+  return _number_before_words(_without_explanation(_without_bold(candidate)))
+
+
+def _without_bold(text: str) -> str:
+  """Drops the `**` that open or close markdown bold inside `text`; `x**2` and `2 ** 3` (powers) stay."""
+  last = text.rfind("**")
+  out, i = [], 0
+  while i < len(text):
+    if text.startswith("**", i):
+      before = text[i - 1] if i else " "
+      after = text[i + 2] if i + 2 < len(text) else " "
+      closing = not before.isspace() and (after.isspace() or after in _SENTENCE_PUNCTUATION + ")")
+      opening = before.isspace() and not after.isspace() and after != "*" and i + 2 <= last - 1
+      if closing or opening:
+        i += 2
+        continue
+    out.append(text[i])
+    i += 1
+  return "".join(out)
+
+
+def _is_prose_word(word: str) -> bool:
+  word = word.strip(_SENTENCE_PUNCTUATION)
+  return len(word) >= 2 and word.isalpha() and word.islower() and word not in _MATH_WORDS
+
+
+def _without_explanation(text: str) -> str:
+  """`text` up to a trailing explanation: ", since ..." (a connective after a comma), "; ...", or a parenthetical
+  holding a prose word; a parenthetical hedge "(or 3)" becomes " or 3". One pass."""
+  depth, i = 0, 0
+  while i < len(text):
+    ch = text[i]
+    if ch == "(" and depth == 0 and i > 0 and text[i - 1] == " ":
+      close, inner_depth = i, 0  # the matching parenthesis; the scan then goes on after it
+      while close < len(text):
+        inner_depth += {"(": 1, ")": -1}.get(text[close], 0)
+        if inner_depth == 0:
+          break
+        close += 1
+      words = text[i + 1:close].split()
+      if words and words[0].lower() == "or":
+        return text[:i].rstrip() + " or " + " ".join(words[1:])
+      if any(map(_is_prose_word, words)):
+        return text[:i].rstrip()
+      i = close + 1
+      continue
+    if ch in "({[":
+      depth += 1
+    elif ch in ")}]":
+      depth = max(0, depth - 1)
+    elif depth == 0 and ch == "," and text[i + 1:i + 2] == " ":
+      next_word = text[i + 2:i + 2 + _MAX_CONNECTIVE_CHARS].split(" ", 1)[0].lower()
+      if next_word in _CONNECTIVES:
+        return text[:i].rstrip()
+    elif depth == 0 and ch == ";" and text[i + 1:i + 2] in ("", " "):
+      return text[:i].rstrip()
+    i += 1
+  return text
+
+
+def _without_text_command(answer: str) -> str:
+  """`\text{5 cm}` as a whole answer -> "5 cm": the words of a number given in text mode."""
+  if answer.startswith("\\text{") and matching_brace(answer, len("\\text"), len(answer)) == len(answer) - 1:
+    return answer[len("\\text{"):-1].strip()
+  return answer
+
+
+def _number_end(text: str) -> int:
+  """The end of a plain number opening `text` (a sign, digits with optional thousands groups, a decimal part or
+  a /b), 0 when it does not open with one."""
+  start = 1 if text[:1] in ("-", "\u2212") else 0
+  end = start
+  while end < len(text) and text[end].isdigit():
+    end += 1
+  if end == start:
+    return 0
+  if end - start <= 3:  # "1,200,000": groups of exactly three digits
+    while text[end:end + 1] == "," and text[end + 1:end + 4].isdigit() and not text[end + 4:end + 5].isdigit():
+      end += 4
+  if text[end:end + 1] in (".", "/") and text[end + 1:end + 2].isdigit():
+    end += 1
+    while end < len(text) and text[end].isdigit():
+      end += 1
+  return end
+
+
+def _number_before_words(text: str) -> str:
+  """"18 dollars" -> "18", "1,200 people" -> "1200": a number followed by words only is that number, unless the
+  first word is a letter (a variable: "5 x"), math, or changes the value ("2 million", "3 dozen", "12 out of")."""
+  end = _number_end(text)
+  if end == 0 or text[end:end + 1] != " ":
+    return text
+  words = text[end:].split()
+  if not all(w.replace("/", "").replace("-", "").replace(".", "").isalpha() for w in words):
+    return text  # digits or symbols after the number: an expression, left as it is
+  first = words[0].lower().strip(".")
+  if len(first.split("/")[0]) < 2 or first in _VALUE_WORDS or first in _MATH_WORDS:
+    return text
+  return text[:end].replace(",", "")
 
 
 def _without_leading_filler(candidate: str) -> str:
@@ -274,7 +398,7 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   solution = solution_section(text, think.close_tag, think.open_tag)
   boxed = last_boxed(solution, max_chars)
   if boxed is not None:
-    candidate = boxed
+    candidate = _number_before_words(_without_text_command(boxed.strip()))  # \boxed{18 dollars} -> 18
   else:
     label = _after_answer_label(solution, max_chars)
     labelled = label is not None and bool(clean_answer(label))
