@@ -82,7 +82,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def format_error(output: dict) -> bool:
   """Ran into the token limit, or gave no answer the verifier can extract."""
-  return not output["finished"] or rewards.extract_answer(output["text"]) is None
+  return not output["finished"] or rewards.extract_answer(output["text"],
+                                                         think=rewards.default_config().think) is None
 
 
 def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: dict, mesh=None,
@@ -146,7 +147,8 @@ def summarize(items: Sequence[dict], pass_k: Sequence[int] = (1,)) -> dict[str, 
       "response_tokens_max": int(lengths.max()),
       "format_error_rate": float(np.mean([o["format_error"] for o in samples])),
       "unfinished_rate": float(np.mean([not o["finished"] for o in samples])),
-      "think_format_rate": float(np.mean([rewards.think_format_ok(o["text"]) for o in samples])),
+      "think_format_rate": float(np.mean([rewards.think_format_ok(o["text"], rewards.default_config().think)
+                                          for o in samples])),
   }
   if "greedy" in items[0]:
     greedy, g_low, g_high = mean_ci([float(item["greedy"][0]["correct"]) for item in items])

@@ -1,6 +1,7 @@
 """The evaluation command: pass@k and interval math against brute force, the summary of known outcomes, and the
 command end to end on a saved tiny run (files, per-item records, numbers in range)."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -82,10 +83,18 @@ def test_eval_settings_refuse_impossible_sample_counts(kwargs, match):
     eval_lib.eval_settings(**kwargs)
 
 
-def test_format_errors():
+def test_format_errors(monkeypatch):
   assert not eval_lib.format_error({"text": "<think>1 + 1 = 2.</think> The answer is \\boxed{2}.", "finished": True})
   assert eval_lib.format_error({"text": "<think>1 + 1 = 2.</think> The answer is \\boxed{2}.", "finished": False})
   assert eval_lib.format_error({"text": "", "finished": True})
+  # A template that opens <think> in the prompt (configured once for the verifier): a reply that never closes it
+  # holds no answer, and is counted a format error here too, as the verifier scores it.
+  from phi_jax import rewards
+  thoughts = {"text": "still thinking... The answer is \\boxed{2}.", "finished": True}
+  assert not eval_lib.format_error(thoughts)
+  monkeypatch.setattr(rewards.verifier, "_default_config",  # what rewards.configure sets
+                      dataclasses.replace(rewards.default_config(), think=rewards.ThinkFormat(prompt_opens_think=True)))
+  assert eval_lib.format_error(thoughts)
 
 
 @pytest.fixture(scope="module")

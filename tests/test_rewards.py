@@ -1,5 +1,6 @@
 """phi_jax.rewards: answer extraction and verification (worker pool, limits, untrusted input) and the RL rewards."""
 
+import dataclasses
 import os
 import resource
 import signal
@@ -465,6 +466,20 @@ def test_think_format_options():
   assert rewards.think_format_ok("<think>reasoning</think>", ThinkFormat(require_solution=False))
   assert rewards.format_ok("<think>a</think> 2", finished=True)
   assert not rewards.format_ok("<think>a</think> 2", finished=False)
+
+
+
+def test_format_rewards_read_completions_as_the_verifier_is_configured(monkeypatch):
+  """A template that opens <think> in the prompt is configured once (rewards.configure): the format and
+  length-aware rewards follow it (they kept the default format, scoring every such completion badly formed)."""
+  opened = "reasoning</think> The answer is \\boxed{2}."
+  fmt, length_aware = rewards.get_reward("format"), rewards.get_reward("length_aware")
+  score = lambda fn: fn(opened, "2", length=10, finished=True, correct=True)
+  assert (score(fmt), score(length_aware)) == (0.0, pytest.approx(8 / 13 * -1.0))  # default: badly formed
+  # What rewards.configure sets, without restarting the module's pool that the other tests hold.
+  monkeypatch.setattr(rewards.verifier, "_default_config",
+                      dataclasses.replace(rewards.default_config(), think=ThinkFormat(prompt_opens_think=True)))
+  assert (score(fmt), score(length_aware)) == (1.0, pytest.approx(8 / 13 * 1.0))
 
 
 # -- length-aware reward -------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 from phi_jax.rewards.repetition import repetition_penalty
 from phi_jax.rewards.think_format import ThinkFormat, think_format_ok
+from phi_jax.rewards.verifier import default_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +41,7 @@ class LengthAwareRewardConfig:
   w_rep: float = 1 / 13
   rep_ngram: int = 5
   rep_max_count: int = 5
-  think: ThinkFormat = ThinkFormat()
+  think: Optional[ThinkFormat] = None  # None: the verifier's (`phi_jax.rewards.configure`; `<think>` by default)
 
   def __post_init__(self):
     if not (0 <= self.l_pos_control < self.l_max and self.l_neg_control > 0):
@@ -72,7 +74,7 @@ def accuracy_term(completion: str, *, correct: bool, length: int, finished: bool
   """R_acc with the end-of-turn and think-format overrides applied (see the module docstring)."""
   if not finished:
     return config.unfinished_score
-  if not think_format_ok(completion, config.think):
+  if not think_format_ok(completion, config.think or default_config().think):
     return config.bad_format_score
   return length_scaled_accuracy(correct, length, config)
 

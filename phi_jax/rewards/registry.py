@@ -19,7 +19,7 @@ from typing import Callable, ClassVar, Mapping, Optional, Sequence, Union
 from phi_jax.rewards.length_aware import LengthAwareRewardConfig, length_aware_reward
 from phi_jax.rewards.repetition import repetition_penalty
 from phi_jax.rewards.think_format import ThinkFormat, format_ok
-from phi_jax.rewards.verifier import VerifierPool, is_correct, verify_batch
+from phi_jax.rewards.verifier import VerifierPool, default_config, is_correct, verify_batch
 
 RewardFn = Callable[..., float]
 
@@ -43,15 +43,16 @@ correctness.uses_correctness = True
 
 @dataclasses.dataclass(frozen=True)
 class FormatReward:
-  """1.0 for a well-formed think block and an end-of-turn token, else 0.0."""
+  """1.0 for a well-formed think block and an end-of-turn token, else 0.0. `fmt` None: the verifier's think format
+  (`phi_jax.rewards.configure`), so a template that opens `<think>` in the prompt is configured once."""
 
-  fmt: ThinkFormat = ThinkFormat()
+  fmt: Optional[ThinkFormat] = None
   uses_correctness: ClassVar[bool] = False
 
   def __call__(self, completion: str, gold: str, *, length: int, finished: bool,
                correct: Optional[bool] = None) -> float:
     del gold, length, correct
-    return float(format_ok(completion, finished=finished, fmt=self.fmt))
+    return float(format_ok(completion, finished=finished, fmt=self.fmt or default_config().think))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -302,6 +302,12 @@ def configure(config: VerifierConfig) -> None:
   shutdown()
 
 
+def default_config() -> VerifierConfig:
+  """The module-wide pool's config (`configure`): its `think` format is how completions are read everywhere."""
+  with _default_lock:
+    return _default_config
+
+
 def default_pool() -> VerifierPool:
   """The module-wide pool, started on first use and shut down at interpreter exit."""
   global _default_pool
