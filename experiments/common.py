@@ -486,7 +486,7 @@ def _stage_settings(stage: str, settings: dict) -> dict:
 
 
 _RESUME_DATA_FIELDS = ("train_files", "weights", "seq_len", "batch_size", "packing", "too_long", "num_epochs",
-                       "tokenizer", "system_prompt")
+                       "tokenizer", "system_prompt", "special_tokens_in_text")
 DPO_REFERENCE = ("in_step", "precompute", "precomputed")
 
 

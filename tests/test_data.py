@@ -656,6 +656,55 @@ def test_a_record_of_several_kinds_is_refused():
     assert normalised is None and bad[0] == "unknown record kind" and "several of" in bad[1]
 
 
+def test_a_lone_prompt_beside_a_conversation_is_metadata():
+  """ultrachat_200k and no_robots rows hold prompt, prompt_id and messages: every one was refused as two kinds."""
+  from phi_jax.data.sources import validate_record
+  conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+  assert validate_record({"prompt": "Hi", "prompt_id": "x1", "messages": conversation}) == (
+      {"messages": conversation}, None)
+  assert validate_record({"prompt": "Hi"})[1][0] == "missing field"  # alone, still half a pair
+
+
+def test_a_double_star_glob_matches_files_at_any_depth(tmp_path):
+  for path in ("top.jsonl", "en/one.jsonl", "en/2023/two.jsonl"):
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(tmp_path / path, [{"text": path}])
+  source = open_source(str(tmp_path / "**" / "*.jsonl"))  # matched one level down only, like "*"
+  assert sorted(source[i]["data"]["text"] for i in range(len(source))) == [
+      "en/2023/two.jsonl", "en/one.jsonl", "top.jsonl"]
+
+
+def test_thousands_of_jsonl_shards_keep_few_files_open(tmp_path, monkeypatch):
+  """Every shard read stayed open: a glob over more shards than the limit on open files failed mid-run."""
+  from phi_jax.data import sources
+  monkeypatch.setattr(sources, "_MAX_OPEN_FILES", 4)
+  for i in range(12):
+    write_jsonl(tmp_path / f"shard-{i:02d}.jsonl", [{"text": f"doc {i} {j}"} for j in range(3)])
+  source = JsonlSource(str(tmp_path / "shard-*.jsonl"))
+  order = np.random.default_rng(0).permutation(len(source))
+  assert sorted(source[int(i)]["data"]["text"] for i in order) == sorted(
+      f"doc {i} {j}" for i in range(12) for j in range(3))
+  assert len(source._open_files) == 4
+
+
+def test_bytes_that_are_not_utf8_in_a_parquet_string_column_are_a_bad_record(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  raw = pa.array([b"hello", b"\xff\xfe", b"world"], pa.binary()).cast(pa.string(), safe=False)
+  pq.write_table(pa.table({"text": raw}), tmp_path / "bad.parquet")
+  source = ParquetSource(tmp_path / "bad.parquet")
+  assert [source[i]["error"] for i in range(3)] == [None, ("not UTF-8", "byte 0xff in a string column"), None]
+  it = pipeline([(source, 1.0)], on_bad_record="skip")
+  list(it)
+  assert it.stats()["records_skipped"] == {"not UTF-8": 1}
+
+
+def test_a_json_array_file_is_named_as_one(tmp_path):
+  (tmp_path / "train.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=2))
+  with pytest.raises(DataError, match=r"train.json: unknown file type: a JSON array, not JSON lines"):
+    open_source(str(tmp_path / "train.json"))
+
+
 # ----------------------------------------------------------------------------------------------- preference pairs
 
 

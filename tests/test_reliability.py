@@ -607,6 +607,13 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
     loop.check_resume_compatible(files, dict(files, data={"train_files": ["b.jsonl"], "seq_len": 16}), "W")
   loop.check_resume_compatible(files, dict(files, data={"train_files": ["a.jsonl"], "seq_len": 32}), "W")
   assert "data.seq_len: 16 -> 32" in caplog.text
+  # ... and to the mixture that interleaves them (equal weights spelled [1, 1], [2, 2] or left unset are one mixture).
+  mixed = dict(saved, data={"train_files": ["a.jsonl", "b.jsonl"], "weights": None})
+  for same in ([1.0, 1.0], [2, 2]):
+    loop.check_resume_compatible(mixed, dict(mixed, data=dict(mixed["data"], weights=same)), "W")
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"data.weights=None in the checkpoint but \[3.0, "
+                     r"1.0\] now \(the saved data position is a position in that mixture"):
+    loop.check_resume_compatible(mixed, dict(mixed, data=dict(mixed["data"], weights=[3.0, 1.0])), "W")
   # ... and to the seed that shuffled them.
   reseeded = dict(saved, loop_config=dict(saved["loop_config"], seed=saved["loop_config"]["seed"] + 1))
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"train.seed=0 in the checkpoint but 1 now"):

@@ -14,6 +14,7 @@ or, in skip mode, a counted skip; the reasons are the fixed keys of `BAD_RECORD_
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import logging
@@ -104,7 +105,7 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
   for pattern in map(os.fspath, patterns):
     # An existing file is itself even when its name has glob characters (train[v2].jsonl).
     literal = os.path.isfile(pattern) or not glob.has_magic(pattern)
-    matches = [pattern] if literal else sorted(glob.glob(pattern))
+    matches = [pattern] if literal else sorted(glob.glob(pattern, recursive=True))  # "**": any depth, as HF reads
     missing = [m for m in matches if not os.path.isfile(m)]
     if not matches or missing:
       raise DataError(pattern, "no such file")
@@ -145,18 +146,20 @@ class _MultiFileSource(_Concatenated):
     self.files = files
     self.name = name or os.path.basename(files[0]) + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
     self._set_part_lengths(records_per_file)
-    self._open_files: dict[int, Any] = {}  # file index -> open handle, filled lazily by the reader threads
+    # file index -> open handle, filled lazily by the reader threads (least recently used last).
+    self._open_files: collections.OrderedDict[int, Any] = collections.OrderedDict()
     self._lock = threading.Lock()
 
   def _opened(self, file_index: int, open_fn):
     with self._lock:
       if file_index not in self._open_files:
         self._open_files[file_index] = open_fn(self.files[file_index])
+      self._open_files.move_to_end(file_index)
       return self._open_files[file_index]
 
   def __getstate__(self):
     # Handles and locks do not cross process boundaries (Grain worker processes); each process reopens its files.
-    state = dict(self.__dict__, _open_files={})
+    state = dict(self.__dict__, _open_files=collections.OrderedDict())
     del state["_lock"]
     return state
 
@@ -187,8 +190,7 @@ class JsonlSource(_MultiFileSource):
   def __getitem__(self, index: int) -> dict[str, Any]:
     file_index, row = self._locate(index)
     where = f"{self.files[file_index]}:{self._line_numbers[file_index][row]}"
-    fd = self._opened(file_index, lambda path: os.open(path, os.O_RDONLY))
-    raw = os.pread(fd, int(self._lengths[file_index][row]), int(self._offsets[file_index][row]))
+    raw = self._read(file_index, int(self._offsets[file_index][row]), int(self._lengths[file_index][row]))
     try:
       line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -202,6 +204,19 @@ class JsonlSource(_MultiFileSource):
     if "\\u" in line and _has_lone_surrogate(data):
       return _raw(None, where, ("not UTF-8", "a lone UTF-16 surrogate escape (half of a \\uD8xx\\uDCxx pair)"))
     return _raw(data, where, None)
+
+  def _read(self, file_index: int, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` of a file. At most _MAX_OPEN_FILES descriptors stay open, the least recently used
+    closed first (a glob over thousands of shards passed the process's limit on open files); the read holds the
+    lock, so no thread closes a descriptor another is reading."""
+    with self._lock:
+      fd = self._open_files.get(file_index)
+      if fd is None:
+        fd = self._open_files[file_index] = os.open(self.files[file_index], os.O_RDONLY)
+        while len(self._open_files) > _MAX_OPEN_FILES:
+          os.close(self._open_files.popitem(last=False)[1])
+      self._open_files.move_to_end(file_index)
+      return os.pread(fd, length, offset)
 
   def __del__(self, _close=os.close):  # bound now: at interpreter exit the module's globals may already be None
     for fd in getattr(self, "_open_files", {}).values():
@@ -274,11 +289,16 @@ class ParquetSource(_MultiFileSource):
 
     file_index, row = self._locate(index)
     table = self._opened(file_index, lambda path: pq.read_table(path, memory_map=True))
-    data = table.slice(row, 1).to_pylist()[0]
-    return _raw(data, f"{self.files[file_index]} row {row}", None)
+    where = f"{self.files[file_index]} row {row}"
+    try:
+      data = table.slice(row, 1).to_pylist()[0]
+    except UnicodeDecodeError as e:  # a string column holding bytes that are not UTF-8 (writers need not check)
+      return _raw(None, where, ("not UTF-8", f"byte {e.object[e.start]:#04x} in a string column"))
+    return _raw(data, where, None)
 
 
 _LARGE_BYTES = 8 << 30
+_MAX_OPEN_FILES = 256
 
 
 class DiskDatasetSource(_MultiFileSource):
@@ -347,11 +367,17 @@ def open_source(path: str | os.PathLike | Sequence[str | os.PathLike], *, name: 
 def _file_kind(path: str, *, from_glob: bool) -> str:
   if path.endswith(".parquet"):
     return "parquet"
-  if path.endswith((".jsonl", ".ndjson", ".json")):
-    return "jsonl"
   with open(path, "rb") as f:
-    if f.read(4) == b"PAR1":  # Parquet shards written without the extension (Spark's part-00000-...)
-      return "parquet"
+    head = f.read(4096)
+  if path.endswith((".jsonl", ".ndjson", ".json")):
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":  # one JSON array (Alpaca-style), not JSON lines
+      raise DataError(path, "unknown file type", "a JSON array, not JSON lines: write one object per line "
+                      "(e.g. jq -c '.[]' FILE > FILE.jsonl)")
+    return "jsonl"
+  if head[:4] == b"PAR1":  # Parquet shards written without the extension (Spark's part-00000-...)
+    return "parquet"
+  if head[:2] == b"\x1f\x8b":
+    raise DataError(path, "unknown file type", "gzip-compressed; decompress it (gunzip) to *.jsonl first")
   if from_glob:  # a glob's files without a known extension are read as JSON lines
     return "jsonl"
   raise DataError(path, "unknown file type", "expected *.jsonl (or .ndjson, .json: one JSON object per line), "
@@ -382,8 +408,12 @@ def validate_record(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple
   """
   if not isinstance(data, dict):
     return None, ("not an object", f"got {type(data).__name__}")
+  present = lambda keys: [k for k in keys if data.get(k) is not None]
   kinds = [kind for kind, keys in (("messages", ("messages",)), ("prompt/completion", ("prompt", "completion")),
-                                   ("text", ("text",))) if any(data.get(k) is not None for k in keys)]
+                                   ("text", ("text",))) if present(keys)]
+  if len(kinds) > 1 and "prompt/completion" in kinds and len(present(("prompt", "completion"))) < 2:
+    # A lone prompt beside a conversation (ultrachat_200k, no_robots: prompt, prompt_id, messages) is metadata.
+    kinds.remove("prompt/completion")
   if len(kinds) != 1:
     found = "none of" if not kinds else f"several of ({', '.join(kinds)}) among"
     return None, ("unknown record kind", f"{found} 'messages', 'prompt'+'completion', 'text'")

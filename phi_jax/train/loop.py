@@ -703,6 +703,14 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
   if packs and "absent" not in (saved_packing, current_packing) and saved_packing != current_packing:
     data_changes.append(f"data.packing={saved_packing!r} in the checkpoint but {current_packing!r} now (the saved "
                         "data position belongs to the other pipeline)")
+  # The mixture maps the saved position to a record of each source by the weights: under others every source
+  # would resume elsewhere than where it stopped, skipping some records and repeating others.
+  saved_weights, current_weights = (_mixture_shares(m.get("data", {})) for m in (saved, current))
+  if packs and None not in (saved_weights, current_weights) and saved_weights != current_weights:
+    data_changes.append(f"data.weights={saved.get('data', {}).get('weights')} in the checkpoint but "
+                        f"{current.get('data', {}).get('weights')} now (the saved data position is a position in "
+                        "that mixture; to change the mixture, start a new workdir with train.init_from set to this "
+                        "run's params/ once it has finished)")
   # The seed orders the data (the shuffle, GRPO's prompt order), so the saved position is a position in its order.
   saved_seed, current_seed = (m.get("loop_config", {}).get("seed", "absent") for m in (saved, current))
   if "absent" not in (saved_seed, current_seed) and saved_seed != current_seed:
@@ -750,6 +758,19 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
   if changes:
     log.warning("resuming with a changed config: %s",
                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+
+
+def _mixture_shares(data: dict) -> Optional[list]:
+  """A run's mixture weights as shares of their sum ([1, 1] and None alike: equal), None when there is nothing to
+  compare (one train file, or no weights recorded); a None weight (its file's record count) stays None."""
+  files, weights = data.get("train_files"), data.get("weights", "absent")
+  if not files or len(files) < 2 or weights == "absent":
+    return None
+  weights = weights or [1.0] * len(files)
+  if any(w is None for w in weights):
+    return list(weights)
+  total = float(sum(weights))
+  return [round(w / total, 12) for w in weights]
 
 
 def _make_eval(loss_fn, mesh, microbatches: int = 1):
