@@ -570,6 +570,14 @@ def test_early_stopping_settings_are_checked():
     LoopConfig(num_steps=4, early_stopping_patience=2)
   with pytest.raises(ValueError, match=r"early_stopping_patience=0 must be at least 1"):
     LoopConfig(num_steps=4, eval_every=1, early_stopping_patience=0)
+  # Spike settings that would switch the detector off or make it fire at every step without saying so.
+  with pytest.raises(ValueError, match=r"loss_spike_window=4: a spike is flagged once the window holds 5 losses"):
+    LoopConfig(num_steps=4, loss_spike_window=4)
+  for factor in (0.5, -1.0):
+    with pytest.raises(ValueError, match=rf"loss_spike_factor={factor} must be above 1"):
+      LoopConfig(num_steps=4, loss_spike_factor=factor)
+  assert LoopConfig(num_steps=4, loss_spike_window=20.0).loss_spike_window == 20
+  LoopConfig(num_steps=4, loss_spike_factor=0, loss_spike_window=1)  # off: any window
   with pytest.raises(ValueError, match=r"no eval data: set data.eval_files"):
     _run("/nonexistent/never/written", eval_every=1, keep_best_checkpoint=True)
   nan = loop._EvalHistory(0.0, [{"step": 1, "eval_loss": float("nan")}, {"step": 2, "eval_loss": float("nan")}])
@@ -675,13 +683,16 @@ def test_nan_stops_with_step_metric_and_intact_checkpoint_inf_skips_and_spikes_a
   assert step == 2 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
   caplog.set_level(logging.INFO, logger="phi_jax")
-  _run(tmp_path / "skip", scales={3: float("inf"), 8: 50.0}, num_steps=8, on_nonfinite="skip", checkpoint_every=1,
-       keep_checkpoints=None)
+  # Logged every 4 steps: the skipped update (step 3) and the spike (step 7) still get their own records (they
+  # were in the process log only).
+  _run(tmp_path / "skip", scales={3: float("inf"), 7: 50.0}, num_steps=8, on_nonfinite="skip", checkpoint_every=1,
+       keep_checkpoints=None, log_every=4)
   with open(tmp_path / "skip" / "metrics.jsonl") as f:
     records = {r["step"]: r for r in map(json.loads, f)}
+  assert sorted(records) == [3, 4, 7, 8]
   assert [s for s, r in records.items() if r["skipped_update"]] == [3]
-  assert [s for s, r in records.items() if r["loss_spike"]] == [8]
-  assert "non-finite loss=inf at step 3; update skipped" in caplog.text and "loss spike at step 8" in caplog.text
+  assert [s for s, r in records.items() if r["loss_spike"]] == [7]
+  assert "non-finite loss=inf at step 3; update skipped" in caplog.text and "loss spike at step 7" in caplog.text
   ckpt = checkpoint.Checkpointer(str(tmp_path / "skip" / "checkpoints"), save_interval_steps=1)
   before, after = (ckpt.restore(s, _abstract_state_for(TINY))[0] for s in (2, 3))
   ckpt.close()

@@ -86,7 +86,7 @@ class LoopConfig:
 
   def __post_init__(self):
     for name in ("num_steps", "seed", "microbatches", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
-                 "early_stopping_patience"):
+                 "early_stopping_patience", "loss_spike_window"):
       value = getattr(self, name)
       if isinstance(value, float) and value.is_integer():  # train.num_steps=1e4, as MaxText configs write it
         object.__setattr__(self, name, int(value))
@@ -100,6 +100,13 @@ class LoopConfig:
       if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be at least 1"
                          + (" (0 would delete every checkpoint; None keeps all)" if name == "keep_checkpoints" else ""))
+    if self.loss_spike_factor != 0 and not self.loss_spike_factor > 1:
+      raise ValueError(f"loss_spike_factor={self.loss_spike_factor} must be above 1 (a loss that many times the "
+                       "running median is a spike), or 0 to switch the detector off")
+    if self.loss_spike_factor and self.loss_spike_window < _MIN_SPIKE_HISTORY:
+      raise ValueError(f"loss_spike_window={self.loss_spike_window}: a spike is flagged once the window holds "
+                       f"{_MIN_SPIKE_HISTORY} losses, so a smaller one never flags any; give at least "
+                       f"{_MIN_SPIKE_HISTORY}, or loss_spike_factor=0 to switch the detector off")
     if self.preemption_grace_s is not None and self.preemption_grace_s <= 0:
       raise ValueError(f"preemption_grace_s={self.preemption_grace_s} must be positive (or None)")
     if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
@@ -116,6 +123,7 @@ class LoopConfig:
 
 
 ON_NONFINITE = ("stop", "skip")
+_MIN_SPIKE_HISTORY = 5  # losses the running median needs before a spike can be flagged
 # Model config fields that fix the shapes or dtypes of the saved state: a resume that changes one cannot restore.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "tie_word_embeddings", "param_dtype")
@@ -223,7 +231,7 @@ class _SpikeDetector:
 
   def __call__(self, loss: float) -> Optional[float]:
     """The running median when `loss` is a spike, else None; records the loss."""
-    median = statistics.median(self.losses) if len(self.losses) >= 5 else None
+    median = statistics.median(self.losses) if len(self.losses) >= _MIN_SPIKE_HISTORY else None
     if math.isfinite(loss):
       self.losses.append(loss)
     if self.factor and median is not None and median > 0 and loss > self.factor * median:
@@ -504,7 +512,11 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       eval_record, improved = evaluate(step)
       record.update(eval_record)
       last_time = time.perf_counter()  # the evaluation's time is not the next step's
-    written = step % loop.log_every == 0 or step == loop.num_steps or evaluate_now or last or bool(step_metrics)
+    # A skipped update or a loss spike is flagged in its own step's record whatever log_every says (the loss is the
+    # same on every process, so they all write it).
+    flagged = bool(bad) or record.get("loss_spike", 0.0) > 0
+    written = (step % loop.log_every == 0 or step == loop.num_steps or evaluate_now or last or bool(step_metrics)
+               or flagged)
     if written:
       record.update(_counted_over_processes(stats))  # every process writes the same steps: a collective is safe
       writer.write(record)
