@@ -751,10 +751,8 @@ def dry_run() -> dict[str, Any]:
 
   the_mesh = mesh()
   model_config, _ = model()
-  if model_config.rope_scaling_type == "longrope" and model_config.rope_long_factor is None:
-    # Memory and compile do not depend on the LongRoPE factor values, which live in the checkpoint.
-    ones = (1.0,) * (model_config.rotary_dim // 2)
-    model_config = model_config.replace(rope_short_factor=ones, rope_long_factor=ones)
+  # Memory and compile do not depend on the LongRoPE factor values, which live in the checkpoint.
+  model_config = presets.with_placeholder_rope_factors(model_config)
   data_cfg = data()
   settings = train_settings()
   loop, stage = settings["loop"], settings["stage"]

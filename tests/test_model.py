@@ -1,5 +1,7 @@
 """Decoder invariances: full-size shapes, packed == separate, no cross-document gradient, cached == full, remat."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +49,29 @@ def test_preset_shapes():
   assert abs(mini.replace(rope_short_factor=(1.0,) * 48, rope_long_factor=(1.0,) * 48).rope_attention_scale
              - 1.190238) < 1e-6
   assert phi_jax.presets["phi-4"].resolved_head_dim == 128
+
+
+def test_a_longrope_preset_traces_with_placeholder_factors():
+  """The preset leaves the factors to the checkpoint, so tracing its forward pass fails; the placeholder config
+  traces to the same shapes (what --dry_run and memory planning need)."""
+  mini = phi_jax.presets.get("phi-4-mini", num_layers=1)
+  shapes = jax.eval_shape(lambda: phi_jax.init_params(mini, jax.random.key(0)))
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match="LongRoPE short/long factors are not set"):
+    jax.eval_shape(lambda p, t: phi_jax.forward(p, t, mini), shapes, tokens)
+  traced = phi_jax.presets.with_placeholder_rope_factors(mini)
+  assert jax.eval_shape(lambda p, t: phi_jax.forward(p, t, traced), shapes, tokens).shape == (1, 8, mini.vocab_size)
+  assert phi_jax.presets.with_placeholder_rope_factors(GQA) is GQA
+
+
+def test_positions_and_segments_of_shape_1_by_t_stand_for_every_row(model):
+  """transformers' position_ids are often [1, T]: LongRoPE's per-row extent failed on them with a vmap error."""
+  config, params = model
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (3, 12)).astype(np.int32)
+  positions = np.arange(12, dtype=np.int32)[None]
+  expected = phi_jax.forward(params, tokens, config)
+  for given in ({"positions": positions}, {"segment_ids": np.ones((1, 12), np.int32)}):  # one beside the default
+    np.testing.assert_allclose(phi_jax.forward(params, tokens, config, **given), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module", params=["gqa", "longrope"])
@@ -306,8 +331,18 @@ def test_bad_configs_name_the_field():
     LONGROPE.replace(rope_long_factor=(1.0, 2.0))
   with pytest.raises(ValueError, match=r"partial_rotary_factor=1.5 must be in \(0, 1\]"):
     GQA.replace(partial_rotary_factor=1.5)  # was accepted, then failed inside the rotary with a broadcast error
-  with pytest.raises(ValueError, match=r"PhiConfig.dtype='bf16' is not a dtype"):
+  with pytest.raises(ValueError, match=r"PhiConfig.dtype='bf16' is not a floating-point dtype"):
     GQA.replace(dtype="bf16")
+  # Values that gave NaN logits, failed deep in Flax, or were silently ignored:
+  for fields, message in [({"rope_theta": 0.0}, "rope_theta=0.0 must be positive"),
+                          ({"rms_norm_eps": -1.0}, "rms_norm_eps=-1.0 must be >= 0"),
+                          ({"param_dtype": "int32"}, "param_dtype='int32' is not a floating-point dtype"),
+                          ({"rope_short_factor": (0.0, 1.0, 1.0)}, "rope_short_factor must hold positive factors"),
+                          ({"original_max_position_embeddings": 0}, "original_max_position_embeddings=0 must be")]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      LONGROPE.replace(**fields)
+  with pytest.raises(ValueError, match=r"rope_short_factor, rope_long_factor set without rope_scaling_type="):
+    LONGROPE.replace(rope_scaling_type=None)  # the factors would be ignored: plain rotary
   with pytest.raises(ValueError, match="LongRoPE short/long factors are not set"):
     phi_jax.forward(phi_jax.init_params(LONGROPE, jax.random.key(0)), jnp.zeros((1, 4), jnp.int32),
                     LONGROPE.replace(rope_short_factor=None, rope_long_factor=None))

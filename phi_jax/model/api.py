@@ -23,12 +23,13 @@ Params = dict[str, Any]
 
 
 def default_positions_and_segments(tokens_BT, positions=None, segment_ids=None):
-  """positions default to arange per row; segment ids to one segment (1) per row."""
+  """positions default to arange per row; segment ids to one segment (1) per row. Given ones of shape [1, T] (as
+  transformers' position_ids) stand for every row: the LongRoPE extent is computed row by row."""
   if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+    positions = jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)
   if segment_ids is None:
     segment_ids = jnp.ones(tokens_BT.shape, jnp.int32)
-  return positions, segment_ids
+  return jnp.broadcast_to(positions, tokens_BT.shape), jnp.broadcast_to(segment_ids, tokens_BT.shape)
 
 
 def _boxed_init(config: PhiConfig, rng):

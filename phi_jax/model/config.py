@@ -64,10 +64,19 @@ class PhiConfig:
                        "head's channels that rotate (0.75 for Phi-4-mini)")
     for name in ("dtype", "param_dtype"):
       try:
-        jnp.dtype(getattr(self, name))
+        floating = jnp.issubdtype(jnp.dtype(getattr(self, name)), jnp.floating)
       except TypeError:
-        raise ValueError(f"PhiConfig.{name}={getattr(self, name)!r} is not a dtype; use e.g. 'float32' or "
-                         "'bfloat16'") from None
+        floating = False
+      if not floating:
+        raise ValueError(f"PhiConfig.{name}={getattr(self, name)!r} is not a floating-point dtype; use e.g. "
+                         "'float32' or 'bfloat16'")
+    if not self.rope_theta > 0:
+      raise ValueError(f"rope_theta={self.rope_theta} must be positive (the rotary base: 10000, 250000 for phi-4)")
+    if not self.rms_norm_eps >= 0:
+      raise ValueError(f"rms_norm_eps={self.rms_norm_eps} must be >= 0")
+    if self.original_max_position_embeddings is not None and self.original_max_position_embeddings < 1:
+      raise ValueError(f"original_max_position_embeddings={self.original_max_position_embeddings} must be >= 1, or "
+                       "None (the same as max_position_embeddings)")
     if self.rotary_dim % 2 or self.rotary_dim <= 0:
       raise ValueError(f"rotary_dim = int(head_dim * partial_rotary_factor) = {self.rotary_dim} must be even and > 0")
     if self.attention_backend not in ATTENTION_BACKENDS:
@@ -80,10 +89,18 @@ class PhiConfig:
     if self.rope_scaling_type not in (None, "longrope"):
       raise ValueError(f"rope_scaling_type={self.rope_scaling_type!r}; supported: None (default rotary) or 'longrope'")
     # LongRoPE factors may be left None in a shape-only config (a preset); rotary math then refuses to run.
+    longrope = ("rope_short_factor", "rope_long_factor", "rope_attention_factor")
+    if self.rope_scaling_type is None and any(getattr(self, name) is not None for name in longrope):
+      raise ValueError(f"{', '.join(n for n in longrope if getattr(self, n) is not None)} set without "
+                       "rope_scaling_type='longrope': they would be ignored (plain rotary); set the type, or drop them")
     for name in ("rope_short_factor", "rope_long_factor"):
       factors = getattr(self, name)
       if factors is not None and len(factors) != self.rotary_dim // 2:
         raise ValueError(f"{name} must have rotary_dim // 2 = {self.rotary_dim // 2} entries, got {len(factors)}")
+      if factors is not None and not all(f > 0 for f in factors):
+        raise ValueError(f"{name} must hold positive factors (they divide the rotary frequencies)")
+    if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+      raise ValueError(f"rope_attention_factor={self.rope_attention_factor} must be positive")
     # Lists (e.g. from JSON or gin) would make the config unhashable, and jit needs it hashable.
     for name in ("rope_short_factor", "rope_long_factor"):
       value = getattr(self, name)

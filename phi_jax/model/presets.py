@@ -3,8 +3,10 @@
 `phi_jax.presets["phi-4-mini"]` or `phi_jax.presets.get("phi-4-mini", dtype="bfloat16")`.
 
 The Phi-4-mini LongRoPE factors are left unset here on purpose: they are 48 tuned numbers per list that belong
-to the checkpoint, so `phi_jax.load_hf` reads them from its config.json. A preset is enough for shapes,
-`jax.eval_shape` and ahead-of-time compilation; the rotary math refuses to run without the factors.
+to the checkpoint, so `phi_jax.load_hf` reads them from its config.json. A preset is enough for shapes and
+`jax.eval_shape(init_params)`; the rotary math refuses to run (or be traced) without the factors. To plan memory
+or compile the forward pass of a LongRoPE preset ahead of time without a checkpoint, trace
+`presets.with_placeholder_rope_factors(config)`: memory and compile do not depend on the factors' values.
 """
 
 from __future__ import annotations
@@ -91,6 +93,16 @@ class _Presets(Mapping):
 
   def get(self, name: str, **overrides: Any) -> PhiConfig:  # type: ignore[override]
     return self[name].replace(**overrides) if overrides else self[name]
+
+  @staticmethod
+  def with_placeholder_rope_factors(config: PhiConfig) -> PhiConfig:
+    """`config` with LongRoPE factors of 1 where a shape-only config leaves them unset, for tracing and compiling
+    (same shapes, memory and program); not for numbers, which need the checkpoint's factors."""
+    if config.rope_scaling_type != "longrope":
+      return config
+    ones = (1.0,) * (config.rotary_dim // 2)
+    return config.replace(rope_short_factor=config.rope_short_factor or ones,
+                          rope_long_factor=config.rope_long_factor or ones)
 
 
 presets = _Presets()
