@@ -120,10 +120,12 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
-  # The state's tree structure is the same whatever max_grad_norm and decay_norms_and_embeddings say (an identity
-  # in place of the clip, a mask of all True in place of none), so a run resumes after either changes: a checkpoint
-  # restores only onto the structure that wrote it.
-  mask = (lambda params: jax.tree.map(lambda _: True, params)) if cfg.decay_norms_and_embeddings else weight_decay_mask
-  clip = optax.identity() if cfg.max_grad_norm is None else clip_by_global_norm(cfg.max_grad_norm)
-  return optax.chain(clip, optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                       weight_decay=cfg.weight_decay, mask=mask))
+  # max_grad_norm=None and decay_norms_and_embeddings change the state's tree (one transform fewer; no mask
+  # wrapper), which checkpoints record: changing either on resume is refused as incompatible, not mistaken for damage.
+  mask = None if cfg.decay_norms_and_embeddings else weight_decay_mask
+  chain = []
+  if cfg.max_grad_norm is not None:
+    chain.append(clip_by_global_norm(cfg.max_grad_norm))
+  chain.append(optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=mask))
+  return optax.chain(*chain)
