@@ -95,8 +95,15 @@ EXTRACTIONS = [
     ("The answer is 2 ** 3.", "2 ^ 3"),
     ("The answer is $\\frac{3}{4}$, since the rest is water.", "\\frac{3}{4}"),
     ("\\boxed{18 dollars}", "18"),
-    ("\\boxed{\\text{5 cm}}", "5"),
+    ("\\boxed{\\text{5 cm}}", "5 cm"),  # a short unit stays for math-verify, which knows it
     ("\\boxed{5 x}", "5 x"),
+    ("\\boxed{2 xy}", "2 xy"),  # inside math, short letters after a number are variables
+    ("The answer is 3 eighths.", "3 eighths"),  # fractions and multipliers change the value
+    ("The answer is 4 hundreds.", "4 hundreds"),
+    ("The answer is 3/4 (or 0.75 as a decimal).", "3/4 or 0.75"),  # an alternative form stays beside the answer
+    ("The answer is 1/2 (or 50%).", "1/2"),  # ... unless it is not a plain number
+    ("The answer is 2 (maybe 3).", "2 or 3"),
+    ("The answer is x = 1; y = 2.", "x = 1; y = 2"),  # a semicolon cuts only before prose
 ]
 
 
@@ -231,6 +238,12 @@ EQUIVALENT = [
     ("The answer is 1,000 dollars.", "1000"),
     ("Answer: 5, since 2 + 3 = 5.", "5"),
     ("The answer is **5** apples.", "5"),
+    ("The answer is 3/4 (or 0.75 as a decimal).", "\\frac{3}{4}"),
+    ("The answer is 1/2 (or equivalently 0.5).", "\\frac{1}{2}"),
+    ("\\boxed{18 dollars}", "18 dollars"),  # gold and prediction read alike
+    ("\\boxed{\\text{5 cm}}", "\\text{5 cm}"),
+    ("\\boxed{\\text{5 cm}}", "5"),
+    ("\\boxed{2 xy}", "2xy"),
 ]
 NOT_EQUIVALENT = [
     ("\\boxed{\\frac{1}{3}}", "0.5"),
@@ -256,6 +269,10 @@ NOT_EQUIVALENT = [
     ("The answer is 2 million.", "2"),
     ("The answer is 5, not 6.", "6"),
     ("The answer is 1,000 dollars.", "1"),
+    ("The answer is 3 eighths.", "3"),
+    ("\\boxed{3 eighths}", "3"),
+    ("The answer is 6 millions.", "6"),
+    ("The answer is 2 (maybe 3).", "2"),
 ]
 
 

@@ -57,10 +57,16 @@ _CONNECTIVES = frozenset(("since", "because", "as", "which", "so", "where", "giv
                           "therefore"))
 _MAX_CONNECTIVE_CHARS = 16
 # Words after a number that change its value or add another, so "2 million" is not the answer 2.
+# A hedge in parentheses opens with one of these: "2 (or 3)", "2 (maybe 3)", "3/4 (or equivalently 0.75)".
+_HEDGES = frozenset(("or", "maybe", "possibly", "perhaps", "equivalently", "alternatively"))
+# Inside math (a boxed or gold answer), a word after a number must be this long to be a unit or a noun: "2 xy" and
+# "3 abc" are products of variables, "18 dollars" is 18.
+_MIN_UNIT_CHARS_IN_MATH = 4
 _VALUE_WORDS = frozenset((
     "and", "or", "out", "of", "times", "plus", "minus", "over", "divided", "to", "hundred", "thousand", "million",
-    "billion", "trillion", "dozen", "percent", "half", "halves", "third", "thirds", "quarter", "quarters", "fourths",
-    "fifths", "squared", "cubed", "factorial", "mod", "modulo", "less", "more", "degrees"))
+    "billion", "trillion", "dozen", "hundreds", "thousands", "millions", "billions", "trillions", "dozens",
+    "score", "gross", "percent", "half", "halves", "third", "thirds", "quarter", "quarters", "squared", "cubed",
+    "factorial", "mod", "modulo", "less", "more", "degrees"))
 _SENTENCE_PUNCTUATION = ".,;:!?"
 # A heading line holds at most this much before "answer" ("### **Final "); longer, the word is inside prose.
 _MAX_HEADING_PREFIX = 16
@@ -234,8 +240,13 @@ def _without_explanation(text: str) -> str:
           break
         close += 1
       words = text[i + 1:close].split()
-      if words and words[0].lower() == "or":
-        return text[:i].rstrip() + " or " + " ".join(words[1:])
+      if words and words[0].lower().strip(",") in _HEDGES:
+        # "2 (or 3)", "3/4 (or 0.75 as a decimal)": an alternative answer; kept beside the first when it is a plain
+        # number (two answers match a gold only when they are equal), dropped when it is not ("1/2 (or 50%)").
+        while words and words[0].lower().strip(",") in _HEDGES:
+          words = words[1:]
+        other = _number_before_words(" ".join(words))
+        return text[:i].rstrip() + (" or " + other if other and _number_end(other) == len(other) else "")
       if any(map(_is_prose_word, words)):
         return text[:i].rstrip()
       i = close + 1
@@ -248,8 +259,9 @@ def _without_explanation(text: str) -> str:
       next_word = text[i + 2:i + 2 + _MAX_CONNECTIVE_CHARS].split(" ", 1)[0].lower()
       if next_word in _CONNECTIVES:
         return text[:i].rstrip()
-    elif depth == 0 and ch == ";" and text[i + 1:i + 2] in ("", " "):
-      return text[:i].rstrip()
+    elif depth == 0 and ch == ";" and text[i + 1:i + 2] in ("", " ") and (
+        i + 2 >= len(text) or _is_prose_word(text[i + 2:i + 2 + _MAX_CONNECTIVE_CHARS].split(" ", 1)[0])):
+      return text[:i].rstrip()  # "42; we are done", not "x = 1; y = 2"
     i += 1
   return text
 
@@ -280,9 +292,10 @@ def _number_end(text: str) -> int:
   return end
 
 
-def _number_before_words(text: str) -> str:
+def _number_before_words(text: str, min_word_chars: int = 2) -> str:
   """"18 dollars" -> "18", "1,200 people" -> "1200": a number followed by words only is that number, unless the
-  first word is a letter (a variable: "5 x"), math, or changes the value ("2 million", "3 dozen", "12 out of")."""
+  first word is shorter than `min_word_chars` (a variable: "5 x"; inside math, where "2 xy" is a product, 4), math,
+  or changes the value ("2 million", "3 dozen", "12 out of", "3 eighths")."""
   end = _number_end(text)
   if end == 0 or text[end:end + 1] != " ":
     return text
@@ -290,7 +303,8 @@ def _number_before_words(text: str) -> str:
   if not all(w.replace("/", "").replace("-", "").replace(".", "").isalpha() for w in words):
     return text  # digits or symbols after the number: an expression, left as it is
   first = words[0].lower().strip(".")
-  if len(first.split("/")[0]) < 2 or first in _VALUE_WORDS or first in _MATH_WORDS:
+  if (len(first.split("/")[0]) < max(2, min_word_chars) or first in _VALUE_WORDS or first in _MATH_WORDS
+      or first.endswith(("ths", "th"))):  # "3 eighths", "9 tenths": fractions
     return text
   return text[:end].replace(",", "")
 
@@ -398,7 +412,7 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   solution = solution_section(text, think.close_tag, think.open_tag)
   boxed = last_boxed(solution, max_chars)
   if boxed is not None:
-    candidate = _number_before_words(_without_text_command(boxed.strip()))  # \boxed{18 dollars} -> 18
+    candidate = _number_before_words(_without_text_command(boxed.strip()), _MIN_UNIT_CHARS_IN_MATH)
   else:
     label = _after_answer_label(solution, max_chars)
     labelled = label is not None and bool(clean_answer(label))
@@ -420,7 +434,10 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
 def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional[str]:
   """A dataset's reference answer: its last `\\boxed{}` when it has one, else the whole string, cleaned."""
   boxed = last_boxed(gold, max_chars)
-  answer = latex_notation(clean_answer(boxed if boxed is not None else gold))
+  # Read as a boxed prediction is ("18 dollars" -> 18), so the same string on both sides stays equal.
+  answer = _number_before_words(_without_text_command(clean_answer(boxed if boxed is not None else gold)),
+                                _MIN_UNIT_CHARS_IN_MATH)
+  answer = latex_notation(answer)
   return answer if answer and len(answer) <= max_chars else None
 
 
