@@ -87,6 +87,10 @@ def check_counts(counts: dict[str, int]) -> None:
                      "mid-training data")
 
 
+class TooFewProblems(ValueError):
+  """A count the difficulty has too few distinct problems for."""
+
+
 def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", chat_format: str = "phi-4",
                    counts: dict[str, int], **overrides: int) -> dict:
   """Writes every file (see the module docstring) and returns the manifest.
@@ -100,7 +104,7 @@ def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", c
     try:
       return word_problems.generate(n, seed=seed, split=split, difficulty=level, **kwargs)
     except ValueError as e:  # an easy level has few distinct problems: name the count to lower
-      raise ValueError(f"{name}: {n} problems of the {difficulty!r} difficulty{' with ' if overrides else ''}"
+      raise TooFewProblems(f"{name}: {n} problems of the {difficulty!r} difficulty{' with ' if overrides else ''}"
                        f"{', '.join(f'{k}={v}' for k, v in overrides.items())} cannot be made: {e}") from e
 
   # The held-out splits first: problems distinct by arithmetic are the scarce ones, so a count too large fails
@@ -177,8 +181,10 @@ def main():
   try:
     manifest = make_task_data(args.out_dir, seed=args.seed, difficulty=args.difficulty,
                               chat_format=args.chat_format, counts=counts, **overrides)
-  except ValueError as e:
+  except TooFewProblems as e:
     parser.error(f"{e} (lower --num_<file>, or choose a harder --difficulty or larger --max_value/--max_operand)")
+  except ValueError as e:
+    parser.error(str(e))
   print(json.dumps(manifest, indent=1))
 
 

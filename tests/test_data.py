@@ -6,6 +6,7 @@ Most tests use a character-level tokenizer and a tiny chat renderer, so every do
 import collections
 import gc
 import json
+import os
 import pickle
 
 import numpy as np
@@ -680,11 +681,18 @@ def test_thousands_of_jsonl_shards_keep_few_files_open(tmp_path, monkeypatch):
   monkeypatch.setattr(sources, "_MAX_OPEN_FILES", 4)
   for i in range(12):
     write_jsonl(tmp_path / f"shard-{i:02d}.jsonl", [{"text": f"doc {i} {j}"} for j in range(3)])
-  source = JsonlSource(str(tmp_path / "shard-*.jsonl"))
-  order = np.random.default_rng(0).permutation(len(source))
-  assert sorted(source[int(i)]["data"]["text"] for i in order) == sorted(
-      f"doc {i} {j}" for i in range(12) for j in range(3))
-  assert len(source._open_files) == 4
+  # Two sources over the shards (a mixture): the budget is the process's, not each source's.
+  sources_ = [JsonlSource(str(tmp_path / "shard-*.jsonl")) for _ in range(2)]
+  for source in sources_:
+    order = np.random.default_rng(0).permutation(len(source))
+    assert sorted(source[int(i)]["data"]["text"] for i in order) == sorted(
+        f"doc {i} {j}" for i in range(12) for j in range(3))
+  assert len(sources._FILES) <= 4
+  # A shard replaced by a new file (an atomic rewrite): a new source reads the new one, not a kept descriptor.
+  replacement = tmp_path / "new.jsonl"
+  write_jsonl(replacement, [{"text": "rewritten"}] * 3)
+  os.replace(replacement, tmp_path / "shard-00.jsonl")
+  assert JsonlSource(str(tmp_path / "shard-00.jsonl"))[0]["data"]["text"] == "rewritten"
 
 
 def test_bytes_that_are_not_utf8_in_a_parquet_string_column_are_a_bad_record(tmp_path):
@@ -697,6 +705,14 @@ def test_bytes_that_are_not_utf8_in_a_parquet_string_column_are_a_bad_record(tmp
   it = pipeline([(source, 1.0)], on_bad_record="skip")
   list(it)
   assert it.stats()["records_skipped"] == {"not UTF-8": 1}
+
+
+def test_a_trailing_double_star_reads_the_files_under_a_folder(tmp_path):
+  """HF's "data/**": the glob also returns the folders, which were taken for missing files."""
+  for path in ("data/part-0.jsonl", "data/sub/part-1.jsonl"):
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(tmp_path / path, [{"text": path}])
+  assert len(open_source(str(tmp_path / "data" / "**"))) == 2
 
 
 def test_a_json_array_file_is_named_as_one(tmp_path):

@@ -578,6 +578,8 @@ def test_early_stopping_settings_are_checked():
       LoopConfig(num_steps=4, loss_spike_factor=factor)
   assert LoopConfig(num_steps=4, loss_spike_window=20.0).loss_spike_window == 20
   LoopConfig(num_steps=4, loss_spike_factor=0, loss_spike_window=1)  # off: any window
+  with pytest.raises(ValueError, match=r"loss_spike_factor=0 switches the detector off"):
+    LoopConfig(num_steps=4, loss_spike_factor=None)
   with pytest.raises(ValueError, match=r"no eval data: set data.eval_files"):
     _run("/nonexistent/never/written", eval_every=1, keep_best_checkpoint=True)
   nan = loop._EvalHistory(0.0, [{"step": 1, "eval_loss": float("nan")}, {"step": 2, "eval_loss": float("nan")}])
@@ -620,7 +622,8 @@ def test_resume_with_incompatible_config_stops_before_any_step_and_compatible_ch
   for same in ([1.0, 1.0], [2, 2]):
     loop.check_resume_compatible(mixed, dict(mixed, data=dict(mixed["data"], weights=same)), "W")
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"data.weights=None in the checkpoint but \[3.0, "
-                     r"1.0\] now \(the saved data position is a position in that mixture"):
+                     r"1.0\] now \(the saved data position is a position in that mixture.*train.init_from=<this "
+                     r"workdir>"):
     loop.check_resume_compatible(mixed, dict(mixed, data=dict(mixed["data"], weights=[3.0, 1.0])), "W")
   # ... and to the seed that shuffled them.
   reseeded = dict(saved, loop_config=dict(saved["loop_config"], seed=saved["loop_config"]["seed"] + 1))

@@ -105,7 +105,10 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
   for pattern in map(os.fspath, patterns):
     # An existing file is itself even when its name has glob characters (train[v2].jsonl).
     literal = os.path.isfile(pattern) or not glob.has_magic(pattern)
-    matches = [pattern] if literal else sorted(glob.glob(pattern, recursive=True))  # "**": any depth, as HF reads
+    if literal:
+      matches = [pattern]
+    else:  # "**": any depth, as HF reads it; "data/**" also matches the folders, which hold no records themselves
+      matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if not os.path.isdir(m)]
     missing = [m for m in matches if not os.path.isfile(m)]
     if not matches or missing:
       raise DataError(pattern, "no such file")
@@ -178,6 +181,9 @@ class JsonlSource(_MultiFileSource):
     files = expand_paths(paths)
     # Byte offsets and line numbers of the non-blank lines, so any record is one pread away.
     self._offsets, self._lengths, self._line_numbers = [], [], []
+    # Which version of each file was indexed: descriptors are shared by path across the process's sources, and a
+    # file replaced since (a new inode, other contents) must not be read through another source's old descriptor.
+    self._versions = [_file_version(path) for path in files]
     for path in files:
       offsets, lengths, line_numbers = _index_lines(path)
       self._offsets.append(offsets)
@@ -206,21 +212,7 @@ class JsonlSource(_MultiFileSource):
     return _raw(data, where, None)
 
   def _read(self, file_index: int, offset: int, length: int) -> bytes:
-    """`length` bytes at `offset` of a file. At most _MAX_OPEN_FILES descriptors stay open, the least recently used
-    closed first (a glob over thousands of shards passed the process's limit on open files); the read holds the
-    lock, so no thread closes a descriptor another is reading."""
-    with self._lock:
-      fd = self._open_files.get(file_index)
-      if fd is None:
-        fd = self._open_files[file_index] = os.open(self.files[file_index], os.O_RDONLY)
-        while len(self._open_files) > _MAX_OPEN_FILES:
-          os.close(self._open_files.popitem(last=False)[1])
-      self._open_files.move_to_end(file_index)
-      return os.pread(fd, length, offset)
-
-  def __del__(self, _close=os.close):  # bound now: at interpreter exit the module's globals may already be None
-    for fd in getattr(self, "_open_files", {}).values():
-      _close(fd)
+    return _FILES.pread(self.files[file_index], self._versions[file_index], offset, length)
 
 
 def _has_lone_surrogate(data: Any) -> bool:
@@ -299,6 +291,40 @@ class ParquetSource(_MultiFileSource):
 
 _LARGE_BYTES = 8 << 30
 _MAX_OPEN_FILES = 256
+
+
+class _OpenFiles:
+  """JSONL file descriptors kept open between reads, for every source of the process together: at most
+  `_MAX_OPEN_FILES`, the least recently used closed first (a glob over thousands of shards, or a mixture of several
+  such, passed the process's limit on open files). A read holds the lock, so no thread closes a descriptor another
+  is reading; a forked reader process inherits the descriptors with the table."""
+
+  def __init__(self):
+    self._fds: collections.OrderedDict[tuple, int] = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def pread(self, path: str, version: tuple, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` of the `version` (`_file_version`) of `path` a source indexed."""
+    key = (path, version)
+    with self._lock:
+      fd = self._fds.get(key)
+      if fd is None:
+        fd = self._fds[key] = os.open(path, os.O_RDONLY)
+        while len(self._fds) > _MAX_OPEN_FILES:
+          os.close(self._fds.popitem(last=False)[1])
+      self._fds.move_to_end(key)
+      return os.pread(fd, length, offset)
+
+  def __len__(self) -> int:
+    return len(self._fds)
+
+
+_FILES = _OpenFiles()
+
+
+def _file_version(path: str) -> tuple[int, int, int, int]:
+  stat = os.stat(path)
+  return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class DiskDatasetSource(_MultiFileSource):

@@ -100,6 +100,9 @@ class LoopConfig:
       if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be at least 1"
                          + (" (0 would delete every checkpoint; None keeps all)" if name == "keep_checkpoints" else ""))
+    if self.loss_spike_factor is None or self.loss_spike_window is None:
+      raise ValueError("loss_spike_factor and loss_spike_window take numbers; loss_spike_factor=0 switches the "
+                       "detector off")
     if self.loss_spike_factor != 0 and not self.loss_spike_factor > 1:
       raise ValueError(f"loss_spike_factor={self.loss_spike_factor} must be above 1 (a loss that many times the "
                        "running median is a spike), or 0 to switch the detector off")
@@ -437,8 +440,11 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   # Every step's loss feeds the spike detector, but metrics.jsonl keeps only the logged steps: the checkpoint
   # carries the detector's window (older checkpoints lack it: the logged losses stand in).
   saved_window = (saved_meta or {}).get(_SPIKE_WINDOW_KEY)
-  spikes = _SpikeDetector(loop.loss_spike_factor, loop.loss_spike_window,
-                          saved_window if saved_window is not None else [r["loss"] for r in writer.kept if "loss" in r])
+  if saved_window is None:
+    saved_window = [r["loss"] for r in writer.kept if "loss" in r]
+    if jax.process_count() > 1:  # process 0's: another may have read metrics.jsonl while process 0 rewrote it, and
+      saved_window = allgather_json(saved_window)[0]  # a flagged spike writes a record, which is a collective
+  spikes = _SpikeDetector(loop.loss_spike_factor, loop.loss_spike_window, saved_window)
   evals = _EvalHistory(loop.early_stopping_min_delta, [r for r in writer.kept if "eval_loss" in r])
   evals.agree()
   if loop.keep_best_checkpoint and evals.best_step is not None:
@@ -721,8 +727,8 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
   if packs and None not in (saved_weights, current_weights) and saved_weights != current_weights:
     data_changes.append(f"data.weights={saved.get('data', {}).get('weights')} in the checkpoint but "
                         f"{current.get('data', {}).get('weights')} now (the saved data position is a position in "
-                        "that mixture; to change the mixture, start a new workdir with train.init_from set to this "
-                        "run's params/ once it has finished)")
+                        "that mixture; to change the mixture, start a new workdir with train.init_from=<this "
+                        "workdir> once this run has finished)")
   # The seed orders the data (the shuffle, GRPO's prompt order), so the saved position is a position in its order.
   saved_seed, current_seed = (m.get("loop_config", {}).get("seed", "absent") for m in (saved, current))
   if "absent" not in (saved_seed, current_seed) and saved_seed != current_seed:
