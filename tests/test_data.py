@@ -664,6 +664,7 @@ def test_a_lone_prompt_beside_a_conversation_is_metadata():
   assert validate_record({"prompt": "Hi", "prompt_id": "x1", "messages": conversation}) == (
       {"messages": conversation}, None)
   assert validate_record({"prompt": "Hi"})[1][0] == "missing field"  # alone, still half a pair
+  assert validate_record({"prompt": "Hi", "text": "doc"})[1][0] == "unknown record kind"  # beside text: ambiguous
 
 
 def test_a_double_star_glob_matches_files_at_any_depth(tmp_path):

@@ -437,7 +437,7 @@ def validate_record(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple
   present = lambda keys: [k for k in keys if data.get(k) is not None]
   kinds = [kind for kind, keys in (("messages", ("messages",)), ("prompt/completion", ("prompt", "completion")),
                                    ("text", ("text",))) if present(keys)]
-  if len(kinds) > 1 and "prompt/completion" in kinds and len(present(("prompt", "completion"))) < 2:
+  if "messages" in kinds and "prompt/completion" in kinds and len(present(("prompt", "completion"))) < 2:
     # A lone prompt beside a conversation (ultrachat_200k, no_robots: prompt, prompt_id, messages) is metadata.
     kinds.remove("prompt/completion")
   if len(kinds) != 1:

@@ -292,7 +292,7 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
 
   Args:
     path: output directory (created if needed); earlier model*.safetensors files in it are replaced, once every new
-      one has been written (a failed save leaves them as they were).
+      one has been written (a failed save leaves them as they were; meanwhile the disk holds both).
     config: the model's config; written as config.json (classic layout) and generation_config.json.
     params: the parameter pytree (any devices or shardings; one layer's slice is gathered at a time).
     dtype: dtype of the written tensors (and config.json's `torch_dtype`); default: the params' own dtype.
