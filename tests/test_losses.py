@@ -480,6 +480,18 @@ def test_grpo_loss_values_and_gradients(rl_batch, case):
     _close(metrics["entropy"], r["entropy"][keep].mean())
 
 
+@pytest.mark.parametrize("eps_low,eps_high", [(0.0, 0.2), (0.2, 0.0), (0.0, 0.0), (0.2, 0.2)])
+def test_grpo_gradient_at_an_edge_of_the_clip_range_is_the_unclipped_one(eps_low, eps_high):
+  """The first pass after fresh rollouts has ratio 1 at most tokens; with an epsilon of 0, 1 is an edge of the clip
+  range where min(r A, clip(r) A) = r A on both sides, so its derivative is A (as in TRL). jnp.minimum's split of a
+  tie and jnp.clip's half gradient at a bound gave 0.75 A (0.625 A with both epsilons 0)."""
+  logps = jnp.asarray([[-1.0, -2.0, -0.5], [-1.5, -0.3, -2.5]], jnp.float32)
+  advantages, mask = jnp.asarray([1.0, -1.0]), jnp.ones((2, 3))
+  grad = jax.grad(lambda lp: losses.grpo_loss(lp, logps, None, advantages, mask, epsilon_low=eps_low,
+                                              epsilon_high=eps_high, aggregation="token_mean")[0])(logps)
+  np.testing.assert_allclose(np.asarray(grad), -np.asarray(advantages)[:, None] / 6 * np.ones((2, 3)), rtol=1e-6)
+
+
 def test_grpo_needs_ref_logps_for_kl(rl_batch):
   x = jnp.zeros((4, 12))
   with pytest.raises(ValueError):

@@ -92,7 +92,11 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2,
   log_ratio = jnp.where(valid, logps - jax.lax.stop_gradient(old_logps).astype(jnp.float32), 0.0)
   ratio = jnp.exp(log_ratio)
   clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-  per_token = -jnp.minimum(ratio * advantages_B1, clipped_ratio * advantages_B1)
+  # min(r A, clip(r) A) as a select, so that where the two are equal (r at an edge of the clip range, e.g. r = 1 with
+  # epsilon_low = 0) the gradient is A: jnp.minimum splits a tie between its arguments and jnp.clip passes half a
+  # gradient at its bounds, which gave 0.75 A.
+  unclipped, clipped = ratio * advantages_B1, clipped_ratio * advantages_B1
+  per_token = -jnp.where(unclipped <= clipped, unclipped, clipped)
 
   metrics = {}
   if ref_logps is not None:
