@@ -104,6 +104,20 @@ EXTRACTIONS = [
     ("The answer is 1/2 (or 50%).", "1/2"),  # ... unless it is not a plain number
     ("The answer is 2 (maybe 3).", "2 or 3"),
     ("The answer is x = 1; y = 2.", "x = 1; y = 2"),  # a semicolon cuts only before prose
+    # A corrected or qualified last answer is the answer, not an earlier one or the last math before it.
+    ("So the answer is 5. Wait, the answer is actually 6.", "6"),
+    ("We have $x = 5$ first.\nThe answer is approximately 18.", "18"),
+    ("We have $x = 5$ first.\nThe answer is approx. 18.", "18"),  # an abbreviation does not end the sentence
+    ("The answer is x = 3 because 2x = 6.", "x = 3"),  # an explanation without a comma
+    ("The answer is 20 because 35 - 8 = 27.", "20"),
+    ("9 eggs at $2 each.\n\nThe answer is $18.\n\nCheck: $2 * 9 = $18.", "18"),  # a price, not inline math
+    ("So the answer is $13. She spent $5 on lunch.", "13"),
+    ("The answer is 18 dollars.<|im_end|>", "18"),
+    ("The answer is 18 (9 * 2).", "18"),  # a worked check after the number
+    ("The answer is 5(or 6).", "5 or 6"),
+    ("The answer is 5 [or 6].", "5 or 6"),
+    ("The answer is 3/4 (i.e. 0.75).", "3/4 or 0.75"),
+    ("\\boxed{\\text{no}}", "\\text{no}"),  # words stay in \text (an anagram would match unwrapped)
 ]
 
 
@@ -273,6 +287,12 @@ NOT_EQUIVALENT = [
     ("\\boxed{3 eighths}", "3"),
     ("The answer is 6 millions.", "6"),
     ("The answer is 2 (maybe 3).", "2"),
+    ("So the answer is 5. Wait, the answer is actually 6.", "5"),
+    ("We have $x = 5$ first.\nThe answer is approximately 18.", "5"),
+    ("The answer is x = 3 because 2x = 6.", "6"),
+    ("The answer is 20 because 35 - 8 = 27.", "27"),
+    ("\\boxed{\\text{on}}", "\\text{no}"),
+    ("The answer is 5(or 6).", "6"),
 ]
 
 

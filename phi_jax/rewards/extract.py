@@ -11,10 +11,13 @@ order of preference:
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
    end of that sentence, or the line after a "Final Answer" / "Answer" heading; a label followed by prose rather
    than math ("the answer is correct") gives way to an earlier label, or else to 3, and counts only when the
-   solution holds no math ("the answer is yes"). In plain text (not `$...$`) the sentence is cut to its answer:
-   bold markers inside it dropped, a trailing explanation cut (", since ...", "; ...", "(3 boxes of 4)"), and a
-   number followed only by words is the number ("1,200 people" -> 1200) unless a word changes its value ("2
-   million", "3 dozen", "2 and 3"); a hedge "2 (or 3)" stays two answers, which match no single gold;
+   solution holds no math ("the answer is yes"). Qualifiers before the answer are dropped ("actually 6",
+   "approximately 18"), a special token ends it, and a `$` before a number that no `$` closes within the sentence is
+   a price. In plain text (not `$...$`) the sentence is cut to its answer: bold markers inside it dropped, a
+   trailing explanation cut (", since ...", " because ...", "; " before prose, "(3 boxes of 4)", "(9 * 2)" after a
+   number), and a number followed only by words is the number ("1,200 people" -> 1200) unless a word changes its
+   value ("2 million", "3 dozen", "3 eighths", "2 and 3"); a hedge "2 (or 3)" stays two answers, which match no
+   single gold, and an alternative that is not a plain number is dropped ("1/2 (or 50%)");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`);
 4. the whole solution section when it is one short line (a model that answers only "42").
 
@@ -48,7 +51,10 @@ _ANSWER_WORD = "answer"
 # `_after_answer_label`), so a megabyte of labels stays a linear scan.
 _MAX_LABEL_TRIES = 8
 # Connectives that may stand between a label and its answer: "the answer is therefore 5".
-_FILLER_WORDS = ("therefore", "thus", "hence", "indeed", "clearly", "simply", "exactly", "then", "so", "just")
+_FILLER_WORDS = ("therefore", "thus", "hence", "indeed", "clearly", "simply", "exactly", "then", "so", "just",
+                 # A qualified or corrected last answer is still the answer: "actually 6", "approximately 18".
+                 "actually", "really", "now", "instead", "definitely", "approximately", "approx.", "approx", "ca.",
+                 "about", "around", "roughly", "nearly", "only", "still", "also", "in fact", "equal to")
 # Lower-case words that open math rather than prose after a label.
 _MATH_WORDS = frozenset(("pi", "sqrt", "sin", "cos", "tan", "log", "ln", "exp", "infinity", "inf"))
 # After a label, a comma and one of these words start an explanation, not more of the answer: "5, since 2 + 3 = 5".
@@ -56,9 +62,13 @@ _CONNECTIVES = frozenset(("since", "because", "as", "which", "so", "where", "giv
                           "not", "i.e.", "meaning", "giving", "when", "we", "this", "it", "hence", "thus",
                           "therefore"))
 _MAX_CONNECTIVE_CHARS = 16
+# ... and these without a comma: "x = 3 because 2x = 6" (math-verify would read the chain of equations).
+_CLAUSE_WORDS = frozenset(("because", "since", "which", "where", "given", "when", "so"))
+# Abbreviations whose period does not end the answer's sentence ("approx. 18", "5, i.e. 2 + 3").
+_ABBREVIATIONS = ("i.e", "e.g", "approx", "ca", "vs", "cf", "resp")
 # Words after a number that change its value or add another, so "2 million" is not the answer 2.
 # A hedge in parentheses opens with one of these: "2 (or 3)", "2 (maybe 3)", "3/4 (or equivalently 0.75)".
-_HEDGES = frozenset(("or", "maybe", "possibly", "perhaps", "equivalently", "alternatively"))
+_HEDGES = frozenset(("or", "maybe", "possibly", "perhaps", "equivalently", "alternatively", "i.e.", "i.e", "ie"))
 # Inside math (a boxed or gold answer), a word after a number must be this long to be a unit or a noun: "2 xy" and
 # "3 abc" are products of variables, "18 dollars" is 18.
 _MIN_UNIT_CHARS_IN_MATH = 4
@@ -143,15 +153,28 @@ def _sentence(text: str, max_chars: int) -> str:
   """Text up to the end of its first line or sentence (a period followed by white space), at most max_chars."""
   # "Final answer:\n42": the answer may start on the next line, so leading newlines go before the line end is found.
   head = text[:max_chars + 1].lstrip(" \t\n:*")
+  cut = head.find(_SPECIAL_TOKEN_START)  # "18 dollars.<|im_end|>": a special token ends the answer
+  head = head if cut < 0 else head[:cut]
   inline_math = _first_inline_math(head)
   if inline_math is not None:
     return inline_math
   end = len(head)
   for stop in ("\n", ". ", ".\t"):
     found = head.find(stop)
+    while found >= 0 and stop != "\n" and _ends_with_abbreviation(head, found):
+      found = head.find(stop, found + 1)  # "approx. 18": not the end of the sentence
     if found >= 0:
       end = min(end, found)
   return head[:end]
+
+
+def _ends_with_abbreviation(text: str, end: int) -> bool:
+  """Whether text[:end] ends with a whole word of `_ABBREVIATIONS` ("approx", not "Africa")."""
+  tail = text[max(0, end - 8):end].lower()
+  for word in _ABBREVIATIONS:
+    if tail.endswith(word) and not (len(tail) > len(word) and tail[-len(word) - 1].isalpha()):
+      return True
+  return False
 
 
 def _first_inline_math(text: str) -> Optional[str]:
@@ -160,7 +183,11 @@ def _first_inline_math(text: str) -> Optional[str]:
     if text.startswith(left):
       close = text.find(right, len(left))
       if close > len(left):
-        return text[len(left):close]
+        content = text[len(left):close]
+        # "$13. She spent $5": a price, not math running to the next dollar sign across sentences or lines.
+        if left == "$" and ("\n" in content or ". " in content):
+          return None
+        return content
       return None
   return None
 
@@ -227,27 +254,27 @@ def _is_prose_word(word: str) -> bool:
 
 
 def _without_explanation(text: str) -> str:
-  """`text` up to a trailing explanation: ", since ..." (a connective after a comma), "; ...", or a parenthetical
-  holding a prose word; a parenthetical hedge "(or 3)" becomes " or 3". One pass."""
+  """`text` up to a trailing explanation: ", since ..." or " because ..." (a connective), "; ..." before prose, a
+  parenthetical holding a prose word or only arithmetic after a number ("12 (3 boxes of 4)", "18 (9 * 2)"); a hedge
+  in brackets "(or 3)", "[maybe 3]" keeps its alternative when that is a plain number (see `_plain_answer`). One pass."""
+  # Where a bracket right after a leading plain number would open ("18 (9 * 2)"): found once, so the scan stays
+  # linear however many brackets follow.
+  number_end = _number_end(text)
+  after_number = number_end + len(text[number_end:]) - len(text[number_end:].lstrip(" ")) if number_end else -1
   depth, i = 0, 0
   while i < len(text):
     ch = text[i]
-    if ch == "(" and depth == 0 and i > 0 and text[i - 1] == " ":
-      close, inner_depth = i, 0  # the matching parenthesis; the scan then goes on after it
-      while close < len(text):
-        inner_depth += {"(": 1, ")": -1}.get(text[close], 0)
-        if inner_depth == 0:
-          break
-        close += 1
+    if ch in _BRACKETS and depth == 0 and i > 0:
+      close = _matching_bracket(text, i)
       words = text[i + 1:close].split()
-      if words and words[0].lower().strip(",") in _HEDGES:
-        # "2 (or 3)", "3/4 (or 0.75 as a decimal)": an alternative answer; kept beside the first when it is a plain
-        # number (two answers match a gold only when they are equal), dropped when it is not ("1/2 (or 50%)").
-        while words and words[0].lower().strip(",") in _HEDGES:
-          words = words[1:]
-        other = _number_before_words(" ".join(words))
+      first = 0  # the hedge words at the start, counted without slicing (the scan stays linear)
+      while first < len(words) and words[first].lower().strip(",") in _HEDGES:
+        first += 1
+      if first:  # "2 (or 3)", "3/4 (or 0.75 as a decimal)", "5(or 6)": an alternative answer
+        other = _number_before_words(" ".join(words[first:]))
         return text[:i].rstrip() + (" or " + other if other and _number_end(other) == len(other) else "")
-      if any(map(_is_prose_word, words)):
+      if text[i - 1] == " " and (any(map(_is_prose_word, words))
+                                 or (i == after_number and words and _is_arithmetic(text[i + 1:close]))):
         return text[:i].rstrip()
       i = close + 1
       continue
@@ -255,10 +282,11 @@ def _without_explanation(text: str) -> str:
       depth += 1
     elif ch in ")}]":
       depth = max(0, depth - 1)
-    elif depth == 0 and ch == "," and text[i + 1:i + 2] == " ":
-      next_word = text[i + 2:i + 2 + _MAX_CONNECTIVE_CHARS].split(" ", 1)[0].lower()
-      if next_word in _CONNECTIVES:
-        return text[:i].rstrip()
+    elif depth == 0 and ch in ", " and text[i + 1:i + 2] == (" " if ch == "," else text[i + 1:i + 2]):
+      gap = 2 if ch == "," else 1
+      next_word = text[i + gap:i + gap + _MAX_CONNECTIVE_CHARS].split(" ", 1)[0].lower().rstrip(",")
+      if next_word in (_CONNECTIVES if ch == "," else _CLAUSE_WORDS):
+        return text[:i].rstrip(" ,")
     elif depth == 0 and ch == ";" and text[i + 1:i + 2] in ("", " ") and (
         i + 2 >= len(text) or _is_prose_word(text[i + 2:i + 2 + _MAX_CONNECTIVE_CHARS].split(" ", 1)[0])):
       return text[:i].rstrip()  # "42; we are done", not "x = 1; y = 2"
@@ -266,9 +294,30 @@ def _without_explanation(text: str) -> str:
   return text
 
 
+_BRACKETS = {"(": ")", "[": "]", "{": "}"}
+
+
+def _matching_bracket(text: str, open_index: int) -> int:
+  """Index of the bracket closing the one at `open_index` (nested ones of its kind counted), or len(text)."""
+  opener, closer = text[open_index], _BRACKETS[text[open_index]]
+  depth = 0
+  for j in range(open_index, len(text)):
+    depth += (text[j] == opener) - (text[j] == closer)
+    if depth == 0:
+      return j
+  return len(text)
+
+
+def _is_arithmetic(text: str) -> bool:
+  """Digits, operators and spaces only ("9 * 2", "3 × 4"): a worked check, not part of the answer."""
+  return any(c.isdigit() for c in text) and all(c.isdigit() or c in " +-*/×·.=,^" for c in text)
+
+
 def _without_text_command(answer: str) -> str:
-  """`\text{5 cm}` as a whole answer -> "5 cm": the words of a number given in text mode."""
-  if answer.startswith("\\text{") and matching_brace(answer, len("\\text"), len(answer)) == len(answer) - 1:
+  """`\text{5 cm}` as a whole answer -> "5 cm": a number given in text mode. Words stay in `\text{}` (unwrapped,
+  math-verify would read "no" as the product n o, equal to "on")."""
+  if (answer.startswith("\\text{") and matching_brace(answer, len("\\text"), len(answer)) == len(answer) - 1
+      and _number_end(answer[len("\\text{"):-1].strip())):
     return answer[len("\\text{"):-1].strip()
   return answer
 
@@ -311,7 +360,7 @@ def _number_before_words(text: str, min_word_chars: int = 2) -> str:
 
 def _without_leading_filler(candidate: str) -> str:
   """"therefore 5" -> "5": drops the connectives that may stand between a label and its answer."""
-  for _ in range(2):  # "so therefore 5"
+  for _ in range(3):  # "so therefore actually 5"
     lowered = candidate.lower()
     word = next((w for w in _FILLER_WORDS if lowered.startswith(w) and lowered[len(w):len(w) + 1] in (" ", ",")),
                 None)
