@@ -256,7 +256,8 @@ def _is_prose_word(word: str) -> bool:
 def _without_explanation(text: str) -> str:
   """`text` up to a trailing explanation: ", since ..." or " because ..." (a connective), "; ..." before prose, a
   parenthetical holding a prose word or only arithmetic after a number ("12 (3 boxes of 4)", "18 (9 * 2)"); a hedge
-  in brackets "(or 3)", "[maybe 3]" keeps its alternative when that is a plain number (see `_plain_answer`). One pass."""
+  in brackets "(or 3)", "[maybe 3]" keeps its alternative when that is a plain number (see `_plain_answer`).
+  One pass."""
   # Where a bracket right after a leading plain number would open ("18 (9 * 2)"): found once, so the scan stays
   # linear however many brackets follow.
   number_end = _number_end(text)
