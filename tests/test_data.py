@@ -694,6 +694,11 @@ def test_thousands_of_jsonl_shards_keep_few_files_open(tmp_path, monkeypatch):
   write_jsonl(replacement, [{"text": "rewritten"}] * 3)
   os.replace(replacement, tmp_path / "shard-00.jsonl")
   assert JsonlSource(str(tmp_path / "shard-00.jsonl"))[0]["data"]["text"] == "rewritten"
+  # ... while a source that indexed the old one, its descriptor closed since, refuses to read it at old offsets.
+  for i in range(3, len(sources_[1])):  # other shards' descriptors take the budget
+    sources_[1][i]
+  with pytest.raises(DataError, match=r"shard-00.jsonl: unreadable file: changed since the data was opened"):
+    sources_[0][0]
 
 
 def test_bytes_that_are_not_utf8_in_a_parquet_string_column_are_a_bad_record(tmp_path):

@@ -343,6 +343,9 @@ def test_bad_configs_name_the_field():
       LONGROPE.replace(**fields)
   with pytest.raises(ValueError, match=r"rope_short_factor, rope_long_factor set without rope_scaling_type="):
     LONGROPE.replace(rope_scaling_type=None)  # the factors would be ignored: plain rotary
+  # An explicit attention factor (a checkpoint's rope_scaling.attention_factor) still inits: init drops the rotary
+  # setup, which the arrays do not depend on.
+  assert jax.eval_shape(lambda: phi_jax.init_params(LONGROPE.replace(rope_attention_factor=1.2), jax.random.key(0)))
   with pytest.raises(ValueError, match="LongRoPE short/long factors are not set"):
     phi_jax.forward(phi_jax.init_params(LONGROPE, jax.random.key(0)), jnp.zeros((1, 4), jnp.int32),
                     LONGROPE.replace(rope_short_factor=None, rope_long_factor=None))

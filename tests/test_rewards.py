@@ -95,7 +95,7 @@ EXTRACTIONS = [
     ("The answer is 2 ** 3.", "2 ^ 3"),
     ("The answer is $\\frac{3}{4}$, since the rest is water.", "\\frac{3}{4}"),
     ("\\boxed{18 dollars}", "18"),
-    ("\\boxed{\\text{5 cm}}", "5 cm"),  # a short unit stays for math-verify, which knows it
+    ("\\boxed{\\text{5 cm}}", "5"),  # text mode holds words, not a product of variables
     ("\\boxed{5 x}", "5 x"),
     ("\\boxed{2 xy}", "2 xy"),  # inside math, short letters after a number are variables
     ("The answer is 3 eighths.", "3 eighths"),  # fractions and multipliers change the value
@@ -118,6 +118,16 @@ EXTRACTIONS = [
     ("The answer is 5 [or 6].", "5 or 6"),
     ("The answer is 3/4 (i.e. 0.75).", "3/4 or 0.75"),
     ("\\boxed{\\text{no}}", "\\text{no}"),  # words stay in \text (an anagram would match unwrapped)
+    ("The answer is x = 1 \\text{ or } x = 2.", "x = 1 \\text{ or } x = 2"),  # a LaTeX group is no hedge
+    ("The answer is x \\in [2, 5), since f increases there.", "x \\in [2, 5)"),  # an interval left open
+    ("\\boxed{6 oz}", "6"),  # a short unit
+    ("\\boxed{\\text{30 pts}}", "30"),
+    ("The answer is 32 teeth.", "32"),  # not a fraction word
+    ("The answer is 45 fourth graders.", "45"),
+    ("The answer is 1 fourth.", "1 fourth"),
+    ("The answer is $\\begin{pmatrix} 1 \\\\\n 2 \\end{pmatrix}$.", "\\begin{pmatrix} 1 \\\\\n 2 \\end{pmatrix}"),
+    ("The answer is 0 when n is even and 1 when n is odd.", "0 when n is even and 1 when n is odd"),
+    ("The answer is 2ca. Next we check it.", "2ca"),
 ]
 
 

@@ -309,7 +309,12 @@ class _OpenFiles:
     with self._lock:
       fd = self._fds.get(key)
       if fd is None:
-        fd = self._fds[key] = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
+        if _file_version(fd) != version:  # replaced or rewritten since it was indexed: the offsets are not its
+          os.close(fd)
+          raise DataError(path, "unreadable file", "changed since the data was opened (its records were indexed "
+                          "from the earlier version); keep data files unchanged while a run reads them")
+        self._fds[key] = fd
         while len(self._fds) > _MAX_OPEN_FILES:
           os.close(self._fds.popitem(last=False)[1])
       self._fds.move_to_end(key)
@@ -322,8 +327,8 @@ class _OpenFiles:
 _FILES = _OpenFiles()
 
 
-def _file_version(path: str) -> tuple[int, int, int, int]:
-  stat = os.stat(path)
+def _file_version(path_or_fd) -> tuple[int, int, int, int]:
+  stat = os.stat(path_or_fd)
   return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 

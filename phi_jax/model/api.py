@@ -37,7 +37,7 @@ def _boxed_init(config: PhiConfig, rng):
   # Parameters depend on neither the rotary setup nor the attention backend: without them, shape-only presets (no
   # LongRoPE factors) and configs for another device (a "cudnn" model prepared on a CPU host) init anywhere.
   config = config.replace(rope_scaling_type=None, rope_short_factor=None, rope_long_factor=None,
-                          attention_backend="xla")
+                          rope_attention_factor=None, attention_backend="xla")
   return Decoder(config).init(rng, tokens, tokens, jnp.ones_like(tokens))["params"]
 
 

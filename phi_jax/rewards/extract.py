@@ -63,7 +63,7 @@ _CONNECTIVES = frozenset(("since", "because", "as", "which", "so", "where", "giv
                           "therefore"))
 _MAX_CONNECTIVE_CHARS = 16
 # ... and these without a comma: "x = 3 because 2x = 6" (math-verify would read the chain of equations).
-_CLAUSE_WORDS = frozenset(("because", "since", "which", "where", "given", "when", "so"))
+_CLAUSE_WORDS = frozenset(("because", "since", "so"))  # not "when", "where", "given": they qualify an answer
 # Abbreviations whose period does not end the answer's sentence ("approx. 18", "5, i.e. 2 + 3").
 _ABBREVIATIONS = ("i.e", "e.g", "approx", "ca", "vs", "cf", "resp")
 # Words after a number that change its value or add another, so "2 million" is not the answer 2.
@@ -72,6 +72,16 @@ _HEDGES = frozenset(("or", "maybe", "possibly", "perhaps", "equivalently", "alte
 # Inside math (a boxed or gold answer), a word after a number must be this long to be a unit or a noun: "2 xy" and
 # "3 abc" are products of variables, "18 dollars" is 18.
 _MIN_UNIT_CHARS_IN_MATH = 4
+# ... or be one of these units.
+_SHORT_UNITS = frozenset(("oz", "in", "mi", "yd", "ft", "lb", "lbs", "qt", "pt", "pts", "pcs", "kg", "km", "cm", "mm",
+                          "ml", "hr", "hrs", "min", "mins", "sec", "mph", "kph", "sq", "cu", "gal", "mg", "kb", "mb"))
+# Words after a number that make it a fraction ("3 eighths"); an ordinal does so when it is the last word ("1 fourth"
+# but "45 fourth graders").
+_FRACTION_WORDS = frozenset(("halves", "thirds", "fourths", "fifths", "sixths", "sevenths", "eighths", "ninths",
+                             "tenths", "elevenths", "twelfths", "twentieths", "hundredths", "thousandths",
+                             "millionths"))
+_ORDINALS = frozenset(("half", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+                       "eleventh", "twelfth", "twentieth", "hundredth", "thousandth", "millionth"))
 _VALUE_WORDS = frozenset((
     "and", "or", "out", "of", "times", "plus", "minus", "over", "divided", "to", "hundred", "thousand", "million",
     "billion", "trillion", "dozen", "hundreds", "thousands", "millions", "billions", "trillions", "dozens",
@@ -170,9 +180,9 @@ def _sentence(text: str, max_chars: int) -> str:
 
 def _ends_with_abbreviation(text: str, end: int) -> bool:
   """Whether text[:end] ends with a whole word of `_ABBREVIATIONS` ("approx", not "Africa")."""
-  tail = text[max(0, end - 8):end].lower()
+  tail = text[max(0, end - 8):end]
   for word in _ABBREVIATIONS:
-    if tail.endswith(word) and not (len(tail) > len(word) and tail[-len(word) - 1].isalpha()):
+    if tail.endswith(word) and not (len(tail) > len(word) and tail[-len(word) - 1].isalnum()):
       return True
   return False
 
@@ -185,7 +195,7 @@ def _first_inline_math(text: str) -> Optional[str]:
       if close > len(left):
         content = text[len(left):close]
         # "$13. She spent $5": a price, not math running to the next dollar sign across sentences or lines.
-        if left == "$" and ("\n" in content or ". " in content):
+        if left == "$" and content[:1].isdigit() and ("\n" in content or ". " in content):
           return None
         return content
       return None
@@ -262,11 +272,12 @@ def _without_explanation(text: str) -> str:
   # linear however many brackets follow.
   number_end = _number_end(text)
   after_number = number_end + len(text[number_end:]) - len(text[number_end:].lstrip(" ")) if number_end else -1
+  pairs = _bracket_pairs(text)
   depth, i = 0, 0
   while i < len(text):
     ch = text[i]
-    if ch in _BRACKETS and depth == 0 and i > 0:
-      close = _matching_bracket(text, i)
+    close = pairs.get(i) if ch in _BRACKETS and depth == 0 and i > 0 else None
+    if close is not None:  # an unclosed one ("[2, 5)", an interval) is counted below like any other bracket
       words = text[i + 1:close].split()
       first = 0  # the hedge words at the start, counted without slicing (the scan stays linear)
       while first < len(words) and words[first].lower().strip(",") in _HEDGES:
@@ -295,18 +306,20 @@ def _without_explanation(text: str) -> str:
   return text
 
 
-_BRACKETS = {"(": ")", "[": "]", "{": "}"}
+_BRACKETS = {"(": ")", "[": "]"}  # not "{", a LaTeX group ("\\text{ or }")
 
 
-def _matching_bracket(text: str, open_index: int) -> int:
-  """Index of the bracket closing the one at `open_index` (nested ones of its kind counted), or len(text)."""
-  opener, closer = text[open_index], _BRACKETS[text[open_index]]
-  depth = 0
-  for j in range(open_index, len(text)):
-    depth += (text[j] == opener) - (text[j] == closer)
-    if depth == 0:
-      return j
-  return len(text)
+def _bracket_pairs(text: str) -> dict[int, int]:
+  """{index of an opening bracket: index of the one closing it} for each kind of `_BRACKETS` (nested ones of its
+  kind counted; unclosed ones absent), in one pass."""
+  pairs, stacks = {}, {opener: [] for opener in _BRACKETS}
+  closers = {closer: opener for opener, closer in _BRACKETS.items()}
+  for j, ch in enumerate(text):
+    if ch in stacks:
+      stacks[ch].append(j)
+    elif ch in closers and stacks[closers[ch]]:
+      pairs[stacks[closers[ch]].pop()] = j
+  return pairs
 
 
 def _is_arithmetic(text: str) -> bool:
@@ -321,6 +334,13 @@ def _without_text_command(answer: str) -> str:
       and _number_end(answer[len("\\text{"):-1].strip())):
     return answer[len("\\text{"):-1].strip()
   return answer
+
+
+def _number_in_box(answer: str) -> str:
+  """A boxed (or gold) answer's number followed by words: `\\text{30 pts}` (text mode: words) -> 30, "18 dollars" ->
+  18, but "2 xy" (math: a product) stays."""
+  unwrapped = _without_text_command(answer)
+  return _number_before_words(unwrapped, 2 if unwrapped is not answer else _MIN_UNIT_CHARS_IN_MATH)
 
 
 def _number_end(text: str) -> int:
@@ -353,8 +373,9 @@ def _number_before_words(text: str, min_word_chars: int = 2) -> str:
   if not all(w.replace("/", "").replace("-", "").replace(".", "").isalpha() for w in words):
     return text  # digits or symbols after the number: an expression, left as it is
   first = words[0].lower().strip(".")
-  if (len(first.split("/")[0]) < max(2, min_word_chars) or first in _VALUE_WORDS or first in _MATH_WORDS
-      or first.endswith(("ths", "th"))):  # "3 eighths", "9 tenths": fractions
+  short = len(first.split("/")[0]) < max(2, min_word_chars) and first not in _SHORT_UNITS
+  fraction = first in _FRACTION_WORDS or (first in _ORDINALS and len(words) == 1)  # "3 eighths", "1 fourth"
+  if short or fraction or first in _VALUE_WORDS or first in _MATH_WORDS:  # ("45 fourth graders" is 45)
     return text
   return text[:end].replace(",", "")
 
@@ -462,7 +483,7 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   solution = solution_section(text, think.close_tag, think.open_tag)
   boxed = last_boxed(solution, max_chars)
   if boxed is not None:
-    candidate = _number_before_words(_without_text_command(boxed.strip()), _MIN_UNIT_CHARS_IN_MATH)
+    candidate = _number_in_box(boxed.strip())
   else:
     label = _after_answer_label(solution, max_chars)
     labelled = label is not None and bool(clean_answer(label))
@@ -485,8 +506,7 @@ def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Opt
   """A dataset's reference answer: its last `\\boxed{}` when it has one, else the whole string, cleaned."""
   boxed = last_boxed(gold, max_chars)
   # Read as a boxed prediction is ("18 dollars" -> 18), so the same string on both sides stays equal.
-  answer = _number_before_words(_without_text_command(clean_answer(boxed if boxed is not None else gold)),
-                                _MIN_UNIT_CHARS_IN_MATH)
+  answer = _number_in_box(clean_answer(boxed if boxed is not None else gold))
   answer = latex_notation(answer)
   return answer if answer and len(answer) <= max_chars else None
 
