@@ -34,4 +34,5 @@ demo: venv
 	$(PY) experiments/demo.py --workdir runs/demo
 
 clean:
-	rm -rf $(VENV) .cache runs
+	# The virtualenv and the local compile cache only: runs/ holds training runs (checkpoints, params), removed by hand.
+	rm -rf $(VENV) .cache

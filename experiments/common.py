@@ -370,6 +370,7 @@ def run_training(workdir: str):
   _check_vocab(model_config, tokenizer)
   if not data_cfg["train_files"]:
     raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
+  _refuse_retraining_a_pruned_run(workdir)
   check_data_settings(stage, data_cfg, loop)
   file_sizes(data_cfg["eval_files"])  # a missing eval file is an error now, not at the first evaluation
   if loop.export_hf and jax.process_count() > 1:
@@ -638,6 +639,18 @@ def reference_file(workdir: str, tag: str, pairs_path: str) -> str:
   format (JSONL, Parquet, a save_to_disk directory), and named so, since readers go by the extension."""
   name = os.path.basename(os.path.normpath(pairs_path))
   return os.path.join(workdir, "reference", f"{tag}-{name if name.endswith('.jsonl') else name + '.jsonl'}")
+
+
+def _refuse_retraining_a_pruned_run(workdir: str) -> None:
+  """A finished run whose checkpoints were deleted (its params/ kept) would train again from step 0 here, and its
+  params/ would be removed before the first step: refused, saying how to go on."""
+  params, checkpoints = os.path.join(workdir, "params"), os.path.join(workdir, "checkpoints")
+  steps = [d for d in os.listdir(checkpoints) if d.isdigit()] if os.path.isdir(checkpoints) else []
+  if os.path.isdir(params) and not steps:
+    raise ValueError(f"{workdir} holds a finished run's params/ but no checkpoint to resume from (were checkpoints/ "
+                     f"deleted?): training here would start again from step 0 and replace them. To train these params "
+                     f"further, use a new workdir with train.init_from={workdir!r}; to retrain from scratch here, "
+                     f"delete {params} first")
 
 
 def remove_final_outputs(workdir: str, export_hf: bool) -> None:

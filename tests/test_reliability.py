@@ -930,6 +930,18 @@ def test_a_refused_resume_leaves_the_workdir_as_it_was(gin_run, tmp_path):
   assert _losses(tmp_path / "run") == losses
 
 
+def test_a_finished_run_whose_checkpoints_were_deleted_is_not_trained_again_over_its_params(gin_run, tmp_path):
+  """Checkpoints/ deleted to save space, params/ kept: the same command started from step 0 and removed params/."""
+  run = tmp_path / "run"
+  gin_run("train.num_steps = 1")
+  shutil.rmtree(run / "checkpoints")
+  before = sorted(os.listdir(run / "params"))
+  with pytest.raises(ValueError, match=r"holds a finished run's params/ but no checkpoint to resume from .*use a new "
+                     r"workdir with train.init_from="):
+    gin_run("train.num_steps = 2")
+  assert sorted(os.listdir(run / "params")) == before
+
+
 def test_extending_a_finished_run_removes_its_final_params_until_it_finishes_again(gin_run, tmp_path, monkeypatch,
                                                                                    caplog):
   """A finished run given more steps must not look finished while it trains on: an interruption used to leave the
