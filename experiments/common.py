@@ -87,6 +87,31 @@ def _query_or_none(name: str):
     return None
 
 
+def write_text_atomically(path: str, text: str) -> None:
+  """`text` into `path` through a temporary file and a rename: a reader (or a crash) never sees it half-written."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_results_atomically(records_path: str, records: Sequence[dict], summary_path: str, summary: dict) -> None:
+  """A results file and its summary, the summary last: a stale summary is removed first, so an interrupted write
+  leaves records without a summary (incomplete) rather than new records beside an old summary (looking finished)."""
+  if os.path.exists(summary_path):
+    os.remove(summary_path)
+  write_text_atomically(records_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+  write_text_atomically(summary_path, json.dumps(summary, indent=1))
+
+
+def check_output_path(flag: str, path: str, *, directory: bool) -> None:
+  """Refuses an output path of the wrong kind before any work is done (found only when writing, it cost the run)."""
+  if directory and os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{flag}={path!r} is a file: give a directory for the results (it is created if missing)")
+  if not directory and os.path.isdir(path):
+    raise ValueError(f"{flag}={path!r} is a directory: give the path of the file to write")
+
+
 def _check_is_dir(name: str, path: str) -> None:
   if not os.path.isdir(path):
     raise ValueError(f"{name}={path!r}: no such directory (give a finished run's workdir, which holds params/, or a "

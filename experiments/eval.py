@@ -57,6 +57,7 @@ def eval_settings(num_samples: int = 3, temperature: float = 0.6, top_p: float =
   `pass_k`: the k of the pass@k estimates (each at most num_samples); `batch_size`: rows generated at once."""
   if num_samples < 1:
     raise ValueError(f"evaluation.num_samples={num_samples} must be at least 1")
+  pass_k = (pass_k,) if isinstance(pass_k, int) else pass_k  # evaluation.pass_k=3: one k
   if any(k < 1 or k > num_samples for k in pass_k):
     raise ValueError(f"evaluation.pass_k={list(pass_k)}: every k must lie in [1, num_samples={num_samples}]")
   return dict(sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -173,11 +174,8 @@ def paired_difference(after: Sequence[dict], before: Sequence[dict], key: str = 
 
 def write_results(out_dir: str, summary: dict, items: Sequence[dict]) -> None:
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "items.jsonl"), "w", encoding="utf-8") as f:
-    for item in items:
-      f.write(json.dumps(item, ensure_ascii=False) + "\n")
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  common.write_results_atomically(os.path.join(out_dir, "items.jsonl"), items, os.path.join(out_dir, "summary.json"),
+                                  summary)
 
 
 def read_items(out_dir: str) -> list[dict]:
@@ -209,10 +207,12 @@ def main(argv=None):
   # writes the results (not each host as a single process of its own).
   distributed.initialize()
   common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
+  # What can be refused is refused before the model loads and generates (minutes to hours).
+  common.check_output_path("--out", args.out, directory=True)
+  settings = eval_settings()
   the_mesh = common.mesh()
   problems = rollouts.read_problems(args.problems)[:args.limit]  # an empty file is a DataError ("empty dataset")
   config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh)
-  settings = eval_settings()
   common.check_new_tokens("evaluation.max_new_tokens", settings["sampling"].max_new_tokens, config)
   summary, items = evaluate(params, config, tokenizer, problems, settings=settings, mesh=the_mesh,
                             system_prompt=common.data()["system_prompt"])

@@ -177,11 +177,7 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
                  sampling=sampling_record(sampling))
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      for pair in pairs:
-        f.write(json.dumps(pair) + "\n")
-    with open(summary_path(out), "w") as f:
-      json.dump(summary, f, indent=1)
+    common.write_results_atomically(out, pairs, summary_path(out), summary)
   return summary
 
 
@@ -217,9 +213,14 @@ def main(argv=None):
   # writes the results (not each host as a single process of its own).
   distributed.initialize()
   common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
+  # What can be refused is refused before the model loads and generates (minutes to hours).
+  common.check_output_path("--out", args.out, directory=False)
+  if args.k < 2:
+    raise ValueError(f"--k={args.k}: a pair needs at least two rollouts per problem")
+  settings = rollout_settings()
+  read_problems(args.problems)
   the_mesh = common.mesh()
   config, params, tokenizer = load_policy(args.init_from, the_mesh)
-  settings = rollout_settings()
   common.check_new_tokens("rollouts.max_new_tokens", settings["sampling"].max_new_tokens, config)
   summary = rollout_pairs(params, config, tokenizer, args.problems, args.out, k=args.k, sampling=settings["sampling"],
                           seed=args.seed, batch_size=settings["batch_size"], mesh=the_mesh,

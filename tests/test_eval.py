@@ -288,6 +288,48 @@ def test_a_generation_budget_beyond_the_models_positions_is_refused(tiny_run):
     gin.clear_config()
 
 
+def test_outputs_and_settings_are_refused_before_the_model_loads(tiny_run, tmp_path, monkeypatch):
+  """An --out of the wrong kind, or rollouts' --k=1, used to fail after every sample was generated (or after the
+  checkpoint loaded); now before anything loads. A single evaluation.pass_k is a list of one."""
+  import rollouts
+  run, problems = tiny_run
+  monkeypatch.setattr(rollouts, "load_policy", lambda *a: pytest.fail("the model was loaded"))
+  (tmp_path / "a_file").write_text("")
+  cases = [(eval_lib.main, [f"--out={tmp_path / 'a_file'}"], r"--out='.*a_file' is a file: give a directory"),
+           (rollouts.main, [f"--out={tmp_path}"], r"--out='.*' is a directory: give the path of the file"),
+           (rollouts.main, [f"--out={tmp_path / 'p.jsonl'}", "--k=1"], r"--k=1: a pair needs at least two")]
+  for fn, flags, message in cases:
+    try:
+      with pytest.raises(ValueError, match=message):
+        fn([f"--init_from={run}", f"--problems={problems}"] + flags)
+    finally:
+      gin.clear_config()
+  assert eval_lib.eval_settings(pass_k=3, num_samples=4)["pass_k"] == (3,)
+
+
+def test_results_are_written_summary_last_and_a_stale_summary_first_removed(tmp_path):
+  """Re-used output directories: an interrupted write left new items beside the old summary, looking finished."""
+  eval_lib.write_results(str(tmp_path), {"accuracy": 0.5}, [{"a": 1}])
+  assert eval_lib.read_items(str(tmp_path)) == [{"a": 1}]
+  calls = []
+  real = common.write_text_atomically
+
+  def interrupted(path, text):
+    calls.append(path)
+    if path.endswith("summary.json"):
+      raise KeyboardInterrupt
+    real(path, text)
+
+  common.write_text_atomically = interrupted
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      eval_lib.write_results(str(tmp_path), {"accuracy": 0.9}, [{"a": 2}])
+  finally:
+    common.write_text_atomically = real
+  assert not (tmp_path / "summary.json").exists() and eval_lib.read_items(str(tmp_path)) == [{"a": 2}]
+  assert sorted(os.listdir(tmp_path)) == ["items.jsonl"]  # no temporary file left
+
+
 def test_a_policy_directory_that_holds_none_says_what_it_is(tmp_path):
   """--init_from of eval.py / rollouts.py: a missing directory, a recipe stage that was skipped and a directory with
   neither params/ nor config.json are named (they raised a bare FileNotFoundError for config.json)."""
