@@ -3,7 +3,7 @@
     python experiments/sweep.py --gin_file=experiments/configs/midtrain_tiny.gin --root=runs/sweep_lr \
         --sweep='{"product": {"optimizer.learning_rate": [1e-3, 3e-3]}, "zip": {"train.seed": [0, 1]}}'
     python experiments/sweep.py ... --mode=commands > launch.sh     # one line per run, for a cluster scheduler
-    python experiments/sweep.py ... --mode=collect                  # table of final metrics of finished runs
+    python experiments/sweep.py ... --mode=collect                  # table of the runs' latest metrics
 
 The spec is JSON (inline or a file path): "product" axes are crossed, "zip" axes advance together (equal
 lengths), and the two are crossed with each other. Each run's workdir is ROOT/<binding=value,...>, so re-running
@@ -14,7 +14,9 @@ table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its fin
 next-token accuracy of the trained positions (token_accuracy); for GRPO, mean reward and the share of rollouts
 whose answer verified (accuracy). In local mode a failing run does not stop the sweep: the other runs go on, the
 table's status column marks it ("exit N", or "signal N" if it was killed; "ok" for a run that succeeded) and the
-sweep exits non-zero at the end, naming the failed runs.
+sweep exits non-zero at the end, naming the failed runs. A SIGTERM or SIGINT to the sweep is passed on to the run in
+progress (which saves a checkpoint and stops), no further run starts, and the sweep exits 143. --mode=collect
+tables the runs' latest metrics whether or not they finished: its step column says how far each got.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from typing import Optional
@@ -34,7 +37,15 @@ METRICS = ("loss", "eval_loss", "best_eval_loss", "token_accuracy", "reward_mean
 
 
 def load_spec(text: str) -> dict:
-  spec = json.load(open(text)) if os.path.exists(text) else json.loads(text)
+  if os.path.exists(text):
+    with open(text) as f:
+      text = f.read()
+  elif not text.lstrip().startswith("{"):  # a path with a typo would be parsed as JSON and fail as such
+    raise ValueError(f"--sweep={text!r}: no such spec file (an inline spec is a JSON object, {{...}})")
+  try:
+    spec = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--sweep spec is not valid JSON ({e}): {text[:200]}") from None
   unknown = set(spec) - {"product", "zip"}
   if unknown:
     raise ValueError(f"sweep spec keys {sorted(unknown)} are not understood; use 'product' and/or 'zip'")
@@ -149,6 +160,33 @@ def collect(root: str, runs: list[dict], statuses: Optional[dict[str, str]] = No
   return rows
 
 
+_PREEMPTED = 143  # train.py's exit after a SIGTERM once its checkpoint is saved
+
+
+def _run_forwarding_signals(cmd: list[str]) -> int:
+  """Runs one train.py, passing a SIGTERM or SIGINT the sweep receives on to it (a scheduler stopping the sweep
+  signals the sweep's process only; the run would go on untold, and lose its steps at the SIGKILL that follows).
+  Returns its exit code (negative: killed by that signal). A signal received makes the sweep launch no more runs."""
+  process = subprocess.Popen(cmd)
+  previous = {}
+
+  def forward(signum, frame):  # pylint: disable=unused-argument
+    process.send_signal(signum)
+    _stopping.append(signum)
+
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    previous[signum] = signal.signal(signum, forward)
+  try:
+    code = process.wait()
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+  return code
+
+
+_stopping: list[int] = []
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--gin_file", action="append", default=[], required=True)
@@ -172,7 +210,12 @@ def main(argv=None):
     name = run_name(b)
     print(f"[{i + 1}/{len(runs)}] {name}", flush=True)
     # One failing run (a bad value of the swept binding, say) must not cost the others their results.
-    code = subprocess.run(command(args.gin_file, args.gin_param, b, os.path.join(args.root, name))).returncode
+    code = _run_forwarding_signals(command(args.gin_file, args.gin_param, b, os.path.join(args.root, name)))
+    if _stopping or code == _PREEMPTED:  # the sweep (or its node) was told to stop: no further run is started
+      statuses[name] = "ok" if code == 0 else "preempted"
+      collect(args.root, runs, {run_name(r): statuses.get(run_name(r), "not run") for r in runs})
+      print(f"sweep stopped by a signal after {name}; re-run it to go on (finished runs are kept)", flush=True)
+      sys.exit(_PREEMPTED)
     statuses[name] = "ok" if code == 0 else f"exit {code}" if code > 0 else f"signal {-code}"
     if code != 0:
       print(f"[{i + 1}/{len(runs)}] {name} failed ({statuses[name]})"

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from xla_flags import xla_flags
@@ -134,3 +136,41 @@ def test_a_run_killed_by_a_signal_is_marked_with_it(tmp_path, monkeypatch):
       sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
   with pytest.raises(SystemExit, match=r"1 of 1 sweep runs failed: seed=0 \(signal 15\)"):
     sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", '--sweep={"product": {"train.seed": [0]}}'])
+
+
+def test_a_sigterm_to_the_sweep_reaches_the_running_run_and_starts_no_other(tmp_path):
+  """subprocess.run passed no signal on: a scheduler stopping the sweep left its train.py running untold (its steps
+  lost at the SIGKILL that follows) and would have started the next run."""
+  child = ("import signal, sys, time, pathlib\n"
+           "out = pathlib.Path(sys.argv[1])\n"
+           "signal.signal(signal.SIGTERM, lambda *a: (out.with_suffix('.term').write_text('saved'), sys.exit(143)))\n"
+           "out.with_suffix('.started').write_text('')\n"
+           "time.sleep(60)\n")
+  driver = tmp_path / "driver.py"
+  driver.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {os.path.join(ROOT, 'experiments')!r})\n"
+      "import sweep\n"
+      f"sweep.command = lambda files, params, b, workdir: [sys.executable, '-c', {child!r}, workdir]\n"
+      f"sweep.main(['--gin_file=unused.gin', '--root={tmp_path / 'root'}', "
+      "'--sweep={\"product\": {\"train.seed\": [0, 1]}}'])\n")
+  proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  started = tmp_path / "root" / "seed=0.started"
+  for _ in range(600):
+    if started.exists():
+      break
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 143, out
+  assert (tmp_path / "root" / "seed=0.term").read_text() == "saved"  # the run in progress was told
+  assert not (tmp_path / "root" / "seed=1.started").exists()  # and no other started
+  rows = json.load(open(tmp_path / "root" / "results.json"))
+  assert [(r["run"], r["status"]) for r in rows] == [("seed=0", "preempted"), ("seed=1", "not run")]
+
+
+def test_a_mistyped_spec_path_is_named():
+  with pytest.raises(ValueError, match=r"--sweep='sweeps/lr.jsn': no such spec file"):
+    sweep.load_spec("sweeps/lr.jsn")
+  with pytest.raises(ValueError, match=r"--sweep spec is not valid JSON"):
+    sweep.load_spec('{"product": ')
