@@ -91,12 +91,11 @@ class TooFewProblems(ValueError):
   """A count the difficulty has too few distinct problems for."""
 
 
-def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", chat_format: str = "phi-4",
-                   counts: dict[str, int], **overrides: int) -> dict:
-  """Writes every file (see the module docstring) and returns the manifest.
-
-  `overrides` replace fields of the named difficulty (`max_value=40`, `max_steps=3`, ...).
-  """
+def draw_problems(seed: int, difficulty: str, counts: dict[str, int], **overrides: int
+                  ) -> tuple[dict[str, list[word_problems.Problem]], list[word_problems.Problem]]:
+  """({"valid": [...], "test": [...]}, the training pool): every problem the files are cut from, written nowhere
+  (the recipe draws them before --fresh deletes a workdir). Raises TooFewProblems for a count the difficulty
+  cannot fill, and ValueError for bad counts or difficulty parameters."""
   check_counts(counts)
   level = dataclasses.replace(word_problems.get_difficulty(difficulty), **overrides)
 
@@ -105,14 +104,25 @@ def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", c
       return word_problems.generate(n, seed=seed, split=split, difficulty=level, **kwargs)
     except ValueError as e:  # an easy level has few distinct problems: name the count to lower
       raise TooFewProblems(f"{name}: {n} problems of the {difficulty!r} difficulty{' with ' if overrides else ''}"
-                       f"{', '.join(f'{k}={v}' for k, v in overrides.items())} cannot be made: {e}") from e
+                           f"{', '.join(f'{k}={v}' for k, v in overrides.items())} cannot be made: {e}") from e
 
   # The held-out splits first: problems distinct by arithmetic are the scarce ones, so a count too large fails
   # before the training pool is drawn.
-  problems = {split: generate(split, counts[split], split) for split in ("valid", "test")}
+  held_out = {split: generate(split, counts[split], split) for split in ("valid", "test")}
   train_counts = {name: counts[name] for name in TRAIN_FILES}
   pool = generate(" + ".join(f"{name}={n}" for name, n in train_counts.items()), sum(train_counts.values()),
                   "train", distinct_by="question")
+  return held_out, pool
+
+
+def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", chat_format: str = "phi-4",
+                   counts: dict[str, int], **overrides: int) -> dict:
+  """Writes every file (see the module docstring) and returns the manifest.
+
+  `overrides` replace fields of the named difficulty (`max_value=40`, `max_steps=3`, ...).
+  """
+  level = dataclasses.replace(word_problems.get_difficulty(difficulty), **overrides)
+  problems, pool = draw_problems(seed, difficulty, counts, **overrides)
   cursor = 0
   for name in TRAIN_FILES:
     problems[name] = pool[cursor:cursor + counts[name]]

@@ -238,9 +238,11 @@ def _file_stage_bindings(path: str, seen: set) -> list[str]:
   return out
 
 
-def configure(gin_files: Sequence[str], params: Sequence[str]) -> tuple[dict, dict, dict]:
+def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optional[str] = None
+              ) -> tuple[dict, dict, dict]:
   """(recipe settings, evaluation settings, rollout settings) of the recipe's gin files and --gin_param values;
-  the settings' `stage_params` are the bindings every training stage gets (see the module docstring)."""
+  the settings' `stage_params` are the bindings every training stage gets (see the module docstring). A relative
+  recipe.config_dir found from `caller_dir` is read from there, as a --gin_file is."""
   gin.clear_config()
   common.parse_gin(gin_files, [])
   in_file_dicts = {name: _bound_or_none(name) for name in MERGED_DICTS}
@@ -271,6 +273,9 @@ def configure(gin_files: Sequence[str], params: Sequence[str]) -> tuple[dict, di
   _, stage_params = split_params(params)
   settings = recipe_settings()
   settings["stage_params"] = stage_params
+  in_caller_dir = os.path.join(caller_dir or "", settings["config_dir"])
+  if caller_dir and not os.path.isabs(settings["config_dir"]) and os.path.isdir(in_caller_dir):
+    settings["config_dir"] = in_caller_dir
   eval_cfg, rollout_cfg = eval_lib.eval_settings(), rollouts.rollout_settings()
   check_stage_settings(settings)
   task_request(settings)  # the task settings are good, before --fresh deletes anything
@@ -456,6 +461,21 @@ def check_lineage(stage: str, record: dict, parent: Optional[dict], workdir: str
         "its params, evaluation and the report's change vs previous would belong to another lineage. Delete "
         f"{stage_dir} and the stage directories after it, finished or interrupted (their checkpoints, DPO pairs "
         "and reference log-probs descend from it too), to train them again, or use a fresh --workdir")
+
+
+def check_fresh_workdir(workdir: str, settings: dict) -> None:
+  """What --fresh checks before it deletes `workdir`: that it is a recipe's workdir (or empty), not a train.py run
+  or a parent directory given by mistake, and that the task data can be made with these settings (a count the
+  difficulty cannot fill used to be found after the deletion)."""
+  entries = os.listdir(workdir) if os.path.isdir(workdir) else [os.path.basename(workdir)]
+  is_recipe = (os.path.exists(os.path.join(workdir, "data", "manifest.json"))
+               or any(os.path.exists(os.path.join(workdir, stage, name)) for stage in STAGES
+                      for name in ("recipe_stage.json", STARTED)))
+  if entries and not is_recipe:
+    raise ValueError(f"--fresh deletes a recipe's workdir, and {workdir} is not one (no data/manifest.json, no stage "
+                     f"records; it holds {sorted(entries)[:6]}): give the recipe's own --workdir, or delete it by hand")
+  make_task_data.draw_problems(settings["task_seed"], settings["difficulty"], settings["task_counts"],
+                               **settings["difficulty_overrides"])
 
 
 # Written in a stage's directory before it samples or trains anything: which training of which stage it starts
@@ -819,7 +839,8 @@ def parse_args(argv=None):
   parser.add_argument("--gin_param", action="append", default=[],
                       help="gin binding 'k=v' (repeatable): recipe.*, evaluation.*, rollouts.* configure the recipe, "
                       "any other applies to every stage trained (see above)")
-  parser.add_argument("--fresh", action="store_true", help="delete --workdir first instead of resuming")
+  parser.add_argument("--fresh", action="store_true", help="delete --workdir (a recipe's workdir) first instead of "
+                      "resuming, once the settings are checked and the task data can be made")
   return parser.parse_args(argv)
 
 
@@ -839,10 +860,12 @@ def main(argv=None) -> dict:
   # A --gin_file found from the caller's directory is read from there; any other (experiments/configs/...) from the
   # repository root, as before.
   gin_files = [os.path.abspath(path) if os.path.exists(path) else path for path in args.gin_file]
+  caller_dir = os.getcwd()
   os.chdir(ROOT)  # gin files include each other by repository-relative paths
   default = os.path.join("experiments/configs/recipe_tiny", "quick.gin" if args.quick else "recipe.gin")
-  settings, eval_cfg, rollout_cfg = configure(gin_files or [default], args.gin_param)
+  settings, eval_cfg, rollout_cfg = configure(gin_files or [default], args.gin_param, caller_dir=caller_dir)
   if args.fresh and os.path.exists(workdir):  # only once the settings are known to be good
+    check_fresh_workdir(workdir, settings)
     shutil.rmtree(workdir)
   log.info("recipe: %d devices (%s); stages %s", jax.device_count(), jax.devices()[0].platform, settings["stages"])
   summary = run_recipe(workdir, settings, eval_cfg, rollout_cfg)

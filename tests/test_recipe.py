@@ -204,6 +204,34 @@ def test_quick_with_a_gin_file_or_several_processes_is_refused(monkeypatch, tmp_
   assert not os.listdir(tmp_path)  # nothing written
 
 
+def test_fresh_deletes_only_a_recipe_workdir_and_only_once_its_task_data_can_be_made(tmp_path, monkeypatch):
+  """--fresh deleted whatever --workdir named, and a count the difficulty cannot fill was found after the deletion."""
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setattr(recipe, "run_recipe", lambda *a: pytest.fail("the recipe ran"))
+  run = tmp_path / "a_train_run"
+  (run / "params").mkdir(parents=True)
+  with pytest.raises(ValueError, match=r"--fresh deletes a recipe's workdir, and .*a_train_run is not one"):
+    recipe.main([f"--workdir={run}", "--fresh", "--quick"])
+  assert (run / "params").is_dir()
+  demo = tmp_path / "demo"
+  (demo / "data").mkdir(parents=True)
+  (demo / "data" / "manifest.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"test: 200 problems of the 'easy' difficulty cannot be made"):
+    recipe.main([f"--workdir={demo}", "--fresh", "--gin_param=recipe.difficulty='easy'",
+                 "--gin_param=recipe.task_counts={'test': 200}"])
+  assert (demo / "data" / "manifest.json").exists()
+
+
+def test_a_config_dir_found_from_the_callers_directory_is_read_from_there(tmp_path, monkeypatch):
+  shutil.copytree(os.path.join(ROOT, "experiments/configs/recipe_tiny"), tmp_path / "my_cfg")
+  monkeypatch.chdir(tmp_path)
+  ran = {}
+  monkeypatch.setattr(recipe, "run_recipe", lambda workdir, settings, *a: ran.update(settings) or {})
+  monkeypatch.setattr(recipe, "stage_table", lambda summary: "")
+  recipe.main([f"--workdir={tmp_path / 'w'}", "--quick", "--gin_param=recipe.config_dir='my_cfg'"])
+  assert ran["config_dir"] == str(tmp_path / "my_cfg")
+
+
 def test_mesh_bindings_are_found_in_any_spelling():
   params = ['mesh.shape={"fsdp": 2}', 'common.mesh.shape = {"data": 1}', "train.num_steps=3", "meshy.x=1"]
   assert recipe.mesh_bindings(params) == params[:2]
