@@ -160,9 +160,13 @@ def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", c
           "direct_answer": _length_stats(tokenizer, [word_problems.direct_answer(p) for p in everything]),
       },
   }
-  with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as f:
+  # Last and through a rename: a manifest is there only once every file is, whole (the recipe reads the data as
+  # made when it finds one).
+  path = os.path.join(out_dir, "manifest.json")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=1)
     f.write("\n")
+  os.replace(path + ".tmp", path)
   return manifest
 
 
