@@ -35,6 +35,7 @@ from phi_jax.stages import grpo as grpo_stage
 from phi_jax.stages import next_token
 from phi_jax.stages.grpo import GRPOConfig
 from phi_jax.train import LoopConfig, OptimizerConfig, loop as loop_lib
+from phi_jax.train.checkpoint import CORRUPT_DIR
 from phi_jax.train.state import abstract_state, param_shardings
 from phi_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from phi_jax.train.step import check_rows_per_process, make_train_step
@@ -395,7 +396,8 @@ def run_training(workdir: str):
   _check_vocab(model_config, tokenizer)
   if not data_cfg["train_files"]:
     raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
-  _refuse_retraining_a_pruned_run(workdir)
+  if _finished_without_checkpoints(workdir, settings["loop"].num_steps):
+    return None
   check_data_settings(stage, data_cfg, loop)
   file_sizes(data_cfg["eval_files"])  # a missing eval file is an error now, not at the first evaluation
   if loop.export_hf and jax.process_count() > 1:
@@ -666,16 +668,32 @@ def reference_file(workdir: str, tag: str, pairs_path: str) -> str:
   return os.path.join(workdir, "reference", f"{tag}-{name if name.endswith('.jsonl') else name + '.jsonl'}")
 
 
-def _refuse_retraining_a_pruned_run(workdir: str) -> None:
-  """A finished run whose checkpoints were deleted (its params/ kept) would train again from step 0 here, and its
-  params/ would be removed before the first step: refused, saying how to go on."""
+def _finished_without_checkpoints(workdir: str, num_steps: int) -> bool:
+  """Whether `workdir` is a finished run whose checkpoints were deleted (params/ kept) and that has `num_steps`
+  already: nothing to train (a re-run sweep leaves it as it is). Asked for more steps, it raises: training would
+  start again from step 0 over its params/ (a workdir whose checkpoints were all set aside as damage is left to the
+  loop, which says so)."""
   params, checkpoints = os.path.join(workdir, "params"), os.path.join(workdir, "checkpoints")
-  steps = [d for d in os.listdir(checkpoints) if d.isdigit()] if os.path.isdir(checkpoints) else []
-  if os.path.isdir(params) and not steps:
-    raise ValueError(f"{workdir} holds a finished run's params/ but no checkpoint to resume from (were checkpoints/ "
-                     f"deleted?): training here would start again from step 0 and replace them. To train these params "
-                     f"further, use a new workdir with train.init_from={workdir!r}; to retrain from scratch here, "
-                     f"delete {params} first")
+  entries = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+  if not os.path.isdir(params) or any(d.isdigit() for d in entries) or CORRUPT_DIR in entries:
+    return False
+  last_step = 0
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics):
+    with open(metrics) as f:
+      for line in f:
+        try:
+          last_step = max(last_step, int(json.loads(line).get("step", 0)))
+        except (ValueError, TypeError, AttributeError):  # a line cut short by a kill
+          continue
+  if last_step >= num_steps:
+    log.info("%s is finished (step %d of train.num_steps=%d; its checkpoints were deleted): nothing to train",
+             workdir, last_step, num_steps)
+    return True
+  raise ValueError(f"{workdir} holds a finished run's params/ (step {last_step}) but no checkpoint to resume from "
+                   f"(were checkpoints/ deleted?): training on to step {num_steps} would start again from step 0 and "
+                   f"replace them. To train these params further, use a new workdir with train.init_from={workdir!r}; "
+                   f"to retrain from scratch here, delete {params} first")
 
 
 def remove_final_outputs(workdir: str, export_hf: bool) -> None:

@@ -274,7 +274,9 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   settings = recipe_settings()
   settings["stage_params"] = stage_params
   in_caller_dir = os.path.join(caller_dir or "", settings["config_dir"])
-  if caller_dir and not os.path.isabs(settings["config_dir"]) and os.path.isdir(in_caller_dir):
+  if (caller_dir and not os.path.isabs(settings["config_dir"]) and not os.path.isdir(settings["config_dir"])
+      and os.path.isdir(in_caller_dir)):  # the repository's own configs first, as gin finds the recipe's files
+    log.info("recipe.config_dir=%r: reading the stage configs from %s", settings["config_dir"], in_caller_dir)
     settings["config_dir"] = in_caller_dir
   eval_cfg, rollout_cfg = eval_lib.eval_settings(), rollouts.rollout_settings()
   check_stage_settings(settings)
@@ -468,7 +470,7 @@ def check_fresh_workdir(workdir: str, settings: dict) -> None:
   or a parent directory given by mistake, and that the task data can be made with these settings (a count the
   difficulty cannot fill used to be found after the deletion)."""
   entries = os.listdir(workdir) if os.path.isdir(workdir) else [os.path.basename(workdir)]
-  is_recipe = (os.path.exists(os.path.join(workdir, "data", "manifest.json"))
+  is_recipe = (os.path.exists(os.path.join(workdir, "data", "manifest.json")) or entries == ["data"]  # data cut short
                or any(os.path.exists(os.path.join(workdir, stage, name)) for stage in STAGES
                       for name in ("recipe_stage.json", STARTED)))
   if entries and not is_recipe:

@@ -14,8 +14,8 @@ table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its fin
 next-token accuracy of the trained positions (token_accuracy); for GRPO, mean reward and the share of rollouts
 whose answer verified (accuracy). In local mode a failing run does not stop the sweep: the other runs go on, the
 table's status column marks it ("exit N", or "signal N" if it was killed; "ok" for a run that succeeded) and the
-sweep exits non-zero at the end, naming the failed runs. A SIGTERM or SIGINT to the sweep is passed on to the run in
-progress (which saves a checkpoint and stops), no further run starts, and the sweep exits 143. --mode=collect
+sweep exits non-zero at the end, naming the failed runs. A SIGTERM or SIGINT (Ctrl-C) to the sweep reaches the run in
+progress as a SIGTERM (it saves a checkpoint and stops), no further run starts, and the sweep exits 143. --mode=collect
 tables the runs' latest metrics whether or not they finished: its step column says how far each got.
 """
 
@@ -164,14 +164,17 @@ _PREEMPTED = 143  # train.py's exit after a SIGTERM once its checkpoint is saved
 
 
 def _run_forwarding_signals(cmd: list[str]) -> int:
-  """Runs one train.py, passing a SIGTERM or SIGINT the sweep receives on to it (a scheduler stopping the sweep
-  signals the sweep's process only; the run would go on untold, and lose its steps at the SIGKILL that follows).
-  Returns its exit code (negative: killed by that signal). A signal received makes the sweep launch no more runs."""
-  process = subprocess.Popen(cmd)
+  """Runs one train.py, passing a SIGTERM or SIGINT the sweep receives on to it as one SIGTERM, which train.py
+  answers by saving a checkpoint and stopping (a scheduler stopping the sweep signals the sweep's process only: the
+  run went on untold, and lost its steps at the SIGKILL that followed). The run has a session of its own, so a
+  Ctrl-C in the terminal reaches the sweep alone (a SIGINT would interrupt train.py mid-step, unsaved). Returns its
+  exit code (negative: killed by a signal). A signal received makes the sweep launch no more runs."""
+  process = subprocess.Popen(cmd, start_new_session=True)
   previous = {}
 
   def forward(signum, frame):  # pylint: disable=unused-argument
-    process.send_signal(signum)
+    if not _stopping:
+      process.send_signal(signal.SIGTERM)  # once: a second SIGTERM ends train.py's grace period
     _stopping.append(signum)
 
   for signum in (signal.SIGTERM, signal.SIGINT):
@@ -195,6 +198,7 @@ def main(argv=None):
   parser.add_argument("--root", required=True, help="parent directory of the runs' workdirs")
   parser.add_argument("--mode", choices=("local", "commands", "collect"), default="local")
   args = parser.parse_args(argv)
+  _stopping.clear()  # a signal that stopped an earlier sweep of this process is not this one's
   runs = expand(load_spec(args.sweep))
   check_runs(runs)
   if args.mode != "collect":

@@ -230,6 +230,10 @@ def test_a_config_dir_found_from_the_callers_directory_is_read_from_there(tmp_pa
   monkeypatch.setattr(recipe, "stage_table", lambda summary: "")
   recipe.main([f"--workdir={tmp_path / 'w'}", "--quick", "--gin_param=recipe.config_dir='my_cfg'"])
   assert ran["config_dir"] == str(tmp_path / "my_cfg")
+  # The repository's own configs come first: another checkout's copy in the caller's directory is not read.
+  shutil.copytree(tmp_path / "my_cfg", tmp_path / "experiments" / "configs" / "recipe_tiny")
+  recipe.main([f"--workdir={tmp_path / 'w'}", "--quick"])
+  assert ran["config_dir"] == "experiments/configs/recipe_tiny"
 
 
 def test_mesh_bindings_are_found_in_any_spelling():

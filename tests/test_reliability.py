@@ -936,8 +936,9 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_not_trained_again_over
   gin_run("train.num_steps = 1")
   shutil.rmtree(run / "checkpoints")
   before = sorted(os.listdir(run / "params"))
-  with pytest.raises(ValueError, match=r"holds a finished run's params/ but no checkpoint to resume from .*use a new "
-                     r"workdir with train.init_from="):
+  assert gin_run("train.num_steps = 1") is None  # the same command (a re-run sweep): finished, nothing to do
+  with pytest.raises(ValueError, match=r"holds a finished run's params/ \(step 1\) but no checkpoint to resume from "
+                     r".*use a new workdir with train.init_from="):
     gin_run("train.num_steps = 2")
   assert sorted(os.listdir(run / "params")) == before
 

@@ -138,9 +138,11 @@ def test_a_run_killed_by_a_signal_is_marked_with_it(tmp_path, monkeypatch):
     sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", '--sweep={"product": {"train.seed": [0]}}'])
 
 
-def test_a_sigterm_to_the_sweep_reaches_the_running_run_and_starts_no_other(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_sigterm_to_the_sweep_reaches_the_running_run_and_starts_no_other(tmp_path, signum):
   """subprocess.run passed no signal on: a scheduler stopping the sweep left its train.py running untold (its steps
-  lost at the SIGKILL that follows) and would have started the next run."""
+  lost at the SIGKILL that follows) and would have started the next run. A Ctrl-C (SIGINT) reaches the run as the
+  SIGTERM train.py saves on (a SIGINT interrupted it mid-step, unsaved)."""
   child = ("import signal, sys, time, pathlib\n"
            "out = pathlib.Path(sys.argv[1])\n"
            "signal.signal(signal.SIGTERM, lambda *a: (out.with_suffix('.term').write_text('saved'), sys.exit(143)))\n"
@@ -160,7 +162,7 @@ def test_a_sigterm_to_the_sweep_reaches_the_running_run_and_starts_no_other(tmp_
     if started.exists():
       break
     time.sleep(0.1)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode == 143, out
   assert (tmp_path / "root" / "seed=0.term").read_text() == "saved"  # the run in progress was told
@@ -174,3 +176,10 @@ def test_a_mistyped_spec_path_is_named():
     sweep.load_spec("sweeps/lr.jsn")
   with pytest.raises(ValueError, match=r"--sweep spec is not valid JSON"):
     sweep.load_spec('{"product": ')
+
+
+def test_a_signal_that_stopped_one_sweep_does_not_stop_the_next(tmp_path, monkeypatch):
+  monkeypatch.setattr(sweep, "command", lambda files, params, b, workdir: [sys.executable, "-c", "pass"])
+  sweep._stopping.append(signal.SIGTERM)  # what an earlier, stopped sweep of this process left
+  rows = sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", '--sweep={"product": {"train.seed": [0, 1]}}'])
+  assert [r["status"] for r in rows] == ["ok", "ok"]
