@@ -327,9 +327,11 @@ class _OpenFiles:
 _FILES = _OpenFiles()
 
 
-def _file_version(path_or_fd) -> tuple[int, int, int, int]:
+def _file_version(path_or_fd) -> tuple[int, int]:
+  """(size, modification time): what a rewrite or a replacement changes. Not the inode, which network file systems
+  (gcsfuse) may renumber for an unchanged file."""
   stat = os.stat(path_or_fd)
-  return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+  return stat.st_size, stat.st_mtime_ns
 
 
 class DiskDatasetSource(_MultiFileSource):
