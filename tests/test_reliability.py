@@ -403,6 +403,19 @@ def test_tokens_seen_in_each_record_count_the_batches_up_to_that_step(tmp_path):
   assert seen == {step: 8 * 16 * step for step in range(1, 5)}  # not the next batch's too (steps 1 and 3)
 
 
+def test_a_data_error_on_one_process_stops_every_process_at_the_same_step(monkeypatch):
+  """A batch that fails to read on one process (a bad record, a file changed mid-run) used to raise there alone,
+  while the others waited in the next collective until the coordinator's timeout."""
+  others_failed = lambda *flags: (flags[0], flags[1], True)  # what any_process returns when another process failed
+  monkeypatch.setattr(loop, "any_process", others_failed)
+  with pytest.raises(RuntimeError, match=r"another process failed to read its training data for step 8"):
+    loop._agree_before_step({"tokens": 1}, None, False, 7)
+  with pytest.raises(ValueError, match="bad record"):  # where it failed: its own error
+    loop._agree_before_step(None, ValueError("bad record"), False, 7)
+  monkeypatch.setattr(loop, "any_process", lambda *flags: tuple(flags))
+  assert loop._agree_before_step(None, None, True, 7) == (True, True)  # ran out, SIGTERM: as before
+
+
 def test_data_counts_combine_over_processes(monkeypatch):
   """What sum_over_processes makes of two processes' stats (the two-process run in test_resume.py checks the
   records and data_stats.json it feeds): counts add up, a skip reason only one process met is kept, fractions

@@ -541,15 +541,20 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   with _SigtermFlag(loop.preemption_grace_s) as sigterm, _finish_saves_on_error(checkpointer):
     saved = start
     for step in range(start, start if stopped_early else loop.num_steps):
+      error = None
       try:
         local = train_data.next_batch(state.params, step) if on_policy else next(iterator)
       except StopIteration:
         local = None
+      except Exception as e:  # pylint: disable=broad-except  (a bad record, a file changed or gone)
+        if jax.process_count() == 1:
+          raise
+        error, local = e, None  # raised below on every process, not on this one alone while the others wait
       # Every process must take every step and every checkpoint save (they are collectives), but a process may run
-      # out of a finite dataset first (uneven shares, packing) or see a SIGTERM another does not (yet). So before
-      # each step the processes agree on both, and all stop or all save at the same step. On multi-process runs
-      # this waits for the previous step.
-      exhausted, preempt = any_process(local is None, sigterm.raised)
+      # out of a finite dataset first (uneven shares, packing), fail to read its data, or see a SIGTERM another does
+      # not (yet). So before each step the processes agree on all three, and all stop, fail or save at the same
+      # step. On multi-process runs this waits for the previous step.
+      exhausted, preempt = _agree_before_step(local, error, sigterm.raised, step)
       if exhausted:
         if local is not None:
           log.warning("another process's training data ran out: this process's batch for step %d is not trained",
@@ -789,6 +794,18 @@ def _mixture_shares(data: dict) -> Optional[list]:
     return list(weights)
   total = float(sum(weights))
   return [round(w / total, 12) for w in weights]
+
+
+def _agree_before_step(local, error: Optional[BaseException], sigterm_raised: bool, step: int) -> tuple[bool, bool]:
+  """(whether any process's data ran out, whether any saw a SIGTERM); raises on every process when any failed to
+  read its batch: its own error where it failed, a RuntimeError naming the step elsewhere. A collective."""
+  exhausted, preempt, failed = any_process(local is None and error is None, sigterm_raised, error is not None)
+  if failed:
+    if error is not None:
+      raise error
+    raise RuntimeError(f"another process failed to read its training data for step {step + 1} (its log names the "
+                       "error); stopping here too, rather than waiting in the step for it")
+  return exhausted, preempt
 
 
 def _make_eval(loss_fn, mesh, microbatches: int = 1):
