@@ -69,9 +69,9 @@ def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Seque
       gin.parse_config(text)
     except Exception as e:
       raise ValueError(f"{run_config}: {e}") from e
-  run_mesh = _query_or_none("mesh.shape")
+  run_mesh = bound_or_none("mesh.shape")
   parse_gin(files, params)
-  if run_mesh is not None and _query_or_none("mesh.shape") == run_mesh:
+  if run_mesh is not None and bound_or_none("mesh.shape") == run_mesh:
     # The run's mesh belongs to the machine it trained on; the params load onto any mesh. Kept where it fits.
     try:
       sharding.resolve_mesh_shape(run_mesh, jax.device_count())
@@ -81,7 +81,8 @@ def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Seque
       gin.bind_parameter("mesh.shape", {"fsdp": -1})
 
 
-def _query_or_none(name: str):
+def bound_or_none(name: str):
+  """The value gin binds to `name` ("mesh.shape"), or None where nothing binds it."""
   try:
     return gin.query_parameter(name)
   except ValueError:  # not bound
@@ -318,10 +319,7 @@ _MATH_FIELDS = ("max_position_embeddings", "original_max_position_embeddings", "
 def _check_checkpoint_math(source: str, theirs: dict, ours: dict) -> None:
   """A transformers checkpoint started from with another model's rotary or norm settings would start as another
   model; refused unless model.overrides names the setting (a context extension changes rope_theta on purpose)."""
-  try:
-    deliberate = set(gin.query_parameter("model.overrides") or {})
-  except ValueError:  # not bound
-    deliberate = set()
+  deliberate = set(bound_or_none("model.overrides") or {})
   differ = {k: f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in _MATH_FIELDS if theirs[k] != ours[k]}
   unasked = [text for k, text in differ.items() if k not in deliberate]
   if unasked:

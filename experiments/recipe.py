@@ -245,11 +245,11 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   recipe.config_dir found from `caller_dir` is read from there, as a --gin_file is."""
   gin.clear_config()
   common.parse_gin(gin_files, [])
-  in_file_dicts = {name: _bound_or_none(name) for name in MERGED_DICTS}
-  file_difficulty = _bound_or_none("recipe.difficulty")
+  in_file_dicts = {name: common.bound_or_none(name) for name in MERGED_DICTS}
+  file_difficulty = common.bound_or_none("recipe.difficulty")
   gin.clear_config()
   common.parse_gin(gin_files, params)  # all of them, so a misspelt name fails now rather than at its stage
-  difficulty = _bound_or_none("recipe.difficulty")
+  difficulty = common.bound_or_none("recipe.difficulty")
   if difficulty != file_difficulty and in_file_dicts["recipe.difficulty_overrides"]:
     # Another level asked for on the command line is that level: the file's overrides were written for the file's
     # level (recipe_tiny's set every parameter, which would leave the new name without effect).
@@ -257,10 +257,11 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
              "(give recipe.difficulty_overrides on the command line to change that level)", difficulty,
              in_file_dicts["recipe.difficulty_overrides"])
     in_file_dicts["recipe.difficulty_overrides"] = None
-    gin.bind_parameter("recipe.difficulty_overrides", _bound_or_none("recipe.difficulty_overrides")
-                       if any(p.strip().startswith("recipe.difficulty_overrides") for p in params) else {})
+    asked = any(_binding_key(st) == "recipe.difficulty_overrides" for p in params for st in _statements(p))
+    gin.bind_parameter("recipe.difficulty_overrides",
+                       common.bound_or_none("recipe.difficulty_overrides") if asked else {})
   for name, in_file in in_file_dicts.items():  # a --gin_param dict adds to the file's rather than replacing it
-    given = _bound_or_none(name)
+    given = common.bound_or_none(name)
     if in_file and given is not None and given != in_file:
       merged = ({k: list(in_file.get(k, [])) + list(given.get(k, [])) for k in {**in_file, **given}}
                 if name == "recipe.stage_bindings" else {**in_file, **given})
@@ -350,13 +351,6 @@ def check_stage_settings(settings: dict) -> None:
 # when the command line adds a binding for one stage or changes one count. A stage's list gets the command line's
 # entries after the file's (later bindings win).
 MERGED_DICTS = ("recipe.stage_bindings", "recipe.task_counts", "recipe.difficulty_overrides")
-
-
-def _bound_or_none(name: str) -> Optional[dict]:
-  try:
-    return gin.query_parameter(name)
-  except ValueError:  # not bound in these files
-    return None
 
 
 def stage_bindings(stage: str, workdir: str, init_from: Optional[str], settings: dict) -> list[str]:

@@ -149,20 +149,18 @@ class _MultiFileSource(_Concatenated):
     self.files = files
     self.name = name or os.path.basename(files[0]) + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
     self._set_part_lengths(records_per_file)
-    # file index -> open handle, filled lazily by the reader threads (least recently used last).
-    self._open_files: collections.OrderedDict[int, Any] = collections.OrderedDict()
+    self._open_files: dict[int, Any] = {}  # file index -> open handle, filled lazily by the reader threads
     self._lock = threading.Lock()
 
   def _opened(self, file_index: int, open_fn):
     with self._lock:
       if file_index not in self._open_files:
         self._open_files[file_index] = open_fn(self.files[file_index])
-      self._open_files.move_to_end(file_index)
       return self._open_files[file_index]
 
   def __getstate__(self):
     # Handles and locks do not cross process boundaries (Grain worker processes); each process reopens its files.
-    state = dict(self.__dict__, _open_files=collections.OrderedDict())
+    state = dict(self.__dict__, _open_files={})
     del state["_lock"]
     return state
 
@@ -182,7 +180,7 @@ class JsonlSource(_MultiFileSource):
     # Byte offsets and line numbers of the non-blank lines, so any record is one pread away.
     self._offsets, self._lengths, self._line_numbers = [], [], []
     # Which version of each file was indexed: descriptors are shared by path across the process's sources, and a
-    # file replaced since (a new inode, other contents) must not be read through another source's old descriptor.
+    # file rewritten or replaced since must not be read at these offsets (`_OpenFiles.pread` refuses it).
     self._versions = [_file_version(path) for path in files]
     for path in files:
       offsets, lengths, line_numbers = _index_lines(path)

@@ -66,7 +66,6 @@ _MAX_CONNECTIVE_CHARS = 16
 _CLAUSE_WORDS = frozenset(("because", "since", "so"))  # not "when", "where", "given": they qualify an answer
 # Abbreviations whose period does not end the answer's sentence ("approx. 18", "5, i.e. 2 + 3").
 _ABBREVIATIONS = ("i.e", "e.g", "approx", "ca", "vs", "cf", "resp")
-# Words after a number that change its value or add another, so "2 million" is not the answer 2.
 # A hedge in parentheses opens with one of these: "2 (or 3)", "2 (maybe 3)", "3/4 (or equivalently 0.75)".
 _HEDGES = frozenset(("or", "maybe", "possibly", "perhaps", "equivalently", "alternatively", "i.e.", "i.e", "ie"))
 # Inside math (a boxed or gold answer), a word after a number must be this long to be a unit or a noun: "2 xy" and
@@ -82,11 +81,13 @@ _FRACTION_WORDS = frozenset(("halves", "thirds", "fourths", "fifths", "sixths", 
                              "millionths"))
 _ORDINALS = frozenset(("half", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
                        "eleventh", "twelfth", "twentieth", "hundredth", "thousandth", "millionth"))
+# Words after a number that change its value or add another, so "2 million" is not the answer 2 (fractions:
+# `_FRACTION_WORDS`, `_ORDINALS`).
 _VALUE_WORDS = frozenset((
     "and", "or", "out", "of", "times", "plus", "minus", "over", "divided", "to", "hundred", "thousand", "million",
     "billion", "trillion", "dozen", "hundreds", "thousands", "millions", "billions", "trillions", "dozens",
-    "score", "gross", "percent", "half", "halves", "third", "thirds", "quarter", "quarters", "squared", "cubed",
-    "factorial", "mod", "modulo", "less", "more", "degrees"))
+    "score", "gross", "percent", "quarter", "quarters", "squared", "cubed", "factorial", "mod", "modulo", "less",
+    "more", "degrees"))
 _SENTENCE_PUNCTUATION = ".,;:!?"
 # A heading line holds at most this much before "answer" ("### **Final "); longer, the word is inside prose.
 _MAX_HEADING_PREFIX = 16

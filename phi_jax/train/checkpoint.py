@@ -125,13 +125,18 @@ def _check_record_digest(path: str, integrity: Any) -> None:
     raise CorruptCheckpointError(path, "the integrity record does not match its own digest")
 
 
+def _differences(saved: dict, wanted: dict) -> list[str]:
+  """"name: saved X, asked for Y" for each entry of a signature record that the restore target does not match."""
+  return [f"{name}: saved {saved.get(name)}, asked for {wanted.get(name)}"
+          for name in sorted(set(saved) | set(wanted)) if saved.get(name) != wanted.get(name)]
+
+
 def _check_signature(path: str, saved: Optional[dict], wanted: dict) -> None:
   """Raises IncompatibleCheckpointError when the restore target differs from the saved arrays (records without a
   signature, from older saves, are not checked here)."""
   if saved is None or saved == wanted:
     return
-  differing = [f"{name}: saved {saved.get(name)}, asked for {wanted.get(name)}"
-               for name in sorted(set(saved) | set(wanted)) if saved.get(name) != wanted.get(name)]
+  differing = _differences(saved, wanted)
   raise IncompatibleCheckpointError(
       f"checkpoint {path} does not fit the restore target in {len(differing)} array(s) ([shape, dtype]): "
       + "; ".join(differing[:3]) + ". Restore it with the model and optimizer config that wrote it, or start a new "
@@ -143,11 +148,9 @@ def _check_empty_nodes(path: str, saved: Optional[dict], wanted: dict) -> None:
   optimizer set up differently around the same arrays); records from older saves have none to compare."""
   if saved is None or saved == wanted:
     return
-  differing = [f"{name}: saved {saved.get(name)}, asked for {wanted.get(name)}"
-               for name in sorted(set(saved) | set(wanted)) if saved.get(name) != wanted.get(name)]
   raise IncompatibleCheckpointError(
       f"checkpoint {path} holds the same arrays as the restore target but other empty nodes (an optimizer set up "
-      f"differently): " + "; ".join(differing[:3]) + ". Restore it with the optimizer config that wrote it, or "
+      f"differently): " + "; ".join(_differences(saved, wanted)[:3]) + ". Restore it with the optimizer config that wrote it, or "
       "start a new workdir (train.init_from=<that run's workdir> starts from its params/ once it has finished)")
 
 
