@@ -150,8 +150,9 @@ def _check_empty_nodes(path: str, saved: Optional[dict], wanted: dict) -> None:
     return
   raise IncompatibleCheckpointError(
       f"checkpoint {path} holds the same arrays as the restore target but other empty nodes (an optimizer set up "
-      f"differently): " + "; ".join(_differences(saved, wanted)[:3]) + ". Restore it with the optimizer config that wrote it, or "
-      "start a new workdir (train.init_from=<that run's workdir> starts from its params/ once it has finished)")
+      f"differently): " + "; ".join(_differences(saved, wanted)[:3]) + ". Restore it with the optimizer config "
+      "that wrote it, or start a new workdir (train.init_from=<that run's workdir> starts from its params/ once it "
+      "has finished)")
 
 
 def _agree(path: str, error: Optional[CorruptCheckpointError]) -> None:
