@@ -524,7 +524,8 @@ def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str
   `reference`: "in_step" scores every batch with a frozen copy of the starting params (`train.init_from`, or the
   random init of `train.seed`); "precompute" scores all pairs once into W/reference/ and then trains with no
   reference model (a resumed run reuses the files); "precomputed": the pair files already carry the log-probs
-  (`phi_jax.stages.dpo.precompute_reference_logps`). `too_long`: "drop" or "truncate_prompt". `data.weights` and
+  (`phi_jax.stages.dpo.precompute_reference_logps`). Both reference passes run in `train.microbatches` pieces, like
+  the step. `too_long`: "drop" or "truncate_prompt". `data.weights` and
   `data.packing` do not apply: pairs are read in one shuffled stream, one example per row.
   """
   if reference not in DPO_REFERENCE:
@@ -574,7 +575,8 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   ref_params = ref_fn = None
   if cfg["reference"] == "in_step":
     ref_params = _dpo_reference_params(model_config, hf_path, settings, the_mesh)
-    ref_fn = dpo.reference_logps_fn(model_config, settings["chunk_size"], mesh=the_mesh)
+    ref_fn = dpo.reference_logps_fn(model_config, settings["chunk_size"], mesh=the_mesh,
+                                    microbatches=settings["loop"].microbatches)
   elif cfg["reference"] == "precompute":
     outputs = {}
     for kind, files in (("train", train_files), ("eval", eval_files)):
@@ -596,7 +598,8 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
         path = (train_files if kind == "train" else eval_files)[i]
         result = dpo.precompute_reference_logps(
             path, frozen, model_config, tokenizer, out_file=outputs[(kind, i)], chunk_size=settings["chunk_size"],
-            mesh=the_mesh, **dict(reader, batch_size=data_cfg["batch_size"]))
+            mesh=the_mesh, microbatches=settings["loop"].microbatches,
+            **dict(reader, batch_size=data_cfg["batch_size"]))
         log.info("reference log-probs of %d pairs of %s -> %s", result["pairs"], path, result["out_file"])
         if jax.process_index() == 0:
           with open(outputs[(kind, i)] + ".settings.json", "w") as f:

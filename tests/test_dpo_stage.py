@@ -154,6 +154,19 @@ def test_reference_equal_to_policy_gives_log2(setup, reference_fn, independent_l
   assert float(aux["metrics"]["rewards/margins"]) == 0.0 and float(aux["metrics"]["rewards/accuracies"]) == 0.0
 
 
+@pytest.mark.parametrize("microbatches,mesh_axes", [(4, None), (3, None), (2, {"data": 2, "fsdp": 2})])
+def test_microbatched_reference_pass_equals_the_whole_batch(setup, independent_logps, microbatches, mesh_axes):
+  # 3 does not divide the 8 rows: the pass takes 2 pieces. Each row's sum must come back in its own place.
+  mesh = None if mesh_axes is None else sharding.make_mesh(mesh_axes, devices=jax.devices()[:4])
+  fn = dpo.reference_logps_fn(CONFIG, CHUNK, mesh=mesh, microbatches=microbatches)
+  batch = {k: v for k, v in setup["batch"].items() if k != "index"}
+  ref_chosen, ref_rejected = fn(setup["params"], batch if mesh is None else loop_lib.global_batch(batch, mesh))
+  np.testing.assert_allclose(ref_chosen, independent_logps["chosen"][0], rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(ref_rejected, independent_logps["rejected"][0], rtol=1e-4, atol=1e-3)
+  with pytest.raises(ValueError, match="at least 1"):
+    dpo.reference_logps_fn(CONFIG, CHUNK, microbatches=0)
+
+
 def test_bad_settings_are_refused():
   with pytest.raises(ValueError, match="loss_type"):
     dpo.make_loss_fn(CONFIG, beta=0.1, loss_type="hinge")

@@ -37,7 +37,7 @@ from phi_jax.losses.dpo import LOSS_TYPES
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sharding.distributed import any_process
 from phi_jax.train.loop import global_batch
-from phi_jax.train.step import MeshJit
+from phi_jax.train.step import MeshJit, split_microbatches
 
 log = logging.getLogger("phi_jax")
 
@@ -107,17 +107,37 @@ def make_loss_fn(config: PhiConfig, *, beta: float, label_smoothing: float = 0.0
   return loss_fn
 
 
-def _reference_sums(ref_params, batch, *, config: PhiConfig, chunk_size: int):
-  logps = completion_logps(ref_params, batch, config=config, chunk_size=chunk_size)
-  return logps["chosen"][0], logps["rejected"][0]
+def _reference_sums(ref_params, batch, *, config: PhiConfig, chunk_size: int, microbatches: int):
+  def sums(rows):
+    logps = completion_logps(ref_params, rows, config=config, chunk_size=chunk_size)
+    return jnp.stack([logps["chosen"][0], logps["rejected"][0]])  # [2, rows]
+
+  pairs = jax.tree.leaves(batch)[0].shape[0]
+  # Batches of other sizes (the eval data's) split into the most pieces up to `microbatches` that divide them.
+  pieces = max(m for m in range(1, microbatches + 1) if pairs % m == 0)
+  if pieces == 1:
+    out = sums(batch)
+  else:
+    # One piece at a time, like the train step's microbatches: the pass over the whole batch at once needs the
+    # activations of every row together. Pieces take rows with stride `pieces`; [pieces, 2, rows] goes back to
+    # [2, pairs] in the input's row order.
+    out = jax.lax.map(sums, split_microbatches(batch, pieces))
+    out = jnp.moveaxis(out, 0, -1).reshape(2, pairs)
+  return out[0], out[1]
 
 
-def reference_logps_fn(config: PhiConfig, chunk_size: int = 1024, *, mesh: Optional[Mesh] = None) -> ReferenceFn:
+def reference_logps_fn(config: PhiConfig, chunk_size: int = 1024, *, mesh: Optional[Mesh] = None,
+                       microbatches: int = 1) -> ReferenceFn:
   """A jitted (ref_params, batch) -> (ref_chosen [B], ref_rejected [B]): summed completion log-probs.
 
   With `mesh`, it runs under the mesh's logical-axis rules and returns arrays split over the batch like the input.
+  `microbatches` > 1 runs the pass over that many pieces of the batch in turn (the train step's
+  `train.microbatches`, so the reference pass fits where the step does); a batch it does not divide is split into
+  the most pieces up to it that divide it.
   """
-  fn = functools.partial(_reference_sums, config=config, chunk_size=chunk_size)
+  if microbatches < 1:
+    raise ValueError(f"microbatches={microbatches} must be at least 1")
+  fn = functools.partial(_reference_sums, config=config, chunk_size=chunk_size, microbatches=microbatches)
   if mesh is None:
     return jax.jit(fn)
   rows = NamedSharding(mesh, P(("data", "fsdp")))
@@ -180,14 +200,16 @@ def _replicated_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
 def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, tokenizer, *, seq_len: int,
                                batch_size: int, out_file: Optional[str] = None, too_long: str = "drop",
                                system_prompt: Optional[str] = None, on_bad_record: str = "raise",
-                               chunk_size: int = 1024, mesh: Optional[Mesh] = None) -> dict[str, Any]:
+                               chunk_size: int = 1024, mesh: Optional[Mesh] = None,
+                               microbatches: int = 1) -> dict[str, Any]:
   """Writes every usable pair of `pairs_file` with its reference log-probs to `out_file`, in file order.
 
   Output records are the input records plus `ref_chosen_logps`, `ref_rejected_logps` and the settings they were
   computed under (`ref_seq_len`, `ref_too_long`, `ref_system_prompt`); a DPO run with the same `seq_len`, `too_long`
-  and `system_prompt` (checked) reads them with `reference_logps=True` and needs no
-  reference model. Pairs dropped as too long or bad (in skip mode) are left out and counted. Every process computes
-  the same batches (the reference params may be sharded across hosts); process 0 writes, atomically.
+  and `system_prompt` (checked) reads them with `reference_logps=True` and needs no reference model. Pairs dropped
+  as too long or bad (in skip mode) are left out and counted. Every process computes the same batches (the
+  reference params may be sharded across hosts); process 0 writes, atomically. `microbatches` is
+  `reference_logps_fn`'s.
 
   Returns:
     {"out_file", "pairs", "stats"}: the file written, the number of pairs in it, the reader's `stats()`.
@@ -198,7 +220,7 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
   batches = build_preference_iterator(pairs_file, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0,
                                       shuffle=False, num_epochs=1, too_long=too_long, on_bad_record=on_bad_record,
                                       system_prompt=system_prompt, with_index=True, process_index=0, process_count=1)
-  fn = reference_logps_fn(config, chunk_size, mesh=mesh)
+  fn = reference_logps_fn(config, chunk_size, mesh=mesh, microbatches=microbatches)
   found: dict[int, tuple[float, float]] = {}
   for local in batches:
     index = local.pop("index")
