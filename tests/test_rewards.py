@@ -128,6 +128,13 @@ EXTRACTIONS = [
     ("The answer is $\\begin{pmatrix} 1 \\\\\n 2 \\end{pmatrix}$.", "\\begin{pmatrix} 1 \\\\\n 2 \\end{pmatrix}"),
     ("The answer is 0 when n is even and 1 when n is odd.", "0 when n is even and 1 when n is odd"),
     ("The answer is 2ca. Next we check it.", "2ca"),
+    # GSM8K's marker: the number alone on a "####" line; markdown headings that open with "####" are not answers.
+    ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "72"),
+    ("So the total is 1,200.\n#### -1,200.\n", "-1200"),
+    ("#### 72\n\n#### Check\nIt adds up.", "72"),
+    ("#### Step 1\nWe get $x = 4$.\n#### 2. Done", "x = 4"),
+    ("#### $18", "18"),
+    ("\\boxed{3}\n#### 4", "3"),
 ]
 
 
@@ -155,6 +162,9 @@ def test_extract_gold():
   assert extract_gold("$\\boxed{2}$") == "2"
   assert extract_gold(" \\frac{1}{2} ") == "\\frac{1}{2}"
   assert extract_gold("$-3$") == "-3"
+  # A GSM8K solution as the gold: its "####" line's number.
+  assert extract_gold("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72") == "72"
+  assert extract_gold("#### 1,200") == "1200"
 
 
 MEGABYTE = 1 << 20
@@ -165,6 +175,7 @@ PATHOLOGICAL = {
     "answer phrases": "The answer is " * (MEGABYTE // 14),
     "answer words": "answer " * (MEGABYTE // 7),
     "answer headings": "**Answer**\n" * (MEGABYTE // 11),
+    "answer marks": "#### 1 x\n" * (MEGABYTE // 9),
     "digits": "7" * MEGABYTE,
     "backslashes": "\\" * MEGABYTE,
     "special tokens": "<|" * MEGABYTE,

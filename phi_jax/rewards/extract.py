@@ -7,7 +7,9 @@ tentative answers are not final; with a chat template that opens the think block
 order of preference:
 
 1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored), a
-   number followed by words only taken alone as in 2 (`\\boxed{18 dollars}`, `\\boxed{\\text{5 cm}}`);
+   number followed by words only taken alone as in 2 (`\\boxed{18 dollars}`, `\\boxed{\\text{5 cm}}`); failing that,
+   the number alone on the last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such
+   as "#### Step 1" is not an answer);
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
    end of that sentence, or the line after a "Final Answer" / "Answer" heading; a label followed by prose rather
    than math ("the answer is correct") gives way to an earlier label, or else to 3, and counts only when the
@@ -47,6 +49,8 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 # falls back to the one before it, but a megabyte of `\boxed{` must not turn into a quadratic scan.
 _MAX_BOX_TRIES = 8
 _ANSWER_WORD = "answer"
+# GSM8K's answer marker: "#### 72" on the solution's last line.
+_ANSWER_MARK = "####"
 # How many answer labels to weigh from the end (a prose one gives way to the one before it; see
 # `_after_answer_label`), so a megabyte of labels stays a linear scan.
 _MAX_LABEL_TRIES = 8
@@ -425,6 +429,26 @@ def _label_end(text: str, lowered: str, start: int) -> Optional[int]:
   return None
 
 
+def _marked_number(text: str) -> Optional[str]:
+  """The number on the last line marked with "####" (GSM8K's answer format: "#### 1,200" -> "1200"), or None.
+
+  Only a line that holds a number alone counts: markdown level-4 headings open with "####" too ("#### Step 1",
+  "#### 2. Solve for x"), and such a heading after the answer gives way to the marked line before it."""
+  end = len(text)
+  for _ in range(_MAX_LABEL_TRIES):
+    start = text.rfind(_ANSWER_MARK, 0, end)
+    if start < 0:
+      return None
+    line_end = text.find("\n", start)
+    line = text[start:line_end if line_end >= 0 else len(text)].lstrip("#").strip().rstrip(".").strip()
+    if line.startswith("$") and line[1:2] != "$":
+      line = line[1:]  # a price: "#### $18"
+    if line and _number_end(line) == len(line):
+      return line.replace(",", "")
+    end = start
+  return None
+
+
 def _last_math(text: str, max_chars: int) -> Optional[str]:
   """Content of the last `$...$`, `$$...$$`, `\\(...\\)` or `\\[...\\]` whose content is at most max_chars."""
   best_close, best = -1, None
@@ -483,8 +507,11 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   text = think.open_tag + completion if think.prompt_opens_think else completion
   solution = solution_section(text, think.close_tag, think.open_tag)
   boxed = last_boxed(solution, max_chars)
+  marked = None if boxed is not None else _marked_number(solution)
   if boxed is not None:
     candidate = _number_in_box(boxed.strip())
+  elif marked is not None:
+    candidate = marked
   else:
     label = _after_answer_label(solution, max_chars)
     labelled = label is not None and bool(clean_answer(label))
@@ -504,8 +531,12 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
 
 
 def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional[str]:
-  """A dataset's reference answer: its last `\\boxed{}` when it has one, else the whole string, cleaned."""
+  """A dataset's reference answer: its last `\\boxed{}` when it has one, else the number of its last "####" line (a
+  GSM8K solution), else the whole string, cleaned."""
   boxed = last_boxed(gold, max_chars)
+  marked = None if boxed is not None else _marked_number(gold[-max_chars - 8:])
+  if marked is not None:
+    return marked
   # Read as a boxed prediction is ("18 dollars" -> 18), so the same string on both sides stays equal.
   answer = _number_in_box(clean_answer(boxed if boxed is not None else gold))
   answer = latex_notation(answer)
