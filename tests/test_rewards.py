@@ -135,6 +135,14 @@ EXTRACTIONS = [
     ("#### Step 1\nWe get $x = 4$.\n#### 2. Done", "x = 4"),
     ("#### $18", "18"),
     ("\\boxed{3}\n#### 4", "3"),
+    # Whole numbers in words are read as digits, unless a word changes the value.
+    ("The answer is Seven.", "7"),
+    ("**Answer:** twenty-one apples", "21"),
+    ("The answer is three hundred and five.", "305"),
+    ("The answer is one hundred one", "101"),
+    ("The answer is one million.", "one million"),
+    ("The answer is two thirds.", "two thirds"),
+    ("The answer is one of them.", "one of them"),
 ]
 
 
@@ -165,6 +173,7 @@ def test_extract_gold():
   # A GSM8K solution as the gold: its "####" line's number.
   assert extract_gold("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72") == "72"
   assert extract_gold("#### 1,200") == "1200"
+  assert extract_gold("seven") == "7"
 
 
 MEGABYTE = 1 << 20

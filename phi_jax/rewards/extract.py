@@ -24,7 +24,7 @@ order of preference:
 4. the whole solution section when it is one short line (a model that answers only "42").
 
 The answer (and a gold answer) is then rewritten where plain-text notation would be misread as LaTeX:
-"2*pi", "1e3", "x**2" (`latex_notation`).
+"2*pi", "1e3", "x**2" (`latex_notation`), and a whole number in words is written in digits ("twenty-one" -> 21).
 
 Model output is untrusted and may be a megabyte of noise, so every step is linear in the input or bounded by
 `max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, no regular expressions.
@@ -92,6 +92,12 @@ _VALUE_WORDS = frozenset((
     "billion", "trillion", "dozen", "hundreds", "thousands", "millions", "billions", "trillions", "dozens",
     "score", "gross", "percent", "quarter", "quarters", "squared", "cubed", "factorial", "mod", "modulo", "less",
     "more", "degrees"))
+# Spelled-out whole numbers up to 999 ("seven", "twenty-one", "three hundred and five"), read as digits.
+_UNIT_WORDS = {word: n for n, word in enumerate((
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"))}
+_TENS_WORDS = {word: 10 * n for n, word in enumerate(
+    ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"), start=2)}
 _SENTENCE_PUNCTUATION = ".,;:!?"
 # A heading line holds at most this much before "answer" ("### **Final "); longer, the word is inside prose.
 _MAX_HEADING_PREFIX = 16
@@ -385,6 +391,39 @@ def _number_before_words(text: str, min_word_chars: int = 2) -> str:
   return text[:end].replace(",", "")
 
 
+def _below_hundred(words: list[str], i: int) -> tuple[Optional[int], int]:
+  """The number 0-99 that words[i:] open with ("twenty one", "seven") and where its words end, or (None, i)."""
+  if i < len(words) and words[i] in _UNIT_WORDS:
+    return _UNIT_WORDS[words[i]], i + 1
+  if i < len(words) and words[i] in _TENS_WORDS:
+    tens = _TENS_WORDS[words[i]]
+    if i + 1 < len(words) and 0 < _UNIT_WORDS.get(words[i + 1], 0) < 10:
+      return tens + _UNIT_WORDS[words[i + 1]], i + 2
+    return tens, i + 1
+  return None, i
+
+
+def _spelled_number(answer: str) -> str:
+  """"seven" -> "7", "Twenty-one apples" -> "21", "three hundred and five" -> "305": an answer in words alone, or in
+  words followed by a noun, is that number; one followed by a word that changes its value ("two thirds", "one
+  million", "one of them") or by anything not a word stays as it is."""
+  if len(answer) > 64:
+    return answer
+  words = answer.lower().replace("-", " ").split()
+  value, i = _below_hundred(words, 0)
+  if value is None:
+    return answer
+  if i < len(words) and words[i] == "hundred" and 0 < value < 10:
+    below, j = _below_hundred(words, i + 2 if words[i + 1:i + 2] == ["and"] else i + 1)
+    value, i = value * 100 + (below or 0), j if below is not None else i + 1
+  rest = words[i:]
+  if not all(w.isalpha() for w in rest) or (rest and (rest[0] in _VALUE_WORDS or rest[0] in _FRACTION_WORDS
+                                                       or rest[0] in _ORDINALS or rest[0] in _UNIT_WORDS
+                                                       or rest[0] in _TENS_WORDS)):
+    return answer
+  return str(value)
+
+
 def _without_leading_filler(candidate: str) -> str:
   """"therefore 5" -> "5": drops the connectives that may stand between a label and its answer."""
   for _ in range(3):  # "so therefore actually 5"
@@ -526,7 +565,7 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
         candidate = bare
   if candidate is None:
     return None
-  answer = latex_notation(clean_answer(candidate))
+  answer = latex_notation(_spelled_number(clean_answer(candidate)))
   return answer if answer and len(answer) <= max_chars else None
 
 
@@ -539,7 +578,7 @@ def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Opt
     return marked
   # Read as a boxed prediction is ("18 dollars" -> 18), so the same string on both sides stays equal.
   answer = _number_in_box(clean_answer(boxed if boxed is not None else gold))
-  answer = latex_notation(answer)
+  answer = latex_notation(_spelled_number(answer))
   return answer if answer and len(answer) <= max_chars else None
 
 
