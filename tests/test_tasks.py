@@ -197,6 +197,18 @@ def test_splits_are_disjoint_by_arithmetic_and_reproducible():
                                wp.Step(9, "-", 3, 6, "loses 3")), start=3)
   plain = wp.Problem("", "6", (wp.Step(12, "-", 3, 9, "sells 3"), wp.Step(9, "-", 3, 6, "loses 3")), start=12)
   assert boxes.split_key == plain.split_key == "12-3-3" and boxes.key != plain.key
+  # A doubling of the start is the same arithmetic as two boxes of it: one split for both.
+  doubled = wp.Problem("", "6", (wp.Step(6, "*", 2, 12, "doubles them"), wp.Step(12, "-", 3, 9, "sells 3"),
+                                 wp.Step(9, "-", 3, 6, "loses 3")), start=6)
+  two_boxes = wp.Problem("", "6", (wp.Step(6, "*", 2, 12, "6 bags of 2"),) + doubled.steps[1:], start=6)
+  assert doubled.split_key == two_boxes.split_key == "12-3-3" and doubled.key == two_boxes.key
+  # Across many draws, no arithmetic (`key`) falls in two splits.
+  rng = random.Random(7)
+  split_of_key = collections.defaultdict(set)
+  for _ in range(20000):
+    problem = wp.sample_problem(rng, wp.DIFFICULTIES["medium"])
+    split_of_key[problem.key].add(wp.split_of(problem.split_key))
+  assert all(len(splits) == 1 for splits in split_of_key.values())
 
   again = wp.generate(400, seed=0, split="test")
   assert [p.key for p in again] == keys["test"]

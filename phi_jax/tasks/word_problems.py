@@ -114,9 +114,11 @@ class Problem:
 
   @property
   def split_key(self) -> str:
-    """What decides the problem's split: its arithmetic from the quantity it starts with, so "3 boxes of 4, gives
-    away 5" and "12, gives away 5" (the same arithmetic after the first step) fall in the same split."""
-    if self.steps and re.fullmatch(rf"{self.start} ({'|'.join(CONTAINERS)}) of \d+", self.steps[0].clue):
+    """What decides the problem's split: its arithmetic from the first quantity it counts, so "3 boxes of 4, gives
+    away 5", "6 apples, doubles them, gives away 5" and "12 apples, gives away 5" fall in the same split. A first
+    product (containers, or a doubling or tripling of the start) is folded into its result, so two problems with
+    the same `key` always share a split."""
+    if self.steps and self.steps[0].op == "*":
       return _arithmetic_key(self.steps[0].result, self.steps[1:])
     return self.key
 
