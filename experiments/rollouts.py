@@ -9,7 +9,8 @@
 and --gin_file / --gin_param apply on top, as in eval.py) or a transformers checkpoint directory (its config.json
 and tokenizer). Problems are JSONL
 records `{"problem": str, "answer": str}`, or conversations `{"messages": [...]}` whose last assistant turn holds
-the reference answer (in `\\boxed{}`) and whose earlier turns are the prompt (so SFT files serve as problem sets).
+the reference solution and whose earlier turns are the prompt (so SFT files serve as problem sets); its final answer
+(in `\\boxed{}` or after "The answer is", after any `</think>`) is the gold.
 
 Every rollout is checked with `phi_jax.rewards.verify_batch` against the problem's answer; a rollout that never
 emitted its end-of-turn token counts as incorrect, since a pair would teach it an ending it never produced. Each
@@ -40,6 +41,7 @@ import jax  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
 from phi_jax import rewards  # noqa: E402
+from phi_jax.data.preference import prompt_messages  # noqa: E402
 from phi_jax.data.sources import DataError, open_source  # noqa: E402
 from phi_jax.hf.tokenizer import load_tokenizer  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
@@ -88,7 +90,16 @@ def _problem(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, s
       return None, ("no assistant turn", "a conversation needs a prompt and an assistant turn with the answer")
     if not isinstance(messages[last].get("content"), str):
       return None, ("mistyped field", f"message {last} 'content' is not a string")
-    return {"prompt": messages[:last], "answer": messages[last]["content"]}, None
+    prompt, bad = prompt_messages(messages[:last])  # roles and contents checked now, not after the model loads
+    if bad is not None:
+      return None, bad
+    # The gold is the reference solution's final answer, read as a completion's is (after its </think>, from its
+    # box or answer label), not the whole solution, whose thoughts may hold other boxed numbers.
+    answer = rewards.extract_answer(messages[last]["content"])
+    if answer is None:
+      return None, ("no answer", f"message {last}, the last assistant turn, has no final answer to grade against "
+                    "(a \\boxed{...} or 'The answer is ...' after any </think>); give 'problem' and 'answer' instead")
+    return {"prompt": prompt, "answer": answer}, None
   for key in ("problem", "answer"):
     if data.get(key) is None:
       return None, ("missing field", f"'{key}' is missing (or give 'messages')")
@@ -98,6 +109,8 @@ def _problem(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, s
   # A number reads as its text, as in GRPO's prompt files (a bool is no answer to compare).
   if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
     return None, ("mistyped field", f"'answer' is {type(answer).__name__}, expected a string or a number")
+  if not str(answer).strip():
+    return None, ("empty answer", "'answer' is empty: no rollout could be graded against it")
   return {"prompt": data["problem"], "answer": str(answer)}, None
 
 

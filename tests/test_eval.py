@@ -357,3 +357,27 @@ def test_problem_files_read_a_numeric_answer_as_its_text_as_grpo_does(tmp_path):
     path.write_text(f'{{"problem": "What is 2 + 3?", "answer": {bad}}}\n')
     with pytest.raises(DataError, match=rf"p.jsonl:1: mistyped field: 'answer' is {kind}, expected a string or a "):
       rollouts.read_problems(str(path))
+
+
+def test_conversation_problems_grade_against_the_final_answer_and_bad_turns_are_refused(tmp_path):
+  import rollouts
+  path = tmp_path / "c.jsonl"
+
+  def conversation(*turns):
+    return json.dumps({"messages": [{"role": role, "content": content} for role, content in turns]})
+
+  # The reference's thoughts hold another boxed number; its final answer is after </think>, here in a label.
+  path.write_text(conversation(("system", "Be brief."), ("user", "3 + 4?"),
+                               ("assistant", "<think>Is it \\boxed{12}? No.</think> The answer is 7.")) + "\n")
+  [problem] = rollouts.read_problems(str(path))
+  assert problem == {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3 + 4?"}],
+                     "answer": "7"}
+  cases = [(conversation(("user", "3 + 4?"), ("assistant", "Not sure.\nNo idea.")), r"c.jsonl:1: no answer: message 1"),
+           (conversation(("tool", "x"), ("assistant", "\\boxed{7}")), r"c.jsonl:1: unknown role: prompt message 0"),
+           (json.dumps({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "7"}]}),
+            r"c.jsonl:1: missing field: prompt message 0 has no 'content'"),
+           (json.dumps({"problem": "3 + 4?", "answer": " "}), r"c.jsonl:1: empty answer")]
+  for record, error in cases:
+    path.write_text(record + "\n")
+    with pytest.raises(DataError, match=error):
+      rollouts.read_problems(str(path))

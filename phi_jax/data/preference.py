@@ -64,7 +64,7 @@ def validate_pair(data: Any, *, reference_logps: bool = False) -> tuple[Optional
   for key in SIDES:
     if not isinstance(data[key], str):
       return None, ("mistyped field", f"'{key}' is {type(data[key]).__name__}, expected str")
-  messages, bad = _prompt_messages(data["prompt"])
+  messages, bad = prompt_messages(data["prompt"])
   if bad is not None:
     return None, bad
   record = {"messages": messages, "chosen": data["chosen"], "rejected": data["rejected"]}
@@ -83,7 +83,8 @@ def validate_pair(data: Any, *, reference_logps: bool = False) -> tuple[Optional
   return record, None
 
 
-def _prompt_messages(prompt: Any) -> tuple[Optional[list[dict]], Optional[tuple[str, str]]]:
+def prompt_messages(prompt: Any) -> tuple[Optional[list[dict]], Optional[tuple[str, str]]]:
+  """(messages, None) for a prompt given as a question or a list of messages, or (None, (reason, detail))."""
   if isinstance(prompt, str):
     return [{"role": "user", "content": prompt}], None
   if not isinstance(prompt, list):
