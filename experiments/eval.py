@@ -57,7 +57,9 @@ def eval_settings(num_samples: int = 3, temperature: float = 0.6, top_p: float =
   `pass_k`: the k of the pass@k estimates (each at most num_samples); `batch_size`: rows generated at once."""
   if num_samples < 1:
     raise ValueError(f"evaluation.num_samples={num_samples} must be at least 1")
-  pass_k = (pass_k,) if isinstance(pass_k, int) else pass_k  # evaluation.pass_k=3: one k
+  pass_k = (pass_k,) if isinstance(pass_k, int) else tuple(pass_k)  # evaluation.pass_k=3: one k
+  if not all(isinstance(k, int) and not isinstance(k, bool) for k in pass_k):
+    raise ValueError(f"evaluation.pass_k={list(pass_k)}: every k must be a whole number (3, not 3.0)")
   if any(k < 1 or k > num_samples for k in pass_k):
     raise ValueError(f"evaluation.pass_k={list(pass_k)}: every k must lie in [1, num_samples={num_samples}]")
   return dict(sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -76,6 +78,9 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
 
 def pass_at_k(n: int, c: int, k: int) -> float:
   """The unbiased pass@k estimate from n samples of which c are correct: 1 - C(n - c, k) / C(n, k)."""
+  if not 0 < k <= n or not 0 <= c <= n:
+    raise ValueError(f"pass@k needs 0 < k <= n and 0 <= c <= n; got n={n}, c={c}, k={k}: k samples are drawn from "
+                     "the n of each problem")
   if n - c < k:
     return 1.0
   return 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -103,6 +108,9 @@ def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: d
     verify_fn = functools.partial(rewards.verify_batch, timeout_s=settings.get("verify_timeout_s"))
   n, prompts = settings["num_samples"], [p["prompt"] for p in problems]
   rng = jax.random.key(settings["seed"])
+  # Batches split over the mesh's data x fsdp devices: `batch_size` rounded up to a multiple of them.
+  rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  settings = dict(settings, batch_size=math.ceil(settings["batch_size"] / rows) * rows)
   runs = {}
   if settings["greedy"]:
     greedy = SamplingConfig(**{**_fields(settings["sampling"]), "temperature": 0.0})

@@ -27,6 +27,29 @@ def test_pass_at_k_is_the_chance_that_k_of_n_samples_hold_a_correct_one(n, c, k)
   assert eval_lib.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
 
 
+def test_pass_at_k_and_its_settings_refuse_k_outside_the_samples():
+  for n, c, k in ((3, 0, 8), (3, 1, 0), (3, 4, 1)):
+    with pytest.raises(ValueError, match="pass@k needs 0 < k <= n"):
+      eval_lib.pass_at_k(n, c, k)
+  with pytest.raises(ValueError, match=r"evaluation.pass_k=\[1, 2.0\]: every k must be a whole number"):
+    eval_lib.eval_settings(num_samples=2, pass_k=[1, 2.0])
+
+
+def test_the_eval_batch_is_rounded_up_to_the_mesh(monkeypatch):
+  sizes = []
+
+  def generate_text(params, config, tokenizer, prompts, rng, sampling, batch_size, **kwargs):
+    sizes.append(batch_size)
+    return [{"text": "x", "num_tokens": 1, "finished": True} for _ in prompts]
+
+  monkeypatch.setattr(eval_lib, "generate_text", generate_text)
+  mesh = type("Mesh", (), {"shape": {"data": 3, "fsdp": 2}})()  # all evaluate reads of a mesh
+  settings = eval_lib.eval_settings(num_samples=1, batch_size=64)
+  eval_lib.evaluate(None, None, None, [{"prompt": "q", "answer": "1"}], settings=settings, mesh=mesh,
+                    verify_fn=lambda completions, golds: [True] * len(completions))
+  assert sizes == [66, 66] and settings["batch_size"] == 64
+
+
 def test_mean_ci_is_the_normal_interval_of_the_mean():
   values = [0.0, 0.5, 1.0, 1.0, 0.25]
   mean, low, high = eval_lib.mean_ci(values)
