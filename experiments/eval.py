@@ -224,7 +224,10 @@ def main(argv=None):
   common.check_new_tokens("evaluation.max_new_tokens", settings["sampling"].max_new_tokens, config)
   summary, items = evaluate(params, config, tokenizer, problems, settings=settings, mesh=the_mesh,
                             system_prompt=common.data()["system_prompt"])
-  summary = dict(summary, init_from=args.init_from, problems_file=args.problems)
+  # What the figures were measured under, so two evaluations of the same run can be told apart.
+  summary = dict(summary, init_from=args.init_from, problems_file=args.problems, limit=args.limit,
+                 system_prompt=common.data()["system_prompt"], seed=settings["seed"], greedy=settings["greedy"],
+                 num_samples=settings["num_samples"], sampling=_fields(settings["sampling"]))
   if jax.process_index() == 0:
     write_results(args.out, summary, items)
   print(json.dumps(summary, indent=1))
