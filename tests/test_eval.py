@@ -321,7 +321,8 @@ def test_outputs_and_settings_are_refused_before_the_model_loads(tiny_run, tmp_p
   (tmp_path / "a_file").write_text("")
   cases = [(eval_lib.main, [f"--out={tmp_path / 'a_file'}"], r"--out='.*a_file' is a file: give a directory"),
            (rollouts.main, [f"--out={tmp_path}"], r"--out='.*' is a directory: give the path of the file"),
-           (rollouts.main, [f"--out={tmp_path / 'p.jsonl'}", "--k=1"], r"--k=1: a pair needs at least two")]
+           (rollouts.main, [f"--out={tmp_path / 'p.jsonl'}", "--k=1"], r"--k=1: a pair needs at least two"),
+           (rollouts.main, [f"--out={tmp_path / 'pairs'}"], r"--out=.*pairs: name the pairs file \*.jsonl")]
   for fn, flags, message in cases:
     try:
       with pytest.raises(ValueError, match=message):
