@@ -209,6 +209,27 @@ def test_cached_decoding_equals_full_forward(model, block_size):
         assert int(jnp.argmax(full)) == seq[length]
 
 
+def test_only_live_rows_crossing_the_longrope_boundary_rebuild_the_cache():
+  """Row 1 crosses the boundary (8) at this step; row 0 is far from it. When row 1 is not live (a finished row
+  riding along), the cache is not rebuilt: its earlier entries keep their short-factor keys. Row 0's logits are
+  the same either way."""
+  params = phi_jax.init_params(LONGROPE, jax.random.key(1))
+  rng = np.random.default_rng(4)
+  prompts = np.zeros((2, 8), np.int32)
+  prompts[0, :3], prompts[1] = rng.integers(0, 64, 3), rng.integers(0, 64, 8)
+  cache = kv_cache.init_cache(LONGROPE, 2, 16)
+  _, cache = jax.jit(kv_cache.prefill, static_argnames="config")(params, prompts, np.array([3, 8], np.int32),
+                                                                 cache, LONGROPE)
+  step = jax.jit(kv_cache.decode_step, static_argnames="config")
+  tokens = jnp.array([5, 6], jnp.int32)
+  rebuilt_logits, rebuilt = step(params, tokens, cache, LONGROPE)
+  kept_logits, kept = step(params, tokens, cache, LONGROPE, jnp.array([True, False]))
+  old_keys, rebuilt_keys, kept_keys = (np.asarray(c["layers"][0]["k"])[..., :8] for c in (cache, rebuilt, kept))
+  np.testing.assert_array_equal(kept_keys[:, 1], old_keys[:, 1])
+  assert np.abs(rebuilt_keys[:, 1] - old_keys[:, 1]).max() > 1e-3  # the rebuild rewrites them with long factors
+  np.testing.assert_allclose(kept_logits[0], rebuilt_logits[0], atol=1e-5)
+
+
 def test_the_longrope_rebuild_of_a_long_cache_in_overlapping_chunks_equals_the_full_forward():
   """A cache of one 138-slot block is rebuilt in chunks of 128 slots, the second one overlapping the first ([10,
   138)): rows of 130 and 100 prompt tokens, the first crossing the boundary (135) while decoding."""

@@ -131,11 +131,14 @@ def _rebuild(params, config: PhiConfig, cache: Cache):
   return last, layers
 
 
-def decode_step(params, tokens_B, cache: Cache, config: PhiConfig):
+def decode_step(params, tokens_B, cache: Cache, config: PhiConfig, live_B=None):
   """Appends one token per row at slot `lengths[b]`; returns (next-token logits [B, V], cache).
 
   A row whose cache is already full cannot take the token: an error when `lengths` is concrete; under jit (where
-  JAX would drop the out-of-range writes) that row's logits are NaN.
+  JAX would drop the out-of-range writes) that row's logits are NaN. `live_B` ([B] bool, default all) names the
+  rows whose logits are used: only they trigger the LongRoPE rebuild when they cross the boundary (finished rows
+  and batch padding still riding along would otherwise rebuild the whole cache for nothing); a row that crosses
+  while not live keeps its short-factor entries, so its logits no longer equal a full forward's.
   """
   b, slots = tokens_B.shape[0], cache["tokens"].shape[1]
   if host_readable(cache["lengths"]) and np.any(np.asarray(cache["lengths"]) >= slots):
@@ -153,7 +156,8 @@ def decode_step(params, tokens_B, cache: Cache, config: PhiConfig):
   # A cache of at most `boundary` slots holds no row that could cross it: no rebuild to compile (its full-width
   # forward pass would count towards the program's memory even never taken).
   if config.rope_scaling_type == "longrope" and slots > boundary:
-    crossing = jnp.any((new_lengths > boundary) & (cache["lengths"] <= boundary))
+    crossing = (new_lengths > boundary) & (cache["lengths"] <= boundary)
+    crossing = jnp.any(crossing if live_B is None else crossing & live_B)
     rebuild = lambda _: _rebuild(params, config, {"tokens": history, "lengths": new_lengths, "layers": cache["layers"]})
     h, layers = jax.lax.cond(crossing, rebuild, incremental, None)
   else:

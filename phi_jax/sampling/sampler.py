@@ -224,7 +224,8 @@ def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, active_B, rng,
   def decode(carry):
     step, logits_BV, cache, out = carry
     tokens_B, out = choose_and_record(step, logits_BV, out)
-    logits_BV, cache = kv_cache.decode_step(params, tokens_B, cache, config)
+    # Rows done by now ride along, but their logits are never used again: they need no LongRoPE rebuild.
+    logits_BV, cache = kv_cache.decode_step(params, tokens_B, cache, config, live_B=~out["finished"])
     return step + 1, logits_BV, cache, out
 
   out = {
