@@ -288,6 +288,10 @@ EQUIVALENT = [
     ("\\boxed{\\text{5 cm}}", "\\text{5 cm}"),
     ("\\boxed{\\text{5 cm}}", "5"),
     ("\\boxed{2 xy}", "2xy"),
+    ("\\boxed{1\\,000}", "1000"),
+    ("The answer is 1~000~000.", "1000000"),
+    ("\\boxed{72}", "72.0000001"),
+    ("\\boxed{6.02e23}", "602000000000000000000000"),
 ]
 NOT_EQUIVALENT = [
     ("\\boxed{\\frac{1}{3}}", "0.5"),
@@ -323,6 +327,11 @@ NOT_EQUIVALENT = [
     ("The answer is 20 because 35 - 8 = 27.", "27"),
     ("\\boxed{\\text{on}}", "\\text{no}"),
     ("The answer is 5(or 6).", "6"),
+    # Small numbers compare relatively, not to six decimal places.
+    ("\\boxed{3e-7}", "1e-7"),
+    ("\\boxed{9.1e-31}", "1.67e-27"),
+    ("\\boxed{0.0000003}", "0.0000001"),
+    ("\\boxed{1\\,000}", "0"),  # a thousands space, not a product
 ]
 
 
@@ -394,7 +403,7 @@ def test_workers_never_evaluate_model_output(pool):
 
 
 def test_hard_timeout_kills_and_replaces_the_worker(pool):
-  assert pool.verify_answers([("2", "2")]) == [True]  # workers are up
+  assert pool.verify_answers([("x", "x")]) == [True]  # workers are up
   before = set(pool.worker_pids())
   start = time.perf_counter()
   # soft_timeout_s=0: the worker does not interrupt itself, so only the wall-clock kill can end this.
@@ -405,7 +414,7 @@ def test_hard_timeout_kills_and_replaces_the_worker(pool):
 
 
 def test_soft_timeout_answers_without_a_restart(pool):
-  assert pool.verify_answers([("2", "2")]) == [True]
+  assert pool.verify_answers([("x", "x")]) == [True]
   before = set(pool.worker_pids())
   start = time.perf_counter()
   assert pool.verify_answers([("1", "10^{10^{7}}")], timeout_s=4.0, soft_timeout_s=1.0) == [False]
@@ -420,7 +429,7 @@ def test_decimals_equal_to_six_places_verify_and_coarser_ones_do_not(pool):
 
 def test_ready_workers_run_under_the_configured_address_space_limit(pool):
   """Each worker caps its own address space (RLIMIT_AS) at VerifierConfig.worker_memory_bytes once warmed up."""
-  assert pool.verify_answers([("2", "2")]) == [True]
+  assert pool.verify_answers([("x", "x")]) == [True]
   limit = pool.config.worker_memory_bytes
   deadline = time.perf_counter() + 30.0
   while any(resource.prlimit(pid, resource.RLIMIT_AS) != (limit, limit) for pid in pool.worker_pids()):
@@ -437,7 +446,7 @@ def _process_state(pid):
 
 
 def test_worker_killed_mid_task_is_replaced(pool):
-  assert pool.verify_answers([("2", "2")]) == [True]
+  assert pool.verify_answers([("x", "x")]) == [True]
   victims = pool.worker_pids()
   result = {}
   task = threading.Thread(target=lambda: result.setdefault(
@@ -457,7 +466,7 @@ def test_worker_killed_mid_task_is_replaced(pool):
   for pid in victims:  # an idle worker that is killed but not yet dead would take the next answer down with it
     while _process_state(pid) not in ("Z", "X", None):
       time.sleep(0.01)
-  assert rewards.is_correct("\\boxed{4}", "4")
+  assert rewards.is_correct("\\boxed{x + 1}", "1 + x")
   assert not set(victims) & set(pool.worker_pids()) and len(pool.worker_pids()) == pool.num_workers
 
 
@@ -476,7 +485,7 @@ def test_workers_that_cannot_start_raise(monkeypatch):
   monkeypatch.setattr(rewards.verifier, "_WORKER_SCRIPT", os.path.join(REPO, "no_such_worker.py"))
   pool = rewards.VerifierPool(VerifierConfig(num_workers=1))
   with pytest.raises(RuntimeError, match="failing to start"):
-    pool.verify_answers([("1", "1")])
+    pool.verify_answers([("x", "x")])
   pool.shutdown()
 
 

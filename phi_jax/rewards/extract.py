@@ -98,6 +98,8 @@ _UNIT_WORDS = {word: n for n, word in enumerate((
     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"))}
 _TENS_WORDS = {word: 10 * n for n, word in enumerate(
     ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"), start=2)}
+# LaTeX spaces that may separate thousands groups: "1\\,000", "1\\ 000", "1~000".
+_GROUP_SPACES = ("\\,", "\\ ", "\\;", "\\:", "\\!", "~")
 _SENTENCE_PUNCTUATION = ".,;:!?"
 # A heading line holds at most this much before "answer" ("### **Final "); longer, the word is inside prose.
 _MAX_HEADING_PREFIX = 16
@@ -582,6 +584,32 @@ def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Opt
   return answer if answer and len(answer) <= max_chars else None
 
 
+def _joined_digit_groups(answer: str) -> str:
+  """"1\\,000\\,000" -> "1000000", "12~345.5" -> "12345.5": a LaTeX space between a run of 1-3 digits (or a group
+  just joined) and exactly three digits is a thousands separator; anywhere else ("x\\,2", "1\\,2345") it stays."""
+  if "\\" not in answer and "~" not in answer:
+    return answer
+  pieces, start, i, chained = [], 0, 0, -1
+  while i < len(answer):
+    sep = next((s for s in _GROUP_SPACES if answer.startswith(s, i)), None) if answer[i] in "\\~" else None
+    if sep is None:
+      i += 1
+      continue
+    after = i + len(sep)
+    run = 0  # digits just before the space, counted up to 4
+    while run < 4 and i - run > 0 and answer[i - run - 1].isdigit():
+      run += 1
+    group_after = answer[after:after + 3]
+    if ((i == chained or 1 <= run <= 3) and len(group_after) == 3 and group_after.isdigit()
+        and not answer[after + 3:after + 4].isdigit()):
+      pieces.append(answer[start:i])
+      start = i = after
+      chained = after + 3
+    else:
+      i = after
+  return "".join(pieces) + answer[start:]
+
+
 def latex_notation(answer: str) -> str:
   """Rewrites the plain-text math that a LaTeX parser misreads, so both sides of a comparison mean what they say.
 
@@ -589,8 +617,9 @@ def latex_notation(answer: str) -> str:
   `\\boxed{2*pi}` would not match the gold "2\\pi", nor "1e3" the gold "1000". So: a whole answer in scientific
   notation becomes its decimal ("1.5e-3" -> "0.0015"; only a whole answer, since "3e-2" inside an expression may
   be 3e - 2), "**" becomes "^", the Unicode symbols of `_UNICODE_MATH` ("√2", "∞", "3·4") their LaTeX, and "pi"
-  standing alone (no letter or backslash before it, no letter after) becomes "\\pi". Linear in the answer's
-  length, like the rest of this module.
+  standing alone (no letter or backslash before it, no letter after) becomes "\\pi", and LaTeX spaces between
+  thousands groups are dropped ("1\\,000" -> "1000", which a parser reads as 1 * 0). Linear in the answer's length,
+  like the rest of this module.
   """
   stripped = answer.strip()
   if ("e" in stripped or "E" in stripped) and set(stripped) <= _SCIENTIFIC_CHARS:
@@ -600,7 +629,7 @@ def latex_notation(answer: str) -> str:
       value = None
     if value is not None and value.is_finite() and abs(value.adjusted()) <= _MAX_WRITTEN_OUT_EXPONENT:
       return format(value, "f")
-  answer = answer.replace("**", "^")
+  answer = _joined_digit_groups(answer.replace("**", "^"))
   for symbol, latex in _UNICODE_MATH:
     answer = answer.replace(symbol, latex)
   pieces, start = [], 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import decimal
 import json
 import logging
 import os
@@ -36,6 +37,9 @@ from phi_jax.rewards.extract import extract_answer, extract_gold
 from phi_jax.rewards.screen import ScreenConfig, screen_problem
 from phi_jax.rewards.think_format import ThinkFormat
 
+# Two answers that are both plain decimal numbers match within this relative difference.
+NUMBER_RELATIVE_TOLERANCE = decimal.Decimal("1e-6")
+_PLAIN_NUMBER_CHARS = frozenset("0123456789.+-eE")
 _WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "verify_worker.py")
 _READ_CHUNK = 1 << 16
 
@@ -52,7 +56,7 @@ class VerifierConfig:
   soft_timeout_ratio: float = 0.75
   startup_timeout_s: float = 120.0
   worker_memory_bytes: Optional[int] = 2 << 30  # RLIMIT_AS per worker; None: no limit
-  float_rounding: int = 6
+  float_rounding: int = 6  # math-verify's decimal places; two plain numbers compare to NUMBER_RELATIVE_TOLERANCE
   numeric_precision: int = 15
   screen: ScreenConfig = ScreenConfig()
   # The think tags, and whether the prompt opens the think block: where a completion's answer section starts.
@@ -71,6 +75,24 @@ class _Worker:
   ready: bool = False
   task: Optional[int] = None
   buffer: bytes = b""
+
+
+def _plain_number(text: str) -> Optional[decimal.Decimal]:
+  """The value of an answer that is one decimal number ("-12", "0.0000003", "6.6e-34"), else None."""
+  text = text.strip()
+  if not text or len(text) > 64 or not set(text) <= _PLAIN_NUMBER_CHARS or not any(c.isdigit() for c in text):
+    return None
+  try:
+    value = decimal.Decimal(text)
+  except decimal.InvalidOperation:
+    return None
+  # Exponents beyond a few hundred are left to math-verify (and the screen): no overflow in the comparison.
+  return value if value.is_finite() and abs(value.adjusted()) <= 400 else None
+
+
+def _numbers_match(gold: str, pred: str) -> bool:
+  a, b = _plain_number(gold), _plain_number(pred)
+  return a == b or abs(a - b) <= NUMBER_RELATIVE_TOLERANCE * max(abs(a), abs(b))
 
 
 def sanitize(text) -> str:
@@ -127,9 +149,16 @@ class VerifierPool:
     timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
     if soft_timeout_s is None:
       soft_timeout_s = self.config.soft_timeout_ratio * timeout_s
+    if self._closed:
+      raise RuntimeError("VerifierPool is shut down")
     unique = list(dict.fromkeys((sanitize(g), sanitize(p)) for g, p in pairs))
+    # Two plain numbers are compared here, to a relative tolerance: math-verify rounds to `float_rounding` decimal
+    # places, which makes every value below 5e-7 equal ("3e-7" and "1e-7" both round to 0).
+    numbers = {pair: _plain_number(pair[0]) is not None and _plain_number(pair[1]) is not None for pair in unique}
+    local = {pair: _numbers_match(*pair) for pair in unique if numbers[pair]}
+    unique = [pair for pair in unique if not numbers[pair]]
     if not unique:
-      return []
+      return [local[(sanitize(g), sanitize(p))] for g, p in pairs]
     with self._lock:
       if self._closed:
         raise RuntimeError("VerifierPool is shut down")
@@ -138,6 +167,7 @@ class VerifierPool:
       except BaseException:
         self._replace_busy_workers()  # a worker still on an abandoned task would answer the next batch
         raise
+    verdicts.update(local)
     return [verdicts[(sanitize(g), sanitize(p))] for g, p in pairs]
 
   def worker_pids(self) -> list[int]:
