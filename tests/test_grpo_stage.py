@@ -312,6 +312,20 @@ def test_hard_prompts_are_sampled_again_and_the_queue_survives_a_resume(toy):
   assert part_seen + resumed_seen == full_seen
   with pytest.raises(ValueError, match=r"hard_prompt_fraction=1.0"):
     grpo.GRPOConfig(hard_prompt_fraction=1.0)
+  # A share below one prompt would replay none.
+  with pytest.raises(ValueError, match=r"hard_prompt_fraction=0.2 of prompts_per_step=4 is less than one prompt"):
+    grpo.GRPOConfig(prompts_per_step=4, hard_prompt_fraction=0.2)
+  grpo.GRPOConfig(prompts_per_step=4, hard_prompt_fraction=0.25)
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(top_p=1.5), r"grpo.top_k=0, grpo.top_p=1.5\): SamplingConfig.top_p must be in \(0, 1\]"),
+    (dict(top_p=0.0), r"top_p must be in"), (dict(top_k=-3), r"top_k must be >= 0"),
+    (dict(top_k=2.5), r"top_k"), (dict(temperature=float("inf")), r"grpo.temperature=inf must be finite"),
+    (dict(final_temperature=float("nan")), r"grpo.final_temperature=nan")])
+def test_bad_sampling_settings_are_refused_with_the_config(setting, message):
+  with pytest.raises(ValueError, match=message):
+    grpo.GRPOConfig(**setting)
 
 
 def test_hard_queue_is_unique_and_a_resume_between_passes_keeps_it(toy):

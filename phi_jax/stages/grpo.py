@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -119,6 +120,20 @@ class GRPOConfig:
                        "sampled again because they were hard, in [0, 1)")
     if not 0.0 <= self.hard_prompt_accuracy <= 1.0:
       raise ValueError(f"grpo.hard_prompt_accuracy={self.hard_prompt_accuracy} is a group accuracy, in [0, 1]")
+    if 0.0 < self.hard_prompt_fraction * self.prompts_per_step < 1.0:  # int() of it would replay no prompt at all
+      raise ValueError(f"grpo.hard_prompt_fraction={self.hard_prompt_fraction} of prompts_per_step="
+                       f"{self.prompts_per_step} is less than one prompt, so none would be replayed: raise it to at "
+                       f"least {1 / self.prompts_per_step:.4g}, or set 0 to turn the replay off")
+    # The sampling settings, checked as the rollouts will use them and named by their grpo.* bindings.
+    for name in ("temperature", "final_temperature"):
+      if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
+        raise ValueError(f"grpo.{name}={getattr(self, name)} must be finite")
+    try:
+      SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                     top_p=self.top_p)
+    except ValueError as e:
+      raise ValueError(f"grpo sampling settings (grpo.top_k={self.top_k}, grpo.top_p={self.top_p}): "
+                       f"{e}") from None
     rows = self.prompts_per_step * self.group_size
     if self.rollout_batch_size is not None and not (0 < self.rollout_batch_size <= rows
                                                     and rows % self.rollout_batch_size == 0):
