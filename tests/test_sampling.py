@@ -416,6 +416,12 @@ def test_bad_prompts_are_refused(params, prompts, caplog):
     generate(params, CONFIG, tokens, lengths + 0.7, jax.random.key(0), GREEDY)
   with pytest.raises(ValueError, match="prompt_tokens must hold integers"):
     generate(params, CONFIG, tokens.astype(np.float32), lengths, jax.random.key(0), GREEDY)
+  per_row = dataclasses.replace(GREEDY, temperature=np.zeros(2, np.float32))
+  with pytest.raises(ValueError, match=r"a per-row temperature needs one value per row: \(2,\) for 8 rows"):
+    generate(params, CONFIG, tokens, lengths, jax.random.key(0), per_row)
+  for rng in (None, 3):
+    with pytest.raises(ValueError, match="rng must be a PRNG key such as jax.random.key"):
+      generate(params, CONFIG, tokens, lengths, rng, GREEDY)
 
 
 def test_each_step_and_row_draws_fresh_noise(params, prompts):

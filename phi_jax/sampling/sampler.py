@@ -11,7 +11,9 @@ with `kv_cache.decode_step` and stops as soon as every row has emitted a stop to
 Rows that are done keep riding along (the batch moves in lockstep) but record nothing more.
 
 It compiles once per (B, P, max_new_tokens, top_k, top_p, model config, mesh); the temperature and the stop
-tokens are run-time arguments, so annealing the temperature or switching tokenizers does not recompile. With a
+tokens are run-time arguments, so annealing the temperature or switching tokenizers does not recompile (what
+does: a temperature that changes from one value to one per row, and a number of stop ids that passes a multiple of
+4). With a
 mesh, the batch is split over data x fsdp, the params stay in (or are put into) their training shards, and the
 KV cache is sharded like the activations.
 
@@ -119,7 +121,7 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
     config: the model config.
     prompt_tokens: [B, P] int32, row b's prompt in [0, prompt_lengths[b]), anything after it is ignored.
     prompt_lengths: [B] int32, each in [1, P].
-    rng: PRNG key (unused by greedy rows).
+    rng: a PRNG key (`jax.random.key(seed)`), needed even when every row is greedy (which draw nothing from it).
     sampling: max_new_tokens, top_k and top_p pick the compiled program; temperature and stop tokens are
       passed at run time.
     mesh: shard the batch over its data x fsdp axes (B must divide evenly) and the params by the logical rules.
@@ -146,6 +148,13 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
   # 0/1 integers mean the same as booleans (`~` on them would be a bitwise not: every row finished at once).
   active = active.astype(bool) if isinstance(active, jax.Array) else np.asarray(active, bool)
   _check_prompts(config, prompt_tokens, prompt_lengths, sampling.max_new_tokens)
+  if np.ndim(sampling.temperature) > 0 and np.shape(sampling.temperature) != np.shape(prompt_lengths):
+    raise ValueError(f"a per-row temperature needs one value per row: {np.shape(sampling.temperature)} for "
+                     f"{np.shape(prompt_lengths)[0]} rows")
+  dtype = getattr(rng, "dtype", None)  # a typed key, or a raw uint32 one (jax.random.PRNGKey)
+  if dtype is None or not (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == np.uint32):
+    raise ValueError(f"rng must be a PRNG key such as jax.random.key(seed), even for greedy decoding; got "
+                     f"{type(rng).__name__}")
   outside = [t for t in sampling.stop_token_ids if not 0 <= t < config.vocab_size]
   if outside:  # never sampled: every row would run to max_new_tokens, scored unfinished
     raise ValueError(f"stop_token_ids {outside} lie outside the model's vocabulary [0, {config.vocab_size}), so "
