@@ -277,6 +277,25 @@ def test_reference_logps_in_the_step_and_precomputed_agree(setup, reference_fn):
                                               **kwargs))
 
 
+def test_precomputed_pairs_keep_columns_json_has_no_type_for(setup, tmp_path):
+  """A Parquet pair file with a timestamp column: written as its text, not a crash after the reference pass."""
+  import datetime
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  records = [{"prompt": f"What is {i} + 1?", "chosen": f"\\boxed{{{i + 1}}}", "rejected": "\\boxed{0}",
+              "made": datetime.datetime(2026, 1, 1 + i)} for i in range(3)]
+  path = str(tmp_path / "pairs.parquet")
+  pq.write_table(pa.Table.from_pylist(records), path)
+  out = str(tmp_path / "pairs.ref.jsonl")
+  result = dpo.precompute_reference_logps(path, setup["params"], CONFIG, setup["tokenizer"], seq_len=SEQ,
+                                          batch_size=4, chunk_size=CHUNK, out_file=out)
+  with open(out) as f:
+    written = [json.loads(line) for line in f]
+  assert result["pairs"] == 3 and [r["made"] for r in written] == [f"2026-01-0{i + 1} 00:00:00" for i in range(3)]
+  assert sorted(os.listdir(tmp_path)) == ["pairs.parquet", "pairs.ref.jsonl"]  # no temporary file left
+
+
 def test_reference_without_init_from_is_the_loops_initial_policy(tmp_path):
   mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
   loop = LoopConfig(num_steps=0, seed=5)  # no steps: the loop returns the state it initialised

@@ -243,10 +243,15 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
 def _write_with_reference(batches, found: dict[int, tuple[float, float]], settings: dict, out_file: str):
   source = batches.source
   tmp = f"{out_file}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    for index in sorted(found):
-      record = dict(source[index]["data"], ref_chosen_logps=found[index][0], ref_rejected_logps=found[index][1],
-                    **settings)
-      f.write(json.dumps(record) + "\n")
-  os.replace(tmp, out_file)
+  try:
+    with open(tmp, "w") as f:
+      for index in sorted(found):
+        record = dict(source[index]["data"], ref_chosen_logps=found[index][0], ref_rejected_logps=found[index][1],
+                      **settings)
+        # Columns JSON has no type for (a Parquet file's timestamps, dates, decimals) are written as their text.
+        f.write(json.dumps(record, default=str) + "\n")
+    os.replace(tmp, out_file)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
