@@ -8,6 +8,7 @@ of Phi-4's mid-training) is all a run needs to change.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import glob
 import hashlib
@@ -355,6 +356,48 @@ def check_new_tokens(name: str, max_new_tokens: int, model_config: PhiConfig):
                      f"--gin_param='{name}=N' with N well below it")
 
 
+def _start_tokenizer(source: str):
+  """(where, tokenizer) of what a starting point was trained with: a transformers checkpoint's own tokenizer files, a
+  run's built tokenizer (W/tokenizer) or the tokenizer directory its config.gin names; None when it has none."""
+  for where in (source, os.path.join(source, "tokenizer")):
+    if any(os.path.isfile(os.path.join(where, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+      return where, load_tokenizer(where)
+  run_config = os.path.join(source, "config.gin")
+  if os.path.isfile(run_config):
+    with open(run_config, encoding="utf-8") as f:
+      for line in f:
+        name, _, value = line.partition("=")
+        if name.strip() == "data.tokenizer":
+          try:
+            spec = ast.literal_eval(value.strip())
+          except (ValueError, SyntaxError):
+            return None
+          if isinstance(spec, str) and os.path.isdir(spec):
+            return spec, load_tokenizer(spec)
+  return None
+
+
+def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) -> None:
+  """Refuses a data.tokenizer other than the one the starting params were trained with: the run would train (and
+  export) them on another tokenizer's ids, and nothing else would notice while the new one is no larger."""
+  if not os.path.isdir(source):
+    return  # the params loader names a missing directory
+  start = _start_tokenizer(source)
+  if start is None:
+    return
+  where, theirs = start
+  ours, their_vocab = tokenizer.get_vocab(), theirs.get_vocab()
+  if ours == their_vocab and tokenizer.chat_template == theirs.chat_template:
+    return
+  if ours != their_vocab:
+    differ = sorted(t for t in set(ours) | set(their_vocab) if ours.get(t) != their_vocab.get(t))
+    reason = f"{len(ours)} tokens here, {len(their_vocab)} there; ids differ for {len(differ)}, e.g. {differ[:3]}"
+  else:
+    reason = "the same vocabulary with another chat template"
+  raise ValueError(f"data.tokenizer={spec!r} is not the tokenizer {name}={source!r} was trained with ({where}: "
+                   f"{reason}); set --gin_param='data.tokenizer=\"{where}\"' so the params see the ids they learned")
+
+
 def _check_vocab(model_config: PhiConfig, tokenizer):
   if len(tokenizer) > model_config.vocab_size:
     raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
@@ -392,6 +435,10 @@ def run_training(workdir: str):
   loop, stage = settings["loop"], settings["stage"]
   tokenizer = get_tokenizer(data_cfg["tokenizer"], workdir)
   _check_vocab(model_config, tokenizer)
+  start = settings["init_from"] or hf_path
+  if start:
+    check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"],
+                                  "train.init_from" if settings["init_from"] else "model.hf_path", start)
   if not data_cfg["train_files"]:
     raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
   if _finished_without_checkpoints(workdir, settings["loop"].num_steps):
@@ -902,11 +949,21 @@ def _read_prompts(files) -> list[dict]:
   return records
 
 
+def length_aware_scale(reward_cfg: dict, cfg: GRPOConfig) -> int:
+  """The length the length-aware reward is scaled to: reward.length_aware_max_tokens, or grpo.max_new_tokens."""
+  scale = reward_cfg["length_aware_max_tokens"] or cfg.max_new_tokens
+  if scale > cfg.max_new_tokens:  # lengths no rollout reaches: no pressure to be concise within the real budget
+    raise ValueError(f"reward.length_aware_max_tokens={scale} is more than grpo.max_new_tokens={cfg.max_new_tokens}, "
+                     "the longest a rollout can be: leave it unset to scale the reward to grpo.max_new_tokens, or "
+                     "set it at most that")
+  return scale
+
+
 def check_data_settings(stage: str, data_cfg: dict, loop) -> None:
   """Data settings the stage would not read, refused before anything is built (a run and its dry run alike); the
   reward settings of a GRPO run too."""
   if stage == "grpo":
-    reward_settings()  # its own checks
+    length_aware_scale(reward_settings(), grpo())  # reward_settings makes its own checks
   if stage == "grpo" and data_cfg["eval_files"]:
     raise ValueError("data.eval_files is not read by a GRPO run (it has no eval loss); score held-out problems with "
                      "experiments/eval.py, and remove the binding")
@@ -960,8 +1017,7 @@ def _grpo_setup(model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict,
   for name, weight in reward_cfg["weights"].items():
     fn = registry.get_reward(name)
     if name == "length_aware":
-      fn = registry.LengthAwareReward(
-          LengthAwareRewardConfig().scaled_to(reward_cfg["length_aware_max_tokens"] or cfg.max_new_tokens))
+      fn = registry.LengthAwareReward(LengthAwareRewardConfig().scaled_to(length_aware_scale(reward_cfg, cfg)))
     parts[fn] = weight
   reward_fn = grpo_stage.verifier_rewards(registry.combine(parts))
   ref_params = _dpo_reference_params(model_config, hf_path, settings, the_mesh) if cfg.beta else None

@@ -151,6 +151,10 @@ def test_loss_settings_are_one_knob_for_every_stage():
   with pytest.raises(ValueError, match=r"reward.length_aware_max_tokens=512 scales the 'length_aware' reward, which "
                                        r"reward.weights=\{'correctness': 1.0\} does not use"):
     dry_run(grpo, ["reward.length_aware_max_tokens=512"])
+  # Scaled beyond the longest rollout, the reward never pushes for shorter answers within it.
+  with pytest.raises(ValueError, match=r"reward.length_aware_max_tokens=32768 is more than grpo.max_new_tokens=16384"):
+    dry_run(os.path.join("experiments", "configs", "phi4_reasoning", "grpo_plus.gin"),
+            ["reward.length_aware_max_tokens=32768", "grpo.max_new_tokens=16384"])
   cwd = os.getcwd()
   os.chdir(ROOT)
   try:
@@ -425,6 +429,30 @@ def test_a_starting_point_of_another_model_or_nowhere_is_named(tmp_path):
   with pytest.raises(ValueError, match=r"train.init_from='.*/dpo' is a recipe stage that was skipped \(no "
                      r"preference pairs\).*point train.init_from there"):
     common.params_loader(ours, None, str(skipped), mesh)()
+
+
+def test_a_tokenizer_other_than_the_starting_point_s_is_refused(tmp_path):
+  """model.hf_path or train.init_from trained on one tokenizer, data.tokenizer another (a tiny config's default
+  beside a real checkpoint): the run trained the params on the other tokenizer's ids without a word."""
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+  mini = build_tiny_tokenizer(tmp_path / "hf", chat_format="phi-4-mini")  # a checkpoint directory's tokenizer
+  phi4 = build_tiny_tokenizer(tmp_path / "tok_phi4", chat_format="phi-4")
+  with pytest.raises(ValueError, match=r"data.tokenizer='tiny:phi-4' is not the tokenizer model.hf_path='.*/hf' "
+                     r"was trained with \(.*/hf: .*\); set --gin_param='data.tokenizer=\".*/hf\"'"):
+    common.check_tokenizer_matches_start(phi4, "tiny:phi-4", "model.hf_path", str(tmp_path / "hf"))
+  common.check_tokenizer_matches_start(mini, str(tmp_path / "hf"), "model.hf_path", str(tmp_path / "hf"))
+  # A run's workdir: its built tokenizer (W/tokenizer), or the directory its config.gin names.
+  run = tmp_path / "run"
+  build_tiny_tokenizer(run / "tokenizer", chat_format="phi-4")
+  common.check_tokenizer_matches_start(phi4, "tiny:phi-4", "train.init_from", str(run))
+  with pytest.raises(ValueError, match=r"train.init_from='.*/run' was trained with"):
+    common.check_tokenizer_matches_start(mini, "tiny:phi-4-mini", "train.init_from", str(run))
+  other = tmp_path / "other_run"
+  other.mkdir()
+  (other / "config.gin").write_text(f"data.tokenizer = '{tmp_path / 'hf'}'\n")
+  with pytest.raises(ValueError, match=r"other_run' was trained with \(.*/hf: "):
+    common.check_tokenizer_matches_start(phi4, "tiny:phi-4", "train.init_from", str(other))
+  common.check_tokenizer_matches_start(phi4, "tiny:phi-4", "train.init_from", str(tmp_path / "nowhere"))
 
 
 def test_one_data_file_given_as_a_string_is_a_list_of_one():
