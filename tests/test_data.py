@@ -664,7 +664,23 @@ def test_a_lone_prompt_beside_a_conversation_is_metadata():
   assert validate_record({"prompt": "Hi", "prompt_id": "x1", "messages": conversation}) == (
       {"messages": conversation}, None)
   assert validate_record({"prompt": "Hi"})[1][0] == "missing field"  # alone, still half a pair
-  assert validate_record({"prompt": "Hi", "text": "doc"})[1][0] == "unknown record kind"  # beside text: ambiguous
+  assert validate_record({"completion": "Hello.", "messages": conversation}) == ({"messages": conversation}, None)
+
+
+def test_a_lone_prompt_beside_a_text_is_metadata(tmp_path):
+  """cosmopedia-v2 (smollm-corpus) rows hold the prompt a document was generated from beside its text (prompt, text,
+  token_length, audience, ...): every one was refused as two kinds, though a lone prompt beside messages was not."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  rows = [{"prompt": f"Write a unit about topic {i}.", "text": f"Unit {i}: a document.", "token_length": 7,
+           "audience": "college_students"} for i in range(4)]
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cosmopedia.parquet")
+  source = open_source(str(tmp_path / "cosmopedia.parquet"))
+  assert [read_record(source[i]) for i in range(4)] == [({"text": row["text"]}, None) for row in rows]
+  assert collections.Counter(segments(pipeline([(source, 1.0)]))) == collections.Counter(
+      expected_segments([{"text": row["text"]} for row in rows]))
+  assert validate_record({"completion": "c", "text": "doc"}) == ({"text": "doc"}, None)
 
 
 def test_a_double_star_glob_matches_files_at_any_depth(tmp_path):
@@ -725,6 +741,99 @@ def test_a_json_array_file_is_named_as_one(tmp_path):
   (tmp_path / "train.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=2))
   with pytest.raises(DataError, match=r"train.json: unknown file type: a JSON array, not JSON lines"):
     open_source(str(tmp_path / "train.json"))
+  (tmp_path / "one_line.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}]) + "\n")  # the array on one line
+  with pytest.raises(DataError, match=r"one_line.json: unknown file type: a JSON array, not JSON lines"):
+    open_source(str(tmp_path / "one_line.json"))
+
+
+def test_json_lines_holding_lists_of_messages_are_refused_per_line_saying_how_to_wrap_them(tmp_path):
+  """Each line a bare list of messages was called a JSON array, and the jq command suggested for one would split
+  every conversation into one line per message."""
+  conversations = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(3)]
+  for name, lines in (("lists.jsonl", conversations), ("one.jsonl", conversations[:1])):
+    path = write_jsonl(tmp_path / name, lines)
+    source = open_source(path)
+    assert len(source) == len(lines)
+    with pytest.raises(DataError) as error:
+      list(pipeline([(source, 1.0)], shuffle=False))
+    assert error.value.where == f"{path}:1" and error.value.reason == "not an object"
+    assert 'a record is a JSON object: {"messages": [...]}' in str(error.value)
+
+
+def test_a_directory_of_data_files_is_named_with_a_glob_that_reads_them(tmp_path):
+  """`huggingface-cli download --repo-type dataset` gives a folder of Parquet shards (data/train-*.parquet), which
+  was reported as "no such file" from its failed reading as a save_to_disk directory."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  repo = tmp_path / "repo"
+  (repo / "data").mkdir(parents=True)
+  (repo / "README.md").write_text("a dataset card")
+  for i in range(5):
+    pq.write_table(pa.table({"text": [f"doc {i}"]}), repo / "data" / f"train-{i:05d}-of-00005.parquet")
+  for open_fn in (open_source, ParquetSource, JsonlSource):
+    with pytest.raises(DataError) as error:
+      open_fn(str(repo))
+    assert error.value.where == str(repo) and error.value.reason == "not a dataset directory"
+    assert "data/train-00000-of-00005.parquet, data/train-00001-of-00005.parquet" in error.value.detail
+    assert "(5 files)" in error.value.detail
+    assert error.value.detail.endswith(f"e.g. {repo}/**/*.parquet")
+  assert len(open_source(f"{repo}/**/*.parquet")) == 5  # the suggested glob reads them
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(DataError, match=r"empty: not a dataset directory: .* it holds no data files \(\*.parquet"):
+    open_source(str(tmp_path / "empty"))
+
+
+TOOLS = json.dumps([{"name": "get_weather", "parameters": {"city": {"type": "str"}}}])
+TOOL_CONVERSATION = [{"role": "system", "content": "You have tools.", "tools": TOOLS},
+                     {"role": "user", "content": "Weather in Paris?"},
+                     {"role": "assistant", "content": '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'}]
+
+
+@pytest.mark.parametrize("file_type", ["jsonl", "parquet"])
+def test_string_message_keys_reach_the_chat_template(tmp_path, mini_tokenizer, file_type):
+  """Phi-4-mini's templates render a system message's `tools` as <|tool|>...<|/tool|>: training dropped the key, so
+  tool calls were learnt without the tool definitions that eval and generation prompts (render_prompt) show."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from phi_jax.data.chat import render_messages
+
+  path = tmp_path / f"tools.{file_type}"
+  if file_type == "jsonl":
+    write_jsonl(path, [{"messages": TOOL_CONVERSATION}])
+  else:  # Parquet gives the user and assistant messages tools=None: a null key is an absent one
+    pq.write_table(pa.Table.from_pylist([{"messages": TOOL_CONVERSATION}]), path)
+  record, bad = read_record(open_source(str(path))[0])
+  assert bad is None and record == {"messages": TOOL_CONVERSATION}
+  it = pipeline([(open_source(str(path)), 1.0)], tokenize_fn=make_tokenize_fn(mini_tokenizer), seq_len=256,
+                batch_size=1, packing=None)
+  (batch,) = list(it)
+  used = batch["segment_ids"][0] > 0
+  tokens, mask = batch["tokens"][0][used].tolist(), batch["loss_mask"][0][used].tolist()
+  assert tokens == mini_tokenizer.apply_chat_template(TOOL_CONVERSATION, tokenize=True, return_dict=False)
+  assert "<|tool|>" + TOOLS + "<|/tool|>" in mini_tokenizer.decode(tokens)
+  assert (tokens, mask) == render_messages(mini_tokenizer, TOOL_CONVERSATION)
+  answer = mini_tokenizer(TOOL_CONVERSATION[2]["content"], add_special_tokens=False)["input_ids"]
+  assert [t for t, m in zip(tokens, mask) if m] == answer + [mini_tokenizer.convert_tokens_to_ids("<|end|>")]
+
+
+def test_message_keys_that_are_not_strings_are_dropped_with_a_warning(tmp_path, monkeypatch, caplog):
+  """Only strings reach the template; other values are dropped, which the first record losing each key says."""
+  from phi_jax.data import sources
+  monkeypatch.setattr(sources, "_WARNED_KEYS", set(), raising=False)  # nothing warned yet
+  conversation = [{"role": "user", "content": "q", "weight": 0},
+                  {"role": "assistant", "content": "a", "name": "bot", "tool_calls": [{"name": "f"}]}]
+  path = write_jsonl(tmp_path / "keys.jsonl", [{"messages": conversation}] * 3)
+  source = JsonlSource(path)
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    assert [read_record(source[i]) for i in range(3)] == [({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "name": "bot"}]}, None)] * 3
+    list(pipeline([(source, 1.0)]))
+  warnings = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+  assert warnings == [f"{path}:1: message key(s) 'weight' (int), 'tool_calls' (list) dropped: only string values "
+                      "reach the chat template; write the value as a string (json.dumps for tool definitions) if "
+                      "the template should render it, or remove the key. Later records losing the same keys are "
+                      "not logged"]
 
 
 # ----------------------------------------------------------------------------------------------- preference pairs
@@ -803,3 +912,28 @@ def test_preference_token_counts_are_those_of_the_batches(tmp_path, mini_tokeniz
                             for p in pairs for s in preference.SIDES)
   assert stats["tokens"] == tokens and stats["loss_tokens"] == loss_tokens
   assert stats["padding_fraction"] == pytest.approx(1 - tokens / (3 * 2 * 48 * 2))
+
+
+def test_preference_prompts_keep_string_message_keys(tmp_path, mini_tokenizer, monkeypatch, caplog):
+  """A pair's prompt messages keep `tools` for the template, as SFT's conversations do; other values are dropped
+  with a warning naming the record."""
+  from phi_jax.data import preference, sources
+  from phi_jax.data.chat import render_messages
+  monkeypatch.setattr(sources, "_WARNED_KEYS", set(), raising=False)  # nothing warned yet
+
+  prompt = TOOL_CONVERSATION[:2]
+  pair = {"prompt": prompt, "chosen": TOOL_CONVERSATION[2]["content"], "rejected": "I cannot check the weather."}
+  record, bad = preference.validate_pair(pair)
+  assert bad is None and record["messages"] == prompt
+  rows, status = preference.encode_pair(mini_tokenizer, record, seq_len=256)
+  assert status == "used"
+  for side in preference.SIDES:
+    ids, _ = render_messages(mini_tokenizer, prompt + [{"role": "assistant", "content": pair[side]}])
+    assert rows[side]["tokens"][:len(ids)].tolist() == ids
+    assert "<|tool|>" + TOOLS + "<|/tool|>" in mini_tokenizer.decode(ids)
+  path = write_jsonl(tmp_path / "pairs.jsonl", [dict(pair, prompt=[dict(prompt[0], weight=1.0), prompt[1]])])
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    list(preference.build_preference_iterator(path, mini_tokenizer, seq_len=256, batch_size=1, seed=0,
+                                              process_index=0, process_count=1))
+  assert f"{path}:1: message key(s) 'weight' (float) dropped" in caplog.text
+  assert 'a pair is a JSON object {"prompt": ...' in preference.validate_pair([pair])[1][1]

@@ -9,7 +9,8 @@ A record is `{"prompt": str | [messages], "chosen": str, "rejected": str}`; a st
 message list is the conversation before the answer. Records written by `phi_jax.stages.dpo.precompute_reference_logps`
 also carry `ref_chosen_logps`, `ref_rejected_logps` (summed completion log-probs of the frozen reference) and
 `ref_seq_len` (the row length they were computed at); with `reference_logps=True` they are required and batched as
-float32 [B] arrays of the same names. Other keys are ignored.
+float32 [B] arrays of the same names. Other keys are ignored. Prompt messages keep their other string-valued keys
+(Phi-4-mini's system `tools`), which the chat template may render, as `phi_jax.data.sources.clean_message` says.
 
 Each side is rendered with `phi_jax.data.chat.render_messages` as the prompt followed by one assistant turn holding
 the completion, so the ids follow the tokenizer's chat template; the loss mask is 1 on the completion and the
@@ -35,7 +36,8 @@ import grain
 import numpy as np
 
 from phi_jax.data.chat import ROLES, render_messages
-from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, SkipStreak, SkipWarning, open_source
+from phi_jax.data.sources import (BAD_RECORD_REASONS, DataError, SkipStreak, SkipWarning, clean_message, open_source,
+                                  warn_dropped_keys)
 
 log = logging.getLogger("phi_jax")
 
@@ -50,21 +52,24 @@ ON_BAD_RECORD = ("raise", "skip")
 SKIP_REASONS = BAD_RECORD_REASONS + ("too long",)
 
 
-def validate_pair(data: Any, *, reference_logps: bool = False) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
+def validate_pair(data: Any, *, reference_logps: bool = False, where: Optional[str] = None
+                  ) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
   """(normalised record, None) or (None, (reason, detail)) with a reason from `BAD_RECORD_REASONS`.
 
   The normalised record is `{"messages": prompt messages, "chosen": str, "rejected": str}` plus the reference fields
-  (and `ref_seq_len` when present) with `reference_logps`.
+  (and `ref_seq_len` when present) with `reference_logps`. `where` names the record in the warning about message keys
+  that are dropped (`prompt_messages`).
   """
   if not isinstance(data, dict):
-    return None, ("not an object", f"got {type(data).__name__}")
+    return None, ("not an object", f"got {type(data).__name__}; a pair is a JSON object "
+                  '{"prompt": ..., "chosen": ..., "rejected": ...} (a list of prompt messages goes under "prompt")')
   for key in ("prompt",) + SIDES:
     if data.get(key) is None:
       return None, ("missing field", f"'{key}' is missing")
   for key in SIDES:
     if not isinstance(data[key], str):
       return None, ("mistyped field", f"'{key}' is {type(data[key]).__name__}, expected str")
-  messages, bad = prompt_messages(data["prompt"])
+  messages, bad = prompt_messages(data["prompt"], where=where)
   if bad is not None:
     return None, bad
   record = {"messages": messages, "chosen": data["chosen"], "rejected": data["rejected"]}
@@ -83,15 +88,20 @@ def validate_pair(data: Any, *, reference_logps: bool = False) -> tuple[Optional
   return record, None
 
 
-def prompt_messages(prompt: Any) -> tuple[Optional[list[dict]], Optional[tuple[str, str]]]:
-  """(messages, None) for a prompt given as a question or a list of messages, or (None, (reason, detail))."""
+def prompt_messages(prompt: Any, *, where: Optional[str] = None
+                    ) -> tuple[Optional[list[dict]], Optional[tuple[str, str]]]:
+  """(messages, None) for a prompt given as a question or a list of messages, or (None, (reason, detail)).
+
+  Messages keep role, content and their other string-valued keys (`clean_message`); a key holding anything else is
+  dropped, and the first record dropping each such key is logged, named by `where`.
+  """
   if isinstance(prompt, str):
     return [{"role": "user", "content": prompt}], None
   if not isinstance(prompt, list):
     return None, ("mistyped field", f"'prompt' is {type(prompt).__name__}, expected str or a list of messages")
   if not prompt:
     return None, ("empty conversation", "'prompt' is an empty list")
-  messages = []
+  messages, dropped = [], {}
   for i, message in enumerate(prompt):
     if not isinstance(message, dict):
       return None, ("mistyped field", f"prompt message {i} is {type(message).__name__}, expected an object")
@@ -102,7 +112,10 @@ def prompt_messages(prompt: Any) -> tuple[Optional[list[dict]], Optional[tuple[s
         return None, ("mistyped field", f"prompt message {i} '{key}' is {type(message[key]).__name__}, expected str")
     if message["role"] not in ROLES:
       return None, ("unknown role", f"prompt message {i} has role {message['role']!r}; expected one of {ROLES}")
-    messages.append({"role": message["role"], "content": message["content"]})
+    message, lost = clean_message(message)
+    messages.append(message)
+    dropped.update(lost)
+  warn_dropped_keys(where, dropped)
   return messages, None
 
 
@@ -156,7 +169,7 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
   if raw["error"] is not None:
     record, bad = None, raw["error"]
   else:
-    record, bad = validate_pair(raw["data"], reference_logps=reference_logps)
+    record, bad = validate_pair(raw["data"], reference_logps=reference_logps, where=raw["where"])
   now = {"ref_seq_len": seq_len, "ref_too_long": too_long, "ref_system_prompt": system_prompt}
   differ = [f"{key[len('ref_'):]}={record[key]!r} there, {now[key]!r} here" for key in REFERENCE_SETTINGS
             if bad is None and reference_logps and key in record and record[key] != now[key]]

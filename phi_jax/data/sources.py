@@ -8,8 +8,12 @@ Every source is a Grain random-access data source: `len(source)` records and `so
     {"prompt": "...", "completion": "..."}      # a user turn followed by an assistant turn
     {"text": "..."}                             # a raw document: loss on every token
 
-Other keys (ids, metadata) are ignored. A bad record becomes a `DataError` naming file, line (or row) and reason,
-or, in skip mode, a counted skip; the reasons are the fixed keys of `BAD_RECORD_REASONS` so counts aggregate.
+Other keys (ids, metadata) are ignored, and so is a lone "prompt" or "completion" beside another kind (ultrachat's
+prompt + messages, cosmopedia's prompt + text). A message keeps its other keys whose values are strings (Phi-4-mini's
+`tools` on a system message, which its chat template renders), so conversations render as `apply_chat_template`
+renders them; keys holding anything else are dropped, with a warning naming the first record that has each. A bad
+record becomes a `DataError` naming file, line (or row) and reason, or, in skip mode, a counted skip; the reasons are
+the fixed keys of `BAD_RECORD_REASONS` so counts aggregate.
 """
 
 from __future__ import annotations
@@ -110,12 +114,39 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     else:  # "**": any depth, as HF reads it; "data/**" also matches the folders, which hold no records themselves
       matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if not os.path.isdir(m)]
     missing = [m for m in matches if not os.path.isfile(m)]
+    if literal and os.path.isdir(pattern):
+      raise _directory_error(pattern, "a directory, not a data file")
     if not matches or missing:
       raise DataError(pattern, "no such file")
     files.extend(matches)
   if not files:
     raise DataError(repr(paths), "no such file", "no paths given")
   return files
+
+
+# Files a directory of data may hold (a dataset repository from `huggingface-cli download`: data/train-*.parquet),
+# most likely first; the metadata `datasets` writes beside its own Arrow files are not records.
+_DATA_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
+_DATASETS_METADATA = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def _directory_error(path: str, what: str) -> DataError:
+  """The error for a directory given as data that is not a `save_to_disk` directory: names the data files under it
+  and a glob that reads them, or says there are none."""
+  found = {suffix: [] for suffix in _DATA_SUFFIXES}
+  for match in sorted(glob.glob(os.path.join(glob.escape(path), "**", "*"), recursive=True)):
+    suffix = next((s for s in _DATA_SUFFIXES if match.endswith(s)), None)
+    if suffix and os.path.basename(match) not in _DATASETS_METADATA and os.path.isfile(match):
+      found[suffix].append(os.path.relpath(match, path))
+  files = [file for suffix in _DATA_SUFFIXES for file in found[suffix]]
+  if not files:
+    return DataError(path, "not a dataset directory",
+                     f"{what}, and it holds no data files ({', '.join('*' + s for s in _DATA_SUFFIXES)}); point at "
+                     "data files or at a directory written by datasets' save_to_disk")
+  suffix = next(s for s in _DATA_SUFFIXES if found[s])
+  named = ", ".join(files[:3]) + (f", ... ({len(files)} files)" if len(files) > 3 else "")
+  return DataError(path, "not a dataset directory", f"{what}; it holds data files ({named}): give a glob of them "
+                   f"instead, e.g. {os.path.join(path, '**', '*' + suffix)}")
 
 
 def _raise_if_empty(counts: dict[str, int], kind: str):
@@ -342,6 +373,8 @@ class DiskDatasetSource(_MultiFileSource):
     try:
       dataset = datasets.load_from_disk(path)
     except FileNotFoundError as e:
+      if os.path.isdir(path):  # a directory, but not one save_to_disk wrote (a downloaded repository of shards?)
+        raise _directory_error(path, "a directory, but not one written by datasets' save_to_disk") from e
       raise DataError(path, "no such file", str(e)) from e
     if isinstance(dataset, datasets.DatasetDict):
       if split is None and len(dataset) != 1:
@@ -401,7 +434,7 @@ def _file_kind(path: str, *, from_glob: bool) -> str:
   with open(path, "rb") as f:
     head = f.read(4096)
   if path.endswith((".jsonl", ".ndjson", ".json")):
-    if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":  # one JSON array (Alpaca-style), not JSON lines
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[" and _is_json_array(path):
       raise DataError(path, "unknown file type", "a JSON array, not JSON lines: write one object per line "
                       "(e.g. jq -c '.[]' FILE > FILE.jsonl)")
     return "jsonl"
@@ -413,6 +446,31 @@ def _file_kind(path: str, *, from_glob: bool) -> str:
     return "jsonl"
   raise DataError(path, "unknown file type", "expected *.jsonl (or .ndjson, .json: one JSON object per line), "
                   "*.parquet or a save_to_disk directory; rename a JSON-lines file to *.jsonl")
+
+
+_FIRST_LINE_BYTES = 1 << 26
+
+
+def _is_json_array(path: str) -> bool:
+  """Whether a file starting with "[" is one JSON array of records (Alpaca-style, over many lines or on one) rather
+  than JSON lines whose values are lists (each line a conversation's messages), which are read as records and
+  refused line by line, saying how to wrap them: the two need different fixes, and jq -c '.[]' on the second would
+  split every conversation into one line per message. An array's first line is not a JSON value on its own unless
+  the whole array is that one line; then its items tell (messages have a role, records do not)."""
+  with open(path, "rb") as f:
+    first = b""
+    while not first.strip():
+      first = f.readline(_FIRST_LINE_BYTES)
+      if not first:
+        return False
+    try:
+      value = json.loads(first.decode("utf-8").removeprefix("\ufeff"))
+    except (UnicodeDecodeError, json.JSONDecodeError):  # cut short: "[", '[{"text": "a"},', or longer than the limit
+      return True
+    while chunk := f.read(1 << 16):
+      if chunk.strip():  # a second line: JSON lines
+        return False
+  return not (isinstance(value, list) and value and all(isinstance(v, dict) and "role" in v for v in value))
 
 
 class ConcatSource(_Concatenated):
@@ -431,19 +489,25 @@ class ConcatSource(_Concatenated):
     return f"ConcatSource({self.name!r}, {self.sources!r})"
 
 
-def validate_record(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
+def validate_record(data: Any, *, where: Optional[str] = None
+                    ) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
   """(normalised record, None) for a usable record, or (None, (reason, detail)) for a bad one.
 
-  The normalised record is `{"messages": [...]}` (prompt/completion pairs become a user and an assistant turn,
-  messages keep only role and content) or `{"text": str}`.
+  The normalised record is `{"messages": [...]}` (prompt/completion pairs become a user and an assistant turn) or
+  `{"text": str}`. Messages keep role, content and their other string-valued keys (`clean_message`); a key holding
+  anything else is dropped, and the first record dropping each such key is logged, named by `where`.
   """
   if not isinstance(data, dict):
-    return None, ("not an object", f"got {type(data).__name__}")
+    return None, ("not an object", f"got {type(data).__name__}; a record is a JSON object: "
+                  '{"messages": [...]} (a list of messages goes under "messages"), {"prompt": ..., "completion": ...} '
+                  'or {"text": ...}')
   present = lambda keys: [k for k in keys if data.get(k) is not None]
   kinds = [kind for kind, keys in (("messages", ("messages",)), ("prompt/completion", ("prompt", "completion")),
                                    ("text", ("text",))) if present(keys)]
-  if "messages" in kinds and "prompt/completion" in kinds and len(present(("prompt", "completion"))) < 2:
-    # A lone prompt beside a conversation (ultrachat_200k, no_robots: prompt, prompt_id, messages) is metadata.
+  if len(kinds) > 1 and "prompt/completion" in kinds and len(present(("prompt", "completion"))) < 2:
+    # A lone prompt (or completion) beside another kind is metadata: ultrachat_200k and no_robots hold prompt,
+    # prompt_id and messages; cosmopedia-v2 (smollm-corpus) holds the prompt a document was generated from beside
+    # its text. Both halves beside another kind stay ambiguous.
     kinds.remove("prompt/completion")
   if len(kinds) != 1:
     found = "none of" if not kinds else f"several of ({', '.join(kinds)}) among"
@@ -462,15 +526,56 @@ def validate_record(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple
         return None, ("mistyped field", f"'{key}' is {type(data[key]).__name__}, expected str")
     return {"messages": [{"role": "user", "content": data["prompt"]},
                          {"role": "assistant", "content": data["completion"]}]}, None
-  return _validate_messages(data["messages"])
+  return _validate_messages(data["messages"], where)
 
 
-def _validate_messages(messages: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
+def clean_message(message: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+  """A checked message's role, content and other string-valued keys, and {key: type name} of the keys left out.
+
+  The other strings go on to the chat template, which may render them as `apply_chat_template` would (Phi-4-mini's
+  templates render a system message's `tools`, a JSON string, as <|tool|>...<|/tool|>), so training sees what eval
+  and generation prompts (`render_prompt`) see. A key that is None is absent: Parquet gives every message of a
+  column every key that any message has. Lists, objects and numbers are left out: the Phi-4 templates render none,
+  and a template concatenating one (`'<|tool|>' + message['tools']`) fails to render it.
+  """
+  clean = {"role": message["role"], "content": message["content"]}
+  dropped = {}
+  for key, value in message.items():
+    if key in clean or value is None:
+      continue
+    if isinstance(value, str):
+      clean[key] = value
+    else:
+      dropped[key] = type(value).__name__
+  return clean, dropped
+
+
+_WARNED_KEYS: set[str] = set()
+_WARNED_KEYS_LOCK = threading.Lock()
+
+
+def warn_dropped_keys(where: Optional[str], dropped: dict[str, str]) -> None:
+  """Logs the first record of the process that loses each message key (`clean_message`), as `SkipWarning` logs the
+  first skip of each reason: records are validated in the pipeline's reader threads, which share this one set."""
+  if not dropped:
+    return
+  with _WARNED_KEYS_LOCK:
+    new = [key for key in dropped if key not in _WARNED_KEYS]
+    _WARNED_KEYS.update(new)
+  if new:
+    logging.getLogger("phi_jax").warning(
+        "%s: message key(s) %s dropped: only string values reach the chat template; write the value as a string "
+        "(json.dumps for tool definitions) if the template should render it, or remove the key. Later records "
+        "losing the same keys are not logged", where or "a record", ", ".join(f"{k!r} ({dropped[k]})" for k in new))
+
+
+def _validate_messages(messages: Any, where: Optional[str] = None
+                       ) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
   if not isinstance(messages, list):
     return None, ("mistyped field", f"'messages' is {type(messages).__name__}, expected a list")
   if not messages:
     return None, ("empty conversation", "'messages' is an empty list")
-  clean = []
+  clean, dropped = [], {}
   for i, message in enumerate(messages):
     if not isinstance(message, dict):
       return None, ("mistyped field", f"message {i} is {type(message).__name__}, expected an object")
@@ -481,9 +586,12 @@ def _validate_messages(messages: Any) -> tuple[Optional[dict[str, Any]], Optiona
         return None, ("mistyped field", f"message {i} '{key}' is {type(message[key]).__name__}, expected str")
     if message["role"] not in ROLES:
       return None, ("unknown role", f"message {i} has role {message['role']!r}; expected one of {', '.join(ROLES)}")
-    clean.append({"role": message["role"], "content": message["content"]})
+    message, lost = clean_message(message)
+    clean.append(message)
+    dropped.update(lost)
   if not any(m["role"] == "assistant" for m in clean):
     return None, ("no assistant turn", "nothing to learn from a conversation without an assistant message")
+  warn_dropped_keys(where, dropped)
   return {"messages": clean}, None
 
 
@@ -491,4 +599,4 @@ def read_record(raw: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional
   """`validate_record` applied to a source's raw record, passing on read errors (bad UTF-8, bad JSON)."""
   if raw["error"] is not None:
     return None, raw["error"]
-  return validate_record(raw["data"])
+  return validate_record(raw["data"], where=raw["where"])
