@@ -157,6 +157,11 @@ def model(preset: str = "tiny", hf_path: Optional[str] = None, overrides: Option
           param_dtype: str = "float32") -> tuple[PhiConfig, Optional[str]]:
   """The model config: a preset, or the config.json of `hf_path`, then `overrides` (e.g. rotary changes)."""
   if hf_path:
+    if not os.path.isfile(os.path.join(hf_path, "config.json")):
+      raise ValueError(f"model.hf_path={hf_path!r} holds no config.json: point it (and data.tokenizer) at a "
+                       "transformers checkpoint directory, e.g. "
+                       "--gin_param='model.hf_path=\"/ckpt/Phi-4-mini-instruct\"', or set model.hf_path=None and "
+                       "model.preset for a randomly initialised model")
     with open(os.path.join(hf_path, "config.json")) as f:
       from phi_jax.hf import from_hf_config
       config = from_hf_config(json.load(f))
@@ -356,6 +361,10 @@ def check_new_tokens(name: str, max_new_tokens: int, model_config: PhiConfig):
                      f"--gin_param='{name}=N' with N well below it")
 
 
+# More tokens than this with other ids than the starting point's tokenizer gives them: another tokenizer, refused.
+MAX_CHANGED_TOKENS = 256
+
+
 def _start_tokenizer(source: str):
   """(where, tokenizer) of what a starting point was trained with: a transformers checkpoint's own tokenizer files, a
   run's built tokenizer (W/tokenizer) or the tokenizer directory its config.gin names; None when it has none."""
@@ -379,7 +388,8 @@ def _start_tokenizer(source: str):
 
 def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) -> None:
   """Refuses a data.tokenizer other than the one the starting params were trained with: the run would train (and
-  export) them on another tokenizer's ids, and nothing else would notice while the new one is no larger."""
+  export) them on another tokenizer's ids, and nothing else would notice while the new one is no larger. A few
+  renamed or added tokens, or another chat template, are logged instead."""
   if not os.path.isdir(source):
     return  # the params loader names a missing directory
   start = _start_tokenizer(source)
@@ -387,15 +397,18 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
     return
   where, theirs = start
   ours, their_vocab = tokenizer.get_vocab(), theirs.get_vocab()
-  if ours == their_vocab and tokenizer.chat_template == theirs.chat_template:
-    return
-  if ours != their_vocab:
-    differ = sorted(t for t in set(ours) | set(their_vocab) if ours.get(t) != their_vocab.get(t))
-    reason = f"{len(ours)} tokens here, {len(their_vocab)} there; ids differ for {len(differ)}, e.g. {differ[:3]}"
-  else:
-    reason = "the same vocabulary with another chat template"
-  raise ValueError(f"data.tokenizer={spec!r} is not the tokenizer {name}={source!r} was trained with ({where}: "
-                   f"{reason}); set --gin_param='data.tokenizer=\"{where}\"' so the params see the ids they learned")
+  differ = sorted(t for t in set(ours) | set(their_vocab) if ours.get(t) != their_vocab.get(t))
+  if len(differ) > MAX_CHANGED_TOKENS:
+    raise ValueError(f"data.tokenizer={spec!r} is not the tokenizer {name}={source!r} was trained with ({where}: "
+                     f"{len(ours)} tokens here, {len(their_vocab)} there; ids differ for {len(differ)}, e.g. "
+                     f"{differ[:3]}); set --gin_param='data.tokenizer=\"{where}\"' so the params see the ids they "
+                     "learned")
+  if differ or tokenizer.chat_template != theirs.chat_template:
+    # A few renamed or added tokens and another chat template are how a recipe moves on (Phi-4-reasoning's think
+    # tokens on phi-4's placeholders, with its own template): said, not refused.
+    log.warning("data.tokenizer=%r differs from the tokenizer %s=%r was trained with (%s): %s%s", spec, name, source,
+                where, f"{len(differ)} token(s) renamed or added (e.g. {differ[:3]})" if differ else "same tokens",
+                "; another chat template" if tokenizer.chat_template != theirs.chat_template else "")
 
 
 def _check_vocab(model_config: PhiConfig, tokenizer):
