@@ -194,6 +194,12 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
   return summary
 
 
+def policy_config(init_from: str):
+  """The model config of a run workdir or a transformers checkpoint directory, read without its weights."""
+  common.check_policy_dir(init_from)
+  return common.model()[0] if os.path.isdir(os.path.join(init_from, "params")) else common.model(hf_path=init_from)[0]
+
+
 def load_policy(init_from: str, the_mesh):
   """(config, params, tokenizer) of a run workdir (params/) or a transformers checkpoint directory."""
   common.check_policy_dir(init_from)
@@ -234,9 +240,10 @@ def main(argv=None):
     raise ValueError(f"--k={args.k}: a pair needs at least two rollouts per problem")
   settings = rollout_settings()
   read_problems(args.problems)
+  common.check_new_tokens("rollouts.max_new_tokens", settings["sampling"].max_new_tokens,
+                          policy_config(args.init_from))
   the_mesh = common.mesh()
   config, params, tokenizer = load_policy(args.init_from, the_mesh)
-  common.check_new_tokens("rollouts.max_new_tokens", settings["sampling"].max_new_tokens, config)
   summary = rollout_pairs(params, config, tokenizer, args.problems, args.out, k=args.k, sampling=settings["sampling"],
                           seed=args.seed, batch_size=settings["batch_size"], mesh=the_mesh,
                           system_prompt=common.data()["system_prompt"], verify_timeout_s=settings["verify_timeout_s"])

@@ -295,10 +295,13 @@ def test_an_empty_problem_set_or_a_limit_below_one_is_refused(tmp_path):
     gin.clear_config()
 
 
-def test_a_generation_budget_beyond_the_models_positions_is_refused(tiny_run):
+def test_a_generation_budget_beyond_the_models_positions_is_refused(tiny_run, monkeypatch):
   """The 32K default of evaluation.max_new_tokens on a 512-position model would generate for hours; the error
-  names the binding to change. The recipe's eval.gin (the documented way to evaluate its runs) parses on its own."""
+  names the binding to change, before the weights load. The recipe's eval.gin (the documented way to evaluate its
+  runs) parses on its own."""
+  import rollouts
   run, problems = tiny_run
+  monkeypatch.setattr(rollouts, "load_policy", lambda *a: pytest.fail("the model was loaded"))
   try:
     with pytest.raises(ValueError, match=r"evaluation.max_new_tokens=32768 leaves no room for a prompt within the "
                                          r"model's max_position_embeddings=\d+; set --gin_param='evaluation"):
