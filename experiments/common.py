@@ -9,6 +9,7 @@ of Phi-4's mid-training) is all a run needs to change.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -509,14 +510,21 @@ def run_training(workdir: str):
       run_meta=run_meta(stage, settings, data_cfg, tokenizer))
   save_final_params(workdir, state.params)
   if loop.export_hf:
-    export_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer)
+    export_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer, data_cfg["system_prompt"])
   return state
 
 
-def export_hf(out: str, model_config: PhiConfig, params, tokenizer) -> None:
-  """The params as a transformers checkpoint with the tokenizer; generation stops at the chat format's turn end."""
-  from phi_jax.data.chat import stop_token_ids
+def export_hf(out: str, model_config: PhiConfig, params, tokenizer, system_prompt: Optional[str] = None) -> None:
+  """The params as a transformers checkpoint with the tokenizer; generation stops at the chat format's turn end.
+
+  A `system_prompt` the run was trained with (data.system_prompt) goes into the exported chat template as the
+  default system message, so prompts rendered from the export (transformers, vLLM, eval.py on it) are the ones the
+  model learned on."""
+  from phi_jax.data.chat import stop_token_ids, with_default_system_prompt
   save_hf(out, model_config, params, stop_token_ids=stop_token_ids(tokenizer))
+  if system_prompt and tokenizer.chat_template:
+    tokenizer = copy.copy(tokenizer)  # the run's own tokenizer keeps rendering as it did
+    tokenizer.chat_template = with_default_system_prompt(tokenizer.chat_template, system_prompt)
   save_tokenizer(tokenizer, out)
 
 

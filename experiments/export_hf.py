@@ -41,7 +41,7 @@ def main(argv=None) -> str:
   the_mesh = common.mesh()
   config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh)
   out = args.out or os.path.join(args.init_from, "hf")
-  common.export_hf(out, config, params, tokenizer)
+  common.export_hf(out, config, params, tokenizer, common.data()["system_prompt"])
   log.info("wrote %s", out)
   return out
 

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from phi_jax.data.chat import (PHI4_MINI_REASONING_SYSTEM_PROMPT, PHI4_REASONING_SYSTEM_PROMPT, STOP_TOKENS,
                                THINK_TOKENS, chat_family, render_messages, render_prompt, stop_token_ids,
-                               think_token_ids)
+                               think_token_ids, with_default_system_prompt)
 from phi_jax.hf.tokenizer import (CHAT_FORMAT_FAMILY, CHAT_TEMPLATES, build_tiny_tokenizer, family_special_tokens,
                                   load_tokenizer, save_tokenizer)
 
@@ -183,6 +183,27 @@ def test_mini_with_the_math_system_prompt_renders_like_mini_reasoning(tokenizers
     tokenizer = tokenizers[fmt]
     assert render_messages(tokenizer, messages, system_prompt=system) == render_messages(tokenizer, messages)
     assert render_prompt(tokenizer, U, system_prompt=system) == render_prompt(tokenizer, U)
+
+
+@pytest.mark.parametrize("fmt", ["phi-4", "phi-4-mini"])
+def test_an_exported_template_renders_the_training_system_prompt_by_itself(tokenizers, fmt, tmp_path):
+  """A run trained with data.system_prompt exports a template that puts it first when a conversation has none:
+  transformers renders what the model learned on without being told; a conversation's own system message wins."""
+  import copy
+
+  system = 'Your name is Phi, an AI "math" expert.\nBe brief.'
+  exported = copy.copy(tokenizers[fmt])
+  exported.chat_template = with_default_system_prompt(exported.chat_template, system)
+  save_tokenizer(exported, tmp_path)
+  loaded = load_tokenizer(tmp_path)
+  for messages in ([USER_1], [USER_1, ASSISTANT_1], [SYSTEM, USER_1, ASSISTANT_1]):
+    assert (render_messages(loaded, messages, system_prompt=system)
+            == render_messages(tokenizers[fmt], messages, system_prompt=system))
+    ids = _reference_ids(loaded, messages, add_generation_prompt=False)
+    assert ids == render_messages(tokenizers[fmt], messages, system_prompt=system)[0]
+  assert render_prompt(loaded, U) == render_prompt(tokenizers[fmt], U, system_prompt=system)
+  assert tokenizers[fmt].chat_template != exported.chat_template  # the run's own tokenizer is left as it was
+  assert with_default_system_prompt(exported.chat_template, None) == exported.chat_template
 
 
 def test_a_built_in_system_prompt_is_found_in_named_templates_too(tokenizers):

@@ -19,6 +19,7 @@ Special tokens are always looked up by string: the tiny test tokenizers number t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -138,6 +139,21 @@ def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> Optional
   ids = tokenizer.encode(token, add_special_tokens=False)
   # The round trip rejects an unknown-token id (some vocabularies map anything unknown to one id).
   return ids[0] if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token else None
+
+
+def with_default_system_prompt(template: Union[str, Mapping[str, str]], system_prompt: Optional[str]):
+  """A chat template that puts `system_prompt` first when a conversation has no system message of its own, as the
+  model was trained (`render_messages(..., system_prompt=...)`): for an exported tokenizer, so transformers, vLLM
+  and `phi_jax` render the prompts the model learned on without being told the system prompt again."""
+  if not system_prompt or not template:
+    return template
+  if isinstance(template, Mapping):
+    return {name: with_default_system_prompt(t, system_prompt) for name, t in template.items()}
+  if system_prompt in template:
+    return template  # it writes the prompt itself (Phi-4-mini-reasoning's template)
+  default = json.dumps(system_prompt, ensure_ascii=False)  # a Jinja string literal
+  return ("{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', "
+          f"'content': {default}}}] + messages %}}{{%- endif %}}" + template)
 
 
 def _unless_built_in(tokenizer: PreTrainedTokenizerBase, system_prompt: Optional[str]) -> Optional[str]:
