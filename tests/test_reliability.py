@@ -450,6 +450,21 @@ def _run(workdir, config=TINY, mesh_shape=None, opt=OPT, scales=None, eval_batch
                   eval_batches=eval_batches)
 
 
+def test_data_without_a_saved_position_resumes_past_the_batches_already_trained(tmp_path, caplog):
+  """A list of batches (no get_state / set_state) restarted from its first batch on resume: steps 3-4 trained
+  batches 0-1 again. Now the trained batches are skipped, so the resumed run equals the uninterrupted one."""
+  batches = [next(data) for data in [ScaledData()] for _ in range(4)]
+  whole = _run(tmp_path / "whole", data=batches)
+  _run(tmp_path / "cut", data=batches, num_steps=2)
+  with caplog.at_level(logging.WARNING, logger="phi_jax"):
+    resumed = _run(tmp_path / "cut", data=batches)
+  assert "skipping its first 2 batches to resume at step 2" in caplog.text
+  for a, b in zip(jax.tree.leaves(jax.device_get(whole.params)), jax.tree.leaves(jax.device_get(resumed.params))):
+    np.testing.assert_array_equal(a, b)
+  assert [r["loss"] for r in _records(tmp_path / "cut").values()] == [
+      r["loss"] for r in _records(tmp_path / "whole").values()]
+
+
 class EvalScales:
   """`eval_batches` for loop.run: one fixed batch whose loss is scaled by scales[k] at the k-th evaluation."""
 

@@ -4,7 +4,8 @@ Python drives steps, never tokens: each iteration fetches one global batch, disp
 only then pulls the *previous* step's metrics to the host, so logging overlaps with compute.
 
 Resume contract: re-running with the same workdir restores the newest complete checkpoint (state + data
-iterator position), drops metrics.jsonl lines written after it, and continues; the result is bit-identical to
+iterator position; data without get_state / set_state, such as a list, skips the batches already trained),
+drops metrics.jsonl lines written after it, and continues; the result is bit-identical to
 an uninterrupted run because the step rng is `fold_in(key(seed), step)` and the data order is a function of the
 seed and the restored iterator state. A checkpoint that fails its integrity check is set aside and the previous
 one is used (see `checkpoint.py`); one written under a config whose state cannot be restored (other model shapes,
@@ -29,6 +30,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -460,6 +462,13 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   # A data source with next_batch(params, step) samples from the current policy (GRPO); others are iterators.
   on_policy = hasattr(train_data, "next_batch")
   iterator = None if on_policy else iter(train_data)
+  if iterator is not None and restored is not None and start > 0 and not hasattr(train_data, "set_state"):
+    # No saved position to restore (a list, a generator): as transformers' Trainer does, skip the batches the steps
+    # so far trained on, so a deterministic source resumes where the run left it instead of training them again.
+    log.warning("train_data has no get_state / set_state, so its position was not saved: skipping its first %d "
+                "batches to resume at step %d (give the data get_state / set_state to restore it exactly)", start,
+                start)
+    iterator = itertools.islice(iterator, start, None)
 
   step_fn = None
   eval_fn = None
