@@ -391,6 +391,13 @@ class GRPORollouts:
     texts = [self.tokenizer.decode(out["tokens"][r, :lengths[r] - int(finished[r])], skip_special_tokens=False)
              for r in range(len(rows))]
     rewards, correct = self.reward_batch_fn(texts, [self.prompts[i]["answer"] for i in rows], lengths, finished)
+    if jax.process_count() > 1:
+      # Every process verifies the whole batch under wall-clock limits, so an answer near the limit may pass on one
+      # host and time out on another. Process 0's verdicts stand for all: every process then trains the same
+      # advantages and queues the same hard prompts (which pick the next batch's prompts on every process).
+      rewards, correct = multihost_utils.broadcast_one_to_all(
+          (np.asarray(rewards, np.float32), np.asarray(correct).astype(np.int32)))
+      rewards, correct = np.asarray(rewards), np.asarray(correct).astype(bool)
     rewards_bg, correct_bg, lengths_bg = (np.asarray(x).reshape(len(indices), g) for x in (rewards, correct, lengths))
     keep = select_rows(rewards_bg, correct_bg, lengths_bg, cfg, np.random.default_rng([self.seed, self.rollouts]))
     if self._resume_queue_after is not None:
