@@ -143,6 +143,7 @@ EXTRACTIONS = [
     ("The answer is one million.", "one million"),
     ("The answer is two thirds.", "two thirds"),
     ("The answer is one of them.", "one of them"),
+    ("The answer is zero point five.", "zero point five"),
 ]
 
 
@@ -332,6 +333,7 @@ NOT_EQUIVALENT = [
     ("\\boxed{9.1e-31}", "1.67e-27"),
     ("\\boxed{0.0000003}", "0.0000001"),
     ("\\boxed{1\\,000}", "0"),  # a thousands space, not a product
+    ("\\boxed{123456790}", "123456789"),  # large integers stay exact
 ]
 
 

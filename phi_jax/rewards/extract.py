@@ -100,6 +100,9 @@ _TENS_WORDS = {word: 10 * n for n, word in enumerate(
     ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"), start=2)}
 # LaTeX spaces that may separate thousands groups: "1\\,000", "1\\ 000", "1~000".
 _GROUP_SPACES = ("\\,", "\\ ", "\\;", "\\:", "\\!", "~")
+# Words after a spelled number that change its value: "two thirds", "one million", "zero point five", "twenty one".
+_CHANGE_A_SPELLED_NUMBER = (_VALUE_WORDS | _FRACTION_WORDS | _ORDINALS | frozenset(_UNIT_WORDS)
+                            | frozenset(_TENS_WORDS) | frozenset(("point", "decimal")))
 _SENTENCE_PUNCTUATION = ".,;:!?"
 # A heading line holds at most this much before "answer" ("### **Final "); longer, the word is inside prose.
 _MAX_HEADING_PREFIX = 16
@@ -419,9 +422,7 @@ def _spelled_number(answer: str) -> str:
     below, j = _below_hundred(words, i + 2 if words[i + 1:i + 2] == ["and"] else i + 1)
     value, i = value * 100 + (below or 0), j if below is not None else i + 1
   rest = words[i:]
-  if not all(w.isalpha() for w in rest) or (rest and (rest[0] in _VALUE_WORDS or rest[0] in _FRACTION_WORDS
-                                                       or rest[0] in _ORDINALS or rest[0] in _UNIT_WORDS
-                                                       or rest[0] in _TENS_WORDS)):
+  if not all(w.isalpha() for w in rest) or (rest and rest[0] in _CHANGE_A_SPELLED_NUMBER):
     return answer
   return str(value)
 

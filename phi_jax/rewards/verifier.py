@@ -56,7 +56,7 @@ class VerifierConfig:
   soft_timeout_ratio: float = 0.75
   startup_timeout_s: float = 120.0
   worker_memory_bytes: Optional[int] = 2 << 30  # RLIMIT_AS per worker; None: no limit
-  float_rounding: int = 6  # math-verify's decimal places; two plain numbers compare to NUMBER_RELATIVE_TOLERANCE
+  float_rounding: int = 6  # decimal places; two plain numbers must also agree to NUMBER_RELATIVE_TOLERANCE
   numeric_precision: int = 15
   screen: ScreenConfig = ScreenConfig()
   # The think tags, and whether the prompt opens the think block: where a completion's answer section starts.
@@ -90,9 +90,16 @@ def _plain_number(text: str) -> Optional[decimal.Decimal]:
   return value if value.is_finite() and abs(value.adjusted()) <= 400 else None
 
 
-def _numbers_match(gold: str, pred: str) -> bool:
+def _numbers_match(gold: str, pred: str, places: int) -> bool:
+  """Equal to `places` decimal places (math-verify's rule: 123456789 is not 123456790, 0.6666667 is 0.666667) and
+  within NUMBER_RELATIVE_TOLERANCE of each other (so 3e-7 is not 1e-7, though both round to 0)."""
   a, b = _plain_number(gold), _plain_number(pred)
-  return a == b or abs(a - b) <= NUMBER_RELATIVE_TOLERANCE * max(abs(a), abs(b))
+  if a == b:
+    return True
+  quantum = decimal.Decimal(1).scaleb(-places)
+  with decimal.localcontext(prec=max(28, 2 * places + 420)):  # exact for every value _plain_number lets through
+    rounded_equal = (a.quantize(quantum, decimal.ROUND_HALF_UP) == b.quantize(quantum, decimal.ROUND_HALF_UP))
+    return rounded_equal and abs(a - b) <= NUMBER_RELATIVE_TOLERANCE * max(abs(a), abs(b))
 
 
 def sanitize(text) -> str:
@@ -152,10 +159,10 @@ class VerifierPool:
     if self._closed:
       raise RuntimeError("VerifierPool is shut down")
     unique = list(dict.fromkeys((sanitize(g), sanitize(p)) for g, p in pairs))
-    # Two plain numbers are compared here, to a relative tolerance: math-verify rounds to `float_rounding` decimal
-    # places, which makes every value below 5e-7 equal ("3e-7" and "1e-7" both round to 0).
+    # Two plain numbers are compared here, rounded as math-verify rounds them (`float_rounding` decimal places) and
+    # to a relative tolerance as well: rounding alone makes every value below 5e-7 equal (3e-7 and 1e-7 round to 0).
     numbers = {pair: _plain_number(pair[0]) is not None and _plain_number(pair[1]) is not None for pair in unique}
-    local = {pair: _numbers_match(*pair) for pair in unique if numbers[pair]}
+    local = {pair: _numbers_match(*pair, self.config.float_rounding) for pair in unique if numbers[pair]}
     unique = [pair for pair in unique if not numbers[pair]]
     if not unique:
       return [local[(sanitize(g), sanitize(p))] for g, p in pairs]
