@@ -10,7 +10,7 @@ and --gin_file / --gin_param apply on top, as in eval.py) or a transformers chec
 and tokenizer). Problems are JSONL
 records `{"problem": str, "answer": str}`, or conversations `{"messages": [...]}` whose last assistant turn holds
 the reference solution and whose earlier turns are the prompt (so SFT files serve as problem sets); its final answer
-(in `\\boxed{}` or after "The answer is", after any `</think>`) is the gold.
+(in `\\boxed{}`, on a "####" line or after "The answer is", after any `</think>`) is the gold.
 
 Every rollout is checked with `phi_jax.rewards.verify_batch` against the problem's answer; a rollout that never
 emitted its end-of-turn token counts as incorrect, since a pair would teach it an ending it never produced. Each
@@ -95,10 +95,11 @@ def _problem(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, s
       return None, bad
     # The gold is the reference solution's final answer, read as a completion's is (after its </think>, from its
     # box or answer label), not the whole solution, whose thoughts may hold other boxed numbers.
-    answer = rewards.extract_answer(messages[last]["content"])
+    answer = rewards.extract_answer(messages[last]["content"], marked_only=True)  # not a number from its working
     if answer is None:
-      return None, ("no answer", f"message {last}, the last assistant turn, has no final answer to grade against "
-                    "(a \\boxed{...} or 'The answer is ...' after any </think>); give 'problem' and 'answer' instead")
+      return None, ("no answer", f"message {last}, the last assistant turn, marks no final answer to grade against "
+                    "(a \\boxed{...}, a '#### N' line or 'The answer is ...', after any </think>); give 'problem' "
+                    "and 'answer' instead")
     return {"prompt": prompt, "answer": answer}, None
   for key in ("problem", "answer"):
     if data.get(key) is None:

@@ -401,6 +401,9 @@ def test_conversation_problems_grade_against_the_final_answer_and_bad_turns_are_
   assert problem == {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3 + 4?"}],
                      "answer": "7"}
   cases = [(conversation(("user", "3 + 4?"), ("assistant", "Not sure.\nNo idea.")), r"c.jsonl:1: no answer: message 1"),
+           # Working with no marked answer: no number from it becomes the gold.
+           (conversation(("user", "10 - 5 + 2?"), ("assistant", "After giving away 5 she keeps $x = 7$ pens.")),
+            r"c.jsonl:1: no answer: message 1, the last assistant turn, marks no final answer"),
            (conversation(("tool", "x"), ("assistant", "\\boxed{7}")), r"c.jsonl:1: unknown role: prompt message 0"),
            (json.dumps({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "7"}]}),
             r"c.jsonl:1: missing field: prompt message 0 has no 'content'"),

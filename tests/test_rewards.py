@@ -131,7 +131,7 @@ EXTRACTIONS = [
     # GSM8K's marker: the number alone on a "####" line; markdown headings that open with "####" are not answers.
     ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "72"),
     ("So the total is 1,200.\n#### -1,200.\n", "-1200"),
-    ("#### 72\n\n#### Check\nIt adds up.", "72"),
+    ("#### 1.\nAdd.\n#### 2.\nDouble it: 14.\n\nThe answer is 14.", "14"),  # numbered headings
     ("#### Step 1\nWe get $x = 4$.\n#### 2. Done", "x = 4"),
     ("#### $18", "18"),
     ("\\boxed{3}\n#### 4", "3"),
@@ -144,6 +144,10 @@ EXTRACTIONS = [
     ("The answer is two thirds.", "two thirds"),
     ("The answer is one of them.", "one of them"),
     ("The answer is zero point five.", "zero point five"),
+    ("The answer is two pi.", "two \\pi"),
+    ("\\boxed{five x}", "five x"),
+    ("The answer is one hour and thirty minutes.", "one hour and thirty minutes"),
+    ("The answer is five cm.", "5"),
 ]
 
 
@@ -197,6 +201,9 @@ PATHOLOGICAL = {
     ("2*pi", "2*\\pi"), ("pi/2", "\\pi/2"), ("2pi r", "2\\pi r"), ("x**2+1", "x^2+1"), ("1e3", "1000"),
     ("-1.5E-3", "-0.0015"), ("+2e+1", "20"), ("√2", "\\sqrt 2"), ("√(x+1)", "sqrt(x+1)"), ("∞x", "\\infty x"),
     ("3·4", "3\\cdot 4"), ("x≤3", "x\\leq 3"),
+    # LaTeX thousands spaces dropped, but not after an exponent or index
+    ("12\\,345\\,678", "12345678"), ("1~000", "1000"), ("2^3\\,456", "2^3\\,456"), ("10^{2\\,500}", "10^{2\\,500}"),
+    ("x_1\\,000", "x_1\\,000"), ("1\\,2345", "1\\,2345"),
     # left alone: LaTeX, words containing "pi", exponents past the bound, "e" inside expressions
     ("\\pi", "\\pi"), ("\\frac{\\pi}{2}", "\\frac{\\pi}{2}"), ("spin", "spin"), ("\\epsilon", "\\epsilon"),
     ("1e999", "1e999"), ("3e-2x", "3e-2x"), ("2e", "2e"), ("1e3e4", "1e3e4"), ("e3", "e3"), ("12", "12"),

@@ -8,8 +8,8 @@ order of preference:
 
 1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored), a
    number followed by words only taken alone as in 2 (`\\boxed{18 dollars}`, `\\boxed{\\text{5 cm}}`); failing that,
-   the number alone on the last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such
-   as "#### Step 1" is not an answer);
+   the number alone on a last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such
+   as "#### Step 1" or a numbered "#### 2." is not an answer);
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
    end of that sentence, or the line after a "Final Answer" / "Answer" heading; a label followed by prose rather
    than math ("the answer is correct") gives way to an earlier label, or else to 3, and counts only when the
@@ -422,7 +422,10 @@ def _spelled_number(answer: str) -> str:
     below, j = _below_hundred(words, i + 2 if words[i + 1:i + 2] == ["and"] else i + 1)
     value, i = value * 100 + (below or 0), j if below is not None else i + 1
   rest = words[i:]
-  if not all(w.isalpha() for w in rest) or (rest and rest[0] in _CHANGE_A_SPELLED_NUMBER):
+  # Words only, none of which changes the value or makes it an expression ("two pi", "five x", "one hour and thirty
+  # minutes"), the first a noun or a unit.
+  if (not all(w.isalpha() for w in rest) or any(w in _CHANGE_A_SPELLED_NUMBER or w in _MATH_WORDS for w in rest)
+      or (rest and len(rest[0]) < 3 and rest[0] not in _SHORT_UNITS)):
     return answer
   return str(value)
 
@@ -472,23 +475,18 @@ def _label_end(text: str, lowered: str, start: int) -> Optional[int]:
 
 
 def _marked_number(text: str) -> Optional[str]:
-  """The number on the last line marked with "####" (GSM8K's answer format: "#### 1,200" -> "1200"), or None.
+  """The number of a last line marked with "####" (GSM8K's answer format: "#### 1,200" -> "1200"), or None.
 
-  Only a line that holds a number alone counts: markdown level-4 headings open with "####" too ("#### Step 1",
-  "#### 2. Solve for x"), and such a heading after the answer gives way to the marked line before it."""
-  end = len(text)
-  for _ in range(_MAX_LABEL_TRIES):
-    start = text.rfind(_ANSWER_MARK, 0, end)
-    if start < 0:
-      return None
-    line_end = text.find("\n", start)
-    line = text[start:line_end if line_end >= 0 else len(text)].lstrip("#").strip().rstrip(".").strip()
-    if line.startswith("$") and line[1:2] != "$":
-      line = line[1:]  # a price: "#### $18"
-    if line and _number_end(line) == len(line):
-      return line.replace(",", "")
-    end = start
-  return None
+  Only the text's last non-blank line counts, and only when it holds a number alone: markdown level-4 headings open
+  with "####" too ("#### Step 2", "#### 2."), and a numbered step heading is never the end of a solution."""
+  end = len(text.rstrip())
+  start = text.rfind("\n", 0, end) + 1
+  if not text.startswith(_ANSWER_MARK, start):
+    return None
+  line = text[start:end].lstrip("#").strip().rstrip(".").strip()
+  if line.startswith("$") and line[1:2] != "$":
+    line = line[1:]  # a price: "#### $18"
+  return line.replace(",", "") if line and _number_end(line) == len(line) else None
 
 
 def _last_math(text: str, max_chars: int) -> Optional[str]:
@@ -540,11 +538,13 @@ def clean_answer(answer: str) -> str:
 
 
 def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS,
-                   think: ThinkFormat = ThinkFormat()) -> Optional[str]:
+                   think: ThinkFormat = ThinkFormat(), marked_only: bool = False) -> Optional[str]:
   """The final answer of a completion (see the module docstring), or None when there is none.
 
   `think` names the think tags; with `think.prompt_opens_think` (a chat template that opens the think block in
   the prompt) a completion without the closing tag is still inside its thoughts and holds no answer.
+  `marked_only` takes only an answer the text marks as one (1 and 2: a box, a "####" line, an answer label), not
+  its last math or a short last line: for a reference solution read as a gold answer.
   """
   text = think.open_tag + completion if think.prompt_opens_think else completion
   solution = solution_section(text, think.close_tag, think.open_tag)
@@ -557,10 +557,11 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   else:
     label = _after_answer_label(solution, max_chars)
     labelled = label is not None and bool(clean_answer(label))
-    candidate = label if labelled and not _starts_with_prose(label) else _last_math(solution, max_chars)
+    candidate = label if labelled and not _starts_with_prose(label) else (
+        None if marked_only else _last_math(solution, max_chars))
     if candidate is None and labelled:
       candidate = label  # prose after the label and no math anywhere: a worded answer ("the answer is yes")
-    if candidate is None:
+    if candidate is None and not marked_only:
       bare = solution.strip()
       cut = bare.find(_SPECIAL_TOKEN_START)
       bare = bare if cut < 0 else bare[:cut].strip()
@@ -600,8 +601,11 @@ def _joined_digit_groups(answer: str) -> str:
     run = 0  # digits just before the space, counted up to 4
     while run < 4 and i - run > 0 and answer[i - run - 1].isdigit():
       run += 1
+    # Not an exponent or index: "2^3\\,456" is 2^3 times 456.
+    before = answer[max(0, i - run - 2):i - run]
+    script = before[-1:] in ("^", "_") or before in ("^{", "_{")
     group_after = answer[after:after + 3]
-    if ((i == chained or 1 <= run <= 3) and len(group_after) == 3 and group_after.isdigit()
+    if ((i == chained or (1 <= run <= 3 and not script)) and len(group_after) == 3 and group_after.isdigit()
         and not answer[after + 3:after + 4].isdigit()):
       pieces.append(answer[start:i])
       start = i = after
