@@ -375,7 +375,8 @@ def _start_tokenizer(source: str):
   run_config = os.path.join(source, "config.gin")
   if os.path.isfile(run_config):
     with open(run_config, encoding="utf-8") as f:
-      for line in f:
+      text = f.read().replace("\\\n", " ")  # gin.config_str() wraps long values onto a continuation line
+      for line in text.splitlines():
         name, _, value = line.partition("=")
         if name.strip() == "data.tokenizer":
           try:
@@ -522,7 +523,7 @@ def export_hf(out: str, model_config: PhiConfig, params, tokenizer, system_promp
   model learned on."""
   from phi_jax.data.chat import stop_token_ids, with_default_system_prompt
   save_hf(out, model_config, params, stop_token_ids=stop_token_ids(tokenizer))
-  if system_prompt and tokenizer.chat_template:
+  if system_prompt is not None and tokenizer.chat_template:
     tokenizer = copy.copy(tokenizer)  # the run's own tokenizer keeps rendering as it did
     tokenizer.chat_template = with_default_system_prompt(tokenizer.chat_template, system_prompt)
   save_tokenizer(tokenizer, out)

@@ -235,8 +235,9 @@ def main(argv=None):
   common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
   # What can be refused is refused before the model loads and generates (minutes to hours).
   common.check_output_path("--out", args.out, directory=False)
-  if not args.out.endswith(".jsonl"):  # the DPO stage reads pair files by their extension
-    raise ValueError(f"--out={args.out}: name the pairs file *.jsonl (e.g. {args.out}.jsonl)")
+  if not args.out.endswith((".jsonl", ".ndjson", ".json")):  # the DPO stage reads pair files by their extension
+    raise ValueError(f"--out={args.out}: name the pairs file *.jsonl (e.g. {args.out}.jsonl), the JSON-lines "
+                     "extension the DPO stage reads it by")
   if args.k < 2:
     raise ValueError(f"--k={args.k}: a pair needs at least two rollouts per problem")
   settings = rollout_settings()

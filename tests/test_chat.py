@@ -204,6 +204,10 @@ def test_an_exported_template_renders_the_training_system_prompt_by_itself(token
   assert render_prompt(loaded, U) == render_prompt(tokenizers[fmt], U, system_prompt=system)
   assert tokenizers[fmt].chat_template != exported.chat_template  # the run's own tokenizer is left as it was
   assert with_default_system_prompt(exported.chat_template, None) == exported.chat_template
+  # An empty system prompt trains with an empty system turn: the export renders one too.
+  empty = copy.copy(tokenizers[fmt])
+  empty.chat_template = with_default_system_prompt(empty.chat_template, "")
+  assert render_prompt(empty, U) == render_prompt(tokenizers[fmt], U, system_prompt="")
 
 
 def test_a_built_in_system_prompt_is_found_in_named_templates_too(tokenizers):

@@ -455,10 +455,20 @@ def test_a_tokenizer_other_than_the_starting_point_s_is_refused(tmp_path, caplog
   build_tiny_tokenizer(run / "tokenizer", chat_format="phi-4")
   with pytest.raises(ValueError, match=r"train.init_from='.*/run' was trained with \(.*run/tokenizer: "):
     common.check_tokenizer_matches_start(other, "/tok", "train.init_from", str(run))
+  # The run's config.gin as a run writes it (gin.config_str(), which wraps a long path onto a second line).
+  long_path = tmp_path / ("a_long_directory_name_" * 4) / "hf"
+  build_tiny_tokenizer(long_path, chat_format="phi-4")
   named = tmp_path / "named_run"
   named.mkdir()
-  (named / "config.gin").write_text(f"data.tokenizer = '{tmp_path / 'hf'}'\n")
-  with pytest.raises(ValueError, match=r"named_run' was trained with \(.*/hf: "):
+  gin.clear_config()
+  try:
+    gin.parse_config(f"data.tokenizer = '{long_path}'")
+    common.data()
+    (named / "config.gin").write_text(gin.config_str())
+  finally:
+    gin.clear_config()
+  assert "data.tokenizer = \\\n" in (named / "config.gin").read_text()
+  with pytest.raises(ValueError, match=r"named_run' was trained with \(.*_name_/hf: "):
     common.check_tokenizer_matches_start(other, "/tok", "train.init_from", str(named))
   common.check_tokenizer_matches_start(other, "/tok", "train.init_from", str(tmp_path / "nowhere"))
 

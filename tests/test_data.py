@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pytest
 
-from phi_jax.data import packing as packing_lib
+from phi_jax.data import packing as packing_lib, sources
 from phi_jax.data.pipeline import Component, build_pipeline, make_tokenize_fn
 from phi_jax.data.sources import (DataError, DiskDatasetSource, JsonlSource, ParquetSource, open_source, read_record,
                                   validate_record)
@@ -779,6 +779,13 @@ def test_a_directory_of_data_files_is_named_with_a_glob_that_reads_them(tmp_path
     assert "(5 files)" in error.value.detail
     assert error.value.detail.endswith(f"e.g. {repo}/**/*.parquet")
   assert len(open_source(f"{repo}/**/*.parquet")) == 5  # the suggested glob reads them
+  # With a test split beside it, the suggestion reads the train split alone.
+  pq.write_table(pa.table({"text": ["held out"]}), repo / "data" / "test-00000-of-00001.parquet")
+  with pytest.raises(DataError) as error:
+    open_source(str(repo))
+  assert "of the splits ['test', 'train']" in error.value.detail
+  assert error.value.detail.endswith(f"e.g. {repo}/**/train*.parquet")
+  assert len(open_source(f"{repo}/**/train*.parquet")) == 5
   (tmp_path / "empty").mkdir()
   with pytest.raises(DataError, match=r"empty: not a dataset directory: .* it holds no data files \(\*.parquet"):
     open_source(str(tmp_path / "empty"))
@@ -805,6 +812,10 @@ def test_string_message_keys_reach_the_chat_template(tmp_path, mini_tokenizer, f
     pq.write_table(pa.Table.from_pylist([{"messages": TOOL_CONVERSATION}]), path)
   record, bad = read_record(open_source(str(path))[0])
   assert bad is None and record == {"messages": TOOL_CONVERSATION}
+  # An empty string (datasets that write "" for no tools) is absent too, not an empty <|tool|><|/tool|> block.
+  no_tools = [dict(TOOL_CONVERSATION[0], tools="")] + TOOL_CONVERSATION[1:]
+  assert sources.validate_record({"messages": no_tools})[0]["messages"][0] == {"role": "system",
+                                                                               "content": "You have tools."}
   it = pipeline([(open_source(str(path)), 1.0)], tokenize_fn=make_tokenize_fn(mini_tokenizer), seq_len=256,
                 batch_size=1, packing=None)
   (batch,) = list(it)

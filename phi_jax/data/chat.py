@@ -145,11 +145,11 @@ def with_default_system_prompt(template: Union[str, Mapping[str, str]], system_p
   """A chat template that puts `system_prompt` first when a conversation has no system message of its own, as the
   model was trained (`render_messages(..., system_prompt=...)`): for an exported tokenizer, so transformers, vLLM
   and `phi_jax` render the prompts the model learned on without being told the system prompt again."""
-  if not system_prompt or not template:
+  if system_prompt is None or not template:  # "" trains with an empty system turn: exported as one too
     return template
   if isinstance(template, Mapping):
     return {name: with_default_system_prompt(t, system_prompt) for name, t in template.items()}
-  if system_prompt in template:
+  if system_prompt and system_prompt in template:
     return template  # it writes the prompt itself (Phi-4-mini-reasoning's template)
   default = json.dumps(system_prompt, ensure_ascii=False)  # a Jinja string literal
   return ("{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', "

@@ -128,6 +128,7 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 # most likely first; the metadata `datasets` writes beside its own Arrow files are not records.
 _DATA_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
 _DATASETS_METADATA = ("dataset_info.json", "dataset_dict.json", "state.json")
+_SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
 
 
 def _directory_error(path: str, what: str) -> DataError:
@@ -145,6 +146,18 @@ def _directory_error(path: str, what: str) -> DataError:
                      "data files or at a directory written by datasets' save_to_disk")
   suffix = next(s for s in _DATA_SUFFIXES if found[s])
   named = ", ".join(files[:3]) + (f", ... ({len(files)} files)" if len(files) > 3 else "")
+  # A dataset repository keeps its splits side by side (train-00000-of-00002.parquet, test-...): a glob of every
+  # file would train on the test split too, so the suggestion names one split's files.
+  splits = sorted({name for file in found[suffix] for name in _SPLIT_NAMES
+                   if os.path.basename(file).startswith((f"{name}-", f"{name}_", f"{name}."))
+                   or f"{os.sep}{name}{os.sep}" in f"{os.sep}{file}"})
+  if len(splits) > 1:
+    split = "train" if "train" in splits else splits[0]
+    by_name = any(os.path.basename(file).startswith(split) for file in found[suffix])
+    glob_of_split = (os.path.join(path, "**", f"{split}*{suffix}") if by_name
+                     else os.path.join(path, "**", split, "**", f"*{suffix}"))
+    return DataError(path, "not a dataset directory", f"{what}; it holds data files of the splits {splits} "
+                     f"({named}): give a glob of one split's files instead, e.g. {glob_of_split}")
   return DataError(path, "not a dataset directory", f"{what}; it holds data files ({named}): give a glob of them "
                    f"instead, e.g. {os.path.join(path, '**', '*' + suffix)}")
 
@@ -534,14 +547,14 @@ def clean_message(message: dict[str, Any]) -> tuple[dict[str, str], dict[str, st
 
   The other strings go on to the chat template, which may render them as `apply_chat_template` would (Phi-4-mini's
   templates render a system message's `tools`, a JSON string, as <|tool|>...<|/tool|>), so training sees what eval
-  and generation prompts (`render_prompt`) see. A key that is None is absent: Parquet gives every message of a
-  column every key that any message has. Lists, objects and numbers are left out: the Phi-4 templates render none,
+  and generation prompts (`render_prompt`) see. A key that is None or "" is absent: Parquet gives every message of a
+  column every key that any message has, and a template would render an empty `<|tool|><|/tool|>` for "". Lists, objects and numbers are left out: the Phi-4 templates render none,
   and a template concatenating one (`'<|tool|>' + message['tools']`) fails to render it.
   """
   clean = {"role": message["role"], "content": message["content"]}
   dropped = {}
   for key, value in message.items():
-    if key in clean or value is None:
+    if key in clean or value is None or value == "":  # an empty string renders as an empty block ("tools": "")
       continue
     if isinstance(value, str):
       clean[key] = value
