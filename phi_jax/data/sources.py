@@ -548,8 +548,9 @@ def clean_message(message: dict[str, Any]) -> tuple[dict[str, str], dict[str, st
   The other strings go on to the chat template, which may render them as `apply_chat_template` would (Phi-4-mini's
   templates render a system message's `tools`, a JSON string, as <|tool|>...<|/tool|>), so training sees what eval
   and generation prompts (`render_prompt`) see. A key that is None or "" is absent: Parquet gives every message of a
-  column every key that any message has, and a template would render an empty `<|tool|><|/tool|>` for "". Lists, objects and numbers are left out: the Phi-4 templates render none,
-  and a template concatenating one (`'<|tool|>' + message['tools']`) fails to render it.
+  column every key that any message has, and a template would render an empty `<|tool|><|/tool|>` for "". Lists,
+  objects and numbers are left out: the Phi-4 templates render none, and a template concatenating one
+  (`'<|tool|>' + message['tools']`) fails to render it.
   """
   clean = {"role": message["role"], "content": message["content"]}
   dropped = {}
