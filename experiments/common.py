@@ -54,6 +54,12 @@ def parse_gin(files: Sequence[str], params: Sequence[str]):
     if "denylisted kwarg 'chunk_size'" in str(e):
       raise ValueError(f"{e}\nThe logits chunk of every stage's loss is train.chunk_size; bind that instead.") from e
     raise
+  except (OSError, TypeError) as e:
+    if "include" not in str(e):
+      raise
+    raise ValueError(f"{e}\nA config's include lines name files from the repository root "
+                     f"('experiments/configs/...'): run the command from there (the current directory is "
+                     f"{os.getcwd()})") from e
 
 
 def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Sequence[str]):

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402  (gin configurables shared by every entry script)
 import rollouts  # noqa: E402
 from phi_jax import rewards  # noqa: E402
+from phi_jax.data.chat import stop_token_ids  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
 
@@ -228,7 +229,10 @@ def main(argv=None):
   # What the figures were measured under, so two evaluations of the same run can be told apart.
   summary = dict(summary, init_from=args.init_from, problems_file=args.problems, limit=args.limit,
                  system_prompt=common.data()["system_prompt"], seed=settings["seed"], greedy=settings["greedy"],
-                 num_samples=settings["num_samples"], sampling=_fields(settings["sampling"]))
+                 num_samples=settings["num_samples"],
+                 # The stop tokens generation used: the chat format's own when the settings name none.
+                 sampling=dict(_fields(settings["sampling"]), stop_token_ids=list(
+                     settings["sampling"].stop_token_ids or stop_token_ids(tokenizer))))
   if jax.process_index() == 0:
     write_results(args.out, summary, items)
   print(json.dumps(summary, indent=1))

@@ -124,7 +124,8 @@ def task_request(settings: dict) -> dict:
                      f"{[f.name for f in dataclasses.fields(base)]}")
   level = dataclasses.replace(base, **settings["difficulty_overrides"])
   return {"task_seed": settings["task_seed"], "difficulty": settings["difficulty"],
-          "difficulty_params": dataclasses.asdict(level), "task_counts": dict(settings["task_counts"])}
+          "difficulty_params": dataclasses.asdict(level), "task_counts": dict(settings["task_counts"]),
+          "split_version": word_problems.SPLIT_VERSION}
 
 
 def _recorded_task(manifest: dict) -> dict:
@@ -133,12 +134,16 @@ def _recorded_task(manifest: dict) -> dict:
   if "recipe_task" in manifest:
     return manifest["recipe_task"]
   return {"task_seed": manifest.get("seed"), "difficulty": manifest.get("difficulty"),
-          "difficulty_params": manifest.get("difficulty_params"), "task_counts": manifest.get("counts")}
+          "difficulty_params": manifest.get("difficulty_params"), "task_counts": manifest.get("counts"),
+          "split_version": manifest.get("split_version")}
 
 
 def task_differences(manifest: dict, request: dict) -> list[str]:
   """One line per task setting in which the data of `manifest` differs from `request` (see `task_request`)."""
   recorded, out = _recorded_task(manifest), []
+  if recorded.get("split_version") != request["split_version"]:
+    out.append(f"the task's split rules: version {recorded.get('split_version') or 'older, unrecorded'} in data/, "
+               f"{request['split_version']} now (other held-out problems; see word_problems.SPLIT_VERSION)")
   for key in ("task_seed", "difficulty"):
     if recorded.get(key) is not None and recorded[key] != request[key]:
       out.append(f"recipe.{key}: {recorded[key]!r} in data/, {request[key]!r} now")

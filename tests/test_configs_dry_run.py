@@ -473,6 +473,17 @@ def test_a_tokenizer_other_than_the_starting_point_s_is_refused(tmp_path, caplog
   common.check_tokenizer_matches_start(other, "/tok", "train.init_from", str(tmp_path / "nowhere"))
 
 
+def test_a_config_read_from_another_directory_says_where_its_includes_resolve(monkeypatch):
+  monkeypatch.chdir(os.path.join(ROOT, "experiments"))
+  gin.clear_config()
+  try:
+    with pytest.raises(ValueError, match=r"include lines name files from the repository root .*: run the command "
+                                         r"from there \(the current directory is .*experiments\)"):
+      common.parse_gin(["configs/sft_tiny.gin"], [])
+  finally:
+    gin.clear_config()
+
+
 def test_a_model_hf_path_without_a_checkpoint_is_named(tmp_path):
   """A config's placeholder model.hf_path left in place failed with a bare FileNotFoundError on its config.json."""
   with pytest.raises(ValueError, match=r"model.hf_path='.*' holds no config.json: point it \(and data.tokenizer\) at"):

@@ -175,6 +175,7 @@ def test_eval_command_on_a_saved_run(tiny_run, capsys):
   assert all(1 <= o["num_tokens"] <= 8 and isinstance(o["text"], str) for o in outputs)
   assert summary["num_problems"] == 5 and len(summary["accuracy_per_run"]) == 3
   assert summary["sampling"]["max_new_tokens"] == 8 and summary["num_samples"] == 3 and summary["limit"] is None
+  assert summary["sampling"]["stop_token_ids"]  # the chat format's, which generation used: not an empty list
   assert 0 <= summary["accuracy"] <= 1 and 0 <= summary["pass_at_k"]["3"] <= 1
   assert summary["accuracy_ci95"][0] <= summary["accuracy"] <= summary["accuracy_ci95"][1]
   assert 1 <= summary["response_tokens_mean"] <= 8

@@ -467,13 +467,18 @@ def test_data_of_other_task_settings_is_refused_not_reused(tmp_path):
   with pytest.raises(ValueError, match=r"recipe.difficulty: 'medium' in data/, 'hard' now.*"
                                        r"recipe.task_counts\['test'\]: 4 in data/, 50 now.*new --workdir"):
     recipe.prepare_data(str(tmp_path), other)
-  # A manifest that predates the recorded settings is compared on what it tells.
+  # Data made under other split rules has other held-out problems: refused, a manifest that predates the recorded
+  # version included (compared on what it tells otherwise).
   path = tmp_path / "data" / "manifest.json"
   manifest = json.loads(path.read_text())
+  manifest["recipe_task"]["split_version"] -= 1
+  path.write_text(json.dumps(manifest))
+  with pytest.raises(ValueError, match=r"the task's split rules: version 2 in data/, 3 now"):
+    recipe.prepare_data(str(tmp_path), settings)
   del manifest["recipe_task"]
   path.write_text(json.dumps(manifest))
-  recipe.prepare_data(str(tmp_path), settings)
-  with pytest.raises(ValueError, match=r"recipe.task_seed: 0 in data/, 1 now"):
+  with pytest.raises(ValueError, match=r"split rules: version older, unrecorded in data/, 3 now \(other held-out "
+                                       r"problems.*\); recipe.task_seed: 0 in data/, 1 now"):
     recipe.prepare_data(str(tmp_path), recipe.recipe_settings(task_counts=TINY_COUNTS, task_seed=1))
 
 
@@ -539,7 +544,8 @@ def test_an_older_manifest_counts_sft_as_capped_by_midtrain():
   old = {"seed": made["task_seed"], "difficulty": made["difficulty"], "difficulty_params": made["difficulty_params"],
          "counts": made["task_counts"]}
   asked = recipe.task_request(recipe.recipe_settings(task_counts={**TINY_COUNTS, "sft": 10}))
-  assert recipe.task_differences(old, asked) == []
+  assert [line.split(":")[0] for line in recipe.task_differences(old, asked)] == ["the task's split rules"]
+  assert recipe.task_differences(dict(old, split_version=asked["split_version"]), asked) == []
   assert recipe.task_differences({"recipe_task": made}, asked) == ["recipe.task_counts['sft']: 8 in data/, 10 now"]
 
 
