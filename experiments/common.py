@@ -333,7 +333,12 @@ def _check_checkpoint_math(source: str, theirs: dict, ours: dict) -> None:
   """A transformers checkpoint started from with another model's rotary or norm settings would start as another
   model; refused unless model.overrides names the setting (a context extension changes rope_theta on purpose)."""
   deliberate = set(bound_or_none("model.overrides") or {})
-  differ = {k: f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in _MATH_FIELDS if theirs[k] != ours[k]}
+  # Without LongRoPE on either side the position limits change no logit (transformers writes a default
+  # original_max_position_embeddings of 4096 into every config it saves).
+  longrope = "longrope" in (theirs["rope_scaling_type"], ours["rope_scaling_type"])
+  fields = [k for k in _MATH_FIELDS if longrope or k not in ("max_position_embeddings",
+                                                             "original_max_position_embeddings")]
+  differ = {k: f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in fields if theirs[k] != ours[k]}
   unasked = [text for k, text in differ.items() if k not in deliberate]
   if unasked:
     raise ValueError(f"train.init_from={source!r} is a transformers checkpoint whose rotary or norm settings differ "

@@ -409,6 +409,14 @@ def test_a_starting_point_of_another_model_or_nowhere_is_named(tmp_path):
   spelled = tmp_path / "hf_head_dim"
   phi_jax.save_hf(spelled, ours.replace(head_dim=ours.resolved_head_dim), phi_jax.init_params(ours, jax.random.key(0)))
   assert common.params_loader(ours, None, str(spelled), mesh)()["embed"]["embedding"].shape[1] == 64
+  # transformers writes original_max_position_embeddings=4096 into every config it saves: without LongRoPE the
+  # position limits change no logit, so such a checkpoint of the same model loads.
+  saved_by_transformers = tmp_path / "hf_transformers"
+  phi_jax.save_hf(saved_by_transformers, ours, phi_jax.init_params(ours, jax.random.key(0)))
+  hf_config = json.loads((saved_by_transformers / "config.json").read_text())
+  hf_config.update(original_max_position_embeddings=4096, max_position_embeddings=4096)
+  (saved_by_transformers / "config.json").write_text(json.dumps(hf_config))
+  assert common.params_loader(ours, None, str(saved_by_transformers), mesh)()["embed"]["embedding"].shape[1] == 64
   # Same arrays, other rotary / norm settings: refused (it would start as another function of the weights) unless
   # model.overrides names them, as a context extension does.
   other_math = tmp_path / "hf_theta"
