@@ -103,6 +103,20 @@ def test_load_hf_of_save_hf_is_identity(saved, name):
   _assert_same_params(loaded, params)
 
 
+def test_a_narrower_compute_dtype_survives_save_and_load(saved, tmp_path):
+  """bfloat16 compute over float32 weights (a training run's export): the tensors stay float32 and torch_dtype says
+  so, and load_hf computes in bfloat16 again, as the run did (it used to come back computing in float32)."""
+  config, params, _ = saved["untied"]
+  mixed = config.replace(dtype="bfloat16")
+  phi_jax.save_hf(tmp_path, mixed, params)
+  written = json.loads((tmp_path / "config.json").read_text())
+  assert written["torch_dtype"] == "float32" and written["phi_jax_compute_dtype"] == "bfloat16"
+  loaded_config, loaded = phi_jax.load_hf(tmp_path)
+  assert loaded_config == mixed
+  _assert_same_params(loaded, params)
+  assert "phi_jax_compute_dtype" not in json.loads((saved["untied"][2] / "config.json").read_text())
+
+
 def test_tied_model_writes_no_lm_head(saved):
   assert "lm_head.weight" not in _tensor_names(saved["tied_longrope"][2])
   assert "lm_head.weight" in _tensor_names(saved["untied"][2])

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from phi_jax.hf.config import from_hf_config, to_hf_config
+from phi_jax.hf.config import COMPUTE_DTYPE_KEY, from_hf_config, to_hf_config
 from phi_jax.model.config import PhiConfig
 
 Params = dict[str, Any]
@@ -295,7 +295,8 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
       one has been written (a failed save leaves them as they were; meanwhile the disk holds both).
     config: the model's config; written as config.json (classic layout) and generation_config.json.
     params: the parameter pytree (any devices or shardings; one layer's slice is gathered at a time).
-    dtype: dtype of the written tensors (and config.json's `torch_dtype`); default: the params' own dtype.
+    dtype: dtype of the written tensors (and config.json's `torch_dtype`); default: the params' own dtype. A
+      compute dtype (`config.dtype`) other than it is written as `phi_jax_compute_dtype`, which `load_hf` reads.
     max_shard_bytes: shard size limit; one file `model.safetensors` when everything fits, else
       `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`.
     stop_token_ids: the tokens that end a reply (e.g. `phi_jax.data.chat.stop_token_ids(tokenizer)`): written as
@@ -366,6 +367,8 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
   hf_config = to_hf_config(config) | {"torch_dtype": out_dtype.name}
+  if config.dtype != out_dtype.name:  # e.g. bfloat16 compute over float32 master weights: load_hf computes as trained
+    hf_config[COMPUTE_DTYPE_KEY] = config.dtype
   stop_token_ids = [int(t) for t in stop_token_ids]
   if hf_config["eos_token_id"] is None and stop_token_ids:
     hf_config["eos_token_id"] = stop_token_ids[0]

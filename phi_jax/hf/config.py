@@ -10,8 +10,9 @@ Two `config.json` layouts are read:
 `to_hf_config` writes the classic layout: the one the published checkpoints use, which transformers 5 also reads.
 
 The checkpoint's `torch_dtype` / `dtype` (the dtype transformers computes in by default) maps to
-`PhiConfig.dtype`, the compute dtype; `PhiConfig.param_dtype` is chosen by whoever stores the parameters
-(`phi_jax.load_hf(dtype=...)`).
+`PhiConfig.dtype`, the compute dtype, unless `phi_jax_compute_dtype` (written by `save_hf` when the model computes
+in a narrower dtype than the tensors it stores) names it; `PhiConfig.param_dtype` is chosen by whoever stores the
+parameters (`phi_jax.load_hf(dtype=...)`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _BIAS_FIELDS = ("attention_bias", "mlp_bias")
 _HF_DEFAULT_ROPE_THETA = 10000.0
 _HF_DEFAULT_MAX_POSITIONS = 4096
 _HF_DEFAULT_ORIGINAL_MAX_POSITIONS = 4096  # LongRoPE uses it when the key is absent
+# The compute dtype of a model whose stored tensors are wider (see `_dtype_name`).
+COMPUTE_DTYPE_KEY = "phi_jax_compute_dtype"
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -86,7 +89,9 @@ def _longrope_attention_factor(factor: float, original_max_positions: int) -> fl
 
 
 def _dtype_name(hf: dict[str, Any]) -> str | None:
-  name = hf.get("torch_dtype") or hf.get("dtype")
+  # `save_hf` records a compute dtype narrower than the stored tensors (bfloat16 compute over float32 weights) under
+  # its own key, since torch_dtype must name the tensors' dtype.
+  name = hf.get(COMPUTE_DTYPE_KEY) or hf.get("torch_dtype") or hf.get("dtype")
   name = str(name).removeprefix("torch.") if name is not None else None
   return name if name in _DTYPE_NAMES else None
 
