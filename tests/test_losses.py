@@ -492,6 +492,24 @@ def test_grpo_gradient_at_an_edge_of_the_clip_range_is_the_unclipped_one(eps_low
   np.testing.assert_allclose(np.asarray(grad), -np.asarray(advantages)[:, None] / 6 * np.ones((2, 3)), rtol=1e-6)
 
 
+def test_grpo_clipped_tokens_with_an_overflowing_ratio_have_no_gradient():
+  """A log-ratio of 100 (a policy that diverged between passes) overflows exp() to inf; where the clipped side is
+  chosen (A > 0) or A = 0, the token has no gradient, and its unused branch must not make it NaN."""
+  logps, old = jnp.asarray([[100.0, 0.1], [100.0, 0.1]]), jnp.zeros((2, 2))
+  advantages, mask = jnp.asarray([1.0, 0.0]), jnp.ones((2, 2))
+  loss_fn = lambda lp: losses.grpo_loss(lp, old, None, advantages, mask, aggregation="token_mean")[0]
+  loss, grad = jax.value_and_grad(loss_fn)(logps)
+  np.testing.assert_allclose(float(loss), -(1.2 + np.exp(0.1)) / 4, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), [[0.0, -np.exp(0.1) / 4], [0.0, 0.0]], rtol=1e-6)
+
+
+def test_grpo_refuses_advantages_that_are_not_one_per_row():
+  """A [B, 1] column (as TRL holds them after unsqueeze) broadcast every row's advantage onto every row."""
+  x = jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match=r"advantages must be one per completion, shape \(2,\); got \(2, 1\)"):
+    losses.grpo_loss(x, x, None, jnp.ones((2, 1)), jnp.ones((2, 3)))
+
+
 def test_grpo_needs_ref_logps_for_kl(rl_batch):
   x = jnp.zeros((4, 12))
   with pytest.raises(ValueError):

@@ -86,17 +86,24 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2,
     raise ValueError("beta > 0 needs ref_logps")
   valid = mask != 0
   logps = logps.astype(jnp.float32)
-  advantages_B1 = jnp.asarray(advantages, jnp.float32)[:, None]
+  advantages = jnp.asarray(advantages, jnp.float32)
+  if advantages.shape != logps.shape[:1]:  # a [B, 1] column would broadcast every row's advantage onto every row
+    raise ValueError(f"advantages must be one per completion, shape {logps.shape[:1]}; got {advantages.shape}")
+  advantages_B1 = advantages[:, None]
   # Padding positions may hold arbitrary log-probs; zeroing the differences there keeps exp() finite so that
   # masking cannot turn inf * 0 into NaN (in the value or its gradient).
   log_ratio = jnp.where(valid, logps - jax.lax.stop_gradient(old_logps).astype(jnp.float32), 0.0)
-  ratio = jnp.exp(log_ratio)
+  ratio = jnp.exp(jax.lax.stop_gradient(log_ratio))
   clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
   # min(r A, clip(r) A) as a select, so that where the two are equal (r at an edge of the clip range, e.g. r = 1 with
   # epsilon_low = 0) the gradient is A: jnp.minimum splits a tie between its arguments and jnp.clip passes half a
-  # gradient at its bounds, which gave 0.75 A.
-  unclipped, clipped = ratio * advantages_B1, clipped_ratio * advantages_B1
-  per_token = -jnp.where(unclipped <= clipped, unclipped, clipped)
+  # gradient at its bounds, which gave 0.75 A. The clipped side is chosen only outside the clip range, where it has
+  # no gradient; the branch is picked on values, and the differentiable exp() sees a log-ratio of 0 where it is not
+  # used, so an overflowing ratio there (e^89 after a diverging pass) cannot send 0 * inf = NaN into the gradient.
+  clipped = clipped_ratio * advantages_B1
+  use_clipped = ~(ratio * advantages_B1 <= clipped)  # also where r A is NaN (r = inf, A = 0): the clipped value, 0
+  unclipped = jnp.exp(jnp.where(use_clipped, 0.0, log_ratio)) * advantages_B1
+  per_token = -jnp.where(use_clipped, clipped, unclipped)
 
   metrics = {}
   if ref_logps is not None:
@@ -112,7 +119,6 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2,
       loss = loss - entropy_coef * aggregate(entropy, mask, aggregation, max_tokens=max_tokens)
     metrics["entropy"] = _masked_mean(jax.lax.stop_gradient(entropy), mask)
 
-  ratio = jax.lax.stop_gradient(ratio)
   low = ((ratio < 1.0 - epsilon_low) & (advantages_B1 < 0)).astype(jnp.float32)
   high = ((ratio > 1.0 + epsilon_high) & (advantages_B1 > 0)).astype(jnp.float32)
   metrics["clip_fraction/low"] = _masked_mean(low, mask)
