@@ -254,11 +254,19 @@ def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "n
 
 
 def get_tokenizer(spec: str, workdir: str):
+  """The tokenizer `spec` names; "tiny:<chat format>" is built once into workdir/tokenizer and read from there."""
   if spec.startswith("tiny:"):
     out = os.path.join(workdir, "tokenizer")
-    if os.path.exists(os.path.join(out, "tokenizer.json")):
-      return load_tokenizer(out)
-    return build_tiny_tokenizer(out, chat_format=spec.split(":", 1)[1])
+    # Process 0 alone builds it, into a temporary directory renamed into place: processes started together would
+    # otherwise write the same files at once, and one could read another's half-written file.
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "tokenizer.json")):
+      tmp = f"{out}.tmp{os.getpid()}"
+      shutil.rmtree(tmp, ignore_errors=True)
+      build_tiny_tokenizer(tmp, chat_format=spec.split(":", 1)[1])
+      shutil.rmtree(out, ignore_errors=True)  # what a crash left half-built
+      os.replace(tmp, out)
+    distributed.barrier(f"tiny tokenizer {out}")  # every process, whether or not it found the files
+    return load_tokenizer(out)
   return load_tokenizer(spec)
 
 

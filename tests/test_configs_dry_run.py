@@ -319,6 +319,21 @@ def test_resume_refuses_train_files_that_changed_under_the_same_names(tmp_path):
   loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
 
 
+def test_a_tiny_tokenizer_is_built_whole_into_place(tmp_path, monkeypatch):
+  """Built in a temporary directory and renamed (processes started together wrote the same files at once, and one
+  read another's half-written tokenizer_config.json); what a crash left half-built is replaced."""
+  (tmp_path / "tokenizer").mkdir()
+  (tmp_path / "tokenizer" / "tokenizer_config.json").write_text("")  # a build cut short
+  built_in = []
+  build = common.build_tiny_tokenizer
+  monkeypatch.setattr(common, "build_tiny_tokenizer", lambda out, **kw: built_in.append(out) or build(out, **kw))
+  built = common.get_tokenizer("tiny:phi-4", str(tmp_path))
+  assert len(built_in) == 1 and os.path.basename(built_in[0]) != "tokenizer"  # never where readers look
+  assert sorted(os.listdir(tmp_path)) == ["tokenizer"] and built.chat_template
+  again = common.get_tokenizer("tiny:phi-4", str(tmp_path))
+  assert again.get_vocab() == built.get_vocab()
+
+
 def test_a_tokenizer_larger_than_the_embedding_or_a_budget_filling_every_position_is_refused(tmp_path):
   """Token ids past the embedding table would be clamped silently by the gather; max_new_tokens equal to the
   positions leaves none for the prompt."""
