@@ -503,7 +503,8 @@ def run_training(workdir: str):
   if eval_batches is not None:
     # Read once now: a bad eval record, or eval files too small for the processes, fails here rather than at the
     # first evaluation (by default the last step, before its checkpoint is saved).
-    count = sum(1 for _ in eval_batches(data_only=True))
+    # Processes' shares may differ by a batch: the longest is scored, the others padded (`loop._evaluate`).
+    count = max(distributed.allgather_json(sum(1 for _ in eval_batches(data_only=True))))
     log.info("eval_loss is measured on %d batch(es) of %d rows of data.eval_files, the same ones at every evaluation "
              "(%s)", count, global_batch, "all of the files" if count < data_cfg["eval_batches"] else
              f"the first data.eval_batches={data_cfg['eval_batches']}; raise it to cover more of the files")

@@ -131,10 +131,12 @@ def test_two_processes_equal_one(tmp_path):
   assert [r["spanning_mesh"] for r in results] == ["refused", "refused"]
   for r in results:
     np.testing.assert_allclose(r["losses"], reference, rtol=1e-5)
-  # Finite data that runs out on one process first: both stop after the same step and score the same eval batch.
-  first = test_train.packed_batches(1)[0]  # the one global eval batch both score: its next-token weights
-  seg, mask = first["segment_ids"], first["loss_mask"]
-  eval_weight = float(((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0) & (mask[:, 1:] != 0)).sum())
+  # Finite data that runs out on one process first: both stop after the same step. Their eval shares are uneven
+  # (2 batches against 1): every eval batch is scored, the shorter share padded with batches that weigh nothing.
+  first, second = test_train.packed_batches(2)
+  weight = lambda seg, mask: float(((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0) & (mask[:, 1:] != 0)).sum())
+  eval_weight = (weight(first["segment_ids"], first["loss_mask"])  # both processes' rows
+                 + weight(second["segment_ids"][:4], second["loss_mask"][:4]))  # process 0's rows alone
   assert [r["finite_data_steps"] for r in results] == [2, 2]
   assert [r["eval_tokens"] for r in results] == [[eval_weight]] * 2
   # Tokens seen count both processes' rows: each step's global batch, and in data_stats.json every batch either

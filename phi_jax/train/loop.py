@@ -842,14 +842,21 @@ def _evaluate(eval_fn, params, batches: Iterable[dict], mesh, unit: str = "token
   """{"eval_loss": the weighted mean, "eval_<unit>": its weight}, unit being what the stage's weight counts."""
   total, weight = 0.0, 0.0
   batches = iter(batches)
-  while True:
-    local = next(batches, None)
-    if any_process(local is None)[0]:  # every process scores the same number of (collective) batches
-      if local is not None:
-        log.warning("another process's eval data ran out: the rest of this process's eval batches are not scored")
-      break
+  local = next(batches, None)
+  # Every process scores the same number of (collective) batches. Shares may be uneven (records split over
+  # processes, packing): a process whose share ran out scores all-padding batches, which weigh nothing, until every
+  # share is scored, so several processes score what one would. The filler takes the shapes of a first batch.
+  template = None
+  if jax.process_count() > 1:
+    shapes = [s for s in allgather_json(None if local is None else {k: [list(v.shape), str(v.dtype)]
+                                                                   for k, v in local.items()}) if s is not None]
+    template = shapes[0] if shapes else None
+  while any_process(local is not None)[0]:
+    if local is None:
+      local = {k: np.zeros(shape, dtype) for k, (shape, dtype) in template.items()}
     loss_sum, w = eval_fn(params, global_batch(local, mesh))
     total, weight = total + host_scalar(loss_sum), weight + host_scalar(w)
+    local = next(batches, None)
   if not weight:
     log.warning("the eval data gave no %s to score (no batches, or no targets in them): eval_loss is NaN", unit)
   return {"eval_loss": total / weight if weight else float("nan"), f"eval_{unit}": weight}
