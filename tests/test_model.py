@@ -364,6 +364,16 @@ def test_bad_configs_name_the_field():
       LONGROPE.replace(**fields)
   with pytest.raises(ValueError, match=r"rope_short_factor, rope_long_factor set without rope_scaling_type="):
     LONGROPE.replace(rope_scaling_type=None)  # the factors would be ignored: plain rotary
+  # Values from JSON, YAML or a CLI string that passed, then failed in shapes or changed the model silently:
+  for fields, message in [({"num_heads": 4.0}, "PhiConfig.num_heads must be a positive int, got 4.0"),
+                          ({"head_dim": 16.0}, "PhiConfig.head_dim must be a positive int or None, got 16.0"),
+                          ({"max_position_embeddings": 0}, "PhiConfig.max_position_embeddings must be a positive int"),
+                          ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be True or False, got 'false'")]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      GQA.replace(**fields)
+  # A dtype given as a type (Flax and MaxText style) is its name: equal and hashed alike, and serialisable.
+  typed = GQA.replace(dtype=jnp.bfloat16)
+  assert typed == GQA.replace(dtype="bfloat16") and typed.dtype == "bfloat16"
   # An explicit attention factor (a checkpoint's rope_scaling.attention_factor) still inits: init drops the rotary
   # setup, which the arrays do not depend on.
   assert jax.eval_shape(lambda: phi_jax.init_params(LONGROPE.replace(rope_attention_factor=1.2), jax.random.key(0)))

@@ -10,6 +10,7 @@ import math
 from typing import Any, Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
@@ -51,9 +52,19 @@ class PhiConfig:
   initializer_range: float = 0.02
 
   def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"PhiConfig.{name} must be positive, got {getattr(self, name)}")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "max_position_embeddings"):
+      value = getattr(self, name)
+      # An integer-valued float (4.0 from JSON or YAML) would fail later in array shapes that do not name the field.
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"PhiConfig.{name} must be a positive int, got {value!r}")
+      object.__setattr__(self, name, int(value))
+    head_dim_ok = not isinstance(self.head_dim, bool) and isinstance(self.head_dim, (int, np.integer))
+    if self.head_dim is not None and (not head_dim_ok or self.head_dim <= 0):
+      raise ValueError(f"PhiConfig.head_dim must be a positive int or None, got {self.head_dim!r}")
+    if not isinstance(self.tie_word_embeddings, (bool, np.bool_)):  # "false" would tie them
+      raise ValueError(f"PhiConfig.tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r}")
+    object.__setattr__(self, "tie_word_embeddings", bool(self.tie_word_embeddings))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
                        "(grouped-query attention)")
@@ -70,6 +81,9 @@ class PhiConfig:
       if not floating:
         raise ValueError(f"PhiConfig.{name}={getattr(self, name)!r} is not a floating-point dtype; use e.g. "
                          "'float32' or 'bfloat16'")
+      # Its name ("bfloat16"), whatever spelled it (jnp.bfloat16, np.dtype): configs then compare, hash (one jit
+      # compile) and serialise (config.json, run metadata) alike.
+      object.__setattr__(self, name, jnp.dtype(getattr(self, name)).name)
     if not self.rope_theta > 0:
       raise ValueError(f"rope_theta={self.rope_theta} must be positive (the rotary base: 10000, 250000 for phi-4)")
     if not self.rms_norm_eps >= 0:
