@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gin  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from gin import config_parser  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
@@ -266,10 +267,14 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
     gin.bind_parameter("recipe.difficulty_overrides",
                        common.bound_or_none("recipe.difficulty_overrides") if asked else {})
   for name, in_file in in_file_dicts.items():  # a --gin_param dict adds to the file's rather than replacing it
-    given = common.bound_or_none(name)
-    if in_file and given is not None and given != in_file:
-      merged = ({k: list(in_file.get(k, [])) + list(given.get(k, [])) for k in {**in_file, **given}}
-                if name == "recipe.stage_bindings" else {**in_file, **given})
+    # Each --gin_param of the name in turn (gin keeps only the last): one flag per stage adds up too.
+    given = [st.value for p in params for st in _statements(p)
+             if _binding_key(st) == name and isinstance(st.value, dict)]
+    merged = dict(in_file or {})
+    for value in given:
+      merged = ({k: list(merged.get(k, [])) + list(value.get(k, [])) for k in {**merged, **value}}
+                if name == "recipe.stage_bindings" else {**merged, **value})
+    if given and merged != common.bound_or_none(name):
       gin.bind_parameter(name, merged)
   in_files = [b for path in gin_files for b in _file_stage_bindings(path, set())]
   if in_files:
@@ -641,6 +646,15 @@ def _verdict(effect: dict) -> str:
   return "no significant change"
 
 
+def _pass_at_every_sample(items: Sequence[dict]) -> dict[str, float]:
+  """{"n": pass@n} over the items' n samples each: the table's pass column, whatever evaluation.pass_k lists."""
+  if not items or "samples" not in items[0]:
+    return {}
+  n = len(items[0]["samples"])
+  return {str(n): float(np.mean([eval_lib.pass_at_k(n, sum(o["correct"] for o in item["samples"]), n)
+                                 for item in items]))}
+
+
 def build_summary(workdir: str, records: Sequence[dict], manifest: dict, settings: dict, eval_cfg: dict) -> dict:
   """summary.json: one entry per stage (accuracies with intervals, paired effects, lengths, training numbers)."""
   stages, previous_items, base_items = [], None, None
@@ -651,7 +665,8 @@ def build_summary(workdir: str, records: Sequence[dict], manifest: dict, setting
     e = record["eval"]
     entry = {"name": record["name"], "accuracy": e["accuracy"], "accuracy_ci95": e["accuracy_ci95"],
              "greedy_accuracy": e.get("greedy_accuracy"), "greedy_accuracy_ci95": e.get("greedy_accuracy_ci95"),
-             "pass_at_k": e["pass_at_k"], "response_tokens_mean": e["response_tokens_mean"],
+             "pass_at_k": dict(e["pass_at_k"], **_pass_at_every_sample(items)),
+             "response_tokens_mean": e["response_tokens_mean"],
              "format_error_rate": e["format_error_rate"], "think_format_rate": e["think_format_rate"],
              "num_eval": e["num_problems"], "steps": metrics[-1]["step"] if metrics else 0,
              "final_loss": metrics[-1]["loss"] if metrics else None,

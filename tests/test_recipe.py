@@ -323,6 +323,14 @@ def test_command_line_recipe_dicts_add_to_the_files(monkeypatch):
     assert settings["stage_bindings"]["base"] == ["train.num_steps=4"]
     assert settings["stage_bindings"]["sft"] == ["train.num_steps=3", "train.num_steps=5"]  # the later one wins
     assert settings["task_counts"]["valid"] == 8 and settings["task_counts"]["base_train"] == 64
+    # One flag per stage or count: each adds (gin alone keeps only the last binding of a name).
+    settings, _, _ = recipe.configure(["experiments/configs/recipe_tiny/quick.gin"],
+                                      ['recipe.stage_bindings={"sft": ["train.num_steps=5"]}',
+                                       'recipe.stage_bindings={"dpo": ["train.num_steps=7"]}',
+                                       'recipe.task_counts={"valid": 8}', 'recipe.task_counts={"test": 40}'])
+    assert settings["stage_bindings"]["sft"] == ["train.num_steps=3", "train.num_steps=5"]
+    assert settings["stage_bindings"]["dpo"] == ["train.num_steps=2", "train.num_steps=7"]
+    assert settings["task_counts"]["valid"] == 8 and settings["task_counts"]["test"] == 40
   finally:
     gin.clear_config()
 
@@ -443,6 +451,22 @@ def _summary_of_scores(workdir, scores):
   manifest = {"difficulty_params": {}, "counts": {}, "vocab_size": 1}
   return recipe.build_summary(str(workdir), records, manifest, recipe.recipe_settings(),
                               {"num_samples": 1, "sampling": recipe.eval_lib.SamplingConfig(max_new_tokens=4)})
+
+
+def test_the_summary_has_pass_at_every_sample_whatever_pass_k_lists(tmp_path):
+  """The table's pass@n column (n = evaluation.num_samples) showed "-" when evaluation.pass_k did not list n."""
+  out = lambda ok: {"text": "x", "correct": ok, "num_tokens": 3, "finished": True, "format_error": False}
+  items = [{"answer": "1", "score": 0.25, "samples": [out(True), out(False), out(False), out(False)]},
+           {"answer": "2", "score": 0.0, "samples": [out(False)] * 4}]
+  recipe.eval_lib.write_results(str(tmp_path / "base" / "eval"), {}, items)
+  record = {"name": "base", "eval": {"accuracy": 0.125, "accuracy_ci95": [0, 0], "pass_at_k": {"1": 0.125},
+                                     "response_tokens_mean": 3.0, "format_error_rate": 0.0, "think_format_rate": 0.0,
+                                     "num_problems": 2}}
+  summary = recipe.build_summary(str(tmp_path), [record], {"difficulty_params": {}, "counts": {}, "vocab_size": 1},
+                                 recipe.recipe_settings(),
+                                 {"num_samples": 4, "sampling": recipe.eval_lib.SamplingConfig(max_new_tokens=4)})
+  assert summary["stages"][0]["pass_at_k"] == {"1": 0.125, "4": 0.5}
+  assert recipe.stage_table(summary).splitlines()[2].split(" | ")[6] == "50.0"
 
 
 def test_summary_compares_each_stage_with_the_previous_and_the_first(tmp_path):
