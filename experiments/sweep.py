@@ -95,11 +95,19 @@ def check_root(root: str, gin_files: list[str], gin_params: list[str], swept: li
     with open(path) as f:
       recorded = json.load(f)
     recorded.setdefault("swept", shared["swept"])  # a record written before the swept names were kept
-    if recorded != shared:
+    started = [name for name in sorted(os.listdir(root))
+               if any(os.path.exists(os.path.join(root, name, part)) for part in ("metrics.jsonl", "checkpoints"))]
+    if recorded != shared and not started:
+      # No run trained under the old settings (every one failed at start-up, say on a misspelt binding): nothing
+      # could be reported as this sweep's, so the fixed sweep goes ahead.
+      print(f"{root} records other shared settings ({recorded}) but holds no run that started: recording this "
+            "sweep's", flush=True)
+    elif recorded != shared:
       raise ValueError(f"{root} holds runs of a sweep with other shared settings ({recorded}, now {shared}); its "
                        "finished runs would be reported as this sweep's. Use another --root, or the same "
                        "--gin_file / --gin_param values")
-    return
+    else:
+      return
   os.makedirs(root, exist_ok=True)
   with open(path, "w") as f:
     json.dump(shared, f, indent=1)

@@ -42,9 +42,17 @@ def test_commands_mode_prints_one_launch_line_per_run(capsys, tmp_path):
 def test_a_root_holding_a_sweep_with_other_shared_settings_is_refused(tmp_path, monkeypatch):
   """Run names cover the swept bindings only: a finished run of a sweep with another --gin_param would be
   reported as this sweep's result."""
-  monkeypatch.setattr(sweep, "command", lambda files, params, bindings, workdir: [sys.executable, "-c", "pass"])
+  # A run that fails at start-up writes nothing: a sweep whose runs all did so may be run again with other settings.
+  monkeypatch.setattr(sweep, "command", lambda files, params, bindings, workdir: [sys.executable, "-c", "exit(1)"])
   args = [f"--root={tmp_path}", '--sweep={"product": {"optimizer.learning_rate": [0.003]}}',
           "--gin_file=experiments/configs/midtrain_tiny.gin"]
+  with pytest.raises(SystemExit):
+    sweep.main(args + ["--gin_param=optimizer.weight_decy=0.0"])
+  # A run that started (its metrics.jsonl) belongs to its sweep's settings.
+  started = ("import os, sys; os.makedirs(sys.argv[1], exist_ok=True); "
+             "open(os.path.join(sys.argv[1], 'metrics.jsonl'), 'w').close()")
+  monkeypatch.setattr(sweep, "command", lambda files, params, bindings, workdir: [sys.executable, "-c", started,
+                                                                                   workdir])
   sweep.main(args + ["--gin_param=optimizer.weight_decay=0.0"])
   sweep.main(args + ["--gin_param=optimizer.weight_decay=0.0"])  # the same sweep again: fine
   with pytest.raises(ValueError, match="holds runs of a sweep with other shared settings"):
