@@ -1,6 +1,7 @@
 """save_hf / load_hf round trips through transformers, config conversion both ways, and refusals that name the field."""
 
 import json
+import logging
 import re
 import tracemalloc
 import weakref
@@ -115,6 +116,22 @@ def test_a_narrower_compute_dtype_survives_save_and_load(saved, tmp_path):
   assert loaded_config == mixed
   _assert_same_params(loaded, params)
   assert "phi_jax_compute_dtype" not in json.loads((saved["untied"][2] / "config.json").read_text())
+
+
+def test_longrope_with_its_own_head_dim_is_exported_with_a_warning(tmp_path, caplog):
+  """transformers' Phi3Config sizes LongRoPE factors from hidden_size // num_heads, not head_dim, and refuses such a
+  checkpoint: said at export. load_hf reads it back."""
+  config = TIED_LONGROPE.replace(head_dim=24, partial_rotary_factor=0.5, rope_short_factor=(1.0,) * 6,
+                                 rope_long_factor=(2.0,) * 6)
+  params = _random_params(config, 3)
+  with caplog.at_level(logging.WARNING, logger="phi_jax"):
+    phi_jax.save_hf(tmp_path, config, params)
+  assert "LongRoPE with head_dim=24 (not hidden_size // num_heads = 16)" in caplog.text
+  assert phi_jax.load_hf(tmp_path)[0] == config
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="phi_jax"):
+    phi_jax.save_hf(tmp_path / "plain", TIED_LONGROPE, _random_params(TIED_LONGROPE, 3))
+  assert "head_dim" not in caplog.text
 
 
 def test_tied_model_writes_no_lm_head(saved):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -37,6 +38,8 @@ from safetensors import safe_open
 
 from phi_jax.hf.config import COMPUTE_DTYPE_KEY, from_hf_config, to_hf_config
 from phi_jax.model.config import PhiConfig
+
+log = logging.getLogger("phi_jax")
 
 Params = dict[str, Any]
 ParamPath = tuple[str, ...]  # keys from the root of the parameter tree to one leaf
@@ -318,6 +321,12 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
            for p in sorted(expected_paths) if tuple(np.shape(_get(params, p))) != _get(wanted, p).shape]
   if wrong:
     raise ValueError(f"params do not match the config's shapes ({len(wrong)} array(s)): " + "; ".join(wrong[:4]))
+  if (config.rope_scaling_type == "longrope" and config.head_dim is not None
+      and config.head_dim != config.hidden_size // config.num_heads):
+    # transformers' Phi3Config sizes the LongRoPE factors from hidden_size // num_attention_heads, not head_dim.
+    log.warning("save_hf: LongRoPE with head_dim=%d (not hidden_size // num_heads = %d): the checkpoint is right, "
+                "but transformers' Phi3Config refuses its factors when loading it; phi_jax.load_hf reads it",
+                config.head_dim, config.hidden_size // config.num_heads)
   if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
     raise ValueError("save_hf writes from one process and needs every parameter addressable by it; on several hosts "
                      "gather the parameters first (e.g. jax.experimental.multihost_utils.process_allgather)")
