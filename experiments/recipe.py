@@ -838,7 +838,9 @@ def write_report(workdir: str, summary: dict) -> None:
                 f"{s['reward_mean_last_quarter']:.3f} in the last; {_pct(s['groups_kept_mean'])}% of the groups "
                 "passed the GRPO filters (reward variance, group accuracy, length spread) and trained."]
   lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots]
-  lines += ["", "## Time", "", "| stage | train s | eval s |", "|---|---|---|"]
+  # Seconds of the attempt that finished each stage: one interrupted and resumed counts from its resume.
+  lines += ["", "## Time", "", "Seconds of the attempt that finished each stage (a resumed stage's count from its "
+            "resume).", "", "| stage | train s | eval s |", "|---|---|---|"]
   lines += [f"| {s['name']} | {s['train_seconds'] or 0:.0f} | {s['eval_seconds'] or 0:.0f} |"
             for s in summary["stages"]]
   with open(os.path.join(workdir, "report.md"), "w") as f:
