@@ -8,7 +8,6 @@ of Phi-4's mid-training) is all a run needs to change.
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
 import glob
@@ -22,6 +21,7 @@ import shutil
 from typing import Any, Optional, Sequence
 
 import gin
+from gin import config_parser
 import jax
 import numpy as np
 
@@ -87,6 +87,19 @@ def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Seque
       log.info("the run's mesh.shape=%s does not fit this machine's %d device(s): loading onto mesh.shape={'fsdp': "
                "-1} (give --gin_param='mesh.shape=...' to choose another)", run_mesh, jax.device_count())
       gin.bind_parameter("mesh.shape", {"fsdp": -1})
+
+
+def gin_statements(text: str) -> list:
+  """The statements of gin config text (bindings, includes, imports), parsed as gin parses them."""
+  return list(config_parser.ConfigParser(text, gin.config.ParserDelegate(skip_unknown=True)))
+
+
+def binding_key(statement) -> Optional[str]:
+  """'configurable.param' of a binding statement (scope and module path dropped); None for a macro, an include or
+  an import."""
+  if not isinstance(statement, config_parser.BindingStatement) or not statement.arg_name:
+    return None
+  return f"{statement.selector.split('.')[-1]}.{statement.arg_name}"
 
 
 def bound_or_none(name: str):
@@ -394,16 +407,9 @@ def _start_tokenizer(source: str):
   run_config = os.path.join(source, "config.gin")
   if os.path.isfile(run_config):
     with open(run_config, encoding="utf-8") as f:
-      text = f.read().replace("\\\n", " ")  # gin.config_str() wraps long values onto a continuation line
-      for line in text.splitlines():
-        name, _, value = line.partition("=")
-        if name.strip() == "data.tokenizer":
-          try:
-            spec = ast.literal_eval(value.strip())
-          except (ValueError, SyntaxError):
-            return None
-          if isinstance(spec, str) and os.path.isdir(spec):
-            return spec, load_tokenizer(spec)
+      spec = next((st.value for st in gin_statements(f.read()) if binding_key(st) == "data.tokenizer"), None)
+    if isinstance(spec, str) and os.path.isdir(spec):
+      return spec, load_tokenizer(spec)
   return None
 
 

@@ -222,7 +222,7 @@ def main(argv=None):
   the_mesh = common.mesh()
   problems = rollouts.read_problems(args.problems)[:args.limit]  # an empty file is a DataError ("empty dataset")
   common.check_new_tokens("evaluation.max_new_tokens", settings["sampling"].max_new_tokens,
-                          rollouts.policy_config(args.init_from))
+                          rollouts.policy_config(args.init_from)[0])
   config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh)
   summary, items = evaluate(params, config, tokenizer, problems, settings=settings, mesh=the_mesh,
                             system_prompt=common.data()["system_prompt"])

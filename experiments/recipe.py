@@ -184,25 +184,14 @@ def prepare_data(workdir: str, settings: dict) -> dict:
   return manifest
 
 
-def _statements(text: str) -> list:
-  return list(config_parser.ConfigParser(text, gin.config.ParserDelegate(skip_unknown=True)))
-
-
-def _binding_key(statement) -> Optional[str]:
-  """'configurable.param' of a binding statement (scope and module path dropped); None for a macro, an include or
-  an import."""
-  if not isinstance(statement, config_parser.BindingStatement) or not statement.arg_name:
-    return None
-  return f"{statement.selector.split('.')[-1]}.{statement.arg_name}"
-
-
 def mesh_bindings(params: Sequence[str]) -> list[str]:
   """The --gin_param bindings that set the mesh (`mesh.shape=...`, in any spelling gin takes)."""
-  return [p for p in params if any((_binding_key(st) or "").startswith("mesh.") for st in _statements(p))]
+  return [p for p in params
+          if any((common.binding_key(st) or "").startswith("mesh.") for st in common.gin_statements(p))]
 
 
 def _is_recipe_binding(statement) -> bool:
-  key = _binding_key(statement)
+  key = common.binding_key(statement)
   return key is not None and key.split(".")[0] in RECIPE_CONFIGURABLES
 
 
@@ -211,16 +200,16 @@ def split_params(params: Sequence[str]) -> tuple[list[str], list[str]]:
   an import goes to the stages (a stage file may use it) as well as to the recipe."""
   recipe_params, stage_params = [], []
   for param in params:
-    statements = _statements(param)
+    statements = common.gin_statements(param)
     if all(map(_is_recipe_binding, statements)):
       recipe_params.append(param)
       continue
-    per_stage = [k for k in map(_binding_key, statements) if k in PER_STAGE_KEYS]
+    per_stage = [k for k in map(common.binding_key, statements) if k in PER_STAGE_KEYS]
     if per_stage:
       raise ValueError(f"--gin_param={param}: the recipe sets {per_stage[0]} for each stage itself; to change it "
                        f'for one stage, use recipe.stage_bindings = {{"sft": [{json.dumps(param)}]}} (with that '
                        "stage's name)")
-    if "data.eval_files" in map(_binding_key, statements):  # the GRPO stage refuses it: it has no eval loss
+    if "data.eval_files" in map(common.binding_key, statements):  # the GRPO stage refuses it: it has no eval loss
       raise ValueError(f"--gin_param={param}: data.eval_files would reach every stage, GRPO too, which has no eval "
                        'loss; give it to the stages that read it, e.g. recipe.stage_bindings = {"midtrain": '
                        f"[{json.dumps(param)}]}}")
@@ -234,13 +223,13 @@ def _file_stage_bindings(path: str, seen: set) -> list[str]:
     return []
   seen.add(path)
   with open(path) as f:
-    statements = _statements(f.read())
+    statements = common.gin_statements(f.read())
   out = []
   for statement in statements:
     if isinstance(statement, config_parser.IncludeStatement):
       out += _file_stage_bindings(statement.filename, seen)
-    elif _binding_key(statement) is not None and not _is_recipe_binding(statement):
-      out.append(f"{path}: {_binding_key(statement)}")
+    elif common.binding_key(statement) is not None and not _is_recipe_binding(statement):
+      out.append(f"{path}: {common.binding_key(statement)}")
   return out
 
 
@@ -263,13 +252,14 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
              "(give recipe.difficulty_overrides on the command line to change that level)", difficulty,
              in_file_dicts["recipe.difficulty_overrides"])
     in_file_dicts["recipe.difficulty_overrides"] = None
-    asked = any(_binding_key(st) == "recipe.difficulty_overrides" for p in params for st in _statements(p))
+    asked = any(common.binding_key(st) == "recipe.difficulty_overrides"
+                for p in params for st in common.gin_statements(p))
     gin.bind_parameter("recipe.difficulty_overrides",
                        common.bound_or_none("recipe.difficulty_overrides") if asked else {})
   for name, in_file in in_file_dicts.items():  # a --gin_param dict adds to the file's rather than replacing it
     # Each --gin_param of the name in turn (gin keeps only the last): one flag per stage adds up too.
-    given = [st.value for p in params for st in _statements(p)
-             if _binding_key(st) == name and isinstance(st.value, dict)]
+    given = [st.value for p in params for st in common.gin_statements(p)
+             if common.binding_key(st) == name and isinstance(st.value, dict)]
     merged = dict(in_file or {})
     for value in given:
       merged = ({k: list(merged.get(k, [])) + list(value.get(k, [])) for k in {**merged, **value}}

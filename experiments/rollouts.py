@@ -196,20 +196,18 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
 
 
 def policy_config(init_from: str):
-  """The model config of a run workdir or a transformers checkpoint directory, read without its weights."""
+  """(model config, model.hf_path) of a run workdir or a transformers checkpoint directory, read without weights."""
   common.check_policy_dir(init_from)
-  return common.model()[0] if os.path.isdir(os.path.join(init_from, "params")) else common.model(hf_path=init_from)[0]
+  return common.model() if os.path.isdir(os.path.join(init_from, "params")) else common.model(hf_path=init_from)
 
 
 def load_policy(init_from: str, the_mesh):
   """(config, params, tokenizer) of a run workdir (params/) or a transformers checkpoint directory."""
-  common.check_policy_dir(init_from)
+  config, hf_path = policy_config(init_from)
   if os.path.isdir(os.path.join(init_from, "params")):
-    config, hf_path = common.model()
     tokenizer = common.get_tokenizer(common.data()["tokenizer"], init_from)
     params = common.params_loader(config, hf_path, init_from, the_mesh)()
   else:
-    config, _ = common.model(hf_path=init_from)
     tokenizer = load_tokenizer(init_from)
     params = common.params_loader(config, init_from, None, the_mesh)()
   return config, params, tokenizer
@@ -243,7 +241,7 @@ def main(argv=None):
   settings = rollout_settings()
   read_problems(args.problems)
   common.check_new_tokens("rollouts.max_new_tokens", settings["sampling"].max_new_tokens,
-                          policy_config(args.init_from))
+                          policy_config(args.init_from)[0])
   the_mesh = common.mesh()
   config, params, tokenizer = load_policy(args.init_from, the_mesh)
   summary = rollout_pairs(params, config, tokenizer, args.problems, args.out, k=args.k, sampling=settings["sampling"],

@@ -90,10 +90,9 @@ def _plain_number(text: str) -> Optional[decimal.Decimal]:
   return value if value.is_finite() and abs(value.adjusted()) <= 400 else None
 
 
-def _numbers_match(gold: str, pred: str, places: int) -> bool:
+def _numbers_match(a: decimal.Decimal, b: decimal.Decimal, places: int) -> bool:
   """Equal to `places` decimal places (math-verify's rule: 123456789 is not 123456790, 0.6666667 is 0.666667) and
   within NUMBER_RELATIVE_TOLERANCE of each other (so 3e-7 is not 1e-7, though both round to 0)."""
-  a, b = _plain_number(gold), _plain_number(pred)
   if a == b:
     return True
   quantum = decimal.Decimal(1).scaleb(-places)
@@ -161,9 +160,10 @@ class VerifierPool:
     unique = list(dict.fromkeys((sanitize(g), sanitize(p)) for g, p in pairs))
     # Two plain numbers are compared here, rounded as math-verify rounds them (`float_rounding` decimal places) and
     # to a relative tolerance as well: rounding alone makes every value below 5e-7 equal (3e-7 and 1e-7 round to 0).
-    numbers = {pair: _plain_number(pair[0]) is not None and _plain_number(pair[1]) is not None for pair in unique}
-    local = {pair: _numbers_match(*pair, self.config.float_rounding) for pair in unique if numbers[pair]}
-    unique = [pair for pair in unique if not numbers[pair]]
+    values = {pair: (_plain_number(pair[0]), _plain_number(pair[1])) for pair in unique}
+    local = {pair: _numbers_match(*values[pair], self.config.float_rounding) for pair in unique
+             if None not in values[pair]}
+    unique = [pair for pair in unique if pair not in local]
     if not unique:
       return [local[(sanitize(g), sanitize(p))] for g, p in pairs]
     with self._lock:

@@ -37,7 +37,7 @@ from phi_jax.losses.dpo import LOSS_TYPES
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sharding.distributed import any_process
 from phi_jax.train.loop import global_batch
-from phi_jax.train.step import MeshJit, split_microbatches
+from phi_jax.train.step import MeshJit, most_pieces, split_microbatches
 
 log = logging.getLogger("phi_jax")
 
@@ -114,7 +114,7 @@ def _reference_sums(ref_params, batch, *, config: PhiConfig, chunk_size: int, mi
 
   pairs = jax.tree.leaves(batch)[0].shape[0]
   # Batches of other sizes (the eval data's) split into the most pieces up to `microbatches` that divide them.
-  pieces = max(m for m in range(1, microbatches + 1) if pairs % m == 0)
+  pieces = most_pieces(pairs, microbatches)
   if pieces == 1:
     out = sums(batch)
   else:

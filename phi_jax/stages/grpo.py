@@ -45,7 +45,7 @@ from phi_jax.losses.grpo import AGGREGATIONS
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sampling import SamplingConfig, generate
 from phi_jax.train import checkpoint
-from phi_jax.train.step import MeshJit, batch_shardings
+from phi_jax.train.step import MeshJit, batch_shardings, most_pieces
 
 log = logging.getLogger("phi_jax")
 
@@ -115,6 +115,8 @@ class GRPOConfig:
       value = getattr(self, name)
       if value is not None and not value >= 0.0:
         raise ValueError(f"grpo.{name}={value} must be >= 0 (0 is greedy)")
+      if value is not None and not math.isfinite(value):
+        raise ValueError(f"grpo.{name}={value} must be finite")
     if not 0.0 <= self.hard_prompt_fraction < 1.0:
       raise ValueError(f"grpo.hard_prompt_fraction={self.hard_prompt_fraction}: the share of each batch's prompts "
                        "sampled again because they were hard, in [0, 1)")
@@ -126,9 +128,6 @@ class GRPOConfig:
                   "replayed: raise it to at least %.4g, or set 0 to turn the replay off", self.hard_prompt_fraction,
                   self.prompts_per_step, 1 / self.prompts_per_step)
     # The sampling settings, checked as the rollouts will use them and named by their grpo.* bindings.
-    for name in ("temperature", "final_temperature"):
-      if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
-        raise ValueError(f"grpo.{name}={getattr(self, name)} must be finite")
     try:
       SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                      top_p=self.top_p)
@@ -350,8 +349,7 @@ class GRPORollouts:
     # The most blocks up to score_microbatches whose rows split evenly, and over the mesh's data x fsdp (1 block
     # when none does).
     ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    blocks = max((m for m in range(1, self.score_microbatches + 1) if rows % m == 0 and (rows // m) % ways == 0),
-                 default=1)
+    blocks = most_pieces(rows, self.score_microbatches, ways)
     out = []
     for block in range(blocks):
       part = {k: v[block * rows // blocks:(block + 1) * rows // blocks] for k, v in inputs.items()}

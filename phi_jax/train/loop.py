@@ -55,7 +55,7 @@ from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptChec
 from phi_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer, warmup_length
 from phi_jax.train.state import abstract_state, create_train_state, state_shardings
 from phi_jax.train.step import (MeshJit, batch_shardings, check_rows_per_process, make_train_step,
-                               split_microbatches)
+                               most_pieces, split_microbatches)
 
 log = logging.getLogger("phi_jax")
 
@@ -828,7 +828,7 @@ def _make_eval(loss_fn, mesh, microbatches: int = 1):
     # Eval batches may have other row counts than the train batch: the most pieces up to `microbatches` they split
     # into evenly.
     rows = jax.tree.leaves(batch)[0].shape[0]
-    pieces = max(m for m in range(1, microbatches + 1) if rows % m == 0)
+    pieces = most_pieces(rows, microbatches)
     if pieces == 1:
       return sums(params, batch)
     add = lambda carry, mb: (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, sums(params, mb)), None)

@@ -25,6 +25,13 @@ from phi_jax.train.state import TrainState
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
+def most_pieces(rows: int, at_most: int, ways: int = 1) -> int:
+  """The most pieces, up to `at_most`, that `rows` split into evenly with each piece's rows a multiple of `ways`
+  (the devices a piece is split over); 1 when none does. Batches of other sizes than the train batch (eval data, a
+  scoring pass) use it to run in as many microbatches as fit."""
+  return max((m for m in range(1, at_most + 1) if rows % m == 0 and (rows // m) % ways == 0), default=1)
+
+
 def split_microbatches(batch: dict, num: int) -> dict:
   """[B, ...] -> [num, B/num, ...] taking rows with stride `num`, so every device feeds every microbatch."""
   def split(x):
