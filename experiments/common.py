@@ -29,7 +29,7 @@ from phi_jax import sharding
 from phi_jax.data import pipeline as pipeline_lib
 from phi_jax.data import sources as sources_lib
 from phi_jax.hf import load_hf, save_hf
-from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer, save_tokenizer
+from phi_jax.hf.tokenizer import CHAT_TEMPLATES, build_tiny_tokenizer, load_tokenizer, save_tokenizer
 from phi_jax.model import PhiConfig, init_params, presets
 from phi_jax.sampling import sampler
 from phi_jax.sharding import distributed
@@ -270,17 +270,48 @@ def get_tokenizer(spec: str, workdir: str):
   """The tokenizer `spec` names; "tiny:<chat format>" is built once into workdir/tokenizer and read from there."""
   if spec.startswith("tiny:"):
     out = os.path.join(workdir, "tokenizer")
+    chat_format = spec.split(":", 1)[1]
+    if chat_format not in CHAT_TEMPLATES:
+      raise ValueError(f"data.tokenizer={spec!r}: unknown chat format {chat_format!r}; expected 'tiny:' followed by "
+                       f"one of {sorted(CHAT_TEMPLATES)}")
+    built = _tiny_tokenizer_format(out)
+    if built is not None and built != chat_format:
+      # A workdir keeps the tokenizer it was first given (a run resumes with it); a spec naming another format
+      # would otherwise be ignored without a word, the data rendered in the old format.
+      if _has_checkpoints(workdir):
+        raise ValueError(f"data.tokenizer={spec!r}, but {workdir} holds checkpoints trained with the tiny tokenizer "
+                         f"of the {built!r} format ({out}): set data.tokenizer='tiny:{built}' to resume, or use a "
+                         "new workdir")
+      log.warning("data.tokenizer=%r: replacing the tiny %r tokenizer that an earlier, unstarted run left in %s",
+                  spec, built, out)
     # Process 0 alone builds it, into a temporary directory renamed into place: processes started together would
     # otherwise write the same files at once, and one could read another's half-written file.
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "tokenizer.json")):
+    if jax.process_index() == 0 and built != chat_format:
       tmp = f"{out}.tmp{os.getpid()}"
       shutil.rmtree(tmp, ignore_errors=True)
-      build_tiny_tokenizer(tmp, chat_format=spec.split(":", 1)[1])
+      build_tiny_tokenizer(tmp, chat_format=chat_format)
       shutil.rmtree(out, ignore_errors=True)  # what a crash left half-built
       os.replace(tmp, out)
     distributed.barrier(f"tiny tokenizer {out}")  # every process, whether or not it found the files
     return load_tokenizer(out)
   return load_tokenizer(spec)
+
+
+def _tiny_tokenizer_format(path: str) -> Optional[str]:
+  """The chat format of the tiny tokenizer built into `path` (read from its chat template); None when there is none."""
+  try:
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+      template = json.load(f).get("chat_template")
+  except (OSError, ValueError):
+    return None
+  if not os.path.exists(os.path.join(path, "tokenizer.json")):
+    return None
+  return next((name for name, known in CHAT_TEMPLATES.items() if known == template), "unknown")
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  checkpoints = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
 
 
 def _pipeline(files, data_cfg, tokenizer, *, seed, per_process_batch, shuffle=True, num_epochs=None, warn=True):

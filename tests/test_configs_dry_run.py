@@ -334,6 +334,24 @@ def test_a_tiny_tokenizer_is_built_whole_into_place(tmp_path, monkeypatch):
   assert again.get_vocab() == built.get_vocab()
 
 
+def test_a_tiny_tokenizer_of_another_format_is_rebuilt_before_a_run_starts_and_refused_after(tmp_path, caplog):
+  """A workdir whose first attempt stopped at start-up kept the tokenizer of its first data.tokenizer: the fixed
+  settings' format was ignored, the data rendered in the old one."""
+  from phi_jax.data import chat
+
+  common.get_tokenizer("tiny:phi-4", str(tmp_path))
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    mini = common.get_tokenizer("tiny:phi-4-mini", str(tmp_path))
+  assert chat.chat_family(mini) == "phi-4-mini" and "replacing the tiny 'phi-4' tokenizer" in caplog.text
+  assert chat.chat_family(common.load_tokenizer(str(tmp_path / "tokenizer"))) == "phi-4-mini"
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  with pytest.raises(ValueError, match="checkpoints trained with the tiny tokenizer of the 'phi-4-mini' format"):
+    common.get_tokenizer("tiny:phi-4-reasoning", str(tmp_path))
+  assert common.get_tokenizer("tiny:phi-4-mini", str(tmp_path)).get_vocab() == mini.get_vocab()
+  with pytest.raises(ValueError, match="unknown chat format 'phi4'"):
+    common.get_tokenizer("tiny:phi4", str(tmp_path))
+
+
 def test_a_tokenizer_larger_than_the_embedding_or_a_budget_filling_every_position_is_refused(tmp_path):
   """Token ids past the embedding table would be clamped silently by the gather; max_new_tokens equal to the
   positions leaves none for the prompt."""
