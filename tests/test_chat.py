@@ -6,6 +6,7 @@ The tiny tokenizers carry the real special tokens and chat templates of each mod
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -297,6 +298,21 @@ def test_a_tokenizer_without_chat_template_is_refused(scratch_tokenizer):
     render_messages(scratch_tokenizer, [USER_1])
   with pytest.raises(ValueError, match="no chat_template"):
     render_prompt(scratch_tokenizer, U)
+
+
+@pytest.mark.parametrize("fmt", ["phi-4", "phi-4-mini"])
+def test_a_tokenizer_whose_chat_markers_are_not_single_tokens_is_refused_before_rendering(tmp_path, fmt):
+  """With the markers as text, SFT trained the end-of-turn as characters and only export (stop ids) failed."""
+  backend = Tokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.add_special_tokens(["<|endoftext|>"])
+  tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+  tokenizer.chat_template = CHAT_TEMPLATES[fmt]
+  missing = "<|im_start|>, <|im_sep|>, <|im_end|>" if fmt == "phi-4" else "<|user|>, <|assistant|>, <|end|>"
+  with pytest.raises(ValueError, match=f"no single token for {re.escape(missing)}: chat turns would be trained"):
+    render_messages(tokenizer, [USER_1, ASSISTANT_2])
+  with pytest.raises(ValueError, match="no single token for"):
+    render_prompt(tokenizer, USER_1["content"])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

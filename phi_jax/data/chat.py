@@ -20,6 +20,7 @@ Special tokens are always looked up by string: the tiny test tokenizers number t
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -45,6 +46,11 @@ THINK_TOKENS = ("<think>", "</think>")
 # Markers of each family's chat format, looked for in the chat template, then in the vocabulary.
 _FAMILY_MARKERS = (("phi-4", "<|im_sep|>"), ("phi-4-mini", "<|assistant|>"))
 _SENTINEL = "\x00phi_jax:assistant:{}\x00"
+# The markers a chat turn is built from, each of which must be one token: as text they would be trained as
+# characters, and generation could never stop on a multi-token end-of-turn.
+_CONTROL_TOKENS = {"phi-4": ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
+                   "phi-4-mini": ("<|user|>", "<|assistant|>", "<|end|>")}
+_CHECKED_TOKENIZERS = weakref.WeakSet()
 
 
 def render_messages(tokenizer: PreTrainedTokenizerBase,
@@ -69,6 +75,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase,
     ValueError: an empty conversation, a message that is not a mapping, an unknown role or non-string content (the
       message names the offending index), or a template whose rendering does not allow an exact mask.
   """
+  _require_control_tokens(tokenizer)
   messages = _checked_messages(messages, _unless_built_in(tokenizer, system_prompt))
   text = _render(tokenizer, messages, add_generation_prompt)
   spans = _assistant_spans(tokenizer, messages, text, add_generation_prompt)
@@ -96,6 +103,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase,
   """Prompt ids for generation: the conversation (or one user question) followed by the assistant header."""
   if isinstance(messages_or_question, str):
     messages_or_question = [{"role": "user", "content": messages_or_question}]
+  _require_control_tokens(tokenizer)
   messages = _checked_messages(messages_or_question, _unless_built_in(tokenizer, system_prompt))
   _require_template(tokenizer)
   return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
@@ -132,6 +140,27 @@ def think_token_ids(tokenizer: PreTrainedTokenizerBase) -> Optional[tuple[int, i
   if open_id is None or close_id is None:
     return None
   return open_id, close_id
+
+
+def _require_control_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+  """Refuses a tokenizer on which its chat format's markers are not single tokens (checked once per tokenizer)."""
+  try:
+    if tokenizer in _CHECKED_TOKENIZERS:
+      return
+  except TypeError:  # not weak-referenceable: checked every time
+    pass
+  family = chat_family(tokenizer)
+  missing = [token for token in dict.fromkeys(_CONTROL_TOKENS[family] + STOP_TOKENS[family])
+             if _single_token_id(tokenizer, token) is None]
+  if missing:
+    raise ValueError(f"the tokenizer has a {family} chat template but no single token for {', '.join(missing)}: "
+                     "chat turns would be trained with these markers as plain text, and generation could never stop "
+                     "on them. Use the model's own tokenizer, or add them as special tokens "
+                     "(tokenizer.add_special_tokens({'additional_special_tokens': [...]})) and save it")
+  try:
+    _CHECKED_TOKENIZERS.add(tokenizer)
+  except TypeError:
+    pass
 
 
 def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> Optional[int]:
