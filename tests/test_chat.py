@@ -223,6 +223,21 @@ def test_a_built_in_system_prompt_is_found_in_named_templates_too(tokenizers):
   assert (ids, _) == render_messages(tokenizers["phi-4-mini-reasoning"], messages)
 
 
+def test_a_system_prompt_the_template_drops_is_warned_of_once(tokenizers, caplog, tmp_path):
+  reasoning = build_tiny_tokenizer(tmp_path, chat_format="phi-4-reasoning")  # not yet warned about
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    for _ in range(2):
+      ids, _ = render_messages(reasoning, [USER_1, ASSISTANT_2], system_prompt="Answer in French.")
+  assert "French" not in reasoning.decode(ids)
+  assert caplog.text.count("leaves system messages out of the rendered text") == 1
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    render_messages(tokenizers["phi-4"], [USER_1, ASSISTANT_2], system_prompt="Answer in French.")
+    render_messages(tokenizers["phi-4-mini-reasoning"], [USER_1, ASSISTANT_2],
+                    system_prompt=PHI4_MINI_REASONING_SYSTEM_PROMPT)  # written by the template itself
+  assert "leaves system messages out" not in caplog.text
+
+
 def test_system_prompt_only_fills_in_a_missing_system_message(tokenizers):
   tokenizer = tokenizers["phi-4"]
   with_system = render_messages(tokenizer, [SYSTEM, USER_1, ASSISTANT_1])
@@ -374,6 +389,16 @@ def test_tiny_tokenizer_directory_reloads_with_its_template_and_special_tokens(t
   assert reloaded.encode(text, add_special_tokens=False) == tokenizers[fmt].encode(text, add_special_tokens=False)
   expected_pad = "<|dummy_85|>" if CHAT_FORMAT_FAMILY[fmt] == "phi-4" else "<|endoftext|>"
   assert reloaded.pad_token == expected_pad
+
+
+def test_a_tokenizer_file_or_a_hub_id_is_told_what_to_give_instead(tokenizers, tmp_path):
+  save_tokenizer(tokenizers["phi-4"], tmp_path)
+  with pytest.raises(FileNotFoundError, match=f"is a file; give the directory that holds it .*'{tmp_path}'"):
+    load_tokenizer(tmp_path / "tokenizer.json")
+  with pytest.raises(FileNotFoundError, match="looks like a model hub id, which phi_jax does not download"):
+    load_tokenizer("microsoft/phi-4")
+  with pytest.raises(FileNotFoundError, match=r"tokenizer directory '/no/such/dir' does not exist$"):
+    load_tokenizer("/no/such/dir")
 
 
 def test_a_plain_fast_tokenizer_loads_as_auto_tokenizer_would_without_importing_torch(tmp_path):

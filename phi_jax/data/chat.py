@@ -20,6 +20,7 @@ Special tokens are always looked up by string: the tiny test tokenizers number t
 from __future__ import annotations
 
 import json
+import logging
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
@@ -51,6 +52,9 @@ _SENTINEL = "\x00phi_jax:assistant:{}\x00"
 _CONTROL_TOKENS = {"phi-4": ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
                    "phi-4-mini": ("<|user|>", "<|assistant|>", "<|end|>")}
 _CHECKED_TOKENIZERS = weakref.WeakSet()
+_WARNED_OF_DROPPED_SYSTEM = weakref.WeakSet()
+
+log = logging.getLogger("phi_jax")
 
 
 def render_messages(tokenizer: PreTrainedTokenizerBase,
@@ -78,6 +82,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase,
   _require_control_tokens(tokenizer)
   messages = _checked_messages(messages, _unless_built_in(tokenizer, system_prompt))
   text = _render(tokenizer, messages, add_generation_prompt)
+  _warn_if_system_dropped(tokenizer, messages, text)
   spans = _assistant_spans(tokenizer, messages, text, add_generation_prompt)
 
   pieces, inside, cursor = [], [], 0
@@ -183,6 +188,22 @@ def with_default_system_prompt(template: Union[str, Mapping[str, str]], system_p
   default = json.dumps(system_prompt, ensure_ascii=False)  # a Jinja string literal
   return ("{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', "
           f"'content': {default}}}] + messages %}}{{%- endif %}}" + template)
+
+
+def _warn_if_system_dropped(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], text: str) -> None:
+  """Phi-4-reasoning's template writes its own system prompt and drops system messages: a data.system_prompt (or a
+  record's system message) then never reaches training or the export, which deserves a word, once per tokenizer."""
+  dropped = [m["content"] for m in messages if m["role"] == "system" and m["content"].strip()
+             and m["content"] not in text]
+  try:
+    if not dropped or tokenizer in _WARNED_OF_DROPPED_SYSTEM:
+      return
+    _WARNED_OF_DROPPED_SYSTEM.add(tokenizer)
+  except TypeError:  # not weak-referenceable: warn every time
+    pass
+  log.warning("the chat template leaves system messages out of the rendered text (Phi-4-reasoning writes its own "
+              "system prompt), so this system text is not trained on or exported: %r. Leave data.system_prompt "
+              "unset, or use a template that renders system messages", dropped[0][:80])
 
 
 def _unless_built_in(tokenizer: PreTrainedTokenizerBase, system_prompt: Optional[str]) -> Optional[str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Optional
 
@@ -149,8 +150,14 @@ _DEFAULT_CORPUS = (
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
   """Loads the tokenizer of a local checkpoint directory (tokenizer.json or vocab files plus tokenizer_config.json)."""
   path = os.fspath(path)
+  if os.path.isfile(path):
+    raise FileNotFoundError(f"{path!r} is a file; give the directory that holds it and tokenizer_config.json "
+                            f"({os.path.dirname(os.path.abspath(path))!r})")
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist" + (
+        "; it looks like a model hub id, which phi_jax does not download: download the model (e.g. `huggingface-cli "
+        "download ID --local-dir DIR`) and give the local directory" if hub_id else ""))
   tokenizer_json = os.path.join(path, "tokenizer.json")
   if _tokenizer_class(path) in _PLAIN_FAST_CLASSES and os.path.isfile(tokenizer_json):
     return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
