@@ -180,7 +180,7 @@ def test_a_cluster_jax_detects_starts_without_a_coordinator(monkeypatch, no_clus
     monkeypatch.setenv(name, value)
   distributed.initialize()
   distributed.initialize()  # once only: jax.distributed refuses a second start
-  assert no_cluster == [((), {})]
+  assert no_cluster == [((None, 4, None), {})]  # the agreeing count passed on, the rest left to JAX
   assert switched == [("jax_cpu_collectives_implementation", "gloo")]  # its processes gather over CPU collectives
 
 
@@ -220,6 +220,73 @@ def test_a_coordinator_address_without_the_process_count_and_id_is_refused(monke
   monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)  # no gloo switch in this test process
   with pytest.raises(ValueError, match="needs num_processes and process_id too"):
     distributed.initialize("host0:1234", **kwargs)
+  assert no_cluster == []
+
+
+@pytest.mark.parametrize("env,kwargs", [
+    ({}, {"coordinator_address": "host0:1234", "num_processes": 1}),
+    ({"PHI_JAX_COORDINATOR_ADDRESS": "host0:1234", "PHI_JAX_NUM_PROCESSES": "1"}, {}),
+    # Arguments win over a launcher's inherited settings.
+    ({"PHI_JAX_COORDINATOR_ADDRESS": "host0:1234", "PHI_JAX_NUM_PROCESSES": "2", "PHI_JAX_PROCESS_ID": "1"},
+     {"num_processes": 1, "process_id": 0}),
+    ({"PHI_JAX_COORDINATOR_ADDRESS": "host0:1234"}, {"coordinator_address": ""}),  # "" is no coordinator
+])
+def test_an_explicit_single_process_stays_one_with_a_coordinator_address_set(monkeypatch, no_cluster, env, kwargs):
+  from phi_jax.sharding import distributed
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  distributed.initialize(**kwargs)
+  assert no_cluster == []
+
+
+@pytest.mark.parametrize("env,kwargs,expected", [
+    # An address alone: JAX takes the process count and id from the job step.
+    ({**SLURM_STEP_OF_4, "PHI_JAX_COORDINATOR_ADDRESS": "host0:1234"}, {}, ("host0:1234", None, None)),
+    ({**SLURM_STEP_OF_4}, {"num_processes": 4, "process_id": 1}, (None, 4, 1)),
+    ({"TPU_WORKER_HOSTNAMES": "a,b", "PHI_JAX_NUM_PROCESSES": "2"}, {}, (None, 2, None)),
+])
+def test_explicit_settings_reach_jax_in_a_cluster_it_detects(monkeypatch, no_cluster, env, kwargs, expected):
+  from phi_jax.sharding import distributed
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)  # no gloo switch in this test process
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  distributed.initialize(**kwargs)
+  assert no_cluster == [(expected, {})]
+
+
+@pytest.mark.parametrize("env,kwargs,message", [
+    ({"PHI_JAX_NUM_PROCESSES": "2", "PHI_JAX_PROCESS_ID": "1"}, {}, "num_processes=2 .*SLURM_NTASKS=4"),
+    ({}, {"num_processes": 4, "process_id": 2}, "process_id=2 .*SLURM_PROCID=1"),
+])
+def test_settings_that_disagree_with_the_slurm_step_are_refused(monkeypatch, no_cluster, env, kwargs, message):
+  from phi_jax.sharding import distributed
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)
+  for name, value in {**SLURM_STEP_OF_4, **env}.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(ValueError, match=message):
+    distributed.initialize(**kwargs)
+  assert no_cluster == []
+
+
+@pytest.mark.parametrize("env,kwargs,message", [
+    ({"PHI_JAX_NUM_PROCESSES": ""}, {}, "PHI_JAX_NUM_PROCESSES='' is not an integer"),
+    ({"PHI_JAX_PROCESS_ID": "one"}, {}, "PHI_JAX_PROCESS_ID='one' is not an integer"),
+    ({"PHI_JAX_NUM_PROCESSES": "0"}, {}, "PHI_JAX_NUM_PROCESSES=0 .*at least 1"),
+    ({"PHI_JAX_COORDINATOR_ADDRESS": "host0:1234", "PHI_JAX_NUM_PROCESSES": "0", "PHI_JAX_PROCESS_ID": "0"}, {},
+     "PHI_JAX_NUM_PROCESSES=0 .*at least 1"),
+    ({"PHI_JAX_NUM_PROCESSES": "2", "PHI_JAX_PROCESS_ID": "2"}, {}, "PHI_JAX_PROCESS_ID=2 .*0 to 1"),
+    ({"PHI_JAX_PROCESS_ID": "-1"}, {}, "PHI_JAX_PROCESS_ID=-1 .*at least 0"),
+    ({}, {"num_processes": 0}, "num_processes=0 .*at least 1"),
+    ({}, {"num_processes": 1, "process_id": 1}, "process_id=1 .*0 to 0"),
+])
+def test_malformed_process_settings_name_the_setting(monkeypatch, no_cluster, env, kwargs, message):
+  from phi_jax.sharding import distributed
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(ValueError, match=message):
+    distributed.initialize(**kwargs)
   assert no_cluster == []
 
 

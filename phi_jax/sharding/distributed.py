@@ -4,8 +4,12 @@ Resolution order:
 1. explicit arguments (coordinator address, number of processes, this process's id);
 2. PHI_JAX_COORDINATOR_ADDRESS / PHI_JAX_NUM_PROCESSES / PHI_JAX_PROCESS_ID in the environment;
 3. a cluster JAX detects by itself (TPU pod slices, a Slurm job step of several tasks, Open MPI's mpirun) —
-   `jax.distributed.initialize()` with no arguments;
+   `jax.distributed.initialize()` fills what 1 and 2 leave unset; in a Slurm job step, a process count or id
+   that disagrees with the step's (SLURM_NTASKS / SLURM_PROCID) is refused;
 4. otherwise a single process (no call at all), so laptops and single GPUs need nothing.
+
+An explicit single process (num_processes=1) needs none of this and starts nothing. An explicit empty coordinator
+address (`coordinator_address=""`) means none, whatever PHI_JAX_COORDINATOR_ADDRESS says.
 
 Outside a cluster JAX detects, several processes (or a process id) without a coordinator address are refused:
 each process would otherwise run alone, all of them writing the same workdir.
@@ -34,47 +38,81 @@ def _multi_task_slurm() -> bool:
   return all(v in os.environ for v in _SLURM_STEP) and int(os.environ["SLURM_NTASKS"]) > 1
 
 
+def _process_setting(value: Optional[int], argument: str, variable: str) -> tuple[Optional[int], str]:
+  """The argument, else the environment variable as an int (None when neither is set), with its name for errors."""
+  if value is not None or variable not in os.environ:
+    return value, argument
+  text = os.environ[variable]
+  try:
+    return int(text), variable
+  except ValueError:
+    raise ValueError(f"{variable}={text!r} is not an integer: set it to a whole number or unset it") from None
+
+
+def _process_settings(num_processes: Optional[int], process_id: Optional[int]) -> tuple[Optional[int], Optional[int]]:
+  """num_processes and process_id from the arguments or PHI_JAX_*, checked: at least 1, and 0 <= id < count."""
+  num_processes, num_name = _process_setting(num_processes, "num_processes", "PHI_JAX_NUM_PROCESSES")
+  process_id, id_name = _process_setting(process_id, "process_id", "PHI_JAX_PROCESS_ID")
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"{num_name}={num_processes} is not a process count: it must be at least 1")
+  if process_id is not None and process_id < 0:
+    raise ValueError(f"{id_name}={process_id} is not a process id: it must be at least 0")
+  if process_id is not None and num_processes is not None and process_id >= num_processes:
+    raise ValueError(f"{id_name}={process_id} is out of range for {num_name}={num_processes}: "
+                     f"process ids run from 0 to {num_processes - 1}")
+  return num_processes, process_id
+
+
+def _check_slurm_step(num_processes: Optional[int], process_id: Optional[int]) -> None:
+  """Refuses a process count or id that disagrees with the job step's: JAX would mix them with the step's own."""
+  for value, name, slurm_name in ((num_processes, "num_processes", "SLURM_NTASKS"),
+                                  (process_id, "process_id", "SLURM_PROCID")):
+    if value is not None and value != int(os.environ[slurm_name]):
+      raise ValueError(f"{name}={value} (argument or PHI_JAX_{name.upper()}) disagrees with this Slurm job step's "
+                       f"{slurm_name}={os.environ[slurm_name]}: unset it, or launch the step with matching tasks")
+
+
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None) -> None:
   """Starts jax.distributed when this is a multi-process run; a no-op for a single process.
 
   Raises ValueError when more than one process, or a process id, is asked for without a coordinator address
-  (`num_processes=1` with `process_id` 0 or unset needs none). An explicit single process (`num_processes=1`, or
-  PHI_JAX_NUM_PROCESSES=1) stays one whatever cluster variables are set. A second call does nothing.
+  (`num_processes=1` with `process_id` 0 or unset needs none), and when a process count below 1, a process id
+  outside [0, num_processes) or a PHI_JAX_* value that is not an integer is given. An explicit single process
+  (`num_processes=1`, or PHI_JAX_NUM_PROCESSES=1) stays one whatever coordinator address or cluster variables are
+  set. A second call does nothing.
   """
   global _initialized
   if _initialized or jax.distributed.is_initialized():  # jax.distributed.initialize() may run once (also by the
     _initialized = True  # program itself, before calling phi_jax), before any other JAX call
     return
-  coordinator_address = coordinator_address or os.environ.get("PHI_JAX_COORDINATOR_ADDRESS")
-  if num_processes is None and "PHI_JAX_NUM_PROCESSES" in os.environ:
-    num_processes = int(os.environ["PHI_JAX_NUM_PROCESSES"])
-  if process_id is None and "PHI_JAX_PROCESS_ID" in os.environ:
-    process_id = int(os.environ["PHI_JAX_PROCESS_ID"])
-  one_process = num_processes in (None, 1) and (process_id is None or (process_id == 0 and num_processes == 1))
-  if one_process and num_processes == 1 and not coordinator_address:
+  num_processes, process_id = _process_settings(num_processes, process_id)
+  if num_processes == 1:  # process_id is 0 or unset here
     _initialized = True
-    return  # asked for explicitly: no cluster detection
-  detected = _multi_task_slurm() or any(m in os.environ for m in _CLUSTER_MARKERS)  # JAX finds its peers there
-  if not coordinator_address and not one_process and not detected:
+    return  # asked for explicitly: no coordinator, no cluster detection
+  if coordinator_address is None:  # an explicit "" means no coordinator, whatever the environment says
+    coordinator_address = os.environ.get("PHI_JAX_COORDINATOR_ADDRESS")
+  slurm = _multi_task_slurm()
+  detected = slurm or any(m in os.environ for m in _CLUSTER_MARKERS)  # JAX finds its peers there
+  if slurm:
+    _check_slurm_step(num_processes, process_id)
+  elif not detected and not coordinator_address:
+    if num_processes is None and process_id is None:
+      _initialized = True
+      return
     raise ValueError(
         f"num_processes={num_processes} and process_id={process_id} (PHI_JAX_NUM_PROCESSES / PHI_JAX_PROCESS_ID) "
         "need a coordinator address too: set PHI_JAX_COORDINATOR_ADDRESS (host:port of process 0) on every "
         "process. Without one each process would run alone and all would write the same workdir.")
-  multi = bool(coordinator_address) or detected
-  if multi:
-    # Cross-process collectives on CPU need gloo; accelerators ignore this setting.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if coordinator_address:
-    if num_processes is None or process_id is None:
-      raise ValueError("a coordinator address needs num_processes and process_id too "
-                       "(PHI_JAX_NUM_PROCESSES / PHI_JAX_PROCESS_ID)")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif detected:
-    jax.distributed.initialize()
-  else:
-    _initialized = True
-    return
+  elif not detected and (num_processes is None or process_id is None):
+    missing = " and ".join(n for n, v in (("num_processes", num_processes), ("process_id", process_id)) if v is None)
+    raise ValueError(f"a coordinator address needs num_processes and process_id too: {missing} not set: pass "
+                     "num_processes= and process_id=, or set PHI_JAX_NUM_PROCESSES / PHI_JAX_PROCESS_ID on every "
+                     "process")
+  # Cross-process collectives on CPU need gloo; accelerators ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # In a cluster JAX detects, it fills what is unset (None) from the cluster.
+  jax.distributed.initialize(coordinator_address or None, num_processes, process_id)
   _initialized = True
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
