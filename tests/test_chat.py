@@ -238,6 +238,18 @@ def test_a_system_prompt_the_template_drops_is_warned_of_once(tokenizers, caplog
   assert "leaves system messages out" not in caplog.text
 
 
+def test_special_token_strings_inside_chat_content_are_warned_of(caplog, tmp_path):
+  tokenizer = build_tiny_tokenizer(tmp_path, chat_format="phi-4")
+  reply = {"role": "assistant", "content": "It appends <|endoftext|>; chat turns end with <|im_end|>."}
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    render_messages(tokenizer, [USER_1, ASSISTANT_2])
+    assert "special token string" not in caplog.text
+    ids, mask = render_messages(tokenizer, [USER_1, reply])
+  assert "holds the special token string(s) <|endoftext|>, <|im_end|>" in caplog.text
+  end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  assert [i for i, m in zip(ids, mask) if m].count(end_of_turn) == 2  # what the warning is about
+
+
 def test_system_prompt_only_fills_in_a_missing_system_message(tokenizers):
   tokenizer = tokenizers["phi-4"]
   with_system = render_messages(tokenizer, [SYSTEM, USER_1, ASSISTANT_1])

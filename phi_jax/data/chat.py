@@ -53,6 +53,7 @@ _CONTROL_TOKENS = {"phi-4": ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
                    "phi-4-mini": ("<|user|>", "<|assistant|>", "<|end|>")}
 _CHECKED_TOKENIZERS = weakref.WeakSet()
 _WARNED_OF_DROPPED_SYSTEM = weakref.WeakSet()
+_WARNED_OF_CONTROL_STRINGS = weakref.WeakSet()
 
 log = logging.getLogger("phi_jax")
 
@@ -83,6 +84,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase,
   messages = _checked_messages(messages, _unless_built_in(tokenizer, system_prompt))
   text = _render(tokenizer, messages, add_generation_prompt)
   _warn_if_system_dropped(tokenizer, messages, text)
+  _warn_of_control_strings(tokenizer, messages)
   spans = _assistant_spans(tokenizer, messages, text, add_generation_prompt)
 
   pieces, inside, cursor = [], [], 0
@@ -204,6 +206,24 @@ def _warn_if_system_dropped(tokenizer: PreTrainedTokenizerBase, messages: Sequen
   log.warning("the chat template leaves system messages out of the rendered text (Phi-4-reasoning writes its own "
               "system prompt), so this system text is not trained on or exported: %r. Leave data.system_prompt "
               "unset, or use a template that renders system messages", dropped[0][:80])
+
+
+def _warn_of_control_strings(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> None:
+  """A special token's string inside a message ("chat turns end with <|im_end|>") is read as that control token, as
+  transformers' apply_chat_template reads it: in an assistant turn it is trained on, an end of turn mid-reply. Text
+  records keep such strings as text (`data.special_tokens_in_text`); chat records cannot without changing the ids
+  the template defines, so they are warned of, once per tokenizer."""
+  specials = [t for t in getattr(tokenizer, "all_special_tokens", ()) if t]
+  found = sorted({t for t in specials for m in messages if t in m["content"]})
+  try:
+    if not found or tokenizer in _WARNED_OF_CONTROL_STRINGS:
+      return
+    _WARNED_OF_CONTROL_STRINGS.add(tokenizer)
+  except TypeError:
+    pass
+  log.warning("a chat message's content holds the special token string(s) %s, which are read as control tokens "
+              "(as apply_chat_template reads them): in an assistant reply that is an end of turn trained mid-reply. "
+              "Remove or escape them in such records (warned once)", ", ".join(found))
 
 
 def _unless_built_in(tokenizer: PreTrainedTokenizerBase, system_prompt: Optional[str]) -> Optional[str]:
