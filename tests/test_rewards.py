@@ -181,6 +181,50 @@ def test_extract_gold():
   assert extract_gold("seven") == "7"
 
 
+def test_a_spelled_number_or_yes_no_after_a_label_is_the_answer_not_prose():
+  """A labelled answer in words wins over earlier, unrelated math in the solution."""
+  think = "<think>a</think>\n"
+  worded = {"John has $3$ apples and buys 4 more. The answer is seven.": "7",
+            "John has $3$ apples and buys 4 more. So the answer is seven apples.": "7",
+            "John has $3$ apples and buys 4 more. Answer: seven": "7",
+            "John has $3$ apples and buys 4 more. The answer is twenty-one apples.": "21",
+            "Since $x > 0$, the answer is no.": "no",
+            "Since $x > 0$, the answer is yes, because $x^2 > 0$.": "yes",
+            # Still prose: a check after the answer, and a word that is no answer.
+            "So $x = 5$. We verify that the answer is correct.": "x = 5",
+            "Since $x > 0$, the answer is no longer negative.": "x > 0",
+            "We get $x = 2$; the answer is one of them.": "x = 2"}
+  assert {c: extract_answer(think + c) for c in worded} == worded
+
+
+def test_several_math_spans_after_a_label_or_chained_boxes_are_one_answer(pool):
+  """Spans joined by ",", "and" or "or" are one comma-separated answer: a set matches a set gold, a hedge no single
+  gold."""
+  think = "<think>a</think>\n"
+  joined = {"The answer is $5$ or $6$.": "5, 6",
+            "The answer is $5$ (or $6$).": "5, 6",
+            "The answer is $x = 2$ and $x = 3$.": "x = 2, x = 3",
+            "The answer is $2$, $3$, and $5$.": "2, 3, 5",
+            "Answer: $a = 1$, $b = 2$": "a = 1, b = 2",
+            "The solutions are $\\boxed{2}$ and $\\boxed{3}$.": "2, 3",
+            "So \\boxed{5 apples} or \\boxed{6 apples}": "5, 6",  # each box read as a box alone
+            # Not joined: an explanation, another sentence, or boxes with prose between them.
+            "The answer is $5$, since $2 + 3 = 5$.": "5",
+            "The answer is $5$. Check: $5 - 2 = 3$.": "5",
+            "\\boxed{1} then \\boxed{\\frac{1}{2}}": "\\frac{1}{2}",
+            "\\boxed{10}\\boxed{11}": "11"}
+  assert {c: extract_answer(think + c) for c in joined} == joined
+  assert extract_gold("$\\boxed{2}$ and $\\boxed{3}$") == "2, 3"
+  cases = [("The answer is $5$ or $6$.", "5", False), ("The answer is $6$ or $5$.", "5", False),
+           ("The answer is $5$ or $6$, I'm not sure.", "5", False),
+           ("The answer is $x = 2$ and $x = 3$.", "2, 3", True), ("The answer is $x = 2$ and $x = 3$.", "2", False),
+           ("The answer is $2$, $3$, and $5$.", "2, 3, 5", True), ("Answer: $a = 1$, $b = 2$", "1, 2", True),
+           ("The solutions are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3", True),
+           ("The answer is $\\boxed{5}$ or $\\boxed{6}$.", "6", False), ("The answer is $5$ dollars.", "5", True)]
+  verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
+  assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
+
+
 MEGABYTE = 1 << 20
 PATHOLOGICAL = {
     "open boxes": "\\boxed{" * (MEGABYTE // 7),
@@ -194,6 +238,9 @@ PATHOLOGICAL = {
     "backslashes": "\\" * MEGABYTE,
     "special tokens": "<|" * MEGABYTE,
     "think tags": "</think>" * (MEGABYTE // 8) + "<think>" * (MEGABYTE // 7),
+    "joined math": "The answer is " + "$1$, " * (MEGABYTE // 5),
+    "joined boxes": "\\boxed{1} and " * (MEGABYTE // 14),
+    "boxes far apart": ("\\boxed{1}" + " " * 4000) * (MEGABYTE // 4009),
 }
 
 
@@ -490,6 +537,35 @@ def test_pool_shutdown():
     pool.verify_answers([("1", "1")])
 
 
+def test_verify_answers_refuses_timeouts_that_would_kill_every_worker(pool):
+  """A per-call timeout_s <= 0 (or soft_timeout_s < 0) is refused before any worker is touched."""
+  before = pool.worker_pids()
+  for kwargs, name in ((dict(timeout_s=0), "timeout_s"), (dict(timeout_s=-1.0), "timeout_s"),
+                       (dict(soft_timeout_s=-0.5), "soft_timeout_s")):
+    with pytest.raises(ValueError, match=name):
+      pool.verify_answers([("x + 1", "1 + x")], **kwargs)
+    if name == "timeout_s":  # what evaluation.verify_timeout_s / rollouts.verify_timeout_s set
+      with pytest.raises(ValueError, match="verify_timeout_s"):
+        rewards.verify_batch(["\\boxed{x + 1}"], ["1 + x"], pool=pool, **kwargs)
+  assert pool.worker_pids() == before
+  assert pool.verify_answers([("x + 1", "1 + x")], soft_timeout_s=0) == [True]  # 0: no soft limit, still allowed
+
+
+def test_verifier_config_refuses_a_negative_worker_count():
+  with pytest.raises(ValueError, match="num_workers"):
+    VerifierConfig(num_workers=-1)
+  assert VerifierConfig(num_workers=0).num_workers == 0
+
+
+def test_default_worker_count_follows_the_cpus_this_process_may_use(monkeypatch):
+  """A container limited to a few cores of a big host starts that many workers, not one per host core."""
+  monkeypatch.setattr(os, "cpu_count", lambda: 64)
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+  assert rewards.verifier.default_num_workers() == 3
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+  assert rewards.verifier.default_num_workers() == 8
+
+
 def test_workers_that_cannot_start_raise(monkeypatch):
   monkeypatch.setattr(rewards.verifier, "_WORKER_SCRIPT", os.path.join(REPO, "no_such_worker.py"))
   pool = rewards.VerifierPool(VerifierConfig(num_workers=1))
@@ -567,6 +643,20 @@ def test_format_rewards_read_completions_as_the_verifier_is_configured(monkeypat
   assert (score(fmt), score(length_aware)) == (1.0, pytest.approx(8 / 13 * 1.0))
 
 
+def test_score_batch_reads_completions_with_the_think_format_of_the_pool_it_is_given():
+  """score_batch(pool=...) verifies with that pool's think format; format and length-aware follow the same one."""
+  pool = rewards.VerifierPool(VerifierConfig(num_workers=1, think=ThinkFormat(prompt_opens_think=True)))
+  completion = ["Let me compute 2+3.</think> The answer is \\boxed{5}."]
+  try:
+    scores = {name: rewards.score_batch(name, completion, ["5"], lengths=[20], finished=[True], pool=pool)
+              for name in ("correctness", "format", "length_aware")}
+  finally:
+    pool.shutdown()
+  assert scores == {"correctness": [1.0], "format": [1.0], "length_aware": [pytest.approx(8 / 13)]}
+  # Outside that call, the module-wide format again.
+  assert rewards.get_reward("format")(completion[0], "5", length=20, finished=True) == 0.0
+
+
 # -- length-aware reward -------------------------------------------------------------------------------------------
 
 def _reference_accuracy(correct, length, l_max=31744, l_pos=25600, l_neg=3702):
@@ -614,6 +704,16 @@ def test_length_config_scaling():
   # A tiny budget keeps l_neg_control >= 1 (3702 * 4 / 31744 rounds to 0): the wrong-answer ramp stays defined.
   tiny = LengthAwareRewardConfig().scaled_to(4)
   assert (tiny.l_max, tiny.l_pos_control, tiny.l_neg_control) == (4, 3, 1)
+
+
+def test_length_config_scaled_to_a_too_small_budget_names_the_budget():
+  """The response budget is what the user set (grpo.max_new_tokens, reward.length_aware_max_tokens), not the
+  reward's derived constants; the message gives the smallest budget that works."""
+  for budget in (-5, 0, 1, 2):
+    with pytest.raises(ValueError, match=r"max_new_tokens.*length_aware_max_tokens.*at least 3") as error:
+      LengthAwareRewardConfig().scaled_to(budget)
+    assert "l_pos_control" not in str(error.value) and str(budget) in str(error.value)
+  assert LengthAwareRewardConfig().scaled_to(3).l_max == 3
 
 
 def test_length_aware_total():

@@ -7,13 +7,15 @@ tentative answers are not final; with a chat template that opens the think block
 order of preference:
 
 1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored), a
-   number followed by words only taken alone as in 2 (`\\boxed{18 dollars}`, `\\boxed{\\text{5 cm}}`); failing that,
+   number followed by words only taken alone as in 2 (`\\boxed{18 dollars}`, `\\boxed{\\text{5 cm}}`), and the
+   boxes right before it that ",", "and" or "or" join to it taken with it (see "Several answers" below); failing that,
    the number alone on a last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such
    as "#### Step 1" or a numbered "#### 2." is not an answer);
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
    end of that sentence, or the line after a "Final Answer" / "Answer" heading; a label followed by prose rather
    than math ("the answer is correct") gives way to an earlier label, or else to 3, and counts only when the
-   solution holds no math ("the answer is yes"). Qualifiers before the answer are dropped ("actually 6",
+   solution holds no math ("the answer is even"), but a number in words ("seven apples") and a bare "yes" / "no"
+   are answers, not prose. Qualifiers before the answer are dropped ("actually 6",
    "approximately 18"), a special token ends it, and a `$` before a number that no `$` closes within the sentence is
    a price. In plain text (not `$...$`) the sentence is cut to its answer: bold markers inside it dropped, a
    trailing explanation cut (", since ...", " because ...", "; " before prose, "(3 boxes of 4)", "(9 * 2)" after a
@@ -22,6 +24,10 @@ order of preference:
    single gold, and an alternative that is not a plain number is dropped ("1/2 (or 50%)");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`);
 4. the whole solution section when it is one short line (a model that answers only "42").
+
+Several answers: math spans after a label, or boxes, joined by ",", "and" or "or" ("the answer is $5$ or $6$",
+"$\\boxed{2}$ and $\\boxed{3}$", "$2$, $3$, and $5$") are one comma-separated answer ("5, 6"), which the verifier
+reads as a set: a hedge matches no single gold, and a set of answers matches the same set as gold ("2, 3").
 
 The answer (and a gold answer) is then rewritten where plain-text notation would be misread as LaTeX:
 "2*pi", "1e3", "x**2" (`latex_notation`), and a whole number in words is written in digits ("twenty-one" -> 21).
@@ -48,6 +54,12 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 # How many `\boxed` occurrences to try from the end before giving up: an unbalanced last box (a truncated answer)
 # falls back to the one before it, but a megabyte of `\boxed{` must not turn into a quadratic scan.
 _MAX_BOX_TRIES = 8
+# Answers joined into one ("$\\boxed{2}$ and $\\boxed{3}$", "$5$ or $6$"): at most this many, each at most this far
+# from the next, so a megabyte of "$1$, " stays a bounded scan.
+_MAX_JOINED_ANSWERS = 16
+_MAX_JOIN_GAP_CHARS = 16
+# What may stand between two answers that are one answer: a set ("2, 3 and 5") or a hedge ("5 or 6", "5 (or 6)").
+_JOINING_WORDS = frozenset((",", "and", "or"))
 _ANSWER_WORD = "answer"
 # GSM8K's answer marker: "#### 72" on the solution's last line.
 _ANSWER_MARK = "####"
@@ -61,6 +73,8 @@ _FILLER_WORDS = ("therefore", "thus", "hence", "indeed", "clearly", "simply", "e
                  "about", "around", "roughly", "nearly", "only", "still", "also", "in fact", "equal to")
 # Lower-case words that open math rather than prose after a label.
 _MATH_WORDS = frozenset(("pi", "sqrt", "sin", "cos", "tan", "log", "ln", "exp", "infinity", "inf"))
+# Whole answers in words that a label's sentence may be, though they are not math: "the answer is no".
+_WORDED_ANSWERS = frozenset(("yes", "no"))
 # After a label, a comma and one of these words start an explanation, not more of the answer: "5, since 2 + 3 = 5".
 _CONNECTIVES = frozenset(("since", "because", "as", "which", "so", "where", "given", "from", "for", "that", "due",
                           "not", "i.e.", "meaning", "giving", "when", "we", "this", "it", "hence", "thus",
@@ -153,9 +167,31 @@ def matching_brace(text: str, open_index: int, max_chars: int) -> Optional[int]:
 
 def last_boxed(text: str, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional[str]:
   """Content of the last complete `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`), or None."""
-  hi = len(text)
+  box = _last_box(text, 0, len(text), max_chars)
+  return None if box is None else box[2]
+
+
+def last_boxes(text: str, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> list[str]:
+  """Contents of the last complete box and of the boxes right before it that are joined to it by ",", "and" or
+  "or" ("$\\boxed{2}$ and $\\boxed{3}$" -> ["2", "3"]: one answer, a set or a hedge), in order; [] when none."""
+  box = _last_box(text, 0, len(text), max_chars)
+  if box is None:
+    return []
+  boxes = [box]
+  while len(boxes) < _MAX_JOINED_ANSWERS:
+    start = boxes[-1][0]
+    # Only a box that can end within the gap is looked for, so the chain stays a bounded scan.
+    before = _last_box(text, max(0, start - max_chars - _MAX_JOIN_GAP_CHARS - 16), start, max_chars)
+    if before is None or not _joins_answers(text[before[1]:start].replace("$", " ")):
+      break
+    boxes.append(before)
+  return [content for _, _, content in reversed(boxes)]
+
+
+def _last_box(text: str, lo: int, hi: int, max_chars: int) -> Optional[tuple[int, int, str]]:
+  """(start, end, content) of the last complete box starting in text[lo:hi], trying `_MAX_BOX_TRIES` from the end."""
   for _ in range(_MAX_BOX_TRIES):
-    start, command = max((text.rfind(c, 0, hi), c) for c in _BOX_COMMANDS)
+    start, command = max((text.rfind(c, lo, hi), c) for c in _BOX_COMMANDS)
     if start < 0:
       return None
     hi = start
@@ -165,14 +201,25 @@ def last_boxed(text: str, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional
     if i < len(text) and text[i] == "{":
       close = matching_brace(text, i, max_chars)
       if close is not None:
-        return text[i + 1:close]
+        return start, close + 1, text[i + 1:close]
     elif i > start + len(command) and i < len(text) and text[i].isalnum():
       # `\boxed 5`: TeX takes the next token as the argument.
       end = i
       while end < len(text) and end - i < max_chars and not text[end].isspace() and text[end] not in "$.,;":
         end += 1
-      return text[i:end]
+      return start, end, text[i:end]
   return None
+
+
+def _joins_answers(gap: str) -> bool:
+  """Whether `gap`, the text between two answers, makes them one: only ",", "and", "or" and brackets, on one line
+  ("$ and $", ", ", ", or ", " (or ")."""
+  if len(gap) > _MAX_JOIN_GAP_CHARS or "\n" in gap:
+    return False
+  for bracket in "()\\":  # "\\) or \\(" between inline math, "5 (or 6)"
+    gap = gap.replace(bracket, " ")
+  words = gap.replace(",", " , ").split()
+  return bool(words) and all(w.lower() in _JOINING_WORDS for w in words)
 
 
 def _sentence(text: str, max_chars: int) -> str:
@@ -181,7 +228,7 @@ def _sentence(text: str, max_chars: int) -> str:
   head = text[:max_chars + 1].lstrip(" \t\n:*")
   cut = head.find(_SPECIAL_TOKEN_START)  # "18 dollars.<|im_end|>": a special token ends the answer
   head = head if cut < 0 else head[:cut]
-  inline_math = _first_inline_math(head)
+  inline_math = _joined_inline_math(head)
   if inline_math is not None:
     return inline_math
   end = len(head)
@@ -205,15 +252,41 @@ def _ends_with_abbreviation(text: str, end: int) -> bool:
 
 def _first_inline_math(text: str) -> Optional[str]:
   """`$x$` / `\\(x\\)` / `\\[x\\]` at the very start of `text`: its content; None otherwise."""
+  span = _inline_math_at(text, 0)
+  return None if span is None else span[0]
+
+
+def _joined_inline_math(text: str) -> Optional[str]:
+  """The math opening `text` and the math joined to it by ",", "and" or "or" as one comma-separated answer:
+  "$5$ or $6$." -> "5, 6" (a hedge, which matches no single gold), "$x = 2$ and $x = 3$" -> "x = 2, x = 3" (a set,
+  which matches the gold "2, 3"); None when `text` does not open with math."""
+  span = _inline_math_at(text, 0)
+  if span is None:
+    return None
+  contents, end = [span[0]], span[1]
+  while len(contents) < _MAX_JOINED_ANSWERS:
+    start = end
+    while start < len(text) and start - end <= _MAX_JOIN_GAP_CHARS and text[start] not in "$\\":
+      start += 1
+    span = _inline_math_at(text, start) if _joins_answers(text[end:start]) else None
+    if span is None:
+      break
+    contents.append(span[0])
+    end = span[1]
+  return ", ".join(contents)
+
+
+def _inline_math_at(text: str, start: int) -> Optional[tuple[str, int]]:
+  """`$x$` / `\\(x\\)` / `\\[x\\]` starting at text[start]: its content and where it ends; None otherwise."""
   for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-    if text.startswith(left):
-      close = text.find(right, len(left))
-      if close > len(left):
-        content = text[len(left):close]
+    if text.startswith(left, start):
+      close = text.find(right, start + len(left))
+      if close > start + len(left):
+        content = text[start + len(left):close]
         # "$13. She spent $5": a price, not math running to the next dollar sign across sentences or lines.
         if left == "$" and content[:1].isdigit() and ("\n" in content or ". " in content):
           return None
-        return content
+        return content, close + len(right)
       return None
   return None
 
@@ -228,7 +301,7 @@ def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
   gives way to the last label before it that is followed by an answer, so a check after the answer does not
   replace it; when every label is followed by prose, this is the last label's that is followed by anything
   (`extract_answer` then prefers the solution's last math, and takes the prose only when there is none: "the
-  answer is yes")."""
+  answer is even"). A number in words or a bare "yes" / "no" is an answer, not prose (`_is_worded_answer`)."""
   lowered = text.lower()
   label_ends = collections.deque(maxlen=_MAX_LABEL_TRIES)
   start = lowered.find(_ANSWER_WORD)
@@ -449,9 +522,19 @@ def _starts_with_prose(candidate: str) -> bool:
   n = 0
   while n < len(head) and "a" <= head[n] <= "z":
     n += 1
-  if n < 2 or head[:n] in _MATH_WORDS:
+  if n < 2 or head[:n] in _MATH_WORDS or _is_worded_answer(candidate):
     return False
   return n == len(head) or head[n] in " ,.;:!?"
+
+
+def _is_worded_answer(candidate: str) -> bool:
+  """Whether a label's candidate is an answer in words: "yes" or "no" alone, or a number in words that
+  `_spelled_number` reads ("seven", "seven apples"), not followed by a clause ("one that works", "one which")."""
+  answer = clean_answer(candidate)
+  if answer.lower() in _WORDED_ANSWERS:
+    return True
+  words = answer.lower().split()
+  return _spelled_number(answer) != answer and not any(w in _CONNECTIVES or w in _CLAUSE_WORDS for w in words)
 
 
 def _label_end(text: str, lowered: str, start: int) -> Optional[int]:
@@ -548,10 +631,10 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   """
   text = think.open_tag + completion if think.prompt_opens_think else completion
   solution = solution_section(text, think.close_tag, think.open_tag)
-  boxed = last_boxed(solution, max_chars)
-  marked = None if boxed is not None else _marked_number(solution)
-  if boxed is not None:
-    candidate = _number_in_box(boxed.strip())
+  boxes = last_boxes(solution, max_chars)
+  marked = None if boxes else _marked_number(solution)
+  if boxes:
+    candidate = ", ".join(_number_in_box(box.strip()) for box in boxes)
   elif marked is not None:
     candidate = marked
   else:
@@ -560,7 +643,7 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
     candidate = label if labelled and not _starts_with_prose(label) else (
         None if marked_only else _last_math(solution, max_chars))
     if candidate is None and labelled:
-      candidate = label  # prose after the label and no math anywhere: a worded answer ("the answer is yes")
+      candidate = label  # prose after the label and no math anywhere: a worded answer ("the answer is even")
     if candidate is None and not marked_only:
       bare = solution.strip()
       cut = bare.find(_SPECIAL_TOKEN_START)
@@ -576,12 +659,12 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
 def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional[str]:
   """A dataset's reference answer: its last `\\boxed{}` when it has one, else the number of its last "####" line (a
   GSM8K solution), else the whole string, cleaned."""
-  boxed = last_boxed(gold, max_chars)
-  marked = None if boxed is not None else _marked_number(gold[-max_chars - 8:])
+  boxes = last_boxes(gold, max_chars)
+  marked = None if boxes else _marked_number(gold[-max_chars - 8:])
   if marked is not None:
     return marked
-  # Read as a boxed prediction is ("18 dollars" -> 18), so the same string on both sides stays equal.
-  answer = _number_in_box(clean_answer(boxed if boxed is not None else gold))
+  # Read as a boxed prediction is ("18 dollars" -> 18, joined boxes), so the same string on both sides stays equal.
+  answer = ", ".join(_number_in_box(clean_answer(box)) for box in boxes or [gold])
   answer = latex_notation(_spelled_number(answer))
   return answer if answer and len(answer) <= max_chars else None
 

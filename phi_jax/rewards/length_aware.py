@@ -21,7 +21,7 @@ from typing import Optional
 
 from phi_jax.rewards.repetition import repetition_penalty
 from phi_jax.rewards.think_format import ThinkFormat, think_format_ok
-from phi_jax.rewards.verifier import default_config
+from phi_jax.rewards.verifier import think_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,8 @@ class LengthAwareRewardConfig:
   w_rep: float = 1 / 13
   rep_ngram: int = 5
   rep_max_count: int = 5
-  think: Optional[ThinkFormat] = None  # None: the verifier's (`phi_jax.rewards.configure`; `<think>` by default)
+  # None: the verifier's (`phi_jax.rewards.configure` or the pool given to `score_batch`; `<think>` by default)
+  think: Optional[ThinkFormat] = None
 
   def __post_init__(self):
     if not (0 <= self.l_pos_control < self.l_max and self.l_neg_control > 0):
@@ -50,9 +51,19 @@ class LengthAwareRewardConfig:
 
   def scaled_to(self, max_length: int) -> LengthAwareRewardConfig:
     """The same reward shape for a run whose responses are cut at `max_length` tokens (all lengths scaled)."""
+    if not self._scalable_to(max_length):
+      # Checked here, so the message names the budget the user set rather than the constants derived from it.
+      smallest = next(n for n in range(1, self.l_max + 1) if self._scalable_to(n))
+      raise ValueError(f"the length-aware reward cannot be scaled to a response budget of {max_length} tokens "
+                       "(grpo.max_new_tokens, or reward.length_aware_max_tokens when set): its full-reward and "
+                       f"shrinking ranges need at least {smallest} tokens; raise the budget to at least {smallest}")
     ratio = max_length / self.l_max
     return dataclasses.replace(self, l_max=max_length, l_pos_control=round(self.l_pos_control * ratio),
                                l_neg_control=max(1, round(self.l_neg_control * ratio)))
+
+  def _scalable_to(self, max_length: int) -> bool:
+    """Whether l_pos_control scaled to `max_length` stays below it (l_neg_control is kept >= 1 anyway)."""
+    return max_length > 0 and round(self.l_pos_control * max_length / self.l_max) < max_length
 
 
 def _cosine(rho: float, at_zero: float, at_one: float) -> float:
@@ -74,7 +85,7 @@ def accuracy_term(completion: str, *, correct: bool, length: int, finished: bool
   """R_acc with the end-of-turn and think-format overrides applied (see the module docstring)."""
   if not finished:
     return config.unfinished_score
-  if not think_format_ok(completion, config.think or default_config().think):
+  if not think_format_ok(completion, config.think or think_format()):
     return config.bad_format_score
   return length_scaled_accuracy(correct, length, config)
 

@@ -13,13 +13,14 @@ and frozen dataclasses; a training run picks and weights them with the gin bindi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 from phi_jax.rewards.length_aware import LengthAwareRewardConfig, length_aware_reward
 from phi_jax.rewards.repetition import repetition_penalty
 from phi_jax.rewards.think_format import ThinkFormat, format_ok
-from phi_jax.rewards.verifier import VerifierPool, default_config, is_correct, verify_batch
+from phi_jax.rewards.verifier import VerifierPool, is_correct, reading_with, think_format, verify_batch
 
 RewardFn = Callable[..., float]
 
@@ -44,7 +45,8 @@ correctness.uses_correctness = True
 @dataclasses.dataclass(frozen=True)
 class FormatReward:
   """1.0 for a well-formed think block and an end-of-turn token, else 0.0. `fmt` None: the verifier's think format
-  (`phi_jax.rewards.configure`), so a template that opens `<think>` in the prompt is configured once."""
+  (`phi_jax.rewards.configure`, or the pool given to `score_batch`), so a template that opens `<think>` in the
+  prompt is configured once."""
 
   fmt: Optional[ThinkFormat] = None
   uses_correctness: ClassVar[bool] = False
@@ -52,7 +54,7 @@ class FormatReward:
   def __call__(self, completion: str, gold: str, *, length: int, finished: bool,
                correct: Optional[bool] = None) -> float:
     del gold, length, correct
-    return float(format_ok(completion, finished=finished, fmt=self.fmt or default_config().think))
+    return float(format_ok(completion, finished=finished, fmt=self.fmt or think_format()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,9 @@ def combine(weights: Mapping[Union[str, RewardFn], float]) -> CombinedReward:
 def score_batch(reward: Union[str, RewardFn], completions: Sequence[str], golds: Sequence[str], *,
                 lengths: Sequence[int], finished: Sequence[bool], pool: Optional[VerifierPool] = None,
                 timeout_s: Optional[float] = None) -> list[float]:
-  """`reward` over a batch; correctness comes from one parallel `verify_batch` call when the reward needs it."""
+  """`reward` over a batch; correctness comes from one parallel `verify_batch` call when the reward needs it.
+
+  With a `pool`, the format rewards read completions with its think format, as its verifier does."""
   fn = get_reward(reward) if isinstance(reward, str) else reward
   if not len(completions) == len(golds) == len(lengths) == len(finished):
     raise ValueError("completions, golds, lengths and finished must have the same length")
@@ -136,5 +140,6 @@ def score_batch(reward: Union[str, RewardFn], completions: Sequence[str], golds:
     verdicts = verify_batch(completions, golds, timeout_s=timeout_s, pool=pool)
   else:
     verdicts = [None] * len(completions)
-  return [fn(c, g, length=int(n), finished=bool(f), correct=v)
-          for c, g, n, f, v in zip(completions, golds, lengths, finished, verdicts)]
+  with reading_with(pool.config.think) if pool is not None else contextlib.nullcontext():
+    return [fn(c, g, length=int(n), finished=bool(f), correct=v)
+            for c, g, n, f, v in zip(completions, golds, lengths, finished, verdicts)]

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import decimal
 import json
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from phi_jax.rewards.extract import extract_answer, extract_gold
 from phi_jax.rewards.screen import ScreenConfig, screen_problem
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class VerifierConfig:
-  """How answers are checked. `num_workers=0` means min(8, CPU count)."""
+  """How answers are checked. `num_workers=0` means min(8, CPUs this process may run on)."""
 
   num_workers: int = 0
   timeout_s: float = 4.0  # hard wall-clock limit per answer; the worker is killed past it
@@ -66,6 +68,18 @@ class VerifierConfig:
     if self.timeout_s <= 0 or not 0 <= self.soft_timeout_ratio < 1:
       raise ValueError(f"need timeout_s > 0 and 0 <= soft_timeout_ratio < 1, got {self.timeout_s}, "
                        f"{self.soft_timeout_ratio}")
+    if self.num_workers < 0:  # a pool without workers would wait for answers forever
+      raise ValueError(f"VerifierConfig.num_workers={self.num_workers} must be >= 0: set the number of verification "
+                       f"worker processes, or 0 for the default (min(8, usable CPUs) = {default_num_workers()})")
+
+
+def default_num_workers() -> int:
+  """min(8, the CPUs this process may run on): in a container limited to a few cores of a big host, those few."""
+  try:
+    cpus = len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):  # not on Linux
+    cpus = os.cpu_count() or 1
+  return min(8, max(1, cpus))
 
 
 @dataclasses.dataclass
@@ -113,7 +127,7 @@ class VerifierPool:
 
   def __init__(self, config: VerifierConfig = VerifierConfig()):
     self.config = config
-    self.num_workers = config.num_workers or min(8, os.cpu_count() or 1)
+    self.num_workers = config.num_workers or default_num_workers()
     self._lock = threading.Lock()
     self._selector = selectors.DefaultSelector()
     self._workers: list[_Worker] = []
@@ -150,9 +164,19 @@ class VerifierPool:
                      soft_timeout_s: Optional[float] = None) -> list[bool]:
     """math-verify on already extracted (gold, pred) answer pairs, unscreened, each under the wall-clock limit.
 
-    `soft_timeout_s` defaults to `soft_timeout_ratio * timeout_s`; 0 disables the worker's own interruption.
+    `timeout_s` (> 0) defaults to the config's; `soft_timeout_s` (>= 0) to `soft_timeout_ratio * timeout_s`, and 0
+    disables the worker's own interruption. Other values raise ValueError.
     """
     timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
+    # Checked here, per call, since the config's own check does not see an override: with no time at all every
+    # worker would be killed and every answer that needs a worker would score incorrect, silently.
+    if not timeout_s > 0:
+      raise ValueError(f"verification timeout_s={timeout_s} must be > 0 seconds (the per-answer wall-clock limit): "
+                       "check evaluation.verify_timeout_s / rollouts.verify_timeout_s, or leave it unset for "
+                       f"VerifierConfig.timeout_s={self.config.timeout_s}")
+    if soft_timeout_s is not None and not soft_timeout_s >= 0:
+      raise ValueError(f"soft_timeout_s={soft_timeout_s} must be >= 0 seconds (0: no soft limit), or None for "
+                       "VerifierConfig.soft_timeout_ratio * timeout_s")
     if soft_timeout_s is None:
       soft_timeout_s = self.config.soft_timeout_ratio * timeout_s
     if self._closed:
@@ -329,6 +353,8 @@ class VerifierPool:
 _default_pool: Optional[VerifierPool] = None
 _default_config = VerifierConfig()
 _default_lock = threading.Lock()
+# A context variable, not a global: scoring with one pool must not change how another thread reads completions.
+_scoring_think: contextvars.ContextVar[Optional[ThinkFormat]] = contextvars.ContextVar("scoring_think", default=None)
 
 
 def configure(config: VerifierConfig) -> None:
@@ -340,9 +366,28 @@ def configure(config: VerifierConfig) -> None:
 
 
 def default_config() -> VerifierConfig:
-  """The module-wide pool's config (`configure`): its `think` format is how completions are read everywhere."""
+  """The module-wide pool's config (`configure`): its `think` format is how completions are read everywhere
+  (except while `reading_with` names another, see `think_format`)."""
   with _default_lock:
     return _default_config
+
+
+def think_format() -> ThinkFormat:
+  """How the format rewards read a completion: the think format `reading_with` set in this thread or task (the
+  pool `score_batch` was given verifies with it), else the module-wide config's."""
+  scoring = _scoring_think.get()
+  return default_config().think if scoring is None else scoring
+
+
+@contextlib.contextmanager
+def reading_with(think: ThinkFormat) -> Iterator[None]:
+  """Within the block, `think_format()` is `think`: the format rewards read completions as the pool that verifies
+  them does."""
+  token = _scoring_think.set(think)
+  try:
+    yield
+  finally:
+    _scoring_think.reset(token)
 
 
 def default_pool() -> VerifierPool:
