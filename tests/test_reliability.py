@@ -518,6 +518,49 @@ def test_evaluation_runs_in_the_train_step_s_microbatches():
   assert "2" in six_rows and np.isclose(float(pieces(params, six)[1]), float(one(params, six)[1]))
 
 
+def test_eval_data_given_as_a_list_is_evaluated_and_anything_else_not_callable_is_refused_before_training(tmp_path):
+  """A list of eval batches crashed at the first evaluation -- by default the last step, before its checkpoint."""
+  batch = EvalScales({})()[0]
+  _run(tmp_path / "list", eval_batches=[batch], num_steps=2, eval_every=1)
+  assert [("eval_loss" in r) for _, r in sorted(_records(tmp_path / "list").items())] == [True, True]
+  with pytest.raises(TypeError, match="eval_batches is a dict: give a list of batches or a function"):
+    _run(tmp_path / "dict", eval_batches=batch, num_steps=2)
+  assert not os.path.exists(tmp_path / "dict" / "metrics.jsonl")
+
+
+def test_a_url_workdir_is_refused_before_training(tmp_path, monkeypatch):
+  """os.path turned gs://bucket/run into a local "gs:" directory; the run failed at its first checkpoint."""
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match="workdir='gs://bucket/run' is a URL; .* mount the bucket"):
+    _run("gs://bucket/run", num_steps=2)
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_data_position_that_is_not_plain_json_is_named_at_the_first_save(tmp_path):
+  """Orbax failed inside the async write, reported as a disk error with "step None" as the newest checkpoint."""
+  class NumpyPosition(ScaledData):
+    def get_state(self):
+      return {"index": np.int64(self.index)}
+
+  with pytest.raises(TypeError, match=r"data position \(train_data.get_state\(\)\) must be plain JSON .* int64"):
+    _run(tmp_path, data=NumpyPosition(), num_steps=2)
+
+
+def test_ctrl_c_in_the_loop_waits_for_the_save_in_flight():
+  """KeyboardInterrupt is no Exception: the interpreter shut down under Orbax's commit thread, losing the step."""
+  class Saves:
+    waited = 0
+
+    def wait(self):
+      self.waited += 1
+
+  saves = Saves()
+  with pytest.raises(KeyboardInterrupt):
+    with loop._finish_saves_on_error(saves):
+      raise KeyboardInterrupt
+  assert saves.waited == 1
+
+
 @pytest.mark.parametrize("batches", [5, 4])  # the data ends between checkpoints, or right after one
 def test_the_last_step_is_logged_when_the_data_ends_between_log_steps(tmp_path, batches):
   """Without eval data, a run whose data ends at a step that is not a log step still writes that step's record:

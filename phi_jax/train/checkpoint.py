@@ -233,6 +233,15 @@ _DISCARD_SETTLE_S = 0.3
 _DISCARD_TIMEOUT_S = 30.0
 
 
+def _require_json(what: str, value) -> None:
+  """Orbax saves these as JSON; a value that is not plain JSON failed only inside the async write, as a disk error."""
+  try:
+    json.dumps(value)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{what} must be plain JSON (dict, list, str, int, float, bool, None) to be checkpointed: {e}. "
+                    "Convert numpy scalars with int()/float() and arrays with .tolist()") from e
+
+
 class Checkpointer:
   def __init__(self, directory: str, *, save_interval_steps: int = 100, max_to_keep: Optional[int] = 3,
                async_save: bool = True):
@@ -271,6 +280,8 @@ class Checkpointer:
       return False
     meta = meta or {}
     self._raise_if_failed(self.manager.wait_until_finished)
+    _require_json("the data position (train_data.get_state())", data_state or {})
+    _require_json("the checkpoint metadata", meta)
     data_state = _gather_data_state(data_state or {})  # the digest below covers what is written
     integrity = {"state": state_checksums(state), "data": digest(data_state), "meta": digest(meta),
                  "signature": state_signature(state), "empty_nodes": state_empty_nodes(state)}
@@ -286,10 +297,12 @@ class Checkpointer:
     except Exception as e:  # Orbax surfaces an async write's OSError (or tensorstore's) wrapped in various types.
       failed, self._saving = self._saving, None
       self._discard_partial(failed)
-      raise CheckpointError(
-          f"saving checkpoint step {failed} under {self.directory} failed: {type(e).__name__}: {e}. The newest "
-          f"complete checkpoint, step {self._newest_on_disk()}, is untouched; free disk space or make the directory "
-          "writable, then rerun the same command to resume from it.") from e
+      newest = self._newest_on_disk()
+      kept = ("no complete checkpoint exists yet" if newest is None else
+              f"the newest complete checkpoint, step {newest}, is untouched")
+      raise CheckpointError(f"saving checkpoint step {failed} under {self.directory} failed: {type(e).__name__}: "
+                            f"{e}. {kept[0].upper() + kept[1:]}; free disk space or make the directory writable "
+                            "(or fix the cause above), then rerun the same command to resume.") from e
     return result
 
   def _newest_on_disk(self) -> Optional[int]:

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import statistics
 import sys
@@ -376,6 +377,14 @@ def _to_host(metrics: dict) -> dict:
   return {k: host_scalar(v) for k, v in metrics.items()}
 
 
+def check_workdir(workdir: str) -> None:
+  """Refuses a URL (gs://, s3://): the metrics, data state and checkpoint code write local (or mounted) paths, and
+  os.path would turn the URL into a local directory named "gs:", failing only at the first checkpoint."""
+  if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(workdir)):
+    raise ValueError(f"workdir={workdir!r} is a URL; phi_jax writes runs to a local or mounted file system path: "
+                     "mount the bucket (e.g. gcsfuse, mountpoint-s3) and give the mounted path")
+
+
 def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerConfig, loss_fn: Callable,
         train_data: Iterable, loop: LoopConfig, mesh: Mesh, init_params: Optional[Callable[[], Any]] = None,
         eval_batches: Optional[Callable[[], Iterable[dict]]] = None, run_meta: Optional[dict] = None,
@@ -391,7 +400,16 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   `init_params()` returns (sharded) starting params, e.g. from an HF checkpoint or a previous stage; None means
   random init from the seed.
   With `loop.keep_best_checkpoint` the returned state is the best evaluation's, restored from its checkpoint.
+  `eval_batches()` returns the eval batches anew at every evaluation; a list or tuple of batches is taken as is.
   """
+  check_workdir(workdir)
+  if isinstance(eval_batches, (list, tuple)):
+    eval_batches = functools.partial(iter, eval_batches)
+  elif eval_batches is not None and not callable(eval_batches):
+    # Found only at the first evaluation, by default the last step, before its checkpoint: the run's steps lost.
+    raise TypeError(f"eval_batches is a {type(eval_batches).__name__}: give a list of batches or a function "
+                    "returning a fresh iterable of them at every evaluation (an iterator would be used up by the "
+                    "first)")
   if loop.compares_evaluations and eval_batches is None:
     raise ValueError("early_stopping_patience and keep_best_checkpoint compare evaluations, but this run has no "
                      "eval data: set data.eval_files (or turn both off)")
@@ -682,12 +700,13 @@ def _restore_best(checkpointer: Checkpointer, evals: _EvalHistory, target, state
 
 @contextlib.contextmanager
 def _finish_saves_on_error(checkpointer: Checkpointer):
-  """On an error inside the loop, lets an async save already in flight finish, so its step is not lost."""
+  """On an error inside the loop, lets an async save already in flight finish, so its step is not lost. Ctrl-C
+  (KeyboardInterrupt) included: without the wait the interpreter shut down under the commit thread."""
   try:
     yield
   except CheckpointError:
     raise
-  except Exception:
+  except (Exception, KeyboardInterrupt):
     try:
       checkpointer.wait()
     except CheckpointError as e:
