@@ -211,6 +211,7 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
   if batch_size < 1 or seq_len < 2:
     raise ValueError(f"data.batch_size={batch_size} and data.seq_len={seq_len}: a batch needs at least one row and a "
                      "row at least two tokens (one input, one target)")
+  num_epochs = pipeline_lib.whole_epochs(num_epochs, "data.num_epochs")  # 3.0 -> 3; 1.5 is refused
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"data.num_epochs={num_epochs}: give a number of passes >= 1, or None to repeat forever")
   if eval_batches < 1:
@@ -497,6 +498,7 @@ def _next_token_setup(model_config: PhiConfig, data_cfg: dict, settings: dict, t
 def run_training(workdir: str):
   """Runs the configured stage in `workdir` (resuming from its newest checkpoint)."""
   distributed.initialize()
+  loop_lib.check_workdir(workdir)  # before abspath turns a URL into a local directory
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   the_mesh = mesh()
@@ -710,27 +712,41 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
         outputs[(kind, i)] = reference_file(workdir, f"{kind}{i}", path)
     # What the reference log-probs depend on, kept beside each file: a file computed under other settings (another
     # system prompt, starting point, tokenizer, length rule, or a changed pair file) is computed again.
-    start = settings["init_from"] or hf_path or f"random init, seed {settings['loop'].seed}"
+    start = settings["init_from"] or hf_path
     made_with = {key: dict(pairs_file=content_digests([(train_files if key[0] == "train" else eval_files)[key[1]]]),
-                           reference_params=start, tokenizer=data_cfg["tokenizer"], tokenizer_size=len(tokenizer),
-                           system_prompt=data_cfg["system_prompt"], seq_len=data_cfg["seq_len"],
-                           too_long=cfg["too_long"], model_config=dataclasses.asdict(model_config))
+                           reference_params=start or f"random init, seed {settings['loop'].seed}",
+                           reference_files=_params_fingerprint(start), tokenizer=data_cfg["tokenizer"],
+                           tokenizer_size=len(tokenizer), system_prompt=data_cfg["system_prompt"],
+                           seq_len=data_cfg["seq_len"], too_long=cfg["too_long"],
+                           on_bad_record=data_cfg["on_bad_record"], model_config=dataclasses.asdict(model_config))
                  for key in outputs}
-    missing = [key for key, out in outputs.items() if not _reference_is_current(out, made_with[key])]
+    loaded = []  # the frozen reference, loaded once, and only where a file is computed or its params compared
+
+    def frozen():
+      if not loaded:
+        loaded.append(_dpo_reference_params(model_config, hf_path, settings, the_mesh))
+      return loaded[0]
+
+    def digest_now():
+      frozen()
+      return settings["reference_digest"]
+
+    changes = {key: _reference_is_current(out, made_with[key], digest_now) for key, out in outputs.items()}
+    missing = [key for key, changed in changes.items() if changed != {}]
+    _refuse_rewriting_trained_pairs(workdir, {outputs[key]: changes[key] for key in missing if key[0] == "train"})
     if missing:
       os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
-      frozen = _dpo_reference_params(model_config, hf_path, settings, the_mesh)
       for kind, i in missing:
         path = (train_files if kind == "train" else eval_files)[i]
         result = dpo.precompute_reference_logps(
-            path, frozen, model_config, tokenizer, out_file=outputs[(kind, i)], chunk_size=settings["chunk_size"],
+            path, frozen(), model_config, tokenizer, out_file=outputs[(kind, i)], chunk_size=settings["chunk_size"],
             mesh=the_mesh, microbatches=settings["loop"].microbatches,
             **dict(reader, batch_size=data_cfg["batch_size"]))
         log.info("reference log-probs of %d pairs of %s -> %s", result["pairs"], path, result["out_file"])
         if jax.process_index() == 0:
           with open(outputs[(kind, i)] + ".settings.json", "w") as f:
-            json.dump(made_with[(kind, i)], f, default=str)
-      del frozen
+            json.dump(dict(made_with[(kind, i)], reference_digest=settings["reference_digest"]), f, default=str)
+    loaded.clear()  # the run trains with no reference model
     train_files = [outputs[("train", i)] for i in range(len(train_files))]
     eval_files = [outputs[("eval", i)] for i in range(len(eval_files))]
 
@@ -755,12 +771,14 @@ def _warn_of_eval_skips(stats: Optional[dict], data_cfg: dict) -> None:
   if not stats or not stats["records_skipped"]:
     return
   share = f" of this process's {stats['records_read']}" if jax.process_count() > 1 else f" of {stats['records_read']}"
+  # A DPO run reads its own length rule, not data.too_long.
+  too_long = (("dpo.too_long", dpo_settings()["too_long"]) if bound_or_none("train.stage") == "dpo"
+              else ("data.too_long", data_cfg["too_long"]))
   log.warning("%d%s eval record(s) read are not scored (%s): eval_loss measures the other %d. Raise data.seq_len%s",
               sum(stats["records_skipped"].values()), share,
               ", ".join(f"{reason}: {n}" for reason, n in stats["records_skipped"].items()), stats["records_used"],
               ", or fix the records (on_bad_record='raise' names the first)" if set(stats["records_skipped"]) - {
-                  "too long"} else f" (now {data_cfg['seq_len']}) or change data.too_long (now "
-              f"{data_cfg['too_long']!r})")
+                  "too long"} else f" (now {data_cfg['seq_len']}) or change {too_long[0]} (now {too_long[1]!r})")
 
 
 def _read_eval(it, max_batches: int, holder):
@@ -771,21 +789,70 @@ def _read_eval(it, max_batches: int, holder):
   holder.stats = it.stats()
 
 
-def _reference_is_current(out_file: str, made_with: dict) -> bool:
-  """Whether precompute mode's `out_file` exists and was computed under `made_with`; logs what changed if not."""
+_NOT_RECORDED = "(not recorded)"
+
+
+def _reference_is_current(out_file: str, made_with: dict, digest_now) -> Optional[dict]:
+  """{} when precompute mode's `out_file` was computed under `made_with`; else {setting: (then, now)} (then:
+  `_NOT_RECORDED` where the file's settings lack it), or None where there is no file yet. Logs what changed.
+
+  The reference params are compared by the files holding them (`_params_fingerprint`) and, only once those changed
+  (saved again, copied), by the digest of their values: `digest_now()` loads them to return it."""
   if not os.path.exists(out_file):
-    return False
+    return None
   try:
     with open(out_file + ".settings.json") as f:
       saved = json.load(f)
   except (OSError, ValueError):
     saved = {}
   current = json.loads(json.dumps(made_with, default=str))
-  changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  changed = {k: (saved.get(k, _NOT_RECORDED), current.get(k)) for k in sorted(set(saved) | set(current))
+             if k != "reference_digest" and saved.get(k, _NOT_RECORDED) != current.get(k)}
+  if set(changed) == {"reference_files"} and saved.get("reference_digest") == digest_now():
+    return {}  # the same values in other files (saved again, or copied)
   if changed:
     log.warning("the reference log-probs in %s were computed under other settings (%s changed, or not recorded): "
-                "computing them again", out_file, ", ".join(changed))
-  return not changed
+                "computing them again", out_file,
+                ", ".join(dict.fromkeys(k.replace("reference_files", "reference_params") for k in changed)))
+  return changed
+
+
+def _params_fingerprint(source: Optional[str]) -> list[list]:
+  """[relative path, bytes, mtime in ns] of the files holding the params at `source` (a run's params/, or an HF
+  directory; [] for a random init): params saved again in place change it, and reading it loads nothing."""
+  if not source:
+    return []
+  root = os.path.join(source, "params") if os.path.isdir(os.path.join(source, "params")) else source
+  out = []
+  for folder, _, names in sorted(os.walk(root)):
+    for name in sorted(names):
+      stat = os.stat(os.path.join(folder, name))
+      out.append([os.path.relpath(os.path.join(folder, name), root), stat.st_size, stat.st_mtime_ns])
+  return out
+
+
+def _refuse_rewriting_trained_pairs(workdir: str, stale: dict[str, Optional[dict]]) -> None:
+  """Refuses to compute a reference train file again under other settings once the workdir has checkpoints: their
+  saved data position indexes the file's list of usable pairs, which other settings change (some pairs would be
+  trained twice, others never). Settings the file never recorded, and a file removed, do not count."""
+  recorded = {path: {k: v for k, v in (changes or {}).items() if v[0] != _NOT_RECORDED}
+              for path, changes in stale.items()}
+  recorded = {path: changes for path, changes in recorded.items() if changes}
+  if not recorded or not _has_checkpoints(workdir):
+    return
+
+  def describe(key, then, now):
+    if key == "reference_files":
+      return "reference params (their values at the same path)"
+    return key if isinstance(then, (list, dict)) or isinstance(now, (list, dict)) else f"{key}: {then!r} -> {now!r}"
+
+  details = "; ".join(f"{path} ({', '.join(describe(k, *v) for k, v in changes.items())})"
+                      for path, changes in recorded.items())
+  raise ValueError(f"the reference log-probs in {details} were computed under other settings, and the saved data "
+                   "position of this workdir's checkpoints points into that file's list of pairs: computing it "
+                   "again would change the list, so some pairs would be trained twice and others never. Restore the "
+                   "settings this run started with, or start a new workdir (train.init_from can start it from this "
+                   "run's params/ once it has finished)")
 
 
 def reference_file(workdir: str, tag: str, pairs_path: str) -> str:

@@ -197,6 +197,22 @@ def test_restored_state_gives_the_same_batches_as_an_uninterrupted_run(tmp_path,
     assert resumed.stats() == reference.stats()
 
 
+@pytest.mark.parametrize("packing", ["first_fit", None])
+def test_a_run_resumed_after_its_last_batch_counts_the_records_skipped_after_it(tmp_path, packing):
+  """The packer's state after the data ran out is that of before the records skipped after the last used one."""
+  lines = [json.dumps(r) for r in documents(5)] + ["{bad json", '{"text": 5}', json.dumps({"text": "x" * 40})]
+  path = write_jsonl(tmp_path / "tail.jsonl", lines)
+  make = lambda: pipeline([(JsonlSource(path), 1.0)], shuffle=False, on_bad_record="skip", too_long="drop",
+                          packing=packing, warn=False)
+  reference = make()
+  batches = list(reference)
+  state = json.loads(json.dumps(reference.get_state()))
+  assert state["exhausted"] and reference.stats()["records_read"] == len(lines)
+  resumed = make()
+  resumed.set_state(state)
+  assert batches and list(resumed) == [] and resumed.stats() == reference.stats()
+
+
 def test_process_shares_are_disjoint_and_cover_the_data(docs_file):
   path, records = docs_file
   shares = [segments(pipeline([(JsonlSource(path), 1.0)], packing=None, process_index=i, process_count=2))
@@ -329,6 +345,15 @@ def test_skip_mode_counts_every_bad_record_by_reason(tmp_path):
   assert stats["records_skipped"] == {**{reason: 1 for reason in BAD_LINES}, "not UTF-8": 3}
   assert stats["records_read"] == stats["records_used"] + sum(stats["records_skipped"].values()) == len(lines)
   assert stats["records_used"] == 5
+
+
+def test_skip_warning_may_word_the_too_long_reason_for_its_setting(caplog):
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    sources.SkipWarning()("a.jsonl", "too long")
+    sources.SkipWarning(too_long_wording="dropped: its completion alone does not fit seq_len")("b.jsonl", "too long")
+  assert "a.jsonl: a record was longer than seq_len, dropped (too_long='drop')." in caplog.text
+  assert "b.jsonl: a record was dropped: its completion alone does not fit seq_len." in caplog.text
+  assert caplog.text.count("too_long='drop'") == 1
 
 
 def test_special_token_strings_inside_text_records_are_literal_text(tmp_path):
@@ -576,6 +601,27 @@ def test_build_pipeline_refuses_bad_settings(docs_file):
     pipeline([])
 
 
+def test_num_epochs_is_a_whole_number_of_passes(docs_file, monkeypatch):
+  """A float from a gin file (3.0) counts as the integer it is; part of an epoch (1.5) is refused, not a crash."""
+  path, records = docs_file
+  source = JsonlSource(path)
+  for build in (lambda: pipeline([(source, 1.0)], num_epochs=2.0, packing=None),
+                lambda: pipeline([Component(source, 1.0, num_epochs=2.0)], num_epochs=None, packing=None)):
+    it = build()
+    list(it)
+    assert it.stats()["records_read"] == 2 * len(records)
+    assert it.stats()["sources"]["docs.jsonl"]["num_epochs"] == 2
+  for build in (lambda: pipeline([(source, 1.0)], num_epochs=1.5), lambda: Component(source, 1.0, num_epochs=1.5)):
+    with pytest.raises(ValueError, match=r"num_epochs=1.5: .*a whole number of passes.*train.num_steps"):
+      build()
+  monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "experiments"))
+  import common  # pylint: disable=import-outside-toplevel
+
+  assert common.data(num_epochs=3.0)["num_epochs"] == 3 and type(common.data(num_epochs=3.0)["num_epochs"]) is int
+  with pytest.raises(ValueError, match=r"data.num_epochs=1.5: .*a whole number of passes.*train.num_steps"):
+    common.data(num_epochs=1.5)
+
+
 def test_sources_with_the_same_name_are_counted_apart(tmp_path):
   """Two files called docs.jsonl in different folders keep separate per-source counts."""
   (tmp_path / "x").mkdir()
@@ -613,6 +659,20 @@ def test_a_tokenize_fn_giving_ids_and_mask_of_different_lengths_is_refused(docs_
 
   with pytest.raises(ValueError, match="tokenize_fn gave ids"):
     next(pipeline([(JsonlSource(path), 1.0)], tokenize_fn=bad_tokenize))
+
+
+def test_a_tokenize_fn_may_give_lists_and_anything_else_is_named(docs_file):
+  path, _ = docs_file
+  as_lists = lambda record: {name: value.tolist() for name, value in TOKENIZE(record).items()}
+  expected = list(pipeline([(JsonlSource(path), 1.0)]))
+  got = list(pipeline([(JsonlSource(path), 1.0)], tokenize_fn=as_lists))
+  assert len(got) == len(expected)
+  for a, b in zip(expected, got):
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name])
+  for bad_tokenize in (lambda record: {"ids": [1, 2]}, lambda record: {"ids": ["a", "b"], "loss_mask": [1, 1]}):
+    with pytest.raises(ValueError, match=r"tokenize_fn must return .*'ids'.*'loss_mask'"):
+      next(pipeline([(JsonlSource(path), 1.0)], tokenize_fn=bad_tokenize))
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -735,6 +795,34 @@ def test_a_trailing_double_star_reads_the_files_under_a_folder(tmp_path):
     (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(tmp_path / path, [{"text": path}])
   assert len(open_source(str(tmp_path / "data" / "**"))) == 2
+
+
+def test_a_utf16_file_is_named_as_one(tmp_path):
+  """Windows tools (PowerShell's `>`) write UTF-16 with a byte order mark; each line read as UTF-8 was a bad record."""
+  text = '\ufeff{"text": "hello"}\r\n{"text": "world"}\r\n'
+  for encoding, name in (("utf-16-le", "le.jsonl"), ("utf-16-be", "be.jsonl"), ("utf-16-le", "shard-00000")):
+    (tmp_path / name).write_bytes(text.encode(encoding))
+    with pytest.raises(DataError, match=r"unknown file type: UTF-16 encoded; re-save as UTF-8 \(iconv -f UTF-16 -t "
+                                        r"UTF-8 .*" + name):
+      open_source(str(tmp_path / name) if name.endswith(".jsonl") else str(tmp_path / "shard-*"))
+
+
+def test_messages_stored_as_a_struct_of_lists_are_a_list_of_messages(tmp_path):
+  """datasets' Sequence({"role", "content"}) feature stores a conversation column-wise: one list per key."""
+  import datasets
+
+  conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+  columns = {"role": [m["role"] for m in conversation], "content": [m["content"] for m in conversation]}
+  assert validate_record({"messages": columns}) == ({"messages": conversation}, None)
+  normalised, bad = validate_record({"messages": {"role": ["user", "assistant"], "content": ["hi"]}})
+  assert normalised is None and bad[0] == "mistyped field" and "lists of one length" in bad[1]
+  features = datasets.Features({"messages": datasets.Sequence({"role": datasets.Value("string"),
+                                                               "content": datasets.Value("string")})})
+  datasets.Dataset.from_dict({"messages": [columns] * 3}, features=features).save_to_disk(str(tmp_path / "seq"))
+  assert open_source(str(tmp_path / "seq"))[0]["data"] == {"messages": columns}
+  it = pipeline([(open_source(str(tmp_path / "seq")), 1.0)])
+  list(it)
+  assert it.stats()["records_used"] == 3
 
 
 def test_a_json_array_file_is_named_as_one(tmp_path):

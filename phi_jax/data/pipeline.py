@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 import sys
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -117,6 +118,20 @@ class Component:
   num_epochs: Optional[int] = None
   name: Optional[str] = None
 
+  def __post_init__(self):
+    object.__setattr__(self, "num_epochs", whole_epochs(self.num_epochs, "Component.num_epochs"))
+
+
+def whole_epochs(num_epochs: Any, setting: str = "num_epochs") -> Optional[int]:
+  """`num_epochs` as an int, or None (repeat forever). A whole-number float (3.0, as gin and YAML files may write it)
+  counts as the int it is; part of an epoch is refused, since Grain repeats a source whole times only."""
+  if num_epochs is None:
+    return None
+  if isinstance(num_epochs, numbers.Real) and not isinstance(num_epochs, bool) and float(num_epochs).is_integer():
+    return int(num_epochs)
+  raise ValueError(f"{setting}={num_epochs!r}: give a whole number of passes (or None to repeat forever); for part "
+                   "of an epoch set train.num_steps")
+
 
 def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize_fn: TokenizeFn, seq_len: int,
                    batch_size: int, seed: int, shuffle: bool = True, num_epochs: Optional[int] = None,
@@ -134,7 +149,8 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
     batch_size: rows per batch for this process.
     seed: the order of records, the mixture and the packed rows follow from it.
     shuffle: shuffle each source (per epoch); False reads records in file order.
-    num_epochs: passes over each source (None: forever) unless its `Component.num_epochs` says otherwise.
+    num_epochs: whole passes over each source (None: forever) unless its `Component.num_epochs` says otherwise;
+      for part of an epoch, stop after a number of steps instead.
     packing: "first_fit" or "best_fit" to pack several documents per row, None for one example per row.
     too_long: documents longer than seq_len are cut into seq_len pieces ("split", each piece its own segment; the
       target across a cut is lost) or dropped and counted ("drop").
@@ -158,6 +174,7 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
     raise ValueError(f"packing={packing!r}; expected one of {packing_lib.PACKINGS} or None")
   if any(c.weight is not None and not c.weight > 0 for c in components):
     raise ValueError(f"mixture weights must be positive, got {[c.weight for c in components]}")
+  num_epochs = whole_epochs(num_epochs)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -275,7 +292,7 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
       # chat.render_messages), or the tokenizer's on text it cannot encode.
       example, bad = None, ("tokenization failed", str(e))
   if bad is None:
-    ids, loss_mask = example["ids"], example["loss_mask"]
+    ids, loss_mask = _int32_arrays(example, raw["where"])
     if ids.shape != loss_mask.shape or ids.ndim != 1:
       raise ValueError(f"{raw['where']}: tokenize_fn gave ids {ids.shape} and loss_mask {loss_mask.shape}")
     if not len(ids):
@@ -290,6 +307,15 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
   if too_long == "drop":
     return {"source": source_index, "status": "too long", "pieces": []}
   return {"source": source_index, "status": "split", "pieces": packing_lib.split_too_long(example, seq_len)}
+
+
+def _int32_arrays(example: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+  """A tokenize_fn's ids and loss mask as int32 arrays: a custom one may give lists (a tokenizer's input_ids)."""
+  try:
+    return np.asarray(example["ids"], np.int32), np.asarray(example["loss_mask"], np.int32)
+  except (KeyError, TypeError, ValueError, OverflowError) as e:
+    raise ValueError(f"{where}: tokenize_fn must return {{'ids': ..., 'loss_mask': ...}}, each a 1-D int array or "
+                     f"list of ints; it gave {type(example).__name__} ({type(e).__name__}: {e})") from e
 
 
 class _Ledger:
@@ -450,11 +476,16 @@ class DataIterator:
     self._totals["loss_tokens"] += int(targets.sum())
 
   def get_state(self) -> dict[str, Any]:
+    # Once the data has run out, the packer's state is the one from before its last read, which went past the
+    # records skipped after the last used one: the final counts travel apart, as nothing is read after a restore.
     return {"rows": self._rows.get_state(), "exhausted": self._exhausted, "totals": dict(self._totals),
-            "source_tokens": self._source_tokens.tolist()}
+            "source_tokens": self._source_tokens.tolist(),
+            "final_counts": self._ledger.snapshot() if self._exhausted else None}
 
   def set_state(self, state: dict[str, Any]):
     self._rows.set_state(state["rows"])
+    if state.get("final_counts") is not None:  # absent from states saved before it was kept
+      self._ledger.restore(state["final_counts"])
     self._exhausted = state["exhausted"]
     self._totals = dict(state["totals"])
     self._source_tokens = np.asarray(state["source_tokens"], np.int64).reshape(self._source_tokens.shape)

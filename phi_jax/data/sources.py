@@ -8,6 +8,9 @@ Every source is a Grain random-access data source: `len(source)` records and `so
     {"prompt": "...", "completion": "..."}      # a user turn followed by an assistant turn
     {"text": "..."}                             # a raw document: loss on every token
 
+Messages stored column-wise, {"role": [...], "content": [...]} (datasets' Sequence({"role", "content"}) feature),
+are read as the list of messages they hold.
+
 Other keys (ids, metadata) are ignored, and so is a lone "prompt" or "completion" beside another kind (ultrachat's
 prompt + messages, cosmopedia's prompt + text). A message keeps its other keys whose values are strings (Phi-4-mini's
 `tools` on a system message, which its chat template renders), so conversations render as `apply_chat_template`
@@ -87,16 +90,18 @@ class SkipWarning:
   """Logs the first skipped record of each reason (a dropped too-long record, a bad record under
   on_bad_record='skip'), so a run that loses data says so as it starts; the counts go on in `stats()`."""
 
-  def __init__(self, enabled: bool = True):
+  def __init__(self, enabled: bool = True, too_long_wording: str = "longer than seq_len, dropped (too_long='drop')"):
+    """`too_long_wording`: what a dropped too-long record was, after "a record was", naming the setting that
+    dropped it (a pipeline whose too_long setting drops records for another cause says so)."""
     self._warned = set() if enabled else None
+    self._too_long_wording = too_long_wording
 
   def __call__(self, name: str, reason: str):
     """`name`: the source the record came from."""
     if self._warned is None or reason in self._warned:
       return
     self._warned.add(reason)
-    what = ("longer than seq_len, dropped (too_long='drop')" if reason == "too long"
-            else f"skipped (on_bad_record='skip'): {reason}")
+    what = self._too_long_wording if reason == "too long" else f"skipped (on_bad_record='skip'): {reason}"
     logging.getLogger("phi_jax").warning(
         "%s: a record was %s. Later ones are not logged; every skipped record is counted per reason in the data "
         "stats (data_stats.json: records_skipped)", name, what)
@@ -446,6 +451,9 @@ def _file_kind(path: str, *, from_glob: bool) -> str:
     return "parquet"
   with open(path, "rb") as f:
     head = f.read(4096)
+  if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte order mark (PowerShell's `>` writes one)
+    raise DataError(path, "unknown file type", f"UTF-16 encoded; re-save as UTF-8 (iconv -f UTF-16 -t UTF-8 {path} "
+                    "> OUT.jsonl)")
   if path.endswith((".jsonl", ".ndjson", ".json")):
     if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[" and _is_json_array(path):
       raise DataError(path, "unknown file type", "a JSON array, not JSON lines: write one object per line "
@@ -585,6 +593,10 @@ def warn_dropped_keys(where: Optional[str], dropped: dict[str, str]) -> None:
 
 def _validate_messages(messages: Any, where: Optional[str] = None
                        ) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
+  if isinstance(messages, dict):
+    messages, bad = _messages_from_columns(messages)
+    if bad is not None:
+      return None, bad
   if not isinstance(messages, list):
     return None, ("mistyped field", f"'messages' is {type(messages).__name__}, expected a list")
   if not messages:
@@ -607,6 +619,17 @@ def _validate_messages(messages: Any, where: Optional[str] = None
     return None, ("no assistant turn", "nothing to learn from a conversation without an assistant message")
   warn_dropped_keys(where, dropped)
   return {"messages": clean}, None
+
+
+def _messages_from_columns(columns: dict[str, Any]) -> tuple[Optional[list], Optional[tuple[str, str]]]:
+  """A conversation stored column-wise, {"role": [...], "content": [...]} (datasets' Sequence({"role", "content"})
+  feature stores a list of messages so), as the list of messages it holds."""
+  lengths = {len(v) if isinstance(v, list) else None for v in columns.values()}
+  if not columns or None in lengths or len(lengths) != 1:
+    shapes = {key: f"list of {len(v)}" if isinstance(v, list) else type(v).__name__ for key, v in columns.items()}
+    return None, ("mistyped field", f"'messages' is an object {shapes}, expected a list of messages, or one list per "
+                  "message key (role, content) holding lists of one length (datasets' Sequence feature)")
+  return [dict(zip(columns, values)) for values in zip(*columns.values())], None
 
 
 def read_record(raw: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
