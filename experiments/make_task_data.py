@@ -11,7 +11,8 @@ Files under --out_dir (chat records are `{"messages": [...]}`, prompt records `{
   valid.jsonl        prompt  held-out problems for checkpoint selection
   test.jsonl         prompt  held-out problems for the reported accuracy
   tokenizer/         a tiny byte-level BPE in transformers format with the chat specials and <think> tokens
-  manifest.json      counts, arguments and token lengths
+  manifest.json      counts, arguments, the split rules' version (word_problems.SPLIT_VERSION) and token lengths;
+                     written last, and removed first when a re-run writes the other files
 
 Training problems of different stages are distinct questions (sft.jsonl excepted, a subset of midtrain.jsonl), though
 the same arithmetic may recur in other words; valid and test problems each have their own arithmetic and are drawn
@@ -23,16 +24,19 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from phi_jax.hf.tokenizer import build_tiny_tokenizer  # noqa: E402
+from phi_jax.data.chat import render_messages  # noqa: E402
+from phi_jax.hf.tokenizer import CHAT_FORMAT_FAMILY, build_tiny_tokenizer  # noqa: E402
 from phi_jax.tasks import word_problems  # noqa: E402
 
 # The training files, cut in this order from one pool of distinct train problems.
@@ -72,7 +76,12 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 
 
 def _length_stats(tokenizer, texts: list[str]) -> dict:
-  lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+  return _stats([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+
+
+def _stats(lengths: list[int]) -> dict:
+  if not lengths:  # a file asked for with 0 records
+    return {"mean": 0.0, "max": 0}
   return {"mean": round(float(np.mean(lengths)), 1), "max": int(np.max(lengths))}
 
 
@@ -116,11 +125,16 @@ def draw_problems(seed: int, difficulty: str, counts: dict[str, int], **override
 
 
 def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", chat_format: str = "phi-4",
-                   counts: dict[str, int], **overrides: int) -> dict:
+                   counts: dict[str, int], extra: Optional[dict] = None, **overrides: int) -> dict:
   """Writes every file (see the module docstring) and returns the manifest.
 
-  `overrides` replace fields of the named difficulty (`max_value=40`, `max_steps=3`, ...).
+  `overrides` replace fields of the named difficulty (`max_value=40`, `max_steps=3`, ...). `extra`: entries added to
+  the manifest, written with it (the recipe's record of its task settings). Every argument is checked before
+  anything is written.
   """
+  if chat_format not in CHAT_FORMAT_FAMILY:
+    raise ValueError(f"unknown chat_format {chat_format!r} (--chat_format); expected one of "
+                     f"{sorted(CHAT_FORMAT_FAMILY)}")
   level = dataclasses.replace(word_problems.get_difficulty(difficulty), **overrides)
   problems, pool = draw_problems(seed, difficulty, counts, **overrides)
   cursor = 0
@@ -129,6 +143,10 @@ def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", c
     cursor += counts[name]
   problems["sft"] = curate(problems["midtrain"], counts["sft"])
   os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "manifest.json")
+  # Before the first file changes: a re-run cut short must not leave the old manifest describing new files.
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(path)
 
   records = {
       "base_train": [word_problems.to_sft_record(p, word_problems.direct_answer(p)) for p in problems["base_train"]],
@@ -147,6 +165,8 @@ def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", c
       "seed": seed,
       "difficulty": difficulty,
       "difficulty_params": dataclasses.asdict(level),
+      # Which held-out problems the settings give depends on it: the recipe uses data made under its own.
+      "split_version": word_problems.SPLIT_VERSION,
       "chat_format": chat_format,
       "counts": {name: len(rows) for name, rows in records.items()},
       "num_steps": {name: {str(k): int(v) for k, v in zip(*np.unique([p.num_steps for p in problems[name]],
@@ -158,11 +178,12 @@ def make_task_data(out_dir: str, *, seed: int = 0, difficulty: str = "medium", c
           "problem": _length_stats(tokenizer, [p.question for p in everything]),
           "trace": _length_stats(tokenizer, [word_problems.teacher_trace(p) for p in everything]),
           "direct_answer": _length_stats(tokenizer, [word_problems.direct_answer(p) for p in everything]),
+          # SFT rows hold one whole conversation (no system prompt here): the recipe compares it with their length.
+          "sft_conversation": _stats([len(render_messages(tokenizer, r["messages"])[0]) for r in records["sft"]]),
       },
-  }
+  } | dict(extra or {})
   # Last and through a rename: a manifest is there only once every file is, whole (the recipe reads the data as
   # made when it finds one).
-  path = os.path.join(out_dir, "manifest.json")
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=1)
     f.write("\n")
@@ -175,7 +196,7 @@ def main():
   parser.add_argument("--out_dir", required=True)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--difficulty", default="medium", choices=sorted(word_problems.DIFFICULTIES))
-  parser.add_argument("--chat_format", default="phi-4",
+  parser.add_argument("--chat_format", default="phi-4", choices=sorted(CHAT_FORMAT_FAMILY),
                       help="chat template of the tokenizer; phi-4-reasoning prepends its system prompt (about 950 "
                       "tokens of the tiny tokenizer) to every conversation, too long for the tiny model's sequences")
   defaults = {"base_train": 4000, "midtrain": 4000, "sft": 1000, "dpo_prompts": 256, "rl_prompts": 512,

@@ -21,8 +21,10 @@ parent trained again) is refused rather than reused, as is an interrupted stage 
 records the training of the stage it starts from in recipe_started.json before it samples or trains), and
 finished stages are evaluated again when the evaluation.* settings changed, so the report compares like with like;
 the task settings (recipe.task_counts, task_seed, difficulty, difficulty_overrides) must stay those data/ was
-written with (a new --workdir, or --fresh, for others). Checkpoint selection and tuning use the valid split only;
-the test split is only ever reported.
+written with (a new --workdir, or --fresh, for others). The task's longest teacher reply and SFT conversation
+must fit the evaluation's, the DPO rollouts' and the stages still to train's token budgets, or nothing trains (the
+"hard" level needs more than recipe_tiny's; the refusal names the bindings to raise). Checkpoint selection and
+tuning use the valid split only; the test split is only ever reported.
 
 Settings: --gin_file and the recipe.*, evaluation.* and rollouts.* bindings of --gin_param configure the recipe
 itself. Every other --gin_param binding (train.*, model.*, data.*, optimizer.*, mesh.*, ...) configures the
@@ -167,13 +169,11 @@ def prepare_data(workdir: str, settings: dict) -> dict:
   request = task_request(settings)
   if not os.path.exists(manifest_path):
     log.info("writing the task data to %s", data_dir)
-    manifest = make_task_data.make_task_data(data_dir, seed=settings["task_seed"], difficulty=settings["difficulty"],
-                                             counts=settings["task_counts"], **settings["difficulty_overrides"])
-    manifest["recipe_task"] = request
-    with open(manifest_path + ".tmp", "w") as f:
-      json.dump(manifest, f, indent=1)
-      f.write("\n")
-    os.replace(manifest_path + ".tmp", manifest_path)
+    # The task record goes into the manifest make_task_data renames into place last: a kill leaves either no
+    # manifest (the data is written again) or a whole one.
+    make_task_data.make_task_data(data_dir, seed=settings["task_seed"], difficulty=settings["difficulty"],
+                                  counts=settings["task_counts"], extra={"recipe_task": request},
+                                  **settings["difficulty_overrides"])
   with open(manifest_path) as f:
     manifest = json.load(f)
   differ = task_differences(manifest, request)
@@ -182,6 +182,62 @@ def prepare_data(workdir: str, settings: dict) -> dict:
                      f"{'; '.join(differ)}. Use a new --workdir for the new settings (or --fresh to delete this "
                      "workdir, trained stages included), or set them back to go on with this workdir.")
   return manifest
+
+
+def _stage_config(settings: dict, workdir: str, stage: str, read):
+  """`read()` under the gin config `stage` trains with."""
+  try:
+    _configure(settings, stage, stage_bindings(stage, workdir, None, settings))
+    return read()
+  finally:
+    gin.clear_config()
+
+
+def _short_budgets(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict, reply: int,
+                   conversation: int) -> list[tuple[str, int, Optional[str], int]]:
+  """(binding, its value, the stage it is bound for or None for the command line, tokens needed) of each token
+  budget the task's longest reply or SFT conversation does not fit. Stages finished before are not trained again."""
+  to_train = [s for s in settings["stages"] if not os.path.exists(os.path.join(workdir, s, "recipe_stage.json"))]
+  budgets = [("evaluation.max_new_tokens", eval_cfg["sampling"].max_new_tokens, None, reply)]
+  if "dpo" in to_train:
+    budgets.append(("rollouts.max_new_tokens", rollout_cfg["sampling"].max_new_tokens, None, reply))
+  if "grpo" in to_train:
+    grpo_tokens = _stage_config(settings, workdir, "grpo", lambda: common.grpo().max_new_tokens)
+    budgets.append(("grpo.max_new_tokens", grpo_tokens, "grpo", reply))
+  if "sft" in to_train:
+    data = _stage_config(settings, workdir, "sft", common.data)
+    if data["too_long"] == "drop":  # split or truncated conversations still train; dropped ones are lost
+      budgets.append(("data.seq_len", data["seq_len"], "sft", conversation))
+  return [b for b in budgets if b[1] < b[3]]
+
+
+def check_token_budgets(workdir: str, manifest: dict, settings: dict, eval_cfg: dict, rollout_cfg: dict) -> None:
+  """Raises if the task's longest teacher reply or SFT conversation (the manifest's token counts) does not fit the
+  evaluation's or a stage's token budget, before any stage trains: a reply cut at max_new_tokens is scored incorrect
+  (in evaluation, DPO rollouts and GRPO alike), and an SFT conversation longer than its row is dropped. The "hard"
+  level's six-step problems need more than recipe_tiny's 80 new tokens and 128-token SFT rows."""
+  tokens = manifest.get("tokens", {})
+  reply = tokens["trace"]["max"] + 1 if "trace" in tokens else 0  # a finished reply ends with the end-of-turn token
+  conversation = tokens.get("sft_conversation", {}).get("max", 0)  # without a system prompt
+  short = _short_budgets(workdir, settings, eval_cfg, rollout_cfg, reply, conversation)
+  if not short:
+    return
+  named = ", ".join(f"{name}={value}" + (f" (the {stage} stage)" if stage else "") for name, value, stage, _ in short)
+  fixes = [f"--gin_param='{name}={need}'" for name, _, stage, need in short if stage is None]
+  per_stage = {stage: [f"{name}={need}"] for name, _, stage, need in short if stage is not None}
+  if per_stage:
+    fixes.append(f"--gin_param='recipe.stage_bindings={json.dumps(per_stage)}'")
+  lengths, harms = [], []
+  if any(stage != "sft" for _, _, stage, _ in short):
+    lengths.append(f"teacher replies of up to {reply} tokens (the end-of-turn token included)")
+    harms.append("a reply cut short is scored incorrect")
+  if any(stage == "sft" for _, _, stage, _ in short):
+    lengths.append(f"SFT conversations of up to {conversation} tokens")
+    harms.append("an SFT conversation longer than its row is dropped (data.too_long=\"drop\")")
+  raise ValueError(
+      f"the task data in {os.path.join(workdir, 'data')} has {' and '.join(lengths)} (manifest.json's tokens), more "
+      f"than the token budgets {named} allow: {', and '.join(harms)}. Raise them, e.g. {' '.join(fixes)} (or in "
+      "the recipe's gin files), or ask for shorter problems (recipe.difficulty, recipe.difficulty_overrides max_steps)")
 
 
 def mesh_bindings(params: Sequence[str]) -> list[str]:
@@ -557,6 +613,7 @@ def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   manifest = prepare_data(workdir, settings)
+  check_token_budgets(workdir, manifest, settings, eval_cfg, rollout_cfg)
   problems = rollouts.read_problems(os.path.join(workdir, "data", f"{settings['eval_split']}.jsonl"))
   records, init_from, parent = [], None, None
   evaluation = evaluation_settings(settings, eval_cfg)

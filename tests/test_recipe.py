@@ -495,15 +495,82 @@ def test_data_of_other_task_settings_is_refused_not_reused(tmp_path):
   # version included (compared on what it tells otherwise).
   path = tmp_path / "data" / "manifest.json"
   manifest = json.loads(path.read_text())
+  version = word_problems.SPLIT_VERSION
   manifest["recipe_task"]["split_version"] -= 1
   path.write_text(json.dumps(manifest))
-  with pytest.raises(ValueError, match=r"the task's split rules: version 2 in data/, 3 now"):
+  with pytest.raises(ValueError, match=rf"the task's split rules: version {version - 1} in data/, {version} now"):
     recipe.prepare_data(str(tmp_path), settings)
-  del manifest["recipe_task"]
+  del manifest["recipe_task"], manifest["split_version"]
   path.write_text(json.dumps(manifest))
-  with pytest.raises(ValueError, match=r"split rules: version older, unrecorded in data/, 3 now \(other held-out "
-                                       r"problems.*\); recipe.task_seed: 0 in data/, 1 now"):
+  with pytest.raises(ValueError, match=rf"split rules: version older, unrecorded in data/, {version} now \(other "
+                                       r"held-out problems.*\); recipe.task_seed: 0 in data/, 1 now"):
     recipe.prepare_data(str(tmp_path), recipe.recipe_settings(task_counts=TINY_COUNTS, task_seed=1))
+
+
+RECIPE_OVERRIDES = {"min_steps": 2, "max_steps": 3, "max_value": 30, "max_start": 12, "max_operand": 5,
+                    "max_containers": 4}
+
+
+def test_data_made_by_hand_with_the_recipes_settings_is_used(tmp_path):
+  """base.gin's make_task_data.py command wrote a manifest without the split rules' version: the recipe refused the
+  data as made under older, unrecorded rules."""
+  made = recipe.make_task_data.make_task_data(str(tmp_path / "data"), counts=TINY_COUNTS, **RECIPE_OVERRIDES)
+  settings = recipe.recipe_settings(task_counts=TINY_COUNTS, difficulty_overrides=RECIPE_OVERRIDES)
+  assert recipe.prepare_data(str(tmp_path), settings)["tokens"] == made["tokens"]  # used as written
+
+
+def test_a_first_data_write_cut_short_leaves_a_workdir_that_goes_on(tmp_path, monkeypatch):
+  """make_task_data's manifest was renamed into place, then rewritten with the recipe's task record: a kill between
+  the two left a manifest the recipe refused on every later run."""
+  settings = recipe.recipe_settings(task_counts=TINY_COUNTS)
+  replace = os.replace
+
+  def killed_once_a_manifest_lands(src, dst):
+    replace(src, dst)
+    if os.path.basename(dst) == "manifest.json":
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(os, "replace", killed_once_a_manifest_lands)
+  with pytest.raises(KeyboardInterrupt):
+    recipe.prepare_data(str(tmp_path), settings)
+  monkeypatch.undo()
+  assert recipe.prepare_data(str(tmp_path), settings)["recipe_task"] == recipe.task_request(settings)
+
+
+def test_task_data_longer_than_the_stages_token_budgets_is_refused_before_any_stage_trains(tmp_path, monkeypatch):
+  """recipe.difficulty="hard" has six-step problems whose teacher reply needs more than the 80 new tokens of the
+  evaluation, the DPO rollouts and GRPO (a reply cut short is scored incorrect), and SFT conversations longer than
+  the SFT stage's 128-token rows (dropped). The bindings the refusal suggests are enough; recipe_tiny's own task
+  fits; a finished stage is not trained again, so its budget is not checked."""
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setattr(recipe, "run_stage", lambda *a, **k: pytest.fail("a stage trained"))
+  quick = ["experiments/configs/recipe_tiny/quick.gin"]
+  hard = ['recipe.difficulty="hard"', f"recipe.task_counts={json.dumps(TINY_COUNTS)}"]
+  workdir = str(tmp_path / "hard")
+  try:
+    settings, eval_cfg, rollout_cfg = recipe.configure(quick, hard)
+    with pytest.raises(ValueError, match=r"evaluation.max_new_tokens=80.*rollouts.max_new_tokens=80.*"
+                                         r"grpo.max_new_tokens=80.*data.seq_len=128") as refusal:
+      recipe.run_recipe(workdir, settings, eval_cfg, rollout_cfg)
+    manifest = json.loads((tmp_path / "hard" / "data" / "manifest.json").read_text())
+    assert f"{manifest['tokens']['trace']['max'] + 1} tokens" in str(refusal.value)
+    suggested = re.findall(r"--gin_param='([^']+)'", str(refusal.value))
+    assert len(suggested) == 3, refusal.value
+    settings, eval_cfg, rollout_cfg = recipe.configure(quick, hard + suggested)
+    recipe.check_token_budgets(workdir, manifest, settings, eval_cfg, rollout_cfg)
+
+    settings, eval_cfg, rollout_cfg = recipe.configure(quick, hard)
+    (tmp_path / "hard" / "sft").mkdir()
+    (tmp_path / "hard" / "sft" / "recipe_stage.json").write_text("{}")
+    with pytest.raises(ValueError) as refusal:
+      recipe.check_token_budgets(workdir, manifest, settings, eval_cfg, rollout_cfg)
+    assert "grpo.max_new_tokens" in str(refusal.value) and "data.seq_len" not in str(refusal.value)
+
+    settings, eval_cfg, rollout_cfg = recipe.configure(quick, hard[1:])
+    medium = str(tmp_path / "medium")
+    recipe.check_token_budgets(medium, recipe.prepare_data(medium, settings), settings, eval_cfg, rollout_cfg)
+  finally:
+    gin.clear_config()
 
 
 def test_summary_gives_grpo_mean_reward_of_its_first_and_last_quarter_of_steps(tmp_path):

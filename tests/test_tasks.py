@@ -16,7 +16,7 @@ import sympy
 from phi_jax import rewards
 from phi_jax.data.chat import render_messages
 from phi_jax.data.sources import JsonlSource, read_record
-from phi_jax.hf.tokenizer import build_tiny_tokenizer
+from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer
 from phi_jax.tasks import word_problems as wp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
@@ -347,3 +347,70 @@ def test_curation_keeps_the_hardest_problems_in_their_original_order():
   none_hard = problem(_step(12, "+", 3), _step(15, "-", 4))
   two_hard = problem(_step(18, "+", 5), _step(23, "-", 6))  # 8 + 5 >= 10 carries; 3 < 6 borrows
   assert make_task_data.curate([one_hard, none_hard, two_hard], 2) == [one_hard, two_hard]
+
+
+# recipe_tiny's task (recipe.gin's recipe.difficulty_overrides on the medium level).
+RECIPE_LEVEL = dataclasses.replace(wp.get_difficulty("medium"), min_steps=2, max_steps=3, max_value=30, max_start=12,
+                                   max_operand=5, max_containers=4)
+
+
+def test_held_out_problems_are_distinct_by_the_arithmetic_that_splits_them():
+  """"4 packs of 2 coins, gets 3 more, doubles them" and "8 eggs, buys 3 more, doubles them" are one sum (8+3*2),
+  with other `key`s: 35 of the recipe's 200 test problems repeated another's arithmetic."""
+  for split in ("valid", "test"):
+    problems = wp.generate(200, seed=0, split=split, difficulty=RECIPE_LEVEL)
+    assert len({p.split_key for p in problems}) == len(problems), split
+  packs = wp.Problem("", "22", (wp.Step(4, "*", 2, 8, "4 packs of 2"), wp.Step(8, "+", 3, 11, "gets 3 more"),
+                                wp.Step(11, "*", 2, 22, "doubles them")), start=4)
+  eggs = wp.Problem("", "22", packs.steps[1:], start=8)
+  assert packs.key != eggs.key and packs.split_key == eggs.split_key
+
+
+SMALL_COUNTS = {"base_train": 6, "midtrain": 6, "sft": 3, "dpo_prompts": 3, "rl_prompts": 3, "valid": 3, "test": 3}
+
+
+def test_the_manifest_records_the_split_rules_and_sft_conversation_lengths(tmp_path):
+  """Data made by hand (make_task_data.py) recorded no split version, so the recipe refused it as made under older
+  split rules; the SFT conversations' lengths let the recipe compare them with the SFT stage's rows."""
+  manifest = make_task_data.make_task_data(str(tmp_path), seed=1, counts=SMALL_COUNTS)
+  assert manifest["split_version"] == wp.SPLIT_VERSION
+  assert json.loads((tmp_path / "manifest.json").read_text())["split_version"] == wp.SPLIT_VERSION
+  tokenizer = load_tokenizer(tmp_path / "tokenizer")
+  rows = [json.loads(line)["messages"] for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+  assert manifest["tokens"]["sft_conversation"]["max"] == max(len(render_messages(tokenizer, m)[0]) for m in rows)
+
+
+def _files(out) -> dict:
+  return {path.name: path.read_bytes() for path in sorted(out.iterdir()) if path.is_file()}
+
+
+def test_a_rerun_with_a_bad_argument_writes_nothing(tmp_path, monkeypatch):
+  """A chat format no tokenizer has was found after the .jsonl files were overwritten, under the old manifest."""
+  out = tmp_path / "data"
+  make_task_data.make_task_data(str(out), seed=1, counts=SMALL_COUNTS)
+  before = _files(out)
+  with pytest.raises(ValueError, match=r"chat_format 'phi4'"):
+    make_task_data.make_task_data(str(out), seed=2, chat_format="phi4", counts=SMALL_COUNTS)
+  assert _files(out) == before
+  argv = ["make_task_data.py", f"--out_dir={tmp_path / 'cli'}", "--chat_format=phi4"]
+  monkeypatch.setattr(sys, "argv", argv + [f"--num_{name}={n}" for name, n in SMALL_COUNTS.items()])
+  with pytest.raises(SystemExit):
+    make_task_data.main()
+  assert not (tmp_path / "cli").exists()
+
+
+def test_a_rerun_cut_short_leaves_no_manifest_of_other_files(tmp_path, monkeypatch):
+  """The old manifest stayed until the new one replaced it: a re-run stopped after its first file left the old
+  manifest describing new files (and the recipe reads data with a manifest as whole)."""
+  out = tmp_path / "data"
+  make_task_data.make_task_data(str(out), seed=1, counts=SMALL_COUNTS)
+  write = make_task_data._write_jsonl
+
+  def killed_after_one_file(path, records):
+    write(path, records)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(make_task_data, "_write_jsonl", killed_after_one_file)
+  with pytest.raises(KeyboardInterrupt):
+    make_task_data.make_task_data(str(out), seed=2, counts=SMALL_COUNTS)
+  assert not (out / "manifest.json").exists()

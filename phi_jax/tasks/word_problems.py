@@ -34,8 +34,10 @@ from typing import Optional, Union
 
 # Raised whenever the rules that put problems in splits change (`Problem.split_key`, `split_of`): data made under
 # other rules has other held-out problems, so results on it are not comparable (the recipe refuses to reuse it).
-# 3: a first product of any kind is folded into its result (2026-12-07); 2: containers folded (2026-12-06).
-SPLIT_VERSION = 3
+# Raised too when `generate` picks other problems for the same arguments. 4: problems distinct by key are distinct
+# by `split_key` (2026-12-07); 3: a first product of any kind is folded into its result (2026-12-07); 2: containers
+# folded (2026-12-06).
+SPLIT_VERSION = 4
 
 # Fractions of the problem space in each split, in the order the hash buckets are assigned.
 SPLIT_FRACTIONS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
@@ -161,7 +163,8 @@ def generate(n: int, *, seed: int, split: str, difficulty: Union[str, Difficulty
     seed: any integer; different seeds give different lists.
     split: "train", "valid" or "test".
     difficulty: a `Difficulty` or the name of one in `DIFFICULTIES`.
-    distinct_by: "key" keeps one problem per arithmetic (for evaluation sets); "question" allows the same
+    distinct_by: "key" keeps one problem per arithmetic (for evaluation sets), counted as the splits count it (its
+      `split_key`: "4 packs of 2, gets 3 more" and "8 eggs, buys 3 more" are one); "question" allows the same
       arithmetic in other words, which keeps the difficulty's mix of step counts in large training sets (there are
       only a few thousand two-step problems).
 
@@ -181,7 +184,7 @@ def generate(n: int, *, seed: int, split: str, difficulty: Union[str, Difficulty
     return problems
   for _ in range(_MAX_DRAWS_PER_PROBLEM * n):
     problem = sample_problem(rng, difficulty)
-    identity = problem.key if distinct_by == "key" else problem.question
+    identity = problem.split_key if distinct_by == "key" else problem.question
     if identity not in seen and split_of(problem.split_key) == split:
       seen.add(identity)
       problems.append(problem)
