@@ -486,3 +486,162 @@ def test_rollouts_to_pairs_to_dpo_training_end_to_end(setup, start_run, monkeypa
         f"train.chunk_size={CHUNK}", "train.num_steps=7", "train.checkpoint_every=6", "train.async_checkpoints=False",
         "dpo.beta=0.5", "optimizer.learning_rate=3e-3", "optimizer.warmup_fraction=0.0", "optimizer.decay='constant'"],
         common.run_training, workdir)
+
+
+def test_a_nan_in_a_filler_row_changes_neither_the_loss_nor_the_gradients(setup, independent_logps):
+  batch = dict(setup["batch"])  # row 7 is all padding
+  batch["ref_chosen_logps"] = independent_logps["chosen"][0].astype(np.float32)
+  batch["ref_rejected_logps"] = independent_logps["rejected"][0].astype(np.float32)
+  poisoned = dict(batch, ref_chosen_logps=batch["ref_chosen_logps"].copy())
+  poisoned["ref_chosen_logps"][7] = np.nan
+  loss_fn = dpo.make_loss_fn(CONFIG, beta=0.5, chunk_size=CHUNK)
+  # Not jitted: XLA may rewrite 0 * x as a select, which would hide the NaN here but not in every program.
+  value_and_grad = jax.value_and_grad(lambda p, b: loss_fn(p, b, None), has_aux=True)
+  (clean_loss, clean_aux), clean_grads = value_and_grad(setup["params"], batch)
+  (loss, aux), grads = value_and_grad(setup["params"], poisoned)
+  assert np.isfinite(float(loss)) and float(aux["weight"]) == 7
+  np.testing.assert_allclose(float(loss), float(clean_loss), rtol=1e-6)
+  for name, metric in aux["metrics"].items():
+    np.testing.assert_allclose(float(metric), float(clean_aux["metrics"][name]), rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(clean_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_trl_conversational_pairs_read_as_their_string_form(setup):
+  question = [{"role": "user", "content": "What is 2 + 2?"}]
+  plain = {"messages": question, "chosen": "4", "rejected": "5"}
+
+  def turn(text):
+    return {"role": "assistant", "content": text}
+
+  explicit = {"prompt": question, "chosen": [turn("4")], "rejected": [turn("5")]}
+  implicit = {"chosen": question + [turn("4")], "rejected": question + [turn("5")]}
+  assert preference.validate_pair(explicit) == (plain, None)
+  assert preference.validate_pair(implicit) == (plain, None)
+  multi = {"chosen": MULTI_TURN + [turn("4")], "rejected": MULTI_TURN + [turn("5")]}
+  assert preference.validate_pair(multi) == ({"messages": MULTI_TURN, "chosen": "4", "rejected": "5"}, None)
+  # The rows are those of the same pair written with strings.
+  path = _write_jsonl(setup["tmp"] / "trl.jsonl", [explicit, implicit, {"prompt": question[0]["content"],
+                                                                        "chosen": "4", "rejected": "5"}])
+  batch = next(preference.build_preference_iterator(path, setup["tokenizer"], seq_len=SEQ, batch_size=3, seed=0,
+                                                    shuffle=False, process_index=0, process_count=1))
+  for key in preference.BATCH_FIELDS:
+    assert np.array_equal(batch[key][0], batch[key][2]) and np.array_equal(batch[key][1], batch[key][2]), key
+  # A side of two turns, or one whose last turn is not the assistant's, is refused with how to write it.
+  two_turns = dict(explicit, chosen=[turn("4"), {"role": "user", "content": "sure?"}])
+  record, bad = preference.validate_pair(two_turns)
+  assert record is None and bad[0] == "mistyped field"
+  assert "'chosen' holds 2 message(s)" in bad[1] and "one assistant message" in bad[1]
+  record, bad = preference.validate_pair({"chosen": [turn("4")], "rejected": [{"role": "user", "content": "5"}]})
+  assert record is None and "share no leading messages" in bad[1]
+
+
+def test_a_pair_truncate_prompt_cannot_save_is_named_by_that_rule(setup, caplog):
+  path = _write_jsonl(setup["tmp"] / "uncuttable.jsonl", [setup["records"][0],
+                                                          {"prompt": "Hi", "chosen": "1 " * 150, "rejected": "2"}])
+  it = preference.build_preference_iterator(path, setup["tokenizer"], seq_len=SEQ, batch_size=2, seed=0,
+                                            shuffle=False, too_long="truncate_prompt", process_index=0,
+                                            process_count=1)
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    next(it)
+  assert it.stats()["too_long_dropped"] == 1
+  assert "too_long='drop'" not in caplog.text
+  assert "uncuttable.jsonl: a record was a pair whose completion does not fit seq_len" in caplog.text
+  assert "too_long='truncate_prompt'" in caplog.text
+
+
+def test_precomputed_reference_logps_of_another_tokenizer_are_refused(setup):
+  kwargs = dict(seq_len=SEQ, batch_size=BATCH, seed=0, shuffle=False, num_epochs=1, process_index=0, process_count=1)
+  out = str(setup["tmp"] / "tokenizer_check.ref.jsonl")
+  dpo.precompute_reference_logps(setup["path"], setup["params"], CONFIG, setup["tokenizer"], seq_len=SEQ,
+                                 batch_size=BATCH, chunk_size=CHUNK, out_file=out)
+  next(preference.build_preference_iterator(out, setup["tokenizer"], reference_logps=True, **kwargs))
+  mini = build_tiny_tokenizer(setup["tmp"] / "tok_mini", chat_format="phi-4-mini")
+  assert len(mini) == len(setup["tokenizer"])  # the same size: only the vocabulary and template tell them apart
+  with pytest.raises(DataError, match=r"reference mismatch: .*tokenizer=.* there, .* here"):
+    next(preference.build_preference_iterator(out, mini, reference_logps=True, **kwargs))
+
+
+def test_eval_skip_warning_of_a_dpo_run_names_dpo_too_long(caplog):
+  stats = {"records_read": 8, "records_used": 4, "records_skipped": {"too long": 4}}
+
+  def warn():
+    common._warn_of_eval_skips(stats, common.data())
+
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    _run_gin([], ["train.stage='dpo'", "dpo.too_long='drop'"], warn)
+  assert "change dpo.too_long (now 'drop')" in caplog.text and "data.too_long" not in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    _run_gin([], ["train.stage='next_token'"], warn)
+  assert "change data.too_long (now 'split')" in caplog.text
+
+
+def _precompute_bindings(setup, start, pairs, **changes):
+  settings = {"data.train_files": [pairs], "data.seq_len": SEQ, "train.init_from": start, "train.chunk_size": CHUNK,
+              "train.num_steps": 1, "dpo.reference": "precompute", "model.overrides": MODEL_OVERRIDES,
+              "mesh.shape": {"data": 2, "fsdp": -1}, **changes}
+  return [f"{key}={value!r}" for key, value in settings.items()]
+
+
+def _precompute(setup, workdir, bindings):
+  def setup_stage():
+    model_config, hf_path = common.model()
+    return common._dpo_setup(workdir, model_config, hf_path, common.data(), common.train_settings(),
+                             setup["tokenizer"], common.mesh(), BATCH)
+
+  return _run_gin([os.path.join(ROOT, "experiments/configs/dpo_tiny.gin")], bindings, setup_stage)
+
+
+def test_precompute_mode_recomputes_when_the_reference_params_change_in_place(setup, monkeypatch, caplog):
+  start = str(setup["tmp"] / "retrained_start")
+  common.save_final_params(start, setup["params"])
+  workdir = _workdir(setup, "precompute_params_change")
+  bindings = _precompute_bindings(setup, start, setup["path"])
+  _precompute(setup, workdir, bindings)
+  written = os.path.join(workdir, "reference", "train0-pairs.jsonl")
+  with open(written) as f:
+    before = f.read()
+  # The same values saved again (new files): compared by their digest, and kept.
+  common.save_final_params(start, setup["params"])
+  caplog.clear()
+  with caplog.at_level("INFO", logger="phi_jax"):
+    _precompute(setup, workdir, bindings)
+  assert "computed under other settings" not in caplog.text
+  with open(written) as f:
+    assert f.read() == before
+  # Other values at the same path (the start run trained on, or replaced): computed again, with the new params.
+  changed = jax.tree.map(lambda x: x * 1.5, setup["params"])
+  common.save_final_params(start, changed)
+  with caplog.at_level("INFO", logger="phi_jax"):
+    _, train_data, _ = _precompute(setup, workdir, bindings)
+  assert "computed under other settings (reference_params changed" in caplog.text
+  batch = next(train_data)
+  expected = dpo.reference_logps_fn(CONFIG, CHUNK)(changed, {k: batch[k] for k in preference.BATCH_FIELDS})
+  for key, value in zip(preference.REFERENCE_FIELDS, expected):
+    np.testing.assert_allclose(batch[key], value, rtol=1e-5, atol=1e-4)
+  # Unchanged since: reused without loading the reference.
+  monkeypatch.setattr(common, "_dpo_reference_params", lambda *args: pytest.fail("the reference was loaded again"))
+  _precompute(setup, workdir, bindings)
+
+
+def test_precompute_mode_refuses_to_rewrite_the_pairs_its_checkpoints_read(setup, start_run, caplog):
+  workdir = _workdir(setup, "precompute_resume")
+  _precompute(setup, workdir, _precompute_bindings(setup, start_run, setup["path"]))
+  # Another rule for bad records keeps other pairs: computed again while the run has no checkpoints.
+  with caplog.at_level("INFO", logger="phi_jax"):
+    _precompute(setup, workdir, _precompute_bindings(setup, start_run, setup["path"],
+                                                     **{"data.on_bad_record": "skip"}))
+  assert "computed under other settings (on_bad_record changed" in caplog.text
+  written = os.path.join(workdir, "reference", "train0-pairs.jsonl")
+  with open(written) as f:
+    before = f.read()
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"))  # the run has trained and saved its data position
+  with pytest.raises(ValueError, match=r"train0-pairs.jsonl .*seq_len: 80 -> 48.*the saved data position.*"
+                     r"Restore the settings this run started with, or start a new workdir"):
+    _precompute(setup, workdir, _precompute_bindings(setup, start_run, setup["path"], **{
+        "data.seq_len": 48, "data.on_bad_record": "skip"}))
+  with open(written) as f:
+    assert f.read() == before  # refused before rewriting
+  _precompute(setup, workdir, _precompute_bindings(setup, start_run, setup["path"],
+                                                   **{"data.on_bad_record": "skip"}))

@@ -6,10 +6,14 @@
     it.stats()              # records read / used / skipped per reason, prompts truncated, pairs, tokens
 
 A record is `{"prompt": str | [messages], "chosen": str, "rejected": str}`; a string prompt is one user turn, a
-message list is the conversation before the answer. Records written by `phi_jax.stages.dpo.precompute_reference_logps`
-also carry `ref_chosen_logps`, `ref_rejected_logps` (summed completion log-probs of the frozen reference) and
-`ref_seq_len` (the row length they were computed at); with `reference_logps=True` they are required and batched as
-float32 [B] arrays of the same names. Other keys are ignored. Prompt messages keep their other string-valued keys
+message list is the conversation before the answer. TRL's conversational records read as well: each side a list of
+one assistant message after a message-list "prompt", or, with no "prompt", each side a whole conversation whose
+leading messages (the same on both sides) are the prompt and whose last, an assistant message, the completion.
+Records written by `phi_jax.stages.dpo.precompute_reference_logps` also carry `ref_chosen_logps`,
+`ref_rejected_logps` (summed completion log-probs of the frozen reference) and the settings they were computed under
+(`REFERENCE_SETTINGS`: row length, length rule, system prompt, `tokenizer_id`); with `reference_logps=True` the
+log-probs are required and batched as float32 [B] arrays of the same names, and settings other than the reader's are
+refused. Other keys are ignored. Prompt messages keep their other string-valued keys
 (Phi-4-mini's system `tools`), which the chat template may render, as `phi_jax.data.sources.clean_message` says.
 
 Each side is rendered with `phi_jax.data.chat.render_messages` as the prompt followed by one assistant turn holding
@@ -26,6 +30,8 @@ a function of the seed and a restored state continues exactly.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
@@ -45,7 +51,7 @@ SIDES = ("chosen", "rejected")
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
 BATCH_FIELDS = tuple(f"{side}_{field}" for side in SIDES for field in ROW_FIELDS)
 # The settings a precomputed reference file was computed under, checked against the reading run's.
-REFERENCE_SETTINGS = ("ref_seq_len", "ref_too_long", "ref_system_prompt")
+REFERENCE_SETTINGS = ("ref_seq_len", "ref_too_long", "ref_system_prompt", "ref_tokenizer")
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 TOO_LONG = ("drop", "truncate_prompt")
 ON_BAD_RECORD = ("raise", "skip")
@@ -63,6 +69,9 @@ def validate_pair(data: Any, *, reference_logps: bool = False, where: Optional[s
   if not isinstance(data, dict):
     return None, ("not an object", f"got {type(data).__name__}; a pair is a JSON object "
                   '{"prompt": ..., "chosen": ..., "rejected": ...} (a list of prompt messages goes under "prompt")')
+  data, bad = _from_conversations(data)
+  if bad is not None:
+    return None, bad
   for key in ("prompt",) + SIDES:
     if data.get(key) is None:
       return None, ("missing field", f"'{key}' is missing")
@@ -82,10 +91,40 @@ def validate_pair(data: Any, *, reference_logps: bool = False, where: Optional[s
       if not math.isfinite(data[key]):  # JSON's NaN / Infinity: one would make its whole batch's loss NaN
         return None, ("mistyped field", f"'{key}' is {data[key]}, expected a finite log-probability")
       record[key] = float(data[key])
-    for key in REFERENCE_SETTINGS:  # as written by precompute_reference_logps (older files: ref_seq_len only)
+    for key in REFERENCE_SETTINGS:  # as written by precompute_reference_logps (older files hold fewer of them)
       if key in data:
         record[key] = data[key]
   return record, None
+
+
+def _from_conversations(data: dict) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
+  """TRL's conversational pairs in this module's form: each side given as messages, after an explicit "prompt"
+  (one assistant message a side) or with none (whole conversations whose shared leading messages are the prompt).
+  Records with string sides come back as they are."""
+  sides = {side: data.get(side) for side in SIDES}
+  if not any(isinstance(value, list) for value in sides.values()):
+    return data, None
+  if data.get("prompt") is None and all(isinstance(value, list) and value for value in sides.values()):
+    shared = 0  # at most all but each side's last message, which is its completion
+    while (shared < min(len(value) for value in sides.values()) - 1
+           and sides["chosen"][shared] == sides["rejected"][shared]):
+      shared += 1
+    if not shared:
+      return None, ("missing field", "no 'prompt', and 'chosen' and 'rejected' share no leading messages to take "
+                    "it from: give the conversation before the answers under 'prompt'")
+    data = dict(data, prompt=sides["chosen"][:shared], **{side: value[shared:] for side, value in sides.items()})
+  out = dict(data)
+  for side in SIDES:
+    value = data[side]
+    if not isinstance(value, list):
+      continue
+    message = value[0] if len(value) == 1 and isinstance(value[0], dict) else {}
+    if message.get("role") != "assistant" or not isinstance(message.get("content"), str):
+      return None, ("mistyped field", f"'{side}' holds {len(value)} message(s); a side is its completion: a string, "
+                    'or one assistant message [{"role": "assistant", "content": "..."}], with the turns before it '
+                    "under 'prompt'")
+    out[side] = message["content"]
+  return out, None
 
 
 def prompt_messages(prompt: Any, *, where: Optional[str] = None
@@ -163,14 +202,27 @@ def encode_pair(tokenizer, record: dict, *, seq_len: int, too_long: str = "drop"
   return rows, status
 
 
+def tokenizer_id(tokenizer) -> str:
+  """The tokenizer's size and a digest of its vocabulary and chat template: two tokenizers of one size (the tiny
+  "phi-4" and "phi-4-mini" ones) still render a pair into other ids."""
+  content = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template])
+  return f"{len(tokenizer)} tokens, vocabulary and template {hashlib.sha256(content.encode()).hexdigest()[:16]}"
+
+
+def reference_settings(tokenizer, *, seq_len: int, too_long: str, system_prompt: Optional[str]) -> dict[str, Any]:
+  """`REFERENCE_SETTINGS`: what the rows scored by a reference depend on, written beside its log-probs."""
+  return {"ref_seq_len": seq_len, "ref_too_long": too_long, "ref_system_prompt": system_prompt,
+          "ref_tokenizer": tokenizer_id(tokenizer)}
+
+
 def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, system_prompt: Optional[str],
-             reference_logps: bool, on_bad_record: str) -> dict[str, Any]:
-  """One raw source record -> {"status", "rows", "reference", "index"} (runs in Grain's reader threads)."""
+             reference_logps: bool, on_bad_record: str, now: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """One raw source record -> {"status", "rows", "reference", "index"} (runs in Grain's reader threads). `now`: this
+  reader's `reference_settings`, which a record's must equal (where it records them)."""
   if raw["error"] is not None:
     record, bad = None, raw["error"]
   else:
     record, bad = validate_pair(raw["data"], reference_logps=reference_logps, where=raw["where"])
-  now = {"ref_seq_len": seq_len, "ref_too_long": too_long, "ref_system_prompt": system_prompt}
   differ = [f"{key[len('ref_'):]}={record[key]!r} there, {now[key]!r} here" for key in REFERENCE_SETTINGS
             if bad is None and reference_logps and key in record and record[key] != now[key]]
   if differ:  # the reference scored other rows than this run trains on: its log-probs belong to those
@@ -236,14 +288,18 @@ class PreferenceIterator:
       log.warning("%s holds %d pair(s) for this process, fewer than one batch of %d: %s", self.name, len(ds),
                   batch_size, "every batch repeats them" if num_epochs != 1 else "its one batch is mostly filler")
     self._streak = SkipStreak(self.name, [len(ds)])
-    self._warn_on_skip = SkipWarning(enabled=warn)
+    self._warn_on_skip = SkipWarning(enabled=warn, **({} if too_long == "drop" else {"too_long_wording": (
+        "a pair whose completion does not fit seq_len even after its prompt is cut to one token, dropped "
+        "(too_long='truncate_prompt' cuts prompts only)")}))
     if shuffle:
       ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
       ds = ds.repeat(num_epochs)
     prepare = functools.partial(_prepare, tokenizer=tokenizer, seq_len=seq_len, too_long=too_long,
                                 system_prompt=system_prompt, reference_logps=reference_logps,
-                                on_bad_record=on_bad_record)
+                                on_bad_record=on_bad_record,
+                                now=reference_settings(tokenizer, seq_len=seq_len, too_long=too_long,
+                                                       system_prompt=system_prompt) if reference_logps else None)
     ds = ds.map(prepare)
     self._records = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                          prefetch_buffer_size=read_buffer)).__iter__()

@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from phi_jax.data.preference import REFERENCE_FIELDS, SIDES, build_preference_iterator
+from phi_jax.data.preference import REFERENCE_FIELDS, SIDES, build_preference_iterator, reference_settings
 from phi_jax.losses import chunked_token_logprobs, dpo_loss, next_token_targets, sequence_logps
 from phi_jax.losses.dpo import LOSS_TYPES
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
@@ -81,12 +81,17 @@ def dpo_stage_loss(params, batch: dict, rng, *, config: PhiConfig, beta: float, 
     return dpo_loss(policy_chosen[None], policy_rejected[None], ref_chosen[None], ref_rejected[None], beta=beta,
                     label_smoothing=label_smoothing, loss_type=loss_type)
 
-  losses, metrics = jax.vmap(pair_loss)(policy["chosen"][0], policy["rejected"][0], reference["chosen"],
-                                        reference["rejected"])
   # A real pair always has at least its end-of-turn token as a completion target; filler rows have none.
-  real = ((policy["chosen"][1] > 0) & (policy["rejected"][1] > 0)).astype(jnp.float32)
-  return jnp.sum(real * losses), {"weight": jnp.sum(real),
-                                  "metrics": {name: jnp.sum(real * value) for name, value in metrics.items()}}
+  real = (policy["chosen"][1] > 0) & (policy["rejected"][1] > 0)
+
+  def real_only(x):
+    # Filler rows' inputs are zeroed, not only weighted 0: 0 * NaN is NaN, in the loss and in its gradient.
+    return jnp.where(real, x, 0.0)
+
+  losses, metrics = jax.vmap(pair_loss)(real_only(policy["chosen"][0]), real_only(policy["rejected"][0]),
+                                        real_only(reference["chosen"]), real_only(reference["rejected"]))
+  return jnp.sum(real_only(losses)), {"weight": jnp.sum(real.astype(jnp.float32)),
+                                      "metrics": {name: jnp.sum(real_only(value)) for name, value in metrics.items()}}
 
 
 def make_loss_fn(config: PhiConfig, *, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
@@ -205,8 +210,9 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
   """Writes every usable pair of `pairs_file` with its reference log-probs to `out_file`, in file order.
 
   Output records are the input records plus `ref_chosen_logps`, `ref_rejected_logps` and the settings they were
-  computed under (`ref_seq_len`, `ref_too_long`, `ref_system_prompt`); a DPO run with the same `seq_len`, `too_long`
-  and `system_prompt` (checked) reads them with `reference_logps=True` and needs no reference model. Pairs dropped
+  computed under (`ref_seq_len`, `ref_too_long`, `ref_system_prompt`, and `ref_tokenizer`: the tokenizer's size and
+  a digest of its vocabulary and chat template); a DPO run with the same `seq_len`, `too_long`, `system_prompt` and
+  tokenizer (checked) reads them with `reference_logps=True` and needs no reference model. Pairs dropped
   as too long or bad (in skip mode) are left out and counted. Every process computes the same batches (the
   reference params may be sharded across hosts); process 0 writes, atomically. `microbatches` is
   `reference_logps_fn`'s.
@@ -233,8 +239,8 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
       if i >= 0:
         found[int(i)] = (float(c), float(r))
   if jax.process_index() == 0:
-    _write_with_reference(batches, found, {"ref_seq_len": seq_len, "ref_too_long": too_long,
-                                           "ref_system_prompt": system_prompt}, out_file)
+    _write_with_reference(batches, found, reference_settings(tokenizer, seq_len=seq_len, too_long=too_long,
+                                                             system_prompt=system_prompt), out_file)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"precompute_reference_logps:{out_file}")
   return {"out_file": out_file, "pairs": len(found), "stats": batches.stats()}
