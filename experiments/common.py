@@ -651,8 +651,11 @@ def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str
 
   `reference`: "in_step" scores every batch with a frozen copy of the starting params (`train.init_from`, or the
   random init of `train.seed`); "precompute" scores all pairs once into W/reference/ and then trains with no
-  reference model (a resumed run reuses the files); "precomputed": the pair files already carry the log-probs
-  (`phi_jax.stages.dpo.precompute_reference_logps`). Both reference passes run in `train.microbatches` pieces, like
+  reference model (a resumed run reuses the files; they are computed again when the pair file, the reference
+  params, the tokenizer or a data setting they depend on changed, and a workdir with checkpoints refuses to rewrite
+  the train file its data position points into); "precomputed": the pair files already carry the log-probs
+  (`phi_jax.stages.dpo.precompute_reference_logps`, tokenizer checked). Both reference passes run in
+  `train.microbatches` pieces, like
   the step. `too_long`: "drop" or "truncate_prompt". `data.weights` and
   `data.packing` do not apply: pairs are read in one shuffled stream, one example per row.
   """
