@@ -29,22 +29,7 @@ def _raise_soft_timeout(signum, frame):
   raise SoftTimeout()
 
 
-def _die_with_parent() -> None:
-  """Linux: SIGKILL this worker when its parent dies. A trainer killed with SIGKILL (an OOM kill, a preempted job)
-  never shuts its workers down, and one deep in a long computation would go on under init for as long as it runs."""
-  try:
-    import ctypes  # pylint: disable=import-outside-toplevel
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-  except (OSError, AttributeError):  # not Linux: the parent's own shutdown is all there is
-    return
-  if os.getppid() == 1:  # the parent died before the line above
-    os._exit(0)
-
-
 def main() -> None:
-  _die_with_parent()
   settings = json.loads(sys.argv[1])
   # Replies go to a private duplicate of stdout; anything a library prints lands on stderr instead.
   replies = os.fdopen(os.dup(1), "w", encoding="ascii", buffering=1)
