@@ -212,7 +212,14 @@ def test_several_math_spans_after_a_label_or_chained_boxes_are_one_answer(pool):
             "The answer is $5$, since $2 + 3 = 5$.": "5",
             "The answer is $5$. Check: $5 - 2 = 3$.": "5",
             "\\boxed{1} then \\boxed{\\frac{1}{2}}": "\\frac{1}{2}",
-            "\\boxed{10}\\boxed{11}": "11"}
+            "\\boxed{10}\\boxed{11}": "11",
+            # ... nor a clause that goes on in prose, nor an equation that justifies a value.
+            "The answer is $18$, and $18 \\times 2 = 36$ confirms it.": "18",
+            "**Answer:** $18$, and $x = 18$ satisfies the equation.": "18",
+            "The answer is $12$, and $12 = 3 \\cdot 4$.": "12",
+            "The answer is $8$ and $2$ heads.": "8",
+            # An escaped dollar sign inside inline math is content, not its end.
+            "The answer is $\\$20$.": "\\$20"}
   assert {c: extract_answer(think + c) for c in joined} == joined
   assert extract_gold("$\\boxed{2}$ and $\\boxed{3}$") == "2, 3"
   cases = [("The answer is $5$ or $6$.", "5", False), ("The answer is $6$ or $5$.", "5", False),
@@ -220,7 +227,8 @@ def test_several_math_spans_after_a_label_or_chained_boxes_are_one_answer(pool):
            ("The answer is $x = 2$ and $x = 3$.", "2, 3", True), ("The answer is $x = 2$ and $x = 3$.", "2", False),
            ("The answer is $2$, $3$, and $5$.", "2, 3, 5", True), ("Answer: $a = 1$, $b = 2$", "1, 2", True),
            ("The solutions are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3", True),
-           ("The answer is $\\boxed{5}$ or $\\boxed{6}$.", "6", False), ("The answer is $5$ dollars.", "5", True)]
+           ("The answer is $\\boxed{5}$ or $\\boxed{6}$.", "6", False), ("The answer is $5$ dollars.", "5", True),
+           ("The answer is $12$, and $12 = 3 \\cdot 4$.", "12", True), ("Answer: $\\$4.50$", "4.5", True)]
   verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
   assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
 

@@ -269,11 +269,27 @@ def _joined_inline_math(text: str) -> Optional[str]:
     while start < len(text) and start - end <= _MAX_JOIN_GAP_CHARS and text[start] not in "$\\":
       start += 1
     span = _inline_math_at(text, start) if _joins_answers(text[end:start]) else None
-    if span is None:
+    # "$12$, and $12 = 3 \cdot 4$": an equation joined to a bare value justifies it; answers alike in form join.
+    if span is None or _is_relation(span[0]) != _is_relation(contents[0]):
       break
     contents.append(span[0])
     end = span[1]
+  # Joined only when the sentence ends after them: "$18$, and $18 \times 2 = 36$ confirms it" goes on in prose, so the
+  # second span is a new clause, not a second answer.
+  if len(contents) > 1 and not _ends_sentence(text[end:]):
+    return contents[0]
   return ", ".join(contents)
+
+
+def _is_relation(math: str) -> bool:
+  return any(op in math for op in ("=", "<", ">", "\\le", "\\ge", "\\neq", "\\approx"))
+
+
+def _ends_sentence(rest: str) -> bool:
+  """Whether `rest`, the text after an answer, closes it: nothing, closing punctuation or brackets, then the end, a
+  line break, a comma ("$5$ or $6$, I'm not sure") or a special token."""
+  rest = rest.lstrip(" \t)]}*\\")
+  return not rest or rest[0] in ".,;!?\n" or rest.startswith("<|")
 
 
 def _inline_math_at(text: str, start: int) -> Optional[tuple[str, int]]:
@@ -281,6 +297,8 @@ def _inline_math_at(text: str, start: int) -> Optional[tuple[str, int]]:
   for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
     if text.startswith(left, start):
       close = text.find(right, start + len(left))
+      while left == "$" and close > 0 and text[close - 1] == "\\":  # "$\$20$": an escaped dollar sign is content
+        close = text.find(right, close + 1)
       if close > start + len(left):
         content = text[start + len(left):close]
         # "$13. She spent $5": a price, not math running to the next dollar sign across sentences or lines.
