@@ -248,6 +248,13 @@ def test_special_token_strings_inside_chat_content_are_warned_of(caplog, tmp_pat
   assert "holds the special token string(s) <|endoftext|>, <|im_end|>" in caplog.text
   end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
   assert [i for i, m in zip(ids, mask) if m].count(end_of_turn) == 2  # what the warning is about
+  # The chat markers too, which `all_special_tokens` leaves out (Phi-4-mini's end of turn, phi-4's turn opener).
+  for fmt, marker in (("phi-4-mini", "<|end|>"), ("phi-4", "<|im_start|>")):
+    caplog.clear()
+    fresh = build_tiny_tokenizer(tmp_path / fmt, chat_format=fmt)
+    with caplog.at_level("WARNING", logger="phi_jax"):
+      render_messages(fresh, [USER_1, {"role": "assistant", "content": f"Turns end with {marker} here."}])
+    assert f"holds the special token string(s) {marker}" in caplog.text
 
 
 def test_system_prompt_only_fills_in_a_missing_system_message(tokenizers):

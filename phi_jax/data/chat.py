@@ -213,8 +213,7 @@ def _warn_of_control_strings(tokenizer: PreTrainedTokenizerBase, messages: Seque
   transformers' apply_chat_template reads it: in an assistant turn it is trained on, an end of turn mid-reply. Text
   records keep such strings as text (`data.special_tokens_in_text`); chat records cannot without changing the ids
   the template defines, so they are warned of, once per tokenizer."""
-  specials = [t for t in getattr(tokenizer, "all_special_tokens", ()) if t]
-  found = sorted({t for t in specials for m in messages if t in m["content"]})
+  found = sorted({t for t in _control_strings(tokenizer) for m in messages if t in m["content"]})
   try:
     if not found or tokenizer in _WARNED_OF_CONTROL_STRINGS:
       return
@@ -224,6 +223,16 @@ def _warn_of_control_strings(tokenizer: PreTrainedTokenizerBase, messages: Seque
   log.warning("a chat message's content holds the special token string(s) %s, which are read as control tokens "
               "(as apply_chat_template reads them): in an assistant reply that is an end of turn trained mid-reply. "
               "Remove or escape them in such records (warned once)", ", ".join(found))
+
+
+def _control_strings(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+  """Strings the tokenizer reads as one special token: the named ones and every added token marked special (the
+  chat markers, <|end|> and <|user|> among them, are not in `all_special_tokens`)."""
+  strings = {t for t in getattr(tokenizer, "all_special_tokens", ()) if t}
+  for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+    if getattr(added, "special", False) and added.content:
+      strings.add(added.content)
+  return strings
 
 
 def _unless_built_in(tokenizer: PreTrainedTokenizerBase, system_prompt: Optional[str]) -> Optional[str]:
