@@ -719,7 +719,8 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
     made_with = {key: dict(pairs_file=content_digests([(train_files if key[0] == "train" else eval_files)[key[1]]]),
                            reference_params=start or f"random init, seed {settings['loop'].seed}",
                            reference_files=_params_fingerprint(start), tokenizer=data_cfg["tokenizer"],
-                           tokenizer_size=len(tokenizer), system_prompt=data_cfg["system_prompt"],
+                           tokenizer_size=len(tokenizer), tokenizer_id=preference.tokenizer_id(tokenizer),
+                           system_prompt=data_cfg["system_prompt"],
                            seq_len=data_cfg["seq_len"], too_long=cfg["too_long"],
                            on_bad_record=data_cfg["on_bad_record"], model_config=dataclasses.asdict(model_config))
                  for key in outputs}
@@ -811,8 +812,11 @@ def _reference_is_current(out_file: str, made_with: dict, digest_now) -> Optiona
   current = json.loads(json.dumps(made_with, default=str))
   changed = {k: (saved.get(k, _NOT_RECORDED), current.get(k)) for k in sorted(set(saved) | set(current))
              if k != "reference_digest" and saved.get(k, _NOT_RECORDED) != current.get(k)}
-  if set(changed) == {"reference_files"} and saved.get("reference_digest") == digest_now():
-    return {}  # the same values in other files (saved again, or copied)
+  # Where only names changed (the params saved again, copied or moved, a path spelled another way, the tokenizer's
+  # path), the contents decide: the params' digest, and `tokenizer_id` (compared as a setting of its own).
+  if changed and set(changed) <= {"reference_files", "reference_params", "tokenizer"} and (
+      not {"reference_files", "reference_params"} & set(changed) or saved.get("reference_digest") == digest_now()):
+    return {}
   if changed:
     log.warning("the reference log-probs in %s were computed under other settings (%s changed, or not recorded): "
                 "computing them again", out_file,

@@ -4,6 +4,7 @@
 import functools
 import json
 import os
+import shutil
 import sys
 
 import gin
@@ -608,6 +609,18 @@ def test_precompute_mode_recomputes_when_the_reference_params_change_in_place(se
   with caplog.at_level("INFO", logger="phi_jax"):
     _precompute(setup, workdir, bindings)
   assert "computed under other settings" not in caplog.text
+  with open(written) as f:
+    assert f.read() == before
+  # The same values under another name (a copy; a path spelled with a trailing slash): kept, even with checkpoints.
+  copied = str(setup["tmp"] / "copied_start")
+  shutil.copytree(start, copied, dirs_exist_ok=True)
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"), exist_ok=True)
+  for path in (copied + "/", start):
+    caplog.clear()
+    with caplog.at_level("INFO", logger="phi_jax"):
+      _precompute(setup, workdir, _precompute_bindings(setup, path, setup["path"]))
+    assert "computed under other settings" not in caplog.text
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
   with open(written) as f:
     assert f.read() == before
   # Other values at the same path (the start run trained on, or replaced): computed again, with the new params.
