@@ -33,6 +33,7 @@ def main(argv=None) -> str:
                       help="gin binding 'k=v' (repeatable), after the run's own config.gin")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+  common.check_policy_dir(args.init_from)  # a skipped recipe stage names the stage whose params it kept
   if not os.path.isdir(os.path.join(args.init_from, "params")):
     common.check_not_unfinished_run(args.init_from)
     raise ValueError(f"{args.init_from} has no params/: point --init_from at a finished run's workdir")

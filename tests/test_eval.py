@@ -372,6 +372,9 @@ def test_a_policy_directory_that_holds_none_says_what_it_is(tmp_path):
   with pytest.raises(ValueError, match=rf"is a recipe stage that was skipped \(no preference pairs\): it trained no "
                                        rf"params, and the recipe went on with those of {tmp_path / 'sft'}; point"):
     rollouts.load_policy(str(tmp_path / "dpo"), None)
+  import export_hf
+  with pytest.raises(ValueError, match=r"is a recipe stage that was skipped \(no preference pairs\)"):
+    export_hf.main(["--init_from", str(tmp_path / "dpo")])
   with pytest.raises(ValueError, match=r"is neither a run's workdir \(it has no params/\) nor a transformers"):
     rollouts.load_policy(str(tmp_path / "sft"), None)
 
