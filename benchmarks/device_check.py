@@ -20,17 +20,32 @@
    (only the filled part of the cache) and again in one pass over the whole cache.
 6. If fewer than `--alt_before_s` seconds have passed: the train step again with remat `--alt_remat` (saves the
    weight matmuls' outputs: fewer FLOPs, more memory, a smaller batch), as "train_alt".
-Each part writes its figures as soon as it ends, so a run cut short still leaves what it measured.
+Each part writes its figures as soon as it ends, so a run cut short still leaves what it measured. The exit
+status is non-zero when a requested part failed (its "error" is in the JSON), and outside `--smoke` the script
+stops at once unless JAX runs on a GPU.
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+
+PARTS = ("attention", "mask_cost", "train", "decode", "decode_long", "train_alt")  # in the order they run
+
+
+def _parts(value: str) -> str:
+  """--parts, checked while parsing: a misspelt name would otherwise run nothing and still succeed."""
+  unknown = [name for name in value.split(",") if name not in PARTS]
+  if unknown:
+    raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(map(repr, unknown))}; "
+                                     f"give a comma-separated list of: {', '.join(PARTS)}")
+  return value
 
 
 def _extra(parser):
@@ -46,10 +61,11 @@ def _extra(parser):
   parser.add_argument("--alt_before_s", type=float, default=300.0)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--attention_backends", default="xla,cudnn,cudnn_dense,blockwise")
-  parser.add_argument("--parts", default="attention,mask_cost,train,decode,train_alt",
-                      help="which parts to run (always in the default order)")
+  parser.add_argument("--parts", default="attention,mask_cost,train,decode,train_alt", type=_parts,
+                      help=f"which parts to run, of {','.join(PARTS)} (always in that order)")
   parser.add_argument("--profile", action="store_true",
-                      help="trace one more train step with jax.profiler; the perfetto trace goes next to --out")
+                      help="trace one more train step with jax.profiler; the perfetto trace goes next to --out, as "
+                      "NAME_train_step.trace.json.gz for --out NAME.json")
   parser.add_argument("--decode_batch", type=int, default=64)
   parser.add_argument("--decode_long_tokens", type=int, default=2048, help="new tokens of the decode_long part")
   parser.add_argument("--peak_tflops", type=float, default=989.0)
@@ -150,8 +166,6 @@ def train_check(config, record, key="train"):
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - start)
   log(f"{key}: step times {times}")
-  if ARGS.profile and key == "train":
-    profile_step(lambda: jax.block_until_ready(compiled(state, batch, rng)[1]["loss"]))
   step_s = float(np.median(times))
   tokens = batch_size * seq
   flops = train_flops_per_token(config, seq) * tokens
@@ -159,6 +173,13 @@ def train_check(config, record, key="train"):
                          param_dtype=config.param_dtype, step_s=times, median_step_s=step_s,
                          tokens_per_s=tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
                          mfu=flops / step_s / (ARGS.peak_tflops * 1e12), loss=float(metrics["loss"]))
+  if ARGS.profile and key == "train":
+    _common.write(ARGS, record)  # the measured step is kept even if tracing takes the process down
+    try:  # a profiler failure (e.g. no CUPTI access) is not a failure of the step: no fallback rerun
+      profile_step(lambda: jax.block_until_ready(compiled(state, batch, rng)[1]["loss"]))
+    except Exception as error:  # pylint: disable=broad-except
+      record[key]["profile_error"] = f"{type(error).__name__}: {error}"[:2000]
+      log(f"profile failed: {record[key]['profile_error'][:300]}")
 
 
 def attention_check(record):
@@ -244,11 +265,13 @@ def profile_step(run):
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     run()
   for path in glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True):
-    shutil.copy(path, os.path.join(os.path.dirname(os.path.abspath(ARGS.out)), "train_step.trace.json.gz"))
+    # Named after --out, so each run's trace stays next to its JSON.
+    shutil.copy(path, os.path.splitext(os.path.abspath(ARGS.out))[0] + "_train_step.trace.json.gz")
     log(f"profile: {path}")
 
 
 def train_with_fallback(record):
+  failed = None
   try:
     train_check(model_config(ARGS.backend), record)
   except Exception as error:  # e.g. a cuDNN version without the masked kernel: still measure the step
@@ -257,16 +280,34 @@ def train_with_fallback(record):
     log(f"train with {ARGS.backend} failed ({type(error).__name__}: {str(error)[:300]}); "
         f"running {ARGS.fallback_backend}")
     failed = {"backend": ARGS.backend, "error": f"{type(error).__name__}: {error}"[:2000]}
-    record["train"] = {}
-    train_check(model_config(ARGS.fallback_backend), record)
-    record["train"]["failed_first"] = failed
+  if failed is None:
+    return
+  # Only now, outside the `except` block: while the exception lived, its traceback kept the failed attempt's
+  # frames (train state, batch, executable: about 23 GB for phi-4-mini) on the device.
+  gc.collect()
+  record["train"] = {}
+  train_check(model_config(ARGS.fallback_backend), record)
+  record["train"]["failed_first"] = failed
+
+
+def require_gpu():
+  """Outside --smoke, stops unless JAX runs on a GPU: with a CPU jaxlib, or CUDA failing to start (JAX then falls
+  back to the CPU), the 3.8B train step would run on the CPU until the time limit."""
+  if ARGS.smoke or jax.default_backend() == "gpu":
+    return
+  sys.exit(f"device_check: JAX's default backend is {jax.default_backend()!r}, not 'gpu' (devices: "
+           f"{jax.devices()[:2]}). Install a CUDA build of jaxlib (jax[cuda13]) in the environment that runs "
+           "this script and check that CUDA starts (JAX logs why it fell back), or pass --smoke for the CPU toy run.")
 
 
 def main():
+  require_gpu()
   config = model_config(ARGS.backend)
   record = {"benchmark": "device_check", "smoke": ARGS.smoke, "machine": _common.machine(),
             "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
-            "jax_version": jax.__version__, "peak_tflops": ARGS.peak_tflops, "model_params": config.num_params()}
+            "jax_version": jax.__version__, "peak_tflops": ARGS.peak_tflops, "model_params": config.num_params(),
+            # False: this JAX misplaces the packed layout's grouped keys, so GQA attention takes the dense mask.
+            "cudnn_offsets_fit_grouped_keys": attention_gpu.cudnn_offsets_fit_grouped_keys()}
   begin = time.perf_counter()
   log(f"{record['device_kind']}, jax {jax.__version__}, {config.num_params() / 1e9:.2f}B params")
   backend = lambda: record.get("train", {}).get("backend", ARGS.backend)  # the one the train step ran with
@@ -287,6 +328,9 @@ def main():
     record.setdefault(name, {})["wall_s"] = time.perf_counter() - start
     log(f"{name}: {record[name]}")
     _common.write(ARGS, record)
+  failed = [name for name in PARTS if "error" in record.get(name, {})]
+  if failed:  # after the JSON is written: the other parts' figures stay
+    sys.exit(f"device_check: part(s) {', '.join(failed)} failed; their \"error\" entries are in {ARGS.out}")
 
 
 if __name__ == "__main__":

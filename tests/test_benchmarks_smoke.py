@@ -5,10 +5,12 @@ that each script's measurements exist and are sane (positive times, both sides m
 phi_jax and transformers agree on shared weights, the device check's attention comparison is close).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 from xla_flags import xla_flags
@@ -91,6 +93,127 @@ def test_device_check_script(tmp_path):
   assert result["decode"]["tokens_per_s"] > 0
   assert result["decode_long"]["speedup_blocked_over_one_pass"] > 0
   assert result["decode_long_one_pass"]["block_bytes"]["cpu"] > result["decode_long_blocked"]["block_bytes"]["cpu"]
+  assert isinstance(result["cudnn_offsets_fit_grouped_keys"], bool)
+
+
+def device_check_env(tmp_path):
+  env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+  env["XLA_FLAGS"] = xla_flags()
+  return env
+
+
+def test_device_check_runs_in_one_out_keep_their_files(tmp_path):
+  """Two runs into one $OUT (as a lent GPU session makes them): the second must not erase the first's figures."""
+  for parts in ("attention", "mask_cost"):
+    proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--smoke", "--threads", "1", "--parts", parts],
+                          cwd=ROOT, env=device_check_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+  with open(tmp_path / "device_check.json") as f:
+    first = json.load(f)
+  with open(tmp_path / "device_check_2.json") as f:
+    second = json.load(f)
+  assert "attention" in first and "mask_cost" not in first
+  assert "mask_cost" in second and "attention" not in second
+  assert "attention: start" in (tmp_path / "device_check.log").read_text()
+  assert "mask_cost: start" in (tmp_path / "device_check_2.log").read_text()
+
+
+def run_device_check_py(tmp_path, *args):
+  return subprocess.run([sys.executable, "benchmarks/device_check.py", "--threads", "1",
+                         "--out", str(tmp_path / "device_check.json"), *args],
+                        cwd=ROOT, env=device_check_env(tmp_path), capture_output=True, text=True, timeout=600)
+
+
+def test_device_check_refuses_to_run_without_a_gpu(tmp_path):
+  """Outside --smoke, a CPU backend (a CPU jaxlib, or CUDA failing to start) would train 3.8B parameters on the CPU
+  until the time limit: the script must stop at once and say why."""
+  proc = run_device_check_py(tmp_path, "--parts", "mask_cost")
+  assert proc.returncode != 0
+  assert "'gpu'" in proc.stderr and "--smoke" in proc.stderr, proc.stderr[-3000:]
+  assert not (tmp_path / "device_check.json").exists()
+
+
+def test_device_check_exit_code_reports_a_failed_part(tmp_path):
+  proc = run_device_check_py(tmp_path, "--smoke", "--parts", "train_alt", "--alt_remat", "no_such_policy")
+  assert proc.returncode != 0, proc.stdout[-3000:]
+  with open(tmp_path / "device_check.json") as f:  # the figures are written before the exit
+    assert "no_such_policy" in json.load(f)["train_alt"]["error"]
+
+
+def test_device_check_refuses_unknown_parts(tmp_path):
+  proc = run_device_check_py(tmp_path, "--smoke", "--parts", "attention,trian")
+  assert proc.returncode == 2
+  assert "'trian'" in proc.stderr and "decode_long" in proc.stderr, proc.stderr[-3000:]
+  assert not (tmp_path / "device_check.json").exists()
+
+
+@pytest.fixture
+def device_check(monkeypatch, tmp_path):
+  """benchmarks/device_check.py imported as a module with real-run arguments and a tiny phi-4-mini-shaped model, so
+  its train step and fallback run here on the CPU at toy sizes."""
+  monkeypatch.setattr(sys, "argv", ["device_check.py", "--backend", "xla", "--fallback_backend", "blockwise",
+                                    "--seq", "256", "--max_batch", "2", "--steps", "1",
+                                    "--out", str(tmp_path / "device_check.json")])
+  spec = importlib.util.spec_from_file_location("device_check_under_test",
+                                                os.path.join(ROOT, "benchmarks", "device_check.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  from phi_jax.model import presets  # pylint: disable=import-outside-toplevel
+
+  def tiny(backend, remat=None):
+    config = presets.get("phi-4-mini", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, original_max_position_embeddings=64,
+                         max_position_embeddings=1024, dtype="float32", attention_backend=backend)
+    ones = (1.0,) * (config.rotary_dim // 2)
+    return config.replace(rope_short_factor=ones, rope_long_factor=tuple(4.0 for _ in ones), remat_policy="none")
+
+  monkeypatch.setattr(module, "model_config", tiny)
+  return module
+
+
+def test_device_check_fallback_starts_after_the_failed_attempt_is_freed(device_check, monkeypatch):
+  """A train step failing at run time (after its state exists) must not keep that state alive while the fallback
+  backend sizes its batch: for phi-4-mini it is about 23 GB of an 80 GB card."""
+  import jax  # pylint: disable=import-outside-toplevel
+  before = {id(x) for x in jax.live_arrays()}
+  first_attempt = []  # weak references to the arrays the failed attempt created
+
+  def failing_batch(*args, **kwargs):
+    first_attempt.extend(weakref.ref(x) for x in jax.live_arrays() if id(x) not in before)
+    raise RuntimeError("simulated failure after create_train_state")
+
+  alive_at_fallback = []
+
+  def fallback(config, record, key="train"):
+    alive_at_fallback.append(sum(ref() is not None for ref in first_attempt))
+    record[key]["backend"] = config.attention_backend
+
+  real_train_check = device_check.train_check
+  monkeypatch.setattr(device_check, "packed_batch", failing_batch)
+  monkeypatch.setattr(device_check, "train_check", lambda config, record, key="train": (
+      real_train_check(config, record, key) if not first_attempt else fallback(config, record, key)))
+  record = {}
+  device_check.train_with_fallback(record)
+  assert first_attempt, "the failing attempt created no arrays"
+  assert alive_at_fallback == [0]
+  assert record["train"]["backend"] == "blockwise" and "simulated" in record["train"]["failed_first"]["error"]
+
+
+def test_device_check_profiler_failure_keeps_the_measured_step(device_check, monkeypatch):
+  """--profile traces one more step after the timed ones; a profiler error must neither discard the times nor
+  rerun the train step with the fallback backend."""
+  monkeypatch.setattr(device_check.ARGS, "profile", True)
+
+  def broken_profiler(run):
+    raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES (simulated)")
+
+  monkeypatch.setattr(device_check, "profile_step", broken_profiler)
+  record = {}
+  device_check.train_with_fallback(record)
+  train = record["train"]
+  assert train["backend"] == "xla" and "failed_first" not in train, train
+  assert train["median_step_s"] > 0 and "CUPTI" in train["profile_error"]
 
 
 def test_more_threads_than_usable_cpus_are_refused(tmp_path):

@@ -30,7 +30,8 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # Segment runs per row that the packed (ragged) cuDNN path describes (`PhiConfig.max_segments_per_row`); a batch
 # with a row holding more falls back to the dense mask. cuDNN sizes its buffers for B * MAX_RUNS sequences: the
 # softmax statistics are [B * MAX_RUNS, N, T] float32, and on an H100 (jax 0.11.2) the executable's scratch grew by
-# about B * MAX_RUNS * N * T * H * 4 bytes (97.5 GiB asked for one layer at B=8, T=8192, N=24, H=128, MAX_RUNS=64).
+# about B * MAX_RUNS * N * T * H * 8 bytes, two float32 buffers of that many elements (97.5 GiB asked for one layer
+# at B=8, T=8192, N=24, H=128, MAX_RUNS=64, where the formula gives 96 GiB: fitted to that one measurement).
 MAX_RUNS = 8
 
 
