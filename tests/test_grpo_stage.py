@@ -510,6 +510,34 @@ def test_a_batch_whose_groups_are_all_dropped_is_reported(toy, caplog):
   assert "step 1: the filters dropped every group of this rollout batch" in caplog.text
 
 
+def test_reward_functions_may_return_lists_and_reward_std_is_the_within_group_spread(toy):
+  """A TRL-style reward function returns lists: it crashed after the whole rollout was sampled. reward_std is TRL's:
+  the mean of each group's std, 0 when no group carries signal (the batch-wide std read 0.5 here)."""
+  _, tokenizer, config, prompts = toy
+  cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=4, max_prompt_tokens=32, max_new_tokens=4)
+  golds_of_batch = []
+
+  def by_group(texts, golds, lengths, finished):  # one group all correct, the other all wrong
+    golds_of_batch.append(list(golds))
+    first = golds[0]
+    return [float(g == first) for g in golds], [g == first for g in golds]
+
+  two_answers = [dict(p, answer=str(i % 2)) for i, p in enumerate(prompts)]
+  source = grpo.GRPORollouts(two_answers, tokenizer, config, cfg, reward_batch_fn=by_group, num_steps=2)
+  params = phi_jax.init_params(config, jax.random.key(0))
+  batch = source.next_batch(params, 0)
+  assert len(set(golds_of_batch[0])) == 2 and not batch["advantages"].any()
+  metrics = source.step_metrics(1)
+  assert metrics["reward_std"] == 0.0 and metrics["reward_std_batch"] == pytest.approx(0.5)
+
+  def one_short(texts, golds, lengths, finished):
+    return [0.0] * (len(texts) - 1), [False] * (len(texts) - 1)
+
+  source = grpo.GRPORollouts(two_answers, tokenizer, config, cfg, reward_batch_fn=one_short, num_steps=2)
+  with pytest.raises(ValueError, match=r"reward_batch_fn returned rewards of shape \(7,\) .* \(8,\)"):
+    source.next_batch(params, 0)
+
+
 def test_toy_grpo_run_raises_mean_reward(toy, tmp_path):
   _, tokenizer, config, prompts = toy
   cfg = grpo.GRPOConfig(prompts_per_step=4, group_size=8, max_prompt_tokens=32, max_new_tokens=8, num_passes=2,

@@ -52,6 +52,21 @@ log = logging.getLogger("phi_jax")
 RewardBatchFn = Callable[[Sequence[str], Sequence[str], np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+def _checked_rewards(result, rows: int) -> tuple[np.ndarray, np.ndarray]:
+  """A reward_batch_fn's (rewards, correct) as float32 and bool arrays of one value per response (a TRL-style
+  function returns lists)."""
+  try:
+    rewards, correct = result
+    rewards, correct = np.asarray(rewards, np.float32), np.asarray(correct).astype(bool)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"reward_batch_fn must return (rewards, correct), each a sequence of {rows} values (one per "
+                     f"response): {e}") from e
+  if rewards.shape != (rows,) or correct.shape != (rows,):
+    raise ValueError(f"reward_batch_fn returned rewards of shape {rewards.shape} and correct of shape "
+                     f"{correct.shape}; expected one value per response: ({rows},)")
+  return rewards, correct
+
+
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
   prompts_per_step: int = 8
@@ -388,7 +403,8 @@ class GRPORollouts:
     # kept, an end-of-turn token right after `</think>` would pass for a solution.
     texts = [self.tokenizer.decode(out["tokens"][r, :lengths[r] - int(finished[r])], skip_special_tokens=False)
              for r in range(len(rows))]
-    rewards, correct = self.reward_batch_fn(texts, [self.prompts[i]["answer"] for i in rows], lengths, finished)
+    rewards, correct = _checked_rewards(
+        self.reward_batch_fn(texts, [self.prompts[i]["answer"] for i in rows], lengths, finished), len(rows))
     if jax.process_count() > 1:
       # Every process verifies the whole batch under wall-clock limits, so an answer near the limit may pass on one
       # host and time out on another. Process 0's verdicts stand for all: every process then trains the same
@@ -408,7 +424,8 @@ class GRPORollouts:
     if not keep.any():
       log.warning("step %d: the filters dropped every group of this rollout batch (mean reward %.3g, accuracy "
                   "%.3g): its %d step(s) leave the params as they are. Groups whose rewards are all equal, or too easy "
-                  "(grpo.max_group_accuracy), or of ragged lengths (grpo.max_length_cv) are dropped", step + 1,
+                  "(grpo.max_group_accuracy), or of ragged lengths (grpo.max_length_cv) are dropped, and so are the "
+                  "incorrect responses of a group with no correct one (grpo.balance_negatives)", step + 1,
                   float(np.mean(rewards)), float(np.mean(correct)), cfg.num_passes)
     advantages = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), g,
                                              scale_by_std=cfg.scale_advantages_by_std)).reshape(-1)
@@ -442,7 +459,9 @@ class GRPORollouts:
     if cfg.beta:
       batch["ref_logps"] = self._scored_logps(self.ref_params, batch)
     self._metrics[step + 1] = {
-        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        # As TRL logs it: the mean over groups of each group's reward std (0 when no group has any signal).
+        "reward_std": float(np.asarray(rewards_bg, np.float64).std(axis=1, ddof=1 if g > 1 else 0).mean()),
+        "reward_mean": float(rewards.mean()), "reward_std_batch": float(rewards.std()),
         "accuracy": float(np.mean(correct)), "response_length_mean": float(lengths.mean()),
         "response_length_std": float(lengths.std()), "groups_kept": float(keep.any(axis=1).mean()),
         "responses_kept": float(keep.mean()), "finished_fraction": float(finished.mean()),
