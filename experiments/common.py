@@ -4,20 +4,29 @@ The library takes plain frozen dataclasses and functions; this module is the onl
 A binding such as `train.num_steps = 100`, `mesh.shape = {"data": 2, "fsdp": -1}` or
 `model.overrides = {"rope_theta": 250000.0, "max_position_embeddings": 16384}` (the 4K -> 16K context extension
 of Phi-4's mid-training) is all a run needs to change.
+
+Each binding is checked against its parameter's annotation when the configurable is read (`typed`): a string is
+refused for a number or a bool (`train.export_hf="False"` would be true), a fraction for a whole number, a dict for a
+list; a whole-number float is taken as an int (`train.num_steps=1e4`).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
+import functools
 import glob
 import hashlib
 import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
+import types
+import typing
 from typing import Any, Optional, Sequence
 
 import gin
@@ -26,6 +35,7 @@ import jax
 import numpy as np
 
 from phi_jax import sharding
+from phi_jax.data import packing as packing_lib
 from phi_jax.data import pipeline as pipeline_lib
 from phi_jax.data import sources as sources_lib
 from phi_jax.hf import load_hf, save_hf
@@ -44,12 +54,106 @@ from phi_jax.train.step import check_rows_per_process, make_train_step
 
 log = logging.getLogger("phi_jax")
 
-optimizer = gin.external_configurable(OptimizerConfig, name="optimizer")
+_REFUSED = object()
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _as_annotated(value, hint):
+  """`value` as a setting annotated `hint` takes it, or _REFUSED. A whole-number float is the int it is (gin and
+  MaxText-style configs write train.num_steps=1e4); an int is a float. Annotations other than these simple ones
+  (Any, classes) are left to the configurable."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    taken = (_as_annotated(value, arg) for arg in args if arg is not type(None))
+    return next((t for t in taken if t is not _REFUSED), _REFUSED)
+  if hint is bool:  # "False" and 0 would be read by truth value
+    return bool(value) if isinstance(value, (bool, np.bool_)) else _REFUSED
+  if hint is int:
+    whole = _is_number(value) and (isinstance(value, numbers.Integral) or float(value).is_integer())
+    return int(value) if whole else _REFUSED
+  if hint is float:
+    return value if _is_number(value) else _REFUSED
+  if hint is str:
+    return value if isinstance(value, str) else _REFUSED
+  container = origin or hint
+  if container is dict:
+    return value if isinstance(value, dict) else _REFUSED
+  if container in (list, tuple, collections.abc.Sequence):
+    # One string is a list of one where the items are strings (data.train_files = "a.jsonl").
+    return value if isinstance(value, (list, tuple)) or (isinstance(value, str) and args == (str,)) else _REFUSED
+  return value
+
+
+def _describe(hint) -> str:
+  """The values `hint` asks for, as an error names them."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (typing.Union, types.UnionType):
+    kinds = [_describe(arg) for arg in args if arg is not type(None)]
+    return " or ".join(kinds + (["None"] if type(None) in args else []))
+  named = {bool: "True or False", int: "a whole number", float: "a number", str: "a string", dict: "a dict"}
+  if (origin or hint) in named:
+    return named[origin or hint]
+  if (origin or hint) in (list, tuple, collections.abc.Sequence):
+    return "a list" + (" (or one string)" if args == (str,) else "")
+  return getattr(hint, "__name__", str(hint))
+
+
+def check_setting_types(name: str, values: dict, hints: dict) -> dict:
+  """`values`, the arguments of the configurable `name`, as their annotations `hints` take them; a value of another
+  type is refused naming its binding (else it failed deep inside Grain, JAX or numpy, or a "False" was true)."""
+  out = dict(values)
+  for key, value in values.items():
+    if key not in hints:
+      continue
+    out[key] = _as_annotated(value, hints[key])
+    if out[key] is _REFUSED:
+      quoted = isinstance(value, str) and "a string" not in _describe(hints[key])
+      raise ValueError(f"{name}.{key}={value!r} must be {_describe(hints[key])}"
+                       + (": write the value without quotes" if quoted else f", not {type(value).__name__}"))
+  return out
+
+
+def typed(name: str):
+  """Decorates a configurable (a function or a dataclass) so its arguments are checked by `check_setting_types`
+  before it runs, errors naming the gin binding `name`.param."""
+  def decorate(fn):
+    signature = inspect.signature(fn)
+    hints = []  # resolved on the first call: annotations may name what the module defines later
+
+    @functools.wraps(fn, updated=())  # a class's __dict__ stays its own
+    def checked(*args, **kwargs):
+      if not hints:
+        hints.append(typing.get_type_hints(fn))
+      bound = signature.bind(*args, **kwargs)
+      bound.arguments.update(check_setting_types(name, bound.arguments, hints[0]))
+      return fn(*bound.args, **bound.kwargs)
+
+    checked.__signature__ = signature  # gin reads the parameters with getfullargspec, which ignores __wrapped__
+    return checked
+  return decorate
+
+
+def configurable(name: str):
+  """`gin.configurable(name)` of a function whose bindings are checked against its annotations (`typed`)."""
+  return lambda fn: gin.configurable(name)(typed(name)(fn))
+
+
+optimizer = gin.external_configurable(typed("optimizer")(OptimizerConfig), name="optimizer")
 
 
 def parse_gin(files: Sequence[str], params: Sequence[str]):
+  _check_macro_params(files, params)
   try:
     gin.parse_config_files_and_bindings(list(files), list(params), finalize_config=False, skip_unknown=False)
+  except SyntaxError as e:
+    raise ValueError(f"{e}\nA string value needs quotes that survive the shell: "
+                     "--gin_param='data.tokenizer=\"tiny:phi-4\"' (single quotes around the whole binding, double "
+                     "quotes around the string)") from e
   except ValueError as e:
     if "denylisted kwarg 'chunk_size'" in str(e):
       raise ValueError(f"{e}\nThe logits chunk of every stage's loss is train.chunk_size; bind that instead.") from e
@@ -60,6 +164,44 @@ def parse_gin(files: Sequence[str], params: Sequence[str]):
     raise ValueError(f"{e}\nA config's include lines name files from the repository root "
                      f"('experiments/configs/...'): run the command from there (the current directory is "
                      f"{os.getcwd()})") from e
+
+
+def _check_macro_params(files: Sequence[str], params: Sequence[str]) -> None:
+  """Refuses a --gin_param without a configurable (`learning_rate=1e-3`, MaxText's spelling): gin reads it as a macro
+  definition, which changes nothing unless a config uses it as %learning_rate, so the run went on with the file's
+  value (and a sweep over it trained the same run twice)."""
+  texts = list(params) + _config_texts(files)
+  for param in params:
+    try:
+      statements = gin_statements(param)
+    except SyntaxError:
+      continue  # parse_gin's own parse reports it
+    for statement in statements:
+      if (isinstance(statement, config_parser.BindingStatement) and not statement.arg_name
+          and not any(f"%{statement.selector}" in text for text in texts)):
+        raise ValueError(f"--gin_param {param!r} binds no configurable's parameter ({statement.selector!r} is read as "
+                         "a gin macro that no config uses): write configurable.parameter=value, e.g. "
+                         "optimizer.learning_rate=1e-3, train.num_steps=100, data.seq_len=4096")
+
+
+def _config_texts(files: Sequence[str], depth: int = 0) -> list[str]:
+  """The text of gin files and of the files they include (a missing one is left to gin to report)."""
+  texts = []
+  for path in files:
+    try:
+      with open(path) as f:
+        text = f.read()
+    except OSError:
+      continue
+    texts.append(text)
+    try:
+      includes = [s.filename for s in gin_statements(text) if isinstance(s, config_parser.IncludeStatement)]
+    except SyntaxError:
+      continue
+    if depth < 8:
+      texts += _config_texts([i if os.path.exists(i) else os.path.join(os.path.dirname(path), i) for i in includes],
+                             depth + 1)
+  return texts
 
 
 def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Sequence[str]):
@@ -100,6 +242,19 @@ def binding_key(statement) -> Optional[str]:
   if not isinstance(statement, config_parser.BindingStatement) or not statement.arg_name:
     return None
   return f"{statement.selector.split('.')[-1]}.{statement.arg_name}"
+
+
+def warn_unread_bindings(params: Sequence[str], unread: Sequence[str], tool: str, instead: str) -> None:
+  """Warns of --gin_param bindings of configurables `tool` registers but never reads (eval.py given
+  rollouts.temperature): gin accepts them, and the run went on with other values."""
+  for param in params:
+    try:
+      keys = [binding_key(s) for s in gin_statements(param)]
+    except SyntaxError:
+      continue
+    for key in keys:
+      if key and key.split(".")[0] in unread:
+        log.warning("%s does not read %s (given as --gin_param=%s): %s", tool, key, param, instead)
 
 
 def bound_or_none(name: str):
@@ -166,13 +321,13 @@ def add_checkpoint_args(parser):
   parser.add_argument("--gin_param", action="append", default=[], help="gin binding 'k=v' (repeatable)")
 
 
-@gin.configurable
+@configurable("mesh")
 def mesh(shape: Optional[dict] = None):
   """`mesh.shape`: {axis: size} over data / fsdp / tensor; -1 takes the remaining devices (default: all on fsdp)."""
   return sharding.make_mesh(shape)
 
 
-@gin.configurable
+@configurable("model")
 def model(preset: str = "tiny", hf_path: Optional[str] = None, overrides: Optional[dict] = None,
           param_dtype: str = "float32") -> tuple[PhiConfig, Optional[str]]:
   """The model config: a preset, or the config.json of `hf_path`, then `overrides` (e.g. rotary changes)."""
@@ -191,7 +346,7 @@ def model(preset: str = "tiny", hf_path: Optional[str] = None, overrides: Option
   return config, hf_path
 
 
-@gin.configurable
+@configurable("data")
 def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weights: Optional[Sequence[float]] = None,
          tokenizer: str = "tiny:phi-4", seq_len: int = 256, batch_size: int = 8, packing: Optional[str] = "first_fit",
          too_long: str = "split", on_bad_record: str = "raise", num_epochs: Optional[int] = None,
@@ -216,6 +371,18 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
     raise ValueError(f"data.num_epochs={num_epochs}: give a number of passes >= 1, or None to repeat forever")
   if eval_batches < 1:
     raise ValueError(f"data.eval_batches={eval_batches} must be >= 1 (eval runs when data.eval_files is set)")
+  # The data reader's own checks, made here so a run, its --dry_run and a recipe refuse them before any stage trains.
+  if packing is not None and packing not in packing_lib.PACKINGS:
+    raise ValueError(f"data.packing={packing!r}; expected one of {packing_lib.PACKINGS}, or None for one example per "
+                     "row (SFT)")
+  for setting, value, allowed in (("too_long", too_long, packing_lib.TOO_LONG),
+                                  ("on_bad_record", on_bad_record, pipeline_lib.ON_BAD_RECORD),
+                                  ("special_tokens_in_text", special_tokens_in_text, ("split", "parse"))):
+    if value not in allowed:
+      raise ValueError(f"data.{setting}={value!r}; expected one of {allowed}")
+  if weights is not None and not all(w is None or _is_number(w) for w in weights):
+    raise ValueError(f"data.weights={weights!r}: each weight must be a number (its file's share of the records) or "
+                     "None (its file's record count)")
   if weights is not None and len(weights) != len(train_files):
     raise ValueError(f"data.weights has {len(weights)} entries for {len(train_files)} data.train_files: give one "
                      "weight per train file (or pattern), in the same order, or leave weights unset for equal ones")
@@ -225,7 +392,7 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
               eval_batches=eval_batches, special_tokens_in_text=special_tokens_in_text)
 
 
-@gin.configurable("train")
+@configurable("train")
 def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "next_token", microbatches: int = 1,
                    log_every: int = 1, checkpoint_every: int = 100, keep_checkpoints: Optional[int] = 3,
                    async_checkpoints: bool = True, eval_every: int = 0, init_from: Optional[str] = None,
@@ -279,8 +446,8 @@ def get_tokenizer(spec: str, workdir: str):
     if built is not None and built != chat_format:
       # A workdir keeps the tokenizer it was first given (a run resumes with it); a spec naming another format
       # would otherwise be ignored without a word, the data rendered in the old format.
-      if _has_checkpoints(workdir):
-        raise ValueError(f"data.tokenizer={spec!r}, but {workdir} holds checkpoints trained with the tiny tokenizer "
+      if _has_checkpoints(workdir) or os.path.isdir(os.path.join(workdir, "params")):
+        raise ValueError(f"data.tokenizer={spec!r}, but {workdir} holds a run trained with the tiny tokenizer "
                          f"of the {built!r} format ({out}): set data.tokenizer='tiny:{built}' to resume, or use a "
                          "new workdir")
       log.warning("data.tokenizer=%r: replacing the tiny %r tokenizer that an earlier, unstarted run left in %s",
@@ -548,14 +715,20 @@ def run_training(workdir: str):
              "(%s)", count, global_batch, "all of the files" if count < data_cfg["eval_batches"] else
              f"the first data.eval_batches={data_cfg['eval_batches']}; raise it to cover more of the files")
     _warn_of_eval_skips(getattr(eval_batches, "stats", None), data_cfg)
-  def on_start():  # once the workdir's checkpoints fit: eval.py and rollouts.py rebuild the model from it
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
+  def write_config(replace: bool):  # eval.py and rollouts.py rebuild the model and tokenizer from it
+    path = os.path.join(workdir, "config.gin")
+    if jax.process_index() == 0 and (replace or not os.path.exists(path)):
+      write_text_atomically(path, gin.config_str())
+
+  def on_start():  # once the workdir's checkpoints fit this config
+    # A rerun that trains nothing (the run is complete) keeps the config its params were trained with: rewritten
+    # here, other settings given to the rerun would be what eval, rollouts and export read.
+    write_config(replace=False)
 
   def on_first_step():
     if jax.process_index() == 0:
       remove_final_outputs(workdir, loop.export_hf)
+    write_config(replace=True)
 
   def show(record):
     keys = ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "eval_loss", "token_accuracy",
@@ -644,7 +817,7 @@ _RESUME_DATA_FIELDS = ("train_files", "weights", "seq_len", "batch_size", "packi
 DPO_REFERENCE = ("in_step", "precompute", "precomputed")
 
 
-@gin.configurable("dpo")
+@configurable("dpo")
 def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
                  reference: str = "in_step", too_long: str = "drop"):
   """Rollout-DPO settings (`train.stage = "dpo"`; data files hold preference pairs, see phi_jax.data.preference).
@@ -659,8 +832,24 @@ def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str
   the step. `too_long`: "drop" or "truncate_prompt". `data.weights` and
   `data.packing` do not apply: pairs are read in one shuffled stream, one example per row.
   """
+  from phi_jax.data import preference
+  from phi_jax.losses.dpo import LOSS_TYPES
+
   if reference not in DPO_REFERENCE:
     raise ValueError(f"dpo.reference={reference!r}; expected one of {DPO_REFERENCE}")
+  # The loss and the pair reader check these only when the stage starts (in a recipe, after earlier stages trained).
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"dpo.loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
+  if too_long not in preference.TOO_LONG:
+    raise ValueError(f"dpo.too_long={too_long!r}; expected one of {preference.TOO_LONG}")
+  if not beta > 0:
+    raise ValueError(f"dpo.beta={beta} must be > 0 (the strength of the pull towards the reference; 0.1 is usual)")
+  if not 0.0 <= label_smoothing < 0.5:
+    raise ValueError(f"dpo.label_smoothing={label_smoothing} must be in [0, 0.5) (the assumed share of pairs whose "
+                     "preference is wrong)")
+  if loss_type == "ipo" and label_smoothing:
+    raise ValueError(f"dpo.label_smoothing={label_smoothing} applies to the sigmoid loss only: set it to 0 with "
+                     "dpo.loss_type='ipo'")
   return dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, reference=reference,
               too_long=too_long)
 
@@ -1056,7 +1245,7 @@ def dry_run() -> dict[str, Any]:
 
 
 # GRPOConfig.chunk_size is not a gin setting: every stage's loss chunks its logits by train.chunk_size.
-grpo = gin.external_configurable(GRPOConfig, name="grpo", denylist=["chunk_size"])
+grpo = gin.external_configurable(typed("grpo")(GRPOConfig), name="grpo", denylist=["chunk_size"])
 
 
 def grpo_config(settings: dict) -> GRPOConfig:
@@ -1064,14 +1253,23 @@ def grpo_config(settings: dict) -> GRPOConfig:
   return dataclasses.replace(grpo(), chunk_size=settings["chunk_size"])
 
 
-@gin.configurable("reward")
+@configurable("reward")
 def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Optional[int] = None):
   """The GRPO reward: a weighted sum of `phi_jax.rewards` registry rewards (default {"correctness": 1.0}).
 
   "length_aware" (the Phi-4-reasoning-plus reward) is scaled to `length_aware_max_tokens` (default: the
   stage's grpo.max_new_tokens), since its published constants are for 31,744-token responses.
   """
+  from phi_jax.rewards import registry
+
   weights = weights or {"correctness": 1.0}
+  unknown = [name for name in weights if name not in registry.REWARDS]
+  if unknown:
+    raise ValueError(f"reward.weights names {', '.join(map(repr, unknown))}, not a registered reward: use names of "
+                     f"{sorted(registry.REWARDS)}")
+  for name, weight in weights.items():
+    if not _is_number(weight):
+      raise ValueError(f"reward.weights[{name!r}]={weight!r} must be a number (the reward's weight in the sum)")
   if length_aware_max_tokens is not None and "length_aware" not in weights:
     raise ValueError(f"reward.length_aware_max_tokens={length_aware_max_tokens} scales the 'length_aware' reward, "
                      f"which reward.weights={weights} does not use: add it to the weights, or remove the binding")

@@ -51,8 +51,9 @@ Z_95 = 1.959964
 
 
 @gin.configurable("evaluation")
+@common.typed("evaluation")
 def eval_settings(num_samples: int = 3, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0,
-                  max_new_tokens: int = 32768, greedy: bool = True, pass_k: Sequence[int] = (1,),
+                  max_new_tokens: int = 32768, greedy: bool = True, pass_k: int | Sequence[int] = (1,),
                   batch_size: int = 64, seed: int = 0, verify_timeout_s: Optional[float] = None) -> dict[str, Any]:
   """`num_samples` sampled runs at `temperature` / `top_p` / `top_k` (plus one greedy run when `greedy`);
   `pass_k`: the k of the pass@k estimates (each at most num_samples); `batch_size`: rows generated at once."""
@@ -216,6 +217,8 @@ def main(argv=None):
   # writes the results (not each host as a single process of its own).
   distributed.initialize()
   common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
+  common.warn_unread_bindings(args.gin_param, ("rollouts", "grpo", "dpo", "optimizer"), "eval.py",
+                              "its sampling and verification settings are evaluation.* (e.g. evaluation.temperature)")
   # What can be refused is refused before the model loads and generates (minutes to hours).
   common.check_output_path("--out", args.out, directory=True)
   settings = eval_settings()

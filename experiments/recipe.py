@@ -80,7 +80,7 @@ RECIPE_CONFIGURABLES = ("recipe", "evaluation", "rollouts")
 PER_STAGE_KEYS = ("data.train_files", "data.tokenizer", "train.init_from")
 
 
-@gin.configurable("recipe")
+@common.configurable("recipe")
 def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experiments/configs/recipe_tiny",
                     task_counts: Optional[dict] = None, task_seed: int = 0, difficulty: str = "medium",
                     difficulty_overrides: Optional[dict] = None, stage_bindings: Optional[dict] = None,
@@ -354,11 +354,11 @@ def _check_stage(settings: dict, stage: str, params: Sequence[str]) -> None:
   if kind not in ("next_token", "dpo", "grpo"):
     raise ValueError(f"train.stage={kind!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
   common.check_data_settings(kind, data_cfg, train["loop"])
-  if kind == "dpo":
-    common.dpo_settings()
-  if kind == "grpo":
-    common.grpo_config(train)
-    common.reward_settings()
+  # Every stage reads the DPO, GRPO and reward settings too: a value none could take is refused wherever it is bound
+  # (a --gin_param, or another stage's entry of recipe.stage_bindings), not when its own stage starts.
+  common.dpo_settings()
+  common.grpo_config(train)
+  common.reward_settings()
   common.check_batch_shape(kind, model_config, data_cfg, train["loop"], common.mesh())
 
 

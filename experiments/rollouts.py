@@ -53,6 +53,7 @@ VerifyFn = Callable[[Sequence[str], Sequence[str]], list[bool]]
 
 
 @gin.configurable("rollouts")
+@common.typed("rollouts")
 def rollout_settings(max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                      stop_token_ids: Sequence[int] = (), batch_size: int = 64,
                      verify_timeout_s: Optional[float] = None) -> dict[str, Any]:
@@ -231,6 +232,8 @@ def main(argv=None):
   # writes the results (not each host as a single process of its own).
   distributed.initialize()
   common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
+  common.warn_unread_bindings(args.gin_param, ("evaluation", "grpo", "dpo", "optimizer"), "rollouts.py",
+                              "its sampling settings are rollouts.* (e.g. rollouts.temperature)")
   # What can be refused is refused before the model loads and generates (minutes to hours).
   common.check_output_path("--out", args.out, directory=False)
   if not args.out.endswith((".jsonl", ".ndjson", ".json")):  # the DPO stage reads pair files by their extension

@@ -10,6 +10,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import sys
 
 import gin
@@ -235,6 +236,82 @@ def test_data_settings_that_cannot_make_a_batch_are_refused():
       common.data(**kwargs)
 
 
+def _configured(binding, make):
+  """What `make()` returns with `binding` (and train.num_steps, which train requires) bound."""
+  gin.clear_config()
+  try:
+    common.parse_gin([], ["train.num_steps=2", binding])
+    return make()
+  finally:
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("binding,make,match", [
+    ('train.export_hf="False"', lambda: common.train_settings(), r"train.export_hf='False' must be True or False"),
+    ("train.async_checkpoints=0", lambda: common.train_settings(), r"train.async_checkpoints=0 must be True or False"),
+    ('train.num_steps="10"', lambda: common.train_settings(), r"train.num_steps='10' must be a whole number"),
+    ("train.chunk_size=64.5", lambda: common.train_settings(), r"train.chunk_size=64.5 must be a whole number"),
+    ('optimizer.learning_rate="1e-3"', lambda: common.optimizer(), r"optimizer.learning_rate='1e-3' must be a number"),
+    ("optimizer.warmup_steps=2.5", lambda: common.optimizer(), r"optimizer.warmup_steps=2.5 must be a whole number"),
+    ("data.seq_len=128.5", lambda: common.data(), r"data.seq_len=128.5 must be a whole number"),
+    ('data.batch_size="8"', lambda: common.data(), r"data.batch_size='8' must be a whole number"),
+    ("data.eval_batches=2.5", lambda: common.data(), r"data.eval_batches=2.5 must be a whole number"),
+    ('data.weights={"a": 1.0}', lambda: common.data(), r"data.weights=\{'a': 1.0\} must be a list"),
+    ('data.weights=["1.0"]', lambda: common.data(train_files=["a.jsonl"]), r"data.weights=\['1.0'\]: .*number"),
+    ("data.tokenizer=3", lambda: common.data(), r"data.tokenizer=3 must be a string"),
+    ("grpo.group_size=8.5", lambda: common.grpo(), r"grpo.group_size=8.5 must be a whole number"),
+    ('grpo.top_p="0.9"', lambda: common.grpo(), r"grpo.top_p='0.9' must be a number"),
+    ("grpo.scale_advantages_by_std=1", lambda: common.grpo(), r"grpo.scale_advantages_by_std=1 must be True or False"),
+    ('mesh.shape=["fsdp"]', lambda: common.mesh(), r"mesh.shape=\['fsdp'\] must be a dict"),
+    ('model.preset=["tiny"]', lambda: common.model(), r"model.preset=\['tiny'\] must be a string"),
+    ('dpo.beta="0.1"', lambda: common.dpo_settings(), r"dpo.beta='0.1' must be a number"),
+    ("reward.length_aware_max_tokens=10.5", lambda: common.reward_settings(),
+     r"reward.length_aware_max_tokens=10.5 must be a whole number"),
+])
+def test_a_binding_of_the_wrong_type_is_refused_naming_it(binding, make, match):
+  """A string for a number or a bool ("False" is truthy: the export was written), a fraction for a count, a dict for
+  a list: each failed deep inside Grain, JAX or numpy, or silently did the opposite."""
+  with pytest.raises(ValueError, match=match):
+    _configured(binding, make)
+
+
+def test_whole_number_floats_are_taken_as_ints_and_ints_as_floats():
+  data = _configured("data.seq_len=128.0", common.data)
+  assert data["seq_len"] == 128 and type(data["seq_len"]) is int
+  for name in ("batch_size", "eval_batches", "num_epochs"):
+    assert type(_configured(f"data.{name}=2.0", common.data)[name]) is int, name
+  assert type(_configured("train.chunk_size=64.0", common.train_settings)["chunk_size"]) is int
+  assert _configured("train.num_steps=2.0", common.train_settings)["loop"].num_steps == 2
+  assert type(_configured("grpo.group_size=8.0", common.grpo).group_size) is int
+  assert type(_configured("optimizer.warmup_steps=10.0", common.optimizer).warmup_steps) is int
+  assert _configured("optimizer.learning_rate=1", common.optimizer).learning_rate == 1
+  assert _configured("train.export_hf=True", common.train_settings)["loop"].export_hf is True
+  assert _configured("data.train_files='a.jsonl'", common.data)["train_files"] == ["a.jsonl"]
+  assert _configured("data.weights=(1, None)", lambda: common.data(train_files=["a", "b"]))["weights"] == (1, None)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: common.reward_settings(weights={"corectness": 1.0}), r"reward.weights names 'corectness', .*correctness"),
+    (lambda: common.reward_settings(weights=["correctness"]), r"reward.weights=\['correctness'\] must be a dict"),
+    (lambda: common.reward_settings(weights={"correctness": "1"}), r"reward.weights\['correctness'\]='1' .*number"),
+    (lambda: common.dpo_settings(too_long="truncate"), r"dpo.too_long='truncate'; .*'drop', 'truncate_prompt'"),
+    (lambda: common.dpo_settings(loss_type="hinge"), r"dpo.loss_type='hinge'; .*'sigmoid', 'ipo'"),
+    (lambda: common.dpo_settings(beta=-1.0), r"dpo.beta=-1.0 must be > 0"),
+    (lambda: common.dpo_settings(beta=0), r"dpo.beta=0 must be > 0"),
+    (lambda: common.dpo_settings(label_smoothing=0.5), r"dpo.label_smoothing=0.5 must be in \[0, 0.5\)"),
+    (lambda: common.dpo_settings(loss_type="ipo", label_smoothing=0.1), r"dpo.label_smoothing=0.1 .*sigmoid"),
+    (lambda: common.data(packing="none"), r"data.packing='none'; .*'first_fit', 'best_fit'.* or None"),
+    (lambda: common.data(too_long="truncate"), r"data.too_long='truncate'; .*'split', 'drop'"),
+    (lambda: common.data(on_bad_record="ignore"), r"data.on_bad_record='ignore'; .*'raise', 'skip'"),
+])
+def test_stage_settings_of_no_known_value_are_refused_when_read(make, match):
+  """Values the stage's loss, reward or data reader refuses: found when the stage started (in a recipe, after the
+  stages before it had trained), now when the settings are read."""
+  with pytest.raises(ValueError, match=match):
+    make()
+  gin.clear_config()
+
+
 def test_a_dpo_run_on_an_empty_pairs_file_says_where_it_came_from(tmp_path):
   """rollouts.py writes no pairs when every prompt's rollouts agree; DPO then ended in a bare 'empty dataset'."""
   empty = tmp_path / "pairs.jsonl"
@@ -344,9 +421,12 @@ def test_a_tiny_tokenizer_of_another_format_is_rebuilt_before_a_run_starts_and_r
     mini = common.get_tokenizer("tiny:phi-4-mini", str(tmp_path))
   assert chat.chat_family(mini) == "phi-4-mini" and "replacing the tiny 'phi-4' tokenizer" in caplog.text
   assert chat.chat_family(common.load_tokenizer(str(tmp_path / "tokenizer"))) == "phi-4-mini"
-  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
-  with pytest.raises(ValueError, match="checkpoints trained with the tiny tokenizer of the 'phi-4-mini' format"):
-    common.get_tokenizer("tiny:phi-4-reasoning", str(tmp_path))
+  for trained in ("checkpoints/10", "params"):  # a run in progress, or a finished one whose checkpoints were deleted
+    (tmp_path / trained).mkdir(parents=True)
+    with pytest.raises(ValueError, match="a run trained with the tiny tokenizer of the 'phi-4-mini' format"):
+      common.get_tokenizer("tiny:phi-4-reasoning", str(tmp_path))
+    shutil.rmtree(tmp_path / trained.split("/")[0])
+  (tmp_path / "params").mkdir()
   assert common.get_tokenizer("tiny:phi-4-mini", str(tmp_path)).get_vocab() == mini.get_vocab()
   with pytest.raises(ValueError, match="unknown chat format 'phi4'"):
     common.get_tokenizer("tiny:phi4", str(tmp_path))
@@ -558,3 +638,26 @@ def test_a_loaded_run_keeps_its_mesh_only_where_it_fits_this_machine(tmp_path):
   assert shapes["other machine"] == {"data": 1, "fsdp": n, "tensor": 1}
   assert shapes["fits"] == {"data": 2, "fsdp": n // 2, "tensor": 1}
   assert shapes["asked"] == {"data": 1, "fsdp": n // 2, "tensor": 2}
+
+
+def test_a_binding_without_a_configurable_or_with_an_unquoted_string_says_how_to_write_it(tmp_path):
+  """`learning_rate=1e-3` (MaxText's spelling) is a gin macro: the run went on with the file's value, and a sweep over
+  it trained the same run twice. A macro a config uses (`%lr`) is still a way to set it."""
+  tiny = os.path.join("experiments", "configs", "midtrain_tiny.gin")
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    for param in ("learning_rate=1e-3", "lr = 0.1"):
+      with pytest.raises(ValueError, match=r"binds no configurable's parameter .* optimizer.learning_rate=1e-3"):
+        common.parse_gin([tiny], [param])
+      gin.clear_config()
+    with pytest.raises(ValueError, match="quotes that survive the shell"):
+      common.parse_gin([tiny], ["data.tokenizer=tiny:phi-4"])
+    gin.clear_config()
+    own = tmp_path / "own.gin"
+    own.write_text(f"include '{os.path.abspath(tiny)}'\nLR = 1e-2\noptimizer.learning_rate = %LR\n")
+    common.parse_gin([str(own)], ["LR=1e-3"])
+    assert common.optimizer().learning_rate == 1e-3
+  finally:
+    gin.clear_config()
+    os.chdir(cwd)

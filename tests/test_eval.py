@@ -416,3 +416,14 @@ def test_conversation_problems_grade_against_the_final_answer_and_bad_turns_are_
     path.write_text(record + "\n")
     with pytest.raises(DataError, match=error):
       rollouts.read_problems(str(path))
+
+
+def test_bindings_a_tool_does_not_read_are_warned_of(caplog):
+  """eval.py registers rollouts.* (it imports rollouts) but samples with evaluation.*: a rollouts.temperature given
+  to it was accepted and ignored."""
+  import common
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    common.warn_unread_bindings(["rollouts.temperature=0.0", "evaluation.temperature=0.0", "grpo.top_p=0.9"],
+                                ("rollouts", "grpo"), "eval.py", "use evaluation.*")
+  assert "eval.py does not read rollouts.temperature (given as --gin_param=rollouts.temperature=0.0)" in caplog.text
+  assert "grpo.top_p" in caplog.text and "evaluation.temperature" not in caplog.text

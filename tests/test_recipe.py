@@ -395,6 +395,51 @@ def test_a_binding_a_stage_refuses_is_refused_before_any_stage_trains(monkeypatc
     gin.clear_config()
 
 
+@pytest.mark.parametrize("param,match", [
+    ('reward.weights={"corectness": 1.0}', r"every stage .*reward.weights names 'corectness'"),
+    ('reward.weights=["correctness"]', r"every stage .*reward.weights=\['correctness'\] must be a dict"),
+    ('dpo.too_long="truncate"', r"every stage .*dpo.too_long='truncate'"),
+    ('dpo.loss_type="hinge"', r"every stage .*dpo.loss_type='hinge'"),
+    ("dpo.beta=-1.0", r"every stage .*dpo.beta=-1.0 must be > 0"),
+    ("grpo.group_size=8.5", r"every stage .*grpo.group_size=8.5 must be a whole number"),
+    ('train.export_hf="False"', r"every stage .*train.export_hf='False' must be True or False"),
+    ('recipe.stage_bindings={"sft": ["data.too_long=\\"truncate\\""]}', r"sft stage .*data.too_long='truncate'"),
+    ('recipe.stage_bindings={"sft": ["data.packing=\\"none\\""]}', r"sft stage .*data.packing='none'"),
+    ('recipe.stage_bindings={"sft": ["data.on_bad_record=\\"ignore\\""]}', r"sft stage .*data.on_bad_record='ignore'"),
+    ('recipe.stage_bindings={"sft": ["dpo.beta=-1.0"]}', r"sft stage .*dpo.beta=-1.0"),
+])
+def test_a_stage_setting_of_no_known_value_is_refused_before_any_stage_trains(monkeypatch, param, match):
+  """Refused only when their stage started (DPO's and GRPO's after three stages had trained): now by the recipe's
+  up-front checks, whichever stage binds them."""
+  monkeypatch.chdir(ROOT)
+  try:
+    with pytest.raises(ValueError, match=match):
+      recipe.configure(["experiments/configs/recipe_tiny/quick.gin"], [param])
+  finally:
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: recipe.eval_lib.eval_settings(temperature="0.6"), r"evaluation.temperature='0.6' must be a number"),
+    (lambda: recipe.eval_lib.eval_settings(greedy="False"), r"evaluation.greedy='False' must be True or False"),
+    (lambda: recipe.eval_lib.eval_settings(batch_size=8.5), r"evaluation.batch_size=8.5 must be a whole number"),
+    (lambda: recipe.rollouts.rollout_settings(batch_size="8"), r"rollouts.batch_size='8' must be a whole number"),
+    (lambda: recipe.rollouts.rollout_settings(stop_token_ids=5), r"rollouts.stop_token_ids=5 must be a list"),
+    (lambda: recipe.recipe_settings(rollout_k=2.5), r"recipe.rollout_k=2.5 must be a whole number"),
+    (lambda: recipe.recipe_settings(task_counts=["sft"]), r"recipe.task_counts=\['sft'\] must be a dict"),
+])
+def test_eval_rollout_and_recipe_settings_of_the_wrong_type_are_refused_naming_them(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_eval_rollout_and_recipe_settings_take_whole_number_floats_as_ints():
+  assert type(recipe.eval_lib.eval_settings(batch_size=8.0)["batch_size"]) is int
+  assert recipe.eval_lib.eval_settings(pass_k=3, num_samples=4)["pass_k"] == (3,)  # one k, as before
+  assert type(recipe.rollouts.rollout_settings(batch_size=8.0)["batch_size"]) is int
+  assert type(recipe.recipe_settings(rollout_k=4.0)["rollout_k"]) is int
+
+
 def test_gin_files_are_found_from_the_callers_directory_then_the_repository_root(tmp_path):
   """`cd elsewhere && recipe.py --gin_file=my_recipe.gin` failed with "Unable to open file: my_recipe.gin": the
   paths were read after the chdir to the repository root. A repository-relative path still works from elsewhere.

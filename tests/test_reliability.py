@@ -1001,6 +1001,17 @@ def test_a_refused_resume_leaves_the_workdir_as_it_was(gin_run, tmp_path):
   assert _losses(tmp_path / "run") == losses
 
 
+def test_a_rerun_that_trains_nothing_keeps_the_config_its_params_were_trained_with(gin_run, tmp_path):
+  """A finished run given other settings again trains nothing; its config.gin took the new ones, which eval.py,
+  rollouts.py and export_hf.py then read as the settings of params that never saw them."""
+  gin_run("train.num_steps = 1")
+  config = (tmp_path / "run" / "config.gin").read_text()
+  gin_run("train.num_steps = 1", "data.system_prompt = 'You are a pirate.'")
+  assert (tmp_path / "run" / "config.gin").read_text() == config
+  gin_run("train.num_steps = 2", "data.system_prompt = 'You are a pirate.'")  # trains on: the config it trains with
+  assert "You are a pirate." in (tmp_path / "run" / "config.gin").read_text()
+
+
 def test_a_finished_run_whose_checkpoints_were_deleted_is_not_trained_again_over_its_params(gin_run, tmp_path):
   """Checkpoints/ deleted to save space, params/ kept: the same command started from step 0 and removed params/."""
   run = tmp_path / "run"
