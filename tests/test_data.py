@@ -618,7 +618,7 @@ def test_num_epochs_is_a_whole_number_of_passes(docs_file, monkeypatch):
   import common  # pylint: disable=import-outside-toplevel
 
   assert common.data(num_epochs=3.0)["num_epochs"] == 3 and type(common.data(num_epochs=3.0)["num_epochs"]) is int
-  with pytest.raises(ValueError, match=r"data.num_epochs=1.5: .*a whole number of passes.*train.num_steps"):
+  with pytest.raises(ValueError, match=r"data.num_epochs=1.5 must be a whole number"):  # the bindings' type check
     common.data(num_epochs=1.5)
 
 
