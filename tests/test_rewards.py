@@ -217,7 +217,11 @@ def test_several_math_spans_after_a_label_or_chained_boxes_are_one_answer(pool):
             "The answer is $18$, and $18 \\times 2 = 36$ confirms it.": "18",
             "**Answer:** $18$, and $x = 18$ satisfies the equation.": "18",
             "The answer is $12$, and $12 = 3 \\cdot 4$.": "12",
-            "The answer is $8$ and $2$ heads.": "8",
+            "Final answer: $\\left(1, 2\\right)$ and $(3, 4)$.": "\\left(1, 2\\right), (3, 4)",  # \left is no relation
+            "The answer is $x = 5$ and $-5$.": "x = 5, -5",
+            "The answer is $2$ and $3$ respectively.": "2, 3",
+            "The answer is $5$ or $6$ depending on how you count.": "5, 6",  # a hedge, whatever follows it
+            "The answer is $a \\\\$ and $b$.": "a \\\\, b",  # `\\` then `$`: the dollar sign closes the math
             # An escaped dollar sign inside inline math is content, not its end.
             "The answer is $\\$20$.": "\\$20"}
   assert {c: extract_answer(think + c) for c in joined} == joined

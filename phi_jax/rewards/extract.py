@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import decimal
+import re
 from typing import Optional
 
 from phi_jax.rewards.think_format import ThinkFormat
@@ -269,27 +270,20 @@ def _joined_inline_math(text: str) -> Optional[str]:
     while start < len(text) and start - end <= _MAX_JOIN_GAP_CHARS and text[start] not in "$\\":
       start += 1
     span = _inline_math_at(text, start) if _joins_answers(text[end:start]) else None
-    # "$12$, and $12 = 3 \cdot 4$": an equation joined to a bare value justifies it; answers alike in form join.
-    if span is None or _is_relation(span[0]) != _is_relation(contents[0]):
+    # "$12$, and $12 = 3 \cdot 4$": an equation joined to a bare value justifies it, rather than answering again.
+    if span is None or (_is_relation(span[0]) and not _is_relation(contents[0])):
       break
     contents.append(span[0])
     end = span[1]
-  # Joined only when the sentence ends after them: "$18$, and $18 \times 2 = 36$ confirms it" goes on in prose, so the
-  # second span is a new clause, not a second answer.
-  if len(contents) > 1 and not _ends_sentence(text[end:]):
-    return contents[0]
   return ", ".join(contents)
 
 
+_RELATION = re.compile(r"[=<>]|\\(?:le|ge|leq|geq|neq|ne|approx|lt|gt)(?![A-Za-z])")
+
+
 def _is_relation(math: str) -> bool:
-  return any(op in math for op in ("=", "<", ">", "\\le", "\\ge", "\\neq", "\\approx"))
-
-
-def _ends_sentence(rest: str) -> bool:
-  """Whether `rest`, the text after an answer, closes it: nothing, closing punctuation or brackets, then the end, a
-  line break, a comma ("$5$ or $6$, I'm not sure") or a special token."""
-  rest = rest.lstrip(" \t)]}*\\")
-  return not rest or rest[0] in ".,;!?\n" or rest.startswith("<|")
+  """Whether `math` states a relation (`x = 2`, `a \le b`; not `\left(`)."""
+  return _RELATION.search(math) is not None
 
 
 def _inline_math_at(text: str, start: int) -> Optional[tuple[str, int]]:
@@ -297,7 +291,7 @@ def _inline_math_at(text: str, start: int) -> Optional[tuple[str, int]]:
   for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
     if text.startswith(left, start):
       close = text.find(right, start + len(left))
-      while left == "$" and close > 0 and text[close - 1] == "\\":  # "$\$20$": an escaped dollar sign is content
+      while left == "$" and close > 0 and _escaped(text, close):  # "$\$20$": an escaped dollar sign is content
         close = text.find(right, close + 1)
       if close > start + len(left):
         content = text[start + len(left):close]
@@ -607,17 +601,20 @@ def _last_math(text: str, max_chars: int) -> Optional[str]:
   return best
 
 
+def _escaped(text: str, i: int) -> bool:
+  """Whether text[i] follows an odd number of backslashes (`\$` is a dollar sign, `\\$` a line break and then `$`)."""
+  j = i
+  while j > 0 and text[j - 1] == "\\":
+    j -= 1
+  return (i - j) % 2 == 1
+
+
 def _rfind_dollar(text: str, start: int, end: int) -> int:
   """The last `$` in text[start:end] that is a math delimiter: not escaped (`\\$12` is a price), or -1."""
   i = text.rfind("$", start, end)
-  while i >= 0:
-    j = i
-    while j > 0 and text[j - 1] == "\\":
-      j -= 1
-    if (i - j) % 2 == 0:
-      return i
+  while i >= 0 and _escaped(text, i):
     i = text.rfind("$", start, i)
-  return -1
+  return i
 
 
 def clean_answer(answer: str) -> str:
