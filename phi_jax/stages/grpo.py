@@ -64,6 +64,10 @@ def _checked_rewards(result, rows: int) -> tuple[np.ndarray, np.ndarray]:
   if rewards.shape != (rows,) or correct.shape != (rows,):
     raise ValueError(f"reward_batch_fn returned rewards of shape {rewards.shape} and correct of shape "
                      f"{correct.shape}; expected one value per response: ({rows},)")
+  bad = np.flatnonzero(~np.isfinite(rewards))
+  if bad.size:  # a None (TRL's "does not apply") reads as NaN, which would spread through its group's advantages
+    raise ValueError(f"reward_batch_fn returned {bad.size} reward(s) that are not finite numbers (None or NaN), the "
+                     f"first for response {bad[0]}: give every response a number")
   return rewards, correct
 
 
