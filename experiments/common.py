@@ -24,6 +24,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import shutil
 import types
 import typing
@@ -146,11 +147,16 @@ def configurable(name: str):
 optimizer = gin.external_configurable(typed("optimizer")(OptimizerConfig), name="optimizer")
 
 
-def parse_gin(files: Sequence[str], params: Sequence[str]):
-  _check_macro_params(files, params)
+def parse_gin(files: Sequence[str], params: Sequence[str], macro_files: Optional[Sequence[str]] = ()):
+  """Parses gin `files`, then the bindings `params`. A binding without a configurable (a gin macro) is refused unless
+  `files` or `macro_files` (other configs the same bindings go to) use it; `macro_files=None` skips that check."""
+  if macro_files is not None:
+    _check_macro_params(list(files) + list(macro_files), params)
   try:
     gin.parse_config_files_and_bindings(list(files), list(params), finalize_config=False, skip_unknown=False)
   except SyntaxError as e:
+    if not any(_fails_to_parse(p) for p in params):
+      raise
     raise ValueError(f"{e}\nA string value needs quotes that survive the shell: "
                      "--gin_param='data.tokenizer=\"tiny:phi-4\"' (single quotes around the whole binding, double "
                      "quotes around the string)") from e
@@ -166,6 +172,14 @@ def parse_gin(files: Sequence[str], params: Sequence[str]):
                      f"{os.getcwd()})") from e
 
 
+def _fails_to_parse(param: str) -> bool:
+  try:
+    gin_statements(param)
+  except SyntaxError:
+    return True
+  return False
+
+
 def _check_macro_params(files: Sequence[str], params: Sequence[str]) -> None:
   """Refuses a --gin_param without a configurable (`learning_rate=1e-3`, MaxText's spelling): gin reads it as a macro
   definition, which changes nothing unless a config uses it as %learning_rate, so the run went on with the file's
@@ -177,8 +191,9 @@ def _check_macro_params(files: Sequence[str], params: Sequence[str]) -> None:
     except SyntaxError:
       continue  # parse_gin's own parse reports it
     for statement in statements:
+      used = re.compile(rf"%{re.escape(statement.selector)}(?![\w.])")
       if (isinstance(statement, config_parser.BindingStatement) and not statement.arg_name
-          and not any(f"%{statement.selector}" in text for text in texts)):
+          and not any(used.search(text) for text in texts)):
         raise ValueError(f"--gin_param {param!r} binds no configurable's parameter ({statement.selector!r} is read as "
                          "a gin macro that no config uses): write configurable.parameter=value, e.g. "
                          "optimizer.learning_rate=1e-3, train.num_steps=100, data.seq_len=4096")
@@ -220,7 +235,7 @@ def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Seque
     except Exception as e:
       raise ValueError(f"{run_config}: {e}") from e
   run_mesh = bound_or_none("mesh.shape")
-  parse_gin(files, params)
+  parse_gin(files, params, macro_files=[run_config])  # gin writes a run's macros into its config.gin
   if run_mesh is not None and bound_or_none("mesh.shape") == run_mesh:
     # The run's mesh belongs to the machine it trained on; the params load onto any mesh. Kept where it fits.
     try:

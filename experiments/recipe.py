@@ -299,7 +299,9 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   in_file_dicts = {name: common.bound_or_none(name) for name in MERGED_DICTS}
   file_difficulty = common.bound_or_none("recipe.difficulty")
   gin.clear_config()
-  common.parse_gin(gin_files, params)  # all of them, so a misspelt name fails now rather than at its stage
+  # All of them, so a misspelt name fails now rather than at its stage; a macro is checked against the stage files
+  # that may use it, in `_configure`.
+  common.parse_gin(gin_files, params, macro_files=None)
   difficulty = common.bound_or_none("recipe.difficulty")
   if difficulty != file_difficulty and in_file_dicts["recipe.difficulty_overrides"]:
     # Another level asked for on the command line is that level: the file's overrides were written for the file's
@@ -424,7 +426,8 @@ def stage_bindings(stage: str, workdir: str, init_from: Optional[str], settings:
 
 def _configure(settings: dict, stage: str, bindings: Sequence[str]) -> None:
   gin.clear_config()
-  common.parse_gin([os.path.join(settings["config_dir"], f"{stage}.gin")], bindings)
+  stage_files = [os.path.join(settings["config_dir"], f"{s}.gin") for s in settings["stages"]]
+  common.parse_gin([os.path.join(settings["config_dir"], f"{stage}.gin")], bindings, macro_files=stage_files)
 
 
 def _policy(init_from: str):

@@ -658,6 +658,20 @@ def test_a_binding_without_a_configurable_or_with_an_unquoted_string_says_how_to
     own.write_text(f"include '{os.path.abspath(tiny)}'\nLR = 1e-2\noptimizer.learning_rate = %LR\n")
     common.parse_gin([str(own)], ["LR=1e-3"])
     assert common.optimizer().learning_rate == 1e-3
+    gin.clear_config()
+    # A run's config.gin keeps its macros (gin writes them): eval.py / rollouts.py / export_hf.py may set one.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.gin").write_text("SP = 'Be brief.'\ndata.system_prompt = %SP\n")
+    common.parse_gin_for_checkpoint(str(run), [], ["SP='Be verbose.'"])
+    assert common.data()["system_prompt"] == "Be verbose."
+    gin.clear_config()
+    # A syntax error inside a file is not about shell quoting.
+    bad = tmp_path / "bad.gin"
+    bad.write_text('data.train_files = ["a.jsonl",, "b.jsonl"]\n')
+    with pytest.raises(SyntaxError) as raised:
+      common.parse_gin([str(bad)], [])
+    assert "quotes that survive the shell" not in str(raised.value)
   finally:
     gin.clear_config()
     os.chdir(cwd)

@@ -691,3 +691,21 @@ def test_the_reported_split_must_be_a_held_out_one():
     assert recipe.recipe_settings(eval_split=split)["eval_split"] == split
   with pytest.raises(ValueError, match="recipe.eval_split='train'"):
     recipe.recipe_settings(eval_split="train")
+
+
+def test_a_macro_a_stage_file_uses_goes_to_the_stages_and_one_no_file_uses_is_refused(monkeypatch, tmp_path):
+  """`SFT_LR=1e-3` sets a macro that only sft.gin reads: every stage gets the bindings, so every stage file counts as
+  a user of it. A macro no file uses (`learning_rate=1e-3`) changes nothing and is refused."""
+  monkeypatch.chdir(ROOT)
+  own = tmp_path / "recipe"
+  shutil.copytree(os.path.join(ROOT, "experiments", "configs", "recipe_tiny"), own)
+  with open(own / "sft.gin", "a") as f:
+    f.write("\nSFT_LR = 3e-4\noptimizer.learning_rate = %SFT_LR\n")
+  try:
+    settings, _, _ = recipe.configure(["experiments/configs/recipe_tiny/quick.gin"],
+                                      [f'recipe.config_dir="{own}"', "SFT_LR=1e-3"])
+    assert "SFT_LR=1e-3" in settings["stage_params"]
+    with pytest.raises(ValueError, match=r"binds no configurable's parameter"):
+      recipe.configure(["experiments/configs/recipe_tiny/quick.gin"], [f'recipe.config_dir="{own}"', "lr=1e-3"])
+  finally:
+    gin.clear_config()
