@@ -356,11 +356,14 @@ def _check_stage(settings: dict, stage: str, params: Sequence[str]) -> None:
   if kind not in ("next_token", "dpo", "grpo"):
     raise ValueError(f"train.stage={kind!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
   common.check_data_settings(kind, data_cfg, train["loop"])
-  # Every stage reads the DPO, GRPO and reward settings too: a value none could take is refused wherever it is bound
-  # (a --gin_param, or another stage's entry of recipe.stage_bindings), not when its own stage starts.
-  common.dpo_settings()
-  common.grpo_config(train)
-  common.reward_settings()
+  # Each stage checks the settings it reads (each configurable refuses values of no known kind): a binding that
+  # combines with another stage's file (reward.length_aware_max_tokens beside grpo.gin's reward.weights) is checked
+  # where it combines.
+  if kind == "dpo":
+    common.dpo_settings()
+  if kind == "grpo":
+    common.grpo_config(train)
+    common.reward_settings()
   common.check_batch_shape(kind, model_config, data_cfg, train["loop"], common.mesh())
 
 

@@ -406,7 +406,6 @@ def test_a_binding_a_stage_refuses_is_refused_before_any_stage_trains(monkeypatc
     ('recipe.stage_bindings={"sft": ["data.too_long=\\"truncate\\""]}', r"sft stage .*data.too_long='truncate'"),
     ('recipe.stage_bindings={"sft": ["data.packing=\\"none\\""]}', r"sft stage .*data.packing='none'"),
     ('recipe.stage_bindings={"sft": ["data.on_bad_record=\\"ignore\\""]}', r"sft stage .*data.on_bad_record='ignore'"),
-    ('recipe.stage_bindings={"sft": ["dpo.beta=-1.0"]}', r"sft stage .*dpo.beta=-1.0"),
 ])
 def test_a_stage_setting_of_no_known_value_is_refused_before_any_stage_trains(monkeypatch, param, match):
   """Refused only when their stage started (DPO's and GRPO's after three stages had trained): now by the recipe's
@@ -707,5 +706,21 @@ def test_a_macro_a_stage_file_uses_goes_to_the_stages_and_one_no_file_uses_is_re
     assert "SFT_LR=1e-3" in settings["stage_params"]
     with pytest.raises(ValueError, match=r"binds no configurable's parameter"):
       recipe.configure(["experiments/configs/recipe_tiny/quick.gin"], [f'recipe.config_dir="{own}"', "lr=1e-3"])
+  finally:
+    gin.clear_config()
+
+
+def test_a_reward_setting_that_combines_with_the_grpo_file_is_checked_by_the_grpo_stage_only(monkeypatch, tmp_path):
+  """reward.length_aware_max_tokens given on the command line goes with grpo.gin's length-aware reward; the other
+  stages, which read no reward settings, refused it as unused by their own (default) reward.weights."""
+  monkeypatch.chdir(ROOT)
+  own = tmp_path / "recipe"
+  shutil.copytree(os.path.join(ROOT, "experiments", "configs", "recipe_tiny"), own)
+  with open(own / "grpo.gin", "a") as f:
+    f.write('\nreward.weights = {"correctness": 1.0, "length_aware": 0.5}\n')
+  try:
+    settings, _, _ = recipe.configure(["experiments/configs/recipe_tiny/quick.gin"],
+                                      [f'recipe.config_dir="{own}"', "reward.length_aware_max_tokens=64"])
+    assert "reward.length_aware_max_tokens=64" in settings["stage_params"]
   finally:
     gin.clear_config()
