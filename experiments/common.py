@@ -390,11 +390,15 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
   if packing is not None and packing not in packing_lib.PACKINGS:
     raise ValueError(f"data.packing={packing!r}; expected one of {packing_lib.PACKINGS}, or None for one example per "
                      "row (SFT)")
-  for setting, value, allowed in (("too_long", too_long, packing_lib.TOO_LONG),
-                                  ("on_bad_record", on_bad_record, pipeline_lib.ON_BAD_RECORD),
+  for setting, value, allowed in (("on_bad_record", on_bad_record, pipeline_lib.ON_BAD_RECORD),
                                   ("special_tokens_in_text", special_tokens_in_text, ("split", "parse"))):
     if value not in allowed:
       raise ValueError(f"data.{setting}={value!r}; expected one of {allowed}")
+  # A DPO run reads dpo.too_long, not this, and a finished DPO run's config.gin may hold DPO's value here (a DPO run
+  # only warned of it): replaying that config (eval.py, export_hf.py) must not fail on it.
+  if too_long not in packing_lib.TOO_LONG + ("truncate_prompt",):
+    raise ValueError(f"data.too_long={too_long!r}; expected one of {packing_lib.TOO_LONG} (a DPO run's over-long "
+                     "pairs are dpo.too_long's: 'drop' or 'truncate_prompt')")
   if weights is not None and not all(w is None or _is_number(w) for w in weights):
     raise ValueError(f"data.weights={weights!r}: each weight must be a number (its file's share of the records) or "
                      "None (its file's record count)")
@@ -1328,6 +1332,9 @@ def length_aware_scale(reward_cfg: dict, cfg: GRPOConfig) -> int:
 def check_data_settings(stage: str, data_cfg: dict, loop) -> None:
   """Data settings the stage would not read, refused before anything is built (a run and its dry run alike); the
   reward settings of a GRPO run too."""
+  if stage == "next_token" and data_cfg["too_long"] not in packing_lib.TOO_LONG:
+    raise ValueError(f"data.too_long={data_cfg['too_long']!r}; expected one of {packing_lib.TOO_LONG} for a "
+                     "next-token stage")
   if stage == "grpo":
     length_aware_scale(reward_settings(), grpo())  # reward_settings makes its own checks
   if stage == "grpo" and data_cfg["eval_files"]:

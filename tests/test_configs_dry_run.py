@@ -675,3 +675,16 @@ def test_a_binding_without_a_configurable_or_with_an_unquoted_string_says_how_to
   finally:
     gin.clear_config()
     os.chdir(cwd)
+
+
+def test_dpo_s_too_long_value_under_data_is_warned_of_by_dpo_and_refused_by_a_next_token_stage(tmp_path):
+  """A DPO run only warns of data.too_long (it reads dpo.too_long), so a finished DPO run's config.gin may hold
+  'truncate_prompt' there: replaying it (eval.py, export_hf.py) must not fail; a next-token stage refuses it."""
+  from phi_jax.train import LoopConfig
+  data_cfg = common.data(too_long="truncate_prompt")
+  common.check_data_settings("dpo", data_cfg, LoopConfig(num_steps=1))
+  with pytest.raises(ValueError, match=r"data.too_long='truncate_prompt'; expected one of \('split', 'drop'\) for a "
+                     r"next-token stage"):
+    common.check_data_settings("next_token", data_cfg, LoopConfig(num_steps=1))
+  with pytest.raises(ValueError, match=r"data.too_long='truncate'; expected one of"):
+    common.data(too_long="truncate")
