@@ -80,13 +80,17 @@ def _as_annotated(value, hint):
   if hint is float:
     return value if _is_number(value) else _REFUSED
   if hint is str:
+    if isinstance(value, os.PathLike):  # a pathlib.Path from Python
+      return os.fspath(value)
     return value if isinstance(value, str) else _REFUSED
   container = origin or hint
   if container is dict:
     return value if isinstance(value, dict) else _REFUSED
   if container in (list, tuple, collections.abc.Sequence):
     # One string is a list of one where the items are strings (data.train_files = "a.jsonl").
-    return value if isinstance(value, (list, tuple)) or (isinstance(value, str) and args == (str,)) else _REFUSED
+    if isinstance(value, str) and args == (str,):
+      return [value]
+    return value if isinstance(value, (list, tuple)) else _REFUSED
   return value
 
 
@@ -111,6 +115,11 @@ def check_setting_types(name: str, values: dict, hints: dict) -> dict:
   for key, value in values.items():
     if key not in hints:
       continue
+    if key.endswith("dtype") and value is not None and not isinstance(value, str):
+      try:  # jnp.bfloat16 / np.float32 from Python: the name the setting takes
+        value = np.dtype(value).name
+      except TypeError:
+        pass
     out[key] = _as_annotated(value, hints[key])
     if out[key] is _REFUSED:
       quoted = isinstance(value, str) and "a string" not in _describe(hints[key])

@@ -288,6 +288,14 @@ def test_whole_number_floats_are_taken_as_ints_and_ints_as_floats():
   assert _configured("train.export_hf=True", common.train_settings)["loop"].export_hf is True
   assert _configured("data.train_files='a.jsonl'", common.data)["train_files"] == ["a.jsonl"]
   assert _configured("data.weights=(1, None)", lambda: common.data(train_files=["a", "b"]))["weights"] == (1, None)
+  # Python callers: a path object for a path, a dtype object for a dtype, one string for a list of strings.
+  import pathlib
+  import jax.numpy as jnp
+  assert common.train_settings(num_steps=1, init_from=pathlib.Path("/runs/sft"))["init_from"] == "/runs/sft"
+  assert common.model(param_dtype=jnp.bfloat16)[0].param_dtype == "bfloat16"
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import recipe
+  assert recipe.recipe_settings(stages="base")["stages"] == ["base"]
 
 
 @pytest.mark.parametrize("make,match", [
