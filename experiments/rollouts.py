@@ -232,7 +232,7 @@ def main(argv=None):
   # writes the results (not each host as a single process of its own).
   distributed.initialize()
   common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
-  common.warn_unread_bindings(args.gin_param, ("evaluation", "grpo", "dpo", "optimizer"), "rollouts.py",
+  common.warn_unread_bindings(args.gin_param, ("grpo", "dpo", "optimizer"), "rollouts.py",
                               "its sampling settings are rollouts.* (e.g. rollouts.temperature)")
   # What can be refused is refused before the model loads and generates (minutes to hours).
   common.check_output_path("--out", args.out, directory=False)

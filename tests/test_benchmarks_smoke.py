@@ -117,6 +117,8 @@ def test_device_check_runs_in_one_out_keep_their_files(tmp_path):
   assert "mask_cost" in second and "attention" not in second
   assert "attention: start" in (tmp_path / "device_check.log").read_text()
   assert "mask_cost: start" in (tmp_path / "device_check_2.log").read_text()
+  # The card each run saw, too (nvidia-smi's output, or its error where there is none).
+  assert (tmp_path / "device_check_nvidia_smi.csv").exists() and (tmp_path / "device_check_2_nvidia_smi.csv").exists()
 
 
 def run_device_check_py(tmp_path, *args):

@@ -232,7 +232,7 @@ def _control_strings(tokenizer: PreTrainedTokenizerBase) -> set[str]:
   for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
     if getattr(added, "special", False) and added.content:
       strings.add(added.content)
-  return strings
+  return strings - set(THINK_TOKENS)  # reasoning traces hold <think> blocks by design, whatever their flag
 
 
 def _unless_built_in(tokenizer: PreTrainedTokenizerBase, system_prompt: Optional[str]) -> Optional[str]:
