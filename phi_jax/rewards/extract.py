@@ -33,7 +33,8 @@ The answer (and a gold answer) is then rewritten where plain-text notation would
 "2*pi", "1e3", "x**2" (`latex_notation`), and a whole number in words is written in digits ("twenty-one" -> 21).
 
 Model output is untrusted and may be a megabyte of noise, so every step is linear in the input or bounded by
-`max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, no regular expressions.
+`max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, and one regular expression
+without repetition (`_RELATION`, run on an extracted span).
 """
 
 from __future__ import annotations
@@ -260,7 +261,10 @@ def _first_inline_math(text: str) -> Optional[str]:
 def _joined_inline_math(text: str) -> Optional[str]:
   """The math opening `text` and the math joined to it by ",", "and" or "or" as one comma-separated answer:
   "$5$ or $6$." -> "5, 6" (a hedge, which matches no single gold), "$x = 2$ and $x = 3$" -> "x = 2, x = 3" (a set,
-  which matches the gold "2, 3"); None when `text` does not open with math."""
+  which matches the gold "2, 3"); None when `text` does not open with math.
+
+  Joined only where the answers end the sentence: "$\sqrt{2}$, or $1.414$ approximately" and "$12$ and $4$ is the
+  remainder" go on in prose, and their first span is the answer (as it was before spans were joined)."""
   span = _inline_math_at(text, 0)
   if span is None:
     return None
@@ -275,10 +279,20 @@ def _joined_inline_math(text: str) -> Optional[str]:
       break
     contents.append(span[0])
     end = span[1]
+  if len(contents) > 1 and not _ends_answers(text[end:]):
+    return contents[0]
   return ", ".join(contents)
 
 
-_RELATION = re.compile(r"[=<>]|\\(?:le|ge|leq|geq|neq|ne|approx|lt|gt)(?![A-Za-z])")
+def _ends_answers(rest: str) -> bool:
+  """Whether `rest`, the text after joined answers, ends them: nothing, or closing brackets and then the end, a
+  line break, sentence or clause punctuation, a special token, or "respectively"."""
+  rest = rest.lstrip(" \t)]}*\\")
+  return not rest or rest[0] in ".,;!?\n" or rest.startswith("<|") or rest[:12].lower() == "respectively"
+
+
+_RELATION = re.compile(r"[=<>\u2260\u2264\u2265\u2248]|\\(?:le|ge|leq|geq|leqslant|geqslant|leqq|geqq|neq|ne|approx"
+                       r"|lt|gt|equiv|sim|simeq|lesssim|gtrsim|ll|gg)(?![A-Za-z])")
 
 
 def _is_relation(math: str) -> bool:
