@@ -724,3 +724,15 @@ def test_a_reward_setting_that_combines_with_the_grpo_file_is_checked_by_the_grp
     assert "reward.length_aware_max_tokens=64" in settings["stage_params"]
   finally:
     gin.clear_config()
+
+
+@pytest.mark.parametrize("param", ["dpo.beta=-1.0", "grpo.group_size=0", 'reward.weights={"corectness": 1.0}'])
+def test_a_bad_value_for_the_one_stage_that_reads_it_is_to_be_changed_not_moved(monkeypatch, param):
+  """The stages that do not read dpo.* / grpo.* / reward.* accept any value: the advice to give the binding only to
+  them dropped it silently."""
+  monkeypatch.chdir(ROOT)
+  try:
+    with pytest.raises(ValueError, match=r"(?s)is refused by every stage of this recipe .*change or remove it"):
+      recipe.configure(["experiments/configs/recipe_tiny/quick.gin"], [param])
+  finally:
+    gin.clear_config()
