@@ -156,11 +156,13 @@ def configurable(name: str):
 optimizer = gin.external_configurable(typed("optimizer")(OptimizerConfig), name="optimizer")
 
 
-def parse_gin(files: Sequence[str], params: Sequence[str], macro_files: Optional[Sequence[str]] = ()):
+def parse_gin(files: Sequence[str], params: Sequence[str], macro_files: Optional[Sequence[str]] = (),
+              macro_texts: Sequence[str] = ()):
   """Parses gin `files`, then the bindings `params`. A binding without a configurable (a gin macro) is refused unless
-  `files` or `macro_files` (other configs the same bindings go to) use it; `macro_files=None` skips that check."""
+  `files`, `macro_files` or `macro_texts` (other configs the same bindings go to) use it; `macro_files=None` skips
+  that check."""
   if macro_files is not None:
-    _check_macro_params(list(files) + list(macro_files), params)
+    _check_macro_params(list(files) + list(macro_files), params, macro_texts)
   try:
     gin.parse_config_files_and_bindings(list(files), list(params), finalize_config=False, skip_unknown=False)
   except SyntaxError as e:
@@ -189,11 +191,11 @@ def _fails_to_parse(param: str) -> bool:
   return False
 
 
-def _check_macro_params(files: Sequence[str], params: Sequence[str]) -> None:
+def _check_macro_params(files: Sequence[str], params: Sequence[str], extra_texts: Sequence[str] = ()) -> None:
   """Refuses a --gin_param without a configurable (`learning_rate=1e-3`, MaxText's spelling): gin reads it as a macro
   definition, which changes nothing unless a config uses it as %learning_rate, so the run went on with the file's
   value (and a sweep over it trained the same run twice)."""
-  texts = list(params) + _config_texts(files)
+  texts = list(params) + list(extra_texts) + _config_texts(files)
   for param in params:
     try:
       statements = gin_statements(param)

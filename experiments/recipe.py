@@ -320,7 +320,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
              if common.binding_key(st) == name and isinstance(st.value, dict)]
     merged = dict(in_file or {})
     for value in given:
-      merged = ({k: list(merged.get(k, [])) + list(value.get(k, [])) for k in {**merged, **value}}
+      merged = ({k: _bindings_list(merged.get(k, [])) + _bindings_list(value.get(k, [])) for k in {**merged, **value}}
                 if name == "recipe.stage_bindings" else {**merged, **value})
     if given and merged != common.bound_or_none(name):
       gin.bind_parameter(name, merged)
@@ -332,6 +332,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   _, stage_params = split_params(params)
   settings = recipe_settings()
   settings["stage_params"] = stage_params
+  settings["recipe_files"] = list(gin_files)
   in_caller_dir = os.path.join(caller_dir or "", settings["config_dir"])
   if (caller_dir and not os.path.isabs(settings["config_dir"]) and not os.path.isdir(settings["config_dir"])
       and os.path.isdir(in_caller_dir)):  # the repository's own configs first, as gin finds the recipe's files
@@ -382,6 +383,12 @@ def _refusal(settings: dict, stage: str, params: Sequence[str]) -> Optional[Exce
 
 
 _ONE_STAGE_CONFIGURABLES = ("dpo", "grpo", "reward")
+
+
+def _bindings_list(value) -> list:
+  """A stage's entry of recipe.stage_bindings as a list: one string is a list of one (list() split it into
+  characters)."""
+  return [value] if isinstance(value, str) else list(value)
 
 
 def _binding_keys(param: str) -> list[str]:
@@ -443,8 +450,11 @@ def stage_bindings(stage: str, workdir: str, init_from: Optional[str], settings:
 
 def _configure(settings: dict, stage: str, bindings: Sequence[str]) -> None:
   gin.clear_config()
-  stage_files = [os.path.join(settings["config_dir"], f"{s}.gin") for s in settings["stages"]]
-  common.parse_gin([os.path.join(settings["config_dir"], f"{stage}.gin")], bindings, macro_files=stage_files)
+  # A macro given to every stage may be used by any stage file, the recipe's own files, or any stage's bindings.
+  users = [os.path.join(settings["config_dir"], f"{s}.gin") for s in settings["stages"]]
+  users += settings.get("recipe_files", [])
+  common.parse_gin([os.path.join(settings["config_dir"], f"{stage}.gin")], bindings, macro_files=users,
+                   macro_texts=[b for entry in settings["stage_bindings"].values() for b in _bindings_list(entry)])
 
 
 def _policy(init_from: str):

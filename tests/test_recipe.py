@@ -706,6 +706,18 @@ def test_a_macro_a_stage_file_uses_goes_to_the_stages_and_one_no_file_uses_is_re
     assert "SFT_LR=1e-3" in settings["stage_params"]
     with pytest.raises(ValueError, match=r"binds no configurable's parameter"):
       recipe.configure(["experiments/configs/recipe_tiny/quick.gin"], [f'recipe.config_dir="{own}"', "lr=1e-3"])
+    # A macro the recipe's own file uses, or another stage's recipe.stage_bindings entry.
+    recipe_file = tmp_path / "my_recipe.gin"
+    recipe_file.write_text(f"include '{ROOT}/experiments/configs/recipe_tiny/quick.gin'\nrecipe.rollout_k = %K\n")
+    settings, _, _ = recipe.configure([str(recipe_file)], ["K=4"])
+    assert settings["rollout_k"] == 4
+    settings, _, _ = recipe.configure(["experiments/configs/recipe_tiny/quick.gin"],
+                                      ['recipe.stage_bindings={"sft": ["optimizer.learning_rate=%LR"]}', "LR=1e-3"])
+    assert "optimizer.learning_rate=%LR" in settings["stage_bindings"]["sft"]
+    # One string for a stage's entry is a list of one (it was split into characters).
+    settings, _, _ = recipe.configure(["experiments/configs/recipe_tiny/quick.gin"],
+                                      ['recipe.stage_bindings={"sft": "train.num_steps=5"}'])
+    assert settings["stage_bindings"]["sft"][-1] == "train.num_steps=5"
   finally:
     gin.clear_config()
 
