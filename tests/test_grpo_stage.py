@@ -541,8 +541,8 @@ def test_reward_functions_may_return_lists_and_reward_std_is_the_within_group_sp
     return [0.0, None] + [1.0] * (len(texts) - 2), [False] * len(texts)
 
   source = grpo.GRPORollouts(two_answers, tokenizer, config, cfg, reward_batch_fn=one_none, num_steps=2)
-  with pytest.raises(ValueError, match=r"1 reward\(s\) that are not finite numbers \(None or NaN\), the first for "
-                     r"response 1"):
+  with pytest.raises(ValueError, match=r"1 reward\(s\) that are not finite numbers \(None, NaN or infinite\), the "
+                     r"first for response 1"):
     source.next_batch(params, 0)
 
 

@@ -66,8 +66,8 @@ def _checked_rewards(result, rows: int) -> tuple[np.ndarray, np.ndarray]:
                      f"{correct.shape}; expected one value per response: ({rows},)")
   bad = np.flatnonzero(~np.isfinite(rewards))
   if bad.size:  # a None (TRL's "does not apply") reads as NaN, which would spread through its group's advantages
-    raise ValueError(f"reward_batch_fn returned {bad.size} reward(s) that are not finite numbers (None or NaN), the "
-                     f"first for response {bad[0]}: give every response a number")
+    raise ValueError(f"reward_batch_fn returned {bad.size} reward(s) that are not finite numbers (None, NaN or "
+                     f"infinite), the first for response {bad[0]}: give every response a finite number")
   return rewards, correct
 
 
