@@ -97,13 +97,15 @@ def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experimen
                      "trained again)")
   if eval_split not in ("valid", "test"):
     raise ValueError(f"recipe.eval_split={eval_split!r}; expected 'valid' or 'test'")
+  # One string is a list of one, in a file as on the command line.
+  stage_bindings = {k: [v] if isinstance(v, str) else v for k, v in (stage_bindings or {}).items()}
   # Keys are checked against every stage, not just `stages`: quick.gin binds all five and may run fewer.
   not_stages = sorted(set(stage_bindings or {}) - set(STAGES))
   if not_stages:
     raise ValueError(f"recipe.stage_bindings has bindings for {not_stages}, which are not stages: use the names "
                      f"{list(STAGES)}")
   not_lists = sorted(k for k, v in (stage_bindings or {}).items()
-                     if isinstance(v, str) or not all(isinstance(b, str) for b in v))
+                     if not isinstance(v, (list, tuple)) or not all(isinstance(b, str) for b in v))
   if not_lists:
     raise ValueError(f"recipe.stage_bindings[{not_lists[0]!r}] must be a list of binding strings, e.g. "
                      f'{{"{not_lists[0]}": ["train.num_steps=10"]}}')

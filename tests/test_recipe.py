@@ -290,7 +290,9 @@ def test_stage_bindings_for_a_name_that_is_no_stage_are_refused():
   with pytest.raises(ValueError, match=r"\['mid_train'\], which are not stages: use the names \['base', 'midtrain'"):
     recipe.recipe_settings(stage_bindings={"mid_train": ["train.num_steps=1"]})
   with pytest.raises(ValueError, match="must be a list of binding strings"):
-    recipe.recipe_settings(stage_bindings={"sft": "train.num_steps=1"})
+    recipe.recipe_settings(stage_bindings={"sft": [3]})
+  assert recipe.recipe_settings(stage_bindings={"sft": "train.num_steps=1"})["stage_bindings"]["sft"] == [
+      "train.num_steps=1"]  # one string is a list of one
   # A stage this run leaves out is still a stage: quick.gin binds all five, and may run fewer.
   assert recipe.recipe_settings(stages=["base"], stage_bindings={"grpo": ["train.num_steps=1"]})["stages"] == ["base"]
 
@@ -746,5 +748,17 @@ def test_a_bad_value_for_the_one_stage_that_reads_it_is_to_be_changed_not_moved(
   try:
     with pytest.raises(ValueError, match=r"(?s)is refused by every stage of this recipe .*change or remove it"):
       recipe.configure(["experiments/configs/recipe_tiny/quick.gin"], [param])
+  finally:
+    gin.clear_config()
+
+
+def test_one_string_as_a_stage_bindings_entry_is_a_list_of_one_in_a_file_too(monkeypatch, tmp_path):
+  monkeypatch.chdir(ROOT)
+  own = tmp_path / "my_recipe.gin"
+  own.write_text(f"include '{ROOT}/experiments/configs/recipe_tiny/quick.gin'\n"
+                 "recipe.stage_bindings = {'sft': 'train.num_steps=5'}\n")
+  try:
+    settings, _, _ = recipe.configure([str(own)], [])
+    assert settings["stage_bindings"]["sft"] == ["train.num_steps=5"]
   finally:
     gin.clear_config()

@@ -220,13 +220,20 @@ def test_several_math_spans_after_a_label_or_chained_boxes_are_one_answer(pool):
             "Final answer: $\\left(1, 2\\right)$ and $(3, 4)$.": "\\left(1, 2\\right), (3, 4)",  # \left is no relation
             "The answer is $x = 5$ and $-5$.": "x = 5, -5",
             "The answer is $2$ and $3$ respectively.": "2, 3",
-            # ... nor answers that prose goes on from (the first is the answer).
-            "The answer is $\\sqrt{2}$, or $1.414$ approximately.": "\\sqrt{2}",
+            # ... nor answers joined by "and" that prose goes on from (the first is the answer).
             "The answer is $12$ and $4$ is the remainder.": "12",
+            "The answer is $3$, and $\\frac{3}{4}$ of the pizza is left.": "3",
             "The answer is $8$ and $2$ heads.": "8",
             "The answer is $x = 2$, and $2 \\times 3 = 6$ confirms it.": "x = 2",
             "The answer is $5$, and $5 \\leqslant 6$.": "5",  # a relation, whatever its spelling
-            "The answer is $5$ or $6$, I think.": "5, 6",  # a comma ends the hedge
+            "The answer is $5$ or $6$, I think.": "5, 6",
+            # Alternatives joined by "or" always stay joined, whatever follows (a restatement too, as math-verify).
+            "The answer is $5$ or $6$ depending on how you count.": "5, 6",
+            "The answer is $\\sqrt{2}$, or $1.414$ approximately.": "\\sqrt{2}, 1.414",
+            # A set followed by a bracket, a dash or a plural verb stays a set.
+            "So the answer is $2$ and $-3$ (in either order).": "2, -3",
+            "The answer is $x = 2$ and $x = 3$ \u2014 the two roots.": "x = 2, x = 3",
+            "Final answer: $2$ and $3$ are the solutions.": "2, 3",
             "The answer is $a \\\\$ and $b$.": "a \\\\, b",  # `\\` then `$`: the dollar sign closes the math
             # An escaped dollar sign inside inline math is content, not its end.
             "The answer is $\\$20$.": "\\$20"}

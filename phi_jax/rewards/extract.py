@@ -263,12 +263,14 @@ def _joined_inline_math(text: str) -> Optional[str]:
   "$5$ or $6$." -> "5, 6" (a hedge, which matches no single gold), "$x = 2$ and $x = 3$" -> "x = 2, x = 3" (a set,
   which matches the gold "2, 3"); None when `text` does not open with math.
 
-  Joined only where the answers end the sentence: "$\sqrt{2}$, or $1.414$ approximately" and "$12$ and $4$ is the
-  remainder" go on in prose, and their first span is the answer (as it was before spans were joined)."""
+  Alternatives joined by "or" always stay joined: a hedge, or a restatement ("$\sqrt{2}$ or $1.414$"), is two
+  answers, as math-verify's own extraction reads it. Answers joined by "and" or "," stay joined where they end the
+  sentence or clause, or a bracket, colon, dash, "respectively" or a plural verb ("are the solutions") follows; where
+  prose goes on from the last ("$12$ and $4$ is the remainder", "$8$ and $2$ heads") the first span is the answer."""
   span = _inline_math_at(text, 0)
   if span is None:
     return None
-  contents, end = [span[0]], span[1]
+  contents, end, hedge = [span[0]], span[1], False
   while len(contents) < _MAX_JOINED_ANSWERS:
     start = end
     while start < len(text) and start - end <= _MAX_JOIN_GAP_CHARS and text[start] not in "$\\":
@@ -277,18 +279,26 @@ def _joined_inline_math(text: str) -> Optional[str]:
     # "$12$, and $12 = 3 \cdot 4$": an equation joined to a bare value justifies it, rather than answering again.
     if span is None or (_is_relation(span[0]) and not _is_relation(contents[0])):
       break
+    hedge = hedge or "or" in text[end:start].lower().replace(",", " ").split()
     contents.append(span[0])
     end = span[1]
-  if len(contents) > 1 and not _ends_answers(text[end:]):
+  if len(contents) > 1 and not hedge and not _ends_answers(text[end:]):
     return contents[0]
   return ", ".join(contents)
 
 
+_ENDING_WORDS = frozenset(("respectively", "resp", "are", "were"))
+
+
 def _ends_answers(rest: str) -> bool:
-  """Whether `rest`, the text after joined answers, ends them: nothing, or closing brackets and then the end, a
-  line break, sentence or clause punctuation, a special token, or "respectively"."""
-  rest = rest.lstrip(" \t)]}*\\")
-  return not rest or rest[0] in ".,;!?\n" or rest.startswith("<|") or rest[:12].lower() == "respectively"
+  """Whether `rest`, the text after answers joined by "and" or ",", ends them: nothing; or closing brackets and
+  then the end, a line break, punctuation, an opening bracket, a colon, a dash, a special token; or "respectively"
+  or a plural verb ("$2$ and $3$ are the roots")."""
+  rest = rest.lstrip(" \t)]}*\\_")
+  if not rest or rest[0] in ".,;!?\n(:\u2014\u2013-\"'" or rest.startswith("<|"):
+    return True
+  first = rest.split(None, 1)[0].lower().strip(".,;:!?*_")
+  return first in _ENDING_WORDS
 
 
 _RELATION = re.compile(r"[=<>\u2260\u2264\u2265\u2248]|\\(?:le|ge|leq|geq|leqslant|geqslant|leqq|geqq|neq|ne|approx"
