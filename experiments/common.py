@@ -274,13 +274,17 @@ def warn_unread_bindings(params: Sequence[str], unread: Sequence[str], tool: str
   """Warns of --gin_param bindings of configurables `tool` registers but never reads (eval.py given
   rollouts.temperature): gin accepts them, and the run went on with other values."""
   for param in params:
-    try:
-      keys = [binding_key(s) for s in gin_statements(param)]
-    except SyntaxError:
-      continue
-    for key in keys:
-      if key and key.split(".")[0] in unread:
+    for key in binding_keys(param):
+      if key.split(".")[0] in unread:
         log.warning("%s does not read %s (given as --gin_param=%s): %s", tool, key, param, instead)
+
+
+def binding_keys(text: str) -> list[str]:
+  """'configurable.param' of each binding in gin `text` (none where it does not parse: gin's own parse says why)."""
+  try:
+    return [k for k in map(binding_key, gin_statements(text)) if k]
+  except SyntaxError:
+    return []
 
 
 def bound_or_none(name: str):
@@ -392,7 +396,6 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
   if batch_size < 1 or seq_len < 2:
     raise ValueError(f"data.batch_size={batch_size} and data.seq_len={seq_len}: a batch needs at least one row and a "
                      "row at least two tokens (one input, one target)")
-  num_epochs = pipeline_lib.whole_epochs(num_epochs, "data.num_epochs")  # 3.0 -> 3; 1.5 is refused
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"data.num_epochs={num_epochs}: give a number of passes >= 1, or None to repeat forever")
   if eval_batches < 1:

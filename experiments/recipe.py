@@ -393,13 +393,6 @@ def _bindings_list(value) -> list:
   return [value] if isinstance(value, str) else list(value)
 
 
-def _binding_keys(param: str) -> list[str]:
-  try:
-    return [k for k in map(common.binding_key, common.gin_statements(param)) if k]
-  except SyntaxError:
-    return []
-
-
 def check_stage_settings(settings: dict) -> None:
   """Raises if a stage of `settings["stages"]` refuses its training settings, before any stage trains: a --gin_param
   binding reaches every stage, and one that only some stages take (train.z_loss: not DPO or GRPO) used to fail at
@@ -415,7 +408,8 @@ def check_stage_settings(settings: dict) -> None:
     takers = [s for s in settings["stages"] if all(_refusal(settings, s, [p]) is None for p in culprits)]
     # DPO, GRPO and reward settings are read by their own stage alone: the others "take" any value, and moving the
     # binding there would drop it silently.
-    if all(key.split(".")[0] in _ONE_STAGE_CONFIGURABLES for p in culprits for key in _binding_keys(p)):
+    keys = [key for p in culprits for key in common.binding_keys(p)]
+    if keys and all(key.split(".")[0] in _ONE_STAGE_CONFIGURABLES for key in keys):
       takers = []
     if not takers:
       raise ValueError(f"--gin_param {', '.join(culprits)} is refused by every stage of this recipe "

@@ -257,6 +257,15 @@ def test_special_token_strings_inside_chat_content_are_warned_of(caplog, tmp_pat
     assert f"holds the special token string(s) {marker}" in caplog.text
 
 
+def test_think_tags_are_not_warned_of_even_where_the_tokenizer_marks_them_special(caplog, tmp_path):
+  """Reasoning traces hold <think> blocks by design; a tokenizer may flag the tags special."""
+  tokenizer = build_tiny_tokenizer(tmp_path, chat_format="phi-4-reasoning")
+  tokenizer.add_special_tokens({"additional_special_tokens": list(THINK_TOKENS)})
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    render_messages(tokenizer, [USER_1, ASSISTANT_1])  # ASSISTANT_1 opens with a <think> block
+  assert "special token string" not in caplog.text
+
+
 def test_system_prompt_only_fills_in_a_missing_system_message(tokenizers):
   tokenizer = tokenizers["phi-4"]
   with_system = render_messages(tokenizer, [SYSTEM, USER_1, ASSISTANT_1])

@@ -418,7 +418,7 @@ def test_conversation_problems_grade_against_the_final_answer_and_bad_turns_are_
       rollouts.read_problems(str(path))
 
 
-def test_bindings_a_tool_does_not_read_are_warned_of(caplog):
+def test_warn_unread_bindings_names_each_binding_of_a_configurable_the_tool_does_not_read(caplog):
   """eval.py registers rollouts.* (it imports rollouts) but samples with evaluation.*: a rollouts.temperature given
   to it was accepted and ignored."""
   import common

@@ -694,14 +694,20 @@ def test_the_reported_split_must_be_a_held_out_one():
     recipe.recipe_settings(eval_split="train")
 
 
+def _recipe_tiny_with(tmp_path, stage: str, lines: str):
+  """A copy of recipe_tiny's config directory whose `stage`.gin ends with `lines`."""
+  own = tmp_path / "recipe"
+  shutil.copytree(os.path.join(ROOT, "experiments", "configs", "recipe_tiny"), own)
+  with open(own / f"{stage}.gin", "a") as f:
+    f.write(f"\n{lines}\n")
+  return own
+
+
 def test_a_macro_a_stage_file_uses_goes_to_the_stages_and_one_no_file_uses_is_refused(monkeypatch, tmp_path):
   """`SFT_LR=1e-3` sets a macro that only sft.gin reads: every stage gets the bindings, so every stage file counts as
   a user of it. A macro no file uses (`learning_rate=1e-3`) changes nothing and is refused."""
   monkeypatch.chdir(ROOT)
-  own = tmp_path / "recipe"
-  shutil.copytree(os.path.join(ROOT, "experiments", "configs", "recipe_tiny"), own)
-  with open(own / "sft.gin", "a") as f:
-    f.write("\nSFT_LR = 3e-4\noptimizer.learning_rate = %SFT_LR\n")
+  own = _recipe_tiny_with(tmp_path, "sft", "SFT_LR = 3e-4\noptimizer.learning_rate = %SFT_LR")
   try:
     settings, _, _ = recipe.configure(["experiments/configs/recipe_tiny/quick.gin"],
                                       [f'recipe.config_dir="{own}"', "SFT_LR=1e-3"])
@@ -728,10 +734,7 @@ def test_a_reward_setting_that_combines_with_the_grpo_file_is_checked_by_the_grp
   """reward.length_aware_max_tokens given on the command line goes with grpo.gin's length-aware reward; the other
   stages, which read no reward settings, refused it as unused by their own (default) reward.weights."""
   monkeypatch.chdir(ROOT)
-  own = tmp_path / "recipe"
-  shutil.copytree(os.path.join(ROOT, "experiments", "configs", "recipe_tiny"), own)
-  with open(own / "grpo.gin", "a") as f:
-    f.write('\nreward.weights = {"correctness": 1.0, "length_aware": 0.5}\n')
+  own = _recipe_tiny_with(tmp_path, "grpo", 'reward.weights = {"correctness": 1.0, "length_aware": 0.5}')
   try:
     settings, _, _ = recipe.configure(["experiments/configs/recipe_tiny/quick.gin"],
                                       [f'recipe.config_dir="{own}"', "reward.length_aware_max_tokens=64"])

@@ -151,11 +151,8 @@ def think_token_ids(tokenizer: PreTrainedTokenizerBase) -> Optional[tuple[int, i
 
 def _require_control_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
   """Refuses a tokenizer on which its chat format's markers are not single tokens (checked once per tokenizer)."""
-  try:
-    if tokenizer in _CHECKED_TOKENIZERS:
-      return
-  except TypeError:  # not weak-referenceable: checked every time
-    pass
+  if not _first_time(_CHECKED_TOKENIZERS, tokenizer):
+    return
   family = chat_family(tokenizer)
   missing = [token for token in dict.fromkeys(_CONTROL_TOKENS[family] + STOP_TOKENS[family])
              if _single_token_id(tokenizer, token) is None]
@@ -164,8 +161,20 @@ def _require_control_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
                      "chat turns would be trained with these markers as plain text, and generation could never stop "
                      "on them. Use the model's own tokenizer, or add them as special tokens "
                      "(tokenizer.add_special_tokens({'additional_special_tokens': [...]})) and save it")
+  _remember(_CHECKED_TOKENIZERS, tokenizer)
+
+
+def _first_time(seen: weakref.WeakSet, tokenizer) -> bool:
+  """Whether `tokenizer` is not in `seen` yet (one that cannot be weakly referenced is always new)."""
   try:
-    _CHECKED_TOKENIZERS.add(tokenizer)
+    return tokenizer not in seen
+  except TypeError:
+    return True
+
+
+def _remember(seen: weakref.WeakSet, tokenizer) -> None:
+  try:
+    seen.add(tokenizer)
   except TypeError:
     pass
 
@@ -197,12 +206,9 @@ def _warn_if_system_dropped(tokenizer: PreTrainedTokenizerBase, messages: Sequen
   record's system message) then never reaches training or the export, which deserves a word, once per tokenizer."""
   dropped = [m["content"] for m in messages if m["role"] == "system" and m["content"].strip()
              and m["content"] not in text]
-  try:
-    if not dropped or tokenizer in _WARNED_OF_DROPPED_SYSTEM:
-      return
-    _WARNED_OF_DROPPED_SYSTEM.add(tokenizer)
-  except TypeError:  # not weak-referenceable: warn every time
-    pass
+  if not dropped or not _first_time(_WARNED_OF_DROPPED_SYSTEM, tokenizer):
+    return
+  _remember(_WARNED_OF_DROPPED_SYSTEM, tokenizer)
   log.warning("the chat template leaves system messages out of the rendered text (Phi-4-reasoning writes its own "
               "system prompt), so this system text is not trained on or exported: %r. Leave data.system_prompt "
               "unset, or use a template that renders system messages", dropped[0][:80])
@@ -214,12 +220,9 @@ def _warn_of_control_strings(tokenizer: PreTrainedTokenizerBase, messages: Seque
   records keep such strings as text (`data.special_tokens_in_text`); chat records cannot without changing the ids
   the template defines, so they are warned of, once per tokenizer."""
   found = sorted({t for t in _control_strings(tokenizer) for m in messages if t in m["content"]})
-  try:
-    if not found or tokenizer in _WARNED_OF_CONTROL_STRINGS:
-      return
-    _WARNED_OF_CONTROL_STRINGS.add(tokenizer)
-  except TypeError:
-    pass
+  if not found or not _first_time(_WARNED_OF_CONTROL_STRINGS, tokenizer):
+    return
+  _remember(_WARNED_OF_CONTROL_STRINGS, tokenizer)
   log.warning("a chat message's content holds the special token string(s) %s, which are read as control tokens "
               "(as apply_chat_template reads them): in an assistant reply that is an end of turn trained mid-reply. "
               "Remove or escape them in such records (warned once)", ", ".join(found))
