@@ -104,18 +104,59 @@ def test_load_hf_of_save_hf_is_identity(saved, name):
   _assert_same_params(loaded, params)
 
 
-def test_a_narrower_compute_dtype_survives_save_and_load(saved, tmp_path):
-  """bfloat16 compute over float32 weights (a training run's export): the tensors stay float32 and torch_dtype says
-  so, and load_hf computes in bfloat16 again, as the run did (it used to come back computing in float32)."""
+def _tensor_dtypes(directory) -> set[str]:
+  dtypes = set()
+  for file in directory.glob("*.safetensors"):
+    with safe_open(file, framework="pt") as reader:
+      dtypes.update(str(reader.get_slice(name).get_dtype()) for name in reader.keys())
+  return dtypes
+
+
+def test_a_narrower_compute_dtype_is_the_exported_torch_dtype(saved, tmp_path):
+  """bfloat16 compute over float32 weights (a training run's export): the tensors stay float32, torch_dtype names the
+  compute dtype, so transformers (and vLLM's dtype=auto) compute in bfloat16 as the run did, and load_hf gives back
+  the same config and params (torch_dtype used to name the tensors' float32: transformers computed in float32)."""
   config, params, _ = saved["untied"]
   mixed = config.replace(dtype="bfloat16")
   phi_jax.save_hf(tmp_path, mixed, params)
   written = json.loads((tmp_path / "config.json").read_text())
-  assert written["torch_dtype"] == "float32" and written["phi_jax_compute_dtype"] == "bfloat16"
+  assert written["torch_dtype"] == "bfloat16" and "phi_jax_compute_dtype" not in written
+  assert _tensor_dtypes(tmp_path) == {"F32"}
   loaded_config, loaded = phi_jax.load_hf(tmp_path)
   assert loaded_config == mixed
   _assert_same_params(loaded, params)
-  assert "phi_jax_compute_dtype" not in json.loads((saved["untied"][2] / "config.json").read_text())
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+  assert model.dtype == torch.bfloat16
+  tokens = _tokens(config, 20)
+  with torch.no_grad():
+    theirs = model(torch.tensor(tokens)).logits.float().numpy()
+  ours = np.asarray(_forward(params, tokens, mixed))
+  exact = np.asarray(_forward(params, tokens, config))
+  # Both compute in bfloat16 (in different orders): each is as far from the float32 logits as the other.
+  scale = np.abs(exact).max()
+  assert np.abs(theirs - ours).max() <= 0.05 * scale and np.abs(ours - exact).max() <= 0.05 * scale
+  assert np.abs(_transformers_logits(saved["untied"][2], tokens) - exact).max() <= TOLERANCE
+
+
+def test_the_compute_dtype_of_older_exports_and_transformers_resaves(saved, tmp_path):
+  """Exports of earlier versions named the tensors' dtype in torch_dtype and the compute dtype in
+  phi_jax_compute_dtype: still read so. Once transformers has re-saved such a checkpoint, it computes in its own
+  dtype / torch_dtype (the older key stays behind, stale), and so does load_hf; `dtype` wins over `torch_dtype`."""
+  config, params, directory = saved["untied"]
+  _copy_checkpoint(directory, tmp_path)
+  old = json.loads((directory / "config.json").read_text()) | {"torch_dtype": "float32",
+                                                               "phi_jax_compute_dtype": "bfloat16"}
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert phi_jax.load_hf(tmp_path)[0] == config.replace(dtype="bfloat16")
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+  for torch_dtype, name in ((torch.float32, "float32"), (torch.float16, "float16")):
+    model.to(torch_dtype).save_pretrained(tmp_path / name)
+    resaved = json.loads((tmp_path / name / "config.json").read_text())
+    assert resaved["phi_jax_compute_dtype"] == "bfloat16"  # what makes the rule needed
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name).dtype == torch_dtype
+    assert phi_jax.load_hf(tmp_path / name)[0].dtype == name
+  both = old | {"dtype": "float16", "transformers_version": "5.0.0"}
+  assert from_hf_config(both).dtype == "float16" == str(transformers.Phi3Config(**both).dtype).removeprefix("torch.")
 
 
 def test_longrope_with_its_own_head_dim_is_exported_with_a_warning(tmp_path, caplog):
@@ -231,9 +272,11 @@ def test_params_of_another_layer_count_are_refused_and_a_failed_save_keeps_the_o
 def test_bfloat16_save(saved, tmp_path):
   config, params, _ = saved["untied"]
   phi_jax.save_hf(tmp_path, config, params, dtype="bfloat16")
-  assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  assert _tensor_dtypes(tmp_path) == {"BF16"}
+  # torch_dtype is the compute dtype (float32 here): transformers computes in it, as phi_jax does.
+  assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"
   loaded_config, loaded = phi_jax.load_hf(tmp_path, dtype="bfloat16")
-  assert loaded_config.param_dtype == "bfloat16"
+  assert loaded_config.param_dtype == "bfloat16" and loaded_config.dtype == "float32"
   _assert_same_params(loaded, jax.tree.map(lambda x: x.astype("bfloat16"), params))
 
 
@@ -328,6 +371,55 @@ def test_directories_that_are_not_safetensors_checkpoints_say_so(saved, tmp_path
     phi_jax.load_hf(tmp_path)
 
 
+def test_adapters_and_hub_ids_say_what_to_do_instead(saved, tmp_path, monkeypatch):
+  """A PEFT adapter directory was told to point at what save_pretrained wrote (PEFT's save_pretrained wrote it), and
+  a hub id that it lacked a config.json."""
+  adapter = tmp_path / "adapter"
+  adapter.mkdir()
+  (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "org/base"}))
+  save_file({"base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight": np.zeros((8, 64), np.float32)},
+            adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+  merge = r"PEFT adapter .*not read.*merge_and_unload\(\)\.save_pretrained"
+  with pytest.raises(FileNotFoundError, match=merge):
+    phi_jax.load_hf(adapter)
+  (adapter / "config.json").write_bytes((saved["untied"][2] / "config.json").read_bytes())
+  with pytest.raises(FileNotFoundError, match=merge):
+    phi_jax.load_hf(adapter)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"hub id.*not downloaded.*snapshot_download"):
+    phi_jax.load_hf("microsoft/Phi-4-mini-instruct")
+  with pytest.raises(FileNotFoundError, match="has no config.json"):  # a local path, of two parts too
+    phi_jax.load_hf("/phi_jax_no_such_directory")
+
+
+def test_quantized_checkpoints_are_refused_naming_the_method(saved, tmp_path):
+  """They failed with 'lacks N tensor(s)' (qweight, scales, ... instead of weight)."""
+  _copy_checkpoint(saved["untied"][2], tmp_path)
+  hf = json.loads((tmp_path / "config.json").read_text())
+  hf["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  with pytest.raises(ValueError, match=r"quant_method='gptq'.*bfloat16 / float16 original"):
+    phi_jax.load_hf(tmp_path)
+
+
+def test_a_checkpoint_with_another_head_is_named(tmp_path):
+  """A Phi3ForSequenceClassification was reported only as lacking lm_head.weight."""
+  hf = to_hf_config(UNTIED)
+  transformers.Phi3ForSequenceClassification(transformers.Phi3Config(**hf, num_labels=1)).save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match=r"Phi3ForSequenceClassification.*only causal-LM checkpoints"):
+    phi_jax.load_hf(tmp_path)
+  # Without `architectures`, the names that are there instead tell.
+  written = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in written.items() if k != "architectures"}))
+  with pytest.raises(ValueError, match=r"lacks 1 tensor.*lm_head\.weight.*instead: score\.weight"):
+    phi_jax.load_hf(tmp_path)
+
+
+def test_config_overrides_spelled_as_transformers_does_name_our_field(saved):
+  with pytest.raises(ValueError, match=r"'num_hidden_layers' \(PhiConfig calls it num_layers\)"):
+    phi_jax.load_hf(saved["untied"][2], config_overrides={"num_hidden_layers": 1})
+
+
 def test_tied_checkpoint_may_carry_lm_head(saved, tmp_path):
   config, params, directory = saved["tied_longrope"]
   _copy_checkpoint(directory, tmp_path)
@@ -401,6 +493,10 @@ def test_classic_and_transformers5_layouts_agree(tmp_path):
 def test_rope_scaling_variants():
   su = from_hf_config(MINI_LIKE_CLASSIC | {"rope_scaling": MINI_LIKE_CLASSIC["rope_scaling"] | {"type": "su"}})
   assert su == from_hf_config(MINI_LIKE_CLASSIC)
+  # transformers' Phi3Config reads "yarn" as LongRoPE too (an alias of the first Phi-3 checkpoints).
+  yarn = MINI_LIKE_CLASSIC | {"rope_scaling": MINI_LIKE_CLASSIC["rope_scaling"] | {"type": "yarn"}}
+  assert from_hf_config(yarn) == su
+  assert transformers.Phi3Config(**yarn).rope_parameters["rope_type"] == "longrope"
   with_factor = {"rope_type": "longrope", "attention_factor": 1.25} | {
       k: MINI_LIKE_CLASSIC["rope_scaling"][k] for k in ("short_factor", "long_factor")}
   assert from_hf_config(MINI_LIKE_CLASSIC | {"rope_scaling": with_factor}).rope_attention_scale == 1.25
@@ -465,3 +561,17 @@ def test_conflicting_rope_settings_resolve_as_transformers_does(rope):
 def test_unsupported_configs_name_the_field(change, field):
   with pytest.raises(ValueError, match=field):
     from_hf_config(MINI_LIKE_CLASSIC | change)
+
+
+def test_a_sliding_window_is_compared_with_the_max_positions_transformers_uses():
+  """Without a max_position_embeddings key transformers uses 4096, and a window of 8 masks; it was accepted."""
+  no_max = {k: v for k, v in MINI_LIKE_CLASSIC.items() if k != "max_position_embeddings"}
+  with pytest.raises(ValueError, match=r"sliding_window=8 < max_position_embeddings=4096"):
+    from_hf_config(no_max | {"sliding_window": 8})
+  assert from_hf_config(no_max | {"sliding_window": 4096}).max_position_embeddings == 4096
+
+
+def test_quantized_configs_are_refused():
+  for method in ("gptq", "awq", "bitsandbytes"):
+    with pytest.raises(ValueError, match=rf"quantization_config \(quant_method='{method}'\)"):
+      from_hf_config(MINI_LIKE_CLASSIC | {"quantization_config": {"quant_method": method}})

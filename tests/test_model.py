@@ -382,6 +382,26 @@ def test_bad_configs_name_the_field():
                     LONGROPE.replace(rope_short_factor=None, rope_long_factor=None))
 
 
+@pytest.mark.parametrize("name,field", [("num_hidden_layers", "num_layers"), ("num_attention_heads", "num_heads"),
+                                        ("num_key_value_heads", "num_kv_heads"), ("rope_scaling", "rope_scaling_type"),
+                                        ("max_seq_len", "max_position_embeddings")])
+def test_a_field_spelled_as_transformers_or_maxtext_does_is_named_with_ours(name, field):
+  """model.overrides and load_hf(config_overrides=...) go through replace: a transformers or MaxText name gave a bare
+  TypeError (unexpected keyword argument)."""
+  with pytest.raises(ValueError, match=rf"{name}.*{field}.*valid fields: .*remat_policy"):
+    GQA.replace(**{name: 4})
+  with pytest.raises(ValueError, match=rf"{name}.*{field}"):
+    phi_jax.presets.get("tiny", **{name: 4})
+  with pytest.raises(ValueError, match=r"'no_such_field'.*valid fields"):
+    GQA.replace(no_such_field=1)
+
+
+def test_a_numpy_head_dim_is_stored_as_an_int():
+  """Every other int field is normalised; a numpy head_dim made save_hf's config.json unserialisable."""
+  config = GQA.replace(head_dim=np.int64(16))
+  assert type(config.head_dim) is int and config == GQA.replace(head_dim=16)  # pylint: disable=unidiomatic-typecheck
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_swiglu_backward_equals_autodiff(dtype):
   """The MLP's hand-written backward pass against JAX autodiff of the same forward formula, batch > 1."""

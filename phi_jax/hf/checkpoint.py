@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from phi_jax.hf.config import COMPUTE_DTYPE_KEY, from_hf_config, to_hf_config
+from phi_jax.hf.config import from_hf_config, to_hf_config
 from phi_jax.model.config import PhiConfig
 
 log = logging.getLogger("phi_jax")
@@ -122,6 +122,29 @@ def _set(tree: dict, path: ParamPath, value: Any) -> None:
   tree[path[-1]] = value
 
 
+def _adapter_error(directory: pathlib.Path) -> Optional[FileNotFoundError]:
+  """The error for a PEFT adapter directory (what PEFT's save_pretrained writes), or None for any other."""
+  if not (directory / "adapter_config.json").is_file():
+    return None
+  return FileNotFoundError(
+      f"{directory} holds a PEFT adapter (adapter_config.json), which load_hf does not read: merge it into its base "
+      "model first (peft.PeftModel.from_pretrained(base, d).merge_and_unload().save_pretrained(out)) and load out")
+
+
+def _missing_config_error(directory: pathlib.Path) -> FileNotFoundError:
+  if (adapter := _adapter_error(directory)) is not None:
+    return adapter
+  # "org/name" that is no local path: a Hugging Face hub id.
+  if (not directory.exists() and not directory.is_absolute() and len(directory.parts) == 2
+      and not str(directory).startswith((".", "~"))):
+    return FileNotFoundError(
+        f"{directory} does not exist; hub ids are not downloaded by load_hf: download it first (huggingface-cli "
+        f"download {directory} --local-dir DIR, or huggingface_hub.snapshot_download('{directory}')) and pass the "
+        "local directory")
+  return FileNotFoundError(f"{directory} has no config.json: point at a transformers checkpoint directory (the one "
+                           "save_pretrained wrote)")
+
+
 def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   """tensor name -> the safetensors file that holds it (sharded with an index, or a single file)."""
   index = directory / INDEX_FILE
@@ -132,6 +155,8 @@ def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   if single.exists():
     with safe_open(single, framework="numpy") as reader:
       return {name: single for name in reader.keys()}
+  if (adapter := _adapter_error(directory)) is not None:
+    raise adapter
   torch_files = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
   hint = (f"; it holds {', '.join(torch_files[:3])}: PyTorch .bin weights are not read, convert them once with "
           "transformers (AutoModelForCausalLM.from_pretrained(d).save_pretrained(d, safe_serialization=True))"
@@ -150,7 +175,10 @@ def _check_tensor_names(available: set[str], specs: list[_TensorSpec], config: P
     bare = [name for name in missing if name.startswith("model.") and name[len("model."):] in available]
     hint = (f"; {len(bare)} of them are there without the 'model.' prefix: this looks like a bare Phi3Model "
             "checkpoint, save the Phi3ForCausalLM instead" if bare else "")
-    raise ValueError(f"{where} lacks {len(missing)} tensor(s) the config needs: {', '.join(missing[:8])}{hint}")
+    # Another head class (a sequence classifier's score.weight) shows in what is there instead.
+    instead = f"; it has {len(unexpected)} other(s) instead: {', '.join(unexpected[:8])}" if unexpected else ""
+    raise ValueError(f"{where} lacks {len(missing)} tensor(s) the config needs: {', '.join(missing[:8])}{hint}"
+                     f"{instead}")
   if unexpected:
     raise ValueError(f"{where} has {len(unexpected)} tensor(s) a Phi3ForCausalLM with this config does not have: "
                      f"{', '.join(unexpected[:8])}")
@@ -168,7 +196,8 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
     shardings: optional pytree of `jax.sharding.Sharding` with the structure of the params; each parameter is
       placed with it as soon as it is built. Default: the default device.
     config_overrides: PhiConfig fields to set on the converted config (e.g. {"dtype": "float32",
-      "attention_backend": ...}). The compute `dtype` otherwise follows the checkpoint's `torch_dtype`.
+      "attention_backend": ...}). The compute `dtype` otherwise follows the checkpoint's `dtype` /
+      `torch_dtype`, the dtype transformers computes in.
 
   Raises:
     ValueError: an unsupported config, or a tensor that is missing, unexpected or of the wrong shape.
@@ -179,8 +208,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
     raise ValueError("set the parameter dtype with load_hf(dtype=...), not config_overrides['param_dtype']")
   param_dtype = jnp.dtype(dtype or _DEFAULT_PARAM_DTYPE)
   if not (directory / "config.json").is_file():
-    raise FileNotFoundError(f"{directory} has no config.json: point at a transformers checkpoint directory (the one "
-                            "save_pretrained wrote)")
+    raise _missing_config_error(directory)
   hf_config = json.loads((directory / "config.json").read_text())
   config = from_hf_config(hf_config, **overrides, param_dtype=param_dtype.name)
 
@@ -298,8 +326,9 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
       one has been written (a failed save leaves them as they were; meanwhile the disk holds both).
     config: the model's config; written as config.json (classic layout) and generation_config.json.
     params: the parameter pytree (any devices or shardings; one layer's slice is gathered at a time).
-    dtype: dtype of the written tensors (and config.json's `torch_dtype`); default: the params' own dtype. A
-      compute dtype (`config.dtype`) other than it is written as `phi_jax_compute_dtype`, which `load_hf` reads.
+    dtype: dtype of the written tensors; default: the params' own dtype. config.json's `torch_dtype` is the compute
+      dtype, `config.dtype`, whatever the tensors hold: transformers and vLLM (dtype="auto") load the model in it, and
+      `load_hf` reads it back as `dtype`. To serve in bfloat16, save a config with dtype="bfloat16".
     max_shard_bytes: shard size limit; one file `model.safetensors` when everything fits, else
       `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`.
     stop_token_ids: the tokens that end a reply (e.g. `phi_jax.data.chat.stop_token_ids(tokenizer)`): written as
@@ -375,9 +404,9 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
              "weight_map": {name: file_name for file_name, shard in zip(file_names, shards) for name, _, _ in shard}}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-  hf_config = to_hf_config(config) | {"torch_dtype": out_dtype.name}
-  if config.dtype != out_dtype.name:  # e.g. bfloat16 compute over float32 master weights: load_hf computes as trained
-    hf_config[COMPUTE_DTYPE_KEY] = config.dtype
+  # torch_dtype is the compute dtype (to_hf_config's), not out_dtype: transformers and vLLM (dtype=auto) load and
+  # compute in it, so bfloat16 compute over float32 master weights is served in bfloat16, and load_hf reads it back.
+  hf_config = to_hf_config(config)
   stop_token_ids = [int(t) for t in stop_token_ids]
   if hf_config["eos_token_id"] is None and stop_token_ids:
     hf_config["eos_token_id"] = stop_token_ids[0]

@@ -2,17 +2,18 @@
 
 Two `config.json` layouts are read:
   * classic (the published Phi-4 checkpoints, transformers 4.x): `rope_theta` and `partial_rotary_factor` at the top
-    level, `rope_scaling: null | {"type" | "rope_type": "longrope" (legacy alias "su"), "short_factor": [...],
+    level, `rope_scaling: null | {"type" | "rope_type": "longrope" (legacy aliases "su", "yarn"), "short_factor": [...],
     "long_factor": [...], optional "attention_factor"}`;
   * transformers 5 (`save_pretrained` of 5.x): `rope_parameters: {"rope_type": "default" | "longrope",
     "rope_theta", "partial_rotary_factor", "original_max_position_embeddings", factors...}`, with
     `partial_rotary_factor` and `original_max_position_embeddings` also kept at the top level.
 `to_hf_config` writes the classic layout: the one the published checkpoints use, which transformers 5 also reads.
 
-The checkpoint's `torch_dtype` / `dtype` (the dtype transformers computes in by default) maps to
-`PhiConfig.dtype`, the compute dtype, unless `phi_jax_compute_dtype` (written by `save_hf` when the model computes
-in a narrower dtype than the tensors it stores) names it; `PhiConfig.param_dtype` is chosen by whoever stores the
-parameters (`phi_jax.load_hf(dtype=...)`).
+The checkpoint's `dtype` (transformers 5) or else `torch_dtype` (the dtype transformers computes in by default) maps
+to `PhiConfig.dtype`, the compute dtype, and `to_hf_config` writes `PhiConfig.dtype` as `torch_dtype`; the stored
+tensors may be wider (float32 master weights). Exports of earlier phi_jax versions named the tensors' dtype there
+and the compute dtype under `phi_jax_compute_dtype`, which is read while transformers has not re-saved the file.
+`PhiConfig.param_dtype` is chosen by whoever stores the parameters (`phi_jax.load_hf(dtype=...)`).
 """
 
 from __future__ import annotations
@@ -21,20 +22,22 @@ import logging
 import math
 from typing import Any, Mapping
 
-from phi_jax.model.config import PhiConfig
+from phi_jax.model.config import PhiConfig, check_field_names
 
 log = logging.getLogger("phi_jax")
 
 SUPPORTED_MODEL_TYPE = "phi3"
-# "su" is the name LongRoPE had in the first Phi-3 checkpoints; transformers reads it as "longrope".
-_ROPE_TYPES = {"default": None, "longrope": "longrope", "su": "longrope"}
+# "su" and "yarn" are names LongRoPE had in the first Phi-3 checkpoints; transformers' Phi3Config reads both as
+# "longrope".
+_ROPE_TYPES = {"default": None, "longrope": "longrope", "su": "longrope", "yarn": "longrope"}
 _MOE_FIELDS = ("num_local_experts", "num_experts_per_tok", "num_experts", "n_routed_experts", "moe_intermediate_size")
 _BIAS_FIELDS = ("attention_bias", "mlp_bias")
 # `Phi3Config` defaults for keys that a config.json may leave out.
 _HF_DEFAULT_ROPE_THETA = 10000.0
 _HF_DEFAULT_MAX_POSITIONS = 4096
 _HF_DEFAULT_ORIGINAL_MAX_POSITIONS = 4096  # LongRoPE uses it when the key is absent
-# The compute dtype of a model whose stored tensors are wider (see `_dtype_name`).
+# Earlier save_hf exports named the stored tensors' dtype in torch_dtype and a narrower compute dtype under this key
+# (see `_dtype_name`); save_hf now writes the compute dtype as torch_dtype and this key no more.
 COMPUTE_DTYPE_KEY = "phi_jax_compute_dtype"
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -62,8 +65,19 @@ def _check_supported(hf: dict[str, Any]) -> None:
   hidden_act = hf.get("hidden_act", "silu")
   if hidden_act != "silu":
     raise ValueError(f"hidden_act={hidden_act!r} is not supported; the Phi3 MLP supported here is 'silu' (SwiGLU)")
-  sliding_window, max_positions = hf.get("sliding_window"), hf.get("max_position_embeddings")
-  if sliding_window is not None and max_positions is not None and sliding_window < max_positions:
+  quantization = hf.get("quantization_config")
+  if quantization:
+    method = quantization.get("quant_method") if isinstance(quantization, Mapping) else quantization
+    raise ValueError(f"quantization_config (quant_method={method!r}): quantized checkpoints are not supported; "
+                     "phi_jax reads float weights, so load the bfloat16 / float16 original checkpoint instead")
+  architectures = hf.get("architectures") or []
+  if architectures and not any(str(name).endswith("ForCausalLM") for name in architectures):
+    raise ValueError(f"architectures={architectures}: phi_jax loads only causal-LM checkpoints (Phi3ForCausalLM, "
+                     "its LM head included); save the model as AutoModelForCausalLM / Phi3ForCausalLM")
+  # An absent key is transformers' default, under which a window still masks.
+  sliding_window = hf.get("sliding_window")
+  max_positions = _first_set(hf.get("max_position_embeddings"), _HF_DEFAULT_MAX_POSITIONS)
+  if sliding_window is not None and sliding_window < max_positions:
     raise ValueError(
         f"sliding_window={sliding_window} < max_position_embeddings={max_positions} is not supported: phi_jax attends "
         "over the full context, which matches only a sliding_window of null or >= max_position_embeddings")
@@ -89,9 +103,11 @@ def _longrope_attention_factor(factor: float, original_max_positions: int) -> fl
 
 
 def _dtype_name(hf: dict[str, Any]) -> str | None:
-  # `save_hf` records a compute dtype narrower than the stored tensors (bfloat16 compute over float32 weights) under
-  # its own key, since torch_dtype must name the tensors' dtype.
-  name = hf.get(COMPUTE_DTYPE_KEY) or hf.get("torch_dtype") or hf.get("dtype")
+  # The dtype transformers computes in: `dtype` (transformers 5) over the older `torch_dtype`, as its config does.
+  # `COMPUTE_DTYPE_KEY` counts only in a config.json as an earlier save_hf wrote it: once transformers has re-saved
+  # the checkpoint (it adds `transformers_version`), the key is stale and transformers computes in its own dtype.
+  legacy = hf.get(COMPUTE_DTYPE_KEY) if hf.get("transformers_version") is None else None
+  name = _first_set(legacy, hf.get("dtype"), hf.get("torch_dtype"))
   name = str(name).removeprefix("torch.") if name is not None else None
   return name if name in _DTYPE_NAMES else None
 
@@ -106,6 +122,7 @@ def from_hf_config(hf: Any, **overrides: Any) -> PhiConfig:
   Raises:
     ValueError: naming the field, for a checkpoint whose math phi_jax does not implement.
   """
+  check_field_names(overrides)
   hf = _as_dict(hf)
   _check_supported(hf)
   rope = _rope_dict(hf)
@@ -131,7 +148,7 @@ def from_hf_config(hf: Any, **overrides: Any) -> PhiConfig:
       original_max = _HF_DEFAULT_ORIGINAL_MAX_POSITIONS
     for key in ("short_factor", "long_factor"):
       if not rope.get(key):
-        raise ValueError(f"rope_scaling type 'longrope' needs {key!r}, which is missing")
+        raise ValueError(f"rope_scaling type {rope_type_name!r} (LongRoPE) needs {key!r}, which is missing")
     short_factor, long_factor = tuple(rope["short_factor"]), tuple(rope["long_factor"])
     # An explicit `factor` replaces max / original_max in transformers' attention-factor formula.
     factor = rope.get("factor")

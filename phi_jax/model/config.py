@@ -14,6 +14,30 @@ import numpy as np
 
 ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# Names other codebases give PhiConfig fields (transformers' config.json, MaxText), which overrides copied from
+# there use.
+_OTHER_NAMES = {
+    "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
+    "rope_scaling": "rope_scaling_type (with rope_short_factor, rope_long_factor, rope_attention_factor)",
+    "rope_parameters": "rope_scaling_type, rope_theta, partial_rotary_factor and the rope_* factors",
+    "rope_type": "rope_scaling_type", "torch_dtype": "dtype", "weight_dtype": "param_dtype",
+    "max_seq_len": "max_position_embeddings", "max_target_length": "max_position_embeddings",
+    "base_num_decoder_layers": "num_layers", "base_num_query_heads": "num_heads", "base_num_kv_heads": "num_kv_heads",
+    "base_emb_dim": "hidden_size", "base_mlp_dim": "intermediate_size", "normalization_layer_epsilon": "rms_norm_eps",
+    "logits_via_embedding": "tie_word_embeddings",
+}
+
+
+def check_field_names(changes: Any) -> None:
+  """Raises a ValueError naming the keys of `changes` that are not PhiConfig fields (and ours for known aliases)."""
+  fields = [field.name for field in dataclasses.fields(PhiConfig)]
+  unknown = [name for name in changes if name not in fields]
+  if not unknown:
+    return
+  hints = [f"{name!r} (PhiConfig calls it {_OTHER_NAMES[name]})" if name in _OTHER_NAMES else repr(name)
+           for name in unknown]
+  raise ValueError(f"PhiConfig has no field(s) {', '.join(hints)}; rename the key in model.overrides, "
+                   f"load_hf(config_overrides=...) or PhiConfig.replace(...). valid fields: {', '.join(fields)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +86,8 @@ class PhiConfig:
     head_dim_ok = not isinstance(self.head_dim, bool) and isinstance(self.head_dim, (int, np.integer))
     if self.head_dim is not None and (not head_dim_ok or self.head_dim <= 0):
       raise ValueError(f"PhiConfig.head_dim must be a positive int or None, got {self.head_dim!r}")
+    if self.head_dim is not None:  # a numpy int would not serialise to config.json
+      object.__setattr__(self, "head_dim", int(self.head_dim))
     if not isinstance(self.tie_word_embeddings, (bool, np.bool_)):  # "false" would tie them
       raise ValueError(f"PhiConfig.tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r}")
     object.__setattr__(self, "tie_word_embeddings", bool(self.tie_word_embeddings))
@@ -146,6 +172,7 @@ class PhiConfig:
     return math.sqrt(1 + math.log(scale) / math.log(self.original_max_positions))
 
   def replace(self, **changes: Any) -> "PhiConfig":
+    check_field_names(changes)
     return dataclasses.replace(self, **changes)
 
   def num_params(self) -> int:
