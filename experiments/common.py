@@ -243,6 +243,12 @@ def parse_gin_for_checkpoint(init_from: str, files: Sequence[str], params: Seque
       text = "\n".join(line for line in f.read().splitlines() if not line.startswith("grpo.chunk_size"))
     try:
       gin.parse_config(text)
+    except ImportError as e:  # a module of the run's own (its rewards), named by an `import` line
+      modules = [s.module for s in gin_statements(text) if isinstance(s, config_parser.ImportStatement)]
+      raise ValueError(f"{run_config} imports {', '.join(modules)} (its `import` lines), which does not load here: "
+                       f"{str(e).splitlines()[0]}. The run was trained with that module (a reward of its own, say): "
+                       "put the directory holding it on PYTHONPATH (PYTHONPATH=/path/to/dir python "
+                       "experiments/...)") from e
     except Exception as e:
       raise ValueError(f"{run_config}: {e}") from e
   run_mesh = bound_or_none("mesh.shape")
@@ -361,19 +367,49 @@ def mesh(shape: Optional[dict] = None):
 def model(preset: str = "tiny", hf_path: Optional[str] = None, overrides: Optional[dict] = None,
           param_dtype: str = "float32") -> tuple[PhiConfig, Optional[str]]:
   """The model config: a preset, or the config.json of `hf_path`, then `overrides` (e.g. rotary changes)."""
-  if hf_path:
-    if not os.path.isfile(os.path.join(hf_path, "config.json")):
-      raise ValueError(f"model.hf_path={hf_path!r} holds no config.json: point it (and data.tokenizer) at a "
-                       "transformers checkpoint directory, e.g. "
-                       "--gin_param='model.hf_path=\"/ckpt/Phi-4-mini-instruct\"', or set model.hf_path=None and "
-                       "model.preset for a randomly initialised model")
-    with open(os.path.join(hf_path, "config.json")) as f:
-      from phi_jax.hf import from_hf_config
-      config = from_hf_config(json.load(f))
-  else:
-    config = presets[preset]
-  config = config.replace(param_dtype=param_dtype, **(overrides or {}))
+  config = model_config_of(preset, hf_path, overrides, param_dtype)
+  if config.attention_backend == "cudnn" and config.dtype not in ("bfloat16", "float16"):
+    # attention_gpu casts q/k/v to bfloat16 for cuDNN, which takes no float32: the rest of the model stays float32.
+    log.warning("model dtype=%r with attention_backend 'cudnn' runs attention in bfloat16 (cuDNN's fused attention "
+                "takes no %s inputs), the rest of the model in %s: give model.overrides 'attention_backend': 'xla' "
+                "to keep attention in %s too, or 'dtype': 'bfloat16' to run the whole model in bfloat16",
+                config.dtype, config.dtype, config.dtype, config.dtype)
   return config, hf_path
+
+
+def model_config_of(preset: str = "tiny", hf_path: Optional[str] = None, overrides: Optional[dict] = None,
+                    param_dtype: str = "float32") -> PhiConfig:
+  """The PhiConfig the `model` settings give, read without gin (a starting run's own settings are rebuilt so)."""
+  if overrides and "param_dtype" in overrides:
+    raise ValueError(f"model.overrides sets param_dtype={overrides['param_dtype']!r}, which is its own setting: "
+                     f"remove it from model.overrides and bind model.param_dtype={overrides['param_dtype']!r}")
+  if not hf_path:
+    return presets[preset].replace(param_dtype=param_dtype, **(overrides or {}))
+  if not os.path.isfile(os.path.join(hf_path, "config.json")):
+    raise ValueError(f"model.hf_path={hf_path!r} holds no config.json: point it (and data.tokenizer) at a "
+                     "transformers checkpoint directory, e.g. "
+                     "--gin_param='model.hf_path=\"/ckpt/Phi-4-mini-instruct\"', or set model.hf_path=None and "
+                     "model.preset for a randomly initialised model")
+  with open(os.path.join(hf_path, "config.json")) as f:
+    from phi_jax.hf import from_hf_config
+    checkpoint = from_hf_config(json.load(f))
+  config = checkpoint.replace(param_dtype=param_dtype, **(overrides or {}))
+  differ = _shape_differences(checkpoint, config)
+  if differ:
+    raise ValueError(f"model.overrides changes the shape of the checkpoint model.hf_path={hf_path!r} "
+                     f"({'; '.join(differ)}): resizing a checkpoint's vocabulary (or any of its arrays) is not "
+                     "supported, its weights would not fit. Remove those keys from model.overrides; for a tokenizer "
+                     "with more tokens, use the checkpoint's own tokenizer (new tokens can take its unused ids), or "
+                     "set model.hf_path=None to train a model of that shape from a random init (model.preset)")
+  return config
+
+
+def _shape_differences(theirs: PhiConfig, ours: PhiConfig) -> list[str]:
+  """'field=x there, y here' of the fields that size the arrays (head_dim None and spelled out alike), dtype aside."""
+  theirs = dict(dataclasses.asdict(theirs), head_dim=theirs.resolved_head_dim)
+  ours = dict(dataclasses.asdict(ours), head_dim=ours.resolved_head_dim)
+  return [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in loop_lib.SHAPE_FIELDS
+          if k != "param_dtype" and theirs[k] != ours[k]]
 
 
 @configurable("data")
@@ -552,8 +588,10 @@ def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Op
       import orbax.checkpoint as ocp
       shapes = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
       path = os.path.abspath(os.path.join(source, "params"))
+      run_settings = _run_model_settings(source)
       with ocp.StandardCheckpointer() as ckptr:
-        _check_saved_shapes(name, source, ckptr.metadata(path), shapes)
+        _check_saved_shapes(name, source, ckptr.metadata(path), shapes, run_settings)
+        _check_run_math(name, source, run_settings, model_config)
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
         return ckptr.restore(path, target)
     check_not_unfinished_run(source)
@@ -561,16 +599,14 @@ def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Op
       from phi_jax.hf import from_hf_config
       with open(os.path.join(source, "config.json")) as f:
         hf_config = from_hf_config(json.load(f))
-      # head_dim=None and the same head_dim spelled out make the same arrays.
-      theirs = dict(dataclasses.asdict(hf_config), head_dim=hf_config.resolved_head_dim)
-      ours = dict(dataclasses.asdict(model_config), head_dim=model_config.resolved_head_dim)
-      differ = [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in loop_lib.SHAPE_FIELDS
-                if k != "param_dtype" and theirs[k] != ours[k]]
+      differ = _shape_differences(hf_config, model_config)
       if differ:
         raise ValueError(f"train.init_from={source!r} is a transformers checkpoint of another shape than the model "
                          f"({'; '.join(differ)}): the model comes from model.preset / model.overrides unless "
                          f"model.hf_path is set; set model.hf_path={source!r} to take it from the checkpoint")
-      _check_checkpoint_math(source, theirs, ours)
+      _check_checkpoint_math(name, source, hf_config, model_config,
+                             "is a transformers checkpoint whose rotary or norm settings differ from the model's",
+                             f"Set model.hf_path={source!r} to take the model from the checkpoint")
     _, params = load_hf(source, dtype=model_config.param_dtype, shardings=shardings)
     return params
 
@@ -582,9 +618,12 @@ _MATH_FIELDS = ("max_position_embeddings", "original_max_position_embeddings", "
                 "rope_scaling_type", "rope_short_factor", "rope_long_factor", "rope_attention_factor", "rms_norm_eps")
 
 
-def _check_checkpoint_math(source: str, theirs: dict, ours: dict) -> None:
-  """A transformers checkpoint started from with another model's rotary or norm settings would start as another
-  model; refused unless model.overrides names the setting (a context extension changes rope_theta on purpose)."""
+def _check_checkpoint_math(name: str, source: str, theirs: PhiConfig, ours: PhiConfig, what: str,
+                           remedy: str) -> None:
+  """Params started from with another model's rotary or norm settings would start as another model; refused (the
+  error says the starting point `what` is, and the `remedy`) unless model.overrides names the setting (a context
+  extension changes rope_theta on purpose)."""
+  theirs, ours = dataclasses.asdict(theirs), dataclasses.asdict(ours)
   deliberate = set(bound_or_none("model.overrides") or {})
   # Without LongRoPE on either side the position limits change no logit (transformers writes a default
   # original_max_position_embeddings of 4096 into every config it saves).
@@ -594,16 +633,72 @@ def _check_checkpoint_math(source: str, theirs: dict, ours: dict) -> None:
   differ = {k: f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in fields if theirs[k] != ours[k]}
   unasked = [text for k, text in differ.items() if k not in deliberate]
   if unasked:
-    raise ValueError(f"train.init_from={source!r} is a transformers checkpoint whose rotary or norm settings differ "
-                     f"from the model's ({'; '.join(unasked)}): it would start as another function of the same "
-                     f"weights. Set model.hf_path={source!r} to take the model from the checkpoint, or name the "
-                     "setting in model.overrides to train with another value on purpose")
+    raise ValueError(f"{name}={source!r} {what} ({'; '.join(unasked)}): it would start as another function of the "
+                     f"same weights. {remedy}, or name the setting in model.overrides to train with another value on "
+                     "purpose")
   if differ:
-    log.info("train.init_from=%s: model.overrides changes the checkpoint's %s", source, "; ".join(differ.values()))
+    log.info("%s=%s: model.overrides changes the starting point's %s", name, source, "; ".join(differ.values()))
 
 
-def _check_saved_shapes(name: str, source: str, saved, wanted) -> None:
-  """Refuses a run's params/ whose arrays have other shapes than this model's, naming them and the way out."""
+def _run_model_settings(workdir: str) -> Optional[dict]:
+  """The `model` arguments a run's config.gin binds (its unscoped model.* bindings, the file's own macros resolved);
+  None where it has no config.gin, or binds them in a way not read here (a scope, a reference)."""
+  path = os.path.join(workdir, "config.gin")
+  try:
+    with open(path, encoding="utf-8") as f:
+      statements = gin_statements(f.read())
+  except (OSError, SyntaxError):
+    return None
+  bindings = [s for s in statements if isinstance(s, config_parser.BindingStatement)]
+  macros = {s.selector: s.value for s in bindings if not s.arg_name and not s.scope}
+  settings = {}
+  for statement in bindings:
+    key = binding_key(statement)
+    if key is None or not key.startswith("model."):
+      continue
+    value = _resolve_macros(statement.value, macros)
+    if statement.scope or value is _REFUSED:
+      return None
+    settings[statement.arg_name] = value
+  return settings
+
+
+def _resolve_macros(value, macros: dict, depth: int = 0):
+  """`value` with the %MACRO references of `macros` replaced by their values; _REFUSED for any other reference."""
+  if isinstance(value, dict):
+    items = {k: _resolve_macros(v, macros, depth) for k, v in value.items()}
+    return _REFUSED if _REFUSED in items.values() else items
+  if isinstance(value, (list, tuple)):
+    items = [_resolve_macros(v, macros, depth) for v in value]
+    return _REFUSED if _REFUSED in items else type(value)(items)
+  if isinstance(value, (str, numbers.Number, type(None))):
+    return value
+  name = repr(value)[1:] if repr(value).startswith("%") else None
+  if name not in macros or depth > 8:
+    return _REFUSED
+  return _resolve_macros(macros[name], macros, depth + 1)
+
+
+def _check_run_math(name: str, source: str, settings: Optional[dict], model_config: PhiConfig) -> None:
+  """Refuses a run's params/ trained with other rotary or norm settings than `model_config` (same arrays, another
+  function): that run's model is rebuilt from its `model` settings, as its config.gin records them."""
+  if settings is None:
+    return
+  try:
+    theirs = model_config_of(**settings)
+  except (ValueError, KeyError, TypeError) as e:  # its checkpoint moved, a preset renamed since
+    log.warning("%s=%s: the model settings of its config.gin do not rebuild its model here (%s); its rotary and norm "
+                "settings are not compared with this run's", name, source, e)
+    return
+  _check_checkpoint_math(name, source, theirs, model_config,
+                         "is a run trained with other rotary or norm settings than the model's",
+                         f"Give this run that run's model settings ({_run_model_settings_named(settings)}, as in "
+                         f"{os.path.join(source, 'config.gin')})")
+
+
+def _check_saved_shapes(name: str, source: str, saved, wanted, settings: Optional[dict] = None) -> None:
+  """Refuses a run's params/ whose arrays have other shapes than this model's, naming them and the way out (the
+  model settings of that run's config.gin, `settings`)."""
   saved = getattr(saved, "item_metadata", saved)  # Orbax's StepMetadata -> its tree of ArrayMetadata
   saved = getattr(saved, "tree", saved)
   flat_saved = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
@@ -613,8 +708,16 @@ def _check_saved_shapes(name: str, source: str, saved, wanted) -> None:
   if differ:
     raise ValueError(f"{name}={source!r} holds params of another model ({'; '.join(differ[:4])}"
                      + (f"; ... {len(differ) - 4} more" if len(differ) > 4 else "") + "): give this run that "
-                     "run's model settings (model.preset / model.overrides, as in "
+                     f"run's model settings ({_run_model_settings_named(settings)}, as in "
                      f"{os.path.join(source, 'config.gin')})")
+
+
+def _run_model_settings_named(settings: Optional[dict]) -> str:
+  """The settings that gave a run's model, as its config.gin binds them (`settings`): its checkpoint where it had
+  one, else its preset and overrides."""
+  if settings and settings.get("hf_path"):
+    return f"model.hf_path={settings['hf_path']!r}"
+  return "model.preset / model.overrides"
 
 
 def check_new_tokens(name: str, max_new_tokens: int, model_config: PhiConfig):
@@ -670,10 +773,17 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
                 "; another chat template" if tokenizer.chat_template != theirs.chat_template else "")
 
 
-def _check_vocab(model_config: PhiConfig, tokenizer):
-  if len(tokenizer) > model_config.vocab_size:
-    raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                     f"{model_config.vocab_size}; set model.overrides={{'vocab_size': {len(tokenizer)}}} or larger")
+def _check_vocab(model_config: PhiConfig, tokenizer, start_name: Optional[str] = None, start: Optional[str] = None):
+  """Refuses a tokenizer with ids past the embedding table. Params started from (`start`, given as `start_name`)
+  fix the table's size: there the way out is their own tokenizer, not a larger vocab_size."""
+  if len(tokenizer) <= model_config.vocab_size:
+    return
+  found = f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.vocab_size}"
+  if start is None:
+    raise ValueError(f"{found}; set model.overrides={{'vocab_size': {len(tokenizer)}}} or larger")
+  raise ValueError(f"{found}, that of {start_name}={start!r}: resizing a checkpoint's vocabulary is not supported: "
+                   f"set data.tokenizer to the tokenizer {start_name} was trained with, or one of at most "
+                   f"{model_config.vocab_size} tokens (new tokens can take its unused ids)")
 
 
 def _next_token_setup(model_config: PhiConfig, data_cfg: dict, settings: dict, tokenizer, per_process: int):
@@ -695,6 +805,40 @@ def _next_token_setup(model_config: PhiConfig, data_cfg: dict, settings: dict, t
   return loss_fn, train_data, eval_batches
 
 
+def run_config_text() -> str:
+  """W/config.gin: the bindings given, which eval.py, rollouts.py, export_hf.py and a rerun replay, then the value
+  of every setting the configurables read so far (defaults included) as comments. Those values are a record, not
+  bindings: replayed, a setting a later version of the code renamed or removed would fail every old run's replay."""
+  used = [line for line in gin.operative_config_str().splitlines() if not line.startswith("#")]
+  rule = "# " + "=" * 78
+  header = [rule, "# Values used: every setting the run read, defaults included (a record; not read back, replaying",
+            "# this file reads the bindings above)", rule]
+  lines = [gin.config_str().rstrip("\n"), ""] + header + [f"# {line}" if line else "#" for line in used]
+  return "\n".join(lines) + "\n"
+
+
+def check_param_dtype(model_config: PhiConfig) -> None:
+  """The storage dtype of trained params, which AdamW's state shares (there is no float32 master copy): float16 is
+  refused, bfloat16 warned of. A run and its dry run alike."""
+  if model_config.param_dtype == "float16":
+    # Squared gradients below float16's smallest normal (~6e-5) flush towards zero: the updates came out 4-9x
+    # too large.
+    raise ValueError("model.param_dtype='float16' is not supported for training: AdamW's second moment (the running "
+                     "mean of squared gradients) is stored in float16 too and underflows, so the updates come out "
+                     "several times too large. Keep model.param_dtype='float32' (matmuls can still run in a 16-bit "
+                     "dtype: model.overrides={'dtype': 'bfloat16'}), or 'bfloat16' where memory rules float32 out "
+                     "(small updates then round away)")
+  if model_config.param_dtype == "bfloat16":
+    log.warning("model.param_dtype='bfloat16': the weights and AdamW moments are stored and updated in bfloat16, "
+                "with no float32 master copy, so an update below ~1/256 of a weight rounds away (at "
+                "optimizer.learning_rate=%g most weights may not move). AdamW's moments stall the same way: a step "
+                "moves each by (1 - optimizer.b1 or b2) of its distance to the new gradient (squared), which rounds "
+                "away once below ~1/256 of the moment (at b2=0.999 under a steady gradient of 1 the second moment "
+                "stops at 0.5 where it should reach 0.63 after 1000 steps), and every update is scaled by them. Keep "
+                "param_dtype='float32' (matmuls still run in the model's dtype, model.overrides={'dtype': "
+                "'bfloat16'}) unless memory rules it out", optimizer().learning_rate)
+
+
 def run_training(workdir: str):
   """Runs the configured stage in `workdir` (resuming from its newest checkpoint)."""
   distributed.initialize()
@@ -707,11 +851,11 @@ def run_training(workdir: str):
   settings = train_settings()
   loop, stage = settings["loop"], settings["stage"]
   tokenizer = get_tokenizer(data_cfg["tokenizer"], workdir)
-  _check_vocab(model_config, tokenizer)
   start = settings["init_from"] or hf_path
+  start_name = "train.init_from" if settings["init_from"] else "model.hf_path"
+  _check_vocab(model_config, tokenizer, start_name, start)
   if start:
-    check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"],
-                                  "train.init_from" if settings["init_from"] else "model.hf_path", start)
+    check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"], start_name, start)
   if not data_cfg["train_files"]:
     raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
   if _finished_without_checkpoints(workdir, settings["loop"].num_steps):
@@ -722,12 +866,7 @@ def run_training(workdir: str):
     raise ValueError(f"train.export_hf writes from one process, and no one of these {jax.process_count()} holds "
                      "every parameter: leave it off and, once the run has finished, export in one process with "
                      f"python experiments/export_hf.py --init_from {workdir}")
-  if model_config.param_dtype == "bfloat16":
-    log.warning("model.param_dtype='bfloat16': the weights and AdamW moments are stored and updated in bfloat16, "
-                "with no float32 master copy, so an update below ~1/256 of a weight rounds away (at "
-                "optimizer.learning_rate=%g most weights may not move). Keep param_dtype='float32' (matmuls "
-                "still run in the model's dtype, model.overrides={'dtype': 'bfloat16'}) unless memory rules it out",
-                optimizer().learning_rate)
+  check_param_dtype(model_config)
   global_batch, _ = check_batch_shape(stage, model_config, data_cfg, loop, the_mesh)
   per_process = global_batch // jax.process_count()
   if stage == "next_token":
@@ -751,7 +890,7 @@ def run_training(workdir: str):
   def write_config(replace: bool):  # eval.py and rollouts.py rebuild the model and tokenizer from it
     path = os.path.join(workdir, "config.gin")
     if jax.process_index() == 0 and (replace or not os.path.exists(path)):
-      write_text_atomically(path, gin.config_str())
+      write_text_atomically(path, run_config_text())
 
   def on_start():  # once the workdir's checkpoints fit this config
     # A rerun that trains nothing (the run is complete) keeps the config its params were trained with: rewritten
@@ -1092,8 +1231,9 @@ def reference_file(workdir: str, tag: str, pairs_path: str) -> str:
 
 
 def _finished_without_checkpoints(workdir: str, num_steps: int) -> bool:
-  """Whether `workdir` is a finished run whose checkpoints were deleted (params/ kept) and that has `num_steps`
-  already: nothing to train (a re-run sweep leaves it as it is). Asked for more steps, it raises: training would
+  """Whether `workdir` is a finished run whose checkpoints were deleted (params/ kept) that reached `num_steps`, or
+  was run with at least that train.num_steps (its config.gin) and stopped early: nothing to train (a re-run sweep
+  leaves it as it is). Asked for more steps than that, it raises: training would
   start again from step 0 over its params/ (a workdir whose checkpoints were all set aside as damage is left to the
   loop, which says so)."""
   params, checkpoints = os.path.join(workdir, "params"), os.path.join(workdir, "checkpoints")
@@ -1109,14 +1249,29 @@ def _finished_without_checkpoints(workdir: str, num_steps: int) -> bool:
           last_step = max(last_step, int(json.loads(line).get("step", 0)))
         except (ValueError, TypeError, AttributeError):  # a line cut short by a kill
           continue
-  if last_step >= num_steps:
-    log.info("%s is finished (step %d of train.num_steps=%d; its checkpoints were deleted): nothing to train",
-             workdir, last_step, num_steps)
+  # A run that stopped early (early stopping, data.num_epochs ran out) ends below its train.num_steps: asked for no
+  # more steps than it was configured with, it would stop where it did again.
+  configured = _recorded_num_steps(workdir)
+  if last_step >= num_steps or (configured is not None and num_steps <= configured):
+    log.info("%s is finished (step %d; it was run with train.num_steps=%s; its checkpoints were deleted): nothing to "
+             "train", workdir, last_step, configured if configured is not None else num_steps)
     return True
   raise ValueError(f"{workdir} holds a finished run's params/ (step {last_step}) but no checkpoint to resume from "
                    f"(were checkpoints/ deleted?): training on to step {num_steps} would start again from step 0 and "
                    f"replace them. To train these params further, use a new workdir with train.init_from={workdir!r}; "
                    f"to retrain from scratch here, delete {params} first")
+
+
+def _recorded_num_steps(workdir: str) -> Optional[int]:
+  """The train.num_steps a finished run's config.gin records; None where it records none."""
+  try:
+    with open(os.path.join(workdir, "config.gin"), encoding="utf-8") as f:
+      statements = gin_statements(f.read())
+  except (OSError, SyntaxError):
+    return None
+  value = next((s.value for s in statements if binding_key(s) == "train.num_steps" and not s.scope), None)
+  steps = _as_annotated(value, int) if value is not None else _REFUSED
+  return None if steps is _REFUSED else steps
 
 
 def remove_final_outputs(workdir: str, export_hf: bool) -> None:
@@ -1167,10 +1322,10 @@ def abstract_stage_batch(stage: str, batch_size: int, seq_len: int) -> dict[str,
     return batch | {k: jax.ShapeDtypeStruct((batch_size,), np.float32) for k in preference.REFERENCE_FIELDS}
   if stage == "grpo":
     batch = {k: rows() for k in pipeline_lib.BATCH_FIELDS}
-    batch.update(old_logps=rows(np.float32), advantages=jax.ShapeDtypeStruct((batch_size,), np.float32),
+    batch.update(old_logprobs=rows(np.float32), advantages=jax.ShapeDtypeStruct((batch_size,), np.float32),
                  temperature=jax.ShapeDtypeStruct((batch_size,), np.float32))
     if grpo().beta:
-      batch["ref_logps"] = rows(np.float32)
+      batch["ref_logprobs"] = rows(np.float32)
     return batch
   raise ValueError(f"train.stage={stage!r}; supported: 'next_token', 'dpo', 'grpo'")
 
@@ -1236,6 +1391,7 @@ def dry_run() -> dict[str, Any]:
   settings = train_settings()
   loop, stage = settings["loop"], settings["stage"]
   check_data_settings(stage, data_cfg, loop)
+  check_param_dtype(model_config)
   shape = check_batch_shape(stage, model_config, data_cfg, loop, the_mesh)
   opt = make_optimizer(optimizer(), loop.num_steps)
   state = abstract_state(model_config, opt, the_mesh)
@@ -1299,7 +1455,10 @@ def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Opt
   unknown = [name for name in weights if name not in registry.REWARDS]
   if unknown:
     raise ValueError(f"reward.weights names {', '.join(map(repr, unknown))}, not a registered reward: use names of "
-                     f"{sorted(registry.REWARDS)}")
+                     f"{sorted(registry.REWARDS)}, or add a reward of your own: a function with the signature in "
+                     "phi_jax/rewards/registry.py, put into phi_jax.rewards.registry.REWARDS under its name by a "
+                     "module of yours (registry.REWARDS['my_reward'] = my_reward), which the gin config imports with "
+                     "a line `import my_rewards` (the module on PYTHONPATH)")
   for name, weight in weights.items():
     if not _is_number(weight):
       raise ValueError(f"reward.weights[{name!r}]={weight!r} must be a number (the reward's weight in the sum)")

@@ -31,7 +31,7 @@ STAGE_FIELDS = {
     "dpo": ({f"{side}_{field}" for side in ("chosen", "rejected")
              for field in ("tokens", "positions", "segment_ids", "loss_mask")}
             | {"ref_chosen_logps", "ref_rejected_logps"}),
-    "grpo": {"tokens", "positions", "segment_ids", "loss_mask", "old_logps", "advantages"},
+    "grpo": {"tokens", "positions", "segment_ids", "loss_mask", "old_logprobs", "advantages"},
 }
 CONFIGS = sorted(os.path.relpath(p, ROOT) for family in PRESETS
                  for p in glob.glob(os.path.join(ROOT, "experiments", "configs", family, "*.gin"))
@@ -67,7 +67,7 @@ def test_config_compiles_for_eight_devices(config_file):
   fields = set(report["batch_fields"])
   assert fields >= STAGE_FIELDS[stage]
   # Phi-4-reasoning-plus keeps a KL term to the SFT model (beta 0.001): its batches carry reference log-probs.
-  assert ("ref_logps" in fields) == (name == "grpo_plus")
+  assert ("ref_logprobs" in fields) == (name == "grpo_plus")
   assert report["model_params"] > 3e9
   memory = report["per_device"]
   # fp32 params + Adam moments split 8 ways: at least 12 bytes per parameter / 8 on every device.
@@ -696,3 +696,141 @@ def test_dpo_s_too_long_value_under_data_is_warned_of_by_dpo_and_refused_by_a_ne
     common.check_data_settings("next_token", data_cfg, LoopConfig(num_steps=1))
   with pytest.raises(ValueError, match=r"data.too_long='truncate'; expected one of"):
     common.data(too_long="truncate")
+
+
+def _one_device_mesh():
+  import jax
+  from phi_jax import sharding
+  return sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+
+def _save_run(workdir, config, config_gin):
+  """A finished run's workdir as train.init_from reads it: params/ of `config` and the text of its config.gin."""
+  import jax
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(workdir / "params"), phi_jax.init_params(config, jax.random.key(0)))
+  (workdir / "config.gin").write_text(config_gin)
+
+
+def test_a_run_started_from_another_run_keeps_its_rotary_settings_or_names_them(tmp_path):
+  """train.init_from=<run> compared array shapes only: a run without the rope_theta / partial_rotary_factor of the
+  run it started from trained silently as another function of the same weights."""
+  import jax
+  from phi_jax.model import presets
+  mesh, tiny = _one_device_mesh(), presets["tiny"]
+  theirs = tiny.replace(rope_theta=1000000.0, partial_rotary_factor=0.5)
+  run = tmp_path / "run"
+  _save_run(run, theirs, "# Parameters for model:\nROPE = {'partial_rotary_factor': 0.5, 'rope_theta': 1000000.0}\n"
+            "model.overrides = %ROPE\nmodel.preset = 'tiny'\n")
+  with pytest.raises(ValueError, match=r"train.init_from='.*/run' is a run trained with other rotary or norm settings "
+                     r"than the model's \(rope_theta=1000000.0 there, 10000.0 here; partial_rotary_factor=0.5 there, "
+                     r"1.0 here\).*Give this run that run's model settings \(model.preset / model.overrides, as in "
+                     r".*run/config.gin\)"):
+    common.params_loader(tiny, None, str(run), mesh)()
+  assert common.params_loader(theirs, None, str(run), mesh)()["embed"]["embedding"].shape == (512, 64)
+  gin.clear_config()
+  try:  # named in model.overrides: on purpose, as a context extension changes rope_theta
+    gin.parse_config("model.overrides = {'rope_theta': 10000.0, 'partial_rotary_factor': 1.0}")
+    assert common.params_loader(tiny, None, str(run), mesh)()["embed"]["embedding"].shape == (512, 64)
+  finally:
+    gin.clear_config()
+  # A run whose model came from a transformers checkpoint: that is the setting to give, and the one compared.
+  wide = tiny.replace(hidden_size=128, rope_theta=250000.0)
+  phi_jax.save_hf(tmp_path / "hf", wide, phi_jax.init_params(wide, jax.random.key(0)))
+  from_hf = tmp_path / "from_hf"
+  _save_run(from_hf, wide, f"model.hf_path = '{tmp_path / 'hf'}'\n")
+  with pytest.raises(ValueError, match=r"holds params of another model .*give this run that run's model settings "
+                     r"\(model.hf_path='.*/hf', as in .*from_hf/config.gin\)"):
+    common.params_loader(tiny, None, str(from_hf), mesh)()
+  with pytest.raises(ValueError, match=r"rope_theta=250000.0 there, 10000.0 here\).*that run's model settings "
+                     r"\(model.hf_path='.*/hf', as in .*from_hf/config.gin\)"):
+    common.params_loader(wide.replace(rope_theta=10000.0), None, str(from_hf), mesh)()
+  from_checkpoint, _ = common.model(hf_path=str(tmp_path / "hf"))
+  assert common.params_loader(from_checkpoint, None, str(from_hf), mesh)()["embed"]["embedding"].shape == (512, 128)
+
+
+def test_a_checkpoint_s_shapes_are_not_overridden_nor_advised_to_be(tmp_path):
+  """model.overrides={'vocab_size': N} on a model.hf_path run (what the vocab check advised) loaded every weight and
+  then failed inside Flax with a ScopeParamShapeError."""
+  import jax
+  from phi_jax.model import presets
+  tiny = presets["tiny"]
+  hf = tmp_path / "hf"
+  phi_jax.save_hf(hf, tiny, phi_jax.init_params(tiny, jax.random.key(0)))
+  with pytest.raises(ValueError, match=r"model.overrides changes the shape of the checkpoint model.hf_path='.*/hf' "
+                     r"\(vocab_size=512 there, 256 here\): resizing a checkpoint's vocabulary .* is not supported"):
+    common.model(hf_path=str(hf), overrides={"vocab_size": 256})
+  assert common.model(hf_path=str(hf), overrides={"vocab_size": 512, "rope_theta": 1e5})[0].vocab_size == 512
+  tokenizer = common.get_tokenizer("tiny:phi-4", str(tmp_path / "run"))
+  small = tiny.replace(vocab_size=len(tokenizer) - 1)
+  for name in ("model.hf_path", "train.init_from"):
+    with pytest.raises(ValueError, match=rf"has {len(tokenizer)} tokens but the model's vocab_size is "
+                       rf"{small.vocab_size}, that of {name}='/start'.*resizing a checkpoint's vocabulary is not "
+                       r"supported: set data.tokenizer to the tokenizer .* was trained with") as raised:
+      common._check_vocab(small, tokenizer, name, "/start")
+    assert "model.overrides" not in str(raised.value)
+  with pytest.raises(ValueError, match=r"set model.overrides=\{'vocab_size': \d+\} or larger"):
+    common._check_vocab(small, tokenizer)
+
+
+def test_dtype_settings_that_train_or_attend_otherwise_than_asked_are_refused_or_named(caplog):
+  """float16 params: AdamW's second moment underflows (updates several times too large); param_dtype in
+  model.overrides failed with a TypeError; cuDNN attention casts float32 inputs to bfloat16."""
+  with pytest.raises(ValueError, match=r"model.overrides sets param_dtype.*bind model.param_dtype='bfloat16'"):
+    common.model(overrides={"param_dtype": "bfloat16", "dtype": "bfloat16"})
+  with pytest.raises(ValueError, match=r"model.param_dtype='float16'.*second moment.*Keep model.param_dtype='float32'"):
+    common.check_param_dtype(common.model(param_dtype="float16")[0])
+  midtrain = os.path.join("experiments", "configs", "phi4_mini_reasoning", "midtrain.gin")
+  with pytest.raises(ValueError, match=r"model.param_dtype='float16'"):
+    dry_run(midtrain, ["model.param_dtype='float16'"])
+  with caplog.at_level(logging.WARNING, logger="phi_jax"):
+    common.check_param_dtype(common.model()[0])
+    assert not caplog.text
+    common.check_param_dtype(common.model(param_dtype="bfloat16")[0])
+  assert "an update below ~1/256 of a weight rounds away" in caplog.text
+  assert "AdamW's moments stall the same way" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="phi_jax"):
+    common.model(overrides={"attention_backend": "cudnn", "dtype": "bfloat16"})
+    assert not caplog.text
+    common.model(overrides={"attention_backend": "cudnn"})
+  assert "attention_backend 'cudnn' runs attention in bfloat16" in caplog.text
+
+
+def test_an_unknown_reward_or_a_missing_reward_module_says_how_to_add_it(tmp_path):
+  """The reward error named the built-in rewards only; a run's config.gin importing a module not on the path failed
+  eval.py / rollouts.py / export_hf.py with a bare "No module named"."""
+  with pytest.raises(ValueError, match=r"reward.weights names 'brevity', not a registered reward.*registry.REWARDS.*"
+                     r"import my_rewards.*PYTHONPATH"):
+    common.reward_settings(weights={"brevity": 1.0})
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.gin").write_text("import no_such_reward_module\nmodel.preset = 'tiny'\n")
+  gin.clear_config()
+  try:
+    with pytest.raises(ValueError, match=r"run/config.gin imports no_such_reward_module \(its `import` lines\), which "
+                       r"does not load here: No module named 'no_such_reward_module'\..*PYTHONPATH"):
+      common.parse_gin_for_checkpoint(str(run), [], [])
+  finally:
+    gin.clear_config()
+
+
+def test_a_run_s_config_records_the_values_it_used_as_comments_beside_the_bindings_given():
+  """W/config.gin held only the bindings given: a tool replaying it later took the defaults of the code of its own
+  day. The values every configurable used follow as comments; replayed, the file binds what was given."""
+  gin.clear_config()
+  try:
+    common.parse_gin([], ["train.num_steps=5", "data.seq_len=64", "model.overrides={'rope_theta': 1e5}"])
+    common.train_settings(), common.data(), common.model(), common.optimizer()
+    given, text = gin.config_str(), common.run_config_text()
+    gin.clear_config()
+    gin.parse_config(text)
+    assert common.train_settings()["loop"].num_steps == 5 and common.model()[0].rope_theta == 1e5
+  finally:
+    gin.clear_config()
+  assert text.startswith(given)
+  assert common.binding_keys(text) == common.binding_keys(given)
+  for used in ("# train.keep_checkpoints = 3", "# data.system_prompt = None", "# optimizer.b2 = ",
+               "# model.param_dtype = 'float32'"):
+    assert used in text, used

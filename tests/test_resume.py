@@ -199,3 +199,23 @@ def test_plan_phi4_memory_on_8_device_fsdp(tmp_path):
   floor = 12 * 14_659_507_200 / 8 / 2**30
   assert floor <= report["per_device"]["argument_size_gib"] < floor * 1.05
   assert report["per_device"]["peak_estimate_gib"] > report["per_device"]["argument_size_gib"]
+
+
+def test_a_run_that_ended_early_and_lost_its_checkpoints_reruns_as_nothing(tmp_path):
+  """A run whose data ran out before train.num_steps (data.num_epochs=1), its checkpoints/ then deleted: its own
+  command again failed ("training on to step 50 would start again from step 0"); only more steps are refused."""
+  with open(os.path.join(ROOT, "experiments", "data", "tiny_traces_train.jsonl")) as f:
+    (tmp_path / "small.jsonl").write_text("".join(f.readlines()[:20]))
+  workdir = tmp_path / "run"
+  ended_early = ["--gin_param=train.num_steps=50", "--gin_param=data.num_epochs=1",
+                 f"--gin_param=data.train_files=['{tmp_path / 'small.jsonl'}']"]
+  _train(workdir, *ended_early)
+  assert 1 <= max(_losses(workdir)) < 50
+  params = _params(workdir)
+  subprocess.run(["rm", "-rf", str(workdir / "checkpoints")], check=True)
+  proc = _train(workdir, *ended_early, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "nothing to train" in proc.stderr + proc.stdout
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(workdir))))
+  proc = _train(workdir, *ended_early, "--gin_param=train.num_steps=60", check=False)
+  assert proc.returncode != 0 and "training on to step 60 would start again from step 0" in proc.stderr
