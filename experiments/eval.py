@@ -7,7 +7,8 @@ papers report the mean of 3), pass@k, greedy accuracy, response lengths and form
         --gin_file=experiments/configs/phi4_mini_reasoning/eval.gin
 
 `--init_from` is a run's workdir (its params/; its config.gin gives the model and tokenizer) or a transformers
-checkpoint directory. Problems are JSONL `{"problem": str, "answer": str}` (MATH-500 / AIME style; conversations
+checkpoint directory (its own tokenizer files, or where it has none, as `phi_jax.save_hf` writes it, the bound
+`data.tokenizer`). Problems are JSONL `{"problem": str, "answer": str}` (MATH-500 / AIME style; conversations
 `{"messages": [...]}` work too). Sampling settings are the `evaluation.*` gin bindings. Writes
 `<out>/summary.json` and `<out>/items.jsonl` (one record per problem: the greedy output and the n samples, each
 with its text, verdict, token count and whether it ended on a stop token).

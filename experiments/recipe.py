@@ -747,9 +747,10 @@ def build_summary(workdir: str, records: Sequence[dict], manifest: dict, setting
     for key in ("rollouts", "skipped"):
       if key in record:
         entry[key] = record[key]
-    # Only the first step on each rollout batch carries the rollout numbers (reward_mean, groups_kept, ...): with
-    # grpo.num_passes > 1 the batch's further passes log the loss alone, and counting them as zeros would scale
-    # the figures down by the number of passes. The quarters are quarters of the rollout batches.
+    # Every step carries the rollout numbers (reward_mean, groups_kept, ...) of the batch it trained on, each batch's
+    # num_passes times alike; in runs written before that, only a batch's first step did, and counting the others
+    # as zeros would scale the figures down by the number of passes. The quarters are quarters of the steps that
+    # carry them.
     rollout_steps = [r for r in metrics if "reward_mean" in r] if record["name"] == "grpo" else []
     if rollout_steps:
       quarter = max(1, len(rollout_steps) // 4)
@@ -849,8 +850,8 @@ def write_plots(workdir: str, summary: dict) -> list[str]:
   grpo = read_metrics(os.path.join(workdir, "grpo")) if any(s["name"] == "grpo" for s in stages) else []
   if grpo:
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-    # The steps that carry the field: with grpo.num_passes > 1 only a rollout batch's first step does, and NaN
-    # gaps at the others would leave the curves as unconnected points.
+    # The steps that carry the field: in runs written before every step carried its rollout batch's figures, only a
+    # batch's first step did, and NaN gaps at the others would leave the curves as unconnected points.
     series = lambda key: ([r["step"] for r in grpo if key in r], [r[key] for r in grpo if key in r])
     axes[0].plot(*series("reward_mean"), marker=".", label="reward")
     axes[0].plot(*series("accuracy"), marker=".", label="rollout accuracy", alpha=0.7)

@@ -31,6 +31,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -43,7 +44,7 @@ import common  # noqa: E402  (gin configurables shared by every entry script)
 from phi_jax import rewards  # noqa: E402
 from phi_jax.data.preference import prompt_messages  # noqa: E402
 from phi_jax.data.sources import DataError, open_source  # noqa: E402
-from phi_jax.hf.tokenizer import load_tokenizer  # noqa: E402
+from phi_jax.hf.tokenizer import CHAT_TEMPLATES, build_tiny_tokenizer, load_tokenizer  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
 
@@ -209,9 +210,37 @@ def load_policy(init_from: str, the_mesh):
     tokenizer = common.get_tokenizer(common.data()["tokenizer"], init_from)
     params = common.params_loader(config, hf_path, init_from, the_mesh)()
   else:
-    tokenizer = load_tokenizer(init_from)
+    tokenizer = checkpoint_tokenizer(init_from)
     params = common.params_loader(config, init_from, None, the_mesh)()
   return config, params, tokenizer
+
+
+# Files any of which makes a directory a tokenizer transformers can load (fast, SentencePiece or BPE vocab files).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def checkpoint_tokenizer(hf_dir: str):
+  """A transformers checkpoint's own tokenizer, or the bound data.tokenizer where the directory has no tokenizer
+  files (phi_jax.save_hf writes the weights and config alone)."""
+  bound = common.bound_or_none("data.tokenizer")
+  if any(os.path.isfile(os.path.join(hf_dir, name)) for name in _TOKENIZER_FILES):
+    if bound is not None:
+      log.warning("--init_from=%s has tokenizer files of its own: using them, not data.tokenizer=%r (remove the "
+                  "binding, or the files, to silence this)", hf_dir, bound)
+    return load_tokenizer(hf_dir)
+  if bound is None:
+    raise ValueError(f"--init_from={hf_dir!r} has no tokenizer files (phi_jax.save_hf writes none): give the "
+                     "tokenizer the model was trained with, --gin_param='data.tokenizer=\"DIR\"' (a tokenizer "
+                     "directory, or 'tiny:<chat format>' for the test tokenizer)")
+  if bound.startswith("tiny:"):
+    chat_format = bound.split(":", 1)[1]
+    if chat_format not in CHAT_TEMPLATES:
+      raise ValueError(f"data.tokenizer={bound!r}: unknown chat format {chat_format!r}; expected 'tiny:' followed by "
+                       f"one of {sorted(CHAT_TEMPLATES)}")
+    # Built apart from the checkpoint, which stays as it was given (every process builds the same one).
+    with tempfile.TemporaryDirectory() as tmp:
+      return build_tiny_tokenizer(tmp, chat_format=chat_format)
+  return load_tokenizer(bound)
 
 
 def parse_args(argv=None):

@@ -141,7 +141,8 @@ def final_metrics(workdir: str) -> dict:
         record = json.loads(line)
       except json.JSONDecodeError:  # a line cut short by a run killed mid-write (its resume drops it too)
         continue
-      out.update({k: record[k] for k in METRICS if k in record})
+      # null is a non-finite value (a skipped update's loss): the metric keeps its last value, as where it is absent
+      out.update({k: record[k] for k in METRICS if record.get(k) is not None})
       out["step"] = max(out.get("step", 0), record.get("step", 0))
   return out
 

@@ -727,6 +727,30 @@ def test_a_lone_prompt_beside_a_conversation_is_metadata():
   assert validate_record({"completion": "Hello.", "messages": conversation}) == ({"messages": conversation}, None)
 
 
+def test_trl_conversational_prompt_completion_records_are_read_as_one_conversation():
+  """TRL's conversational prompt/completion records (lists of messages) were refused as "'prompt' is list, expected
+  str". They read as messages = prompt + completion; SFT trains every assistant turn, so (as TRL trains the
+  completion only) an assistant turn in the prompt, or a completion turn of another role, is refused saying how to
+  write the record."""
+  system = {"role": "system", "content": "Be brief."}
+  user, answer = {"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}
+  assert validate_record({"prompt": [system, user], "completion": [answer]}) == (
+      {"messages": [system, user, answer]}, None)
+  assert validate_record({"prompt": [user], "completion": "4"}) == ({"messages": [user, answer]}, None)
+  assert validate_record({"prompt": "2 + 2?", "completion": [answer]}) == ({"messages": [user, answer]}, None)
+  normalised, bad = validate_record({"prompt": [user, answer, user], "completion": [answer]})
+  assert normalised is None and bad[0] == "assistant turn in prompt"
+  assert "prompt message 1 is an assistant turn" in bad[1] and "'messages'" in bad[1]
+  normalised, bad = validate_record({"prompt": [user], "completion": [answer, user]})
+  assert normalised is None and bad == ("mistyped field", "completion message 1 has role 'user': a completion holds "
+                                        "the assistant turns to train on; move the turns before them under 'prompt'")
+  assert validate_record({"prompt": [user], "completion": 4})[1] == (
+      "mistyped field", "'completion' is int, expected str or a list of messages")
+  assert validate_record({"prompt": [user], "completion": []})[1][0] == "no assistant turn"
+  assert validate_record({"prompt": ["2 + 2?"], "completion": [answer]})[1] == (
+      "mistyped field", "prompt message 0 is str, expected an object")
+
+
 def test_a_lone_prompt_beside_a_text_is_metadata(tmp_path):
   """cosmopedia-v2 (smollm-corpus) rows hold the prompt a document was generated from beside its text (prompt, text,
   token_length, audience, ...): every one was refused as two kinds, though a lone prompt beside messages was not."""

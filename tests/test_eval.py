@@ -379,6 +379,42 @@ def test_a_policy_directory_that_holds_none_says_what_it_is(tmp_path):
     rollouts.load_policy(str(tmp_path / "sft"), None)
 
 
+def test_a_transformers_directory_without_tokenizer_files_takes_the_bound_data_tokenizer(tmp_path, caplog):
+  """phi_jax.save_hf writes no tokenizer files: eval.py / rollouts.py on its output crashed inside transformers
+  whatever data.tokenizer said. The bound data.tokenizer is used; without one the error names the binding; a
+  directory with tokenizer files of its own keeps them, saying the binding is not used."""
+  import shutil
+
+  import phi_jax
+  import rollouts
+  from phi_jax import sharding
+  from phi_jax.model import init_params, presets
+
+  hf = tmp_path / "hf"
+  phi_jax.save_hf(str(hf), presets["tiny"], init_params(presets["tiny"], jax.random.key(0)))
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  tiny = common.get_tokenizer("tiny:phi-4", str(tmp_path))
+  try:
+    common.parse_gin_for_checkpoint(str(hf), [], [])
+    with pytest.raises(ValueError, match=r"has no tokenizer files .*--gin_param='data.tokenizer=\"DIR\"'"):
+      rollouts.load_policy(str(hf), mesh)
+    gin.clear_config()
+    common.parse_gin_for_checkpoint(str(hf), [], [f'data.tokenizer="{tmp_path / "tokenizer"}"'])
+    _, _, tokenizer = rollouts.load_policy(str(hf), mesh)
+    assert tokenizer.get_vocab() == tiny.get_vocab()
+    gin.clear_config()
+    common.parse_gin_for_checkpoint(str(hf), [], ['data.tokenizer="tiny:phi-4"'])
+    assert rollouts.load_policy(str(hf), mesh)[2].get_vocab() == tiny.get_vocab()
+    assert sorted(os.listdir(hf)) == ["config.json", "generation_config.json", "model.safetensors"]  # built elsewhere
+    for name in os.listdir(tmp_path / "tokenizer"):
+      shutil.copy(tmp_path / "tokenizer" / name, hf / name)
+    with caplog.at_level("WARNING", logger="phi_jax"):
+      rollouts.load_policy(str(hf), mesh)
+    assert "has tokenizer files of its own: using them, not data.tokenizer='tiny:phi-4'" in caplog.text
+  finally:
+    gin.clear_config()
+
+
 def test_problem_files_read_a_numeric_answer_as_its_text_as_grpo_does(tmp_path):
   import rollouts
   path = tmp_path / "p.jsonl"

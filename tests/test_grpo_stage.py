@@ -73,7 +73,7 @@ def test_a_rollout_batch_whose_groups_were_all_dropped_changes_no_parameter(aggr
   loss_mask[:, 4:12] = 1
   batch = {"tokens": rng.integers(0, 64, (b, t)).astype(np.int32), "segment_ids": np.ones((b, t), np.int32),
            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), "loss_mask": loss_mask,
-           "advantages": np.array([1.0, -1.0], np.float32), "old_logps": -rng.random((b, t)).astype(np.float32)}
+           "advantages": np.array([1.0, -1.0], np.float32), "old_logprobs": -rng.random((b, t)).astype(np.float32)}
   dropped = dict(batch, loss_mask=np.zeros_like(loss_mask), advantages=np.zeros(b, np.float32))
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   opt_cfg = OptimizerConfig(learning_rate=1e-2, decay="constant")
@@ -106,7 +106,7 @@ def test_grpo_metrics_are_token_means_whatever_the_microbatching(aggregation):
   batch = {"tokens": rng.integers(0, 64, (b, t)).astype(np.int32), "segment_ids": np.ones((b, t), np.int32),
            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), "loss_mask": loss_mask,
            "advantages": np.array([1.0, -1.0, 0.0, 0.0], np.float32)}
-  batch["old_logps"], batch["ref_logps"] = (-rng.random((b, t)).astype(np.float32) * 5 for _ in range(2))
+  batch["old_logprobs"], batch["ref_logprobs"] = (-rng.random((b, t)).astype(np.float32) * 5 for _ in range(2))
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   opt_cfg = OptimizerConfig(learning_rate=1e-3, decay="constant")
   optimizer = make_optimizer(opt_cfg, 10)
@@ -132,7 +132,7 @@ def test_the_stage_weight_counts_what_each_aggregation_averages_over():
   batch = {"tokens": np.random.default_rng(0).integers(0, 64, (b, t)).astype(np.int32),
            "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
            "loss_mask": loss_mask, "advantages": np.array([1.0, -1.0, 0.0, 0.0], np.float32),
-           "old_logps": np.full((b, t), -1.0, np.float32)}
+           "old_logprobs": np.full((b, t), -1.0, np.float32)}
   for aggregation, weight in (("token_mean", 13), ("sequence_mean", 2), ("constant", 4)):
     cfg = grpo.GRPOConfig(aggregation=aggregation, max_new_tokens=8, chunk_size=16)
     _, aux = grpo.make_loss_fn(config, cfg)(params, batch, jax.random.key(1))
@@ -178,7 +178,7 @@ def test_rollout_batch_layout(toy):
   for r in range(8):
     targets = np.flatnonzero(batch["loss_mask"][r])
     if targets.size:  # completion tokens are targets; their old log-probs sit one position earlier
-      assert np.all(batch["old_logps"][r, targets - 1] < 0) and np.all(batch["segment_ids"][r, targets] == 1)
+      assert np.all(batch["old_logprobs"][r, targets - 1] < 0) and np.all(batch["segment_ids"][r, targets] == 1)
     np.testing.assert_allclose(batch["advantages"].reshape(2, 4).mean(1), 0, atol=1e-5)
   assert source.next_batch(params, 1) is not batch  # num_passes == 1: a fresh rollout every step
   assert source.get_state() == {"position": 4, "rollouts": 2, "passes_done": 0, "hard_queue": [],
@@ -439,8 +439,8 @@ def test_old_logps_and_the_loss_score_the_distribution_the_rollouts_were_sampled
     assert targets.size
     assert not longrope or targets[-1] + 1 > config.original_max_positions  # the row passed the switch
     expected = logps[r, targets - 1, batch["tokens"][r, targets]]
-    np.testing.assert_allclose(batch["old_logps"][r, targets - 1], expected, atol=1e-4)
-    np.testing.assert_allclose(batch["ref_logps"][r, targets - 1], expected, atol=1e-4)  # the reference: the same
+    np.testing.assert_allclose(batch["old_logprobs"][r, targets - 1], expected, atol=1e-4)
+    np.testing.assert_allclose(batch["ref_logprobs"][r, targets - 1], expected, atol=1e-4)  # the reference: the same
   _, aux = grpo.make_loss_fn(config, cfg)(params, batch, None)
   mean = {k: float(v) / float(aux["metric_weights"][k]) for k, v in aux["metrics"].items()}
   assert mean["ratio"] == pytest.approx(1.0, abs=1e-4)  # the policy scored as the rollouts were
@@ -489,7 +489,7 @@ def test_greedy_rollouts_are_scored_untempered(toy):
                              ref_params=params)
   batch = source.next_batch(params, 2)  # past the anneal: greedy
   np.testing.assert_array_equal(batch["temperature"], np.float32([1.0, 1.0]))
-  assert np.isfinite(batch["ref_logps"]).all()
+  assert np.isfinite(batch["ref_logprobs"]).all()
   loss, grads = jax.value_and_grad(lambda p: grpo.make_loss_fn(config, cfg)(p, batch, None)[0])(params)
   assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
@@ -561,11 +561,33 @@ def test_toy_grpo_run_raises_mean_reward(toy, tmp_path):
            mesh=mesh)
   with open(tmp_path / "metrics.jsonl") as f:
     rewards = [r["reward_mean"] for r in map(json.loads, f) if "reward_mean" in r]
-  # Every rollout batch's metrics are written, at its first pass (odd steps here), whatever log_every says.
-  assert len(rewards) == num_steps // cfg.num_passes
+  # Every step's record is written with its rollout batch's metrics, whatever log_every says: each batch's twice.
+  assert len(rewards) == num_steps and rewards[::2] == rewards[1::2]
+  rewards = rewards[::2]
   start, end = np.mean(rewards[:3]), np.mean(rewards[-3:])
   print(f"toy GRPO: mean reward {start:.3f} -> {end:.3f} over {num_steps} steps")
   assert end > start + 0.25, (start, end, rewards)
+
+
+def test_every_step_of_a_rollout_batch_logs_that_batch_s_rewards(toy, tmp_path):
+  """grpo.num_passes=2: the second pass over a batch trains on the same rollouts, so its record carries their reward
+  figures too (it had the loss alone, and a reader of r["reward_mean"] on every GRPO record got a KeyError)."""
+  _, tokenizer, config, prompts = toy
+  cfg = grpo.GRPOConfig(prompts_per_step=2, group_size=4, max_prompt_tokens=32, max_new_tokens=4, num_passes=2,
+                        drop_zero_variance_groups=False)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=_digit_share(tokenizer), num_steps=4,
+                             seed=0, mesh=mesh)
+  loop.run(workdir=str(tmp_path), model_config=config, optimizer_config=OptimizerConfig(learning_rate=1e-2),
+           loss_fn=grpo.make_loss_fn(config, cfg), train_data=source,
+           loop=LoopConfig(num_steps=4, checkpoint_every=100, async_checkpoints=False, log_every=4), mesh=mesh)
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = {r["step"]: r for r in map(json.loads, f)}
+  assert sorted(records) == [1, 2, 3, 4] and source.rollouts == 2
+  rollout_keys = ("reward_mean", "accuracy", "groups_kept", "responses_kept", "temperature", "response_length_mean")
+  batch = lambda step: {k: records[step][k] for k in rollout_keys}
+  assert batch(1) == batch(2) and batch(3) == batch(4)
+  assert records[1]["loss"] != records[2]["loss"] or records[1]["grad_norm"] != records[2]["grad_norm"]
 
 
 def test_a_run_resumed_at_a_rollout_batch_boundary_equals_the_uninterrupted_run(toy, tmp_path):

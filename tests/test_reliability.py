@@ -780,6 +780,70 @@ def test_nan_stops_with_step_metric_and_intact_checkpoint_inf_skips_and_spikes_a
   assert counts == [3]
 
 
+class MaskedData(ScaledData):
+  """ScaledData whose batches at the steps in `empty` have no target token (every loss_mask 0)."""
+
+  def __init__(self, scales=None, empty=()):
+    super().__init__(scales)
+    self.empty = set(empty)
+
+  def __next__(self):
+    batch = super().__next__()
+    if self.index in self.empty:
+      batch["loss_mask"][:] = 0
+    return batch
+
+
+def _strict_records(workdir):
+  """{step: record} of metrics.jsonl read as strict JSON: NaN and Infinity are not JSON (JSON.parse refuses them,
+  jq turns them into other numbers)."""
+  def refuse(constant):
+    raise ValueError(f"{constant} in metrics.jsonl")
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r for r in (json.loads(line, parse_constant=refuse) for line in f)}
+
+
+def test_non_finite_metrics_are_written_as_null_and_a_resume_reads_them_back(tmp_path):
+  """A skipped update's Inf loss and NaN grad norm, and an eval set with nothing to score, are null in
+  metrics.jsonl; the resumed run reads those records (the kept lines, the eval history) and goes on."""
+  settings = dict(scales={2: float("inf")}, on_nonfinite="skip", checkpoint_every=1, eval_batches=lambda: [],
+                  eval_every=1)
+  _run(tmp_path, num_steps=3, **settings)
+  _run(tmp_path, num_steps=4, **settings)
+  records = _strict_records(tmp_path)
+  assert sorted(records) == [1, 2, 3, 4]
+  assert records[2]["skipped_update"] == 1.0 and records[2]["loss"] is None and records[2]["grad_norm"] is None
+  assert all(r["eval_loss"] is None for r in records.values()) and records[4]["loss"] > 0
+
+
+def test_a_step_without_targets_logs_a_null_loss_that_neither_stops_the_run_nor_enters_the_spike_median(tmp_path):
+  """Steps 4-6 have no target token: their loss is a mean over nothing (it was 0.0, which pulled the running
+  median down to half the real losses, so step 7 at 3x the loss was flagged a spike); under on_nonfinite="stop"
+  the run goes on."""
+  _run(tmp_path, data=MaskedData({7: 3.0}, empty=[4, 5, 6]), num_steps=7, loss_spike_window=6)
+  records = _strict_records(tmp_path)
+  assert [s for s, r in records.items() if r["loss"] is None] == [4, 5, 6]
+  assert all(records[s]["weight"] == 0 and records[s]["loss_spike"] == 0 for s in (4, 5, 6))
+  assert records[7]["loss"] > 2 * records[3]["loss"] and records[7]["loss_spike"] == 0
+
+
+def test_a_refused_resume_advises_init_from_only_where_the_run_has_params(tmp_path):
+  """A run that has not finished has no params/ for train.init_from (which refuses unfinished runs): the advice
+  says how to resume it or start over instead."""
+  saved = {"data": {"train_files": ["a.jsonl"], "train_file_sizes": [["a.jsonl", 10]]}}
+  grown = {"data": {"train_files": ["a.jsonl"], "train_file_sizes": [["a.jsonl", 20]]}}
+  where = str(tmp_path / "checkpoints")
+  with pytest.raises(checkpoint.IncompatibleCheckpointError) as unfinished:
+    loop.check_resume_compatible(saved, grown, where)
+  assert "init_from" not in str(unfinished.value)
+  assert "Restore the original files and settings to resume this run, or start a new workdir from scratch" in str(
+      unfinished.value)
+  (tmp_path / "params").mkdir()
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=rf"or start a new workdir with train.init_from="
+                     rf"{tmp_path} to start from this run's params/"):
+    loop.check_resume_compatible(saved, grown, where)
+
+
 class CrashesBeforeBatch(ScaledData):
   """ScaledData that raises (a crash) when asked for batch `crash_at`."""
 

@@ -139,6 +139,19 @@ def test_results_table_holds_each_runs_last_metrics_and_every_metric_any_run_has
   assert first == "| seed=0 | 0 | 3 | 2 | 2.75 |  |" and second == "| seed=1 | 1 | 2 | 3.5 |  | 0.5 |"
 
 
+def test_a_null_metric_leaves_the_last_logged_value_in_the_results(tmp_path):
+  """metrics.jsonl writes a non-finite value as null (a skipped update's loss, an eval set with nothing to score):
+  the row keeps the metric's last value, as for a record without it, not None ("None" in the table)."""
+  runs = sweep.expand({"product": {"train.seed": [0]}})
+  records = [{"step": 1, "loss": 3.0, "eval_loss": 2.5}, {"step": 2, "loss": None, "skipped_update": 1.0},
+             {"step": 3, "loss": None, "eval_loss": None}]
+  (tmp_path / "seed=0").mkdir()
+  (tmp_path / "seed=0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  rows = sweep.collect(str(tmp_path), runs)
+  assert (rows[0]["step"], rows[0]["loss"], rows[0]["eval_loss"]) == (3, 3.0, 2.5)
+  assert (tmp_path / "results.md").read_text().splitlines()[2] == "| seed=0 | 0 | 3 | 3 | 2.5 |"
+
+
 def test_a_run_killed_by_a_signal_is_marked_with_it(tmp_path, monkeypatch):
   monkeypatch.setattr(sweep, "command", lambda files, params, bindings, workdir: [
       sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])

@@ -285,6 +285,35 @@ def test_a_batch_that_trains_nothing_changes_no_parameter():
   assert not np.array_equal(moved.params["w"], state.params["w"])  # zero gradient, but something trained
 
 
+def test_a_batch_that_trains_nothing_logs_its_loss_and_metrics_as_nan_not_zero():
+  """A step without targets (every token masked; GRPO's constant aggregation, whose weight counts rows, with every
+  group dropped) has no loss: a logged 0.0 looked perfect. Its loss and per-weight metrics are NaN, its weight 0."""
+  from phi_jax.train.state import TrainState
+  from phi_jax.train.step import train_step
+  optimizer = optax.sgd(1.0)
+
+  def loss_fn(p, batch, rng):
+    del rng
+    aux = {"weight": batch["weight"], "metrics": {"ratio": jnp.sum(p["w"]) * 0, "rows": jnp.float32(0.0)},
+           "metric_weights": {"ratio": batch["tokens"]}}
+    if "trained" in batch:
+      aux["trained"] = batch["trained"]
+    return jnp.sum(p["w"] * batch["x"]), aux
+
+  params = {"w": jnp.ones(3)}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+  step = jax.jit(lambda s, b: train_step(s, b, jax.random.key(0), loss_fn=loss_fn, optimizer=optimizer,
+                                         schedule=optax.constant_schedule(1.0)))
+  for empty in ({"x": jnp.zeros(3), "weight": jnp.float32(0.0), "tokens": jnp.float32(0.0)},
+                {"x": jnp.zeros(3), "weight": jnp.float32(4.0), "tokens": jnp.float32(0.0),
+                 "trained": jnp.float32(0.0)}):
+    _, metrics = step(state, empty)
+    assert np.isnan(float(metrics["loss"])) and np.isnan(float(metrics["ratio"])) and np.isnan(float(metrics["rows"]))
+    assert float(metrics["weight"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
+  _, metrics = step(state, {"x": jnp.ones(3), "weight": jnp.float32(2.0), "tokens": jnp.float32(2.0)})
+  assert float(metrics["loss"]) == 1.5 and float(metrics["ratio"]) == 0.0 and float(metrics["weight"]) == 2.0
+
+
 @pytest.mark.parametrize("field,value", [
     ("warmup_fraction", 10.0), ("warmup_fraction", -0.1), ("warmup_steps", -1), ("decay", "exp"),
     ("max_grad_norm", 0.0), ("max_grad_norm", -1.0), ("learning_rate", -1e-5), ("final_lr_fraction", 2.0),

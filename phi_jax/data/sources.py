@@ -514,7 +514,8 @@ def validate_record(data: Any, *, where: Optional[str] = None
                     ) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
   """(normalised record, None) for a usable record, or (None, (reason, detail)) for a bad one.
 
-  The normalised record is `{"messages": [...]}` (prompt/completion pairs become a user and an assistant turn) or
+  The normalised record is `{"messages": [...]}` (prompt/completion pairs become a user and an assistant turn, or,
+  given as lists of messages as in TRL's conversational records, the prompt's turns then the completion's) or
   `{"text": str}`. Messages keep role, content and their other string-valued keys (`clean_message`); a key holding
   anything else is dropped, and the first record dropping each such key is logged, named by `where`.
   """
@@ -540,14 +541,36 @@ def validate_record(data: Any, *, where: Optional[str] = None
       return None, ("empty text", "'text' is empty")
     return {"text": data["text"]}, None
   if kinds[0] == "prompt/completion":
-    for key in ("prompt", "completion"):
-      if data.get(key) is None:
-        return None, ("missing field", f"'{key}' is missing")
-      if not isinstance(data[key], str):
-        return None, ("mistyped field", f"'{key}' is {type(data[key]).__name__}, expected str")
-    return {"messages": [{"role": "user", "content": data["prompt"]},
-                         {"role": "assistant", "content": data["completion"]}]}, None
+    return _prompt_completion_messages(data, where)
   return _validate_messages(data["messages"], where)
+
+
+def _prompt_completion_messages(data: dict[str, Any], where: Optional[str] = None
+                                ) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
+  """A prompt/completion record as one conversation: each half a string (a user turn, an assistant turn) or, as
+  TRL's conversational records hold it, a list of messages. SFT trains every assistant turn of a conversation while
+  TRL trains the completion only, so the prompt may hold no assistant turn and the completion nothing else."""
+  turns = {}
+  for key, role in (("prompt", "user"), ("completion", "assistant")):
+    value = data.get(key)
+    if value is None:
+      return None, ("missing field", f"'{key}' is missing")
+    if isinstance(value, str):
+      value = [{"role": role, "content": value}]
+    elif not isinstance(value, list):
+      return None, ("mistyped field", f"'{key}' is {type(value).__name__}, expected str or a list of messages")
+    for i, message in enumerate(value):
+      if not isinstance(message, dict):
+        return None, ("mistyped field", f"{key} message {i} is {type(message).__name__}, expected an object")
+      if key == "prompt" and message.get("role") == "assistant":
+        return None, ("assistant turn in prompt", f"prompt message {i} is an assistant turn, which SFT would train "
+                      "on (TRL trains the completion only): put the whole conversation under 'messages' to train "
+                      "every assistant turn, or leave the earlier ones out of the prompt")
+      if key == "completion" and message.get("role") != "assistant":
+        return None, ("mistyped field", f"completion message {i} has role {message.get('role')!r}: a completion "
+                      "holds the assistant turns to train on; move the turns before them under 'prompt'")
+    turns[key] = value
+  return _validate_messages(turns["prompt"] + turns["completion"], where)
 
 
 def clean_message(message: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:

@@ -184,7 +184,8 @@ def grpo_stage_loss(params, batch, rng, *, config: PhiConfig, cfg: GRPOConfig):
     logps, entropy = chunked_token_logprobs(h, kernel, targets, with_entropy=True, **scoring)
   else:
     logps = chunked_token_logprobs(h, kernel, targets, **scoring)
-  loss, metrics = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
+  old, ref = batch["old_logprobs"], batch.get("ref_logprobs")
+  loss, metrics = grpo_loss(logps, old, ref, batch["advantages"], mask,
                             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                             aggregation=cfg.aggregation, max_tokens=cfg.max_new_tokens, entropy=entropy,
                             entropy_coef=cfg.entropy_coef)
@@ -291,6 +292,7 @@ class GRPORollouts:
     self.position, self.rollouts = 0, 0
     self.hard_queue: list[int] = []  # prompts found hard, oldest first, each at most once
     self._batch, self._batch_pass, self._metrics = None, 0, {}
+    self._batch_metrics: dict = {}  # the current batch's rollout figures, logged with each pass over it
     self._batch_start = (0, 0, [])  # (position, rollouts, hard queue) before the current batch was sampled
     self._resume_passes = 0  # passes of a restored, regenerated batch already trained before the checkpoint
     self._resume_queue_after = None  # the hard queue as it was after that batch in the interrupted run
@@ -333,12 +335,16 @@ class GRPORollouts:
     return out, replayed
 
   def step_metrics(self, step: int) -> dict:
+    """The rollout figures (rewards, accuracy, groups kept, ...) of the batch step `step` trained on: every pass over
+    a batch carries them, as they describe what that step trained on."""
     return self._metrics.pop(step, {})
 
   def next_batch(self, params, step: int) -> dict:
     """This process's rows of the step's batch (all of them on one process)."""
     if self._batch is not None and self._batch_pass < self.cfg.num_passes:
       self._batch_pass += 1
+      # Keyed by step: the loop reads a step's figures one step late, after the next batch may be sampled.
+      self._metrics[step + 1] = dict(self._batch_metrics)
       return self._process_rows(self._batch)
     self._batch_start = (self.position, self.rollouts, list(self.hard_queue))
     # A batch regenerated on resume is sampled as at its first step (its temperature on an annealed schedule).
@@ -436,17 +442,17 @@ class GRPORollouts:
     advantages = np.where(keep.reshape(-1), advantages, 0.0).astype(np.float32)
 
     t = p + cfg.max_new_tokens
-    old_logps = np.asarray(out["tempered_logprobs"] if cfg.tempered_logprobs else out["logprobs"])
+    old_logprobs = np.asarray(out["tempered_logprobs"] if cfg.tempered_logprobs else out["logprobs"])
     batch = {name: np.zeros((len(rows), t), np.int32) for name in ("tokens", "segment_ids", "loss_mask")}
     batch["positions"] = np.broadcast_to(np.arange(t, dtype=np.int32), (len(rows), t)).copy()
-    batch["old_logps"] = np.zeros((len(rows), t), np.float32)
+    batch["old_logprobs"] = np.zeros((len(rows), t), np.float32)
     for r in range(len(rows)):
       lp, lc = prompt_lengths[r], lengths[r]
       batch["tokens"][r, :lp] = prompt_tokens[r, :lp]
       batch["tokens"][r, lp:lp + lc] = out["tokens"][r, :lc]
       batch["segment_ids"][r, :lp + lc] = 1
       batch["loss_mask"][r, lp:lp + lc] = keep.reshape(-1)[r]
-      batch["old_logps"][r, lp - 1:lp - 1 + lc] = old_logps[r, :lc]  # position t scores token t + 1
+      batch["old_logprobs"][r, lp - 1:lp - 1 + lc] = old_logprobs[r, :lc]  # position t scores token t + 1
     batch["advantages"] = advantages
     # Greedy rollouts (temperature 0) come from the model's own distribution, scored untempered (as the sampler does).
     scored_at = temperature if cfg.tempered_logprobs and temperature > 0 else 1.0
@@ -459,10 +465,10 @@ class GRPORollouts:
       scored = self._scored_logps(params, dict(batch, loss_mask=(batch["segment_ids"] > 0).astype(np.int32)))
       for r in np.flatnonzero(crossed):
         lp, lc = prompt_lengths[r], lengths[r]
-        batch["old_logps"][r, lp - 1:lp - 1 + lc] = scored[r, lp - 1:lp - 1 + lc]
+        batch["old_logprobs"][r, lp - 1:lp - 1 + lc] = scored[r, lp - 1:lp - 1 + lc]
     if cfg.beta:
-      batch["ref_logps"] = self._scored_logps(self.ref_params, batch)
-    self._metrics[step + 1] = {
+      batch["ref_logprobs"] = self._scored_logps(self.ref_params, batch)
+    self._batch_metrics = {
         # As TRL logs it: the mean over groups of each group's reward std (0 when no group has any signal).
         "reward_std": float(np.asarray(rewards_bg, np.float64).std(axis=1, ddof=1 if g > 1 else 0).mean()),
         "reward_mean": float(rewards.mean()), "reward_std_batch": float(rewards.std()),
@@ -471,7 +477,8 @@ class GRPORollouts:
         "responses_kept": float(keep.mean()), "finished_fraction": float(finished.mean()),
         "temperature": float(temperature)}
     if cfg.hard_prompt_fraction:
-      self._metrics[step + 1].update(hard_prompts_replayed=float(replayed), hard_queue_size=float(len(self.hard_queue)))
+      self._batch_metrics.update(hard_prompts_replayed=float(replayed), hard_queue_size=float(len(self.hard_queue)))
+    self._metrics[step + 1] = dict(self._batch_metrics)
     return batch
 
 

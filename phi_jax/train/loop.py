@@ -257,8 +257,8 @@ class _EvalHistory:
   def __init__(self, min_delta: float, records: Iterable[dict] = ()):
     self.min_delta = min_delta
     self.best_loss, self.best_step, self.since_best, self.last_step = math.inf, None, 0, None
-    for record in records:
-      self.add(record["step"], record["eval_loss"])
+    for record in records:  # metrics.jsonl writes a NaN eval_loss (nothing scored) as null
+      self.add(record["step"], float("nan") if record["eval_loss"] is None else record["eval_loss"])
 
   def add(self, step: int, loss: float) -> bool:
     """Records an evaluation; True when it is a new best (below every earlier eval_loss)."""
@@ -307,8 +307,17 @@ def _check_rows_once(mesh: Mesh, rows: int) -> None:
   check_rows_per_process(mesh, rows)
 
 
+def _json_line(record: dict) -> str:
+  """`record` as one line of strict JSON: a non-finite number (a skipped update's loss, the loss of a step with no
+  targets, an eval set with nothing to score) is null, as NaN and Infinity are not JSON (JSON.parse refuses them,
+  jq turns them into other numbers); `skipped_update` and `weight` say why."""
+  clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
+  return json.dumps({k: clean(v) for k, v in record.items()}) + "\n"
+
+
 class MetricsWriter:
-  """Appends one JSON object per logged step to workdir/metrics.jsonl (only process 0 writes)."""
+  """Appends one JSON object per logged step to workdir/metrics.jsonl (only process 0 writes); a non-finite value
+  is written as null."""
 
   def __init__(self, path: str, resume_step: int):
     self.path = path
@@ -327,12 +336,12 @@ class MetricsWriter:
             self.kept.append(record)
       if self.enabled:
         with open(path, "w") as f:
-          f.writelines(json.dumps(r) + "\n" for r in self.kept)
+          f.writelines(map(_json_line, self.kept))
 
   def write(self, record: dict):
     if self.enabled:
       with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(_json_line(record))
 
   def merge(self, step: int, extra: dict):
     """Adds `extra` to the newest written training record of `step` (rewriting the file), or appends it as a
@@ -350,7 +359,7 @@ class MetricsWriter:
       return
     records[index].update(extra)
     with open(self.path, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in records)
+      f.writelines(map(_json_line, records))
 
 
 def _token_stats(local: dict) -> dict:
@@ -461,7 +470,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   # carries the detector's window (older checkpoints lack it: the logged losses stand in).
   saved_window = (saved_meta or {}).get(_SPIKE_WINDOW_KEY)
   if saved_window is None:
-    saved_window = [r["loss"] for r in writer.kept if "loss" in r]
+    saved_window = [r["loss"] for r in writer.kept if r.get("loss") is not None]  # null: no finite loss
     if jax.process_count() > 1:  # process 0's: another may have read metrics.jsonl while process 0 rewrote it, and
       saved_window = allgather_json(saved_window)[0]  # a flagged spike writes a record, which is a collective
   spikes = _SpikeDetector(loop.loss_spike_factor, loop.loss_spike_window, saved_window)
@@ -520,11 +529,13 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       flops_per_token = flops.train_flops_per_token(model_config, stats["seq_len"])
       record["mfu"] = flops_per_token * stats["slots"] / elapsed / (loop.peak_flops_per_device * jax.device_count())
     record["step"] = step
-    # A step's own data metrics (GRPO: its rollout batch's reward and accuracy, at the first pass over the batch)
-    # exist at that step only: its record is written whatever log_every says, or they would be lost.
+    # A step's own data metrics (GRPO: the reward and accuracy of the rollout batch it trained on, at every pass over
+    # the batch) exist at that step only: its record is written whatever log_every says, or they would be lost.
     step_metrics = train_data.step_metrics(step) if hasattr(train_data, "step_metrics") else {}
     record.update(step_metrics)
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record.get(k, 0.0))]
+    # A step that trained nothing (weight 0) has a NaN loss by design (a mean over no targets), not a fault.
+    checked = ("loss", "grad_norm") if record.get("weight", 1.0) else ("grad_norm",)
+    bad = [k for k in checked if not math.isfinite(record.get(k, 0.0))]
     if bad and loop.on_nonfinite == "stop":
       checkpointer.wait()
       latest = checkpointer.latest_step()
@@ -804,11 +815,21 @@ def check_resume_compatible(saved: dict, current: dict, where: str):
                + ([f"... {len(array_changes) - 8} more arrays"] if len(array_changes) > 8 else []))
     raise IncompatibleCheckpointError(
         f"cannot resume from the checkpoints in {where}: the current config does not fit the saved state: "
-        + "; ".join(details) + ". Restore the original settings, or start a new workdir (use train.init_from "
-        "to start from this run's params/).")
+        + "; ".join(details) + f". {_way_out(where)}")
   if changes:
     log.warning("resuming with a changed config: %s",
                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+
+
+def _way_out(checkpoints: str) -> str:
+  """What a refused resume can do instead: train.init_from takes a finished run's params/ only, which a preempted
+  or otherwise unfinished run does not have."""
+  workdir = os.path.dirname(os.path.normpath(checkpoints))
+  if os.path.isdir(os.path.join(workdir, "params")):
+    return (f"Restore the original settings, or start a new workdir with train.init_from={workdir} to start from "
+            "this run's params/.")
+  return ("Restore the original files and settings to resume this run, or start a new workdir from scratch (the run "
+          "has not finished: its progress lives in these checkpoints only).")
 
 
 def _mixture_shares(data: dict) -> Optional[list]:
