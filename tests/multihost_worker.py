@@ -150,7 +150,7 @@ mine = rollouts.next_batch(state.params, 0)
 whole = rollouts._batch  # every process holds the whole batch; `mine` is this process's block of rows
 gathered = multihost_utils.process_allgather(mine, tiled=True)
 rows_match = all(np.array_equal(gathered[k], whole[k]) for k in whole)
-same_batch = multihost_utils.process_allgather(np.asarray([float(whole["old_logps"].sum()), whole["tokens"].sum(),
+same_batch = multihost_utils.process_allgather(np.asarray([float(whole["old_logprobs"].sum()), whole["tokens"].sum(),
                                                            float(np.abs(whole["advantages"] * np.arange(8)).sum())]))
 grpo_state = loop.run(workdir=os.path.join(sys.argv[1], "grpo"), model_config=test_train.CONFIG,
                       optimizer_config=test_train.OPT, loss_fn=grpo.make_loss_fn(test_train.CONFIG, grpo_cfg),

@@ -517,7 +517,8 @@ def test_grpo_needs_ref_logps_for_kl(rl_batch):
 
 
 def test_grpo_old_and_ref_logps_are_constants(rl_batch):
-  """No gradient reaches old_logps or ref_logps; passing logps as old_logps gives the unclipped gradient -A / n."""
+  """No gradient reaches old_logprobs or ref_logprobs; passing logps as old_logprobs gives the unclipped gradient
+  -A / n."""
   r = rl_batch
   args = [jnp.asarray(r[k], jnp.float32) for k in ("logps", "old", "ref", "adv", "mask")]
 

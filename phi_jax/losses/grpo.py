@@ -60,15 +60,15 @@ def _masked_mean(values_BT, mask_BT):
   return jnp.sum(values_BT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2, epsilon_high=0.2, beta=0.0,
-              aggregation="token_mean", max_tokens=None, entropy=None, entropy_coef=0.0):
+def grpo_loss(logps, old_logprobs, ref_logprobs, advantages, mask, *, epsilon_low=0.2, epsilon_high=0.2,
+              beta=0.0, aggregation="token_mean", max_tokens=None, entropy=None, entropy_coef=0.0):
   """Clipped surrogate loss (+ beta * k3 KL, - entropy_coef * entropy) aggregated over completion tokens.
 
   Args:
     logps: [B, T] policy log-probs of the sampled tokens (differentiated).
-    old_logps: [B, T] log-probs of the policy that sampled the rollouts. Treated as constants, so on the first
+    old_logprobs: [B, T] log-probs of the policy that sampled the rollouts. Treated as constants, so on the first
       update from fresh rollouts `logps` itself may be passed (ratio 1, gradient of the unclipped objective).
-    ref_logps: [B, T] reference-model log-probs (constants), or None when beta == 0.
+    ref_logprobs: [B, T] reference-model log-probs (constants), or None when beta == 0.
     advantages: [B] one advantage per completion (see `group_advantages`).
     mask: [B, T] 1 on completion tokens.
     epsilon_low, epsilon_high: the ratio is clipped to [1 - epsilon_low, 1 + epsilon_high].
@@ -80,10 +80,10 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2,
   Returns:
     (loss, metrics) with means over masked tokens: 'clip_fraction/low' (ratio below 1 - eps_low where A < 0),
     'clip_fraction/high' (above 1 + eps_high where A > 0), 'clip_fraction/total', 'ratio', and 'kl' when
-    ref_logps is given, 'entropy' when entropy is given.
+    ref_logprobs is given, 'entropy' when entropy is given.
   """
-  if beta and ref_logps is None:
-    raise ValueError("beta > 0 needs ref_logps")
+  if beta and ref_logprobs is None:
+    raise ValueError("beta > 0 needs ref_logprobs")
   valid = mask != 0
   logps = logps.astype(jnp.float32)
   advantages = jnp.asarray(advantages, jnp.float32)
@@ -92,7 +92,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2,
   advantages_B1 = advantages[:, None]
   # Padding positions may hold arbitrary log-probs; zeroing the differences there keeps exp() finite so that
   # masking cannot turn inf * 0 into NaN (in the value or its gradient).
-  log_ratio = jnp.where(valid, logps - jax.lax.stop_gradient(old_logps).astype(jnp.float32), 0.0)
+  log_ratio = jnp.where(valid, logps - jax.lax.stop_gradient(old_logprobs).astype(jnp.float32), 0.0)
   ratio = jnp.exp(jax.lax.stop_gradient(log_ratio))
   clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
   # min(r A, clip(r) A) as a select, so that where the two are equal (r at an edge of the clip range, e.g. r = 1 with
@@ -106,8 +106,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2,
   per_token = -jnp.where(use_clipped, clipped, unclipped)
 
   metrics = {}
-  if ref_logps is not None:
-    ref_minus_logp = jnp.where(valid, jax.lax.stop_gradient(ref_logps).astype(jnp.float32) - logps, 0.0)
+  if ref_logprobs is not None:
+    ref_minus_logp = jnp.where(valid, jax.lax.stop_gradient(ref_logprobs).astype(jnp.float32) - logps, 0.0)
     kl = jnp.exp(ref_minus_logp) - ref_minus_logp - 1.0
     if beta:
       per_token = per_token + beta * kl
