@@ -773,7 +773,7 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
                 "; another chat template" if tokenizer.chat_template != theirs.chat_template else "")
 
 
-def _check_vocab(model_config: PhiConfig, tokenizer, start_name: Optional[str] = None, start: Optional[str] = None):
+def check_vocab(model_config: PhiConfig, tokenizer, start_name: Optional[str] = None, start: Optional[str] = None):
   """Refuses a tokenizer with ids past the embedding table. Params started from (`start`, given as `start_name`)
   fix the table's size: there the way out is their own tokenizer, not a larger vocab_size."""
   if len(tokenizer) <= model_config.vocab_size:
@@ -853,7 +853,7 @@ def run_training(workdir: str):
   tokenizer = get_tokenizer(data_cfg["tokenizer"], workdir)
   start = settings["init_from"] or hf_path
   start_name = "train.init_from" if settings["init_from"] else "model.hf_path"
-  _check_vocab(model_config, tokenizer, start_name, start)
+  check_vocab(model_config, tokenizer, start_name, start)
   if start:
     check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"], start_name, start)
   if not data_cfg["train_files"]:

@@ -742,7 +742,8 @@ def build_summary(workdir: str, records: Sequence[dict], manifest: dict, setting
              "response_tokens_mean": e["response_tokens_mean"],
              "format_error_rate": e["format_error_rate"], "think_format_rate": e["think_format_rate"],
              "num_eval": e["num_problems"], "steps": metrics[-1]["step"] if metrics else 0,
-             "final_loss": metrics[-1]["loss"] if metrics else None,
+             # The last finite loss: a last step that trained no token (GRPO with every group dropped) logs null.
+             "final_loss": next((r["loss"] for r in reversed(metrics) if r.get("loss") is not None), None),
              "train_seconds": record.get("train_seconds"), "eval_seconds": record.get("eval_seconds")}
     for key in ("rollouts", "skipped"):
       if key in record:

@@ -7,7 +7,8 @@
 
 `--init_from` is a previous run's workdir (its params/; its config.gin supplies the model and tokenizer settings,
 and --gin_file / --gin_param apply on top, as in eval.py) or a transformers checkpoint directory (its config.json
-and tokenizer). Problems are JSONL
+and tokenizer files; a directory without them, as `phi_jax.save_hf` writes it, takes the bound `data.tokenizer`).
+Problems are JSONL
 records `{"problem": str, "answer": str}`, or conversations `{"messages": [...]}` whose last assistant turn holds
 the reference solution and whose earlier turns are the prompt (so SFT files serve as problem sets); its final answer
 (in `\\boxed{}`, on a "####" line or after "The answer is", after any `</think>`) is the gold.
@@ -211,6 +212,7 @@ def load_policy(init_from: str, the_mesh):
     params = common.params_loader(config, hf_path, init_from, the_mesh)()
   else:
     tokenizer = checkpoint_tokenizer(init_from)
+    common.check_vocab(config, tokenizer, "--init_from", init_from)  # data.tokenizer may be another model's
     params = common.params_loader(config, init_from, None, the_mesh)()
   return config, params, tokenizer
 

@@ -447,8 +447,8 @@ def test_a_tokenizer_larger_than_the_embedding_or_a_budget_filling_every_positio
   tokenizer = common.get_tokenizer("tiny:phi-4", str(tmp_path))
   small = presets["tiny"].replace(vocab_size=len(tokenizer) - 1)
   with pytest.raises(ValueError, match=f"has {len(tokenizer)} tokens but the model's vocab_size is {small.vocab_size}"):
-    common._check_vocab(small, tokenizer)
-  common._check_vocab(presets["tiny"].replace(vocab_size=len(tokenizer)), tokenizer)
+    common.check_vocab(small, tokenizer)
+  common.check_vocab(presets["tiny"].replace(vocab_size=len(tokenizer)), tokenizer)
   positions = presets["tiny"].max_position_embeddings
   with pytest.raises(ValueError, match="leaves no room for a prompt"):
     common.check_new_tokens("evaluation.max_new_tokens", positions, presets["tiny"])
@@ -768,10 +768,10 @@ def test_a_checkpoint_s_shapes_are_not_overridden_nor_advised_to_be(tmp_path):
     with pytest.raises(ValueError, match=rf"has {len(tokenizer)} tokens but the model's vocab_size is "
                        rf"{small.vocab_size}, that of {name}='/start'.*resizing a checkpoint's vocabulary is not "
                        r"supported: set data.tokenizer to the tokenizer .* was trained with") as raised:
-      common._check_vocab(small, tokenizer, name, "/start")
+      common.check_vocab(small, tokenizer, name, "/start")
     assert "model.overrides" not in str(raised.value)
   with pytest.raises(ValueError, match=r"set model.overrides=\{'vocab_size': \d+\} or larger"):
-    common._check_vocab(small, tokenizer)
+    common.check_vocab(small, tokenizer)
 
 
 def test_dtype_settings_that_train_or_attend_otherwise_than_asked_are_refused_or_named(caplog):

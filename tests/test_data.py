@@ -739,7 +739,7 @@ def test_trl_conversational_prompt_completion_records_are_read_as_one_conversati
   assert validate_record({"prompt": [user], "completion": "4"}) == ({"messages": [user, answer]}, None)
   assert validate_record({"prompt": "2 + 2?", "completion": [answer]}) == ({"messages": [user, answer]}, None)
   normalised, bad = validate_record({"prompt": [user, answer, user], "completion": [answer]})
-  assert normalised is None and bad[0] == "assistant turn in prompt"
+  assert normalised is None and bad[0] == "mistyped field"
   assert "prompt message 1 is an assistant turn" in bad[1] and "'messages'" in bad[1]
   normalised, bad = validate_record({"prompt": [user], "completion": [answer, user]})
   assert normalised is None and bad == ("mistyped field", "completion message 1 has role 'user': a completion holds "
@@ -749,6 +749,30 @@ def test_trl_conversational_prompt_completion_records_are_read_as_one_conversati
   assert validate_record({"prompt": [user], "completion": []})[1][0] == "no assistant turn"
   assert validate_record({"prompt": ["2 + 2?"], "completion": [answer]})[1] == (
       "mistyped field", "prompt message 0 is str, expected an object")
+  # Errors name the half and the index within it, not the joined conversation's.
+  assert validate_record({"prompt": [system, user, user], "completion": [{"content": "4"}]})[1] == (
+      "missing field", "completion message 0 has no 'role'")
+  assert validate_record({"prompt": [system, user, user], "completion": [dict(answer, content=None)]})[1] == (
+      "missing field", "completion message 0 has no 'content'")
+  assert validate_record({"prompt": [{"role": "tool", "content": "x"}], "completion": [answer]})[1][0] == (
+      "unknown role")
+  # Column-wise halves (datasets' Sequence feature), as for 'messages'.
+  columns = {"prompt": {"role": ["system", "user"], "content": ["Be brief.", "2 + 2?"]},
+             "completion": {"role": ["assistant"], "content": ["4"]}}
+  assert validate_record(columns) == ({"messages": [system, user, answer]}, None)
+
+
+def test_a_refused_prompt_completion_record_is_a_counted_skip(tmp_path):
+  """Every refusal reason is one of BAD_RECORD_REASONS, which the skip counts are keyed by: a reason of its own
+  crashed the pipeline in skip mode (KeyError)."""
+  user, answer = {"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}
+  records = [{"prompt": [user], "completion": [answer]}] * 4
+  records += [{"prompt": [user, answer, user], "completion": [answer]}, {"prompt": [user], "completion": [user]}]
+  it = pipeline([(JsonlSource(write_jsonl(str(tmp_path / "trl.jsonl"), records)), 1.0)], shuffle=False,
+                on_bad_record="skip")
+  sum(1 for _ in it)
+  stats = it.stats()
+  assert stats["records_skipped"] == {"mistyped field": 2} and stats["records_used"] == 4
 
 
 def test_a_lone_prompt_beside_a_text_is_metadata(tmp_path):

@@ -411,6 +411,15 @@ def test_a_transformers_directory_without_tokenizer_files_takes_the_bound_data_t
     with caplog.at_level("WARNING", logger="phi_jax"):
       rollouts.load_policy(str(hf), mesh)
     assert "has tokenizer files of its own: using them, not data.tokenizer='tiny:phi-4'" in caplog.text
+    # A bound tokenizer with more tokens than the checkpoint's vocabulary is refused at load, not at generation.
+    small = tmp_path / "small"
+    phi_jax.save_hf(str(small), presets["tiny"].replace(vocab_size=128),
+                    init_params(presets["tiny"].replace(vocab_size=128), jax.random.key(0)))
+    gin.clear_config()
+    common.parse_gin_for_checkpoint(str(small), [], ['data.tokenizer="tiny:phi-4"'])
+    with pytest.raises(ValueError, match=r"the tokenizer has \d+ tokens but the model's vocab_size is 128, that of "
+                       r"--init_from='.*small'"):
+      rollouts.load_policy(str(small), mesh)
   finally:
     gin.clear_config()
 

@@ -515,6 +515,15 @@ def test_the_summary_has_pass_at_every_sample_whatever_pass_k_lists(tmp_path):
   assert recipe.stage_table(summary).splitlines()[2].split(" | ")[6] == "50.0"
 
 
+def test_a_stage_s_final_loss_is_its_last_finite_one(tmp_path):
+  """A last step that trained no token (GRPO with every group dropped) logs a null loss: the table showed "-"."""
+  (tmp_path / "grpo").mkdir()
+  lines = ['{"step": 1, "loss": 0.25}', '{"step": 2, "loss": null, "weight": 0}']
+  (tmp_path / "grpo" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  stage = _summary_of_scores(tmp_path, {"grpo": [0.5]})["stages"][0]
+  assert stage["final_loss"] == 0.25 and stage["steps"] == 2
+
+
 def test_summary_compares_each_stage_with_the_previous_and_the_first(tmp_path):
   """Stage effects are paired by problem: vs the stage before (delta_vs_previous) and vs the first stage."""
   summary = _summary_of_scores(tmp_path, {"base": [0.0, 0.0, 0.5], "midtrain": [1.0, 0.0, 0.5],

@@ -6,10 +6,12 @@ Every source is a Grain random-access data source: `len(source)` records and `so
 
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]}
     {"prompt": "...", "completion": "..."}      # a user turn followed by an assistant turn
+    {"prompt": [messages], "completion": [messages]}   # TRL's conversational form: the prompt's turns, then the
+                                                       # completion's (assistant turns only)
     {"text": "..."}                             # a raw document: loss on every token
 
 Messages stored column-wise, {"role": [...], "content": [...]} (datasets' Sequence({"role", "content"}) feature),
-are read as the list of messages they hold.
+under "messages", "prompt" or "completion", are read as the list of messages they hold.
 
 Other keys (ids, metadata) are ignored, and so is a lone "prompt" or "completion" beside another kind (ultrachat's
 prompt + messages, cosmopedia's prompt + text). A message keeps its other keys whose values are strings (Phi-4-mini's
@@ -548,29 +550,40 @@ def validate_record(data: Any, *, where: Optional[str] = None
 def _prompt_completion_messages(data: dict[str, Any], where: Optional[str] = None
                                 ) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
   """A prompt/completion record as one conversation: each half a string (a user turn, an assistant turn) or, as
-  TRL's conversational records hold it, a list of messages. SFT trains every assistant turn of a conversation while
-  TRL trains the completion only, so the prompt may hold no assistant turn and the completion nothing else."""
-  turns = {}
+  TRL's conversational records hold it, a list of messages (or one stored column-wise). SFT trains every assistant
+  turn of a conversation while TRL trains the completion only, so the prompt may hold no assistant turn and the
+  completion nothing else. Errors name the half and the message's index in it."""
+  halves = {}
   for key, role in (("prompt", "user"), ("completion", "assistant")):
     value = data.get(key)
     if value is None:
       return None, ("missing field", f"'{key}' is missing")
     if isinstance(value, str):
       value = [{"role": role, "content": value}]
-    elif not isinstance(value, list):
+    elif isinstance(value, dict):  # datasets' Sequence({"role", "content"}) feature
+      value, bad = _messages_from_columns(value, key)
+      if bad is not None:
+        return None, bad
+    if not isinstance(value, list):
       return None, ("mistyped field", f"'{key}' is {type(value).__name__}, expected str or a list of messages")
     for i, message in enumerate(value):
       if not isinstance(message, dict):
         return None, ("mistyped field", f"{key} message {i} is {type(message).__name__}, expected an object")
-      if key == "prompt" and message.get("role") == "assistant":
-        return None, ("assistant turn in prompt", f"prompt message {i} is an assistant turn, which SFT would train "
-                      "on (TRL trains the completion only): put the whole conversation under 'messages' to train "
-                      "every assistant turn, or leave the earlier ones out of the prompt")
-      if key == "completion" and message.get("role") != "assistant":
-        return None, ("mistyped field", f"completion message {i} has role {message.get('role')!r}: a completion "
+      for field in ("role", "content"):
+        if message.get(field) is None:
+          return None, ("missing field", f"{key} message {i} has no '{field}'")
+        if not isinstance(message[field], str):
+          return None, ("mistyped field", f"{key} message {i} '{field}' is {type(message[field]).__name__}, "
+                        "expected str")
+      if key == "prompt" and message["role"] == "assistant":
+        return None, ("mistyped field", f"prompt message {i} is an assistant turn, which SFT would train on (TRL "
+                      "trains the completion only): put the whole conversation under 'messages' to train every "
+                      "assistant turn, or leave the earlier ones out of the prompt")
+      if key == "completion" and message["role"] != "assistant":
+        return None, ("mistyped field", f"completion message {i} has role {message['role']!r}: a completion "
                       "holds the assistant turns to train on; move the turns before them under 'prompt'")
-    turns[key] = value
-  return _validate_messages(turns["prompt"] + turns["completion"], where)
+    halves[key] = value
+  return _validate_messages(halves["prompt"] + halves["completion"], where)
 
 
 def clean_message(message: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
@@ -644,13 +657,14 @@ def _validate_messages(messages: Any, where: Optional[str] = None
   return {"messages": clean}, None
 
 
-def _messages_from_columns(columns: dict[str, Any]) -> tuple[Optional[list], Optional[tuple[str, str]]]:
+def _messages_from_columns(columns: dict[str, Any], field: str = "messages"
+                           ) -> tuple[Optional[list], Optional[tuple[str, str]]]:
   """A conversation stored column-wise, {"role": [...], "content": [...]} (datasets' Sequence({"role", "content"})
-  feature stores a list of messages so), as the list of messages it holds."""
+  feature stores a list of messages so), as the list of messages it holds; `field` names it in errors."""
   lengths = {len(v) if isinstance(v, list) else None for v in columns.values()}
   if not columns or None in lengths or len(lengths) != 1:
     shapes = {key: f"list of {len(v)}" if isinstance(v, list) else type(v).__name__ for key, v in columns.items()}
-    return None, ("mistyped field", f"'messages' is an object {shapes}, expected a list of messages, or one list per "
+    return None, ("mistyped field", f"'{field}' is an object {shapes}, expected a list of messages, or one list per "
                   "message key (role, content) holding lists of one length (datasets' Sequence feature)")
   return [dict(zip(columns, values)) for values in zip(*columns.values())], None
 
