@@ -294,9 +294,15 @@ def binding_keys(text: str) -> list[str]:
 
 
 def bound_or_none(name: str):
-  """The value gin binds to `name` ("mesh.shape"), or None where nothing binds it."""
+  """The value gin binds to `name` ("mesh.shape"), that of the macro where it binds one (`model.overrides = %OVR`,
+  as a run's config.gin may record it), or None where nothing binds it."""
   try:
-    return gin.query_parameter(name)
+    value = gin.query_parameter(name)
+    for _ in range(32):  # a macro may name another macro
+      if not (isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro"):
+        break
+      value = gin.query_parameter(repr(value))  # "%NAME"
+    return value
   except ValueError:  # not bound
     return None
 
@@ -346,7 +352,14 @@ def check_policy_dir(path: str, name: str = "--init_from") -> None:
   check_not_unfinished_run(path)
   if not os.path.isdir(os.path.join(path, "params")) and not os.path.isfile(os.path.join(path, "config.json")):
     raise ValueError(f"{name}={path!r} is neither a run's workdir (it has no params/) nor a transformers "
-                     "checkpoint (it has no config.json)")
+                     f"checkpoint (it has no config.json){_not_a_checkpoint_hint(path)}")
+
+
+def _not_a_checkpoint_hint(path: str) -> str:
+  """'': what a path without config.json holds instead (a PEFT adapter, maybe a hub id), where that can be told."""
+  from phi_jax.hf.checkpoint import not_a_checkpoint_hint
+  hint = not_a_checkpoint_hint(path)
+  return f". {hint}" if hint else ""
 
 
 def add_checkpoint_args(parser):
@@ -389,7 +402,7 @@ def model_config_of(preset: str = "tiny", hf_path: Optional[str] = None, overrid
     raise ValueError(f"model.hf_path={hf_path!r} holds no config.json: point it (and data.tokenizer) at a "
                      "transformers checkpoint directory, e.g. "
                      "--gin_param='model.hf_path=\"/ckpt/Phi-4-mini-instruct\"', or set model.hf_path=None and "
-                     "model.preset for a randomly initialised model")
+                     f"model.preset for a randomly initialised model{_not_a_checkpoint_hint(hf_path)}")
   with open(os.path.join(hf_path, "config.json")) as f:
     from phi_jax.hf import from_hf_config
     checkpoint = from_hf_config(json.load(f))
@@ -715,9 +728,10 @@ def _check_saved_shapes(name: str, source: str, saved, wanted, settings: Optiona
 def _run_model_settings_named(settings: Optional[dict]) -> str:
   """The settings that gave a run's model, as its config.gin binds them (`settings`): its checkpoint where it had
   one, else its preset and overrides."""
-  if settings and settings.get("hf_path"):
-    return f"model.hf_path={settings['hf_path']!r}"
-  return "model.preset / model.overrides"
+  if not settings or not settings.get("hf_path"):
+    return "model.preset / model.overrides"
+  named = f"model.hf_path={settings['hf_path']!r}"
+  return named + (f" with model.overrides={settings['overrides']!r}" if settings.get("overrides") else "")
 
 
 def check_new_tokens(name: str, max_new_tokens: int, model_config: PhiConfig):
@@ -781,6 +795,11 @@ def check_vocab(model_config: PhiConfig, tokenizer, start_name: Optional[str] = 
   found = f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.vocab_size}"
   if start is None:
     raise ValueError(f"{found}; set model.overrides={{'vocab_size': {len(tokenizer)}}} or larger")
+  if start_name == "train.init_from":  # the model's shapes are compared with the start's only later
+    raise ValueError(f"{found}. Params started from (train.init_from={start!r}) fix the vocabulary at their own "
+                     "size: give this run the model settings of that start (model.preset / model.overrides, or "
+                     "model.hf_path) and set data.tokenizer to the tokenizer it was trained with, or one of at most "
+                     "that many tokens (new tokens can take its unused ids)")
   raise ValueError(f"{found}, that of {start_name}={start!r}: resizing a checkpoint's vocabulary is not supported: "
                    f"set data.tokenizer to the tokenizer {start_name} was trained with, or one of at most "
                    f"{model_config.vocab_size} tokens (new tokens can take its unused ids)")

@@ -359,6 +359,7 @@ def _check_stage(settings: dict, stage: str, params: Sequence[str]) -> None:
   if kind not in ("next_token", "dpo", "grpo"):
     raise ValueError(f"train.stage={kind!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
   common.check_data_settings(kind, data_cfg, train["loop"])
+  common.check_param_dtype(model_config)
   # Each stage checks the settings it reads (each configurable refuses values of no known kind): a binding that
   # combines with another stage's file (reward.length_aware_max_tokens beside grpo.gin's reward.weights) is checked
   # where it combines.

@@ -613,10 +613,24 @@ def test_a_config_read_from_another_directory_says_where_its_includes_resolve(mo
     gin.clear_config()
 
 
-def test_a_model_hf_path_without_a_checkpoint_is_named(tmp_path):
+def test_a_model_hf_path_without_a_checkpoint_is_named(tmp_path, monkeypatch):
   """A config's placeholder model.hf_path left in place failed with a bare FileNotFoundError on its config.json."""
   with pytest.raises(ValueError, match=r"model.hf_path='.*' holds no config.json: point it \(and data.tokenizer\) at"):
     common.model(hf_path=str(tmp_path / "path" / "to" / "Phi-4-mini-instruct"))
+  # A PEFT adapter and a hub id are named as such, here and for eval.py / rollouts.py --init_from.
+  (tmp_path / "adapter").mkdir()
+  (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"holds no config.json.*PEFT adapter .*merge_and_unload"):
+    common.model(hf_path=str(tmp_path / "adapter"))
+  with pytest.raises(ValueError, match=r"neither a run's workdir .*PEFT adapter .*merge_and_unload"):
+    common.check_policy_dir(str(tmp_path / "adapter"))
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r"holds no config.json.*if it is a hub id.*snapshot_download"):
+    common.model(hf_path="microsoft/Phi-4-mini-instruct")
+  for local in ("./runs/final", "/runs/final"):  # written as a path: no hub id
+    with pytest.raises(ValueError, match=r"holds no config.json") as raised:
+      common.model(hf_path=local)
+    assert "hub id" not in str(raised.value)
 
 
 def test_one_data_file_given_as_a_string_is_a_list_of_one():
@@ -733,6 +747,11 @@ def test_a_run_started_from_another_run_keeps_its_rotary_settings_or_names_them(
   try:  # named in model.overrides: on purpose, as a context extension changes rope_theta
     gin.parse_config("model.overrides = {'rope_theta': 10000.0, 'partial_rotary_factor': 1.0}")
     assert common.params_loader(tiny, None, str(run), mesh)()["embed"]["embedding"].shape == (512, 64)
+    gin.clear_config()
+    # Bound through a macro, as a run's config.gin records it (replayed by eval, rollouts and export).
+    gin.parse_config("OVR = {'rope_theta': 10000.0, 'partial_rotary_factor': 1.0}\nOVR2 = %OVR\n"
+                     "model.overrides = %OVR2")
+    assert common.params_loader(tiny, None, str(run), mesh)()["embed"]["embedding"].shape == (512, 64)
   finally:
     gin.clear_config()
   # A run whose model came from a transformers checkpoint: that is the setting to give, and the one compared.
@@ -748,6 +767,13 @@ def test_a_run_started_from_another_run_keeps_its_rotary_settings_or_names_them(
     common.params_loader(wide.replace(rope_theta=10000.0), None, str(from_hf), mesh)()
   from_checkpoint, _ = common.model(hf_path=str(tmp_path / "hf"))
   assert common.params_loader(from_checkpoint, None, str(from_hf), mesh)()["embed"]["embedding"].shape == (512, 128)
+  # A run from that checkpoint with overrides of its own: both are the settings to give.
+  with_overrides = tmp_path / "with_overrides"
+  _save_run(with_overrides, wide.replace(rope_theta=1e6),
+            f"model.hf_path = '{tmp_path / 'hf'}'\nmodel.overrides = {{'rope_theta': 1000000.0}}\n")
+  with pytest.raises(ValueError, match=r"rope_theta=1000000.0 there, 250000.0 here\).*that run's model settings "
+                     r"\(model.hf_path='.*/hf' with model.overrides=\{'rope_theta': 1000000.0\}, as in"):
+    common.params_loader(from_checkpoint, None, str(with_overrides), mesh)()
 
 
 def test_a_checkpoint_s_shapes_are_not_overridden_nor_advised_to_be(tmp_path):
@@ -764,12 +790,16 @@ def test_a_checkpoint_s_shapes_are_not_overridden_nor_advised_to_be(tmp_path):
   assert common.model(hf_path=str(hf), overrides={"vocab_size": 512, "rope_theta": 1e5})[0].vocab_size == 512
   tokenizer = common.get_tokenizer("tiny:phi-4", str(tmp_path / "run"))
   small = tiny.replace(vocab_size=len(tokenizer) - 1)
-  for name in ("model.hf_path", "train.init_from"):
-    with pytest.raises(ValueError, match=rf"has {len(tokenizer)} tokens but the model's vocab_size is "
-                       rf"{small.vocab_size}, that of {name}='/start'.*resizing a checkpoint's vocabulary is not "
-                       r"supported: set data.tokenizer to the tokenizer .* was trained with") as raised:
-      common.check_vocab(small, tokenizer, name, "/start")
-    assert "model.overrides" not in str(raised.value)
+  with pytest.raises(ValueError, match=rf"has {len(tokenizer)} tokens but the model's vocab_size is "
+                     rf"{small.vocab_size}, that of model.hf_path='/start'.*resizing a checkpoint's vocabulary is not "
+                     r"supported: set data.tokenizer to the tokenizer .* was trained with") as raised:
+    common.check_vocab(small, tokenizer, "model.hf_path", "/start")
+  assert "model.overrides" not in str(raised.value)
+  # A train.init_from model's size comes from this run's own settings, which may differ from the start's.
+  with pytest.raises(ValueError, match=rf"the model's vocab_size is {small.vocab_size}\. Params started from "
+                     r"\(train.init_from='/start'\) fix the vocabulary.*give this run the model settings of that "
+                     r"start .* and set data.tokenizer to the tokenizer it was trained with"):
+    common.check_vocab(small, tokenizer, "train.init_from", "/start")
   with pytest.raises(ValueError, match=r"set model.overrides=\{'vocab_size': \d+\} or larger"):
     common.check_vocab(small, tokenizer)
 

@@ -148,6 +148,8 @@ def test_the_compute_dtype_of_older_exports_and_transformers_resaves(saved, tmp_
                                                                "phi_jax_compute_dtype": "bfloat16"}
   (tmp_path / "config.json").write_text(json.dumps(old))
   assert phi_jax.load_hf(tmp_path)[0] == config.replace(dtype="bfloat16")
+  # The same file read by transformers first (its to_dict() adds the running version, not the file's).
+  assert from_hf_config(transformers.AutoConfig.from_pretrained(tmp_path)).dtype == "bfloat16"
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
   for torch_dtype, name in ((torch.float32, "float32"), (torch.float16, "float16")):
     model.to(torch_dtype).save_pretrained(tmp_path / name)
@@ -388,8 +390,9 @@ def test_adapters_and_hub_ids_say_what_to_do_instead(saved, tmp_path, monkeypatc
   monkeypatch.chdir(tmp_path)
   with pytest.raises(FileNotFoundError, match=r"hub id.*not downloaded.*snapshot_download"):
     phi_jax.load_hf("microsoft/Phi-4-mini-instruct")
-  with pytest.raises(FileNotFoundError, match="has no config.json"):  # a local path, of two parts too
-    phi_jax.load_hf("/phi_jax_no_such_directory")
+  for local in ("/phi_jax_no_such_directory", "./runs/final"):  # local paths, of two parts too
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+      phi_jax.load_hf(local)
 
 
 def test_quantized_checkpoints_are_refused_naming_the_method(saved, tmp_path):

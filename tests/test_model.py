@@ -384,7 +384,9 @@ def test_bad_configs_name_the_field():
 
 @pytest.mark.parametrize("name,field", [("num_hidden_layers", "num_layers"), ("num_attention_heads", "num_heads"),
                                         ("num_key_value_heads", "num_kv_heads"), ("rope_scaling", "rope_scaling_type"),
-                                        ("max_seq_len", "max_position_embeddings")])
+                                        ("max_seq_len", "data.seq_len"),
+                                        ("max_target_length", r"training sequence length: data.seq_len"),
+                                        ("weight_dtype", "model.param_dtype")])
 def test_a_field_spelled_as_transformers_or_maxtext_does_is_named_with_ours(name, field):
   """model.overrides and load_hf(config_overrides=...) go through replace: a transformers or MaxText name gave a bare
   TypeError (unexpected keyword argument)."""

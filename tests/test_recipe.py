@@ -393,6 +393,8 @@ def test_a_binding_a_stage_refuses_is_refused_before_any_stage_trains(monkeypatc
     with pytest.raises(ValueError, match=r"--gin_param train.chunk_size=0 is refused by every stage of this recipe "
                                          r"\(base: train.chunk_size=0: [\s\S]*\): change or remove it"):
       recipe.configure([quick], ["train.chunk_size=0"])
+    with pytest.raises(ValueError, match=r"--gin_param model.param_dtype='float16' is refused by every stage"):
+      recipe.configure([quick], ["model.param_dtype='float16'"])
   finally:
     gin.clear_config()
 

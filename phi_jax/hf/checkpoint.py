@@ -131,18 +131,22 @@ def _adapter_error(directory: pathlib.Path) -> Optional[FileNotFoundError]:
       "model first (peft.PeftModel.from_pretrained(base, d).merge_and_unload().save_pretrained(out)) and load out")
 
 
-def _missing_config_error(directory: pathlib.Path) -> FileNotFoundError:
+def not_a_checkpoint_hint(path: str | os.PathLike) -> Optional[str]:
+  """What a path without config.json holds instead, where that can be told (a PEFT adapter, maybe a hub id)."""
+  directory = pathlib.Path(path)
   if (adapter := _adapter_error(directory)) is not None:
-    return adapter
-  # "org/name" that is no local path: a Hugging Face hub id.
-  if (not directory.exists() and not directory.is_absolute() and len(directory.parts) == 2
-      and not str(directory).startswith((".", "~"))):
-    return FileNotFoundError(
-        f"{directory} does not exist; hub ids are not downloaded by load_hf: download it first (huggingface-cli "
-        f"download {directory} --local-dir DIR, or huggingface_hub.snapshot_download('{directory}')) and pass the "
-        "local directory")
-  return FileNotFoundError(f"{directory} has no config.json: point at a transformers checkpoint directory (the one "
-                           "save_pretrained wrote)")
+    return str(adapter)
+  # "org/name" as given (pathlib drops a leading "./"), and no such local path: maybe a Hugging Face hub id.
+  if not directory.exists() and len(directory.parts) == 2 and not os.fspath(path).startswith((".", "~", os.sep)):
+    return (f"{path} does not exist; if it is a hub id, note that hub ids are not downloaded: download it first "
+            f"(huggingface-cli download {path} --local-dir DIR, or huggingface_hub.snapshot_download('{path}')) and "
+            "pass the local directory")
+  return None
+
+
+def _missing_config_error(path: str | os.PathLike) -> FileNotFoundError:
+  return FileNotFoundError(not_a_checkpoint_hint(path) or f"{path} has no config.json: point at a transformers "
+                           "checkpoint directory (the one save_pretrained wrote)")
 
 
 def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -208,7 +212,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
     raise ValueError("set the parameter dtype with load_hf(dtype=...), not config_overrides['param_dtype']")
   param_dtype = jnp.dtype(dtype or _DEFAULT_PARAM_DTYPE)
   if not (directory / "config.json").is_file():
-    raise _missing_config_error(directory)
+    raise _missing_config_error(path)
   hf_config = json.loads((directory / "config.json").read_text())
   config = from_hf_config(hf_config, **overrides, param_dtype=param_dtype.name)
 

@@ -46,7 +46,9 @@ def _as_dict(hf: Any) -> dict[str, Any]:
   if isinstance(hf, Mapping):
     return dict(hf)
   if hasattr(hf, "to_dict"):  # a transformers PretrainedConfig
-    return hf.to_dict()
+    # to_dict() adds the running transformers' version; the file's own (None: not written by transformers) is what
+    # tells whether transformers has re-saved it (see `_dtype_name`).
+    return hf.to_dict() | {"transformers_version": getattr(hf, "transformers_version", None)}
   raise TypeError(f"expected a config.json dict or a transformers config, got {type(hf).__name__}")
 
 

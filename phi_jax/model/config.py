@@ -15,16 +15,23 @@ import numpy as np
 ATTENTION_BACKENDS = ("xla", "blockwise", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # Names other codebases give PhiConfig fields (transformers' config.json, MaxText), which overrides copied from
-# there use.
+# there use: what each is called here.
 _OTHER_NAMES = {
     "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
     "rope_scaling": "rope_scaling_type (with rope_short_factor, rope_long_factor, rope_attention_factor)",
     "rope_parameters": "rope_scaling_type, rope_theta, partial_rotary_factor and the rope_* factors",
-    "rope_type": "rope_scaling_type", "torch_dtype": "dtype", "weight_dtype": "param_dtype",
-    "max_seq_len": "max_position_embeddings", "max_target_length": "max_position_embeddings",
+    "rope_type": "rope_scaling_type", "torch_dtype": "dtype",
     "base_num_decoder_layers": "num_layers", "base_num_query_heads": "num_heads", "base_num_kv_heads": "num_kv_heads",
     "base_emb_dim": "hidden_size", "base_mlp_dim": "intermediate_size", "normalization_layer_epsilon": "rms_norm_eps",
     "logits_via_embedding": "tie_word_embeddings",
+}
+# Names whose setting is no plain PhiConfig field: what to use instead.
+_NOT_FIELDS = {
+    "max_target_length": "MaxText's training sequence length: data.seq_len here; the model's position limit is "
+                         "max_position_embeddings",
+    "max_seq_len": "a training sequence length is data.seq_len; the model's position limit is "
+                   "max_position_embeddings",
+    "weight_dtype": "the parameters' dtype is its own setting, model.param_dtype (load_hf(dtype=...))",
 }
 
 
@@ -34,8 +41,9 @@ def check_field_names(changes: Any) -> None:
   unknown = [name for name in changes if name not in fields]
   if not unknown:
     return
-  hints = [f"{name!r} (PhiConfig calls it {_OTHER_NAMES[name]})" if name in _OTHER_NAMES else repr(name)
-           for name in unknown]
+  hint = lambda name: (f" (PhiConfig calls it {_OTHER_NAMES[name]})" if name in _OTHER_NAMES
+                       else f" ({_NOT_FIELDS[name]})" if name in _NOT_FIELDS else "")
+  hints = [repr(name) + hint(name) for name in unknown]
   raise ValueError(f"PhiConfig has no field(s) {', '.join(hints)}; rename the key in model.overrides, "
                    f"load_hf(config_overrides=...) or PhiConfig.replace(...). valid fields: {', '.join(fields)}")
 
