@@ -60,6 +60,8 @@ def eval_settings(num_samples: int = 3, temperature: float = 0.6, top_p: float =
   `pass_k`: the k of the pass@k estimates (each at most num_samples); `batch_size`: rows generated at once."""
   if num_samples < 1:
     raise ValueError(f"evaluation.num_samples={num_samples} must be at least 1")
+  if batch_size < 1:
+    raise ValueError(f"evaluation.batch_size={batch_size} must be at least 1 (rows generated at once)")
   pass_k = (pass_k,) if isinstance(pass_k, int) else tuple(pass_k)  # evaluation.pass_k=3: one k
   if not all(isinstance(k, int) and not isinstance(k, bool) for k in pass_k):
     raise ValueError(f"evaluation.pass_k={list(pass_k)}: every k must be a whole number (3, not 3.0)")

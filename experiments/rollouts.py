@@ -61,6 +61,8 @@ def rollout_settings(max_new_tokens: int = 256, temperature: float = 1.0, top_p:
                      verify_timeout_s: Optional[float] = None) -> dict[str, Any]:
   """Sampling settings; `stop_token_ids` empty means the chat format's own; `batch_size` is the number of rollouts
   generated at once."""
+  if batch_size < 1:
+    raise ValueError(f"rollouts.batch_size={batch_size} must be at least 1 (rollouts generated at once)")
   return dict(sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       top_k=top_k, stop_token_ids=tuple(stop_token_ids)),
               batch_size=batch_size, verify_timeout_s=verify_timeout_s)

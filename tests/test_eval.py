@@ -99,11 +99,20 @@ def test_summary_counts_lengths_and_unfinished_samples_of_known_outputs():
 
 @pytest.mark.parametrize("kwargs,match", [({"num_samples": 0, "pass_k": ()}, "num_samples=0 must be at least 1"),
                                           ({"num_samples": 2, "pass_k": (1, 3)}, r"pass_k=\[1, 3\]"),
-                                          ({"pass_k": (0,)}, r"pass_k=\[0\]")])
+                                          ({"pass_k": (0,)}, r"pass_k=\[0\]"),
+                                          ({"batch_size": -1}, r"evaluation.batch_size=-1 must be at least 1")])
 def test_eval_settings_refuse_impossible_sample_counts(kwargs, match):
-  """pass@k needs k of the n samples: k above n (or below 1), or no samples at all, is a config mistake."""
+  """pass@k needs k of the n samples: k above n (or below 1), or no samples at all, is a config mistake; so is a
+  batch size below 1 (-1 generated nothing, and eval then crashed)."""
   with pytest.raises(ValueError, match=match):
     eval_lib.eval_settings(**kwargs)
+
+
+def test_rollout_settings_refuse_a_batch_size_below_one():
+  """rollouts.batch_size=-1 generated nothing and wrote an empty pairs file with a summary of 0 rollouts."""
+  import rollouts
+  with pytest.raises(ValueError, match=r"rollouts.batch_size=-1 must be at least 1"):
+    rollouts.rollout_settings(batch_size=-1)
 
 
 def test_format_errors(monkeypatch):

@@ -37,7 +37,7 @@ def test_filters_drop_zero_variance_easy_and_ragged_groups_and_balance_negatives
     ("aggregation", "dapo"), ("group_size", 1), ("num_passes", 0), ("prompts_per_step", 0), ("max_new_tokens", 0),
     ("epsilon_low", 1.0), ("epsilon_high", -0.1), ("beta", -0.01), ("entropy_coef", -1.0),
     ("max_group_accuracy", 50.0), ("max_length_cv", 0.0), ("anneal_fraction", 0.0), ("anneal_fraction", 2.0),
-    ("temperature", -1.0), ("final_temperature", -0.6)])
+    ("temperature", -1.0), ("final_temperature", -0.6), ("final_temperature", 1e-9)])
 def test_grpo_settings_out_of_range_are_an_error_before_any_rollout(field, value):
   """Each would train wrong or fail only after a whole rollout batch was sampled (max_group_accuracy=50, a
   percentage, switched the easy-prompt filter off)."""
@@ -143,6 +143,9 @@ def test_temperature_anneals_linearly_over_first_half():
   cfg = grpo.GRPOConfig(temperature=1.0, final_temperature=0.6, anneal_fraction=0.5)
   assert [round(cfg.temperature_at(s, 100), 3) for s in (0, 25, 50, 75, 100)] == [1.0, 0.8, 0.6, 0.6, 0.6]
   assert grpo.GRPOConfig(temperature=0.9).temperature_at(70, 100) == 0.9
+  # Annealing to greedy passes temperatures too small to sample at: those steps are greedy.
+  to_greedy = grpo.GRPOConfig(temperature=1e-3, final_temperature=0.0, anneal_fraction=1.0)
+  assert to_greedy.temperature_at(999_999, 1_000_000) == 0.0 < to_greedy.temperature_at(900_000, 1_000_000)
 
 
 def _digit_share(tokenizer):

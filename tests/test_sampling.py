@@ -388,10 +388,18 @@ def _right_pad(rendered):
                                             ({"temperature": jnp.float32(-0.5)}, "temperature must be >= 0"),
                                             ({"temperature": np.array([0.5, np.inf])}, "must be finite"),
                                             ({"stop_token_ids": "<|im_end|>"}, "stop_token_ids must be token ids"),
-                                            ({"stop_token_ids": (2, 2.5)}, "stop_token_ids must be token ids")])
+                                            ({"stop_token_ids": (2, 2.5)}, "stop_token_ids must be token ids"),
+                                            # logits / 1e-10 overflowed log_softmax under jit: log-probs of +-inf.
+                                            ({"temperature": 1e-10}, r"at least 1e-05; use 0 for greedy"),
+                                            ({"temperature": np.array([0.5, 1e-8])}, r"at least 1e-05")])
 def test_bad_sampling_configs_name_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
     SamplingConfig(**fields)
+
+
+def test_none_switches_top_p_and_stop_ids_off_as_in_transformers():
+  """top_p=None and stop_token_ids=None (eos_token_id=None) failed with bare TypeErrors."""
+  assert SamplingConfig(top_p=None, stop_token_ids=None) == SamplingConfig(top_p=1.0, stop_token_ids=())
 
 
 def test_one_stop_id_is_a_tuple_of_one_and_ids_outside_the_vocabulary_are_refused(params, prompts):
@@ -422,6 +430,25 @@ def test_bad_prompts_are_refused(params, prompts, caplog):
   for rng in (None, 3):
     with pytest.raises(ValueError, match="rng must be a PRNG key such as jax.random.key"):
       generate(params, CONFIG, tokens, lengths, rng, GREEDY)
+  with pytest.raises(ValueError, match=r"expected prompt_tokens \[B, P\] and prompt_lengths \[B\]"):
+    generate(params, CONFIG, tokens[:1], 3, jax.random.key(0), GREEDY)  # one length as a number
+  # Python lists are arrays too.
+  listed = generate(params, CONFIG, tokens.tolist(), lengths.tolist(), jax.random.key(0), GREEDY)
+  np.testing.assert_array_equal(listed["tokens"], generate(params, CONFIG, tokens, lengths, jax.random.key(0),
+                                                           GREEDY)["tokens"])
+
+
+def test_generate_text_names_likely_mistakes(params, tmp_path):
+  """A negative batch_size generated nothing (eval crashed, rollouts wrote an empty file); a tokenizer's path and one
+  unwrapped conversation failed inside the tokenizer or the chat renderer."""
+  tokenizer = build_tiny_tokenizer(tmp_path, chat_format="phi-4")
+  for batch_size in (-2, 0, 2.5):
+    with pytest.raises(ValueError, match=r"batch_size=.* must be a positive whole number of rows"):
+      generate_text(params, CONFIG, tokenizer, ["2 + 2?"], jax.random.key(0), GREEDY, batch_size=batch_size)
+  with pytest.raises(ValueError, match=r"is a path: load it first"):
+    generate_text(params, CONFIG, str(tmp_path), ["2 + 2?"], jax.random.key(0), GREEDY)
+  with pytest.raises(ValueError, match=r"prompts is one conversation .*pass \[messages\]"):
+    generate_text(params, CONFIG, tokenizer, [{"role": "user", "content": "2 + 2?"}], jax.random.key(0), GREEDY)
 
 
 def test_each_step_and_row_draws_fresh_noise(params, prompts):

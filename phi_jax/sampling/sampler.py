@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -65,16 +66,23 @@ def _cache_axes(config: PhiConfig):
   return {"layers": (_LAYER_CACHE_AXES,) * config.num_layers, "tokens": ("batch", "length"), "lengths": ("batch",)}
 
 
+# The smallest positive temperature: below it the tempered logits lose the precision log-probs need (vLLM treats
+# temperatures under 1e-5 as greedy).
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How to generate.
 
   Attributes:
     max_new_tokens: generated tokens per row at most (N, the width of the outputs).
-    temperature: divides the logits before sampling; 0.0 is greedy decoding. May be a traced or device scalar.
+    temperature: divides the logits before sampling; 0.0 is greedy decoding, and a positive one at least
+      `MIN_TEMPERATURE`. May be a traced or device scalar.
     top_k: keep only the k most likely tokens (0: off).
-    top_p: nucleus sampling, keep the smallest set of most likely tokens with probability >= top_p (1.0: off).
-    stop_token_ids: a row ends after emitting any of these (the stop token is part of the output).
+    top_p: nucleus sampling, keep the smallest set of most likely tokens with probability >= top_p (1.0 or None:
+      off).
+    stop_token_ids: a row ends after emitting any of these (the stop token is part of the output); None is ().
   """
 
   max_new_tokens: int = 256
@@ -84,6 +92,11 @@ class SamplingConfig:
   stop_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
+    # None is "off" for these, as transformers and TRL spell it (top_p=None, eos_token_id=None).
+    if self.top_p is None:
+      object.__setattr__(self, "top_p", 1.0)
+    if self.stop_token_ids is None:
+      object.__setattr__(self, "stop_token_ids", ())
     for name in ("max_new_tokens", "top_k"):  # they size arrays and loops: 2.5 would fail deep inside jit
       if not isinstance(getattr(self, name), (int, np.integer)) or isinstance(getattr(self, name), bool):
         raise ValueError(f"SamplingConfig.{name} must be an integer, got {getattr(self, name)!r}")
@@ -101,6 +114,10 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (1 switches it off), got {self.top_p}")
     if concrete and np.any(temperature < 0):
       raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 is greedy), got {self.temperature}")
+    if concrete and np.any((temperature > 0) & (temperature < MIN_TEMPERATURE)):
+      # logits / T of ~1e10 and more overflow exp() in log_softmax under jit: log-probs of +-inf.
+      raise ValueError(f"SamplingConfig.temperature={self.temperature}: a positive temperature must be at least "
+                       f"{MIN_TEMPERATURE:g}; use 0 for greedy decoding")
     # A list (from gin or JSON) would make the config unhashable, and the jitted program is keyed on it. One id
     # (transformers' eos_token_id=2) is a list of one.
     ids = self.stop_token_ids
@@ -140,8 +157,7 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
       lengths [B] int32: generated tokens per row, the stop token included;
       finished [B] bool: True when the row emitted a stop token, False when it ran into max_new_tokens.
   """
-  if isinstance(prompt_tokens, (list, tuple)) or isinstance(prompt_lengths, (list, tuple)):
-    prompt_tokens, prompt_lengths = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_lengths, np.int32)
+  prompt_tokens, prompt_lengths = _as_array(prompt_tokens), _as_array(prompt_lengths)
   active = np.ones(prompt_lengths.shape, bool) if active is None else active
   if np.shape(active) != np.shape(prompt_lengths):
     raise ValueError(f"active must be one bool per row, shape {np.shape(prompt_lengths)}, got {np.shape(active)}")
@@ -276,12 +292,20 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
   """
   if isinstance(prompts, str):  # one question: a str is a sequence too, of one-character questions
     raise ValueError("prompts must be a list of prompts (questions or conversations), got one str: pass [prompt]")
+  if isinstance(tokenizer, (str, os.PathLike)):
+    raise ValueError(f"tokenizer={tokenizer!r} is a path: load it first, "
+                     "phi_jax.hf.tokenizer.load_tokenizer(path)")
+  if prompts and isinstance(prompts[0], dict) and "role" in prompts[0]:  # one conversation, not a list of them
+    raise ValueError("prompts is one conversation (a list of messages): pass [messages], a list of conversations")
   if not prompts:
     return []
   if not sampling.stop_token_ids:
     sampling = dataclasses.replace(sampling, stop_token_ids=chat.stop_token_ids(tokenizer))
   rendered = [chat.render_prompt(tokenizer, prompt, system_prompt=system_prompt) for prompt in prompts]
   rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                 or batch_size < 1):
+    raise ValueError(f"batch_size={batch_size!r} must be a positive whole number of rows, or None for the default")
   batch_size = batch_size or _round_up(1 << (len(rendered) - 1).bit_length(), rows)
   if batch_size % rows:
     raise ValueError(f"batch_size={batch_size} does not split over the mesh's data x fsdp = {rows} devices")
@@ -325,6 +349,15 @@ def _padded_stop_ids(stop_token_ids: tuple[int, ...]) -> jax.Array:
   """Stop ids padded with -1 (never a token) to a multiple of 4, so most stop sets share one compiled program."""
   size = _round_up(max(len(stop_token_ids), 1), _STOP_IDS_MULTIPLE)
   return jnp.asarray(list(stop_token_ids) + [-1] * (size - len(stop_token_ids)), jnp.int32)
+
+
+def _as_array(x):
+  """Python lists and numbers as NumPy arrays, integers as int32 (floats stay floats, which `_check_prompts`
+  refuses, as it does a wrong shape); arrays as they are."""
+  if hasattr(x, "shape"):
+    return x
+  x = np.asarray(x)
+  return x.astype(np.int32) if x.dtype.kind in "iu" else x
 
 
 def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tokens: int) -> None:

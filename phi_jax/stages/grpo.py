@@ -44,6 +44,7 @@ from phi_jax.losses import chunked_token_logprobs, group_advantages, grpo_loss, 
 from phi_jax.losses.grpo import AGGREGATIONS
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sampling import SamplingConfig, generate
+from phi_jax.sampling.sampler import MIN_TEMPERATURE
 from phi_jax.train import checkpoint
 from phi_jax.train.step import MeshJit, batch_shardings, most_pieces
 
@@ -148,11 +149,12 @@ class GRPOConfig:
                   self.prompts_per_step, 1 / self.prompts_per_step)
     # The sampling settings, checked as the rollouts will use them and named by their grpo.* bindings.
     try:
-      SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                     top_p=self.top_p)
+      for temperature in {self.temperature, self.final_temperature} - {None}:
+        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=temperature, top_k=self.top_k,
+                       top_p=self.top_p)
     except ValueError as e:
-      raise ValueError(f"grpo sampling settings (grpo.top_k={self.top_k}, grpo.top_p={self.top_p}): "
-                       f"{e}") from None
+      raise ValueError(f"grpo sampling settings (grpo.temperature={self.temperature}, grpo.final_temperature="
+                       f"{self.final_temperature}, grpo.top_k={self.top_k}, grpo.top_p={self.top_p}): {e}") from None
     rows = self.prompts_per_step * self.group_size
     if self.rollout_batch_size is not None and not (0 < self.rollout_batch_size <= rows
                                                     and rows % self.rollout_batch_size == 0):
@@ -164,7 +166,9 @@ class GRPOConfig:
       return self.temperature
     anneal_steps = max(1.0, self.anneal_fraction * num_steps)
     frac = min(step / anneal_steps, 1.0)
-    return self.temperature + (self.final_temperature - self.temperature) * frac
+    temperature = self.temperature + (self.final_temperature - self.temperature) * frac
+    # Annealing towards 0 (greedy) passes temperatures too small to sample at: those steps are greedy already.
+    return 0.0 if temperature < MIN_TEMPERATURE else temperature
 
 
 def _temperature(batch) -> jax.Array:
