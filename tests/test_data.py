@@ -601,6 +601,31 @@ def test_build_pipeline_refuses_bad_settings(docs_file):
     pipeline([])
 
 
+@pytest.mark.parametrize("records", [1, 2, 3, 5])
+def test_a_bare_source_weighs_1_and_anything_else_is_named_with_the_expected_form(tmp_path, records):
+  """A bare source in the list was unpacked into Component(*its records): a KeyError, a TypeError or
+  "Component.num_epochs={'data': ...}" depending on the file's length."""
+  path = write_jsonl(tmp_path / "docs.jsonl", documents(records))
+  expected = segments(pipeline([(JsonlSource(path), 1.0)]))
+  assert segments(pipeline([JsonlSource(path)])) == expected
+  assert segments(pipeline(JsonlSource(path))) == expected  # one source, not in a list
+  assert segments(pipeline([[JsonlSource(path), 1.0]])) == expected  # a pair as a list (from YAML or JSON)
+  form = r"\[\(source, weight\), \.\.\.\] or Component\(source, weight\)"
+  for bad, found in ((path, "a str"), ([(path, 1.0)], r"sources\[0\] is a tuple \('.*docs.jsonl', 1.0\)"),
+                     (documents(2), r"sources\[0\] is a dict"), ([("not a source", 0.5)], "sources")):
+    with pytest.raises(TypeError, match=rf"{found}.* {form}.*open_source\(path\)"):
+      pipeline(bad)
+
+
+def test_a_source_of_plain_records_is_refused_saying_how_to_read_them(tmp_path):
+  records = documents(2)
+  with pytest.raises(TypeError, match=r"a raw record \{'data', 'where', 'error'\}; got a dict with keys \['text'\]"
+                                      r".*JsonlSource\(path\) or open_source\(path\)"):
+    read_record(records[0])
+  with pytest.raises(TypeError, match="JsonlSource"):
+    next(pipeline([(records, 1.0)]))
+
+
 def test_num_epochs_is_a_whole_number_of_passes(docs_file, monkeypatch):
   """A float from a gin file (3.0) counts as the integer it is; part of an epoch (1.5) is refused, not a crash."""
   path, records = docs_file

@@ -365,6 +365,19 @@ def test_dpo_rejects_unknown_settings():
     losses.dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.1, loss_type="ipo")
 
 
+def test_dpo_inputs_of_other_shapes_than_one_flat_batch_are_refused():
+  """A reference stored as a column ([B, 1]) broadcast against the policy's [B] into [B, B]: every pair mixed with
+  every other, a wrong loss and metrics and no error."""
+  x = jnp.asarray([-1.0, -2.0])
+  for args, shapes in (((x, x, x[:, None], x[:, None]), r"\(2,\), \(2,\), \(2, 1\), \(2, 1\)"),
+                       ((x, x, x, x[:1]), r"\(2,\), \(2,\), \(2,\), \(1,\)"),
+                       ((x[:, None],) * 4, r"\(2, 1\), \(2, 1\), \(2, 1\), \(2, 1\)")):
+    with pytest.raises(ValueError, match=rf"one shape \[B\] .* got shapes {shapes}"):
+      losses.dpo_loss(*args, beta=0.1)
+  loss, _ = losses.dpo_loss(x, x, x, x, beta=0.1)  # four [B]: as before
+  np.testing.assert_allclose(float(loss), np.log(2.0), rtol=1e-6)
+
+
 def test_sequence_logps():
   rng = np.random.default_rng(3)
   token_logps = rng.normal(size=(3, 6))

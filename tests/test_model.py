@@ -162,6 +162,22 @@ def test_padding_ids_cannot_poison_a_row_and_bad_ids_are_named():
     phi_jax.forward(params, dirty, GQA, segment_ids=segments)
 
 
+def test_tokens_are_array_likes_of_shape_batch_by_length():
+  """1-D tokens failed with an IndexError, a list with an AttributeError, 3-D tokens with a broadcasting TypeError
+  inside attention."""
+  params = phi_jax.init_params(GQA, jax.random.key(1))
+  row = [5, 6, 7, 8]
+  expected = np.asarray(phi_jax.forward(params, np.asarray([row], np.int32), GQA))
+  np.testing.assert_array_equal(np.asarray(phi_jax.forward(params, [row], GQA)), expected)
+  for tokens in (np.asarray(row), row):
+    with pytest.raises(ValueError, match=r"tokens must be \[batch, seq_len\] .* got shape \(4,\).*tokens\[None\]"):
+      phi_jax.forward(params, tokens, GQA)
+  with pytest.raises(ValueError, match=r"tokens must be \[batch, seq_len\] .* got shape \(1, 1, 4\)$"):
+    phi_jax.forward(params, np.asarray([[row]]), GQA)
+  with pytest.raises(ValueError, match=r"got shape \(4,\)"):
+    phi_jax.hidden_states(params, np.asarray(row), GQA)
+
+
 def _greedy_with_cache(params, config, prompts, max_new, block_size=None):
   lengths = np.array([len(p) for p in prompts], np.int32)
   padded = np.zeros((len(prompts), lengths.max()), np.int32)

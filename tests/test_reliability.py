@@ -561,6 +561,67 @@ def test_ctrl_c_in_the_loop_waits_for_the_save_in_flight():
   assert saves.waited == 1
 
 
+def test_eval_batches_the_mesh_cannot_split_or_that_lack_a_key_are_refused_before_the_first_step(tmp_path):
+  """Found only at the final evaluation, which runs before the last step's checkpoint: the run's last steps were
+  lost to an IndivisibleError naming sharding internals (or a bare KeyError), and a rerun trained them again."""
+  batch = EvalScales({})()[0]
+  six_rows = {k: v[:6] for k, v in batch.items()}
+  no_mask = {k: v for k, v in batch.items() if k != "loss_mask"}
+  for eval_batch, message in ((six_rows, r"the first eval batch\['\w+'\] has 6 rows, .* data x fsdp = 8"),
+                              (no_mask, r"the first eval batch lacks 'loss_mask', a key of the train batches")):
+    workdir = tmp_path / str(len(os.listdir(tmp_path)))
+    with pytest.raises(ValueError, match=message):
+      _run(workdir, mesh_shape={"fsdp": -1}, eval_batches=[eval_batch], num_steps=2)
+    assert _complete_steps(workdir) == [] and not os.path.exists(workdir / "metrics.jsonl")
+
+
+def test_token_ids_outside_the_vocabulary_are_named_before_their_step(tmp_path):
+  """They reached the step as NaN hidden states: "non-finite loss=nan ... set on_nonfinite='skip'", advice that
+  would drop every such batch."""
+  batches = [next(data) for data in [ScaledData()] for _ in range(2)]
+  batches[1]["tokens"][3, 5] = 100257  # a Phi-4 tokenizer's id, fed to a model of 128 tokens
+  with pytest.raises(ValueError, match=r"train batch of step 2, 'tokens': token id 100257 at \[3, 5\] is outside "
+                                       r"the vocabulary \[0, 128\)"):
+    _run(tmp_path / "train", data=batches, num_steps=2, checkpoint_every=1)
+  assert _complete_steps(tmp_path / "train") == [1]
+  with pytest.raises(ValueError, match=r"the first eval batch, 'tokens': token id 100257"):
+    _run(tmp_path / "eval", eval_batches=[batches[1]], num_steps=2)
+  assert _complete_steps(tmp_path / "eval") == []
+
+
+def test_a_hand_made_loss_data_or_init_that_breaks_the_contract_is_named(tmp_path, monkeypatch):
+  """A scalar loss failed inside JAX ("expected function with aux output to return a two-element tuple ...
+  LinearizeTracer"), (loss, {}) with KeyError 'weight', one batch as train_data with "'str' object has no attribute
+  'shape'", params as init_params with "'dict' object is not callable"; the Orbax manager of a run whose init
+  failed was never closed."""
+  base = scaled_loss(TINY)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  batch = next(ScaledData())
+
+  def run(loss_fn=base, data=None, **kwargs):
+    return loop.run(workdir=str(tmp_path / str(len(os.listdir(tmp_path)))), model_config=TINY, optimizer_config=OPT,
+                    loss_fn=loss_fn, train_data=[batch] if data is None else data, mesh=mesh,
+                    loop=LoopConfig(num_steps=1, async_checkpoints=False), **kwargs)
+
+  with pytest.raises(TypeError, match=r"loss_fn must return \(loss_sum, aux\) .* got one array of shape \(\)"):
+    run(lambda *args: base(*args)[0])
+  with pytest.raises(TypeError, match=r"loss_fn's aux must be a dict with a \"weight\" .* got keys \[\]"):
+    run(lambda *args: (base(*args)[0], {}))
+  with pytest.raises(TypeError, match=r"train_data is a dict: pass an iterable of batches, e.g. \[batch\]"):
+    run(data=batch)
+  with pytest.raises(TypeError, match=r"init_params is a dict: give a function returning the starting params"):
+    run(init_params=init_params(TINY, jax.random.key(0)))
+  closed = []
+  close = checkpoint.Checkpointer.close
+  monkeypatch.setattr(checkpoint.Checkpointer, "close", lambda self: (closed.append(1), close(self)))
+
+  def fails():
+    raise RuntimeError("no such checkpoint")
+
+  with pytest.raises(RuntimeError, match="no such checkpoint"):
+    run(init_params=fails)
+  assert closed == [1]
+
 @pytest.mark.parametrize("batches", [5, 4])  # the data ends between checkpoints, or right after one
 def test_the_last_step_is_logged_when_the_data_ends_between_log_steps(tmp_path, batches):
   """Without eval data, a run whose data ends at a step that is not a log step still writes that step's record:

@@ -192,6 +192,20 @@ def test_every_process_must_hold_rows_of_its_own(shape, processes, shared):
       check_rows_per_process(mesh, 16, process_of=lambda d: d.id // per_process)
 
 
+def test_global_batch_names_a_leaf_it_cannot_batch_and_rows_the_mesh_cannot_split():
+  """A passthrough string column (as transformers' collators keep) failed with "'str' object has no attribute
+  'shape'"; rows that data x fsdp does not divide with an IndivisibleError naming sharding internals."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  batch = {"tokens": np.zeros((8, 16), np.int32), "lengths": np.arange(8)}
+  assert {k: v.shape for k, v in global_batch(batch, mesh).items()} == {"tokens": (8, 16), "lengths": (8,)}
+  for extra, found in ((["a"] * 8, r"\['id'\]\[0\] is a str"), (np.asarray(["a"] * 8), r"\['id'\] holds U1 values"),
+                       (3, r"\['id'\] is a int"), (np.int32(3), r"\['id'\] has no batch axis")):
+    with pytest.raises(TypeError, match=found + ".*only arrays .* can be batched.*'id'"):
+      global_batch(dict(batch, id=extra), mesh)
+  with pytest.raises(ValueError, match=r"batch\['tokens'\] has 6 rows, .* data x fsdp = 4 .* a multiple of 4"):
+    global_batch({"tokens": np.zeros((6, 16), np.int32)}, mesh)
+
+
 def test_mesh_that_cannot_split_a_parameter_is_named():
   mesh = sharding.make_mesh({"tensor": 8})  # tiny has 2 kv heads: 8-way tensor parallelism cannot split them
   with pytest.raises(ValueError, match=r"kv_heads|\['k'\]|\['v'\]|cannot split evenly"):

@@ -26,8 +26,9 @@ import functools
 import logging
 import math
 import numbers
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any, Optional
 
@@ -133,6 +134,42 @@ def whole_epochs(num_epochs: Any, setting: str = "num_epochs") -> Optional[int]:
                    "of an epoch set train.num_steps")
 
 
+_SOURCES_FORM = ("give [(source, weight), ...] or Component(source, weight) items (a bare source weighs 1.0), each "
+                 "source a random-access record source (len and [i]) such as JsonlSource(path) or open_source(path)")
+
+
+def _is_source(x: Any) -> bool:
+  """Whether `x` may be a record source: len and [i], and no path, record or (source, weight) pair."""
+  return (hasattr(x, "__len__") and hasattr(x, "__getitem__")
+          and not isinstance(x, (str, bytes, os.PathLike, Mapping, tuple)))
+
+
+def _shown(x: Any) -> str:
+  text = repr(x) if isinstance(x, (str, bytes, os.PathLike, tuple)) else ""
+  return f"a {type(x).__name__}" + (f" {text if len(text) <= 100 else text[:97] + '...'}" if text else "")
+
+
+def _component(item: Any, index: int) -> Component:
+  """One item of `build_pipeline`'s sources as a Component; unpacking a bare source passed its records as the
+  weight and epochs."""
+  if isinstance(item, Component):
+    return item
+  if (isinstance(item, (tuple, list)) and 1 <= len(item) <= 4 and _is_source(item[0])
+      and (len(item) == 1 or item[1] is None or isinstance(item[1], numbers.Real))):
+    return Component(*item)
+  if _is_source(item):
+    return Component(item)
+  raise TypeError(f"sources[{index}] is {_shown(item)}: {_SOURCES_FORM}")
+
+
+def _components(sources: Any) -> list[Component]:
+  if isinstance(sources, Component) or (_is_source(sources) and not isinstance(sources, list)):
+    sources = [sources]  # one source, not in a list
+  if isinstance(sources, (str, bytes, os.PathLike, Mapping)) or not isinstance(sources, Iterable):
+    raise TypeError(f"sources is {_shown(sources)}: {_SOURCES_FORM}")
+  return [_component(item, i) for i, item in enumerate(sources)]
+
+
 def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize_fn: TokenizeFn, seq_len: int,
                    batch_size: int, seed: int, shuffle: bool = True, num_epochs: Optional[int] = None,
                    packing: Optional[str] = "first_fit", too_long: str = "split", on_bad_record: str = "raise",
@@ -143,7 +180,8 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
 
   Args:
     sources: `(source, weight)` pairs or `Component`s; a source is any random-access record source (`len` and
-      `[i]` giving `sources.py` raw records), e.g. `JsonlSource`, `ParquetSource`, `DiskDatasetSource`.
+      `[i]` giving `sources.py` raw records), e.g. `JsonlSource`, `ParquetSource`, `DiskDatasetSource`. A bare
+      source (in the list, or alone) weighs 1.0; anything else is a TypeError showing these forms.
     tokenize_fn: record -> `{"ids", "loss_mask"}`, e.g. `make_tokenize_fn(tokenizer)`.
     seq_len: row length T.
     batch_size: rows per batch for this process.
@@ -163,7 +201,7 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
     warn: log the first split record and the first skipped record of each reason (an eval set read again at
       every evaluation turns this off and reports its counts once).
   """
-  components = [c if isinstance(c, Component) else Component(*c) for c in sources]
+  components = _components(sources)
   if not components:
     raise ValueError("build_pipeline needs at least one source")
   if too_long not in packing_lib.TOO_LONG:

@@ -671,6 +671,12 @@ def _messages_from_columns(columns: dict[str, Any], field: str = "messages"
 
 def read_record(raw: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
   """`validate_record` applied to a source's raw record, passing on read errors (bad UTF-8, bad JSON)."""
+  if not isinstance(raw, dict) or not {"data", "where", "error"} <= raw.keys():
+    # A plain record (a list of dicts given as a source) failed with KeyError 'error' in a reader thread.
+    found = f"a dict with keys {sorted(raw, key=str)}" if isinstance(raw, dict) else f"a {type(raw).__name__}"
+    raise TypeError(f"a source's [i] must give a raw record {{'data', 'where', 'error'}}; got {found}. For plain "
+                    "records (dicts such as {'text': ...} or {'messages': [...]}), write them to a .jsonl file and "
+                    "read it with JsonlSource(path) or open_source(path)")
   if raw["error"] is not None:
     return None, raw["error"]
   return validate_record(raw["data"], where=raw["where"])

@@ -27,6 +27,7 @@ metrics.jsonl and a warning); SIGTERM finishes the current step, saves, and exit
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import dataclasses
 import functools
@@ -49,6 +50,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from phi_jax.model import PhiConfig
+from phi_jax.model.api import check_token_ids
 from phi_jax.sharding.distributed import allgather_json, any_process, from_process_zero
 from phi_jax.train import flops
 from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointError,
@@ -294,12 +296,35 @@ class _EvalHistory:
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Per-process numpy batch -> global jax.Arrays split over data x fsdp (works on one host and many)."""
+  check_batch(local_batch, mesh)
   if jax.process_count() > 1:
     # Each process's rows must be a block of the global batch of their own: on a mesh whose data x fsdp blocks span
     # processes, the processes' different rows would silently become one batch per process.
     _check_rows_once(mesh, len(jax.tree.leaves(local_batch)[0]) * jax.process_count())
   shardings = batch_shardings(local_batch, mesh)
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local_batch, shardings)
+
+
+def check_batch(local_batch: dict, mesh: Mesh, what: str = "batch") -> None:
+  """Raises, naming the key, unless every leaf of the per-process batch is a numeric array whose leading axis of
+  rows (over all processes) splits evenly over the mesh's data x fsdp devices."""
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  for path, x in jax.tree_util.tree_leaves_with_path(local_batch):
+    name = f"{what}{jax.tree_util.keystr(path)}"
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      problem = f"is a {type(x).__name__}"
+    elif np.dtype(x.dtype).kind in "OSU":
+      problem = f"holds {np.dtype(x.dtype).str.lstrip('<>|=')} values"
+    elif not x.ndim:
+      problem = "has no batch axis (a scalar)"
+    else:
+      rows = x.shape[0] * jax.process_count()
+      if rows % ways:
+        raise ValueError(f"{name} has {rows} rows, which mesh.shape={dict(mesh.shape)} cannot split evenly over "
+                         f"data x fsdp = {ways} devices: give batches a multiple of {ways} rows")
+      continue
+    raise TypeError(f"{name} {problem}: only arrays (numpy or jax, numbers with a leading axis of rows) can be "
+                    f"batched; drop {jax.tree_util.keystr(path[:1])} from the batch (keep text and ids outside it)")
 
 
 @functools.lru_cache(maxsize=16)
@@ -394,6 +419,61 @@ def check_workdir(workdir: str) -> None:
                      "mount the bucket (e.g. gcsfuse, mountpoint-s3) and give the mounted path")
 
 
+_LOSS_CONTRACT = '(loss_sum, aux) with aux = {"weight": units summed, "metrics": {name: sum}} (see phi_jax.train.step)'
+
+
+def _checked_loss_fn(loss_fn: Callable) -> Callable:
+  """`loss_fn` with its output checked against the loss contract as it is traced (no cost per step): a loss of
+  another form failed deep inside JAX's autodiff or the step."""
+  @functools.wraps(loss_fn)  # keeps attributes such as weight_unit
+  def checked(params, batch, rng):
+    out = loss_fn(params, batch, rng)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+      got = f"one array of shape {jnp.shape(out)}" if hasattr(out, "shape") else f"a {type(out).__name__}"
+      raise TypeError(f"loss_fn must return {_LOSS_CONTRACT}; got {got}")
+    loss_sum, aux = out
+    if not isinstance(aux, collections.abc.Mapping) or "weight" not in aux:
+      keys = sorted(aux) if isinstance(aux, collections.abc.Mapping) else None
+      raise TypeError(f"loss_fn's aux must be a dict with a \"weight\" (the units the loss sums over: tokens, "
+                      f"pairs); got {f'keys {keys}' if keys is not None else f'a {type(aux).__name__}'}. "
+                      f"loss_fn returns {_LOSS_CONTRACT}")
+    if jnp.ndim(loss_sum) != 0:
+      raise TypeError(f"loss_fn's loss_sum must be a scalar (the sum over the batch); got shape "
+                      f"{jnp.shape(loss_sum)}. loss_fn returns {_LOSS_CONTRACT}")
+    return out
+  return checked
+
+
+def _check_token_ids(local: dict, vocab_size: int, what: str) -> None:
+  """Raises on a token id outside the model's vocabulary in a real slot of a host batch (each `*tokens` key, with
+  its `*segment_ids`): inside the step such an id is a NaN loss, which reads as a numerical fault."""
+  for key, tokens in (local.items() if isinstance(local, collections.abc.Mapping) else ()):
+    if isinstance(key, str) and key.endswith("tokens") and np.ndim(tokens) == 2:
+      segments = local.get(key[:-len("tokens")] + "segment_ids", np.ones(np.shape(tokens), np.int32))
+      try:
+        check_token_ids(tokens, segments, vocab_size)
+      except ValueError as e:
+        raise ValueError(f"{what}, {key!r}: {e}") from None
+
+
+def _first_eval_checked(eval_batches: Callable[[], Iterable[dict]], train_batch: dict, mesh: Mesh,
+                        vocab_size: int) -> Callable[[], Iterable[dict]]:
+  """Checks the first eval batch against the mesh, the train batch's keys and the vocabulary, before any step (the
+  final evaluation runs before the last checkpoint, so a bad eval batch found then lost the run's last steps).
+  Returns `eval_batches` whose first call goes on with the batches read here: no extra pass over the eval data."""
+  batches = iter(eval_batches())
+  first = next(batches, None)
+  if first is not None:
+    missing = sorted(set(train_batch) - set(first), key=str)
+    if missing:
+      raise ValueError(f"the first eval batch lacks {', '.join(map(repr, missing))}, a key of the train batches "
+                       f"(it has {sorted(first, key=str)}): the loss function reads the same keys in both")
+    check_batch(first, mesh, what="the first eval batch")
+    _check_token_ids(first, vocab_size, "the first eval batch")
+  replay = [itertools.chain([] if first is None else [first], batches)]
+  return lambda: replay.pop() if replay else eval_batches()
+
+
 def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerConfig, loss_fn: Callable,
         train_data: Iterable, loop: LoopConfig, mesh: Mesh, init_params: Optional[Callable[[], Any]] = None,
         eval_batches: Optional[Callable[[], Iterable[dict]]] = None, run_meta: Optional[dict] = None,
@@ -401,17 +481,30 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         on_first_step: Optional[Callable[[], None]] = None):
   """Trains to `loop.num_steps` (resuming if workdir has checkpoints) and returns the final TrainState.
 
-  `train_data` yields per-process numpy batches, or has `next_batch(params, step)` when batches are sampled from
-  the current policy (GRPO); if it has get_state/set_state, its position is checkpointed; `step_metrics(step)`
-  adds data-side metrics (rewards, lengths) to that step's record. `on_start()` runs once the workdir's
+  `loss_fn(params, batch, rng)` returns (loss_sum, aux): `loss_sum` a scalar sum over the batch, `aux` a dict with
+  "weight" (the units summed: tokens, pairs), which the step divides by, and optionally "metrics" ({name: sum});
+  see phi_jax.train.step. A loss of another form is refused when the step is first traced.
+  `train_data` (an iterable of batches, e.g. `[batch]`, not one batch) yields per-process numpy batches (dicts of
+  arrays of rows, a multiple of data x fsdp over all processes; token ids inside the model's vocabulary), or has
+  `next_batch(params, step)` when batches are sampled from the current policy (GRPO); if it has
+  get_state/set_state, its position is checkpointed; `step_metrics(step)` adds data-side metrics (rewards,
+  lengths) to that step's record. `on_start()` runs once the workdir's
   checkpoints are known to fit this config (a refused resume changes nothing in the workdir), before any step;
   `on_first_step()` right before the first step this call trains (not at all when nothing is left to train).
   `init_params()` returns (sharded) starting params, e.g. from an HF checkpoint or a previous stage; None means
   random init from the seed.
   With `loop.keep_best_checkpoint` the returned state is the best evaluation's, restored from its checkpoint.
   `eval_batches()` returns the eval batches anew at every evaluation; a list or tuple of batches is taken as is.
+  Its first batch is checked before the first step (rows the mesh can split, the train batch's keys, token ids),
+  as the batches of `train_data` are before each step.
   """
   check_workdir(workdir)
+  if isinstance(train_data, collections.abc.Mapping):  # iterating one batch gives its keys
+    raise TypeError(f"train_data is a {type(train_data).__name__}: pass an iterable of batches, e.g. [batch]")
+  if init_params is not None and not callable(init_params):
+    raise TypeError(f"init_params is a {type(init_params).__name__}: give a function returning the starting params "
+                    "(e.g. lambda: params), or None for a random init from the seed")
+  loss_fn = _checked_loss_fn(loss_fn)
   if isinstance(eval_batches, (list, tuple)):
     eval_batches = functools.partial(iter, eval_batches)
   elif eval_batches is not None and not callable(eval_batches):
@@ -458,8 +551,12 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
                     "learning rate is %.3g now against %.3g in the run so far", saved_steps, loop.num_steps, latest,
                     now, before)
   else:
-    params = init_params() if init_params is not None else None
-    state = create_train_state(model_config, optimizer, mesh, initial_params_key(loop.seed), params=params)
+    try:
+      params = init_params() if init_params is not None else None
+      state = create_train_state(model_config, optimizer, mesh, initial_params_key(loop.seed), params=params)
+    except BaseException:
+      checkpointer.close()  # else Orbax's background thread outlives the failed run
+      raise
     meta["state_signature"] = _json_clean(state_signature(state))
   start = int(host_scalar(state.step))
   if start >= loop.num_steps:
@@ -582,6 +679,10 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       error = None
       try:
         local = train_data.next_batch(state.params, step) if on_policy else next(iterator)
+        # Checked on the host (cheap next to a step), where the batch is still at hand to name the bad id.
+        _check_token_ids(local, model_config.vocab_size, f"train batch of step {step + 1}")
+        if step == start and eval_batches is not None:
+          eval_batches = _first_eval_checked(eval_batches, local, mesh, model_config.vocab_size)
       except StopIteration:
         local = None
       except Exception as e:  # pylint: disable=broad-except  (a bad record, a file changed or gone)
