@@ -335,7 +335,7 @@ def check_output_path(flag: str, path: str, *, directory: bool) -> None:
 def _check_is_dir(name: str, path: str) -> None:
   if not os.path.isdir(path):
     raise ValueError(f"{name}={path!r}: no such directory (give a finished run's workdir, which holds params/, or a "
-                     "transformers checkpoint directory)")
+                     f"transformers checkpoint directory){_not_a_checkpoint_hint(path)}")
 
 
 def check_policy_dir(path: str, name: str = "--init_from") -> None:

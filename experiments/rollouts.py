@@ -214,6 +214,10 @@ def load_policy(init_from: str, the_mesh):
     params = common.params_loader(config, hf_path, init_from, the_mesh)()
   else:
     tokenizer = checkpoint_tokenizer(init_from)
+    if len(tokenizer) > config.vocab_size and _has_tokenizer_files(init_from):
+      raise ValueError(f"--init_from={init_from!r}: its own tokenizer has {len(tokenizer)} tokens but its embedding "
+                       f"table {config.vocab_size} rows (tokens added without resizing the embeddings?): remove the "
+                       "extra tokens from its tokenizer files, or remove those files and bind data.tokenizer")
     common.check_vocab(config, tokenizer, "--init_from", init_from)  # data.tokenizer may be another model's
     params = common.params_loader(config, init_from, None, the_mesh)()
   return config, params, tokenizer
@@ -223,11 +227,15 @@ def load_policy(init_from: str, the_mesh):
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def _has_tokenizer_files(hf_dir: str) -> bool:
+  return any(os.path.isfile(os.path.join(hf_dir, name)) for name in _TOKENIZER_FILES)
+
+
 def checkpoint_tokenizer(hf_dir: str):
   """A transformers checkpoint's own tokenizer, or the bound data.tokenizer where the directory has no tokenizer
   files (phi_jax.save_hf writes the weights and config alone)."""
   bound = common.bound_or_none("data.tokenizer")
-  if any(os.path.isfile(os.path.join(hf_dir, name)) for name in _TOKENIZER_FILES):
+  if _has_tokenizer_files(hf_dir):
     if bound is not None:
       log.warning("--init_from=%s has tokenizer files of its own: using them, not data.tokenizer=%r (remove the "
                   "binding, or the files, to silence this)", hf_dir, bound)

@@ -627,6 +627,8 @@ def test_a_model_hf_path_without_a_checkpoint_is_named(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ValueError, match=r"holds no config.json.*if it is a hub id.*snapshot_download"):
     common.model(hf_path="microsoft/Phi-4-mini-instruct")
+  with pytest.raises(ValueError, match=r"no such directory .*if it is a hub id.*snapshot_download"):
+    common.check_policy_dir("microsoft/Phi-4-mini-instruct")
   for local in ("./runs/final", "/runs/final"):  # written as a path: no hub id
     with pytest.raises(ValueError, match=r"holds no config.json") as raised:
       common.model(hf_path=local)

@@ -429,6 +429,10 @@ def test_a_transformers_directory_without_tokenizer_files_takes_the_bound_data_t
     with pytest.raises(ValueError, match=r"the tokenizer has \d+ tokens but the model's vocab_size is 128, that of "
                        r"--init_from='.*small'"):
       rollouts.load_policy(str(small), mesh)
+    for name in os.listdir(tmp_path / "tokenizer"):  # its own tokenizer, larger than its embedding table
+      shutil.copy(tmp_path / "tokenizer" / name, small / name)
+    with pytest.raises(ValueError, match=r"its own tokenizer has \d+ tokens but its embedding table 128 rows"):
+      rollouts.load_policy(str(small), mesh)
   finally:
     gin.clear_config()
 

@@ -376,6 +376,12 @@ def test_dpo_inputs_of_other_shapes_than_one_flat_batch_are_refused():
       losses.dpo_loss(*args, beta=0.1)
   loss, _ = losses.dpo_loss(x, x, x, x, beta=0.1)  # four [B]: as before
   np.testing.assert_allclose(float(loss), np.log(2.0), rtol=1e-6)
+  # Scalars broadcast harmlessly: a reference-free 0.0, one pair, each pair under vmap.
+  free, _ = losses.dpo_loss(x, x - 1.0, 0.0, 0.0, beta=0.1)
+  np.testing.assert_allclose(float(free), np.log1p(np.exp(-0.1)), rtol=1e-6)
+  np.testing.assert_allclose(float(losses.dpo_loss(-1.0, -2.0, 0.0, 0.0, beta=0.1)[0]), float(free), rtol=1e-6)
+  per_pair = jax.vmap(lambda a, b: losses.dpo_loss(a, b, 0.0, 0.0, beta=0.1)[0])(x, x - 1.0)
+  np.testing.assert_allclose(np.asarray(per_pair), float(free), rtol=1e-6)
 
 
 def test_sequence_logps():

@@ -176,6 +176,10 @@ def test_tokens_are_array_likes_of_shape_batch_by_length():
     phi_jax.forward(params, np.asarray([[row]]), GQA)
   with pytest.raises(ValueError, match=r"got shape \(4,\)"):
     phi_jax.hidden_states(params, np.asarray(row), GQA)
+  import torch  # a transformers tokenizer's return_tensors="pt", positions and segment ids alike
+  pt = torch.tensor([row])
+  np.testing.assert_array_equal(np.asarray(phi_jax.forward(params, pt, GQA, positions=torch.arange(4)[None],
+                                                           segment_ids=torch.ones_like(pt))), expected)
 
 
 def _greedy_with_cache(params, config, prompts, max_new, block_size=None):

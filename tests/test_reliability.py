@@ -573,6 +573,9 @@ def test_eval_batches_the_mesh_cannot_split_or_that_lack_a_key_are_refused_befor
     with pytest.raises(ValueError, match=message):
       _run(workdir, mesh_shape={"fsdp": -1}, eval_batches=[eval_batch], num_steps=2)
     assert _complete_steps(workdir) == [] and not os.path.exists(workdir / "metrics.jsonl")
+  # One batch returned where an iterable of batches is expected: its keys were taken for batches.
+  with pytest.raises(TypeError, match=r"eval_batches\(\) returned one batch \(a dict\).*lambda: \[batch\]"):
+    _run(tmp_path / "one", eval_batches=lambda: batch, num_steps=2)
 
 
 def test_token_ids_outside_the_vocabulary_are_named_before_their_step(tmp_path):

@@ -449,6 +449,9 @@ def test_generate_text_names_likely_mistakes(params, tmp_path):
     generate_text(params, CONFIG, str(tmp_path), ["2 + 2?"], jax.random.key(0), GREEDY)
   with pytest.raises(ValueError, match=r"prompts is one conversation .*pass \[messages\]"):
     generate_text(params, CONFIG, tokenizer, [{"role": "user", "content": "2 + 2?"}], jax.random.key(0), GREEDY)
+  for one in ({"role": "user", "content": "2 + 2?"}, {"problem": "2 + 2?", "answer": "4"}):  # generated for its keys
+    with pytest.raises(ValueError, match=r"prompts is one dict"):
+      generate_text(params, CONFIG, tokenizer, one, jax.random.key(0), GREEDY)
   one = dataclasses.replace(GREEDY, max_new_tokens=2)
   assert generate_text(params, CONFIG, tokenizer, (p for p in ["2 + 2?"]), jax.random.key(0), one) == generate_text(
       params, CONFIG, tokenizer, ["2 + 2?"], jax.random.key(0), one)  # a generator of prompts too

@@ -31,7 +31,7 @@ def sequence_logps(token_logps_BT, mask_BT, *, length_normalize=False):
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
              label_smoothing=0.0, loss_type="sigmoid"):
-  """Mean preference loss over the batch of pairs; the four log-prob arrays share one shape [B] (else ValueError).
+  """Mean preference loss over the batch of pairs; the four log-probs are [B] arrays or scalars (else ValueError).
 
   Returns:
     (loss, metrics) where metrics hold batch means of the implicit rewards beta * (policy - ref):
@@ -47,10 +47,15 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
                                             ref_rejected_logps)]
   shapes = [x.shape for x in inputs]
   # Broadcasting [B] against [B, 1] (a reference stored as a column) would pair every chosen with every rejected.
-  if len(set(shapes)) != 1 or len(shapes[0]) != 1:
-    raise ValueError("dpo_loss takes the four log-prob arrays in one shape [B] (one value per pair); got shapes "
-                     f"{', '.join(map(str, shapes))} (policy chosen, policy rejected, ref chosen, ref rejected): "
-                     "flatten a column with x.reshape(-1)")
+  # Scalars (one pair, a reference-free 0.0, each pair under vmap) broadcast harmlessly.
+  try:
+    joint = jnp.broadcast_shapes(*shapes)
+  except ValueError:
+    joint = None
+  if joint is None or len(joint) > 1 or any(shape not in ((), joint) for shape in shapes):
+    raise ValueError("dpo_loss takes the four log-probs as arrays of one shape [B] (one value per pair) or scalars; "
+                     f"got shapes {', '.join(map(str, shapes))} (policy chosen, policy rejected, ref chosen, ref "
+                     "rejected): flatten a column with x.reshape(-1)")
   chosen_logratio = policy_chosen - ref_chosen
   rejected_logratio = policy_rejected - ref_rejected
   h = chosen_logratio - rejected_logratio

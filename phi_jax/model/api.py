@@ -72,10 +72,14 @@ def check_token_ids(tokens, segment_ids, vocab_size: int) -> None:
                      "vocab_size, or padding slots lack segment id 0")
 
 
+def _as_array(x):
+  """Lists, tuples and torch tensors as arrays (JAX and NumPy arrays, tracers included, as they are)."""
+  return x if x is None or isinstance(x, (jax.Array, np.ndarray)) else jnp.asarray(np.asarray(x))
+
+
 def token_batch(tokens):
   """`tokens` (any array-like) as an array of shape [batch, seq_len], else a ValueError saying how to get one."""
-  if not hasattr(tokens, "ndim"):
-    tokens = jnp.asarray(tokens)
+  tokens = _as_array(tokens)
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [batch, seq_len] token ids; got shape {tuple(tokens.shape)}"
                      + (": for one sequence pass tokens[None]" if tokens.ndim == 1 else ""))
@@ -84,7 +88,7 @@ def token_batch(tokens):
 
 def hidden_states(params: Params, tokens, config: PhiConfig, *, positions=None, segment_ids=None):
   """Final-normed hidden states [B, T, D] in the compute dtype; `tokens` are [B, T] ids (an array-like)."""
-  tokens = token_batch(tokens)
+  tokens, positions, segment_ids = token_batch(tokens), _as_array(positions), _as_array(segment_ids)
   positions, segment_ids = default_positions_and_segments(tokens, positions, segment_ids)
   check_token_ids(tokens, segment_ids, config.vocab_size)
   h, _ = Decoder(config).apply({"params": params}, tokens, positions, segment_ids)

@@ -295,6 +295,9 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
   if isinstance(tokenizer, (str, os.PathLike)):
     raise ValueError(f"tokenizer={tokenizer!r} is a path: load it first, "
                      "phi_jax.hf.tokenizer.load_tokenizer(path)")
+  if isinstance(prompts, Mapping):  # iterated, a dict gives its keys as questions
+    raise ValueError("prompts is one dict (a message or a record): pass a list of questions or conversations, e.g. "
+                     "[question] or [[message, ...]]")
   prompts = list(prompts)  # a tuple or a generator alike
   if prompts and isinstance(prompts[0], dict) and "role" in prompts[0]:  # one conversation, not a list of them
     raise ValueError("prompts is one conversation (a list of messages): pass [messages], a list of conversations")

@@ -461,8 +461,14 @@ def _first_eval_checked(eval_batches: Callable[[], Iterable[dict]], train_batch:
   """Checks the first eval batch against the mesh, the train batch's keys and the vocabulary, before any step (the
   final evaluation runs before the last checkpoint, so a bad eval batch found then lost the run's last steps).
   Returns `eval_batches` whose first call goes on with the batches read here: no extra pass over the eval data."""
-  batches = iter(eval_batches())
+  batches = eval_batches()
+  if isinstance(batches, collections.abc.Mapping):  # iterating one batch gives its keys
+    raise TypeError("eval_batches() returned one batch (a dict): it must return an iterable of batches, e.g. "
+                    "lambda: [batch]")
+  batches = iter(batches)
   first = next(batches, None)
+  if first is not None and not isinstance(first, collections.abc.Mapping):
+    raise TypeError(f"eval_batches() yields a {type(first).__name__}: each batch is a dict of arrays")
   if first is not None:
     missing = sorted(set(train_batch) - set(first), key=str)
     if missing:
@@ -681,8 +687,6 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         local = train_data.next_batch(state.params, step) if on_policy else next(iterator)
         # Checked on the host (cheap next to a step), where the batch is still at hand to name the bad id.
         _check_token_ids(local, model_config.vocab_size, f"train batch of step {step + 1}")
-        if step == start and eval_batches is not None:
-          eval_batches = _first_eval_checked(eval_batches, local, mesh, model_config.vocab_size)
       except StopIteration:
         local = None
       except Exception as e:  # pylint: disable=broad-except  (a bad record, a file changed or gone)
@@ -708,6 +712,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
                       "schedule on this data, set train.num_steps=%d (or raise data.num_epochs) in a new run", step,
                       loop.num_steps, float(schedule(max(step - 1, 0))), optimizer_config.learning_rate, step)
         break
+      if step == start and eval_batches is not None:
+        # After the agreement: reading a DPO eval batch runs the reference pass, a collective every process joins.
+        eval_batches = _first_eval_checked(eval_batches, local, mesh, model_config.vocab_size)
       batch = global_batch(local, mesh)
       if step == start and on_first_step is not None:
         on_first_step()
