@@ -173,7 +173,7 @@ _PREEMPTED = 143  # train.py's exit after a SIGTERM once its checkpoint is saved
 
 
 def _run_forwarding_signals(cmd: list[str]) -> int:
-  """Runs one train.py, passing a SIGTERM or SIGINT the sweep receives on to it as one SIGTERM, which train.py
+  """Runs one train.py, passing a SIGTERM, SIGINT or SIGHUP the sweep receives on to it as one SIGTERM, which train.py
   answers by saving a checkpoint and stopping (a scheduler stopping the sweep signals the sweep's process only: the
   run went on untold, and lost its steps at the SIGKILL that followed). The run has a session of its own, so a
   Ctrl-C in the terminal reaches the sweep alone (a SIGINT would interrupt train.py mid-step, unsaved). Returns its
@@ -186,7 +186,8 @@ def _run_forwarding_signals(cmd: list[str]) -> int:
       process.send_signal(signal.SIGTERM)  # once: a second SIGTERM ends train.py's grace period
     _stopping.append(signum)
 
-  for signum in (signal.SIGTERM, signal.SIGINT):
+  # SIGHUP too: a dropped ssh session ends the sweep, and the run, in a session of its own, would never hear of it.
+  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     previous[signum] = signal.signal(signum, forward)
   try:
     code = process.wait()

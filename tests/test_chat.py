@@ -419,6 +419,19 @@ def test_tiny_tokenizer_directory_reloads_with_its_template_and_special_tokens(t
   assert reloaded.pad_token == expected_pad
 
 
+def test_saving_over_another_tokenizer_leaves_none_of_its_files(tokenizers, tmp_path):
+  """transformers 5 writes no special_tokens_map.json: one left in the directory by an earlier tokenizer (another
+  chat format, transformers 4) was read back with the new files and changed eos and pad."""
+  mini, phi4 = tokenizers["phi-4-mini"], tokenizers["phi-4"]
+  (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+      {"eos_token": mini.eos_token, "pad_token": mini.eos_token}))
+  (tmp_path / "README.md").write_text("kept")
+  save_tokenizer(phi4, tmp_path)
+  reloaded = load_tokenizer(tmp_path)
+  assert (reloaded.eos_token, reloaded.pad_token) == (phi4.eos_token, phi4.pad_token)
+  assert (tmp_path / "README.md").read_text() == "kept"
+
+
 def test_a_tokenizer_file_or_a_hub_id_is_told_what_to_give_instead(tokenizers, tmp_path):
   save_tokenizer(tokenizers["phi-4"], tmp_path)
   with pytest.raises(FileNotFoundError, match=f"is a file; give the directory that holds it .*'{tmp_path}'"):

@@ -159,7 +159,7 @@ def test_a_run_killed_by_a_signal_is_marked_with_it(tmp_path, monkeypatch):
     sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", '--sweep={"product": {"train.seed": [0]}}'])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])  # SIGHUP: a dropped ssh session
 def test_a_sigterm_to_the_sweep_reaches_the_running_run_and_starts_no_other(tmp_path, signum):
   """subprocess.run passed no signal on: a scheduler stopping the sweep left its train.py running untold (its steps
   lost at the SIGKILL that follows) and would have started the next run. A Ctrl-C (SIGINT) reaches the run as the

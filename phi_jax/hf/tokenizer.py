@@ -171,10 +171,24 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
   return tokenizer
 
 
+# Files a tokenizer directory may hold besides tokenizer.json / tokenizer_config.json; transformers reads any that is
+# there (`save_pretrained` writes only some of them).
+_TOKENIZER_SIDE_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                         "chat_template.jinja", "chat_template.json")
+
+
 def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:
   """`tokenizer.save_pretrained(out_dir)`, readable by transformers 4 as well: transformers 5 names a plain
   tokenizers-library tokenizer `TokenizersBackend`, a class transformers 4 (and tools built on it) do not know; the
-  same files under `PreTrainedTokenizerFast` load in both."""
+  same files under `PreTrainedTokenizerFast` load in both. Tokenizer files of an earlier save into `out_dir` that
+  this one does not write (a special_tokens_map.json, which transformers 5 no longer writes, would set eos and pad)
+  are removed first."""
+  own_dir = os.path.realpath(os.fspath(out_dir)) == os.path.realpath(getattr(tokenizer, "name_or_path", "") or "")
+  for name in () if own_dir else _TOKENIZER_SIDE_FILES:  # its own files may be what it saves from
+    stale = os.path.join(os.fspath(out_dir), name)
+    if os.path.isfile(stale):
+      logging.getLogger("phi_jax").info("removing %s, an earlier tokenizer's file, before saving this one", stale)
+      os.remove(stale)
   tokenizer.save_pretrained(out_dir)
   path = os.path.join(os.fspath(out_dir), "tokenizer_config.json")
   with open(path, encoding="utf-8") as f:
