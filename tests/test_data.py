@@ -1109,3 +1109,40 @@ def test_preference_prompts_keep_string_message_keys(tmp_path, mini_tokenizer, m
                                               process_index=0, process_count=1))
   assert f"{path}:1: message key(s) 'weight' (float) dropped" in caplog.text
   assert 'a pair is a JSON object {"prompt": ...' in preference.validate_pair([pair])[1][1]
+
+
+class PlainCallableTokenizer:
+  """A tokenizer callable as `tok(text, add_special_tokens=False)`, knowing nothing of split_special_tokens."""
+
+  eos_token_id = EOS
+
+  def __call__(self, text, add_special_tokens=False):
+    return {"input_ids": [10 + ord(c) % 500 for c in text]}
+
+
+def test_a_plain_callable_tokenizer_tokenizes_text_records(tmp_path, caplog):
+  """It was called with split_special_tokens=True: every text record failed as "tokenization failed", and skip mode
+  trained on the conversations alone."""
+  records = [{"text": f"doc {i}"} if i % 2 else {"prompt": "p", "completion": "c"} for i in range(20)]
+  path = write_jsonl(tmp_path / "mixed.jsonl", records)
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    tokenize = make_tokenize_fn(PlainCallableTokenizer(), render_fn=fake_render)
+    it = pipeline([(JsonlSource(path), 1.0)], tokenize_fn=tokenize, on_bad_record="skip")
+    sum(1 for _ in it)
+  assert it.stats()["records_skipped"] == {} and it.stats()["records_used"] == 20
+  assert "takes no split_special_tokens" in caplog.text
+
+
+def test_a_loss_mask_other_than_zeros_and_ones_and_impossible_shapes_are_refused(tmp_path):
+  """transformers' -100 labels as a loss mask trained those tokens (the loss counts every non-zero entry) while the
+  data stats counted only the positive ones; 0.5 was cut to 0. batch_size=0 blamed the data files, seq_len=0 failed
+  inside range()."""
+  path = write_jsonl(tmp_path / "t.jsonl", [{"text": "abcdef"}] * 4)
+  for mask, message in (([-100] * 3 + [1] * 3, r"loss_mask values \[-100\].*not transformers' -100 labels"),
+                        ([0.5] * 6, r"fractional loss_mask")):
+    tokenize = lambda record, mask=mask: {"ids": [11, 12, 13, 14, 15, 16], "loss_mask": mask}
+    with pytest.raises(ValueError, match=message):
+      next(iter(pipeline([(JsonlSource(path), 1.0)], tokenize_fn=tokenize)))
+  for setting in ({"batch_size": 0}, {"seq_len": 1}, {"seq_len": 0}, {"batch_size": 2.0}):
+    with pytest.raises(ValueError, match=rf"{next(iter(setting))}=.* must be a whole number of at least"):
+      pipeline([(JsonlSource(path), 1.0)], **setting)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import numbers
@@ -96,7 +97,18 @@ def _splitting_copy(tokenizer):
   split into characters, and a text record with them parsed. The copy keeps the flag set for good.
   """
   if not hasattr(tokenizer, "split_special_tokens"):  # not a transformers tokenizer: asked per call, as before
-    return functools.partial(tokenizer, split_special_tokens=True)
+    try:
+      parameters = inspect.signature(tokenizer).parameters
+    except (TypeError, ValueError):  # no signature to read: try the keyword
+      return functools.partial(tokenizer, split_special_tokens=True)
+    if "split_special_tokens" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+      return functools.partial(tokenizer, split_special_tokens=True)
+    # A plain callable without the keyword: every text record failed on it as "tokenization failed" (skipped in
+    # skip mode). It is called as it is; special tokens' strings in text then depend on it.
+    logging.getLogger("phi_jax").warning(
+        "the tokenizer (%s) takes no split_special_tokens: text records are tokenized as it reads them, so a special "
+        "token's string inside a text may become that token", type(tokenizer).__name__)
+    return tokenizer
   if tokenizer.split_special_tokens:
     return tokenizer
   copied = copy.deepcopy(tokenizer)
@@ -204,6 +216,9 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
   components = _components(sources)
   if not components:
     raise ValueError("build_pipeline needs at least one source")
+  for name, value, least in (("batch_size", batch_size, 1), ("seq_len", seq_len, 2)):  # seq_len 1 predicts nothing
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+      raise ValueError(f"{name}={value!r} must be a whole number of at least {least}")
   if too_long not in packing_lib.TOO_LONG:
     raise ValueError(f"too_long={too_long!r}; expected one of {packing_lib.TOO_LONG}")
   if on_bad_record not in ON_BAD_RECORD:
@@ -333,6 +348,9 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
     ids, loss_mask = _int32_arrays(example, raw["where"])
     if ids.shape != loss_mask.shape or ids.ndim != 1:
       raise ValueError(f"{raw['where']}: tokenize_fn gave ids {ids.shape} and loss_mask {loss_mask.shape}")
+    if not np.isin(loss_mask, (0, 1)).all():  # the loss trains every non-zero entry, the stats count the positive
+      raise ValueError(f"{raw['where']}: tokenize_fn gave loss_mask values {sorted(set(loss_mask.tolist()) - {0, 1})}"
+                       ": the mask is 1 on the tokens to train and 0 elsewhere (not transformers' -100 labels)")
     if not len(ids):
       bad = ("no tokens", "the record tokenizes to nothing")
   if bad is not None:
@@ -348,9 +366,14 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
 
 
 def _int32_arrays(example: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
-  """A tokenize_fn's ids and loss mask as int32 arrays: a custom one may give lists (a tokenizer's input_ids)."""
+  """A tokenize_fn's ids and loss mask as int32 arrays: a custom one may give lists (a tokenizer's input_ids).
+  A fractional mask (0.5) is refused, not cut to 0."""
   try:
-    return np.asarray(example["ids"], np.int32), np.asarray(example["loss_mask"], np.int32)
+    mask = np.asarray(example["loss_mask"])
+    if mask.dtype.kind == "f" and not np.all(mask == np.round(mask)):
+      raise ValueError(f"{where}: tokenize_fn gave a fractional loss_mask; the mask is 1 on the tokens to train and 0 "
+                       "elsewhere")
+    return np.asarray(example["ids"], np.int32), mask.astype(np.int32)
   except (KeyError, TypeError, ValueError, OverflowError) as e:
     raise ValueError(f"{where}: tokenize_fn must return {{'ids': ..., 'loss_mask': ...}}, each a 1-D int array or "
                      f"list of ints; it gave {type(example).__name__} ({type(e).__name__}: {e})") from e
