@@ -520,10 +520,7 @@ def get_tokenizer(spec: str, workdir: str):
   """The tokenizer `spec` names; "tiny:<chat format>" is built once into workdir/tokenizer and read from there."""
   if spec.startswith("tiny:"):
     out = os.path.join(workdir, "tokenizer")
-    chat_format = spec.split(":", 1)[1]
-    if chat_format not in CHAT_TEMPLATES:
-      raise ValueError(f"data.tokenizer={spec!r}: unknown chat format {chat_format!r}; expected 'tiny:' followed by "
-                       f"one of {sorted(CHAT_TEMPLATES)}")
+    chat_format = tiny_chat_format(spec)
     built = _tiny_tokenizer_format(out)
     if built is not None and built != chat_format:
       # A workdir keeps the tokenizer it was first given (a run resumes with it); a spec naming another format
@@ -545,6 +542,15 @@ def get_tokenizer(spec: str, workdir: str):
     distributed.barrier(f"tiny tokenizer {out}")  # every process, whether or not it found the files
     return load_tokenizer(out)
   return load_tokenizer(spec)
+
+
+def tiny_chat_format(spec: str) -> str:
+  """The chat format a "tiny:<chat format>" data.tokenizer names, refused unless it is a known one."""
+  chat_format = spec.split(":", 1)[1]
+  if chat_format not in CHAT_TEMPLATES:
+    raise ValueError(f"data.tokenizer={spec!r}: unknown chat format {chat_format!r}; expected 'tiny:' followed by "
+                     f"one of {sorted(CHAT_TEMPLATES)}")
+  return chat_format
 
 
 def _tiny_tokenizer_format(path: str) -> Optional[str]:
@@ -653,14 +659,21 @@ def _check_checkpoint_math(name: str, source: str, theirs: PhiConfig, ours: PhiC
     log.info("%s=%s: model.overrides changes the starting point's %s", name, source, "; ".join(differ.values()))
 
 
+def _run_config_statements(workdir: str) -> Optional[list]:
+  """The parsed statements of a run's config.gin, read without binding anything; None where it has none (or it does
+  not parse)."""
+  try:
+    with open(os.path.join(workdir, "config.gin"), encoding="utf-8") as f:
+      return gin_statements(f.read())
+  except (OSError, SyntaxError):
+    return None
+
+
 def _run_model_settings(workdir: str) -> Optional[dict]:
   """The `model` arguments a run's config.gin binds (its unscoped model.* bindings, the file's own macros resolved);
   None where it has no config.gin, or binds them in a way not read here (a scope, a reference)."""
-  path = os.path.join(workdir, "config.gin")
-  try:
-    with open(path, encoding="utf-8") as f:
-      statements = gin_statements(f.read())
-  except (OSError, SyntaxError):
+  statements = _run_config_statements(workdir)
+  if statements is None:
     return None
   bindings = [s for s in statements if isinstance(s, config_parser.BindingStatement)]
   macros = {s.selector: s.value for s in bindings if not s.arg_name and not s.scope}
@@ -1283,11 +1296,7 @@ def _finished_without_checkpoints(workdir: str, num_steps: int) -> bool:
 
 def _recorded_num_steps(workdir: str) -> Optional[int]:
   """The train.num_steps a finished run's config.gin records; None where it records none."""
-  try:
-    with open(os.path.join(workdir, "config.gin"), encoding="utf-8") as f:
-      statements = gin_statements(f.read())
-  except (OSError, SyntaxError):
-    return None
+  statements = _run_config_statements(workdir) or []
   value = next((s.value for s in statements if binding_key(s) == "train.num_steps" and not s.scope), None)
   steps = _as_annotated(value, int) if value is not None else _REFUSED
   return None if steps is _REFUSED else steps

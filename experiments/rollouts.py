@@ -45,7 +45,7 @@ import common  # noqa: E402  (gin configurables shared by every entry script)
 from phi_jax import rewards  # noqa: E402
 from phi_jax.data.preference import prompt_messages  # noqa: E402
 from phi_jax.data.sources import DataError, open_source  # noqa: E402
-from phi_jax.hf.tokenizer import CHAT_TEMPLATES, build_tiny_tokenizer, load_tokenizer  # noqa: E402
+from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
 
@@ -245,13 +245,9 @@ def checkpoint_tokenizer(hf_dir: str):
                      "tokenizer the model was trained with, --gin_param='data.tokenizer=\"DIR\"' (a tokenizer "
                      "directory, or 'tiny:<chat format>' for the test tokenizer)")
   if bound.startswith("tiny:"):
-    chat_format = bound.split(":", 1)[1]
-    if chat_format not in CHAT_TEMPLATES:
-      raise ValueError(f"data.tokenizer={bound!r}: unknown chat format {chat_format!r}; expected 'tiny:' followed by "
-                       f"one of {sorted(CHAT_TEMPLATES)}")
     # Built apart from the checkpoint, which stays as it was given (every process builds the same one).
     with tempfile.TemporaryDirectory() as tmp:
-      return build_tiny_tokenizer(tmp, chat_format=chat_format)
+      return build_tiny_tokenizer(tmp, chat_format=common.tiny_chat_format(bound))
   return load_tokenizer(bound)
 
 
