@@ -90,7 +90,12 @@ def _as_annotated(value, hint):
     # One string is a list of one where the items are strings (data.train_files = "a.jsonl").
     if isinstance(value, str) and args == (str,):
       return [value]
-    return value if isinstance(value, (list, tuple)) else _REFUSED
+    if not isinstance(value, (list, tuple)):
+      return _REFUSED
+    if args == (str,):  # path objects as strings: the run's metadata, checkpointed as plain JSON, holds them
+      items = [_as_annotated(item, str) for item in value]
+      return _REFUSED if _REFUSED in items else type(value)(items)
+    return value
   return value
 
 
@@ -104,7 +109,7 @@ def _describe(hint) -> str:
   if (origin or hint) in named:
     return named[origin or hint]
   if (origin or hint) in (list, tuple, collections.abc.Sequence):
-    return "a list" + (" (or one string)" if args == (str,) else "")
+    return "a list of strings (or one string)" if args == (str,) else "a list"
   return getattr(hint, "__name__", str(hint))
 
 
@@ -294,17 +299,27 @@ def binding_keys(text: str) -> list[str]:
 
 
 def bound_or_none(name: str):
-  """The value gin binds to `name` ("mesh.shape"), that of the macro where it binds one (`model.overrides = %OVR`,
-  as a run's config.gin may record it), or None where nothing binds it."""
+  """The value gin binds to `name` ("mesh.shape"), with the macros it holds resolved, at any depth
+  (`model.overrides = %OVR` or `mesh.shape = {'data': %D}`, as a run's config.gin may record them), or None where
+  nothing binds it."""
   try:
-    value = gin.query_parameter(name)
-    for _ in range(32):  # a macro may name another macro
-      if not (isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro"):
-        break
-      value = gin.query_parameter(repr(value))  # "%NAME"
-    return value
+    return _resolve_bound_macros(gin.query_parameter(name))
   except ValueError:  # not bound
     return None
+
+
+def _resolve_bound_macros(value, depth: int = 0):
+  """`value` with each macro reference in it, or in its lists, tuples and dict values, replaced by the value gin
+  binds to the macro (`_resolve_macros` does so for a config file's statements, which gin has not bound)."""
+  if depth > 32:  # a macro may name another macro, but not forever
+    return value
+  if isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
+    return _resolve_bound_macros(gin.query_parameter(repr(value)), depth + 1)  # "%NAME"
+  if isinstance(value, (list, tuple)):
+    return type(value)(_resolve_bound_macros(item, depth + 1) for item in value)
+  if isinstance(value, dict):
+    return {key: _resolve_bound_macros(item, depth + 1) for key, item in value.items()}
+  return value
 
 
 def write_text_atomically(path: str, text: str) -> None:

@@ -641,6 +641,28 @@ def test_one_data_file_given_as_a_string_is_a_list_of_one():
   assert settings["train_files"] == ["x.jsonl"] and settings["eval_files"] == ["y/*.jsonl"]
 
 
+def test_path_objects_in_a_list_of_strings_are_taken_as_strings(tmp_path):
+  """[pathlib.Path] for data.train_files (from Python, or bound with gin.bind_parameter) stayed paths, which the
+  checkpoint's metadata refused as not plain JSON at the first save; an item of no string type is refused."""
+  import pathlib
+  from phi_jax.train import checkpoint
+
+  (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+  cfg = common.data(train_files=[tmp_path / "a.jsonl"], eval_files=(pathlib.PurePosixPath(tmp_path / "a.jsonl"),))
+  assert cfg["train_files"] == cfg["eval_files"] == [str(tmp_path / "a.jsonl")]
+  checkpoint._require_json("metadata", common.run_meta("next_token", common.train_settings(num_steps=1), cfg,
+                                                       [None] * 10))
+  gin.clear_config()
+  try:
+    common.parse_gin([], [])
+    gin.bind_parameter("data.train_files", [tmp_path / "a.jsonl", "b.jsonl"])
+    assert common.data()["train_files"] == [str(tmp_path / "a.jsonl"), "b.jsonl"]
+  finally:
+    gin.clear_config()
+  with pytest.raises(ValueError, match=r"data.train_files=\['a.jsonl', 3\] must be a list of strings"):
+    _configured("data.train_files=['a.jsonl', 3]", common.data)
+
+
 def test_a_loaded_run_keeps_its_mesh_only_where_it_fits_this_machine(tmp_path):
   """eval.py, rollouts.py and export_hf.py replay the run's config.gin, whose mesh.shape belongs to the machine it
   trained on: a multi-host run's mesh failed the README's one-process export ("needs 16 devices but 1")."""
@@ -662,6 +684,25 @@ def test_a_loaded_run_keeps_its_mesh_only_where_it_fits_this_machine(tmp_path):
   assert shapes["other machine"] == {"data": 1, "fsdp": n, "tensor": 1}
   assert shapes["fits"] == {"data": 2, "fsdp": n // 2, "tensor": 1}
   assert shapes["asked"] == {"data": 1, "fsdp": n // 2, "tensor": 2}
+
+
+def test_macros_inside_a_bound_list_or_dict_are_resolved(tmp_path):
+  """A run's config.gin with `mesh.shape = {'data': %D, 'fsdp': -1}` lost its mesh on loading even where it fit
+  (the unresolved macro is no size); bound_or_none resolves macros at any depth."""
+  import jax
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.gin").write_text("D = 2\nHALF = %D\nmesh.shape = {'data': %HALF, 'fsdp': -1}\n")
+  gin.clear_config()
+  try:
+    common.parse_gin_for_checkpoint(str(run), [], [])
+    assert common.bound_or_none("mesh.shape") == {"data": 2, "fsdp": -1}
+    assert dict(common.mesh().shape) == {"data": 2, "fsdp": jax.device_count() // 2, "tensor": 1}
+    gin.parse_config("A = 'a.jsonl'\ndata.train_files = [%A, ('b', %A)]\ndata.weights = {'x': [%D]}")
+    assert common.bound_or_none("data.train_files") == ["a.jsonl", ("b", "a.jsonl")]
+    assert common.bound_or_none("data.weights") == {"x": [2]}
+  finally:
+    gin.clear_config()
 
 
 def test_a_binding_without_a_configurable_or_with_an_unquoted_string_says_how_to_write_it(tmp_path):

@@ -237,6 +237,55 @@ def test_draws_equal_jax_categorical_and_argmax_with_ties():
     np.testing.assert_array_equal(sampled, jax.random.categorical(key, logits, axis=-1))
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.9), (5, 0.9)])
+def test_nan_logits_never_give_an_id_outside_the_vocabulary(top_k, top_p):
+  """A row holding a NaN (a diverged model) gives the first NaN's index, as jnp.argmax and
+  jax.random.categorical do; it used to give vocab_size, which embeds as garbage and fails detokenizing."""
+  vocab = 300
+  logits = np.random.default_rng(7).normal(size=(6, vocab)).astype(np.float32)
+  logits[0, 0] = logits[1, 137] = logits[2, vocab - 1] = np.nan
+  logits[3, [40, 90]] = np.nan
+  logits[4] = np.nan  # a whole row, as a full cache's guard in decode_step leaves it
+  logits = jnp.asarray(logits)  # row 5 stays finite
+  for temperature in (0.0, 1.0):
+    for seed in range(3):
+      key = jax.random.key(seed)
+      tokens, _ = _sample(logits, key, jnp.full(6, temperature), top_k=top_k, top_p=top_p)
+      tokens = np.asarray(tokens)
+      assert np.all((tokens >= 0) & (tokens < vocab)), (temperature, tokens)
+      if temperature == 0.0:
+        np.testing.assert_array_equal(tokens, [0, 137, vocab - 1, 40, 0, np.argmax(np.asarray(logits[5]))])
+      elif (top_k, top_p) == (0, 1.0):  # nothing filtered: the NaN survives into the Gumbel-max draw
+        np.testing.assert_array_equal(tokens, jax.random.categorical(key, logits, axis=-1))
+  mixed, _ = _sample(logits, jax.random.key(0), jnp.array([0.0, 1.0] * 3), top_k=top_k, top_p=top_p)
+  assert np.all((np.asarray(mixed) >= 0) & (np.asarray(mixed) < vocab))
+
+
+def test_a_full_cache_row_samples_an_id_in_range_with_a_nan_logprob(params):
+  """decode_step under jit sets a full row's logits to NaN; its sampled id stays in the vocabulary, and the NaN
+  stays visible in the model log-prob generate records for it."""
+  cache = kv_cache.init_cache(CONFIG, 2, 4, block_size=4)
+  _, cache = kv_cache.prefill(params, jnp.ones((2, 4), jnp.int32), jnp.array([3, 4]), cache, CONFIG)
+  logits, _ = jax.jit(kv_cache.decode_step, static_argnums=3)(params, jnp.ones((2,), jnp.int32), cache, CONFIG)
+  assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all()  # row 1 had no free slot
+  for temperature in (0.0, 1.0):
+    tokens, _ = _sample(logits, jax.random.key(0), jnp.full(2, temperature))
+    assert int(tokens[1]) == 0  # the first NaN
+    logprob = jax.nn.log_softmax(logits, axis=-1)[1, tokens[1]]
+    assert np.isnan(logprob)
+
+
+def test_generate_with_nan_logits_emits_ids_in_the_vocabulary(params, prompts):
+  """A NaN output column of the head: greedy generation picks that id at every step for every row, as jnp.argmax
+  does (it used to pick the largest finite logit here, and vocab_size where XLA's max kept the NaN), and its
+  log-probs are NaN."""
+  poisoned = jax.tree.map(lambda x: x, params)
+  poisoned["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 300].set(jnp.nan)
+  out = jax.device_get(generate(poisoned, CONFIG, *prompts, jax.random.key(2), GREEDY))
+  np.testing.assert_array_equal(out["tokens"], 300)
+  assert np.isnan(out["logprobs"]).all()
+
+
 def test_temperature_is_a_runtime_argument(params, prompts, greedy_run):
   compiled = _generate_program._cache_size()
   out = jax.device_get(generate(params, CONFIG, *prompts, jax.random.key(6), SamplingConfig(max_new_tokens=NEW)))

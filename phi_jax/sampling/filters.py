@@ -115,7 +115,15 @@ def sample_tokens(logits_BV: jax.Array, rng: jax.Array, temperature, *, top_k: i
 def _argmax(x_BV: jax.Array) -> jax.Array:
   """`jnp.argmax(x, axis=-1)` (the first index of the maximum) as a max and a min: two plain reductions, which
   XLA:CPU vectorises, where the one variadic (value, index) reduction of `argmax` ran several times slower inside
-  the decode loop. Not for NaN logits (argmax would return the NaN's index)."""
+  the decode loop.
+
+  A row holding a NaN gives the first NaN's index, as argmax does. The max alone cannot: XLA:CPU's vectorised max
+  drops NaNs for some widths and keeps them for others, so a NaN row would get the largest finite logit's index or,
+  with no element equal to a NaN max, vocab_size, an id outside the vocabulary. NaNs take keys below every index
+  instead, so the one min finds them first whatever the max made of them.
+  """
   vocab = x_BV.shape[-1]
+  index = jnp.arange(vocab, dtype=jnp.int32)
   is_max = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
-  return jnp.min(jnp.where(is_max, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+  first = jnp.min(jnp.where(jnp.isnan(x_BV), index - vocab, jnp.where(is_max, index, vocab)), axis=-1)
+  return jnp.where(first < 0, first + vocab, first)
