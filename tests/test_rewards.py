@@ -250,6 +250,51 @@ def test_several_math_spans_after_a_label_or_chained_boxes_are_one_answer(pool):
   assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
 
 
+def test_a_price_is_no_math_delimiter_for_the_last_math(pool):
+  """Without a box or label, a `$` before a number that ends the text's math is a price, the answer its number: it
+  neither closes an earlier `$` nor opens math running to the next one."""
+  think = "<think>\nok\n</think>\n\n"
+  priced = {"We get $6 \\times 7 = 42$, so the total is $42.": "42",
+            "She sells $6$ boxes at $7$ each, so she earns $42.": "42",
+            "She sells 6 boxes at $7 each, so she earns $42.": "42",
+            "Each costs $7$ dollars and she buys $6$, so the total cost is $42.": "42",
+            "So she earns $42 in total.": "42",
+            "Total: $42": "42",
+            "She paid $1,200.": "1200",
+            # Math after the price is still the last math; a price before math is not its opening.
+            "She has $5 and spends it: $x = 42$.": "x = 42",
+            "It costs $13.\nSo $x = 4$ and we get $$\\frac{3}{4}$$": "\\frac{3}{4}"}
+  assert {c: extract_answer(think + c) for c in priced} == priced
+  assert rewards.verify_batch([think + c for c in list(priced)[:6]], ["42"] * 6, pool=pool) == [True] * 6
+
+
+def test_a_hedge_or_a_bound_inside_a_box_matches_no_single_gold(pool):
+  """A box is read as a label's sentence is: a hedge in brackets, plain or in `\\text{}`, is two answers, and words
+  that change the value stay (unmatchable) rather than being dropped with the `\\text{}` around them."""
+  think = "<think>\nok\n</think>\n\n"
+  boxed = {"$\\boxed{5 (or 6)}$": "5 or 6",
+           "$\\boxed{\\text{5 (or 6)}}$": "5 or 6",
+           "$\\boxed{5 \\text{ (or 6)}}$": "5 or 6",
+           "$\\boxed{5\\text{ (or possibly 6)}}$": "5 or 6",
+           "$\\boxed{1/2 (or 50\\%)}$": "1/2",
+           "$\\boxed{5 \\text{ or more}}$": "5 or more",
+           "$\\boxed{5 \\text{ at least}}$": "5 at least",
+           "The answer is 5 at least.": "5 at least",
+           # Units in text mode stay harmless; a bracket inside a group or one that is no hedge stays.
+           "$\\boxed{5 \\text{ apples}}$": "5",
+           "$\\boxed{5\\text{ cm}}$": "5",
+           "$\\boxed{\\sqrt{2 (or 3)}}$": "\\sqrt{2 (or 3)}",
+           "$\\boxed{f(x (or y))}$": "f(x (or y))",
+           "The answer is 45 at the store.": "45"}
+  assert {c: extract_answer(think + c) for c in boxed} == boxed
+  cases = [("$\\boxed{5 (or 6)}$", "6"), ("$\\boxed{5 (or 6)}$", "5"), ("$\\boxed{\\text{5 (or 6)}}$", "6"),
+           ("$\\boxed{5 \\text{ (or 6)}}$", "5"), ("$\\boxed{5 \\text{ or more}}$", "5"),
+           ("$\\boxed{5 \\text{ at least}}$", "5"), ("$\\boxed{5 \\text{ apples}}$", "5"),
+           ("$\\boxed{5\\text{ cm}}$", "5"), ("$\\boxed{1/2 (or 50\\%)}$", "0.5")]
+  verdicts = rewards.verify_batch([think + c for c, _ in cases], [g for _, g in cases], pool=pool)
+  assert [(c, g, v) for (c, g), v in zip(cases, verdicts)] == [(c, g, i >= 6) for i, (c, g) in enumerate(cases)]
+
+
 MEGABYTE = 1 << 20
 PATHOLOGICAL = {
     "open boxes": "\\boxed{" * (MEGABYTE // 7),

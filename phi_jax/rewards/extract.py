@@ -7,10 +7,12 @@ tentative answers are not final; with a chat template that opens the think block
 order of preference:
 
 1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored), a
-   number followed by words only taken alone as in 2 (`\\boxed{18 dollars}`, `\\boxed{\\text{5 cm}}`), and the
-   boxes right before it that ",", "and" or "or" join to it taken with it (see "Several answers" below); failing that,
-   the number alone on a last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such
-   as "#### Step 1" or a numbered "#### 2." is not an answer);
+   number followed by words (plain or in `\\text{}`) and a hedge in brackets read as in 2 (`\\boxed{18 dollars}`,
+   `\\boxed{\\text{5 cm}}`, `\\boxed{5 \\text{ cm}}` -> 18, 5, 5; `\\boxed{5 \\text{ (or 6)}}` -> "5 or 6" and
+   `\\boxed{5 \\text{ or more}}` -> "5 or more", which match no single gold), and the boxes right before it that
+   ",", "and" or "or" join to it taken with it (see "Several answers" below); failing that, the number alone on a
+   last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such as "#### Step 1" or a
+   numbered "#### 2." is not an answer);
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
    end of that sentence, or the line after a "Final Answer" / "Answer" heading; a label followed by prose rather
    than math ("the answer is correct") gives way to an earlier label, or else to 3, and counts only when the
@@ -20,9 +22,11 @@ order of preference:
    a price. In plain text (not `$...$`) the sentence is cut to its answer: bold markers inside it dropped, a
    trailing explanation cut (", since ...", " because ...", "; " before prose, "(3 boxes of 4)", "(9 * 2)" after a
    number), and a number followed only by words is the number ("1,200 people" -> 1200) unless a word changes its
-   value ("2 million", "3 dozen", "3 eighths", "2 and 3"); a hedge "2 (or 3)" stays two answers, which match no
-   single gold, and an alternative that is not a plain number is dropped ("1/2 (or 50%)");
-3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`);
+   value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays two answers,
+   which match no single gold, and an alternative that is not a plain number is dropped ("1/2 (or 50%)");
+3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`), where a `$` before a number is
+   a price as in 2, neither closing nor opening math, and a price after the last math is the answer ("We get
+   $6 \\times 7 = 42$, so she earns $42." -> 42);
 4. the whole solution section when it is one short line (a model that answers only "42").
 
 Several answers: math spans after a label, or boxes, joined by ",", "and" or "or" ("the answer is $5$ or $6$",
@@ -108,6 +112,8 @@ _VALUE_WORDS = frozenset((
     "billion", "trillion", "dozen", "hundreds", "thousands", "millions", "billions", "trillions", "dozens",
     "score", "gross", "percent", "quarter", "quarters", "squared", "cubed", "factorial", "mod", "modulo", "less",
     "more", "degrees"))
+# ... and first words that do so with the word after them: "5 at least" is a bound, "45 at the store" is 45.
+_BOUND_WORDS = frozenset((("at", "least"), ("at", "most")))
 # Spelled-out whole numbers up to 999 ("seven", "twenty-one", "three hundred and five"), read as digits.
 _UNIT_WORDS = {word: n for n, word in enumerate((
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
@@ -319,12 +325,17 @@ def _inline_math_at(text: str, start: int) -> Optional[tuple[str, int]]:
         close = text.find(right, close + 1)
       if close > start + len(left):
         content = text[start + len(left):close]
-        # "$13. She spent $5": a price, not math running to the next dollar sign across sentences or lines.
-        if left == "$" and content[:1].isdigit() and ("\n" in content or ". " in content):
+        if left == "$" and _is_priced_text(content):
           return None
         return content, close + len(right)
       return None
   return None
+
+
+def _is_priced_text(content: str) -> bool:
+  """Whether `content`, found between two `$`, opens with a price rather than being math: "$13. She spent $5" runs
+  from a number across a sentence or line to the next dollar sign."""
+  return content[:1].isdigit() and ("\n" in content or ". " in content)
 
 
 def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
@@ -404,12 +415,9 @@ def _without_explanation(text: str) -> str:
     close = pairs.get(i) if ch in _BRACKETS and depth == 0 and i > 0 else None
     if close is not None:  # an unclosed one ("[2, 5)", an interval) is counted below like any other bracket
       words = text[i + 1:close].split()
-      first = 0  # the hedge words at the start, counted without slicing (the scan stays linear)
-      while first < len(words) and words[first].lower().strip(",") in _HEDGES:
-        first += 1
-      if first:  # "2 (or 3)", "3/4 (or 0.75 as a decimal)", "5(or 6)": an alternative answer
-        other = _number_before_words(" ".join(words[first:]))
-        return text[:i].rstrip() + (" or " + other if other and _number_end(other) == len(other) else "")
+      hedged = _hedged(text[:i], words)
+      if hedged is not None:
+        return hedged
       if text[i - 1] == " " and (any(map(_is_prose_word, words))
                                  or (i == after_number and words and _is_arithmetic(text[i + 1:close]))):
         return text[:i].rstrip()
@@ -434,6 +442,31 @@ def _without_explanation(text: str) -> str:
 _BRACKETS = {"(": ")", "[": "]"}  # not "{", a LaTeX group ("\\text{ or }")
 
 
+def _hedged(before: str, words: list[str]) -> Optional[str]:
+  """An answer `before` a bracket holding `words` that open with a hedge: "2 (or 3)", "3/4 (or 0.75 as a decimal)",
+  "5(or 6)" -> "2 or 3" (two answers, which match no single gold), the alternative dropped when it is not a plain
+  number ("1/2 (or 50%)" -> "1/2"); None when the bracket holds no hedge."""
+  first = 0  # the hedge words at the start, counted without slicing (the scan stays linear)
+  while first < len(words) and words[first].lower().strip(",") in _HEDGES:
+    first += 1
+  if not first:
+    return None
+  other = _number_before_words(" ".join(words[first:]))
+  return before.rstrip() + (" or " + other if other and _number_end(other) == len(other) else "")
+
+
+def _without_box_hedge(answer: str) -> str:
+  """A boxed (or gold) answer ending in a bracket that holds a hedge, read as a label's (`_hedged`): "5 (or 6)" ->
+  "5 or 6"; a bracket inside a group ("\\sqrt{2 (or 3)}") or inside another bracket stays."""
+  if answer[-1:] not in ")]":
+    return answer
+  opener = next((i for i, close in _bracket_pairs(answer).items() if close == len(answer) - 1), 0)
+  if opener == 0 or answer.count("{", 0, opener) != answer.count("}", 0, opener):
+    return answer
+  hedged = _hedged(answer[:opener], answer[opener + 1:-1].split())
+  return answer if hedged is None else hedged
+
+
 def _bracket_pairs(text: str) -> dict[int, int]:
   """{index of an opening bracket: index of the one closing it} for each kind of `_BRACKETS` (nested ones of its
   kind counted; unclosed ones absent), in one pass."""
@@ -453,19 +486,27 @@ def _is_arithmetic(text: str) -> bool:
 
 
 def _without_text_command(answer: str) -> str:
-  """`\text{5 cm}` as a whole answer -> "5 cm": a number given in text mode. Words stay in `\text{}` (unwrapped,
-  math-verify would read "no" as the product n o, equal to "on")."""
-  if (answer.startswith("\\text{") and matching_brace(answer, len("\\text"), len(answer)) == len(answer) - 1
-      and _number_end(answer[len("\\text{"):-1].strip())):
-    return answer[len("\\text{"):-1].strip()
-  return answer
+  """`\\text{5 cm}` or `5 \\text{ cm}` as a whole answer -> "5 cm": a number given in text mode, or followed by
+  words in it, which are then read as a label's words are ("5 \\text{ or more}" stays "5 or more", matching nothing,
+  not 5 with the `\\text{}` dropped). Words alone stay in `\\text{}` (unwrapped, math-verify would read "no" as the
+  product n o, equal to "on")."""
+  lead = _number_end(answer)
+  rest = answer[lead:].lstrip()
+  if not rest.startswith("\\text{") or matching_brace(rest, len("\\text"), len(rest)) != len(rest) - 1:
+    return answer
+  inner = rest[len("\\text{"):-1].strip()
+  if lead and inner:
+    return answer[:lead] + " " + inner
+  return inner if not lead and _number_end(inner) else answer
 
 
 def _number_in_box(answer: str) -> str:
-  """A boxed (or gold) answer's number followed by words: `\\text{30 pts}` (text mode: words) -> 30, "18 dollars" ->
-  18, but "2 xy" (math: a product) stays."""
+  """A boxed (or gold) answer's number followed by words: `\\text{30 pts}` or `30 \\text{ pts}` (text mode: words)
+  -> 30, "18 dollars" -> 18, but "2 xy" (math: a product) stays; a hedge in brackets is two answers, as after a
+  label ("5 (or 6)" -> "5 or 6", `_without_box_hedge`)."""
   unwrapped = _without_text_command(answer)
-  return _number_before_words(unwrapped, 2 if unwrapped is not answer else _MIN_UNIT_CHARS_IN_MATH)
+  min_word_chars = 2 if unwrapped is not answer else _MIN_UNIT_CHARS_IN_MATH
+  return _number_before_words(_without_box_hedge(unwrapped), min_word_chars)
 
 
 def _number_end(text: str) -> int:
@@ -490,7 +531,7 @@ def _number_end(text: str) -> int:
 def _number_before_words(text: str, min_word_chars: int = 2) -> str:
   """"18 dollars" -> "18", "1,200 people" -> "1200": a number followed by words only is that number, unless the
   first word is shorter than `min_word_chars` (a variable: "5 x"; inside math, where "2 xy" is a product, 4), math,
-  or changes the value ("2 million", "3 dozen", "12 out of", "3 eighths")."""
+  or changes the value ("2 million", "3 dozen", "12 out of", "3 eighths", "5 at least")."""
   end = _number_end(text)
   if end == 0 or text[end:end + 1] != " ":
     return text
@@ -500,7 +541,8 @@ def _number_before_words(text: str, min_word_chars: int = 2) -> str:
   first = words[0].lower().strip(".")
   short = len(first.split("/")[0]) < max(2, min_word_chars) and first not in _SHORT_UNITS
   fraction = first in _FRACTION_WORDS or (first in _ORDINALS and len(words) == 1)  # "3 eighths", "1 fourth"
-  if short or fraction or first in _VALUE_WORDS or first in _MATH_WORDS:  # ("45 fourth graders" is 45)
+  bound = tuple(w.lower().strip(".,") for w in words[:2]) in _BOUND_WORDS
+  if short or fraction or bound or first in _VALUE_WORDS or first in _MATH_WORDS:  # ("45 fourth graders" is 45)
     return text
   return text[:end].replace(",", "")
 
@@ -609,20 +651,37 @@ def _marked_number(text: str) -> Optional[str]:
 
 
 def _last_math(text: str, max_chars: int) -> Optional[str]:
-  """Content of the last `$...$`, `$$...$$`, `\\(...\\)` or `\\[...\\]` whose content is at most max_chars."""
-  best_close, best = -1, None
-  for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-    close = _rfind_dollar(text, 0, len(text)) if right == "$" else text.rfind(right)
-    if left == "$" and close > 0 and text[close - 1] == "$":
-      close -= 1  # `$$...$$`: look for the opening pair before the closing one
+  """Content of the last `$...$`, `$$...$$`, `\\(...\\)` or `\\[...\\]` whose content is at most max_chars, or the
+  number of a price after it ("so she earns $42." -> "42"; see `_last_dollar_math`)."""
+  best_close, best = _last_dollar_math(text, max_chars)
+  for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
+    close = text.rfind(right)
     if close < 0 or close <= best_close:
       continue
-    start = max(0, close - max_chars - 2)
-    open_ = _rfind_dollar(text, start, close) if left == "$" else text.rfind(left, start, close)
+    open_ = text.rfind(left, max(0, close - max_chars - 2), close)
     if open_ < 0:
       continue
     best_close, best = close, text[open_ + len(left):close].strip("$")
   return best
+
+
+def _last_dollar_math(text: str, max_chars: int) -> tuple[int, Optional[str]]:
+  """Where the last `$...$` / `$$...$$` ends and its content, or the last price's `$` and its number ("earns $42."
+  -> "42": a `$` before a number closes no math); (-1, None) when there is neither."""
+  close = _rfind_dollar(text, 0, len(text))
+  if close >= 0 and not text[close + 1:close + 2].isdigit():
+    if close > 0 and text[close - 1] == "$":
+      close -= 1  # `$$...$$`: look for the opening pair before the closing one
+    open_ = _rfind_dollar(text, max(0, close - max_chars - 2), close)
+    if open_ < 0:
+      return -1, None
+    if not _is_priced_text(text[open_ + 1:close]):
+      return close, text[open_ + 1:close].strip("$")
+    close = open_  # "$13.\nShe spent 5 $": the opening `$` is a price, read below
+  if close < 0:
+    return -1, None
+  number = text[close + 1:close + 1 + _number_end(text[close + 1:close + 1 + max_chars])]
+  return close, number.replace(",", "")
 
 
 def _escaped(text: str, i: int) -> bool:
