@@ -44,6 +44,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -62,6 +63,7 @@ import common  # noqa: E402  (gin configurables shared by every entry script)
 import eval as eval_lib  # noqa: E402
 import make_task_data  # noqa: E402
 import rollouts  # noqa: E402
+from phi_jax.data import pipeline as pipeline_lib  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
 from phi_jax.tasks import word_problems  # noqa: E402
 
@@ -209,15 +211,28 @@ def _short_budgets(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: di
   if "sft" in to_train:
     data = _stage_config(settings, workdir, "sft", common.data)
     if data["too_long"] == "drop":  # split or truncated conversations still train; dropped ones are lost
-      budgets.append(("data.seq_len", data["seq_len"], "sft", conversation))
+      budgets.append(("data.seq_len", data["seq_len"], "sft", _sft_conversation_tokens(workdir, data, conversation)))
   return [b for b in budgets if b[1] < b[3]]
+
+
+def _sft_conversation_tokens(workdir: str, data: dict, bare: int) -> int:
+  """The longest SFT conversation as the SFT stage's data pipeline tokenizes it: `bare` (manifest.json's, without a
+  system prompt) unless data.system_prompt is set, which the stage's chat format renders into every conversation."""
+  if data["system_prompt"] is None:
+    return bare
+  with tempfile.TemporaryDirectory() as scratch:  # where a "tiny:<chat format>" data.tokenizer is built
+    tokenizer = common.get_tokenizer(data["tokenizer"], scratch)
+  tokenize = pipeline_lib.make_tokenize_fn(tokenizer, system_prompt=data["system_prompt"])
+  with open(os.path.join(workdir, "data", "sft.jsonl"), encoding="utf-8") as f:
+    return max((len(tokenize(json.loads(line))["ids"]) for line in f if line.strip()), default=bare)
 
 
 def check_token_budgets(workdir: str, manifest: dict, settings: dict, eval_cfg: dict, rollout_cfg: dict) -> None:
   """Raises if the task's longest teacher reply or SFT conversation (the manifest's token counts) does not fit the
   evaluation's or a stage's token budget, before any stage trains: a reply cut at max_new_tokens is scored incorrect
-  (in evaluation, DPO rollouts and GRPO alike), and an SFT conversation longer than its row is dropped. The "hard"
-  level's six-step problems need more than recipe_tiny's 80 new tokens and 128-token SFT rows."""
+  (in evaluation, DPO rollouts and GRPO alike), and an SFT conversation longer than its row is dropped. An SFT
+  conversation counts the tokens of the SFT stage's data.system_prompt too. The "hard" level's six-step problems
+  need more than recipe_tiny's 80 new tokens and 128-token SFT rows."""
   tokens = manifest.get("tokens", {})
   reply = tokens["trace"]["max"] + 1 if "trace" in tokens else 0  # a finished reply ends with the end-of-turn token
   conversation = tokens.get("sft_conversation", {}).get("max", 0)  # without a system prompt
@@ -233,8 +248,11 @@ def check_token_budgets(workdir: str, manifest: dict, settings: dict, eval_cfg: 
   if any(stage != "sft" for _, _, stage, _ in short):
     lengths.append(f"teacher replies of up to {reply} tokens (the end-of-turn token included)")
     harms.append("a reply cut short is scored incorrect")
-  if any(stage == "sft" for _, _, stage, _ in short):
-    lengths.append(f"SFT conversations of up to {conversation} tokens")
+  sft_need = next((need for _, _, stage, need in short if stage == "sft"), None)
+  if sft_need is not None:
+    lengths.append(f"SFT conversations of up to {sft_need} tokens" + (
+        f" once the sft stage's data.system_prompt is rendered into each, {conversation} without it"
+        if sft_need != conversation else ""))
     harms.append("an SFT conversation longer than its row is dropped (data.too_long=\"drop\")")
   raise ValueError(
       f"the task data in {os.path.join(workdir, 'data')} has {' and '.join(lengths)} (manifest.json's tokens), more "

@@ -630,6 +630,39 @@ def test_task_data_longer_than_the_stages_token_budgets_is_refused_before_any_st
     gin.clear_config()
 
 
+def test_the_sft_budget_counts_the_tokens_data_system_prompt_adds_to_every_conversation(tmp_path, monkeypatch):
+  """manifest.json's SFT conversation lengths have no system prompt; the SFT stage's data pipeline renders
+  data.system_prompt into every conversation, so rows that hold the longest bare conversation drop them all."""
+  from phi_jax.data.pipeline import make_tokenize_fn
+  from phi_jax.hf.tokenizer import load_tokenizer
+  monkeypatch.chdir(ROOT)
+  quick = ["experiments/configs/recipe_tiny/quick.gin"]
+  counts = f"recipe.task_counts={json.dumps(TINY_COUNTS)}"
+  workdir = str(tmp_path)
+  system_prompt = "You are a careful tutor. Reason step by step, then give the final answer."
+  try:
+    settings, eval_cfg, rollout_cfg = recipe.configure(quick, [counts])
+    manifest = recipe.prepare_data(workdir, settings)
+    bare = manifest["tokens"]["sft_conversation"]["max"]
+    tokenize = make_tokenize_fn(load_tokenizer(os.path.join(workdir, "data", "tokenizer")),
+                                system_prompt=system_prompt)
+    with open(os.path.join(workdir, "data", "sft.jsonl")) as f:
+      longest = max(len(tokenize(json.loads(line))["ids"]) for line in f)
+    assert longest > bare
+    exact = f'recipe.stage_bindings={json.dumps({"sft": [f"data.seq_len={bare}"]})}'
+    settings, eval_cfg, rollout_cfg = recipe.configure(quick, [counts, exact])
+    recipe.check_token_budgets(workdir, manifest, settings, eval_cfg, rollout_cfg)  # fits without a system prompt
+    settings, eval_cfg, rollout_cfg = recipe.configure(quick, [counts, exact, f"data.system_prompt={system_prompt!r}"])
+    with pytest.raises(ValueError, match=rf"data.seq_len={bare} \(the sft stage\)") as refusal:
+      recipe.check_token_budgets(workdir, manifest, settings, eval_cfg, rollout_cfg)
+    assert f"data.seq_len={longest}" in str(refusal.value) and "data.system_prompt" in str(refusal.value)
+    fits = f'recipe.stage_bindings={json.dumps({"sft": [f"data.seq_len={longest}"]})}'
+    settings, eval_cfg, rollout_cfg = recipe.configure(quick, [counts, fits, f"data.system_prompt={system_prompt!r}"])
+    recipe.check_token_budgets(workdir, manifest, settings, eval_cfg, rollout_cfg)
+  finally:
+    gin.clear_config()
+
+
 def test_summary_gives_grpo_mean_reward_of_its_first_and_last_quarter_of_steps(tmp_path):
   """Eight GRPO steps with rewards 0..7: the first quarter (steps 1-2) averages 0.5, the last (7-8) 6.5."""
   (tmp_path / "grpo").mkdir()

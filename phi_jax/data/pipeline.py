@@ -479,6 +479,7 @@ class DataIterator:
     self._exhausted = False
     self._totals = {"batches": 0, "rows": 0, "filler_rows": 0, "tokens": 0, "loss_tokens": 0}
     self._source_tokens = np.zeros((len(sources_info), 2), np.int64)  # (tokens, loss tokens) per source
+    self._restored_counts: Optional[np.ndarray] = None  # the ledger's counts when the restored state was saved
 
   def __iter__(self) -> DataIterator:
     return self
@@ -510,7 +511,7 @@ class DataIterator:
     if len(self._sources_info) < 2:
       return
     unread = []
-    for info, counts in zip(self._sources_info, self._ledger.counts):
+    for info, counts in zip(self._sources_info, self._counts()):
       epochs = info["num_epochs"]
       if epochs is not None and counts[_COLUMN["read"]] < epochs * info["records"]:
         unread.append(f"{info['name']}: {int(counts[_COLUMN['read']])} of {epochs} x {info['records']} read")
@@ -537,33 +538,42 @@ class DataIterator:
     self._totals["loss_tokens"] += int(targets.sum())
 
   def get_state(self) -> dict[str, Any]:
-    # Once the data has run out, the packer's state is the one from before its last read, which went past the
-    # records skipped after the last used one: the final counts travel apart, as nothing is read after a restore.
+    # The packer's state is that of before its current group of bins (num_packing_bins rows, more than a batch may
+    # take), and once the data has run out, of before its last read, which went past the records skipped after the
+    # last used one. A restored packer reads those records again only at its next batch, if ever: the counts so far
+    # travel apart.
     return {"rows": self._rows.get_state(), "exhausted": self._exhausted, "totals": dict(self._totals),
-            "source_tokens": self._source_tokens.tolist(),
-            "final_counts": self._ledger.snapshot() if self._exhausted else None}
+            "source_tokens": self._source_tokens.tolist(), "counts": self._ledger.snapshot()}
 
   def set_state(self, state: dict[str, Any]):
     self._rows.set_state(state["rows"])
-    if state.get("final_counts") is not None:  # absent from states saved before it was kept
-      self._ledger.restore(state["final_counts"])
+    # "final_counts": states saved before "counts" was kept, which had them once the data had run out only.
+    counts = state.get("counts", state.get("final_counts"))
+    self._restored_counts = None if counts is None else np.asarray(counts, np.int64).reshape(self._ledger.counts.shape)
     self._exhausted = state["exhausted"]
     self._totals = dict(state["totals"])
     self._source_tokens = np.asarray(state["source_tokens"], np.int64).reshape(self._source_tokens.shape)
+
+  def _counts(self) -> np.ndarray:
+    """The ledger's counts, and after a restore at least the saved ones: every counter only grows, and the records a
+    restored packer reads again reach the saved counts exactly by its next batch, then go on as uninterrupted."""
+    counts = self._ledger.counts
+    return counts if self._restored_counts is None else np.maximum(counts, self._restored_counts)
 
   def stats(self) -> dict[str, Any]:
     """Counts so far: records read/used/skipped per reason, too-long split/dropped, tokens per source, padding.
 
     Record counts include records read ahead into the packer but not yet in a batch; token counts are exactly the
-    tokens of the batches returned.
+    tokens of the batches returned. A restored iterator's counts are those of the uninterrupted one at every batch,
+    read-ahead included.
     """
     per_source = {}
-    for info, counts, (tokens, loss_tokens) in zip(self._sources_info, self._ledger.counts, self._source_tokens):
+    for info, counts, (tokens, loss_tokens) in zip(self._sources_info, self._counts(), self._source_tokens):
       per_source[info["name"]] = {**info, **_record_counts(counts), "tokens": int(tokens),
                                   "loss_tokens": int(loss_tokens)}
     slots = self._totals["batches"] * self._batch_size * self._seq_len
     return {
-        **_record_counts(self._ledger.counts.sum(axis=0)),
+        **_record_counts(self._counts().sum(axis=0)),
         **self._totals,
         "padding_fraction": 1.0 - self._totals["tokens"] / slots if slots else 0.0,
         "sources": per_source,
