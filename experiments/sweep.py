@@ -15,7 +15,9 @@ next-token accuracy of the trained positions (token_accuracy); for GRPO, mean re
 whose answer verified (accuracy). In local mode a failing run does not stop the sweep: the other runs go on, the
 table's status column marks it ("exit N", or "signal N" if it was killed; "ok" for a run that succeeded) and the
 sweep exits non-zero at the end, naming the failed runs. A SIGTERM or SIGINT (Ctrl-C) to the sweep reaches the run in
-progress as a SIGTERM (it saves a checkpoint and stops), no further run starts, and the sweep exits 143. --mode=collect
+progress as a SIGTERM (it saves a checkpoint and stops), no further run starts, and the sweep exits 143; that run's
+status is "preempted" only if it exited as train.py does once saved (143), else its "exit N" / "signal N", and the
+runs not started are "not run". --mode=collect
 tables the runs' latest metrics whether or not they finished: its step column says how far each got.
 """
 
@@ -148,7 +150,7 @@ def final_metrics(workdir: str) -> dict:
 
 
 def collect(root: str, runs: list[dict], statuses: Optional[dict[str, str]] = None) -> list[dict]:
-  """Writes ROOT/results.md and ROOT/results.json; `statuses` (run name -> "ok" / "exit N" / "signal N") adds a
+  """Writes ROOT/results.md and ROOT/results.json; `statuses` (run name -> `run_status`, or "not run") adds a
   status column, which only local mode knows (runs launched elsewhere report to their scheduler)."""
   rows = [dict(run=run_name(b), **b, **final_metrics(os.path.join(root, run_name(b)))) for b in runs]
   if statuses is not None:
@@ -169,7 +171,18 @@ def collect(root: str, runs: list[dict], statuses: Optional[dict[str, str]] = No
   return rows
 
 
-_PREEMPTED = 143  # train.py's exit after a SIGTERM once its checkpoint is saved
+_PREEMPTED = 143  # train.py's exit after a SIGTERM once its checkpoint is saved (loop.Preempted)
+
+
+def run_status(code: int) -> str:
+  """A run's status column from its exit code. "preempted" is train.py's exit after a SIGTERM (it saved, or its grace
+  period ran out with the previous checkpoint intact), whether or not the sweep forwarded one: any other exit is a
+  failure, even one that follows a forwarded signal (a crash while saving, a SIGKILL)."""
+  if code == 0:
+    return "ok"
+  if code == _PREEMPTED:
+    return "preempted"
+  return f"exit {code}" if code > 0 else f"signal {-code}"
 
 
 def _run_forwarding_signals(cmd: list[str]) -> int:
@@ -225,12 +238,12 @@ def main(argv=None):
     print(f"[{i + 1}/{len(runs)}] {name}", flush=True)
     # One failing run (a bad value of the swept binding, say) must not cost the others their results.
     code = _run_forwarding_signals(command(args.gin_file, args.gin_param, b, os.path.join(args.root, name)))
+    statuses[name] = run_status(code)
     if _stopping or code == _PREEMPTED:  # the sweep (or its node) was told to stop: no further run is started
-      statuses[name] = "ok" if code == 0 else "preempted"
       collect(args.root, runs, {run_name(r): statuses.get(run_name(r), "not run") for r in runs})
-      print(f"sweep stopped by a signal after {name}; re-run it to go on (finished runs are kept)", flush=True)
+      print(f"sweep stopped by a signal after {name} ({statuses[name]}); re-run it to go on (finished runs are kept)",
+            flush=True)
       sys.exit(_PREEMPTED)
-    statuses[name] = "ok" if code == 0 else f"exit {code}" if code > 0 else f"signal {-code}"
     if code != 0:
       print(f"[{i + 1}/{len(runs)}] {name} failed ({statuses[name]})"
             + ("; going on with the other runs" if i + 1 < len(runs) else ""), flush=True)

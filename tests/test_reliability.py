@@ -5,6 +5,7 @@ Subprocess runs use tests/fault_worker.py (a tiny model on 2 CPU devices); the r
 itself are in test_resume.py.
 """
 
+import fcntl
 import gc
 import glob
 import json
@@ -534,6 +535,123 @@ def test_a_url_workdir_is_refused_before_training(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="workdir='gs://bucket/run' is a URL; .* mount the bucket"):
     _run("gs://bucket/run", num_steps=2)
   assert os.listdir(tmp_path) == []
+
+
+def _lock_is_free(workdir):
+  fd = os.open(os.path.join(workdir, ".lock"), os.O_RDWR | os.O_CREAT)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True
+  except BlockingIOError:
+    return False
+  finally:
+    os.close(fd)  # releases it again
+
+
+class LockProbe(ScaledData):
+  """ScaledData that notes, at its first batch, what the workdir's lock file says and whether the lock is free,
+  and sends this process a SIGTERM when its batch `sigterm_at` is read."""
+
+  def __init__(self, workdir, sigterm_at=None, scales=None):
+    super().__init__(scales)
+    self.workdir, self.sigterm_at, self.seen = workdir, sigterm_at, None
+
+  def __next__(self):
+    if self.seen is None:
+      self.seen = (open(os.path.join(self.workdir, ".lock")).read(), _lock_is_free(self.workdir))
+    if self.index == self.sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return super().__next__()
+
+
+def test_a_workdir_another_run_holds_is_refused_before_writing_and_the_lock_goes_however_a_run_ends(tmp_path):
+  """Two trainers on one workdir (a sweep re-run while the first still runs, a second shell) both wrote checkpoints
+  and metrics.jsonl, interleaving two runs' records."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT)  # another run's lock: its own open file
+  fcntl.flock(holder, fcntl.LOCK_EX)
+  os.write(holder, b"pid 4242 on node7\n")
+  try:
+    with pytest.raises(loop.WorkdirInUseError, match=rf"{workdir} is in use by another training run \(pid 4242 on "
+                                                     rf"node7, per {workdir}/.lock\).*Wait for it to end.*another "
+                                                     "workdir"):
+      _run(workdir, num_steps=2)
+  finally:
+    os.close(holder)
+  assert os.listdir(workdir) == [".lock"]  # nothing written
+  probe = LockProbe(workdir)
+  _run(workdir, num_steps=2, data=probe)
+  assert probe.seen[0].startswith(f"pid {os.getpid()} on ") and not probe.seen[1]  # held while it trained
+  assert _lock_is_free(workdir)  # and released when it returned
+  with pytest.raises(loop.Preempted):  # SIGTERM at step 3's batch: saved and stopped
+    _run(workdir, data=LockProbe(workdir, sigterm_at=2))
+  assert _lock_is_free(workdir)
+  with pytest.raises(FloatingPointError, match="non-finite loss=nan at step 4"):
+    _run(workdir, data=LockProbe(workdir, scales={4: float("nan")}))
+  assert _lock_is_free(workdir)
+
+
+def test_a_second_trainer_on_a_running_workdir_fails_at_once_and_the_first_ends_unmixed(tmp_path, reference):
+  first = _start(tmp_path, step_delay_s=1.0)
+  _wait_for(lambda: _logged(tmp_path) >= 2, first)
+  second = _worker(tmp_path, check=False)
+  out = second.stdout + second.stderr
+  assert second.returncode not in (0, -signal.SIGKILL), out[-3000:]
+  assert f"WorkdirInUseError: {tmp_path} is in use by another training run (pid {first.pid} on " in out, out[-3000:]
+  assert first.poll() is None  # refused while the first still trained
+  out, _ = first.communicate(timeout=120)
+  assert first.returncode == 0, out[-3000:]
+  _assert_identical(tmp_path, reference)  # no record or checkpoint of the second run mixed in
+
+
+class EvalBreaks:
+  """`eval_batches` for loop.run: a good batch at every evaluation but the `bad_at`-th, whose batch holds text."""
+
+  def __init__(self, bad_at):
+    self.bad_at, self.count = bad_at, 0
+
+  def __call__(self):
+    self.count += 1
+    batch = EvalScales({})()[0]
+    return [dict(batch, text=np.array(["an eval record's text"] * 8)) if self.count == self.bad_at else batch]
+
+
+def test_an_evaluation_that_fails_mid_run_saves_its_step_first_and_the_run_resumes_from_it(tmp_path, caplog):
+  """Only the first eval batch is checked before training; evaluations run before their step's checkpoint, so a
+  later eval batch that failed lost every step since the last checkpoint (here all four)."""
+  settings = dict(num_steps=6, eval_every=2, checkpoint_every=10)
+  whole = _run(tmp_path / "whole", eval_batches=EvalBreaks(None), **settings)
+  with caplog.at_level(logging.ERROR, logger="phi_jax"):
+    with pytest.raises(TypeError, match=r"eval batch\['text'\] holds"):
+      _run(tmp_path / "cut", eval_batches=EvalBreaks(bad_at=2), **settings)  # the evaluation of step 4
+  assert _complete_steps(tmp_path / "cut") == [4]
+  assert f"saved step 4's checkpoint to {tmp_path}/cut/checkpoints/4" in caplog.text
+  assert "rerun the same command to resume from it" in caplog.text
+  records = _records(tmp_path / "cut")
+  assert sorted(records) == [1, 2, 3, 4] and "loss" in records[4] and "eval_loss" not in records[4]
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="phi_jax"):
+    resumed = _run(tmp_path / "cut", eval_batches=EvalBreaks(None), **settings)  # the eval data fixed
+  assert f"resumed from {tmp_path}/cut/checkpoints/4 at step 4" in caplog.text
+  for a, b in zip(jax.tree.leaves(jax.device_get(whole.params)), jax.tree.leaves(jax.device_get(resumed.params))):
+    np.testing.assert_array_equal(a, b)
+  strip = lambda records: {s: {k: v for k, v in r.items() if not k.startswith(("eval", "best_eval"))}
+                           for s, r in records.items()}
+  assert strip(_records(tmp_path / "cut")) == strip(_records(tmp_path / "whole"))
+
+
+def test_an_eval_batch_that_fails_on_one_process_stops_every_process_in_the_same_evaluation(monkeypatch):
+  """A process whose eval batch failed to read or check raised alone while the others waited in the evaluation's
+  next collective; now all raise there, so all can save the step before stopping."""
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  batch = EvalScales({})()[0]
+  monkeypatch.setattr(loop, "any_process", lambda more, failed: (more, True))  # another process failed
+  with pytest.raises(RuntimeError, match="another process failed to read or check its eval batch"):
+    loop._evaluate(None, None, [batch], mesh)
+  monkeypatch.setattr(loop, "any_process", lambda *flags: tuple(flags))
+  with pytest.raises(TypeError, match=r"eval batch\['text'\] holds"):  # where it failed: its own error
+    loop._evaluate(lambda params, b: (0.0, 1.0), None, [batch, dict(batch, text=np.array(["x"] * 8))], mesh)
 
 
 def test_a_data_position_that_is_not_plain_json_is_named_at_the_first_save(tmp_path):

@@ -192,6 +192,24 @@ def test_a_sigterm_to_the_sweep_reaches_the_running_run_and_starts_no_other(tmp_
   assert [(r["run"], r["status"]) for r in rows] == [("seed=0", "preempted"), ("seed=1", "not run")]
 
 
+@pytest.mark.parametrize("code,status", [(143, "preempted"), (1, "exit 1"), (-9, "signal 9"), (0, "ok")])
+def test_only_a_run_that_exits_as_preempted_is_marked_preempted_after_a_signal(tmp_path, monkeypatch, capsys, code,
+                                                                                status):
+  """Any non-zero exit after the sweep forwarded a signal was marked "preempted", as if the run had saved and could
+  resume: a run that crashed meanwhile (exit 1) or was killed (SIGKILL) read as a clean stop."""
+  def signalled_run(cmd):  # the sweep receives a SIGTERM while the run is in progress; the run exits with `code`
+    sweep._stopping.append(signal.SIGTERM)
+    return code
+
+  monkeypatch.setattr(sweep, "_run_forwarding_signals", signalled_run)
+  with pytest.raises(SystemExit) as raised:
+    sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", '--sweep={"product": {"train.seed": [0, 1]}}'])
+  assert raised.value.code == 143  # the sweep itself was stopped by the signal
+  rows = json.load(open(tmp_path / "results.json"))
+  assert [(r["run"], r["status"]) for r in rows] == [("seed=0", status), ("seed=1", "not run")]
+  assert f"sweep stopped by a signal after seed=0 ({status})" in capsys.readouterr().out
+
+
 def test_a_mistyped_spec_path_is_named():
   with pytest.raises(ValueError, match=r"--sweep='sweeps/lr.jsn': no such spec file"):
     sweep.load_spec("sweeps/lr.jsn")

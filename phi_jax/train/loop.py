@@ -21,7 +21,11 @@ metric and the last good checkpoint (or, with `on_nonfinite="skip"`, drops that 
 above `loss_spike_factor` x the running median of the last `loss_spike_window` losses is flagged (`loss_spike` in
 metrics.jsonl and a warning); SIGTERM finishes the current step, saves, and exits with status 143, or, past
 `preemption_grace_s`, exits without the new checkpoint (the previous one stays the newest); a failed save raises
-`CheckpointError` naming the directory and the intact previous step.
+`CheckpointError` naming the directory and the intact previous step; an evaluation that raises (a bad eval batch
+after the first) saves its step's checkpoint first, so a rerun resumes there once the eval data is fixed; a second
+run started in a workdir while one trains there raises `WorkdirInUseError` before writing anything (process 0 holds
+an exclusive `flock` on W/.lock, recording its pid and host, for the whole of `run`; the kernel drops it when the
+process dies, so a crash leaves no stale lock).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import collections
 import collections.abc
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import itertools
 import json
@@ -38,6 +43,7 @@ import math
 import os
 import re
 import signal
+import socket
 import statistics
 import sys
 import threading
@@ -419,6 +425,63 @@ def check_workdir(workdir: str) -> None:
                      "mount the bucket (e.g. gcsfuse, mountpoint-s3) and give the mounted path")
 
 
+LOCK_FILE = ".lock"  # in the workdir; holds "pid N on HOST" of the run that trains there
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another run trains in the workdir (holds its lock)."""
+
+
+def _lock_workdir(workdir: str) -> Optional[int]:
+  """Takes the workdir's exclusive lock and returns its file descriptor (closing it releases the lock; the kernel
+  releases it when the process dies, so a crashed run leaves no stale lock). Raises `WorkdirInUseError` naming the
+  holder when another run has it; None (with a warning) on a file system without locks."""
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "not yet recorded"
+    os.close(fd)
+    raise WorkdirInUseError(
+        f"{workdir} is in use by another training run ({holder}, per {path}): two runs in one workdir would "
+        "interleave their checkpoints and metrics.jsonl. Wait for it to end (or stop it) and rerun the same command "
+        "to resume, or give this run another workdir") from None
+  except OSError as e:  # e.g. a network file system without flock
+    os.close(fd)
+    log.warning("could not lock %s (%s): nothing stops a second run from training in %s at the same time", path, e,
+                workdir)
+    return None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+  return fd
+
+
+def _holding_workdir_lock(run_fn: Callable) -> Callable:
+  """`run_fn(workdir=..., ...)` under the workdir's lock, taken by process 0 alone and released however it ends
+  (return, error, `Preempted`). A refused lock stops every process before anything is written there: process 0's
+  error is shared with the others (a collective), which would otherwise wait for it in the first step."""
+  @functools.wraps(run_fn)
+  def locked(*, workdir: str, **kwargs):
+    check_workdir(workdir)  # before makedirs turns a URL into a local directory
+    os.makedirs(workdir, exist_ok=True)
+    fd, error = None, None
+    if jax.process_index() == 0:
+      try:
+        fd = _lock_workdir(workdir)
+      except WorkdirInUseError as e:
+        error = e
+    refusal = allgather_json(None if error is None else str(error))[0]
+    if refusal is not None:
+      raise error or WorkdirInUseError(f"process 0 refused the workdir: {refusal}")
+    try:
+      return run_fn(workdir=workdir, **kwargs)
+    finally:
+      if fd is not None:
+        os.close(fd)
+  return locked
+
+
 _LOSS_CONTRACT = '(loss_sum, aux) with aux = {"weight": units summed, "metrics": {name: sum}} (see phi_jax.train.step)'
 
 
@@ -458,8 +521,8 @@ def _check_token_ids(local: dict, vocab_size: int, what: str) -> None:
 
 def _first_eval_checked(eval_batches: Callable[[], Iterable[dict]], train_batch: dict, mesh: Mesh,
                         vocab_size: int) -> Callable[[], Iterable[dict]]:
-  """Checks the first eval batch against the mesh, the train batch's keys and the vocabulary, before any step (the
-  final evaluation runs before the last checkpoint, so a bad eval batch found then lost the run's last steps).
+  """Checks the first eval batch against the mesh, the train batch's keys and the vocabulary, before any step (found
+  at an evaluation, by default the last step, a bad eval batch stops the run there, its steps paid for).
   Returns `eval_batches` whose first call goes on with the batches read here: no extra pass over the eval data."""
   batches = eval_batches()
   if isinstance(batches, collections.abc.Mapping):  # iterating one batch gives its keys
@@ -480,6 +543,7 @@ def _first_eval_checked(eval_batches: Callable[[], Iterable[dict]], train_batch:
   return lambda: replay.pop() if replay else eval_batches()
 
 
+@_holding_workdir_lock
 def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerConfig, loss_fn: Callable,
         train_data: Iterable, loop: LoopConfig, mesh: Mesh, init_params: Optional[Callable[[], Any]] = None,
         eval_batches: Optional[Callable[[], Iterable[dict]]] = None, run_meta: Optional[dict] = None,
@@ -502,7 +566,9 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   With `loop.keep_best_checkpoint` the returned state is the best evaluation's, restored from its checkpoint.
   `eval_batches()` returns the eval batches anew at every evaluation; a list or tuple of batches is taken as is.
   Its first batch is checked before the first step (rows the mesh can split, the train batch's keys, token ids),
-  as the batches of `train_data` are before each step.
+  as the batches of `train_data` are before each step; a later one that fails (at any evaluation) raises once the
+  step it evaluates is saved.
+  Raises `WorkdirInUseError` before writing anything when another run holds the workdir's lock (W/.lock).
   """
   check_workdir(workdir)
   if isinstance(train_data, collections.abc.Mapping):  # iterating one batch gives its keys
@@ -656,7 +722,11 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
                     loop.loss_spike_factor, median)
     improved = False
     if evaluate_now:
-      eval_record, improved = evaluate(step)
+      try:
+        eval_record, improved = evaluate(step)
+      except Exception:
+        save_before_eval_error(record, stats)
+        raise
       record.update(eval_record)
       last_time = time.perf_counter()  # the evaluation's time is not the next step's
     # A skipped update or a loss spike is flagged in its own step's record whatever log_every says (the loss is the
@@ -671,6 +741,20 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         on_log(record)
     flushed = (record, written, stats)
     return improved
+
+  def save_before_eval_error(record: dict, stats: dict) -> None:
+    """Saves the step whose evaluation raised, with its training record, as its own save would have: its loss is
+    known finite by now, and the evaluation runs before the save, so the steps since the last checkpoint were lost
+    to a bad eval batch. Every process gets here together (`_agree_on_eval_batch`), as the save needs."""
+    step = record["step"]
+    writer.write(dict(record, **_counted_over_processes(stats)))
+    data_state = train_data.get_state() if hasattr(train_data, "get_state") else None
+    checkpointer.save(step, state, data_state=data_state, meta=with_spike_window(), force=True)
+    checkpointer.wait()
+    write_data_stats()
+    log.error("the evaluation at step %d failed (the error follows); saved step %d's checkpoint to %s first, so no "
+              "trained step is lost: fix the eval data (data.eval_files, or eval_batches) and rerun the same command "
+              "to resume from it", step, step, checkpointer.step_path(step))
 
   def write_data_stats():
     if hasattr(train_data, "stats"):
@@ -986,11 +1070,35 @@ def _make_eval(loss_fn, mesh, microbatches: int = 1):
   return MeshJit(microbatched, mesh)
 
 
+def _next_eval_batch(batches, mesh) -> tuple[Optional[dict], Optional[Exception]]:
+  """(the next per-process eval batch, checked against the mesh, or None at the end; the error reading or checking
+  it, raised by `_agree_on_eval_batch` on every process alike)."""
+  try:
+    local = next(batches, None)
+    if local is not None:
+      check_batch(local, mesh, what="eval batch")
+    return local, None
+  except Exception as e:  # pylint: disable=broad-except  (a bad record, keys of text, rows the mesh cannot split)
+    return None, e
+
+
+def _agree_on_eval_batch(local, error: Optional[Exception]) -> bool:
+  """Whether any process has an eval batch left; raises on every process when any failed to read or check its
+  batch, so all stop in the same evaluation (and can save the step before they do). A collective."""
+  more, failed = any_process(local is not None, error is not None)
+  if failed:
+    if error is not None:
+      raise error
+    raise RuntimeError("another process failed to read or check its eval batch (its log names the error); stopping "
+                       "here too, rather than waiting in the evaluation for it")
+  return more
+
+
 def _evaluate(eval_fn, params, batches: Iterable[dict], mesh, unit: str = "tokens") -> dict:
   """{"eval_loss": the weighted mean, "eval_<unit>": its weight}, unit being what the stage's weight counts."""
   total, weight = 0.0, 0.0
   batches = iter(batches)
-  local = next(batches, None)
+  local, error = _next_eval_batch(batches, mesh)
   # Every process scores the same number of (collective) batches. Shares may be uneven (records split over
   # processes, packing): a process whose share ran out scores all-padding batches, which weigh nothing, until every
   # share is scored, so several processes score what one would. The filler takes the shapes of a first batch.
@@ -999,12 +1107,12 @@ def _evaluate(eval_fn, params, batches: Iterable[dict], mesh, unit: str = "token
     shapes = [s for s in allgather_json(None if local is None else {k: [list(v.shape), str(v.dtype)]
                                                                    for k, v in local.items()}) if s is not None]
     template = shapes[0] if shapes else None
-  while any_process(local is not None)[0]:
+  while _agree_on_eval_batch(local, error):
     if local is None:
       local = {k: np.zeros(shape, dtype) for k, (shape, dtype) in template.items()}
     loss_sum, w = eval_fn(params, global_batch(local, mesh))
     total, weight = total + host_scalar(loss_sum), weight + host_scalar(w)
-    local = next(batches, None)
+    local, error = _next_eval_batch(batches, mesh)
   if not weight:
     log.warning("the eval data gave no %s to score (no batches, or no targets in them): eval_loss is NaN", unit)
   return {"eval_loss": total / weight if weight else float("nan"), f"eval_{unit}": weight}
