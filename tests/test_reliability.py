@@ -443,12 +443,13 @@ def scaled_loss(config):
   return loss_fn
 
 
-def _run(workdir, config=TINY, mesh_shape=None, opt=OPT, scales=None, eval_batches=None, data=None, **loop_kwargs):
+def _run(workdir, config=TINY, mesh_shape=None, opt=OPT, scales=None, eval_batches=None, data=None, on_finish=None,
+         **loop_kwargs):
   mesh = sharding.make_mesh(mesh_shape or {"data": 1}, devices=None if mesh_shape else jax.devices()[:1])
   loop_config = LoopConfig(**dict(dict(num_steps=4, checkpoint_every=2, async_checkpoints=False), **loop_kwargs))
   return loop.run(workdir=str(workdir), model_config=config, optimizer_config=opt, loss_fn=scaled_loss(config),
                   train_data=data or ScaledData(scales, config.vocab_size), loop=loop_config, mesh=mesh,
-                  eval_batches=eval_batches)
+                  eval_batches=eval_batches, on_finish=on_finish)
 
 
 def test_data_without_a_saved_position_resumes_past_the_batches_already_trained(tmp_path, caplog):
@@ -580,9 +581,10 @@ def test_a_workdir_another_run_holds_is_refused_before_writing_and_the_lock_goes
   finally:
     os.close(holder)
   assert os.listdir(workdir) == [".lock"]  # nothing written
-  probe = LockProbe(workdir)
-  _run(workdir, num_steps=2, data=probe)
+  probe, held_at_finish = LockProbe(workdir), []
+  _run(workdir, num_steps=2, data=probe, on_finish=lambda state: held_at_finish.append(not _lock_is_free(workdir)))
   assert probe.seen[0].startswith(f"pid {os.getpid()} on ") and not probe.seen[1]  # held while it trained
+  assert held_at_finish == [True]  # and while on_finish wrote the run's final outputs (params/, hf/)
   assert _lock_is_free(workdir)  # and released when it returned
   with pytest.raises(loop.Preempted):  # SIGTERM at step 3's batch: saved and stopped
     _run(workdir, data=LockProbe(workdir, sigterm_at=2))

@@ -548,7 +548,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         train_data: Iterable, loop: LoopConfig, mesh: Mesh, init_params: Optional[Callable[[], Any]] = None,
         eval_batches: Optional[Callable[[], Iterable[dict]]] = None, run_meta: Optional[dict] = None,
         on_log: Optional[Callable[[dict], None]] = None, on_start: Optional[Callable[[], None]] = None,
-        on_first_step: Optional[Callable[[], None]] = None):
+        on_first_step: Optional[Callable[[], None]] = None, on_finish: Optional[Callable[[Any], None]] = None):
   """Trains to `loop.num_steps` (resuming if workdir has checkpoints) and returns the final TrainState.
 
   `loss_fn(params, batch, rng)` returns (loss_sum, aux): `loss_sum` a scalar sum over the batch, `aux` a dict with
@@ -560,7 +560,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   get_state/set_state, its position is checkpointed; `step_metrics(step)` adds data-side metrics (rewards,
   lengths) to that step's record. `on_start()` runs once the workdir's
   checkpoints are known to fit this config (a refused resume changes nothing in the workdir), before any step;
-  `on_first_step()` right before the first step this call trains (not at all when nothing is left to train).
+  `on_first_step()` right before the first step this call trains (not at all when nothing is left to train);
+  `on_finish(state)` with the state `run` returns, still holding the workdir's lock (for final outputs written there).
   `init_params()` returns (sharded) starting params, e.g. from an HF checkpoint or a previous stage; None means
   random init from the seed.
   With `loop.keep_best_checkpoint` the returned state is the best evaluation's, restored from its checkpoint.
@@ -871,6 +872,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     state = _restore_best(checkpointer, evals, abstract_state(model_config, optimizer, mesh), state)
   checkpointer.close()
   write_data_stats()
+  if on_finish is not None:
+    on_finish(state)
   return state
 
 
