@@ -298,27 +298,28 @@ def binding_keys(text: str) -> list[str]:
     return []
 
 
-def bound_or_none(name: str):
+def bound_or_none(name: str, nested: bool = True):
   """The value gin binds to `name` ("mesh.shape"), with the macros it holds resolved, at any depth
   (`model.overrides = %OVR` or `mesh.shape = {'data': %D}`, as a run's config.gin may record them), or None where
-  nothing binds it."""
+  nothing binds it. `nested=False` resolves a macro bound to `name` itself but keeps those inside its value: for
+  a value bound again later, whose macros a later binding (a --gin_param) may still change."""
   try:
-    return _resolve_bound_macros(gin.query_parameter(name))
+    return _resolve_bound_macros(gin.query_parameter(name), nested)
   except ValueError:  # not bound
     return None
 
 
-def _resolve_bound_macros(value, depth: int = 0):
-  """`value` with each macro reference in it, or in its lists, tuples and dict values, replaced by the value gin
-  binds to the macro (`_resolve_macros` does so for a config file's statements, which gin has not bound)."""
+def _resolve_bound_macros(value, nested: bool, depth: int = 0):
+  """`value` with each macro reference in it (`nested`: in its lists, tuples and dict values too) replaced by the
+  value gin binds to the macro (`_resolve_macros` does so for a config file's statements, which gin has not bound)."""
   if depth > 32:  # a macro may name another macro, but not forever
     return value
   if isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
-    return _resolve_bound_macros(gin.query_parameter(repr(value)), depth + 1)  # "%NAME"
-  if isinstance(value, (list, tuple)):
-    return type(value)(_resolve_bound_macros(item, depth + 1) for item in value)
-  if isinstance(value, dict):
-    return {key: _resolve_bound_macros(item, depth + 1) for key, item in value.items()}
+    return _resolve_bound_macros(gin.query_parameter(repr(value)), nested, depth + 1)  # "%NAME"
+  if nested and isinstance(value, (list, tuple)):
+    return type(value)(_resolve_bound_macros(item, nested, depth + 1) for item in value)
+  if nested and isinstance(value, dict):
+    return {key: _resolve_bound_macros(item, nested, depth + 1) for key, item in value.items()}
   return value
 
 

@@ -316,7 +316,9 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   recipe.config_dir found from `caller_dir` is read from there, as a --gin_file is."""
   gin.clear_config()
   common.parse_gin(gin_files, [])
-  in_file_dicts = {name: common.bound_or_none(name) for name in MERGED_DICTS}
+  # Their macros stay unresolved: merged with the --gin_param dicts and bound again below, they take the values the
+  # command line may give those macros.
+  in_file_dicts = {name: common.bound_or_none(name, nested=False) for name in MERGED_DICTS}
   file_difficulty = common.bound_or_none("recipe.difficulty")
   gin.clear_config()
   # All of them, so a misspelt name fails now rather than at its stage; a macro is checked against the stage files
@@ -342,7 +344,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
     for value in given:
       merged = ({k: _bindings_list(merged.get(k, [])) + _bindings_list(value.get(k, [])) for k in {**merged, **value}}
                 if name == "recipe.stage_bindings" else {**merged, **value})
-    if given and merged != common.bound_or_none(name):
+    if given and merged != common.bound_or_none(name, nested=False):
       gin.bind_parameter(name, merged)
   in_files = [b for path in gin_files for b in _file_stage_bindings(path, set())]
   if in_files:

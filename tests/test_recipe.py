@@ -337,6 +337,20 @@ def test_command_line_recipe_dicts_add_to_the_files(monkeypatch):
     gin.clear_config()
 
 
+def test_a_macro_in_a_files_recipe_dict_takes_its_command_line_value(monkeypatch, tmp_path):
+  """The file's dict is merged with the command line's and bound again: a macro inside it must keep the value a
+  --gin_param gives the macro, not the file's."""
+  monkeypatch.chdir(ROOT)
+  counts = tmp_path / "counts.gin"
+  counts.write_text("include 'experiments/configs/recipe_tiny/quick.gin'\nSFT_N = 1000\n"
+                    'recipe.task_counts = {"base_train": 64, "sft": %SFT_N, "valid": 16}\n')
+  try:
+    settings, _, _ = recipe.configure([str(counts)], ["SFT_N = 50", "recipe.task_counts = {'valid': 8}"])
+    assert (settings["task_counts"]["sft"], settings["task_counts"]["valid"]) == (50, 8)
+  finally:
+    gin.clear_config()
+
+
 def test_a_command_line_difficulty_is_that_level_not_the_files_overrides(monkeypatch):
   """recipe_tiny's overrides set every difficulty parameter: merged under another level's name they made
   --gin_param recipe.difficulty="hard" a no-op. Another level drops the file's overrides; the command line's stay."""
