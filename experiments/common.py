@@ -892,7 +892,13 @@ def run_training(workdir: str):
   distributed.initialize()
   loop_lib.check_workdir(workdir)  # before abspath turns a URL into a local directory
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  # Held from the first write (a tiny tokenizer, DPO's reference log-probs) to the last (params/, hf/).
+  with loop_lib.workdir_lock(workdir):
+    return _train_in(workdir)
+
+
+def _train_in(workdir: str):
+  """`run_training`'s work, under the workdir's lock."""
   the_mesh = mesh()
   model_config, hf_path = model()
   data_cfg = data()
@@ -950,11 +956,6 @@ def run_training(workdir: str):
       remove_final_outputs(workdir, loop.export_hf)
     write_config(replace=True)
 
-  def on_finish(state):  # under the workdir's lock, as the checkpoints are: no second run writes these meanwhile
-    save_final_params(workdir, state.params)
-    if loop.export_hf:
-      export_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer, data_cfg["system_prompt"])
-
   def show(record):
     keys = ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "eval_loss", "token_accuracy",
             "reward_mean", "accuracy")
@@ -964,8 +965,11 @@ def run_training(workdir: str):
       workdir=workdir, model_config=model_config, optimizer_config=optimizer(), loss_fn=loss_fn,
       train_data=train_data, loop=loop, mesh=the_mesh,
       init_params=params_loader(model_config, hf_path, settings["init_from"], the_mesh),
-      eval_batches=eval_batches, on_log=show, on_start=on_start, on_first_step=on_first_step, on_finish=on_finish,
+      eval_batches=eval_batches, on_log=show, on_start=on_start, on_first_step=on_first_step,
       run_meta=run_meta(stage, settings, data_cfg, tokenizer))
+  save_final_params(workdir, state.params)
+  if loop.export_hf:
+    export_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer, data_cfg["system_prompt"])
   return state
 
 

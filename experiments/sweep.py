@@ -174,13 +174,15 @@ def collect(root: str, runs: list[dict], statuses: Optional[dict[str, str]] = No
 _PREEMPTED = 143  # train.py's exit after a SIGTERM once its checkpoint is saved (loop.Preempted)
 
 
-def run_status(code: int) -> str:
+def run_status(code: int, forwarded: bool = False) -> str:
   """A run's status column from its exit code. "preempted" is train.py's exit after a SIGTERM (it saved, or its grace
-  period ran out with the previous checkpoint intact), whether or not the sweep forwarded one: any other exit is a
-  failure, even one that follows a forwarded signal (a crash while saving, a SIGKILL)."""
+  period ran out with the previous checkpoint intact), whether or not the sweep forwarded one, and, once the sweep
+  `forwarded` one, the SIGTERM's own death of a run stopped before its training loop took the signal over (reading
+  data, loading params: a rerun starts there again). Any other exit is a failure, even one that follows a forwarded
+  signal (a crash while saving, a SIGKILL)."""
   if code == 0:
     return "ok"
-  if code == _PREEMPTED:
+  if code == _PREEMPTED or (forwarded and code == -signal.SIGTERM):
     return "preempted"
   return f"exit {code}" if code > 0 else f"signal {-code}"
 
@@ -238,7 +240,7 @@ def main(argv=None):
     print(f"[{i + 1}/{len(runs)}] {name}", flush=True)
     # One failing run (a bad value of the swept binding, say) must not cost the others their results.
     code = _run_forwarding_signals(command(args.gin_file, args.gin_param, b, os.path.join(args.root, name)))
-    statuses[name] = run_status(code)
+    statuses[name] = run_status(code, forwarded=bool(_stopping))
     if _stopping or code == _PREEMPTED:  # the sweep (or its node) was told to stop: no further run is started
       collect(args.root, runs, {run_name(r): statuses.get(run_name(r), "not run") for r in runs})
       print(f"sweep stopped by a signal after {name} ({statuses[name]}); re-run it to go on (finished runs are kept)",

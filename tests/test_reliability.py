@@ -443,13 +443,12 @@ def scaled_loss(config):
   return loss_fn
 
 
-def _run(workdir, config=TINY, mesh_shape=None, opt=OPT, scales=None, eval_batches=None, data=None, on_finish=None,
-         **loop_kwargs):
+def _run(workdir, config=TINY, mesh_shape=None, opt=OPT, scales=None, eval_batches=None, data=None, **loop_kwargs):
   mesh = sharding.make_mesh(mesh_shape or {"data": 1}, devices=None if mesh_shape else jax.devices()[:1])
   loop_config = LoopConfig(**dict(dict(num_steps=4, checkpoint_every=2, async_checkpoints=False), **loop_kwargs))
   return loop.run(workdir=str(workdir), model_config=config, optimizer_config=opt, loss_fn=scaled_loss(config),
                   train_data=data or ScaledData(scales, config.vocab_size), loop=loop_config, mesh=mesh,
-                  eval_batches=eval_batches, on_finish=on_finish)
+                  eval_batches=eval_batches)
 
 
 def test_data_without_a_saved_position_resumes_past_the_batches_already_trained(tmp_path, caplog):
@@ -581,16 +580,19 @@ def test_a_workdir_another_run_holds_is_refused_before_writing_and_the_lock_goes
   finally:
     os.close(holder)
   assert os.listdir(workdir) == [".lock"]  # nothing written
-  probe, held_at_finish = LockProbe(workdir), []
-  _run(workdir, num_steps=2, data=probe, on_finish=lambda state: held_at_finish.append(not _lock_is_free(workdir)))
+  probe = LockProbe(workdir)
+  _run(workdir, num_steps=2, data=probe)
   assert probe.seen[0].startswith(f"pid {os.getpid()} on ") and not probe.seen[1]  # held while it trained
-  assert held_at_finish == [True]  # and while on_finish wrote the run's final outputs (params/, hf/)
   assert _lock_is_free(workdir)  # and released when it returned
   with pytest.raises(loop.Preempted):  # SIGTERM at step 3's batch: saved and stopped
     _run(workdir, data=LockProbe(workdir, sigterm_at=2))
   assert _lock_is_free(workdir)
   with pytest.raises(FloatingPointError, match="non-finite loss=nan at step 4"):
     _run(workdir, data=LockProbe(workdir, scales={4: float("nan")}))
+  assert _lock_is_free(workdir)
+  with loop.workdir_lock(str(workdir)):  # train.py's, held from its first write in the workdir to its last
+    _run(workdir, num_steps=5)  # the run inside holds it already
+    assert not _lock_is_free(workdir)  # still held for what follows the run (params/, hf/)
   assert _lock_is_free(workdir)
 
 
@@ -621,13 +623,14 @@ class EvalBreaks:
 
 def test_an_evaluation_that_fails_mid_run_saves_its_step_first_and_the_run_resumes_from_it(tmp_path, caplog):
   """Only the first eval batch is checked before training; evaluations run before their step's checkpoint, so a
-  later eval batch that failed lost every step since the last checkpoint (here all four)."""
-  settings = dict(num_steps=6, eval_every=2, checkpoint_every=10)
+  later eval batch that failed lost every step since the last checkpoint (here two). The resumed run
+  evaluates that step first: without it, keep_best chose step 6 where the uninterrupted run chose step 4."""
+  settings = dict(num_steps=6, eval_every=2, checkpoint_every=10, keep_best_checkpoint=True)
   whole = _run(tmp_path / "whole", eval_batches=EvalBreaks(None), **settings)
   with caplog.at_level(logging.ERROR, logger="phi_jax"):
     with pytest.raises(TypeError, match=r"eval batch\['text'\] holds"):
       _run(tmp_path / "cut", eval_batches=EvalBreaks(bad_at=2), **settings)  # the evaluation of step 4
-  assert _complete_steps(tmp_path / "cut") == [4]
+  assert _complete_steps(tmp_path / "cut") == [2, 4]  # step 2: the best evaluation so far, kept
   assert f"saved step 4's checkpoint to {tmp_path}/cut/checkpoints/4" in caplog.text
   assert "rerun the same command to resume from it" in caplog.text
   records = _records(tmp_path / "cut")
@@ -636,11 +639,11 @@ def test_an_evaluation_that_fails_mid_run_saves_its_step_first_and_the_run_resum
   with caplog.at_level(logging.INFO, logger="phi_jax"):
     resumed = _run(tmp_path / "cut", eval_batches=EvalBreaks(None), **settings)  # the eval data fixed
   assert f"resumed from {tmp_path}/cut/checkpoints/4 at step 4" in caplog.text
+  assert "evaluating step 4, whose evaluation failed before the run stopped" in caplog.text
+  assert int(whole.step) == int(resumed.step) == 4  # keep_best: the best evaluation's step, in both
   for a, b in zip(jax.tree.leaves(jax.device_get(whole.params)), jax.tree.leaves(jax.device_get(resumed.params))):
     np.testing.assert_array_equal(a, b)
-  strip = lambda records: {s: {k: v for k, v in r.items() if not k.startswith(("eval", "best_eval"))}
-                           for s, r in records.items()}
-  assert strip(_records(tmp_path / "cut")) == strip(_records(tmp_path / "whole"))
+  assert _records(tmp_path / "cut") == _records(tmp_path / "whole")  # evaluations included
 
 
 def test_an_eval_batch_that_fails_on_one_process_stops_every_process_in_the_same_evaluation(monkeypatch):

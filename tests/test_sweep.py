@@ -192,7 +192,9 @@ def test_a_sigterm_to_the_sweep_reaches_the_running_run_and_starts_no_other(tmp_
   assert [(r["run"], r["status"]) for r in rows] == [("seed=0", "preempted"), ("seed=1", "not run")]
 
 
-@pytest.mark.parametrize("code,status", [(143, "preempted"), (1, "exit 1"), (-9, "signal 9"), (0, "ok")])
+# -15: the forwarded SIGTERM killed a run before its training loop took the signal over (nothing lost, it reruns).
+@pytest.mark.parametrize("code,status", [(143, "preempted"), (-15, "preempted"), (1, "exit 1"), (-9, "signal 9"),
+                                         (0, "ok")])
 def test_only_a_run_that_exits_as_preempted_is_marked_preempted_after_a_signal(tmp_path, monkeypatch, capsys, code,
                                                                                 status):
   """Any non-zero exit after the sweep forwarded a signal was marked "preempted", as if the run had saved and could

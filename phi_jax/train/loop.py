@@ -197,6 +197,7 @@ class _SigtermFlag:
 
 
 _SPIKE_WINDOW_KEY = "loss_spike_window_losses"  # in each checkpoint's metadata
+_EVAL_PENDING_KEY = "evaluation_pending"  # a checkpoint's step whose evaluation raised: a resumed run runs it first
 
 
 # Settings that data stats carry beside their counts (a source's mixture weight and epochs): the same on every
@@ -457,28 +458,47 @@ def _lock_workdir(workdir: str) -> Optional[int]:
   return fd
 
 
+_HELD_LOCKS: dict[str, Optional[int]] = {}  # workdir (real path) -> this process's lock on it (None: not process 0)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds the workdir's lock, taken by process 0 alone and released however the block ends (return, error,
+  `Preempted`); a block inside another on the same workdir (`run` inside train.py's) holds it already. A refused
+  lock stops every process before anything is written there: process 0's error is shared with the others (a
+  collective), which would otherwise wait for it in the first step."""
+  check_workdir(workdir)  # before makedirs turns a URL into a local directory
+  key = os.path.realpath(workdir)
+  if key in _HELD_LOCKS:
+    yield
+    return
+  fd, error = None, None
+  if jax.process_index() != 0:
+    os.makedirs(workdir, exist_ok=True)
+  else:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      fd = _lock_workdir(workdir)
+    except Exception as e:  # pylint: disable=broad-except  (held by another run; a read-only or missing directory)
+      error = e
+  refusal = allgather_json(None if error is None else f"{type(error).__name__}: {error}")[0]
+  if refusal is not None:
+    raise error or WorkdirInUseError(f"process 0 could not take the lock of {workdir}: {refusal}")
+  _HELD_LOCKS[key] = fd
+  try:
+    yield
+  finally:
+    del _HELD_LOCKS[key]
+    if fd is not None:
+      os.close(fd)
+
+
 def _holding_workdir_lock(run_fn: Callable) -> Callable:
-  """`run_fn(workdir=..., ...)` under the workdir's lock, taken by process 0 alone and released however it ends
-  (return, error, `Preempted`). A refused lock stops every process before anything is written there: process 0's
-  error is shared with the others (a collective), which would otherwise wait for it in the first step."""
+  """`run_fn(workdir=..., ...)` inside `workdir_lock(workdir)`."""
   @functools.wraps(run_fn)
   def locked(*, workdir: str, **kwargs):
-    check_workdir(workdir)  # before makedirs turns a URL into a local directory
-    os.makedirs(workdir, exist_ok=True)
-    fd, error = None, None
-    if jax.process_index() == 0:
-      try:
-        fd = _lock_workdir(workdir)
-      except WorkdirInUseError as e:
-        error = e
-    refusal = allgather_json(None if error is None else str(error))[0]
-    if refusal is not None:
-      raise error or WorkdirInUseError(f"process 0 refused the workdir: {refusal}")
-    try:
+    with workdir_lock(workdir):
       return run_fn(workdir=workdir, **kwargs)
-    finally:
-      if fd is not None:
-        os.close(fd)
   return locked
 
 
@@ -548,7 +568,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
         train_data: Iterable, loop: LoopConfig, mesh: Mesh, init_params: Optional[Callable[[], Any]] = None,
         eval_batches: Optional[Callable[[], Iterable[dict]]] = None, run_meta: Optional[dict] = None,
         on_log: Optional[Callable[[dict], None]] = None, on_start: Optional[Callable[[], None]] = None,
-        on_first_step: Optional[Callable[[], None]] = None, on_finish: Optional[Callable[[Any], None]] = None):
+        on_first_step: Optional[Callable[[], None]] = None):
   """Trains to `loop.num_steps` (resuming if workdir has checkpoints) and returns the final TrainState.
 
   `loss_fn(params, batch, rng)` returns (loss_sum, aux): `loss_sum` a scalar sum over the batch, `aux` a dict with
@@ -560,8 +580,7 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
   get_state/set_state, its position is checkpointed; `step_metrics(step)` adds data-side metrics (rewards,
   lengths) to that step's record. `on_start()` runs once the workdir's
   checkpoints are known to fit this config (a refused resume changes nothing in the workdir), before any step;
-  `on_first_step()` right before the first step this call trains (not at all when nothing is left to train);
-  `on_finish(state)` with the state `run` returns, still holding the workdir's lock (for final outputs written there).
+  `on_first_step()` right before the first step this call trains (not at all when nothing is left to train).
   `init_params()` returns (sharded) starting params, e.g. from an HF checkpoint or a previous stage; None means
   random init from the seed.
   With `loop.keep_best_checkpoint` the returned state is the best evaluation's, restored from its checkpoint.
@@ -650,10 +669,6 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     checkpointer.keep([evals.best_step])
   patience_spent = lambda: (loop.early_stopping_patience is not None
                             and any_process(evals.since_best >= loop.early_stopping_patience)[0])
-  stopped_early = start < loop.num_steps and patience_spent()
-  if stopped_early:
-    log.info("the run in %s stopped early at step %d: %s; early_stopping_patience=%d, nothing to train (raise the "
-             "patience to go on)", workdir, start, evals.describe(), loop.early_stopping_patience)
   if on_start is not None:
     on_start()
   # A data source with next_batch(params, step) samples from the current policy (GRPO); others are iterators.
@@ -681,6 +696,20 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
                        "have no eval loss to compare: check data.eval_files and data.eval_batches")
     improved = evals.add(step, record["eval_loss"])
     return dict(record, **evals.summary()), improved
+
+  if (eval_batches is not None and (saved_meta or {}).get(_EVAL_PENDING_KEY) == start
+      and evals.last_step != start):
+    # The restored step's evaluation raised after its checkpoint was saved (`save_before_eval_error`): it runs now,
+    # so the eval history, early stopping and the kept best checkpoint go on as in an uninterrupted run.
+    log.info("evaluating step %d, whose evaluation failed before the run stopped", start)
+    eval_record, improved = evaluate(start)
+    writer.merge(start, eval_record)
+    if improved and loop.keep_best_checkpoint:
+      checkpointer.keep([start])
+  stopped_early = start < loop.num_steps and patience_spent()
+  if stopped_early:
+    log.info("the run in %s stopped early at step %d: %s; early_stopping_patience=%d, nothing to train (raise the "
+             "patience to go on)", workdir, start, evals.describe(), loop.early_stopping_patience)
   with_spike_window = lambda: dict(meta, **{_SPIKE_WINDOW_KEY: list(spikes.losses)})
   pending = None  # (step, device metrics, host stats) of the last dispatched step, pulled one step late
   flushed = None  # (record, written, host stats) of the last step pulled to the host
@@ -744,13 +773,15 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     return improved
 
   def save_before_eval_error(record: dict, stats: dict) -> None:
-    """Saves the step whose evaluation raised, with its training record, as its own save would have: its loss is
-    known finite by now, and the evaluation runs before the save, so the steps since the last checkpoint were lost
-    to a bad eval batch. Every process gets here together (`_agree_on_eval_batch`), as the save needs."""
+    """Saves the step whose evaluation raised, with its training record, as its own save would have (its loss is
+    known finite by now; the evaluation runs before the save, and a bad eval batch would otherwise lose the steps
+    since the last checkpoint), marked so that a resumed run evaluates it first. Every process gets here together
+    (`_agree_on_eval_batch`), as the save needs."""
     step = record["step"]
     writer.write(dict(record, **_counted_over_processes(stats)))
     data_state = train_data.get_state() if hasattr(train_data, "get_state") else None
-    checkpointer.save(step, state, data_state=data_state, meta=with_spike_window(), force=True)
+    checkpointer.save(step, state, data_state=data_state, meta=dict(with_spike_window(), **{_EVAL_PENDING_KEY: step}),
+                      force=True)
     checkpointer.wait()
     write_data_stats()
     log.error("the evaluation at step %d failed (the error follows); saved step %d's checkpoint to %s first, so no "
@@ -872,8 +903,6 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     state = _restore_best(checkpointer, evals, abstract_state(model_config, optimizer, mesh), state)
   checkpointer.close()
   write_data_stats()
-  if on_finish is not None:
-    on_finish(state)
   return state
 
 
