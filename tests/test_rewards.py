@@ -268,6 +268,35 @@ def test_a_price_is_no_math_delimiter_for_the_last_math(pool):
   assert rewards.verify_batch([think + c for c in list(priced)[:6]], ["42"] * 6, pool=pool) == [True] * 6
 
 
+def test_the_last_math_is_one_answer_with_the_alternatives_or_joins_to_it(pool):
+  """Without a box or label, math that "or" joins to the last math (a comma list ending in "or" too) is one answer,
+  so a hedge matches no single gold; math joined only by "and" or "," is not (the last is a derivation's result)."""
+  think = "<think>\nok\n</think>\n\n"
+  last = {"So Ann has $5$ or $6$ apples.": "5, 6",
+          "Ann has $5$, $6$, or $7$ apples.": "5, 6, 7",
+          "Hence $x=5$ or $6$.": "x=5, 6",
+          "Solving gives $x = 2$ or $x = 3$.": "x = 2, x = 3",
+          "It is \\(5\\) or \\(6\\).": "5, 6",
+          "We get $$5$$ or $$6$$": "5, 6",
+          "Since $a = 2$, we get $x = 5$ or $6$.": "x = 5, 6",  # only what joins to the last math
+          # Not joined: "and" and "," alone, a clause between, an equation that justifies a value before "or".
+          "We have $a = 3$ and $b = 4$, so $a + b = 7$.": "a + b = 7",
+          "Therefore $a = 3$, $b = 7$, and $a + b = 10$.": "a + b = 10",
+          "Then $2x = 10$, so $x = 5$.": "x = 5",
+          "$12$ and $4$ is the remainder": "4",
+          "The roots are $x = 2$ and $x = 3$.": "x = 3",
+          "So $5$ or, as we showed, $6$.": "6",
+          "Thus $6$, or $6 = 2 \\cdot 3$.": "6 = 2 \\cdot 3",
+          "She has $5$ or $6$ apples and pays $42.": "42"}
+  assert {c: extract_answer(think + c) for c in last} == last
+  cases = [("So Ann has $5$ or $6$ apples.", "6", False), ("Ann has $5$, $6$, or $7$ apples.", "7", False),
+           ("Hence $x=5$ or $6$.", "6", False), ("Solving gives $x = 2$ or $x = 3$.", "2, 3", True),
+           ("We have $a = 3$ and $b = 4$, so $a + b = 7$.", "7", True),
+           ("Therefore $a = 3$, $b = 7$, and $a + b = 10$.", "10", True), ("Then $2x = 10$, so $x = 5$.", "5", True)]
+  verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
+  assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
+
+
 def test_a_hedge_or_a_bound_inside_a_box_matches_no_single_gold(pool):
   """A box is read as a label's sentence is: a hedge in brackets, plain or in `\\text{}`, is two answers, and words
   that change the value stay (unmatchable) rather than being dropped with the `\\text{}` around them."""
@@ -309,6 +338,7 @@ PATHOLOGICAL = {
     "special tokens": "<|" * MEGABYTE,
     "think tags": "</think>" * (MEGABYTE // 8) + "<think>" * (MEGABYTE // 7),
     "joined math": "The answer is " + "$1$, " * (MEGABYTE // 5),
+    "math joined by or": "$1$ or " * (MEGABYTE // 7),
     "joined boxes": "\\boxed{1} and " * (MEGABYTE // 14),
     "boxes far apart": ("\\boxed{1}" + " " * 4000) * (MEGABYTE // 4009),
 }

@@ -26,12 +26,16 @@ order of preference:
    which match no single gold, and an alternative that is not a plain number is dropped ("1/2 (or 50%)");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`), where a `$` before a number is
    a price as in 2, neither closing nor opening math, and a price after the last math is the answer ("We get
-   $6 \\times 7 = 42$, so she earns $42." -> 42);
+   $6 \\times 7 = 42$, so she earns $42." -> 42), taken with the math before it when "or" joins them (see
+   "Several answers");
 4. the whole solution section when it is one short line (a model that answers only "42").
 
 Several answers: math spans after a label, or boxes, joined by ",", "and" or "or" ("the answer is $5$ or $6$",
 "$\\boxed{2}$ and $\\boxed{3}$", "$2$, $3$, and $5$") are one comma-separated answer ("5, 6"), which the verifier
 reads as a set: a hedge matches no single gold, and a set of answers matches the same set as gold ("2, 3").
+The last math (3) is joined so only when "or" joins any two of the spans ("So Ann has $5$ or $6$ apples." -> "5, 6",
+"$5$, $6$, or $7$" -> "5, 6, 7"): math that "and" or "," alone joins to it stays apart, since there it is mostly a
+derivation ("$a = 3$, $b = 7$, and $a + b = 10$." -> "a + b = 10"; "$12$ and $4$ is the remainder" -> 4).
 
 The answer (and a gold answer) is then rewritten where plain-text notation would be misread as LaTeX:
 "2*pi", "1e3", "x**2" (`latex_notation`), and a whole number in words is written in digits ("twenty-one" -> 21).
@@ -273,7 +277,19 @@ def _joined_inline_math(text: str) -> Optional[str]:
   answers, as math-verify's own extraction reads it. Answers joined by "and" or "," stay joined where they end the
   sentence or clause, or a bracket, colon, dash, "respectively" or a plural verb ("are the solutions") follows; where
   prose goes on from the last ("$12$ and $4$ is the remainder", "$8$ and $2$ heads") the first span is the answer."""
-  span = _inline_math_at(text, 0)
+  chain = _math_chain(text, 0)
+  if chain is None:
+    return None
+  contents, end, hedge = chain
+  if len(contents) > 1 and not hedge and not _ends_answers(text[end:]):
+    return contents[0]
+  return ", ".join(contents)
+
+
+def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
+  """The math at text[start] and the math that ",", "and" or "or" join to it (see `_joined_inline_math`): their
+  contents, where the last of them ends, and whether "or" joins any two (a hedge); None when no math starts there."""
+  span = _inline_math_at(text, start)
   if span is None:
     return None
   contents, end, hedge = [span[0]], span[1], False
@@ -288,9 +304,7 @@ def _joined_inline_math(text: str) -> Optional[str]:
     hedge = hedge or "or" in text[end:start].lower().replace(",", " ").split()
     contents.append(span[0])
     end = span[1]
-  if len(contents) > 1 and not hedge and not _ends_answers(text[end:]):
-    return contents[0]
-  return ", ".join(contents)
+  return contents, end, hedge
 
 
 _ENDING_WORDS = frozenset(("respectively", "resp", "are", "were"))
@@ -652,8 +666,9 @@ def _marked_number(text: str) -> Optional[str]:
 
 def _last_math(text: str, max_chars: int) -> Optional[str]:
   """Content of the last `$...$`, `$$...$$`, `\\(...\\)` or `\\[...\\]` whose content is at most max_chars, or the
-  number of a price after it ("so she earns $42." -> "42"; see `_last_dollar_math`)."""
-  best_close, best = _last_dollar_math(text, max_chars)
+  number of a price after it ("so she earns $42." -> "42"; see `_last_dollar_math`); with the math that "or" joins
+  to it, one comma-separated answer (`_hedge_ending_with`)."""
+  best_close, best, best_start = _last_dollar_math(text, max_chars)
   for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
     close = text.rfind(right)
     if close < 0 or close <= best_close:
@@ -661,27 +676,76 @@ def _last_math(text: str, max_chars: int) -> Optional[str]:
     open_ = text.rfind(left, max(0, close - max_chars - 2), close)
     if open_ < 0:
       continue
-    best_close, best = close, text[open_ + len(left):close].strip("$")
-  return best
+    best_close, best, best_start = close, text[open_ + len(left):close].strip("$"), open_
+  hedge = None if best_start < 0 else _hedge_ending_with(text, best_start, max_chars)
+  return best if hedge is None else hedge
 
 
-def _last_dollar_math(text: str, max_chars: int) -> tuple[int, Optional[str]]:
-  """Where the last `$...$` / `$$...$$` ends and its content, or the last price's `$` and its number ("earns $42."
-  -> "42": a `$` before a number closes no math); (-1, None) when there is neither."""
+def _hedge_ending_with(text: str, start: int, max_chars: int) -> Optional[str]:
+  """The math at text[start] (the last math) and the math before it joined to it, as a label's math is
+  (`_math_chain`), as one comma-separated answer when "or" joins any two ("$5$ or $6$", "$5$, $6$, or $7$" ->
+  "5, 6, 7": a hedge, which matches no single gold); None otherwise. Math joined only by "and" or "," is left to the
+  last: there it is mostly a derivation ("$a = 3$, $b = 7$, and $a + b = 10$"), not a set of answers."""
+  last = _inline_math_at(text, start)
+  starts = []
+  while last is not None and len(starts) < _MAX_JOINED_ANSWERS - 1:
+    before = _math_ending_before(text, start, max_chars)
+    if before is None or not _joins_answers(text[before[1]:start]):
+      break
+    start = before[0]
+    starts.append(start)
+  if not starts:
+    return None
+  # Chains are read within this window, so an unclosed `\\(` after the last math costs no scan to the text's end.
+  window = text[starts[-1]:last[1] + max_chars]
+  # The longest chain that reaches the last math: one from further back may stop short of it, at an equation that
+  # justifies a value ("$6$, or $6 = 2 \\cdot 3$").
+  for start in reversed(starts):
+    chain = _math_chain(window, start - starts[-1])
+    if chain is not None and chain[1] == last[1] - starts[-1]:
+      return ", ".join(chain[0]) if chain[2] else None
+  return None
+
+
+def _math_ending_before(text: str, start: int, max_chars: int) -> Optional[tuple[int, int]]:
+  """(start, end) of the `$...$`, `$$...$$`, `\\(...\\)` or `\\[...\\]` that ends within `_MAX_JOIN_GAP_CHARS`
+  before text[start], or None."""
+  lo = max(0, start - _MAX_JOIN_GAP_CHARS - 2)
+  close = max(_rfind_dollar(text, lo, start), text.rfind("\\)", lo, start), text.rfind("\\]", lo, start))
+  if close < 0:
+    return None
+  end = close + (1 if text[close] == "$" else 2)
+  if text[close] == "$":
+    if close > 0 and text[close - 1] == "$":
+      close -= 1  # `$$...$$`
+    open_ = _rfind_dollar(text, max(0, close - max_chars - 2), close)
+    if open_ > 0 and text[open_ - 1] == "$":
+      open_ -= 1
+  else:
+    open_ = text.rfind("\\(" if text[close + 1] == ")" else "\\[", max(0, close - max_chars - 2), close)
+  # Read forward as a label's math is, so both agree on where it ends (and a price is no math).
+  span = None if open_ < 0 else _inline_math_at(text, open_)
+  return (open_, end) if span is not None and span[1] == end else None
+
+
+def _last_dollar_math(text: str, max_chars: int) -> tuple[int, Optional[str], int]:
+  """Where the last `$...$` / `$$...$$` ends, its content and where it starts, or the last price's `$`, its number
+  and -1 ("earns $42." -> "42": a `$` before a number closes no math); (-1, None, -1) when there is neither."""
   close = _rfind_dollar(text, 0, len(text))
   if close >= 0 and not text[close + 1:close + 2].isdigit():
     if close > 0 and text[close - 1] == "$":
       close -= 1  # `$$...$$`: look for the opening pair before the closing one
     open_ = _rfind_dollar(text, max(0, close - max_chars - 2), close)
     if open_ < 0:
-      return -1, None
+      return -1, None, -1
     if not _is_priced_text(text[open_ + 1:close]):
-      return close, text[open_ + 1:close].strip("$")
+      start = open_ - 1 if open_ > 0 and text[open_ - 1] == "$" else open_  # `$$` opens a character earlier
+      return close, text[open_ + 1:close].strip("$"), start
     close = open_  # "$13.\nShe spent 5 $": the opening `$` is a price, read below
   if close < 0:
-    return -1, None
+    return -1, None, -1
   number = text[close + 1:close + 1 + _number_end(text[close + 1:close + 1 + max_chars])]
-  return close, number.replace(",", "")
+  return close, number.replace(",", ""), -1
 
 
 def _escaped(text: str, i: int) -> bool:
