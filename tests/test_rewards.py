@@ -324,6 +324,72 @@ def test_a_hedge_or_a_bound_inside_a_box_matches_no_single_gold(pool):
   assert [(c, g, v) for (c, g), v in zip(cases, verdicts)] == [(c, g, i >= 6) for i, (c, g) in enumerate(cases)]
 
 
+def test_a_number_with_a_unit_in_text_mode_is_left_to_the_verifier(pool):
+  """`N \\text{...}` is unwrapped only where its words then read as the number alone, a hedge or a bound; a unit of
+  one letter or with a slash, a degree sign or a note in brackets stays in `\\text{}`, which math-verify drops (as
+  plain text, "10 m/s" would be a product), in a model's answer and a gold answer alike."""
+  think = "<think>\nok\n</think>\n\n"
+  boxed = {"$\\boxed{10 \\text{ m/s}}$": "10 \\text{ m/s}",
+           "$\\boxed{2.5 \\text{ L}}$": "2.5 \\text{ L}",
+           "$\\boxed{5 \\text{ N}}$": "5 \\text{ N}",
+           "$\\boxed{25 \\text{ °C}}$": "25 \\text{ °C}",
+           "$\\boxed{75 \\text{ g/mol}}$": "75 \\text{ g/mol}",
+           "$\\boxed{4 \\text{ (rounded)}}$": "4 \\text{ (rounded)}",
+           "$\\boxed{5 \\text{ cm}}$": "5"}
+  assert {c: extract_answer(think + c) for c in boxed} == boxed
+  assert extract_gold("10 \\text{ m/s}") == "10 \\text{ m/s}"
+  cases = [("$\\boxed{10 \\text{ m/s}}$", "10"), ("$\\boxed{2.5 \\text{ L}}$", "2.5"), ("$\\boxed{5 \\text{ N}}$", "5"),
+           ("$\\boxed{4 \\text{ (rounded)}}$", "4"), ("$\\boxed{10}$", "10 \\text{ m/s}"),
+           ("$\\boxed{25 \\text{ °C}}$", "25"), ("$\\boxed{75 \\text{ g/mol}}$", "75"),
+           ("$\\boxed{2 \\text{ (approximately)}}$", "2"), ("$\\boxed{42 \\text{ (in dollars)}}$", "42")]
+  verdicts = rewards.verify_batch([think + c for c, _ in cases], [g for _, g in cases], pool=pool)
+  assert [(c, g, v) for (c, g), v in zip(cases, verdicts)] == [(c, g, True) for c, g in cases]
+
+
+def test_math_over_lines_that_opens_with_a_number_is_no_price(pool):
+  """A `$$...$$` span is never a price, and a `$...$` one only when the number opening it is followed by prose
+  ("$13.\\nShe spent 5 $"), not by an operator, `=` or LaTeX: multi-line math stays whole."""
+  think = "<think>\nok\n</think>\n\n"
+  spans = {"Adding up:\n$$15 + 27\n= 42$$\nSo she has 42 marbles.": "15 + 27\n= 42",
+           "So $3 +\n4 = 7$": "3 +\n4 = 7",
+           "Hence\n$$1. \\; 42$$": "1. \\; 42",
+           "So\n$$12 + 30\n= 42$$": "12 + 30\n= 42",
+           "The answer is $3 +\n4 = 7$.": "3 +\n4 = 7",
+           # Prose after the number: a price, as before.
+           "It costs $13.\nShe spent 5 $ on lunch.": "13",
+           "It costs $13 (each).\nShe spent 5 $ on lunch.": "13",
+           "So the answer is $13. She spent $5 on lunch.": "13"}
+  assert {c: extract_answer(think + c) for c in spans} == spans
+  cases = [("Adding up:\n$$15 + 27\n= 42$$\nSo she has 42 marbles.", "42"), ("So $3 +\n4 = 7$", "7"),
+           ("Hence\n$$1. \\; 42$$", "42")]
+  verdicts = rewards.verify_batch([think + c for c, _ in cases], [g for _, g in cases], pool=pool)
+  assert [(c, g, v) for (c, g), v in zip(cases, verdicts)] == [(c, g, True) for c, g in cases]
+
+
+def test_a_boxed_hedge_with_a_math_alternative_matches_no_single_gold(pool):
+  """In a box, a hedge's alternative that is math stays beside the answer (two answers, which match no single gold),
+  unless it restates the answer's value ("1/2 (or 50%)"); an alternative in words is dropped."""
+  think = "<think>\nok\n</think>\n\n"
+  boxed = {"$\\boxed{x = 2 (or x = 3)}$": "x = 2 or x = 3",
+           "$\\boxed{\\sqrt{2} (or \\sqrt{3})}$": "\\sqrt{2} or \\sqrt{3}",
+           "$\\boxed{\\frac{1}{2} (or \\frac{1}{3})}$": "\\frac{1}{2} or \\frac{1}{3}",
+           "$\\boxed{2 (or x = 3)}$": "2 or x = 3",
+           "$\\boxed{(1, 2) (or (2, 1))}$": "(1, 2) or (2, 1)",
+           "$\\boxed{\\frac{1}{2} (or 50\\%)}$": "\\frac{1}{2}",
+           "$\\boxed{0.75 (or \\frac{3}{4})}$": "0.75",
+           "$\\boxed{1/2 (or equivalently 50\\% as a percentage)}$": "1/2",
+           "$\\boxed{12 (or as computed above)}$": "12"}
+  assert {c: extract_answer(think + c) for c in boxed} == boxed
+  assert extract_gold("\\boxed{\\sqrt{2} (or \\sqrt{3})}") == "\\sqrt{2} or \\sqrt{3}"
+  cases = [("$\\boxed{x = 2 (or x = 3)}$", "2", False), ("$\\boxed{\\sqrt{2} (or \\sqrt{3})}$", "\\sqrt{2}", False),
+           ("$\\boxed{\\sqrt{2} (or \\sqrt{3})}$", "\\sqrt{3}", False),
+           ("$\\boxed{\\frac{1}{2} (or \\frac{1}{3})}$", "\\frac{1}{2}", False),
+           ("$\\boxed{\\frac{1}{2} (or \\frac{1}{3})}$", "\\frac{1}{3}", False),
+           ("$\\boxed{x = 2 (or x = 3)}$", "2, 3", True), ("$\\boxed{\\frac{1}{2} (or 50\\%)}$", "0.5", True)]
+  verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
+  assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
+
+
 MEGABYTE = 1 << 20
 PATHOLOGICAL = {
     "open boxes": "\\boxed{" * (MEGABYTE // 7),

@@ -9,8 +9,11 @@ order of preference:
 1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored), a
    number followed by words (plain or in `\\text{}`) and a hedge in brackets read as in 2 (`\\boxed{18 dollars}`,
    `\\boxed{\\text{5 cm}}`, `\\boxed{5 \\text{ cm}}` -> 18, 5, 5; `\\boxed{5 \\text{ (or 6)}}` -> "5 or 6" and
-   `\\boxed{5 \\text{ or more}}` -> "5 or more", which match no single gold), and the boxes right before it that
-   ",", "and" or "or" join to it taken with it (see "Several answers" below); failing that, the number alone on a
+   `\\boxed{5 \\text{ or more}}` -> "5 or more", which match no single gold; `\\boxed{10 \\text{ m/s}}` and
+   `\\boxed{4 \\text{ (rounded)}}` stay as they are, for math-verify to drop the `\\text{}`; a hedge's alternative
+   that is math stays too, unless it restates the value: `\\boxed{\\sqrt{2} (or \\sqrt{3})}` -> "\\sqrt{2} or
+   \\sqrt{3}", `\\boxed{1/2 (or 50\\%)}` -> "1/2"), and the boxes right before it that ",", "and" or "or" join to
+   it taken with it (see "Several answers" below); failing that, the number alone on a
    last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such as "#### Step 1" or a
    numbered "#### 2." is not an answer);
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
@@ -19,15 +22,16 @@ order of preference:
    solution holds no math ("the answer is even"), but a number in words ("seven apples") and a bare "yes" / "no"
    are answers, not prose. Qualifiers before the answer are dropped ("actually 6",
    "approximately 18"), a special token ends it, and a `$` before a number that no `$` closes within the sentence is
-   a price. In plain text (not `$...$`) the sentence is cut to its answer: bold markers inside it dropped, a
-   trailing explanation cut (", since ...", " because ...", "; " before prose, "(3 boxes of 4)", "(9 * 2)" after a
-   number), and a number followed only by words is the number ("1,200 people" -> 1200) unless a word changes its
-   value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays two answers,
-   which match no single gold, and an alternative that is not a plain number is dropped ("1/2 (or 50%)");
+   a price (so is one whose number prose follows past the end of its sentence or line: "$13. She spent $5", but
+   "$3 +\\n4 = 7$" is math). In plain text (not `$...$`) the sentence is cut to its answer: bold markers inside it
+   dropped, a trailing explanation cut (", since ...", " because ...", "; " before prose, "(3 boxes of 4)",
+   "(9 * 2)" after a number), and a number followed only by words is the number ("1,200 people" -> 1200) unless a
+   word changes its value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays
+   two answers, which match no single gold, and an alternative that is not a plain number is dropped ("1/2 (or 50%)");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`), where a `$` before a number is
-   a price as in 2, neither closing nor opening math, and a price after the last math is the answer ("We get
-   $6 \\times 7 = 42$, so she earns $42." -> 42), taken with the math before it when "or" joins them (see
-   "Several answers");
+   a price as in 2 (a `$$` never is), neither closing nor opening math, and a price after the last math is the
+   answer ("We get $6 \\times 7 = 42$, so she earns $42." -> 42), taken with the math before it when "or" joins
+   them (see "Several answers");
 4. the whole solution section when it is one short line (a model that answers only "42").
 
 Several answers: math spans after a label, or boxes, joined by ",", "and" or "or" ("the answer is $5$ or $6$",
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import collections
 import decimal
+import fractions
 import re
 from typing import Optional
 
@@ -347,9 +352,20 @@ def _inline_math_at(text: str, start: int) -> Optional[tuple[str, int]]:
 
 
 def _is_priced_text(content: str) -> bool:
-  """Whether `content`, found between two `$`, opens with a price rather than being math: "$13. She spent $5" runs
-  from a number across a sentence or line to the next dollar sign."""
-  return content[:1].isdigit() and ("\n" in content or ". " in content)
+  """Whether `content`, found between two `$`, opens with a price rather than being math: "$13. She spent $5" and
+  "$13 (each).\\nShe spent 5 $" run from a number across a sentence or line into prose, up to the next dollar sign.
+  Math that opens with a number and goes on over a line or after a period ("$3 +\\n4 = 7$", "$1. \\; 42$") has an
+  operator, `=` or LaTeX there instead."""
+  end = _number_end(content) if content[:1].isdigit() else 0
+  cut = min((i for i in (content.find("\n", end), content.find(". ", end)) if i >= 0), default=-1)
+  if not end or cut < 0 or any(c in _MATH_MARKS for c in content[end:cut]):
+    return False
+  word = (content[cut + 1:cut + 1 + _MAX_CONNECTIVE_CHARS].split() or [""])[0].rstrip(_SENTENCE_PUNCTUATION)
+  return not word or (len(word) >= 2 and word.isalpha() and word.lower() not in _MATH_WORDS)
+
+
+# What in the words between a number and the end of its line or sentence makes them math, not a price's prose.
+_MATH_MARKS = frozenset("=+-*/^\\{}<>_\u00d7\u00f7\u00b7")
 
 
 def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
@@ -456,28 +472,61 @@ def _without_explanation(text: str) -> str:
 _BRACKETS = {"(": ")", "[": "]"}  # not "{", a LaTeX group ("\\text{ or }")
 
 
-def _hedged(before: str, words: list[str]) -> Optional[str]:
+def _hedged(before: str, words: list[str], keep_math: bool = False) -> Optional[str]:
   """An answer `before` a bracket holding `words` that open with a hedge: "2 (or 3)", "3/4 (or 0.75 as a decimal)",
   "5(or 6)" -> "2 or 3" (two answers, which match no single gold), the alternative dropped when it is not a plain
-  number ("1/2 (or 50%)" -> "1/2"); None when the bracket holds no hedge."""
+  number ("1/2 (or 50%)" -> "1/2"), or with `keep_math` (a box) only when it is words or restates the answer's value
+  (`_is_other_answer`: "x = 2 (or x = 3)" -> "x = 2 or x = 3"); None when the bracket holds no hedge."""
   first = 0  # the hedge words at the start, counted without slicing (the scan stays linear)
   while first < len(words) and words[first].lower().strip(",") in _HEDGES:
     first += 1
   if not first:
     return None
   other = _number_before_words(" ".join(words[first:]))
-  return before.rstrip() + (" or " + other if other and _number_end(other) == len(other) else "")
+  if other and (_number_end(other) == len(other) or (keep_math and _is_other_answer(before, other))):
+    return before.rstrip() + " or " + other
+  return before.rstrip()
+
+
+def _is_other_answer(answer: str, other: str) -> bool:
+  """Whether `other`, a hedge's alternative to `answer`, is another answer: math ("x = 3", "\\sqrt{3}",
+  "\\frac{1}{3}") that does not restate the answer's value ("50\\%" or "50% as a percentage" beside "1/2",
+  "\\frac{3}{4}" beside "0.75"), not words ("as computed above")."""
+  words = other.split()
+  if _is_prose_word(words[0]):
+    return False
+  value = _numeric_value(words[0]) if all(w.isalpha() for w in words[1:]) else None
+  return value is None or value != _numeric_value(answer.strip())
+
+
+def _numeric_value(text: str) -> Optional[fractions.Fraction]:
+  """The value of a plain number ("0.75", "1/2", "1,200"), a percentage of one ("50%", "50\\%") or a `\\frac` of
+  two ("\\frac{3}{4}"); None for anything else."""
+  scale = 1
+  if text.endswith("%"):
+    text, scale = text[:-2] if text.endswith("\\%") else text[:-1], 100
+  for command in ("\\frac{", "\\dfrac{", "\\tfrac{"):
+    if text.startswith(command) and text.endswith("}") and text.count("}{") == 1:
+      text = text[len(command):-1].replace("}{", "/")
+  if not text or _number_end(text) != len(text):
+    return None
+  try:
+    return fractions.Fraction(text.replace(",", "").replace("\u2212", "-")) / scale
+  except (ValueError, ZeroDivisionError):  # "1/0"; more digits than Python converts
+    return None
 
 
 def _without_box_hedge(answer: str) -> str:
-  """A boxed (or gold) answer ending in a bracket that holds a hedge, read as a label's (`_hedged`): "5 (or 6)" ->
-  "5 or 6"; a bracket inside a group ("\\sqrt{2 (or 3)}") or inside another bracket stays."""
+  """A boxed (or gold) answer ending in a bracket that holds a hedge, read as a label's (`_hedged`), though an
+  alternative that is math stays ("5 (or 6)" -> "5 or 6", "\\sqrt{2} (or \\sqrt{3})" -> "\\sqrt{2} or \\sqrt{3}")
+  unless it restates the answer's value ("1/2 (or 50\\%)" -> "1/2"); a bracket inside a group ("\\sqrt{2 (or 3)}")
+  or inside another bracket stays."""
   if answer[-1:] not in ")]":
     return answer
   opener = next((i for i, close in _bracket_pairs(answer).items() if close == len(answer) - 1), 0)
   if opener == 0 or answer.count("{", 0, opener) != answer.count("}", 0, opener):
     return answer
-  hedged = _hedged(answer[:opener], answer[opener + 1:-1].split())
+  hedged = _hedged(answer[:opener], answer[opener + 1:-1].split(), keep_math=True)
   return answer if hedged is None else hedged
 
 
@@ -501,17 +550,32 @@ def _is_arithmetic(text: str) -> bool:
 
 def _without_text_command(answer: str) -> str:
   """`\\text{5 cm}` or `5 \\text{ cm}` as a whole answer -> "5 cm": a number given in text mode, or followed by
-  words in it, which are then read as a label's words are ("5 \\text{ or more}" stays "5 or more", matching nothing,
-  not 5 with the `\\text{}` dropped). Words alone stay in `\\text{}` (unwrapped, math-verify would read "no" as the
-  product n o, equal to "on")."""
+  words in it that read as a label's words do (`_reads_as_words`: "5 \\text{ or more}" stays "5 or more", matching
+  nothing, not 5 with the `\\text{}` dropped). Other words after a number ("10 \\text{ m/s}") and words alone stay in
+  `\\text{}` (unwrapped, math-verify would read "m/s" or "no" as a product of variables, "no" equal to "on")."""
   lead = _number_end(answer)
   rest = answer[lead:].lstrip()
   if not rest.startswith("\\text{") or matching_brace(rest, len("\\text"), len(rest)) != len(rest) - 1:
     return answer
   inner = rest[len("\\text{"):-1].strip()
   if lead and inner:
-    return answer[:lead] + " " + inner
+    unwrapped = answer[:lead] + " " + inner
+    return unwrapped if _reads_as_words(unwrapped) else answer
   return inner if not lead and _number_end(inner) else answer
+
+
+def _reads_as_words(answer: str) -> bool:
+  """Whether a number and the words after it, taken out of `\\text{}`, read as a label's plain text: as the number
+  alone ("5 apples", "5 cm") or as a hedge or a bound ("5 (or 6)", "5 or more", "5 at least"). A unit of one letter
+  or with a slash ("10 m/s", "5 N"), a degree sign ("25 °C") or a note ("4 (rounded)") does not: math-verify
+  drops the `\\text{}` around it, and reads it unwrapped as a product."""
+  if _without_box_hedge(answer) != answer:
+    return True
+  words = answer[_number_end(answer):].lower().split()
+  if words[0].strip(",") in _HEDGES or tuple(w.strip(".,") for w in words[:2]) in _BOUND_WORDS:
+    return True
+  number = _number_before_words(answer)
+  return _number_end(number) == len(number)
 
 
 def _number_in_box(answer: str) -> str:
@@ -738,8 +802,9 @@ def _last_dollar_math(text: str, max_chars: int) -> tuple[int, Optional[str], in
     open_ = _rfind_dollar(text, max(0, close - max_chars - 2), close)
     if open_ < 0:
       return -1, None, -1
-    if not _is_priced_text(text[open_ + 1:close]):
-      start = open_ - 1 if open_ > 0 and text[open_ - 1] == "$" else open_  # `$$` opens a character earlier
+    start = open_ - 1 if open_ > 0 and text[open_ - 1] == "$" else open_  # `$$` opens a character earlier
+    display = start < open_ and text.startswith("$$", close)  # `$$...$$` is display math, never a price
+    if display or not _is_priced_text(text[open_ + 1:close]):
       return close, text[open_ + 1:close].strip("$"), start
     close = open_  # "$13.\nShe spent 5 $": the opening `$` is a price, read below
   if close < 0:
