@@ -26,6 +26,7 @@ import numbers
 import os
 import re
 import shutil
+import tempfile
 import types
 import typing
 from typing import Any, Optional, Sequence
@@ -341,11 +342,26 @@ def write_results_atomically(records_path: str, records: Sequence[dict], summary
 
 
 def check_output_path(flag: str, path: str, *, directory: bool) -> None:
-  """Refuses an output path of the wrong kind before any work is done (found only when writing, it cost the run)."""
+  """Refuses an output path of the wrong kind, or one where nothing can be written, before any work is done (found
+  only when writing, it cost the run). Creates the directory (`directory`) or the file's parent directory."""
   if directory and os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f"{flag}={path!r} is a file: give a directory for the results (it is created if missing)")
   if not directory and os.path.isdir(path):
     raise ValueError(f"{flag}={path!r} is a directory: give the path of the file to write")
+  _check_writable_directory(flag, path, path if directory else os.path.dirname(os.path.abspath(path)))
+
+
+def _check_writable_directory(flag: str, path: str, folder: str) -> None:
+  """Creates `folder` and writes a probe file in it (then removes it): a path under a regular file, a read-only or
+  a permission-denied directory fails here, as it would when the results are written."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+    handle, probe = tempfile.mkstemp(prefix=".write_check", dir=folder)  # a name of its own on each host
+    os.close(handle)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"{flag}={path!r}: cannot create or write in {folder!r} ({e.strerror or e}): give a path in a "
+                     "directory this process can write to") from e
 
 
 def _check_is_dir(name: str, path: str) -> None:

@@ -14,9 +14,15 @@ checkpoint directory (its own tokenizer files, or where it has none, as `phi_jax
 with its text, verdict, token count and whether it ended on a stop token).
 
 A response is a format error when it never ended (ran into max_new_tokens) or holds no answer the verifier can
-extract; one that never ended is incorrect too, whatever answer it wrote before the cut. Intervals are 95% normal
-intervals over problems: a problem's score is its mean over the n samples, so samples of one problem are not
-counted as independent evidence.
+read (as `phi_jax.rewards.verifier.readable_answer` reads it: extracted within the verifier's answer length and
+passing its screen); one that never ended is incorrect too, whatever answer it wrote before the cut. Intervals are
+95% normal intervals over problems: a problem's score is its mean over the n samples, so samples of one problem
+are not counted as independent evidence.
+
+Sampled outputs depend on the batch size as well as on `evaluation.seed`: each batch draws with its own key, and
+`evaluation.batch_size` is rounded up to a multiple of the mesh's data x fsdp devices, so another batch size or
+device count gives other samples. summary.json records the batch size used (`batch_size`) and that device count
+(`data_parallel_devices`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import common  # noqa: E402  (gin configurables shared by every entry script)
 import rollouts  # noqa: E402
 from phi_jax import rewards  # noqa: E402
 from phi_jax.data.chat import stop_token_ids  # noqa: E402
+from phi_jax.rewards.verifier import readable_answer  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
 
@@ -67,6 +74,7 @@ def eval_settings(num_samples: int = 3, temperature: float = 0.6, top_p: float =
     raise ValueError(f"evaluation.pass_k={list(pass_k)}: every k must be a whole number (3, not 3.0)")
   if any(k < 1 or k > num_samples for k in pass_k):
     raise ValueError(f"evaluation.pass_k={list(pass_k)}: every k must lie in [1, num_samples={num_samples}]")
+  rollouts.check_verify_timeout("evaluation.verify_timeout_s", verify_timeout_s)
   return dict(sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       top_k=top_k),
               num_samples=num_samples, greedy=greedy, pass_k=tuple(pass_k), batch_size=batch_size, seed=seed,
@@ -92,15 +100,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def format_error(output: dict) -> bool:
-  """Ran into the token limit, or gave no answer the verifier can extract."""
-  return not output["finished"] or rewards.extract_answer(output["text"],
-                                                         think=rewards.default_config().think) is None
+  """Ran into the token limit, or gave no answer the module-wide verifier can read (`readable_answer`, the rule it
+  scores by: an answer it cannot read scores incorrect whatever it says)."""
+  return not output["finished"] or readable_answer(output["text"]) is None
 
 
 def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: dict, mesh=None,
              system_prompt: Optional[str] = None,
              verify_fn: Optional[VerifyFn] = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """Generates, verifies and scores; returns (summary, per-problem items).
+  """Generates, verifies and scores; returns (summary, per-problem items). The summary records the batch size used
+  (`settings["batch_size"]` rounded up to a multiple of the mesh's data x fsdp devices) and that device count.
 
   Args:
     params, config, tokenizer: the model (e.g. `rollouts.load_policy`).
@@ -114,7 +123,7 @@ def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: d
   n, prompts = settings["num_samples"], [p["prompt"] for p in problems]
   rng = jax.random.key(settings["seed"])
   # Batches split over the mesh's data x fsdp devices: `batch_size` rounded up to a multiple of them.
-  rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = rollouts.data_parallel_devices(mesh)
   settings = dict(settings, batch_size=math.ceil(settings["batch_size"] / rows) * rows)
   runs = {}
   if settings["greedy"]:
@@ -142,7 +151,9 @@ def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: d
                     for o in outputs[i]]
     item["score"] = float(np.mean([o["correct"] for o in item["samples"]]))
     items.append(item)
-  return summarize(items, settings["pass_k"]), items
+  # Each batch draws with its own key: the sampled outputs depend on the batch actually used, as on the seed.
+  summary = dict(summarize(items, settings["pass_k"]), batch_size=settings["batch_size"], data_parallel_devices=rows)
+  return summary, items
 
 
 def summarize(items: Sequence[dict], pass_k: Sequence[int] = (1,)) -> dict[str, Any]:

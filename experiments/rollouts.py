@@ -20,6 +20,12 @@ problem with at least one correct and one incorrect rollout gives one pair `{"pr
 the incorrect rollouts that ended on their own when there are any), written to --out; the counts go to
 `<out stem>.summary.json`: prompts, rollouts, accuracy, pairs, prompts_all_correct, prompts_all_wrong,
 rollouts_unfinished, pairs_rejected_unfinished. Train on the pairs with experiments/configs/dpo_tiny.gin.
+
+The rollouts depend on the batch size as well as on --seed: each batch draws with its own key, and the batch
+(`rollouts.batch_size`, or the power of two that holds every rollout where that is smaller) is rounded up to a
+multiple of the mesh's data x fsdp devices, so another batch size or device count gives other rollouts. The summary
+records the batch used (`batch_size`) and that device count (`data_parallel_devices`), with k, the seed and the
+sampling settings.
 """
 
 from __future__ import annotations
@@ -63,9 +69,19 @@ def rollout_settings(max_new_tokens: int = 256, temperature: float = 1.0, top_p:
   generated at once."""
   if batch_size < 1:
     raise ValueError(f"rollouts.batch_size={batch_size} must be at least 1 (rollouts generated at once)")
+  check_verify_timeout("rollouts.verify_timeout_s", verify_timeout_s)
   return dict(sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       top_k=top_k, stop_token_ids=tuple(stop_token_ids)),
               batch_size=batch_size, verify_timeout_s=verify_timeout_s)
+
+
+def check_verify_timeout(binding: str, value: Optional[float]) -> None:
+  """Refuses a per-answer verification limit that is not a finite number of seconds > 0 with the settings: the
+  verifier refuses it too, but only at the first verification, after every sample was generated."""
+  if value is not None and not (math.isfinite(value) and value > 0):
+    raise ValueError(f"{binding}={value} must be a finite number of seconds > 0 (the wall-clock limit per answer); "
+                     "set it so, or leave it unset for the verifier's own "
+                     f"(VerifierConfig.timeout_s={rewards.default_config().timeout_s})")
 
 
 def read_problems(path: str) -> list[dict[str, Any]]:
@@ -126,12 +142,21 @@ def sample_rollouts(params, config, tokenizer, prompts: Sequence[Any], *, k: int
   if isinstance(prompts, str):
     raise ValueError("prompts must be a list of prompts (questions or conversations), got one str: pass [prompt]")
   repeated = [prompt for prompt in prompts for _ in range(k)]
-  rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  batch = min(batch_size, 1 << (len(repeated) - 1).bit_length())
-  batch = math.ceil(batch / rows) * rows
   outputs = generate_text(params, config, tokenizer, repeated, rng, sampling, mesh=mesh, system_prompt=system_prompt,
-                          batch_size=batch)
+                          batch_size=rollout_batch_size(len(repeated), batch_size, mesh))
   return [outputs[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def data_parallel_devices(mesh) -> int:
+  """The devices a batch's rows are split over (the mesh's data x fsdp axes); 1 without a mesh."""
+  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def rollout_batch_size(num_rows: int, batch_size: int, mesh=None) -> int:
+  """The batch `sample_rollouts` generates in: `batch_size`, or the power of two that holds `num_rows` where that is
+  smaller, rounded up to a multiple of `data_parallel_devices(mesh)`."""
+  rows = data_parallel_devices(mesh)
+  return math.ceil(min(batch_size, 1 << (num_rows - 1).bit_length()) / rows) * rows
 
 
 def make_pairs(problems: Sequence[dict], rollouts: Sequence[Sequence[dict]], correct: Sequence[Sequence[bool]], *,
@@ -192,8 +217,10 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
   verdicts = [bool(v) and o["finished"] for v, (o, _) in zip(verdicts, flat)]
   correct = [verdicts[i * k:(i + 1) * k] for i in range(len(problems))]
   pairs, counts = make_pairs(problems, rollouts, correct, seed=seed)
+  # Each batch draws with its own key: the rollouts depend on the batch actually used, as on the seed.
   summary = dict(counts, k=k, seed=seed, problems_file=problems_path, pairs_file=out,
-                 sampling=sampling_record(sampling))
+                 sampling=sampling_record(sampling), batch_size=rollout_batch_size(len(flat), batch_size, mesh),
+                 data_parallel_devices=data_parallel_devices(mesh))
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     common.write_results_atomically(out, pairs, summary_path(out), summary)

@@ -45,9 +45,31 @@ def test_the_eval_batch_is_rounded_up_to_the_mesh(monkeypatch):
   monkeypatch.setattr(eval_lib, "generate_text", generate_text)
   mesh = type("Mesh", (), {"shape": {"data": 3, "fsdp": 2}})()  # all evaluate reads of a mesh
   settings = eval_lib.eval_settings(num_samples=1, batch_size=64)
-  eval_lib.evaluate(None, None, None, [{"prompt": "q", "answer": "1"}], settings=settings, mesh=mesh,
-                    verify_fn=lambda completions, golds: [True] * len(completions))
+  summary, _ = eval_lib.evaluate(None, None, None, [{"prompt": "q", "answer": "1"}], settings=settings, mesh=mesh,
+                                 verify_fn=lambda completions, golds: [True] * len(completions))
   assert sizes == [66, 66] and settings["batch_size"] == 64
+  # Each batch draws with its own key, so the samples depend on the batch used: the summary records it.
+  assert summary["batch_size"] == 66 and summary["data_parallel_devices"] == 6
+
+
+def test_the_rollout_summary_records_the_batch_its_samples_were_drawn_in(monkeypatch, tmp_path):
+  import rollouts
+  sizes = []
+
+  def generate_text(params, config, tokenizer, prompts, rng, sampling, batch_size, **kwargs):
+    sizes.append(batch_size)
+    return [{"text": "x", "num_tokens": 1, "finished": True} for _ in prompts]
+
+  monkeypatch.setattr(rollouts, "generate_text", generate_text)
+  problems = tmp_path / "p.jsonl"
+  problems.write_text("".join(json.dumps({"problem": f"q{i}", "answer": str(i)}) + "\n" for i in range(3)))
+  mesh = type("Mesh", (), {"shape": {"data": 3, "fsdp": 2}})()
+  summary = rollouts.rollout_pairs(None, None, None, str(problems), str(tmp_path / "pairs.jsonl"), k=2,
+                                   sampling=rollouts.SamplingConfig(max_new_tokens=4), batch_size=5, mesh=mesh,
+                                   verify_fn=lambda completions, golds: [True] * len(completions))
+  assert sizes == [6]  # 5 rows rounded up to the 6 devices
+  assert summary["batch_size"] == 6 and summary["data_parallel_devices"] == 6
+  assert json.loads((tmp_path / "pairs.summary.json").read_text())["batch_size"] == 6
 
 
 def test_mean_ci_is_the_normal_interval_of_the_mean():
@@ -115,6 +137,18 @@ def test_rollout_settings_refuse_a_batch_size_below_one():
     rollouts.rollout_settings(batch_size=-1)
 
 
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_verification_time_limit_that_is_not_a_positive_number_is_refused_with_the_settings(value):
+  """It used to be refused only at the first verification, after every sample had been generated."""
+  import rollouts
+  with pytest.raises(ValueError, match=rf"evaluation.verify_timeout_s={value} must be a finite number of seconds"):
+    eval_lib.eval_settings(verify_timeout_s=value)
+  with pytest.raises(ValueError, match=rf"rollouts.verify_timeout_s={value} must be a finite number of seconds"):
+    rollouts.rollout_settings(verify_timeout_s=value)
+  assert eval_lib.eval_settings(verify_timeout_s=None)["verify_timeout_s"] is None
+  assert rollouts.rollout_settings(verify_timeout_s=2.5)["verify_timeout_s"] == 2.5
+
+
 def test_format_errors(monkeypatch):
   assert not eval_lib.format_error({"text": "<think>1 + 1 = 2.</think> The answer is \\boxed{2}.", "finished": True})
   assert eval_lib.format_error({"text": "<think>1 + 1 = 2.</think> The answer is \\boxed{2}.", "finished": False})
@@ -127,6 +161,22 @@ def test_format_errors(monkeypatch):
   monkeypatch.setattr(rewards.verifier, "_default_config",  # what rewards.configure sets
                       dataclasses.replace(rewards.default_config(), think=rewards.ThinkFormat(prompt_opens_think=True)))
   assert eval_lib.format_error(thoughts)
+
+
+def test_a_format_error_is_an_answer_the_verifier_cannot_read():
+  """An answer longer than the verifier's screen.max_answer_chars, or one its screen refuses, scores incorrect
+  whatever it says: it is a format error too (they used to be read with other limits, and counted as answers)."""
+  from phi_jax import rewards
+  long = "The answer is \\boxed{" + "+".join(["1"] * 600) + "}"  # a 1199-character answer equal to 600
+  screened = "The answer is \\boxed{" + "9" * 400 + "}"  # a number past the screen's longest digit run
+  try:
+    verdicts = rewards.verify_batch([long, "The answer is \\boxed{600}."], ["600", "600"])
+  finally:
+    rewards.shutdown()
+  assert verdicts == [False, True]
+  for text in (long, screened):
+    assert eval_lib.format_error({"text": text, "finished": True}), text[:40]
+  assert not eval_lib.format_error({"text": "The answer is \\boxed{600}.", "finished": True})
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +235,7 @@ def test_eval_command_on_a_saved_run(tiny_run, capsys):
   assert summary["num_problems"] == 5 and len(summary["accuracy_per_run"]) == 3
   assert summary["sampling"]["max_new_tokens"] == 8 and summary["num_samples"] == 3 and summary["limit"] is None
   assert summary["sampling"]["stop_token_ids"]  # the chat format's, which generation used: not an empty list
+  assert summary["batch_size"] == 8 and summary["data_parallel_devices"] == jax.device_count()  # mesh data=-1
   assert 0 <= summary["accuracy"] <= 1 and 0 <= summary["pass_at_k"]["3"] <= 1
   assert summary["accuracy_ci95"][0] <= summary["accuracy"] <= summary["accuracy_ci95"][1]
   assert 1 <= summary["response_tokens_mean"] <= 8
@@ -335,7 +386,14 @@ def test_outputs_and_settings_are_refused_before_the_model_loads(tiny_run, tmp_p
   cases = [(eval_lib.main, [f"--out={tmp_path / 'a_file'}"], r"--out='.*a_file' is a file: give a directory"),
            (rollouts.main, [f"--out={tmp_path}"], r"--out='.*' is a directory: give the path of the file"),
            (rollouts.main, [f"--out={tmp_path / 'p.jsonl'}", "--k=1"], r"--k=1: a pair needs at least two"),
-           (rollouts.main, [f"--out={tmp_path / 'pairs'}"], r"--out=.*pairs: name the pairs file \*.jsonl")]
+           (rollouts.main, [f"--out={tmp_path / 'pairs'}"], r"--out=.*pairs: name the pairs file \*.jsonl"),
+           # Found only when the results were written, after every sample was generated.
+           (eval_lib.main, [f"--out={tmp_path / 'a_file' / 'eval'}"], r"--out='.*a_file/eval': cannot create or "),
+           (rollouts.main, [f"--out={tmp_path / 'a_file' / 'p.jsonl'}"], r"--out='.*a_file/p.jsonl': cannot create"),
+           (eval_lib.main, [f"--out={tmp_path / 'e'}", "--gin_param=evaluation.verify_timeout_s=0"],
+            r"evaluation.verify_timeout_s=0 must be a finite number"),
+           (rollouts.main, [f"--out={tmp_path / 'p.jsonl'}", "--gin_param=rollouts.verify_timeout_s=-1.0"],
+            r"rollouts.verify_timeout_s=-1.0 must be a finite number")]
   for fn, flags, message in cases:
     try:
       with pytest.raises(ValueError, match=message):
@@ -343,6 +401,22 @@ def test_outputs_and_settings_are_refused_before_the_model_loads(tiny_run, tmp_p
     finally:
       gin.clear_config()
   assert eval_lib.eval_settings(pass_k=3, num_samples=4)["pass_k"] == (3,)
+
+
+def test_the_output_path_is_created_and_checked_writable_before_any_work(tmp_path):
+  """eval's --out directory, or the directory of rollouts' --out file, is made at once and written to (a probe
+  file, removed), so a path that cannot hold the results is refused before the model loads."""
+  common.check_output_path("--out", str(tmp_path / "a" / "eval"), directory=True)
+  common.check_output_path("--out", str(tmp_path / "b" / "pairs.jsonl"), directory=False)
+  assert os.listdir(tmp_path / "a" / "eval") == [] and os.listdir(tmp_path / "b") == []
+  (tmp_path / "a_file").write_text("")
+  for path, directory in ((tmp_path / "a_file" / "eval", True), (tmp_path / "a_file" / "p.jsonl", False)):
+    with pytest.raises(ValueError, match=r"--out='.*a_file/(eval|p.jsonl)': cannot create or write in .*a_file"):
+      common.check_output_path("--out", str(path), directory=directory)
+  if os.geteuid() != 0:  # permissions do not bind root
+    (tmp_path / "read_only").mkdir(mode=0o555)
+    with pytest.raises(ValueError, match=r"cannot create or write in .*read_only.*Permission denied"):
+      common.check_output_path("--out", str(tmp_path / "read_only"), directory=True)
 
 
 def test_results_are_written_summary_last_and_a_stale_summary_first_removed(tmp_path):

@@ -122,6 +122,15 @@ def sanitize(text) -> str:
   return str(text).encode("utf-8", errors="replace").decode("utf-8")
 
 
+def readable_answer(completion, config: Optional[VerifierConfig] = None) -> Optional[str]:
+  """The final answer of `completion` as the verifier reads it (after the think block, at most
+  `screen.max_answer_chars` long, passing the screen), or None where it reads none and scores the completion
+  incorrect. `config` defaults to the module-wide pool's (`default_config`)."""
+  config = default_config() if config is None else config
+  answer = extract_answer(sanitize(completion), max_chars=config.screen.max_answer_chars, think=config.think)
+  return None if answer is None or screen_problem(answer, config.screen) else answer
+
+
 class VerifierPool:
   """A fixed-size pool of verification workers. Thread-safe: one batch runs at a time."""
 
@@ -147,12 +156,12 @@ class VerifierPool:
     max_chars = self.config.screen.max_answer_chars
     pairs: list[Optional[tuple[str, str]]] = []
     for completion, gold in zip(completions, golds):
-      pred_answer = extract_answer(sanitize(completion), max_chars=max_chars, think=self.config.think)
+      pred_answer = readable_answer(completion, self.config)
       gold_answer = extract_gold(sanitize(gold), max_chars=max_chars)
       if gold_answer is None or screen_problem(gold_answer, self.config.screen):
         logger.warning("gold answer %.80r cannot be verified against", gold)
         pairs.append(None)
-      elif pred_answer is None or screen_problem(pred_answer, self.config.screen):
+      elif pred_answer is None:
         pairs.append(None)
       else:
         pairs.append((gold_answer, pred_answer))
