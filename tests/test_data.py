@@ -158,6 +158,17 @@ def test_split_too_long_pieces():
   np.testing.assert_array_equal(np.concatenate([p["ids"] for p in pieces]), example["ids"])
 
 
+def test_a_grain_without_best_fit_packs_first_fit_and_names_the_grain_version_for_best_fit(docs_file, monkeypatch):
+  """grain before 0.2.13 has FirstFitPackIterDataset but no BestFitPackIterDataset."""
+  import grain
+  monkeypatch.delattr(grain.experimental, "BestFitPackIterDataset")
+  path, records = docs_file
+  found = segments(pipeline([(JsonlSource(path), 1.0)], packing="first_fit"))
+  assert sorted(found) == sorted(expected_segments(records))
+  with pytest.raises(ValueError, match=r"packing='best_fit' needs grain>=0\.2\.13.*data\.packing"):
+    pipeline([(JsonlSource(path), 1.0)], packing="best_fit")
+
+
 def test_order_follows_the_seed(docs_file):
   path, _ = docs_file
 

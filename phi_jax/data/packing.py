@@ -42,13 +42,25 @@ def pack(ds: grain.IterDataset, *, seq_len: int, packing: str, num_packing_bins:
   Grain fills `num_packing_bins` rows at once and emits them all when an example fits none (more bins: less padding,
   more buffering); `shuffle_bins` permutes each emitted group with a seed derived from `seed` and the row count.
   """
-  packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
-            "best_fit": grain.experimental.BestFitPackIterDataset}
-  if packing not in packer:
-    raise ValueError(f"packing={packing!r}; expected one of {PACKINGS} (or None for one example per row)")
-  packed = packer[packing](ds, length_struct={k: seq_len for k in PACKED_FIELDS}, num_packing_bins=num_packing_bins,
-                           seed=seed, shuffle_bins=shuffle_bins)
+  packed = _packer(packing)(ds, length_struct={k: seq_len for k in PACKED_FIELDS}, num_packing_bins=num_packing_bins,
+                            seed=seed, shuffle_bins=shuffle_bins)
   return packed.map(_row_from_packed)
+
+
+def _packer(packing: str) -> type:
+  # Looked up by name, only for the packing asked for: grain before 0.2.13 lacks the best-fit packer, and first-fit
+  # must keep working there.
+  if packing not in _PACKERS:
+    raise ValueError(f"packing={packing!r}; expected one of {PACKINGS} (or None for one example per row)")
+  name, since = _PACKERS[packing]
+  packer = getattr(grain.experimental, name, None)
+  if packer is None:
+    raise ValueError(f"packing={packing!r} needs grain>={since} (grain.experimental.{name}); upgrade grain or set "
+                     f"data.packing = \"first_fit\"")
+  return packer
+
+
+_PACKERS = {"first_fit": ("FirstFitPackIterDataset", "0.2.12"), "best_fit": ("BestFitPackIterDataset", "0.2.13")}
 
 
 def _row_from_packed(packed: dict[str, Any]) -> Example:
