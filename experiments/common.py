@@ -1135,6 +1135,9 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
                        "prompt's rollouts were all correct or all incorrect (its .summary.json has the counts): "
                        "train the policy longer, raise --k, or use prompts nearer the policy's ability")
   ref_params = ref_fn = None
+  # Precomputed reference files hold only the pairs that were used; those left out (too long, bad) are counted in
+  # the data stats as read and skipped, per (kind, file) and then per kind.
+  left_out, skipped = {}, {"train": {}, "eval": {}}
   if cfg["reference"] == "in_step":
     ref_params = _dpo_reference_params(model_config, hf_path, settings, the_mesh)
     ref_fn = dpo.reference_logps_fn(model_config, settings["chunk_size"], mesh=the_mesh,
@@ -1167,7 +1170,10 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
       return settings["reference_digest"]
 
     changes = {key: _reference_is_current(out, made_with[key], digest_now) for key, out in outputs.items()}
-    missing = [key for key, changed in changes.items() if changed != {}]
+    # A file without the counts of the pairs it left out (written before they were kept) is computed again, to the
+    # same pairs: the run reports them as reading the pair file itself (reference "in_step") does.
+    missing = [key for key, changed in changes.items()
+               if changed != {} or not os.path.exists(outputs[key] + ".skipped.json")]
     _refuse_rewriting_trained_pairs(workdir, {outputs[key]: changes[key] for key in missing if key[0] == "train"})
     if missing:
       os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
@@ -1178,10 +1184,19 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
             mesh=the_mesh, microbatches=settings["loop"].microbatches,
             **dict(reader, batch_size=data_cfg["batch_size"]))
         log.info("reference log-probs of %d pairs of %s -> %s", result["pairs"], path, result["out_file"])
+        left_out[(kind, i)] = result["stats"]["records_skipped"]
         if jax.process_index() == 0:
+          write_text_atomically(outputs[(kind, i)] + ".skipped.json",
+                                json.dumps({"records_skipped": left_out[(kind, i)]}))
           with open(outputs[(kind, i)] + ".settings.json", "w") as f:
             json.dump(dict(made_with[(kind, i)], reference_digest=settings["reference_digest"]), f, default=str)
     loaded.clear()  # the run trains with no reference model
+    for key in outputs.keys() - left_out.keys():  # reused: counted when it was written
+      with open(outputs[key] + ".skipped.json") as f:
+        left_out[key] = json.load(f)["records_skipped"]
+    for (kind, _), counts in left_out.items():
+      for reason, number in counts.items():
+        skipped[kind][reason] = skipped[kind].get(reason, 0) + number
     train_files = [outputs[("train", i)] for i in range(len(train_files))]
     eval_files = [outputs[("eval", i)] for i in range(len(eval_files))]
 
@@ -1189,13 +1204,14 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
     it = preference.build_preference_iterator(files, tokenizer, reference_logps=ref_fn is None, **reader, **kwargs)
     return it if ref_fn is None else dpo.with_reference_logps(it, ref_params, ref_fn, mesh=the_mesh)
 
-  train_data = pairs(train_files, seed=settings["loop"].seed, num_epochs=data_cfg["num_epochs"])
+  train_data = pairs(train_files, seed=settings["loop"].seed, num_epochs=data_cfg["num_epochs"],
+                     skipped_when_written=skipped["train"])
   eval_batches = None
   if eval_files:
     def eval_batches(data_only=False):  # data_only: the pairs without their in-step reference log-probs
+      once = dict(seed=0, shuffle=False, num_epochs=1, warn=False, skipped_when_written=skipped["eval"])
       it = (preference.build_preference_iterator(eval_files, tokenizer, reference_logps=ref_fn is None, **reader,
-                                                 seed=0, shuffle=False, num_epochs=1, warn=False) if data_only else
-            pairs(eval_files, seed=0, shuffle=False, num_epochs=1, warn=False))
+                                                 **once) if data_only else pairs(eval_files, **once))
       yield from _read_eval(it, data_cfg["eval_batches"], eval_batches)
   return loss_fn, train_data, eval_batches
 

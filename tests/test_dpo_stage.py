@@ -658,3 +658,98 @@ def test_precompute_mode_refuses_to_rewrite_the_pairs_its_checkpoints_read(setup
     assert f.read() == before  # refused before rewriting
   _precompute(setup, workdir, _precompute_bindings(setup, start_run, setup["path"],
                                                    **{"data.on_bad_record": "skip"}))
+
+
+def _read_all(batches):
+  for _ in batches:
+    pass
+  return batches.stats()
+
+
+def test_precompute_mode_counts_the_pairs_it_leaves_out_as_in_step_does(setup, start_run, monkeypatch, caplog):
+  long_prompt = {"prompt": "What is " + " + ".join(["12"] * 40) + "?", "chosen": "480", "rejected": "12"}
+  path = _write_jsonl(setup["tmp"] / "with_long.jsonl", setup["records"] + [long_prompt] * 3 + ["{oops"])
+  workdir = _workdir(setup, "precompute_counts")
+  bindings = _precompute_bindings(setup, start_run, path, **{"data.eval_files": [path], "data.num_epochs": 2,
+                                                             "dpo.too_long": "drop", "data.on_bad_record": "skip"})
+  # In the step, the pair file itself is read: its skipped records are counted as each pass reads them.
+  in_step = _read_all(preference.build_preference_iterator(
+      path, setup["tokenizer"], seq_len=SEQ, batch_size=BATCH, seed=0, num_epochs=2, too_long="drop",
+      on_bad_record="skip", process_index=0, process_count=1))
+  assert in_step["records_skipped"] == {"too long": 6, "invalid JSON": 2} and in_step["records_read"] == 22
+  keys = ("records_read", "records_used", "records_skipped", "too_long_dropped", "pairs")
+
+  def check(outputs):
+    _, train_data, eval_batches = outputs
+    assert {k: v for k, v in _read_all(train_data).items() if k in keys} == {k: in_step[k] for k in keys}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="phi_jax"):
+      _run_gin([], [], lambda: sum(1 for _ in eval_batches(data_only=True)))
+      _run_gin([], ["train.stage='dpo'"], lambda: common._warn_of_eval_skips(eval_batches.stats, common.data()))
+    assert "4 of 11 eval record(s) read are not scored" in caplog.text
+    assert "too long: 3" in caplog.text and "invalid JSON: 1" in caplog.text
+
+  check(_precompute(setup, workdir, bindings))
+  # Resumed, the reference files are reused: their counts were kept beside them.
+  monkeypatch.setattr(common, "_dpo_reference_params", lambda *args: pytest.fail("the reference was loaded again"))
+  check(_precompute(setup, workdir, bindings))
+  # A reference file written without its counts is computed again, with the same pairs.
+  monkeypatch.undo()
+  os.remove(os.path.join(workdir, "reference", "train0-with_long.jsonl.skipped.json"))
+  check(_precompute(setup, workdir, bindings))
+
+
+def test_a_prompt_ending_in_an_assistant_message_is_continued(setup):
+  tokenizer = setup["tokenizer"]
+  im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  question = {"role": "user", "content": "What is 2 + 2?"}
+  prefix = {"role": "assistant", "content": "Let me think. The answer is"}
+  record, bad = preference.validate_pair({"prompt": [question, prefix], "chosen": [{"role": "assistant",
+                                                                                    "content": " 4"}],
+                                          "rejected": " 5"})
+  assert bad is None
+  rows, status = preference.encode_pair(tokenizer, record, seq_len=SEQ)
+  assert status == "used"
+  for side, text in (("chosen", " 4"), ("rejected", " 5")):
+    # One assistant turn, the final message's content followed by the completion; only the completion is trained.
+    ids, _ = chat.render_messages(tokenizer, [question, dict(prefix, content=prefix["content"] + text)])
+    completion = tokenizer(text, add_special_tokens=False)["input_ids"] + [im_end]
+    assert ids[len(ids) - len(completion):] == completion
+    assert list(rows[side]["tokens"][:len(ids)]) == ids and not rows[side]["tokens"][len(ids):].any()
+    assert list(rows[side]["loss_mask"]) == ([0] * (len(ids) - len(completion)) + [1] * len(completion)
+                                             + [0] * (SEQ - len(ids)))
+  # The prompt (the final message's own text included) is what truncate_prompt cuts.
+  longest = max(int(rows[side]["segment_ids"].sum()) for side in preference.SIDES)
+  cut, status = preference.encode_pair(tokenizer, record, seq_len=longest - 2, too_long="truncate_prompt")
+  assert status == "truncated"
+  assert [int(cut[side]["loss_mask"].sum()) for side in preference.SIDES] == [
+      int(rows[side]["loss_mask"].sum()) for side in preference.SIDES]
+  # A completion that starts inside a token of the final message has no exact mask: refused, and counted.
+  split = {"prompt": [question, dict(prefix, content="The ans")], "chosen": "wer is 4", "rejected": "wer is 5"}
+  with pytest.raises(ValueError, match="completion continues the prompt's final assistant message"):
+    preference.encode_pair(tokenizer, preference.validate_pair(split)[0], seq_len=SEQ)
+  path = _write_jsonl(setup["tmp"] / "continued.jsonl", [split, {"prompt": [question, prefix], "chosen": " 4",
+                                                                 "rejected": " 5"}])
+  it = preference.build_preference_iterator(path, tokenizer, seq_len=SEQ, batch_size=2, seed=0, shuffle=False,
+                                            on_bad_record="skip", process_index=0, process_count=1)
+  batch = next(it)
+  assert it.stats()["records_skipped"] == {"tokenization failed": 1}
+  assert np.array_equal(batch["chosen_tokens"][0], rows["chosen"]["tokens"])
+
+
+def test_string_pairs_without_a_prompt_are_refused_with_what_to_give():
+  record, bad = preference.validate_pair({"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5"})
+  assert record is None and bad[0] == "missing field"
+  assert "'prompt' is missing" in bad[1] and "string 'chosen' and 'rejected'" in bad[1]
+  assert "give the prompt under 'prompt'" in bad[1] and "list of messages" in bad[1]
+
+
+def test_precompute_refuses_a_batch_the_mesh_does_not_split(setup, tmp_path):
+  mesh = sharding.make_mesh({"fsdp": -1})  # 8 devices
+  for batch_size, microbatches in ((4, 1), (8, 2)):
+    with pytest.raises(ValueError, match=rf"batch_size={batch_size} .*microbatches={microbatches}.* data x fsdp "
+                       r"mesh size 8"):
+      dpo.precompute_reference_logps(setup["path"], setup["params"], CONFIG, setup["tokenizer"], seq_len=SEQ,
+                                     batch_size=batch_size, microbatches=microbatches, chunk_size=CHUNK,
+                                     out_file=str(tmp_path / "pairs.ref.jsonl"), mesh=mesh)
+  assert not os.listdir(tmp_path)

@@ -9,6 +9,7 @@ A record is `{"prompt": str | [messages], "chosen": str, "rejected": str}`; a st
 message list is the conversation before the answer. TRL's conversational records read as well: each side a list of
 one assistant message after a message-list "prompt", or, with no "prompt", each side a whole conversation whose
 leading messages (the same on both sides) are the prompt and whose last, an assistant message, the completion.
+String sides with no "prompt" (TRL's implicit-prompt strings) are refused: nothing says where their prompt ends.
 Records written by `phi_jax.stages.dpo.precompute_reference_logps` also carry `ref_chosen_logps`,
 `ref_rejected_logps` (summed completion log-probs of the frozen reference) and the settings they were computed under
 (`REFERENCE_SETTINGS`: row length, length rule, system prompt, `tokenizer_id`); with `reference_logps=True` the
@@ -18,10 +19,14 @@ refused. Other keys are ignored. Prompt messages keep their other string-valued 
 
 Each side is rendered with `phi_jax.data.chat.render_messages` as the prompt followed by one assistant turn holding
 the completion, so the ids follow the tokenizer's chat template; the loss mask is 1 on the completion and the
-end-of-turn token that closes it, and nowhere else (assistant turns inside a multi-turn prompt are context). Rows hold
-one example each, right-padded (segment id 1 on tokens, 0 on padding). A pair longer than `seq_len` is dropped
-("drop") or loses the same number of tokens from the start of both prompts ("truncate_prompt"; at least one prompt
-token stays so the first completion token is still predicted, else the pair is dropped). Both are counted.
+end-of-turn token that closes it, and nowhere else (assistant turns inside a multi-turn prompt are context). A prompt
+whose last message is the assistant's is a prefix of the answer (as in Pivotal Token Search pairs): the completion
+continues that message's content in the same turn, and the mask covers only the completion's tokens and the
+end-of-turn token; where the tokenizer merges text across that boundary, the pair is refused ("tokenization
+failed"). Rows hold one example each, right-padded (segment id 1 on tokens, 0 on padding). A pair longer than
+`seq_len` is dropped ("drop") or loses the same number of tokens from the start of both prompts ("truncate_prompt";
+at least one prompt token stays so the first completion token is still predicted, else the pair is dropped). Both
+are counted.
 
 Order: each process reads every `process_count`-th record, shuffled per epoch with the seed (Grain), so the order is
 a function of the seed and a restored state continues exactly.
@@ -72,6 +77,12 @@ def validate_pair(data: Any, *, reference_logps: bool = False, where: Optional[s
   data, bad = _from_conversations(data)
   if bad is not None:
     return None, bad
+  if data.get("prompt") is None and all(isinstance(data.get(side), str) for side in SIDES):
+    # TRL's implicit-prompt strings (HH-RLHF): where the prompt ends inside each text is nowhere recorded.
+    return None, ("missing field", "'prompt' is missing: string 'chosen' and 'rejected' with no 'prompt' (the prompt "
+                  "inside each text) are not read, as nothing says where the prompt ends; give the prompt under "
+                  "'prompt' and only the answers under 'chosen' and 'rejected', or write each side as a list of "
+                  "messages ending in the assistant's answer (their shared leading messages are the prompt)")
   for key in ("prompt",) + SIDES:
     if data.get(key) is None:
       return None, ("missing field", f"'{key}' is missing")
@@ -169,19 +180,38 @@ def _last_span(mask: list[int]) -> tuple[int, int]:
   return start, end
 
 
+def _render_side(tokenizer, messages: list[dict], completion: str, system_prompt: Optional[str]
+                 ) -> tuple[list[int], list[int], int]:
+  """(ids, loss mask, index of the first completion token) of the prompt `messages` answered by `completion`: a
+  new assistant turn, or the rest of the final message where that is the assistant's (a prefix of the answer)."""
+  if messages[-1]["role"] != "assistant":
+    ids, mask = render_messages(tokenizer, messages + [{"role": "assistant", "content": completion}],
+                                system_prompt=system_prompt)
+    start, end = _last_span(mask)
+    return ids, [0] * start + [1] * (end - start) + [0] * (len(mask) - end), start
+  final = messages[-1]
+  head, head_mask = render_messages(tokenizer, messages, system_prompt=system_prompt)
+  head = head[:_last_span(head_mask)[1] - 1]  # up to the final message's end-of-turn token
+  ids, mask = render_messages(tokenizer, messages[:-1] + [dict(final, content=final["content"] + completion)],
+                              system_prompt=system_prompt)
+  end = _last_span(mask)[1]
+  # The mask boundary falls inside one assistant content: exact only where the whole conversation's ids are the
+  # prompt's, then the completion's own, then the end-of-turn token.
+  if ids[:len(head)] != head or ids[len(head):end - 1] != tokenizer(completion, add_special_tokens=False)["input_ids"]:
+    raise ValueError("the completion continues the prompt's final assistant message, and the tokenizer merges text "
+                     "across where one ends and the other starts, so no exact per-token mask exists; end the "
+                     "message (or start the completion) at a word boundary, or give the completion as a turn of its "
+                     "own after a prompt that ends with a user message")
+  return ids, [0] * len(head) + [1] * (end - len(head)) + [0] * (len(ids) - end), len(head)
+
+
 def encode_pair(tokenizer, record: dict, *, seq_len: int, too_long: str = "drop",
                 system_prompt: Optional[str] = None) -> tuple[Optional[dict[str, dict[str, np.ndarray]]], str]:
   """Rows of one validated pair: ({side: {ROW_FIELDS: int32[seq_len]}}, status) with status "used", "truncated"
   (prompt cut from the left) or "too long" (rows None). Raises ValueError when the template cannot be masked."""
   if too_long not in TOO_LONG:
     raise ValueError(f"too_long={too_long!r}; expected one of {TOO_LONG}")
-  encoded = {}
-  for side in SIDES:
-    ids, mask = render_messages(tokenizer, record["messages"] + [{"role": "assistant", "content": record[side]}],
-                                system_prompt=system_prompt)
-    start, end = _last_span(mask)
-    completion_mask = [0] * start + [1] * (end - start) + [0] * (len(mask) - end)
-    encoded[side] = (ids, completion_mask, start)
+  encoded = {side: _render_side(tokenizer, record["messages"], record[side], system_prompt) for side in SIDES}
   cut = max(0, max(len(ids) for ids, _, _ in encoded.values()) - seq_len)
   status = "used"
   if cut:
@@ -269,8 +299,13 @@ class PreferenceIterator:
                num_epochs: Optional[int] = 1, too_long: str = "drop", on_bad_record: str = "raise",
                system_prompt: Optional[str] = None, reference_logps: bool = False, with_index: bool = False,
                process_index: Optional[int] = None, process_count: Optional[int] = None, read_threads: int = 2,
-               read_buffer: int = 64, name: Optional[str] = None, warn: bool = True):
-    """`warn`: log the first skipped pair of each reason (an eval set read again at every evaluation turns it off)."""
+               read_buffer: int = 64, name: Optional[str] = None, warn: bool = True,
+               skipped_when_written: Optional[dict[str, int]] = None):
+    """`warn`: log the first skipped pair of each reason (an eval set read again at every evaluation turns it off).
+
+    `skipped_when_written`: {reason: records} that the pair file these records were written from held and this one
+    left out (`precompute_reference_logps`'s `stats()["records_skipped"]`). `stats()` counts them as read and
+    skipped once per pass begun over this file, on process 0, as reading the pair file itself would have."""
     if too_long not in TOO_LONG:
       raise ValueError(f"too_long={too_long!r}; expected one of {TOO_LONG}")
     if on_bad_record not in ON_BAD_RECORD:
@@ -288,6 +323,8 @@ class PreferenceIterator:
       log.warning("%s holds %d pair(s) for this process, fewer than one batch of %d: %s", self.name, len(ds),
                   batch_size, "every batch repeats them" if num_epochs != 1 else "its one batch is mostly filler")
     self._streak = SkipStreak(self.name, [len(ds)])
+    self._records_per_pass = len(ds)
+    self._skipped_when_written = dict(skipped_when_written or {}) if process_index == 0 else {}
     self._warn_on_skip = SkipWarning(enabled=warn, **({} if too_long == "drop" else {"too_long_wording": (
         "a pair whose completion does not fit seq_len even after its prompt is cut to one token, dropped "
         "(too_long='truncate_prompt' cuts prompts only)")}))
@@ -376,6 +413,10 @@ class PreferenceIterator:
   def stats(self) -> dict[str, Any]:
     """Counts of the records and batches returned so far; `too_long_dropped` is `records_skipped["too long"]`."""
     counts = {**self._counts, "records_skipped": dict(self._counts["records_skipped"])}
+    passes = -(-counts["records_read"] // self._records_per_pass)
+    for reason, number in self._skipped_when_written.items():
+      counts["records_skipped"][reason] = counts["records_skipped"].get(reason, 0) + number * passes
+      counts["records_read"] += number * passes
     slots = counts["batches"] * self._batch_size * self._seq_len * len(SIDES)
     return {**counts, "too_long_dropped": counts["records_skipped"].get("too long", 0),
             "padding_fraction": 1.0 - counts["tokens"] / slots if slots else 0.0,

@@ -202,6 +202,18 @@ def _replicated_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
           for key, value in local.items()}
 
 
+def _check_mesh_splits_batch(mesh: Mesh, batch_size: int, microbatches: int) -> None:
+  """Refuses a batch whose rows (or a microbatch's) do not split evenly over the mesh's data x fsdp devices, as the
+  train step does: found inside the pass, it is a sharding error that names neither setting."""
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  pieces = most_pieces(batch_size, microbatches)
+  if batch_size % ways or (batch_size // pieces) % ways:
+    raise ValueError(f"batch_size={batch_size} in microbatches={microbatches} (rows per piece "
+                     f"{batch_size // pieces}) must split evenly over the data x fsdp mesh size {ways} of "
+                     f"mesh.shape={dict(mesh.shape)}: give a batch_size that is a multiple of {ways * pieces}, fewer "
+                     "microbatches, or another mesh")
+
+
 def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, tokenizer, *, seq_len: int,
                                batch_size: int, out_file: Optional[str] = None, too_long: str = "drop",
                                system_prompt: Optional[str] = None, on_bad_record: str = "raise",
@@ -215,11 +227,14 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
   tokenizer (checked) reads them with `reference_logps=True` and needs no reference model. Pairs dropped
   as too long or bad (in skip mode) are left out and counted. Every process computes the same batches (the
   reference params may be sharded across hosts); process 0 writes, atomically. `microbatches` is
-  `reference_logps_fn`'s.
+  `reference_logps_fn`'s; with `mesh`, `batch_size` and each microbatch's rows must split evenly over its data x fsdp
+  devices (a ValueError says so before any work).
 
   Returns:
     {"out_file", "pairs", "stats"}: the file written, the number of pairs in it, the reader's `stats()`.
   """
+  if mesh is not None:
+    _check_mesh_splits_batch(mesh, batch_size, microbatches)
   if out_file is None:
     stem = pairs_file[:-len(".jsonl")] if pairs_file.endswith(".jsonl") else pairs_file
     out_file = f"{stem}.ref.jsonl"
