@@ -198,16 +198,16 @@ def test_a_spelled_number_or_yes_no_after_a_label_is_the_answer_not_prose():
 
 
 def test_several_math_spans_after_a_label_or_chained_boxes_are_one_answer(pool):
-  """Spans joined by ",", "and" or "or" are one comma-separated answer: a set matches a set gold, a hedge no single
-  gold."""
+  """Spans joined by ",", "and" or "or" are one answer, a set ("2, 3") or, where "or" joins any two, a hedge
+  ("5 or 6"): a set matches a set gold, a hedge no single gold."""
   think = "<think>a</think>\n"
-  joined = {"The answer is $5$ or $6$.": "5, 6",
-            "The answer is $5$ (or $6$).": "5, 6",
+  joined = {"The answer is $5$ or $6$.": "5 or 6",
+            "The answer is $5$ (or $6$).": "5 or 6",
             "The answer is $x = 2$ and $x = 3$.": "x = 2, x = 3",
             "The answer is $2$, $3$, and $5$.": "2, 3, 5",
             "Answer: $a = 1$, $b = 2$": "a = 1, b = 2",
             "The solutions are $\\boxed{2}$ and $\\boxed{3}$.": "2, 3",
-            "So \\boxed{5 apples} or \\boxed{6 apples}": "5, 6",  # each box read as a box alone
+            "So \\boxed{5 apples} or \\boxed{6 apples}": "5 or 6",  # each box read as a box alone
             # Not joined: an explanation, another sentence, or boxes with prose between them.
             "The answer is $5$, since $2 + 3 = 5$.": "5",
             "The answer is $5$. Check: $5 - 2 = 3$.": "5",
@@ -226,10 +226,10 @@ def test_several_math_spans_after_a_label_or_chained_boxes_are_one_answer(pool):
             "The answer is $8$ and $2$ heads.": "8",
             "The answer is $x = 2$, and $2 \\times 3 = 6$ confirms it.": "x = 2",
             "The answer is $5$, and $5 \\leqslant 6$.": "5",  # a relation, whatever its spelling
-            "The answer is $5$ or $6$, I think.": "5, 6",
+            "The answer is $5$ or $6$, I think.": "5 or 6",
             # Alternatives joined by "or" always stay joined, whatever follows (a restatement too, as math-verify).
-            "The answer is $5$ or $6$ depending on how you count.": "5, 6",
-            "The answer is $\\sqrt{2}$, or $1.414$ approximately.": "\\sqrt{2}, 1.414",
+            "The answer is $5$ or $6$ depending on how you count.": "5 or 6",
+            "The answer is $\\sqrt{2}$, or $1.414$ approximately.": "\\sqrt{2} or 1.414",
             # A set followed by a bracket, a dash or a plural verb stays a set.
             "So the answer is $2$ and $-3$ (in either order).": "2, -3",
             "The answer is $x = 2$ and $x = 3$ \u2014 the two roots.": "x = 2, x = 3",
@@ -272,13 +272,13 @@ def test_the_last_math_is_one_answer_with_the_alternatives_or_joins_to_it(pool):
   """Without a box or label, math that "or" joins to the last math (a comma list ending in "or" too) is one answer,
   so a hedge matches no single gold; math joined only by "and" or "," is not (the last is a derivation's result)."""
   think = "<think>\nok\n</think>\n\n"
-  last = {"So Ann has $5$ or $6$ apples.": "5, 6",
-          "Ann has $5$, $6$, or $7$ apples.": "5, 6, 7",
-          "Hence $x=5$ or $6$.": "x=5, 6",
-          "Solving gives $x = 2$ or $x = 3$.": "x = 2, x = 3",
-          "It is \\(5\\) or \\(6\\).": "5, 6",
-          "We get $$5$$ or $$6$$": "5, 6",
-          "Since $a = 2$, we get $x = 5$ or $6$.": "x = 5, 6",  # only what joins to the last math
+  last = {"So Ann has $5$ or $6$ apples.": "5 or 6",
+          "Ann has $5$, $6$, or $7$ apples.": "5 or 6 or 7",
+          "Hence $x=5$ or $6$.": "x=5 or 6",
+          "Solving gives $x = 2$ or $x = 3$.": "x = 2 or x = 3",
+          "It is \\(5\\) or \\(6\\).": "5 or 6",
+          "We get $$5$$ or $$6$$": "5 or 6",
+          "Since $a = 2$, we get $x = 5$ or $6$.": "x = 5 or 6",  # only what joins to the last math
           # Not joined: "and" and "," alone, a clause between, an equation that justifies a value before "or".
           "We have $a = 3$ and $b = 4$, so $a + b = 7$.": "a + b = 7",
           "Therefore $a = 3$, $b = 7$, and $a + b = 10$.": "a + b = 10",
@@ -367,8 +367,9 @@ def test_math_over_lines_that_opens_with_a_number_is_no_price(pool):
 
 
 def test_a_boxed_hedge_with_a_math_alternative_matches_no_single_gold(pool):
-  """In a box, a hedge's alternative that is math stays beside the answer (two answers, which match no single gold),
-  unless it restates the answer's value ("1/2 (or 50%)"); an alternative in words is dropped."""
+  """In a box, a hedge's alternative that is math stays beside the answer (two answers, which match no single gold
+  unless both are the gold), unless it restates the answer's value as a plain number ("1/2 (or 50%)"); an
+  alternative in words is dropped."""
   think = "<think>\nok\n</think>\n\n"
   boxed = {"$\\boxed{x = 2 (or x = 3)}$": "x = 2 or x = 3",
            "$\\boxed{\\sqrt{2} (or \\sqrt{3})}$": "\\sqrt{2} or \\sqrt{3}",
@@ -388,6 +389,94 @@ def test_a_boxed_hedge_with_a_math_alternative_matches_no_single_gold(pool):
            ("$\\boxed{x = 2 (or x = 3)}$", "2, 3", True), ("$\\boxed{\\frac{1}{2} (or 50\\%)}$", "0.5", True)]
   verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
   assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
+
+def test_a_labelled_answer_followed_by_white_space_or_a_special_token_is_read(pool):
+  """Every label, number, white space and ending: the answer is the number as it reads alone, whatever white space
+  and ending follow it."""
+  labels = ("The answer is ", "So the answer is ", "Answer: ", "**Answer:** ", "The final answer is ", "Answer:\n")
+  numbers = {"42": "42", "1,200": "1,200", "-7": "-7", "2.5": "2.5", "**42**": "42"}
+  spaces = (" ", "  ", "\t", " \t ", " \n", " \n\n", "\u00a0", " \r\n")
+  endings = ("", "<|im_end|>", "<|end|>", "\nDone.", ".", " .", "\n<|im_end|>", "\n\nCheck: $2 + 2 = 4$.")
+  completions, expected = [], []
+  for label in labels:
+    for number, value in numbers.items():
+      for space in spaces:
+        for ending in endings:
+          completions.append("<think>x</think>\n" + label + number + space + ending)
+          expected.append(value)
+  assert [extract_answer(c) for c in completions] == expected
+  assert all(rewards.readable_answer(c) == e for c, e in zip(completions, expected))
+  cases = ["The answer is 42 ", "The answer is 42 <|im_end|>", "So the answer is 42 \n", "Answer: 42 \nDone."]
+  assert rewards.verify_batch(cases, ["42"] * 4, pool=pool) == [True] * 4
+  assert rewards.verify_batch(cases, ["41"] * 4, pool=pool) == [False] * 4
+
+
+def test_words_that_change_a_value_in_text_mode_read_as_words(pool):
+  """`N \\text{ words}` whose words change the value reads as it does after a label ("2 million" is not 2), not
+  as N with the `\\text{}` dropped; a unit math-verify reads in `\\text{}` still stays there."""
+  think = "<think>\nok\n</think>\n\n"
+  boxed = {"$\\boxed{2 \\text{ million}}$": "2 million",
+           "$\\boxed{3 \\text{ hundred}}$": "3 hundred",
+           "$\\boxed{1.5 \\text{ billion}}$": "1.5 billion",
+           "$\\boxed{4 \\text{ thousand}}$": "4 thousand",
+           "$\\boxed{12 \\text{ thousand dollars}}$": "12 thousand dollars",
+           "$\\boxed{5 \\text{ dozen}}$": "5 dozen",
+           "$\\boxed{3 \\text{ eighths}}$": "3 eighths",
+           "$\\boxed{3 \\text{ squared}}$": "3 squared",
+           "$\\boxed{3 \\text{ times}}$": "3 times",
+           "$\\boxed{2 \\text{ and 3}}$": "2 and 3",
+           "$\\boxed{3 \\text{ (and 4)}}$": "3 (and 4)",
+           "$\\boxed{20 \\text{ percent}}$": "20 percent",
+           "$\\boxed{10 \\text{ m/s}}$": "10 \\text{ m/s}",
+           "$\\boxed{6 \\text{ (not 7)}}$": "6 \\text{ (not 7)}",
+           "$\\boxed{40 \\text{ (to the nearest dollar)}}$": "40 \\text{ (to the nearest dollar)}"}
+  assert {c: extract_answer(think + c) for c in boxed} == boxed
+  assert extract_gold("\\boxed{2 \\text{ million}}") == "2 million"
+  wrong = [("$\\boxed{2 \\text{ million}}$", "2"), ("$\\boxed{3 \\text{ hundred}}$", "3"),
+           ("$\\boxed{1.5 \\text{ billion}}$", "1.5"), ("$\\boxed{4 \\text{ thousand}}$", "4"),
+           ("$\\boxed{5 \\text{ dozen}}$", "5"), ("$\\boxed{3 \\text{ eighths}}$", "3"),
+           ("$\\boxed{3 \\text{ squared}}$", "3"), ("$\\boxed{2 \\text{ and 3}}$", "2"),
+           ("$\\boxed{3 \\text{ (and 4)}}$", "3")]
+  cases = [(c, g, False) for c, g in wrong]
+  cases += [("$\\boxed{20 \\text{ percent}}$", "0.2", True), ("$\\boxed{10 \\text{ m/s}}$", "10", True),
+            ("$\\boxed{40 \\text{ (to the nearest dollar)}}$", "40", True)]
+  verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
+  assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
+
+
+def test_a_hedge_is_right_only_when_every_alternative_is_the_gold(pool):
+  """Alternatives joined by "or" are a hedge, kept as "a or b": it matches a gold only when each alternative does
+  (a restatement: "$\\frac{3}{10}$, or $30\\%$"), or as a whole a set gold ("x = 2 or x = 3" and "2, 3"); a relation
+  "or" joins to an equation is no alternative ("since $n > 0$ or $n = 5$")."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"The probability is $\\frac{3}{10}$, or $30\\%$.": "\\frac{3}{10} or 30\\%",
+             "So Ann has $5$ or $6$ apples.": "5 or 6",
+             "The answer is $5$ or $6$.": "5 or 6",
+             "So \\boxed{5} or \\boxed{6}": "5 or 6",
+             "The solutions are $\\boxed{2}$ and $\\boxed{3}$.": "2, 3",
+             "We get $n = 5$; there is no other solution, since $n > 0$ or $n = 5$.": "n = 5",
+             "So $x \\le 3$ or $x \\ge 5$.": "x \\le 3 or x \\ge 5",
+             "$\\boxed{2 (or x = 2)}$": "2 or x = 2"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  assert extract_gold("\\boxed{5} or \\boxed{6}") == "5 or 6"
+  right = [("The probability is $\\frac{3}{10}$, or $30\\%$.", "\\frac{3}{10}"),
+           ("The probability is $\\frac{1}{5}$, or $20\\%$.", "\\frac{1}{5}"),
+           ("So the chance is $\\frac{1}{4}$ or $25\\%$.", "\\frac{1}{4}"),
+           ("So the answer is $\\frac{1}{2}$, or $50\\%$.", "\\frac{1}{2}"),
+           ("We get $n = 5$; there is no other solution, since $n > 0$ or $n = 5$.", "5"),
+           ("$\\boxed{2 (or x = 2)}$", "2"), ("$\\boxed{(2, 3) (or x = 2, y = 3)}$", "(2,3)"),
+           ("The answer is 3/4 (or 0.75 as a decimal).", "3/4"),
+           ("Solving gives $x = 2$ or $x = 3$.", "2, 3"), ("$\\boxed{x = 2 (or x = 3)}$", "2, 3"),
+           ("So \\boxed{5} or \\boxed{6}", "\\boxed{5} or \\boxed{6}")]
+  wrong = [("So Ann has $5$ or $6$ apples.", "6"), ("So Ann has $5$ or $6$ apples.", "5"),
+           ("$\\boxed{x = 2 (or x = 3)}$", "2"), ("$\\boxed{\\sqrt{2} (or \\sqrt{3})}$", "\\sqrt{2}"),
+           ("The answer is $5$ or $6$.", "6"), ("The answer is 2 (or 3).", "2"), ("So \\boxed{5} or \\boxed{6}", "5"),
+           ("So the discount is $20\\%$, or $\\frac{1}{5}$ off.", "20"), ("$\\boxed{5 \\text{ or more}}$", "5"),
+           ("Ann has $5$, $6$, or $7$ apples.", "7"), ("The answer is $2$ or $2$ or $3$.", "2")]
+  cases = [(c, g, True) for c, g in right] + [(c, g, False) for c, g in wrong]
+  verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
+  assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
+
 
 
 MEGABYTE = 1 << 20

@@ -9,10 +9,11 @@ order of preference:
 1. the content of the last `\\boxed{...}` or `\\fbox{...}` (balanced braces, escaped `\\{ \\}` ignored), a
    number followed by words (plain or in `\\text{}`) and a hedge in brackets read as in 2 (`\\boxed{18 dollars}`,
    `\\boxed{\\text{5 cm}}`, `\\boxed{5 \\text{ cm}}` -> 18, 5, 5; `\\boxed{5 \\text{ (or 6)}}` -> "5 or 6" and
-   `\\boxed{5 \\text{ or more}}` -> "5 or more", which match no single gold; `\\boxed{10 \\text{ m/s}}` and
-   `\\boxed{4 \\text{ (rounded)}}` stay as they are, for math-verify to drop the `\\text{}`; a hedge's alternative
-   that is math stays too, unless it restates the value: `\\boxed{\\sqrt{2} (or \\sqrt{3})}` -> "\\sqrt{2} or
-   \\sqrt{3}", `\\boxed{1/2 (or 50\\%)}` -> "1/2"), and the boxes right before it that ",", "and" or "or" join to
+   `\\boxed{5 \\text{ or more}}` -> "5 or more", which match no single gold, and `\\boxed{2 \\text{ million}}` ->
+   "2 million"; `\\boxed{10 \\text{ m/s}}` and `\\boxed{4 \\text{ (rounded)}}` stay as they are, for math-verify to
+   drop the `\\text{}`; a hedge's alternative that is math stays too, unless it restates the value as a plain
+   number: `\\boxed{\\sqrt{2} (or \\sqrt{3})}` -> "\\sqrt{2} or \\sqrt{3}", `\\boxed{1/2 (or 50\\%)}` -> "1/2"),
+   and the boxes right before it that ",", "and" or "or" join to
    it taken with it (see "Several answers" below); failing that, the number alone on a
    last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such as "#### Step 1" or a
    numbered "#### 2." is not an answer);
@@ -35,11 +36,14 @@ order of preference:
 4. the whole solution section when it is one short line (a model that answers only "42").
 
 Several answers: math spans after a label, or boxes, joined by ",", "and" or "or" ("the answer is $5$ or $6$",
-"$\\boxed{2}$ and $\\boxed{3}$", "$2$, $3$, and $5$") are one comma-separated answer ("5, 6"), which the verifier
-reads as a set: a hedge matches no single gold, and a set of answers matches the same set as gold ("2, 3").
-The last math (3) is joined so only when "or" joins any two of the spans ("So Ann has $5$ or $6$ apples." -> "5, 6",
-"$5$, $6$, or $7$" -> "5, 6, 7"): math that "and" or "," alone joins to it stays apart, since there it is mostly a
-derivation ("$a = 3$, $b = 7$, and $a + b = 10$." -> "a + b = 10"; "$12$ and $4$ is the remainder" -> 4).
+"$\\boxed{2}$ and $\\boxed{3}$", "$2$, $3$, and $5$") are one answer: a set, comma-separated ("2, 3, 5"), which
+matches the same set as gold; or, where "or" joins any two, a hedge, joined by `HEDGE_JOINER` ("5 or 6"), which the
+verifier grades right only when every alternative is the gold (a restatement: "$\\frac{3}{10}$, or $30\\%$") or,
+as a whole, a set gold ("x = 2 or x = 3" and "2, 3"), so a hedge between values matches no single gold. An
+inequality and an equation joined by "or" are no alternatives ("since $n > 0$ or $n = 5$" -> "n = 5").
+The last math (3) is joined so only when "or" joins any two of the spans ("So Ann has $5$ or $6$ apples." -> "5 or
+6", "$5$, $6$, or $7$" -> "5 or 6 or 7"): math that "and" or "," alone joins to it stays apart, since there it is
+mostly a derivation ("$a = 3$, $b = 7$, and $a + b = 10$." -> "a + b = 10"; "$12$ and $4$ is the remainder" -> 4).
 
 The answer (and a gold answer) is then rewritten where plain-text notation would be misread as LaTeX:
 "2*pi", "1e3", "x**2" (`latex_notation`), and a whole number in words is written in digits ("twenty-one" -> 21).
@@ -75,6 +79,9 @@ _MAX_JOINED_ANSWERS = 16
 _MAX_JOIN_GAP_CHARS = 16
 # What may stand between two answers that are one answer: a set ("2, 3 and 5") or a hedge ("5 or 6", "5 (or 6)").
 _JOINING_WORDS = frozenset((",", "and", "or"))
+# How the alternatives of a hedge are joined in an extracted answer ("5 or 6"); a set's answers are joined by ", ".
+# The verifier's worker reads an answer with this at its top level as a hedge (`verify_worker.alternatives`).
+HEDGE_JOINER = " or "
 _ANSWER_WORD = "answer"
 # GSM8K's answer marker: "#### 72" on the solution's last line.
 _ANSWER_MARK = "####"
@@ -191,18 +198,25 @@ def last_boxed(text: str, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional
 def last_boxes(text: str, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> list[str]:
   """Contents of the last complete box and of the boxes right before it that are joined to it by ",", "and" or
   "or" ("$\\boxed{2}$ and $\\boxed{3}$" -> ["2", "3"]: one answer, a set or a hedge), in order; [] when none."""
+  return _chained_boxes(text, max_chars)[0]
+
+
+def _chained_boxes(text: str, max_chars: int) -> tuple[list[str], str]:
+  """`last_boxes` and how to join them: `HEDGE_JOINER` when "or" joins any two (a hedge), else ", " (a set)."""
   box = _last_box(text, 0, len(text), max_chars)
   if box is None:
-    return []
-  boxes = [box]
+    return [], ", "
+  boxes, hedge = [box], False
   while len(boxes) < _MAX_JOINED_ANSWERS:
     start = boxes[-1][0]
     # Only a box that can end within the gap is looked for, so the chain stays a bounded scan.
     before = _last_box(text, max(0, start - max_chars - _MAX_JOIN_GAP_CHARS - 16), start, max_chars)
-    if before is None or not _joins_answers(text[before[1]:start].replace("$", " ")):
+    gap = "" if before is None else text[before[1]:start].replace("$", " ")
+    if before is None or not _joins_answers(gap):
       break
+    hedge = hedge or _joined_by_or(gap)
     boxes.append(before)
-  return [content for _, _, content in reversed(boxes)]
+  return [content for _, _, content in reversed(boxes)], HEDGE_JOINER if hedge else ", "
 
 
 def _last_box(text: str, lo: int, hi: int, max_chars: int) -> Optional[tuple[int, int, str]]:
@@ -237,6 +251,11 @@ def _joins_answers(gap: str) -> bool:
     gap = gap.replace(bracket, " ")
   words = gap.replace(",", " , ").split()
   return bool(words) and all(w.lower() in _JOINING_WORDS for w in words)
+
+
+def _joined_by_or(gap: str) -> bool:
+  """Whether "or" stands in `gap`, text that joins two answers (`_joins_answers`): they are a hedge."""
+  return "or" in re.split(r"[\s,()\\$]+", gap.lower())
 
 
 def _sentence(text: str, max_chars: int) -> str:
@@ -274,12 +293,12 @@ def _first_inline_math(text: str) -> Optional[str]:
 
 
 def _joined_inline_math(text: str) -> Optional[str]:
-  """The math opening `text` and the math joined to it by ",", "and" or "or" as one comma-separated answer:
-  "$5$ or $6$." -> "5, 6" (a hedge, which matches no single gold), "$x = 2$ and $x = 3$" -> "x = 2, x = 3" (a set,
-  which matches the gold "2, 3"); None when `text` does not open with math.
+  """The math opening `text` and the math joined to it by ",", "and" or "or" as one answer: "$5$ or $6$." -> "5 or
+  6" (a hedge, which matches no single gold), "$x = 2$ and $x = 3$" -> "x = 2, x = 3" (a set, which matches the
+  gold "2, 3"); None when `text` does not open with math.
 
-  Alternatives joined by "or" always stay joined: a hedge, or a restatement ("$\sqrt{2}$ or $1.414$"), is two
-  answers, as math-verify's own extraction reads it. Answers joined by "and" or "," stay joined where they end the
+  Alternatives joined by "or" always stay joined: a hedge, or a restatement ("$\sqrt{2}$ or $1.414$"), is several
+  answers, each of which the verifier checks. Answers joined by "and" or "," stay joined where they end the
   sentence or clause, or a bracket, colon, dash, "respectively" or a plural verb ("are the solutions") follows; where
   prose goes on from the last ("$12$ and $4$ is the remainder", "$8$ and $2$ heads") the first span is the answer."""
   chain = _math_chain(text, 0)
@@ -288,7 +307,7 @@ def _joined_inline_math(text: str) -> Optional[str]:
   contents, end, hedge = chain
   if len(contents) > 1 and not hedge and not _ends_answers(text[end:]):
     return contents[0]
-  return ", ".join(contents)
+  return (HEDGE_JOINER if hedge else ", ").join(contents)
 
 
 def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
@@ -303,10 +322,13 @@ def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
     while start < len(text) and start - end <= _MAX_JOIN_GAP_CHARS and text[start] not in "$\\":
       start += 1
     span = _inline_math_at(text, start) if _joins_answers(text[end:start]) else None
-    # "$12$, and $12 = 3 \cdot 4$": an equation joined to a bare value justifies it, rather than answering again.
-    if span is None or (_is_relation(span[0]) and not _is_relation(contents[0])):
+    joined_by_or = _joined_by_or(text[end:start])
+    # "$12$, and $12 = 3 \cdot 4$": an equation joined to a bare value justifies it, rather than answering again;
+    # "since $n > 0$ or $n = 5$": a condition and an equation are no alternatives to each other.
+    if span is None or (_is_relation(span[0]) and not _is_relation(contents[0])) or (
+        joined_by_or and _is_condition_and_equation(contents[-1], span[0])):
       break
-    hedge = hedge or "or" in text[end:start].lower().replace(",", " ").split()
+    hedge = hedge or joined_by_or
     contents.append(span[0])
     end = span[1]
   return contents, end, hedge
@@ -333,6 +355,16 @@ _RELATION = re.compile(r"[=<>\u2260\u2264\u2265\u2248]|\\(?:le|ge|leq|geq|leqsla
 def _is_relation(math: str) -> bool:
   """Whether `math` states a relation (`x = 2`, `a \le b`; not `\left(`)."""
   return _RELATION.search(math) is not None
+
+
+_INEQUALITY = re.compile(r"[<>\u2260\u2264\u2265]|\\(?:le|ge|leq|geq|leqslant|geqslant|leqq|geqq|neq|ne|lt|gt|ll|gg)"
+                         r"(?![A-Za-z])")
+
+
+def _is_condition_and_equation(a: str, b: str) -> bool:
+  """Whether one of two math spans is an inequality (`n > 0`, `x \\neq 1`) and the other an equation (`n = 5`)."""
+  a_inequality, b_inequality = _INEQUALITY.search(a) is not None, _INEQUALITY.search(b) is not None
+  return a_inequality != b_inequality and _is_relation(a) and _is_relation(b)
 
 
 def _inline_math_at(text: str, start: int) -> Optional[tuple[str, int]]:
@@ -550,9 +582,10 @@ def _is_arithmetic(text: str) -> bool:
 
 def _without_text_command(answer: str) -> str:
   """`\\text{5 cm}` or `5 \\text{ cm}` as a whole answer -> "5 cm": a number given in text mode, or followed by
-  words in it that read as a label's words do (`_reads_as_words`: "5 \\text{ or more}" stays "5 or more", matching
-  nothing, not 5 with the `\\text{}` dropped). Other words after a number ("10 \\text{ m/s}") and words alone stay in
-  `\\text{}` (unwrapped, math-verify would read "m/s" or "no" as a product of variables, "no" equal to "on")."""
+  words in it that read as a label's words do (`_reads_as_words`: "5 \\text{ or more}" stays "5 or more" and
+  "2 \\text{ million}" "2 million", matching neither 5 nor 2, not the number with the `\\text{}` dropped). Other
+  words after a number ("10 \\text{ m/s}") and words alone stay in `\\text{}` (unwrapped, math-verify would read
+  "m/s" or "no" as a product of variables, "no" equal to "on")."""
   lead = _number_end(answer)
   rest = answer[lead:].lstrip()
   if not rest.startswith("\\text{") or matching_brace(rest, len("\\text"), len(rest)) != len(rest) - 1:
@@ -566,13 +599,15 @@ def _without_text_command(answer: str) -> str:
 
 def _reads_as_words(answer: str) -> bool:
   """Whether a number and the words after it, taken out of `\\text{}`, read as a label's plain text: as the number
-  alone ("5 apples", "5 cm") or as a hedge or a bound ("5 (or 6)", "5 or more", "5 at least"). A unit of one letter
-  or with a slash ("10 m/s", "5 N"), a degree sign ("25 °C") or a note ("4 (rounded)") does not: math-verify
-  drops the `\\text{}` around it, and reads it unwrapped as a product."""
+  alone ("5 apples", "5 cm"), as a hedge or a bound ("5 (or 6)", "5 or more", "5 at least"), or as words that
+  change the value ("2 million", "3 eighths", "2 and 3", "3 (and 4)"), which the `\\text{}` must not hide. A unit of
+  one letter or with a slash ("10 m/s", "5 N"), a degree sign ("25 °C") or a note ("4 (rounded)") does not:
+  math-verify drops the `\\text{}` around it, and reads it unwrapped as a product."""
   if _without_box_hedge(answer) != answer:
     return True
   words = answer[_number_end(answer):].lower().split()
-  if words[0].strip(",") in _HEDGES or tuple(w.strip(".,") for w in words[:2]) in _BOUND_WORDS:
+  first = words[0].strip(",")
+  if first in _HEDGES or first.lstrip("([") in _JOINING_WORDS or _changes_value(words):
     return True
   number = _number_before_words(answer)
   return _number_end(number) == len(number)
@@ -614,15 +649,24 @@ def _number_before_words(text: str, min_word_chars: int = 2) -> str:
   if end == 0 or text[end:end + 1] != " ":
     return text
   words = text[end:].split()
+  if not words:  # only white space after the number ("42 " before a line break or a special token): as "42"
+    return text[:end]
   if not all(w.replace("/", "").replace("-", "").replace(".", "").isalpha() for w in words):
     return text  # digits or symbols after the number: an expression, left as it is
   first = words[0].lower().strip(".")
   short = len(first.split("/")[0]) < max(2, min_word_chars) and first not in _SHORT_UNITS
-  fraction = first in _FRACTION_WORDS or (first in _ORDINALS and len(words) == 1)  # "3 eighths", "1 fourth"
-  bound = tuple(w.lower().strip(".,") for w in words[:2]) in _BOUND_WORDS
-  if short or fraction or bound or first in _VALUE_WORDS or first in _MATH_WORDS:  # ("45 fourth graders" is 45)
+  if short or _changes_value(words) or first in _MATH_WORDS:
     return text
   return text[:end].replace(",", "")
+
+
+def _changes_value(words: list[str]) -> bool:
+  """Whether `words`, after a number, change its value or add another: "million", "dozen", "and 3", "eighths", an
+  ordinal as the last word ("1 fourth", but "45 fourth graders" is 45), a bound ("at least")."""
+  first = words[0].lower().strip(".")
+  fraction = first in _FRACTION_WORDS or (first in _ORDINALS and len(words) == 1)
+  bound = tuple(w.lower().strip(".,") for w in words[:2]) in _BOUND_WORDS
+  return fraction or bound or first in _VALUE_WORDS
 
 
 def _below_hundred(words: list[str], i: int) -> tuple[Optional[int], int]:
@@ -731,7 +775,7 @@ def _marked_number(text: str) -> Optional[str]:
 def _last_math(text: str, max_chars: int) -> Optional[str]:
   """Content of the last `$...$`, `$$...$$`, `\\(...\\)` or `\\[...\\]` whose content is at most max_chars, or the
   number of a price after it ("so she earns $42." -> "42"; see `_last_dollar_math`); with the math that "or" joins
-  to it, one comma-separated answer (`_hedge_ending_with`)."""
+  to it, one hedge (`_hedge_ending_with`)."""
   best_close, best, best_start = _last_dollar_math(text, max_chars)
   for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
     close = text.rfind(right)
@@ -747,8 +791,8 @@ def _last_math(text: str, max_chars: int) -> Optional[str]:
 
 def _hedge_ending_with(text: str, start: int, max_chars: int) -> Optional[str]:
   """The math at text[start] (the last math) and the math before it joined to it, as a label's math is
-  (`_math_chain`), as one comma-separated answer when "or" joins any two ("$5$ or $6$", "$5$, $6$, or $7$" ->
-  "5, 6, 7": a hedge, which matches no single gold); None otherwise. Math joined only by "and" or "," is left to the
+  (`_math_chain`), as one hedge when "or" joins any two ("$5$ or $6$", "$5$, $6$, or $7$" -> "5 or 6 or 7", which
+  matches no single gold); None otherwise. Math joined only by "and" or "," is left to the
   last: there it is mostly a derivation ("$a = 3$, $b = 7$, and $a + b = 10$"), not a set of answers."""
   last = _inline_math_at(text, start)
   starts = []
@@ -767,7 +811,7 @@ def _hedge_ending_with(text: str, start: int, max_chars: int) -> Optional[str]:
   for start in reversed(starts):
     chain = _math_chain(window, start - starts[-1])
     if chain is not None and chain[1] == last[1] - starts[-1]:
-      return ", ".join(chain[0]) if chain[2] else None
+      return HEDGE_JOINER.join(chain[0]) if chain[2] else None
   return None
 
 
@@ -858,10 +902,10 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   """
   text = think.open_tag + completion if think.prompt_opens_think else completion
   solution = solution_section(text, think.close_tag, think.open_tag)
-  boxes = last_boxes(solution, max_chars)
+  boxes, joiner = _chained_boxes(solution, max_chars)
   marked = None if boxes else _marked_number(solution)
   if boxes:
-    candidate = ", ".join(_number_in_box(box.strip()) for box in boxes)
+    candidate = joiner.join(_number_in_box(box.strip()) for box in boxes)
   elif marked is not None:
     candidate = marked
   else:
@@ -886,12 +930,12 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
 def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional[str]:
   """A dataset's reference answer: its last `\\boxed{}` when it has one, else the number of its last "####" line (a
   GSM8K solution), else the whole string, cleaned."""
-  boxes = last_boxes(gold, max_chars)
+  boxes, joiner = _chained_boxes(gold, max_chars)
   marked = None if boxes else _marked_number(gold[-max_chars - 8:])
   if marked is not None:
     return marked
   # Read as a boxed prediction is ("18 dollars" -> 18, joined boxes), so the same string on both sides stays equal.
-  answer = ", ".join(_number_in_box(clean_answer(box)) for box in boxes or [gold])
+  answer = joiner.join(_number_in_box(clean_answer(box)) for box in boxes or [gold])
   answer = latex_notation(_spelled_number(answer))
   return answer if answer and len(answer) <= max_chars else None
 
