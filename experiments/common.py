@@ -305,22 +305,22 @@ def bound_or_none(name: str, nested: bool = True):
   nothing binds it. `nested=False` resolves a macro bound to `name` itself but keeps those inside its value: for
   a value bound again later, whose macros a later binding (a --gin_param) may still change."""
   try:
-    return _resolve_bound_macros(gin.query_parameter(name), nested)
+    return resolve_bound_macros(gin.query_parameter(name), nested)
   except ValueError:  # not bound
     return None
 
 
-def _resolve_bound_macros(value, nested: bool, depth: int = 0):
+def resolve_bound_macros(value, nested: bool = True, depth: int = 0):
   """`value` with each macro reference in it (`nested`: in its lists, tuples and dict values too) replaced by the
   value gin binds to the macro (`_resolve_macros` does so for a config file's statements, which gin has not bound)."""
   if depth > 32:  # a macro may name another macro, but not forever
     return value
   if isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
-    return _resolve_bound_macros(gin.query_parameter(repr(value)), nested, depth + 1)  # "%NAME"
+    return resolve_bound_macros(gin.query_parameter(repr(value)), nested, depth + 1)  # "%NAME"
   if nested and isinstance(value, (list, tuple)):
-    return type(value)(_resolve_bound_macros(item, nested, depth + 1) for item in value)
+    return type(value)(resolve_bound_macros(item, nested, depth + 1) for item in value)
   if nested and isinstance(value, dict):
-    return {key: _resolve_bound_macros(item, nested, depth + 1) for key, item in value.items()}
+    return {key: resolve_bound_macros(item, nested, depth + 1) for key, item in value.items()}
   return value
 
 
@@ -467,8 +467,11 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
 
   Several `train_files` are mixed by `weights` (shares of records in every batch, equal by default); with
   `num_epochs` set, the mixture ends when its first file runs out, and the run logs how much of the others it
-  did not read (weights proportional to the files' record counts make it one pass over all; a weight of None is
-  its file's record count). Several `eval_files` are read whole, interleaved in proportion to their sizes.
+  did not read. A weight of None is its file's record count (this process's share of it): weights all None make
+  it one pass over all the files on any number of processes. Weights proportional to the files' record counts do
+  so on one process only: each process's shares of the files are not in that proportion (they may differ by a
+  record), so a process may end its mixture a record short of a file. Several `eval_files` are read whole,
+  interleaved in proportion to their sizes.
   `special_tokens_in_text`: "split" reads a special token's string inside a text record (`<|endoftext|>` in code)
   as literal text; "parse" as the control token (see `phi_jax.data.pipeline.make_tokenize_fn`)."""
   # One file (or glob) given as a string, as TRL takes a dataset: a list of one (list() would split its characters).
@@ -913,6 +916,18 @@ def run_training(workdir: str):
     return _train_in(workdir)
 
 
+def _stage_setup(stage: str, workdir: str, model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict,
+                 settings: dict, tokenizer, the_mesh, per_process: int):
+  """(loss_fn, train_data, eval_batches) of `stage` (train.stage)."""
+  if stage == "next_token":
+    return _next_token_setup(model_config, data_cfg, settings, tokenizer, per_process)
+  if stage == "dpo":
+    return _dpo_setup(workdir, model_config, hf_path, data_cfg, settings, tokenizer, the_mesh, per_process)
+  if stage == "grpo":
+    return _grpo_setup(model_config, hf_path, data_cfg, settings, tokenizer, the_mesh)
+  raise ValueError(f"train.stage={stage!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
+
+
 def _train_in(workdir: str):
   """`run_training`'s work, under the workdir's lock."""
   the_mesh = mesh()
@@ -939,20 +954,22 @@ def _train_in(workdir: str):
   check_param_dtype(model_config)
   global_batch, _ = check_batch_shape(stage, model_config, data_cfg, loop, the_mesh)
   per_process = global_batch // jax.process_count()
-  if stage == "next_token":
-    loss_fn, train_data, eval_batches = _next_token_setup(model_config, data_cfg, settings, tokenizer, per_process)
-  elif stage == "dpo":
-    loss_fn, train_data, eval_batches = _dpo_setup(workdir, model_config, hf_path, data_cfg, settings, tokenizer,
-                                                   the_mesh, per_process)
-  elif stage == "grpo":
-    loss_fn, train_data, eval_batches = _grpo_setup(model_config, hf_path, data_cfg, settings, tokenizer, the_mesh)
-  else:
-    raise ValueError(f"train.stage={stage!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
-  if eval_batches is not None:
+  # The data is opened and the eval data read on each process alone (a train or eval file too small for the
+  # processes, a bad eval record fail on one): every process raises together rather than wait in the loop's first
+  # collective for one that already stopped.
+  error = None
+  try:
+    loss_fn, train_data, eval_batches = _stage_setup(stage, workdir, model_config, hf_path, data_cfg, settings,
+                                                     tokenizer, the_mesh, per_process)
     # Read once now: a bad eval record, or eval files too small for the processes, fails here rather than at the
     # first evaluation (by default the last step, before its checkpoint is saved).
+    local_count = None if eval_batches is None else sum(1 for _ in eval_batches(data_only=True))
+  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+    error = e
+  distributed.raise_if_any_failed(error, "opening the training data or reading data.eval_files")
+  if eval_batches is not None:
     # Processes' shares may differ by a batch: the longest is scored, the others padded (`loop._evaluate`).
-    count = max(distributed.allgather_json(sum(1 for _ in eval_batches(data_only=True))))
+    count = max(distributed.allgather_json(local_count))
     log.info("eval_loss is measured on %d batch(es) of %d rows of data.eval_files, the same ones at every evaluation "
              "(%s)", count, global_batch, "all of the files" if count < data_cfg["eval_batches"] else
              f"the first data.eval_batches={data_cfg['eval_batches']}; raise it to cover more of the files")
@@ -1170,10 +1187,7 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
       return settings["reference_digest"]
 
     changes = {key: _reference_is_current(out, made_with[key], digest_now) for key, out in outputs.items()}
-    # A file without the counts of the pairs it left out (written before they were kept) is computed again, to the
-    # same pairs: the run reports them as reading the pair file itself (reference "in_step") does.
-    missing = [key for key, changed in changes.items()
-               if changed != {} or not os.path.exists(outputs[key] + ".skipped.json")]
+    missing = [key for key, changed in changes.items() if changed != {}]
     _refuse_rewriting_trained_pairs(workdir, {outputs[key]: changes[key] for key in missing if key[0] == "train"})
     if missing:
       os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
@@ -1192,8 +1206,7 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
             json.dump(dict(made_with[(kind, i)], reference_digest=settings["reference_digest"]), f, default=str)
     loaded.clear()  # the run trains with no reference model
     for key in outputs.keys() - left_out.keys():  # reused: counted when it was written
-      with open(outputs[key] + ".skipped.json") as f:
-        left_out[key] = json.load(f)["records_skipped"]
+      left_out[key] = _pairs_left_out(outputs[key])
     for (kind, _), counts in left_out.items():
       for reason, number in counts.items():
         skipped[kind][reason] = skipped[kind].get(reason, 0) + number
@@ -1283,6 +1296,18 @@ def _params_fingerprint(source: Optional[str]) -> list[list]:
       stat = os.stat(os.path.join(folder, name))
       out.append([os.path.relpath(os.path.join(folder, name), root), stat.st_size, stat.st_mtime_ns])
   return out
+
+
+def _pairs_left_out(reference_path: str) -> dict[str, int]:
+  """The counts per reason of the pairs a precomputed reference file left out, which it records beside it; {} for a
+  file written before they were recorded, which is used as it is (computing it again could change its list of pairs,
+  which a saved data position indexes), its left-out pairs uncounted."""
+  if not os.path.exists(reference_path + ".skipped.json"):
+    log.info("%s does not record the pairs it left out (written by an earlier phi_jax): data_stats.json will not "
+             "count them", reference_path)
+    return {}
+  with open(reference_path + ".skipped.json") as f:
+    return json.load(f)["records_skipped"]
 
 
 def _refuse_rewriting_trained_pairs(workdir: str, stale: dict[str, Optional[dict]]) -> None:

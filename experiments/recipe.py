@@ -340,7 +340,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
     # Each --gin_param of the name in turn (gin keeps only the last): one flag per stage adds up too.
     given = [st.value for p in params for st in common.gin_statements(p)
              if common.binding_key(st) == name and isinstance(st.value, dict)]
-    merged = dict(in_file or {})
+    merged = dict(common.resolve_bound_macros(in_file) or {})  # the macros as the command line left them
     for value in given:
       merged = ({k: _bindings_list(merged.get(k, [])) + _bindings_list(value.get(k, [])) for k in {**merged, **value}}
                 if name == "recipe.stage_bindings" else {**merged, **value})

@@ -14,7 +14,10 @@ earlier one, neither waiting in a collective (the checksums, the quarantine barr
 
 Last, GRPO: both processes sample the same whole rollout batch (with KL reference log-probs), each trains its own
 block of rows, and two steps of the loop run; the test then restores that checkpoint on one process and trains a
-third step from it."""
+third step from it.
+
+With `errors` after the workdir (test_two_processes.py), only runs in which process 1 alone fails before the first
+step (`_errors_on_one_process`)."""
 
 import json
 import os
@@ -61,6 +64,63 @@ def _cache_writes_from_every_process():
 _cache_writes_from_every_process()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_train  # noqa: E402  (same config, batches and step as the single-process tests)
+
+
+def _outcome(run) -> object:
+  """"finished", or [the error's type, the start of its message]."""
+  try:
+    run()
+    return "finished"
+  except Exception as e:  # pylint: disable=broad-except  (each case's error is what the test reads)
+    return [type(e).__name__, str(e)[:600]]
+
+
+def _errors_on_one_process(workdir: str) -> dict:
+  """`errors` mode: three runs of the loop in which process 1 alone fails before its first step (a bad pair record
+  read for DPO's in-step reference pass, a reward function that raises in GRPO's rollout, a token id outside the
+  vocabulary in the first eval batch). Each run must raise on both processes, neither waiting in a collective for
+  the other; the outcome of each, per process."""
+  from phi_jax.data import preference
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+  from phi_jax.stages import dpo, grpo
+
+  index, mesh = jax.process_index(), sharding.make_mesh({"fsdp": -1})
+  run = lambda name, **kwargs: loop.run(workdir=os.path.join(workdir, name), model_config=test_train.CONFIG,
+                                        optimizer_config=test_train.OPT, mesh=mesh,
+                                        loop=LoopConfig(num_steps=2, async_checkpoints=False), **kwargs)
+  tokenizer = build_tiny_tokenizer(os.path.join(workdir, f"tokenizer{index}"), chat_format="phi-4")
+  grpo_cfg, rollouts = test_train.grpo_rollouts(tokenizer, mesh, num_steps=2)
+  pairs = os.path.join(workdir, f"pairs{index}.jsonl")  # line 4 is cut short: process 1 reads records 1, 3, 5, 7
+  with open(pairs, "w") as f:
+    f.writelines(json.dumps({"prompt": f"What is {i} + {i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)})
+                 [:None if i != 3 else 20] + "\n" for i in range(8))
+  dpo_data = dpo.with_reference_logps(
+      preference.build_preference_iterator(pairs, tokenizer, seq_len=48, batch_size=4, seed=0, num_epochs=1),
+      rollouts.ref_params, dpo.reference_logps_fn(test_train.CONFIG, 16, mesh=mesh), mesh=mesh)
+  results = {"dpo": _outcome(lambda: run("dpo", train_data=dpo_data,
+                                         loss_fn=dpo.make_loss_fn(test_train.CONFIG, beta=0.1, chunk_size=16)))}
+
+  def reward_fails_on_process_1(texts, golds, lengths, finished):
+    if index == 1:  # e.g. a remote reward service this host cannot reach
+      raise ConnectionError("reward service unreachable from this host")
+    return (np.arange(len(texts)) % 3).astype(np.float32), np.zeros(len(texts), bool)
+
+  rollouts.reward_batch_fn = reward_fails_on_process_1
+  results["grpo"] = _outcome(lambda: run("grpo", train_data=rollouts,
+                                         loss_fn=grpo.make_loss_fn(test_train.CONFIG, grpo_cfg)))
+  rows = slice(4 * index, 4 * (index + 1))
+  local = [{k: v[rows] for k, v in b.items()} for b in test_train.packed_batches(2)]
+  bad_eval = {k: v.copy() for k, v in local[0].items()}
+  if index == 1:
+    bad_eval["tokens"][0, 3] = test_train.CONFIG.vocab_size + 5
+  results["eval"] = _outcome(lambda: run("eval", train_data=local, eval_batches=[bad_eval],
+                                         loss_fn=next_token.make_loss_fn(test_train.CONFIG, chunk_size=16)))
+  return results
+
+
+if sys.argv[2:] == ["errors"]:
+  print(json.dumps(dict(_errors_on_one_process(sys.argv[1]), process=jax.process_index())), flush=True)
+  sys.exit(0)
 
 half = test_train.packed_batches(test_train.NUM_STEPS)
 rows = slice(4 * jax.process_index(), 4 * (jax.process_index() + 1))

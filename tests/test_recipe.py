@@ -347,6 +347,12 @@ def test_a_macro_in_a_files_recipe_dict_takes_its_command_line_value(monkeypatch
   try:
     settings, _, _ = recipe.configure([str(counts)], ["SFT_N = 50", "recipe.task_counts = {'valid': 8}"])
     assert (settings["task_counts"]["sft"], settings["task_counts"]["valid"]) == (50, 8)
+    gin.clear_config()
+    # A macro as a stage's whole list of bindings, merged with a command-line dict.
+    counts.write_text("include 'experiments/configs/recipe_tiny/quick.gin'\nSFT_B = ['train.num_steps=3']\n"
+                      'recipe.stage_bindings = {"sft": %SFT_B}\n')
+    settings, _, _ = recipe.configure([str(counts)], ["recipe.stage_bindings = {'grpo': ['train.num_steps=4']}"])
+    assert settings["stage_bindings"] == {"sft": ["train.num_steps=3"], "grpo": ["train.num_steps=4"]}
   finally:
     gin.clear_config()
 

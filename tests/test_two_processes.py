@@ -1,12 +1,18 @@
-"""The two-process launcher itself (`two_processes.run`), with plain Python workers: no JAX, so it takes seconds."""
+"""The two-process launcher itself (`two_processes.run`), with plain Python workers: no JAX, so it takes seconds.
+Then errors that one process alone meets before the first step (the slow tests, two jax.distributed processes):
+every process must stop at once, naming the error, none waiting in a collective for the other."""
 
+import json
 import os
 import sys
 import time
 
 import pytest
+from xla_flags import xla_flags
 
 import two_processes
+
+TRAIN = os.path.join(two_processes.ROOT, "experiments", "train.py")
 
 # Process 1 writes far more than a pipe holds, then marks that it is done; process 0 waits for the mark, as a
 # process waits in a collective for its peer.
@@ -41,3 +47,57 @@ def test_one_failing_process_fails_the_test_with_its_own_output_without_waiting_
   with pytest.raises(AssertionError, match="process 1 exited with 1:\n.*process 1 gives up"):
     two_processes.run([sys.executable, "-c", _ONE_FAILS], dict(os.environ), 300)
   assert time.monotonic() - start < 60
+
+
+def _jax_env(devices: int) -> dict:
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices), PYTHONUNBUFFERED="1")
+
+
+@pytest.mark.slow
+def test_an_error_on_one_process_before_the_first_step_stops_both_naming_it(tmp_path):
+  """Process 1 alone fails: a bad pair record read for DPO's in-step reference pass (was a collective mismatch that
+  aborted both), a reward function that raises in GRPO's rollout (was a hang in the rewards' broadcast), a token id
+  outside the vocabulary in the first eval batch (was a hang until JAX's timeout). Both raise instead: process 1
+  its own error, process 0 an error saying another process failed."""
+  worker = os.path.join(two_processes.ROOT, "tests", "multihost_worker.py")
+  outputs = two_processes.run([sys.executable, worker, str(tmp_path), "errors"], _jax_env(4), 180,
+                              " (one waiting in a collective the other never reached)")
+  first, second = (json.loads(out.strip().splitlines()[-1]) for out in outputs)
+  assert second["dpo"][0] == "DataError" and "pairs1.jsonl:4: invalid JSON" in second["dpo"][1], second["dpo"]
+  assert first["dpo"][0] == "RuntimeError" and "another process failed" in first["dpo"][1], first["dpo"]
+  assert second["grpo"] == ["ConnectionError", "reward service unreachable from this host"]
+  assert first["grpo"][0] == "RuntimeError" and "process(es) [1]" in first["grpo"][1], first["grpo"]
+  assert "ConnectionError: reward service unreachable" in first["grpo"][1]
+  assert second["eval"][0] == "ValueError" and "the first eval batch, 'tokens'" in second["eval"][1], second["eval"]
+  assert first["eval"][0] == "RuntimeError" and "the first eval batch, 'tokens'" in first["eval"][1], first["eval"]
+
+
+def _write_lines(path, lines) -> str:
+  with open(path, "w") as f:
+    f.writelines(line + "\n" for line in lines)
+  return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bad_eval_record", "train_file_too_small"])
+def test_a_data_file_that_fails_at_start_up_on_one_process_stops_both_naming_it(tmp_path, case):
+  """experiments/train.py reads its data before any collective of the loop: an invalid eval record (in process 0's
+  share) or a train file with fewer records than processes (none left for process 1) raised on that process alone,
+  and the other waited for it until JAX's timeout. Both stop at once now, each naming the error."""
+  with open(os.path.join(two_processes.ROOT, "experiments", "data", "tiny_traces_eval.jsonl")) as f:
+    records = [line.rstrip("\n") for line in f][:8]
+  if case == "bad_eval_record":  # the third record is process 0's (records go to processes in turn)
+    bad = _write_lines(tmp_path / "eval.jsonl", records[:2] + ["{"] + records[3:])
+    data = [f"--gin_param=data.eval_files=['{bad}']"]
+    where, failed = "eval.jsonl:3: invalid JSON", 0
+  else:
+    data = [f"--gin_param=data.train_files=['{_write_lines(tmp_path / 'train.jsonl', records[:1])}']",
+            "--gin_param=data.eval_files=[]", "--gin_param=train.eval_every=0"]
+    where, failed = "1 records leave none for process 1 of 2", 1
+  codes, outputs = two_processes.run_to_exit(
+      [sys.executable, TRAIN, "--gin_file=experiments/configs/midtrain_tiny.gin", f"--workdir={tmp_path / 'run'}",
+       "--gin_param=train.num_steps=2", *data], _jax_env(4), 120, " (one waiting for the other's error)")
+  assert all(code == 1 for code in codes), (codes, [out[-2000:] for out in outputs])  # raised, not aborted
+  assert where in outputs[failed], outputs[failed][-2000:]
+  other = outputs[1 - failed]
+  assert f"process(es) [{failed}]" in other and where in other, other[-2000:]

@@ -12,7 +12,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(argv: list[str], env: dict, timeout_s: float, stuck_hint: str = "") -> list[str]:
-  """Each process's output; fails the test on a timeout (with both outputs' tails) or a non-zero exit.
+  """Each process's output; fails the test on a timeout (with both outputs' tails) or a non-zero exit."""
+  codes, outputs = run_to_exit(argv, env, timeout_s, stuck_hint)
+  failed = [i for i, code in enumerate(codes) if code != 0]
+  if failed:
+    i = failed[0]
+    raise AssertionError(f"process {i} exited with {codes[i]}:\n{outputs[i][-3000:]}")
+  return outputs
+
+
+def run_to_exit(argv: list[str], env: dict, timeout_s: float, stuck_hint: str = "") -> tuple[list[int], list[str]]:
+  """(each process's exit code, each process's output), for runs expected to fail; fails the test on a timeout
+  (with both outputs' tails), or when one process exits with an error and its peer is still running 10 s later.
 
   The outputs go to files, not pipes: a process blocked on a full pipe that nobody reads yet (the other one's is
   read first) would stall the collective its peer waits in."""
@@ -41,10 +52,11 @@ def run(argv: list[str], env: dict, timeout_s: float, stuck_hint: str = "") -> l
       f.seek(0)
       outputs.append(f.read())
       f.close()
-  if failed:
+  if failed and stuck:  # the failed process's own error explains its peer's wait
     i = failed[0]
-    raise AssertionError(f"process {i} exited with {procs[i].returncode}:\n{outputs[i][-3000:]}")
+    raise AssertionError(f"process {i} exited with {procs[i].returncode}:\n{outputs[i][-3000:]}\n--- process "
+                         f"{stuck[0]}, still running 10 s later:\n{outputs[stuck[0]][-2000:]}")
   if stuck:
     tails = "\n".join(out[-2000:] for out in outputs)
     pytest.fail(f"the processes did not finish in {timeout_s} s{stuck_hint}:\n{tails}")
-  return outputs
+  return [p.returncode for p in procs], outputs

@@ -168,6 +168,29 @@ def allgather_json(obj: Any) -> list:
   return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(rows, lengths)]
 
 
+_ERROR_TEXT_CHARS = 1000  # of each failed process's error, in the others' message
+
+
+def raise_if_any_failed(error: Optional[BaseException], what: str) -> None:
+  """Raises on every process when `error` is set on any: its own error where it was set, elsewhere a RuntimeError
+  naming the failed process(es) and their errors. For work one process may fail alone (reading its data, a reward
+  function) before a collective: all stop at the same point, none waits in a collective the failed one never
+  reaches. `what` says what failed, e.g. "reading the eval data". A collective; a single-process run raises `error`.
+  """
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  errors = allgather_json(None if error is None else f"{type(error).__name__}: {error}"[:_ERROR_TEXT_CHARS])
+  if error is not None:
+    raise error
+  failed = {process: text for process, text in enumerate(errors) if text is not None}
+  if failed:
+    raise RuntimeError(f"{what} failed on process(es) {sorted(failed)} ("
+                       + "; ".join(f"process {p}: {text}" for p, text in failed.items())
+                       + "): stopping here too, rather than waiting for it in a collective it never reaches")
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name`; a no-op for a single process."""
   if jax.process_count() > 1:

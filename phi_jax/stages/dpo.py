@@ -162,13 +162,26 @@ class ReferenceLogpsIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    local = next(self._iterator, None)
+    try:
+      local, error = next(self._iterator, None), None
+    except Exception as e:  # pylint: disable=broad-except  (a bad record, a file changed or gone)
+      if jax.process_count() == 1:
+        raise
+      local, error = None, e
     # The reference pass is a collective: with several processes, all run it or none. A process whose data ran out
-    # first (uneven shares) would otherwise wait in the loop's own check while the others waited in the pass.
-    if jax.process_count() > 1 and any_process(local is None)[0]:
-      if local is not None:
-        log.warning("another process's data ran out: this process's next batch of pairs is not used")
-      raise StopIteration
+    # first (uneven shares) or failed to read would otherwise wait in the loop's own check while the others waited
+    # in the pass. A read error stops every process here, and the loop's own check then stops all at this step.
+    if jax.process_count() > 1:
+      ran_out, failed = any_process(local is None and error is None, error is not None)
+      if error is not None:
+        raise error
+      if failed:
+        raise RuntimeError("another process failed to read its batch of pairs (its log names the error); stopping "
+                           "here too, rather than waiting for it in the reference pass")
+      if ran_out:
+        if local is not None:
+          log.warning("another process's data ran out: this process's next batch of pairs is not used")
+        raise StopIteration
     if local is None:
       raise StopIteration
     if self._mesh is None:

@@ -45,6 +45,7 @@ from phi_jax.losses.grpo import AGGREGATIONS
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sampling import SamplingConfig, generate
 from phi_jax.sampling.sampler import MIN_TEMPERATURE
+from phi_jax.sharding import distributed
 from phi_jax.train import checkpoint
 from phi_jax.train.step import MeshJit, batch_shardings, most_pieces
 
@@ -389,6 +390,16 @@ class GRPORollouts:
       out.append(multihost_utils.process_allgather(self._ref_logps_fn(params, part), tiled=True))
     return np.concatenate(out)
 
+  def _score(self, out: dict, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(rewards, correct) of the sampled responses `out` to the prompts `rows`, by this process's reward function."""
+    lengths, finished = np.asarray(out["lengths"]), np.asarray(out["finished"])
+    # The stop token ends the turn but is not part of the text the rewards read (as in `sampler.generate_text`):
+    # kept, an end-of-turn token right after `</think>` would pass for a solution.
+    texts = [self.tokenizer.decode(out["tokens"][r, :lengths[r] - int(finished[r])], skip_special_tokens=False)
+             for r in range(len(rows))]
+    return _checked_rewards(
+        self.reward_batch_fn(texts, [self.prompts[i]["answer"] for i in rows], lengths, finished), len(rows))
+
   def _rollout(self, params, step: int, first_step: int) -> dict:
     cfg, g = self.cfg, self.cfg.group_size
     indices, replayed = self._next_prompts()
@@ -413,12 +424,14 @@ class GRPORollouts:
     out = {name: np.concatenate([np.asarray(o[name]) for o in outs]) for name in outs[0]}
     self.rollouts += 1
     lengths, finished = np.asarray(out["lengths"]), np.asarray(out["finished"])
-    # The stop token ends the turn but is not part of the text the rewards read (as in `sampler.generate_text`):
-    # kept, an end-of-turn token right after `</think>` would pass for a solution.
-    texts = [self.tokenizer.decode(out["tokens"][r, :lengths[r] - int(finished[r])], skip_special_tokens=False)
-             for r in range(len(rows))]
-    rewards, correct = _checked_rewards(
-        self.reward_batch_fn(texts, [self.prompts[i]["answer"] for i in rows], lengths, finished), len(rows))
+    rewards, correct, error = None, None, None
+    try:
+      rewards, correct = self._score(out, rows)
+    except Exception as e:  # pylint: disable=broad-except  (a reward function that fails on this host alone)
+      error = e
+    # Before the broadcast of the rewards: a process whose scoring failed would otherwise wait in the loop's check
+    # before the step while the others waited in the broadcast for it.
+    distributed.raise_if_any_failed(error, "scoring the rollouts' rewards (grpo reward_batch_fn)")
     if jax.process_count() > 1:
       # Every process verifies the whole batch under wall-clock limits, so an answer near the limit may pass on one
       # host and time out on another. Process 0's verdicts stand for all: every process then trains the same

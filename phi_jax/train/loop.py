@@ -48,7 +48,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ from jax.sharding import Mesh
 
 from phi_jax.model import PhiConfig
 from phi_jax.model.api import check_token_ids
-from phi_jax.sharding.distributed import allgather_json, any_process, from_process_zero
+from phi_jax.sharding.distributed import allgather_json, any_process, from_process_zero, raise_if_any_failed
 from phi_jax.train import flops
 from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointError,
                                      IncompatibleCheckpointError, state_signature)
@@ -543,7 +543,21 @@ def _first_eval_checked(eval_batches: Callable[[], Iterable[dict]], train_batch:
                         vocab_size: int) -> Callable[[], Iterable[dict]]:
   """Checks the first eval batch against the mesh, the train batch's keys and the vocabulary, before any step (found
   at an evaluation, by default the last step, a bad eval batch stops the run there, its steps paid for).
-  Returns `eval_batches` whose first call goes on with the batches read here: no extra pass over the eval data."""
+  Returns `eval_batches` whose first call goes on with the batches read here: no extra pass over the eval data.
+  A batch that fails to read or check on one process stops every process here (a collective), each naming it."""
+  first, batches, error = None, iter(()), None
+  try:
+    first, batches = _first_eval_batch(eval_batches, train_batch, mesh, vocab_size)
+  except Exception as e:  # pylint: disable=broad-except  (a bad record, a bad token id: on this process alone)
+    error = e
+  raise_if_any_failed(error, "reading or checking the first eval batch")
+  replay = [itertools.chain([] if first is None else [first], batches)]
+  return lambda: replay.pop() if replay else eval_batches()
+
+
+def _first_eval_batch(eval_batches: Callable[[], Iterable[dict]], train_batch: dict, mesh: Mesh,
+                      vocab_size: int) -> tuple[Optional[dict], Iterator[dict]]:
+  """(the first eval batch, checked, or None when there is none; the rest of the batches) of `_first_eval_checked`."""
   batches = eval_batches()
   if isinstance(batches, collections.abc.Mapping):  # iterating one batch gives its keys
     raise TypeError("eval_batches() returned one batch (a dict): it must return an iterable of batches, e.g. "
@@ -559,8 +573,7 @@ def _first_eval_checked(eval_batches: Callable[[], Iterable[dict]], train_batch:
                        f"(it has {sorted(first, key=str)}): the loss function reads the same keys in both")
     check_batch(first, mesh, what="the first eval batch")
     _check_token_ids(first, vocab_size, "the first eval batch")
-  replay = [itertools.chain([] if first is None else [first], batches)]
-  return lambda: replay.pop() if replay else eval_batches()
+  return first, batches
 
 
 @_holding_workdir_lock
