@@ -305,7 +305,7 @@ def test_a_hedge_or_a_bound_inside_a_box_matches_no_single_gold(pool):
            "$\\boxed{\\text{5 (or 6)}}$": "5 or 6",
            "$\\boxed{5 \\text{ (or 6)}}$": "5 or 6",
            "$\\boxed{5\\text{ (or possibly 6)}}$": "5 or 6",
-           "$\\boxed{1/2 (or 50\\%)}$": "1/2",
+           "$\\boxed{1/2 (or 50\\%)}$": "1/2 or 50\\%",  # a restatement, which the verifier recognises
            "$\\boxed{5 \\text{ or more}}$": "5 or more",
            "$\\boxed{5 \\text{ at least}}$": "5 at least",
            "The answer is 5 at least.": "5 at least",
@@ -368,17 +368,17 @@ def test_math_over_lines_that_opens_with_a_number_is_no_price(pool):
 
 def test_a_boxed_hedge_with_a_math_alternative_matches_no_single_gold(pool):
   """In a box, a hedge's alternative that is math stays beside the answer (two answers, which match no single gold
-  unless both are the gold), unless it restates the answer's value as a plain number ("1/2 (or 50%)"); an
-  alternative in words is dropped."""
+  unless both are the gold or they restate one value, "1/2 (or 50%)", and one is the gold); an alternative in words
+  is dropped."""
   think = "<think>\nok\n</think>\n\n"
   boxed = {"$\\boxed{x = 2 (or x = 3)}$": "x = 2 or x = 3",
            "$\\boxed{\\sqrt{2} (or \\sqrt{3})}$": "\\sqrt{2} or \\sqrt{3}",
            "$\\boxed{\\frac{1}{2} (or \\frac{1}{3})}$": "\\frac{1}{2} or \\frac{1}{3}",
            "$\\boxed{2 (or x = 3)}$": "2 or x = 3",
            "$\\boxed{(1, 2) (or (2, 1))}$": "(1, 2) or (2, 1)",
-           "$\\boxed{\\frac{1}{2} (or 50\\%)}$": "\\frac{1}{2}",
-           "$\\boxed{0.75 (or \\frac{3}{4})}$": "0.75",
-           "$\\boxed{1/2 (or equivalently 50\\% as a percentage)}$": "1/2",
+           "$\\boxed{\\frac{1}{2} (or 50\\%)}$": "\\frac{1}{2} or 50\\%",
+           "$\\boxed{0.75 (or \\frac{3}{4})}$": "0.75 or \\frac{3}{4}",
+           "$\\boxed{1/2 (or equivalently 50\\% as a percentage)}$": "1/2 or 50\\%",
            "$\\boxed{12 (or as computed above)}$": "12"}
   assert {c: extract_answer(think + c) for c in boxed} == boxed
   assert extract_gold("\\boxed{\\sqrt{2} (or \\sqrt{3})}") == "\\sqrt{2} or \\sqrt{3}"
@@ -423,7 +423,7 @@ def test_words_that_change_a_value_in_text_mode_read_as_words(pool):
            "$\\boxed{5 \\text{ dozen}}$": "5 dozen",
            "$\\boxed{3 \\text{ eighths}}$": "3 eighths",
            "$\\boxed{3 \\text{ squared}}$": "3 squared",
-           "$\\boxed{3 \\text{ times}}$": "3 times",
+           "$\\boxed{3 \\text{ times}}$": "3 \\text{ times}",  # "3 times as many": left to math-verify, which reads 3
            "$\\boxed{2 \\text{ and 3}}$": "2 and 3",
            "$\\boxed{3 \\text{ (and 4)}}$": "3 (and 4)",
            "$\\boxed{20 \\text{ percent}}$": "20 percent",
@@ -445,9 +445,9 @@ def test_words_that_change_a_value_in_text_mode_read_as_words(pool):
 
 
 def test_a_hedge_is_right_only_when_every_alternative_is_the_gold(pool):
-  """Alternatives joined by "or" are a hedge, kept as "a or b": it matches a gold only when each alternative does
-  (a restatement: "$\\frac{3}{10}$, or $30\\%$"), or as a whole a set gold ("x = 2 or x = 3" and "2, 3"); a relation
-  "or" joins to an equation is no alternative ("since $n > 0$ or $n = 5$")."""
+  """Alternatives joined by "or" are a hedge, kept as "a or b": it matches a gold only when each alternative does,
+  or any of them where they restate one value ("$\\frac{3}{10}$, or $30\\%$"), or as a whole a set gold ("x = 2 or
+  x = 3" and "2, 3"); a relation "or" joins to an equation is no alternative ("since $n > 0$ or $n = 5$")."""
   think = "<think>\nok\n</think>\n\n"
   answers = {"The probability is $\\frac{3}{10}$, or $30\\%$.": "\\frac{3}{10} or 30\\%",
              "So Ann has $5$ or $6$ apples.": "5 or 6",
@@ -471,8 +471,101 @@ def test_a_hedge_is_right_only_when_every_alternative_is_the_gold(pool):
   wrong = [("So Ann has $5$ or $6$ apples.", "6"), ("So Ann has $5$ or $6$ apples.", "5"),
            ("$\\boxed{x = 2 (or x = 3)}$", "2"), ("$\\boxed{\\sqrt{2} (or \\sqrt{3})}$", "\\sqrt{2}"),
            ("The answer is $5$ or $6$.", "6"), ("The answer is 2 (or 3).", "2"), ("So \\boxed{5} or \\boxed{6}", "5"),
-           ("So the discount is $20\\%$, or $\\frac{1}{5}$ off.", "20"), ("$\\boxed{5 \\text{ or more}}$", "5"),
+           ("So the discount is $20\\%$, or $\\frac{1}{4}$ off.", "20"), ("$\\boxed{5 \\text{ or more}}$", "5"),
            ("Ann has $5$, $6$, or $7$ apples.", "7"), ("The answer is $2$ or $2$ or $3$.", "2")]
+  cases = [(c, g, True) for c, g in right] + [(c, g, False) for c, g in wrong]
+  verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
+  assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
+
+
+def test_count_nouns_and_comparatives_in_text_mode_are_left_to_the_verifier(pool):
+  """In a box, `N \\text{ words}` is unwrapped only for words that change the value alone (a scale, a fraction,
+  "percent", a hedge or a bound, a word joining another number); "times as many", "more cookies", "quarters", "of
+  them" stay in `\\text{}`, which math-verify drops, so the answer is N."""
+  think = "<think>\nok\n</think>\n\n"
+  kept = {"$\\boxed{3 \\text{ times as many}}$": "3 \\text{ times as many}",
+          "$\\boxed{2 \\text{ times}}$": "2 \\text{ times}",
+          "$\\boxed{6 \\text{ more cookies}}$": "6 \\text{ more cookies}",
+          "$\\boxed{12 \\text{ quarters}}$": "12 \\text{ quarters}",
+          "$\\boxed{7 \\text{ of them}}$": "7 \\text{ of them}",
+          "$\\boxed{6 \\text{ over}}$": "6 \\text{ over}",
+          "$\\boxed{1200 \\text{ meters (or 3 laps)}}$": "1200 \\text{ meters (or 3 laps)}",
+          "$\\boxed{3 \\text{ squared units}}$": "3 \\text{ squared units}",
+          "$\\boxed{7 \\text{ (mod 12)}}$": "7 \\text{ (mod 12)}",
+          "$\\boxed{40 \\text{ (to 2 decimal places)}}$": "40 \\text{ (to 2 decimal places)}",
+          # Words that change the value alone still read as words.
+          "$\\boxed{2 \\text{ million}}$": "2 million",
+          "$\\boxed{2 \\text{ dozens}}$": "2 dozens",
+          "$\\boxed{2 \\text{ to 1}}$": "2 to 1",
+          "$\\boxed{5 \\text{ and a half}}$": "5 and a half",
+          "$\\boxed{5 \\text{ at most}}$": "5 at most"}
+  assert {c: extract_answer(think + c) for c in kept} == kept
+  cases = [("$\\boxed{3 \\text{ times as many}}$", "3", True), ("$\\boxed{2 \\text{ times}}$", "2", True),
+           ("$\\boxed{6 \\text{ more cookies}}$", "6", True), ("$\\boxed{12 \\text{ quarters}}$", "12", True),
+           ("$\\boxed{7 \\text{ of them}}$", "7", True), ("$\\boxed{6 \\text{ over}}$", "6", True),
+           ("$\\boxed{1200 \\text{ meters (or 3 laps)}}$", "1200", True),
+           ("$\\boxed{3 \\text{ squared units}}$", "3", True), ("$\\boxed{7 \\text{ (mod 12)}}$", "7", True),
+           ("$\\boxed{40 \\text{ (to 2 decimal places)}}$", "40", True), ("$\\boxed{2 \\text{ million}}$", "2", False),
+           ("$\\boxed{2 \\text{ dozens}}$", "2", False), ("$\\boxed{2 \\text{ to 1}}$", "2", False),
+           ("$\\boxed{5 \\text{ and a half}}$", "5", False)]
+  verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
+  assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
+
+
+def test_a_restatement_in_another_form_is_right_when_any_form_is_the_gold(pool):
+  """Alternatives that are all equal ("$\\frac{1}{4}$, or $25\\%$") restate one value: right when any of them is the
+  gold. An alternative the verifier cannot compare (a price, a unit word) is dropped, not taken as a rival value;
+  alternatives of different values stay a hedge, which matches no single gold."""
+  think = "<think>\nok\n</think>\n\n"
+  boxed = {"$\\boxed{\\frac{1}{4} (or 25\\%)}$": "\\frac{1}{4} or 25\\%",
+           "$\\boxed{0.25 (or 25\\%)}$": "0.25 or 25\\%",
+           "$\\boxed{1/2 (or equivalently 50\\% as a percentage)}$": "1/2 or 50\\%"}
+  assert {c: extract_answer(think + c) for c in boxed} == boxed
+  right = [("That is $\\frac{1}{4}$, or $25\\%$.", "25"), ("She saved $0.2$, or $20\\%$.", "20"),
+           ("The discount is $\\$12$, or $20\\%$.", "20"), ("$\\boxed{\\frac{1}{4} (or 25\\%)}$", "25"),
+           ("$\\boxed{0.25 (or 25\\%)}$", "25"), ("$\\boxed{0.25 (or 25\\%)}$", "\\frac{1}{4}"),
+           ("The total is $\\$1.50$, or $150$ cents.", "150"), ("The answer is 12 (or twelve).", "12"),
+           ("So the discount is $20\\%$, or $\\frac{1}{5}$ off.", "20"),
+           ("So it is $5 \\text{ cm}$, or $50 \\text{ mm}$.", "50")]
+  wrong = [("That is $\\frac{1}{4}$, or $25\\%$.", "4"), ("$\\boxed{0.25 (or 25\\%)}$", "0.5"),
+           ("The answer is $\\$5$ or $\\$6$.", "6"), ("The answer is $\\frac{1}{4}$ or $\\frac{1}{3}$.", "\\frac14"),
+           ("$\\boxed{0.25 (or 0.3)}$", "0.25"), ("So it is $5 \\text{ cm}$ or $6 \\text{ cm}$.", "6"),
+           ("So it is $5 \\text{ cm}$, or $50 \\text{ mm}$.", "6")]
+  cases = [(c, g, True) for c, g in right] + [(c, g, False) for c, g in wrong]
+  verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
+  assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
+
+
+def test_a_hedge_or_a_bound_in_words_inside_a_box_matches_no_single_gold(pool):
+  """A spelled-out number in a hedge is a number ("12 (or thirteen)" -> "12 or 13"), and a bound or comparative
+  ("5 (or more)") an alternative no gold matches, in a box as after a label."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"$\\boxed{12 (or thirteen)}$": "12 or 13",
+             "$\\boxed{5 (or more)}$": "5 or more",
+             "$\\boxed{5 (or fewer)}$": "5 or fewer",
+             "$\\boxed{5 \\text{ (or more)}}$": "5 or more",
+             "The answer is 5 (or higher).": "5 or higher",
+             "The answer is 12 (or thirteen).": "12 or 13",
+             "$\\boxed{5 (or more precisely 5.2)}$": "5",  # a refinement in words, no bound
+             "$\\boxed{12 (or 13, if we include the endpoint)}$": "12 or 13"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  wrong = [("$\\boxed{12 (or thirteen)}$", "12"), ("$\\boxed{12 (or thirteen)}$", "13"),
+           ("$\\boxed{5 (or more)}$", "5"), ("$\\boxed{5 (or fewer)}$", "5"), ("$\\boxed{5 (or less)}$", "5"),
+           ("$\\boxed{5 \\text{ (or more)}}$", "5"), ("The answer is 5 (or more).", "5"),
+           ("The answer is 12 (or thirteen).", "12"), ("$\\boxed{12 (or 13, if we include the endpoint)}$", "12")]
+  verdicts = rewards.verify_batch([think + c for c, _ in wrong], [g for _, g in wrong], pool=pool)
+  assert [(c, g, v) for (c, g), v in zip(wrong, verdicts)] == [(c, g, False) for c, g in wrong]
+
+
+def test_a_hedge_is_a_set_only_beside_a_gold_of_several_answers(pool):
+  """A hedge "2 or 3" read as a whole is the set {2, 3}: it matches a gold set ("2, 3", "\\{2, 3\\}", "\\pm 1"),
+  never an ordered pair or an interval ("(2,3)", "[2,3]"), which math-verify would count equal to it."""
+  think = "<think>\nok\n</think>\n\n"
+  right = [("$\\boxed{2 (or 3)}$", "2, 3"), ("$\\boxed{2 (or 3)}$", "\\{2,3\\}"),
+           ("The answer is $x = 1$ or $x = -1$.", "\\pm 1"), ("Solving gives $x = 2$ or $x = 3$.", "2, 3")]
+  wrong = [("$\\boxed{2 (or 3)}$", "(2,3)"), ("The answer is $2$ or $3$.", "(2,3)"),
+           ("\\boxed{2} or \\boxed{3}", "(2, 3)"), ("The answer is $2$ or $3$.", "[2,3]"),
+           ("The answer is 2 or 3.", "(2,3)")]
   cases = [(c, g, True) for c, g in right] + [(c, g, False) for c, g in wrong]
   verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
   assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]

@@ -10,9 +10,13 @@ order of preference:
    number followed by words (plain or in `\\text{}`) and a hedge in brackets read as in 2 (`\\boxed{18 dollars}`,
    `\\boxed{\\text{5 cm}}`, `\\boxed{5 \\text{ cm}}` -> 18, 5, 5; `\\boxed{5 \\text{ (or 6)}}` -> "5 or 6" and
    `\\boxed{5 \\text{ or more}}` -> "5 or more", which match no single gold, and `\\boxed{2 \\text{ million}}` ->
-   "2 million"; `\\boxed{10 \\text{ m/s}}` and `\\boxed{4 \\text{ (rounded)}}` stay as they are, for math-verify to
-   drop the `\\text{}`; a hedge's alternative that is math stays too, unless it restates the value as a plain
-   number: `\\boxed{\\sqrt{2} (or \\sqrt{3})}` -> "\\sqrt{2} or \\sqrt{3}", `\\boxed{1/2 (or 50\\%)}` -> "1/2"),
+   "2 million", as do other words that change the value alone: a scale, a fraction, "percent", a word joining
+   another number ("2 to 1"); `\\boxed{10 \\text{ m/s}}`, `\\boxed{4 \\text{ (rounded)}}` and other words
+   (`\\boxed{3 \\text{ times as many}}`, `\\boxed{6 \\text{ more cookies}}`) stay as they are, for math-verify to
+   drop the `\\text{}`; a hedge's alternative that is math stays too, the verifier judging whether it restates the
+   value: `\\boxed{\\sqrt{2} (or \\sqrt{3})}` -> "\\sqrt{2} or \\sqrt{3}", `\\boxed{1/2 (or 50\\%)}` -> "1/2 or
+   50\\%"; a spelled-out alternative is a number and a comparative a bound: `\\boxed{12 (or thirteen)}` -> "12 or
+   13", `\\boxed{5 (or more)}` -> "5 or more"),
    and the boxes right before it that ",", "and" or "or" join to
    it taken with it (see "Several answers" below); failing that, the number alone on a
    last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such as "#### Step 1" or a
@@ -28,7 +32,8 @@ order of preference:
    dropped, a trailing explanation cut (", since ...", " because ...", "; " before prose, "(3 boxes of 4)",
    "(9 * 2)" after a number), and a number followed only by words is the number ("1,200 people" -> 1200) unless a
    word changes its value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays
-   two answers, which match no single gold, and an alternative that is not a plain number is dropped ("1/2 (or 50%)");
+   two answers, which match no single gold, as do "12 (or thirteen)" and a bound "5 (or more)", and an alternative
+   that is not a plain number is dropped ("1/2 (or 50%)");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`), where a `$` before a number is
    a price as in 2 (a `$$` never is), neither closing nor opening math, and a price after the last math is the
    answer ("We get $6 \\times 7 = 42$, so she earns $42." -> 42), taken with the math before it when "or" joins
@@ -38,8 +43,10 @@ order of preference:
 Several answers: math spans after a label, or boxes, joined by ",", "and" or "or" ("the answer is $5$ or $6$",
 "$\\boxed{2}$ and $\\boxed{3}$", "$2$, $3$, and $5$") are one answer: a set, comma-separated ("2, 3, 5"), which
 matches the same set as gold; or, where "or" joins any two, a hedge, joined by `HEDGE_JOINER` ("5 or 6"), which the
-verifier grades right only when every alternative is the gold (a restatement: "$\\frac{3}{10}$, or $30\\%$") or,
-as a whole, a set gold ("x = 2 or x = 3" and "2, 3"), so a hedge between values matches no single gold. An
+verifier grades right when its alternatives restate one value and any of them is the gold ("$\\frac{1}{4}$, or
+$25\\%$" and 25), or when every alternative is the gold, or, as a whole, a gold of several answers ("x = 2 or x = 3"
+and "2, 3", but not the pair "(2, 3)"), so a hedge between values matches no single gold; an alternative it cannot
+compare (a price, a unit word: "$\\$1.50$, or $150$ cents") is dropped, not taken as a rival value. An
 inequality and an equation joined by "or" are no alternatives ("since $n > 0$ or $n = 5$" -> "n = 5").
 The last math (3) is joined so only when "or" joins any two of the spans ("So Ann has $5$ or $6$ apples." -> "5 or
 6", "$5$, $6$, or $7$" -> "5 or 6 or 7"): math that "and" or "," alone joins to it stays apart, since there it is
@@ -57,7 +64,6 @@ from __future__ import annotations
 
 import collections
 import decimal
-import fractions
 import re
 from typing import Optional
 
@@ -130,6 +136,17 @@ _VALUE_WORDS = frozenset((
     "more", "degrees"))
 # ... and first words that do so with the word after them: "5 at least" is a bound, "45 at the store" is 45.
 _BOUND_WORDS = frozenset((("at", "least"), ("at", "most")))
+# In `\\text{}` after a number (a box), the narrower set of words that change its value alone ("2 million", "3
+# dozen", "20 percent"); a count noun or a comparative there ("3 times as many", "6 more cookies", "12 quarters")
+# stays in `\\text{}`, which math-verify drops, leaving the number.
+_SCALE_WORDS = frozenset((
+    "hundred", "thousand", "million", "billion", "trillion", "dozen", "score", "gross", "hundreds", "thousands",
+    "millions", "billions", "trillions", "dozens", "scores", "percent"))
+# ... words that do so as the last word ("3 squared", but "3 squared units" is 3) ...
+_POWER_WORDS = frozenset(("squared", "cubed", "factorial"))
+# ... and words that do so joined to another number there ("2 and 3", "2 to 1", "5 and a half"), in brackets only
+# "and" ("3 (and 4)"; "40 (to 2 decimal places)" is 40, "7 (mod 12)" 7).
+_JOINING_VALUE_WORDS = frozenset(("and", "plus", "minus", "to"))
 # Spelled-out whole numbers up to 999 ("seven", "twenty-one", "three hundred and five"), read as digits.
 _UNIT_WORDS = {word: n for n, word in enumerate((
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
@@ -506,53 +523,48 @@ _BRACKETS = {"(": ")", "[": "]"}  # not "{", a LaTeX group ("\\text{ or }")
 
 def _hedged(before: str, words: list[str], keep_math: bool = False) -> Optional[str]:
   """An answer `before` a bracket holding `words` that open with a hedge: "2 (or 3)", "3/4 (or 0.75 as a decimal)",
-  "5(or 6)" -> "2 or 3" (two answers, which match no single gold), the alternative dropped when it is not a plain
-  number ("1/2 (or 50%)" -> "1/2"), or with `keep_math` (a box) only when it is words or restates the answer's value
-  (`_is_other_answer`: "x = 2 (or x = 3)" -> "x = 2 or x = 3"); None when the bracket holds no hedge."""
+  "5(or 6)", "12 (or thirteen)" -> "2 or 3", "12 or 13" (two answers, which match no single gold unless they restate
+  one value: the verifier decides), "5 (or more)" -> "5 or more" (a bound, which matches no gold); the alternative
+  dropped when it is not a plain number ("1/2 (or 50%)" -> "1/2"), or with `keep_math` (a box) only when it is words
+  ("12 (or as computed above)" -> "12", but "x = 2 (or x = 3)" -> "x = 2 or x = 3", "1/2 (or 50\\% as a
+  percentage)" -> "1/2 or 50\\%"); None when the bracket holds no hedge."""
   first = 0  # the hedge words at the start, counted without slicing (the scan stays linear)
   while first < len(words) and words[first].lower().strip(",") in _HEDGES:
     first += 1
   if not first:
     return None
-  other = _number_before_words(" ".join(words[first:]))
-  if other and (_number_end(other) == len(other) or (keep_math and _is_other_answer(before, other))):
-    return before.rstrip() + " or " + other
-  return before.rstrip()
+  other = _alternative(words[first:], keep_math)
+  return before.rstrip() + (HEDGE_JOINER + other if other else "")
 
 
-def _is_other_answer(answer: str, other: str) -> bool:
-  """Whether `other`, a hedge's alternative to `answer`, is another answer: math ("x = 3", "\\sqrt{3}",
-  "\\frac{1}{3}") that does not restate the answer's value ("50\\%" or "50% as a percentage" beside "1/2",
-  "\\frac{3}{4}" beside "0.75"), not words ("as computed above")."""
-  words = other.split()
-  if _is_prose_word(words[0]):
-    return False
-  value = _numeric_value(words[0]) if all(w.isalpha() for w in words[1:]) else None
-  return value is None or value != _numeric_value(answer.strip())
-
-
-def _numeric_value(text: str) -> Optional[fractions.Fraction]:
-  """The value of a plain number ("0.75", "1/2", "1,200"), a percentage of one ("50%", "50\\%") or a `\\frac` of
-  two ("\\frac{3}{4}"); None for anything else."""
-  scale = 1
-  if text.endswith("%"):
-    text, scale = text[:-2] if text.endswith("\\%") else text[:-1], 100
-  for command in ("\\frac{", "\\dfrac{", "\\tfrac{"):
-    if text.startswith(command) and text.endswith("}") and text.count("}{") == 1:
-      text = text[len(command):-1].replace("}{", "/")
-  if not text or _number_end(text) != len(text):
+def _alternative(words: list[str], keep_math: bool) -> Optional[str]:
+  """A hedge's alternative, from the `words` after its hedge words (see `_hedged`); None where it is dropped."""
+  if not words:
     return None
-  try:
-    return fractions.Fraction(text.replace(",", "").replace("\u2212", "-")) / scale
-  except (ValueError, ZeroDivisionError):  # "1/0"; more digits than Python converts
+  bound = words[0].lower().strip(_SENTENCE_PUNCTUATION)
+  # "more precisely 5.2" refines the answer rather than bounding it.
+  if bound in _COMPARATIVES and not (len(words) > 1 and words[1].lower().endswith("ly")):
+    return bound
+  other = _number_before_words(_spelled_number(" ".join(words)))
+  if _number_end(other) == len(other):
+    return other
+  if not keep_math or _is_prose_word(other.split()[0]):
     return None
+  # "50\\% as a percentage", "13, if we include the endpoint": the math, without the note in words after it.
+  head, *notes = other.split()
+  return head.rstrip(",;:") if all(w.isalpha() for w in notes) else other
+
+
+# A hedge's alternative that is one of these bounds the answer ("5 (or more)"), so it matches no gold.
+_COMPARATIVES = frozenset(("more", "less", "fewer", "higher", "lower", "greater", "smaller", "larger", "above",
+                           "below", "over", "under"))
 
 
 def _without_box_hedge(answer: str) -> str:
   """A boxed (or gold) answer ending in a bracket that holds a hedge, read as a label's (`_hedged`), though an
-  alternative that is math stays ("5 (or 6)" -> "5 or 6", "\\sqrt{2} (or \\sqrt{3})" -> "\\sqrt{2} or \\sqrt{3}")
-  unless it restates the answer's value ("1/2 (or 50\\%)" -> "1/2"); a bracket inside a group ("\\sqrt{2 (or 3)}")
-  or inside another bracket stays."""
+  alternative that is math stays ("5 (or 6)" -> "5 or 6", "\\sqrt{2} (or \\sqrt{3})" -> "\\sqrt{2} or \\sqrt{3}",
+  "1/2 (or 50\\%)" -> "1/2 or 50\\%", a restatement the verifier recognises); a bracket inside a group
+  ("\\sqrt{2 (or 3)}") or inside another bracket stays."""
   if answer[-1:] not in ")]":
     return answer
   opener = next((i for i, close in _bracket_pairs(answer).items() if close == len(answer) - 1), 0)
@@ -600,17 +612,31 @@ def _without_text_command(answer: str) -> str:
 def _reads_as_words(answer: str) -> bool:
   """Whether a number and the words after it, taken out of `\\text{}`, read as a label's plain text: as the number
   alone ("5 apples", "5 cm"), as a hedge or a bound ("5 (or 6)", "5 or more", "5 at least"), or as words that
-  change the value ("2 million", "3 eighths", "2 and 3", "3 (and 4)"), which the `\\text{}` must not hide. A unit of
-  one letter or with a slash ("10 m/s", "5 N"), a degree sign ("25 °C") or a note ("4 (rounded)") does not:
-  math-verify drops the `\\text{}` around it, and reads it unwrapped as a product."""
-  if _without_box_hedge(answer) != answer:
-    return True
+  change the value alone (`_changes_value_alone`: "2 million", "3 eighths", "2 and 3", "3 (and 4)"), which the
+  `\\text{}` must not hide. A unit of one letter or with a slash ("10 m/s", "5 N"), a degree sign ("25 °C"), a note
+  ("4 (rounded)", "1200 meters (or 3 laps)") or other words ("3 times as many", "6 more cookies", "7 of them") do
+  not: math-verify drops the `\\text{}` around them, and would read them unwrapped as a product or not at all."""
   words = answer[_number_end(answer):].lower().split()
-  first = words[0].strip(",")
-  if first in _HEDGES or first.lstrip("([") in _JOINING_WORDS or _changes_value(words):
+  if words[0].strip(",").lstrip("([") in _HEDGES or _changes_value_alone(words):
     return True
   number = _number_before_words(answer)
   return _number_end(number) == len(number)
+
+
+def _changes_value_alone(words: list[str]) -> bool:
+  """Whether `words`, after a number in `\\text{}`, change its value alone: a scale or "percent" (`_SCALE_WORDS`),
+  a fraction ("3 eighths"), an ordinal or a power as the last word ("1 fourth", "3 squared"; not "45 fourth
+  graders", "3 squared units"), a bound ("at least"), or a word joining another number ("2 and 3", "3 (and 4)", "2
+  to 1", "5 and a half")."""
+  word = words[0].strip(",.")
+  first = word.lstrip("([")
+  alone = first in _FRACTION_WORDS or ((first in _ORDINALS or first in _POWER_WORDS) and len(words) == 1)
+  bound = tuple(w.strip(".,") for w in words[:2]) in _BOUND_WORDS
+  if first in _JOINING_VALUE_WORDS and len(words) > 1 and (first == "and" or first == word):
+    second = words[1].strip(",.)]")
+    part = second in ("a", "an", "one") and len(words) > 2 and words[2].strip(",.)]") in _ORDINALS
+    return part or _number_end(second) > 0 or second in _UNIT_WORDS
+  return alone or bound or first in _SCALE_WORDS
 
 
 def _number_in_box(answer: str) -> str:

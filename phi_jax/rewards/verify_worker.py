@@ -2,12 +2,15 @@
 
     python -P verify_worker.py '{"memory_bytes": ..., "float_rounding": 6, "numeric_precision": 15}'
 
-It imports only the standard library and math-verify (never `phi_jax`, whose package import pulls in JAX), so a
-worker starts in about a second and holds no accelerator state. Protocol, one ASCII JSON object per line:
+It imports only the standard library and math-verify with its sympy (never `phi_jax`, whose package import pulls in
+JAX), so a worker starts in about a second and holds no accelerator state. Protocol, one ASCII JSON object per line:
 the worker writes `{"ready": <pid>}` once warmed up, then answers each request `{"id", "gold", "pred",
 "soft_timeout_s"}` read from stdin with `{"id", "ok"}` on its original stdout; it exits at end of input. A `pred`
-that is a hedge ("a or b", see `alternatives`) is right when, as a whole, it is the gold set, or when every
-alternative is the gold; all of it within the request's one time limit.
+that is a hedge ("a or b", see `alternatives`) is right when, as a whole, it is a gold of several answers (a set,
+not a pair or an interval); when its alternatives restate one value ("\\frac{1}{4} or 25\\%") and any is the gold;
+or when every alternative is the gold. An alternative it cannot compare (unparsed, or a price or a number with a
+unit word: "\\$1.50") is dropped first, unless every one is; alternatives each in a unit of its own ("5 \\text{ cm}
+or 50 \\text{ mm}") restate one quantity. All of it runs within the request's one time limit.
 
 math-verify's own timeouts use `signal.alarm`, which shares one timer with this worker's soft limit, so they are
 disabled and one `setitimer` per request bounds the whole parse-parse-verify. The soft limit interrupts Python
@@ -18,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import sys
@@ -53,6 +57,32 @@ def alternatives(answer: str) -> list[str]:
   return options if len(options) > 1 and all(options) else [answer]
 
 
+def has_top_level_comma(answer: str) -> bool:
+  """Whether a comma stands in `answer` outside every bracket ("2, 3", "x = 2, 3"; not "(2, 3)", "\\{2, 3\\}")."""
+  depth = 0
+  for ch in answer:
+    if ch in "{([":
+      depth += 1
+    elif ch in "})]":
+      depth = max(0, depth - 1)
+    elif ch == "," and depth == 0:
+      return True
+  return False
+
+
+# A price or a word after a number ("\\$1.50", "5 \\text{ cm}", "1200 meters"): a hedge's alternative in a unit,
+# which math-verify compares by its number alone.
+_UNIT = re.compile(r"(\\\$|^\$)|\d\s*(?:\\(?:text|textrm|mathrm|mbox)\{\s*)?([A-Za-z]{2,})")
+
+
+def unit(answer: str):
+  """The unit of `answer` ("$" for "\\$1.50", "cm" for "5 \\text{ cm}"), or None where it has none."""
+  match = _UNIT.search(answer)
+  if match is None:
+    return None
+  return "$" if match.group(1) else match.group(2).lower()
+
+
 def main() -> None:
   settings = json.loads(sys.argv[1])
   # Replies go to a private duplicate of stdout; anything a library prints lands on stderr instead.
@@ -65,6 +95,7 @@ def main() -> None:
     logging.getLogger(name).setLevel(logging.CRITICAL)
 
   from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+  from sympy import FiniteSet
 
   extraction = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
 
@@ -81,13 +112,40 @@ def main() -> None:
     return bool(verify(gold_parsed, pred_parsed, float_rounding=settings["float_rounding"],
                        numeric_precision=settings["numeric_precision"], timeout_seconds=None))
 
+  def is_math(answer: str) -> bool:
+    # math-verify gives back only the string of what it could not read as math ("\\frac{59").
+    parsed = parse_answer(answer)
+    return bool(parsed) and not isinstance(parsed[0], str)
+
+  def has_several_answers(gold: str) -> bool:
+    # A set ("2, 3", "\\{2, 3\\}", "\\pm 1"), not an ordered pair or an interval ("(2, 3)"), which math-verify counts
+    # equal to the set {2, 3}; a number with thousands separators ("1,200") is one answer.
+    parsed = parse_answer(gold)
+    if not parsed:
+      return False
+    if isinstance(parsed[0], FiniteSet):
+      return len(parsed[0]) > 1
+    return has_top_level_comma(gold) and not getattr(parsed[0], "is_number", False)
+
   def is_right(gold: str, pred: str) -> bool:
     options = alternatives(pred)
     if len(options) == 1:
       return is_equivalent(gold, pred)
-    # A hedge: as a whole, a set ("x = 2 or x = 3" is the gold "2, 3"); else one answer only when every alternative
-    # is the gold, a restatement ("\\frac{3}{10} or 30\\%"), never when one is a rival value ("5 or 6").
-    return is_equivalent(gold, ", ".join(options)) or all(is_equivalent(gold, option) for option in options)
+    # A hedge: as a whole, a gold of several answers ("x = 2 or x = 3" is the gold "2, 3").
+    if has_several_answers(gold) and is_equivalent(gold, ", ".join(options)):
+      return True
+    # An alternative this cannot compare (a price, a unit: "\\$1.50 or 150" for "150 cents") is no rival value; nor
+    # are alternatives each in a unit of its own ("5 \\text{ cm} or 50 \\text{ mm}"), one quantity restated.
+    units = [unit(option) for option in options]
+    comparable = [option for option, u in zip(options, units) if u is None and is_math(option)]
+    in_own_units = None not in units and len(set(units)) == len(units)
+    options = comparable or options
+    if len(options) == 1:
+      return is_equivalent(gold, options[0])
+    # Alternatives of one value restate it ("\\frac{1}{4} or 25\\%"): right when any is the gold. Of different
+    # values ("5 or 6"), right only when every one is the gold, which no single gold is.
+    restated = in_own_units or all(is_equivalent(options[0], option) for option in options[1:])
+    return (any if restated else all)(is_equivalent(gold, option) for option in options)
 
   # Warm the LaTeX parser, sympy's lazily imported simplification and set code before declaring readiness, so the
   # first real answers are not charged for it.
