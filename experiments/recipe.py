@@ -338,7 +338,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
                        common.bound_or_none("recipe.difficulty_overrides") if asked else {})
   for name, in_file in in_file_dicts.items():  # a --gin_param dict adds to the file's rather than replacing it
     # Each --gin_param of the name in turn (gin keeps only the last): one flag per stage adds up too.
-    given = [st.value for p in params for st in common.gin_statements(p)
+    given = [common.resolve_bound_macros(st.value) for p in params for st in common.gin_statements(p)
              if common.binding_key(st) == name and isinstance(st.value, dict)]
     merged = dict(common.resolve_bound_macros(in_file) or {})  # the macros as the command line left them
     for value in given:

@@ -353,6 +353,11 @@ def test_a_macro_in_a_files_recipe_dict_takes_its_command_line_value(monkeypatch
                       'recipe.stage_bindings = {"sft": %SFT_B}\n')
     settings, _, _ = recipe.configure([str(counts)], ["recipe.stage_bindings = {'grpo': ['train.num_steps=4']}"])
     assert settings["stage_bindings"] == {"sft": ["train.num_steps=3"], "grpo": ["train.num_steps=4"]}
+    gin.clear_config()
+    # A macro in a command-line dict is merged too (a TypeError from the merge before); the macro's own binding,
+    # which no stage reads, is then named.
+    with pytest.raises(ValueError, match=r"CLI_B = \['train.num_steps=4'\] is refused by every stage"):
+      recipe.configure([str(counts)], ["CLI_B = ['train.num_steps=4']", "recipe.stage_bindings = {'grpo': %CLI_B}"])
   finally:
     gin.clear_config()
 

@@ -128,3 +128,25 @@ def test_an_eager_call_inside_the_mesh_context_needs_no_placed_params():
   with rules.mesh_context(sharding.make_mesh({"data": 2, "fsdp": 4})):
     eager = phi_jax.forward(params, tokens, TINY)
   np.testing.assert_allclose(eager, phi_jax.forward(params, tokens, TINY), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_process_keeps_its_own_error_and_names_the_others(monkeypatch):
+  """raise_if_any_failed on one process of two: its error, with the other process's error text as a note; and its
+  error, not the gather's, when the gather itself fails (another process sat in another collective)."""
+  from phi_jax.sharding import distributed
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(distributed.jax, "process_index", lambda: 0)
+  monkeypatch.setattr(distributed, "allgather_json", lambda text: [text, "DataError: eval.jsonl:4: invalid JSON"])
+  with pytest.raises(ValueError, match="bad eval batch") as raised:
+    distributed.raise_if_any_failed(ValueError("bad eval batch"), "reading the eval data")
+  assert raised.value.__notes__ == ["process 1: DataError: eval.jsonl:4: invalid JSON"]
+  with pytest.raises(RuntimeError, match=r"reading the eval data failed on process\(es\) \[1\].*eval.jsonl:4"):
+    distributed.raise_if_any_failed(None, "reading the eval data")
+
+  def mismatched(text):
+    raise TypeError("the value to gather is not JSON-serialisable on process(es) [1]")
+
+  monkeypatch.setattr(distributed, "allgather_json", mismatched)
+  with pytest.raises(OSError, match="No space left") as raised:
+    distributed.raise_if_any_failed(OSError(28, "No space left on device"), "writing the reference log-probs")
+  assert isinstance(raised.value.__cause__, TypeError)

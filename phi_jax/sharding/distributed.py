@@ -181,10 +181,18 @@ def raise_if_any_failed(error: Optional[BaseException], what: str) -> None:
     if error is not None:
       raise error
     return
-  errors = allgather_json(None if error is None else f"{type(error).__name__}: {error}"[:_ERROR_TEXT_CHARS])
-  if error is not None:
-    raise error
+  try:
+    errors = allgather_json(None if error is None else f"{type(error).__name__}: {error}"[:_ERROR_TEXT_CHARS])
+  except Exception as gather_error:  # e.g. another process sat in another collective: this one's error comes first
+    if error is not None:
+      raise error from gather_error
+    raise
   failed = {process: text for process, text in enumerate(errors) if text is not None}
+  if error is not None:
+    others = {p: text for p, text in failed.items() if p != jax.process_index()}
+    if others:
+      error.add_note("; ".join(f"process {p}: {text}" for p, text in others.items()))
+    raise error
   if failed:
     raise RuntimeError(f"{what} failed on process(es) {sorted(failed)} ("
                        + "; ".join(f"process {p}: {text}" for p, text in failed.items())
