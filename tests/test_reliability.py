@@ -27,6 +27,7 @@ import pytest
 
 from phi_jax import sharding
 from phi_jax.model import PhiConfig, init_params
+from phi_jax.sharding import distributed
 from phi_jax.stages import next_token
 from phi_jax.train import LoopConfig, OptimizerConfig, checkpoint, loop
 
@@ -408,12 +409,12 @@ def test_a_data_error_on_one_process_stops_every_process_at_the_same_step(monkey
   """A batch that fails to read on one process (a bad record, a file changed mid-run) used to raise there alone,
   while the others waited in the next collective until the coordinator's timeout."""
   others_failed = lambda *flags: (flags[0], flags[1], True)  # what any_process returns when another process failed
-  monkeypatch.setattr(loop, "any_process", others_failed)
+  monkeypatch.setattr(distributed, "any_process", others_failed)
   with pytest.raises(RuntimeError, match=r"another process failed to read its training data for step 8"):
     loop._agree_before_step({"tokens": 1}, None, False, 7)
   with pytest.raises(ValueError, match="bad record"):  # where it failed: its own error
     loop._agree_before_step(None, ValueError("bad record"), False, 7)
-  monkeypatch.setattr(loop, "any_process", lambda *flags: tuple(flags))
+  monkeypatch.setattr(distributed, "any_process", lambda *flags: tuple(flags))
   assert loop._agree_before_step(None, None, True, 7) == (True, True)  # ran out, SIGTERM: as before
 
 
@@ -651,10 +652,10 @@ def test_an_eval_batch_that_fails_on_one_process_stops_every_process_in_the_same
   next collective; now all raise there, so all can save the step before stopping."""
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   batch = EvalScales({})()[0]
-  monkeypatch.setattr(loop, "any_process", lambda more, failed: (more, True))  # another process failed
+  monkeypatch.setattr(distributed, "any_process", lambda more, failed: (more, True))  # another process failed
   with pytest.raises(RuntimeError, match="another process failed to read or check its eval batch"):
     loop._evaluate(None, None, [batch], mesh)
-  monkeypatch.setattr(loop, "any_process", lambda *flags: tuple(flags))
+  monkeypatch.setattr(distributed, "any_process", lambda *flags: tuple(flags))
   with pytest.raises(TypeError, match=r"eval batch\['text'\] holds"):  # where it failed: its own error
     loop._evaluate(lambda params, b: (0.0, 1.0), None, [batch, dict(batch, text=np.array(["x"] * 8))], mesh)
 

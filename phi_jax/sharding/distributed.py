@@ -199,6 +199,19 @@ def raise_if_any_failed(error: Optional[BaseException], what: str) -> None:
                        + "): stopping here too, rather than waiting for it in a collective it never reaches")
 
 
+def any_process_or_raise(error: Optional[BaseException], failed_to: str, *flags: bool) -> tuple[bool, ...]:
+  """`any_process(*flags)`, whose same collective raises on every process when `error` is set on any: its own error
+  where it was set, elsewhere a RuntimeError saying another process failed to `failed_to`. For a check made at every
+  batch, where `raise_if_any_failed`'s exchange of error texts would be a second collective."""
+  *found, failed = any_process(*flags, error is not None)
+  if failed:
+    if error is not None:
+      raise error
+    raise RuntimeError(f"another process failed to {failed_to} (its log names the error); stopping here too, rather "
+                       "than waiting for it in a collective it never reaches")
+  return tuple(found)
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name`; a no-op for a single process."""
   if jax.process_count() > 1:

@@ -35,7 +35,7 @@ from phi_jax.data.preference import REFERENCE_FIELDS, SIDES, build_preference_it
 from phi_jax.losses import chunked_token_logprobs, dpo_loss, next_token_targets, sequence_logps
 from phi_jax.losses.dpo import LOSS_TYPES
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
-from phi_jax.sharding.distributed import any_process
+from phi_jax.sharding.distributed import any_process_or_raise
 from phi_jax.train.loop import global_batch
 from phi_jax.train.step import MeshJit, most_pieces, split_microbatches
 
@@ -172,12 +172,7 @@ class ReferenceLogpsIterator:
     # first (uneven shares) or failed to read would otherwise wait in the loop's own check while the others waited
     # in the pass. A read error stops every process here, and the loop's own check then stops all at this step.
     if jax.process_count() > 1:
-      ran_out, failed = any_process(local is None and error is None, error is not None)
-      if error is not None:
-        raise error
-      if failed:
-        raise RuntimeError("another process failed to read its batch of pairs (its log names the error); stopping "
-                           "here too, rather than waiting for it in the reference pass")
+      ran_out = any_process_or_raise(error, "read its batch of pairs", local is None and error is None)[0]
       if ran_out:
         if local is not None:
           log.warning("another process's data ran out: this process's next batch of pairs is not used")

@@ -57,7 +57,8 @@ from jax.sharding import Mesh
 
 from phi_jax.model import PhiConfig
 from phi_jax.model.api import check_token_ids
-from phi_jax.sharding.distributed import allgather_json, any_process, from_process_zero, raise_if_any_failed
+from phi_jax.sharding.distributed import (allgather_json, any_process, any_process_or_raise, from_process_zero,
+                                          raise_if_any_failed)
 from phi_jax.train import flops
 from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointError,
                                      IncompatibleCheckpointError, state_signature)
@@ -1085,13 +1086,8 @@ def _mixture_shares(data: dict) -> Optional[list]:
 def _agree_before_step(local, error: Optional[BaseException], sigterm_raised: bool, step: int) -> tuple[bool, bool]:
   """(whether any process's data ran out, whether any saw a SIGTERM); raises on every process when any failed to
   read its batch: its own error where it failed, a RuntimeError naming the step elsewhere. A collective."""
-  exhausted, preempt, failed = any_process(local is None and error is None, sigterm_raised, error is not None)
-  if failed:
-    if error is not None:
-      raise error
-    raise RuntimeError(f"another process failed to read its training data for step {step + 1} (its log names the "
-                       "error); stopping here too, rather than waiting in the step for it")
-  return exhausted, preempt
+  return any_process_or_raise(error, f"read its training data for step {step + 1}", local is None and error is None,
+                              sigterm_raised)
 
 
 def _make_eval(loss_fn, mesh, microbatches: int = 1):
@@ -1130,13 +1126,7 @@ def _next_eval_batch(batches, mesh) -> tuple[Optional[dict], Optional[Exception]
 def _agree_on_eval_batch(local, error: Optional[Exception]) -> bool:
   """Whether any process has an eval batch left; raises on every process when any failed to read or check its
   batch, so all stop in the same evaluation (and can save the step before they do). A collective."""
-  more, failed = any_process(local is not None, error is not None)
-  if failed:
-    if error is not None:
-      raise error
-    raise RuntimeError("another process failed to read or check its eval batch (its log names the error); stopping "
-                       "here too, rather than waiting in the evaluation for it")
-  return more
+  return any_process_or_raise(error, "read or check its eval batch", local is not None)[0]
 
 
 def _evaluate(eval_fn, params, batches: Iterable[dict], mesh, unit: str = "tokens") -> dict:
