@@ -1368,3 +1368,46 @@ def test_hostile_completions_score_incorrect_in_bounded_time_and_a_dead_worker_i
     assert not correct.any()  # every hostile completion scores incorrect
     assert seconds < 3 * 2.0 + 5  # bounded: at most a few timeouts' worth for the whole batch
   assert not os.path.exists(tmp_path / "PWNED")  # no model output was ever run
+
+
+_ORPHANING_PARENT = """
+import os, signal, subprocess, sys
+from phi_jax.rewards.verifier import VerifierConfig, VerifierPool
+pool = VerifierPool(VerifierConfig(num_workers=1, timeout_s=5.0, soft_timeout_ratio=0.0))
+assert pool.verify_answers([("4", "\\\\frac{8}{2}")]) == [True]  # the worker is up and has answered
+worker = pool._workers[0].proc
+# Another process holding the worker's input open keeps the end of input from reaching it, as an answer being
+# worked on with no soft limit would: only the parent's death can tell the worker to stop.
+holder = subprocess.Popen(["sleep", "60"], pass_fds=(worker.stdin.fileno(),), stdout=subprocess.DEVNULL)
+print(worker.pid, holder.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _has_exited(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] in "ZX"  # a zombie no one reaps has exited too
+  except FileNotFoundError:
+    return True
+
+
+def test_verification_workers_end_when_their_parent_is_killed(tmp_path):
+  # Its stderr goes to a file: the worker and the holder inherit it, and a pipe would stay open as long as they live.
+  with open(tmp_path / "stderr", "w") as stderr:
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHANING_PARENT], stdout=subprocess.PIPE, stderr=stderr,
+                            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    pids = proc.stdout.readline()
+    assert proc.wait(timeout=120) == -signal.SIGKILL, (tmp_path / "stderr").read_text()
+  worker_pid, holder_pid = map(int, pids.split())
+  try:
+    deadline = time.monotonic() + 10
+    while not _has_exited(worker_pid) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert _has_exited(worker_pid), "the verification worker outlived its killed parent"
+  finally:
+    for pid in (worker_pid, holder_pid):
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass

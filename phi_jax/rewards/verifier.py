@@ -249,7 +249,7 @@ class VerifierPool:
 
   def _spawn(self) -> _Worker:
     settings = {"memory_bytes": self.config.worker_memory_bytes, "float_rounding": self.config.float_rounding,
-                "numeric_precision": self.config.numeric_precision}
+                "numeric_precision": self.config.numeric_precision, "parent_pid": os.getpid()}
     # -P: the script's own directory must not shadow standard modules on sys.path.
     proc = subprocess.Popen([sys.executable, "-P", _WORKER_SCRIPT, json.dumps(settings)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, close_fds=True)

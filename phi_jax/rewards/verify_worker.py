@@ -25,6 +25,8 @@ import re
 import resource
 import signal
 import sys
+import threading
+import time
 
 
 class SoftTimeout(BaseException):
@@ -83,6 +85,17 @@ def unit(answer: str):
   return "$" if match.group(1) else match.group(2).lower()
 
 
+def _exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
+  """Ends the worker once its parent is gone. A parent killed outright (SIGKILL, the OOM killer) cannot kill its
+  workers, and the end of input it leaves reaches only a worker that reads again: one busy on an answer with no soft
+  limit (`soft_timeout_ratio=0`), or whose input pipe another process also holds, would run on. A computation that
+  holds the interpreter lock in C (a huge integer power) delays this check until it returns, within the memory
+  limit."""
+  while os.getppid() == parent_pid:
+    time.sleep(poll_s)
+  os._exit(0)
+
+
 def main() -> None:
   settings = json.loads(sys.argv[1])
   # Replies go to a private duplicate of stdout; anything a library prints lands on stderr instead.
@@ -90,6 +103,7 @@ def main() -> None:
   os.dup2(2, 1)
   sys.stdout = sys.stderr
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which shuts workers down itself
+  threading.Thread(target=_exit_when_orphaned, args=(settings.get("parent_pid", os.getppid()),), daemon=True).start()
   signal.signal(signal.SIGALRM, _raise_soft_timeout)
   for name in ("math_verify", "latex2sympy2_extended"):
     logging.getLogger(name).setLevel(logging.CRITICAL)
