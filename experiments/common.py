@@ -1025,9 +1025,13 @@ def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
   match that appeared, vanished or changed size, is refused (the saved data position belongs to the old sources), and
   so is another eval set when early stopping or keep_best compare eval losses, and a frozen reference (DPO, GRPO)
   whose values changed; every other change (another tokenizer or system prompt, the loss or reward settings, the
-  starting point `train.init_from`) is logged."""
+  starting point `train.init_from`) is logged. `data.tokenizer_id` is what eval, rollouts and export compare the
+  tokenizer they load with (`rollouts.check_trained_tokenizer`)."""
+  from phi_jax.data.preference import tokenizer_id
   data_meta = {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}
   data_meta["tokenizer_size"] = len(tokenizer)
+  # The path alone does not name a tokenizer: files replaced there later would render other ids or chat turns.
+  data_meta["tokenizer_id"] = tokenizer_id(tokenizer)
   data_meta["train_file_sizes"] = file_sizes(data_cfg["train_files"])
   # What the eval loss is measured on: early stopping and keep_best compare it with the losses of earlier steps.
   eval_set = {k: data_cfg[k] for k in ("eval_files", "eval_batches", "seq_len", "batch_size", "tokenizer",

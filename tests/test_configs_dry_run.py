@@ -38,6 +38,17 @@ CONFIGS = sorted(os.path.relpath(p, ROOT) for family in PRESETS
                  if os.path.basename(p) not in ("model.gin", "eval.gin"))
 
 
+class _SizedTokenizer(list):
+  """What `common.run_meta` reads of a tokenizer: its size and its identity (vocabulary and chat template)."""
+  chat_template = None
+
+  def __init__(self, size: int):
+    super().__init__([None] * size)
+
+  def get_vocab(self) -> dict[str, int]:
+    return {f"t{i}": i for i in range(len(self))}
+
+
 def dry_run(config_file, extra=()):
   cwd = os.getcwd()
   os.chdir(ROOT)  # configs include each other by repository-relative paths
@@ -189,7 +200,7 @@ def test_resume_logs_a_changed_tokenizer_prompt_or_reward(caplog, tmp_path):
   def meta(extra, vocab):
     gin.clear_config()
     common.parse_gin([grpo], [f"data.train_files=['{prompts}']"] + extra)
-    return common.run_meta("grpo", common.train_settings(), common.data(), [None] * vocab)
+    return common.run_meta("grpo", common.train_settings(), common.data(), _SizedTokenizer(vocab))
 
   cwd = os.getcwd()
   os.chdir(ROOT)
@@ -390,18 +401,18 @@ def test_resume_refuses_train_files_that_changed_under_the_same_names(tmp_path):
   (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
   cfg = common.data(train_files=[str(tmp_path / "*.jsonl")])
   settings = common.train_settings(num_steps=1)
-  saved = common.run_meta("next_token", settings, cfg, [None] * 10)
-  loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
+  saved = common.run_meta("next_token", settings, cfg, _SizedTokenizer(10))
+  loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, _SizedTokenizer(10)), "W")
   (tmp_path / "b.jsonl").write_text('{"text": "b"}\n')
   with pytest.raises(loop.IncompatibleCheckpointError, match=r"b.jsonl: absent -> 14 bytes"):
-    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
+    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, _SizedTokenizer(10)), "W")
   (tmp_path / "b.jsonl").unlink()
   (tmp_path / "a.jsonl").write_text('{"text": "a"}\n{"text": "c"}\n')
   with pytest.raises(loop.IncompatibleCheckpointError, match=r"a.jsonl: 14 -> 28 bytes"):
-    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
+    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, _SizedTokenizer(10)), "W")
   # A checkpoint written before file sizes were recorded resumes as before.
   del saved["data"]["train_file_sizes"]
-  loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
+  loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, _SizedTokenizer(10)), "W")
 
 
 def test_a_tiny_tokenizer_is_built_whole_into_place(tmp_path, monkeypatch):
@@ -651,7 +662,7 @@ def test_path_objects_in_a_list_of_strings_are_taken_as_strings(tmp_path):
   cfg = common.data(train_files=[tmp_path / "a.jsonl"], eval_files=(pathlib.PurePosixPath(tmp_path / "a.jsonl"),))
   assert cfg["train_files"] == cfg["eval_files"] == [str(tmp_path / "a.jsonl")]
   checkpoint._require_json("metadata", common.run_meta("next_token", common.train_settings(num_steps=1), cfg,
-                                                       [None] * 10))
+                                                       _SizedTokenizer(10)))
   gin.clear_config()
   try:
     common.parse_gin([], [])

@@ -142,6 +142,8 @@ def test_too_long_documents_split_into_segments_or_dropped_and_counted(tmp_path,
   assert split.stats()["too_long_split"] == num_long and split.stats()["records_used"] == len(records)
   # Unpacked rows (SFT) are one example each: a split one trains its later pieces without their start, said once.
   assert caplog.text.count("was split into several rows") == (packing is None)
+  # Packed, the split conversations among them (not the text documents) are said once, in their own words.
+  assert caplog.text.count("a conversation longer than seq_len was split") == (packing is not None)
 
   drop = pipeline([(JsonlSource(path), 1.0)], packing=packing, too_long="drop")
   kept = [r for r, (tokens, _) in zip(records, expected_segments(records)) if len(tokens) <= 32]
@@ -149,6 +151,27 @@ def test_too_long_documents_split_into_segments_or_dropped_and_counted(tmp_path,
   stats = drop.stats()
   assert stats["too_long_dropped"] == stats["records_skipped"]["too long"] == num_long
   assert stats["records_read"] == stats["records_used"] + sum(stats["records_skipped"].values()) == len(records)
+
+
+@pytest.mark.parametrize("kind", ["text", "messages", "prompt/completion"])
+def test_a_packed_conversation_split_by_too_long_is_warned_of_and_a_packed_text_document_is_not(tmp_path, kind,
+                                                                                                 caplog):
+  """Packed, a long text document split into pieces is mid-training as usual; a conversation's later pieces train
+  without its prompt, which SFT data must not do unannounced."""
+  body = "x" * 80  # 80+ tokens: several pieces of seq_len 32
+  record = {"text": {"text": body}, "messages": {"messages": [{"role": "user", "content": "q"},
+                                                               {"role": "assistant", "content": body}]},
+            "prompt/completion": {"prompt": "q", "completion": body}}[kind]
+  path = write_jsonl(tmp_path / "long.jsonl", [record] + documents(6, prefix="s"))
+  it = pipeline([(JsonlSource(path), 1.0)], packing="first_fit", too_long="split", shuffle=False)
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    list(it)
+  assert it.stats()["too_long_split"] == 1
+  warned = [r.getMessage() for r in caplog.records if "too_long" in r.getMessage()]
+  if kind == "text":
+    assert warned == []
+  else:
+    assert len(warned) == 1 and "too_long='drop'" in warned[0] and "prompt" in warned[0], warned
 
 
 def test_split_too_long_pieces():

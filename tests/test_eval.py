@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 
 import gin
@@ -243,6 +244,81 @@ def test_eval_command_on_a_saved_run(tiny_run, capsys):
   errors = [o["format_error"] for i in items for o in i["samples"]]
   assert summary["format_error_rate"] == pytest.approx(np.mean(errors))
   assert summary["format_error_rate"] > 0.5
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """A tiny SFT run trained two steps with data.tokenizer a tokenizer directory (the path its config.gin records),
+  and that directory."""
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+
+  root = tmp_path_factory.mktemp("trained")
+  tokenizer_dir = str(root / "tokenizer")
+  build_tiny_tokenizer(tokenizer_dir, chat_format="phi-4")
+  try:
+    common.parse_gin([os.path.join(ROOT, "experiments", "configs", "sft_tiny.gin")],
+                     ["train.num_steps=2", "train.eval_every=0", "data.eval_files=[]", "data.seq_len=64",
+                      "train.async_checkpoints=False", f"data.tokenizer='{tokenizer_dir}'",
+                      'mesh.shape={"data": -1, "fsdp": 1}'])
+    common.run_training(str(root / "run"))
+  finally:
+    gin.clear_config()
+  return root / "run", tokenizer_dir
+
+
+def _load_policy(run):
+  import rollouts
+  try:
+    common.parse_gin_for_checkpoint(str(run), [], [])
+    return rollouts.load_policy(str(run), common.mesh())
+  finally:
+    gin.clear_config()
+
+
+def test_a_run_refuses_a_tokenizer_other_than_the_one_it_trained_with(trained_run, tmp_path, caplog):
+  """Files replaced at the recorded data.tokenizer path (another chat format's tokenizer of the same size) would
+  render prompts in a format the model never saw: eval, rollouts and export refuse them."""
+  from phi_jax.data.preference import tokenizer_id
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+
+  run, tokenizer_dir = trained_run
+  _, _, tokenizer = _load_policy(run)  # unchanged: loads
+  assert tokenizer_id(tokenizer) == tokenizer_id(build_tiny_tokenizer(str(tmp_path / "same"), chat_format="phi-4"))
+  os.rename(tokenizer_dir, f"{tokenizer_dir}.trained")
+  try:
+    other = build_tiny_tokenizer(tokenizer_dir, chat_format="phi-4-mini")
+    assert len(other) == len(tokenizer)
+    with pytest.raises(ValueError, match="data.tokenizer") as refused:
+      _load_policy(run)
+    assert tokenizer_id(tokenizer) in str(refused.value) and tokenizer_id(other) in str(refused.value)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n")
+    try:
+      with pytest.raises(ValueError, match="not the one the run"):
+        eval_lib.main([f"--init_from={run}", f"--problems={problems}", f"--out={tmp_path / 'eval'}",
+                       "--gin_param=evaluation.max_new_tokens=4"])
+    finally:
+      gin.clear_config()
+    assert not (tmp_path / "eval" / "summary.json").exists()
+    # Pointed at the trained tokenizer, as the error says, the run loads again.
+    try:
+      common.parse_gin_for_checkpoint(str(run), [], [f"data.tokenizer='{tokenizer_dir}.trained'"])
+      import rollouts
+      assert len(rollouts.load_policy(str(run), common.mesh())[2]) == len(tokenizer)
+    finally:
+      gin.clear_config()
+  finally:
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    os.rename(f"{tokenizer_dir}.trained", tokenizer_dir)
+
+
+def test_a_run_that_recorded_no_tokenizer_still_loads_and_says_it_was_not_checked(tiny_run, caplog):
+  """A run written before runs recorded their tokenizer (tiny_run: params/ and config.gin alone) loads as before."""
+  run, _ = tiny_run
+  with caplog.at_level("INFO", logger="phi_jax"):
+    config, _, tokenizer = _load_policy(run)
+  assert len(tokenizer) <= config.vocab_size
+  assert "could not be checked" in caplog.text
 
 
 def _stub_generate_text(finished):

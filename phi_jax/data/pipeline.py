@@ -210,8 +210,9 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
       `jax.process_count()`).
     num_packing_bins: rows Grain fills at once when packing (default: batch_size).
     read_threads, read_buffer: Grain threads and prefetch buffer for reading, validating and tokenizing.
-    warn: log the first split record and the first skipped record of each reason (an eval set read again at
-      every evaluation turns this off and reports its counts once).
+    warn: log the first split record (packed rows: the first split conversation, a split text document being
+      ordinary there) and the first skipped record of each reason (an eval set read again at every evaluation
+      turns this off and reports its counts once).
   """
   components = _components(sources)
   if not components:
@@ -252,7 +253,8 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
   weights = [c.weight if c.weight is not None else length for c, length in zip(components, lengths)]
   mixed = per_source[0] if len(per_source) == 1 else grain.MapDataset.select_from_datasets(
       per_source, _ProportionalSelection([len(ds) for ds in per_source], weights))
-  ledger = _Ledger(names, warn_on_split=packing is None and warn, warn_on_skip=warn)
+  ledger = _Ledger(names, warn_on_split=packing is None and warn, warn_on_conversation_split=warn,
+                   warn_on_skip=warn)
   examples = _AccountingIterDataset(
       mixed.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer)), ledger,
       lengths)
@@ -362,7 +364,10 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
     return {"source": source_index, "status": "used", "pieces": [example]}
   if too_long == "drop":
     return {"source": source_index, "status": "too long", "pieces": []}
-  return {"source": source_index, "status": "split", "pieces": packing_lib.split_too_long(example, seq_len)}
+  # A validated record is {"messages"} (prompt/completion pairs too) or {"text"}: packed, only a split conversation
+  # trains pieces without their prompt.
+  return {"source": source_index, "status": "split", "pieces": packing_lib.split_too_long(example, seq_len),
+          "conversation": "messages" in record}
 
 
 def _int32_arrays(example: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -382,10 +387,14 @@ def _int32_arrays(example: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
 class _Ledger:
   """Record counters per source, [num_sources, len(_LEDGER_FIELDS)]; snapshots are plain lists (JSON)."""
 
-  def __init__(self, names: Sequence[str], warn_on_split: bool = False, warn_on_skip: bool = False):
+  def __init__(self, names: Sequence[str], warn_on_split: bool = False, warn_on_conversation_split: bool = False,
+               warn_on_skip: bool = False):
+    """`warn_on_split`: of the first record split (unpacked rows); `warn_on_conversation_split`: of the first
+    conversation split (packed rows, where a split text document is ordinary mid-training)."""
     self.counts = np.zeros((len(names), len(_LEDGER_FIELDS)), np.int64)
     self._names = list(names)
     self._warn_on_split = warn_on_split
+    self._warn_on_conversation_split = warn_on_conversation_split
     self._warn_on_skip = SkipWarning(enabled=warn_on_skip)
 
   def count(self, element: dict[str, Any]):
@@ -395,14 +404,24 @@ class _Ledger:
     if status in ("used", "split"):
       row[_COLUMN["used"]] += 1
       row[_COLUMN["too_long_split"]] += status == "split"
-      if status == "split" and self._warn_on_split:
-        self._warn_on_split = False  # once
-        log.warning("a record longer than seq_len was split into several rows (too_long='split'); unpacked, each "
-                    "later piece trains without the start of its conversation, and the counts are in "
-                    "data_stats.json (too_long_split). For SFT, too_long='drop' keeps one whole example per row")
+      if status == "split":
+        self._warn_of_split(element.get("conversation", False))
     else:
       row[_COLUMN[status]] += 1
       self._warn_on_skip(self._names[element["source"]], status)
+
+  def _warn_of_split(self, conversation: bool):
+    if self._warn_on_split:
+      self._warn_on_split = self._warn_on_conversation_split = False  # once
+      log.warning("a record longer than seq_len was split into several rows (too_long='split'); unpacked, each "
+                  "later piece trains without the start of its conversation, and the counts are in "
+                  "data_stats.json (too_long_split). For SFT, too_long='drop' keeps one whole example per row")
+    elif conversation and self._warn_on_conversation_split:
+      self._warn_on_conversation_split = False  # once
+      log.warning("a conversation longer than seq_len was split into several pieces (too_long='split'); each later "
+                  "piece trains its assistant tokens without the prompt before them, and the counts are in "
+                  "data_stats.json (too_long_split). For SFT data, set too_long='drop' (data.too_long) to train "
+                  "whole conversations only, or raise seq_len (data.seq_len) to fit them")
 
   def snapshot(self) -> list[list[int]]:
     return self.counts.tolist()
