@@ -571,6 +571,86 @@ def test_a_hedge_is_a_set_only_beside_a_gold_of_several_answers(pool):
   assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
 
 
+def _grades(pool, right, wrong):
+  """(completion, gold, verdict) for each case, and what each should be: right ones True, wrong ones False."""
+  think = "<think>\nok\n</think>\n\n"
+  cases = [(c, g, True) for c, g in right] + [(c, g, False) for c, g in wrong]
+  verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
+  return [(c, g, v) for (c, g, _), v in zip(cases, verdicts)], cases
+
+
+def test_a_restatement_in_degrees_a_repeating_decimal_or_another_unit_word_is_right(pool):
+  """Degrees restate radians (pi/3 is 60 degrees), a repeating decimal is its fraction (0.\\overline{3} is 1/3), and
+  two alternatives each with a unit word of its own restate one quantity; a unit word on one side only is dropped,
+  so "12 apples (or 13)" stays a hedge between values."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"The answer is 150 minutes (or 2.5 hours).": "150 minutes or 2.5 hours",
+             "The answer is 12 apples (or 13).": "12 or 13", "$\\boxed{12 apples (or 13)}$": "12 or 13"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  right = [("$\\boxed{\\frac{\\pi}{3} (or 60^\\circ)}$", "\\frac{\\pi}{3}"),
+           ("$\\boxed{\\frac{\\pi}{3} (or 60^\\circ)}$", "60"),
+           ("The answer is $\\frac{\\pi}{3}$ or $60^{\\circ}$.", "\\frac{\\pi}{3}"),
+           ("$\\boxed{\\frac{1}{3} (or 0.\\overline{3})}$", "\\frac{1}{3}"),
+           ("$\\boxed{0.\\overline{3}}$", "\\frac{1}{3}"),
+           ("$\\boxed{0.1\\overline{6}}$", "\\frac{1}{6}"), ("$\\boxed{1.\\overline{27}}$", "\\frac{14}{11}"),
+           ("The answer is 150 minutes (or 2.5 hours).", "150"), ("The answer is 5 cm (or 50 mm).", "5")]
+  wrong = [("$\\boxed{\\frac{\\pi}{4} (or 60^\\circ)}$", "\\frac{\\pi}{4}"),
+           ("$\\boxed{\\frac{1}{3} (or 0.\\overline{4})}$", "\\frac{1}{3}"), ("$\\boxed{0.\\overline{3}}$", "0.3"),
+           ("The answer is 12 apples (or 13).", "13"), ("$\\boxed{12 apples (or 13)}$", "13"),
+           ("The answer is 12 apples (or 13 apples).", "13")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_alternatives_joined_by_lor_a_worded_or_or_a_hedge_word_are_a_hedge(pool):
+  """`\\lor` / `\\vee`, "or" in `\\text{}` between boxes, "or maybe" / "or possibly" between answers, and "or" after
+  a filler word ("the answer is therefore") join a hedge, which matches no single gold; a gold that is itself such
+  a set ("x = 5 \\lor x = 6", "5, 6") still matches it. `\\textrm{ or }` and `\\mbox{ or }` read as `\\text{ or }`."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"$\\boxed{5 \\lor 6}$": "5 or 6", "$\\boxed{5 \\vee 6}$": "5 or 6",
+             "$\\boxed{5} \\quad\\text{or}\\quad \\boxed{6}$": "5 or 6", "The answer is $5$, or maybe $6$.": "5 or 6",
+             "$\\boxed{5}$, or possibly $\\boxed{6}$": "5 or 6", "The answer is therefore $5$ or $6$.": "5 or 6",
+             "$\\boxed{x = 5 \\textrm{ or } x = 6}$": "x = 5 \\text{ or } x = 6"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  assert extract_gold("$\\boxed{x = 5 \\lor x = 6}$") == "x = 5 or x = 6"
+  right = [("$\\boxed{x = 5 \\lor x = 6}$", "x = 5 \\lor x = 6"), ("$\\boxed{x = 5 \\lor x = 6}$", "5, 6"),
+           ("$\\boxed{5} \\quad\\text{or}\\quad \\boxed{6}$", "5, 6"),
+           ("$\\boxed{x = 5 \\textrm{ or } x = 6}$", "5, 6")]
+  wrong = [("$\\boxed{5 \\lor 6}$", "5"), ("$\\boxed{5 \\lor 6}$", "6"), ("$\\boxed{5 \\vee 6}$", "6"),
+           ("$\\boxed{x = 5 \\lor x = 6}$", "6"), ("$\\boxed{5} \\quad\\text{or}\\quad \\boxed{6}$", "6"),
+           ("$\\boxed{5} \\text{ or } \\boxed{6}$", "6"), ("The answer is $5$, or maybe $6$.", "5"),
+           ("The answer is 5, or maybe 6.", "5"), ("$\\boxed{5}$, or possibly $\\boxed{6}$", "6"),
+           ("The answer is therefore $5$ or $6$.", "5"), ("$\\boxed{5 \\textrm{ or } 6}$", "6"),
+           ("$\\boxed{x = 5 \\textrm{ or } x = 6}$", "6"), ("The answer is x = 5 \\mbox{ or } x = 6.", "6")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_value_words_in_textrm_or_mbox_read_as_in_text(pool):
+  """`\\textrm{}` and `\\mbox{}` after a number read as `\\text{}` does: "2 \\textrm{ million}" is not 2."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"$\\boxed{2 \\textrm{ million}}$": "2 million", "$\\boxed{2 \\mbox{ million}}$": "2 million",
+             "$\\boxed{\\textrm{5 cm}}$": "5", "$\\boxed{5 \\mbox{ (or 6)}}$": "5 or 6"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  right = [("$\\boxed{10 \\textrm{ cm}}$", "10"), ("$\\boxed{10 \\mbox{ cm}}$", "10"),
+           ("$\\boxed{\\textrm{5 cm}}$", "5")]
+  wrong = [("$\\boxed{2 \\textrm{ million}}$", "2"), ("$\\boxed{2 \\mbox{ million}}$", "2"),
+           ("$\\boxed{5 \\textrm{ (or 6)}}$", "5")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_price_is_dropped_only_beside_its_restatement(pool):
+  """A price beside a plain number of another value is a hedge ("$\\$5$ or $6$"); beside its value in cents
+  ("$\\$1.50$, or $150$ cents") or in another form ("$\\$12$, or $20\\%$") it restates one quantity."""
+  right = [("The total is $\\$1.50$, or $150$ cents.", "150"), ("The total is $\\$1.50$, or $150$ cents.", "1.50"),
+           ("The discount is $\\$12$, or $20\\%$.", "20"), ("The answer is $\\$6$ or $6$.", "6")]
+  wrong = [("The answer is $\\$5$ or $6$.", "6"), ("The answer is $\\$5$ or $6$.", "5"),
+           ("The answer is $\\$5$ or $\\$6$.", "6")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
 
 MEGABYTE = 1 << 20
 PATHOLOGICAL = {

@@ -16,7 +16,7 @@ order of preference:
    drop the `\\text{}`; a hedge's alternative that is math stays too, the verifier judging whether it restates the
    value: `\\boxed{\\sqrt{2} (or \\sqrt{3})}` -> "\\sqrt{2} or \\sqrt{3}", `\\boxed{1/2 (or 50\\%)}` -> "1/2 or
    50\\%"; a spelled-out alternative is a number and a comparative a bound: `\\boxed{12 (or thirteen)}` -> "12 or
-   13", `\\boxed{5 (or more)}` -> "5 or more"),
+   13", `\\boxed{5 (or more)}` -> "5 or more"; `\\textrm{}` and `\\mbox{}` read as `\\text{}`),
    and the boxes right before it that ",", "and" or "or" join to
    it taken with it (see "Several answers" below); failing that, the number alone on a
    last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such as "#### Step 1" or a
@@ -33,7 +33,8 @@ order of preference:
    "(9 * 2)" after a number), and a number followed only by words is the number ("1,200 people" -> 1200) unless a
    word changes its value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays
    two answers, which match no single gold, as do "12 (or thirteen)" and a bound "5 (or more)", and an alternative
-   that is not a plain number is dropped ("1/2 (or 50%)");
+   that is not a plain number is dropped ("1/2 (or 50%)"); a unit word stays only where each alternative has one
+   ("150 minutes (or 2.5 hours)", one quantity restated; "12 apples (or 13)" -> "12 or 13");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`), where a `$` before a number is
    a price as in 2 (a `$$` never is), neither closing nor opening math, and a price after the last math is the
    answer ("We get $6 \\times 7 = 42$, so she earns $42." -> 42), taken with the math before it when "or" joins
@@ -41,13 +42,16 @@ order of preference:
 4. the whole solution section when it is one short line (a model that answers only "42").
 
 Several answers: math spans after a label, or boxes, joined by ",", "and" or "or" ("the answer is $5$ or $6$",
-"$\\boxed{2}$ and $\\boxed{3}$", "$2$, $3$, and $5$") are one answer: a set, comma-separated ("2, 3, 5"), which
-matches the same set as gold; or, where "or" joins any two, a hedge, joined by `HEDGE_JOINER` ("5 or 6"), which the
-verifier grades right when its alternatives restate one value and any of them is the gold ("$\\frac{1}{4}$, or
-$25\\%$" and 25), or when every alternative is the gold, or, as a whole, a gold of several answers ("x = 2 or x = 3"
-and "2, 3", but not the pair "(2, 3)"), so a hedge between values matches no single gold; an alternative it cannot
-compare (a price, a unit word: "$\\$1.50$, or $150$ cents") is dropped, not taken as a rival value. An
-inequality and an equation joined by "or" are no alternatives ("since $n > 0$ or $n = 5$" -> "n = 5").
+"$\\boxed{2}$ and $\\boxed{3}$", "$2$, $3$, and $5$"; LaTeX layout and a hedge's adverb after "or" may stand
+between them: "\\quad\\text{or}\\quad", ", or maybe ") are one answer: a set, comma-separated ("2, 3, 5"), which
+matches the same set as gold; or, where "or" joins any two, a hedge, joined by `HEDGE_JOINER` ("5 or 6", as is
+"5 \\lor 6"), which the verifier grades right when its alternatives restate one value and any of them is the gold
+("$\\frac{1}{4}$, or $25\\%$" and 25; degrees restate radians, a price its value in cents), or when every
+alternative is the gold, or, as a whole, a gold of several answers ("x = 2 or x = 3" and "2, 3", but not the pair
+"(2, 3)"), so a hedge between values matches no single gold; an alternative it cannot compare (a number with a unit
+word beside plain numbers, a price beside a percent: "$\\$12$, or $20\\%$") is dropped, not taken as a rival
+value, but a price beside a plain number of another value is one ("$\\$5$ or $6$"). An inequality and an equation
+joined by "or" are no alternatives ("since $n > 0$ or $n = 5$" -> "n = 5").
 The last math (3) is joined so only when "or" joins any two of the spans ("So Ann has $5$ or $6$ apples." -> "5 or
 6", "$5$, $6$, or $7$" -> "5 or 6 or 7"): math that "and" or "," alone joins to it stays apart, since there it is
 mostly a derivation ("$a = 3$, $b = 7$, and $a + b = 10$." -> "a + b = 10"; "$12$ and $4$ is the remainder" -> 4).
@@ -56,8 +60,8 @@ The answer (and a gold answer) is then rewritten where plain-text notation would
 "2*pi", "1e3", "x**2" (`latex_notation`), and a whole number in words is written in digits ("twenty-one" -> 21).
 
 Model output is untrusted and may be a megabyte of noise, so every step is linear in the input or bounded by
-`max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, and one regular expression
-without repetition (`_RELATION`, run on an extracted span).
+`max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, and regular expressions
+without repetition (`_RELATION`, `_INEQUALITY`, `_LOGICAL_OR`, run on an extracted span).
 """
 
 from __future__ import annotations
@@ -82,9 +86,11 @@ _MAX_BOX_TRIES = 8
 # Answers joined into one ("$\\boxed{2}$ and $\\boxed{3}$", "$5$ or $6$"): at most this many, each at most this far
 # from the next, so a megabyte of "$1$, " stays a bounded scan.
 _MAX_JOINED_ANSWERS = 16
-_MAX_JOIN_GAP_CHARS = 16
+_MAX_JOIN_GAP_CHARS = 24
 # What may stand between two answers that are one answer: a set ("2, 3 and 5") or a hedge ("5 or 6", "5 (or 6)").
 _JOINING_WORDS = frozenset((",", "and", "or"))
+# LaTeX spacing and text mode around those words, which do not part the answers: "\\quad\\text{or}\\quad".
+_LAYOUT_WORDS = frozenset(("quad", "qquad", "text", "textrm", "mbox"))
 # How the alternatives of a hedge are joined in an extracted answer ("5 or 6"); a set's answers are joined by ", ".
 # The verifier's worker reads an answer with this at its top level as a hedge (`verify_worker.alternatives`).
 HEDGE_JOINER = " or "
@@ -112,8 +118,10 @@ _MAX_CONNECTIVE_CHARS = 16
 _CLAUSE_WORDS = frozenset(("because", "since", "so"))  # not "when", "where", "given": they qualify an answer
 # Abbreviations whose period does not end the answer's sentence ("approx. 18", "5, i.e. 2 + 3").
 _ABBREVIATIONS = ("i.e", "e.g", "approx", "ca", "vs", "cf", "resp")
-# A hedge in parentheses opens with one of these: "2 (or 3)", "2 (maybe 3)", "3/4 (or equivalently 0.75)".
-_HEDGES = frozenset(("or", "maybe", "possibly", "perhaps", "equivalently", "alternatively", "i.e.", "i.e", "ie"))
+# A hedge in parentheses opens with one of these: "2 (or 3)", "2 (maybe 3)", "3/4 (or equivalently 0.75)"; after
+# "or", the adverbs also join two answers ("$5$, or maybe $6$").
+_HEDGE_ADVERBS = frozenset(("maybe", "possibly", "perhaps", "equivalently", "alternatively"))
+_HEDGES = _HEDGE_ADVERBS | frozenset(("or", "i.e.", "i.e", "ie"))
 # Inside math (a boxed or gold answer), a word after a number must be this long to be a unit or a noun: "2 xy" and
 # "3 abc" are products of variables, "18 dollars" is 18.
 _MIN_UNIT_CHARS_IN_MATH = 4
@@ -171,6 +179,10 @@ _SPECIAL_TOKEN_START = "<|"
 # larger one stays as it is rather than becoming a long run of digits.
 _MAX_WRITTEN_OUT_EXPONENT = 99
 _SCIENTIFIC_CHARS = frozenset("0123456789.eE+-")
+# Text-mode commands read as `\\text{...}` (`_as_text_command`).
+_TEXT_COMMANDS = ("\\textrm{", "\\mbox{")
+# A logical "or" joins the alternatives of a hedge ("5 \\lor 6"), which math-verify would read as its last one.
+_LOGICAL_OR = re.compile(r"\\(?:lor|vee)(?![A-Za-z])|\u2228")
 # Unicode math a LaTeX parser does not know, as LaTeX (a command ends in a space so that a letter after it stays
 # apart: "∞x" -> "\\infty x"). "√(" becomes plain "sqrt(", which the parser reads with its argument.
 _UNICODE_MATH = (("√(", "sqrt("), ("√", "\\sqrt "), ("∞", "\\infty "), ("·", "\\cdot "), ("⋅", "\\cdot "),
@@ -260,19 +272,27 @@ def _last_box(text: str, lo: int, hi: int, max_chars: int) -> Optional[tuple[int
 
 
 def _joins_answers(gap: str) -> bool:
-  """Whether `gap`, the text between two answers, makes them one: only ",", "and", "or" and brackets, on one line
-  ("$ and $", ", ", ", or ", " (or ")."""
+  """Whether `gap`, the text between two answers, makes them one: only ",", "and", "or" (after which a hedge's
+  adverb: ", or maybe "), brackets and LaTeX layout, on one line ("$ and $", ", ", " (or ",
+  "\\quad\\text{or}\\quad")."""
   if len(gap) > _MAX_JOIN_GAP_CHARS or "\n" in gap:
     return False
-  for bracket in "()\\":  # "\\) or \\(" between inline math, "5 (or 6)"
-    gap = gap.replace(bracket, " ")
-  words = gap.replace(",", " , ").split()
-  return bool(words) and all(w.lower() in _JOINING_WORDS for w in words)
+  words = _gap_words(gap)
+  adverbs = _HEDGE_ADVERBS if "or" in words else frozenset()
+  return bool(words) and all(w in _JOINING_WORDS or w in adverbs for w in words)
 
 
 def _joined_by_or(gap: str) -> bool:
   """Whether "or" stands in `gap`, text that joins two answers (`_joins_answers`): they are a hedge."""
-  return "or" in re.split(r"[\s,()\\$]+", gap.lower())
+  return "or" in _gap_words(gap)
+
+
+def _gap_words(gap: str) -> list[str]:
+  """The words of `gap`, lower-case, a comma one of them, without brackets, braces, backslashes, dollar signs and
+  `_LAYOUT_WORDS` ("\\) or \\(" between inline math, "5 (or 6)", "\\quad\\text{or}\\quad")."""
+  for mark in "(){}\\$":
+    gap = gap.replace(mark, " ")
+  return [w for w in gap.lower().replace(",", " , ").split() if w not in _LAYOUT_WORDS]
 
 
 def _sentence(text: str, max_chars: int) -> str:
@@ -281,7 +301,7 @@ def _sentence(text: str, max_chars: int) -> str:
   head = text[:max_chars + 1].lstrip(" \t\n:*")
   cut = head.find(_SPECIAL_TOKEN_START)  # "18 dollars.<|im_end|>": a special token ends the answer
   head = head if cut < 0 else head[:cut]
-  inline_math = _joined_inline_math(head)
+  inline_math = _joined_inline_math(_without_leading_filler(head))  # "therefore $5$ or $6$" is a hedge too
   if inline_math is not None:
     return inline_math
   end = len(head)
@@ -533,8 +553,17 @@ def _hedged(before: str, words: list[str], keep_math: bool = False) -> Optional[
     first += 1
   if not first:
     return None
-  other = _alternative(words[first:], keep_math)
-  return before.rstrip() + (HEDGE_JOINER + other if other else "")
+  other, before = _alternative(words[first:], keep_math), before.rstrip()
+  if other and _number_end(other) == len(other):
+    # Each with a unit word of its own, the two restate one quantity ("150 minutes (or 2.5 hours)"); a unit word on
+    # one side only goes, so that "12 apples (or 13)" stays a hedge between values.
+    unit = words[first + 1] if first + 1 < len(words) and _number_end(words[first]) == len(words[first]) else ""
+    number = _number_before_words(before, _MIN_UNIT_CHARS_IN_MATH if keep_math else 2)
+    if number != before and unit.isalpha():
+      other += " " + unit
+    else:
+      before = number
+  return before + (HEDGE_JOINER + other if other else "")
 
 
 def _alternative(words: list[str], keep_math: bool) -> Optional[str]:
@@ -642,10 +671,19 @@ def _changes_value_alone(words: list[str]) -> bool:
 def _number_in_box(answer: str) -> str:
   """A boxed (or gold) answer's number followed by words: `\\text{30 pts}` or `30 \\text{ pts}` (text mode: words)
   -> 30, "18 dollars" -> 18, but "2 xy" (math: a product) stays; a hedge in brackets is two answers, as after a
-  label ("5 (or 6)" -> "5 or 6", `_without_box_hedge`)."""
+  label ("5 (or 6)" -> "5 or 6", `_without_box_hedge`); `\\textrm{}` and `\\mbox{}` read as `\\text{}`."""
+  answer = _as_text_command(answer)
   unwrapped = _without_text_command(answer)
   min_word_chars = 2 if unwrapped is not answer else _MIN_UNIT_CHARS_IN_MATH
   return _number_before_words(_without_box_hedge(unwrapped), min_word_chars)
+
+
+def _as_text_command(answer: str) -> str:
+  """`\\textrm{...}` and `\\mbox{...}` written as `\\text{...}`, the one text-mode command math-verify reads (it
+  takes `x = 5 \\textrm{ or } x = 6` as x = 6, `\\text{ or }` as a set) and the one this module unwraps."""
+  for command in _TEXT_COMMANDS:
+    answer = answer.replace(command, "\\text{")
+  return answer
 
 
 def _number_end(text: str) -> int:
@@ -1002,9 +1040,10 @@ def latex_notation(answer: str) -> str:
   `\\boxed{2*pi}` would not match the gold "2\\pi", nor "1e3" the gold "1000". So: a whole answer in scientific
   notation becomes its decimal ("1.5e-3" -> "0.0015"; only a whole answer, since "3e-2" inside an expression may
   be 3e - 2), "**" becomes "^", the Unicode symbols of `_UNICODE_MATH` ("√2", "∞", "3·4") their LaTeX, and "pi"
-  standing alone (no letter or backslash before it, no letter after) becomes "\\pi", and LaTeX spaces between
-  thousands groups are dropped ("1\\,000" -> "1000", which a parser reads as 1 * 0). Linear in the answer's length,
-  like the rest of this module.
+  standing alone (no letter or backslash before it, no letter after) becomes "\\pi", LaTeX spaces between
+  thousands groups are dropped ("1\\,000" -> "1000", which a parser reads as 1 * 0), a logical "or" joins a hedge
+  ("5 \\lor 6" -> "5 or 6", which the parser reads as 6) and `\\textrm{}`, `\\mbox{}` become `\\text{}`. Linear in
+  the answer's length, like the rest of this module.
   """
   stripped = answer.strip()
   if ("e" in stripped or "E" in stripped) and set(stripped) <= _SCIENTIFIC_CHARS:
@@ -1014,7 +1053,10 @@ def latex_notation(answer: str) -> str:
       value = None
     if value is not None and value.is_finite() and abs(value.adjusted()) <= _MAX_WRITTEN_OUT_EXPONENT:
       return format(value, "f")
-  answer = _joined_digit_groups(answer.replace("**", "^"))
+  answer = _joined_digit_groups(_as_text_command(answer).replace("**", "^"))
+  alternatives = _LOGICAL_OR.split(answer)
+  if len(alternatives) > 1:
+    answer = HEDGE_JOINER.join(alternative.strip() for alternative in alternatives)
   for symbol, latex in _UNICODE_MATH:
     answer = answer.replace(symbol, latex)
   pieces, start = [], 0

@@ -7,10 +7,13 @@ JAX), so a worker starts in about a second and holds no accelerator state. Proto
 the worker writes `{"ready": <pid>}` once warmed up, then answers each request `{"id", "gold", "pred",
 "soft_timeout_s"}` read from stdin with `{"id", "ok"}` on its original stdout; it exits at end of input. A `pred`
 that is a hedge ("a or b", see `alternatives`) is right when, as a whole, it is a gold of several answers (a set,
-not a pair or an interval); when its alternatives restate one value ("\\frac{1}{4} or 25\\%") and any is the gold;
-or when every alternative is the gold. An alternative it cannot compare (unparsed, or a price or a number with a
-unit word: "\\$1.50") is dropped first, unless every one is; alternatives each in a unit of its own ("5 \\text{ cm}
-or 50 \\text{ mm}") restate one quantity. All of it runs within the request's one time limit.
+not a pair or an interval); when its alternatives restate one value ("\\frac{1}{4} or 25\\%"; degrees restate
+radians, "\\frac{\\pi}{3} or 60^\\circ", and a price its value in cents, "\\$1.50 or 150") and any is the gold; or
+when every alternative is the gold. An alternative it cannot compare (unparsed, a number with a unit word, or a
+price beside what is not a plain number: "\\$12 or 20\\%") is dropped first, unless every one is; a price beside
+plain numbers is a rival value ("\\$5 or 6"); alternatives each in a unit of its own ("5 \\text{ cm} or 50 \\text{
+mm}") restate one quantity. A repeating decimal ("0.\\overline{3}") is read as its fraction. All of it runs within
+the request's one time limit.
 
 math-verify's own timeouts use `signal.alarm`, which shares one timer with this worker's soft limit, so they are
 disabled and one `setitimer` per request bounds the whole parse-parse-verify. The soft limit interrupts Python
@@ -85,6 +88,38 @@ def unit(answer: str):
   return "$" if match.group(1) else match.group(2).lower()
 
 
+# A plain number ("150", "-1,200.5"): beside such alternatives a price is a rival value ("\\$5 or 6"), not another
+# unit as beside "20\\%".
+_PLAIN_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+# A repeating decimal ("0.1\\overline{6}"), which math-verify cannot read; the look-behind keeps the scan linear.
+_REPEATING_DECIMAL = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\s*(?:\{(\d+)\}|(\d))")
+
+
+def as_fractions(answer: str) -> str:
+  """`answer` with each repeating decimal written as its exact fraction: "0.\\overline{3}" -> "\\frac{3}{9}",
+  "0.1\\overline{6}" -> "\\frac{15}{90}" (its digits with the repeating part, less those without, over as many 9s as
+  repeating digits and 0s as other decimals)."""
+  def fraction(match) -> str:
+    whole, fixed, repeating = match.group(1), match.group(2), match.group(3) or match.group(4)
+    numerator = int(whole + fixed + repeating) - int(whole + fixed or "0")
+    return "\\frac{%d}{%s}" % (numerator, "9" * len(repeating) + "0" * len(fixed))
+  return _REPEATING_DECIMAL.sub(fraction, answer)
+
+
+# A degree sign: "60^\\circ", "60^{\\circ}", "60°".
+_DEGREES = re.compile(r"\^\s*(?:\\circ|\{\s*\\circ\s*\})|\u00b0")
+
+
+def in_one_unit(answer: str) -> str:
+  """`answer` with an angle in degrees in radians ("60^\\circ" -> "60 \\cdot \\frac{\\pi}{180}") and a price in cents
+  ("\\$1.50" -> "100 \\cdot 1.50"), so that two alternatives in those units compare: math-verify reads "60^\\circ" as
+  60 and "\\$1.50" as 1.50."""
+  answer = _DEGREES.sub(lambda _: " \\cdot \\frac{\\pi}{180}", answer)
+  return "100 \\cdot " + answer[2:] if answer.startswith("\\$") else answer
+
+
 def _exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
   """Ends the worker once its parent is gone. A parent killed outright (SIGKILL, the OOM killer) cannot kill its
   workers, and the end of input it leaves reaches only a worker that reads again: one busy on an answer with no soft
@@ -116,6 +151,7 @@ def main() -> None:
   @functools.lru_cache(maxsize=1024)  # a GRPO group shares one gold answer and often repeats predictions
   def parse_answer(answer: str):
     # Extraction already happened in the parent; boxing the bare answer makes math-verify's LaTeX path take it whole.
+    answer = as_fractions(answer)
     parsed = parse("\\boxed{" + answer + "}", extraction_config=extraction, parsing_timeout=None)
     return parsed or parse(answer, extraction_config=extraction, parsing_timeout=None)
 
@@ -148,18 +184,26 @@ def main() -> None:
     # A hedge: as a whole, a gold of several answers ("x = 2 or x = 3" is the gold "2, 3").
     if has_several_answers(gold) and is_equivalent(gold, ", ".join(options)):
       return True
-    # An alternative this cannot compare (a price, a unit: "\\$1.50 or 150" for "150 cents") is no rival value; nor
-    # are alternatives each in a unit of its own ("5 \\text{ cm} or 50 \\text{ mm}"), one quantity restated.
+    # An alternative this cannot compare (unread, or a number with a unit word: "1200 meters or 3") is no rival
+    # value, nor a price beside another form ("\\$12 or 20\\%"); beside plain numbers a price is compared ("\\$5 or
+    # 6" is a hedge). Alternatives each in a unit of its own ("5 \\text{ cm} or 50 \\text{ mm}") restate one quantity.
     units = [unit(option) for option in options]
-    comparable = [option for option, u in zip(options, units) if u is None and is_math(option)]
+    plain = all(_PLAIN_NUMBER.fullmatch(option) for option, u in zip(options, units) if u is None)
+    comparable = [option for option, u in zip(options, units) if (u is None or u == "$" and plain) and is_math(option)]
     in_own_units = None not in units and len(set(units)) == len(units)
     options = comparable or options
     if len(options) == 1:
       return is_equivalent(gold, options[0])
-    # Alternatives of one value restate it ("\\frac{1}{4} or 25\\%"): right when any is the gold. Of different
-    # values ("5 or 6"), right only when every one is the gold, which no single gold is.
-    restated = in_own_units or all(is_equivalent(options[0], option) for option in options[1:])
+    # Alternatives of one value restate it ("\\frac{1}{4} or 25\\%", "\\frac{\\pi}{3} or 60^\\circ", "\\$1.50 or 150"
+    # in cents): right when any is the gold. Of different values ("5 or 6"), right only when every one is the gold,
+    # which no single gold is.
+    restated = in_own_units or all(is_same_value(options[0], option) for option in options[1:])
     return (any if restated else all)(is_equivalent(gold, option) for option in options)
+
+  def is_same_value(a: str, b: str) -> bool:
+    # Degrees and prices compared as such only after the plain reading fails ("60^\\circ" is 60, too).
+    in_one = in_one_unit(a), in_one_unit(b)
+    return is_equivalent(a, b) or (in_one != (a, b) and is_equivalent(*in_one))
 
   # Warm the LaTeX parser, sympy's lazily imported simplification and set code before declaring readiness, so the
   # first real answers are not charged for it.
