@@ -1124,7 +1124,14 @@ def _dpo_reference_params(model_config: PhiConfig, hf_path: Optional[str], setti
   and refuses one that changed since the run started (say, its train.init_from run was trained on)."""
   load = params_loader(model_config, hf_path, settings["init_from"], the_mesh)
   if load is not None:
-    params = load()
+    # A load that fails on one host before any collective of its own (a file missing or unreadable there, a
+    # checkpoint of another shape) stops every process here, rather than leave the others in the checksums'.
+    params = error = None
+    try:
+      params = load()
+    except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+      error = e
+    distributed.raise_if_any_failed(error, "loading the DPO reference params (train.init_from or model.hf_path)")
   else:  # the loop's own initialisation key gives the same params
     rng = loop_lib.initial_params_key(settings["loop"].seed)
     params = jax.jit(lambda: init_params(model_config, rng), out_shardings=param_shardings(model_config, the_mesh))()
@@ -1136,6 +1143,43 @@ def _dpo_reference_params(model_config: PhiConfig, hf_path: Optional[str], setti
 def _has_a_record(path: str) -> bool:
   with open(path, "rb") as f:
     return any(line.strip() for line in f)
+
+
+def _check_pair_files(train_files: Sequence[str], eval_files: Sequence[str]) -> None:
+  """Refuses a pair file (or glob) that names no file, one this process cannot open, and a train file without a
+  pair."""
+  for pattern in [*train_files, *eval_files]:
+    for path, _ in file_sizes([pattern]):  # a missing file or a glob matching none is a DataError naming it
+      open(path, "rb").close()
+  for path in train_files:
+    if os.path.isfile(path) and not _has_a_record(path):
+      raise ValueError(f"{path} holds no preference pairs. Written by experiments/rollouts.py, that means every "
+                       "prompt's rollouts were all correct or all incorrect (its .summary.json has the counts): "
+                       "train the policy longer, raise --k, or use prompts nearer the policy's ability")
+
+
+def _check_reference_readable(settings: dict, hf_path: Optional[str]) -> None:
+  """Refuses reference params (train.init_from, else model.hf_path) that are not there or that this process cannot
+  open, with the errors their loading gives."""
+  source = settings["init_from"] or hf_path
+  if not source:
+    return
+  name = "train.init_from" if settings["init_from"] else "model.hf_path"
+  if settings["init_from"]:
+    check_policy_dir(source, name)
+  else:
+    _check_is_dir(name, source)
+  params = os.path.join(source, "params")
+  # A run's params/ are read from all its folders; a transformers checkpoint from its top folder only.
+  folders = os.walk(params) if os.path.isdir(params) else [(source, [], os.listdir(source))]
+  for folder, _, names in folders:
+    for file in (os.path.join(folder, n) for n in names):
+      try:
+        if os.path.isfile(file):
+          open(file, "rb").close()
+      except OSError as e:
+        raise ValueError(f"{name}={source!r}: this process cannot read {file} ({e.strerror or e}): make the "
+                         "reference params readable on every host") from e
 
 
 def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict, settings: dict,
@@ -1150,11 +1194,17 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   reader = dict(seq_len=data_cfg["seq_len"], batch_size=per_process, too_long=cfg["too_long"],
                 on_bad_record=data_cfg["on_bad_record"], system_prompt=data_cfg["system_prompt"])
   train_files, eval_files = list(data_cfg["train_files"]), list(data_cfg["eval_files"])
-  for path in train_files:
-    if os.path.isfile(path) and not _has_a_record(path):
-      raise ValueError(f"{path} holds no preference pairs. Written by experiments/rollouts.py, that means every "
-                       "prompt's rollouts were all correct or all incorrect (its .summary.json has the counts): "
-                       "train the policy longer, raise --k, or use prompts nearer the policy's ability")
+  # Each host reads these on its own: a file missing or unreadable on one fails there before the set-up's first
+  # collective (the reference load's, its checksums', the precompute pass's), and every process stops with it.
+  error = None
+  try:
+    _check_pair_files(train_files, eval_files)
+    _check_reference_readable(settings, hf_path)
+    if cfg["reference"] == "precompute":
+      os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
+  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+    error = e
+  distributed.raise_if_any_failed(error, "checking the DPO pair files and reference params")
   ref_params = ref_fn = None
   # Precomputed reference files hold only the pairs that were used; those left out (too long, bad) are counted in
   # the data stats as read and skipped, per (kind, file) and then per kind.
@@ -1194,7 +1244,6 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
     missing = [key for key, changed in changes.items() if changed != {}]
     _refuse_rewriting_trained_pairs(workdir, {outputs[key]: changes[key] for key in missing if key[0] == "train"})
     if missing:
-      os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
       for kind, i in missing:
         path = (train_files if kind == "train" else eval_files)[i]
         result = dpo.precompute_reference_logps(
@@ -1203,11 +1252,16 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
             **dict(reader, batch_size=data_cfg["batch_size"]))
         log.info("reference log-probs of %d pairs of %s -> %s", result["pairs"], path, result["out_file"])
         left_out[(kind, i)] = result["stats"]["records_skipped"]
-        if jax.process_index() == 0:
-          write_text_atomically(outputs[(kind, i)] + ".skipped.json",
-                                json.dumps({"records_skipped": left_out[(kind, i)]}))
-          with open(outputs[(kind, i)] + ".settings.json", "w") as f:
-            json.dump(dict(made_with[(kind, i)], reference_digest=settings["reference_digest"]), f, default=str)
+        error = None
+        try:  # process 0 writes alone: the others must not go on to the next file's pass without it
+          if jax.process_index() == 0:
+            write_text_atomically(outputs[(kind, i)] + ".skipped.json",
+                                  json.dumps({"records_skipped": left_out[(kind, i)]}))
+            with open(outputs[(kind, i)] + ".settings.json", "w") as f:
+              json.dump(dict(made_with[(kind, i)], reference_digest=settings["reference_digest"]), f, default=str)
+        except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+          error = e
+        distributed.raise_if_any_failed(error, f"writing the settings beside {outputs[(kind, i)]}")
     loaded.clear()  # the run trains with no reference model
     for key in outputs.keys() - left_out.keys():  # reused: counted when it was written
       left_out[key] = _pairs_left_out(outputs[key])

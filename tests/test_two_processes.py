@@ -101,3 +101,65 @@ def test_a_data_file_that_fails_at_start_up_on_one_process_stops_both_naming_it(
   assert where in outputs[failed], outputs[failed][-2000:]
   other = outputs[1 - failed]
   assert f"process(es) [{failed}]" in other and where in other, other[-2000:]
+
+
+# Runs a script (argv[2:]) from a directory of each process's own (argv[1]/process<id>): relative paths there are
+# the files each host holds, so one process can lack a file the other has.
+_FROM_OWN_DIRECTORY = """
+import os, runpy, sys
+os.chdir(os.path.join(sys.argv[1], "process" + os.environ["PHI_JAX_PROCESS_ID"]))
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _dpo_case(tmp_path, case) -> tuple[list[str], str]:
+  """(the DPO bindings, the text of process 1's error) of `case`, its files written in each process's directory."""
+  pairs = [json.dumps({"prompt": f"What is {i} + {i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)})
+           for i in range(16)]
+  mine = {0: pairs, 1: pairs}
+  bindings = ["--gin_param=data.train_files=['pairs.jsonl']"]
+  if case == "empty_pair_file":
+    mine[1], where = [], "pairs.jsonl holds no preference pairs"
+  elif case == "reference_missing":  # a transformers checkpoint on process 0's host only
+    import jax
+    import phi_jax
+    tiny = phi_jax.presets["tiny"]
+    phi_jax.save_hf(tmp_path / "process0" / "start", tiny, phi_jax.init_params(tiny, jax.random.key(0)))
+    bindings.append("--gin_param=train.init_from='start'")
+    where = "train.init_from='start': no such directory"
+  elif case == "bad_pair_in_precompute":  # process 1's copy turns bad in the second batch of 8 its pass reads
+    mine[1] = pairs[:10] + ["{"] + pairs[11:]
+    bindings.append("--gin_param=dpo.reference='precompute'")
+    where = "pairs.jsonl:11: invalid JSON"
+  else:  # process 1's copy ends after the first batch of 8 pairs
+    mine[1] = pairs[:8]
+    bindings.append("--gin_param=dpo.reference='precompute'")
+    where = "pairs.jsonl holds more pairs on some processes than on others"
+  for process, lines in mine.items():
+    os.makedirs(tmp_path / f"process{process}", exist_ok=True)
+    _write_lines(tmp_path / f"process{process}" / "pairs.jsonl", lines)
+  return bindings, where
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["empty_pair_file", "reference_missing", "bad_pair_in_precompute",
+                                  "shorter_copy_in_precompute"])
+def test_dpo_set_up_that_fails_on_one_process_stops_both_naming_it(tmp_path, case):
+  """DPO's set-up on one host alone failing: its pair file empty or its reference params (train.init_from) missing
+  there, found before the reference params are loaded and summed (collectives), or a bad record in its copy of the
+  pairs half-way through the precompute pass (a collective per batch). The other process failed after a gloo
+  timeout naming no cause, aborted, or waited in the pass until killed; both stop at once now, each naming the
+  error. A copy of the pairs shorter on one host is refused on both."""
+  bindings, where = _dpo_case(tmp_path, case)
+  codes, outputs = two_processes.run_to_exit(
+      [sys.executable, "-c", _FROM_OWN_DIRECTORY, str(tmp_path), TRAIN,
+       f"--gin_file={os.path.join(two_processes.ROOT, 'experiments', 'configs', 'dpo_tiny.gin')}",
+       f"--workdir={tmp_path / 'run'}", "--gin_param=train.num_steps=2", *bindings], _jax_env(4), 120,
+      " (one waiting in a collective the other never reached)")
+  assert all(code == 1 for code in codes), (codes, [out[-2000:] for out in outputs])  # raised, not aborted
+  assert where in outputs[1], outputs[1][-2000:]
+  # Checked once at start-up, the errors are exchanged; checked at every batch, they are named in a note at the end.
+  other = {"bad_pair_in_precompute": "another process failed to read",
+           "shorter_copy_in_precompute": where}.get(case, "process(es) [1]")
+  assert other in outputs[0] and where in outputs[0], outputs[0][-2000:]

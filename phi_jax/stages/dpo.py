@@ -35,7 +35,7 @@ from phi_jax.data.preference import REFERENCE_FIELDS, SIDES, build_preference_it
 from phi_jax.losses import chunked_token_logprobs, dpo_loss, next_token_targets, sequence_logps
 from phi_jax.losses.dpo import LOSS_TYPES
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
-from phi_jax.sharding.distributed import any_process_or_raise
+from phi_jax.sharding.distributed import any_process_or_raise, raise_if_any_failed
 from phi_jax.train.loop import global_batch
 from phi_jax.train.step import MeshJit, most_pieces, split_microbatches
 
@@ -234,7 +234,9 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
   a digest of its vocabulary and chat template); a DPO run with the same `seq_len`, `too_long`, `system_prompt` and
   tokenizer (checked) reads them with `reference_logps=True` and needs no reference model. Pairs dropped
   as too long or bad (in skip mode) are left out and counted. Every process computes the same batches (the
-  reference params may be sharded across hosts); process 0 writes, atomically. `microbatches` is
+  reference params may be sharded across hosts); process 0 writes, atomically. A batch that fails to read on one
+  process, and process 0's write, raise on every process, each process agreeing before the next collective; copies of
+  the file holding more pairs on some hosts than others are refused (a ValueError). `microbatches` is
   `reference_logps_fn`'s; with `mesh`, `batch_size` and each microbatch's rows must split evenly over its data x fsdp
   devices (a ValueError says so before any work).
 
@@ -251,7 +253,7 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
                                       system_prompt=system_prompt, with_index=True, process_index=0, process_count=1)
   fn = reference_logps_fn(config, chunk_size, mesh=mesh, microbatches=microbatches)
   found: dict[int, tuple[float, float]] = {}
-  for local in batches:
+  for local in _agreed_batches(batches, pairs_file):
     index = local.pop("index")
     inputs = local if mesh is None else _replicated_batch(local, mesh)
     outputs = fn(ref_params, inputs)
@@ -261,12 +263,38 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
     for i, c, r in zip(index, chosen, rejected):
       if i >= 0:
         found[int(i)] = (float(c), float(r))
-  if jax.process_index() == 0:
-    _write_with_reference(batches, found, reference_settings(tokenizer, seq_len=seq_len, too_long=too_long,
-                                                             system_prompt=system_prompt), out_file)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"precompute_reference_logps:{out_file}")
+  error = None
+  try:
+    if jax.process_index() == 0:
+      _write_with_reference(batches, found, reference_settings(tokenizer, seq_len=seq_len, too_long=too_long,
+                                                               system_prompt=system_prompt), out_file)
+  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+    error = e
+  # The others wait here for process 0's write, and stop with it where it failed.
+  raise_if_any_failed(error, f"writing {out_file}")
   return {"out_file": out_file, "pairs": len(found), "stats": batches.stats()}
+
+
+def _agreed_batches(batches, pairs_file: str):
+  """`batches`, each one read on every process before any runs its reference pass (a collective): a read that fails
+  on one process (a bad record in its copy of the file, an I/O error) raises on all at the same batch."""
+  iterator = iter(batches)
+  while True:
+    try:
+      local, error = next(iterator, None), None
+    except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+      if jax.process_count() == 1:
+        raise
+      local, error = None, e
+    if jax.process_count() > 1:
+      ended, going_on = any_process_or_raise(error, f"read its copy of {pairs_file}",
+                                             local is None and error is None, local is not None)
+      if ended and going_on:
+        raise ValueError(f"{pairs_file} holds more pairs on some processes than on others: each process reads the "
+                         "whole file, so every host must hold the same copy of it")
+    if local is None:
+      return
+    yield local
 
 
 def _write_with_reference(batches, found: dict[int, tuple[float, float]], settings: dict, out_file: str):
