@@ -560,12 +560,14 @@ def get_tokenizer(spec: str, workdir: str):
     if built is not None and built != chat_format:
       # A workdir keeps the tokenizer it was first given (a run resumes with it); a spec naming another format
       # would otherwise be ignored without a word, the data rendered in the old format.
+      # Not a tiny one: the copy a run trained on a tokenizer directory keeps there (`keep_run_tokenizer`).
+      held, binding = ((f"the tiny tokenizer of the {built!r} format ({out})", f"tiny:{built}") if built != "unknown"
+                       else (f"the tokenizer in {out}, not a tiny one", out))
       if _has_checkpoints(workdir) or os.path.isdir(os.path.join(workdir, "params")):
-        raise ValueError(f"data.tokenizer={spec!r}, but {workdir} holds a run trained with the tiny tokenizer "
-                         f"of the {built!r} format ({out}): set data.tokenizer='tiny:{built}' to resume, or use a "
-                         "new workdir")
-      log.warning("data.tokenizer=%r: replacing the tiny %r tokenizer that an earlier, unstarted run left in %s",
-                  spec, built, out)
+        raise ValueError(f"data.tokenizer={spec!r}, but {workdir} holds a run trained with {held}: set "
+                         f"data.tokenizer='{binding}' to resume with it, or use a new workdir")
+      log.warning("data.tokenizer=%r: replacing the %s that an earlier, unstarted run left in %s", spec,
+                  f"tiny {built!r} tokenizer" if built != "unknown" else "tokenizer (not a tiny one)", out)
     # Process 0 alone builds it, into a temporary directory renamed into place: processes started together would
     # otherwise write the same files at once, and one could read another's half-written file.
     if jax.process_index() == 0 and built != chat_format:
@@ -579,6 +581,26 @@ def get_tokenizer(spec: str, workdir: str):
   return load_tokenizer(spec)
 
 
+def keep_run_tokenizer(workdir: str, spec: str, tokenizer, replace: bool) -> None:
+  """Saves the tokenizer a run trains with (data.tokenizer=`spec`) as W/tokenizer, over a copy already there when
+  `replace`: a next stage (train.init_from), eval, rollouts and export compare theirs with it
+  (`check_tokenizer_matches_start`), where the files at `spec` may since have been replaced. Process 0 alone writes;
+  a "tiny:" tokenizer is built there already."""
+  out = os.path.join(workdir, "tokenizer")
+  if spec.startswith("tiny:") or os.path.realpath(spec) == os.path.realpath(out) or jax.process_index() != 0:
+    return
+  if os.path.exists(out) and not replace:
+    return
+  # Into a temporary directory renamed into place, as a tiny tokenizer is: a reader never sees half of the files.
+  tmp = f"{out}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  save_tokenizer(tokenizer, tmp)
+  if os.path.islink(out):  # a link the user made: replaced, what it points to kept
+    os.remove(out)
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
+
+
 def tiny_chat_format(spec: str) -> str:
   """The chat format a "tiny:<chat format>" data.tokenizer names, refused unless it is a known one."""
   chat_format = spec.split(":", 1)[1]
@@ -588,15 +610,28 @@ def tiny_chat_format(spec: str) -> str:
   return chat_format
 
 
+# The most tokens a tiny tokenizer has: build_tiny_tokenizer's vocab_size, which `get_tokenizer` builds with.
+_TINY_TOKENIZER_SIZE = 512
+
+
 def _tiny_tokenizer_format(path: str) -> Optional[str]:
-  """The chat format of the tiny tokenizer built into `path` (read from its chat template); None when there is none."""
+  """The chat format of the tiny tokenizer built into `path` (read from its chat template); None when there is none,
+  "unknown" for a tokenizer that is no tiny one of a known format (a run's copy of a real tokenizer, whose chat
+  template may well be a known one)."""
   try:
     with open(os.path.join(path, "tokenizer_config.json")) as f:
       template = json.load(f).get("chat_template")
   except (OSError, ValueError):
     return None
-  if not os.path.exists(os.path.join(path, "tokenizer.json")):
+  try:
+    with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
+      vocab = (json.load(f).get("model") or {}).get("vocab") or ()
+  except OSError:
     return None
+  except ValueError:
+    return "unknown"
+  if len(vocab) > _TINY_TOKENIZER_SIZE:
+    return "unknown"
   return next((name for name, known in CHAT_TEMPLATES.items() if known == template), "unknown")
 
 
@@ -797,7 +832,8 @@ MAX_CHANGED_TOKENS = 256
 
 def _start_tokenizer(source: str):
   """(where, tokenizer) of what a starting point was trained with: a transformers checkpoint's own tokenizer files, a
-  run's built tokenizer (W/tokenizer) or the tokenizer directory its config.gin names; None when it has none."""
+  run's own tokenizer (W/tokenizer: a tiny one built there, or the copy `keep_run_tokenizer` kept) or, for a run from
+  before runs kept one, the tokenizer directory its config.gin names; None when it has none."""
   for where in (source, os.path.join(source, "tokenizer")):
     if any(os.path.isfile(os.path.join(where, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
       return where, load_tokenizer(where)
@@ -812,8 +848,10 @@ def _start_tokenizer(source: str):
 
 def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) -> None:
   """Refuses a data.tokenizer other than the one the starting params were trained with: the run would train (and
-  export) them on another tokenizer's ids, and nothing else would notice while the new one is no larger. A few
-  renamed or added tokens, or another chat template, are logged instead."""
+  export) them on another tokenizer's ids, and nothing else would notice while the new one is no larger. So is one
+  that encodes text into other ids (`_TOKENIZER_PROBE`) with the same vocabulary. A few renamed or added tokens, or
+  another chat template, are logged instead. Training checks train.init_from or model.hf_path with it, and
+  `rollouts.load_policy` a run workdir given as --init_from (eval, rollouts, export)."""
   if not os.path.isdir(source):
     return  # the params loader names a missing directory
   start = _start_tokenizer(source)
@@ -822,17 +860,47 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
   where, theirs = start
   ours, their_vocab = tokenizer.get_vocab(), theirs.get_vocab()
   differ = sorted(t for t in set(ours) | set(their_vocab) if ours.get(t) != their_vocab.get(t))
+  use_start = f"set --gin_param='data.tokenizer=\"{where}\"' so the params see the ids they learned"
   if len(differ) > MAX_CHANGED_TOKENS:
     raise ValueError(f"data.tokenizer={spec!r} is not the tokenizer {name}={source!r} was trained with ({where}: "
                      f"{len(ours)} tokens here, {len(their_vocab)} there; ids differ for {len(differ)}, e.g. "
-                     f"{differ[:3]}); set --gin_param='data.tokenizer=\"{where}\"' so the params see the ids they "
-                     "learned")
+                     f"{differ[:3]}); {use_start}")
+  changed_ids = {v.get(t) for v in (ours, their_vocab) for t in differ} - {None}
+  encoding = _probe_difference(tokenizer, theirs, changed_ids)
+  if encoding is not None:
+    vocabulary = f"{len(differ)} token(s) renamed or added only" if differ else "the same vocabulary"
+    raise ValueError(f"data.tokenizer={spec!r} encodes text into other ids than the tokenizer {name}={source!r} was "
+                     f"trained with ({where}: {vocabulary}, but {encoding}: other merges, normalizer, pre-tokenizer "
+                     f"or BOS/EOS settings); {use_start}")
   if differ or tokenizer.chat_template != theirs.chat_template:
     # A few renamed or added tokens and another chat template are how a recipe moves on (Phi-4-reasoning's think
     # tokens on phi-4's placeholders, with its own template): said, not refused.
     log.warning("data.tokenizer=%r differs from the tokenizer %s=%r was trained with (%s): %s%s", spec, name, source,
                 where, f"{len(differ)} token(s) renamed or added (e.g. {differ[:3]})" if differ else "same tokens",
                 "; another chat template" if tokenizer.chat_template != theirs.chat_template else "")
+
+
+# Text both tokenizers encode, beyond comparing vocabularies: English, digits, code, LaTeX, non-ASCII and runs of
+# whitespace, where merges, normalizers and pre-tokenizers tell apart. No control token: a recipe renames those.
+_TOKENIZER_PROBE = ("What is 12 + 35? The answer is 47, i.e. 4.7e1 (about 0.0470 x 10^3).\n"
+                    "def f(n):\n    return [n ** 2 for n in range(10)]  # squares\n"
+                    "$\\frac{a}{b} + \\sqrt{x^2 - 1} = \\boxed{\\pi}$, \\int_0^1 x\\,dx\n"
+                    "Café, naïve façade; 数学 Ωμέγα — “quoted” 🙂\n"
+                    "\t\ttabs,   spaces    and\n\n\nnewlines   ")
+
+
+def _probe_difference(tokenizer, theirs, changed_ids: set) -> Optional[str]:
+  """Where `tokenizer` encodes `_TOKENIZER_PROBE` into other ids than `theirs` (BOS/EOS included); None where the
+  ids agree, or where they differ on tokens of `changed_ids` (renamed or added: logged with the vocabulary)."""
+  ids, their_ids = (t.encode(_TOKENIZER_PROBE, add_special_tokens=True) for t in (tokenizer, theirs))
+  if ids == their_ids or changed_ids & (set(ids) | set(their_ids)):
+    return None
+  at = next((i for i, (a, b) in enumerate(zip(ids, their_ids)) if a != b), min(len(ids), len(their_ids)))
+
+  def token(t, encoded):
+    return f"{encoded[at]} {t.convert_ids_to_tokens(encoded[at])!r}" if at < len(encoded) else "the end"
+  return (f"a probe text's ids first differ at position {at}: {token(tokenizer, ids)} here, "
+          f"{token(theirs, their_ids)} there ({len(ids)} and {len(their_ids)} ids)")
 
 
 def check_vocab(model_config: PhiConfig, tokenizer, start_name: Optional[str] = None, start: Optional[str] = None):
@@ -978,6 +1046,7 @@ def _train_in(workdir: str):
     path = os.path.join(workdir, "config.gin")
     if jax.process_index() == 0 and (replace or not os.path.exists(path)):
       write_text_atomically(path, run_config_text())
+    keep_run_tokenizer(workdir, data_cfg["tokenizer"], tokenizer, replace)  # the one that config names, as it is now
 
   def on_start():  # once the workdir's checkpoints fit this config
     # A rerun that trains nothing (the run is complete) keeps the config its params were trained with: rewritten
@@ -1025,13 +1094,9 @@ def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
   match that appeared, vanished or changed size, is refused (the saved data position belongs to the old sources), and
   so is another eval set when early stopping or keep_best compare eval losses, and a frozen reference (DPO, GRPO)
   whose values changed; every other change (another tokenizer or system prompt, the loss or reward settings, the
-  starting point `train.init_from`) is logged. `data.tokenizer_id` is what eval, rollouts and export compare the
-  tokenizer they load with (`rollouts.check_trained_tokenizer`)."""
-  from phi_jax.data.preference import tokenizer_id
+  starting point `train.init_from`) is logged. The tokenizer itself is kept as W/tokenizer (`keep_run_tokenizer`)."""
   data_meta = {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}
   data_meta["tokenizer_size"] = len(tokenizer)
-  # The path alone does not name a tokenizer: files replaced there later would render other ids or chat turns.
-  data_meta["tokenizer_id"] = tokenizer_id(tokenizer)
   data_meta["train_file_sizes"] = file_sizes(data_cfg["train_files"])
   # What the eval loss is measured on: early stopping and keep_best compare it with the losses of earlier steps.
   eval_set = {k: data_cfg[k] for k in ("eval_files", "eval_batches", "seq_len", "batch_size", "tokenizer",

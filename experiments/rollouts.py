@@ -6,9 +6,10 @@
         --out=pairs.jsonl --gin_param='rollouts.max_new_tokens=16384' --gin_param='rollouts.temperature=0.8'
 
 `--init_from` is a previous run's workdir (its params/; its config.gin supplies the model and tokenizer settings,
-and --gin_file / --gin_param apply on top, as in eval.py; a tokenizer other than the one the run trained with is
-refused, see `check_trained_tokenizer`) or a transformers checkpoint directory (its config.json and tokenizer
-files; a directory without them, as `phi_jax.save_hf` writes it, takes the bound `data.tokenizer`).
+and --gin_file / --gin_param apply on top, as in eval.py; a tokenizer other than the one the run trained with, the
+copy it keeps in W/tokenizer, is refused as a next stage refuses it, see `common.check_tokenizer_matches_start`)
+or a transformers checkpoint directory (its config.json and tokenizer files; a directory without them, as
+`phi_jax.save_hf` writes it, takes the bound `data.tokenizer`).
 Problems are JSONL
 records `{"problem": str, "answer": str}`, or conversations `{"messages": [...]}` whose last assistant turn holds
 the reference solution and whose earlier turns are the prompt (so SFT files serve as problem sets); its final answer
@@ -50,7 +51,7 @@ import jax  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
 from phi_jax import rewards  # noqa: E402
-from phi_jax.data.preference import prompt_messages, tokenizer_id  # noqa: E402
+from phi_jax.data.preference import prompt_messages  # noqa: E402
 from phi_jax.data.sources import DataError, open_source  # noqa: E402
 from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
@@ -238,8 +239,11 @@ def load_policy(init_from: str, the_mesh):
   """(config, params, tokenizer) of a run workdir (params/) or a transformers checkpoint directory."""
   config, hf_path = policy_config(init_from)
   if os.path.isdir(os.path.join(init_from, "params")):
-    tokenizer = common.get_tokenizer(common.data()["tokenizer"], init_from)
-    check_trained_tokenizer(init_from, tokenizer)
+    spec = common.data()["tokenizer"]
+    tokenizer = common.get_tokenizer(spec, init_from)
+    # Training's policy, against the copy the run kept (W/tokenizer): files replaced at its config's path since
+    # are refused, a deliberate change of chat template (a recipe stage's binding) is logged.
+    common.check_tokenizer_matches_start(tokenizer, spec, "--init_from", init_from)
     params = common.params_loader(config, hf_path, init_from, the_mesh)()
   else:
     tokenizer = checkpoint_tokenizer(init_from)
@@ -250,44 +254,6 @@ def load_policy(init_from: str, the_mesh):
     common.check_vocab(config, tokenizer, "--init_from", init_from)  # data.tokenizer may be another model's
     params = common.params_loader(config, init_from, None, the_mesh)()
   return config, params, tokenizer
-
-
-def check_trained_tokenizer(workdir: str, tokenizer) -> None:
-  """Refuses a tokenizer other than the one the run in `workdir` trained with: files replaced at its data.tokenizer
-  path (another model's tokenizer of the same size, another chat template) would give other token ids or another
-  chat format without an error. A run that recorded none (written before runs recorded it, or its checkpoints/
-  removed) is loaded unchecked, as logged."""
-  spec = common.data()["tokenizer"]
-  trained = trained_tokenizer_id(workdir)
-  if trained is None:
-    log.info("%s records no tokenizer identity (no checkpoint, or one written before runs recorded it): that "
-             "data.tokenizer=%r is the tokenizer it trained with could not be checked", workdir, spec)
-    return
-  loaded = tokenizer_id(tokenizer)
-  if loaded != trained:
-    raise ValueError(f"data.tokenizer={spec!r} loads a tokenizer of {loaded}, not the one the run in {workdir} "
-                     f"trained with ({trained}): its files were replaced since, or the binding names another. Point "
-                     "data.tokenizer at the tokenizer the run trained with, --gin_param='data.tokenizer=\"DIR\"'")
-
-
-def trained_tokenizer_id(workdir: str) -> Optional[str]:
-  """The tokenizer identity (`preference.tokenizer_id`) recorded in the metadata of the run's newest readable
-  checkpoint; None where there is none or it recorded no identity.
-
-  The metadata file is read as it is, not through an Orbax manager: opening one tidies the directory, which could
-  remove the save in flight of a run going on in the same workdir."""
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(checkpoints):
-    return None
-  for step in sorted((int(n) for n in os.listdir(checkpoints) if n.isdigit()), reverse=True):
-    try:
-      with open(os.path.join(checkpoints, str(step), "meta", "metadata")) as f:
-        meta = json.load(f)
-    except (OSError, ValueError):
-      continue  # a damaged step: every step of a run records the same tokenizer
-    data = meta.get("data") if isinstance(meta, dict) else None
-    return data.get("tokenizer_id") if isinstance(data, dict) else None
-  return None
 
 
 # Files any of which makes a directory a tokenizer transformers can load (fast, SentencePiece or BPE vocab files).

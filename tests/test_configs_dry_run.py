@@ -38,17 +38,6 @@ CONFIGS = sorted(os.path.relpath(p, ROOT) for family in PRESETS
                  if os.path.basename(p) not in ("model.gin", "eval.gin"))
 
 
-class _SizedTokenizer(list):
-  """What `common.run_meta` reads of a tokenizer: its size and its identity (vocabulary and chat template)."""
-  chat_template = None
-
-  def __init__(self, size: int):
-    super().__init__([None] * size)
-
-  def get_vocab(self) -> dict[str, int]:
-    return {f"t{i}": i for i in range(len(self))}
-
-
 def dry_run(config_file, extra=()):
   cwd = os.getcwd()
   os.chdir(ROOT)  # configs include each other by repository-relative paths
@@ -200,7 +189,7 @@ def test_resume_logs_a_changed_tokenizer_prompt_or_reward(caplog, tmp_path):
   def meta(extra, vocab):
     gin.clear_config()
     common.parse_gin([grpo], [f"data.train_files=['{prompts}']"] + extra)
-    return common.run_meta("grpo", common.train_settings(), common.data(), _SizedTokenizer(vocab))
+    return common.run_meta("grpo", common.train_settings(), common.data(), [None] * vocab)
 
   cwd = os.getcwd()
   os.chdir(ROOT)
@@ -401,18 +390,38 @@ def test_resume_refuses_train_files_that_changed_under_the_same_names(tmp_path):
   (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
   cfg = common.data(train_files=[str(tmp_path / "*.jsonl")])
   settings = common.train_settings(num_steps=1)
-  saved = common.run_meta("next_token", settings, cfg, _SizedTokenizer(10))
-  loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, _SizedTokenizer(10)), "W")
+  saved = common.run_meta("next_token", settings, cfg, [None] * 10)
+  loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
   (tmp_path / "b.jsonl").write_text('{"text": "b"}\n')
   with pytest.raises(loop.IncompatibleCheckpointError, match=r"b.jsonl: absent -> 14 bytes"):
-    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, _SizedTokenizer(10)), "W")
+    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
   (tmp_path / "b.jsonl").unlink()
   (tmp_path / "a.jsonl").write_text('{"text": "a"}\n{"text": "c"}\n')
   with pytest.raises(loop.IncompatibleCheckpointError, match=r"a.jsonl: 14 -> 28 bytes"):
-    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, _SizedTokenizer(10)), "W")
+    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
   # A checkpoint written before file sizes were recorded resumes as before.
   del saved["data"]["train_file_sizes"]
-  loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, _SizedTokenizer(10)), "W")
+  loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
+
+
+def test_a_run_resumed_with_the_same_tokenizer_logs_no_change(tmp_path, caplog):
+  """The tokenizer a run trained with is the copy it keeps (W/tokenizer), not a digest in its checkpoints' metadata:
+  a run saved without one resumes without a word, and one saved with one (`data.tokenizer_id`) resumes too."""
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+  from phi_jax.train import loop
+  tokenizer = build_tiny_tokenizer(tmp_path / "tok", chat_format="phi-4")
+  (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+  cfg = common.data(train_files=[str(tmp_path / "a.jsonl")], tokenizer=str(tmp_path / "tok"))
+  settings = common.train_settings(num_steps=1)
+  saved = common.run_meta("next_token", settings, cfg, tokenizer)
+  saved["data"].pop("tokenizer_id", None)
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, tokenizer), "W")
+  assert "tokenizer" not in caplog.text
+  saved["data"]["tokenizer_id"] = "512 tokens, vocabulary and template 91c37bcb45f0b328"
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, tokenizer), "W")
+  assert "data.tokenizer_id: '512 tokens, vocabulary and template 91c37bcb45f0b328' -> None" in caplog.text
 
 
 def test_a_tiny_tokenizer_is_built_whole_into_place(tmp_path, monkeypatch):
@@ -449,6 +458,26 @@ def test_a_tiny_tokenizer_of_another_format_is_rebuilt_before_a_run_starts_and_r
   assert common.get_tokenizer("tiny:phi-4-mini", str(tmp_path)).get_vocab() == mini.get_vocab()
   with pytest.raises(ValueError, match="unknown chat format 'phi4'"):
     common.get_tokenizer("tiny:phi4", str(tmp_path))
+
+
+def test_a_tiny_data_tokenizer_on_a_workdir_that_kept_a_real_tokenizer_says_which_it_holds(tmp_path, caplog):
+  """A run trained on a tokenizer directory keeps a copy in W/tokenizer, where "tiny:" tokenizers are built: a copy
+  of a real tokenizer with a known chat template was taken for the tiny one of that format, and one with another
+  template was named a tiny tokenizer of the 'unknown' format."""
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+  words = [" ".join(f"w{i}x{j} v{i * j}q" for j in range(40)) for i in range(40)]
+  real = build_tiny_tokenizer(tmp_path / "tokenizer", chat_format="phi-4-mini", corpus=words, vocab_size=1024)
+  assert len(real) > 512  # more tokens than a tiny one holds, with the real phi-4-mini chat template
+  (tmp_path / "params").mkdir()
+  for spec in ("tiny:phi-4-mini", "tiny:phi-4"):
+    with pytest.raises(ValueError, match=rf"data.tokenizer='{spec}', but .* holds a run trained with the tokenizer "
+                                         rf"in .*/tokenizer, not a tiny one: set data.tokenizer='.*/tokenizer' to "
+                                         "resume with it, or use a new workdir"):
+      common.get_tokenizer(spec, str(tmp_path))
+  shutil.rmtree(tmp_path / "params")  # a run that never started: its tokenizer is replaced, as said
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    assert len(common.get_tokenizer("tiny:phi-4-mini", str(tmp_path))) == 512
+  assert "replacing the tokenizer (not a tiny one) that an earlier, unstarted run left" in caplog.text
 
 
 def test_a_tokenizer_larger_than_the_embedding_or_a_budget_filling_every_position_is_refused(tmp_path):
@@ -662,7 +691,7 @@ def test_path_objects_in_a_list_of_strings_are_taken_as_strings(tmp_path):
   cfg = common.data(train_files=[tmp_path / "a.jsonl"], eval_files=(pathlib.PurePosixPath(tmp_path / "a.jsonl"),))
   assert cfg["train_files"] == cfg["eval_files"] == [str(tmp_path / "a.jsonl")]
   checkpoint._require_json("metadata", common.run_meta("next_token", common.train_settings(num_steps=1), cfg,
-                                                       _SizedTokenizer(10)))
+                                                       [None] * 10))
   gin.clear_config()
   try:
     common.parse_gin([], [])

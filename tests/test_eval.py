@@ -1,6 +1,7 @@
 """The evaluation command: pass@k and interval math against brute force, the summary of known outcomes, and the
 command end to end on a saved tiny run (files, per-item records, numbers in range)."""
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -266,59 +267,137 @@ def trained_run(tmp_path_factory):
   return root / "run", tokenizer_dir
 
 
-def _load_policy(run):
+def _load_policy(run, *bindings):
   import rollouts
   try:
-    common.parse_gin_for_checkpoint(str(run), [], [])
+    common.parse_gin_for_checkpoint(str(run), [], list(bindings))
     return rollouts.load_policy(str(run), common.mesh())
   finally:
     gin.clear_config()
 
 
-def test_a_run_refuses_a_tokenizer_other_than_the_one_it_trained_with(trained_run, tmp_path, caplog):
-  """Files replaced at the recorded data.tokenizer path (another chat format's tokenizer of the same size) would
-  render prompts in a format the model never saw: eval, rollouts and export refuse them."""
-  from phi_jax.data.preference import tokenizer_id
-  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+def _train_next_stage(run, tokenizer, workdir, num_steps=1):
+  """A next SFT stage from `run` (train.init_from) with data.tokenizer=`tokenizer`."""
+  try:
+    common.parse_gin([os.path.join(ROOT, "experiments", "configs", "sft_tiny.gin")],
+                     [f"train.num_steps={num_steps}", "train.eval_every=0", "data.eval_files=[]", "data.seq_len=128",
+                      "train.async_checkpoints=False", f"data.tokenizer='{tokenizer}'", f"train.init_from='{run}'",
+                      'mesh.shape={"data": -1, "fsdp": 1}'])
+    return common.run_training(str(workdir))
+  finally:
+    gin.clear_config()
 
-  run, tokenizer_dir = trained_run
-  _, _, tokenizer = _load_policy(run)  # unchanged: loads
-  assert tokenizer_id(tokenizer) == tokenizer_id(build_tiny_tokenizer(str(tmp_path / "same"), chat_format="phi-4"))
+
+@contextlib.contextmanager
+def _replaced(tokenizer_dir, make):
+  """Other tokenizer files (`make(tokenizer_dir)`) at `tokenizer_dir` for the block; the original ones after it."""
   os.rename(tokenizer_dir, f"{tokenizer_dir}.trained")
   try:
-    other = build_tiny_tokenizer(tokenizer_dir, chat_format="phi-4-mini")
-    assert len(other) == len(tokenizer)
-    with pytest.raises(ValueError, match="data.tokenizer") as refused:
-      _load_policy(run)
-    assert tokenizer_id(tokenizer) in str(refused.value) and tokenizer_id(other) in str(refused.value)
-    problems = tmp_path / "problems.jsonl"
-    problems.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n")
-    try:
-      with pytest.raises(ValueError, match="not the one the run"):
-        eval_lib.main([f"--init_from={run}", f"--problems={problems}", f"--out={tmp_path / 'eval'}",
-                       "--gin_param=evaluation.max_new_tokens=4"])
-    finally:
-      gin.clear_config()
-    assert not (tmp_path / "eval" / "summary.json").exists()
-    # Pointed at the trained tokenizer, as the error says, the run loads again.
-    try:
-      common.parse_gin_for_checkpoint(str(run), [], [f"data.tokenizer='{tokenizer_dir}.trained'"])
-      import rollouts
-      assert len(rollouts.load_policy(str(run), common.mesh())[2]) == len(tokenizer)
-    finally:
-      gin.clear_config()
+    make(tokenizer_dir)
+    yield
   finally:
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
     os.rename(f"{tokenizer_dir}.trained", tokenizer_dir)
 
 
-def test_a_run_that_recorded_no_tokenizer_still_loads_and_says_it_was_not_checked(tiny_run, caplog):
-  """A run written before runs recorded their tokenizer (tiny_run: params/ and config.gin alone) loads as before."""
-  run, _ = tiny_run
-  with caplog.at_level("INFO", logger="phi_jax"):
-    config, _, tokenizer = _load_policy(run)
-  assert len(tokenizer) <= config.vocab_size
-  assert "could not be checked" in caplog.text
+def test_a_run_keeps_its_tokenizer_and_a_next_stage_and_eval_refuse_files_replaced_at_its_path(trained_run,
+                                                                                                 tmp_path, caplog):
+  """Files replaced at the data.tokenizer path a run's config.gin records (a tokenizer trained on other text) would
+  give the params other ids than they learned: the run keeps a copy of the tokenizer it trained with (W/tokenizer),
+  and a next stage (train.init_from) as well as eval, rollouts and export compare with that copy."""
+  import re
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+
+  run, tokenizer_dir = trained_run
+  other_text = ["Lorem ipsum dolor sit amet, consectetur adipiscing elit"] * 50
+  with _replaced(tokenizer_dir, lambda d: build_tiny_tokenizer(d, chat_format="phi-4", corpus=other_text)):
+    refused = rf"data.tokenizer='{re.escape(tokenizer_dir)}' is not the tokenizer {{}}='{re.escape(str(run))}' was " \
+              rf"trained with \({re.escape(str(run / 'tokenizer'))}: .*ids differ for \d+"
+    with pytest.raises(ValueError, match=refused.format("train.init_from")):
+      _train_next_stage(run, tokenizer_dir, tmp_path / "next")
+    assert not (tmp_path / "next" / "checkpoints").exists()
+    with pytest.raises(ValueError, match=refused.format("--init_from")):
+      _load_policy(run)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n")
+    try:
+      with pytest.raises(ValueError, match=refused.format("--init_from")):
+        eval_lib.main([f"--init_from={run}", f"--problems={problems}", f"--out={tmp_path / 'eval'}",
+                       "--gin_param=evaluation.max_new_tokens=4"])
+    finally:
+      gin.clear_config()
+    assert not (tmp_path / "eval" / "summary.json").exists()
+    # Pointed at the run's copy, as the error says, the run loads again.
+    assert len(_load_policy(run, f"data.tokenizer='{run / 'tokenizer'}'")[2]) == 512
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    _load_policy(run)  # the files it trained with: loaded without a word
+  assert not caplog.text
+
+
+def test_another_chat_template_is_logged_by_eval_and_a_next_stage_not_refused(trained_run, tmp_path, caplog):
+  """The same tokens rendered in another chat format (tiny "phi-4" -> "phi-4-reasoning", as a recipe's DPO stage may
+  bind through recipe.stage_bindings; phi-4's with a default system prompt) are a deliberate change: training from
+  the run and eval both log it. The next stage keeps the tokenizer it trained with, and a run resumed with another
+  one on purpose keeps that one instead."""
+  from phi_jax.data.chat import with_default_system_prompt
+  from phi_jax.hf.tokenizer import CHAT_TEMPLATES, build_tiny_tokenizer, load_tokenizer
+
+  run, tokenizer_dir = trained_run
+  reasoning = str(tmp_path / "reasoning")
+  build_tiny_tokenizer(reasoning, chat_format="phi-4-reasoning")
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    _, _, tokenizer = _load_policy(run, f"data.tokenizer='{reasoning}'")
+    assert tokenizer.chat_template == CHAT_TEMPLATES["phi-4-reasoning"]
+    assert "same tokens; another chat template" in caplog.text and "--init_from" in caplog.text
+    caplog.clear()
+    common.check_tokenizer_matches_start(tokenizer, reasoning, "train.init_from", str(run))
+    assert "same tokens; another chat template" in caplog.text
+  # Phi-4-reasoning's system prompt alone outgrows the tiny model's positions: a shorter one trains.
+  brief = tmp_path / "brief"
+  shutil.copytree(tokenizer_dir, brief)
+  config = json.loads((brief / "tokenizer_config.json").read_text())
+  config["chat_template"] = with_default_system_prompt(config["chat_template"], "Be brief.")
+  (brief / "tokenizer_config.json").write_text(json.dumps(config))
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    assert int(_train_next_stage(run, brief, tmp_path / "next").step) == 1
+  assert "same tokens; another chat template" in caplog.text and "train.init_from" in caplog.text
+  assert load_tokenizer(tmp_path / "next" / "tokenizer").chat_template == config["chat_template"]
+  _train_next_stage(run, tokenizer_dir, tmp_path / "next", num_steps=2)  # resumed with the phi-4 one
+  assert load_tokenizer(tmp_path / "next" / "tokenizer").chat_template == CHAT_TEMPLATES["phi-4"]
+
+
+def test_a_tokenizer_that_splits_text_into_other_ids_is_refused(trained_run, tmp_path):
+  """The same vocabulary and chat template with other merges (or normalizer, pre-tokenizer, BOS) encodes text into
+  other ids: refused by a next stage and by eval as another vocabulary is."""
+  from phi_jax.hf.tokenizer import load_tokenizer
+
+  run, tokenizer_dir = trained_run
+  merges = tmp_path / "merges"
+  shutil.copytree(tokenizer_dir, merges)
+  spec = json.loads((merges / "tokenizer.json").read_text())
+  spec["model"]["merges"] = spec["model"]["merges"][:len(spec["model"]["merges"]) // 4]
+  (merges / "tokenizer.json").write_text(json.dumps(spec))
+  tokenizer = load_tokenizer(merges)
+  assert tokenizer.get_vocab() == load_tokenizer(tokenizer_dir).get_vocab()
+  refused = r"encodes text into other ids than the tokenizer {}=.* was trained with \(.*/run/tokenizer: the same " \
+            r"vocabulary, but a probe text's ids first differ at position \d+"
+  with pytest.raises(ValueError, match=refused.format("train.init_from")):
+    common.check_tokenizer_matches_start(tokenizer, str(merges), "train.init_from", str(run))
+  with pytest.raises(ValueError, match=refused.format("--init_from")):
+    _load_policy(run, f"data.tokenizer='{merges}'")
+
+
+def test_a_run_from_before_runs_kept_their_tokenizer_loads_as_before(trained_run, tmp_path, caplog):
+  """A run with no copy of its tokenizer (params/ and config.gin alone) is compared with the files at its config's
+  data.tokenizer path, as before."""
+  run, _ = trained_run
+  old = tmp_path / "old"
+  shutil.copytree(run / "params", old / "params")
+  shutil.copy(run / "config.gin", old / "config.gin")
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    config, _, tokenizer = _load_policy(old)
+  assert len(tokenizer) <= config.vocab_size and not caplog.text
 
 
 def _stub_generate_text(finished):
