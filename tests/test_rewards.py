@@ -651,6 +651,87 @@ def test_a_price_is_dropped_only_beside_its_restatement(pool):
   assert verdicts == expected
 
 
+def test_alternatives_in_units_restate_one_quantity_only_where_their_values_agree(pool):
+  """Alternatives in units of one dimension restate one quantity only where their values agree once converted
+  ("3 hours (or 180 minutes)"); in other units or count nouns ("8 pies (or 9 cakes)") they are rival values unless
+  their numbers are equal. After a bracketed hedge, a word that is no unit goes ("13 if we count ...")."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"The answer is 8 pies (or 9 cakes).": "8 or 9",
+             "The answer is 12 apples (or 13 if we count the rotten one).": "12 or 13",
+             "The answer is 18 km (or 20 for the other case).": "18 or 20",
+             "$\\boxed{150 \\text{ minutes} (or 2.5 hours)}$": "150 minutes or 2.5 hours"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  right = [("The answer is 3 hours (or 180 minutes).", "3"), ("The answer is 3 hours (or 180 minutes).", "180"),
+           ("The answer is 5 cm (or 50 mm).", "50"), ("The answer is 2 kg (or 2000 g).", "2"),
+           ("The answer is $5 \\text{ cm}$ or $50 \\text{ mm}$.", "50"),
+           ("$\\boxed{150 \\text{ minutes} (or 2.5 hours)}$", "150"), ("The answer is 12 apples (or 12 pears).", "12"),
+           ("The answer is 1 mile (or 1.61 km).", "1")]
+  wrong = [("The answer is 3 hours (or 150 minutes).", "3"), ("The answer is 5 cm (or 60 mm).", "5"),
+           ("Final answer: 45 minutes (or 1 hour).", "45"), ("The answer is 8 pies (or 9 cakes).", "8"),
+           ("The answer is 12 apples (or 13 if we count the rotten one).", "12"),
+           ("The answer is 18 km (or 20 for the other case).", "18"), ("$\\boxed{3 hours (or 150 minutes)}$", "3"),
+           ("The answer is 3 hours (or 4 cm).", "3"), ("The answer is $5 \\text{ cm}$ or $60 \\text{ mm}$.", "5"),
+           ("The answer is 1 mile (or 1.62 km).", "1")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_an_exact_value_and_its_rounded_decimal_restate_one_value(pool):
+  """A decimal or percent with d decimal places (two significant digits at least) restates a value that rounds to
+  it at d places ("$\\pi$, or $3.14$"), so either is right; "5 or 6" and "\\pi or 3" stay hedges."""
+  right = [("The answer is thus $\\frac{2}{3}$ or $66.7\\%$.", "\\frac{2}{3}"),
+           ("The answer is therefore $\\pi$, or $3.14$.", "\\pi"),
+           ("The answer is therefore $\\pi$, or $3.14$.", "3.14"),
+           ("The answer is $\\sqrt{2}$ (or $1.414$).", "\\sqrt{2}")]
+  wrong = [("The answer is $\\pi$ or $3$.", "\\pi"), ("The answer is $\\pi$ or $3.15$.", "\\pi"),
+           ("The answer is $5$ or $6$.", "5"), ("The answer is $\\frac{2}{3}$ or $66.6\\%$.", "\\frac{2}{3}"),
+           ("The answer is $\\frac{1}{30}$ or $0.03$.", "\\frac{1}{30}")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_formula_of_logic_keeps_its_lor(pool):
+  """`\\lor` between formulas of logic is no hedge: the formula matches itself, and a list does not match it."""
+  right = [("$\\boxed{\\neg p \\lor q}$", "\\neg p \\lor q"),
+           ("The answer is $(p \\land q) \\lor r$.", "(p \\land q) \\lor r")]
+  wrong = [("$\\boxed{A, B}$", "A \\lor B")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_price_beside_math_or_in_cents_with_separators_is_compared(pool):
+  """A price is dropped only beside a percent or a unit word; beside other math it is a rival value ("$\\$2$ or
+  $\\frac{5}{2}$"), and beside its value in cents it restates it, thousands separators and a sign included."""
+  right = [("The cost is $\\$1,200$ or $120000$.", "1200"), ("The cost is $-\\$5$ or $-500$.", "-5"),
+           ("The cost is $\\$2.50$ or $\\frac{5}{2}$.", "\\frac{5}{2}")]
+  wrong = [("The cost is $\\$2$ or $\\frac{5}{2}$.", "\\frac{5}{2}"), ("The cost is $\\$3$ or $\\sqrt{16}$.", "4"),
+           ("$\\boxed{\\$3 (or \\frac{7}{2})}$", "\\frac{7}{2}"), ("The cost is $\\$3$ or $+4$.", "4"),
+           ("The cost is $\\$1,200$ or $130000$.", "1200")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_degree_signs_spaced_or_between_boxes_and_grouped_repeating_decimals(pool):
+  """"°" reads as `^\\circ` on both sides; "or" between boxes joins them with LaTeX spacing around it
+  ("\\quad \\text{or} \\quad", "\\;", "~"); a repeating decimal with thousands separators is one number."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"$\\boxed{2}$ \\quad \\text{or} \\quad $\\boxed{3}$": "2 or 3",
+             "$$\\boxed{5} \\qquad \\text{or} \\qquad \\boxed{6}$$": "5 or 6",
+             "\\boxed{5} \\; \\text{or} \\; \\boxed{6}": "5 or 6", "\\boxed{5}~\\text{or}~\\boxed{6}": "5 or 6",
+             "\\boxed{5} \\quad \\text{which is wrong, so} \\quad \\boxed{6}": "6"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  right = [("The angle is $90°$, or $\\frac{\\pi}{2}$.", "90"),
+           ("The angle is $90°$, or $\\frac{\\pi}{2}$.", "\\frac{\\pi}{2}"), ("$\\boxed{90°}$", "90"),
+           ("$\\boxed{\\frac{\\pi}{2} (or 90°)}$", "90"), ("$\\boxed{90^\\circ}$", "90°"),
+           ("$\\boxed{1000.\\overline{3}}$", "1,000.\\overline{3}"),
+           ("$\\boxed{1,000.\\overline{3}}$", "\\frac{3001}{3}")]
+  wrong = [("The angle is $90°$, or $\\frac{\\pi}{3}$.", "90"), ("$\\boxed{5} \\; \\text{or} \\; \\boxed{6}$", "6"),
+           ("$\\boxed{5}~\\text{or}~\\boxed{6}$", "6"), ("$\\boxed{2}$ \\quad \\text{or} \\quad $\\boxed{3}$", "3"),
+           ("$\\boxed{1, \\frac{1}{3}}$", "1,000.\\overline{3}")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
 
 MEGABYTE = 1 << 20
 PATHOLOGICAL = {
@@ -679,6 +760,11 @@ PATHOLOGICAL = {
     # LaTeX thousands spaces dropped, but not after an exponent or index
     ("12\\,345\\,678", "12345678"), ("1~000", "1000"), ("2^3\\,456", "2^3\\,456"), ("10^{2\\,500}", "10^{2\\,500}"),
     ("x_1\\,000", "x_1\\,000"), ("1\\,2345", "1\\,2345"),
+    # a logical "or" joins a hedge only between values; a formula of logic keeps it
+    ("5 \\lor 6", "5 or 6"), ("x = 5 \\vee x = -6.5", "x = 5 or x = -6.5"), ("x > 2 \u2228 x < 1", "x > 2 or x < 1"),
+    ("\\neg p \\lor q", "\\neg p \\lor q"), ("(p \\land q) \\lor r", "(p \\land q) \\lor r"),
+    ("A \\vee B", "A \\vee B"),
+    ("90°", "90^{\\circ}"),
     # left alone: LaTeX, words containing "pi", exponents past the bound, "e" inside expressions
     ("\\pi", "\\pi"), ("\\frac{\\pi}{2}", "\\frac{\\pi}{2}"), ("spin", "spin"), ("\\epsilon", "\\epsilon"),
     ("1e999", "1e999"), ("3e-2x", "3e-2x"), ("2e", "2e"), ("1e3e4", "1e3e4"), ("e3", "e3"), ("12", "12"),

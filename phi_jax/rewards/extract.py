@@ -33,8 +33,9 @@ order of preference:
    "(9 * 2)" after a number), and a number followed only by words is the number ("1,200 people" -> 1200) unless a
    word changes its value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays
    two answers, which match no single gold, as do "12 (or thirteen)" and a bound "5 (or more)", and an alternative
-   that is not a plain number is dropped ("1/2 (or 50%)"); a unit word stays only where each alternative has one
-   ("150 minutes (or 2.5 hours)", one quantity restated; "12 apples (or 13)" -> "12 or 13");
+   that is not a plain number is dropped ("1/2 (or 50%)"); a word after the numbers stays only where the answer has
+   one and the alternative's is a unit (`UNIT_SIZES`: "150 minutes (or 2.5 hours)", which the verifier converts;
+   "12 apples (or 13)", "8 pies (or 9 cakes)" -> "12 or 13", "8 or 9");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`), where a `$` before a number is
    a price as in 2 (a `$$` never is), neither closing nor opening math, and a price after the last math is the
    answer ("We get $6 \\times 7 = 42$, so she earns $42." -> 42), taken with the math before it when "or" joins
@@ -43,15 +44,17 @@ order of preference:
 
 Several answers: math spans after a label, or boxes, joined by ",", "and" or "or" ("the answer is $5$ or $6$",
 "$\\boxed{2}$ and $\\boxed{3}$", "$2$, $3$, and $5$"; LaTeX layout and a hedge's adverb after "or" may stand
-between them: "\\quad\\text{or}\\quad", ", or maybe ") are one answer: a set, comma-separated ("2, 3, 5"), which
-matches the same set as gold; or, where "or" joins any two, a hedge, joined by `HEDGE_JOINER` ("5 or 6", as is
-"5 \\lor 6"), which the verifier grades right when its alternatives restate one value and any of them is the gold
-("$\\frac{1}{4}$, or $25\\%$" and 25; degrees restate radians, a price its value in cents), or when every
-alternative is the gold, or, as a whole, a gold of several answers ("x = 2 or x = 3" and "2, 3", but not the pair
-"(2, 3)"), so a hedge between values matches no single gold; an alternative it cannot compare (a number with a unit
-word beside plain numbers, a price beside a percent: "$\\$12$, or $20\\%$") is dropped, not taken as a rival
-value, but a price beside a plain number of another value is one ("$\\$5$ or $6$"). An inequality and an equation
-joined by "or" are no alternatives ("since $n > 0$ or $n = 5$" -> "n = 5").
+between them: "\\quad \\text{or} \\quad", "\\; \\text{or} \\;", ", or maybe ") are one answer: a set,
+comma-separated ("2, 3, 5"), which matches the same set as gold; or, where "or" joins any two, a hedge, joined by
+`HEDGE_JOINER` ("5 or 6", as is "5 \\lor 6"), which the verifier grades right when its alternatives restate one
+value and any of them is the gold ("$\\frac{1}{4}$, or $25\\%$" and 25; degrees restate radians, a price its value in
+cents, a decimal a value it rounds: "$\\pi$, or $3.14$"; units of one dimension a quantity where the values agree
+once converted), or when every alternative is the gold, or, as a whole, a gold of several answers ("x = 2 or x = 3"
+and "2, 3", but not the pair "(2, 3)"), so a hedge between values matches no single gold; an alternative it cannot
+compare (a number with a unit word beside plain numbers, a price beside a percent or a unit word: "$\\$12$, or
+$20\\%$") is dropped, not taken as a rival value, but a price beside other math of another value is one ("$\\$5$ or
+$6$", "$\\$2$ or $\\frac{5}{2}$"). An inequality and an equation joined by "or" are no alternatives ("since $n > 0$
+or $n = 5$" -> "n = 5").
 The last math (3) is joined so only when "or" joins any two of the spans ("So Ann has $5$ or $6$ apples." -> "5 or
 6", "$5$, $6$, or $7$" -> "5 or 6 or 7"): math that "and" or "," alone joins to it stays apart, since there it is
 mostly a derivation ("$a = 3$, $b = 7$, and $a + b = 10$." -> "a + b = 10"; "$12$ and $4$ is the remainder" -> 4).
@@ -61,7 +64,8 @@ The answer (and a gold answer) is then rewritten where plain-text notation would
 
 Model output is untrusted and may be a megabyte of noise, so every step is linear in the input or bounded by
 `max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, and regular expressions
-without repetition (`_RELATION`, `_INEQUALITY`, `_LOGICAL_OR`, run on an extracted span).
+without nested or adjacent repetition, which cannot backtrack far (`_RELATION`, `_INEQUALITY`, `_LOGICAL_OR`,
+`_HEDGED_VALUE`, `_LAYOUT`).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ import re
 from typing import Optional
 
 from phi_jax.rewards.think_format import ThinkFormat
+from phi_jax.rewards.verify_worker import UNIT_SIZES
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -91,6 +96,9 @@ _MAX_JOIN_GAP_CHARS = 24
 _JOINING_WORDS = frozenset((",", "and", "or"))
 # LaTeX spacing and text mode around those words, which do not part the answers: "\\quad\\text{or}\\quad".
 _LAYOUT_WORDS = frozenset(("quad", "qquad", "text", "textrm", "mbox"))
+# What a gap's length is measured without: LaTeX spacing, and text mode around words (kept), which may pad a worded
+# join ("\\quad \\text{or} \\quad", "\\; \\text{or} \\;").
+_LAYOUT = re.compile(r"\\(?:q?quad(?![A-Za-z])|[,;:! ])|~|\\(?:text|textrm|mbox)\{([A-Za-z ]*)\}")
 # How the alternatives of a hedge are joined in an extracted answer ("5 or 6"); a set's answers are joined by ", ".
 # The verifier's worker reads an answer with this at its top level as a hedge (`verify_worker.alternatives`).
 HEDGE_JOINER = " or "
@@ -187,6 +195,12 @@ _LOGICAL_OR = re.compile(r"\\(?:lor|vee)(?![A-Za-z])|\u2228")
 # apart: "∞x" -> "\\infty x"). "√(" becomes plain "sqrt(", which the parser reads with its argument.
 _UNICODE_MATH = (("√(", "sqrt("), ("√", "\\sqrt "), ("∞", "\\infty "), ("·", "\\cdot "), ("⋅", "\\cdot "),
                  ("≠", "\\neq "), ("≥", "\\geq "), ("≤", "\\leq "))
+# ... and a degree sign, which text mode ("25 \\text{ °C}") keeps as it is.
+_DEGREE_SIGN = ("°", "^{\\circ}")
+# An operand of a logical "or" that makes it a hedge: a number or a value of one variable ("5", "x = -6.5", "x > 2");
+# between other operands ("\\neg p \\lor q") it is logic.
+_HEDGED_VALUE = re.compile(r"(?:[A-Za-z]\s*(?:[=<>\u2260\u2264\u2265]|\\(?:le|ge|leq|geq|neq|ne|lt|gt)(?![A-Za-z]))"
+                           r"\s*)?-?(?:\d+(?:[.,]\d+)*|\\frac\{-?\d+\}\{\d+\})")
 
 
 def solution_section(completion: str, close_tag: str = THINK_CLOSE, open_tag: str = THINK_OPEN) -> str:
@@ -274,8 +288,8 @@ def _last_box(text: str, lo: int, hi: int, max_chars: int) -> Optional[tuple[int
 def _joins_answers(gap: str) -> bool:
   """Whether `gap`, the text between two answers, makes them one: only ",", "and", "or" (after which a hedge's
   adverb: ", or maybe "), brackets and LaTeX layout, on one line ("$ and $", ", ", " (or ",
-  "\\quad\\text{or}\\quad")."""
-  if len(gap) > _MAX_JOIN_GAP_CHARS or "\n" in gap:
+  "\\quad \\text{or} \\quad"), at most `_MAX_JOIN_GAP_CHARS` long without the layout (`_LAYOUT`)."""
+  if "\n" in gap or len(_LAYOUT.sub(r"\1", gap)) > _MAX_JOIN_GAP_CHARS:
     return False
   words = _gap_words(gap)
   adverbs = _HEDGE_ADVERBS if "or" in words else frozenset()
@@ -288,9 +302,10 @@ def _joined_by_or(gap: str) -> bool:
 
 
 def _gap_words(gap: str) -> list[str]:
-  """The words of `gap`, lower-case, a comma one of them, without brackets, braces, backslashes, dollar signs and
-  `_LAYOUT_WORDS` ("\\) or \\(" between inline math, "5 (or 6)", "\\quad\\text{or}\\quad")."""
-  for mark in "(){}\\$":
+  """The words of `gap`, lower-case, a comma one of them, without brackets, braces, backslashes, dollar signs, the
+  spacing marks ";", "!", "~" (of `\\;`, `\\!`, `~`) and `_LAYOUT_WORDS` ("\\) or \\(" between inline math, "5 (or
+  6)", "\\quad\\text{or}\\quad", "\\; \\text{or} \\;")."""
+  for mark in "(){}\\$;!~":
     gap = gap.replace(mark, " ")
   return [w for w in gap.lower().replace(",", " , ").split() if w not in _LAYOUT_WORDS]
 
@@ -553,13 +568,14 @@ def _hedged(before: str, words: list[str], keep_math: bool = False) -> Optional[
     first += 1
   if not first:
     return None
-  other, before = _alternative(words[first:], keep_math), before.rstrip()
+  other, before = _alternative(words[first:], keep_math), _without_text_command(before.rstrip())
   if other and _number_end(other) == len(other):
-    # Each with a unit word of its own, the two restate one quantity ("150 minutes (or 2.5 hours)"); a unit word on
-    # one side only goes, so that "12 apples (or 13)" stays a hedge between values.
+    # With a unit word on each side the two may restate one quantity ("150 minutes (or 2.5 hours)": the verifier
+    # converts them); an alternative's word that is no unit ("13 if we count ...", "9 cakes") goes, and a unit word
+    # on one side only, so that "12 apples (or 13)" stays a hedge between values.
     unit = words[first + 1] if first + 1 < len(words) and _number_end(words[first]) == len(words[first]) else ""
     number = _number_before_words(before, _MIN_UNIT_CHARS_IN_MATH if keep_math else 2)
-    if number != before and unit.isalpha():
+    if number != before and unit.lower() in UNIT_SIZES:
       other += " " + unit
     else:
       before = number
@@ -1041,9 +1057,11 @@ def latex_notation(answer: str) -> str:
   notation becomes its decimal ("1.5e-3" -> "0.0015"; only a whole answer, since "3e-2" inside an expression may
   be 3e - 2), "**" becomes "^", the Unicode symbols of `_UNICODE_MATH` ("√2", "∞", "3·4") their LaTeX, and "pi"
   standing alone (no letter or backslash before it, no letter after) becomes "\\pi", LaTeX spaces between
-  thousands groups are dropped ("1\\,000" -> "1000", which a parser reads as 1 * 0), a logical "or" joins a hedge
-  ("5 \\lor 6" -> "5 or 6", which the parser reads as 6) and `\\textrm{}`, `\\mbox{}` become `\\text{}`. Linear in
-  the answer's length, like the rest of this module.
+  thousands groups are dropped ("1\\,000" -> "1000", which a parser reads as 1 * 0), a logical "or" between numbers
+  or values of one variable joins a hedge ("5 \\lor 6", "x = 5 \\lor x = 6" -> "5 or 6", "x = 5 or x = 6", which
+  the parser reads as the last; "\\neg p \\lor q" stays logic), "°" becomes "^{\\circ}" in an answer without text
+  mode (which the verifier reads as degrees) and `\\textrm{}`, `\\mbox{}` become `\\text{}`. Linear in the
+  answer's length, like the rest of this module.
   """
   stripped = answer.strip()
   if ("e" in stripped or "E" in stripped) and set(stripped) <= _SCIENTIFIC_CHARS:
@@ -1054,10 +1072,10 @@ def latex_notation(answer: str) -> str:
     if value is not None and value.is_finite() and abs(value.adjusted()) <= _MAX_WRITTEN_OUT_EXPONENT:
       return format(value, "f")
   answer = _joined_digit_groups(_as_text_command(answer).replace("**", "^"))
-  alternatives = _LOGICAL_OR.split(answer)
-  if len(alternatives) > 1:
-    answer = HEDGE_JOINER.join(alternative.strip() for alternative in alternatives)
-  for symbol, latex in _UNICODE_MATH:
+  alternatives = [alternative.strip() for alternative in _LOGICAL_OR.split(answer)]
+  if len(alternatives) > 1 and all(_HEDGED_VALUE.fullmatch(alternative) for alternative in alternatives):
+    answer = HEDGE_JOINER.join(alternatives)
+  for symbol, latex in _UNICODE_MATH + (() if "\\text{" in answer else (_DEGREE_SIGN,)):
     answer = answer.replace(symbol, latex)
   pieces, start = [], 0
   at = answer.find("pi")

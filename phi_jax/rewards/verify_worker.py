@@ -8,18 +8,21 @@ the worker writes `{"ready": <pid>}` once warmed up, then answers each request `
 "soft_timeout_s"}` read from stdin with `{"id", "ok"}` on its original stdout; it exits at end of input. A `pred`
 that is a hedge ("a or b", see `alternatives`) is right when, as a whole, it is a gold of several answers (a set,
 not a pair or an interval); when its alternatives restate one value ("\\frac{1}{4} or 25\\%"; degrees restate
-radians, "\\frac{\\pi}{3} or 60^\\circ", and a price its value in cents, "\\$1.50 or 150") and any is the gold; or
-when every alternative is the gold. An alternative it cannot compare (unparsed, a number with a unit word, or a
-price beside what is not a plain number: "\\$12 or 20\\%") is dropped first, unless every one is; a price beside
-plain numbers is a rival value ("\\$5 or 6"); alternatives each in a unit of its own ("5 \\text{ cm} or 50 \\text{
-mm}") restate one quantity. A repeating decimal ("0.\\overline{3}") is read as its fraction. All of it runs within
-the request's one time limit.
+radians, "\\frac{\\pi}{3} or 60^\\circ", a price its value in cents, "\\$1.50 or 150", and a decimal a value it
+rounds, "\\pi or 3.14") and any is the gold; or when every alternative is the gold. An alternative it cannot compare
+(unparsed, a number with a unit word beside one without, or a price beside a percent or a unit word: "\\$12 or
+20\\%") is dropped first, unless every one is; a price beside other math is a rival value ("\\$5 or 6"). Alternatives
+each with a unit restate one quantity where their values agree once converted (`restated_in_units`: "5 \\text{ cm}
+or 50 \\text{ mm}", not "3 hours or 150 minutes" nor "8 pies or 9 cakes"). A repeating decimal ("0.\\overline{3}")
+is read as its fraction. All of it runs within the request's one time limit.
 
 math-verify's own timeouts use `signal.alarm`, which shares one timer with this worker's soft limit, so they are
 disabled and one `setitimer` per request bounds the whole parse-parse-verify. The soft limit interrupts Python
 code only; the parent's hard wall-clock kill covers everything else (long C-level integer arithmetic).
 """
 
+import decimal
+import fractions
 import functools
 import json
 import logging
@@ -88,13 +91,72 @@ def unit(answer: str):
   return "$" if match.group(1) else match.group(2).lower()
 
 
-# A plain number ("150", "-1,200.5"): beside such alternatives a price is a rival value ("\\$5 or 6"), not another
-# unit as beside "20\\%".
-_PLAIN_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# Units by dimension and their size in its smallest one here (`unit` reads words of two letters or more, lower-case):
+# alternatives in units of one dimension restate one quantity only where their values agree once converted.
+UNIT_SIZES = {word: (dimension, fractions.Fraction(size)) for dimension, sizes in (
+    ("time", ((1, "sec secs second seconds"), (60, "min mins minute minutes"), (3600, "hr hrs hour hours"),
+              (86400, "day days"), (604800, "week weeks"))),
+    ("length", ((1, "mm millimeter millimeters"), (10, "cm centimeter centimeters"),
+                (1000, "meter meters metre metres"), (10 ** 6, "km kilometer kilometers"), ("25.4", "in inch inches"),
+                ("304.8", "ft foot feet"), ("914.4", "yd yard yards"), (1609344, "mi mile miles"))),
+    ("mass", ((1, "mg"), (1000, "gram grams"), (10 ** 6, "kg kilogram kilograms"), ("28349.523125", "oz ounce ounces"),
+              ("453592.37", "lb lbs pound pounds"))),
+    ("volume", ((1, "ml milliliter milliliters"), (1000, "liter liters litre litres"))),
+    ("money", ((1, "cent cents"), (100, "$ dollar dollars")))) for size, words in sizes for word in words.split()}
+
+# The number of an alternative with a unit ("3 hours", "-\\$1,200"), which `UNIT_SIZES` converts.
+_AMOUNT = re.compile(r"(-?)\s*(?:\\\$)?\s*(\d[\d,]*(?:\.\d+)?)")
 
 
-# A repeating decimal ("0.1\\overline{6}"), which math-verify cannot read; the look-behind keeps the scan linear.
-_REPEATING_DECIMAL = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\s*(?:\{(\d+)\}|(\d))")
+def amount(answer: str):
+  """The number opening `answer` (a price's after its sign and `\\$`), without separators ("-1200"), or None."""
+  match = _AMOUNT.match(answer)
+  return None if match is None else match.group(1) + match.group(2).replace(",", "")
+
+
+# A decimal or a percent as written ("3.14", "66.7\\%"), which may be another alternative's value rounded.
+_ROUNDED = re.compile(r"(-?\d+(\.\d+)?)\s*(\\?%)?")
+
+
+def rounds_to(shown: str, value: decimal.Decimal) -> bool:
+  """Whether `shown`, a decimal with d places or a percent with two significant digits or more ("3" is no rounding
+  of pi), is `value` (in percent where `shown` is one) rounded to d places: "3.14" of pi, "66.7\\%" of 2/3."""
+  match = _ROUNDED.fullmatch(shown.strip())
+  if match is None or not (match.group(2) or match.group(3)):
+    return False
+  digits = match.group(1).replace("-", "").replace(".", "").lstrip("0")
+  shown_value = decimal.Decimal(match.group(1))
+  try:
+    rounded = (value * (100 if match.group(3) else 1)).quantize(shown_value, rounding=decimal.ROUND_HALF_UP)
+  except decimal.InvalidOperation:  # a value too large for the places shown
+    return False
+  return len(digits) >= 2 and rounded == shown_value
+
+
+def restated_in_units(options: list[str], units: list[str]) -> bool:
+  """Whether alternatives each with a unit restate one quantity: in units of one dimension of `UNIT_SIZES`, when
+  their values agree once converted, exactly or as one rounded ("3 hours or 180 minutes", "1 mile or 1.61 km", not
+  "3 hours or 150 minutes"); in units of several dimensions never ("3 hours or 3 cm"); with a unit outside the table
+  or a count noun ("8 pies or 9 cakes"), when their numbers are equal."""
+  amounts, sizes = [amount(option) for option in options], [UNIT_SIZES.get(u) for u in units]
+  if None in amounts:
+    return False
+  numbers = [fractions.Fraction(a) for a in amounts]
+  if None in sizes:
+    return len(set(numbers)) == 1
+  if len({dimension for dimension, _ in sizes}) > 1:
+    return False
+  values = [number * size for number, (_, size) in zip(numbers, sizes)]
+
+  def shown_as(i: int, value: fractions.Fraction) -> bool:  # alternative i is `value` rounded, in its own unit
+    in_its_unit = value / sizes[i][1]
+    return rounds_to(amounts[i], decimal.Decimal(in_its_unit.numerator) / decimal.Decimal(in_its_unit.denominator))
+  return all(values[i] == values[0] or shown_as(i, values[0]) or shown_as(0, values[i]) for i in range(1, len(options)))
+
+
+# A repeating decimal ("0.1\\overline{6}", "1,000.\\overline{3}"), which math-verify cannot read; the look-behind
+# keeps the scan linear.
+_REPEATING_DECIMAL = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+|\d*)\.(\d*)\\overline\s*(?:\{(\d+)\}|(\d))")
 
 
 def as_fractions(answer: str) -> str:
@@ -102,7 +164,7 @@ def as_fractions(answer: str) -> str:
   "0.1\\overline{6}" -> "\\frac{15}{90}" (its digits with the repeating part, less those without, over as many 9s as
   repeating digits and 0s as other decimals)."""
   def fraction(match) -> str:
-    whole, fixed, repeating = match.group(1), match.group(2), match.group(3) or match.group(4)
+    whole, fixed, repeating = match.group(1).replace(",", ""), match.group(2), match.group(3) or match.group(4)
     numerator = int(whole + fixed + repeating) - int(whole + fixed or "0")
     return "\\frac{%d}{%s}" % (numerator, "9" * len(repeating) + "0" * len(fixed))
   return _REPEATING_DECIMAL.sub(fraction, answer)
@@ -110,14 +172,17 @@ def as_fractions(answer: str) -> str:
 
 # A degree sign: "60^\\circ", "60^{\\circ}", "60°".
 _DEGREES = re.compile(r"\^\s*(?:\\circ|\{\s*\\circ\s*\})|\u00b0")
+# A thousands separator: "1,200".
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 def in_one_unit(answer: str) -> str:
   """`answer` with an angle in degrees in radians ("60^\\circ" -> "60 \\cdot \\frac{\\pi}{180}") and a price in cents
   ("\\$1.50" -> "100 \\cdot 1.50"), so that two alternatives in those units compare: math-verify reads "60^\\circ" as
-  60 and "\\$1.50" as 1.50."""
-  answer = _DEGREES.sub(lambda _: " \\cdot \\frac{\\pi}{180}", answer)
-  return "100 \\cdot " + answer[2:] if answer.startswith("\\$") else answer
+  60 and "\\$1.50" as 1.50. Thousands separators go ("\\$1,200" -> "100 \\cdot 1200"), and a sign stays a sign."""
+  answer = _THOUSANDS.sub("", _DEGREES.sub(lambda _: " \\cdot \\frac{\\pi}{180}", answer))
+  sign = "-" if answer.startswith("-\\$") else ""
+  return sign + "100 \\cdot " + answer[len(sign) + 2:] if answer.startswith(sign + "\\$") else answer
 
 
 def _exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
@@ -184,26 +249,41 @@ def main() -> None:
     # A hedge: as a whole, a gold of several answers ("x = 2 or x = 3" is the gold "2, 3").
     if has_several_answers(gold) and is_equivalent(gold, ", ".join(options)):
       return True
-    # An alternative this cannot compare (unread, or a number with a unit word: "1200 meters or 3") is no rival
-    # value, nor a price beside another form ("\\$12 or 20\\%"); beside plain numbers a price is compared ("\\$5 or
-    # 6" is a hedge). Alternatives each in a unit of its own ("5 \\text{ cm} or 50 \\text{ mm}") restate one quantity.
+    # Alternatives each with a unit restate one quantity where their values agree ("5 \\text{ cm} or 50 \\text{
+    # mm}"). Otherwise an alternative this cannot compare (unread, or a number with a unit word: "1200 meters or 3")
+    # is no rival value, nor a price beside a percent or a unit word ("\\$12 or 20\\%"); beside other math a price
+    # is compared ("\\$5 or 6", "\\$2 or \\frac{5}{2}" are hedges).
     units = [unit(option) for option in options]
-    plain = all(_PLAIN_NUMBER.fullmatch(option) for option, u in zip(options, units) if u is None)
-    comparable = [option for option, u in zip(options, units) if (u is None or u == "$" and plain) and is_math(option)]
-    in_own_units = None not in units and len(set(units)) == len(units)
-    options = comparable or options
-    if len(options) == 1:
-      return is_equivalent(gold, options[0])
+    if None in units:
+      price_compared = not any(u not in (None, "$") or "%" in option for option, u in zip(options, units))
+      comparable = [o for o, u in zip(options, units) if (u is None or u == "$" and price_compared) and is_math(o)]
+      options = comparable or options
+      if len(options) == 1:
+        return is_equivalent(gold, options[0])
     # Alternatives of one value restate it ("\\frac{1}{4} or 25\\%", "\\frac{\\pi}{3} or 60^\\circ", "\\$1.50 or 150"
-    # in cents): right when any is the gold. Of different values ("5 or 6"), right only when every one is the gold,
-    # which no single gold is.
-    restated = in_own_units or all(is_same_value(options[0], option) for option in options[1:])
+    # in cents, "\\pi or 3.14" rounded): right when any is the gold. Of different values ("5 or 6"), right only when
+    # every one is the gold, which no single gold is.
+    restated = (restated_in_units(options, units) if None not in units
+                else all(is_same_value(options[0], option) for option in options[1:]))
     return (any if restated else all)(is_equivalent(gold, option) for option in options)
 
   def is_same_value(a: str, b: str) -> bool:
     # Degrees and prices compared as such only after the plain reading fails ("60^\\circ" is 60, too).
     in_one = in_one_unit(a), in_one_unit(b)
-    return is_equivalent(a, b) or (in_one != (a, b) and is_equivalent(*in_one))
+    return (is_equivalent(a, b) or (in_one != (a, b) and is_equivalent(*in_one)) or is_rounded(a, b)
+            or is_rounded(b, a))
+
+  def is_rounded(shown: str, exact: str) -> bool:
+    # "3.14" of "\\pi": sympy evaluates the exact value, `rounds_to` rounds it as `shown` is written.
+    if _ROUNDED.fullmatch(shown.strip()) is None:
+      return False
+    parsed = parse_answer(exact)
+    if not parsed or not getattr(parsed[0], "is_number", False):
+      return False
+    try:
+      return rounds_to(shown, decimal.Decimal(str(parsed[0].evalf(30))))
+    except (decimal.InvalidOperation, TypeError, ValueError):  # a complex or infinite value has no decimal
+      return False
 
   # Warm the LaTeX parser, sympy's lazily imported simplification and set code before declaring readiness, so the
   # first real answers are not charged for it.
