@@ -1234,17 +1234,66 @@ def _check_reference_readable(settings: dict, hf_path: Optional[str]) -> None:
     check_policy_dir(source, name)
   else:
     _check_is_dir(name, source)
+  def unreadable(e: OSError):
+    raise ValueError(f"{name}={source!r}: this process cannot read {e.filename} ({e.strerror or e}): make the "
+                     "reference params readable on every host") from e
+
   params = os.path.join(source, "params")
-  # A run's params/ are read from all its folders; a transformers checkpoint from its top folder only.
-  folders = os.walk(params) if os.path.isdir(params) else [(source, [], os.listdir(source))]
-  for folder, _, names in folders:
-    for file in (os.path.join(folder, n) for n in names):
-      try:
-        if os.path.isfile(file):
-          open(file, "rb").close()
-      except OSError as e:
-        raise ValueError(f"{name}={source!r}: this process cannot read {file} ({e.strerror or e}): make the "
-                         "reference params readable on every host") from e
+  if os.path.isdir(params):  # a run's params/ are read from all its folders (one not listed fails Orbax's restore)
+    files = [os.path.join(folder, n) for folder, _, names in os.walk(params, onerror=unreadable) for n in names]
+  else:
+    files = _hf_files_loaded(source)
+  for file in files:
+    try:
+      if os.path.isfile(file):
+        open(file, "rb").close()
+    except OSError as e:
+      unreadable(e)
+
+
+def _hf_files_loaded(source: str) -> list[str]:
+  """The files of a transformers checkpoint that `load_hf` reads: config.json and the weights (the shards an index
+  names, else model.safetensors). Others beside them (a trainer's training_args.bin) are never opened."""
+  from phi_jax.hf.checkpoint import INDEX_FILE, SINGLE_FILE
+  files = [os.path.join(source, "config.json")]
+  index = os.path.join(source, INDEX_FILE)
+  if not os.path.isfile(index):
+    return files + [os.path.join(source, SINGLE_FILE)]
+  try:
+    with open(index, "rb") as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):  # opened again below, or named by the load
+    shards = []
+  return files + [index] + [os.path.join(source, shard) for shard in shards]
+
+
+def _agreed_copies(pair_files: dict, start: Optional[str]) -> tuple[dict, list]:
+  """({key: content digests of the pair file `pair_files[key]`}, `_params_fingerprint(start)`), process 0's on
+  every process; a copy of a pair file whose contents differ from process 0's is refused on every process.
+
+  Each host reads its own copy for the precompute pass: its devices' rows would be scored from it, and process 0
+  would write them against its own pairs. Copies of the params on hosts with disks of their own have mtimes of
+  their own: with process 0's fingerprint every process decides alike whether a reference file is current, and so
+  whether to load the reference (collectives) and which files to compute again."""
+  digests = fingerprint = error = None
+  try:
+    digests = [content_digests([path]) for path in pair_files.values()]
+    fingerprint = _params_fingerprint(start) if jax.process_index() == 0 else None
+  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+    error = e
+  distributed.raise_if_any_failed(error, "reading the DPO pair files and the reference params' files")
+  gathered = distributed.allgather_json([digests, fingerprint])
+  first, mine = gathered[0][0], gathered[jax.process_index()][0]
+  # The contents decide: another host may name the same file another way (a glob, a mount point).
+  differ = [key for key, a, b in zip(pair_files, mine, first) if [d for _, d in a] != [d for _, d in b]]
+  if differ:
+    kind, i = differ[0]
+    error = ValueError(f"data.{kind}_files[{i}]={pair_files[differ[0]]!r} holds other pairs on this process than on "
+                       "process 0: each process scores its share of the reference pass (dpo.reference='precompute') "
+                       "from its own copy, and process 0 writes the scores against its pairs; copy the same file to "
+                       "every host")
+  distributed.raise_if_any_failed(error, "comparing each host's copy of the DPO pair files")
+  return dict(zip(pair_files, first)), gathered[0][1]
 
 
 def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict, settings: dict,
@@ -1264,7 +1313,8 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   error = None
   try:
     _check_pair_files(train_files, eval_files)
-    _check_reference_readable(settings, hf_path)
+    if cfg["reference"] != "precomputed":  # that mode loads no reference (a resumed run, init_from since moved)
+      _check_reference_readable(settings, hf_path)
     if cfg["reference"] == "precompute":
       os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
   except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
@@ -1286,9 +1336,11 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
     # What the reference log-probs depend on, kept beside each file: a file computed under other settings (another
     # system prompt, starting point, tokenizer, length rule, or a changed pair file) is computed again.
     start = settings["init_from"] or hf_path
-    made_with = {key: dict(pairs_file=content_digests([(train_files if key[0] == "train" else eval_files)[key[1]]]),
+    pair_digests, fingerprint = _agreed_copies(
+        {key: (train_files if key[0] == "train" else eval_files)[key[1]] for key in outputs}, start)
+    made_with = {key: dict(pairs_file=pair_digests[key],
                            reference_params=start or f"random init, seed {settings['loop'].seed}",
-                           reference_files=_params_fingerprint(start), tokenizer=data_cfg["tokenizer"],
+                           reference_files=fingerprint, tokenizer=data_cfg["tokenizer"],
                            tokenizer_size=len(tokenizer), tokenizer_id=preference.tokenizer_id(tokenizer),
                            system_prompt=data_cfg["system_prompt"],
                            seq_len=data_cfg["seq_len"], too_long=cfg["too_long"],

@@ -755,3 +755,69 @@ def test_precompute_refuses_a_batch_the_mesh_does_not_split(setup, tmp_path):
                                      batch_size=batch_size, microbatches=microbatches, chunk_size=CHUNK,
                                      out_file=str(tmp_path / "pairs.ref.jsonl"), mesh=mesh)
   assert not os.listdir(tmp_path)
+
+
+def test_precomputed_mode_resumes_once_its_starting_params_are_gone(setup, tmp_path):
+  """dpo.reference='precomputed' loads no reference: train.init_from moved away (a resumed run trains from its
+  checkpoints) is no reason to refuse it."""
+  scored = str(tmp_path / "pairs.ref.jsonl")
+  dpo.precompute_reference_logps(setup["path"], setup["params"], CONFIG, setup["tokenizer"], seq_len=SEQ,
+                                 batch_size=BATCH, chunk_size=CHUNK, out_file=scored, too_long="truncate_prompt")
+  workdir = _workdir(setup, "precomputed_start_gone")
+  bindings = _precompute_bindings(setup, str(tmp_path / "moved_away"), scored, **{"dpo.reference": "precomputed"})
+  _, train_data, _ = _precompute(setup, workdir, bindings)
+  assert set(preference.REFERENCE_FIELDS) <= set(next(train_data))
+
+
+def _refusing_to_open(monkeypatch, *unreadable):
+  """Makes `common`'s open fail as a file without read permission does (the tests may run as root, whom permissions
+  do not bind) for the files named `unreadable`; returns the paths it was asked to open."""
+  opened = []
+
+  def fake_open(path, *args, **kwargs):
+    opened.append(os.path.basename(path))
+    if os.path.basename(path) in unreadable:
+      raise PermissionError(13, "Permission denied", path)
+    return open(path, *args, **kwargs)
+
+  monkeypatch.setattr(common, "open", fake_open, raising=False)
+  return opened
+
+
+@pytest.mark.parametrize("name", ["train.init_from", "model.hf_path"])
+def test_reference_check_opens_only_the_files_a_transformers_checkpoint_is_loaded_from(setup, tmp_path, monkeypatch,
+                                                                                        name):
+  """Files beside the weights that the loader never reads (a trainer's training_args.bin, optimizer.pt) may be
+  unreadable; the weights and config.json may not."""
+  start = str(tmp_path / "hf")
+  phi_jax.save_hf(start, CONFIG, setup["params"])
+  for extra in ("training_args.bin", "optimizer.pt"):
+    with open(os.path.join(start, extra), "wb") as f:
+      f.write(b"\0")
+  settings, hf_path = ({"init_from": start}, None) if name == "train.init_from" else ({"init_from": None}, start)
+  opened = _refusing_to_open(monkeypatch, "training_args.bin", "optimizer.pt")
+  common._check_reference_readable(settings, hf_path)
+  assert {"config.json", "model.safetensors"} <= set(opened), opened
+  monkeypatch.undo()
+  _refusing_to_open(monkeypatch, "model.safetensors")
+  with pytest.raises(ValueError, match=rf"{name}=.*cannot read .*model.safetensors \(Permission denied\): make the "
+                     "reference params readable on every host"):
+    common._check_reference_readable(settings, hf_path)
+
+
+def test_reference_check_refuses_a_folder_of_params_it_cannot_list(start_run, monkeypatch):
+  """A folder of a run's params/ this process cannot list would fail the load inside Orbax's restore (a collective),
+  where the other processes cannot be told."""
+  params = os.path.join(start_run, "params")
+  folder = next(os.path.join(params, n) for n in sorted(os.listdir(params)) if os.path.isdir(os.path.join(params, n)))
+  scandir = os.scandir
+
+  def unlistable(path=".", *args):
+    if os.fspath(path) == folder:
+      raise PermissionError(13, "Permission denied", folder)
+    return scandir(path, *args)
+
+  monkeypatch.setattr(os, "scandir", unlistable)
+  with pytest.raises(ValueError, match=rf"train.init_from=.*cannot read {folder} \(Permission denied\): make the "
+                     "reference params readable on every host"):
+    common._check_reference_readable({"init_from": start_run}, None)

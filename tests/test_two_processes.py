@@ -53,6 +53,57 @@ def _jax_env(devices: int) -> dict:
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices), PYTHONUNBUFFERED="1")
 
 
+def _as_process(monkeypatch, index: int, gathered: list) -> list:
+  """Makes `distributed` act as process `index` of two whose gathers return `gathered` (this process's own value
+  put in its place); returns the values this process sent."""
+  from phi_jax.sharding import distributed
+  sent = []
+
+  def gather(value):
+    sent.append(value)
+    return [value if i == index else other for i, other in enumerate(gathered)]
+
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(distributed.jax, "process_index", lambda: index)
+  monkeypatch.setattr(distributed, "allgather_json", gather)
+  monkeypatch.setattr(distributed, "any_process", lambda *flags: (True,) * len(flags))
+  return sent
+
+
+def test_an_error_agreed_on_once_is_raised_again_without_a_second_exchange(monkeypatch):
+  """A set-up check inside the run's own check: the error it raised on every process is raised again by the outer
+  one as it is; exchanged again, the failed process's log ended with a note that process 0 had failed too, and
+  every other error was named twice. An error `any_process_or_raise` raised (every process stops at one batch, no
+  texts exchanged) is exchanged once, its cause named to the others and the others' "another process failed" to
+  none."""
+  from phi_jax.sharding import distributed
+  empty = "ValueError: pairs.jsonl holds no preference pairs"
+  sent = _as_process(monkeypatch, 1, [None, None])
+  with pytest.raises(ValueError) as raised:
+    distributed.raise_if_any_failed(ValueError("pairs.jsonl holds no preference pairs"), "checking the pair files")
+  with pytest.raises(ValueError) as again:
+    distributed.raise_if_any_failed(raised.value, "opening the training data")
+  assert again.value is raised.value and len(sent) == 1 and not getattr(raised.value, "__notes__", None)
+  sent = _as_process(monkeypatch, 0, [None, empty])
+  with pytest.raises(RuntimeError, match=r"failed on process\(es\) \[1\]") as raised:
+    distributed.raise_if_any_failed(None, "checking the pair files")
+  with pytest.raises(RuntimeError) as again:
+    distributed.raise_if_any_failed(raised.value, "opening the training data")
+  assert again.value is raised.value and len(sent) == 1 and not getattr(raised.value, "__notes__", None)
+  # Read batch by batch: process 0 learns the cause from process 1, process 1 nothing from process 0.
+  peer = "RuntimeError: another process failed to read its copy"
+  sent = _as_process(monkeypatch, 0, [None, "DataError: pairs.jsonl:11: invalid JSON"])
+  with pytest.raises(RuntimeError, match="another process failed to read its copy of pairs.jsonl") as raised:
+    distributed.any_process_or_raise(None, "read its copy of pairs.jsonl", False)
+  with pytest.raises(RuntimeError) as again:
+    distributed.raise_if_any_failed(raised.value, "opening the training data")
+  assert again.value.__notes__ == ["process 1: DataError: pairs.jsonl:11: invalid JSON"]
+  _as_process(monkeypatch, 1, [sent[0], None])
+  with pytest.raises(ValueError) as raised:
+    distributed.raise_if_any_failed(ValueError("pairs.jsonl:11: invalid JSON"), "opening the training data")
+  assert peer in json.dumps(sent[0]) and not getattr(raised.value, "__notes__", None)
+
+
 @pytest.mark.slow
 def test_an_error_on_one_process_before_the_first_step_stops_both_naming_it(tmp_path):
   """Process 1 alone fails: a bad pair record read for DPO's in-step reference pass (was a collective mismatch that
@@ -128,14 +179,10 @@ def _dpo_case(tmp_path, case) -> tuple[list[str], str]:
     phi_jax.save_hf(tmp_path / "process0" / "start", tiny, phi_jax.init_params(tiny, jax.random.key(0)))
     bindings.append("--gin_param=train.init_from='start'")
     where = "train.init_from='start': no such directory"
-  elif case == "bad_pair_in_precompute":  # process 1's copy turns bad in the second batch of 8 its pass reads
-    mine[1] = pairs[:10] + ["{"] + pairs[11:]
+  else:  # process 1's copy lacks the last 4 pairs: 2 batches of 8 pairs on both, its rows scored from other pairs
+    mine[1] = pairs[:12]
     bindings.append("--gin_param=dpo.reference='precompute'")
-    where = "pairs.jsonl:11: invalid JSON"
-  else:  # process 1's copy ends after the first batch of 8 pairs
-    mine[1] = pairs[:8]
-    bindings.append("--gin_param=dpo.reference='precompute'")
-    where = "pairs.jsonl holds more pairs on some processes than on others"
+    where = "data.train_files[0]='pairs.jsonl' holds other pairs on this process than on process 0"
   for process, lines in mine.items():
     os.makedirs(tmp_path / f"process{process}", exist_ok=True)
     _write_lines(tmp_path / f"process{process}" / "pairs.jsonl", lines)
@@ -143,14 +190,14 @@ def _dpo_case(tmp_path, case) -> tuple[list[str], str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["empty_pair_file", "reference_missing", "bad_pair_in_precompute",
-                                  "shorter_copy_in_precompute"])
+@pytest.mark.parametrize("case", ["empty_pair_file", "reference_missing", "shorter_copy_in_precompute"])
 def test_dpo_set_up_that_fails_on_one_process_stops_both_naming_it(tmp_path, case):
   """DPO's set-up on one host alone failing: its pair file empty or its reference params (train.init_from) missing
-  there, found before the reference params are loaded and summed (collectives), or a bad record in its copy of the
-  pairs half-way through the precompute pass (a collective per batch). The other process failed after a gloo
-  timeout naming no cause, aborted, or waited in the pass until killed; both stop at once now, each naming the
-  error. A copy of the pairs shorter on one host is refused on both."""
+  there, found before the reference params are loaded and summed (collectives). The other process failed after a
+  gloo timeout naming no cause, or aborted; both stop at once now, each naming the error. A copy of the pairs that
+  differs on one host is refused on both before the precompute pass (one as long in batches was scored from each
+  host's own copy, and written against process 0's pairs). The failed process's log names its own error alone: not
+  the other's error saying that it failed, as if both had, nor its own error twice."""
   bindings, where = _dpo_case(tmp_path, case)
   codes, outputs = two_processes.run_to_exit(
       [sys.executable, "-c", _FROM_OWN_DIRECTORY, str(tmp_path), TRAIN,
@@ -158,8 +205,33 @@ def test_dpo_set_up_that_fails_on_one_process_stops_both_naming_it(tmp_path, cas
        f"--workdir={tmp_path / 'run'}", "--gin_param=train.num_steps=2", *bindings], _jax_env(4), 120,
       " (one waiting in a collective the other never reached)")
   assert all(code == 1 for code in codes), (codes, [out[-2000:] for out in outputs])  # raised, not aborted
-  assert where in outputs[1], outputs[1][-2000:]
-  # Checked once at start-up, the errors are exchanged; checked at every batch, they are named in a note at the end.
-  other = {"bad_pair_in_precompute": "another process failed to read",
-           "shorter_copy_in_precompute": where}.get(case, "process(es) [1]")
-  assert other in outputs[0] and where in outputs[0], outputs[0][-2000:]
+  assert outputs[1].count(where) == 1 and "process 0: RuntimeError" not in outputs[1], outputs[1][-2000:]
+  assert "process(es) [1]" in outputs[0] and outputs[0].count(where) == 1, outputs[0][-2000:]
+
+
+@pytest.mark.slow
+def test_a_precompute_run_resumes_with_each_host_holding_its_own_copy_of_the_start(tmp_path):
+  """Hosts with disks of their own hold copies of train.init_from with the same bytes but other mtimes: each judged
+  the precomputed reference file by its own copy's, and where one alone saw them changed, it alone loaded the
+  reference to compare its digest (collectives the others never ran: a resumed run aborted). Resumed, both agree."""
+  import jax
+  import phi_jax
+  tiny = phi_jax.presets["tiny"]
+  pairs = [json.dumps({"prompt": f"What is {i} + {i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1)})
+           for i in range(16)]
+  for process in (0, 1):
+    os.makedirs(tmp_path / f"process{process}")
+    _write_lines(tmp_path / f"process{process}" / "pairs.jsonl", pairs)
+    start = tmp_path / f"process{process}" / "start"
+    phi_jax.save_hf(start, tiny, phi_jax.init_params(tiny, jax.random.key(0)))
+    for name in os.listdir(start):  # process 1's copy made a second later
+      os.utime(start / name, ns=(10**9 * (1_000_000_000 + process),) * 2)
+  for steps in (1, 2):  # the second run resumes from the first one's checkpoint
+    codes, outputs = two_processes.run_to_exit(
+        [sys.executable, "-c", _FROM_OWN_DIRECTORY, str(tmp_path), TRAIN,
+         f"--gin_file={os.path.join(two_processes.ROOT, 'experiments', 'configs', 'dpo_tiny.gin')}",
+         f"--workdir={tmp_path / 'run'}", f"--gin_param=train.num_steps={steps}",
+         "--gin_param=train.checkpoint_every=1", "--gin_param=data.train_files=['pairs.jsonl']",
+         "--gin_param=train.init_from='start'", "--gin_param=dpo.reference='precompute'"], _jax_env(4), 180,
+        " (one waiting in a collective the other never reached)")
+    assert codes == [0, 0], (steps, codes, [out[-3000:] for out in outputs])

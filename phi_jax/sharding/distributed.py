@@ -169,6 +169,18 @@ def allgather_json(obj: Any) -> list:
 
 
 _ERROR_TEXT_CHARS = 1000  # of each failed process's error, in the others' message
+# Set on an error that every process raised at the same point: "exchanged" where `raise_if_any_failed` exchanged
+# the errors' texts (every process knows every cause), "peer" on `any_process_or_raise`'s error saying another
+# process failed (a cause of none of its own).
+_AGREED = "_phi_jax_agreed"
+
+
+def _agreed(error: BaseException, how: str) -> BaseException:
+  try:
+    setattr(error, _AGREED, how)
+  except AttributeError:  # an exception type that takes no attributes: exchanged again, as before
+    pass
+  return error
 
 
 def raise_if_any_failed(error: Optional[BaseException], what: str) -> None:
@@ -176,27 +188,35 @@ def raise_if_any_failed(error: Optional[BaseException], what: str) -> None:
   naming the failed process(es) and their errors. For work one process may fail alone (reading its data, a reward
   function) before a collective: all stop at the same point, none waits in a collective the failed one never
   reaches. `what` says what failed, e.g. "reading the eval data". A collective; a single-process run raises `error`.
+
+  An error an earlier call raised (on every process at once) is raised again as it is, with no second exchange;
+  one `any_process_or_raise` raised is exchanged, its cause named to the others, but its message that another
+  process failed is named to none.
   """
   if jax.process_count() == 1:
     if error is not None:
       raise error
     return
-  try:
-    errors = allgather_json(None if error is None else f"{type(error).__name__}: {error}"[:_ERROR_TEXT_CHARS])
+  if error is not None and getattr(error, _AGREED, None) == "exchanged":  # every process holds one here
+    raise error
+  text = None if error is None else f"{type(error).__name__}: {error}"[:_ERROR_TEXT_CHARS]
+  try:  # a peer error's text is sent as {"peer": text}: it fails the exchange, but no other process names it
+    errors = allgather_json({"peer": text} if getattr(error, _AGREED, None) == "peer" else text)
   except Exception as gather_error:  # e.g. another process sat in another collective: this one's error comes first
     if error is not None:
       raise error from gather_error
     raise
-  failed = {process: text for process, text in enumerate(errors) if text is not None}
+  failed = {process: text for process, text in enumerate(errors) if isinstance(text, str)}
   if error is not None:
     others = {p: text for p, text in failed.items() if p != jax.process_index()}
     if others:
       error.add_note("; ".join(f"process {p}: {text}" for p, text in others.items()))
-    raise error
-  if failed:
-    raise RuntimeError(f"{what} failed on process(es) {sorted(failed)} ("
-                       + "; ".join(f"process {p}: {text}" for p, text in failed.items())
-                       + "): stopping here too, rather than waiting for it in a collective it never reaches")
+    raise _agreed(error, "exchanged")
+  if any(e is not None for e in errors):
+    raise _agreed(RuntimeError(f"{what} failed on process(es) {sorted(failed)} ("
+                               + "; ".join(f"process {p}: {text}" for p, text in failed.items())
+                               + "): stopping here too, rather than waiting for it in a collective it never "
+                               "reaches"), "exchanged")
 
 
 def any_process_or_raise(error: Optional[BaseException], failed_to: str, *flags: bool) -> tuple[bool, ...]:
@@ -207,8 +227,8 @@ def any_process_or_raise(error: Optional[BaseException], failed_to: str, *flags:
   if failed:
     if error is not None:
       raise error
-    raise RuntimeError(f"another process failed to {failed_to} (its log names the error); stopping here too, rather "
-                       "than waiting for it in a collective it never reaches")
+    raise _agreed(RuntimeError(f"another process failed to {failed_to} (its log names the error); stopping here "
+                               "too, rather than waiting for it in a collective it never reaches"), "peer")
   return tuple(found)
 
 

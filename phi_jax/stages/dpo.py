@@ -234,9 +234,11 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
   a digest of its vocabulary and chat template); a DPO run with the same `seq_len`, `too_long`, `system_prompt` and
   tokenizer (checked) reads them with `reference_logps=True` and needs no reference model. Pairs dropped
   as too long or bad (in skip mode) are left out and counted. Every process computes the same batches (the
-  reference params may be sharded across hosts); process 0 writes, atomically. A batch that fails to read on one
-  process, and process 0's write, raise on every process, each process agreeing before the next collective; copies of
-  the file holding more pairs on some hosts than others are refused (a ValueError). `microbatches` is
+  reference params may be sharded across hosts); process 0 writes, atomically. Each process reads its own copy of
+  `pairs_file`, and scores its devices' rows from it, so every host must hold the same copy: experiments/train.py
+  compares their digests before the pass; here, copies holding more pairs on some hosts than others are refused (a
+  ValueError), but copies that differ otherwise are not seen. A batch that fails to read on one process, and
+  process 0's write, raise on every process, each process agreeing before the next collective. `microbatches` is
   `reference_logps_fn`'s; with `mesh`, `batch_size` and each microbatch's rows must split evenly over its data x fsdp
   devices (a ValueError says so before any work).
 
