@@ -589,16 +589,31 @@ def keep_run_tokenizer(workdir: str, spec: str, tokenizer, replace: bool) -> Non
   out = os.path.join(workdir, "tokenizer")
   if spec.startswith("tiny:") or os.path.realpath(spec) == os.path.realpath(out) or jax.process_index() != 0:
     return
+  _tidy_run_tokenizer(out)
   if os.path.exists(out) and not replace:
     return
-  # Into a temporary directory renamed into place, as a tiny tokenizer is: a reader never sees half of the files.
-  tmp = f"{out}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
+  # Into a temporary directory renamed into place, the old copy renamed aside first and removed last: a reader never
+  # sees half of the files, and a kill at any point leaves a whole copy (or, between the two renames, one aside).
+  tmp, aside = f"{out}.tmp{os.getpid()}", f"{out}.old{os.getpid()}"
   save_tokenizer(tokenizer, tmp)
   if os.path.islink(out):  # a link the user made: replaced, what it points to kept
     os.remove(out)
-  shutil.rmtree(out, ignore_errors=True)
+  elif os.path.exists(out):
+    os.replace(out, aside)
   os.replace(tmp, out)
+  shutil.rmtree(aside, ignore_errors=True)
+
+
+def _tidy_run_tokenizer(out: str) -> None:
+  """Removes what a `keep_run_tokenizer` killed midway left beside `out`: a copy half-written, an old one set aside
+  (put back where the kill came between the two renames)."""
+  for stray in sorted(glob.glob(glob.escape(out) + ".old*")):
+    if os.path.isdir(stray) and not os.path.lexists(out):
+      os.replace(stray, out)
+    else:
+      shutil.rmtree(stray, ignore_errors=True)
+  for stray in glob.glob(glob.escape(out) + ".tmp*"):
+    shutil.rmtree(stray, ignore_errors=True)
 
 
 def tiny_chat_format(spec: str) -> str:
@@ -849,8 +864,9 @@ def _start_tokenizer(source: str):
 def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) -> None:
   """Refuses a data.tokenizer other than the one the starting params were trained with: the run would train (and
   export) them on another tokenizer's ids, and nothing else would notice while the new one is no larger. So is one
-  that encodes text into other ids (`_TOKENIZER_PROBE`) with the same vocabulary. A few renamed or added tokens, or
-  another chat template, are logged instead. Training checks train.init_from or model.hf_path with it, and
+  that gives a token both hold another id, and one that encodes text into other ids (`_TOKENIZER_PROBE`) with the
+  same vocabulary. A few renamed or added tokens (each found on one side only), or another chat template, are logged
+  instead. Training checks train.init_from or model.hf_path with it, and a resumed run's copy (--workdir), and
   `rollouts.load_policy` a run workdir given as --init_from (eval, rollouts, export)."""
   if not os.path.isdir(source):
     return  # the params loader names a missing directory
@@ -865,13 +881,19 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
     raise ValueError(f"data.tokenizer={spec!r} is not the tokenizer {name}={source!r} was trained with ({where}: "
                      f"{len(ours)} tokens here, {len(their_vocab)} there; ids differ for {len(differ)}, e.g. "
                      f"{differ[:3]}); {use_start}")
+  # A rename gives an id another string; a string both hold under other ids moves what the params learned for it.
+  moved = [t for t in differ if t in ours and t in their_vocab]
+  if moved:
+    raise ValueError(f"data.tokenizer={spec!r} gives {len(moved)} token(s) other ids than the tokenizer "
+                     f"{name}={source!r} was trained with ({where}), e.g. "
+                     f"{', '.join(f'{t!r}: {ours[t]} here, {their_vocab[t]} there' for t in moved[:3])}; {use_start}")
   changed_ids = {v.get(t) for v in (ours, their_vocab) for t in differ} - {None}
   encoding = _probe_difference(tokenizer, theirs, changed_ids)
   if encoding is not None:
     vocabulary = f"{len(differ)} token(s) renamed or added only" if differ else "the same vocabulary"
     raise ValueError(f"data.tokenizer={spec!r} encodes text into other ids than the tokenizer {name}={source!r} was "
-                     f"trained with ({where}: {vocabulary}, but {encoding}: other merges, normalizer, pre-tokenizer "
-                     f"or BOS/EOS settings); {use_start}")
+                     f"trained with ({where}: {vocabulary}, but {encoding}: other merges, normalizer or "
+                     f"pre-tokenizer); {use_start}")
   if differ or tokenizer.chat_template != theirs.chat_template:
     # A few renamed or added tokens and another chat template are how a recipe moves on (Phi-4-reasoning's think
     # tokens on phi-4's placeholders, with its own template): said, not refused.
@@ -890,9 +912,10 @@ _TOKENIZER_PROBE = ("What is 12 + 35? The answer is 47, i.e. 4.7e1 (about 0.0470
 
 
 def _probe_difference(tokenizer, theirs, changed_ids: set) -> Optional[str]:
-  """Where `tokenizer` encodes `_TOKENIZER_PROBE` into other ids than `theirs` (BOS/EOS included); None where the
-  ids agree, or where they differ on tokens of `changed_ids` (renamed or added: logged with the vocabulary)."""
-  ids, their_ids = (t.encode(_TOKENIZER_PROBE, add_special_tokens=True) for t in (tokenizer, theirs))
+  """Where `tokenizer` encodes `_TOKENIZER_PROBE` into other ids than `theirs`; None where the ids agree, or where
+  they differ on tokens of `changed_ids` (renamed or added: logged with the vocabulary). Encoded without special
+  tokens, as the data path encodes text and chat turns (a BOS/EOS a post-processor adds reaches no training row)."""
+  ids, their_ids = (t.encode(_TOKENIZER_PROBE, add_special_tokens=False) for t in (tokenizer, theirs))
   if ids == their_ids or changed_ids & (set(ids) | set(their_ids)):
     return None
   at = next((i for i, (a, b) in enumerate(zip(ids, their_ids)) if a != b), min(len(ids), len(their_ids)))
@@ -1009,6 +1032,10 @@ def _train_in(workdir: str):
   check_vocab(model_config, tokenizer, start_name, start)
   if start:
     check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"], start_name, start)
+  fresh = not _has_checkpoints(workdir)
+  if not fresh and os.path.isdir(os.path.join(workdir, "tokenizer")):
+    # Files replaced at data.tokenizer's path would train the checkpoints on other ids, then become the copy.
+    check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"], "--workdir", workdir)
   if not data_cfg["train_files"]:
     raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
   if _finished_without_checkpoints(workdir, settings["loop"].num_steps):
@@ -1046,7 +1073,8 @@ def _train_in(workdir: str):
     path = os.path.join(workdir, "config.gin")
     if jax.process_index() == 0 and (replace or not os.path.exists(path)):
       write_text_atomically(path, run_config_text())
-    keep_run_tokenizer(workdir, data_cfg["tokenizer"], tokenizer, replace)  # the one that config names, as it is now
+    if replace or fresh:  # a rerun that trains nothing did not train with it (a run from before runs kept a copy)
+      keep_run_tokenizer(workdir, data_cfg["tokenizer"], tokenizer, replace)  # the one that config names, as it is
 
   def on_start():  # once the workdir's checkpoints fit this config
     # A rerun that trains nothing (the run is complete) keeps the config its params were trained with: rewritten

@@ -240,7 +240,7 @@ def load_policy(init_from: str, the_mesh):
   config, hf_path = policy_config(init_from)
   if os.path.isdir(os.path.join(init_from, "params")):
     spec = common.data()["tokenizer"]
-    tokenizer = common.get_tokenizer(spec, init_from)
+    tokenizer = run_tokenizer(spec, init_from)
     # Training's policy, against the copy the run kept (W/tokenizer): files replaced at its config's path since
     # are refused, a deliberate change of chat template (a recipe stage's binding) is logged.
     common.check_tokenizer_matches_start(tokenizer, spec, "--init_from", init_from)
@@ -254,6 +254,24 @@ def load_policy(init_from: str, the_mesh):
     common.check_vocab(config, tokenizer, "--init_from", init_from)  # data.tokenizer may be another model's
     params = common.params_loader(config, init_from, None, the_mesh)()
   return config, params, tokenizer
+
+
+def run_tokenizer(spec: str, workdir: str):
+  """The tokenizer data.tokenizer=`spec` names for reading the run in `workdir`, to be compared with the run's copy
+  (W/tokenizer). A "tiny:" one of another chat format than the run's is built aside, not over the run's: for a read
+  that is a deliberate change of template, as a tokenizer directory's is."""
+  copy = os.path.join(workdir, "tokenizer")
+  if spec.startswith("tiny:"):
+    chat_format = common.tiny_chat_format(spec)
+    if common._tiny_tokenizer_format(copy) not in (None, chat_format):  # pylint: disable=protected-access
+      with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_tokenizer(tmp, chat_format=chat_format)
+        return load_tokenizer(tmp)
+  elif not os.path.exists(spec) and os.path.isdir(copy):
+    raise FileNotFoundError(f"data.tokenizer={spec!r} (from {workdir}'s config.gin or a binding) does not exist; the "
+                            f"run keeps a copy of the tokenizer it trained with: set "
+                            f"--gin_param='data.tokenizer=\"{copy}\"'")
+  return common.get_tokenizer(spec, workdir)
 
 
 # Files any of which makes a directory a tokenizer transformers can load (fast, SentencePiece or BPE vocab files).

@@ -256,15 +256,20 @@ def trained_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("trained")
   tokenizer_dir = str(root / "tokenizer")
   build_tiny_tokenizer(tokenizer_dir, chat_format="phi-4")
+  _train_run(root / "run", tokenizer_dir, num_steps=2)
+  return root / "run", tokenizer_dir
+
+
+def _train_run(workdir, tokenizer, num_steps):
+  """The `trained_run` fixture's training (started, resumed or rerun) in `workdir` with data.tokenizer=`tokenizer`."""
   try:
     common.parse_gin([os.path.join(ROOT, "experiments", "configs", "sft_tiny.gin")],
-                     ["train.num_steps=2", "train.eval_every=0", "data.eval_files=[]", "data.seq_len=64",
-                      "train.async_checkpoints=False", f"data.tokenizer='{tokenizer_dir}'",
+                     [f"train.num_steps={num_steps}", "train.eval_every=0", "data.eval_files=[]", "data.seq_len=64",
+                      "train.async_checkpoints=False", f"data.tokenizer='{tokenizer}'",
                       'mesh.shape={"data": -1, "fsdp": 1}'])
-    common.run_training(str(root / "run"))
+    return common.run_training(str(workdir))
   finally:
     gin.clear_config()
-  return root / "run", tokenizer_dir
 
 
 def _load_policy(run, *bindings):
@@ -368,7 +373,7 @@ def test_another_chat_template_is_logged_by_eval_and_a_next_stage_not_refused(tr
 
 
 def test_a_tokenizer_that_splits_text_into_other_ids_is_refused(trained_run, tmp_path):
-  """The same vocabulary and chat template with other merges (or normalizer, pre-tokenizer, BOS) encodes text into
+  """The same vocabulary and chat template with other merges (or normalizer, pre-tokenizer) encodes text into
   other ids: refused by a next stage and by eval as another vocabulary is."""
   from phi_jax.hf.tokenizer import load_tokenizer
 
@@ -398,6 +403,138 @@ def test_a_run_from_before_runs_kept_their_tokenizer_loads_as_before(trained_run
   with caplog.at_level("WARNING", logger="phi_jax"):
     config, _, tokenizer = _load_policy(old)
   assert len(tokenizer) <= config.vocab_size and not caplog.text
+
+
+_OTHER_TEXT = ["Lorem ipsum dolor sit amet, consectetur adipiscing elit"] * 50
+
+
+def test_a_resume_compares_its_tokenizer_with_the_runs_copy_before_training(trained_run, tmp_path):
+  """Files replaced at a run's data.tokenizer path would train its checkpoints on other ids and then become its copy:
+  a resume is held to the copy before any step, and the copy is left as it was."""
+  import re
+  from phi_jax.hf.tokenizer import _DEFAULT_CORPUS, build_tiny_tokenizer
+
+  run, tokenizer_dir = trained_run
+  resumed = tmp_path / "run"
+  shutil.copytree(run, resumed)
+  kept = (resumed / "tokenizer" / "tokenizer.json").read_text()
+  # Of the same size, and the training data still fits seq_len with it: nothing but the copy tells them apart.
+  corpus = list(_DEFAULT_CORPUS)[::-1] + _OTHER_TEXT[:3]
+  with _replaced(tokenizer_dir, lambda d: build_tiny_tokenizer(d, chat_format="phi-4", corpus=corpus)):
+    with pytest.raises(ValueError, match=rf"is not the tokenizer --workdir='{re.escape(str(resumed))}' was trained "
+                                         rf"with \({re.escape(str(resumed / 'tokenizer'))}: "):
+      _train_run(resumed, tokenizer_dir, num_steps=3)
+  assert (resumed / "tokenizer" / "tokenizer.json").read_text() == kept
+  assert sorted(int(n) for n in os.listdir(resumed / "checkpoints") if n.isdigit())[-1] == 2
+
+
+def test_a_rerun_that_trains_nothing_writes_no_copy_into_an_older_run(trained_run, tmp_path):
+  """A finished run from before runs kept their tokenizer, rerun as complete with another data.tokenizer, trained
+  nothing with it: the rerun leaves the run's files alone (its config.gin still names the tokenizer it trained with)."""
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+
+  run, _ = trained_run
+  old = tmp_path / "run"
+  shutil.copytree(run, old)
+  shutil.rmtree(old / "tokenizer")
+  build_tiny_tokenizer(tmp_path / "other", chat_format="phi-4", corpus=_OTHER_TEXT)
+  assert int(_train_run(old, tmp_path / "other", num_steps=2).step) == 2
+  assert not (old / "tokenizer").exists()
+
+
+def test_a_token_both_tokenizers_hold_under_other_ids_is_refused(tmp_path, caplog):
+  """A rename gives an id another string; a string both tokenizers hold under other ids (two added tokens in the
+  other order, two vocabulary entries swapped) moves what the params learned for it: refused, whatever the probe."""
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer, save_tokenizer
+
+  build_tiny_tokenizer(tmp_path / "tiny", chat_format="phi-4")
+
+  def tiny_with(*added):
+    tokenizer = load_tokenizer(tmp_path / "tiny")
+    tokenizer.add_tokens(list(added))
+    return tokenizer
+  save_tokenizer(tiny_with("<tool_call>", "</tool_call>"), tmp_path / "W" / "tokenizer")
+  run = str(tmp_path / "W")
+  with pytest.raises(ValueError, match=r"gives 2 token\(s\) other ids than the tokenizer train.init_from=.* was "
+                                       r"trained with .*'</tool_call>': \d+ here, \d+ there"):
+    common.check_tokenizer_matches_start(tiny_with("</tool_call>", "<tool_call>"), "B", "train.init_from", run)
+  swapped = tmp_path / "swapped"
+  shutil.copytree(tmp_path / "W" / "tokenizer", swapped)
+  spec = json.loads((swapped / "tokenizer.json").read_text())
+  vocab = spec["model"]["vocab"]
+  vocab["Ġthe"], vocab["Ġis"] = vocab["Ġis"], vocab["Ġthe"]
+  (swapped / "tokenizer.json").write_text(json.dumps(spec))
+  with pytest.raises(ValueError, match=r"gives 2 token\(s\) other ids"):
+    common.check_tokenizer_matches_start(load_tokenizer(swapped), str(swapped), "train.init_from", run)
+  with caplog.at_level("WARNING", logger="phi_jax"):  # one renamed: logged
+    common.check_tokenizer_matches_start(tiny_with("<tool_call>", "<tool_response>"), "C", "train.init_from", run)
+  assert "2 token(s) renamed or added" in caplog.text
+
+
+def test_a_tokenizer_that_only_adds_a_bos_token_is_not_refused(trained_run, tmp_path, caplog):
+  """No data path adds special tokens (text and chat turns are encoded without them): a tokenizer whose post-processor
+  puts a BOS first encodes training data into the same ids."""
+  from phi_jax.hf.tokenizer import load_tokenizer
+
+  run, tokenizer_dir = trained_run
+  bos = tmp_path / "bos"
+  shutil.copytree(tokenizer_dir, bos)
+  spec = json.loads((bos / "tokenizer.json").read_text())
+  token = "<|endoftext|>"
+  token_id = load_tokenizer(tokenizer_dir).convert_tokens_to_ids(token)
+  spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": token, "type_id": 0}},
+                                                                      {"Sequence": {"id": "A", "type_id": 0}}],
+                            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}],
+                            "special_tokens": {token: {"id": token, "ids": [token_id], "tokens": [token]}}}
+  (bos / "tokenizer.json").write_text(json.dumps(spec))
+  tokenizer = load_tokenizer(bos)
+  assert tokenizer.encode("hi")[0] == token_id != load_tokenizer(tokenizer_dir).encode("hi")[0]
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    common.check_tokenizer_matches_start(tokenizer, str(bos), "train.init_from", str(run))
+  assert not caplog.text
+
+
+def test_a_run_whose_tokenizer_directory_is_gone_is_pointed_at_its_copy(trained_run, tmp_path):
+  run, _ = trained_run
+  import re
+  use_copy = re.escape(f"--gin_param='data.tokenizer=\"{run / 'tokenizer'}\"'")
+  with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(tmp_path / 'gone'))}.* does not exist.*{use_copy}"):
+    _load_policy(run, f"data.tokenizer='{tmp_path / 'gone'}'")
+
+
+def test_eval_with_a_tiny_tokenizer_of_another_format_logs_the_template_and_keeps_the_runs(tiny_run, caplog):
+  """A 'tiny:' data.tokenizer of another chat format than the run's is a deliberate template change for eval, as
+  a tokenizer directory's is: built aside and compared with the run's, logged, and the run's own left as it was."""
+  from phi_jax.hf.tokenizer import CHAT_TEMPLATES
+
+  run, _ = tiny_run
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    _, _, tokenizer = _load_policy(run, "data.tokenizer='tiny:phi-4-reasoning'")
+  assert tokenizer.chat_template == CHAT_TEMPLATES["phi-4-reasoning"]
+  assert "same tokens; another chat template" in caplog.text
+  assert common._tiny_tokenizer_format(str(run / "tokenizer")) == "phi-4"
+  assert sorted(n for n in os.listdir(run) if n.startswith("tokenizer")) == ["tokenizer"]
+
+
+def test_a_kill_while_the_copy_is_replaced_leaves_a_copy_and_the_next_write_tidies(tmp_path, monkeypatch):
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+  old = build_tiny_tokenizer(tmp_path / "old", chat_format="phi-4")
+  new = build_tiny_tokenizer(tmp_path / "new", chat_format="phi-4", corpus=_OTHER_TEXT)
+  run = tmp_path / "W"
+  run.mkdir()
+  common.keep_run_tokenizer(str(run), str(tmp_path / "old"), old, replace=True)
+
+  def killed(src, dst):
+    raise KeyboardInterrupt("killed")
+  with monkeypatch.context() as m:
+    m.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+      common.keep_run_tokenizer(str(run), str(tmp_path / "new"), new, replace=True)
+  assert load_tokenizer(run / "tokenizer").get_vocab() == old.get_vocab()
+  common.keep_run_tokenizer(str(run), str(tmp_path / "new"), new, replace=True)
+  assert sorted(os.listdir(run)) == ["tokenizer"]
+  assert load_tokenizer(run / "tokenizer").get_vocab() == new.get_vocab()
 
 
 def _stub_generate_text(finished):
