@@ -678,10 +678,9 @@ def test_alternatives_in_units_restate_one_quantity_only_where_their_values_agre
 
 def test_an_exact_value_and_its_rounded_decimal_restate_one_value(pool):
   """A decimal or percent with d decimal places (two significant digits at least) restates a value that rounds to
-  it at d places ("$\\pi$, or $3.14$"), so either is right; "5 or 6" and "\\pi or 3" stay hedges."""
+  it at d places ("$\\pi$, or $3.14$"), so the exact value is right; "5 or 6" and "\\pi or 3" stay hedges."""
   right = [("The answer is thus $\\frac{2}{3}$ or $66.7\\%$.", "\\frac{2}{3}"),
            ("The answer is therefore $\\pi$, or $3.14$.", "\\pi"),
-           ("The answer is therefore $\\pi$, or $3.14$.", "3.14"),
            ("The answer is $\\sqrt{2}$ (or $1.414$).", "\\sqrt{2}")]
   wrong = [("The answer is $\\pi$ or $3$.", "\\pi"), ("The answer is $\\pi$ or $3.15$.", "\\pi"),
            ("The answer is $5$ or $6$.", "5"), ("The answer is $\\frac{2}{3}$ or $66.6\\%$.", "\\frac{2}{3}"),
@@ -700,13 +699,14 @@ def test_a_formula_of_logic_keeps_its_lor(pool):
 
 
 def test_a_price_beside_math_or_in_cents_with_separators_is_compared(pool):
-  """A price is dropped only beside a percent or a unit word; beside other math it is a rival value ("$\\$2$ or
-  $\\frac{5}{2}$"), and beside its value in cents it restates it, thousands separators and a sign included."""
-  right = [("The cost is $\\$1,200$ or $120000$.", "1200"), ("The cost is $-\\$5$ or $-500$.", "-5"),
+  """A price is dropped only beside a percent or a unit word; beside other math it is compared as its plain value
+  ("$\\$2$ or $\\frac{5}{2}$" and "$\\$1,200$ or $120000$" are hedges), and beside its value in cents, said so, it
+  restates it, thousands separators and a sign included."""
+  right = [("The cost is $\\$1,200$ or $120000$ cents.", "1200"), ("The cost is $-\\$5$ or $-500$ cents.", "-5"),
            ("The cost is $\\$2.50$ or $\\frac{5}{2}$.", "\\frac{5}{2}")]
   wrong = [("The cost is $\\$2$ or $\\frac{5}{2}$.", "\\frac{5}{2}"), ("The cost is $\\$3$ or $\\sqrt{16}$.", "4"),
            ("$\\boxed{\\$3 (or \\frac{7}{2})}$", "\\frac{7}{2}"), ("The cost is $\\$3$ or $+4$.", "4"),
-           ("The cost is $\\$1,200$ or $130000$.", "1200")]
+           ("The cost is $\\$1,200$ or $130000$ cents.", "1200"), ("The cost is $-\\$5$ or $-500$.", "-5")]
   verdicts, expected = _grades(pool, right, wrong)
   assert verdicts == expected
 
@@ -729,6 +729,78 @@ def test_degree_signs_spaced_or_between_boxes_and_grouped_repeating_decimals(poo
            ("$\\boxed{5}~\\text{or}~\\boxed{6}$", "6"), ("$\\boxed{2}$ \\quad \\text{or} \\quad $\\boxed{3}$", "3"),
            ("$\\boxed{1, \\frac{1}{3}}$", "1,000.\\overline{3}")]
   verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_rounding_restates_one_value_only_pairwise_and_is_graded_on_the_most_precise(pool):
+  """Every two alternatives must restate one value, not each the first ("$1.0$ or $0.96$ or $1.04$" is a hedge);
+  where one only rounds another, the gold is compared with the most precise alone ("$\\pi$, or $3.14$": pi)."""
+  right = [("The answer is $1.0$ or $0.96$.", "0.96"), ("The answer is therefore $\\pi$, or $3.14$.", "\\pi"),
+           ("The answer is $\\frac{2}{3}$ or $0.67$ or $0.6667$.", "\\frac{2}{3}"),
+           ("The answer is $\\frac{1}{4}$ or $25\\%$ or $0.25$.", "0.25")]
+  wrong = [("The answer is $1.0$ or $0.96$ or $1.04$.", "0.96"), ("The answer is $1.0$ or $0.96$ or $1.04$.", "1.04"),
+           ("\\boxed{4.96} or \\boxed{5.0}", "5"), ("The answer is 1.0 hours (or 57 minutes).", "1"),
+           ("The answer is therefore $\\pi$, or $3.14$.", "3.14"), ("The answer is $1.0$ or $0.96$.", "1"),
+           ("The answer is $\\frac{2}{3}$ or $0.67$ or $0.6667$.", "0.67")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_number_before_a_unit_is_read_whole_and_graded_without_its_unit(pool):
+  """A fraction before a unit is the fraction ("3/4 km (or 3 km)" is a hedge); products of variables are no units
+  ("$2ab$ or $2bc$"); alternatives restating one quantity in units of the table are graded on their numbers, areas
+  and volumes included, and an integer of two significant digits or more is a rounding in a conversion."""
+  right = [("\\boxed{12 \\text{ dollars} (or 1200 \\text{ cents})}", "12"),
+           ("\\boxed{2 \\text{ weeks} (or 14 \\text{ days})}", "2"), ("The answer is 500 grams (or 0.5 kg).", "500"),
+           ("\\boxed{250 \\text{ mL} (or 0.25 \\text{ liters})}", "250"),
+           ("\\boxed{5 \\text{ cm}^2 (or 500 \\text{ mm}^2)}", "5"),
+           ("\\boxed{5 \\text{ cm}^2 (or 500 \\text{ mm}^2)}", "500"),
+           ("\\boxed{1000 \\text{ cm}^3 (or 1 \\text{ liter})}", "1000"),
+           ("\\boxed{1 \\text{ lb} (or 454 \\text{ grams})}", "1"),
+           ("\\boxed{1 \\text{ inch} (or 25 \\text{ mm})}", "1"),
+           ("\\boxed{100 \\text{ meters} (or 328 \\text{ feet})}", "100"),
+           ("\\boxed{\\frac{3}{4} \\text{ hour} (or 45 \\text{ minutes})}", "45")]
+  wrong = [("\\boxed{3/4 \\text{ km} (or 3 \\text{ km})}", "3"),
+           ("\\boxed{3/4 \\text{ km} (or 3 \\text{ km})}", "\\frac{3}{4}"),
+           ("\\boxed{1/2 \\text{ hour} (or 1/3 \\text{ hour})}", "\\frac{1}{3}"),
+           ("The answer is 5/2 hours (or 5 hours).", "5"), ("The answer is 5/2 hours (or 5 hours).", "\\frac{5}{2}"),
+           ("The answer is $2ab$ or $2bc$.", "2ab"), ("\\boxed{6xy} or \\boxed{6yz} or \\boxed{6xz}", "6xz"),
+           ("\\boxed{1 \\text{ lb} (or 454 \\text{ grams})}", "454"),
+           ("\\boxed{5 \\text{ cm}^2 (or 50 \\text{ mm}^2)}", "5"),
+           ("\\boxed{3 \\text{ cm}^2 (or 3 \\text{ cm})}", "3")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_degree_sign_is_rewritten_only_in_math_and_a_price_is_in_cents_only_beside_the_word(pool):
+  """"°" becomes `^{\\circ}` in a boxed, math or labelled answer, not in the plain line read as a last resort; a
+  price restates a number as cents only where that number says "cents"."""
+  think = "<think>\nok\n</think>\n\n"
+  assert extract_answer(think + "The angle is 90°.") == "The angle is 90°"
+  assert extract_answer(think + "The total is $\\$1.50$, or $150$ cents.") == "\\$1.50 or 150 cents"
+  right = [("The angle is 90°.", "90"), ("It is 30°", "30"), ("The total is $\\$1.50$, or $150$ cents.", "1.50"),
+           ("$\\boxed{\\$1.50 (or 150 cents)}$", "150"), ("The cost is $\\$1,200$ or $120000$ cents.", "1200")]
+  wrong = [("The answer is $\\$0.25$, or $25$.", "0.25"), ("The answer is $\\$0.25$, or $25$.", "25"),
+           ("The answer is $\\$3$ or $3$ or $300$.", "300"), ("The cost is $\\$1,200$ or $120000$.", "1200")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_layout_adverbs_and_lor_between_values_join_a_hedge(pool):
+  """LaTeX spacing (`\\:`, `\\>`, `\\hspace{}`), "or" in `\\mathrm{}`, `\\textbf{}`, `\\textit{}`, "or else" and "or
+  perhaps even" join boxes into a hedge, and `\\lor` between values with spacing, roots or percents is one."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"$\\boxed{5} \\: \\text{or} \\: \\boxed{6}$": "5 or 6",
+             "$\\boxed{5} \\quad \\mathrm{or} \\quad \\boxed{6}$": "5 or 6",
+             "$\\boxed{5} \\> \\textbf{or} \\> \\boxed{6}$": "5 or 6",
+             "$\\boxed{5} \\hspace{1cm} \\textit{or} \\boxed{6}$": "5 or 6",
+             "$\\boxed{5}$ or else $\\boxed{6}$": "5 or 6", "$\\boxed{5}$, or perhaps even $\\boxed{6}$": "5 or 6",
+             "\\boxed{5 \\;\\lor\\; 6}": "5 or 6", "\\boxed{\\sqrt{4} \\lor 3}": "\\sqrt{4} or 3",
+             "\\boxed{5\\% \\lor 6\\%}": "5\\% or 6\\%", "$\\boxed{\\neg p \\lor q}$": "\\neg p \\lor q"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  wrong = [(c, "6") for c in list(answers)[:7]] + [("\\boxed{\\sqrt{4} \\lor 3}", "3"),
+                                                    ("\\boxed{5\\% \\lor 6\\%}", "6\\%")]
+  verdicts, expected = _grades(pool, [], wrong)
   assert verdicts == expected
 
 

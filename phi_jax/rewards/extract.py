@@ -44,17 +44,18 @@ order of preference:
 
 Several answers: math spans after a label, or boxes, joined by ",", "and" or "or" ("the answer is $5$ or $6$",
 "$\\boxed{2}$ and $\\boxed{3}$", "$2$, $3$, and $5$"; LaTeX layout and a hedge's adverb after "or" may stand
-between them: "\\quad \\text{or} \\quad", "\\; \\text{or} \\;", ", or maybe ") are one answer: a set,
-comma-separated ("2, 3, 5"), which matches the same set as gold; or, where "or" joins any two, a hedge, joined by
-`HEDGE_JOINER` ("5 or 6", as is "5 \\lor 6"), which the verifier grades right when its alternatives restate one
-value and any of them is the gold ("$\\frac{1}{4}$, or $25\\%$" and 25; degrees restate radians, a price its value in
-cents, a decimal a value it rounds: "$\\pi$, or $3.14$"; units of one dimension a quantity where the values agree
-once converted), or when every alternative is the gold, or, as a whole, a gold of several answers ("x = 2 or x = 3"
-and "2, 3", but not the pair "(2, 3)"), so a hedge between values matches no single gold; an alternative it cannot
-compare (a number with a unit word beside plain numbers, a price beside a percent or a unit word: "$\\$12$, or
-$20\\%$") is dropped, not taken as a rival value, but a price beside other math of another value is one ("$\\$5$ or
-$6$", "$\\$2$ or $\\frac{5}{2}$"). An inequality and an equation joined by "or" are no alternatives ("since $n > 0$
-or $n = 5$" -> "n = 5").
+between them: "\\quad \\text{or} \\quad", "\\: \\mathrm{or} \\:", "\\hspace{1em}", ", or maybe ", "or else") are one
+answer: a set, comma-separated ("2, 3, 5"), which matches the same set as gold; or, where "or" joins any two, a
+hedge, joined by `HEDGE_JOINER` ("5 or 6", as is "5 \\lor 6"), which the verifier grades right when every two of its
+alternatives restate one value and any of them is the gold ("$\\frac{1}{4}$, or $25\\%$" and 25; degrees restate
+radians, a price its value in cents where that says "cents": "$\\$1.50$, or $150$ cents"; units of one dimension a
+quantity where the values agree once converted) or, where one only rounds another ("$\\pi$, or $3.14$"), when the
+most precise is the gold (pi); or when every alternative is the gold, or, as a whole, a gold of several answers ("x
+= 2 or x = 3" and "2, 3", but not the pair "(2, 3)"), so a hedge between values matches no single gold; an
+alternative it cannot compare (a number with a unit word beside plain numbers, a price beside a percent or a unit
+word: "$\\$12$, or $20\\%$") is dropped, not taken as a rival value, but a price beside other math is compared as its
+plain value ("$\\$5$ or $6$", "$\\$0.25$ or $25$" are hedges). An inequality and an equation joined by "or" are no
+alternatives ("since $n > 0$ or $n = 5$" -> "n = 5").
 The last math (3) is joined so only when "or" joins any two of the spans ("So Ann has $5$ or $6$ apples." -> "5 or
 6", "$5$, $6$, or $7$" -> "5 or 6 or 7"): math that "and" or "," alone joins to it stays apart, since there it is
 mostly a derivation ("$a = 3$, $b = 7$, and $a + b = 10$." -> "a + b = 10"; "$12$ and $4$ is the remainder" -> 4).
@@ -65,7 +66,7 @@ The answer (and a gold answer) is then rewritten where plain-text notation would
 Model output is untrusted and may be a megabyte of noise, so every step is linear in the input or bounded by
 `max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, and regular expressions
 without nested or adjacent repetition, which cannot backtrack far (`_RELATION`, `_INEQUALITY`, `_LOGICAL_OR`,
-`_HEDGED_VALUE`, `_LAYOUT`).
+`_VALUE_OF`, `_COMMAND`, `_LAYOUT`, `_CENTS`).
 """
 
 from __future__ import annotations
@@ -94,11 +95,10 @@ _MAX_JOINED_ANSWERS = 16
 _MAX_JOIN_GAP_CHARS = 24
 # What may stand between two answers that are one answer: a set ("2, 3 and 5") or a hedge ("5 or 6", "5 (or 6)").
 _JOINING_WORDS = frozenset((",", "and", "or"))
-# LaTeX spacing and text mode around those words, which do not part the answers: "\\quad\\text{or}\\quad".
-_LAYOUT_WORDS = frozenset(("quad", "qquad", "text", "textrm", "mbox"))
-# What a gap's length is measured without: LaTeX spacing, and text mode around words (kept), which may pad a worded
-# join ("\\quad \\text{or} \\quad", "\\; \\text{or} \\;").
-_LAYOUT = re.compile(r"\\(?:q?quad(?![A-Za-z])|[,;:! ])|~|\\(?:text|textrm|mbox)\{([A-Za-z ]*)\}")
+# LaTeX spacing, and text mode around words (group 1), which may pad a worded join and do not part the answers
+# ("\\quad \\text{or} \\quad", "\\; \\mathrm{or} \\;", "\\hspace{1em}"); a gap's length is measured without them.
+_LAYOUT = re.compile(r"\\(?:q?quad(?![A-Za-z])|[,;:!> ]|hspace\*?\{[^{}]*\})|~"
+                     r"|\\(?:text|textrm|textbf|textit|mathrm|mbox)\{([A-Za-z ]*)\}")
 # How the alternatives of a hedge are joined in an extracted answer ("5 or 6"); a set's answers are joined by ", ".
 # The verifier's worker reads an answer with this at its top level as a hedge (`verify_worker.alternatives`).
 HEDGE_JOINER = " or "
@@ -130,6 +130,8 @@ _ABBREVIATIONS = ("i.e", "e.g", "approx", "ca", "vs", "cf", "resp")
 # "or", the adverbs also join two answers ("$5$, or maybe $6$").
 _HEDGE_ADVERBS = frozenset(("maybe", "possibly", "perhaps", "equivalently", "alternatively"))
 _HEDGES = _HEDGE_ADVERBS | frozenset(("or", "i.e.", "i.e", "ie"))
+# ... and these, only after "or" between answers ("$5$ or else $6$", "or perhaps even").
+_OR_ADVERBS = frozenset(("else", "even"))
 # Inside math (a boxed or gold answer), a word after a number must be this long to be a unit or a noun: "2 xy" and
 # "3 abc" are products of variables, "18 dollars" is 18.
 _MIN_UNIT_CHARS_IN_MATH = 4
@@ -197,10 +199,13 @@ _UNICODE_MATH = (("√(", "sqrt("), ("√", "\\sqrt "), ("∞", "\\infty "), ("�
                  ("≠", "\\neq "), ("≥", "\\geq "), ("≤", "\\leq "))
 # ... and a degree sign, which text mode ("25 \\text{ °C}") keeps as it is.
 _DEGREE_SIGN = ("°", "^{\\circ}")
-# An operand of a logical "or" that makes it a hedge: a number or a value of one variable ("5", "x = -6.5", "x > 2");
-# between other operands ("\\neg p \\lor q") it is logic.
-_HEDGED_VALUE = re.compile(r"(?:[A-Za-z]\s*(?:[=<>\u2260\u2264\u2265]|\\(?:le|ge|leq|geq|neq|ne|lt|gt)(?![A-Za-z]))"
-                           r"\s*)?-?(?:\d+(?:[.,]\d+)*|\\frac\{-?\d+\}\{\d+\})")
+# An operand of a logical "or" that makes it a hedge is a value, perhaps of one variable ("x = ", "x > "), with no
+# letters but in LaTeX commands of no logic ("5", "\\sqrt{4}", "5\\%", "x = -6.5"); between other operands ("\\neg p
+# \\lor q", "A \\vee B") it is logic (`_is_hedged_value`).
+_VALUE_OF = re.compile(r"[A-Za-z]\s*(?:[=<>\u2260\u2264\u2265]|\\(?:le|ge|leq|geq|neq|ne|lt|gt)(?![A-Za-z]))")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
+_LOGIC_COMMANDS = frozenset(("\\neg", "\\lnot", "\\top", "\\bot", "\\land", "\\wedge", "\\to", "\\implies", "\\iff",
+                             "\\rightarrow", "\\Rightarrow", "\\leftrightarrow", "\\Leftrightarrow"))
 
 
 def solution_section(completion: str, close_tag: str = THINK_CLOSE, open_tag: str = THINK_OPEN) -> str:
@@ -292,7 +297,7 @@ def _joins_answers(gap: str) -> bool:
   if "\n" in gap or len(_LAYOUT.sub(r"\1", gap)) > _MAX_JOIN_GAP_CHARS:
     return False
   words = _gap_words(gap)
-  adverbs = _HEDGE_ADVERBS if "or" in words else frozenset()
+  adverbs = _HEDGE_ADVERBS | _OR_ADVERBS if "or" in words else frozenset()
   return bool(words) and all(w in _JOINING_WORDS or w in adverbs for w in words)
 
 
@@ -302,12 +307,13 @@ def _joined_by_or(gap: str) -> bool:
 
 
 def _gap_words(gap: str) -> list[str]:
-  """The words of `gap`, lower-case, a comma one of them, without brackets, braces, backslashes, dollar signs, the
-  spacing marks ";", "!", "~" (of `\\;`, `\\!`, `~`) and `_LAYOUT_WORDS` ("\\) or \\(" between inline math, "5 (or
-  6)", "\\quad\\text{or}\\quad", "\\; \\text{or} \\;")."""
-  for mark in "(){}\\$;!~":
+  """The words of `gap`, lower-case, a comma one of them, without `_LAYOUT` (the words in its text mode kept),
+  brackets, braces, backslashes and dollar signs ("\\) or \\(" between inline math, "5 (or 6)",
+  "\\quad\\text{or}\\quad", "\\; \\mathrm{or} \\;")."""
+  gap = _LAYOUT.sub(lambda match: " %s " % (match.group(1) or ""), gap)
+  for mark in "(){}\\$":
     gap = gap.replace(mark, " ")
-  return [w for w in gap.lower().replace(",", " , ").split() if w not in _LAYOUT_WORDS]
+  return gap.lower().replace(",", " , ").split()
 
 
 def _sentence(text: str, max_chars: int) -> str:
@@ -383,7 +389,17 @@ def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
     hedge = hedge or joined_by_or
     contents.append(span[0])
     end = span[1]
+  # "$\\$1.50$, or $150$ cents": the word makes the number a price's restatement, which the verifier converts.
+  if hedge and any(_is_price(c) for c in contents) and _CENTS.match(text, end):
+    contents[-1] += " cents"
   return contents, end, hedge
+
+
+_CENTS = re.compile(r" ?cents?(?![A-Za-z])")
+
+
+def _is_price(math: str) -> bool:
+  return math.lstrip("-").startswith("\\$")
 
 
 _ENDING_WORDS = frozenset(("respectively", "resp", "are", "were"))
@@ -575,7 +591,8 @@ def _hedged(before: str, words: list[str], keep_math: bool = False) -> Optional[
     # on one side only, so that "12 apples (or 13)" stays a hedge between values.
     unit = words[first + 1] if first + 1 < len(words) and _number_end(words[first]) == len(words[first]) else ""
     number = _number_before_words(before, _MIN_UNIT_CHARS_IN_MATH if keep_math else 2)
-    if number != before and unit.lower() in UNIT_SIZES:
+    in_cents = _is_price(before) and unit.lower() in ("cent", "cents")  # "\\$1.50 (or 150 cents)"
+    if (number != before or in_cents) and unit.lower() in UNIT_SIZES:
       other += " " + unit
     else:
       before = number
@@ -983,7 +1000,7 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   text = think.open_tag + completion if think.prompt_opens_think else completion
   solution = solution_section(text, think.close_tag, think.open_tag)
   boxes, joiner = _chained_boxes(solution, max_chars)
-  marked = None if boxes else _marked_number(solution)
+  marked, bare = None if boxes else _marked_number(solution), None
   if boxes:
     candidate = joiner.join(_number_in_box(box.strip()) for box in boxes)
   elif marked is not None:
@@ -1003,7 +1020,8 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
         candidate = bare
   if candidate is None:
     return None
-  answer = latex_notation(_spelled_number(clean_answer(candidate)))
+  # A degree sign is math only in a math answer; the plain line ("The angle is 90°.") is left to math-verify.
+  answer = latex_notation(_spelled_number(clean_answer(candidate)), degrees=candidate is not bare)
   return answer if answer and len(answer) <= max_chars else None
 
 
@@ -1049,7 +1067,7 @@ def _joined_digit_groups(answer: str) -> str:
   return "".join(pieces) + answer[start:]
 
 
-def latex_notation(answer: str) -> str:
+def latex_notation(answer: str, degrees: bool = True) -> str:
   """Rewrites the plain-text math that a LaTeX parser misreads, so both sides of a comparison mean what they say.
 
   Answers are parsed as LaTeX, where "pi" is p * i, "1e3" is 1 * e * 3 and "**" is not a power: a model's
@@ -1057,11 +1075,12 @@ def latex_notation(answer: str) -> str:
   notation becomes its decimal ("1.5e-3" -> "0.0015"; only a whole answer, since "3e-2" inside an expression may
   be 3e - 2), "**" becomes "^", the Unicode symbols of `_UNICODE_MATH` ("√2", "∞", "3·4") their LaTeX, and "pi"
   standing alone (no letter or backslash before it, no letter after) becomes "\\pi", LaTeX spaces between
-  thousands groups are dropped ("1\\,000" -> "1000", which a parser reads as 1 * 0), a logical "or" between numbers
-  or values of one variable joins a hedge ("5 \\lor 6", "x = 5 \\lor x = 6" -> "5 or 6", "x = 5 or x = 6", which
-  the parser reads as the last; "\\neg p \\lor q" stays logic), "°" becomes "^{\\circ}" in an answer without text
-  mode (which the verifier reads as degrees) and `\\textrm{}`, `\\mbox{}` become `\\text{}`. Linear in the
-  answer's length, like the rest of this module.
+  thousands groups are dropped ("1\\,000" -> "1000", which a parser reads as 1 * 0), a logical "or" between values,
+  perhaps of one variable, joins a hedge ("5 \\;\\lor\\; 6", "\\sqrt{4} \\lor 3", "x = 5 \\lor x = 6" -> "5 or 6",
+  "\\sqrt{4} or 3", "x = 5 or x = 6", which the parser reads as the last; "\\neg p \\lor q" stays logic), "°"
+  becomes "^{\\circ}" in an answer without text mode, with `degrees` (math, not a plain line of prose: the verifier
+  reads it as degrees), and `\\textrm{}`, `\\mbox{}` become `\\text{}`. Linear in the answer's length, like the rest
+  of this module.
   """
   stripped = answer.strip()
   if ("e" in stripped or "E" in stripped) and set(stripped) <= _SCIENTIFIC_CHARS:
@@ -1072,10 +1091,12 @@ def latex_notation(answer: str) -> str:
     if value is not None and value.is_finite() and abs(value.adjusted()) <= _MAX_WRITTEN_OUT_EXPONENT:
       return format(value, "f")
   answer = _joined_digit_groups(_as_text_command(answer).replace("**", "^"))
-  alternatives = [alternative.strip() for alternative in _LOGICAL_OR.split(answer)]
-  if len(alternatives) > 1 and all(_HEDGED_VALUE.fullmatch(alternative) for alternative in alternatives):
-    answer = HEDGE_JOINER.join(alternatives)
-  for symbol, latex in _UNICODE_MATH + (() if "\\text{" in answer else (_DEGREE_SIGN,)):
+  # Spacing around the operands goes ("5 \\;\\lor\\; 6"); their text mode stays, but is no letters of logic.
+  operands = [_LAYOUT.sub(lambda m: " " if m.group(1) is None else m.group(0), a).strip()
+              for a in _LOGICAL_OR.split(answer)]
+  if len(operands) > 1 and all(_is_hedged_value(_LAYOUT.sub(" ", operand)) for operand in operands):
+    answer = HEDGE_JOINER.join(operands)
+  for symbol, latex in _UNICODE_MATH + (() if "\\text{" in answer or not degrees else (_DEGREE_SIGN,)):
     answer = answer.replace(symbol, latex)
   pieces, start = [], 0
   at = answer.find("pi")
@@ -1087,3 +1108,11 @@ def latex_notation(answer: str) -> str:
       start = at + 2
     at = answer.find("pi", at + 2)
   return "".join(pieces) + answer[start:]
+
+
+def _is_hedged_value(operand: str) -> bool:
+  """Whether `operand` of a logical "or" is a value that makes it a hedge (see `_VALUE_OF`)."""
+  prefix = _VALUE_OF.match(operand)
+  value = operand[prefix.end() if prefix else 0:].strip()
+  letters = any(c.isalpha() for c in _COMMAND.sub("", value))
+  return bool(value) and not letters and _LOGIC_COMMANDS.isdisjoint(_COMMAND.findall(value))

@@ -7,14 +7,17 @@ JAX), so a worker starts in about a second and holds no accelerator state. Proto
 the worker writes `{"ready": <pid>}` once warmed up, then answers each request `{"id", "gold", "pred",
 "soft_timeout_s"}` read from stdin with `{"id", "ok"}` on its original stdout; it exits at end of input. A `pred`
 that is a hedge ("a or b", see `alternatives`) is right when, as a whole, it is a gold of several answers (a set,
-not a pair or an interval); when its alternatives restate one value ("\\frac{1}{4} or 25\\%"; degrees restate
-radians, "\\frac{\\pi}{3} or 60^\\circ", a price its value in cents, "\\$1.50 or 150", and a decimal a value it
-rounds, "\\pi or 3.14") and any is the gold; or when every alternative is the gold. An alternative it cannot compare
-(unparsed, a number with a unit word beside one without, or a price beside a percent or a unit word: "\\$12 or
-20\\%") is dropped first, unless every one is; a price beside other math is a rival value ("\\$5 or 6"). Alternatives
-each with a unit restate one quantity where their values agree once converted (`restated_in_units`: "5 \\text{ cm}
-or 50 \\text{ mm}", not "3 hours or 150 minutes" nor "8 pies or 9 cakes"). A repeating decimal ("0.\\overline{3}")
-is read as its fraction. All of it runs within the request's one time limit.
+not a pair or an interval); when every two of its alternatives restate one value ("\\frac{1}{4} or 25\\%"; degrees
+restate radians, "\\frac{\\pi}{3} or 60^\\circ") and any is the gold, or, where one only rounds another ("\\pi or
+3.14", "0.96 or 1.0"), the most precise is (`graded_alternatives`); or when every alternative is the gold. An
+alternative it cannot compare (unparsed, a number with a unit word beside one without, or a price beside a percent or
+a unit word: "\\$12 or 20\\%") is dropped first, unless every one is; a price beside other math is compared as its
+plain value ("\\$5 or 6", "\\$0.25 or 25" are hedges). Alternatives each with a unit of `UNIT_SIZES`, read whole
+(`amount`: "3/4 km" is not 3), restate one quantity where their values agree once converted or one rounds another
+in its unit (`rounded_in_units`: "5 \\text{ cm}^2 or 500 \\text{ mm}^2", "\\$1.50 or 150 cents", "1 lb or 454
+grams", not "3 hours or 150 minutes"), and their numbers are compared with the gold; with other words ("8 pies or 8
+cakes", "2ab or 2bc") they are rival values. A repeating decimal ("0.\\overline{3}") is read as its fraction. All of
+it runs within the request's one time limit.
 
 math-verify's own timeouts use `signal.alarm`, which shares one timer with this worker's soft limit, so they are
 disabled and one `setitimer` per request bounds the whole parse-parse-verify. The soft limit interrupts Python
@@ -24,6 +27,7 @@ code only; the parent's hard wall-clock kill covers everything else (long C-leve
 import decimal
 import fractions
 import functools
+import itertools
 import json
 import logging
 import os
@@ -33,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Optional
 
 
 class SoftTimeout(BaseException):
@@ -80,7 +85,7 @@ def has_top_level_comma(answer: str) -> bool:
 
 # A price or a word after a number ("\\$1.50", "5 \\text{ cm}", "1200 meters"): a hedge's alternative in a unit,
 # which math-verify compares by its number alone.
-_UNIT = re.compile(r"(\\\$|^\$)|\d\s*(?:\\(?:text|textrm|mathrm|mbox)\{\s*)?([A-Za-z]{2,})")
+_UNIT = re.compile(r"(\\\$|^\$)|(?:\d|\\frac\{\d+\}\{\d+\})\s*(?:\\(?:text|textrm|mathrm|mbox)\{\s*)?([A-Za-z]{2,})")
 
 
 def unit(answer: str):
@@ -92,7 +97,8 @@ def unit(answer: str):
 
 
 # Units by dimension and their size in its smallest one here (`unit` reads words of two letters or more, lower-case):
-# alternatives in units of one dimension restate one quantity only where their values agree once converted.
+# alternatives in units of one dimension restate one quantity only where their values agree once converted. A
+# volume is a length cubed (in mm^3), so that "1000 cm^3" restates "1 liter".
 UNIT_SIZES = {word: (dimension, fractions.Fraction(size)) for dimension, sizes in (
     ("time", ((1, "sec secs second seconds"), (60, "min mins minute minutes"), (3600, "hr hrs hour hours"),
               (86400, "day days"), (604800, "week weeks"))),
@@ -101,30 +107,47 @@ UNIT_SIZES = {word: (dimension, fractions.Fraction(size)) for dimension, sizes i
                 ("304.8", "ft foot feet"), ("914.4", "yd yard yards"), (1609344, "mi mile miles"))),
     ("mass", ((1, "mg"), (1000, "gram grams"), (10 ** 6, "kg kilogram kilograms"), ("28349.523125", "oz ounce ounces"),
               ("453592.37", "lb lbs pound pounds"))),
-    ("volume", ((1, "ml milliliter milliliters"), (1000, "liter liters litre litres"))),
+    ("length^3", ((1000, "ml milliliter milliliters"), (10 ** 6, "liter liters litre litres"))),
     ("money", ((1, "cent cents"), (100, "$ dollar dollars")))) for size, words in sizes for word in words.split()}
 
-# The number of an alternative with a unit ("3 hours", "-\\$1,200"), which `UNIT_SIZES` converts.
-_AMOUNT = re.compile(r"(-?)\s*(?:\\\$)?\s*(\d[\d,]*(?:\.\d+)?)")
+# An alternative with a unit, read whole: a sign, a price's `\\$`, a number (a decimal, "a/b", `\\frac{a}{b}`), a
+# word (in text mode or not) and a power of it ("-\\$1,200", "3/4 km", "5 \\text{ cm}^2").
+_AMOUNT = re.compile(r"(-?)(\\\$)?\s*(?:\\frac\{(\d+)\}\{(\d+)\}|(\d[\d,]*(?:\.\d+)?(?:/\d+)?))\s*"
+                     r"(?:\\(?:text|textrm|mathrm|mbox)\{\s*([A-Za-z]+)\s*\}|([A-Za-z]+))?(?:\^\s*\{?([23])\}?)?")
 
 
 def amount(answer: str):
-  """The number opening `answer` (a price's after its sign and `\\$`), without separators ("-1200"), or None."""
-  match = _AMOUNT.match(answer)
-  return None if match is None else match.group(1) + match.group(2).replace(",", "")
+  """(number, unit, power) of an alternative with a unit ("-\\$1,200" -> ("-1200", "$", 1), "3/4 km" -> ("3/4",
+  "km", 1), "5 \\text{ cm}^2" -> ("5", "cm", 2)); None where anything else stands in it ("3 hours 20 minutes")."""
+  match = _AMOUNT.fullmatch(answer.strip())
+  word = match and (match.group(6) or match.group(7) or match.group(2))
+  if not word:
+    return None
+  number = "%s/%s" % match.group(3, 4) if match.group(3) else match.group(5).replace(",", "")
+  return match.group(1) + number, "$" if word == "\\$" else word.lower(), int(match.group(8) or 1)
+
+
+def _dimension(unit: str, power: int):
+  """(dimension, size) of `unit` to `power` in `UNIT_SIZES` (a length squared or cubed an area or a volume)."""
+  dimension, size = UNIT_SIZES.get(unit, (None, None))
+  if power > 1:
+    return ("length^%d" % power, size ** power) if dimension == "length" else None
+  return None if dimension is None else (dimension, size)
 
 
 # A decimal or a percent as written ("3.14", "66.7\\%"), which may be another alternative's value rounded.
 _ROUNDED = re.compile(r"(-?\d+(\.\d+)?)\s*(\\?%)?")
 
 
-def rounds_to(shown: str, value: decimal.Decimal) -> bool:
-  """Whether `shown`, a decimal with d places or a percent with two significant digits or more ("3" is no rounding
-  of pi), is `value` (in percent where `shown` is one) rounded to d places: "3.14" of pi, "66.7\\%" of 2/3."""
+def rounds_to(shown: str, value: decimal.Decimal, integers: bool = False) -> bool:
+  """Whether `shown`, a decimal with d places or a percent (or, with `integers`, an integer) with two significant
+  digits or more ("3" is no rounding of pi, nor "100" of 99.97), is `value` (in percent where `shown` is one)
+  rounded to d places: "3.14" of pi, "66.7\\%" of 2/3, "454" of 453.59."""
   match = _ROUNDED.fullmatch(shown.strip())
-  if match is None or not (match.group(2) or match.group(3)):
+  if match is None or not (match.group(2) or match.group(3) or integers):
     return False
   digits = match.group(1).replace("-", "").replace(".", "").lstrip("0")
+  digits = digits if match.group(2) or match.group(3) else digits.rstrip("0")
   shown_value = decimal.Decimal(match.group(1))
   try:
     rounded = (value * (100 if match.group(3) else 1)).quantize(shown_value, rounding=decimal.ROUND_HALF_UP)
@@ -133,25 +156,45 @@ def rounds_to(shown: str, value: decimal.Decimal) -> bool:
   return len(digits) >= 2 and rounded == shown_value
 
 
-def restated_in_units(options: list[str], units: list[str]) -> bool:
-  """Whether alternatives each with a unit restate one quantity: in units of one dimension of `UNIT_SIZES`, when
-  their values agree once converted, exactly or as one rounded ("3 hours or 180 minutes", "1 mile or 1.61 km", not
-  "3 hours or 150 minutes"); in units of several dimensions never ("3 hours or 3 cm"); with a unit outside the table
-  or a count noun ("8 pies or 9 cakes"), when their numbers are equal."""
-  amounts, sizes = [amount(option) for option in options], [UNIT_SIZES.get(u) for u in units]
-  if None in amounts:
-    return False
-  numbers = [fractions.Fraction(a) for a in amounts]
-  if None in sizes:
-    return len(set(numbers)) == 1
-  if len({dimension for dimension, _ in sizes}) > 1:
-    return False
-  values = [number * size for number, (_, size) in zip(numbers, sizes)]
+MAX_RESTATEMENTS = 8
 
-  def shown_as(i: int, value: fractions.Fraction) -> bool:  # alternative i is `value` rounded, in its own unit
-    in_its_unit = value / sizes[i][1]
-    return rounds_to(amounts[i], decimal.Decimal(in_its_unit.numerator) / decimal.Decimal(in_its_unit.denominator))
-  return all(values[i] == values[0] or shown_as(i, values[0]) or shown_as(0, values[i]) for i in range(1, len(options)))
+
+def graded_alternatives(count: int, rounded_of) -> Optional[list[int]]:
+  """The alternatives of a hedge of `count` that the gold is compared with, given `rounded_of(i, j)`: the indices
+  of those of alternatives i and j that restate the other only as its rounding (none where they are one value
+  exactly), or None where they are rival values. None where any two are rival values (every pair must restate one
+  value: "1.0 or 0.96 or 1.04" does not); else the most precise, those that round no other ("\\pi or 3.14": \\pi,
+  "0.96 or 1.0": 0.96), [] where each rounds another. More than `MAX_RESTATEMENTS` are rival values, so that the
+  pairs compared stay few."""
+  if count > MAX_RESTATEMENTS:
+    return None
+  rounded = set()
+  for i, j in itertools.combinations(range(count), 2):
+    sides = rounded_of(i, j)
+    if sides is None:
+      return None
+    rounded.update(sides)
+  return [i for i in range(count) if i not in rounded]
+
+
+def rounded_in_units(quantities: list[tuple[str, str, int]], i: int, j: int) -> Optional[set[int]]:
+  """`rounded_of` (`graded_alternatives`) for alternatives with units of `UNIT_SIZES` (`amount`): one value where
+  they agree once converted ("3 hours or 180 minutes"); one rounds the other where it is the other's value rounded
+  in its own unit, an integer of two significant digits or more too ("1 mile or 1.61 km", "1 inch or 25 mm": the km,
+  the mm); rival values otherwise ("3 hours or 150 minutes", "3 hours or 3 cm")."""
+  sizes = [_dimension(unit, power) for _, unit, power in (quantities[i], quantities[j])]
+  if None in sizes or sizes[0][0] != sizes[1][0]:
+    return None
+  numbers = [quantities[k][0] for k in (i, j)]
+  values = [fractions.Fraction(number) * size for number, (_, size) in zip(numbers, sizes)]
+  if values[0] == values[1]:
+    return set()
+
+  def shown_as(k: int) -> bool:  # the k-th of the two is the other's value rounded, in its own unit
+    in_its_unit = values[1 - k] / sizes[k][1]
+    exact = decimal.Decimal(in_its_unit.numerator) / decimal.Decimal(in_its_unit.denominator)
+    return rounds_to(numbers[k], exact, integers=True)
+  return {index for k, index in enumerate((i, j)) if shown_as(k)} or None
 
 
 # A repeating decimal ("0.1\\overline{6}", "1,000.\\overline{3}"), which math-verify cannot read; the look-behind
@@ -172,17 +215,12 @@ def as_fractions(answer: str) -> str:
 
 # A degree sign: "60^\\circ", "60^{\\circ}", "60°".
 _DEGREES = re.compile(r"\^\s*(?:\\circ|\{\s*\\circ\s*\})|\u00b0")
-# A thousands separator: "1,200".
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
-def in_one_unit(answer: str) -> str:
-  """`answer` with an angle in degrees in radians ("60^\\circ" -> "60 \\cdot \\frac{\\pi}{180}") and a price in cents
-  ("\\$1.50" -> "100 \\cdot 1.50"), so that two alternatives in those units compare: math-verify reads "60^\\circ" as
-  60 and "\\$1.50" as 1.50. Thousands separators go ("\\$1,200" -> "100 \\cdot 1200"), and a sign stays a sign."""
-  answer = _THOUSANDS.sub("", _DEGREES.sub(lambda _: " \\cdot \\frac{\\pi}{180}", answer))
-  sign = "-" if answer.startswith("-\\$") else ""
-  return sign + "100 \\cdot " + answer[len(sign) + 2:] if answer.startswith(sign + "\\$") else answer
+def in_radians(answer: str) -> str:
+  """`answer` with an angle in degrees in radians ("60^\\circ" -> "60 \\cdot \\frac{\\pi}{180}"), so that it compares
+  with an alternative in radians: math-verify reads "60^\\circ" as 60."""
+  return _DEGREES.sub(lambda _: " \\cdot \\frac{\\pi}{180}", answer)
 
 
 def _exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
@@ -249,29 +287,39 @@ def main() -> None:
     # A hedge: as a whole, a gold of several answers ("x = 2 or x = 3" is the gold "2, 3").
     if has_several_answers(gold) and is_equivalent(gold, ", ".join(options)):
       return True
-    # Alternatives each with a unit restate one quantity where their values agree ("5 \\text{ cm} or 50 \\text{
-    # mm}"). Otherwise an alternative this cannot compare (unread, or a number with a unit word: "1200 meters or 3")
-    # is no rival value, nor a price beside a percent or a unit word ("\\$12 or 20\\%"); beside other math a price
-    # is compared ("\\$5 or 6", "\\$2 or \\frac{5}{2}" are hedges).
+    # An alternative this cannot compare (unread, or a number with a unit word: "1200 meters or 3") is no rival
+    # value, nor a price beside a percent or a unit word ("\\$12 or 20\\%"); beside other math a price is compared
+    # as its plain value ("\\$5 or 6", "\\$0.25 or 25" are hedges).
     units = [unit(option) for option in options]
+    quantities = [] if None in units else [amount(option) for option in options]
     if None in units:
       price_compared = not any(u not in (None, "$") or "%" in option for option, u in zip(options, units))
       comparable = [o for o, u in zip(options, units) if (u is None or u == "$" and price_compared) and is_math(o)]
       options = comparable or options
       if len(options) == 1:
         return is_equivalent(gold, options[0])
-    # Alternatives of one value restate it ("\\frac{1}{4} or 25\\%", "\\frac{\\pi}{3} or 60^\\circ", "\\$1.50 or 150"
-    # in cents, "\\pi or 3.14" rounded): right when any is the gold. Of different values ("5 or 6"), right only when
-    # every one is the gold, which no single gold is.
-    restated = (restated_in_units(options, units) if None not in units
-                else all(is_same_value(options[0], option) for option in options[1:]))
-    return (any if restated else all)(is_equivalent(gold, option) for option in options)
+    elif None in quantities:  # a number not read whole beside its unit ("3 hours 20 minutes"): no restatement
+      return False
+    elif all(_dimension(u, power) for _, u, power in quantities):
+      # Alternatives in units of the table restate one quantity where their values agree once converted ("5
+      # \\text{ cm} or 50 \\text{ mm}"); the gold is compared with their numbers, math-verify reading no "2 weeks".
+      graded = graded_alternatives(len(options), functools.partial(rounded_in_units, quantities))
+      return bool(graded) and any(is_equivalent(gold, quantities[i][0]) for i in graded)
+    elif len({u for _, u, _ in quantities}) > 1:  # other words: "8 pies or 8 cakes", "2ab or 2bc" (math-verify: 2)
+      return False
+    # Otherwise alternatives restate one value where math-verify finds them equal, whole ("\\frac{1}{4} or 25\\%",
+    # "\\frac{\\pi}{3} or 60^\\circ"; not "2ab or 2bc"), or one a rounding of another ("\\pi or 3.14"): right when the
+    # most precise is the gold. Of different values ("5 or 6"), right only when every one is the gold.
+    graded = graded_alternatives(len(options), lambda i, j: rounded_of(options[i], options[j], i, j))
+    return (any(is_equivalent(gold, options[i]) for i in graded) if graded
+            else all(is_equivalent(gold, option) for option in options))
 
-  def is_same_value(a: str, b: str) -> bool:
-    # Degrees and prices compared as such only after the plain reading fails ("60^\\circ" is 60, too).
-    in_one = in_one_unit(a), in_one_unit(b)
-    return (is_equivalent(a, b) or (in_one != (a, b) and is_equivalent(*in_one)) or is_rounded(a, b)
-            or is_rounded(b, a))
+  def rounded_of(a: str, b: str, i: int, j: int) -> Optional[set[int]]:
+    # Degrees compared as radians only after the plain reading fails ("60^\\circ" is 60, too).
+    radians = in_radians(a), in_radians(b)
+    if is_equivalent(a, b) or (radians != (a, b) and is_equivalent(*radians)):
+      return set()
+    return {k for k, shown, exact in ((i, a, b), (j, b, a)) if is_rounded(shown, exact)} or None
 
   def is_rounded(shown: str, exact: str) -> bool:
     # "3.14" of "\\pi": sympy evaluates the exact value, `rounds_to` rounds it as `shown` is written.
