@@ -25,6 +25,7 @@ import math
 import numbers
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import types
@@ -607,13 +608,23 @@ def keep_run_tokenizer(workdir: str, spec: str, tokenizer, replace: bool) -> Non
 def _tidy_run_tokenizer(out: str) -> None:
   """Removes what a `keep_run_tokenizer` killed midway left beside `out`: a copy half-written, an old one set aside
   (put back where the kill came between the two renames)."""
-  for stray in sorted(glob.glob(glob.escape(out) + ".old*")):
-    if os.path.isdir(stray) and not os.path.lexists(out):
-      os.replace(stray, out)
-    else:
-      shutil.rmtree(stray, ignore_errors=True)
-  for stray in glob.glob(glob.escape(out) + ".tmp*"):
+  aside = _written_beside(out, "old")
+  if aside and not os.path.lexists(out):
+    os.replace(aside.pop(0), out)
+  for stray in aside + _written_beside(out, "tmp"):
     shutil.rmtree(stray, ignore_errors=True)
+
+
+def _written_beside(out: str, kind: str) -> list:
+  """The folders `keep_run_tokenizer` (or `get_tokenizer`) names `out`.<kind><pid> beside `out`, newest first: "old"
+  a copy set aside, "tmp" one being written. Any other name there (W/tokenizer.old_phi4) is the user's."""
+  parent, name = os.path.split(out)
+  try:
+    names = os.listdir(parent or ".")
+  except FileNotFoundError:
+    return []
+  paths = [os.path.join(parent, n) for n in names if re.fullmatch(rf"{re.escape(name)}\.{kind}\d+", n)]
+  return sorted((p for p in paths if os.path.isdir(p)), key=os.path.getmtime, reverse=True)
 
 
 def tiny_chat_format(spec: str) -> str:
@@ -848,8 +859,11 @@ MAX_CHANGED_TOKENS = 256
 def _start_tokenizer(source: str):
   """(where, tokenizer) of what a starting point was trained with: a transformers checkpoint's own tokenizer files, a
   run's own tokenizer (W/tokenizer: a tiny one built there, or the copy `keep_run_tokenizer` kept) or, for a run from
-  before runs kept one, the tokenizer directory its config.gin names; None when it has none."""
-  for where in (source, os.path.join(source, "tokenizer")):
+  before runs kept one, the tokenizer directory its config.gin names; None when it has none. Where a kill left the
+  copy set aside (W/tokenizer.old<pid>, no W/tokenizer), that copy."""
+  copy = os.path.join(source, "tokenizer")
+  aside = [] if os.path.lexists(copy) else _written_beside(copy, "old")[:1]
+  for where in (source, copy, *aside):
     if any(os.path.isfile(os.path.join(where, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
       return where, load_tokenizer(where)
   run_config = os.path.join(source, "config.gin")
@@ -876,7 +890,7 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
   where, theirs = start
   ours, their_vocab = tokenizer.get_vocab(), theirs.get_vocab()
   differ = sorted(t for t in set(ours) | set(their_vocab) if ours.get(t) != their_vocab.get(t))
-  use_start = f"set --gin_param='data.tokenizer=\"{where}\"' so the params see the ids they learned"
+  use_start = _use_start_hint(spec, name, where)
   if len(differ) > MAX_CHANGED_TOKENS:
     raise ValueError(f"data.tokenizer={spec!r} is not the tokenizer {name}={source!r} was trained with ({where}: "
                      f"{len(ours)} tokens here, {len(their_vocab)} there; ids differ for {len(differ)}, e.g. "
@@ -900,6 +914,18 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
     log.warning("data.tokenizer=%r differs from the tokenizer %s=%r was trained with (%s): %s%s", spec, name, source,
                 where, f"{len(differ)} token(s) renamed or added (e.g. {differ[:3]})" if differ else "same tokens",
                 "; another chat template" if tokenizer.chat_template != theirs.chat_template else "")
+
+
+def _use_start_hint(spec: str, name: str, where: str) -> str:
+  """The way out of `check_tokenizer_matches_start`'s refusals: the tokenizer at `where`. A resume (`name`
+  --workdir) is told first to put its files back at data.tokenizer's path: the eval set that keep_best_checkpoint
+  and early stopping compare records that path, so binding the copy's path instead is refused there."""
+  binding = f"set --gin_param='data.tokenizer=\"{where}\"'"
+  if name != "--workdir":
+    return f"{binding} so the params see the ids they learned"
+  return (f"restore the files the run trained with at that path from its copy, `cp -r {shlex.quote(where)}/. "
+          f"{shlex.quote(spec)}` (the files there now are overwritten), then resume as before; or {binding} (refused "
+          "while train.keep_best_checkpoint or train.early_stopping_patience compare eval losses)")
 
 
 # Text both tokenizers encode, beyond comparing vocabularies: English, digits, code, LaTeX, non-ASCII and runs of
@@ -1026,6 +1052,10 @@ def _train_in(workdir: str):
   data_cfg = data()
   settings = train_settings()
   loop, stage = settings["loop"], settings["stage"]
+  if jax.process_index() == 0:
+    # A copy a kill left set aside is put back first: the tiny tokenizer's build and the resume check read W/tokenizer.
+    _tidy_run_tokenizer(os.path.join(workdir, "tokenizer"))
+  distributed.barrier(f"run tokenizer {workdir}")
   tokenizer = get_tokenizer(data_cfg["tokenizer"], workdir)
   start = settings["init_from"] or hf_path
   start_name = "train.init_from" if settings["init_from"] else "model.hf_path"

@@ -53,7 +53,7 @@ import common  # noqa: E402  (gin configurables shared by every entry script)
 from phi_jax import rewards  # noqa: E402
 from phi_jax.data.preference import prompt_messages  # noqa: E402
 from phi_jax.data.sources import DataError, open_source  # noqa: E402
-from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: E402
+from phi_jax.hf.tokenizer import CHAT_FORMAT_FAMILY, build_tiny_tokenizer, load_tokenizer  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
 
@@ -259,11 +259,13 @@ def load_policy(init_from: str, the_mesh):
 def run_tokenizer(spec: str, workdir: str):
   """The tokenizer data.tokenizer=`spec` names for reading the run in `workdir`, to be compared with the run's copy
   (W/tokenizer). A "tiny:" one of another chat format than the run's is built aside, not over the run's: for a read
-  that is a deliberate change of template, as a tokenizer directory's is."""
+  that is a deliberate change of template, as a tokenizer directory's is. One of another token family is refused."""
   copy = os.path.join(workdir, "tokenizer")
   if spec.startswith("tiny:"):
     chat_format = common.tiny_chat_format(spec)
-    if common._tiny_tokenizer_format(copy) not in (None, chat_format):  # pylint: disable=protected-access
+    trained = common._tiny_tokenizer_format(copy)  # pylint: disable=protected-access
+    if trained not in (None, chat_format):
+      _check_token_family(spec, chat_format, trained, workdir)
       with tempfile.TemporaryDirectory() as tmp:
         build_tiny_tokenizer(tmp, chat_format=chat_format)
         return load_tokenizer(tmp)
@@ -272,6 +274,22 @@ def run_tokenizer(spec: str, workdir: str):
                             f"run keeps a copy of the tokenizer it trained with: set "
                             f"--gin_param='data.tokenizer=\"{copy}\"'")
   return common.get_tokenizer(spec, workdir)
+
+
+def _check_token_family(spec: str, chat_format: str, trained: str, workdir: str) -> None:
+  """Refuses a "tiny:" chat format of another token family than the tiny one `workdir`'s run trained with
+  (`trained`). The families number their control tokens in the same slots, so comparing the two vocabularies finds a
+  few renamed tokens only, while every control id would be read as another token. `trained` "unknown" (a copy of a
+  tokenizer directory) is left to `common.check_tokenizer_matches_start`."""
+  family = CHAT_FORMAT_FAMILY[chat_format]
+  if trained == "unknown" or CHAT_FORMAT_FAMILY[trained] == family:
+    return
+  same = sorted(name for name, of in CHAT_FORMAT_FAMILY.items() if of == CHAT_FORMAT_FAMILY[trained])
+  raise ValueError(f"data.tokenizer={spec!r} is of the {family!r} token family, but the run in {workdir} was trained "
+                   f"with data.tokenizer='tiny:{trained}' ({CHAT_FORMAT_FAMILY[trained]!r} family): its params read "
+                   f"other ids for the control tokens. To eval, roll out or export it, set "
+                   f"--gin_param='data.tokenizer=\"tiny:{trained}\"' (or another format of its family: "
+                   f"{', '.join(f'tiny:{name}' for name in same if name != trained)})")
 
 
 # Files any of which makes a directory a tokenizer transformers can load (fast, SentencePiece or BPE vocab files).

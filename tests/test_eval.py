@@ -537,6 +537,100 @@ def test_a_kill_while_the_copy_is_replaced_leaves_a_copy_and_the_next_write_tidi
   assert load_tokenizer(run / "tokenizer").get_vocab() == new.get_vocab()
 
 
+def test_eval_refuses_a_tiny_tokenizer_of_another_token_family_than_the_runs(tiny_run):
+  """The two token families number their control tokens in the same slots: a phi-4 run read with a phi-4-mini tiny
+  tokenizer differs from it by a few renamed tokens only, yet reads each control id as another token. Refused,
+  naming the format the run trained with; one of the run's own family is still built aside."""
+  import re
+
+  run, _ = tiny_run
+  for chat_format in ("phi-4-mini", "phi-4-mini-reasoning"):
+    with pytest.raises(ValueError, match=rf"data.tokenizer='tiny:{chat_format}' is of the 'phi-4-mini' token family, "
+                                         rf"but the run in {re.escape(str(run))} was trained with .*'tiny:phi-4'"):
+      _load_policy(run, f"data.tokenizer='tiny:{chat_format}'")
+  assert len(_load_policy(run, "data.tokenizer='tiny:phi-4-reasoning'")[2]) == 512
+  assert common._tiny_tokenizer_format(str(run / "tokenizer")) == "phi-4"
+
+
+def test_the_copys_tidy_leaves_folders_of_names_it_does_not_write(tmp_path):
+  """Only the names `keep_run_tokenizer` writes (W/tokenizer.tmp<pid>, W/tokenizer.old<pid>) are what a kill left:
+  a user's W/tokenizer.old_phi4 or W/tokenizer.old is neither removed nor put in place of the copy."""
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+  tokenizer = build_tiny_tokenizer(tmp_path / "tok", chat_format="phi-4")
+  build_tiny_tokenizer(tmp_path / "other", chat_format="phi-4-mini")
+  run = tmp_path / "W"
+  run.mkdir()
+  common.keep_run_tokenizer(str(run), str(tmp_path / "tok"), tokenizer, replace=True)
+  for name in ("tokenizer.old_phi4", "tokenizer.tmpl", "tokenizer.old"):
+    shutil.copytree(tmp_path / "other", run / name)
+  common.keep_run_tokenizer(str(run), str(tmp_path / "tok"), tokenizer, replace=True)
+  assert sorted(os.listdir(run)) == ["tokenizer", "tokenizer.old", "tokenizer.old_phi4", "tokenizer.tmpl"]
+  fresh = tmp_path / "W2"
+  shutil.copytree(tmp_path / "other", fresh / "tokenizer.old")
+  common.keep_run_tokenizer(str(fresh), str(tmp_path / "tok"), tokenizer, replace=False)
+  assert load_tokenizer(fresh / "tokenizer").get_vocab() == tokenizer.get_vocab()
+  assert (fresh / "tokenizer.old" / "tokenizer.json").read_text() == (tmp_path / "other" / "tokenizer.json").read_text()
+
+
+def test_a_copy_a_kill_left_aside_is_compared_with_and_put_back_by_the_next_resume(trained_run, tmp_path,
+                                                                                 monkeypatch):
+  """A kill between the copy's two renames leaves no W/tokenizer, only the old copy set aside: eval compares with
+  that copy, and a resume puts it back before it compares, rather than train on files replaced since."""
+  import re
+  from phi_jax.hf.tokenizer import _DEFAULT_CORPUS, build_tiny_tokenizer, load_tokenizer
+
+  run, tokenizer_dir = trained_run
+  resumed = tmp_path / "run"
+  shutil.copytree(run, resumed)
+  kept = (resumed / "tokenizer" / "tokenizer.json").read_text()
+  replace = os.replace
+
+  def killed(src, dst):
+    if str(dst) == str(resumed / "tokenizer"):
+      raise KeyboardInterrupt("killed")
+    replace(src, dst)
+  with monkeypatch.context() as m:
+    m.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+      common.keep_run_tokenizer(str(resumed), tokenizer_dir, load_tokenizer(tokenizer_dir), replace=True)
+  aside = [n for n in os.listdir(resumed) if re.fullmatch(r"tokenizer\.old\d+", n)]
+  assert len(aside) == 1 and not (resumed / "tokenizer").exists()
+  corpus = list(_DEFAULT_CORPUS)[::-1] + _OTHER_TEXT[:3]
+  with _replaced(tokenizer_dir, lambda d: build_tiny_tokenizer(d, chat_format="phi-4", corpus=corpus)):
+    with pytest.raises(ValueError, match=rf"is not the tokenizer --init_from=.* was trained with "
+                                         rf"\({re.escape(str(resumed / aside[0]))}: "):
+      _load_policy(resumed)
+    with pytest.raises(ValueError, match=rf"is not the tokenizer --workdir='{re.escape(str(resumed))}' was trained "
+                                         rf"with \({re.escape(str(resumed / 'tokenizer'))}: "):
+      _train_run(resumed, tokenizer_dir, num_steps=3)
+  assert sorted(n for n in os.listdir(resumed) if n.startswith("tokenizer")) == ["tokenizer"]
+  assert (resumed / "tokenizer" / "tokenizer.json").read_text() == kept
+  assert sorted(int(n) for n in os.listdir(resumed / "checkpoints") if n.isdigit())[-1] == 2
+
+
+def test_a_refused_resume_says_how_to_restore_the_files_it_trained_with(trained_run, tmp_path):
+  """Binding data.tokenizer to the copy changes the eval set's recorded path, which keep_best_checkpoint and early
+  stopping refuse: the refusal first gives the command that restores the trained files at the bound path, and a
+  resume that follows it trains on."""
+  import subprocess
+  from phi_jax.hf.tokenizer import _DEFAULT_CORPUS, build_tiny_tokenizer
+
+  run, _ = trained_run
+  resumed = tmp_path / "run"
+  shutil.copytree(run, resumed)
+  tokenizer_dir = tmp_path / "tok"
+  build_tiny_tokenizer(tokenizer_dir, chat_format="phi-4", corpus=list(_DEFAULT_CORPUS)[::-1] + _OTHER_TEXT[:3])
+  with pytest.raises(ValueError) as refused:
+    _train_run(resumed, tokenizer_dir, num_steps=3)
+  command = f"cp -r {resumed / 'tokenizer'}/. {tokenizer_dir}"
+  assert command in str(refused.value)
+  assert "train.keep_best_checkpoint" in str(refused.value) and "train.early_stopping_patience" in str(refused.value)
+  assert str(refused.value).index(command) < str(refused.value).index("data.tokenizer=\"")
+  subprocess.run(command, shell=True, check=True)
+  assert int(_train_run(resumed, tokenizer_dir, num_steps=3).step) == 3
+
+
 def _stub_generate_text(finished):
   """A sampler stand-in: output i of each call, ended on a stop token as `finished(i)` says."""
   def generate_text(params, config, tokenizer, prompts, rng, sampling, **kwargs):
