@@ -279,13 +279,13 @@ def test_the_last_math_is_one_answer_with_the_alternatives_or_joins_to_it(pool):
           "It is \\(5\\) or \\(6\\).": "5 or 6",
           "We get $$5$$ or $$6$$": "5 or 6",
           "Since $a = 2$, we get $x = 5$ or $6$.": "x = 5 or 6",  # only what joins to the last math
-          # Not joined: "and" and "," alone, a clause between, an equation that justifies a value before "or".
+          "So $5$ or, as we showed, $6$.": "5 or 6",  # other words beside "or" too
+          # Not joined: "and" and "," alone, an equation that justifies a value before "or".
           "We have $a = 3$ and $b = 4$, so $a + b = 7$.": "a + b = 7",
           "Therefore $a = 3$, $b = 7$, and $a + b = 10$.": "a + b = 10",
           "Then $2x = 10$, so $x = 5$.": "x = 5",
           "$12$ and $4$ is the remainder": "4",
           "The roots are $x = 2$ and $x = 3$.": "x = 3",
-          "So $5$ or, as we showed, $6$.": "6",
           "Thus $6$, or $6 = 2 \\cdot 3$.": "6 = 2 \\cdot 3",
           "She has $5$ or $6$ apples and pays $42.": "42"}
   assert {c: extract_answer(think + c) for c in last} == last
@@ -524,9 +524,9 @@ def test_a_restatement_in_another_form_is_right_when_any_form_is_the_gold(pool):
   right = [("That is $\\frac{1}{4}$, or $25\\%$.", "25"), ("She saved $0.2$, or $20\\%$.", "20"),
            ("The discount is $\\$12$, or $20\\%$.", "20"), ("$\\boxed{\\frac{1}{4} (or 25\\%)}$", "25"),
            ("$\\boxed{0.25 (or 25\\%)}$", "25"), ("$\\boxed{0.25 (or 25\\%)}$", "\\frac{1}{4}"),
-           ("The total is $\\$1.50$, or $150$ cents.", "150"), ("The answer is 12 (or twelve).", "12"),
+           ("The total is $\\$1.50$, or $150$ cents.", "1.50"), ("The answer is 12 (or twelve).", "12"),
            ("So the discount is $20\\%$, or $\\frac{1}{5}$ off.", "20"),
-           ("So it is $5 \\text{ cm}$, or $50 \\text{ mm}$.", "50")]
+           ("So it is $5 \\text{ cm}$, or $50 \\text{ mm}$.", "5")]
   wrong = [("That is $\\frac{1}{4}$, or $25\\%$.", "4"), ("$\\boxed{0.25 (or 25\\%)}$", "0.5"),
            ("The answer is $\\$5$ or $\\$6$.", "6"), ("The answer is $\\frac{1}{4}$ or $\\frac{1}{3}$.", "\\frac14"),
            ("$\\boxed{0.25 (or 0.3)}$", "0.25"), ("So it is $5 \\text{ cm}$ or $6 \\text{ cm}$.", "6"),
@@ -642,10 +642,12 @@ def test_value_words_in_textrm_or_mbox_read_as_in_text(pool):
 
 def test_a_price_is_dropped_only_beside_its_restatement(pool):
   """A price beside a plain number of another value is a hedge ("$\\$5$ or $6$"); beside its value in cents
-  ("$\\$1.50$, or $150$ cents") or in another form ("$\\$12$, or $20\\%$") it restates one quantity."""
-  right = [("The total is $\\$1.50$, or $150$ cents.", "150"), ("The total is $\\$1.50$, or $150$ cents.", "1.50"),
+  ("$\\$1.50$, or $150$ cents", graded on the price as given) or in another form ("$\\$12$, or $20\\%$") it
+  restates one quantity."""
+  right = [("The total is $\\$1.50$, or $150$ cents.", "1.50"),
            ("The discount is $\\$12$, or $20\\%$.", "20"), ("The answer is $\\$6$ or $6$.", "6")]
-  wrong = [("The answer is $\\$5$ or $6$.", "6"), ("The answer is $\\$5$ or $6$.", "5"),
+  wrong = [("The total is $\\$1.50$, or $150$ cents.", "150"), ("The answer is $\\$5$ or $6$.", "6"),
+           ("The answer is $\\$5$ or $6$.", "5"),
            ("The answer is $\\$5$ or $\\$6$.", "6")]
   verdicts, expected = _grades(pool, right, wrong)
   assert verdicts == expected
@@ -661,12 +663,15 @@ def test_alternatives_in_units_restate_one_quantity_only_where_their_values_agre
              "The answer is 18 km (or 20 for the other case).": "18 or 20",
              "$\\boxed{150 \\text{ minutes} (or 2.5 hours)}$": "150 minutes or 2.5 hours"}
   assert {c: extract_answer(think + c) for c in answers} == answers
-  right = [("The answer is 3 hours (or 180 minutes).", "3"), ("The answer is 3 hours (or 180 minutes).", "180"),
-           ("The answer is 5 cm (or 50 mm).", "50"), ("The answer is 2 kg (or 2000 g).", "2"),
-           ("The answer is $5 \\text{ cm}$ or $50 \\text{ mm}$.", "50"),
+  right = [("The answer is 3 hours (or 180 minutes).", "3"), ("The answer is 5 cm (or 50 mm).", "5"),
+           ("The answer is 2 kg (or 2000 g).", "2"), ("The answer is $5 \\text{ cm}$ or $50 \\text{ mm}$.", "5"),
            ("$\\boxed{150 \\text{ minutes} (or 2.5 hours)}$", "150"), ("The answer is 12 apples (or 12 pears).", "12"),
            ("The answer is 1 mile (or 1.61 km).", "1")]
-  wrong = [("The answer is 3 hours (or 150 minutes).", "3"), ("The answer is 5 cm (or 60 mm).", "5"),
+  # Graded on the answer as given, the first: the others pay no gold.
+  wrong = [("The answer is 3 hours (or 180 minutes).", "180"), ("The answer is 5 cm (or 50 mm).", "50"),
+           ("The answer is $5 \\text{ cm}$ or $50 \\text{ mm}$.", "50"),
+           ("$\\boxed{150 \\text{ minutes} (or 2.5 hours)}$", "2.5"),
+           ("The answer is 3 hours (or 150 minutes).", "3"), ("The answer is 5 cm (or 60 mm).", "5"),
            ("Final answer: 45 minutes (or 1 hour).", "45"), ("The answer is 8 pies (or 9 cakes).", "8"),
            ("The answer is 12 apples (or 13 if we count the rotten one).", "12"),
            ("The answer is 18 km (or 20 for the other case).", "18"), ("$\\boxed{3 hours (or 150 minutes)}$", "3"),
@@ -754,13 +759,14 @@ def test_a_number_before_a_unit_is_read_whole_and_graded_without_its_unit(pool):
            ("\\boxed{2 \\text{ weeks} (or 14 \\text{ days})}", "2"), ("The answer is 500 grams (or 0.5 kg).", "500"),
            ("\\boxed{250 \\text{ mL} (or 0.25 \\text{ liters})}", "250"),
            ("\\boxed{5 \\text{ cm}^2 (or 500 \\text{ mm}^2)}", "5"),
-           ("\\boxed{5 \\text{ cm}^2 (or 500 \\text{ mm}^2)}", "500"),
            ("\\boxed{1000 \\text{ cm}^3 (or 1 \\text{ liter})}", "1000"),
            ("\\boxed{1 \\text{ lb} (or 454 \\text{ grams})}", "1"),
            ("\\boxed{1 \\text{ inch} (or 25 \\text{ mm})}", "1"),
            ("\\boxed{100 \\text{ meters} (or 328 \\text{ feet})}", "100"),
-           ("\\boxed{\\frac{3}{4} \\text{ hour} (or 45 \\text{ minutes})}", "45")]
-  wrong = [("\\boxed{3/4 \\text{ km} (or 3 \\text{ km})}", "3"),
+           ("\\boxed{\\frac{3}{4} \\text{ hour} (or 45 \\text{ minutes})}", "\\frac{3}{4}")]
+  wrong = [("\\boxed{5 \\text{ cm}^2 (or 500 \\text{ mm}^2)}", "500"),
+           ("\\boxed{\\frac{3}{4} \\text{ hour} (or 45 \\text{ minutes})}", "45"),
+           ("\\boxed{3/4 \\text{ km} (or 3 \\text{ km})}", "3"),
            ("\\boxed{3/4 \\text{ km} (or 3 \\text{ km})}", "\\frac{3}{4}"),
            ("\\boxed{1/2 \\text{ hour} (or 1/3 \\text{ hour})}", "\\frac{1}{3}"),
            ("The answer is 5/2 hours (or 5 hours).", "5"), ("The answer is 5/2 hours (or 5 hours).", "\\frac{5}{2}"),
@@ -779,8 +785,9 @@ def test_a_degree_sign_is_rewritten_only_in_math_and_a_price_is_in_cents_only_be
   assert extract_answer(think + "The angle is 90°.") == "The angle is 90°"
   assert extract_answer(think + "The total is $\\$1.50$, or $150$ cents.") == "\\$1.50 or 150 cents"
   right = [("The angle is 90°.", "90"), ("It is 30°", "30"), ("The total is $\\$1.50$, or $150$ cents.", "1.50"),
-           ("$\\boxed{\\$1.50 (or 150 cents)}$", "150"), ("The cost is $\\$1,200$ or $120000$ cents.", "1200")]
-  wrong = [("The answer is $\\$0.25$, or $25$.", "0.25"), ("The answer is $\\$0.25$, or $25$.", "25"),
+           ("$\\boxed{\\$1.50 (or 150 cents)}$", "1.50"), ("The cost is $\\$1,200$ or $120000$ cents.", "1200")]
+  wrong = [("$\\boxed{\\$1.50 (or 150 cents)}$", "150"), ("The answer is $\\$0.25$, or $25$.", "0.25"),
+           ("The answer is $\\$0.25$, or $25$.", "25"),
            ("The answer is $\\$3$ or $3$ or $300$.", "300"), ("The cost is $\\$1,200$ or $120000$.", "1200")]
   verdicts, expected = _grades(pool, right, wrong)
   assert verdicts == expected
@@ -823,6 +830,58 @@ PATHOLOGICAL = {
     "joined boxes": "\\boxed{1} and " * (MEGABYTE // 14),
     "boxes far apart": ("\\boxed{1}" + " " * 4000) * (MEGABYTE // 4009),
 }
+
+
+def test_any_short_gap_holding_or_and_no_math_joins_boxes_into_a_hedge(pool):
+  """Between boxes, a short gap that holds the word "or" (in any text command, with punctuation, other words or a
+  line break) or "|" / "/" makes them one hedge; a gap of prose without "or" still leaves the last box alone."""
+  think = "<think>\nok\n</think>\n\n"
+  gaps = [" \\text{, or } ", " \\text{ or, } ", " \\text{ (or) } ", " \\text{ or\\;} ", " \\text{\\ or\\ } ",
+          " \\mathbf{or} ", " \\textsf{or} ", " \\emph{or} ", " \\operatorname{or} ", " \\hbox{ or } ", "$\nor $",
+          " or otherwise ", " or just ", " or... ", " or? ", " | ", " / ", "$, or, failing that, $"]
+  boxes = ["$$\\boxed{5}%s\\boxed{6}$$" % gap for gap in gaps]
+  assert {c: extract_answer(think + c) for c in boxes} == {c: "5 or 6" for c in boxes}
+  assert extract_answer(think + "\\boxed{5} is wrong, so \\boxed{6}") == "6"
+  assert extract_answer(think + "The answer is $5$\nor $6$.") == "5 or 6"
+  verdicts, expected = _grades(pool, [], [(c, "6") for c in boxes])
+  assert verdicts == expected
+
+
+def test_a_unit_restatement_is_graded_on_the_answer_as_given(pool):
+  """Alternatives restating one quantity in units of the table are compared with the gold on the first, the answer
+  as given, so listing a quantity in every unit does not hit any gold's unit; "¢" says cents as the word does."""
+  think = "<think>\nok\n</think>\n\n"
+  assert extract_answer(think + "The answer is $\\$0.75$, or $75$¢.") == "\\$0.75 or 75 cents"
+  assert extract_answer(think + "\\boxed{\\$0.75} or \\boxed{75} cents") == "\\$0.75 or 75 cents"
+  right = [("\\boxed{1 \\text{ foot} (or 12 \\text{ inches})}", "1"), ("The answer is $\\$1$, or $100$ cents.", "1"),
+           ("\\boxed{1 \\text{ week} (or 7 \\text{ days} or 168 \\text{ hours})}", "1"),
+           ("The answer is $\\$0.75$, or $75$¢.", "0.75"), ("\\boxed{\\$0.75} or \\boxed{75} cents", "0.75"),
+           ("It takes $2.5$ hours, or $150$ minutes.", "2.5"), ("The answer is $150$ cents, or $\\$1.50$.", "150")]
+  wrong = [("\\boxed{1 \\text{ foot} (or 12 \\text{ inches})}", "12"), ("The answer is $\\$1$, or $100$ cents.", "100"),
+           ("\\boxed{1 \\text{ week} (or 7 \\text{ days} or 168 \\text{ hours})}", "7"),
+           ("\\boxed{1 \\text{ week} (or 7 \\text{ days} or 168 \\text{ hours})}", "168"),
+           ("The answer is $\\$1.50$ or $150$ cents or $\\$2$.", "1.50"),
+           ("It takes $2.5$ hours, or $150$ minutes.", "150"), ("The answer is $3$ hours or $4$.", "4"),
+           ("The answer is $3$ hours or $4$.", "3"), ("The answer is $5$ km or $6$ km.", "5")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_tiny_rival_values_and_lor_between_subscripted_variables_are_hedges(pool):
+  """Plain numbers in a hedge are compared with the relative tolerance single answers get (1e-7 is not 4e-7), and
+  `\\lor` between values of a subscripted, primed or multi-letter variable, or in braces, joins a hedge."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"\\boxed{a_n = 5 \\vee a_n = 6}": "a_n = 5 or a_n = 6", "\\boxed{x_1 = 5 \\lor x_1 = 6}":
+             "x_1 = 5 or x_1 = 6", "\\boxed{xy = 5 \\lor xy = 6}": "xy = 5 or xy = 6",
+             "\\boxed{y' = 5 \\lor y' = 6}": "y' = 5 or y' = 6", "\\boxed{5 {\\lor} 6}": "5 or 6",
+             "\\boxed{5 \\mathrel{\\lor} 6}": "5 or 6"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  right = [("\\boxed{0.0000001} or \\boxed{0.0000001}", "0.0000001")]
+  wrong = [("\\boxed{0.0000001} or \\boxed{0.0000004}", "0.0000001"),
+           ("\\boxed{0.0000001} or \\boxed{0.0000004}", "0.0000004"),
+           ("\\boxed{0.0000001} or \\boxed{0.0000001}", "0.0000003")] + [(c, "6") for c in answers]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
 
 
 @pytest.mark.parametrize("answer,rewritten", [

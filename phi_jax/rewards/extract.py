@@ -42,16 +42,18 @@ order of preference:
    them (see "Several answers");
 4. the whole solution section when it is one short line (a model that answers only "42").
 
-Several answers: math spans after a label, or boxes, joined by ",", "and" or "or" ("the answer is $5$ or $6$",
-"$\\boxed{2}$ and $\\boxed{3}$", "$2$, $3$, and $5$"; LaTeX layout and a hedge's adverb after "or" may stand
-between them: "\\quad \\text{or} \\quad", "\\: \\mathrm{or} \\:", "\\hspace{1em}", ", or maybe ", "or else") are one
+Several answers: math spans after a label, or boxes, joined by "," or "and" alone ("$\\boxed{2}$ and $\\boxed{3}$",
+"$2$, $3$, and $5$", LaTeX layout between them), or by a short gap that holds "or" (or "|", "/", "\\lor") and no
+other math, whatever words, commands or lines stand with it ("the answer is $5$ or $6$", "\\quad \\text{, or }
+\\quad", "\\mathbf{or}", ", or maybe ", "\\n or, failing that, ": `_joins_answers`), are one
 answer: a set, comma-separated ("2, 3, 5"), which matches the same set as gold; or, where "or" joins any two, a
 hedge, joined by `HEDGE_JOINER` ("5 or 6", as is "5 \\lor 6"), which the verifier grades right when every two of its
 alternatives restate one value and any of them is the gold ("$\\frac{1}{4}$, or $25\\%$" and 25; degrees restate
-radians, a price its value in cents where that says "cents": "$\\$1.50$, or $150$ cents"; units of one dimension a
-quantity where the values agree once converted) or, where one only rounds another ("$\\pi$, or $3.14$"), when the
-most precise is the gold (pi); or when every alternative is the gold, or, as a whole, a gold of several answers ("x
-= 2 or x = 3" and "2, 3", but not the pair "(2, 3)"), so a hedge between values matches no single gold; an
+radians; a price its value in cents where that says "cents" or "¢", and units of one dimension a quantity where the
+values agree once converted, a unit word after each alternative taken with it (`_units_after`), graded on the
+first alternative alone: "$\\$1.50$, or $150$ cents" is 1.50, "$2.5$ hours, or $150$ minutes" 2.5) or, where one
+only rounds another ("$\\pi$, or $3.14$"), when the most precise is the gold (pi); or when every alternative is the
+gold, or, as a whole, a gold of several answers ("x = 2 or x = 3" and "2, 3", but not the pair "(2, 3)"), so a hedge between values matches no single gold; an
 alternative it cannot compare (a number with a unit word beside plain numbers, a price beside a percent or a unit
 word: "$\\$12$, or $20\\%$") is dropped, not taken as a rival value, but a price beside other math is compared as its
 plain value ("$\\$5$ or $6$", "$\\$0.25$ or $25$" are hedges). An inequality and an equation joined by "or" are no
@@ -66,7 +68,7 @@ The answer (and a gold answer) is then rewritten where plain-text notation would
 Model output is untrusted and may be a megabyte of noise, so every step is linear in the input or bounded by
 `max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, and regular expressions
 without nested or adjacent repetition, which cannot backtrack far (`_RELATION`, `_INEQUALITY`, `_LOGICAL_OR`,
-`_VALUE_OF`, `_COMMAND`, `_LAYOUT`, `_CENTS`).
+`_VALUE_OF`, `_COMMAND`, `_LAYOUT`, `_GAP_LAYOUT`, `_GAP_WORD`, `_WORD_AFTER`).
 """
 
 from __future__ import annotations
@@ -93,10 +95,16 @@ _MAX_BOX_TRIES = 8
 # from the next, so a megabyte of "$1$, " stays a bounded scan.
 _MAX_JOINED_ANSWERS = 16
 _MAX_JOIN_GAP_CHARS = 24
-# What may stand between two answers that are one answer: a set ("2, 3 and 5") or a hedge ("5 or 6", "5 (or 6)").
-_JOINING_WORDS = frozenset((",", "and", "or"))
-# LaTeX spacing, and text mode around words (group 1), which may pad a worded join and do not part the answers
-# ("\\quad \\text{or} \\quad", "\\; \\mathrm{or} \\;", "\\hspace{1em}"); a gap's length is measured without them.
+# What alone may stand between two answers that are one set: "2, 3 and 5". Where "or" stands between them, they are
+# one hedge whatever words stand with it ("or maybe", "\\text{, or }", "or, failing that,"), unless math does too.
+_SET_WORDS = frozenset((",", "and"))
+# What a gap between answers is read without: LaTeX commands and spacing ("\\quad \\text{or} \\quad", "\\;",
+# "\\hspace{1em}"), braces, brackets and dollar signs; its words are then runs of letters and single other marks, of
+# which these are math and "|" and "/" an "or".
+_GAP_LAYOUT = re.compile(r"\\(?:hspace\*?\{[^{}]*\}|[A-Za-z]+|[,;:!> ])|[~{}()\[\]$\\]")
+_GAP_WORD = re.compile(r"[A-Za-z]+|\S")
+_GAP_MATH = frozenset("0123456789=<>+^_*")
+# LaTeX spacing, and text mode around words (group 1), which pad the operands of a logical "or" (`latex_notation`).
 _LAYOUT = re.compile(r"\\(?:q?quad(?![A-Za-z])|[,;:!> ]|hspace\*?\{[^{}]*\})|~"
                      r"|\\(?:text|textrm|textbf|textit|mathrm|mbox)\{([A-Za-z ]*)\}")
 # How the alternatives of a hedge are joined in an extracted answer ("5 or 6"); a set's answers are joined by ", ".
@@ -126,12 +134,8 @@ _MAX_CONNECTIVE_CHARS = 16
 _CLAUSE_WORDS = frozenset(("because", "since", "so"))  # not "when", "where", "given": they qualify an answer
 # Abbreviations whose period does not end the answer's sentence ("approx. 18", "5, i.e. 2 + 3").
 _ABBREVIATIONS = ("i.e", "e.g", "approx", "ca", "vs", "cf", "resp")
-# A hedge in parentheses opens with one of these: "2 (or 3)", "2 (maybe 3)", "3/4 (or equivalently 0.75)"; after
-# "or", the adverbs also join two answers ("$5$, or maybe $6$").
-_HEDGE_ADVERBS = frozenset(("maybe", "possibly", "perhaps", "equivalently", "alternatively"))
-_HEDGES = _HEDGE_ADVERBS | frozenset(("or", "i.e.", "i.e", "ie"))
-# ... and these, only after "or" between answers ("$5$ or else $6$", "or perhaps even").
-_OR_ADVERBS = frozenset(("else", "even"))
+# A hedge in parentheses opens with one of these: "2 (or 3)", "2 (maybe 3)", "3/4 (or equivalently 0.75)".
+_HEDGES = frozenset(("maybe", "possibly", "perhaps", "equivalently", "alternatively", "or", "i.e.", "i.e", "ie"))
 # Inside math (a boxed or gold answer), a word after a number must be this long to be a unit or a noun: "2 xy" and
 # "3 abc" are products of variables, "18 dollars" is 18.
 _MIN_UNIT_CHARS_IN_MATH = 4
@@ -191,18 +195,21 @@ _MAX_WRITTEN_OUT_EXPONENT = 99
 _SCIENTIFIC_CHARS = frozenset("0123456789.eE+-")
 # Text-mode commands read as `\\text{...}` (`_as_text_command`).
 _TEXT_COMMANDS = ("\\textrm{", "\\mbox{")
-# A logical "or" joins the alternatives of a hedge ("5 \\lor 6"), which math-verify would read as its last one.
-_LOGICAL_OR = re.compile(r"\\(?:lor|vee)(?![A-Za-z])|\u2228")
+# A logical "or", alone in braces (of a command: "\\mathrel{\\lor}") or not, joins the alternatives of a hedge ("5
+# \\lor 6", "5 {\\lor} 6"), which math-verify would read as its last one.
+_LOGICAL_OR = re.compile(r"(?:\\[A-Za-z]+)?\{\s*(?:\\(?:lor|vee)(?![A-Za-z])|\u2228)\s*\}"
+                         r"|\\(?:lor|vee)(?![A-Za-z])|\u2228")
 # Unicode math a LaTeX parser does not know, as LaTeX (a command ends in a space so that a letter after it stays
 # apart: "∞x" -> "\\infty x"). "√(" becomes plain "sqrt(", which the parser reads with its argument.
 _UNICODE_MATH = (("√(", "sqrt("), ("√", "\\sqrt "), ("∞", "\\infty "), ("·", "\\cdot "), ("⋅", "\\cdot "),
                  ("≠", "\\neq "), ("≥", "\\geq "), ("≤", "\\leq "))
 # ... and a degree sign, which text mode ("25 \\text{ °C}") keeps as it is.
 _DEGREE_SIGN = ("°", "^{\\circ}")
-# An operand of a logical "or" that makes it a hedge is a value, perhaps of one variable ("x = ", "x > "), with no
-# letters but in LaTeX commands of no logic ("5", "\\sqrt{4}", "5\\%", "x = -6.5"); between other operands ("\\neg p
-# \\lor q", "A \\vee B") it is logic (`_is_hedged_value`).
-_VALUE_OF = re.compile(r"[A-Za-z]\s*(?:[=<>\u2260\u2264\u2265]|\\(?:le|ge|leq|geq|neq|ne|lt|gt)(?![A-Za-z]))")
+# An operand of a logical "or" that makes it a hedge is a value, perhaps of one variable ("x = ", "x_1 > ", "a_{n} =
+# ", "y' = ", "xy = "), with no letters but in LaTeX commands of no logic ("5", "\\sqrt{4}", "5\\%", "x = -6.5");
+# between other operands ("\\neg p \\lor q", "A \\vee B") it is logic (`_is_hedged_value`).
+_VALUE_OF = re.compile(r"[A-Za-z]+(?:_(?:\{\w*\}|\w))?'*\s*"
+                       r"(?:[=<>\u2260\u2264\u2265]|\\(?:le|ge|leq|geq|neq|ne|lt|gt)(?![A-Za-z]))")
 _COMMAND = re.compile(r"\\[A-Za-z]+")
 _LOGIC_COMMANDS = frozenset(("\\neg", "\\lnot", "\\top", "\\bot", "\\land", "\\wedge", "\\to", "\\implies", "\\iff",
                              "\\rightarrow", "\\Rightarrow", "\\leftrightarrow", "\\Leftrightarrow"))
@@ -249,22 +256,24 @@ def last_boxes(text: str, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> list[str
   return _chained_boxes(text, max_chars)[0]
 
 
-def _chained_boxes(text: str, max_chars: int) -> tuple[list[str], str]:
-  """`last_boxes` and how to join them: `HEDGE_JOINER` when "or" joins any two (a hedge), else ", " (a set)."""
+def _chained_boxes(text: str, max_chars: int) -> tuple[list[str], str, list[str]]:
+  """`last_boxes`, how to join them: `HEDGE_JOINER` when "or" joins any two (a hedge), else ", " (a set), and the
+  unit word after each (`_units_after`: "\\boxed{\\$0.75} or \\boxed{75} cents")."""
   box = _last_box(text, 0, len(text), max_chars)
   if box is None:
-    return [], ", "
+    return [], ", ", []
   boxes, hedge = [box], False
   while len(boxes) < _MAX_JOINED_ANSWERS:
     start = boxes[-1][0]
     # Only a box that can end within the gap is looked for, so the chain stays a bounded scan.
     before = _last_box(text, max(0, start - max_chars - _MAX_JOIN_GAP_CHARS - 16), start, max_chars)
-    gap = "" if before is None else text[before[1]:start].replace("$", " ")
-    if before is None or not _joins_answers(gap):
+    if before is None or not _joins_answers(text[before[1]:start]):
       break
-    hedge = hedge or _joined_by_or(gap)
+    hedge = hedge or _joined_by_or(text[before[1]:start])
     boxes.append(before)
-  return [content for _, _, content in reversed(boxes)], HEDGE_JOINER if hedge else ", "
+  boxes.reverse()
+  contents = [content for _, _, content in boxes]
+  return contents, HEDGE_JOINER if hedge else ", ", _units_after(text, [b[1] for b in boxes], contents, hedge)
 
 
 def _last_box(text: str, lo: int, hi: int, max_chars: int) -> Optional[tuple[int, int, str]]:
@@ -291,14 +300,16 @@ def _last_box(text: str, lo: int, hi: int, max_chars: int) -> Optional[tuple[int
 
 
 def _joins_answers(gap: str) -> bool:
-  """Whether `gap`, the text between two answers, makes them one: only ",", "and", "or" (after which a hedge's
-  adverb: ", or maybe "), brackets and LaTeX layout, on one line ("$ and $", ", ", " (or ",
-  "\\quad \\text{or} \\quad"), at most `_MAX_JOIN_GAP_CHARS` long without the layout (`_LAYOUT`)."""
-  if "\n" in gap or len(_LAYOUT.sub(r"\1", gap)) > _MAX_JOIN_GAP_CHARS:
+  """Whether `gap`, the text between two answers, makes them one: at most `_MAX_JOIN_GAP_CHARS` long without its
+  layout (`_GAP_LAYOUT`), and either holding "or" and no math, whatever else and however many lines stand with it
+  (" (or ", ", or maybe ", "\\quad \\text{, or } \\quad", "\\n or just ": a hedge, `_joined_by_or`), or holding
+  only "," and "and" on one line ("$ and $", ", ": a set)."""
+  if len(_GAP_LAYOUT.sub("", gap)) > _MAX_JOIN_GAP_CHARS:
     return False
   words = _gap_words(gap)
-  adverbs = _HEDGE_ADVERBS | _OR_ADVERBS if "or" in words else frozenset()
-  return bool(words) and all(w in _JOINING_WORDS or w in adverbs for w in words)
+  if "or" in words:
+    return not any(w[0] in _GAP_MATH for w in words)
+  return "\n" not in gap and bool(words) and all(w in _SET_WORDS for w in words)
 
 
 def _joined_by_or(gap: str) -> bool:
@@ -307,13 +318,10 @@ def _joined_by_or(gap: str) -> bool:
 
 
 def _gap_words(gap: str) -> list[str]:
-  """The words of `gap`, lower-case, a comma one of them, without `_LAYOUT` (the words in its text mode kept),
-  brackets, braces, backslashes and dollar signs ("\\) or \\(" between inline math, "5 (or 6)",
-  "\\quad\\text{or}\\quad", "\\; \\mathrm{or} \\;")."""
-  gap = _LAYOUT.sub(lambda match: " %s " % (match.group(1) or ""), gap)
-  for mark in "(){}\\$":
-    gap = gap.replace(mark, " ")
-  return gap.lower().replace(",", " , ").split()
+  """The words of `gap` (`_GAP_WORD`), lower-case, without its layout (`_GAP_LAYOUT`), the words in text mode kept;
+  `\\lor`, "|" and "/" read as "or"."""
+  words = _GAP_WORD.findall(_GAP_LAYOUT.sub(" ", _LOGICAL_OR.sub(" or ", gap)).lower())
+  return ["or" if w in ("|", "/") else w for w in words]
 
 
 def _sentence(text: str, max_chars: int) -> str:
@@ -374,10 +382,12 @@ def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
   span = _inline_math_at(text, start)
   if span is None:
     return None
-  contents, end, hedge = [span[0]], span[1], False
+  contents, end, hedge, ends = [span[0]], span[1], False, [span[1]]
   while len(contents) < _MAX_JOINED_ANSWERS:
     start = end
-    while start < len(text) and start - end <= _MAX_JOIN_GAP_CHARS and text[start] not in "$\\":
+    # Up to the next `$`, `\\(` or `\\[`; a command ("\\text{ or }") is part of the gap.
+    while start < len(text) and start - end <= _MAX_JOIN_GAP_CHARS and text[start] != "$" and (
+        text[start] != "\\" or text[start + 1:start + 2].isalpha()):
       start += 1
     span = _inline_math_at(text, start) if _joins_answers(text[end:start]) else None
     joined_by_or = _joined_by_or(text[end:start])
@@ -389,13 +399,25 @@ def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
     hedge = hedge or joined_by_or
     contents.append(span[0])
     end = span[1]
-  # "$\\$1.50$, or $150$ cents": the word makes the number a price's restatement, which the verifier converts.
-  if hedge and any(_is_price(c) for c in contents) and _CENTS.match(text, end):
-    contents[-1] += " cents"
-  return contents, end, hedge
+    ends.append(end)
+  units = _units_after(text, ends, contents, hedge)
+  return [c + u for c, u in zip(contents, units)], end, hedge
 
 
-_CENTS = re.compile(r" ?cents?(?![A-Za-z])")
+# A word or a cent sign right after an answer ("$5$ cm", "$75$¢", "\\boxed{75}$ cents").
+_WORD_AFTER = re.compile(r"[\s$]{0,3}(?:([A-Za-z]+)|\u00a2|\\(?:text)?cent(?![A-Za-z]))")
+
+
+def _units_after(text: str, ends: list[int], contents: list[str], hedge: bool) -> list[str]:
+  """" <unit>" for each alternative of a hedge, ending at `ends`, that a unit word of `UNIT_SIZES` (or a cent sign:
+  " cents") follows, where each has one or is a price ("$2.5$ hours, or $150$ minutes", "$\\$0.75$, or $75$¢"), for
+  the verifier to compare them as one quantity; "" for each otherwise ("$3$ hours or $4$" is a hedge of values)."""
+  matches = [_WORD_AFTER.match(text, end) for end in ends]
+  words = [m and ("cents" if m.group(1) is None else m.group(1)) for m in matches]
+  words = [w if w and w.lower() in UNIT_SIZES else None for w in words]
+  if hedge and any(words) and all(w or _is_price(c) for w, c in zip(words, contents)):
+    return ["" if w is None else " " + w for w in words]
+  return [""] * len(contents)
 
 
 def _is_price(math: str) -> bool:
@@ -999,10 +1021,10 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   """
   text = think.open_tag + completion if think.prompt_opens_think else completion
   solution = solution_section(text, think.close_tag, think.open_tag)
-  boxes, joiner = _chained_boxes(solution, max_chars)
+  boxes, joiner, units = _chained_boxes(solution, max_chars)
   marked, bare = None if boxes else _marked_number(solution), None
   if boxes:
-    candidate = joiner.join(_number_in_box(box.strip()) for box in boxes)
+    candidate = joiner.join(_number_in_box(box.strip()) + unit for box, unit in zip(boxes, units))
   elif marked is not None:
     candidate = marked
   else:
@@ -1028,12 +1050,12 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
 def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional[str]:
   """A dataset's reference answer: its last `\\boxed{}` when it has one, else the number of its last "####" line (a
   GSM8K solution), else the whole string, cleaned."""
-  boxes, joiner = _chained_boxes(gold, max_chars)
+  boxes, joiner, units = _chained_boxes(gold, max_chars)
   marked = None if boxes else _marked_number(gold[-max_chars - 8:])
   if marked is not None:
     return marked
   # Read as a boxed prediction is ("18 dollars" -> 18, joined boxes), so the same string on both sides stays equal.
-  answer = joiner.join(_number_in_box(clean_answer(box)) for box in boxes or [gold])
+  answer = joiner.join(_number_in_box(clean_answer(box)) + unit for box, unit in zip(boxes or [gold], units or [""]))
   answer = latex_notation(_spelled_number(answer))
   return answer if answer and len(answer) <= max_chars else None
 

@@ -24,7 +24,6 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
-import decimal
 import json
 import logging
 import os
@@ -38,10 +37,9 @@ from typing import Iterator, Optional, Sequence
 from phi_jax.rewards.extract import extract_answer, extract_gold
 from phi_jax.rewards.screen import ScreenConfig, screen_problem
 from phi_jax.rewards.think_format import ThinkFormat
+# The worker script imports only the standard library and math-verify, so its number rule is shared from there.
+from phi_jax.rewards.verify_worker import NUMBER_RELATIVE_TOLERANCE, numbers_match, plain_number  # noqa: F401
 
-# Two answers that are both plain decimal numbers match within this relative difference.
-NUMBER_RELATIVE_TOLERANCE = decimal.Decimal("1e-6")
-_PLAIN_NUMBER_CHARS = frozenset("0123456789.+-eE")
 _WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "verify_worker.py")
 _READ_CHUNK = 1 << 16
 
@@ -89,30 +87,6 @@ class _Worker:
   ready: bool = False
   task: Optional[int] = None
   buffer: bytes = b""
-
-
-def _plain_number(text: str) -> Optional[decimal.Decimal]:
-  """The value of an answer that is one decimal number ("-12", "0.0000003", "6.6e-34"), else None."""
-  text = text.strip()
-  if not text or len(text) > 64 or not set(text) <= _PLAIN_NUMBER_CHARS or not any(c.isdigit() for c in text):
-    return None
-  try:
-    value = decimal.Decimal(text)
-  except decimal.InvalidOperation:
-    return None
-  # Exponents beyond a few hundred are left to math-verify (and the screen): no overflow in the comparison.
-  return value if value.is_finite() and abs(value.adjusted()) <= 400 else None
-
-
-def _numbers_match(a: decimal.Decimal, b: decimal.Decimal, places: int) -> bool:
-  """Equal to `places` decimal places (math-verify's rule: 123456789 is not 123456790, 0.6666667 is 0.666667) and
-  within NUMBER_RELATIVE_TOLERANCE of each other (so 3e-7 is not 1e-7, though both round to 0)."""
-  if a == b:
-    return True
-  quantum = decimal.Decimal(1).scaleb(-places)
-  with decimal.localcontext(prec=max(28, 2 * places + 420)):  # exact for every value _plain_number lets through
-    rounded_equal = (a.quantize(quantum, decimal.ROUND_HALF_UP) == b.quantize(quantum, decimal.ROUND_HALF_UP))
-    return rounded_equal and abs(a - b) <= NUMBER_RELATIVE_TOLERANCE * max(abs(a), abs(b))
 
 
 def sanitize(text) -> str:
@@ -193,8 +167,8 @@ class VerifierPool:
     unique = list(dict.fromkeys((sanitize(g), sanitize(p)) for g, p in pairs))
     # Two plain numbers are compared here, rounded as math-verify rounds them (`float_rounding` decimal places) and
     # to a relative tolerance as well: rounding alone makes every value below 5e-7 equal (3e-7 and 1e-7 round to 0).
-    values = {pair: (_plain_number(pair[0]), _plain_number(pair[1])) for pair in unique}
-    local = {pair: _numbers_match(*values[pair], self.config.float_rounding) for pair in unique
+    values = {pair: (plain_number(pair[0]), plain_number(pair[1])) for pair in unique}
+    local = {pair: numbers_match(*values[pair], self.config.float_rounding) for pair in unique
              if None not in values[pair]}
     unique = [pair for pair in unique if pair not in local]
     if not unique:

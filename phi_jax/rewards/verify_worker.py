@@ -15,9 +15,11 @@ a unit word: "\\$12 or 20\\%") is dropped first, unless every one is; a price be
 plain value ("\\$5 or 6", "\\$0.25 or 25" are hedges). Alternatives each with a unit of `UNIT_SIZES`, read whole
 (`amount`: "3/4 km" is not 3), restate one quantity where their values agree once converted or one rounds another
 in its unit (`rounded_in_units`: "5 \\text{ cm}^2 or 500 \\text{ mm}^2", "\\$1.50 or 150 cents", "1 lb or 454
-grams", not "3 hours or 150 minutes"), and their numbers are compared with the gold; with other words ("8 pies or 8
-cakes", "2ab or 2bc") they are rival values. A repeating decimal ("0.\\overline{3}") is read as its fraction. All of
-it runs within the request's one time limit.
+grams", not "3 hours or 150 minutes"), and the gold is compared with the number of the first of the most precise,
+the answer as given (of the one in the gold's unit where the gold names one: "1 foot or 12 inches" is 1, not 12);
+with other words ("8 pies or 8 cakes", "2ab or 2bc") they are rival values. Two plain numbers, alternatives too,
+also agree to `NUMBER_RELATIVE_TOLERANCE` (`numbers_match`). A repeating decimal ("0.\\overline{3}") is read as its
+fraction. All of it runs within the request's one time limit.
 
 math-verify's own timeouts use `signal.alarm`, which shares one timer with this worker's soft limit, so they are
 disabled and one `setitimer` per request bounds the whole parse-parse-verify. The soft limit interrupts Python
@@ -81,6 +83,35 @@ def has_top_level_comma(answer: str) -> bool:
     elif ch == "," and depth == 0:
       return True
   return False
+
+
+# Two answers that are both plain decimal numbers match within this relative difference.
+NUMBER_RELATIVE_TOLERANCE = decimal.Decimal("1e-6")
+_PLAIN_NUMBER_CHARS = frozenset("0123456789.+-eE")
+
+
+def plain_number(text: str) -> Optional[decimal.Decimal]:
+  """The value of an answer that is one decimal number ("-12", "0.0000003", "6.6e-34"), else None."""
+  text = text.strip()
+  if not text or len(text) > 64 or not set(text) <= _PLAIN_NUMBER_CHARS or not any(c.isdigit() for c in text):
+    return None
+  try:
+    value = decimal.Decimal(text)
+  except decimal.InvalidOperation:
+    return None
+  # Exponents beyond a few hundred are left to math-verify (and the screen): no overflow in the comparison.
+  return value if value.is_finite() and abs(value.adjusted()) <= 400 else None
+
+
+def numbers_match(a: decimal.Decimal, b: decimal.Decimal, places: int) -> bool:
+  """Equal to `places` decimal places (math-verify's rule: 123456789 is not 123456790, 0.6666667 is 0.666667) and
+  within NUMBER_RELATIVE_TOLERANCE of each other (so 3e-7 is not 1e-7, though both round to 0)."""
+  if a == b:
+    return True
+  quantum = decimal.Decimal(1).scaleb(-places)
+  with decimal.localcontext(prec=max(28, 2 * places + 420)):  # exact for every value plain_number lets through
+    rounded_equal = (a.quantize(quantum, decimal.ROUND_HALF_UP) == b.quantize(quantum, decimal.ROUND_HALF_UP))
+    return rounded_equal and abs(a - b) <= NUMBER_RELATIVE_TOLERANCE * max(abs(a), abs(b))
 
 
 # A price or a word after a number ("\\$1.50", "5 \\text{ cm}", "1200 meters"): a hedge's alternative in a unit,
@@ -259,6 +290,10 @@ def main() -> None:
     return parsed or parse(answer, extraction_config=extraction, parsing_timeout=None)
 
   def is_equivalent(gold: str, pred: str) -> bool:
+    # Plain numbers (a hedge's alternatives too) to a relative tolerance as well: rounding alone makes 1e-7 4e-7.
+    numbers = plain_number(gold), plain_number(pred)
+    if None not in numbers:
+      return numbers_match(*numbers, settings["float_rounding"])
     gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
     if not gold_parsed or not pred_parsed:
       return False
@@ -302,9 +337,15 @@ def main() -> None:
       return False
     elif all(_dimension(u, power) for _, u, power in quantities):
       # Alternatives in units of the table restate one quantity where their values agree once converted ("5
-      # \\text{ cm} or 50 \\text{ mm}"); the gold is compared with their numbers, math-verify reading no "2 weeks".
+      # \\text{ cm} or 50 \\text{ mm}"); the gold is compared with the number of the first of the most precise, the
+      # answer as given (of the one in the gold's unit where the gold names one), so a quantity listed in every unit
+      # pays no gold alike.
       graded = graded_alternatives(len(options), functools.partial(rounded_in_units, quantities))
-      return bool(graded) and any(is_equivalent(gold, quantities[i][0]) for i in graded)
+      if not graded:
+        return False
+      gold_unit = (amount(gold) or (None, None, None))[1:]
+      given = next((i for i in graded if quantities[i][1:] == gold_unit), graded[0])
+      return is_equivalent(gold, quantities[given][0])
     elif len({u for _, u, _ in quantities}) > 1:  # other words: "8 pies or 8 cakes", "2ab or 2bc" (math-verify: 2)
       return False
     # Otherwise alternatives restate one value where math-verify finds them equal, whole ("\\frac{1}{4} or 25\\%",
