@@ -279,7 +279,7 @@ def test_the_last_math_is_one_answer_with_the_alternatives_or_joins_to_it(pool):
           "It is \\(5\\) or \\(6\\).": "5 or 6",
           "We get $$5$$ or $$6$$": "5 or 6",
           "Since $a = 2$, we get $x = 5$ or $6$.": "x = 5 or 6",  # only what joins to the last math
-          "So $5$ or, as we showed, $6$.": "5 or 6",  # other words beside "or" too
+          "So $5$ or, as we showed, $6$.": "6",  # other words beside "or": prose, not a hedge
           # Not joined: "and" and "," alone, an equation that justifies a value before "or".
           "We have $a = 3$ and $b = 4$, so $a + b = 7$.": "a + b = 7",
           "Therefore $a = 3$, $b = 7$, and $a + b = 10$.": "a + b = 10",
@@ -642,11 +642,11 @@ def test_value_words_in_textrm_or_mbox_read_as_in_text(pool):
 
 def test_a_price_is_dropped_only_beside_its_restatement(pool):
   """A price beside a plain number of another value is a hedge ("$\\$5$ or $6$"); beside its value in cents
-  ("$\\$1.50$, or $150$ cents", graded on the price as given) or in another form ("$\\$12$, or $20\\%$") it
-  restates one quantity."""
-  right = [("The total is $\\$1.50$, or $150$ cents.", "1.50"),
+  ("$\\$1.50$, or $150$ cents", graded on either) or in another form ("$\\$12$, or $20\\%$") it restates one
+  quantity."""
+  right = [("The total is $\\$1.50$, or $150$ cents.", "1.50"), ("The total is $\\$1.50$, or $150$ cents.", "150"),
            ("The discount is $\\$12$, or $20\\%$.", "20"), ("The answer is $\\$6$ or $6$.", "6")]
-  wrong = [("The total is $\\$1.50$, or $150$ cents.", "150"), ("The answer is $\\$5$ or $6$.", "6"),
+  wrong = [("The answer is $\\$5$ or $6$.", "6"),
            ("The answer is $\\$5$ or $6$.", "5"),
            ("The answer is $\\$5$ or $\\$6$.", "6")]
   verdicts, expected = _grades(pool, right, wrong)
@@ -666,12 +666,12 @@ def test_alternatives_in_units_restate_one_quantity_only_where_their_values_agre
   right = [("The answer is 3 hours (or 180 minutes).", "3"), ("The answer is 5 cm (or 50 mm).", "5"),
            ("The answer is 2 kg (or 2000 g).", "2"), ("The answer is $5 \\text{ cm}$ or $50 \\text{ mm}$.", "5"),
            ("$\\boxed{150 \\text{ minutes} (or 2.5 hours)}$", "150"), ("The answer is 12 apples (or 12 pears).", "12"),
-           ("The answer is 1 mile (or 1.61 km).", "1")]
-  # Graded on the answer as given, the first: the others pay no gold.
-  wrong = [("The answer is 3 hours (or 180 minutes).", "180"), ("The answer is 5 cm (or 50 mm).", "50"),
+           ("The answer is 1 mile (or 1.61 km).", "1"),
+           # Two restatements: either pays (the second is often the asked unit).
+           ("The answer is 3 hours (or 180 minutes).", "180"), ("The answer is 5 cm (or 50 mm).", "50"),
            ("The answer is $5 \\text{ cm}$ or $50 \\text{ mm}$.", "50"),
-           ("$\\boxed{150 \\text{ minutes} (or 2.5 hours)}$", "2.5"),
-           ("The answer is 3 hours (or 150 minutes).", "3"), ("The answer is 5 cm (or 60 mm).", "5"),
+           ("$\\boxed{150 \\text{ minutes} (or 2.5 hours)}$", "2.5")]
+  wrong = [("The answer is 3 hours (or 150 minutes).", "3"), ("The answer is 5 cm (or 60 mm).", "5"),
            ("Final answer: 45 minutes (or 1 hour).", "45"), ("The answer is 8 pies (or 9 cakes).", "8"),
            ("The answer is 12 apples (or 13 if we count the rotten one).", "12"),
            ("The answer is 18 km (or 20 for the other case).", "18"), ("$\\boxed{3 hours (or 150 minutes)}$", "3"),
@@ -763,10 +763,10 @@ def test_a_number_before_a_unit_is_read_whole_and_graded_without_its_unit(pool):
            ("\\boxed{1 \\text{ lb} (or 454 \\text{ grams})}", "1"),
            ("\\boxed{1 \\text{ inch} (or 25 \\text{ mm})}", "1"),
            ("\\boxed{100 \\text{ meters} (or 328 \\text{ feet})}", "100"),
-           ("\\boxed{\\frac{3}{4} \\text{ hour} (or 45 \\text{ minutes})}", "\\frac{3}{4}")]
-  wrong = [("\\boxed{5 \\text{ cm}^2 (or 500 \\text{ mm}^2)}", "500"),
-           ("\\boxed{\\frac{3}{4} \\text{ hour} (or 45 \\text{ minutes})}", "45"),
-           ("\\boxed{3/4 \\text{ km} (or 3 \\text{ km})}", "3"),
+           ("\\boxed{\\frac{3}{4} \\text{ hour} (or 45 \\text{ minutes})}", "\\frac{3}{4}"),
+           ("\\boxed{5 \\text{ cm}^2 (or 500 \\text{ mm}^2)}", "500"),
+           ("\\boxed{\\frac{3}{4} \\text{ hour} (or 45 \\text{ minutes})}", "45")]
+  wrong = [("\\boxed{3/4 \\text{ km} (or 3 \\text{ km})}", "3"),
            ("\\boxed{3/4 \\text{ km} (or 3 \\text{ km})}", "\\frac{3}{4}"),
            ("\\boxed{1/2 \\text{ hour} (or 1/3 \\text{ hour})}", "\\frac{1}{3}"),
            ("The answer is 5/2 hours (or 5 hours).", "5"), ("The answer is 5/2 hours (or 5 hours).", "\\frac{5}{2}"),
@@ -785,8 +785,9 @@ def test_a_degree_sign_is_rewritten_only_in_math_and_a_price_is_in_cents_only_be
   assert extract_answer(think + "The angle is 90°.") == "The angle is 90°"
   assert extract_answer(think + "The total is $\\$1.50$, or $150$ cents.") == "\\$1.50 or 150 cents"
   right = [("The angle is 90°.", "90"), ("It is 30°", "30"), ("The total is $\\$1.50$, or $150$ cents.", "1.50"),
-           ("$\\boxed{\\$1.50 (or 150 cents)}$", "1.50"), ("The cost is $\\$1,200$ or $120000$ cents.", "1200")]
-  wrong = [("$\\boxed{\\$1.50 (or 150 cents)}$", "150"), ("The answer is $\\$0.25$, or $25$.", "0.25"),
+           ("$\\boxed{\\$1.50 (or 150 cents)}$", "1.50"), ("The cost is $\\$1,200$ or $120000$ cents.", "1200"),
+           ("$\\boxed{\\$1.50 (or 150 cents)}$", "150")]
+  wrong = [("The answer is $\\$0.25$, or $25$.", "0.25"),
            ("The answer is $\\$0.25$, or $25$.", "25"),
            ("The answer is $\\$3$ or $3$ or $300$.", "300"), ("The cost is $\\$1,200$ or $120000$.", "1200")]
   verdicts, expected = _grades(pool, right, wrong)
@@ -795,13 +796,13 @@ def test_a_degree_sign_is_rewritten_only_in_math_and_a_price_is_in_cents_only_be
 
 def test_layout_adverbs_and_lor_between_values_join_a_hedge(pool):
   """LaTeX spacing (`\\:`, `\\>`, `\\hspace{}`), "or" in `\\mathrm{}`, `\\textbf{}`, `\\textit{}`, "or else" and "or
-  perhaps even" join boxes into a hedge, and `\\lor` between values with spacing, roots or percents is one."""
+  perhaps" join boxes into a hedge, and `\\lor` between values with spacing, roots or percents is one."""
   think = "<think>\nok\n</think>\n\n"
   answers = {"$\\boxed{5} \\: \\text{or} \\: \\boxed{6}$": "5 or 6",
              "$\\boxed{5} \\quad \\mathrm{or} \\quad \\boxed{6}$": "5 or 6",
              "$\\boxed{5} \\> \\textbf{or} \\> \\boxed{6}$": "5 or 6",
              "$\\boxed{5} \\hspace{1cm} \\textit{or} \\boxed{6}$": "5 or 6",
-             "$\\boxed{5}$ or else $\\boxed{6}$": "5 or 6", "$\\boxed{5}$, or perhaps even $\\boxed{6}$": "5 or 6",
+             "$\\boxed{5}$ or else $\\boxed{6}$": "5 or 6", "$\\boxed{5}$, or perhaps $\\boxed{6}$": "5 or 6",
              "\\boxed{5 \\;\\lor\\; 6}": "5 or 6", "\\boxed{\\sqrt{4} \\lor 3}": "\\sqrt{4} or 3",
              "\\boxed{5\\% \\lor 6\\%}": "5\\% or 6\\%", "$\\boxed{\\neg p \\lor q}$": "\\neg p \\lor q"}
   assert {c: extract_answer(think + c) for c in answers} == answers
@@ -833,36 +834,72 @@ PATHOLOGICAL = {
 
 
 def test_any_short_gap_holding_or_and_no_math_joins_boxes_into_a_hedge(pool):
-  """Between boxes, a short gap that holds the word "or" (in any text command, with punctuation, other words or a
-  line break) or "|" / "/" makes them one hedge; a gap of prose without "or" still leaves the last box alone."""
+  """Between boxes, a short gap that holds the word "or" alone or with one hedge adverb (in any text command, with
+  punctuation or a line break) or "|" / "/" makes them one hedge; a gap of prose, with "or" or without, still leaves
+  the last box alone."""
   think = "<think>\nok\n</think>\n\n"
   gaps = [" \\text{, or } ", " \\text{ or, } ", " \\text{ (or) } ", " \\text{ or\\;} ", " \\text{\\ or\\ } ",
           " \\mathbf{or} ", " \\textsf{or} ", " \\emph{or} ", " \\operatorname{or} ", " \\hbox{ or } ", "$\nor $",
-          " or otherwise ", " or just ", " or... ", " or? ", " | ", " / ", "$, or, failing that, $"]
+          " or otherwise ", " or just ", " or... ", " or? ", " | ", " / ", "$, or, $"]
   boxes = ["$$\\boxed{5}%s\\boxed{6}$$" % gap for gap in gaps]
   assert {c: extract_answer(think + c) for c in boxes} == {c: "5 or 6" for c in boxes}
   assert extract_answer(think + "\\boxed{5} is wrong, so \\boxed{6}") == "6"
+  assert extract_answer(think + "$\\boxed{5}$, or, failing that, $\\boxed{6}$") == "6"
   assert extract_answer(think + "The answer is $5$\nor $6$.") == "5 or 6"
   verdicts, expected = _grades(pool, [], [(c, "6") for c in boxes])
   assert verdicts == expected
 
 
 def test_a_unit_restatement_is_graded_on_the_answer_as_given(pool):
-  """Alternatives restating one quantity in units of the table are compared with the gold on the first, the answer
-  as given, so listing a quantity in every unit does not hit any gold's unit; "¢" says cents as the word does."""
+  """Three or more alternatives restating one quantity in units of the table are compared with the gold on the
+  first, the answer as given, so listing a quantity in every unit does not hit any gold's unit; two pay either; "¢"
+  says cents as the word does."""
   think = "<think>\nok\n</think>\n\n"
   assert extract_answer(think + "The answer is $\\$0.75$, or $75$¢.") == "\\$0.75 or 75 cents"
   assert extract_answer(think + "\\boxed{\\$0.75} or \\boxed{75} cents") == "\\$0.75 or 75 cents"
   right = [("\\boxed{1 \\text{ foot} (or 12 \\text{ inches})}", "1"), ("The answer is $\\$1$, or $100$ cents.", "1"),
            ("\\boxed{1 \\text{ week} (or 7 \\text{ days} or 168 \\text{ hours})}", "1"),
            ("The answer is $\\$0.75$, or $75$¢.", "0.75"), ("\\boxed{\\$0.75} or \\boxed{75} cents", "0.75"),
-           ("It takes $2.5$ hours, or $150$ minutes.", "2.5"), ("The answer is $150$ cents, or $\\$1.50$.", "150")]
-  wrong = [("\\boxed{1 \\text{ foot} (or 12 \\text{ inches})}", "12"), ("The answer is $\\$1$, or $100$ cents.", "100"),
-           ("\\boxed{1 \\text{ week} (or 7 \\text{ days} or 168 \\text{ hours})}", "7"),
+           ("It takes $2.5$ hours, or $150$ minutes.", "2.5"), ("The answer is $150$ cents, or $\\$1.50$.", "150"),
+           ("\\boxed{1 \\text{ foot} (or 12 \\text{ inches})}", "12"), ("The answer is $\\$1$, or $100$ cents.", "100"),
+           ("It takes $2.5$ hours, or $150$ minutes.", "150")]
+  wrong = [("\\boxed{1 \\text{ week} (or 7 \\text{ days} or 168 \\text{ hours})}", "7"),
            ("\\boxed{1 \\text{ week} (or 7 \\text{ days} or 168 \\text{ hours})}", "168"),
            ("The answer is $\\$1.50$ or $150$ cents or $\\$2$.", "1.50"),
-           ("It takes $2.5$ hours, or $150$ minutes.", "150"), ("The answer is $3$ hours or $4$.", "4"),
+           ("The answer is $3$ hours or $4$.", "4"),
            ("The answer is $3$ hours or $4$.", "3"), ("The answer is $5$ km or $6$ km.", "5")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_or_in_prose_beside_an_answer_joins_no_explanation_math(pool):
+  """Only "or" (perhaps with one hedge adverb: "or maybe") joins two answers; prose around it ("or half of the",
+  "whether or not", "for one or two") leaves explanation math out of the answer, and "in total" is no unit."""
+  think = "<think>\nok\n</think>\n\n"
+  right = [("The answer is $12$, or half of the $24$ she started with.", "12"),
+           ("The answer is $\\frac{1}{6}$, or roughly one in $6$.", "\\frac16"),
+           ("Final answer: $64$, or two to the power $6$.", "64"),
+           ("The answer is $12$ whether or not $n$ is even.", "12"), ("For $n$ even or odd we get $5$.", "5"),
+           ("With $2$ or more, we get $7$.", "7"), ("First, $\\boxed{4}$. Then, for one or two, $\\boxed{9}$.", "9"),
+           ("He needs $3$ dozen, or $36$ eggs.", "36"),
+           ("So $\\frac{2}{5}$ of the students, or $12$ students, play chess.", "12"),
+           ("The answer is $\\$2$ in total (or $200$ cents).", "2"),
+           ("So she gets $\\$1.50$ in change, or $150$ cents.", "150")]
+  wrong = [("The answer is $5$, or maybe $6$.", "6"), ("$\\boxed{5}$ or else $\\boxed{6}$", "6")]
+  assert extract_answer(think + "The answer is $\\$2$ in total (or $200$ cents).") == "\\$2"
+  assert extract_answer(think + "It takes $2$ hours, or maybe $3$ hours.") == "2 hours or 3 hours"
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_two_alternatives_restating_one_quantity_pay_a_gold_equal_to_either(pool):
+  """A conversion to the asked unit after the answer ("$2$ hours, or $120$ minutes") is right for either value; of
+  three or more restatements only the first, the answer as given, is graded."""
+  right = [("It takes $2$ hours, or $120$ minutes.", "120"), ("It takes $2$ hours, or $120$ minutes.", "2"),
+           ("The answer is 3 hours, or 180 minutes.", "180"), ("The total is $\\$1.50$, or $150$ cents.", "150"),
+           ("The total is $\\$1.50$, or $150$ cents.", "1.50")]
+  wrong = [("\\boxed{1 \\text{ week} (or 7 \\text{ days} or 168 \\text{ hours})}", "7"),
+           ("It takes $2$ hours, or $150$ minutes.", "150")]
   verdicts, expected = _grades(pool, right, wrong)
   assert verdicts == expected
 

@@ -44,16 +44,18 @@ order of preference:
 
 Several answers: math spans after a label, or boxes, joined by "," or "and" alone ("$\\boxed{2}$ and $\\boxed{3}$",
 "$2$, $3$, and $5$", LaTeX layout between them), or by a short gap that holds "or" (or "|", "/", "\\lor") and no
-other math, whatever words, commands or lines stand with it ("the answer is $5$ or $6$", "\\quad \\text{, or }
-\\quad", "\\mathbf{or}", ", or maybe ", "\\n or, failing that, ": `_joins_answers`), are one
+other math or words but the first answer's unit and up to two hedge adverbs after "or", whatever commands or lines
+stand with it ("the answer is $5$ or $6$", "\\quad \\text{, or } \\quad", "\\mathbf{or}", ", or maybe ", " hours, or
+": `_joins_answers`; not "$12$, or half of the $24$"), are one
 answer: a set, comma-separated ("2, 3, 5"), which matches the same set as gold; or, where "or" joins any two, a
 hedge, joined by `HEDGE_JOINER` ("5 or 6", as is "5 \\lor 6"), which the verifier grades right when every two of its
 alternatives restate one value and any of them is the gold ("$\\frac{1}{4}$, or $25\\%$" and 25; degrees restate
 radians; a price its value in cents where that says "cents" or "¢", and units of one dimension a quantity where the
-values agree once converted, a unit word after each alternative taken with it (`_units_after`), graded on the
-first alternative alone: "$\\$1.50$, or $150$ cents" is 1.50, "$2.5$ hours, or $150$ minutes" 2.5) or, where one
-only rounds another ("$\\pi$, or $3.14$"), when the most precise is the gold (pi); or when every alternative is the
-gold, or, as a whole, a gold of several answers ("x = 2 or x = 3" and "2, 3", but not the pair "(2, 3)"), so a hedge between values matches no single gold; an
+values agree once converted, a unit word after each alternative taken with it (`_units_after`), two graded on
+either, more on the first alone: "$\\$1.50$, or $150$ cents" is 1.50 or 150, "$2.5$ hours, or $150$ minutes" 2.5 or
+150) or, where one only rounds another ("$\\pi$, or $3.14$"), when the most precise is the gold (pi); or when every
+alternative is the gold, or, as a whole, a gold of several answers ("x = 2 or x = 3" and "2, 3", but not the pair
+"(2, 3)"), so a hedge between values matches no single gold; an
 alternative it cannot compare (a number with a unit word beside plain numbers, a price beside a percent or a unit
 word: "$\\$12$, or $20\\%$") is dropped, not taken as a rival value, but a price beside other math is compared as its
 plain value ("$\\$5$ or $6$", "$\\$0.25$ or $25$" are hedges). An inequality and an equation joined by "or" are no
@@ -95,9 +97,13 @@ _MAX_BOX_TRIES = 8
 # from the next, so a megabyte of "$1$, " stays a bounded scan.
 _MAX_JOINED_ANSWERS = 16
 _MAX_JOIN_GAP_CHARS = 24
-# What alone may stand between two answers that are one set: "2, 3 and 5". Where "or" stands between them, they are
-# one hedge whatever words stand with it ("or maybe", "\\text{, or }", "or, failing that,"), unless math does too.
+# What alone may stand between two answers that are one set: "2, 3 and 5". Where "or" alone stands between them,
+# with punctuation, perhaps after the first answer's unit and before one or two of these adverbs ("or maybe", "or
+# perhaps even", "\\text{, or }", " hours, or "), they are one hedge; other words make it prose ("or half of the",
+# "whether or not", "one or two"). A rounding says so ("$\\frac{1}{3}$, or approximately $0.333$").
 _SET_WORDS = frozenset((",", "and"))
+_OR_ADVERBS = frozenset(("maybe", "possibly", "perhaps", "else", "otherwise", "just", "even", "equivalently",
+                         "alternatively", "approximately", "about", "roughly"))
 # What a gap between answers is read without: LaTeX commands and spacing ("\\quad \\text{or} \\quad", "\\;",
 # "\\hspace{1em}"), braces, brackets and dollar signs; its words are then runs of letters and single other marks, of
 # which these are math and "|" and "/" an "or".
@@ -301,14 +307,19 @@ def _last_box(text: str, lo: int, hi: int, max_chars: int) -> Optional[tuple[int
 
 def _joins_answers(gap: str) -> bool:
   """Whether `gap`, the text between two answers, makes them one: at most `_MAX_JOIN_GAP_CHARS` long without its
-  layout (`_GAP_LAYOUT`), and either holding "or" and no math, whatever else and however many lines stand with it
-  (" (or ", ", or maybe ", "\\quad \\text{, or } \\quad", "\\n or just ": a hedge, `_joined_by_or`), or holding
-  only "," and "and" on one line ("$ and $", ", ": a set)."""
+  layout (`_GAP_LAYOUT`), and either holding no math and, of words, only "or" with at most two of `_OR_ADVERBS`
+  after it and the first answer's unit before it, on any lines (" (or ", ", or maybe ", "\\quad \\text{, or }
+  \\quad", "\\n or just ", " hours, or ": a hedge, `_joined_by_or`), or holding only "," and "and" on one line ("$
+  and $", ", ": a set)."""
   if len(_GAP_LAYOUT.sub("", gap)) > _MAX_JOIN_GAP_CHARS:
     return False
   words = _gap_words(gap)
   if "or" in words:
-    return not any(w[0] in _GAP_MATH for w in words)
+    letters = [w for w in words if w.isalpha()]
+    if letters[0] in UNIT_SIZES and letters[1] == "or":
+      letters = letters[1:]
+    return (not any(w[0] in _GAP_MATH for w in words) and letters[0] == "or" and len(letters) <= 3
+            and all(w in _OR_ADVERBS for w in letters[1:]))
   return "\n" not in gap and bool(words) and all(w in _SET_WORDS for w in words)
 
 
@@ -404,8 +415,10 @@ def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
   return [c + u for c, u in zip(contents, units)], end, hedge
 
 
-# A word or a cent sign right after an answer ("$5$ cm", "$75$¢", "\\boxed{75}$ cents").
-_WORD_AFTER = re.compile(r"[\s$]{0,3}(?:([A-Za-z]+)|\u00a2|\\(?:text)?cent(?![A-Za-z]))")
+# A word or a cent sign right after an answer ("$5$ cm", "$75$¢", "\\boxed{75}$ cents"); a word that another word
+# but "or" follows is prose ("$\\$2$ in total", "in change").
+_WORD_AFTER = re.compile(r"[\s$]{0,3}(?:([A-Za-z]+)(?![A-Za-z]| {1,3}(?!or(?![A-Za-z]))[A-Za-z])"
+                         r"|\u00a2|\\(?:text)?cent(?![A-Za-z]))")
 
 
 def _units_after(text: str, ends: list[int], contents: list[str], hedge: bool) -> list[str]:

@@ -15,8 +15,8 @@ a unit word: "\\$12 or 20\\%") is dropped first, unless every one is; a price be
 plain value ("\\$5 or 6", "\\$0.25 or 25" are hedges). Alternatives each with a unit of `UNIT_SIZES`, read whole
 (`amount`: "3/4 km" is not 3), restate one quantity where their values agree once converted or one rounds another
 in its unit (`rounded_in_units`: "5 \\text{ cm}^2 or 500 \\text{ mm}^2", "\\$1.50 or 150 cents", "1 lb or 454
-grams", not "3 hours or 150 minutes"), and the gold is compared with the number of the first of the most precise,
-the answer as given (of the one in the gold's unit where the gold names one: "1 foot or 12 inches" is 1, not 12);
+grams", not "3 hours or 150 minutes"), and the gold is compared with the number of the one in the gold's unit where
+the gold names one, else of either of two most precise ("1 foot or 12 inches" is 1 or 12), else of the first;
 with other words ("8 pies or 8 cakes", "2ab or 2bc") they are rival values. Two plain numbers, alternatives too,
 also agree to `NUMBER_RELATIVE_TOLERANCE` (`numbers_match`). A repeating decimal ("0.\\overline{3}") is read as its
 fraction. All of it runs within the request's one time limit.
@@ -68,7 +68,8 @@ def alternatives(answer: str) -> list[str]:
       start = i = i + len(HEDGE_JOINER)
       continue
     i += 1
-  options = [o.strip() for o in options + [answer[start:]]]
+  # A comma before "or" ("3 hours, or 180 minutes") is punctuation, not part of the first alternative.
+  options = [o.strip().removesuffix(",").rstrip() for o in options + [answer[start:]]]
   return options if len(options) > 1 and all(options) else [answer]
 
 
@@ -337,15 +338,13 @@ def main() -> None:
       return False
     elif all(_dimension(u, power) for _, u, power in quantities):
       # Alternatives in units of the table restate one quantity where their values agree once converted ("5
-      # \\text{ cm} or 50 \\text{ mm}"); the gold is compared with the number of the first of the most precise, the
-      # answer as given (of the one in the gold's unit where the gold names one), so a quantity listed in every unit
-      # pays no gold alike.
+      # \\text{ cm} or 50 \\text{ mm}"); the gold is compared with the number of the one in the gold's unit where the
+      # gold names one, else of either of two most precise (an answer and its conversion to the asked unit: "2 hours
+      # or 120 minutes"), else of the first, the answer as given, so a quantity listed in every unit pays no gold alike.
       graded = graded_alternatives(len(options), functools.partial(rounded_in_units, quantities))
-      if not graded:
-        return False
       gold_unit = (amount(gold) or (None, None, None))[1:]
-      given = next((i for i in graded if quantities[i][1:] == gold_unit), graded[0])
-      return is_equivalent(gold, quantities[given][0])
+      given = [i for i in graded if quantities[i][1:] == gold_unit][:1] or (graded if len(options) == 2 else graded[:1])
+      return any(is_equivalent(gold, quantities[i][0]) for i in given)
     elif len({u for _, u, _ in quantities}) > 1:  # other words: "8 pies or 8 cakes", "2ab or 2bc" (math-verify: 2)
       return False
     # Otherwise alternatives restate one value where math-verify finds them equal, whole ("\\frac{1}{4} or 25\\%",
