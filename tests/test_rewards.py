@@ -603,13 +603,13 @@ def test_a_restatement_in_degrees_a_repeating_decimal_or_another_unit_word_is_ri
 
 
 def test_alternatives_joined_by_lor_a_worded_or_or_a_hedge_word_are_a_hedge(pool):
-  """`\\lor` / `\\vee`, "or" in `\\text{}` between boxes, "or maybe" / "or possibly" between answers, and "or" after
-  a filler word ("the answer is therefore") join a hedge, which matches no single gold; a gold that is itself such
+  """`\\lor` / `\\vee`, "or" in `\\text{}` between boxes, "or maybe" / "or possibly" between answers, and "or" between
+  math after the label join a hedge, which matches no single gold; a gold that is itself such
   a set ("x = 5 \\lor x = 6", "5, 6") still matches it. `\\textrm{ or }` and `\\mbox{ or }` read as `\\text{ or }`."""
   think = "<think>\nok\n</think>\n\n"
   answers = {"$\\boxed{5 \\lor 6}$": "5 or 6", "$\\boxed{5 \\vee 6}$": "5 or 6",
              "$\\boxed{5} \\quad\\text{or}\\quad \\boxed{6}$": "5 or 6", "The answer is $5$, or maybe $6$.": "5 or 6",
-             "$\\boxed{5}$, or possibly $\\boxed{6}$": "5 or 6", "The answer is therefore $5$ or $6$.": "5 or 6",
+             "$\\boxed{5}$, or possibly $\\boxed{6}$": "5 or 6", "The answer is $5$ or $6$.": "5 or 6",
              "$\\boxed{x = 5 \\textrm{ or } x = 6}$": "x = 5 \\text{ or } x = 6"}
   assert {c: extract_answer(think + c) for c in answers} == answers
   assert extract_gold("$\\boxed{x = 5 \\lor x = 6}$") == "x = 5 or x = 6"
@@ -620,7 +620,7 @@ def test_alternatives_joined_by_lor_a_worded_or_or_a_hedge_word_are_a_hedge(pool
            ("$\\boxed{x = 5 \\lor x = 6}$", "6"), ("$\\boxed{5} \\quad\\text{or}\\quad \\boxed{6}$", "6"),
            ("$\\boxed{5} \\text{ or } \\boxed{6}$", "6"), ("The answer is $5$, or maybe $6$.", "5"),
            ("The answer is 5, or maybe 6.", "5"), ("$\\boxed{5}$, or possibly $\\boxed{6}$", "6"),
-           ("The answer is therefore $5$ or $6$.", "5"), ("$\\boxed{5 \\textrm{ or } 6}$", "6"),
+           ("The answer is $5$ or $6$.", "5"), ("$\\boxed{5 \\textrm{ or } 6}$", "6"),
            ("$\\boxed{x = 5 \\textrm{ or } x = 6}$", "6"), ("The answer is x = 5 \\mbox{ or } x = 6.", "6")]
   verdicts, expected = _grades(pool, right, wrong)
   assert verdicts == expected
@@ -835,12 +835,12 @@ PATHOLOGICAL = {
 
 def test_any_short_gap_holding_or_and_no_math_joins_boxes_into_a_hedge(pool):
   """Between boxes, a short gap that holds the word "or" alone or with one hedge adverb (in any text command, with
-  punctuation or a line break) or "|" / "/" makes them one hedge; a gap of prose, with "or" or without, still leaves
-  the last box alone."""
+  punctuation or a line break) makes them one hedge; a gap of prose, with "or" or without, or "|" / "/", still
+  leaves the last box alone."""
   think = "<think>\nok\n</think>\n\n"
   gaps = [" \\text{, or } ", " \\text{ or, } ", " \\text{ (or) } ", " \\text{ or\\;} ", " \\text{\\ or\\ } ",
           " \\mathbf{or} ", " \\textsf{or} ", " \\emph{or} ", " \\operatorname{or} ", " \\hbox{ or } ", "$\nor $",
-          " or otherwise ", " or just ", " or... ", " or? ", " | ", " / ", "$, or, $"]
+          " or otherwise ", " or just ", " or... ", " or? ", "$, or, $"]
   boxes = ["$$\\boxed{5}%s\\boxed{6}$$" % gap for gap in gaps]
   assert {c: extract_answer(think + c) for c in boxes} == {c: "5 or 6" for c in boxes}
   assert extract_answer(think + "\\boxed{5} is wrong, so \\boxed{6}") == "6"
@@ -918,6 +918,63 @@ def test_tiny_rival_values_and_lor_between_subscripted_variables_are_hedges(pool
            ("\\boxed{0.0000001} or \\boxed{0.0000004}", "0.0000004"),
            ("\\boxed{0.0000001} or \\boxed{0.0000001}", "0.0000003")] + [(c, "6") for c in answers]
   verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_rounding_after_about_or_approximately_leaves_the_exact_answer(pool):
+  """"or about", "or approximately" and "or roughly" before a rounding join no hedge: the exact answer before them is
+  the answer, so a coarse rounding ("$12.5$, or about $13$") cannot make a right answer a hedge."""
+  think = "<think>\nok\n</think>\n\n"
+  assert extract_answer(think + "The answer is $12.5$, or about $13$.") == "12.5"
+  right = [("The answer is $12.5$, or about $13$.", "12.5"), ("The answer is $\\frac{100}{3}$, or about $33$.",
+                                                                "\\frac{100}{3}"),
+           ("The answer is $\\frac{2}{3}$, or approximately $0.7$.", "\\frac23"),
+           ("The answer is $\\sqrt{10}$, or approximately $3$.", "\\sqrt{10}"),
+           ("The answer is $\\frac{22}{7}$, or about $\\pi$.", "\\frac{22}{7}"),
+           ("The answer is $6.25$, or roughly $6$.", "6.25"),
+           ("The answer is $\\frac{1}{3}$, or approximately $0.333$.", "\\frac13")]
+  wrong = [("The answer is $12.5$, or about $13$.", "13"), ("The answer is $\\frac{100}{3}$, or about $33$.", "33")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_restatement_in_a_unit_outside_the_table_leaves_the_first_answer(pool):
+  """An alternative after "<unit>, or" whose own unit word the table lacks ("$5000$ m", "$2000$ g") cannot be
+  compared, so the first answer, as given, is graded alone; a plain value after "hours or" still makes a hedge."""
+  think = "<think>\nok\n</think>\n\n"
+  assert extract_answer(think + "The answer is $5$ km, or $5000$ m.") == "5"
+  assert extract_answer(think + "The answer is $3$ hours or $4$.") == "3 or 4"
+  right = [("The answer is $5$ km, or $5000$ m.", "5"), ("The answer is $2$ kg, or $2000$ g.", "2"),
+           ("The answer is $0.5$ kg, or $500$ g.", "0.5"), ("The answer is $3$ km, or equivalently $3000$ m.", "3"),
+           ("The answer is $1.5$ km, or $1500$ m.", "1.5")]
+  wrong = [("The answer is $3$ hours or $4$.", "3")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_pipe_or_slash_between_math_joins_no_hedge(pool):
+  """"|" (a table's columns) and "/" between math spans are no "or": the last cell, or the first span after a label,
+  is the answer."""
+  think = "<think>\nok\n</think>\n\n"
+  assert extract_answer(think + "Summary: $5$ | $7$ | $12$") == "12"
+  assert extract_answer(think + "$$\\boxed{5} | \\boxed{6}$$") == "6"
+  right = [("| Mon | Tue | Total |\n|---|---|---|\n| $5$ | $7$ | $12$ |", "12"), ("Summary: $5$ | $7$ | $12$", "12"),
+           ("The answer is $5$/$1$", "5"), ("The answer is $5$ | $x$ divides it.", "5"),
+           ("Totals: $4$ | $6$ | $\\mathbf{10}$", "10")]
+  verdicts, expected = _grades(pool, right, [])
+  assert verdicts == expected
+
+
+def test_a_filler_word_after_the_label_leaves_the_first_of_answers_that_prose_follows(pool):
+  """After "the answer is therefore" (or "then", "only", "so", "thus"), math spans that prose goes on from are not
+  joined: the first is the answer."""
+  think = "<think>\nok\n</think>\n\n"
+  right = [("The answer is therefore $8$, and $2$ were returned.", "8"),
+           ("So the answer is then $8$, and $2$ are left over.", "8"),
+           ("The answer is only $12$, and $4$ are wasted.", "12"),
+           ("Final answer: so $8$ and $2$ are the spare ones.", "8"), ("The answer is thus $8$, $2$ are spare.", "8")]
+  assert [extract_answer(think + c) for c, _ in right] == [g for _, g in right]
+  verdicts, expected = _grades(pool, right, [])
   assert verdicts == expected
 
 

@@ -43,8 +43,10 @@ order of preference:
 4. the whole solution section when it is one short line (a model that answers only "42").
 
 Several answers: math spans after a label, or boxes, joined by "," or "and" alone ("$\\boxed{2}$ and $\\boxed{3}$",
-"$2$, $3$, and $5$", LaTeX layout between them), or by a short gap that holds "or" (or "|", "/", "\\lor") and no
-other math or words but the first answer's unit and up to two hedge adverbs after "or", whatever commands or lines
+"$2$, $3$, and $5$", LaTeX layout between them), or by a short gap that holds "or" (or "\\lor"; "|" and "/" are no
+"or") and no other math or words but the first answer's unit and up to two hedge adverbs after "or" (not "about" or
+"approximately": "$12.5$, or about $13$" is 12.5; nor a unit the verifier lacks after the first's: "$5$ km, or $5000$
+m" is 5), whatever commands or lines
 stand with it ("the answer is $5$ or $6$", "\\quad \\text{, or } \\quad", "\\mathbf{or}", ", or maybe ", " hours, or
 ": `_joins_answers`; not "$12$, or half of the $24$"), are one
 answer: a set, comma-separated ("2, 3, 5"), which matches the same set as gold; or, where "or" joins any two, a
@@ -100,13 +102,14 @@ _MAX_JOIN_GAP_CHARS = 24
 # What alone may stand between two answers that are one set: "2, 3 and 5". Where "or" alone stands between them,
 # with punctuation, perhaps after the first answer's unit and before one or two of these adverbs ("or maybe", "or
 # perhaps even", "\\text{, or }", " hours, or "), they are one hedge; other words make it prose ("or half of the",
-# "whether or not", "one or two"). A rounding says so ("$\\frac{1}{3}$, or approximately $0.333$").
+# "whether or not", "one or two"). A rounding after "or about" / "or approximately" is no rival value: the exact
+# answer before it is the answer ("$12.5$, or about $13$" is 12.5).
 _SET_WORDS = frozenset((",", "and"))
 _OR_ADVERBS = frozenset(("maybe", "possibly", "perhaps", "else", "otherwise", "just", "even", "equivalently",
-                         "alternatively", "approximately", "about", "roughly"))
+                         "alternatively"))
 # What a gap between answers is read without: LaTeX commands and spacing ("\\quad \\text{or} \\quad", "\\;",
 # "\\hspace{1em}"), braces, brackets and dollar signs; its words are then runs of letters and single other marks, of
-# which these are math and "|" and "/" an "or".
+# which these are math ("|" and "/", a table's columns or a ratio, are no "or").
 _GAP_LAYOUT = re.compile(r"\\(?:hspace\*?\{[^{}]*\}|[A-Za-z]+|[,;:!> ])|[~{}()\[\]$\\]")
 _GAP_WORD = re.compile(r"[A-Za-z]+|\S")
 _GAP_MATH = frozenset("0123456789=<>+^_*")
@@ -330,9 +333,8 @@ def _joined_by_or(gap: str) -> bool:
 
 def _gap_words(gap: str) -> list[str]:
   """The words of `gap` (`_GAP_WORD`), lower-case, without its layout (`_GAP_LAYOUT`), the words in text mode kept;
-  `\\lor`, "|" and "/" read as "or"."""
-  words = _GAP_WORD.findall(_GAP_LAYOUT.sub(" ", _LOGICAL_OR.sub(" or ", gap)).lower())
-  return ["or" if w in ("|", "/") else w for w in words]
+  `\\lor` reads as "or"."""
+  return _GAP_WORD.findall(_GAP_LAYOUT.sub(" ", _LOGICAL_OR.sub(" or ", gap)).lower())
 
 
 def _sentence(text: str, max_chars: int) -> str:
@@ -341,7 +343,9 @@ def _sentence(text: str, max_chars: int) -> str:
   head = text[:max_chars + 1].lstrip(" \t\n:*")
   cut = head.find(_SPECIAL_TOKEN_START)  # "18 dollars.<|im_end|>": a special token ends the answer
   head = head if cut < 0 else head[:cut]
-  inline_math = _joined_inline_math(_without_leading_filler(head))  # "therefore $5$ or $6$" is a hedge too
+  # Math after a filler word ("therefore $8$, and $2$ were returned") is read by `_after_answer_label` as plain text,
+  # where its first span is the answer.
+  inline_math = _joined_inline_math(head)
   if inline_math is not None:
     return inline_math
   end = len(head)
@@ -405,7 +409,8 @@ def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
     # "$12$, and $12 = 3 \cdot 4$": an equation joined to a bare value justifies it, rather than answering again;
     # "since $n > 0$ or $n = 5$": a condition and an equation are no alternatives to each other.
     if span is None or (_is_relation(span[0]) and not _is_relation(contents[0])) or (
-        joined_by_or and _is_condition_and_equation(contents[-1], span[0])):
+        joined_by_or and _is_condition_and_equation(contents[-1], span[0])) or (
+        _in_unknown_unit(text, text[end:start], span[1])):
       break
     hedge = hedge or joined_by_or
     contents.append(span[0])
@@ -413,6 +418,17 @@ def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
     ends.append(end)
   units = _units_after(text, ends, contents, hedge)
   return [c + u for c, u in zip(contents, units)], end, hedge
+
+
+def _in_unknown_unit(text: str, gap: str, end: int) -> bool:
+  """Whether the alternative ending at text[end], joined through the previous answer's unit (`gap`: " km, or "),
+  has a unit word of its own that `UNIT_SIZES` lacks ("$5$ km, or $5000$ m"): the two cannot be compared, so the
+  alternative is left out and the answer as given stands."""
+  letters = [w for w in _gap_words(gap) if w.isalpha()]
+  if not letters or letters[0] not in UNIT_SIZES:
+    return False
+  match = _WORD_AFTER.match(text, end)
+  return bool(match and match.group(1)) and match.group(1).lower() not in UNIT_SIZES
 
 
 # A word or a cent sign right after an answer ("$5$ cm", "$75$¢", "\\boxed{75}$ cents"); a word that another word
