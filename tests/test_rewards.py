@@ -965,6 +965,23 @@ def test_a_pipe_or_slash_between_math_joins_no_hedge(pool):
   assert verdicts == expected
 
 
+def test_boxes_restating_one_quantity_keep_the_unit_inside_each_box(pool):
+  """Boxes joined by "or" whose unit word sits inside each box (`\\text{}`, `\\textrm{}`, `\\mbox{}`) restate one
+  quantity as "$5$ km, or $5000$ meters" does, so a gold equal to either is paid; a price and cents the same."""
+  think = "<think>\nok\n</think>\n\n"
+  assert extract_answer(think + "The answer is $\\boxed{5\\textrm{ km}}$, or $\\boxed{5000\\textrm{ meters}}$.") == (
+      "5 km or 5000 meters")
+  right = [("The answer is $\\boxed{5\\textrm{ km}}$, or $\\boxed{5000\\textrm{ meters}}$.", "5000"),
+           ("The answer is $\\boxed{2\\mbox{ hours}}$ (or $\\boxed{120\\mbox{ minutes}}$).", "2"),
+           ("The answer is $\\boxed{5\\text{ km}}$, or $\\boxed{5000\\text{ meters}}$.", "5"),
+           ("The answer is $\\boxed{3 \\text{ kg}}$, or $\\boxed{3000 \\text{ grams}}$.", "3"),
+           ("The answer is $\\boxed{\\$1.50}$, or $\\boxed{150 \\text{ cents}}$.", "1.50"),
+           ("\\boxed{3 \\text{ hours}} or \\boxed{3 \\text{ cm}}", "3")]
+  wrong = [("The answer is $\\boxed{3 \\text{ hours}}$ or $\\boxed{4}$.", "3")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
 def test_a_filler_word_after_the_label_leaves_the_first_of_answers_that_prose_follows(pool):
   """After "the answer is therefore" (or "then", "only", "so", "thus"), math spans that prose goes on from are not
   joined: the first is the answer."""

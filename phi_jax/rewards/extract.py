@@ -282,7 +282,21 @@ def _chained_boxes(text: str, max_chars: int) -> tuple[list[str], str, list[str]
     boxes.append(before)
   boxes.reverse()
   contents = [content for _, _, content in boxes]
-  return contents, HEDGE_JOINER if hedge else ", ", _units_after(text, [b[1] for b in boxes], contents, hedge)
+  inside = [_unit_in_box(content) for content in contents] if hedge else None
+  if inside and len({UNIT_SIZES[u.lower()][0] for u in inside if u}) > 1:
+    inside = None  # "3 hours or 3 cm" restates no one quantity: the values alone are compared, as given
+  return contents, HEDGE_JOINER if hedge else ", ", _units_after(text, [b[1] for b in boxes], contents, hedge, inside)
+
+
+def _unit_in_box(content: str) -> Optional[str]:
+  """The unit word of `UNIT_SIZES` that a box holds after its number ("5\\textrm{ km}", "\\text{2 hours}"), which
+  `_number_in_box` drops; None when it holds none or keeps it."""
+  unwrapped = _without_text_command(_as_text_command(content.strip()))
+  end = _number_end(unwrapped)
+  words = unwrapped[end:].split()
+  if not end or len(words) != 1 or words[0].lower() not in UNIT_SIZES:
+    return None
+  return words[0] if _number_in_box(content.strip()) == unwrapped[:end].replace(",", "") else None
 
 
 def _last_box(text: str, lo: int, hi: int, max_chars: int) -> Optional[tuple[int, int, str]]:
@@ -437,12 +451,15 @@ _WORD_AFTER = re.compile(r"[\s$]{0,3}(?:([A-Za-z]+)(?![A-Za-z]| {1,3}(?!or(?![A-
                          r"|\u00a2|\\(?:text)?cent(?![A-Za-z]))")
 
 
-def _units_after(text: str, ends: list[int], contents: list[str], hedge: bool) -> list[str]:
+def _units_after(text: str, ends: list[int], contents: list[str], hedge: bool,
+                 inside: Optional[list[Optional[str]]] = None) -> list[str]:
   """" <unit>" for each alternative of a hedge, ending at `ends`, that a unit word of `UNIT_SIZES` (or a cent sign:
   " cents") follows, where each has one or is a price ("$2.5$ hours, or $150$ minutes", "$\\$0.75$, or $75$¢"), for
-  the verifier to compare them as one quantity; "" for each otherwise ("$3$ hours or $4$" is a hedge of values)."""
+  the verifier to compare them as one quantity; "" for each otherwise ("$3$ hours or $4$" is a hedge of values).
+  `inside`: a box's own unit word (`_unit_in_box`), taken where none follows the box."""
   matches = [_WORD_AFTER.match(text, end) for end in ends]
   words = [m and ("cents" if m.group(1) is None else m.group(1)) for m in matches]
+  words = [w if w and w.lower() in UNIT_SIZES else u for w, u in zip(words, inside or [None] * len(words))]
   words = [w if w and w.lower() in UNIT_SIZES else None for w in words]
   if hedge and any(words) and all(w or _is_price(c) for w, c in zip(words, contents)):
     return ["" if w is None else " " + w for w in words]
