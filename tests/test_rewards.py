@@ -1571,3 +1571,20 @@ def test_score_batch_verifies_for_every_reward_that_needs_it(monkeypatch):
   assert len(batches) == 2  # the format reward needs no verdict
   with pytest.raises(ValueError):
     rewards.score_batch("format", [completion] * 2, ["1"], **kwargs)
+
+
+# tests/data/final_answers.jsonl pins how the checker grades natural final answers of correct GSM8K / MATH / AIME
+# solutions (right) and hedges between rival values (wrong); extend it with a line per new case, and a change to the
+# checker that moves a line must say why in its commit.
+def test_the_final_answers_table_is_graded_as_recorded(pool):
+  """Every line of the table is graded as it records, so a change to the checker cannot move one unnoticed."""
+  import json
+  think = "<think>\nok\n</think>\n\n"
+  with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "final_answers.jsonl")) as f:
+    table = [json.loads(line) for line in f if line.strip()]
+  verdicts = pool.verify_batch([think + row["completion"] for row in table], [row["gold"] for row in table])
+  mismatches = [f"expected {row['right']}: {row['completion']!r} against gold {row['gold']!r}"
+                for row, verdict in zip(table, verdicts) if verdict != row["right"]]
+  for mismatch in mismatches:
+    print(mismatch)
+  assert len(table) >= 200 and not mismatches, "\n".join(mismatches)
