@@ -1082,16 +1082,12 @@ def _train_in(workdir: str):
   # The data is opened and the eval data read on each process alone (a train or eval file too small for the
   # processes, a bad eval record fail on one): every process raises together rather than wait in the loop's first
   # collective for one that already stopped.
-  error = None
-  try:
+  with distributed.failing_together("opening the training data or reading data.eval_files"):
     loss_fn, train_data, eval_batches = _stage_setup(stage, workdir, model_config, hf_path, data_cfg, settings,
                                                      tokenizer, the_mesh, per_process)
     # Read once now: a bad eval record, or eval files too small for the processes, fails here rather than at the
     # first evaluation (by default the last step, before its checkpoint is saved).
     local_count = None if eval_batches is None else sum(1 for _ in eval_batches(data_only=True))
-  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
-    error = e
-  distributed.raise_if_any_failed(error, "opening the training data or reading data.eval_files")
   if eval_batches is not None:
     # Processes' shares may differ by a batch: the longest is scored, the others padded (`loop._evaluate`).
     count = max(distributed.allgather_json(local_count))
@@ -1249,12 +1245,8 @@ def _dpo_reference_params(model_config: PhiConfig, hf_path: Optional[str], setti
   if load is not None:
     # A load that fails on one host before any collective of its own (a file missing or unreadable there, a
     # checkpoint of another shape) stops every process here, rather than leave the others in the checksums'.
-    params = error = None
-    try:
+    with distributed.failing_together("loading the DPO reference params (train.init_from or model.hf_path)"):
       params = load()
-    except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
-      error = e
-    distributed.raise_if_any_failed(error, "loading the DPO reference params (train.init_from or model.hf_path)")
   else:  # the loop's own initialisation key gives the same params
     rng = loop_lib.initial_params_key(settings["loop"].seed)
     params = jax.jit(lambda: init_params(model_config, rng), out_shardings=param_shardings(model_config, the_mesh))()
@@ -1333,24 +1325,20 @@ def _agreed_copies(pair_files: dict, start: Optional[str]) -> tuple[dict, list]:
   would write them against its own pairs. Copies of the params on hosts with disks of their own have mtimes of
   their own: with process 0's fingerprint every process decides alike whether a reference file is current, and so
   whether to load the reference (collectives) and which files to compute again."""
-  digests = fingerprint = error = None
-  try:
+  with distributed.failing_together("reading the DPO pair files and the reference params' files"):
     digests = [content_digests([path]) for path in pair_files.values()]
     fingerprint = _params_fingerprint(start) if jax.process_index() == 0 else None
-  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
-    error = e
-  distributed.raise_if_any_failed(error, "reading the DPO pair files and the reference params' files")
   gathered = distributed.allgather_json([digests, fingerprint])
   first, mine = gathered[0][0], gathered[jax.process_index()][0]
   # The contents decide: another host may name the same file another way (a glob, a mount point).
   differ = [key for key, a, b in zip(pair_files, mine, first) if [d for _, d in a] != [d for _, d in b]]
-  if differ:
-    kind, i = differ[0]
-    error = ValueError(f"data.{kind}_files[{i}]={pair_files[differ[0]]!r} holds other pairs on this process than on "
+  with distributed.failing_together("comparing each host's copy of the DPO pair files"):
+    if differ:
+      kind, i = differ[0]
+      raise ValueError(f"data.{kind}_files[{i}]={pair_files[differ[0]]!r} holds other pairs on this process than on "
                        "process 0: each process scores its share of the reference pass (dpo.reference='precompute') "
                        "from its own copy, and process 0 writes the scores against its pairs; copy the same file to "
                        "every host")
-  distributed.raise_if_any_failed(error, "comparing each host's copy of the DPO pair files")
   return dict(zip(pair_files, first)), gathered[0][1]
 
 
@@ -1368,16 +1356,12 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   train_files, eval_files = list(data_cfg["train_files"]), list(data_cfg["eval_files"])
   # Each host reads these on its own: a file missing or unreadable on one fails there before the set-up's first
   # collective (the reference load's, its checksums', the precompute pass's), and every process stops with it.
-  error = None
-  try:
+  with distributed.failing_together("checking the DPO pair files and reference params"):
     _check_pair_files(train_files, eval_files)
     if cfg["reference"] != "precomputed":  # that mode loads no reference (a resumed run, init_from since moved)
       _check_reference_readable(settings, hf_path)
     if cfg["reference"] == "precompute":
       os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
-  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
-    error = e
-  distributed.raise_if_any_failed(error, "checking the DPO pair files and reference params")
   ref_params = ref_fn = None
   # Precomputed reference files hold only the pairs that were used; those left out (too long, bad) are counted in
   # the data stats as read and skipped, per (kind, file) and then per kind.
@@ -1427,16 +1411,13 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
             **dict(reader, batch_size=data_cfg["batch_size"]))
         log.info("reference log-probs of %d pairs of %s -> %s", result["pairs"], path, result["out_file"])
         left_out[(kind, i)] = result["stats"]["records_skipped"]
-        error = None
-        try:  # process 0 writes alone: the others must not go on to the next file's pass without it
+        # Process 0 writes alone: the others must not go on to the next file's pass without it.
+        with distributed.failing_together(f"writing the settings beside {outputs[(kind, i)]}"):
           if jax.process_index() == 0:
             write_text_atomically(outputs[(kind, i)] + ".skipped.json",
                                   json.dumps({"records_skipped": left_out[(kind, i)]}))
             with open(outputs[(kind, i)] + ".settings.json", "w") as f:
               json.dump(dict(made_with[(kind, i)], reference_digest=settings["reference_digest"]), f, default=str)
-        except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
-          error = e
-        distributed.raise_if_any_failed(error, f"writing the settings beside {outputs[(kind, i)]}")
     loaded.clear()  # the run trains with no reference model
     for key in outputs.keys() - left_out.keys():  # reused: counted when it was written
       left_out[key] = _pairs_left_out(outputs[key])

@@ -404,26 +404,6 @@ def test_resume_refuses_train_files_that_changed_under_the_same_names(tmp_path):
   loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, [None] * 10), "W")
 
 
-def test_a_run_resumed_with_the_same_tokenizer_logs_no_change(tmp_path, caplog):
-  """The tokenizer a run trained with is the copy it keeps (W/tokenizer), not a digest in its checkpoints' metadata:
-  a run saved without one resumes without a word, and one saved with one (`data.tokenizer_id`) resumes too."""
-  from phi_jax.hf.tokenizer import build_tiny_tokenizer
-  from phi_jax.train import loop
-  tokenizer = build_tiny_tokenizer(tmp_path / "tok", chat_format="phi-4")
-  (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
-  cfg = common.data(train_files=[str(tmp_path / "a.jsonl")], tokenizer=str(tmp_path / "tok"))
-  settings = common.train_settings(num_steps=1)
-  saved = common.run_meta("next_token", settings, cfg, tokenizer)
-  saved["data"].pop("tokenizer_id", None)
-  with caplog.at_level("WARNING", logger="phi_jax"):
-    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, tokenizer), "W")
-  assert "tokenizer" not in caplog.text
-  saved["data"]["tokenizer_id"] = "512 tokens, vocabulary and template 91c37bcb45f0b328"
-  with caplog.at_level("WARNING", logger="phi_jax"):
-    loop.check_resume_compatible(saved, common.run_meta("next_token", settings, cfg, tokenizer), "W")
-  assert "data.tokenizer_id: '512 tokens, vocabulary and template 91c37bcb45f0b328' -> None" in caplog.text
-
-
 def test_a_tiny_tokenizer_is_built_whole_into_place(tmp_path, monkeypatch):
   """Built in a temporary directory and renamed (processes started together wrote the same files at once, and one
   read another's half-written tokenizer_config.json); what a crash left half-built is replaced."""

@@ -17,6 +17,7 @@ each process would otherwise run alone, all of them writing the same workdir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -181,6 +182,18 @@ def _agreed(error: BaseException, how: str) -> BaseException:
   except AttributeError:  # an exception type that takes no attributes: exchanged again, as before
     pass
   return error
+
+
+@contextlib.contextmanager
+def failing_together(what: str):
+  """`raise_if_any_failed` around a block of work one process may fail alone: an exception the block raises is kept
+  until every process has finished its block, then raised on every process, as `raise_if_any_failed` says."""
+  error = None
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+    error = e
+  raise_if_any_failed(error, what)
 
 
 def raise_if_any_failed(error: Optional[BaseException], what: str) -> None:

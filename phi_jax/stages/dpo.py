@@ -35,7 +35,7 @@ from phi_jax.data.preference import REFERENCE_FIELDS, SIDES, build_preference_it
 from phi_jax.losses import chunked_token_logprobs, dpo_loss, next_token_targets, sequence_logps
 from phi_jax.losses.dpo import LOSS_TYPES
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
-from phi_jax.sharding.distributed import any_process_or_raise, raise_if_any_failed
+from phi_jax.sharding.distributed import any_process_or_raise, failing_together
 from phi_jax.train.loop import global_batch
 from phi_jax.train.step import MeshJit, most_pieces, split_microbatches
 
@@ -265,15 +265,11 @@ def precompute_reference_logps(pairs_file: str, ref_params, config: PhiConfig, t
     for i, c, r in zip(index, chosen, rejected):
       if i >= 0:
         found[int(i)] = (float(c), float(r))
-  error = None
-  try:
+  # The others wait here for process 0's write, and stop with it where it failed.
+  with failing_together(f"writing {out_file}"):
     if jax.process_index() == 0:
       _write_with_reference(batches, found, reference_settings(tokenizer, seq_len=seq_len, too_long=too_long,
                                                                system_prompt=system_prompt), out_file)
-  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
-    error = e
-  # The others wait here for process 0's write, and stop with it where it failed.
-  raise_if_any_failed(error, f"writing {out_file}")
   return {"out_file": out_file, "pairs": len(found), "stats": batches.stats()}
 
 

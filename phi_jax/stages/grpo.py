@@ -424,14 +424,10 @@ class GRPORollouts:
     out = {name: np.concatenate([np.asarray(o[name]) for o in outs]) for name in outs[0]}
     self.rollouts += 1
     lengths, finished = np.asarray(out["lengths"]), np.asarray(out["finished"])
-    rewards, correct, error = None, None, None
-    try:
+    # Before the broadcast of the rewards: a process whose scoring failed (a reward function failing on this host
+    # alone) would otherwise wait in the loop's check before the step while the others waited in the broadcast.
+    with distributed.failing_together("scoring the rollouts' rewards (grpo reward_batch_fn)"):
       rewards, correct = self._score(out, rows)
-    except Exception as e:  # pylint: disable=broad-except  (a reward function that fails on this host alone)
-      error = e
-    # Before the broadcast of the rewards: a process whose scoring failed would otherwise wait in the loop's check
-    # before the step while the others waited in the broadcast for it.
-    distributed.raise_if_any_failed(error, "scoring the rollouts' rewards (grpo reward_batch_fn)")
     if jax.process_count() > 1:
       # Every process verifies the whole batch under wall-clock limits, so an answer near the limit may pass on one
       # host and time out on another. Process 0's verdicts stand for all: every process then trains the same

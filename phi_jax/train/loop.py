@@ -57,8 +57,8 @@ from jax.sharding import Mesh
 
 from phi_jax.model import PhiConfig
 from phi_jax.model.api import check_token_ids
-from phi_jax.sharding.distributed import (allgather_json, any_process, any_process_or_raise, from_process_zero,
-                                          raise_if_any_failed)
+from phi_jax.sharding.distributed import (allgather_json, any_process, any_process_or_raise, failing_together,
+                                          from_process_zero)
 from phi_jax.train import flops
 from phi_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointError,
                                      IncompatibleCheckpointError, state_signature)
@@ -546,12 +546,9 @@ def _first_eval_checked(eval_batches: Callable[[], Iterable[dict]], train_batch:
   at an evaluation, by default the last step, a bad eval batch stops the run there, its steps paid for).
   Returns `eval_batches` whose first call goes on with the batches read here: no extra pass over the eval data.
   A batch that fails to read or check on one process stops every process here (a collective), each naming it."""
-  first, batches, error = None, iter(()), None
-  try:
+  # A bad record, a bad token id: on this process alone.
+  with failing_together("reading or checking the first eval batch"):
     first, batches = _first_eval_batch(eval_batches, train_batch, mesh, vocab_size)
-  except Exception as e:  # pylint: disable=broad-except  (a bad record, a bad token id: on this process alone)
-    error = e
-  raise_if_any_failed(error, "reading or checking the first eval batch")
   replay = [itertools.chain([] if first is None else [first], batches)]
   return lambda: replay.pop() if replay else eval_batches()
 
