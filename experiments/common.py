@@ -536,6 +536,9 @@ def train_settings(num_steps: int = gin.REQUIRED, seed: int = 0, stage: str = "n
   if stage == "grpo" and (early_stopping_patience is not None or keep_best_checkpoint):
     raise ValueError("a GRPO run has no eval loss for train.early_stopping_patience / train.keep_best_checkpoint "
                      "to compare: remove those bindings")
+  if z_loss < 0:
+    raise ValueError(f"train.z_loss={z_loss} must be >= 0: a negative coefficient rewards a large softmax normaliser "
+                     "and drives the logits up; use 0 to turn the z-loss off (PaLM used 1e-4)")
   if z_loss and stage != "next_token":
     raise ValueError(f"train.z_loss={z_loss} applies to the next-token loss only; the {stage!r} stage's loss has "
                      "no z-loss term: remove the binding")

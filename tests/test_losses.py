@@ -607,3 +607,10 @@ def test_group_advantages_rejects_bad_shapes():
     losses.group_advantages(jnp.arange(3.0), 1)  # the unbiased std of one sample is undefined
   # Centring alone is defined for one completion per prompt: each is its own group mean.
   np.testing.assert_array_equal(np.asarray(losses.group_advantages(jnp.arange(3.0), 1, scale_by_std=False)), 0.0)
+
+
+def test_a_negative_z_loss_is_an_error():
+  h, kernel = jnp.zeros((1, 4, 8)), jnp.zeros((8, 16))
+  targets, weights = jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4))
+  with pytest.raises(ValueError, match=r"z_loss=-0.001 must be >= 0"):
+    losses.chunked_cross_entropy(h, kernel, targets, weights, z_loss=-1e-3)

@@ -1198,6 +1198,7 @@ def test_bad_records_raise_with_file_line_reason_or_are_counted_so_read_equals_u
     ("optimizer.max_grad_norm = 0.0", r"max_grad_norm=0.0 must be > 0; use None to turn gradient clipping off"),
     ("data.eval_files = ['no/such_eval.jsonl']", r"no/such_eval.jsonl: no such file"),  # not at the first eval
     ("train.chunk_size = 0", r"train.chunk_size=0: the positions per logits chunk of the loss must be >= 1"),
+    ("train.z_loss = -1e-4", r"train.z_loss=-0.0001 must be >= 0"),  # negative: rewards large logits
 ])
 def test_bad_configuration_is_caught_at_startup_saying_what_to_change(gin_run, tmp_path, binding, message):
   with pytest.raises(ValueError, match=message):

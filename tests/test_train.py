@@ -442,6 +442,22 @@ def test_train_flops_per_token_of_the_tiny_model():
   assert train_flops_per_token(CONFIG, seq_len=32) == 638976 + 24576
 
 
+def test_mfu_counts_the_peak_of_the_mesh_devices_only(tmp_path):
+  """A mesh over one of the process's 8 devices: the step ran on one device, so its MFU is against one peak."""
+  from phi_jax.train import LoopConfig, flops
+  from phi_jax.train.loop import run
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  batches, records, peak = packed_batches(2), [], 1e9
+  run(workdir=str(tmp_path), model_config=CONFIG, optimizer_config=OPT, train_data=batches,
+      loss_fn=next_token.make_loss_fn(CONFIG, chunk_size=16), mesh=mesh,
+      loop=LoopConfig(num_steps=2, checkpoint_every=100, peak_flops_per_device=peak), on_log=records.append)
+  last, batch = records[-1], batches[-1]
+  elapsed = int((batch["segment_ids"] > 0).sum()) / last["tokens_per_sec"]  # real tokens over the step's time
+  seq_len = batch["tokens"].shape[1]
+  expected = flops.train_flops_per_token(CONFIG, seq_len) * batch["tokens"].size / elapsed / peak
+  np.testing.assert_allclose(last["mfu"], expected, rtol=1e-5)
+
+
 def test_a_finite_loss_with_a_nonfinite_gradient_is_skipped():
   """sqrt(w) at w = 0: the loss is 0 but its gradient is +inf; skip_nonfinite must drop that update too."""
   from phi_jax.train.state import TrainState

@@ -132,6 +132,8 @@ def chunked_cross_entropy(h_BTD, kernel_DV, targets_BT, weights_BT, *, chunk_siz
   Under differentiation the gradient is formed during the forward pass (see `_fused_cross_entropy`): each
   chunk's logits are computed once, and the backward pass only scales the saved gradients.
   """
+  if z_loss < 0:  # it would reward a large normaliser, driving the logits up
+    raise ValueError(f"z_loss={z_loss} must be >= 0 (0 turns the z-loss off)")
   return _fused_cross_entropy(chunk_size, float(z_loss), h_BTD, kernel_DV, targets_BT.astype(jnp.int32),
                               weights_BT.astype(jnp.float32))
 

@@ -737,7 +737,8 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     stats["elapsed"] = elapsed  # tokens_per_sec joins the record when it is written (see _counted_over_processes)
     if loop.peak_flops_per_device:
       flops_per_token = flops.train_flops_per_token(model_config, stats["seq_len"])
-      record["mfu"] = flops_per_token * stats["slots"] / elapsed / (loop.peak_flops_per_device * jax.device_count())
+      # Against the devices of the mesh that ran the step, which may be a subset of the process's.
+      record["mfu"] = flops_per_token * stats["slots"] / elapsed / (loop.peak_flops_per_device * mesh.size)
     record["step"] = step
     # A step's own data metrics (GRPO: the reward and accuracy of the rollout batch it trained on, at every pass over
     # the batch) exist at that step only: its record is written whatever log_every says, or they would be lost.
