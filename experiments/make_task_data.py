@@ -10,7 +10,9 @@ Files under --out_dir (chat records are `{"messages": [...]}`, prompt records `{
   rl_prompts.jsonl   prompt  stage 4: prompts for GRPO with the verifier as reward
   valid.jsonl        prompt  held-out problems for checkpoint selection
   test.jsonl         prompt  held-out problems for the reported accuracy
-  tokenizer/         a tiny byte-level BPE in transformers format with the chat specials and <think> tokens
+  tokenizer/         a tiny byte-level BPE in transformers format with the chat specials of --chat_format; the
+                     phi-4 formats (phi-4, phi-4-reasoning) also hold <think> and </think> as single tokens, the
+                     phi-4-mini ones (phi-4-mini, phi-4-mini-reasoning) have none and encode the tags as text
   manifest.json      counts, arguments, the split rules' version (word_problems.SPLIT_VERSION) and token lengths;
                      written last, and removed first when a re-run writes the other files
 

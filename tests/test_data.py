@@ -1205,3 +1205,95 @@ def test_a_loss_mask_other_than_zeros_and_ones_and_impossible_shapes_are_refused
   for setting in ({"batch_size": 0}, {"seq_len": 1}, {"seq_len": 0}, {"batch_size": 2.0}):
     with pytest.raises(ValueError, match=rf"{next(iter(setting))}=.* must be a whole number of at least"):
       pipeline([(JsonlSource(path), 1.0)], **setting)
+
+
+def test_a_jsonl_file_rewritten_in_place_is_refused_not_read_at_its_old_offsets(tmp_path):
+  """A file truncated and rewritten (same inode, open(path, "w")) after its descriptor was opened was read at the
+  offsets of the version indexed: other records, or garbage, with no error."""
+  path = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"old record {i:03d}"} for i in range(5)])
+  source = JsonlSource(path)
+  assert source[0]["data"] == {"text": "old record 000"}  # its descriptor is now open
+  inode, before = os.stat(path).st_ino, os.stat(path).st_mtime_ns
+  write_jsonl(path, [{"text": f"NEW record {i:03d}"} for i in range(5)])  # the same lengths: only the time tells
+  os.utime(path, ns=(before + 10**9, before + 10**9))  # a later write, whatever the clock's resolution
+  assert os.stat(path).st_ino == inode
+  with pytest.raises(DataError, match=r"docs.jsonl: unreadable file: changed since the data was opened"):
+    source[1]
+  write_jsonl(path, [{"text": f"x{i}"} for i in range(50)])  # other lengths
+  with pytest.raises(DataError, match="changed since the data was opened"):
+    source[2]
+  assert JsonlSource(path)[2]["data"] == {"text": "x2"}  # a new source indexes the new version
+
+
+@pytest.mark.parametrize("compression, head", [("zstd", b"\x28\xb5\x2f\xfd"), ("bzip2", b"BZh9"),
+                                                ("xz", b"\xfd7zXZ\x00"), ("gzip", b"\x1f\x8b\x08")])
+def test_compressed_files_are_named_with_their_compression(tmp_path, compression, head):
+  """A glob over *.jsonl.zst read the compressed bytes as JSON lines, every line "not UTF-8"; a literal path was an
+  unknown file type saying nothing of compression."""
+  data = head + bytes(range(256)) * 4
+  for name in ("shard-000.jsonl.zst", "renamed.jsonl"):
+    (tmp_path / name).write_bytes(data)
+  for spec, file in (("shard-000.jsonl.zst",) * 2, ("*.jsonl.zst", "shard-000.jsonl.zst"), ("renamed.jsonl",) * 2):
+    with pytest.raises(DataError, match=rf"unknown file type: {compression}-compressed, which is not read.*; "
+                                        rf"decompress it \(.* -d?c .*{file} > OUT.jsonl\)"):
+      open_source(str(tmp_path / spec))
+
+
+def test_a_chat_template_refusing_a_record_is_a_bad_record_naming_its_line(tmp_path):
+  """A template's raise_exception (jinja2's TemplateError) escaped on_bad_record and lost the record's file:line."""
+  from phi_jax.data import preference
+  from phi_jax.hf.tokenizer import CHAT_TEMPLATES, build_tiny_tokenizer
+
+  tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer", chat_format="phi-4")
+  tokenizer.chat_template = ("{% for m in messages %}{% if 'FORBIDDEN' in m['content'] %}"
+                             "{{ raise_exception('this template refuses FORBIDDEN') }}{% endif %}{% endfor %}"
+                             + CHAT_TEMPLATES["phi-4"])
+  path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "q", "completion": "a"},
+                                               {"prompt": "FORBIDDEN q", "completion": "a"}])
+  pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                                 {"prompt": "FORBIDDEN q", "chosen": "a", "rejected": "b"}])
+  build = {"sft": lambda mode: pipeline([JsonlSource(path)], tokenize_fn=make_tokenize_fn(tokenizer), seq_len=64,
+                                        batch_size=1, shuffle=False, packing=None, on_bad_record=mode),
+           "dpo": lambda mode: preference.build_preference_iterator(
+               pairs, tokenizer, seq_len=64, batch_size=1, seed=0, shuffle=False, on_bad_record=mode,
+               process_index=0, process_count=1)}
+  for kind, file in (("sft", path), ("dpo", pairs)):
+    with pytest.raises(DataError, match=rf"{file}:2: tokenization failed: this template refuses FORBIDDEN"):
+      list(build[kind]("raise"))
+    it = build[kind]("skip")
+    assert len(list(it)) == 1 and it.stats()["records_skipped"] == {"tokenization failed": 1}, kind
+
+
+def test_a_continuation_pair_trains_only_its_completion_tokens(mini_tokenizer):
+  """A prompt ending with the assistant's message (Pivotal Token Search) is continued by exactly the completion's
+  tokens; the end-of-turn token after them was trained too, as if the answer ended there."""
+  from phi_jax.data import preference
+
+  prefix = [{"role": "user", "content": "What is 7 * 8?"}, {"role": "assistant", "content": "7 * 8 ="}]
+  record = {"messages": prefix, "chosen": " 56", "rejected": " 54"}
+  rows, status = preference.encode_pair(mini_tokenizer, record, seq_len=64)
+  assert status == "used"
+  end = mini_tokenizer.convert_tokens_to_ids("<|end|>")
+  for side in preference.SIDES:
+    tokens, mask = rows[side]["tokens"], rows[side]["loss_mask"]
+    length = int(rows[side]["segment_ids"].sum())
+    completion = mini_tokenizer(record[side], add_special_tokens=False)["input_ids"]
+    assert tokens[mask == 1].tolist() == completion
+    assert tokens[length - len(completion):length].tolist() == completion  # the row ends with it: no <|end|> after
+  # A conversational pair (the prompt ends with the user) still trains the end-of-turn token closing its answer.
+  rows, _ = preference.encode_pair(mini_tokenizer, dict(record, messages=prefix[:1]), seq_len=64)
+  assert rows["chosen"]["tokens"][rows["chosen"]["loss_mask"] == 1].tolist()[-1] == end
+  with pytest.raises(ValueError, match=r"empty completion"):  # nothing of a side would be scored
+    preference.encode_pair(mini_tokenizer, dict(record, rejected=""), seq_len=64)
+
+
+def test_preference_num_epochs_is_a_whole_number_of_passes(tmp_path, mini_tokenizer):
+  """num_epochs=2.0 (as gin and YAML write it) was a bare TypeError from Grain's repeat."""
+  from phi_jax.data import preference
+
+  path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q {i}", "chosen": "a", "rejected": "b"} for i in range(3)])
+  build = lambda epochs: preference.build_preference_iterator(path, mini_tokenizer, seq_len=32, batch_size=1, seed=0,
+                                                              num_epochs=epochs, process_index=0, process_count=1)
+  assert len(list(build(2.0))) == 6
+  with pytest.raises(ValueError, match=r"num_epochs=1.5: .*a whole number of passes"):
+    build(1.5)

@@ -713,9 +713,12 @@ def test_a_prompt_ending_in_an_assistant_message_is_continued(setup):
   rows, status = preference.encode_pair(tokenizer, record, seq_len=SEQ)
   assert status == "used"
   for side, text in (("chosen", " 4"), ("rejected", " 5")):
-    # One assistant turn, the final message's content followed by the completion; only the completion is trained.
+    # The final message's content followed by the completion, and no end of turn: whether the turn ends there is
+    # not known (a pivotal-token pair's completion is one token mid-solution). Only the completion is trained.
     ids, _ = chat.render_messages(tokenizer, [question, dict(prefix, content=prefix["content"] + text)])
-    completion = tokenizer(text, add_special_tokens=False)["input_ids"] + [im_end]
+    assert ids[-1] == im_end
+    ids = ids[:-1]
+    completion = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids[len(ids) - len(completion):] == completion
     assert list(rows[side]["tokens"][:len(ids)]) == ids and not rows[side]["tokens"][len(ids):].any()
     assert list(rows[side]["loss_mask"]) == ([0] * (len(ids) - len(completion)) + [1] * len(completion)

@@ -37,7 +37,8 @@ import grain
 import numpy as np
 
 from phi_jax.data import packing as packing_lib
-from phi_jax.data.sources import BAD_RECORD_REASONS, DataError, SkipStreak, SkipWarning, read_record
+from phi_jax.data.sources import (BAD_RECORD_REASONS, DataError, SkipStreak, SkipWarning, read_record,
+                                  tokenization_errors)
 
 log = logging.getLogger("phi_jax")
 
@@ -343,8 +344,8 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
   if bad is None:
     try:
       example = tokenize_fn(record)
-    except (ValueError, TypeError) as e:  # The renderer's word on a record it cannot render exactly (see
-      # chat.render_messages), or the tokenizer's on text it cannot encode.
+    except tokenization_errors() as e:  # The renderer's word on a record it cannot render exactly (see
+      # chat.render_messages), the chat template's, or the tokenizer's on text it cannot encode.
       example, bad = None, ("tokenization failed", str(e))
   if bad is None:
     ids, loss_mask = _int32_arrays(example, raw["where"])

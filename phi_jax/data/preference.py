@@ -21,12 +21,13 @@ Each side is rendered with `phi_jax.data.chat.render_messages` as the prompt fol
 the completion, so the ids follow the tokenizer's chat template; the loss mask is 1 on the completion and the
 end-of-turn token that closes it, and nowhere else (assistant turns inside a multi-turn prompt are context). A prompt
 whose last message is the assistant's is a prefix of the answer (as in Pivotal Token Search pairs): the completion
-continues that message's content in the same turn, and the mask covers only the completion's tokens and the
-end-of-turn token; where the tokenizer merges text across that boundary, the pair is refused ("tokenization
-failed"). Rows hold one example each, right-padded (segment id 1 on tokens, 0 on padding). A pair longer than
-`seq_len` is dropped ("drop") or loses the same number of tokens from the start of both prompts ("truncate_prompt";
-at least one prompt token stays so the first completion token is still predicted, else the pair is dropped). Both
-are counted.
+continues that message's content in the same turn and is exactly the tokens given, as whether the turn ends after it
+is not known, so the row ends with the completion's last token (no end-of-turn token) and the mask covers the
+completion's tokens alone; where the tokenizer merges text across that boundary, or the completion is empty, the
+pair is refused ("tokenization failed"). Rows hold one example each, right-padded (segment id 1 on tokens, 0 on
+padding). A pair longer than `seq_len` is dropped ("drop") or loses the same number of tokens from the start of both
+prompts ("truncate_prompt"; at least one prompt token stays so the first completion token is still predicted, else
+the pair is dropped). Both are counted.
 
 Order: each process reads every `process_count`-th record, shuffled per epoch with the seed (Grain), so the order is
 a function of the seed and a restored state continues exactly.
@@ -47,8 +48,9 @@ import grain
 import numpy as np
 
 from phi_jax.data.chat import ROLES, render_messages
+from phi_jax.data.pipeline import whole_epochs
 from phi_jax.data.sources import (BAD_RECORD_REASONS, DataError, SkipStreak, SkipWarning, clean_message, open_source,
-                                  warn_dropped_keys)
+                                  tokenization_errors, warn_dropped_keys)
 
 log = logging.getLogger("phi_jax")
 
@@ -183,7 +185,11 @@ def _last_span(mask: list[int]) -> tuple[int, int]:
 def _render_side(tokenizer, messages: list[dict], completion: str, system_prompt: Optional[str]
                  ) -> tuple[list[int], list[int], int]:
   """(ids, loss mask, index of the first completion token) of the prompt `messages` answered by `completion`: a
-  new assistant turn, or the rest of the final message where that is the assistant's (a prefix of the answer)."""
+  new assistant turn, or the rest of the final message where that is the assistant's (a prefix of the answer).
+
+  A new turn is trained with the end-of-turn token that closes it. A continuation's row ends with the completion's
+  last token: whether the turn ends there is not known (a Pivotal Token Search completion is one token of a longer
+  answer), so nothing after it is in the row and its log-prob sums are those of the completion's tokens alone."""
   if messages[-1]["role"] != "assistant":
     ids, mask = render_messages(tokenizer, messages + [{"role": "assistant", "content": completion}],
                                 system_prompt=system_prompt)
@@ -194,15 +200,18 @@ def _render_side(tokenizer, messages: list[dict], completion: str, system_prompt
   head = head[:_last_span(head_mask)[1] - 1]  # up to the final message's end-of-turn token
   ids, mask = render_messages(tokenizer, messages[:-1] + [dict(final, content=final["content"] + completion)],
                               system_prompt=system_prompt)
-  end = _last_span(mask)[1]
+  end = _last_span(mask)[1] - 1  # the end-of-turn token, left out of the row
   # The mask boundary falls inside one assistant content: exact only where the whole conversation's ids are the
   # prompt's, then the completion's own, then the end-of-turn token.
-  if ids[:len(head)] != head or ids[len(head):end - 1] != tokenizer(completion, add_special_tokens=False)["input_ids"]:
+  if ids[:len(head)] != head or ids[len(head):end] != tokenizer(completion, add_special_tokens=False)["input_ids"]:
     raise ValueError("the completion continues the prompt's final assistant message, and the tokenizer merges text "
                      "across where one ends and the other starts, so no exact per-token mask exists; end the "
                      "message (or start the completion) at a word boundary, or give the completion as a turn of its "
                      "own after a prompt that ends with a user message")
-  return ids, [0] * len(head) + [1] * (end - len(head)) + [0] * (len(ids) - end), len(head)
+  if end == len(head):
+    raise ValueError("an empty completion continues the prompt's final assistant message: it has no tokens to score; "
+                     "give each side of the pair at least one token")
+  return ids[:end], [0] * len(head) + [1] * (end - len(head)), len(head)
 
 
 def encode_pair(tokenizer, record: dict, *, seq_len: int, too_long: str = "drop",
@@ -263,8 +272,8 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
   if bad is None:
     try:
       rows, status = encode_pair(tokenizer, record, seq_len=seq_len, too_long=too_long, system_prompt=system_prompt)
-    except (ValueError, TypeError) as e:  # The renderer's word on a record it cannot render with an exact mask, or
-      # the tokenizer's on text it cannot encode.
+    except tokenization_errors() as e:  # The renderer's word on a record it cannot render with an exact mask, the
+      # chat template's, or the tokenizer's on text it cannot encode.
       bad = ("tokenization failed", str(e))
   if bad is not None:
     if on_bad_record == "raise":
@@ -310,6 +319,7 @@ class PreferenceIterator:
       raise ValueError(f"too_long={too_long!r}; expected one of {TOO_LONG}")
     if on_bad_record not in ON_BAD_RECORD:
       raise ValueError(f"on_bad_record={on_bad_record!r}; expected one of {ON_BAD_RECORD}")
+    num_epochs = whole_epochs(num_epochs, "num_epochs")
     if process_index is None or process_count is None:
       import jax  # pylint: disable=import-outside-toplevel
       process_index, process_count = jax.process_index(), jax.process_count()

@@ -24,6 +24,7 @@ the fixed keys of `BAD_RECORD_REASONS` so counts aggregate.
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import json
 import logging
@@ -62,6 +63,19 @@ class DataError(ValueError):
   def __init__(self, where: str, reason: str, detail: str = ""):
     self.where, self.reason, self.detail = where, reason, detail
     super().__init__(f"{where}: {reason}" + (f": {detail}" if detail else ""))
+
+
+@functools.cache
+def tokenization_errors() -> tuple[type[Exception], ...]:
+  """What tokenizing a record raises when that record cannot be tokenized ("tokenization failed"): the renderer's
+  ValueError on a conversation it cannot mask exactly, the tokenizer's ValueError or TypeError on text it cannot
+  encode, and a chat template's own refusal (jinja2's TemplateError, which transformers' `raise_exception` raises).
+  jinja2 is imported on first use: only chat templates need it."""
+  try:
+    from jinja2 import TemplateError  # pylint: disable=import-outside-toplevel
+  except ImportError:  # no jinja2, no chat templates to raise its errors
+    return ValueError, TypeError
+  return ValueError, TypeError, TemplateError
 
 
 class SkipStreak:
@@ -359,14 +373,16 @@ class _OpenFiles:
       fd = self._fds.get(key)
       if fd is None:
         fd = os.open(path, os.O_RDONLY)
-        if _file_version(fd) != version:  # replaced or rewritten since it was indexed: the offsets are not its
-          os.close(fd)
-          raise DataError(path, "unreadable file", "changed since the data was opened (its records were indexed "
-                          "from the earlier version); keep data files unchanged while a run reads them")
         self._fds[key] = fd
         while len(self._fds) > _MAX_OPEN_FILES:
           os.close(self._fds.popitem(last=False)[1])
       self._fds.move_to_end(key)
+      # Checked at every read (one fstat), not only on opening: a file rewritten in place (open(path, "w"), `>`)
+      # keeps its inode, so an open descriptor reads the new bytes at the old offsets.
+      if _file_version(fd) != version:
+        os.close(self._fds.pop(key))
+        raise DataError(path, "unreadable file", "changed since the data was opened (its records were indexed "
+                        "from the earlier version); keep data files unchanged while a run reads them")
       return os.pread(fd, length, offset)
 
   def __len__(self) -> int:
@@ -424,7 +440,8 @@ def _raw(data: Any, where: str, error: Optional[tuple[str, str]]) -> dict[str, A
 def open_source(path: str | os.PathLike | Sequence[str | os.PathLike], *, name: Optional[str] = None):
   """A source chosen by each file's type: *.jsonl / *.ndjson / *.json lines, *.parquet (or a file starting with
   Parquet's magic bytes), or a `save_to_disk` directory. Several paths (or a glob matching files of several types)
-  are read back to back as one source."""
+  are read back to back as one source. Compressed files (gzip, zstd, bzip2, xz, told by their first bytes whatever
+  their name) are refused, naming the compression: decompress them first."""
   entries = [path] if isinstance(path, (str, os.PathLike)) else list(path)
   if not entries:
     raise DataError(repr(path), "no such file", "no paths given")
@@ -456,6 +473,12 @@ def _file_kind(path: str, *, from_glob: bool) -> str:
   if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte order mark (PowerShell's `>` writes one)
     raise DataError(path, "unknown file type", f"UTF-16 encoded; re-save as UTF-8 (iconv -f UTF-16 -t UTF-8 {path} "
                     "> OUT.jsonl)")
+  # Before the extension: a compressed shard named *.jsonl, or matched by a glob, read as JSON lines made every
+  # line a bad record ("not UTF-8"), saying nothing of the compression.
+  compression = next((name for name, magic in _COMPRESSION_MAGIC if head.startswith(magic)), None)
+  if compression is not None:
+    raise DataError(path, "unknown file type", f"{compression}-compressed, which is not read (nor is any other "
+                    f"compression); decompress it ({_DECOMPRESS[compression]} {path} > OUT.jsonl) and read that")
   if path.endswith((".jsonl", ".ndjson", ".json")):
     if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[" and _is_json_array(path):
       raise DataError(path, "unknown file type", "a JSON array, not JSON lines: write one object per line "
@@ -463,8 +486,6 @@ def _file_kind(path: str, *, from_glob: bool) -> str:
     return "jsonl"
   if head[:4] == b"PAR1":  # Parquet shards written without the extension (Spark's part-00000-...)
     return "parquet"
-  if head[:2] == b"\x1f\x8b":
-    raise DataError(path, "unknown file type", "gzip-compressed; decompress it (gunzip) to *.jsonl first")
   if from_glob:  # a glob's files without a known extension are read as JSON lines
     return "jsonl"
   raise DataError(path, "unknown file type", "expected *.jsonl (or .ndjson, .json: one JSON object per line), "
@@ -472,6 +493,10 @@ def _file_kind(path: str, *, from_glob: bool) -> str:
 
 
 _FIRST_LINE_BYTES = 1 << 26
+# The magic bytes each compressed format starts with; none can start a JSON line (bzip2's "BZh" is no JSON value).
+_COMPRESSION_MAGIC = (("gzip", b"\x1f\x8b"), ("zstd", b"\x28\xb5\x2f\xfd"), ("bzip2", b"BZh"),
+                      ("xz", b"\xfd7zXZ\x00"))
+_DECOMPRESS = {"gzip": "gunzip -c", "zstd": "zstd -dc", "bzip2": "bunzip2 -c", "xz": "unxz -c"}
 
 
 def _is_json_array(path: str) -> bool:

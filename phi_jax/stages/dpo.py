@@ -46,8 +46,8 @@ ReferenceFn = Callable[[Any, dict], tuple[jax.Array, jax.Array]]
 
 def completion_logps(params, batch: dict, *, config: PhiConfig, chunk_size: int = 1024,
                      length_normalize: bool = False) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """Completion log-probs of both sides, {side: (logps [B], completion tokens [B])}: summed over the completion and
-  its end-of-turn token, or their mean per token with `length_normalize`.
+  """Completion log-probs of both sides, {side: (logps [B], completion tokens [B])}: summed over the completion and,
+  for a new turn, its end-of-turn token, or their mean per token with `length_normalize`.
 
   Chosen and rejected rows go through the model together as one [2B, T] batch: one forward pass, one compile.
   """
@@ -81,7 +81,8 @@ def dpo_stage_loss(params, batch: dict, rng, *, config: PhiConfig, beta: float, 
     return dpo_loss(policy_chosen[None], policy_rejected[None], ref_chosen[None], ref_rejected[None], beta=beta,
                     label_smoothing=label_smoothing, loss_type=loss_type)
 
-  # A real pair always has at least its end-of-turn token as a completion target; filler rows have none.
+  # A real pair always has a completion target (a new turn's end-of-turn token, a continuation's non-empty
+  # completion); filler rows have none.
   real = (policy["chosen"][1] > 0) & (policy["rejected"][1] > 0)
 
   def real_only(x):
