@@ -11,7 +11,9 @@ checkpoint directory (its own tokenizer files, or where it has none, as `phi_jax
 `data.tokenizer`). Problems are JSONL `{"problem": str, "answer": str}` (MATH-500 / AIME style; conversations
 `{"messages": [...]}` work too). Sampling settings are the `evaluation.*` gin bindings. Writes
 `<out>/summary.json` and `<out>/items.jsonl` (one record per problem: the greedy output and the n samples, each
-with its text, verdict, token count and whether it ended on a stop token).
+with its text, verdict, token count and whether it ended on a stop token). A problem whose prompt plus
+evaluation.max_new_tokens exceeds the model's max_position_embeddings is refused before the model loads, named by
+file:line with its prompt length.
 
 A response is a format error when it never ended (ran into max_new_tokens) or holds no answer the verifier can
 read (as `phi_jax.rewards.verifier.readable_answer` reads it: extracted within the verifier's answer length and
@@ -118,6 +120,7 @@ def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: d
     mesh, system_prompt: as for `phi_jax.sampling.generate_text`.
     verify_fn: (completions, golds) -> verdicts; default the math verifier with `settings["verify_timeout_s"]`.
   """
+  check_not_empty(problems)
   if verify_fn is None:
     verify_fn = functools.partial(rewards.verify_batch, timeout_s=settings.get("verify_timeout_s"))
   n, prompts = settings["num_samples"], [p["prompt"] for p in problems]
@@ -156,8 +159,15 @@ def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: d
   return summary, items
 
 
+def check_not_empty(problems: Sequence[dict]) -> None:
+  """An empty list has no accuracy to report (its mean and intervals would be NaN, its per-run figures missing)."""
+  if not problems:
+    raise ValueError("no problems to evaluate: give at least one problem (check the problems file and --limit)")
+
+
 def summarize(items: Sequence[dict], pass_k: Sequence[int] = (1,)) -> dict[str, Any]:
   """The summary of `evaluate`'s items (see the module docstring for the definitions)."""
+  check_not_empty(items)
   samples = [o for item in items for o in item["samples"]]
   n = len(items[0]["samples"])
   score, low, high = mean_ci([item["score"] for item in items])
@@ -238,9 +248,13 @@ def main(argv=None):
   settings = eval_settings()
   the_mesh = common.mesh()
   problems = rollouts.read_problems(args.problems)[:args.limit]  # an empty file is a DataError ("empty dataset")
-  common.check_new_tokens("evaluation.max_new_tokens", settings["sampling"].max_new_tokens,
-                          rollouts.policy_config(args.init_from)[0])
-  config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh)
+  model_config = rollouts.policy_config(args.init_from)[0]
+  common.check_new_tokens("evaluation.max_new_tokens", settings["sampling"].max_new_tokens, model_config)
+  tokenizer = rollouts.policy_tokenizer(args.init_from)
+  rollouts.check_prompts_fit(args.problems, problems, tokenizer, model_config, binding="evaluation.max_new_tokens",
+                             max_new_tokens=settings["sampling"].max_new_tokens,
+                             system_prompt=common.data()["system_prompt"], limit_flag=True)
+  config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh, tokenizer)
   summary, items = evaluate(params, config, tokenizer, problems, settings=settings, mesh=the_mesh,
                             system_prompt=common.data()["system_prompt"])
   # What the figures were measured under, so two evaluations of the same run can be told apart.

@@ -27,7 +27,13 @@ The rollouts depend on the batch size as well as on --seed: each batch draws wit
 (`rollouts.batch_size`, or the power of two that holds every rollout where that is smaller) is rounded up to a
 multiple of the mesh's data x fsdp devices, so another batch size or device count gives other rollouts. The summary
 records the batch used (`batch_size`) and that device count (`data_parallel_devices`), with k, the seed and the
-sampling settings.
+sampling settings; and, as the pairs hold the bare problems, the policy (`init_from`), the data.system_prompt the
+prompts were rendered with (`system_prompt`) and the stop tokens generation used (`stop_token_ids`: the chat
+format's when rollouts.stop_token_ids names none).
+
+Refused before the model loads: greedy sampling (rollouts.temperature=0 or rollouts.top_k=1), whose k rollouts of a
+problem are identical and never make a pair, and a problem whose prompt plus rollouts.max_new_tokens exceeds the
+model's max_position_embeddings (named by file:line with its prompt length).
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gin  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
 from phi_jax import rewards  # noqa: E402
+from phi_jax.data.chat import render_prompt, stop_token_ids  # noqa: E402
 from phi_jax.data.preference import prompt_messages  # noqa: E402
 from phi_jax.data.sources import DataError, open_source  # noqa: E402
 from phi_jax.hf.tokenizer import CHAT_FORMAT_FAMILY, build_tiny_tokenizer, load_tokenizer  # noqa: E402
@@ -75,6 +83,17 @@ def rollout_settings(max_new_tokens: int = 256, temperature: float = 1.0, top_p:
   return dict(sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       top_k=top_k, stop_token_ids=tuple(stop_token_ids)),
               batch_size=batch_size, verify_timeout_s=verify_timeout_s)
+
+
+def check_sampling_varies(sampling: SamplingConfig, k: int) -> None:
+  """Refuses greedy sampling of several rollouts per problem: they would all be the same answer, all right or all
+  wrong, so no problem could give a pair (found only after every rollout was generated)."""
+  greedy = ([f"rollouts.temperature={sampling.temperature}"] if np.all(np.asarray(sampling.temperature) == 0)
+            else []) + ([f"rollouts.top_k={sampling.top_k}"] if sampling.top_k == 1 else [])
+  if k > 1 and greedy:
+    raise ValueError(f"{' and '.join(greedy)} with --k={k}: the {k} rollouts of a problem would be identical (greedy "
+                     "decoding), all right or all wrong, and make no pair; set rollouts.temperature > 0 (e.g. 1.0) "
+                     "and rollouts.top_k to 0 (off) or more than 1")
 
 
 def check_verify_timeout(binding: str, value: Optional[float]) -> None:
@@ -204,13 +223,16 @@ def sampling_record(sampling: SamplingConfig) -> dict[str, Any]:
 
 def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k: int, sampling: SamplingConfig,
                   seed: int = 0, batch_size: int = 64, mesh=None, system_prompt: Optional[str] = None,
-                  verify_timeout_s: Optional[float] = None, verify_fn: Optional[VerifyFn] = None) -> dict[str, Any]:
+                  verify_timeout_s: Optional[float] = None, verify_fn: Optional[VerifyFn] = None,
+                  init_from: Optional[str] = None) -> dict[str, Any]:
   """Samples, verifies and writes the pairs (JSONL) and the summary next to them; returns the summary. `verify_fn`
-  (completions, golds) -> verdicts defaults to the math verifier with `verify_timeout_s`."""
+  (completions, golds) -> verdicts defaults to the math verifier with `verify_timeout_s`; `init_from`, where the
+  policy was read from, is recorded in the summary."""
   if verify_fn is None:
     verify_fn = functools.partial(rewards.verify_batch, timeout_s=verify_timeout_s)
   if k < 2:
     raise ValueError(f"k={k}: a pair needs at least two rollouts per problem")
+  check_sampling_varies(sampling, k)
   problems = read_problems(problems_path)
   rollouts = sample_rollouts(params, config, tokenizer, [p["prompt"] for p in problems], k=k, sampling=sampling,
                              rng=jax.random.key(seed), batch_size=batch_size, mesh=mesh, system_prompt=system_prompt)
@@ -222,7 +244,11 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
   # Each batch draws with its own key: the rollouts depend on the batch actually used, as on the seed.
   summary = dict(counts, k=k, seed=seed, problems_file=problems_path, pairs_file=out,
                  sampling=sampling_record(sampling), batch_size=rollout_batch_size(len(flat), batch_size, mesh),
-                 data_parallel_devices=data_parallel_devices(mesh))
+                 data_parallel_devices=data_parallel_devices(mesh),
+                 # The pairs hold the bare problems: what they were rendered, stopped and sampled with is told here.
+                 # The stop tokens are those generation used, the chat format's when the settings name none.
+                 stop_token_ids=list(sampling.stop_token_ids or stop_token_ids(tokenizer)),
+                 system_prompt=system_prompt, init_from=init_from)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     common.write_results_atomically(out, pairs, summary_path(out), summary)
@@ -235,25 +261,66 @@ def policy_config(init_from: str):
   return common.model() if os.path.isdir(os.path.join(init_from, "params")) else common.model(hf_path=init_from)
 
 
-def load_policy(init_from: str, the_mesh):
-  """(config, params, tokenizer) of a run workdir (params/) or a transformers checkpoint directory."""
+def load_policy(init_from: str, the_mesh, tokenizer=None):
+  """(config, params, tokenizer) of a run workdir (params/) or a transformers checkpoint directory; `tokenizer`, when
+  given, is the one `policy_tokenizer(init_from)` returned, not read and checked again."""
   config, hf_path = policy_config(init_from)
+  if tokenizer is None:
+    tokenizer = policy_tokenizer(init_from)
+  if os.path.isdir(os.path.join(init_from, "params")):
+    params = common.params_loader(config, hf_path, init_from, the_mesh)()
+  else:
+    params = common.params_loader(config, init_from, None, the_mesh)()
+  return config, params, tokenizer
+
+
+def policy_tokenizer(init_from: str):
+  """The tokenizer of a run workdir or a transformers checkpoint directory, checked against its model, without the
+  weights (prompts can be measured before they load)."""
+  config, _ = policy_config(init_from)
   if os.path.isdir(os.path.join(init_from, "params")):
     spec = common.data()["tokenizer"]
     tokenizer = run_tokenizer(spec, init_from)
     # Training's policy, against the copy the run kept (W/tokenizer): files replaced at its config's path since
     # are refused, a deliberate change of chat template (a recipe stage's binding) is logged.
     common.check_tokenizer_matches_start(tokenizer, spec, "--init_from", init_from)
-    params = common.params_loader(config, hf_path, init_from, the_mesh)()
-  else:
-    tokenizer = checkpoint_tokenizer(init_from)
-    if len(tokenizer) > config.vocab_size and _has_tokenizer_files(init_from):
-      raise ValueError(f"--init_from={init_from!r}: its own tokenizer has {len(tokenizer)} tokens but its embedding "
-                       f"table {config.vocab_size} rows (tokens added without resizing the embeddings?): remove the "
-                       "extra tokens from its tokenizer files, or remove those files and bind data.tokenizer")
-    common.check_vocab(config, tokenizer, "--init_from", init_from)  # data.tokenizer may be another model's
-    params = common.params_loader(config, init_from, None, the_mesh)()
-  return config, params, tokenizer
+    return tokenizer
+  tokenizer = checkpoint_tokenizer(init_from)
+  if len(tokenizer) > config.vocab_size and _has_tokenizer_files(init_from):
+    raise ValueError(f"--init_from={init_from!r}: its own tokenizer has {len(tokenizer)} tokens but its embedding "
+                     f"table {config.vocab_size} rows (tokens added without resizing the embeddings?): remove the "
+                     "extra tokens from its tokenizer files, or remove those files and bind data.tokenizer")
+  common.check_vocab(config, tokenizer, "--init_from", init_from)  # data.tokenizer may be another model's
+  return tokenizer
+
+
+# Over-long problems an error names; the rest are counted.
+_NAMED_PROBLEMS = 5
+
+
+def check_prompts_fit(problems_path: str, problems: Sequence[dict], tokenizer, config, *, binding: str,
+                      max_new_tokens: int, system_prompt: Optional[str] = None, limit_flag: bool = False) -> None:
+  """Refuses problems whose rendered prompt plus `max_new_tokens` (the value of gin `binding`) exceeds the model's
+  max_position_embeddings, naming the first few by file:line with their prompt lengths: they would be generated at
+  positions never trained and scored like any other. `limit_flag`: the command has --limit to stop before them."""
+  room = config.max_position_embeddings - max_new_tokens
+  lengths = [len(render_prompt(tokenizer, p["prompt"], system_prompt=system_prompt)) for p in problems]
+  over = [i for i, length in enumerate(lengths) if length > room]
+  if not over:
+    return
+  source = open_source(problems_path)
+  named = ", ".join(f"{source[i]['where']} ({lengths[i]} prompt tokens)" for i in over[:_NAMED_PROBLEMS])
+  more = f" and {len(over) - _NAMED_PROBLEMS} more" if len(over) > _NAMED_PROBLEMS else ""
+  # Lowering the budget helps only where every such prompt leaves room for at least one new token.
+  longest = max(lengths[i] for i in over)
+  options = ([f"set --gin_param='{binding}=N' with N <= {config.max_position_embeddings - longest}"]
+             if longest < config.max_position_embeddings else [])
+  options += [f"pass --limit={over[0]} to keep only the problems before the first"] if limit_flag and over[0] else []
+  options.append(f"drop them from {problems_path}")
+  advice = ", ".join(options[:-1]) + (", or " if len(options) > 1 else "") + options[-1]
+  raise ValueError(f"{len(over)} problem(s) do not fit the model's max_position_embeddings="
+                   f"{config.max_position_embeddings} with {binding}={max_new_tokens} (a prompt may have at most "
+                   f"{room} tokens): {named}{more}. {advice[0].upper()}{advice[1:]}")
 
 
 def run_tokenizer(spec: str, workdir: str):
@@ -348,14 +415,19 @@ def main(argv=None):
   if args.k < 2:
     raise ValueError(f"--k={args.k}: a pair needs at least two rollouts per problem")
   settings = rollout_settings()
-  read_problems(args.problems)
-  common.check_new_tokens("rollouts.max_new_tokens", settings["sampling"].max_new_tokens,
-                          policy_config(args.init_from)[0])
+  check_sampling_varies(settings["sampling"], args.k)
+  problems = read_problems(args.problems)
+  model_config = policy_config(args.init_from)[0]
+  common.check_new_tokens("rollouts.max_new_tokens", settings["sampling"].max_new_tokens, model_config)
+  tokenizer = policy_tokenizer(args.init_from)
+  check_prompts_fit(args.problems, problems, tokenizer, model_config, binding="rollouts.max_new_tokens",
+                    max_new_tokens=settings["sampling"].max_new_tokens, system_prompt=common.data()["system_prompt"])
   the_mesh = common.mesh()
-  config, params, tokenizer = load_policy(args.init_from, the_mesh)
+  config, params, tokenizer = load_policy(args.init_from, the_mesh, tokenizer)
   summary = rollout_pairs(params, config, tokenizer, args.problems, args.out, k=args.k, sampling=settings["sampling"],
                           seed=args.seed, batch_size=settings["batch_size"], mesh=the_mesh,
-                          system_prompt=common.data()["system_prompt"], verify_timeout_s=settings["verify_timeout_s"])
+                          system_prompt=common.data()["system_prompt"], verify_timeout_s=settings["verify_timeout_s"],
+                          init_from=args.init_from)
   log.info("rollouts: %s", json.dumps(summary))
   if summary["pairs"] == 0:
     log.warning("no preference pairs: every prompt's %d rollouts were all correct or all incorrect (accuracy %.3f), "

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -67,7 +68,8 @@ def test_the_rollout_summary_records_the_batch_its_samples_were_drawn_in(monkeyp
   problems.write_text("".join(json.dumps({"problem": f"q{i}", "answer": str(i)}) + "\n" for i in range(3)))
   mesh = type("Mesh", (), {"shape": {"data": 3, "fsdp": 2}})()
   summary = rollouts.rollout_pairs(None, None, None, str(problems), str(tmp_path / "pairs.jsonl"), k=2,
-                                   sampling=rollouts.SamplingConfig(max_new_tokens=4), batch_size=5, mesh=mesh,
+                                   sampling=rollouts.SamplingConfig(max_new_tokens=4, stop_token_ids=(1,)),
+                                   batch_size=5, mesh=mesh,
                                    verify_fn=lambda completions, golds: [True] * len(completions))
   assert sizes == [6]  # 5 rows rounded up to the 6 devices
   assert summary["batch_size"] == 6 and summary["data_parallel_devices"] == 6
@@ -945,3 +947,106 @@ def test_warn_unread_bindings_names_each_binding_of_a_configurable_the_tool_does
                                 ("rollouts", "grpo"), "eval.py", "use evaluation.*")
   assert "eval.py does not read rollouts.temperature (given as --gin_param=rollouts.temperature=0.0)" in caplog.text
   assert "grpo.top_p" in caplog.text and "evaluation.temperature" not in caplog.text
+
+
+def test_the_rollout_summary_records_the_stop_tokens_system_prompt_and_policy_it_sampled_with(tiny_run, tmp_path,
+                                                                                              monkeypatch):
+  """pairs.jsonl holds the bare problems: pairs rendered with another data.system_prompt, stopped on other tokens or
+  drawn from another policy could not be told apart without the summary."""
+  import rollouts
+  from phi_jax.data.chat import stop_token_ids
+  from phi_jax.model import presets
+  run, problems = tiny_run
+  tokenizer = common.get_tokenizer("tiny:phi-4", str(run))
+
+  def generate_text(params, config, tokenizer, prompts, rng, sampling, **kwargs):
+    return [{"text": f"\\boxed{{{i % 2}}}", "num_tokens": 1, "finished": True} for i in range(len(prompts))]
+
+  monkeypatch.setattr(rollouts, "generate_text", generate_text)
+  monkeypatch.setattr(rollouts, "load_policy", lambda *a: (presets["tiny"], None, tokenizer))
+  out = tmp_path / "pairs.jsonl"
+  try:
+    summary = rollouts.main([f"--init_from={run}", f"--problems={problems}", f"--out={out}", "--k=2",
+                             "--gin_param=rollouts.max_new_tokens=8", "--gin_param=data.system_prompt='Be brief.'"])
+  finally:
+    gin.clear_config()
+  written = json.loads((tmp_path / "pairs.summary.json").read_text())
+  assert written == json.loads(json.dumps(summary))
+  assert written["stop_token_ids"] == list(stop_token_ids(tokenizer)) != []  # the chat format's, as generation used
+  assert written["system_prompt"] == "Be brief." and written["init_from"] == str(run)
+  given = rollouts.rollout_pairs(None, None, None, str(problems), str(tmp_path / "given.jsonl"), k=2,
+                                 sampling=rollouts.SamplingConfig(max_new_tokens=4, stop_token_ids=(7, 9)),
+                                 verify_fn=lambda completions, golds: [True] * len(completions))
+  assert given["stop_token_ids"] == [7, 9] and given["system_prompt"] is None and given["init_from"] is None
+
+
+def test_a_problem_whose_prompt_and_budget_exceed_the_models_positions_is_refused_before_the_model_loads(
+    tiny_run, tmp_path, monkeypatch):
+  """A 700-word problem on the 512-position tiny model was only logged by the sampler (no problem named) and scored
+  like any other; now it is named with its length before the weights load, by eval and rollouts alike."""
+  import rollouts
+  from phi_jax.data.chat import render_prompt
+  run, _ = tiny_run
+  long_problem = "word " * 700 + "?"
+  problems = tmp_path / "long.jsonl"
+  problems.write_text("".join(json.dumps({"problem": p, "answer": "1"}) + "\n" for p in ("1 + 0?", long_problem)))
+  length = len(render_prompt(common.get_tokenizer("tiny:phi-4", str(run)), long_problem))
+  assert length + 8 > 512
+  monkeypatch.setattr(rollouts, "load_policy", lambda *a: pytest.fail("the model was loaded"))
+  cases = [(eval_lib.main, [f"--out={tmp_path / 'e'}", "--gin_param=evaluation.max_new_tokens=8"],
+            r"evaluation.max_new_tokens=8.*--limit=1"),
+           (rollouts.main, [f"--out={tmp_path / 'p.jsonl'}", "--gin_param=rollouts.max_new_tokens=8"],
+            r"rollouts.max_new_tokens=8.*Drop them")]
+  for fn, flags, advice in cases:
+    try:
+      with pytest.raises(ValueError, match=rf"long.jsonl:2 \({length} prompt tokens\)") as info:
+        fn([f"--init_from={run}", f"--problems={problems}"] + flags)
+    finally:
+      gin.clear_config()
+    message = str(info.value)
+    assert "max_position_embeddings=512" in message and "long.jsonl:1" not in message
+    assert re.search(advice, message, re.S), message
+    assert "with N <=" not in message  # no budget makes room for a prompt longer than the context
+  medium = tmp_path / "medium.jsonl"
+  medium.write_text(json.dumps({"problem": "word " * 50 + "?", "answer": "1"}) + "\n")
+  length = len(render_prompt(common.get_tokenizer("tiny:phi-4", str(run)), "word " * 50 + "?"))
+  try:
+    with pytest.raises(ValueError, match=rf"medium.jsonl:1 \({length} prompt tokens\).*Set --gin_param="
+                                         rf"'rollouts.max_new_tokens=N' with N <= {512 - length}, or drop them"):
+      rollouts.main([f"--init_from={run}", f"--problems={medium}", f"--out={tmp_path / 'p.jsonl'}",
+                     "--gin_param=rollouts.max_new_tokens=400"])
+  finally:
+    gin.clear_config()
+  try:  # the problems before it fit: evaluated (the model loads)
+    with pytest.raises(pytest.fail.Exception, match="the model was loaded"):
+      eval_lib.main([f"--init_from={run}", f"--problems={problems}", f"--out={tmp_path / 'e'}", "--limit=1",
+                     "--gin_param=evaluation.max_new_tokens=8"])
+  finally:
+    gin.clear_config()
+
+
+def test_evaluate_and_summarize_refuse_an_empty_problem_list():
+  with pytest.raises(ValueError, match="no problems to evaluate"):
+    eval_lib.evaluate(None, None, None, [], settings=eval_lib.eval_settings())
+  with pytest.raises(ValueError, match="no problems to evaluate"):
+    eval_lib.summarize([])
+
+
+@pytest.mark.parametrize("param", ["rollouts.temperature=0.0", "rollouts.top_k=1"])
+def test_greedy_rollouts_of_several_per_problem_are_refused_before_the_model_loads(tiny_run, tmp_path, monkeypatch,
+                                                                                   param):
+  """Greedy rollouts of a problem are identical, all right or all wrong, so they never make a pair."""
+  import rollouts
+  run, problems = tiny_run
+  monkeypatch.setattr(rollouts, "load_policy", lambda *a: pytest.fail("the model was loaded"))
+  try:
+    with pytest.raises(ValueError, match=rf"{re.escape(param)} with --k=8: the 8 rollouts of a problem would be "
+                                         r"identical.*rollouts.temperature > 0"):
+      rollouts.main([f"--init_from={run}", f"--problems={problems}", f"--out={tmp_path / 'p.jsonl'}",
+                     f"--gin_param={param}"])
+  finally:
+    gin.clear_config()
+  with pytest.raises(ValueError, match="identical"):
+    rollouts.rollout_pairs(None, None, None, str(problems), str(tmp_path / "q.jsonl"), k=2,
+                           sampling=rollouts.SamplingConfig(max_new_tokens=4, top_k=1),
+                           verify_fn=lambda completions, golds: [True] * len(completions))
