@@ -271,6 +271,43 @@ def test_params_of_another_layer_count_are_refused_and_a_failed_save_keeps_the_o
   _assert_same_params(phi_jax.load_hf(tmp_path)[1], params)
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(stop_token_ids=["<|im_end|>"]), r"stop_token_ids must be token ids .*'<\|im_end\|>'"),
+    (dict(config=TIED_LONGROPE.replace(rope_short_factor=None, rope_long_factor=None)),
+     "needs rope_short_factor and rope_long_factor"),
+])
+def test_a_save_whose_config_json_fails_keeps_the_old_export(saved, tmp_path, change, message):
+  """config.json was made after the new weights had replaced the old ones: a config that could not be written left
+  new weights under the old config.json, which transformers loaded with the missing layers at random."""
+  config, params, _ = saved["tied_longrope"]
+  phi_jax.save_hf(tmp_path, config, params)
+  before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+  arguments = dict(config=config, stop_token_ids=()) | change
+  with pytest.raises(ValueError, match=message):
+    phi_jax.save_hf(tmp_path, params=_random_params(config, 7), **arguments)
+  assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # no temporary files left either
+
+
+def test_a_stale_index_beside_model_safetensors_is_ignored_as_transformers_does(saved, tmp_path):
+  """transformers reads model.safetensors over an index; its save_pretrained leaves an earlier sharded save's index
+  beside a new single file, which load_hf read and then failed on the deleted shards."""
+  config, params, directory = saved["untied"]
+  phi_jax.save_hf(tmp_path, config, _random_params(config, 8), max_shard_bytes=64 * 1024)
+  index = (tmp_path / "model.safetensors.index.json").read_bytes()
+  for shard in tmp_path.glob("model-*-of-*.safetensors"):
+    shard.unlink()
+  _copy_checkpoint(directory, tmp_path)
+  (tmp_path / "model.safetensors.index.json").write_bytes(index)
+  _assert_same_params(phi_jax.load_hf(tmp_path)[1], params)
+  tokens = _tokens(config, 12)
+  np.testing.assert_allclose(_transformers_logits(tmp_path, tokens), np.asarray(_forward(params, tokens, config)),
+                             atol=TOLERANCE)
+  # Only the index: the missing shards are named, with what to do.
+  (tmp_path / "model.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match=r"names shard\(s\) that are not there: model-00001-of-\d+.safetensors"):
+    phi_jax.load_hf(tmp_path)
+
+
 def test_bfloat16_save(saved, tmp_path):
   config, params, _ = saved["untied"]
   phi_jax.save_hf(tmp_path, config, params, dtype="bfloat16")
@@ -448,6 +485,28 @@ def _with_made_up_factors(config: PhiConfig) -> PhiConfig:
   pairs = config.rotary_dim // 2
   return config.replace(rope_short_factor=tuple(np.linspace(1.0, 1.1, pairs)),
                         rope_long_factor=tuple(np.linspace(1.0, 48.0, pairs)))
+
+
+def test_config_fields_take_the_types_transformers_strict_config_needs(tmp_path):
+  """Whole-number floats (from JSON or YAML) and numpy ints passed for ints, and ints for floats, reached config.json
+  as written, and transformers 5's Phi3Config refused the checkpoint (or json could not write a numpy int)."""
+  config = TIED_LONGROPE.replace(original_max_position_embeddings=16.0, bos_token_id=np.int64(1), eos_token_id=2.0,
+                                 pad_token_id=np.int32(0), rms_norm_eps=0, initializer_range=1, rope_theta=10000,
+                                 partial_rotary_factor=np.float32(0.75))
+  ints = ("original_max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+  assert [type(getattr(config, name)) for name in ints] == [int] * 4
+  floats = ("rms_norm_eps", "initializer_range", "rope_theta", "partial_rotary_factor")
+  assert [type(getattr(config, name)) for name in floats] == [float] * 4
+  assert config == TIED_LONGROPE.replace(rms_norm_eps=0.0, initializer_range=1.0) and hash(config)
+  phi_jax.save_hf(tmp_path, config, _random_params(config, 0))
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+  assert (loaded.config.original_max_position_embeddings, loaded.config.eos_token_id) == (16, 2)
+  assert TIED_LONGROPE.replace(eos_token_id=None).eos_token_id is None
+  for name, value in (("original_max_position_embeddings", 16.5), ("eos_token_id", True), ("pad_token_id", "0"),
+                      ("bos_token_id", 1.5), ("eos_token_id", [2, 3]), ("rms_norm_eps", "1e-5"),
+                      ("initializer_range", True)):
+    with pytest.raises(ValueError, match=f"PhiConfig.{name} must be"):
+      TIED_LONGROPE.replace(**{name: value})
 
 
 @pytest.mark.parametrize("name", list(phi_jax.presets))

@@ -119,6 +119,17 @@ def test_sharded_checkpoint(checkpoints, tmp_path):
   assert _max_diff(params, config, model, _tokens(20)) <= TOLERANCE
 
 
+def test_a_single_file_saved_over_a_sharded_checkpoint(checkpoints, tmp_path):
+  """save_pretrained of one file into a directory that held shards deletes them but leaves their index; transformers
+  then reads model.safetensors, and so must load_hf (it failed on the missing shards)."""
+  checkpoints["phi4"][1].save_pretrained(tmp_path, max_shard_size="40KB")
+  _, model = checkpoints["mha"]  # another model (of another shape) saved over it
+  model.save_pretrained(tmp_path)
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  config, params = phi_jax.load_hf(tmp_path)
+  assert _max_diff(params, config, model, _tokens(20)) <= TOLERANCE
+
+
 def test_bfloat16_checkpoint(checkpoints, tmp_path):
   bf16_model = copy.deepcopy(checkpoints["phi4"][1]).to(torch.bfloat16)
   bf16_model.save_pretrained(tmp_path)

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import math
+import operator
 import os
 import pathlib
 import struct
@@ -150,15 +151,22 @@ def _missing_config_error(path: str | os.PathLike) -> FileNotFoundError:
 
 
 def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
-  """tensor name -> the safetensors file that holds it (sharded with an index, or a single file)."""
-  index = directory / INDEX_FILE
-  if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    return {name: directory / file for name, file in weight_map.items()}
+  """tensor name -> the safetensors file that holds it (a single file, or shards with an index)."""
+  # The single file first, as transformers reads it: its save_pretrained of one file over an earlier sharded save
+  # deletes the shards but leaves their index.
   single = directory / SINGLE_FILE
   if single.exists():
     with safe_open(single, framework="numpy") as reader:
       return {name: single for name in reader.keys()}
+  index = directory / INDEX_FILE
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    missing = sorted({file for file in weight_map.values() if not (directory / file).is_file()})
+    if missing:
+      raise FileNotFoundError(f"{index} names shard(s) that are not there: {', '.join(missing[:4])}"
+                              f"{' ...' if len(missing) > 4 else ''}; copy the whole checkpoint directory (every "
+                              f"model-*-of-*.safetensors file), or save it again")
+    return {name: directory / file for name, file in weight_map.items()}
   if (adapter := _adapter_error(directory)) is not None:
     raise adapter
   torch_files = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
@@ -194,7 +202,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
 
   Args:
     path: a directory with config.json and model.safetensors, or model-*-of-*.safetensors shards with
-      model.safetensors.index.json.
+      model.safetensors.index.json (model.safetensors is read when both are there, as transformers does).
     dtype: dtype the parameters are stored in (e.g. "bfloat16"); default float32 whatever the checkpoint holds,
       the master-weight dtype for training and exact parity checks. The returned config's `param_dtype` is it.
     shardings: optional pytree of `jax.sharding.Sharding` with the structure of the params; each parameter is
@@ -321,13 +329,44 @@ def _write_safetensors(file: pathlib.Path, entries: list[tuple[str, tuple[int, .
       out.write(tensor.reshape(-1).view(np.uint8).data)
 
 
+def _token_ids(stop_token_ids: Sequence[Any]) -> list[int]:
+  ids = []
+  for token in stop_token_ids:
+    try:  # ints of any kind (numpy, a 0-d torch tensor); a token string or a float is refused, not truncated
+      if isinstance(token, (bool, np.bool_)):
+        raise TypeError(token)
+      ids.append(operator.index(token))
+    except TypeError:
+      raise ValueError(f"stop_token_ids must be token ids (ints), got {token!r}: convert token strings first, e.g. "
+                       "with phi_jax.data.chat.stop_token_ids(tokenizer) or tokenizer.convert_tokens_to_ids") from None
+  return ids
+
+
+def _config_files(config: PhiConfig, stop_token_ids: Sequence[Any]) -> dict[str, str]:
+  """config.json and generation_config.json as text: made before any file is written, so a config that cannot be
+  converted or serialised fails the save while the earlier export is still whole."""
+  # torch_dtype is the compute dtype (to_hf_config's), not the tensors' dtype: transformers and vLLM (dtype=auto) load
+  # and compute in it, so bfloat16 compute over float32 master weights is served in bfloat16, and load_hf reads it back.
+  hf_config = to_hf_config(config)
+  stop_ids = _token_ids(stop_token_ids)
+  if hf_config["eos_token_id"] is None and stop_ids:
+    hf_config["eos_token_id"] = stop_ids[0]
+  generation = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if hf_config[key] is not None}
+  if stop_ids:  # the turn's stop tokens first, then the config's own eos
+    generation["eos_token_id"] = list(dict.fromkeys(stop_ids + [hf_config["eos_token_id"]]))
+  return {"config.json": json.dumps(hf_config, indent=2) + "\n",
+          "generation_config.json": json.dumps(generation, indent=2) + "\n"}
+
+
 def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype: Optional[str] = None,
             max_shard_bytes: int = 5 * 2**30, stop_token_ids: Sequence[int] = ()) -> None:
   """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads as Phi3ForCausalLM.
 
   Args:
-    path: output directory (created if needed); earlier model*.safetensors files in it are replaced, once every new
-      one has been written (a failed save leaves them as they were; meanwhile the disk holds both).
+    path: output directory (created if needed); earlier model*.safetensors files, index, config.json and
+      generation_config.json in it are replaced once every new file has been written (a failed save, a config that
+      cannot be written included, leaves them as they were; meanwhile the disk holds both).
     config: the model's config; written as config.json (classic layout) and generation_config.json.
     params: the parameter pytree (any devices or shardings; one layer's slice is gathered at a time).
     dtype: dtype of the written tensors; default: the params' own dtype. config.json's `torch_dtype` is the compute
@@ -335,9 +374,9 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
       `load_hf` reads it back as `dtype`. To serve in bfloat16, save a config with dtype="bfloat16".
     max_shard_bytes: shard size limit; one file `model.safetensors` when everything fits, else
       `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`.
-    stop_token_ids: the tokens that end a reply (e.g. `phi_jax.data.chat.stop_token_ids(tokenizer)`): written as
-      generation_config.json's `eos_token_id` list, so transformers' `generate` stops at the end of a turn (and
-      as config.json's `eos_token_id` when the config has none).
+    stop_token_ids: the token ids (ints) that end a reply (e.g. `phi_jax.data.chat.stop_token_ids(tokenizer)`):
+      written as generation_config.json's `eos_token_id` list, so transformers' `generate` stops at the end of a
+      turn (and as config.json's `eos_token_id` when the config has none).
   """
   directory = pathlib.Path(path)
   specs = _tensor_specs(config)
@@ -366,6 +405,7 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
   out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else _get(params, ("embed", "embedding")).dtype))
   if out_dtype.name not in _SAFETENSORS_DTYPES:
     raise ValueError(f"dtype={out_dtype.name!r}; supported: {sorted(_SAFETENSORS_DTYPES)}")
+  config_files = _config_files(config, stop_token_ids)
 
   def maker(spec: _TensorSpec, layer: Optional[int]) -> Callable[[], np.ndarray]:
     def make():
@@ -388,12 +428,18 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
 
   directory.mkdir(parents=True, exist_ok=True)
   file_names = _shard_file_names(len(shards))
-  # Every shard is written under a temporary name first: a failure part-way (a tensor of the wrong shape, a full
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(math.prod(shape) for _, shape, _ in entries) * out_dtype.itemsize},
+             "weight_map": {name: file_name for file_name, shard in zip(file_names, shards) for name, _, _ in shard}}
+    config_files[INDEX_FILE] = json.dumps(index, indent=2, sort_keys=True) + "\n"
+  # Every file is written under a temporary name first: a failure part-way (a tensor of the wrong shape, a full
   # disk) leaves an earlier export in the directory as it was.
-  partial = {name: directory / f".{name}.partial-{os.getpid()}" for name in file_names}
+  partial = {name: directory / f".{name}.partial-{os.getpid()}" for name in [*file_names, *config_files]}
   try:
     for file_name, shard in zip(file_names, shards):
       _write_safetensors(partial[file_name], shard, out_dtype)
+    for file_name, text in config_files.items():
+      partial[file_name].write_text(text)
   except BaseException:
     for file in partial.values():
       file.unlink(missing_ok=True)
@@ -401,22 +447,5 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
   # Stale weights from an earlier save would shadow or contradict the new index.
   for stale in [directory / SINGLE_FILE, directory / INDEX_FILE, *directory.glob("model-*-of-*.safetensors")]:
     stale.unlink(missing_ok=True)
-  for name, file in partial.items():
+  for name, file in partial.items():  # the weights, then the index and configs that name them
     os.replace(file, directory / name)
-  if len(shards) > 1:
-    index = {"metadata": {"total_size": sum(math.prod(shape) for _, shape, _ in entries) * out_dtype.itemsize},
-             "weight_map": {name: file_name for file_name, shard in zip(file_names, shards) for name, _, _ in shard}}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-  # torch_dtype is the compute dtype (to_hf_config's), not out_dtype: transformers and vLLM (dtype=auto) load and
-  # compute in it, so bfloat16 compute over float32 master weights is served in bfloat16, and load_hf reads it back.
-  hf_config = to_hf_config(config)
-  stop_token_ids = [int(t) for t in stop_token_ids]
-  if hf_config["eos_token_id"] is None and stop_token_ids:
-    hf_config["eos_token_id"] = stop_token_ids[0]
-  (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  generation = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if hf_config[key] is not None}
-  if stop_token_ids:  # the turn's stop tokens first, then the config's own eos
-    generation["eos_token_id"] = list(dict.fromkeys(stop_token_ids + [hf_config["eos_token_id"]]))
-  (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -112,7 +112,9 @@ def forward(params: Params, tokens, config: PhiConfig, *, positions=None, segmen
 
   `positions` default to 0 .. T-1 along each row, also when `segment_ids` are given: a packed row passes its own
   positions, restarting at each document (the data pipeline's rows carry them), so each document is encoded as if
-  alone."""
+  alone. Positions alone do not separate documents: without `segment_ids` a row is one document whatever its
+  positions (transformers' forward with a cache does the same; without one it reads restarting position_ids as
+  documents), so a packed row passes both."""
   h = hidden_states(params, tokens, config, positions=positions, segment_ids=segment_ids)
   return logits_from_hidden(params, h, config)
 

@@ -35,6 +35,31 @@ _NOT_FIELDS = {
 }
 
 
+_OPTIONAL_INT_FIELDS = ("original_max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+_FLOAT_FIELDS = ("rope_theta", "partial_rotary_factor", "rms_norm_eps", "initializer_range")
+
+
+def _optional_int(name: str, value: Any) -> Optional[int]:
+  """None, or the value as an int. Whole-number floats (16.0 from JSON or YAML) and numpy ints are converted:
+  written to config.json as they are, transformers' strict Phi3Config refuses them (json a numpy int)."""
+  if value is None:
+    return None
+  whole = (isinstance(value, (int, np.integer))
+           or (isinstance(value, (float, np.floating)) and float(value).is_integer()))
+  if isinstance(value, (bool, np.bool_)) or not whole:
+    hint = (": PhiConfig keeps one eos id; pass a list of stop ids to save_hf(stop_token_ids=...) or the sampler"
+            if name == "eos_token_id" and isinstance(value, (list, tuple)) else "")
+    raise ValueError(f"PhiConfig.{name} must be an int or None, got {value!r}{hint}")
+  return int(value)
+
+
+def _as_float(name: str, value: Any) -> float:
+  """The value as a Python float: transformers' strict Phi3Config refuses an int (rms_norm_eps=0) in config.json."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise ValueError(f"PhiConfig.{name} must be a number, got {value!r}")
+  return float(value)
+
+
 def check_field_names(changes: Any) -> None:
   """Raises a ValueError naming the keys of `changes` that are not PhiConfig fields (and ours for known aliases)."""
   fields = [field.name for field in dataclasses.fields(PhiConfig)]
@@ -91,6 +116,12 @@ class PhiConfig:
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"PhiConfig.{name} must be a positive int, got {value!r}")
       object.__setattr__(self, name, int(value))
+    for name in _OPTIONAL_INT_FIELDS:
+      object.__setattr__(self, name, _optional_int(name, getattr(self, name)))
+    for name in _FLOAT_FIELDS:
+      object.__setattr__(self, name, _as_float(name, getattr(self, name)))
+    if self.rope_attention_factor is not None:
+      object.__setattr__(self, "rope_attention_factor", _as_float("rope_attention_factor", self.rope_attention_factor))
     head_dim_ok = not isinstance(self.head_dim, bool) and isinstance(self.head_dim, (int, np.integer))
     if self.head_dim is not None and (not head_dim_ok or self.head_dim <= 0):
       raise ValueError(f"PhiConfig.head_dim must be a positive int or None, got {self.head_dim!r}")
@@ -149,10 +180,11 @@ class PhiConfig:
         raise ValueError(f"{name} must hold positive factors (they divide the rotary frequencies)")
     if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
       raise ValueError(f"rope_attention_factor={self.rope_attention_factor} must be positive")
-    # Lists (e.g. from JSON or gin) would make the config unhashable, and jit needs it hashable.
+    # Lists (e.g. from JSON or gin) would make the config unhashable, and jit needs it hashable; numpy float32
+    # entries would not serialise to config.json.
     for name in ("rope_short_factor", "rope_long_factor"):
       value = getattr(self, name)
-      if value is not None and not isinstance(value, tuple):
+      if value is not None:
         object.__setattr__(self, name, tuple(float(v) for v in value))
 
   @property
