@@ -1053,6 +1053,32 @@ def test_screen():
   assert screen_problem("2^{1000000}", ScreenConfig(max_integer_exponent=10**7)) is None
 
 
+def test_superscript_digits_are_screened_not_a_crash(pool, monkeypatch):
+  """'²'.isdigit() is True yet int('²') raises: a superscript beside a factorial or in an exponent crashed the screen,
+  and with it a GRPO step. math-verify reads '3²' as 3, so superscripts are no digits to the screen either."""
+  for answer in ("5²!", "3²!", "2^{3²}", "x^{²}", "²!", "10⁹⁹⁹⁹!", "{4²}!"):
+    assert screen_problem(answer) is None, answer
+  assert "factorial" in screen_problem("²12345!")  # ASCII digits still count
+  monkeypatch.setattr(pool, "verify_answers", lambda pairs, **kwargs: [False] * len(pairs))
+  assert pool.verify_batch(["<think>t</think> The answer is $\\boxed{3²!}$.", "\\boxed{2^{3²}}"], ["6", "512"]) == [
+      False, False]
+
+
+def test_a_completion_whose_answer_cannot_be_read_is_graded_incorrect_not_raised(pool, monkeypatch, caplog):
+  from phi_jax.rewards import verifier  # pylint: disable=import-outside-toplevel
+  real = verifier.readable_answer
+
+  def fragile(completion, config=None):
+    if "trap" in completion:
+      raise RuntimeError("unreadable")
+    return real(completion, config)
+
+  monkeypatch.setattr(verifier, "readable_answer", fragile)
+  monkeypatch.setattr(pool, "verify_answers", lambda pairs, **kwargs: [True] * len(pairs))
+  assert pool.verify_batch(["\\boxed{2} trap", "\\boxed{2}"], ["2", "2"]) == [False, True]
+  assert "RuntimeError: unreadable): graded incorrect" in caplog.text
+
+
 # -- verification --------------------------------------------------------------------------------------------------
 
 EQUIVALENT = [

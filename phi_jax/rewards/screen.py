@@ -73,10 +73,16 @@ def _brace_balance_and_depth(text: str) -> tuple[bool, int]:
   return braces == 0, deepest
 
 
+def _is_digit(ch: str) -> bool:
+  """An ASCII digit. Not `str.isdigit`, which holds for superscripts ('²') that `int` refuses (math-verify reads
+  '3²' as 3: they are no digits of a number)."""
+  return "0" <= ch <= "9"
+
+
 def _longest_digit_run(text: str) -> int:
   longest = run = 0
   for ch in text:
-    run = run + 1 if ch.isdigit() else 0
+    run = run + 1 if _is_digit(ch) else 0
     longest = max(longest, run)
   return longest
 
@@ -100,9 +106,9 @@ def _operand_end(text: str, start: int, matches: dict[int, int]) -> int:
       if j in matches and text[j] == "{":
         j = matches[j] + 1
     return max(j, i + 2)
-  if text[i].isdigit() or text[i] == ".":
+  if _is_digit(text[i]) or text[i] == ".":
     j = i
-    while j < len(text) and (text[j].isdigit() or text[j] == "."):
+    while j < len(text) and (_is_digit(text[j]) or text[j] == "."):
       j += 1
     return j
   return i + 1
@@ -116,7 +122,7 @@ def _is_numeric(operand: str) -> bool:
 
 def _integer_value(operand: str) -> Optional[int]:
   digits = operand.strip().strip("{}()").strip().lstrip("+-").strip()
-  return int(digits) if digits.isdigit() else None
+  return int(digits) if digits and all(map(_is_digit, digits)) else None
 
 
 def _power_problem(text: str, config: ScreenConfig) -> Optional[str]:
@@ -167,9 +173,9 @@ def _factorial_problem(text: str, config: ScreenConfig) -> Optional[str]:
       continue
     if text[j] == "!":  # math-verify reads n!! (a double factorial) as (n!)!: 10!! is a 3.6-million-digit number
       return "a factorial of a factorial"
-    if text[j].isdigit():
+    if _is_digit(text[j]):
       k = j
-      while k >= 0 and text[k].isdigit():
+      while k >= 0 and _is_digit(text[k]):
         k -= 1
       if int(text[k + 1:j + 1]) > config.max_factorial_operand:
         return f"factorial of {text[k + 1:j + 1]}"
@@ -188,7 +194,7 @@ def _numeric_bound(operand: str, limit: int) -> int:
   them exceeds. Stops once past `limit`, so a long operand stays a linear scan."""
   bound, run = 1, ""
   for ch in operand + " ":
-    if ch.isdigit():
+    if _is_digit(ch):
       run += ch
       continue
     if run:

@@ -130,7 +130,13 @@ class VerifierPool:
     max_chars = self.config.screen.max_answer_chars
     pairs: list[Optional[tuple[str, str]]] = []
     for completion, gold in zip(completions, golds):
-      pred_answer = readable_answer(completion, self.config)
+      try:
+        pred_answer = readable_answer(completion, self.config)
+      except Exception as e:  # pylint: disable=broad-except
+        # A model's output must never stop training or an evaluation: what cannot be read is graded incorrect.
+        logger.warning("reading the answer of completion %.80r failed (%s: %s): graded incorrect", completion,
+                       type(e).__name__, e)
+        pred_answer = None
       gold_answer = extract_gold(sanitize(gold), max_chars=max_chars)
       if gold_answer is None or screen_problem(gold_answer, self.config.screen):
         logger.warning("gold answer %.80r cannot be verified against", gold)
