@@ -175,6 +175,13 @@ def parse_gin(files: Sequence[str], params: Sequence[str], macro_files: Optional
   except SyntaxError as e:
     if not any(_fails_to_parse(p) for p in params):
       raise
+    constant = _misspelt_constant(e)
+    if constant:  # YAML's and JSON's spelling: quoting it would give the string "false", which is refused too
+      spelling = _CONSTANTS[constant.lower()]
+      param = next(p for p in params if _fails_to_parse(p))
+      fixed = re.sub(rf"\b{constant}\b", spelling, param)
+      raise ValueError(f"{e}\n{constant!r} is not a gin value: write it as {spelling} (capitalised, no quotes), "
+                       f"e.g. --gin_param='{fixed}'") from e
     raise ValueError(f"{e}\nA string value needs quotes that survive the shell: "
                      "--gin_param='data.tokenizer=\"tiny:phi-4\"' (single quotes around the whole binding, double "
                      "quotes around the string)") from e
@@ -188,6 +195,15 @@ def parse_gin(files: Sequence[str], params: Sequence[str], macro_files: Optional
     raise ValueError(f"{e}\nA config's include lines name files from the repository root "
                      f"('experiments/configs/...'): run the command from there (the current directory is "
                      f"{os.getcwd()})") from e
+
+
+_CONSTANTS = {"true": "True", "false": "False", "none": "None", "null": "None"}
+
+
+def _misspelt_constant(error: SyntaxError) -> Optional[str]:
+  """The token gin failed to parse when it is true / false / none / null in some other case than Python's."""
+  match = re.search(r"Failed to parse token '(\w+)'", str(error.msg))
+  return match.group(1) if match and match.group(1).lower() in _CONSTANTS else None
 
 
 def _fails_to_parse(param: str) -> bool:

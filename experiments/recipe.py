@@ -32,13 +32,18 @@ training stages: it is applied to each stage this run trains, after the stage's 
 entry of recipe.stage_bindings (which is the place for a binding of one stage only); each stage of
 recipe.stages checks its settings before any stage trains, so a binding one of them refuses fails at the start.
 Stages finished before are not trained again. data.train_files, data.tokenizer and train.init_from differ per
-stage and are set by the recipe; change them for a stage through recipe.stage_bindings.
+stage and are set by the recipe; change them for a stage through recipe.stage_bindings. A relative path in a
+binding of --gin_param or recipe.stage_bindings (data.train_files, data.eval_files, data.tokenizer,
+train.init_from, model.hf_path) is read from the directory recipe.py is run from where it is found there, else
+from the repository root, as --gin_file is; the stage gin files' own paths are repository-relative. A stage's
+data.train_files, data.eval_files or train.init_from found in neither is refused before any stage trains.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -80,6 +85,9 @@ RECIPE_CONFIGURABLES = ("recipe", "evaluation", "rollouts")
 # Bindings the recipe writes for each stage (its own task file, the workdir's tokenizer, the previous stage's
 # params): one value for every stage would be wrong for all but one of them.
 PER_STAGE_KEYS = ("data.train_files", "data.tokenizer", "train.init_from")
+# The settings whose values are paths (files, globs, directories): a relative one a user gives is read from the
+# directory recipe.py was started in where it is found there (see `resolve_binding_paths`).
+PATH_KEYS = ("data.train_files", "data.eval_files", "data.tokenizer", "train.init_from", "model.hf_path")
 
 
 @common.configurable("recipe")
@@ -115,10 +123,45 @@ def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experimen
   if not_counts:  # a misspelt key used to be dropped, and its default used
     raise ValueError(f"recipe.task_counts has {not_counts}, which are not task files; the counts are "
                      f"{sorted(DEFAULT_COUNTS)}")
+  _check_stages_can_run(stages, {**DEFAULT_COUNTS, **(task_counts or {})}, stage_bindings, rollout_k, eval_split)
   return dict(stages=list(stages), config_dir=config_dir, task_counts={**DEFAULT_COUNTS, **(task_counts or {})},
               task_seed=task_seed, difficulty=difficulty, difficulty_overrides=dict(difficulty_overrides or {}),
               stage_bindings={k: list(v) for k, v in (stage_bindings or {}).items()}, rollout_k=rollout_k,
               eval_split=eval_split)
+
+
+def _check_stages_can_run(stages: Sequence[str], counts: dict, stage_bindings: dict, rollout_k: int,
+                          eval_split: str) -> None:
+  """Refuses settings the DPO rollouts, a stage's data or the evaluation cannot run with, which were found only when
+  that stage started (DPO's and GRPO's after the stages before them had trained)."""
+  if "dpo" in stages and rollout_k < 2:
+    raise ValueError(f"recipe.rollout_k={rollout_k}: the dpo stage's pairs need at least 2 rollouts per prompt (a "
+                     "right and a wrong one); set recipe.rollout_k >= 2 (the paper samples 8), or leave 'dpo' out of "
+                     "recipe.stages")
+  for stage in stages:
+    # DPO's rollouts read its prompts file whatever data.train_files the stage trains on.
+    own_data = stage != "dpo" and any(key == "data.train_files" for b in stage_bindings.get(stage, [])
+                                      for key in common.binding_keys(b))
+    name = STAGE_DATA[stage]
+    if counts[name] == 0 and not own_data:
+      raise ValueError(f"recipe.task_counts[{name!r}]=0: the {stage} stage {'samples' if stage == 'dpo' else 'trains'} "
+                       f"on {name}.jsonl, which would be empty; give it a count > 0, or leave {stage!r} out of "
+                       "recipe.stages")
+  if counts[eval_split] == 0:
+    raise ValueError(f"recipe.task_counts[{eval_split!r}]=0: recipe.eval_split={eval_split!r} evaluates every stage "
+                     f"on that split, which would be empty; give it a count > 0")
+
+
+def check_rollout_sampling(settings: dict, rollout_cfg: dict) -> None:
+  """Refuses greedy DPO rollouts (rollouts.temperature=0 or rollouts.top_k=1) of several per prompt: the k rollouts
+  of a prompt are identical, all right or all wrong, so they never make a pair."""
+  sampling = rollout_cfg["sampling"]
+  greedy = ([f"rollouts.temperature={sampling.temperature}"] if sampling.temperature == 0 else []) + (
+      [f"rollouts.top_k={sampling.top_k}"] if sampling.top_k == 1 else [])
+  if "dpo" in settings["stages"] and settings["rollout_k"] > 1 and greedy:
+    raise ValueError(f"{' and '.join(greedy)} samples greedily: the recipe.rollout_k={settings['rollout_k']} "
+                     "rollouts of a prompt would be identical, all right or all wrong, and make no DPO pair; set "
+                     "rollouts.temperature > 0 (recipe_tiny's is 1.0) and rollouts.top_k to 0 (off) or > 1")
 
 
 def task_request(settings: dict) -> dict:
@@ -309,11 +352,52 @@ def _file_stage_bindings(path: str, seen: set) -> list[str]:
   return out
 
 
+def _path_exists(path: str) -> bool:
+  """Whether `path` (a file, a directory or a glob, from the current directory) names anything."""
+  if os.path.exists(path) or not glob.has_magic(path):
+    return os.path.exists(path)
+  return bool(glob.glob(path, recursive=True))
+
+
+def resolve_binding_paths(binding: str, caller_dir: str) -> str:
+  """`binding` with each relative path of a path-valued setting (`PATH_KEYS`) found from `caller_dir` made absolute
+  there: recipe.py reads its files from the repository root, and a user's file beside them was "no such file" only
+  when its stage started. Other paths stay as they are (the repository's own; a missing one `_check_stage_paths`
+  names). A binding of several statements, or whose value holds a macro, is left as it is."""
+  try:
+    statements = common.gin_statements(binding)
+  except SyntaxError:
+    return binding  # parse_gin reports it
+  if len(statements) != 1 or common.binding_key(statements[0]) not in PATH_KEYS:
+    return binding
+  statement = statements[0]
+
+  def resolve(path: str) -> str:
+    in_caller_dir = os.path.join(caller_dir, path)
+    if not path or os.path.isabs(path) or path.startswith("tiny:") or not _path_exists(in_caller_dir):
+      return path
+    return os.path.abspath(in_caller_dir)
+
+  value = statement.value
+  if isinstance(value, str):
+    resolved = resolve(value)
+  elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    resolved = [resolve(v) for v in value]
+  else:
+    return binding
+  if resolved == value or (not isinstance(value, str) and resolved == list(value)):
+    return binding
+  scope = f"{statement.scope}/" if statement.scope else ""
+  return f"{scope}{statement.selector}.{statement.arg_name}={json.dumps(resolved)}"
+
+
 def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optional[str] = None
               ) -> tuple[dict, dict, dict]:
   """(recipe settings, evaluation settings, rollout settings) of the recipe's gin files and --gin_param values;
   the settings' `stage_params` are the bindings every training stage gets (see the module docstring). A relative
-  recipe.config_dir found from `caller_dir` is read from there, as a --gin_file is."""
+  recipe.config_dir found from `caller_dir` (and not the repository root) is read from there, and so is a relative
+  path found from `caller_dir` in a path-valued binding (`PATH_KEYS`) of `params` or recipe.stage_bindings, as a
+  --gin_file is."""
   gin.clear_config()
   common.parse_gin(gin_files, [])
   # Their macros stay unresolved: merged with the --gin_param dicts and bound again below, they take the values the
@@ -354,6 +438,12 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   _, stage_params = split_params(params)
   settings = recipe_settings()
   settings["stage_params"] = stage_params
+  # Run from the repository root, the paths are read from there already and stay as given: a stage's records and
+  # checkpoints compare them with the next run's.
+  if caller_dir and os.path.realpath(caller_dir) != os.path.realpath(os.getcwd()):
+    settings["stage_params"] = [resolve_binding_paths(p, caller_dir) for p in stage_params]
+    settings["stage_bindings"] = {stage: [resolve_binding_paths(b, caller_dir) for b in entry]
+                                  for stage, entry in settings["stage_bindings"].items()}
   settings["recipe_files"] = list(gin_files)
   in_caller_dir = os.path.join(caller_dir or "", settings["config_dir"])
   if (caller_dir and not os.path.isabs(settings["config_dir"]) and not os.path.isdir(settings["config_dir"])
@@ -361,10 +451,25 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
     log.info("recipe.config_dir=%r: reading the stage configs from %s", settings["config_dir"], in_caller_dir)
     settings["config_dir"] = in_caller_dir
   eval_cfg, rollout_cfg = eval_lib.eval_settings(), rollouts.rollout_settings()
+  check_rollout_sampling(settings, rollout_cfg)
   check_stage_settings(settings)
   task_request(settings)  # the task settings are good, before --fresh deletes anything
   make_task_data.check_counts(settings["task_counts"])
   return settings, eval_cfg, rollout_cfg
+
+
+def _check_stage_paths(stage: str, data_cfg: dict, init_from: Optional[str]) -> None:
+  """Raises if a data file or starting point the stage is given, other than those the recipe writes as it runs,
+  does not exist: it used to be found when the stage started, after the stages before it had trained. Under
+  `_check_stage` the recipe's own paths are those of an empty workdir ("data/sft.jsonl")."""
+  own = [os.path.join("dpo", "pairs.jsonl") if stage == "dpo" else os.path.join("data", f"{STAGE_DATA[stage]}.jsonl")]
+  named = [("data.train_files", p) for p in data_cfg["train_files"] if data_cfg["train_files"] != own]
+  named += [("data.eval_files", p) for p in data_cfg["eval_files"]]
+  named += [("train.init_from", init_from)] if init_from is not None else []
+  missing = [f"{name} {path!r}" for name, path in named if not _path_exists(path)]
+  if missing:
+    raise ValueError(f"{', '.join(missing)}: no such file or directory (a relative path is read from the directory "
+                     f"recipe.py is run from, or else from the repository root {ROOT})")
 
 
 def _check_stage(settings: dict, stage: str, params: Sequence[str]) -> None:
@@ -379,6 +484,7 @@ def _check_stage(settings: dict, stage: str, params: Sequence[str]) -> None:
   if kind not in ("next_token", "dpo", "grpo"):
     raise ValueError(f"train.stage={kind!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
   common.check_data_settings(kind, data_cfg, train["loop"])
+  _check_stage_paths(stage, data_cfg, train["init_from"])
   common.check_param_dtype(model_config)
   # Each stage checks the settings it reads (each configurable refuses values of no known kind): a binding that
   # combines with another stage's file (reward.length_aware_max_tokens beside grpo.gin's reward.weights) is checked
@@ -490,7 +596,7 @@ def sample_dpo_pairs(workdir: str, init_from: str, settings: dict, rollout_cfg: 
                            k=settings["rollout_k"], sampling=rollout_cfg["sampling"], seed=settings["task_seed"],
                            batch_size=rollout_cfg["batch_size"], mesh=the_mesh,
                            system_prompt=common.data()["system_prompt"],
-                           verify_timeout_s=rollout_cfg["verify_timeout_s"])
+                           verify_timeout_s=rollout_cfg["verify_timeout_s"], init_from=init_from)
   with open(rollouts.summary_path(out)) as f:
     summary = json.load(f)
   warn_if_rollouts_changed(summary, settings, rollout_cfg, os.path.dirname(out))

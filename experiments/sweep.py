@@ -7,9 +7,11 @@
 
 The spec is JSON (inline or a file path): "product" axes are crossed, "zip" axes advance together (equal
 lengths), and the two are crossed with each other. Each run's workdir is ROOT/<binding=value,...>, so re-running
-a sweep resumes unfinished runs and leaves finished ones as they are (train.py resumes from the workdir); since
-a run's name covers the swept bindings' last names only, ROOT/sweep.json records the --gin_file / --gin_param
-values every run shares and the swept bindings' full names, and a root holding a sweep with others is refused. The
+a sweep resumes unfinished runs and leaves finished ones as they are (train.py resumes from the workdir); a name
+longer than 120 characters (a long value: a system prompt, a list of files) is cut and ends in a hash of the run's
+bindings. Since a run's name covers the swept bindings' last names only, ROOT/sweep.json records the --gin_file /
+--gin_param values every run shares, the swept bindings' full names and each run name's full bindings ("runs"),
+and a root holding a sweep with other shared values is refused. The
 table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its final metrics: loss, eval loss and
 next-token accuracy of the trained positions (token_accuracy); for GRPO, mean reward and the share of rollouts
 whose answer verified (accuracy). In local mode a failing run does not stop the sweep: the other runs go on, the
@@ -24,6 +26,7 @@ tables the runs' latest metrics whether or not they finished: its step column sa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -86,16 +89,20 @@ def check_runs(runs: list[dict]) -> None:
                      "punctuation or type, or split the sweep")
 
 
-def check_root(root: str, gin_files: list[str], gin_params: list[str], swept: list[str] = ()) -> None:
+def check_root(root: str, gin_files: list[str], gin_params: list[str], swept: list[str] = (),
+               runs: list[dict] = ()) -> None:
   """Records the settings every run shares (and the swept bindings' full names) in ROOT/sweep.json, and refuses a
   root whose record differs: a run name covers only the swept bindings' last names (grpo.temperature and
   evaluation.temperature both give temperature=...), so a finished run of another sweep would be reported as this
-  one's."""
+  one's. sweep.json's "runs" maps each run name to its full bindings (a long name is cut; see `run_name`); runs
+  recorded by earlier sweeps of the same settings are kept."""
   shared = {"gin_files": list(gin_files), "gin_params": list(gin_params), "swept": sorted(swept)}
   path = os.path.join(root, "sweep.json")
+  named = {run_name(b): b for b in runs}
   if os.path.exists(path):
     with open(path) as f:
       recorded = json.load(f)
+    recorded_runs = recorded.pop("runs", {})
     recorded.setdefault("swept", shared["swept"])  # a record written before the swept names were kept
     started = [name for name in sorted(os.listdir(root))
                if any(os.path.exists(os.path.join(root, name, part)) for part in ("metrics.jsonl", "checkpoints"))]
@@ -108,20 +115,33 @@ def check_root(root: str, gin_files: list[str], gin_params: list[str], swept: li
       raise ValueError(f"{root} holds runs of a sweep with other shared settings ({recorded}, now {shared}); its "
                        "finished runs would be reported as this sweep's. Use another --root, or the same "
                        "--gin_file / --gin_param values")
-    else:
+    elif named.items() <= recorded_runs.items():
       return
+    else:
+      named = {**recorded_runs, **named}
   os.makedirs(root, exist_ok=True)
   with open(path, "w") as f:
-    json.dump(shared, f, indent=1)
+    json.dump({**shared, "runs": named}, f, indent=1)
 
 
 def gin_value(value) -> str:
   return repr(value) if not isinstance(value, str) else json.dumps(value)
 
 
+# A file name holds at most 255 bytes: a longer run name (a system prompt, a model.overrides dict or a list of files
+# as the value) is cut to this many, ending in a hash of the full bindings so runs that differ past the cut keep
+# their own workdirs.
+MAX_NAME_BYTES = 120
+
+
 def run_name(bindings: dict) -> str:
+  """The run's workdir name under ROOT (plain ASCII characters only, so characters are bytes)."""
   name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in bindings.items()) or "base"
-  return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+  name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+  if len(name) <= MAX_NAME_BYTES:
+    return name
+  digest = hashlib.sha256(json.dumps(bindings, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+  return f"{name[:MAX_NAME_BYTES - len(digest) - 1]}-{digest}"
 
 
 def command(gin_files, extra_params, bindings, workdir) -> list[str]:
@@ -227,7 +247,7 @@ def main(argv=None):
   runs = expand(load_spec(args.sweep))
   check_runs(runs)
   if args.mode != "collect":
-    check_root(args.root, args.gin_file, args.gin_param, sorted({key for run in runs for key in run}))
+    check_root(args.root, args.gin_file, args.gin_param, sorted({key for run in runs for key in run}), runs)
   if args.mode == "commands":
     for b in runs:
       print(shlex.join(command(args.gin_file, args.gin_param, b, os.path.join(args.root, run_name(b)))))

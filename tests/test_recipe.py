@@ -236,6 +236,55 @@ def test_a_config_dir_found_from_the_callers_directory_is_read_from_there(tmp_pa
   assert ran["config_dir"] == "experiments/configs/recipe_tiny"
 
 
+def test_relative_paths_in_bindings_are_read_from_the_callers_directory_and_checked_before_any_stage_trains(
+    tmp_path, monkeypatch):
+  """`cd mydir && recipe.py --gin_param='recipe.stage_bindings={"grpo": ["data.train_files=[\\"my_prompts.jsonl\\"]"]}'`
+  read my_prompts.jsonl from the repository root: base to dpo trained, then GRPO failed on "no such file"."""
+  (tmp_path / "my_prompts.jsonl").write_text('{"prompt": "1 + 1?", "answer": "2"}\n')
+  (tmp_path / "my_eval.jsonl").write_text('{"text": "x"}\n')
+  monkeypatch.chdir(tmp_path)
+  ran = {}
+  monkeypatch.setattr(recipe, "run_recipe", lambda workdir, settings, *a: ran.update(settings) or {})
+  monkeypatch.setattr(recipe, "stage_table", lambda summary: "")
+  own = {"grpo": ['data.train_files=["my_prompts.jsonl"]'], "midtrain": ["data.eval_files='my_eval.jsonl'"]}
+  recipe.main([f"--workdir={tmp_path / 'w'}", "--quick", f"--gin_param=recipe.stage_bindings={json.dumps(own)}"])
+  assert ran["stage_bindings"]["grpo"][-1] == f"data.train_files={json.dumps([str(tmp_path / 'my_prompts.jsonl')])}"
+  assert ran["stage_bindings"]["midtrain"][-1] == f"data.eval_files={json.dumps(str(tmp_path / 'my_eval.jsonl'))}"
+  assert ran["stage_bindings"]["sft"] == ["train.num_steps=3"]  # the recipe's own bindings as they were
+  # A path found in neither the caller's directory nor the repository root is refused before any stage trains.
+  for stage, binding, name in (("grpo", 'data.train_files=["my_prompt.jsonl"]', "data.train_files"),
+                               ("grpo", 'train.init_from="runs/no_such_run"', "train.init_from"),
+                               ("midtrain", 'data.eval_files=["no_eval.jsonl"]', "data.eval_files")):
+    ran.clear()
+    with pytest.raises(ValueError, match=rf"the {stage} stage refuses .*{name} .*no such file"):
+      recipe.main([f"--workdir={tmp_path / 'w'}", "--quick",
+                   f"--gin_param=recipe.stage_bindings={json.dumps({stage: [binding]})}"])
+    assert not ran
+  # A path found from the repository root (and not the caller's directory) is read from there, as before, and one
+  # given from the repository root stays as it was given.
+  for caller_dir in (tmp_path, ROOT):
+    settings = recipe.configure(["experiments/configs/recipe_tiny/quick.gin"], [
+        'recipe.stage_bindings={"midtrain": ["data.eval_files=[\\"experiments/data/tiny_traces_train.jsonl\\"]"]}'],
+        caller_dir=str(caller_dir))[0]
+    assert settings["stage_bindings"]["midtrain"][-1] == (
+        'data.eval_files=["experiments/data/tiny_traces_train.jsonl"]'), caller_dir
+  gin.clear_config()
+
+
+def test_the_path_valued_settings_of_a_binding_are_resolved_from_the_callers_directory(tmp_path):
+  (tmp_path / "ckpt").mkdir()
+  (tmp_path / "tok").mkdir()
+  (tmp_path / "a1.jsonl").write_text("")
+  resolve = lambda binding: recipe.resolve_binding_paths(binding, str(tmp_path))
+  assert resolve('model.hf_path="ckpt"') == f"model.hf_path={json.dumps(str(tmp_path / 'ckpt'))}"
+  assert resolve("data.tokenizer='tok'") == f"data.tokenizer={json.dumps(str(tmp_path / 'tok'))}"
+  assert resolve('data.train_files=["a*.jsonl", "elsewhere.jsonl"]') == (
+      f"data.train_files={json.dumps([str(tmp_path / 'a*.jsonl'), 'elsewhere.jsonl'])}")
+  for kept in ('data.tokenizer="tiny:phi-4"', "train.num_steps=3", f'train.init_from="{tmp_path}"',
+               'data.system_prompt="ckpt"', "model.hf_path=None"):
+    assert resolve(kept) == kept
+
+
 def test_mesh_bindings_are_found_in_any_spelling():
   params = ['mesh.shape={"fsdp": 2}', 'common.mesh.shape = {"data": 1}', "train.num_steps=3", "meshy.x=1"]
   assert recipe.mesh_bindings(params) == params[:2]
@@ -273,6 +322,43 @@ def test_task_counts_must_name_task_files():
   assert recipe.recipe_settings(task_counts={"rl_prompts": 4})["task_counts"]["rl_prompts"] == 4
   with pytest.raises(ValueError, match=r"recipe.task_counts has \['dpo', 'rl'\], which are not task files"):
     recipe.recipe_settings(task_counts={"rl": 4, "dpo": 2})  # the defaults were used without a word
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rollout_k=1), r"recipe.rollout_k=1: the dpo stage's pairs need at least 2 rollouts per prompt"),
+    (dict(task_counts={"dpo_prompts": 0}), r"recipe.task_counts\['dpo_prompts'\]=0: the dpo stage"),
+    (dict(task_counts={"rl_prompts": 0}), r"recipe.task_counts\['rl_prompts'\]=0: the grpo stage"),
+    (dict(task_counts={"test": 0}), r"recipe.task_counts\['test'\]=0: recipe.eval_split='test'"),
+    (dict(eval_split="valid", task_counts={"valid": 0}), r"recipe.task_counts\['valid'\]=0: recipe.eval_split"),
+])
+def test_settings_dpo_grpo_or_the_evaluation_cannot_run_with_are_refused_up_front(kwargs, match):
+  """Accepted until DPO's rollouts, GRPO or the first evaluation started, after the stages before had trained."""
+  with pytest.raises(ValueError, match=match):
+    recipe.recipe_settings(**kwargs)
+
+
+def test_settings_only_a_stage_left_out_or_given_its_own_data_cannot_run_with_are_accepted():
+  assert recipe.recipe_settings(stages=["base", "midtrain", "sft"], rollout_k=1)["rollout_k"] == 1
+  assert recipe.recipe_settings(stages=["base", "midtrain", "sft", "dpo"],
+                                task_counts={"rl_prompts": 0})["task_counts"]["rl_prompts"] == 0
+  own = {"grpo": ['data.train_files=["my_prompts.jsonl"]']}
+  assert recipe.recipe_settings(task_counts={"rl_prompts": 0}, stage_bindings=own)["task_counts"]["rl_prompts"] == 0
+  assert recipe.recipe_settings(eval_split="valid", task_counts={"test": 0})["task_counts"]["test"] == 0
+
+
+@pytest.mark.parametrize("param", ["rollouts.temperature=0.0", "rollouts.top_k=1"])
+def test_greedy_dpo_rollouts_that_can_never_make_a_pair_are_refused_up_front(monkeypatch, param):
+  """k identical greedy rollouts of a prompt are all right or all wrong: DPO got no pair, after three stages."""
+  monkeypatch.chdir(ROOT)
+  quick = "experiments/configs/recipe_tiny/quick.gin"
+  try:
+    with pytest.raises(ValueError, match=rf"{re.escape(param.split('=')[0])}=.* recipe.rollout_k=8 .*identical"):
+      recipe.configure([quick], [param])
+    # Without DPO, or with one rollout per prompt there is nothing to refuse (one rollout is refused on its own).
+    settings, _, _ = recipe.configure([quick], [param, 'recipe.stages=["base"]'])
+    assert settings["stages"] == ["base"]
+  finally:
+    gin.clear_config()
 
 
 def test_each_stage_starts_from_the_previous_one_and_reads_its_own_data(tmp_path):

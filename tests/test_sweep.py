@@ -93,6 +93,30 @@ def test_sweeps_whose_runs_would_share_a_workdir_or_that_have_no_runs_are_refuse
   sweep.check_runs(sweep.expand({"product": {"optimizer.learning_rate": [0.1, 0.2]}}))
 
 
+def test_a_long_value_gives_a_capped_unique_run_name_recorded_in_sweep_json(tmp_path, monkeypatch):
+  """A long value (a system prompt, a model.overrides dict, a list of files) made a workdir name over the 255-byte
+  limit of a file name, and every run died with "File name too long"."""
+  prompts = ["You are a careful math tutor. " * 10, "You are a careful math tutor. " * 10 + "Be brief."]
+  runs = sweep.expand({"product": {"data.system_prompt": prompts, "train.seed": [0, 1]}})
+  names = [sweep.run_name(r) for r in runs]
+  assert len(set(names)) == 4 and all(len(n.encode()) <= 255 for n in names), names
+  assert all(n.startswith("system_prompt=You_are_a_careful") for n in names)
+  sweep.check_runs(runs)
+  assert sweep.run_name({"train.seed": 1}) == "seed=1"  # a short name stays as it was (a rerun finds its runs)
+  monkeypatch.setattr(sweep, "command", lambda files, params, bindings, workdir: [
+      sys.executable, "-c", "import os, sys; os.makedirs(sys.argv[1])", workdir])
+  sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", "--sweep=" + json.dumps(
+      {"product": {"data.system_prompt": prompts, "train.seed": [0, 1]}})])
+  assert sorted(os.listdir(tmp_path)) == sorted(names + ["results.json", "results.md", "sweep.json"])
+  recorded = json.load(open(tmp_path / "sweep.json"))
+  assert recorded["runs"] == {n: r for n, r in zip(names, runs)}
+  # The same sweep with one more value keeps the runs recorded before; its shared settings still decide a clash.
+  sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", "--mode=commands", "--sweep=" + json.dumps(
+      {"product": {"data.system_prompt": prompts + ["Be terse."], "train.seed": [0, 1]}})])
+  recorded = json.load(open(tmp_path / "sweep.json"))
+  assert len(recorded["runs"]) == 6 and recorded["gin_files"] == ["unused.gin"]
+
+
 def test_a_failing_run_is_marked_and_the_others_still_run(tmp_path, monkeypatch, capsys):
   # Stand-in runs that exit with the code their binding names, so the sweep's own bookkeeping is tested in seconds.
   monkeypatch.setattr(sweep, "command",
