@@ -1811,6 +1811,7 @@ def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Opt
 def _read_prompts(files) -> list[dict]:
   """{"problem", "answer"} records of the GRPO prompt files (JSONL, Parquet or save_to_disk directories, globs
   allowed), with file:line (or row) errors for bad ones."""
+  from phi_jax.rewards import readable_gold  # pylint: disable=import-outside-toplevel
   records = []
   for path in files:
     source = sources_lib.open_source(path)
@@ -1826,6 +1827,10 @@ def _read_prompts(files) -> list[dict]:
           answer, (str, int, float)):
         raise sources_lib.DataError(raw["where"], "missing field",
                                     'GRPO prompts need a string "problem" and a string or number "answer"')
+      if readable_gold(str(answer)) is None:  # every rollout of it would score incorrect, step after step
+        raise sources_lib.DataError(raw["where"], "mistyped field", f'"answer" {str(answer)[:80]!r} is no answer the '
+                                    "verifier can grade against (empty, too long, or refused by its screen); fix or "
+                                    "drop the record")
       records.append({"problem": record["problem"], "answer": str(answer)})
   if not records:
     raise sources_lib.DataError(",".join(map(str, files)), "empty dataset", "no GRPO prompts")
@@ -1891,21 +1896,25 @@ def _as_plain(value):
   return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _grpo_setup(model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict, settings: dict, tokenizer, the_mesh):
-  """(loss_fn, on-policy data source, None) of the GRPO stage; prompts are data.train_files."""
-  from phi_jax.rewards import registry
-  from phi_jax.rewards.length_aware import LengthAwareRewardConfig
-
-  cfg = grpo_config(settings)  # its rows were checked against the mesh by check_batch_shape
-  loop = settings["loop"]
-  reward_cfg = reward_settings()
-  parts = {}
+def grpo_reward(reward_cfg: dict, cfg: GRPOConfig):
+  """The weighted sum of reward.weights: one term per name, whatever function it names (a dict keyed by the
+  functions merged two names of one function, or two equal ones, into one term, and refused unhashable ones)."""
+  from phi_jax.rewards import registry  # pylint: disable=import-outside-toplevel
+  from phi_jax.rewards.length_aware import LengthAwareRewardConfig  # pylint: disable=import-outside-toplevel
+  terms = []
   for name, weight in reward_cfg["weights"].items():
     fn = registry.get_reward(name)
     if name == "length_aware":
       fn = registry.LengthAwareReward(LengthAwareRewardConfig().scaled_to(length_aware_scale(reward_cfg, cfg)))
-    parts[fn] = weight
-  reward_fn = grpo_stage.verifier_rewards(registry.combine(parts))
+    terms.append((fn, float(weight)))
+  return registry.CombinedReward(tuple(terms))
+
+
+def _grpo_setup(model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict, settings: dict, tokenizer, the_mesh):
+  """(loss_fn, on-policy data source, None) of the GRPO stage; prompts are data.train_files."""
+  cfg = grpo_config(settings)  # its rows were checked against the mesh by check_batch_shape
+  loop = settings["loop"]
+  reward_fn = grpo_stage.verifier_rewards(grpo_reward(reward_settings(), cfg))
   ref_params = _dpo_reference_params(model_config, hf_path, settings, the_mesh) if cfg.beta else None
   source = grpo_stage.GRPORollouts(
       _read_prompts(data_cfg["train_files"]), tokenizer, model_config, cfg, reward_batch_fn=reward_fn,

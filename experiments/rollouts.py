@@ -154,6 +154,9 @@ def _problem(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, s
     return None, ("mistyped field", f"'answer' is {type(answer).__name__}, expected a string or a number")
   if not str(answer).strip():
     return None, ("empty answer", "'answer' is empty: no rollout could be graded against it")
+  if rewards.readable_gold(str(answer)) is None:
+    return None, ("unverifiable answer", f"'answer' {str(answer)[:80]!r} is no answer the verifier can grade against "
+                  "(too long, or refused by its screen): every rollout would score incorrect; fix or drop the record")
   return {"prompt": data["problem"], "answer": str(answer)}, None
 
 

@@ -396,7 +396,11 @@ def test_cli_data_files_open_by_type_and_bad_prompt_lines_name_file_and_line(tmp
   good = '{"problem": "1 + 1?", "answer": 2}\n'
   for line, match in (('["a list"]', r"p.jsonl:2: not an object"), (b'{"problem": "caf\xe9", "answer": "1"}',
                                                                      r"p.jsonl:2: not UTF-8"),
-                      ('{"problem": "Is 2 even?", "answer": true}', r"p.jsonl:2: missing field")):
+                      ('{"problem": "Is 2 even?", "answer": true}', r"p.jsonl:2: missing field"),
+                      # Answers no rollout could be graded against: every one would score incorrect, step after step.
+                      ('{"problem": "2 + 2?", "answer": ""}', r"p.jsonl:2: .*'' is no answer the verifier can grade"),
+                      ('{"problem": "Big?", "answer": "9^{9^{9^9}}"}', r"p.jsonl:2: .*is no answer the verifier"),
+                      ('{"problem": "Long?", "answer": "' + "1" * 2000 + '"}', r"p.jsonl:2: .*is no answer")):
     (tmp_path / "p.jsonl").write_bytes(good.encode() + (line if isinstance(line, bytes) else line.encode()) + b"\n")
     with pytest.raises(DataError, match=match):
       common._read_prompts([str(tmp_path / "p.jsonl")])

@@ -931,7 +931,8 @@ def test_conversation_problems_grade_against_the_final_answer_and_bad_turns_are_
            (conversation(("tool", "x"), ("assistant", "\\boxed{7}")), r"c.jsonl:1: unknown role: prompt message 0"),
            (json.dumps({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "7"}]}),
             r"c.jsonl:1: missing field: prompt message 0 has no 'content'"),
-           (json.dumps({"problem": "3 + 4?", "answer": " "}), r"c.jsonl:1: empty answer")]
+           (json.dumps({"problem": "3 + 4?", "answer": " "}), r"c.jsonl:1: empty answer"),
+           (json.dumps({"problem": "Big?", "answer": "9^{9^{9^9}}"}), r"c.jsonl:1: unverifiable answer")]
   for record, error in cases:
     path.write_text(record + "\n")
     with pytest.raises(DataError, match=error):

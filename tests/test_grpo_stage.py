@@ -624,3 +624,24 @@ def test_a_run_resumed_at_a_rollout_batch_boundary_equals_the_uninterrupted_run(
   assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(halfway_params)))
   for got, want in zip(jax.tree.leaves(resumed_params), jax.tree.leaves(full_params)):
     np.testing.assert_array_equal(got, want)
+
+
+def test_every_name_of_reward_weights_is_a_term_of_its_own(monkeypatch):
+  """Two names of one function, two equal reward objects and an unhashable callable each count once per name (the
+  weights were a dict keyed by the functions: merged terms, or a TypeError)."""
+  import common
+  from phi_jax.rewards import registry
+
+  @dataclasses.dataclass  # not frozen: unhashable
+  class Bonus:
+    value: float
+
+    def __call__(self, completion, gold, *, length, finished, correct=None):
+      return self.value
+
+  monkeypatch.setitem(registry.REWARDS, "bonus", Bonus(1.0))
+  monkeypatch.setitem(registry.REWARDS, "bonus_again", registry.REWARDS["bonus"])
+  monkeypatch.setitem(registry.REWARDS, "other_bonus", Bonus(1.0))
+  reward = common.grpo_reward({"weights": {"bonus": 1.0, "bonus_again": 0.5, "other_bonus": 0.25},
+                               "length_aware_max_tokens": None}, grpo.GRPOConfig())
+  assert reward("x", "1", length=3, finished=True, correct=True) == pytest.approx(1.75)

@@ -105,6 +105,15 @@ def readable_answer(completion, config: Optional[VerifierConfig] = None) -> Opti
   return None if answer is None or screen_problem(answer, config.screen) else answer
 
 
+def readable_gold(gold, config: Optional[VerifierConfig] = None) -> Optional[str]:
+  """A gold answer as the verifier reads it (`extract_gold`, at most `screen.max_answer_chars` long, passing the
+  screen), or None where it reads none: every completion graded against it would score incorrect. `config`
+  defaults to the module-wide pool's (`default_config`)."""
+  config = default_config() if config is None else config
+  answer = extract_gold(sanitize(gold), max_chars=config.screen.max_answer_chars)
+  return None if answer is None or screen_problem(answer, config.screen) else answer
+
+
 class VerifierPool:
   """A fixed-size pool of verification workers. Thread-safe: one batch runs at a time."""
 
@@ -127,7 +136,6 @@ class VerifierPool:
     """Whether each completion's final answer matches its gold answer (math-verify, gold first)."""
     if len(completions) != len(golds):
       raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
-    max_chars = self.config.screen.max_answer_chars
     pairs: list[Optional[tuple[str, str]]] = []
     for completion, gold in zip(completions, golds):
       try:
@@ -137,8 +145,8 @@ class VerifierPool:
         logger.warning("reading the answer of completion %.80r failed (%s: %s): graded incorrect", completion,
                        type(e).__name__, e)
         pred_answer = None
-      gold_answer = extract_gold(sanitize(gold), max_chars=max_chars)
-      if gold_answer is None or screen_problem(gold_answer, self.config.screen):
+      gold_answer = readable_gold(gold, self.config)
+      if gold_answer is None:
         logger.warning("gold answer %.80r cannot be verified against", gold)
         pairs.append(None)
       elif pred_answer is None:
