@@ -723,6 +723,20 @@ def test_a_prompt_ending_in_an_assistant_message_is_continued(setup):
     assert list(rows[side]["tokens"][:len(ids)]) == ids and not rows[side]["tokens"][len(ids):].any()
     assert list(rows[side]["loss_mask"]) == ([0] * (len(ids) - len(completion)) + [1] * len(completion)
                                              + [0] * (SEQ - len(ids)))
+  # A reference file written before continuation rows ended at the completion ("ref_rows" missing) holds the
+  # end-of-turn token's log-prob in its sums: refused for continuations, read as before for new turns.
+  ref = {"ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0, "ref_seq_len": SEQ}
+  old_file = _write_jsonl(setup["tmp"] / "old_reference.jsonl", [
+      {"prompt": [question], "chosen": " 4", "rejected": " 5", **ref},
+      {"prompt": [question, prefix], "chosen": " 4", "rejected": " 5", **ref}])
+  read = lambda path: list(preference.build_preference_iterator(
+      str(path), tokenizer, seq_len=SEQ, batch_size=1, seed=0, shuffle=False, num_epochs=1, reference_logps=True,
+      process_index=0, process_count=1))
+  with pytest.raises(DataError, match=r"old_reference.jsonl:2: reference mismatch: .*rows=1 there"):
+    read(old_file)
+  ref["ref_rows"] = preference.ROWS_VERSION
+  assert len(read(_write_jsonl(setup["tmp"] / "new_reference.jsonl", [
+      {"prompt": [question, prefix], "chosen": " 4", "rejected": " 5", **ref}]))) == 1
   # The prompt (the final message's own text included) is what truncate_prompt cuts.
   longest = max(int(rows[side]["segment_ids"].sum()) for side in preference.SIDES)
   cut, status = preference.encode_pair(tokenizer, record, seq_len=longest - 2, too_long="truncate_prompt")

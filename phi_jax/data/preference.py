@@ -12,7 +12,7 @@ leading messages (the same on both sides) are the prompt and whose last, an assi
 String sides with no "prompt" (TRL's implicit-prompt strings) are refused: nothing says where their prompt ends.
 Records written by `phi_jax.stages.dpo.precompute_reference_logps` also carry `ref_chosen_logps`,
 `ref_rejected_logps` (summed completion log-probs of the frozen reference) and the settings they were computed under
-(`REFERENCE_SETTINGS`: row length, length rule, system prompt, `tokenizer_id`); with `reference_logps=True` the
+(`REFERENCE_SETTINGS`: row length, length rule, system prompt, `tokenizer_id`, `ROWS_VERSION`); with `reference_logps=True` the
 log-probs are required and batched as float32 [B] arrays of the same names, and settings other than the reader's are
 refused. Other keys are ignored. Prompt messages keep their other string-valued keys
 (Phi-4-mini's system `tools`), which the chat template may render, as `phi_jax.data.sources.clean_message` says.
@@ -58,7 +58,10 @@ SIDES = ("chosen", "rejected")
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
 BATCH_FIELDS = tuple(f"{side}_{field}" for side in SIDES for field in ROW_FIELDS)
 # The settings a precomputed reference file was computed under, checked against the reading run's.
-REFERENCE_SETTINGS = ("ref_seq_len", "ref_too_long", "ref_system_prompt", "ref_tokenizer")
+REFERENCE_SETTINGS = ("ref_seq_len", "ref_too_long", "ref_system_prompt", "ref_tokenizer", "ref_rows")
+# How rows are rendered, where that changed: from 2 a continuation pair's row ends with its completion; in files
+# written before (no "ref_rows"), its reference log-prob also holds the end-of-turn token's.
+ROWS_VERSION = 2
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 TOO_LONG = ("drop", "truncate_prompt")
 ON_BAD_RECORD = ("raise", "skip")
@@ -251,7 +254,7 @@ def tokenizer_id(tokenizer) -> str:
 def reference_settings(tokenizer, *, seq_len: int, too_long: str, system_prompt: Optional[str]) -> dict[str, Any]:
   """`REFERENCE_SETTINGS`: what the rows scored by a reference depend on, written beside its log-probs."""
   return {"ref_seq_len": seq_len, "ref_too_long": too_long, "ref_system_prompt": system_prompt,
-          "ref_tokenizer": tokenizer_id(tokenizer)}
+          "ref_tokenizer": tokenizer_id(tokenizer), "ref_rows": ROWS_VERSION}
 
 
 def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, system_prompt: Optional[str],
@@ -264,6 +267,9 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
     record, bad = validate_pair(raw["data"], reference_logps=reference_logps, where=raw["where"])
   differ = [f"{key[len('ref_'):]}={record[key]!r} there, {now[key]!r} here" for key in REFERENCE_SETTINGS
             if bad is None and reference_logps and key in record and record[key] != now[key]]
+  if (bad is None and reference_logps and "ref_rows" not in record and record["messages"]
+      and record["messages"][-1]["role"] == "assistant"):
+    differ.append(f"rows=1 there (a continuation's row went on to an end-of-turn token), {ROWS_VERSION} here")
   if differ:  # the reference scored other rows than this run trains on: its log-probs belong to those
     raise DataError(raw["where"], "reference mismatch", f"reference log-probs were computed with {'; '.join(differ)}; "
                     "recompute them with phi_jax.stages.dpo.precompute_reference_logps (experiments/train.py does "
