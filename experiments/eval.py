@@ -21,10 +21,11 @@ passing its screen); one that never ended is incorrect too, whatever answer it w
 95% normal intervals over problems: a problem's score is its mean over the n samples, so samples of one problem
 are not counted as independent evidence.
 
-Sampled outputs depend on the batch size as well as on `evaluation.seed`: each batch draws with its own key, and
-`evaluation.batch_size` is rounded up to a multiple of the mesh's data x fsdp devices, so another batch size or
-device count gives other samples. summary.json records the batch size used (`batch_size`) and that device count
-(`data_parallel_devices`).
+Sampled outputs depend on `evaluation.seed` and not on the batch size or device count: each problem's samples draw
+with keys of their own (`generate_text`), so another `evaluation.batch_size`, or a mesh that rounds it up to a
+multiple of its data x fsdp devices, gives the same samples up to float rounding (a batch of other prompt widths
+can change a logit in its last bits, and with it, rarely, a draw). summary.json records the batch size used
+(`batch_size`) and that device count (`data_parallel_devices`).
 """
 
 from __future__ import annotations
@@ -154,7 +155,6 @@ def evaluate(params, config, tokenizer, problems: Sequence[dict], *, settings: d
                     for o in outputs[i]]
     item["score"] = float(np.mean([o["correct"] for o in item["samples"]]))
     items.append(item)
-  # Each batch draws with its own key: the sampled outputs depend on the batch actually used, as on the seed.
   summary = dict(summarize(items, settings["pass_k"]), batch_size=settings["batch_size"], data_parallel_devices=rows)
   return summary, items
 

@@ -623,9 +623,9 @@ def evaluate_stage(stage_dir: str, params_from: str, problems: list[dict], eval_
 
 
 def evaluation_settings(settings: dict, eval_cfg: dict) -> dict:
-  """What a stage's evaluation results depend on (the verifier's time limit does not change them; the batch size
-  does, as each batch draws with its own key); a finished stage whose record holds other values is evaluated again
-  (see `run_recipe`)."""
+  """What a stage's evaluation results depend on (the verifier's time limit does not change them; the batch size may,
+  through float rounding, though each sample draws with its own key); a finished stage whose record holds other values
+  is evaluated again (see `run_recipe`)."""
   sampling = eval_cfg["sampling"]
   return {"split": settings["eval_split"], "num_samples": eval_cfg["num_samples"], "greedy": eval_cfg["greedy"],
           "pass_k": list(eval_cfg["pass_k"]), "seed": eval_cfg["seed"], "temperature": sampling.temperature,

@@ -23,13 +23,13 @@ the incorrect rollouts that ended on their own when there are any), written to -
 `<out stem>.summary.json`: prompts, rollouts, accuracy, pairs, prompts_all_correct, prompts_all_wrong,
 rollouts_unfinished, pairs_rejected_unfinished. Train on the pairs with experiments/configs/dpo_tiny.gin.
 
-The rollouts depend on the batch size as well as on --seed: each batch draws with its own key, and the batch
-(`rollouts.batch_size`, or the power of two that holds every rollout where that is smaller) is rounded up to a
-multiple of the mesh's data x fsdp devices, so another batch size or device count gives other rollouts. The summary
-records the batch used (`batch_size`) and that device count (`data_parallel_devices`), with k, the seed and the
-sampling settings; and, as the pairs hold the bare problems, the policy (`init_from`), the data.system_prompt the
-prompts were rendered with (`system_prompt`) and the stop tokens generation used (`stop_token_ids`: the chat
-format's when rollouts.stop_token_ids names none).
+The rollouts depend on --seed and not on the batch size or device count: each rollout draws with a key of its own
+(`generate_text`), so another batch (`rollouts.batch_size`, or the power of two that holds every rollout where that
+is smaller, rounded up to a multiple of the mesh's data x fsdp devices) gives the same rollouts up to float rounding
+(rarely, a logit's last bits change a draw). The summary records the batch used (`batch_size`) and that device count
+(`data_parallel_devices`), with k, the seed and the sampling settings; and, as the pairs hold the bare problems, the
+policy (`init_from`), the data.system_prompt the prompts were rendered with (`system_prompt`) and the stop tokens
+generation used (`stop_token_ids`: the chat format's when rollouts.stop_token_ids names none).
 
 Refused before the model loads: greedy sampling (rollouts.temperature=0 or rollouts.top_k=1), whose k rollouts of a
 problem are identical and never make a pair, and a problem whose prompt plus rollouts.max_new_tokens exceeds the
@@ -244,7 +244,6 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
   verdicts = [bool(v) and o["finished"] for v, (o, _) in zip(verdicts, flat)]
   correct = [verdicts[i * k:(i + 1) * k] for i in range(len(problems))]
   pairs, counts = make_pairs(problems, rollouts, correct, seed=seed)
-  # Each batch draws with its own key: the rollouts depend on the batch actually used, as on the seed.
   summary = dict(counts, k=k, seed=seed, problems_file=problems_path, pairs_file=out,
                  sampling=sampling_record(sampling), batch_size=rollout_batch_size(len(flat), batch_size, mesh),
                  data_parallel_devices=data_parallel_devices(mesh),

@@ -576,3 +576,34 @@ def test_tempered_logprobs_score_each_row_at_its_own_temperature(params, prompts
     expected = _log_softmax(logits[row, n - 1:n - 1 + steps] / scale)[np.arange(steps), out["tokens"][row, :steps]]
     np.testing.assert_allclose(out["tempered_logprobs"][row, :steps], expected, atol=1e-4)
     np.testing.assert_array_equal(out["tempered_logprobs"][row, steps:], 0.0)
+
+
+def test_generate_text_samples_do_not_depend_on_the_batch_they_run_in(params, tmp_path):
+  """Each prompt draws with its own key (fold_in(rng, its index)): batches of 2, of 8 and split over a mesh give one
+  prompt the same sampled tokens. Zero parameters make every logit exactly 0 in any batch, so the draws are compared
+  exactly; repeated prompts still get draws of their own."""
+  tokenizer = build_tiny_tokenizer(tmp_path, chat_format="phi-4")
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  prompts = ["What is 2 + 2?", "Name a prime.", "x", "x", "y"]
+  sampling = SamplingConfig(max_new_tokens=NEW, temperature=1.0)
+  run = lambda **kwargs: [r["token_ids"] for r in generate_text(zeros, CONFIG, tokenizer, prompts, jax.random.key(5),
+                                                                   sampling, **kwargs)]
+  by_two = run(batch_size=2)
+  assert run(batch_size=8) == by_two
+  assert run(mesh=make_mesh({"data": 2, "fsdp": 4})) == by_two
+  assert by_two[2] != by_two[3]  # the same prompt twice: two draws
+
+
+def test_per_row_keys_make_a_row_depend_on_its_key_alone(params, prompts):
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tokens, lengths = prompts
+  keys = jax.random.split(jax.random.key(3), BATCH)
+  order = np.arange(BATCH)[::-1]
+  sampling = SamplingConfig(max_new_tokens=NEW, temperature=1.0)
+  out = jax.device_get(generate(zeros, CONFIG, tokens, lengths, keys, sampling))
+  flipped = jax.device_get(generate(zeros, CONFIG, tokens[order], lengths[order], keys[order], sampling))
+  np.testing.assert_array_equal(flipped["tokens"], out["tokens"][order])
+  raw = jax.device_get(generate(zeros, CONFIG, tokens, lengths, jax.random.key_data(keys), sampling))
+  np.testing.assert_array_equal(raw["tokens"], out["tokens"])  # raw uint32 keys [B, 2] alike
+  with pytest.raises(ValueError, match=r"per-row keys need one key per row: 3 keys for"):
+    generate(zeros, CONFIG, tokens, lengths, keys[:3], sampling)

@@ -75,13 +75,32 @@ def _nucleus_threshold_key(logits_BV: jax.Array, top_p: float) -> jax.Array:
   return jax.lax.fori_loop(0, 32, halve, bounds)[1]
 
 
+def per_row_keys(rng: jax.Array) -> bool:
+  """Whether `rng` holds one key per row: a typed key array [B] or raw uint32 keys [B, n] (one key is [n])."""
+  return rng.ndim == (1 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 2)
+
+
+def fold_in(rng: jax.Array, data) -> jax.Array:
+  """`jax.random.fold_in` of one key, or of each row's key."""
+  if per_row_keys(rng):
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, data)
+  return jax.random.fold_in(rng, data)
+
+
+def _gumbel(rng: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+  """Gumbel noise of `shape` [B, V]: from one key, or row b's from row b's key alone."""
+  if per_row_keys(rng):
+    return jax.vmap(lambda key: jax.random.gumbel(key, shape[1:], dtype))(rng)
+  return jax.random.gumbel(rng, shape, dtype)
+
+
 def sample_tokens(logits_BV: jax.Array, rng: jax.Array, temperature, *, top_k: int = 0,
                   top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """Draws one token per row.
 
   Args:
     logits_BV: next-token logits (any float dtype; computed in float32).
-    rng: a PRNG key.
+    rng: a PRNG key, or one per row ([B] typed keys, [B, n] raw ones): a row's draw then depends on its key alone.
     temperature: scalar or [B], traced or concrete; 0 (or less) selects greedy decoding for that row.
     top_k: keep the k most likely tokens (0: all).
     top_p: keep the nucleus of probability mass `top_p` (1.0: all).
@@ -98,7 +117,7 @@ def sample_tokens(logits_BV: jax.Array, rng: jax.Array, temperature, *, top_k: i
     tempered_BV = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[..., None]
     filtered_BV = filter_logits(tempered_BV, top_k=top_k, top_p=top_p)
     # Gumbel-max, the draw `jax.random.categorical` makes (same key, same noise, same token), with a faster argmax.
-    sampled_B = _argmax(filtered_BV + jax.random.gumbel(rng, filtered_BV.shape, filtered_BV.dtype))
+    sampled_B = _argmax(filtered_BV + _gumbel(rng, filtered_BV.shape, filtered_BV.dtype))
     tokens_B = jnp.where(greedy_B, _argmax(logits_BV), sampled_B).astype(jnp.int32)
     logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(filtered_BV, axis=-1), tokens_B[..., None], axis=-1)[..., 0]
     return tokens_B, jnp.where(greedy_B, 0.0, logprobs_B)

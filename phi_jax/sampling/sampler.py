@@ -45,6 +45,7 @@ from phi_jax.data import chat
 from phi_jax.model import init_params, kv_cache, param_logical_axes
 from phi_jax.model.config import PhiConfig
 from phi_jax.model.decoder import unstack_layers
+from phi_jax.sampling import filters
 from phi_jax.sampling.filters import sample_tokens
 from phi_jax.sharding import batch_sharding, logical_shardings, mesh_context, replicated
 
@@ -138,7 +139,9 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
     config: the model config.
     prompt_tokens: [B, P] int32, row b's prompt in [0, prompt_lengths[b]), anything after it is ignored.
     prompt_lengths: [B] int32, each in [1, P].
-    rng: a PRNG key (`jax.random.key(seed)`), needed even when every row is greedy (which draw nothing from it).
+    rng: a PRNG key (`jax.random.key(seed)`), needed even when every row is greedy (which draw nothing from it);
+      or one key per row ([B] typed keys, [B, n] raw ones), so that a row's tokens depend on its own key and not on
+      the batch it runs in (as `generate_text` uses them).
     sampling: max_new_tokens, top_k and top_p pick the compiled program; temperature and stop tokens are
       passed at run time.
     mesh: shard the batch over its data x fsdp axes (B must divide evenly) and the params by the logical rules.
@@ -171,6 +174,8 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
   if dtype is None or not (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == np.uint32):
     raise ValueError(f"rng must be a PRNG key such as jax.random.key(seed), even for greedy decoding; got "
                      f"{type(rng).__name__}")
+  if filters.per_row_keys(rng) and rng.shape[0] != np.shape(prompt_lengths)[0]:
+    raise ValueError(f"per-row keys need one key per row: {rng.shape[0]} keys for {np.shape(prompt_lengths)[0]} rows")
   outside = [t for t in sampling.stop_token_ids if not 0 <= t < config.vocab_size]
   if outside:  # never sampled: every row would run to max_new_tokens, scored unfinished
     raise ValueError(f"stop_token_ids {outside} lie outside the model's vocabulary [0, {config.vocab_size}), so "
@@ -218,7 +223,7 @@ def _generate_program(params, prompt_tokens_BP, prompt_lengths_B, active_B, rng,
 
   def choose_and_record(step, logits_BV, out):
     """Draws the token of output column `step` for every row still running and records it."""
-    tokens_B, sampling_logprobs_B = sample_tokens(logits_BV, jax.random.fold_in(rng, step), temperature,
+    tokens_B, sampling_logprobs_B = sample_tokens(logits_BV, filters.fold_in(rng, step), temperature,
                                                   top_k=sampling.top_k, top_p=sampling.top_p)
     logits32_BV = logits_BV.astype(jnp.float32)
     logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(logits32_BV, axis=-1), tokens_B[:, None], axis=-1)[:, 0]
@@ -280,7 +285,8 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
     params, config, mesh: as for `generate`.
     tokenizer: a tokenizer with a chat template (`phi_jax.hf.tokenizer.load_tokenizer`).
     prompts: user questions (str) or conversations (lists of {"role", "content"} dicts).
-    rng: PRNG key; batch i uses `fold_in(rng, i)`.
+    rng: PRNG key; prompt i draws with `fold_in(rng, i)`, whatever batch it runs in, so the outputs do not depend on
+      `batch_size` or the mesh (beyond float rounding, which another batch shape may change).
     sampling: as for `generate`; with no stop tokens, the chat family's stop tokens (`chat.stop_token_ids`).
     system_prompt: system text for prompts without a system message of their own.
     batch_size: rows per generated batch.
@@ -319,7 +325,7 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
     raise ValueError(f"a per-row temperature needs one value per prompt: {np.shape(sampling.temperature)} for "
                      f"{len(prompts)} prompts")
   results = []
-  for index, start in enumerate(range(0, len(rendered), batch_size)):
+  for start in range(0, len(rendered), batch_size):
     chunk = rendered[start:start + batch_size]
     chunk_sampling = sampling
     if per_row:  # this batch's rows' temperatures; the filler rows generate nothing (greedy, inactive)
@@ -332,7 +338,8 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
     for row, ids in enumerate(chunk):
       tokens[row, :len(ids)] = ids
       lengths[row] = len(ids)
-    out = generate(params, config, tokens, lengths, jax.random.fold_in(rng, index), chunk_sampling, mesh=mesh,
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, np.arange(start, start + batch_size))
+    out = generate(params, config, tokens, lengths, row_keys, chunk_sampling, mesh=mesh,
                    active=np.arange(batch_size) < len(chunk))
     out = multihost_utils.process_allgather(out, tiled=True)  # every process gets every row
     for row in range(len(chunk)):
