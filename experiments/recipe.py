@@ -391,8 +391,8 @@ def resolve_binding_paths(binding: str, caller_dir: str) -> str:
   return f"{scope}{statement.selector}.{statement.arg_name}={json.dumps(resolved)}"
 
 
-def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optional[str] = None
-              ) -> tuple[dict, dict, dict]:
+def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optional[str] = None,
+              workdir: Optional[str] = None) -> tuple[dict, dict, dict]:
   """(recipe settings, evaluation settings, rollout settings) of the recipe's gin files and --gin_param values;
   the settings' `stage_params` are the bindings every training stage gets (see the module docstring). A relative
   recipe.config_dir found from `caller_dir` (and not the repository root) is read from there, and so is a relative
@@ -452,7 +452,9 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
     settings["config_dir"] = in_caller_dir
   eval_cfg, rollout_cfg = eval_lib.eval_settings(), rollouts.rollout_settings()
   check_rollout_sampling(settings, rollout_cfg)
-  check_stage_settings(settings)
+  # A stage finished in `workdir` is not trained again: its data files and starting point may be gone.
+  check_stage_settings(settings, finished=[stage for stage in settings["stages"] if workdir and os.path.exists(
+      os.path.join(workdir, stage, "recipe_stage.json"))])
   task_request(settings)  # the task settings are good, before --fresh deletes anything
   make_task_data.check_counts(settings["task_counts"])
   return settings, eval_cfg, rollout_cfg
@@ -472,7 +474,7 @@ def _check_stage_paths(stage: str, data_cfg: dict, init_from: Optional[str]) -> 
                      f"recipe.py is run from, or else from the repository root {ROOT})")
 
 
-def _check_stage(settings: dict, stage: str, params: Sequence[str]) -> None:
+def _check_stage(settings: dict, stage: str, params: Sequence[str], check_paths: bool = True) -> None:
   """The settings checks `common.run_training` makes before it reads data or loads params, on the gin config of
   `stage` with `params` as the --gin_param bindings."""
   settings = dict(settings, stage_params=list(params))
@@ -484,7 +486,8 @@ def _check_stage(settings: dict, stage: str, params: Sequence[str]) -> None:
   if kind not in ("next_token", "dpo", "grpo"):
     raise ValueError(f"train.stage={kind!r}; supported: 'next_token' (mid-training, SFT), 'dpo', 'grpo'")
   common.check_data_settings(kind, data_cfg, train["loop"])
-  _check_stage_paths(stage, data_cfg, train["init_from"])
+  if check_paths:
+    _check_stage_paths(stage, data_cfg, train["init_from"])
   common.check_param_dtype(model_config)
   # Each stage checks the settings it reads (each configurable refuses values of no known kind): a binding that
   # combines with another stage's file (reward.length_aware_max_tokens beside grpo.gin's reward.weights) is checked
@@ -497,12 +500,12 @@ def _check_stage(settings: dict, stage: str, params: Sequence[str]) -> None:
   common.check_batch_shape(kind, model_config, data_cfg, train["loop"], common.mesh())
 
 
-def _refusal(settings: dict, stage: str, params: Sequence[str]) -> Optional[Exception]:
+def _refusal(settings: dict, stage: str, params: Sequence[str], check_paths: bool = True) -> Optional[Exception]:
   """The error `_check_stage` raises, or None. Its warnings are left to the stage's own run (a GRPO stage warns of
   data settings it does not read): logged here too, they would come twice, and for stages finished before."""
   was_disabled, log.disabled = log.disabled, True
   try:
-    _check_stage(settings, stage, params)
+    _check_stage(settings, stage, params, check_paths)
   except (ValueError, TypeError) as e:
     return e
   finally:
@@ -520,19 +523,24 @@ def _bindings_list(value) -> list:
   return [value] if isinstance(value, str) else list(value)
 
 
-def check_stage_settings(settings: dict) -> None:
+def check_stage_settings(settings: dict, finished: Sequence[str] = ()) -> None:
   """Raises if a stage of `settings["stages"]` refuses its training settings, before any stage trains: a --gin_param
   binding reaches every stage, and one that only some stages take (train.z_loss: not DPO or GRPO) used to fail at
-  the first stage that refuses it, after the stages before it had trained."""
+  the first stage that refuses it, after the stages before it had trained. The data files and starting points of
+  `finished` stages, which are not trained again, are not looked for."""
   params = settings.get("stage_params", [])
-  refused = {stage: e for stage in settings["stages"] if (e := _refusal(settings, stage, params)) is not None}
+  refused = {stage: e for stage in settings["stages"]
+             if (e := _refusal(settings, stage, params, stage not in finished)) is not None}
   if not refused:
     return
   stage, error = next(iter(refused.items()))
   where = f"{settings['config_dir']}/{stage}.gin with recipe.stage_bindings[{stage!r}]"
-  if params and _refusal(settings, stage, []) is None:  # it takes its own settings, not the command line's
-    culprits = [p for p in params if _refusal(settings, stage, [p]) is not None] or list(params)
-    takers = [s for s in settings["stages"] if all(_refusal(settings, s, [p]) is None for p in culprits)]
+  # It takes its own settings, not the command line's:
+  if params and _refusal(settings, stage, [], stage not in finished) is None:
+    culprits = ([p for p in params if _refusal(settings, stage, [p], stage not in finished) is not None]
+                or list(params))
+    takers = [s for s in settings["stages"] if all(_refusal(settings, s, [p], s not in finished) is None
+                                                   for p in culprits)]
     # DPO, GRPO and reward settings are read by their own stage alone: the others "take" any value, and moving the
     # binding there would drop it silently.
     keys = [key for p in culprits for key in common.binding_keys(p)]
@@ -1083,7 +1091,8 @@ def main(argv=None) -> dict:
   caller_dir = os.getcwd()
   os.chdir(ROOT)  # gin files include each other by repository-relative paths
   default = os.path.join("experiments/configs/recipe_tiny", "quick.gin" if args.quick else "recipe.gin")
-  settings, eval_cfg, rollout_cfg = configure(gin_files or [default], args.gin_param, caller_dir=caller_dir)
+  settings, eval_cfg, rollout_cfg = configure(gin_files or [default], args.gin_param, caller_dir=caller_dir,
+                                              workdir=None if args.fresh else workdir)
   if args.fresh and os.path.exists(workdir):  # only once the settings are known to be good
     check_fresh_workdir(workdir, settings)
     shutil.rmtree(workdir)

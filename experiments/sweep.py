@@ -5,13 +5,13 @@
     python experiments/sweep.py ... --mode=commands > launch.sh     # one line per run, for a cluster scheduler
     python experiments/sweep.py ... --mode=collect                  # table of the runs' latest metrics
 
-The spec is JSON (inline or a file path): "product" axes are crossed, "zip" axes advance together (equal
-lengths), and the two are crossed with each other. Each run's workdir is ROOT/<binding=value,...>, so re-running
-a sweep resumes unfinished runs and leaves finished ones as they are (train.py resumes from the workdir); a name
-longer than 120 characters (a long value: a system prompt, a list of files) is cut and ends in a hash of the run's
-bindings. Since a run's name covers the swept bindings' last names only, ROOT/sweep.json records the --gin_file /
---gin_param values every run shares, the swept bindings' full names and each run name's full bindings ("runs"),
-and a root holding a sweep with other shared values is refused. The
+The spec is JSON (inline or a file path): "product" axes are crossed, "zip" axes advance together (equal lengths),
+and the two are crossed with each other. Each run's workdir is ROOT/<binding=value,...>, so re-running a sweep
+resumes unfinished runs and leaves finished ones as they are (train.py resumes from the workdir); a name longer than
+a file name may be (255 bytes: a long value, a system prompt, a list of files) is cut and ends in a hash of the
+run's bindings. Since a run's name covers the swept bindings' last names only, ROOT/sweep.json records the
+--gin_file / --gin_param values every run shares, the swept bindings' full names and each run name's full bindings
+("runs"), and a root holding a sweep with other shared values is refused. The
 table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its final metrics: loss, eval loss and
 next-token accuracy of the trained positions (token_accuracy); for GRPO, mean reward and the share of rollouts
 whose answer verified (accuracy). In local mode a failing run does not stop the sweep: the other runs go on, the
@@ -129,9 +129,9 @@ def gin_value(value) -> str:
 
 
 # A file name holds at most 255 bytes: a longer run name (a system prompt, a model.overrides dict or a list of files
-# as the value) is cut to this many, ending in a hash of the full bindings so runs that differ past the cut keep
-# their own workdirs.
-MAX_NAME_BYTES = 120
+# as the value) is cut to that, ending in a hash of the full bindings so runs that differ past the cut keep their
+# own workdirs. Names that fit are kept whole, as a sweep started before names were cut named them.
+MAX_NAME_BYTES = 255
 
 
 def run_name(bindings: dict) -> str:

@@ -260,6 +260,12 @@ def test_relative_paths_in_bindings_are_read_from_the_callers_directory_and_chec
       recipe.main([f"--workdir={tmp_path / 'w'}", "--quick",
                    f"--gin_param=recipe.stage_bindings={json.dumps({stage: [binding]})}"])
     assert not ran
+  # A stage finished in the workdir is not trained again: its files may be gone.
+  (tmp_path / "w" / "midtrain").mkdir(parents=True)
+  (tmp_path / "w" / "midtrain" / "recipe_stage.json").write_text("{}")
+  gone = json.dumps({"midtrain": ['data.eval_files=["gone.jsonl"]']})
+  recipe.main([f"--workdir={tmp_path / 'w'}", "--quick", f"--gin_param=recipe.stage_bindings={gone}"])
+  assert ran
   # A path found from the repository root (and not the caller's directory) is read from there, as before, and one
   # given from the repository root stays as it was given.
   for caller_dir in (tmp_path, ROOT):

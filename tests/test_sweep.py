@@ -103,6 +103,7 @@ def test_a_long_value_gives_a_capped_unique_run_name_recorded_in_sweep_json(tmp_
   assert all(n.startswith("system_prompt=You_are_a_careful") for n in names)
   sweep.check_runs(runs)
   assert sweep.run_name({"train.seed": 1}) == "seed=1"  # a short name stays as it was (a rerun finds its runs)
+  assert sweep.run_name({"data.system_prompt": "x" * 230}) == "system_prompt=" + "x" * 230  # so does one that fits
   monkeypatch.setattr(sweep, "command", lambda files, params, bindings, workdir: [
       sys.executable, "-c", "import os, sys; os.makedirs(sys.argv[1])", workdir])
   sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", "--sweep=" + json.dumps(
