@@ -106,9 +106,10 @@ def check_verify_timeout(binding: str, value: Optional[float]) -> None:
 
 
 def read_problems(path: str) -> list[dict[str, Any]]:
-  """[{"prompt": str | messages, "answer": str}] from a problems file; a bad record raises DataError (file:line)."""
+  """[{"prompt": str | messages, "answer": str}] from a problems file; a bad record raises DataError (file:line), and
+  gold answers the verifier cannot grade against are named in a warning."""
   source = open_source(path)
-  problems = []
+  problems, ungradable = [], []
   for index in range(len(source)):
     raw = source[index]
     if raw["error"] is not None:
@@ -117,6 +118,12 @@ def read_problems(path: str) -> list[dict[str, Any]]:
     if bad is not None:
       raise DataError(raw["where"], *bad)
     problems.append(problem)
+    if (why := rewards.gold_problem(problem["answer"])) is not None:
+      ungradable.append(f"{raw['where']} ({problem['answer'][:40]!r}: {why})")
+  if ungradable:  # kept, so that an evaluation's denominator stays the benchmark's
+    log.warning("%d problem(s) of %s have a gold answer the verifier cannot grade against, so every answer to them "
+                "scores incorrect: %s%s", len(ungradable), path, "; ".join(ungradable[:_NAMED_PROBLEMS]),
+                f" and {len(ungradable) - _NAMED_PROBLEMS} more" if len(ungradable) > _NAMED_PROBLEMS else "")
   return problems
 
 
@@ -154,9 +161,6 @@ def _problem(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, s
     return None, ("mistyped field", f"'answer' is {type(answer).__name__}, expected a string or a number")
   if not str(answer).strip():
     return None, ("empty answer", "'answer' is empty: no rollout could be graded against it")
-  if rewards.readable_gold(str(answer)) is None:
-    return None, ("unverifiable answer", f"'answer' {str(answer)[:80]!r} is no answer the verifier can grade against "
-                  "(too long, or refused by its screen): every rollout would score incorrect; fix or drop the record")
   return {"prompt": data["problem"], "answer": str(answer)}, None
 
 

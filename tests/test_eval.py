@@ -911,7 +911,7 @@ def test_problem_files_read_a_numeric_answer_as_its_text_as_grpo_does(tmp_path):
       rollouts.read_problems(str(path))
 
 
-def test_conversation_problems_grade_against_the_final_answer_and_bad_turns_are_refused(tmp_path):
+def test_conversation_problems_grade_against_the_final_answer_and_bad_turns_are_refused(tmp_path, caplog):
   import rollouts
   path = tmp_path / "c.jsonl"
 
@@ -931,12 +931,19 @@ def test_conversation_problems_grade_against_the_final_answer_and_bad_turns_are_
            (conversation(("tool", "x"), ("assistant", "\\boxed{7}")), r"c.jsonl:1: unknown role: prompt message 0"),
            (json.dumps({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "7"}]}),
             r"c.jsonl:1: missing field: prompt message 0 has no 'content'"),
-           (json.dumps({"problem": "3 + 4?", "answer": " "}), r"c.jsonl:1: empty answer"),
-           (json.dumps({"problem": "Big?", "answer": "9^{9^{9^9}}"}), r"c.jsonl:1: unverifiable answer")]
+           (json.dumps({"problem": "3 + 4?", "answer": " "}), r"c.jsonl:1: empty answer")]
   for record, error in cases:
     path.write_text(record + "\n")
     with pytest.raises(DataError, match=error):
       rollouts.read_problems(str(path))
+  # A gold answer the verifier cannot grade against is kept (a benchmark keeps its denominator), and named.
+  path.write_text("".join(json.dumps({"problem": q, "answer": a}) + "\n" for q, a in (
+      ("2 + 2?", "4"), ("Double factorial?", "15!!"), ("Tower?", "9^{9^{9^9}}"))))
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    assert len(rollouts.read_problems(str(path))) == 3
+  assert re.search(r"2 problem\(s\) of .*c.jsonl have a gold answer the verifier cannot grade against, so every "
+                   r"answer to them scores incorrect: .*c.jsonl:2 \('15!!': refused by the answer screen: a factorial "
+                   r"of a factorial\); .*c.jsonl:3", caplog.text), caplog.text
 
 
 def test_warn_unread_bindings_names_each_binding_of_a_configurable_the_tool_does_not_read(caplog):

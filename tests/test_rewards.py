@@ -1066,14 +1066,15 @@ def test_superscript_digits_are_screened_not_a_crash(pool, monkeypatch):
 
 def test_a_completion_whose_answer_cannot_be_read_is_graded_incorrect_not_raised(pool, monkeypatch, caplog):
   from phi_jax.rewards import verifier  # pylint: disable=import-outside-toplevel
-  real = verifier.readable_answer
+  real = verifier.extract_answer
 
-  def fragile(completion, config=None):
+  def fragile(completion, **kwargs):
     if "trap" in completion:
       raise RuntimeError("unreadable")
-    return real(completion, config)
+    return real(completion, **kwargs)
 
-  monkeypatch.setattr(verifier, "readable_answer", fragile)
+  monkeypatch.setattr(verifier, "extract_answer", fragile)
+  assert verifier.readable_answer("\\boxed{2} trap") is None  # as eval.py's format check reads it
   monkeypatch.setattr(pool, "verify_answers", lambda pairs, **kwargs: [True] * len(pairs))
   assert pool.verify_batch(["\\boxed{2} trap", "\\boxed{2}"], ["2", "2"]) == [False, True]
   assert "RuntimeError: unreadable): graded incorrect" in caplog.text

@@ -17,4 +17,5 @@ from phi_jax.rewards.repetition import repetition_penalty
 from phi_jax.rewards.screen import ScreenConfig, passes_screen, screen_problem
 from phi_jax.rewards.think_format import ThinkFormat, format_ok, think_format_ok
 from phi_jax.rewards.verifier import (VerifierConfig, VerifierPool, configure, default_config, default_pool,
-                                      is_correct, readable_answer, readable_gold, shutdown, verify_batch)
+                                      gold_problem, is_correct, readable_answer, readable_gold, shutdown,
+                                      verify_batch)

@@ -101,17 +101,34 @@ def readable_answer(completion, config: Optional[VerifierConfig] = None) -> Opti
   `screen.max_answer_chars` long, passing the screen), or None where it reads none and scores the completion
   incorrect. `config` defaults to the module-wide pool's (`default_config`)."""
   config = default_config() if config is None else config
-  answer = extract_answer(sanitize(completion), max_chars=config.screen.max_answer_chars, think=config.think)
-  return None if answer is None or screen_problem(answer, config.screen) else answer
+  try:
+    answer = extract_answer(sanitize(completion), max_chars=config.screen.max_answer_chars, think=config.think)
+    return None if answer is None or screen_problem(answer, config.screen) else answer
+  except Exception as e:  # pylint: disable=broad-except
+    # A model's output must never stop training or an evaluation: what cannot be read is graded incorrect.
+    logger.warning("reading the answer of completion %.80r failed (%s: %s): graded incorrect", completion,
+                   type(e).__name__, e)
+    return None
 
 
 def readable_gold(gold, config: Optional[VerifierConfig] = None) -> Optional[str]:
   """A gold answer as the verifier reads it (`extract_gold`, at most `screen.max_answer_chars` long, passing the
-  screen), or None where it reads none: every completion graded against it would score incorrect. `config`
-  defaults to the module-wide pool's (`default_config`)."""
+  screen), or None where it reads none (`gold_problem` says why): every completion graded against it would score
+  incorrect. `config` defaults to the module-wide pool's (`default_config`)."""
   config = default_config() if config is None else config
   answer = extract_gold(sanitize(gold), max_chars=config.screen.max_answer_chars)
   return None if answer is None or screen_problem(answer, config.screen) else answer
+
+
+def gold_problem(gold, config: Optional[VerifierConfig] = None) -> Optional[str]:
+  """Why the verifier reads no gold answer from `gold` (see `readable_gold`), or None where it reads one. The screen
+  built for model output refuses some real answers too ("15!!", which math-verify would read as (15!)!)."""
+  config = default_config() if config is None else config
+  answer = extract_gold(sanitize(gold), max_chars=config.screen.max_answer_chars)
+  if answer is None:
+    return f"no answer read from it (empty, or over {config.screen.max_answer_chars} characters)"
+  problem = screen_problem(answer, config.screen)
+  return None if problem is None else f"refused by the answer screen: {problem}"
 
 
 class VerifierPool:
@@ -138,13 +155,7 @@ class VerifierPool:
       raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
     pairs: list[Optional[tuple[str, str]]] = []
     for completion, gold in zip(completions, golds):
-      try:
-        pred_answer = readable_answer(completion, self.config)
-      except Exception as e:  # pylint: disable=broad-except
-        # A model's output must never stop training or an evaluation: what cannot be read is graded incorrect.
-        logger.warning("reading the answer of completion %.80r failed (%s: %s): graded incorrect", completion,
-                       type(e).__name__, e)
-        pred_answer = None
+      pred_answer = readable_answer(completion, self.config)
       gold_answer = readable_gold(gold, self.config)
       if gold_answer is None:
         logger.warning("gold answer %.80r cannot be verified against", gold)
