@@ -6,8 +6,10 @@ import dataclasses
 import json
 import operator
 import os
+import pathlib
 import random
 import re
+import subprocess
 import sys
 
 import pytest
@@ -19,7 +21,8 @@ from phi_jax.data.sources import JsonlSource, read_record
 from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer
 from phi_jax.tasks import word_problems as wp
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
 import make_task_data  # noqa: E402
 
 # The question's sentences, read without the generator: pattern -> how the quantity changes.
@@ -174,6 +177,13 @@ def test_difficulties_that_cannot_make_problems_are_refused(fields):
     wp.Difficulty(**fields)
 
 
+@pytest.mark.parametrize("field,value", [("max_steps", 3.5), ("max_value", "30"), ("max_start", 12.0),
+                                         ("max_operand", True)])
+def test_a_difficulty_field_that_is_no_whole_number_is_named(field, value):
+  with pytest.raises(ValueError, match=rf"Difficulty.{field} must be a whole number, got {re.escape(repr(value))}"):
+    wp.Difficulty(**{field: value})
+
+
 def test_verifier_accepts_teacher_traces_and_rejects_slips(problems, verifier):
   rng = random.Random(1)
   chosen = [group[i] for group in problems.values() for i in range(2)][:12]
@@ -202,6 +212,9 @@ def test_splits_are_disjoint_by_arithmetic_and_reproducible():
                                  wp.Step(9, "-", 3, 6, "loses 3")), start=6)
   two_boxes = wp.Problem("", "6", (wp.Step(6, "*", 2, 12, "6 bags of 2"),) + doubled.steps[1:], start=6)
   assert doubled.split_key == two_boxes.split_key == "12-3-3" and doubled.key == two_boxes.key
+  # Containers then a doubling: every leading product is folded, so "2 boxes of 3, doubled" is "6, doubled" is 12.
+  boxes_doubled = wp.Problem("", "6", (wp.Step(2, "*", 3, 6, "2 boxes of 3"),) + doubled.steps, start=2)
+  assert boxes_doubled.split_key == doubled.split_key == "12-3-3"
   # Across many draws, no arithmetic (`key`) falls in two splits.
   rng = random.Random(7)
   split_of_key = collections.defaultdict(set)
@@ -414,3 +427,21 @@ def test_a_rerun_cut_short_leaves_no_manifest_of_other_files(tmp_path, monkeypat
   with pytest.raises(KeyboardInterrupt):
     make_task_data.make_task_data(str(out), seed=2, counts=SMALL_COUNTS)
   assert not (out / "manifest.json").exists()
+
+
+def test_the_tiny_trace_files_are_reproduced_by_their_script_and_share_no_question(tmp_path):
+  """The tiny configs' eval and prompt files held questions of the training file (their eval loss was partly a
+  training loss); the script writes them from one set of questions, into a directory it makes."""
+  out = tmp_path / "new" / "dir"
+  subprocess.run([sys.executable, os.path.join(REPO, "experiments/data/make_tiny_traces.py"), "--out_dir", str(out)],
+                 check=True)
+  arithmetic = {}
+  for name in ("tiny_traces_train.jsonl", "tiny_traces_eval.jsonl", "tiny_prompts.jsonl"):
+    assert (out / name).read_bytes() == (pathlib.Path(REPO) / "experiments/data" / name).read_bytes(), name
+    questions = [json.loads(line) for line in (out / name).read_text().splitlines()]
+    questions = [q["problem"] if "problem" in q else q["messages"][0]["content"] for q in questions]
+    a_b_c = [tuple(map(int, re.findall(r"\d+", q))) for q in questions]
+    arithmetic[name] = {(min(a, b), max(a, b), c) for a, b, c in a_b_c}
+    assert len(arithmetic[name]) == len(questions), name
+  train, evaluation, prompts = arithmetic.values()
+  assert not train & evaluation and not train & prompts and not evaluation & prompts

@@ -9,8 +9,18 @@ import os
 import random
 
 
-def trace(rng: random.Random) -> dict:
-  a, b, c = rng.randint(2, 60), rng.randint(2, 60), rng.randint(2, 9)
+def draw(rng: random.Random, seen: set) -> tuple[int, int, int]:
+  """(a, b, c) of a question (a + b) * c whose arithmetic no file has yet ((b + a) * c is the same question): the
+  eval and prompt files hold no question the training file does."""
+  while True:
+    a, b, c = rng.randint(2, 60), rng.randint(2, 60), rng.randint(2, 9)
+    if (min(a, b), max(a, b), c) not in seen:
+      seen.add((min(a, b), max(a, b), c))
+      return a, b, c
+
+
+def trace(rng: random.Random, seen: set) -> dict:
+  a, b, c = draw(rng, seen)
   total = (a + b) * c
   question = f"What is ({a} + {b}) * {c}?"
   thinking = f"<think>First {a} + {b} = {a + b}. Then {a + b} * {c} = {total}.</think>"
@@ -18,8 +28,8 @@ def trace(rng: random.Random) -> dict:
                        {"role": "assistant", "content": f"{thinking} The answer is \\boxed{{{total}}}."}]}
 
 
-def prompt(rng: random.Random) -> dict:
-  record = trace(rng)
+def prompt(rng: random.Random, seen: set) -> dict:
+  record = trace(rng, seen)
   answer = record["messages"][1]["content"].rsplit("\\boxed{", 1)[1].split("}")[0]
   return {"problem": record["messages"][0]["content"], "answer": answer}
 
@@ -28,12 +38,14 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
   args = parser.parse_args()
+  os.makedirs(args.out_dir, exist_ok=True)
+  seen = set()
   for name, seed, count, make in (("tiny_traces_train.jsonl", 0, 400, trace), ("tiny_traces_eval.jsonl", 1, 40, trace),
                                   ("tiny_prompts.jsonl", 2, 64, prompt)):
     rng = random.Random(seed)
     with open(os.path.join(args.out_dir, name), "w") as f:
       for _ in range(count):
-        f.write(json.dumps(make(rng)) + "\n")
+        f.write(json.dumps(make(rng, seen)) + "\n")
 
 
 if __name__ == "__main__":

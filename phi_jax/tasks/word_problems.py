@@ -36,8 +36,8 @@ from typing import Optional, Union
 # other rules has other held-out problems, so results on it are not comparable (the recipe refuses to reuse it).
 # Raised too when `generate` picks other problems for the same arguments. 4: problems distinct by key are distinct
 # by `split_key` (2026-12-07); 3: a first product of any kind is folded into its result (2026-12-07); 2: containers
-# folded (2026-12-06).
-SPLIT_VERSION = 4
+# folded (2026-12-06). 5: every leading product is folded, a doubling after containers too (2026-12-07).
+SPLIT_VERSION = 5
 
 # Fractions of the problem space in each split, in the order the hash buckets are assigned.
 SPLIT_FRACTIONS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
@@ -79,6 +79,10 @@ class Difficulty:
   max_containers: int = 5
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if isinstance(value, bool) or not isinstance(value, int):  # 3.5 failed deep in the draw, as "too few problems"
+        raise ValueError(f"Difficulty.{field.name} must be a whole number, got {value!r}")
     if not 1 <= self.min_steps <= self.max_steps:
       raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
     if min(self.max_operand, self.max_containers, self.max_start) < 2:
@@ -122,12 +126,14 @@ class Problem:
   @property
   def split_key(self) -> str:
     """What decides the problem's split: its arithmetic from the first quantity it counts, so "3 boxes of 4, gives
-    away 5", "6 apples, doubles them, gives away 5" and "12 apples, gives away 5" fall in the same split. A first
-    product (containers, or a doubling or tripling of the start) is folded into its result, so two problems with
-    the same `key` always share a split."""
-    if self.steps and self.steps[0].op == "*":
-      return _arithmetic_key(self.steps[0].result, self.steps[1:])
-    return self.key
+    away 5", "6 apples, doubles them, gives away 5" and "12 apples, gives away 5" fall in the same split. The
+    products it starts with (containers, then any doubling or tripling) are folded into their result ("2 boxes of
+    3, doubles them, gives away 5" is 12-5, as "6 apples, doubles them, gives away 5" is), so two problems with the
+    same `key` always share a split."""
+    lead = 0
+    while lead < len(self.steps) and self.steps[lead].op == "*":
+      lead += 1
+    return _arithmetic_key(self.steps[lead - 1].result, self.steps[lead:]) if lead else self.key
 
   @property
   def num_steps(self) -> int:
