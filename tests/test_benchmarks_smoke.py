@@ -55,7 +55,7 @@ def test_blockwise_memory(tmp_path):
   assert lengths == sorted(lengths) and len(lengths) == 3
   peaks = [r["peak_gib"] for r in result["blockwise"]]
   assert peaks == sorted(peaks) and peaks[0] > 0
-  assert isinstance(result["blockwise_linear"], bool)
+  assert result["blockwise_linear"] is True, result["blockwise_marginal_bytes_per_token"]
 
 
 def test_compile_phi4(tmp_path):
@@ -94,6 +94,27 @@ def test_device_check_script(tmp_path):
   assert result["decode_long"]["speedup_blocked_over_one_pass"] > 0
   assert result["decode_long_one_pass"]["block_bytes"]["cpu"] > result["decode_long_blocked"]["block_bytes"]["cpu"]
   assert isinstance(result["cudnn_offsets_fit_grouped_keys"], bool)
+
+
+def test_device_check_fails_a_backend_that_attends_to_the_wrong_keys(tmp_path):
+  """The check compares each backend with the float32 reference: a packed path reading other tokens' keys must
+  fail the part (and the script) with its figures kept, not be reported beside an MFU."""
+  script = (
+      "import runpy, sys\n"
+      "import jax.numpy as jnp\n"
+      "from phi_jax.model import attention_gpu\n"
+      "real = attention_gpu._packed_attention\n"
+      "attention_gpu._packed_attention = lambda q, k, v, **kw: real(q, jnp.flip(k, 1), v, **kw)\n"
+      f"sys.argv = ['benchmarks/device_check.py', '--smoke', '--parts', 'attention', '--out', '{tmp_path}/dc.json']\n"
+      "runpy.run_path('benchmarks/device_check.py', run_name='__main__')\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0 and "part(s) attention failed" in proc.stderr, proc.stderr[-2000:]
+  with open(tmp_path / "dc.json") as f:
+    attention = json.load(f)["attention"]
+  assert "disagree with the float32 reference" in attention["error"] and attention["cudnn_out_rel_err"] > 0.1
 
 
 def device_check_env(tmp_path):

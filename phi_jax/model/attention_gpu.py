@@ -137,13 +137,17 @@ def _packed_attention(q, k, v, *, seg, offsets, lengths, scale, implementation):
 
 
 def _packed_rows(batch, length, rng):
-  """Segment ids with 2-3 documents per row and a padded tail, plus arange indices."""
+  """Segment ids with 2-3 documents per row and a padded tail, plus arange indices. With more than one row, the
+  last holds the layouts the packed path treats apart: one-token documents and padding between documents."""
   seg = np.zeros((batch, length), np.int32)
   for row in range(batch):
     cuts = np.sort(rng.choice(np.arange(1, int(length * 0.9)), size=rng.integers(1, 3), replace=False))
     bounds = [0, *cuts, int(length * 0.9) + row]
     for doc, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
       seg[row, start:end] = doc + 1
+  if batch > 1:  # doc 1 of one token, padding, doc 2, doc 3 of one token, padding to the end
+    seg[-1] = 0
+    seg[-1, 0], seg[-1, 4:length // 2], seg[-1, length // 2] = 1, 2, 3
   return seg, np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
 
 
