@@ -575,30 +575,37 @@ def get_tokenizer(spec: str, workdir: str):
   """The tokenizer `spec` names; "tiny:<chat format>" is built once into workdir/tokenizer and read from there."""
   if spec.startswith("tiny:"):
     out = os.path.join(workdir, "tokenizer")
-    chat_format = tiny_chat_format(spec)
-    built = _tiny_tokenizer_format(out)
-    if built is not None and built != chat_format:
-      # A workdir keeps the tokenizer it was first given (a run resumes with it); a spec naming another format
-      # would otherwise be ignored without a word, the data rendered in the old format.
-      # Not a tiny one: the copy a run trained on a tokenizer directory keeps there (`keep_run_tokenizer`).
-      held, binding = ((f"the tiny tokenizer of the {built!r} format ({out})", f"tiny:{built}") if built != "unknown"
-                       else (f"the tokenizer in {out}, not a tiny one", out))
-      if _has_checkpoints(workdir) or os.path.isdir(os.path.join(workdir, "params")):
-        raise ValueError(f"data.tokenizer={spec!r}, but {workdir} holds a run trained with {held}: set "
-                         f"data.tokenizer='{binding}' to resume with it, or use a new workdir")
-      log.warning("data.tokenizer=%r: replacing the %s that an earlier, unstarted run left in %s", spec,
-                  f"tiny {built!r} tokenizer" if built != "unknown" else "tokenizer (not a tiny one)", out)
-    # Process 0 alone builds it, into a temporary directory renamed into place: processes started together would
-    # otherwise write the same files at once, and one could read another's half-written file.
-    if jax.process_index() == 0 and built != chat_format:
-      tmp = f"{out}.tmp{os.getpid()}"
-      shutil.rmtree(tmp, ignore_errors=True)
-      build_tiny_tokenizer(tmp, chat_format=chat_format)
-      shutil.rmtree(out, ignore_errors=True)  # what a crash left half-built
-      os.replace(tmp, out)
-    distributed.barrier(f"tiny tokenizer {out}")  # every process, whether or not it found the files
+    # The check or process 0's build may fail on one process alone: every process learns it here, in the collective
+    # that also holds the others back until the files are built.
+    with distributed.failing_together(f"building data.tokenizer={spec!r} into {out}"):
+      _build_tiny_tokenizer_once(spec, workdir, out)
     return load_tokenizer(out)
   return load_tokenizer(spec)
+
+
+def _build_tiny_tokenizer_once(spec: str, workdir: str, out: str) -> None:
+  """Builds the tiny tokenizer `spec` names into `out` (process 0 alone) unless it is there already."""
+  chat_format = tiny_chat_format(spec)
+  built = _tiny_tokenizer_format(out)
+  if built is not None and built != chat_format:
+    # A workdir keeps the tokenizer it was first given (a run resumes with it); a spec naming another format
+    # would otherwise be ignored without a word, the data rendered in the old format.
+    # Not a tiny one: the copy a run trained on a tokenizer directory keeps there (`keep_run_tokenizer`).
+    held, binding = ((f"the tiny tokenizer of the {built!r} format ({out})", f"tiny:{built}") if built != "unknown"
+                     else (f"the tokenizer in {out}, not a tiny one", out))
+    if _has_checkpoints(workdir) or os.path.isdir(os.path.join(workdir, "params")):
+      raise ValueError(f"data.tokenizer={spec!r}, but {workdir} holds a run trained with {held}: set "
+                       f"data.tokenizer='{binding}' to resume with it, or use a new workdir")
+    log.warning("data.tokenizer=%r: replacing the %s that an earlier, unstarted run left in %s", spec,
+                f"tiny {built!r} tokenizer" if built != "unknown" else "tokenizer (not a tiny one)", out)
+  # Process 0 alone builds it, into a temporary directory renamed into place: processes started together would
+  # otherwise write the same files at once, and one could read another's half-written file.
+  if jax.process_index() == 0 and built != chat_format:
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_tokenizer(tmp, chat_format=chat_format)
+    shutil.rmtree(out, ignore_errors=True)  # what a crash left half-built
+    os.replace(tmp, out)
 
 
 def keep_run_tokenizer(workdir: str, spec: str, tokenizer, replace: bool) -> None:
@@ -1075,22 +1082,35 @@ def _train_in(workdir: str):
     # A copy a kill left set aside is put back first: the tiny tokenizer's build and the resume check read W/tokenizer.
     _tidy_run_tokenizer(os.path.join(workdir, "tokenizer"))
   distributed.barrier(f"run tokenizer {workdir}")
-  tokenizer = get_tokenizer(data_cfg["tokenizer"], workdir)
   start = settings["init_from"] or hf_path
   start_name = "train.init_from" if settings["init_from"] else "model.hf_path"
-  check_vocab(model_config, tokenizer, start_name, start)
-  if start:
-    check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"], start_name, start)
-  fresh = not _has_checkpoints(workdir)
-  if not fresh and os.path.isdir(os.path.join(workdir, "tokenizer")):
-    # Files replaced at data.tokenizer's path would train the checkpoints on other ids, then become the copy.
-    check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"], "--workdir", workdir)
-  if not data_cfg["train_files"]:
-    raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
-  if _finished_without_checkpoints(workdir, settings["loop"].num_steps):
+  # Each process reads these files alone, on its own host: one missing there stops every process with its cause
+  # named, where the others waited in the next collective until JAX's timeout. Nothing in the block is a collective
+  # but get_tokenizer's, which agrees on its own errors first. The starting params' directory is checked here, as
+  # loading them (train.init_params) runs collectives.
+  with distributed.failing_together("reading data.tokenizer, the starting params' directory (train.init_from or "
+                                    "model.hf_path) or data.eval_files"):
+    tokenizer = get_tokenizer(data_cfg["tokenizer"], workdir)
+    check_vocab(model_config, tokenizer, start_name, start)
+    fresh = not _has_checkpoints(workdir)
+    if start and fresh:  # the params are loaded (params_loader's checks, then collectives) only for a fresh run
+      if settings["init_from"]:
+        check_policy_dir(start, start_name)
+      else:
+        _check_is_dir(start_name, start)
+    if start:
+      check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"], start_name, start)
+    if not fresh and os.path.isdir(os.path.join(workdir, "tokenizer")):
+      # Files replaced at data.tokenizer's path would train the checkpoints on other ids, then become the copy.
+      check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"], "--workdir", workdir)
+    if not data_cfg["train_files"]:
+      raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
+    finished = _finished_without_checkpoints(workdir, settings["loop"].num_steps)
+    if not finished:
+      check_data_settings(stage, data_cfg, loop)
+      file_sizes(data_cfg["eval_files"])  # a missing eval file is an error now, not at the first evaluation
+  if finished:
     return None
-  check_data_settings(stage, data_cfg, loop)
-  file_sizes(data_cfg["eval_files"])  # a missing eval file is an error now, not at the first evaluation
   if loop.export_hf and jax.process_count() > 1:
     raise ValueError(f"train.export_hf writes from one process, and no one of these {jax.process_count()} holds "
                      "every parameter: leave it off and, once the run has finished, export in one process with "

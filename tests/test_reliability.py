@@ -5,6 +5,7 @@ Subprocess runs use tests/fault_worker.py (a tiny model on 2 CPU devices); the r
 itself are in test_resume.py.
 """
 
+import errno
 import fcntl
 import gc
 import glob
@@ -13,6 +14,7 @@ import re
 import logging
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -358,6 +360,123 @@ def test_truncated_or_bit_flipped_checkpoint_is_reported_and_the_previous_one_us
   gc.collect()
 
 
+def _wrapped(text: str) -> Exception:
+  """A tensorstore error inside Orbax's, as an array restore reports one: the cause is only in the chain."""
+  outer = Exception("Encountered error while reading array index: (slice(0, 2, 1), slice(0, 16, 1))")
+  outer.__cause__ = ValueError(text)
+  return outer
+
+
+# (item whose restore fails, the error, whether it is damage): the machine's errors keep the step where it is.
+RESTORE_ERRORS = [
+    ("state", OSError(errno.EMFILE, "Too many open files"), False),
+    ("state", _wrapped('RESOURCE_EXHAUSTED: Error reading "w/0" in OCDBT database at local file "x/state/": Failed '
+                       "to open: \"x/state/d/3b05\": Too many open files [os_error_code='24']"), False),
+    ("state", _wrapped("PERMISSION_DENIED: Error opening file \"x/state/_METADATA\": Permission denied "
+                       "[os_error_code='13']"), False),
+    ("integrity", OSError(errno.ESTALE, "Stale file handle"), False),
+    ("data", OSError(errno.EINTR, "Interrupted system call"), False),
+    ("state", _wrapped("DATA_LOSS: Error reading \"x/state/d/3b05\": Input/output error [os_error_code='5']"), True),
+    ("integrity", ValueError("Expecting value: line 1 column 1 (char 0)"), True),
+]
+
+
+@ignores_orbax_leftovers_of_damaged_files
+def test_a_restore_that_fails_for_a_reason_outside_the_files_keeps_the_checkpoint(tmp_path):
+  """Too few file descriptors, a permission, a stale NFS handle: the files are sound, so the restore raises the
+  error itself (with a note naming the step) and sets nothing aside, where setting the step aside lost the run's
+  progress to a passing fault of the machine. A read error (EIO) or unreadable JSON is damage, set aside as before.
+  Last, a real shortage of file descriptors at a few points of the restore."""
+  pristine = tmp_path / "pristine"
+  states = {step: _small_state(step) for step in (1, 2)}
+  ckpt = checkpoint.Checkpointer(str(pristine), save_interval_steps=1, async_save=False)
+  for step, state in states.items():
+    ckpt.save(step, state, data_state={"position": step}, meta={"step": step}, force=True)
+  ckpt.close()
+  work = tmp_path / "work"
+
+  def checkpointer():
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(pristine, work)
+    return checkpoint.Checkpointer(str(work), save_interval_steps=1, async_save=False)
+
+  for item, error, damage in RESTORE_ERRORS:
+    ckpt = checkpointer()
+    real = ckpt.manager.restore
+
+    def failing(step, args=None, real=real, item=item, error=error):
+      if step == 2 and item in args:
+        raise error
+      return real(step, args=args)
+
+    ckpt.manager.restore = failing
+    try:
+      if damage:
+        assert ckpt.restore_latest(_abstract(states[1]))[0] == 1, error
+        assert os.listdir(work / "corrupt"), error
+      else:
+        with pytest.raises(type(error)) as raised:
+          ckpt.restore_latest(_abstract(states[1]))
+        assert raised.value is error and f"{work}/2 was left in place" in " ".join(error.__notes__)
+        assert ckpt.all_steps() == [1, 2] and not os.path.exists(work / "corrupt")
+    finally:
+      ckpt.close()
+
+  for spare in (0, 1, 2, 3):
+    ckpt = checkpointer()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + spare, hard))
+    try:
+      restored = ckpt.restore_latest(_abstract(states[1]))
+    except Exception as e:  # pylint: disable=broad-except
+      restored, chain = None, []
+      while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+      assert "Too many open files" in " ".join(chain), (spare, chain)
+    finally:
+      resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+      ckpt.close()
+    assert restored is None or restored[0] == 2, spare
+    assert not os.path.exists(work / "corrupt"), spare
+  gc.collect()
+
+
+def test_a_step_that_lost_its_integrity_record_is_set_aside_and_an_older_one_without_is_restored(tmp_path, caplog):
+  """Every save writes an integrity item and lists it in the step's Orbax metadata: a step whose metadata lists one
+  that is gone is damaged (it was restored unverified, as if written before integrity records existed). A step whose
+  metadata lists none is such an older step, restored unverified with a warning."""
+  states = {step: _small_state(step) for step in (1, 2)}
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=1, async_save=False)
+  for step, state in states.items():
+    ckpt.save(step, state, data_state={"position": step}, meta={"step": step}, force=True)
+  ckpt.close()
+  pristine = tmp_path / "pristine"
+  shutil.copytree(tmp_path / "2", pristine)
+  shutil.rmtree(tmp_path / "2" / "integrity")
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=1, async_save=False)
+  try:
+    step, state, data, _ = ckpt.restore_latest(_abstract(states[1]))
+  finally:
+    ckpt.close()
+  assert (step, data) == (1, {"position": 1}) and _equal(state, states[1])
+  assert "its integrity record is missing" in caplog.text and os.listdir(tmp_path / "corrupt")
+
+  shutil.copytree(pristine, tmp_path / "2")  # as a save from before integrity records: no item, none listed
+  shutil.rmtree(tmp_path / "2" / "integrity")
+  record = json.loads((tmp_path / "2" / "_CHECKPOINT_METADATA").read_text())
+  del record["item_handlers"]["integrity"]
+  (tmp_path / "2" / "_CHECKPOINT_METADATA").write_text(json.dumps(record))
+  caplog.clear()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=1, async_save=False)
+  try:
+    step, state, data, _ = ckpt.restore_latest(_abstract(states[1]))
+  finally:
+    ckpt.close()
+  assert (step, data) == (2, {"position": 2}) and _equal(state, states[2])
+  assert "has no integrity record (written before they existed); restored unverified" in caplog.text
+
+
 # ---- in-process: resume compatibility, numerical faults ---------------------------------------------------------
 
 TINY = PhiConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -685,6 +804,26 @@ def test_ctrl_c_in_the_loop_waits_for_the_save_in_flight():
   assert saves.waited == 1
 
 
+def test_a_run_in_a_thread_other_than_the_main_one_trains_and_says_sigterm_will_not_save(tmp_path, caplog):
+  """Python lets only the main thread set a signal handler: a run in a worker thread (Ray Train, a notebook's
+  background thread) failed before its first step. It trains now, with a warning that SIGTERM will not save."""
+  import threading
+  outcome, handler = {}, signal.getsignal(signal.SIGTERM)
+
+  def train():
+    try:
+      outcome["state"] = _run(tmp_path, num_steps=2)
+    except BaseException as e:  # pylint: disable=broad-except  (reported by the assertion below)
+      outcome["error"] = e
+
+  worker = threading.Thread(target=train)
+  worker.start()
+  worker.join()
+  assert "error" not in outcome, repr(outcome.get("error"))
+  assert int(outcome["state"].step) == 2 and signal.getsignal(signal.SIGTERM) is handler  # the main thread's
+  assert "not the main thread" in caplog.text and "SIGTERM will not save a checkpoint" in caplog.text
+
+
 def test_eval_batches_the_mesh_cannot_split_or_that_lack_a_key_are_refused_before_the_first_step(tmp_path):
   """Found only at the final evaluation, which runs before the last step's checkpoint: the run's last steps were
   lost to an IndivisibleError naming sharding internals (or a bare KeyError), and a rerun trained them again."""
@@ -1002,6 +1141,38 @@ def test_non_finite_metrics_are_written_as_null_and_a_resume_reads_them_back(tmp
   assert sorted(records) == [1, 2, 3, 4]
   assert records[2]["skipped_update"] == 1.0 and records[2]["loss"] is None and records[2]["grad_norm"] is None
   assert all(r["eval_loss"] is None for r in records.values()) and records[4]["loss"] > 0
+
+
+def test_metrics_history_survives_a_write_that_fails_while_it_is_rewritten(tmp_path, monkeypatch):
+  """A start that drops the interrupted run's lines, and a merge of an eval record, rewrite metrics.jsonl; a full
+  disk (or a kill) part-way through leaves the old file whole, not the first lines of the new one."""
+  path = tmp_path / "metrics.jsonl"
+  original = "".join(loop._json_line({"step": s, "loss": 1.0 / s}) for s in range(1, 6))
+  path.write_text(original)
+  real, written = loop._json_line, []
+
+  def fails_at_the_third_line(record):
+    written.append(record)
+    if len(written) == 3:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(record)
+
+  monkeypatch.setattr(loop, "_json_line", fails_at_the_third_line)
+  with pytest.raises(OSError, match="No space left"):
+    loop.MetricsWriter(str(path), resume_step=4)  # drops step 5: a rewrite
+  assert path.read_text() == original
+  monkeypatch.setattr(loop, "_json_line", real)
+  writer = loop.MetricsWriter(str(path), resume_step=4)
+  assert [r["step"] for r in writer.kept] == [1, 2, 3, 4]
+  monkeypatch.setattr(loop, "_json_line", fails_at_the_third_line)
+  written.clear()
+  with pytest.raises(OSError, match="No space left"):
+    writer.merge(2, {"eval_loss": 0.5})
+  assert path.read_text() == "".join(map(real, writer.kept))
+  monkeypatch.setattr(loop, "_json_line", real)
+  writer.merge(2, {"eval_loss": 0.5})
+  assert [json.loads(line).get("eval_loss") for line in path.read_text().splitlines()] == [None, 0.5, None, None]
+  assert os.listdir(tmp_path) == ["metrics.jsonl"]  # no temporary file left behind
 
 
 def test_a_step_without_targets_logs_a_null_loss_that_neither_stops_the_run_nor_enters_the_spike_median(tmp_path):

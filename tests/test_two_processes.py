@@ -130,14 +130,24 @@ def _write_lines(path, lines) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["bad_eval_record", "train_file_too_small"])
+@pytest.mark.parametrize("case", ["bad_eval_record", "train_file_too_small", "eval_file_missing_on_one_host"])
 def test_a_data_file_that_fails_at_start_up_on_one_process_stops_both_naming_it(tmp_path, case):
   """experiments/train.py reads its data before any collective of the loop: an invalid eval record (in process 0's
-  share) or a train file with fewer records than processes (none left for process 1) raised on that process alone,
-  and the other waited for it until JAX's timeout. Both stop at once now, each naming the error."""
+  share), a train file with fewer records than processes (none left for process 1), or an eval file that one host
+  lacks (checked with the tokenizer and the starting params' directory, each host reading its own) raised on that
+  process alone, and the other waited for it until JAX's timeout. Both stop at once now, each naming the error."""
   with open(os.path.join(two_processes.ROOT, "experiments", "data", "tiny_traces_eval.jsonl")) as f:
     records = [line.rstrip("\n") for line in f][:8]
-  if case == "bad_eval_record":  # the third record is process 0's (records go to processes in turn)
+  launch = [sys.executable, TRAIN]
+  if case == "eval_file_missing_on_one_host":  # a relative path: each process reads it from a directory of its own
+    for process in (0, 1):
+      os.makedirs(tmp_path / f"process{process}")
+    _write_lines(tmp_path / "process0" / "eval.jsonl", records)
+    launch = [sys.executable, "-c", _FROM_OWN_DIRECTORY, str(tmp_path), TRAIN]
+    data = [f"--gin_param=data.train_files=['{os.path.join(two_processes.ROOT, 'experiments', 'data')}/"
+            "tiny_traces_train.jsonl']", "--gin_param=data.eval_files=['eval.jsonl']"]
+    where, failed = "eval.jsonl: no such file", 1
+  elif case == "bad_eval_record":  # the third record is process 0's (records go to processes in turn)
     bad = _write_lines(tmp_path / "eval.jsonl", records[:2] + ["{"] + records[3:])
     data = [f"--gin_param=data.eval_files=['{bad}']"]
     where, failed = "eval.jsonl:3: invalid JSON", 0
@@ -146,8 +156,9 @@ def test_a_data_file_that_fails_at_start_up_on_one_process_stops_both_naming_it(
             "--gin_param=data.eval_files=[]", "--gin_param=train.eval_every=0"]
     where, failed = "1 records leave none for process 1 of 2", 1
   codes, outputs = two_processes.run_to_exit(
-      [sys.executable, TRAIN, "--gin_file=experiments/configs/midtrain_tiny.gin", f"--workdir={tmp_path / 'run'}",
-       "--gin_param=train.num_steps=2", *data], _jax_env(4), 120, " (one waiting for the other's error)")
+      [*launch, f"--gin_file={os.path.join(two_processes.ROOT, 'experiments', 'configs', 'midtrain_tiny.gin')}",
+       f"--workdir={tmp_path / 'run'}", "--gin_param=train.num_steps=2", *data], _jax_env(4), 120,
+      " (one waiting for the other's error)")
   assert all(code == 1 for code in codes), (codes, [out[-2000:] for out in outputs])  # raised, not aborted
   assert where in outputs[failed], outputs[failed][-2000:]
   other = outputs[1 - failed]

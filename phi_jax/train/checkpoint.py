@@ -16,9 +16,11 @@ tensorstore's own checks) or whose restored values do not match their checksums 
 arrays, or other array-free nodes (an optax state wrapped differently), compared with the signature in the
 integrity record before any array is read, is refused as incompatible, not treated as damage; the record's and the
 metadata's digests are checked before that comparison and the run-settings check, so edited JSON is set aside as
-damage, not mistaken for another run's settings. An out-of-memory error is passed on as it is. A step without an
-integrity item (written before integrity records existed) is restored with a warning, relying on Orbax's validation
-alone.
+damage, not mistaken for another run's settings. An out-of-memory error is passed on as it is, and so is an error of
+the machine rather than of the files (too few file descriptors, a permission, a stale NFS handle, no memory: see
+`is_environment_error`; EIO counts as damage), with a note that the step was left in place. A step without an
+integrity item is restored with a warning, relying on Orbax's validation alone, only when its Orbax metadata lists
+none (written before integrity records existed); one whose metadata lists the item that is gone is damaged.
 
 Data-iterator state: each process reads its own shard of the data, so each is at its own position. A
 single-process save writes the iterator's state as it is; a save on several processes gathers every process's
@@ -31,10 +33,12 @@ every process advances alike) when every process saved the same one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any, Callable, Optional
@@ -155,9 +159,65 @@ def _check_empty_nodes(path: str, saved: Optional[dict], wanted: dict) -> None:
       "has finished)")
 
 
-def _agree(path: str, error: Optional[CorruptCheckpointError]) -> None:
-  """Raises on every process when any process found damage; a no-op for one process that found none."""
-  if any_process(error is not None)[0]:
+# Errors of the machine, not of the files: the step is sound, and a rerun once the cause is gone (more file
+# descriptors, permissions fixed, the file system back, memory free) restores it. EIO is not among them: a read
+# error of the medium is, as far as a restore can tell, damage to the files.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM, errno.ESTALE, errno.ENOMEM,
+                                 errno.EINTR, errno.EAGAIN})
+# Tensorstore reports an OS error inside the text of a ValueError, with its code, e.g. "...: Too many open files
+# [os_error_code='24']"; Orbax may wrap that in an exception of its own, keeping it as the cause.
+_ENVIRONMENT_TEXTS = tuple(os.strerror(n) for n in sorted(_ENVIRONMENT_ERRNOS)) + ("PERMISSION_DENIED",)
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def is_environment_error(error: BaseException) -> bool:
+  """Whether `error`, or an exception in its chain of causes, is an error of the machine (see
+  `_ENVIRONMENT_ERRNOS`) rather than of the files being read."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+      return True
+    text = str(error)
+    codes = {int(code) for code in _OS_ERROR_CODE.findall(text)}
+    if codes & _ENVIRONMENT_ERRNOS or any(marker in text for marker in _ENVIRONMENT_TEXTS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _lists_integrity_item(path: str) -> bool:
+  """Whether the step's Orbax metadata lists an `integrity` item. Every save does, so a step that lists one but lacks
+  it lost it; a step written before integrity records existed lists none (nor does one whose metadata is gone or
+  unreadable: Orbax's own checks judge that)."""
+  try:
+    with open(os.path.join(path, "_CHECKPOINT_METADATA")) as f:
+      record = json.load(f)
+  except (FileNotFoundError, ValueError):
+    return False
+  handlers = record.get("item_handlers") if isinstance(record, dict) else None
+  return isinstance(handlers, dict) and "integrity" in handlers
+
+
+def _agree(path: str, error: Optional[BaseException]) -> None:
+  """Raises on every process when any process failed; a no-op for one process that found nothing.
+
+  `error` is damage (`CorruptCheckpointError`) or an error outside the files (the machine's, or unexpected), which
+  is raised as it is. An error outside the files on any process wins over damage found elsewhere: no process then
+  raises `CorruptCheckpointError`, so the step is not set aside.
+  """
+  damaged = isinstance(error, CorruptCheckpointError)
+  found_damage, found_other = any_process(damaged, error is not None and not damaged)
+  if found_other:
+    if error is not None and not damaged:
+      error.add_note(f"checkpoint {path} was left in place: the restore failed for a reason outside its files (too "
+                     "few file descriptors, permissions, the file system, memory). Fix that, then rerun the same "
+                     "command to resume from it.")
+      raise error
+    raise CheckpointError(f"another process could not restore checkpoint {path} for a reason outside its files (its "
+                          "log names the error); the checkpoint was left in place. Fix that, then rerun the same "
+                          "command to resume from it.")
+  if found_damage:
     raise error if error is not None else CorruptCheckpointError(path, "damage found by another process")
 
 
@@ -355,6 +415,9 @@ class Checkpointer:
       if os.path.isdir(os.path.join(path, "integrity")):
         integrity = self._read_json(step, "integrity", "integrity record")
         _check_record_digest(path, integrity)
+      elif _lists_integrity_item(path):
+        raise CorruptCheckpointError(path, "its integrity record is missing (the step's _CHECKPOINT_METADATA lists "
+                                     "one, as every save does)")
       if check_meta is not None:
         meta = self._read_json(step, "meta", "metadata")
         # Damage first: edited metadata is set aside like any damaged file, not refused as another run's settings.
@@ -364,7 +427,7 @@ class Checkpointer:
       data = self._read_json(step, "data", "data-iterator state")
       if integrity is not None and digest(data) != integrity.get("data"):
         raise CorruptCheckpointError(path, "the data-iterator state does not match its digest")
-    except CorruptCheckpointError as e:
+    except Exception as e:  # pylint: disable=broad-except  (damage, or the machine's error: see `_read_json`)
       error = e
     _agree(path, error)
     if check_meta is not None:
@@ -378,9 +441,11 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # tensorstore/Orbax/JSON errors of damaged files; the type says little, the text is kept
-      if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+      if is_environment_error(e):  # before the memory check: tensorstore reports EMFILE as RESOURCE_EXHAUSTED
+        error = e
+      elif isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
         raise  # out of memory on this mesh: nothing wrong with the files
-      if "tree structures do not match" in str(e) and (integrity is None or integrity.get("empty_nodes") is None):
+      elif "tree structures do not match" in str(e) and (integrity is None or integrity.get("empty_nodes") is None):
         # A save without a record of its empty nodes (older saves): Orbax's refusal of a target whose tree is not
         # the saved one (same on every process) is taken as another config, not as damage to set aside. With the
         # record, the check above has already compared them, and a mismatch here is damage to Orbax's metadata.
@@ -388,8 +453,9 @@ class Checkpointer:
             f"checkpoint {path} was written with a state of another tree structure (an optimizer set up "
             f"differently). Restore it with the config that wrote it, or start a new workdir. Orbax: "
             f"{str(e)[:800]}") from e
-      error = CorruptCheckpointError(path, f"restore failed: {type(e).__name__}: {str(e)[:500]}")
-      error.__cause__ = e
+      else:
+        error = CorruptCheckpointError(path, f"restore failed: {type(e).__name__}: {str(e)[:500]}")
+        error.__cause__ = e
     _agree(path, error)
     state, meta = restored["state"], restored["meta"]
     if integrity is None:
@@ -407,6 +473,8 @@ class Checkpointer:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
     except Exception as e:  # an unreadable JSON item is damage, like any other unreadable file
+      if is_environment_error(e):
+        raise  # the machine's error (too few file descriptors, permissions): the file may well be sound
       raise CorruptCheckpointError(self.step_path(step), f"{what} unreadable: {type(e).__name__}: {e}") from e
 
   @staticmethod

@@ -158,7 +158,8 @@ class _SigtermFlag:
   With a grace period, a watchdog thread started by the first SIGTERM ends the process at the deadline, so a save
   that cannot finish in time never outlives the scheduler's patience half-written: its temporary directory is
   ignored and cleaned up on the next start. (Python runs the handler between bytecodes, so the clock starts when a
-  blocking call in progress, such as waiting for a step, returns.)
+  blocking call in progress, such as waiting for a step, returns.) In a thread other than the main one, where Python
+  sets no signal handler, it only logs that SIGTERM will not save.
   """
 
   def __init__(self, grace_s: Optional[float] = None):
@@ -166,9 +167,16 @@ class _SigtermFlag:
     self.grace_s = grace_s
     self.done = threading.Event()
     self._previous = None
+    self._installed = False  # False in a thread other than the main one, where Python sets no handler
 
   def __enter__(self):
+    if threading.current_thread() is not threading.main_thread():  # Python sets handlers from the main thread only
+      log.warning("training in %r, not the main thread: SIGTERM will not save a checkpoint first (a preempted run "
+                  "resumes from its newest periodic checkpoint); run the loop in the main thread to have it saved",
+                  threading.current_thread().name)
+      return self
     self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._installed = True
     return self
 
   def _handle(self, signum, frame):
@@ -194,7 +202,8 @@ class _SigtermFlag:
 
   def __exit__(self, *exc):
     self.done.set()
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 _SPIKE_WINDOW_KEY = "loss_spike_window_losses"  # in each checkpoint's metadata
@@ -368,8 +377,20 @@ class MetricsWriter:
           if record.get("step", 0) <= resume_step:
             self.kept.append(record)
       if self.enabled:
-        with open(path, "w") as f:
-          f.writelines(map(_json_line, self.kept))
+        self._rewrite(self.kept)
+
+  def _rewrite(self, records: list[dict]):
+    """Replaces the file through a temporary file and a rename: a full disk or a kill part-way through leaves the
+    old history whole (it holds the eval history that early stopping and the best checkpoint are rebuilt from)."""
+    tmp = f"{self.path}.tmp"
+    try:
+      with open(tmp, "w") as f:
+        f.writelines(map(_json_line, records))
+      os.replace(tmp, self.path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
 
   def write(self, record: dict):
     if self.enabled:
@@ -391,8 +412,7 @@ class MetricsWriter:
       self.write(dict(extra, step=step))
       return
     records[index].update(extra)
-    with open(self.path, "w") as f:
-      f.writelines(map(_json_line, records))
+    self._rewrite(records)
 
 
 def _token_stats(local: dict) -> dict:
