@@ -175,13 +175,14 @@ def parse_gin(files: Sequence[str], params: Sequence[str], macro_files: Optional
   except SyntaxError as e:
     if not any(_fails_to_parse(p) for p in params):
       raise
-    constant = _misspelt_constant(e)
-    if constant:  # YAML's and JSON's spelling: quoting it would give the string "false", which is refused too
+    constant, param = _misspelt_constant(e), next(p for p in params if _fails_to_parse(p))
+    fixed = re.sub(r"\b(?i:true|false|none|null)\b", lambda m: _CONSTANTS[m.group(0).lower()], param)
+    # YAML's and JSON's spelling: quoting it would give the string "false", which is refused too. Only where the
+    # Python spelling parses: in "data.system_prompt=true story" the quotes are missing, not a capital.
+    if constant and not _fails_to_parse(fixed):
       spelling = _CONSTANTS[constant.lower()]
-      param = next(p for p in params if _fails_to_parse(p))
-      fixed = re.sub(rf"\b{constant}\b", spelling, param)
       raise ValueError(f"{e}\n{constant!r} is not a gin value: write it as {spelling} (capitalised, no quotes), "
-                       f"e.g. --gin_param='{fixed}'") from e
+                       f"e.g. {shlex.quote('--gin_param=' + fixed)}") from e
     raise ValueError(f"{e}\nA string value needs quotes that survive the shell: "
                      "--gin_param='data.tokenizer=\"tiny:phi-4\"' (single quotes around the whole binding, double "
                      "quotes around the string)") from e
@@ -1341,12 +1342,13 @@ def _check_reference_readable(settings: dict, hf_path: Optional[str]) -> None:
 
 
 def _hf_files_loaded(source: str) -> list[str]:
-  """The files of a transformers checkpoint that `load_hf` reads: config.json and the weights (the shards an index
-  names, else model.safetensors). Others beside them (a trainer's training_args.bin) are never opened."""
+  """The files of a transformers checkpoint that `load_hf` reads: config.json and the weights (model.safetensors
+  where it is there, as `load_hf` prefers it, else the shards an index names). Others beside them (a trainer's
+  training_args.bin, a stale index) are never opened."""
   from phi_jax.hf.checkpoint import INDEX_FILE, SINGLE_FILE
   files = [os.path.join(source, "config.json")]
   index = os.path.join(source, INDEX_FILE)
-  if not os.path.isfile(index):
+  if os.path.isfile(os.path.join(source, SINGLE_FILE)) or not os.path.isfile(index):
     return files + [os.path.join(source, SINGLE_FILE)]
   try:
     with open(index, "rb") as f:
@@ -1525,6 +1527,9 @@ def _reference_is_current(out_file: str, made_with: dict, digest_now) -> Optiona
   current = json.loads(json.dumps(made_with, default=str))
   changed = {k: (saved.get(k, _NOT_RECORDED), current.get(k)) for k in sorted(set(saved) | set(current))
              if k != "reference_digest" and saved.get(k, _NOT_RECORDED) != current.get(k)}
+  from phi_jax.data import preference  # pylint: disable=import-outside-toplevel
+  if preference.holds_old_rows(out_file):  # continuation pairs scored with an end-of-turn token they no longer have
+    changed["rows"] = (1, preference.ROWS_VERSION)
   # Where only names changed (the params saved again, copied or moved, a path spelled another way, the tokenizer's
   # path), the contents decide: the params' digest, and `tokenizer_id` (compared as a setting of its own).
   if changed and set(changed) <= {"reference_files", "reference_params", "tokenizer"} and (
@@ -1830,9 +1835,11 @@ def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Opt
 
 def _read_prompts(files) -> list[dict]:
   """{"problem", "answer"} records of the GRPO prompt files (JSONL, Parquet or save_to_disk directories, globs
-  allowed), with file:line (or row) errors for bad ones."""
-  from phi_jax.rewards import readable_gold  # pylint: disable=import-outside-toplevel
-  records = []
+  allowed), with file:line (or row) errors for bad ones. A record whose answer the verifier cannot grade against is
+  left out, named in a warning: every rollout of it would score incorrect, a group with nothing to learn from, and
+  the hard-prompt replay would bring it back."""
+  from phi_jax.rewards import gold_problem  # pylint: disable=import-outside-toplevel
+  records, left_out = [], []
   for path in files:
     source = sources_lib.open_source(path)
     for i in range(len(source)):
@@ -1847,13 +1854,16 @@ def _read_prompts(files) -> list[dict]:
           answer, (str, int, float)):
         raise sources_lib.DataError(raw["where"], "missing field",
                                     'GRPO prompts need a string "problem" and a string or number "answer"')
-      if readable_gold(str(answer)) is None:  # every rollout of it would score incorrect, step after step
-        raise sources_lib.DataError(raw["where"], "mistyped field", f'"answer" {str(answer)[:80]!r} is no answer the '
-                                    "verifier can grade against (empty, too long, or refused by its screen); fix or "
-                                    "drop the record")
+      if (why := gold_problem(str(answer))) is not None:
+        left_out.append(f"{raw['where']} ({str(answer)[:40]!r}: {why})")
+        continue
       records.append({"problem": record["problem"], "answer": str(answer)})
+  if left_out:
+    log.warning("left out %d GRPO prompt(s) whose answer the verifier cannot grade against: %s%s", len(left_out),
+                "; ".join(left_out[:5]), f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
   if not records:
-    raise sources_lib.DataError(",".join(map(str, files)), "empty dataset", "no GRPO prompts")
+    raise sources_lib.DataError(",".join(map(str, files)), "empty dataset",
+                                "no GRPO prompts" + (" the verifier can grade against" if left_out else ""))
   return records
 
 

@@ -10,6 +10,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 
@@ -358,7 +359,7 @@ def test_a_dpo_run_on_an_empty_pairs_file_says_where_it_came_from(tmp_path):
     os.chdir(cwd)
 
 
-def test_cli_data_files_open_by_type_and_bad_prompt_lines_name_file_and_line(tmp_path):
+def test_cli_data_files_open_by_type_and_bad_prompt_lines_name_file_and_line(tmp_path, caplog):
   import datasets
 
   from phi_jax.data.sources import DataError
@@ -396,14 +397,21 @@ def test_cli_data_files_open_by_type_and_bad_prompt_lines_name_file_and_line(tmp
   good = '{"problem": "1 + 1?", "answer": 2}\n'
   for line, match in (('["a list"]', r"p.jsonl:2: not an object"), (b'{"problem": "caf\xe9", "answer": "1"}',
                                                                      r"p.jsonl:2: not UTF-8"),
-                      ('{"problem": "Is 2 even?", "answer": true}', r"p.jsonl:2: missing field"),
-                      # Answers no rollout could be graded against: every one would score incorrect, step after step.
-                      ('{"problem": "2 + 2?", "answer": ""}', r"p.jsonl:2: .*'' is no answer the verifier can grade"),
-                      ('{"problem": "Big?", "answer": "9^{9^{9^9}}"}', r"p.jsonl:2: .*is no answer the verifier"),
-                      ('{"problem": "Long?", "answer": "' + "1" * 2000 + '"}', r"p.jsonl:2: .*is no answer")):
+                      ('{"problem": "Is 2 even?", "answer": true}', r"p.jsonl:2: missing field")):
     (tmp_path / "p.jsonl").write_bytes(good.encode() + (line if isinstance(line, bytes) else line.encode()) + b"\n")
     with pytest.raises(DataError, match=match):
       common._read_prompts([str(tmp_path / "p.jsonl")])
+  # Answers no rollout could be graded against (every one would score incorrect, step after step): left out, named.
+  ungradable = ['{"problem": "2 + 2?", "answer": ""}', '{"problem": "Double?", "answer": "15!!"}',
+                '{"problem": "Long?", "answer": "' + "1" * 2000 + '"}']
+  (tmp_path / "p.jsonl").write_text(good + "\n".join(ungradable) + "\n")
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    assert common._read_prompts([str(tmp_path / "p.jsonl")]) == [{"problem": "1 + 1?", "answer": "2"}]
+  assert re.search(r"left out 3 GRPO prompt\(s\) .*p.jsonl:2 \(''.*p.jsonl:3 \('15!!': refused by the answer screen: "
+                   r"a factorial of a factorial\).*p.jsonl:4 \('1111", caplog.text), caplog.text
+  (tmp_path / "p.jsonl").write_text(ungradable[0] + "\n")
+  with pytest.raises(DataError, match=r"empty dataset: no GRPO prompts the verifier can grade against"):
+    common._read_prompts([str(tmp_path / "p.jsonl")])
   datasets.Dataset.from_list([{"problem": "1 + 1?", "answer": "2"}]).to_parquet(str(tmp_path / "p.parquet"))
   assert common._read_prompts([str(tmp_path / "p.parquet")]) == [{"problem": "1 + 1?", "answer": "2"}]
 
@@ -771,6 +779,15 @@ def test_a_binding_without_a_configurable_or_with_an_unquoted_string_says_how_to
         common.parse_gin([tiny], [param])
       assert "quotes that survive the shell" not in str(raised.value), param
       gin.clear_config()
+    # The example is one shell word, a dict's own quotes included.
+    with pytest.raises(ValueError, match=r"e.g. '--gin_param=model.overrides=\{'\"'\"'tie_word_embeddings'\"'\"': False\}'"):
+      common.parse_gin([tiny], ["model.overrides={'tie_word_embeddings': false}"])
+    gin.clear_config()
+    # An unquoted string that starts with such a word lacks quotes, not a capital.
+    with pytest.raises(ValueError, match="quotes that survive the shell") as raised:
+      common.parse_gin([tiny], ["data.system_prompt=true story"])
+    assert "write it as True" not in str(raised.value)
+    gin.clear_config()
     own = tmp_path / "own.gin"
     own.write_text(f"include '{os.path.abspath(tiny)}'\nLR = 1e-2\noptimizer.learning_rate = %LR\n")
     common.parse_gin([str(own)], ["LR=1e-3"])

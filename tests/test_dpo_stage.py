@@ -394,6 +394,26 @@ def test_precompute_mode_scores_pairs_once_then_needs_no_reference(setup, start_
   assert "computed under other settings (pairs_file changed" in caplog.text
 
 
+def test_a_reference_file_of_continuations_scored_on_older_rows_is_computed_again(tmp_path, caplog):
+  """Precompute mode reuses a file whose settings match; one holding continuation pairs scored before their rows
+  ended at the completion (no "ref_rows") is stale, as the reader would refuse it."""
+  question, prefix = {"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "It is"}
+  ref = {"ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
+  made_with = {"seq_len": 64}
+  for name, records, stale in (
+      ("turns", [{"prompt": [question], "chosen": " 4", "rejected": " 5", **ref}], False),
+      ("continued", [{"prompt": [question, prefix], "chosen": " 4", "rejected": " 5", **ref}], True),
+      ("rescored", [{"prompt": [question, prefix], "chosen": " 4", "rejected": " 5", **ref,
+                     "ref_rows": preference.ROWS_VERSION}], False)):
+    out = _write_jsonl(tmp_path / f"{name}.jsonl", records)
+    with open(out + ".settings.json", "w") as f:
+      json.dump(made_with, f)
+    assert preference.holds_old_rows(out) == stale
+    assert common._reference_is_current(out, made_with, lambda: None) == (
+        {"rows": (1, preference.ROWS_VERSION)} if stale else {}), name
+  assert "computed under other settings (rows changed" in caplog.text
+
+
 def test_precomputed_reference_files_are_named_as_the_jsonl_they_are():
   assert common.reference_file("w", "train0", "/d/pairs.jsonl") == os.path.join("w", "reference", "train0-pairs.jsonl")
   assert common.reference_file("w", "eval1", "/d/pairs.parquet").endswith("eval1-pairs.parquet.jsonl")
@@ -811,8 +831,11 @@ def test_reference_check_opens_only_the_files_a_transformers_checkpoint_is_loade
   for extra in ("training_args.bin", "optimizer.pt"):
     with open(os.path.join(start, extra), "wb") as f:
       f.write(b"\0")
+  # A stale index beside model.safetensors (transformers' save_pretrained leaves one): load_hf reads the single file.
+  with open(os.path.join(start, "model.safetensors.index.json"), "w") as f:
+    json.dump({"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}, f)
   settings, hf_path = ({"init_from": start}, None) if name == "train.init_from" else ({"init_from": None}, start)
-  opened = _refusing_to_open(monkeypatch, "training_args.bin", "optimizer.pt")
+  opened = _refusing_to_open(monkeypatch, "training_args.bin", "optimizer.pt", "model.safetensors.index.json")
   common._check_reference_readable(settings, hf_path)
   assert {"config.json", "model.safetensors"} <= set(opened), opened
   monkeypatch.undo()

@@ -251,6 +251,23 @@ def tokenizer_id(tokenizer) -> str:
   return f"{len(tokenizer)} tokens, vocabulary and template {hashlib.sha256(content.encode()).hexdigest()[:16]}"
 
 
+def _continued_on_old_rows(record: dict) -> bool:
+  """A continuation pair (prompt ending with the assistant's message) whose reference was scored on rows before
+  `ROWS_VERSION` 2, which went on to an end-of-turn token."""
+  return "ref_rows" not in record and bool(record["messages"]) and record["messages"][-1]["role"] == "assistant"
+
+
+def holds_old_rows(path: str) -> bool:
+  """Whether the precomputed reference file `path` holds a pair `_prepare` refuses as scored on older rows."""
+  source = open_source(path)
+  for index in range(len(source)):
+    raw = source[index]
+    record, bad = (None, True) if raw["error"] is not None else validate_pair(raw["data"], reference_logps=True)
+    if bad is None and _continued_on_old_rows(record):
+      return True
+  return False
+
+
 def reference_settings(tokenizer, *, seq_len: int, too_long: str, system_prompt: Optional[str]) -> dict[str, Any]:
   """`REFERENCE_SETTINGS`: what the rows scored by a reference depend on, written beside its log-probs."""
   return {"ref_seq_len": seq_len, "ref_too_long": too_long, "ref_system_prompt": system_prompt,
@@ -267,8 +284,7 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
     record, bad = validate_pair(raw["data"], reference_logps=reference_logps, where=raw["where"])
   differ = [f"{key[len('ref_'):]}={record[key]!r} there, {now[key]!r} here" for key in REFERENCE_SETTINGS
             if bad is None and reference_logps and key in record and record[key] != now[key]]
-  if (bad is None and reference_logps and "ref_rows" not in record and record["messages"]
-      and record["messages"][-1]["role"] == "assistant"):
+  if bad is None and reference_logps and _continued_on_old_rows(record):
     differ.append(f"rows=1 there (a continuation's row went on to an end-of-turn token), {ROWS_VERSION} here")
   if differ:  # the reference scored other rows than this run trains on: its log-probs belong to those
     raise DataError(raw["where"], "reference mismatch", f"reference log-probs were computed with {'; '.join(differ)}; "
