@@ -54,7 +54,7 @@ def compiled_memory(config, seq_len: int) -> dict:
 
 
 def main():
-  lengths = [1024, 2048, 4096] if ARGS.smoke else [int(x) for x in ARGS.lengths.split(",")]
+  lengths = [1024, 2048, 4096] if ARGS.smoke else sorted({int(x) for x in ARGS.lengths.split(",")})
   reference_lengths = [256] if ARGS.smoke else [int(x) for x in ARGS.reference_lengths.split(",") if x]
   result = {"benchmark": "blockwise_memory", "smoke": ARGS.smoke, "machine": _common.machine(),
             "method": "XLA buffer assignment of the compiled grad program (arguments + temporaries + outputs), "
@@ -69,7 +69,8 @@ def main():
   # token is no test at short lengths, where a fixed overhead spread over more tokens makes it fall.
   marginal = [(b["temp_gib"] - a["temp_gib"]) * GIB / (b["seq_len"] - a["seq_len"]) for a, b in zip(runs, runs[1:])]
   result["blockwise_marginal_bytes_per_token"] = marginal
-  result["blockwise_linear"] = min(marginal) > 0 and max(marginal) / min(marginal) < 1.1
+  # None with one length: nothing to compare.
+  result["blockwise_linear"] = (min(marginal) > 0 and max(marginal) / min(marginal) < 1.1) if marginal else None
   _common.write(ARGS, result)
 
 

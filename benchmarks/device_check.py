@@ -174,7 +174,8 @@ def train_check(config, record, key="train"):
                          tokens_per_s=tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
                          mfu=flops / step_s / (ARGS.peak_tflops * 1e12), loss=float(metrics["loss"]))
   if not np.isfinite(record[key]["loss"]):  # a step that computes garbage fast is no MFU figure
-    raise FloatingPointError(f"{key}: the step's loss is {record[key]['loss']}; its time is kept, not its meaning")
+    raise FloatingPointError(f"{key}: the step's loss is {record[key]['loss']}; its times are recorded, but they "
+                             "measure a wrong computation")
   if ARGS.profile and key == "train":
     _common.write(ARGS, record)  # the measured step is kept even if tracing takes the process down
     try:  # a profiler failure (e.g. no CUPTI access) is not a failure of the step: no fallback rerun
@@ -287,7 +288,8 @@ def train_with_fallback(record):
   try:
     train_check(model_config(ARGS.backend), record)
   except Exception as error:  # e.g. a cuDNN version without the masked kernel: still measure the step
-    if ARGS.smoke or ARGS.fallback_backend in ("", ARGS.backend):
+    # A step that ran but computed a non-finite loss is a wrong backend, not a missing one: the part fails.
+    if ARGS.smoke or ARGS.fallback_backend in ("", ARGS.backend) or isinstance(error, FloatingPointError):
       raise
     log(f"train with {ARGS.backend} failed ({type(error).__name__}: {str(error)[:300]}); "
         f"running {ARGS.fallback_backend}")

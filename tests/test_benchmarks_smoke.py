@@ -223,6 +223,21 @@ def test_device_check_fallback_starts_after_the_failed_attempt_is_freed(device_c
   assert record["train"]["backend"] == "blockwise" and "simulated" in record["train"]["failed_first"]["error"]
 
 
+def test_device_check_a_non_finite_loss_fails_the_part_with_no_fallback(device_check, monkeypatch):
+  """A backend whose step computes a NaN loss is wrong, not missing: its figures are not replaced by the fallback
+  backend's (which would let the script pass)."""
+  calls = []
+
+  def nan_step(config, record, key="train"):
+    calls.append(config.attention_backend)
+    raise FloatingPointError(f"{key}: the step's loss is nan")
+
+  monkeypatch.setattr(device_check, "train_check", nan_step)
+  with pytest.raises(FloatingPointError, match="loss is nan"):
+    device_check.train_with_fallback({})
+  assert len(calls) == 1
+
+
 def test_device_check_profiler_failure_keeps_the_measured_step(device_check, monkeypatch):
   """--profile traces one more step after the timed ones; a profiler error must neither discard the times nor
   rerun the train step with the fallback backend."""

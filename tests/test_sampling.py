@@ -586,12 +586,13 @@ def test_generate_text_samples_do_not_depend_on_the_batch_they_run_in(params, tm
   zeros = jax.tree.map(jnp.zeros_like, params)
   prompts = ["What is 2 + 2?", "Name a prime.", "x", "x", "y"]
   sampling = SamplingConfig(max_new_tokens=NEW, temperature=1.0)
-  run = lambda **kwargs: [r["token_ids"] for r in generate_text(zeros, CONFIG, tokenizer, prompts, jax.random.key(5),
-                                                                   sampling, **kwargs)]
-  by_two = run(batch_size=2)
-  assert run(batch_size=8) == by_two
-  assert run(mesh=make_mesh({"data": 2, "fsdp": 4})) == by_two
-  assert by_two[2] != by_two[3]  # the same prompt twice: two draws
+  for impl in ("threefry2x32", "rbg"):  # RBG's bits under vmap depend on a key's place in the batch
+    run = lambda impl=impl, **kwargs: [r["token_ids"] for r in generate_text(
+        zeros, CONFIG, tokenizer, prompts, jax.random.key(5, impl=impl), sampling, **kwargs)]
+    by_two = run(batch_size=2)
+    assert run(batch_size=8) == by_two, impl
+    assert run(mesh=make_mesh({"data": 2, "fsdp": 4})) == by_two, impl
+    assert by_two[2] != by_two[3]  # the same prompt twice: two draws
 
 
 def test_per_row_keys_make_a_row_depend_on_its_key_alone(params, prompts):

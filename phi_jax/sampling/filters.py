@@ -80,17 +80,31 @@ def per_row_keys(rng: jax.Array) -> bool:
   return rng.ndim == (1 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 2)
 
 
+def _over_rows(fn, xs: jax.Array, key: jax.Array) -> jax.Array:
+  """`fn` of each row of `xs`, for keys of `key`'s implementation: vectorised (vmap) for threefry, whose bits depend
+  on the key alone; one row at a time (lax.map) for the RBG implementations, whose bits under vmap depend on a key's
+  place in the batch, which would make a row's draw depend on the batch it runs in."""
+  if str(jax.random.key_impl(key)) == "threefry2x32":
+    return jax.vmap(fn)(xs)
+  return jax.lax.map(fn, xs)
+
+
+def row_keys(rng: jax.Array, indices) -> jax.Array:
+  """One key per row, `fold_in(rng, index)` for each of `indices`: a row's key depends on its index alone."""
+  return _over_rows(lambda index: jax.random.fold_in(rng, index), jnp.asarray(indices), rng)
+
+
 def fold_in(rng: jax.Array, data) -> jax.Array:
   """`jax.random.fold_in` of one key, or of each row's key."""
   if per_row_keys(rng):
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, data)
+    return _over_rows(lambda key: jax.random.fold_in(key, data), rng, rng)
   return jax.random.fold_in(rng, data)
 
 
 def _gumbel(rng: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
   """Gumbel noise of `shape` [B, V]: from one key, or row b's from row b's key alone."""
   if per_row_keys(rng):
-    return jax.vmap(lambda key: jax.random.gumbel(key, shape[1:], dtype))(rng)
+    return _over_rows(lambda key: jax.random.gumbel(key, shape[1:], dtype), rng, rng)
   return jax.random.gumbel(rng, shape, dtype)
 
 

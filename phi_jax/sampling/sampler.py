@@ -338,7 +338,7 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
     for row, ids in enumerate(chunk):
       tokens[row, :len(ids)] = ids
       lengths[row] = len(ids)
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, np.arange(start, start + batch_size))
+    row_keys = filters.row_keys(rng, np.arange(start, start + batch_size))
     out = generate(params, config, tokens, lengths, row_keys, chunk_sampling, mesh=mesh,
                    active=np.arange(batch_size) < len(chunk))
     out = multihost_utils.process_allgather(out, tiled=True)  # every process gets every row
