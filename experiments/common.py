@@ -176,7 +176,9 @@ def parse_gin(files: Sequence[str], params: Sequence[str], macro_files: Optional
     if not any(_fails_to_parse(p) for p in params):
       raise
     constant, param = _misspelt_constant(e), next(p for p in params if _fails_to_parse(p))
-    fixed = re.sub(r"\b(?i:true|false|none|null)\b", lambda m: _CONSTANTS[m.group(0).lower()], param)
+    # Quoted strings ('none' a string value) are kept as they are.
+    fixed = re.sub(r"('[^']*'|\"[^\"]*\")|\b(?i:true|false|none|null)\b",
+                   lambda m: m.group(1) or _CONSTANTS[m.group(0).lower()], param)
     # YAML's and JSON's spelling: quoting it would give the string "false", which is refused too. Only where the
     # Python spelling parses: in "data.system_prompt=true story" the quotes are missing, not a capital.
     if constant and not _fails_to_parse(fixed):
@@ -1075,7 +1077,8 @@ def _stage_setup(stage: str, workdir: str, model_config: PhiConfig, hf_path: Opt
 def _train_in(workdir: str):
   """`run_training`'s work, under the workdir's lock."""
   the_mesh = mesh()
-  model_config, hf_path = model()
+  with distributed.failing_together("reading model.hf_path's config.json"):  # on each host, before a collective
+    model_config, hf_path = model()
   data_cfg = data()
   settings = train_settings()
   loop, stage = settings["loop"], settings["stage"]
@@ -1094,11 +1097,10 @@ def _train_in(workdir: str):
     tokenizer = get_tokenizer(data_cfg["tokenizer"], workdir)
     check_vocab(model_config, tokenizer, start_name, start)
     fresh = not _has_checkpoints(workdir)
-    if start and fresh:  # the params are loaded (params_loader's checks, then collectives) only for a fresh run
-      if settings["init_from"]:
-        check_policy_dir(start, start_name)
-      else:
-        _check_is_dir(start_name, start)
+    # A run finished before (its checkpoints deleted) trains nothing and loads no params: its start may be gone.
+    finished = fresh and _finished_without_checkpoints(workdir, settings["loop"].num_steps)
+    if start and fresh and not finished:  # loaded (params_loader's checks, then collectives) only by a fresh run
+      _check_reference_readable(settings, hf_path)
     if start:
       check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"], start_name, start)
     if not fresh and os.path.isdir(os.path.join(workdir, "tokenizer")):
@@ -1106,7 +1108,6 @@ def _train_in(workdir: str):
       check_tokenizer_matches_start(tokenizer, data_cfg["tokenizer"], "--workdir", workdir)
     if not data_cfg["train_files"]:
       raise ValueError("no training data: set data.train_files = ['path/to/*.jsonl', ...]")
-    finished = _finished_without_checkpoints(workdir, settings["loop"].num_steps)
     if not finished:
       check_data_settings(stage, data_cfg, loop)
       file_sizes(data_cfg["eval_files"])  # a missing eval file is an error now, not at the first evaluation
@@ -1314,8 +1315,8 @@ def _check_pair_files(train_files: Sequence[str], eval_files: Sequence[str]) -> 
 
 
 def _check_reference_readable(settings: dict, hf_path: Optional[str]) -> None:
-  """Refuses reference params (train.init_from, else model.hf_path) that are not there or that this process cannot
-  open, with the errors their loading gives."""
+  """Refuses starting or reference params (train.init_from, else model.hf_path) that are not there or that this
+  process cannot open, with the errors their loading gives."""
   source = settings["init_from"] or hf_path
   if not source:
     return
@@ -1326,13 +1327,17 @@ def _check_reference_readable(settings: dict, hf_path: Optional[str]) -> None:
     _check_is_dir(name, source)
   def unreadable(e: OSError):
     raise ValueError(f"{name}={source!r}: this process cannot read {e.filename} ({e.strerror or e}): make the "
-                     "reference params readable on every host") from e
+                     "params readable on every host") from e
 
   params = os.path.join(source, "params")
   if os.path.isdir(params):  # a run's params/ are read from all its folders (one not listed fails Orbax's restore)
     files = [os.path.join(folder, n) for folder, _, names in os.walk(params, onerror=unreadable) for n in names]
   else:
     files = _hf_files_loaded(source)
+    missing = [file for file in files if not os.path.isfile(file)]
+    if missing:  # copied to some hosts but not all, or half-copied
+      raise ValueError(f"{name}={source!r}: this process finds no {', '.join(map(os.path.basename, missing[:3]))} "
+                       "there: copy the whole checkpoint directory to every host")
   for file in files:
     try:
       if os.path.isfile(file):
@@ -1581,6 +1586,8 @@ def _refuse_rewriting_trained_pairs(workdir: str, stale: dict[str, Optional[dict
   def describe(key, then, now):
     if key == "reference_files":
       return "reference params (their values at the same path)"
+    if key == "rows":  # no setting of the run's: this version renders continuation pairs' rows differently
+      return "rows of its continuation pairs, which no longer end with an end-of-turn token (a new workdir only)"
     return key if isinstance(then, (list, dict)) or isinstance(now, (list, dict)) else f"{key}: {then!r} -> {now!r}"
 
   details = "; ".join(f"{path} ({', '.join(describe(k, *v) for k, v in changes.items())})"

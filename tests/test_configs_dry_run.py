@@ -780,8 +780,13 @@ def test_a_binding_without_a_configurable_or_with_an_unquoted_string_says_how_to
       assert "quotes that survive the shell" not in str(raised.value), param
       gin.clear_config()
     # The example is one shell word, a dict's own quotes included.
-    with pytest.raises(ValueError, match=r"e.g. '--gin_param=model.overrides=\{'\"'\"'tie_word_embeddings'\"'\"': False\}'"):
+    one_word = r"e.g. '--gin_param=model.overrides=\{'\"'\"'tie_word_embeddings'\"'\"': False\}'"
+    with pytest.raises(ValueError, match=one_word):
       common.parse_gin([tiny], ["model.overrides={'tie_word_embeddings': false}"])
+    gin.clear_config()
+    # A quoted string holding such a word stays as it is in the example.
+    with pytest.raises(ValueError, match=r"e.g. .*rope_scaling_type'\"'\"': '\"'\"'none'\"'\"', .*False"):
+      common.parse_gin([tiny], ["model.overrides={'rope_scaling_type': 'none', 'tie_word_embeddings': false}"])
     gin.clear_config()
     # An unquoted string that starts with such a word lacks quotes, not a capital.
     with pytest.raises(ValueError, match="quotes that survive the shell") as raised:

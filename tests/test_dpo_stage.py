@@ -841,7 +841,7 @@ def test_reference_check_opens_only_the_files_a_transformers_checkpoint_is_loade
   monkeypatch.undo()
   _refusing_to_open(monkeypatch, "model.safetensors")
   with pytest.raises(ValueError, match=rf"{name}=.*cannot read .*model.safetensors \(Permission denied\): make the "
-                     "reference params readable on every host"):
+                     "params readable on every host"):
     common._check_reference_readable(settings, hf_path)
 
 
@@ -859,5 +859,5 @@ def test_reference_check_refuses_a_folder_of_params_it_cannot_list(start_run, mo
 
   monkeypatch.setattr(os, "scandir", unlistable)
   with pytest.raises(ValueError, match=rf"train.init_from=.*cannot read {folder} \(Permission denied\): make the "
-                     "reference params readable on every host"):
+                     "params readable on every host"):
     common._check_reference_readable({"init_from": start_run}, None)

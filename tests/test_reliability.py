@@ -376,6 +376,10 @@ RESTORE_ERRORS = [
                        "[os_error_code='13']"), False),
     ("integrity", OSError(errno.ESTALE, "Stale file handle"), False),
     ("data", OSError(errno.EINTR, "Interrupted system call"), False),
+    # A network file system's passing faults (NFS, Lustre, gcsfuse): the files are there once it is back.
+    ("state", OSError(errno.ETIMEDOUT, "Connection timed out"), False),
+    ("state", _wrapped("UNAVAILABLE: Error reading \"x/state/d/3b05\": Transport endpoint is not connected "
+                       "[os_error_code='107']"), False),
     ("state", _wrapped("DATA_LOSS: Error reading \"x/state/d/3b05\": Input/output error [os_error_code='5']"), True),
     ("integrity", ValueError("Expecting value: line 1 column 1 (char 0)"), True),
 ]
@@ -822,6 +826,17 @@ def test_a_run_in_a_thread_other_than_the_main_one_trains_and_says_sigterm_will_
   assert "error" not in outcome, repr(outcome.get("error"))
   assert int(outcome["state"].step) == 2 and signal.getsignal(signal.SIGTERM) is handler  # the main thread's
   assert "not the main thread" in caplog.text and "SIGTERM will not save a checkpoint" in caplog.text
+  # A second trainer of the same workdir in another thread of this process (a notebook cell run again) is refused,
+  # as another process is; the thread holding it nests freely.
+  from phi_jax.train.loop import workdir_lock  # pylint: disable=import-outside-toplevel
+  with workdir_lock(str(tmp_path)):
+    with workdir_lock(str(tmp_path)):
+      pass
+    worker = threading.Thread(target=train)
+    worker.start()
+    worker.join()
+  assert isinstance(outcome.get("error"), loop.WorkdirInUseError) and "another thread of this process" in str(
+      outcome["error"]), repr(outcome.get("error"))
 
 
 def test_eval_batches_the_mesh_cannot_split_or_that_lack_a_key_are_refused_before_the_first_step(tmp_path):

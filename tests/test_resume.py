@@ -217,5 +217,8 @@ def test_a_run_that_ended_early_and_lost_its_checkpoints_reruns_as_nothing(tmp_p
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "nothing to train" in proc.stderr + proc.stdout
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(workdir))))
+  # It loads no params, so the run it started from may be gone since (a recipe's earlier stage retrained, deleted).
+  proc = _train(workdir, *ended_early, f"--gin_param=train.init_from='{tmp_path / 'deleted_start'}'", check=False)
+  assert proc.returncode == 0 and "nothing to train" in proc.stderr + proc.stdout, proc.stderr[-3000:]
   proc = _train(workdir, *ended_early, "--gin_param=train.num_steps=60", check=False)
   assert proc.returncode != 0 and "training on to step 60 would start again from step 0" in proc.stderr

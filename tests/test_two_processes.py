@@ -4,6 +4,7 @@ every process must stop at once, naming the error, none waiting in a collective 
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -130,7 +131,8 @@ def _write_lines(path, lines) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["bad_eval_record", "train_file_too_small", "eval_file_missing_on_one_host"])
+@pytest.mark.parametrize("case", ["bad_eval_record", "train_file_too_small", "eval_file_missing_on_one_host",
+                                  "hf_weights_missing_on_one_host"])
 def test_a_data_file_that_fails_at_start_up_on_one_process_stops_both_naming_it(tmp_path, case):
   """experiments/train.py reads its data before any collective of the loop: an invalid eval record (in process 0's
   share), a train file with fewer records than processes (none left for process 1), or an eval file that one host
@@ -147,6 +149,18 @@ def test_a_data_file_that_fails_at_start_up_on_one_process_stops_both_naming_it(
     data = [f"--gin_param=data.train_files=['{os.path.join(two_processes.ROOT, 'experiments', 'data')}/"
             "tiny_traces_train.jsonl']", "--gin_param=data.eval_files=['eval.jsonl']"]
     where, failed = "eval.jsonl: no such file", 1
+  elif case == "hf_weights_missing_on_one_host":  # config.json on both hosts, the weights copied to process 0's only
+    import jax  # pylint: disable=import-outside-toplevel
+    import phi_jax  # pylint: disable=import-outside-toplevel
+    config = phi_jax.presets["tiny"]
+    phi_jax.save_hf(tmp_path / "process0" / "hf", config, phi_jax.init_params(config, jax.random.key(0)))
+    os.makedirs(tmp_path / "process1" / "hf")
+    shutil.copy(tmp_path / "process0" / "hf" / "config.json", tmp_path / "process1" / "hf")
+    launch = [sys.executable, "-c", _FROM_OWN_DIRECTORY, str(tmp_path), TRAIN]
+    data = [f"--gin_param=data.train_files=['{os.path.join(two_processes.ROOT, 'experiments', 'data')}/"
+            "tiny_traces_train.jsonl']", "--gin_param=data.eval_files=[]", "--gin_param=train.eval_every=0",
+            "--gin_param=model.hf_path='hf'"]
+    where, failed = "model.hf_path='hf': this process finds no model.safetensors there", 1
   elif case == "bad_eval_record":  # the third record is process 0's (records go to processes in turn)
     bad = _write_lines(tmp_path / "eval.jsonl", records[:2] + ["{"] + records[3:])
     data = [f"--gin_param=data.eval_files=['{bad}']"]

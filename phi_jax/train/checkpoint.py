@@ -160,13 +160,18 @@ def _check_empty_nodes(path: str, saved: Optional[dict], wanted: dict) -> None:
 
 
 # Errors of the machine, not of the files: the step is sound, and a rerun once the cause is gone (more file
-# descriptors, permissions fixed, the file system back, memory free) restores it. EIO is not among them: a read
-# error of the medium is, as far as a restore can tell, damage to the files.
+# descriptors, permissions fixed, the file system or its network back, memory free) restores it. EIO is not among
+# them: a read error of the medium is, as far as a restore can tell, damage to the files.
 _ENVIRONMENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM, errno.ESTALE, errno.ENOMEM,
-                                 errno.EINTR, errno.EAGAIN})
+                                 errno.EINTR, errno.EAGAIN, errno.EBUSY,
+                                 # a network file system's (NFS, Lustre, a FUSE mount such as gcsfuse) passing faults
+                                 errno.ETIMEDOUT, errno.ENOTCONN, errno.ECONNRESET, errno.ECONNABORTED,
+                                 errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENOLINK})
 # Tensorstore reports an OS error inside the text of a ValueError, with its code, e.g. "...: Too many open files
-# [os_error_code='24']"; Orbax may wrap that in an exception of its own, keeping it as the cause.
-_ENVIRONMENT_TEXTS = tuple(os.strerror(n) for n in sorted(_ENVIRONMENT_ERRNOS)) + ("PERMISSION_DENIED",)
+# [os_error_code='24']", and a remote store's faults by their status; Orbax may wrap that in an exception of its
+# own, keeping it as the cause.
+_ENVIRONMENT_TEXTS = tuple(os.strerror(n) for n in sorted(_ENVIRONMENT_ERRNOS)) + (
+    "PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 

@@ -479,7 +479,8 @@ def _lock_workdir(workdir: str) -> Optional[int]:
   return fd
 
 
-_HELD_LOCKS: dict[str, Optional[int]] = {}  # workdir (real path) -> this process's lock on it (None: not process 0)
+# workdir (real path) -> (this process's lock on it (None: not process 0), the thread holding it)
+_HELD_LOCKS: dict[str, tuple[Optional[int], int]] = {}
 
 
 @contextlib.contextmanager
@@ -491,6 +492,9 @@ def workdir_lock(workdir: str):
   check_workdir(workdir)  # before makedirs turns a URL into a local directory
   key = os.path.realpath(workdir)
   if key in _HELD_LOCKS:
+    if _HELD_LOCKS[key][1] != threading.get_ident():  # a second trainer in this process (a re-run notebook cell)
+      raise WorkdirInUseError(f"{workdir} is being trained by another thread of this process: wait for it to end, "
+                              "or use another workdir")
     yield
     return
   fd, error = None, None
@@ -505,7 +509,7 @@ def workdir_lock(workdir: str):
   refusal = allgather_json(None if error is None else f"{type(error).__name__}: {error}")[0]
   if refusal is not None:
     raise error or WorkdirInUseError(f"process 0 could not take the lock of {workdir}: {refusal}")
-  _HELD_LOCKS[key] = fd
+  _HELD_LOCKS[key] = (fd, threading.get_ident())
   try:
     yield
   finally:
