@@ -208,6 +208,16 @@ def test_a_failed_saves_directory_is_removed_even_while_its_other_writes_finish(
 
 # ---- in-process: checkpoint integrity ---------------------------------------------------------------------------
 
+def _saved_steps_1_and_2(path, async_save: bool) -> dict:
+  """Saves `_small_state` 1 and 2 as steps 1 and 2 (data position = step) under `path`; returns the states."""
+  states = {step: _small_state(step) for step in (1, 2)}
+  ckpt = checkpoint.Checkpointer(str(path), save_interval_steps=1, async_save=async_save)
+  for step, state in states.items():
+    ckpt.save(step, state, data_state={"position": step}, meta={"step": step}, force=True)
+  ckpt.close()
+  return states
+
+
 def _small_state(seed):
   mesh = sharding.make_mesh({"fsdp": 8})
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
@@ -257,11 +267,7 @@ def ignores_orbax_leftovers_of_damaged_files(test):
 @ignores_orbax_leftovers_of_damaged_files
 def test_truncated_or_bit_flipped_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog):
   pristine = tmp_path / "pristine"
-  states = {step: _small_state(step) for step in (1, 2)}
-  ckpt = checkpoint.Checkpointer(str(pristine), save_interval_steps=1, async_save=True)
-  for step, state in states.items():
-    ckpt.save(step, state, data_state={"position": step}, meta={"step": step}, force=True)
-  ckpt.close()
+  states = _saved_steps_1_and_2(pristine, async_save=True)
   target = _abstract(states[1])
 
   def restore_after(damage, check_meta=None):
@@ -392,11 +398,7 @@ def test_a_restore_that_fails_for_a_reason_outside_the_files_keeps_the_checkpoin
   progress to a passing fault of the machine. A read error (EIO) or unreadable JSON is damage, set aside as before.
   Last, a real shortage of file descriptors at a few points of the restore."""
   pristine = tmp_path / "pristine"
-  states = {step: _small_state(step) for step in (1, 2)}
-  ckpt = checkpoint.Checkpointer(str(pristine), save_interval_steps=1, async_save=False)
-  for step, state in states.items():
-    ckpt.save(step, state, data_state={"position": step}, meta={"step": step}, force=True)
-  ckpt.close()
+  states = _saved_steps_1_and_2(pristine, async_save=False)
   work = tmp_path / "work"
 
   def checkpointer():
@@ -450,19 +452,19 @@ def test_a_step_that_lost_its_integrity_record_is_set_aside_and_an_older_one_wit
   """Every save writes an integrity item and lists it in the step's Orbax metadata: a step whose metadata lists one
   that is gone is damaged (it was restored unverified, as if written before integrity records existed). A step whose
   metadata lists none is such an older step, restored unverified with a warning."""
-  states = {step: _small_state(step) for step in (1, 2)}
-  ckpt = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=1, async_save=False)
-  for step, state in states.items():
-    ckpt.save(step, state, data_state={"position": step}, meta={"step": step}, force=True)
-  ckpt.close()
+  states = _saved_steps_1_and_2(tmp_path, async_save=False)
   pristine = tmp_path / "pristine"
   shutil.copytree(tmp_path / "2", pristine)
   shutil.rmtree(tmp_path / "2" / "integrity")
-  ckpt = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=1, async_save=False)
-  try:
-    step, state, data, _ = ckpt.restore_latest(_abstract(states[1]))
-  finally:
-    ckpt.close()
+
+  def restore():
+    ckpt = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=1, async_save=False)
+    try:
+      return ckpt.restore_latest(_abstract(states[1]))[:3]
+    finally:
+      ckpt.close()
+
+  step, state, data = restore()
   assert (step, data) == (1, {"position": 1}) and _equal(state, states[1])
   assert "its integrity record is missing" in caplog.text and os.listdir(tmp_path / "corrupt")
 
@@ -472,11 +474,7 @@ def test_a_step_that_lost_its_integrity_record_is_set_aside_and_an_older_one_wit
   del record["item_handlers"]["integrity"]
   (tmp_path / "2" / "_CHECKPOINT_METADATA").write_text(json.dumps(record))
   caplog.clear()
-  ckpt = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=1, async_save=False)
-  try:
-    step, state, data, _ = ckpt.restore_latest(_abstract(states[1]))
-  finally:
-    ckpt.close()
+  step, state, data = restore()
   assert (step, data) == (2, {"position": 2}) and _equal(state, states[2])
   assert "has no integrity record (written before they existed); restored unverified" in caplog.text
 
