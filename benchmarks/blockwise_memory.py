@@ -54,7 +54,9 @@ def compiled_memory(config, seq_len: int) -> dict:
 
 
 def main():
-  lengths = [1024, 2048, 4096] if ARGS.smoke else sorted({int(x) for x in ARGS.lengths.split(",")})
+  lengths = [1024, 2048, 4096] if ARGS.smoke else sorted({int(x) for x in ARGS.lengths.split(",") if x})
+  if not lengths:
+    raise SystemExit("blockwise_memory: --lengths names no sequence length (e.g. --lengths 4096,8192)")
   reference_lengths = [256] if ARGS.smoke else [int(x) for x in ARGS.reference_lengths.split(",") if x]
   result = {"benchmark": "blockwise_memory", "smoke": ARGS.smoke, "machine": _common.machine(),
             "method": "XLA buffer assignment of the compiled grad program (arguments + temporaries + outputs), "

@@ -24,6 +24,7 @@ import logging
 import math
 import numbers
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -1333,6 +1334,8 @@ def _check_reference_readable(settings: dict, hf_path: Optional[str]) -> None:
   if os.path.isdir(params):  # a run's params/ are read from all its folders (one not listed fails Orbax's restore)
     files = [os.path.join(folder, n) for folder, _, names in os.walk(params, onerror=unreadable) for n in names]
   else:
+    from phi_jax.hf.checkpoint import weight_files  # pylint: disable=import-outside-toplevel
+    weight_files(pathlib.Path(source))  # load_hf's own error where it would find no weights (.bin ones, an adapter)
     files = _hf_files_loaded(source)
     missing = [file for file in files if not os.path.isfile(file)]
     if missing:  # copied to some hosts but not all, or half-copied

@@ -845,6 +845,17 @@ def test_reference_check_opens_only_the_files_a_transformers_checkpoint_is_loade
     common._check_reference_readable(settings, hf_path)
 
 
+def test_params_check_gives_load_hfs_own_error_for_a_directory_without_safetensors(setup, tmp_path):
+  """PyTorch .bin weights (older checkpoints ship so): the check before any collective says what load_hf says (convert
+  them), not that the files should be copied to every host."""
+  start = tmp_path / "hf_bin"
+  phi_jax.save_hf(str(start), CONFIG, setup["params"])
+  os.rename(start / "model.safetensors", start / "pytorch_model.bin")
+  for settings, hf_path in (({"init_from": str(start)}, None), ({"init_from": None}, str(start))):
+    with pytest.raises(FileNotFoundError, match=r"it holds pytorch_model.bin: PyTorch .bin weights are not read"):
+      common._check_reference_readable(settings, hf_path)
+
+
 def test_reference_check_refuses_a_folder_of_params_it_cannot_list(start_run, monkeypatch):
   """A folder of a run's params/ this process cannot list would fail the load inside Orbax's restore (a collective),
   where the other processes cannot be told."""

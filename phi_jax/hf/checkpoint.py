@@ -150,8 +150,10 @@ def _missing_config_error(path: str | os.PathLike) -> FileNotFoundError:
                            "checkpoint directory (the one save_pretrained wrote)")
 
 
-def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
-  """tensor name -> the safetensors file that holds it (a single file, or shards with an index)."""
+def weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+  """tensor name -> the safetensors file that holds it (a single file, or shards with an index), as `load_hf` reads
+  them; raises `load_hf`'s FileNotFoundError where there are none (PyTorch .bin weights, an adapter, missing
+  shards)."""
   # The single file first, as transformers reads it: its save_pretrained of one file over an earlier sharded save
   # deletes the shards but leaves their index.
   single = directory / SINGLE_FILE
@@ -224,16 +226,16 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
   hf_config = json.loads((directory / "config.json").read_text())
   config = from_hf_config(hf_config, **overrides, param_dtype=param_dtype.name)
 
-  weight_files = _weight_files(directory)
+  files = weight_files(directory)
   specs = _tensor_specs(config)
-  _check_tensor_names(set(weight_files), specs, config, str(directory))
+  _check_tensor_names(set(files), specs, config, str(directory))
 
   params: Params = {}
   with contextlib.ExitStack() as stack:
-    readers = {file: stack.enter_context(safe_open(file, framework="numpy")) for file in set(weight_files.values())}
+    readers = {file: stack.enter_context(safe_open(file, framework="numpy")) for file in set(files.values())}
 
     def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
-      tensor = readers[weight_files[name]].get_tensor(name)
+      tensor = readers[files[name]].get_tensor(name)
       if tensor.shape != shape:
         raise ValueError(f"{name} has shape {list(tensor.shape)}; the config expects {list(shape)}")
       return tensor
@@ -253,11 +255,11 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
         sharding = _get(shardings, param_path) if shardings is not None else None
         _set(params, param_path, jax.device_put(host, sharding))
       del stacked  # the host copies go before the next parameter is built
-    if config.tie_word_embeddings and "lm_head.weight" in weight_files:
+    if config.tie_word_embeddings and "lm_head.weight" in files:
       # A tied checkpoint may carry lm_head.weight as a copy of the embedding. One that differs (a head trained
       # untied, saved under a config that still says tied) is ambiguous: transformers 5 then unties and uses it,
       # transformers 4 ignores it, and the two compute different logits.
-      embedding = readers[weight_files["model.embed_tokens.weight"]].get_tensor("model.embed_tokens.weight")
+      embedding = readers[files["model.embed_tokens.weight"]].get_tensor("model.embed_tokens.weight")
       head = read("lm_head.weight", embedding.shape)
       if not np.array_equal(head, embedding):
         raise ValueError(
