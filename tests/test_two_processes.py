@@ -160,7 +160,7 @@ def test_a_data_file_that_fails_at_start_up_on_one_process_stops_both_naming_it(
     data = [f"--gin_param=data.train_files=['{os.path.join(two_processes.ROOT, 'experiments', 'data')}/"
             "tiny_traces_train.jsonl']", "--gin_param=data.eval_files=[]", "--gin_param=train.eval_every=0",
             "--gin_param=model.hf_path='hf'"]
-    where, failed = "model.hf_path='hf': this process finds no model.safetensors there", 1
+    where, failed = "hf has neither model.safetensors nor model.safetensors.index.json", 1
   elif case == "bad_eval_record":  # the third record is process 0's (records go to processes in turn)
     bad = _write_lines(tmp_path / "eval.jsonl", records[:2] + ["{"] + records[3:])
     data = [f"--gin_param=data.eval_files=['{bad}']"]
