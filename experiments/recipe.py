@@ -152,18 +152,6 @@ def _check_stages_can_run(stages: Sequence[str], counts: dict, stage_bindings: d
                      f"on that split, which would be empty; give it a count > 0")
 
 
-def check_rollout_sampling(settings: dict, rollout_cfg: dict) -> None:
-  """Refuses greedy DPO rollouts (rollouts.temperature=0 or rollouts.top_k=1) of several per prompt: the k rollouts
-  of a prompt are identical, all right or all wrong, so they never make a pair."""
-  sampling = rollout_cfg["sampling"]
-  greedy = ([f"rollouts.temperature={sampling.temperature}"] if sampling.temperature == 0 else []) + (
-      [f"rollouts.top_k={sampling.top_k}"] if sampling.top_k == 1 else [])
-  if "dpo" in settings["stages"] and settings["rollout_k"] > 1 and greedy:
-    raise ValueError(f"{' and '.join(greedy)} samples greedily: the recipe.rollout_k={settings['rollout_k']} "
-                     "rollouts of a prompt would be identical, all right or all wrong, and make no DPO pair; set "
-                     "rollouts.temperature > 0 (recipe_tiny's is 1.0) and rollouts.top_k to 0 (off) or > 1")
-
-
 def task_request(settings: dict) -> dict:
   """The settings the task data is made from, as the manifest records them (`recipe_task`): the difficulty's
   effective parameters rather than its overrides, as those are what the files depend on."""
@@ -451,7 +439,8 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
     log.info("recipe.config_dir=%r: reading the stage configs from %s", settings["config_dir"], in_caller_dir)
     settings["config_dir"] = in_caller_dir
   eval_cfg, rollout_cfg = eval_lib.eval_settings(), rollouts.rollout_settings()
-  check_rollout_sampling(settings, rollout_cfg)
+  if "dpo" in settings["stages"]:  # greedy rollouts would make no pair, found after the stages before DPO
+    rollouts.check_sampling_varies(rollout_cfg["sampling"], settings["rollout_k"], "recipe.rollout_k")
   # A stage finished in `workdir` is not trained again: its data files and starting point may be gone.
   check_stage_settings(settings, finished=[stage for stage in settings["stages"] if workdir and os.path.exists(
       os.path.join(workdir, stage, "recipe_stage.json"))])

@@ -85,15 +85,16 @@ def rollout_settings(max_new_tokens: int = 256, temperature: float = 1.0, top_p:
               batch_size=batch_size, verify_timeout_s=verify_timeout_s)
 
 
-def check_sampling_varies(sampling: SamplingConfig, k: int) -> None:
+def check_sampling_varies(sampling: SamplingConfig, k: int, k_name: str = "--k") -> None:
   """Refuses greedy sampling of several rollouts per problem: they would all be the same answer, all right or all
-  wrong, so no problem could give a pair (found only after every rollout was generated)."""
+  wrong, so no problem could give a pair (found only after every rollout was generated). `k_name` is the setting
+  that gave `k` (the recipe's is recipe.rollout_k)."""
   greedy = ([f"rollouts.temperature={sampling.temperature}"] if np.all(np.asarray(sampling.temperature) == 0)
             else []) + ([f"rollouts.top_k={sampling.top_k}"] if sampling.top_k == 1 else [])
   if k > 1 and greedy:
-    raise ValueError(f"{' and '.join(greedy)} with --k={k}: the {k} rollouts of a problem would be identical (greedy "
-                     "decoding), all right or all wrong, and make no pair; set rollouts.temperature > 0 (e.g. 1.0) "
-                     "and rollouts.top_k to 0 (off) or more than 1")
+    raise ValueError(f"{' and '.join(greedy)} with {k_name}={k}: the {k} rollouts of a problem would be identical "
+                     "(greedy decoding), all right or all wrong, and make no pair; set rollouts.temperature > 0 (e.g. "
+                     "1.0) and rollouts.top_k to 0 (off) or more than 1")
 
 
 def check_verify_timeout(binding: str, value: Optional[float]) -> None:

@@ -358,7 +358,9 @@ def test_greedy_dpo_rollouts_that_can_never_make_a_pair_are_refused_up_front(mon
   monkeypatch.chdir(ROOT)
   quick = "experiments/configs/recipe_tiny/quick.gin"
   try:
-    with pytest.raises(ValueError, match=rf"{re.escape(param.split('=')[0])}=.* recipe.rollout_k=8 .*identical"):
+    greedy = re.escape(param.split('=')[0])
+    with pytest.raises(ValueError, match=rf"{greedy}=.* with recipe.rollout_k=8: the 8 rollouts of a problem would be "
+                       "identical"):
       recipe.configure([quick], [param])
     # Without DPO, or with one rollout per prompt there is nothing to refuse (one rollout is refused on its own).
     settings, _, _ = recipe.configure([quick], [param, 'recipe.stages=["base"]'])

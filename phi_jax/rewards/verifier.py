@@ -115,20 +115,23 @@ def readable_gold(gold, config: Optional[VerifierConfig] = None) -> Optional[str
   """A gold answer as the verifier reads it (`extract_gold`, at most `screen.max_answer_chars` long, passing the
   screen), or None where it reads none (`gold_problem` says why): every completion graded against it would score
   incorrect. `config` defaults to the module-wide pool's (`default_config`)."""
-  config = default_config() if config is None else config
-  answer = extract_gold(sanitize(gold), max_chars=config.screen.max_answer_chars)
-  return None if answer is None or screen_problem(answer, config.screen) else answer
+  return _read_gold(gold, config)[0]
 
 
 def gold_problem(gold, config: Optional[VerifierConfig] = None) -> Optional[str]:
   """Why the verifier reads no gold answer from `gold` (see `readable_gold`), or None where it reads one. The screen
   built for model output refuses some real answers too ("15!!", which math-verify would read as (15!)!)."""
+  return _read_gold(gold, config)[1]
+
+
+def _read_gold(gold, config: Optional[VerifierConfig]) -> tuple[Optional[str], Optional[str]]:
+  """(the gold answer the verifier reads, None) or (None, why it reads none)."""
   config = default_config() if config is None else config
   answer = extract_gold(sanitize(gold), max_chars=config.screen.max_answer_chars)
   if answer is None:
-    return f"no answer read from it (empty, or over {config.screen.max_answer_chars} characters)"
+    return None, f"no answer read from it (empty, or over {config.screen.max_answer_chars} characters)"
   problem = screen_problem(answer, config.screen)
-  return None if problem is None else f"refused by the answer screen: {problem}"
+  return (answer, None) if problem is None else (None, f"refused by the answer screen: {problem}")
 
 
 class VerifierPool:
