@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import logging
+import os
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +16,9 @@ from phi_jax.data import chat
 from phi_jax.hf.tokenizer import build_tiny_tokenizer
 from phi_jax.stages import grpo
 from phi_jax.train import LoopConfig, OptimizerConfig, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))  # experiments/common.py, imported as `common`
 
 
 def test_filters_drop_zero_variance_easy_and_ragged_groups_and_balance_negatives():
@@ -190,8 +195,8 @@ def test_rollout_batch_layout(toy):
 
 def test_rollouts_sampled_in_several_generate_calls(toy, monkeypatch):
   """grpo.rollout_batch_size splits the rollout batch's rows over generate calls (the KV cache of one call is what
-  must fit): rows of one call each are the same batch as one call of all rows; two calls of 4 rows give a batch of
-  the same layout, each call with its own key."""
+  must fit): each row draws with its own key, so one call of all rows, one call of 8 and two calls of 4 sample the
+  same batch."""
   _, tokenizer, config, prompts = toy
   calls = []
   real_generate = grpo.generate
@@ -208,9 +213,10 @@ def test_rollouts_sampled_in_several_generate_calls(toy, monkeypatch):
   assert calls == [8, 8, 4, 4]
   for name in whole:
     np.testing.assert_array_equal(one_call[name], whole[name])
-    assert split[name].shape == whole[name].shape
-  np.testing.assert_array_equal(split["tokens"][:, :10], whole["tokens"][:, :10])  # the same prompts, in order
-  assert not np.array_equal(split["tokens"], whole["tokens"])  # the second call drew with another key
+    # The same tokens; the old log-probs within float32 rounding (a batch of 4 rows runs other matmul shapes).
+    np.testing.assert_allclose(split[name], whole[name], rtol=1e-6, atol=1e-6)
+  group = whole["tokens"][:4]  # the four samples of one prompt: each row's own key, not one key repeated
+  assert len({row.tobytes() for row in group}) > 1
   with pytest.raises(ValueError, match=r"grpo.rollout_batch_size=3 must divide the 8 rows of a rollout batch"):
     grpo.GRPOConfig(prompts_per_step=2, group_size=4, rollout_batch_size=3)
 
@@ -553,7 +559,7 @@ def test_toy_grpo_run_raises_mean_reward(toy, tmp_path):
   _, tokenizer, config, prompts = toy
   cfg = grpo.GRPOConfig(prompts_per_step=4, group_size=8, max_prompt_tokens=32, max_new_tokens=8, num_passes=2,
                         epsilon_low=0.2, epsilon_high=0.28)
-  num_steps = 24
+  num_steps = 32  # the reward takes off after ~10 rollout batches, from a start near 0.05
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   source = grpo.GRPORollouts(prompts, tokenizer, config, cfg, reward_batch_fn=_digit_share(tokenizer),
                              num_steps=num_steps, seed=0, mesh=mesh)
@@ -629,7 +635,7 @@ def test_a_run_resumed_at_a_rollout_batch_boundary_equals_the_uninterrupted_run(
 def test_every_name_of_reward_weights_is_a_term_of_its_own(monkeypatch):
   """Two names of one function, two equal reward objects and an unhashable callable each count once per name (the
   weights were a dict keyed by the functions: merged terms, or a TypeError)."""
-  import common
+  import common  # pylint: disable=import-outside-toplevel
   from phi_jax.rewards import registry
 
   @dataclasses.dataclass  # not frozen: unhashable

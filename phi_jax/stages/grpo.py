@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from phi_jax.losses import chunked_token_logprobs, group_advantages, grpo_loss, next_token_targets
 from phi_jax.losses.grpo import AGGREGATIONS
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
-from phi_jax.sampling import SamplingConfig, generate
+from phi_jax.sampling import SamplingConfig, filters, generate
 from phi_jax.sampling.sampler import MIN_TEMPERATURE
 from phi_jax.sharding import distributed
 from phi_jax.train import checkpoint
@@ -413,14 +413,16 @@ class GRPORollouts:
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, stop_token_ids=self.stop_ids)
     rng = jax.random.fold_in(jax.random.key(self.seed), self.rollouts)
-    # Every process samples the whole batch (the same prompts, the same random stream) and gets every row back; in
-    # calls of rollout_batch_size rows, call i with the key fold_in(rng, i).
+    # Every process samples the whole batch (the same prompts, the same random stream) and gets every row back, in
+    # calls of rollout_batch_size rows. Row r draws with the key fold_in(rng, r) whatever call it lands in, so
+    # rollout_batch_size (a memory setting) does not change what a run samples.
     calls = 1 if cfg.rollout_batch_size is None else len(rows) // cfg.rollout_batch_size
     outs = []
-    for i, (tokens_i, lengths_i) in enumerate(zip(np.split(prompt_tokens, calls), np.split(prompt_lengths, calls))):
-      key = rng if calls == 1 else jax.random.fold_in(rng, i)
+    for tokens_i, lengths_i, rows_i in zip(np.split(prompt_tokens, calls), np.split(prompt_lengths, calls),
+                                           np.split(np.arange(len(rows)), calls)):
+      keys = filters.row_keys(rng, rows_i)
       outs.append(multihost_utils.process_allgather(
-          generate(params, self.config, tokens_i, lengths_i, key, sampling, mesh=self.mesh), tiled=True))
+          generate(params, self.config, tokens_i, lengths_i, keys, sampling, mesh=self.mesh), tiled=True))
     out = {name: np.concatenate([np.asarray(o[name]) for o in outs]) for name in outs[0]}
     self.rollouts += 1
     lengths, finished = np.asarray(out["lengths"]), np.asarray(out["finished"])
