@@ -456,7 +456,9 @@ def test_a_hedge_is_right_only_when_every_alternative_is_the_gold(pool):
              "The solutions are $\\boxed{2}$ and $\\boxed{3}$.": "2, 3",
              "We get $n = 5$; there is no other solution, since $n > 0$ or $n = 5$.": "n = 5",
              "So $x \\le 3$ or $x \\ge 5$.": "x \\le 3 or x \\ge 5",
-             "$\\boxed{2 (or x = 2)}$": "2 or x = 2"}
+             "$\\boxed{2 (or x = 2)}$": "2 or x = 2",
+             "Ann has $5$ apples or $6$ apples.": "5 or 6",  # the noun after each alternative
+             "Ann has $1$ apple, or $2$ apples.": "1 or 2", "He needs $3$ dozen, or $36$ eggs.": "36"}
   assert {c: extract_answer(think + c) for c in answers} == answers
   assert extract_gold("\\boxed{5} or \\boxed{6}") == "5 or 6"
   right = [("The probability is $\\frac{3}{10}$, or $30\\%$.", "\\frac{3}{10}"),
@@ -467,12 +469,14 @@ def test_a_hedge_is_right_only_when_every_alternative_is_the_gold(pool):
            ("$\\boxed{2 (or x = 2)}$", "2"), ("$\\boxed{(2, 3) (or x = 2, y = 3)}$", "(2,3)"),
            ("The answer is 3/4 (or 0.75 as a decimal).", "3/4"),
            ("Solving gives $x = 2$ or $x = 3$.", "2, 3"), ("$\\boxed{x = 2 (or x = 3)}$", "2, 3"),
-           ("So \\boxed{5} or \\boxed{6}", "\\boxed{5} or \\boxed{6}")]
+           ("So \\boxed{5} or \\boxed{6}", "\\boxed{5} or \\boxed{6}"), ("Ann has $5$ apples, or $5$ apples.", "5")]
   wrong = [("So Ann has $5$ or $6$ apples.", "6"), ("So Ann has $5$ or $6$ apples.", "5"),
            ("$\\boxed{x = 2 (or x = 3)}$", "2"), ("$\\boxed{\\sqrt{2} (or \\sqrt{3})}$", "\\sqrt{2}"),
            ("The answer is $5$ or $6$.", "6"), ("The answer is 2 (or 3).", "2"), ("So \\boxed{5} or \\boxed{6}", "5"),
            ("So the discount is $20\\%$, or $\\frac{1}{4}$ off.", "20"), ("$\\boxed{5 \\text{ or more}}$", "5"),
-           ("Ann has $5$, $6$, or $7$ apples.", "7"), ("The answer is $2$ or $2$ or $3$.", "2")]
+           ("Ann has $5$, $6$, or $7$ apples.", "7"), ("The answer is $2$ or $2$ or $3$.", "2"),
+           ("Ann has $5$ apples or $6$ apples.", "5"), ("Ann has $5$ apples or $6$ apples.", "6"),
+           ("Ann has $1$ apple, or $2$ apples.", "1")]
   cases = [(c, g, True) for c, g in right] + [(c, g, False) for c, g in wrong]
   verdicts = rewards.verify_batch([think + c for c, _, _ in cases], [g for _, g, _ in cases], pool=pool)
   assert [(c, g, v) for (c, g, _), v in zip(cases, verdicts)] == [(c, g, e) for c, g, e in cases]
@@ -598,6 +602,21 @@ def test_a_restatement_in_degrees_a_repeating_decimal_or_another_unit_word_is_ri
            ("$\\boxed{\\frac{1}{3} (or 0.\\overline{4})}$", "\\frac{1}{3}"), ("$\\boxed{0.\\overline{3}}$", "0.3"),
            ("The answer is 12 apples (or 13).", "13"), ("$\\boxed{12 apples (or 13)}$", "13"),
            ("The answer is 12 apples (or 13 apples).", "13")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_mixed_number_is_its_improper_fraction(pool):
+  """"2 1/2" (a parser reads 2 * 1/2 = 1) is 5/2, alone, before words or in a box; an improper fraction after the
+  whole number ("2 3/2") or more digits ("2 1/2.5") are no mixed number and are left as written."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"The answer is 2 1/2.": "5/2", "The answer is 3 3/4 miles.": "15/4", "$\\boxed{-2 1/2}$": "-5/2",
+             "The answer is 2 3/2.": "2 3/2", "The answer is 2 1/2.5.": "2 1/2.5"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  assert extract_gold("2 1/2") == "5/2" and extract_gold("\\boxed{1 1/3}") == "4/3"
+  right = [("The answer is 2 1/2.", "\\frac{5}{2}"), ("The answer is 2 1/2 cups.", "2.5"),
+           ("$\\boxed{-2 1/2}$", "-\\frac{5}{2}"), ("The answer is 1 1/3 hours.", "1 1/3")]
+  wrong = [("The answer is 2 1/2.", "1"), ("$\\boxed{2 1/2}$", "1"), ("The answer is 1 1/3 hours.", "1/3")]
   verdicts, expected = _grades(pool, right, wrong)
   assert verdicts == expected
 

@@ -325,7 +325,7 @@ def _last_box(text: str, lo: int, hi: int, max_chars: int) -> Optional[tuple[int
 def _joins_answers(gap: str) -> bool:
   """Whether `gap`, the text between two answers, makes them one: at most `_MAX_JOIN_GAP_CHARS` long without its
   layout (`_GAP_LAYOUT`), and either holding no math and, of words, only "or" with at most two of `_OR_ADVERBS`
-  after it and the first answer's unit before it, on any lines (" (or ", ", or maybe ", "\\quad \\text{, or }
+  after it and the first answer's unit or noun before it, on any lines (" (or ", ", or maybe ", "\\quad \\text{, or }
   \\quad", "\\n or just ", " hours, or ": a hedge, `_joined_by_or`), or holding only "," and "and" on one line ("$
   and $", ", ": a set)."""
   if len(_GAP_LAYOUT.sub("", gap)) > _MAX_JOIN_GAP_CHARS:
@@ -333,7 +333,9 @@ def _joins_answers(gap: str) -> bool:
   words = _gap_words(gap)
   if "or" in words:
     letters = [w for w in words if w.isalpha()]
-    if letters[0] in UNIT_SIZES and letters[1] == "or":
+    # The first answer's unit or noun ("$5$ km, or $6$ km", "$5$ apples or $6$ apples"; `_another_noun` says which
+    # nouns join): a unit's alternative is compared as a quantity (`_units_after`), a noun's as a value.
+    if len(letters) > 1 and letters[0] != "or" and letters[1] == "or":
       letters = letters[1:]
     return (not any(w[0] in _GAP_MATH for w in words) and letters[0] == "or" and len(letters) <= 3
             and all(w in _OR_ADVERBS for w in letters[1:]))
@@ -424,7 +426,7 @@ def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
     # "since $n > 0$ or $n = 5$": a condition and an equation are no alternatives to each other.
     if span is None or (_is_relation(span[0]) and not _is_relation(contents[0])) or (
         joined_by_or and _is_condition_and_equation(contents[-1], span[0])) or (
-        _in_unknown_unit(text, text[end:start], span[1])):
+        _in_unknown_unit(text, text[end:start], span[1]) or _another_noun(text, text[end:start], span[1])):
       break
     hedge = hedge or joined_by_or
     contents.append(span[0])
@@ -443,6 +445,19 @@ def _in_unknown_unit(text: str, gap: str, end: int) -> bool:
     return False
   match = _WORD_AFTER.match(text, end)
   return bool(match and match.group(1)) and match.group(1).lower() not in UNIT_SIZES
+
+
+def _another_noun(text: str, gap: str, end: int) -> bool:
+  """Whether the first answer's word before "or" in `gap` is a noun (no unit of `UNIT_SIZES`) that does not follow
+  the alternative ending at text[end] as well: "$3$ dozen, or $36$ eggs" and "$25$ percent, or $\\frac{1}{4}$" may
+  restate one quantity in other words, so the first answer stands; "$5$ apples or $6$ apples" (or "$1$ apple or $2$
+  apples") are two counts of one thing, a hedge."""
+  letters = [w for w in _gap_words(gap) if w.isalpha()]
+  if len(letters) < 2 or letters[0] == "or" or letters[1] != "or" or letters[0] in UNIT_SIZES:
+    return False
+  match = _WORD_AFTER.match(text, end)
+  singular = lambda word: word[:-1] if len(word) > 3 and word.endswith("s") else word
+  return not (match and match.group(1) and singular(match.group(1).lower()) == singular(letters[0]))
 
 
 # A word or a cent sign right after an answer ("$5$ cm", "$75$¢", "\\boxed{75}$ cents"); a word that another word
@@ -807,22 +822,41 @@ def _number_end(text: str) -> int:
 
 
 def _number_before_words(text: str, min_word_chars: int = 2) -> str:
-  """"18 dollars" -> "18", "1,200 people" -> "1200": a number followed by words only is that number, unless the
-  first word is shorter than `min_word_chars` (a variable: "5 x"; inside math, where "2 xy" is a product, 4), math,
-  or changes the value ("2 million", "3 dozen", "12 out of", "3 eighths", "5 at least")."""
-  end = _number_end(text)
+  """"18 dollars" -> "18", "1,200 people" -> "1200", "2 1/2 cups" -> "5/2": a number followed by words only is that
+  number, unless the first word is shorter than `min_word_chars` (a variable: "5 x"; inside math, where "2 xy" is a
+  product, 4), math, or changes the value ("2 million", "3 dozen", "12 out of", "3 eighths", "5 at least"). A mixed
+  number alone or before words is its improper fraction (the parser would read "2 1/2" as 2 * 1/2)."""
+  mixed = _mixed_number(text)
+  end = mixed[1] if mixed else _number_end(text)
+  number = mixed[0] if mixed else text[:end].replace(",", "")
+  if mixed and not text[end:].strip():
+    return number
   if end == 0 or text[end:end + 1] != " ":
     return text
   words = text[end:].split()
   if not words:  # only white space after the number ("42 " before a line break or a special token): as "42"
-    return text[:end]
+    return number if mixed else text[:end]
   if not all(w.replace("/", "").replace("-", "").replace(".", "").isalpha() for w in words):
     return text  # digits or symbols after the number: an expression, left as it is
   first = words[0].lower().strip(".")
   short = len(first.split("/")[0]) < max(2, min_word_chars) and first not in _SHORT_UNITS
   if short or _changes_value(words) or first in _MATH_WORDS:
     return text
-  return text[:end].replace(",", "")
+  return number
+
+
+# "2 1/2", "-3 3/4": a whole number, one space and a proper fraction, then no more digits or fraction.
+_MIXED_NUMBER = re.compile(r"([-\u2212]?)(\d{1,9}) (\d{1,9})/(\d{1,9})(?![\d/.,]\d|[\d/])")
+
+
+def _mixed_number(text: str) -> Optional[tuple[str, int]]:
+  """The improper fraction of a mixed number opening `text` ("2 1/2" -> "5/2") and where the mixed number ends; None
+  when `text` opens with none (the fraction is not proper: "2 3/2", "2 0/5")."""
+  match = _MIXED_NUMBER.match(text)
+  if match is None or not 0 < int(match.group(3)) < int(match.group(4)):
+    return None
+  whole, numerator, denominator = (int(match.group(i)) for i in (2, 3, 4))
+  return f"{'-' if match.group(1) else ''}{whole * denominator + numerator}/{denominator}", match.end()
 
 
 def _changes_value(words: list[str]) -> bool:
@@ -1141,7 +1175,8 @@ def latex_notation(answer: str, degrees: bool = True) -> str:
   Answers are parsed as LaTeX, where "pi" is p * i, "1e3" is 1 * e * 3 and "**" is not a power: a model's
   `\\boxed{2*pi}` would not match the gold "2\\pi", nor "1e3" the gold "1000". So: a whole answer in scientific
   notation becomes its decimal ("1.5e-3" -> "0.0015"; only a whole answer, since "3e-2" inside an expression may
-  be 3e - 2), "**" becomes "^", the Unicode symbols of `_UNICODE_MATH` ("√2", "∞", "3·4") their LaTeX, and "pi"
+  be 3e - 2), a whole answer that is a mixed number its improper fraction ("2 1/2" -> "5/2", which a parser reads
+  as 2 * 1/2), "**" becomes "^", the Unicode symbols of `_UNICODE_MATH` ("√2", "∞", "3·4") their LaTeX, and "pi"
   standing alone (no letter or backslash before it, no letter after) becomes "\\pi", LaTeX spaces between
   thousands groups are dropped ("1\\,000" -> "1000", which a parser reads as 1 * 0), a logical "or" between values,
   perhaps of one variable, joins a hedge ("5 \\;\\lor\\; 6", "\\sqrt{4} \\lor 3", "x = 5 \\lor x = 6" -> "5 or 6",
@@ -1158,6 +1193,9 @@ def latex_notation(answer: str, degrees: bool = True) -> str:
       value = None
     if value is not None and value.is_finite() and abs(value.adjusted()) <= _MAX_WRITTEN_OUT_EXPONENT:
       return format(value, "f")
+  mixed = _mixed_number(stripped)
+  if mixed is not None and mixed[1] == len(stripped):
+    return mixed[0]
   answer = _joined_digit_groups(_as_text_command(answer).replace("**", "^"))
   # Spacing around the operands goes ("5 \\;\\lor\\; 6"); their text mode stays, but is no letters of logic.
   operands = [_LAYOUT.sub(lambda m: " " if m.group(1) is None else m.group(0), a).strip()
