@@ -78,6 +78,8 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 
 
 def _length_stats(tokenizer, texts: list[str]) -> dict:
+  if not texts:  # every count 0: the tokenizer's batch call fails on an empty list
+    return _stats([])
   return _stats([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
 
 

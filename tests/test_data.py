@@ -1297,3 +1297,17 @@ def test_preference_num_epochs_is_a_whole_number_of_passes(tmp_path, mini_tokeni
   assert len(list(build(2.0))) == 6
   with pytest.raises(ValueError, match=r"num_epochs=1.5: .*a whole number of passes"):
     build(1.5)
+
+
+def test_preference_iterator_given_a_path_names_the_function_that_reads_files(tmp_path, mini_tokenizer):
+  """A path where the record source goes was read as a sequence of characters (a DataError about record 0)."""
+  from phi_jax.data import preference
+
+  path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+  for source in (path, tmp_path / "pairs.jsonl", 3):
+    with pytest.raises(TypeError, match=r"random-access record source .*build_preference_iterator\(paths"):
+      preference.PreferenceIterator(source, mini_tokenizer, seq_len=32, batch_size=1, seed=0, process_index=0,
+                                    process_count=1)
+  iterator = preference.PreferenceIterator(sources.open_source(path), mini_tokenizer, seq_len=32, batch_size=1, seed=0,
+                                           process_index=0, process_count=1)
+  assert len(list(iterator)) == 1

@@ -324,6 +324,14 @@ def test_make_task_data_names_a_count_its_difficulty_cannot_fill(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+def test_make_task_data_with_every_count_zero_writes_empty_files(tmp_path):
+  """Zero of every file (a tokenizer and a manifest alone): empty files and zero-length statistics."""
+  counts = dict.fromkeys(make_task_data.TRAIN_FILES + ("sft", "valid", "test"), 0)
+  manifest = make_task_data.make_task_data(str(tmp_path / "out"), seed=0, counts=counts)
+  assert set(manifest["counts"].values()) == {0} and manifest["tokens"]["problem"] == {"mean": 0.0, "max": 0}
+  assert all((tmp_path / "out" / f"{name}.jsonl").read_text() == "" for name in manifest["counts"])
+
+
 def test_the_nth_problem_may_come_on_the_last_allowed_draw(monkeypatch):
   monkeypatch.setattr(wp, "_MAX_DRAWS_PER_PROBLEM", 1)
   seed = next(seed for seed in range(100)  # a seed whose first draw is a train problem

@@ -342,6 +342,11 @@ class PreferenceIterator:
     if on_bad_record not in ON_BAD_RECORD:
       raise ValueError(f"on_bad_record={on_bad_record!r}; expected one of {ON_BAD_RECORD}")
     num_epochs = whole_epochs(num_epochs, "num_epochs")
+    if isinstance(source, (str, bytes, os.PathLike)) or not (hasattr(source, "__len__")
+                                                             and hasattr(source, "__getitem__")):
+      raise TypeError(f"PreferenceIterator reads a random-access record source (len and [i]), got a "
+                      f"{type(source).__name__} {str(source)[:100]!r}: for files, use build_preference_iterator(paths, "
+                      "tokenizer, ...) or pass open_source(path)")
     if process_index is None or process_count is None:
       import jax  # pylint: disable=import-outside-toplevel
       process_index, process_count = jax.process_index(), jax.process_count()
