@@ -34,7 +34,6 @@ _common.pin_threads(ARGS.threads)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import phi_jax  # noqa: E402
 from phi_jax import sharding  # noqa: E402
 from phi_jax.hf.tokenizer import build_tiny_tokenizer  # noqa: E402
 from phi_jax.stages import grpo  # noqa: E402

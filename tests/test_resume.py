@@ -15,8 +15,6 @@ import pytest
 import two_processes
 from xla_flags import xla_flags
 
-import phi_jax
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
 NUM_STEPS = 8
