@@ -605,6 +605,24 @@ def test_a_restatement_in_degrees_a_repeating_decimal_or_another_unit_word_is_ri
   verdicts, expected = _grades(pool, right, wrong)
   assert verdicts == expected
 
+def test_counts_of_one_noun_in_any_plural_or_before_more_words_are_a_hedge(pool):
+  """Alternatives each followed by one noun, singular or plural ("box" / "boxes", "child" / "children") and with
+  words after it ("$6$ apples left", "in total"), are two counts of one thing: a hedge, which matches no single gold;
+  another noun after the last ("$3$ dozen, or $36$ eggs in all") may restate the quantity, so the last stands."""
+  think = "<think>\nok\n</think>\n\n"
+  hedges = {"Ann has $5$ apples or $6$ apples left.": "5 or 6",
+            "The answer is $5$ apples or $6$ apples left.": "5 or 6",
+            "Ann has $5$ apples or $6$ apples in total.": "5 or 6", "She has $1$ box or $2$ boxes.": "1 or 2",
+            "She has $1$ child or $2$ children.": "1 or 2", "They need $1$ bus or $2$ buses.": "1 or 2",
+            "She has $1$ penny or $2$ pennies.": "1 or 2", "It is $1$ foot or $2$ feet.": "1 foot or 2 feet"}
+  assert {c: extract_answer(think + c) for c in hedges} == hedges
+  assert extract_answer(think + "He needs $3$ dozen, or $36$ eggs in all.") == "36"
+  right = [("He needs $3$ dozen, or $36$ eggs in all.", "36"), ("Ann has $5$ apples, or $5$ apples in all.", "5")]
+  wrong = [(c, g) for c, a in hedges.items() for g in a.split(" or ")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
 
 def test_a_mixed_number_is_its_improper_fraction(pool):
   """"2 1/2" (a parser reads 2 * 1/2 = 1) is 5/2, alone, before words or in a box; an improper fraction after the
@@ -619,6 +637,28 @@ def test_a_mixed_number_is_its_improper_fraction(pool):
   wrong = [("The answer is 2 1/2.", "1"), ("$\\boxed{2 1/2}$", "1"), ("The answer is 1 1/3 hours.", "1/3")]
   verdicts, expected = _grades(pool, right, wrong)
   assert verdicts == expected
+
+def test_a_mixed_number_before_a_unit_is_read_whole_with_its_unit(pool):
+  """A mixed number before a unit word, as a hedge's alternative or as the answer before one, in a box with the unit
+  in `\\text{}`, or in math before one, is its improper fraction with the unit after it, so a restatement in another
+  unit is compared as one quantity and the unit does not hide the fraction's end."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"The answer is 150 minutes (or 2 1/2 hours).": "150 minutes or 5/2 hours",
+             "The answer is 18 inches (or 1 1/2 feet).": "18 inches or 3/2 feet",
+             "The answer is 1 1/2 feet (or 18 inches).": "3/2 feet or 18 inches",
+             "The answer is 1 1/2 (or 18 inches).": "3/2 or 18",
+             "The answer is \\boxed{2 1/2 \\text{ hours}}.": "5/2", "$\\boxed{2 1/2\\text{ cups}}$": "5/2",
+             "It takes $2 1/2$ hours, or $150$ minutes.": "5/2 hours or 150 minutes"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  right = [("The answer is 150 minutes (or 2 1/2 hours).", "150"), ("The answer is 18 inches (or 1 1/2 feet).", "18"),
+           ("The answer is 1 1/2 feet (or 18 inches).", "18"), ("The answer is 2 1/2 hours (or 150 minutes).", "150"),
+           ("The answer is \\boxed{2 1/2 \\text{ hours}}.", "2.5"), ("$\\boxed{2 1/2\\text{ cups}}$", "2.5"),
+           ("It takes $2 1/2$ hours, or $150$ minutes.", "150"), ("\\boxed{1 1/2 \\text{ feet}}", "\\frac{3}{2}")]
+  wrong = [("The answer is 1 1/2 (or 18 inches).", "18"), ("The answer is 150 minutes (or 3 1/2 hours).", "150"),
+           ("\\boxed{2 1/2 \\text{ hours}}", "1")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
 
 
 def test_alternatives_joined_by_lor_a_worded_or_or_a_hedge_word_are_a_hedge(pool):
@@ -998,6 +1038,65 @@ def test_boxes_restating_one_quantity_keep_the_unit_inside_each_box(pool):
            ("\\boxed{3 \\text{ hours}} or \\boxed{3 \\text{ cm}}", "3")]
   wrong = [("The answer is $\\boxed{3 \\text{ hours}}$ or $\\boxed{4}$.", "3")]
   verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_boxes_joined_through_a_noun_the_last_does_not_repeat_leave_the_last_box(pool):
+  """Boxes joined by "<noun>, or" where the last box is not followed by the same noun ("\\boxed{3} dozen, or
+  \\boxed{36} eggs", "\\boxed{50} percent or \\boxed{\\frac{1}{2}}") may restate one quantity in other words, so the
+  last box stands alone, as after math; boxes that count one noun stay a hedge."""
+  think = "<think>\nok\n</think>\n\n"
+  answers = {"The final answer is \\boxed{3} dozen, or \\boxed{36} eggs.": "36",
+             "The answer is \\boxed{50} percent or \\boxed{\\frac{1}{2}}.": "\\frac{1}{2}",
+             "$\\boxed{12}$ eggs, or $\\boxed{1}$ dozen": "1", "$\\boxed{5}$ apples or $\\boxed{6}$ apples": "5 or 6"}
+  assert {c: extract_answer(think + c) for c in answers} == answers
+  right = [(c, g) for c, g in answers.items() if " or " not in g]
+  wrong = [("$\\boxed{5}$ apples or $\\boxed{6}$ apples", "6"), ("$\\boxed{1}$ box or $\\boxed{2}$ boxes", "2")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_math_or_a_number_that_or_joins_after_the_last_box_is_an_alternative_to_it(pool):
+  """Math or a plain number joined by "or" after the last box ("$\\boxed{5}$ or $6$", "\\boxed{5} (or 6)") is an
+  alternative to it, as a box would be: a hedge, which matches no single gold; an equation that restates the box
+  ("$\\boxed{3}$, or equivalently $n \\equiv 3$"), prose between them, another noun after the alternative, or math
+  that goes on from a number join nothing, and a restatement in another unit is compared as one quantity."""
+  think = "<think>\nok\n</think>\n\n"
+  hedges = {"The answer is $\\boxed{5}$ or $6$.": "5 or 6", "The answer is \\boxed{5} (or 6).": "5 or 6",
+            "The answer is $\\boxed{5}$, or maybe $6$.": "5 or 6", "$$\\boxed{5} \\text{ or } 6$$": "5 or 6",
+            "\\boxed{5} (or -6)": "5 or -6", "\\boxed{5} apples, or 6 apples.": "5 or 6",
+            "\\boxed{1} or \\boxed{2}, or $3$": "1 or 2 or 3"}
+  alone = {"Therefore, the answer is $\\boxed{3}$, or equivalently $n \\equiv 3$.": "3",
+           "$\\boxed{12}$, or half of the $24$ she had.": "12", "He needs \\boxed{3} dozen, or 36 eggs.": "3",
+           "\\boxed{5} or 6 + 1 = 7": "5", "\\boxed{5}, and $6$ is next.": "5", "\\boxed{5} or 6x": "5",
+           "So she walks $\\boxed{2}$ miles, or $\\frac{1}{2}$ of the trip.": "2"}
+  assert {c: extract_answer(think + c) for c in {**hedges, **alone}} == {**hedges, **alone}
+  assert extract_answer(think + "It takes \\boxed{2} hours, or $120$ minutes.") == "2 hours or 120 minutes"
+  right = [("Therefore, the answer is $\\boxed{3}$, or equivalently $n \\equiv 3$.", "3"),
+           ("It takes \\boxed{2} hours, or $120$ minutes.", "120"),
+           ("It takes \\boxed{2} hours, or $120$ minutes.", "2"),
+           ("The increase is $\\boxed{20\\%}$, or $0.2$.", "20"), ("The answer is $\\boxed{5}$, or $5$.", "5")]
+  wrong = [(c, g) for c, a in hedges.items() for g in a.split(" or ")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_bound_with_no_left_side_or_a_negated_label_gives_no_answer(pool):
+  """An answer that opens with an inequality sign ("\\geq 5", "> 4", "≤ 6") is a bound, which matches no gold as "5
+  or more" does (math-verify would drop the sign and read 5), and a label whose sentence opens with a negation ("the
+  answer is not $5$") gives no answer rather than the math in it; a relation with a left side, "\\approx 5" and a
+  worded answer are read as before."""
+  think = "<think>\nok\n</think>\n\n"
+  none = ["$\\boxed{\\geq 5}$", "$\\boxed{> 4}$", "$\\boxed{< 6}$", "The answer is $\\ge 5$.", "\\boxed{≥ 5}",
+          "\\boxed{\\neq 5}", "\\boxed{\\le 5}", "The answer is not $5$.", "The answer is therefore not $5$.",
+          "Answer: not $5$", "The answer is not 5."]
+  assert {c: extract_answer(think + c) for c in none} == {c: None for c in none}
+  kept = {"\\boxed{x \\geq 5}": "x \\geq 5", "\\boxed{\\approx 5}": "\\approx 5", "The answer is nothing.": "nothing",
+          "The answer is $5$, not $6$.": "5", "\\boxed{\\left(1, 2\\right)}": "\\left(1, 2\\right)"}
+  assert {c: extract_answer(think + c) for c in kept} == kept
+  wrong = [("$\\boxed{\\geq 5}$", "5"), ("$\\boxed{> 4}$", "4"), ("$\\boxed{< 6}$", "6"),
+           ("The answer is $\\ge 5$.", "5"), ("The answer is not $5$.", "5"), ("The answer is therefore not $5$.", "5")]
+  verdicts, expected = _grades(pool, [("The answer is $5$, not $6$.", "5")], wrong)
   assert verdicts == expected
 
 

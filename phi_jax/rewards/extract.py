@@ -18,14 +18,16 @@ order of preference:
    50\\%"; a spelled-out alternative is a number and a comparative a bound: `\\boxed{12 (or thirteen)}` -> "12 or
    13", `\\boxed{5 (or more)}` -> "5 or more"; `\\textrm{}` and `\\mbox{}` read as `\\text{}`),
    and the boxes right before it that ",", "and" or "or" join to
-   it taken with it (see "Several answers" below); failing that, the number alone on a
+   it taken with it, and the math or plain number that "or" joins after it ("$\\boxed{5}$ or $6$", "\\boxed{5} (or
+   6)" -> "5 or 6"; see "Several answers" below); failing that, the number alone on a
    last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such as "#### Step 1" or a
    numbered "#### 2." is not an answer);
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
    end of that sentence, or the line after a "Final Answer" / "Answer" heading; a label followed by prose rather
    than math ("the answer is correct") gives way to an earlier label, or else to 3, and counts only when the
    solution holds no math ("the answer is even"), but a number in words ("seven apples") and a bare "yes" / "no"
-   are answers, not prose. Qualifiers before the answer are dropped ("actually 6",
+   are answers, not prose; a label whose sentence opens with a negation ("the answer is not $5$", "not", "is not",
+   "isn't", "cannot be") gives no answer at all. Qualifiers before the answer are dropped ("actually 6",
    "approximately 18"), a special token ends it, and a `$` before a number that no `$` closes within the sentence is
    a price (so is one whose number prose follows past the end of its sentence or line: "$13. She spent $5", but
    "$3 +\\n4 = 7$" is math). In plain text (not `$...$`) the sentence is cut to its answer: bold markers inside it
@@ -34,8 +36,9 @@ order of preference:
    word changes its value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays
    two answers, which match no single gold, as do "12 (or thirteen)" and a bound "5 (or more)", and an alternative
    that is not a plain number is dropped ("1/2 (or 50%)"); a word after the numbers stays only where the answer has
-   one and the alternative's is a unit (`UNIT_SIZES`: "150 minutes (or 2.5 hours)", which the verifier converts;
-   "12 apples (or 13)", "8 pies (or 9 cakes)" -> "12 or 13", "8 or 9");
+   one and the alternative's is a unit (`UNIT_SIZES`: "150 minutes (or 2.5 hours)", which the verifier converts, a
+   mixed number as its fraction: "1 1/2 feet (or 18 inches)" -> "3/2 feet or 18 inches"; "12 apples (or 13)", "8
+   pies (or 9 cakes)" -> "12 or 13", "8 or 9");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`), where a `$` before a number is
    a price as in 2 (a `$$` never is), neither closing nor opening math, and a price after the last math is the
    answer ("We get $6 \\times 7 = 42$, so she earns $42." -> 42), taken with the math before it when "or" joins
@@ -44,9 +47,12 @@ order of preference:
 
 Several answers: math spans after a label, or boxes, joined by "," or "and" alone ("$\\boxed{2}$ and $\\boxed{3}$",
 "$2$, $3$, and $5$", LaTeX layout between them), or by a short gap that holds "or" (or "\\lor"; "|" and "/" are no
-"or") and no other math or words but the first answer's unit and up to two hedge adverbs after "or" (not "about" or
-"approximately": "$12.5$, or about $13$" is 12.5; nor a unit the verifier lacks after the first's: "$5$ km, or $5000$
-m" is 5), whatever commands or lines
+"or") and no other math or words but the first answer's unit or noun before "or" and up to two hedge adverbs after it
+(not "about" or "approximately": "$12.5$, or about $13$" is 12.5; nor a unit the verifier lacks after the first's:
+"$5$ km, or $5000$ m" is 5; a noun joins only where the same noun, singular or plural, follows the alternative:
+"$5$ apples or $6$ apples left" and "$1$ box or $2$ boxes" are hedges, while "$3$ dozen, or $36$ eggs" may restate
+one quantity in other words and is not joined, so the answer, or the last box or math, stands alone), whatever
+commands or lines
 stand with it ("the answer is $5$ or $6$", "\\quad \\text{, or } \\quad", "\\mathbf{or}", ", or maybe ", " hours, or
 ": `_joins_answers`; not "$12$, or half of the $24$"), are one
 answer: a set, comma-separated ("2, 3, 5"), which matches the same set as gold; or, where "or" joins any two, a
@@ -68,11 +74,14 @@ mostly a derivation ("$a = 3$, $b = 7$, and $a + b = 10$." -> "a + b = 10"; "$12
 
 The answer (and a gold answer) is then rewritten where plain-text notation would be misread as LaTeX:
 "2*pi", "1e3", "x**2" (`latex_notation`), and a whole number in words is written in digits ("twenty-one" -> 21).
+An answer that opens with an inequality sign ("\\geq 5", "> 4", "\\ne 5": a bound with no left side, which math-verify
+would read as the number) is no answer, as "5 or more" matches no gold; "\\approx 5" stays.
 
 Model output is untrusted and may be a megabyte of noise, so every step is linear in the input or bounded by
 `max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, and regular expressions
 without nested or adjacent repetition, which cannot backtrack far (`_RELATION`, `_INEQUALITY`, `_LOGICAL_OR`,
-`_VALUE_OF`, `_COMMAND`, `_LAYOUT`, `_GAP_LAYOUT`, `_GAP_WORD`, `_WORD_AFTER`).
+`_VALUE_OF`, `_COMMAND`, `_LAYOUT`, `_GAP_LAYOUT`, `_GAP_WORD`, `_WORD_AFTER`, `_NOUN_AFTER`, `_MIXED_NUMBER`,
+`_NEGATION`).
 """
 
 from __future__ import annotations
@@ -262,21 +271,25 @@ def last_boxed(text: str, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional
 def last_boxes(text: str, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> list[str]:
   """Contents of the last complete box and of the boxes right before it that are joined to it by ",", "and" or
   "or" ("$\\boxed{2}$ and $\\boxed{3}$" -> ["2", "3"]: one answer, a set or a hedge), in order; [] when none."""
-  return _chained_boxes(text, max_chars)[0]
+  return _chained_boxes(text, max_chars, alternative=False)[0]
 
 
-def _chained_boxes(text: str, max_chars: int) -> tuple[list[str], str, list[str]]:
-  """`last_boxes`, how to join them: `HEDGE_JOINER` when "or" joins any two (a hedge), else ", " (a set), and the
-  unit word after each (`_units_after`: "\\boxed{\\$0.75} or \\boxed{75} cents")."""
+def _chained_boxes(text: str, max_chars: int, alternative: bool = True) -> tuple[list[str], str, list[str]]:
+  """`last_boxes`, with `alternative` the math or number that "or" joins after the last box as one more
+  (`_alternative_after_box`), how to join them: `HEDGE_JOINER` when "or" joins any two (a hedge), else ", " (a set),
+  and the unit word after each (`_units_after`: "\\boxed{\\$0.75} or \\boxed{75} cents")."""
   box = _last_box(text, 0, len(text), max_chars)
   if box is None:
     return [], ", ", []
-  boxes, hedge = [box], False
+  after = _alternative_after_box(text, box, max_chars) if alternative else None
+  boxes, hedge = ([box], False) if after is None else ([after, box], True)
   while len(boxes) < _MAX_JOINED_ANSWERS:
     start = boxes[-1][0]
     # Only a box that can end within the gap is looked for, so the chain stays a bounded scan.
     before = _last_box(text, max(0, start - max_chars - _MAX_JOIN_GAP_CHARS - 16), start, max_chars)
-    if before is None or not _joins_answers(text[before[1]:start]):
+    # "\\boxed{3} dozen, or \\boxed{36} eggs" may restate one quantity in other words, as math does (`_math_chain`).
+    if before is None or not _joins_answers(text[before[1]:start]) or (
+        _another_noun(text, text[before[1]:start], boxes[-1][1])):
       break
     hedge = hedge or _joined_by_or(text[before[1]:start])
     boxes.append(before)
@@ -288,15 +301,55 @@ def _chained_boxes(text: str, max_chars: int) -> tuple[list[str], str, list[str]
   return contents, HEDGE_JOINER if hedge else ", ", _units_after(text, [b[1] for b in boxes], contents, hedge, inside)
 
 
+def _alternative_after_box(text: str, box: tuple[int, int, str], max_chars: int) -> Optional[tuple[int, int, str]]:
+  """(start, end, content) of the math or plain number after `box` that "or" joins to it as a box would be
+  (`_joins_answers`: "$\\boxed{5}$ or $6$", "\\boxed{5} (or 6)", "\\boxed{5}, or maybe $6$"), so a hedge cannot
+  escape the hedge rule by leaving its alternative unboxed; None where none is, or where `_math_chain` would keep
+  them apart ("$\\boxed{3}$, or equivalently $n \\equiv 3$", "\\boxed{3} dozen, or 36 eggs")."""
+  end = box[1]
+  start = end + len(text[end:end + 8]) - len(text[end:end + 8].lstrip(" "))
+  # The box's own math closes first: "$\\boxed{5}$ or $6$".
+  start += next((len(c) for c in ("$$", "$", "\\)", "\\]") if text.startswith(c, start)), 0)
+  while start < len(text) and start - end <= _MAX_JOIN_GAP_CHARS and not (
+      text[start] == "$" or text[start].isdigit() or text.startswith(("\\(", "\\["), start)):
+    start += 1
+  if start < len(text) and text[start].isdigit() and start > end and text[start - 1] in "-\u2212":
+    start -= 1  # "(or -6)": the sign is the number's
+  gap = text[end:start]
+  if start >= len(text) or text[start - 1] == "." or not (_joins_answers(gap) and _joined_by_or(gap)):
+    return None
+  span = _inline_math_at(text, start) if text[start] in "$\\" else _plain_number_at(text, start)
+  if span is None or len(span[0]) > max_chars or (_is_relation(span[0]) and not _is_relation(box[2])) or (
+      _is_condition_and_equation(box[2], span[0]) or _in_unknown_unit(text, gap, span[1], any_word=True)
+      or _another_noun(text, gap, span[1])):
+    return None
+  return start, span[1], span[0]
+
+
+def _plain_number_at(text: str, start: int) -> Optional[tuple[str, int]]:
+  """The plain or mixed number at text[start] that no math goes on from ("6" in "(or 6).", "or 6 apples"; not "6x",
+  "6 + 1", "6\\%"), a mixed number as its fraction, and where it ends; None otherwise."""
+  head = text[start:start + BARE_ANSWER_MAX_CHARS]
+  end = _whole_number_end(head)
+  touching, after = head[end:end + 1], head[end:].lstrip(" ")[:1]
+  if not end or (touching and (touching.isalnum() or touching == "%")) or (
+      after and (after.isdigit() or after in _MATH_MARKS)):
+    return None
+  mixed = _mixed_number(head)
+  return head[:end].replace(",", "") if mixed is None else mixed[0], start + end
+
+
 def _unit_in_box(content: str) -> Optional[str]:
   """The unit word of `UNIT_SIZES` that a box holds after its number ("5\\textrm{ km}", "\\text{2 hours}"), which
   `_number_in_box` drops; None when it holds none or keeps it."""
   unwrapped = _without_text_command(_as_text_command(content.strip()))
-  end = _number_end(unwrapped)
+  end = _whole_number_end(unwrapped)
   words = unwrapped[end:].split()
   if not end or len(words) != 1 or words[0].lower() not in UNIT_SIZES:
     return None
-  return words[0] if _number_in_box(content.strip()) == unwrapped[:end].replace(",", "") else None
+  mixed = _mixed_number(unwrapped)
+  number = unwrapped[:end].replace(",", "") if mixed is None else mixed[0]
+  return words[0] if _number_in_box(content.strip()) == number else None
 
 
 def _last_box(text: str, lo: int, hi: int, max_chars: int) -> Optional[tuple[int, int, str]]:
@@ -433,17 +486,25 @@ def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
     end = span[1]
     ends.append(end)
   units = _units_after(text, ends, contents, hedge)
-  return [c + u for c, u in zip(contents, units)], end, hedge
+  return [_with_unit(c, u) for c, u in zip(contents, units)], end, hedge
 
 
-def _in_unknown_unit(text: str, gap: str, end: int) -> bool:
+def _with_unit(math: str, unit: str) -> str:
+  """`math` with the `unit` word after it (`_units_after`), a mixed number written as its improper fraction ("2 1/2"
+  and " hours" -> "5/2 hours"), which the verifier reads whole as a quantity."""
+  mixed = _mixed_number(math.strip()) if unit else None
+  return math + unit if mixed is None or mixed[1] != len(math.strip()) else mixed[0] + unit
+
+
+def _in_unknown_unit(text: str, gap: str, end: int, any_word: bool = False) -> bool:
   """Whether the alternative ending at text[end], joined through the previous answer's unit (`gap`: " km, or "),
   has a unit word of its own that `UNIT_SIZES` lacks ("$5$ km, or $5000$ m"): the two cannot be compared, so the
-  alternative is left out and the answer as given stands."""
+  alternative is left out and the answer as given stands. With `any_word`, a word that prose follows counts too
+  ("\\boxed{2} miles, or $\\frac{1}{2}$ of the trip" restates the box in other words)."""
   letters = [w for w in _gap_words(gap) if w.isalpha()]
   if not letters or letters[0] not in UNIT_SIZES:
     return False
-  match = _WORD_AFTER.match(text, end)
+  match = (_NOUN_AFTER if any_word else _WORD_AFTER).match(text, end)
   return bool(match and match.group(1)) and match.group(1).lower() not in UNIT_SIZES
 
 
@@ -451,13 +512,33 @@ def _another_noun(text: str, gap: str, end: int) -> bool:
   """Whether the first answer's word before "or" in `gap` is a noun (no unit of `UNIT_SIZES`) that does not follow
   the alternative ending at text[end] as well: "$3$ dozen, or $36$ eggs" and "$25$ percent, or $\\frac{1}{4}$" may
   restate one quantity in other words, so the first answer stands; "$5$ apples or $6$ apples" (or "$1$ apple or $2$
-  apples") are two counts of one thing, a hedge."""
+  apples", "$1$ box or $2$ boxes left") are two counts of one thing, a hedge."""
   letters = [w for w in _gap_words(gap) if w.isalpha()]
   if len(letters) < 2 or letters[0] == "or" or letters[1] != "or" or letters[0] in UNIT_SIZES:
     return False
-  match = _WORD_AFTER.match(text, end)
-  singular = lambda word: word[:-1] if len(word) > 3 and word.endswith("s") else word
-  return not (match and match.group(1) and singular(match.group(1).lower()) == singular(letters[0]))
+  # Any word, though prose follows it ("$6$ apples left"): only whether it names the same thing matters here.
+  match = _NOUN_AFTER.match(text, end)
+  return not (match and _same_noun(match.group(1), letters[0]))
+
+
+# The word right after an answer, whatever follows it (`_WORD_AFTER` takes a unit, so it rejects "apples left").
+_NOUN_AFTER = re.compile(r"[\s$]{0,3}([A-Za-z]+)")
+# Plurals that adding "s", "es" or "ies" does not make ("$1$ child or $2$ children").
+_IRREGULAR_PLURALS = {"child": "children", "person": "people", "man": "men", "woman": "women", "foot": "feet",
+                      "tooth": "teeth", "mouse": "mice", "goose": "geese", "leaf": "leaves", "knife": "knives",
+                      "loaf": "loaves", "shelf": "shelves", "wife": "wives", "life": "lives", "half": "halves"}
+
+
+def _same_noun(a: str, b: str) -> bool:
+  """Whether words `a` and `b` are one noun, each singular or plural ("box" and "boxes", "penny" and "pennies")."""
+  a, b = a.lower(), b.lower()
+  return a == b or b in _plurals(a) or a in _plurals(b)
+
+
+def _plurals(word: str) -> tuple[str, ...]:
+  """The plural forms lower-case `word` may take ("box" -> "boxes", "penny" -> "pennies", "child" -> "children")."""
+  irregular = _IRREGULAR_PLURALS.get(word, word)
+  return word + "s", word + "es", (word[:-1] + "ies" if word.endswith("y") else word), irregular
 
 
 # A word or a cent sign right after an answer ("$5$ cm", "$75$¢", "\\boxed{75}$ cents"); a word that another word
@@ -672,14 +753,29 @@ def _hedged(before: str, words: list[str], keep_math: bool = False) -> Optional[
     # With a unit word on each side the two may restate one quantity ("150 minutes (or 2.5 hours)": the verifier
     # converts them); an alternative's word that is no unit ("13 if we count ...", "9 cakes") goes, and a unit word
     # on one side only, so that "12 apples (or 13)" stays a hedge between values.
-    unit = words[first + 1] if first + 1 < len(words) and _number_end(words[first]) == len(words[first]) else ""
+    unit = _word_after_number(words[first:])
     number = _number_before_words(before, _MIN_UNIT_CHARS_IN_MATH if keep_math else 2)
     in_cents = _is_price(before) and unit.lower() in ("cent", "cents")  # "\\$1.50 (or 150 cents)"
-    if (number != before or in_cents) and unit.lower() in UNIT_SIZES:
+    # A mixed number alone ("1 1/2") differs from its fraction but has no word after it.
+    mixed = _mixed_number(before)
+    worded = number != before and not (mixed and not before[mixed[1]:].strip())
+    if (worded or in_cents) and unit.lower() in UNIT_SIZES:
       other += " " + unit
+      # "1 1/2 feet" -> "3/2 feet": the verifier reads a quantity's number whole, as a parser reads "2 1/2" as 2 * 1/2.
+      before = before if mixed is None else mixed[0] + before[mixed[1]:]
     else:
       before = number
   return before + (HEDGE_JOINER + other if other else "")
+
+
+def _word_after_number(words: list[str]) -> str:
+  """The word after the plain or mixed number that `words` open with ("2.5 hours", "2 1/2 hours" -> "hours"); ""
+  when they open with no number or it ends them."""
+  pair = " ".join(words[:2])
+  mixed = _mixed_number(pair)
+  if mixed is not None and mixed[1] == len(pair):
+    return words[2] if len(words) > 2 else ""
+  return words[1] if len(words) > 1 and _number_end(words[0]) == len(words[0]) else ""
 
 
 def _alternative(words: list[str], keep_math: bool) -> Optional[str]:
@@ -743,7 +839,7 @@ def _without_text_command(answer: str) -> str:
   "2 \\text{ million}" "2 million", matching neither 5 nor 2, not the number with the `\\text{}` dropped). Other
   words after a number ("10 \\text{ m/s}") and words alone stay in `\\text{}` (unwrapped, math-verify would read
   "m/s" or "no" as a product of variables, "no" equal to "on")."""
-  lead = _number_end(answer)
+  lead = _whole_number_end(answer)
   rest = answer[lead:].lstrip()
   if not rest.startswith("\\text{") or matching_brace(rest, len("\\text"), len(rest)) != len(rest) - 1:
     return answer
@@ -761,7 +857,7 @@ def _reads_as_words(answer: str) -> bool:
   `\\text{}` must not hide. A unit of one letter or with a slash ("10 m/s", "5 N"), a degree sign ("25 °C"), a note
   ("4 (rounded)", "1200 meters (or 3 laps)") or other words ("3 times as many", "6 more cookies", "7 of them") do
   not: math-verify drops the `\\text{}` around them, and would read them unwrapped as a product or not at all."""
-  words = answer[_number_end(answer):].lower().split()
+  words = answer[_whole_number_end(answer):].lower().split()
   if words[0].strip(",").lstrip("([") in _HEDGES or _changes_value_alone(words):
     return True
   number = _number_before_words(answer)
@@ -819,6 +915,12 @@ def _number_end(text: str) -> int:
     while end < len(text) and text[end].isdigit():
       end += 1
   return end
+
+
+def _whole_number_end(text: str) -> int:
+  """The end of the mixed number ("2 1/2") or else of the plain number (`_number_end`) opening `text`, 0 when none."""
+  mixed = _mixed_number(text)
+  return _number_end(text) if mixed is None else mixed[1]
 
 
 def _number_before_words(text: str, min_word_chars: int = 2) -> str:
@@ -934,6 +1036,10 @@ def _is_worded_answer(candidate: str) -> bool:
     return True
   words = answer.lower().split()
   return _spelled_number(answer) != answer and not any(w in _CONNECTIVES or w in _CLAUSE_WORDS for w in words)
+
+
+# A label's sentence that opens with these says what the answer is not ("the answer is not $5$").
+_NEGATION = re.compile(r"(?:not|isn't|isn\u2019t|is not|cannot be|can't be|can\u2019t be)(?![A-Za-z])", re.IGNORECASE)
 
 
 def _label_end(text: str, lowered: str, start: int) -> Optional[int]:
@@ -1109,6 +1215,8 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
     candidate = marked
   else:
     label = _after_answer_label(solution, max_chars)
+    if label is not None and _NEGATION.match(label.lstrip(" \t*")):
+      return None  # "the answer is not $5$": the math there is what the answer is not, so no last math stands in
     labelled = label is not None and bool(clean_answer(label))
     candidate = label if labelled and not _starts_with_prose(label) else (
         None if marked_only else _last_math(solution, max_chars))
@@ -1124,7 +1232,9 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
     return None
   # A degree sign is math only in a math answer; the plain line ("The angle is 90°.") is left to math-verify.
   answer = latex_notation(_spelled_number(clean_answer(candidate)), degrees=candidate is not bare)
-  return answer if answer and len(answer) <= max_chars else None
+  # "\\geq 5" is a bound, as "5 or more" is, with no value to match a gold; math-verify would drop the sign and read 5.
+  bound = _INEQUALITY.match(answer) is not None
+  return answer if answer and len(answer) <= max_chars and not bound else None
 
 
 def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Optional[str]:

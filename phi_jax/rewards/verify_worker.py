@@ -18,8 +18,12 @@ in its unit (`rounded_in_units`: "5 \\text{ cm}^2 or 500 \\text{ mm}^2", "\\$1.5
 grams", not "3 hours or 150 minutes"), and the gold is compared with the number of the one in the gold's unit where
 the gold names one, else of either of two most precise ("1 foot or 12 inches" is 1 or 12), else of the first;
 with other words ("8 pies or 8 cakes", "2ab or 2bc") they are rival values. Two plain numbers, alternatives too,
-also agree to `NUMBER_RELATIVE_TOLERANCE` (`numbers_match`). A repeating decimal ("0.\\overline{3}") is read as its
-fraction. All of it runs within the request's one time limit.
+also agree to `NUMBER_RELATIVE_TOLERANCE` (`numbers_match`); a percent and a plain number match where the number is
+the percent's number or its value (`percent_match`: "12.5\\%" is 12.5 and 0.125, as "50\\%" is 50 and 0.5). A
+repeating decimal ("0.\\overline{3}") is read as its fraction. Both answers are first rewritten where math-verify
+misreads their notation (`notation`): a LaTeX space before a percent sign or a unit ("12\\,\\%", "5~\\text{cm}"),
+`\\degree`, and a list of choice letters in text mode ("\\text{A, C}", a set as "A, C" is). All of it runs within the
+request's one time limit.
 
 math-verify's own timeouts use `signal.alarm`, which shares one timer with this worker's soft limit, so they are
 disabled and one `setitimer` per request bounds the whole parse-parse-verify. The soft limit interrupts Python
@@ -113,6 +117,23 @@ def numbers_match(a: decimal.Decimal, b: decimal.Decimal, places: int) -> bool:
   with decimal.localcontext(prec=max(28, 2 * places + 420)):  # exact for every value plain_number lets through
     rounded_equal = (a.quantize(quantum, decimal.ROUND_HALF_UP) == b.quantize(quantum, decimal.ROUND_HALF_UP))
     return rounded_equal and abs(a - b) <= NUMBER_RELATIVE_TOLERANCE * max(abs(a), abs(b))
+
+
+def percent_number(text: str) -> Optional[decimal.Decimal]:
+  """The number of an answer that is one decimal number and a percent sign ("12.5\\%", "37.5%" -> 12.5), else None."""
+  text = text.strip()
+  return plain_number(text[:-1].removesuffix("\\")) if text.endswith("%") else None
+
+
+def percent_match(a: str, b: str, places: int) -> Optional[bool]:
+  """Whether a percent and a plain number, either way round, match: the number is the percent's number or its value
+  ("12.5\\%" is 12.5 and 0.125), as math-verify matches "50\\%" with 50 and 0.5 but a percent with decimals only with
+  its value. None where `a` and `b` are not one percent and one plain number."""
+  for percent, other in ((a, b), (b, a)):
+    shown, number = percent_number(percent), plain_number(other)
+    if shown is not None and number is not None:
+      return numbers_match(shown, number, places) or numbers_match(shown.scaleb(-2), number, places)
+  return None
 
 
 # A price or a word after a number ("\\$1.50", "5 \\text{ cm}", "1200 meters"): a hedge's alternative in a unit,
@@ -255,6 +276,30 @@ def in_radians(answer: str) -> str:
   return _DEGREES.sub(lambda _: " \\cdot \\frac{\\pi}{180}", answer)
 
 
+# A run of LaTeX spaces ("\\,", "~ \\;"; a `\\\\` line break is none), dropped before a percent sign or a unit in
+# text mode (`_UNIT_AFTER_SPACE`: "12\\,\\%", "5~\\text{cm}"), which math-verify reads as a product with nothing. The
+# whole run is matched and the sign after it checked apart, so that a long run is scanned once.
+_LATEX_SPACES = re.compile(r"(?<!\\)(?:\\[,;:! ]|~)(?:\s*(?:\\[,;:! ]|~))*\s*")
+_UNIT_AFTER_SPACE = re.compile(r"\\?%|\\(?:text|mathrm)\{")
+# `\\degree` and `\\textdegree`, perhaps as a power ("30^{\\degree}"), which math-verify cannot read.
+_DEGREE_COMMAND = re.compile(r"(?:\^\s*\{\s*\\(?:text)?degree\s*\}|\^\s*\\(?:text)?degree|\\(?:text)?degree)"
+                             r"(?![A-Za-z])")
+# A list of choice letters in text mode ("\\text{A, C}", "\\text{(A) and (C)}"), which math-verify reads as one
+# symbol, though "A, C" is a set.
+_CHOICE_LETTER = r"(?:\(\s*[A-Z]\s*\)|[A-Z])"
+_CHOICE_LETTERS = re.compile(r"\\text\{\s*(%s(?:(?:\s*,\s*(?:and\s+)?|\s+and\s+)%s)+)\s*\}" % ((_CHOICE_LETTER,) * 2))
+
+
+def notation(answer: str) -> str:
+  """`answer` in notation math-verify reads as it is meant: a LaTeX space before a percent sign or a unit dropped
+  ("12\\,\\%" -> "12\\%", "5~\\text{cm}" -> "5\\text{cm}"), `\\degree` a degree sign ("30\\degree" -> "30^{\\circ}")
+  and a list of choice letters in text mode the letters ("\\text{(A) and (C)}" -> "A, C", a set)."""
+  answer = _LATEX_SPACES.sub(lambda match: "" if _UNIT_AFTER_SPACE.match(answer, match.end()) else match.group(0),
+                             answer)
+  answer = _DEGREE_COMMAND.sub(lambda _: "^{\\circ}", answer)
+  return _CHOICE_LETTERS.sub(lambda match: ", ".join(re.findall(r"[A-Z]", match.group(1))), answer)
+
+
 def _exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
   """Ends the worker once its parent is gone. A parent killed outright (SIGKILL, the OOM killer) cannot kill its
   workers, and the end of input it leaves reaches only a worker that reads again: one busy on an answer with no soft
@@ -295,6 +340,9 @@ def main() -> None:
     numbers = plain_number(gold), plain_number(pred)
     if None not in numbers:
       return numbers_match(*numbers, settings["float_rounding"])
+    percent = percent_match(gold, pred, settings["float_rounding"])
+    if percent is not None:
+      return percent
     gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
     if not gold_parsed or not pred_parsed:
       return False
@@ -317,6 +365,8 @@ def main() -> None:
     return has_top_level_comma(gold) and not getattr(parsed[0], "is_number", False)
 
   def is_right(gold: str, pred: str) -> bool:
+    # Rewritten first, so that units, hedges and sets are read in the notation math-verify reads.
+    gold, pred = notation(gold), notation(pred)
     options = alternatives(pred)
     if len(options) == 1:
       return is_equivalent(gold, pred)
