@@ -1311,3 +1311,61 @@ def test_preference_iterator_given_a_path_names_the_function_that_reads_files(tm
   iterator = preference.PreferenceIterator(sources.open_source(path), mini_tokenizer, seq_len=32, batch_size=1, seed=0,
                                            process_index=0, process_count=1)
   assert len(list(iterator)) == 1
+
+
+def test_preference_iterator_given_paths_or_one_record_names_the_function_that_reads_files(tmp_path, mini_tokenizer):
+  """A list of paths failed in a Grain reader thread ("dictionary update sequence element #0"), one record dict as
+  a KeyError 0."""
+  from phi_jax.data import preference
+
+  path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+  build = lambda source: preference.PreferenceIterator(source, mini_tokenizer, seq_len=32, batch_size=1, seed=0,
+                                                       process_index=0, process_count=1)
+  for source in ([path], (tmp_path / "pairs.jsonl",), [path.encode()], {"prompt": "q", "chosen": "a", "rejected": "b"}):
+    with pytest.raises(TypeError, match=r"random-access record source .*build_preference_iterator\(paths"):
+      build(source)
+  # A list of source records (what open_source's [i] gives) is still a source.
+  assert len(list(build([sources.open_source(path)[0]]))) == 1
+
+
+def test_ultrafeedback_binarized_pairs_take_their_prompt_from_the_shared_turns():
+  """HuggingFaceH4/ultrafeedback_binarized gives a string "prompt" and whole conversations as the sides, opening with
+  that prompt as the user's turn (as TRL reads them): such pairs were refused as sides of 2 messages."""
+  from phi_jax.data import preference
+
+  question = "What is 2 + 2?"
+  user, system = {"role": "user", "content": question}, {"role": "system", "content": "Be brief."}
+  turn = lambda text: {"role": "assistant", "content": text}
+  record = {"prompt": question + "\n", "prompt_id": "abc", "chosen": [user, turn("4")], "rejected": [user, turn("5")],
+            "messages": [user, turn("4")], "score_chosen": 8.0, "score_rejected": 3.0}
+  assert preference.validate_pair(record) == ({"messages": [user], "chosen": "4", "rejected": "5"}, None)
+  with_system = dict(record, chosen=[system, user, turn("4")], rejected=[system, user, turn("5")])
+  assert preference.validate_pair(with_system)[0]["messages"] == [system, user]
+  # Where the string prompt is not the shared turns' last, the user's, which prompt is meant is not known.
+  for other in (dict(record, prompt="What is 3 + 3?"),
+                dict(record, rejected=[{"role": "user", "content": "2 + 2?"}, turn("5")]),
+                dict(record, chosen=[user, turn("It is"), turn("4")], rejected=[user, turn("It is"), turn("5")])):
+    normalised, bad = preference.validate_pair(other)
+    assert normalised is None and bad[0] == "mistyped field" and "'chosen' holds" in bad[1]
+
+
+def test_reference_logps_recording_no_settings_are_refused(tmp_path, mini_tokenizer):
+  """Log-probs that record none of the settings they were scored under (the columns TRL's DPOTrainer with
+  precompute_ref_log_probs=True adds, scored on its own rows) were trained against unchecked. Every file
+  precompute_reference_logps wrote records at least ref_seq_len; those still read."""
+  from phi_jax.data import preference
+
+  pair = {"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3", "ref_chosen_logps": -12.5,
+          "ref_rejected_logps": -9.0}
+  build = lambda path, **kwargs: preference.build_preference_iterator(
+      path, mini_tokenizer, seq_len=48, batch_size=1, seed=0, reference_logps=True, process_index=0, process_count=1,
+      **kwargs)
+  foreign = write_jsonl(tmp_path / "trl.jsonl", [pair])
+  for mode in preference.ON_BAD_RECORD:
+    with pytest.raises(DataError, match=r"trl.jsonl:1: reference unchecked: .*TRL.*dpo.reference='precompute'"):
+      next(build(foreign, on_bad_record=mode))
+  oldest = write_jsonl(tmp_path / "oldest.jsonl", [dict(pair, ref_seq_len=48)])
+  assert next(build(oldest))["ref_chosen_logps"].tolist() == [-12.5]
+  settings = preference.reference_settings(mini_tokenizer, seq_len=48, too_long="drop", system_prompt=None)
+  current = write_jsonl(tmp_path / "current.jsonl", [dict(pair, **settings)])
+  assert next(build(current))["ref_rejected_logps"].tolist() == [-9.0]

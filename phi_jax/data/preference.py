@@ -8,14 +8,19 @@
 A record is `{"prompt": str | [messages], "chosen": str, "rejected": str}`; a string prompt is one user turn, a
 message list is the conversation before the answer. TRL's conversational records read as well: each side a list of
 one assistant message after a message-list "prompt", or, with no "prompt", each side a whole conversation whose
-leading messages (the same on both sides) are the prompt and whose last, an assistant message, the completion.
-String sides with no "prompt" (TRL's implicit-prompt strings) are refused: nothing says where their prompt ends.
+leading messages (the same on both sides) are the prompt and whose last, an assistant message, the completion. Such
+whole conversations after a string "prompt" (HuggingFaceH4/ultrafeedback_binarized) read the same way, the string
+ignored, where it is (stripped) the content of the user message that ends the shared leading messages; otherwise the
+pair is refused, as which prompt is meant is not known. String sides with no "prompt" (TRL's implicit-prompt
+strings) are refused: nothing says where their prompt ends.
 Records written by `phi_jax.stages.dpo.precompute_reference_logps` also carry `ref_chosen_logps`,
 `ref_rejected_logps` (summed completion log-probs of the frozen reference) and the settings they were computed under
-(`REFERENCE_SETTINGS`: row length, length rule, system prompt, `tokenizer_id`, `ROWS_VERSION`); with `reference_logps=True` the
-log-probs are required and batched as float32 [B] arrays of the same names, and settings other than the reader's are
-refused. Other keys are ignored. Prompt messages keep their other string-valued keys
-(Phi-4-mini's system `tools`), which the chat template may render, as `phi_jax.data.sources.clean_message` says.
+(`REFERENCE_SETTINGS`: row length, length rule, system prompt, `tokenizer_id`, `ROWS_VERSION`); with
+`reference_logps=True` the log-probs are required and batched as float32 [B] arrays of the same names, and settings
+other than the reader's are refused, as are log-probs recording none of them (no `ref_seq_len`, which every file
+written here records): TRL's columns of those names, say, were scored on its own rows. Other keys are ignored.
+Prompt messages keep their other string-valued keys (Phi-4-mini's system `tools`), which the chat template may
+render, as `phi_jax.data.sources.clean_message` says.
 
 Each side is rendered with `phi_jax.data.chat.render_messages` as the prompt followed by one assistant turn holding
 the completion, so the ids follow the tokenizer's chat template; the loss mask is 1 on the completion and the
@@ -41,7 +46,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import grain
@@ -63,6 +68,15 @@ REFERENCE_SETTINGS = ("ref_seq_len", "ref_too_long", "ref_system_prompt", "ref_t
 # written before (no "ref_rows"), its reference log-prob also holds the end-of-turn token's.
 ROWS_VERSION = 2
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
+# The setting every file `precompute_reference_logps` wrote records (the first ones, it alone): log-probs without it
+# were scored elsewhere, on rows that cannot be compared with this run's.
+RECORDED_ALWAYS = "ref_seq_len"
+UNRECORDED_REFERENCE = (
+    "'ref_chosen_logps' and 'ref_rejected_logps' come with none of the settings they were computed under "
+    f"({', '.join(REFERENCE_SETTINGS)}), so they cannot be checked against the rows this run scores; log-probs "
+    "computed elsewhere, such as the columns TRL's DPOTrainer(precompute_ref_log_probs=True) adds, are scored on other "
+    "rows (its own chat template, truncation and end token). Compute them with dpo.reference='precompute' "
+    "(phi_jax.stages.dpo.precompute_reference_logps), or score the reference in the step with dpo.reference='in_step'")
 TOO_LONG = ("drop", "truncate_prompt")
 ON_BAD_RECORD = ("raise", "skip")
 SKIP_REASONS = BAD_RECORD_REASONS + ("too long",)
@@ -115,19 +129,21 @@ def validate_pair(data: Any, *, reference_logps: bool = False, where: Optional[s
 
 def _from_conversations(data: dict) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
   """TRL's conversational pairs in this module's form: each side given as messages, after an explicit "prompt"
-  (one assistant message a side) or with none (whole conversations whose shared leading messages are the prompt).
+  (one assistant message a side) or with none (whole conversations whose shared leading messages are the prompt);
+  whole conversations after a string "prompt" that is the user turn ending their shared messages read as with none.
   Records with string sides come back as they are."""
   sides = {side: data.get(side) for side in SIDES}
   if not any(isinstance(value, list) for value in sides.values()):
     return data, None
-  if data.get("prompt") is None and all(isinstance(value, list) and value for value in sides.values()):
-    shared = 0  # at most all but each side's last message, which is its completion
-    while (shared < min(len(value) for value in sides.values()) - 1
-           and sides["chosen"][shared] == sides["rejected"][shared]):
-      shared += 1
+  whole = all(isinstance(value, list) and value for value in sides.values())
+  shared = _shared_turns(sides) if whole else 0
+  if data.get("prompt") is None and whole:
     if not shared:
       return None, ("missing field", "no 'prompt', and 'chosen' and 'rejected' share no leading messages to take "
                     "it from: give the conversation before the answers under 'prompt'")
+  elif not _repeats_prompt(data.get("prompt"), sides, shared):
+    shared = 0
+  if shared:
     data = dict(data, prompt=sides["chosen"][:shared], **{side: value[shared:] for side, value in sides.items()})
   out = dict(data)
   for side in SIDES:
@@ -141,6 +157,26 @@ def _from_conversations(data: dict) -> tuple[Optional[dict], Optional[tuple[str,
                     "under 'prompt'")
     out[side] = message["content"]
   return out, None
+
+
+def _shared_turns(sides: dict[str, list]) -> int:
+  """How many leading messages both sides share: at most all but each side's last, which is its completion."""
+  shared = 0
+  while (shared < min(len(value) for value in sides.values()) - 1
+         and sides["chosen"][shared] == sides["rejected"][shared]):
+    shared += 1
+  return shared
+
+
+def _repeats_prompt(prompt: Any, sides: dict[str, list], shared: int) -> bool:
+  """Whether whole-conversation sides repeat the string `prompt` as the user turn ending their `shared` leading
+  messages (HuggingFaceH4/ultrafeedback_binarized), which are then the prompt, as TRL takes them. A string that
+  is not that turn leaves which prompt is meant unknown."""
+  if not isinstance(prompt, str) or not shared:
+    return False
+  last = sides["chosen"][shared - 1]
+  return (isinstance(last, dict) and last.get("role") == "user" and isinstance(last.get("content"), str)
+          and last["content"].strip() == prompt.strip())
 
 
 def prompt_messages(prompt: Any, *, where: Optional[str] = None
@@ -277,11 +313,13 @@ def reference_settings(tokenizer, *, seq_len: int, too_long: str, system_prompt:
 def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, system_prompt: Optional[str],
              reference_logps: bool, on_bad_record: str, now: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """One raw source record -> {"status", "rows", "reference", "index"} (runs in Grain's reader threads). `now`: this
-  reader's `reference_settings`, which a record's must equal (where it records them)."""
+  reader's `reference_settings`, which a record's must equal (those it records; it must record `RECORDED_ALWAYS`)."""
   if raw["error"] is not None:
     record, bad = None, raw["error"]
   else:
     record, bad = validate_pair(raw["data"], reference_logps=reference_logps, where=raw["where"])
+  if bad is None and reference_logps and RECORDED_ALWAYS not in record:
+    raise DataError(raw["where"], "reference unchecked", UNRECORDED_REFERENCE)
   differ = [f"{key[len('ref_'):]}={record[key]!r} there, {now[key]!r} here" for key in REFERENCE_SETTINGS
             if bad is None and reference_logps and key in record and record[key] != now[key]]
   if bad is None and reference_logps and _continued_on_old_rows(record):
@@ -303,6 +341,13 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
     status = bad[0]
   reference = [record[key] for key in REFERENCE_FIELDS] if reference_logps and rows is not None else None
   return {"status": status, "rows": rows, "reference": reference, "index": raw["index"]}
+
+
+def _names_files_or_is_a_record(source: Any) -> bool:
+  """A path, a list of paths, or one record: each has len and [i], yet is no record source (a reader thread would
+  fail on it, far from the call)."""
+  return isinstance(source, (str, bytes, os.PathLike, Mapping)) or (
+      isinstance(source, (list, tuple)) and bool(source) and isinstance(source[0], (str, bytes, os.PathLike)))
 
 
 class _IndexedSource:
@@ -342,8 +387,7 @@ class PreferenceIterator:
     if on_bad_record not in ON_BAD_RECORD:
       raise ValueError(f"on_bad_record={on_bad_record!r}; expected one of {ON_BAD_RECORD}")
     num_epochs = whole_epochs(num_epochs, "num_epochs")
-    if isinstance(source, (str, bytes, os.PathLike)) or not (hasattr(source, "__len__")
-                                                             and hasattr(source, "__getitem__")):
+    if _names_files_or_is_a_record(source) or not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
       raise TypeError(f"PreferenceIterator reads a random-access record source (len and [i]), got a "
                       f"{type(source).__name__} {str(source)[:100]!r}: for files, use build_preference_iterator(paths, "
                       "tokenizer, ...) or pass open_source(path)")
