@@ -1249,8 +1249,10 @@ def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str
   `reference`: "in_step" scores every batch with a frozen copy of the starting params (`train.init_from`, or the
   random init of `train.seed`); "precompute" scores all pairs once into W/reference/ and then trains with no
   reference model (a resumed run reuses the files; they are computed again when the pair file, the reference
-  params, the tokenizer or a data setting they depend on changed, and a workdir with checkpoints refuses to rewrite
-  the train file its data position points into); "precomputed": the pair files already carry the log-probs
+  params, the tokenizer, a model setting (not the run-time remat_policy, attention_backend or
+  max_segments_per_row) or a data setting they depend on changed, and a workdir with checkpoints refuses to rewrite
+  the train file its data position points into; one whose train.init_from has moved away uses them as they are,
+  with a warning); "precomputed": the pair files already carry the log-probs
   (`phi_jax.stages.dpo.precompute_reference_logps`, tokenizer checked). Both reference passes run in
   `train.microbatches` pieces, like
   the step. `too_long`: "drop" or "truncate_prompt". `data.weights` and
@@ -1403,11 +1405,15 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   reader = dict(seq_len=data_cfg["seq_len"], batch_size=per_process, too_long=cfg["too_long"],
                 on_bad_record=data_cfg["on_bad_record"], system_prompt=data_cfg["system_prompt"])
   train_files, eval_files = list(data_cfg["train_files"]), list(data_cfg["eval_files"])
+  # A resumed run trains from its checkpoints: precompute mode needs train.init_from, since moved away, only to
+  # compute a reference file again (which loads it, and names the missing path).
+  start_gone = (cfg["reference"] == "precompute" and settings["init_from"]
+                and not os.path.exists(settings["init_from"]) and _has_checkpoints(workdir))
   # Each host reads these on its own: a file missing or unreadable on one fails there before the set-up's first
   # collective (the reference load's, its checksums', the precompute pass's), and every process stops with it.
   with distributed.failing_together("checking the DPO pair files and reference params"):
     _check_pair_files(train_files, eval_files)
-    if cfg["reference"] != "precomputed":  # that mode loads no reference (a resumed run, init_from since moved)
+    if cfg["reference"] != "precomputed" and not start_gone:  # "precomputed" loads no reference
       _check_reference_readable(settings, hf_path)
     if cfg["reference"] == "precompute":
       os.makedirs(os.path.join(workdir, "reference"), exist_ok=True)
@@ -1435,8 +1441,11 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
                            tokenizer_size=len(tokenizer), tokenizer_id=preference.tokenizer_id(tokenizer),
                            system_prompt=data_cfg["system_prompt"],
                            seq_len=data_cfg["seq_len"], too_long=cfg["too_long"],
-                           on_bad_record=data_cfg["on_bad_record"], model_config=dataclasses.asdict(model_config))
+                           on_bad_record=data_cfg["on_bad_record"],
+                           model_config=_reference_model_config(dataclasses.asdict(model_config)))
                  for key in outputs}
+    if settings["init_from"] and not fingerprint and _has_checkpoints(workdir):  # none there on process 0
+      _take_recorded_params(made_with, outputs, settings["init_from"])
     loaded = []  # the frozen reference, loaded once, and only where a file is computed or its params compared
 
     def frozen():
@@ -1517,6 +1526,19 @@ def _read_eval(it, max_batches: int, holder):
 
 
 _NOT_RECORDED = "(not recorded)"
+# Model settings that change memory and speed, but neither which pairs a reference file holds nor their log-probs
+# beyond float rounding: a resumed run may change them.
+_RUN_TIME_MODEL_FIELDS = ("attention_backend", "max_segments_per_row", "remat_policy")
+# What a reference file's settings hold that changes its log-probs but not its list of pairs.
+_VALUE_ONLY_SETTINGS = ("model_config", "reference_files", "reference_params")
+
+
+def _reference_model_config(config):
+  """The model settings a precomputed reference file is compared by: `config` (a dict, as recorded) without
+  `_RUN_TIME_MODEL_FIELDS`, which files written by an earlier phi_jax recorded too."""
+  if not isinstance(config, dict):
+    return config
+  return {k: v for k, v in config.items() if k not in _RUN_TIME_MODEL_FIELDS}
 
 
 def _reference_is_current(out_file: str, made_with: dict, digest_now) -> Optional[dict]:
@@ -1527,11 +1549,9 @@ def _reference_is_current(out_file: str, made_with: dict, digest_now) -> Optiona
   (saved again, copied), by the digest of their values: `digest_now()` loads them to return it."""
   if not os.path.exists(out_file):
     return None
-  try:
-    with open(out_file + ".settings.json") as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
-    saved = {}
+  saved = _recorded_settings(out_file)
+  if "model_config" in saved:
+    saved["model_config"] = _reference_model_config(saved["model_config"])
   current = json.loads(json.dumps(made_with, default=str))
   changed = {k: (saved.get(k, _NOT_RECORDED), current.get(k)) for k in sorted(set(saved) | set(current))
              if k != "reference_digest" and saved.get(k, _NOT_RECORDED) != current.get(k)}
@@ -1548,6 +1568,28 @@ def _reference_is_current(out_file: str, made_with: dict, digest_now) -> Optiona
                 "computing them again", out_file,
                 ", ".join(dict.fromkeys(k.replace("reference_files", "reference_params") for k in changed)))
   return changed
+
+
+def _recorded_settings(out_file: str) -> dict:
+  """The settings precompute mode wrote beside `out_file`; {} where there are none, or they cannot be read."""
+  try:
+    with open(out_file + ".settings.json") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return saved if isinstance(saved, dict) else {}
+
+
+def _take_recorded_params(made_with: dict, outputs: dict, init_from: str) -> None:
+  """Takes the reference params each written file of `outputs` records as the current ones, where a resumed run's
+  train.init_from holds none (moved away): they cannot be compared, and the run trains from its checkpoints. Every
+  other setting is still compared; a file missing, or computed again, loads them (and names the missing path)."""
+  for key, out in outputs.items():
+    recorded = _recorded_settings(out)
+    if os.path.exists(out) and "reference_files" in recorded:
+      made_with[key]["reference_files"] = recorded["reference_files"]
+      log.warning("train.init_from=%r holds no params now (moved or deleted?): the reference log-probs in %s, "
+                  "computed from it, are used as they are, not compared with its params again", init_from, out)
 
 
 def _params_fingerprint(source: Optional[str]) -> list[list]:
@@ -1579,7 +1621,9 @@ def _pairs_left_out(reference_path: str) -> dict[str, int]:
 def _refuse_rewriting_trained_pairs(workdir: str, stale: dict[str, Optional[dict]]) -> None:
   """Refuses to compute a reference train file again under other settings once the workdir has checkpoints: their
   saved data position indexes the file's list of usable pairs, which other settings change (some pairs would be
-  trained twice, others never). Settings the file never recorded, and a file removed, do not count."""
+  trained twice, others never), or whose values the model settings and reference params change (the reference the
+  checkpoints were trained against would change partway through the run). Settings the file never recorded, and a
+  file removed, do not count."""
   recorded = {path: {k: v for k, v in (changes or {}).items() if v[0] != _NOT_RECORDED}
               for path, changes in stale.items()}
   recorded = {path: changes for path, changes in recorded.items() if changes}
@@ -1591,15 +1635,23 @@ def _refuse_rewriting_trained_pairs(workdir: str, stale: dict[str, Optional[dict
       return "reference params (their values at the same path)"
     if key == "rows":  # no setting of the run's: this version renders continuation pairs' rows differently
       return "rows of its continuation pairs, which no longer end with an end-of-turn token (a new workdir only)"
+    if isinstance(then, dict) and isinstance(now, dict):  # model_config: the fields that differ
+      return ", ".join(f"{key}.{k}: {then.get(k, _NOT_RECORDED)!r} -> {now.get(k, _NOT_RECORDED)!r}"
+                       for k in sorted(set(then) | set(now)) if then.get(k, _NOT_RECORDED) != now.get(k, _NOT_RECORDED))
     return key if isinstance(then, (list, dict)) or isinstance(now, (list, dict)) else f"{key}: {then!r} -> {now!r}"
 
   details = "; ".join(f"{path} ({', '.join(describe(k, *v) for k, v in changes.items())})"
                       for path, changes in recorded.items())
-  raise ValueError(f"the reference log-probs in {details} were computed under other settings, and the saved data "
-                   "position of this workdir's checkpoints points into that file's list of pairs: computing it "
-                   "again would change the list, so some pairs would be trained twice and others never. Restore the "
-                   "settings this run started with, or start a new workdir (train.init_from can start it from this "
-                   "run's params/ once it has finished)")
+  if all(key in _VALUE_ONLY_SETTINGS for changes in recorded.values() for key in changes):
+    consequence = ("which change their values, not the list of pairs: computing them again would change the "
+                   "reference log-probs this workdir's checkpoints were trained against partway through the run")
+  else:
+    consequence = ("and the saved data position of this workdir's checkpoints points into that file's list of "
+                   "pairs: computing it again would change the list, so some pairs would be trained twice and "
+                   "others never")
+  raise ValueError(f"the reference log-probs in {details} were computed under other settings, {consequence}. "
+                   "Restore the settings this run started with, or start a new workdir (train.init_from can start "
+                   "it from this run's params/ once it has finished)")
 
 
 def reference_file(workdir: str, tag: str, pairs_path: str) -> str:
@@ -1947,7 +1999,7 @@ def grpo_reward(reward_cfg: dict, cfg: GRPOConfig):
     if name == "length_aware":
       fn = registry.LengthAwareReward(LengthAwareRewardConfig().scaled_to(length_aware_scale(reward_cfg, cfg)))
     terms.append((fn, float(weight)))
-  return registry.CombinedReward(tuple(terms))
+  return registry.CombinedReward(tuple(terms), tuple(reward_cfg["weights"]))
 
 
 def _grpo_setup(model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict, settings: dict, tokenizer, the_mesh):

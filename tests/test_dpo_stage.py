@@ -680,6 +680,41 @@ def test_precompute_mode_refuses_to_rewrite_the_pairs_its_checkpoints_read(setup
                                                    **{"data.on_bad_record": "skip"}))
 
 
+
+def test_precompute_mode_resumes_after_a_run_time_only_model_change(setup, start_run, monkeypatch, caplog):
+  """remat_policy and max_segments_per_row change memory and speed, not the pairs nor (beyond float rounding) their
+  log-probs: a resumed run reuses the file, as it does one whose settings recorded them (an earlier phi_jax)."""
+  workdir = _workdir(setup, "precompute_run_time_change")
+  _precompute(setup, workdir, _precompute_bindings(setup, start_run, setup["path"]))
+  written = os.path.join(workdir, "reference", "train0-pairs.jsonl")
+  with open(written + ".settings.json") as f:
+    recorded = json.load(f)
+  recorded["model_config"].update(remat_policy="none", attention_backend="xla", max_segments_per_row=8)
+  with open(written + ".settings.json", "w") as f:
+    json.dump(recorded, f)
+  with open(written) as f:
+    before = f.read()
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"))
+  monkeypatch.setattr(common, "_dpo_reference_params", lambda *args: pytest.fail("the reference was loaded again"))
+  run_time = dict(MODEL_OVERRIDES, remat_policy="full", max_segments_per_row=4)
+  with caplog.at_level("INFO", logger="phi_jax"):
+    _precompute(setup, workdir, _precompute_bindings(setup, start_run, setup["path"],
+                                                     **{"model.overrides": run_time}))
+  assert "computed under other settings" not in caplog.text
+  with open(written) as f:
+    assert f.read() == before
+
+
+def test_precompute_mode_names_a_model_change_that_moves_the_values_not_the_pairs(setup, start_run):
+  workdir = _workdir(setup, "precompute_dtype_change")
+  _precompute(setup, workdir, _precompute_bindings(setup, start_run, setup["path"]))
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"))
+  with pytest.raises(ValueError, match=r"model_config.dtype: 'float32' -> 'bfloat16'.*change their values, not the "
+                     r"list of pairs.*against partway through") as refused:
+    _precompute(setup, workdir, _precompute_bindings(setup, start_run, setup["path"], **{
+        "model.overrides": dict(MODEL_OVERRIDES, dtype="bfloat16")}))
+  assert "would change the list" not in str(refused.value)
+
 def _read_all(batches):
   for _ in batches:
     pass
@@ -804,6 +839,34 @@ def test_precomputed_mode_resumes_once_its_starting_params_are_gone(setup, tmp_p
   bindings = _precompute_bindings(setup, str(tmp_path / "moved_away"), scored, **{"dpo.reference": "precomputed"})
   _, train_data, _ = _precompute(setup, workdir, bindings)
   assert set(preference.REFERENCE_FIELDS) <= set(next(train_data))
+
+
+def test_precompute_mode_resumes_once_its_starting_params_are_gone(setup, caplog):
+  """A resumed run trains from its checkpoints: the reference files it wrote are used as they are, with a warning,
+  once train.init_from has moved away. A fresh run still needs them (its starting point)."""
+  start = str(setup["tmp"] / "start_to_move")
+  common.save_final_params(start, setup["params"])
+  workdir = _workdir(setup, "precompute_start_gone")
+  bindings = _precompute_bindings(setup, start, setup["path"])
+  _precompute(setup, workdir, bindings)
+  written = os.path.join(workdir, "reference", "train0-pairs.jsonl")
+  with open(written) as f:
+    before = f.read()
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"))
+  shutil.move(start, start + "_moved")
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    _, train_data, _ = _precompute(setup, workdir, bindings)
+  assert set(preference.REFERENCE_FIELDS) <= set(next(train_data))
+  assert f"train.init_from={start!r} holds no params now" in caplog.text and "not compared" in caplog.text
+  with open(written) as f:
+    assert f.read() == before
+  # Other settings still decide: refused as before, not reused.
+  with pytest.raises(ValueError, match=r"seq_len: 80 -> 48.*the saved data position"):
+    _precompute(setup, workdir, _precompute_bindings(setup, start, setup["path"], **{"data.seq_len": 48}))
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
+  with pytest.raises(ValueError, match=r"train.init_from=.*start_to_move'?: no such directory"):
+    _precompute(setup, workdir, bindings)
 
 
 def _refusing_to_open(monkeypatch, *unreadable):

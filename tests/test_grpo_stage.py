@@ -651,3 +651,24 @@ def test_every_name_of_reward_weights_is_a_term_of_its_own(monkeypatch):
   reward = common.grpo_reward({"weights": {"bonus": 1.0, "bonus_again": 0.5, "other_bonus": 0.25},
                                "length_aware_max_tokens": None}, grpo.GRPOConfig())
   assert reward("x", "1", length=3, finished=True, correct=True) == pytest.approx(1.75)
+
+
+@pytest.mark.parametrize("returned,shown", [(None, "None"), (float("nan"), "nan"), ("1.0", "'1.0'")])
+def test_a_reward_of_reward_weights_that_returns_no_number_is_named(monkeypatch, returned, shown):
+  """A registered reward returning None (TRL's "does not apply"), NaN or a string is refused by its name in
+  reward.weights, saying what to return instead, not with a TypeError from the weighted sum (or a NaN reward)."""
+  import common  # pylint: disable=import-outside-toplevel
+  from phi_jax.rewards import registry
+
+  def picky(completion, gold, *, length, finished, correct=None):
+    return returned if completion == "other" else 1.0
+
+  monkeypatch.setitem(registry.REWARDS, "picky", picky)
+  reward = common.grpo_reward({"weights": {"correctness": 1.0, "picky": 0.5}, "length_aware_max_tokens": None},
+                              grpo.GRPOConfig())
+  assert reward("x", "1", length=3, finished=True, correct=True) == pytest.approx(1.5)
+  with pytest.raises(ValueError, match=rf"reward 'picky' \(reward.weights\) returned {shown} .*a finite number for "
+                     r"every completion.*return 0.0"):
+    reward("other", "1", length=3, finished=True, correct=True)
+  with pytest.raises(ValueError, match=r"reward 'picky' .*returned"):  # named when combined outside a run too
+    registry.combine({"correctness": 1.0, "picky": 1.0})("other", "1", length=3, finished=True, correct=True)

@@ -6,6 +6,8 @@ Every reward is called as
 
 `length` is the completion's length in tokens, `finished` whether the sampler stopped on an end-of-turn token, and
 `correct` the verifier's verdict when the caller already has it (None: the reward verifies the answer itself).
+A reward returns a finite number for every completion: 0.0 where it does not apply (a None, TRL's way of saying
+so, or a NaN is refused by `CombinedReward`, naming the reward).
 `score_batch` verifies a whole batch in parallel once and passes `correct` down. The rewards are plain functions
 and frozen dataclasses; a training run picks and weights them with the gin binding `reward.weights = {"length_aware":
 1.0, "format": 0.1}` (`experiments/common.py`), which builds `combine(weights)`.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 from phi_jax.rewards.length_aware import LengthAwareRewardConfig, length_aware_reward
@@ -106,9 +109,11 @@ def uses_correctness(fn: RewardFn) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class CombinedReward:
-  """sum_i weight_i * reward_i, verifying the answer at most once per completion."""
+  """sum_i weight_i * reward_i, verifying the answer at most once per completion. `names`: each term's registry
+  name (reward.weights' key), which names a reward that returns no finite number."""
 
   terms: tuple[tuple[RewardFn, float], ...]
+  names: tuple[str, ...] = ()
 
   @property
   def uses_correctness(self) -> bool:
@@ -118,13 +123,33 @@ class CombinedReward:
                correct: Optional[bool] = None) -> float:
     if correct is None and self.uses_correctness:
       correct = is_correct(completion, gold)
-    return sum(weight * fn(completion, gold, length=length, finished=finished, correct=correct)
-               for fn, weight in self.terms)
+    total = 0.0
+    for i, (fn, weight) in enumerate(self.terms):
+      value = fn(completion, gold, length=length, finished=finished, correct=correct)
+      number = _finite_number(value)
+      if number is None:  # a None (TRL's "does not apply") fails in the sum, a NaN spreads through GRPO's advantages
+        name = self.names[i] if i < len(self.names) else getattr(fn, "__name__", type(fn).__name__)
+        raise ValueError(f"reward {name!r} (reward.weights) returned {value!r} for a completion: every reward must "
+                         "return a finite number for every completion; where it does not apply, return 0.0")
+      total += weight * number
+    return total
+
+
+def _finite_number(value) -> Optional[float]:
+  """`value` as a float (a numpy or JAX scalar, a bool too); None for text, None, NaN, infinities and the like."""
+  if isinstance(value, (str, bytes)):
+    return None
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    return None
+  return number if math.isfinite(number) else None
 
 
 def combine(weights: Mapping[Union[str, RewardFn], float]) -> CombinedReward:
   """A weighted sum of rewards given by registry name (or as callables)."""
-  return CombinedReward(tuple((get_reward(k) if isinstance(k, str) else k, float(w)) for k, w in weights.items()))
+  return CombinedReward(tuple((get_reward(k) if isinstance(k, str) else k, float(w)) for k, w in weights.items()),
+                        tuple(k if isinstance(k, str) else getattr(k, "__name__", type(k).__name__) for k in weights))
 
 
 def score_batch(reward: Union[str, RewardFn], completions: Sequence[str], golds: Sequence[str], *,
