@@ -1113,6 +1113,106 @@ def test_a_filler_word_after_the_label_leaves_the_first_of_answers_that_prose_fo
   assert verdicts == expected
 
 
+def test_a_label_before_a_sentence_with_a_capitalised_subject_gives_its_one_number(pool):
+  """A label followed by a sentence ("Janet makes $18 per day.", capitalised or not) is prose: its one number or
+  price is the answer; with two numbers it gives none of them, and the solution's last math stands in, as before."""
+  think = "<think>\nok\n</think>\n\n"
+  cases = {"**Answer:** Janet makes **\\$18** per day.": "18", "Answer: Janet makes 18 dollars per day.": "18",
+           "### Final Answer\nJanet makes **$18** every day.": "18", "**Answer:** janet makes $18 per day.": "18",
+           "Answer: she makes 1,200 dollars a year.": "1200", "We get $x = 3$.\nAnswer: Tom has 5 apples.": "5",
+           "We get $x = 3$.\nAnswer: Tom has 5 apples and Ann has 6.": "x = 3",
+           "Answer: Tom has 2 million dollars.": "Tom has 2 million dollars",
+           "The answer is 5. We can double-check that the answer is within 1 of it.": "5",
+           "The answer is Seven.": "7", "Answer: New York": "New York", "Answer: Janet makes about 18 dollars.": "18",
+           # A check after the answer gives way to it; one after "answer is" in lower case gives no number.
+           "Answer: Tom has 5 apples.\n\nWe can double-check that the answer is correct.": "5",
+           "Answer: Tom has 5 apples.\n\nWe check that the answer is right for 3 cases.": "5",
+           "We get $x = 3$.\nThe answer is right for 4 cases.": "x = 3"}
+  assert {c: extract_answer(think + c) for c in cases} == cases
+  # A bound, a hedge or a negation around the one number leaves it no answer.
+  bounds = ["Answer: Janet makes at least 18 dollars.", "Answer: Janet makes 18 dollars or more.",
+            "Answer: Janet does not make 18 dollars.", "Answer: Janet makes more than 18 dollars.",
+            "Answer: Janet makes up to 18 dollars.", "Answer: Janet makes 18 dollars, maybe more."]
+  assert [extract_answer(think + c) for c in bounds] == [_label_sentence(c) for c in bounds]
+  right = [("**Answer:** Janet makes **\\$18** per day.", "18"), ("Answer: Janet makes 18 dollars per day.", "18"),
+           ("### Final Answer\nJanet makes **$18** every day.", "18")]
+  wrong = [("Answer: Tom has 5 apples and Ann has 6.", "5"), ("Answer: Tom has 5 apples and Ann has 6.", "6")]
+  wrong += [(c, "18") for c in bounds]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_choice_letter_before_its_option_text_is_the_letter_where_the_gold_is_a_letter(pool):
+  """Against a gold that is one choice letter ("B", "(B)", "\\text{B}", "\\textbf{(C)}"), an answer that opens with
+  a choice ("(B) 12", "B) 12", "\\textbf{(C)}\\ 12") is its letter; against any other gold, or where the answer
+  names another choice ("(A) or (B)", "(A) 12, (B) 13"), it stays as it is."""
+  from phi_jax.rewards.extract import choice_letter
+  think = "<think>\nok\n</think>\n\n"
+  cases = [("The correct answer is (B) 12.", "B", "B"), ("Answer: B) 12", "B", "B"),
+           ("$\\boxed{\\textbf{(C)}\\ 12}$", "C", "C"), ("The correct answer is (B) 12.", "(B)", "B"),
+           ("The correct answer is (B) 12.", "\\text{B}", "B"), ("Answer: B) 12", "\\textbf{(B)}", "B"),
+           ("The correct answer is (B) 12.", "12", "(B) 12"), ("The correct answer is (B).", "B", "(B)"),
+           ("The answer is (A) or (B).", "A", "(A) or (B)"), ("Answer: (A) 12, (B) 13", "A", "(A) 12, (B) 13"),
+           ("The correct answer is (F) 12.", "F", "(F) 12"), ("The correct answer is (B)x.", "B", "(B)x")]
+  pairs = [(rewards.readable_gold(g), extract_answer(think + c)) for c, g, _ in cases]
+  assert [choice_letter(answer, gold) for gold, answer in pairs] == [read for _, _, read in cases]
+  graded = pool.verify_answers([(gold, choice_letter(answer, gold)) for gold, answer in pairs[:6]])
+  assert graded == [True] * 6
+
+
+def _label_sentence(completion):
+  """A label's sentence of prose as extracted where no number of it is taken: after "Answer: ", no final period."""
+  return completion.split(": ", 1)[1].rstrip(".")
+
+
+def test_a_labelled_number_before_a_note_after_a_comma_dash_or_colon_is_the_number(pool):
+  """"5, the smallest such number", "5 — ...", "5: ..." are 5; a note that holds a number or opens with "or", "and",
+  a hedge or a bound word ("5, or 6", "5, or more", "5, maybe 6", "5 — or 6", "5, at least") is no note, and "2, 3"
+  stays a set."""
+  think = "<think>\nok\n</think>\n\n"
+  cases = {"The answer is 5, the smallest such number.": "5", "The answer is 5 — the smallest such number.": "5",
+           "The answer is 5 – the smallest such number.": "5", "The answer is 5: the smallest such number.": "5",
+           "The answer is 12 apples, a dozen in all.": "12", "The answer is 5, or 6.": "5, or 6",
+           "The answer is 2, 3.": "2, 3", "The answer is 5, or more.": "5, or more",
+           "The answer is 5, maybe 6.": "5, maybe 6", "The answer is 5 — or 6.": "5 — or 6",
+           "The answer is 5, at least.": "5, at least",
+           "The answer is 5 — the answer to part 2.": "5 — the answer to part 2"}
+  assert {c: extract_answer(think + c) for c in cases} == cases
+  right = [("The answer is 5, the smallest such number.", "5"), ("The answer is 5 — the smallest such number.", "5"),
+           ("The answer is 5: the smallest such number.", "5")]
+  wrong = [("The answer is 5, or 6.", "5"), ("The answer is 5, or more.", "5"), ("The answer is 5, maybe 6.", "5"),
+           ("The answer is 5 — or 6.", "5")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
+def test_a_plain_number_before_a_compound_unit_or_a_marked_number_before_words_is_the_number(pool):
+  """After a label a unit per unit or a unit's power ("5 m/s", "5 cm^2", "3 km/h") leaves the number, as a unit word
+  does; a "####" line holding a number before words or after `\\$` is that number. A variable ("5 x/y", "5 x^2"),
+  a single letter ("5 m") and a word that changes the value ("#### 2 million") stay."""
+  think = "<think>\nok\n</think>\n\n"
+  cases = {"Therefore, the answer is 5 cm^2.": "5", "Therefore, the answer is 5 m/s.": "5",
+           "The answer is 3 km/h.": "3", "The answer is 2 m^3.": "2", "The answer is 5 x/y.": "5 x/y",
+           "The answer is 5 x^2.": "5 x^2", "The answer is 5 m.": "5 m",
+           "So 9 * 2 = 18.\n#### 18 dollars": "18", "So 9 * 2 = 18.\n#### \\$18.00": "18.00",
+           "So 9 * 2 = 18.\n#### $18": "18", "So 9 * 2 = 18.\n#### $18 per day.": "18",
+           "So $x = 4$.\n#### 2 million": "x = 4", "#### Step 1\nWe get $x = 4$.\n#### 2. Done": "x = 4"}
+  assert {c: extract_answer(think + c) for c in cases} == cases
+  right = [("Therefore, the answer is 5 cm^2.", "5"), ("Therefore, the answer is 5 m/s.", "5"),
+           ("So 9 * 2 = 18.\n#### 18 dollars", "18"), ("So 9 * 2 = 18.\n#### \\$18.00", "18")]
+  verdicts, expected = _grades(pool, right, [])
+  assert verdicts == expected
+
+
+def test_a_number_whose_unit_a_bound_or_hedge_follows_is_not_the_number_alone(pool):
+  """"18 dollars or more" read as 18 (only the word right after the number was looked at), and paid for gold 18."""
+  wrong = [("The answer is 18 dollars or more.", "18"), ("The answer is 18 dollars at least.", "18"),
+           ("The answer is 18 apples or fewer.", "18"), ("The answer is 5 cm or so.", "5")]
+  right = [("The answer is 18 dollars.", "18"), ("The answer is 18 dollars in total.", "18")]
+  verdicts, expected = _grades(pool, right, wrong)
+  assert verdicts == expected
+
+
 @pytest.mark.parametrize("answer,rewritten", [
     ("2*pi", "2*\\pi"), ("pi/2", "\\pi/2"), ("2pi r", "2\\pi r"), ("x**2+1", "x^2+1"), ("1e3", "1000"),
     ("-1.5E-3", "-0.0015"), ("+2e+1", "20"), ("√2", "\\sqrt 2"), ("√(x+1)", "sqrt(x+1)"), ("∞x", "\\infty x"),

@@ -19,26 +19,32 @@ order of preference:
    13", `\\boxed{5 (or more)}` -> "5 or more"; `\\textrm{}` and `\\mbox{}` read as `\\text{}`),
    and the boxes right before it that ",", "and" or "or" join to
    it taken with it, and the math or plain number that "or" joins after it ("$\\boxed{5}$ or $6$", "\\boxed{5} (or
-   6)" -> "5 or 6"; see "Several answers" below); failing that, the number alone on a
-   last line marked "####" (GSM8K's format: "#### 1,200" -> 1200; a markdown heading such as "#### Step 1" or a
-   numbered "#### 2." is not an answer);
+   6)" -> "5 or 6"; see "Several answers" below); failing that, the number on a last line marked "####", alone,
+   as a price or before words as in 2 (GSM8K's format: "#### 1,200", "#### \\$18.00", "#### 18 dollars" -> 1200,
+   18.00, 18; a markdown heading such as "#### Step 1" or a numbered "#### 2." is not an answer);
 2. what follows the last "answer is" / "answer:" (case-insensitive, markdown around the word allowed) up to the
    end of that sentence, or the line after a "Final Answer" / "Answer" heading; a label followed by prose rather
-   than math ("the answer is correct") gives way to an earlier label, or else to 3, and counts only when the
-   solution holds no math ("the answer is even"), but a number in words ("seven apples") and a bare "yes" / "no"
-   are answers, not prose; a label whose sentence opens with a negation ("the answer is not $5$", "not", "is not",
+   than math ("the answer is correct", or a sentence with a capitalised subject: "Janet makes $18 per day") gives
+   way to an earlier label, or else to 3, and counts only when the solution holds no math ("the answer is even"),
+   but a number in words ("seven apples"), a bare "yes" / "no" and a name ("New York") are answers, not prose, and
+   a sentence that the label introduces as the answer ("Answer: ...", a heading, or a capitalised subject) is its
+   one number or price ("Janet makes $18 per day" -> 18; none where it holds two or more, or a bound, a hedge or a
+   negation stands by it: "Tom has 5 and Ann has 6", "at least 18", "18 or more"); a label whose sentence opens with
+   a negation ("the answer is not $5$", "not", "is not",
    "isn't", "cannot be") gives no answer at all. Qualifiers before the answer are dropped ("actually 6",
    "approximately 18"), a special token ends it, and a `$` before a number that no `$` closes within the sentence is
    a price (so is one whose number prose follows past the end of its sentence or line: "$13. She spent $5", but
    "$3 +\\n4 = 7$" is math). In plain text (not `$...$`) the sentence is cut to its answer: bold markers inside it
    dropped, a trailing explanation cut (", since ...", " because ...", "; " before prose, "(3 boxes of 4)",
-   "(9 * 2)" after a number), and a number followed only by words is the number ("1,200 people" -> 1200) unless a
-   word changes its value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays
-   two answers, which match no single gold, as do "12 (or thirteen)" and a bound "5 (or more)", and an alternative
-   that is not a plain number is dropped ("1/2 (or 50%)"); a word after the numbers stays only where the answer has
-   one and the alternative's is a unit (`UNIT_SIZES`: "150 minutes (or 2.5 hours)", which the verifier converts, a
-   mixed number as its fraction: "1 1/2 feet (or 18 inches)" -> "3/2 feet or 18 inches"; "12 apples (or 13)", "8
-   pies (or 9 cakes)" -> "12 or 13", "8 or 9");
+   "(9 * 2)" after a number, and after a leading number a note in prose that holds no number: "5, the smallest such
+   number", "5 — ...", "5: ...", but not "5, or 6", "5, or more", "5, maybe 6"), and a number followed only by words
+   or a compound unit is the number ("1,200 people", "5 m/s", "5 cm^2" -> 1200, 5, 5) unless a word changes its
+   value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays two answers,
+   which match no single gold, as do "12 (or thirteen)" and a bound "5 (or more)", and an alternative that is not
+   a plain number is dropped ("1/2 (or 50%)"); a word after the numbers stays only where the answer has one and the
+   alternative's is a unit (`UNIT_SIZES`: "150 minutes (or 2.5 hours)", which the verifier converts, a mixed number
+   as its fraction: "1 1/2 feet (or 18 inches)" -> "3/2 feet or 18 inches"; "12 apples (or 13)", "8 pies (or 9
+   cakes)" -> "12 or 13", "8 or 9");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`), where a `$` before a number is
    a price as in 2 (a `$$` never is), neither closing nor opening math, and a price after the last math is the
    answer ("We get $6 \\times 7 = 42$, so she earns $42." -> 42), taken with the math before it when "or" joins
@@ -76,6 +82,9 @@ The answer (and a gold answer) is then rewritten where plain-text notation would
 "2*pi", "1e3", "x**2" (`latex_notation`), and a whole number in words is written in digits ("twenty-one" -> 21).
 An answer that opens with an inequality sign ("\\geq 5", "> 4", "\\ne 5": a bound with no left side, which math-verify
 would read as the number) is no answer, as "5 or more" matches no gold; "\\approx 5" stays.
+Against a gold that is one choice letter ("B", "(B)", "\\textbf{(B)}"), `choice_letter` reads an answer that opens
+with a choice and goes on with the option's text ("(B) 12", "B) 12", "\\textbf{(C)}\\ 12") as its letter; it needs
+the gold, so the caller that pairs an answer with its gold applies it.
 
 Model output is untrusted and may be a megabyte of noise, so every step is linear in the input or bounded by
 `max_chars`: plain `str.rfind` scans and character loops that stop after `max_chars`, and regular expressions
@@ -640,9 +649,11 @@ def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
 
   A label followed by prose rather than an answer ("... the answer is correct", "we verify the answer: plug in")
   gives way to the last label before it that is followed by an answer, so a check after the answer does not
-  replace it; when every label is followed by prose, this is the last label's that is followed by anything
-  (`extract_answer` then prefers the solution's last math, and takes the prose only when there is none: "the
-  answer is even"). A number in words or a bare "yes" / "no" is an answer, not prose (`_is_worded_answer`)."""
+  replace it; a sentence that a label introduces as the answer gives its one number (`_label_answer`: "Answer:
+  Janet makes $18 per day." -> "18"); when every label is followed by prose, this is the last label's that is
+  followed by anything (`extract_answer` then prefers the solution's last math, and takes the prose only when there
+  is none: "the answer is even"). A number in words or a bare "yes" / "no" is an answer, not prose
+  (`_is_worded_answer`)."""
   lowered = text.lower()
   label_ends = collections.deque(maxlen=_MAX_LABEL_TRIES)
   start = lowered.find(_ANSWER_WORD)
@@ -653,21 +664,35 @@ def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
     start = lowered.find(_ANSWER_WORD, start + 1)
   if not label_ends:
     return None
+  ends = list(reversed(label_ends))
   candidates = [_plain_answer(_without_leading_filler(_sentence(text[end:end + max_chars + 1], max_chars)))
-                for end in reversed(label_ends)]
-  written = [c for c in candidates if clean_answer(c)]
-  return next((c for c in written if not _starts_with_prose(c)), written[0] if written else candidates[0])
+                for end in ends]
+  written = [(c, end) for c, end in zip(candidates, ends) if clean_answer(c)]
+  answer = next((a for a in (_label_answer(text, c, end) for c, end in written) if a is not None), None)
+  return answer if answer is not None else written[0][0] if written else candidates[0]
+
+
+def _label_answer(text: str, candidate: str, end: int) -> Optional[str]:
+  """A label's candidate (the label ending at text[end]) when it is an answer rather than prose; for a sentence of
+  prose that the label introduces as the answer ("Answer: Janet makes $18 per day.", a heading, or a capitalised
+  subject after "answer is"), its one number (`_sole_number`), as the sentence says it in words; None otherwise
+  ("the answer is right for 3 cases" checks an answer, and gives way to an earlier label)."""
+  if not _starts_with_prose(candidate):
+    return candidate
+  introduced = text[end - 1:end] == ":" or text[end:end + 1] in (":", "\n", "")
+  return _sole_number(candidate) if introduced or candidate.lstrip(" \t*")[:1].isupper() else None
 
 
 def _plain_answer(candidate: str) -> str:
   """A label's plain-text sentence cut to its answer (math in `$...$` is left as it is): markdown bold closed
   inside it dropped ("**18** dollars"), a trailing explanation cut ("5, since 2 + 3 = 5", "12 (3 boxes of 4)",
-  "42; we are done"), a hedge in parentheses kept as an alternative ("2 (or 3)" -> "2 or 3", which matches no
-  single answer), and a number followed only by words taken alone ("1,200 people" -> "1200", "18 km/h" -> "18")
-  unless the first word changes its value ("2 million", "12 out of 20", "3 dozen", "2 and 3")."""
+  "42; we are done", "5, the smallest such number", "5 — the smallest"), a hedge in parentheses kept as an
+  alternative ("2 (or 3)" -> "2 or 3", which matches no single answer), and a number followed only by words taken
+  alone ("1,200 people" -> "1200", "18 km/h", "5 m/s", "5 cm^2" -> "18", "5", "5") unless the first word changes its
+  value ("2 million", "12 out of 20", "3 dozen", "2 and 3")."""
   if candidate.lstrip().startswith(("$", "\\(", "\\[")):
     return candidate
-  return _number_before_words(_without_explanation(_without_bold(candidate)))
+  return _number_before_words(_without_explanation(_without_bold(candidate)), compound_units=True)
 
 
 def _without_bold(text: str) -> str:
@@ -695,6 +720,7 @@ def _is_prose_word(word: str) -> bool:
 
 def _without_explanation(text: str) -> str:
   """`text` up to a trailing explanation: ", since ..." or " because ..." (a connective), "; ..." before prose, a
+  note in prose with no number after a leading number (", the ...", " — ...", ": ...": `_opens_note`), a
   parenthetical holding a prose word or only arithmetic after a number ("12 (3 boxes of 4)", "18 (9 * 2)"); a hedge
   in brackets "(or 3)", "[maybe 3]" keeps its alternative when that is a plain number (see `_plain_answer`).
   One pass."""
@@ -702,6 +728,8 @@ def _without_explanation(text: str) -> str:
   # linear however many brackets follow.
   number_end = _number_end(text)
   after_number = number_end + len(text[number_end:]) - len(text[number_end:].lstrip(" ")) if number_end else -1
+  # A note after a leading number holds no other number, which could be a rival value ("5, the answer to part 2").
+  notes_from = _numbers_end(text) if number_end else len(text)
   pairs = _bracket_pairs(text)
   depth, i = 0, 0
   while i < len(text):
@@ -721,6 +749,8 @@ def _without_explanation(text: str) -> str:
       depth += 1
     elif ch in ")}]":
       depth = max(0, depth - 1)
+    elif depth == 0 and i >= notes_from and _opens_note(text, i):
+      return text[:i].rstrip(" ,")  # "5, the smallest such number", "5 — the smallest", "5: the smallest"
     elif depth == 0 and ch in ", " and text[i + 1:i + 2] == (" " if ch == "," else text[i + 1:i + 2]):
       gap = 2 if ch == "," else 1
       next_word = text[i + gap:i + gap + _MAX_CONNECTIVE_CHARS].split(" ", 1)[0].lower().rstrip(",")
@@ -734,6 +764,26 @@ def _without_explanation(text: str) -> str:
 
 
 _BRACKETS = {"(": ")", "[": "]"}  # not "{", a LaTeX group ("\\text{ or }")
+
+
+def _opens_note(text: str, i: int) -> bool:
+  """Whether a note in prose opens at text[i] (`_NOTE_SEPARATORS` and then "a", "an" or a lower-case word not of
+  `_NOT_A_NOTE`)."""
+  sep = next((s for s in _NOTE_SEPARATORS if text.startswith(s, i)), None)
+  if sep is None:
+    return False
+  word = text[i + len(sep):i + len(sep) + _MAX_CONNECTIVE_CHARS].split(" ", 1)[0].rstrip(_SENTENCE_PUNCTUATION)
+  return word in ("a", "an") or (_is_prose_word(word) and word not in _NOT_A_NOTE)
+
+
+def _numbers_end(text: str) -> int:
+  """Where the last number of `text`, in digits or in words ("six", but not "one": "the only one"), ends."""
+  end = max(text.rfind(d) for d in "0123456789") + 1
+  for match in _GAP_WORD.finditer(text, end):
+    word = match.group(0).lower()
+    if word != "one" and (word in _UNIT_WORDS or word in _TENS_WORDS):
+      end = match.end()
+  return end
 
 
 def _hedged(before: str, words: list[str], keep_math: bool = False) -> Optional[str]:
@@ -799,6 +849,11 @@ def _alternative(words: list[str], keep_math: bool) -> Optional[str]:
 # A hedge's alternative that is one of these bounds the answer ("5 (or more)"), so it matches no gold.
 _COMPARATIVES = frozenset(("more", "less", "fewer", "higher", "lower", "greater", "smaller", "larger", "above",
                            "below", "over", "under"))
+# What opens a note after a leading number ("5, the smallest such number", "5 — the smallest", "5: the smallest").
+_NOTE_SEPARATORS = (", ", " \u2014 ", " \u2013 ", ": ")
+# First words after one that keep the rest part of the answer: a hedge, a bound or another value ("5, or more", "5,
+# maybe 6", "5, at least", "5 — or 6", "5, and more").
+_NOT_A_NOTE = _HEDGES | _OR_ADVERBS | _VALUE_WORDS | _COMPARATIVES | frozenset(("at", "up", "give", "either"))
 
 
 def _without_box_hedge(answer: str) -> str:
@@ -923,11 +978,13 @@ def _whole_number_end(text: str) -> int:
   return _number_end(text) if mixed is None else mixed[1]
 
 
-def _number_before_words(text: str, min_word_chars: int = 2) -> str:
+def _number_before_words(text: str, min_word_chars: int = 2, compound_units: bool = False) -> str:
   """"18 dollars" -> "18", "1,200 people" -> "1200", "2 1/2 cups" -> "5/2": a number followed by words only is that
   number, unless the first word is shorter than `min_word_chars` (a variable: "5 x"; inside math, where "2 xy" is a
   product, 4), math, or changes the value ("2 million", "3 dozen", "12 out of", "3 eighths", "5 at least"). A mixed
-  number alone or before words is its improper fraction (the parser would read "2 1/2" as 2 * 1/2)."""
+  number alone or before words is its improper fraction (the parser would read "2 1/2" as 2 * 1/2). With
+  `compound_units` (plain text) a unit per unit or a unit's power counts as a word (`_is_compound_unit`: "5 m/s",
+  "5 cm^2" -> "5")."""
   mixed = _mixed_number(text)
   end = mixed[1] if mixed else _number_end(text)
   number = mixed[0] if mixed else text[:end].replace(",", "")
@@ -938,13 +995,35 @@ def _number_before_words(text: str, min_word_chars: int = 2) -> str:
   words = text[end:].split()
   if not words:  # only white space after the number ("42 " before a line break or a special token): as "42"
     return number if mixed else text[:end]
-  if not all(w.replace("/", "").replace("-", "").replace(".", "").isalpha() for w in words):
+  compound = [compound_units and _is_compound_unit(w.rstrip(_SENTENCE_PUNCTUATION)) for w in words]
+  if not all(c or w.replace("/", "").replace("-", "").replace(".", "").isalpha() for w, c in zip(words, compound)):
     return text  # digits or symbols after the number: an expression, left as it is
   first = words[0].lower().strip(".")
-  short = len(first.split("/")[0]) < max(2, min_word_chars) and first not in _SHORT_UNITS
-  if short or _changes_value(words) or first in _MATH_WORDS:
+  short = len(first.split("/")[0]) < max(2, min_word_chars) and first not in _SHORT_UNITS and not compound[0]
+  if short or _changes_value(words) or first in _MATH_WORDS or _bound_later(words):
     return text
   return number
+
+
+def _bound_later(words: list[str]) -> bool:
+  """Whether "or" or a bound ("at least") stands among `words`, after a number's unit: "18 dollars or more", "18
+  dollars at least" and "5 cm or so" bound or hedge the number, which alone would match its gold."""
+  lowered = [w.lower().strip(".,;:!?") for w in words]
+  return "or" in lowered or any(pair in _BOUND_WORDS for pair in zip(lowered, lowered[1:]))
+
+
+# One-letter unit symbols, read as units only inside a compound unit ("m/s", "m^2"; "5 m" alone may be a variable).
+_UNIT_SYMBOLS = frozenset(("m", "s", "h", "g", "l", "L", "N", "J", "W"))
+
+
+def _is_compound_unit(word: str) -> bool:
+  """Whether `word` is a unit per unit or a unit squared or cubed ("m/s", "km/h", "cm^2", "m^3"), each part a unit
+  of `UNIT_SIZES`, `_SHORT_UNITS` or `_UNIT_SYMBOLS`; "x/y" and "x^2" are math."""
+  base = word[:-2] if word.endswith(("^2", "^3")) else word
+  parts = base.split("/")
+  if len(parts) > 2 or (base == word and len(parts) == 1):
+    return False
+  return all(p in _UNIT_SYMBOLS or p.lower() in UNIT_SIZES or p.lower() in _SHORT_UNITS for p in parts)
 
 
 # "2 1/2", "-3 3/4": a whole number, one space and a proper fraction, then no more digits or fraction.
@@ -1018,14 +1097,60 @@ def _without_leading_filler(candidate: str) -> str:
 
 def _starts_with_prose(candidate: str) -> bool:
   """Whether a label's candidate opens with a lower-case word ("correct", "consistent with", "independent of
-  $a$"), not with math ("5", "$x=3$", "x = 5", "\\frac12", "(A)") or a function name ("sqrt(2)", "pi")."""
+  $a$") or with a capitalised one that a lower-case word follows ("Janet makes $18"), not with math ("5", "$x=3$",
+  "x = 5", "\\frac12", "(A)"), a function name ("sqrt(2)", "pi") or a name alone ("New York")."""
   head = candidate.lstrip(" \t*")
-  n = 0
+  capitalised = head[:1].isupper() and head[:1].isalpha()
+  n = 1 if capitalised else 0
   while n < len(head) and "a" <= head[n] <= "z":
     n += 1
-  if n < 2 or head[:n] in _MATH_WORDS or _is_worded_answer(candidate):
+  if n < 2 or head[:n].lower() in _MATH_WORDS or _is_worded_answer(candidate):
     return False
+  if capitalised:  # a sentence's subject, not a name: a lower-case word goes on from it
+    return head[n:n + 1] == " " and _is_prose_word(head[n + 1:n + 1 + _MAX_CONNECTIVE_CHARS].split(" ", 1)[0])
   return n == len(head) or head[n] in " ,.;:!?"
+
+
+def _sole_number(sentence: str) -> Optional[str]:
+  """The one number of a label's sentence of prose ("Janet makes $18 per day." -> "18", "she makes 1,200 dollars"
+  -> "1200"), read as after a label (`_number_before_words`); None when it holds none or two or more, or where math
+  or a word that changes the value goes on from it ("x+5", "18%", "2 million dollars"). One pass."""
+  found, i = None, 0
+  while i < len(sentence):
+    if not sentence[i].isdigit():
+      i += 1
+      continue
+    if found is not None:
+      return None  # "Tom has 5 apples and Ann has 6": which is the answer is not for this to guess
+    start = i - 1 if i and sentence[i - 1] in "-\u2212" else i
+    found = start, start + _whole_number_end(sentence[start:])
+    i = max(found[1], i + 1)
+  if found is None or (found[0] and sentence[found[0] - 1] not in " $*(") or _bounded(sentence, *found):
+    return None
+  head = sentence[found[0]:found[1]]
+  # A closing `$` or bold right after it wraps the number ("$18$ per day", "**18** dollars").
+  words = sentence[found[1]:].lstrip("$*").rstrip(_SENTENCE_PUNCTUATION + " *$")
+  if not words:
+    mixed = _mixed_number(head)
+    return head.replace(",", "") if mixed is None else mixed[0]
+  number = _number_before_words(head + words, compound_units=True)
+  return None if number == head + words else number
+
+
+# Words before a sentence's one number that bound it ("at least 18", "more than 18", "up to 18") ...
+_BOUNDS_BEFORE = _COMPARATIVES | frozenset(("least", "most", "than", "to", "exceed", "exceeds", "beyond"))
+# ... and words after it that hedge or bound it ("18 dollars or more", "18, maybe 19", "18 and 20").
+_HEDGES_AFTER = _HEDGES | _COMPARATIVES | frozenset(("and", "least", "most", "than", "plus"))
+
+
+def _bounded(sentence: str, start: int, end: int) -> bool:
+  """Whether the one number at sentence[start:end] is bounded, hedged or negated ("Janet makes at least 18", "18 or
+  more", "Janet does not make 18"): then it is not what the sentence says the answer is."""
+  before = sentence[:start].lower().replace("\u2019", "'").split()
+  after = [w.strip(_SENTENCE_PUNCTUATION + "*$") for w in sentence[end:].lower().split()]
+  negated = any(w in ("not", "never", "no", "cannot") or w.endswith("n't") for w in before)
+  bound = bool(before) and before[-1].strip("*$\\") in _BOUNDS_BEFORE
+  return negated or bound or any(w in _HEDGES_AFTER for w in after)
 
 
 def _is_worded_answer(candidate: str) -> bool:
@@ -1065,15 +1190,19 @@ def _label_end(text: str, lowered: str, start: int) -> Optional[int]:
 def _marked_number(text: str) -> Optional[str]:
   """The number of a last line marked with "####" (GSM8K's answer format: "#### 1,200" -> "1200"), or None.
 
-  Only the text's last non-blank line counts, and only when it holds a number alone: markdown level-4 headings open
-  with "####" too ("#### Step 2", "#### 2."), and a numbered step heading is never the end of a solution."""
+  Only the text's last non-blank line counts, and only when it holds a number, perhaps a price ("#### $18", "####
+  \\$18.00") or followed by words as after a label ("#### 18 dollars", not "#### 2 million"): markdown level-4
+  headings open with "####" too ("#### Step 2", "#### 2."), and a numbered step heading is never the end of a
+  solution."""
   end = len(text.rstrip())
   start = text.rfind("\n", 0, end) + 1
   if not text.startswith(_ANSWER_MARK, start):
     return None
   line = text[start:end].lstrip("#").strip().rstrip(".").strip()
-  if line.startswith("$") and line[1:2] != "$":
-    line = line[1:]  # a price: "#### $18"
+  if line.startswith(("$", "\\$")) and not line.startswith("$$"):
+    line = line[line.index("$") + 1:]  # a price: "#### $18", "#### \\$18.00"
+  if _number_end(line) < len(line):
+    line = _number_before_words(line, compound_units=True)
   return line.replace(",", "") if line and _number_end(line) == len(line) else None
 
 
@@ -1248,6 +1377,50 @@ def extract_gold(gold: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> Opt
   answer = joiner.join(_number_in_box(clean_answer(box)) + unit for box, unit in zip(boxes or [gold], units or [""]))
   answer = latex_notation(_spelled_number(answer))
   return answer if answer and len(answer) <= max_chars else None
+
+
+_CHOICE_LETTERS = "ABCDE"
+# Commands that may wrap a choice letter: "\\textbf{(C)}", "\\text{B}".
+_CHOICE_WRAPPERS = ("\\textbf{", "\\text{", "\\mathbf{", "\\mathrm{")
+
+
+def choice_letter(answer: str, gold: str) -> str:
+  """`answer` as the choice letter it opens with ("(B) 12", "B) 12", "\\textbf{(C)}\\ 12" -> "B", "B", "C") where
+  `gold` (read by `extract_gold`) is one choice letter A-E, perhaps in brackets or `\\text{}` / `\\textbf{}`: the
+  option's text after the letter restates the choice. `answer` as it is against any other gold (against "12", "(B)
+  12" may be the value), where nothing follows the letter, or where the rest names another choice or a hedge ("(A)
+  or (B)", "(A) 12, (B) 13"), which must not pay as the first letter alone."""
+  if _choice_at(gold.strip(), whole=True) is None:
+    return answer
+  choice = _choice_at(answer.strip(), whole=False)
+  if choice is None:
+    return answer
+  rest = answer.strip()[choice[1]:]
+  if not rest.strip() or rest[0] not in " ~:.\\" or HEDGE_JOINER.strip() in rest.lower().split():
+    return answer
+  return answer if any(c + ")" in rest for c in _CHOICE_LETTERS) else choice[0]
+
+
+def _choice_at(text: str, whole: bool) -> Optional[tuple[str, int]]:
+  """The choice letter opening `text` ("(B)", "B)", "\\textbf{(B)}"; with `whole`, `text` is the letter alone,
+  perhaps in brackets or wrapped: "B", "(B)", "\\text{B}") and where it ends; None when it opens with none."""
+  wrapper = next((w for w in _CHOICE_WRAPPERS if text.startswith(w)), None)
+  if wrapper is not None:
+    close = text.find("}", len(wrapper))
+    content = text[len(wrapper):close].strip() if close > 0 else ""
+    # One wrapper only ("\\textbf{\\text{...}}" is no choice), so nested commands cost no deep recursion.
+    inner = None if content.startswith("\\") else _choice_at(content, whole)
+    if inner is None or inner[1] != len(content) or (whole and close != len(text) - 1):
+      return None
+    return inner[0], close + 1
+  if whole:
+    letter = text[1:-1] if text[:1] == "(" and text[-1:] == ")" else text
+    return (letter, len(text)) if len(letter) == 1 and letter in _CHOICE_LETTERS else None
+  if text[:1] == "(" and text[2:3] == ")" and text[1] in _CHOICE_LETTERS:
+    return text[1], 3
+  if text[1:2] == ")" and text[0] in _CHOICE_LETTERS:
+    return text[0], 2
+  return None
 
 
 def _joined_digit_groups(answer: str) -> str:

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Iterator, Optional, Sequence
 
-from phi_jax.rewards.extract import extract_answer, extract_gold
+from phi_jax.rewards.extract import choice_letter, extract_answer, extract_gold
 from phi_jax.rewards.screen import ScreenConfig, screen_problem
 from phi_jax.rewards.think_format import ThinkFormat
 # The worker script imports only the standard library and math-verify, so its number rule is shared from there.
@@ -166,7 +166,8 @@ class VerifierPool:
       elif pred_answer is None:
         pairs.append(None)
       else:
-        pairs.append((gold_answer, pred_answer))
+        # "(B) 12" against the gold "B": the letter; against any other gold the answer as read.
+        pairs.append((gold_answer, choice_letter(pred_answer, gold_answer)))
     checked = self.verify_answers([p for p in pairs if p is not None], timeout_s=timeout_s)
     verdicts = iter(checked)
     return [False if p is None else next(verdicts) for p in pairs]
