@@ -584,7 +584,10 @@ def get_tokenizer(spec: str, workdir: str):
     with distributed.failing_together(f"building data.tokenizer={spec!r} into {out}"):
       _build_tiny_tokenizer_once(spec, workdir, out)
     return load_tokenizer(out)
-  return load_tokenizer(spec)
+  try:
+    return load_tokenizer(spec)
+  except FileNotFoundError as e:  # name the binding: the loader knows only the path
+    raise FileNotFoundError(f"data.tokenizer={spec!r}: {e}") from None
 
 
 def _build_tiny_tokenizer_once(spec: str, workdir: str, out: str) -> None:
@@ -756,6 +759,19 @@ def params_loader(model_config: PhiConfig, hf_path: Optional[str], init_from: Op
     return params
 
   return load
+
+
+def warn_of_random_start(stage: str, settings: dict, hf_path: Optional[str]) -> None:
+  """DPO and GRPO refine a trained model (TRL's trainers take a pretrained one): without starting params
+  (`params_loader` gives None) the policy, and the frozen reference beside it, are a random init. Toy runs and
+  tests do that on purpose, so it is said, not refused."""
+  if stage not in ("dpo", "grpo") or settings["init_from"] or hf_path:
+    return
+  who = ("the policy and the DPO reference are" if stage == "dpo"
+         else "the policy (and the reference, when grpo.beta > 0) is")
+  log.warning("train.stage=%r with neither train.init_from nor model.hf_path set: %s the random init of "
+              "train.seed=%d, not a trained model; set train.init_from (a finished run's workdir) or model.hf_path "
+              "(a transformers checkpoint) to start from one", stage, who, settings["loop"].seed)
 
 
 # Settings that change the function of the same arrays: the rotary embedding and the norms.
@@ -1066,6 +1082,7 @@ def run_training(workdir: str):
 def _stage_setup(stage: str, workdir: str, model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict,
                  settings: dict, tokenizer, the_mesh, per_process: int):
   """(loss_fn, train_data, eval_batches) of `stage` (train.stage)."""
+  warn_of_random_start(stage, settings, hf_path)
   if stage == "next_token":
     return _next_token_setup(model_config, data_cfg, settings, tokenizer, per_process)
   if stage == "dpo":

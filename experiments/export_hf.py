@@ -1,7 +1,10 @@
 """Writes a finished run's final params (W/params) as a transformers checkpoint: config.json, safetensors and the
 run's tokenizer, loadable with `AutoModelForCausalLM.from_pretrained`.
 
-  python experiments/export_hf.py --init_from runs/mini_sft [--out runs/mini_sft/hf]
+  python experiments/export_hf.py --init_from runs/mini_sft [--out runs/mini_sft/hf] [--overwrite]
+
+An --out that already holds a checkpoint (an earlier export) is replaced only with --overwrite; one that is the
+run's own model.hf_path, train.init_from or data.tokenizer is refused.
 
 These are the files `train.export_hf=True` writes at the end of a one-process run. A run on several processes
 (multi-host) cannot write them itself, since no process holds every parameter: run this afterwards in one process
@@ -24,11 +27,33 @@ import rollouts  # noqa: E402
 
 log = logging.getLogger("phi_jax.export_hf")
 
+# Where the run read its starting weights and tokenizer: exporting over one would replace them (save_hf replaces the
+# weights and config of a directory it writes into, save_tokenizer its tokenizer files).
+_RUN_SOURCES = ("model.hf_path", "train.init_from", "data.tokenizer")
+
+
+def check_out(out: str, overwrite: bool) -> None:
+  """Refuses an --out that is one of the run's sources (its config.gin's, read through gin), and one that holds a
+  checkpoint already unless `overwrite`."""
+  where = os.path.realpath(out)
+  for name in _RUN_SOURCES:
+    source = common.bound_or_none(name)
+    if isinstance(source, str) and os.path.realpath(source) == where:
+      raise ValueError(f"--out={out!r} is the run's {name}={source!r}: exporting there would replace the files the "
+                       "run started from; choose another --out")
+  names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+  held = [n for n in names if n == "config.json" or n.endswith(".safetensors")]
+  if held and not overwrite:
+    raise ValueError(f"--out={out!r} already holds a transformers checkpoint ({', '.join(held[:3])}): pass "
+                     "--overwrite to replace it, or choose another --out")
+
 
 def main(argv=None) -> str:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--init_from", required=True, help="a finished run's workdir (with params/ and config.gin)")
   parser.add_argument("--out", help="output directory (default: INIT_FROM/hf)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the checkpoint an --out already holds (an earlier export)")
   parser.add_argument("--gin_param", action="append", default=[],
                       help="gin binding 'k=v' (repeatable), after the run's own config.gin")
   args = parser.parse_args(argv)
@@ -39,9 +64,10 @@ def main(argv=None) -> str:
     raise ValueError(f"{args.init_from} has no params/: point --init_from at a finished run's workdir")
   gin.clear_config()
   common.parse_gin_for_checkpoint(args.init_from, [], args.gin_param)
+  out = args.out or os.path.join(args.init_from, "hf")
+  check_out(out, args.overwrite)  # before the params load: a refused --out costs nothing
   the_mesh = common.mesh()
   config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh)
-  out = args.out or os.path.join(args.init_from, "hf")
   common.export_hf(out, config, params, tokenizer, common.data()["system_prompt"])
   log.info("wrote %s", out)
   return out

@@ -11,7 +11,8 @@
 
 Multi-host: run the same command on every host; set PHI_JAX_COORDINATOR_ADDRESS / PHI_JAX_NUM_PROCESSES /
 PHI_JAX_PROCESS_ID (or run under SLURM / a TPU pod, which JAX detects). Every run writes W/metrics.jsonl,
-W/config.gin and W/checkpoints/; the final parameters go to W/params/ (the next stage's `train.init_from`).
+W/config.gin (its bindings: `--gin_file=W/config.gin` reruns it; a command without --gin_file is refused) and
+W/checkpoints/; the final parameters go to W/params/ (the next stage's `train.init_from`).
 """
 
 from __future__ import annotations
@@ -37,10 +38,25 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
+def check_gin_files(gin_files, workdir: str) -> None:
+  """Refuses a command without --gin_file, which gin reported only as a missing train.num_steps. A rerun does not
+  replay W/config.gin unasked (what runs is what the command names): the error names it as the --gin_file to give."""
+  if gin_files:
+    return
+  recorded = os.path.join(workdir, "config.gin")
+  if os.path.isfile(recorded):
+    raise ValueError(f"no --gin_file given: a run's settings come from its gin files, none of which is read "
+                     f"unless named. To rerun (resume) the run in {workdir} with the bindings it recorded, give "
+                     f"--gin_file={recorded}")
+  raise ValueError("no --gin_file given: give the --gin_file the run was started with (e.g. "
+                   "--gin_file=experiments/configs/midtrain_tiny.gin)")
+
+
 def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  check_gin_files(args.gin_file, args.workdir)
   common.parse_gin(args.gin_file, args.gin_param)
   if args.dry_run:
     report = common.dry_run()

@@ -452,6 +452,12 @@ def test_a_tiny_tokenizer_is_built_whole_into_place(tmp_path, monkeypatch):
   assert again.get_vocab() == built.get_vocab()
 
 
+def test_a_tokenizer_path_without_tokenizer_files_is_named_by_its_binding(tmp_path):
+  """The loader's error knows the path alone; the run's says which setting gave it."""
+  with pytest.raises(FileNotFoundError, match=rf"^data.tokenizer='{re.escape(str(tmp_path))}': .* holds no tokenizer"):
+    common.get_tokenizer(str(tmp_path), str(tmp_path / "run"))
+
+
 def test_a_tiny_tokenizer_of_another_format_is_rebuilt_before_a_run_starts_and_refused_after(tmp_path, caplog):
   """A workdir whose first attempt stopped at start-up kept the tokenizer of its first data.tokenizer: the fixed
   settings' format was ignored, the data rendered in the old one."""

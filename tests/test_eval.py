@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import sys
@@ -219,6 +220,52 @@ def test_export_hf_writes_a_finished_run_as_a_transformers_checkpoint(tiny_run, 
   assert os.path.exists(os.path.join(out, "tokenizer.json"))
   with pytest.raises(ValueError, match="has no params/"):
     export_hf.main([f"--init_from={tmp_path}"])
+
+
+def _export(export_hf, *args):
+  try:
+    return export_hf.main(list(args))
+  finally:
+    gin.clear_config()
+
+
+def _digests(directory):
+  import hashlib
+  return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in sorted(os.listdir(directory))
+          if (directory / name).is_file()}
+
+
+def test_export_hf_keeps_the_checkpoints_a_run_started_from_and_earlier_exports(tiny_run, tmp_path):
+  """--out at the run's model.hf_path (its weights and tokenizer) replaced the checkpoint the run was trained from;
+  an existing export was replaced without being asked. Both are refused; --overwrite replaces an earlier export."""
+  import export_hf
+
+  run, _ = tiny_run
+  base = pathlib.Path(_export(export_hf, f"--init_from={run}", f"--out={tmp_path / 'base'}"))
+  start = tmp_path / "start"
+  shutil.copytree(base, start)
+  from_hf = tmp_path / "from_hf"
+  shutil.copytree(run / "params", from_hf / "params")
+  (from_hf / "config.gin").write_text(f'model.hf_path = "{base}"\ndata.tokenizer = "{base}"\n'
+                                      f'train.init_from = "{start}"\nmesh.shape = {{"data": -1, "fsdp": 1}}\n')
+  (tmp_path / "link").symlink_to(base)
+  before = _digests(base), _digests(start)
+  for out, name, *flags in ((base, "model.hf_path"), (tmp_path / "link", "model.hf_path", "--overwrite"),
+                            (start, "train.init_from", "--overwrite")):
+    with pytest.raises(ValueError, match=rf"--out='{re.escape(str(out))}' is the run's {re.escape(name)}="):
+      _export(export_hf, f"--init_from={from_hf}", f"--out={out}", *flags)
+  (from_hf / "config.gin").write_text(f'data.tokenizer = "{start}"\nmesh.shape = {{"data": -1, "fsdp": 1}}\n')
+  with pytest.raises(ValueError, match=r"is the run's data.tokenizer="):
+    _export(export_hf, f"--init_from={from_hf}", f"--out={start}/")
+  assert (_digests(base), _digests(start)) == before
+  # An earlier export is replaced only when asked to.
+  with pytest.raises(ValueError, match=r"already holds a transformers checkpoint \(config.json, model.safetensors\): "
+                                       r"pass --overwrite to replace it, or choose another --out"):
+    _export(export_hf, f"--init_from={run}", f"--out={base}")
+  assert _digests(base) == before[0]
+  for _ in range(2):
+    assert _export(export_hf, f"--init_from={run}", f"--out={tmp_path / 'again'}", "--overwrite")
+  assert _digests(tmp_path / "again") == before[0]
 
 
 def test_eval_command_on_a_saved_run(tiny_run, capsys):

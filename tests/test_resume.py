@@ -220,3 +220,60 @@ def test_a_run_that_ended_early_and_lost_its_checkpoints_reruns_as_nothing(tmp_p
   assert proc.returncode == 0 and "nothing to train" in proc.stderr + proc.stdout, proc.stderr[-3000:]
   proc = _train(workdir, *ended_early, "--gin_param=train.num_steps=60", check=False)
   assert proc.returncode != 0 and "training on to step 60 would start again from step 0" in proc.stderr
+
+
+def _train_here(monkeypatch, *argv):
+  """train.py's main in this process, for what it says before training (its set-up's errors and warnings)."""
+  import gin
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+  monkeypatch.chdir(ROOT)  # the configs' paths and includes are the repository root's
+  monkeypatch.setattr("logging.basicConfig", lambda **kwargs: None)  # keeps caplog's handler on the root logger
+  import train
+  try:
+    return train.main(list(argv))
+  finally:
+    gin.clear_config()
+
+
+def test_a_rerun_without_gin_file_names_the_runs_config(tmp_path, monkeypatch):
+  """`train.py --workdir=W` alone failed inside gin ("Required bindings for `train` not provided"): it reads no
+  config, not even W/config.gin, and is refused with the --gin_file to give."""
+  (tmp_path / "config.gin").write_text("train.num_steps = 2\n")
+  with pytest.raises(ValueError, match=rf"no --gin_file given: .* --gin_file={tmp_path}/config.gin"):
+    _train_here(monkeypatch, f"--workdir={tmp_path}")
+  with pytest.raises(ValueError, match=r"no --gin_file given: give the --gin_file the run was started with \(e\.g\. "
+                                       r"--gin_file=experiments/configs/midtrain_tiny.gin\)"):
+    _train_here(monkeypatch, f"--workdir={tmp_path / 'new'}", "--gin_param=train.num_steps=2")
+
+
+class _SetUpReached(Exception):
+  pass
+
+
+@pytest.mark.parametrize("config,stage_setup,says", [
+    ("dpo_tiny.gin", "_dpo_setup", "the policy and the DPO reference are the random init of train.seed=3"),
+    ("grpo_tiny.gin", "_grpo_setup", "the policy (and the reference, when grpo.beta > 0) is the random init of "
+                                     "train.seed=3"),
+    ("midtrain_tiny.gin", "_next_token_setup", None)])
+def test_dpo_and_grpo_from_no_starting_params_warn_once(tmp_path, monkeypatch, caplog, config, stage_setup, says):
+  """DPO and GRPO refine a trained model: with neither train.init_from nor model.hf_path both the policy and DPO's
+  frozen reference were a random init, with no word. Warned once (toy runs do it on purpose); mid-training is not."""
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text(json.dumps({"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}) + "\n")
+  data = [f"--gin_param=data.train_files=['{pairs}']"] if config == "dpo_tiny.gin" else []
+
+  def reached(*args, **kwargs):
+    raise _SetUpReached()
+
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+  import common
+  monkeypatch.setattr(common, stage_setup, reached)
+  with caplog.at_level("WARNING", logger="phi_jax"), pytest.raises(_SetUpReached):
+    _train_here(monkeypatch, f"--gin_file=experiments/configs/{config}", "--gin_param=train.seed=3", *data,
+                f"--workdir={tmp_path / 'run'}")
+  warnings = [r.getMessage() for r in caplog.records if "random init" in r.getMessage()]
+  if says is None:
+    assert warnings == []
+    return
+  assert len(warnings) == 1 and says in warnings[0], warnings
+  assert "neither train.init_from nor model.hf_path" in warnings[0]
