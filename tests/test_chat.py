@@ -442,6 +442,23 @@ def test_a_tokenizer_file_or_a_hub_id_is_told_what_to_give_instead(tokenizers, t
     load_tokenizer("/no/such/dir")
 
 
+def test_a_directory_without_tokenizer_files_is_named_and_a_run_tokenizer_suggested(tokenizers, tmp_path):
+  """An empty directory, a model saved without its tokenizer, or a run workdir fell through to AutoTokenizer, which
+  asked for sentencepiece or tiktoken to be installed."""
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "model").mkdir()
+  (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+  save_tokenizer(tokenizers["phi-4"], tmp_path / "run" / "tokenizer")
+  for name in ("empty", "model"):
+    missing = r" holds no tokenizer files \(tokenizer\.json, tokenizer_config\.json or a vocabulary file.*\)$"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(tmp_path / name))}{missing}"):
+      load_tokenizer(tmp_path / name)
+  with pytest.raises(FileNotFoundError, match=rf"holds no tokenizer files .*; its tokenizer/ subdirectory does: "
+                                               rf"give {re.escape(str(tmp_path / 'run' / 'tokenizer'))}$"):
+    load_tokenizer(tmp_path / "run")
+  assert load_tokenizer(tmp_path / "run" / "tokenizer").get_vocab() == tokenizers["phi-4"].get_vocab()
+
+
 def test_a_plain_fast_tokenizer_loads_as_auto_tokenizer_would_without_importing_torch(tmp_path):
   from transformers import AutoTokenizer
   build_tiny_tokenizer(tmp_path, chat_format="phi-4-mini-reasoning")

@@ -1369,3 +1369,17 @@ def test_reference_logps_recording_no_settings_are_refused(tmp_path, mini_tokeni
   settings = preference.reference_settings(mini_tokenizer, seq_len=48, too_long="drop", system_prompt=None)
   current = write_jsonl(tmp_path / "current.jsonl", [dict(pair, **settings)])
   assert next(build(current))["ref_rejected_logps"].tolist() == [-9.0]
+
+
+def test_a_directory_whose_splits_have_no_train_split_is_not_given_a_split_glob(tmp_path):
+  """make_task_data's output (base_train, midtrain, sft, ..., test, valid) shows the splits test and valid but no
+  train split: the suggested glob was the alphabetically first split's, test*.jsonl."""
+  names = ("base_train", "dpo_prompts", "midtrain", "rl_prompts", "sft", "test", "valid")
+  for name in names:
+    write_jsonl(tmp_path / f"{name}.jsonl", [{"text": name}])
+  with pytest.raises(DataError) as error:
+    open_source(str(tmp_path))
+  assert error.value.reason == "not a dataset directory"
+  assert "test*" not in error.value.detail and "valid*" not in error.value.detail
+  assert ", ".join(f"{name}.jsonl" for name in names) in error.value.detail
+  assert error.value.detail.endswith("give the training file, or a glob of the training files, instead")

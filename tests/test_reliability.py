@@ -1501,6 +1501,20 @@ def test_extending_a_finished_run_removes_its_final_params_until_it_finishes_aga
   assert "already complete" in caplog.text and "removing" not in caplog.text and (run / "hf" / "marker").exists()
 
 
+def test_a_num_steps_change_warns_of_the_next_steps_learning_rate_under_both_schedules(gin_run, tmp_path, caplog):
+  """After 3 of 3 steps (cosine, peak 3e-3, no warmup at this length) the rerun with num_steps=5 trains step 4 at
+  the 5-step schedule's value there, 0.00104, where the 3-step schedule reached 0: the warning named step 3, which
+  had trained at 0.00075."""
+  gin_run("train.num_steps = 3")
+  caplog.clear()
+  gin_run("train.num_steps = 5")
+  assert ("num_steps changed from 3 to 5: the learning-rate schedule spans num_steps, so the next step, step 4, "
+          "trains at a learning rate of 0.00104 where the schedule of num_steps=3 gives it 0") in caplog.text
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    rates = {r["step"]: r["learning_rate"] for r in map(json.loads, f) if "learning_rate" in r}
+  assert f"{rates[3]:.3g} {rates[4]:.3g}" == "0.00075 0.00104"
+
+
 # ---- hostile completions in the GRPO reward, through the loop ---------------------------------------------------
 
 HOSTILE = [

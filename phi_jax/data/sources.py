@@ -168,12 +168,17 @@ def _directory_error(path: str, what: str) -> DataError:
   suffix = next(s for s in _DATA_SUFFIXES if found[s])
   named = ", ".join(files[:3]) + (f", ... ({len(files)} files)" if len(files) > 3 else "")
   # A dataset repository keeps its splits side by side (train-00000-of-00002.parquet, test-...): a glob of every
-  # file would train on the test split too, so the suggestion names one split's files.
+  # file would train on the test split too, so the suggestion names the train split's files (and no glob at all where
+  # the splits found hold no train split).
   splits = sorted({name for file in found[suffix] for name in _SPLIT_NAMES
                    if os.path.basename(file).startswith((f"{name}-", f"{name}_", f"{name}."))
                    or f"{os.sep}{name}{os.sep}" in f"{os.sep}{file}"})
+  if splits and "train" not in splits:  # no split to suggest: which of the files are for training is the user's call
+    listed = ", ".join(found[suffix][:10]) + (f", ... ({len(found[suffix])} files)" if len(found[suffix]) > 10 else "")
+    return DataError(path, "not a dataset directory", f"{what}; it holds data files of the splits {splits} but no "
+                     f"train split ({listed}): give the training file, or a glob of the training files, instead")
   if len(splits) > 1:
-    split = "train" if "train" in splits else splits[0]
+    split = "train"
     by_name = any(os.path.basename(file).startswith(split) for file in found[suffix])
     glob_of_split = (os.path.join(path, "**", f"{split}*{suffix}") if by_name
                      else os.path.join(path, "**", split, "**", f"*{suffix}"))

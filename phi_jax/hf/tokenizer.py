@@ -158,6 +158,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist" + (
         "; it looks like a model hub id, which phi_jax does not download: download the model (e.g. `huggingface-cli "
         "download ID --local-dir DIR`) and give the local directory" if hub_id else ""))
+  _check_holds_tokenizer_files(path)
   tokenizer_json = os.path.join(path, "tokenizer.json")
   if _tokenizer_class(path) in _PLAIN_FAST_CLASSES and os.path.isfile(tokenizer_json):
     return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
@@ -169,6 +170,29 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
                                       "pre-tokenizer; loading tokenizer.json as it is", path, type(tokenizer).__name__)
     return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
   return tokenizer
+
+
+# Files any transformers tokenizer loads from: the fast serialization, the config, or a slow tokenizer's vocabulary
+# (BPE vocab.json + merges.txt, WordPiece vocab.txt, a sentencepiece *.model, a tiktoken file).
+_TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt")
+_TOKENIZER_FILE_SUFFIXES = (".model", ".tiktoken")
+
+
+def _holds_tokenizer_files(path: str) -> bool:
+  return any(name in _TOKENIZER_FILE_NAMES or name.endswith(_TOKENIZER_FILE_SUFFIXES) for name in os.listdir(path))
+
+
+def _check_holds_tokenizer_files(path: str) -> None:
+  """Raises FileNotFoundError when directory `path` holds no tokenizer file: `AutoTokenizer` would otherwise fail
+  with a misleading request to install sentencepiece or tiktoken."""
+  if _holds_tokenizer_files(path):
+    return
+  message = (f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json or a vocabulary file: "
+             f"vocab.json, merges.txt, vocab.txt, *.model, *.tiktoken)")
+  nested = os.path.join(path, "tokenizer")
+  if os.path.isdir(nested) and _holds_tokenizer_files(nested):  # a run workdir keeps its tokenizer there
+    message += f"; its tokenizer/ subdirectory does: give {nested}"
+  raise FileNotFoundError(message)
 
 
 # Files a tokenizer directory may hold besides tokenizer.json / tokenizer_config.json; transformers reads any that is

@@ -671,12 +671,13 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     log.info("resumed from %s at step %d", checkpointer.step_path(latest), latest)
     saved_steps = saved_meta.get("loop_config", {}).get("num_steps")
     if saved_steps not in (None, loop.num_steps):
+      # The schedule counts optimizer updates from 0, so the next step (latest + 1) trains at schedule(latest).
       before = float(learning_rate_schedule(optimizer_config, saved_steps)(latest))
       now = float(schedule(latest))
       if before != now:
-        log.warning("num_steps changed from %d to %d: the learning-rate schedule spans num_steps, so step %d's "
-                    "learning rate is %.3g now against %.3g in the run so far", saved_steps, loop.num_steps, latest,
-                    now, before)
+        log.warning("num_steps changed from %d to %d: the learning-rate schedule spans num_steps, so the next step, "
+                    "step %d, trains at a learning rate of %.3g where the schedule of num_steps=%d gives it %.3g",
+                    saved_steps, loop.num_steps, latest + 1, now, saved_steps, before)
   else:
     try:
       params = init_params() if init_params is not None else None
