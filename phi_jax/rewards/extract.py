@@ -28,22 +28,23 @@ order of preference:
    way to an earlier label, or else to 3, and counts only when the solution holds no math ("the answer is even"),
    but a number in words ("seven apples"), a bare "yes" / "no" and a name ("New York") are answers, not prose, and
    a sentence that the label introduces as the answer ("Answer: ...", a heading, or a capitalised subject) is its
-   one number or price ("Janet makes $18 per day" -> 18; none where it holds two or more, or a bound, a hedge or a
-   negation stands by it: "Tom has 5 and Ann has 6", "at least 18", "18 or more"); a label whose sentence opens with
-   a negation ("the answer is not $5$", "not", "is not",
-   "isn't", "cannot be") gives no answer at all. Qualifiers before the answer are dropped ("actually 6",
-   "approximately 18"), a special token ends it, and a `$` before a number that no `$` closes within the sentence is
-   a price (so is one whose number prose follows past the end of its sentence or line: "$13. She spent $5", but
-   "$3 +\\n4 = 7$" is math). In plain text (not `$...$`) the sentence is cut to its answer: bold markers inside it
-   dropped, a trailing explanation cut (", since ...", " because ...", "; " before prose, "(3 boxes of 4)",
-   "(9 * 2)" after a number, and after a leading number a note in prose that holds no number: "5, the smallest such
-   number", "5 — ...", "5: ...", but not "5, or 6", "5, or more", "5, maybe 6"), and a number followed only by words
-   or a compound unit is the number ("1,200 people", "5 m/s", "5 cm^2" -> 1200, 5, 5) unless a word changes its
-   value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays two answers,
-   which match no single gold, as do "12 (or thirteen)" and a bound "5 (or more)", and an alternative that is not
-   a plain number is dropped ("1/2 (or 50%)"); a word after the numbers stays only where the answer has one and the
-   alternative's is a unit (`UNIT_SIZES`: "150 minutes (or 2.5 hours)", which the verifier converts, a mixed number
-   as its fraction: "1 1/2 feet (or 18 inches)" -> "3/2 feet or 18 inches"; "12 apples (or 13)", "8 pies (or 9
+   one number or price ("Janet makes $18 per day" -> 18; no answer at all, not even 3, where it holds two or more,
+   or a bound, a hedge or a negation stands by it: "Tom has 5 and Ann has 6", "at least $18", "$18 or more"); a
+   label whose sentence opens with a negation and then a value ("the answer is not $5$", "not 5", "not five";
+   "not", "is not", "isn't", "cannot be") gives no answer at all, while "the answer is not obvious" is prose.
+   Qualifiers before the answer are dropped ("actually 6", "approximately 18"), a special token ends it, and a `$`
+   before a number that no `$` closes within the sentence is a price (so is one whose number prose follows past the
+   end of its sentence or line: "$13. She spent $5", but "$3 +\\n4 = 7$" is math). In plain text (not `$...$`) the
+   sentence is cut to its answer: bold markers inside it dropped, a trailing explanation cut (", since ...",
+   " because ...", "; " before prose, "(3 boxes of 4)", "(9 * 2)" after a number, and after a leading number a note
+   in prose that holds no number, in digits or words: "5, the smallest such number", "5 — ...", "5: ...", but not
+   "5, or 6", "5, or more", "5, maybe 6", "5, tops", "5 — unless ...", "5, a dozen if ..."), and a number followed
+   only by words or a compound unit is the number ("1,200 people", "5 m/s", "5 cm^2" -> 1200, 5, 5) unless a word
+   changes its value ("2 million", "3 dozen", "3 eighths", "2 and 3", "5 at least"); a hedge "2 (or 3)" stays two
+   answers, which match no single gold, as do "12 (or thirteen)" and a bound "5 (or more)", and an alternative that
+   is not a plain number is dropped ("1/2 (or 50%)"); a word after the numbers stays only where the answer has one
+   and the alternative's is a unit (`UNIT_SIZES`: "150 minutes (or 2.5 hours)", which the verifier converts, a mixed
+   number as its fraction: "1 1/2 feet (or 18 inches)" -> "3/2 feet or 18 inches"; "12 apples (or 13)", "8 pies (or 9
    cakes)" -> "12 or 13", "8 or 9");
 3. the last inline or display math (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`), where a `$` before a number is
    a price as in 2 (a `$$` never is), neither closing nor opening math, and a price after the last math is the
@@ -55,9 +56,9 @@ Several answers: math spans after a label, or boxes, joined by "," or "and" alon
 "$2$, $3$, and $5$", LaTeX layout between them), or by a short gap that holds "or" (or "\\lor"; "|" and "/" are no
 "or") and no other math or words but the first answer's unit or noun before "or" and up to two hedge adverbs after it
 (not "about" or "approximately": "$12.5$, or about $13$" is 12.5; nor a unit the verifier lacks after the first's:
-"$5$ km, or $5000$ m" is 5; a noun joins only where the same noun, singular or plural, follows the alternative:
-"$5$ apples or $6$ apples left" and "$1$ box or $2$ boxes" are hedges, while "$3$ dozen, or $36$ eggs" may restate
-one quantity in other words and is not joined, so the answer, or the last box or math, stands alone), whatever
+"$5$ km, or $5000$ m" is 5; nouns join as a hedge ("$5$ apples or $6$ apples left", "$1$ box or $2$ boxes", "$8$
+pies or $9$ cakes") unless one of them is a scale or a share (`_another_noun`: "$3$ dozen, or $36$ eggs" may restate
+one quantity in other words and is not joined, so the answer, or the last box or math, stands alone)), whatever
 commands or lines
 stand with it ("the answer is $5$ or $6$", "\\quad \\text{, or } \\quad", "\\mathbf{or}", ", or maybe ", " hours, or
 ": `_joins_answers`; not "$12$, or half of the $24$"), are one
@@ -500,9 +501,22 @@ def _math_chain(text: str, start: int) -> Optional[tuple[list[str], int, bool]]:
 
 def _with_unit(math: str, unit: str) -> str:
   """`math` with the `unit` word after it (`_units_after`), a mixed number written as its improper fraction ("2 1/2"
-  and " hours" -> "5/2 hours"), which the verifier reads whole as a quantity."""
-  mixed = _mixed_number(math.strip()) if unit else None
-  return math + unit if mixed is None or mixed[1] != len(math.strip()) else mixed[0] + unit
+  or "2\\frac{1}{2}" and " hours" -> "5/2 hours"), which the verifier reads whole as a quantity (with a unit after
+  it, "2\\frac{1}{2} hours" reads as 2 * 1/2)."""
+  if not unit:
+    return math
+  mixed = _mixed_number(math.strip())
+  if mixed is not None and mixed[1] == len(math.strip()):
+    return mixed[0] + unit
+  latex = _LATEX_MIXED_NUMBER.fullmatch(math.strip())
+  if latex is not None and 0 < int(latex.group(3)) < int(latex.group(4)):
+    whole, numerator, denominator = (int(latex.group(i)) for i in (2, 3, 4))
+    return f"{latex.group(1)}{whole * denominator + numerator}/{denominator}{unit}"
+  return math + unit
+
+
+# "2\\frac{1}{2}", "-3\\tfrac{3}{4}": a whole number and a proper fraction in LaTeX.
+_LATEX_MIXED_NUMBER = re.compile(r"(-?)(\d{1,9})\s*\\[dt]?frac\{(\d{1,9})\}\{(\d{1,9})\}")
 
 
 def _in_unknown_unit(text: str, gap: str, end: int, any_word: bool = False) -> bool:
@@ -518,18 +532,27 @@ def _in_unknown_unit(text: str, gap: str, end: int, any_word: bool = False) -> b
 
 
 def _another_noun(text: str, gap: str, end: int) -> bool:
-  """Whether the first answer's word before "or" in `gap` is a noun (no unit of `UNIT_SIZES`) that does not follow
-  the alternative ending at text[end] as well: "$3$ dozen, or $36$ eggs" and "$25$ percent, or $\\frac{1}{4}$" may
-  restate one quantity in other words, so the first answer stands; "$5$ apples or $6$ apples" (or "$1$ apple or $2$
-  apples", "$1$ box or $2$ boxes left") are two counts of one thing, a hedge."""
+  """Whether the first answer's word before "or" in `gap` (no unit of `UNIT_SIZES`; a unit is compared as a
+  quantity) and the word after the alternative ending at text[end] may restate one quantity in other words: one of
+  them a scale or a share (`_RESTATING_WORDS`: "$3$ dozen, or $36$ eggs", "$25$ percent, or $\\frac{1}{4}$", "$12$
+  eggs, or $1$ dozen"), or "of" after the alternative ("$3$ cups, or $\\frac{3}{4}$ of a quart"), so the answers
+  stay apart and the later one stands. Counts of one noun, in any plural ("$5$ apples or $6$ apples left", "$1$ box or
+  $2$ boxes"), of rival nouns ("$8$ pies or $9$ cakes") or of a noun and nothing ("$5$ cats or $6$") are a hedge."""
   letters = [w for w in _gap_words(gap) if w.isalpha()]
   if len(letters) < 2 or letters[0] == "or" or letters[1] != "or" or letters[0] in UNIT_SIZES:
     return False
-  # Any word, though prose follows it ("$6$ apples left"): only whether it names the same thing matters here.
+  # Any word, though prose follows it ("$6$ apples left").
   match = _NOUN_AFTER.match(text, end)
-  return not (match and _same_noun(match.group(1), letters[0]))
+  after = match.group(1).lower() if match else ""
+  if after and _same_noun(after, letters[0]):
+    return False
+  # "of" after the alternative makes it a share of something ("$3$ cups, or $\\frac{3}{4}$ of a quart").
+  return letters[0] in _RESTATING_WORDS or after in _RESTATING_WORDS or after == "of"
 
 
+# Words by which one count may restate another ("3 dozen" is 36 eggs, "25 percent" a quarter).
+_RESTATING_WORDS = _SCALE_WORDS | frozenset(("half", "halves", "quarter", "quarters", "third", "thirds",
+                                             "percentage", "pair", "pairs"))
 # The word right after an answer, whatever follows it (`_WORD_AFTER` takes a unit, so it rejects "apples left").
 _NOUN_AFTER = re.compile(r"[\s$]{0,3}([A-Za-z]+)")
 # Plurals that adding "s", "es" or "ies" does not make ("$1$ child or $2$ children").
@@ -641,7 +664,7 @@ def _is_priced_text(content: str) -> bool:
 _MATH_MARKS = frozenset("=+-*/^\\{}<>_\u00d7\u00f7\u00b7")
 
 
-def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
+def _after_answer_label(text: str, max_chars: int) -> tuple[Optional[str], bool]:
   """What follows the last "answer is", "answer:" or answer heading, in prose or markdown: "the answer is 4",
   "Answer: 4", "**Answer:** 4", "**Answer**: 4", and "**Final Answer**" / "### Answer" alone on a line with the
   answer below it. Other uses of the word ("the answer matches") are passed over; one scan, each use checked in
@@ -653,7 +676,11 @@ def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
   Janet makes $18 per day." -> "18"); when every label is followed by prose, this is the last label's that is
   followed by anything (`extract_answer` then prefers the solution's last math, and takes the prose only when there
   is none: "the answer is even"). A number in words or a bare "yes" / "no" is an answer, not prose
-  (`_is_worded_answer`)."""
+  (`_is_worded_answer`).
+
+  Returned with whether the label that decides is refused: a sentence it introduces bounds, hedges or negates its
+  number or holds two ("Answer: Janet makes at least $18."), so no answer stands in, not even the last math, which
+  would be a number of that same sentence."""
   lowered = text.lower()
   label_ends = collections.deque(maxlen=_MAX_LABEL_TRIES)
   start = lowered.find(_ANSWER_WORD)
@@ -663,20 +690,23 @@ def _after_answer_label(text: str, max_chars: int) -> Optional[str]:
       label_ends.append(end)
     start = lowered.find(_ANSWER_WORD, start + 1)
   if not label_ends:
-    return None
+    return None, False
   ends = list(reversed(label_ends))
   candidates = [_plain_answer(_without_leading_filler(_sentence(text[end:end + max_chars + 1], max_chars)))
                 for end in ends]
   written = [(c, end) for c, end in zip(candidates, ends) if clean_answer(c)]
   answer = next((a for a in (_label_answer(text, c, end) for c, end in written) if a is not None), None)
-  return answer if answer is not None else written[0][0] if written else candidates[0]
+  if answer == "":
+    return None, True
+  return (answer if answer is not None else written[0][0] if written else candidates[0]), False
 
 
 def _label_answer(text: str, candidate: str, end: int) -> Optional[str]:
   """A label's candidate (the label ending at text[end]) when it is an answer rather than prose; for a sentence of
   prose that the label introduces as the answer ("Answer: Janet makes $18 per day.", a heading, or a capitalised
-  subject after "answer is"), its one number (`_sole_number`), as the sentence says it in words; None otherwise
-  ("the answer is right for 3 cases" checks an answer, and gives way to an earlier label)."""
+  subject after "answer is"), its one number (`_sole_number`), as the sentence says it in words, or "" where the
+  sentence refuses its numbers ("Janet makes at least $18", "$18 or $19"); None otherwise ("the answer is right for
+  3 cases" checks an answer, and gives way to an earlier label)."""
   if not _starts_with_prose(candidate):
     return candidate
   introduced = text[end - 1:end] == ":" or text[end:end + 1] in (":", "\n", "")
@@ -777,13 +807,19 @@ def _opens_note(text: str, i: int) -> bool:
 
 
 def _numbers_end(text: str) -> int:
-  """Where the last number of `text`, in digits or in words ("six", but not "one": "the only one"), ends."""
+  """Where the last number of `text`, in digits or in words ("six", "a dozen", "half", but not "one": "the only
+  one"), ends."""
   end = max(text.rfind(d) for d in "0123456789") + 1
   for match in _GAP_WORD.finditer(text, end):
     word = match.group(0).lower()
-    if word != "one" and (word in _UNIT_WORDS or word in _TENS_WORDS):
+    if word != "one" and (word in _UNIT_WORDS or word in _TENS_WORDS or word in _COUNT_WORDS):
       end = match.end()
   return end
+
+
+# Words that are a value alone, so a note holding one may be a rival answer ("5, a dozen if we count twice").
+_COUNT_WORDS = _SCALE_WORDS | _FRACTION_WORDS | frozenset((
+    "half", "quarter", "quarters", "couple", "pair", "pairs", "twice", "double", "triple", "thrice"))
 
 
 def _hedged(before: str, words: list[str], keep_math: bool = False) -> Optional[str]:
@@ -851,9 +887,12 @@ _COMPARATIVES = frozenset(("more", "less", "fewer", "higher", "lower", "greater"
                            "below", "over", "under"))
 # What opens a note after a leading number ("5, the smallest such number", "5 — the smallest", "5: the smallest").
 _NOTE_SEPARATORS = (", ", " \u2014 ", " \u2013 ", ": ")
-# First words after one that keep the rest part of the answer: a hedge, a bound or another value ("5, or more", "5,
-# maybe 6", "5, at least", "5 — or 6", "5, and more").
-_NOT_A_NOTE = _HEDGES | _OR_ADVERBS | _VALUE_WORDS | _COMPARATIVES | frozenset(("at", "up", "give", "either"))
+# First words after one that keep the rest part of the answer: a hedge, a bound, a condition or an exception, or
+# another value ("5, or more", "5, maybe 6", "5, at least", "5, tops", "5 — or 6", "5, and more", "5 — unless Tom
+# counts", "5, but 6 if ...").
+_NOT_A_NOTE = _HEDGES | _OR_ADVERBS | _VALUE_WORDS | _COMPARATIVES | frozenset((
+    "at", "up", "give", "either", "minimum", "maximum", "min", "max", "tops", "most", "least", "probably", "likely",
+    "unless", "but", "except", "if", "when", "assuming", "provided", "supposing", "though", "although", "whereas"))
 
 
 def _without_box_hedge(answer: str) -> str:
@@ -1006,10 +1045,12 @@ def _number_before_words(text: str, min_word_chars: int = 2, compound_units: boo
 
 
 def _bound_later(words: list[str]) -> bool:
-  """Whether "or" or a bound ("at least") stands among `words`, after a number's unit: "18 dollars or more", "18
-  dollars at least" and "5 cm or so" bound or hedge the number, which alone would match its gold."""
-  lowered = [w.lower().strip(".,;:!?") for w in words]
-  return "or" in lowered or any(pair in _BOUND_WORDS for pair in zip(lowered, lowered[1:]))
+  """Whether a bound or "or so" follows the unit that `words` open with: "18 dollars or more", "18 apples or fewer",
+  "18 dollars at least", "5 cm or so" bound or hedge the number, which alone would match its gold; an "or" further on
+  ("18 dollars for one or two people") or a restatement ("7 days or one week") is no bound."""
+  lowered = [w.lower().strip(".,;:!?") for w in words[1:3]]
+  return (len(lowered) == 2 and lowered[0] == "or" and (lowered[1] in _COMPARATIVES or lowered[1] == "so")) or (
+      tuple(lowered) in _BOUND_WORDS)
 
 
 # One-letter unit symbols, read as units only inside a compound unit ("m/s", "m^2"; "5 m" alone may be a variable).
@@ -1113,20 +1154,23 @@ def _starts_with_prose(candidate: str) -> bool:
 
 def _sole_number(sentence: str) -> Optional[str]:
   """The one number of a label's sentence of prose ("Janet makes $18 per day." -> "18", "she makes 1,200 dollars"
-  -> "1200"), read as after a label (`_number_before_words`); None when it holds none or two or more, or where math
-  or a word that changes the value goes on from it ("x+5", "18%", "2 million dollars"). One pass."""
+  -> "1200"), read as after a label (`_number_before_words`); "" when it holds two or more or a bound, a hedge or a
+  negation stands by its one (`_bounded`): it says the answer is none of them; None when it holds none, or where
+  math or a word that changes the value goes on from it ("x+5", "18%", "2 million dollars"). One pass."""
   found, i = None, 0
   while i < len(sentence):
     if not sentence[i].isdigit():
       i += 1
       continue
     if found is not None:
-      return None  # "Tom has 5 apples and Ann has 6": which is the answer is not for this to guess
+      return ""  # "Tom has 5 apples and Ann has 6": which is the answer is not for this to guess
     start = i - 1 if i and sentence[i - 1] in "-\u2212" else i
     found = start, start + _whole_number_end(sentence[start:])
     i = max(found[1], i + 1)
-  if found is None or (found[0] and sentence[found[0] - 1] not in " $*(") or _bounded(sentence, *found):
+  if found is None or (found[0] and sentence[found[0] - 1] not in " $*("):
     return None
+  if _bounded(sentence, *found):
+    return ""
   head = sentence[found[0]:found[1]]
   # A closing `$` or bold right after it wraps the number ("$18$ per day", "**18** dollars").
   words = sentence[found[1]:].lstrip("$*").rstrip(_SENTENCE_PUNCTUATION + " *$")
@@ -1149,7 +1193,9 @@ def _bounded(sentence: str, start: int, end: int) -> bool:
   before = sentence[:start].lower().replace("\u2019", "'").split()
   after = [w.strip(_SENTENCE_PUNCTUATION + "*$") for w in sentence[end:].lower().split()]
   negated = any(w in ("not", "never", "no", "cannot") or w.endswith("n't") for w in before)
-  bound = bool(before) and before[-1].strip("*$\\") in _BOUNDS_BEFORE
+  # The word before a price or math, past the `$`, `\\$` or bold that stands alone before it ("at least $18").
+  words = [w for w in (w.strip("*$\\") for w in before) if w]
+  bound = bool(words) and words[-1] in _BOUNDS_BEFORE
   return negated or bound or any(w in _HEDGES_AFTER for w in after)
 
 
@@ -1163,8 +1209,12 @@ def _is_worded_answer(candidate: str) -> bool:
   return _spelled_number(answer) != answer and not any(w in _CONNECTIVES or w in _CLAUSE_WORDS for w in words)
 
 
-# A label's sentence that opens with these says what the answer is not ("the answer is not $5$").
-_NEGATION = re.compile(r"(?:not|isn't|isn\u2019t|is not|cannot be|can't be|can\u2019t be)(?![A-Za-z])", re.IGNORECASE)
+# A label's sentence that opens with these and then a value says what the answer is not ("the answer is not $5$",
+# "not 5", "**not** five"); followed by words it is prose ("the answer is not obvious"), and the last math stands in.
+# "one" is no value here: "not one of them".
+_NEGATION = re.compile(r"(?:not|isn't|isn\u2019t|is not|cannot be|can't be|can\u2019t be)[\s*]{0,4}(?:[-\u2212]?\.?\d|"
+                       r"[$\\]|(?:" + "|".join(sorted((set(_UNIT_WORDS) | set(_TENS_WORDS)) - {"one"}, key=len,
+                                                     reverse=True)) + r")(?![A-Za-z]))", re.IGNORECASE)
 
 
 def _label_end(text: str, lowered: str, start: int) -> Optional[int]:
@@ -1339,11 +1389,13 @@ def extract_answer(completion: str, *, max_chars: int = DEFAULT_MAX_ANSWER_CHARS
   boxes, joiner, units = _chained_boxes(solution, max_chars)
   marked, bare = None if boxes else _marked_number(solution), None
   if boxes:
-    candidate = joiner.join(_number_in_box(box.strip()) + unit for box, unit in zip(boxes, units))
+    candidate = joiner.join(_with_unit(_number_in_box(box.strip()), unit) for box, unit in zip(boxes, units))
   elif marked is not None:
     candidate = marked
   else:
-    label = _after_answer_label(solution, max_chars)
+    label, refused = _after_answer_label(solution, max_chars)
+    if refused:
+      return None  # "Answer: Janet makes at least $18.": the last math would be that same refused number
     if label is not None and _NEGATION.match(label.lstrip(" \t*")):
       return None  # "the answer is not $5$": the math there is what the answer is not, so no last math stands in
     labelled = label is not None and bool(clean_answer(label))
