@@ -1425,7 +1425,7 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   # A resumed run trains from its checkpoints: precompute mode needs train.init_from, since moved away, only to
   # compute a reference file again (which loads it, and names the missing path).
   start_gone = (cfg["reference"] == "precompute" and settings["init_from"]
-                and not os.path.exists(settings["init_from"]) and _has_checkpoints(workdir))
+                and _holds_no_params(settings["init_from"]) and _has_checkpoints(workdir))
   # Each host reads these on its own: a file missing or unreadable on one fails there before the set-up's first
   # collective (the reference load's, its checksums', the precompute pass's), and every process stops with it.
   with distributed.failing_together("checking the DPO pair files and reference params"):
@@ -1609,10 +1609,16 @@ def _take_recorded_params(made_with: dict, outputs: dict, init_from: str) -> Non
                   "computed from it, are used as they are, not compared with its params again", init_from, out)
 
 
+def _holds_no_params(path: str) -> bool:
+  """Whether `path` holds neither a run's params/ nor a transformers checkpoint: moved away, or a run whose params/
+  were deleted."""
+  return not os.path.isdir(os.path.join(path, "params")) and not os.path.isfile(os.path.join(path, "config.json"))
+
+
 def _params_fingerprint(source: Optional[str]) -> list[list]:
   """[relative path, bytes, mtime in ns] of the files holding the params at `source` (a run's params/, or an HF
   directory; [] for a random init): params saved again in place change it, and reading it loads nothing."""
-  if not source:
+  if not source or _holds_no_params(source):
     return []
   root = os.path.join(source, "params") if os.path.isdir(os.path.join(source, "params")) else source
   out = []

@@ -1382,4 +1382,4 @@ def test_a_directory_whose_splits_have_no_train_split_is_not_given_a_split_glob(
   assert error.value.reason == "not a dataset directory"
   assert "test*" not in error.value.detail and "valid*" not in error.value.detail
   assert ", ".join(f"{name}.jsonl" for name in names) in error.value.detail
-  assert error.value.detail.endswith("give the training file, or a glob of the training files, instead")
+  assert error.value.detail.endswith("give the file(s) you mean, or a glob of them, instead")

@@ -861,12 +861,19 @@ def test_precompute_mode_resumes_once_its_starting_params_are_gone(setup, caplog
   assert f"train.init_from={start!r} holds no params now" in caplog.text and "not compared" in caplog.text
   with open(written) as f:
     assert f.read() == before
+  # The run directory still there, its params/ deleted: the same (it was refused as "a run that has not finished").
+  shutil.move(start + "_moved", start)
+  shutil.move(os.path.join(start, "params"), start + "_params")
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    _precompute(setup, workdir, bindings)
+  assert f"train.init_from={start!r} holds no params now" in caplog.text
   # Other settings still decide: refused as before, not reused.
   with pytest.raises(ValueError, match=r"seq_len: 80 -> 48.*the saved data position"):
     _precompute(setup, workdir, _precompute_bindings(setup, start, setup["path"], **{"data.seq_len": 48}))
   shutil.rmtree(os.path.join(workdir, "checkpoints"))
-  with pytest.raises(ValueError, match=r"train.init_from=.*start_to_move'?: no such directory"):
-    _precompute(setup, workdir, bindings)
+  with pytest.raises(ValueError, match=r"train.init_from=.*start_to_move'? is neither a run's workdir"):
+    _precompute(setup, workdir, bindings)  # a fresh run: they are its starting point
 
 
 def _refusing_to_open(monkeypatch, *unreadable):

@@ -176,7 +176,7 @@ def _directory_error(path: str, what: str) -> DataError:
   if splits and "train" not in splits:  # no split to suggest: which of the files are for training is the user's call
     listed = ", ".join(found[suffix][:10]) + (f", ... ({len(found[suffix])} files)" if len(found[suffix]) > 10 else "")
     return DataError(path, "not a dataset directory", f"{what}; it holds data files of the splits {splits} but no "
-                     f"train split ({listed}): give the training file, or a glob of the training files, instead")
+                     f"train split ({listed}): give the file(s) you mean, or a glob of them, instead")
   if len(splits) > 1:
     split = "train"
     by_name = any(os.path.basename(file).startswith(split) for file in found[suffix])
