@@ -28,8 +28,8 @@ order of preference:
    way to an earlier label, or else to 3, and counts only when the solution holds no math ("the answer is even"),
    but a number in words ("seven apples"), a bare "yes" / "no" and a name ("New York") are answers, not prose, and
    a sentence that the label introduces as the answer ("Answer: ...", a heading, or a capitalised subject) is its
-   one number or price ("Janet makes $18 per day" -> 18; no answer at all, not even 3, where it holds two or more,
-   or a bound, a hedge or a negation stands by it: "Tom has 5 and Ann has 6", "at least $18", "$18 or more"); a
+   one number or price ("Janet makes $18 per day" -> 18; no answer at all, not 3's last math, where it holds two or
+   more, or a bound, a hedge or a negation stands by it: "Tom has 5 and Ann has 6", "at least $18", "$18 or more"); a
    label whose sentence opens with a negation and then a value ("the answer is not $5$", "not 5", "not five";
    "not", "is not", "isn't", "cannot be") gives no answer at all, while "the answer is not obvious" is prose.
    Qualifiers before the answer are dropped ("actually 6", "approximately 18"), a special token ends it, and a `$`
