@@ -1268,8 +1268,8 @@ def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str
   reference model (a resumed run reuses the files; they are computed again when the pair file, the reference
   params, the tokenizer, a model setting (not the run-time remat_policy, attention_backend or
   max_segments_per_row) or a data setting they depend on changed, and a workdir with checkpoints refuses to rewrite
-  the train file its data position points into; one whose train.init_from has moved away uses them as they are,
-  with a warning); "precomputed": the pair files already carry the log-probs
+  the train file its data position points into; one whose train.init_from has moved away or lost its params/ uses
+  them as they are, with a warning); "precomputed": the pair files already carry the log-probs
   (`phi_jax.stages.dpo.precompute_reference_logps`, tokenizer checked). Both reference passes run in
   `train.microbatches` pieces, like
   the step. `too_long`: "drop" or "truncate_prompt". `data.weights` and
