@@ -365,6 +365,22 @@ def test_dpo_rejects_unknown_settings():
     losses.dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.1, loss_type="ipo")
 
 
+@pytest.mark.parametrize("settings", [dict(beta=-0.1), dict(beta=0.0, loss_type="ipo"), dict(beta=0.0),
+                                      dict(beta=0.1, label_smoothing=0.9), dict(beta=0.1, label_smoothing=-0.1)])
+def test_dpo_loss_refuses_settings_that_reverse_the_preference(settings):
+  """A negative beta or a label smoothing of 0.5 or more flips the gradient towards the rejected completion, and IPO
+  divides by beta: the library function refuses them as the gin stage does."""
+  x = jnp.zeros(2)
+  with pytest.raises(ValueError, match="beta|label_smoothing"):
+    losses.dpo_loss(x, x - 1.0, x, x, **settings)
+
+
+def test_dpo_loss_takes_a_traced_beta():
+  x = jnp.asarray([-1.0, -2.0])
+  loss_at = jax.jit(lambda beta: losses.dpo_loss(x, x - 1.0, x, x, beta=beta)[0])
+  np.testing.assert_allclose(float(loss_at(0.5)), float(losses.dpo_loss(x, x - 1.0, x, x, beta=0.5)[0]), rtol=1e-6)
+
+
 def test_dpo_inputs_of_other_shapes_than_one_flat_batch_are_refused():
   """A reference stored as a column ([B, 1]) broadcast against the policy's [B] into [B, B]: every pair mixed with
   every other, a wrong loss and metrics and no error."""

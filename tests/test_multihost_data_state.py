@@ -8,6 +8,7 @@ either; a value only one process cannot encode as JSON makes both raise, not wai
 """
 
 import json
+import logging
 import os
 import sys
 
@@ -253,6 +254,27 @@ def test_explicit_settings_reach_jax_in_a_cluster_it_detects(monkeypatch, no_clu
     monkeypatch.setenv(name, value)
   distributed.initialize(**kwargs)
   assert no_cluster == [(expected, {})]
+
+
+@pytest.mark.parametrize("tasks_per_node,local_devices,backend,warned", [
+    ("1(x4)", 1, "gpu", True),  # one task on each of 4 nodes: JAX pins each to one GPU
+    ("2(x2)", 1, "gpu", False),  # one task per GPU on 2-GPU nodes: as meant
+    ("1(x4)", 8, "gpu", False),  # the process sees every GPU of its node
+    ("1(x4)", 1, "cpu", False),
+])
+def test_a_slurm_step_of_one_task_per_gpu_node_is_warned_about(monkeypatch, no_cluster, caplog, tasks_per_node,
+                                                               local_devices, backend, warned):
+  """Under Slurm JAX gives each task the GPU of its SLURM_LOCALID: one task per 8-GPU node trains on one GPU."""
+  from phi_jax.sharding import distributed
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)
+  monkeypatch.setattr(distributed.jax, "local_device_count", lambda: local_devices)
+  monkeypatch.setattr(distributed.jax, "default_backend", lambda: backend)
+  for name, value in {**SLURM_STEP_OF_4, "SLURM_STEP_TASKS_PER_NODE": tasks_per_node}.items():
+    monkeypatch.setenv(name, value)
+  with caplog.at_level(logging.WARNING):
+    distributed.initialize()
+  assert len(no_cluster) == 1
+  assert ("--ntasks-per-node" in caplog.text) == warned
 
 
 @pytest.mark.parametrize("env,kwargs,message", [

@@ -806,6 +806,38 @@ def test_ctrl_c_in_the_loop_waits_for_the_save_in_flight():
   assert saves.waited == 1
 
 
+def test_a_failing_last_evaluation_waits_for_the_save_in_flight(tmp_path, monkeypatch):
+  """The data ran out right after an async checkpoint and the run's last evaluation raised: the error left the run
+  without waiting for that save, and a process exiting on it lost the step."""
+  events = []
+  wait = loop.Checkpointer.wait
+  monkeypatch.setattr(loop.Checkpointer, "wait", lambda self: (events.append("wait"), wait(self))[1])
+
+  def failing_eval():  # read at the first step (and evaluated at step 3); gone at the last evaluation
+    events.append("eval")
+    if events.count("eval") > 1:
+      raise OSError("eval file gone")
+    return [next(ScaledData())]
+
+  batches = [next(data) for data in [ScaledData()] for _ in range(4)]
+  with pytest.raises(OSError, match="eval file gone"):
+    _run(tmp_path, data=batches, num_steps=6, async_checkpoints=True, eval_every=3, eval_batches=failing_eval)
+  assert events.count("eval") == 2 and "wait" in events[len(events) - events[::-1].index("eval"):]
+
+
+def test_sigterm_handler_set_outside_python_is_put_back_as_the_default():
+  """signal.signal returns None for a handler not set from Python; restoring None raised TypeError at the end of
+  every run in such a process."""
+  previous = signal.getsignal(signal.SIGTERM)
+  flag = loop._SigtermFlag()
+  try:
+    with flag:
+      flag._previous = None  # what signal.signal returned: a handler set outside Python
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_run_in_a_thread_other_than_the_main_one_trains_and_says_sigterm_will_not_save(tmp_path, caplog):
   """Python lets only the main thread set a signal handler: a run in a worker thread (Ray Train, a notebook's
   background thread) failed before its first step. It trains now, with a warning that SIGTERM will not save."""

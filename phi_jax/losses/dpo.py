@@ -29,6 +29,29 @@ def sequence_logps(token_logps_BT, mask_BT, *, length_normalize=False):
   return total
 
 
+def check_dpo_settings(*, beta, label_smoothing=0.0, loss_type="sigmoid"):
+  """ValueError for settings that reverse or break the loss: beta <= 0 or label_smoothing outside [0, 0.5) train
+  towards the rejected completion, and IPO divides by beta. Traced values (a swept beta under jit) pass unchecked."""
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+  smoothing, beta_value = _concrete(label_smoothing), _concrete(beta)
+  if loss_type == "ipo" and smoothing:
+    raise ValueError("label_smoothing applies to the sigmoid loss only; set it to 0 for IPO")
+  if smoothing is not None and not 0.0 <= smoothing < 0.5:
+    raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 0.5): it is the assumed share of flipped "
+                     "preference labels")
+  if beta_value is not None and not beta_value > 0:
+    raise ValueError(f"beta={beta} must be positive")
+
+
+def _concrete(x):
+  """x as a Python float, or None for a traced value."""
+  try:
+    return float(x)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
              label_smoothing=0.0, loss_type="sigmoid"):
   """Mean preference loss over the batch of pairs; the four log-probs are [B] arrays or scalars (else ValueError).
@@ -38,10 +61,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies' (share of pairs with
     chosen reward > rejected reward), and 'logps/chosen', 'logps/rejected' of the policy.
   """
-  if loss_type not in LOSS_TYPES:
-    raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
-  if loss_type == "ipo" and label_smoothing:
-    raise ValueError("label_smoothing applies to the sigmoid loss only")
+  check_dpo_settings(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
   policy_chosen, policy_rejected, ref_chosen, ref_rejected = inputs = [
       jnp.asarray(x, jnp.float32) for x in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                             ref_rejected_logps)]

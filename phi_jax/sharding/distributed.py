@@ -1,4 +1,4 @@
-"""Multi-host start-up: one process per host (or per GPU), all running the same program.
+"""Multi-host start-up: one process per host (per GPU on a GPU cluster), all running the same program.
 
 Resolution order:
 1. explicit arguments (coordinator address, number of processes, this process's id);
@@ -7,6 +7,9 @@ Resolution order:
    `jax.distributed.initialize()` fills what 1 and 2 leave unset; in a Slurm job step, a process count or id
    that disagrees with the step's (SLURM_NTASKS / SLURM_PROCID) is refused;
 4. otherwise a single process (no call at all), so laptops and single GPUs need nothing.
+
+On a Slurm or Open MPI GPU cluster JAX gives each task one GPU (its local rank), so launch one task per GPU
+(`srun --ntasks-per-node=<GPUs per node>`); a step of one task per node is warned about (each would use one GPU).
 
 An explicit single process (num_processes=1) needs none of this and starts nothing. An explicit empty coordinator
 address (`coordinator_address=""`) means none, whatever PHI_JAX_COORDINATOR_ADDRESS says.
@@ -117,6 +120,18 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   _initialized = True
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+  if slurm and _one_slurm_task_per_node() and jax.default_backend() == "gpu" and jax.local_device_count() == 1:
+    # JAX gives each Slurm task the one GPU of its SLURM_LOCALID: one task on an 8-GPU node trains on 1 of them.
+    logging.warning("this Slurm job step runs one task per node, and JAX gives each task one GPU (its "
+                    "SLURM_LOCALID): this process sees 1 GPU. Launch one task per GPU instead (srun "
+                    "--ntasks-per-node=<GPUs per node>); the mesh then spans every GPU of every node.")
+
+
+def _one_slurm_task_per_node() -> bool:
+  """Whether the job step runs one task on each of its nodes (SLURM_STEP_TASKS_PER_NODE like '1(x4)')."""
+  spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "")
+  counts = [part.split("(")[0] for part in spec.split(",") if part]
+  return bool(counts) and all(count == "1" for count in counts)
 
 
 def any_process(*flags: bool) -> tuple[bool, ...]:

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from phi_jax.data.preference import REFERENCE_FIELDS, SIDES, build_preference_iterator, reference_settings
 from phi_jax.losses import chunked_token_logprobs, dpo_loss, next_token_targets, sequence_logps
-from phi_jax.losses.dpo import LOSS_TYPES
+from phi_jax.losses.dpo import check_dpo_settings
 from phi_jax.model import PhiConfig, hidden_states, lm_head_kernel
 from phi_jax.sharding.distributed import any_process_or_raise, failing_together
 from phi_jax.train.loop import global_batch
@@ -98,15 +98,7 @@ def dpo_stage_loss(params, batch: dict, rng, *, config: PhiConfig, beta: float, 
 def make_loss_fn(config: PhiConfig, *, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
                  chunk_size: int = 1024):
   """loss_fn(params, batch, rng) -> (loss_sum, aux) for `phi_jax.train.make_train_step`."""
-  if loss_type not in LOSS_TYPES:
-    raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
-  if loss_type == "ipo" and label_smoothing:
-    raise ValueError("label_smoothing applies to the sigmoid loss only; set it to 0 for IPO")
-  if not 0.0 <= label_smoothing < 0.5:
-    raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 0.5): it is the assumed share of flipped "
-                     "preference labels")
-  if beta <= 0:
-    raise ValueError(f"beta={beta} must be positive")
+  check_dpo_settings(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
   loss_fn = functools.partial(dpo_stage_loss, config=config, beta=beta, label_smoothing=label_smoothing,
                               loss_type=loss_type, chunk_size=chunk_size)
   loss_fn.weight_unit = "pairs"  # what aux["weight"] counts: the loop reports eval_pairs, not eval_tokens

@@ -1,7 +1,8 @@
 """Next-token loss for packed mid-training and SFT: the same function, fed packed or unpacked rows.
 
-Position t predicts token t+1 when both are in the same segment and loss_mask[t+1] is set (assistant tokens and
-their end-of-turn token in SFT; every token of a distilled trace in mid-training). The loss is summed and the
+Position t predicts token t+1 when both are in the same segment and loss_mask[t+1] is set: for chat and
+prompt/completion records (SFT, and mid-training on chat-format traces) the assistant tokens and their end-of-turn
+token; for text records every token (`phi_jax.data.pipeline` builds the mask). The loss is summed and the
 train step divides by the number of target tokens in the whole (global, all-microbatch) batch.
 """
 

@@ -202,8 +202,8 @@ class _SigtermFlag:
 
   def __exit__(self, *exc):
     self.done.set()
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous)
+    if self._installed:  # a handler set outside Python reads as None: the default is the nearest to put back
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
 
 
 _SPIKE_WINDOW_KEY = "loss_spike_window_losses"  # in each checkpoint's metadata
@@ -922,22 +922,24 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
     if final != saved:  # the data ended between checkpoints
       checkpointer.save(final, state, data_state=train_data.get_state() if hasattr(train_data, "get_state") else None,
                         meta=with_spike_window(), force=True)
-  if eval_batches is not None and evals.last_step != final:
-    # The last step's record is already pulled (the data ran out right after a checkpoint, a preempted last step,
-    # or nothing trained in this run): the evaluation joins it.
-    eval_record, improved = evaluate(final)
-    if flushed is not None and flushed[0]["step"] == final and not flushed[1]:
-      writer.write(dict(flushed[0], **_counted_over_processes(flushed[2]), **eval_record))
-    else:
-      writer.merge(final, eval_record)
-    if improved and loop.keep_best_checkpoint:
-      checkpointer.keep([final])
-  elif flushed is not None and flushed[0]["step"] == final and not flushed[1]:
-    # The data ran out right after a checkpoint that pulled the last step's record between log steps: written now,
-    # so metrics.jsonl (and a sweep's summary of it) ends at the run's last step.
-    writer.write(dict(flushed[0], **_counted_over_processes(flushed[2])))
-  if loop.keep_best_checkpoint and evals.best_step not in (None, final):
-    state = _restore_best(checkpointer, evals, abstract_state(model_config, optimizer, mesh), state)
+  # The last evaluation (and the best state's restore) may raise while the last checkpoint's async save is in flight.
+  with _finish_saves_on_error(checkpointer):
+    if eval_batches is not None and evals.last_step != final:
+      # The last step's record is already pulled (the data ran out right after a checkpoint, a preempted last step,
+      # or nothing trained in this run): the evaluation joins it.
+      eval_record, improved = evaluate(final)
+      if flushed is not None and flushed[0]["step"] == final and not flushed[1]:
+        writer.write(dict(flushed[0], **_counted_over_processes(flushed[2]), **eval_record))
+      else:
+        writer.merge(final, eval_record)
+      if improved and loop.keep_best_checkpoint:
+        checkpointer.keep([final])
+    elif flushed is not None and flushed[0]["step"] == final and not flushed[1]:
+      # The data ran out right after a checkpoint that pulled the last step's record between log steps: written now,
+      # so metrics.jsonl (and a sweep's summary of it) ends at the run's last step.
+      writer.write(dict(flushed[0], **_counted_over_processes(flushed[2])))
+    if loop.keep_best_checkpoint and evals.best_step not in (None, final):
+      state = _restore_best(checkpointer, evals, abstract_state(model_config, optimizer, mesh), state)
   checkpointer.close()
   write_data_stats()
   return state
