@@ -400,3 +400,19 @@ def test_blockwise_keeps_a_tile_whose_only_visible_pair_is_on_the_diagonal():
              q_index=jnp.arange(8)[None], kv_index=jnp.arange(8)[None])
   actual = jax.jit(functools.partial(blockwise_attention, block_q=5, block_kv=4, **ids))(q, k, v)
   np.testing.assert_allclose(actual, attention.xla_attention(q, k, v, **ids), **TOL)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal on a host without CUDA GPUs")
+def test_cudnn_backend_without_a_cuda_gpu_names_the_backend_to_use_instead():
+  """On a CPU host cuDNN failed deep inside JAX ("cuDNN is not detected."), naming neither the setting nor a fix.
+  The wiring itself still runs here with implementation="xla" (the tests above)."""
+  config = presets.get("tiny", attention_backend="cudnn")
+  params = phi_jax.init_params(config, jax.random.key(0))
+  message = r'attention_backend="cudnn" needs an NVIDIA GPU.*model.overrides=\{"attention_backend": "xla"\}'
+  with pytest.raises(ValueError, match=message):
+    phi_jax.forward(params, jnp.ones((2, 8), jnp.int32), config)
+  q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+  ids = dict(q_segment_ids=jnp.ones((1, 4), jnp.int32), kv_segment_ids=jnp.ones((1, 4), jnp.int32),
+             q_index=jnp.arange(4)[None], kv_index=jnp.arange(4)[None])
+  with pytest.raises(ValueError, match=message):
+    cudnn_attention(q, q, q, **ids)

@@ -14,7 +14,7 @@ from phi_jax.data import chat
 from phi_jax.hf.tokenizer import build_tiny_tokenizer
 from phi_jax.model import kv_cache
 from phi_jax.sampling import SamplingConfig, filter_logits, generate, generate_text, sample_tokens
-from phi_jax.sampling.sampler import _generate_program
+from phi_jax.sampling.sampler import _check_prompts, _generate_program
 from phi_jax.sharding import make_mesh
 from phi_jax.train.state import param_shardings
 
@@ -485,6 +485,35 @@ def test_bad_prompts_are_refused(params, prompts, caplog):
   listed = generate(params, CONFIG, tokens.tolist(), lengths.tolist(), jax.random.key(0), GREEDY)
   np.testing.assert_array_equal(listed["tokens"], generate(params, CONFIG, tokens, lengths, jax.random.key(0),
                                                            GREEDY)["tokens"])
+
+
+def test_left_padded_prompts_are_refused_and_right_padded_ones_pass():
+  """transformers / TRL tokenizers left-pad (padding_side="left"): the row [0, 0, 9, 10] with length 2 was read as
+  the prompt [0, 0] and generated from the pad tokens without a word."""
+  config = CONFIG.replace(pad_token_id=0)
+  lengths = np.array([4, 2], np.int32)
+  left = np.array([[5, 6, 7, 8], [0, 0, 9, 10]], np.int32)
+  with pytest.raises(ValueError, match=r'must be right-padded.*padding_side="right"'):
+    generate(None, config, left, lengths, jax.random.key(0), GREEDY)
+  check = lambda tokens, lengths, config=config: _check_prompts(config, tokens, lengths, NEW)
+  check(np.array([[5, 6, 7, 8], [9, 10, 0, 0]], np.int32), lengths)  # right-padded with the pad id
+  check(np.array([[5, 6, 7, 8], [0, 0, 9, 0]], np.int32), np.array([4, 3], np.int32))  # a prompt opening on pads
+  check(np.array([[0, 0, 7, 8], [0, 0, 9, 10]], np.int32), np.array([4, 4], np.int32))  # full rows: no padding
+  check(left, lengths, config=CONFIG)  # no pad id in the config: nothing to tell padding by
+  jax.eval_shape(check, left, lengths)  # traced prompts: no values to check, and no error
+  with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
+    check(jnp.asarray(left), lengths)  # concrete device arrays are checked too
+
+
+def test_torch_tensors_are_prompts_too(params, prompts, greedy_run):
+  """torch tensors (int64 from a transformers tokenizer) failed with "Cannot interpret 'torch.int64' as a data
+  type"; they now give what the same NumPy prompts give."""
+  torch = pytest.importorskip("torch")
+  tokens, lengths = prompts
+  out = generate(params, CONFIG, torch.tensor(tokens.tolist()), torch.tensor(lengths.tolist()), jax.random.key(2),
+                 GREEDY)
+  np.testing.assert_array_equal(out["tokens"], greedy_run["tokens"])
+  np.testing.assert_array_equal(out["lengths"], greedy_run["lengths"])
 
 
 def test_generate_text_names_likely_mistakes(params, tmp_path):

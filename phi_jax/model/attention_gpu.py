@@ -10,9 +10,10 @@ every other call (a prompt against a KV cache) use `jax.nn.dot_product_attention
 for self-attention). On an H100 that mask doubled attention's time at 8K tokens (BENCHMARKS.md); for very long
 rows the mask's B * T * S bytes also add up, and the `"blockwise"` backend stays linear in memory.
 
-cuDNN runs only on an NVIDIA GPU and only in bfloat16/float16: float32 inputs are computed in bfloat16 and cast
-back. With `implementation="xla"` the same code (padding, the runs turned back into a mask, the dense mask, the
-GQA layout) runs on any device; the CPU suite checks the wiring that way, and `gpu_check()` checks cuDNN's kernels.
+cuDNN runs only on an NVIDIA GPU (elsewhere the backend is refused with a ValueError naming the one to use) and only
+in bfloat16/float16: float32 inputs are computed in bfloat16 and cast back. With `implementation="xla"` the same
+code (padding, the runs turned back into a mask, the dense mask, the GQA layout) runs on any device; the CPU suite
+checks the wiring that way, and `gpu_check()` checks cuDNN's kernels.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_
   batch whose rows it cannot describe exactly, and every other call (a prompt against a KV cache), use the dense
   boolean mask. `max_runs=0` forces the dense mask.
   """
+  if implementation == "cudnn":
+    _check_cuda_gpu()
   b, t, n, h = q_BTNH.shape
   s = k_BSKH.shape[1]
   # cuDNN's backward pass with a bias needs even sequence lengths; padded queries and keys get segment 0.
@@ -74,6 +77,16 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids, kv_segment_ids, q_
   else:
     out = dense(q, k, v)
   return out[:, :t].astype(q_BTNH.dtype)
+
+
+def _check_cuda_gpu() -> None:
+  """Without CUDA GPUs JAX fails deep in the lowering ("cuDNN is not detected."), naming neither the setting nor
+  what to use instead. JAX tells CUDA apart from ROCm (also platform "gpu", and without cuDNN) the same way."""
+  device = jax.devices()[0]  # the default backend's
+  if device.platform != "gpu" or "cuda" not in device.client.platform_version.lower():
+    raise ValueError(f'attention_backend="cudnn" needs an NVIDIA GPU with CUDA, and JAX runs on '
+                     f'{device.device_kind!r} here: set model.overrides={{"attention_backend": "xla"}} (or '
+                     '"blockwise") on this host')
 
 
 @functools.lru_cache(maxsize=1)

@@ -137,14 +137,19 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
   Args:
     params: model parameters (e.g. `TrainState.params`; sharded ones stay in their shards).
     config: the model config.
-    prompt_tokens: [B, P] int32, row b's prompt in [0, prompt_lengths[b]), anything after it is ignored.
-    prompt_lengths: [B] int32, each in [1, P].
+    prompt_tokens: [B, P] integers (a JAX or NumPy array, a list, a torch tensor), right-padded: row b's prompt
+      in [0, prompt_lengths[b]), anything after it is ignored. With `config.pad_token_id` set, a row that looks
+      left-padded (pad ids first, a token in the last slot) is refused.
+    prompt_lengths: [B] integers, each in [1, P].
     rng: a PRNG key (`jax.random.key(seed)`), needed even when every row is greedy (which draw nothing from it);
       or one key per row ([B] typed keys, [B, n] raw ones), so that a row's tokens depend on its own key and not on
       the batch it runs in (as `generate_text` uses them).
     sampling: max_new_tokens, top_k and top_p pick the compiled program; temperature and stop tokens are
       passed at run time.
     mesh: shard the batch over its data x fsdp axes (B must divide evenly) and the params by the logical rules.
+      Host prompts (and `active`, the key, the temperature) are placed onto the mesh's global sharding with
+      `jax.device_put`, so with several processes every process must pass the same whole batch, not its own
+      rows (as `generate_text` and the GRPO stage do).
     active: [B] bool, the rows to generate for (default all); the others are batch padding: they generate
       nothing (length 0, not finished) and do not keep the batch decoding.
 
@@ -363,9 +368,9 @@ def _padded_stop_ids(stop_token_ids: tuple[int, ...]) -> jax.Array:
 
 
 def _as_array(x):
-  """Python lists and numbers as NumPy arrays, integers as int32 (floats stay floats, which `_check_prompts`
-  refuses, as it does a wrong shape); arrays as they are."""
-  if hasattr(x, "shape"):
+  """Python lists, numbers and torch tensors as NumPy arrays, integers as int32 (floats stay floats, which
+  `_check_prompts` refuses, as it does a wrong shape); JAX and NumPy arrays (tracers included) as they are."""
+  if isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)):
     return x
   x = np.asarray(x)
   return x.astype(np.int32) if x.dtype.kind in "iu" else x
@@ -385,6 +390,7 @@ def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tok
   kv_cache.check_prompt_lengths(prompt_lengths, prompt_tokens.shape[1])
   lengths = np.asarray(prompt_lengths)
   tokens = np.asarray(prompt_tokens)
+  _check_right_padded(tokens, lengths, config.pad_token_id)
   valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
   if np.any(valid & ((tokens < 0) | (tokens >= config.vocab_size))):
     raise ValueError(f"prompt token ids must lie in [0, vocab_size={config.vocab_size})")
@@ -393,6 +399,22 @@ def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tok
         "generating sequences of up to %d tokens (longest prompt %d + max_new_tokens %d), longer than the model's "
         "max_position_embeddings=%d: the positions past it were never trained", lengths.max() + max_new_tokens,
         lengths.max(), max_new_tokens, config.max_position_embeddings)
+
+
+def _check_right_padded(tokens: np.ndarray, lengths: np.ndarray, pad_token_id: Optional[int]) -> None:
+  """Refuses rows that look left-padded (transformers' and TRL's padding_side="left"): generation would read the
+  padding as the prompt and start from it. A short row whose first P - length slots are all the pad id while its
+  last slot is not looks so: a right-padded prompt ends in padding and hardly opens with pad ids."""
+  if pad_token_id is None:  # nothing to tell padding from tokens by
+    return
+  width = tokens.shape[1]
+  leading_pads = np.cumprod(tokens == pad_token_id, axis=1).sum(axis=1)
+  left = (lengths < width) & (leading_pads >= width - lengths) & (tokens[:, -1] != pad_token_id)
+  if left.any():
+    raise ValueError(
+        f"prompt row(s) {np.flatnonzero(left)[:8].tolist()} look left-padded (pad_token_id={pad_token_id} before "
+        "the tokens): prompts must be right-padded, the tokens first and the padding after, with prompt_lengths the "
+        "number of real tokens; with a transformers tokenizer use padding_side=\"right\"")
 
 
 def kv_cache_bytes(config: PhiConfig, rows: int, prompt_width: int, max_new_tokens: int) -> int:
