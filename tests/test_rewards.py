@@ -1361,7 +1361,7 @@ SCREEN_ACCEPTS = ["\\frac{1}{2}", "e^{-x^2}", "2^{10}", "10^{100}", "x^2+y^2", "
                   "10000!", "[1, 2)", "2^{2^{n}}", "\\{1,2,3\\}", "3 \\cdot 10^{8}", "-\\infty", "2^{3 \\cdot 4}",
                   "(1000)!", "(2+1)!", "2^{\\frac{1}{2}}", "10^{-3.5}", "(10000)!"]
 SCREEN_REJECTS = {  # answer -> words in the reason
-    "9^{9^{9^9}}": "tower", "9^9^9": "tower", "9**9**9**9": "tower", "2^{3^{4}}": "tower",
+    "9^{9^{9^9}}": "tower", "9^9^9": "tower", "9**9**9**9": "tower", "2^{3^{11}}": "tower",
     "2^{1000000}": "exponent", "(10^6)!": "factorial", "20000!": "factorial", "{" * 30 + "}" * 30: "nested",
     "1" * 200: "digits", "\\frac{1}{2": "unbalanced", "x" * 2000: "characters", "x^2" * 20: "powers",
     "e^{x^{y^{z^{w}}}}": "exponents nested",
@@ -1382,6 +1382,49 @@ def test_screen():
     problem = screen_problem(answer)
     assert problem is not None and why in problem, (answer, problem)
   assert screen_problem("2^{1000000}", ScreenConfig(max_integer_exponent=10**7)) is None
+
+
+def test_small_towers_and_factorials_of_numbers_pass_the_screen_and_verify(pool):
+  """A tower or nested factorial of numbers is refused by the size its numbers bound, not by its shape."""
+  for answer in ("2^{2^{3}}", "2^{2^{2}}+1", "x^{2^{3}}", "3^{3^{3}}", "2^{3^{4}}", "(2^{3})!", "(3!)!",
+                 "2^{2^{2^{2}}}", "2^{3!}", "2^{10}!", "{2^{3}}!", "2^{10}\\cdot 2^{10}!", "2^{-2^{4}}",
+                 "\\left(2^{3}\\right)!", "9^{9^{2}}", "2^{(3!)!}"):
+    assert screen_problem(answer) is None, answer
+  # A decimal bounds its reciprocal too (0.001^{-2} is a million); what the bound cannot read ([3]) stays refused.
+  for answer, why in {"2^{2^{17}}": "tower", "(2^{14})!": "factorial", "(8!)!": "factorial",
+                      "(0.001^{-2})!": "factorial", "2^{(4!)!}": "factorial in an exponent",
+                      "2^{[3]^{2}}": "tower"}.items():
+    problem = screen_problem(answer)
+    assert problem is not None and why in problem, (answer, problem)
+  completions = [f"<think>x</think> The answer is $\\boxed{{{answer}}}$."
+                 for answer in ("2^{2^{2}}+1", "17", "2^{2^{5}}+1", "(3!)!")]
+  assert rewards.verify_batch(completions, ["17", "2^{2^{2}}+1", "4294967297", "720"], pool=pool) == [True] * 4
+  assert rewards.gold_problem("2^{2^{2}}+1") is None
+
+
+SYMPY_HANGS = {  # answer -> words in the reason; sympy computes each exactly, for minutes
+    "10^{10}!": "factorial", "2^{20}!": "factorial", "2^20!": "factorial", "10^{7}!": "factorial",
+    "{2^{2}}^{20}!": "factorial", "\\Gamma(10)!": "factorial", "\\frac{10^{6}}{1}!": "factorial",
+    "\\Gamma(10^{8})": "Gamma", "\\Gamma\\left(10^{8}\\right)": "Gamma", "\\Gamma{100000}": "Gamma",
+    "\\binom{10^{9}}{10^{5}}": "binomial", "\\dbinom{10^{9}}{10^{5}}": "binomial",
+    "\\tbinom{10^{9}}{10^{5}}": "binomial", "\\binom{10^{9}}{\\frac{1}{2}}": "binomial",
+    "\\binom{\\frac{1}{2}}{10^{6}}": "binomial", "\\binom{10^{9}}{20000}": "binomial",
+    "2^{\\Gamma(100)}": "exponent", "2^{\\binom{10^{9}}{2}}": "exponent",
+}
+
+
+def test_factorials_of_powers_gamma_and_binomials_too_large_for_sympy_are_screened(pool, monkeypatch):
+  for answer, why in SYMPY_HANGS.items():
+    problem = screen_problem(answer)
+    assert problem is not None and why in problem, (answer, problem)
+  for answer in ("\\binom{10^{9}}{2}", "\\binom{n}{2}", "\\Gamma(x+1)", "\\Gamma(\\frac{1}{2})", "\\Gamma(5)",
+                 "\\binom{10000}{5000}", "\\dbinom{10}{3}", "2^{\\Gamma(5)}", "\\binom{1000000000}{999999998}"):
+    assert screen_problem(answer) is None, answer
+  assert "refused by the answer screen" in rewards.gold_problem("10^{7}!")
+  sent = []
+  monkeypatch.setattr(pool, "verify_answers", lambda pairs, **kwargs: sent.extend(pairs) or [True] * len(pairs))
+  completions = [f"\\boxed{{{answer}}}" for answer in SYMPY_HANGS]
+  assert pool.verify_batch(completions, ["1"] * len(completions)) == [False] * len(completions) and not sent
 
 
 def test_superscript_digits_are_screened_not_a_crash(pool, monkeypatch):

@@ -1,18 +1,25 @@
 """Cheap pre-screen of untrusted answer text before it reaches sympy.
 
 sympy evaluates integer powers and factorials eagerly, so a ten-character answer such as `9^{9^{9^9}}` can eat
-gigabytes and minutes inside C code that no signal interrupts. The screen rejects, in linear time, the shapes that
-do that (power towers of numbers, huge integer exponents and factorials, absurd nesting or digit runs). It is a
-filter that saves worker restarts, not the guarantee: the verifier's wall-clock limit per answer is.
+gigabytes and minutes inside C code that no signal interrupts. The screen rejects, in about linear time, what does
+that: exponents, factorial operands, `\\Gamma` and binomial arguments of numbers that may exceed its limits (bounded
+from their literal numbers, so `2^{2^{3}}` and `(3!)!` pass while `9^{9^{9}}` and `2^{20}!` do not; a power or
+factorial the bound cannot read is rejected), absurd nesting or digit runs. It is a filter that saves worker
+restarts, not the guarantee: the verifier's wall-clock limit per answer is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 # Commands whose letters do not make an exponent symbolic (`2^{3 \cdot 4}` is still a number).
 _NUMERIC_COMMANDS = ("\\cdot", "\\times", "\\left", "\\right", "\\frac", "\\dfrac", "\\tfrac", "\\sqrt", "\\div")
+# Functions of numbers that sympy evaluates exactly, as large as factorials (math-verify reads these spellings).
+_GAMMA_COMMANDS = ("Gamma",)
+_BINOMIAL_COMMANDS = ("binom", "dbinom", "tbinom")
+_FUNCTION_COMMANDS = tuple("\\" + name for name in _GAMMA_COMMANDS + _BINOMIAL_COMMANDS)
 _OPENERS, _CLOSERS = "{([", "})]"
 
 
@@ -115,9 +122,14 @@ def _operand_end(text: str, start: int, matches: dict[int, int]) -> int:
 
 
 def _is_numeric(operand: str) -> bool:
-  for command in _NUMERIC_COMMANDS:
+  for command in _NUMERIC_COMMANDS + _FUNCTION_COMMANDS:
     operand = operand.replace(command, "")
   return not any(ch.isalpha() for ch in operand)
+
+
+def _is_flat(operand: str) -> bool:
+  """Whether a numeric operand holds no power, factorial or function, so that `_numeric_bound` bounds it."""
+  return "^" not in operand and "!" not in operand and not any(f in operand for f in _FUNCTION_COMMANDS)
 
 
 def _integer_value(operand: str) -> Optional[int]:
@@ -149,20 +161,33 @@ def _power_problem(text: str, config: ScreenConfig) -> Optional[str]:
     value = _integer_value(operand)
     if value is not None and value > config.max_integer_exponent:
       return f"integer exponent {value} over {config.max_integer_exponent}"
-    if "^" in operand and _is_numeric(operand):
-      return "a power tower of numbers"
     if value is None and _is_numeric(operand):
-      if "!" in operand:
-        return "a factorial in an exponent"
-      bound = _numeric_bound(operand, config.max_integer_exponent)
-      if bound > config.max_integer_exponent:
-        return f"a computed exponent (up to {bound}) over {config.max_integer_exponent}"
+      problem = _exponent_problem(operand, config.max_integer_exponent)
+      if problem:
+        return problem
   return None
 
 
+def _exponent_problem(operand: str, limit: int) -> Optional[str]:
+  """Why a numeric exponent other than a plain integer may exceed `limit` (ScreenConfig.max_integer_exponent)."""
+  if _is_flat(operand):
+    bound = _numeric_bound(operand, limit)
+    return f"a computed exponent (up to {bound}) over {limit}" if bound > limit else None
+  bound = _value_bound(operand, limit)
+  if bound is not None and bound <= limit:
+    return None
+  if "^" in operand:
+    return f"a power tower of numbers with an exponent possibly over {limit}"
+  if "!" in operand:
+    return f"a factorial in an exponent, possibly over {limit}"
+  return f"a computed exponent possibly over {limit}"
+
+
 def _factorial_problem(text: str, config: ScreenConfig) -> Optional[str]:
-  """Why a factorial in `text` is dangerous (a huge literal operand, or a numeric group with powers/factorials)."""
+  """Why a factorial in `text` is dangerous: a numeric operand (a number or group, with the power it is the exponent
+  of and the command it is the argument of) whose bound exceeds ScreenConfig.max_factorial_operand."""
   closer_to_open = {close: open_ for open_, close in _brace_matches(text).items()}
+  limit = config.max_factorial_operand
   for i, ch in enumerate(text):
     if ch != "!":
       continue
@@ -173,19 +198,126 @@ def _factorial_problem(text: str, config: ScreenConfig) -> Optional[str]:
       continue
     if text[j] == "!":  # math-verify reads n!! (a double factorial) as (n!)!: 10!! is a 3.6-million-digit number
       return "a factorial of a factorial"
-    if _is_digit(text[j]):
-      k = j
-      while k >= 0 and _is_digit(text[k]):
-        k -= 1
-      if int(text[k + 1:j + 1]) > config.max_factorial_operand:
-        return f"factorial of {text[k + 1:j + 1]}"
-    elif j in closer_to_open:
-      group = text[closer_to_open[j] + 1:j]
-      if _is_numeric(group) and ("^" in group or "!" in group):
-        return "factorial of a power or factorial"
-      if _is_numeric(group) and _numeric_bound(group, config.max_factorial_operand) > config.max_factorial_operand:
-        return f"factorial of {group.strip()!r}, possibly over {config.max_factorial_operand}"
+    start = _factorial_operand_start(text, j, closer_to_open)
+    operand = "" if start is None else text[start:j + 1]
+    if not operand or not _is_numeric(operand):
+      continue
+    if all(map(_is_digit, operand)):
+      if int(operand) > limit:
+        return f"factorial of {operand}"
+      continue
+    bound = _numeric_bound(operand, limit) if _is_flat(operand) else _value_bound(operand, limit)
+    if bound is None or bound > limit:
+      return f"factorial of {operand.strip()!r}, possibly over {limit}"
   return None
+
+
+def _atom_start(text: str, j: int, closer_to_open: dict[int, int]) -> Optional[int]:
+  """Start of the number or group that ends at `j`, or None where `text[j]` ends neither."""
+  if _is_digit(text[j]) or text[j] == ".":
+    while j > 0 and (_is_digit(text[j - 1]) or text[j - 1] == "."):
+      j -= 1
+    return j
+  return closer_to_open.get(j)
+
+
+def _skip_back(text: str, i: int) -> int:
+  """The index of the last non-blank character at or before `i` (-1 where there is none)."""
+  while i >= 0 and text[i] in " \t":
+    i -= 1
+  return i
+
+
+def _factorial_operand_start(text: str, j: int, closer_to_open: dict[int, int]) -> Optional[int]:
+  """Start of the operand of a `!` after `text[j]`: the number or group ending there, widened to the power it is the
+  exponent of (math-verify reads `2^{20}!` as (2^20)!) and to the command it is an argument of (`\\Gamma(10)!`,
+  `\\frac{10^{6}}{1}!`). None where `text[j]` ends no number or group."""
+  start = _atom_start(text, j, closer_to_open)
+  while start is not None:
+    before = _skip_back(text, start - 1)
+    if before >= 0 and text[before] == "^":
+      base_end = _skip_back(text, before - 1)
+      base = _atom_start(text, base_end, closer_to_open) if base_end >= 0 else None
+      if base is None:  # a letter, command or stray bracket: its own text decides whether the power is numeric
+        return max(base_end, 0)
+      start = base
+      continue
+    command = _command_start(text, start, closer_to_open)
+    if command is None:
+      return start
+    start = command
+
+
+def _command_start(text: str, start: int, closer_to_open: dict[int, int]) -> Optional[int]:
+  """Start of the command (`\\frac`, `\\Gamma`, `\\left`) whose argument list ends with the group at `start`, or None.
+  Up to two `{}` groups before it belong to the same command (`\\frac{a}{b}`)."""
+  if text[start] not in "{(":
+    return None
+  i = _skip_back(text, start - 1)
+  for _ in range(2):
+    if text[start] == "{" and i >= 0 and text[i] == "}" and i in closer_to_open:
+      i = _skip_back(text, closer_to_open[i] - 1)
+  k = i
+  while k >= 0 and text[k].isalpha():
+    k -= 1
+  return k if k < i and k >= 0 and text[k] == "\\" else None
+
+
+def _argument_span(text: str, i: int, matches: dict[int, int]) -> tuple[int, int]:
+  """[start, end) of the argument at `i` of a command (`\\Gamma`, `\\binom{n}`), past blanks and a `\\left`."""
+  while i < len(text) and (text[i] in " \t" or _is_left(text, i)):
+    i += 5 if text[i] == "\\" else 1
+  return i, _operand_end(text, i, matches)
+
+
+def _is_left(text: str, i: int) -> bool:
+  return text.startswith("\\left", i) and not text[i + 5:i + 6].isalpha()
+
+
+def _function_problem(text: str, config: ScreenConfig) -> Optional[str]:
+  """Why a `\\Gamma` or binomial coefficient of numbers in `text` is dangerous. sympy evaluates both exactly:
+  Gamma(n) as (n-1)!, so its argument gets ScreenConfig.max_factorial_operand as a factorial's operand does."""
+  matches, limit = _brace_matches(text), config.max_factorial_operand
+  i = text.find("\\")
+  while i != -1:
+    j = i + 1
+    while j < len(text) and text[j].isalpha():
+      j += 1
+    problem = None
+    if text[i + 1:j] in _GAMMA_COMMANDS:
+      start, end = _argument_span(text, j, matches)
+      argument = text[start:end]
+      bound = _value_bound(argument, limit) if _is_numeric(argument) else 0
+      if bound is None or bound > limit:
+        problem = f"Gamma of {argument.strip()!r}, possibly over {limit}"
+    elif text[i + 1:j] in _BINOMIAL_COMMANDS:
+      problem = _binomial_problem(text, j, matches, limit)
+    if problem:
+      return problem
+    i = text.find("\\", max(j, i + 2))
+  return None
+
+
+def _binomial_problem(text: str, i: int, matches: dict[int, int], limit: int) -> Optional[str]:
+  """Why the binomial coefficient whose arguments start at `i` is dangerous, or None. For an integer k sympy
+  multiplies min(k, n - k) factors the size of n (binom(10^9, 2) is quick), so the result's length is bounded
+  against that of `limit`! (under limit * its bit length bits); for any other k it goes through Gamma of n and k,
+  so both get the factorial limit (binom(10^9, 1/2) takes minutes)."""
+  n_start, n_end = _argument_span(text, i, matches)
+  k_start, k_end = _argument_span(text, n_end, matches)
+  n, k = text[n_start:n_end], text[k_start:k_end]
+  if not (_is_numeric(n) and _is_numeric(k)):
+    return None
+  n_value, k_value = _integer_value(n), _integer_value(k)
+  if k_value is not None:
+    budget = limit * limit.bit_length()
+    n_bound = _value_bound(n, 1 << budget)
+    factors = k_value if n_value is None else min(k_value, max(n_value - k_value, 0))
+    safe = n_bound is not None and factors * n_bound.bit_length() <= budget
+  else:
+    bounds = (_value_bound(n, limit), _value_bound(k, limit))
+    safe = None not in bounds and max(bounds) <= limit
+  return None if safe else f"a binomial coefficient of {n.strip()!r} and {k.strip()!r}, possibly over {limit}!"
 
 
 def _numeric_bound(operand: str, limit: int) -> int:
@@ -205,6 +337,113 @@ def _numeric_bound(operand: str, limit: int) -> int:
   return bound
 
 
+class _Unreadable(Exception):
+  """A `^` or `!` that follows nothing `_value_bound` reads as a number (`[3]^{2}`)."""
+
+
+def _value_bound(operand: str, limit: int) -> Optional[int]:
+  """An upper bound, capped at `limit + 1`, on the magnitude of a numeric operand that may hold powers, factorials,
+  `\\Gamma` and binomials (`2^{2^{3}}`, `(3!)!`), or None where a power or factorial applies to something it cannot
+  read. As in `_numeric_bound` the atoms (numbers, groups, powers, ...) multiply, each counted as at least 2; a power
+  is bounded right to left (`2^3^4` as 2^(3^4), the larger reading), and a decimal by 10^(its digit count), which
+  bounds its reciprocal too. Capping keeps every step small, so bounding costs about as much as a scan."""
+  try:
+    return _product_bound(operand, 0, len(operand), _brace_matches(operand), limit + 1)
+  except _Unreadable:
+    return None
+
+
+def _product_bound(text: str, start: int, end: int, matches: dict[int, int], cap: int) -> int:
+  bound, i = 1, start
+  while i < end:
+    if text[i] in "^!":
+      raise _Unreadable()
+    atom, i = _atom_bound(text, i, end, matches, cap)
+    if atom is not None:
+      atom, i = _postfix_bound(text, i, end, atom, matches, cap, factorials=True)
+      bound = min(bound * atom, cap)
+  return bound
+
+
+def _atom_bound(text: str, i: int, end: int, matches: dict[int, int], cap: int) -> tuple[Optional[int], int]:
+  """(bound, end) of the atom at `i`, or (None, end) for a character or command that is no atom (`+`, `\\cdot`)."""
+  if _is_digit(text[i]) or text[i] == ".":
+    j = i
+    while j < end and (_is_digit(text[j]) or text[j] == "."):
+      j += 1
+    digits = sum(map(_is_digit, text[i:j]))
+    if digits > min(cap.bit_length(), 4000):  # past the cap (it is at least 2^(digits - 1)), or too long to convert
+      return cap, j
+    return min(max(int(text[i:j]) if "." not in text[i:j] else 10**digits, 2), cap), j
+  if i in matches:
+    return max(_product_bound(text, i + 1, matches[i], matches, cap), 2), matches[i] + 1
+  if text[i] != "\\":
+    return None, i + 1
+  j = i + 1
+  while j < end and text[j].isalpha():
+    j += 1
+  name = text[i + 1:j]
+  if name in _GAMMA_COMMANDS:  # Gamma(x) <= x! for the x where it is large
+    arg, j = _argument_bound(text, j, end, matches, cap)
+    return _factorial_bound(arg, cap), j
+  if name in _BINOMIAL_COMMANDS:  # binom(n, k) <= min(2^n, n^k)
+    n, j = _argument_bound(text, j, end, matches, cap)
+    k, j = _argument_bound(text, j, end, matches, cap)
+    return min(_power_bound(2, n, cap), _power_bound(n, k, cap)), j
+  return None, max(j, i + 2)  # `\frac`, `\cdot`, `\,`: their groups, if any, are atoms of their own
+
+
+def _argument_bound(text: str, i: int, end: int, matches: dict[int, int], cap: int) -> tuple[int, int]:
+  """(bound, end) of the argument or exponent at `i`: one atom after spaces, signs and `\\left`."""
+  while i < end and (text[i] in " \t+-" or _is_left(text, i)):
+    i += 5 if text[i] == "\\" else 1
+  if i >= end or text[i] in "^!":
+    raise _Unreadable()
+  atom, i = _atom_bound(text, i, end, matches, cap)
+  if atom is None:
+    raise _Unreadable()
+  return atom, i
+
+
+def _postfix_bound(text: str, i: int, end: int, base: int, matches: dict[int, int], cap: int,
+                   factorials: bool) -> tuple[int, int]:
+  """(bound, end) of `base` raised to the powers and, where `factorials`, the factorials that follow it at `i`.
+  math-verify reads `2^{20}!` as (2^20)!, so a factorial after an exponent applies to the power, not the exponent."""
+  while True:
+    j = i
+    while j < end and text[j] in " \t":
+      j += 1
+    if j < end and text[j] == "!" and factorials:
+      base, i = _factorial_bound(base, cap), j + 1
+    elif j < end and text[j] == "^":
+      exponent, i = _argument_bound(text, j + 1, end, matches, cap)
+      exponent, i = _postfix_bound(text, i, end, exponent, matches, cap, factorials=False)
+      base = _power_bound(base, exponent, cap)
+    else:
+      return base, i
+
+
+def _power_bound(base: int, exponent: int, cap: int) -> int:
+  """min(base^exponent, cap) for base >= 2, without computing a power past the cap."""
+  if (base.bit_length() - 1) * exponent >= cap.bit_length():
+    return cap
+  return min(base**exponent, cap)
+
+
+def _factorial_bound(n: int, cap: int) -> int:
+  """min(n!, cap), or a power of two at least n! where n! is too long to multiply out cheaply."""
+  if n >= max(4, cap.bit_length()):  # n! >= 2^n from n = 4 on
+    return cap
+  if n > 100:
+    return min(1 << math.ceil(math.lgamma(n + 1) / math.log(2) + 1), cap)
+  product = 1
+  for factor in range(2, n + 1):
+    product *= factor
+    if product >= cap:
+      return cap
+  return product
+
+
 def screen_problem(answer: str, config: ScreenConfig = ScreenConfig()) -> Optional[str]:
   """Why `answer` should not be handed to sympy, or None when it may be."""
   if len(answer) > config.max_answer_chars:
@@ -217,7 +456,7 @@ def screen_problem(answer: str, config: ScreenConfig = ScreenConfig()) -> Option
   if _longest_digit_run(answer) > config.max_digit_run:
     return f"a number longer than {config.max_digit_run} digits"
   text = answer.replace("**", "^")
-  return _power_problem(text, config) or _factorial_problem(text, config)
+  return _power_problem(text, config) or _factorial_problem(text, config) or _function_problem(text, config)
 
 
 def passes_screen(answer: str, config: ScreenConfig = ScreenConfig()) -> bool:
