@@ -1206,11 +1206,15 @@ def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
   """What a run records beside its checkpoints and compares on resume: a changed list of train files, or files they
   match that appeared, vanished or changed size, is refused (the saved data position belongs to the old sources), and
   so is another eval set when early stopping or keep_best compare eval losses, and a frozen reference (DPO, GRPO)
-  whose values changed; every other change (another tokenizer or system prompt, the loss or reward settings, the
-  starting point `train.init_from`) is logged. The tokenizer itself is kept as W/tokenizer (`keep_run_tokenizer`)."""
+  whose values changed (a DPO train stream that reads other records than the checkpoints' is refused before, by
+  `_refuse_another_pair_stream`); every other change (another tokenizer or system prompt, the loss or reward
+  settings, the starting point `train.init_from`) is logged. The tokenizer itself is kept as W/tokenizer
+  (`keep_run_tokenizer`)."""
   data_meta = {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}
   data_meta["tokenizer_size"] = len(tokenizer)
   data_meta["train_file_sizes"] = file_sizes(data_cfg["train_files"])
+  if "train_source" in settings:  # DPO: what its train stream reads of each pair file (`_reference_source`)
+    data_meta["train_source"] = settings["train_source"]
   # What the eval loss is measured on: early stopping and keep_best compare it with the losses of earlier steps.
   eval_set = {k: data_cfg[k] for k in ("eval_files", "eval_batches", "seq_len", "batch_size", "tokenizer",
                                        "system_prompt")}
@@ -1268,11 +1272,13 @@ def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str
   reference model (a resumed run reuses the files; they are computed again when the pair file, the reference
   params, the tokenizer, a model setting (not the run-time remat_policy, attention_backend or
   max_segments_per_row) or a data setting they depend on changed, and a workdir with checkpoints refuses to rewrite
-  the train file its data position points into; one whose train.init_from has moved away or lost its params/ uses
-  them as they are, with a warning); "precomputed": the pair files already carry the log-probs
-  (`phi_jax.stages.dpo.precompute_reference_logps`, tokenizer checked). Both reference passes run in
-  `train.microbatches` pieces, like
-  the step. `too_long`: "drop" or "truncate_prompt". `data.weights` and
+  the train file its data position points into, or, removed, to compute it again under other settings that choose
+  its pairs; one whose train.init_from has moved away or lost its params/ uses them as they are, with a warning);
+  "precomputed": the pair files already carry the log-probs
+  (`phi_jax.stages.dpo.precompute_reference_logps`, tokenizer checked). A resume that switches `reference` between
+  "precompute" and another mode is refused where the reference train file left pairs out (too long, bad): the saved
+  data position indexes the records of the stream the run read (`_refuse_another_pair_stream`). Both reference
+  passes run in `train.microbatches` pieces, like the step. `too_long`: "drop" or "truncate_prompt". `data.weights` and
   `data.packing` do not apply: pairs are read in one shuffled stream, one example per row.
   """
   from phi_jax.data import preference
@@ -1438,6 +1444,9 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   # Precomputed reference files hold only the pairs that were used; those left out (too long, bad) are counted in
   # the data stats as read and skipped, per (kind, file) and then per kind.
   left_out, skipped = {}, {"train": {}, "eval": {}}
+  # What the train stream reads of each pair file (the checkpoints' data position indexes it), and the reference
+  # train files this set-up computes.
+  source, computed = [_PAIR_FILE] * len(train_files), []
   if cfg["reference"] == "in_step":
     ref_params = _dpo_reference_params(model_config, hf_path, settings, the_mesh)
     ref_fn = dpo.reference_logps_fn(model_config, settings["chunk_size"], mesh=the_mesh,
@@ -1476,7 +1485,10 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
 
     changes = {key: _reference_is_current(out, made_with[key], digest_now) for key, out in outputs.items()}
     missing = [key for key, changed in changes.items() if changed != {}]
-    _refuse_rewriting_trained_pairs(workdir, {outputs[key]: changes[key] for key in missing if key[0] == "train"})
+    stale = {outputs[key]: changes[key] for key in missing if key[0] == "train"}
+    stale.update(_removed_since_checkpoints(workdir, outputs, changes, made_with))
+    _refuse_rewriting_trained_pairs(workdir, stale)
+    computed = [outputs[key] for key in missing if key[0] == "train"]
     if missing:
       for kind, i in missing:
         path = (train_files if kind == "train" else eval_files)[i]
@@ -1499,8 +1511,13 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
     for (kind, _), counts in left_out.items():
       for reason, number in counts.items():
         skipped[kind][reason] = skipped[kind].get(reason, 0) + number
+    source = [_reference_source(outputs[("train", i)], left_out[("train", i)], made_with[("train", i)],
+                                computed_now=("train", i) in missing) for i in range(len(train_files))]
     train_files = [outputs[("train", i)] for i in range(len(train_files))]
     eval_files = [outputs[("eval", i)] for i in range(len(eval_files))]
+  settings["train_source"] = source  # kept in the run metadata (`run_meta`)
+  with distributed.failing_together("comparing the DPO train pairs with the checkpoints' data position"):
+    _refuse_another_pair_stream(workdir, source, computed)
 
   def pairs(files, **kwargs):
     it = preference.build_preference_iterator(files, tokenizer, reference_logps=ref_fn is None, **reader, **kwargs)
@@ -1645,8 +1662,9 @@ def _refuse_rewriting_trained_pairs(workdir: str, stale: dict[str, Optional[dict
   """Refuses to compute a reference train file again under other settings once the workdir has checkpoints: their
   saved data position indexes the file's list of usable pairs, which other settings change (some pairs would be
   trained twice, others never), or whose values the model settings and reference params change (the reference the
-  checkpoints were trained against would change partway through the run). Settings the file never recorded, and a
-  file removed, do not count."""
+  checkpoints were trained against would change partway through the run). Settings the file never recorded do not
+  count, nor does a file removed, unless the checkpoints' run metadata records other settings that chose its pairs
+  (`_removed_since_checkpoints`)."""
   recorded = {path: {k: v for k, v in (changes or {}).items() if v[0] != _NOT_RECORDED}
               for path, changes in stale.items()}
   recorded = {path: changes for path, changes in recorded.items() if changes}
@@ -1675,6 +1693,101 @@ def _refuse_rewriting_trained_pairs(workdir: str, stale: dict[str, Optional[dict
   raise ValueError(f"the reference log-probs in {details} were computed under other settings, {consequence}. "
                    "Restore the settings this run started with, or start a new workdir (train.init_from can start "
                    "it from this run's params/ once it has finished)")
+
+
+# A DPO train stream that reads every record of a pair file, in file order (in_step and precomputed modes, and
+# precompute mode where the reference file left no pair out): the same records, so the same shuffled order.
+_PAIR_FILE = "every record of the pair file"
+# What a reference file's settings hold that decides which pairs it holds.
+_PAIR_LIST_SETTINGS = ("pairs_file", "tokenizer_id", "tokenizer_size", "system_prompt", "seq_len", "too_long",
+                       "on_bad_record")
+
+
+def _chosen_under(made_with: dict) -> dict:
+  """The settings of `made_with` that decide a reference file's list of pairs, as JSON holds them; the pair file by
+  its contents (its name is data.train_files')."""
+  chosen = {k: made_with[k] for k in _PAIR_LIST_SETTINGS}
+  chosen["pairs_file"] = [sha for _, sha in chosen["pairs_file"]]
+  return json.loads(json.dumps(chosen, default=str))
+
+
+def _reference_source(out_file: str, left_out: dict, made_with: dict, computed_now: bool):
+  """What precompute mode's train stream reads of one pair file: `_PAIR_FILE` where its reference file `out_file`
+  left no pair out; else the file, the pairs it left out (`_NOT_RECORDED` for a file written before they were
+  counted) and the settings that chose them."""
+  recorded = computed_now or os.path.exists(out_file + ".skipped.json")
+  if recorded and not sum(left_out.values()):
+    return _PAIR_FILE
+  return {"reference_file": os.path.basename(out_file), "pairs_left_out": left_out if recorded else _NOT_RECORDED,
+          "chosen_under": _chosen_under(made_with)}
+
+
+def _saved_train_source(workdir: str) -> tuple[Optional[list], Optional[str]]:
+  """(`_reference_source`s of the train stream the newest checkpoint's run read, its dpo.reference) as its run
+  metadata records them; (None, None) where it records none (no checkpoint, a checkpoint written before they were
+  recorded, or one the loop will set aside as damaged)."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()] if os.path.isdir(checkpoints) else []
+  if not steps:
+    return None, None
+  try:
+    with open(os.path.join(checkpoints, str(max(steps)), "meta", "metadata")) as f:  # the step's "meta" item
+      meta = json.load(f)
+    return meta["data"]["train_source"], meta["stage_settings"]["reference"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None, None
+
+
+def _removed_since_checkpoints(workdir: str, outputs: dict, changes: dict, made_with: dict) -> dict[str, dict]:
+  """{reference train file: {setting: (then, now)}} of the files removed since the checkpoints were saved whose
+  run metadata records them chosen under other settings than now: computed again, they would hold another list of
+  pairs than the one the saved data position indexes."""
+  saved, _ = _saved_train_source(workdir)
+  out = {}
+  for (kind, i), path in outputs.items():
+    if kind != "train" or changes[(kind, i)] is not None or not saved or i >= len(saved):
+      continue  # a file still there is compared by its own settings
+    then = saved[i].get("chosen_under", {}) if isinstance(saved[i], dict) else {}
+    now = _chosen_under(made_with[(kind, i)])
+    differ = {k: (then[k], now[k]) for k in now if k in then and then[k] != now[k]}
+    if differ:
+      out[path] = differ
+  return out
+
+
+def _describe_source(source) -> str:
+  if source == _PAIR_FILE:
+    return source
+  left_out = source.get("pairs_left_out")
+  counts = ", ".join(f"{reason}: {n}" for reason, n in left_out.items()) if isinstance(left_out, dict) else left_out
+  return f"the pairs of W/reference/{source.get('reference_file')}, which left out some ({counts})"
+
+
+def _refuse_another_pair_stream(workdir: str, source: list, computed: Sequence[str]) -> None:
+  """Refuses a DPO resume whose train stream reads other records than the stream the checkpoints' data position
+  indexes (`dpo.reference` switched between modes where precompute mode left pairs out; a reference file removed
+  and computed again with another list): its shuffle runs over another number of records, so some pairs would be
+  trained twice and others never. The reference train files `computed` for it are removed first: left, a resume
+  with the settings the run started with would refuse them as computed under other settings. Checkpoints written
+  before the stream was recorded are not compared."""
+  from phi_jax.train.checkpoint import IncompatibleCheckpointError  # pylint: disable=import-outside-toplevel
+  saved, mode = _saved_train_source(workdir)
+  current = json.loads(json.dumps(source, default=str))
+  if saved is None or len(saved) != len(current) or saved == current:
+    return  # another list of train files is the loop's to refuse, naming them
+  details = "; ".join(f"data.train_files[{i}]: {_describe_source(a)} then, {_describe_source(b)} now"
+                      for i, (a, b) in enumerate(zip(saved, current)) if a != b)
+  if jax.process_index() == 0:
+    for path in computed:
+      for name in (path, path + ".settings.json", path + ".skipped.json"):
+        if os.path.exists(name):
+          os.remove(name)
+  raise IncompatibleCheckpointError(
+      f"cannot resume from the checkpoints in {os.path.join(workdir, 'checkpoints')}: they were trained with "
+      f"dpo.reference={mode!r}, and their data position indexes the records that stream read, but this run's "
+      f"stream reads others ({details}), so some pairs would be trained twice and others never. Resume with "
+      f"dpo.reference={mode!r} and the data settings the run started with, or start a new workdir (train.init_from "
+      "can start it from this run's params/ once it has finished)")
 
 
 def reference_file(workdir: str, tag: str, pairs_path: str) -> str:

@@ -942,3 +942,69 @@ def test_reference_check_refuses_a_folder_of_params_it_cannot_list(start_run, mo
   with pytest.raises(ValueError, match=rf"train.init_from=.*cannot read {folder} \(Permission denied\): make the "
                      "params readable on every host"):
     common._check_reference_readable({"init_from": start_run}, None)
+
+
+@pytest.fixture(scope="module")
+def pairs_with_long(setup):
+  """The 7 pairs and 3 whose prompt is too long for SEQ: dpo.too_long='drop' leaves them out."""
+  long_prompt = {"prompt": "What is " + " + ".join(["12"] * 40) + "?", "chosen": "480", "rejected": "12"}
+  return _write_jsonl(setup["tmp"] / "pairs_with_long.jsonl", setup["records"] + [long_prompt] * 3)
+
+
+def _train_dpo(setup, start, workdir, pairs, num_steps, **changes):
+  """Trains the DPO stage through the gin entry point to `num_steps` (a checkpoint at every step); the steps that
+  metrics.jsonl holds."""
+  settings = {"data.train_files": [pairs], "data.seq_len": SEQ, "train.init_from": start, "train.chunk_size": CHUNK,
+              "train.num_steps": num_steps, "train.checkpoint_every": 1, "train.async_checkpoints": False,
+              "dpo.too_long": "drop", "optimizer.warmup_fraction": 0.0, "model.overrides": MODEL_OVERRIDES,
+              "mesh.shape": {"data": 2, "fsdp": -1}, **changes}
+  _run_gin([os.path.join(ROOT, "experiments/configs/dpo_tiny.gin")], [f"{k}={v!r}" for k, v in settings.items()],
+           common.run_training, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["step"] for line in f]
+
+
+def test_a_dpo_resume_with_the_reference_mode_switched_where_pairs_were_left_out_is_refused(setup, start_run,
+                                                                                          pairs_with_long):
+  """The saved data position indexes the records the train stream reads: in_step mode reads every pair of the file,
+  precompute mode its reference file, which leaves the too-long pairs out. Switched on resume, the shuffle would run
+  over another number of records (some pairs trained twice, others never)."""
+  workdir = _workdir(setup, "dpo_switch_from_in_step")
+  assert _train_dpo(setup, start_run, workdir, pairs_with_long, 1) == [1]
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=(
+      r"trained with dpo.reference='in_step'.*data.train_files\[0\]: every record of the pair file then, the pairs "
+      r"of W/reference/train0-pairs_with_long.jsonl, which left out some \(too long: 3\) now\), so some pairs would "
+      r"be trained twice and others never. Resume with dpo.reference='in_step'")):
+    _train_dpo(setup, start_run, workdir, pairs_with_long, 2, **{"dpo.reference": "precompute"})
+  # Left, the file would be refused as computed under other settings by a later switch to precompute mode.
+  assert not os.path.exists(os.path.join(workdir, "reference", "train0-pairs_with_long.jsonl"))
+  assert _train_dpo(setup, start_run, workdir, pairs_with_long, 2) == [1, 2]  # the same mode resumes
+
+
+def test_a_precompute_mode_resume_that_would_read_other_pairs_is_refused(setup, start_run, pairs_with_long):
+  workdir = _workdir(setup, "dpo_switch_from_precompute")
+  precompute = {"dpo.reference": "precompute"}
+  assert _train_dpo(setup, start_run, workdir, pairs_with_long, 1, **precompute) == [1]
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=(
+      r"trained with dpo.reference='precompute'.*which left out some \(too long: 3\) then, every record of the pair "
+      r"file now.*Resume with dpo.reference='precompute'")):
+    _train_dpo(setup, start_run, workdir, pairs_with_long, 2)
+  # The reference train file removed: computed again under another seq_len, it could hold another list of pairs.
+  written = os.path.join(workdir, "reference", "train0-pairs_with_long.jsonl")
+  os.remove(written)
+  with pytest.raises(ValueError, match=r"train0-pairs_with_long.jsonl \(seq_len: 80 -> 96\).*the saved data "
+                     r"position .* points into that file's list of pairs"):
+    _train_dpo(setup, start_run, workdir, pairs_with_long, 2, **precompute, **{"data.seq_len": 96})
+  assert not os.path.exists(written)  # refused before computing it
+  # Under the settings the run started with, it holds the same pairs again: the run resumes.
+  assert _train_dpo(setup, start_run, workdir, pairs_with_long, 2, **precompute) == [1, 2]
+
+
+def test_a_reference_mode_switch_that_leaves_no_pair_out_resumes(setup, start_run):
+  """A reference file that left no pair out holds every record of the pair file in file order: the stream in_step
+  mode reads, so the saved data position points where it did."""
+  workdir = _workdir(setup, "dpo_switch_nothing_left_out")
+  keep_all = {"dpo.too_long": "truncate_prompt"}
+  assert _train_dpo(setup, start_run, workdir, setup["path"], 1, **keep_all) == [1]
+  assert _train_dpo(setup, start_run, workdir, setup["path"], 2, **keep_all, **{"dpo.reference": "precompute"}) == [
+      1, 2]
