@@ -184,6 +184,7 @@ def test_mini_with_the_math_system_prompt_renders_like_mini_reasoning(tokenizers
     tokenizer = tokenizers[fmt]
     assert render_messages(tokenizer, messages, system_prompt=system) == render_messages(tokenizer, messages)
     assert render_prompt(tokenizer, U, system_prompt=system) == render_prompt(tokenizer, U)
+    assert with_default_system_prompt(tokenizer.chat_template, system) == tokenizer.chat_template
 
 
 @pytest.mark.parametrize("fmt", ["phi-4", "phi-4-mini"])
@@ -236,6 +237,48 @@ def test_a_system_prompt_the_template_drops_is_warned_of_once(tokenizers, caplog
     render_messages(tokenizers["phi-4-mini-reasoning"], [USER_1, ASSISTANT_2],
                     system_prompt=PHI4_MINI_REASONING_SYSTEM_PROMPT)  # written by the template itself
   assert "leaves system messages out" not in caplog.text
+
+
+def test_generation_prompts_warn_of_a_dropped_system_prompt_and_control_strings_once(caplog, tmp_path):
+  """GRPO, the sampler and rollouts render prompts with data.system_prompt: what training warns of, said here too,
+  once per tokenizer rather than once per prompt."""
+  reasoning = build_tiny_tokenizer(tmp_path, chat_format="phi-4-reasoning")  # not yet warned about
+  question = "Why does the text end with <|im_end|> here?"
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    for _ in range(3):
+      ids = render_prompt(reasoning, question, system_prompt="Answer in French.")
+  assert "French" not in reasoning.decode(ids)
+  assert caplog.text.count("leaves system messages out of the rendered text") == 1
+  assert caplog.text.count("holds the special token string(s) <|im_end|>") == 1
+  assert ids == _reference_ids(reasoning, [{"role": "system", "content": "Answer in French."},
+                                           {"role": "user", "content": question}], True)
+
+
+@pytest.mark.parametrize("fmt,system,expected", [
+    ("phi-4", "assistant", "<|im_start|>system<|im_sep|>assistant<|im_end|><|im_start|>user"),
+    ("phi-4", "user", "<|im_start|>system<|im_sep|>user<|im_end|><|im_start|>user"),
+    ("phi-4-mini-reasoning", "an AI math expert",
+     "<|system|>" + PHI4_MINI_REASONING_SYSTEM_PROMPT + " an AI math expert<|end|><|user|>"),
+])
+def test_a_system_prompt_that_is_only_part_of_the_template_is_kept(tokenizers, fmt, system, expected):
+  """Only a system prompt the template writes as a whole system turn is left out as built in, not any text that
+  happens to occur in the template's source or output (a role name, part of the built-in sentence)."""
+  tokenizer = tokenizers[fmt]
+  ids, _ = render_messages(tokenizer, [USER_1, ASSISTANT_2], system_prompt=system)
+  assert tokenizer.decode(ids).startswith(expected)
+  assert tokenizer.decode(render_prompt(tokenizer, U, system_prompt=system)).startswith(expected)
+  exported = with_default_system_prompt(tokenizer.chat_template, system)
+  assert exported != tokenizer.chat_template  # the export renders the system prompt by itself as well
+  exported_tokenizer = _with_template(tokenizer, exported)
+  assert render_prompt(exported_tokenizer, U) == render_prompt(tokenizer, U, system_prompt=system)
+
+
+def _with_template(tokenizer, template):
+  import copy
+
+  changed = copy.copy(tokenizer)
+  changed.chat_template = template
+  return changed
 
 
 def test_special_token_strings_inside_chat_content_are_warned_of(caplog, tmp_path):
@@ -358,6 +401,23 @@ def test_a_tokenizer_whose_chat_markers_are_not_single_tokens_is_refused_before_
     render_prompt(tokenizer, USER_1["content"])
 
 
+def test_a_tokenizer_that_splits_special_tokens_is_refused_naming_the_setting(tmp_path):
+  """With split_special_tokens=True apply_chat_template tokenizes the chat markers as text: refused by name, not as
+  a tokenizer lacking tokens it has; its stop and think ids are still the vocabulary's."""
+  plain = build_tiny_tokenizer(tmp_path, chat_format="phi-4-reasoning")
+  config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
+  splitting = load_tokenizer(tmp_path)
+  assert splitting.split_special_tokens
+  with pytest.raises(ValueError, match="split_special_tokens=True"):
+    render_messages(splitting, [USER_1, ASSISTANT_2])
+  with pytest.raises(ValueError, match="split_special_tokens=True"):
+    render_prompt(splitting, U)
+  assert stop_token_ids(splitting) == stop_token_ids(plain)
+  assert think_token_ids(splitting) == think_token_ids(plain)
+  assert splitting.encode("<|im_end|>", add_special_tokens=False) != [stop_token_ids(plain)[0]]  # still splitting
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_stop_and_think_ids_are_resolved_by_string(tokenizers, fmt):
   tokenizer = tokenizers[fmt]
@@ -430,6 +490,25 @@ def test_saving_over_another_tokenizer_leaves_none_of_its_files(tokenizers, tmp_
   reloaded = load_tokenizer(tmp_path)
   assert (reloaded.eos_token, reloaded.pad_token) == (phi4.eos_token, phi4.pad_token)
   assert (tmp_path / "README.md").read_text() == "kept"
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_saved_tokenizer_keeps_its_chat_template_in_tokenizer_config(tokenizers, tmp_path, named):
+  """Older transformers 4 releases and serving tools read the chat template from tokenizer_config.json only."""
+  from phi_jax.data.preference import tokenizer_id
+
+  template = with_default_system_prompt(CHAT_TEMPLATES["phi-4"], "Be brief.")
+  exported = _with_template(tokenizers["phi-4"], {"default": template} if named else template)
+  (tmp_path / "chat_template.jinja").write_text("stale")  # an earlier save's, the tokenizer's own directory
+  exported.name_or_path = str(tmp_path)
+  save_tokenizer(exported, tmp_path)
+  config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  assert config["chat_template"] == ([{"name": "default", "template": template}] if named else template)
+  assert load_tokenizer(tmp_path).chat_template == exported.chat_template
+  assert tokenizer_id(load_tokenizer(tmp_path)) == tokenizer_id(exported)
+  # An unchanged tokenizer saved and loaded again is the same tokenizer to the runs that record it.
+  save_tokenizer(tokenizers["phi-4"], tmp_path / "copy")
+  assert tokenizer_id(load_tokenizer(tmp_path / "copy")) == tokenizer_id(tokenizers["phi-4"])
 
 
 def test_a_tokenizer_file_or_a_hub_id_is_told_what_to_give_instead(tokenizers, tmp_path):

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from phi_jax.hf.tokenizer import PHI4_MINI_REASONING_SYSTEM_PROMPT, PHI4_REASONING_SYSTEM_PROMPT
 
@@ -51,6 +53,11 @@ _SENTINEL = "\x00phi_jax:assistant:{}\x00"
 # characters, and generation could never stop on a multi-token end-of-turn.
 _CONTROL_TOKENS = {"phi-4": ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
                    "phi-4-mini": ("<|user|>", "<|assistant|>", "<|end|>")}
+# The end-of-turn tokens and every marker of both formats (<|system|> opens Phi-4-mini-reasoning's built-in system
+# turn): what delimits the text of each turn in a rendered conversation.
+_END_OF_TURN_TOKENS = tuple(stops[0] for stops in STOP_TOKENS.values())
+_MARKERS = re.compile("(" + "|".join(map(re.escape, sorted(
+    {"<|system|>", *(t for tokens in (*_CONTROL_TOKENS.values(), *STOP_TOKENS.values()) for t in tokens)}))) + ")")
 _CHECKED_TOKENIZERS = weakref.WeakSet()
 _WARNED_OF_DROPPED_SYSTEM = weakref.WeakSet()
 _WARNED_OF_CONTROL_STRINGS = weakref.WeakSet()
@@ -107,13 +114,18 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase,
                   messages_or_question: Union[str, Sequence[Message]],
                   *,
                   system_prompt: Optional[str] = None) -> list[int]:
-  """Prompt ids for generation: the conversation (or one user question) followed by the assistant header."""
+  """Prompt ids for generation: the conversation (or one user question) followed by the assistant header, as
+  `apply_chat_template(..., tokenize=True, add_generation_prompt=True)` gives them. A system prompt the template
+  drops and special token strings in the messages are warned of as in `render_messages`, once per tokenizer."""
   if isinstance(messages_or_question, str):
     messages_or_question = [{"role": "user", "content": messages_or_question}]
   _require_control_tokens(tokenizer)
   messages = _checked_messages(messages_or_question, _unless_built_in(tokenizer, system_prompt))
-  _require_template(tokenizer)
-  return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+  text = _render(tokenizer, messages, add_generation_prompt=True)
+  _warn_if_system_dropped(tokenizer, messages, text)
+  _warn_of_control_strings(tokenizer, messages)
+  # What apply_chat_template's tokenize=True does with the text it renders.
+  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def chat_family(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -151,6 +163,11 @@ def think_token_ids(tokenizer: PreTrainedTokenizerBase) -> Optional[tuple[int, i
 
 def _require_control_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
   """Refuses a tokenizer on which its chat format's markers are not single tokens (checked once per tokenizer)."""
+  if getattr(tokenizer, "split_special_tokens", False):  # a flag that can be set at any time: checked every call
+    raise ValueError("the tokenizer has split_special_tokens=True, so apply_chat_template tokenizes the chat markers "
+                     "(<|im_start|>, <|end|>, ...) as plain text: turns would be trained as characters and generation "
+                     "could never stop on them. Load it with split_special_tokens=False (remove the setting from its "
+                     "tokenizer_config.json, or set tokenizer.split_special_tokens = False)")
   if not _first_time(_CHECKED_TOKENIZERS, tokenizer):
     return
   family = chat_family(tokenizer)
@@ -180,7 +197,11 @@ def _remember(seen: weakref.WeakSet, tokenizer) -> None:
 
 
 def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> Optional[int]:
-  """The id `token` encodes to when it appears in text, or None when it takes several tokens or is unknown."""
+  """The id `token` encodes to when it appears in text, or None when it takes several tokens or is unknown. On a
+  tokenizer that splits special tokens into text, the id of the added token it would be read as otherwise: a
+  per-call split_special_tokens=False sets the flag on the shared backend, under any thread encoding at the time."""
+  if getattr(tokenizer, "split_special_tokens", False):
+    return tokenizer.get_added_vocab().get(token)
   ids = tokenizer.encode(token, add_special_tokens=False)
   # The round trip rejects an unknown-token id (some vocabularies map anything unknown to one id).
   return ids[0] if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token else None
@@ -194,11 +215,19 @@ def with_default_system_prompt(template: Union[str, Mapping[str, str]], system_p
     return template
   if isinstance(template, Mapping):
     return {name: with_default_system_prompt(t, system_prompt) for name, t in template.items()}
-  if system_prompt and system_prompt in template:
-    return template  # it writes the prompt itself (Phi-4-mini-reasoning's template)
+  if system_prompt.strip() and _writes_system_turn(_render_template(template), system_prompt):
+    return template  # it writes the prompt itself (Phi-4-mini-reasoning's template), as `_unless_built_in` finds
   default = json.dumps(system_prompt, ensure_ascii=False)  # a Jinja string literal
   return ("{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', "
           f"'content': {default}}}] + messages %}}{{%- endif %}}" + template)
+
+
+def _render_template(template: str) -> str:
+  """What `template` alone renders for one user message (no tokenizer: special-token variables such as eos_token
+  are empty, which only templates' trailing tokens use)."""
+  rendered, _ = render_jinja_template(conversations=[[{"role": "user", "content": _SENTINEL.format("user")}]],
+                                      chat_template=template, add_generation_prompt=False)
+  return rendered[0]
 
 
 def _warn_if_system_dropped(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], text: str) -> None:
@@ -241,12 +270,19 @@ def _control_strings(tokenizer: PreTrainedTokenizerBase) -> set[str]:
 def _unless_built_in(tokenizer: PreTrainedTokenizerBase, system_prompt: Optional[str]) -> Optional[str]:
   """None when the chat template already writes `system_prompt` itself (Phi-4-mini-reasoning's template opens with
   its system sentence and appends any system message to it): given again, the sentence would appear twice."""
-  template = getattr(tokenizer, "chat_template", None) or ""
-  if isinstance(template, Mapping):  # named templates ({"default": ..., "tool_use": ...}): `in` would test the names
-    template = "".join(t for t in template.values() if isinstance(t, str))
-  if isinstance(system_prompt, str) and system_prompt and system_prompt in template:
-    return None
-  return system_prompt
+  if not isinstance(system_prompt, str) or not system_prompt.strip():
+    return system_prompt
+  rendered = _render(tokenizer, [{"role": "user", "content": _SENTINEL.format("user")}], False)
+  return None if _writes_system_turn(rendered, system_prompt) else system_prompt
+
+
+def _writes_system_turn(rendered: str, system_prompt: str) -> bool:
+  """Whether `rendered`, a one-user-message conversation without a system message, holds `system_prompt` as the
+  whole text between a chat marker and an end-of-turn token. Any other occurrence (a role name, part of the built-in
+  sentence) is not the prompt: a system turn still has to carry it."""
+  pieces = _MARKERS.split(rendered)  # text, marker, text, marker, ..., text
+  return any(pieces[i].strip() == system_prompt.strip() and pieces[i + 1] in _END_OF_TURN_TOKENS
+             for i in range(0, len(pieces) - 1, 2))
 
 
 def _checked_messages(messages: Sequence[Message], system_prompt: Optional[str]) -> list[dict[str, Any]]:

@@ -204,22 +204,28 @@ _TOKENIZER_SIDE_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.
 def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:
   """`tokenizer.save_pretrained(out_dir)`, readable by transformers 4 as well: transformers 5 names a plain
   tokenizers-library tokenizer `TokenizersBackend`, a class transformers 4 (and tools built on it) do not know; the
-  same files under `PreTrainedTokenizerFast` load in both. Tokenizer files of an earlier save into `out_dir` that
-  this one does not write (a special_tokens_map.json, which transformers 5 no longer writes, would set eos and pad)
-  are removed first."""
+  same files under `PreTrainedTokenizerFast` load in both. The chat template goes into tokenizer_config.json, not
+  chat_template.jinja, which older transformers 4 releases and serving tools built on them do not read. Tokenizer
+  files of an earlier save into `out_dir` that this one does not write (a special_tokens_map.json, which
+  transformers 5 no longer writes, would set eos and pad) are removed first."""
   own_dir = os.path.realpath(os.fspath(out_dir)) == os.path.realpath(getattr(tokenizer, "name_or_path", "") or "")
   for name in () if own_dir else _TOKENIZER_SIDE_FILES:  # its own files may be what it saves from
-    stale = os.path.join(os.fspath(out_dir), name)
-    if os.path.isfile(stale):
-      logging.getLogger("phi_jax").info("removing %s, an earlier tokenizer's file, before saving this one", stale)
-      os.remove(stale)
-  tokenizer.save_pretrained(out_dir)
+    _remove_stale(os.path.join(os.fspath(out_dir), name))
+  tokenizer.save_pretrained(out_dir, save_jinja_files=False)
   path = os.path.join(os.fspath(out_dir), "tokenizer_config.json")
   with open(path, encoding="utf-8") as f:
     config = json.load(f)
+  if "chat_template" in config:  # a chat_template.jinja left in its own directory would be read instead of it
+    _remove_stale(os.path.join(os.fspath(out_dir), "chat_template.jinja"))
   if config.get("tokenizer_class") == "TokenizersBackend":
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     _write_json(path, config)
+
+
+def _remove_stale(path: str) -> None:
+  if os.path.isfile(path):
+    logging.getLogger("phi_jax").info("removing %s, an earlier tokenizer's file that this save does not write", path)
+    os.remove(path)
 
 
 def _pipeline_differs(tokenizer, tokenizer_json: str) -> bool:
