@@ -1427,6 +1427,53 @@ def test_factorials_of_powers_gamma_and_binomials_too_large_for_sympy_are_screen
   assert pool.verify_batch(completions, ["1"] * len(completions)) == [False] * len(completions) and not sent
 
 
+BRACKETED_HANGS = {  # answer -> words in the reason; math-verify reads each bracket pair, sympy computes for minutes
+    "\\left[2^{20}\\right]!": "factorial", "[2^{20}]!": "factorial", "\\lbrack 10^{10}\\rbrack!": "factorial",
+    "\\lfloor 10^{10}\\rfloor!": "factorial", "\\left\\lceil 10^{10}\\right\\rceil!": "factorial",
+    "|10^{10}|!": "factorial", "\\left|10^{10}\\right|!": "factorial", "\\lvert 10^{10}\\rvert!": "factorial",
+    "\\left\\vert 10^{10}\\right\\vert!": "factorial", "\\{10^{10}\\}!": "factorial", "[20000]!": "factorial",
+    # bars pair as math-verify reads them: |x| * (|10^10|)!, (||10^10| - 1|)!
+    "|x|\\cdot|10^{10}|!": "factorial", "||10^{10}|-1|!": "factorial", "|2\\pi||10^{10}|!": "factorial",
+    "|-|10^{10}||!": "factorial", "\\lfloor x \\rfloor \\lfloor 10^{10} \\rfloor!": "factorial",
+    # a constant before a group takes no argument: pi * (10^10)!
+    "\\pi(10^{10})!": "factorial", "\\pi \\lfloor 10^{10}\\rfloor!": "factorial",
+    # floor and ceiling keep a power, Gamma or binomial argument numeric
+    "7^{\\lfloor 10^{8}\\rfloor}": "exponent", "7^{\\lceil 10^{8} \\rceil}": "exponent",
+    "\\Gamma(\\lfloor 10^{8}\\rfloor)": "Gamma", "\\binom{\\lfloor 10^{9}\\rfloor}{10^{5}}": "binomial",
+}
+
+
+def test_factorials_powers_and_functions_of_bracketed_numbers_are_screened():
+  for answer, why in BRACKETED_HANGS.items():
+    problem = screen_problem(answer)
+    assert problem is not None and why in problem, (answer, problem)
+  # Intervals pair their mixed brackets without hiding a later factorial; small or symbolic operands pass.
+  for answer in ("[1, 2)", "(0, 1]!", "[0, 1) \\cup (2, 3]", "\\left[0, 1\\right)", "\\lfloor 2^{3} \\rfloor!",
+                 "|x|!", "\\lfloor x \\rfloor!", "[3]!", "|2|+|3|!", "\\{1, 2\\}", "|x|\\cdot|3|!",
+                 "2^{\\lfloor 2.5 \\rfloor}", "\\Gamma(\\lceil 4.5 \\rceil)"):
+    assert screen_problem(answer) is None, answer
+  for answer in ("[0, 1) \\cup [10^{10}]!", "(0, 1] \\cdot \\lceil 10^{10} \\rceil!"):
+    assert "factorial" in (screen_problem(answer) or ""), answer
+
+
+def test_a_repeating_decimal_is_bounded_as_the_exact_fraction_the_verifier_reads():
+  """The verifier writes `0.00000000\\overline{1}` as the exact 1/900000000, so sympy raises 7 to its reciprocal
+  exactly, for minutes; a number below 1 is bounded through its leading zeros, the repeating part's too."""
+  for answer, why in {"7^{\\frac{1}{0.00000000\\overline{1}}}": "exponent",
+                      "7^{\\frac{1}{.\\overline{000000001}}}": "exponent",
+                      "7^{\\frac{1}{.\\overline{000000001}} + 2^{2}}": "exponent",
+                      "(\\frac{1}{0.00000\\overline{1}})!": "factorial",
+                      "\\Gamma(\\frac{1}{0.0000\\overline{1}})": "Gamma",
+                      # a float, yet floor, Gamma or a factorial of it is computed exactly: bounded alike
+                      "2^{\\frac{1}{0.0000001}}": "exponent", "(\\frac{1}{0.0000001})!": "factorial",
+                      "7^{\\lfloor \\frac{1}{0.0000001} \\rfloor}": "exponent"}.items():
+    problem = screen_problem(answer)
+    assert problem is not None and why in problem, (answer, problem)
+  # Decimals with few leading zeros bound small however many digits follow (math-verify reads them as floats).
+  for answer in ("e^{-0.693147}", "10^{0.\\overline{3}}", "2^{\\frac{1}{0.\\overline{3}}}", "2^{\\frac{1}{0.0001}}",
+                 "(0.5)!", "2^{1.41421356}", "\\overline{z}^{2}"):
+    assert screen_problem(answer) is None, answer
+
 def test_superscript_digits_are_screened_not_a_crash(pool, monkeypatch):
   """'²'.isdigit() is True yet int('²') raises: a superscript beside a factorial or in an exponent crashed the screen,
   and with it a GRPO step. math-verify reads '3²' as 3, so superscripts are no digits to the screen either."""

@@ -14,8 +14,11 @@ import dataclasses
 import math
 from typing import Optional
 
-# Commands whose letters do not make an exponent symbolic (`2^{3 \cdot 4}` is still a number).
-_NUMERIC_COMMANDS = ("\\cdot", "\\times", "\\left", "\\right", "\\frac", "\\dfrac", "\\tfrac", "\\sqrt", "\\div")
+# Commands whose letters do not make an exponent symbolic (`2^{3 \cdot 4}` is still a number): sympy computes
+# `7^{\lfloor 10^{8} \rfloor}` exactly, and the verifier reads a repeating decimal (`\overline`) as an exact fraction.
+_NUMERIC_COMMANDS = ("\\cdot", "\\times", "\\left", "\\right", "\\frac", "\\dfrac", "\\tfrac", "\\sqrt", "\\div",
+                     "\\overline", "\\lfloor", "\\rfloor", "\\lceil", "\\rceil", "\\lvert", "\\rvert", "\\vert",
+                     "\\lbrack", "\\rbrack", "\\lbrace", "\\rbrace")
 # Functions of numbers that sympy evaluates exactly, as large as factorials (math-verify reads these spellings).
 _GAMMA_COMMANDS = ("Gamma",)
 _BINOMIAL_COMMANDS = ("binom", "dbinom", "tbinom")
@@ -185,7 +188,9 @@ def _exponent_problem(operand: str, limit: int) -> Optional[str]:
 
 def _factorial_problem(text: str, config: ScreenConfig) -> Optional[str]:
   """Why a factorial in `text` is dangerous: a numeric operand (a number or group, with the power it is the exponent
-  of and the command it is the argument of) whose bound exceeds ScreenConfig.max_factorial_operand."""
+  of and the command it is the argument of) whose bound exceeds ScreenConfig.max_factorial_operand. Other bracket
+  pairs count as groups (`_as_parentheses`)."""
+  text = _as_parentheses(text)
   closer_to_open = {close: open_ for open_, close in _brace_matches(text).items()}
   limit = config.max_factorial_operand
   for i, ch in enumerate(text):
@@ -210,6 +215,51 @@ def _factorial_problem(text: str, config: ScreenConfig) -> Optional[str]:
     if bound is None or bound > limit:
       return f"factorial of {operand.strip()!r}, possibly over {limit}"
   return None
+
+
+# Brackets that math-verify reads around a factorial's operand (`\lfloor 10^{10} \rfloor!` is floor(10^10)!), as
+# parentheses. Square brackets too, in either direction, so that an interval (`[1, 2)`, `(0, 1]`) pairs as a group.
+_BRACKET_SPELLINGS = (("\\vert", "|"), ("\\left|", "\\left("), ("\\right|", "\\right)"), ("\\lvert", "("),
+                      ("\\rvert", ")"), ("\\lfloor", "("), ("\\rfloor", ")"), ("\\lceil", "("), ("\\rceil", ")"),
+                      ("\\lbrack", "("), ("\\rbrack", ")"), ("\\lbrace", "("), ("\\rbrace", ")"), ("\\{", "("),
+                      ("\\}", ")"), ("[", "("), ("]", ")"))
+# Commands after which a bar opens an absolute value (`|x| \cdot |y|`) rather than closing one.
+_OPERATOR_COMMANDS = ("cdot", "times", "div", "pm", "mp", "ast", "left")
+
+
+def _as_parentheses(text: str) -> str:
+  """`text` with the bracket pairs of `_BRACKET_SPELLINGS` and absolute-value bars written as parentheses. A bar
+  closes the innermost open bar where it follows an operand (`|x|`, `||a|-1|`) and opens one otherwise
+  (`|-|a||`, `2|a|`); bars left unpaired stay bars."""
+  for spelling, parenthesis in _BRACKET_SPELLINGS:
+    text = text.replace(spelling, parenthesis)
+  chars, open_bars = list(text), []
+  for i, ch in enumerate(text):
+    if ch != "|":
+      continue
+    if open_bars and _follows_operand(chars, i):
+      chars[open_bars.pop()], chars[i] = "(", ")"
+    else:
+      open_bars.append(i)
+  return "".join(chars)
+
+
+def _follows_operand(chars: list[str], i: int) -> bool:
+  """Whether `chars[i]` follows the end of an operand: a number, letter, closing bracket, factorial or a command
+  other than an operator (`\\pi`, not `\\cdot`)."""
+  j = i - 1
+  while j >= 0 and chars[j] in " \t":
+    j -= 1
+  if j < 0:
+    return False
+  if _is_digit(chars[j]) or chars[j] in ".)}!":
+    return True
+  if not chars[j].isalpha():
+    return False
+  k = j
+  while k >= 0 and chars[k].isalpha():
+    k -= 1
+  return k < 0 or chars[k] != "\\" or "".join(chars[k + 1:j + 1]) not in _OPERATOR_COMMANDS
 
 
 def _atom_start(text: str, j: int, closer_to_open: dict[int, int]) -> Optional[int]:
@@ -250,7 +300,9 @@ def _factorial_operand_start(text: str, j: int, closer_to_open: dict[int, int]) 
 
 def _command_start(text: str, start: int, closer_to_open: dict[int, int]) -> Optional[int]:
   """Start of the command (`\\frac`, `\\Gamma`, `\\left`) whose argument list ends with the group at `start`, or None.
-  Up to two `{}` groups before it belong to the same command (`\\frac{a}{b}`)."""
+  Up to two `{}` groups before it belong to the same command (`\\frac{a}{b}`). Only a command of numbers counts: a
+  constant or operator takes no argument (`\\pi(10^{10})!` is pi * (10^10)!), and a function of a group is bounded
+  by the group."""
   if text[start] not in "{(":
     return None
   i = _skip_back(text, start - 1)
@@ -260,7 +312,8 @@ def _command_start(text: str, start: int, closer_to_open: dict[int, int]) -> Opt
   k = i
   while k >= 0 and text[k].isalpha():
     k -= 1
-  return k if k < i and k >= 0 and text[k] == "\\" else None
+  is_command = k < i and k >= 0 and text[k] == "\\"
+  return k if is_command and text[k:i + 1] in _NUMERIC_COMMANDS + _FUNCTION_COMMANDS else None
 
 
 def _argument_span(text: str, i: int, matches: dict[int, int]) -> tuple[int, int]:
@@ -322,19 +375,39 @@ def _binomial_problem(text: str, i: int, matches: dict[int, int], limit: int) ->
 
 def _numeric_bound(operand: str, limit: int) -> int:
   """An upper bound on the value of a numeric operand without powers or factorials (`{99999 \\cdot 99999}`,
-  `(100000000)`): the product of its numbers, each counted as at least 2, which no sum, product or quotient of
-  them exceeds. Stops once past `limit`, so a long operand stays a linear scan."""
-  bound, run = 1, ""
+  `(100000000)`): the product of its numbers' `_number_bound`s, which no sum, product or quotient of them exceeds.
+  Stops once past `limit`, so a long operand stays a linear scan."""
+  bound, number = 1, ""
   for ch in operand + " ":
-    if _is_digit(ch):
-      run += ch
+    if _is_digit(ch) or ch == ".":
+      number += ch
       continue
-    if run:
-      bound *= max(int(run), 2) if len(run) <= 18 else limit + 1
-      run = ""
+    if number:
+      bound *= _number_bound(number, limit + 1)
+      number = ""
       if bound > limit:
         return bound
   return bound
+
+
+def _number_bound(number: str, cap: int) -> int:
+  """A bound, at least 2 and capped at `cap`, on a number (`12`, `0.25`, `.5`) and on its reciprocal. Below 1 a
+  number is bounded through its leading zeros (1/0.0012 < 10^3), and so is an integer that has any: it may be the
+  repeating part of a decimal, which the verifier reads as an exact fraction (`0.\\overline{001}` is 1/999)."""
+  longest = min(cap.bit_length(), 4000)  # 10^longest is past the cap, or too long a number to convert
+  whole, point, fraction = number.partition(".")
+  if "." in fraction:  # `1.2.3` is no number math-verify reads; bound every reading
+    tens = len(number)
+  elif not point and len(whole) > 1 and whole[0] == "0":
+    tens = len(whole)
+  elif whole.strip("0"):  # at least 1, so its reciprocal is at most 1
+    whole = whole.lstrip("0")
+    return cap if len(whole) > longest else min(max(int(whole) + bool(point), 2), cap)
+  elif point:
+    tens = len(fraction) - len(fraction.lstrip("0")) + 1
+  else:
+    return 2
+  return cap if tens > longest else min(10**tens, cap)
 
 
 class _Unreadable(Exception):
@@ -344,9 +417,9 @@ class _Unreadable(Exception):
 def _value_bound(operand: str, limit: int) -> Optional[int]:
   """An upper bound, capped at `limit + 1`, on the magnitude of a numeric operand that may hold powers, factorials,
   `\\Gamma` and binomials (`2^{2^{3}}`, `(3!)!`), or None where a power or factorial applies to something it cannot
-  read. As in `_numeric_bound` the atoms (numbers, groups, powers, ...) multiply, each counted as at least 2; a power
-  is bounded right to left (`2^3^4` as 2^(3^4), the larger reading), and a decimal by 10^(its digit count), which
-  bounds its reciprocal too. Capping keeps every step small, so bounding costs about as much as a scan."""
+  read. As in `_numeric_bound` the atoms (numbers, groups, powers, ...) multiply, each counted as at least 2, and a
+  number by its `_number_bound`, which bounds its reciprocal too; a power is bounded right to left (`2^3^4` as
+  2^(3^4), the larger reading). Capping keeps every step small, so bounding costs about as much as a scan."""
   try:
     return _product_bound(operand, 0, len(operand), _brace_matches(operand), limit + 1)
   except _Unreadable:
@@ -371,10 +444,7 @@ def _atom_bound(text: str, i: int, end: int, matches: dict[int, int], cap: int) 
     j = i
     while j < end and (_is_digit(text[j]) or text[j] == "."):
       j += 1
-    digits = sum(map(_is_digit, text[i:j]))
-    if digits > min(cap.bit_length(), 4000):  # past the cap (it is at least 2^(digits - 1)), or too long to convert
-      return cap, j
-    return min(max(int(text[i:j]) if "." not in text[i:j] else 10**digits, 2), cap), j
+    return _number_bound(text[i:j], cap), j
   if i in matches:
     return max(_product_bound(text, i + 1, matches[i], matches, cap), 2), matches[i] + 1
   if text[i] != "\\":
