@@ -168,9 +168,17 @@ def parse_gin(files: Sequence[str], params: Sequence[str], macro_files: Optional
               macro_texts: Sequence[str] = ()):
   """Parses gin `files`, then the bindings `params`. A binding without a configurable (a gin macro) is refused unless
   `files`, `macro_files` or `macro_texts` (other configs the same bindings go to) use it; `macro_files=None` skips
-  that check."""
+  that check. A binding of `params` with a gin scope (`sft/train.num_steps=7`) is refused."""
   if macro_files is not None:
     _check_macro_params(list(files) + list(macro_files), params, macro_texts)
+  scoped = scoped_bindings(params)
+  if scoped:
+    # gin applies a scoped binding only inside that scope, and no configurable here is called in one: gin took it
+    # and the run went on with the unscoped value.
+    param, scope, plain = scoped[0]
+    raise ValueError(f"--gin_param {param!r} has the gin scope {scope + '/'!r}, which reaches no setting (no "
+                     f"configurable runs in a gin scope here, so the run would go on without it): drop the scope, "
+                     f"--gin_param={shlex.quote(plain)}")
   try:
     gin.parse_config_files_and_bindings(list(files), list(params), finalize_config=False, skip_unknown=False)
   except SyntaxError as e:
@@ -301,6 +309,20 @@ def binding_key(statement) -> Optional[str]:
   if not isinstance(statement, config_parser.BindingStatement) or not statement.arg_name:
     return None
   return f"{statement.selector.split('.')[-1]}.{statement.arg_name}"
+
+
+def scoped_bindings(params: Sequence[str]) -> list[tuple[str, str, str]]:
+  """(param, its gin scope, the param without the scope) of each binding of `params` that has a scope
+  (`sft/train.num_steps=7`); none where a param does not parse (gin's own parse says why)."""
+  out = []
+  for param in params:
+    try:
+      statements = gin_statements(param)
+    except SyntaxError:
+      continue
+    out += [(param, st.scope, param.replace(f"{st.scope}/", "", 1)) for st in statements
+            if isinstance(st, config_parser.BindingStatement) and st.scope]
+  return out
 
 
 def warn_unread_bindings(params: Sequence[str], unread: Sequence[str], tool: str, instead: str) -> None:

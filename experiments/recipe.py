@@ -28,15 +28,20 @@ tuning use the valid split only; the test split is only ever reported.
 
 Settings: --gin_file and the recipe.*, evaluation.* and rollouts.* bindings of --gin_param configure the recipe
 itself. Every other --gin_param binding (train.*, model.*, data.*, optimizer.*, mesh.*, ...) configures the
-training stages: it is applied to each stage this run trains, after the stage's file and before that stage's
-entry of recipe.stage_bindings (which is the place for a binding of one stage only); each stage of
-recipe.stages checks its settings before any stage trains, so a binding one of them refuses fails at the start.
-Stages finished before are not trained again. data.train_files, data.tokenizer and train.init_from differ per
-stage and are set by the recipe; change them for a stage through recipe.stage_bindings. A relative path in a
-binding of --gin_param or recipe.stage_bindings (data.train_files, data.eval_files, data.tokenizer,
-train.init_from, model.hf_path) is read from the directory recipe.py is run from where it is found there, else
-from the repository root, as --gin_file is; the stage gin files' own paths are repository-relative. A stage's
-data.train_files, data.eval_files or train.init_from found in neither is refused before any stage trains.
+training stages: it is applied to each stage this run trains, after the stage's file and the recipe gin files'
+entry of recipe.stage_bindings for that stage, and before the command line's own entry (the place for a binding of
+one stage only, such as recipe.stage_bindings={"sft": ["train.num_steps=7"]}: a gin scope, sft/train.num_steps=7,
+reaches no stage and is refused); the command line wins over the files, and a binding for one stage over one for
+every stage. Each stage of recipe.stages checks its settings before any stage trains, so a binding one of them
+refuses fails at the start. Stages finished before are not trained again: where this run's settings for one differ
+from those it was trained with (the --gin_param bindings, its recipe.stage_bindings entry, or the settings its gin
+file, under recipe.config_dir, and those give it together), it is kept and warned of. data.train_files,
+data.tokenizer and train.init_from differ per stage and are set by the recipe; change them for a stage through
+recipe.stage_bindings. A relative path in a binding of --gin_param or recipe.stage_bindings (data.train_files,
+data.eval_files, data.tokenizer, train.init_from, model.hf_path) is read from the directory recipe.py is run from
+where it is found there, else from the repository root, as --gin_file is; the stage gin files' own paths are
+repository-relative. A stage's data.train_files, data.eval_files or train.init_from found in neither is refused
+before any stage trains.
 """
 
 from __future__ import annotations
@@ -119,6 +124,11 @@ def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experimen
   if not_lists:
     raise ValueError(f"recipe.stage_bindings[{not_lists[0]!r}] must be a list of binding strings, e.g. "
                      f'{{"{not_lists[0]}": ["train.num_steps=10"]}}')
+  scoped = [(stage, *found) for stage, entry in stage_bindings.items() for found in common.scoped_bindings(entry)]
+  if scoped:  # no stage runs in a gin scope: gin took the binding, and it reached nothing
+    stage, binding, scope, plain = scoped[0]
+    raise ValueError(f"recipe.stage_bindings[{stage!r}] has {binding!r}, whose gin scope {scope + '/'!r} reaches "
+                     f"no stage: its entry applies to the {stage} stage already; write {json.dumps(plain)}")
   not_counts = sorted(set(task_counts or {}) - set(DEFAULT_COUNTS))
   if not_counts:  # a misspelt key used to be dropped, and its default used
     raise ValueError(f"recipe.task_counts has {not_counts}, which are not task files; the counts are "
@@ -379,6 +389,18 @@ def resolve_binding_paths(binding: str, caller_dir: str) -> str:
   return f"{scope}{statement.selector}.{statement.arg_name}={json.dumps(resolved)}"
 
 
+def _refuse_scoped_params(params: Sequence[str]) -> None:
+  """Refuses a --gin_param with a gin scope (`sft/train.num_steps=7`): no stage runs in one, so gin took it and
+  every stage trained with the unscoped value."""
+  scoped = common.scoped_bindings(params)
+  if scoped:
+    param, scope, plain = scoped[0]
+    example = json.dumps({scope if scope in STAGES else "sft": [plain]})
+    raise ValueError(f"--gin_param {param!r} has the gin scope {scope + '/'!r}, which reaches no stage (no stage "
+                     f"runs in a gin scope): give a binding for one stage as --gin_param='recipe.stage_bindings="
+                     f"{example}'{'' if scope in STAGES else ' (with the stage name)'}, or drop the scope")
+
+
 def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optional[str] = None,
               workdir: Optional[str] = None) -> tuple[dict, dict, dict]:
   """(recipe settings, evaluation settings, rollout settings) of the recipe's gin files and --gin_param values;
@@ -386,6 +408,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   recipe.config_dir found from `caller_dir` (and not the repository root) is read from there, and so is a relative
   path found from `caller_dir` in a path-valued binding (`PATH_KEYS`) of `params` or recipe.stage_bindings, as a
   --gin_file is."""
+  _refuse_scoped_params(params)
   gin.clear_config()
   common.parse_gin(gin_files, [])
   # Their macros stay unresolved: merged with the --gin_param dicts and bound again below, they take the values the
@@ -413,6 +436,10 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
     given = [common.resolve_bound_macros(st.value) for p in params for st in common.gin_statements(p)
              if common.binding_key(st) == name and isinstance(st.value, dict)]
     merged = dict(common.resolve_bound_macros(in_file) or {})  # the macros as the command line left them
+    if name == "recipe.stage_bindings":  # see `stage_bindings`: the files' entries go before the command line's
+      replaced = any(common.binding_key(st) == name and not isinstance(st.value, dict)
+                     for p in params for st in common.gin_statements(p))
+      from_files = {} if replaced else {stage: len(_bindings_list(entry)) for stage, entry in merged.items()}
     for value in given:
       merged = ({k: _bindings_list(merged.get(k, [])) + _bindings_list(value.get(k, [])) for k in {**merged, **value}}
                 if name == "recipe.stage_bindings" else {**merged, **value})
@@ -426,6 +453,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   _, stage_params = split_params(params)
   settings = recipe_settings()
   settings["stage_params"] = stage_params
+  settings["stage_bindings_from_files"] = from_files
   # Run from the repository root, the paths are read from there already and stay as given: a stage's records and
   # checkpoints compare them with the next run's.
   if caller_dir and os.path.realpath(caller_dir) != os.path.realpath(os.getcwd()):
@@ -556,8 +584,10 @@ MERGED_DICTS = ("recipe.stage_bindings", "recipe.task_counts", "recipe.difficult
 
 
 def stage_bindings(stage: str, workdir: str, init_from: Optional[str], settings: dict) -> list[str]:
-  """The gin bindings the recipe adds to a stage's file: the --gin_param bindings for every stage, its data, the
-  tokenizer, its starting point, then its entry of recipe.stage_bindings."""
+  """The gin bindings the recipe adds to a stage's file: its data, the tokenizer, its starting point, the recipe gin
+  files' entries of recipe.stage_bindings for it, the --gin_param bindings for every stage, then the command line's
+  entries for it. Later ones win: the command line over the files, and an entry for one stage over a binding for
+  every stage."""
   data_dir = os.path.join(workdir, "data")
   train_file = (os.path.join(workdir, stage, "pairs.jsonl") if stage == "dpo"
                 else os.path.join(data_dir, f"{STAGE_DATA[stage]}.jsonl"))
@@ -565,7 +595,9 @@ def stage_bindings(stage: str, workdir: str, init_from: Optional[str], settings:
               f"data.tokenizer={json.dumps(os.path.join(data_dir, 'tokenizer'))}"]
   if init_from is not None:
     bindings.append(f"train.init_from={json.dumps(init_from)}")
-  return settings.get("stage_params", []) + bindings + settings["stage_bindings"].get(stage, [])
+  entry = settings["stage_bindings"].get(stage, [])
+  in_files = settings.get("stage_bindings_from_files", {}).get(stage, 0)  # settings not from `configure`: none
+  return bindings + entry[:in_files] + settings.get("stage_params", []) + entry[in_files:]
 
 
 def _configure(settings: dict, stage: str, bindings: Sequence[str]) -> None:
@@ -757,6 +789,63 @@ def run_stage(stage: str, index: int, workdir: str, init_from: Optional[str], se
   return record
 
 
+def _config_bindings(text: str) -> dict[str, str]:
+  """{binding name: value} of the bindings in gin config text as `gin.config_str()` writes it (the top of a run's
+  config.gin; comments skipped, a long value's continuation lines joined)."""
+  entries, key = {}, None
+  for line in text.splitlines():
+    if not line.strip() or line.startswith("#"):
+      continue
+    part = line.strip().removesuffix("\\").strip()
+    if line[0].isspace() and key is not None:
+      entries[key] = f"{entries[key]} {part}".strip()
+    else:
+      key, _, value = part.partition("=")  # a long value starts on the next line: "key = \"
+      key = key.strip()
+      entries[key] = value.strip()
+  return entries
+
+
+def stage_config_changes(settings: dict, workdir: str, stage: str, init_from: Optional[str]) -> list[str]:
+  """'binding = value now, value when trained' for each setting that the config `stage` would train with now gives
+  another value than its run's config.gin records (its <config_dir>/<stage>.gin edited, another recipe.config_dir,
+  a binding of the command line and of recipe.stage_bindings applied in another order). The paths the recipe binds
+  per stage are left out: they name the workdir, which may have moved. None where the stage wrote no config.gin (a
+  DPO stage skipped for want of pairs)."""
+  path = os.path.join(workdir, stage, "config.gin")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    was = _config_bindings(f.read())
+  try:
+    _configure(settings, stage, stage_bindings(stage, workdir, init_from, settings))
+    now = _config_bindings(gin.config_str())
+  finally:
+    gin.clear_config()
+  return [f"{key} = {now.get(key, '(unset)')} now, {was.get(key, '(unset)')} when trained"
+          for key in sorted(set(was) | set(now)) if key not in PER_STAGE_KEYS and was.get(key) != now.get(key)]
+
+
+def warn_if_stage_settings_changed(stage: str, record: dict, settings: dict, workdir: str,
+                                   init_from: Optional[str]) -> None:
+  """A finished stage is not trained again: warns where this run would train it with other settings than its
+  record and config.gin hold (the --gin_param bindings, its recipe.stage_bindings entry, or else what its gin file
+  and those give together)."""
+  stage_dir = os.path.join(workdir, stage)
+  warned = False
+  for key, where in (("stage_params", "--gin_param bindings"), ("stage_bindings", "recipe.stage_bindings")):
+    now = settings.get(key, []) if key == "stage_params" else settings["stage_bindings"].get(stage, [])
+    if now != record.get(key, now if key == "stage_bindings" else []):
+      log.warning("%s is not trained again, so its %s %s do not apply to it (it was trained with %s; delete %s "
+                  "to retrain it with them)", stage, where, now, record.get(key), stage_dir)
+      warned = True
+  changes = [] if warned else stage_config_changes(settings, workdir, stage, init_from)
+  if changes:
+    log.warning("%s is not trained again, so the settings %s/%s.gin and the recipe's bindings give it now do not "
+                "apply to it: %s (its config.gin holds those it was trained with; delete %s to retrain it with "
+                "them)", stage, settings["config_dir"], stage, "; ".join(changes), stage_dir)
+
+
 def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) -> dict:
   """Runs every stage not yet finished, then writes summary.json, report.md and the plots; returns the summary."""
   started = time.time()
@@ -776,11 +865,7 @@ def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) 
       check_lineage(stage, record, parent, workdir)
       log.info("== stage %d/%d: %s already done (accuracy %.3f) ==", index + 1, len(settings["stages"]), stage,
                record["eval"]["accuracy"])
-      for key, where in (("stage_params", "--gin_param bindings"), ("stage_bindings", "recipe.stage_bindings")):
-        now = settings.get(key, []) if key == "stage_params" else settings["stage_bindings"].get(stage, [])
-        if now != record.get(key, now if key == "stage_bindings" else []):
-          log.warning("%s is not trained again, so its %s %s do not apply to it (it was trained with %s; delete %s "
-                      "to retrain it with them)", stage, where, now, record.get(key), stage_dir)
+      warn_if_stage_settings_changed(stage, record, settings, workdir, init_from)
       if stage == "dpo" and "rollouts" in record:
         warn_if_rollouts_changed(record["rollouts"], settings, rollout_cfg, stage_dir)
       evaluated = record.get("evaluation")

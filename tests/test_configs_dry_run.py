@@ -764,6 +764,19 @@ def test_macros_inside_a_bound_list_or_dict_are_resolved(tmp_path):
     gin.clear_config()
 
 
+def test_a_gin_scoped_binding_is_refused_as_it_reaches_no_configurable():
+  """train.py, eval.py and rollouts.py run no configurable in a gin scope: `sft/train.num_steps=7` was accepted and
+  the run went on with the file's value."""
+  try:
+    with pytest.raises(ValueError, match=r"scope 'sft/'.*train\.num_steps=7"):
+      common.parse_gin([], ["sft/train.num_steps=7"])
+    gin.clear_config()
+    common.parse_gin([], ["train.num_steps=7"])
+    assert common.bound_or_none("train.num_steps") == 7
+  finally:
+    gin.clear_config()
+
+
 def test_a_binding_without_a_configurable_or_with_an_unquoted_string_says_how_to_write_it(tmp_path):
   """`learning_rate=1e-3` (MaxText's spelling) is a gin macro: the run went on with the file's value, and a sweep over
   it trained the same run twice. A macro a config uses (`%lr`) is still a way to set it."""

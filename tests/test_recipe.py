@@ -3,6 +3,7 @@ then a re-run that skips every finished stage; and the recipe's settings and sta
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -926,5 +927,96 @@ def test_one_string_as_a_stage_bindings_entry_is_a_list_of_one_in_a_file_too(mon
   try:
     settings, _, _ = recipe.configure([str(own)], [])
     assert settings["stage_bindings"]["sft"] == ["train.num_steps=5"]
+  finally:
+    gin.clear_config()
+
+
+def _steps(settings, stage, workdir):
+  return recipe._stage_config(settings, str(workdir), stage, lambda: common.train_settings()["loop"].num_steps)
+
+
+def test_a_command_line_training_binding_wins_over_the_files_stage_bindings(monkeypatch, tmp_path):
+  """quick.gin's recipe.stage_bindings bind train.num_steps for every stage: applied after the command line's
+  bindings, they silently undid `--gin_param=train.num_steps=10`. The command line's own entry for a stage still
+  wins over its bindings for every stage."""
+  monkeypatch.chdir(ROOT)
+  quick = ["experiments/configs/recipe_tiny/quick.gin"]
+  try:
+    settings, _, _ = recipe.configure(quick, ["train.num_steps=10"])
+    assert {stage: _steps(settings, stage, tmp_path) for stage in ("base", "sft")} == {"base": 10, "sft": 10}
+    # What the stage records is what it trained with: the lists themselves are as before.
+    assert settings["stage_params"] == ["train.num_steps=10"]
+    assert settings["stage_bindings"]["base"] == ["train.num_steps=4"]
+    settings, _, _ = recipe.configure(quick, ["train.num_steps=10",
+                                              'recipe.stage_bindings={"sft": ["train.num_steps=7"]}'])
+    assert {stage: _steps(settings, stage, tmp_path) for stage in ("base", "sft")} == {"base": 10, "sft": 7}
+    settings, _, _ = recipe.configure(quick, [])
+    assert {stage: _steps(settings, stage, tmp_path) for stage in ("base", "sft")} == {"base": 4, "sft": 3}
+  finally:
+    gin.clear_config()
+
+
+def _finish(workdir, settings, stage, init_from=None):
+  """A finished stage as `run_stage` leaves it, as far as its rerun reads it: its config.gin and record."""
+  try:
+    recipe._configure(settings, stage, recipe.stage_bindings(stage, str(workdir), init_from, settings))
+    os.makedirs(workdir / stage, exist_ok=True)
+    (workdir / stage / "config.gin").write_text(common.run_config_text())
+  finally:
+    gin.clear_config()
+  return {"name": stage, "stage_params": list(settings["stage_params"]),
+          "stage_bindings": list(settings["stage_bindings"].get(stage, []))}
+
+
+def test_a_finished_stage_whose_config_changed_is_kept_and_warned_of(monkeypatch, tmp_path, caplog):
+  """An edited <stage>.gin, or another recipe.config_dir, reused the finished stages without a word, as a changed
+  --gin_param did before it was warned of. Unchanged settings, a moved workdir and a stage that wrote no config.gin
+  (a DPO stage skipped for want of pairs) warn of nothing."""
+  monkeypatch.chdir(ROOT)
+  quick = ["experiments/configs/recipe_tiny/quick.gin"]
+  workdir = tmp_path / "work"
+  own = _recipe_tiny_with(tmp_path, "sft", "optimizer.learning_rate = 1e-3")
+  warnings = lambda: [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  try:
+    settings, _, _ = recipe.configure(quick, [])
+    record = _finish(workdir, settings, "sft", str(workdir / "midtrain"))
+    caplog.set_level(logging.INFO, logger="phi_jax")
+    recipe.warn_if_stage_settings_changed("sft", record, settings, str(workdir), str(workdir / "midtrain"))
+    assert warnings() == []
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    recipe.warn_if_stage_settings_changed("sft", record, settings, str(moved), str(moved / "midtrain"))
+    assert warnings() == []
+    edited, _, _ = recipe.configure(quick, [f'recipe.config_dir="{own}"'])
+    recipe.warn_if_stage_settings_changed("sft", record, edited, str(workdir), str(workdir / "midtrain"))
+    assert len(warnings()) == 1 and re.search(
+        r"sft is not trained again.*optimizer\.learning_rate = 0\.001 now, 0\.0003 when trained.*delete "
+        + re.escape(str(workdir / "sft")), warnings()[0]), warnings()
+    caplog.clear()
+    # A stage trained when the files' recipe.stage_bindings came after the command line's bindings: the same
+    # lists, trained with the file's value.
+    old = dict(record, stage_params=["train.num_steps=10"])
+    now, _, _ = recipe.configure(quick, ["train.num_steps=10"])
+    recipe.warn_if_stage_settings_changed("sft", old, now, str(workdir), str(workdir / "midtrain"))
+    assert len(warnings()) == 1 and "train.num_steps = 10 now, 3 when trained" in warnings()[0], warnings()
+    caplog.clear()
+    (workdir / "sft" / "config.gin").unlink()
+    recipe.warn_if_stage_settings_changed("sft", record, edited, str(workdir), str(workdir / "midtrain"))
+    assert warnings() == []
+  finally:
+    gin.clear_config()
+
+
+def test_a_gin_scoped_binding_is_refused_naming_the_stage_bindings_form(monkeypatch):
+  """No stage runs in a gin scope: `sft/train.num_steps=7` was accepted and reached no stage."""
+  monkeypatch.chdir(ROOT)
+  files = ["experiments/configs/recipe_tiny/recipe.gin"]
+  try:
+    with pytest.raises(ValueError, match=re.escape('recipe.stage_bindings={"sft": ["train.num_steps=7"]}')):
+      recipe.configure(files, ["sft/train.num_steps=7"])
+    with pytest.raises(ValueError, match=r"scope 'sft/'.*\"train\.num_steps=7\""):
+      recipe.configure(files, ['recipe.stage_bindings={"sft": ["sft/train.num_steps=7"]}'])
+    with pytest.raises(ValueError, match=r"recipe\.stage_bindings\['sft'\].*scope 'grpo/'"):
+      recipe.recipe_settings(stage_bindings={"sft": ["grpo/optimizer.learning_rate=0.5"]})
   finally:
     gin.clear_config()
