@@ -89,6 +89,16 @@ def check_runs(runs: list[dict]) -> None:
                      "punctuation or type, or split the sweep")
 
 
+def check_unscoped(swept: list[str], gin_params: list[str]) -> None:
+  """Refuses a swept binding or shared --gin_param with a gin scope (`sft/train.num_steps`): no configurable of a
+  run is called in a scope, so gin would take it and every run would train with the unscoped value."""
+  for name, where in [(key, "sweep axis") for key in swept] + [(p.split("=", 1)[0], "--gin_param") for p in gin_params]:
+    if "/" in name:
+      scope, _, plain = name.strip().rpartition("/")
+      raise ValueError(f"{where} {name.strip()!r} has the gin scope {scope + '/'!r}, which reaches no setting of a "
+                       f"run: drop the scope ({plain!r})")
+
+
 def check_root(root: str, gin_files: list[str], gin_params: list[str], swept: list[str] = (),
                runs: list[dict] = ()) -> None:
   """Records the settings every run shares (and the swept bindings' full names) in ROOT/sweep.json, and refuses a
@@ -246,6 +256,7 @@ def main(argv=None):
   _stopping.clear()  # a signal that stopped an earlier sweep of this process is not this one's
   runs = expand(load_spec(args.sweep))
   check_runs(runs)
+  check_unscoped(sorted({key for run in runs for key in run}), args.gin_param)
   if args.mode != "collect":
     check_root(args.root, args.gin_file, args.gin_param, sorted({key for run in runs for key in run}), runs)
   if args.mode == "commands":

@@ -249,3 +249,16 @@ def test_a_signal_that_stopped_one_sweep_does_not_stop_the_next(tmp_path, monkey
   sweep._stopping.append(signal.SIGTERM)  # what an earlier, stopped sweep of this process left
   rows = sweep.main(["--gin_file=unused.gin", f"--root={tmp_path}", '--sweep={"product": {"train.seed": [0, 1]}}'])
   assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--sweep", '{"product": {"sft/optimizer.learning_rate": [0.1, 0.2]}}'],
+    ["--sweep", '{"product": {"optimizer.learning_rate": [0.1, 0.2]}}', "--gin_param=sft/train.num_steps=7"],
+])
+def test_a_gin_scoped_binding_is_refused_before_any_run(tmp_path, argv):
+  """A scoped binding reaches no configurable of a run: every run would have trained with the unscoped value."""
+  with pytest.raises(ValueError, match="gin scope 'sft/'"):
+    sweep.main(["--gin_file=experiments/configs/sft_tiny.gin", "--root", str(tmp_path), "--mode", "commands", *argv])
+  assert not os.listdir(tmp_path)
+  # a path with a slash in a binding's value is no scope
+  sweep.check_unscoped(["data.train_files"], ['data.train_files=["a/b.jsonl"]'])
