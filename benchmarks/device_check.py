@@ -9,7 +9,8 @@
 2. Train step: phi-4-mini (3.8B, 32 layers, LongRoPE with placeholder factors, random weights), bf16 compute,
    packed rows of 8K tokens (several documents per row), the attention backend `--backend` (cuDNN) and remat
    `--remat`. The largest batch that fits is found ahead of time: batches from `--max_batch` down are compiled
-   and the first whose buffer assignment (arguments + temporaries) fits in 92% of the device memory runs.
+   and the first whose buffer assignment (arguments + temporaries) fits in 92% of the memory JAX may allocate
+   (`bytes_limit`: XLA_PYTHON_CLIENT_MEM_FRACTION, 0.95 in device_check.sh, of the device's) runs.
    MFU = model FLOPs (`phi_jax.train.flops`, remat not counted) per second / 989 TFLOP/s (H100 SXM dense bf16).
    If the step fails with `--backend`, it is run once more with `--fallback_backend` (blockwise).
 3. Decode: `phi_jax.sampling.generate` on the same model, batch `--decode_batch`, 128-token prompts, 256 new
