@@ -237,9 +237,10 @@ def _check_macro_params(files: Sequence[str], params: Sequence[str], extra_texts
     except SyntaxError:
       continue  # parse_gin's own parse reports it
     for statement in statements:
+      if not isinstance(statement, config_parser.BindingStatement):  # an include or import has no selector
+        continue
       used = re.compile(rf"%{re.escape(statement.selector)}(?![\w.])")
-      if (isinstance(statement, config_parser.BindingStatement) and not statement.arg_name
-          and not any(used.search(text) for text in texts)):
+      if not statement.arg_name and not any(used.search(text) for text in texts):
         raise ValueError(f"--gin_param {param!r} binds no configurable's parameter ({statement.selector!r} is read as "
                          "a gin macro that no config uses): write configurable.parameter=value, e.g. "
                          "optimizer.learning_rate=1e-3, train.num_steps=100, data.seq_len=4096")

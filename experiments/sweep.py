@@ -92,7 +92,8 @@ def check_runs(runs: list[dict]) -> None:
 def check_unscoped(swept: list[str], gin_params: list[str]) -> None:
   """Refuses a swept binding or shared --gin_param with a gin scope (`sft/train.num_steps`): no configurable of a
   run is called in a scope, so gin would take it and every run would train with the unscoped value."""
-  for name, where in [(key, "sweep axis") for key in swept] + [(p.split("=", 1)[0], "--gin_param") for p in gin_params]:
+  bindings = [p for p in gin_params if "=" in p and p.split()[0] not in ("include", "import")]  # not `include 'a/b'`
+  for name, where in [(key, "sweep axis") for key in swept] + [(p.split("=", 1)[0], "--gin_param") for p in bindings]:
     if "/" in name:
       scope, _, plain = name.strip().rpartition("/")
       raise ValueError(f"{where} {name.strip()!r} has the gin scope {scope + '/'!r}, which reaches no setting of a "

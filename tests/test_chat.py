@@ -511,6 +511,16 @@ def test_a_saved_tokenizer_keeps_its_chat_template_in_tokenizer_config(tokenizer
   assert tokenizer_id(load_tokenizer(tmp_path / "copy")) == tokenizer_id(tokenizers["phi-4"])
 
 
+def test_a_save_over_a_directory_with_named_templates_loads_back_with_its_own(tokenizers, tmp_path):
+  """transformers reads additional_chat_templates/ before tokenizer_config.json: an earlier save's folder of named
+  templates left in the directory replaced the template just saved."""
+  earlier = _with_template(tokenizers["phi-4-mini"], {"default": CHAT_TEMPLATES["phi-4-mini"], "tool_use": "T"})
+  earlier.save_pretrained(tmp_path)
+  assert (tmp_path / "additional_chat_templates").is_dir()
+  save_tokenizer(tokenizers["phi-4"], tmp_path)
+  assert load_tokenizer(tmp_path).chat_template == tokenizers["phi-4"].chat_template
+
+
 def test_a_tokenizer_file_or_a_hub_id_is_told_what_to_give_instead(tokenizers, tmp_path):
   save_tokenizer(tokenizers["phi-4"], tmp_path)
   with pytest.raises(FileNotFoundError, match=f"is a file; give the directory that holds it .*'{tmp_path}'"):

@@ -777,6 +777,21 @@ def test_a_gin_scoped_binding_is_refused_as_it_reaches_no_configurable():
     gin.clear_config()
 
 
+def test_an_include_given_as_a_gin_param_is_read(tmp_path):
+  """An include statement has no selector: the check for bindings without a configurable raised AttributeError."""
+  extra = tmp_path / "extra.gin"
+  extra.write_text("train.num_steps = 7\n")
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    common.parse_gin([os.path.join("experiments", "configs", "midtrain_tiny.gin")], [f"include '{extra}'"],
+                     macro_files=[])
+    assert common.bound_or_none("train.num_steps") == 7
+  finally:
+    os.chdir(cwd)
+    gin.clear_config()
+
+
 def test_a_binding_without_a_configurable_or_with_an_unquoted_string_says_how_to_write_it(tmp_path):
   """`learning_rate=1e-3` (MaxText's spelling) is a gin macro: the run went on with the file's value, and a sweep over
   it trained the same run twice. A macro a config uses (`%lr`) is still a way to set it."""

@@ -256,20 +256,25 @@ def test_explicit_settings_reach_jax_in_a_cluster_it_detects(monkeypatch, no_clu
   assert no_cluster == [(expected, {})]
 
 
-@pytest.mark.parametrize("tasks_per_node,local_devices,backend,warned", [
-    ("1(x4)", 1, "gpu", True),  # one task on each of 4 nodes: JAX pins each to one GPU
-    ("2(x2)", 1, "gpu", False),  # one task per GPU on 2-GPU nodes: as meant
-    ("1(x4)", 8, "gpu", False),  # the process sees every GPU of its node
-    ("1(x4)", 1, "cpu", False),
+@pytest.mark.parametrize("tasks_per_node,local_devices,backend,gpus,warned", [
+    ("1(x4)", 1, "gpu", {"SLURM_GPUS_ON_NODE": "8"}, True),  # one task on each of 4 nodes: JAX pins each to one GPU
+    ("1(x4)", 1, "gpu", {"SLURM_JOB_GPUS": "0,1,2,3"}, True),
+    ("1(x4)", 1, "gpu", {}, True),  # the node's GPUs unsaid: they may sit idle
+    ("1(x4)", 1, "gpu", {"SLURM_GPUS_ON_NODE": "1"}, False),  # one GPU per node: one task per node is right
+    ("2(x2)", 1, "gpu", {"SLURM_GPUS_ON_NODE": "2"}, False),  # one task per GPU on 2-GPU nodes: as meant
+    ("1(x4)", 8, "gpu", {"SLURM_GPUS_ON_NODE": "8"}, False),  # the process sees every GPU of its node
+    ("1(x4)", 1, "cpu", {}, False),
 ])
 def test_a_slurm_step_of_one_task_per_gpu_node_is_warned_about(monkeypatch, no_cluster, caplog, tasks_per_node,
-                                                               local_devices, backend, warned):
+                                                               local_devices, backend, gpus, warned):
   """Under Slurm JAX gives each task the GPU of its SLURM_LOCALID: one task per 8-GPU node trains on one GPU."""
   from phi_jax.sharding import distributed
   monkeypatch.setattr(distributed.jax.config, "update", lambda *a: None)
   monkeypatch.setattr(distributed.jax, "local_device_count", lambda: local_devices)
   monkeypatch.setattr(distributed.jax, "default_backend", lambda: backend)
-  for name, value in {**SLURM_STEP_OF_4, "SLURM_STEP_TASKS_PER_NODE": tasks_per_node}.items():
+  for name in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in {**SLURM_STEP_OF_4, "SLURM_STEP_TASKS_PER_NODE": tasks_per_node, **gpus}.items():
     monkeypatch.setenv(name, value)
   with caplog.at_level(logging.WARNING):
     distributed.initialize()

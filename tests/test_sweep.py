@@ -262,3 +262,4 @@ def test_a_gin_scoped_binding_is_refused_before_any_run(tmp_path, argv):
   assert not os.listdir(tmp_path)
   # a path with a slash in a binding's value is no scope
   sweep.check_unscoped(["data.train_files"], ['data.train_files=["a/b.jsonl"]'])
+  sweep.check_unscoped([], ["include 'experiments/configs/recipe_tiny/quick.gin'", "import a.b"])  # no bindings

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable, Sequence
 from typing import Optional
 
@@ -211,6 +212,10 @@ def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:
   own_dir = os.path.realpath(os.fspath(out_dir)) == os.path.realpath(getattr(tokenizer, "name_or_path", "") or "")
   for name in () if own_dir else _TOKENIZER_SIDE_FILES:  # its own files may be what it saves from
     _remove_stale(os.path.join(os.fspath(out_dir), name))
+  stale_templates = os.path.join(os.fspath(out_dir), "additional_chat_templates")
+  if not own_dir and os.path.isdir(stale_templates):  # read before tokenizer_config.json's, they would replace it
+    logging.getLogger("phi_jax").info("removing %s, an earlier tokenizer's templates", stale_templates)
+    shutil.rmtree(stale_templates)
   tokenizer.save_pretrained(out_dir, save_jinja_files=False)
   path = os.path.join(os.fspath(out_dir), "tokenizer_config.json")
   with open(path, encoding="utf-8") as f:

@@ -120,11 +120,23 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   _initialized = True
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  if slurm and _one_slurm_task_per_node() and jax.default_backend() == "gpu" and jax.local_device_count() == 1:
+  gpus = _slurm_gpus_on_node()
+  if (slurm and _one_slurm_task_per_node() and jax.default_backend() == "gpu" and jax.local_device_count() == 1
+      and (gpus is None or gpus > 1)):
     # JAX gives each Slurm task the one GPU of its SLURM_LOCALID: one task on an 8-GPU node trains on 1 of them.
     logging.warning("this Slurm job step runs one task per node, and JAX gives each task one GPU (its "
-                    "SLURM_LOCALID): this process sees 1 GPU. Launch one task per GPU instead (srun "
-                    "--ntasks-per-node=<GPUs per node>); the mesh then spans every GPU of every node.")
+                    "SLURM_LOCALID): this process sees 1 GPU of %s. Launch one task per GPU instead (srun "
+                    "--ntasks-per-node=<GPUs per node>); the mesh then spans every GPU of every node.",
+                    f"the node's {gpus}" if gpus else "its node's (if the node has more, they sit idle)")
+
+
+def _slurm_gpus_on_node() -> Optional[int]:
+  """The GPUs Slurm gave this node's share of the job (SLURM_GPUS_ON_NODE, else SLURM_JOB_GPUS), None if unsaid."""
+  count = os.environ.get("SLURM_GPUS_ON_NODE", "").strip()
+  if count.isdigit():
+    return int(count)
+  listed = [g for g in os.environ.get("SLURM_JOB_GPUS", "").split(",") if g.strip()]
+  return len(listed) or None
 
 
 def _one_slurm_task_per_node() -> bool:
