@@ -3,6 +3,7 @@ LongRoPE across the boundary, and the text wrapper."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -503,6 +504,36 @@ def test_left_padded_prompts_are_refused_and_right_padded_ones_pass():
   jax.eval_shape(check, left, lengths)  # traced prompts: no values to check, and no error
   with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
     check(jnp.asarray(left), lengths)  # concrete device arrays are checked too
+
+
+def _refused_rows(config, tokens, lengths):
+  """The rows `_check_prompts` calls left-padded, [] when it passes them all."""
+  try:
+    _check_prompts(config, np.array(tokens, np.int32), np.array(lengths, np.int32), NEW)
+  except ValueError as e:
+    return [int(i) for i in re.search(r"row\(s\) \[([\d, ]*)\]", str(e)).group(1).split(",")]
+  return []
+
+
+def test_right_padded_prompts_opening_on_a_pad_id_bos_pass():
+  """phi-4's pad id is its BOS: the right-padded row [7, 11, 12, 13, 14, 0] of length 5 (a BOS-prefixed prompt one
+  slot short of the batch width, zero-padded as generate_text pads) was refused as left-padded."""
+  bos_is_pad = CONFIG.replace(pad_token_id=7, bos_token_id=7)
+  assert _refused_rows(bos_is_pad, [[7, 11, 12, 13, 14, 0], [7, 21, 22, 0, 0, 0]], [5, 3]) == []
+  assert _refused_rows(bos_is_pad, [[7, 11, 12, 13, 14, 7], [7, 21, 22, 7, 7, 7]], [5, 3]) == []
+  # Left-padded rows of P - L = 1, 2, 3 pads, without and then with a BOS after the padding: all refused but the
+  # first, one pad before a prompt of no BOS, which reads as well as a right-padded prompt opening on its BOS.
+  left = [[7, 11, 12, 13, 14, 15], [7, 7, 12, 13, 14, 15], [7, 7, 7, 13, 14, 15],
+          [7, 7, 12, 13, 14, 15], [7, 7, 7, 13, 14, 15], [7, 7, 7, 7, 14, 15]]
+  lengths = [5, 4, 3, 5, 4, 3]
+  assert _refused_rows(bos_is_pad, left, lengths) == [1, 2, 3, 4, 5]
+  # A pad id apart from the BOS: one leading pad is padding, whatever follows it.
+  bos_apart = CONFIG.replace(pad_token_id=7, bos_token_id=1)
+  left_apart = [[7, 11, 12, 13, 14, 15], [7, 7, 12, 13, 14, 15], [7, 7, 7, 13, 14, 15],
+                [7, 1, 12, 13, 14, 15], [7, 7, 1, 13, 14, 15], [7, 7, 7, 1, 14, 15]]
+  assert _refused_rows(bos_apart, left_apart, lengths) == [0, 1, 2, 3, 4, 5]
+  assert _refused_rows(bos_apart, [[1, 11, 12, 13, 14, 0], [1, 21, 22, 0, 0, 0]], [5, 3]) == []
+  assert _refused_rows(CONFIG.replace(pad_token_id=7), left_apart, lengths) == [0, 1, 2, 3, 4, 5]  # no BOS id
 
 
 def test_torch_tensors_are_prompts_too(params, prompts, greedy_run):

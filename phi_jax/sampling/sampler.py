@@ -390,7 +390,7 @@ def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tok
   kv_cache.check_prompt_lengths(prompt_lengths, prompt_tokens.shape[1])
   lengths = np.asarray(prompt_lengths)
   tokens = np.asarray(prompt_tokens)
-  _check_right_padded(tokens, lengths, config.pad_token_id)
+  _check_right_padded(tokens, lengths, config.pad_token_id, config.bos_token_id)
   valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
   if np.any(valid & ((tokens < 0) | (tokens >= config.vocab_size))):
     raise ValueError(f"prompt token ids must lie in [0, vocab_size={config.vocab_size})")
@@ -401,15 +401,22 @@ def _check_prompts(config: PhiConfig, prompt_tokens, prompt_lengths, max_new_tok
         lengths.max(), max_new_tokens, config.max_position_embeddings)
 
 
-def _check_right_padded(tokens: np.ndarray, lengths: np.ndarray, pad_token_id: Optional[int]) -> None:
+def _check_right_padded(tokens: np.ndarray, lengths: np.ndarray, pad_token_id: Optional[int],
+                        bos_token_id: Optional[int]) -> None:
   """Refuses rows that look left-padded (transformers' and TRL's padding_side="left"): generation would read the
-  padding as the prompt and start from it. A short row whose first P - length slots are all the pad id while its
-  last slot is not looks so: a right-padded prompt ends in padding and hardly opens with pad ids."""
+  padding as the prompt and start from it. A short row whose last slot is not the pad id looks so when it opens
+  with a run of at least P - length pad ids: a right-padded prompt ends in padding and hardly opens with pad ids.
+  Where the pad id is also the BOS (phi-4, phi-4-mini), a right-padded prompt may open with one pad id, its BOS,
+  so the run must be at least max(P - length, 2): a run of two or more is padding, while one pad before a prompt
+  one slot short of P reads as well as a BOS and passes."""
   if pad_token_id is None:  # nothing to tell padding from tokens by
     return
   width = tokens.shape[1]
   leading_pads = np.cumprod(tokens == pad_token_id, axis=1).sum(axis=1)
-  left = (lengths < width) & (leading_pads >= width - lengths) & (tokens[:, -1] != pad_token_id)
+  min_run = width - lengths
+  if pad_token_id == bos_token_id:
+    min_run = np.maximum(min_run, 2)
+  left = (lengths < width) & (leading_pads >= min_run) & (tokens[:, -1] != pad_token_id)
   if left.any():
     raise ValueError(
         f"prompt row(s) {np.flatnonzero(left)[:8].tolist()} look left-padded (pad_token_id={pad_token_id} before "
