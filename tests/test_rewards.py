@@ -1427,6 +1427,17 @@ def test_factorials_of_powers_gamma_and_binomials_too_large_for_sympy_are_screen
   assert pool.verify_batch(completions, ["1"] * len(completions)) == [False] * len(completions) and not sent
 
 
+def test_a_binomial_of_a_natural_number_within_the_bit_budget_passes_the_screen():
+  """binom(n, k) <= 2^n, so for a natural number n up to the budget (10000 * 14 bits, about 10000!'s length) sympy
+  computes it in about a second whatever k is. A negative or fractional n takes k steps instead (binom(-5, 10^9) runs
+  for hours), so there only k bounds it."""
+  for answer in ("\\binom{100000}{50000}", "\\dbinom{140000}{70000}", "\\binom{100000}{49999}", "\\binom{-5}{1000}"):
+    assert screen_problem(answer) is None, answer
+  for answer in ("\\binom{140001}{70000}", "\\binom{-5}{1000000000}", "\\binom{{-5}}{1000000000}",
+                 "\\binom{-100000}{100000}", "\\binom{0.5}{1000000000}", "\\binom{10^{9}}{20000}"):
+    assert "binomial" in (screen_problem(answer) or ""), answer
+
+
 BRACKETED_HANGS = {  # answer -> words in the reason; math-verify reads each bracket pair, sympy computes for minutes
     "\\left[2^{20}\\right]!": "factorial", "[2^{20}]!": "factorial", "\\lbrack 10^{10}\\rbrack!": "factorial",
     "\\lfloor 10^{10}\\rfloor!": "factorial", "\\left\\lceil 10^{10}\\right\\rceil!": "factorial",
@@ -1473,6 +1484,24 @@ def test_a_repeating_decimal_is_bounded_as_the_exact_fraction_the_verifier_reads
   for answer in ("e^{-0.693147}", "10^{0.\\overline{3}}", "2^{\\frac{1}{0.\\overline{3}}}", "2^{\\frac{1}{0.0001}}",
                  "(0.5)!", "2^{1.41421356}", "\\overline{z}^{2}"):
     assert screen_problem(answer) is None, answer
+
+
+def test_a_tiny_decimal_is_bounded_by_its_reciprocal_only_where_it_can_divide():
+  """e^{0.000001} is about 1: a number below 1 counts by its reciprocal only in a quotient (`/`, `:`, `\\div`,
+  `\\frac`) or under a power or function that may invert it, as `(0.001^{-2})!` does."""
+  from phi_jax.rewards import verifier  # pylint: disable=import-outside-toplevel
+  for answer in ("e^{0.000001}", "10^{-0.000001}", "x^{0.000001}+1", "(0.00001)!", "\\frac{1}{2}^{0.0000001}",
+                 "2^{0.000012}", "e^{0.0001 \\cdot 5}", "0.001!", "e^{0.00000\\overline{1}}",
+                 "e^{-0.0000001 \\cdot 3}"):
+    assert screen_problem(answer) is None, answer
+  for answer, why in {"2^{1/0.0000001}": "exponent", "2^{1:0.0000001}": "exponent", "2^{1 ÷ 0.0000001}": "exponent",
+                      "2^{1 \\div 0.0000001}": "exponent", "2^{\\dfrac{1}{0.0000001}}": "exponent",
+                      "2^{\\tfrac{1}{0.0000001}}": "exponent", "(1/0.00001)!": "factorial",
+                      "(0.00001^{-1})!": "factorial", "\\Gamma(0.0000001)": "Gamma"}.items():
+    problem = screen_problem(answer)
+    assert problem is not None and why in problem, (answer, problem)
+  assert verifier.readable_answer("The answer is \\boxed{e^{0.000001}}") == "e^{0.000001}"
+  assert rewards.gold_problem("e^{0.000001}") is None
 
 def test_superscript_digits_are_screened_not_a_crash(pool, monkeypatch):
   """'²'.isdigit() is True yet int('²') raises: a superscript beside a factorial or in an exponent crashed the screen,

@@ -23,6 +23,8 @@ _NUMERIC_COMMANDS = ("\\cdot", "\\times", "\\left", "\\right", "\\frac", "\\dfra
 _GAMMA_COMMANDS = ("Gamma",)
 _BINOMIAL_COMMANDS = ("binom", "dbinom", "tbinom")
 _FUNCTION_COMMANDS = tuple("\\" + name for name in _GAMMA_COMMANDS + _BINOMIAL_COMMANDS)
+# Spellings that put a number under a fraction bar, where a tiny one makes a huge quotient (1/0.0000001 is 10^7).
+_DIVISIONS = ("/", ":", "÷", "\\div", "\\frac", "\\dfrac", "\\tfrac", "\\cfrac", "\\over")
 _OPENERS, _CLOSERS = "{([", "})]"
 
 
@@ -354,19 +356,22 @@ def _function_problem(text: str, config: ScreenConfig) -> Optional[str]:
 def _binomial_problem(text: str, i: int, matches: dict[int, int], limit: int) -> Optional[str]:
   """Why the binomial coefficient whose arguments start at `i` is dangerous, or None. For an integer k sympy
   multiplies min(k, n - k) factors the size of n (binom(10^9, 2) is quick), so the result's length is bounded
-  against that of `limit`! (under limit * its bit length bits); for any other k it goes through Gamma of n and k,
-  so both get the factorial limit (binom(10^9, 1/2) takes minutes)."""
+  against that of `limit`! (under limit * its bit length bits), and for a natural number n so is 2^n, which bounds
+  it. A negative or fractional n takes k factors whatever its size (binom(-5, 10^9) runs for hours). For any other k
+  it goes through Gamma of n and k, so both get the factorial limit (binom(10^9, 1/2) takes minutes)."""
   n_start, n_end = _argument_span(text, i, matches)
   k_start, k_end = _argument_span(text, n_end, matches)
   n, k = text[n_start:n_end], text[k_start:k_end]
   if not (_is_numeric(n) and _is_numeric(k)):
     return None
-  n_value, k_value = _integer_value(n), _integer_value(k)
+  n_value = None if "-" in n else _integer_value(n)  # `_integer_value` drops the sign
+  k_value = _integer_value(k)
   if k_value is not None:
     budget = limit * limit.bit_length()
     n_bound = _value_bound(n, 1 << budget)
     factors = k_value if n_value is None else min(k_value, max(n_value - k_value, 0))
     safe = n_bound is not None and factors * n_bound.bit_length() <= budget
+    safe = safe or (n_value is not None and n_value <= budget)
   else:
     bounds = (_value_bound(n, limit), _value_bound(k, limit))
     safe = None not in bounds and max(bounds) <= limit
@@ -376,34 +381,43 @@ def _binomial_problem(text: str, i: int, matches: dict[int, int], limit: int) ->
 def _numeric_bound(operand: str, limit: int) -> int:
   """An upper bound on the value of a numeric operand without powers or factorials (`{99999 \\cdot 99999}`,
   `(100000000)`): the product of its numbers' `_number_bound`s, which no sum, product or quotient of them exceeds.
+  A number below 1 counts by its reciprocal only where the operand holds a quotient: `e^{0.000001}` is about 1.
   Stops once past `limit`, so a long operand stays a linear scan."""
-  bound, number = 1, ""
+  bound, number, reciprocal = 1, "", _may_divide(operand)
   for ch in operand + " ":
     if _is_digit(ch) or ch == ".":
       number += ch
       continue
     if number:
-      bound *= _number_bound(number, limit + 1)
+      bound *= _number_bound(number, limit + 1, reciprocal)
       number = ""
       if bound > limit:
         return bound
   return bound
 
 
-def _number_bound(number: str, cap: int) -> int:
-  """A bound, at least 2 and capped at `cap`, on a number (`12`, `0.25`, `.5`) and on its reciprocal. Below 1 a
-  number is bounded through its leading zeros (1/0.0012 < 10^3), and so is an integer that has any: it may be the
-  repeating part of a decimal, which the verifier reads as an exact fraction (`0.\\overline{001}` is 1/999)."""
+def _may_divide(operand: str) -> bool:
+  """Whether a number in a flat operand may be a divisor: math-verify reads `:` and `÷` as `/` too (`\\overline`
+  is no `\\over`)."""
+  operand = operand.replace("\\overline", "")
+  return any(division in operand for division in _DIVISIONS)
+
+
+def _number_bound(number: str, cap: int, reciprocal: bool = True) -> int:
+  """A bound, at least 2 and capped at `cap`, on a number (`12`, `0.25`, `.5`) and, where `reciprocal`, on its
+  reciprocal. Below 1 a number is then bounded through its leading zeros (1/0.0012 < 10^3), and so is an integer that
+  has any: it may be the repeating part of a decimal, which the verifier reads as an exact fraction
+  (`0.\\overline{001}` is 1/999)."""
   longest = min(cap.bit_length(), 4000)  # 10^longest is past the cap, or too long a number to convert
   whole, point, fraction = number.partition(".")
   if "." in fraction:  # `1.2.3` is no number math-verify reads; bound every reading
     tens = len(number)
-  elif not point and len(whole) > 1 and whole[0] == "0":
+  elif reciprocal and not point and len(whole) > 1 and whole[0] == "0":
     tens = len(whole)
   elif whole.strip("0"):  # at least 1, so its reciprocal is at most 1
     whole = whole.lstrip("0")
     return cap if len(whole) > longest else min(max(int(whole) + bool(point), 2), cap)
-  elif point:
+  elif point and reciprocal:
     tens = len(fraction) - len(fraction.lstrip("0")) + 1
   else:
     return 2
