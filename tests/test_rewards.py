@@ -1503,6 +1503,15 @@ def test_a_tiny_decimal_is_bounded_by_its_reciprocal_only_where_it_can_divide():
   assert verifier.readable_answer("The answer is \\boxed{e^{0.000001}}") == "e^{0.000001}"
   assert rewards.gold_problem("e^{0.000001}") is None
 
+def test_cfrac_and_over_are_divisions_of_numbers_to_the_screen():
+  """math-verify reads \\cfrac and {a \\over b} as quotients; their letters made an exponent look symbolic, so
+  7^{\\lfloor \\cfrac{1}{10^{-9}} \\rfloor} (an exact 7^(10^9)) was not screened."""
+  for answer in ("7^{\\lfloor \\cfrac{1}{0.000000001} \\rfloor}", "7^{\\lfloor {1 \\over 0.000000001} \\rfloor}"):
+    assert "exponent" in (screen_problem(answer) or ""), answer
+  for answer in ("7^{\\cfrac{1}{2}}", "2^{0.\\overline{3}}", "x^{\\overline{3}}", "{1 \\over 2}"):
+    assert screen_problem(answer) is None, answer
+
+
 def test_superscript_digits_are_screened_not_a_crash(pool, monkeypatch):
   """'²'.isdigit() is True yet int('²') raises: a superscript beside a factorial or in an exponent crashed the screen,
   and with it a GRPO step. math-verify reads '3²' as 3, so superscripts are no digits to the screen either."""
