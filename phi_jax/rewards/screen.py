@@ -18,7 +18,8 @@ from typing import Optional
 # `7^{\lfloor 10^{8} \rfloor}` exactly, and the verifier reads a repeating decimal (`\overline`) as an exact fraction.
 _NUMERIC_COMMANDS = ("\\cdot", "\\times", "\\left", "\\right", "\\frac", "\\dfrac", "\\tfrac", "\\sqrt", "\\div",
                      "\\overline", "\\lfloor", "\\rfloor", "\\lceil", "\\rceil", "\\lvert", "\\rvert", "\\vert",
-                     "\\lbrack", "\\rbrack", "\\lbrace", "\\rbrace", "\\cfrac", "\\over")  # \over after \overline, which is removed first
+                     "\\lbrack", "\\rbrack", "\\lbrace", "\\rbrace", "\\cfrac", "\\over")
+# (`\over` last: `_is_numeric` removes the commands in this order, `\overline` first.)
 # Functions of numbers that sympy evaluates exactly, as large as factorials (math-verify reads these spellings).
 _GAMMA_COMMANDS = ("Gamma",)
 _BINOMIAL_COMMANDS = ("binom", "dbinom", "tbinom")
