@@ -8,8 +8,9 @@ Files under --out_dir (chat records are `{"messages": [...]}`, prompt records `{
   sft.jsonl          chat    stage 2: a curated subset of midtrain.jsonl, the problems with the most hard steps
   dpo_prompts.jsonl  prompt  stage 3: prompts whose rollouts are ranked correct over incorrect
   rl_prompts.jsonl   prompt  stage 4: prompts for GRPO with the verifier as reward
-  valid.jsonl        prompt  held-out problems for checkpoint selection
-  test.jsonl         prompt  held-out problems for the reported accuracy
+  valid.jsonl        prompt  held-out problems for your own tuning and comparisons (eval.py --problems=.../valid.jsonl,
+                             or the recipe's recipe.eval_split="valid"); nothing here selects checkpoints on them
+  test.jsonl         prompt  held-out problems for the reported accuracy (the recipe's default recipe.eval_split)
   tokenizer/         a tiny byte-level BPE in transformers format with the chat specials of --chat_format; the
                      phi-4 formats (phi-4, phi-4-reasoning) also hold <think> and </think> as single tokens, the
                      phi-4-mini ones (phi-4-mini, phi-4-mini-reasoning) have none and encode the tags as text
@@ -18,8 +19,11 @@ Files under --out_dir (chat records are `{"messages": [...]}`, prompt records `{
 
 Training problems of different stages are distinct questions (sft.jsonl excepted, a subset of midtrain.jsonl), though
 the same arithmetic may recur in other words; valid and test problems each have their own arithmetic and are drawn
-from their own splits, disjoint from training by their arithmetic. Seeded: the same command
-writes the same files. Runs in seconds.
+from their own splits, disjoint from training by their arithmetic (with the sentences in any order). Having one
+problem per arithmetic, valid and test hold more long problems than training does: there are fewer short
+arithmetics to draw (with the recipe's task, about a quarter of test problems have two steps and three quarters
+three, against half and half in training). The manifest's num_steps gives each file's mix; compare accuracies by
+step count where the mix matters. Seeded: the same command writes the same files. Runs in seconds.
 """
 
 from __future__ import annotations

@@ -23,8 +23,10 @@ finished stages are evaluated again when the evaluation.* settings changed, so t
 the task settings (recipe.task_counts, task_seed, difficulty, difficulty_overrides) must stay those data/ was
 written with (a new --workdir, or --fresh, for others). The task's longest teacher reply and SFT conversation
 must fit the evaluation's, the DPO rollouts' and the stages still to train's token budgets, or nothing trains (the
-"hard" level needs more than recipe_tiny's; the refusal names the bindings to raise). Checkpoint selection and
-tuning use the valid split only; the test split is only ever reported.
+"hard" level needs more than recipe_tiny's; the refusal names the bindings to raise). No stage selects a checkpoint
+on held-out data: each starts from the previous stage's final params and is evaluated on its own. The recipe reports
+the test split (recipe.eval_split); the valid split is for your own tuning and comparisons
+(recipe.eval_split="valid", or eval.py --problems=<workdir>/data/valid.jsonl), so test results stay unbiased.
 
 Settings: --gin_file and the recipe.*, evaluation.* and rollouts.* bindings of --gin_param configure the recipe
 itself. Every other --gin_param binding (train.*, model.*, data.*, optimizer.*, mesh.*, ...) configures the

@@ -3,6 +3,7 @@ through the verifier, splits, the tiny tokenizer's lengths, and the data files o
 
 import collections
 import dataclasses
+import itertools
 import json
 import operator
 import os
@@ -90,7 +91,8 @@ def holds(left: int, op: str, right: int, result: int) -> bool:
 
 @pytest.fixture(scope="module")
 def problems():
-  return {(name, split): wp.generate(150, seed=3, split=split, difficulty=name)
+  # 100: the easy level's valid and test splits hold only about 110 arithmetics each.
+  return {(name, split): wp.generate(100, seed=3, split=split, difficulty=name)
           for name in wp.DIFFICULTIES for split in wp.SPLITS}
 
 
@@ -385,6 +387,82 @@ def test_held_out_problems_are_distinct_by_the_arithmetic_that_splits_them():
                                 wp.Step(11, "*", 2, 22, "doubles them")), start=4)
   eggs = wp.Problem("", "22", packs.steps[1:], start=8)
   assert packs.key != eggs.key and packs.split_key == eggs.split_key
+
+
+def _chain(start: int, *operations: tuple[str, int]) -> wp.Problem:
+  """A problem of these operations on `start` (its question left empty)."""
+  steps, value = [], start
+  for op, right in operations:
+    steps.append(_step(value, op, right))
+    value = steps[-1].result
+  return wp.Problem("", str(value), tuple(steps), start=start)
+
+
+def _folded(question: str) -> tuple[int, list[tuple[str, int]]]:
+  """Read from the question's text: the quantity after its leading products, and the operations after them."""
+  key = read_question(question)[0]
+  value, operations = int(re.match(r"\d+", key).group()), [(op, int(n)) for op, n in re.findall(r"([-+*])(\d+)", key)]
+  while operations and operations[0][0] == "*":
+    value *= operations.pop(0)[1]
+  return value, operations
+
+
+def _reordering(question: str) -> tuple:
+  """What telling a problem's sentences in any order keeps: its folded start, its operations as a multiset, its
+  answer."""
+  value, operations = _folded(question)
+  answer = value
+  for op, right in operations:
+    answer = apply(answer, op, right)
+  return value, tuple(sorted(operations)), answer
+
+
+def _commuted(question: str) -> tuple:
+  """The question's arithmetic with each run of sums and differences, and each run of products, sorted: the orders
+  that reach the same quantity at the end of every run."""
+  value, operations = _folded(question)
+  return value, tuple(tuple(sorted(run)) for _, run in itertools.groupby(operations, key=lambda o: o[0] == "*"))
+
+
+def test_a_problem_told_in_another_order_falls_in_the_split_of_the_original():
+  """"9 coins, finds 3 more, buys 4 more" and "9 stamps, buys 4 more, finds 3 more" fell in different splits: 82 of
+  the demo's 200 test problems had such a twin in training."""
+  coins, stamps = _chain(9, ("+", 3), ("+", 4)), _chain(9, ("+", 4), ("+", 3))
+  assert coins.key != stamps.key and coins.split_key == stamps.split_key
+  assert _chain(5, ("-", 4), ("+", 1)).split_key == _chain(5, ("+", 1), ("-", 4)).split_key
+  boxes = wp.Problem("", "14", (wp.Step(2, "*", 6, 12, "2 boxes of 6"),) + _chain(12, ("-", 1), ("+", 3)).steps, 2)
+  assert boxes.split_key == _chain(12, ("+", 3), ("-", 1)).split_key
+  # Runs after a product commute within themselves, and so do products in a row.
+  assert (_chain(5, ("+", 3), ("*", 2), ("-", 4), ("+", 1)).split_key
+          == _chain(5, ("+", 3), ("*", 2), ("+", 1), ("-", 4)).split_key)
+  assert _chain(5, ("+", 1), ("*", 2), ("*", 3)).split_key == _chain(5, ("+", 1), ("*", 3), ("*", 2)).split_key
+  # Not across a product: (5 + 3) * 2 - 4 and (5 - 4) * 2 + 3 are other problems.
+  assert _chain(5, ("+", 3), ("*", 2), ("-", 4)).split_key != _chain(5, ("-", 4), ("*", 2), ("+", 3)).split_key
+  rng = random.Random(11)
+  splits, keys = collections.defaultdict(set), collections.defaultdict(set)
+  for _ in range(20000):
+    problem = wp.sample_problem(rng, wp.DIFFICULTIES["medium"])
+    splits[_commuted(problem.question)].add(wp.split_of(problem.split_key))
+    keys[_commuted(problem.question)].add(problem.key)
+  assert max(map(len, keys.values())) > 1  # reorderings were drawn
+  assert all(len(s) == 1 for s in splits.values())
+
+
+def test_held_out_splits_hold_no_two_orderings_of_one_problem():
+  for split in ("valid", "test"):
+    problems = wp.generate(200, seed=0, split=split, difficulty=RECIPE_LEVEL)
+    assert len({_reordering(p.question) for p in problems}) == len(problems), split
+
+
+def test_no_held_out_problem_of_the_demo_is_a_training_problem_told_in_another_order():
+  """With the demo's task (recipe.DEFAULT_COUNTS, recipe.gin's difficulty), 82 test and 78 valid problems had one."""
+  counts = {"base_train": 4000, "midtrain": 4000, "sft": 1000, "dpo_prompts": 256, "rl_prompts": 512, "valid": 200,
+            "test": 200}
+  held_out, pool = make_task_data.draw_problems(0, "medium", counts, **dataclasses.asdict(RECIPE_LEVEL))
+  training = {_reordering(p.question) for p in pool}
+  for split, problems in held_out.items():
+    assert [p.question for p in problems if _reordering(p.question) in training] == [], split
+  assert not {_reordering(p.question) for p in held_out["valid"]} & {_reordering(p.question) for p in held_out["test"]}
 
 
 SMALL_COUNTS = {"base_train": 6, "midtrain": 6, "sft": 3, "dpo_prompts": 3, "rl_prompts": 3, "valid": 3, "test": 3}

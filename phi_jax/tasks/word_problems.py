@@ -18,15 +18,18 @@ tiny tokenizer's merges, so numbers tokenize one digit at a time.
 
 Splits are fixed by the problem, not by the draw: a hash of the problem's arithmetic (its `split_key`: the
 operations and numbers from the quantity it starts with, not the names and nouns around them; "3 boxes of 4" starts
-at 12) decides train / valid / test, so a test problem's arithmetic never appears in training under other words.
-(Its last operations may: with quantities up to 30, a training problem can reach the same number by other steps and
-go on alike.) Everything is seeded and reproducible across processes and machines.
+at 12, and "buys 4 more, finds 3 more" is "finds 3 more, buys 4 more") decides train / valid / test, so a test
+problem's arithmetic never appears in training under other words or with its sentences in another order; held-out
+sets hold one problem per such arithmetic. (Its last operations may: with quantities up to 30, a training problem
+can reach the same number by other steps and go on alike.) Everything is seeded and reproducible across processes
+and machines.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -36,8 +39,10 @@ from typing import Optional, Union
 # other rules has other held-out problems, so results on it are not comparable (the recipe refuses to reuse it).
 # Raised too when `generate` picks other problems for the same arguments. 4: problems distinct by key are distinct
 # by `split_key` (2026-12-07); 3: a first product of any kind is folded into its result (2026-12-07); 2: containers
-# folded (2026-12-06). 5: every leading product is folded, a doubling after containers too (2026-12-07).
-SPLIT_VERSION = 5
+# folded (2026-12-06). 5: every leading product is folded, a doubling after containers too (2026-12-07). 6: each run
+# of sums and differences, and of products, after the leading products is sorted, so a problem told in another
+# order shares its split and counts as the same held-out problem (2026-12-07).
+SPLIT_VERSION = 6
 
 # Fractions of the problem space in each split, in the order the hash buckets are assigned.
 SPLIT_FRACTIONS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
@@ -129,11 +134,15 @@ class Problem:
     away 5", "6 apples, doubles them, gives away 5" and "12 apples, gives away 5" fall in the same split. The
     products it starts with (containers, then any doubling or tripling) are folded into their result ("2 boxes of
     3, doubles them, gives away 5" is 12-5, as "6 apples, doubles them, gives away 5" is), so two problems with the
-    same `key` always share a split."""
+    same `key` always share a split. After them, each run of sums and differences, and each run of products, is
+    sorted ("9, finds 3 more, buys 4 more" and "9, buys 4 more, finds 3 more" are both 9+3+4): the same sentences in
+    another order are the same problem. Runs on either side of a product are not mixed ((5+3)*2-4 is not
+    (5-4)*2+3)."""
     lead = 0
     while lead < len(self.steps) and self.steps[lead].op == "*":
       lead += 1
-    return _arithmetic_key(self.steps[lead - 1].result, self.steps[lead:]) if lead else self.key
+    start = self.steps[lead - 1].result if lead else self.start
+    return _arithmetic_key(start, _in_canonical_order(self.steps[lead:]))
 
   @property
   def num_steps(self) -> int:
@@ -170,9 +179,11 @@ def generate(n: int, *, seed: int, split: str, difficulty: Union[str, Difficulty
     split: "train", "valid" or "test".
     difficulty: a `Difficulty` or the name of one in `DIFFICULTIES`.
     distinct_by: "key" keeps one problem per arithmetic (for evaluation sets), counted as the splits count it (its
-      `split_key`: "4 packs of 2, gets 3 more" and "8 eggs, buys 3 more" are one); "question" allows the same
-      arithmetic in other words, which keeps the difficulty's mix of step counts in large training sets (there are
-      only a few thousand two-step problems).
+      `split_key`: "4 packs of 2, gets 3 more" and "8 eggs, buys 3 more" are one, and so are "9 pens, loses 4,
+      buys 1 more" and "9 cards, finds 1 more, sells 4"); "question" allows the same arithmetic in other words,
+      which keeps the difficulty's mix of step counts in large training sets (there are only a few thousand two-step
+      problems). Held-out sets distinct by key hold fewer short problems than the difficulty draws, there being
+      fewer short arithmetics.
 
   Raises:
     ValueError: an unknown split or `distinct_by`, or a split with fewer than about `n` distinct problems.
@@ -251,6 +262,15 @@ def _apply(left: int, op: str, right: int) -> int:
 
 def _arithmetic_key(start: int, steps: Sequence[Step]) -> str:
   return str(start) + "".join(f"{s.op}{s.right}" for s in steps)
+
+
+def _in_canonical_order(steps: Sequence[Step]) -> list[Step]:
+  """`steps` with each run of sums and differences, and each run of products, sorted: every order of a run reaches
+  the same quantity at its end, so `split_key` counts every order of a run as one problem."""
+  ordered = []
+  for _, run in itertools.groupby(steps, key=lambda step: step.op == "*"):
+    ordered += sorted(run, key=lambda step: (step.op, step.right))
+  return ordered
 
 
 def _render_trace(steps: Iterable[Step], answer: Union[int, str]) -> str:
