@@ -26,6 +26,7 @@ tables the runs' latest metrics whether or not they finished: its step column sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -194,12 +195,17 @@ def collect(root: str, runs: list[dict], statuses: Optional[dict[str, str]] = No
     lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
                  + " |")
   os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump(rows, f, indent=1)
+  _write_atomically(os.path.join(root, "results.md"), "\n".join(lines) + "\n")
+  _write_atomically(os.path.join(root, "results.json"), json.dumps(rows, indent=1))
   print("\n".join(lines))
   return rows
+
+
+def _write_atomically(path: str, text: str) -> None:
+  """A kill while writing leaves the previous file whole, not a truncated one."""
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
 
 
 _PREEMPTED = 143  # train.py's exit after a SIGTERM once its checkpoint is saved (loop.Preempted)
@@ -219,30 +225,42 @@ def run_status(code: int, forwarded: bool = False) -> str:
 
 
 def _run_forwarding_signals(cmd: list[str]) -> int:
-  """Runs one train.py, passing a SIGTERM, SIGINT or SIGHUP the sweep receives on to it as one SIGTERM, which train.py
-  answers by saving a checkpoint and stopping (a scheduler stopping the sweep signals the sweep's process only: the
-  run went on untold, and lost its steps at the SIGKILL that followed). The run has a session of its own, so a
-  Ctrl-C in the terminal reaches the sweep alone (a SIGINT would interrupt train.py mid-step, unsaved). Returns its
-  exit code (negative: killed by a signal). A signal received makes the sweep launch no more runs."""
+  """Runs one train.py, passing a SIGTERM, SIGINT or SIGHUP the sweep receives on to it as one SIGTERM (under
+  `_forwarding_signals`), which train.py answers by saving a checkpoint and stopping (a scheduler stopping the sweep
+  signals the sweep's process only: the run went on untold, and lost its steps at the SIGKILL that followed). The run
+  has a session of its own, so a Ctrl-C in the terminal reaches the sweep alone (a SIGINT would interrupt train.py
+  mid-step, unsaved). Returns its exit code (negative: killed by a signal)."""
   process = subprocess.Popen(cmd, start_new_session=True)
-  previous = {}
+  _running.append(process)
+  try:
+    if _stopping:  # the signal came while the run was starting: it is told now
+      process.send_signal(signal.SIGTERM)
+    return process.wait()
+  finally:
+    _running.remove(process)
 
+
+@contextlib.contextmanager
+def _forwarding_signals():
+  """For the whole sweep, a SIGTERM, SIGINT or SIGHUP is recorded (the sweep launches no more runs) and passed on
+  to the run in progress, if any: between two runs, or while the results are collected, it used to meet the default
+  handler, which ended the sweep without its results table."""
   def forward(signum, frame):  # pylint: disable=unused-argument
-    if not _stopping:
-      process.send_signal(signal.SIGTERM)  # once: a second SIGTERM ends train.py's grace period
+    if not _stopping:  # once: a second SIGTERM ends train.py's grace period
+      for process in _running:
+        process.send_signal(signal.SIGTERM)
     _stopping.append(signum)
 
   # SIGHUP too: a dropped ssh session ends the sweep, and the run, in a session of its own, would never hear of it.
-  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    previous[signum] = signal.signal(signum, forward)
+  previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
   try:
-    code = process.wait()
+    yield
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
-  return code
 
 
+_running: list[subprocess.Popen] = []
 _stopping: list[int] = []
 
 
@@ -266,18 +284,22 @@ def main(argv=None):
     return runs
   if args.mode == "collect":
     return collect(args.root, runs)
+  with _forwarding_signals():
+    return _run_locally(args, runs)
+
+
+def _run_locally(args, runs: list[dict]) -> list[dict]:
   statuses = {}
   for i, b in enumerate(runs):
     name = run_name(b)
+    if _stopping:  # a signal between two runs
+      _stop(args.root, runs, statuses, f"before {name}")
     print(f"[{i + 1}/{len(runs)}] {name}", flush=True)
     # One failing run (a bad value of the swept binding, say) must not cost the others their results.
     code = _run_forwarding_signals(command(args.gin_file, args.gin_param, b, os.path.join(args.root, name)))
     statuses[name] = run_status(code, forwarded=bool(_stopping))
     if _stopping or code == _PREEMPTED:  # the sweep (or its node) was told to stop: no further run is started
-      collect(args.root, runs, {run_name(r): statuses.get(run_name(r), "not run") for r in runs})
-      print(f"sweep stopped by a signal after {name} ({statuses[name]}); re-run it to go on (finished runs are kept)",
-            flush=True)
-      sys.exit(_PREEMPTED)
+      _stop(args.root, runs, statuses, f"after {name} ({statuses[name]})")
     if code != 0:
       print(f"[{i + 1}/{len(runs)}] {name} failed ({statuses[name]})"
             + ("; going on with the other runs" if i + 1 < len(runs) else ""), flush=True)
@@ -288,6 +310,12 @@ def main(argv=None):
              f"their rows in {os.path.join(args.root, 'results.md')} are marked; fix the cause and re-run the sweep "
              "(finished runs are kept).")
   return rows
+
+
+def _stop(root: str, runs: list[dict], statuses: dict[str, str], when: str) -> None:
+  collect(root, runs, {run_name(r): statuses.get(run_name(r), "not run") for r in runs})
+  print(f"sweep stopped by a signal {when}; re-run it to go on (finished runs are kept)", flush=True)
+  sys.exit(_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -1512,6 +1512,12 @@ def test_cfrac_and_over_are_divisions_of_numbers_to_the_screen():
     assert screen_problem(answer) is None, answer
 
 
+def test_gamma_takes_the_factorial_limit_shifted_by_one():
+  """Gamma(n + 1) is n!: the largest factorial the screen passes (10000!) is Gamma(10001)."""
+  assert screen_problem("10000!") is None and screen_problem("\\Gamma(10001)") is None
+  assert "Gamma" in screen_problem("\\Gamma(10002)")
+
+
 def test_superscript_digits_are_screened_not_a_crash(pool, monkeypatch):
   """'²'.isdigit() is True yet int('²') raises: a superscript beside a factorial or in an exponent crashed the screen,
   and with it a GRPO step. math-verify reads '3²' as 3, so superscripts are no digits to the screen either."""

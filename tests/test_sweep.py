@@ -217,6 +217,29 @@ def test_a_sigterm_to_the_sweep_reaches_the_running_run_and_starts_no_other(tmp_
   assert [(r["run"], r["status"]) for r in rows] == [("seed=0", "preempted"), ("seed=1", "not run")]
 
 
+def test_a_sigterm_between_two_runs_stops_the_sweep_with_its_results_table(tmp_path):
+  """The signal handlers were put back after each run: a SIGTERM between two runs (or while results were collected)
+  met the default handler, which ended the sweep with no results table and no "not run" rows."""
+  driver = tmp_path / "driver.py"
+  driver.write_text(
+      "import os, signal, sys\n"
+      f"sys.path.insert(0, {os.path.join(ROOT, 'experiments')!r})\n"
+      "import sweep\n"
+      "sweep.command = lambda files, params, b, workdir: [sys.executable, '-c', 'pass']\n"
+      "status = sweep.run_status\n"
+      "def signalled(code, forwarded=False):  # right after the first run ended\n"
+      "  os.kill(os.getpid(), signal.SIGTERM)\n"
+      "  return status(code, forwarded)\n"
+      "sweep.run_status = signalled\n"
+      f"sweep.main(['--gin_file=unused.gin', '--root={tmp_path / 'root'}', "
+      "'--sweep={\"product\": {\"train.seed\": [0, 1]}}'])\n")
+  proc = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 143, proc.stdout + proc.stderr
+  rows = json.load(open(tmp_path / "root" / "results.json"))
+  assert [(r["run"], r["status"]) for r in rows] == [("seed=0", "ok"), ("seed=1", "not run")]
+  assert not list((tmp_path / "root").glob("*.tmp"))
+
+
 # -15: the forwarded SIGTERM killed a run before its training loop took the signal over (nothing lost, it reruns).
 @pytest.mark.parametrize("code,status", [(143, "preempted"), (-15, "preempted"), (1, "exit 1"), (-9, "signal 9"),
                                          (0, "ok")])

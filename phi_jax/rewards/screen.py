@@ -343,9 +343,9 @@ def _function_problem(text: str, config: ScreenConfig) -> Optional[str]:
     if text[i + 1:j] in _GAMMA_COMMANDS:
       start, end = _argument_span(text, j, matches)
       argument = text[start:end]
-      bound = _value_bound(argument, limit) if _is_numeric(argument) else 0
-      if bound is None or bound > limit:
-        problem = f"Gamma of {argument.strip()!r}, possibly over {limit}"
+      bound = _value_bound(argument, limit + 1) if _is_numeric(argument) else 0  # Gamma(limit + 1) is limit!
+      if bound is None or bound > limit + 1:
+        problem = f"Gamma of {argument.strip()!r}, possibly over {limit + 1}"
     elif text[i + 1:j] in _BINOMIAL_COMMANDS:
       problem = _binomial_problem(text, j, matches, limit)
     if problem:
