@@ -16,8 +16,9 @@ table (ROOT/results.md, ROOT/results.json) holds each run's bindings and its fin
 next-token accuracy of the trained positions (token_accuracy); for GRPO, mean reward and the share of rollouts
 whose answer verified (accuracy). In local mode a failing run does not stop the sweep: the other runs go on, the
 table's status column marks it ("exit N", or "signal N" if it was killed; "ok" for a run that succeeded) and the
-sweep exits non-zero at the end, naming the failed runs. A SIGTERM or SIGINT (Ctrl-C) to the sweep reaches the run in
-progress as a SIGTERM (it saves a checkpoint and stops), no further run starts, and the sweep exits 143; that run's
+sweep exits non-zero at the end, naming the failed runs. A SIGTERM, SIGINT (Ctrl-C) or SIGHUP to the sweep reaches
+the run in progress as a SIGTERM (it saves a checkpoint and stops); at any time, between runs too, no further run
+starts, the table is written and the sweep exits 143; that run's
 status is "preempted" only if it exited as train.py does once saved (143), else its "exit N" / "signal N", and the
 runs not started are "not run". --mode=collect
 tables the runs' latest metrics whether or not they finished: its step column says how far each got.
