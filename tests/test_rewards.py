@@ -1770,7 +1770,9 @@ def test_worker_killed_mid_task_is_replaced(pool):
   for pid in victims:  # an idle worker that is killed but not yet dead would take the next answer down with it
     while _process_state(pid) not in ("Z", "X", None):
       time.sleep(0.01)
-  assert rewards.is_correct("\\boxed{x + 1}", "1 + x")
+  # The replacements verify again; a generous limit, as their first answer may meet a loaded machine (the suite's
+  # other worker compiling) and this checks the pool's recovery, not its speed.
+  assert rewards.verify_batch(["\\boxed{x + 1}"], ["1 + x"], timeout_s=60.0) == [True]
   assert not set(victims) & set(pool.worker_pids()) and len(pool.worker_pids()) == pool.num_workers
 
 
