@@ -2029,11 +2029,15 @@ def grpo_config(settings: dict) -> GRPOConfig:
 
 
 @configurable("reward")
-def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Optional[int] = None):
+def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Optional[int] = None,
+                    settings: Optional[dict] = None):
   """The GRPO reward: a weighted sum of `phi_jax.rewards` registry rewards (default {"correctness": 1.0}).
 
   "length_aware" (the Phi-4-reasoning-plus reward) is scaled to `length_aware_max_tokens` (default: the
   stage's grpo.max_new_tokens), since its published constants are for 31,744-token responses.
+  `settings` changes a weighted reward's constants by name, e.g. {"length_aware": {"l_neg_control": 5000,
+  "w_rep": 0.0}, "repetition": {"n": 4}}: the fields of `LengthAwareRewardConfig` (its lengths at the scale of
+  its l_max, 31,744 unless set, and scaled with it) or of the registered reward's dataclass.
   """
   from phi_jax.rewards import registry
 
@@ -2051,7 +2055,45 @@ def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Opt
   if length_aware_max_tokens is not None and "length_aware" not in weights:
     raise ValueError(f"reward.length_aware_max_tokens={length_aware_max_tokens} scales the 'length_aware' reward, "
                      f"which reward.weights={weights} does not use: add it to the weights, or remove the binding")
-  return dict(weights=weights, length_aware_max_tokens=length_aware_max_tokens)
+  if settings is not None and not isinstance(settings, dict):
+    raise ValueError(f"reward.settings={settings!r} must be a dict from reward names to dicts of their constants, "
+                     'e.g. {"length_aware": {"l_neg_control": 5000}}')
+  for name, overrides in (settings or {}).items():
+    if name not in weights:
+      raise ValueError(f"reward.settings names {name!r}, which reward.weights={weights} does not use: add it to the "
+                       "weights, or remove its entry")
+    with_settings(registry.get_reward(name), name, overrides)  # checks the names and values
+  out = dict(weights=weights, length_aware_max_tokens=length_aware_max_tokens)
+  # Recorded only when given, so a run from before the setting existed resumes without a logged change.
+  return dict(out, settings=settings) if settings else out
+
+
+def with_settings(fn, name: str, overrides):
+  """The registered reward `fn` (reward.weights' `name`) with the constants of reward.settings[name] replaced."""
+  from phi_jax.rewards import registry  # pylint: disable=import-outside-toplevel
+  if not overrides:
+    return fn
+  is_length_aware = isinstance(fn, registry.LengthAwareReward)
+  target = fn.config if is_length_aware else fn
+  fields = dataclasses.fields(target) if dataclasses.is_dataclass(target) and not isinstance(target, type) else ()
+  # The numeric constants: a reward's other fields (the think format) are objects a gin dict cannot write.
+  settable = {f.name: getattr(target, f.name) for f in fields if _is_number(getattr(target, f.name))}
+  if not isinstance(overrides, dict):
+    raise ValueError(f"reward.settings[{name!r}]={overrides!r} must be a dict of the reward's constants, e.g. "
+                     f"{{{next(iter(settable), 'name')!r}: ...}}")
+  unknown = sorted(set(overrides) - set(settable))
+  if unknown:
+    has = f"its constants are {', '.join(sorted(settable))}" if settable else "it has no constants to set"
+    raise ValueError(f"reward.settings[{name!r}] sets {', '.join(map(repr, unknown))}, not a constant of the "
+                     f"{name!r} reward: {has}")
+  for key, value in overrides.items():
+    whole = isinstance(settable[key], numbers.Integral)
+    if not _is_number(value) or not math.isfinite(value) or (whole and value != int(value)):
+      kind = "a whole number" if whole else "a finite number"
+      raise ValueError(f"reward.settings[{name!r}][{key!r}]={value!r} must be {kind}")
+  changed = dataclasses.replace(target, **{key: int(value) if isinstance(settable[key], numbers.Integral) else
+                                           float(value) for key, value in overrides.items()})
+  return registry.LengthAwareReward(changed) if is_length_aware else changed
 
 
 def _read_prompts(files) -> list[dict]:
@@ -2151,12 +2193,11 @@ def grpo_reward(reward_cfg: dict, cfg: GRPOConfig):
   """The weighted sum of reward.weights: one term per name, whatever function it names (a dict keyed by the
   functions merged two names of one function, or two equal ones, into one term, and refused unhashable ones)."""
   from phi_jax.rewards import registry  # pylint: disable=import-outside-toplevel
-  from phi_jax.rewards.length_aware import LengthAwareRewardConfig  # pylint: disable=import-outside-toplevel
   terms = []
   for name, weight in reward_cfg["weights"].items():
-    fn = registry.get_reward(name)
-    if name == "length_aware":
-      fn = registry.LengthAwareReward(LengthAwareRewardConfig().scaled_to(length_aware_scale(reward_cfg, cfg)))
+    fn = with_settings(registry.get_reward(name), name, (reward_cfg.get("settings") or {}).get(name))
+    if isinstance(fn, registry.LengthAwareReward):  # the registered one's constants (a module's own included)
+      fn = registry.LengthAwareReward(fn.config.scaled_to(length_aware_scale(reward_cfg, cfg)))
     terms.append((fn, float(weight)))
   return registry.CombinedReward(tuple(terms), tuple(reward_cfg["weights"]))
 

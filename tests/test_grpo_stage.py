@@ -672,3 +672,67 @@ def test_a_reward_of_reward_weights_that_returns_no_number_is_named(monkeypatch,
     reward("other", "1", length=3, finished=True, correct=True)
   with pytest.raises(ValueError, match=r"reward 'picky' .*returned"):  # named when combined outside a run too
     registry.combine({"correctness": 1.0, "picky": 1.0})("other", "1", length=3, finished=True, correct=True)
+
+
+def _wrong_answer_reward(reward, length):
+  """The reward of a well-formed, finished, wrong answer of `length` tokens with no repeated 5-grams."""
+  return reward("<think>3 + 4 = 8</think> The answer is \\boxed{8}.", "7", length=length, finished=True,
+                correct=False)
+
+
+def test_the_length_aware_reward_registered_by_a_module_is_the_one_trained(monkeypatch):
+  """A module that registers its own length-aware constants gets them (scaled to the run's budget), not the
+  published ones: wrong answers reach the -0.5 floor at its l_neg_control of 1000 tokens, not at 3702."""
+  import common  # pylint: disable=import-outside-toplevel
+  from phi_jax.rewards import registry
+  from phi_jax.rewards.length_aware import LengthAwareRewardConfig
+
+  published = common.grpo_reward({"weights": {"length_aware": 1.0}, "length_aware_max_tokens": None},
+                                 grpo.GRPOConfig(max_new_tokens=31744))
+  monkeypatch.setitem(registry.REWARDS, "length_aware",
+                      registry.LengthAwareReward(LengthAwareRewardConfig(l_neg_control=1000, w_rep=0.0)))
+  own = common.grpo_reward({"weights": {"length_aware": 1.0}, "length_aware_max_tokens": None},
+                           grpo.GRPOConfig(max_new_tokens=31744))
+  floor = 8 / 13 * -0.5
+  assert _wrong_answer_reward(own, 1000) == pytest.approx(floor)
+  assert _wrong_answer_reward(published, 1000) < floor - 0.05
+  # Scaled with the run's budget like the published constants: at half the length, half the control length.
+  halved = common.grpo_reward({"weights": {"length_aware": 1.0}, "length_aware_max_tokens": None},
+                              grpo.GRPOConfig(max_new_tokens=31744 // 2))
+  assert _wrong_answer_reward(halved, 500) == pytest.approx(floor)
+  assert _wrong_answer_reward(halved, 250) < floor - 0.05
+
+
+def test_reward_settings_change_a_reward_s_constants():
+  """reward.settings = {"length_aware": {...}} sets the constants PHI4_FACTS asks to keep as settings (at the scale
+  of l_max, scaled to the run's budget), and {"repetition": {...}} the repetition penalty's n-gram size."""
+  import common  # pylint: disable=import-outside-toplevel
+
+  settings = common.reward_settings(weights={"length_aware": 1.0, "repetition": 0.5},
+                                    settings={"length_aware": {"l_neg_control": 1000, "w_acc": 1.0, "w_rep": 0.0},
+                                              "repetition": {"n": 2, "max_count": 1.0}})
+  reward = common.grpo_reward(settings, grpo.GRPOConfig(max_new_tokens=31744))
+  assert _wrong_answer_reward(reward, 1000) == pytest.approx(-0.5)  # w_acc 1, the floor at 1000 tokens
+  assert _wrong_answer_reward(reward, 0) == pytest.approx(-1.0)
+  # The repetition term with bigrams: "a b" three times repeats; with the default 5-grams it would not.
+  repeated = "<think>a b a b a b</think> \\boxed{8}"
+  default = common.grpo_reward(common.reward_settings(weights={"repetition": 1.0}), grpo.GRPOConfig())
+  assert default(repeated, "7", length=10, finished=True, correct=False) == 0.0
+  assert reward(repeated, "7", length=10, finished=True, correct=False) < -1.0
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"length_aware": {"l_neg": 1000}}, r"reward.settings\['length_aware'\] sets 'l_neg', not a constant .*"
+                                        r"l_neg_control"),
+    ({"length_aware": {"l_neg_control": 1000.5}}, r"\['l_neg_control'\]=1000.5 must be a whole number"),
+    ({"length_aware": {"w_rep": "0"}}, r"\['w_rep'\]='0' must be a finite number"),
+    ({"length_aware": {"w_rep": float("nan")}}, r"\['w_rep'\]=nan must be a finite number"),
+    ({"length_aware": {"l_pos_control": 40000}}, r"need 0 <= l_pos_control < l_max"),
+    ({"length_aware": 1000}, r"reward.settings\['length_aware'\]=1000 must be a dict"),
+    ({"correctness": {"x": 1}}, r"sets 'x', not a constant of the 'correctness' reward: it has no constants"),
+    ({"repetition": {"n": 2}}, r"reward.settings names 'repetition', which reward.weights=.* does not use"),
+    ([1], r"reward.settings=\[1\] must be a dict")])
+def test_reward_settings_that_cannot_apply_are_refused(settings, message):
+  import common  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=message):
+    common.reward_settings(weights={"length_aware": 1.0, "correctness": 1.0}, settings=settings)

@@ -12,7 +12,9 @@ The Phi-4-mini-reasoning fixes for small models are settings of `GRPOConfig`:
   those computed over the whole group);
 - length uniformity (`max_length_cv`): a group whose response lengths vary more than this coefficient of
   variation is dropped — the paper filters candidate prompts by sampling them several times and keeping those
-  with fairly uniform response lengths; here every step's G samples are that sample;
+  with fairly uniform response lengths; here every step's G samples are that sample. A rollout cut at
+  `max_new_tokens` counts at its cut length, so one runaway rollout in a group of short ones drops the whole group
+  (its correct responses too) for that step, as a pre-pass would drop the prompt;
 - temperature annealing: `temperature` -> `final_temperature` linearly over the first `anneal_fraction` of the
   run, then constant (the paper: 1.0 -> 0.6 over the first half); the loss scores the policy at the temperature
   its batch was sampled at (`tempered_logprobs`, each row's `temperature` field), so the importance ratio and the
