@@ -501,6 +501,20 @@ def _shape_differences(theirs: PhiConfig, ours: PhiConfig) -> list[str]:
           if k != "param_dtype" and theirs[k] != ours[k]]
 
 
+def _check_mixture_weights(weights) -> None:
+  """The data reader's checks of data.weights, made here so a run, its --dry_run and a recipe refuse them before any
+  stage trains (the reader made them only when the stage built its data)."""
+  given = [w for w in (weights or ()) if w is not None]  # None: its file's record count, known only when read
+  if not all(math.isfinite(w) and w > 0 for w in given):
+    raise ValueError(f"data.weights={weights!r}: each weight must be positive and finite (its file's share of the "
+                     "records); to read none of a file, leave it out of data.train_files")
+  if len(given) > 1:
+    try:
+      pipeline_lib._ProportionalSelection([1] * len(given), given)  # pylint: disable=protected-access
+    except ValueError as e:
+      raise ValueError(f"data.weights={weights!r}: {e}") from None
+
+
 @configurable("data")
 def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weights: Optional[Sequence[float]] = None,
          tokenizer: str = "tiny:phi-4", seq_len: int = 256, batch_size: int = 8, packing: Optional[str] = "first_fit",
@@ -547,6 +561,7 @@ def data(train_files: Sequence[str] = (), eval_files: Sequence[str] = (), weight
   if weights is not None and len(weights) != len(train_files):
     raise ValueError(f"data.weights has {len(weights)} entries for {len(train_files)} data.train_files: give one "
                      "weight per train file (or pattern), in the same order, or leave weights unset for equal ones")
+  _check_mixture_weights(weights)
   return dict(train_files=list(train_files), eval_files=list(eval_files), weights=weights, tokenizer=tokenizer,
               seq_len=seq_len, batch_size=batch_size, packing=packing, too_long=too_long,
               on_bad_record=on_bad_record, num_epochs=num_epochs, system_prompt=system_prompt,

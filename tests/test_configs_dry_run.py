@@ -297,6 +297,19 @@ def test_a_binding_of_the_wrong_type_is_refused_naming_it(binding, make, match):
     _configured(binding, make)
 
 
+@pytest.mark.parametrize("weights,match", [
+    ("[0, 1]", r"data.weights=\[0, 1\]: each weight must be positive and finite"),
+    ("[-1.0, 1]", r"must be positive and finite"),
+    ("[1e-30, 1]", r"data.weights=\[1e-30, 1\]: mixture weights .* too far apart"),
+    ("[1e300, 1e-300]", r"too far apart")])
+def test_data_weights_the_reader_would_refuse_are_refused_with_the_settings(weights, match):
+  """A weight the data reader refuses stops a run, its --dry_run and a recipe's check before anything trains, not
+  when the stage (perhaps the third of a recipe) builds its data."""
+  with pytest.raises(ValueError, match=match):
+    _configured(f"data.weights={weights}", lambda: common.data(train_files=["a.jsonl", "b.jsonl"]))
+  assert _configured("data.weights=[1e-3, 1]", lambda: common.data(train_files=["a", "b"]))["weights"] == [1e-3, 1]
+
+
 def test_whole_number_floats_are_taken_as_ints_and_ints_as_floats():
   data = _configured("data.seq_len=128.0", common.data)
   assert data["seq_len"] == 128 and type(data["seq_len"]) is int
