@@ -887,11 +887,13 @@ def _resolve_macros(value, macros: dict, depth: int = 0):
 
 def _check_run_math(name: str, source: str, settings: Optional[dict], model_config: PhiConfig) -> None:
   """Refuses a run's params/ trained with other rotary or norm settings than `model_config` (same arrays, another
-  function): that run's model is rebuilt from its `model` settings, as its config.gin records them."""
-  if settings is None:
+  function): that run's model is the one it recorded (W/model_config.json), or, for a run from before it recorded
+  one, the one rebuilt from its `model` settings as its config.gin records them."""
+  theirs = recorded_model_config(source)
+  if theirs is None and settings is None:
     return
   try:
-    theirs = model_config_of(**settings)
+    theirs = theirs or model_config_of(**settings)
   except (ValueError, KeyError, TypeError) as e:  # its checkpoint moved, a preset renamed since
     log.warning("%s=%s: the model settings of its config.gin do not rebuild its model here (%s); its rotary and norm "
                 "settings are not compared with this run's", name, source, e)
@@ -1220,7 +1222,7 @@ def _train_in(workdir: str):
       init_params=params_loader(model_config, hf_path, settings["init_from"], the_mesh),
       eval_batches=eval_batches, on_log=show, on_start=on_start, on_first_step=on_first_step,
       run_meta=run_meta(stage, settings, data_cfg, tokenizer))
-  save_final_params(workdir, state.params)
+  save_final_params(workdir, state.params, model_config)
   if loop.export_hf:
     export_hf(os.path.join(workdir, "hf"), model_config, state.params, tokenizer, data_cfg["system_prompt"])
   return state
@@ -1886,6 +1888,8 @@ def remove_final_outputs(workdir: str, export_hf: bool) -> None:
     log.warning("removing %s: the finished run's params, superseded as this run trains on (it writes them again "
                 "when it ends; the checkpoints keep them)", params)
     shutil.rmtree(params)
+  if os.path.isfile(os.path.join(workdir, MODEL_CONFIG_FILE)):
+    os.remove(os.path.join(workdir, MODEL_CONFIG_FILE))
   if os.path.exists(hf) and export_hf:
     log.warning("removing %s: the finished run's export, written again when this run ends (train.export_hf)", hf)
     shutil.rmtree(hf)
@@ -1894,14 +1898,58 @@ def remove_final_outputs(workdir: str, export_hf: bool) -> None:
                 "written again: export the new params with experiments/export_hf.py once the run ends", hf)
 
 
-def save_final_params(workdir: str, params):
+def save_final_params(workdir: str, params, model_config: Optional[PhiConfig] = None):
+  """W/params/, and the model they were trained as in W/model_config.json (`as_trained`)."""
   import orbax.checkpoint as ocp
-  path = os.path.join(workdir, "params")
-  if jax.process_index() == 0 and os.path.exists(path):
-    shutil.rmtree(path)
+  path, recorded = os.path.join(workdir, "params"), os.path.join(workdir, MODEL_CONFIG_FILE)
+  if jax.process_index() == 0:
+    for old in (path, recorded):
+      if os.path.isdir(old):
+        shutil.rmtree(old)
+      elif os.path.exists(old):
+        os.remove(old)
   distributed.barrier("final_params_removed")  # every process: none starts writing into a directory being removed
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params)
+  if model_config is not None and jax.process_index() == 0:
+    write_text_atomically(recorded, json.dumps(dataclasses.asdict(model_config), indent=1) + "\n")
+
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def recorded_model_config(workdir: str) -> Optional[PhiConfig]:
+  """The model a run's params/ were trained as (W/model_config.json), None for a run from before it was recorded."""
+  try:
+    with open(os.path.join(workdir, MODEL_CONFIG_FILE), encoding="utf-8") as f:
+      fields = json.load(f)
+  except FileNotFoundError:
+    return None
+  known = {f.name for f in dataclasses.fields(PhiConfig)}
+  return PhiConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known})
+
+
+def as_trained(config: PhiConfig, workdir: str) -> PhiConfig:
+  """`config`, a run's model rebuilt from its config.gin, with the settings it was trained with where they differ.
+
+  A run on model.hf_path rebuilds its rotary, shapes and token ids from that checkpoint's config.json as it is now,
+  which may have changed since the run trained (a hub revision that updates rope factors); its params compute the
+  function they were trained as. Settings named in model.overrides (a command line's deliberate change) and the
+  run-time ones (attention backend, remat, dtypes) stay as bound."""
+  trained = recorded_model_config(workdir)
+  if trained is None:
+    return config
+  # How the model runs and its precision are eval's or export's to choose anew.
+  deliberate = set(bound_or_none("model.overrides") or {}) | {*_RUN_TIME_MODEL_FIELDS, "dtype", "param_dtype"}
+  ours, theirs = dataclasses.asdict(config), dataclasses.asdict(trained)
+  differ = {k: v for k, v in theirs.items() if k not in deliberate and _as_plain(v) != _as_plain(ours[k])}
+  if not differ:
+    return config
+  log.warning("%s was trained with %s, not the %s that its model settings give now (model.hf_path's config.json "
+              "changed since the run?): its params are used as they were trained (%s)", workdir,
+              ", ".join(f"{k}={v!r}" for k, v in differ.items()), ", ".join(f"{k}={ours[k]!r}" for k in differ),
+              os.path.join(workdir, MODEL_CONFIG_FILE))
+  return dataclasses.replace(config, **{k: getattr(trained, k) for k in differ})
 
 
 def abstract_stage_batch(stage: str, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -265,7 +265,10 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
 def policy_config(init_from: str):
   """(model config, model.hf_path) of a run workdir or a transformers checkpoint directory, read without weights."""
   common.check_policy_dir(init_from)
-  return common.model() if os.path.isdir(os.path.join(init_from, "params")) else common.model(hf_path=init_from)
+  if not os.path.isdir(os.path.join(init_from, "params")):
+    return common.model(hf_path=init_from)
+  config, hf_path = common.model()
+  return common.as_trained(config, init_from), hf_path
 
 
 def load_policy(init_from: str, the_mesh, tokenizer=None):

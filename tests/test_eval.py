@@ -222,6 +222,38 @@ def test_export_hf_writes_a_finished_run_as_a_transformers_checkpoint(tiny_run, 
     export_hf.main([f"--init_from={tmp_path}"])
 
 
+def test_a_run_on_a_checkpoint_whose_config_json_changed_since_is_exported_and_evaluated_as_trained(
+    tiny_run, tmp_path, capsys):
+  """A run on model.hf_path rebuilds its model from that checkpoint's config.json; one changed since (a hub revision
+  with other rope settings) exported the trained params as another function. The run's recorded model wins, with a
+  warning; a setting named in model.overrides on the command line still applies."""
+  import export_hf
+  import rollouts
+  from phi_jax import load_hf
+
+  run, _ = tiny_run
+  base = pathlib.Path(_export(export_hf, f"--init_from={run}", f"--out={tmp_path / 'base'}"))
+  trained_config, params = load_hf(str(base))
+  from_hf = tmp_path / "from_hf"
+  common.get_tokenizer(str(base), str(from_hf))
+  common.save_final_params(str(from_hf), params, trained_config)
+  (from_hf / "config.gin").write_text(f'model.hf_path = "{base}"\ndata.tokenizer = "{base}"\n'
+                                      'mesh.shape = {"data": -1, "fsdp": 1}\n')
+  hf_config = json.loads((base / "config.json").read_text())
+  assert hf_config["rope_theta"] == trained_config.rope_theta == 10000.0
+  (base / "config.json").write_text(json.dumps(dict(hf_config, rope_theta=20000.0, eos_token_id=7)))
+  out = _export(export_hf, f"--init_from={from_hf}", f"--out={tmp_path / 'export'}")  # logs to stdout
+  exported = json.loads((pathlib.Path(out) / "config.json").read_text())
+  assert exported["rope_theta"] == 10000.0 and exported["eos_token_id"] == trained_config.eos_token_id
+  assert re.search(r"was trained with rope_theta=10000.0, eos_token_id=\d+, not the rope_theta=20000.0, "
+                   r"eos_token_id=7 that its model settings give now", capsys.readouterr().out)
+  try:
+    common.parse_gin_for_checkpoint(str(from_hf), [], ['model.overrides={"rope_theta": 40000.0}'])
+    assert rollouts.policy_config(str(from_hf))[0].rope_theta == 40000.0
+  finally:
+    gin.clear_config()
+
+
 def _export(export_hf, *args):
   try:
     return export_hf.main(list(args))
