@@ -43,6 +43,23 @@ def test_params_of_a_config_for_another_device_init_on_this_one():
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)))
 
 
+def test_bfloat16_params_are_the_float32_draw_rounded_once():
+  """jax.random.normal drawn in bfloat16 has 128 distinct values and no tail past ~2.9 sigma; a bfloat16 init is
+  the float32 one rounded (as torch's bfloat16 normal_ is), and a float32 init the plain draw."""
+  config = phi_jax.PhiConfig(vocab_size=64, hidden_size=128, intermediate_size=512, num_layers=1, num_heads=2,
+                             num_kv_heads=1, max_position_embeddings=32)
+  f32 = phi_jax.init_params(config, jax.random.key(0))
+  bf16 = phi_jax.init_params(config.replace(param_dtype="bfloat16"), jax.random.key(0))
+  for a, b in zip(jax.tree.leaves(f32), jax.tree.leaves(bf16)):
+    assert b.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16), np.float32), np.asarray(b, np.float32))
+  gate = np.asarray(jax.tree.leaves(bf16)[-1], np.float32).ravel()  # any [D, F]-sized weight will do
+  assert len(np.unique(gate)) > 1000 and np.abs(gate).max() / gate.std() > 3.5
+  expected = jax.random.normal(jax.random.key(1), (128, 512), jnp.float32) * config.initializer_range
+  from phi_jax.model.decoder import _normal  # pylint: disable=import-outside-toplevel
+  np.testing.assert_array_equal(_normal(config)(jax.random.key(1), (128, 512), jnp.float32), expected)
+
+
 def test_preset_shapes():
   mini = phi_jax.presets["phi-4-mini"]
   assert (mini.resolved_head_dim, mini.rotary_dim) == (128, 96)

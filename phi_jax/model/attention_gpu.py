@@ -194,7 +194,8 @@ def gpu_check(batch=2, length=4096, num_heads=24, num_kv_heads=8, head_dim=128, 
                "blockwise": backend_function("blockwise")}
   as_np = lambda x: np.asarray(x, np.float32)
   upcast = [x.astype(jnp.float32) for x in (q, k, v)]
-  (_, out_ref), grads_ref = jax.block_until_ready(loss_and_grads(xla_attention)(*upcast))
+  with jax.default_matmul_precision("highest"):  # float32 products (XLA's default on a GPU is TF32)
+    (_, out_ref), grads_ref = jax.block_until_ready(loss_and_grads(xla_attention)(*upcast))
   valid = np.asarray(seg != 0)[:, :, None, None]
   references = {"out": as_np(out_ref) * valid, **{g: as_np(x) for g, x in zip(("dq", "dk", "dv"), grads_ref)}}
   results = {f"{g}_max_abs": float(np.max(np.abs(x))) for g, x in references.items()}

@@ -99,6 +99,9 @@ class PhiConfig:
   eos_token_id: Optional[int] = None
   pad_token_id: Optional[int] = None
   # Run-time numerics: parameters are stored in `param_dtype`, matmuls run in `dtype`; logits are always float32.
+  # A float32 matmul runs at XLA's default precision: float32 on a CPU, TF32 on an A100/H100 and bfloat16 passes on
+  # a TPU; `jax.config.update("jax_default_matmul_precision", "highest")` (or JAX_DEFAULT_MATMUL_PRECISION=highest)
+  # makes it float32 everywhere, as a parity check against torch (which keeps TF32 off by default) needs.
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_backend: str = "xla"

@@ -42,7 +42,10 @@ def _param(module: nn.Module, name: str, shape, axes, init):
 
 
 def _normal(config: PhiConfig):
-  return nn.initializers.normal(stddev=config.initializer_range)
+  # Drawn in float32 and rounded once: jax.random.normal in bfloat16 maps 7-bit uniforms through the inverse CDF,
+  # giving 128 distinct values cut off near 2.9 standard deviations.
+  normal = nn.initializers.normal(stddev=config.initializer_range)
+  return lambda key, shape, dtype=jnp.float32: normal(key, shape, jnp.float32).astype(dtype)
 
 
 class RMSNorm(nn.Module):
