@@ -1383,3 +1383,95 @@ def test_a_directory_whose_splits_have_no_train_split_is_not_given_a_split_glob(
   assert "test*" not in error.value.detail and "valid*" not in error.value.detail
   assert ", ".join(f"{name}.jsonl" for name in names) in error.value.detail
   assert error.value.detail.endswith("give the file(s) you mean, or a glob of them, instead")
+
+
+# ------------------------------------------------------------------------------------- tokenizers and bad records
+
+PROMPT_PAIR = {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "The answer is 6"}
+UNUSABLE_TOKENIZERS = {"no chat template": ("chat_template", None, "the tokenizer has no chat_template"),
+                       "split special tokens": ("split_special_tokens", True, "split_special_tokens=True")}
+
+
+def _unusable_tokenizer(tmp_path, problem, chat_format="phi-4"):
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+
+  tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer", chat_format=chat_format)
+  attribute, value, message = UNUSABLE_TOKENIZERS[problem]
+  setattr(tokenizer, attribute, value)
+  return tokenizer, message
+
+
+@pytest.mark.parametrize("problem", list(UNUSABLE_TOKENIZERS))
+@pytest.mark.parametrize("on_bad_record", ["raise", "skip"])
+def test_a_tokenizer_that_renders_no_conversation_stops_the_pipeline_whatever_on_bad_record_says(
+    tmp_path, problem, on_bad_record):
+  """In skip mode every chat record was skipped as "tokenization failed" and the batches held the text records only,
+  the tokenizer's problem nowhere but in the count."""
+  tokenizer, message = _unusable_tokenizer(tmp_path, problem)
+  records = [{"text": f"doc {i}"} if i % 2 else
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(20)]
+  path = write_jsonl(tmp_path / "mix.jsonl", records)
+  with pytest.raises(ValueError, match=message) as error:
+    list(pipeline([JsonlSource(path)], tokenize_fn=make_tokenize_fn(tokenizer), on_bad_record=on_bad_record))
+  assert not isinstance(error.value, DataError)  # no record's fault: not counted, not skipped
+
+
+@pytest.mark.parametrize("problem", list(UNUSABLE_TOKENIZERS))
+def test_a_tokenizer_that_renders_no_conversation_stops_the_preference_pairs_in_skip_mode(tmp_path, problem):
+  from phi_jax.data import preference
+
+  tokenizer, message = _unusable_tokenizer(tmp_path, problem, chat_format="phi-4-mini")
+  path = write_jsonl(tmp_path / "pairs.jsonl", [PROMPT_PAIR] * 4)
+  it = preference.build_preference_iterator(path, tokenizer, seq_len=64, batch_size=2, seed=0, on_bad_record="skip",
+                                            process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=message) as error:
+    next(it)
+  assert not isinstance(error.value, DataError)
+
+
+def test_the_first_skip_of_each_reason_names_the_record_and_why(tmp_path, caplog):
+  path = write_jsonl(tmp_path / "some_bad.jsonl", [{"text": "fine"}, {"text": 5}, {"text": 6}, {"text": "x" * 99}])
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    list(pipeline([JsonlSource(path)], on_bad_record="skip", too_long="drop", shuffle=False))
+  assert (f"some_bad.jsonl: a record ({path}:2) was skipped (on_bad_record='skip'): mistyped field: 'text' is int, "
+          "expected str. Later ones") in caplog.text
+  assert f"{path}:3" not in caplog.text
+  assert f"some_bad.jsonl: a record ({path}:4) was longer than seq_len, dropped (too_long='drop')" in caplog.text
+
+
+def test_the_first_skipped_pair_of_each_reason_names_the_record_and_why(tmp_path, caplog, mini_tokenizer):
+  from phi_jax.data import preference
+
+  path = write_jsonl(tmp_path / "pairs.jsonl", [PROMPT_PAIR, dict(PROMPT_PAIR, chosen=5), PROMPT_PAIR])
+  it = preference.build_preference_iterator(path, mini_tokenizer, seq_len=64, batch_size=2, seed=0, shuffle=False,
+                                            on_bad_record="skip", process_index=0, process_count=1)
+  with caplog.at_level("WARNING", logger="phi_jax"):
+    list(it)
+  assert f"a record ({path}:2) was skipped (on_bad_record='skip'): mistyped field: " in caplog.text
+
+
+@pytest.mark.parametrize("record, hints", [
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     ["'conversations'", "ShareGPT", "'messages'", "'from'", "'role'", "'value'", "'content'", "'gpt'",
+      "'assistant'"]),
+    ({"instruction": "q", "input": "", "output": "a"}, ["'input'", "'instruction'", "'output'", "'prompt'",
+                                                        "'completion'"]),
+    ({"question": "q", "answer": "a"}, ["'answer'", "'question'", "'prompt'", "'completion'"]),
+    ({"id": 3, "body": "x"}, ["keys 'body', 'id'"]),
+])
+def test_a_record_of_no_known_kind_names_its_keys_and_how_to_map_common_layouts(record, hints):
+  normalised, bad = validate_record(record)
+  assert normalised is None and bad[0] == "unknown record kind"
+  for hint in hints:
+    assert hint in bad[1], (hint, bad[1])
+
+
+def test_a_whole_epoch_of_skips_does_not_promise_the_first_bad_record_of_the_files():
+  """Records are read shuffled: on_bad_record='raise' stops at the first bad record read, not the first in a file."""
+  streak = sources.SkipStreak("all sources", [1])
+  streak.update(0, False, lambda: {"mistyped field": 1})
+  with pytest.raises(DataError) as error:
+    streak.update(0, False, lambda: {"mistyped field": 2})
+  assert "first bad one" not in error.value.detail
+  assert "on_bad_record='raise' stops at the first bad record read" in error.value.detail

@@ -351,6 +351,13 @@ def test_a_final_fraction_without_a_decay_is_an_error():
   OptimizerConfig(decay="linear", final_lr_fraction=0.1)
 
 
+@pytest.mark.parametrize("microbatches", [0, -2, 2.5, float("nan"), "2", True])
+def test_a_train_step_made_without_the_loop_refuses_a_bad_microbatch_count(microbatches):
+  """make_train_step called directly (a notebook) failed inside the split with a modulo by zero or a reshape error."""
+  with pytest.raises(ValueError, match=r"microbatches=.* must be a whole number >= 1"):
+    run_steps({"data": 1}, devices=jax.devices()[:1], microbatches=microbatches)
+
+
 @pytest.mark.parametrize("field", ["microbatches", "log_every", "checkpoint_every", "keep_checkpoints"])
 def test_loop_counts_below_one_are_an_error(field):
   from phi_jax.train import LoopConfig
@@ -369,6 +376,16 @@ def test_loop_counts_are_whole_numbers():
   with pytest.raises(ValueError, match=r"LoopConfig.eval_every=-1 must be >= 0"):
     LoopConfig(num_steps=2, eval_every=-1)
 
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**40])
+def test_a_seed_outside_32_bits_is_refused_before_any_stage_reads_data(seed):
+  """DPO's shuffle takes seeds in [0, 2**32) only, the midtrain and SFT pipelines refused negative ones inside numpy:
+  a recipe trained its first stages and then died at DPO. The loop's settings refuse such a seed up front."""
+  from phi_jax.train import LoopConfig
+  with pytest.raises(ValueError, match=re.escape(f"train.seed={seed} must be in [0, 2**32)")):
+    LoopConfig(num_steps=2, seed=seed)
+  assert LoopConfig(num_steps=2, seed=2**32 - 1).seed == 2**32 - 1
+  assert LoopConfig(num_steps=2, seed=np.uint32(7)).seed == 7
 
 def test_schedule_values_at_every_step():
   """Every step of two schedules against their formulas (peak 2.0, so the final rate must scale with the peak):

@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from phi_jax.data.sources import ChatTokenizerError
 from phi_jax.hf.tokenizer import PHI4_MINI_REASONING_SYSTEM_PROMPT, PHI4_REASONING_SYSTEM_PROMPT
 
 __all__ = [
@@ -86,6 +87,8 @@ def render_messages(tokenizer: PreTrainedTokenizerBase,
   Raises:
     ValueError: an empty conversation, a message that is not a mapping, an unknown role or non-string content (the
       message names the offending index), or a template whose rendering does not allow an exact mask.
+    ChatTokenizerError: (a ValueError) a tokenizer that renders no conversation at all: no chat template, chat
+      markers that are not single tokens, or split_special_tokens=True.
   """
   _require_control_tokens(tokenizer)
   messages = _checked_messages(messages, _unless_built_in(tokenizer, system_prompt))
@@ -139,7 +142,8 @@ def chat_family(tokenizer: PreTrainedTokenizerBase) -> str:
   for family, marker in _FAMILY_MARKERS:
     if _single_token_id(tokenizer, marker) is not None:
       return family
-  raise ValueError("the tokenizer follows neither the phi-4 (<|im_sep|>) nor the phi-4-mini (<|assistant|>) format")
+  raise ChatTokenizerError("the tokenizer follows neither the phi-4 (<|im_sep|>) nor the phi-4-mini (<|assistant|>) "
+                           "format")
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
@@ -164,20 +168,22 @@ def think_token_ids(tokenizer: PreTrainedTokenizerBase) -> Optional[tuple[int, i
 def _require_control_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
   """Refuses a tokenizer on which its chat format's markers are not single tokens (checked once per tokenizer)."""
   if getattr(tokenizer, "split_special_tokens", False):  # a flag that can be set at any time: checked every call
-    raise ValueError("the tokenizer has split_special_tokens=True, so apply_chat_template tokenizes the chat markers "
-                     "(<|im_start|>, <|end|>, ...) as plain text: turns would be trained as characters and generation "
-                     "could never stop on them. Load it with split_special_tokens=False (remove the setting from its "
-                     "tokenizer_config.json, or set tokenizer.split_special_tokens = False)")
+    raise ChatTokenizerError("the tokenizer has split_special_tokens=True, so apply_chat_template tokenizes the chat "
+                             "markers (<|im_start|>, <|end|>, ...) as plain text: turns would be trained as characters "
+                             "and generation could never stop on them. Load it with split_special_tokens=False "
+                             "(remove the setting from its tokenizer_config.json, or set "
+                             "tokenizer.split_special_tokens = False)")
   if not _first_time(_CHECKED_TOKENIZERS, tokenizer):
     return
   family = chat_family(tokenizer)
   missing = [token for token in dict.fromkeys(_CONTROL_TOKENS[family] + STOP_TOKENS[family])
              if _single_token_id(tokenizer, token) is None]
   if missing:
-    raise ValueError(f"the tokenizer has a {family} chat template but no single token for {', '.join(missing)}: "
-                     "chat turns would be trained with these markers as plain text, and generation could never stop "
-                     "on them. Use the model's own tokenizer, or add them as special tokens "
-                     "(tokenizer.add_special_tokens({'additional_special_tokens': [...]})) and save it")
+    raise ChatTokenizerError(f"the tokenizer has a {family} chat template but no single token for "
+                             f"{', '.join(missing)}: chat turns would be trained with these markers as plain text, and "
+                             "generation could never stop on them. Use the model's own tokenizer, or add them as "
+                             "special tokens (tokenizer.add_special_tokens({'additional_special_tokens': [...]})) and "
+                             "save it")
   _remember(_CHECKED_TOKENIZERS, tokenizer)
 
 
@@ -309,7 +315,7 @@ def _checked_messages(messages: Sequence[Message], system_prompt: Optional[str])
 
 def _require_template(tokenizer: PreTrainedTokenizerBase) -> None:
   if not getattr(tokenizer, "chat_template", None):
-    raise ValueError("the tokenizer has no chat_template; load the tokenizer of a chat or instruct checkpoint")
+    raise ChatTokenizerError("the tokenizer has no chat_template; load the tokenizer of a chat or instruct checkpoint")
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:

@@ -37,8 +37,8 @@ import grain
 import numpy as np
 
 from phi_jax.data import packing as packing_lib
-from phi_jax.data.sources import (BAD_RECORD_REASONS, DataError, SkipStreak, SkipWarning, read_record,
-                                  tokenization_errors)
+from phi_jax.data.sources import (BAD_RECORD_REASONS, ChatTokenizerError, DataError, SkipStreak, SkipWarning,
+                                  read_record, tokenization_errors)
 
 log = logging.getLogger("phi_jax")
 
@@ -205,8 +205,9 @@ def build_pipeline(sources: Sequence[Component | tuple[Any, float]], *, tokenize
     packing: "first_fit" or "best_fit" to pack several documents per row, None for one example per row.
     too_long: documents longer than seq_len are cut into seq_len pieces ("split", each piece its own segment; the
       target across a cut is lost) or dropped and counted ("drop").
-    on_bad_record: "raise" stops at the first bad record with a `DataError` naming file, line and reason; "skip"
-      counts it per reason in `stats()`.
+    on_bad_record: "raise" stops at the first bad record read with a `DataError` naming file, line and reason;
+      "skip" counts it per reason in `stats()`. A tokenizer that renders no conversation (`ChatTokenizerError`)
+      is no bad record: it stops the run either way.
     process_index, process_count: this process's share of every source (default: `jax.process_index()` of
       `jax.process_count()`).
     num_packing_bins: rows Grain fills at once when packing (default: batch_size).
@@ -344,6 +345,8 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
   if bad is None:
     try:
       example = tokenize_fn(record)
+    except ChatTokenizerError:  # every chat record would fail alike: the tokenizer is wrong, not this record
+      raise
     except tokenization_errors() as e:  # The renderer's word on a record it cannot render exactly (see
       # chat.render_messages), the chat template's, or the tokenizer's on text it cannot encode.
       example, bad = None, ("tokenization failed", str(e))
@@ -359,12 +362,13 @@ def _prepare(raw: dict[str, Any], *, source_index: int, tokenize_fn: TokenizeFn,
   if bad is not None:
     if on_bad_record == "raise":
       raise DataError(raw["where"], *bad)
-    return {"source": source_index, "status": bad[0], "pieces": []}
+    # "where" and "detail" go to the warning of the first skip of each reason (`SkipWarning`).
+    return {"source": source_index, "status": bad[0], "pieces": [], "where": raw["where"], "detail": bad[1]}
   example = {"ids": ids, "loss_mask": loss_mask, "source_ids": np.full(len(ids), source_index, np.int32)}
   if len(ids) <= seq_len:
     return {"source": source_index, "status": "used", "pieces": [example]}
   if too_long == "drop":
-    return {"source": source_index, "status": "too long", "pieces": []}
+    return {"source": source_index, "status": "too long", "pieces": [], "where": raw["where"]}
   # A validated record is {"messages"} (prompt/completion pairs too) or {"text"}: packed, only a split conversation
   # trains pieces without their prompt.
   return {"source": source_index, "status": "split", "pieces": packing_lib.split_too_long(example, seq_len),
@@ -409,7 +413,7 @@ class _Ledger:
         self._warn_of_split(element.get("conversation", False))
     else:
       row[_COLUMN[status]] += 1
-      self._warn_on_skip(self._names[element["source"]], status)
+      self._warn_on_skip(self._names[element["source"]], status, element.get("where"), element.get("detail", ""))
 
   def _warn_of_split(self, conversation: bool):
     if self._warn_on_split:

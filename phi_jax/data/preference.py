@@ -54,8 +54,8 @@ import numpy as np
 
 from phi_jax.data.chat import ROLES, render_messages
 from phi_jax.data.pipeline import whole_epochs
-from phi_jax.data.sources import (BAD_RECORD_REASONS, DataError, SkipStreak, SkipWarning, clean_message, open_source,
-                                  tokenization_errors, warn_dropped_keys)
+from phi_jax.data.sources import (BAD_RECORD_REASONS, ChatTokenizerError, DataError, SkipStreak, SkipWarning,
+                                  clean_message, open_source, tokenization_errors, warn_dropped_keys)
 
 log = logging.getLogger("phi_jax")
 
@@ -312,7 +312,8 @@ def reference_settings(tokenizer, *, seq_len: int, too_long: str, system_prompt:
 
 def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, system_prompt: Optional[str],
              reference_logps: bool, on_bad_record: str, now: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-  """One raw source record -> {"status", "rows", "reference", "index"} (runs in Grain's reader threads). `now`: this
+  """One raw source record -> {"status", "rows", "reference", "index", "where", "detail"} (runs in Grain's reader
+  threads; "detail" says what was wrong with a bad record, "" for any other). `now`: this
   reader's `reference_settings`, which a record's must equal (those it records; it must record `RECORDED_ALWAYS`)."""
   if raw["error"] is not None:
     record, bad = None, raw["error"]
@@ -332,6 +333,8 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
   if bad is None:
     try:
       rows, status = encode_pair(tokenizer, record, seq_len=seq_len, too_long=too_long, system_prompt=system_prompt)
+    except ChatTokenizerError:  # every pair would fail alike: the tokenizer is wrong, not this record
+      raise
     except tokenization_errors() as e:  # The renderer's word on a record it cannot render with an exact mask, the
       # chat template's, or the tokenizer's on text it cannot encode.
       bad = ("tokenization failed", str(e))
@@ -340,7 +343,9 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
       raise DataError(raw["where"], *bad)
     status = bad[0]
   reference = [record[key] for key in REFERENCE_FIELDS] if reference_logps and rows is not None else None
-  return {"status": status, "rows": rows, "reference": reference, "index": raw["index"]}
+  # "where" and "detail" go to the warning of the first skip of each reason (`SkipWarning`).
+  return {"status": status, "rows": rows, "reference": reference, "index": raw["index"], "where": raw["where"],
+          "detail": bad[1] if bad is not None else ""}
 
 
 def _names_files_or_is_a_record(source: Any) -> bool:
@@ -471,7 +476,7 @@ class PreferenceIterator:
       counts["prompts_truncated"] += status == "truncated"
     else:
       counts["records_skipped"][status] = counts["records_skipped"].get(status, 0) + 1
-      self._warn_on_skip(self.name, status)
+      self._warn_on_skip(self.name, status, element["where"], element["detail"])
 
   def _count_batch(self, batch: dict[str, np.ndarray], num_filler: int):
     counts = self._counts

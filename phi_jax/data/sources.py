@@ -65,11 +65,18 @@ class DataError(ValueError):
     super().__init__(f"{where}: {reason}" + (f": {detail}" if detail else ""))
 
 
+class ChatTokenizerError(ValueError):
+  """A tokenizer that can render no conversation at all (no chat template, chat markers that are not single tokens,
+  split_special_tokens=True): the setup's fault, not a record's, so it stops the run whatever on_bad_record says,
+  rather than skipping every chat record as "tokenization failed". Raised by `phi_jax.data.chat`."""
+
+
 @functools.cache
 def tokenization_errors() -> tuple[type[Exception], ...]:
   """What tokenizing a record raises when that record cannot be tokenized ("tokenization failed"): the renderer's
   ValueError on a conversation it cannot mask exactly, the tokenizer's ValueError or TypeError on text it cannot
   encode, and a chat template's own refusal (jinja2's TemplateError, which transformers' `raise_exception` raises).
+  A `ChatTokenizerError` is a ValueError too, yet no record's fault: callers re-raise it before catching these.
   jinja2 is imported on first use: only chat templates need it."""
   try:
     from jinja2 import TemplateError  # pylint: disable=import-outside-toplevel
@@ -99,7 +106,7 @@ class SkipStreak:
       raise DataError(self.name, "no usable records",
                       f"every record of a whole epoch was skipped ({skipped()} so far); with the data repeating, no "
                       "batch would ever come. Check seq_len and too_long against the records' lengths, and the "
-                      "records' fields (on_bad_record='raise' names the first bad one)")
+                      "records' fields (on_bad_record='raise' stops at the first bad record read and names it)")
 
 
 class SkipWarning:
@@ -112,15 +119,18 @@ class SkipWarning:
     self._warned = set() if enabled else None
     self._too_long_wording = too_long_wording
 
-  def __call__(self, name: str, reason: str):
-    """`name`: the source the record came from."""
+  def __call__(self, name: str, reason: str, where: Optional[str] = None, detail: str = ""):
+    """`name`: the source the record came from; `where` ("file:line") and `detail`: which record it was and what was
+    wrong with it, so that the one record logged per reason can be found and fixed."""
     if self._warned is None or reason in self._warned:
       return
     self._warned.add(reason)
     what = self._too_long_wording if reason == "too long" else f"skipped (on_bad_record='skip'): {reason}"
+    if detail:
+      what += f": {detail if len(detail) <= 300 else detail[:297] + '...'}"
     logging.getLogger("phi_jax").warning(
-        "%s: a record was %s. Later ones are not logged; every skipped record is counted per reason in the data "
-        "stats (data_stats.json: records_skipped)", name, what)
+        "%s: a record%s was %s. Later ones are not logged; every skipped record is counted per reason in the data "
+        "stats (data_stats.json: records_skipped)", name, f" ({where})" if where else "", what)
 
 
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -563,9 +573,11 @@ def validate_record(data: Any, *, where: Optional[str] = None
     # prompt_id and messages; cosmopedia-v2 (smollm-corpus) holds the prompt a document was generated from beside
     # its text. Both halves beside another kind stay ambiguous.
     kinds.remove("prompt/completion")
-  if len(kinds) != 1:
-    found = "none of" if not kinds else f"several of ({', '.join(kinds)}) among"
-    return None, ("unknown record kind", f"{found} 'messages', 'prompt'+'completion', 'text'")
+  if len(kinds) > 1:
+    return None, ("unknown record kind", f"several of ({', '.join(kinds)}) among 'messages', 'prompt'+'completion', "
+                  "'text'")
+  if not kinds:
+    return None, ("unknown record kind", _no_kind_detail(data))
   if kinds[0] == "text":
     if not isinstance(data["text"], str):
       return None, ("mistyped field", f"'text' is {type(data['text']).__name__}, expected str")
@@ -575,6 +587,26 @@ def validate_record(data: Any, *, where: Optional[str] = None
   if kinds[0] == "prompt/completion":
     return _prompt_completion_messages(data, where)
   return _validate_messages(data["messages"], where)
+
+
+# Common layouts of chat data that are not read as they are: the key that marks each, and how to write it instead.
+_LAYOUT_HINTS = (
+    ("conversations", "write ShareGPT's 'conversations' ([{'from': 'human'/'gpt', 'value': ...}]) under 'messages' "
+     "as [{'role': 'user'/'assistant', 'content': ...}]: rename 'from' to 'role' (its 'human' to 'user', 'gpt' to "
+     "'assistant', 'system' as it is) and 'value' to 'content'"),
+    ("instruction", "write an instruction record (Alpaca's 'instruction', 'input', 'output'; Dolly's 'response') as "
+     "'prompt' (the 'instruction', then any 'input' or 'context') and 'completion' (the 'output' or 'response')"),
+    ("question", "write a question/answer record as 'prompt' (the 'question') and 'completion' (the 'answer')"),
+)
+
+
+def _no_kind_detail(data: dict[str, Any]) -> str:
+  """What a record of no known kind holds, and how to rewrite it when its keys are those of a common layout."""
+  keys = sorted(data, key=str)
+  shown = ", ".join(repr(k) + (" (null)" if data[k] is None else "") for k in keys[:12])
+  holds = f"the record has keys {shown}{', ...' if len(keys) > 12 else ''}" if keys else "the record is empty"
+  hints = [hint for key, hint in _LAYOUT_HINTS if data.get(key) is not None]
+  return "; ".join(["none of 'messages', 'prompt'+'completion', 'text'", holds, *hints])
 
 
 def _prompt_completion_messages(data: dict[str, Any], where: Optional[str] = None

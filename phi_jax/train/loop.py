@@ -104,6 +104,11 @@ class LoopConfig:
         object.__setattr__(self, name, int(value))
       elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
         raise ValueError(f"LoopConfig.{name}={value!r} must be a whole number")
+    # Grain's shuffle (DPO's pairs) takes 32-bit seeds only and numpy's SeedSequence (the other stages) no negative
+    # one: refused here, before a recipe trains its first stages and then stops at DPO.
+    if self.seed is None or not 0 <= self.seed < 2**32:
+      raise ValueError(f"train.seed={self.seed} must be in [0, 2**32) (LoopConfig.seed): the data shuffles take "
+                       "32-bit seeds; choose another seed in that range")
     if self.eval_every < 0:
       raise ValueError(f"LoopConfig.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
     if self.on_nonfinite not in ON_NONFINITE:

@@ -13,6 +13,7 @@ weight in `aux["metric_weights"][name]`.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -62,6 +63,7 @@ def _grads_and_sums(loss_fn: LossFn, params, batch, rng, microbatches: int):
 
 def train_step(state: TrainState, batch: dict, rng, *, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, microbatches: int = 1, skip_nonfinite: bool = False):
+  microbatches = _whole_count(microbatches)
   rng = jax.random.fold_in(rng, state.step)
   grads, loss_sum, aux = _grads_and_sums(loss_fn, state.params, batch, rng, microbatches)
   weight = jnp.maximum(aux["weight"], 1.0)
@@ -149,9 +151,19 @@ class MeshJit:
       return self.jitted.lower(*args)
 
 
+def _whole_count(microbatches) -> int:
+  """`microbatches` as an int (2.0 is 2), refused unless a whole number >= 1 (it failed inside the split)."""
+  if isinstance(microbatches, bool) or not isinstance(microbatches, numbers.Real) or not (
+      microbatches >= 1 and float(microbatches).is_integer()):
+    raise ValueError(f"microbatches={microbatches!r} must be a whole number >= 1 (the pieces a batch's rows are split "
+                     "into, their gradients summed)")
+  return int(microbatches)
+
+
 def make_train_step(loss_fn: LossFn, optimizer, schedule, mesh: Mesh, state_shardings: TrainState,
                     batch_shapes: dict, *, microbatches: int = 1, skip_nonfinite: bool = False) -> MeshJit:
   """Returns step(state, batch, rng) -> (state, metrics), jitted once with shardings; the old state is donated."""
+  microbatches = _whole_count(microbatches)
   step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
                            microbatches=microbatches, skip_nonfinite=skip_nonfinite)
   return MeshJit(step, mesh, in_shardings=(state_shardings, batch_shardings(batch_shapes, mesh), replicated(mesh)),
