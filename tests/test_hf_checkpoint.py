@@ -401,6 +401,76 @@ def test_load_refuses_wrong_tensors(saved, tmp_path, edit, message):
     phi_jax.load_hf(tmp_path)
 
 
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0904c2f10a1f7bd9b1ca1e8fce1de0ee2c1a1b2f3\nsize 4933656472\n")
+
+
+def test_unreadable_weight_files_are_named_with_what_to_do(saved, tmp_path):
+  """Git LFS pointers (a clone without git-lfs) and a truncated shard (an interrupted download) failed with the
+  safetensors library's bare 'header too large' / 'incomplete metadata', naming no file."""
+  config, params, _ = saved["untied"]
+  single = tmp_path / "single"
+  single.mkdir()
+  _copy_checkpoint(saved["untied"][2], single)
+  (single / "model.safetensors").write_text(LFS_POINTER)
+  with pytest.raises(ValueError, match=r"model\.safetensors is a Git LFS pointer.*git lfs pull.*huggingface-cli"):
+    phi_jax.load_hf(single)
+  sharded = tmp_path / "sharded"
+  phi_jax.save_hf(sharded, config, params, max_shard_bytes=64 * 1024)
+  shard = sorted(sharded.glob("model-*-of-*.safetensors"))[1]
+  shard.write_text(LFS_POINTER)
+  with pytest.raises(ValueError, match=rf"{re.escape(shard.name)} is a Git LFS pointer"):
+    phi_jax.load_hf(sharded)
+  phi_jax.save_hf(sharded, config, params, max_shard_bytes=64 * 1024)
+  with open(shard, "r+b") as file:
+    file.truncate(shard.stat().st_size // 2)
+  with pytest.raises(ValueError, match=rf"{re.escape(shard.name)} cannot be read .*incomplete.*download it again"):
+    phi_jax.load_hf(sharded)
+
+
+def test_an_index_that_maps_a_tensor_to_the_wrong_shard_names_tensor_shard_and_index(saved, tmp_path):
+  config, params, _ = saved["untied"]
+  phi_jax.save_hf(tmp_path, config, params, max_shard_bytes=64 * 1024)
+  index_file = tmp_path / "model.safetensors.index.json"
+  index = json.loads(index_file.read_text())
+  name = "model.layers.1.mlp.down_proj.weight"
+  wrong = next(file for file in sorted(set(index["weight_map"].values())) if file != index["weight_map"][name])
+  index["weight_map"][name] = wrong
+  index_file.write_text(json.dumps(index))
+  with pytest.raises(ValueError, match=rf"{re.escape(str(index_file))} maps {re.escape(name)} to {re.escape(wrong)}, "
+                     "which does not hold it"):
+    phi_jax.load_hf(tmp_path)
+
+
+def test_load_hf_dtype_takes_auto_and_torch_dtypes(saved, tmp_path):
+  """dtype='auto' and torch.bfloat16, as transformers' from_pretrained takes them, failed with numpy TypeErrors."""
+  config, params, _ = saved["untied"]
+  phi_jax.save_hf(tmp_path, config.replace(dtype="bfloat16"), params, dtype="float16")
+  # "auto" is the checkpoint's own dtype, as transformers reads it: config.json's torch_dtype ...
+  auto_config, auto = phi_jax.load_hf(tmp_path, dtype="auto")
+  assert auto_config.param_dtype == "bfloat16" and {x.dtype.name for x in jax.tree.leaves(auto)} == {"bfloat16"}
+  # ... or, where config.json names none, the stored tensors' dtype.
+  hf = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if k != "torch_dtype"}))
+  assert phi_jax.load_hf(tmp_path, dtype="auto")[0].param_dtype == "float16"
+  for spelling in (torch.bfloat16, "torch.bfloat16", "bfloat16", jax.numpy.bfloat16):
+    assert phi_jax.load_hf(tmp_path, dtype=spelling)[0].param_dtype == "bfloat16"
+  for bad in ("bf16", "int8", torch.int8, "nonsense"):
+    with pytest.raises(ValueError, match=r"load_hf\(dtype=.*'auto'.*'bfloat16'"):
+      phi_jax.load_hf(tmp_path, dtype=bad)
+
+
+def test_save_hf_dtype_takes_auto_and_torch_dtypes(saved, tmp_path):
+  config, params, _ = saved["untied"]
+  phi_jax.save_hf(tmp_path / "torch", config, params, dtype=torch.bfloat16)
+  assert _tensor_dtypes(tmp_path / "torch") == {"BF16"}
+  phi_jax.save_hf(tmp_path / "auto", config, params, dtype="auto")  # the params' own dtype, as dtype=None
+  assert _tensor_dtypes(tmp_path / "auto") == {"F32"}
+  for bad in ("bf16", torch.int8, "float64"):
+    with pytest.raises(ValueError, match=r"save_hf\(dtype=.*supported: .*'bfloat16'"):
+      phi_jax.save_hf(tmp_path / "bad", config, params, dtype=bad)
+
+
 def test_directories_that_are_not_safetensors_checkpoints_say_so(saved, tmp_path):
   with pytest.raises(FileNotFoundError, match="has no config.json: point at a transformers checkpoint directory"):
     phi_jax.load_hf(tmp_path)
@@ -631,6 +701,24 @@ def test_a_sliding_window_is_compared_with_the_max_positions_transformers_uses()
   with pytest.raises(ValueError, match=r"sliding_window=8 < max_position_embeddings=4096"):
     from_hf_config(no_max | {"sliding_window": 8})
   assert from_hf_config(no_max | {"sliding_window": 4096}).max_position_embeddings == 4096
+
+
+def test_settings_phi_jax_drops_on_load_are_warned_about(caplog):
+  """A list of eos ids kept its first without a word (an export then stopped at that one only), and dropout was
+  accepted silently though phi_jax has none."""
+  with caplog.at_level(logging.WARNING, logger="phi_jax"):
+    config = from_hf_config(MINI_LIKE_CLASSIC | {"eos_token_id": [2, 5, 7]})
+  assert config.eos_token_id == 2
+  assert "eos_token_id=[2, 5, 7]" in caplog.text and "save_hf(stop_token_ids=[2, 5, 7])" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="phi_jax"):
+    from_hf_config(MINI_LIKE_CLASSIC | {"resid_pdrop": 0.1, "attention_dropout": 0.0, "embd_pdrop": 0.05})
+  assert "resid_pdrop=0.1, embd_pdrop=0.05" in caplog.text and "no dropout" in caplog.text
+  assert "attention_dropout" not in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="phi_jax"):
+    from_hf_config(MINI_LIKE_CLASSIC | {"eos_token_id": [2], "resid_pdrop": 0.0, "embd_pdrop": None})
+  assert caplog.text == ""
 
 
 def test_quantized_configs_are_refused():

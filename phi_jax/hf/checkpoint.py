@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from phi_jax.hf.config import from_hf_config, to_hf_config
+from phi_jax.hf.config import from_hf_config, to_hf_config, transformers_dtype_name
 from phi_jax.model.config import PhiConfig
 
 log = logging.getLogger("phi_jax")
@@ -49,6 +49,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _DEFAULT_PARAM_DTYPE = "float32"
+_LFS_POINTER = b"version https://git-lfs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,32 @@ def _missing_config_error(path: str | os.PathLike) -> FileNotFoundError:
                            "checkpoint directory (the one save_pretrained wrote)")
 
 
+def _open_weights(file: pathlib.Path) -> Any:
+  """safe_open, failing with the file's name and what to do about it where the file is not whole safetensors."""
+  try:
+    return safe_open(file, framework="numpy")
+  except SafetensorError as error:
+    with open(file, "rb") as head:
+      lfs_pointer = head.read(len(_LFS_POINTER)) == _LFS_POINTER
+    if lfs_pointer:  # what a `git clone` of a hub repository leaves without git-lfs installed
+      raise ValueError(f"{file} is a Git LFS pointer, not the weights: run `git lfs install && git lfs pull` in the "
+                       "clone, or download the checkpoint with `huggingface-cli download REPO --local-dir DIR`"
+                       ) from None
+    raise ValueError(f"{file} cannot be read as safetensors ({error}): it is incomplete or damaged (an interrupted "
+                     "download or copy); download it again") from error
+
+
+def _get_tensor(reader: Any, name: str, file: pathlib.Path, directory: pathlib.Path) -> np.ndarray:
+  try:
+    return reader.get_tensor(name)
+  except SafetensorError as error:
+    if name not in reader.keys():  # only an index can send a name to a file (a single file's names are its own)
+      raise ValueError(f"{directory / INDEX_FILE} maps {name} to {file.name}, which does not hold it: the index and "
+                       "the shards do not match (files of different saves?); download or copy the whole checkpoint "
+                       "again") from None
+    raise ValueError(f"{file}: tensor {name} cannot be read ({error}); download the file again") from error
+
+
 def weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   """tensor name -> the safetensors file that holds it (a single file, or shards with an index), as `load_hf` reads
   them; raises `load_hf`'s FileNotFoundError where there are none (PyTorch .bin weights, an adapter, missing
@@ -158,7 +185,7 @@ def weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   # deletes the shards but leaves their index.
   single = directory / SINGLE_FILE
   if single.exists():
-    with safe_open(single, framework="numpy") as reader:
+    with _open_weights(single) as reader:
       return {name: single for name in reader.keys()}
   index = directory / INDEX_FILE
   if index.exists():
@@ -176,6 +203,44 @@ def weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
           "transformers (AutoModelForCausalLM.from_pretrained(d).save_pretrained(d, safe_serialization=True))"
           if torch_files else "")
   raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+def _is_auto(dtype: Any) -> bool:
+  return isinstance(dtype, str) and dtype == "auto"
+
+
+def _dtype_argument(dtype: Any) -> Optional[np.dtype]:
+  """The dtype a `dtype=` argument names; None for None, "auto" and anything that names no dtype ("bf16").
+
+  A torch dtype (torch.bfloat16), as transformers users spell dtypes, is read by its name: torch is not imported."""
+  if dtype is None or _is_auto(dtype):
+    return None
+  if str(dtype).startswith("torch."):
+    dtype = str(dtype).removeprefix("torch.")
+  try:
+    return jnp.dtype(dtype)
+  except TypeError:
+    return None
+
+
+def _load_dtype_or_error(dtype: Any) -> Optional[np.dtype]:
+  """load_hf's dtype argument checked before anything is read; None for the default and for "auto"."""
+  parsed = _dtype_argument(dtype)
+  if dtype is not None and not _is_auto(dtype) and (parsed is None or not jnp.issubdtype(parsed, jnp.floating)):
+    raise ValueError(f"load_hf(dtype={dtype!r}) is not a floating-point dtype; use 'auto' (the checkpoint's own), "
+                     "'float32', 'bfloat16' or 'float16' (or the numpy, jax or torch dtype of these)")
+  return parsed
+
+
+def _stored_dtype(directory: pathlib.Path) -> str:
+  """The embedding's dtype in the safetensors files (transformers' "auto" where config.json names none)."""
+  name = "model.embed_tokens.weight"
+  file = weight_files(directory).get(name)
+  if file is None:
+    return _DEFAULT_PARAM_DTYPE  # the tensor check that follows says what is missing
+  with _open_weights(file) as reader:
+    stored = reader.get_slice(name).get_dtype()
+  return {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}.get(stored, _DEFAULT_PARAM_DTYPE)
 
 
 def _check_tensor_names(available: set[str], specs: list[_TensorSpec], config: PhiConfig, where: str) -> None:
@@ -205,8 +270,10 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
   Args:
     path: a directory with config.json and model.safetensors, or model-*-of-*.safetensors shards with
       model.safetensors.index.json (model.safetensors is read when both are there, as transformers does).
-    dtype: dtype the parameters are stored in (e.g. "bfloat16"); default float32 whatever the checkpoint holds,
-      the master-weight dtype for training and exact parity checks. The returned config's `param_dtype` is it.
+    dtype: dtype the parameters are stored in (e.g. "bfloat16", jnp.bfloat16 or torch.bfloat16); default float32
+      whatever the checkpoint holds, the master-weight dtype for training and exact parity checks. "auto" is the
+      checkpoint's own, as transformers' torch_dtype="auto" reads it: config.json's `dtype` / `torch_dtype`, else
+      the stored tensors' dtype. The returned config's `param_dtype` is it.
     shardings: optional pytree of `jax.sharding.Sharding` with the structure of the params; each parameter is
       placed with it as soon as it is built. Default: the default device.
     config_overrides: PhiConfig fields to set on the converted config (e.g. {"dtype": "float32",
@@ -214,16 +281,21 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
       `torch_dtype`, the dtype transformers computes in.
 
   Raises:
-    ValueError: an unsupported config, or a tensor that is missing, unexpected or of the wrong shape.
+    ValueError: an unsupported config or dtype; a tensor that is missing, unexpected or of the wrong shape; a weight
+      file that cannot be read (a Git LFS pointer, a truncated download), named.
   """
   directory = pathlib.Path(path)
   overrides = dict(config_overrides or {})
   if "param_dtype" in overrides:
     raise ValueError("set the parameter dtype with load_hf(dtype=...), not config_overrides['param_dtype']")
-  param_dtype = jnp.dtype(dtype or _DEFAULT_PARAM_DTYPE)
+  param_dtype = _load_dtype_or_error(dtype)
   if not (directory / "config.json").is_file():
     raise _missing_config_error(path)
   hf_config = json.loads((directory / "config.json").read_text())
+  if _is_auto(dtype):
+    param_dtype = jnp.dtype(transformers_dtype_name(hf_config) or _stored_dtype(directory))
+  elif param_dtype is None:
+    param_dtype = jnp.dtype(_DEFAULT_PARAM_DTYPE)
   config = from_hf_config(hf_config, **overrides, param_dtype=param_dtype.name)
 
   files = weight_files(directory)
@@ -232,10 +304,10 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
 
   params: Params = {}
   with contextlib.ExitStack() as stack:
-    readers = {file: stack.enter_context(safe_open(file, framework="numpy")) for file in set(files.values())}
+    readers = {file: stack.enter_context(_open_weights(file)) for file in sorted(set(files.values()))}
 
     def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
-      tensor = readers[files[name]].get_tensor(name)
+      tensor = _get_tensor(readers[files[name]], name, files[name], directory)
       if tensor.shape != shape:
         raise ValueError(f"{name} has shape {list(tensor.shape)}; the config expects {list(shape)}")
       return tensor
@@ -259,7 +331,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Optional[str] = None, shardings: 
       # A tied checkpoint may carry lm_head.weight as a copy of the embedding. One that differs (a head trained
       # untied, saved under a config that still says tied) is ambiguous: transformers 5 then unties and uses it,
       # transformers 4 ignores it, and the two compute different logits.
-      embedding = readers[files["model.embed_tokens.weight"]].get_tensor("model.embed_tokens.weight")
+      embedding = read("model.embed_tokens.weight", (config.vocab_size, config.hidden_size))
       head = read("lm_head.weight", embedding.shape)
       if not np.array_equal(head, embedding):
         raise ValueError(
@@ -371,7 +443,8 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
       cannot be written included, leaves them as they were; meanwhile the disk holds both).
     config: the model's config; written as config.json (classic layout) and generation_config.json.
     params: the parameter pytree (any devices or shardings; one layer's slice is gathered at a time).
-    dtype: dtype of the written tensors; default: the params' own dtype. config.json's `torch_dtype` is the compute
+    dtype: dtype of the written tensors ("bfloat16", jnp.bfloat16 or torch.bfloat16; float32, bfloat16 or
+      float16); default (or "auto"): the params' own dtype. config.json's `torch_dtype` is the compute
       dtype, `config.dtype`, whatever the tensors hold: transformers and vLLM (dtype="auto") load the model in it, and
       `load_hf` reads it back as `dtype`. To serve in bfloat16, save a config with dtype="bfloat16".
     max_shard_bytes: shard size limit; one file `model.safetensors` when everything fits, else
@@ -404,9 +477,14 @@ def save_hf(path: str | os.PathLike, config: PhiConfig, params: Params, *, dtype
   if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(params)):
     raise ValueError("save_hf writes from one process and needs every parameter addressable by it; on several hosts "
                      "gather the parameters first (e.g. jax.experimental.multihost_utils.process_allgather)")
-  out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else _get(params, ("embed", "embedding")).dtype))
+  out_dtype = _dtype_argument(dtype)
+  if dtype is not None and not _is_auto(dtype) and (out_dtype is None or out_dtype.name not in _SAFETENSORS_DTYPES):
+    raise ValueError(f"save_hf(dtype={dtype!r}) cannot be written; supported: {sorted(_SAFETENSORS_DTYPES)} (or the "
+                     "numpy, jax or torch dtype of these), or None / 'auto' for the params' own dtype")
+  out_dtype = np.dtype(_get(params, ("embed", "embedding")).dtype if out_dtype is None else out_dtype)
   if out_dtype.name not in _SAFETENSORS_DTYPES:
-    raise ValueError(f"dtype={out_dtype.name!r}; supported: {sorted(_SAFETENSORS_DTYPES)}")
+    raise ValueError(f"the params are {out_dtype.name}, which safetensors checkpoints here do not hold; pass "
+                     f"save_hf(dtype=...) one of {sorted(_SAFETENSORS_DTYPES)}")
   config_files = _config_files(config, stop_token_ids)
 
   def maker(spec: _TensorSpec, layer: Optional[int]) -> Callable[[], np.ndarray]:

@@ -32,6 +32,7 @@ SUPPORTED_MODEL_TYPE = "phi3"
 _ROPE_TYPES = {"default": None, "longrope": "longrope", "su": "longrope", "yarn": "longrope"}
 _MOE_FIELDS = ("num_local_experts", "num_experts_per_tok", "num_experts", "n_routed_experts", "moe_intermediate_size")
 _BIAS_FIELDS = ("attention_bias", "mlp_bias")
+_DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attention_dropout")
 # `Phi3Config` defaults for keys that a config.json may leave out.
 _HF_DEFAULT_ROPE_THETA = 10000.0
 _HF_DEFAULT_MAX_POSITIONS = 4096
@@ -109,9 +110,37 @@ def _dtype_name(hf: dict[str, Any]) -> str | None:
   # `COMPUTE_DTYPE_KEY` counts only in a config.json as an earlier save_hf wrote it: once transformers has re-saved
   # the checkpoint (it adds `transformers_version`), the key is stale and transformers computes in its own dtype.
   legacy = hf.get(COMPUTE_DTYPE_KEY) if hf.get("transformers_version") is None else None
-  name = _first_set(legacy, hf.get("dtype"), hf.get("torch_dtype"))
-  name = str(name).removeprefix("torch.") if name is not None else None
+  return _float_dtype_name(legacy) if legacy is not None else transformers_dtype_name(hf)
+
+
+def _float_dtype_name(value: Any) -> str | None:
+  name = str(value).removeprefix("torch.") if value is not None else None
   return name if name in _DTYPE_NAMES else None
+
+
+def transformers_dtype_name(hf: Mapping[str, Any]) -> str | None:
+  """The dtype config.json names for transformers to load the model in (what from_pretrained(torch_dtype="auto")
+  uses): `dtype` (transformers 5) over the older `torch_dtype`; None where neither names a float dtype."""
+  return _float_dtype_name(_first_set(hf.get("dtype"), hf.get("torch_dtype")))
+
+
+def _first_eos_id(eos: Any) -> Any:
+  """Some checkpoints list several stop ids; PhiConfig keeps one (the first). Stop lists belong to the sampler and
+  to save_hf's stop_token_ids (generation_config.json), so the rest are named for the user to pass there."""
+  if not isinstance(eos, (list, tuple)):
+    return eos
+  if len(eos) > 1:
+    log.warning("config.json has eos_token_id=%s; PhiConfig keeps %s only, so an export stops at it alone: pass "
+                "save_hf(stop_token_ids=%s) to keep them all in its generation_config.json (and the list to the "
+                "sampler)", list(eos), eos[0], list(eos))
+  return eos[0] if eos else None
+
+
+def _warn_about_dropout(hf: dict[str, Any]) -> None:
+  set_rates = [f"{key}={hf[key]}" for key in _DROPOUT_FIELDS if hf.get(key)]
+  if set_rates:
+    log.warning("config.json sets %s: phi_jax has no dropout, so it trains and evaluates without it, and save_hf "
+                "writes 0.0", ", ".join(set_rates))
 
 
 def from_hf_config(hf: Any, **overrides: Any) -> PhiConfig:
@@ -157,11 +186,8 @@ def from_hf_config(hf: Any, **overrides: Any) -> PhiConfig:
     if attention_factor is None and factor is not None and not math.isclose(factor, max_positions / original_max):
       attention_factor = _longrope_attention_factor(factor, original_max)
 
-  eos = hf.get("eos_token_id")
-  if isinstance(eos, (list, tuple)):
-    # Some checkpoints list several stop ids; PhiConfig keeps one (the first). Generation stop lists belong to
-    # the sampler, which reads generation_config.json / the tokenizer.
-    eos = eos[0] if eos else None
+  eos = _first_eos_id(hf.get("eos_token_id"))
+  _warn_about_dropout(hf)
 
   num_heads = hf["num_attention_heads"]
   fields: dict[str, Any] = dict(
