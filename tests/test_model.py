@@ -60,6 +60,30 @@ def test_bfloat16_params_are_the_float32_draw_rounded_once():
   np.testing.assert_array_equal(_normal(config)(jax.random.key(1), (128, 512), jnp.float32), expected)
 
 
+def test_a_preset_name_for_a_config_says_what_to_pass():
+  """init_params("tiny", key) failed with "str.replace() takes no keyword arguments", forward with an
+  AttributeError on vocab_size."""
+  with pytest.raises(TypeError, match=r"config must be a PhiConfig, got str 'tiny': pass phi_jax.presets\['tiny'\]"):
+    phi_jax.init_params("tiny", jax.random.key(0))
+  params = phi_jax.init_params(phi_jax.presets["tiny"], jax.random.key(0))
+  with pytest.raises(TypeError, match=r"got str 'phi4': pass a preset .*'phi-4'"):
+    phi_jax.forward(params, [[1, 2]], "phi4")
+  from phi_jax.sampling import sampler  # pylint: disable=import-outside-toplevel
+  with pytest.raises(TypeError, match=r"config must be a PhiConfig, got dict"):
+    sampler.generate(params, {"vocab_size": 512}, [[1, 2]], [2], jax.random.key(0), sampler.SamplingConfig())
+
+
+def test_params_and_a_config_that_disagree_on_tying_are_refused():
+  """A tied config ignored a trained lm_head (other logits, no error); an untied one on tied params hit a KeyError."""
+  untied = phi_jax.presets["tiny"].replace(tie_word_embeddings=False)
+  params = phi_jax.init_params(untied, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"hold an lm_head but the config ties .*tie_word_embeddings=False"):
+    phi_jax.forward(params, [[1, 2]], untied.replace(tie_word_embeddings=True))
+  tied_params = phi_jax.init_params(untied.replace(tie_word_embeddings=True), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"hold no lm_head but the config has an untied .*tie_word_embeddings=True"):
+    phi_jax.forward(tied_params, [[1, 2]], untied)
+
+
 def test_preset_shapes():
   mini = phi_jax.presets["phi-4-mini"]
   assert (mini.resolved_head_dim, mini.rotary_dim) == (128, 96)

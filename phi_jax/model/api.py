@@ -32,6 +32,19 @@ def default_positions_and_segments(tokens_BT, positions=None, segment_ids=None):
   return jnp.broadcast_to(positions, tokens_BT.shape), jnp.broadcast_to(segment_ids, tokens_BT.shape)
 
 
+def checked_config(config) -> PhiConfig:
+  """`config` if it is a PhiConfig; a preset's name or a transformers config gets an error saying what to pass."""
+  if isinstance(config, PhiConfig):
+    return config
+  from phi_jax.model.presets import presets  # pylint: disable=import-outside-toplevel
+  if isinstance(config, str):
+    hint = (f"phi_jax.presets[{config!r}]" if config in presets else
+            f"a preset (phi_jax.presets[name], name one of {sorted(presets)}) or the config load_hf returns")
+  else:
+    hint = "phi_jax.presets[name], the config load_hf returns, or phi_jax.hf.from_hf_config(a transformers config)"
+  raise TypeError(f"config must be a PhiConfig, got {type(config).__name__} {config!r:.80}: pass {hint}")
+
+
 def _boxed_init(config: PhiConfig, rng):
   tokens = jnp.zeros((1, 1), jnp.int32)
   # Parameters depend on neither the rotary setup nor the attention backend: without them, shape-only presets (no
@@ -43,7 +56,7 @@ def _boxed_init(config: PhiConfig, rng):
 
 def init_params(config: PhiConfig, rng) -> Params:
   """Random parameters (normal(0, initializer_range), norms at 1) as a plain dict. Works under eval_shape."""
-  return nn.meta.unbox(_boxed_init(config, rng))
+  return nn.meta.unbox(_boxed_init(checked_config(config), rng))
 
 
 def param_logical_axes(config: PhiConfig) -> Params:
@@ -88,6 +101,8 @@ def token_batch(tokens):
 
 def hidden_states(params: Params, tokens, config: PhiConfig, *, positions=None, segment_ids=None):
   """Final-normed hidden states [B, T, D] in the compute dtype; `tokens` are [B, T] ids (an array-like)."""
+  config = checked_config(config)
+  _check_head(params, config)
   tokens, positions, segment_ids = token_batch(tokens), _as_array(positions), _as_array(segment_ids)
   positions, segment_ids = default_positions_and_segments(tokens, positions, segment_ids)
   check_token_ids(tokens, segment_ids, config.vocab_size)
@@ -97,9 +112,26 @@ def hidden_states(params: Params, tokens, config: PhiConfig, *, positions=None, 
 
 def lm_head_kernel(params: Params, config: PhiConfig):
   """[D, V]: the LM head, or the transposed embedding table when embeddings are tied (Phi-4-mini)."""
+  _check_head(params, config)
   if config.tie_word_embeddings:
     return params["embed"]["embedding"].T
   return params["lm_head"]["kernel"]
+
+
+def _check_head(params: Params, config: PhiConfig) -> None:
+  """Params and a config that disagree on tying: a tied config would leave a trained head unused (another model's
+  logits, silently), an untied one find no head."""
+  if not isinstance(params, dict) or "embed" not in params:
+    return  # not a model's params tree (the decoder module's own errors apply)
+  has_head = "lm_head" in params
+  if config.tie_word_embeddings and has_head:
+    raise ValueError("the params hold an lm_head but the config ties the LM head to the embedding "
+                     "(tie_word_embeddings=True): they are an untied model's; use the config they were made or "
+                     "loaded with (e.g. config.replace(tie_word_embeddings=False))")
+  if not config.tie_word_embeddings and not has_head:
+    raise ValueError("the params hold no lm_head but the config has an untied LM head (tie_word_embeddings=False): "
+                     "they are a tied model's (Phi-4-mini); use the config they were made or loaded with (e.g. "
+                     "config.replace(tie_word_embeddings=True))")
 
 
 def logits_from_hidden(params: Params, h_BTD, config: PhiConfig):

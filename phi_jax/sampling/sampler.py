@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from phi_jax.data import chat
 from phi_jax.model import init_params, kv_cache, param_logical_axes
+from phi_jax.model.api import checked_config
 from phi_jax.model.config import PhiConfig
 from phi_jax.model.decoder import unstack_layers
 from phi_jax.sampling import filters
@@ -165,6 +166,7 @@ def generate(params: Params, config: PhiConfig, prompt_tokens, prompt_lengths, r
       lengths [B] int32: generated tokens per row, the stop token included;
       finished [B] bool: True when the row emitted a stop token, False when it ran into max_new_tokens.
   """
+  config = checked_config(config)
   prompt_tokens, prompt_lengths = _as_array(prompt_tokens), _as_array(prompt_lengths)
   active = np.ones(prompt_lengths.shape, bool) if active is None else active
   if np.shape(active) != np.shape(prompt_lengths):
@@ -301,6 +303,7 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
     One dict per prompt: `text` (the generation decoded without its stop token), `token_ids` (generated ids, the
     stop token included), `finished` (ended on a stop token) and `num_tokens` (len(token_ids)).
   """
+  config = checked_config(config)
   if isinstance(prompts, str):  # one question: a str is a sequence too, of one-character questions
     raise ValueError("prompts must be a list of prompts (questions or conversations), got one str: pass [prompt]")
   if isinstance(tokenizer, (str, os.PathLike)):
