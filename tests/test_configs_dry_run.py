@@ -540,8 +540,8 @@ def test_a_dpo_run_names_the_data_settings_it_does_not_read(caplog):
   nothing there."""
   dpo = os.path.join("experiments", "configs", "phi4_mini_reasoning", "dpo.gin")
   with caplog.at_level("WARNING", logger="phi_jax"):
-    dry_run(dpo, ["data.weights=[0.0]", "data.packing='best_fit'", "data.too_long='drop'"])
-  assert ("a DPO run does not read data.packing='best_fit', data.too_long='drop', data.weights=[0.0]: its pairs are "
+    dry_run(dpo, ["data.weights=[2.0]", "data.packing='best_fit'", "data.too_long='drop'"])
+  assert ("a DPO run does not read data.packing='best_fit', data.too_long='drop', data.weights=[2.0]: its pairs are "
           "read in one shuffled stream") in caplog.text
   caplog.clear()
   with caplog.at_level("WARNING", logger="phi_jax"):
