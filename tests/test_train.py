@@ -506,3 +506,87 @@ def test_patience_counts_gains_above_min_delta_and_the_best_is_the_lowest_eval_l
                                 "1.5 at step 6)")
   plain = _EvalHistory(min_delta=0.0)
   assert [plain.add(s, v) for s, v in ((1, 3.0), (2, 3.0), (3, 2.5))] == [True, False, True]
+
+
+def direct_step(mesh_shape, batch, loss_fn=None, **kwargs):
+  """(mesh, state, step) as a notebook makes them: make_train_step called directly, without the loop's checks."""
+  devices = jax.devices()[:int(np.prod(list(mesh_shape.values())))]
+  mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  optimizer = make_optimizer(OPT, NUM_STEPS)
+  state = create_train_state(CONFIG, optimizer, mesh, jax.random.key(0))
+  loss_fn = loss_fn or next_token.make_loss_fn(CONFIG, chunk_size=16)
+  step = make_train_step(loss_fn, optimizer, learning_rate_schedule(OPT, NUM_STEPS), mesh,
+                         state_shardings(CONFIG, optimizer, mesh), batch, **kwargs)
+  return mesh, state, step
+
+
+def test_a_direct_train_step_refuses_a_token_id_outside_the_vocabulary():
+  """One id past the vocabulary made the loss, the gradients and then every parameter NaN, silently."""
+  batch = packed_batches(1)[0]
+  bad = dict(batch, tokens=batch["tokens"].copy(), segment_ids=np.ones_like(batch["segment_ids"]))
+  bad["tokens"][0, 5] = 50000
+  mesh, state, step = direct_step({"data": 2, "fsdp": 2, "tensor": 2}, batch)
+  with pytest.raises(ValueError, match=r"'tokens': token id 50000 at \[0, 5\] is outside the vocabulary \[0, 512\)"):
+    step(state, global_batch(bad, mesh), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"token id 50000 at \[0, 5\]"):  # a numpy batch, not yet on the devices
+    step(state, bad, jax.random.key(0))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(state))  # refused before the step: the state is intact
+
+
+def test_a_direct_train_step_refuses_a_state_an_earlier_call_consumed():
+  """The step donates the old state; passing it again (a notebook cell run twice) segfaulted on a multi-device
+  mesh."""
+  batch = packed_batches(1)[0]
+  mesh, state, step = direct_step({"data": 2, "fsdp": 2, "tensor": 2}, batch)
+  new_state, _ = step(state, global_batch(batch, mesh), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"this TrainState was donated to an earlier call of the step .* pass the "
+                                       r"state that call returned"):
+    step(state, global_batch(batch, mesh), jax.random.key(0))
+  new_state, metrics = step(new_state, global_batch(batch, mesh), jax.random.key(0))
+  assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 2
+
+
+def _mean_loss(params, batch, rng):
+  del rng
+  logits = phi_jax.forward(params, batch["tokens"], CONFIG)
+  return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["tokens"][:, 1:]).mean()
+
+
+@pytest.mark.parametrize("loss_fn, message", [
+    (_mean_loss, r"loss_fn must return \(loss_sum, aux\) .*; got one array of shape \(\)"),
+    (lambda p, b, r: (_mean_loss(p, b, r), {"loss": _mean_loss(p, b, r)}),
+     r"loss_fn's aux must be a dict with a \"weight\" .*; got keys \['loss'\]")])
+def test_a_direct_train_step_refuses_a_loss_fn_of_another_form(loss_fn, message):
+  """A scalar loss failed inside value_and_grad, a loss without aux["weight"] with a bare KeyError."""
+  batch = packed_batches(1)[0]
+  mesh, state, step = direct_step({"data": 1}, batch, loss_fn=loss_fn)
+  with pytest.raises(TypeError, match=message):
+    step(state, global_batch(batch, mesh), jax.random.key(0))
+
+
+def test_a_direct_train_step_names_a_missing_or_misshaped_batch_key():
+  """A batch without positions was a bare KeyError, a loss_mask a column short a broadcast error inside the loss."""
+  batch = packed_batches(1)[0]
+  no_positions = {k: v for k, v in batch.items() if k != "positions"}
+  mesh, state, step = direct_step({"data": 1}, no_positions)
+  with pytest.raises(ValueError, match=r"loss_fn failed with KeyError 'positions', a key the batch lacks \(it has "
+                                       r"\['loss_mask', 'segment_ids', 'tokens'\]\)"):
+    step(state, global_batch(no_positions, mesh), jax.random.key(0))
+  short_mask = dict(batch, loss_mask=batch["loss_mask"][:, :-1])
+  mesh, state, step = direct_step({"data": 1}, short_mask)
+  with pytest.raises(ValueError, match=r"batch\['loss_mask'\] has shape \(8, 31\), but batch\['tokens'\] is "
+                                       r"\(8, 32\)"):
+    step(state, global_batch(short_mask, mesh), jax.random.key(0))
+  # A step made for one batch's keys, called with another's: named, rather than JAX's pytree mismatch.
+  mesh, state, step = direct_step({"data": 1}, batch)
+  with pytest.raises(ValueError, match=r"the batch lacks 'positions', a key of the batch this step was made for"):
+    step(state, global_batch(no_positions, mesh), jax.random.key(0))
+
+
+def test_the_loss_contract_check_wraps_a_loss_fn_once_and_keeps_its_attributes():
+  """loop.run checks the loss fn and hands it to make_train_step, which checks a loss fn given directly."""
+  from phi_jax.train.step import checked_loss_fn
+  loss_fn = next_token.make_loss_fn(CONFIG)
+  checked = checked_loss_fn(loss_fn)
+  assert checked is not loss_fn and checked_loss_fn(checked) is checked
+  assert checked.model_config is CONFIG  # what the step reads the vocabulary size from

@@ -102,6 +102,7 @@ def make_loss_fn(config: PhiConfig, *, beta: float, label_smoothing: float = 0.0
   loss_fn = functools.partial(dpo_stage_loss, config=config, beta=beta, label_smoothing=label_smoothing,
                               loss_type=loss_type, chunk_size=chunk_size)
   loss_fn.weight_unit = "pairs"  # what aux["weight"] counts: the loop reports eval_pairs, not eval_tokens
+  loss_fn.model_config = config  # make_train_step checks each batch's token ids against its vocabulary
   return loss_fn
 
 

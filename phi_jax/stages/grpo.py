@@ -212,7 +212,9 @@ def grpo_stage_loss(params, batch, rng, *, config: PhiConfig, cfg: GRPOConfig):
 
 
 def make_loss_fn(config: PhiConfig, cfg: GRPOConfig):
-  return functools.partial(grpo_stage_loss, config=config, cfg=cfg)
+  loss_fn = functools.partial(grpo_stage_loss, config=config, cfg=cfg)
+  loss_fn.model_config = config  # make_train_step checks each batch's token ids against its vocabulary
+  return loss_fn
 
 
 def verifier_rewards(reward_fn) -> RewardBatchFn:

@@ -28,4 +28,6 @@ def next_token_loss(params, batch, rng, *, config: PhiConfig, chunk_size: int = 
 
 
 def make_loss_fn(config: PhiConfig, *, chunk_size: int = 1024, z_loss: float = 0.0):
-  return functools.partial(next_token_loss, config=config, chunk_size=chunk_size, z_loss=z_loss)
+  loss_fn = functools.partial(next_token_loss, config=config, chunk_size=chunk_size, z_loss=z_loss)
+  loss_fn.model_config = config  # make_train_step checks each batch's token ids against its vocabulary
+  return loss_fn

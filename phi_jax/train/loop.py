@@ -56,7 +56,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from phi_jax.model import PhiConfig
-from phi_jax.model.api import check_token_ids
 from phi_jax.sharding.distributed import (allgather_json, any_process, any_process_or_raise, failing_together,
                                           from_process_zero)
 from phi_jax.train import flops
@@ -66,6 +65,7 @@ from phi_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, mak
 from phi_jax.train.state import abstract_state, create_train_state, state_shardings
 from phi_jax.train.step import (MeshJit, batch_shardings, check_rows_per_process, make_train_step,
                                most_pieces, split_microbatches)
+from phi_jax.train.step import check_batch_token_ids as _check_token_ids, checked_loss_fn as _checked_loss_fn
 
 log = logging.getLogger("phi_jax")
 
@@ -532,43 +532,6 @@ def _holding_workdir_lock(run_fn: Callable) -> Callable:
   return locked
 
 
-_LOSS_CONTRACT = '(loss_sum, aux) with aux = {"weight": units summed, "metrics": {name: sum}} (see phi_jax.train.step)'
-
-
-def _checked_loss_fn(loss_fn: Callable) -> Callable:
-  """`loss_fn` with its output checked against the loss contract as it is traced (no cost per step): a loss of
-  another form failed deep inside JAX's autodiff or the step."""
-  @functools.wraps(loss_fn)  # keeps attributes such as weight_unit
-  def checked(params, batch, rng):
-    out = loss_fn(params, batch, rng)
-    if not isinstance(out, (tuple, list)) or len(out) != 2:
-      got = f"one array of shape {jnp.shape(out)}" if hasattr(out, "shape") else f"a {type(out).__name__}"
-      raise TypeError(f"loss_fn must return {_LOSS_CONTRACT}; got {got}")
-    loss_sum, aux = out
-    if not isinstance(aux, collections.abc.Mapping) or "weight" not in aux:
-      keys = sorted(aux) if isinstance(aux, collections.abc.Mapping) else None
-      raise TypeError(f"loss_fn's aux must be a dict with a \"weight\" (the units the loss sums over: tokens, "
-                      f"pairs); got {f'keys {keys}' if keys is not None else f'a {type(aux).__name__}'}. "
-                      f"loss_fn returns {_LOSS_CONTRACT}")
-    if jnp.ndim(loss_sum) != 0:
-      raise TypeError(f"loss_fn's loss_sum must be a scalar (the sum over the batch); got shape "
-                      f"{jnp.shape(loss_sum)}. loss_fn returns {_LOSS_CONTRACT}")
-    return out
-  return checked
-
-
-def _check_token_ids(local: dict, vocab_size: int, what: str) -> None:
-  """Raises on a token id outside the model's vocabulary in a real slot of a host batch (each `*tokens` key, with
-  its `*segment_ids`): inside the step such an id is a NaN loss, which reads as a numerical fault."""
-  for key, tokens in (local.items() if isinstance(local, collections.abc.Mapping) else ()):
-    if isinstance(key, str) and key.endswith("tokens") and np.ndim(tokens) == 2:
-      segments = local.get(key[:-len("tokens")] + "segment_ids", np.ones(np.shape(tokens), np.int32))
-      try:
-        check_token_ids(tokens, segments, vocab_size)
-      except ValueError as e:
-        raise ValueError(f"{what}, {key!r}: {e}") from None
-
-
 def _first_eval_checked(eval_batches: Callable[[], Iterable[dict]], train_batch: dict, mesh: Mesh,
                         vocab_size: int) -> Callable[[], Iterable[dict]]:
   """Checks the first eval batch against the mesh, the train batch's keys and the vocabulary, before any step (found
@@ -877,8 +840,10 @@ def run(*, workdir: str, model_config: PhiConfig, optimizer_config: OptimizerCon
       if step == start and on_first_step is not None:
         on_first_step()
       if step_fn is None:
+        # Each batch's token ids were checked above, on the host batch: no second host copy per step.
         step_fn = make_train_step(loss_fn, optimizer, schedule, mesh, shardings, batch,
-                                  microbatches=loop.microbatches, skip_nonfinite=loop.on_nonfinite == "skip")
+                                  microbatches=loop.microbatches, skip_nonfinite=loop.on_nonfinite == "skip",
+                                  check_token_ids=False)
       state, metrics = step_fn(state, batch, rng)
       if jax.process_count() == 1:
         preempt = sigterm.raised  # nothing to agree on: save right after the step the signal arrived in

@@ -8,23 +8,104 @@ A step whose batch trains nothing (`aux["trained"]`, else the weight, is 0) chan
 loss and metrics as NaN and its weight as 0 (a mean over nothing).
 A metric counted in other units than the loss (a per-token mean under a per-sequence loss) gives its own
 weight in `aux["metric_weights"][name]`.
+A loss of another form, a batch without a key the loss reads, or a `*positions`/`*segment_ids`/`*loss_mask` leaf
+of another shape than its `*tokens` is refused when the step is first traced. A loss fn carrying its model's
+config (`loss_fn.model_config`, as the stages' make_loss_fn attach) also has each batch's token ids checked
+against the vocabulary before the step runs.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import numbers
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from phi_jax.model.api import check_token_ids as check_ids_in_vocabulary
 from phi_jax.sharding import mesh_context, replicated
 from phi_jax.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+_LOSS_CONTRACT = '(loss_sum, aux) with aux = {"weight": units summed, "metrics": {name: sum}} (see phi_jax.train.step)'
+# The per-token keys of a batch: each `<prefix>tokens` (DPO's chosen_tokens, rejected_tokens) has these beside it.
+_PER_TOKEN_KEYS = ("positions", "segment_ids", "loss_mask")
+
+
+def checked_loss_fn(loss_fn: LossFn) -> LossFn:
+  """`loss_fn` with its output checked against the loss contract as it is traced (no cost per step): a loss of
+  another form failed deep inside JAX's autodiff or the step. A loss fn checked already is returned as it is."""
+  if getattr(loss_fn, "checks_loss_contract", False):
+    return loss_fn
+
+  @functools.wraps(loss_fn)  # keeps attributes such as weight_unit and model_config
+  def checked(params, batch, rng):
+    try:
+      out = loss_fn(params, batch, rng)
+    except KeyError as e:
+      _raise_if_missing_key(e, batch)
+      raise
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+      got = f"one array of shape {jnp.shape(out)}" if hasattr(out, "shape") else f"a {type(out).__name__}"
+      raise TypeError(f"loss_fn must return {_LOSS_CONTRACT}; got {got}")
+    loss_sum, aux = out
+    if not isinstance(aux, collections.abc.Mapping) or "weight" not in aux:
+      keys = sorted(aux) if isinstance(aux, collections.abc.Mapping) else None
+      raise TypeError(f"loss_fn's aux must be a dict with a \"weight\" (the units the loss sums over: tokens, "
+                      f"pairs); got {f'keys {keys}' if keys is not None else f'a {type(aux).__name__}'}. "
+                      f"loss_fn returns {_LOSS_CONTRACT}")
+    if jnp.ndim(loss_sum) != 0:
+      raise TypeError(f"loss_fn's loss_sum must be a scalar (the sum over the batch); got shape "
+                      f"{jnp.shape(loss_sum)}. loss_fn returns {_LOSS_CONTRACT}")
+    return out
+  checked.checks_loss_contract = True
+  return checked
+
+
+def _raise_if_missing_key(error: KeyError, batch) -> None:
+  """A KeyError for a key the batch lacks, as an error naming it and the batch's keys (a bare KeyError 'positions'
+  from inside the traced loss said neither which dict nor what it holds). The KeyError stays chained: its
+  traceback shows the lookup."""
+  key = error.args[0] if len(error.args) == 1 else None
+  if isinstance(batch, collections.abc.Mapping) and isinstance(key, str) and key not in batch:
+    raise ValueError(f"loss_fn failed with KeyError {key!r}, a key the batch lacks (it has {sorted(batch, key=str)}): "
+                     "a next-token batch has tokens, positions, segment_ids and loss_mask, each [B, T] "
+                     "(phi_jax.data builds them); DPO and GRPO batches add their stage's keys") from error
+
+
+def check_per_token_shapes(batch) -> None:
+  """Raises unless each `<prefix>positions`, `<prefix>segment_ids` and `<prefix>loss_mask` of the batch has the
+  shape of its `<prefix>tokens` (shapes only: cheap under jit); a mismatch was a broadcast error inside the loss."""
+  if not isinstance(batch, collections.abc.Mapping):
+    return
+  for tokens_key, tokens in batch.items():
+    if not (isinstance(tokens_key, str) and tokens_key.endswith("tokens") and jnp.ndim(tokens) == 2):
+      continue
+    prefix = tokens_key[:-len("tokens")]
+    for key in (prefix + name for name in _PER_TOKEN_KEYS):
+      if key in batch and jnp.shape(batch[key]) != jnp.shape(tokens):
+        raise ValueError(f"batch[{key!r}] has shape {tuple(jnp.shape(batch[key]))}, but batch[{tokens_key!r}] is "
+                         f"{tuple(jnp.shape(tokens))}: {key} holds one value per token, so it must be [B, T] like "
+                         f"{tokens_key}")
+
+
+def check_batch_token_ids(batch, vocab_size: int, what: str) -> None:
+  """Raises on a token id outside the model's vocabulary in a real slot of a batch (each `*tokens` key, with its
+  `*segment_ids`): inside the step such an id is a NaN loss, which reads as a numerical fault. Arrays this process
+  cannot read alone (spanning other processes) are not checked."""
+  for key, tokens in (batch.items() if isinstance(batch, collections.abc.Mapping) else ()):
+    if isinstance(key, str) and key.endswith("tokens") and np.ndim(tokens) == 2:
+      segments = batch.get(key[:-len("tokens")] + "segment_ids", np.ones(np.shape(tokens), np.int32))
+      try:
+        check_ids_in_vocabulary(tokens, segments, vocab_size)
+      except ValueError as e:
+        raise ValueError(f"{what}, {key!r}: {e}") from None
 
 
 def most_pieces(rows: int, at_most: int, ways: int = 1) -> int:
@@ -64,6 +145,7 @@ def _grads_and_sums(loss_fn: LossFn, params, batch, rng, microbatches: int):
 def train_step(state: TrainState, batch: dict, rng, *, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, microbatches: int = 1, skip_nonfinite: bool = False):
   microbatches = _whole_count(microbatches)
+  check_per_token_shapes(batch)
   rng = jax.random.fold_in(rng, state.step)
   grads, loss_sum, aux = _grads_and_sums(loss_fn, state.params, batch, rng, microbatches)
   weight = jnp.maximum(aux["weight"], 1.0)
@@ -140,15 +222,54 @@ class MeshJit:
 
   def __init__(self, fn, mesh: Mesh, **jit_kwargs):
     self.mesh = mesh
+    donated = jit_kwargs.get("donate_argnums", ())
+    self.donated = (donated,) if isinstance(donated, int) else tuple(donated)
     self.jitted = jax.jit(fn, **jit_kwargs)
 
   def __call__(self, *args):
+    for index in self.donated:
+      if index < len(args):
+        _check_not_donated(args[index])
     with mesh_context(self.mesh):
       return self.jitted(*args)
 
   def lower(self, *args):
     with mesh_context(self.mesh):
       return self.jitted.lower(*args)
+
+
+def _check_not_donated(tree) -> None:
+  """Raises when an array of `tree` was donated to an earlier call: on a multi-device mesh XLA crashed the process
+  (a segfault) on such a buffer, on one device JAX raised an error that did not say which argument or what to do."""
+  if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree)):
+    raise ValueError(f"this {type(tree).__name__} was donated to an earlier call of the step (its buffers are reused "
+                     "for the new state); pass the state that call returned: state, metrics = step(state, batch, rng)")
+
+
+class TrainStep(MeshJit):
+  """The jitted step(state, batch, rng) of `make_train_step`, with the checks of a batch that need its values or
+  its keys, made on the host before the step runs."""
+
+  def __init__(self, fn, mesh: Mesh, *, batch_keys, vocab_size, **jit_kwargs):
+    super().__init__(fn, mesh, **jit_kwargs)
+    self.batch_keys, self.vocab_size = batch_keys, vocab_size
+
+  def __call__(self, state, batch, rng):
+    if self.batch_keys is not None and isinstance(batch, collections.abc.Mapping) and set(batch) != self.batch_keys:
+      self._refuse_other_keys(batch)
+    if self.vocab_size is not None:
+      # Copies the token arrays to the host (small next to a step); the state is not yet donated when it raises.
+      check_batch_token_ids(batch, self.vocab_size, "the batch passed to the train step")
+    return super().__call__(state, batch, rng)
+
+  def _refuse_other_keys(self, batch) -> None:
+    """JAX's own error here is a pytree mismatch of the step's input shardings."""
+    missing = sorted(self.batch_keys - set(batch), key=str)
+    problem = (f"lacks {', '.join(map(repr, missing))}, a key of the batch this step was made for" if missing else
+               f"has {', '.join(map(repr, sorted(set(batch) - self.batch_keys, key=str)))}, which the batch this step "
+               "was made for lacks")
+    raise ValueError(f"the batch {problem} (make_train_step's batch_shapes has {sorted(self.batch_keys, key=str)}): "
+                     "give every call batches with the same keys, or make a step for these")
 
 
 def _whole_count(microbatches) -> int:
@@ -161,10 +282,22 @@ def _whole_count(microbatches) -> int:
 
 
 def make_train_step(loss_fn: LossFn, optimizer, schedule, mesh: Mesh, state_shardings: TrainState,
-                    batch_shapes: dict, *, microbatches: int = 1, skip_nonfinite: bool = False) -> MeshJit:
-  """Returns step(state, batch, rng) -> (state, metrics), jitted once with shardings; the old state is donated."""
+                    batch_shapes: dict, *, microbatches: int = 1, skip_nonfinite: bool = False,
+                    check_token_ids: bool = True) -> TrainStep:
+  """Returns step(state, batch, rng) -> (state, metrics), jitted once with shardings; the old state is donated
+  (pass each call the state the previous one returned).
+
+  When `loss_fn` carries its model's config (`loss_fn.model_config`, as the stages' make_loss_fn attach), each call
+  first checks the batch's token ids against its vocabulary on the host (arrays spanning other processes are not
+  read); `check_token_ids=False` leaves that out where the batches are checked already (`loop.run`).
+  """
   microbatches = _whole_count(microbatches)
+  loss_fn = checked_loss_fn(loss_fn)
+  model_config = getattr(loss_fn, "model_config", None)
+  vocab_size = getattr(model_config, "vocab_size", None) if check_token_ids else None
+  batch_keys = set(batch_shapes) if isinstance(batch_shapes, collections.abc.Mapping) else None
   step = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
                            microbatches=microbatches, skip_nonfinite=skip_nonfinite)
-  return MeshJit(step, mesh, in_shardings=(state_shardings, batch_shardings(batch_shapes, mesh), replicated(mesh)),
-                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+  return TrainStep(step, mesh, batch_keys=batch_keys, vocab_size=vocab_size,
+                   in_shardings=(state_shardings, batch_shardings(batch_shapes, mesh), replicated(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
