@@ -500,7 +500,9 @@ def test_left_padded_prompts_are_refused_and_right_padded_ones_pass():
   check(np.array([[5, 6, 7, 8], [9, 10, 0, 0]], np.int32), lengths)  # right-padded with the pad id
   check(np.array([[5, 6, 7, 8], [0, 0, 9, 0]], np.int32), np.array([4, 3], np.int32))  # a prompt opening on pads
   check(np.array([[0, 0, 7, 8], [0, 0, 9, 10]], np.int32), np.array([4, 4], np.int32))  # full rows: no padding
-  check(left, lengths, config=CONFIG)  # no pad id in the config: nothing to tell padding by
+  with pytest.raises(ValueError, match=r"row\(s\) \[1\] look left-padded \(row 1 opens with 2 copies of id 0"):
+    check(left, lengths, config=CONFIG)  # no pad id in the config: a run that covers the gap is padding
+  check(np.array([[5, 6, 7, 8], [0, 9, 10, 11]], np.int32), np.array([4, 3], np.int32), config=CONFIG)  # gap 1
   jax.eval_shape(check, left, lengths)  # traced prompts: no values to check, and no error
   with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
     check(jnp.asarray(left), lengths)  # concrete device arrays are checked too
@@ -534,6 +536,26 @@ def test_right_padded_prompts_opening_on_a_pad_id_bos_pass():
   assert _refused_rows(bos_apart, left_apart, lengths) == [0, 1, 2, 3, 4, 5]
   assert _refused_rows(bos_apart, [[1, 11, 12, 13, 14, 0], [1, 21, 22, 0, 0, 0]], [5, 3]) == []
   assert _refused_rows(CONFIG.replace(pad_token_id=7), left_apart, lengths) == [0, 1, 2, 3, 4, 5]  # no BOS id
+
+
+def test_left_padding_with_another_id_than_the_config_s_pad_is_refused():
+  """The phi-4 tokenizer pads with <|dummy_85|> while the config's pad id is <|endoftext|>: a batch left-padded by
+  the tokenizer (as transformers' generate wants) passed, and its short rows generated from their padding."""
+  config = CONFIG.replace(pad_token_id=3, bos_token_id=3)  # the config's pad id; the tokenizer pads with 4
+  assert _refused_rows(config, [[11, 12, 13, 14, 15], [4, 4, 4, 4, 92], [4, 4, 21, 22, 23]], [5, 1, 3]) == [1, 2]
+  # Right-padded with that id, or with zeros, or one slot short (a BOS and a pad read alike): all pass.
+  assert _refused_rows(config, [[11, 12, 13, 14, 15], [92, 4, 4, 4, 4], [21, 22, 23, 4, 4]], [5, 1, 3]) == []
+  assert _refused_rows(config, [[4, 4, 4, 14, 0], [4, 4, 0, 0, 0]], [4, 2]) == []  # prompts opening on a run
+  assert _refused_rows(config, [[11, 12, 13, 14, 15], [4, 21, 22, 23, 24]], [5, 4]) == []
+
+
+def test_none_switches_top_k_off_and_length_multiple_is_checked(params, tmp_path):
+  """top_k=None (TRL's "off") was refused while top_p=None was taken; length_multiple=0 was a ZeroDivisionError."""
+  assert SamplingConfig(top_k=None).top_k == 0
+  tokenizer = build_tiny_tokenizer(tmp_path, chat_format="phi-4")
+  for multiple in (None, 0, -64, 2.5):
+    with pytest.raises(ValueError, match=r"length_multiple=.* must be a positive whole number of tokens"):
+      generate_text(params, CONFIG, tokenizer, ["2 + 2?"], jax.random.key(0), GREEDY, length_multiple=multiple)
 
 
 def test_torch_tensors_are_prompts_too(params, prompts, greedy_run):

@@ -94,7 +94,9 @@ class SamplingConfig:
   stop_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
-    # None is "off" for these, as transformers and TRL spell it (top_p=None, eos_token_id=None).
+    # None is "off" for these, as transformers and TRL spell it (top_k=None, top_p=None, eos_token_id=None).
+    if self.top_k is None:
+      object.__setattr__(self, "top_k", 0)
     if self.top_p is None:
       object.__setattr__(self, "top_p", 1.0)
     if self.stop_token_ids is None:
@@ -324,6 +326,9 @@ def generate_text(params: Params, config: PhiConfig, tokenizer, prompts: Sequenc
   if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                  or batch_size < 1):
     raise ValueError(f"batch_size={batch_size!r} must be a positive whole number of rows, or None for the default")
+  if isinstance(length_multiple, bool) or not isinstance(length_multiple, (int, np.integer)) or length_multiple < 1:
+    raise ValueError(f"length_multiple={length_multiple!r} must be a positive whole number of tokens (1 turns the "
+                     "rounding of prompt widths off)")
   batch_size = batch_size or _round_up(1 << (len(rendered) - 1).bit_length(), rows)
   if batch_size % rows:
     raise ValueError(f"batch_size={batch_size} does not split over the mesh's data x fsdp = {rows} devices")
@@ -411,20 +416,27 @@ def _check_right_padded(tokens: np.ndarray, lengths: np.ndarray, pad_token_id: O
   with a run of at least P - length pad ids: a right-padded prompt ends in padding and hardly opens with pad ids.
   Where the pad id is also the BOS (phi-4, phi-4-mini), a right-padded prompt may open with one pad id, its BOS,
   so the run must be at least max(P - length, 2): a run of two or more is padding, while one pad before a prompt
-  one slot short of P reads as well as a BOS and passes."""
-  if pad_token_id is None:  # nothing to tell padding from tokens by
-    return
+  one slot short of P reads as well as a BOS and passes.
+  Whatever the pad id (the phi-4 tokenizer pads with <|dummy_85|>, not the config's pad id), a row at least two
+  slots short that opens with a run of one id covering the gap, and does not end with a run as long (a right-padded
+  row's padding), looks left-padded too."""
   width = tokens.shape[1]
-  leading_pads = np.cumprod(tokens == pad_token_id, axis=1).sum(axis=1)
-  min_run = width - lengths
-  if pad_token_id == bos_token_id:
-    min_run = np.maximum(min_run, 2)
-  left = (lengths < width) & (leading_pads >= min_run) & (tokens[:, -1] != pad_token_id)
+  gap = width - lengths
+  left = np.zeros(lengths.shape, bool)
+  if pad_token_id is not None:
+    leading_pads = np.cumprod(tokens == pad_token_id, axis=1).sum(axis=1)
+    min_run = np.maximum(gap, 2) if pad_token_id == bos_token_id else gap
+    left |= (lengths < width) & (leading_pads >= min_run) & (tokens[:, -1] != pad_token_id)
+  first_run = np.cumprod(tokens == tokens[:, :1], axis=1).sum(axis=1)
+  last_run = np.cumprod((tokens == tokens[:, -1:])[:, ::-1], axis=1).sum(axis=1)
+  left |= (gap >= 2) & (first_run >= gap) & (last_run < gap)
   if left.any():
+    row = int(np.flatnonzero(left)[0])
     raise ValueError(
-        f"prompt row(s) {np.flatnonzero(left)[:8].tolist()} look left-padded (pad_token_id={pad_token_id} before "
-        "the tokens): prompts must be right-padded, the tokens first and the padding after, with prompt_lengths the "
-        "number of real tokens; with a transformers tokenizer use padding_side=\"right\"")
+        f"prompt row(s) {np.flatnonzero(left)[:8].tolist()} look left-padded (row {row} opens with "
+        f"{int(first_run[row])} copies of id {int(tokens[row, 0])} before its tokens): prompts must be right-padded, "
+        "the tokens first and the padding after, with prompt_lengths the number of real tokens; with a transformers "
+        "tokenizer use padding_side=\"right\"")
 
 
 def kv_cache_bytes(config: PhiConfig, rows: int, prompt_width: int, max_new_tokens: int) -> int:
