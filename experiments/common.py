@@ -965,8 +965,9 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
   """Refuses a data.tokenizer other than the one the starting params were trained with: the run would train (and
   export) them on another tokenizer's ids, and nothing else would notice while the new one is no larger. So is one
   that gives a token both hold another id, and one that encodes text into other ids (`_TOKENIZER_PROBE`) with the
-  same vocabulary. A few renamed or added tokens (each found on one side only), or another chat template, are logged
-  instead. Training checks train.init_from or model.hf_path with it, and a resumed run's copy (--workdir), and
+  same vocabulary, and a tiny one of another token family than the tiny one trained with (`check_token_family`). A
+  few renamed or added tokens (each found on one side only), or another chat template, are logged instead. Training
+  checks train.init_from or model.hf_path with it, and a resumed run's copy (--workdir), and
   `rollouts.load_policy` a run workdir given as --init_from (eval, rollouts, export)."""
   if not os.path.isdir(source):
     return  # the params loader names a missing directory
@@ -974,6 +975,8 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
   if start is None:
     return
   where, theirs = start
+  if spec.startswith("tiny:"):  # the tiny families differ by a few renamed tokens: the vocabularies cannot tell
+    check_token_family(spec, _tiny_tokenizer_format(where), f"{name}={source!r}", "To train on from it,")
   ours, their_vocab = tokenizer.get_vocab(), theirs.get_vocab()
   differ = sorted(t for t in set(ours) | set(their_vocab) if ours.get(t) != their_vocab.get(t))
   use_start = _use_start_hint(spec, name, where)
@@ -1000,6 +1003,24 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
     log.warning("data.tokenizer=%r differs from the tokenizer %s=%r was trained with (%s): %s%s", spec, name, source,
                 where, f"{len(differ)} token(s) renamed or added (e.g. {differ[:3]})" if differ else "same tokens",
                 "; another chat template" if tokenizer.chat_template != theirs.chat_template else "")
+
+
+def check_token_family(spec: str, trained: Optional[str], starting_point: str, purpose: str) -> None:
+  """Refuses a "tiny:" data.tokenizer `spec` of another token family than the tiny chat format `trained` that
+  `starting_point` (e.g. "train.init_from='runs/sft'") was trained with. The families number their control tokens in
+  the same slots, so comparing the two vocabularies finds a few renamed tokens only, while every control id would be
+  read as another token. `trained` None (no tokenizer) or "unknown" (no tiny one) is left to the vocabulary
+  comparison of `check_tokenizer_matches_start`. `purpose` starts the advice ("To eval, roll out or export it,")."""
+  from phi_jax.hf.tokenizer import CHAT_FORMAT_FAMILY  # pylint: disable=import-outside-toplevel
+  family = CHAT_FORMAT_FAMILY[tiny_chat_format(spec)]
+  if trained in (None, "unknown") or CHAT_FORMAT_FAMILY[trained] == family:
+    return
+  same = sorted(name for name, of in CHAT_FORMAT_FAMILY.items() if of == CHAT_FORMAT_FAMILY[trained])
+  raise ValueError(f"data.tokenizer={spec!r} is of the {family!r} token family, but {starting_point} was trained "
+                   f"with data.tokenizer='tiny:{trained}' ({CHAT_FORMAT_FAMILY[trained]!r} family): its params read "
+                   f"other ids for the control tokens. {purpose} set "
+                   f"--gin_param='data.tokenizer=\"tiny:{trained}\"' (or another format of its family: "
+                   f"{', '.join(f'tiny:{name}' for name in same if name != trained)})")
 
 
 def _use_start_hint(spec: str, name: str, where: str) -> str:
@@ -1456,6 +1477,54 @@ def _agreed_copies(pair_files: dict, start: Optional[str]) -> tuple[dict, list]:
   return dict(zip(pair_files, first)), gathered[0][1]
 
 
+def pairs_summary_path(pairs_file: str) -> str:
+  """Where experiments/rollouts.py writes the summary of the pair file `pairs_file` (<stem>.summary.json)."""
+  return (pairs_file[:-len(".jsonl")] if pairs_file.endswith(".jsonl") else pairs_file) + ".summary.json"
+
+
+def _rollout_summary(pairs_file: str) -> dict:
+  """The summary experiments/rollouts.py wrote beside `pairs_file`; {} where there is none (or it is unreadable)."""
+  try:
+    with open(pairs_summary_path(pairs_file)) as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return summary if isinstance(summary, dict) else {}
+
+
+def _first_record(path: str) -> Any:
+  """The first record of the pair file `path`, None where it cannot be read (the reader names why)."""
+  source = sources_lib.open_source(path)
+  raw = source[0] if len(source) else {"error": True}
+  return raw["data"] if raw["error"] is None else None
+
+
+def _check_pairs_sampled_as(train_files: Sequence[str], eval_files: Sequence[str], system_prompt: Optional[str],
+                            start: Optional[str], start_name: str) -> None:
+  """Refuses pair files sampled (experiments/rollouts.py) under another data.system_prompt than this run renders
+  their prompts with: every row would lack, or gain, the system turn its completions were sampled after. Read from a
+  file's first record ("sampled_system_prompt"; the reader checks every record), else from its summary (pair files
+  written before records held it). Rollouts of another policy than `start` (off-policy DPO) are logged."""
+  for pattern in [*train_files, *eval_files]:
+    for path, _ in file_sizes([pattern]):
+      summary, first = _rollout_summary(path), _first_record(path)
+      if isinstance(first, dict) and "sampled_system_prompt" in first:
+        sampled, told = first["sampled_system_prompt"], ""
+      elif "system_prompt" in summary:
+        sampled, told = summary["system_prompt"], f" ({os.path.basename(pairs_summary_path(path))})"
+      else:
+        continue  # pairs from elsewhere (hand-made, TRL's): nothing says how they were sampled
+      if sampled != system_prompt:
+        raise ValueError(f"{path}: its pairs were sampled with data.system_prompt={sampled!r}{told}, this run renders "
+                         f"them with data.system_prompt={system_prompt!r}: every completion would be trained after "
+                         "another prompt than it answered; set --gin_param='data.system_prompt="
+                         f"{'None' if sampled is None else json.dumps(sampled)}'")
+      sampled_from = summary.get("init_from")
+      if sampled_from and start and os.path.realpath(sampled_from) != os.path.realpath(start):
+        log.warning("%s was sampled from %s, not %s=%r: the DPO is off-policy (intended where the pairs come from "
+                    "another policy)", path, sampled_from, start_name, start)
+
+
 def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], data_cfg: dict, settings: dict,
                tokenizer, the_mesh, per_process: int):
   """(loss_fn, train_data, eval_batches) of the DPO stage."""
@@ -1476,6 +1545,8 @@ def _dpo_setup(workdir: str, model_config: PhiConfig, hf_path: Optional[str], da
   # collective (the reference load's, its checksums', the precompute pass's), and every process stops with it.
   with distributed.failing_together("checking the DPO pair files and reference params"):
     _check_pair_files(train_files, eval_files)
+    _check_pairs_sampled_as(train_files, eval_files, data_cfg["system_prompt"], settings["init_from"] or hf_path,
+                            "train.init_from" if settings["init_from"] else "model.hf_path")
     if cfg["reference"] != "precomputed" and not start_gone:  # "precomputed" loads no reference
       _check_reference_readable(settings, hf_path)
     if cfg["reference"] == "precompute":

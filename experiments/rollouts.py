@@ -13,13 +13,18 @@ or a transformers checkpoint directory (its config.json and tokenizer files; a d
 Problems are JSONL
 records `{"problem": str, "answer": str}`, or conversations `{"messages": [...]}` whose last assistant turn holds
 the reference solution and whose earlier turns are the prompt (so SFT files serve as problem sets); its final answer
-(in `\\boxed{}`, on a "####" line or after "The answer is", after any `</think>`) is the gold.
+(in `\\boxed{}`, on a "####" line or after "The answer is", after any `</think>`) is the gold. A prompt ending with
+an assistant message is refused: generation answers it in a new turn, a DPO pair would continue that message.
 
 Every rollout is checked with `phi_jax.rewards.verify_batch` against the problem's answer; a rollout that never
 emitted its end-of-turn token counts as incorrect, since a pair would teach it an ending it never produced. Each
 problem with at least one correct and one incorrect rollout gives one pair `{"prompt", "chosen", "rejected",
 "answer"}` (chosen a correct rollout, rejected an incorrect one, both drawn with the seed; the rejected one from
-the incorrect rollouts that ended on their own when there are any), written to --out; the counts go to
+the incorrect rollouts that ended on their own when there are any), written to --out with each side's sampled ids
+(`chosen_token_ids`, `rejected_token_ids`: the stop token included where the rollout ended on one), the
+`tokenizer_id` they are of and the data.system_prompt the prompt was rendered with (`sampled_system_prompt`), so
+that the DPO stage trains the ids sampled, after the prompt they answered (it refuses another
+data.system_prompt); the counts go to
 `<out stem>.summary.json`: prompts, rollouts, accuracy, pairs, prompts_all_correct, prompts_all_wrong,
 rollouts_unfinished, pairs_rejected_unfinished. Train on the pairs with experiments/configs/dpo_tiny.gin.
 
@@ -59,9 +64,10 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402  (gin configurables shared by every entry script)
 from phi_jax import rewards  # noqa: E402
 from phi_jax.data.chat import render_prompt, stop_token_ids  # noqa: E402
+from phi_jax.data import preference  # noqa: E402
 from phi_jax.data.preference import prompt_messages  # noqa: E402
 from phi_jax.data.sources import DataError, open_source  # noqa: E402
-from phi_jax.hf.tokenizer import CHAT_FORMAT_FAMILY, build_tiny_tokenizer, load_tokenizer  # noqa: E402
+from phi_jax.hf.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: E402
 from phi_jax.sampling import SamplingConfig, generate_text  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
 
@@ -140,6 +146,11 @@ def _problem(data: Any) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, s
       return None, ("no assistant turn", "a conversation needs a prompt and an assistant turn with the answer")
     if not isinstance(messages[last].get("content"), str):
       return None, ("mistyped field", f"message {last} 'content' is not a string")
+    if messages[last - 1].get("role") == "assistant":
+      # Generation opens a new assistant turn after it, while a DPO pair continues a prompt's final assistant
+      # message in the same turn: the rows trained would not be the ones sampled.
+      return None, ("prompt ends in an assistant turn", f"message {last - 1}, before the last assistant turn, is "
+                    "the assistant's; end the prompt with a user turn, or merge the assistant messages into one")
     prompt, bad = prompt_messages(messages[:last])  # roles and contents checked now, not after the model loads
     if bad is not None:
       return None, bad
@@ -198,7 +209,7 @@ def make_pairs(problems: Sequence[dict], rollouts: Sequence[Sequence[dict]], cor
   rng = random.Random(seed)
   pairs, all_correct, all_wrong, rejected_unfinished = [], 0, 0, 0
   for problem, outputs, verdicts in zip(problems, rollouts, correct):
-    good = [o["text"] for o, ok in zip(outputs, verdicts) if ok]
+    good = [o for o, ok in zip(outputs, verdicts) if ok]
     bad = [o for o, ok in zip(outputs, verdicts) if not ok]
     if not bad:
       all_correct += 1
@@ -208,8 +219,9 @@ def make_pairs(problems: Sequence[dict], rollouts: Sequence[Sequence[dict]], cor
       ended = [o for o in bad if o["finished"]]
       rejected = rng.choice(ended or bad)
       rejected_unfinished += not rejected["finished"]
-      pairs.append({"prompt": problem["prompt"], "chosen": rng.choice(good), "rejected": rejected["text"],
-                    "answer": problem["answer"]})
+      chosen = rng.choice(good)
+      pairs.append({"prompt": problem["prompt"], "chosen": chosen["text"], "rejected": rejected["text"],
+                    "answer": problem["answer"], **_sampled_ids(chosen, rejected)})
   num_rollouts = sum(len(v) for v in correct)
   counts = {"prompts": len(problems), "rollouts": num_rollouts,
             "accuracy": sum(map(sum, correct)) / max(num_rollouts, 1), "pairs": len(pairs),
@@ -219,8 +231,17 @@ def make_pairs(problems: Sequence[dict], rollouts: Sequence[Sequence[dict]], cor
   return pairs, counts
 
 
+def _sampled_ids(chosen: dict, rejected: dict) -> dict[str, list[int]]:
+  """The sides' sampled ids (`generate_text`'s token_ids, the stop token included where a rollout ended on one),
+  which the DPO stage trains: decoded and encoded again, text gives other ids (split digits merge, an invalid byte
+  reads as U+FFFD, an <|endoftext|> stop as the end-of-turn token). Outputs without ids give none."""
+  if "token_ids" not in chosen or "token_ids" not in rejected:
+    return {}
+  return {"chosen_token_ids": list(chosen["token_ids"]), "rejected_token_ids": list(rejected["token_ids"])}
+
+
 def summary_path(out: str) -> str:
-  return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
+  return common.pairs_summary_path(out)
 
 
 def sampling_record(sampling: SamplingConfig) -> dict[str, Any]:
@@ -249,6 +270,11 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
   verdicts = [bool(v) and o["finished"] for v, (o, _) in zip(verdicts, flat)]
   correct = [verdicts[i * k:(i + 1) * k] for i in range(len(problems))]
   pairs, counts = make_pairs(problems, rollouts, correct, seed=seed)
+  # Each pair says whose ids its completions are and the system prompt they were sampled after: the DPO stage trains
+  # the ids with that tokenizer and refuses to render the prompts under another system prompt.
+  if pairs:
+    sampled_under = {"tokenizer_id": preference.tokenizer_id(tokenizer), "sampled_system_prompt": system_prompt}
+    pairs = [dict(pair, **sampled_under) for pair in pairs]
   summary = dict(counts, k=k, seed=seed, problems_file=problems_path, pairs_file=out,
                  sampling=sampling_record(sampling), batch_size=rollout_batch_size(len(flat), batch_size, mesh),
                  data_parallel_devices=data_parallel_devices(mesh),
@@ -342,7 +368,7 @@ def run_tokenizer(spec: str, workdir: str):
     chat_format = common.tiny_chat_format(spec)
     trained = common._tiny_tokenizer_format(copy)  # pylint: disable=protected-access
     if trained not in (None, chat_format):
-      _check_token_family(spec, chat_format, trained, workdir)
+      common.check_token_family(spec, trained, f"the run in {workdir}", "To eval, roll out or export it,")
       with tempfile.TemporaryDirectory() as tmp:
         build_tiny_tokenizer(tmp, chat_format=chat_format)
         return load_tokenizer(tmp)
@@ -351,22 +377,6 @@ def run_tokenizer(spec: str, workdir: str):
                             f"run keeps a copy of the tokenizer it trained with: set "
                             f"--gin_param='data.tokenizer=\"{copy}\"'")
   return common.get_tokenizer(spec, workdir)
-
-
-def _check_token_family(spec: str, chat_format: str, trained: str, workdir: str) -> None:
-  """Refuses a "tiny:" chat format of another token family than the tiny one `workdir`'s run trained with
-  (`trained`). The families number their control tokens in the same slots, so comparing the two vocabularies finds a
-  few renamed tokens only, while every control id would be read as another token. `trained` "unknown" (a copy of a
-  tokenizer directory) is left to `common.check_tokenizer_matches_start`."""
-  family = CHAT_FORMAT_FAMILY[chat_format]
-  if trained == "unknown" or CHAT_FORMAT_FAMILY[trained] == family:
-    return
-  same = sorted(name for name, of in CHAT_FORMAT_FAMILY.items() if of == CHAT_FORMAT_FAMILY[trained])
-  raise ValueError(f"data.tokenizer={spec!r} is of the {family!r} token family, but the run in {workdir} was trained "
-                   f"with data.tokenizer='tiny:{trained}' ({CHAT_FORMAT_FAMILY[trained]!r} family): its params read "
-                   f"other ids for the control tokens. To eval, roll out or export it, set "
-                   f"--gin_param='data.tokenizer=\"tiny:{trained}\"' (or another format of its family: "
-                   f"{', '.join(f'tiny:{name}' for name in same if name != trained)})")
 
 
 # Files any of which makes a directory a tokenizer transformers can load (fast, SentencePiece or BPE vocab files).

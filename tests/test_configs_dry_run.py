@@ -649,8 +649,10 @@ def test_a_tokenizer_other_than_the_starting_point_s_is_refused(tmp_path, caplog
   with caplog.at_level(logging.WARNING, logger="phi_jax"):
     common.check_tokenizer_matches_start(phi4, "tiny:phi-4", "model.hf_path", str(tmp_path / "hf"))
     assert not caplog.text
-    common.check_tokenizer_matches_start(mini, "tiny:phi-4-mini", "model.hf_path", str(tmp_path / "hf"))
+    common.check_tokenizer_matches_start(mini, str(tmp_path / "mini"), "model.hf_path", str(tmp_path / "hf"))
   assert "12 token(s) renamed or added" in caplog.text and "another chat template" in caplog.text
+  with pytest.raises(ValueError, match=r"is of the 'phi-4-mini' token family"):  # built tiny: of another family
+    common.check_tokenizer_matches_start(mini, "tiny:phi-4-mini", "model.hf_path", str(tmp_path / "hf"))
   # A run's workdir: its built tokenizer (W/tokenizer), or the directory its config.gin names.
   run = tmp_path / "run"
   build_tiny_tokenizer(run / "tokenizer", chat_format="phi-4")

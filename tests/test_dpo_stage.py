@@ -3,6 +3,7 @@
 
 import functools
 import json
+import logging
 import os
 import shutil
 import sys
@@ -197,7 +198,7 @@ def test_too_long_pairs_are_dropped_or_lose_prompt_tokens_and_are_counted(setup,
       caplog.text)
   assert stats["records_read"] == 3 and stats["records_used"] == 1 and stats["too_long_dropped"] == 2
   assert batch["chosen_segment_ids"][1:].sum() == 0
-  assert caplog.text.count("long.jsonl: a record was longer than seq_len, dropped") == 1  # the first of two
+  assert caplog.text.count("long.jsonl:1) was longer than seq_len, dropped") == 1  # the first of two
 
   # Repeating pairs that are all too long: an error at the first batch, not an endless read.
   with pytest.raises(DataError, match=r"long.jsonl: no usable records: every record of a whole epoch"):
@@ -567,7 +568,7 @@ def test_a_pair_truncate_prompt_cannot_save_is_named_by_that_rule(setup, caplog)
     next(it)
   assert it.stats()["too_long_dropped"] == 1
   assert "too_long='drop'" not in caplog.text
-  assert "uncuttable.jsonl: a record was a pair whose completion does not fit seq_len" in caplog.text
+  assert "uncuttable.jsonl:2) was a pair whose completion does not fit seq_len" in caplog.text
   assert "too_long='truncate_prompt'" in caplog.text
 
 
@@ -1008,3 +1009,148 @@ def test_a_reference_mode_switch_that_leaves_no_pair_out_resumes(setup, start_ru
   assert _train_dpo(setup, start_run, workdir, setup["path"], 1, **keep_all) == [1]
   assert _train_dpo(setup, start_run, workdir, setup["path"], 2, **keep_all, **{"dpo.reference": "precompute"}) == [
       1, 2]
+
+
+def _split_ids(tokenizer, text):
+  """Ids of `text` one byte-level character each: a segmentation sampling can draw ('Ġ2', '3') that encoding the
+  decoded text gives merged ('Ġ23')."""
+  pieces = "".join(tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"]))
+  return tokenizer.convert_tokens_to_ids(list(pieces))
+
+
+def _sampled_pair(tokenizer, prompt="What is 20 + 3?", chosen=" The answer is 23.", rejected=" 24", **fields):
+  """A pair as experiments/rollouts.py writes it: chosen ended on <|endoftext|>, rejected cut off (no stop token)."""
+  eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+  return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+          "chosen_token_ids": _split_ids(tokenizer, chosen) + [eot],
+          "rejected_token_ids": _split_ids(tokenizer, rejected),
+          "tokenizer_id": preference.tokenizer_id(tokenizer), "sampled_system_prompt": None, **fields}
+
+
+def test_sampled_completion_ids_are_trained_as_they_were_sampled(setup, caplog):
+  """A rollout's text encodes again into other ids than were sampled (split digits merge, an invalid byte decodes to
+  U+FFFD, an <|endoftext|> stop reads as <|im_end|>): its pair trains the sampled ids after the prompt generation
+  was given, masked exactly, unless the ids are another tokenizer's."""
+  tokenizer = setup["tokenizer"]
+  record = _sampled_pair(tokenizer)
+  assert record["chosen_token_ids"][:-1] != tokenizer(record["chosen"], add_special_tokens=False)["input_ids"]
+  pair, bad = preference.validate_pair(record)
+  assert bad is None
+  rows, status = preference.encode_pair(tokenizer, pair, seq_len=SEQ)
+  prompt = chat.render_prompt(tokenizer, record["prompt"])  # what generate_text sampled after
+  for side in preference.SIDES:
+    want = record[f"{side}_token_ids"]
+    length = len(prompt) + len(want)
+    assert status == "used" and list(rows[side]["tokens"][:length]) == prompt + want
+    assert not rows[side]["tokens"][length:].any()
+    assert list(rows[side]["loss_mask"]) == [0] * len(prompt) + [1] * len(want) + [0] * (SEQ - length)
+  # Too long: measured on the sampled ids; truncate_prompt cuts the prompt only.
+  longest = len(prompt) + len(record["chosen_token_ids"])
+  assert preference.encode_pair(tokenizer, pair, seq_len=longest - 3, too_long="drop") == (None, "too long")
+  rows, status = preference.encode_pair(tokenizer, pair, seq_len=longest - 3, too_long="truncate_prompt")
+  assert status == "truncated" and list(rows["chosen"]["tokens"]) == (prompt + record["chosen_token_ids"])[3:]
+  assert rows["chosen"]["loss_mask"].sum() == len(record["chosen_token_ids"])
+  # Another tokenizer's ids: the text is encoded again, as for a pair without ids, and that is said once.
+  other, _ = preference.validate_pair(dict(record, tokenizer_id="100 tokens, vocabulary and template 0123"))
+  with caplog.at_level(logging.WARNING, logger="phi_jax"):
+    for _ in range(2):
+      rows, _ = preference.encode_pair(tokenizer, other, seq_len=SEQ)
+  im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  masked = rows["chosen"]["tokens"][rows["chosen"]["loss_mask"] == 1]
+  assert list(masked) == tokenizer(record["chosen"], add_special_tokens=False)["input_ids"] + [im_end]
+  assert caplog.text.count("100 tokens, vocabulary and template 0123") == 1
+  # Ids that do not decode to the side's text (one of them edited since) are refused.
+  edited, _ = preference.validate_pair(dict(record, chosen=" The answer is 24."))
+  with pytest.raises(ValueError, match=r"'chosen_token_ids' do not decode to 'chosen'"):
+    preference.encode_pair(tokenizer, edited, seq_len=SEQ)
+  for broken, detail in (({"tokenizer_id": None}, "'tokenizer_id' is missing"),
+                         ({"rejected_token_ids": None}, "'rejected_token_ids' is missing"),
+                         ({"chosen_token_ids": [1, "2"]}, "'chosen_token_ids' must be a list of token ids")):
+    assert preference.validate_pair({**record, **broken})[1][1].startswith(detail), broken
+
+
+def test_a_reference_scored_before_sampled_ids_were_trained_is_stale(setup, tmp_path):
+  """Log-probs precomputed on the re-encoded text of a pair that carries its sampled ids (rows before version 3)
+  belong to other ids than the run trains: refused, and precompute mode computes them again. A pair without ids
+  trains the same rows as then, and keeps its file."""
+  tokenizer = setup["tokenizer"]
+  now = preference.reference_settings(tokenizer, seq_len=SEQ, too_long="drop", system_prompt=None)
+  ref = {"ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0, **now, "ref_rows": 2}
+  kwargs = dict(seq_len=SEQ, batch_size=1, seed=0, shuffle=False, num_epochs=1, process_index=0, process_count=1,
+                reference_logps=True)
+  text_only = _write_jsonl(tmp_path / "text.jsonl", [{"prompt": "q", "chosen": " 1", "rejected": " 2", **ref}])
+  assert not preference.holds_old_rows(text_only)
+  next(preference.build_preference_iterator(text_only, tokenizer, **kwargs))
+  sampled = _write_jsonl(tmp_path / "sampled.jsonl", [dict(_sampled_pair(tokenizer), **ref)])
+  assert preference.holds_old_rows(sampled)
+  with pytest.raises(DataError, match=r"reference mismatch: .*rows=2 there \(.*sampled ids.*\), 3 here"):
+    next(preference.build_preference_iterator(sampled, tokenizer, **kwargs))
+  current = _write_jsonl(tmp_path / "current.jsonl", [{**_sampled_pair(tokenizer), **ref, "ref_rows": 3}])
+  assert not preference.holds_old_rows(current)
+  next(preference.build_preference_iterator(current, tokenizer, **kwargs))
+
+
+def test_rollouts_write_the_sampled_ids_and_what_the_prompts_were_rendered_with(setup, tmp_path, monkeypatch):
+  tokenizer = setup["tokenizer"]
+  eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+  def generate_text(params, config, tokenizer_, prompts, rng, sampling, **kwargs):
+    return [{"text": t, "token_ids": _split_ids(tokenizer, t) + [eot], "finished": True, "num_tokens": 0}
+            for t in [" 23", " 24"] * (len(prompts) // 2)]
+
+  monkeypatch.setattr(rollouts, "generate_text", generate_text)
+  problems = _write_jsonl(tmp_path / "p.jsonl", [{"problem": "What is 20 + 3?", "answer": "23"}])
+  out = str(tmp_path / "pairs.jsonl")
+  rollouts.rollout_pairs(None, CONFIG, tokenizer, problems, out, k=2, sampling=rollouts.SamplingConfig(),
+                         system_prompt="Think step by step.", verify_fn=lambda c, g: [x == " 23" for x in c])
+  with open(out) as f:
+    pair, = [json.loads(line) for line in f]
+  assert pair["chosen_token_ids"] == _split_ids(tokenizer, " 23") + [eot]
+  assert pair["rejected_token_ids"] == _split_ids(tokenizer, " 24") + [eot]
+  assert pair["tokenizer_id"] == preference.tokenizer_id(tokenizer)
+  assert pair["sampled_system_prompt"] == "Think step by step."
+
+
+def test_a_dpo_run_under_another_system_prompt_than_its_pairs_were_sampled_with_is_refused(setup, start_run,
+                                                                                           caplog):
+  """Pairs sampled under data.system_prompt='Think step by step.' trained without it: every row would lack the
+  system turn its completions were sampled after. Said per record, or by the summary of a pair file that records
+  none; another policy than the one sampled (off-policy DPO) is logged only."""
+  tokenizer = setup["tokenizer"]
+  system = "Think step by step."
+  sampled = _write_jsonl(setup["tmp"] / "sampled_system.jsonl",
+                         [_sampled_pair(tokenizer, sampled_system_prompt=system)])
+  with pytest.raises(ValueError, match=r"sampled_system.jsonl: its pairs were sampled with data.system_prompt="
+                     r"'Think step by step.', this run renders them with data.system_prompt=None.*set "
+                     r"--gin_param='data.system_prompt=\"Think step by step.\"'"):
+    _train_dpo(setup, start_run, _workdir(setup, "dpo_other_system"), sampled, 1)
+  legacy = _write_jsonl(setup["tmp"] / "legacy_pairs.jsonl", [{"prompt": "q", "chosen": " 1", "rejected": " 2"}])
+  with open(setup["tmp"] / "legacy_pairs.summary.json", "w") as f:
+    json.dump({"pairs_file": legacy, "system_prompt": system, "init_from": "/elsewhere/sft"}, f)
+  with pytest.raises(ValueError, match=r"legacy_pairs.jsonl: its pairs were sampled with data.system_prompt="
+                     r"'Think step by step.' \(legacy_pairs.summary.json\), this run"):
+    _train_dpo(setup, start_run, _workdir(setup, "dpo_other_system_legacy"), legacy, 1)
+  with caplog.at_level(logging.INFO, logger="phi_jax"):
+    common._check_pairs_sampled_as([legacy, sampled], [], system, start_run, "train.init_from")
+  assert f"sampled from /elsewhere/sft, not train.init_from={start_run!r}" in caplog.text
+  # Each record is checked as it is read: a file that mixes prompts is refused at the first other one.
+  mixed = _write_jsonl(setup["tmp"] / "mixed_system.jsonl", [
+      _sampled_pair(tokenizer, sampled_system_prompt=system), _sampled_pair(tokenizer)])
+  it = preference.build_preference_iterator(mixed, tokenizer, seq_len=SEQ, batch_size=2, seed=0, shuffle=False,
+                                            system_prompt=system, process_index=0, process_count=1)
+  with pytest.raises(DataError, match=r"mixed_system.jsonl:2: system prompt mismatch: sampled with "
+                     r"data.system_prompt=None, read with 'Think step by step.'"):
+    next(it)
+
+
+def test_a_problem_whose_prompt_ends_with_an_assistant_message_is_refused(tmp_path):
+  """Generation opens a new assistant turn after such a prompt, while a pair's prompt ending with the assistant's
+  message is a prefix the completion continues: the trained row would not be the one sampled."""
+  conversation = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "Let me think."},
+                  {"role": "assistant", "content": "The answer is \\boxed{5}."}]
+  path = _write_jsonl(tmp_path / "problems.jsonl", [{"messages": conversation[::2]}, {"messages": conversation}])
+  with pytest.raises(DataError, match=r"problems.jsonl:2: prompt ends in an assistant turn: message 1, before the "
+                     r"last assistant turn, is the assistant's"):
+    rollouts.read_problems(path)
+  first = _write_jsonl(tmp_path / "first.jsonl", [{"messages": conversation[::2]}])
+  assert rollouts.read_problems(first) == [{"prompt": conversation[:1], "answer": "5"}]

@@ -633,6 +633,25 @@ def test_eval_refuses_a_tiny_tokenizer_of_another_token_family_than_the_runs(tin
   assert common._tiny_tokenizer_format(str(run / "tokenizer")) == "phi-4"
 
 
+def test_training_refuses_a_tiny_tokenizer_of_another_token_family_than_its_start(tiny_run, tmp_path, caplog):
+  """A next stage (train.init_from, model.hf_path, a resume) is checked as rollouts are: a phi-4 run trained on with
+  a phi-4-mini tiny tokenizer reads every control id as another token, though only a few tokens are renamed."""
+  import re
+  from phi_jax.hf.tokenizer import build_tiny_tokenizer
+
+  run, _ = tiny_run
+  mini = build_tiny_tokenizer(tmp_path / "mini", chat_format="phi-4-mini")
+  with pytest.raises(ValueError, match=rf"data.tokenizer='tiny:phi-4-mini' is of the 'phi-4-mini' token family, but "
+                                       rf"train.init_from='{re.escape(str(run))}' was trained with "
+                                       r"data.tokenizer='tiny:phi-4' \('phi-4' family\).*set "
+                                       r"--gin_param='data.tokenizer=\"tiny:phi-4\"'"):
+    common.check_tokenizer_matches_start(mini, "tiny:phi-4-mini", "train.init_from", str(run))
+  reasoning = build_tiny_tokenizer(tmp_path / "reasoning", chat_format="phi-4-reasoning")
+  with caplog.at_level("WARNING", logger="phi_jax"):  # the same family: a recipe's change of template, logged
+    common.check_tokenizer_matches_start(reasoning, "tiny:phi-4-reasoning", "train.init_from", str(run))
+  assert "another chat template" in caplog.text
+
+
 def test_the_copys_tidy_leaves_folders_of_names_it_does_not_write(tmp_path):
   """Only the names `keep_run_tokenizer` writes (W/tokenizer.tmp<pid>, W/tokenizer.old<pid>) are what a kill left:
   a user's W/tokenizer.old_phi4 or W/tokenizer.old is neither removed nor put in place of the copy."""

@@ -18,7 +18,13 @@ Records written by `phi_jax.stages.dpo.precompute_reference_logps` also carry `r
 (`REFERENCE_SETTINGS`: row length, length rule, system prompt, `tokenizer_id`, `ROWS_VERSION`); with
 `reference_logps=True` the log-probs are required and batched as float32 [B] arrays of the same names, and settings
 other than the reader's are refused, as are log-probs recording none of them (no `ref_seq_len`, which every file
-written here records): TRL's columns of those names, say, were scored on its own rows. Other keys are ignored.
+written here records): TRL's columns of those names, say, were scored on its own rows. Records written by
+experiments/rollouts.py also carry each side's sampled completion ids (`chosen_token_ids`, `rejected_token_ids`),
+the `tokenizer_id` they are of and the system prompt they were sampled after (`sampled_system_prompt`): where that
+tokenizer is the reader's, a side's row is the prompt as generation was given it (`render_prompt`) followed by
+exactly those ids, all of them masked (text decoded and encoded again gives other ids); with another tokenizer the
+text is encoded, as for a record without ids, and that is warned of once; a reader of another system prompt refuses
+the record. Other keys are ignored.
 Prompt messages keep their other string-valued keys (Phi-4-mini's system `tools`), which the chat template may
 render, as `phi_jax.data.sources.clean_message` says.
 
@@ -52,7 +58,7 @@ from typing import Any, Optional
 import grain
 import numpy as np
 
-from phi_jax.data.chat import ROLES, render_messages
+from phi_jax.data.chat import ROLES, render_messages, render_prompt
 from phi_jax.data.pipeline import whole_epochs
 from phi_jax.data.sources import (BAD_RECORD_REASONS, ChatTokenizerError, DataError, SkipStreak, SkipWarning,
                                   clean_message, open_source, tokenization_errors, warn_dropped_keys)
@@ -65,8 +71,11 @@ BATCH_FIELDS = tuple(f"{side}_{field}" for side in SIDES for field in ROW_FIELDS
 # The settings a precomputed reference file was computed under, checked against the reading run's.
 REFERENCE_SETTINGS = ("ref_seq_len", "ref_too_long", "ref_system_prompt", "ref_tokenizer", "ref_rows")
 # How rows are rendered, where that changed: from 2 a continuation pair's row ends with its completion; in files
-# written before (no "ref_rows"), its reference log-prob also holds the end-of-turn token's.
-ROWS_VERSION = 2
+# written before (no "ref_rows"), its reference log-prob also holds the end-of-turn token's. From 3 a pair carrying
+# its sampled completion ids (`SAMPLED_IDS`) trains those ids, where it was scored on its text encoded again before.
+ROWS_VERSION = 3
+# The completion ids experiments/rollouts.py sampled, with the `tokenizer_id` of the tokenizer they belong to.
+SAMPLED_IDS = ("chosen_token_ids", "rejected_token_ids")
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 # The setting every file `precompute_reference_logps` wrote records (the first ones, it alone): log-probs without it
 # were scored elsewhere, on rows that cannot be compared with this run's.
@@ -86,9 +95,9 @@ def validate_pair(data: Any, *, reference_logps: bool = False, where: Optional[s
                   ) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
   """(normalised record, None) or (None, (reason, detail)) with a reason from `BAD_RECORD_REASONS`.
 
-  The normalised record is `{"messages": prompt messages, "chosen": str, "rejected": str}` plus the reference fields
-  (and `ref_seq_len` when present) with `reference_logps`. `where` names the record in the warning about message keys
-  that are dropped (`prompt_messages`).
+  The normalised record is `{"messages": prompt messages, "chosen": str, "rejected": str}` plus the sampling fields
+  it holds (`_sampled_fields`), and the reference fields (and `ref_seq_len` when present) with `reference_logps`.
+  `where` names the record in the warning about message keys that are dropped (`prompt_messages`).
   """
   if not isinstance(data, dict):
     return None, ("not an object", f"got {type(data).__name__}; a pair is a JSON object "
@@ -111,7 +120,10 @@ def validate_pair(data: Any, *, reference_logps: bool = False, where: Optional[s
   messages, bad = prompt_messages(data["prompt"], where=where)
   if bad is not None:
     return None, bad
-  record = {"messages": messages, "chosen": data["chosen"], "rejected": data["rejected"]}
+  sampled, bad = _sampled_fields(data)
+  if bad is not None:
+    return None, bad
+  record = {"messages": messages, "chosen": data["chosen"], "rejected": data["rejected"], **sampled}
   if reference_logps:
     for key in REFERENCE_FIELDS:
       if data.get(key) is None:
@@ -125,6 +137,35 @@ def validate_pair(data: Any, *, reference_logps: bool = False, where: Optional[s
       if key in data:
         record[key] = data[key]
   return record, None
+
+
+def _sampled_fields(data: dict) -> tuple[dict, Optional[tuple[str, str]]]:
+  """What a pair written by experiments/rollouts.py records of its sampling: the completion ids (`SAMPLED_IDS`) with
+  the `tokenizer_id` they are of, all three or none, and the system prompt (`sampled_system_prompt`, null for none);
+  ({fields present}, None) or ({}, (reason, detail))."""
+  out = {}
+  if "sampled_system_prompt" in data:
+    value = data["sampled_system_prompt"]
+    if value is not None and not isinstance(value, str):
+      return {}, ("mistyped field", f"'sampled_system_prompt' is {type(value).__name__}, expected str or null")
+    out["sampled_system_prompt"] = value
+  if all(data.get(key) is None for key in SAMPLED_IDS):
+    return out, None
+  for key in SAMPLED_IDS + ("tokenizer_id",):
+    if data.get(key) is None:
+      return {}, ("missing field", f"'{key}' is missing: sampled completion ids come with {', '.join(SAMPLED_IDS)} "
+                  "and 'tokenizer_id' together; remove the ids to train on the text")
+  for key in SAMPLED_IDS:
+    ids = data[key]
+    if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                  for t in ids)):
+      return {}, ("mistyped field", f"'{key}' must be a list of token ids (integers >= 0), at least one; remove "
+                  "the ids to train on the text")
+    out[key] = ids
+  if not isinstance(data["tokenizer_id"], str):
+    return {}, ("mistyped field", f"'tokenizer_id' is {type(data['tokenizer_id']).__name__}, expected str")
+  out["tokenizer_id"] = data["tokenizer_id"]
+  return out, None
 
 
 def _from_conversations(data: dict) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
@@ -259,7 +300,7 @@ def encode_pair(tokenizer, record: dict, *, seq_len: int, too_long: str = "drop"
   (prompt cut from the left) or "too long" (rows None). Raises ValueError when the template cannot be masked."""
   if too_long not in TOO_LONG:
     raise ValueError(f"too_long={too_long!r}; expected one of {TOO_LONG}")
-  encoded = {side: _render_side(tokenizer, record["messages"], record[side], system_prompt) for side in SIDES}
+  encoded = {side: _encode_side(tokenizer, record, side, system_prompt) for side in SIDES}
   cut = max(0, max(len(ids) for ids, _, _ in encoded.values()) - seq_len)
   status = "used"
   if cut:
@@ -280,6 +321,65 @@ def encode_pair(tokenizer, record: dict, *, seq_len: int, too_long: str = "drop"
   return rows, status
 
 
+def _encode_side(tokenizer, record: dict, side: str, system_prompt: Optional[str]
+                 ) -> tuple[list[int], list[int], int]:
+  """`_render_side`'s (ids, mask, start) of one side; for sampled ids of this tokenizer, the prompt as generation
+  was given it (`render_prompt`: the chat template with the header opening the assistant turn) followed by exactly
+  the ids sampled, the stop token included where it ended on one: decoding and encoding again would train other
+  ids (split digits merged, an invalid byte as U+FFFD, <|endoftext|> as the end-of-turn token)."""
+  ids = _sampled_ids(tokenizer, record, side)
+  if ids is None:
+    return _render_side(tokenizer, record["messages"], record[side], system_prompt)
+  prompt = render_prompt(tokenizer, record["messages"], system_prompt=system_prompt)
+  return prompt + ids, [0] * len(prompt) + [1] * len(ids), len(prompt)
+
+
+def _sampled_ids(tokenizer, record: dict, side: str) -> Optional[list[int]]:
+  """The side's sampled completion ids where the record holds them and they are `tokenizer`'s; None otherwise (the
+  text is encoded). Raises ValueError where they are not what the side's text was decoded from."""
+  key = f"{side}_token_ids"
+  if key not in record:
+    return None
+  here = _cached_tokenizer_id(tokenizer)
+  if record["tokenizer_id"] != here:
+    if _first_other_tokenizer(record["tokenizer_id"], here):
+      log.warning("pairs carry completion ids sampled with another tokenizer (%s; this one: %s): their completions "
+                  "are encoded again from the text, which can give other ids than were sampled; train with the "
+                  "tokenizer the rollouts used (data.tokenizer) to train the sampled ids", record["tokenizer_id"], here)
+    return None
+  ids = record[key]
+  # The sampler decodes without the stop token where the rollout ended on one.
+  if record[side] not in (tokenizer.decode(ids, skip_special_tokens=False),
+                          tokenizer.decode(ids[:-1], skip_special_tokens=False)):
+    raise ValueError(f"'{key}' do not decode to '{side}' (the text was changed after sampling?): "
+                     f"{tokenizer.decode(ids, skip_special_tokens=False)[:60]!r} against {record[side][:60]!r}; "
+                     "remove both sides' ids and 'tokenizer_id' to train on the text")
+  return ids
+
+
+_TOKENIZER_IDS: dict[int, tuple[Any, int, Any, str]] = {}
+_OTHER_TOKENIZERS: set[tuple[str, str]] = set()
+
+
+def _cached_tokenizer_id(tokenizer) -> str:
+  """`tokenizer_id`, computed once per tokenizer object (again where its size or template changed): hashing a real
+  vocabulary per pair would cost more than encoding it."""
+  key = id(tokenizer)
+  cached = _TOKENIZER_IDS.get(key)
+  if cached is None or cached[0] is not tokenizer or cached[1:3] != (len(tokenizer), tokenizer.chat_template):
+    cached = (tokenizer, len(tokenizer), tokenizer.chat_template, tokenizer_id(tokenizer))
+    _TOKENIZER_IDS[key] = cached
+  return cached[3]
+
+
+def _first_other_tokenizer(theirs: str, here: str) -> bool:
+  """Whether this is the first pair of ids of tokenizer `theirs` read with tokenizer `here` (warned of once)."""
+  if (theirs, here) in _OTHER_TOKENIZERS:
+    return False
+  _OTHER_TOKENIZERS.add((theirs, here))
+  return True
+
+
 def tokenizer_id(tokenizer) -> str:
   """The tokenizer's size and a digest of its vocabulary and chat template: two tokenizers of one size (the tiny
   "phi-4" and "phi-4-mini" ones) still render a pair into other ids."""
@@ -287,10 +387,19 @@ def tokenizer_id(tokenizer) -> str:
   return f"{len(tokenizer)} tokens, vocabulary and template {hashlib.sha256(content.encode()).hexdigest()[:16]}"
 
 
-def _continued_on_old_rows(record: dict) -> bool:
-  """A continuation pair (prompt ending with the assistant's message) whose reference was scored on rows before
-  `ROWS_VERSION` 2, which went on to an end-of-turn token."""
-  return "ref_rows" not in record and bool(record["messages"]) and record["messages"][-1]["role"] == "assistant"
+def _old_rows(record: dict) -> Optional[str]:
+  """How the rows a precomputed reference scored for `record` (its "ref_rows" version, 1 where it records none)
+  differ from those this `ROWS_VERSION` trains; None where they are the same. A continuation pair (prompt ending
+  with the assistant's message) went on to an end-of-turn token before version 2; a pair carrying its sampled ids
+  was scored on its text encoded again before version 3. Other pairs' rows are as they were."""
+  rows = record.get("ref_rows", 1)
+  if not isinstance(rows, int) or rows > ROWS_VERSION:
+    return f"rows={rows!r} there (not a version this phi_jax writes), {ROWS_VERSION} here"
+  if rows < 2 and record["messages"] and record["messages"][-1]["role"] == "assistant":
+    return f"rows={rows} there (a continuation's row went on to an end-of-turn token), {ROWS_VERSION} here"
+  if rows < 3 and any(key in record for key in SAMPLED_IDS):
+    return f"rows={rows} there (completions encoded again from their text, not their sampled ids), {ROWS_VERSION} here"
+  return None
 
 
 def holds_old_rows(path: str) -> bool:
@@ -299,7 +408,7 @@ def holds_old_rows(path: str) -> bool:
   for index in range(len(source)):
     raw = source[index]
     record, bad = (None, True) if raw["error"] is not None else validate_pair(raw["data"], reference_logps=True)
-    if bad is None and _continued_on_old_rows(record):
+    if bad is None and _old_rows(record) is not None:
       return True
   return False
 
@@ -322,9 +431,14 @@ def _prepare(raw: dict[str, Any], *, tokenizer, seq_len: int, too_long: str, sys
   if bad is None and reference_logps and RECORDED_ALWAYS not in record:
     raise DataError(raw["where"], "reference unchecked", UNRECORDED_REFERENCE)
   differ = [f"{key[len('ref_'):]}={record[key]!r} there, {now[key]!r} here" for key in REFERENCE_SETTINGS
-            if bad is None and reference_logps and key in record and record[key] != now[key]]
-  if bad is None and reference_logps and _continued_on_old_rows(record):
-    differ.append(f"rows=1 there (a continuation's row went on to an end-of-turn token), {ROWS_VERSION} here")
+            if bad is None and reference_logps and key in record and key != "ref_rows" and record[key] != now[key]]
+  if bad is None and reference_logps and (rows := _old_rows(record)) is not None:
+    differ.append(rows)
+  if bad is None and record.get("sampled_system_prompt", system_prompt) != system_prompt:
+    sampled = record["sampled_system_prompt"]
+    raise DataError(raw["where"], "system prompt mismatch", f"sampled with data.system_prompt={sampled!r}, read with "
+                    f"{system_prompt!r}: its completions answer the prompt with the system turn they were sampled "
+                    f"after; set data.system_prompt={sampled!r} (the reader's system_prompt)")
   if differ:  # the reference scored other rows than this run trains on: its log-probs belong to those
     raise DataError(raw["where"], "reference mismatch", f"reference log-probs were computed with {'; '.join(differ)}; "
                     "recompute them with phi_jax.stages.dpo.precompute_reference_logps (experiments/train.py does "
