@@ -1701,8 +1701,8 @@ def _reference_is_current(out_file: str, made_with: dict, digest_now) -> Optiona
   changed = {k: (saved.get(k, _NOT_RECORDED), current.get(k)) for k in sorted(set(saved) | set(current))
              if k != "reference_digest" and saved.get(k, _NOT_RECORDED) != current.get(k)}
   from phi_jax.data import preference  # pylint: disable=import-outside-toplevel
-  if preference.holds_old_rows(out_file):  # continuation pairs scored with an end-of-turn token they no longer have
-    changed["rows"] = (1, preference.ROWS_VERSION)
+  if preference.holds_old_rows(out_file):  # pairs scored on rows (`preference._old_rows`) they no longer train
+    changed["rows"] = ("older", preference.ROWS_VERSION)
   # Where only names changed (the params saved again, copied or moved, a path spelled another way, the tokenizer's
   # path), the contents decide: the params' digest, and `tokenizer_id` (compared as a setting of its own).
   if changed and set(changed) <= {"reference_files", "reference_params", "tokenizer"} and (

@@ -411,7 +411,7 @@ def test_a_reference_file_of_continuations_scored_on_older_rows_is_computed_agai
       json.dump(made_with, f)
     assert preference.holds_old_rows(out) == stale
     assert common._reference_is_current(out, made_with, lambda: None) == (
-        {"rows": (1, preference.ROWS_VERSION)} if stale else {}), name
+        {"rows": ("older", preference.ROWS_VERSION)} if stale else {}), name
   assert "computed under other settings (rows changed" in caplog.text
 
 

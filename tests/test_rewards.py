@@ -1772,7 +1772,13 @@ def test_worker_killed_mid_task_is_replaced(pool):
       time.sleep(0.01)
   # The replacements verify again; a generous limit, as their first answer may meet a loaded machine (the suite's
   # other worker compiling) and this checks the pool's recovery, not its speed.
-  assert rewards.verify_batch(["\\boxed{x + 1}"], ["1 + x"], timeout_s=60.0) == [True]
+  started = time.perf_counter()
+  verdict = rewards.verify_batch(["\\boxed{x + 1}"], ["1 + x"], timeout_s=60.0)
+  if verdict != [True]:  # still a failure; a second answer tells a one-off from a pool left broken
+    took = time.perf_counter() - started
+    again = rewards.verify_batch(["\\boxed{x + 1}"], ["1 + x"], timeout_s=60.0)
+    pytest.fail(f"the first answer after the kill scored {verdict} in {took:.1f} s, a second one {again}; workers "
+                f"{pool.worker_pids()} (killed {victims})")
   assert not set(victims) & set(pool.worker_pids()) and len(pool.worker_pids()) == pool.num_workers
 
 
