@@ -839,13 +839,15 @@ def warn_if_stage_settings_changed(stage: str, record: dict, settings: dict, wor
     now = settings.get(key, []) if key == "stage_params" else settings["stage_bindings"].get(stage, [])
     if now != record.get(key, now if key == "stage_bindings" else []):
       log.warning("%s is not trained again, so its %s %s do not apply to it (it was trained with %s; delete %s "
-                  "to retrain it with them)", stage, where, now, record.get(key), stage_dir)
+                  "and the stage directories after it to retrain it with them: a later stage trained from the old "
+                  "%s is refused)", stage, where, now, record.get(key), stage_dir, stage)
       warned = True
   changes = [] if warned else stage_config_changes(settings, workdir, stage, init_from)
   if changes:
     log.warning("%s is not trained again, so the settings %s/%s.gin and the recipe's bindings give it now do not "
-                "apply to it: %s (its config.gin holds those it was trained with; delete %s to retrain it with "
-                "them)", stage, settings["config_dir"], stage, "; ".join(changes), stage_dir)
+                "apply to it: %s (its config.gin holds those it was trained with; delete %s and the stage "
+                "directories after it to retrain it with them: a later stage trained from the old %s is refused)",
+                stage, settings["config_dir"], stage, "; ".join(changes), stage_dir, stage)
 
 
 def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) -> dict:
