@@ -699,6 +699,22 @@ def check_lineage(stage: str, record: dict, parent: Optional[dict], workdir: str
         "and reference log-probs descend from it too), to train them again, or use a fresh --workdir")
 
 
+def check_no_finished_stage_after_one_to_train(workdir: str, stages) -> None:
+  """Refuses, before anything trains, a finished stage after one that will train (its directory deleted to retrain
+  it): the stage would train, and the finished one after it would then be refused as another lineage's."""
+  to_train = None
+  for stage in stages:
+    finished = os.path.exists(os.path.join(workdir, stage, "recipe_stage.json"))
+    if not finished and to_train is None:
+      to_train = stage
+    elif finished and to_train is not None:
+      raise ValueError(
+          f"{stage} in {os.path.join(workdir, stage)} is finished, but {to_train}, a stage before it, is not and "
+          f"would train now: {stage} would then be refused as trained from an earlier training of {to_train}. "
+          f"Delete {os.path.join(workdir, stage)} and the stage directories after it to train them again from the "
+          f"new {to_train}, or restore {os.path.join(workdir, to_train)}")
+
+
 def check_fresh_workdir(workdir: str, settings: dict) -> None:
   """What --fresh checks before it deletes `workdir`: that it is a recipe's workdir (or empty), not a train.py run
   or a parent directory given by mistake, and that the task data can be made with these settings (a count the
@@ -855,6 +871,7 @@ def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) 
   started = time.time()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  check_no_finished_stage_after_one_to_train(workdir, settings["stages"])
   manifest = prepare_data(workdir, settings)
   check_token_budgets(workdir, manifest, settings, eval_cfg, rollout_cfg)
   problems = rollouts.read_problems(os.path.join(workdir, "data", f"{settings['eval_split']}.jsonl"))

@@ -159,6 +159,22 @@ def test_a_finished_stage_of_another_lineage_is_refused_not_reused(tmp_path):
     recipe.check_lineage("sft", old, midtrain, str(tmp_path))
 
 
+def test_a_finished_stage_after_one_that_would_train_is_refused_before_anything_trains(tmp_path):
+  """A stage's directory deleted to retrain it (as a finished stage's changed settings advise) trained it, and then
+  the finished stage after it was refused as another lineage's, hours later on the real recipe."""
+  for stage in ("base", "sft", "dpo"):
+    (tmp_path / stage).mkdir()
+    (tmp_path / stage / "recipe_stage.json").write_text("{}")
+  stages = ["base", "midtrain", "sft", "dpo", "grpo"]  # midtrain inserted (or deleted); grpo not yet trained
+  with pytest.raises(ValueError, match=r"sft in .*/sft is finished, but midtrain, a stage before it, is not and would "
+                     r"train now.*Delete .*/sft and the stage directories after it"):
+    recipe.check_no_finished_stage_after_one_to_train(str(tmp_path), stages)
+  recipe.check_no_finished_stage_after_one_to_train(str(tmp_path), ["base", "sft", "dpo", "grpo"])  # resumes
+  (tmp_path / "sft" / "recipe_stage.json").unlink()  # sft to retrain, dpo after it finished
+  with pytest.raises(ValueError, match=r"dpo in .* is finished, but sft"):
+    recipe.check_no_finished_stage_after_one_to_train(str(tmp_path), ["base", "sft", "dpo"])
+
+
 def test_an_interrupted_stage_started_from_another_parent_is_refused_not_resumed(monkeypatch, tmp_path):
   """DPO interrupted, then SFT deleted and trained again: the rerun resumed DPO's checkpoint and reused its pairs and
   reference log-probs, all made from the earlier SFT, and named the new SFT as the finished DPO's parent."""
