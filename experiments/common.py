@@ -975,8 +975,10 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
   if start is None:
     return
   where, theirs = start
-  if spec.startswith("tiny:"):  # the tiny families differ by a few renamed tokens: the vocabularies cannot tell
-    check_token_family(spec, _tiny_tokenizer_format(where), f"{name}={source!r}", "To train on from it,")
+  # The tiny families differ by a few renamed tokens, which the vocabulary comparison below only logs.
+  ours_format = (tiny_chat_format(spec) if spec.startswith("tiny:") else
+                 _tiny_tokenizer_format(spec) if os.path.isdir(spec) else None)  # a recipe's is a directory
+  check_token_family(spec, ours_format, _tiny_tokenizer_format(where), f"{name}={source!r}", "To train on from it,")
   ours, their_vocab = tokenizer.get_vocab(), theirs.get_vocab()
   differ = sorted(t for t in set(ours) | set(their_vocab) if ours.get(t) != their_vocab.get(t))
   use_start = _use_start_hint(spec, name, where)
@@ -1005,15 +1007,19 @@ def check_tokenizer_matches_start(tokenizer, spec: str, name: str, source: str) 
                 "; another chat template" if tokenizer.chat_template != theirs.chat_template else "")
 
 
-def check_token_family(spec: str, trained: Optional[str], starting_point: str, purpose: str) -> None:
-  """Refuses a "tiny:" data.tokenizer `spec` of another token family than the tiny chat format `trained` that
-  `starting_point` (e.g. "train.init_from='runs/sft'") was trained with. The families number their control tokens in
-  the same slots, so comparing the two vocabularies finds a few renamed tokens only, while every control id would be
-  read as another token. `trained` None (no tokenizer) or "unknown" (no tiny one) is left to the vocabulary
-  comparison of `check_tokenizer_matches_start`. `purpose` starts the advice ("To eval, roll out or export it,")."""
+def check_token_family(spec: str, ours: Optional[str], trained: Optional[str], starting_point: str,
+                       purpose: str) -> None:
+  """Refuses a tiny data.tokenizer `spec` (of the tiny chat format `ours`: "tiny:<format>", or a directory holding a
+  tiny tokenizer) of another token family than the tiny chat format `trained` that `starting_point` (e.g.
+  "train.init_from='runs/sft'") was trained with. The families number their control tokens in the same slots, so
+  comparing the two vocabularies finds a few renamed tokens only, while every control id would be read as another
+  token. `ours` or `trained` None (no tokenizer) or "unknown" (no tiny one) is left to the vocabulary comparison of
+  `check_tokenizer_matches_start`. `purpose` starts the advice ("To eval, roll out or export it,")."""
   from phi_jax.hf.tokenizer import CHAT_FORMAT_FAMILY  # pylint: disable=import-outside-toplevel
-  family = CHAT_FORMAT_FAMILY[tiny_chat_format(spec)]
-  if trained in (None, "unknown") or CHAT_FORMAT_FAMILY[trained] == family:
+  if ours in (None, "unknown") or trained in (None, "unknown"):
+    return
+  family = CHAT_FORMAT_FAMILY[ours]
+  if CHAT_FORMAT_FAMILY[trained] == family:
     return
   same = sorted(name for name, of in CHAT_FORMAT_FAMILY.items() if of == CHAT_FORMAT_FAMILY[trained])
   raise ValueError(f"data.tokenizer={spec!r} is of the {family!r} token family, but {starting_point} was trained "
@@ -1493,9 +1499,13 @@ def _rollout_summary(pairs_file: str) -> dict:
 
 
 def _first_record(path: str) -> Any:
-  """The first record of the pair file `path`, None where it cannot be read (the reader names why)."""
-  source = sources_lib.open_source(path)
-  raw = source[0] if len(source) else {"error": True}
+  """The first record of the pair file (or save_to_disk directory) `path`, None where it cannot be read (the pair
+  reader names why)."""
+  try:
+    source = sources_lib.open_source(path)
+    raw = source[0] if len(source) else {"error": True}
+  except (OSError, ValueError):
+    return None
   return raw["data"] if raw["error"] is None else None
 
 
@@ -1506,7 +1516,8 @@ def _check_pairs_sampled_as(train_files: Sequence[str], eval_files: Sequence[str
   file's first record ("sampled_system_prompt"; the reader checks every record), else from its summary (pair files
   written before records held it). Rollouts of another policy than `start` (off-policy DPO) are logged."""
   for pattern in [*train_files, *eval_files]:
-    for path, _ in file_sizes([pattern]):
+    # A save_to_disk directory is one source (its .arrow files are no pair files of their own).
+    for path in [pattern] if os.path.isdir(pattern) else sources_lib.expand_paths(pattern):
       summary, first = _rollout_summary(path), _first_record(path)
       if isinstance(first, dict) and "sampled_system_prompt" in first:
         sampled, told = first["sampled_system_prompt"], ""
@@ -2186,7 +2197,8 @@ def reward_settings(weights: Optional[dict] = None, length_aware_max_tokens: Opt
   for name, weight in weights.items():
     if not _is_number(weight):
       raise ValueError(f"reward.weights[{name!r}]={weight!r} must be a number (the reward's weight in the sum)")
-  if length_aware_max_tokens is not None and "length_aware" not in weights:
+  if length_aware_max_tokens is not None and not any(
+      isinstance(registry.get_reward(name), registry.LengthAwareReward) for name in weights):
     raise ValueError(f"reward.length_aware_max_tokens={length_aware_max_tokens} scales the 'length_aware' reward, "
                      f"which reward.weights={weights} does not use: add it to the weights, or remove the binding")
   if settings is not None and not isinstance(settings, dict):
@@ -2225,8 +2237,11 @@ def with_settings(fn, name: str, overrides):
     if not _is_number(value) or not math.isfinite(value) or (whole and value != int(value)):
       kind = "a whole number" if whole else "a finite number"
       raise ValueError(f"reward.settings[{name!r}][{key!r}]={value!r} must be {kind}")
-  changed = dataclasses.replace(target, **{key: int(value) if isinstance(settable[key], numbers.Integral) else
-                                           float(value) for key, value in overrides.items()})
+  try:
+    changed = dataclasses.replace(target, **{key: int(value) if isinstance(settable[key], numbers.Integral) else
+                                             float(value) for key, value in overrides.items()})
+  except ValueError as e:  # the reward's own check of its constants together
+    raise ValueError(f"reward.settings[{name!r}]={overrides!r}: {e}") from None
   return registry.LengthAwareReward(changed) if is_length_aware else changed
 
 
@@ -2280,8 +2295,8 @@ def check_data_settings(stage: str, data_cfg: dict, loop) -> None:
   if stage == "next_token" and data_cfg["too_long"] not in packing_lib.TOO_LONG:
     raise ValueError(f"data.too_long={data_cfg['too_long']!r}; expected one of {packing_lib.TOO_LONG} for a "
                      "next-token stage")
-  if stage == "grpo":
-    length_aware_scale(reward_settings(), grpo())  # reward_settings makes its own checks
+  if stage == "grpo":  # the reward as the stage builds it: its settings' checks and the length-aware scaling
+    grpo_reward(reward_settings(), grpo())
   if stage == "grpo" and data_cfg["eval_files"]:
     raise ValueError("data.eval_files is not read by a GRPO run (it has no eval loss); score held-out problems with "
                      "experiments/eval.py, and remove the binding")

@@ -368,7 +368,8 @@ def run_tokenizer(spec: str, workdir: str):
     chat_format = common.tiny_chat_format(spec)
     trained = common._tiny_tokenizer_format(copy)  # pylint: disable=protected-access
     if trained not in (None, chat_format):
-      common.check_token_family(spec, trained, f"the run in {workdir}", "To eval, roll out or export it,")
+      common.check_token_family(spec, chat_format, trained, f"the run in {workdir}",
+                                "To eval, roll out or export it,")
       with tempfile.TemporaryDirectory() as tmp:
         build_tiny_tokenizer(tmp, chat_format=chat_format)
         return load_tokenizer(tmp)

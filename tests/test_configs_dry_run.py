@@ -175,6 +175,12 @@ def test_loss_settings_are_one_knob_for_every_stage():
   with pytest.raises(ValueError, match=r"reward.length_aware_max_tokens=512 scales the 'length_aware' reward, which "
                                        r"reward.weights=\{'correctness': 1.0\} does not use"):
     dry_run(grpo, ["reward.length_aware_max_tokens=512"])
+  # Constants the run's budget cannot hold are refused by the dry run, not when the GRPO stage starts.
+  with pytest.raises(ValueError, match=r"cannot be scaled to a response budget of .* or lower l_pos_control=31700"):
+    dry_run(grpo, ['reward.weights={"length_aware": 1.0}',
+                   'reward.settings={"length_aware": {"l_pos_control": 31700}}'])
+  with pytest.raises(ValueError, match=r"reward.settings\['length_aware'\]=\{'l_max': 4096\}: need 0 <= l_pos_control"):
+    dry_run(grpo, ['reward.weights={"length_aware": 1.0}', 'reward.settings={"length_aware": {"l_max": 4096}}'])
   # Scaled beyond the longest rollout, the reward never pushes for shorter answers within it.
   with pytest.raises(ValueError, match=r"reward.length_aware_max_tokens=32768 is more than grpo.max_new_tokens=16384"):
     dry_run(os.path.join("experiments", "configs", "phi4_reasoning", "grpo_plus.gin"),
@@ -649,10 +655,15 @@ def test_a_tokenizer_other_than_the_starting_point_s_is_refused(tmp_path, caplog
   with caplog.at_level(logging.WARNING, logger="phi_jax"):
     common.check_tokenizer_matches_start(phi4, "tiny:phi-4", "model.hf_path", str(tmp_path / "hf"))
     assert not caplog.text
-    common.check_tokenizer_matches_start(mini, str(tmp_path / "mini"), "model.hf_path", str(tmp_path / "hf"))
-  assert "12 token(s) renamed or added" in caplog.text and "another chat template" in caplog.text
+    reasoning = build_tiny_tokenizer(tmp_path / "reasoning", chat_format="phi-4-reasoning")  # the same family
+    common.check_tokenizer_matches_start(reasoning, str(tmp_path / "reasoning"), "model.hf_path", str(tmp_path / "hf"))
+  assert "another chat template" in caplog.text
   with pytest.raises(ValueError, match=r"is of the 'phi-4-mini' token family"):  # built tiny: of another family
     common.check_tokenizer_matches_start(mini, "tiny:phi-4-mini", "model.hf_path", str(tmp_path / "hf"))
+  hf_run = tmp_path / "hf_run"  # the same as a recipe gives it: a directory holding a tiny tokenizer
+  build_tiny_tokenizer(hf_run / "tokenizer", chat_format="phi-4")
+  with pytest.raises(ValueError, match=r"is of the 'phi-4-mini' token family"):
+    common.check_tokenizer_matches_start(mini, str(tmp_path / "mini"), "train.init_from", str(hf_run))
   # A run's workdir: its built tokenizer (W/tokenizer), or the directory its config.gin names.
   run = tmp_path / "run"
   build_tiny_tokenizer(run / "tokenizer", chat_format="phi-4")

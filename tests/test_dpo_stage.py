@@ -1143,6 +1143,18 @@ def test_a_dpo_run_under_another_system_prompt_than_its_pairs_were_sampled_with_
     next(it)
 
 
+def test_pairs_in_a_save_to_disk_directory_are_checked_as_one_source(tmp_path):
+  """The sampling check read each .arrow file of a save_to_disk directory as a pair file of its own, which the
+  reader refuses ("unknown file type"): a DPO run on such pairs failed at setup."""
+  datasets = pytest.importorskip("datasets")
+  rows = [{"prompt": f"What is {i} + 3?", "chosen": str(i + 3), "rejected": str(i + 4),
+           "sampled_system_prompt": "Be brief."} for i in range(4)]
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "pairs"))
+  common._check_pairs_sampled_as([str(tmp_path / "pairs")], [], "Be brief.", None, "train.init_from")
+  with pytest.raises(ValueError, match=r"pairs: its pairs were sampled with data.system_prompt='Be brief.'"):
+    common._check_pairs_sampled_as([str(tmp_path / "pairs")], [], None, None, "train.init_from")
+
+
 def test_a_problem_whose_prompt_ends_with_an_assistant_message_is_refused(tmp_path):
   """Generation opens a new assistant turn after such a prompt, while a pair's prompt ending with the assistant's
   message is a prefix the completion continues: the trained row would not be the one sampled."""

@@ -703,6 +703,20 @@ def test_the_length_aware_reward_registered_by_a_module_is_the_one_trained(monke
   assert _wrong_answer_reward(halved, 250) < floor - 0.05
 
 
+def test_length_aware_max_tokens_scales_a_length_aware_reward_of_any_name(monkeypatch):
+  """A LengthAwareReward registered under a name of its own is scaled like "length_aware"; the budget binding that
+  scales it was refused as unused."""
+  import common  # pylint: disable=import-outside-toplevel
+  from phi_jax.rewards import registry
+
+  monkeypatch.setitem(registry.REWARDS, "la_short", registry.LengthAwareReward())
+  settings = common.reward_settings(weights={"la_short": 1.0}, length_aware_max_tokens=64)
+  reward = common.grpo_reward(settings, grpo.GRPOConfig(max_new_tokens=128))
+  assert reward.terms[0][0].config.l_max == 64
+  with pytest.raises(ValueError, match=r"length_aware_max_tokens=64 scales the 'length_aware' reward"):
+    common.reward_settings(weights={"correctness": 1.0}, length_aware_max_tokens=64)
+
+
 def test_reward_settings_change_a_reward_s_constants():
   """reward.settings = {"length_aware": {...}} sets the constants PHI4_FACTS asks to keep as settings (at the scale
   of l_max, scaled to the run's budget), and {"repetition": {...}} the repetition penalty's n-gram size."""
