@@ -2344,9 +2344,16 @@ def grpo_reward(reward_cfg: dict, cfg: GRPOConfig):
   from phi_jax.rewards import registry  # pylint: disable=import-outside-toplevel
   terms = []
   for name, weight in reward_cfg["weights"].items():
-    fn = with_settings(registry.get_reward(name), name, (reward_cfg.get("settings") or {}).get(name))
+    overrides = (reward_cfg.get("settings") or {}).get(name) or {}
+    fn = with_settings(registry.get_reward(name), name, overrides)
     if isinstance(fn, registry.LengthAwareReward):  # the registered one's constants (a module's own included)
-      fn = registry.LengthAwareReward(fn.config.scaled_to(length_aware_scale(reward_cfg, cfg)))
+      try:
+        fn = registry.LengthAwareReward(fn.config.scaled_to(length_aware_scale(reward_cfg, cfg)))
+      except ValueError as e:
+        if not {"l_pos_control", "l_max"} & set(overrides):
+          raise
+        raise ValueError(f"{e}, or lower reward.settings[{name!r}]'s l_pos_control against its l_max "
+                         f"({overrides})") from None
     terms.append((fn, float(weight)))
   return registry.CombinedReward(tuple(terms), tuple(reward_cfg["weights"]))
 

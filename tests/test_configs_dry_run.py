@@ -176,7 +176,8 @@ def test_loss_settings_are_one_knob_for_every_stage():
                                        r"reward.weights=\{'correctness': 1.0\} does not use"):
     dry_run(grpo, ["reward.length_aware_max_tokens=512"])
   # Constants the run's budget cannot hold are refused by the dry run, not when the GRPO stage starts.
-  with pytest.raises(ValueError, match=r"cannot be scaled to a response budget of .* or lower l_pos_control=31700"):
+  with pytest.raises(ValueError, match=r"cannot be scaled to a response budget of .*, or lower "
+                                       r"reward.settings\['length_aware'\]'s l_pos_control against its l_max"):
     dry_run(grpo, ['reward.weights={"length_aware": 1.0}',
                    'reward.settings={"length_aware": {"l_pos_control": 31700}}'])
   with pytest.raises(ValueError, match=r"reward.settings\['length_aware'\]=\{'l_max': 4096\}: need 0 <= l_pos_control"):

@@ -56,9 +56,7 @@ class LengthAwareRewardConfig:
       smallest = next(n for n in range(1, self.l_max + 1) if self._scalable_to(n))
       raise ValueError(f"the length-aware reward cannot be scaled to a response budget of {max_length} tokens "
                        "(grpo.max_new_tokens, or reward.length_aware_max_tokens when set): its full-reward and "
-                       f"shrinking ranges need at least {smallest} tokens; raise the budget to at least {smallest} "
-                       f"(or lower l_pos_control={self.l_pos_control} against l_max={self.l_max}, where "
-                       "reward.settings sets them)")
+                       f"shrinking ranges need at least {smallest} tokens; raise the budget to at least {smallest}")
     ratio = max_length / self.l_max
     return dataclasses.replace(self, l_max=max_length, l_pos_control=round(self.l_pos_control * ratio),
                                l_neg_control=max(1, round(self.l_neg_control * ratio)))
