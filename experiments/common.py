@@ -2027,11 +2027,17 @@ def as_trained(config: PhiConfig, workdir: str) -> PhiConfig:
   differ = {k: v for k, v in theirs.items() if k not in deliberate and _as_plain(v) != _as_plain(ours[k])}
   if not differ:
     return config
-  log.warning("%s was trained with %s, not the %s that its model settings give now (model.hf_path's config.json "
-              "changed since the run?): its params are used as they were trained (%s)", workdir,
-              ", ".join(f"{k}={v!r}" for k, v in differ.items()), ", ".join(f"{k}={ours[k]!r}" for k in differ),
-              os.path.join(workdir, MODEL_CONFIG_FILE))
+  message = (f"{workdir} was trained with {', '.join(f'{k}={v!r}' for k, v in differ.items())}, not the "
+             f"{', '.join(f'{k}={ours[k]!r}' for k in differ)} that its model settings give now (model.hf_path's "
+             f"config.json changed since the run?): its params are used as they were trained "
+             f"({os.path.join(workdir, MODEL_CONFIG_FILE)})")
+  if message not in _AS_TRAINED_WARNED:  # eval reads the policy's config several times
+    _AS_TRAINED_WARNED.add(message)
+    log.warning(message)
   return dataclasses.replace(config, **{k: getattr(trained, k) for k in differ})
+
+
+_AS_TRAINED_WARNED: set[str] = set()
 
 
 def abstract_stage_batch(stage: str, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
