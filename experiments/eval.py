@@ -47,6 +47,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
+import gin_bindings  # noqa: E402
+import run_files  # noqa: E402
 import rollouts  # noqa: E402
 from phi_jax import rewards  # noqa: E402
 from phi_jax.data.chat import stop_token_ids  # noqa: E402
@@ -208,8 +210,8 @@ def paired_difference(after: Sequence[dict], before: Sequence[dict], key: str = 
 
 def write_results(out_dir: str, summary: dict, items: Sequence[dict]) -> None:
   os.makedirs(out_dir, exist_ok=True)
-  common.write_results_atomically(os.path.join(out_dir, "items.jsonl"), items, os.path.join(out_dir, "summary.json"),
-                                  summary)
+  run_files.write_results_atomically(os.path.join(out_dir, "items.jsonl"), items, os.path.join(out_dir, "summary.json"),
+                                     summary)
 
 
 def read_items(out_dir: str) -> list[dict]:
@@ -223,7 +225,7 @@ def _fields(sampling: SamplingConfig) -> dict:
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  common.add_checkpoint_args(parser)
+  run_files.add_checkpoint_args(parser)
   parser.add_argument("--problems", required=True, help="JSONL of {problem, answer}")
   parser.add_argument("--out", required=True, help="directory for summary.json and items.jsonl")
   parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
@@ -240,11 +242,12 @@ def main(argv=None):
   # Before any use of the devices: on a cluster every host is one process of the run, so process 0 alone
   # writes the results (not each host as a single process of its own).
   distributed.initialize()
-  common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
-  common.warn_unread_bindings(args.gin_param, ("rollouts", "grpo", "dpo", "optimizer"), "eval.py",
-                              "its sampling and verification settings are evaluation.* (e.g. evaluation.temperature)")
+  gin_bindings.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
+  gin_bindings.warn_unread_bindings(
+      args.gin_param, ("rollouts", "grpo", "dpo", "optimizer"), "eval.py",
+      "its sampling and verification settings are evaluation.* (e.g. evaluation.temperature)")
   # What can be refused is refused before the model loads and generates (minutes to hours).
-  common.check_output_path("--out", args.out, directory=True)
+  run_files.check_output_path("--out", args.out, directory=True)
   settings = eval_settings()
   the_mesh = common.mesh()
   problems = rollouts.read_problems(args.problems)[:args.limit]  # an empty file is a DataError ("empty dataset")

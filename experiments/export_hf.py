@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gin  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
+import gin_bindings  # noqa: E402
+import run_files  # noqa: E402
 import rollouts  # noqa: E402
 
 log = logging.getLogger("phi_jax.export_hf")
@@ -58,12 +60,12 @@ def main(argv=None) -> str:
                       help="gin binding 'k=v' (repeatable), after the run's own config.gin")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
-  common.check_policy_dir(args.init_from)  # a skipped recipe stage names the stage whose params it kept
+  run_files.check_policy_dir(args.init_from)  # a skipped recipe stage names the stage whose params it kept
   if not os.path.isdir(os.path.join(args.init_from, "params")):
-    common.check_not_unfinished_run(args.init_from)
+    run_files.check_not_unfinished_run(args.init_from)
     raise ValueError(f"{args.init_from} has no params/: point --init_from at a finished run's workdir")
   gin.clear_config()
-  common.parse_gin_for_checkpoint(args.init_from, [], args.gin_param)
+  gin_bindings.parse_gin_for_checkpoint(args.init_from, [], args.gin_param)
   out = args.out or os.path.join(args.init_from, "hf")
   check_out(out, args.overwrite)  # before the params load: a refused --out costs nothing
   the_mesh = common.mesh()

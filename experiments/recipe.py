@@ -72,6 +72,7 @@ import numpy as np  # noqa: E402
 from gin import config_parser  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
+import gin_bindings  # noqa: E402
 import eval as eval_lib  # noqa: E402
 import make_task_data  # noqa: E402
 import rollouts  # noqa: E402
@@ -126,7 +127,7 @@ def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experimen
   if not_lists:
     raise ValueError(f"recipe.stage_bindings[{not_lists[0]!r}] must be a list of binding strings, e.g. "
                      f'{{"{not_lists[0]}": ["train.num_steps=10"]}}')
-  scoped = [(stage, *found) for stage, entry in stage_bindings.items() for found in common.scoped_bindings(entry)]
+  scoped = [(stage, *found) for stage, entry in stage_bindings.items() for found in gin_bindings.scoped_bindings(entry)]
   if scoped:  # no stage runs in a gin scope: gin took the binding, and it reached nothing
     stage, binding, scope, plain = scoped[0]
     raise ValueError(f"recipe.stage_bindings[{stage!r}] has {binding!r}, whose gin scope {scope + '/'!r} reaches "
@@ -153,7 +154,7 @@ def _check_stages_can_run(stages: Sequence[str], counts: dict, stage_bindings: d
   for stage in stages:
     # DPO's rollouts read its prompts file whatever data.train_files the stage trains on.
     own_data = stage != "dpo" and any(key == "data.train_files" for b in stage_bindings.get(stage, [])
-                                      for key in common.binding_keys(b))
+                                      for key in gin_bindings.binding_keys(b))
     name = STAGE_DATA[stage]
     if counts[name] == 0 and not own_data:
       raise ValueError(f"recipe.task_counts[{name!r}]=0: the {stage} stage {'samples' if stage == 'dpo' else 'trains'} "
@@ -306,11 +307,11 @@ def check_token_budgets(workdir: str, manifest: dict, settings: dict, eval_cfg: 
 def mesh_bindings(params: Sequence[str]) -> list[str]:
   """The --gin_param bindings that set the mesh (`mesh.shape=...`, in any spelling gin takes)."""
   return [p for p in params
-          if any((common.binding_key(st) or "").startswith("mesh.") for st in common.gin_statements(p))]
+          if any((gin_bindings.binding_key(st) or "").startswith("mesh.") for st in gin_bindings.gin_statements(p))]
 
 
 def _is_recipe_binding(statement) -> bool:
-  key = common.binding_key(statement)
+  key = gin_bindings.binding_key(statement)
   return key is not None and key.split(".")[0] in RECIPE_CONFIGURABLES
 
 
@@ -319,16 +320,16 @@ def split_params(params: Sequence[str]) -> tuple[list[str], list[str]]:
   an import goes to the stages (a stage file may use it) as well as to the recipe."""
   recipe_params, stage_params = [], []
   for param in params:
-    statements = common.gin_statements(param)
+    statements = gin_bindings.gin_statements(param)
     if all(map(_is_recipe_binding, statements)):
       recipe_params.append(param)
       continue
-    per_stage = [k for k in map(common.binding_key, statements) if k in PER_STAGE_KEYS]
+    per_stage = [k for k in map(gin_bindings.binding_key, statements) if k in PER_STAGE_KEYS]
     if per_stage:
       raise ValueError(f"--gin_param={param}: the recipe sets {per_stage[0]} for each stage itself; to change it "
                        f'for one stage, use recipe.stage_bindings = {{"sft": [{json.dumps(param)}]}} (with that '
                        "stage's name)")
-    if "data.eval_files" in map(common.binding_key, statements):  # the GRPO stage refuses it: it has no eval loss
+    if "data.eval_files" in map(gin_bindings.binding_key, statements):  # the GRPO stage refuses it: it has no eval loss
       raise ValueError(f"--gin_param={param}: data.eval_files would reach every stage, GRPO too, which has no eval "
                        'loss; give it to the stages that read it, e.g. recipe.stage_bindings = {"midtrain": '
                        f"[{json.dumps(param)}]}}")
@@ -342,13 +343,13 @@ def _file_stage_bindings(path: str, seen: set) -> list[str]:
     return []
   seen.add(path)
   with open(path) as f:
-    statements = common.gin_statements(f.read())
+    statements = gin_bindings.gin_statements(f.read())
   out = []
   for statement in statements:
     if isinstance(statement, config_parser.IncludeStatement):
       out += _file_stage_bindings(statement.filename, seen)
-    elif common.binding_key(statement) is not None and not _is_recipe_binding(statement):
-      out.append(f"{path}: {common.binding_key(statement)}")
+    elif gin_bindings.binding_key(statement) is not None and not _is_recipe_binding(statement):
+      out.append(f"{path}: {gin_bindings.binding_key(statement)}")
   return out
 
 
@@ -365,10 +366,10 @@ def resolve_binding_paths(binding: str, caller_dir: str) -> str:
   when its stage started. Other paths stay as they are (the repository's own; a missing one `_check_stage_paths`
   names). A binding of several statements, or whose value holds a macro, is left as it is."""
   try:
-    statements = common.gin_statements(binding)
+    statements = gin_bindings.gin_statements(binding)
   except SyntaxError:
     return binding  # parse_gin reports it
-  if len(statements) != 1 or common.binding_key(statements[0]) not in PATH_KEYS:
+  if len(statements) != 1 or gin_bindings.binding_key(statements[0]) not in PATH_KEYS:
     return binding
   statement = statements[0]
 
@@ -394,7 +395,7 @@ def resolve_binding_paths(binding: str, caller_dir: str) -> str:
 def _refuse_scoped_params(params: Sequence[str]) -> None:
   """Refuses a --gin_param with a gin scope (`sft/train.num_steps=7`): no stage runs in one, so gin took it and
   every stage trained with the unscoped value."""
-  scoped = common.scoped_bindings(params)
+  scoped = gin_bindings.scoped_bindings(params)
   if scoped:
     param, scope, plain = scoped[0]
     example = json.dumps({scope if scope in STAGES else "sft": [plain]})
@@ -412,7 +413,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   --gin_file is."""
   _refuse_scoped_params(params)
   gin.clear_config()
-  common.parse_gin(gin_files, [])
+  gin_bindings.parse_gin(gin_files, [])
   # Their macros stay unresolved: merged with the --gin_param dicts and bound again below, they take the values the
   # command line may give those macros.
   in_file_dicts = {name: common.bound_or_none(name, nested=False) for name in MERGED_DICTS}
@@ -420,7 +421,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   gin.clear_config()
   # All of them, so a misspelt name fails now rather than at its stage; a macro is checked against the stage files
   # that may use it, in `_configure`.
-  common.parse_gin(gin_files, params, macro_files=None)
+  gin_bindings.parse_gin(gin_files, params, macro_files=None)
   difficulty = common.bound_or_none("recipe.difficulty")
   if difficulty != file_difficulty and in_file_dicts["recipe.difficulty_overrides"]:
     # Another level asked for on the command line is that level: the file's overrides were written for the file's
@@ -429,18 +430,18 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
              "(give recipe.difficulty_overrides on the command line to change that level)", difficulty,
              in_file_dicts["recipe.difficulty_overrides"])
     in_file_dicts["recipe.difficulty_overrides"] = None
-    asked = any(common.binding_key(st) == "recipe.difficulty_overrides"
-                for p in params for st in common.gin_statements(p))
+    asked = any(gin_bindings.binding_key(st) == "recipe.difficulty_overrides"
+                for p in params for st in gin_bindings.gin_statements(p))
     gin.bind_parameter("recipe.difficulty_overrides",
                        common.bound_or_none("recipe.difficulty_overrides") if asked else {})
   for name, in_file in in_file_dicts.items():  # a --gin_param dict adds to the file's rather than replacing it
     # Each --gin_param of the name in turn (gin keeps only the last): one flag per stage adds up too.
-    given = [common.resolve_bound_macros(st.value) for p in params for st in common.gin_statements(p)
-             if common.binding_key(st) == name and isinstance(st.value, dict)]
-    merged = dict(common.resolve_bound_macros(in_file) or {})  # the macros as the command line left them
+    given = [gin_bindings.resolve_bound_macros(st.value) for p in params for st in gin_bindings.gin_statements(p)
+             if gin_bindings.binding_key(st) == name and isinstance(st.value, dict)]
+    merged = dict(gin_bindings.resolve_bound_macros(in_file) or {})  # the macros as the command line left them
     if name == "recipe.stage_bindings":  # see `stage_bindings`: the files' entries go before the command line's
-      replaced = any(common.binding_key(st) == name and not isinstance(st.value, dict)
-                     for p in params for st in common.gin_statements(p))
+      replaced = any(gin_bindings.binding_key(st) == name and not isinstance(st.value, dict)
+                     for p in params for st in gin_bindings.gin_statements(p))
       from_files = {} if replaced else {stage: len(_bindings_list(entry)) for stage, entry in merged.items()}
     for value in given:
       merged = ({k: _bindings_list(merged.get(k, [])) + _bindings_list(value.get(k, [])) for k in {**merged, **value}}
@@ -562,7 +563,7 @@ def check_stage_settings(settings: dict, finished: Sequence[str] = ()) -> None:
                                                    for p in culprits)]
     # DPO, GRPO and reward settings are read by their own stage alone: the others "take" any value, and moving the
     # binding there would drop it silently.
-    keys = [key for p in culprits for key in common.binding_keys(p)]
+    keys = [key for p in culprits for key in gin_bindings.binding_keys(p)]
     if keys and all(key.split(".")[0] in _ONE_STAGE_CONFIGURABLES for key in keys):
       takers = []
     if not takers:
@@ -607,8 +608,9 @@ def _configure(settings: dict, stage: str, bindings: Sequence[str]) -> None:
   # A macro given to every stage may be used by any stage file, the recipe's own files, or any stage's bindings.
   users = [os.path.join(settings["config_dir"], f"{s}.gin") for s in settings["stages"]]
   users += settings.get("recipe_files", [])
-  common.parse_gin([os.path.join(settings["config_dir"], f"{stage}.gin")], bindings, macro_files=users,
-                   macro_texts=[b for entry in settings["stage_bindings"].values() for b in _bindings_list(entry)])
+  macro_texts = [b for entry in settings["stage_bindings"].values() for b in _bindings_list(entry)]
+  gin_bindings.parse_gin([os.path.join(settings["config_dir"], f"{stage}.gin")], bindings, macro_files=users,
+                         macro_texts=macro_texts)
 
 
 def _policy(init_from: str):
@@ -905,7 +907,7 @@ def run_recipe(workdir: str, settings: dict, eval_cfg: dict, rollout_cfg: dict) 
         # workdir as it is now (a moved workdir), and a mesh given on the command line.
         here = [f"data.tokenizer={json.dumps(os.path.join(workdir, 'data', 'tokenizer'))}"]
         here += mesh_bindings(settings.get("stage_params", []))
-        common.parse_gin_for_checkpoint(params_dir, [], here)
+        gin_bindings.parse_gin_for_checkpoint(params_dir, [], here)
         eval_started = time.time()
         record["eval"] = evaluate_stage(stage_dir, params_dir, problems, eval_cfg)
         record.update(evaluation=evaluation, eval_seconds=time.time() - eval_started)
@@ -934,7 +936,7 @@ def _model_params(workdir: str, stage: str) -> Optional[int]:
   if not os.path.exists(path):
     return None
   gin.clear_config()
-  common.parse_gin([path], [])
+  gin_bindings.parse_gin([path], [])
   count = common.model()[0].num_params()
   gin.clear_config()
   return count

@@ -62,6 +62,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
+import dpo_reference  # noqa: E402
+import gin_bindings  # noqa: E402
+import run_files  # noqa: E402
+import tokenizer_setup  # noqa: E402
+import starting_params  # noqa: E402
 from phi_jax import rewards  # noqa: E402
 from phi_jax.data.chat import render_prompt, stop_token_ids  # noqa: E402
 from phi_jax.data import preference  # noqa: E402
@@ -241,7 +246,7 @@ def _sampled_ids(chosen: dict, rejected: dict) -> dict[str, list[int]]:
 
 
 def summary_path(out: str) -> str:
-  return common.pairs_summary_path(out)
+  return dpo_reference.pairs_summary_path(out)
 
 
 def sampling_record(sampling: SamplingConfig) -> dict[str, Any]:
@@ -284,17 +289,17 @@ def rollout_pairs(params, config, tokenizer, problems_path: str, out: str, *, k:
                  system_prompt=system_prompt, init_from=init_from)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    common.write_results_atomically(out, pairs, summary_path(out), summary)
+    run_files.write_results_atomically(out, pairs, summary_path(out), summary)
   return summary
 
 
 def policy_config(init_from: str):
   """(model config, model.hf_path) of a run workdir or a transformers checkpoint directory, read without weights."""
-  common.check_policy_dir(init_from)
+  run_files.check_policy_dir(init_from)
   if not os.path.isdir(os.path.join(init_from, "params")):
     return common.model(hf_path=init_from)
   config, hf_path = common.model()
-  return common.as_trained(config, init_from), hf_path
+  return starting_params.as_trained(config, init_from), hf_path
 
 
 def load_policy(init_from: str, the_mesh, tokenizer=None):
@@ -365,11 +370,11 @@ def run_tokenizer(spec: str, workdir: str):
   that is a deliberate change of template, as a tokenizer directory's is. One of another token family is refused."""
   copy = os.path.join(workdir, "tokenizer")
   if spec.startswith("tiny:"):
-    chat_format = common.tiny_chat_format(spec)
-    trained = common._tiny_tokenizer_format(copy)  # pylint: disable=protected-access
+    chat_format = tokenizer_setup.tiny_chat_format(spec)
+    trained = tokenizer_setup._tiny_tokenizer_format(copy)  # pylint: disable=protected-access
     if trained not in (None, chat_format):
-      common.check_token_family(spec, chat_format, trained, f"the run in {workdir}",
-                                "To eval, roll out or export it,")
+      tokenizer_setup.check_token_family(spec, chat_format, trained, f"the run in {workdir}",
+                                         "To eval, roll out or export it,")
       with tempfile.TemporaryDirectory() as tmp:
         build_tiny_tokenizer(tmp, chat_format=chat_format)
         return load_tokenizer(tmp)
@@ -404,13 +409,13 @@ def checkpoint_tokenizer(hf_dir: str):
   if bound.startswith("tiny:"):
     # Built apart from the checkpoint, which stays as it was given (every process builds the same one).
     with tempfile.TemporaryDirectory() as tmp:
-      return build_tiny_tokenizer(tmp, chat_format=common.tiny_chat_format(bound))
+      return build_tiny_tokenizer(tmp, chat_format=tokenizer_setup.tiny_chat_format(bound))
   return load_tokenizer(bound)
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  common.add_checkpoint_args(parser)
+  run_files.add_checkpoint_args(parser)
   parser.add_argument("--problems", required=True, help="JSONL of {problem, answer} (or conversations)")
   parser.add_argument("--k", type=int, default=8, help="rollouts per problem")
   parser.add_argument("--out", required=True, help="pairs JSONL to write; the summary goes next to it")
@@ -425,11 +430,11 @@ def main(argv=None):
   # Before any use of the devices: on a cluster every host is one process of the run, so process 0 alone
   # writes the results (not each host as a single process of its own).
   distributed.initialize()
-  common.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
-  common.warn_unread_bindings(args.gin_param, ("grpo", "dpo", "optimizer"), "rollouts.py",
-                              "its sampling settings are rollouts.* (e.g. rollouts.temperature)")
+  gin_bindings.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
+  gin_bindings.warn_unread_bindings(args.gin_param, ("grpo", "dpo", "optimizer"), "rollouts.py",
+                                    "its sampling settings are rollouts.* (e.g. rollouts.temperature)")
   # What can be refused is refused before the model loads and generates (minutes to hours).
-  common.check_output_path("--out", args.out, directory=False)
+  run_files.check_output_path("--out", args.out, directory=False)
   if not args.out.endswith((".jsonl", ".ndjson", ".json")):  # the DPO stage reads pair files by their extension
     raise ValueError(f"--out={args.out}: name the pairs file *.jsonl (e.g. {args.out}.jsonl), the JSON-lines "
                      "extension the DPO stage reads it by")

@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
+import gin_bindings  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,7 +58,7 @@ def main(argv=None):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   check_gin_files(args.gin_file, args.workdir)
-  common.parse_gin(args.gin_file, args.gin_param)
+  gin_bindings.parse_gin(args.gin_file, args.gin_param)
   if args.dry_run:
     report = common.dry_run()
     print(json.dumps(report, indent=1))

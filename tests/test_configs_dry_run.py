@@ -22,6 +22,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import common  # noqa: E402
+import gin_bindings  # noqa: E402
+import run_files  # noqa: E402
+import tokenizer_setup  # noqa: E402
 
 PRESETS = {"phi4_mini_reasoning": "phi-4-mini", "phi4_reasoning": "phi-4"}
 REDUCED = ["data.seq_len=256", "data.batch_size=8", "train.microbatches=1", "grpo.max_prompt_tokens=64",
@@ -45,8 +48,8 @@ def dry_run(config_file, extra=(), reduced=True):
   try:
     gin.clear_config()
     preset = PRESETS[config_file.split(os.sep)[-2]]
-    common.parse_gin([config_file], ["model.hf_path=None", f"model.preset='{preset}'"]
-                     + (REDUCED if reduced else []) + list(extra))
+    gin_bindings.parse_gin([config_file], ["model.hf_path=None", f"model.preset='{preset}'"]
+                           + (REDUCED if reduced else []) + list(extra))
     return common.dry_run()
   finally:
     gin.clear_config()
@@ -152,7 +155,7 @@ def test_the_real_batch_settings_split_over_the_devices_the_configs_are_sized_fo
   for config_file in CONFIGS:
     gin.clear_config()
     try:
-      common.parse_gin([os.path.join(ROOT, config_file)], ["model.hf_path=None"])
+      gin_bindings.parse_gin([os.path.join(ROOT, config_file)], ["model.hf_path=None"])
       settings = common.train_settings()
       stage, microbatches = settings["stage"], settings["loop"].microbatches
       rows = common.stage_batch_shape(stage, common.data())[0]
@@ -190,7 +193,7 @@ def test_loss_settings_are_one_knob_for_every_stage():
   os.chdir(ROOT)
   try:
     gin.clear_config()
-    common.parse_gin([grpo], ["train.chunk_size=96"])
+    gin_bindings.parse_gin([grpo], ["train.chunk_size=96"])
     settings = common.train_settings()
     assert common.grpo_config(settings).chunk_size == 96
     assert common._stage_loss_fn("grpo", None, settings).keywords["cfg"].chunk_size == 96
@@ -198,10 +201,10 @@ def test_loss_settings_are_one_knob_for_every_stage():
     # GRPO's loss is a signed surrogate near zero: no loss-spike flags unless asked for; other stages keep them.
     assert settings["loop"].loss_spike_factor == 0.0
     gin.clear_config()
-    common.parse_gin([grpo], ["train.loss_spike_factor=3.0"])
+    gin_bindings.parse_gin([grpo], ["train.loss_spike_factor=3.0"])
     assert common.train_settings()["loop"].loss_spike_factor == 3.0
     gin.clear_config()
-    common.parse_gin([dpo], [])
+    gin_bindings.parse_gin([dpo], [])
     assert common.train_settings()["loop"].loss_spike_factor == 5.0
   finally:
     gin.clear_config()
@@ -217,7 +220,7 @@ def test_resume_logs_a_changed_tokenizer_prompt_or_reward(caplog, tmp_path):
 
   def meta(extra, vocab):
     gin.clear_config()
-    common.parse_gin([grpo], [f"data.train_files=['{prompts}']"] + extra)
+    gin_bindings.parse_gin([grpo], [f"data.train_files=['{prompts}']"] + extra)
     return common.run_meta("grpo", common.train_settings(), common.data(), [None] * vocab)
 
   cwd = os.getcwd()
@@ -246,8 +249,8 @@ def test_reasoning_sft_turns_phi4_into_the_reasoning_preset():
   os.chdir(ROOT)
   try:
     gin.clear_config()
-    common.parse_gin([os.path.join("experiments", "configs", "phi4_reasoning", "sft.gin")],
-                     ["model.hf_path=None", "model.preset='phi-4'"])
+    gin_bindings.parse_gin([os.path.join("experiments", "configs", "phi4_reasoning", "sft.gin")],
+                           ["model.hf_path=None", "model.preset='phi-4'"])
     config, _ = common.model()
   finally:
     gin.clear_config()
@@ -269,7 +272,7 @@ def _configured(binding, make):
   """What `make()` returns with `binding` (and train.num_steps, which train requires) bound."""
   gin.clear_config()
   try:
-    common.parse_gin([], ["train.num_steps=2", binding])
+    gin_bindings.parse_gin([], ["train.num_steps=2", binding])
     return make()
   finally:
     gin.clear_config()
@@ -370,7 +373,7 @@ def test_a_dpo_run_on_an_empty_pairs_file_says_where_it_came_from(tmp_path):
   os.chdir(ROOT)
   try:
     gin.clear_config()
-    common.parse_gin(["experiments/configs/dpo_tiny.gin"], [f'data.train_files=["{empty}"]', "data.eval_files=[]",
+    gin_bindings.parse_gin(["experiments/configs/dpo_tiny.gin"], [f'data.train_files=["{empty}"]', "data.eval_files=[]",
                                                           "train.num_steps=1"])
     with pytest.raises(ValueError, match="holds no preference pairs.*train the policy longer, raise --k"):
       common.run_training(str(tmp_path / "run"))
@@ -463,8 +466,9 @@ def test_a_tiny_tokenizer_is_built_whole_into_place(tmp_path, monkeypatch):
   (tmp_path / "tokenizer").mkdir()
   (tmp_path / "tokenizer" / "tokenizer_config.json").write_text("")  # a build cut short
   built_in = []
-  build = common.build_tiny_tokenizer
-  monkeypatch.setattr(common, "build_tiny_tokenizer", lambda out, **kw: built_in.append(out) or build(out, **kw))
+  build = tokenizer_setup.build_tiny_tokenizer
+  monkeypatch.setattr(tokenizer_setup, "build_tiny_tokenizer",
+                      lambda out, **kw: built_in.append(out) or build(out, **kw))
   built = common.get_tokenizer("tiny:phi-4", str(tmp_path))
   assert len(built_in) == 1 and os.path.basename(built_in[0]) != "tokenizer"  # never where readers look
   assert sorted(os.listdir(tmp_path)) == ["tokenizer"] and built.chat_template
@@ -487,7 +491,7 @@ def test_a_tiny_tokenizer_of_another_format_is_rebuilt_before_a_run_starts_and_r
   with caplog.at_level("WARNING", logger="phi_jax"):
     mini = common.get_tokenizer("tiny:phi-4-mini", str(tmp_path))
   assert chat.chat_family(mini) == "phi-4-mini" and "replacing the tiny 'phi-4' tokenizer" in caplog.text
-  assert chat.chat_family(common.load_tokenizer(str(tmp_path / "tokenizer"))) == "phi-4-mini"
+  assert chat.chat_family(tokenizer_setup.load_tokenizer(str(tmp_path / "tokenizer"))) == "phi-4-mini"
   for trained in ("checkpoints/10", "params"):  # a run in progress, or a finished one whose checkpoints were deleted
     (tmp_path / trained).mkdir(parents=True)
     with pytest.raises(ValueError, match="a run trained with the tiny tokenizer of the 'phi-4-mini' format"):
@@ -563,7 +567,7 @@ def test_the_tiny_configs_the_readme_runs_get_through_the_startup_checks(config_
   os.chdir(ROOT)
   try:
     gin.clear_config()
-    common.parse_gin([config_file], [])
+    gin_bindings.parse_gin([config_file], [])
     settings = common.train_settings()
     common.check_data_settings(settings["stage"], common.data(), settings["loop"])
     common.optimizer()
@@ -694,7 +698,7 @@ def test_a_config_read_from_another_directory_says_where_its_includes_resolve(mo
   try:
     with pytest.raises(ValueError, match=r"include lines name files from the repository root .*: run the command "
                                          r"from there \(the current directory is .*experiments\)"):
-      common.parse_gin(["configs/sft_tiny.gin"], [])
+      gin_bindings.parse_gin(["configs/sft_tiny.gin"], [])
   finally:
     gin.clear_config()
 
@@ -709,12 +713,12 @@ def test_a_model_hf_path_without_a_checkpoint_is_named(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"holds no config.json.*PEFT adapter .*merge_and_unload"):
     common.model(hf_path=str(tmp_path / "adapter"))
   with pytest.raises(ValueError, match=r"neither a run's workdir .*PEFT adapter .*merge_and_unload"):
-    common.check_policy_dir(str(tmp_path / "adapter"))
+    run_files.check_policy_dir(str(tmp_path / "adapter"))
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ValueError, match=r"holds no config.json.*if it is a hub id.*snapshot_download"):
     common.model(hf_path="microsoft/Phi-4-mini-instruct")
   with pytest.raises(ValueError, match=r"no such directory .*if it is a hub id.*snapshot_download"):
-    common.check_policy_dir("microsoft/Phi-4-mini-instruct")
+    run_files.check_policy_dir("microsoft/Phi-4-mini-instruct")
   for local in ("./runs/final", "/runs/final"):  # written as a path: no hub id
     with pytest.raises(ValueError, match=r"holds no config.json") as raised:
       common.model(hf_path=local)
@@ -740,7 +744,7 @@ def test_path_objects_in_a_list_of_strings_are_taken_as_strings(tmp_path):
                                                        [None] * 10))
   gin.clear_config()
   try:
-    common.parse_gin([], [])
+    gin_bindings.parse_gin([], [])
     gin.bind_parameter("data.train_files", [tmp_path / "a.jsonl", "b.jsonl"])
     assert common.data()["train_files"] == [str(tmp_path / "a.jsonl"), "b.jsonl"]
   finally:
@@ -762,7 +766,7 @@ def test_a_loaded_run_keeps_its_mesh_only_where_it_fits_this_machine(tmp_path):
     (run / "config.gin").write_text(f"mesh.shape = {mesh_line}\n")
     gin.clear_config()
     try:
-      common.parse_gin_for_checkpoint(str(run), [], params)
+      gin_bindings.parse_gin_for_checkpoint(str(run), [], params)
       shapes[name] = dict(common.mesh().shape)
     finally:
       gin.clear_config()
@@ -781,7 +785,7 @@ def test_macros_inside_a_bound_list_or_dict_are_resolved(tmp_path):
   (run / "config.gin").write_text("D = 2\nHALF = %D\nmesh.shape = {'data': %HALF, 'fsdp': -1}\n")
   gin.clear_config()
   try:
-    common.parse_gin_for_checkpoint(str(run), [], [])
+    gin_bindings.parse_gin_for_checkpoint(str(run), [], [])
     assert common.bound_or_none("mesh.shape") == {"data": 2, "fsdp": -1}
     assert dict(common.mesh().shape) == {"data": 2, "fsdp": jax.device_count() // 2, "tensor": 1}
     gin.parse_config("A = 'a.jsonl'\ndata.train_files = [%A, ('b', %A)]\ndata.weights = {'x': [%D]}")
@@ -796,9 +800,9 @@ def test_a_gin_scoped_binding_is_refused_as_it_reaches_no_configurable():
   the run went on with the file's value."""
   try:
     with pytest.raises(ValueError, match=r"scope 'sft/'.*train\.num_steps=7"):
-      common.parse_gin([], ["sft/train.num_steps=7"])
+      gin_bindings.parse_gin([], ["sft/train.num_steps=7"])
     gin.clear_config()
-    common.parse_gin([], ["train.num_steps=7"])
+    gin_bindings.parse_gin([], ["train.num_steps=7"])
     assert common.bound_or_none("train.num_steps") == 7
   finally:
     gin.clear_config()
@@ -811,8 +815,8 @@ def test_an_include_given_as_a_gin_param_is_read(tmp_path):
   cwd = os.getcwd()
   os.chdir(ROOT)
   try:
-    common.parse_gin([os.path.join("experiments", "configs", "midtrain_tiny.gin")], [f"include '{extra}'"],
-                     macro_files=[])
+    gin_bindings.parse_gin([os.path.join("experiments", "configs", "midtrain_tiny.gin")], [f"include '{extra}'"],
+                           macro_files=[])
     assert common.bound_or_none("train.num_steps") == 7
   finally:
     os.chdir(cwd)
@@ -828,49 +832,49 @@ def test_a_binding_without_a_configurable_or_with_an_unquoted_string_says_how_to
   try:
     for param in ("learning_rate=1e-3", "lr = 0.1"):
       with pytest.raises(ValueError, match=r"binds no configurable's parameter .* optimizer.learning_rate=1e-3"):
-        common.parse_gin([tiny], [param])
+        gin_bindings.parse_gin([tiny], [param])
       gin.clear_config()
     with pytest.raises(ValueError, match="quotes that survive the shell"):
-      common.parse_gin([tiny], ["data.tokenizer=tiny:phi-4"])
+      gin_bindings.parse_gin([tiny], ["data.tokenizer=tiny:phi-4"])
     gin.clear_config()
     # YAML's spellings of the constants are Python's capitalised ones, not strings to quote ("false" is refused too).
     for param, spelling in (("train.export_hf=false", "False"), ("model.hf_path=null", "None"),
                             ("train.export_hf = TRUE", "True"), ("data.weights=[1, none]", "None")):
       with pytest.raises(ValueError, match=rf"write it as {spelling}") as raised:
-        common.parse_gin([tiny], [param])
+        gin_bindings.parse_gin([tiny], [param])
       assert "quotes that survive the shell" not in str(raised.value), param
       gin.clear_config()
     # The example is one shell word, a dict's own quotes included.
     one_word = r"e.g. '--gin_param=model.overrides=\{'\"'\"'tie_word_embeddings'\"'\"': False\}'"
     with pytest.raises(ValueError, match=one_word):
-      common.parse_gin([tiny], ["model.overrides={'tie_word_embeddings': false}"])
+      gin_bindings.parse_gin([tiny], ["model.overrides={'tie_word_embeddings': false}"])
     gin.clear_config()
     # A quoted string holding such a word stays as it is in the example.
     with pytest.raises(ValueError, match=r"e.g. .*rope_scaling_type'\"'\"': '\"'\"'none'\"'\"', .*False"):
-      common.parse_gin([tiny], ["model.overrides={'rope_scaling_type': 'none', 'tie_word_embeddings': false}"])
+      gin_bindings.parse_gin([tiny], ["model.overrides={'rope_scaling_type': 'none', 'tie_word_embeddings': false}"])
     gin.clear_config()
     # An unquoted string that starts with such a word lacks quotes, not a capital.
     with pytest.raises(ValueError, match="quotes that survive the shell") as raised:
-      common.parse_gin([tiny], ["data.system_prompt=true story"])
+      gin_bindings.parse_gin([tiny], ["data.system_prompt=true story"])
     assert "write it as True" not in str(raised.value)
     gin.clear_config()
     own = tmp_path / "own.gin"
     own.write_text(f"include '{os.path.abspath(tiny)}'\nLR = 1e-2\noptimizer.learning_rate = %LR\n")
-    common.parse_gin([str(own)], ["LR=1e-3"])
+    gin_bindings.parse_gin([str(own)], ["LR=1e-3"])
     assert common.optimizer().learning_rate == 1e-3
     gin.clear_config()
     # A run's config.gin keeps its macros (gin writes them): eval.py / rollouts.py / export_hf.py may set one.
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.gin").write_text("SP = 'Be brief.'\ndata.system_prompt = %SP\n")
-    common.parse_gin_for_checkpoint(str(run), [], ["SP='Be verbose.'"])
+    gin_bindings.parse_gin_for_checkpoint(str(run), [], ["SP='Be verbose.'"])
     assert common.data()["system_prompt"] == "Be verbose."
     gin.clear_config()
     # A syntax error inside a file is not about shell quoting.
     bad = tmp_path / "bad.gin"
     bad.write_text('data.train_files = ["a.jsonl",, "b.jsonl"]\n')
     with pytest.raises(SyntaxError) as raised:
-      common.parse_gin([str(bad)], [])
+      gin_bindings.parse_gin([str(bad)], [])
     assert "quotes that survive the shell" not in str(raised.value)
   finally:
     gin.clear_config()
@@ -1019,7 +1023,7 @@ def test_an_unknown_reward_or_a_missing_reward_module_says_how_to_add_it(tmp_pat
   try:
     with pytest.raises(ValueError, match=r"run/config.gin imports no_such_reward_module \(its `import` lines\), which "
                        r"does not load here: No module named 'no_such_reward_module'\..*PYTHONPATH"):
-      common.parse_gin_for_checkpoint(str(run), [], [])
+      gin_bindings.parse_gin_for_checkpoint(str(run), [], [])
   finally:
     gin.clear_config()
 
@@ -1029,7 +1033,7 @@ def test_a_run_s_config_records_the_values_it_used_as_comments_beside_the_bindin
   day. The values every configurable used follow as comments; replayed, the file binds what was given."""
   gin.clear_config()
   try:
-    common.parse_gin([], ["train.num_steps=5", "data.seq_len=64", "model.overrides={'rope_theta': 1e5}"])
+    gin_bindings.parse_gin([], ["train.num_steps=5", "data.seq_len=64", "model.overrides={'rope_theta': 1e5}"])
     common.train_settings(), common.data(), common.model(), common.optimizer()
     given, text = gin.config_str(), common.run_config_text()
     gin.clear_config()
@@ -1038,7 +1042,7 @@ def test_a_run_s_config_records_the_values_it_used_as_comments_beside_the_bindin
   finally:
     gin.clear_config()
   assert text.startswith(given)
-  assert common.binding_keys(text) == common.binding_keys(given)
+  assert gin_bindings.binding_keys(text) == gin_bindings.binding_keys(given)
   for used in ("# train.keep_checkpoints = 3", "# data.system_prompt = None", "# optimizer.b2 = ",
                "# model.param_dtype = 'float32'"):
     assert used in text, used

@@ -26,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import common  # noqa: E402
+import dpo_reference  # noqa: E402
+import gin_bindings  # noqa: E402
 import rollouts  # noqa: E402
 
 CONFIG = phi_jax.PhiConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -303,7 +305,7 @@ def test_reference_without_init_from_is_the_loops_initial_policy(tmp_path):
   loop = LoopConfig(num_steps=0, seed=5)  # no steps: the loop returns the state it initialised
   state = loop_lib.run(workdir=str(tmp_path), model_config=CONFIG, optimizer_config=OptimizerConfig(), loss_fn=None,
                        train_data=iter(()), loop=loop, mesh=mesh)
-  reference = common._dpo_reference_params(CONFIG, None, {"init_from": None, "loop": loop}, mesh)
+  reference = dpo_reference.reference_params(CONFIG, None, {"init_from": None, "loop": loop}, mesh)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -337,7 +339,7 @@ def _workdir(setup, name):
 def _run_gin(files, bindings, fn, *args):
   gin.clear_config()
   try:
-    common.parse_gin(files, bindings)
+    gin_bindings.parse_gin(files, bindings)
     return fn(*args)
   finally:
     gin.clear_config()
@@ -352,8 +354,8 @@ def test_precompute_mode_scores_pairs_once_then_needs_no_reference(setup, start_
 
   def setup_stage():
     model_config, hf_path = common.model()
-    return common._dpo_setup(workdir, model_config, hf_path, common.data(), common.train_settings(),
-                             setup["tokenizer"], common.mesh(), BATCH)
+    return dpo_reference.setup(workdir, model_config, hf_path, common.data(), common.train_settings(),
+                               common.dpo_settings(), setup["tokenizer"], common.mesh(), BATCH)
 
   gin_files = [os.path.join(ROOT, "experiments/configs/dpo_tiny.gin")]
   _, train_data, _ = _run_gin(gin_files, bindings, setup_stage)
@@ -368,7 +370,7 @@ def test_precompute_mode_scores_pairs_once_then_needs_no_reference(setup, start_
   def no_reference(*args):
     raise AssertionError("a resumed run must not load the reference model again")
 
-  monkeypatch.setattr(common, "_dpo_reference_params", no_reference)
+  monkeypatch.setattr(dpo_reference, "reference_params", no_reference)
   _, train_data, _ = _run_gin(gin_files, bindings, setup_stage)
   assert set(preference.REFERENCE_FIELDS) <= set(next(train_data))
   # Another system prompt changes every pair's rows: the stale file is computed again, not reused.
@@ -410,15 +412,16 @@ def test_a_reference_file_of_continuations_scored_on_older_rows_is_computed_agai
     with open(out + ".settings.json", "w") as f:
       json.dump(made_with, f)
     assert preference.holds_old_rows(out) == stale
-    assert common._reference_is_current(out, made_with, lambda: None) == (
+    assert dpo_reference._reference_is_current(out, made_with, lambda: None) == (
         {"rows": ("older", preference.ROWS_VERSION)} if stale else {}), name
   assert "computed under other settings (rows changed" in caplog.text
 
 
 def test_precomputed_reference_files_are_named_as_the_jsonl_they_are():
-  assert common.reference_file("w", "train0", "/d/pairs.jsonl") == os.path.join("w", "reference", "train0-pairs.jsonl")
-  assert common.reference_file("w", "eval1", "/d/pairs.parquet").endswith("eval1-pairs.parquet.jsonl")
-  assert common.reference_file("w", "train0", "/d/saved_pairs/").endswith("train0-saved_pairs.jsonl")
+  assert (dpo_reference.reference_file("w", "train0", "/d/pairs.jsonl")
+          == os.path.join("w", "reference", "train0-pairs.jsonl"))
+  assert dpo_reference.reference_file("w", "eval1", "/d/pairs.parquet").endswith("eval1-pairs.parquet.jsonl")
+  assert dpo_reference.reference_file("w", "train0", "/d/saved_pairs/").endswith("train0-saved_pairs.jsonl")
 
 
 def test_a_run_without_params_is_named_unfinished(tmp_path):
@@ -609,8 +612,8 @@ def _precompute_bindings(setup, start, pairs, **changes):
 def _precompute(setup, workdir, bindings):
   def setup_stage():
     model_config, hf_path = common.model()
-    return common._dpo_setup(workdir, model_config, hf_path, common.data(), common.train_settings(),
-                             setup["tokenizer"], common.mesh(), BATCH)
+    return dpo_reference.setup(workdir, model_config, hf_path, common.data(), common.train_settings(),
+                               common.dpo_settings(), setup["tokenizer"], common.mesh(), BATCH)
 
   return _run_gin([os.path.join(ROOT, "experiments/configs/dpo_tiny.gin")], bindings, setup_stage)
 
@@ -655,7 +658,7 @@ def test_precompute_mode_recomputes_when_the_reference_params_change_in_place(se
   for key, value in zip(preference.REFERENCE_FIELDS, expected):
     np.testing.assert_allclose(batch[key], value, rtol=1e-5, atol=1e-4)
   # Unchanged since: reused without loading the reference.
-  monkeypatch.setattr(common, "_dpo_reference_params", lambda *args: pytest.fail("the reference was loaded again"))
+  monkeypatch.setattr(dpo_reference, "reference_params", lambda *args: pytest.fail("the reference was loaded again"))
   _precompute(setup, workdir, bindings)
 
 
@@ -696,7 +699,7 @@ def test_precompute_mode_resumes_after_a_run_time_only_model_change(setup, start
   with open(written) as f:
     before = f.read()
   os.makedirs(os.path.join(workdir, "checkpoints", "1"))
-  monkeypatch.setattr(common, "_dpo_reference_params", lambda *args: pytest.fail("the reference was loaded again"))
+  monkeypatch.setattr(dpo_reference, "reference_params", lambda *args: pytest.fail("the reference was loaded again"))
   run_time = dict(MODEL_OVERRIDES, remat_policy="full", max_segments_per_row=4)
   with caplog.at_level("INFO", logger="phi_jax"):
     _precompute(setup, workdir, _precompute_bindings(setup, start_run, setup["path"],
@@ -747,7 +750,7 @@ def test_precompute_mode_counts_the_pairs_it_leaves_out_as_in_step_does(setup, s
 
   check(_precompute(setup, workdir, bindings))
   # Resumed, the reference files are reused: their counts were kept beside them.
-  monkeypatch.setattr(common, "_dpo_reference_params", lambda *args: pytest.fail("the reference was loaded again"))
+  monkeypatch.setattr(dpo_reference, "reference_params", lambda *args: pytest.fail("the reference was loaded again"))
   check(_precompute(setup, workdir, bindings))
   # A reference file written without its counts (an earlier phi_jax) is used as it is, its left-out pairs uncounted.
   os.remove(os.path.join(workdir, "reference", "train0-with_long.jsonl.skipped.json"))
@@ -878,8 +881,8 @@ def test_precompute_mode_resumes_once_its_starting_params_are_gone(setup, caplog
 
 
 def _refusing_to_open(monkeypatch, *unreadable):
-  """Makes `common`'s open fail as a file without read permission does (the tests may run as root, whom permissions
-  do not bind) for the files named `unreadable`; returns the paths it was asked to open."""
+  """Makes `dpo_reference`'s open fail as a file without read permission does (the tests may run as root, whom
+  permissions do not bind) for the files named `unreadable`; returns the paths it was asked to open."""
   opened = []
 
   def fake_open(path, *args, **kwargs):
@@ -888,7 +891,7 @@ def _refusing_to_open(monkeypatch, *unreadable):
       raise PermissionError(13, "Permission denied", path)
     return open(path, *args, **kwargs)
 
-  monkeypatch.setattr(common, "open", fake_open, raising=False)
+  monkeypatch.setattr(dpo_reference, "open", fake_open, raising=False)
   return opened
 
 
@@ -907,13 +910,13 @@ def test_reference_check_opens_only_the_files_a_transformers_checkpoint_is_loade
     json.dump({"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}, f)
   settings, hf_path = ({"init_from": start}, None) if name == "train.init_from" else ({"init_from": None}, start)
   opened = _refusing_to_open(monkeypatch, "training_args.bin", "optimizer.pt", "model.safetensors.index.json")
-  common._check_reference_readable(settings, hf_path)
+  dpo_reference.check_reference_readable(settings, hf_path)
   assert {"config.json", "model.safetensors"} <= set(opened), opened
   monkeypatch.undo()
   _refusing_to_open(monkeypatch, "model.safetensors")
   with pytest.raises(ValueError, match=rf"{name}=.*cannot read .*model.safetensors \(Permission denied\): make the "
                      "params readable on every host"):
-    common._check_reference_readable(settings, hf_path)
+    dpo_reference.check_reference_readable(settings, hf_path)
 
 
 def test_params_check_gives_load_hfs_own_error_for_a_directory_without_safetensors(setup, tmp_path):
@@ -924,7 +927,7 @@ def test_params_check_gives_load_hfs_own_error_for_a_directory_without_safetenso
   os.rename(start / "model.safetensors", start / "pytorch_model.bin")
   for settings, hf_path in (({"init_from": str(start)}, None), ({"init_from": None}, str(start))):
     with pytest.raises(FileNotFoundError, match=r"it holds pytorch_model.bin: PyTorch .bin weights are not read"):
-      common._check_reference_readable(settings, hf_path)
+      dpo_reference.check_reference_readable(settings, hf_path)
 
 
 def test_reference_check_refuses_a_folder_of_params_it_cannot_list(start_run, monkeypatch):
@@ -942,7 +945,7 @@ def test_reference_check_refuses_a_folder_of_params_it_cannot_list(start_run, mo
   monkeypatch.setattr(os, "scandir", unlistable)
   with pytest.raises(ValueError, match=rf"train.init_from=.*cannot read {folder} \(Permission denied\): make the "
                      "params readable on every host"):
-    common._check_reference_readable({"init_from": start_run}, None)
+    dpo_reference.check_reference_readable({"init_from": start_run}, None)
 
 
 @pytest.fixture(scope="module")
@@ -1131,7 +1134,7 @@ def test_a_dpo_run_under_another_system_prompt_than_its_pairs_were_sampled_with_
                      r"'Think step by step.' \(legacy_pairs.summary.json\), this run"):
     _train_dpo(setup, start_run, _workdir(setup, "dpo_other_system_legacy"), legacy, 1)
   with caplog.at_level(logging.INFO, logger="phi_jax"):
-    common._check_pairs_sampled_as([legacy, sampled], [], system, start_run, "train.init_from")
+    dpo_reference.check_pairs_sampled_as([legacy, sampled], [], system, start_run, "train.init_from")
   assert f"sampled from /elsewhere/sft, not train.init_from={start_run!r}" in caplog.text
   # Each record is checked as it is read: a file that mixes prompts is refused at the first other one.
   mixed = _write_jsonl(setup["tmp"] / "mixed_system.jsonl", [
@@ -1150,9 +1153,9 @@ def test_pairs_in_a_save_to_disk_directory_are_checked_as_one_source(tmp_path):
   rows = [{"prompt": f"What is {i} + 3?", "chosen": str(i + 3), "rejected": str(i + 4),
            "sampled_system_prompt": "Be brief."} for i in range(4)]
   datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "pairs"))
-  common._check_pairs_sampled_as([str(tmp_path / "pairs")], [], "Be brief.", None, "train.init_from")
+  dpo_reference.check_pairs_sampled_as([str(tmp_path / "pairs")], [], "Be brief.", None, "train.init_from")
   with pytest.raises(ValueError, match=r"pairs: its pairs were sampled with data.system_prompt='Be brief.'"):
-    common._check_pairs_sampled_as([str(tmp_path / "pairs")], [], None, None, "train.init_from")
+    dpo_reference.check_pairs_sampled_as([str(tmp_path / "pairs")], [], None, None, "train.init_from")
 
 
 def test_a_problem_whose_prompt_ends_with_an_assistant_message_is_refused(tmp_path):

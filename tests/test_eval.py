@@ -20,6 +20,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import common  # noqa: E402
+import gin_bindings  # noqa: E402
+import run_files  # noqa: E402
+import tokenizer_setup  # noqa: E402
 from phi_jax.data.sources import DataError  # noqa: E402
 import eval as eval_lib  # noqa: E402
 
@@ -249,7 +252,7 @@ def test_a_run_on_a_checkpoint_whose_config_json_changed_since_is_exported_and_e
                       r"eos_token_id=7 that its model settings give now", capsys.readouterr().out)
   assert len(warned) == 1  # once, though the export reads the run's model config more than once
   try:
-    common.parse_gin_for_checkpoint(str(from_hf), [], ['model.overrides={"rope_theta": 40000.0}'])
+    gin_bindings.parse_gin_for_checkpoint(str(from_hf), [], ['model.overrides={"rope_theta": 40000.0}'])
     assert rollouts.policy_config(str(from_hf))[0].rope_theta == 40000.0
   finally:
     gin.clear_config()
@@ -345,10 +348,10 @@ def trained_run(tmp_path_factory):
 def _train_run(workdir, tokenizer, num_steps):
   """The `trained_run` fixture's training (started, resumed or rerun) in `workdir` with data.tokenizer=`tokenizer`."""
   try:
-    common.parse_gin([os.path.join(ROOT, "experiments", "configs", "sft_tiny.gin")],
-                     [f"train.num_steps={num_steps}", "train.eval_every=0", "data.eval_files=[]", "data.seq_len=64",
-                      "train.async_checkpoints=False", f"data.tokenizer='{tokenizer}'",
-                      'mesh.shape={"data": -1, "fsdp": 1}'])
+    gin_bindings.parse_gin([os.path.join(ROOT, "experiments", "configs", "sft_tiny.gin")],
+                           [f"train.num_steps={num_steps}", "train.eval_every=0", "data.eval_files=[]",
+                            "data.seq_len=64", "train.async_checkpoints=False", f"data.tokenizer='{tokenizer}'",
+                            'mesh.shape={"data": -1, "fsdp": 1}'])
     return common.run_training(str(workdir))
   finally:
     gin.clear_config()
@@ -357,7 +360,7 @@ def _train_run(workdir, tokenizer, num_steps):
 def _load_policy(run, *bindings):
   import rollouts
   try:
-    common.parse_gin_for_checkpoint(str(run), [], list(bindings))
+    gin_bindings.parse_gin_for_checkpoint(str(run), [], list(bindings))
     return rollouts.load_policy(str(run), common.mesh())
   finally:
     gin.clear_config()
@@ -366,10 +369,10 @@ def _load_policy(run, *bindings):
 def _train_next_stage(run, tokenizer, workdir, num_steps=1):
   """A next SFT stage from `run` (train.init_from) with data.tokenizer=`tokenizer`."""
   try:
-    common.parse_gin([os.path.join(ROOT, "experiments", "configs", "sft_tiny.gin")],
-                     [f"train.num_steps={num_steps}", "train.eval_every=0", "data.eval_files=[]", "data.seq_len=128",
-                      "train.async_checkpoints=False", f"data.tokenizer='{tokenizer}'", f"train.init_from='{run}'",
-                      'mesh.shape={"data": -1, "fsdp": 1}'])
+    gin_bindings.parse_gin([os.path.join(ROOT, "experiments", "configs", "sft_tiny.gin")],
+                           [f"train.num_steps={num_steps}", "train.eval_every=0", "data.eval_files=[]",
+                            "data.seq_len=128", "train.async_checkpoints=False", f"data.tokenizer='{tokenizer}'",
+                            f"train.init_from='{run}'", 'mesh.shape={"data": -1, "fsdp": 1}'])
     return common.run_training(str(workdir))
   finally:
     gin.clear_config()
@@ -594,7 +597,7 @@ def test_eval_with_a_tiny_tokenizer_of_another_format_logs_the_template_and_keep
     _, _, tokenizer = _load_policy(run, "data.tokenizer='tiny:phi-4-reasoning'")
   assert tokenizer.chat_template == CHAT_TEMPLATES["phi-4-reasoning"]
   assert "same tokens; another chat template" in caplog.text
-  assert common._tiny_tokenizer_format(str(run / "tokenizer")) == "phi-4"
+  assert tokenizer_setup._tiny_tokenizer_format(str(run / "tokenizer")) == "phi-4"
   assert sorted(n for n in os.listdir(run) if n.startswith("tokenizer")) == ["tokenizer"]
 
 
@@ -631,7 +634,7 @@ def test_eval_refuses_a_tiny_tokenizer_of_another_token_family_than_the_runs(tin
                                          rf"but the run in {re.escape(str(run))} was trained with .*'tiny:phi-4'"):
       _load_policy(run, f"data.tokenizer='tiny:{chat_format}'")
   assert len(_load_policy(run, "data.tokenizer='tiny:phi-4-reasoning'")[2]) == 512
-  assert common._tiny_tokenizer_format(str(run / "tokenizer")) == "phi-4"
+  assert tokenizer_setup._tiny_tokenizer_format(str(run / "tokenizer")) == "phi-4"
 
 
 def test_training_refuses_a_tiny_tokenizer_of_another_token_family_than_its_start(tiny_run, tmp_path, caplog):
@@ -817,7 +820,7 @@ def test_eval_and_rollouts_layer_gin_files_over_the_runs_config(tmp_path):
   extra = tmp_path / "extra.gin"
   extra.write_text("rollouts.temperature = 0.25\nrollouts.batch_size = 5\n")
   try:
-    common.parse_gin_for_checkpoint(str(tmp_path), [str(extra)], ["rollouts.batch_size = 9"])
+    gin_bindings.parse_gin_for_checkpoint(str(tmp_path), [str(extra)], ["rollouts.batch_size = 9"])
     settings = rollouts.rollout_settings()
     assert settings["sampling"].top_k == 3  # the run's config.gin is kept
     assert settings["sampling"].temperature == 0.25  # --gin_file overrides it
@@ -825,7 +828,7 @@ def test_eval_and_rollouts_layer_gin_files_over_the_runs_config(tmp_path):
   finally:
     gin.clear_config()
   try:  # a transformers checkpoint directory has no config.gin: the files alone
-    common.parse_gin_for_checkpoint(str(tmp_path / "hf_checkpoint"), [str(extra)], [])
+    gin_bindings.parse_gin_for_checkpoint(str(tmp_path / "hf_checkpoint"), [str(extra)], [])
     assert rollouts.rollout_settings()["sampling"].top_k == 0
   finally:
     gin.clear_config()
@@ -857,7 +860,8 @@ def test_a_generation_budget_beyond_the_models_positions_is_refused(tiny_run, mo
   finally:
     gin.clear_config()
   try:
-    common.parse_gin_for_checkpoint(str(run), [os.path.join(ROOT, "experiments/configs/recipe_tiny/eval.gin")], [])
+    gin_bindings.parse_gin_for_checkpoint(str(run), [os.path.join(ROOT, "experiments/configs/recipe_tiny/eval.gin")],
+                                          [])
     assert eval_lib.eval_settings()["sampling"].max_new_tokens == 80
   finally:
     gin.clear_config()
@@ -893,17 +897,17 @@ def test_outputs_and_settings_are_refused_before_the_model_loads(tiny_run, tmp_p
 def test_the_output_path_is_created_and_checked_writable_before_any_work(tmp_path):
   """eval's --out directory, or the directory of rollouts' --out file, is made at once and written to (a probe
   file, removed), so a path that cannot hold the results is refused before the model loads."""
-  common.check_output_path("--out", str(tmp_path / "a" / "eval"), directory=True)
-  common.check_output_path("--out", str(tmp_path / "b" / "pairs.jsonl"), directory=False)
+  run_files.check_output_path("--out", str(tmp_path / "a" / "eval"), directory=True)
+  run_files.check_output_path("--out", str(tmp_path / "b" / "pairs.jsonl"), directory=False)
   assert os.listdir(tmp_path / "a" / "eval") == [] and os.listdir(tmp_path / "b") == []
   (tmp_path / "a_file").write_text("")
   for path, directory in ((tmp_path / "a_file" / "eval", True), (tmp_path / "a_file" / "p.jsonl", False)):
     with pytest.raises(ValueError, match=r"--out='.*a_file/(eval|p.jsonl)': cannot create or write in .*a_file"):
-      common.check_output_path("--out", str(path), directory=directory)
+      run_files.check_output_path("--out", str(path), directory=directory)
   if os.geteuid() != 0:  # permissions do not bind root
     (tmp_path / "read_only").mkdir(mode=0o555)
     with pytest.raises(ValueError, match=r"cannot create or write in .*read_only.*Permission denied"):
-      common.check_output_path("--out", str(tmp_path / "read_only"), directory=True)
+      run_files.check_output_path("--out", str(tmp_path / "read_only"), directory=True)
 
 
 def test_results_are_written_summary_last_and_a_stale_summary_first_removed(tmp_path):
@@ -911,7 +915,7 @@ def test_results_are_written_summary_last_and_a_stale_summary_first_removed(tmp_
   eval_lib.write_results(str(tmp_path), {"accuracy": 0.5}, [{"a": 1}])
   assert eval_lib.read_items(str(tmp_path)) == [{"a": 1}]
   calls = []
-  real = common.write_text_atomically
+  real = run_files.write_text_atomically
 
   def interrupted(path, text):
     calls.append(path)
@@ -919,12 +923,12 @@ def test_results_are_written_summary_last_and_a_stale_summary_first_removed(tmp_
       raise KeyboardInterrupt
     real(path, text)
 
-  common.write_text_atomically = interrupted
+  run_files.write_text_atomically = interrupted
   try:
     with pytest.raises(KeyboardInterrupt):
       eval_lib.write_results(str(tmp_path), {"accuracy": 0.9}, [{"a": 2}])
   finally:
-    common.write_text_atomically = real
+    run_files.write_text_atomically = real
   assert not (tmp_path / "summary.json").exists() and eval_lib.read_items(str(tmp_path)) == [{"a": 2}]
   assert sorted(os.listdir(tmp_path)) == ["items.jsonl"]  # no temporary file left
 
@@ -965,15 +969,15 @@ def test_a_transformers_directory_without_tokenizer_files_takes_the_bound_data_t
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   tiny = common.get_tokenizer("tiny:phi-4", str(tmp_path))
   try:
-    common.parse_gin_for_checkpoint(str(hf), [], [])
+    gin_bindings.parse_gin_for_checkpoint(str(hf), [], [])
     with pytest.raises(ValueError, match=r"has no tokenizer files .*--gin_param='data.tokenizer=\"DIR\"'"):
       rollouts.load_policy(str(hf), mesh)
     gin.clear_config()
-    common.parse_gin_for_checkpoint(str(hf), [], [f'data.tokenizer="{tmp_path / "tokenizer"}"'])
+    gin_bindings.parse_gin_for_checkpoint(str(hf), [], [f'data.tokenizer="{tmp_path / "tokenizer"}"'])
     _, _, tokenizer = rollouts.load_policy(str(hf), mesh)
     assert tokenizer.get_vocab() == tiny.get_vocab()
     gin.clear_config()
-    common.parse_gin_for_checkpoint(str(hf), [], ['data.tokenizer="tiny:phi-4"'])
+    gin_bindings.parse_gin_for_checkpoint(str(hf), [], ['data.tokenizer="tiny:phi-4"'])
     assert rollouts.load_policy(str(hf), mesh)[2].get_vocab() == tiny.get_vocab()
     assert sorted(os.listdir(hf)) == ["config.json", "generation_config.json", "model.safetensors"]  # built elsewhere
     for name in os.listdir(tmp_path / "tokenizer"):
@@ -986,7 +990,7 @@ def test_a_transformers_directory_without_tokenizer_files_takes_the_bound_data_t
     phi_jax.save_hf(str(small), presets["tiny"].replace(vocab_size=128),
                     init_params(presets["tiny"].replace(vocab_size=128), jax.random.key(0)))
     gin.clear_config()
-    common.parse_gin_for_checkpoint(str(small), [], ['data.tokenizer="tiny:phi-4"'])
+    gin_bindings.parse_gin_for_checkpoint(str(small), [], ['data.tokenizer="tiny:phi-4"'])
     with pytest.raises(ValueError, match=r"the tokenizer has \d+ tokens but the model's vocab_size is 128, that of "
                        r"--init_from='.*small'"):
       rollouts.load_policy(str(small), mesh)
@@ -1050,8 +1054,8 @@ def test_warn_unread_bindings_names_each_binding_of_a_configurable_the_tool_does
   to it was accepted and ignored."""
   import common
   with caplog.at_level("WARNING", logger="phi_jax"):
-    common.warn_unread_bindings(["rollouts.temperature=0.0", "evaluation.temperature=0.0", "grpo.top_p=0.9"],
-                                ("rollouts", "grpo"), "eval.py", "use evaluation.*")
+    gin_bindings.warn_unread_bindings(["rollouts.temperature=0.0", "evaluation.temperature=0.0", "grpo.top_p=0.9"],
+                                      ("rollouts", "grpo"), "eval.py", "use evaluation.*")
   assert "eval.py does not read rollouts.temperature (given as --gin_param=rollouts.temperature=0.0)" in caplog.text
   assert "grpo.top_p" in caplog.text and "evaluation.temperature" not in caplog.text
 

@@ -1345,11 +1345,12 @@ def gin_run(tmp_path):
   import gin
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import common  # pylint: disable=import-outside-toplevel
+  import gin_bindings  # pylint: disable=import-outside-toplevel
 
   def run(*bindings, workdir=tmp_path / "run"):
     gin.clear_config()
-    common.parse_gin([os.path.join(ROOT, "experiments", "configs", "midtrain_tiny.gin")],
-                     ["data.eval_files = []", "train.eval_every = 0", "data.seq_len = 64", *bindings])
+    gin_bindings.parse_gin([os.path.join(ROOT, "experiments", "configs", "midtrain_tiny.gin")],
+                           ["data.eval_files = []", "train.eval_every = 0", "data.seq_len = 64", *bindings])
     return common.run_training(str(workdir))
 
   yield run
@@ -1500,12 +1501,13 @@ def test_extending_a_finished_run_removes_its_final_params_until_it_finishes_aga
   """A finished run given more steps must not look finished while it trains on: an interruption used to leave the
   old params/ for export_hf.py, eval.py and the next stage's train.init_from to read as this run's result."""
   import common  # pylint: disable=import-outside-toplevel  (on sys.path through gin_run)
+  import run_files  # pylint: disable=import-outside-toplevel
   run = tmp_path / "run"
   gin_run("train.num_steps = 2", "train.export_hf = True")
   assert (run / "params").is_dir() and (run / "hf").is_dir()
-  common.check_not_unfinished_run(str(run))
+  run_files.check_not_unfinished_run(str(run))
   with pytest.raises(ValueError, match=rf"{run / 'params'} is the params/ of a run: point at the run's workdir, {run}"):
-    common.check_not_unfinished_run(str(run / "params"))  # e.g. train.init_from=run/params
+    run_files.check_not_unfinished_run(str(run / "params"))  # e.g. train.init_from=run/params
 
   def interrupted(workdir, params, model_config=None):
     raise KeyboardInterrupt("after the last step, before the final params")
@@ -1515,7 +1517,7 @@ def test_extending_a_finished_run_removes_its_final_params_until_it_finishes_aga
     gin_run("train.num_steps = 4", "train.export_hf = True")
   assert not (run / "params").exists() and not (run / "hf").exists()
   with pytest.raises(ValueError, match="is a run that has not finished"):
-    common.check_not_unfinished_run(str(run))
+    run_files.check_not_unfinished_run(str(run))
   assert "num_steps changed from 2 to 4: the learning-rate schedule spans num_steps" in caplog.text
   monkeypatch.undo()
   caplog.clear()

@@ -251,10 +251,10 @@ class _SetUpReached(Exception):
 
 
 @pytest.mark.parametrize("config,stage_setup,says", [
-    ("dpo_tiny.gin", "_dpo_setup", "the policy and the DPO reference are the random init of train.seed=3"),
-    ("grpo_tiny.gin", "_grpo_setup", "the policy (and the reference, when grpo.beta > 0) is the random init of "
+    ("dpo_tiny.gin", "dpo_reference.setup", "the policy and the DPO reference are the random init of train.seed=3"),
+    ("grpo_tiny.gin", "common._grpo_setup", "the policy (and the reference, when grpo.beta > 0) is the random init of "
                                      "train.seed=3"),
-    ("midtrain_tiny.gin", "_next_token_setup", None)])
+    ("midtrain_tiny.gin", "common._next_token_setup", None)])
 def test_dpo_and_grpo_from_no_starting_params_warn_once(tmp_path, monkeypatch, caplog, config, stage_setup, says):
   """DPO and GRPO refine a trained model: with neither train.init_from nor model.hf_path both the policy and DPO's
   frozen reference were a random init, with no word. Warned once (toy runs do it on purpose); mid-training is not."""
@@ -266,8 +266,7 @@ def test_dpo_and_grpo_from_no_starting_params_warn_once(tmp_path, monkeypatch, c
     raise _SetUpReached()
 
   monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
-  import common
-  monkeypatch.setattr(common, stage_setup, reached)
+  monkeypatch.setattr(stage_setup, reached)
   with caplog.at_level("WARNING", logger="phi_jax"), pytest.raises(_SetUpReached):
     _train_here(monkeypatch, f"--gin_file=experiments/configs/{config}", "--gin_param=train.seed=3", *data,
                 f"--workdir={tmp_path / 'run'}")
