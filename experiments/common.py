@@ -376,13 +376,13 @@ def run_meta(stage: str, settings: dict, data_cfg: dict, tokenizer) -> dict:
   match that appeared, vanished or changed size, is refused (the saved data position belongs to the old sources), and
   so is another eval set when early stopping or keep_best compare eval losses, and a frozen reference (DPO, GRPO)
   whose values changed (a DPO train stream that reads other records than the checkpoints' is refused before, by
-  `_refuse_another_pair_stream`); every other change (another tokenizer or system prompt, the loss or reward
-  settings, the starting point `train.init_from`) is logged. The tokenizer itself is kept as W/tokenizer
+  `dpo_reference._refuse_another_pair_stream`); every other change (another tokenizer or system prompt, the loss or
+  reward settings, the starting point `train.init_from`) is logged. The tokenizer itself is kept as W/tokenizer
   (`keep_run_tokenizer`)."""
   data_meta = {k: data_cfg[k] for k in _RESUME_DATA_FIELDS}
   data_meta["tokenizer_size"] = len(tokenizer)
   data_meta["train_file_sizes"] = file_sizes(data_cfg["train_files"])
-  if "train_source" in settings:  # DPO: what its train stream reads of each pair file (`_reference_source`)
+  if "train_source" in settings:  # DPO: what its train stream reads of each pair file (`dpo_reference.setup`)
     data_meta["train_source"] = settings["train_source"]
   # What the eval loss is measured on: early stopping and keep_best compare it with the losses of earlier steps.
   eval_set = {k: data_cfg[k] for k in ("eval_files", "eval_batches", "seq_len", "batch_size", "tokenizer",
@@ -424,9 +424,9 @@ def dpo_settings(beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str
   "precomputed": the pair files already carry the log-probs
   (`phi_jax.stages.dpo.precompute_reference_logps`, tokenizer checked). A resume that switches `reference` between
   "precompute" and another mode is refused where the reference train file left pairs out (too long, bad): the saved
-  data position indexes the records of the stream the run read (`_refuse_another_pair_stream`). Both reference
-  passes run in `train.microbatches` pieces, like the step. `too_long`: "drop" or "truncate_prompt". `data.weights` and
-  `data.packing` do not apply: pairs are read in one shuffled stream, one example per row.
+  data position indexes the records of the stream the run read (`dpo_reference._refuse_another_pair_stream`). Both
+  reference passes run in `train.microbatches` pieces, like the step. `too_long`: "drop" or "truncate_prompt".
+  `data.weights` and `data.packing` do not apply: pairs are read in one shuffled stream, one example per row.
   """
   from phi_jax.data import preference
   from phi_jax.losses.dpo import LOSS_TYPES
