@@ -64,7 +64,7 @@ Z_95 = 1.959964
 
 
 @gin.configurable("evaluation")
-@common.typed("evaluation")
+@gin_bindings.typed("evaluation")
 def eval_settings(num_samples: int = 3, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0,
                   max_new_tokens: int = 32768, greedy: bool = True, pass_k: int | Sequence[int] = (1,),
                   batch_size: int = 64, seed: int = 0, verify_timeout_s: Optional[float] = None) -> dict[str, Any]:

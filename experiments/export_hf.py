@@ -39,7 +39,7 @@ def check_out(out: str, overwrite: bool) -> None:
   checkpoint already unless `overwrite`."""
   where = os.path.realpath(out)
   for name in _RUN_SOURCES:
-    source = common.bound_or_none(name)
+    source = gin_bindings.bound_or_none(name)
     if isinstance(source, str) and os.path.realpath(source) == where:
       raise ValueError(f"--out={out!r} is the run's {name}={source!r}: exporting there would replace the files the "
                        "run started from; choose another --out")
@@ -70,7 +70,7 @@ def main(argv=None) -> str:
   check_out(out, args.overwrite)  # before the params load: a refused --out costs nothing
   the_mesh = common.mesh()
   config, params, tokenizer = rollouts.load_policy(args.init_from, the_mesh)
-  common.export_hf(out, config, params, tokenizer, common.data()["system_prompt"])
+  run_files.export_hf(out, config, params, tokenizer, common.data()["system_prompt"])
   log.info("wrote %s", out)
   return out
 

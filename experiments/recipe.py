@@ -72,10 +72,11 @@ import numpy as np  # noqa: E402
 from gin import config_parser  # noqa: E402
 
 import common  # noqa: E402  (gin configurables shared by every entry script)
-import gin_bindings  # noqa: E402
 import eval as eval_lib  # noqa: E402
+import gin_bindings  # noqa: E402
 import make_task_data  # noqa: E402
 import rollouts  # noqa: E402
+import tokenizer_setup  # noqa: E402
 from phi_jax.data import pipeline as pipeline_lib  # noqa: E402
 from phi_jax.sharding import distributed  # noqa: E402
 from phi_jax.tasks import word_problems  # noqa: E402
@@ -98,7 +99,7 @@ PER_STAGE_KEYS = ("data.train_files", "data.tokenizer", "train.init_from")
 PATH_KEYS = ("data.train_files", "data.eval_files", "data.tokenizer", "train.init_from", "model.hf_path")
 
 
-@common.configurable("recipe")
+@gin_bindings.configurable("recipe")
 def recipe_settings(stages: Sequence[str] = STAGES, config_dir: str = "experiments/configs/recipe_tiny",
                     task_counts: Optional[dict] = None, task_seed: int = 0, difficulty: str = "medium",
                     difficulty_overrides: Optional[dict] = None, stage_bindings: Optional[dict] = None,
@@ -265,7 +266,7 @@ def _sft_conversation_tokens(workdir: str, data: dict, bare: int) -> int:
   if data["system_prompt"] is None:
     return bare
   with tempfile.TemporaryDirectory() as scratch:  # where a "tiny:<chat format>" data.tokenizer is built
-    tokenizer = common.get_tokenizer(data["tokenizer"], scratch)
+    tokenizer = tokenizer_setup.get_tokenizer(data["tokenizer"], scratch)
   tokenize = pipeline_lib.make_tokenize_fn(tokenizer, system_prompt=data["system_prompt"])
   with open(os.path.join(workdir, "data", "sft.jsonl"), encoding="utf-8") as f:
     return max((len(tokenize(json.loads(line))["ids"]) for line in f if line.strip()), default=bare)
@@ -416,13 +417,13 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
   gin_bindings.parse_gin(gin_files, [])
   # Their macros stay unresolved: merged with the --gin_param dicts and bound again below, they take the values the
   # command line may give those macros.
-  in_file_dicts = {name: common.bound_or_none(name, nested=False) for name in MERGED_DICTS}
-  file_difficulty = common.bound_or_none("recipe.difficulty")
+  in_file_dicts = {name: gin_bindings.bound_or_none(name, nested=False) for name in MERGED_DICTS}
+  file_difficulty = gin_bindings.bound_or_none("recipe.difficulty")
   gin.clear_config()
   # All of them, so a misspelt name fails now rather than at its stage; a macro is checked against the stage files
   # that may use it, in `_configure`.
   gin_bindings.parse_gin(gin_files, params, macro_files=None)
-  difficulty = common.bound_or_none("recipe.difficulty")
+  difficulty = gin_bindings.bound_or_none("recipe.difficulty")
   if difficulty != file_difficulty and in_file_dicts["recipe.difficulty_overrides"]:
     # Another level asked for on the command line is that level: the file's overrides were written for the file's
     # level (recipe_tiny's set every parameter, which would leave the new name without effect).
@@ -433,7 +434,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
     asked = any(gin_bindings.binding_key(st) == "recipe.difficulty_overrides"
                 for p in params for st in gin_bindings.gin_statements(p))
     gin.bind_parameter("recipe.difficulty_overrides",
-                       common.bound_or_none("recipe.difficulty_overrides") if asked else {})
+                       gin_bindings.bound_or_none("recipe.difficulty_overrides") if asked else {})
   for name, in_file in in_file_dicts.items():  # a --gin_param dict adds to the file's rather than replacing it
     # Each --gin_param of the name in turn (gin keeps only the last): one flag per stage adds up too.
     given = [gin_bindings.resolve_bound_macros(st.value) for p in params for st in gin_bindings.gin_statements(p)
@@ -446,7 +447,7 @@ def configure(gin_files: Sequence[str], params: Sequence[str], caller_dir: Optio
     for value in given:
       merged = ({k: _bindings_list(merged.get(k, [])) + _bindings_list(value.get(k, [])) for k in {**merged, **value}}
                 if name == "recipe.stage_bindings" else {**merged, **value})
-    if given and merged != common.bound_or_none(name, nested=False):
+    if given and merged != gin_bindings.bound_or_none(name, nested=False):
       gin.bind_parameter(name, merged)
   in_files = [b for path in gin_files for b in _file_stage_bindings(path, set())]
   if in_files:

@@ -7,14 +7,14 @@
 
 `--init_from` is a previous run's workdir (its params/; its config.gin supplies the model and tokenizer settings,
 and --gin_file / --gin_param apply on top, as in eval.py; a tokenizer other than the one the run trained with, the
-copy it keeps in W/tokenizer, is refused as a next stage refuses it, see `common.check_tokenizer_matches_start`)
-or a transformers checkpoint directory (its config.json and tokenizer files; a directory without them, as
-`phi_jax.save_hf` writes it, takes the bound `data.tokenizer`).
-Problems are JSONL
-records `{"problem": str, "answer": str}`, or conversations `{"messages": [...]}` whose last assistant turn holds
-the reference solution and whose earlier turns are the prompt (so SFT files serve as problem sets); its final answer
-(in `\\boxed{}`, on a "####" line or after "The answer is", after any `</think>`) is the gold. A prompt ending with
-an assistant message is refused: generation answers it in a new turn, a DPO pair would continue that message.
+copy it keeps in W/tokenizer, is refused as a next stage refuses it, see
+`tokenizer_setup.check_tokenizer_matches_start`) or a transformers checkpoint directory (its config.json and
+tokenizer files; a directory without them, as `phi_jax.save_hf` writes it, takes the bound `data.tokenizer`).
+Problems are JSONL records `{"problem": str, "answer": str}`, or conversations `{"messages": [...]}` whose last
+assistant turn holds the reference solution and whose earlier turns are the prompt (so SFT files serve as problem
+sets); its final answer (in `\\boxed{}`, on a "####" line or after "The answer is", after any `</think>`) is the
+gold. A prompt ending with an assistant message is refused: generation answers it in a new turn, a DPO pair would
+continue that message.
 
 Every rollout is checked with `phi_jax.rewards.verify_batch` against the problem's answer; a rollout that never
 emitted its end-of-turn token counts as incorrect, since a pair would teach it an ending it never produced. Each
@@ -65,8 +65,8 @@ import common  # noqa: E402  (gin configurables shared by every entry script)
 import dpo_reference  # noqa: E402
 import gin_bindings  # noqa: E402
 import run_files  # noqa: E402
-import tokenizer_setup  # noqa: E402
 import starting_params  # noqa: E402
+import tokenizer_setup  # noqa: E402
 from phi_jax import rewards  # noqa: E402
 from phi_jax.data.chat import render_prompt, stop_token_ids  # noqa: E402
 from phi_jax.data import preference  # noqa: E402
@@ -82,7 +82,7 @@ VerifyFn = Callable[[Sequence[str], Sequence[str]], list[bool]]
 
 
 @gin.configurable("rollouts")
-@common.typed("rollouts")
+@gin_bindings.typed("rollouts")
 def rollout_settings(max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                      stop_token_ids: Sequence[int] = (), batch_size: int = 64,
                      verify_timeout_s: Optional[float] = None) -> dict[str, Any]:
@@ -309,9 +309,9 @@ def load_policy(init_from: str, the_mesh, tokenizer=None):
   if tokenizer is None:
     tokenizer = policy_tokenizer(init_from)
   if os.path.isdir(os.path.join(init_from, "params")):
-    params = common.params_loader(config, hf_path, init_from, the_mesh)()
+    params = starting_params.params_loader(config, hf_path, init_from, the_mesh)()
   else:
-    params = common.params_loader(config, init_from, None, the_mesh)()
+    params = starting_params.params_loader(config, init_from, None, the_mesh)()
   return config, params, tokenizer
 
 
@@ -324,14 +324,14 @@ def policy_tokenizer(init_from: str):
     tokenizer = run_tokenizer(spec, init_from)
     # Training's policy, against the copy the run kept (W/tokenizer): files replaced at its config's path since
     # are refused, a deliberate change of chat template (a recipe stage's binding) is logged.
-    common.check_tokenizer_matches_start(tokenizer, spec, "--init_from", init_from)
+    tokenizer_setup.check_tokenizer_matches_start(tokenizer, spec, "--init_from", init_from)
     return tokenizer
   tokenizer = checkpoint_tokenizer(init_from)
   if len(tokenizer) > config.vocab_size and _has_tokenizer_files(init_from):
     raise ValueError(f"--init_from={init_from!r}: its own tokenizer has {len(tokenizer)} tokens but its embedding "
                      f"table {config.vocab_size} rows (tokens added without resizing the embeddings?): remove the "
                      "extra tokens from its tokenizer files, or remove those files and bind data.tokenizer")
-  common.check_vocab(config, tokenizer, "--init_from", init_from)  # data.tokenizer may be another model's
+  tokenizer_setup.check_vocab(config, tokenizer, "--init_from", init_from)  # data.tokenizer may be another model's
   return tokenizer
 
 
@@ -382,7 +382,7 @@ def run_tokenizer(spec: str, workdir: str):
     raise FileNotFoundError(f"data.tokenizer={spec!r} (from {workdir}'s config.gin or a binding) does not exist; the "
                             f"run keeps a copy of the tokenizer it trained with: set "
                             f"--gin_param='data.tokenizer=\"{copy}\"'")
-  return common.get_tokenizer(spec, workdir)
+  return tokenizer_setup.get_tokenizer(spec, workdir)
 
 
 # Files any of which makes a directory a tokenizer transformers can load (fast, SentencePiece or BPE vocab files).
@@ -396,7 +396,7 @@ def _has_tokenizer_files(hf_dir: str) -> bool:
 def checkpoint_tokenizer(hf_dir: str):
   """A transformers checkpoint's own tokenizer, or the bound data.tokenizer where the directory has no tokenizer
   files (phi_jax.save_hf writes the weights and config alone)."""
-  bound = common.bound_or_none("data.tokenizer")
+  bound = gin_bindings.bound_or_none("data.tokenizer")
   if _has_tokenizer_files(hf_dir):
     if bound is not None:
       log.warning("--init_from=%s has tokenizer files of its own: using them, not data.tokenizer=%r (remove the "
