@@ -340,11 +340,13 @@ _NAMED_PROBLEMS = 5
 
 
 def check_prompts_fit(problems_path: str, problems: Sequence[dict], tokenizer, config, *, binding: str,
-                      max_new_tokens: int, system_prompt: Optional[str] = None, limit_flag: bool = False) -> None:
-  """Refuses problems whose rendered prompt plus `max_new_tokens` (the value of gin `binding`) exceeds the model's
-  max_position_embeddings, naming the first few by file:line with their prompt lengths: they would be generated at
-  positions never trained and scored like any other. `limit_flag`: the command has --limit to stop before them."""
-  room = config.max_position_embeddings - max_new_tokens
+                      max_new_tokens: int, system_prompt: Optional[str] = None, limit_flag: bool = False,
+                      times: int = 1) -> None:
+  """Refuses problems whose rendered prompt plus `times` x `max_new_tokens` (the value of gin `binding`) exceeds the
+  model's max_position_embeddings, naming the first few by file:line with their prompt lengths: they would be
+  generated at positions never trained and scored like any other. `limit_flag`: the command has --limit to stop
+  before them. `times`: 2 where a completion is continued by as many tokens again (pts_pairs.py)."""
+  room = config.max_position_embeddings - times * max_new_tokens
   lengths = [len(render_prompt(tokenizer, p["prompt"], system_prompt=system_prompt)) for p in problems]
   over = [i for i, length in enumerate(lengths) if length > room]
   if not over:
@@ -354,13 +356,14 @@ def check_prompts_fit(problems_path: str, problems: Sequence[dict], tokenizer, c
   more = f" and {len(over) - _NAMED_PROBLEMS} more" if len(over) > _NAMED_PROBLEMS else ""
   # Lowering the budget helps only where every such prompt leaves room for at least one new token.
   longest = max(lengths[i] for i in over)
-  options = ([f"set --gin_param='{binding}=N' with N <= {config.max_position_embeddings - longest}"]
-             if longest < config.max_position_embeddings else [])
+  options = ([f"set --gin_param='{binding}=N' with N <= {(config.max_position_embeddings - longest) // times}"]
+             if longest + times <= config.max_position_embeddings else [])
   options += [f"pass --limit={over[0]} to keep only the problems before the first"] if limit_flag and over[0] else []
   options.append(f"drop them from {problems_path}")
   advice = ", ".join(options[:-1]) + (", or " if len(options) > 1 else "") + options[-1]
   raise ValueError(f"{len(over)} problem(s) do not fit the model's max_position_embeddings="
-                   f"{config.max_position_embeddings} with {binding}={max_new_tokens} (a prompt may have at most "
+                   f"{config.max_position_embeddings} with {binding}={max_new_tokens}"
+                   + (f" taken {times} times" if times > 1 else "") + " (a prompt may have at most "
                    f"{room} tokens): {named}{more}. {advice[0].upper()}{advice[1:]}")
 
 
@@ -423,21 +426,27 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def start_pairs_tool(args, tool: str) -> None:
+  """What a tool that writes DPO pairs from a policy (rollouts.py, pts_pairs.py) does first: logs to stdout, joins
+  the other processes, reads the policy's config.gin with the command line's files and bindings on top, and checks
+  --out, before the model loads and generates (minutes to hours)."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-restore INFO lines
   # Before any use of the devices: on a cluster every host is one process of the run, so process 0 alone
   # writes the results (not each host as a single process of its own).
   distributed.initialize()
   gin_bindings.parse_gin_for_checkpoint(args.init_from, args.gin_file, args.gin_param)
-  gin_bindings.warn_unread_bindings(args.gin_param, ("grpo", "dpo", "optimizer"), "rollouts.py",
+  gin_bindings.warn_unread_bindings(args.gin_param, ("grpo", "dpo", "optimizer"), tool,
                                     "its sampling settings are rollouts.* (e.g. rollouts.temperature)")
-  # What can be refused is refused before the model loads and generates (minutes to hours).
   run_files.check_output_path("--out", args.out, directory=False)
   if not args.out.endswith((".jsonl", ".ndjson", ".json")):  # the DPO stage reads pair files by their extension
     raise ValueError(f"--out={args.out}: name the pairs file *.jsonl (e.g. {args.out}.jsonl), the JSON-lines "
                      "extension the DPO stage reads it by")
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  start_pairs_tool(args, "rollouts.py")
   if args.k < 2:
     raise ValueError(f"--k={args.k}: a pair needs at least two rollouts per problem")
   settings = rollout_settings()

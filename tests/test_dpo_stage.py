@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import common  # noqa: E402
 import dpo_reference  # noqa: E402
 import gin_bindings  # noqa: E402
+import pts_pairs  # noqa: E402
 import rollouts  # noqa: E402
 
 CONFIG = phi_jax.PhiConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -343,6 +344,56 @@ def _run_gin(files, bindings, fn, *args):
     return fn(*args)
   finally:
     gin.clear_config()
+
+
+def test_pivotal_token_pairs_are_written_and_train_through_the_dpo_stage(setup, start_run, monkeypatch):
+  """experiments/pts_pairs.py on the tiny policy, verdicts by the text's length ("even"): its counts add up, each pair
+  continues a prefix of one of the policy's completions with one token on each side, and the DPO stage trains on
+  them, scoring that one token."""
+  tmp, start = setup["tmp"], start_run
+  problems = [{"problem": f"What is {i} + {i}?", "answer": "even"} for i in range(16)] + [
+      {"problem": "What is 1 + 1?", "answer": "all"}]
+  problems_path = _write_jsonl(tmp / "pts_problems.jsonl", problems)
+  out = str(tmp / "pts" / "pairs.jsonl")
+  monkeypatch.setattr(rewards, "verify_batch", _fake_verify([]))
+  gin_files = [os.path.join(ROOT, "experiments/configs/dpo_tiny.gin")]
+  common_bindings = [f"model.overrides={MODEL_OVERRIDES!r}", "mesh.shape={'data': 2, 'fsdp': -1}"]
+  summary = _run_gin(gin_files, common_bindings + [
+      "rollouts.max_new_tokens=12", f"rollouts.stop_token_ids={tuple(range(0, 512, 2))}", "rollouts.batch_size=32"],
+      pts_pairs.main, [f"--init_from={start}", f"--problems={problems_path}", "--k=8", "--p_gap=0.25",
+                       f"--out={out}", "--seed=1"])
+  with open(out) as f:
+    pairs = [json.loads(line) for line in f]
+  with open(rollouts.summary_path(out)) as f:
+    assert json.load(f) == summary
+  assert summary["problems"] == 17 and summary["problems_outside_range"] >= 1  # "all": every sample is right
+  assert (summary["problems_searched"] + summary["problems_outside_range"] + summary["problems_unfinished"]
+          == summary["problems"])
+  assert (summary["pairs"] + summary["pairs_not_exact"] + summary["pivotal_tokens_unpaired"]
+          == summary["pivotal_tokens"])
+  assert summary["pairs"] == len(pairs) >= 2, summary
+  tokenizer = setup["tokenizer"]
+  for pair in pairs:
+    assert pair["prompt"][-1]["role"] == "assistant" and pair["answer"] == "even"
+    assert pair["chosen"] != pair["rejected"] and pair["p_chosen"] - pair["p_rejected"] >= 0.25
+    for side in ("chosen", "rejected"):
+      assert len(tokenizer(pair[side], add_special_tokens=False)["input_ids"]) == 1
+  it = preference.build_preference_iterator(out, tokenizer, seq_len=SEQ, batch_size=len(pairs), seed=0,
+                                            shuffle=False, num_epochs=1, process_index=0, process_count=1)
+  batch = next(it)
+  assert it.stats()["records_used"] == len(pairs)
+  np.testing.assert_array_equal(batch["chosen_loss_mask"].sum(-1), 1)
+  np.testing.assert_array_equal(batch["rejected_loss_mask"].sum(-1), 1)
+
+  workdir = _workdir(setup, "pts_dpo_run")
+  _run_gin(gin_files, common_bindings + [
+      f"data.train_files=[{out!r}]", f"data.seq_len={SEQ}", f"train.init_from={start!r}", f"train.chunk_size={CHUNK}",
+      "train.num_steps=2", "train.checkpoint_every=2", "train.async_checkpoints=False"],
+      common.run_training, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    losses = [json.loads(line)["loss"] for line in f]
+  assert len(losses) == 2
+  np.testing.assert_allclose(losses[0], np.log(2.0), rtol=1e-5)  # the frozen reference is the starting policy
 
 
 def test_precompute_mode_scores_pairs_once_then_needs_no_reference(setup, start_run, reference_fn, monkeypatch,

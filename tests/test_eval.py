@@ -870,6 +870,7 @@ def test_a_generation_budget_beyond_the_models_positions_is_refused(tiny_run, mo
 def test_outputs_and_settings_are_refused_before_the_model_loads(tiny_run, tmp_path, monkeypatch):
   """An --out of the wrong kind, or rollouts' --k=1, used to fail after every sample was generated (or after the
   checkpoint loaded); now before anything loads. A single evaluation.pass_k is a list of one."""
+  import pts_pairs
   import rollouts
   run, problems = tiny_run
   monkeypatch.setattr(rollouts, "load_policy", lambda *a: pytest.fail("the model was loaded"))
@@ -884,7 +885,15 @@ def test_outputs_and_settings_are_refused_before_the_model_loads(tiny_run, tmp_p
            (eval_lib.main, [f"--out={tmp_path / 'e'}", "--gin_param=evaluation.verify_timeout_s=0"],
             r"evaluation.verify_timeout_s=0 must be a finite number"),
            (rollouts.main, [f"--out={tmp_path / 'p.jsonl'}", "--gin_param=rollouts.verify_timeout_s=-1.0"],
-            r"rollouts.verify_timeout_s=-1.0 must be a finite number")]
+            r"rollouts.verify_timeout_s=-1.0 must be a finite number"),
+           (pts_pairs.main, [f"--out={tmp_path / 'pairs'}"], r"--out=.*pairs: name the pairs file \*.jsonl"),
+           (pts_pairs.main, [f"--out={tmp_path / 'p.jsonl'}", "--k=1"], r"--k=1: estimating p\(success\) needs"),
+           (pts_pairs.main, [f"--out={tmp_path / 'p.jsonl'}", "--p_gap=0"], r"--p_gap=0.0 must be in \(0, 1\]"),
+           (pts_pairs.main, [f"--out={tmp_path / 'p.jsonl'}", "--gin_param=rollouts.max_new_tokens=256"],
+            r"rollouts.max_new_tokens=256: a completion and a continuation .* N well below 256"),
+           # The run's mesh puts all 8 devices on the data axis.
+           (pts_pairs.main, [f"--out={tmp_path / 'p.jsonl'}", "--k=12", "--gin_param=rollouts.max_new_tokens=64"],
+            r"--k=12 continuations .* a multiple of 8")]
   for fn, flags, message in cases:
     try:
       with pytest.raises(ValueError, match=message):
@@ -1126,6 +1135,17 @@ def test_a_problem_whose_prompt_and_budget_exceed_the_models_positions_is_refuse
                                          rf"'rollouts.max_new_tokens=N' with N <= {512 - length}, or drop them"):
       rollouts.main([f"--init_from={run}", f"--problems={medium}", f"--out={tmp_path / 'p.jsonl'}",
                      "--gin_param=rollouts.max_new_tokens=400"])
+  finally:
+    gin.clear_config()
+  # pts_pairs.py continues a completion by as many tokens again: the prompt needs room for twice the budget.
+  import pts_pairs
+  try:
+    with pytest.raises(ValueError, match=rf"rollouts.max_new_tokens=200 taken 2 times \(a prompt may have at most "
+                                         rf"{512 - 400} tokens\): .*medium.jsonl:1 \({length} prompt tokens\). Set "
+                                         rf"--gin_param='rollouts.max_new_tokens=N' with N <= {(512 - length) // 2}, "
+                                         rf"or drop them"):
+      pts_pairs.main([f"--init_from={run}", f"--problems={medium}", f"--out={tmp_path / 'p.jsonl'}",
+                      "--gin_param=rollouts.max_new_tokens=200"])
   finally:
     gin.clear_config()
   try:  # the problems before it fit: evaluated (the model loads)
