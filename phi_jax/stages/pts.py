@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from phi_jax.data import chat
@@ -176,8 +177,8 @@ def sampled_estimator(params, config, tokenizer, prompt: Any, answer: str, *, k:
     tokens[:, :len(ids)] = ids
     lengths = np.full((k,), len(ids), np.int32)
     key = jax.random.fold_in(rng, zlib.crc32(np.asarray(prefix, np.int64).tobytes()) & 0x7FFFFFFF)
-    out = jax.device_get(generate(params, config, tokens, lengths, filters.row_keys(key, np.arange(k)), sampling,
-                                  mesh=mesh))
+    out = generate(params, config, tokens, lengths, filters.row_keys(key, np.arange(k)), sampling, mesh=mesh)
+    out = multihost_utils.process_allgather(out, tiled=True)  # every process gets every row (and judges them alike)
     continuations = [[int(t) for t in out["tokens"][row, :out["lengths"][row]]] for row in range(k)]
     finished = [bool(f) for f in out["finished"]]
     verdicts = verify([text(prefix + tuple(c)) for c in continuations], [answer] * k)
