@@ -366,7 +366,8 @@ def test_dpo_rejects_unknown_settings():
 
 
 @pytest.mark.parametrize("settings", [dict(beta=-0.1), dict(beta=0.0, loss_type="ipo"), dict(beta=0.0),
-                                      dict(beta=0.1, label_smoothing=0.9), dict(beta=0.1, label_smoothing=-0.1)])
+                                      dict(beta=0.1, label_smoothing=0.9), dict(beta=0.1, label_smoothing=-0.1),
+                                      dict(beta=0.1, label_smoothing=0.5)])  # 0.5 erases the preference
 def test_dpo_loss_refuses_settings_that_reverse_the_preference(settings):
   """A negative beta or a label smoothing of 0.5 or more flips the gradient towards the rejected completion, and IPO
   divides by beta: the library function refuses them as the gin stage does."""

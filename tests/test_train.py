@@ -212,17 +212,18 @@ def test_mesh_that_cannot_split_a_parameter_is_named():
     state_shardings(CONFIG, make_optimizer(OPT, 10), mesh)
 
 
+@pytest.mark.parametrize("max_norm", [1.0, 0.5, 3.0])
 @pytest.mark.parametrize("scale", [0.05, 1.0, 30.0, np.inf, np.nan])  # global norm ~0.2 (unclipped), ~4, ~120
-def test_clip_by_global_norm_equals_optax(scale):
+def test_clip_by_global_norm_equals_optax(scale, max_norm):
   rng = np.random.default_rng(7)
   grads = {"a": jnp.asarray(rng.normal(size=(3, 4)) * scale, jnp.float32),
            "b": {"c": jnp.asarray(rng.normal(size=(5,)) * min(scale, 1.0), jnp.float32)}}
-  ours, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState())
-  reference, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  ours, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+  reference, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
   for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
     np.testing.assert_allclose(got, want, rtol=1e-6)  # NaNs must sit in the same places
   if np.isfinite(scale):
-    assert float(optax.global_norm(ours)) <= 1.0 + 1e-6
+    assert float(optax.global_norm(ours)) <= max_norm * (1 + 1e-6)
 
 
 def test_bfloat16_state_keeps_its_dtypes_across_a_step():
